@@ -1,0 +1,1 @@
+"""Proplet: the edge agent that runs WASM tasks."""

@@ -1,0 +1,184 @@
+from propeller.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RoundState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROUND_STATE_UNSPECIFIED: _ClassVar[RoundState]
+    ROUND_STATE_PENDING: _ClassVar[RoundState]
+    ROUND_STATE_OPEN: _ClassVar[RoundState]
+    ROUND_STATE_AGGREGATING: _ClassVar[RoundState]
+    ROUND_STATE_COMPLETED: _ClassVar[RoundState]
+    ROUND_STATE_FAILED: _ClassVar[RoundState]
+
+class RoundEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROUND_EVENT_TYPE_UNSPECIFIED: _ClassVar[RoundEventType]
+    ROUND_EVENT_TYPE_SNAPSHOT: _ClassVar[RoundEventType]
+    ROUND_EVENT_TYPE_STARTED: _ClassVar[RoundEventType]
+    ROUND_EVENT_TYPE_UPDATE_ACCEPTED: _ClassVar[RoundEventType]
+    ROUND_EVENT_TYPE_AGGREGATING: _ClassVar[RoundEventType]
+    ROUND_EVENT_TYPE_COMPLETED: _ClassVar[RoundEventType]
+    ROUND_EVENT_TYPE_FAILED: _ClassVar[RoundEventType]
+ROUND_STATE_UNSPECIFIED: RoundState
+ROUND_STATE_PENDING: RoundState
+ROUND_STATE_OPEN: RoundState
+ROUND_STATE_AGGREGATING: RoundState
+ROUND_STATE_COMPLETED: RoundState
+ROUND_STATE_FAILED: RoundState
+ROUND_EVENT_TYPE_UNSPECIFIED: RoundEventType
+ROUND_EVENT_TYPE_SNAPSHOT: RoundEventType
+ROUND_EVENT_TYPE_STARTED: RoundEventType
+ROUND_EVENT_TYPE_UPDATE_ACCEPTED: RoundEventType
+ROUND_EVENT_TYPE_AGGREGATING: RoundEventType
+ROUND_EVENT_TYPE_COMPLETED: RoundEventType
+ROUND_EVENT_TYPE_FAILED: RoundEventType
+
+class Hyperparams(_message.Message):
+    __slots__ = ("epochs", "lr", "batch_size")
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    epochs: int
+    lr: float
+    batch_size: int
+    def __init__(self, epochs: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class ConfigureRoundRequest(_message.Message):
+    __slots__ = ("round_id", "experiment_id", "participants", "k_of_n", "timeout_s", "model_ref", "hyperparams", "task_wasm_image", "start")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    K_OF_N_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    MODEL_REF_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMS_FIELD_NUMBER: _ClassVar[int]
+    TASK_WASM_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    experiment_id: str
+    participants: _containers.RepeatedScalarFieldContainer[str]
+    k_of_n: int
+    timeout_s: float
+    model_ref: str
+    hyperparams: Hyperparams
+    task_wasm_image: str
+    start: bool
+    def __init__(self, round_id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., k_of_n: _Optional[int] = ..., timeout_s: _Optional[float] = ..., model_ref: _Optional[str] = ..., hyperparams: _Optional[_Union[Hyperparams, _Mapping]] = ..., task_wasm_image: _Optional[str] = ..., start: _Optional[bool] = ...) -> None: ...
+
+class StartRoundRequest(_message.Message):
+    __slots__ = ("round_id",)
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    def __init__(self, round_id: _Optional[str] = ...) -> None: ...
+
+class RoundStatus(_message.Message):
+    __slots__ = ("round_id", "experiment_id", "state", "completed", "num_updates", "k_of_n", "participants", "reported", "model_ref", "timeout_s", "hyperparams", "task_wasm_image", "started_at", "deadline", "completed_at", "new_model_version", "new_model_uri", "failure_reason", "closed_by", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    NUM_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    K_OF_N_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_REF_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMS_FIELD_NUMBER: _ClassVar[int]
+    TASK_WASM_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_AT_FIELD_NUMBER: _ClassVar[int]
+    NEW_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NEW_MODEL_URI_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_REASON_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_BY_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    experiment_id: str
+    state: RoundState
+    completed: bool
+    num_updates: int
+    k_of_n: int
+    participants: _containers.RepeatedScalarFieldContainer[str]
+    reported: _containers.RepeatedScalarFieldContainer[str]
+    model_ref: str
+    timeout_s: float
+    hyperparams: Hyperparams
+    task_wasm_image: str
+    started_at: float
+    deadline: float
+    completed_at: float
+    new_model_version: int
+    new_model_uri: str
+    failure_reason: str
+    closed_by: str
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, round_id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., state: _Optional[_Union[RoundState, str]] = ..., completed: _Optional[bool] = ..., num_updates: _Optional[int] = ..., k_of_n: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., reported: _Optional[_Iterable[str]] = ..., model_ref: _Optional[str] = ..., timeout_s: _Optional[float] = ..., hyperparams: _Optional[_Union[Hyperparams, _Mapping]] = ..., task_wasm_image: _Optional[str] = ..., started_at: _Optional[float] = ..., deadline: _Optional[float] = ..., completed_at: _Optional[float] = ..., new_model_version: _Optional[int] = ..., new_model_uri: _Optional[str] = ..., failure_reason: _Optional[str] = ..., closed_by: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class SubmitUpdateResponse(_message.Message):
+    __slots__ = ("round_id", "proplet_id", "accepted", "duplicate", "num_updates", "k_of_n", "state")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    PROPLET_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    NUM_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    K_OF_N_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    proplet_id: str
+    accepted: bool
+    duplicate: bool
+    num_updates: int
+    k_of_n: int
+    state: RoundState
+    def __init__(self, round_id: _Optional[str] = ..., proplet_id: _Optional[str] = ..., accepted: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., num_updates: _Optional[int] = ..., k_of_n: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ...) -> None: ...
+
+class GetRoundStatusRequest(_message.Message):
+    __slots__ = ("round_id",)
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    def __init__(self, round_id: _Optional[str] = ...) -> None: ...
+
+class ListRoundsRequest(_message.Message):
+    __slots__ = ("experiment_id",)
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    def __init__(self, experiment_id: _Optional[str] = ...) -> None: ...
+
+class ListRoundsResponse(_message.Message):
+    __slots__ = ("rounds",)
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    rounds: _containers.RepeatedCompositeFieldContainer[RoundStatus]
+    def __init__(self, rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ...) -> None: ...
+
+class WatchRoundRequest(_message.Message):
+    __slots__ = ("round_id",)
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    def __init__(self, round_id: _Optional[str] = ...) -> None: ...
+
+class RoundEvent(_message.Message):
+    __slots__ = ("type", "status", "proplet_id", "timestamp")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    PROPLET_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    type: RoundEventType
+    status: RoundStatus
+    proplet_id: str
+    timestamp: float
+    def __init__(self, type: _Optional[_Union[RoundEventType, str]] = ..., status: _Optional[_Union[RoundStatus, _Mapping]] = ..., proplet_id: _Optional[str] = ..., timestamp: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""propeller-fl services: manager, coordinator, aggregator, model registry, data store."""

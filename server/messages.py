@@ -1,0 +1,204 @@
+"""JSON payloads carried over MQTT between the manager, the coordinator and proplets.
+
+Each is a frozen dataclass with `to_json()` / `from_json()`; `from_json` raises ValueError on
+a malformed payload so a subscriber can log and drop it without dying.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+def _load(payload: bytes | str) -> dict[str, Any]:
+    try:
+        value = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("payload is not a JSON object")
+    return value
+
+
+def _str(d: dict[str, Any], key: str, required: bool = False) -> str:
+    v = d.get(key, "")
+    if not isinstance(v, str):
+        raise ValueError(f"{key}: expected a string")
+    if required and not v:
+        raise ValueError(f"{key}: required")
+    return v
+
+
+def _str_map(d: dict[str, Any], key: str) -> dict[str, str]:
+    v = d.get(key) or {}
+    if not isinstance(v, dict) or not all(
+        isinstance(k, str) and isinstance(x, str) for k, x in v.items()
+    ):
+        raise ValueError(f"{key}: expected an object of strings")
+    return dict(v)
+
+
+def _str_list(d: dict[str, Any], key: str) -> list[str]:
+    v = d.get(key) or []
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"{key}: expected a list of strings")
+    return list(v)
+
+
+def _num(d: dict[str, Any], key: str, default: float = 0.0) -> float:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"{key}: expected a number")
+    return float(v)
+
+
+@dataclass(frozen=True)
+class PropletAnnounce:
+    """`control/proplet/create` (at start-up) and `control/proplet/alive` (heartbeats)."""
+
+    proplet_id: str
+    name: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    timestamp: float = field(default_factory=time.time)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, payload: bytes | str) -> PropletAnnounce:
+        d = _load(payload)
+        return cls(
+            proplet_id=_str(d, "proplet_id", required=True),
+            name=_str(d, "name"),
+            metadata=_str_map(d, "metadata"),
+            timestamp=_num(d, "timestamp", time.time()),
+        )
+
+
+@dataclass(frozen=True)
+class TaskStart:
+    """`control/manager/start`: run this module on `proplet_id` (empty = any proplet)."""
+
+    id: str
+    name: str
+    image_url: str = ""
+    file: bytes = b""
+    env: dict[str, str] = field(default_factory=dict)
+    cli_args: list[str] = field(default_factory=list)
+    proplet_id: str = ""
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["file"] = base64.b64encode(self.file).decode()
+        return json.dumps(d).encode()
+
+    @classmethod
+    def from_json(cls, payload: bytes | str) -> TaskStart:
+        d = _load(payload)
+        try:
+            file = base64.b64decode(_str(d, "file"), validate=True)
+        except ValueError:
+            raise ValueError("file: not base64") from None
+        return cls(
+            id=_str(d, "id", required=True),
+            name=_str(d, "name"),
+            image_url=_str(d, "image_url"),
+            file=file,
+            env=_str_map(d, "env"),
+            cli_args=_str_list(d, "cli_args"),
+            proplet_id=_str(d, "proplet_id"),
+        )
+
+
+@dataclass(frozen=True)
+class TaskStop:
+    """`control/manager/stop`."""
+
+    id: str
+    proplet_id: str = ""
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, payload: bytes | str) -> TaskStop:
+        d = _load(payload)
+        return cls(id=_str(d, "id", required=True), proplet_id=_str(d, "proplet_id"))
+
+
+# Task states as they travel in results (the proto TaskState names without prefix).
+RUNNING = "Running"
+COMPLETED = "Completed"
+FAILED = "Failed"
+INTERRUPTED = "Interrupted"
+RESULT_STATES = (RUNNING, COMPLETED, FAILED, INTERRUPTED)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """`control/proplet/results`: a task changed state on a proplet."""
+
+    task_id: str
+    proplet_id: str
+    state: str
+    results: str = ""
+    error: str = ""
+    timestamp: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if self.state not in RESULT_STATES:
+            raise ValueError(f"state: {self.state!r} not one of {RESULT_STATES}")
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, payload: bytes | str) -> TaskResult:
+        d = _load(payload)
+        return cls(
+            task_id=_str(d, "task_id", required=True),
+            proplet_id=_str(d, "proplet_id"),
+            state=_str(d, "state", required=True),
+            results=_str(d, "results"),
+            error=_str(d, "error"),
+            timestamp=_num(d, "timestamp", time.time()),
+        )
+
+
+@dataclass(frozen=True)
+class RoundStart:
+    """`fl/rounds/start`: a round opened (carries k_of_n, timeout and deadline unchanged)."""
+
+    round_id: str
+    experiment_id: str
+    model_uri: str
+    task_wasm_image: str
+    participants: list[str]
+    hyperparams: dict[str, Any]
+    k_of_n: int
+    timeout_s: float
+    deadline: float
+    timestamp: float = field(default_factory=time.time)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+
+@dataclass(frozen=True)
+class RoundComplete:
+    """`fl/rounds/next`: the round closed and produced a new model version."""
+
+    round_id: str
+    new_model_version: int
+    model_uri: str
+    num_updates: int
+    closed_by: str
+    status: str = "complete"
+    next_round_available: bool = True
+    timestamp: float = field(default_factory=time.time)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()

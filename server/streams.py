@@ -1,0 +1,150 @@
+"""Chunk streams for models and updates: build them from arrays, read them back with checks.
+
+Readers enforce that the header comes first and exactly once, that no more bytes arrive than
+the header promises, and that the stream is not truncated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from propeller.v1 import tensor_pb2
+from server.errors import InvalidArgument
+from server.tensors import (
+    Array,
+    Spec,
+    Tensors,
+    iter_chunks,
+    sha256_of,
+    specs_from_proto,
+    specs_of,
+    split_payload,
+    total_bytes,
+)
+
+# Upper bound for one model or update assembled in memory (a guard against absurd headers).
+MAX_PAYLOAD_BYTES = 4 << 30
+
+
+def model_stream(
+    tensors: Mapping[str, Array],
+    chunk_size: int,
+    *,
+    version: int | None = None,
+    model_uri: str = "",
+    sha256: str | None = None,
+) -> Iterator[tensor_pb2.ModelChunk]:
+    specs = specs_of(tensors)
+    header = tensor_pb2.ModelHeader(
+        model_uri=model_uri,
+        tensors=[s.to_proto() for s in specs],
+        total_bytes=total_bytes(specs),
+        sha256=sha256 if sha256 is not None else sha256_of(tensors),
+    )
+    if version is not None:
+        header.version = version
+    yield tensor_pb2.ModelChunk(header=header)
+    for data in iter_chunks(tensors, chunk_size):
+        yield tensor_pb2.ModelChunk(data=data)
+
+
+@dataclass(frozen=True)
+class UpdateMeta:
+    round_id: str
+    proplet_id: str
+    base_model_uri: str
+    num_samples: int
+    metrics: dict[str, float]
+
+
+def update_stream(
+    meta: UpdateMeta, tensors: Mapping[str, Array], chunk_size: int = 0
+) -> Iterator[tensor_pb2.UpdateChunk]:
+    specs = specs_of(tensors)
+    yield tensor_pb2.UpdateChunk(header=update_header(meta, specs))
+    for data in iter_chunks(tensors, chunk_size):
+        yield tensor_pb2.UpdateChunk(data=data)
+
+
+def update_header(meta: UpdateMeta, specs: list[Spec]) -> tensor_pb2.UpdateHeader:
+    return tensor_pb2.UpdateHeader(
+        round_id=meta.round_id,
+        proplet_id=meta.proplet_id,
+        base_model_uri=meta.base_model_uri,
+        num_samples=meta.num_samples,
+        metrics=meta.metrics,
+        tensors=[s.to_proto() for s in specs],
+        total_bytes=total_bytes(specs),
+    )
+
+
+def _checked_total(specs: list[Spec], declared: int, field: str) -> int:
+    need = total_bytes(specs)
+    if declared not in (0, need):
+        raise InvalidArgument(f"{field}.total_bytes: {declared}, tensors need {need}")
+    if need > MAX_PAYLOAD_BYTES:
+        raise InvalidArgument(f"{field}.tensors: {need} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    return need
+
+
+class _Buffer:
+    def __init__(self, need: int, field: str) -> None:
+        self.buf = bytearray()
+        self.need = need
+        self.field = field
+
+    def add(self, data: bytes) -> None:
+        if len(self.buf) + len(data) > self.need:
+            raise InvalidArgument(f"{self.field}: more tensor bytes than the header's {self.need}")
+        self.buf += data
+
+    def done(self, specs: list[Spec]) -> Tensors:
+        if len(self.buf) != self.need:
+            raise InvalidArgument(
+                f"{self.field}: stream ended after {len(self.buf)} of {self.need} tensor bytes"
+            )
+        return split_payload(self.buf, specs, self.field)
+
+
+async def _read_stream(stream: AsyncIterable[Any], field: str) -> tuple[Any, Tensors]:
+    """Shared reader for ModelChunk and UpdateChunk streams (same header/data shape)."""
+    header: Any = None
+    specs: list[Spec] = []
+    buf: _Buffer | None = None
+    async for chunk in stream:
+        kind = chunk.WhichOneof("part")
+        if kind == "header":
+            if header is not None:
+                raise InvalidArgument(f"{field}: a second header in one stream")
+            header = chunk.header
+            specs = specs_from_proto(header.tensors, f"{field}.header.tensors")
+            if not specs:
+                raise InvalidArgument(f"{field}.header.tensors: must list at least one tensor")
+            buf = _Buffer(_checked_total(specs, header.total_bytes, f"{field}.header"), field)
+        elif kind == "data":
+            if buf is None:
+                raise InvalidArgument(f"{field}: data chunk before the header")
+            buf.add(chunk.data)
+        else:
+            raise InvalidArgument(f"{field}: empty chunk (neither header nor data)")
+    if header is None or buf is None:
+        raise InvalidArgument(f"{field}: stream ended without a header")
+    return header, buf.done(specs)
+
+
+async def read_model_stream(
+    stream: AsyncIterable[tensor_pb2.ModelChunk], field: str = "model"
+) -> tuple[tensor_pb2.ModelHeader, Tensors]:
+    header, tensors = await _read_stream(stream, field)
+    assert isinstance(header, tensor_pb2.ModelHeader)
+    return header, tensors
+
+
+async def read_update_stream(
+    stream: AsyncIterable[tensor_pb2.UpdateChunk], field: str = "update"
+) -> tuple[tensor_pb2.UpdateHeader, Tensors]:
+    header, tensors = await _read_stream(stream, field)
+    assert isinstance(header, tensor_pb2.UpdateHeader)
+    return header, tensors
