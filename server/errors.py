@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import grpc
 
@@ -68,7 +69,9 @@ def from_rpc_error(err: grpc.aio.AioRpcError, what: str) -> PropellerError:
 
 
 @asynccontextmanager
-async def grpc_errors(context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+async def grpc_errors(
+    context: grpc.aio.ServicerContext[Any, Any], method: str
+) -> AsyncIterator[None]:
     """Map domain errors raised inside a servicer method to a gRPC status."""
     try:
         yield

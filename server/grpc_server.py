@@ -6,16 +6,22 @@ can share one server (embedded mode) or each get its own (one per process, as co
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from server.tensors import GRPC_OPTIONS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,3 +72,24 @@ async def stop_server(
 def channel(target: str) -> grpc.aio.Channel:
     """A client channel without the 4 MB ceiling."""
     return grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
+
+
+@asynccontextmanager
+async def serving(addr: str, bindings: Sequence[ServiceBinding]) -> AsyncIterator[int]:
+    """Serve `bindings` on `addr` for the duration of the block; yields the bound port."""
+    server, port, health = await create_server(addr, bindings)
+    try:
+        yield port
+    finally:
+        await stop_server(server, health)
+
+
+async def serve_until_signal(addr: str, bindings: Sequence[ServiceBinding]) -> None:
+    """Serve until SIGINT or SIGTERM, then stop gracefully (in-flight calls get a grace period)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with serving(addr, bindings) as port:
+        log.info("[serve] %s listening on port %d", ",".join(b.name for b in bindings), port)
+        await stop.wait()

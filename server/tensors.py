@@ -29,7 +29,7 @@ GRPC_OPTIONS: list[tuple[str, int]] = [
 Array = npt.NDArray[np.floating]
 Tensors = dict[str, Array]
 
-_DTYPES: dict[int, np.dtype[np.floating]] = {
+_DTYPES: dict[tensor_pb2.DType, np.dtype[np.floating]] = {
     tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
     tensor_pb2.DTYPE_FLOAT64: np.dtype("<f8"),
 }
@@ -44,7 +44,7 @@ def dtype_from_proto(value: int, field: str) -> np.dtype[np.floating]:
         ) from None
 
 
-def dtype_to_proto(dtype: np.dtype[np.floating]) -> int:
+def dtype_to_proto(dtype: np.dtype[np.floating]) -> tensor_pb2.DType:
     for key, value in _DTYPES.items():
         if value == dtype:
             return key
@@ -103,7 +103,7 @@ def tensor_bytes(tensors: Mapping[str, Array]) -> bytes:
 def sha256_of(tensors: Mapping[str, Array]) -> str:
     h = hashlib.sha256()
     for arr in tensors.values():
-        h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        h.update(memoryview(np.ascontiguousarray(arr).data).cast("B"))
     return h.hexdigest()
 
 
@@ -112,7 +112,7 @@ def iter_chunks(tensors: Mapping[str, Array], chunk_size: int) -> Iterator[bytes
     if chunk_size <= 0:
         chunk_size = DEFAULT_CHUNK_SIZE
     for arr in tensors.values():
-        view = memoryview(np.ascontiguousarray(arr)).cast("B")
+        view = memoryview(np.ascontiguousarray(arr).data).cast("B")
         for start in range(0, len(view), chunk_size):
             yield bytes(view[start : start + chunk_size])
 
