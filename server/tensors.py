@@ -37,7 +37,7 @@ _DTYPES: dict[tensor_pb2.DType, np.dtype[np.floating]] = {
 
 def dtype_from_proto(value: int, field: str) -> np.dtype[np.floating]:
     try:
-        return _DTYPES[value]
+        return _DTYPES[value]  # type: ignore[index]  # any int may arrive off the wire
     except KeyError:
         raise InvalidArgument(
             f"{field}: unsupported dtype {value} (want DTYPE_FLOAT32 or DTYPE_FLOAT64)"
