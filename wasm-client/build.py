@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Build the propeller-fl wasm training client (and a foreign minimal module).
+
+Importable (``build()``, ``build_minimal()``) and runnable::
+
+    python wasm-client/build.py [--target wasm32-wasi] [--out DIR] [--optimize ReleaseFast]
+    python wasm-client/build.py --minimal [--out DIR]
+
+Each prints the path of the built artefact.  Zig comes from the ``ziglang``
+PyPI wheel of the running interpreter (``sys.executable -m ziglang``); the Zig
+caches live in ``wasm-client/build/zig-cache`` so a clean machine (root, no
+HOME) works.  A rebuild is skipped when a content-hash stamp next to the output
+matches the sources, the compiler version and the build flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SRC_DIR = HERE / "src"
+MAIN_ZIG = SRC_DIR / "main.zig"
+MINIMAL_C = HERE / "examples" / "minimal.c"
+DEFAULT_OUT_DIR = HERE / "build"
+CACHE_DIR = DEFAULT_OUT_DIR / "zig-cache"
+
+WASM_NAME = "fl-client.wasm"
+NATIVE_NAME = "fl-client-native"
+MINIMAL_NAME = "minimal-client.wasm"
+
+OPTIMIZE_MODES = ("Debug", "ReleaseSafe", "ReleaseFast", "ReleaseSmall")
+
+
+class BuildError(RuntimeError):
+    """The Zig compiler failed."""
+
+
+def _zig_version() -> str:
+    try:
+        return importlib.metadata.version("ziglang")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - broken install
+        return "unknown"
+
+
+def _zig_env() -> dict[str, str]:
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["ZIG_GLOBAL_CACHE_DIR"] = str(CACHE_DIR / "global")
+    env["ZIG_LOCAL_CACHE_DIR"] = str(CACHE_DIR / "local")
+    return env
+
+
+def _digest(sources: Sequence[Path], flags: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    h.update(f"ziglang={_zig_version()}\0".encode())
+    for flag in flags:
+        h.update(flag.encode() + b"\0")
+    for src in sources:
+        h.update(src.name.encode() + b"\0")
+        h.update(src.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _stamp_path(output: Path) -> Path:
+    return output.with_name(output.name + ".stamp")
+
+
+def _up_to_date(output: Path, digest: str) -> bool:
+    stamp = _stamp_path(output)
+    if not output.is_file() or not stamp.is_file():
+        return False
+    return stamp.read_text(encoding="utf-8").strip() == digest
+
+
+def _compile(args: list[str], output: Path, digest: str) -> Path:
+    """Run ``zig <args> <emit-to tmp>`` and atomically move the result into place."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    if args[0] == "build-exe":
+        cmd = [sys.executable, "-m", "ziglang", *args, f"-femit-bin={tmp}"]
+    else:
+        cmd = [sys.executable, "-m", "ziglang", *args, "-o", str(tmp)]
+    proc = subprocess.run(
+        cmd, env=_zig_env(), cwd=HERE, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise BuildError(
+            f"zig failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
+        )
+    os.replace(tmp, output)
+    stamp_tmp = _stamp_path(tmp)
+    stamp_tmp.write_text(digest + "\n", encoding="utf-8")
+    os.replace(stamp_tmp, _stamp_path(output))
+    return output
+
+
+def output_name(target: str) -> str:
+    """Artefact file name for a Zig target triple."""
+    if target.startswith("wasm"):
+        return WASM_NAME
+    if "windows" in target:
+        return NATIVE_NAME + ".exe"
+    return NATIVE_NAME
+
+
+def build(
+    target: str = "wasm32-wasi", out_dir: Path | None = None, optimize: str = "ReleaseFast"
+) -> Path:
+    """Build ``src/main.zig`` for ``target``; return the artefact path.
+
+    ``target`` is a Zig triple (``wasm32-wasi``, ``x86_64-linux`` or ``native``).
+    The build is skipped when the existing artefact's stamp matches.
+    """
+    if optimize not in OPTIMIZE_MODES:
+        raise ValueError(f"optimize must be one of {OPTIMIZE_MODES}, not {optimize!r}")
+    out = (out_dir if out_dir is not None else DEFAULT_OUT_DIR).resolve() / output_name(target)
+    sources = sorted(SRC_DIR.rglob("*.zig"))
+    args = [
+        "build-exe",
+        "-target",
+        target,
+        "-O",
+        optimize,
+        "-fstrip",
+        "--cache-dir",
+        str(CACHE_DIR / "local"),
+        "--global-cache-dir",
+        str(CACHE_DIR / "global"),
+        str(MAIN_ZIG),
+    ]
+    digest = _digest(sources, ["build-exe", target, optimize, "-fstrip"])
+    if _up_to_date(out, digest):
+        return out
+    return _compile(args, out, digest)
+
+
+def build_minimal(out_dir: Path | None = None) -> Path:
+    """Build ``examples/minimal.c``, a foreign client honouring the same contract, for WASI."""
+    out = (out_dir if out_dir is not None else DEFAULT_OUT_DIR).resolve() / MINIMAL_NAME
+    flags = ["cc", "-target", "wasm32-wasi", "-O2", "-s"]
+    digest = _digest([MINIMAL_C], flags)
+    if _up_to_date(out, digest):
+        return out
+    return _compile([*flags, str(MINIMAL_C)], out, digest)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build the propeller-fl training client.")
+    parser.add_argument(
+        "--target", default="wasm32-wasi", help="Zig target triple (default wasm32-wasi)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output directory (default wasm-client/build)"
+    )
+    parser.add_argument("--optimize", default="ReleaseFast", choices=OPTIMIZE_MODES)
+    parser.add_argument("--minimal", action="store_true", help="build examples/minimal.c instead")
+    ns = parser.parse_args(argv)
+    try:
+        path = build_minimal(ns.out) if ns.minimal else build(ns.target, ns.out, ns.optimize)
+    except BuildError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

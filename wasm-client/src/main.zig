@@ -1,0 +1,372 @@
+//! propeller-fl training client (wasm32-wasi).
+//!
+//! Contract (see ../README.md): every input arrives in an environment variable,
+//! exactly one JSON object is written to stdout, diagnostics go to stderr.
+//!
+//!   ROUND_ID      required (missing/empty -> exit 2)
+//!   MODEL_URI     echoed back as base_model_uri
+//!   HYPERPARAMS   {"epochs": int=1, "lr": float=0.01, "batch_size": int=1}
+//!   PROPLET_ID    echoed back; part of the shuffle seed
+//!   MODEL_DATA    {"w": [f64...], "b": f64}
+//!   DATASET_DATA  {"data": [{"x": [f64...], "y": 0|1}], ...}
+//!
+//! Training is logistic regression with per-epoch Fisher-Yates shuffling driven
+//! by SplitMix64 seeded with FNV-1a 64 of
+//!   ROUND_ID ++ 0x00 ++ PROPLET_ID ++ 0x00 ++ epoch (u64, little endian),
+//! so identical inputs always give an identical update.
+
+const std = @import("std");
+const Allocator = std.mem.Allocator;
+const Value = std.json.Value;
+
+const exit_usage: u8 = 2;
+const exit_bad_input: u8 = 1;
+
+const z_clamp: f64 = 20.0;
+const p_eps: f64 = 1e-12;
+
+const Hyper = struct {
+    epochs: u64 = 1,
+    lr: f64 = 0.01,
+    batch_size: u64 = 1,
+};
+
+const Model = struct {
+    w: []f64,
+    b: f64,
+};
+
+/// Row-major feature matrix (n x d) plus labels.
+const Dataset = struct {
+    n: usize,
+    d: usize,
+    x: []f64,
+    y: []f64,
+
+    fn row(self: Dataset, i: usize) []const f64 {
+        return self.x[i * self.d .. (i + 1) * self.d];
+    }
+};
+
+const Metrics = struct {
+    loss: f64,
+    accuracy: f64,
+};
+
+const Output = struct {
+    round_id: []const u8,
+    proplet_id: []const u8,
+    base_model_uri: []const u8,
+    num_samples: usize,
+    metrics: struct {
+        loss: f64,
+        accuracy: f64,
+        loss_before: f64,
+        accuracy_before: f64,
+        epochs: u64,
+    },
+    update: struct {
+        w: []const f64,
+        b: f64,
+    },
+};
+
+// ---------------------------------------------------------------- diagnostics
+
+fn die(code: u8, comptime fmt: []const u8, args: anytype) noreturn {
+    std.debug.print("fl-client: " ++ fmt ++ "\n", args);
+    std.process.exit(code);
+}
+
+fn warn(comptime fmt: []const u8, args: anytype) void {
+    std.debug.print("fl-client: warning: " ++ fmt ++ "\n", args);
+}
+
+// ---------------------------------------------------------------- JSON helpers
+
+fn numberToF64(v: Value) ?f64 {
+    const f: f64 = switch (v) {
+        .integer => |i| @floatFromInt(i),
+        .float => |x| x,
+        .number_string => |s| std.fmt.parseFloat(f64, s) catch return null,
+        else => return null,
+    };
+    if (!std.math.isFinite(f)) return null;
+    return f;
+}
+
+/// Accepts non-negative integers written as `3` or `3.0`.
+fn numberToU64(v: Value) ?u64 {
+    switch (v) {
+        .integer => |i| return if (i >= 0) @intCast(i) else null,
+        .float => |x| {
+            if (!std.math.isFinite(x) or x < 0 or x != @floor(x) or x > 9007199254740992.0) return null;
+            return @intFromFloat(x);
+        },
+        else => return null,
+    }
+}
+
+fn parseJson(alloc: Allocator, name: []const u8, text: []const u8) Value {
+    return std.json.parseFromSliceLeaky(Value, alloc, text, .{}) catch |err|
+        die(exit_bad_input, "{s} is not valid JSON ({s})", .{ name, @errorName(err) });
+}
+
+fn expectObject(name: []const u8, v: Value) std.json.ObjectMap {
+    return switch (v) {
+        .object => |o| o,
+        else => die(exit_bad_input, "{s} must be a JSON object", .{name}),
+    };
+}
+
+fn nonEmpty(s: ?[]const u8) ?[]const u8 {
+    const v = s orelse return null;
+    if (std.mem.trim(u8, v, " \t\r\n").len == 0) return null;
+    return v;
+}
+
+// ---------------------------------------------------------------- input parsing
+
+fn parseHyper(alloc: Allocator, text: ?[]const u8) Hyper {
+    var h: Hyper = .{};
+    const src = nonEmpty(text) orelse return h;
+    const obj = expectObject("HYPERPARAMS", parseJson(alloc, "HYPERPARAMS", src));
+    if (obj.get("epochs")) |v| {
+        h.epochs = numberToU64(v) orelse die(exit_bad_input, "HYPERPARAMS.epochs must be a non-negative integer", .{});
+    }
+    if (obj.get("lr")) |v| {
+        h.lr = numberToF64(v) orelse die(exit_bad_input, "HYPERPARAMS.lr must be a finite number", .{});
+    }
+    if (obj.get("batch_size")) |v| {
+        h.batch_size = numberToU64(v) orelse die(exit_bad_input, "HYPERPARAMS.batch_size must be a positive integer", .{});
+        if (h.batch_size == 0) die(exit_bad_input, "HYPERPARAMS.batch_size must be >= 1", .{});
+    }
+    return h;
+}
+
+fn parseDataset(alloc: Allocator, text: ?[]const u8) !Dataset {
+    const src = nonEmpty(text) orelse die(exit_bad_input, "DATASET_DATA is missing or empty", .{});
+    const obj = expectObject("DATASET_DATA", parseJson(alloc, "DATASET_DATA", src));
+    const data_v = obj.get("data") orelse die(exit_bad_input, "DATASET_DATA has no \"data\" array", .{});
+    const items = switch (data_v) {
+        .array => |a| a.items,
+        else => die(exit_bad_input, "DATASET_DATA.data must be an array", .{}),
+    };
+    const n = items.len;
+    if (n == 0) die(exit_bad_input, "DATASET_DATA.data is empty: nothing to train on", .{});
+
+    var d: usize = 0;
+    var x: []f64 = &.{};
+    const y = try alloc.alloc(f64, n);
+    for (items, 0..) |item, i| {
+        const s = switch (item) {
+            .object => |o| o,
+            else => die(exit_bad_input, "DATASET_DATA.data[{d}] must be an object", .{i}),
+        };
+        const xs = switch (s.get("x") orelse die(exit_bad_input, "DATASET_DATA.data[{d}] has no \"x\"", .{i})) {
+            .array => |a| a.items,
+            else => die(exit_bad_input, "DATASET_DATA.data[{d}].x must be an array", .{i}),
+        };
+        if (i == 0) {
+            d = xs.len;
+            if (d == 0) die(exit_bad_input, "DATASET_DATA.data[0].x is empty", .{});
+            x = try alloc.alloc(f64, n * d);
+        } else if (xs.len != d) {
+            die(exit_bad_input, "dimension mismatch: DATASET_DATA.data[{d}].x has {d} features, data[0].x has {d}", .{ i, xs.len, d });
+        }
+        for (xs, 0..) |xv, j| {
+            x[i * d + j] = numberToF64(xv) orelse
+                die(exit_bad_input, "DATASET_DATA.data[{d}].x[{d}] is not a finite number", .{ i, j });
+        }
+        const label = numberToF64(s.get("y") orelse die(exit_bad_input, "DATASET_DATA.data[{d}] has no \"y\"", .{i})) orelse
+            die(exit_bad_input, "DATASET_DATA.data[{d}].y is not a number", .{i});
+        if (label != 0.0 and label != 1.0) die(exit_bad_input, "DATASET_DATA.data[{d}].y must be 0 or 1", .{i});
+        y[i] = label;
+    }
+    if (obj.get("size")) |sv| {
+        const declared = numberToU64(sv);
+        if (declared == null or declared.? != n) warn("DATASET_DATA.size does not match len(data)={d}; using len(data)", .{n});
+    }
+    return .{ .n = n, .d = d, .x = x, .y = y };
+}
+
+fn parseModel(alloc: Allocator, text: ?[]const u8, d: usize) !Model {
+    const src = nonEmpty(text) orelse {
+        warn("MODEL_DATA is missing; starting from a zero model of dimension {d}", .{d});
+        const w = try alloc.alloc(f64, d);
+        @memset(w, 0.0);
+        return .{ .w = w, .b = 0.0 };
+    };
+    const obj = expectObject("MODEL_DATA", parseJson(alloc, "MODEL_DATA", src));
+    const ws = switch (obj.get("w") orelse die(exit_bad_input, "MODEL_DATA has no \"w\"", .{})) {
+        .array => |a| a.items,
+        else => die(exit_bad_input, "MODEL_DATA.w must be an array", .{}),
+    };
+    if (ws.len != d) die(exit_bad_input, "dimension mismatch: len(MODEL_DATA.w)={d} but samples have {d} features", .{ ws.len, d });
+    const w = try alloc.alloc(f64, d);
+    for (ws, 0..) |v, j| {
+        w[j] = numberToF64(v) orelse die(exit_bad_input, "MODEL_DATA.w[{d}] is not a finite number", .{j});
+    }
+    var b: f64 = 0.0;
+    if (obj.get("b")) |bv| {
+        b = numberToF64(bv) orelse die(exit_bad_input, "MODEL_DATA.b is not a finite number", .{});
+    } else warn("MODEL_DATA has no \"b\"; using 0", .{});
+    return .{ .w = w, .b = b };
+}
+
+// ---------------------------------------------------------------- model math
+
+fn logit(w: []const f64, b: f64, x: []const f64) f64 {
+    var z: f64 = 0.0;
+    for (w, x) |wj, xj| z += wj * xj;
+    z += b;
+    return std.math.clamp(z, -z_clamp, z_clamp);
+}
+
+fn sigmoid(z: f64) f64 {
+    return 1.0 / (1.0 + @exp(-z));
+}
+
+fn evaluate(m: Model, ds: Dataset) Metrics {
+    var loss_sum: f64 = 0.0;
+    var correct: usize = 0;
+    for (0..ds.n) |i| {
+        const p = sigmoid(logit(m.w, m.b, ds.row(i)));
+        const pc = std.math.clamp(p, p_eps, 1.0 - p_eps);
+        const y = ds.y[i];
+        loss_sum += -(y * @log(pc) + (1.0 - y) * @log(1.0 - pc));
+        const pred: f64 = if (p >= 0.5) 1.0 else 0.0;
+        if (pred == y) correct += 1;
+    }
+    const n: f64 = @floatFromInt(ds.n);
+    return .{ .loss = loss_sum / n, .accuracy = @as(f64, @floatFromInt(correct)) / n };
+}
+
+// ---------------------------------------------------------------- shuffling
+
+const fnv_offset: u64 = 0xcbf29ce484222325;
+const fnv_prime: u64 = 0x100000001b3;
+
+fn fnv1a(h0: u64, bytes: []const u8) u64 {
+    var h = h0;
+    for (bytes) |c| {
+        h ^= c;
+        h *%= fnv_prime;
+    }
+    return h;
+}
+
+/// FNV-1a 64 of ROUND_ID ++ 0x00 ++ PROPLET_ID ++ 0x00 ++ epoch (u64 LE).
+fn epochSeed(round_id: []const u8, proplet_id: []const u8, epoch: u64) u64 {
+    var h = fnv1a(fnv_offset, round_id);
+    h = fnv1a(h, &.{0});
+    h = fnv1a(h, proplet_id);
+    h = fnv1a(h, &.{0});
+    var le: [8]u8 = undefined;
+    std.mem.writeInt(u64, &le, epoch, .little);
+    return fnv1a(h, &le);
+}
+
+/// Resets `order` to 0..n-1 and applies Fisher-Yates with SplitMix64:
+/// for i = n-1 down to 1: j = next() % (i + 1); swap(order[i], order[j]).
+fn shuffle(order: []usize, seed: u64) void {
+    for (order, 0..) |*o, i| o.* = i;
+    if (order.len < 2) return;
+    var rng = std.Random.SplitMix64.init(seed);
+    var i: usize = order.len - 1;
+    while (i > 0) : (i -= 1) {
+        const j: usize = @intCast(rng.next() % @as(u64, i + 1));
+        std.mem.swap(usize, &order[i], &order[j]);
+    }
+}
+
+// ---------------------------------------------------------------- training
+
+fn train(alloc: Allocator, m: *Model, ds: Dataset, h: Hyper, round_id: []const u8, proplet_id: []const u8) !void {
+    const order = try alloc.alloc(usize, ds.n);
+    const grad = try alloc.alloc(f64, ds.d);
+    const lr = h.lr;
+    var epoch: u64 = 0;
+    while (epoch < h.epochs) : (epoch += 1) {
+        shuffle(order, epochSeed(round_id, proplet_id, epoch));
+        if (h.batch_size == 1) {
+            // Per-example SGD, exactly the original demo's update rule.
+            for (order) |i| {
+                const x = ds.row(i);
+                const err = sigmoid(logit(m.w, m.b, x)) - ds.y[i];
+                for (m.w, x) |*wj, xj| wj.* -= lr * err * xj;
+                m.b -= lr * err;
+            }
+        } else {
+            // Mini-batches of consecutive shuffled samples; the last may be short.
+            // Gradient = mean over the batch, computed with the pre-batch model.
+            const bs: usize = @intCast(@min(h.batch_size, @as(u64, ds.n)));
+            var start: usize = 0;
+            while (start < ds.n) : (start += bs) {
+                const end = @min(start + bs, ds.n);
+                @memset(grad, 0.0);
+                var grad_b: f64 = 0.0;
+                for (order[start..end]) |i| {
+                    const x = ds.row(i);
+                    const err = sigmoid(logit(m.w, m.b, x)) - ds.y[i];
+                    for (grad, x) |*gj, xj| gj.* += err * xj;
+                    grad_b += err;
+                }
+                const count: f64 = @floatFromInt(end - start);
+                for (m.w, grad) |*wj, gj| wj.* -= lr * (gj / count);
+                m.b -= lr * (grad_b / count);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- entry point
+
+pub fn main(init: std.process.Init) !void {
+    const alloc = init.arena.allocator();
+    const env = init.environ_map;
+
+    const round_id = nonEmpty(env.get("ROUND_ID")) orelse
+        die(exit_usage, "ROUND_ID environment variable is required", .{});
+    const model_uri = env.get("MODEL_URI") orelse "";
+    const proplet_id = env.get("PROPLET_ID") orelse "";
+
+    const hyper = parseHyper(alloc, env.get("HYPERPARAMS"));
+    const ds = try parseDataset(alloc, env.get("DATASET_DATA"));
+    var model = try parseModel(alloc, env.get("MODEL_DATA"), ds.d);
+
+    const before = evaluate(model, ds);
+    try train(alloc, &model, ds, hyper, round_id, proplet_id);
+    const after = evaluate(model, ds);
+
+    for (model.w) |wj| {
+        if (!std.math.isFinite(wj)) die(exit_bad_input, "training diverged (non-finite weight); lower lr", .{});
+    }
+    if (!std.math.isFinite(model.b)) die(exit_bad_input, "training diverged (non-finite bias); lower lr", .{});
+
+    std.debug.print("fl-client: round={s} proplet={s} n={d} d={d} epochs={d} lr={d} batch_size={d} loss {d:.6} -> {d:.6}\n", .{
+        round_id, proplet_id, ds.n, ds.d, hyper.epochs, hyper.lr, hyper.batch_size, before.loss, after.loss,
+    });
+
+    const out: Output = .{
+        .round_id = round_id,
+        .proplet_id = proplet_id,
+        .base_model_uri = model_uri,
+        .num_samples = ds.n,
+        .metrics = .{
+            .loss = after.loss,
+            .accuracy = after.accuracy,
+            .loss_before = before.loss,
+            .accuracy_before = before.accuracy,
+            .epochs = hyper.epochs,
+        },
+        .update = .{ .w = model.w, .b = model.b },
+    };
+
+    var buf: [4096]u8 = undefined;
+    var fw = std.Io.File.stdout().writerStreaming(init.io, &buf);
+    const w = &fw.interface;
+    try std.json.Stringify.value(out, .{}, w);
+    try w.writeByte('\n');
+    try w.flush();
+}
