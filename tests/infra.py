@@ -57,12 +57,13 @@ class Mosquitto:
             "max_queued_messages 100000\n"
             "log_dest stderr\n"
         )
-        log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(
-            [_binary("mosquitto", "/usr/sbin/mosquitto"), "-c", str(conf)],
-            stdout=log,
-            stderr=log,
-        )
+        # The child keeps its own copy of the log descriptor; ours closes at once.
+        with open(self.workdir / "mosquitto.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [_binary("mosquitto", "/usr/sbin/mosquitto"), "-c", str(conf)],
+                stdout=log,
+                stderr=log,
+            )
         wait_port(self.port)
 
     def stop(self) -> None:
@@ -107,12 +108,12 @@ class OciRegistry:
             "http:\n"
             f"  addr: 127.0.0.1:{self.port}\n"
         )
-        log = open(self.workdir / "registry.log", "ab")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(
-            [_binary("docker-registry", "/usr/bin/docker-registry"), "serve", str(conf)],
-            stdout=log,
-            stderr=log,
-        )
+        with open(self.workdir / "registry.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [_binary("docker-registry", "/usr/bin/docker-registry"), "serve", str(conf)],
+                stdout=log,
+                stderr=log,
+            )
         deadline = time.monotonic() + 15
         while True:
             try:
