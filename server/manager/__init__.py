@@ -1,1 +1,5 @@
-"""manager service."""
+"""manager service: proplets, tasks and experiments."""
+
+from server.manager.app import ManagerApp, ManagerConfig, main
+
+__all__ = ["ManagerApp", "ManagerConfig", "main"]

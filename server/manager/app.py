@@ -1,0 +1,151 @@
+"""The Manager service process: configuration, state, the MQTT session and the coordinator
+channel, wired to the servicer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from propeller.v1 import coordinator_pb2_grpc, manager_pb2
+from propeller.v1 import manager_pb2_grpc as manager_grpc
+from server.config import Endpoints, MqttConfig, env_float, env_str
+from server.grpc_server import ServiceBinding, channel, serve_until_signal
+from server.manager.coordinator import CoordinatorClient
+from server.manager.experiments import ExperimentStore, InMemoryExperimentStore
+from server.manager.orchestrator import Manager
+from server.manager.proplets import InMemoryPropletStore, Proplets, PropletStore
+from server.manager.service import ManagerServicer
+from server.manager.tasks import InMemoryTaskStore, Tasks, TaskStore
+from server.mqtt import MqttSession
+
+SERVICE_NAME: str = manager_pb2.DESCRIPTOR.services_by_name["Manager"].full_name
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    addr: str = "127.0.0.1:7070"
+    coordinator_addr: str = "127.0.0.1:8086"
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    # Proplets heartbeat every 10 s by default: a window of three intervals means a live
+    # proplet never flaps to dead because one heartbeat arrived a little late.
+    alive_window_s: float = 30.0
+    # The addresses written into federated tasks' environment, as the proplets reach them
+    # (service host names under compose).
+    task_endpoints: Endpoints = field(default_factory=Endpoints)
+    rpc_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.alive_window_s > 0:
+            raise ValueError(f"alive_window_s: {self.alive_window_s} must be > 0")
+        if not self.rpc_timeout_s > 0:
+            raise ValueError(f"rpc_timeout_s: {self.rpc_timeout_s} must be > 0")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ManagerConfig:
+        env = os.environ if env is None else env
+        d = cls()
+        return cls(
+            addr=env_str(env, "PROPELLER_MANAGER_LISTEN", d.addr),
+            coordinator_addr=env_str(env, "COORDINATOR_ADDR", d.coordinator_addr),
+            mqtt=MqttConfig.from_env(env),
+            alive_window_s=env_float(env, "PROPELLER_ALIVE_WINDOW_S", d.alive_window_s),
+            task_endpoints=Endpoints.from_env(env),
+            rpc_timeout_s=env_float(env, "PROPELLER_RPC_TIMEOUT_S", d.rpc_timeout_s),
+        )
+
+
+class ManagerApp:
+    """Async context manager owning the manager's state, its MQTT session (proplet create,
+    alive and results) and its channel to the coordinator. Serve `bindings` while inside."""
+
+    def __init__(
+        self,
+        config: ManagerConfig,
+        *,
+        proplet_store: PropletStore | None = None,
+        task_store: TaskStore | None = None,
+        experiment_store: ExperimentStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.proplets = Proplets(
+            proplet_store or InMemoryPropletStore(), config.alive_window_s, clock
+        )
+        self.tasks = Tasks(task_store or InMemoryTaskStore(), clock)
+        self.experiment_store: ExperimentStore = experiment_store or InMemoryExperimentStore()
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._manager: Manager | None = None
+        self._session: MqttSession | None = None
+
+    @property
+    def manager(self) -> Manager:
+        if self._manager is None:
+            raise RuntimeError("ManagerApp: use it inside `async with`")
+        return self._manager
+
+    @property
+    def bindings(self) -> list[ServiceBinding]:
+        return [
+            ServiceBinding(
+                SERVICE_NAME,
+                ManagerServicer(self.manager),
+                manager_grpc.add_ManagerServicer_to_server,
+            )
+        ]
+
+    async def _publish(self, topic: str, payload: bytes) -> None:
+        if self._session is None:
+            raise RuntimeError("ManagerApp: MQTT session is not open")
+        await self._session.publish(topic, payload)
+
+    async def __aenter__(self) -> ManagerApp:
+        topics = self.config.mqtt.topics
+        async with contextlib.AsyncExitStack() as stack:
+            chan = channel(self.config.coordinator_addr)
+            stack.push_async_callback(chan.close, None)
+            self._manager = Manager(
+                proplets=self.proplets,
+                tasks=self.tasks,
+                experiments=self.experiment_store,
+                rounds=CoordinatorClient(
+                    coordinator_pb2_grpc.CoordinatorStub(chan), self.config.rpc_timeout_s
+                ),
+                publish=self._publish,
+                topics=topics,
+                task_endpoints=self.config.task_endpoints,
+                clock=self.clock,
+            )
+            # A stable client id per namespace: a restarted manager resumes its persistent
+            # session and receives the results queued while it was down.
+            self._session = await stack.enter_async_context(
+                MqttSession(
+                    self.config.mqtt,
+                    f"propeller-manager-{topics.domain}-{topics.channel}",
+                    [topics.proplet_create, topics.proplet_alive, topics.proplet_results],
+                    self._manager.handle_message,
+                )
+            )
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        stack, self._stack = self._stack, None
+        self._session = None
+        if stack is not None:
+            await stack.aclose()
+
+
+async def main() -> None:
+    config = ManagerConfig.from_env()
+    async with ManagerApp(config) as app:
+        await serve_until_signal(config.addr, app.bindings)

@@ -1,0 +1,265 @@
+"""What the manager does with its state: react to proplet messages, start and stop tasks, and
+run an experiment's round from configuration to one started task per live participant.
+
+MQTT publishing and the coordinator are injected (`Publish`, `RoundService`), so this is
+testable with plain fakes; `ManagerApp` wires in the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from propeller.v1 import coordinator_pb2
+from server.config import Endpoints
+from server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from server.manager.coordinator import RoundService
+from server.manager.experiments import (
+    Experiment,
+    ExperimentConfig,
+    ExperimentStore,
+    ScheduledParticipant,
+    effective_k_of_n,
+    round_task_env,
+    round_task_name,
+    validate,
+)
+from server.manager.proplets import Proplets, Skipped
+from server.manager.tasks import Task, Tasks
+from server.messages import PropletAnnounce, RoundStart, TaskResult
+from server.topics import Topics
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ExperimentStarted:
+    experiment: Experiment
+    round: coordinator_pb2.RoundStatus
+
+
+class Manager:
+    def __init__(
+        self,
+        *,
+        proplets: Proplets,
+        tasks: Tasks,
+        experiments: ExperimentStore,
+        rounds: RoundService,
+        publish: Publish,
+        topics: Topics,
+        task_endpoints: Endpoints,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.proplets = proplets
+        self.tasks = tasks
+        self.experiments = experiments
+        self.rounds = rounds
+        self.publish = publish
+        self.topics = topics
+        self.task_endpoints = task_endpoints
+        self.clock = clock
+        # Experiment ids whose StartExperiment is in flight, so two concurrent calls with one
+        # id cannot both pass the existence check while the first awaits the coordinator.
+        self._starting: set[str] = set()
+
+    # --- MQTT intake ---------------------------------------------------------------------
+
+    async def handle_message(self, topic: str, payload: bytes) -> None:
+        """Handler for the manager's MQTT subscriptions; malformed payloads are dropped."""
+        t = self.topics
+        try:
+            if topic in (t.proplet_create, t.proplet_alive):
+                announce = PropletAnnounce.from_json(payload)
+                known = self.proplets.store.get(announce.proplet_id) is not None
+                proplet = self.proplets.announce(announce)
+                if not known:
+                    log.info(
+                        "[Manager.proplets] proplet_id=%s name=%s registered",
+                        proplet.id,
+                        proplet.name,
+                    )
+            elif topic == t.proplet_results:
+                self.tasks.apply_result(TaskResult.from_json(payload))
+            else:
+                log.debug("[Manager.mqtt] topic=%s: not ours; ignored", topic)
+        except ValueError as exc:
+            log.warning("[Manager.mqtt] topic=%s: malformed payload dropped: %s", topic, exc)
+
+    # --- tasks ---------------------------------------------------------------------------
+
+    async def _publish_start(self, task: Task) -> None:
+        await self.publish(self.topics.task_start, task.start_message().to_json())
+        log.info(
+            "[Manager.StartTask] task_id=%s name=%s proplet_id=%s published",
+            task.id,
+            task.name,
+            task.proplet_id or "*",
+        )
+
+    async def start_task(self, task_id: str) -> Task:
+        scheduled, previous = self.tasks.schedule(task_id)
+        try:
+            await self._publish_start(scheduled)
+        except Unavailable:
+            self.tasks.unschedule(previous)
+            raise
+        # A fast proplet may already have reported Running.
+        return self.tasks.get(task_id)
+
+    async def stop_task(self, task_id: str) -> Task:
+        task = self.tasks.check_stoppable(task_id)
+        await self.publish(self.topics.task_stop, task.stop_message().to_json())
+        log.info("[Manager.StopTask] task_id=%s proplet_id=%s", task.id, task.proplet_id or "*")
+        return self.tasks.interrupt(task_id)
+
+    # --- experiments ---------------------------------------------------------------------
+
+    def get_experiment(self, experiment_id: str) -> Experiment:
+        experiment = self.experiments.get(experiment_id)
+        if experiment is None:
+            raise NotFound(f"experiment_id: no experiment {experiment_id!r}")
+        return experiment
+
+    def list_experiments(self) -> list[Experiment]:
+        return sorted(self.experiments.list(), key=lambda e: e.created_at)
+
+    async def get_round_status(self, round_id: str) -> coordinator_pb2.RoundStatus:
+        if not round_id:
+            raise InvalidArgument("round_id: must not be empty")
+        return await self.rounds.get_round_status(round_id)
+
+    async def start_experiment(self, request: ExperimentConfig) -> ExperimentStarted:
+        config = validate(request)
+        eid = config.experiment_id
+        if eid in self._starting or self.experiments.get(eid) is not None:
+            raise AlreadyExists(f"experiment_id: {eid!r} already exists")
+        self._starting.add(eid)
+        try:
+            return await self._start_experiment(config)
+        finally:
+            self._starting.discard(eid)
+
+    async def _start_experiment(self, config: ExperimentConfig) -> ExperimentStarted:
+        n = len(config.participants)
+        participants, skipped = self.proplets.split(config.participants)
+        for s in skipped:
+            log.warning(
+                "[Manager.StartExperiment] round_id=%s proplet_id=%s skipped: %s",
+                config.round_id,
+                s.proplet_id,
+                s.reason,
+            )
+        if not participants:
+            reasons = "; ".join(f"{s.proplet_id}: {s.reason}" for s in skipped)
+            raise FailedPrecondition(
+                f"participants: none of the {n} participants is alive: {reasons}"
+            )
+
+        hp = config.hyperparams
+        await self.rounds.configure_round(
+            coordinator_pb2.ConfigureRoundRequest(
+                round_id=config.round_id,
+                experiment_id=config.experiment_id,
+                participants=participants,
+                k_of_n=effective_k_of_n(config.k_of_n, len(participants)),
+                timeout_s=config.timeout_s,
+                model_ref=config.model_ref,
+                hyperparams=coordinator_pb2.Hyperparams(
+                    epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size
+                ),
+                task_wasm_image=config.task_wasm_image,
+                start=False,
+            )
+        )
+        # The deadline counts from here, the moment the proplets are told about the round.
+        status = await self.rounds.start_round(config.round_id)
+        model_uri = status.model_ref or config.model_ref
+        await self.publish(
+            self.topics.round_start,
+            RoundStart(
+                round_id=config.round_id,
+                experiment_id=config.experiment_id,
+                model_uri=model_uri,
+                task_wasm_image=config.task_wasm_image,
+                participants=list(participants),
+                hyperparams=hp.to_dict(),
+                k_of_n=status.k_of_n,
+                timeout_s=status.timeout_s,
+                deadline=status.deadline,
+            ).to_json(),
+        )
+
+        tasks = [
+            self.tasks.create(
+                round_task_name(config.round_id, pid),
+                image_url=config.task_wasm_image,
+                env=round_task_env(
+                    round_id=config.round_id,
+                    model_uri=model_uri,
+                    hyperparams=hp,
+                    proplet_id=pid,
+                    endpoints=self.task_endpoints,
+                ),
+                proplet_id=pid,
+            )
+            for pid in participants
+        ]
+        outcomes = await asyncio.gather(
+            *(self._start_round_task(t) for t in tasks), return_exceptions=True
+        )
+        scheduled: list[ScheduledParticipant] = []
+        for task, outcome in zip(tasks, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                reason = f"task start not delivered: {outcome}"
+                self.tasks.fail(task.id, reason)
+                skipped.append(Skipped(task.proplet_id, reason))
+                log.warning(
+                    "[Manager.StartExperiment] round_id=%s proplet_id=%s: %s",
+                    config.round_id,
+                    task.proplet_id,
+                    reason,
+                )
+            else:
+                scheduled.append(ScheduledParticipant(task.proplet_id, task.id, task.name))
+
+        experiment = Experiment(
+            experiment_id=config.experiment_id,
+            config=config,
+            scheduled=scheduled,
+            skipped=skipped,
+            created_at=self.clock(),
+        )
+        self.experiments.put(experiment)
+        log.info(
+            "[Manager.StartExperiment] experiment_id=%s round_id=%s scheduled=%d skipped=%d "
+            "k_of_n=%d timeout_s=%g",
+            experiment.experiment_id,
+            config.round_id,
+            len(scheduled),
+            len(skipped),
+            status.k_of_n,
+            status.timeout_s,
+        )
+        return ExperimentStarted(experiment, status)
+
+    async def _start_round_task(self, task: Task) -> None:
+        scheduled, previous = self.tasks.schedule(task.id)
+        try:
+            await self._publish_start(scheduled)
+        except BaseException:
+            self.tasks.unschedule(previous)
+            raise

@@ -1,0 +1,229 @@
+"""The Manager gRPC servicer: proto <-> domain translation around `Manager`, nothing more."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from propeller.v1 import coordinator_pb2, manager_pb2
+from server.errors import InvalidArgument, grpc_errors
+from server.manager.experiments import Experiment, ExperimentConfig, Hyperparams
+from server.manager.orchestrator import Manager
+from server.manager.proplets import Proplet
+from server.manager.tasks import Task, TaskState
+
+Context = grpc.aio.ServicerContext[Any, Any]
+_TO_PROTO: dict[TaskState, manager_pb2.TaskState] = {
+    TaskState.PENDING: manager_pb2.TASK_STATE_PENDING,
+    TaskState.SCHEDULED: manager_pb2.TASK_STATE_SCHEDULED,
+    TaskState.RUNNING: manager_pb2.TASK_STATE_RUNNING,
+    TaskState.COMPLETED: manager_pb2.TASK_STATE_COMPLETED,
+    TaskState.FAILED: manager_pb2.TASK_STATE_FAILED,
+    TaskState.SKIPPED: manager_pb2.TASK_STATE_SKIPPED,
+    TaskState.INTERRUPTED: manager_pb2.TASK_STATE_INTERRUPTED,
+}
+_FROM_PROTO: dict[int, TaskState] = {int(v): k for k, v in _TO_PROTO.items()}
+
+
+def state_to_proto(state: TaskState) -> manager_pb2.TaskState:
+    return _TO_PROTO[state]
+
+
+def state_from_proto(value: int) -> TaskState | None:
+    """None for TASK_STATE_UNSPECIFIED (no filter)."""
+    if value == manager_pb2.TASK_STATE_UNSPECIFIED:
+        return None
+    try:
+        return _FROM_PROTO[value]
+    except KeyError:
+        raise InvalidArgument(f"state: {value} is not a TaskState") from None
+
+
+def task_to_proto(task: Task) -> manager_pb2.Task:
+    return manager_pb2.Task(
+        id=task.id,
+        name=task.name,
+        image_url=task.image_url,
+        file=task.file,
+        env=task.env,
+        cli_args=task.cli_args,
+        proplet_id=task.proplet_id,
+        state=state_to_proto(task.state),
+        results=task.results,
+        error=task.error,
+        created_at=task.created_at,
+        updated_at=task.updated_at,
+        started_at=task.started_at,
+        finished_at=task.finished_at,
+    )
+
+
+def config_from_proto(req: manager_pb2.StartExperimentRequest) -> ExperimentConfig:
+    hp = req.hyperparams
+    return ExperimentConfig(
+        experiment_id=req.experiment_id,
+        round_id=req.round_id,
+        model_ref=req.model_ref,
+        participants=list(req.participants),
+        hyperparams=Hyperparams(epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size),
+        k_of_n=req.k_of_n,
+        timeout_s=req.timeout_s,
+        task_wasm_image=req.task_wasm_image,
+    )
+
+
+def config_to_proto(config: ExperimentConfig) -> manager_pb2.StartExperimentRequest:
+    hp = config.hyperparams
+    return manager_pb2.StartExperimentRequest(
+        experiment_id=config.experiment_id,
+        round_id=config.round_id,
+        model_ref=config.model_ref,
+        participants=config.participants,
+        hyperparams=coordinator_pb2.Hyperparams(
+            epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size
+        ),
+        k_of_n=config.k_of_n,
+        timeout_s=config.timeout_s,
+        task_wasm_image=config.task_wasm_image,
+    )
+
+
+def _scheduled(e: Experiment) -> list[manager_pb2.ScheduledParticipant]:
+    return [
+        manager_pb2.ScheduledParticipant(
+            proplet_id=s.proplet_id, task_id=s.task_id, task_name=s.task_name
+        )
+        for s in e.scheduled
+    ]
+
+
+def _skipped(e: Experiment) -> list[manager_pb2.SkippedParticipant]:
+    return [
+        manager_pb2.SkippedParticipant(proplet_id=s.proplet_id, reason=s.reason) for s in e.skipped
+    ]
+
+
+def experiment_to_proto(e: Experiment) -> manager_pb2.Experiment:
+    return manager_pb2.Experiment(
+        experiment_id=e.experiment_id,
+        config=config_to_proto(e.config),
+        scheduled=_scheduled(e),
+        skipped=_skipped(e),
+        created_at=e.created_at,
+    )
+
+
+class ManagerServicer:
+    """Implements `propeller.v1.Manager`."""
+
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+
+    def _proplet(self, p: Proplet) -> manager_pb2.Proplet:
+        proplets = self.manager.proplets
+        return manager_pb2.Proplet(
+            id=p.id,
+            name=p.name,
+            alive=proplets.is_alive(p),
+            last_seen=p.last_seen,
+            registered_at=p.registered_at,
+            metadata=p.metadata,
+            task_count=self.manager.tasks.running_on(p.id),
+        )
+
+    async def StartExperiment(
+        self, request: manager_pb2.StartExperimentRequest, context: Context
+    ) -> manager_pb2.StartExperimentResponse:
+        async with grpc_errors(context, "Manager.StartExperiment"):
+            started = await self.manager.start_experiment(config_from_proto(request))
+            e = started.experiment
+            return manager_pb2.StartExperimentResponse(
+                experiment_id=e.experiment_id,
+                round_id=e.config.round_id,
+                round=started.round,
+                scheduled=_scheduled(e),
+                skipped=_skipped(e),
+            )
+        raise AssertionError("unreachable")  # grpc_errors aborts
+
+    async def GetExperiment(
+        self, request: manager_pb2.GetExperimentRequest, context: Context
+    ) -> manager_pb2.Experiment:
+        async with grpc_errors(context, "Manager.GetExperiment"):
+            return experiment_to_proto(self.manager.get_experiment(request.experiment_id))
+        raise AssertionError("unreachable")
+
+    async def ListExperiments(
+        self, request: manager_pb2.ListExperimentsRequest, context: Context
+    ) -> manager_pb2.ListExperimentsResponse:
+        async with grpc_errors(context, "Manager.ListExperiments"):
+            return manager_pb2.ListExperimentsResponse(
+                experiments=[experiment_to_proto(e) for e in self.manager.list_experiments()]
+            )
+        raise AssertionError("unreachable")
+
+    async def GetRoundStatus(
+        self, request: coordinator_pb2.GetRoundStatusRequest, context: Context
+    ) -> coordinator_pb2.RoundStatus:
+        async with grpc_errors(context, "Manager.GetRoundStatus"):
+            return await self.manager.get_round_status(request.round_id)
+        raise AssertionError("unreachable")
+
+    async def ListProplets(
+        self, request: manager_pb2.ListPropletsRequest, context: Context
+    ) -> manager_pb2.ListPropletsResponse:
+        async with grpc_errors(context, "Manager.ListProplets"):
+            return manager_pb2.ListPropletsResponse(
+                proplets=[self._proplet(p) for p in self.manager.proplets.all()]
+            )
+        raise AssertionError("unreachable")
+
+    async def GetProplet(
+        self, request: manager_pb2.GetPropletRequest, context: Context
+    ) -> manager_pb2.Proplet:
+        async with grpc_errors(context, "Manager.GetProplet"):
+            return self._proplet(self.manager.proplets.get(request.proplet_id))
+        raise AssertionError("unreachable")
+
+    async def CreateTask(
+        self, request: manager_pb2.CreateTaskRequest, context: Context
+    ) -> manager_pb2.Task:
+        async with grpc_errors(context, "Manager.CreateTask"):
+            task = self.manager.tasks.create(
+                request.name,
+                image_url=request.image_url,
+                file=request.file,
+                env=dict(request.env),
+                cli_args=list(request.cli_args),
+                proplet_id=request.proplet_id,
+            )
+            return task_to_proto(task)
+        raise AssertionError("unreachable")
+
+    async def StartTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
+        async with grpc_errors(context, "Manager.StartTask"):
+            return task_to_proto(await self.manager.start_task(request.task_id))
+        raise AssertionError("unreachable")
+
+    async def StopTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
+        async with grpc_errors(context, "Manager.StopTask"):
+            return task_to_proto(await self.manager.stop_task(request.task_id))
+        raise AssertionError("unreachable")
+
+    async def GetTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
+        async with grpc_errors(context, "Manager.GetTask"):
+            return task_to_proto(self.manager.tasks.get(request.task_id))
+        raise AssertionError("unreachable")
+
+    async def ListTasks(
+        self, request: manager_pb2.ListTasksRequest, context: Context
+    ) -> manager_pb2.ListTasksResponse:
+        async with grpc_errors(context, "Manager.ListTasks"):
+            tasks = self.manager.tasks.find(
+                name_prefix=request.name_prefix,
+                proplet_id=request.proplet_id,
+                state=state_from_proto(request.state),
+            )
+            return manager_pb2.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])
+        raise AssertionError("unreachable")

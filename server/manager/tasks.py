@@ -1,0 +1,293 @@
+"""Tasks and their life cycle.
+
+    PENDING --start--> SCHEDULED --Running--> RUNNING --Completed--> COMPLETED
+                           |                     |-----Failed------> FAILED
+                           |---------stop--------|-----Interrupted-> INTERRUPTED
+
+A final state (COMPLETED, FAILED, INTERRUPTED, SKIPPED) is left only by a new start; results
+arriving for a finished task are ignored. The caller publishes the MQTT messages; this module
+only decides and records.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from server import messages
+from server.errors import FailedPrecondition, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+class TaskState(enum.Enum):
+    PENDING = "PENDING"
+    SCHEDULED = "SCHEDULED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    SKIPPED = "SKIPPED"
+    INTERRUPTED = "INTERRUPTED"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset(
+    {TaskState.COMPLETED, TaskState.FAILED, TaskState.SKIPPED, TaskState.INTERRUPTED}
+)
+# States from which StartTask (re)schedules a task.
+STARTABLE = frozenset({TaskState.PENDING, *FINAL_STATES})
+# States a stop interrupts.
+STOPPABLE = frozenset({TaskState.SCHEDULED, TaskState.RUNNING})
+
+_RESULT_STATES = {
+    messages.RUNNING: TaskState.RUNNING,
+    messages.COMPLETED: TaskState.COMPLETED,
+    messages.FAILED: TaskState.FAILED,
+    messages.INTERRUPTED: TaskState.INTERRUPTED,
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    name: str
+    image_url: str = ""
+    file: bytes = b""
+    env: dict[str, str] = field(default_factory=dict)
+    cli_args: list[str] = field(default_factory=list)
+    proplet_id: str = ""  # empty = any proplet
+    state: TaskState = TaskState.PENDING
+    results: str = ""
+    error: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    # The proplet whose results we last applied (differs from proplet_id for broadcasts).
+    reported_by: str = ""
+
+    def start_message(self) -> messages.TaskStart:
+        return messages.TaskStart(
+            id=self.id,
+            name=self.name,
+            image_url=self.image_url,
+            file=self.file,
+            env=dict(self.env),
+            cli_args=list(self.cli_args),
+            proplet_id=self.proplet_id,
+        )
+
+    def stop_message(self) -> messages.TaskStop:
+        return messages.TaskStop(id=self.id, proplet_id=self.proplet_id)
+
+
+class TaskStore(Protocol):
+    """Where task records live (in memory today; durable later). `list` is in creation
+    order."""
+
+    def get(self, task_id: str) -> Task | None: ...
+
+    def put(self, task: Task) -> None: ...
+
+    def list(self) -> list[Task]: ...
+
+
+class InMemoryTaskStore:
+    def __init__(self) -> None:
+        self._tasks: dict[str, Task] = {}
+
+    def get(self, task_id: str) -> Task | None:
+        return self._tasks.get(task_id)
+
+    def put(self, task: Task) -> None:
+        self._tasks[task.id] = task
+
+    def list(self) -> list[Task]:
+        return list(self._tasks.values())
+
+
+class Tasks:
+    """The task state machine over a `TaskStore`."""
+
+    def __init__(self, store: TaskStore, clock: Clock = time.time) -> None:
+        self.store = store
+        self.clock = clock
+
+    def create(
+        self,
+        name: str,
+        *,
+        image_url: str = "",
+        file: bytes = b"",
+        env: Mapping[str, str] | None = None,
+        cli_args: Sequence[str] = (),
+        proplet_id: str = "",
+    ) -> Task:
+        if not name:
+            raise InvalidArgument("name: must not be empty")
+        if bool(image_url) == bool(file):
+            raise InvalidArgument(
+                "image_url: exactly one of image_url or file must be set"
+                + (" (both given)" if image_url else " (neither given)")
+            )
+        env = dict(env or {})
+        if "" in env:
+            raise InvalidArgument("env: variable names must not be empty")
+        now = self.clock()
+        task = Task(
+            id=str(uuid.uuid4()),
+            name=name,
+            image_url=image_url,
+            file=bytes(file),
+            env=env,
+            cli_args=list(cli_args),
+            proplet_id=proplet_id,
+            state=TaskState.PENDING,
+            created_at=now,
+            updated_at=now,
+        )
+        self.store.put(task)
+        return task
+
+    def get(self, task_id: str) -> Task:
+        task = self.store.get(task_id)
+        if task is None:
+            raise NotFound(f"task_id: no task {task_id!r}")
+        return task
+
+    def find(
+        self, *, name_prefix: str = "", proplet_id: str = "", state: TaskState | None = None
+    ) -> list[Task]:
+        return [
+            t
+            for t in sorted(self.store.list(), key=lambda t: t.created_at)
+            if t.name.startswith(name_prefix)
+            and (not proplet_id or proplet_id in (t.proplet_id, t.reported_by))
+            and (state is None or t.state is state)
+        ]
+
+    def running_on(self, proplet_id: str) -> int:
+        """How many tasks are running on `proplet_id` right now."""
+        return sum(
+            1
+            for t in self.store.list()
+            if t.state is TaskState.RUNNING and proplet_id in (t.proplet_id, t.reported_by)
+        )
+
+    def schedule(self, task_id: str) -> tuple[Task, Task]:
+        """Move a startable task to SCHEDULED before its start is published (a fast proplet's
+        Running result may otherwise arrive first). Returns (scheduled, previous) so a failed
+        publish can be undone with `unschedule`."""
+        task = self.get(task_id)
+        if task.state not in STARTABLE:
+            raise FailedPrecondition(
+                f"task_id: task {task_id!r} is {task.state.value}; stop it or wait for it to "
+                "finish before starting it again"
+            )
+        now = self.clock()
+        scheduled = replace(
+            task,
+            state=TaskState.SCHEDULED,
+            results="",
+            error="",
+            started_at=0.0,
+            finished_at=0.0,
+            reported_by="",
+            updated_at=now,
+        )
+        self.store.put(scheduled)
+        return scheduled, task
+
+    def unschedule(self, previous: Task) -> None:
+        """Undo `schedule` after its start could not be published, unless the task moved on."""
+        current = self.store.get(previous.id)
+        if current is not None and current.state is TaskState.SCHEDULED:
+            self.store.put(replace(previous, updated_at=self.clock()))
+
+    def check_stoppable(self, task_id: str) -> Task:
+        task = self.get(task_id)
+        if task.state not in STOPPABLE:
+            raise FailedPrecondition(
+                f"task_id: task {task_id!r} is {task.state.value}; only scheduled or running "
+                "tasks can be stopped"
+            )
+        return task
+
+    def interrupt(self, task_id: str) -> Task:
+        """Mark a stopped task INTERRUPTED, unless it finished in the meantime."""
+        task = self.get(task_id)
+        if task.state.final:
+            return task
+        now = self.clock()
+        task = replace(task, state=TaskState.INTERRUPTED, finished_at=now, updated_at=now)
+        self.store.put(task)
+        return task
+
+    def fail(self, task_id: str, error: str) -> Task:
+        now = self.clock()
+        task = replace(
+            self.get(task_id), state=TaskState.FAILED, error=error, finished_at=now, updated_at=now
+        )
+        self.store.put(task)
+        return task
+
+    def apply_result(self, result: messages.TaskResult) -> Task | None:
+        """Record a result a proplet published. Returns the updated task, or None when the
+        result was dropped (unknown task, wrong proplet, task already finished)."""
+        task = self.store.get(result.task_id)
+        if task is None:
+            log.warning(
+                "[Manager.results] task_id=%s proplet_id=%s: unknown task; dropped",
+                result.task_id,
+                result.proplet_id,
+            )
+            return None
+        if task.proplet_id and result.proplet_id and result.proplet_id != task.proplet_id:
+            log.warning(
+                "[Manager.results] task_id=%s proplet_id=%s: task belongs to %s; dropped",
+                task.id,
+                result.proplet_id,
+                task.proplet_id,
+            )
+            return None
+        if task.state.final or task.state is TaskState.PENDING:
+            log.info(
+                "[Manager.results] task_id=%s state=%s: result %s ignored",
+                task.id,
+                task.state.value,
+                result.state,
+            )
+            return None
+        new_state = _RESULT_STATES[result.state]
+        now = self.clock()
+        task = replace(
+            task,
+            state=new_state,
+            updated_at=now,
+            reported_by=result.proplet_id or task.reported_by,
+        )
+        if new_state is TaskState.RUNNING:
+            task = replace(task, started_at=task.started_at or now)
+        else:
+            task = replace(
+                task,
+                results=result.results or task.results,
+                error=result.error,
+                finished_at=now,
+                started_at=task.started_at or now,
+            )
+        self.store.put(task)
+        log.info(
+            "[Manager.results] task_id=%s name=%s state=%s", task.id, task.name, new_state.value
+        )
+        return task

@@ -1,0 +1,197 @@
+"""The task state machine, without MQTT or gRPC."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from server.errors import FailedPrecondition, InvalidArgument, NotFound
+from server.manager.tasks import InMemoryTaskStore, Task, Tasks, TaskState
+from server.messages import COMPLETED, FAILED, INTERRUPTED, RUNNING, TaskResult
+from tests.manager.fakes import FakeClock
+
+
+def make() -> tuple[Tasks, FakeClock]:
+    clock = FakeClock()
+    return Tasks(InMemoryTaskStore(), clock), clock
+
+
+def started(tasks: Tasks, proplet_id: str = "p1") -> Task:
+    task = tasks.create("t", image_url="reg/x:1", proplet_id=proplet_id)
+    return tasks.schedule(task.id)[0]
+
+
+def test_create_is_pending_with_uuid_and_timestamps() -> None:
+    tasks, clock = make()
+    task = tasks.create("hello", image_url="reg/hello:1", env={"A": "1"}, cli_args=["-v"])
+    assert task.state is TaskState.PENDING
+    assert len(task.id) == 36 and task.id.count("-") == 4
+    assert task.created_at == task.updated_at == clock.now
+    assert tasks.get(task.id) == task
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"name": "", "image_url": "reg/x:1"}, "name"),
+        ({"name": "t"}, "image_url"),
+        ({"name": "t", "image_url": "reg/x:1", "file": b"\0asm"}, "image_url"),
+    ],
+)
+def test_create_rejects_bad_requests_naming_the_field(kwargs: dict[str, Any], field: str) -> None:
+    tasks, _ = make()
+    with pytest.raises(InvalidArgument, match=f"^{field}:"):
+        tasks.create(**kwargs)
+
+
+def test_create_with_inline_file_and_no_proplet() -> None:
+    tasks, _ = make()
+    task = tasks.create("t", file=b"\0asm")
+    assert (task.file, task.proplet_id) == (b"\0asm", "")
+
+
+def test_unknown_task_is_not_found() -> None:
+    tasks, _ = make()
+    with pytest.raises(NotFound, match="task_id"):
+        tasks.get("nope")
+    with pytest.raises(NotFound, match="task_id"):
+        tasks.schedule("nope")
+
+
+def test_full_run_running_then_completed() -> None:
+    tasks, clock = make()
+    task = started(tasks)
+    assert task.state is TaskState.SCHEDULED
+    clock.advance(1)
+    running = tasks.apply_result(TaskResult(task.id, "p1", RUNNING))
+    assert running is not None and running.state is TaskState.RUNNING
+    assert running.started_at == clock.now
+    assert tasks.running_on("p1") == 1
+    clock.advance(2)
+    done = tasks.apply_result(TaskResult(task.id, "p1", COMPLETED, results="42"))
+    assert done is not None
+    assert (done.state, done.results, done.finished_at) == (TaskState.COMPLETED, "42", clock.now)
+    assert done.started_at == clock.now - 2
+    assert tasks.running_on("p1") == 0
+
+
+def test_failed_result_records_error() -> None:
+    tasks, _ = make()
+    task = started(tasks)
+    failed = tasks.apply_result(TaskResult(task.id, "p1", FAILED, error="trap: unreachable"))
+    assert failed is not None
+    assert (failed.state, failed.error) == (TaskState.FAILED, "trap: unreachable")
+
+
+def test_interrupted_result() -> None:
+    tasks, _ = make()
+    task = started(tasks)
+    out = tasks.apply_result(TaskResult(task.id, "p1", INTERRUPTED))
+    assert out is not None and out.state is TaskState.INTERRUPTED
+
+
+def test_final_state_is_not_left_by_late_results() -> None:
+    tasks, _ = make()
+    task = started(tasks)
+    tasks.apply_result(TaskResult(task.id, "p1", COMPLETED, results="ok"))
+    assert tasks.apply_result(TaskResult(task.id, "p1", RUNNING)) is None
+    assert tasks.apply_result(TaskResult(task.id, "p1", FAILED, error="late")) is None
+    final = tasks.get(task.id)
+    assert (final.state, final.results, final.error) == (TaskState.COMPLETED, "ok", "")
+
+
+def test_results_for_unknown_tasks_or_other_proplets_are_dropped() -> None:
+    tasks, _ = make()
+    task = started(tasks, proplet_id="p1")
+    assert tasks.apply_result(TaskResult("nope", "p1", RUNNING)) is None
+    assert tasks.apply_result(TaskResult(task.id, "intruder", COMPLETED)) is None
+    assert tasks.get(task.id).state is TaskState.SCHEDULED
+
+
+def test_result_for_pending_task_is_ignored() -> None:
+    tasks, _ = make()
+    task = tasks.create("t", image_url="reg/x:1")
+    assert tasks.apply_result(TaskResult(task.id, "p1", RUNNING)) is None
+    assert tasks.get(task.id).state is TaskState.PENDING
+
+
+def test_broadcast_task_counts_on_the_proplet_that_runs_it() -> None:
+    tasks, _ = make()
+    task = started(tasks, proplet_id="")
+    tasks.apply_result(TaskResult(task.id, "p7", RUNNING))
+    assert tasks.running_on("p7") == 1
+    assert [t.id for t in tasks.find(proplet_id="p7")] == [task.id]
+
+
+@pytest.mark.parametrize("state", [TaskState.SCHEDULED, TaskState.RUNNING])
+def test_start_refused_while_scheduled_or_running(state: TaskState) -> None:
+    tasks, _ = make()
+    task = started(tasks)
+    if state is TaskState.RUNNING:
+        tasks.apply_result(TaskResult(task.id, "p1", RUNNING))
+    with pytest.raises(FailedPrecondition, match="task_id"):
+        tasks.schedule(task.id)
+
+
+@pytest.mark.parametrize("result", [COMPLETED, FAILED, INTERRUPTED])
+def test_finished_task_can_be_started_again_with_a_clean_slate(result: str) -> None:
+    tasks, _ = make()
+    task = started(tasks)
+    tasks.apply_result(TaskResult(task.id, "p1", result, results="r", error="e"))
+    again, previous = tasks.schedule(task.id)
+    assert previous.state.final
+    assert (again.state, again.results, again.error, again.finished_at) == (
+        TaskState.SCHEDULED,
+        "",
+        "",
+        0.0,
+    )
+
+
+def test_unschedule_restores_previous_state_unless_task_moved_on() -> None:
+    tasks, _ = make()
+    task = tasks.create("t", image_url="reg/x:1", proplet_id="p1")
+    _, previous = tasks.schedule(task.id)
+    tasks.unschedule(previous)
+    assert tasks.get(task.id).state is TaskState.PENDING
+
+    _, previous = tasks.schedule(task.id)
+    tasks.apply_result(TaskResult(task.id, "p1", RUNNING))
+    tasks.unschedule(previous)
+    assert tasks.get(task.id).state is TaskState.RUNNING
+
+
+def test_stop_only_scheduled_or_running_tasks() -> None:
+    tasks, _ = make()
+    pending = tasks.create("t", image_url="reg/x:1")
+    with pytest.raises(FailedPrecondition, match="PENDING"):
+        tasks.check_stoppable(pending.id)
+    task = started(tasks)
+    assert tasks.check_stoppable(task.id).state is TaskState.SCHEDULED
+    stopped = tasks.interrupt(task.id)
+    assert stopped.state is TaskState.INTERRUPTED and stopped.finished_at > 0
+    with pytest.raises(FailedPrecondition, match="INTERRUPTED"):
+        tasks.check_stoppable(task.id)
+
+
+def test_interrupt_does_not_overwrite_a_task_that_finished_meanwhile() -> None:
+    tasks, _ = make()
+    task = started(tasks)
+    tasks.apply_result(TaskResult(task.id, "p1", COMPLETED, results="ok"))
+    assert tasks.interrupt(task.id).state is TaskState.COMPLETED
+
+
+def test_find_filters_and_keeps_creation_order() -> None:
+    tasks, clock = make()
+    a = tasks.create("fl-round-r1-p1", image_url="x", proplet_id="p1")
+    clock.advance(1)
+    b = tasks.create("other", image_url="x", proplet_id="p2")
+    clock.advance(1)
+    c = tasks.create("fl-round-r1-p2", image_url="x", proplet_id="p2")
+    tasks.schedule(c.id)
+    assert [t.id for t in tasks.find()] == [a.id, b.id, c.id]
+    assert [t.id for t in tasks.find(name_prefix="fl-round-r1")] == [a.id, c.id]
+    assert [t.id for t in tasks.find(proplet_id="p2")] == [b.id, c.id]
+    assert [t.id for t in tasks.find(state=TaskState.SCHEDULED)] == [c.id]
+    assert tasks.find(name_prefix="fl-round-r1", state=TaskState.RUNNING) == []

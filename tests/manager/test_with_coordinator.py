@@ -1,0 +1,141 @@
+"""StartExperiment against the real Coordinator and ModelRegistry: what the manager configures
+is what the coordinator runs, and the coordinator's refusals reach the user unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from propeller.v1 import coordinator_pb2, manager_pb2
+from server.coordinator.app import CoordinatorApp, CoordinatorConfig
+from server.grpc_server import serving
+from server.mqtt import MqttSession
+from server.registry.app import RegistryApp, RegistryConfig
+from server.topics import Topics
+from tests.infra import Mosquitto
+from tests.manager.fakes import (
+    WASM,
+    FakeProplet,
+    RunningManager,
+    mqtt_config,
+    running_manager,
+    until_alive,
+)
+
+LOCAL = "127.0.0.1:0"
+
+
+@pytest.fixture
+async def manager(broker: Mosquitto, topics: Topics) -> AsyncIterator[RunningManager]:
+    registry = RegistryApp(RegistryConfig(addr=LOCAL))
+    await registry.registry.init_model(3)
+    async with registry, serving(LOCAL, registry.bindings) as registry_port:
+        coordinator = CoordinatorApp(
+            CoordinatorConfig(
+                addr=LOCAL,
+                # Nothing here aggregates: no update is ever submitted.
+                aggregator_addr="127.0.0.1:9",
+                registry_addr=f"127.0.0.1:{registry_port}",
+                mqtt=mqtt_config(broker.port, topics),
+                rpc_timeout_s=5.0,
+            )
+        )
+        async with (
+            coordinator,
+            serving(LOCAL, coordinator.bindings) as coordinator_port,
+            running_manager(
+                broker.port, topics, coordinator_addr=f"127.0.0.1:{coordinator_port}"
+            ) as m,
+        ):
+            yield m
+
+
+def request(round_id: str, participants: list[str], **kw: Any) -> Any:
+    return manager_pb2.StartExperimentRequest(
+        round_id=round_id,
+        model_ref=kw.pop("model_ref", "fl/models/global_model_v0"),
+        participants=participants,
+        task_wasm_image=WASM,
+        **kw,
+    )
+
+
+async def test_round_runs_as_configured(
+    broker: Mosquitto, topics: Topics, manager: RunningManager
+) -> None:
+    starts: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def on_round_start(topic: str, payload: bytes) -> None:
+        starts.put_nowait(json.loads(payload))
+
+    async with (
+        MqttSession(
+            mqtt_config(broker.port, topics),
+            f"watch-{topics.domain}",
+            [topics.round_start],
+            on_round_start,
+            clean_session=True,
+        ),
+        FakeProplet(broker.port, topics, "p-1") as p1,
+        FakeProplet(broker.port, topics, "p-2") as p2,
+    ):
+        await until_alive(manager.stub, "p-1")
+        await until_alive(manager.stub, "p-2")
+        resp = await manager.stub.StartExperiment(
+            request(
+                "r-1",
+                ["p-1", "p-2", "p-ghost"],
+                experiment_id="exp-1",
+                hyperparams=coordinator_pb2.Hyperparams(epochs=3, lr=0.1, batch_size=8),
+                k_of_n=2,
+                timeout_s=45,
+            )
+        )
+        assert [s.proplet_id for s in resp.skipped] == ["p-ghost"]
+
+        status = await manager.stub.GetRoundStatus(
+            coordinator_pb2.GetRoundStatusRequest(round_id="r-1")
+        )
+        assert status.state == coordinator_pb2.ROUND_STATE_OPEN
+        assert (status.experiment_id, list(status.participants)) == ("exp-1", ["p-1", "p-2"])
+        assert (status.k_of_n, status.timeout_s) == (2, 45.0)
+        assert (status.hyperparams.epochs, status.hyperparams.lr) == (3, 0.1)
+        assert status.hyperparams.batch_size == 8
+        assert status.deadline == pytest.approx(status.started_at + 45.0)
+
+        rs = await asyncio.wait_for(starts.get(), 10)
+        assert (rs["k_of_n"], rs["timeout_s"], rs["deadline"]) == (2, 45.0, status.deadline)
+
+        for fp in (p1, p2):
+            start = await fp.next_start()
+            assert start.name == f"fl-round-r-1-{fp.id}"
+            assert start.env["MODEL_URI"] == "fl/models/global_model_v0"
+            assert json.loads(start.env["HYPERPARAMS"]) == {
+                "epochs": 3,
+                "lr": 0.1,
+                "batch_size": 8,
+            }
+
+
+async def test_coordinator_refusals_keep_their_codes(
+    broker: Mosquitto, topics: Topics, manager: RunningManager
+) -> None:
+    async with FakeProplet(broker.port, topics, "p-1"):
+        await until_alive(manager.stub, "p-1")
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await manager.stub.StartExperiment(
+                request("r-2", ["p-1"], model_ref="fl/models/global_model_v5")
+            )
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+        await manager.stub.StartExperiment(request("r-3", ["p-1"]))
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await manager.stub.StartExperiment(request("r-3", ["p-1"], experiment_id="again"))
+        assert exc.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        listed = await manager.stub.ListTasks(manager_pb2.ListTasksRequest(name_prefix="fl-"))
+        assert [t.name for t in listed.tasks] == ["fl-round-r-3-p-1"]
