@@ -1,0 +1,421 @@
+"""The coordinator's behaviour over time: configuring and starting rounds, taking updates,
+closing rounds (k_of_n or deadline), aggregating through a `ModelBackend`, announcing the new
+model, and telling watchers about every change.
+
+Transport-free: the gRPC servicer and the app wire it to the network; tests may drive it with
+an in-process backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from server.coordinator import rounds as R
+from server.coordinator.rounds import Round, RoundConfig, Update
+from server.coordinator.store import RoundStore
+from server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PropellerError,
+)
+from server.messages import RoundComplete
+from server.tensors import Spec, Tensors, sha256_of
+from server.topics import Topics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+Clock = Callable[[], float]
+
+# Downstream errors that another attempt cannot fix.
+_PERMANENT: tuple[type[PropellerError], ...] = (
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+)
+
+
+class ModelBackend(Protocol):
+    """What the coordinator needs from the registry and the aggregator."""
+
+    async def resolve(self, model_ref: str) -> tuple[str, list[Spec]]:
+        """The stored model `model_ref` names ("" = the latest) as (uri, tensor specs);
+        NotFound if there is none."""
+        ...
+
+    async def aggregate(self, round_id: str, updates: Sequence[Update]) -> Tensors:
+        """Combine the updates into one model."""
+        ...
+
+    async def put(self, tensors: Tensors, sha256: str) -> tuple[int, str]:
+        """Store a model as the registry's next version; returns (version, uri)."""
+        ...
+
+    async def find(self, sha256: str, after_version: int) -> tuple[int, str] | None:
+        """A stored version newer than `after_version` with exactly these bytes, if any (so a
+        retried write whose first attempt did land is not stored twice)."""
+        ...
+
+
+class EventType:
+    SNAPSHOT = "snapshot"
+    STARTED = "started"
+    UPDATE_ACCEPTED = "update_accepted"
+    AGGREGATING = "aggregating"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+_TERMINAL_EVENTS = frozenset({EventType.COMPLETED, EventType.FAILED})
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str
+    round: Round
+    timestamp: float
+    proplet_id: str = ""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """The answer to an update: the round after it, and whether it was a repeat."""
+
+    round: Round
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    initial_backoff_s: float = 0.2
+    factor: float = 2.0
+
+
+class Coordinator:
+    """Owns the rounds (through `store`) and the tasks that finish them."""
+
+    def __init__(
+        self,
+        store: RoundStore,
+        backend: ModelBackend,
+        publish: Publish,
+        topics: Topics,
+        *,
+        default_timeout_s: float = R.DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.publish = publish
+        self.topics = topics
+        self.default_timeout_s = default_timeout_s
+        self.retry = retry or RetryPolicy()
+        self.clock = clock
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._watchers: dict[str, set[asyncio.Queue[Event]]] = {}
+        self._finishing: dict[str, asyncio.Task[None]] = {}
+
+    # ---- rounds ------------------------------------------------------------------------
+
+    def _lock(self, round_id: str) -> asyncio.Lock:
+        lock = self._locks.get(round_id)
+        if lock is None:
+            lock = self._locks[round_id] = asyncio.Lock()
+        return lock
+
+    async def get(self, round_id: str) -> Round:
+        return R.require_round(await self.store.get(round_id), round_id)
+
+    async def list(self, experiment_id: str = "") -> list[Round]:
+        return await self.store.list(experiment_id)
+
+    async def configure(self, cfg: RoundConfig, *, start: bool = False) -> Round:
+        """Create the round (resolving its base model in the registry), or return the existing
+        one when the same configuration arrives again. `start` opens it at once (also on a
+        repeat that finds it still PENDING)."""
+        async with self._lock(cfg.round_id):
+            rnd = await self.store.get(cfg.round_id)
+            if rnd is not None:
+                R.check_same_config(rnd, cfg)
+            else:
+                uri, specs = await self.backend.resolve(cfg.model_ref)
+                rnd = R.new_round(cfg, uri, specs, self.clock())
+                await self.store.put(rnd)
+                log.info(
+                    "[Coordinator.ConfigureRound] round_id=%s participants=%d k_of_n=%d "
+                    "model_ref=%s timeout_s=%s",
+                    rnd.round_id,
+                    len(rnd.participants),
+                    rnd.k_of_n,
+                    rnd.model_ref,
+                    rnd.timeout_s,
+                )
+            if start and rnd.state is R.RoundState.PENDING:
+                rnd = await self._start_locked(rnd)
+            return rnd
+
+    async def start(self, round_id: str) -> Round:
+        await self.get(round_id)  # NOT_FOUND before a lock exists for an unknown id
+        async with self._lock(round_id):
+            return await self._start_locked(await self.get(round_id))
+
+    async def _start_locked(self, rnd: Round) -> Round:
+        started = R.start_round(rnd, self.clock())
+        if started is not rnd:
+            await self.store.put(started)
+            self._emit(EventType.STARTED, started)
+            log.info(
+                "[Coordinator.StartRound] round_id=%s deadline=%.3f", rnd.round_id, started.deadline
+            )
+        return started
+
+    async def submit(self, round_id: str, update: Update) -> Submitted:
+        """Take one participant's update; see `rounds.admit` / `rounds.validate_update` for the
+        rules. The update that reaches k_of_n closes the round and starts aggregation in the
+        background, so this returns at once (state AGGREGATING)."""
+        rnd = await self.get(round_id)
+        if R.admit(rnd, update.proplet_id):
+            return Submitted(rnd, duplicate=True)
+        update = await asyncio.to_thread(R.validate_update, rnd, update)
+        async with self._lock(round_id):
+            rnd = await self.get(round_id)
+            if R.admit(rnd, update.proplet_id):
+                return Submitted(rnd, duplicate=True)
+            await self.store.add_update(round_id, update)
+            rnd = R.record_update(rnd, update.proplet_id)
+            await self.store.put(rnd)
+            log.info(
+                "[Coordinator.SubmitUpdate] round_id=%s proplet_id=%s num_samples=%d "
+                "num_updates=%d k_of_n=%d",
+                round_id,
+                update.proplet_id,
+                update.num_samples,
+                rnd.num_updates,
+                rnd.k_of_n,
+            )
+            self._emit(EventType.UPDATE_ACCEPTED, rnd, update.proplet_id)
+            if rnd.state is R.RoundState.AGGREGATING:
+                self._begin_aggregation(rnd)
+            return Submitted(rnd, duplicate=False)
+
+    # ---- deadlines ---------------------------------------------------------------------
+
+    async def close_due(self) -> None:
+        """Close every open round whose deadline has passed."""
+        now = self.clock()
+        for rnd in await self.store.list():
+            if R.is_due(rnd, now):
+                await self._close_at_deadline(rnd.round_id)
+
+    async def _close_at_deadline(self, round_id: str) -> None:
+        async with self._lock(round_id):
+            rnd = await self.get(round_id)
+            now = self.clock()
+            if not R.is_due(rnd, now):
+                return
+            rnd = R.close_at_deadline(rnd, now)
+            await self.store.put(rnd)
+            if rnd.state is R.RoundState.FAILED:
+                log.warning(
+                    "[Coordinator.deadline] round_id=%s failed: %s", round_id, rnd.failure_reason
+                )
+                self._emit(EventType.FAILED, rnd)
+            else:
+                log.info(
+                    "[Coordinator.deadline] round_id=%s closing with %d of %d updates",
+                    round_id,
+                    rnd.num_updates,
+                    rnd.k_of_n,
+                )
+                self._begin_aggregation(rnd)
+
+    async def run_deadlines(self, tick_s: float) -> None:
+        """Forever: close due rounds every `tick_s` seconds. Cancel to stop."""
+        while True:
+            try:
+                await self.close_due()
+            except Exception:
+                log.exception("[Coordinator.deadline] closing due rounds failed")
+            await asyncio.sleep(tick_s)
+
+    async def resume(self) -> None:
+        """After a restart: finish rounds that were closed but not yet aggregated. Completed
+        rounds are never aggregated again."""
+        for rnd in await self.store.list():
+            if rnd.state is R.RoundState.AGGREGATING and rnd.round_id not in self._finishing:
+                self._begin_aggregation(rnd)
+
+    # ---- aggregation -------------------------------------------------------------------
+
+    def _begin_aggregation(self, rnd: Round) -> None:
+        """Announce AGGREGATING and run the aggregation in its own task (called under the
+        round's lock, right after the round went AGGREGATING)."""
+        self._emit(EventType.AGGREGATING, rnd)
+        task = asyncio.create_task(self._finish(rnd.round_id), name=f"finish-{rnd.round_id}")
+        self._finishing[rnd.round_id] = task
+        round_id = rnd.round_id
+
+        def done(_task: asyncio.Task[None]) -> None:
+            if self._finishing.get(round_id) is _task:
+                del self._finishing[round_id]
+
+        task.add_done_callback(done)
+
+    async def _finish(self, round_id: str) -> None:
+        try:
+            await self._aggregate_and_store(round_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("[Coordinator.aggregate] round_id=%s unexpected error", round_id)
+            await self._fail(round_id, "aggregation failed: internal error (see coordinator log)")
+
+    async def _aggregate_and_store(self, round_id: str) -> None:
+        rnd = await self.get(round_id)
+        updates = await self.store.updates(round_id)
+        try:
+            tensors = await self._with_retry(
+                "aggregate", round_id, lambda _n: self.backend.aggregate(round_id, updates)
+            )
+            tensors = await asyncio.to_thread(R.check_tensors, rnd.specs, tensors, "aggregate")
+        except PropellerError as exc:
+            await self._fail(round_id, f"aggregation failed: {exc}")
+            return
+        sha = await asyncio.to_thread(sha256_of, tensors)
+
+        async def store_once(attempt: int) -> tuple[int, str]:
+            if attempt > 1:
+                found = await self.backend.find(sha, rnd.base_version)
+                if found is not None:
+                    return found
+            return await self.backend.put(tensors, sha)
+
+        try:
+            version, uri = await self._with_retry("store model", round_id, store_once)
+        except PropellerError as exc:
+            await self._fail(round_id, f"storing the new model failed: {exc}")
+            return
+        metrics = R.weighted_metrics(updates)
+        async with self._lock(round_id):
+            rnd = R.complete(await self.get(round_id), version, uri, metrics, self.clock())
+            await self.store.put(rnd)
+            self._emit(EventType.COMPLETED, rnd)
+        log.info(
+            "[Coordinator.aggregate] round_id=%s completed new_model_uri=%s num_updates=%d "
+            "closed_by=%s",
+            round_id,
+            uri,
+            rnd.num_updates,
+            rnd.closed_by,
+        )
+        message = RoundComplete(
+            round_id=round_id,
+            new_model_version=version,
+            model_uri=uri,
+            num_updates=rnd.num_updates,
+            closed_by=rnd.closed_by,
+        )
+        try:
+            await self.publish(self.topics.round_next, message.to_json())
+        except Exception as exc:  # the round is completed either way; say the message is lost
+            log.error(
+                "[Coordinator.aggregate] round_id=%s completed but the round-complete "
+                "notification was not published: %s",
+                round_id,
+                exc,
+            )
+
+    async def _with_retry(
+        self, what: str, round_id: str, attempt_fn: Callable[[int], Awaitable[T]]
+    ) -> T:
+        delay = self.retry.initial_backoff_s
+        attempts = max(1, self.retry.attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                return await attempt_fn(attempt)
+            except _PERMANENT:
+                raise
+            except PropellerError as exc:
+                if attempt == attempts:
+                    raise type(exc)(f"{what}: {attempts} attempts, last: {exc}") from exc
+                log.warning(
+                    "[Coordinator.aggregate] round_id=%s %s attempt %d/%d failed: %s; "
+                    "retrying in %.2fs",
+                    round_id,
+                    what,
+                    attempt,
+                    attempts,
+                    exc,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay *= self.retry.factor
+        raise AssertionError("unreachable")
+
+    async def _fail(self, round_id: str, reason: str) -> None:
+        async with self._lock(round_id):
+            rnd = R.fail(await self.get(round_id), reason, self.clock())
+            await self.store.put(rnd)
+            self._emit(EventType.FAILED, rnd)
+        log.error("[Coordinator.aggregate] round_id=%s failed: %s", round_id, reason)
+
+    # ---- events ------------------------------------------------------------------------
+
+    def _emit(self, kind: str, rnd: Round, proplet_id: str = "") -> None:
+        event = Event(kind, rnd, self.clock(), proplet_id)
+        for queue in self._watchers.get(rnd.round_id, ()):
+            queue.put_nowait(event)
+
+    async def watch(self, round_id: str) -> AsyncIterator[Event]:
+        """A SNAPSHOT of the round, then one event per change, ending after COMPLETED or
+        FAILED (at once when the round already finished)."""
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        await self.get(round_id)  # NOT_FOUND before a lock exists for an unknown id
+        async with self._lock(round_id):
+            rnd = await self.get(round_id)
+            if not rnd.finished:
+                self._watchers.setdefault(round_id, set()).add(queue)
+        try:
+            yield Event(EventType.SNAPSHOT, rnd, self.clock())
+            if rnd.finished:
+                return
+            while True:
+                event = await queue.get()
+                yield event
+                if event.type in _TERMINAL_EVENTS:
+                    return
+        finally:
+            watchers = self._watchers.get(round_id)
+            if watchers is not None:
+                watchers.discard(queue)
+                if not watchers:
+                    del self._watchers[round_id]
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def wait_finishing(self) -> None:
+        """Wait for the aggregations in flight (tests, graceful shutdown)."""
+        while self._finishing:
+            await asyncio.gather(*self._finishing.values(), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Cancel the aggregations in flight; their rounds stay AGGREGATING for `resume`."""
+        tasks = list(self._finishing.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

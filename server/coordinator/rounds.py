@@ -1,0 +1,353 @@
+"""Round logic on plain Python and numpy values: configuration checks, the state machine, and
+which updates count.
+
+A `Round` is immutable: every transition returns a new record, so a check that raises leaves
+the stored round exactly as it was ("rejected updates change nothing").
+
+States: PENDING (configured) -> OPEN (started; its deadline runs) -> AGGREGATING (closed by
+k_of_n, or by the deadline with >= 1 update) -> COMPLETED (a new model version is stored) or
+FAILED (the deadline passed with no update, or aggregation / the registry write failed).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from server.models import parse_model_uri
+from server.tensors import Array, Spec, Tensors, check_finite
+
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_EPOCHS = 1
+DEFAULT_LR = 0.01
+DEFAULT_BATCH_SIZE = 1
+
+CLOSED_BY_K_OF_N = "k_of_n"
+CLOSED_BY_DEADLINE = "deadline"
+
+
+class RoundState(enum.Enum):
+    PENDING = "pending"
+    OPEN = "open"
+    AGGREGATING = "aggregating"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+FINISHED = frozenset({RoundState.COMPLETED, RoundState.FAILED})
+
+
+@dataclass(frozen=True)
+class Hyperparams:
+    epochs: int = DEFAULT_EPOCHS
+    lr: float = DEFAULT_LR
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """A validated ConfigureRound request with defaults applied. `model_ref` is as requested:
+    empty means "the latest stored version", resolved against the registry when created."""
+
+    round_id: str
+    experiment_id: str
+    participants: tuple[str, ...]
+    k_of_n: int
+    timeout_s: float
+    model_ref: str
+    hyperparams: Hyperparams
+    task_wasm_image: str
+
+
+def round_config(
+    *,
+    round_id: str,
+    participants: Sequence[str],
+    experiment_id: str = "",
+    k_of_n: int = 0,
+    timeout_s: float = 0.0,
+    model_ref: str = "",
+    hyperparams: Hyperparams | None = None,
+    task_wasm_image: str = "",
+    default_timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> RoundConfig:
+    """Check a round configuration (INVALID_ARGUMENT naming the field) and apply defaults:
+    k_of_n 0 -> all participants, timeout_s 0 -> `default_timeout_s`, hyperparameters 0 -> 1,
+    0.01, 1. `hyperparams` carries the raw request values (zeros mean "default")."""
+    if not round_id:
+        raise InvalidArgument("round_id: must not be empty")
+    if not participants:
+        raise InvalidArgument("participants: must not be empty")
+    for i, p in enumerate(participants):
+        if not p:
+            raise InvalidArgument(f"participants[{i}]: must not be empty")
+    dups = sorted(p for p, n in Counter(participants).items() if n > 1)
+    if dups:
+        raise InvalidArgument(f"participants: duplicate proplet ids {dups}")
+    n = len(participants)
+    if k_of_n < 0 or k_of_n > n:
+        raise InvalidArgument(f"k_of_n: {k_of_n} must be between 0 and {n} (the participants)")
+    if not math.isfinite(timeout_s) or timeout_s < 0:
+        raise InvalidArgument(f"timeout_s: {timeout_s} must be a finite number >= 0")
+    if model_ref:
+        parse_model_uri(model_ref, "model_ref")
+    hp = hyperparams if hyperparams is not None else Hyperparams(0, 0.0, 0)
+    if hp.epochs < 0:
+        raise InvalidArgument(f"hyperparams.epochs: {hp.epochs} must be >= 0")
+    if not math.isfinite(hp.lr) or hp.lr < 0:
+        raise InvalidArgument(f"hyperparams.lr: {hp.lr} must be a finite number >= 0")
+    if hp.batch_size < 0:
+        raise InvalidArgument(f"hyperparams.batch_size: {hp.batch_size} must be >= 0")
+    return RoundConfig(
+        round_id=round_id,
+        experiment_id=experiment_id,
+        participants=tuple(participants),
+        k_of_n=k_of_n or n,
+        timeout_s=timeout_s or default_timeout_s,
+        model_ref=model_ref,
+        hyperparams=Hyperparams(
+            epochs=hp.epochs or DEFAULT_EPOCHS,
+            lr=hp.lr or DEFAULT_LR,
+            batch_size=hp.batch_size or DEFAULT_BATCH_SIZE,
+        ),
+        task_wasm_image=task_wasm_image,
+    )
+
+
+@dataclass(frozen=True)
+class Update:
+    """One participant's accepted (or candidate) update: arrays plus what the header said."""
+
+    proplet_id: str
+    base_model_uri: str
+    num_samples: int
+    metrics: Mapping[str, float]
+    tensors: Tensors
+    received_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Round:
+    round_id: str
+    experiment_id: str
+    participants: tuple[str, ...]
+    k_of_n: int
+    timeout_s: float
+    # The resolved base model ("fl/models/global_model_v{N}") and its tensor specs.
+    model_ref: str
+    specs: tuple[Spec, ...]
+    hyperparams: Hyperparams
+    task_wasm_image: str
+    # model_ref as the configuration asked for it ("" = latest), for idempotent re-configure.
+    requested_model_ref: str = ""
+    state: RoundState = RoundState.PENDING
+    configured_at: float = 0.0
+    started_at: float = 0.0
+    deadline: float = 0.0
+    completed_at: float = 0.0
+    # Proplets whose update was accepted, in arrival order.
+    reported: tuple[str, ...] = ()
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    new_model_version: int | None = None
+    new_model_uri: str = ""
+    failure_reason: str = ""
+    closed_by: str = ""
+
+    @property
+    def num_updates(self) -> int:
+        return len(self.reported)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    @property
+    def base_version(self) -> int:
+        return parse_model_uri(self.model_ref)
+
+    def config(self) -> RoundConfig:
+        return RoundConfig(
+            round_id=self.round_id,
+            experiment_id=self.experiment_id,
+            participants=self.participants,
+            k_of_n=self.k_of_n,
+            timeout_s=self.timeout_s,
+            model_ref=self.requested_model_ref,
+            hyperparams=self.hyperparams,
+            task_wasm_image=self.task_wasm_image,
+        )
+
+
+def require_round(rnd: Round | None, round_id: str) -> Round:
+    if rnd is None:
+        raise NotFound(f"round_id: no round {round_id!r}")
+    return rnd
+
+
+def check_same_config(rnd: Round, cfg: RoundConfig) -> None:
+    """A second ConfigureRound for an existing round_id is fine only when it asks for exactly
+    the same round (a retry); otherwise ALREADY_EXISTS naming what differs."""
+    old = rnd.config()
+    diff = [
+        name
+        for name in RoundConfig.__dataclass_fields__
+        if getattr(old, name) != getattr(cfg, name)
+    ]
+    if diff:
+        raise AlreadyExists(
+            f"round_id: round {rnd.round_id!r} already exists with a different {', '.join(diff)}"
+        )
+
+
+def new_round(cfg: RoundConfig, model_ref: str, specs: Sequence[Spec], now: float) -> Round:
+    """A PENDING round for `cfg` whose base model resolved to `model_ref` with `specs`."""
+    parse_model_uri(model_ref, "model_ref")
+    return Round(
+        round_id=cfg.round_id,
+        experiment_id=cfg.experiment_id,
+        participants=cfg.participants,
+        k_of_n=cfg.k_of_n,
+        timeout_s=cfg.timeout_s,
+        model_ref=model_ref,
+        specs=tuple(specs),
+        hyperparams=cfg.hyperparams,
+        task_wasm_image=cfg.task_wasm_image,
+        requested_model_ref=cfg.model_ref,
+        configured_at=now,
+    )
+
+
+def start_round(rnd: Round, now: float) -> Round:
+    """PENDING -> OPEN with its deadline counted from `now`. Starting a round that is already
+    open (or closing) returns it unchanged; a finished round cannot start again."""
+    if rnd.state is RoundState.PENDING:
+        return replace(rnd, state=RoundState.OPEN, started_at=now, deadline=now + rnd.timeout_s)
+    if rnd.finished:
+        raise FailedPrecondition(
+            f"round_id: round {rnd.round_id!r} is {rnd.state.value}; it cannot be started again"
+        )
+    return rnd
+
+
+def admit(rnd: Round, proplet_id: str) -> bool:
+    """Whether `proplet_id` may submit to `rnd` now; True means its update was already
+    accepted (a duplicate: answered accepted, not counted again, the first one kept).
+
+    A proplet that is not a participant gets FAILED_PRECONDITION (not PERMISSION_DENIED:
+    there is no authentication, so this is about the round's membership, not the caller's
+    rights). A participant that already reported gets the duplicate answer even after the
+    round closed, since its update was counted; anyone else after the close is told the
+    update is late and not counted.
+    """
+    if rnd.state is RoundState.PENDING:
+        raise FailedPrecondition(
+            f"round_id: round {rnd.round_id!r} is not started yet; update not counted"
+        )
+    if proplet_id not in rnd.participants:
+        raise FailedPrecondition(
+            f"proplet_id: {proplet_id!r} is not a participant of round {rnd.round_id!r}"
+        )
+    if proplet_id in rnd.reported:
+        return True
+    if rnd.state is not RoundState.OPEN:
+        raise FailedPrecondition(
+            f"round_id: round {rnd.round_id!r} is {rnd.state.value}; late update not counted"
+        )
+    return False
+
+
+def validate_update(rnd: Round, update: Update) -> Update:
+    """Check an update against the round's base model; returns it with its tensors in the base
+    model's order. Reads only fields fixed at configuration, so it may run off the event loop
+    (the finite check over big arrays is the expensive part)."""
+    if update.base_model_uri != rnd.model_ref:
+        raise FailedPrecondition(
+            f"base_model_uri: {update.base_model_uri!r}, but round {rnd.round_id!r} trains "
+            f"{rnd.model_ref!r}"
+        )
+    if update.num_samples <= 0:
+        raise InvalidArgument(f"num_samples: {update.num_samples} must be > 0")
+    for key, value in update.metrics.items():
+        if not math.isfinite(value):
+            raise InvalidArgument(f"metrics.{key}: {value} is not finite")
+    tensors = check_tensors(rnd.specs, update.tensors, "tensors")
+    return replace(update, tensors=tensors)
+
+
+def check_tensors(specs: Sequence[Spec], tensors: Mapping[str, Array], field: str) -> Tensors:
+    """`tensors` must be exactly the base model's tensors (names, shapes, dtypes) and finite;
+    returns them in the base model's order. INVALID_ARGUMENT naming the tensor otherwise."""
+    out: Tensors = {}
+    for spec in specs:
+        arr = tensors.get(spec.name)
+        if arr is None:
+            raise InvalidArgument(f"{field}.{spec.name}: missing (the base model has it)")
+        if tuple(arr.shape) != spec.shape:
+            raise InvalidArgument(
+                f"{field}.{spec.name}: shape {list(arr.shape)}, base model has {list(spec.shape)}"
+            )
+        if arr.dtype != spec.dtype:
+            raise InvalidArgument(
+                f"{field}.{spec.name}: dtype {arr.dtype}, base model has {spec.dtype}"
+            )
+        out[spec.name] = arr
+    extra = sorted(set(tensors) - set(out))
+    if extra:
+        raise InvalidArgument(f"{field}.{extra[0]}: not in the base model (it has {list(out)})")
+    check_finite(out, field)
+    return out
+
+
+def record_update(rnd: Round, proplet_id: str) -> Round:
+    """Count an admitted, validated update; the k-th one closes the round (AGGREGATING)."""
+    reported = (*rnd.reported, proplet_id)
+    if len(reported) >= rnd.k_of_n:
+        return replace(
+            rnd, reported=reported, state=RoundState.AGGREGATING, closed_by=CLOSED_BY_K_OF_N
+        )
+    return replace(rnd, reported=reported)
+
+
+def is_due(rnd: Round, now: float) -> bool:
+    """An open round whose deadline has passed."""
+    return rnd.state is RoundState.OPEN and now >= rnd.deadline
+
+
+def close_at_deadline(rnd: Round, now: float) -> Round:
+    """At the deadline: aggregate what arrived, or fail when nothing did."""
+    if rnd.num_updates == 0:
+        return replace(
+            fail(rnd, f"deadline passed with 0 of {rnd.k_of_n} updates", now),
+            closed_by=CLOSED_BY_DEADLINE,
+        )
+    return replace(rnd, state=RoundState.AGGREGATING, closed_by=CLOSED_BY_DEADLINE)
+
+
+def complete(rnd: Round, version: int, uri: str, metrics: Mapping[str, float], now: float) -> Round:
+    return replace(
+        rnd,
+        state=RoundState.COMPLETED,
+        new_model_version=version,
+        new_model_uri=uri,
+        metrics=dict(metrics),
+        completed_at=now,
+    )
+
+
+def fail(rnd: Round, reason: str, now: float) -> Round:
+    return replace(rnd, state=RoundState.FAILED, failure_reason=reason, completed_at=now)
+
+
+def weighted_metrics(updates: Sequence[Update]) -> dict[str, float]:
+    """Per metric, the mean over the updates reporting it, weighted by num_samples."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for u in updates:
+        for key, value in u.metrics.items():
+            sums[key] = sums.get(key, 0.0) + value * u.num_samples
+            weights[key] = weights.get(key, 0.0) + u.num_samples
+    return {key: sums[key] / weights[key] for key in sorted(sums) if weights[key] > 0}

@@ -1,0 +1,181 @@
+"""The Coordinator gRPC servicer: proto <-> domain translation around `Coordinator`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+
+import grpc
+
+from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
+from server.coordinator import rounds as R
+from server.coordinator.coordinator import Coordinator, Event, EventType
+from server.errors import InvalidArgument, grpc_errors
+from server.grpc_server import ServiceBinding
+from server.streams import read_update_stream
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+SERVICE_NAME: str = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+_STATES: dict[R.RoundState, coordinator_pb2.RoundState] = {
+    R.RoundState.PENDING: coordinator_pb2.ROUND_STATE_PENDING,
+    R.RoundState.OPEN: coordinator_pb2.ROUND_STATE_OPEN,
+    R.RoundState.AGGREGATING: coordinator_pb2.ROUND_STATE_AGGREGATING,
+    R.RoundState.COMPLETED: coordinator_pb2.ROUND_STATE_COMPLETED,
+    R.RoundState.FAILED: coordinator_pb2.ROUND_STATE_FAILED,
+}
+
+_EVENTS: dict[str, coordinator_pb2.RoundEventType] = {
+    EventType.SNAPSHOT: coordinator_pb2.ROUND_EVENT_TYPE_SNAPSHOT,
+    EventType.STARTED: coordinator_pb2.ROUND_EVENT_TYPE_STARTED,
+    EventType.UPDATE_ACCEPTED: coordinator_pb2.ROUND_EVENT_TYPE_UPDATE_ACCEPTED,
+    EventType.AGGREGATING: coordinator_pb2.ROUND_EVENT_TYPE_AGGREGATING,
+    EventType.COMPLETED: coordinator_pb2.ROUND_EVENT_TYPE_COMPLETED,
+    EventType.FAILED: coordinator_pb2.ROUND_EVENT_TYPE_FAILED,
+}
+
+
+def status_to_proto(rnd: R.Round) -> coordinator_pb2.RoundStatus:
+    return coordinator_pb2.RoundStatus(
+        round_id=rnd.round_id,
+        experiment_id=rnd.experiment_id,
+        state=_STATES[rnd.state],
+        completed=rnd.state is R.RoundState.COMPLETED,
+        num_updates=rnd.num_updates,
+        k_of_n=rnd.k_of_n,
+        participants=rnd.participants,
+        reported=rnd.reported,
+        model_ref=rnd.model_ref,
+        timeout_s=rnd.timeout_s,
+        hyperparams=coordinator_pb2.Hyperparams(
+            epochs=rnd.hyperparams.epochs,
+            lr=rnd.hyperparams.lr,
+            batch_size=rnd.hyperparams.batch_size,
+        ),
+        task_wasm_image=rnd.task_wasm_image,
+        started_at=rnd.started_at,
+        deadline=rnd.deadline,
+        completed_at=rnd.completed_at,
+        new_model_version=rnd.new_model_version or 0,
+        new_model_uri=rnd.new_model_uri,
+        failure_reason=rnd.failure_reason,
+        closed_by=rnd.closed_by,
+        metrics=dict(rnd.metrics),
+    )
+
+
+def event_to_proto(event: Event) -> coordinator_pb2.RoundEvent:
+    return coordinator_pb2.RoundEvent(
+        type=_EVENTS[event.type],
+        status=status_to_proto(event.round),
+        proplet_id=event.proplet_id,
+        timestamp=event.timestamp,
+    )
+
+
+def config_from_proto(
+    req: coordinator_pb2.ConfigureRoundRequest, default_timeout_s: float
+) -> R.RoundConfig:
+    return R.round_config(
+        round_id=req.round_id,
+        experiment_id=req.experiment_id,
+        participants=list(req.participants),
+        k_of_n=req.k_of_n,
+        timeout_s=req.timeout_s,
+        model_ref=req.model_ref,
+        hyperparams=R.Hyperparams(
+            epochs=req.hyperparams.epochs,
+            lr=req.hyperparams.lr,
+            batch_size=req.hyperparams.batch_size,
+        ),
+        task_wasm_image=req.task_wasm_image,
+        default_timeout_s=default_timeout_s,
+    )
+
+
+def _unreachable() -> AssertionError:
+    return AssertionError("grpc_errors aborts the call on every error")
+
+
+class CoordinatorServicer:
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+
+    async def ConfigureRound(
+        self, request: coordinator_pb2.ConfigureRoundRequest, context: Context
+    ) -> coordinator_pb2.RoundStatus:
+        async with grpc_errors(context, "Coordinator.ConfigureRound"):
+            cfg = config_from_proto(request, self.coordinator.default_timeout_s)
+            rnd = await self.coordinator.configure(cfg, start=request.start)
+            return status_to_proto(rnd)
+        raise _unreachable()
+
+    async def StartRound(
+        self, request: coordinator_pb2.StartRoundRequest, context: Context
+    ) -> coordinator_pb2.RoundStatus:
+        async with grpc_errors(context, "Coordinator.StartRound"):
+            return status_to_proto(await self.coordinator.start(request.round_id))
+        raise _unreachable()
+
+    async def SubmitUpdate(
+        self, request_iterator: AsyncIterable[tensor_pb2.UpdateChunk], context: Context
+    ) -> coordinator_pb2.SubmitUpdateResponse:
+        async with grpc_errors(context, "Coordinator.SubmitUpdate"):
+            header, tensors = await read_update_stream(request_iterator)
+            if not header.round_id:
+                raise InvalidArgument("update.header.round_id: must not be empty")
+            if not header.proplet_id:
+                raise InvalidArgument("update.header.proplet_id: must not be empty")
+            update = R.Update(
+                proplet_id=header.proplet_id,
+                base_model_uri=header.base_model_uri,
+                num_samples=header.num_samples,
+                metrics=dict(header.metrics),
+                tensors=tensors,
+                received_at=self.coordinator.clock(),
+            )
+            result = await self.coordinator.submit(header.round_id, update)
+            return coordinator_pb2.SubmitUpdateResponse(
+                round_id=header.round_id,
+                proplet_id=header.proplet_id,
+                accepted=True,
+                duplicate=result.duplicate,
+                num_updates=result.round.num_updates,
+                k_of_n=result.round.k_of_n,
+                state=_STATES[result.round.state],
+            )
+        raise _unreachable()
+
+    async def GetRoundStatus(
+        self, request: coordinator_pb2.GetRoundStatusRequest, context: Context
+    ) -> coordinator_pb2.RoundStatus:
+        async with grpc_errors(context, "Coordinator.GetRoundStatus"):
+            return status_to_proto(await self.coordinator.get(request.round_id))
+        raise _unreachable()
+
+    async def ListRounds(
+        self, request: coordinator_pb2.ListRoundsRequest, context: Context
+    ) -> coordinator_pb2.ListRoundsResponse:
+        async with grpc_errors(context, "Coordinator.ListRounds"):
+            rounds = await self.coordinator.list(request.experiment_id)
+            return coordinator_pb2.ListRoundsResponse(rounds=[status_to_proto(r) for r in rounds])
+        raise _unreachable()
+
+    async def WatchRound(
+        self, request: coordinator_pb2.WatchRoundRequest, context: Context
+    ) -> AsyncIterator[coordinator_pb2.RoundEvent]:
+        async with grpc_errors(context, "Coordinator.WatchRound"):
+            async for event in self.coordinator.watch(request.round_id):
+                yield event_to_proto(event)
+
+
+def binding(coordinator: Coordinator) -> ServiceBinding:
+    return ServiceBinding(
+        SERVICE_NAME,
+        CoordinatorServicer(coordinator),
+        coordinator_pb2_grpc.add_CoordinatorServicer_to_server,
+    )

@@ -1,0 +1,100 @@
+"""Shared pieces for the coordinator tests: a numpy FedAvg reference, update builders, and an
+in-process `ModelBackend` whose failures a test can script."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+
+from server.coordinator.rounds import Update
+from server.errors import NotFound, PropellerError
+from server.models import model_uri, parse_model_uri
+from server.tensors import Spec, Tensors, sha256_of, specs_of
+
+
+def fedavg(updates: Sequence[Update]) -> Tensors:
+    """Sample-weighted mean of the updates' tensors (the reference the aggregator must meet)."""
+    total = sum(u.num_samples for u in updates)
+    out: Tensors = {}
+    for name, first in updates[0].tensors.items():
+        acc = np.zeros(first.shape, dtype=np.float64)
+        for u in updates:
+            acc += u.tensors[name].astype(np.float64) * u.num_samples
+        out[name] = (acc / total).astype(first.dtype)
+    return out
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class MemoryBackend:
+    """Registry + aggregator in process memory. `aggregate_errors` / `put_errors` are raised,
+    one per call, before the call succeeds; `put_lands` makes a failing put store anyway (the
+    reply was lost)."""
+
+    def __init__(self, dimension: int = 3) -> None:
+        self.models: dict[int, Tensors] = {0: {"w": np.zeros(dimension), "b": np.array(0.0)}}
+        self.aggregate_errors: list[PropellerError] = []
+        self.put_errors: list[PropellerError] = []
+        self.put_lands = False
+        self.aggregate_calls = 0
+        self.put_calls = 0
+        self.gate: asyncio.Event | None = None
+
+    async def resolve(self, model_ref: str) -> tuple[str, list[Spec]]:
+        version = parse_model_uri(model_ref) if model_ref else max(self.models)
+        if version not in self.models:
+            raise NotFound(f"model_ref: {model_ref!r}: NOT_FOUND: no such version")
+        return model_uri(version), specs_of(self.models[version])
+
+    async def aggregate(self, round_id: str, updates: Sequence[Update]) -> Tensors:
+        self.aggregate_calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.aggregate_errors:
+            raise self.aggregate_errors.pop(0)
+        return fedavg(updates)
+
+    async def put(self, tensors: Tensors, sha256: str) -> tuple[int, str]:
+        self.put_calls += 1
+        if self.put_errors:
+            err = self.put_errors.pop(0)
+            if self.put_lands:
+                self._store(tensors)
+            raise err
+        return self._store(tensors)
+
+    def _store(self, tensors: Tensors) -> tuple[int, str]:
+        version = max(self.models) + 1
+        self.models[version] = tensors
+        return version, model_uri(version)
+
+    async def find(self, sha256: str, after_version: int) -> tuple[int, str] | None:
+        for version, tensors in sorted(self.models.items()):
+            if version > after_version and sha256_of(tensors) == sha256:
+                return version, model_uri(version)
+        return None
+
+
+def make_update(
+    proplet: str,
+    w: Sequence[float],
+    b: float,
+    num_samples: int,
+    base: str = "fl/models/global_model_v0",
+    loss: float = 0.5,
+) -> Update:
+    return Update(
+        proplet_id=proplet,
+        base_model_uri=base,
+        num_samples=num_samples,
+        metrics={"loss": loss},
+        tensors={"w": np.array(w, dtype=np.float64), "b": np.array(b, dtype=np.float64)},
+    )

@@ -1,0 +1,518 @@
+"""The Coordinator over gRPC with the real ModelRegistry and Aggregator servers, a real
+Mosquitto, and a subscriber listening for round-complete on the deployment namespace."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from propeller.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    model_registry_pb2,
+    model_registry_pb2_grpc,
+)
+from server.aggregator.app import AggregatorApp, AggregatorConfig
+from server.config import MqttConfig
+from server.coordinator.app import CoordinatorApp, CoordinatorConfig
+from server.coordinator.rounds import Update
+from server.grpc_server import channel, serving
+from server.mqtt import MqttSession
+from server.registry.app import RegistryApp, RegistryConfig
+from server.streams import UpdateMeta, read_model_stream, update_stream
+from server.tensors import Tensors
+from server.topics import Topics
+from tests.coordinator.helpers import fedavg, make_update
+from tests.infra import Mosquitto, free_port
+
+V0 = "fl/models/global_model_v0"
+V1 = "fl/models/global_model_v1"
+S = coordinator_pb2  # states and event types
+LOCAL = "127.0.0.1:0"
+
+
+@dataclass
+class Cluster:
+    coordinator: Any  # CoordinatorStub
+    registry: Any  # ModelRegistryStub
+    announcements: asyncio.Queue[dict[str, Any]]
+    topics: Topics
+
+    async def configure(self, round_id: str = "r1", **kw: Any) -> Any:
+        req: dict[str, Any] = {
+            "round_id": round_id,
+            "participants": ["a", "b", "c"],
+            "model_ref": V0,
+            "start": True,
+        }
+        req.update(kw)
+        return await self.coordinator.ConfigureRound(
+            coordinator_pb2.ConfigureRoundRequest(**req), timeout=10
+        )
+
+    async def submit(self, round_id: str, update: Update, chunk_size: int = 0) -> Any:
+        meta = UpdateMeta(
+            round_id,
+            update.proplet_id,
+            update.base_model_uri,
+            update.num_samples,
+            dict(update.metrics),
+        )
+        return await self.coordinator.SubmitUpdate(
+            update_stream(meta, update.tensors, chunk_size), timeout=60
+        )
+
+    async def status(self, round_id: str = "r1") -> Any:
+        return await self.coordinator.GetRoundStatus(
+            coordinator_pb2.GetRoundStatusRequest(round_id=round_id), timeout=10
+        )
+
+    async def wait_state(self, round_id: str, *states: int, timeout: float = 20.0) -> Any:
+        """Poll GetRoundStatus until the round is in one of `states` (bounded)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            st = await self.status(round_id)
+            if st.state in states:
+                return st
+            if loop.time() > end:
+                raise AssertionError(f"round {round_id} still {st} after {timeout}s")
+            await asyncio.sleep(0.02)
+
+    async def model(self, version: int) -> Tensors:
+        call = self.registry.GetModel(
+            model_registry_pb2.GetModelRequest(version=version), timeout=60
+        )
+        _header, tensors = await read_model_stream(call)
+        return tensors
+
+    async def versions(self) -> list[int]:
+        resp = await self.registry.ListModels(model_registry_pb2.ListModelsRequest(), timeout=10)
+        return [m.version for m in resp.models]
+
+
+@asynccontextmanager
+async def cluster(
+    broker: Mosquitto,
+    topics: Topics,
+    dimension: int = 3,
+    *,
+    aggregator_addr: str | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Cluster]:
+    mqtt = MqttConfig(host="127.0.0.1", port=broker.port, topics=topics)
+    announcements: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def on_message(topic: str, payload: bytes) -> None:
+        assert topic == topics.round_next
+        announcements.put_nowait(json.loads(payload))
+
+    registry_app = RegistryApp(RegistryConfig(addr=LOCAL))
+    aggregator_app = AggregatorApp(AggregatorConfig(addr=LOCAL))
+    async with (
+        registry_app,
+        serving(LOCAL, registry_app.bindings) as registry_port,
+        aggregator_app,
+        serving(LOCAL, aggregator_app.bindings) as aggregator_port,
+        MqttSession(
+            mqtt,
+            f"sub-{uuid.uuid4().hex[:8]}",
+            [topics.round_next],
+            on_message,
+            clean_session=True,
+        ),
+    ):
+        settings: dict[str, Any] = {"rpc_timeout_s": 30.0, "tick_s": 0.05, **overrides}
+        config = CoordinatorConfig(
+            addr=LOCAL,
+            aggregator_addr=aggregator_addr or f"127.0.0.1:{aggregator_port}",
+            registry_addr=f"127.0.0.1:{registry_port}",
+            mqtt=mqtt,
+            **settings,
+        )
+        coordinator_app = CoordinatorApp(config)
+        async with (
+            coordinator_app,
+            serving(LOCAL, coordinator_app.bindings) as coordinator_port,
+            channel(f"127.0.0.1:{coordinator_port}") as coordinator_channel,
+            channel(f"127.0.0.1:{registry_port}") as registry_channel,
+        ):
+            c = Cluster(
+                coordinator_pb2_grpc.CoordinatorStub(coordinator_channel),
+                model_registry_pb2_grpc.ModelRegistryStub(registry_channel),
+                announcements,
+                topics,
+            )
+            await c.registry.InitModel(
+                model_registry_pb2.InitModelRequest(dimension=dimension), timeout=30
+            )
+            yield c
+
+
+@pytest.fixture
+async def fl(broker: Mosquitto, topics: Topics) -> AsyncIterator[Cluster]:
+    async with cluster(broker, topics) as c:
+        yield c
+
+
+UPDATES = [
+    make_update("a", [1.0, 2.0, 3.0], 1.0, 10, loss=0.9),
+    make_update("b", [0.0, -1.0, 4.0], -2.0, 30, loss=0.3),
+    make_update("c", [5.0, 5.0, 5.0], 0.5, 60, loss=0.1),
+]
+
+
+def assert_model(actual: Tensors, expected: Tensors) -> None:
+    assert list(actual) == list(expected)
+    for name in expected:
+        assert actual[name].dtype == expected[name].dtype
+        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-12)
+
+
+async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await call
+    return exc.value
+
+
+# ---- the happy path --------------------------------------------------------------------
+
+
+async def test_three_participants_make_v1_and_announce_it(fl: Cluster) -> None:
+    st = await fl.configure(k_of_n=3, experiment_id="exp")
+    assert st.state == S.ROUND_STATE_OPEN
+    assert st.k_of_n == 3 and st.model_ref == V0
+    assert st.deadline == pytest.approx(st.started_at + 60.0)
+    assert (st.hyperparams.epochs, st.hyperparams.lr, st.hyperparams.batch_size) == (1, 0.01, 1)
+
+    for i, u in enumerate(UPDATES):
+        resp = await fl.submit("r1", u)
+        assert (resp.accepted, resp.duplicate, resp.num_updates, resp.k_of_n) == (
+            True,
+            False,
+            i + 1,
+            3,
+        )
+    assert resp.state in (S.ROUND_STATE_AGGREGATING, S.ROUND_STATE_COMPLETED)
+
+    st = await fl.wait_state("r1", S.ROUND_STATE_COMPLETED, S.ROUND_STATE_FAILED)
+    assert st.state == S.ROUND_STATE_COMPLETED, st.failure_reason
+    assert st.completed
+    assert (st.new_model_version, st.new_model_uri, st.closed_by) == (1, V1, "k_of_n")
+    assert list(st.reported) == ["a", "b", "c"]
+    assert st.num_updates == 3
+    assert st.failure_reason == ""
+    assert st.metrics["loss"] == pytest.approx((0.9 * 10 + 0.3 * 30 + 0.1 * 60) / 100)
+
+    assert await fl.versions() == [0, 1]
+    assert_model(await fl.model(1), fedavg(UPDATES))
+
+    msg = await asyncio.wait_for(fl.announcements.get(), 10)
+    assert msg["round_id"] == "r1"
+    assert msg["new_model_version"] == 1
+    assert msg["model_uri"] == V1
+    assert msg["status"] == "complete"
+    assert msg["num_updates"] == 3
+    assert msg["closed_by"] == "k_of_n"
+
+
+async def test_two_of_three_close_the_round(fl: Cluster) -> None:
+    await fl.configure(k_of_n=2)
+    await fl.submit("r1", UPDATES[2])
+    resp = await fl.submit("r1", UPDATES[0])
+    assert resp.num_updates == 2
+    st = await fl.wait_state("r1", S.ROUND_STATE_COMPLETED, S.ROUND_STATE_FAILED)
+    assert st.state == S.ROUND_STATE_COMPLETED, st.failure_reason
+    assert list(st.reported) == ["c", "a"]
+    assert_model(await fl.model(1), fedavg([UPDATES[2], UPDATES[0]]))
+
+    err = await rpc_error(fl.submit("r1", UPDATES[1]))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "late update not counted" in (err.details() or "")
+    assert (await fl.status()).num_updates == 2
+    msg = await asyncio.wait_for(fl.announcements.get(), 10)
+    assert (msg["new_model_version"], msg["num_updates"]) == (1, 2)
+
+
+async def test_a_second_round_gets_the_next_version(fl: Cluster) -> None:
+    await fl.configure("r1", k_of_n=1)
+    await fl.submit("r1", UPDATES[0])
+    assert (await fl.wait_state("r1", S.ROUND_STATE_COMPLETED)).new_model_version == 1
+    await fl.configure("r2", k_of_n=1, model_ref="")  # empty: the latest, v1
+    update = replace(UPDATES[1], base_model_uri=V1)
+    await fl.submit("r2", update)
+    st = await fl.wait_state("r2", S.ROUND_STATE_COMPLETED)
+    assert (st.model_ref, st.new_model_version) == (V1, 2)
+    assert await fl.versions() == [0, 1, 2]
+
+
+# ---- deadlines -------------------------------------------------------------------------
+
+
+async def test_deadline_with_one_update_completes(fl: Cluster) -> None:
+    st = await fl.configure(k_of_n=3, timeout_s=1.0)
+    assert st.deadline == pytest.approx(st.started_at + 1.0)
+    await fl.submit("r1", UPDATES[1])
+    st = await fl.wait_state("r1", S.ROUND_STATE_COMPLETED, S.ROUND_STATE_FAILED)
+    assert st.state == S.ROUND_STATE_COMPLETED, st.failure_reason
+    assert st.closed_by == "deadline"
+    assert st.failure_reason == ""
+    assert (st.num_updates, st.k_of_n) == (1, 3)
+    assert_model(await fl.model(1), UPDATES[1].tensors)
+    msg = await asyncio.wait_for(fl.announcements.get(), 10)
+    assert (msg["new_model_version"], msg["closed_by"]) == (1, "deadline")
+
+
+async def test_deadline_with_no_update_fails_with_reason(fl: Cluster) -> None:
+    await fl.configure(k_of_n=2, timeout_s=1.0)
+    st = await fl.wait_state("r1", S.ROUND_STATE_COMPLETED, S.ROUND_STATE_FAILED)
+    assert st.state == S.ROUND_STATE_FAILED
+    assert st.failure_reason == "deadline passed with 0 of 2 updates"
+    assert st.closed_by == "deadline"
+    assert not st.completed
+    assert await fl.versions() == [0]
+
+
+async def test_deadline_counts_from_start_not_configuration(fl: Cluster) -> None:
+    st = await fl.configure(k_of_n=1, timeout_s=0.5, start=False)
+    assert st.state == S.ROUND_STATE_PENDING
+    assert st.deadline == 0
+    err = await rpc_error(fl.submit("r1", UPDATES[0]))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    started = await fl.coordinator.StartRound(
+        coordinator_pb2.StartRoundRequest(round_id="r1"), timeout=10
+    )
+    assert started.state == S.ROUND_STATE_OPEN
+    assert started.deadline == pytest.approx(started.started_at + 0.5)
+    again = await fl.coordinator.StartRound(
+        coordinator_pb2.StartRoundRequest(round_id="r1"), timeout=10
+    )
+    assert again.deadline == started.deadline
+
+
+# ---- events ----------------------------------------------------------------------------
+
+
+async def test_watch_round_delivers_events_in_order(fl: Cluster) -> None:
+    await fl.configure(k_of_n=2, start=False)
+    call = fl.coordinator.WatchRound(coordinator_pb2.WatchRoundRequest(round_id="r1"), timeout=30)
+    stream = call.__aiter__()
+    first = await anext(stream)
+    assert first.type == S.ROUND_EVENT_TYPE_SNAPSHOT
+    assert first.status.state == S.ROUND_STATE_PENDING
+
+    await fl.coordinator.StartRound(coordinator_pb2.StartRoundRequest(round_id="r1"), timeout=10)
+    await fl.submit("r1", UPDATES[0])
+    await fl.submit("r1", UPDATES[0])  # a duplicate changes nothing, so no event
+    await fl.submit("r1", UPDATES[1])
+    rest = [event async for event in stream]
+    assert [(e.type, e.proplet_id) for e in rest] == [
+        (S.ROUND_EVENT_TYPE_STARTED, ""),
+        (S.ROUND_EVENT_TYPE_UPDATE_ACCEPTED, "a"),
+        (S.ROUND_EVENT_TYPE_UPDATE_ACCEPTED, "b"),
+        (S.ROUND_EVENT_TYPE_AGGREGATING, ""),
+        (S.ROUND_EVENT_TYPE_COMPLETED, ""),
+    ]
+    assert [e.status.num_updates for e in rest] == [0, 1, 2, 2, 2]
+    assert rest[-1].status.new_model_version == 1
+    assert all(e.timestamp > 0 for e in rest)
+
+    # Already finished: the snapshot, then the end of the stream.
+    done = fl.coordinator.WatchRound(coordinator_pb2.WatchRoundRequest(round_id="r1"), timeout=10)
+    events = [e async for e in done]
+    assert [e.type for e in events] == [S.ROUND_EVENT_TYPE_SNAPSHOT]
+    assert events[0].status.state == S.ROUND_STATE_COMPLETED
+
+
+async def test_watch_round_ends_on_failure(fl: Cluster) -> None:
+    await fl.configure(k_of_n=2, timeout_s=1.0)
+    call = fl.coordinator.WatchRound(coordinator_pb2.WatchRoundRequest(round_id="r1"), timeout=30)
+    events = [e async for e in call]
+    assert [e.type for e in events] == [S.ROUND_EVENT_TYPE_SNAPSHOT, S.ROUND_EVENT_TYPE_FAILED]
+    assert events[-1].status.failure_reason == "deadline passed with 0 of 2 updates"
+
+
+async def test_watch_unknown_round_is_not_found(fl: Cluster) -> None:
+    call = fl.coordinator.WatchRound(coordinator_pb2.WatchRoundRequest(round_id="zz"), timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        _ = [e async for e in call]
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# ---- rejections ------------------------------------------------------------------------
+
+
+FP = grpc.StatusCode.FAILED_PRECONDITION
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def bad_updates() -> Sequence[tuple[str, str, Update, grpc.StatusCode, str]]:
+    """(what, round_id, update, expected code, field the message names)."""
+    ok = UPDATES[1]
+    return [
+        ("non-participant", "r1", replace(ok, proplet_id="mallory"), FP, "proplet_id"),
+        ("unknown round", "zz", ok, grpc.StatusCode.NOT_FOUND, "round_id"),
+        ("wrong base", "r1", replace(ok, base_model_uri=V1), FP, "base_model_uri"),
+        ("wrong shape", "r1", make_update("b", [1.0, 2.0], 0.0, 5), INVALID, "tensors.w"),
+        ("NaN", "r1", make_update("b", [1.0, np.nan, 0.0], 0.0, 5), INVALID, "tensors.w"),
+        ("Inf", "r1", make_update("b", [1.0, 0.0, 0.0], np.inf, 5), INVALID, "tensors.b"),
+        ("no samples", "r1", make_update("b", [1.0, 0.0, 0.0], 0.0, 0), INVALID, "num_samples"),
+        ("no proplet", "r1", replace(ok, proplet_id=""), INVALID, "proplet_id"),
+        ("no round", "", ok, INVALID, "round_id"),
+    ]
+
+
+async def test_bad_updates_are_rejected_and_change_nothing(fl: Cluster) -> None:
+    await fl.configure(k_of_n=3)
+    await fl.submit("r1", UPDATES[0])
+    before = await fl.status()
+    for what, round_id, update, code, field in bad_updates():
+        err = await rpc_error(fl.submit(round_id, update))
+        assert err.code() == code, what
+        assert field in (err.details() or ""), (what, err.details())
+    dup = await fl.submit("r1", replace(UPDATES[0], num_samples=999))
+    assert (dup.accepted, dup.duplicate, dup.num_updates) == (True, True, 1)
+    assert await fl.status() == before
+    # The round still completes with the first update of "a".
+    await fl.submit("r1", UPDATES[1])
+    await fl.submit("r1", UPDATES[2])
+    st = await fl.wait_state("r1", S.ROUND_STATE_COMPLETED)
+    assert_model(await fl.model(st.new_model_version), fedavg(UPDATES))
+
+
+async def test_pending_round_refuses_updates(fl: Cluster) -> None:
+    await fl.configure(start=False)
+    err = await rpc_error(fl.submit("r1", UPDATES[0]))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (await fl.status()).num_updates == 0
+
+
+async def test_completed_round_refuses_updates_and_restarts(fl: Cluster) -> None:
+    await fl.configure(k_of_n=1)
+    await fl.submit("r1", UPDATES[0])
+    await fl.wait_state("r1", S.ROUND_STATE_COMPLETED)
+    err = await rpc_error(fl.submit("r1", UPDATES[1]))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "completed; late update not counted" in (err.details() or "")
+    err = await rpc_error(
+        fl.coordinator.StartRound(coordinator_pb2.StartRoundRequest(round_id="r1"), timeout=10)
+    )
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    st = await fl.status()
+    assert st.num_updates == 1
+    assert await fl.versions() == [0, 1]
+
+
+# ---- configuration ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"round_id": ""}, "round_id"),
+        ({"participants": []}, "participants"),
+        ({"participants": ["a", "a"]}, "participants"),
+        ({"k_of_n": 4}, "k_of_n"),
+        ({"k_of_n": -1}, "k_of_n"),
+        ({"timeout_s": -1.0}, "timeout_s"),
+        ({"timeout_s": float("nan")}, "timeout_s"),
+        ({"hyperparams": coordinator_pb2.Hyperparams(lr=-1.0)}, "hyperparams.lr"),
+        ({"hyperparams": coordinator_pb2.Hyperparams(epochs=-1)}, "hyperparams.epochs"),
+        ({"hyperparams": coordinator_pb2.Hyperparams(batch_size=-1)}, "hyperparams.batch_size"),
+        ({"model_ref": "v1"}, "model_ref"),
+    ],
+)
+async def test_configure_rejects_invalid_config(
+    fl: Cluster, kw: dict[str, Any], field: str
+) -> None:
+    err = await rpc_error(fl.configure(**kw))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.details() or "").startswith(f"{field}:")
+
+
+async def test_configure_unknown_model_is_not_found(fl: Cluster) -> None:
+    err = await rpc_error(fl.configure(model_ref="fl/models/global_model_v5"))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert "model_ref" in (err.details() or "")
+    err = await rpc_error(fl.status("r1"))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_configure_is_idempotent(fl: Cluster) -> None:
+    first = await fl.configure(k_of_n=2, timeout_s=30.0, experiment_id="e")
+    again = await fl.configure(k_of_n=2, timeout_s=30.0, experiment_id="e")
+    assert again == first
+    err = await rpc_error(fl.configure(k_of_n=3, timeout_s=30.0, experiment_id="e"))
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "k_of_n" in (err.details() or "")
+
+
+async def test_status_and_list(fl: Cluster) -> None:
+    await fl.configure("r1", experiment_id="e1")
+    await fl.configure("r2", experiment_id="e2", start=False)
+    await fl.configure("r3", experiment_id="e1")
+    every = await fl.coordinator.ListRounds(coordinator_pb2.ListRoundsRequest(), timeout=10)
+    assert [r.round_id for r in every.rounds] == ["r1", "r2", "r3"]
+    e1 = await fl.coordinator.ListRounds(
+        coordinator_pb2.ListRoundsRequest(experiment_id="e1"), timeout=10
+    )
+    assert [r.round_id for r in e1.rounds] == ["r1", "r3"]
+    for call in (
+        fl.status("zz"),
+        fl.coordinator.StartRound(coordinator_pb2.StartRoundRequest(round_id="zz"), timeout=10),
+    ):
+        assert (await rpc_error(call)).code() == grpc.StatusCode.NOT_FOUND
+
+
+# ---- failures downstream ---------------------------------------------------------------
+
+
+async def test_unreachable_aggregator_fails_the_round_with_reason(
+    broker: Mosquitto, topics: Topics
+) -> None:
+    async with cluster(
+        broker,
+        topics,
+        aggregator_addr=f"127.0.0.1:{free_port()}",
+        rpc_timeout_s=2.0,
+        retry_attempts=3,
+        retry_backoff_s=0.01,
+    ) as c:
+        await c.configure(k_of_n=1)
+        await c.submit("r1", UPDATES[0])
+        st = await c.wait_state("r1", S.ROUND_STATE_COMPLETED, S.ROUND_STATE_FAILED)
+        assert st.state == S.ROUND_STATE_FAILED
+        assert st.failure_reason.startswith("aggregation failed: aggregate: 3 attempts")
+        assert "UNAVAILABLE" in st.failure_reason
+        assert await c.versions() == [0]
+
+
+# ---- size ------------------------------------------------------------------------------
+
+
+async def test_fifty_megabyte_update(broker: Mosquitto, topics: Topics) -> None:
+    dimension = 50 * (1 << 20) // 8
+    async with cluster(broker, topics, dimension=dimension) as c:
+        await c.configure(participants=["a", "b"], k_of_n=1)
+        rng = np.random.default_rng(7)
+        update = Update(
+            proplet_id="b",
+            base_model_uri=V0,
+            num_samples=64,
+            metrics={"loss": 0.25},
+            tensors={"w": rng.standard_normal(dimension), "b": np.array(0.125)},
+        )
+        resp = await c.submit("r1", update)
+        assert resp.num_updates == 1
+        st = await c.wait_state("r1", S.ROUND_STATE_COMPLETED, S.ROUND_STATE_FAILED, timeout=60)
+        assert st.state == S.ROUND_STATE_COMPLETED, st.failure_reason
+        assert_model(await c.model(1), update.tensors)
