@@ -1,0 +1,119 @@
+"""Per-proplet datasets: what a valid one is, and the synthetic ones seeded at start-up.
+
+Synthetic data: every proplet's labels come from one fixed "true" logistic model, so
+federated training over all proplets learns that model; each proplet's features are shifted
+by a mean of its own, so the proplets' data is not identically distributed (non-IID). The
+generator is seeded from sha256 of the proplet id, so a proplet gets the same data in every
+process and on every machine (Python's hash() is salted per process and must not be used).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.errors import InvalidArgument
+from server.tensors import Array
+
+SCHEMA = "fl-demo-dataset-v1"
+DEFAULT_NUM_SAMPLES = 64
+DEFAULT_NUM_FEATURES = 3
+# Seed of the one logistic model all proplets' labels are drawn from.
+_TRUE_MODEL_SEED = 0x5EED_F1
+# Spread of the per-proplet feature mean shift (the non-IID part).
+_SHIFT_SCALE = 1.0
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One proplet's local dataset: features [n, d] and labels [n] in {0, 1}."""
+
+    proplet_id: str
+    features: Array
+    labels: Array
+    schema: str = SCHEMA
+
+    @property
+    def size(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def num_features(self) -> int:
+        return int(self.features.shape[1])
+
+
+def true_model(num_features: int) -> tuple[Array, float]:
+    """The logistic model (w, b) every synthetic label is drawn from."""
+    rng = np.random.default_rng(_TRUE_MODEL_SEED)
+    b = float(rng.normal(0.0, 0.5))
+    w = rng.normal(0.0, 2.0, size=num_features)
+    return w, b
+
+
+def _proplet_rng(proplet_id: str) -> np.random.Generator:
+    digest = hashlib.sha256(proplet_id.encode("utf-8")).digest()
+    return np.random.default_rng(int.from_bytes(digest, "big"))
+
+
+def synthetic_dataset(
+    proplet_id: str,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    num_features: int = DEFAULT_NUM_FEATURES,
+) -> tuple[Array, Array]:
+    """Deterministic features float64 [num_samples, num_features] and labels float64
+    [num_samples] with values exactly 0.0 or 1.0, for one proplet."""
+    if not proplet_id:
+        raise InvalidArgument("proplet_id: must not be empty")
+    if num_samples < 1:
+        raise InvalidArgument(f"num_samples: must be >= 1, got {num_samples}")
+    if num_features < 1:
+        raise InvalidArgument(f"num_features: must be >= 1, got {num_features}")
+    w, b = true_model(num_features)
+    rng = _proplet_rng(proplet_id)
+    shift = rng.normal(0.0, _SHIFT_SCALE, size=num_features)
+    features = rng.normal(0.0, 1.0, size=(num_samples, num_features)) + shift
+    # The same (w, b) for every proplet: only the feature distribution differs.
+    logits = features @ w + b
+    p = 1.0 / (1.0 + np.exp(-np.clip(logits, -30.0, 30.0)))
+    labels = (rng.random(num_samples) < p).astype(np.float64)
+    return features.astype(np.float64), labels
+
+
+def seeded_dataset(proplet_id: str, num_samples: int, num_features: int) -> Dataset:
+    features, labels = synthetic_dataset(proplet_id, num_samples, num_features)
+    return Dataset(proplet_id, features, labels)
+
+
+def validate_dataset(dataset: Dataset, field: str = "dataset") -> Dataset:
+    """The dataset itself if valid; InvalidArgument naming the offending field otherwise."""
+    if not dataset.proplet_id:
+        raise InvalidArgument(f"{field}.proplet_id: must not be empty")
+    features, labels = dataset.features, dataset.labels
+    if not np.issubdtype(features.dtype, np.floating):
+        raise InvalidArgument(f"{field}.features.dtype: must be a float type, got {features.dtype}")
+    if not np.issubdtype(labels.dtype, np.floating):
+        raise InvalidArgument(f"{field}.labels.dtype: must be a float type, got {labels.dtype}")
+    if features.ndim != 2:
+        raise InvalidArgument(
+            f"{field}.features.shape: must be [size, num_features], got {list(features.shape)}"
+        )
+    n, d = features.shape
+    if n < 1:
+        raise InvalidArgument(f"{field}.features.shape: needs at least one sample, got {n}")
+    if d < 1:
+        raise InvalidArgument(f"{field}.features.shape: needs at least one feature, got {d}")
+    if labels.shape != (n,):
+        raise InvalidArgument(
+            f"{field}.labels.shape: must be [{n}] (one label per sample), got {list(labels.shape)}"
+        )
+    if not np.isfinite(features).all():
+        raise InvalidArgument(f"{field}.features: contains NaN or Inf")
+    bad = ~((labels == 0.0) | (labels == 1.0))
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise InvalidArgument(
+            f"{field}.labels: must be exactly 0 or 1, labels[{first}] is {labels[first]!r}"
+        )
+    return dataset

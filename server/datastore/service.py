@@ -1,0 +1,107 @@
+"""DataStore servicer: proto <-> domain translation around the dataset store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+
+from propeller.v1 import datastore_pb2, datastore_pb2_grpc
+from server.datastore.datasets import SCHEMA, Dataset, validate_dataset
+from server.datastore.store import DatasetStore
+from server.errors import InvalidArgument, NotFound, grpc_errors
+from server.grpc_server import ServiceBinding
+from server.tensors import tensor_from_proto, tensor_to_proto
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "propeller.v1.DataStore"
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def dataset_info_proto(dataset: Dataset) -> datastore_pb2.DatasetInfo:
+    return datastore_pb2.DatasetInfo(
+        proplet_id=dataset.proplet_id,
+        schema=dataset.schema,
+        size=dataset.size,
+        num_features=dataset.num_features,
+    )
+
+
+def dataset_proto(dataset: Dataset) -> datastore_pb2.Dataset:
+    return datastore_pb2.Dataset(
+        proplet_id=dataset.proplet_id,
+        schema=dataset.schema,
+        features=tensor_to_proto(dataset.features),
+        labels=tensor_to_proto(dataset.labels),
+    )
+
+
+def dataset_from_proto(msg: datastore_pb2.Dataset, field: str = "dataset") -> Dataset:
+    """Decode and validate; InvalidArgument naming the field otherwise."""
+    if not msg.proplet_id:
+        raise InvalidArgument(f"{field}.proplet_id: must not be empty")
+    if not msg.HasField("features"):
+        raise InvalidArgument(f"{field}.features: required")
+    if not msg.HasField("labels"):
+        raise InvalidArgument(f"{field}.labels: required")
+    dataset = Dataset(
+        proplet_id=msg.proplet_id,
+        features=tensor_from_proto(msg.features, f"{field}.features"),
+        labels=tensor_from_proto(msg.labels, f"{field}.labels"),
+        schema=msg.schema or SCHEMA,
+    )
+    return validate_dataset(dataset, field)
+
+
+class DataStoreServicer:
+    def __init__(self, store: DatasetStore) -> None:
+        self.store = store
+
+    async def GetDataset(
+        self, request: datastore_pb2.GetDatasetRequest, context: Context
+    ) -> datastore_pb2.Dataset:
+        async with grpc_errors(context, "DataStore.GetDataset"):
+            if not request.proplet_id:
+                raise InvalidArgument("proplet_id: must not be empty")
+            dataset = self.store.get(request.proplet_id)
+            if dataset is None:
+                raise NotFound(f"proplet_id: no dataset for {request.proplet_id!r}")
+            return dataset_proto(dataset)
+        raise AssertionError("unreachable: grpc_errors aborts the call")
+
+    async def PutDataset(
+        self, request: datastore_pb2.PutDatasetRequest, context: Context
+    ) -> datastore_pb2.DatasetInfo:
+        async with grpc_errors(context, "DataStore.PutDataset"):
+            if not request.HasField("dataset"):
+                raise InvalidArgument("dataset: required")
+            # Decoding and validation touch every value: off the event loop for big datasets.
+            dataset = await asyncio.to_thread(dataset_from_proto, request.dataset)
+            self.store.put(dataset)
+            log.info(
+                "[DataStore.PutDataset] proplet_id=%s size=%d num_features=%d",
+                dataset.proplet_id,
+                dataset.size,
+                dataset.num_features,
+            )
+            return dataset_info_proto(dataset)
+        raise AssertionError("unreachable: grpc_errors aborts the call")
+
+    async def ListDatasets(
+        self, request: datastore_pb2.ListDatasetsRequest, context: Context
+    ) -> datastore_pb2.ListDatasetsResponse:
+        async with grpc_errors(context, "DataStore.ListDatasets"):
+            return datastore_pb2.ListDatasetsResponse(
+                datasets=[dataset_info_proto(d) for d in self.store.list()]
+            )
+        raise AssertionError("unreachable: grpc_errors aborts the call")
+
+
+def binding(store: DatasetStore) -> ServiceBinding:
+    return ServiceBinding(
+        SERVICE_NAME, DataStoreServicer(store), datastore_pb2_grpc.add_DataStoreServicer_to_server
+    )

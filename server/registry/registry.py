@@ -1,0 +1,147 @@
+"""The model registry's rules: immutable versions, numbered from what is stored.
+
+The next version is always derived from the store (highest stored + 1), never from a counter
+in memory, so a restart (or a second registry process over the same directory) can never hand
+out a version twice or overwrite one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+
+from server.errors import AlreadyExists, InvalidArgument, NotFound
+from server.models import model_uri
+from server.registry.store import ModelCorrupted, ModelInfo, ModelStore, StoredModel
+from server.tensors import Array, Tensors, check_finite, sha256_of
+
+log = logging.getLogger(__name__)
+
+MAX_DIMENSION = 10_000_000
+# How often an auto-numbered put retries when another process took the version it derived.
+_PUT_ATTEMPTS = 8
+
+
+def initial_model(dimension: int, dtype: np.dtype[np.floating]) -> Tensors:
+    """Version 0: zeros, `w` of shape [dimension] and a scalar `b`."""
+    if not 1 <= dimension <= MAX_DIMENSION:
+        raise InvalidArgument(f"dimension: must be between 1 and {MAX_DIMENSION}, got {dimension}")
+    return {"w": np.zeros(dimension, dtype=dtype), "b": np.zeros((), dtype=dtype)}
+
+
+def _checked_digest(tensors: Mapping[str, Array], field: str) -> str:
+    if not tensors:
+        raise InvalidArgument(f"{field}.tensors: must list at least one tensor")
+    check_finite(tensors, field)
+    return sha256_of(tensors)
+
+
+def not_found(version: int) -> NotFound:
+    return NotFound(f"version: {version} ({model_uri(version)}) not found")
+
+
+class ModelRegistry:
+    """Versioned, immutable global models on top of a `ModelStore`."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+        # Serialises puts so that two concurrent auto-numbered puts derive distinct versions.
+        self._put_lock = asyncio.Lock()
+
+    async def init_model(
+        self, dimension: int, dtype: np.dtype[np.floating] | None = None
+    ) -> ModelInfo:
+        tensors = initial_model(dimension, np.dtype("<f8") if dtype is None else dtype)
+        digest = await asyncio.to_thread(sha256_of, tensors)
+        async with self._put_lock:
+            if await asyncio.to_thread(self.store.info, 0) is not None:
+                raise AlreadyExists(f"version: 0 ({model_uri(0)}) already exists")
+            info = await asyncio.to_thread(self.store.put, 0, tensors, digest)
+        log.info("[ModelRegistry.InitModel] version=0 dimension=%d", dimension)
+        return info
+
+    async def put_model(
+        self,
+        tensors: Mapping[str, Array],
+        *,
+        version: int | None = None,
+        sha256: str = "",
+        field: str = "model",
+    ) -> ModelInfo:
+        """Store `tensors` as `version`, or as the next version when `version` is None.
+
+        `sha256`, if given, must be the digest of the tensors' bytes as the sender computed it.
+        """
+        if version is not None and version < 0:
+            raise InvalidArgument(f"version: must be >= 0, got {version}")
+        digest = await asyncio.to_thread(_checked_digest, tensors, field)
+        if sha256 and sha256.lower() != digest:
+            raise InvalidArgument(
+                f"sha256: header says {sha256}, the received bytes hash to {digest}"
+            )
+        async with self._put_lock:
+            if version is not None:
+                info = await asyncio.to_thread(self.store.put, version, tensors, digest)
+            else:
+                info = await self._put_next(tensors, digest)
+        log.info(
+            "[ModelRegistry.PutModel] version=%d bytes=%d sha256=%s",
+            info.version,
+            info.total_bytes,
+            info.sha256[:12],
+        )
+        return info
+
+    async def _put_next(self, tensors: Mapping[str, Array], digest: str) -> ModelInfo:
+        for _ in range(_PUT_ATTEMPTS):
+            versions = await asyncio.to_thread(self.store.versions)
+            candidate = versions[-1] + 1 if versions else 0
+            try:
+                return await asyncio.to_thread(self.store.put, candidate, tensors, digest)
+            except AlreadyExists:
+                # Another process sharing the store published this version first.
+                continue
+        raise AlreadyExists(
+            f"version: could not claim a new version after {_PUT_ATTEMPTS} attempts"
+        )
+
+    async def get_model(self, version: int) -> StoredModel:
+        model = await asyncio.to_thread(self.store.get, self._checked(version))
+        if model is None:
+            raise not_found(version)
+        return model
+
+    async def model_info(self, version: int) -> ModelInfo:
+        info = await asyncio.to_thread(self.store.info, self._checked(version))
+        if info is None:
+            raise not_found(version)
+        return info
+
+    async def list_models(self) -> list[ModelInfo]:
+        """Every readable version, oldest first; a corrupted one is logged and left out."""
+        return await asyncio.to_thread(self._list_blocking)
+
+    def _list_blocking(self) -> list[ModelInfo]:
+        out: list[ModelInfo] = []
+        for version in self.store.versions():
+            try:
+                info = self.store.info(version)
+            except ModelCorrupted as exc:
+                log.error("[ModelRegistry.ListModels] skipping version=%d: %s", version, exc)
+                continue
+            if info is not None:
+                out.append(info)
+        return out
+
+    async def next_version(self) -> int:
+        versions = await asyncio.to_thread(self.store.versions)
+        return versions[-1] + 1 if versions else 0
+
+    @staticmethod
+    def _checked(version: int) -> int:
+        if version < 0:
+            raise InvalidArgument(f"version: must be >= 0, got {version}")
+        return version

@@ -1,0 +1,340 @@
+"""Where model versions live: a small `ModelStore` protocol and two implementations.
+
+`InMemoryModelStore` serves tests and the one-process mode. `DirectoryModelStore` keeps one
+file per version (`v{N}.model`: one JSON meta line, then the raw tensor bytes). A version is
+written to a temporary file, flushed to disk and then published under its final name in one
+atomic step, so a crash leaves either no version or the whole version, never a torn one.
+Publishing never replaces an existing file: versions are immutable even when several
+processes share the directory. Reads verify the stored sha256 before serving anything.
+
+Store methods are blocking; async callers run them through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+import numpy as np
+
+from server.errors import AlreadyExists, PropellerError
+from server.models import model_uri
+from server.tensors import Array, Spec, Tensors, specs_of, total_bytes
+
+log = logging.getLogger(__name__)
+
+FILE_FORMAT = "propeller-fl-model-v1"
+# The meta line lists tensor specs only; anything longer than this is not a meta line.
+_MAX_META_BYTES = 1 << 20
+_DTYPE_NAMES: dict[str, np.dtype[np.floating]] = {
+    "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"),
+}
+
+
+class ModelCorrupted(PropellerError):
+    """A stored version failed its integrity check; it is reported, never served."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is known about a stored version without its bytes."""
+
+    version: int
+    sha256: str
+    specs: tuple[Spec, ...]
+    created_at: float
+
+    @property
+    def total_bytes(self) -> int:
+        return total_bytes(self.specs)
+
+    @property
+    def model_uri(self) -> str:
+        return model_uri(self.version)
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """One stored version with its tensors (read-only arrays)."""
+
+    info: ModelInfo
+    tensors: Tensors
+
+    @property
+    def version(self) -> int:
+        return self.info.version
+
+    @property
+    def sha256(self) -> str:
+        return self.info.sha256
+
+
+class ModelStore(Protocol):
+    def get(self, version: int) -> StoredModel | None:
+        """The stored version, or None if there is none. Raises ModelCorrupted."""
+        ...
+
+    def info(self, version: int) -> ModelInfo | None:
+        """Metadata of a stored version without reading its bytes, or None."""
+        ...
+
+    def put(self, version: int, tensors: Mapping[str, Array], sha256: str) -> ModelInfo:
+        """Store a new version; AlreadyExists if that version is stored (it stays unchanged).
+        `sha256` is the hex digest of the tensors' concatenated bytes, computed by the caller."""
+        ...
+
+    def versions(self) -> list[int]:
+        """Every stored version, ascending."""
+        ...
+
+
+def _already_exists(version: int) -> AlreadyExists:
+    return AlreadyExists(f"version: {version} ({model_uri(version)}) already exists")
+
+
+def _frozen_copy(tensors: Mapping[str, Array]) -> Tensors:
+    out: Tensors = {}
+    for name, arr in tensors.items():
+        copy = np.array(arr, copy=True, order="C")
+        copy.setflags(write=False)
+        out[name] = copy
+    return out
+
+
+class InMemoryModelStore:
+    """Versions in a dict; gone when the process ends."""
+
+    def __init__(self) -> None:
+        self._models: dict[int, StoredModel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, version: int) -> StoredModel | None:
+        with self._lock:
+            return self._models.get(version)
+
+    def info(self, version: int) -> ModelInfo | None:
+        with self._lock:
+            model = self._models.get(version)
+        return None if model is None else model.info
+
+    def put(self, version: int, tensors: Mapping[str, Array], sha256: str) -> ModelInfo:
+        frozen = _frozen_copy(tensors)
+        info = ModelInfo(version, sha256, tuple(specs_of(frozen)), time.time())
+        with self._lock:
+            if version in self._models:
+                raise _already_exists(version)
+            self._models[version] = StoredModel(info, frozen)
+        return info
+
+    def versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._models)
+
+
+_FILE_NAME = re.compile(r"^v(\d{1,18})\.model$")
+
+
+class DirectoryModelStore:
+    """One file per version in `root`: `v{N}.model` = JSON meta line + raw tensor bytes.
+
+    Temporary files (`.v{N}.*.tmp`) left behind by a crash are never read as versions.
+    The last `cache_size` versions read are kept in memory once verified: versions are
+    immutable, and a round's participants all fetch the same one.
+    """
+
+    def __init__(self, root: Path, cache_size: int = 2) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        # Serialises publishing within this process; across processes the atomic
+        # no-overwrite publish below is what keeps versions immutable.
+        self._lock = threading.Lock()
+        # Serialises loads, so many concurrent first reads of one version read it once.
+        self._load_lock = threading.Lock()
+        self._cache: OrderedDict[int, StoredModel] = OrderedDict()
+        self._cache_size = cache_size
+
+    def path_of(self, version: int) -> Path:
+        return self.root / f"v{version}.model"
+
+    def versions(self) -> list[int]:
+        found: list[int] = []
+        for entry in os.scandir(self.root):
+            m = _FILE_NAME.match(entry.name)
+            if m is not None and entry.is_file():
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def info(self, version: int) -> ModelInfo | None:
+        path = self.path_of(version)
+        try:
+            with path.open("rb") as f:
+                line = f.readline(_MAX_META_BYTES + 1)
+                size = os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
+            return None
+        info = self._parse_meta(version, line)
+        if size != len(line) + info.total_bytes:
+            raise ModelCorrupted(
+                f"version: {version} is corrupted in storage ({path.name} holds "
+                f"{size - len(line)} tensor bytes, its header promises {info.total_bytes})"
+            )
+        return info
+
+    def get(self, version: int) -> StoredModel | None:
+        with self._load_lock:
+            model = self._cache.get(version)
+            if model is None:
+                model = self._load(version)
+                if model is None:
+                    return None
+                self._cache[version] = model
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(version)
+            return model
+
+    def _load(self, version: int) -> StoredModel | None:
+        path = self.path_of(version)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        newline = raw.find(b"\n", 0, _MAX_META_BYTES + 1)
+        if newline < 0:
+            raise ModelCorrupted(f"version: {version} is corrupted in storage ({path.name})")
+        info = self._parse_meta(version, raw[: newline + 1])
+        payload = memoryview(raw)[newline + 1 :]
+        if len(payload) != info.total_bytes:
+            raise ModelCorrupted(
+                f"version: {version} is corrupted in storage ({path.name} holds "
+                f"{len(payload)} tensor bytes, its header promises {info.total_bytes})"
+            )
+        digest = hashlib.sha256(payload).hexdigest()
+        if digest != info.sha256:
+            raise ModelCorrupted(
+                f"version: {version} is corrupted in storage ({path.name}: sha256 of the "
+                f"stored bytes is {digest}, recorded {info.sha256})"
+            )
+        # Read-only views onto the file's bytes: no second copy of the model.
+        tensors: Tensors = {}
+        offset = 0
+        for spec in info.specs:
+            count = spec.nbytes // spec.dtype.itemsize
+            arr = np.frombuffer(payload, dtype=spec.dtype, count=count, offset=offset)
+            tensors[spec.name] = arr.reshape(spec.shape)
+            offset += spec.nbytes
+        return StoredModel(info, tensors)
+
+    def put(self, version: int, tensors: Mapping[str, Array], sha256: str) -> ModelInfo:
+        if version < 0:
+            raise ValueError(f"version must be >= 0, got {version}")
+        info = ModelInfo(version, sha256, tuple(specs_of(tensors)), time.time())
+        final = self.path_of(version)
+        with self._lock:
+            if final.exists():
+                raise _already_exists(version)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".v{version}.", suffix=".tmp", dir=self.root)
+            tmp = Path(tmp_name)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(_meta_line(info))
+                    for arr in tensors.values():
+                        f.write(np.ascontiguousarray(arr).data.cast("B"))
+                    f.flush()
+                    os.fsync(f.fileno())
+                self._publish(tmp, final, version)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+        log.info("[ModelRegistry.store] stored version=%d file=%s", version, final.name)
+        return info
+
+    def _publish(self, tmp: Path, final: Path, version: int) -> None:
+        """Give the fully written temp file its final name, atomically, never overwriting."""
+        try:
+            # link() fails if `final` exists, even if another process created it a moment ago.
+            os.link(tmp, final)
+        except FileExistsError:
+            raise _already_exists(version) from None
+        except OSError:
+            # A filesystem without hard links: rename is still atomic; the exists() check
+            # above under the lock covers this process.
+            if final.exists():
+                raise _already_exists(version) from None
+            os.replace(tmp, final)
+        _fsync_dir(self.root)
+
+    def _parse_meta(self, version: int, line: bytes) -> ModelInfo:
+        name = self.path_of(version).name
+        try:
+            if not line.endswith(b"\n"):
+                raise ValueError("no meta line")
+            meta = json.loads(line)
+            if meta["format"] != FILE_FORMAT or meta["version"] != version:
+                raise ValueError("format or version mismatch")
+            specs = tuple(
+                Spec(
+                    str(t["name"]),
+                    _DTYPE_NAMES[t["dtype"]],
+                    tuple(_non_negative_int(d) for d in t["shape"]),
+                )
+                for t in meta["tensors"]
+            )
+            sha256 = str(meta["sha256"])
+            created_at = float(meta["created_at"])
+            if not math.isfinite(created_at) or len(sha256) != 64:
+                raise ValueError("bad sha256 or created_at")
+            if total_bytes(specs) != meta["total_bytes"]:
+                raise ValueError("total_bytes does not match the tensors")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelCorrupted(
+                f"version: {version} is corrupted in storage ({name}: unreadable header: {exc})"
+            ) from None
+        return ModelInfo(version, sha256, specs, created_at)
+
+
+def _non_negative_int(value: object) -> int:
+    if not isinstance(value, int) or value < 0:
+        raise ValueError(f"bad dimension {value!r}")
+    return value
+
+
+def _meta_line(info: ModelInfo) -> bytes:
+    meta = {
+        "format": FILE_FORMAT,
+        "version": info.version,
+        "sha256": info.sha256,
+        "created_at": info.created_at,
+        "total_bytes": info.total_bytes,
+        "tensors": [
+            {"name": s.name, "dtype": s.dtype.name, "shape": list(s.shape)} for s in info.specs
+        ],
+    }
+    # json.dumps escapes newlines inside strings, so the meta is exactly one line.
+    return json.dumps(meta, separators=(",", ":")).encode() + b"\n"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
