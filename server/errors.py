@@ -7,9 +7,9 @@ bug and surfaces as INTERNAL with the exception logged.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import Any
 
 import grpc
@@ -51,6 +51,16 @@ class ResourceExhausted(PropellerError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class PermissionDenied(PropellerError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class DataLoss(PropellerError):
+    """Stored data failed its integrity check."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 _FROM_GRPC: dict[grpc.StatusCode, type[PropellerError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -59,6 +69,8 @@ _FROM_GRPC: dict[grpc.StatusCode, type[PropellerError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.DATA_LOSS: DataLoss,
 }
 
 
@@ -68,18 +80,29 @@ def from_rpc_error(err: grpc.aio.AioRpcError, what: str) -> PropellerError:
     return cls(f"{what}: {err.code().name}: {err.details()}")
 
 
-@asynccontextmanager
-async def grpc_errors(
-    context: grpc.aio.ServicerContext[Any, Any], method: str
-) -> AsyncIterator[None]:
-    """Map domain errors raised inside a servicer method to a gRPC status."""
-    try:
-        yield
-    except PropellerError as exc:
-        log.info("[%s] %s: %s", method, exc.code.name, exc)
-        await context.abort(exc.code, str(exc))
-    except grpc.aio.AbortError:
-        raise
-    except Exception:
-        log.exception("[%s] unexpected error", method)
-        await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error")
+class grpc_errors:
+    """`async with grpc_errors(context, "Service.Method"):` maps domain errors raised inside a
+    servicer method to a gRPC status. It never swallows an exception (`context.abort` raises),
+    which `__aexit__` returning None tells the type checker."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
+        self.context = context
+        self.method = method
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None or isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError):
+            return
+        if isinstance(exc, PropellerError):
+            log.info("[%s] %s: %s", self.method, exc.code.name, exc)
+            await self.context.abort(exc.code, str(exc))
+        if isinstance(exc, Exception):
+            log.error("[%s] unexpected error", self.method, exc_info=exc)
+            await self.context.abort(grpc.StatusCode.INTERNAL, f"{self.method}: internal error")

@@ -6,12 +6,12 @@ the header promises, and that the stream is not truncated.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from propeller.v1 import tensor_pb2
-from server.errors import InvalidArgument
+from server.errors import InvalidArgument, PropellerError
 from server.tensors import (
     Array,
     Spec,
@@ -108,8 +108,29 @@ class _Buffer:
         return split_payload(self.buf, specs, self.field)
 
 
+async def drain(stream: AsyncIterator[Any]) -> None:
+    """Read and discard the rest of a rejected request stream.
+
+    Aborting while a grpc.aio client is still sending makes it see "INTERNAL: Internal error
+    from Core" from its failed write instead of our status; letting it finish first delivers
+    the real error. Nothing is kept, so memory stays flat.
+    """
+    async for _ in stream:
+        pass
+
+
 async def _read_stream(stream: AsyncIterable[Any], field: str) -> tuple[Any, Tensors]:
-    """Shared reader for ModelChunk and UpdateChunk streams (same header/data shape)."""
+    """Shared reader for ModelChunk and UpdateChunk streams (same header/data shape); on a
+    rejected stream it drains the rest before raising, so the client gets our status."""
+    chunks = aiter(stream)
+    try:
+        return await _assemble(chunks, field)
+    except PropellerError:
+        await drain(chunks)
+        raise
+
+
+async def _assemble(stream: AsyncIterator[Any], field: str) -> tuple[Any, Tensors]:
     header: Any = None
     specs: list[Spec] = []
     buf: _Buffer | None = None

@@ -120,7 +120,7 @@ def iter_chunks(tensors: Mapping[str, Array], chunk_size: int) -> Iterator[bytes
 def split_payload(
     payload: bytes | bytearray | memoryview, specs: Sequence[Spec], field: str
 ) -> Tensors:
-    """Cut concatenated bytes back into named arrays (copies, so they are writable)."""
+    """Cut concatenated bytes back into named, writable arrays."""
     need = total_bytes(specs)
     if len(payload) != need:
         raise InvalidArgument(
@@ -132,7 +132,8 @@ def split_payload(
     for spec in specs:
         n = spec.nbytes
         arr = np.frombuffer(view[offset : offset + n], dtype=spec.dtype).reshape(spec.shape)
-        out[spec.name] = arr.copy()
+        # A bytearray payload already gives writable arrays; copy only immutable bytes.
+        out[spec.name] = arr if arr.flags.writeable else arr.copy()
         offset += n
     return out
 

@@ -14,7 +14,7 @@ from server.aggregator.fedavg import FedAvg
 from server.aggregator.intake import fold_update_stream
 from server.errors import InvalidArgument, grpc_errors
 from server.grpc_server import ServiceBinding
-from server.streams import model_stream
+from server.streams import drain, model_stream
 from server.tensors import DEFAULT_CHUNK_SIZE, Tensors, sha256_of
 
 log = logging.getLogger(__name__)
@@ -28,17 +28,6 @@ def _finish(fedavg: FedAvg) -> tuple[Tensors, str]:
     """The aggregated model and its sha256 (both CPU work on the whole model)."""
     tensors = fedavg.result()
     return tensors, sha256_of(tensors)
-
-
-async def drain(requests: AsyncIterator[Any]) -> None:
-    """Read and discard the rest of a rejected request stream.
-
-    Aborting while the client is still sending makes grpc.aio clients see "INTERNAL: Internal
-    error from Core" from their failed write instead of our status; letting the client
-    finish first delivers the real error. Nothing is kept, so memory stays flat.
-    """
-    async for _ in requests:
-        pass
 
 
 class AggregatorServicer:

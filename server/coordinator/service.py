@@ -97,10 +97,6 @@ def config_from_proto(
     )
 
 
-def _unreachable() -> AssertionError:
-    return AssertionError("grpc_errors aborts the call on every error")
-
-
 class CoordinatorServicer:
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
@@ -112,14 +108,12 @@ class CoordinatorServicer:
             cfg = config_from_proto(request, self.coordinator.default_timeout_s)
             rnd = await self.coordinator.configure(cfg, start=request.start)
             return status_to_proto(rnd)
-        raise _unreachable()
 
     async def StartRound(
         self, request: coordinator_pb2.StartRoundRequest, context: Context
     ) -> coordinator_pb2.RoundStatus:
         async with grpc_errors(context, "Coordinator.StartRound"):
             return status_to_proto(await self.coordinator.start(request.round_id))
-        raise _unreachable()
 
     async def SubmitUpdate(
         self, request_iterator: AsyncIterable[tensor_pb2.UpdateChunk], context: Context
@@ -148,14 +142,12 @@ class CoordinatorServicer:
                 k_of_n=result.round.k_of_n,
                 state=_STATES[result.round.state],
             )
-        raise _unreachable()
 
     async def GetRoundStatus(
         self, request: coordinator_pb2.GetRoundStatusRequest, context: Context
     ) -> coordinator_pb2.RoundStatus:
         async with grpc_errors(context, "Coordinator.GetRoundStatus"):
             return status_to_proto(await self.coordinator.get(request.round_id))
-        raise _unreachable()
 
     async def ListRounds(
         self, request: coordinator_pb2.ListRoundsRequest, context: Context
@@ -163,7 +155,6 @@ class CoordinatorServicer:
         async with grpc_errors(context, "Coordinator.ListRounds"):
             rounds = await self.coordinator.list(request.experiment_id)
             return coordinator_pb2.ListRoundsResponse(rounds=[status_to_proto(r) for r in rounds])
-        raise _unreachable()
 
     async def WatchRound(
         self, request: coordinator_pb2.WatchRoundRequest, context: Context

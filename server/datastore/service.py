@@ -71,7 +71,6 @@ class DataStoreServicer:
             if dataset is None:
                 raise NotFound(f"proplet_id: no dataset for {request.proplet_id!r}")
             return dataset_proto(dataset)
-        raise AssertionError("unreachable: grpc_errors aborts the call")
 
     async def PutDataset(
         self, request: datastore_pb2.PutDatasetRequest, context: Context
@@ -89,7 +88,6 @@ class DataStoreServicer:
                 dataset.num_features,
             )
             return dataset_info_proto(dataset)
-        raise AssertionError("unreachable: grpc_errors aborts the call")
 
     async def ListDatasets(
         self, request: datastore_pb2.ListDatasetsRequest, context: Context
@@ -98,7 +96,6 @@ class DataStoreServicer:
             return datastore_pb2.ListDatasetsResponse(
                 datasets=[dataset_info_proto(d) for d in self.store.list()]
             )
-        raise AssertionError("unreachable: grpc_errors aborts the call")
 
 
 def binding(store: DatasetStore) -> ServiceBinding:

@@ -145,14 +145,12 @@ class ManagerServicer:
                 scheduled=_scheduled(e),
                 skipped=_skipped(e),
             )
-        raise AssertionError("unreachable")  # grpc_errors aborts
 
     async def GetExperiment(
         self, request: manager_pb2.GetExperimentRequest, context: Context
     ) -> manager_pb2.Experiment:
         async with grpc_errors(context, "Manager.GetExperiment"):
             return experiment_to_proto(self.manager.get_experiment(request.experiment_id))
-        raise AssertionError("unreachable")
 
     async def ListExperiments(
         self, request: manager_pb2.ListExperimentsRequest, context: Context
@@ -161,14 +159,12 @@ class ManagerServicer:
             return manager_pb2.ListExperimentsResponse(
                 experiments=[experiment_to_proto(e) for e in self.manager.list_experiments()]
             )
-        raise AssertionError("unreachable")
 
     async def GetRoundStatus(
         self, request: coordinator_pb2.GetRoundStatusRequest, context: Context
     ) -> coordinator_pb2.RoundStatus:
         async with grpc_errors(context, "Manager.GetRoundStatus"):
             return await self.manager.get_round_status(request.round_id)
-        raise AssertionError("unreachable")
 
     async def ListProplets(
         self, request: manager_pb2.ListPropletsRequest, context: Context
@@ -177,14 +173,12 @@ class ManagerServicer:
             return manager_pb2.ListPropletsResponse(
                 proplets=[self._proplet(p) for p in self.manager.proplets.all()]
             )
-        raise AssertionError("unreachable")
 
     async def GetProplet(
         self, request: manager_pb2.GetPropletRequest, context: Context
     ) -> manager_pb2.Proplet:
         async with grpc_errors(context, "Manager.GetProplet"):
             return self._proplet(self.manager.proplets.get(request.proplet_id))
-        raise AssertionError("unreachable")
 
     async def CreateTask(
         self, request: manager_pb2.CreateTaskRequest, context: Context
@@ -199,22 +193,18 @@ class ManagerServicer:
                 proplet_id=request.proplet_id,
             )
             return task_to_proto(task)
-        raise AssertionError("unreachable")
 
     async def StartTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
         async with grpc_errors(context, "Manager.StartTask"):
             return task_to_proto(await self.manager.start_task(request.task_id))
-        raise AssertionError("unreachable")
 
     async def StopTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
         async with grpc_errors(context, "Manager.StopTask"):
             return task_to_proto(await self.manager.stop_task(request.task_id))
-        raise AssertionError("unreachable")
 
     async def GetTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
         async with grpc_errors(context, "Manager.GetTask"):
             return task_to_proto(self.manager.tasks.get(request.task_id))
-        raise AssertionError("unreachable")
 
     async def ListTasks(
         self, request: manager_pb2.ListTasksRequest, context: Context
@@ -226,4 +216,3 @@ class ManagerServicer:
                 state=state_from_proto(request.state),
             )
             return manager_pb2.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])
-        raise AssertionError("unreachable")

@@ -53,17 +53,6 @@ def chunk_size_of(request: model_registry_pb2.GetModelRequest) -> int:
     return min(request.chunk_size, MAX_CHUNK_SIZE)
 
 
-async def drain(requests: AsyncIterator[Any]) -> None:
-    """Read and discard the rest of a rejected request stream.
-
-    Aborting while the client is still sending makes grpc.aio clients see "INTERNAL: Internal
-    error from Core" from their failed write instead of our status; letting the client
-    finish first delivers the real error. Nothing is kept, so memory stays flat.
-    """
-    async for _ in requests:
-        pass
-
-
 class ModelRegistryServicer:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
@@ -79,17 +68,12 @@ class ModelRegistryServicer:
             )
             info = await self.registry.init_model(request.dimension, dtype)
             return model_version_proto(info)
-        raise AssertionError("unreachable: grpc_errors aborts the call")
 
     async def PutModel(
         self, request_iterator: AsyncIterator[tensor_pb2.ModelChunk], context: Context
     ) -> model_registry_pb2.ModelVersion:
         async with grpc_errors(context, "ModelRegistry.PutModel"):
-            try:
-                header, tensors = await read_model_stream(request_iterator, "model")
-            except InvalidArgument:
-                await drain(request_iterator)
-                raise
+            header, tensors = await read_model_stream(request_iterator, "model")
             version: int | None = None
             if header.HasField("version"):
                 version = header.version
@@ -103,7 +87,6 @@ class ModelRegistryServicer:
                 version = named
             info = await self.registry.put_model(tensors, version=version, sha256=header.sha256)
             return model_version_proto(info)
-        raise AssertionError("unreachable: grpc_errors aborts the call")
 
     async def GetModel(
         self, request: model_registry_pb2.GetModelRequest, context: Context
@@ -127,7 +110,6 @@ class ModelRegistryServicer:
         async with grpc_errors(context, "ModelRegistry.GetModelInfo"):
             info = await self.registry.model_info(requested_version(request))
             return model_version_proto(info)
-        raise AssertionError("unreachable: grpc_errors aborts the call")
 
     async def ListModels(
         self, request: model_registry_pb2.ListModelsRequest, context: Context
@@ -137,7 +119,6 @@ class ModelRegistryServicer:
             return model_registry_pb2.ListModelsResponse(
                 models=[model_version_proto(i) for i in infos]
             )
-        raise AssertionError("unreachable: grpc_errors aborts the call")
 
 
 def binding(registry: ModelRegistry) -> ServiceBinding:

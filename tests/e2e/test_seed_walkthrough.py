@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -84,9 +84,10 @@ class Deployment:
         return tensors
 
     async def round_status(self, round_id: str) -> coordinator_pb2.RoundStatus:
-        return await self.manager.GetRoundStatus(
+        status: coordinator_pb2.RoundStatus = await self.manager.GetRoundStatus(
             coordinator_pb2.GetRoundStatusRequest(round_id=round_id), timeout=10
         )
+        return status
 
     async def wait_round_closed(
         self, round_id: str, timeout: float = 60
@@ -110,7 +111,7 @@ class Deployment:
         participants: list[str],
         timeout_s: float = 60,
     ) -> manager_pb2.StartExperimentResponse:
-        return await self.manager.StartExperiment(
+        resp: manager_pb2.StartExperimentResponse = await self.manager.StartExperiment(
             manager_pb2.StartExperimentRequest(
                 experiment_id=f"exp-{round_id}",
                 round_id=round_id,
@@ -123,6 +124,7 @@ class Deployment:
             ),
             timeout=30,
         )
+        return resp
 
 
 @pytest.fixture
@@ -211,11 +213,11 @@ async def expected_fedavg(
     base_uri: str,
     round_id: str,
     proplets: list[str],
-) -> tuple[Tensors, list[dict[str, object]]]:
+) -> tuple[Tensors, list[dict[str, Any]]]:
     """What FedAvg of the proplets' updates must be: run the same module on the same inputs
     here (training is deterministic per round and proplet) and weight by sample count."""
     runner = WasmRunner(wasmtime.Engine(), trainer_wasm)
-    updates = []
+    updates: list[dict[str, Any]] = []
     for pid in proplets:
         ds = await d.datastore.GetDataset(
             datastore_pb2.GetDatasetRequest(proplet_id=pid), timeout=10
@@ -239,17 +241,15 @@ async def expected_fedavg(
                 }
             ),
         }
-        updates.append(await asyncio.to_thread(lambda e=env: runner.run(e).json()))
-    total = sum(int(u["num_samples"]) for u in updates)  # type: ignore[call-overload]
+        result = await asyncio.to_thread(runner.run, env)
+        updates.append(result.json())
+    total = sum(int(u["num_samples"]) for u in updates)
     mean: Tensors = {}
     for name in base:
-        mean[name] = (
-            sum(
-                np.asarray(u["update"][name], dtype=np.float64) * int(u["num_samples"])  # type: ignore[index, call-overload]
-                for u in updates
-            )
-            / total
-        )
+        weighted = [
+            np.asarray(u["update"][name], np.float64) * int(u["num_samples"]) for u in updates
+        ]
+        mean[name] = np.sum(weighted, axis=0) / total
     return mean, updates
 
 
@@ -312,9 +312,9 @@ async def test_seed_walkthrough(deployment: Deployment, trainer_wasm: Path) -> N
         np.testing.assert_allclose(
             status.metrics["loss"],
             np.average(
-                [float(u["metrics"]["loss"]) for u in updates],  # type: ignore[index, arg-type]
+                [float(u["metrics"]["loss"]) for u in updates],
                 weights=[int(u["num_samples"]) for u in updates],
-            ),  # type: ignore[call-overload]
+            ),
             rtol=1e-9,
         )
         done = await eventually(
