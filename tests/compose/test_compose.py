@@ -1,0 +1,920 @@
+"""compose.yaml, checked twice: its structure (one image, `serve <name>` commands, gRPC
+healthchecks, depends_on conditions, named volumes, the seed's ports, the proplet ids), and then
+run as it is, as a process cluster, with the seed walkthrough against it.
+
+No Docker engine runs here, so the cluster is compose.yaml played by hand:
+- each service of ours runs as a local process: the image's ENTRYPOINT (`propeller-fl` of this
+  virtualenv) followed by exactly the service's `command`, with exactly its `environment`;
+- the broker and the OCI registry are real Mosquitto and docker-registry (tests/infra.py);
+- services start in `depends_on` order, each waiting for its dependencies' conditions
+  (`service_healthy`: the dependency's own healthcheck command exits 0;
+  `service_completed_successfully`: the job exited 0), and every healthcheck is run until it
+  passes, so each one is shown to work.
+
+The address rule. A compose address is `HOST:PORT` where HOST is a service name (its DNS name
+on the compose network) or, inside a service, `0.0.0.0`, `127.0.0.1` or `localhost`, which name
+that service itself. Each (service, container port) gets one free loopback port: ours a fresh
+one, mosquitto and local-registry the ports their processes bound. Every `HOST:PORT` in an
+environment value or a command argument (healthchecks included) becomes `127.0.0.1:<that
+port>`; an `X_HOST` variable naming a service has its `X_PORT` sibling remapped the same way. A
+published port `"H:C"` of service S is reached on the port of (S, C). What a user types against
+compose gets the same rewriting (the image reference `local-registry:5000/...` included). Paths
+under a service's volume mount become a directory per named volume under the test's tmp dir;
+`/app` (the image's WORKDIR, where the Dockerfile builds the trainer) is the repository root.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+
+from propeller.v1 import (
+    coordinator_pb2,
+    manager_pb2,
+    manager_pb2_grpc,
+    model_registry_pb2,
+    model_registry_pb2_grpc,
+)
+from server.cli.serve import LOG_LEVEL_ENV, SERVICES
+from server.config import MqttConfig
+from server.mqtt import MqttSession
+from server.streams import read_model_stream
+from server.tensors import Tensors
+from server.topics import Topics
+from tests.infra import Mosquitto, OciRegistry, free_port, mosquitto, oci_registry
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "compose.yaml"
+CONFIG_DOC = ROOT / "docs" / "configuration.md"
+DOCKERFILE = ROOT / "Dockerfile"
+IMAGE_WORKDIR = "/app"
+
+# Compose service -> the `propeller-fl serve` service it runs.
+OURS = {
+    "manager": "manager",
+    "coordinator": "coordinator",
+    "aggregator": "aggregator",
+    "model-registry": "registry",
+    "local-data-store": "datastore",
+    "proplet": "proplet",
+    "proplet-2": "proplet",
+    "proplet-3": "proplet",
+}
+PROPLETS = ("proplet", "proplet-2", "proplet-3")
+JOB = "push-wasm"
+INFRA = ("mosquitto", "local-registry")
+# The seed's familiar host ports.
+PUBLISHED = {
+    "manager": 7070,
+    "coordinator": 8086,
+    "aggregator": 8085,
+    "model-registry": 8084,
+    "local-data-store": 8083,
+    "local-registry": 5000,
+    "mosquitto": 1883,
+}
+GRPC_SERVICE = {
+    "manager": "propeller.v1.Manager",
+    "coordinator": "propeller.v1.Coordinator",
+    "aggregator": "propeller.v1.Aggregator",
+    "model-registry": "propeller.v1.ModelRegistry",
+    "local-data-store": "propeller.v1.DataStore",
+}
+SELF_HOSTS = ("0.0.0.0", "127.0.0.1", "localhost")
+SEED_IMAGE = "local-registry:5000/fl-client-wasm:latest"
+HYPER = coordinator_pb2.Hyperparams(epochs=1, lr=0.01, batch_size=16)
+
+# Bounds: compose's own start_period for a healthcheck, and how long a stop may take.
+STOP_BOUND_S = 20.0
+JOB_BOUND_S = 60.0
+
+
+# --------------------------------------------------------------------------- reading compose
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    return data
+
+
+def services(compose: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    result: dict[str, dict[str, Any]] = compose["services"]
+    return result
+
+
+def environment(service: Mapping[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    assert isinstance(env, dict), "environment: use the mapping form"
+    for key, value in env.items():
+        assert isinstance(value, str), f"environment {key}: quote {value!r} as a string"
+    return dict(env)
+
+
+def depends_on(service: Mapping[str, Any]) -> dict[str, str]:
+    deps = service.get("depends_on", {})
+    assert isinstance(deps, dict), "depends_on: use the long form with a condition"
+    return {name: spec["condition"] for name, spec in deps.items()}
+
+
+def healthcheck_test(service: Mapping[str, Any]) -> list[str]:
+    test: list[str] = service["healthcheck"]["test"]
+    return test
+
+
+def duration_s(text: str) -> float:
+    """A compose duration like "1m30s", "60s" or "500ms" in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def volume_mounts(service: Mapping[str, Any]) -> dict[str, str]:
+    """Mount path -> named volume."""
+    mounts: dict[str, str] = {}
+    for entry in service.get("volumes", []):
+        name, _, target = str(entry).partition(":")
+        mounts[target.split(":")[0]] = name
+    return mounts
+
+
+def transitive_deps(compose: Mapping[str, Any], name: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        for dep in depends_on(services(compose)[todo.pop()]):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def start_order(compose: Mapping[str, Any]) -> list[str]:
+    """The services in an order compatible with depends_on; fails on a cycle."""
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        assert name not in visiting, f"depends_on cycle through {name}"
+        visiting.add(name)
+        for dep in depends_on(services(compose)[name]):
+            visit(dep)
+        visiting.discard(name)
+        order.append(name)
+
+    for name in services(compose):
+        visit(name)
+    return order
+
+
+class RecordingEnv(dict[str, str]):
+    """An environment that remembers which variables were asked for."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        super().__init__(values)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            self.read.add(key)
+        return super().__contains__(key)
+
+
+def variables_read(serve_name: str, env: Mapping[str, str] | None = None) -> set[str]:
+    """Every variable `propeller-fl serve NAME` reads: its config's from_env, and the log level."""
+    base = dict(env or {})
+    if serve_name == "proplet":
+        base.setdefault("PROPLET_ID", "a-proplet")
+    recorder = RecordingEnv(base)
+    SERVICES[serve_name].load_config(recorder)
+    return recorder.read | {LOG_LEVEL_ENV}
+
+
+def documented_variables() -> dict[str, str]:
+    """Variable -> its row, from the table in docs/configuration.md."""
+    rows: dict[str, str] = {}
+    for line in CONFIG_DOC.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^\|\s*`([A-Z][A-Z0-9_]*)`\s*\|", line)
+        if m:
+            assert m[1] not in rows, f"{m[1]} has two rows in docs/configuration.md"
+            rows[m[1]] = line
+    return rows
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def test_every_service_of_ours_runs_the_one_image_with_serve(compose: dict[str, Any]) -> None:
+    svcs = services(compose)
+    assert set(svcs) == {*OURS, JOB, *INFRA}
+    image = svcs["manager"]["image"]
+    build = svcs["manager"]["build"]
+    assert build["context"] == "." and build.get("dockerfile", "Dockerfile") == "Dockerfile"
+    for name, serve_name in OURS.items():
+        svc = svcs[name]
+        assert (svc["image"], svc["build"]) == (image, build), name
+        assert svc["command"] == ["serve", serve_name], name
+        assert svc.get("restart") == "unless-stopped", name
+    assert (svcs[JOB]["image"], svcs[JOB]["build"]) == (image, build)
+    assert svcs[JOB]["command"] == [
+        "wasm",
+        "push",
+        f"{IMAGE_WORKDIR}/wasm-client/build/fl-client.wasm",
+        "--image",
+        SEED_IMAGE,
+        "--plain-http",
+    ]
+    assert svcs[JOB].get("restart") == "no"  # a one-shot job
+    assert svcs["mosquitto"]["image"] == "eclipse-mosquitto:2"
+    assert svcs["local-registry"]["image"] == "registry:2"
+
+
+def test_the_dockerfile_builds_that_image() -> None:
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert froms and all(f == "python:3.11-slim" or f in ("install", "wasm") for f in froms)
+    assert froms[-1] == "python:3.11-slim"
+    assert re.search(r"^RUN .*pip install \.$", text, re.M)
+    assert "RUN python wasm-client/build.py" in text
+    # The push-wasm job's path is where the trainer lands in the final image.
+    assert f"{IMAGE_WORKDIR}/wasm-client/build/fl-client.wasm" in text.split("\nFROM")[-1]
+    assert re.search(r"^WORKDIR /app$", text.split("\nFROM")[-1], re.M)
+    entrypoints = re.findall(r"^ENTRYPOINT\s+(.+)$", text, re.M)
+    assert [json.loads(e) for e in entrypoints] == [["propeller-fl"]]
+    ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
+    assert {".git", ".venv", "tests"} <= set(ignored)
+
+
+def test_healthchecks_ask_the_grpc_health_service(compose: dict[str, Any]) -> None:
+    svcs = services(compose)
+    for name, grpc_name in GRPC_SERVICE.items():
+        port = PUBLISHED[name]
+        assert healthcheck_test(svcs[name]) == [
+            "CMD",
+            "propeller-fl",
+            "health",
+            f"127.0.0.1:{port}",
+            "--service",
+            grpc_name,
+        ], name
+    # A proplet serves no gRPC: healthy means the manager sees it alive.
+    for name in PROPLETS:
+        pid = environment(svcs[name])["PROPLET_ID"]
+        assert healthcheck_test(svcs[name]) == [
+            "CMD",
+            "propeller-fl",
+            "health",
+            f"manager:{PUBLISHED['manager']}",
+            "--proplet",
+            pid,
+        ], name
+    for name in (*OURS, *INFRA):
+        check = svcs[name]["healthcheck"]
+        assert check["test"][0] == "CMD", name
+        for key in ("interval", "timeout", "start_period"):
+            assert duration_s(check[key]) > 0, (name, key)
+        assert check["retries"] >= 1, name
+    assert "healthcheck" not in svcs[JOB]
+
+
+def test_depends_on_waits_for_what_each_service_talks_to(compose: dict[str, Any]) -> None:
+    svcs = services(compose)
+    order = start_order(compose)  # no cycle
+    assert order.index(JOB) < order.index("manager")
+    for name, svc in svcs.items():
+        for dep, condition in depends_on(svc).items():
+            assert dep in svcs, f"{name} depends on unknown {dep}"
+            if dep == JOB:
+                assert condition == "service_completed_successfully", name
+            else:
+                assert condition == "service_healthy", (name, dep)
+                assert "healthcheck" in svcs[dep], dep
+    assert depends_on(svcs[JOB]) == {"local-registry": "service_healthy"}
+    for name in ("manager", *PROPLETS):
+        assert JOB in transitive_deps(compose, name), name
+    for name in PROPLETS:
+        assert "manager" in depends_on(svcs[name]), name
+    # Every service another one's environment names is started (and healthy) before it.
+    hosts = set(svcs)
+    for name in (*OURS, JOB):
+        env = environment(svcs[name])
+        named = {
+            h for value in env.values() for h in re.findall(r"([a-z][a-z0-9-]*):\d+", value)
+        } & hosts
+        assert named - {name} <= transitive_deps(compose, name), (name, named)
+
+
+def test_ports_are_the_seeds(compose: dict[str, Any]) -> None:
+    svcs = services(compose)
+    for name, svc in svcs.items():
+        published = [str(p) for p in svc.get("ports", [])]
+        if name in PUBLISHED:
+            port = PUBLISHED[name]
+            assert published == [f"{port}:{port}"], name
+        else:
+            assert published == [], name
+    listen = {
+        "manager": "PROPELLER_MANAGER_LISTEN",
+        "coordinator": "PROPELLER_COORDINATOR_LISTEN",
+        "aggregator": "PROPELLER_AGGREGATOR_LISTEN",
+        "model-registry": "PROPELLER_REGISTRY_LISTEN",
+        "local-data-store": "PROPELLER_DATASTORE_LISTEN",
+    }
+    for name, var in listen.items():
+        assert environment(svcs[name])[var] == f"0.0.0.0:{PUBLISHED[name]}", name
+    assert "listener 1883" in compose["configs"]["mosquitto-conf"]["content"]
+
+
+def test_mosquitto_is_configured_inline_for_anonymous_clients(compose: dict[str, Any]) -> None:
+    mosq = services(compose)["mosquitto"]
+    assert mosq["configs"] == [
+        {"source": "mosquitto-conf", "target": "/mosquitto/config/mosquitto.conf"}
+    ]
+    lines = compose["configs"]["mosquitto-conf"]["content"].splitlines()
+    assert {"listener 1883", "allow_anonymous true", "persistence true"} <= set(lines)
+    assert "persistence_location /mosquitto/data/" in lines
+    assert volume_mounts(mosq) == {"/mosquitto/data": "mosquitto-data"}
+
+
+def test_state_lives_on_named_volumes(compose: dict[str, Any]) -> None:
+    svcs = services(compose)
+    declared = set(compose["volumes"])
+    used: list[str] = []
+    for name, svc in svcs.items():
+        for target, volume in volume_mounts(svc).items():
+            assert volume in declared, f"{name}: volume {volume} is not declared"
+            assert target.startswith("/"), name
+            used.append(volume)
+    assert sorted(used) == sorted(declared), "each named volume is used exactly once"
+    assert volume_mounts(svcs["local-registry"]) == {"/var/lib/registry": "oci-registry-data"}
+    registry_dir = environment(svcs["model-registry"])["PROPELLER_REGISTRY_DATA_DIR"]
+    assert volume_mounts(svcs["model-registry"]) == {registry_dir: "model-registry-data"}
+    for name in PROPLETS:
+        work = environment(svcs[name])["PROPLET_WORK_DIR"]
+        assert list(volume_mounts(svcs[name])) == [work], name
+    assert len({tuple(volume_mounts(svcs[n]).values()) for n in PROPLETS}) == 3
+
+
+def test_the_proplet_ids_are_fixed_and_seeded(compose: dict[str, Any]) -> None:
+    svcs = services(compose)
+    ids = [environment(svcs[n])["PROPLET_ID"] for n in PROPLETS]
+    assert len(set(ids)) == 3
+    for pid in ids:
+        assert str(uuid.UUID(pid)) == pid  # a UUID, as the seed's participants are
+    assert list(compose["x-proplet-ids"].values()) == ids
+    seeded = environment(svcs["local-data-store"])["PROPELLER_DATASTORE_SEED_IDS"].split(",")
+    assert seeded == ids
+    names = [environment(svcs[n])["PROPLET_NAME"] for n in PROPLETS]
+    assert names == ["proplet-1", "proplet-2", "proplet-3"]
+    for name in PROPLETS:
+        env = environment(svcs[name])
+        assert env["PROPLET_INSECURE_REGISTRIES"] == "local-registry:5000", name
+
+
+def test_every_variable_compose_sets_is_read_and_valid(compose: dict[str, Any]) -> None:
+    svcs = services(compose)
+    for name, serve_name in OURS.items():
+        env = environment(svcs[name])
+        unread = set(env) - variables_read(serve_name, env)
+        assert not unread, f"{name} sets variables nothing reads: {sorted(unread)}"
+    proplet = SERVICES["proplet"].load_config(environment(svcs["proplet"]))
+    assert proplet.is_insecure("local-registry:5000")  # type: ignore[attr-defined]
+    datastore = SERVICES["datastore"].load_config(environment(svcs["local-data-store"]))
+    assert len(datastore.seed_proplet_ids) == 3  # type: ignore[attr-defined]
+
+
+def test_configuration_doc_has_one_row_per_variable() -> None:
+    read: set[str] = set()
+    for serve_name in sorted(set(OURS.values())):
+        read |= variables_read(serve_name)
+    # Also every variable named in a `from_env(env=None)` (one that reads the process
+    # environment; a round task's FlTask.from_env reads the task's env), whatever the branch.
+    for path in [*ROOT.glob("server/**/*.py"), *ROOT.glob("proplet/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.FunctionDef)
+                and node.name == "from_env"
+                and node.args.defaults
+                and isinstance(node.args.defaults[-1], ast.Constant)
+                and node.args.defaults[-1].value is None
+            ):
+                for const in ast.walk(node):
+                    if (
+                        isinstance(const, ast.Constant)
+                        and isinstance(const.value, str)
+                        and re.fullmatch(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+", const.value)
+                    ):
+                        read.add(const.value)
+    rows = documented_variables()
+    assert not read - set(rows), f"undocumented: {sorted(read - set(rows))}"
+    assert not set(rows) - read, f"documented but read by nothing: {sorted(set(rows) - read)}"
+
+
+# --------------------------------------------------------------------------- serve and health
+
+
+def all_variables() -> set[str]:
+    return set().union(*(variables_read(s) for s in set(OURS.values())))
+
+
+def test_serve_refuses_a_bad_variable_in_one_line() -> None:
+    env = {**base_environment(all_variables()), "PROPELLER_MQTT_PORT": "not-a-port"}
+    result = subprocess.run(
+        [*propeller_fl(), "serve", "coordinator"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        "propeller-fl serve: PROPELLER_MQTT_PORT: 'not-a-port' is not an integer\n"
+    )
+
+
+def test_a_signal_during_start_up_stops_serve_cleanly(tmp_path: Path) -> None:
+    """`docker compose stop` while the broker is still unreachable: exit 0, not a kill."""
+    env = {
+        **base_environment(all_variables()),
+        "PROPELLER_MQTT_PORT": str(free_port()),  # nothing listens: start-up keeps retrying
+        "PROPELLER_MANAGER_LISTEN": "127.0.0.1:0",
+    }
+    log = tmp_path / "manager.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [*propeller_fl(), "serve", "manager"], env=env, stdout=subprocess.PIPE, stderr=err
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "[serve] manager pid=" not in log.read_text(encoding="utf-8"):
+            assert proc.poll() is None, log.read_text(encoding="utf-8")
+            assert time.monotonic() < deadline, "serve never logged its configuration"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=STOP_BOUND_S)
+        assert proc.returncode == 0, log.read_text(encoding="utf-8")
+        assert stdout == b""
+        assert "stopped by SIGTERM during start-up" in log.read_text(encoding="utf-8")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+# --------------------------------------------------------------------------- the process cluster
+
+
+@dataclass
+class AddressMap:
+    """The address rule of the module docstring."""
+
+    hosts: frozenset[str]
+    ports: dict[tuple[str, int], int]
+    volume_dirs: dict[str, Path]
+    pattern: re.Pattern[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = sorted({*self.hosts, *SELF_HOSTS}, key=len, reverse=True)
+        alternatives = "|".join(re.escape(n) for n in names)
+        self.pattern = re.compile(rf"(?<![\w.-])({alternatives}):(\d+)(?!\d)")
+
+    def port(self, service: str, host: str, port: int) -> int:
+        key = (service if host in SELF_HOSTS else host, port)
+        assert key in self.ports, f"{service}: {host}:{port} is no port compose declares"
+        return self.ports[key]
+
+    def address(self, service: str, value: str) -> str:
+        return self.pattern.sub(lambda m: f"127.0.0.1:{self.port(service, m[1], int(m[2]))}", value)
+
+    def path(self, mounts: Mapping[str, str], value: str) -> str:
+        if value == IMAGE_WORKDIR or value.startswith(IMAGE_WORKDIR + "/"):
+            return str(ROOT) + value[len(IMAGE_WORKDIR) :]
+        for target, volume in mounts.items():
+            if value == target or value.startswith(target.rstrip("/") + "/"):
+                return str(self.volume_dirs[volume]) + value[len(target.rstrip("/")) :]
+        return value
+
+    def argv(self, service: str, mounts: Mapping[str, str], args: list[str]) -> list[str]:
+        return [self.path(mounts, self.address(service, a)) for a in args]
+
+    def env(
+        self, service: str, mounts: Mapping[str, str], env: Mapping[str, str]
+    ) -> dict[str, str]:
+        out = {k: self.path(mounts, self.address(service, v)) for k, v in env.items()}
+        for key, host in env.items():
+            if key.endswith("_HOST") and host in self.hosts:
+                port_key = key.removesuffix("_HOST") + "_PORT"
+                assert port_key in env, f"{service}: {key} names {host} without {port_key}"
+                out[key] = "127.0.0.1"
+                out[port_key] = str(self.port(service, host, int(env[port_key])))
+        unmapped = {
+            k: v
+            for k, v in out.items()
+            if k.endswith(("_ADDR", "_LISTEN")) and not v.startswith("127.0.0.1:")
+        }
+        assert not unmapped, f"{service}: addresses the rule cannot map: {unmapped}"
+        return out
+
+    def published(self, compose: Mapping[str, Any], host_port: int) -> str:
+        """Where `localhost:<host_port>` of the compose host is."""
+        for name, svc in services(compose).items():
+            for spec in svc.get("ports", []):
+                published, _, target = str(spec).partition(":")
+                if int(published) == host_port:
+                    return f"127.0.0.1:{self.ports[(name, int(target))]}"
+        raise AssertionError(f"nothing publishes port {host_port}")
+
+
+def propeller_fl() -> list[str]:
+    """The image's ENTRYPOINT, from this virtualenv."""
+    exe = Path(sys.executable).parent / "propeller-fl"
+    assert exe.exists(), "propeller-fl is not installed in this environment (pip install -e .)"
+    return [str(exe)]
+
+
+def base_environment(reserved: set[str]) -> dict[str, str]:
+    """The host's environment less anything a service reads: each process sees only what its
+    compose `environment` says, as in a container; plus the image's ENV."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in reserved and not k.startswith(("PROPELLER_", "PROPLET_"))
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass
+class Process:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes]
+    stdout: Path
+    stderr: Path
+
+    def tail(self, lines: int = 40) -> str:
+        text = self.stderr.read_text(encoding="utf-8", errors="replace").splitlines()
+        return f"--- {self.name}: {' '.join(self.argv)}\n" + "\n".join(text[-lines:])
+
+
+class Cluster:
+    """compose.yaml's services of ours (and its job) as local processes."""
+
+    def __init__(
+        self,
+        compose: dict[str, Any],
+        amap: AddressMap,
+        logs: Path,
+        base_env: dict[str, str],
+    ) -> None:
+        self.compose = compose
+        self.amap = amap
+        self.logs = logs
+        self.base_env = base_env
+        self.processes: dict[str, Process] = {}
+        self.healthy: set[str] = set()
+        self._up: dict[str, asyncio.Task[None]] = {}
+
+    def spec(self, name: str) -> dict[str, Any]:
+        return services(self.compose)[name]
+
+    def command(self, name: str) -> tuple[list[str], dict[str, str]]:
+        svc = self.spec(name)
+        mounts = volume_mounts(svc)
+        for volume in mounts.values():
+            self.amap.volume_dirs[volume].mkdir(parents=True, exist_ok=True)
+        argv = [*propeller_fl(), *self.amap.argv(name, mounts, list(svc["command"]))]
+        env = {**self.base_env, **self.amap.env(name, mounts, environment(svc))}
+        return argv, env
+
+    def start(self, name: str) -> Process:
+        argv, env = self.command(name)
+        stdout, stderr = self.logs / f"{name}.out", self.logs / f"{name}.log"
+        with open(stdout, "ab") as out, open(stderr, "ab") as err:
+            proc = subprocess.Popen(argv, env=env, stdout=out, stderr=err, cwd=self.logs)
+        process = Process(name, argv, proc, stdout, stderr)
+        self.processes[name] = process
+        return process
+
+    def healthcheck_argv(self, name: str) -> list[str]:
+        test = healthcheck_test(self.spec(name))
+        assert test[0] == "CMD" and test[1] == "propeller-fl", test
+        mounts = volume_mounts(self.spec(name))
+        return [*propeller_fl(), *self.amap.argv(name, mounts, test[2:])]
+
+    async def wait_healthy(self, name: str) -> None:
+        """Run the service's healthcheck (as compose would, more often) until it passes."""
+        check = self.spec(name)["healthcheck"]
+        argv = self.healthcheck_argv(name)
+        env = self.command(name)[1]  # a healthcheck runs inside the container, with its env
+        timeout = duration_s(check["timeout"])
+        bound = duration_s(check["start_period"]) + check["retries"] * duration_s(check["interval"])
+        deadline = time.monotonic() + bound
+        last = ""
+        while True:
+            process = self.processes[name]
+            if process.proc.poll() is not None:
+                raise AssertionError(
+                    f"{name} exited with {process.proc.returncode} before it was healthy\n"
+                    + process.tail()
+                )
+            result = await asyncio.to_thread(
+                subprocess.run,
+                argv,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout + 10,  # the check's own --timeout bounds its RPC
+            )
+            if result.returncode == 0:
+                self.healthy.add(name)
+                return
+            last = result.stderr.strip()
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{name} not healthy within {bound:.0f} s: {last}\n" + process.tail()
+                )
+            await asyncio.sleep(0.25)
+
+    async def run_job(self, name: str) -> None:
+        process = self.start(name)
+        try:
+            code = await asyncio.to_thread(process.proc.wait, JOB_BOUND_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} still running after {JOB_BOUND_S} s") from None
+        assert code == 0, f"{name} exited {code}\n{process.tail()}"
+
+    async def _bring_up(self, name: str) -> None:
+        for dep, condition in depends_on(self.spec(name)).items():
+            if dep in INFRA:
+                continue  # started by the test before the cluster, and ready
+            await self._up[dep]  # healthy, or completed successfully for the job
+            assert condition in ("service_healthy", "service_completed_successfully")
+        if name == JOB:
+            await self.run_job(name)
+        else:
+            self.start(name)
+            await self.wait_healthy(name)
+
+    async def up(self, names: list[str]) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for name in names:
+                self._up[name] = tg.create_task(self._bring_up(name), name=f"up-{name}")
+
+    def stop_all(self) -> dict[str, int | None]:
+        """SIGTERM every process still running; each one's exit status (None: did not stop)."""
+        running = {n: p for n, p in self.processes.items() if p.proc.poll() is None}
+        for p in running.values():
+            p.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_BOUND_S
+        codes: dict[str, int | None] = {}
+        for name, p in running.items():
+            try:
+                codes[name] = p.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                codes[name] = None
+        return codes
+
+    def kill_leftovers(self) -> None:
+        for p in self.processes.values():
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait()
+
+    def logs_tail(self) -> str:
+        return "\n".join(p.tail() for p in self.processes.values())
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float = 60.0
+) -> T:
+    """Poll `probe` until `done(value)`, bounded by `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout}s; last value: {value}")
+        await asyncio.sleep(0.1)
+
+
+@contextlib.contextmanager
+def infrastructure(tmp_path: Path) -> Iterator[tuple[Mosquitto, OciRegistry]]:
+    (tmp_path / "mosquitto").mkdir()
+    (tmp_path / "oci").mkdir()
+    with mosquitto(tmp_path / "mosquitto") as broker, oci_registry(tmp_path / "oci") as registry:
+        yield broker, registry
+
+
+@contextlib.asynccontextmanager
+async def round_notifications(
+    mqtt: MqttConfig,
+) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def on_message(topic: str, payload: bytes) -> None:
+        queue.put_nowait(json.loads(payload))
+
+    async with MqttSession(
+        mqtt,
+        f"watcher-{uuid.uuid4().hex[:8]}",
+        [mqtt.topics.round_next],
+        on_message,
+        clean_session=True,
+    ):
+        yield queue
+
+
+async def get_model(registry: model_registry_pb2_grpc.ModelRegistryStub, version: int) -> Tensors:
+    stream = registry.GetModel(model_registry_pb2.GetModelRequest(version=version), timeout=30)
+    _, tensors = await read_model_stream(stream)
+    return tensors
+
+
+async def run_round(
+    manager: manager_pb2_grpc.ManagerStub,
+    round_id: str,
+    model_ref: str,
+    ids: list[str],
+    image: str,
+) -> coordinator_pb2.RoundStatus:
+    """One experiment round, as the seed's step 6, to completion; returns its final status."""
+    resp = await manager.StartExperiment(
+        manager_pb2.StartExperimentRequest(
+            experiment_id=f"exp-{round_id}",
+            round_id=round_id,
+            model_ref=model_ref,
+            participants=ids,
+            hyperparams=HYPER,
+            k_of_n=3,
+            timeout_s=60,
+            task_wasm_image=image,
+        ),
+        timeout=30,
+    )
+    assert sorted(s.proplet_id for s in resp.scheduled) == sorted(ids)
+    assert not resp.skipped
+    final = (coordinator_pb2.ROUND_STATE_COMPLETED, coordinator_pb2.ROUND_STATE_FAILED)
+    status = await eventually(
+        lambda: manager.GetRoundStatus(
+            coordinator_pb2.GetRoundStatusRequest(round_id=round_id), timeout=10
+        ),
+        lambda s: s.state in final,
+        timeout=90,
+    )
+    assert status.state == coordinator_pb2.ROUND_STATE_COMPLETED, status.failure_reason
+    assert status.completed and status.num_updates == 3
+    assert sorted(status.reported) == sorted(ids)
+    # Exactly one task per participant, named as the seed names them, each Completed.
+    tasks = await eventually(
+        lambda: manager.ListTasks(
+            manager_pb2.ListTasksRequest(name_prefix=f"fl-round-{round_id}"), timeout=10
+        ),
+        lambda r: all(t.state == manager_pb2.TASK_STATE_COMPLETED for t in r.tasks),
+    )
+    assert sorted((t.name, t.proplet_id) for t in tasks.tasks) == sorted(
+        (f"fl-round-{round_id}-{pid}", pid) for pid in ids
+    )
+    final_status: coordinator_pb2.RoundStatus = status
+    return final_status
+
+
+async def test_compose_as_a_process_cluster(
+    compose: dict[str, Any], trainer_wasm: Path, tmp_path: Path
+) -> None:
+    svcs = services(compose)
+    # The trainer the push-wasm job pushes is the one the Dockerfile builds, at /app/...
+    assert trainer_wasm == ROOT / "wasm-client" / "build" / "fl-client.wasm"
+    reserved = all_variables()
+    with infrastructure(tmp_path) as (broker, registry):
+        ports: dict[tuple[str, int], int] = {
+            ("mosquitto", PUBLISHED["mosquitto"]): broker.port,
+            ("local-registry", PUBLISHED["local-registry"]): registry.port,
+        }
+        for name in OURS:
+            for spec in svcs[name].get("ports", []):
+                ports[(name, int(str(spec).partition(":")[2]))] = free_port()
+        amap = AddressMap(
+            hosts=frozenset(svcs),
+            ports=ports,
+            volume_dirs={v: tmp_path / "volumes" / v for v in compose["volumes"]},
+        )
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        cluster = Cluster(compose, amap, logs, base_environment(reserved))
+        order = [n for n in start_order(compose) if n not in INFRA]
+        assert set(order) == {*OURS, JOB}
+        ok = False
+        try:
+            async with asyncio.timeout(180):
+                await cluster.up(order)
+            assert cluster.healthy == set(OURS)  # every healthcheck ran and passed
+            await walkthrough(compose, amap, broker)
+            # The model registry's versions are on its volume.
+            assert any((tmp_path / "volumes" / "model-registry-data").iterdir())
+            # Graceful stop: SIGTERM, each service exits 0 within the bound.
+            codes = cluster.stop_all()
+            assert codes == dict.fromkeys(OURS, 0), cluster.logs_tail()
+            for name in OURS:  # serve logs to stderr and prints nothing on stdout
+                assert cluster.processes[name].stdout.read_bytes() == b"", name
+            # A restarted registry still has every version (the named volume's point).
+            cluster.start("model-registry")
+            await cluster.wait_healthy("model-registry")
+            async with grpc.aio.insecure_channel(
+                amap.published(compose, PUBLISHED["model-registry"])
+            ) as chan:
+                reg = model_registry_pb2_grpc.ModelRegistryStub(chan)
+                listed = await reg.ListModels(model_registry_pb2.ListModelsRequest(), timeout=10)
+            assert [m.version for m in listed.models] == [0, 1, 2]
+            assert cluster.stop_all() == {"model-registry": 0}
+            ok = True
+        finally:
+            if not ok:
+                print(cluster.logs_tail())
+            cluster.kill_leftovers()
+
+
+async def walkthrough(compose: dict[str, Any], amap: AddressMap, broker: Mosquitto) -> None:
+    """The seed's steps 4 to 9 over gRPC against the published ports."""
+    svcs = services(compose)
+    ids = [environment(svcs[n])["PROPLET_ID"] for n in PROPLETS]
+    # The image reference as the seed writes it, seen from the proplets' network.
+    image = amap.address("proplet", SEED_IMAGE)
+    manager_env = environment(svcs["manager"])
+    mqtt = MqttConfig(
+        port=broker.port,
+        topics=Topics(manager_env["PROPELLER_DOMAIN_ID"], manager_env["PROPELLER_CHANNEL_ID"]),
+    )
+    async with (
+        grpc.aio.insecure_channel(amap.published(compose, PUBLISHED["manager"])) as mchan,
+        grpc.aio.insecure_channel(amap.published(compose, PUBLISHED["model-registry"])) as rchan,
+        round_notifications(mqtt) as notes,
+    ):
+        manager = manager_pb2_grpc.ManagerStub(mchan)
+        registry = model_registry_pb2_grpc.ModelRegistryStub(rchan)
+
+        # 4. The three compose proplets are registered and alive under their fixed ids.
+        listed = await eventually(
+            lambda: manager.ListProplets(manager_pb2.ListPropletsRequest(), timeout=10),
+            lambda r: {p.id for p in r.proplets if p.alive} == set(ids),
+        )
+        assert {p.name for p in listed.proplets} == {"proplet-1", "proplet-2", "proplet-3"}
+
+        # 5. v0: zeros of dimension 3.
+        v0 = await registry.InitModel(model_registry_pb2.InitModelRequest(dimension=3), timeout=10)
+        assert v0.version == 0 and v0.model_uri == "fl/models/global_model_v0"
+        model0 = await get_model(registry, 0)
+        assert model0["w"].tolist() == [0.0, 0.0, 0.0] and float(model0["b"]) == 0.0
+
+        # 6-8. Round 1 from v0 with k_of_n=3 -> v1, which differs from v0.
+        r1 = f"r-{uuid.uuid4().hex[:8]}"
+        status = await run_round(manager, r1, "fl/models/global_model_v0", ids, image)
+        assert status.new_model_version == 1
+        note = await asyncio.wait_for(notes.get(), 10)
+        assert note["round_id"] == r1 and note["model_uri"] == "fl/models/global_model_v1"
+        model1 = await get_model(registry, 1)
+        assert not np.allclose(model1["w"], model0["w"])
+
+        # 9. Round 2 from v1 -> v2.
+        r2 = f"r-{uuid.uuid4().hex[:8]}"
+        status2 = await run_round(manager, r2, "fl/models/global_model_v1", ids, image)
+        assert status2.new_model_version == 2
+        note2 = await asyncio.wait_for(notes.get(), 10)
+        assert note2["round_id"] == r2 and note2["new_model_version"] == 2
+        model2 = await get_model(registry, 2)
+        assert not np.allclose(model2["w"], model1["w"])
+        models = await registry.ListModels(model_registry_pb2.ListModelsRequest(), timeout=10)
+        assert [m.version for m in models.models] == [0, 1, 2]
