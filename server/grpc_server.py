@@ -38,7 +38,8 @@ async def create_server(
 ) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     """Bind `addr` (port 0 picks a free port), register services, health and reflection,
     start serving, and return the server, the bound port and the health servicer."""
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
+    server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for b in bindings:

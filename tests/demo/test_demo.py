@@ -1,0 +1,185 @@
+"""`propeller-fl demo` as a user runs it: a real subprocess in an empty directory, nothing but
+this package installed. Its numbers are checked against an independent recomputation from
+the record and the data (the process is gone by then, so nothing is fetched)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from server.datastore.datasets import synthetic_dataset
+
+F64 = npt.NDArray[np.float64]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DEMO_TIMEOUT_S = 180
+
+
+def run_cli(
+    cwd: Path, *args: str, timeout: float = DEMO_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli.main", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def log_loss_and_accuracy(tensors: dict[str, Any], x: F64, y: F64) -> tuple[float, float]:
+    """The documented metric, written out again: mean log-loss of sigmoid(clamp(x.w + b, +-20))
+    with p clipped to [1e-12, 1 - 1e-12], and accuracy of p >= 0.5."""
+    w = np.asarray(tensors["w"], dtype=np.float64)
+    b = float(tensors["b"])
+    losses, correct = [], 0
+    for row, label in zip(x, y, strict=True):
+        z = min(20.0, max(-20.0, float(np.dot(row, w)) + b))
+        p = min(1 - 1e-12, max(1e-12, 1.0 / (1.0 + math.exp(-z))))
+        losses.append(-(label * math.log(p) + (1 - label) * math.log(1 - p)))
+        correct += int((p >= 0.5) == (label == 1.0))
+    return float(np.mean(losses)), correct / len(y)
+
+
+def model_sha256(tensors: dict[str, Any]) -> str:
+    """sha256 over the float64 tensor bytes in header order (w, then b)."""
+    h = hashlib.sha256()
+    h.update(np.asarray(tensors["w"], dtype="<f8").tobytes())
+    h.update(np.asarray(tensors["b"], dtype="<f8").tobytes())
+    return h.hexdigest()
+
+
+def table_rows(stdout: str, prefix: str) -> list[list[str]]:
+    return [line.split() for line in stdout.splitlines() if line.startswith(prefix)]
+
+
+def check_run(record: dict[str, Any], rounds: int, x: F64, y: F64) -> None:
+    """What every successful demo run must show, recomputed from the record and the data."""
+    assert record["status"] == "completed"
+    rows = record["rounds"]
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+    assert [r["model_version"] for r in rows] == list(range(1, rounds + 1))
+    assert [m["version"] for m in record["models"]] == list(range(rounds + 1))
+    # The loss really falls, every round, from the zero model's ln 2.
+    losses = [record["initial"]["loss"], *(r["loss"] for r in rows)]
+    assert math.isclose(losses[0], math.log(2), rel_tol=1e-12)
+    assert all(a > b for a, b in itertools.pairwise(losses)), losses
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    # Each stored model's numbers equal a recomputation on the same data, and its weights are
+    # the registry's (same sha256).
+    for model, row in zip(record["models"], [record["initial"], *rows], strict=True):
+        assert model["sha256"] == row["sha256"] == model_sha256(model["tensors"])
+        loss, acc = log_loss_and_accuracy(model["tensors"], x, y)
+        assert math.isclose(loss, row["loss"], rel_tol=1e-12)
+        assert acc == row["accuracy"]
+    assert record["final_model"] == record["models"][-1]
+    final_loss, _ = log_loss_and_accuracy(record["final_model"]["tensors"], x, y)
+    assert math.isclose(final_loss, rows[-1]["loss"], rel_tol=1e-12)
+
+
+def check_artifacts(stdout: str, record: dict[str, Any], png: Path) -> None:
+    rows = record["rounds"]
+    printed = table_rows(stdout, "demo-r")
+    assert len(printed) == len(rows), stdout
+    for cells, row in zip(printed, rows, strict=True):
+        # round id, model version, reported n/k, loss, accuracy, wall time
+        assert cells[0] == row["round_id"]
+        assert cells[1] == f"v{row['model_version']}"
+        assert cells[2] == f"{row['num_reported']}/{row['k_of_n']}"
+        assert cells[3] == f"{row['loss']:.4f}" and cells[4] == f"{row['accuracy']:.4f}"
+        assert cells[5].endswith("s") and float(cells[5][:-1]) > 0
+    initial = table_rows(stdout, "initial")
+    assert initial == [
+        [
+            "initial",
+            "v0",
+            "-",
+            f"{record['initial']['loss']:.4f}",
+            f"{record['initial']['accuracy']:.4f}",
+            "-",
+        ]
+    ]
+    assert png.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_demo_three_rounds(tmp_path: Path, trainer_wasm: Path) -> None:
+    done = run_cli(tmp_path, "demo", "--rounds", "3")
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "propeller-fl-demo.json").read_text())
+    cfg = record["config"]
+    assert cfg["rounds"] == 3 and cfg["proplets"] == 3 and cfg["k_of_n"] == 3
+    ids = record["proplet_ids"]
+    assert len(ids) == 3
+    # The data store's seeding function, called again here with the recorded ids.
+    parts = [synthetic_dataset(pid, cfg["samples_per_proplet"], cfg["features"]) for pid in ids]
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    check_run(record, 3, x, y)
+    check_artifacts(done.stdout, record, tmp_path / "propeller-fl-demo.png")
+    # The zero model says p = 0.5 everywhere, which counts as predicting 1.
+    assert record["initial"]["accuracy"] == float(np.mean(y == 1.0))
+    for row in record["rounds"]:
+        assert sorted(row["reported"]) == sorted(ids) and row["closed_by"] == "k_of_n"
+        # Each trainer's own numbers, from its task result.
+        assert set(row["proplet_metrics"]) == set(ids)
+        for pid, m in row["proplet_metrics"].items():
+            assert m["num_samples"] == 64, pid
+            assert m["metrics"]["loss"] < m["metrics"]["loss_before"]
+        local = np.mean([m["metrics"]["loss"] for m in row["proplet_metrics"].values()])
+        assert math.isclose(row["round_metrics"]["loss"], float(local), rel_tol=1e-9)
+    assert record["trainer"]["sha256"] == hashlib.sha256(trainer_wasm.read_bytes()).hexdigest()
+
+
+def test_demo_on_a_csv_file(tmp_path: Path, trainer_wasm: Path) -> None:
+    rng = np.random.default_rng(7)
+    x = rng.normal(0.0, 1.0, size=(150, 2))
+    y = (rng.random(150) < 1.0 / (1.0 + np.exp(-(x @ np.array([2.0, -1.5]) + 0.3)))).astype(float)
+    csv = tmp_path / "data.csv"
+    rows = zip(x.tolist(), y.tolist(), strict=True)
+    lines = ["f1,f2,label", *(f"{a!r},{b!r},{int(c)}" for (a, b), c in rows)]
+    csv.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    done = run_cli(
+        tmp_path,
+        "demo",
+        "--rounds",
+        "3",
+        "--proplets",
+        "3",
+        "--dataset",
+        str(csv),
+        "--plot",
+        str(out / "curve.png"),
+        "--record",
+        str(out / "run.json"),
+    )
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["data"]["source"] == "file" and record["data"]["num_features"] == 2
+    assert list(record["data"]["samples_per_proplet"].values()) == [50, 50, 50]
+    check_run(record, 3, x, y)
+    check_artifacts(done.stdout, record, out / "curve.png")
+    assert not (tmp_path / "propeller-fl-demo.json").exists()
+
+
+def test_a_failing_round_exits_non_zero_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "not-a-module.wasm"
+    bad.write_bytes(b"\x00asm but not really")
+    done = run_cli(tmp_path, "demo", "--rounds", "2", "--wasm", str(bad), timeout=60)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("propeller-fl demo: round 1 (demo-r1) cannot reach k_of_n 3"), last
+    record = json.loads((tmp_path / "propeller-fl-demo.json").read_text())
+    assert record["status"] == "failed" and record["rounds"] == []
+    assert record["error"] in last
