@@ -1427,6 +1427,10 @@ async def cmd_proplets_list(args: argparse.Namespace) -> int:
     async with client_of(args) as client:
         resp = await client.list_proplets()
     out = Output()
+    if args.ids:
+        # For scripts: the alive proplets' ids, comma-separated, ready for --participants.
+        out.text(",".join(p.id for p in resp.proplets if p.alive))
+        return 0
     out.json(message_dict(resp)) if args.json else out.text(render_proplets(resp.proplets))
     return 0
 
@@ -1705,7 +1709,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     # proplets
     g = group("proplets", "edge agents known to the manager")
-    action(g, "proplets", "list", "proplets, alive or not", cmd_proplets_list)
+    p = action(g, "proplets", "list", "proplets, alive or not", cmd_proplets_list)
+    p.add_argument(
+        "--ids", action="store_true", help="print only the alive proplets' ids, comma-separated"
+    )
 
     # tasks
     g = group("tasks", "WASM tasks on the manager")
