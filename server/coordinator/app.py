@@ -10,18 +10,27 @@ import os
 import uuid
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import TracebackType
+
+import grpc
 
 from server.config import MqttConfig, env_float, env_int, env_str
 from server.coordinator.clients import GrpcModelBackend
 from server.coordinator.coordinator import Coordinator, RetryPolicy
 from server.coordinator.service import binding
-from server.coordinator.store import MemoryRoundStore, RoundStore
-from server.grpc_server import ServiceBinding, channel, serve_until_signal
+from server.coordinator.store import STATE_FILE, MemoryRoundStore, RoundStore, SqliteRoundStore
+from server.grpc_server import ServiceBinding, serve_until_signal
 from server.mqtt import MqttSession
+from server.tensors import GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
+
+# Where `propeller-fl serve` keeps state when PROPELLER_STATE_DIR is unset (relative to the
+# working directory), as every service does. Tests and the one-process modes build configs
+# directly: None = memory.
+DEFAULT_STATE_DIR = Path("propeller-fl-state")
 
 
 @dataclass(frozen=True)
@@ -36,14 +45,20 @@ class CoordinatorConfig:
     default_timeout_s: float = 60.0
     # How often the deadline task looks for rounds whose deadline passed.
     tick_s: float = 0.2
-    # Aggregation + registry write: attempts, and the first backoff (doubling) between them.
+    # Aggregation + registry write: attempts, the first backoff (doubling) between them, and
+    # the cap on one backoff (also the longest the channels wait before reconnecting).
     retry_attempts: int = 5
     retry_backoff_s: float = 0.2
+    retry_max_backoff_s: float = 5.0
+    # Where the rounds and accepted updates survive a restart (`coordinator.sqlite` in it);
+    # None keeps them in memory (tests, the demo).
+    state_dir: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> CoordinatorConfig:
         env = os.environ if env is None else env
         d = cls()
+        state_dir = env_str(env, "PROPELLER_STATE_DIR", "")
         return cls(
             addr=env_str(env, "PROPELLER_COORDINATOR_LISTEN", d.addr),
             aggregator_addr=env_str(env, "AGGREGATOR_ADDR", d.aggregator_addr),
@@ -58,19 +73,60 @@ class CoordinatorConfig:
             retry_backoff_s=env_float(
                 env, "PROPELLER_COORDINATOR_RETRY_BACKOFF_S", d.retry_backoff_s
             ),
+            retry_max_backoff_s=env_float(
+                env, "PROPELLER_COORDINATOR_RETRY_MAX_BACKOFF_S", d.retry_max_backoff_s
+            ),
+            state_dir=Path(state_dir) if state_dir else None,
         )
+
+    @property
+    def state_file(self) -> Path | None:
+        return None if self.state_dir is None else self.state_dir / STATE_FILE
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(
+            attempts=self.retry_attempts,
+            initial_backoff_s=self.retry_backoff_s,
+            max_backoff_s=self.retry_max_backoff_s,
+        )
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        """While the aggregator or registry is down, reconnect at least every
+        `retry_max_backoff_s`, so a retry soon after it is back finds the channel ready."""
+        max_ms = max(100, int(self.retry_max_backoff_s * 1000))
+        return [
+            *GRPC_OPTIONS,
+            ("grpc.initial_reconnect_backoff_ms", min(1000, max_ms)),
+            ("grpc.max_reconnect_backoff_ms", max_ms),
+        ]
 
 
 class CoordinatorApp:
-    """Async context manager: an MQTT session (publish only), channels to the aggregator and
-    the registry, the `Coordinator`, and the background task that closes rounds at their
-    deadline. `bindings` is valid inside the block."""
+    """Async context manager: the round store, an MQTT session (publish only), channels to the
+    aggregator and the registry, the `Coordinator` (resumed from the store), and the
+    background task that closes rounds at their deadline. `bindings` is valid inside the block.
+
+    The store is `store` when given (the caller owns it), else a `SqliteRoundStore` in
+    `config.state_dir` (opened on entry, closed on exit), else a `MemoryRoundStore`.
+
+    On exit (SIGTERM via `serve_until_signal`) aggregations in flight are cancelled: their
+    rounds stay AGGREGATING in the store and the next start aggregates them again; every
+    write already issued finishes before the state file is closed."""
 
     def __init__(self, config: CoordinatorConfig, store: RoundStore | None = None) -> None:
         self.config = config
-        self.store: RoundStore = store if store is not None else MemoryRoundStore()
+        self._store: RoundStore | None = store
+        if store is None and config.state_dir is None:
+            self._store = MemoryRoundStore()
         self._stack: AsyncExitStack | None = None
         self._coordinator: Coordinator | None = None
+
+    @property
+    def store(self) -> RoundStore:
+        if self._store is None:
+            raise RuntimeError("CoordinatorApp is not entered (its state file opens on entry)")
+        return self._store
 
     @property
     def coordinator(self) -> Coordinator:
@@ -85,12 +141,19 @@ class CoordinatorApp:
     async def __aenter__(self) -> CoordinatorApp:
         cfg = self.config
         async with AsyncExitStack() as stack:
+            if self._store is None:
+                assert cfg.state_file is not None
+                sqlite_store = await asyncio.to_thread(SqliteRoundStore, cfg.state_file)
+                self._store = sqlite_store
+                # Closed last: after the coordinator's tasks are cancelled and awaited.
+                stack.push_async_callback(self._close_store, sqlite_store)
             mqtt = await stack.enter_async_context(
                 MqttSession(cfg.mqtt, f"coordinator-{uuid.uuid4().hex[:12]}", clean_session=True)
             )
-            registry = channel(cfg.registry_addr)
+            options = cfg.channel_options()
+            registry = grpc.aio.insecure_channel(cfg.registry_addr, options=options)
             stack.push_async_callback(registry.close, None)
-            aggregator = channel(cfg.aggregator_addr)
+            aggregator = grpc.aio.insecure_channel(cfg.aggregator_addr, options=options)
             stack.push_async_callback(aggregator.close, None)
             coordinator = Coordinator(
                 self.store,
@@ -98,9 +161,7 @@ class CoordinatorApp:
                 mqtt.publish,
                 cfg.mqtt.topics,
                 default_timeout_s=cfg.default_timeout_s,
-                retry=RetryPolicy(
-                    attempts=cfg.retry_attempts, initial_backoff_s=cfg.retry_backoff_s
-                ),
+                retry=cfg.retry,
             )
             stack.push_async_callback(coordinator.aclose)
             await coordinator.resume()
@@ -111,14 +172,20 @@ class CoordinatorApp:
             self._coordinator = coordinator
             self._stack = stack.pop_all()
         log.info(
-            "[Coordinator] aggregator=%s registry=%s mqtt=%s:%d namespace=%s",
+            "[Coordinator] aggregator=%s registry=%s mqtt=%s:%d namespace=%s state=%s",
             cfg.aggregator_addr,
             cfg.registry_addr,
             cfg.mqtt.host,
             cfg.mqtt.port,
             cfg.mqtt.topics.base,
+            cfg.state_file or "memory",
         )
         return self
+
+    async def _close_store(self, store: SqliteRoundStore) -> None:
+        await asyncio.to_thread(store.close)
+        if self._store is store:
+            self._store = None
 
     async def __aexit__(
         self,
@@ -140,5 +207,6 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 async def main() -> None:
     config = CoordinatorConfig.from_env()
+    config = replace(config, state_dir=config.state_dir or DEFAULT_STATE_DIR)
     async with CoordinatorApp(config) as app:
         await serve_until_signal(config.addr, app.bindings)

@@ -4,18 +4,35 @@ errors (`from_rpc_error`), keeping the downstream status code."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 
-from propeller.v1 import aggregator_pb2_grpc, model_registry_pb2, model_registry_pb2_grpc
-from server.aggregator.client import aggregate_via
+from propeller.v1 import (
+    aggregator_pb2,
+    aggregator_pb2_grpc,
+    model_registry_pb2,
+    model_registry_pb2_grpc,
+    tensor_pb2,
+)
+from server.aggregator.client import METHOD as AGGREGATE_METHOD
 from server.coordinator.rounds import Update
-from server.errors import NotFound, from_rpc_error
+from server.coordinator.store import StoredUpdates
+from server.errors import InvalidArgument, NotFound, Unavailable, from_rpc_error
 from server.models import model_uri
-from server.streams import UpdateMeta, model_stream
-from server.tensors import DEFAULT_CHUNK_SIZE, Spec, Tensors, specs_from_proto
+from server.streams import UpdateMeta, model_stream, read_model_stream, update_header
+from server.tensors import (
+    DEFAULT_CHUNK_SIZE,
+    Spec,
+    Tensors,
+    iter_chunks,
+    sha256_of,
+    specs_from_proto,
+    specs_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +80,51 @@ class GrpcModelBackend:
         return info.model_uri or model_uri(info.version), specs
 
     async def aggregate(self, round_id: str, updates: Sequence[Update]) -> Tensors:
-        pairs = (
-            (
-                UpdateMeta(
-                    round_id, u.proplet_id, u.base_model_uri, u.num_samples, dict(u.metrics)
-                ),
-                u.tensors,
+        """Stream the updates to the Aggregator one at a time: stored updates are read from
+        the state store just before they are sent, so only one update's arrays are in memory.
+        Errors as `server.aggregator.client.aggregate_via`."""
+        call = self._aggregator.Aggregate(timeout=self._timeout_s)
+        try:
+            try:
+                await call.write(
+                    aggregator_pb2.AggregateChunk(
+                        header=aggregator_pb2.AggregateHeader(
+                            strategy=aggregator_pb2.STRATEGY_FEDAVG, round_id=round_id
+                        )
+                    )
+                )
+                async for u in _each(updates):
+                    meta = UpdateMeta(
+                        round_id, u.proplet_id, u.base_model_uri, u.num_samples, dict(u.metrics)
+                    )
+                    await call.write(
+                        aggregator_pb2.AggregateChunk(
+                            update=update_header(meta, specs_of(u.tensors))
+                        )
+                    )
+                    for data in iter_chunks(u.tensors, self._chunk_size):
+                        await call.write(aggregator_pb2.AggregateChunk(data=data))
+                    del u
+                await call.done_writing()
+            except asyncio.InvalidStateError:
+                # The aggregator ended the call early (it rejected an update); its status,
+                # read below, says why.
+                pass
+            try:
+                header, tensors = await read_model_stream(_responses(call), "aggregate.response")
+            except InvalidArgument as exc:
+                raise Unavailable(f"{AGGREGATE_METHOD}: malformed response: {exc}") from None
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err, AGGREGATE_METHOD) from None
+        finally:
+            call.cancel()  # a no-op once the call has finished
+        digest = await asyncio.to_thread(sha256_of, tensors)
+        if header.sha256 and header.sha256 != digest:
+            raise Unavailable(
+                f"{AGGREGATE_METHOD}: response sha256 {header.sha256} does not match its bytes "
+                f"({digest})"
             )
-            for u in updates
-        )
-        return await aggregate_via(
-            self._aggregator, pairs, round_id, self._timeout_s, chunk_size=self._chunk_size
-        )
+        return tensors
 
     async def put(self, tensors: Tensors, sha256: str) -> tuple[int, str]:
         # No version in the header: the registry assigns the next one from what it stores.
@@ -91,3 +141,19 @@ class GrpcModelBackend:
             if m.version > after_version and m.sha256 == sha256:
                 return m.version, m.model_uri or model_uri(m.version)
         return None
+
+
+async def _each(updates: Sequence[Update]) -> AsyncIterator[Update]:
+    """The updates in order; stored ones are read off the event loop, one at a time."""
+    if isinstance(updates, StoredUpdates):
+        async for u in updates:
+            yield u
+            del u  # not held while the next one is read
+    else:
+        for u in updates:
+            yield u
+
+
+async def _responses(call: Any) -> AsyncIterator[tensor_pb2.ModelChunk]:
+    async for chunk in call:
+        yield chunk

@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from server.coordinator import rounds as R
 from server.coordinator.rounds import Round, RoundConfig, Update
-from server.coordinator.store import RoundStore
+from server.coordinator.store import RoundStore, update_headers
 from server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -98,9 +99,22 @@ class Submitted:
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """Aggregation and the registry write are each tried up to `attempts` times; the wait
+    before attempt n+1 is `initial_backoff_s * factor**(n-1)`, capped at `max_backoff_s`. So
+    the time spent waiting is bounded by `total_backoff_s()` (plus each attempt's RPC
+    timeout); after the last attempt the round fails with the last error as its reason."""
+
     attempts: int = 5
     initial_backoff_s: float = 0.2
     factor: float = 2.0
+    max_backoff_s: float = 5.0
+
+    def backoff_s(self, attempt: int) -> float:
+        """The wait after failed attempt `attempt` (1-based)."""
+        return min(self.initial_backoff_s * self.factor ** (attempt - 1), self.max_backoff_s)
+
+    def total_backoff_s(self) -> float:
+        return sum(self.backoff_s(n) for n in range(1, max(1, self.attempts)))
 
 
 class Coordinator:
@@ -194,22 +208,28 @@ class Coordinator:
             rnd = await self.get(round_id)
             if R.admit(rnd, update.proplet_id):
                 return Submitted(rnd, duplicate=True)
-            await self.store.add_update(round_id, update)
             rnd = R.record_update(rnd, update.proplet_id)
-            await self.store.put(rnd)
-            log.info(
-                "[Coordinator.SubmitUpdate] round_id=%s proplet_id=%s num_samples=%d "
-                "num_updates=%d k_of_n=%d",
-                round_id,
-                update.proplet_id,
-                update.num_samples,
-                rnd.num_updates,
-                rnd.k_of_n,
-            )
-            self._emit(EventType.UPDATE_ACCEPTED, rnd, update.proplet_id)
-            if rnd.state is R.RoundState.AGGREGATING:
-                self._begin_aggregation(rnd)
+            # One transaction: the update row and the round that counts it. The caller answers
+            # only after this returns, i.e. after the commit. A caller that goes away meanwhile
+            # (a cancelled RPC) must not split the commit from what follows it: the k-th update
+            # starts the aggregation.
+            await _to_the_end(self._accepted(rnd, update))
             return Submitted(rnd, duplicate=False)
+
+    async def _accepted(self, rnd: Round, update: Update) -> None:
+        await self.store.accept(rnd, update)
+        log.info(
+            "[Coordinator.SubmitUpdate] round_id=%s proplet_id=%s num_samples=%d "
+            "num_updates=%d k_of_n=%d",
+            rnd.round_id,
+            update.proplet_id,
+            update.num_samples,
+            rnd.num_updates,
+            rnd.k_of_n,
+        )
+        self._emit(EventType.UPDATE_ACCEPTED, rnd, update.proplet_id)
+        if rnd.state is R.RoundState.AGGREGATING:
+            self._begin_aggregation(rnd)
 
     # ---- deadlines ---------------------------------------------------------------------
 
@@ -252,19 +272,39 @@ class Coordinator:
             await asyncio.sleep(tick_s)
 
     async def resume(self) -> None:
-        """After a restart: finish rounds that were closed but not yet aggregated. Completed
-        rounds are never aggregated again."""
-        for rnd in await self.store.list():
+        """After a restart, carry on from the stored state:
+        - AGGREGATING rounds (closed, new model not recorded yet) are aggregated again from
+          their stored updates; the registry is asked first whether the earlier attempt already
+          stored that exact model, so it is never stored twice;
+        - OPEN rounds keep their absolute deadline; those whose deadline passed while the
+          coordinator was down close now (aggregate what arrived, or fail with none);
+        - COMPLETED and FAILED rounds are never touched again."""
+        rounds = await self.store.list()
+        by_state = Counter(r.state.value for r in rounds)
+        log.info(
+            "[Coordinator.resume] rounds=%d %s",
+            len(rounds),
+            " ".join(f"{k}={v}" for k, v in sorted(by_state.items())),
+        )
+        for rnd in rounds:
             if rnd.state is R.RoundState.AGGREGATING and rnd.round_id not in self._finishing:
-                self._begin_aggregation(rnd)
+                log.info(
+                    "[Coordinator.resume] round_id=%s aggregating again from %d stored updates",
+                    rnd.round_id,
+                    rnd.num_updates,
+                )
+                self._begin_aggregation(rnd, resumed=True)
+        await self.close_due()
 
     # ---- aggregation -------------------------------------------------------------------
 
-    def _begin_aggregation(self, rnd: Round) -> None:
+    def _begin_aggregation(self, rnd: Round, *, resumed: bool = False) -> None:
         """Announce AGGREGATING and run the aggregation in its own task (called under the
-        round's lock, right after the round went AGGREGATING)."""
+        round's lock, right after the round went AGGREGATING, or by `resume`)."""
         self._emit(EventType.AGGREGATING, rnd)
-        task = asyncio.create_task(self._finish(rnd.round_id), name=f"finish-{rnd.round_id}")
+        task = asyncio.create_task(
+            self._finish(rnd.round_id, resumed), name=f"finish-{rnd.round_id}"
+        )
         self._finishing[rnd.round_id] = task
         round_id = rnd.round_id
 
@@ -274,17 +314,19 @@ class Coordinator:
 
         task.add_done_callback(done)
 
-    async def _finish(self, round_id: str) -> None:
+    async def _finish(self, round_id: str, resumed: bool) -> None:
         try:
-            await self._aggregate_and_store(round_id)
+            await self._aggregate_and_store(round_id, resumed)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("[Coordinator.aggregate] round_id=%s unexpected error", round_id)
             await self._fail(round_id, "aggregation failed: internal error (see coordinator log)")
 
-    async def _aggregate_and_store(self, round_id: str) -> None:
+    async def _aggregate_and_store(self, round_id: str, resumed: bool) -> None:
         rnd = await self.get(round_id)
+        # Updates are read in arrival order, so aggregating again after a restart gives
+        # exactly the same bytes (and the same sha256) as the first attempt.
         updates = await self.store.updates(round_id)
         try:
             tensors = await self._with_retry(
@@ -297,7 +339,9 @@ class Coordinator:
         sha = await asyncio.to_thread(sha256_of, tensors)
 
         async def store_once(attempt: int) -> tuple[int, str]:
-            if attempt > 1:
+            # A retry, or a round resumed after a restart, may follow a write that landed
+            # although its reply never arrived: look for those exact bytes first.
+            if attempt > 1 or resumed:
                 found = await self.backend.find(sha, rnd.base_version)
                 if found is not None:
                     return found
@@ -308,7 +352,7 @@ class Coordinator:
         except PropellerError as exc:
             await self._fail(round_id, f"storing the new model failed: {exc}")
             return
-        metrics = R.weighted_metrics(updates)
+        metrics = R.weighted_metrics(update_headers(updates))
         async with self._lock(round_id):
             rnd = R.complete(await self.get(round_id), version, uri, metrics, self.clock())
             await self.store.put(rnd)
@@ -341,7 +385,6 @@ class Coordinator:
     async def _with_retry(
         self, what: str, round_id: str, attempt_fn: Callable[[int], Awaitable[T]]
     ) -> T:
-        delay = self.retry.initial_backoff_s
         attempts = max(1, self.retry.attempts)
         for attempt in range(1, attempts + 1):
             try:
@@ -351,6 +394,7 @@ class Coordinator:
             except PropellerError as exc:
                 if attempt == attempts:
                     raise type(exc)(f"{what}: {attempts} attempts, last: {exc}") from exc
+                delay = self.retry.backoff_s(attempt)
                 log.warning(
                     "[Coordinator.aggregate] round_id=%s %s attempt %d/%d failed: %s; "
                     "retrying in %.2fs",
@@ -362,7 +406,6 @@ class Coordinator:
                     delay,
                 )
             await asyncio.sleep(delay)
-            delay *= self.retry.factor
         raise AssertionError("unreachable")
 
     async def _fail(self, round_id: str, reason: str) -> None:
@@ -419,3 +462,16 @@ class Coordinator:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def _to_the_end(aw: Awaitable[None]) -> None:
+    """Await `aw`; if the caller is cancelled meanwhile, still let `aw` finish (holding whatever
+    the caller holds, e.g. the round's lock) before the cancellation goes on."""
+    task = asyncio.ensure_future(aw)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is not None:
+            log.error("[Coordinator] after a cancelled call: %s", task.exception())
+        raise

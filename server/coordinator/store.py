@@ -2,16 +2,41 @@
 
 The coordinator keeps nothing about a round outside a `RoundStore`: the round record (the
 immutable `Round`, replaced on every transition) and every accepted update, as arrays, in
-arrival order. A durable implementation slots in behind the same interface; the methods are
-async so one may do its I/O off the event loop.
+arrival order. The methods are async so an implementation may do its I/O off the event loop.
+
+- `MemoryRoundStore`: process memory, lost on restart (tests, the one-process demo).
+- `SqliteRoundStore`: one SQLite file (`<state_dir>/coordinator.sqlite`, through
+  `server.sqlite.Database`: WAL, synchronous=FULL, one transaction per logical change). Every
+  change the coordinator makes is one transaction: accepting an update inserts the update row
+  (header fields + tensor bytes as one BLOB) *and* rewrites the round record together; a state
+  change rewrites the round record. A kill -9 at any moment leaves the last committed state,
+  and the coordinator answers an update only after its transaction committed, so an
+  acknowledged update is never lost.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import hashlib
+import json
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, overload
 
-from server.coordinator.rounds import Round, Update
+import numpy as np
+
+from server.coordinator.rounds import Hyperparams, Round, RoundState, Update
+from server.errors import DataLoss, PropellerError, ResourceExhausted, Unavailable
+from server.sqlite import Database
+from server.tensors import Array, Spec, Tensors, total_bytes
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+STATE_FILE = "coordinator.sqlite"
 
 
 class RoundStore(Protocol):
@@ -20,7 +45,7 @@ class RoundStore(Protocol):
         ...
 
     async def put(self, rnd: Round) -> None:
-        """Insert or replace the round's record."""
+        """Insert or replace the round's record (one atomic change)."""
         ...
 
     async def list(self, experiment_id: str = "") -> list[Round]:
@@ -29,6 +54,11 @@ class RoundStore(Protocol):
 
     async def add_update(self, round_id: str, update: Update) -> None:
         """Keep an accepted update (the caller has checked it is the proplet's first)."""
+        ...
+
+    async def accept(self, rnd: Round, update: Update) -> None:
+        """Keep an accepted update and the round record after it, atomically: afterwards both
+        are stored or neither is. `rnd` is the round with `update.proplet_id` counted."""
         ...
 
     async def updates(self, round_id: str) -> Sequence[Update]:
@@ -59,5 +89,444 @@ class MemoryRoundStore:
     async def add_update(self, round_id: str, update: Update) -> None:
         self._updates.setdefault(round_id, []).append(update)
 
+    async def accept(self, rnd: Round, update: Update) -> None:
+        # No await in between: nothing can observe one without the other.
+        self._updates.setdefault(rnd.round_id, []).append(update)
+        self._rounds[rnd.round_id] = rnd
+
     async def updates(self, round_id: str) -> Sequence[Update]:
         return tuple(self._updates.get(round_id, ()))
+
+
+# ---- SQLite ------------------------------------------------------------------------------
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS rounds (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- configuration order
+        round_id TEXT NOT NULL UNIQUE,
+        experiment_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        participants TEXT NOT NULL,             -- JSON list
+        k_of_n INTEGER NOT NULL,
+        timeout_s REAL NOT NULL,
+        model_ref TEXT NOT NULL,                -- the resolved base model
+        requested_model_ref TEXT NOT NULL,
+        specs TEXT NOT NULL,                    -- JSON: the base model's tensor specs
+        hyperparams TEXT NOT NULL,              -- JSON
+        task_wasm_image TEXT NOT NULL,
+        configured_at REAL NOT NULL,
+        started_at REAL NOT NULL,
+        deadline REAL NOT NULL,                 -- absolute wall time (0 until started)
+        completed_at REAL NOT NULL,
+        reported TEXT NOT NULL,                 -- JSON list, arrival order
+        metrics TEXT NOT NULL,                  -- JSON
+        new_model_version INTEGER,
+        new_model_uri TEXT NOT NULL,
+        failure_reason TEXT NOT NULL,
+        closed_by TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS updates (
+        round_id TEXT NOT NULL REFERENCES rounds(round_id),
+        proplet_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,                   -- arrival order within the round
+        base_model_uri TEXT NOT NULL,
+        num_samples INTEGER NOT NULL,
+        metrics TEXT NOT NULL,                  -- JSON
+        specs TEXT NOT NULL,                    -- JSON: the tensors in BLOB order
+        received_at REAL NOT NULL,
+        sha256 TEXT NOT NULL,                   -- of the BLOB, checked on every read
+        tensors BLOB NOT NULL,                  -- concatenated C-order little-endian bytes
+        PRIMARY KEY (round_id, proplet_id),
+        UNIQUE (round_id, seq)
+    )""",
+)
+
+_ROUND_COLUMNS = (
+    "round_id",
+    "experiment_id",
+    "state",
+    "participants",
+    "k_of_n",
+    "timeout_s",
+    "model_ref",
+    "requested_model_ref",
+    "specs",
+    "hyperparams",
+    "task_wasm_image",
+    "configured_at",
+    "started_at",
+    "deadline",
+    "completed_at",
+    "reported",
+    "metrics",
+    "new_model_version",
+    "new_model_uri",
+    "failure_reason",
+    "closed_by",
+)
+
+_UPSERT_ROUND = (
+    f"INSERT INTO rounds ({', '.join(_ROUND_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _ROUND_COLUMNS)}) "
+    "ON CONFLICT(round_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _ROUND_COLUMNS[1:])
+)
+
+_UPDATE_HEADER_COLUMNS = (
+    "proplet_id",
+    "base_model_uri",
+    "num_samples",
+    "metrics",
+    "specs",
+    "received_at",
+)
+
+
+class StateCorrupted(DataLoss):
+    """The state file holds something that cannot be a record this code wrote."""
+
+
+def _specs_json(specs: Sequence[Spec]) -> str:
+    return json.dumps(
+        [{"name": s.name, "dtype": s.dtype.str, "shape": list(s.shape)} for s in specs]
+    )
+
+
+def _specs_from_json(text: str) -> tuple[Spec, ...]:
+    return tuple(
+        Spec(str(s["name"]), np.dtype(s["dtype"]), tuple(int(d) for d in s["shape"]))
+        for s in json.loads(text)
+    )
+
+
+def _round_values(rnd: Round) -> tuple[Any, ...]:
+    hp = rnd.hyperparams
+    return (
+        rnd.round_id,
+        rnd.experiment_id,
+        rnd.state.value,
+        json.dumps(list(rnd.participants)),
+        rnd.k_of_n,
+        rnd.timeout_s,
+        rnd.model_ref,
+        rnd.requested_model_ref,
+        _specs_json(rnd.specs),
+        json.dumps({"epochs": hp.epochs, "lr": hp.lr, "batch_size": hp.batch_size}),
+        rnd.task_wasm_image,
+        rnd.configured_at,
+        rnd.started_at,
+        rnd.deadline,
+        rnd.completed_at,
+        json.dumps(list(rnd.reported)),
+        json.dumps(dict(rnd.metrics)),
+        rnd.new_model_version,
+        rnd.new_model_uri,
+        rnd.failure_reason,
+        rnd.closed_by,
+    )
+
+
+def _round_from_row(row: Sequence[Any]) -> Round:
+    v = dict(zip(_ROUND_COLUMNS, row, strict=True))
+    hp = json.loads(v["hyperparams"])
+    return Round(
+        round_id=v["round_id"],
+        experiment_id=v["experiment_id"],
+        participants=tuple(json.loads(v["participants"])),
+        k_of_n=int(v["k_of_n"]),
+        timeout_s=float(v["timeout_s"]),
+        model_ref=v["model_ref"],
+        specs=_specs_from_json(v["specs"]),
+        hyperparams=Hyperparams(
+            epochs=int(hp["epochs"]), lr=float(hp["lr"]), batch_size=int(hp["batch_size"])
+        ),
+        task_wasm_image=v["task_wasm_image"],
+        requested_model_ref=v["requested_model_ref"],
+        state=RoundState(v["state"]),
+        configured_at=float(v["configured_at"]),
+        started_at=float(v["started_at"]),
+        deadline=float(v["deadline"]),
+        completed_at=float(v["completed_at"]),
+        reported=tuple(json.loads(v["reported"])),
+        metrics={str(k): float(x) for k, x in json.loads(v["metrics"]).items()},
+        new_model_version=v["new_model_version"],
+        new_model_uri=v["new_model_uri"],
+        failure_reason=v["failure_reason"],
+        closed_by=v["closed_by"],
+    )
+
+
+def _header_from_row(row: Sequence[Any]) -> tuple[Update, tuple[Spec, ...]]:
+    """An update's header fields (tensors left empty) and the specs of its BLOB."""
+    v = dict(zip(_UPDATE_HEADER_COLUMNS, row, strict=True))
+    update = Update(
+        proplet_id=v["proplet_id"],
+        base_model_uri=v["base_model_uri"],
+        num_samples=int(v["num_samples"]),
+        metrics={str(k): float(x) for k, x in json.loads(v["metrics"]).items()},
+        tensors={},
+        received_at=float(v["received_at"]),
+    )
+    return update, _specs_from_json(v["specs"])
+
+
+def _tensor_blob(tensors: Mapping[str, Array]) -> tuple[bytearray, list[Spec], str]:
+    """The tensors as one BLOB (C-order, little-endian, in mapping order; written into one
+    buffer, no intermediate copies), their specs and the BLOB's sha256."""
+    arrays = [
+        # asarray, not ascontiguousarray: that one turns a 0-d array into shape (1,).
+        (name, np.asarray(arr, dtype=arr.dtype.newbyteorder("<"), order="C"))
+        for name, arr in tensors.items()
+    ]
+    blob = bytearray(sum(a.nbytes for _, a in arrays))
+    specs: list[Spec] = []
+    offset = 0
+    for name, arr in arrays:
+        specs.append(Spec(name, arr.dtype, tuple(arr.shape)))
+        n = arr.nbytes
+        np.frombuffer(blob, dtype=np.uint8, count=n, offset=offset)[:] = arr.reshape(-1).view(
+            np.uint8
+        )
+        offset += n
+    return blob, specs, hashlib.sha256(blob).hexdigest()
+
+
+def _tensors_from_blob(blob: bytes, specs: Sequence[Spec], sha256: str, what: str) -> Tensors:
+    """Read-only arrays over the BLOB (no copy), after checking its length and sha256."""
+    if len(blob) != total_bytes(specs) or hashlib.sha256(blob).hexdigest() != sha256:
+        raise StateCorrupted(f"{what}: stored tensor bytes fail their integrity check")
+    out: Tensors = {}
+    offset = 0
+    for spec in specs:
+        n = spec.nbytes
+        arr = np.frombuffer(blob, dtype=spec.dtype, count=n // spec.dtype.itemsize, offset=offset)
+        out[spec.name] = arr.reshape(spec.shape)
+        offset += n
+    return out
+
+
+class StoredUpdates(Sequence[Update]):
+    """A round's accepted updates as stored, in arrival order. The header fields are in memory
+    (`headers`, with empty tensors); an update's tensors are read from the database only when
+    that update is asked for and are not kept, so aggregating a round holds one update's arrays
+    at a time. `async for` reads off the event loop; indexing reads synchronously (tools,
+    tests)."""
+
+    def __init__(self, store: SqliteRoundStore, round_id: str, headers: Sequence[Update]) -> None:
+        self._store = store
+        self.round_id = round_id
+        self.headers: tuple[Update, ...] = tuple(headers)
+
+    def __len__(self) -> int:
+        return len(self.headers)
+
+    @overload
+    def __getitem__(self, index: int) -> Update: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Update]: ...
+
+    def __getitem__(self, index: int | slice) -> Update | Sequence[Update]:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        header = self.headers[index]
+        return self._store._load_update_sync(self.round_id, header)
+
+    async def load(self, index: int) -> Update:
+        return await self._store._load_update(self.round_id, self.headers[index])
+
+    async def __aiter__(self) -> AsyncIterator[Update]:
+        for i in range(len(self.headers)):
+            yield await self.load(i)
+
+
+def update_headers(updates: Sequence[Update]) -> Sequence[Update]:
+    """The updates' header fields without reading stored tensors (for the round's metrics)."""
+    return updates.headers if isinstance(updates, StoredUpdates) else updates
+
+
+class SqliteRoundStore:
+    """A durable `RoundStore` in one SQLite file.
+
+    Round records are also kept in a dict (they are small; the deadline task lists them every
+    tick). That dict is only touched on the database's own thread: a write changes it as the
+    last step of its transaction, and reads are queued behind every write already submitted,
+    so a reader always sees the effect of every write issued before it (even one whose caller
+    was cancelled while waiting). Update tensors are never kept in memory once stored.
+    """
+
+    def __init__(self, path: Path) -> None:
+        """Open (creating if needed) the state file and load the round records. Blocking."""
+        self.path = path
+        self._rounds: dict[str, Round] = {}
+        self._failed: str = ""
+        self._closed = False
+        self._db = Database(path, SCHEMA)
+        try:
+            self._db.read_sync(self._load)
+        except BaseException:
+            self._db.close()
+            raise
+        log.info("[Coordinator.store] path=%s rounds=%d", path, len(self._rounds))
+
+    @classmethod
+    def in_dir(cls, state_dir: Path) -> SqliteRoundStore:
+        return cls(state_dir / STATE_FILE)
+
+    def close(self) -> None:
+        """Finish every queued operation, then close the file. Blocking; idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._db.close()
+
+    # -- on the database thread --
+
+    def _load(self, conn: sqlite3.Connection) -> None:
+        rows = conn.execute(
+            f"SELECT {', '.join(_ROUND_COLUMNS)} FROM rounds ORDER BY seq"
+        ).fetchall()
+        rounds: dict[str, Round] = {}
+        for row in rows:
+            try:
+                rnd = _round_from_row(row)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StateCorrupted(f"{self.path}: round {row[0]!r} is unreadable: {exc}") from exc
+            rounds[rnd.round_id] = rnd
+        self._rounds = rounds
+
+    def _put_row(self, conn: sqlite3.Connection, rnd: Round) -> None:
+        conn.execute(_UPSERT_ROUND, _round_values(rnd))
+
+    def _insert_update(self, conn: sqlite3.Connection, round_id: str, update: Update) -> None:
+        blob, specs, sha = _tensor_blob(update.tensors)
+        limit = conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+        if len(blob) > limit:
+            raise ResourceExhausted(
+                f"tensors: update of {len(blob)} bytes exceeds the coordinator's state store "
+                f"limit of {limit} bytes"
+            )
+        (seq,) = conn.execute(
+            "SELECT COALESCE(MAX(seq), -1) + 1 FROM updates WHERE round_id = ?", (round_id,)
+        ).fetchone()
+        conn.execute(
+            "INSERT INTO updates (round_id, proplet_id, seq, base_model_uri, num_samples, "
+            "metrics, specs, received_at, sha256, tensors) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                round_id,
+                update.proplet_id,
+                seq,
+                update.base_model_uri,
+                update.num_samples,
+                json.dumps(dict(update.metrics)),
+                _specs_json(specs),
+                update.received_at,
+                sha,
+                blob,
+            ),
+        )
+
+    # -- async API --
+
+    def _check(self) -> None:
+        if self._failed:
+            raise Unavailable(
+                f"coordinator state store {self.path}: a commit failed ({self._failed}); "
+                "restart the coordinator to reload its state"
+            )
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        self._check()
+        return await self._db.read(fn)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], None], rnd: Round | None) -> None:
+        """Run `fn` in one transaction; then (still inside it, on the database thread) record
+        `rnd` in the dict. If the transaction fails after `fn` ran (the COMMIT itself), the dict
+        may be ahead of the file: the store refuses further work until restarted."""
+        self._check()
+        ran = False
+
+        def tx(conn: sqlite3.Connection) -> None:
+            nonlocal ran
+            fn(conn)
+            if rnd is not None:
+                self._rounds[rnd.round_id] = rnd
+            ran = True
+
+        try:
+            await self._db.write(tx)
+        except PropellerError:
+            raise
+        except Exception as exc:
+            if ran:
+                self._failed = str(exc) or type(exc).__name__
+                log.error("[Coordinator.store] commit failed: %s", self._failed)
+            raise Unavailable(f"coordinator state store: {exc}") from exc
+
+    async def get(self, round_id: str) -> Round | None:
+        return await self._read(lambda _conn: self._rounds.get(round_id))
+
+    async def put(self, rnd: Round) -> None:
+        await self._write(lambda conn: self._put_row(conn, rnd), rnd)
+
+    async def list(self, experiment_id: str = "") -> list[Round]:
+        def select(_conn: sqlite3.Connection) -> list[Round]:
+            return [
+                r
+                for r in self._rounds.values()
+                if not experiment_id or r.experiment_id == experiment_id
+            ]
+
+        return await self._read(select)
+
+    async def add_update(self, round_id: str, update: Update) -> None:
+        await self._write(lambda conn: self._insert_update(conn, round_id, update), None)
+
+    async def accept(self, rnd: Round, update: Update) -> None:
+        def both(conn: sqlite3.Connection) -> None:
+            self._insert_update(conn, rnd.round_id, update)
+            self._put_row(conn, rnd)
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM updates WHERE round_id = ?", (rnd.round_id,)
+            ).fetchone()
+            if count != rnd.num_updates:  # the record and the rows must agree; roll back
+                raise RuntimeError(
+                    f"round {rnd.round_id!r}: {count} stored updates, record counts "
+                    f"{rnd.num_updates}"
+                )
+
+        await self._write(both, rnd)
+
+    async def updates(self, round_id: str) -> StoredUpdates:
+        def headers(conn: sqlite3.Connection) -> list[Update]:
+            rows = conn.execute(
+                f"SELECT {', '.join(_UPDATE_HEADER_COLUMNS)} FROM updates "
+                "WHERE round_id = ? ORDER BY seq",
+                (round_id,),
+            ).fetchall()
+            return [_header_from_row(row)[0] for row in rows]
+
+        return StoredUpdates(self, round_id, await self._read(headers))
+
+    def _load_fn(self, round_id: str, header: Update) -> Callable[[sqlite3.Connection], Update]:
+        def load(conn: sqlite3.Connection) -> Update:
+            row = conn.execute(
+                "SELECT specs, sha256, tensors FROM updates WHERE round_id = ? AND proplet_id = ?",
+                (round_id, header.proplet_id),
+            ).fetchone()
+            if row is None:
+                raise StateCorrupted(
+                    f"round {round_id!r}: the update of {header.proplet_id!r} is gone"
+                )
+            specs_text, sha, blob = row
+            what = f"round {round_id!r} update {header.proplet_id!r}"
+            tensors = _tensors_from_blob(blob, _specs_from_json(specs_text), sha, what)
+            return replace(header, tensors=tensors)
+
+        return load
+
+    async def _load_update(self, round_id: str, header: Update) -> Update:
+        return await self._read(self._load_fn(round_id, header))
+
+    def _load_update_sync(self, round_id: str, header: Update) -> Update:
+        self._check()
+        return self._db.read_sync(self._load_fn(round_id, header))

@@ -1,0 +1,489 @@
+"""The coordinator's durable state: `SqliteRoundStore` (one SQLite file, one transaction per
+change) and `Coordinator.resume` over it, in process with a scripted clock and backend. The
+crash tests with real processes are in test_coordinator_processes.py."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import sqlite3
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from server.coordinator import rounds as R
+from server.coordinator.app import CoordinatorConfig
+from server.coordinator.coordinator import Coordinator, RetryPolicy
+from server.coordinator.rounds import Hyperparams, Round, RoundState, Update
+from server.coordinator.store import (
+    STATE_FILE,
+    SqliteRoundStore,
+    StateCorrupted,
+    StoredUpdates,
+)
+from server.errors import Unavailable
+from server.tensors import Spec, sha256_of
+from server.topics import Topics
+from tests.coordinator.helpers import Clock, MemoryBackend, fedavg, make_update
+
+BASE = "fl/models/global_model_v0"
+TOPICS = Topics("t", "fl")
+SPECS = (Spec("w", np.dtype("<f8"), (3,)), Spec("b", np.dtype("<f8"), ()))
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / STATE_FILE
+
+
+@pytest.fixture
+def store(path: Path) -> Iterator[SqliteRoundStore]:
+    s = SqliteRoundStore(path)
+    yield s
+    s.close()
+
+
+def reopen(store: SqliteRoundStore) -> SqliteRoundStore:
+    """What a restart sees: close the file, open it again."""
+    store.close()
+    return SqliteRoundStore(store.path)
+
+
+def new_round(round_id: str = "r1", experiment_id: str = "", **kw: Any) -> Round:
+    cfg = R.round_config(
+        round_id=round_id,
+        experiment_id=experiment_id,
+        participants=["a", "b", "c"],
+        timeout_s=10.0,
+        **kw,
+    )
+    return R.new_round(cfg, BASE, SPECS, 100.0)
+
+
+def raw(path: Path, sql: str, *args: Any) -> list[Any]:
+    """Read the file with a connection of its own, as another process would."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+# ---- the round record ------------------------------------------------------------------
+
+
+async def test_every_field_of_a_round_survives_a_restart(store: SqliteRoundStore) -> None:
+    rnd = Round(
+        round_id="r-all",
+        experiment_id="exp-1",
+        participants=("p1", "p2", "p3", "p4"),
+        k_of_n=3,
+        timeout_s=12.5,
+        model_ref="fl/models/global_model_v7",
+        specs=(
+            Spec("w", np.dtype("<f4"), (2, 3)),
+            Spec("b", np.dtype("<f8"), ()),
+        ),
+        hyperparams=Hyperparams(epochs=3, lr=0.125, batch_size=16),
+        task_wasm_image="local-registry:5000/fl-client-wasm:latest",
+        requested_model_ref="",
+        state=RoundState.COMPLETED,
+        configured_at=1700000000.125,
+        started_at=1700000001.0000002,
+        deadline=1700000013.5000002,
+        completed_at=1700000009.75,
+        reported=("p3", "p1", "p4"),
+        metrics={"loss": 0.1 + 0.2, "accuracy": 1 / 3},
+        new_model_version=8,
+        new_model_uri="fl/models/global_model_v8",
+        failure_reason="",
+        closed_by="k_of_n",
+    )
+    failed = replace(
+        new_round("r-failed"),
+        state=RoundState.FAILED,
+        failure_reason="deadline passed with 0 of 3 updates",
+        closed_by="deadline",
+    )
+    await store.put(rnd)
+    await store.put(failed)
+    again = reopen(store)
+    try:
+        assert await again.get("r-all") == rnd
+        assert await again.get("r-failed") == failed
+        assert await again.get("zz") is None
+    finally:
+        again.close()
+
+
+async def test_configuration_order_and_experiment_filter_survive(store: SqliteRoundStore) -> None:
+    r1, r2, r3 = new_round("r1", "e1"), new_round("r2", "e2"), new_round("r3", "e1")
+    for r in (r1, r2, r3):
+        await store.put(r)
+    await store.put(R.start_round(r1, 200.0))  # rewriting a record keeps its place
+    again = reopen(store)
+    try:
+        assert [r.round_id for r in await again.list()] == ["r1", "r2", "r3"]
+        assert [r.round_id for r in await again.list("e1")] == ["r1", "r3"]
+        assert (await again.get("r1")) == R.start_round(r1, 200.0)
+    finally:
+        again.close()
+
+
+async def test_the_deadline_is_stored_as_absolute_wall_time(
+    store: SqliteRoundStore, path: Path
+) -> None:
+    started = R.start_round(new_round(), 1234.5)
+    await store.put(started)
+    [(state, started_at, deadline)] = raw(
+        path, "SELECT state, started_at, deadline FROM rounds WHERE round_id = 'r1'"
+    )
+    assert (state, started_at, deadline) == ("open", 1234.5, 1244.5)
+
+
+# ---- updates ---------------------------------------------------------------------------
+
+
+def mixed_round() -> Round:
+    specs = (Spec("w", np.dtype("<f4"), (2, 3)), Spec("b", np.dtype("<f8"), ()))
+    cfg = R.round_config(round_id="r1", participants=["a", "b", "c"], timeout_s=10.0)
+    return R.start_round(R.new_round(cfg, BASE, specs, 1.0), 2.0)
+
+
+def mixed_update(proplet: str, seed: int, num_samples: int) -> Update:
+    rng = np.random.default_rng(seed)
+    # A Fortran-ordered array: the BLOB must hold C order, as the wire does.
+    w = np.asfortranarray(rng.standard_normal((2, 3)).astype(np.float32))
+    return Update(
+        proplet_id=proplet,
+        base_model_uri=BASE,
+        num_samples=num_samples,
+        metrics={"loss": seed / 7},
+        tensors={"w": w, "b": np.array(rng.standard_normal())},
+        received_at=1000.0 + seed,
+    )
+
+
+async def test_each_accepted_update_is_one_row_with_its_bytes(
+    store: SqliteRoundStore, path: Path
+) -> None:
+    rnd = mixed_round()
+    await store.put(rnd)
+    sent = [mixed_update("c", 1, 5), mixed_update("a", 2, 7)]
+    for u in sent:
+        rnd = R.record_update(rnd, u.proplet_id)
+        await store.accept(rnd, u)
+
+    rows = raw(
+        path,
+        "SELECT proplet_id, seq, num_samples, length(tensors), sha256 FROM updates "
+        "WHERE round_id = 'r1' ORDER BY seq",
+    )
+    assert [(p, seq, n, size) for p, seq, n, size, _ in rows] == [
+        ("c", 0, 5, 6 * 4 + 8),
+        ("a", 1, 7, 6 * 4 + 8),
+    ]
+    assert [sha for *_, sha in rows] == [sha256_of(u.tensors) for u in sent]
+    [(reported,)] = raw(path, "SELECT reported FROM rounds WHERE round_id = 'r1'")
+    assert json.loads(reported) == ["c", "a"]
+
+    again = reopen(store)
+    try:
+        assert (await again.get("r1")) == rnd
+        stored = await again.updates("r1")
+        assert isinstance(stored, StoredUpdates)
+        assert [u.proplet_id for u in stored] == ["c", "a"]
+        loaded = [u async for u in stored]
+        for got, want in zip(loaded, sent, strict=True):
+            assert (got.proplet_id, got.base_model_uri, got.num_samples) == (
+                want.proplet_id,
+                want.base_model_uri,
+                want.num_samples,
+            )
+            assert got.metrics == want.metrics
+            assert got.received_at == want.received_at
+            assert list(got.tensors) == ["w", "b"]
+            for name in ("w", "b"):
+                assert got.tensors[name].dtype == want.tensors[name].dtype
+                assert got.tensors[name].shape == want.tensors[name].shape
+                assert np.array_equal(got.tensors[name], want.tensors[name])
+        assert len(await again.updates("zz")) == 0
+    finally:
+        again.close()
+
+
+async def test_an_update_and_its_round_commit_together_or_not_at_all(
+    store: SqliteRoundStore, path: Path
+) -> None:
+    rnd = mixed_round()
+    await store.put(rnd)
+    first = R.record_update(rnd, "a")
+    await store.accept(first, mixed_update("a", 1, 5))
+
+    # The same proplet again violates the (round, proplet) key: the round change in the same
+    # transaction is rolled back with it.
+    with pytest.raises(Unavailable):
+        await store.accept(R.record_update(first, "a"), mixed_update("a", 2, 9))
+    # A record that does not count the update is refused, and the update row with it.
+    with pytest.raises(Unavailable):
+        await store.accept(first, mixed_update("b", 3, 9))
+
+    assert await store.get("r1") == first
+    assert raw(path, "SELECT proplet_id, num_samples FROM updates") == [("a", 5)]
+    [(reported,)] = raw(path, "SELECT reported FROM rounds")
+    assert json.loads(reported) == ["a"]
+    # The store keeps working after a rolled-back transaction.
+    second = R.record_update(first, "b")
+    await store.accept(second, mixed_update("b", 3, 9))
+    assert (await store.get("r1")) == second
+
+
+async def test_stored_update_arrays_are_not_kept_in_memory(store: SqliteRoundStore) -> None:
+    rnd = mixed_round()
+    await store.put(rnd)
+    update = mixed_update("a", 1, 5)
+    w = update.tensors["w"]
+    ref = weakref.ref(w)
+    await store.accept(R.record_update(rnd, "a"), update)
+    del update, w
+    # The database thread lets go of its work item a moment after the commit is reported.
+    end = time.monotonic() + 5
+    while ref() is not None and time.monotonic() < end:
+        gc.collect()
+        await asyncio.sleep(0.01)
+    assert ref() is None
+    stored = await store.updates("r1")
+    one, two = await stored.load(0), await stored.load(0)
+    assert one.tensors["w"] is not two.tensors["w"]  # read fresh each time, not cached
+    assert not one.tensors["w"].flags.writeable
+
+
+async def test_damaged_tensor_bytes_are_reported_not_used(
+    store: SqliteRoundStore, path: Path
+) -> None:
+    rnd = mixed_round()
+    await store.put(rnd)
+    await store.accept(R.record_update(rnd, "a"), mixed_update("a", 1, 5))
+    store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE updates SET tensors = zeroblob(length(tensors))")
+    conn.commit()
+    conn.close()
+    again = SqliteRoundStore(path)
+    try:
+        stored = await again.updates("r1")
+        with pytest.raises(StateCorrupted, match="integrity check"):
+            await stored.load(0)
+    finally:
+        again.close()
+
+
+# ---- configuration ---------------------------------------------------------------------
+
+
+def test_state_dir_and_retry_policy_from_the_environment(tmp_path: Path) -> None:
+    default = CoordinatorConfig.from_env({})
+    assert default.state_dir is None and default.state_file is None
+    assert default.retry == RetryPolicy(attempts=5, initial_backoff_s=0.2, max_backoff_s=5.0)
+    c = CoordinatorConfig.from_env(
+        {
+            "PROPELLER_STATE_DIR": str(tmp_path),
+            "PROPELLER_COORDINATOR_RETRY_ATTEMPTS": "8",
+            "PROPELLER_COORDINATOR_RETRY_BACKOFF_S": "0.5",
+            "PROPELLER_COORDINATOR_RETRY_MAX_BACKOFF_S": "2",
+        }
+    )
+    assert c.state_dir == tmp_path
+    assert c.state_file == tmp_path / "coordinator.sqlite"
+    assert [c.retry.backoff_s(n) for n in range(1, 8)] == [0.5, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    assert c.retry.total_backoff_s() == 11.5  # 7 waits between 8 attempts
+    with pytest.raises(ValueError, match="PROPELLER_COORDINATOR_RETRY_MAX_BACKOFF_S"):
+        CoordinatorConfig.from_env({"PROPELLER_COORDINATOR_RETRY_MAX_BACKOFF_S": "x"})
+
+
+# ---- the coordinator over the durable store ---------------------------------------------
+
+
+class Published:
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+
+    async def __call__(self, topic: str, payload: bytes) -> None:
+        self.messages.append(json.loads(payload))
+
+
+def coordinator(store: SqliteRoundStore, backend: MemoryBackend, clock: Clock) -> Coordinator:
+    return Coordinator(
+        store,
+        backend,
+        Published(),
+        TOPICS,
+        retry=RetryPolicy(attempts=3, initial_backoff_s=0.001),
+        clock=clock,
+    )
+
+
+UPDATES = [
+    make_update("a", [1.0, 2.0, 3.0], 1.0, 10, loss=0.9),
+    make_update("b", [0.0, -1.0, 4.0], -2.0, 30, loss=0.3),
+    make_update("c", [5.0, 5.0, 5.0], 0.5, 60, loss=0.1),
+]
+
+
+def config(round_id: str, k_of_n: int = 3) -> R.RoundConfig:
+    return R.round_config(
+        round_id=round_id,
+        participants=["a", "b", "c"],
+        k_of_n=k_of_n,
+        timeout_s=10,
+        model_ref=BASE,
+    )
+
+
+async def test_an_acknowledged_update_is_already_on_disk(
+    store: SqliteRoundStore, path: Path
+) -> None:
+    coord = coordinator(store, MemoryBackend(), Clock())
+    await coord.configure(config("r1"), start=True)
+    result = await coord.submit("r1", UPDATES[0])
+    assert (result.duplicate, result.round.num_updates) == (False, 1)
+    # Another connection (another process) sees it: the transaction committed before submit
+    # returned, so the gRPC answer that follows it cannot precede the commit.
+    assert raw(path, "SELECT proplet_id FROM updates") == [("a",)]
+
+
+async def test_resume_after_a_restart(path: Path) -> None:
+    clock = Clock(1000.0)
+    backend = MemoryBackend()
+    store = SqliteRoundStore(path)
+    first = coordinator(store, backend, clock)
+    # r-done: completed before the stop; never aggregated again.
+    await first.configure(config("r-done", k_of_n=1), start=True)
+    await first.submit("r-done", UPDATES[0])
+    await first.wait_finishing()
+    assert (await first.get("r-done")).new_model_version == 1
+    backend.gate = asyncio.Event()
+    # r-agg: closed by k_of_n, aggregation in flight when the process stops.
+    await first.configure(config("r-agg", k_of_n=2), start=True)
+    await first.submit("r-agg", UPDATES[0])
+    await first.submit("r-agg", UPDATES[1])
+    # r-due1 / r-due0: open, their deadline will pass while the coordinator is down.
+    await first.configure(config("r-due1"), start=True)
+    await first.submit("r-due1", UPDATES[2])
+    await first.configure(config("r-due0"), start=True)
+    # r-later: open, its deadline is still ahead after the restart.
+    clock.now += 5
+    await first.configure(config("r-later"), start=True)
+    await first.submit("r-later", UPDATES[1])
+    await first.aclose()  # stops r-agg's aggregation mid-way
+    store.close()
+    assert backend.aggregate_calls == 2
+
+    clock.now += 6  # 11 s after r-due*'s start: past their deadline, r-later has 4 s left
+    backend.gate.set()
+    store = SqliteRoundStore(path)
+    later_deadline = R.require_round(await store.get("r-later"), "r-later").deadline
+    second = coordinator(store, backend, clock)
+    try:
+        await second.resume()
+        await second.wait_finishing()
+        agg, due1, due0, later = [
+            await second.get(r) for r in ("r-agg", "r-due1", "r-due0", "r-later")
+        ]
+        assert (agg.state, agg.closed_by, agg.reported) == (
+            RoundState.COMPLETED,
+            "k_of_n",
+            ("a", "b"),
+        )
+        assert agg.new_model_version is not None
+        assert np.array_equal(backend.models[agg.new_model_version]["w"], fedavg(UPDATES[:2])["w"])
+        assert (due1.state, due1.closed_by, due1.num_updates) == (
+            RoundState.COMPLETED,
+            "deadline",
+            1,
+        )
+        assert (due0.state, due0.closed_by, due0.failure_reason) == (
+            RoundState.FAILED,
+            "deadline",
+            "deadline passed with 0 of 3 updates",
+        )
+        assert (later.state, later.deadline) == (RoundState.OPEN, later_deadline)
+        # r-later closes at its original deadline, not 10 s after the restart.
+        clock.now = later_deadline - 0.001
+        await second.close_due()
+        assert (await second.get("r-later")).state is RoundState.OPEN
+        clock.now = later_deadline
+        await second.close_due()
+        await second.wait_finishing()
+        later = await second.get("r-later")
+        assert (later.state, later.closed_by) == (RoundState.COMPLETED, "deadline")
+        done = await second.get("r-done")
+        assert (done.state, done.new_model_version) == (RoundState.COMPLETED, 1)
+        # r-done, r-agg, r-due1, r-later: one aggregation after the restart and one model
+        # each, none stored twice.
+        assert backend.aggregate_calls == 2 + 3
+        assert sorted(backend.models) == [0, 1, 2, 3, 4]
+    finally:
+        await second.aclose()
+        store.close()
+
+
+async def test_duplicate_after_a_restart_is_not_counted_again(path: Path) -> None:
+    clock = Clock()
+    store = SqliteRoundStore(path)
+    first = coordinator(store, MemoryBackend(), clock)
+    await first.configure(config("r1"), start=True)
+    await first.submit("r1", UPDATES[0])
+    store.close()
+    store = SqliteRoundStore(path)
+    try:
+        second = coordinator(store, MemoryBackend(), clock)
+        await second.resume()
+        again = await second.submit("r1", replace(UPDATES[0], num_samples=999))
+        assert (again.duplicate, again.round.num_updates) == (True, 1)
+        [kept] = (await store.updates("r1")).headers
+        assert kept.num_samples == 10
+    finally:
+        store.close()
+
+
+class SlowAfterCommit(SqliteRoundStore):
+    """Commits, then takes its time to return: the window in which a caller may go away."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.committed = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def accept(self, rnd: Round, update: Update) -> None:
+        await super().accept(rnd, update)
+        self.committed.set()
+        await self.release.wait()
+
+
+async def test_a_cancelled_submit_does_not_strand_the_round_it_closed(path: Path) -> None:
+    store = SlowAfterCommit(path)
+    backend = MemoryBackend()
+    coord = coordinator(store, backend, Clock())
+    try:
+        await coord.configure(config("r1", k_of_n=1), start=True)
+        call = asyncio.create_task(coord.submit("r1", UPDATES[0]))
+        await store.committed.wait()
+        call.cancel()  # the client hung up while the k-th update was being committed
+        store.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await coord.wait_finishing()
+        rnd = await coord.get("r1")
+        assert (rnd.state, rnd.new_model_version) == (RoundState.COMPLETED, 1)
+        assert backend.aggregate_calls == 1
+    finally:
+        await coord.aclose()
+        store.close()
