@@ -37,6 +37,9 @@ class StackConfig:
     num_samples: int = 64
     num_features: int = 3
     registry_dir: Path | None = None
+    # Every service's durable state (manager.sqlite, coordinator.sqlite, registry.sqlite,
+    # datastore.sqlite) in this directory; None keeps it all in memory.
+    state_dir: Path | None = None
     alive_window_s: float = 30.0
     coordinator_tick_s: float = 0.2
 
@@ -60,7 +63,13 @@ class Stack:
         cfg = self.config
         async with contextlib.AsyncExitStack() as stack:
             self.registry = await stack.enter_async_context(
-                RegistryApp(RegistryConfig(self._addr(cfg.registry_port), cfg.registry_dir))
+                RegistryApp(
+                    RegistryConfig(
+                        self._addr(cfg.registry_port),
+                        data_dir=cfg.registry_dir,
+                        state_dir=cfg.state_dir,
+                    )
+                )
             )
             registry = self._addr(
                 await stack.enter_async_context(
@@ -74,6 +83,7 @@ class Stack:
                         seed_proplet_ids=cfg.seed_proplet_ids,
                         num_samples=cfg.num_samples,
                         num_features=cfg.num_features,
+                        state_dir=cfg.state_dir,
                     )
                 )
             )
@@ -98,6 +108,7 @@ class Stack:
                         registry_addr=registry,
                         mqtt=cfg.mqtt,
                         tick_s=cfg.coordinator_tick_s,
+                        state_dir=cfg.state_dir,
                     )
                 )
             )
@@ -121,6 +132,7 @@ class Stack:
                         mqtt=cfg.mqtt,
                         alive_window_s=cfg.alive_window_s,
                         task_endpoints=task_endpoints,
+                        state_dir=cfg.state_dir,
                     )
                 )
             )

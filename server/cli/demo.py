@@ -258,6 +258,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="keep model versions in this directory (default: in memory)",
     )
     up.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=(
+            "keep every service's state (models, datasets, rounds, proplets, tasks, "
+            "experiments) in SQLite files in DIR, so a restart with the same DIR carries on "
+            "(default: in memory)"
+        ),
+    )
+    up.add_argument(
         "--wasm",
         type=Path,
         default=None,
@@ -438,6 +449,7 @@ async def one_process(
             num_samples=stack_config.num_samples,
             num_features=stack_config.num_features,
             registry_dir=stack_config.registry_dir,
+            state_dir=stack_config.state_dir,
         )
         services = await stack.enter_async_context(Stack(config))
         ep = services.endpoints
@@ -1129,6 +1141,7 @@ async def _up(args: argparse.Namespace) -> int:
                     num_samples=args.samples,
                     num_features=args.features,
                     registry_dir=args.registry_dir,
+                    state_dir=args.state_dir,
                 ),
                 proplet_ids=proplet_ids,
                 work_dir=Path(work),

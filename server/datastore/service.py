@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from propeller.v1 import datastore_pb2, datastore_pb2_grpc
 from server.datastore.datasets import SCHEMA, Dataset, validate_dataset
-from server.datastore.store import DatasetStore
+from server.datastore.store import DatasetStore, DatasetSummary, summary_of
 from server.errors import InvalidArgument, NotFound, grpc_errors
 from server.grpc_server import ServiceBinding
 from server.tensors import tensor_from_proto, tensor_to_proto
@@ -22,12 +23,12 @@ SERVICE_NAME = "propeller.v1.DataStore"
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def dataset_info_proto(dataset: Dataset) -> datastore_pb2.DatasetInfo:
+def dataset_info_proto(summary: DatasetSummary) -> datastore_pb2.DatasetInfo:
     return datastore_pb2.DatasetInfo(
-        proplet_id=dataset.proplet_id,
-        schema=dataset.schema,
-        size=dataset.size,
-        num_features=dataset.num_features,
+        proplet_id=summary.proplet_id,
+        schema=summary.schema,
+        size=summary.size,
+        num_features=summary.num_features,
     )
 
 
@@ -58,8 +59,10 @@ def dataset_from_proto(msg: datastore_pb2.Dataset, field: str = "dataset") -> Da
 
 
 class DataStoreServicer:
-    def __init__(self, store: DatasetStore) -> None:
-        self.store = store
+    """`store_of()` is the store to use (the app opens it on entry)."""
+
+    def __init__(self, store_of: Callable[[], DatasetStore]) -> None:
+        self.store_of = store_of
 
     async def GetDataset(
         self, request: datastore_pb2.GetDatasetRequest, context: Context
@@ -67,7 +70,7 @@ class DataStoreServicer:
         async with grpc_errors(context, "DataStore.GetDataset"):
             if not request.proplet_id:
                 raise InvalidArgument("proplet_id: must not be empty")
-            dataset = self.store.get(request.proplet_id)
+            dataset = await self.store_of().get(request.proplet_id)
             if dataset is None:
                 raise NotFound(f"proplet_id: no dataset for {request.proplet_id!r}")
             return dataset_proto(dataset)
@@ -80,25 +83,27 @@ class DataStoreServicer:
                 raise InvalidArgument("dataset: required")
             # Decoding and validation touch every value: off the event loop for big datasets.
             dataset = await asyncio.to_thread(dataset_from_proto, request.dataset)
-            self.store.put(dataset)
+            await self.store_of().put(dataset)
             log.info(
                 "[DataStore.PutDataset] proplet_id=%s size=%d num_features=%d",
                 dataset.proplet_id,
                 dataset.size,
                 dataset.num_features,
             )
-            return dataset_info_proto(dataset)
+            return dataset_info_proto(summary_of(dataset))
 
     async def ListDatasets(
         self, request: datastore_pb2.ListDatasetsRequest, context: Context
     ) -> datastore_pb2.ListDatasetsResponse:
         async with grpc_errors(context, "DataStore.ListDatasets"):
             return datastore_pb2.ListDatasetsResponse(
-                datasets=[dataset_info_proto(d) for d in self.store.list()]
+                datasets=[dataset_info_proto(d) for d in await self.store_of().list()]
             )
 
 
-def binding(store: DatasetStore) -> ServiceBinding:
+def binding(store_of: Callable[[], DatasetStore]) -> ServiceBinding:
     return ServiceBinding(
-        SERVICE_NAME, DataStoreServicer(store), datastore_pb2_grpc.add_DataStoreServicer_to_server
+        SERVICE_NAME,
+        DataStoreServicer(store_of),
+        datastore_pb2_grpc.add_DataStoreServicer_to_server,
     )

@@ -1,20 +1,49 @@
-"""Where datasets live: a small `DatasetStore` protocol and an in-memory implementation."""
+"""Where datasets live: a small async `DatasetStore` protocol, an in-memory implementation and
+`SqliteDatasetStore` (`datastore.sqlite` in the state directory: datasets survive restarts).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from server.datastore.datasets import Dataset
+from server.sqlite import Database
+from server.tensors import Array
+
+DATASTORE_DB_FILE = "datastore.sqlite"
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What ListDatasets shows of a dataset, without its arrays."""
+
+    proplet_id: str
+    schema: str
+    size: int
+    num_features: int
+
+
+def summary_of(dataset: Dataset) -> DatasetSummary:
+    return DatasetSummary(dataset.proplet_id, dataset.schema, dataset.size, dataset.num_features)
 
 
 class DatasetStore(Protocol):
-    def get(self, proplet_id: str) -> Dataset | None: ...
+    async def get(self, proplet_id: str) -> Dataset | None: ...
 
-    def put(self, dataset: Dataset) -> None:
-        """Store `dataset`, replacing any dataset of the same proplet."""
+    async def put(self, dataset: Dataset, *, replace: bool = True) -> bool:
+        """Store `dataset`. With `replace` (the default) it replaces any dataset of the same
+        proplet; without, an existing one is kept. True if `dataset` was stored."""
         ...
 
-    def list(self) -> list[Dataset]:
+    async def list(self) -> list[DatasetSummary]:
         """Every dataset, sorted by proplet id."""
         ...
 
@@ -25,13 +54,109 @@ class InMemoryDatasetStore:
     def __init__(self) -> None:
         self._datasets: dict[str, Dataset] = {}
 
-    def get(self, proplet_id: str) -> Dataset | None:
+    async def get(self, proplet_id: str) -> Dataset | None:
         return self._datasets.get(proplet_id)
 
-    def put(self, dataset: Dataset) -> None:
+    async def put(self, dataset: Dataset, *, replace: bool = True) -> bool:
+        if not replace and dataset.proplet_id in self._datasets:
+            return False
         dataset.features.setflags(write=False)
         dataset.labels.setflags(write=False)
         self._datasets[dataset.proplet_id] = dataset
+        return True
 
-    def list(self) -> list[Dataset]:
-        return [self._datasets[k] for k in sorted(self._datasets)]
+    async def list(self) -> list[DatasetSummary]:
+        return [summary_of(self._datasets[k]) for k in sorted(self._datasets)]
+
+
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS datasets (
+        proplet_id TEXT PRIMARY KEY,
+        schema TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        num_features INTEGER NOT NULL,
+        features_dtype TEXT NOT NULL,
+        features_shape TEXT NOT NULL,
+        features BLOB NOT NULL,
+        labels_dtype TEXT NOT NULL,
+        labels_shape TEXT NOT NULL,
+        labels BLOB NOT NULL,
+        updated_at REAL NOT NULL
+    )""",
+]
+
+
+def _array_row(arr: Array) -> tuple[str, str, bytes]:
+    little = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    return little.dtype.str, json.dumps(list(arr.shape)), little.tobytes()
+
+
+def _array_from_row(dtype: str, shape: str, data: bytes) -> Array:
+    arr = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(tuple(json.loads(shape)))
+    return arr  # read-only: a view onto the row's bytes
+
+
+class SqliteDatasetStore:
+    """Datasets in one SQLite file, one row (both arrays as BLOBs) per proplet; each put is
+    one transaction. Open with `await SqliteDatasetStore.open(path)`."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteDatasetStore:
+        return cls(await asyncio.to_thread(Database, path, _SCHEMA))
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.db.close)
+
+    async def get(self, proplet_id: str) -> Dataset | None:
+        row = await self.db.read(
+            lambda c: c.execute(
+                "SELECT schema, features_dtype, features_shape, features, labels_dtype, "
+                "labels_shape, labels FROM datasets WHERE proplet_id = ?",
+                (proplet_id,),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        return Dataset(
+            proplet_id=proplet_id,
+            features=_array_from_row(row[1], row[2], row[3]),
+            labels=_array_from_row(row[4], row[5], row[6]),
+            schema=row[0],
+        )
+
+    async def put(self, dataset: Dataset, *, replace: bool = True) -> bool:
+        features = await asyncio.to_thread(_array_row, dataset.features)
+        labels = await asyncio.to_thread(_array_row, dataset.labels)
+        values = (
+            dataset.proplet_id,
+            dataset.schema,
+            dataset.size,
+            dataset.num_features,
+            *features,
+            *labels,
+            time.time(),
+        )
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+
+        def write(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                f"{verb} INTO datasets (proplet_id, schema, size, num_features, "
+                "features_dtype, features_shape, features, labels_dtype, labels_shape, labels, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                values,
+            )
+            return cur.rowcount == 1
+
+        stored: bool = await self.db.write(write)
+        return stored
+
+    async def list(self) -> list[DatasetSummary]:
+        rows = await self.db.read(
+            lambda c: c.execute(
+                "SELECT proplet_id, schema, size, num_features FROM datasets ORDER BY proplet_id"
+            ).fetchall()
+        )
+        return [DatasetSummary(r[0], r[1], int(r[2]), int(r[3])) for r in rows]

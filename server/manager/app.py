@@ -4,10 +4,12 @@ channel, wired to the servicer."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import TracebackType
 
 from propeller.v1 import coordinator_pb2_grpc, manager_pb2
@@ -19,8 +21,15 @@ from server.manager.experiments import ExperimentStore, InMemoryExperimentStore
 from server.manager.orchestrator import Manager
 from server.manager.proplets import InMemoryPropletStore, Proplets, PropletStore
 from server.manager.service import ManagerServicer
+from server.manager.sqlite_store import ManagerDatabase
 from server.manager.tasks import InMemoryTaskStore, Tasks, TaskStore
 from server.mqtt import MqttSession
+
+log = logging.getLogger(__name__)
+
+# Where `propeller-fl serve` keeps state when PROPELLER_STATE_DIR is unset (relative to the
+# working directory). Tests and the one-process modes build configs directly: None = memory.
+DEFAULT_STATE_DIR = Path("propeller-fl-state")
 
 SERVICE_NAME: str = manager_pb2.DESCRIPTOR.services_by_name["Manager"].full_name
 
@@ -37,6 +46,9 @@ class ManagerConfig:
     # (service host names under compose).
     task_endpoints: Endpoints = field(default_factory=Endpoints)
     rpc_timeout_s: float = 30.0
+    # Proplets, tasks and experiments in `<state_dir>/manager.sqlite`; None keeps them in
+    # memory only.
+    state_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.alive_window_s > 0:
@@ -55,7 +67,13 @@ class ManagerConfig:
             alive_window_s=env_float(env, "PROPELLER_ALIVE_WINDOW_S", d.alive_window_s),
             task_endpoints=Endpoints.from_env(env),
             rpc_timeout_s=env_float(env, "PROPELLER_RPC_TIMEOUT_S", d.rpc_timeout_s),
+            state_dir=_state_dir(env),
         )
+
+
+def _state_dir(env: Mapping[str, str]) -> Path | None:
+    raw = env_str(env, "PROPELLER_STATE_DIR", "")
+    return Path(raw) if raw else None
 
 
 class ManagerApp:
@@ -73,11 +91,18 @@ class ManagerApp:
     ) -> None:
         self.config = config
         self.clock = clock
+        # The durable state, when there is a state directory (stores given explicitly win).
+        self.database = None if config.state_dir is None else ManagerDatabase(config.state_dir)
+        db = self.database
         self.proplets = Proplets(
-            proplet_store or InMemoryPropletStore(), config.alive_window_s, clock
+            proplet_store or (db.proplets if db else InMemoryPropletStore()),
+            config.alive_window_s,
+            clock,
         )
-        self.tasks = Tasks(task_store or InMemoryTaskStore(), clock)
-        self.experiment_store: ExperimentStore = experiment_store or InMemoryExperimentStore()
+        self.tasks = Tasks(task_store or (db.tasks if db else InMemoryTaskStore()), clock)
+        self.experiment_store: ExperimentStore = experiment_store or (
+            db.experiments if db else InMemoryExperimentStore()
+        )
         self._stack: contextlib.AsyncExitStack | None = None
         self._manager: Manager | None = None
         self._session: MqttSession | None = None
@@ -93,10 +118,20 @@ class ManagerApp:
         return [
             ServiceBinding(
                 SERVICE_NAME,
-                ManagerServicer(self.manager),
+                ManagerServicer(self.manager, persisted=self.persisted),
                 manager_grpc.add_ManagerServicer_to_server,
             )
         ]
+
+    async def persisted(self) -> None:
+        """Wait until every state change made so far is on disk (at once without a state
+        directory)."""
+        if self.database is not None:
+            await self.database.flush()
+
+    async def _on_message(self, topic: str, payload: bytes) -> None:
+        await self.manager.handle_message(topic, payload)
+        await self.persisted()
 
     async def _publish(self, topic: str, payload: bytes) -> None:
         if self._session is None:
@@ -106,6 +141,11 @@ class ManagerApp:
     async def __aenter__(self) -> ManagerApp:
         topics = self.config.mqtt.topics
         async with contextlib.AsyncExitStack() as stack:
+            # The state is loaded before the MQTT session opens: a persistent session delivers
+            # the results queued while the manager was down at once.
+            if self.database is not None:
+                await self.database.open()
+                stack.push_async_callback(self.database.close)
             chan = channel(self.config.coordinator_addr)
             stack.push_async_callback(chan.close, None)
             self._manager = Manager(
@@ -127,7 +167,7 @@ class ManagerApp:
                     self.config.mqtt,
                     f"propeller-manager-{topics.domain}-{topics.channel}",
                     [topics.proplet_create, topics.proplet_alive, topics.proplet_results],
-                    self._manager.handle_message,
+                    self._on_message,
                 )
             )
             self._stack = stack.pop_all()
@@ -147,5 +187,8 @@ class ManagerApp:
 
 async def main() -> None:
     config = ManagerConfig.from_env()
+    state_dir = config.state_dir or DEFAULT_STATE_DIR
+    config = replace(config, state_dir=state_dir)
+    log.info("[Manager] state_dir=%s", state_dir.resolve())
     async with ManagerApp(config) as app:
         await serve_until_signal(config.addr, app.bindings)

@@ -146,8 +146,8 @@ class Experiment:
 
 
 class ExperimentStore(Protocol):
-    """Where experiment records live (in memory today; durable later). `list` is in creation
-    order."""
+    """Where experiment records live: in memory, or manager.sqlite (`sqlite_store`). `list`
+    is in creation order."""
 
     def get(self, experiment_id: str) -> Experiment | None: ...
 

@@ -29,7 +29,7 @@ class Proplet:
 
 
 class PropletStore(Protocol):
-    """Where proplet records live (in memory today; durable later)."""
+    """Where proplet records live: in memory, or manager.sqlite (`sqlite_store`)."""
 
     def get(self, proplet_id: str) -> Proplet | None: ...
 

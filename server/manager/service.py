@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -14,6 +15,7 @@ from server.manager.proplets import Proplet
 from server.manager.tasks import Task, TaskState
 
 Context = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
 _TO_PROTO: dict[TaskState, manager_pb2.TaskState] = {
     TaskState.PENDING: manager_pb2.TASK_STATE_PENDING,
     TaskState.SCHEDULED: manager_pb2.TASK_STATE_SCHEDULED,
@@ -114,11 +116,23 @@ def experiment_to_proto(e: Experiment) -> manager_pb2.Experiment:
     )
 
 
-class ManagerServicer:
-    """Implements `propeller.v1.Manager`."""
+async def _nothing_pending() -> None:
+    return None
 
-    def __init__(self, manager: Manager) -> None:
+
+class ManagerServicer:
+    """Implements `propeller.v1.Manager`. Each answer first awaits `persisted()`, so what a
+    client is told (a created task, a listed proplet) is already on disk."""
+
+    def __init__(
+        self, manager: Manager, persisted: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         self.manager = manager
+        self.persisted = persisted or _nothing_pending
+
+    async def _durable(self, reply: T) -> T:
+        await self.persisted()
+        return reply
 
     def _proplet(self, p: Proplet) -> manager_pb2.Proplet:
         proplets = self.manager.proplets
@@ -138,26 +152,32 @@ class ManagerServicer:
         async with grpc_errors(context, "Manager.StartExperiment"):
             started = await self.manager.start_experiment(config_from_proto(request))
             e = started.experiment
-            return manager_pb2.StartExperimentResponse(
-                experiment_id=e.experiment_id,
-                round_id=e.config.round_id,
-                round=started.round,
-                scheduled=_scheduled(e),
-                skipped=_skipped(e),
+            return await self._durable(
+                manager_pb2.StartExperimentResponse(
+                    experiment_id=e.experiment_id,
+                    round_id=e.config.round_id,
+                    round=started.round,
+                    scheduled=_scheduled(e),
+                    skipped=_skipped(e),
+                )
             )
 
     async def GetExperiment(
         self, request: manager_pb2.GetExperimentRequest, context: Context
     ) -> manager_pb2.Experiment:
         async with grpc_errors(context, "Manager.GetExperiment"):
-            return experiment_to_proto(self.manager.get_experiment(request.experiment_id))
+            return await self._durable(
+                experiment_to_proto(self.manager.get_experiment(request.experiment_id))
+            )
 
     async def ListExperiments(
         self, request: manager_pb2.ListExperimentsRequest, context: Context
     ) -> manager_pb2.ListExperimentsResponse:
         async with grpc_errors(context, "Manager.ListExperiments"):
-            return manager_pb2.ListExperimentsResponse(
-                experiments=[experiment_to_proto(e) for e in self.manager.list_experiments()]
+            return await self._durable(
+                manager_pb2.ListExperimentsResponse(
+                    experiments=[experiment_to_proto(e) for e in self.manager.list_experiments()]
+                )
             )
 
     async def GetRoundStatus(
@@ -170,15 +190,17 @@ class ManagerServicer:
         self, request: manager_pb2.ListPropletsRequest, context: Context
     ) -> manager_pb2.ListPropletsResponse:
         async with grpc_errors(context, "Manager.ListProplets"):
-            return manager_pb2.ListPropletsResponse(
-                proplets=[self._proplet(p) for p in self.manager.proplets.all()]
+            return await self._durable(
+                manager_pb2.ListPropletsResponse(
+                    proplets=[self._proplet(p) for p in self.manager.proplets.all()]
+                )
             )
 
     async def GetProplet(
         self, request: manager_pb2.GetPropletRequest, context: Context
     ) -> manager_pb2.Proplet:
         async with grpc_errors(context, "Manager.GetProplet"):
-            return self._proplet(self.manager.proplets.get(request.proplet_id))
+            return await self._durable(self._proplet(self.manager.proplets.get(request.proplet_id)))
 
     async def CreateTask(
         self, request: manager_pb2.CreateTaskRequest, context: Context
@@ -192,19 +214,21 @@ class ManagerServicer:
                 cli_args=list(request.cli_args),
                 proplet_id=request.proplet_id,
             )
-            return task_to_proto(task)
+            return await self._durable(task_to_proto(task))
 
     async def StartTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
         async with grpc_errors(context, "Manager.StartTask"):
-            return task_to_proto(await self.manager.start_task(request.task_id))
+            return await self._durable(
+                task_to_proto(await self.manager.start_task(request.task_id))
+            )
 
     async def StopTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
         async with grpc_errors(context, "Manager.StopTask"):
-            return task_to_proto(await self.manager.stop_task(request.task_id))
+            return await self._durable(task_to_proto(await self.manager.stop_task(request.task_id)))
 
     async def GetTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
         async with grpc_errors(context, "Manager.GetTask"):
-            return task_to_proto(self.manager.tasks.get(request.task_id))
+            return await self._durable(task_to_proto(self.manager.tasks.get(request.task_id)))
 
     async def ListTasks(
         self, request: manager_pb2.ListTasksRequest, context: Context
@@ -215,4 +239,6 @@ class ManagerServicer:
                 proplet_id=request.proplet_id,
                 state=state_from_proto(request.state),
             )
-            return manager_pb2.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])
+            return await self._durable(
+                manager_pb2.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])
+            )

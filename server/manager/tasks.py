@@ -92,8 +92,8 @@ class Task:
 
 
 class TaskStore(Protocol):
-    """Where task records live (in memory today; durable later). `list` is in creation
-    order."""
+    """Where task records live: in memory, or manager.sqlite (`sqlite_store`). `list` is in
+    creation order."""
 
     def get(self, task_id: str) -> Task | None: ...
 

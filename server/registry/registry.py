@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Mapping
 
 import numpy as np
 
-from server.errors import AlreadyExists, InvalidArgument, NotFound
-from server.models import model_uri
+from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from server.models import MAX_VERSION, model_uri
 from server.registry.store import ModelCorrupted, ModelInfo, ModelStore, StoredModel
 from server.tensors import Array, Tensors, check_finite, sha256_of
 
@@ -59,7 +60,7 @@ class ModelRegistry:
         async with self._put_lock:
             if await asyncio.to_thread(self.store.info, 0) is not None:
                 raise AlreadyExists(f"version: 0 ({model_uri(0)}) already exists")
-            info = await asyncio.to_thread(self.store.put, 0, tensors, digest)
+            info = await self._store_put(0, tensors, digest)
         log.info("[ModelRegistry.InitModel] version=0 dimension=%d", dimension)
         return info
 
@@ -75,8 +76,8 @@ class ModelRegistry:
 
         `sha256`, if given, must be the digest of the tensors' bytes as the sender computed it.
         """
-        if version is not None and version < 0:
-            raise InvalidArgument(f"version: must be >= 0, got {version}")
+        if version is not None and not 0 <= version <= MAX_VERSION:
+            raise InvalidArgument(f"version: must be between 0 and {MAX_VERSION}, got {version}")
         digest = await asyncio.to_thread(_checked_digest, tensors, field)
         if sha256 and sha256.lower() != digest:
             raise InvalidArgument(
@@ -84,7 +85,7 @@ class ModelRegistry:
             )
         async with self._put_lock:
             if version is not None:
-                info = await asyncio.to_thread(self.store.put, version, tensors, digest)
+                info = await self._store_put(version, tensors, digest)
             else:
                 info = await self._put_next(tensors, digest)
         log.info(
@@ -99,14 +100,37 @@ class ModelRegistry:
         for _ in range(_PUT_ATTEMPTS):
             versions = await asyncio.to_thread(self.store.versions)
             candidate = versions[-1] + 1 if versions else 0
+            if candidate > MAX_VERSION:
+                raise FailedPrecondition(
+                    f"version: {versions[-1]} is stored, the highest a model reference can name"
+                )
             try:
-                return await asyncio.to_thread(self.store.put, candidate, tensors, digest)
+                return await self._store_put(candidate, tensors, digest)
             except AlreadyExists:
                 # Another process sharing the store published this version first.
                 continue
         raise AlreadyExists(
             f"version: could not claim a new version after {_PUT_ATTEMPTS} attempts"
         )
+
+    async def _store_put(
+        self, version: int, tensors: Mapping[str, Array], digest: str
+    ) -> ModelInfo:
+        """`store.put` in a worker thread. If this call is cancelled (a client that went away,
+        a server stop whose grace period ran out) the write stops before it commits: a
+        version is stored only by a put that can still be acknowledged (bar the moment of the
+        commit itself), and never torn either way."""
+        abandoned = threading.Event()
+        try:
+            return await asyncio.to_thread(
+                self.store.put, version, tensors, digest, abandoned=abandoned
+            )
+        except asyncio.CancelledError:
+            abandoned.set()
+            log.warning(
+                "[ModelRegistry.PutModel] version=%d: call cancelled; write abandoned", version
+            )
+            raise
 
     async def get_model(self, version: int) -> StoredModel:
         model = await asyncio.to_thread(self.store.get, self._checked(version))

@@ -1,10 +1,16 @@
-"""Where model versions live: a small `ModelStore` protocol and two implementations.
+"""Where model versions live: a small `ModelStore` protocol and three implementations.
 
-`InMemoryModelStore` serves tests and the one-process mode. `DirectoryModelStore` keeps one
-file per version (`v{N}.model`: one JSON meta line, then the raw tensor bytes). A version is
-written to a temporary file, flushed to disk and then published under its final name in one
-atomic step, so a crash leaves either no version or the whole version, never a torn one.
-Publishing never replaces an existing file: versions are immutable even when several
+`SqliteModelStore` is the default whenever there is a state directory: `registry.sqlite`, one
+row per version (specs, sha256, created_at and the bytes as a BLOB) inserted in one
+transaction, so a crash at any moment leaves the version either absent or complete. The
+version is the primary key: a second write of it fails with ALREADY_EXISTS.
+
+`InMemoryModelStore` serves tests and the one-process mode. `DirectoryModelStore` (the
+older format, still used when `PROPELLER_REGISTRY_DATA_DIR` is given without a state
+directory) keeps one file per version (`v{N}.model`: one JSON meta line, then the raw tensor
+bytes). A version is written to a temporary file, flushed to disk and then published under its
+final name in one atomic step, so a crash leaves either no version or the whole version, never
+a torn one. Publishing never replaces an existing file: versions are immutable even when several
 processes share the directory. Reads verify the stored sha256 before serving anything.
 
 Store methods are blocking; async callers run them through `asyncio.to_thread`.
@@ -19,6 +25,7 @@ import logging
 import math
 import os
 import re
+import sqlite3
 import tempfile
 import threading
 import time
@@ -31,8 +38,9 @@ from typing import Protocol
 import grpc
 import numpy as np
 
-from server.errors import AlreadyExists, PropellerError
+from server.errors import AlreadyExists, PropellerError, ResourceExhausted
 from server.models import model_uri
+from server.sqlite import Database
 from server.tensors import Array, Spec, Tensors, specs_of, total_bytes
 
 log = logging.getLogger(__name__)
@@ -95,14 +103,32 @@ class ModelStore(Protocol):
         """Metadata of a stored version without reading its bytes, or None."""
         ...
 
-    def put(self, version: int, tensors: Mapping[str, Array], sha256: str) -> ModelInfo:
+    def put(
+        self,
+        version: int,
+        tensors: Mapping[str, Array],
+        sha256: str,
+        *,
+        abandoned: threading.Event | None = None,
+    ) -> ModelInfo:
         """Store a new version; AlreadyExists if that version is stored (it stays unchanged).
-        `sha256` is the hex digest of the tensors' concatenated bytes, computed by the caller."""
+        `sha256` is the hex digest of the tensors' concatenated bytes, computed by the caller.
+        Once `abandoned` is set (the caller gave up: its call was cancelled), a write still in
+        progress stops before it commits and raises WriteAbandoned, storing nothing."""
         ...
 
     def versions(self) -> list[int]:
         """Every stored version, ascending."""
         ...
+
+
+class WriteAbandoned(Exception):
+    """A put stopped before committing because its caller gave up; nothing was stored."""
+
+
+def _check_abandoned(abandoned: threading.Event | None, version: int) -> None:
+    if abandoned is not None and abandoned.is_set():
+        raise WriteAbandoned(f"version: {version} not stored: the call was abandoned")
 
 
 def _already_exists(version: int) -> AlreadyExists:
@@ -134,12 +160,20 @@ class InMemoryModelStore:
             model = self._models.get(version)
         return None if model is None else model.info
 
-    def put(self, version: int, tensors: Mapping[str, Array], sha256: str) -> ModelInfo:
+    def put(
+        self,
+        version: int,
+        tensors: Mapping[str, Array],
+        sha256: str,
+        *,
+        abandoned: threading.Event | None = None,
+    ) -> ModelInfo:
         frozen = _frozen_copy(tensors)
         info = ModelInfo(version, sha256, tuple(specs_of(frozen)), time.time())
         with self._lock:
             if version in self._models:
                 raise _already_exists(version)
+            _check_abandoned(abandoned, version)
             self._models[version] = StoredModel(info, frozen)
         return info
 
@@ -243,7 +277,14 @@ class DirectoryModelStore:
             offset += spec.nbytes
         return StoredModel(info, tensors)
 
-    def put(self, version: int, tensors: Mapping[str, Array], sha256: str) -> ModelInfo:
+    def put(
+        self,
+        version: int,
+        tensors: Mapping[str, Array],
+        sha256: str,
+        *,
+        abandoned: threading.Event | None = None,
+    ) -> ModelInfo:
         if version < 0:
             raise ValueError(f"version must be >= 0, got {version}")
         info = ModelInfo(version, sha256, tuple(specs_of(tensors)), time.time())
@@ -257,9 +298,12 @@ class DirectoryModelStore:
                 with os.fdopen(fd, "wb") as f:
                     f.write(_meta_line(info))
                     for arr in tensors.values():
-                        f.write(np.ascontiguousarray(arr).data.cast("B"))
+                        _check_abandoned(abandoned, version)
+                        if arr.size:  # memoryview cannot cast a view with a zero in its shape
+                            f.write(np.ascontiguousarray(arr).data.cast("B"))
                     f.flush()
                     os.fsync(f.fileno())
+                _check_abandoned(abandoned, version)
                 self._publish(tmp, final, version)
             finally:
                 with contextlib.suppress(FileNotFoundError):
@@ -338,3 +382,245 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- SQLite
+
+REGISTRY_DB_FILE = "registry.sqlite"
+
+_SQLITE_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS models (
+        version INTEGER PRIMARY KEY CHECK (version >= 0),
+        sha256 TEXT NOT NULL,
+        tensors TEXT NOT NULL,
+        total_bytes INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        data BLOB NOT NULL
+    )""",
+]
+# A big version passes through the write-ahead log once; do not keep a log that size around.
+_WAL_SIZE_LIMIT = 64 << 20
+# Bytes written into a BLOB between two looks at `abandoned`.
+_BLOB_PIECE = 16 << 20
+
+
+def _specs_json(specs: tuple[Spec, ...]) -> str:
+    return json.dumps(
+        [{"name": s.name, "dtype": s.dtype.name, "shape": list(s.shape)} for s in specs],
+        separators=(",", ":"),
+    )
+
+
+def _specs_from_json(text: str) -> tuple[Spec, ...]:
+    return tuple(
+        Spec(
+            str(t["name"]),
+            _DTYPE_NAMES[t["dtype"]],
+            tuple(_non_negative_int(d) for d in t["shape"]),
+        )
+        for t in json.loads(text)
+    )
+
+
+class SqliteModelStore:
+    """Versions in one SQLite file (`registry.sqlite`), each inserted in one transaction.
+
+    The bytes are written into the row's BLOB tensor by tensor (no concatenated copy) inside
+    the inserting transaction. Reads check the BLOB's length and sha256 against the row
+    before serving anything (DATA_LOSS otherwise); the last `cache_size` versions read are
+    kept in memory once verified. Methods block: callers run them via `asyncio.to_thread`.
+    """
+
+    def __init__(self, path: Path, cache_size: int = 2) -> None:
+        self.path = path
+        self.db = Database(path, _SQLITE_SCHEMA)
+        self.db.read_sync(lambda c: c.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}"))
+        self.max_bytes: int = self.db.read_sync(lambda c: c.getlimit(sqlite3.SQLITE_LIMIT_LENGTH))
+        self._load_lock = threading.Lock()
+        self._cache: OrderedDict[int, StoredModel] = OrderedDict()
+        self._cache_size = cache_size
+
+    def close(self) -> None:
+        self.db.close()
+
+    def versions(self) -> list[int]:
+        rows: list[tuple[int]] = self.db.read_sync(
+            lambda c: c.execute("SELECT version FROM models ORDER BY version").fetchall()
+        )
+        return [r[0] for r in rows]
+
+    def info(self, version: int) -> ModelInfo | None:
+        row = self.db.read_sync(
+            lambda c: c.execute(
+                "SELECT sha256, tensors, total_bytes, created_at, length(data) FROM models "
+                "WHERE version = ?",
+                (version,),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        info = self._info(version, row[:4])
+        if row[4] != info.total_bytes:
+            raise ModelCorrupted(
+                f"version: {version} is corrupted in storage ({self.path.name} holds {row[4]} "
+                f"tensor bytes, its row promises {info.total_bytes})"
+            )
+        return info
+
+    def get(self, version: int) -> StoredModel | None:
+        with self._load_lock:
+            model = self._cache.get(version)
+            if model is None:
+                model = self._load(version)
+                if model is None:
+                    return None
+                self._cache[version] = model
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(version)
+            return model
+
+    def _load(self, version: int) -> StoredModel | None:
+        row = self.db.read_sync(
+            lambda c: c.execute(
+                "SELECT sha256, tensors, total_bytes, created_at, data FROM models "
+                "WHERE version = ?",
+                (version,),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        info = self._info(version, row[:4])
+        payload: bytes = row[4]
+        if len(payload) != info.total_bytes:
+            raise ModelCorrupted(
+                f"version: {version} is corrupted in storage ({self.path.name} holds "
+                f"{len(payload)} tensor bytes, its row promises {info.total_bytes})"
+            )
+        # Hashing a big model takes a while: here, in the caller's thread, not the database's.
+        digest = hashlib.sha256(payload).hexdigest()
+        if digest != info.sha256:
+            raise ModelCorrupted(
+                f"version: {version} is corrupted in storage ({self.path.name}: sha256 of the "
+                f"stored bytes is {digest}, recorded {info.sha256})"
+            )
+        tensors: Tensors = {}
+        offset = 0
+        for spec in info.specs:
+            count = spec.nbytes // spec.dtype.itemsize
+            arr = np.frombuffer(payload, dtype=spec.dtype, count=count, offset=offset)
+            tensors[spec.name] = arr.reshape(spec.shape)
+            offset += spec.nbytes
+        return StoredModel(info, tensors)
+
+    def _info(self, version: int, row: tuple[object, ...]) -> ModelInfo:
+        sha256, tensors, total, created_at = row
+        try:
+            specs = _specs_from_json(str(tensors))
+            info = ModelInfo(version, str(sha256), specs, float(str(created_at)))
+            if len(info.sha256) != 64 or not math.isfinite(info.created_at):
+                raise ValueError("bad sha256 or created_at")
+            if info.total_bytes != total:
+                raise ValueError("total_bytes does not match the tensors")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelCorrupted(
+                f"version: {version} is corrupted in storage ({self.path.name}: unreadable "
+                f"row: {exc})"
+            ) from None
+        return info
+
+    def put(
+        self,
+        version: int,
+        tensors: Mapping[str, Array],
+        sha256: str,
+        *,
+        abandoned: threading.Event | None = None,
+    ) -> ModelInfo:
+        info = ModelInfo(version, sha256, tuple(specs_of(tensors)), time.time())
+        return self.insert(info, tensors, abandoned=abandoned)
+
+    def insert(
+        self,
+        info: ModelInfo,
+        tensors: Mapping[str, Array],
+        *,
+        abandoned: threading.Event | None = None,
+    ) -> ModelInfo:
+        """Store `tensors` under `info` (its version, sha256 and created_at as given)."""
+        if info.version < 0:
+            raise ValueError(f"version must be >= 0, got {info.version}")
+        size = info.total_bytes
+        if size > self.max_bytes:
+            raise ResourceExhausted(
+                f"model: {size} bytes exceed the registry's limit of {self.max_bytes} bytes "
+                "per version"
+            )
+        arrays = [np.ascontiguousarray(a) for a in tensors.values()]
+
+        def insert(conn: sqlite3.Connection) -> None:
+            _check_abandoned(abandoned, info.version)
+            try:
+                conn.execute(
+                    "INSERT INTO models (version, sha256, tensors, total_bytes, created_at, "
+                    "data) VALUES (?, ?, ?, ?, ?, zeroblob(?))",
+                    (
+                        info.version,
+                        info.sha256,
+                        _specs_json(info.specs),
+                        size,
+                        info.created_at,
+                        size,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise _already_exists(info.version) from None
+            if size:
+                with conn.blobopen("models", "data", info.version) as blob:
+                    for arr in arrays:
+                        if not arr.nbytes:
+                            continue
+                        data = arr.data.cast("B")
+                        for start in range(0, len(data), _BLOB_PIECE):
+                            _check_abandoned(abandoned, info.version)
+                            blob.write(data[start : start + _BLOB_PIECE])
+            _check_abandoned(abandoned, info.version)
+
+        # One transaction: the row and all of its bytes commit together or not at all.
+        self.db.write_sync(insert)
+        log.info(
+            "[ModelRegistry.store] stored version=%d bytes=%d in %s",
+            info.version,
+            size,
+            self.path.name,
+        )
+        return info
+
+
+def import_versions(source: DirectoryModelStore, target: SqliteModelStore) -> list[int]:
+    """Copy the versions `source` (the directory format) holds and `target` lacks into
+    `target`, checksums verified and created_at kept. A corrupted file is logged and left out;
+    a version both hold is left as `target` has it. Returns the versions imported."""
+    have = set(target.versions())
+    imported: list[int] = []
+    for version in source.versions():
+        if version in have:
+            continue
+        try:
+            model = source.get(version)
+        except ModelCorrupted as exc:
+            log.error("[ModelRegistry.import] skipping version=%d: %s", version, exc)
+            continue
+        if model is None:
+            continue
+        target.insert(model.info, model.tensors)
+        imported.append(version)
+    if imported:
+        log.info(
+            "[ModelRegistry.import] versions=%s from %s into %s",
+            imported,
+            source.root,
+            target.path,
+        )
+    return imported

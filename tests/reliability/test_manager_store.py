@@ -1,0 +1,187 @@
+"""The manager's SQLite state (`manager.sqlite`): every proplet, task and experiment field
+survives closing and reopening, in creation order; an acknowledged call is already on disk; a
+failed write is reported, not hidden. The crash test with a real process is
+test_manager_crash.py."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from propeller.v1 import manager_pb2, manager_pb2_grpc
+from server.manager import ManagerApp, ManagerConfig
+from server.manager.experiments import (
+    Experiment,
+    ExperimentConfig,
+    Hyperparams,
+    ScheduledParticipant,
+)
+from server.manager.proplets import Proplet, Skipped
+from server.manager.sqlite_store import FILE_NAME, ManagerDatabase, StateWriteFailed
+from server.manager.tasks import Task, TaskState
+from server.topics import Topics
+from tests.infra import Mosquitto
+from tests.manager.fakes import WASM, mqtt_config
+from tests.services.harness import served
+
+PROPLET = Proplet("p1", "edge-1", {"os": "linux", "arch": "x86"}, 1005.5, 1000.25)
+TASK = Task(
+    id="7d1e2f",
+    name="train",
+    image_url="",
+    file=b"\0asm\x01\0\0\0" * 100,
+    env={"ROUND_ID": "r1", "EMPTY": ""},
+    cli_args=["--epochs", "2"],
+    proplet_id="p1",
+    state=TaskState.COMPLETED,
+    results='{"loss": 0.1}',
+    error="",
+    created_at=1000.0,
+    updated_at=1003.0,
+    started_at=1001.0,
+    finished_at=1003.0,
+    reported_by="p1",
+)
+EXPERIMENT = Experiment(
+    experiment_id="exp-r1",
+    config=ExperimentConfig(
+        experiment_id="exp-r1",
+        round_id="r1",
+        model_ref="fl/models/global_model_v0",
+        participants=["p1", "p2"],
+        hyperparams=Hyperparams(epochs=3, lr=0.125, batch_size=16),
+        k_of_n=1,
+        timeout_s=12.5,
+        task_wasm_image=WASM,
+    ),
+    scheduled=[ScheduledParticipant("p1", "7d1e2f", "fl-round-r1-p1")],
+    skipped=[Skipped("p2", "not alive (last seen 40.0 s ago)")],
+    created_at=1000.5,
+)
+
+
+async def reopened(db: ManagerDatabase) -> ManagerDatabase:
+    await db.close()
+    again = ManagerDatabase(db.path.parent)
+    await again.open()
+    return again
+
+
+def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+    """Read the file with a connection of its own, as another process would."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+async def test_every_field_survives_reopening(tmp_path: Path) -> None:
+    db = ManagerDatabase(tmp_path)
+    await db.open()
+    db.proplets.put(PROPLET)
+    db.tasks.put(TASK)
+    db.experiments.put(EXPERIMENT)
+    db = await reopened(db)
+    try:
+        assert db.proplets.list() == [PROPLET]
+        assert db.tasks.get(TASK.id) == TASK
+        assert db.experiments.list() == [EXPERIMENT]
+        assert db.proplets.get("nope") is None
+    finally:
+        await db.close()
+
+
+async def test_creation_order_and_updates_survive(tmp_path: Path) -> None:
+    db = ManagerDatabase(tmp_path)
+    await db.open()
+    tasks = [replace(TASK, id=f"t{i}", name=f"n{i}", state=TaskState.PENDING) for i in range(5)]
+    for t in tasks:
+        db.tasks.put(t)
+    # Updating the first task (state, results; the module unchanged) keeps its place.
+    done = replace(tasks[0], state=TaskState.COMPLETED, results="42", updated_at=2000.0)
+    db.tasks.put(done)
+    # A changed module is written too.
+    other = replace(tasks[1], file=b"new module")
+    db.tasks.put(other)
+    db.proplets.put(replace(PROPLET, id="b"))
+    db.proplets.put(replace(PROPLET, id="a"))
+    db.proplets.put(replace(PROPLET, id="b", last_seen=2000.0, name="renamed"))
+    db = await reopened(db)
+    try:
+        assert [t.id for t in db.tasks.list()] == [t.id for t in tasks]
+        assert db.tasks.get("t0") == done
+        assert db.tasks.get("t1") == other
+        assert db.tasks.get("t2") == tasks[2]
+        assert [(p.id, p.name, p.last_seen) for p in db.proplets.list()] == [
+            ("b", "renamed", 2000.0),
+            ("a", PROPLET.name, PROPLET.last_seen),
+        ]
+    finally:
+        await db.close()
+
+
+async def test_flush_means_on_disk(tmp_path: Path) -> None:
+    db = ManagerDatabase(tmp_path)
+    await db.open()
+    try:
+        db.tasks.put(TASK)
+        assert db.tasks.get(TASK.id) == TASK  # at once, from memory
+        await db.flush()
+        assert rows(db.path, "SELECT id, state FROM tasks") == [(TASK.id, "COMPLETED")]
+    finally:
+        await db.close()
+
+
+async def test_a_failed_write_is_reported_and_stays_reported(tmp_path: Path) -> None:
+    db = ManagerDatabase(tmp_path)
+    await db.open()
+    try:
+        conn = sqlite3.connect(db.path)
+        conn.execute("DROP TABLE experiments")
+        conn.commit()
+        conn.close()
+        db.experiments.put(EXPERIMENT)
+        with pytest.raises(StateWriteFailed, match="restart the manager"):
+            await db.flush()
+        db.proplets.put(PROPLET)  # memory and disk no longer agree: keep saying so
+        with pytest.raises(StateWriteFailed):
+            await db.flush()
+    finally:
+        with pytest.raises(StateWriteFailed):
+            await db.close()
+
+
+def test_state_dir_from_the_environment(tmp_path: Path) -> None:
+    assert ManagerConfig.from_env({}).state_dir is None
+    assert ManagerConfig.from_env({"PROPELLER_STATE_DIR": str(tmp_path)}).state_dir == tmp_path
+
+
+async def test_an_acknowledged_call_is_already_on_disk(
+    broker: Mosquitto, topics: Topics, tmp_path: Path
+) -> None:
+    """Through the real servicer: when CreateTask / StartTask answer, the row is committed."""
+    config = ManagerConfig(
+        addr="127.0.0.1:0",
+        coordinator_addr="127.0.0.1:9",
+        mqtt=mqtt_config(broker.port, topics),
+        state_dir=tmp_path,
+    )
+    async with ManagerApp(config) as app, served(app.bindings) as chan:
+        stub = manager_pb2_grpc.ManagerStub(chan)
+        task = await stub.CreateTask(
+            manager_pb2.CreateTaskRequest(name="t", image_url=WASM, env={"A": "1"}), timeout=10
+        )
+        assert rows(tmp_path / FILE_NAME, "SELECT id, state, env FROM tasks") == [
+            (task.id, "PENDING", '{"A": "1"}')
+        ]
+        await stub.StartTask(manager_pb2.TaskRef(task_id=task.id), timeout=10)
+        assert rows(tmp_path / FILE_NAME, "SELECT state FROM tasks") == [("SCHEDULED",)]
+    # Reopened by a new app: the same task.
+    async with ManagerApp(config) as app, served(app.bindings) as chan:
+        stub = manager_pb2_grpc.ManagerStub(chan)
+        again = await stub.GetTask(manager_pb2.TaskRef(task_id=task.id), timeout=10)
+        assert again.state == manager_pb2.TASK_STATE_SCHEDULED and dict(again.env) == {"A": "1"}
