@@ -1,0 +1,16 @@
+"""`python -m proplet`: run one proplet configured from the environment (PROPLET_ID, ...)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from proplet.app import main
+
+if __name__ == "__main__":
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    asyncio.run(main())

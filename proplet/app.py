@@ -1,0 +1,430 @@
+"""The proplet: an edge agent that takes WASM tasks over MQTT and runs them in wasmtime.
+
+Lifecycle (`async with Proplet(config) as p:`): connect to the broker, announce on
+`control/proplet/create`, heartbeat on `control/proplet/alive`, and run the tasks published on
+`control/manager/start` that are addressed to this proplet (or to any proplet), one at a time in
+arrival order. Each task reports Running, then Completed (its results) or Failed (the reason)
+or Interrupted on `control/proplet/results`. A task with ROUND_ID in its env is a round task
+(see `proplet.federated`). Nothing a task or a message does can take the proplet down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+import platform
+import signal
+import time
+from collections import OrderedDict
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+
+from proplet.artifacts import ArtifactStore
+from proplet.config import PropletConfig
+from proplet.errors import TaskError, TaskFailed, TaskInterrupted
+from proplet.federated import (
+    FederatedClient,
+    FlInputs,
+    FlTask,
+    is_federated,
+    parse_update,
+    summary,
+)
+from proplet.runner import CompiledModule, RunControl, WasmRuntime
+from server.messages import (
+    COMPLETED,
+    FAILED,
+    INTERRUPTED,
+    RUNNING,
+    PropletAnnounce,
+    TaskResult,
+    TaskStart,
+    TaskStop,
+)
+from server.mqtt import MqttSession
+
+log = logging.getLogger(__name__)
+
+A = TypeVar("A")
+B = TypeVar("B")
+
+# How long shutdown waits for a running task to notice it was stopped, and for last publishes.
+SHUTDOWN_GRACE_S = 2.0
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class _Running:
+    start: TaskStart
+    control: RunControl = field(default_factory=RunControl)
+    job: asyncio.Task[str] | None = None
+    stop_reason: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.control.interrupt(reason)
+        if self.job is not None:
+            self.job.cancel()
+
+
+class Proplet:
+    """Async context manager; `stop()` (also called on exit) takes the device offline:
+    heartbeats end at once, queued and running tasks are reported Interrupted."""
+
+    def __init__(self, config: PropletConfig, *, runtime: WasmRuntime | None = None) -> None:
+        self.config = config
+        self.runtime = runtime or WasmRuntime.shared()
+        self.artifacts = ArtifactStore(config)
+        self.federated = FederatedClient(config.proplet_id, config.rpc_timeout_s)
+        self.topics = config.mqtt.topics
+        self._session: MqttSession | None = None
+        self._pending: OrderedDict[str, TaskStart] = OrderedDict()
+        self._wakeup = asyncio.Event()
+        self._current: _Running | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._worker_task: asyncio.Task[None] | None = None
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._stopped = False
+
+    @property
+    def proplet_id(self) -> str:
+        return self.config.proplet_id
+
+    @property
+    def running_task(self) -> str | None:
+        """Id of the task running now, if any."""
+        return self._current.start.id if self._current is not None else None
+
+    @property
+    def queued_tasks(self) -> list[str]:
+        return list(self._pending)
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "os": platform.system().lower(),
+            "arch": platform.machine(),
+            "python": platform.python_version(),
+            "runtime": "wasmtime",
+            "wasmtime": _version("wasmtime"),
+            "version": _version("propeller-fl"),
+            "memory_limit_bytes": str(self.config.memory_limit_bytes),
+            "task_timeout_s": f"{self.config.task_timeout_s:g}",
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Proplet:
+        session = MqttSession(
+            self.config.mqtt,
+            client_id=f"proplet-{self.proplet_id}",
+            subscriptions=[self.topics.task_start, self.topics.task_stop],
+            handler=self._on_message,
+        )
+        await session.__aenter__()
+        self._session = session
+        try:
+            await self._announce()
+        except BaseException:
+            await session.__aexit__(None, None, None)
+            self._session = None
+            raise
+        self._worker_task = asyncio.create_task(self._work(), name=f"proplet-{self.proplet_id}")
+        self._heartbeat_task = asyncio.create_task(
+            self._heartbeat(session), name=f"heartbeat-{self.proplet_id}"
+        )
+        log.info(
+            "[Proplet] id=%s up: broker=%s:%d namespace=%s",
+            self.proplet_id,
+            self.config.mqtt.host,
+            self.config.mqtt.port,
+            self.topics.base,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Go offline: stop heartbeats, interrupt the running task, drop the queue (each
+        reported Interrupted), close the MQTT session and the gRPC channels. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._heartbeat_task is not None:
+            await _cancel_and_wait(self._heartbeat_task)
+        dropped = list(self._pending)
+        self._pending.clear()
+        for task_id in dropped:
+            await self._report(task_id, INTERRUPTED, error="interrupted: proplet shutting down")
+        if self._worker_task is not None:
+            await _cancel_and_wait(self._worker_task)
+        if self._side_tasks:
+            await asyncio.wait(self._side_tasks, timeout=SHUTDOWN_GRACE_S)
+        await self.federated.close()
+        self.artifacts.close()
+        if self._session is not None:
+            await self._session.__aexit__(None, None, None)
+            self._session = None
+        log.info("[Proplet] id=%s stopped", self.proplet_id)
+
+    # ------------------------------------------------------------------ MQTT
+
+    async def _announce(self) -> None:
+        assert self._session is not None
+        announce = PropletAnnounce(self.proplet_id, self.config.name, self.metadata())
+        await self._session.publish(self.topics.proplet_create, announce.to_json())
+
+    async def _heartbeat(self, session: MqttSession) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.config.heartbeat_s
+        next_beat = loop.time()
+        seen_connects = session.connects
+        while not self._stopped:
+            try:
+                if session.connects != seen_connects:
+                    # Reconnected: the manager may have restarted too, so introduce ourselves
+                    # again rather than rely on it remembering us.
+                    seen_connects = session.connects
+                    await self._announce()
+                status = {
+                    "state": "running" if self._current is not None else "idle",
+                    "task_id": self.running_task or "",
+                    "queued": str(len(self._pending)),
+                }
+                beat = PropletAnnounce(self.proplet_id, self.config.name, status)
+                await session.publish(self.topics.proplet_alive, beat.to_json(), timeout=interval)
+            except Exception as exc:  # a missed heartbeat is logged; the next one may work
+                log.warning("[Proplet.heartbeat] id=%s failed: %s", self.proplet_id, exc)
+            next_beat += interval
+            await asyncio.sleep(max(0.0, next_beat - loop.time()))
+
+    async def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.task_start:
+            try:
+                start = TaskStart.from_json(payload)
+            except ValueError as exc:
+                log.warning(
+                    "[Proplet] id=%s dropped malformed task start: %s", self.proplet_id, exc
+                )
+                return
+            self._accept(start)
+        elif topic == self.topics.task_stop:
+            try:
+                stop = TaskStop.from_json(payload)
+            except ValueError as exc:
+                log.warning("[Proplet] id=%s dropped malformed task stop: %s", self.proplet_id, exc)
+                return
+            self._stop_task(stop)
+
+    def _accept(self, start: TaskStart) -> None:
+        if start.proplet_id and start.proplet_id != self.proplet_id:
+            return  # addressed to another proplet
+        if self._stopped:
+            return
+        if start.id in self._pending or self.running_task == start.id:
+            log.info("[Proplet] id=%s task=%s already queued or running", self.proplet_id, start.id)
+            return
+        self._pending[start.id] = start
+        self._wakeup.set()
+        log.info(
+            "[Proplet] id=%s task=%s queued (%d waiting)",
+            self.proplet_id,
+            start.id,
+            len(self._pending),
+        )
+
+    def _stop_task(self, stop: TaskStop) -> None:
+        if stop.proplet_id and stop.proplet_id != self.proplet_id:
+            return
+        if self._pending.pop(stop.id, None) is not None:
+            log.info("[Proplet] id=%s task=%s dropped from the queue", self.proplet_id, stop.id)
+            self._spawn(
+                self._report(stop.id, INTERRUPTED, error="interrupted: stopped before it started")
+            )
+        elif self._current is not None and self._current.start.id == stop.id:
+            log.info("[Proplet] id=%s task=%s stopping", self.proplet_id, stop.id)
+            self._current.stop("stopped by request")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def _report(self, task_id: str, state: str, results: str = "", error: str = "") -> None:
+        session = self._session
+        if session is None:
+            return
+        result = TaskResult(task_id, self.proplet_id, state, results=results, error=error)
+        try:
+            await session.publish(self.topics.proplet_results, result.to_json())
+        except Exception as exc:
+            log.warning(
+                "[Proplet] id=%s task=%s could not report %s: %s",
+                self.proplet_id,
+                task_id,
+                state,
+                exc,
+            )
+
+    # ------------------------------------------------------------------ tasks
+
+    async def _work(self) -> None:
+        while not self._stopped:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            _, start = self._pending.popitem(last=False)
+            await self._run_task(start)
+
+    async def _run_task(self, start: TaskStart) -> None:
+        running = _Running(start)
+        self._current = running
+        started = time.perf_counter()
+        job: asyncio.Task[str] | None = None
+        try:
+            await self._report(start.id, RUNNING)
+            job = asyncio.create_task(self._execute(running), name=f"task-{start.id}")
+            running.job = job
+            if running.stop_reason is not None:  # stopped while its Running report was in flight
+                job.cancel()
+            await asyncio.wait({job})
+        except asyncio.CancelledError:  # the proplet is shutting down
+            running.stop("proplet shutting down")
+            if job is not None:
+                await asyncio.wait({job}, timeout=SHUTDOWN_GRACE_S)
+            self._current = None
+            await self._report(start.id, INTERRUPTED, error="interrupted: proplet shutting down")
+            raise
+        self._current = None
+        state, results, error = self._outcome(running, job)
+        t = running.timings
+        log.info(
+            "[Proplet] id=%s task=%s %s in %.1f ms (fetch %.1f, compile %.1f, run %.1f)%s",
+            self.proplet_id,
+            start.id,
+            state,
+            (time.perf_counter() - started) * 1000,
+            t.get("fetch_ms", 0.0),
+            t.get("compile_ms", 0.0),
+            t.get("run_ms", 0.0),
+            f": {error}" if error else "",
+        )
+        await self._report(start.id, state, results=results, error=error)
+
+    def _outcome(self, running: _Running, job: asyncio.Task[str]) -> tuple[str, str, str]:
+        if job.cancelled():
+            return INTERRUPTED, "", f"interrupted: {running.stop_reason or 'cancelled'}"
+        exc = job.exception()
+        if exc is None:
+            return COMPLETED, job.result(), ""
+        if isinstance(exc, TaskInterrupted):
+            return INTERRUPTED, "", exc.reason
+        if isinstance(exc, TaskFailed):
+            return FAILED, "", exc.reason
+        log.error(
+            "[Proplet] id=%s task=%s crashed",
+            self.proplet_id,
+            running.start.id,
+            exc_info=exc,
+        )
+        return FAILED, "", f"internal error: {type(exc).__name__}: {exc}"
+
+    async def _execute(self, running: _Running) -> str:
+        start = running.start
+        fl: FlTask | None = None
+        if is_federated(start.env):
+            fl = FlTask.from_env(start.env, self.config.endpoints)
+        t0 = time.perf_counter()
+        inputs: FlInputs | None = None
+        if fl is None:
+            compiled = await self._load(running)
+        else:
+            compiled, inputs = await _both(self._load(running), self.federated.fetch_inputs(fl))
+        prepare_ms = (time.perf_counter() - t0) * 1000
+        running.timings["fetch_ms"] = prepare_ms - running.timings.get("compile_ms", 0.0)
+        env = inputs.env(start.env, self.proplet_id) if inputs is not None else dict(start.env)
+        t1 = time.perf_counter()
+        out = await self.runtime.run(
+            compiled,
+            argv=[start.name or start.id, *start.cli_args],
+            env=env,
+            limits=self.config.limits,
+            control=running.control,
+        )
+        running.timings["run_ms"] = (time.perf_counter() - t1) * 1000
+        if fl is None or inputs is None:
+            return out.stdout.decode(errors="replace")
+        update = parse_update(out.stdout, fl, self.proplet_id, inputs.model, inputs.dataset_size)
+        response = await self.federated.submit(fl, update)
+        return summary(update, response)
+
+    async def _load(self, running: _Running) -> CompiledModule:
+        """The task's module compiled: from memory when this process already compiled it."""
+        start = running.start
+
+        def have(sha256: str) -> bool:
+            return self.runtime.cached(sha256) is not None
+
+        artifact = await self.artifacts.fetch(start, have)
+        compiled = self.runtime.cached(artifact.sha256)
+        if compiled is not None:
+            return compiled
+        data = artifact.data
+        if data is None:  # evicted since `have` said yes: fetch the bytes after all
+            data = (await self.artifacts.fetch(start)).data
+            assert data is not None
+        t0 = time.perf_counter()
+        compiled = await asyncio.to_thread(self.runtime.compile, data, artifact.sha256)
+        running.timings["compile_ms"] = (time.perf_counter() - t0) * 1000
+        return compiled
+
+
+async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
+    """Cancel `task` and wait for it to end. Cancels again if it keeps running: on Python 3.11
+    `asyncio.wait_for` (used inside aiomqtt and MqttSession) can swallow a cancellation that
+    arrives just as the awaited operation completes."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=SHUTDOWN_GRACE_S + 1.0)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("[Proplet] background task %s failed", task.get_name(), exc_info=task.exception())
+
+
+async def _both(first: Coroutine[Any, Any, A], second: Coroutine[Any, Any, B]) -> tuple[A, B]:
+    """Run two steps concurrently; the first to fail cancels the other and its error is raised
+    as is (not wrapped in an ExceptionGroup) so it becomes the task's reason."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            a = tg.create_task(first)
+            b = tg.create_task(second)
+    except* TaskError as group:
+        raise group.exceptions[0] from None
+    return a.result(), b.result()
+
+
+async def main() -> None:
+    """Run one proplet from the environment until SIGINT or SIGTERM."""
+    config = PropletConfig.from_env()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Proplet(config):
+        await stop.wait()

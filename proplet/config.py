@@ -1,0 +1,106 @@
+"""Proplet configuration: a frozen dataclass; only `main()` reads the environment."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from proplet.runner import Limits
+from server.config import Endpoints, MqttConfig, env_float, env_int, env_list, env_str
+
+DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "propeller-fl" / "proplet"
+_LOOPBACK_HOSTS = ("localhost", "127.", "[::1]", "::1")
+
+
+def parse_mirrors(raw: str, key: str = "PROPLET_REGISTRY_MIRRORS") -> dict[str, str]:
+    """`"local-registry:5000=127.0.0.1:5000,ghcr.io=mirror:5000"` -> {image host: address}."""
+    mirrors: dict[str, str] = {}
+    for item in (p.strip() for p in raw.split(",")):
+        if not item:
+            continue
+        host, sep, target = item.partition("=")
+        if not sep or not host.strip() or not target.strip():
+            raise ValueError(f"{key}: {item!r} is not HOST=ADDRESS")
+        mirrors[host.strip()] = target.strip()
+    return mirrors
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost / 127.x / ::1, with or without a port."""
+    return host.startswith(_LOOPBACK_HOSTS)
+
+
+@dataclass(frozen=True)
+class PropletConfig:
+    """Everything a proplet needs; tests build it directly."""
+
+    proplet_id: str
+    name: str = ""
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    # Model registry, data store and coordinator used when a task's env does not name them.
+    endpoints: Endpoints = field(default_factory=Endpoints)
+    heartbeat_s: float = 10.0
+    # Content-addressed module cache (shared safely by proplets on one machine).
+    work_dir: Path = DEFAULT_WORK_DIR
+    # Image host as written in image_url -> address actually used, e.g.
+    # {"local-registry:5000": "127.0.0.1:5000"}.
+    registry_mirrors: Mapping[str, str] = field(default_factory=dict)
+    # Registry addresses spoken to over plain HTTP. None: loopback addresses and mirror targets.
+    insecure_registries: frozenset[str] | None = None
+    task_timeout_s: float = 300.0
+    memory_limit_bytes: int = 256 << 20
+    output_limit_bytes: int = 16 << 20
+    rpc_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.proplet_id or any(c in self.proplet_id for c in "/+#"):
+            raise ValueError(f"proplet_id: {self.proplet_id!r} must be non-empty without / + #")
+        if not self.heartbeat_s > 0:
+            raise ValueError(f"heartbeat_s: {self.heartbeat_s} must be > 0")
+        if not self.rpc_timeout_s > 0:
+            raise ValueError(f"rpc_timeout_s: {self.rpc_timeout_s} must be > 0")
+        self.limits  # noqa: B018 - validates the three limits now rather than at the first task
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            timeout_s=self.task_timeout_s,
+            memory_bytes=self.memory_limit_bytes,
+            output_bytes=self.output_limit_bytes,
+        )
+
+    def registry_address(self, host: str) -> str:
+        """Where to reach the registry an image names (after mirrors)."""
+        return self.registry_mirrors.get(host, host)
+
+    def is_insecure(self, address: str) -> bool:
+        """Whether to use plain HTTP for a registry address (after mirrors)."""
+        if self.insecure_registries is not None:
+            return address in self.insecure_registries
+        return is_loopback(address) or address in self.registry_mirrors.values()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> PropletConfig:
+        env = os.environ if env is None else env
+        proplet_id = env.get("PROPLET_ID", "").strip()
+        if not proplet_id:
+            raise ValueError("PROPLET_ID: required")
+        insecure = env_list(env, "PROPLET_INSECURE_REGISTRIES")
+        d = cls(proplet_id=proplet_id)
+        return cls(
+            proplet_id=proplet_id,
+            name=env_str(env, "PROPLET_NAME", ""),
+            mqtt=MqttConfig.from_env(env),
+            endpoints=Endpoints.from_env(env),
+            heartbeat_s=env_float(env, "PROPLET_HEARTBEAT_S", d.heartbeat_s),
+            work_dir=Path(env_str(env, "PROPLET_WORK_DIR", str(d.work_dir))),
+            registry_mirrors=parse_mirrors(env.get("PROPLET_REGISTRY_MIRRORS", "")),
+            insecure_registries=frozenset(insecure) if insecure else None,
+            task_timeout_s=env_float(env, "PROPLET_TASK_TIMEOUT_S", d.task_timeout_s),
+            memory_limit_bytes=env_int(env, "PROPLET_MEMORY_LIMIT_MB", 256) << 20,
+            output_limit_bytes=env_int(env, "PROPLET_OUTPUT_LIMIT_MB", 16) << 20,
+            rpc_timeout_s=env_float(env, "PROPLET_RPC_TIMEOUT_S", d.rpc_timeout_s),
+        )

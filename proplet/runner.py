@@ -1,0 +1,473 @@
+"""Runs WASI modules in wasmtime with limits, off the event loop.
+
+One `WasmRuntime` per process (`WasmRuntime.shared()`): one `Engine`, one WASI `Linker`, and
+an in-memory cache of compiled modules keyed by the sha256 of their bytes, so any number of
+proplets in the process compile a module once and start it warm afterwards.
+
+Each run gets a fresh `Store` with:
+- a memory cap (`Store.set_limits`): `memory.grow` returns -1 at the cap; when the module then
+  fails (trap, abort, exit non-zero) with its memory close to the cap, the reason says
+  "memory limit exceeded" (wasmtime does not report the refused growth itself);
+- epoch interruption: one daemon thread per engine bumps the epoch every `TICK_S` while any run
+  is active, and a per-store epoch-deadline callback checks that run's wall-clock deadline,
+  its stop request and its output cap at every tick. A per-store check (rather than bumping
+  the shared engine's epoch) interrupts one run without touching the others;
+- stdout captured in memory up to the output cap (writes beyond it fail inside the module and
+  the run is stopped at the next tick), stderr kept as a short tail for error reasons.
+
+Epoch checks only happen while wasm code executes: a module blocked in a host call (a WASI
+sleep, say) is abandoned after the deadline plus a grace period and reported as timed out;
+its daemon thread finishes on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import wasmtime
+from wasmtime import _ffi as wasmtime_ffi  # the epoch-deadline callback has no public wrapper
+
+from proplet.errors import TaskFailed, TaskInterrupted
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.01
+STDERR_TAIL_BYTES = 2048
+# How long a run may overstay its deadline (stuck in a host call) before it is abandoned.
+HARD_DEADLINE_GRACE_S = 2.0
+# How long a stopped run may take to leave wasm before the caller stops waiting for it.
+STOP_GRACE_S = 2.0
+WASM_PAGE = 65536
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one run may consume."""
+
+    timeout_s: float = 300.0
+    memory_bytes: int = 256 << 20
+    output_bytes: int = 16 << 20
+
+    def __post_init__(self) -> None:
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s: {self.timeout_s} must be > 0")
+        if self.memory_bytes < WASM_PAGE:
+            raise ValueError(f"memory_bytes: {self.memory_bytes} must be >= {WASM_PAGE}")
+        if self.output_bytes <= 0:
+            raise ValueError(f"output_bytes: {self.output_bytes} must be > 0")
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """A run that finished with exit status 0 (or returned from `_start`)."""
+
+    stdout: bytes
+    stderr_tail: str
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class CompiledModule:
+    """A module compiled for the runtime's engine and pre-linked against WASI."""
+
+    sha256: str
+    size: int
+    compile_s: float
+    module: Any  # wasmtime.Module
+    pre: Any  # wasmtime.InstancePre
+
+
+class RunControl:
+    """Stops one run from any thread: `interrupt(reason)` makes it end as Interrupted."""
+
+    def __init__(self) -> None:
+        self._reason: str | None = None
+
+    def interrupt(self, reason: str) -> None:
+        if self._reason is None:
+            self._reason = reason
+
+    @property
+    def interrupted(self) -> str | None:
+        return self._reason
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.3g} MiB"
+
+
+class _Run:
+    """Per-run state shared by the wasm thread's callbacks (epoch ticks, stdout, stderr)."""
+
+    def __init__(self, limits: Limits, control: RunControl) -> None:
+        self.limits = limits
+        self.control = control
+        self.deadline = time.monotonic() + limits.timeout_s
+        self.stdout = bytearray()
+        self.stderr_tail = bytearray()
+        self.output_exceeded = False
+        self.stopped_for: str | None = None  # "interrupt" | "deadline" | "output"
+
+    def write_stdout(self, data: bytes) -> int:
+        if len(self.stdout) + len(data) > self.limits.output_bytes:
+            self.output_exceeded = True
+            return -errno.EFBIG
+        self.stdout += data
+        return len(data)
+
+    def write_stderr(self, data: bytes) -> int:
+        self.stderr_tail += data
+        if len(self.stderr_tail) > STDERR_TAIL_BYTES:
+            del self.stderr_tail[:-STDERR_TAIL_BYTES]
+        return len(data)
+
+    def check(self) -> str | None:
+        """Called at every epoch tick while wasm runs: why the run must stop now, if it must."""
+        if self.control.interrupted is not None:
+            self.stopped_for = "interrupt"
+        elif self.output_exceeded:
+            self.stopped_for = "output"
+        elif time.monotonic() >= self.deadline:
+            self.stopped_for = "deadline"
+        return self.stopped_for
+
+    def stderr_text(self) -> str:
+        return self.stderr_tail.decode(errors="replace").strip()
+
+
+# Runs currently inside wasm, by the id handed to the epoch callback as its `data` pointer.
+_RUNS: dict[int, _Run] = {}
+_RUN_IDS = itertools.count(1)
+
+_DeadlineCallback = ctypes.CFUNCTYPE(
+    ctypes.c_size_t,
+    ctypes.POINTER(wasmtime_ffi.wasmtime_context_t),
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint64),
+    ctypes.POINTER(wasmtime_ffi.wasmtime_update_deadline_kind_t),
+)
+_NO_FINALIZER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)()
+_UPDATE_DEADLINE_CONTINUE = 0
+
+_WriteCallback = ctypes.CFUNCTYPE(
+    ctypes.c_ssize_t, ctypes.c_void_p, ctypes.POINTER(ctypes.c_ubyte), ctypes.c_size_t
+)
+_STDOUT, _STDERR = 0, 1
+
+
+def _on_write(data: int | None, buf: Any, size: int) -> int:
+    # `data` is run_id * 2 + stream. Never raises (it runs inside wasmtime).
+    try:
+        key = data or 0
+        run = _RUNS.get(key >> 1)
+        if run is None:
+            return -errno.EBADF
+        chunk = ctypes.string_at(buf, size)
+        return run.write_stdout(chunk) if key & 1 == _STDOUT else run.write_stderr(chunk)
+    except BaseException:
+        return -errno.EIO
+
+
+# Our own output callback with no finalizer, instead of WasiConfig.stdout_custom: that one
+# registers a Python finalizer which wasmtime may call from a tokio thread while the
+# interpreter is shutting down, aborting the process (observed with wasmtime 50.0.1).
+_WRITE_CALLBACK = _WriteCallback(_on_write)
+
+
+def _error_pointer(message: str) -> int:
+    err = wasmtime_ffi.wasmtime_error_new(message.encode())
+    value = ctypes.cast(err, ctypes.c_void_p).value
+    return int(value or 0)
+
+
+def _on_epoch_deadline(_ctx: Any, data: int | None, delta: Any, kind: Any) -> int:
+    # Runs in the wasm thread with the GIL held. It must not raise: ctypes would swallow the
+    # exception and wasmtime would read an unset delta.
+    try:
+        run = _RUNS.get(data or 0)
+        if run is None or run.check() is None:
+            delta[0] = 1
+            kind[0] = _UPDATE_DEADLINE_CONTINUE
+            return 0
+        return _error_pointer(f"proplet stopped the module ({run.stopped_for})")
+    except BaseException:
+        return _error_pointer("proplet stopped the module (epoch check failed)")
+
+
+_EPOCH_CALLBACK = _DeadlineCallback(_on_epoch_deadline)
+
+
+class _EpochTicker:
+    """Bumps an engine's epoch every TICK_S while at least one run is active."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._active = 0
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._active += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="wasmtime-epoch", daemon=True
+                )
+                self._thread.start()
+            self._wake.set()
+
+    def release(self) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                self._wake.clear()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(TICK_S)
+            self._engine.increment_epoch()
+
+
+def _cause(exc: BaseException) -> str:
+    """The useful line of a wasmtime error ("Caused by:" part, without the backtrace)."""
+    text = str(exc).strip()
+    if "Caused by:" in text:
+        text = text.rsplit("Caused by:", 1)[1].strip()
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text.removeprefix("wasm trap: ")
+
+
+def _memory_in_use(instance: Any, store: Any) -> int:
+    if instance is None:
+        return 0
+    total = 0
+    for ext in instance.exports(store).values():
+        if isinstance(ext, wasmtime.Memory):
+            total += int(ext.data_len(store))
+    return total
+
+
+class WasmRuntime:
+    """One wasmtime engine, its WASI linker, its epoch ticker and its compiled modules."""
+
+    _shared: ClassVar[WasmRuntime | None] = None
+    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, max_modules: int = 32) -> None:
+        config = wasmtime.Config()
+        config.epoch_interruption = True
+        self.engine: Any = wasmtime.Engine(config)
+        self._linker: Any = wasmtime.Linker(self.engine)
+        self._linker.define_wasi()
+        self._ticker = _EpochTicker(self.engine)
+        self._max_modules = max_modules
+        self._modules: OrderedDict[str, CompiledModule] = OrderedDict()
+        self._compiling: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self.compiles = 0
+
+    @classmethod
+    def shared(cls) -> WasmRuntime:
+        """The process-wide runtime (created on first use)."""
+        with cls._shared_lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    # ------------------------------------------------------------------ modules
+
+    def cached(self, sha256: str) -> CompiledModule | None:
+        with self._lock:
+            hit = self._modules.get(sha256)
+            if hit is not None:
+                self._modules.move_to_end(sha256)
+            return hit
+
+    def compile(self, wasm: bytes, sha256: str) -> CompiledModule:
+        """Compile and pre-link `wasm` (blocking), or return the cached result for `sha256`.
+        Concurrent callers for the same module wait for one compilation."""
+        hit = self.cached(sha256)
+        if hit is not None:
+            return hit
+        with self._lock:
+            gate = self._compiling.setdefault(sha256, threading.Lock())
+        try:
+            with gate:
+                hit = self.cached(sha256)
+                if hit is not None:
+                    return hit
+                started = time.perf_counter()
+                try:
+                    module = wasmtime.Module(self.engine, wasm)
+                except wasmtime.WasmtimeError as exc:
+                    raise TaskFailed(f"invalid wasm module: {_cause(exc)}") from None
+                try:
+                    pre = self._linker.instantiate_pre(module)
+                except wasmtime.WasmtimeError as exc:
+                    raise TaskFailed(f"cannot link module: {_cause(exc)}") from None
+                compiled = CompiledModule(
+                    sha256, len(wasm), time.perf_counter() - started, module, pre
+                )
+                with self._lock:
+                    self._modules[sha256] = compiled
+                    while len(self._modules) > self._max_modules:
+                        self._modules.popitem(last=False)
+                    self.compiles += 1
+                log.info(
+                    "[proplet.runner] compiled sha256=%s size=%d in %.1f ms",
+                    sha256[:12],
+                    len(wasm),
+                    compiled.compile_s * 1000,
+                )
+                return compiled
+        finally:
+            with self._lock:
+                self._compiling.pop(sha256, None)
+
+    # ------------------------------------------------------------------ running
+
+    def run_sync(
+        self,
+        compiled: CompiledModule,
+        *,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        limits: Limits,
+        control: RunControl | None = None,
+    ) -> RunOutput:
+        """Run the module's `_start` in the calling thread. Raises TaskFailed with the reason
+        (trap, exit status, deadline, memory or output limit) or TaskInterrupted."""
+        run = _Run(limits, control or RunControl())
+        run_id = next(_RUN_IDS)
+        store: Any = wasmtime.Store(self.engine)
+        store.set_limits(memory_size=limits.memory_bytes)
+        wasmtime_ffi.wasmtime_store_epoch_deadline_callback(
+            store.ptr(), _EPOCH_CALLBACK, ctypes.c_void_p(run_id), _NO_FINALIZER
+        )
+        store.set_epoch_deadline(1)
+        wasi: Any = wasmtime.WasiConfig()
+        wasi.argv = list(argv)
+        wasi.env = list(env.items())
+        for stream, setter in (
+            (_STDOUT, wasmtime_ffi.wasi_config_set_stdout_custom),
+            (_STDERR, wasmtime_ffi.wasi_config_set_stderr_custom),
+        ):
+            key = ctypes.c_void_p(run_id * 2 + stream)
+            setter(wasi.ptr(), _WRITE_CALLBACK, key, _NO_FINALIZER)
+        store.set_wasi(wasi)
+
+        started = time.perf_counter()
+        instance: Any = None
+        failure: str | None = None
+        exit_code = 0
+        _RUNS[run_id] = run
+        self._ticker.acquire()
+        try:
+            instance = compiled.pre.instantiate(store)
+            start = instance.exports(store).get("_start")
+            if not isinstance(start, wasmtime.Func):
+                raise TaskFailed("module exports no _start function (not a WASI command)")
+            start(store)
+        except wasmtime.ExitTrap as exc:  # WASI proc_exit, raised even for status 0
+            exit_code = int(exc.code)
+        except wasmtime.Trap as exc:
+            failure = f"trap: {_cause(exc)}"
+        except wasmtime.WasmtimeError as exc:
+            failure = _cause(exc)
+        finally:
+            self._ticker.release()
+            _RUNS.pop(run_id, None)
+        duration = time.perf_counter() - started
+
+        if run.stopped_for == "interrupt":
+            raise TaskInterrupted(f"interrupted: {run.control.interrupted}")
+        if run.stopped_for == "deadline":
+            raise TaskFailed(f"deadline exceeded after {limits.timeout_s:g}s")
+        if run.output_exceeded:
+            raise TaskFailed(f"output too large: more than {limits.output_bytes} bytes on stdout")
+        if failure is None and exit_code != 0:
+            tail = run.stderr_text()
+            failure = f"exit status {exit_code}" + (f": {tail}" if tail else "")
+        if failure is not None:
+            in_use = _memory_in_use(instance, store)
+            # wasmtime does not say that a memory.grow was refused; a module that failed with
+            # its memory within 1/8 of the cap almost certainly failed for want of more.
+            slack = max(WASM_PAGE, limits.memory_bytes // 8)
+            cap = _mib(limits.memory_bytes)
+            if instance is None and "exceeds memory limits" in failure:
+                raise TaskFailed(f"memory limit exceeded ({cap}): {failure}")
+            if instance is not None and in_use + slack > limits.memory_bytes:
+                raise TaskFailed(
+                    f"memory limit exceeded ({_mib(in_use)} of {cap} in use): {failure}"
+                )
+            raise TaskFailed(failure)
+        return RunOutput(bytes(run.stdout), run.stderr_text(), duration)
+
+    async def run(
+        self,
+        compiled: CompiledModule,
+        *,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        limits: Limits,
+        control: RunControl | None = None,
+    ) -> RunOutput:
+        """`run_sync` in a daemon thread. Cancelling the caller interrupts the module."""
+        control = control or RunControl()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[RunOutput] = loop.create_future()
+        # Retrieve the outcome even when nobody awaits it any more (abandoned or stopped runs).
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+        def settle(result: RunOutput | None, exc: BaseException | None) -> None:
+            if done.done():
+                return
+            if exc is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(result)  # type: ignore[arg-type]
+
+        def target() -> None:
+            result: RunOutput | None = None
+            error: BaseException | None = None
+            try:
+                result = self.run_sync(compiled, argv=argv, env=env, limits=limits, control=control)
+            except BaseException as exc:  # handed to the awaiting coroutine
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+                loop.call_soon_threadsafe(settle, result, error)
+
+        threading.Thread(target=target, name="wasm-run", daemon=True).start()
+        hard_deadline = limits.timeout_s + HARD_DEADLINE_GRACE_S
+        try:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+            async with asyncio.timeout(hard_deadline):
+                return await asyncio.shield(done)
+        except TimeoutError:
+            control.interrupt("deadline")
+            log.warning(
+                "[proplet.runner] sha256=%s still running %.1fs after start (blocked in a host "
+                "call); abandoning its thread",
+                compiled.sha256[:12],
+                hard_deadline,
+            )
+            raise TaskFailed(
+                f"deadline exceeded after {limits.timeout_s:g}s (module blocked in a host call)"
+            ) from None
+        except asyncio.CancelledError:
+            control.interrupt("task stopped")
+            await asyncio.wait({done}, timeout=STOP_GRACE_S)
+            raise

@@ -1,0 +1,84 @@
+"""Proplet configuration from the environment, as compose and the CLI provide it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proplet import PropletConfig
+from proplet.config import parse_mirrors
+
+
+def test_from_env_reads_every_setting() -> None:
+    config = PropletConfig.from_env(
+        {
+            "PROPLET_ID": "p-1",
+            "PROPLET_NAME": "edge-1",
+            "PROPLET_HEARTBEAT_S": "2.5",
+            "PROPLET_WORK_DIR": "/var/lib/proplet",
+            "PROPLET_TASK_TIMEOUT_S": "30",
+            "PROPLET_MEMORY_LIMIT_MB": "64",
+            "PROPLET_OUTPUT_LIMIT_MB": "2",
+            "PROPLET_REGISTRY_MIRRORS": "local-registry:5000=127.0.0.1:5000, ghcr.io=m:5000",
+            "PROPELLER_MQTT_HOST": "broker",
+            "PROPELLER_MQTT_PORT": "1884",
+            "PROPELLER_DOMAIN_ID": "d1",
+            "COORDINATOR_ADDR": "coordinator:8086",
+            "MODEL_REGISTRY_ADDR": "model-registry:8084",
+            "DATA_STORE_ADDR": "local-data-store:8083",
+        }
+    )
+    assert (config.proplet_id, config.name, config.heartbeat_s) == ("p-1", "edge-1", 2.5)
+    assert config.work_dir == Path("/var/lib/proplet")
+    assert config.task_timeout_s == 30.0
+    assert config.memory_limit_bytes == 64 << 20
+    assert config.output_limit_bytes == 2 << 20
+    assert config.registry_mirrors == {"local-registry:5000": "127.0.0.1:5000", "ghcr.io": "m:5000"}
+    assert (config.mqtt.host, config.mqtt.port, config.mqtt.topics.domain) == ("broker", 1884, "d1")
+    assert config.endpoints.coordinator == "coordinator:8086"
+    assert config.endpoints.registry == "model-registry:8084"
+    assert config.endpoints.datastore == "local-data-store:8083"
+    assert config.registry_address("local-registry:5000") == "127.0.0.1:5000"
+    assert config.registry_address("other:5000") == "other:5000"
+
+
+def test_defaults() -> None:
+    config = PropletConfig.from_env({"PROPLET_ID": "p-1"})
+    assert config.heartbeat_s == 10.0
+    assert config.task_timeout_s == 300.0
+    assert config.memory_limit_bytes == 256 << 20
+    assert config.output_limit_bytes == 16 << 20
+    assert config.registry_mirrors == {}
+    assert config.insecure_registries is None
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "PROPLET_ID: required"),
+        ({"PROPLET_ID": "a/b"}, "proplet_id"),
+        ({"PROPLET_ID": "p", "PROPLET_HEARTBEAT_S": "often"}, "PROPLET_HEARTBEAT_S"),
+        ({"PROPLET_ID": "p", "PROPLET_HEARTBEAT_S": "0"}, "heartbeat_s"),
+        ({"PROPLET_ID": "p", "PROPLET_TASK_TIMEOUT_S": "-1"}, "timeout_s"),
+        ({"PROPLET_ID": "p", "PROPLET_MEMORY_LIMIT_MB": "lots"}, "PROPLET_MEMORY_LIMIT_MB"),
+        ({"PROPLET_ID": "p", "PROPLET_REGISTRY_MIRRORS": "nohost"}, "PROPLET_REGISTRY_MIRRORS"),
+    ],
+)
+def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PropletConfig.from_env(env)
+
+
+def test_insecure_registries_from_env() -> None:
+    config = PropletConfig.from_env(
+        {"PROPLET_ID": "p", "PROPLET_INSECURE_REGISTRIES": "registry:5000, other:80"}
+    )
+    assert config.insecure_registries == frozenset({"registry:5000", "other:80"})
+    assert config.is_insecure("registry:5000")
+    assert not config.is_insecure("127.0.0.1:5000")
+
+
+def test_mirror_list_parsing() -> None:
+    assert parse_mirrors("") == {}
+    assert parse_mirrors("a:1=b:2,,c=d") == {"a:1": "b:2", "c": "d"}
