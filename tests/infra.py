@@ -55,6 +55,7 @@ class Mosquitto:
             "persistence true\n"
             f"persistence_location {self.workdir / 'data'}/\n"
             "max_queued_messages 100000\n"
+            "set_tcp_nodelay true\n"
             "log_dest stderr\n"
         )
         # The child keeps its own copy of the log descriptor; ours closes at once.
