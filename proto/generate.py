@@ -1,7 +1,7 @@
 """Regenerate the committed Python code from proto/propeller/v1/*.proto.
 
-    python proto/generate.py          # write generated files next to the .proto files
-    python proto/generate.py --check  # regenerate into a temp dir; exit 1 on any drift
+python proto/generate.py          # write generated files next to the .proto files
+python proto/generate.py --check  # regenerate into a temp dir; exit 1 on any drift
 """
 
 from __future__ import annotations
@@ -23,8 +23,13 @@ def generate(out: Path) -> list[Path]:
     protos = sorted(PACKAGE.glob("*.proto"))
     subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_ROOT}",
-            f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTO_ROOT}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
             *[str(p) for p in protos],
         ],
         check=True,
@@ -48,8 +53,11 @@ def main() -> int:
             if not args.check:
                 shutil.copyfile(path, committed)
         generated_names = {p.name for p in fresh}
-        stale = [p.name for p in PACKAGE.iterdir() if p.name.endswith(SUFFIXES)
-                 and p.name not in generated_names]
+        stale = [
+            p.name
+            for p in PACKAGE.iterdir()
+            if p.name.endswith(SUFFIXES) and p.name not in generated_names
+        ]
     if args.check:
         if drift or stale:
             print(f"generated code drifted from the .proto files: {sorted(drift + stale)}")
