@@ -74,6 +74,21 @@ _FROM_GRPC: dict[grpc.StatusCode, type[PropellerError]] = {
 }
 
 
+# Status details travel in an HTTP/2 trailer, percent-encoded (up to 3 bytes per byte); a
+# client drops trailers over 8 KiB (at random) or 16 KiB (always) and reports RESOURCE_EXHAUSTED
+# instead of our status. Messages that echo a huge field back are cut to this many bytes.
+MAX_DETAILS_BYTES = 1024
+
+
+def short_details(message: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """`message`, cut to at most `limit` UTF-8 bytes (plus a note saying so)."""
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return message
+    head = data[:limit].decode("utf-8", "ignore")
+    return f"{head}... [{len(data)} bytes, truncated]"
+
+
 def from_rpc_error(err: grpc.aio.AioRpcError, what: str) -> PropellerError:
     """Translate a failed downstream call into our own error, keeping its code."""
     cls = _FROM_GRPC.get(err.code(), Unavailable)
@@ -101,8 +116,9 @@ class grpc_errors:
         if exc is None or isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError):
             return
         if isinstance(exc, PropellerError):
-            log.info("[%s] %s: %s", self.method, exc.code.name, exc)
-            await self.context.abort(exc.code, str(exc))
+            details = short_details(str(exc))
+            log.info("[%s] %s: %s", self.method, exc.code.name, details)
+            await self.context.abort(exc.code, details)
         if isinstance(exc, Exception):
             log.error("[%s] unexpected error", self.method, exc_info=exc)
             await self.context.abort(grpc.StatusCode.INTERNAL, f"{self.method}: internal error")

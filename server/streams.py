@@ -113,10 +113,16 @@ async def drain(stream: AsyncIterator[Any]) -> None:
 
     Aborting while a grpc.aio client is still sending makes it see "INTERNAL: Internal error
     from Core" from its failed write instead of our status; letting it finish first delivers
-    the real error. Nothing is kept, so memory stays flat.
+    the real error. Nothing is kept, so memory stays flat. A message the server could not
+    decode (`server.grpc_server` raises InvalidArgument for it) is skipped like the rest.
     """
-    async for _ in stream:
-        pass
+    while True:
+        try:
+            await anext(stream)
+        except StopAsyncIteration:
+            return
+        except PropellerError:
+            continue
 
 
 async def _read_stream(stream: AsyncIterable[Any], field: str) -> tuple[Any, Tensors]:

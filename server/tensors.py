@@ -26,6 +26,10 @@ GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
 
+# Bound on the bytes a tensor's non-zero dimensions describe, so every shape that passes is one
+# numpy can create (its index type is int64), also as float64 sums.
+MAX_SHAPE_BYTES = 1 << 40
+
 Array = npt.NDArray[np.floating]
 Tensors = dict[str, Array]
 
@@ -77,6 +81,11 @@ def spec_from_proto(msg: tensor_pb2.TensorSpec, field: str) -> Spec:
         raise InvalidArgument(f"{field}.shape: negative dimension in {list(msg.shape)}")
     if len(msg.shape) > 8:
         raise InvalidArgument(f"{field}.shape: more than 8 dimensions")
+    # numpy refuses such shapes even when a zero dimension leaves the tensor empty.
+    if math.prod(d for d in msg.shape if d) * dtype.itemsize > MAX_SHAPE_BYTES:
+        raise InvalidArgument(
+            f"{field}.shape: {list(msg.shape)} describes more than {MAX_SHAPE_BYTES} bytes"
+        )
     return Spec(msg.name, dtype, tuple(int(d) for d in msg.shape))
 
 
@@ -103,7 +112,8 @@ def tensor_bytes(tensors: Mapping[str, Array]) -> bytes:
 def sha256_of(tensors: Mapping[str, Array]) -> str:
     h = hashlib.sha256()
     for arr in tensors.values():
-        h.update(memoryview(np.ascontiguousarray(arr).data).cast("B"))
+        if arr.size:  # memoryview cannot cast a view with a zero in its shape
+            h.update(memoryview(np.ascontiguousarray(arr).data).cast("B"))
     return h.hexdigest()
 
 
@@ -112,6 +122,8 @@ def iter_chunks(tensors: Mapping[str, Array], chunk_size: int) -> Iterator[bytes
     if chunk_size <= 0:
         chunk_size = DEFAULT_CHUNK_SIZE
     for arr in tensors.values():
+        if not arr.size:  # no bytes; and memoryview cannot cast a view with a zero in its shape
+            continue
         view = memoryview(np.ascontiguousarray(arr).data).cast("B")
         for start in range(0, len(view), chunk_size):
             yield bytes(view[start : start + chunk_size])

@@ -25,7 +25,9 @@ SUPPORTED_STRATEGIES = (aggregator_pb2.STRATEGY_UNSPECIFIED, aggregator_pb2.STRA
 
 
 class _PendingUpdate:
-    """The bytes of one update as they arrive."""
+    """The bytes of one update as they arrive. The buffer grows with the data actually
+    received, never to what a header merely claims (a few bytes of header must not make the
+    server allocate gigabytes)."""
 
     def __init__(self, index: int, header: tensor_pb2.UpdateHeader, specs: list[Spec]) -> None:
         self.index = index
@@ -33,21 +35,22 @@ class _PendingUpdate:
         self.proplet_id = header.proplet_id
         self.specs = specs
         self.need = total_bytes(specs)
-        self.buf = bytearray(self.need)
-        self.filled = 0
+        self.buf = bytearray()
+
+    @property
+    def filled(self) -> int:
+        return len(self.buf)
 
     @property
     def complete(self) -> bool:
         return self.filled == self.need
 
     def add(self, data: bytes) -> None:
-        end = self.filled + len(data)
-        if end > self.need:
+        if self.filled + len(data) > self.need:
             raise InvalidArgument(
                 f"updates[{self.index}].data: more tensor bytes than its total_bytes {self.need}"
             )
-        self.buf[self.filled : end] = data
-        self.filled = end
+        self.buf += data
 
     def tensors(self) -> Tensors:
         """Views onto the received bytes (no copy); valid while this object lives."""

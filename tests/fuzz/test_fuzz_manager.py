@@ -1,0 +1,347 @@
+"""Manager under fuzzed requests: every RPC, at least 1,000 requests each.
+
+Besides the shared known-good state this module adds pools of PENDING and SCHEDULED tasks
+that StartTask / StopTask may legitimately move, so those RPCs succeed too. Reading RPCs run
+before the ones that add tasks and experiments, so list answers stay small.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from hypothesis import strategies as st
+
+from propeller.v1 import coordinator_pb2, manager_pb2
+from tests.fuzz import strategies as S
+from tests.fuzz.harness import (
+    EXPERIMENT,
+    IMAGE,
+    KNOWN_PROPLETS,
+    KNOWN_ROUNDS,
+    KNOWN_URIS,
+    PROPLET,
+    PROPLET_TWO,
+    RPC_TIMEOUT,
+    V0_URI,
+    V1_URI,
+    FuzzEnv,
+    Outcome,
+    Rpc,
+    all_methods,
+    fuzz,
+    fuzz_env,
+)
+from tests.infra import Mosquitto
+
+MP = manager_pb2
+CP = coordinator_pb2
+START_EXPERIMENT = Rpc("Manager", "StartExperiment", "unary_unary", MP.StartExperimentRequest,
+                       MP.StartExperimentResponse)  # fmt: skip
+GET_EXPERIMENT = Rpc("Manager", "GetExperiment", "unary_unary", MP.GetExperimentRequest,
+                     MP.Experiment)  # fmt: skip
+LIST_EXPERIMENTS = Rpc("Manager", "ListExperiments", "unary_unary", MP.ListExperimentsRequest,
+                       MP.ListExperimentsResponse)  # fmt: skip
+ROUND_STATUS = Rpc("Manager", "GetRoundStatus", "unary_unary", CP.GetRoundStatusRequest,
+                   CP.RoundStatus)  # fmt: skip
+LIST_PROPLETS = Rpc("Manager", "ListProplets", "unary_unary", MP.ListPropletsRequest,
+                    MP.ListPropletsResponse)  # fmt: skip
+GET_PROPLET = Rpc("Manager", "GetProplet", "unary_unary", MP.GetPropletRequest, MP.Proplet)
+CREATE_TASK = Rpc("Manager", "CreateTask", "unary_unary", MP.CreateTaskRequest, MP.Task)
+START_TASK = Rpc("Manager", "StartTask", "unary_unary", MP.TaskRef, MP.Task)
+STOP_TASK = Rpc("Manager", "StopTask", "unary_unary", MP.TaskRef, MP.Task)
+GET_TASK = Rpc("Manager", "GetTask", "unary_unary", MP.TaskRef, MP.Task)
+LIST_TASKS = Rpc("Manager", "ListTasks", "unary_unary", MP.ListTasksRequest,
+                 MP.ListTasksResponse)  # fmt: skip
+FUZZED = (START_EXPERIMENT, GET_EXPERIMENT, LIST_EXPERIMENTS, ROUND_STATUS, LIST_PROPLETS,
+          GET_PROPLET, CREATE_TASK, START_TASK, STOP_TASK, GET_TASK, LIST_TASKS)  # fmt: skip
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+POOL = 150
+FRESH = itertools.count()
+
+
+@dataclass
+class Pools:
+    pending: list[str]
+    scheduled: list[str]
+
+
+@pytest.fixture(scope="module")
+async def env(
+    broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[FuzzEnv]:
+    async with fuzz_env(broker, tmp_path_factory) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+async def pools(env: FuzzEnv) -> Pools:
+    pending, scheduled = [], []
+    for i in range(2 * POOL):
+        task = await env.manager.CreateTask(
+            MP.CreateTaskRequest(name=f"pool-{i}", image_url=IMAGE, proplet_id=PROPLET),
+            timeout=RPC_TIMEOUT,
+        )
+        if i % 2:
+            await env.manager.StartTask(MP.TaskRef(task_id=task.id), timeout=RPC_TIMEOUT)
+            scheduled.append(task.id)
+        else:
+            pending.append(task.id)
+    return Pools(pending, scheduled)
+
+
+def test_every_manager_rpc_is_fuzzed() -> None:
+    descriptor = MP.DESCRIPTOR.services_by_name["Manager"]
+    assert {r.name for r in FUZZED} == all_methods(descriptor)
+
+
+def empty_request_fuzz(env: FuzzEnv, rpc: Rpc) -> Any:
+    structured = st.builds(rpc.request)
+    return fuzz(env, rpc, S.weighted((1, structured), (8, S.raw_bodies(structured))))
+
+
+async def test_list_proplets(env: FuzzEnv) -> None:
+    await empty_request_fuzz(env, LIST_PROPLETS)
+
+
+async def test_list_experiments(env: FuzzEnv) -> None:
+    await empty_request_fuzz(env, LIST_EXPERIMENTS)
+
+
+def ids_of_requested(attr: str, response_attr: str) -> Any:
+    def check(body: Any, outcome: Outcome) -> None:
+        if outcome.ok and not isinstance(body, bytes):
+            assert getattr(outcome.response, response_attr) == getattr(body, attr)
+
+    return check
+
+
+async def test_get_proplet(env: FuzzEnv) -> None:
+    requests = st.builds(lambda p: MP.GetPropletRequest(proplet_id=p), S.texts(KNOWN_PROPLETS))
+    await fuzz(
+        env,
+        GET_PROPLET,
+        S.requests_or_raw(requests, S.raw_bodies(requests)),
+        ids_of_requested("proplet_id", "id"),
+    )
+
+
+async def test_get_experiment(env: FuzzEnv) -> None:
+    requests = st.builds(
+        lambda x: MP.GetExperimentRequest(experiment_id=x), S.texts((EXPERIMENT, "exp-r-exp"))
+    )
+    await fuzz(
+        env,
+        GET_EXPERIMENT,
+        S.requests_or_raw(requests, S.raw_bodies(requests)),
+        ids_of_requested("experiment_id", "experiment_id"),
+    )
+
+
+async def test_get_round_status(env: FuzzEnv) -> None:
+    requests = st.builds(lambda r: CP.GetRoundStatusRequest(round_id=r), S.texts(KNOWN_ROUNDS))
+    await fuzz(
+        env,
+        ROUND_STATUS,
+        S.requests_or_raw(requests, S.raw_bodies(requests)),
+        ids_of_requested("round_id", "round_id"),
+    )
+
+
+def task_ids(env: FuzzEnv, *extra: str) -> st.SearchStrategy[str]:
+    return S.weighted((1, st.sampled_from([*extra])), (2, S.texts())) if extra else S.texts()
+
+
+async def test_get_task(env: FuzzEnv) -> None:
+    requests = st.builds(
+        lambda t: MP.TaskRef(task_id=t), task_ids(env, env.task_id, env.scheduled_task_id)
+    )
+    await fuzz(
+        env,
+        GET_TASK,
+        S.requests_or_raw(requests, S.raw_bodies(requests)),
+        ids_of_requested("task_id", "id"),
+    )
+
+
+async def test_list_tasks(env: FuzzEnv) -> None:
+    requests = st.builds(
+        lambda n, p, s: MP.ListTasksRequest(name_prefix=n, proplet_id=p, state=s),
+        S.texts(("fz-", "fl-round-", "pool-")),
+        S.texts(KNOWN_PROPLETS),
+        S.enums(list(range(8))),
+    )
+
+    def filtered(body: Any, outcome: Outcome) -> None:
+        if outcome.ok and not isinstance(body, bytes):
+            for task in outcome.response.tasks:
+                assert task.name.startswith(body.name_prefix)
+                assert body.state in (0, task.state)
+
+    await fuzz(env, LIST_TASKS, S.requests_or_raw(requests, S.raw_bodies(requests)), filtered)
+
+
+async def test_stop_task(env: FuzzEnv, pools: Pools) -> None:
+    # The known PENDING task cannot be stopped; pool tasks may be (legitimately) stopped.
+    known = env.task_id
+    requests = st.builds(
+        lambda t: MP.TaskRef(task_id=t),
+        task_ids(env, known, *pools.scheduled, *pools.pending[:20]),
+    )
+
+    def known_refused(body: Any, outcome: Outcome) -> None:
+        if not isinstance(body, bytes) and body.task_id == known:
+            assert outcome.code == grpc.StatusCode.FAILED_PRECONDITION
+
+    await fuzz(env, STOP_TASK, S.requests_or_raw(requests, S.raw_bodies(requests)), known_refused)
+
+
+async def test_start_task(env: FuzzEnv, pools: Pools) -> None:
+    # The known SCHEDULED task cannot be started again; pool tasks may be (legitimately).
+    known = env.scheduled_task_id
+    requests = st.builds(
+        lambda t: MP.TaskRef(task_id=t), task_ids(env, known, *pools.pending, *pools.scheduled)
+    )
+
+    def known_refused(body: Any, outcome: Outcome) -> None:
+        if not isinstance(body, bytes) and body.task_id == known:
+            assert outcome.code == grpc.StatusCode.FAILED_PRECONDITION
+        if outcome.ok:
+            assert outcome.response.state in (MP.TASK_STATE_SCHEDULED, MP.TASK_STATE_RUNNING)
+
+    await fuzz(env, START_TASK, S.requests_or_raw(requests, S.raw_bodies(requests)), known_refused)
+
+
+TASK_FIELDS = ["none", "name", "image_url", "file", "env", "cli_args", "proplet_id", "both"]
+
+
+@st.composite
+def create_task_requests(draw: st.DrawFn) -> MP.CreateTaskRequest:
+    """A valid task (inline module or image) with at most one field hostile."""
+    req = MP.CreateTaskRequest(
+        name=draw(st.text(min_size=1, max_size=12)),
+        env=draw(st.dictionaries(st.text(min_size=1, max_size=6), st.text(max_size=6), max_size=3)),
+        cli_args=draw(st.lists(st.text(max_size=6), max_size=3)),
+        proplet_id=draw(S.weighted((1, st.just("")), (1, st.sampled_from(KNOWN_PROPLETS)))),
+    )
+    if draw(st.booleans()):
+        req.image_url = draw(st.sampled_from([IMAGE, "file:///tmp/x.wasm"]))
+    else:
+        req.file = draw(st.binary(min_size=1, max_size=16))
+    field = draw(st.sampled_from(TASK_FIELDS))
+    if field == "name":
+        req.name = draw(S.texts())
+    elif field == "image_url":
+        req.image_url = draw(S.texts())
+        req.file = draw(st.sampled_from([b"", b"\x00asm"]))
+    elif field == "file":
+        req.file = draw(S.binaries())
+        req.image_url = draw(st.sampled_from(["", IMAGE]))
+    elif field == "env":
+        req.env.clear()
+        req.env.update(draw(S.string_maps(("", "ROUND_ID", "MODEL_URI"))))
+    elif field == "cli_args":
+        req.cli_args[:] = draw(S.string_lists())
+    elif field == "proplet_id":
+        req.proplet_id = draw(S.texts(KNOWN_PROPLETS))
+    elif field == "both":
+        req.image_url, req.file = IMAGE, b"\x00asm"
+    return req
+
+
+async def test_create_task(env: FuzzEnv) -> None:
+    requests = create_task_requests()
+
+    def created_as_sent(body: Any, outcome: Outcome) -> None:
+        if outcome.ok and not isinstance(body, bytes):
+            task = outcome.response
+            assert task.state == MP.TASK_STATE_PENDING and task.id
+            assert (task.name, task.image_url, task.file) == (body.name, body.image_url, body.file)
+            assert dict(task.env) == dict(body.env) and task.proplet_id == body.proplet_id
+
+    await fuzz(
+        env, CREATE_TASK, S.requests_or_raw(requests, S.raw_bodies(requests)), created_as_sent
+    )
+
+
+EXPERIMENT_FIELDS = [
+    "none",
+    "experiment_id",
+    "round_id",
+    "model_ref",
+    "participants",
+    "hyperparams",
+    "k_of_n",
+    "timeout_s",
+    "task_wasm_image",
+]
+
+
+@st.composite
+def start_experiment_requests(draw: st.DrawFn) -> MP.StartExperimentRequest:
+    """A valid experiment (values at their extremes) with at most one field hostile."""
+    fresh = st.builds(lambda: f"fx-{next(FRESH)}")  # a new id on every draw
+    participants = draw(
+        S.weighted(
+            (3, st.lists(st.sampled_from([PROPLET, PROPLET_TWO, "p-gone", "p-x"]), min_size=1,
+                         max_size=4, unique=True)),
+            (1, st.just([f"fz-{i}" for i in range(2000)] + [PROPLET])),
+        )
+    )  # fmt: skip
+    req = MP.StartExperimentRequest(
+        experiment_id=draw(S.weighted((2, st.just("")), (3, fresh), (1, st.just(EXPERIMENT)))),
+        round_id=draw(S.weighted((4, fresh), (1, st.sampled_from(KNOWN_ROUNDS)))),
+        model_ref=draw(st.sampled_from([V0_URI, V1_URI, "fl/models/global_model_v7"])),
+        participants=participants,
+        hyperparams=CP.Hyperparams(
+            epochs=draw(st.sampled_from([0, 1, 2**31 - 1])),
+            lr=draw(st.sampled_from([0.0, 5e-324, 0.01, 1e308])),
+            batch_size=draw(st.sampled_from([0, 1, 2**31 - 1])),
+        ),
+        k_of_n=draw(st.integers(0, len(participants))),
+        timeout_s=draw(st.sampled_from([0.0, 1e-300, 0.5, 3600.0, 1e308])),
+        task_wasm_image=draw(st.sampled_from([IMAGE, "x", "😀"])),
+    )  # fmt: skip
+    field = draw(st.sampled_from(EXPERIMENT_FIELDS))
+    if field == "experiment_id":
+        req.experiment_id = draw(S.texts((EXPERIMENT,)))
+    elif field == "round_id":
+        req.round_id = draw(S.texts(KNOWN_ROUNDS))
+    elif field == "model_ref":
+        req.model_ref = draw(S.model_refs(KNOWN_URIS))
+    elif field == "participants":
+        req.participants[:] = draw(S.string_lists((PROPLET, PROPLET_TWO)))
+    elif field == "hyperparams":
+        req.hyperparams.CopyFrom(
+            CP.Hyperparams(
+                epochs=draw(S.int32s()), lr=draw(S.doubles()), batch_size=draw(S.int32s())
+            )
+        )
+    elif field == "k_of_n":
+        req.k_of_n = draw(S.int32s())
+    elif field == "timeout_s":
+        req.timeout_s = draw(S.doubles())
+    elif field == "task_wasm_image":
+        req.task_wasm_image = draw(S.texts())
+    return req
+
+
+async def test_start_experiment(env: FuzzEnv) -> None:
+    requests = start_experiment_requests()
+
+    def scheduled_only_live(body: Any, outcome: Outcome) -> None:
+        if outcome.ok and not isinstance(body, bytes):
+            resp = outcome.response
+            assert {s.proplet_id for s in resp.scheduled} <= {PROPLET, PROPLET_TWO}
+            assert len(resp.scheduled) + len(resp.skipped) == len(body.participants)
+
+    await fuzz(
+        env,
+        START_EXPERIMENT,
+        S.requests_or_raw(requests, S.raw_bodies(requests)),
+        scheduled_only_live,
+    )
