@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,20 +119,6 @@ def table_rows(text: str) -> tuple[list[str], list[list[str]]]:
     lines = [line for line in text.splitlines() if line.strip()]
     split = [re.split(r"\s{2,}", line.strip()) for line in lines]
     return split[0], split[1:]
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float = 30.0
-) -> T:
-    """Poll `probe` until `done(value)`, bounded by `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached within {timeout}s; last value: {value}")
-        await asyncio.sleep(0.05)
 
 
 def hello_wasm(path: Path, text: bytes = b"hello from wasm\n") -> Path:

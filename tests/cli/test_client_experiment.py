@@ -15,8 +15,8 @@ import pytest
 
 from server.config import MqttConfig
 from server.stack import Stack, StackConfig
-from tests.cli.helpers import Cli, eventually, flags, proplets, table_rows
-from tests.infra import OciRegistry
+from tests.cli.helpers import Cli, flags, proplets, table_rows
+from tests.infra import OciRegistry, eventually
 
 HYPER = {"epochs": 1, "lr": 0.01, "batch_size": 16}
 

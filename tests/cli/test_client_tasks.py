@@ -15,14 +15,13 @@ from server.config import MqttConfig
 from server.stack import Stack
 from tests.cli.helpers import (
     Cli,
-    eventually,
     flags,
     hello_wasm,
     proplets,
     spin_wasm,
     table_rows,
 )
-from tests.infra import OciRegistry, free_port
+from tests.infra import OciRegistry, eventually, free_port
 
 
 def pull(

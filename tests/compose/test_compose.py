@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -59,7 +59,7 @@ from server.mqtt import MqttSession
 from server.streams import read_model_stream
 from server.tensors import Tensors
 from server.topics import Topics
-from tests.infra import Mosquitto, OciRegistry, free_port, mosquitto, oci_registry
+from tests.infra import Mosquitto, OciRegistry, eventually, free_port, mosquitto, oci_registry
 
 T = TypeVar("T")
 
@@ -715,20 +715,6 @@ class Cluster:
 
     def logs_tail(self) -> str:
         return "\n".join(p.tail() for p in self.processes.values())
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float = 60.0
-) -> T:
-    """Poll `probe` until `done(value)`, bounded by `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached within {timeout}s; last value: {value}")
-        await asyncio.sleep(0.1)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,26 +38,12 @@ from server.stack import Stack, StackConfig
 from server.streams import read_model_stream
 from server.tensors import Tensors, tensor_from_proto
 from server.topics import Topics
-from tests.infra import Mosquitto, OciRegistry, push_wasm
+from tests.infra import Mosquitto, OciRegistry, eventually, push_wasm
 from tests.wasm_client.harness import WasmRunner
 
 T = TypeVar("T")
 HYPER = coordinator_pb2.Hyperparams(epochs=1, lr=0.01, batch_size=16)
 HYPER_JSON = json.dumps({"epochs": 1, "lr": 0.01, "batch_size": 16})
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float = 30.0
-) -> T:
-    """Poll `probe` until `done(value)`, bounded by `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached within {timeout}s; last value: {value}")
-        await asyncio.sleep(0.05)
 
 
 @dataclass
