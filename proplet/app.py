@@ -6,6 +6,12 @@ Lifecycle (`async with Proplet(config) as p:`): connect to the broker, announce 
 arrival order. Each task reports Running, then Completed (its results) or Failed (the reason)
 or Interrupted on `control/proplet/results`. A task with ROUND_ID in its env is a round task
 (see `proplet.federated`). Nothing a task or a message does can take the proplet down.
+
+Results go out in order through one reporter task, so neither a task's start nor the next task
+waits for the broker: results produced while the broker is unreachable are published once it
+is back (each is given up on after RESULT_PUBLISH_TIMEOUT_S). The MQTT session is persistent
+(client id `proplet-{id}`, clean_session=False): task starts published while the proplet or
+the broker was down are delivered when it reconnects.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ B = TypeVar("B")
 
 # How long shutdown waits for a running task to notice it was stopped, and for last publishes.
 SHUTDOWN_GRACE_S = 2.0
+# How long one task result waits for the broker (an outage) before it is dropped and logged.
+RESULT_PUBLISH_TIMEOUT_S = 60.0
 
 
 def _version(package: str) -> str:
@@ -86,7 +94,9 @@ class Proplet:
         self.config = config
         self.runtime = runtime or WasmRuntime.shared()
         self.artifacts = ArtifactStore(config)
-        self.federated = FederatedClient(config.proplet_id, config.rpc_timeout_s)
+        self.federated = FederatedClient(
+            config.proplet_id, config.rpc_timeout_s, backoff=config.backoff
+        )
         self.topics = config.mqtt.topics
         self._session: MqttSession | None = None
         self._pending: OrderedDict[str, TaskStart] = OrderedDict()
@@ -94,7 +104,8 @@ class Proplet:
         self._current: _Running | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._worker_task: asyncio.Task[None] | None = None
-        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._outbox: asyncio.Queue[TaskResult] = asyncio.Queue()
+        self._reporter_task: asyncio.Task[None] | None = None
         self._stopped = False
 
     @property
@@ -139,6 +150,9 @@ class Proplet:
             await session.__aexit__(None, None, None)
             self._session = None
             raise
+        self._reporter_task = asyncio.create_task(
+            self._reporter(session), name=f"results-{self.proplet_id}"
+        )
         self._worker_task = asyncio.create_task(self._work(), name=f"proplet-{self.proplet_id}")
         self._heartbeat_task = asyncio.create_task(
             self._heartbeat(session), name=f"heartbeat-{self.proplet_id}"
@@ -171,11 +185,21 @@ class Proplet:
         dropped = list(self._pending)
         self._pending.clear()
         for task_id in dropped:
-            await self._report(task_id, INTERRUPTED, error="interrupted: proplet shutting down")
+            self._report(task_id, INTERRUPTED, error="interrupted: proplet shutting down")
         if self._worker_task is not None:
             await _cancel_and_wait(self._worker_task)
-        if self._side_tasks:
-            await asyncio.wait(self._side_tasks, timeout=SHUTDOWN_GRACE_S)
+        if self._reporter_task is not None:
+            # The last results (Interrupted ones included) go out if the broker is there.
+            try:
+                async with asyncio.timeout(SHUTDOWN_GRACE_S):
+                    await self._outbox.join()
+            except TimeoutError:
+                log.warning(
+                    "[Proplet] id=%s %d task results not published before shutdown",
+                    self.proplet_id,
+                    self._outbox.qsize(),
+                )
+            await _cancel_and_wait(self._reporter_task)
         await self.federated.close()
         self.artifacts.close()
         if self._session is not None:
@@ -254,33 +278,38 @@ class Proplet:
             return
         if self._pending.pop(stop.id, None) is not None:
             log.info("[Proplet] id=%s task=%s dropped from the queue", self.proplet_id, stop.id)
-            self._spawn(
-                self._report(stop.id, INTERRUPTED, error="interrupted: stopped before it started")
-            )
+            self._report(stop.id, INTERRUPTED, error="interrupted: stopped before it started")
         elif self._current is not None and self._current.start.id == stop.id:
             log.info("[Proplet] id=%s task=%s stopping", self.proplet_id, stop.id)
             self._current.stop("stopped by request")
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._side_tasks.add(task)
-        task.add_done_callback(self._side_tasks.discard)
-
-    async def _report(self, task_id: str, state: str, results: str = "", error: str = "") -> None:
-        session = self._session
-        if session is None:
+    def _report(self, task_id: str, state: str, results: str = "", error: str = "") -> None:
+        """Queue a task result for the reporter (published in the order queued)."""
+        if self._session is None:
             return
-        result = TaskResult(task_id, self.proplet_id, state, results=results, error=error)
-        try:
-            await session.publish(self.topics.proplet_results, result.to_json())
-        except Exception as exc:
-            log.warning(
-                "[Proplet] id=%s task=%s could not report %s: %s",
-                self.proplet_id,
-                task_id,
-                state,
-                exc,
-            )
+        self._outbox.put_nowait(
+            TaskResult(task_id, self.proplet_id, state, results=results, error=error)
+        )
+
+    async def _reporter(self, session: MqttSession) -> None:
+        while True:
+            result = await self._outbox.get()
+            try:
+                await session.publish(
+                    self.topics.proplet_results,
+                    result.to_json(),
+                    timeout=RESULT_PUBLISH_TIMEOUT_S,
+                )
+            except Exception as exc:
+                log.warning(
+                    "[Proplet] id=%s task=%s could not report %s: %s",
+                    self.proplet_id,
+                    result.task_id,
+                    result.state,
+                    exc,
+                )
+            finally:
+                self._outbox.task_done()
 
     # ------------------------------------------------------------------ tasks
 
@@ -299,7 +328,7 @@ class Proplet:
         started = time.perf_counter()
         job: asyncio.Task[str] | None = None
         try:
-            await self._report(start.id, RUNNING)
+            self._report(start.id, RUNNING)
             job = asyncio.create_task(self._execute(running), name=f"task-{start.id}")
             running.job = job
             if running.stop_reason is not None:  # stopped while its Running report was in flight
@@ -310,7 +339,7 @@ class Proplet:
             if job is not None:
                 await asyncio.wait({job}, timeout=SHUTDOWN_GRACE_S)
             self._current = None
-            await self._report(start.id, INTERRUPTED, error="interrupted: proplet shutting down")
+            self._report(start.id, INTERRUPTED, error="interrupted: proplet shutting down")
             raise
         self._current = None
         state, results, error = self._outcome(running, job)
@@ -326,7 +355,7 @@ class Proplet:
             t.get("run_ms", 0.0),
             f": {error}" if error else "",
         )
-        await self._report(start.id, state, results=results, error=error)
+        self._report(start.id, state, results=results, error=error)
 
     def _outcome(self, running: _Running, job: asyncio.Task[str]) -> tuple[str, str, str]:
         if job.cancelled():
@@ -349,30 +378,38 @@ class Proplet:
     async def _execute(self, running: _Running) -> str:
         start = running.start
         fl: FlTask | None = None
+        deadline = 0.0
         if is_federated(start.env):
             fl = FlTask.from_env(start.env, self.config.endpoints)
+            # Until when the round's services are retried: the round's deadline, else the
+            # task timeout from now.
+            deadline = fl.retry_deadline(self.config.task_timeout_s)
         t0 = time.perf_counter()
         inputs: FlInputs | None = None
         if fl is None:
             compiled = await self._load(running)
         else:
-            compiled, inputs = await _both(self._load(running), self.federated.fetch_inputs(fl))
+            compiled, inputs = await _both(
+                self._load(running), self.federated.fetch_inputs(fl, deadline)
+            )
         prepare_ms = (time.perf_counter() - t0) * 1000
         running.timings["fetch_ms"] = prepare_ms - running.timings.get("compile_ms", 0.0)
         env = inputs.env(start.env, self.proplet_id) if inputs is not None else dict(start.env)
         t1 = time.perf_counter()
-        out = await self.runtime.run(
-            compiled,
-            argv=[start.name or start.id, *start.cli_args],
-            env=env,
-            limits=self.config.limits,
-            control=running.control,
-        )
-        running.timings["run_ms"] = (time.perf_counter() - t1) * 1000
+        try:
+            out = await self.runtime.run(
+                compiled,
+                argv=[start.name or start.id, *start.cli_args],
+                env=env,
+                limits=self.config.limits,
+                control=running.control,
+            )
+        finally:
+            running.timings["run_ms"] = (time.perf_counter() - t1) * 1000
         if fl is None or inputs is None:
             return out.stdout.decode(errors="replace")
         update = parse_update(out.stdout, fl, self.proplet_id, inputs.model, inputs.dataset_size)
-        response = await self.federated.submit(fl, update)
+        response = await self.federated.submit(fl, update, deadline)
         return summary(update, response)
 
     async def _load(self, running: _Running) -> CompiledModule:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proplet.federated import Backoff
 from proplet.runner import Limits
 from server.config import Endpoints, MqttConfig, env_float, env_int, env_list, env_str
 
@@ -54,6 +55,11 @@ class PropletConfig:
     memory_limit_bytes: int = 256 << 20
     output_limit_bytes: int = 16 << 20
     rpc_timeout_s: float = 30.0
+    # Round services (registry, data store, coordinator) that fail with UNAVAILABLE or
+    # DEADLINE_EXCEEDED are retried after delays growing from retry_backoff_s to at most
+    # retry_max_backoff_s (with jitter), until the round's deadline.
+    retry_backoff_s: float = 0.2
+    retry_max_backoff_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.proplet_id or any(c in self.proplet_id for c in "/+#"):
@@ -63,6 +69,7 @@ class PropletConfig:
         if not self.rpc_timeout_s > 0:
             raise ValueError(f"rpc_timeout_s: {self.rpc_timeout_s} must be > 0")
         self.limits  # noqa: B018 - validates the three limits now rather than at the first task
+        self.backoff  # noqa: B018 - and the retry backoff
 
     @property
     def limits(self) -> Limits:
@@ -71,6 +78,10 @@ class PropletConfig:
             memory_bytes=self.memory_limit_bytes,
             output_bytes=self.output_limit_bytes,
         )
+
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(initial_s=self.retry_backoff_s, max_s=self.retry_max_backoff_s)
 
     def registry_address(self, host: str) -> str:
         """Where to reach the registry an image names (after mirrors)."""
@@ -103,4 +114,8 @@ class PropletConfig:
             memory_limit_bytes=env_int(env, "PROPLET_MEMORY_LIMIT_MB", 256) << 20,
             output_limit_bytes=env_int(env, "PROPLET_OUTPUT_LIMIT_MB", 16) << 20,
             rpc_timeout_s=env_float(env, "PROPLET_RPC_TIMEOUT_S", d.rpc_timeout_s),
+            retry_backoff_s=env_float(env, "PROPLET_RETRY_BACKOFF_S", d.retry_backoff_s),
+            retry_max_backoff_s=env_float(
+                env, "PROPLET_RETRY_MAX_BACKOFF_S", d.retry_max_backoff_s
+            ),
         )

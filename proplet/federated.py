@@ -6,17 +6,25 @@ fetches the base model (ModelRegistry.GetModel, MODEL_URI) and its own dataset
 The module prints one JSON update on stdout; the proplet checks it against the round and the
 base model and streams it to Coordinator.SubmitUpdate. The module itself never touches the
 network.
+
+Every call to those services is retried while it fails with a transient status (UNAVAILABLE,
+DEADLINE_EXCEEDED), with exponential backoff and jitter (`Backoff`), until the round's deadline
+(env ROUND_DEADLINE; a task without one: the task timeout from the task's start). Each attempt
+has its own timeout. Any other status is the service's answer and fails the task at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
 
@@ -31,9 +39,9 @@ from propeller.v1 import (
 from proplet.errors import TaskFailed
 from server.config import Endpoints
 from server.errors import InvalidArgument
-from server.grpc_server import channel
 from server.streams import UpdateMeta, read_model_stream, update_stream
 from server.tensors import (
+    GRPC_OPTIONS,
     Tensors,
     check_finite,
     model_from_json,
@@ -45,10 +53,138 @@ from server.tensors import (
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 DATASET_SCHEMA = "fl-demo-dataset-v1"
 _SCHEMES = ("grpc://", "http://", "https://", "dns:///")
 # Large datasets are turned into JSON off the event loop.
 _INLINE_JSON_ELEMENTS = 100_000
+
+# Statuses worth another attempt: the service is down, restarting, or did not answer in time.
+# Every other status is an answer and final: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION
+# (a rejected update stays rejected), and RESOURCE_EXHAUSTED, which our services and gRPC use
+# for size limits that no retry changes.
+TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# An attempt's timeout is the RPC timeout cut to the time left before the deadline, but never
+# below this (nor above the RPC timeout): the first attempt is always a real one, even when
+# the deadline is (nearly) past, and the coordinator has the last word on a late update.
+MIN_ATTEMPT_TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delays between attempts at one call: exponential with "equal jitter". The n-th delay
+    (n = 1, 2, ...) is drawn uniformly from [c/2, c] with c = min(max_s, initial_s * 2**(n-1)),
+    so proplets that lost a service together do not retry in lockstep, and no delay is longer
+    than max_s."""
+
+    initial_s: float = 0.2
+    max_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.initial_s) and self.initial_s > 0):
+            raise ValueError(f"retry_backoff_s: {self.initial_s} must be > 0")
+        if not (math.isfinite(self.max_s) and self.max_s >= self.initial_s):
+            raise ValueError(f"retry_max_backoff_s: {self.max_s} must be >= {self.initial_s}")
+
+    def ceiling(self, attempt: int) -> float:
+        """The largest delay after failed attempt number `attempt` (from 1)."""
+        return min(self.max_s, self.initial_s * 2.0 ** min(max(attempt - 1, 0), 64))
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        cap = self.ceiling(attempt)
+        return cap / 2 + rng.random() * cap / 2
+
+    def delays(self, rng: random.Random) -> Iterator[float]:
+        """The delays after attempt 1, 2, 3, ... as `rng` draws them."""
+        for attempt in itertools.count(1):
+            yield self.delay(attempt, rng)
+
+
+class CallFailed(Exception):
+    """A call given up on: its last status, how many attempts were made and over how long."""
+
+    def __init__(
+        self, code: grpc.StatusCode, details: str, attempts: int, elapsed_s: float
+    ) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.attempts = attempts
+        self.elapsed_s = elapsed_s
+
+    @property
+    def transient(self) -> bool:
+        return self.code in TRANSIENT_CODES
+
+    def reason(self, service: str, address: str, call: str) -> str:
+        """The task's failure reason: the service unreachable, or its answer."""
+        if self.transient:
+            times = "attempt" if self.attempts == 1 else "attempts"
+            return (
+                f"{service} at {address} unreachable after {self.attempts} {times} over "
+                f"{self.elapsed_s:.1f}s: {self}"
+            )
+        return f"{service} {address}: {call}: {self}"
+
+
+@dataclass
+class RetryLog:
+    """What `call_with_retries` did, attempt by attempt (for logs and tests)."""
+
+    timeouts: list[float] = field(default_factory=list)
+    delays: list[float] = field(default_factory=list)
+
+
+async def call_with_retries(
+    attempt: Callable[[float], Awaitable[T]],
+    *,
+    deadline: float,
+    rpc_timeout_s: float,
+    backoff: Backoff,
+    rng: random.Random,
+    what: str = "call",
+    record: RetryLog | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """`await attempt(timeout)` until it returns, retrying transient failures (gRPC status in
+    TRANSIENT_CODES, or no answer within `timeout`) after `backoff` delays for as long as the
+    next attempt would start before `deadline` (a `clock()` time). Each attempt gets
+    min(rpc_timeout_s, time left) but at least MIN_ATTEMPT_TIMEOUT_S (capped at rpc_timeout_s)
+    and is cut off at that timeout even if the call ignores it. Raises CallFailed."""
+    started = clock()
+    for n in itertools.count(1):
+        left = deadline - clock()
+        timeout = min(rpc_timeout_s, max(left, MIN_ATTEMPT_TIMEOUT_S))
+        if record is not None:
+            record.timeouts.append(timeout)
+        try:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+            async with asyncio.timeout(timeout):
+                return await attempt(timeout)
+        except grpc.aio.AioRpcError as err:
+            code, details = err.code(), err.details() or ""
+        except TimeoutError:
+            code, details = grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:g}s"
+        failure = CallFailed(code, details, n, clock() - started)
+        if not failure.transient:
+            raise failure
+        delay = backoff.delay(n, rng)
+        left = deadline - clock()
+        if delay >= left:
+            raise failure
+        if record is not None:
+            record.delays.append(delay)
+        log.warning(
+            "[proplet.federated] %s: attempt %d failed: %s; retrying in %.2fs (%.1fs left)",
+            what,
+            n,
+            failure,
+            delay,
+            left,
+        )
+        await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # itertools.count never ends
 
 
 def service_address(raw: str, default: str) -> str:
@@ -78,6 +214,17 @@ class FlTask:
     coordinator: str
     registry: str
     datastore: str
+    # Unix seconds (env ROUND_DEADLINE, the coordinator's deadline for the round); None for a
+    # task that does not say (a manual task).
+    round_deadline: float | None = None
+
+    def retry_deadline(self, task_timeout_s: float) -> float:
+        """Until when (a time.monotonic() time) the round's services are retried: the round's
+        deadline, or `task_timeout_s` from now for a task without one."""
+        now = time.monotonic()
+        if self.round_deadline is None:
+            return now + task_timeout_s
+        return now + (self.round_deadline - time.time())
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], endpoints: Endpoints) -> FlTask:
@@ -96,6 +243,7 @@ class FlTask:
             if not isinstance(parsed, dict):
                 raise TaskFailed(f"HYPERPARAMS: {hyperparams[:80]!r} is not a JSON object")
         return cls(
+            round_deadline=_round_deadline(env.get("ROUND_DEADLINE", "")),
             round_id=round_id,
             model_uri=model_uri,
             hyperparams=hyperparams,
@@ -103,6 +251,20 @@ class FlTask:
             registry=service_address(env.get("MODEL_REGISTRY_URL", ""), endpoints.registry),
             datastore=service_address(env.get("DATA_STORE_URL", ""), endpoints.datastore),
         )
+
+
+def _round_deadline(raw: str) -> float | None:
+    """ROUND_DEADLINE as unix seconds; empty or 0: none."""
+    text = raw.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise TaskFailed(f"ROUND_DEADLINE: {text[:40]!r} is not a time in unix seconds")
+    return value or None
 
 
 @dataclass(frozen=True)
@@ -160,10 +322,6 @@ def _dataset_arrays(ds: datastore_pb2.Dataset) -> tuple[Any, Any]:
             f"{list(labels.shape)} do not describe [size, num_features] and [size]"
         )
     return features, labels
-
-
-def _rpc_failure(what: str, err: grpc.aio.AioRpcError) -> TaskFailed:
-    return TaskFailed(f"{what}: {err.code().name}: {err.details()}")
 
 
 def _bad_update(message: str) -> TaskFailed:
@@ -242,17 +400,43 @@ def summary(update: Update, response: coordinator_pb2.SubmitUpdateResponse) -> s
 
 
 class FederatedClient:
-    """gRPC clients for the round services, one channel per address, kept across tasks."""
+    """gRPC clients for the round services, one channel per address, kept across tasks.
 
-    def __init__(self, proplet_id: str, rpc_timeout_s: float) -> None:
+    Every call is retried on transient failures (see `call_with_retries`) until the deadline
+    given (a time.monotonic() time; None: one RPC timeout from now)."""
+
+    def __init__(
+        self,
+        proplet_id: str,
+        rpc_timeout_s: float,
+        *,
+        backoff: Backoff | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.proplet_id = proplet_id
         self.rpc_timeout_s = rpc_timeout_s
+        self.backoff = backoff or Backoff()
+        # Seeded from the OS per proplet: two proplets draw different delays.
+        self.rng = rng or random.Random()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _channel(self, target: str) -> grpc.aio.Channel:
         ch = self._channels.get(target)
         if ch is None:
-            ch = channel(target)
+            # While a service is down the channel tries to reconnect at least every
+            # backoff.max_s (gRPC's default grows to 120 s), so an attempt soon after the
+            # service is back finds it.
+            ch = grpc.aio.insecure_channel(
+                target,
+                options=[
+                    *GRPC_OPTIONS,
+                    (
+                        "grpc.initial_reconnect_backoff_ms",
+                        max(1, int(self.backoff.initial_s * 1000)),
+                    ),
+                    ("grpc.max_reconnect_backoff_ms", max(1, int(self.backoff.max_s * 1000))),
+                ],
+            )
             self._channels[target] = ch
         return ch
 
@@ -261,43 +445,63 @@ class FederatedClient:
         for ch in channels:
             await ch.close(None)
 
-    async def fetch_model(self, fl: FlTask) -> Tensors:
-        stub = model_registry_pb2_grpc.ModelRegistryStub(self._channel(fl.registry))
-        call = stub.GetModel(
-            model_registry_pb2.GetModelRequest(model_uri=fl.model_uri),
-            timeout=self.rpc_timeout_s,
-            wait_for_ready=True,
+    async def _call(
+        self, attempt: Callable[[float], Awaitable[T]], deadline: float | None, what: str
+    ) -> T:
+        if deadline is None:
+            deadline = time.monotonic() + self.rpc_timeout_s
+        return await call_with_retries(
+            attempt,
+            deadline=deadline,
+            rpc_timeout_s=self.rpc_timeout_s,
+            backoff=self.backoff,
+            rng=self.rng,
+            what=f"proplet={self.proplet_id} {what}",
         )
+
+    async def fetch_model(self, fl: FlTask, deadline: float | None = None) -> Tensors:
+        stub = model_registry_pb2_grpc.ModelRegistryStub(self._channel(fl.registry))
+        call_name = f"GetModel {fl.model_uri}"
+
+        async def attempt(timeout: float) -> tuple[Any, Tensors]:
+            call = stub.GetModel(
+                model_registry_pb2.GetModelRequest(model_uri=fl.model_uri), timeout=timeout
+            )
+            return await read_model_stream(call, "model")
+
         try:
-            header, tensors = await read_model_stream(call, "model")
-        except grpc.aio.AioRpcError as err:
-            raise _rpc_failure(
-                f"model registry {fl.registry}: GetModel {fl.model_uri}", err
-            ) from None
+            header, tensors = await self._call(
+                attempt, deadline, f"model registry at {fl.registry}: {call_name}"
+            )
+        except CallFailed as failed:
+            raise TaskFailed(failed.reason("model registry", fl.registry, call_name)) from None
         except InvalidArgument as exc:
             raise TaskFailed(f"model registry: bad model stream: {exc}") from None
         if header.sha256 and header.sha256 != sha256_of(tensors):
             raise TaskFailed(f"model registry: {fl.model_uri} arrived with a wrong sha256")
         return tensors
 
-    async def fetch_dataset(self, fl: FlTask) -> datastore_pb2.Dataset:
+    async def fetch_dataset(
+        self, fl: FlTask, deadline: float | None = None
+    ) -> datastore_pb2.Dataset:
         stub = datastore_pb2_grpc.DataStoreStub(self._channel(fl.datastore))
-        try:
-            ds: datastore_pb2.Dataset = await stub.GetDataset(
-                datastore_pb2.GetDatasetRequest(proplet_id=self.proplet_id),
-                timeout=self.rpc_timeout_s,
-                wait_for_ready=True,
-            )
-        except grpc.aio.AioRpcError as err:
-            raise _rpc_failure(
-                f"data store {fl.datastore}: GetDataset {self.proplet_id}", err
-            ) from None
-        return ds
+        call_name = f"GetDataset {self.proplet_id}"
 
-    async def fetch_inputs(self, fl: FlTask) -> FlInputs:
-        model_task = asyncio.ensure_future(self.fetch_model(fl))
+        async def attempt(timeout: float) -> datastore_pb2.Dataset:
+            ds: datastore_pb2.Dataset = await stub.GetDataset(
+                datastore_pb2.GetDatasetRequest(proplet_id=self.proplet_id), timeout=timeout
+            )
+            return ds
+
         try:
-            ds = await self.fetch_dataset(fl)
+            return await self._call(attempt, deadline, f"data store at {fl.datastore}: {call_name}")
+        except CallFailed as failed:
+            raise TaskFailed(failed.reason("data store", fl.datastore, call_name)) from None
+
+    async def fetch_inputs(self, fl: FlTask, deadline: float | None = None) -> FlInputs:
+        model_task = asyncio.ensure_future(self.fetch_model(fl, deadline))
+        try:
+            ds = await self.fetch_dataset(fl, deadline)
             model = await model_task
         finally:
             if not model_task.done():
@@ -315,19 +519,29 @@ class FederatedClient:
             dataset_json = dataset_to_json(self.proplet_id, ds.schema, features, labels)
         return FlInputs(model, model_json, dataset_json, int(labels.shape[0]))
 
-    async def submit(self, fl: FlTask, update: Update) -> coordinator_pb2.SubmitUpdateResponse:
+    async def submit(
+        self, fl: FlTask, update: Update, deadline: float | None = None
+    ) -> coordinator_pb2.SubmitUpdateResponse:
+        """Stream the update to the coordinator. A retry after a lost reply is safe: the
+        coordinator counts each participant once and answers `duplicate`."""
         stub = coordinator_pb2_grpc.CoordinatorStub(self._channel(fl.coordinator))
-        try:
+
+        async def attempt(timeout: float) -> coordinator_pb2.SubmitUpdateResponse:
             response: coordinator_pb2.SubmitUpdateResponse = await stub.SubmitUpdate(
-                update_stream(update.meta, update.tensors),
-                timeout=self.rpc_timeout_s,
-                wait_for_ready=True,
+                update_stream(update.meta, update.tensors), timeout=timeout
             )
-        except grpc.aio.AioRpcError as err:
-            code = err.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise _rpc_failure(f"coordinator {fl.coordinator} unreachable", err) from None
-            raise _rpc_failure("coordinator rejected update", err) from None
+            return response
+
+        try:
+            response = await self._call(
+                attempt, deadline, f"coordinator at {fl.coordinator}: SubmitUpdate"
+            )
+        except CallFailed as failed:
+            if failed.transient:
+                raise TaskFailed(
+                    failed.reason("coordinator", fl.coordinator, "SubmitUpdate")
+                ) from None
+            raise TaskFailed(f"coordinator rejected update: {failed}") from None
         log.info(
             "[proplet.federated] round=%s proplet=%s submitted num_samples=%d duplicate=%s "
             "num_updates=%d/%d",

@@ -1,6 +1,12 @@
 """One MQTT session per component: connects, resubscribes after every reconnect, and hands each
 message to a callback. Publishing waits (bounded) for a connection instead of failing at once,
 so a short broker outage costs latency, not messages.
+
+Delivery is at least once: a QoS 1 publish that was in flight when the connection dropped is
+sent again on the next connection (the broker may then see it twice). Components that must not
+miss messages published while they were offline (the manager, the proplets) use a stable client
+id with `clean_session=False`; the broker keeps their subscriptions and queues their QoS 1
+messages, across its own restart too when it has persistence on (Mosquitto `persistence true`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,16 @@ from server.errors import Unavailable
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], Awaitable[None]]
+
+
+class _Connection:
+    """One connection of a session: its client, and an event set once it is gone."""
+
+    __slots__ = ("client", "lost")
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.client = client
+        self.lost = asyncio.Event()
 
 
 class MqttSession:
@@ -47,7 +63,7 @@ class MqttSession:
         self.handler = handler
         self.clean_session = clean_session
         self.max_backoff_s = max_backoff_s
-        self._client: aiomqtt.Client | None = None
+        self._conn: _Connection | None = None
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.connects = 0
@@ -87,24 +103,53 @@ class MqttSession:
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, timeout: float = 10.0
     ) -> None:
-        """Publish, waiting up to `timeout` for a (re)connection; Unavailable after that."""
+        """Publish, waiting up to `timeout` for a (re)connection; Unavailable after that.
+
+        With QoS 1 this returns once the broker has acknowledged the message. A message whose
+        connection dropped before the acknowledgement is sent again on the next connection."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             await self.wait_connected(max(0.0, deadline - loop.time()))
-            client = self._client
-            if client is None:
+            conn = self._conn
+            if conn is None or conn.lost.is_set():  # dropped since the event was set
+                await asyncio.sleep(0)
                 continue
             try:
-                await client.publish(
-                    topic, payload, qos=qos, timeout=max(0.1, deadline - loop.time())
-                )
-                return
+                if await self._publish_on(conn, topic, payload, qos, deadline - loop.time()):
+                    return
+                error = "connection lost before the broker acknowledged"
             except aiomqtt.MqttError as exc:
-                if loop.time() >= deadline:
-                    raise Unavailable(f"mqtt: publish to {topic} failed: {exc}") from None
-                self._connected.clear()
-                await asyncio.sleep(0.05)
+                error = str(exc)
+            if loop.time() >= deadline:
+                raise Unavailable(f"mqtt: publish to {topic} failed: {error}")
+            log.info("[mqtt] %s publish to %s: %s; trying again", self.client_id, topic, error)
+            if not conn.lost.is_set():
+                # Refused on a live connection (often one about to drop): a short pause.
+                await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+
+    @staticmethod
+    async def _publish_on(
+        conn: _Connection, topic: str, payload: bytes, qos: int, timeout: float
+    ) -> bool:
+        """True once `conn` delivered the message (acknowledged, for QoS 1); False if the
+        connection was lost first. MqttError when the client refused or timed out."""
+        publish = asyncio.ensure_future(
+            conn.client.publish(topic, payload, qos=qos, timeout=max(0.1, timeout))
+        )
+        lost = asyncio.ensure_future(conn.lost.wait())
+        try:
+            await asyncio.wait({publish, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not publish.done():
+                publish.cancel()
+                # Retrieve whatever it ends with, so nothing is logged as never retrieved.
+                publish.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if publish.done() and not publish.cancelled():
+            publish.result()  # raises the client's MqttError
+            return True
+        return False
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -119,27 +164,36 @@ class MqttSession:
                     # Small QoS 1 messages otherwise wait ~40 ms on Nagle + delayed ACK per hop.
                     socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
                 ) as client:
-                    for topic in self.subscriptions:
-                        await client.subscribe(topic, qos=1)
-                    self._client = client
-                    self.connects += 1
-                    self._connected.set()
-                    backoff = 0.05
-                    log.info(
-                        "[mqtt] %s connected to %s:%d",
-                        self.client_id,
-                        self.config.host,
-                        self.config.port,
-                    )
-                    async for message in client.messages:
-                        await self._dispatch(message)
+                    conn = _Connection(client)
+                    try:
+                        # Every connection subscribes again: a broker that lost our session
+                        # (restarted without persistence, or clean_session) knows nothing.
+                        for topic in self.subscriptions:
+                            await client.subscribe(topic, qos=1)
+                        self._conn = conn
+                        self.connects += 1
+                        self._connected.set()
+                        backoff = 0.05
+                        log.info(
+                            "[mqtt] %s connected to %s:%d",
+                            self.client_id,
+                            self.config.host,
+                            self.config.port,
+                        )
+                        async for message in client.messages:
+                            await self._dispatch(message)
+                    finally:
+                        # Publishes waiting on this connection move to the next one at once.
+                        self._connected.clear()
+                        self._conn = None
+                        conn.lost.set()
             except aiomqtt.MqttError as exc:
                 log.warning(
                     "[mqtt] %s disconnected: %s; retrying in %.2fs", self.client_id, exc, backoff
                 )
             finally:
                 self._connected.clear()
-                self._client = None
+                self._conn = None
             # Exponential backoff with jitter so a fleet does not reconnect in lockstep.
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(self.max_backoff_s, backoff * 2)

@@ -115,10 +115,13 @@ def round_task_env(
     hyperparams: Hyperparams,
     proplet_id: str,
     endpoints: Endpoints,
+    deadline: float = 0.0,
 ) -> dict[str, str]:
     """The environment of a federated task: the seed's ROUND_ID, MODEL_URI and HYPERPARAMS
-    plus the gRPC targets (host:port) the proplet fetches from and reports to."""
-    return {
+    plus the gRPC targets (host:port) the proplet fetches from and reports to, and, when the
+    round has one, ROUND_DEADLINE: the coordinator's deadline in unix seconds, until which the
+    proplet retries services it cannot reach."""
+    env = {
         "ROUND_ID": round_id,
         "MODEL_URI": model_uri,
         "HYPERPARAMS": hyperparams.filled().to_json(),
@@ -127,6 +130,9 @@ def round_task_env(
         "MODEL_REGISTRY_URL": endpoints.registry,
         "DATA_STORE_URL": endpoints.datastore,
     }
+    if deadline > 0:
+        env["ROUND_DEADLINE"] = repr(float(deadline))
+    return env
 
 
 @dataclass(frozen=True)

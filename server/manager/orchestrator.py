@@ -211,6 +211,7 @@ class Manager:
                     hyperparams=hp,
                     proplet_id=pid,
                     endpoints=self.task_endpoints,
+                    deadline=status.deadline,
                 ),
                 proplet_id=pid,
             )

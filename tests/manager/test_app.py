@@ -326,6 +326,7 @@ async def test_experiment_configures_round_and_starts_one_task_per_participant(
                 "COORDINATOR_URL": TASK_ENDPOINTS.coordinator,
                 "MODEL_REGISTRY_URL": TASK_ENDPOINTS.registry,
                 "DATA_STORE_URL": TASK_ENDPOINTS.datastore,
+                "ROUND_DEADLINE": repr(resp.round.deadline),
             }
             await fp.report(start.id, COMPLETED, results="update submitted")
 
