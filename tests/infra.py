@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -82,7 +83,10 @@ class Mosquitto:
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
-            "persistence true\n"
+            # As root, mosquitto would drop to the `mosquitto` user, which cannot write into
+            # pytest's private temp dirs: persistence would then fail silently.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + "persistence true\n"
             f"persistence_location {self.workdir / 'data'}/\n"
             "max_queued_messages 100000\n"
             "set_tcp_nodelay true\n"
