@@ -210,14 +210,21 @@ def channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
 
 
+# In-flight calls get this long after SIGTERM: room for a large upload to finish, and still
+# inside Docker's default 10 s between SIGTERM and SIGKILL.
+SHUTDOWN_GRACE_S = 8.0
+
+
 @asynccontextmanager
-async def serving(addr: str, bindings: Sequence[ServiceBinding]) -> AsyncIterator[int]:
+async def serving(
+    addr: str, bindings: Sequence[ServiceBinding], grace: float = 2.0
+) -> AsyncIterator[int]:
     """Serve `bindings` on `addr` for the duration of the block; yields the bound port."""
     server, port, health = await create_server(addr, bindings)
     try:
         yield port
     finally:
-        await stop_server(server, health)
+        await stop_server(server, health, grace)
 
 
 async def serve_until_signal(addr: str, bindings: Sequence[ServiceBinding]) -> None:
@@ -226,6 +233,6 @@ async def serve_until_signal(addr: str, bindings: Sequence[ServiceBinding]) -> N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with serving(addr, bindings) as port:
+    async with serving(addr, bindings, SHUTDOWN_GRACE_S) as port:
         log.info("[serve] %s listening on port %d", ",".join(b.name for b in bindings), port)
         await stop.wait()
