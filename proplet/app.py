@@ -4,8 +4,11 @@ Lifecycle (`async with Proplet(config) as p:`): connect to the broker, announce 
 `control/proplet/create`, heartbeat on `control/proplet/alive`, and run the tasks published on
 `control/manager/start` that are addressed to this proplet (or to any proplet), one at a time in
 arrival order. Each task reports Running, then Completed (its results) or Failed (the reason)
-or Interrupted on `control/proplet/results`. A task with ROUND_ID in its env is a round task
-(see `proplet.federated`). Nothing a task or a message does can take the proplet down.
+or Interrupted on `control/proplet/results`, every report carrying the `attempt` of the start
+it answers. A start is known by (task id, attempt): a repeated one is ignored, a newer attempt
+of a queued task replaces it, one of the running task waits in the queue until it ends. A task
+with ROUND_ID in its env is a round task (see `proplet.federated`). Nothing a task or a message
+does can take the proplet down.
 
 Results go out in order through one reporter task, so neither a task's start nor the next task
 waits for the broker: results produced while the broker is unreachable are published once it
@@ -182,10 +185,10 @@ class Proplet:
         self._stopped = True
         if self._heartbeat_task is not None:
             await _cancel_and_wait(self._heartbeat_task)
-        dropped = list(self._pending)
+        dropped = list(self._pending.values())
         self._pending.clear()
-        for task_id in dropped:
-            self._report(task_id, INTERRUPTED, error="interrupted: proplet shutting down")
+        for start in dropped:
+            self._report(start, INTERRUPTED, error="interrupted: proplet shutting down")
         if self._worker_task is not None:
             await _cancel_and_wait(self._worker_task)
         if self._reporter_task is not None:
@@ -261,34 +264,62 @@ class Proplet:
             return  # addressed to another proplet
         if self._stopped:
             return
-        if start.id in self._pending or self.running_task == start.id:
-            log.info("[Proplet] id=%s task=%s already queued or running", self.proplet_id, start.id)
+        held = [s for s in (self._pending.get(start.id), self._running_start()) if s is not None]
+        if any(s.id == start.id and s.attempt >= start.attempt for s in held):
+            # A redelivered start, or one overtaken by a newer attempt we already hold.
+            log.info(
+                "[Proplet] id=%s task=%s attempt=%d already queued or running",
+                self.proplet_id,
+                start.id,
+                start.attempt,
+            )
             return
+        superseded = self._pending.get(start.id)
+        # A newer attempt of a queued task takes its place in the queue; one of the running
+        # task queues behind it.
         self._pending[start.id] = start
+        if superseded is not None:
+            self._report(
+                superseded,
+                INTERRUPTED,
+                error=f"interrupted: superseded by attempt {start.attempt}",
+            )
         self._wakeup.set()
         log.info(
-            "[Proplet] id=%s task=%s queued (%d waiting)",
+            "[Proplet] id=%s task=%s attempt=%d queued (%d waiting)",
             self.proplet_id,
             start.id,
+            start.attempt,
             len(self._pending),
         )
+
+    def _running_start(self) -> TaskStart | None:
+        return self._current.start if self._current is not None else None
 
     def _stop_task(self, stop: TaskStop) -> None:
         if stop.proplet_id and stop.proplet_id != self.proplet_id:
             return
-        if self._pending.pop(stop.id, None) is not None:
+        queued = self._pending.pop(stop.id, None)
+        if queued is not None:
             log.info("[Proplet] id=%s task=%s dropped from the queue", self.proplet_id, stop.id)
-            self._report(stop.id, INTERRUPTED, error="interrupted: stopped before it started")
-        elif self._current is not None and self._current.start.id == stop.id:
+            self._report(queued, INTERRUPTED, error="interrupted: stopped before it started")
+        if self._current is not None and self._current.start.id == stop.id:
             log.info("[Proplet] id=%s task=%s stopping", self.proplet_id, stop.id)
             self._current.stop("stopped by request")
 
-    def _report(self, task_id: str, state: str, results: str = "", error: str = "") -> None:
-        """Queue a task result for the reporter (published in the order queued)."""
+    def _report(self, start: TaskStart, state: str, results: str = "", error: str = "") -> None:
+        """Queue a result of the run `start` asked for (published in the order queued)."""
         if self._session is None:
             return
         self._outbox.put_nowait(
-            TaskResult(task_id, self.proplet_id, state, results=results, error=error)
+            TaskResult(
+                start.id,
+                self.proplet_id,
+                state,
+                results=results,
+                error=error,
+                attempt=start.attempt,
+            )
         )
 
     async def _reporter(self, session: MqttSession) -> None:
@@ -328,7 +359,7 @@ class Proplet:
         started = time.perf_counter()
         job: asyncio.Task[str] | None = None
         try:
-            self._report(start.id, RUNNING)
+            self._report(start, RUNNING)
             job = asyncio.create_task(self._execute(running), name=f"task-{start.id}")
             running.job = job
             if running.stop_reason is not None:  # stopped while its Running report was in flight
@@ -339,7 +370,7 @@ class Proplet:
             if job is not None:
                 await asyncio.wait({job}, timeout=SHUTDOWN_GRACE_S)
             self._current = None
-            self._report(start.id, INTERRUPTED, error="interrupted: proplet shutting down")
+            self._report(start, INTERRUPTED, error="interrupted: proplet shutting down")
             raise
         self._current = None
         state, results, error = self._outcome(running, job)
@@ -355,7 +386,7 @@ class Proplet:
             t.get("run_ms", 0.0),
             f": {error}" if error else "",
         )
-        self._report(start.id, state, results=results, error=error)
+        self._report(start, state, results=results, error=error)
 
     def _outcome(self, running: _Running, job: asyncio.Task[str]) -> tuple[str, str, str]:
         if job.cancelled():

@@ -48,6 +48,14 @@ def _str_list(d: dict[str, Any], key: str) -> list[str]:
     return list(v)
 
 
+def _attempt(d: dict[str, Any]) -> int:
+    """The run of a task a start or result belongs to (absent in older peers' payloads: 0)."""
+    v = d.get("attempt", 0)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError("attempt: expected a non-negative integer")
+    return v
+
+
 def _num(d: dict[str, Any], key: str, default: float = 0.0) -> float:
     v = d.get(key, default)
     if isinstance(v, bool) or not isinstance(v, int | float):
@@ -80,7 +88,11 @@ class PropletAnnounce:
 
 @dataclass(frozen=True)
 class TaskStart:
-    """`control/manager/start`: run this module on `proplet_id` (empty = any proplet)."""
+    """`control/manager/start`: run this module on `proplet_id` (empty = any proplet).
+
+    `attempt` numbers the manager's starts of this task (1, 2, ... after each restart); the
+    proplet echoes it in every `TaskResult` of this run so a late result of an earlier run is
+    not taken for the current one."""
 
     id: str
     name: str
@@ -89,6 +101,7 @@ class TaskStart:
     env: dict[str, str] = field(default_factory=dict)
     cli_args: list[str] = field(default_factory=list)
     proplet_id: str = ""
+    attempt: int = 0
 
     def to_json(self) -> bytes:
         d = asdict(self)
@@ -110,6 +123,7 @@ class TaskStart:
             env=_str_map(d, "env"),
             cli_args=_str_list(d, "cli_args"),
             proplet_id=_str(d, "proplet_id"),
+            attempt=_attempt(d),
         )
 
 
@@ -139,7 +153,8 @@ RESULT_STATES = (RUNNING, COMPLETED, FAILED, INTERRUPTED)
 
 @dataclass(frozen=True)
 class TaskResult:
-    """`control/proplet/results`: a task changed state on a proplet."""
+    """`control/proplet/results`: a task changed state on a proplet; `attempt` is that of the
+    `TaskStart` the proplet was running."""
 
     task_id: str
     proplet_id: str
@@ -147,10 +162,13 @@ class TaskResult:
     results: str = ""
     error: str = ""
     timestamp: float = field(default_factory=time.time)
+    attempt: int = 0
 
     def __post_init__(self) -> None:
         if self.state not in RESULT_STATES:
             raise ValueError(f"state: {self.state!r} not one of {RESULT_STATES}")
+        if isinstance(self.attempt, bool) or not isinstance(self.attempt, int) or self.attempt < 0:
+            raise ValueError(f"attempt: {self.attempt!r} is not a non-negative integer")
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -165,6 +183,7 @@ class TaskResult:
             results=_str(d, "results"),
             error=_str(d, "error"),
             timestamp=_num(d, "timestamp", time.time()),
+            attempt=_attempt(d),
         )
 
 

@@ -102,10 +102,11 @@ class Manager:
     async def _publish_start(self, task: Task) -> None:
         await self.publish(self.topics.task_start, task.start_message().to_json())
         log.info(
-            "[Manager.StartTask] task_id=%s name=%s proplet_id=%s published",
+            "[Manager.StartTask] task_id=%s name=%s proplet_id=%s attempt=%d published",
             task.id,
             task.name,
             task.proplet_id or "*",
+            task.attempt,
         )
 
     async def start_task(self, task_id: str) -> Task:

@@ -57,7 +57,8 @@ SCHEMA = [
         updated_at REAL NOT NULL,
         started_at REAL NOT NULL,
         finished_at REAL NOT NULL,
-        reported_by TEXT NOT NULL
+        reported_by TEXT NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 0
     )""",
     """CREATE TABLE IF NOT EXISTS experiments (
         id TEXT PRIMARY KEY,
@@ -67,6 +68,14 @@ SCHEMA = [
 ]
 
 Write = Callable[[sqlite3.Connection], None]
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a file written by an older manager up to `SCHEMA` (columns added since)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+    if "attempt" not in columns:
+        conn.execute("ALTER TABLE tasks ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0")
+        log.info("[Manager.state] tasks: added column attempt")
 
 
 class StateWriteFailed(RuntimeError):
@@ -89,6 +98,7 @@ class ManagerDatabase:
     async def open(self) -> None:
         db = await asyncio.to_thread(Database, self.path, SCHEMA)
         try:
+            await db.write(_migrate)
             proplets, tasks, experiments = await db.read(_load_all)
         except BaseException:
             await asyncio.to_thread(db.close)
@@ -191,7 +201,7 @@ class SqlitePropletStore(_Store):
 
 _TASK_COLUMNS = (
     "id, name, image_url, env, cli_args, proplet_id, state, results, error, "
-    "created_at, updated_at, started_at, finished_at, reported_by"
+    "created_at, updated_at, started_at, finished_at, reported_by, attempt"
 )
 
 
@@ -219,6 +229,7 @@ class SqliteTaskStore(_Store):
             task.started_at,
             task.finished_at,
             task.reported_by,
+            task.attempt,
         )
         # The inline module never changes after creation: rewrite it only when it does.
         file = None if previous is not None and previous.file == task.file else task.file
@@ -226,14 +237,14 @@ class SqliteTaskStore(_Store):
         def write(conn: sqlite3.Connection) -> None:
             conn.execute(
                 f"INSERT INTO tasks ({_TASK_COLUMNS}, file) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET name = excluded.name, "
                 "image_url = excluded.image_url, env = excluded.env, "
                 "cli_args = excluded.cli_args, proplet_id = excluded.proplet_id, "
                 "state = excluded.state, results = excluded.results, error = excluded.error, "
                 "created_at = excluded.created_at, updated_at = excluded.updated_at, "
                 "started_at = excluded.started_at, finished_at = excluded.finished_at, "
-                "reported_by = excluded.reported_by",
+                "reported_by = excluded.reported_by, attempt = excluded.attempt",
                 (*row, file if file is not None else b""),
             )
             if file is not None and previous is not None:
@@ -358,7 +369,8 @@ def _load_all(
             started_at=float(row[11]),
             finished_at=float(row[12]),
             reported_by=row[13],
-            file=bytes(row[14]),
+            attempt=int(row[14]),
+            file=bytes(row[15]),
         )
         for row in conn.execute(f"SELECT {_TASK_COLUMNS}, file FROM tasks ORDER BY rowid")
     ]

@@ -5,8 +5,10 @@
                            |---------stop--------|-----Interrupted-> INTERRUPTED
 
 A final state (COMPLETED, FAILED, INTERRUPTED, SKIPPED) is left only by a new start; results
-arriving for a finished task are ignored. The caller publishes the MQTT messages; this module
-only decides and records.
+arriving for a finished task are ignored. Every start is a new attempt (`Task.attempt`, 1, 2,
+...) carried in the TaskStart and echoed in each TaskResult: a result of another attempt (a
+late report of a run that was stopped before the task was started again) is ignored too.
+The caller publishes the MQTT messages; this module only decides and records.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class Task:
     finished_at: float = 0.0
     # The proplet whose results we last applied (differs from proplet_id for broadcasts).
     reported_by: str = ""
+    # How many times the task was started; results of any other attempt are stale.
+    attempt: int = 0
 
     def start_message(self) -> messages.TaskStart:
         return messages.TaskStart(
@@ -85,6 +89,7 @@ class Task:
             env=dict(self.env),
             cli_args=list(self.cli_args),
             proplet_id=self.proplet_id,
+            attempt=self.attempt,
         )
 
     def stop_message(self) -> messages.TaskStop:
@@ -204,15 +209,18 @@ class Tasks:
             finished_at=0.0,
             reported_by="",
             updated_at=now,
+            attempt=task.attempt + 1,
         )
         self.store.put(scheduled)
         return scheduled, task
 
     def unschedule(self, previous: Task) -> None:
-        """Undo `schedule` after its start could not be published, unless the task moved on."""
+        """Undo `schedule` after its start could not be published, unless the task moved on.
+        The attempt number is kept: the start may have reached a proplet after all, and an
+        attempt number is never handed out twice."""
         current = self.store.get(previous.id)
         if current is not None and current.state is TaskState.SCHEDULED:
-            self.store.put(replace(previous, updated_at=self.clock()))
+            self.store.put(replace(previous, updated_at=self.clock(), attempt=current.attempt))
 
     def check_stoppable(self, task_id: str) -> Task:
         task = self.get(task_id)
@@ -243,7 +251,8 @@ class Tasks:
 
     def apply_result(self, result: messages.TaskResult) -> Task | None:
         """Record a result a proplet published. Returns the updated task, or None when the
-        result was dropped (unknown task, wrong proplet, task already finished)."""
+        result was dropped (unknown task, wrong proplet, another attempt, task already
+        finished)."""
         task = self.store.get(result.task_id)
         if task is None:
             log.warning(
@@ -258,6 +267,16 @@ class Tasks:
                 task.id,
                 result.proplet_id,
                 task.proplet_id,
+            )
+            return None
+        if result.attempt != task.attempt:
+            log.info(
+                "[Manager.results] task_id=%s attempt=%d: result %s of attempt %d is stale; "
+                "ignored",
+                task.id,
+                task.attempt,
+                result.state,
+                result.attempt,
             )
             return None
         if task.state.final or task.state is TaskState.PENDING:

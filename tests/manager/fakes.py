@@ -81,6 +81,8 @@ class FakeProplet:
         self.heartbeat_s = heartbeat_s
         self.starts: asyncio.Queue[TaskStart] = asyncio.Queue()
         self.stops: asyncio.Queue[TaskStop] = asyncio.Queue()
+        # The attempt of the latest start received per task id: what `report` echoes.
+        self.attempts: dict[str, int] = {}
         self.session = MqttSession(
             mqtt_config(broker_port, topics),
             f"fake-proplet-{topics.domain}-{proplet_id}",
@@ -94,6 +96,7 @@ class FakeProplet:
         if topic == self.topics.task_start:
             start = TaskStart.from_json(payload)
             if start.proplet_id in ("", self.id):
+                self.attempts[start.id] = start.attempt
                 self.starts.put_nowait(start)
         elif topic == self.topics.task_stop:
             stop = TaskStop.from_json(payload)
@@ -132,10 +135,23 @@ class FakeProplet:
         await self.stop_heartbeat()
         await self.session.__aexit__(exc_type, exc, tb)
 
-    async def report(self, task_id: str, state: str, results: str = "", error: str = "") -> None:
+    async def report(
+        self,
+        task_id: str,
+        state: str,
+        results: str = "",
+        error: str = "",
+        *,
+        attempt: int | None = None,
+    ) -> None:
+        """Publish a result, of the latest start received for `task_id` unless `attempt`."""
+        if attempt is None:
+            attempt = self.attempts.get(task_id, 0)
         await self.session.publish(
             self.topics.proplet_results,
-            TaskResult(task_id, self.id, state, results=results, error=error).to_json(),
+            TaskResult(
+                task_id, self.id, state, results=results, error=error, attempt=attempt
+            ).to_json(),
         )
 
     async def next_start(self, timeout: float = 10.0) -> TaskStart:

@@ -179,7 +179,8 @@ async def test_stop_task_publishes_stop_and_interrupts(broker: Mosquitto, topics
             manager_pb2.CreateTaskRequest(name="loop", file=b"\0asm", proplet_id="p-1")
         )
         await m.stub.StartTask(manager_pb2.TaskRef(task_id=created.id))
-        assert (await p1.next_start()).file == b"\0asm"
+        first = await p1.next_start()
+        assert (first.file, first.attempt) == (b"\0asm", 1)
         await p1.report(created.id, RUNNING)
         await until_state(m.stub, created.id, manager_pb2.TASK_STATE_RUNNING)
 
@@ -187,16 +188,25 @@ async def test_stop_task_publishes_stop_and_interrupts(broker: Mosquitto, topics
         assert stopped.state == manager_pb2.TASK_STATE_INTERRUPTED
         stop = await asyncio.wait_for(p1.stops.get(), 10)
         assert (stop.id, stop.proplet_id) == (created.id, "p-1")
-        # A late result does not bring it back.
-        await p1.report(created.id, COMPLETED)
         err = await rpc_error(m.stub.StopTask(manager_pb2.TaskRef(task_id=created.id)))
         assert err.code == grpc.StatusCode.FAILED_PRECONDITION
-        assert (await task(m.stub, created.id)).state == manager_pb2.TASK_STATE_INTERRUPTED
 
-        # An interrupted task can be started again.
+        # An interrupted task can be started again: a new attempt.
         again = await m.stub.StartTask(manager_pb2.TaskRef(task_id=created.id))
         assert again.state == manager_pb2.TASK_STATE_SCHEDULED
-        assert (await p1.next_start()).id == created.id
+        second = await p1.next_start()
+        assert (second.id, second.attempt) == (created.id, 2)
+
+        # The first run's late Completed, arriving after the restart on purpose, is not taken
+        # for the second run's. Results are handled in order, so once the second run's Running
+        # is applied, the stale Completed has been seen (and would have made the task final).
+        await p1.report(created.id, COMPLETED, results="stale", attempt=first.attempt)
+        await p1.report(created.id, RUNNING, attempt=second.attempt)
+        running = await until_state(m.stub, created.id, manager_pb2.TASK_STATE_RUNNING)
+        assert running.results == ""
+        await p1.report(created.id, COMPLETED, results="fresh", attempt=second.attempt)
+        done = await until_state(m.stub, created.id, manager_pb2.TASK_STATE_COMPLETED)
+        assert done.results == "fresh"
 
 
 async def test_task_request_errors(broker: Mosquitto, topics: Topics) -> None:

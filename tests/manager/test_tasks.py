@@ -17,6 +17,14 @@ def make() -> tuple[Tasks, FakeClock]:
     return Tasks(InMemoryTaskStore(), clock), clock
 
 
+def result_of(
+    tasks: Tasks, task_id: str, proplet_id: str, state: str, results: str = "", error: str = ""
+) -> TaskResult:
+    """A result of the task's current attempt, as its proplet would send it."""
+    attempt = tasks.get(task_id).attempt
+    return TaskResult(task_id, proplet_id, state, results, error, attempt=attempt)
+
+
 def started(tasks: Tasks, proplet_id: str = "p1") -> Task:
     task = tasks.create("t", image_url="reg/x:1", proplet_id=proplet_id)
     return tasks.schedule(task.id)[0]
@@ -64,12 +72,12 @@ def test_full_run_running_then_completed() -> None:
     task = started(tasks)
     assert task.state is TaskState.SCHEDULED
     clock.advance(1)
-    running = tasks.apply_result(TaskResult(task.id, "p1", RUNNING))
+    running = tasks.apply_result(result_of(tasks, task.id, "p1", RUNNING))
     assert running is not None and running.state is TaskState.RUNNING
     assert running.started_at == clock.now
     assert tasks.running_on("p1") == 1
     clock.advance(2)
-    done = tasks.apply_result(TaskResult(task.id, "p1", COMPLETED, results="42"))
+    done = tasks.apply_result(result_of(tasks, task.id, "p1", COMPLETED, results="42"))
     assert done is not None
     assert (done.state, done.results, done.finished_at) == (TaskState.COMPLETED, "42", clock.now)
     assert done.started_at == clock.now - 2
@@ -79,7 +87,7 @@ def test_full_run_running_then_completed() -> None:
 def test_failed_result_records_error() -> None:
     tasks, _ = make()
     task = started(tasks)
-    failed = tasks.apply_result(TaskResult(task.id, "p1", FAILED, error="trap: unreachable"))
+    failed = tasks.apply_result(result_of(tasks, task.id, "p1", FAILED, error="trap: unreachable"))
     assert failed is not None
     assert (failed.state, failed.error) == (TaskState.FAILED, "trap: unreachable")
 
@@ -87,16 +95,16 @@ def test_failed_result_records_error() -> None:
 def test_interrupted_result() -> None:
     tasks, _ = make()
     task = started(tasks)
-    out = tasks.apply_result(TaskResult(task.id, "p1", INTERRUPTED))
+    out = tasks.apply_result(result_of(tasks, task.id, "p1", INTERRUPTED))
     assert out is not None and out.state is TaskState.INTERRUPTED
 
 
 def test_final_state_is_not_left_by_late_results() -> None:
     tasks, _ = make()
     task = started(tasks)
-    tasks.apply_result(TaskResult(task.id, "p1", COMPLETED, results="ok"))
-    assert tasks.apply_result(TaskResult(task.id, "p1", RUNNING)) is None
-    assert tasks.apply_result(TaskResult(task.id, "p1", FAILED, error="late")) is None
+    tasks.apply_result(result_of(tasks, task.id, "p1", COMPLETED, results="ok"))
+    assert tasks.apply_result(result_of(tasks, task.id, "p1", RUNNING)) is None
+    assert tasks.apply_result(result_of(tasks, task.id, "p1", FAILED, error="late")) is None
     final = tasks.get(task.id)
     assert (final.state, final.results, final.error) == (TaskState.COMPLETED, "ok", "")
 
@@ -105,21 +113,21 @@ def test_results_for_unknown_tasks_or_other_proplets_are_dropped() -> None:
     tasks, _ = make()
     task = started(tasks, proplet_id="p1")
     assert tasks.apply_result(TaskResult("nope", "p1", RUNNING)) is None
-    assert tasks.apply_result(TaskResult(task.id, "intruder", COMPLETED)) is None
+    assert tasks.apply_result(result_of(tasks, task.id, "intruder", COMPLETED)) is None
     assert tasks.get(task.id).state is TaskState.SCHEDULED
 
 
 def test_result_for_pending_task_is_ignored() -> None:
     tasks, _ = make()
     task = tasks.create("t", image_url="reg/x:1")
-    assert tasks.apply_result(TaskResult(task.id, "p1", RUNNING)) is None
+    assert tasks.apply_result(result_of(tasks, task.id, "p1", RUNNING)) is None
     assert tasks.get(task.id).state is TaskState.PENDING
 
 
 def test_broadcast_task_counts_on_the_proplet_that_runs_it() -> None:
     tasks, _ = make()
     task = started(tasks, proplet_id="")
-    tasks.apply_result(TaskResult(task.id, "p7", RUNNING))
+    tasks.apply_result(result_of(tasks, task.id, "p7", RUNNING))
     assert tasks.running_on("p7") == 1
     assert [t.id for t in tasks.find(proplet_id="p7")] == [task.id]
 
@@ -129,7 +137,7 @@ def test_start_refused_while_scheduled_or_running(state: TaskState) -> None:
     tasks, _ = make()
     task = started(tasks)
     if state is TaskState.RUNNING:
-        tasks.apply_result(TaskResult(task.id, "p1", RUNNING))
+        tasks.apply_result(result_of(tasks, task.id, "p1", RUNNING))
     with pytest.raises(FailedPrecondition, match="task_id"):
         tasks.schedule(task.id)
 
@@ -138,7 +146,7 @@ def test_start_refused_while_scheduled_or_running(state: TaskState) -> None:
 def test_finished_task_can_be_started_again_with_a_clean_slate(result: str) -> None:
     tasks, _ = make()
     task = started(tasks)
-    tasks.apply_result(TaskResult(task.id, "p1", result, results="r", error="e"))
+    tasks.apply_result(result_of(tasks, task.id, "p1", result, results="r", error="e"))
     again, previous = tasks.schedule(task.id)
     assert previous.state.final
     assert (again.state, again.results, again.error, again.finished_at) == (
@@ -157,7 +165,7 @@ def test_unschedule_restores_previous_state_unless_task_moved_on() -> None:
     assert tasks.get(task.id).state is TaskState.PENDING
 
     _, previous = tasks.schedule(task.id)
-    tasks.apply_result(TaskResult(task.id, "p1", RUNNING))
+    tasks.apply_result(result_of(tasks, task.id, "p1", RUNNING))
     tasks.unschedule(previous)
     assert tasks.get(task.id).state is TaskState.RUNNING
 
@@ -178,7 +186,7 @@ def test_stop_only_scheduled_or_running_tasks() -> None:
 def test_interrupt_does_not_overwrite_a_task_that_finished_meanwhile() -> None:
     tasks, _ = make()
     task = started(tasks)
-    tasks.apply_result(TaskResult(task.id, "p1", COMPLETED, results="ok"))
+    tasks.apply_result(result_of(tasks, task.id, "p1", COMPLETED, results="ok"))
     assert tasks.interrupt(task.id).state is TaskState.COMPLETED
 
 
@@ -195,3 +203,34 @@ def test_find_filters_and_keeps_creation_order() -> None:
     assert [t.id for t in tasks.find(proplet_id="p2")] == [b.id, c.id]
     assert [t.id for t in tasks.find(state=TaskState.SCHEDULED)] == [c.id]
     assert tasks.find(name_prefix="fl-round-r1", state=TaskState.RUNNING) == []
+
+
+def test_every_start_is_a_new_attempt_and_stale_results_are_ignored() -> None:
+    tasks, _ = make()
+    task = started(tasks)
+    assert (task.attempt, task.start_message().attempt) == (1, 1)
+    assert tasks.apply_result(TaskResult(task.id, "p1", RUNNING, attempt=1)) is not None
+    tasks.interrupt(task.id)  # StopTask
+    again, _ = tasks.schedule(task.id)  # StartTask again
+    assert (again.attempt, again.start_message().attempt) == (2, 2)
+
+    # The first run's late reports do not touch the second run, whatever they say.
+    for state in (RUNNING, COMPLETED, FAILED):
+        assert tasks.apply_result(TaskResult(task.id, "p1", state, "old", attempt=1)) is None
+    assert tasks.apply_result(TaskResult(task.id, "p1", COMPLETED, attempt=0)) is None
+    current = tasks.get(task.id)
+    assert (current.state, current.results, current.attempt) == (TaskState.SCHEDULED, "", 2)
+
+    running = tasks.apply_result(TaskResult(task.id, "p1", RUNNING, attempt=2))
+    assert running is not None and running.state is TaskState.RUNNING
+    done = tasks.apply_result(TaskResult(task.id, "p1", COMPLETED, "new", attempt=2))
+    assert done is not None and (done.state, done.results) == (TaskState.COMPLETED, "new")
+
+
+def test_unschedule_keeps_the_attempt_number() -> None:
+    tasks, _ = make()
+    task = tasks.create("t", image_url="reg/x:1", proplet_id="p1")
+    _, previous = tasks.schedule(task.id)
+    tasks.unschedule(previous)
+    assert (tasks.get(task.id).state, tasks.get(task.id).attempt) == (TaskState.PENDING, 1)
+    assert tasks.schedule(task.id)[0].attempt == 2

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from proplet import Proplet, PropletConfig, WasmRuntime
-from server.messages import COMPLETED, FAILED, INTERRUPTED, RUNNING
+from server.messages import COMPLETED, FAILED, INTERRUPTED, RUNNING, TaskStart
 from tests.proplet import wat
 from tests.proplet.conftest import ManagerProbe, with_changes
 
@@ -159,6 +159,55 @@ async def test_a_repeated_start_of_a_queued_task_runs_it_once(
     last = await probe.run(wat.printing(b"after"))
     assert last.results == "after"
     assert probe.states(task) == [RUNNING, COMPLETED]
+
+
+async def start_attempt(probe: ManagerProbe, task_id: str, attempt: int, wasm: bytes) -> None:
+    start = TaskStart(id=task_id, name="task", file=wasm, attempt=attempt)
+    await probe.publish_raw(probe.topics.task_start, start.to_json())
+
+
+def attempts(probe: ManagerProbe, task_id: str) -> list[tuple[int, str]]:
+    return [(r.attempt, r.state) for r in probe.results if r.task_id == task_id]
+
+
+async def test_every_result_carries_the_attempt_of_its_start(
+    proplet: Proplet, probe: ManagerProbe
+) -> None:
+    await start_attempt(probe, "numbered", 7, wat.hello())
+    result = await probe.result("numbered")
+    assert (result.state, result.results) == (COMPLETED, "hello from wasm\n")
+    assert attempts(probe, "numbered") == [(7, RUNNING), (7, COMPLETED)]
+
+
+async def test_a_new_attempt_of_the_running_task_runs_after_it(
+    proplet: Proplet, probe: ManagerProbe
+) -> None:
+    await start_attempt(probe, "again", 1, wat.infinite_loop())
+    await probe.wait_until(lambda: (1, RUNNING) in attempts(probe, "again"))
+    await start_attempt(probe, "again", 1, wat.infinite_loop())  # redelivered: ignored
+    await start_attempt(probe, "again", 2, wat.printing(b"second run"))
+    await start_attempt(probe, "again", 2, wat.printing(b"second run"))  # ignored
+    await probe.wait_until(lambda: (2, COMPLETED) in attempts(probe, "again"))
+    # Starts are handled in order: a task after them shows nothing else was run.
+    assert (await probe.run(wat.printing(b"after"))).results == "after"
+    assert attempts(probe, "again") == [(1, RUNNING), (1, FAILED), (2, RUNNING), (2, COMPLETED)]
+    assert [r.results for r in probe.results if r.task_id == "again"][-1] == "second run"
+
+
+async def test_a_new_attempt_of_a_queued_task_replaces_it(
+    proplet: Proplet, probe: ManagerProbe
+) -> None:
+    blocker = await probe.start(wat.infinite_loop())
+    await probe.wait_until(lambda: RUNNING in probe.states(blocker))
+    await start_attempt(probe, "requeued", 1, wat.printing(b"first run"))
+    await start_attempt(probe, "requeued", 2, wat.printing(b"second run"))
+    await start_attempt(probe, "requeued", 1, wat.printing(b"first run"))  # older: ignored
+    await probe.wait_until(lambda: (2, COMPLETED) in attempts(probe, "requeued"))
+    assert (await probe.run(wat.printing(b"after"))).results == "after"
+    assert attempts(probe, "requeued") == [(1, INTERRUPTED), (2, RUNNING), (2, COMPLETED)]
+    superseded, _, done = [r for r in probe.results if r.task_id == "requeued"]
+    assert superseded.error == "interrupted: superseded by attempt 2"
+    assert done.results == "second run"
 
 
 async def test_stop_drops_a_queued_task_and_interrupts_the_running_one(
