@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,9 @@ import oras.client
 
 from proplet.config import PropletConfig
 from proplet.errors import TaskFailed
+from server.errors import InvalidArgument
 from server.messages import TaskStart
+from server.oci import DIGEST, ImageRef
 
 log = logging.getLogger(__name__)
 
@@ -49,49 +50,13 @@ INDEX_MEDIA_TYPES = (
 MAX_MODULE_BYTES = 256 << 20
 MAX_MANIFEST_BYTES = 4 << 20
 
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-# host[:port]/path[:tag][@sha256:hex]; the host must look like one (has a '.' or ':' or is
-# localhost), as in the docker reference grammar.
-_REFERENCE = re.compile(
-    r"^(?P<host>[^/@]+)/(?P<repo>[a-z0-9]+(?:[._/-][a-z0-9]+)*)"
-    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>[^@]+))?$"
-)
 
-
-@dataclass(frozen=True)
-class ImageRef:
-    """A parsed OCI reference `host[:port]/repository[:tag][@sha256:hex]`."""
-
-    host: str
-    repository: str
-    tag: str = "latest"
-    digest: str = ""
-
-    @classmethod
-    def parse(cls, url: str) -> ImageRef:
-        text = url.strip().removeprefix("oci://")
-        m = _REFERENCE.match(text)
-        if m is None:
-            raise TaskFailed(
-                f"image_url: {url!r} is not an OCI reference like "
-                "'registry:5000/repository:tag' or 'registry:5000/repository@sha256:<hex>'"
-            )
-        host = m.group("host")
-        if not ("." in host or ":" in host or host == "localhost"):
-            raise TaskFailed(f"image_url: {url!r} names no registry host")
-        digest = m.group("digest") or ""
-        if digest and not _DIGEST.match(digest):
-            raise TaskFailed(f"image_url: digest {digest!r} is not 'sha256:' + 64 hex digits")
-        return cls(host, m.group("repo"), m.group("tag") or "latest", digest)
-
-    @property
-    def reference(self) -> str:
-        """What to ask the registry's manifest endpoint for: the digest when pinned."""
-        return self.digest or self.tag
-
-    def __str__(self) -> str:
-        pinned = f"@{self.digest}" if self.digest else ""
-        return f"{self.host}/{self.repository}:{self.tag}{pinned}"
+def parse_image(url: str) -> ImageRef:
+    """The task's image reference; a bad one fails the task with the parser's reason."""
+    try:
+        return ImageRef.parse(url)
+    except InvalidArgument as exc:
+        raise TaskFailed(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -206,7 +171,7 @@ class ArtifactStore:
             raise TaskFailed("task names no module: image_url and file are both empty")
         if url.startswith("file://"):
             return await asyncio.to_thread(self._read_file, url)
-        ref = ImageRef.parse(url)
+        ref = parse_image(url)
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
             async with asyncio.timeout(self.config.rpc_timeout_s):
@@ -249,7 +214,7 @@ class ArtifactStore:
             if pinned is None:
                 layer = self._layer(client, container, ref)
                 digest = str(layer.get("digest", ""))
-                if not _DIGEST.match(digest):
+                if not DIGEST.match(digest):
                     raise TaskFailed(f"image {ref}: layer digest {digest!r} is not sha256")
                 size = layer.get("size")
                 pinned = (

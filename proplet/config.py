@@ -11,9 +11,9 @@ from pathlib import Path
 from proplet.federated import Backoff
 from proplet.runner import Limits
 from server.config import Endpoints, MqttConfig, env_float, env_int, env_list, env_str
+from server.oci import is_loopback
 
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "propeller-fl" / "proplet"
-_LOOPBACK_HOSTS = ("localhost", "127.", "[::1]", "::1")
 
 
 def parse_mirrors(raw: str, key: str = "PROPLET_REGISTRY_MIRRORS") -> dict[str, str]:
@@ -27,11 +27,6 @@ def parse_mirrors(raw: str, key: str = "PROPLET_REGISTRY_MIRRORS") -> dict[str, 
             raise ValueError(f"{key}: {item!r} is not HOST=ADDRESS")
         mirrors[host.strip()] = target.strip()
     return mirrors
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost / 127.x / ::1, with or without a port."""
-    return host.startswith(_LOOPBACK_HOSTS)
 
 
 @dataclass(frozen=True)

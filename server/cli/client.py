@@ -61,6 +61,7 @@ from server.errors import (
 )
 from server.grpc_server import channel
 from server.models import MODEL_URI_PREFIX, model_uri, parse_model_uri
+from server.oci import ImageRef, is_loopback
 from server.streams import model_stream, read_model_stream
 from server.tensors import (
     DEFAULT_CHUNK_SIZE,
@@ -718,30 +719,14 @@ def read_wasm_file(path: Path) -> bytes:
 
 # ------------------------------------------------------------------------------- OCI push
 
-_IMAGE = re.compile(
-    r"^(?P<host>[^/@]+)/(?P<repo>[a-z0-9]+(?:[._/-][a-z0-9]+)*)"
-    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?$"
-)
-_LOOPBACK = ("localhost", "127.", "[::1]", "::1")
-
 
 def parse_image(image: str) -> tuple[str, str, str]:
-    """`host[:port]/repo[:tag]` -> (host, repo, tag); tag defaults to latest."""
-    text = image.strip().removeprefix("oci://")
-    m = _IMAGE.match(text)
-    if m is None:
-        raise InvalidArgument(
-            f"--image: {image!r} is not an OCI reference "
-            "like 'localhost:5000/fl-client-wasm:latest'"
-        )
-    host = m.group("host")
-    if not ("." in host or ":" in host or host == "localhost"):
-        raise InvalidArgument(f"--image: {image!r} names no registry host (HOST:PORT/REPO:TAG)")
-    return host, m.group("repo"), m.group("tag") or "latest"
-
-
-def is_loopback(host: str) -> bool:
-    return host.startswith(_LOOPBACK)
+    """`host[:port]/repo[:tag]` -> (host, repo, tag); tag defaults to latest. A push names a
+    tag: a digest is what the registry gives back."""
+    ref = ImageRef.parse(image, "--image")
+    if ref.digest:
+        raise InvalidArgument(f"--image: {image!r}: push to a tag, not a digest")
+    return ref.host, ref.repository, ref.tag
 
 
 def push_wasm(

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from proplet import Proplet, PropletConfig, TaskFailed
-from proplet.artifacts import ArtifactStore, ImageRef
+from proplet.artifacts import ArtifactStore, parse_image
 from server.messages import COMPLETED, FAILED, TaskStart
+from server.oci import ImageRef
 from tests.infra import OciRegistry, free_port, push_wasm
 from tests.proplet import wat
 from tests.proplet.conftest import ManagerProbe, with_changes
@@ -72,7 +73,7 @@ def test_image_references_parse(url: str, expected: ImageRef) -> None:
 )
 def test_bad_image_references_are_refused(url: str) -> None:
     with pytest.raises(TaskFailed, match="image_url"):
-        ImageRef.parse(url)
+        parse_image(url)
 
 
 # ------------------------------------------------------------------ real registry
