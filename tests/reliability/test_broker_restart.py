@@ -11,9 +11,8 @@ import asyncio
 import json
 import shutil
 import tempfile
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from server.config import Endpoints, MqttConfig
 from server.mqtt import MqttSession
 from server.stack import Stack, StackConfig
 from server.topics import Topics
-from tests.infra import Mosquitto, free_port
+from tests.infra import Mosquitto, eventually, free_port
 from tests.proplet import wat
 
 T = TypeVar("T")
@@ -44,19 +43,6 @@ HYPER = coordinator_pb2.Hyperparams(epochs=1, lr=0.01, batch_size=16)
 # How long the phase-1 module trains: the broker is down for about this long.
 SLOW_S = 3.0
 Stub = Any
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float = 30.0
-) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout}s; last value: {value}")
-        await asyncio.sleep(0.05)
 
 
 def slow_update(round_id: str, seconds: float) -> bytes:

@@ -5,10 +5,8 @@ and able to run the next round's real trainer to completion."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from proplet.runner import HARD_DEADLINE_GRACE_S
 from server.config import Endpoints, MqttConfig
 from server.stack import Stack, StackConfig
 from server.topics import Topics
-from tests.infra import Mosquitto
+from tests.infra import Mosquitto, eventually
 from tests.proplet import wat
 
 T = TypeVar("T")
@@ -43,19 +41,6 @@ TASK_TIMEOUT_S = 2.0
 MEMORY_LIMIT = 64 << 20
 OUTPUT_LIMIT = 16 << 20
 Stub = Any
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float = 30.0
-) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout}s; last value: {value}")
-        await asyncio.sleep(0.05)
 
 
 def invalid_json() -> bytes:

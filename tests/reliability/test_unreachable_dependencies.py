@@ -14,7 +14,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +49,7 @@ from server.grpc_server import serving
 from server.manager.experiments import Hyperparams, round_task_env
 from server.stack import Stack, StackConfig
 from server.topics import Topics
-from tests.infra import Mosquitto, free_port
+from tests.infra import Mosquitto, eventually, free_port
 
 T = TypeVar("T")
 RPC_S = 10.0
@@ -57,19 +57,6 @@ V0 = "fl/models/global_model_v0"
 HYPER = coordinator_pb2.Hyperparams(epochs=1, lr=0.01, batch_size=16)
 FINAL = (manager_pb2.TASK_STATE_COMPLETED, manager_pb2.TASK_STATE_FAILED)
 Stub = Any  # generated stubs carry no types
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float = 30.0
-) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout}s; last value: {value}")
-        await asyncio.sleep(0.05)
 
 
 @dataclass
