@@ -22,6 +22,8 @@ from server.tensors import Spec, Tensors, specs_from_proto, total_bytes
 log = logging.getLogger(__name__)
 
 SUPPORTED_STRATEGIES = (aggregator_pb2.STRATEGY_UNSPECIFIED, aggregator_pb2.STRATEGY_FEDAVG)
+# Updates of at most this many bytes are folded in on the event loop, bigger ones in a thread.
+INLINE_BYTES = 256 << 10
 
 
 class _PendingUpdate:
@@ -88,7 +90,10 @@ def _start_update(
 
 
 async def _fold(fedavg: FedAvg, update: _PendingUpdate) -> None:
-    await asyncio.to_thread(fedavg.add, update.tensors(), update.num_samples)
+    if update.need <= INLINE_BYTES:  # less work than handing it to a thread and back
+        fedavg.add(update.tensors(), update.num_samples)
+    else:
+        await asyncio.to_thread(fedavg.add, update.tensors(), update.num_samples)
     log.debug(
         "[Aggregator.Aggregate] folded update=%d proplet_id=%s num_samples=%d",
         update.index,

@@ -11,7 +11,7 @@ import grpc
 
 from propeller.v1 import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
 from server.aggregator.fedavg import FedAvg
-from server.aggregator.intake import fold_update_stream
+from server.aggregator.intake import INLINE_BYTES, fold_update_stream
 from server.errors import InvalidArgument, grpc_errors
 from server.grpc_server import ServiceBinding
 from server.streams import drain, model_stream
@@ -30,6 +30,10 @@ def _finish(fedavg: FedAvg) -> tuple[Tensors, str]:
     return tensors, sha256_of(tensors)
 
 
+def _model_bytes(fedavg: FedAvg) -> int:
+    return sum(s.nbytes for s in fedavg.specs or ())
+
+
 class AggregatorServicer:
     async def Aggregate(
         self, request_iterator: AsyncIterator[aggregator_pb2.AggregateChunk], context: Context
@@ -40,7 +44,10 @@ class AggregatorServicer:
             except InvalidArgument:
                 await drain(request_iterator)
                 raise
-            result, digest = await asyncio.to_thread(_finish, fedavg)
+            if _model_bytes(fedavg) <= INLINE_BYTES:  # less work than a thread hand-off
+                result, digest = _finish(fedavg)
+            else:
+                result, digest = await asyncio.to_thread(_finish, fedavg)
             log.info(
                 "[Aggregator.Aggregate] round_id=%s updates=%d total_samples=%d",
                 header.round_id,

@@ -19,6 +19,7 @@ from propeller.v1 import (
     tensor_pb2,
 )
 from server.aggregator.client import METHOD as AGGREGATE_METHOD
+from server.aggregator.intake import INLINE_BYTES
 from server.coordinator.rounds import Update
 from server.coordinator.store import StoredUpdates
 from server.errors import InvalidArgument, NotFound, Unavailable, from_rpc_error
@@ -118,7 +119,10 @@ class GrpcModelBackend:
             raise from_rpc_error(err, AGGREGATE_METHOD) from None
         finally:
             call.cancel()  # a no-op once the call has finished
-        digest = await asyncio.to_thread(sha256_of, tensors)
+        if sum(a.nbytes for a in tensors.values()) <= INLINE_BYTES:
+            digest = sha256_of(tensors)  # less work than a thread hand-off
+        else:
+            digest = await asyncio.to_thread(sha256_of, tensors)
         if header.sha256 and header.sha256 != digest:
             raise Unavailable(
                 f"{AGGREGATE_METHOD}: response sha256 {header.sha256} does not match its bytes "

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -28,7 +28,7 @@ from server.errors import (
     PropellerError,
 )
 from server.messages import RoundComplete
-from server.tensors import Spec, Tensors, sha256_of
+from server.tensors import Array, Spec, Tensors, sha256_of
 from server.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,10 @@ T = TypeVar("T")
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 Clock = Callable[[], float]
+
+# Array work on at most this many bytes runs on the event loop: handing it to a thread and back
+# costs more (two GIL hand-offs, each up to the 5 ms switch interval when the loop is busy).
+INLINE_BYTES = 256 << 10
 
 # Downstream errors that another attempt cannot fix.
 _PERMANENT: tuple[type[PropellerError], ...] = (
@@ -117,6 +121,27 @@ class RetryPolicy:
         return sum(self.backoff_s(n) for n in range(1, max(1, self.attempts)))
 
 
+class _Members:
+    """A round's participants and reported proplets as sets, kept in step with its record:
+    `reported` only ever grows by appending, so usually one proplet is added."""
+
+    def __init__(self, participants: tuple[str, ...]) -> None:
+        self.participants = participants
+        self.participant_set = frozenset(participants)
+        self.reported: tuple[str, ...] = ()
+        self.reported_set: set[str] = set()
+
+    def sync(self, reported: tuple[str, ...]) -> None:
+        if reported is self.reported:
+            return
+        n = len(self.reported)
+        if len(reported) == n + 1 and reported[:n] == self.reported:
+            self.reported_set.add(reported[n])
+        else:
+            self.reported_set = set(reported)
+        self.reported = reported
+
+
 class Coordinator:
     """Owns the rounds (through `store`) and the tasks that finish them."""
 
@@ -141,6 +166,7 @@ class Coordinator:
         self._locks: dict[str, asyncio.Lock] = {}
         self._watchers: dict[str, set[asyncio.Queue[Event]]] = {}
         self._finishing: dict[str, asyncio.Task[None]] = {}
+        self._members: dict[str, _Members] = {}
 
     # ---- rounds ------------------------------------------------------------------------
 
@@ -201,12 +227,15 @@ class Coordinator:
         rules. The update that reaches k_of_n closes the round and starts aggregation in the
         background, so this returns at once (state AGGREGATING)."""
         rnd = await self.get(round_id)
-        if R.admit(rnd, update.proplet_id):
+        if self._admit(rnd, update.proplet_id):
             return Submitted(rnd, duplicate=True)
-        update = await asyncio.to_thread(R.validate_update, rnd, update)
+        if _nbytes(update.tensors) <= INLINE_BYTES:
+            update = R.validate_update(rnd, update)
+        else:
+            update = await asyncio.to_thread(R.validate_update, rnd, update)
         async with self._lock(round_id):
             rnd = await self.get(round_id)
-            if R.admit(rnd, update.proplet_id):
+            if self._admit(rnd, update.proplet_id):
                 return Submitted(rnd, duplicate=True)
             rnd = R.record_update(rnd, update.proplet_id)
             # One transaction: the update row and the round that counts it. The caller answers
@@ -215,6 +244,20 @@ class Coordinator:
             # starts the aggregation.
             await _to_the_end(self._accepted(rnd, update))
             return Submitted(rnd, duplicate=False)
+
+    def _admit(self, rnd: Round, proplet_id: str) -> bool:
+        """`rounds.admit` with an open round's members as sets (a big round's tuples are long;
+        rounds in any other state answer from the record itself)."""
+        if rnd.state is not R.RoundState.OPEN:
+            self._members.pop(rnd.round_id, None)
+            return R.admit(rnd, proplet_id)
+        members = self._members.get(rnd.round_id)
+        if members is None or members.participants is not rnd.participants:
+            members = self._members[rnd.round_id] = _Members(rnd.participants)
+        members.sync(rnd.reported)
+        return R.admit(
+            rnd, proplet_id, participants=members.participant_set, reported=members.reported_set
+        )
 
     async def _accepted(self, rnd: Round, update: Update) -> None:
         await self.store.accept(rnd, update)
@@ -332,11 +375,17 @@ class Coordinator:
             tensors = await self._with_retry(
                 "aggregate", round_id, lambda _n: self.backend.aggregate(round_id, updates)
             )
-            tensors = await asyncio.to_thread(R.check_tensors, rnd.specs, tensors, "aggregate")
+            if _nbytes(tensors) <= INLINE_BYTES:
+                tensors = R.check_tensors(rnd.specs, tensors, "aggregate")
+            else:
+                tensors = await asyncio.to_thread(R.check_tensors, rnd.specs, tensors, "aggregate")
         except PropellerError as exc:
             await self._fail(round_id, f"aggregation failed: {exc}")
             return
-        sha = await asyncio.to_thread(sha256_of, tensors)
+        if _nbytes(tensors) <= INLINE_BYTES:
+            sha = sha256_of(tensors)
+        else:
+            sha = await asyncio.to_thread(sha256_of, tensors)
 
         async def store_once(attempt: int) -> tuple[int, str]:
             # A retry, or a round resumed after a restart, may follow a write that landed
@@ -418,6 +467,8 @@ class Coordinator:
     # ---- events ------------------------------------------------------------------------
 
     def _emit(self, kind: str, rnd: Round, proplet_id: str = "") -> None:
+        if rnd.state is not R.RoundState.OPEN:
+            self._members.pop(rnd.round_id, None)  # closed: no more updates to look up
         event = Event(kind, rnd, self.clock(), proplet_id)
         for queue in self._watchers.get(rnd.round_id, ()):
             queue.put_nowait(event)
@@ -462,6 +513,10 @@ class Coordinator:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _nbytes(tensors: Mapping[str, Array]) -> int:
+    return sum(int(a.nbytes) for a in tensors.values())
 
 
 async def _to_the_end(aw: Awaitable[None]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -233,7 +233,13 @@ def start_round(rnd: Round, now: float) -> Round:
     return rnd
 
 
-def admit(rnd: Round, proplet_id: str) -> bool:
+def admit(
+    rnd: Round,
+    proplet_id: str,
+    *,
+    participants: Collection[str] | None = None,
+    reported: Collection[str] | None = None,
+) -> bool:
     """Whether `proplet_id` may submit to `rnd` now; True means its update was already
     accepted (a duplicate: answered accepted, not counted again, the first one kept).
 
@@ -242,16 +248,18 @@ def admit(rnd: Round, proplet_id: str) -> bool:
     rights). A participant that already reported gets the duplicate answer even after the
     round closed, since its update was counted; anyone else after the close is told the
     update is late and not counted.
-    """
+
+    `participants` / `reported` may give the round's ones as sets (the same members, faster
+    lookups in big rounds)."""
     if rnd.state is RoundState.PENDING:
         raise FailedPrecondition(
             f"round_id: round {rnd.round_id!r} is not started yet; update not counted"
         )
-    if proplet_id not in rnd.participants:
+    if proplet_id not in (rnd.participants if participants is None else participants):
         raise FailedPrecondition(
             f"proplet_id: {proplet_id!r} is not a participant of round {rnd.round_id!r}"
         )
-    if proplet_id in rnd.reported:
+    if proplet_id in (rnd.reported if reported is None else reported):
         return True
     if rnd.state is not RoundState.OPEN:
         raise FailedPrecondition(

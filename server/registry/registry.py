@@ -22,6 +22,8 @@ from server.tensors import Array, Tensors, check_finite, sha256_of
 log = logging.getLogger(__name__)
 
 MAX_DIMENSION = 10_000_000
+# Checks and hashes of models up to this size run on the event loop, bigger ones in a thread.
+_INLINE_BYTES = 256 << 10
 # How often an auto-numbered put retries when another process took the version it derived.
 _PUT_ATTEMPTS = 8
 
@@ -78,7 +80,10 @@ class ModelRegistry:
         """
         if version is not None and not 0 <= version <= MAX_VERSION:
             raise InvalidArgument(f"version: must be between 0 and {MAX_VERSION}, got {version}")
-        digest = await asyncio.to_thread(_checked_digest, tensors, field)
+        if sum(a.nbytes for a in tensors.values()) <= _INLINE_BYTES:
+            digest = _checked_digest(tensors, field)  # less work than a thread hand-off
+        else:
+            digest = await asyncio.to_thread(_checked_digest, tensors, field)
         if sha256 and sha256.lower() != digest:
             raise InvalidArgument(
                 f"sha256: header says {sha256}, the received bytes hash to {digest}"
@@ -133,7 +138,12 @@ class ModelRegistry:
             raise
 
     async def get_model(self, version: int) -> StoredModel:
-        model = await asyncio.to_thread(self.store.get, self._checked(version))
+        # A version the store holds in memory (verified) is served without a thread hand-off:
+        # every participant of a round asks for the same model at once.
+        cached = getattr(self.store, "cached", None)
+        model: StoredModel | None = cached(self._checked(version)) if cached else None
+        if model is None:
+            model = await asyncio.to_thread(self.store.get, self._checked(version))
         if model is None:
             raise not_found(version)
         return model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,12 +14,19 @@ from server.errors import InvalidArgument, grpc_errors
 from server.grpc_server import ServiceBinding
 from server.models import parse_model_uri
 from server.registry.registry import ModelRegistry
-from server.registry.store import ModelInfo
+from server.registry.store import ModelInfo, StoredModel
 from server.streams import model_stream, read_model_stream
 from server.tensors import DEFAULT_CHUNK_SIZE, dtype_from_proto
 
 SERVICE_NAME = "propeller.v1.ModelRegistry"
 MAX_CHUNK_SIZE = 4 << 20
+# GetModel answers from serialized chunk messages kept for the most recently served versions
+# (every participant of a round downloads the same model): at most this many models, and
+# only models of at most this many bytes.
+CHUNK_CACHE_ENTRIES = 2
+CHUNK_CACHE_MAX_MODEL_BYTES = 256 << 20
+# Models up to this size are serialized on the event loop; bigger ones in a thread.
+_INLINE_BYTES = 256 << 10
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -53,9 +62,67 @@ def chunk_size_of(request: model_registry_pb2.GetModelRequest) -> int:
     return min(request.chunk_size, MAX_CHUNK_SIZE)
 
 
+def serialized_chunks(model: StoredModel, chunk_size: int) -> list[bytes]:
+    """A version's whole GetModel answer as serialized ModelChunk messages."""
+    return [
+        chunk.SerializeToString()
+        for chunk in model_stream(
+            model.tensors,
+            chunk_size,
+            version=model.version,
+            model_uri=model.info.model_uri,
+            sha256=model.sha256,
+        )
+    ]
+
+
+class ChunkCache:
+    """Serialized GetModel answers by (version, chunk size), least recently used dropped
+    first. Versions are immutable, so an entry never goes stale. Concurrent requests for the
+    same answer wait for one serialization, which a requester going away does not cancel."""
+
+    def __init__(self, entries: int = CHUNK_CACHE_ENTRIES) -> None:
+        self.entries = entries
+        self._answers: OrderedDict[tuple[int, int], asyncio.Task[list[bytes]]] = OrderedDict()
+
+    async def get(self, model: StoredModel, chunk_size: int) -> list[bytes]:
+        key = (model.version, chunk_size)
+        answer = self._answers.get(key)
+        if answer is None:
+            if model.info.total_bytes <= _INLINE_BYTES:
+                chunks = serialized_chunks(model, chunk_size)
+                answer = asyncio.get_running_loop().create_task(_ready(chunks))
+            else:
+                answer = asyncio.create_task(
+                    asyncio.to_thread(serialized_chunks, model, chunk_size)
+                )
+            self._answers[key] = answer
+            answer.add_done_callback(lambda t: self._forget(key, t))
+            while len(self._answers) > self.entries:
+                self._answers.popitem(last=False)
+        else:
+            self._answers.move_to_end(key)
+        return await asyncio.shield(answer)
+
+    def _forget(self, key: tuple[int, int], task: asyncio.Task[list[bytes]]) -> None:
+        """A failed serialization is not kept (its requesters got the error)."""
+        if (task.cancelled() or task.exception() is not None) and self._answers.get(key) is task:
+            del self._answers[key]
+
+
+async def _ready(chunks: list[bytes]) -> list[bytes]:
+    return chunks
+
+
+def _serialize_chunk(message: tensor_pb2.ModelChunk | bytes) -> bytes:
+    """GetModel's response serializer: chunk messages, or chunks serialized already."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 class ModelRegistryServicer:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
+        self.chunks = ChunkCache()
 
     async def InitModel(
         self, request: model_registry_pb2.InitModelRequest, context: Context
@@ -95,14 +162,19 @@ class ModelRegistryServicer:
             version = requested_version(request)
             chunk_size = chunk_size_of(request)
             model = await self.registry.get_model(version)
-            for chunk in model_stream(
-                model.tensors,
-                chunk_size,
-                version=model.version,
-                model_uri=model.info.model_uri,
-                sha256=model.sha256,
-            ):
-                yield chunk
+            if model.info.total_bytes > CHUNK_CACHE_MAX_MODEL_BYTES:
+                for chunk in model_stream(
+                    model.tensors,
+                    chunk_size,
+                    version=model.version,
+                    model_uri=model.info.model_uri,
+                    sha256=model.sha256,
+                ):
+                    yield chunk
+                return
+            # Serialized already (see `_serialize_chunk`): sent as they are.
+            for data in await self.chunks.get(model, chunk_size):
+                yield data  # type: ignore[misc]
 
     async def GetModelInfo(
         self, request: model_registry_pb2.GetModelRequest, context: Context
@@ -121,9 +193,39 @@ class ModelRegistryServicer:
             )
 
 
-def binding(registry: ModelRegistry) -> ServiceBinding:
-    return ServiceBinding(
-        SERVICE_NAME,
-        ModelRegistryServicer(registry),
-        model_registry_pb2_grpc.add_ModelRegistryServicer_to_server,
+class _PassSerializedChunks:
+    """Stands in for the server while the generated code registers the handlers, and
+    registers them on the real server with GetModel's response serializer replaced by
+    `_serialize_chunk` (everything else as generated)."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # added by add_registered_method_handlers, from the same handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        get = handlers["GetModel"]
+        handlers = {
+            **handlers,
+            "GetModel": grpc.unary_stream_rpc_method_handler(
+                get.unary_stream,
+                request_deserializer=get.request_deserializer,
+                response_serializer=_serialize_chunk,
+            ),
+        }
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, handlers),)
+        )
+        # (missing from grpc-stubs; the generated code calls it too)
+        self.server.add_registered_method_handlers(service, handlers)  # type: ignore[attr-defined]
+
+
+def _add(servicer: ModelRegistryServicer, server: grpc.aio.Server) -> None:
+    model_registry_pb2_grpc.add_ModelRegistryServicer_to_server(
+        servicer, _PassSerializedChunks(server)
     )
+
+
+def binding(registry: ModelRegistry) -> ServiceBinding:
+    return ServiceBinding(SERVICE_NAME, ModelRegistryServicer(registry), _add)

@@ -155,6 +155,10 @@ class InMemoryModelStore:
         with self._lock:
             return self._models.get(version)
 
+    def cached(self, version: int) -> StoredModel | None:
+        """`get` without blocking (all versions are in memory)."""
+        return self._models.get(version)  # one dict lookup: atomic under the GIL
+
     def info(self, version: int) -> ModelInfo | None:
         with self._lock:
             model = self._models.get(version)
@@ -230,6 +234,11 @@ class DirectoryModelStore:
                 f"{size - len(line)} tensor bytes, its header promises {info.total_bytes})"
             )
         return info
+
+    def cached(self, version: int) -> StoredModel | None:
+        """A version already read and verified, without blocking (None when it would have to
+        be read). Never waits for `_load_lock`, which a big read may hold for a while."""
+        return self._cache.get(version)  # one dict lookup: atomic under the GIL
 
     def get(self, version: int) -> StoredModel | None:
         with self._load_lock:
@@ -466,6 +475,11 @@ class SqliteModelStore:
                 f"tensor bytes, its row promises {info.total_bytes})"
             )
         return info
+
+    def cached(self, version: int) -> StoredModel | None:
+        """A version already read and verified, without blocking (None when it would have to
+        be read). Never waits for `_load_lock`, which a big read may hold for a while."""
+        return self._cache.get(version)  # one dict lookup: atomic under the GIL
 
     def get(self, version: int) -> StoredModel | None:
         with self._load_lock:

@@ -1,0 +1,156 @@
+"""Aggregation: FedAvg (`server.aggregator.fedavg.FedAvg`: validate and fold one update at a
+time, then take the mean) over K updates of D float32 parameters, against a plain numpy
+weighted sum of the same arrays in the same run:
+
+    out = np.zeros(D, np.float32)
+    for x, n in updates:
+        out += x * np.float32(n / total)
+
+The updates cycle through a pool of at most 16 distinct arrays (so K = 1000 x D = 1e6 needs
+64 MB of inputs, not 4 GB); subject and baseline read exactly the same arrays, interleaved,
+and the ratio is baseline time / FedAvg time (>= 0.8 is the target).
+
+Memory: one aggregation of K updates of D = 2.5e6 float32 (10 MB each) through the
+coordinator's gRPC backend into a real Aggregator, in a child process whose peak RSS (VmHWM)
+is read at K = 10 and K = 1000. The updates are made one at a time as they are streamed (as
+the coordinator's SQLite store reads them), so holding all 1000 would take 10 GB, more than
+this benchmark allows itself; folding them in as they arrive keeps the peak the same.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import Child, Recorder, fmt_count, median
+from server.aggregator.fedavg import FedAvg
+
+NAME = "aggregation"
+TARGET_RATIO = 0.8
+POOL = 16
+MAX_ELEMENTS = 1_000_000_000  # K x D per point, to bound the run time
+
+F32 = np.ndarray[Any, np.dtype[np.float32]]
+
+
+def baseline(pool: Sequence[F32], k: int, weights: Sequence[int]) -> F32:
+    """The weighted mean as plain numpy computes it in float64 (what FedAvg computes)."""
+    acc = np.zeros(pool[0].shape, np.float64)
+    for i in range(k):
+        acc += pool[i % len(pool)].astype(np.float64) * weights[i]
+    out: F32 = (acc / sum(weights)).astype(np.float32)
+    return out
+
+
+def baseline_f32(pool: Sequence[F32], k: int, weights: Sequence[int]) -> F32:
+    """The same in float32 arithmetic throughout: cheaper and less exact."""
+    total = float(sum(weights))
+    out = np.zeros(pool[0].shape, np.float32)
+    for i in range(k):
+        out += pool[i % len(pool)] * np.float32(weights[i] / total)
+    return out
+
+
+def fedavg(pool: Sequence[F32], k: int, weights: Sequence[int]) -> F32:
+    agg = FedAvg()
+    for i in range(k):
+        agg.add({"w": pool[i % len(pool)]}, weights[i])
+    out: F32 = agg.result()["w"]
+    return out
+
+
+def _timed(fn: Callable[[], F32]) -> tuple[float, F32]:
+    started = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - started, out
+
+
+def compare(k: int, d: int, reps: int) -> dict[str, float]:
+    rng = np.random.default_rng(k * 31 + d)
+    pool = [rng.standard_normal(d, dtype=np.float32) for _ in range(min(k, POOL))]
+    weights = [int(w) for w in rng.integers(1, 100, size=k)]
+    base_s: list[float] = []
+    f32_s: list[float] = []
+    subj_s: list[float] = []
+    for _ in range(reps):
+        t, expect = _timed(lambda: baseline(pool, k, weights))
+        base_s.append(t)
+        t, got = _timed(lambda: fedavg(pool, k, weights))
+        subj_s.append(t)
+        t, _ = _timed(lambda: baseline_f32(pool, k, weights))
+        f32_s.append(t)
+    if not np.array_equal(got, expect):
+        raise AssertionError(f"FedAvg and the float64 baseline differ at K={k} D={d}")
+    b, s, b32 = median(base_s), median(subj_s), median(f32_s)
+    return {
+        "baseline_ms": round(b * 1000, 3),
+        "fedavg_ms": round(s * 1000, 3),
+        "ratio": round(b / s, 3),
+        "baseline_f32_ms": round(b32 * 1000, 3),
+        "ratio_f32": round(b32 / s, 3),
+        "fedavg_gb_per_s": round(k * d * 4 / s / 1e9, 2),
+    }
+
+
+def memory(k: int, d: int, workdir: Path) -> dict[str, float]:
+    child = Child("aggmem", {"k": k, "d": d}, log_path=workdir / f"aggmem-{k}.log")
+    try:
+        ready = child.ready
+    finally:
+        child.stop()
+    return {
+        "peak_rss_mb": round(ready["vmhwm_kib"] / 1024, 1),
+        "seconds": round(ready["seconds"], 2),
+    }
+
+
+async def run(rec: Recorder, smoke: bool) -> None:
+    ks = [10, 100] if smoke else [10, 100, 1000]
+    ds = [1_000, 100_000] if smoke else [1_000, 10_000, 100_000, 1_000_000, 10_000_000]
+    reps = 2 if smoke else 5
+    for k in ks:
+        for d in ds:
+            if k * d > MAX_ELEMENTS:
+                continue
+            fig = compare(k, d, reps)
+            rec.record(
+                NAME,
+                {"k": k, "d": d, "dtype": "float32", "reps": reps},
+                fig,
+                targets={f">= {TARGET_RATIO} of numpy": fig["ratio"] >= TARGET_RATIO},
+                summary=(
+                    f"K={k:<5} D={fmt_count(d):<6} fedavg {fig['fedavg_ms']:9.2f} ms, numpy "
+                    f"{fig['baseline_ms']:9.2f} ms, ratio {fig['ratio']:.2f} "
+                    f"({fig['fedavg_gb_per_s']:.1f} GB/s; float32 numpy "
+                    f"{fig['baseline_f32_ms']:.2f} ms, ratio {fig['ratio_f32']:.2f})"
+                ),
+            )
+    d_mem = 10_000 if smoke else 2_500_000
+    ks = [2, 20] if smoke else [10, 100, 1000]
+    with tempfile.TemporaryDirectory(prefix="bench-agg-") as tmp:
+        peaks = {k: memory(k, d_mem, Path(tmp)) for k in ks}
+    small, big = peaks[ks[0]], peaks[ks[-1]]
+    growth = big["peak_rss_mb"] / small["peak_rss_mb"]
+    all_bytes = ks[-1] * d_mem * 4
+    rec.record(
+        NAME + "-memory",
+        {"d": d_mem, "k": ks, "update_mb": d_mem * 4 / 1e6},
+        {
+            **{f"peak_rss_mb_k{k}": p["peak_rss_mb"] for k, p in peaks.items()},
+            "growth": round(growth, 3),
+            f"seconds_k{ks[-1]}": big["seconds"],
+            f"all_updates_mb_k{ks[-1]}": round(all_bytes / 1e6),
+        },
+        targets={f"flat in K (K={ks[-1]} < 1.25x K={ks[0]})": growth < 1.25},
+        summary=(
+            f"coordinator->aggregator over gRPC, D={fmt_count(d_mem)} float32: peak RSS "
+            + ", ".join(f"{p['peak_rss_mb']:.0f} MB at K={k}" for k, p in peaks.items())
+            + f" (all K={ks[-1]} updates: {all_bytes / 1e6:.0f} MB); K={ks[-1]} took "
+            f"{big['seconds']:.1f} s"
+        ),
+    )

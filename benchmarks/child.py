@@ -1,0 +1,288 @@
+"""Helper processes for the benchmarks: `python -m benchmarks.child KIND ARGS_JSON`.
+
+Every kind prints one JSON line when it is ready (its addresses, or its result), runs until
+its stdin closes, then prints a last JSON line with its peak RSS and exits. Servers run in
+their own process so that the client under measurement and the server each get a core.
+
+Kinds:
+- `stack`: the five services (`server.stack.Stack`) on real mosquitto;
+- `bare`: a bare grpc.aio server of raw bytes, the baseline: `bench.Bare/Sink` (client
+  stream -> one small answer) and `bench.Bare/Source` (one request -> a stream of chunks);
+- `ingest`: a Coordinator (memory or SQLite store) with open rounds that never close;
+- `registry`: a ModelRegistry (SQLite state dir) holding one model of the given size;
+- `aggmem`: one aggregation of K lazily generated updates through the coordinator's gRPC
+  backend and a real Aggregator, in this process; reports time and peak RSS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import struct
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import grpc
+import numpy as np
+
+from benchmarks.common import Json, peak_rss_kib, write_line
+from server.aggregator.service import binding as aggregator_binding
+from server.config import MqttConfig
+from server.coordinator import rounds as R
+from server.coordinator.clients import GrpcModelBackend
+from server.coordinator.coordinator import Coordinator
+from server.coordinator.service import binding as coordinator_binding
+from server.coordinator.store import MemoryRoundStore, RoundStore, SqliteRoundStore
+from server.errors import FailedPrecondition
+from server.grpc_server import serving
+from server.registry.app import RegistryApp, RegistryConfig
+from server.stack import Stack, StackConfig
+from server.tensors import GRPC_OPTIONS, Spec, Tensors
+from server.topics import Topics
+
+BARE_SERVICE = "bench.Bare"
+
+
+async def stdin_closed() -> None:
+    """Returns when the parent closes our stdin (or dies)."""
+    await asyncio.to_thread(sys.stdin.buffer.read)
+
+
+def model_bytes(total: int, seed: int = 0) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """The float32 values both the subject and the baseline serve (same bytes)."""
+    return np.random.default_rng(seed).standard_normal(total // 4, dtype=np.float32)
+
+
+# ---- stack --------------------------------------------------------------------------------
+
+
+async def run_stack(args: Json) -> None:
+    mqtt = MqttConfig(port=int(args["mqtt_port"]), topics=Topics(args["domain"], "fl"))
+    ids = tuple(f"{args['id_prefix']}{i}" for i in range(int(args["proplets"])))
+    config = StackConfig(
+        mqtt=mqtt,
+        seed_proplet_ids=ids,
+        num_samples=int(args.get("num_samples", 64)),
+        num_features=int(args.get("num_features", 3)),
+        alive_window_s=float(args.get("alive_window_s", 3600)),
+    )
+    async with Stack(config) as stack:
+        e = stack.endpoints
+        write_line(
+            sys.stdout,
+            {
+                "manager": e.manager,
+                "coordinator": e.coordinator,
+                "aggregator": e.aggregator,
+                "registry": e.registry,
+                "datastore": e.datastore,
+            },
+        )
+        await stdin_closed()
+
+
+# ---- bare baseline server -------------------------------------------------------------------
+
+
+def bare_handler(chunks: Sequence[bytes]) -> grpc.GenericRpcHandler[Any, Any]:
+    """No (de)serializers: requests and responses are the raw message bytes."""
+
+    async def sink(requests: AsyncIterator[bytes], context: Any) -> bytes:
+        total = count = 0
+        async for message in requests:
+            total += len(message)
+            count += 1
+        return struct.pack("<QQ", total, count)
+
+    async def source(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+
+    return grpc.method_handlers_generic_handler(
+        BARE_SERVICE,
+        {
+            "Sink": grpc.stream_unary_rpc_method_handler(sink),
+            "Source": grpc.unary_stream_rpc_method_handler(source),
+        },
+    )
+
+
+async def run_bare(args: Json) -> None:
+    chunk = int(args.get("chunk", 1 << 20))
+    payload = model_bytes(int(args.get("source_bytes", 0))).tobytes()
+    chunks = [payload[i : i + chunk] for i in range(0, len(payload), chunk)]
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((bare_handler(chunks),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        write_line(sys.stdout, {"addr": f"127.0.0.1:{port}"})
+        await stdin_closed()
+    finally:
+        await server.stop(1)
+
+
+# ---- coordinator for ingestion ----------------------------------------------------------------
+
+
+class FixedModels:
+    """A `ModelBackend` that knows the base models' specs and nothing else: the ingestion
+    rounds never close, so nothing is aggregated or stored."""
+
+    def __init__(self, specs: dict[str, list[Spec]]) -> None:
+        self.specs = specs
+
+    async def resolve(self, model_ref: str) -> tuple[str, list[Spec]]:
+        return model_ref, self.specs[model_ref]
+
+    async def aggregate(self, round_id: str, updates: Sequence[R.Update]) -> Tensors:
+        raise FailedPrecondition("the ingestion benchmark does not aggregate")
+
+    async def put(self, tensors: Tensors, sha256: str) -> tuple[int, str]:
+        raise FailedPrecondition("the ingestion benchmark does not store models")
+
+    async def find(self, sha256: str, after_version: int) -> tuple[int, str] | None:
+        return None
+
+
+def specs_from_args(raw: list[list[Any]]) -> list[Spec]:
+    return [Spec(str(n), np.dtype(str(d)), tuple(int(x) for x in shape)) for n, d, shape in raw]
+
+
+async def _nothing(topic: str, payload: bytes) -> None:
+    return None
+
+
+async def run_ingest(args: Json) -> None:
+    rounds: list[Json] = args["rounds"]
+    backend = FixedModels({r["model_ref"]: specs_from_args(r["tensors"]) for r in rounds})
+    store: RoundStore
+    sqlite: SqliteRoundStore | None = None
+    if args.get("state_dir"):
+        sqlite = SqliteRoundStore.in_dir(Path(args["state_dir"]))
+        store = sqlite
+    else:
+        store = MemoryRoundStore()
+    coordinator = Coordinator(store, backend, _nothing, Topics("bench", "fl"))
+    try:
+        for r in rounds:
+            cfg = R.round_config(
+                round_id=r["round_id"],
+                participants=[f"p{i}" for i in range(int(r["participants"]))],
+                timeout_s=86400.0,
+                model_ref=r["model_ref"],
+            )
+            await coordinator.configure(cfg, start=True)
+        async with serving("127.0.0.1:0", [coordinator_binding(coordinator)]) as port:
+            write_line(sys.stdout, {"addr": f"127.0.0.1:{port}"})
+            await stdin_closed()
+    finally:
+        await coordinator.aclose()
+        if sqlite is not None:
+            sqlite.close()
+
+
+# ---- registry for model transfer ------------------------------------------------------------
+
+
+async def run_registry(args: Json) -> None:
+    config = RegistryConfig("127.0.0.1:0", state_dir=Path(args["state_dir"]))
+    async with RegistryApp(config) as app:
+        w = model_bytes(int(args["model_bytes"]))
+        info = await app.registry.put_model({"w": w})
+        del w
+        async with serving(config.addr, app.bindings) as port:
+            write_line(
+                sys.stdout,
+                {"addr": f"127.0.0.1:{port}", "version": info.version, "uri": info.model_uri},
+            )
+            await stdin_closed()
+
+
+# ---- aggregation memory -----------------------------------------------------------------------
+
+
+class LazyUpdates(Sequence[R.Update]):
+    """K updates of D float32 parameters, each made when asked for and not kept (as the SQLite
+    store reads stored updates one at a time)."""
+
+    def __init__(self, k: int, d: int) -> None:
+        self.k = k
+        self.d = d
+        self.base = np.random.default_rng(1).standard_normal(d, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return self.k
+
+    @overload
+    def __getitem__(self, index: int) -> R.Update: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[R.Update]: ...
+
+    def __getitem__(self, index: int | slice) -> R.Update | Sequence[R.Update]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.k))]
+        if not 0 <= index < self.k:
+            raise IndexError(index)
+        w = np.multiply(self.base, np.float32(1.0 + index * 1e-4))
+        return R.Update(f"p{index}", "fl/models/global_model_v0", 1 + index % 7, {}, {"w": w})
+
+
+async def run_aggmem(args: Json) -> None:
+    k, d = int(args["k"]), int(args["d"])
+    updates = LazyUpdates(k, d)
+    async with serving("127.0.0.1:0", [aggregator_binding()]) as port:
+        aggregator = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+        registry = grpc.aio.insecure_channel("127.0.0.1:9", options=GRPC_OPTIONS)  # unused
+        try:
+            backend = GrpcModelBackend(registry, aggregator, timeout_s=3600)
+            started = time.perf_counter()
+            result = await backend.aggregate("mem", updates)
+            seconds = time.perf_counter() - started
+        finally:
+            await aggregator.close(None)
+            await registry.close(None)
+    write_line(
+        sys.stdout,
+        {
+            "seconds": seconds,
+            "vmhwm_kib": peak_rss_kib(),
+            "result_bytes": int(sum(a.nbytes for a in result.values())),
+        },
+    )
+    await stdin_closed()
+
+
+KINDS = {
+    "stack": run_stack,
+    "bare": run_bare,
+    "ingest": run_ingest,
+    "registry": run_registry,
+    "aggmem": run_aggmem,
+}
+
+
+def main(argv: list[str]) -> int:
+    import json
+
+    kind, raw = argv[0], argv[1] if len(argv) > 1 else "{}"
+    logging.basicConfig(
+        level=os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(KINDS[kind](json.loads(raw)))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    write_line(sys.stdout, {"vmhwm_kib": peak_rss_kib(), "cpu_s": usage.ru_utime + usage.ru_stime})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

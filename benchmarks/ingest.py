@@ -1,0 +1,256 @@
+"""Ingestion: `Coordinator.SubmitUpdate` throughput against a bare grpc.aio stream of the same
+bytes, on the same machine, in the same run.
+
+Subject: a Coordinator (memory round store, the one-process deployments' store) in a child
+process with open rounds; every update is a real participant's first update, so it is
+parsed, validated (shapes, finiteness), counted and stored. Baseline: a bare grpc.aio server
+(`bench.Bare/Sink`) in another child that reads the same messages as raw bytes and answers
+once. The client sends pre-serialized messages to both (the same bytes, client cost equal),
+alternating subject and baseline, and the ratio of the medians is reported.
+
+- small updates (the demo model: w[3] + b, float64; 2 messages per call): updates per second
+  with 1, 4, 16 and 64 concurrent senders;
+- big updates (one float32 tensor of 10 MB and of 100 MB, 1 MiB chunks): MB/s of one sender.
+
+An extra row (no target) repeats the small case at 16 senders against the SQLite store
+(`propeller-fl serve`'s store: every accepted update is committed to disk before the answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from benchmarks.common import Child, Recorder, median
+from propeller.v1 import coordinator_pb2, tensor_pb2
+from server.streams import UpdateMeta, update_header
+from server.tensors import DEFAULT_CHUNK_SIZE, GRPC_OPTIONS, Spec, Tensors, iter_chunks, specs_of
+
+NAME = "ingest"
+TARGET_RATIO = 0.5
+SUBMIT = "/propeller.v1.Coordinator/SubmitUpdate"
+SINK = "/bench.Bare/Sink"
+SMALL_URI = "fl/models/global_model_v1"
+BIG_URIS = {10: "fl/models/global_model_v2", 100: "fl/models/global_model_v3"}
+
+Messages = list[bytes]
+Send = Callable[[Messages], Awaitable[bytes]]
+
+
+def small_model() -> Tensors:
+    return {"w": np.array([0.1, -0.2, 0.3]), "b": np.array(0.05)}
+
+
+def big_model(mb: int) -> Tensors:
+    n = mb * 1_000_000 // 4
+    return {"w": np.random.default_rng(mb).standard_normal(n, dtype=np.float32)}
+
+
+def _spec_args(tensors: Tensors) -> list[list[object]]:
+    return [[name, arr.dtype.str, list(arr.shape)] for name, arr in tensors.items()]
+
+
+def messages(round_id: str, proplet: str, uri: str, specs: list[Spec], data: Messages) -> Messages:
+    """One update as serialized UpdateChunks: its own header, then the (shared) data chunks."""
+    meta = UpdateMeta(round_id, proplet, uri, 64, {"loss": 0.5})
+    header = tensor_pb2.UpdateChunk(header=update_header(meta, specs))
+    return [header.SerializeToString(), *data]
+
+
+def data_chunks(tensors: Tensors) -> Messages:
+    return [
+        tensor_pb2.UpdateChunk(data=c).SerializeToString()
+        for c in iter_chunks(tensors, DEFAULT_CHUNK_SIZE)
+    ]
+
+
+def _check_subject(answer: bytes) -> None:
+    resp = coordinator_pb2.SubmitUpdateResponse.FromString(answer)
+    if not resp.accepted or resp.duplicate:
+        raise RuntimeError(f"update not accepted as new: {resp}")
+
+
+def _check_sink(answer: bytes) -> None:
+    struct.unpack("<QQ", answer)
+
+
+async def blast(send: Send, batches: Sequence[Messages], concurrency: int) -> float:
+    """Send every batch (one call each) with `concurrency` callers; returns seconds."""
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < len(batches):
+            i = next_index
+            next_index += 1
+            await send(batches[i])
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started
+
+
+def caller(channel: grpc.aio.Channel, method: str, check: Callable[[bytes], None]) -> Send:
+    call = channel.stream_unary(method, None, None)  # no serializers: the messages are bytes
+
+    async def send(batch: Messages) -> bytes:
+        answer: bytes = await call(iter(batch), timeout=600)
+        check(answer)
+        return answer
+
+    return send
+
+
+def rounds_config(
+    reps: int, per_run: int, concurrencies: Sequence[int], bigs: Sequence[int]
+) -> list[dict[str, object]]:
+    small = _spec_args(small_model())
+    rounds: list[dict[str, object]] = [
+        {"round_id": f"s{c}-{r}", "model_ref": SMALL_URI, "tensors": small, "participants": per_run}
+        for c in (0, *concurrencies)
+        for r in range(reps + 1)
+    ]
+    for mb in bigs:
+        n = mb * 1_000_000 // 4
+        rounds.append(
+            {
+                "round_id": f"big{mb}",
+                "model_ref": BIG_URIS[mb],
+                "tensors": [["w", "<f4", [n]]],
+                "participants": reps + 2,
+            }
+        )
+    return rounds
+
+
+async def run(rec: Recorder, smoke: bool) -> None:
+    concurrencies = [1, 4] if smoke else [1, 4, 16, 64]
+    reps = 2 if smoke else 3
+    per_run = 40 if smoke else 400
+    bigs = [10] if smoke else [10, 100]
+    config = rounds_config(reps, per_run, concurrencies, bigs)
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        workdir = Path(tmp)
+        bare = Child("bare", {}, log_path=workdir / "bare.log")
+        coord = Child("ingest", {"rounds": config}, log_path=workdir / "ingest.log")
+        try:
+            async with (
+                grpc.aio.insecure_channel(coord.ready["addr"], options=GRPC_OPTIONS) as cch,
+                grpc.aio.insecure_channel(bare.ready["addr"], options=GRPC_OPTIONS) as bch,
+            ):
+                subject = caller(cch, SUBMIT, _check_subject)
+                baseline = caller(bch, SINK, _check_sink)
+                await _small(rec, subject, baseline, concurrencies, reps, per_run)
+                await _big(rec, subject, baseline, bigs, reps)
+        finally:
+            coord.stop()
+        sqlite = Child(
+            "ingest",
+            {
+                "rounds": config[: reps + 1 + len(concurrencies) * (reps + 1)],
+                "state_dir": str(workdir),
+            },
+            log_path=workdir / "ingest-sqlite.log",
+        )
+        try:
+            async with (
+                grpc.aio.insecure_channel(sqlite.ready["addr"], options=GRPC_OPTIONS) as sch,
+                grpc.aio.insecure_channel(bare.ready["addr"], options=GRPC_OPTIONS) as bch,
+            ):
+                subject = caller(sch, SUBMIT, _check_subject)
+                baseline = caller(bch, SINK, _check_sink)
+                c = concurrencies[-1] if smoke else 16
+                await _small(rec, subject, baseline, [c], reps, per_run, store="sqlite")
+        finally:
+            sqlite.stop()
+            bare.stop()
+
+
+async def _small(
+    rec: Recorder,
+    subject: Send,
+    baseline: Send,
+    concurrencies: Sequence[int],
+    reps: int,
+    per_run: int,
+    store: str = "memory",
+) -> None:
+    model = small_model()
+    data = data_chunks(model)
+    specs = specs_of(model)
+
+    def batches(round_id: str) -> list[Messages]:
+        return [messages(round_id, f"p{i}", SMALL_URI, specs, data) for i in range(per_run)]
+
+    await blast(subject, batches("s0-0"), 8)  # warm-up: connections, code paths
+    await blast(baseline, batches("s0-0"), 8)
+    for c in concurrencies:
+        subj: list[float] = []
+        base: list[float] = []
+        for r in range(reps):
+            work = batches(f"s{c}-{r}")
+            base.append(per_run / await blast(baseline, work, c))
+            subj.append(per_run / await blast(subject, work, c))
+        s, b = median(subj), median(base)
+        ratio = s / b
+        targets = (
+            {f">= {TARGET_RATIO} of bare": ratio >= TARGET_RATIO} if store == "memory" else None
+        )
+        rec.record(
+            NAME,
+            {
+                "update": "w[3]+b f64",
+                "senders": c,
+                "updates": per_run,
+                "reps": reps,
+                "store": store,
+            },
+            {"updates_per_s": round(s), "bare_per_s": round(b), "ratio": round(ratio, 3)},
+            targets=targets,
+            summary=(
+                f"small updates, {c:>2} senders ({store}): {s:8.0f}/s, bare {b:8.0f}/s, "
+                f"ratio {ratio:.2f}"
+            ),
+        )
+
+
+async def _big(
+    rec: Recorder, subject: Send, baseline: Send, sizes: Sequence[int], reps: int
+) -> None:
+    for mb in sizes:
+        model = big_model(mb)
+        data = data_chunks(model)
+        specs = specs_of(model)
+        total = sum(a.nbytes for a in model.values())
+        del model
+        subj: list[float] = []
+        base: list[float] = []
+        for r in range(reps + 1):
+            batch = messages(f"big{mb}", f"p{r}", BIG_URIS[mb], specs, data)
+            b_s = await blast(baseline, [batch], 1)
+            s_s = await blast(subject, [batch], 1)
+            if r:  # the first is a warm-up
+                base.append(total / 1e6 / b_s)
+                subj.append(total / 1e6 / s_s)
+        s, b = median(subj), median(base)
+        ratio = s / b
+        rec.record(
+            NAME,
+            {
+                "update_mb": mb,
+                "senders": 1,
+                "chunk": DEFAULT_CHUNK_SIZE,
+                "reps": reps,
+                "store": "memory",
+            },
+            {"mb_per_s": round(s, 1), "bare_mb_per_s": round(b, 1), "ratio": round(ratio, 3)},
+            targets={f">= {TARGET_RATIO} of bare": ratio >= TARGET_RATIO},
+            summary=f"{mb:>3} MB update: {s:8.1f} MB/s, bare {b:8.1f} MB/s, ratio {ratio:.2f}",
+        )

@@ -1,0 +1,253 @@
+"""Round overhead: a whole federated round's wall time minus the slowest proplet's WASM time.
+
+Real mosquitto on loopback; the five services (`server.stack.Stack`) in one child process;
+N proplets (`proplet.app.Proplet`) in this process, all sharing one `WasmRuntime` (one
+wasmtime Engine, the module compiled once). Each round is `Manager.StartExperiment` with every
+proplet as a participant and k_of_n = all, watched with `Coordinator.WatchRound` until
+COMPLETED. Its wall time runs from the StartExperiment call to the COMPLETED event; the WASM
+time is the longest `_start` run among that round's tasks (as measured by the runtime).
+A first round (compiling the module, opening connections) is not counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from benchmarks.common import Child, Recorder, median
+from benchmarks.wasm import trainer_wasm
+from propeller.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    manager_pb2,
+    manager_pb2_grpc,
+    model_registry_pb2,
+    model_registry_pb2_grpc,
+)
+from proplet.app import Proplet
+from proplet.config import PropletConfig
+from proplet.runner import CompiledModule, Limits, RunControl, RunOutput, WasmRuntime
+from server.config import Endpoints, MqttConfig
+from server.topics import Topics
+from tests.infra import mosquitto
+
+NAME = "round"
+TARGET_MS = {3: 50.0, 300: 2000.0}
+HYPER = coordinator_pb2.Hyperparams(epochs=1, lr=0.01, batch_size=16)
+
+
+class TimedRuntime(WasmRuntime):
+    """The shared runtime, noting how long each round task's `_start` ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: dict[str, list[float]] = defaultdict(list)
+
+    async def run(
+        self,
+        compiled: CompiledModule,
+        *,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        limits: Limits,
+        control: RunControl | None = None,
+    ) -> RunOutput:
+        out = await super().run(compiled, argv=argv, env=env, limits=limits, control=control)
+        self.runs[env.get("ROUND_ID", "")].append(out.duration_s)
+        return out
+
+
+@dataclass
+class RoundTiming:
+    wall_s: float
+    wasm_max_s: float
+    start_call_s: float
+    aggregate_s: float
+    tasks: int
+
+    @property
+    def overhead_s(self) -> float:
+        return self.wall_s - self.wasm_max_s
+
+
+@contextlib.asynccontextmanager
+async def proplets(
+    n: int, prefix: str, mqtt: MqttConfig, endpoints: Endpoints, work_dir: Path
+) -> AsyncIterator[TimedRuntime]:
+    runtime = TimedRuntime()
+    async with contextlib.AsyncExitStack() as stack:
+        configs = [
+            PropletConfig(
+                proplet_id=f"{prefix}{i}",
+                name=f"bench-{i}",
+                mqtt=mqtt,
+                endpoints=endpoints,
+                heartbeat_s=3600.0,  # one beat at start-up; the manager's window is as long
+                work_dir=work_dir,
+                task_timeout_s=120.0,
+                rpc_timeout_s=120.0,
+            )
+            for i in range(n)
+        ]
+        for batch in range(0, n, 50):
+            started = await asyncio.gather(
+                *(Proplet(c, runtime=runtime).__aenter__() for c in configs[batch : batch + 50])
+            )
+            for p in started:
+                stack.push_async_callback(p.stop)
+        yield runtime
+
+
+async def _eventually_alive(manager: manager_pb2_grpc.ManagerStub, n: int) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        resp = await manager.ListProplets(manager_pb2.ListPropletsRequest(), timeout=30)
+        if sum(p.alive for p in resp.proplets) >= n:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {sum(p.alive for p in resp.proplets)} of {n} alive")
+        await asyncio.sleep(0.1)
+
+
+async def one_round(
+    manager: manager_pb2_grpc.ManagerStub,
+    coordinator: coordinator_pb2_grpc.CoordinatorStub,
+    runtime: TimedRuntime,
+    ids: list[str],
+    model_uri: str,
+    image: str,
+) -> tuple[RoundTiming, str]:
+    rid = f"r-{uuid.uuid4().hex[:10]}"
+    t0 = time.perf_counter()
+    await manager.StartExperiment(
+        manager_pb2.StartExperimentRequest(
+            experiment_id=f"exp-{rid}",
+            round_id=rid,
+            model_ref=model_uri,
+            participants=ids,
+            hyperparams=HYPER,
+            k_of_n=0,
+            timeout_s=300,
+            task_wasm_image=image,
+        ),
+        timeout=300,
+    )
+    t_started = time.perf_counter()
+    aggregating_at = completed_at = 0.0
+    final: coordinator_pb2.RoundStatus | None = None
+    async for event in coordinator.WatchRound(
+        coordinator_pb2.WatchRoundRequest(round_id=rid), timeout=300
+    ):
+        if event.type == coordinator_pb2.ROUND_EVENT_TYPE_AGGREGATING:
+            aggregating_at = event.timestamp
+        if event.status.state in (
+            coordinator_pb2.ROUND_STATE_COMPLETED,
+            coordinator_pb2.ROUND_STATE_FAILED,
+        ):
+            completed_at = event.timestamp
+            final = event.status
+            break
+    t_end = time.perf_counter()
+    if final is None or final.state != coordinator_pb2.ROUND_STATE_COMPLETED:
+        raise RuntimeError(f"round {rid} did not complete: {final}")
+    runs = runtime.runs.pop(rid, [])
+    timing = RoundTiming(
+        wall_s=t_end - t0,
+        wasm_max_s=max(runs, default=0.0),
+        start_call_s=t_started - t0,
+        aggregate_s=(completed_at - aggregating_at) if aggregating_at else float("nan"),
+        tasks=len(runs),
+    )
+    return timing, final.new_model_uri
+
+
+async def measure(n: int, rounds: int, broker_port: int, workdir: Path) -> list[RoundTiming]:
+    domain = f"bench{uuid.uuid4().hex[:8]}"
+    prefix = "p-"
+    mqtt = MqttConfig(port=broker_port, topics=Topics(domain, "fl"))
+    image = f"file://{trainer_wasm()}"
+    stack = Child(
+        "stack",
+        {"mqtt_port": broker_port, "domain": domain, "id_prefix": prefix, "proplets": n},
+        log_path=workdir / f"stack-{n}.log",
+    )
+    try:
+        ep = stack.ready
+        endpoints = Endpoints(
+            manager=ep["manager"],
+            coordinator=ep["coordinator"],
+            aggregator=ep["aggregator"],
+            registry=ep["registry"],
+            datastore=ep["datastore"],
+        )
+        async with (
+            grpc.aio.insecure_channel(endpoints.manager) as mch,
+            grpc.aio.insecure_channel(endpoints.coordinator) as cch,
+            grpc.aio.insecure_channel(endpoints.registry) as rch,
+            proplets(n, prefix, mqtt, endpoints, workdir / "proplet") as runtime,
+        ):
+            manager = manager_pb2_grpc.ManagerStub(mch)
+            coordinator = coordinator_pb2_grpc.CoordinatorStub(cch)
+            registry = model_registry_pb2_grpc.ModelRegistryStub(rch)
+            await _eventually_alive(manager, n)
+            v0 = await registry.InitModel(
+                model_registry_pb2.InitModelRequest(dimension=3), timeout=30
+            )
+            ids = [f"{prefix}{i}" for i in range(n)]
+            uri = v0.model_uri
+            _, uri = await one_round(manager, coordinator, runtime, ids, uri, image)  # warm-up
+            timings: list[RoundTiming] = []
+            for _ in range(rounds):
+                timing, uri = await one_round(manager, coordinator, runtime, ids, uri, image)
+                if timing.tasks != n:
+                    raise RuntimeError(f"{timing.tasks} WASM runs for {n} proplets")
+                timings.append(timing)
+            return timings
+    finally:
+        stack.stop()
+
+
+async def run(rec: Recorder, smoke: bool) -> None:
+    sizes = [3] if smoke else [3, 30, 300]
+    with tempfile.TemporaryDirectory(prefix="bench-round-") as tmp:
+        workdir = Path(tmp)
+        with mosquitto(workdir) as broker:
+            for n in sizes:
+                rounds = 2 if smoke else (10 if n <= 30 else 5)
+                timings = await measure(n, rounds, broker.port, workdir)
+                overhead = median([t.overhead_s for t in timings]) * 1000
+                figures = {
+                    "proplets": n,
+                    "rounds": len(timings),
+                    "overhead_ms": round(overhead, 2),
+                    "overhead_ms_all": [round(t.overhead_s * 1000, 2) for t in timings],
+                    "wall_ms": round(median([t.wall_s for t in timings]) * 1000, 2),
+                    "wasm_max_ms": round(median([t.wasm_max_s for t in timings]) * 1000, 3),
+                    "start_experiment_ms": round(
+                        median([t.start_call_s for t in timings]) * 1000, 2
+                    ),
+                    "aggregate_ms": round(median([t.aggregate_s for t in timings]) * 1000, 2),
+                }
+                target = TARGET_MS.get(n)
+                targets = {f"< {target:g} ms": overhead < target} if target else None
+                rec.record(
+                    NAME,
+                    {"proplets": n, "model": "w[3] f64 + b", "samples": 64, "image": "file://"},
+                    figures,
+                    targets=targets,
+                    summary=(
+                        f"{n:>3} proplets: overhead {overhead:8.1f} ms (wall "
+                        f"{figures['wall_ms']:.1f} ms, slowest WASM {figures['wasm_max_ms']:.2f} "
+                        f"ms, StartExperiment {figures['start_experiment_ms']:.1f} ms, "
+                        f"aggregate+store {figures['aggregate_ms']:.1f} ms)"
+                    ),
+                )

@@ -1,0 +1,248 @@
+"""WASM trainer speed: the Zig trainer in wasmtime (through the proplet's `WasmRuntime`) vs
+the same Zig source built natively for x86_64 vs a plain Python per-example loop, all on the
+same inputs; plus the cost of a cold task start (compile) vs a warm one (cached module).
+
+Training throughput is samples per second of per-example SGD (batch_size 1, the original
+demo's rule): each implementation is timed with `epochs = E` and with `epochs = 0` on the same
+data, and the difference (parsing, start-up and output cancel out) gives E x n samples. All
+three must print the same update, which is checked.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import ROOT, Recorder, median
+from proplet.runner import Limits, WasmRuntime
+
+NAME = "wasm"
+TARGET_RATIO = 0.5
+MASK64 = (1 << 64) - 1
+
+
+def _build_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "wasm_client_build", ROOT / "wasm-client" / "build.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def trainer_wasm() -> Path:
+    path: Path = _build_module().build(target="wasm32-wasi")
+    return path
+
+
+@functools.cache
+def trainer_native() -> Path:
+    path: Path = _build_module().build(target="x86_64-linux")
+    return path
+
+
+# ---- inputs -------------------------------------------------------------------------------
+
+
+def make_env(n: int, d: int, epochs: int, seed: int = 7) -> dict[str, str]:
+    """A task env as a proplet builds it. Values have 3 decimals so the dataset of the native
+    run fits in one environment string (Linux caps each at 128 KiB)."""
+    rng = np.random.default_rng(seed)
+    x = np.round(rng.normal(0.0, 1.0, size=(n, d)), 3)
+    w_true = rng.normal(0.0, 1.0, size=d)
+    y = (x @ w_true + rng.normal(0.0, 0.5, size=n) > 0).astype(int)
+    data = [{"x": row, "y": int(label)} for row, label in zip(x.tolist(), y.tolist(), strict=True)]
+    return {
+        "ROUND_ID": "bench-round",
+        "PROPLET_ID": "bench-proplet",
+        "MODEL_URI": "fl/models/global_model_v0",
+        "HYPERPARAMS": json.dumps({"epochs": epochs, "lr": 0.01, "batch_size": 1}),
+        "MODEL_DATA": json.dumps({"w": [0.0] * d, "b": 0.0}),
+        "DATASET_DATA": json.dumps(
+            {"schema": "fl-demo-dataset-v1", "proplet_id": "bench-proplet", "data": data}
+        ),
+    }
+
+
+# ---- the plain Python per-example loop --------------------------------------------------------
+
+
+def _fnv1a(h: int, data: bytes) -> int:
+    for c in data:
+        h = ((h ^ c) * 0x100000001B3) & MASK64
+    return h
+
+
+def _shuffle(n: int, seed: int) -> list[int]:
+    order = list(range(n))
+    state = seed
+    for i in range(n - 1, 0, -1):
+        state = (state + 0x9E3779B97F4A7C15) & MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+        z ^= z >> 31
+        j = z % (i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def python_trainer(env: dict[str, str]) -> dict[str, Any]:
+    """The trainer's documented algorithm (wasm-client/README.md), batch_size 1, as a plain
+    Python loop over the examples: what one would write without numpy or WASM."""
+    hyper = json.loads(env["HYPERPARAMS"])
+    model = json.loads(env["MODEL_DATA"])
+    data = json.loads(env["DATASET_DATA"])["data"]
+    xs = [[float(v) for v in s["x"]] for s in data]
+    ys = [float(s["y"]) for s in data]
+    w = [float(v) for v in model["w"]]
+    b = float(model["b"])
+    lr = float(hyper["lr"])
+    n = len(xs)
+    prefix = env["ROUND_ID"].encode() + b"\0" + env["PROPLET_ID"].encode() + b"\0"
+    for epoch in range(int(hyper["epochs"])):
+        seed = _fnv1a(0xCBF29CE484222325, prefix + epoch.to_bytes(8, "little"))
+        for i in _shuffle(n, seed):
+            x = xs[i]
+            z = b
+            for wj, xj in zip(w, x, strict=True):
+                z += wj * xj
+            z = min(20.0, max(-20.0, z))
+            err = 1.0 / (1.0 + math.exp(-z)) - ys[i]
+            w = [wj - lr * err * xj for wj, xj in zip(w, x, strict=True)]
+            b -= lr * err
+    return {"w": w, "b": b}
+
+
+# ---- runners ----------------------------------------------------------------------------------
+
+
+class WasmTrainer:
+    def __init__(self, runtime: WasmRuntime) -> None:
+        self.runtime = runtime
+        data = trainer_wasm().read_bytes()
+        self.compiled = runtime.compile(data, hashlib.sha256(data).hexdigest())
+        self.limits = Limits(timeout_s=600, memory_bytes=512 << 20, output_bytes=16 << 20)
+
+    def run(self, env: dict[str, str]) -> tuple[float, dict[str, Any]]:
+        started = time.perf_counter()
+        out = self.runtime.run_sync(self.compiled, argv=["fl-client"], env=env, limits=self.limits)
+        seconds = time.perf_counter() - started
+        update: dict[str, Any] = json.loads(out.stdout)["update"]
+        return seconds, update
+
+
+def run_native(env: dict[str, str]) -> tuple[float, dict[str, Any]]:
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [str(trainer_native())],
+        env={**env, "PATH": os.environ.get("PATH", "")},
+        capture_output=True,
+        check=True,
+    )
+    seconds = time.perf_counter() - started
+    update: dict[str, Any] = json.loads(proc.stdout)["update"]
+    return seconds, update
+
+
+def run_python(env: dict[str, str]) -> tuple[float, dict[str, Any]]:
+    started = time.perf_counter()
+    update = python_trainer(env)
+    return time.perf_counter() - started, update
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return bool(
+        np.allclose(a["w"], b["w"], rtol=1e-9, atol=1e-12)
+        and math.isclose(float(a["b"]), float(b["b"]), rel_tol=1e-9, abs_tol=1e-12)
+    )
+
+
+def _start_costs(reps: int) -> dict[str, float]:
+    """Cold start: a fresh engine compiles the module, then the demo task runs (64 x 3).
+    Warm start: the module is already compiled; a new Store, instantiation and the run."""
+    data = trainer_wasm().read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    env = make_env(64, 3, 1)
+    limits = Limits(timeout_s=60)
+    cold, compile_s, warm = [], [], []
+    for _ in range(reps):
+        runtime = WasmRuntime()
+        started = time.perf_counter()
+        compiled = runtime.compile(data, sha)
+        runtime.run_sync(compiled, argv=["fl-client"], env=env, limits=limits)
+        cold.append(time.perf_counter() - started)
+        compile_s.append(compiled.compile_s)
+        for _ in range(5):
+            started = time.perf_counter()
+            hit = runtime.cached(sha)
+            assert hit is not None
+            runtime.run_sync(hit, argv=["fl-client"], env=env, limits=limits)
+            warm.append(time.perf_counter() - started)
+    return {
+        "cold_start_ms": round(median(cold) * 1000, 2),
+        "compile_ms": round(median(compile_s) * 1000, 2),
+        "warm_start_ms": round(median(warm) * 1000, 3),
+    }
+
+
+async def run(rec: Recorder, smoke: bool) -> None:
+    n, d = (200, 4) if smoke else (1000, 8)
+    reps = 2 if smoke else 5
+    epochs = {
+        "wasm": 20 if smoke else 1000,
+        "native": 20 if smoke else 1000,
+        "python": 2 if smoke else 20,
+    }
+    envs = {impl: (make_env(n, d, e), make_env(n, d, 0)) for impl, e in epochs.items()}
+    trainer = WasmTrainer(WasmRuntime())
+    runners = {"wasm": trainer.run, "native": run_native, "python": run_python}
+    train_s: dict[str, list[float]] = {k: [] for k in runners}
+    updates: dict[str, dict[str, Any]] = {}
+    for impl, runner in runners.items():  # warm-up (and the updates to compare)
+        runner(envs[impl][1])
+        _, updates[impl] = runner(make_env(n, d, epochs["python"]))
+    for _ in range(reps):
+        for impl, runner in runners.items():
+            full, _ = runner(envs[impl][0])
+            base, _ = runner(envs[impl][1])
+            train_s[impl].append(max(full - base, 1e-9))
+    rate = {k: n * epochs[k] / median(v) for k, v in train_s.items()}
+    agree = _same(updates["wasm"], updates["native"]) and _same(updates["wasm"], updates["python"])
+    starts = _start_costs(2 if smoke else 5)
+    ratio = rate["wasm"] / rate["native"]
+    figures = {
+        "wasm_samples_per_s": round(rate["wasm"]),
+        "native_samples_per_s": round(rate["native"]),
+        "python_samples_per_s": round(rate["python"]),
+        "wasm_vs_native": round(ratio, 3),
+        "wasm_vs_python": round(rate["wasm"] / rate["python"], 1),
+        "same_update": agree,
+        **starts,
+    }
+    rec.record(
+        NAME,
+        {"samples": n, "features": d, "epochs": epochs, "batch_size": 1, "reps": reps},
+        figures,
+        targets={f">= {TARGET_RATIO} of native": ratio >= TARGET_RATIO, "same update": agree},
+        summary=(
+            f"{n}x{d}: wasm {rate['wasm'] / 1e6:.2f} M samples/s, native "
+            f"{rate['native'] / 1e6:.2f} M/s, python {rate['python'] / 1e3:.0f} k/s; wasm/native "
+            f"{ratio:.2f}, wasm/python {figures['wasm_vs_python']:.0f}x; cold start "
+            f"{starts['cold_start_ms']:.1f} ms (compile {starts['compile_ms']:.1f}), warm "
+            f"{starts['warm_start_ms']:.2f} ms"
+        ),
+    )
