@@ -142,7 +142,12 @@ class Proplet:
         session = MqttSession(
             self.config.mqtt,
             client_id=f"proplet-{self.proplet_id}",
-            subscriptions=[self.topics.task_start, self.topics.task_stop],
+            # Its own start topic for addressed tasks, the shared one for broadcasts.
+            subscriptions=[
+                self.topics.task_start,
+                self.topics.task_start_for(self.proplet_id),
+                self.topics.task_stop,
+            ],
             handler=self._on_message,
         )
         await session.__aenter__()
@@ -242,7 +247,7 @@ class Proplet:
             await asyncio.sleep(max(0.0, next_beat - loop.time()))
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
-        if topic == self.topics.task_start:
+        if self.topics.is_task_start(topic):
             try:
                 start = TaskStart.from_json(payload)
             except ValueError as exc:

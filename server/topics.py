@@ -36,6 +36,17 @@ class Topics:
     def task_start(self) -> str:
         return f"{self.base}/control/manager/start"
 
+    def task_start_for(self, proplet_id: str) -> str:
+        """Where a task start addressed to one proplet goes: its own topic, so a fleet of N
+        proplets costs N deliveries per round, not N x N. Broadcasts (empty id), and ids that
+        cannot be a topic level, use the shared `task_start` topic every proplet reads."""
+        if not proplet_id or any(c in proplet_id for c in "/+#"):
+            return self.task_start
+        return f"{self.task_start}/{proplet_id}"
+
+    def is_task_start(self, topic: str) -> bool:
+        return topic == self.task_start or topic.startswith(self.task_start + "/")
+
     @property
     def task_stop(self) -> str:
         return f"{self.base}/control/manager/stop"

@@ -100,7 +100,8 @@ class Manager:
     # --- tasks ---------------------------------------------------------------------------
 
     async def _publish_start(self, task: Task) -> None:
-        await self.publish(self.topics.task_start, task.start_message().to_json())
+        topic = self.topics.task_start_for(task.proplet_id)
+        await self.publish(topic, task.start_message().to_json())
         log.info(
             "[Manager.StartTask] task_id=%s name=%s proplet_id=%s attempt=%d published",
             task.id,

@@ -86,14 +86,14 @@ class FakeProplet:
         self.session = MqttSession(
             mqtt_config(broker_port, topics),
             f"fake-proplet-{topics.domain}-{proplet_id}",
-            [topics.task_start, topics.task_stop],
+            [topics.task_start, topics.task_start_for(proplet_id), topics.task_stop],
             self._on_message,
             clean_session=True,
         )
         self._heartbeat: asyncio.Task[None] | None = None
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
-        if topic == self.topics.task_start:
+        if self.topics.is_task_start(topic):
             start = TaskStart.from_json(payload)
             if start.proplet_id in ("", self.id):
                 self.attempts[start.id] = start.attempt

@@ -62,7 +62,7 @@ class Broker:
     unreachable: set[str] = field(default_factory=set)  # proplet ids whose starts fail
 
     async def publish(self, topic: str, payload: bytes) -> None:
-        if topic == TOPICS.task_start and TaskStart.from_json(payload).proplet_id in (
+        if TOPICS.is_task_start(topic) and TaskStart.from_json(payload).proplet_id in (
             self.unreachable
         ):
             raise Unavailable("mqtt: publish failed: broker gone")
@@ -144,7 +144,10 @@ async def test_round_start_carries_configured_k_timeout_and_deadline(world: Worl
     assert started.experiment.experiment_id == "exp-r1"
     # Round start published before the task starts.
     assert world.broker.published[0][0] == TOPICS.round_start
-    assert len(world.broker.on(TOPICS.task_start)) == 3
+    # Each addressed start goes to its proplet's own topic.
+    assert sorted(t for t, _ in world.broker.published if TOPICS.is_task_start(t)) == [
+        TOPICS.task_start_for(p) for p in ("p1", "p2", "p3")
+    ]
 
 
 async def test_duplicate_experiment_id_is_already_exists(world: World) -> None:
