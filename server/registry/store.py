@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -189,6 +189,37 @@ class InMemoryModelStore:
 _FILE_NAME = re.compile(r"^v(\d{1,18})\.model$")
 
 
+class _VerifiedReads:
+    """The last few versions read and verified, kept because versions never change: without
+    it every proplet of a round would re-read and re-hash the same version. One read at a time
+    (`_lock`), so concurrent requests for one version share a single read."""
+
+    def __init__(self, load: Callable[[int], StoredModel | None], size: int) -> None:
+        self._load = load
+        self._size = size
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[int, StoredModel] = OrderedDict()
+
+    def cached(self, version: int) -> StoredModel | None:
+        """A version already read and verified, without blocking (None when it would have to
+        be read). Never waits for `_lock`, which a big read may hold for a while."""
+        return self._cache.get(version)  # one dict lookup: atomic under the GIL
+
+    def get(self, version: int) -> StoredModel | None:
+        with self._lock:
+            model = self._cache.get(version)
+            if model is None:
+                model = self._load(version)
+                if model is None:
+                    return None
+                self._cache[version] = model
+                while len(self._cache) > self._size:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(version)
+            return model
+
+
 class DirectoryModelStore:
     """One file per version in `root`: `v{N}.model` = JSON meta line + raw tensor bytes.
 
@@ -204,9 +235,7 @@ class DirectoryModelStore:
         # no-overwrite publish below is what keeps versions immutable.
         self._lock = threading.Lock()
         # Serialises loads, so many concurrent first reads of one version read it once.
-        self._load_lock = threading.Lock()
-        self._cache: OrderedDict[int, StoredModel] = OrderedDict()
-        self._cache_size = cache_size
+        self._reads = _VerifiedReads(self._load, cache_size)
 
     def path_of(self, version: int) -> Path:
         return self.root / f"v{version}.model"
@@ -236,23 +265,10 @@ class DirectoryModelStore:
         return info
 
     def cached(self, version: int) -> StoredModel | None:
-        """A version already read and verified, without blocking (None when it would have to
-        be read). Never waits for `_load_lock`, which a big read may hold for a while."""
-        return self._cache.get(version)  # one dict lookup: atomic under the GIL
+        return self._reads.cached(version)
 
     def get(self, version: int) -> StoredModel | None:
-        with self._load_lock:
-            model = self._cache.get(version)
-            if model is None:
-                model = self._load(version)
-                if model is None:
-                    return None
-                self._cache[version] = model
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-            else:
-                self._cache.move_to_end(version)
-            return model
+        return self._reads.get(version)
 
     def _load(self, version: int) -> StoredModel | None:
         path = self.path_of(version)
@@ -445,9 +461,7 @@ class SqliteModelStore:
         self.db = Database(path, _SQLITE_SCHEMA)
         self.db.read_sync(lambda c: c.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}"))
         self.max_bytes: int = self.db.read_sync(lambda c: c.getlimit(sqlite3.SQLITE_LIMIT_LENGTH))
-        self._load_lock = threading.Lock()
-        self._cache: OrderedDict[int, StoredModel] = OrderedDict()
-        self._cache_size = cache_size
+        self._reads = _VerifiedReads(self._load, cache_size)
 
     def close(self) -> None:
         self.db.close()
@@ -477,23 +491,10 @@ class SqliteModelStore:
         return info
 
     def cached(self, version: int) -> StoredModel | None:
-        """A version already read and verified, without blocking (None when it would have to
-        be read). Never waits for `_load_lock`, which a big read may hold for a while."""
-        return self._cache.get(version)  # one dict lookup: atomic under the GIL
+        return self._reads.cached(version)
 
     def get(self, version: int) -> StoredModel | None:
-        with self._load_lock:
-            model = self._cache.get(version)
-            if model is None:
-                model = self._load(version)
-                if model is None:
-                    return None
-                self._cache[version] = model
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-            else:
-                self._cache.move_to_end(version)
-            return model
+        return self._reads.get(version)
 
     def _load(self, version: int) -> StoredModel | None:
         row = self.db.read_sync(
