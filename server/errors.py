@@ -8,7 +8,9 @@ bug and surfaces as INTERNAL with the exception logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -93,6 +95,17 @@ def from_rpc_error(err: grpc.aio.AioRpcError, what: str) -> PropellerError:
     """Translate a failed downstream call into our own error, keeping its code."""
     cls = _FROM_GRPC.get(err.code(), Unavailable)
     return cls(f"{what}: {err.code().name}: {err.details()}")
+
+
+@contextlib.contextmanager
+def rpc_errors(what: str) -> Iterator[None]:
+    """`with rpc_errors("Coordinator.StartRound"): await stub.StartRound(...)` -- the client
+    side of `grpc_errors`: a failed call inside leaves as our own error (`from_rpc_error`, its
+    status code kept), so callers handle one family of exceptions, never `AioRpcError`."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as err:
+        raise from_rpc_error(err, what) from None
 
 
 class grpc_errors:
