@@ -1,20 +1,94 @@
 """Session fixtures: one real Mosquitto and one real OCI registry for the whole run; each test
-isolates itself with its own MQTT namespace."""
+isolates itself with its own MQTT namespace. Also the suite's tiers (markers) and the
+Hypothesis profiles.
+
+Tiers (exactly one per test; select with `-m`):
+- unit: no network, no child process; fast.
+- integration: real Mosquitto / OCI registry / gRPC servers in this process.
+- process: real child processes (services, proplets, `up`, `demo`, compose as processes,
+  grpcurl).
+- fuzz: Hypothesis against the services over real gRPC.
+A test's tier is its own tier mark if it has one, else the tier of the longest entry of
+TIER_BY_PATH its file is under; a "unit" test that uses the real broker or OCI registry is
+"integration" (by its fixtures).
+
+Hypothesis profiles: `ci` (the fuzz depth CI runs: 1,000 examples per RPC) and `dev` (50),
+chosen by PROPELLER_HYPOTHESIS_PROFILE (default `ci`).
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from hypothesis import settings
 
+from server.config import MqttConfig
 from server.topics import Topics
-from tests.infra import Mosquitto, OciRegistry, mosquitto, oci_registry
+from tests.support.infra import Mosquitto, OciRegistry, mosquitto, oci_registry
 
 ROOT = Path(__file__).resolve().parent.parent
+TESTS = ROOT / "tests"
+
+TIERS = ("unit", "integration", "process", "fuzz")
+TIER_BY_PATH = {
+    ".": "unit",
+    "benchmarks": "process",
+    "cli": "integration",
+    "cli/test_client_render.py": "unit",
+    "demo": "process",
+    "demo/test_embedded_broker.py": "integration",
+    "e2e": "integration",
+    "fuzz": "fuzz",
+    "fuzz/test_regressions.py": "integration",  # fixed requests, no Hypothesis
+    "proplet/test_main.py": "process",
+    "readme": "process",
+    "reliability": "integration",
+    "reliability/test_coordinator_processes.py": "process",
+    "reliability/test_datastore_crash.py": "process",
+    "reliability/test_manager_crash.py": "process",
+    "reliability/test_registry_crash.py": "process",
+    "reliability/test_shutdown_graceful.py": "process",
+    "reliability/test_shutdown_up.py": "process",
+    "services": "integration",
+    "services/test_fedavg_batching.py": "unit",
+}
+# Fixtures that bring real infrastructure: a test using one (directly or through another
+# fixture) is never "unit".
+NETWORK_FIXTURES = frozenset({"broker", "registry"})
+
+HYPOTHESIS_PROFILE_ENV = "PROPELLER_HYPOTHESIS_PROFILE"
+settings.register_profile("ci", max_examples=1000)
+settings.register_profile("dev", max_examples=50)
+settings.load_profile(os.environ.get(HYPOTHESIS_PROFILE_ENV, "ci"))
+
+
+def path_tier(path: Path) -> str:
+    relative = path.relative_to(TESTS)
+    for candidate in (relative, *relative.parents):
+        tier = TIER_BY_PATH.get(candidate.as_posix())
+        if tier is not None:
+            return tier
+    raise AssertionError(f"{relative}: no tier")  # "." always matches
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        marked = [m.name for m in item.iter_markers() if m.name in TIERS]
+        if len(marked) > 1:
+            raise pytest.UsageError(f"{item.nodeid}: more than one tier: {marked}")
+        tier = marked[0] if marked else path_tier(item.path)
+        if tier == "unit" and NETWORK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            if marked:
+                raise pytest.UsageError(f"{item.nodeid}: marked unit but uses {NETWORK_FIXTURES}")
+            tier = "integration"
+        if not marked:
+            item.add_marker(tier)
 
 
 def load_wasm_build() -> ModuleType:
@@ -49,3 +123,9 @@ def trainer_wasm() -> Path:
 def topics() -> Topics:
     """A namespace of its own per test, so tests never see each other's messages."""
     return Topics(domain=f"t{uuid.uuid4().hex[:8]}", channel="fl")
+
+
+@pytest.fixture
+def mqtt(broker: Mosquitto, topics: Topics) -> MqttConfig:
+    """The test broker, in the test's own namespace."""
+    return MqttConfig(port=broker.port, topics=topics)

@@ -10,7 +10,7 @@ from server.config import MqttConfig
 from server.stack import Stack, StackConfig
 from server.topics import Topics
 from tests.cli.helpers import Cli, make_cli
-from tests.infra import Mosquitto
+from tests.support.infra import Mosquitto
 
 SEEDED = ("seed-a", "seed-b")
 

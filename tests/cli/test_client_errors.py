@@ -13,7 +13,7 @@ import pytest
 
 from server.stack import Stack
 from tests.cli.helpers import Cli, Result, run_script
-from tests.infra import free_port
+from tests.support.ports import free_port
 
 UNREACHABLE = [
     (["models", "list"], "registry", "model registry"),

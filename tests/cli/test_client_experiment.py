@@ -16,7 +16,8 @@ import pytest
 from server.config import MqttConfig
 from server.stack import Stack, StackConfig
 from tests.cli.helpers import Cli, flags, proplets, table_rows
-from tests.infra import OciRegistry, eventually
+from tests.support.infra import OciRegistry
+from tests.support.waits import eventually
 
 HYPER = {"epochs": 1, "lr": 0.01, "batch_size": 16}
 

@@ -21,7 +21,9 @@ from tests.cli.helpers import (
     spin_wasm,
     table_rows,
 )
-from tests.infra import OciRegistry, eventually, free_port
+from tests.support.infra import OciRegistry
+from tests.support.ports import free_port
+from tests.support.waits import eventually
 
 
 def pull(

@@ -59,7 +59,9 @@ from server.mqtt import MqttSession
 from server.streams import read_model_stream
 from server.tensors import Tensors
 from server.topics import Topics
-from tests.infra import Mosquitto, OciRegistry, eventually, free_port, mosquitto, oci_registry
+from tests.support.infra import Mosquitto, OciRegistry, mosquitto, oci_registry
+from tests.support.ports import free_port
+from tests.support.waits import eventually
 
 T = TypeVar("T")
 

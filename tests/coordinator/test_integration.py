@@ -32,7 +32,8 @@ from server.streams import UpdateMeta, read_model_stream, update_stream
 from server.tensors import Tensors
 from server.topics import Topics
 from tests.coordinator.helpers import fedavg, make_update
-from tests.infra import Mosquitto, free_port
+from tests.support.infra import Mosquitto
+from tests.support.ports import free_port
 
 V0 = "fl/models/global_model_v0"
 V1 = "fl/models/global_model_v1"

@@ -24,7 +24,7 @@ from propeller.v1 import (
     model_registry_pb2,
     model_registry_pb2_grpc,
 )
-from tests.infra import free_port
+from tests.support.ports import free_port
 
 SERVICES = ("manager", "coordinator", "aggregator", "registry", "datastore", "mqtt")
 READY_TIMEOUT_S = 120.0

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server.config import MqttConfig
 from server.stack import Stack, StackConfig
 from server.topics import Topics
-from tests.infra import Mosquitto
+from tests.support.infra import Mosquitto
 
 EXPECTED = {
     "manager": "propeller.v1.Manager",

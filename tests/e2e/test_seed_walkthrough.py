@@ -38,7 +38,8 @@ from server.stack import Stack, StackConfig
 from server.streams import read_model_stream
 from server.tensors import Tensors, tensor_from_proto
 from server.topics import Topics
-from tests.infra import Mosquitto, OciRegistry, eventually, push_wasm
+from tests.support.infra import Mosquitto, OciRegistry, push_wasm
+from tests.support.waits import eventually
 from tests.wasm_client.harness import WasmRunner
 
 T = TypeVar("T")

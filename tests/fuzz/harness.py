@@ -51,7 +51,7 @@ from server.stack import Stack, StackConfig
 from server.streams import UpdateMeta, model_stream, update_stream
 from server.tensors import Tensors, sha256_of, tensor_to_proto
 from server.topics import Topics
-from tests.infra import Mosquitto
+from tests.support.infra import Mosquitto
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from propeller.v1 import aggregator_pb2, tensor_pb2
 from tests.fuzz import strategies as S
 from tests.fuzz.harness import FuzzEnv, Outcome, Rpc, all_methods, fuzz, fuzz_env
-from tests.infra import Mosquitto
+from tests.support.infra import Mosquitto
 
 AGGREGATE = Rpc("Aggregator", "Aggregate", "stream_stream", aggregator_pb2.AggregateChunk,
                 tensor_pb2.ModelChunk)  # fmt: skip

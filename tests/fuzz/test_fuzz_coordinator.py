@@ -35,7 +35,7 @@ from tests.fuzz.harness import (
     fuzz,
     fuzz_env,
 )
-from tests.infra import Mosquitto
+from tests.support.infra import Mosquitto
 
 CP = coordinator_pb2
 CONFIGURE = Rpc("Coordinator", "ConfigureRound", "unary_unary", CP.ConfigureRoundRequest,

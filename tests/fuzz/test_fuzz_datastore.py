@@ -21,7 +21,7 @@ from tests.fuzz.harness import (
     fuzz,
     fuzz_env,
 )
-from tests.infra import Mosquitto
+from tests.support.infra import Mosquitto
 
 GET = Rpc("DataStore", "GetDataset", "unary_unary", datastore_pb2.GetDatasetRequest,
           datastore_pb2.Dataset)  # fmt: skip

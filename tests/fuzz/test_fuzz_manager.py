@@ -36,7 +36,7 @@ from tests.fuzz.harness import (
     fuzz,
     fuzz_env,
 )
-from tests.infra import Mosquitto
+from tests.support.infra import Mosquitto
 
 MP = manager_pb2
 CP = coordinator_pb2

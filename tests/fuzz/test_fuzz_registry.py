@@ -14,7 +14,7 @@ from server.models import MAX_VERSION, parse_model_uri
 from server.streams import model_stream
 from tests.fuzz import strategies as S
 from tests.fuzz.harness import KNOWN_URIS, FuzzEnv, Outcome, Rpc, all_methods, fuzz, fuzz_env
-from tests.infra import Mosquitto
+from tests.support.infra import Mosquitto
 
 MV = model_registry_pb2.ModelVersion
 INIT = Rpc("ModelRegistry", "InitModel", "unary_unary", model_registry_pb2.InitModelRequest, MV)

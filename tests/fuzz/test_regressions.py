@@ -20,7 +20,7 @@ from server.models import MAX_VERSION
 from server.streams import model_stream
 from tests.fuzz import strategies as S
 from tests.fuzz.harness import FuzzEnv, Rpc, decodes, fuzz_env
-from tests.infra import Mosquitto
+from tests.support.infra import Mosquitto
 
 MV = model_registry_pb2.ModelVersion
 GET_DATASET = Rpc("DataStore", "GetDataset", "unary_unary", datastore_pb2.GetDatasetRequest,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -21,6 +21,7 @@ from server.messages import PropletAnnounce, TaskResult, TaskStart, TaskStop
 from server.models import parse_model_uri
 from server.mqtt import MqttSession
 from server.topics import Topics
+from tests.support.waits import eventually
 
 
 class FakeClock:
@@ -34,17 +35,6 @@ class FakeClock:
         self.now += seconds
 
 
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0
-) -> None:
-    """Poll `check` until it holds; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 WASM = "local-registry:5000/fl-client-wasm:latest"
 
 
@@ -55,7 +45,7 @@ async def until_alive(stub: Any, proplet_id: str, alive: bool = True) -> None:
         listed = await stub.ListProplets(manager_pb2.ListPropletsRequest())
         return any(p.id == proplet_id and p.alive is alive for p in listed.proplets)
 
-    await eventually(check, f"proplet {proplet_id} alive={alive}")
+    await eventually(check, what=f"proplet {proplet_id} alive={alive}", timeout=10)
 
 
 def mqtt_config(port: int, topics: Topics) -> MqttConfig:
@@ -228,8 +218,12 @@ class FakeCoordinator:
 
 
 @contextlib.asynccontextmanager
-async def fake_coordinator() -> AsyncIterator[tuple[FakeCoordinator, str]]:
-    fake = FakeCoordinator()
+async def fake_coordinator(
+    fake: FakeCoordinator | None = None,
+) -> AsyncIterator[tuple[FakeCoordinator, str]]:
+    """`fake` (a new FakeCoordinator by default) served on a free loopback port; yields it and
+    its address."""
+    fake = FakeCoordinator() if fake is None else fake
     binding = ServiceBinding(
         "propeller.v1.Coordinator", fake, coordinator_pb2_grpc.add_CoordinatorServicer_to_server
     )

@@ -18,17 +18,17 @@ from server.manager import ManagerConfig
 from server.messages import COMPLETED, RUNNING
 from server.mqtt import MqttSession
 from server.topics import Topics
-from tests.infra import Mosquitto
 from tests.manager.fakes import (
     TASK_ENDPOINTS,
     WASM,
     FakeProplet,
-    eventually,
     fake_coordinator,
     mqtt_config,
     running_manager,
     until_alive,
 )
+from tests.support.infra import Mosquitto
+from tests.support.waits import eventually
 
 
 async def proplet(stub: Any, proplet_id: str) -> manager_pb2.Proplet:
@@ -59,7 +59,7 @@ async def until_state(stub: Any, task_id: str, state: int) -> manager_pb2.Task:
     async def check() -> bool:
         return (await task(stub, task_id)).state == state
 
-    await eventually(check, f"task {task_id} in {manager_pb2.TaskState.Name(state)}")
+    await eventually(check, what=f"task {task_id} in {manager_pb2.TaskState.Name(state)}")
     return await task(stub, task_id)
 
 

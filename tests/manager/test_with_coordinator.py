@@ -17,7 +17,7 @@ from server.grpc_server import serving
 from server.mqtt import MqttSession
 from server.registry.app import RegistryApp, RegistryConfig
 from server.topics import Topics
-from tests.infra import Mosquitto
+from tests.support.infra import Mosquitto
 from tests.manager.fakes import (
     WASM,
     FakeProplet,

@@ -26,7 +26,7 @@ from server.messages import (
 )
 from server.mqtt import MqttSession
 from server.topics import Topics
-from tests.infra import Mosquitto
+from tests.support.infra import Mosquitto
 
 FINAL_STATES = (COMPLETED, FAILED, INTERRUPTED)
 WAIT_S = 15.0

@@ -19,7 +19,7 @@ from proplet import Proplet, PropletConfig
 from proplet.federated import FederatedClient, FlTask, is_federated, service_address
 from server.config import Endpoints
 from server.messages import COMPLETED, FAILED
-from tests.infra import free_port
+from tests.support.ports import free_port
 from tests.proplet import wat
 from tests.proplet.conftest import ManagerProbe
 from tests.proplet.fake_services import RoundWorld, round_services

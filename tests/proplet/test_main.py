@@ -12,7 +12,7 @@ from pathlib import Path
 
 from server.messages import COMPLETED
 from server.topics import Topics
-from tests.infra import Mosquitto
+from tests.support.infra import Mosquitto
 from tests.proplet import wat
 from tests.proplet.conftest import ManagerProbe
 

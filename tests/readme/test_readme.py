@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra import free_port
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"

@@ -34,8 +34,10 @@ from server.config import Endpoints, MqttConfig
 from server.mqtt import MqttSession
 from server.stack import Stack, StackConfig
 from server.topics import Topics
-from tests.infra import Mosquitto, eventually, free_port
 from tests.proplet import wat
+from tests.support.infra import Mosquitto
+from tests.support.ports import free_port
+from tests.support.waits import eventually
 
 T = TypeVar("T")
 RPC_S = 10.0

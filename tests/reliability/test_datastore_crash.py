@@ -13,7 +13,7 @@ from propeller.v1 import datastore_pb2, datastore_pb2_grpc
 from server.datastore.datasets import synthetic_dataset
 from server.grpc_server import channel
 from server.tensors import Array, tensor_from_proto, tensor_to_proto
-from tests.reliability.test_shutdown_harness import RPC_S, service_process
+from tests.support.processes import RPC_S, service_process
 
 Stub = Any  # generated gRPC stubs carry no type information
 

@@ -6,54 +6,30 @@ while it was down completes its task)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from propeller.v1 import coordinator_pb2, manager_pb2, manager_pb2_grpc
-from server.coordinator.app import CoordinatorApp, CoordinatorConfig
-from server.grpc_server import channel, serving
+from server.config import MqttConfig
+from server.grpc_server import channel
 from server.messages import COMPLETED, RUNNING
-from server.registry.app import RegistryApp, RegistryConfig
 from server.topics import Topics
-from tests.infra import Mosquitto
-from tests.manager.fakes import WASM, FakeProplet, eventually, mqtt_config
-from tests.reliability.test_shutdown_harness import RPC_S, service_process
+from tests.manager.fakes import WASM, FakeProplet
+from tests.support.cluster import round_services
+from tests.support.infra import Mosquitto
+from tests.support.processes import RPC_S, mqtt_env, service_process
+from tests.support.waits import eventually
 
 Stub = Any  # generated gRPC stubs carry no type information
-LOCAL = "127.0.0.1:0"
 
 
-@asynccontextmanager
-async def coordinator(broker: Mosquitto, topics: Topics) -> AsyncIterator[str]:
-    """The real Coordinator (and a registry holding v0) in this process; yields its address."""
-    registry = RegistryApp(RegistryConfig(addr=LOCAL))
-    await registry.registry.init_model(3)
-    async with registry, serving(LOCAL, registry.bindings) as registry_port:
-        app = CoordinatorApp(
-            CoordinatorConfig(
-                addr=LOCAL,
-                aggregator_addr="127.0.0.1:9",  # no update is submitted here
-                registry_addr=f"127.0.0.1:{registry_port}",
-                mqtt=mqtt_config(broker.port, topics),
-                rpc_timeout_s=5.0,
-            )
-        )
-        async with app, serving(LOCAL, app.bindings) as port:
-            yield f"127.0.0.1:{port}"
-
-
-def manager_env(broker: Mosquitto, topics: Topics, state_dir: Path, coord: str) -> dict[str, str]:
+def manager_env(mqtt: MqttConfig, state_dir: Path, coordinator: str) -> dict[str, str]:
     return {
+        **mqtt_env(mqtt),
         "PROPELLER_STATE_DIR": str(state_dir),
-        "PROPELLER_MQTT_HOST": "127.0.0.1",
-        "PROPELLER_MQTT_PORT": str(broker.port),
-        "PROPELLER_DOMAIN_ID": topics.domain,
-        "PROPELLER_CHANNEL_ID": topics.channel,
-        "COORDINATOR_ADDR": coord,
+        "COORDINATOR_ADDR": coordinator,
         # Liveness is not what is tested here: long enough that no proplet ages out.
         "PROPELLER_ALIVE_WINDOW_S": "3600",
     }
@@ -81,7 +57,7 @@ async def until_task_state(stub: Stub, task_id: str, state: int) -> None:
     async def check() -> bool:
         return await task_state(stub, task_id) == state
 
-    await eventually(check, f"task {task_id} {manager_pb2.TaskState.Name(state)}", timeout=30)
+    await eventually(check, what=f"task {task_id} {manager_pb2.TaskState.Name(state)}", timeout=30)
 
 
 async def until_listed(stub: Stub, *proplet_ids: str) -> None:
@@ -89,7 +65,7 @@ async def until_listed(stub: Stub, *proplet_ids: str) -> None:
         listed = await stub.ListProplets(manager_pb2.ListPropletsRequest(), timeout=RPC_S)
         return {p.id for p in listed.proplets if p.alive} >= set(proplet_ids)
 
-    await eventually(check, f"proplets {proplet_ids} alive", timeout=30)
+    await eventually(check, what=f"proplets {proplet_ids} alive", timeout=30)
 
 
 async def build_state(stub: Stub, p1: FakeProplet) -> dict[str, str]:
@@ -142,11 +118,12 @@ async def build_state(stub: Stub, p1: FakeProplet) -> dict[str, str]:
 
 
 async def test_a_killed_manager_keeps_proplets_tasks_and_experiments(
-    broker: Mosquitto, topics: Topics, tmp_path: Path
+    broker: Mosquitto, topics: Topics, mqtt: MqttConfig, tmp_path: Path
 ) -> None:
-    state_dir = tmp_path / "state"
-    async with coordinator(broker, topics) as coord:
-        env = manager_env(broker, topics, state_dir, coord)
+    # The real coordinator (and a registry holding v0) in this process; no update is
+    # submitted here, so nothing listens on the aggregator's address.
+    async with round_services(mqtt, aggregator_addr="127.0.0.1:9", rpc_timeout_s=5.0) as services:
+        env = manager_env(mqtt, tmp_path / "state", services.coordinator)
         with service_process("manager", env, tmp_path) as mgr:
             await mgr.restart()
             async with channel(mgr.addr) as chan:

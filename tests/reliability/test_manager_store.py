@@ -23,9 +23,9 @@ from server.manager.proplets import Proplet, Skipped
 from server.manager.sqlite_store import FILE_NAME, ManagerDatabase, StateWriteFailed
 from server.manager.tasks import Task, TaskState
 from server.topics import Topics
-from tests.infra import Mosquitto
 from tests.manager.fakes import WASM, mqtt_config
 from tests.services.harness import served
+from tests.support.infra import Mosquitto
 
 PROPLET = Proplet("p1", "edge-1", {"os": "linux", "arch": "x86"}, 1005.5, 1000.25)
 TASK = Task(

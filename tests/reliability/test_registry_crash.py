@@ -21,7 +21,7 @@ from propeller.v1 import model_registry_pb2, model_registry_pb2_grpc, tensor_pb2
 from server.grpc_server import channel
 from server.streams import model_stream, read_model_stream
 from server.tensors import Tensors, sha256_of
-from tests.reliability.test_shutdown_harness import RPC_S, ServiceProcess, service_process
+from tests.support.processes import RPC_S, ServiceProcess, service_process
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from propeller.v1 import (
     coordinator_pb2,
-    coordinator_pb2_grpc,
     datastore_pb2,
     datastore_pb2_grpc,
     manager_pb2,
@@ -29,12 +28,13 @@ from propeller.v1 import (
     model_registry_pb2_grpc,
     tensor_pb2,
 )
-from server.grpc_server import ServiceBinding, channel, serving
+from server.config import MqttConfig
+from server.grpc_server import channel
 from server.streams import model_stream
 from server.tensors import Tensors, sha256_of, tensor_from_proto, tensor_to_proto
 from server.topics import Topics
-from tests.infra import Mosquitto
-from tests.manager.fakes import WASM, FakeCoordinator, FakeProplet, eventually
+from tests.manager.fakes import WASM, FakeCoordinator, FakeProplet, fake_coordinator
+from tests.reliability.test_manager_crash import manager_env
 from tests.reliability.test_registry_crash import (
     BIG_CHUNKS,
     CHUNK,
@@ -44,12 +44,9 @@ from tests.reliability.test_registry_crash import (
     put,
     small_model,
 )
-from tests.reliability.test_shutdown_harness import (
-    RPC_S,
-    STOP_S,
-    ServiceProcess,
-    service_process,
-)
+from tests.support.infra import Mosquitto
+from tests.support.processes import RPC_S, STOP_S, ServiceProcess, service_process
+from tests.support.waits import eventually
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +84,19 @@ async def test_sigterm_during_put_model_never_leaves_a_torn_version(tmp_path: Pa
             assert (await put(stub, small_model(0))).version == 0
             tensors = big_model(7)
             digest = await asyncio.to_thread(sha256_of, tensors)
-            assert reg.proc is not None
-            proc = reg.proc
 
             async def chunks() -> AsyncIterator[tensor_pb2.ModelChunk]:
                 for n, chunk in enumerate(model_stream(tensors, CHUNK), start=1):
                     yield chunk
                     if n == BIG_CHUNKS // 10:
-                        proc.terminate()  # SIGTERM with most of the model still to send
+                        reg.send(signal.SIGTERM)  # with most of the model still to send
 
             acknowledged: model_registry_pb2.ModelVersion | None = None
             try:
                 acknowledged = await stub.PutModel(chunks(), timeout=RPC_S)
             except grpc.aio.AioRpcError as err:
                 assert err.code() in REJECTED, (err.code(), err.details())
-            code = await asyncio.to_thread(proc.wait, STOP_S)
+            code = await reg.wait_exit()
             assert code == 0, reg.tail()
             log.info("PutModel in flight at SIGTERM: acknowledged=%s", acknowledged is not None)
 
@@ -141,28 +136,12 @@ class GatedCoordinator(FakeCoordinator):
         return await super().StartRound(request, context)
 
 
-@asynccontextmanager
-async def gated_coordinator() -> AsyncIterator[tuple[GatedCoordinator, str]]:
-    fake = GatedCoordinator()
-    binding = ServiceBinding(
-        "propeller.v1.Coordinator", fake, coordinator_pb2_grpc.add_CoordinatorServicer_to_server
-    )
-    async with serving("127.0.0.1:0", [binding]) as port:
-        yield fake, f"127.0.0.1:{port}"
-
-
 async def test_sigterm_lets_a_start_experiment_in_flight_finish(
-    broker: Mosquitto, topics: Topics, tmp_path: Path
+    broker: Mosquitto, topics: Topics, mqtt: MqttConfig, tmp_path: Path
 ) -> None:
-    async with gated_coordinator() as (coord, coord_addr):
-        env = {
-            "PROPELLER_STATE_DIR": str(tmp_path / "state"),
-            "PROPELLER_MQTT_PORT": str(broker.port),
-            "PROPELLER_DOMAIN_ID": topics.domain,
-            "PROPELLER_CHANNEL_ID": topics.channel,
-            "COORDINATOR_ADDR": coord_addr,
-            "PROPELLER_ALIVE_WINDOW_S": "3600",
-        }
+    coord = GatedCoordinator()
+    async with fake_coordinator(coord) as (_, coord_addr):
+        env = manager_env(mqtt, tmp_path / "state", coord_addr)
         with service_process("manager", env, tmp_path) as mgr:
             await mgr.restart()
             async with (
@@ -175,7 +154,7 @@ async def test_sigterm_lets_a_start_experiment_in_flight_finish(
                     reply = await stub.ListProplets(manager_pb2.ListPropletsRequest())
                     return [p.id for p in reply.proplets] == ["p1"]
 
-                await eventually(listed, "p1 registered", timeout=30)
+                await eventually(listed, what="p1 registered", timeout=30)
                 pending = await stub.CreateTask(
                     manager_pb2.CreateTaskRequest(name="pending", image_url=WASM), timeout=RPC_S
                 )
@@ -193,8 +172,7 @@ async def test_sigterm_lets_a_start_experiment_in_flight_finish(
                 )
                 try:
                     await asyncio.wait_for(coord.waiting.wait(), RPC_S)
-                    assert mgr.proc is not None
-                    mgr.proc.terminate()
+                    mgr.send(signal.SIGTERM)
                     await until_shutting_down(mgr)
                     coord.gate.set()  # the in-flight call may now finish
                     started = await call
@@ -206,7 +184,7 @@ async def test_sigterm_lets_a_start_experiment_in_flight_finish(
                             await call
                 [scheduled] = started.scheduled
                 assert (await p1.next_start()).id == scheduled.task_id
-                code = await asyncio.to_thread(mgr.proc.wait, STOP_S)
+                code = await mgr.wait_exit()
                 assert code == 0, mgr.tail()
 
                 await mgr.restart()
@@ -261,8 +239,7 @@ async def test_sigterm_on_the_data_store_keeps_what_it_acknowledged(tmp_path: Pa
             # SIGTERM as soon as the first of them is answered: the others are in flight (or
             # still on their way).
             await asyncio.wait(calls, timeout=RPC_S, return_when=asyncio.FIRST_COMPLETED)
-            assert ds.proc is not None
-            ds.proc.terminate()
+            ds.send(signal.SIGTERM)
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
             acknowledged: list[str] = []
             for msg, outcome in zip(racing, outcomes, strict=True):
@@ -271,7 +248,7 @@ async def test_sigterm_on_the_data_store_keeps_what_it_acknowledged(tmp_path: Pa
                 else:
                     assert isinstance(outcome, datastore_pb2.DatasetInfo), outcome
                     acknowledged.append(msg.proplet_id)
-            code = await asyncio.to_thread(ds.proc.wait, STOP_S)
+            code = await ds.wait_exit()
             assert code == 0, ds.tail()
             log.info("PutDataset racing SIGTERM: acknowledged %s", acknowledged)
             assert acknowledged, "the first answer came before the SIGTERM"

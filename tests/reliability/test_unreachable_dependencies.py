@@ -15,23 +15,15 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
 
-from propeller.v1 import (
-    coordinator_pb2,
-    coordinator_pb2_grpc,
-    manager_pb2,
-    manager_pb2_grpc,
-    model_registry_pb2,
-    model_registry_pb2_grpc,
-)
-from proplet import Proplet, PropletConfig
+from propeller.v1 import coordinator_pb2, manager_pb2
+from proplet import PropletConfig
 from proplet.errors import TaskFailed
 from proplet.federated import (
     MIN_ATTEMPT_TIMEOUT_S,
@@ -45,129 +37,56 @@ from proplet.federated import (
 from server.config import Endpoints, MqttConfig
 from server.coordinator.app import CoordinatorApp, CoordinatorConfig
 from server.datastore.app import DataStoreApp, DataStoreConfig
-from server.grpc_server import serving
 from server.manager.experiments import Hyperparams, round_task_env
-from server.stack import Stack, StackConfig
-from server.topics import Topics
-from tests.infra import Mosquitto, eventually, free_port
-
-T = TypeVar("T")
-RPC_S = 10.0
-V0 = "fl/models/global_model_v0"
-HYPER = coordinator_pb2.Hyperparams(epochs=1, lr=0.01, batch_size=16)
-FINAL = (manager_pb2.TASK_STATE_COMPLETED, manager_pb2.TASK_STATE_FAILED)
-Stub = Any  # generated stubs carry no types
-
-
-@dataclass
-class World:
-    stack: Stack
-    proplet_id: str
-    trainer_url: str
-    manager: Stub
-    coordinator: Stub
-    mqtt: MqttConfig
-
-    def env(self, round_id: str, deadline: float, **overrides: str) -> dict[str, str]:
-        ep = self.stack.endpoints
-        env = {
-            "ROUND_ID": round_id,
-            "MODEL_URI": V0,
-            "HYPERPARAMS": json.dumps({"epochs": 1, "lr": 0.01, "batch_size": 16}),
-            "COORDINATOR_URL": ep.coordinator,
-            "MODEL_REGISTRY_URL": ep.registry,
-            "DATA_STORE_URL": ep.datastore,
-            "ROUND_DEADLINE": repr(deadline),
-        }
-        env.update(overrides)
-        return env
-
-    async def start_task(self, env: dict[str, str]) -> str:
-        task = await self.manager.CreateTask(
-            manager_pb2.CreateTaskRequest(
-                name=f"fl-manual-{env['ROUND_ID']}",
-                image_url=self.trainer_url,
-                env=env,
-                proplet_id=self.proplet_id,
-            ),
-            timeout=RPC_S,
-        )
-        await self.manager.StartTask(manager_pb2.TaskRef(task_id=task.id), timeout=RPC_S)
-        task_id: str = task.id
-        return task_id
-
-    async def finished(self, task_id: str, timeout: float = 30.0) -> Any:
-        return await eventually(
-            lambda: self.manager.GetTask(manager_pb2.TaskRef(task_id=task_id), timeout=RPC_S),
-            lambda t: t.state in FINAL,
-            timeout,
-        )
-
-
-async def open_round(coordinator: Stub, round_id: str, pid: str, timeout_s: float) -> Any:
-    """A manual round on `coordinator` (one participant, k_of_n 1), open at once."""
-    await coordinator.ConfigureRound(
-        coordinator_pb2.ConfigureRoundRequest(
-            round_id=round_id,
-            participants=[pid],
-            k_of_n=1,
-            timeout_s=timeout_s,
-            model_ref=V0,
-            hyperparams=HYPER,
-            start=True,
-        ),
-        timeout=RPC_S,
-    )
-    return await coordinator.GetRoundStatus(
-        coordinator_pb2.GetRoundStatusRequest(round_id=round_id), timeout=RPC_S
-    )
+from tests.support.clients import HYPER, V0, Clients, clients
+from tests.support.cluster import Cluster, cluster, serve_app
+from tests.support.ports import free_port
+from tests.support.waits import eventually
 
 
 @pytest.fixture
-async def world(
-    broker: Mosquitto, topics: Topics, trainer_wasm: Path, tmp_path: Path
-) -> AsyncIterator[World]:
-    pid = f"p-{uuid.uuid4().hex[:8]}"
-    mqtt = MqttConfig(port=broker.port, topics=topics)
-    async with AsyncExitStack() as stack_cm:
-        stack = await stack_cm.enter_async_context(
-            Stack(StackConfig(mqtt=mqtt, seed_proplet_ids=(pid,)))
+async def world(mqtt: MqttConfig, tmp_path: Path, trainer_wasm: Path) -> AsyncIterator[Cluster]:
+    """The Stack and one proplet running the real trainer."""
+    limits = {"memory_limit_bytes": 64 << 20, "rpc_timeout_s": 5.0}
+    image = f"file://{trainer_wasm}"
+    async with cluster(mqtt, tmp_path, proplets=1, proplet=limits, image=image) as c:
+        yield c
+
+
+def task_env(world: Cluster, round_id: str, deadline: float, **overrides: str) -> dict[str, str]:
+    """A round task's environment as the manager writes it, with `overrides`."""
+    ep = world.endpoints
+    return {
+        "ROUND_ID": round_id,
+        "MODEL_URI": V0,
+        "HYPERPARAMS": json.dumps({"epochs": 1, "lr": 0.01, "batch_size": 16}),
+        "COORDINATOR_URL": ep.coordinator,
+        "MODEL_REGISTRY_URL": ep.registry,
+        "DATA_STORE_URL": ep.datastore,
+        "ROUND_DEADLINE": repr(deadline),
+        **overrides,
+    }
+
+
+async def start_task(world: Cluster, env: dict[str, str]) -> str:
+    """A manual round task with `env` on the proplet, started; its id."""
+    task = await world.run_task(
+        manager_pb2.CreateTaskRequest(
+            name=f"fl-manual-{env['ROUND_ID']}",
+            image_url=world.image,
+            env=env,
+            proplet_id=world.proplet_ids[0],
         )
-        ep = stack.endpoints
-        await stack_cm.enter_async_context(
-            Proplet(
-                PropletConfig(
-                    proplet_id=pid,
-                    mqtt=mqtt,
-                    endpoints=Endpoints(
-                        coordinator=ep.coordinator, registry=ep.registry, datastore=ep.datastore
-                    ),
-                    heartbeat_s=0.5,
-                    work_dir=tmp_path / "proplet",
-                    task_timeout_s=30.0,
-                    memory_limit_bytes=64 << 20,
-                    rpc_timeout_s=5.0,
-                )
-            )
-        )
-        chans = [grpc.aio.insecure_channel(a) for a in (ep.manager, ep.coordinator, ep.registry)]
-        for ch in chans:
-            stack_cm.push_async_callback(ch.close, None)
-        registry = model_registry_pb2_grpc.ModelRegistryStub(chans[2])
-        await registry.InitModel(model_registry_pb2.InitModelRequest(dimension=3), timeout=RPC_S)
-        manager = manager_pb2_grpc.ManagerStub(chans[0])
-        await eventually(
-            lambda: manager.ListProplets(manager_pb2.ListPropletsRequest(), timeout=RPC_S),
-            lambda r: any(p.id == pid and p.alive for p in r.proplets),
-        )
-        yield World(
-            stack=stack,
-            proplet_id=pid,
-            trainer_url=f"file://{trainer_wasm}",
-            manager=manager,
-            coordinator=coordinator_pb2_grpc.CoordinatorStub(chans[1]),
-            mqtt=mqtt,
-        )
+    )
+    task_id: str = task.id
+    return task_id
+
+
+async def open_round(coordinator: Clients, round_id: str, pid: str, timeout_s: float) -> Any:
+    """A manual round on `coordinator` (one participant, k_of_n 1), open at once."""
+    return await coordinator.configure(
+        round_id, participants=[pid], k_of_n=1, timeout_s=timeout_s, hyperparams=HYPER
+    )
 
 
 async def logged(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 20.0) -> None:
@@ -176,21 +95,21 @@ async def logged(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 2
     async def lines() -> list[str]:
         return [r.getMessage() for r in caplog.records]
 
-    await eventually(lines, lambda ls: any(text in line for line in ls), timeout)
+    await eventually(lines, lambda ls: any(text in line for line in ls), timeout=timeout)
 
 
 # --------------------------------------------------------------------------- end to end
 
 
 async def test_an_unreachable_model_registry_fails_the_task_by_the_round_deadline(
-    world: World,
+    world: Cluster,
 ) -> None:
     rid = f"r-{uuid.uuid4().hex[:8]}"
-    status = await open_round(world.coordinator, rid, world.proplet_id, timeout_s=3.0)
+    [pid] = world.proplet_ids
+    status = await open_round(world, rid, pid, timeout_s=3.0)
     closed = f"127.0.0.1:{free_port()}"  # nothing listens there
-    task_id = await world.start_task(
-        world.env(rid, status.deadline, MODEL_REGISTRY_URL=f"grpc://{closed}")
-    )
+    env = task_env(world, rid, status.deadline, MODEL_REGISTRY_URL=f"grpc://{closed}")
+    task_id = await start_task(world, env)
     task = await world.finished(task_id)
     assert task.state == manager_pb2.TASK_STATE_FAILED
     m = re.match(
@@ -205,67 +124,59 @@ async def test_an_unreachable_model_registry_fails_the_task_by_the_round_deadlin
     assert spent <= status.timeout_s
     # Given up on by the deadline (+ the MQTT hop of the result), not after the RPC timeouts.
     assert task.finished_at <= status.deadline + 1.0
-    after = await world.coordinator.GetRoundStatus(
-        coordinator_pb2.GetRoundStatusRequest(round_id=rid), timeout=RPC_S
-    )
-    assert after.num_updates == 0 and world.proplet_id not in after.reported
+    after = await world.status(rid)
+    assert after.num_updates == 0 and pid not in after.reported
 
 
 async def test_a_data_store_that_comes_up_late_is_retried_until_it_answers(
-    world: World, caplog: pytest.LogCaptureFixture
+    world: Cluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="proplet.federated")
     rid = f"r-{uuid.uuid4().hex[:8]}"
-    status = await open_round(world.coordinator, rid, world.proplet_id, timeout_s=30.0)
+    [pid] = world.proplet_ids
+    status = await open_round(world, rid, pid, timeout_s=30.0)
     late = f"127.0.0.1:{free_port()}"
-    task_id = await world.start_task(world.env(rid, status.deadline, DATA_STORE_URL=late))
+    task_id = await start_task(world, task_env(world, rid, status.deadline, DATA_STORE_URL=late))
     # The proplet found nobody there and is backing off...
-    await logged(caplog, f"data store at {late}: GetDataset {world.proplet_id}: attempt 1 failed")
+    await logged(caplog, f"data store at {late}: GetDataset {pid}: attempt 1 failed")
     # ... and the real data store comes up on that port about a second later.
     await asyncio.sleep(1.0)
-    app = DataStoreApp(DataStoreConfig(addr=late, seed_proplet_ids=(world.proplet_id,)))
-    async with app, serving(late, app.bindings):
+    async with serve_app(DataStoreApp(DataStoreConfig(addr=late, seed_proplet_ids=(pid,))), late):
         task = await world.finished(task_id)
         assert task.state == manager_pb2.TASK_STATE_COMPLETED, task.error
         assert json.loads(task.results)["accepted"] is True
-    done = await eventually(
-        lambda: world.coordinator.GetRoundStatus(
-            coordinator_pb2.GetRoundStatusRequest(round_id=rid), timeout=RPC_S
-        ),
-        lambda s: s.state == coordinator_pb2.ROUND_STATE_COMPLETED,
-    )
-    assert list(done.reported) == [world.proplet_id]
+    done = await world.wait_state(rid, coordinator_pb2.ROUND_STATE_COMPLETED, timeout=60)
+    assert list(done.reported) == [pid]
 
 
 @asynccontextmanager
-async def coordinator_on(world: World, addr: str, state_dir: Path) -> AsyncIterator[Stub]:
+async def coordinator_on(world: Cluster, addr: str, state_dir: Path) -> AsyncIterator[Clients]:
     """A coordinator of its own on `addr`, keeping its rounds in `state_dir`."""
-    ep = world.stack.endpoints
-    app = CoordinatorApp(
-        CoordinatorConfig(
-            addr=addr,
-            aggregator_addr=ep.aggregator,
-            registry_addr=ep.registry,
-            mqtt=world.mqtt,
-            rpc_timeout_s=5.0,
-            tick_s=0.05,
-            state_dir=state_dir,
-        )
+    ep = world.endpoints
+    config = CoordinatorConfig(
+        addr=addr,
+        aggregator_addr=ep.aggregator,
+        registry_addr=ep.registry,
+        mqtt=world.mqtt,
+        rpc_timeout_s=5.0,
+        tick_s=0.05,
+        state_dir=state_dir,
     )
-    async with app, serving(addr, app.bindings), grpc.aio.insecure_channel(addr) as ch:
-        yield coordinator_pb2_grpc.CoordinatorStub(ch)
+    async with serve_app(CoordinatorApp(config), addr), clients({"coordinator": addr}) as c:
+        yield c
 
 
 async def test_a_coordinator_down_at_submit_time_gets_the_update_when_back(
-    world: World, caplog: pytest.LogCaptureFixture, tmp_path: Path
+    world: Cluster, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     caplog.set_level(logging.WARNING, logger="proplet.federated")
     addr = f"127.0.0.1:{free_port()}"
     rid = f"r-{uuid.uuid4().hex[:8]}"
+    [pid] = world.proplet_ids
     async with coordinator_on(world, addr, tmp_path / "coord") as coord:
-        status = await open_round(coord, rid, world.proplet_id, timeout_s=30.0)
+        status = await open_round(coord, rid, pid, timeout_s=30.0)
     # The coordinator is down when the proplet has trained and submits.
-    task_id = await world.start_task(world.env(rid, status.deadline, COORDINATOR_URL=addr))
+    task_id = await start_task(world, task_env(world, rid, status.deadline, COORDINATOR_URL=addr))
     await logged(caplog, f"coordinator at {addr}: SubmitUpdate: attempt 1 failed")
     # Back on the same port, over the same state: the round is still open, same deadline.
     async with coordinator_on(world, addr, tmp_path / "coord") as coord:
@@ -273,56 +184,40 @@ async def test_a_coordinator_down_at_submit_time_gets_the_update_when_back(
         assert task.state == manager_pb2.TASK_STATE_COMPLETED, task.error
         summary = json.loads(task.results)
         assert summary["accepted"] is True and summary["duplicate"] is False
-        done = await eventually(
-            lambda: coord.GetRoundStatus(
-                coordinator_pb2.GetRoundStatusRequest(round_id=rid), timeout=RPC_S
-            ),
-            lambda s: s.state == coordinator_pb2.ROUND_STATE_COMPLETED,
-        )
+        done = await coord.wait_state(rid, coordinator_pb2.ROUND_STATE_COMPLETED, timeout=60)
         assert done.deadline == status.deadline
-        assert list(done.reported) == [world.proplet_id] and done.num_updates == 1
+        assert list(done.reported) == [pid] and done.num_updates == 1
         assert done.new_model_version == 1
 
 
 async def test_a_rejected_update_is_not_retried(
-    world: World, caplog: pytest.LogCaptureFixture
+    world: Cluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="proplet.federated")
     rid = f"r-{uuid.uuid4().hex[:8]}"
-    status = await open_round(world.coordinator, rid, "someone-else", timeout_s=30.0)
-    task_id = await world.start_task(world.env(rid, status.deadline))
+    status = await open_round(world, rid, "someone-else", timeout_s=30.0)
+    task_id = await start_task(world, task_env(world, rid, status.deadline))
     task = await world.finished(task_id)
     assert task.state == manager_pb2.TASK_STATE_FAILED
     assert task.error.startswith("coordinator rejected update: "), task.error
     assert not [r for r in caplog.records if "SubmitUpdate: attempt" in r.getMessage()]
 
 
-async def test_round_tasks_carry_the_round_deadline(world: World) -> None:
+async def test_round_tasks_carry_the_round_deadline(world: Cluster) -> None:
     rid = f"r-{uuid.uuid4().hex[:8]}"
-    resp = await world.manager.StartExperiment(
-        manager_pb2.StartExperimentRequest(
-            round_id=rid,
-            model_ref=V0,
-            participants=[world.proplet_id],
-            k_of_n=1,
-            timeout_s=30,
-            task_wasm_image=world.trainer_url,
-            hyperparams=HYPER,
-        ),
-        timeout=RPC_S,
-    )
+    resp = await world.start_experiment(rid, world.proplet_ids, world.image, k_of_n=1, timeout_s=30)
     [scheduled] = resp.scheduled
-    task = await world.manager.GetTask(
-        manager_pb2.TaskRef(task_id=scheduled.task_id), timeout=RPC_S
-    )
+    task = await world.task(scheduled.task_id)
     assert float(task.env["ROUND_DEADLINE"]) == resp.round.deadline > time.time()
     done = await world.finished(scheduled.task_id)
     assert done.state == manager_pb2.TASK_STATE_COMPLETED, done.error
 
 
 # --------------------------------------------------------------------------- the policy
+# (plain functions and configuration: unit tests, unlike the end-to-end ones above)
 
 
+@pytest.mark.unit
 def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
     backoff = Backoff(initial_s=0.2, max_s=5.0)
     assert [backoff.ceiling(n) for n in range(1, 9)] == pytest.approx(
@@ -334,6 +229,7 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
         assert backoff.ceiling(n) / 2 <= d <= backoff.ceiling(n) <= backoff.max_s
 
 
+@pytest.mark.unit
 def test_two_proplets_do_not_retry_in_lockstep() -> None:
     backoff = Backoff()
     first = [d for d, _ in zip(backoff.delays(random.Random(1)), range(8), strict=False)]
@@ -350,6 +246,7 @@ def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, "")
 
 
+@pytest.mark.unit
 async def test_no_attempt_waits_longer_than_its_timeout() -> None:
     """A service that accepts the call and never answers: every attempt is cut off at its own
     timeout (even by a client that ignores it), and the calls end by the deadline."""
@@ -387,6 +284,7 @@ async def test_no_attempt_waits_longer_than_its_timeout() -> None:
     assert len(set(record.delays)) == len(record.delays)  # jittered
 
 
+@pytest.mark.unit
 async def test_attempt_timeouts_shrink_to_the_deadline_but_not_below_the_floor() -> None:
     given: list[float] = []
 
@@ -408,6 +306,7 @@ async def test_attempt_timeouts_shrink_to_the_deadline_but_not_below_the_floor()
     assert reason.endswith("s: UNAVAILABLE: connection refused")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "code",
     [
@@ -440,6 +339,7 @@ async def test_answers_are_final(code: grpc.StatusCode) -> None:
     )
 
 
+@pytest.mark.unit
 def test_round_deadline_from_the_task_env() -> None:
     base = {"ROUND_ID": "r1", "MODEL_URI": V0}
     assert FlTask.from_env(base, Endpoints()).round_deadline is None
@@ -471,6 +371,7 @@ def test_round_deadline_from_the_task_env() -> None:
     assert "ROUND_DEADLINE" not in no_deadline
 
 
+@pytest.mark.unit
 def test_retry_settings_from_the_environment() -> None:
     config = PropletConfig.from_env(
         {"PROPLET_ID": "p", "PROPLET_RETRY_BACKOFF_S": "0.5", "PROPLET_RETRY_MAX_BACKOFF_S": "8"}

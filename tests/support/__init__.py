@@ -1,0 +1,14 @@
+"""The test suite's one support package: what more than one test module needs lives here once.
+
+- `infra`: Mosquitto and the OCI registry as child processes on free ports, `free_port`,
+  `push_wasm`.
+- `waits`: `eventually`, the one bounded poll.
+- `processes`: child processes (`ChildProcess`), services as `propeller-fl serve` processes
+  (`ServiceProcess`), `propeller-fl up` (`UpProcess`).
+- `clients`: gRPC stubs to every service and the calls tests make through them.
+- `cluster`: in-process services and real proplets on the test broker (`cluster`,
+  `round_services`, `serve_app`, `proplets`).
+
+Fixtures built from these (`broker`, `registry`, `topics`, `trainer_wasm`) are in
+tests/conftest.py, which also tiers the suite (markers) and picks the Hypothesis profile.
+"""

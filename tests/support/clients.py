@@ -1,0 +1,247 @@
+"""gRPC clients of the services for tests: one channel per service, a stub for each, and the
+calls tests make through them (models, rounds, experiments, tasks, proplets). Every call is
+bounded by a timeout; every wait is `eventually`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import grpc
+
+from propeller.v1 import (
+    aggregator_pb2_grpc,
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    datastore_pb2_grpc,
+    manager_pb2,
+    manager_pb2_grpc,
+    model_registry_pb2,
+    model_registry_pb2_grpc,
+)
+from server.config import Endpoints
+from server.coordinator.rounds import Update
+from server.grpc_server import channel
+from server.models import model_uri
+from server.streams import UpdateMeta, read_model_stream, update_stream
+from server.tensors import Tensors
+from tests.support.waits import eventually
+
+V0 = model_uri(0)
+HYPER = coordinator_pb2.Hyperparams(epochs=1, lr=0.01, batch_size=16)
+CLOSED = (coordinator_pb2.ROUND_STATE_COMPLETED, coordinator_pb2.ROUND_STATE_FAILED)
+FINISHED = (manager_pb2.TASK_STATE_COMPLETED, manager_pb2.TASK_STATE_FAILED)
+RPC_S = 10.0
+# Uploads and StartExperiment (which waits for the broker to publish the tasks) get longer.
+LONG_RPC_S = 60.0
+
+# gRPC service name -> (the Endpoints field with its address, its stub).
+SERVICES: dict[str, tuple[str, Callable[[grpc.aio.Channel], Any]]] = {
+    "Manager": ("manager", manager_pb2_grpc.ManagerStub),
+    "Coordinator": ("coordinator", coordinator_pb2_grpc.CoordinatorStub),
+    "Aggregator": ("aggregator", aggregator_pb2_grpc.AggregatorStub),
+    "ModelRegistry": ("registry", model_registry_pb2_grpc.ModelRegistryStub),
+    "DataStore": ("datastore", datastore_pb2_grpc.DataStoreStub),
+}
+
+
+def experiment_request(
+    round_id: str,
+    participants: Sequence[str],
+    image: str,
+    *,
+    k_of_n: int = 0,
+    timeout_s: float = 60.0,
+    model_ref: str = V0,
+    experiment_id: str = "",
+    hyperparams: coordinator_pb2.Hyperparams = HYPER,
+) -> manager_pb2.StartExperimentRequest:
+    return manager_pb2.StartExperimentRequest(
+        experiment_id=experiment_id,
+        round_id=round_id,
+        model_ref=model_ref,
+        participants=participants,
+        hyperparams=hyperparams,
+        k_of_n=k_of_n,
+        timeout_s=timeout_s,
+        task_wasm_image=image,
+    )
+
+
+@dataclass
+class Clients:
+    """Channels by gRPC service name ("Manager", "ModelRegistry", ...) and their stubs (the
+    generated stubs are untyped, hence Any)."""
+
+    channels: dict[str, grpc.aio.Channel]
+
+    def _stub(self, service: str) -> Any:
+        return SERVICES[service][1](self.channels[service])
+
+    @property
+    def manager(self) -> Any:
+        return self._stub("Manager")
+
+    @property
+    def coordinator(self) -> Any:
+        return self._stub("Coordinator")
+
+    @property
+    def aggregator(self) -> Any:
+        return self._stub("Aggregator")
+
+    @property
+    def registry(self) -> Any:
+        return self._stub("ModelRegistry")
+
+    @property
+    def datastore(self) -> Any:
+        return self._stub("DataStore")
+
+    # -- models (ModelRegistry) -------------------------------------------------------------
+
+    async def init_model(self, dimension: int = 3) -> model_registry_pb2.ModelVersion:
+        version: model_registry_pb2.ModelVersion = await self.registry.InitModel(
+            model_registry_pb2.InitModelRequest(dimension=dimension), timeout=LONG_RPC_S
+        )
+        return version
+
+    async def models(self) -> list[model_registry_pb2.ModelVersion]:
+        resp = await self.registry.ListModels(model_registry_pb2.ListModelsRequest(), timeout=RPC_S)
+        return list(resp.models)
+
+    async def versions(self) -> list[int]:
+        return [m.version for m in await self.models()]
+
+    async def model(self, version: int) -> Tensors:
+        call = self.registry.GetModel(
+            model_registry_pb2.GetModelRequest(version=version), timeout=LONG_RPC_S
+        )
+        _header, tensors = await read_model_stream(call)
+        return tensors
+
+    # -- rounds (Coordinator; the manager passes GetRoundStatus through) --------------------
+
+    async def configure(self, round_id: str = "r1", **fields: Any) -> coordinator_pb2.RoundStatus:
+        """ConfigureRound: participants a, b, c from v0, started, unless `fields` say else."""
+        request: dict[str, Any] = {
+            "round_id": round_id,
+            "participants": ["a", "b", "c"],
+            "model_ref": V0,
+            "start": True,
+            **fields,
+        }
+        status: coordinator_pb2.RoundStatus = await self.coordinator.ConfigureRound(
+            coordinator_pb2.ConfigureRoundRequest(**request), timeout=RPC_S
+        )
+        return status
+
+    async def submit(
+        self, round_id: str, update: Update, chunk_size: int = 0
+    ) -> coordinator_pb2.SubmitUpdateResponse:
+        meta = UpdateMeta(
+            round_id,
+            update.proplet_id,
+            update.base_model_uri,
+            update.num_samples,
+            dict(update.metrics),
+        )
+        resp: coordinator_pb2.SubmitUpdateResponse = await self.coordinator.SubmitUpdate(
+            update_stream(meta, update.tensors, chunk_size), timeout=LONG_RPC_S
+        )
+        return resp
+
+    async def status(
+        self, round_id: str = "r1", via: Literal["coordinator", "manager"] = "coordinator"
+    ) -> coordinator_pb2.RoundStatus:
+        stub = self.coordinator if via == "coordinator" else self.manager
+        status: coordinator_pb2.RoundStatus = await stub.GetRoundStatus(
+            coordinator_pb2.GetRoundStatusRequest(round_id=round_id), timeout=RPC_S
+        )
+        return status
+
+    async def wait_state(
+        self,
+        round_id: str,
+        *states: int,
+        timeout: float = 30.0,
+        via: Literal["coordinator", "manager"] = "coordinator",
+    ) -> coordinator_pb2.RoundStatus:
+        """The round's status once it is in one of `states` (any closed state by default)."""
+        wanted = states or CLOSED
+        return await eventually(
+            lambda: self.status(round_id, via),
+            lambda s: s.state in wanted,
+            timeout=timeout,
+            what=f"round {round_id} in {wanted}",
+        )
+
+    # -- experiments, tasks, proplets (Manager) ---------------------------------------------
+
+    async def start_experiment(
+        self, round_id: str, participants: Sequence[str], image: str, **fields: Any
+    ) -> manager_pb2.StartExperimentResponse:
+        """StartExperiment of `experiment_request(round_id, participants, image, **fields)`."""
+        resp: manager_pb2.StartExperimentResponse = await self.manager.StartExperiment(
+            experiment_request(round_id, participants, image, **fields), timeout=LONG_RPC_S
+        )
+        return resp
+
+    async def round_tasks(self, round_id: str) -> list[manager_pb2.Task]:
+        resp = await self.manager.ListTasks(
+            manager_pb2.ListTasksRequest(name_prefix=f"fl-round-{round_id}"), timeout=RPC_S
+        )
+        return list(resp.tasks)
+
+    async def task(self, task_id: str) -> manager_pb2.Task:
+        task: manager_pb2.Task = await self.manager.GetTask(
+            manager_pb2.TaskRef(task_id=task_id), timeout=RPC_S
+        )
+        return task
+
+    async def run_task(self, request: manager_pb2.CreateTaskRequest) -> manager_pb2.Task:
+        """CreateTask, then StartTask; the task as StartTask answered."""
+        task = await self.manager.CreateTask(request, timeout=RPC_S)
+        started: manager_pb2.Task = await self.manager.StartTask(
+            manager_pb2.TaskRef(task_id=task.id), timeout=RPC_S
+        )
+        return started
+
+    async def finished(self, task_id: str, timeout: float = 60.0) -> manager_pb2.Task:
+        """The task once it is Completed or Failed."""
+        return await eventually(
+            lambda: self.task(task_id),
+            lambda t: t.state in FINISHED,
+            timeout=timeout,
+            what=f"task {task_id} finished",
+        )
+
+    async def proplets(self) -> list[manager_pb2.Proplet]:
+        listed = await self.manager.ListProplets(manager_pb2.ListPropletsRequest(), timeout=RPC_S)
+        return list(listed.proplets)
+
+    async def alive(self) -> set[str]:
+        return {p.id for p in await self.proplets() if p.alive}
+
+    async def wait_alive(self, ids: Sequence[str], timeout: float = 60.0) -> set[str]:
+        """Until exactly `ids` are listed alive."""
+        return await eventually(
+            self.alive, lambda a: a == set(ids), timeout=timeout, what=f"{list(ids)} alive"
+        )
+
+
+@contextlib.asynccontextmanager
+async def clients(addresses: Endpoints | Mapping[str, str]) -> AsyncIterator[Clients]:
+    """Clients with a channel to each service `addresses` names (an Endpoints names all five;
+    a mapping like {"coordinator": addr} only those)."""
+    named = dataclasses.asdict(addresses) if isinstance(addresses, Endpoints) else addresses
+    async with contextlib.AsyncExitStack() as stack:
+        channels = {
+            service: await stack.enter_async_context(channel(named[field]))
+            for service, (field, _) in SERVICES.items()
+            if named.get(field)
+        }
+        yield Clients(channels)

@@ -1,0 +1,228 @@
+"""In-process services and real proplets on the test broker: the one cluster the integration
+tests run against, with what differs between them as parameters.
+
+- `cluster(mqtt, work_dir, proplets=N, ...)`: all five services (`server.stack.Stack`, the
+  product's own one-process runner) plus N real proplets, clients of every service, v0 stored
+  and every proplet listed alive by the manager before the test starts.
+- `round_services(mqtt, ...)`: only what a round needs (registry with v0, aggregator,
+  coordinator), for tests that set the coordinator's own settings.
+- `serve_app(app)`: one service app entered and served on a free loopback port.
+- `run_proplets(...)`: real proplets pointed at a set of services.
+- `round_notes(mqtt)`: the round-complete notifications a subscriber sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+from proplet import Proplet, PropletConfig
+from server.aggregator.app import AggregatorApp, AggregatorConfig
+from server.config import Endpoints, MqttConfig
+from server.coordinator.app import CoordinatorApp, CoordinatorConfig
+from server.grpc_server import ServiceBinding, serving
+from server.mqtt import MqttSession
+from server.registry.app import RegistryApp, RegistryConfig
+from server.stack import Stack, StackConfig
+from server.topics import Topics
+from tests.support.clients import Clients, clients
+
+LOCAL = "127.0.0.1:0"
+
+
+class App(Protocol):
+    """What every service app is: an async context manager with gRPC bindings."""
+
+    @property
+    def bindings(self) -> list[ServiceBinding]: ...
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Any: ...
+
+
+@contextlib.asynccontextmanager
+async def serve_app(
+    app: App, addr: str = LOCAL, bindings: Sequence[ServiceBinding] | None = None
+) -> AsyncIterator[str]:
+    """Enter `app` and serve its bindings (or `bindings` in their place) on `addr` (a free
+    loopback port by default); yields the address clients use."""
+    async with app, serving(addr, app.bindings if bindings is None else bindings) as port:
+        yield f"{addr.rpartition(':')[0]}:{port}"
+
+
+@contextlib.asynccontextmanager
+async def round_services(
+    mqtt: MqttConfig,
+    *,
+    dimension: int | None = 3,
+    aggregator_addr: str | None = None,
+    **coordinator: Any,
+) -> AsyncIterator[Endpoints]:
+    """A model registry holding v0 (`dimension` zeros; None: empty), an aggregator (unless
+    `aggregator_addr` names one elsewhere) and a coordinator with the `coordinator` settings
+    of CoordinatorConfig, in this process. Yields their addresses (no manager, no data
+    store)."""
+    async with contextlib.AsyncExitStack() as stack:
+        registry = await stack.enter_async_context(serve_app(RegistryApp(RegistryConfig(LOCAL))))
+        if dimension is not None:
+            async with clients({"registry": registry}) as c:
+                await c.init_model(dimension)
+        if aggregator_addr is None:
+            aggregator = await stack.enter_async_context(
+                serve_app(AggregatorApp(AggregatorConfig(LOCAL)))
+            )
+        else:
+            aggregator = aggregator_addr
+        config = CoordinatorConfig(
+            addr=LOCAL,
+            aggregator_addr=aggregator,
+            registry_addr=registry,
+            mqtt=mqtt,
+            **coordinator,
+        )
+        coordinator_addr = await stack.enter_async_context(serve_app(CoordinatorApp(config)))
+        yield Endpoints(
+            manager="",
+            coordinator=coordinator_addr,
+            aggregator=aggregator,
+            registry=registry,
+            datastore="",
+        )
+
+
+@contextlib.asynccontextmanager
+async def run_proplets(
+    services: Endpoints,
+    mqtt: MqttConfig,
+    ids: Sequence[str],
+    work_dir: Path,
+    **config: Any,
+) -> AsyncIterator[dict[str, contextlib.AsyncExitStack]]:
+    """Real proplets `ids` on the broker, using `services`' coordinator, registry and data
+    store: named proplet-1, proplet-2, ..., heartbeat every 0.5 s, 30 s per task, unless
+    `config` (PropletConfig fields) says else. Yields one exit stack per proplet: closing
+    it stops that proplet early."""
+    running: dict[str, contextlib.AsyncExitStack] = {}
+    try:
+        for i, pid in enumerate(ids):
+            settings: dict[str, Any] = {
+                "name": f"proplet-{i + 1}",
+                "heartbeat_s": 0.5,
+                "work_dir": work_dir / f"proplet-{i}",
+                "task_timeout_s": 30.0,
+                **config,
+            }
+            endpoints = Endpoints(
+                coordinator=services.coordinator,
+                registry=services.registry,
+                datastore=services.datastore,
+            )
+            one = contextlib.AsyncExitStack()
+            running[pid] = one
+            await one.enter_async_context(
+                Proplet(PropletConfig(proplet_id=pid, mqtt=mqtt, endpoints=endpoints, **settings))
+            )
+        yield running
+    finally:
+        for one in reversed(running.values()):
+            await one.aclose()  # a no-op for a proplet already stopped
+
+
+@dataclass
+class Cluster(Clients):
+    """All five services in this process (`stack`), real proplets, clients of every service."""
+
+    stack: Stack = field(kw_only=True)
+    mqtt: MqttConfig = field(kw_only=True)
+    proplet_ids: list[str] = field(kw_only=True)
+    running: dict[str, contextlib.AsyncExitStack] = field(kw_only=True)
+    # The round module the test's rounds run (an image reference or a file:// URL).
+    image: str = field(kw_only=True, default="")
+
+    @property
+    def topics(self) -> Topics:
+        return self.mqtt.topics
+
+    @property
+    def endpoints(self) -> Endpoints:
+        return self.stack.endpoints
+
+    async def stop_proplet(self, proplet_id: str) -> None:
+        await self.running[proplet_id].aclose()
+
+
+@contextlib.asynccontextmanager
+async def cluster(
+    mqtt: MqttConfig,
+    work_dir: Path,
+    *,
+    proplets: int | Sequence[str] = 0,
+    dimension: int | None = 3,
+    stack: Mapping[str, Any] | None = None,
+    proplet: Mapping[str, Any] | None = None,
+    image: str = "",
+) -> AsyncIterator[Cluster]:
+    """The Stack with the data store seeded for the proplets (`stack`: other StackConfig
+    fields), `proplets` real proplets (a count of fresh UUIDs, or the ids; `proplet`: their
+    PropletConfig fields), v0 of `dimension` zeros (None: no model yet), and the proplets
+    listed alive before it yields. `image`: the round module the test runs."""
+    ids = [str(uuid.uuid4()) for _ in range(proplets)] if isinstance(proplets, int) else [*proplets]
+    config = dataclasses.replace(
+        StackConfig(mqtt=mqtt, seed_proplet_ids=tuple(ids)), **dict(stack or {})
+    )
+    async with (
+        Stack(config) as running_stack,
+        run_proplets(
+            running_stack.endpoints, mqtt, ids, work_dir, **dict(proplet or {})
+        ) as running,
+        clients(running_stack.endpoints) as c,
+    ):
+        made = Cluster(
+            c.channels,
+            stack=running_stack,
+            mqtt=mqtt,
+            proplet_ids=ids,
+            running=running,
+            image=image,
+        )
+        if dimension is not None:
+            await made.init_model(dimension)
+        if ids:
+            await made.wait_alive(ids)
+        yield made
+
+
+@contextlib.asynccontextmanager
+async def round_notes(
+    mqtt: MqttConfig, *, persistent: bool = False
+) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
+    """The round-complete notifications (JSON) on the deployment's round topic, in order;
+    `persistent`: a session the broker keeps while this subscriber is away."""
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def on_message(topic: str, payload: bytes) -> None:
+        assert topic == mqtt.topics.round_next, topic
+        queue.put_nowait(json.loads(payload))
+
+    async with MqttSession(
+        mqtt,
+        f"watcher-{uuid.uuid4().hex[:8]}",
+        [mqtt.topics.round_next],
+        on_message,
+        clean_session=not persistent,
+    ):
+        yield queue

@@ -1,0 +1,138 @@
+"""Real infrastructure for tests: Mosquitto and the CNCF OCI registry as child processes on
+free loopback ports, started and stopped by the tests themselves."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TypeVar
+
+from tests.support.ports import free_port, wait_port
+from tests.support.processes import ChildProcess
+
+P = TypeVar("P", bound=ChildProcess)
+
+
+def _binary(name: str, *candidates: str) -> str:
+    for c in (name, *candidates):
+        found = shutil.which(c)
+        if found:
+            return found
+        if Path(c).exists():
+            return c
+    raise FileNotFoundError(f"{name} not installed (apt-get install it; .ci/run does)")
+
+
+class Mosquitto(ChildProcess):
+    """A broker with persistence (its sessions survive a stop and start over `workdir`)."""
+
+    def __init__(self, port: int, workdir: Path) -> None:
+        conf = workdir / "mosquitto.conf"
+        (workdir / "data").mkdir(parents=True, exist_ok=True)
+        conf.write_text(
+            f"listener {port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            # As root, mosquitto would drop to the `mosquitto` user, which cannot write into
+            # pytest's private temp dirs: persistence would then fail silently.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + "persistence true\n"
+            f"persistence_location {workdir / 'data'}/\n"
+            "max_queued_messages 100000\n"
+            "set_tcp_nodelay true\n"
+            "log_dest stderr\n"
+        )
+        super().__init__(
+            "mosquitto",
+            [_binary("mosquitto", "/usr/sbin/mosquitto"), "-c", str(conf)],
+            workdir,
+            stdout="log",
+        )
+        self.port = port
+        self.workdir = workdir
+
+    def start(self) -> None:
+        super().start()
+        wait_port(self.port)
+
+
+class OciRegistry(ChildProcess):
+    """The CNCF distribution registry (`docker-registry`), deletes enabled."""
+
+    def __init__(self, port: int, workdir: Path) -> None:
+        conf = workdir / "registry.yml"
+        conf.write_text(
+            "version: 0.1\n"
+            "log:\n  level: warn\n"
+            "storage:\n"
+            f"  filesystem:\n    rootdirectory: {workdir / 'data'}\n"
+            "  delete:\n    enabled: true\n"
+            "http:\n"
+            f"  addr: 127.0.0.1:{port}\n"
+        )
+        super().__init__(
+            "registry",
+            [_binary("docker-registry", "/usr/bin/docker-registry"), "serve", str(conf)],
+            workdir,
+            stdout="log",
+        )
+        self.port = port
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        super().start()
+        deadline = time.monotonic() + 15
+        while True:
+            url = f"http://{self.host}/v2/"
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"docker-registry did not answer /v2/\n{self.tail()}")
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def mosquitto(workdir: Path) -> Iterator[Mosquitto]:
+    with _running(Mosquitto(free_port(), workdir)) as broker:
+        yield broker
+
+
+@contextlib.contextmanager
+def oci_registry(workdir: Path) -> Iterator[OciRegistry]:
+    with _running(OciRegistry(free_port(), workdir)) as registry:
+        yield registry
+
+
+@contextlib.contextmanager
+def _running(process: P) -> Iterator[P]:
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def push_wasm(
+    registry: OciRegistry, wasm: Path, repo: str = "fl-client-wasm", tag: str = "latest"
+) -> str:
+    """Push a module with oras, as the seed does; returns the image reference."""
+    import oras.client
+
+    target = f"{registry.host}/{repo}:{tag}"
+    client = oras.client.OrasClient(hostname=registry.host, insecure=True)
+    resp = client.push(
+        target=target,
+        files=[f"{wasm}:application/wasm"],
+        disable_path_validation=True,
+    )
+    if resp.status_code not in (200, 201):
+        raise RuntimeError(f"oras push {target}: HTTP {resp.status_code}")
+    return target

@@ -1,0 +1,324 @@
+"""Child processes of the tests: the one harness for anything the suite runs as a process.
+
+`ChildProcess` starts a command with an environment of its own, keeps its output in log files
+(a marker line per start, so a restarted process has one log), stops it with SIGTERM (bounded)
+or SIGKILL, and puts the log's tail into every failure message. `ServiceProcess` is
+`python -m server.cli serve SERVICE` on a free port of its own, ready when its gRPC health
+service says SERVING; `UpProcess` is `propeller-fl up`, ready when it prints `ready`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Literal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.config import MqttConfig
+from tests.support.ports import free_port
+
+# Bounds, not expectations: start-up (imports, opening the state, connecting MQTT), a stop.
+READY_S = 60.0
+STOP_S = 30.0
+# One RPC to a service process: generous, so a slow machine does not flake.
+RPC_S = 60.0
+
+# The variable each `serve` service listens on, and the gRPC service its health check names.
+LISTEN_VARS = {
+    "manager": "PROPELLER_MANAGER_LISTEN",
+    "coordinator": "PROPELLER_COORDINATOR_LISTEN",
+    "aggregator": "PROPELLER_AGGREGATOR_LISTEN",
+    "registry": "PROPELLER_REGISTRY_LISTEN",
+    "datastore": "PROPELLER_DATASTORE_LISTEN",
+}
+GRPC_SERVICES = {
+    "manager": "propeller.v1.Manager",
+    "coordinator": "propeller.v1.Coordinator",
+    "aggregator": "propeller.v1.Aggregator",
+    "registry": "propeller.v1.ModelRegistry",
+    "datastore": "propeller.v1.DataStore",
+}
+# Variables the services read that do not start with PROPELLER_ / PROPLET_.
+_OTHER_VARS = frozenset(
+    {
+        "MANAGER_ADDR",
+        "COORDINATOR_ADDR",
+        "AGGREGATOR_ADDR",
+        "MODEL_REGISTRY_ADDR",
+        "DATA_STORE_ADDR",
+        "PROPLET_IDS",
+    }
+)
+# Reconnect quickly: the default backoff (1 s, growing) would dominate a readiness wait.
+_FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 100),
+]
+
+Output = Literal["log", "file", "devnull", "pipe"]
+
+
+def mqtt_env(mqtt: MqttConfig) -> dict[str, str]:
+    """The variables that put a service on `mqtt`'s broker, in its namespace."""
+    return {
+        "PROPELLER_MQTT_HOST": mqtt.host,
+        "PROPELLER_MQTT_PORT": str(mqtt.port),
+        "PROPELLER_DOMAIN_ID": mqtt.topics.domain,
+        "PROPELLER_CHANNEL_ID": mqtt.topics.channel,
+    }
+
+
+def service_environment(reserved: frozenset[str] | set[str] = frozenset()) -> dict[str, str]:
+    """This process's environment less anything a service reads (and less `reserved`), so a
+    child sees only the configuration its test gives it, as in a container."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PROPELLER_", "PROPLET_"))
+        and k not in _OTHER_VARS
+        and k not in reserved
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class ChildProcess:
+    """`argv` with `env` in `cwd`; stderr in `logs/NAME.log`. Stdout goes to the same log
+    ("log"), to `logs/NAME.out` ("file"), nowhere ("devnull"), or to a pipe ("pipe")."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        logs: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        stdout: Output = "devnull",
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.env = dict(os.environ if env is None else env)
+        self.logs = logs
+        self.cwd = cwd or logs
+        self.stdout = stdout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.stopped_after_s = 0.0
+        logs.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def log_path(self) -> Path:
+        return self.logs / f"{self.name}.log"
+
+    @property
+    def out_path(self) -> Path:
+        return self.logs / f"{self.name}.out"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        assert not self.running, f"{self.name} is already running"
+        self.starts += 1
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- {self.name} start {self.starts}: {' '.join(self.argv)}\n".encode())
+            log.flush()
+            # The child keeps its own copies of the descriptors; ours close at once.
+            with contextlib.ExitStack() as files:
+                stdout: int | IO[bytes] = subprocess.PIPE
+                if self.stdout == "log":
+                    stdout = log
+                elif self.stdout == "file":
+                    stdout = files.enter_context(open(self.out_path, "ab"))
+                elif self.stdout == "devnull":
+                    stdout = subprocess.DEVNULL
+                self.proc = subprocess.Popen(
+                    self.argv,
+                    env=self.env,
+                    cwd=self.cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=stdout,
+                    stderr=log,
+                )
+
+    def send(self, sig: signal.Signals) -> None:
+        assert self.proc is not None and self.proc.poll() is None, f"{self.name} is not running"
+        self.proc.send_signal(sig)
+
+    def wait(self, bound: float = STOP_S) -> int:
+        """The exit status, once the process has exited (fails after `bound` seconds)."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(bound)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{self.name} still running {bound}s later\n{self.tail()}"
+            ) from None
+
+    async def wait_exit(self, bound: float = STOP_S) -> int:
+        return await asyncio.to_thread(self.wait, bound)
+
+    def kill(self) -> None:
+        """SIGKILL: no handler runs in the process, nothing is flushed or closed."""
+        self.send(signal.SIGKILL)
+        assert self.wait() == -signal.SIGKILL, self.tail()
+
+    def terminate(self, bound: float = STOP_S) -> int:
+        """SIGTERM, as `docker compose stop` sends; the exit status (fails if the process is
+        still running after `bound` seconds). `stopped_after_s` says how long it took."""
+        began = time.monotonic()
+        self.send(signal.SIGTERM)
+        code = self.wait(bound)
+        self.stopped_after_s = time.monotonic() - began
+        return code
+
+    async def terminate_async(self, bound: float = STOP_S) -> int:
+        return await asyncio.to_thread(self.terminate, bound)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Clean-up: SIGTERM, then SIGKILL after `grace` seconds, whatever state it is in."""
+        if not self.running:
+            return
+        assert self.proc is not None
+        self.proc.terminate()
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def tail(self, lines: int = 40) -> str:
+        text = "\n".join(self.log_text().splitlines()[-lines:])
+        return f"--- {self.name} log ({self.log_path}):\n{text}"
+
+    async def wait_log(self, text: str, bound: float = 30.0) -> None:
+        end = time.monotonic() + bound
+        while text not in self.log_text():
+            assert time.monotonic() < end, f"{self.name} never logged {text!r}\n{self.tail()}"
+            await asyncio.sleep(0.05)
+
+
+class ServiceProcess(ChildProcess):
+    """`python -m server.cli serve SERVICE` with `env` (on top of `service_environment()`),
+    listening on a free loopback port of its own that restarts keep."""
+
+    def __init__(self, service: str, env: Mapping[str, str], logs: Path) -> None:
+        self.service = service
+        self.port = free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        listen = {LISTEN_VARS[service]: self.addr} if service in LISTEN_VARS else {}
+        super().__init__(
+            service,
+            [sys.executable, "-m", "server.cli", "serve", service],
+            logs,
+            env={**service_environment(), **env, **listen},
+        )
+
+    async def ready(self, bound: float = READY_S) -> float:
+        """Until the gRPC health service says SERVING for this service; the seconds it took.
+        Fails at once if the process exits."""
+        began = time.monotonic()
+        request = health_pb2.HealthCheckRequest(service=GRPC_SERVICES[self.service])
+        async with grpc.aio.insecure_channel(self.addr, options=_FAST_RECONNECT) as chan:
+            stub = health_pb2_grpc.HealthStub(chan)
+            while True:
+                assert self.proc is not None and self.proc.poll() is None, (
+                    f"{self.service} exited before it was ready\n{self.tail()}"
+                )
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    resp = await stub.Check(request, timeout=1.0)
+                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                        return time.monotonic() - began
+                assert time.monotonic() - began < bound, (
+                    f"{self.service} not serving after {bound}s\n{self.tail()}"
+                )
+                await asyncio.sleep(0.05)
+
+    async def restart(self) -> float:
+        """Start (again, on the same port) and wait until it serves."""
+        self.start()
+        return await self.ready()
+
+
+@contextlib.contextmanager
+def service_process(service: str, env: Mapping[str, str], logs: Path) -> Iterator[ServiceProcess]:
+    """A ServiceProcess (not started) that is killed on exit if it is still running."""
+    process = ServiceProcess(service, env, logs)
+    try:
+        yield process
+    finally:
+        process.stop(grace=0)
+
+
+class UpProcess(ChildProcess):
+    """`python -m server.cli.main up ARGS` in `cwd`; its printed lines are read on a thread,
+    so every wait for them is bounded."""
+
+    def __init__(self, args: Sequence[str], cwd: Path) -> None:
+        super().__init__(
+            "up", [sys.executable, "-m", "server.cli.main", "up", *args], cwd, stdout="pipe"
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.printed: list[str] = []
+
+    def start(self) -> None:
+        super().start()
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()
+
+    @staticmethod
+    def _read(proc: subprocess.Popen[bytes] | None, lines: queue.Queue[str | None]) -> None:
+        assert proc is not None and proc.stdout is not None
+        with proc.stdout:
+            for raw in proc.stdout:
+                lines.put(raw.decode().rstrip("\n"))
+        lines.put(None)
+
+    def wait_ready(self, bound: float = 120.0) -> list[str]:
+        """Until it prints `ready`; the lines printed before it."""
+        deadline = time.monotonic() + bound
+        self.printed = []
+        while True:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no 'ready' within {bound}s; printed: {self.printed}"
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            assert line is not None, (
+                f"exited {self.proc.wait() if self.proc else None} before 'ready': "
+                f"{self.printed}\n{self.tail()}"
+            )
+            if line == "ready":
+                return self.printed
+            self.printed.append(line)
+
+
+@contextlib.contextmanager
+def up_process(args: Sequence[str], cwd: Path) -> Iterator[UpProcess]:
+    """An UpProcess (started) that is killed on exit if it is still running."""
+    process = UpProcess(args, cwd)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop(grace=0)
