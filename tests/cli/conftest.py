@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from server.config import MqttConfig
-from server.stack import Stack, StackConfig
-from server.topics import Topics
+from server.stack import Stack
 from tests.cli.helpers import Cli, make_cli
-from tests.support.infra import Mosquitto
+from tests.support.cluster import cluster
 
 SEEDED = ("seed-a", "seed-b")
 
@@ -21,12 +21,8 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
 
 
 @pytest.fixture
-def mqtt(broker: Mosquitto, topics: Topics) -> MqttConfig:
-    return MqttConfig(port=broker.port, topics=topics)
-
-
-@pytest.fixture
-async def stack(mqtt: MqttConfig) -> AsyncIterator[Stack]:
+async def stack(mqtt: MqttConfig, tmp_path: Path) -> AsyncIterator[Stack]:
     """All five services; the data store seeded for SEEDED (64 samples, 3 features)."""
-    async with Stack(StackConfig(mqtt=mqtt, seed_proplet_ids=SEEDED)) as s:
-        yield s
+    seeded = {"seed_proplet_ids": SEEDED}
+    async with cluster(mqtt, tmp_path, dimension=None, stack=seeded) as c:
+        yield c.stack

@@ -74,6 +74,7 @@ async def test_usage_errors_exit_2_without_traceback(cli: Cli) -> None:
     assert res.code == 2 and "one of the arguments --image --file is required" in res.err
 
 
+@pytest.mark.process  # the console script / `python -m` as child processes
 async def test_entry_point_as_a_process(stack: Stack, tmp_path: Path) -> None:
     """The installed `propeller-fl` script: addresses from the environment, JSON on stdout,
     and an error as one stderr line with exit status 1."""
@@ -121,6 +122,7 @@ async def test_entry_point_as_a_process(stack: Stack, tmp_path: Path) -> None:
             ]
 
 
+@pytest.mark.process  # the console script / `python -m` as child processes
 async def test_module_entry_point(stack: Stack) -> None:
     """`python -m server.cli.main` runs the same commands."""
     import asyncio

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from server.config import MqttConfig
-from server.stack import Stack, StackConfig
-from tests.cli.helpers import Cli, flags, proplets, table_rows
+from server.stack import Stack
+from tests.cli.helpers import Cli, flags, table_rows
+from tests.support.cluster import cluster
 from tests.support.infra import OciRegistry
 from tests.support.waits import eventually
 
@@ -35,11 +36,8 @@ async def fl(
     cli: Cli, mqtt: MqttConfig, registry: OciRegistry, trainer_wasm: Path, tmp_path: Path
 ) -> AsyncIterator[Fl]:
     """Stack + three proplets with seeded datasets, the trainer pushed with `wasm push`, v0."""
-    ids = [str(uuid.uuid4()) for _ in range(3)]
-    async with (
-        Stack(StackConfig(mqtt=mqtt, seed_proplet_ids=tuple(ids))) as stack,
-        proplets(stack, mqtt, ids, tmp_path),
-    ):
+    async with cluster(mqtt, tmp_path, proplets=3, dimension=None) as c:
+        stack, ids = c.stack, c.proplet_ids
         f = flags(stack.endpoints)
         image = f"{registry.host}/fl-client-wasm:cli-{uuid.uuid4().hex[:6]}"
         (await cli("wasm", "push", str(trainer_wasm), "--image", image)).ok()

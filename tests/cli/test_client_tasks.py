@@ -17,10 +17,10 @@ from tests.cli.helpers import (
     Cli,
     flags,
     hello_wasm,
-    proplets,
     spin_wasm,
     table_rows,
 )
+from tests.support.cluster import run_proplets
 from tests.support.infra import OciRegistry
 from tests.support.ports import free_port
 from tests.support.waits import eventually
@@ -86,7 +86,7 @@ async def test_proplets_and_ordinary_tasks(
     f = flags(stack.endpoints)
     pid = f"p-{uuid.uuid4().hex[:8]}"
     module = hello_wasm(tmp_path / "hello.wasm")
-    async with proplets(stack, mqtt, [pid], tmp_path):
+    async with run_proplets(stack.endpoints, mqtt, [pid], tmp_path):
         listed = await eventually(
             lambda: cli("proplets", "list", "--json", *f),
             lambda r: any(p["id"] == pid and p["alive"] for p in r.json()["proplets"]),

@@ -4,8 +4,6 @@ Mosquitto, and a subscriber listening for round-complete on the deployment names
 from __future__ import annotations
 
 import asyncio
-import json
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -15,153 +13,43 @@ import grpc
 import numpy as np
 import pytest
 
-from propeller.v1 import (
-    coordinator_pb2,
-    coordinator_pb2_grpc,
-    model_registry_pb2,
-    model_registry_pb2_grpc,
-)
-from server.aggregator.app import AggregatorApp, AggregatorConfig
+from propeller.v1 import coordinator_pb2
 from server.config import MqttConfig
-from server.coordinator.app import CoordinatorApp, CoordinatorConfig
 from server.coordinator.rounds import Update
-from server.grpc_server import channel, serving
-from server.mqtt import MqttSession
-from server.registry.app import RegistryApp, RegistryConfig
-from server.streams import UpdateMeta, read_model_stream, update_stream
 from server.tensors import Tensors
-from server.topics import Topics
 from tests.coordinator.helpers import fedavg, make_update
-from tests.support.infra import Mosquitto
+from tests.support.clients import Clients, clients
+from tests.support.cluster import round_notes, round_services
 from tests.support.ports import free_port
 
 V0 = "fl/models/global_model_v0"
 V1 = "fl/models/global_model_v1"
 S = coordinator_pb2  # states and event types
-LOCAL = "127.0.0.1:0"
 
 
 @dataclass
-class Cluster:
-    coordinator: Any  # CoordinatorStub
-    registry: Any  # ModelRegistryStub
+class Cluster(Clients):
+    """Clients of the coordinator and the registry, and the round-complete announcements."""
+
     announcements: asyncio.Queue[dict[str, Any]]
-    topics: Topics
-
-    async def configure(self, round_id: str = "r1", **kw: Any) -> Any:
-        req: dict[str, Any] = {
-            "round_id": round_id,
-            "participants": ["a", "b", "c"],
-            "model_ref": V0,
-            "start": True,
-        }
-        req.update(kw)
-        return await self.coordinator.ConfigureRound(
-            coordinator_pb2.ConfigureRoundRequest(**req), timeout=10
-        )
-
-    async def submit(self, round_id: str, update: Update, chunk_size: int = 0) -> Any:
-        meta = UpdateMeta(
-            round_id,
-            update.proplet_id,
-            update.base_model_uri,
-            update.num_samples,
-            dict(update.metrics),
-        )
-        return await self.coordinator.SubmitUpdate(
-            update_stream(meta, update.tensors, chunk_size), timeout=60
-        )
-
-    async def status(self, round_id: str = "r1") -> Any:
-        return await self.coordinator.GetRoundStatus(
-            coordinator_pb2.GetRoundStatusRequest(round_id=round_id), timeout=10
-        )
-
-    async def wait_state(self, round_id: str, *states: int, timeout: float = 20.0) -> Any:
-        """Poll GetRoundStatus until the round is in one of `states` (bounded)."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        while True:
-            st = await self.status(round_id)
-            if st.state in states:
-                return st
-            if loop.time() > end:
-                raise AssertionError(f"round {round_id} still {st} after {timeout}s")
-            await asyncio.sleep(0.02)
-
-    async def model(self, version: int) -> Tensors:
-        call = self.registry.GetModel(
-            model_registry_pb2.GetModelRequest(version=version), timeout=60
-        )
-        _header, tensors = await read_model_stream(call)
-        return tensors
-
-    async def versions(self) -> list[int]:
-        resp = await self.registry.ListModels(model_registry_pb2.ListModelsRequest(), timeout=10)
-        return [m.version for m in resp.models]
 
 
 @asynccontextmanager
-async def cluster(
-    broker: Mosquitto,
-    topics: Topics,
-    dimension: int = 3,
-    *,
-    aggregator_addr: str | None = None,
-    **overrides: Any,
-) -> AsyncIterator[Cluster]:
-    mqtt = MqttConfig(host="127.0.0.1", port=broker.port, topics=topics)
-    announcements: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-    async def on_message(topic: str, payload: bytes) -> None:
-        assert topic == topics.round_next
-        announcements.put_nowait(json.loads(payload))
-
-    registry_app = RegistryApp(RegistryConfig(addr=LOCAL))
-    aggregator_app = AggregatorApp(AggregatorConfig(addr=LOCAL))
+async def cluster(mqtt: MqttConfig, dimension: int = 3, **overrides: Any) -> AsyncIterator[Cluster]:
+    """Registry (v0 of `dimension` zeros), aggregator and coordinator in this process; the
+    coordinator's settings are these unless `overrides` (`aggregator_addr` included) say else."""
+    settings: dict[str, Any] = {"rpc_timeout_s": 30.0, "tick_s": 0.05, **overrides}
     async with (
-        registry_app,
-        serving(LOCAL, registry_app.bindings) as registry_port,
-        aggregator_app,
-        serving(LOCAL, aggregator_app.bindings) as aggregator_port,
-        MqttSession(
-            mqtt,
-            f"sub-{uuid.uuid4().hex[:8]}",
-            [topics.round_next],
-            on_message,
-            clean_session=True,
-        ),
+        round_notes(mqtt) as announcements,
+        round_services(mqtt, dimension=dimension, **settings) as services,
+        clients(services) as c,
     ):
-        settings: dict[str, Any] = {"rpc_timeout_s": 30.0, "tick_s": 0.05, **overrides}
-        config = CoordinatorConfig(
-            addr=LOCAL,
-            aggregator_addr=aggregator_addr or f"127.0.0.1:{aggregator_port}",
-            registry_addr=f"127.0.0.1:{registry_port}",
-            mqtt=mqtt,
-            **settings,
-        )
-        coordinator_app = CoordinatorApp(config)
-        async with (
-            coordinator_app,
-            serving(LOCAL, coordinator_app.bindings) as coordinator_port,
-            channel(f"127.0.0.1:{coordinator_port}") as coordinator_channel,
-            channel(f"127.0.0.1:{registry_port}") as registry_channel,
-        ):
-            c = Cluster(
-                coordinator_pb2_grpc.CoordinatorStub(coordinator_channel),
-                model_registry_pb2_grpc.ModelRegistryStub(registry_channel),
-                announcements,
-                topics,
-            )
-            await c.registry.InitModel(
-                model_registry_pb2.InitModelRequest(dimension=dimension), timeout=30
-            )
-            yield c
+        yield Cluster(c.channels, announcements)
 
 
 @pytest.fixture
-async def fl(broker: Mosquitto, topics: Topics) -> AsyncIterator[Cluster]:
-    async with cluster(broker, topics) as c:
+async def fl(mqtt: MqttConfig) -> AsyncIterator[Cluster]:
+    async with cluster(mqtt) as c:
         yield c
 
 
@@ -477,12 +365,9 @@ async def test_status_and_list(fl: Cluster) -> None:
 # ---- failures downstream ---------------------------------------------------------------
 
 
-async def test_unreachable_aggregator_fails_the_round_with_reason(
-    broker: Mosquitto, topics: Topics
-) -> None:
+async def test_unreachable_aggregator_fails_the_round_with_reason(mqtt: MqttConfig) -> None:
     async with cluster(
-        broker,
-        topics,
+        mqtt,
         aggregator_addr=f"127.0.0.1:{free_port()}",
         rpc_timeout_s=2.0,
         retry_attempts=3,
@@ -500,9 +385,9 @@ async def test_unreachable_aggregator_fails_the_round_with_reason(
 # ---- size ------------------------------------------------------------------------------
 
 
-async def test_fifty_megabyte_update(broker: Mosquitto, topics: Topics) -> None:
+async def test_fifty_megabyte_update(mqtt: MqttConfig) -> None:
     dimension = 50 * (1 << 20) // 8
-    async with cluster(broker, topics, dimension=dimension) as c:
+    async with cluster(mqtt, dimension=dimension) as c:
         await c.configure(participants=["a", "b"], k_of_n=1)
         rng = np.random.default_rng(7)
         update = Update(

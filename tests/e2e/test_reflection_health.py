@@ -16,9 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from server.config import MqttConfig
-from server.stack import Stack, StackConfig
-from server.topics import Topics
-from tests.support.infra import Mosquitto
+from server.stack import Stack
+from tests.support.cluster import cluster
 
 EXPECTED = {
     "manager": "propeller.v1.Manager",
@@ -31,9 +30,9 @@ COMMON = {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
 
 
 @pytest.fixture
-async def stack(broker: Mosquitto, topics: Topics) -> AsyncIterator[Stack]:
-    async with Stack(StackConfig(mqtt=MqttConfig(port=broker.port, topics=topics))) as s:
-        yield s
+async def stack(mqtt: MqttConfig, tmp_path: Path) -> AsyncIterator[Stack]:
+    async with cluster(mqtt, tmp_path, dimension=None) as c:
+        yield c.stack
 
 
 def grpcurl() -> str:
@@ -42,6 +41,7 @@ def grpcurl() -> str:
     return found
 
 
+@pytest.mark.process
 async def test_grpcurl_list_shows_each_service(stack: Stack) -> None:
     for field, service in EXPECTED.items():
         addr = getattr(stack.endpoints, field)
@@ -56,6 +56,7 @@ async def test_grpcurl_list_shows_each_service(stack: Stack) -> None:
         assert set(proc.stdout.split()) == {service, *COMMON}
 
 
+@pytest.mark.process
 async def test_grpcurl_describes_messages_without_proto_files(stack: Stack) -> None:
     proc = await asyncio.to_thread(
         subprocess.run,

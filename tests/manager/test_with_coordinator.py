@@ -12,12 +12,9 @@ import grpc
 import pytest
 
 from propeller.v1 import coordinator_pb2, manager_pb2
-from server.coordinator.app import CoordinatorApp, CoordinatorConfig
-from server.grpc_server import serving
+from server.config import MqttConfig
 from server.mqtt import MqttSession
-from server.registry.app import RegistryApp, RegistryConfig
 from server.topics import Topics
-from tests.support.infra import Mosquitto
 from tests.manager.fakes import (
     WASM,
     FakeProplet,
@@ -26,33 +23,19 @@ from tests.manager.fakes import (
     running_manager,
     until_alive,
 )
-
-LOCAL = "127.0.0.1:0"
+from tests.support.cluster import round_services
+from tests.support.infra import Mosquitto
 
 
 @pytest.fixture
-async def manager(broker: Mosquitto, topics: Topics) -> AsyncIterator[RunningManager]:
-    registry = RegistryApp(RegistryConfig(addr=LOCAL))
-    await registry.registry.init_model(3)
-    async with registry, serving(LOCAL, registry.bindings) as registry_port:
-        coordinator = CoordinatorApp(
-            CoordinatorConfig(
-                addr=LOCAL,
-                # Nothing here aggregates: no update is ever submitted.
-                aggregator_addr="127.0.0.1:9",
-                registry_addr=f"127.0.0.1:{registry_port}",
-                mqtt=mqtt_config(broker.port, topics),
-                rpc_timeout_s=5.0,
-            )
-        )
-        async with (
-            coordinator,
-            serving(LOCAL, coordinator.bindings) as coordinator_port,
-            running_manager(
-                broker.port, topics, coordinator_addr=f"127.0.0.1:{coordinator_port}"
-            ) as m,
-        ):
-            yield m
+async def manager(mqtt: MqttConfig) -> AsyncIterator[RunningManager]:
+    # The real coordinator and registry (v0 stored); nothing here aggregates: no update is
+    # ever submitted.
+    async with (
+        round_services(mqtt, aggregator_addr="127.0.0.1:9", rpc_timeout_s=5.0) as services,
+        running_manager(mqtt.port, mqtt.topics, coordinator_addr=services.coordinator) as m,
+    ):
+        yield m
 
 
 def request(round_id: str, participants: list[str], **kw: Any) -> Any:

@@ -9,42 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
 
-from propeller.v1 import (
-    coordinator_pb2,
-    coordinator_pb2_grpc,
-    manager_pb2,
-    manager_pb2_grpc,
-    model_registry_pb2,
-    model_registry_pb2_grpc,
-)
-from proplet import Proplet, PropletConfig
-from server.config import Endpoints, MqttConfig
+from propeller.v1 import coordinator_pb2, manager_pb2
+from server.config import MqttConfig
 from server.mqtt import MqttSession
-from server.stack import Stack, StackConfig
 from server.topics import Topics
 from tests.proplet import wat
-from tests.support.infra import Mosquitto
-from tests.support.ports import free_port
+from tests.support.clients import Clients
+from tests.support.cluster import Cluster, cluster, round_notes
+from tests.support.infra import Mosquitto, mosquitto
 from tests.support.waits import eventually
 
-T = TypeVar("T")
-RPC_S = 10.0
-HYPER = coordinator_pb2.Hyperparams(epochs=1, lr=0.01, batch_size=16)
 # How long the phase-1 module trains: the broker is down for about this long.
 SLOW_S = 3.0
-Stub = Any
 
 
 def slow_update(round_id: str, seconds: float) -> bytes:
@@ -74,155 +58,63 @@ def slow_update(round_id: str, seconds: float) -> bytes:
 
 
 @pytest.fixture
-def own_broker() -> Iterator[Mosquitto]:
-    """A Mosquitto of this test's own (persistence on), to stop and start at will.
-
-    Started as root, mosquitto drops to the `mosquitto` user: its data directory must be
-    reachable and writable by that user, which pytest's private tmp_path is not (persistence
-    would then fail silently and a restart would forget every session)."""
-    workdir = Path(tempfile.mkdtemp(prefix="propeller-mosquitto-"))
-    workdir.chmod(0o755)
-    (workdir / "data").mkdir()
-    (workdir / "data").chmod(0o777)
-    broker = Mosquitto(free_port(), workdir)
-    broker.start()
-    try:
+def own_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A Mosquitto of this test's own (persistence on), to stop and start at will."""
+    with mosquitto(tmp_path / "mosquitto") as broker:
         yield broker
-    finally:
-        broker.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def own_mqtt(own_broker: Mosquitto, topics: Topics) -> MqttConfig:
+    return MqttConfig(port=own_broker.port, topics=topics)
 
 
 def stop_and_check_saved(broker: Mosquitto) -> None:
     broker.stop()
     db = broker.workdir / "data" / "mosquitto.db"
-    assert db.exists(), f"mosquitto did not save its sessions; see {broker.workdir}/mosquitto.log"
-
-
-@dataclass
-class Fleet:
-    broker: Mosquitto
-    stack: Stack
-    proplet_ids: list[str]
-    topics: Topics
-    mqtt: MqttConfig
-    manager: Stub
-    coordinator: Stub
-    tmp: Path
-
-    async def round_tasks(self, round_id: str) -> list[Any]:
-        resp = await self.manager.ListTasks(
-            manager_pb2.ListTasksRequest(name_prefix=f"fl-round-{round_id}"), timeout=RPC_S
-        )
-        return list(resp.tasks)
-
-    async def tasks_in(self, round_id: str, state: int) -> list[Any]:
-        return await eventually(
-            lambda: self.round_tasks(round_id),
-            lambda ts: len(ts) == 3 and all(t.state == state for t in ts),
-        )
-
-    async def round_status(self, round_id: str) -> Any:
-        """Straight from the coordinator, over gRPC (no MQTT on this path)."""
-        try:
-            return await self.coordinator.GetRoundStatus(
-                coordinator_pb2.GetRoundStatusRequest(round_id=round_id), timeout=RPC_S
-            )
-        except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
-
-    async def completed(self, round_id: str) -> Any:
-        final = (coordinator_pb2.ROUND_STATE_COMPLETED, coordinator_pb2.ROUND_STATE_FAILED)
-        status = await eventually(
-            lambda: self.round_status(round_id), lambda s: s is not None and s.state in final
-        )
-        assert status.state == coordinator_pb2.ROUND_STATE_COMPLETED, status.failure_reason
-        return status
-
-    async def experiment(self, round_id: str, image: str) -> Any:
-        return await self.manager.StartExperiment(
-            manager_pb2.StartExperimentRequest(
-                round_id=round_id,
-                model_ref="fl/models/global_model_v0",
-                participants=self.proplet_ids,
-                k_of_n=3,
-                timeout_s=60,
-                task_wasm_image=image,
-                hyperparams=HYPER,
-            ),
-            timeout=60,
-        )
-
-    async def alive(self) -> set[str]:
-        listed = await self.manager.ListProplets(manager_pb2.ListPropletsRequest(), timeout=RPC_S)
-        return {p.id for p in listed.proplets if p.alive}
-
-    async def stop_broker(self) -> None:
-        await asyncio.to_thread(stop_and_check_saved, self.broker)
-
-    async def start_broker(self) -> None:
-        await asyncio.to_thread(self.broker.start)
+    assert db.exists(), f"mosquitto did not save its sessions\n{broker.tail()}"
 
 
 @pytest.fixture
-async def fleet(own_broker: Mosquitto, topics: Topics, tmp_path: Path) -> AsyncIterator[Fleet]:
-    ids = [f"p{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
-    mqtt = MqttConfig(port=own_broker.port, topics=topics)
-    async with AsyncExitStack() as cm:
-        stack = await cm.enter_async_context(
-            Stack(StackConfig(mqtt=mqtt, seed_proplet_ids=tuple(ids)))
-        )
-        ep = stack.endpoints
-        for i, pid in enumerate(ids):
-            await cm.enter_async_context(
-                Proplet(
-                    PropletConfig(
-                        proplet_id=pid,
-                        mqtt=mqtt,
-                        endpoints=Endpoints(
-                            coordinator=ep.coordinator, registry=ep.registry, datastore=ep.datastore
-                        ),
-                        heartbeat_s=0.5,
-                        work_dir=tmp_path / f"proplet-{i}",
-                        task_timeout_s=30.0,
-                        memory_limit_bytes=64 << 20,
-                        rpc_timeout_s=10.0,
-                    )
-                )
-            )
-        chans = {
-            name: await cm.enter_async_context(grpc.aio.insecure_channel(addr))
-            for name, addr in (
-                ("manager", ep.manager),
-                ("coordinator", ep.coordinator),
-                ("registry", ep.registry),
-            )
-        }
-        await model_registry_pb2_grpc.ModelRegistryStub(chans["registry"]).InitModel(
-            model_registry_pb2.InitModelRequest(dimension=3), timeout=RPC_S
-        )
-        f = Fleet(
-            broker=own_broker,
-            stack=stack,
-            proplet_ids=ids,
-            topics=topics,
-            mqtt=mqtt,
-            manager=manager_pb2_grpc.ManagerStub(chans["manager"]),
-            coordinator=coordinator_pb2_grpc.CoordinatorStub(chans["coordinator"]),
-            tmp=tmp_path,
-        )
-        await eventually(f.alive, lambda a: a == set(ids))
-        yield f
+async def fleet(own_mqtt: MqttConfig, tmp_path: Path) -> AsyncIterator[Cluster]:
+    """The Stack and three proplets, all on the test's own broker."""
+    settings = {"memory_limit_bytes": 64 << 20, "rpc_timeout_s": 10.0}
+    async with cluster(own_mqtt, tmp_path, proplets=3, proplet=settings) as c:
+        yield c
 
 
-async def test_a_broker_restart_mid_round_loses_nothing(fleet: Fleet, trainer_wasm: Path) -> None:
+async def tasks_in(f: Cluster, round_id: str, state: int) -> list[manager_pb2.Task]:
+    """The round's three tasks, once all are in `state`."""
+    return await eventually(
+        lambda: f.round_tasks(round_id),
+        lambda ts: len(ts) == 3 and all(t.state == state for t in ts),
+    )
+
+
+async def round_status(c: Clients, round_id: str) -> Any:
+    """Straight from the coordinator, over gRPC (no MQTT on this path); None if unknown."""
+    try:
+        return await c.status(round_id)
+    except grpc.aio.AioRpcError as err:
+        if err.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+
+
+async def completed(c: Clients, round_id: str) -> Any:
+    status = await c.wait_state(round_id, timeout=60)
+    assert status.state == coordinator_pb2.ROUND_STATE_COMPLETED, status.failure_reason
+    return status
+
+
+async def experiment(f: Cluster, round_id: str, image: str) -> Any:
+    return await f.start_experiment(round_id, f.proplet_ids, image, k_of_n=3)
+
+
+async def test_a_broker_restart_mid_round_loses_nothing(
+    fleet: Cluster, own_broker: Mosquitto, trainer_wasm: Path, tmp_path: Path
+) -> None:
     f = fleet
-    notes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-    async def on_note(topic: str, payload: bytes) -> None:
-        notes.put_nowait(json.loads(payload))
 
     async def note_for(round_id: str) -> dict[str, Any]:
         async with asyncio.timeout(20):
@@ -232,41 +124,40 @@ async def test_a_broker_restart_mid_round_loses_nothing(fleet: Fleet, trainer_wa
                     return note
 
     # A persistent subscriber (stable id, clean_session=False) to the round notifications.
-    watcher = MqttSession(f.mqtt, f"watcher-{uuid.uuid4().hex[:8]}", [f.topics.round_next], on_note)
-    async with watcher:
+    async with round_notes(f.mqtt, persistent=True) as notes:
         # Phase 1: the broker goes down while the three proplets train.
         r1 = f"r1-{uuid.uuid4().hex[:6]}"
-        module = f.tmp / "slow.wasm"
+        module = tmp_path / "slow.wasm"
         module.write_bytes(slow_update(r1, SLOW_S))
-        started = await f.experiment(r1, f"file://{module}")
+        started = await experiment(f, r1, f"file://{module}")
         assert len(started.scheduled) == 3 and not started.skipped
-        await f.tasks_in(r1, manager_pb2.TASK_STATE_RUNNING)
-        await f.stop_broker()
-        during = await f.round_status(r1)
+        await tasks_in(f, r1, manager_pb2.TASK_STATE_RUNNING)
+        await asyncio.to_thread(stop_and_check_saved, own_broker)
+        during = await round_status(f, r1)
         assert during.num_updates == 0  # nobody had submitted yet: the outage covers it all
         # Updates go over gRPC: the round completes while the broker is still down.
-        status1 = await f.completed(r1)
+        status1 = await completed(f, r1)
         assert status1.num_updates == 3 and set(status1.reported) == set(f.proplet_ids)
-        await f.start_broker()
+        await asyncio.to_thread(own_broker.start)
         # The results the proplets produced during the outage reach the manager, and the
         # coordinator's round-complete notification reaches the persistent watcher.
-        done1 = await f.tasks_in(r1, manager_pb2.TASK_STATE_COMPLETED)
+        done1 = await tasks_in(f, r1, manager_pb2.TASK_STATE_COMPLETED)
         assert all(json.loads(t.results)["accepted"] for t in done1)
         note1 = await note_for(r1)
         assert note1["new_model_version"] == status1.new_model_version == 1
         assert note1["num_updates"] == 3
-        assert await eventually(f.alive, lambda a: a == set(f.proplet_ids))
+        assert await f.wait_alive(f.proplet_ids)
 
         # Phase 2: StartExperiment while the broker is down; it waits for the broker.
-        await f.stop_broker()
+        await asyncio.to_thread(stop_and_check_saved, own_broker)
         r2 = f"r2-{uuid.uuid4().hex[:6]}"
-        call = asyncio.ensure_future(f.experiment(r2, f"file://{trainer_wasm}"))
+        call = asyncio.ensure_future(experiment(f, r2, f"file://{trainer_wasm}"))
         try:
             # The manager has opened the round and is now waiting to publish its tasks.
-            opened = await eventually(lambda: f.round_status(r2), lambda s: s is not None)
+            opened = await eventually(lambda: round_status(f, r2), lambda s: s is not None)
             assert opened.state == coordinator_pb2.ROUND_STATE_OPEN
             assert not call.done()
-            await f.start_broker()
+            await asyncio.to_thread(own_broker.start)
             resp = await call
         finally:
             if not call.done():
@@ -274,20 +165,22 @@ async def test_a_broker_restart_mid_round_loses_nothing(fleet: Fleet, trainer_wa
                 await asyncio.wait({call})
         assert {s.proplet_id for s in resp.scheduled} == set(f.proplet_ids)
         assert not resp.skipped
-        status2 = await f.completed(r2)
+        status2 = await completed(f, r2)
         assert status2.num_updates == 3 and set(status2.reported) == set(f.proplet_ids)
         assert status2.new_model_version == 2
-        await f.tasks_in(r2, manager_pb2.TASK_STATE_COMPLETED)
+        await tasks_in(f, r2, manager_pb2.TASK_STATE_COMPLETED)
         note2 = await note_for(r2)
         assert note2["new_model_version"] == 2
     assert await f.alive() == set(f.proplet_ids)
 
 
-async def test_every_reconnect_subscribes_again(own_broker: Mosquitto, topics: Topics) -> None:
+async def test_every_reconnect_subscribes_again(
+    own_broker: Mosquitto, own_mqtt: MqttConfig
+) -> None:
     """With clean sessions the restarted broker remembers no subscription: messages after the
     restart arrive only because the session subscribed again on reconnecting."""
-    mqtt = MqttConfig(port=own_broker.port, topics=topics)
-    topic = f"{topics.base}/test/resubscribe"
+    mqtt = own_mqtt
+    topic = f"{mqtt.topics.base}/test/resubscribe"
     got: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def on_message(_: str, payload: bytes) -> None:
@@ -306,18 +199,18 @@ async def test_every_reconnect_subscribes_again(own_broker: Mosquitto, topics: T
             async def reconnected(seen: int = connects) -> bool:
                 return sub.connects > seen
 
-            await eventually(reconnected, bool, timeout=15)
+            await eventually(reconnected, timeout=15)
             await pub.publish(topic, f"after-{n}".encode())
             assert await asyncio.wait_for(got.get(), 10) == f"after-{n}".encode()
 
 
 async def test_a_publish_during_a_short_outage_waits_for_the_broker(
-    own_broker: Mosquitto, topics: Topics
+    own_broker: Mosquitto, own_mqtt: MqttConfig
 ) -> None:
     """QoS 1 to a persistent subscriber: published while the broker is down (the publisher
     waits for it), delivered after it is back."""
-    mqtt = MqttConfig(port=own_broker.port, topics=topics)
-    topic = f"{topics.base}/test/outage"
+    mqtt = own_mqtt
+    topic = f"{mqtt.topics.base}/test/outage"
     got: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def on_message(_: str, payload: bytes) -> None:
