@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import logging
 import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +25,7 @@ from typing import Any, Literal
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
@@ -33,35 +33,33 @@ from hypothesis import strategies as st
 
 from propeller.v1 import (
     coordinator_pb2,
-    coordinator_pb2_grpc,
     datastore_pb2,
-    datastore_pb2_grpc,
     manager_pb2,
-    manager_pb2_grpc,
     model_registry_pb2,
-    model_registry_pb2_grpc,
     tensor_pb2,
 )
 from server.config import MqttConfig
-from server.grpc_server import channel
 from server.messages import PropletAnnounce
 from server.models import model_uri
 from server.mqtt import MqttSession
-from server.stack import Stack, StackConfig
 from server.streams import UpdateMeta, model_stream, update_stream
 from server.tensors import Tensors, sha256_of, tensor_to_proto
 from server.topics import Topics
+from tests.fuzz import strategies as S
+from tests.support.clients import Clients
+from tests.support.cluster import cluster
 from tests.support.infra import Mosquitto
+from tests.support.waits import eventually
 
 log = logging.getLogger(__name__)
 
-EXAMPLES = 1000
 RPC_TIMEOUT = 30.0
 # A generous bound for one example (request + answer); more than this is a hang.
 EXAMPLE_TIMEOUT = 60.0
 
+# How many requests each RPC gets comes from the Hypothesis profile (tests/conftest.py:
+# `ci`, 1,000 per RPC; `dev`, 50): `fuzz` reads `settings().max_examples` when it runs.
 FUZZ_SETTINGS = settings(
-    max_examples=EXAMPLES,
     deadline=None,
     derandomize=True,
     database=None,
@@ -93,11 +91,23 @@ PUT_FEATURES = np.array([[1.0, 2.0], [3.0, -4.5], [0.0, 0.25]], dtype=np.float64
 PUT_LABELS = np.array([1.0, 0.0, 1.0], dtype=np.float64)
 
 KNOWN_PROPLETS = (PROPLET, PROPLET_TWO, DATASET_PUT)
+KNOWN_DATASETS = (PROPLET, DATASET_PUT)
 KNOWN_ROUNDS = (ROUND, EXPERIMENT_ROUND)
 KNOWN_URIS = (V0_URI, V1_URI, model_uri(2), model_uri(999))
+# ROUND's configuration, as seeded (and started).
+SEEDED_ROUND = coordinator_pb2.ConfigureRoundRequest(
+    round_id=ROUND,
+    experiment_id="exp-manual",
+    participants=[PROPLET, PROPLET_TWO],
+    k_of_n=2,
+    timeout_s=24 * 3600,
+    model_ref=V1_URI,
+    task_wasm_image=IMAGE,
+)
 
 # ---- the documented status codes ---------------------------------------------------------
 
+CP, DS, MP, MR = coordinator_pb2, datastore_pb2, manager_pb2, model_registry_pb2
 C = grpc.StatusCode
 # What every RPC may answer with all services up. INVALID_ARGUMENT is always possible: an
 # undecodable request body is answered with it before the servicer runs.
@@ -149,6 +159,24 @@ class Rpc:
     # Server streams that stay open while the round runs: read the first message, then cancel.
     first_only: bool = False
 
+    @classmethod
+    def of(cls, name: str, *, first_only: bool = False) -> Rpc:
+        """The RPC "Service.Method" of propeller.v1, as its descriptor declares it."""
+        service, method = name.split(".")
+        found = descriptor_pool.Default().FindMethodByName(f"propeller.v1.{name}")
+        streams = ("stream" if found.client_streaming else "unary") + (
+            "_stream" if found.server_streaming else "_unary"
+        )
+        kinds: dict[str, Kind] = {
+            "unary_unary": "unary_unary",
+            "unary_stream": "unary_stream",
+            "stream_unary": "stream_unary",
+            "stream_stream": "stream_stream",
+        }
+        request = message_factory.GetMessageClass(found.input_type)
+        response = message_factory.GetMessageClass(found.output_type)
+        return cls(service, method, kinds[streams], request, response, first_only)
+
     @property
     def name(self) -> str:
         return f"{self.service}.{self.method}"
@@ -189,34 +217,17 @@ def decodes(rpc: Rpc, body: Body) -> bool:
 
 
 @dataclass
-class FuzzEnv:
-    stack: Stack
+class FuzzEnv(Clients):
+    """Clients of every service (`Clients.channels` by service name) and the known-good state."""
+
     topics: Topics
-    channels: dict[str, grpc.aio.Channel]
+    mqtt: MqttConfig
     task_id: str = ""  # a PENDING task
     scheduled_task_id: str = ""  # a SCHEDULED task (its start was published)
     counts: dict[str, int] = field(default_factory=dict)
     # Rounds a test module added to the known-good state.
     extra_rounds: list[str] = field(default_factory=list)
     snapshot_at_start: dict[str, bytes] = field(default_factory=dict)
-
-    # -- stubs ----------------------------------------------------------------------------
-
-    @property
-    def manager(self) -> Any:
-        return manager_pb2_grpc.ManagerStub(self.channels["Manager"])
-
-    @property
-    def coordinator(self) -> Any:
-        return coordinator_pb2_grpc.CoordinatorStub(self.channels["Coordinator"])
-
-    @property
-    def registry(self) -> Any:
-        return model_registry_pb2_grpc.ModelRegistryStub(self.channels["ModelRegistry"])
-
-    @property
-    def datastore(self) -> Any:
-        return datastore_pb2_grpc.DataStoreStub(self.channels["DataStore"])
 
     # -- sending --------------------------------------------------------------------------
 
@@ -261,59 +272,41 @@ class FuzzEnv:
         for version in (0, 1):
             header, data = await self.model_bytes(version)
             assert sha256_of_bytes(data) == header.sha256, f"v{version}: bytes do not hash"
-            out[f"model v{version} header"] = header.SerializeToString(deterministic=True)
+            out[f"model v{version} header"] = _bytes(header)
             out[f"model v{version} bytes"] = data
-            info = await self.registry.GetModelInfo(
-                model_registry_pb2.GetModelRequest(version=version), timeout=RPC_TIMEOUT
-            )
-            out[f"model v{version} info"] = info.SerializeToString(deterministic=True)
-        models = await self.registry.ListModels(
-            model_registry_pb2.ListModelsRequest(), timeout=RPC_TIMEOUT
-        )
+        coord, mgr, reg, data = self.coordinator, self.manager, self.registry, self.datastore
+        reads: list[tuple[str, Any, Message]] = []  # (key, RPC, request)
+        for v in (0, 1):
+            reads.append((f"model v{v} info", reg.GetModelInfo, MR.GetModelRequest(version=v)))
+        for p in KNOWN_DATASETS:
+            reads.append((f"dataset {p}", data.GetDataset, DS.GetDatasetRequest(proplet_id=p)))
+        for r in (*KNOWN_ROUNDS, *self.extra_rounds):
+            request = CP.GetRoundStatusRequest(round_id=r)
+            reads.append((f"round {r}", coord.GetRoundStatus, request))
+            reads.append((f"round {r} via manager", mgr.GetRoundStatus, request))
+        for t in (self.task_id, self.scheduled_task_id):
+            reads.append((f"task {t}", mgr.GetTask, MP.TaskRef(task_id=t)))
+        for p in (PROPLET, PROPLET_TWO):
+            reads.append((f"proplet {p}", mgr.GetProplet, MP.GetPropletRequest(proplet_id=p)))
+        experiment = MP.GetExperimentRequest(experiment_id=EXPERIMENT)
+        reads.append(("experiment", mgr.GetExperiment, experiment))
+        for key, method, message in reads:
+            out[key] = _bytes(await method(message, timeout=RPC_TIMEOUT))
+        models = await reg.ListModels(MR.ListModelsRequest(), timeout=RPC_TIMEOUT)
         for m in models.models:
             if m.version in (0, 1):
-                out[f"listed v{m.version}"] = m.SerializeToString(deterministic=True)
-        for pid in (PROPLET, DATASET_PUT):
-            ds = await self.datastore.GetDataset(
-                datastore_pb2.GetDatasetRequest(proplet_id=pid), timeout=RPC_TIMEOUT
-            )
-            out[f"dataset {pid}"] = ds.SerializeToString(deterministic=True)
-        listed = await self.datastore.ListDatasets(
-            datastore_pb2.ListDatasetsRequest(), timeout=RPC_TIMEOUT
-        )
-        for info in listed.datasets:
-            if info.proplet_id in (PROPLET, DATASET_PUT):
-                out[f"listed dataset {info.proplet_id}"] = info.SerializeToString(
-                    deterministic=True
-                )
-        for rid in (*KNOWN_ROUNDS, *self.extra_rounds):
-            status = await self.coordinator.GetRoundStatus(
-                coordinator_pb2.GetRoundStatusRequest(round_id=rid), timeout=RPC_TIMEOUT
-            )
-            out[f"round {rid}"] = status.SerializeToString(deterministic=True)
-            via_manager = await self.manager.GetRoundStatus(
-                coordinator_pb2.GetRoundStatusRequest(round_id=rid), timeout=RPC_TIMEOUT
-            )
-            out[f"round {rid} via manager"] = via_manager.SerializeToString(deterministic=True)
-        for tid in (self.task_id, self.scheduled_task_id):
-            task = await self.manager.GetTask(manager_pb2.TaskRef(task_id=tid), timeout=RPC_TIMEOUT)
-            out[f"task {tid}"] = task.SerializeToString(deterministic=True)
-        for pid in (PROPLET, PROPLET_TWO):
-            proplet = await self.manager.GetProplet(
-                manager_pb2.GetPropletRequest(proplet_id=pid), timeout=RPC_TIMEOUT
-            )
-            out[f"proplet {pid}"] = proplet.SerializeToString(deterministic=True)
-        experiment = await self.manager.GetExperiment(
-            manager_pb2.GetExperimentRequest(experiment_id=EXPERIMENT), timeout=RPC_TIMEOUT
-        )
-        out["experiment"] = experiment.SerializeToString(deterministic=True)
+                out[f"listed v{m.version}"] = _bytes(m)
+        datasets = await data.ListDatasets(DS.ListDatasetsRequest(), timeout=RPC_TIMEOUT)
+        for info in datasets.datasets:
+            if info.proplet_id in KNOWN_DATASETS:
+                out[f"listed dataset {info.proplet_id}"] = _bytes(info)
         return out
 
     async def model_bytes(self, version: int) -> tuple[tensor_pb2.ModelHeader, bytes]:
         header: tensor_pb2.ModelHeader | None = None
         data = b""
         async for chunk in self.registry.GetModel(
-            model_registry_pb2.GetModelRequest(version=version), timeout=RPC_TIMEOUT
+            MR.GetModelRequest(version=version), timeout=RPC_TIMEOUT
         ):
             if chunk.WhichOneof("part") == "header":
                 header = chunk.header
@@ -344,36 +337,20 @@ def sha256_of_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-async def eventually(probe: Callable[[], Awaitable[bool]], what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not await probe():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout}s")
-        await asyncio.sleep(0.05)
-
-
-async def _proplet_known(env: FuzzEnv, pid: str) -> bool:
-    try:
-        await env.manager.GetProplet(manager_pb2.GetPropletRequest(proplet_id=pid), timeout=5)
-    except grpc.aio.AioRpcError as err:
-        if err.code() == grpc.StatusCode.NOT_FOUND:
-            return False
-        raise
-    return True
+def _bytes(message: Message) -> bytes:
+    return message.SerializeToString(deterministic=True)
 
 
 async def seed(env: FuzzEnv) -> None:
     """Put the known-good state in through the public interfaces."""
-    v0 = await env.registry.InitModel(
-        model_registry_pb2.InitModelRequest(dimension=3), timeout=RPC_TIMEOUT
-    )
+    v0 = await env.init_model(3)
     assert v0.model_uri == V0_URI
     v1 = await env.registry.PutModel(model_stream(V1, 16), timeout=RPC_TIMEOUT)
     assert v1.model_uri == V1_URI and v1.sha256 == sha256_of(V1)
 
     await env.datastore.PutDataset(
-        datastore_pb2.PutDatasetRequest(
-            dataset=datastore_pb2.Dataset(
+        DS.PutDatasetRequest(
+            dataset=DS.Dataset(
                 proplet_id=DATASET_PUT,
                 features=tensor_to_proto(PUT_FEATURES),
                 labels=tensor_to_proto(PUT_LABELS),
@@ -382,33 +359,29 @@ async def seed(env: FuzzEnv) -> None:
         timeout=RPC_TIMEOUT,
     )
 
-    mqtt = env.stack.config.mqtt
-    async with MqttSession(mqtt, f"fuzz-announcer-{uuid.uuid4().hex[:8]}", clean_session=True) as s:
+    async with MqttSession(
+        env.mqtt, f"fuzz-announcer-{uuid.uuid4().hex[:8]}", clean_session=True
+    ) as s:
         for pid in (PROPLET, PROPLET_TWO):
             announce = PropletAnnounce(proplet_id=pid, name=f"{pid}-name", metadata={"os": "fz"})
             await s.publish(env.topics.proplet_create, announce.to_json())
-    for pid in (PROPLET, PROPLET_TWO):
-        await eventually(functools.partial(_proplet_known, env, pid), f"{pid} registered", 30)
-
-    await env.coordinator.ConfigureRound(
-        coordinator_pb2.ConfigureRoundRequest(
-            round_id=ROUND,
-            experiment_id="exp-manual",
-            participants=[PROPLET, PROPLET_TWO],
-            k_of_n=2,
-            timeout_s=24 * 3600,
-            model_ref=V1_URI,
-            task_wasm_image=IMAGE,
-            start=True,
-        ),
-        timeout=RPC_TIMEOUT,
+    await eventually(
+        lambda: env.proplets(),
+        lambda ps: {PROPLET, PROPLET_TWO} <= {p.id for p in ps},
+        timeout=30,
+        what="the known proplets registered",
     )
+
+    configure = CP.ConfigureRoundRequest()
+    configure.CopyFrom(SEEDED_ROUND)
+    configure.start = True
+    await env.coordinator.ConfigureRound(configure, timeout=RPC_TIMEOUT)
     meta = UpdateMeta(ROUND, PROPLET, V1_URI, 10, {"loss": 0.5})
     accepted = await env.coordinator.SubmitUpdate(update_stream(meta, UPDATE), timeout=RPC_TIMEOUT)
     assert accepted.accepted and not accepted.duplicate and accepted.num_updates == 1
 
     started = await env.manager.StartExperiment(
-        manager_pb2.StartExperimentRequest(
+        MP.StartExperimentRequest(
             experiment_id=EXPERIMENT,
             round_id=EXPERIMENT_ROUND,
             model_ref=V0_URI,
@@ -422,20 +395,18 @@ async def seed(env: FuzzEnv) -> None:
     assert [s.proplet_id for s in started.scheduled] == [PROPLET]
 
     task = await env.manager.CreateTask(
-        manager_pb2.CreateTaskRequest(
+        MP.CreateTaskRequest(
             name="fz-task", image_url=IMAGE, env={"A": "1"}, cli_args=["x"], proplet_id=PROPLET
         ),
         timeout=RPC_TIMEOUT,
     )
     env.task_id = task.id
     other = await env.manager.CreateTask(
-        manager_pb2.CreateTaskRequest(name="fz-scheduled", file=b"\x00asm", proplet_id=PROPLET),
+        MP.CreateTaskRequest(name="fz-scheduled", file=b"\x00asm", proplet_id=PROPLET),
         timeout=RPC_TIMEOUT,
     )
-    scheduled = await env.manager.StartTask(
-        manager_pb2.TaskRef(task_id=other.id), timeout=RPC_TIMEOUT
-    )
-    assert scheduled.state == manager_pb2.TASK_STATE_SCHEDULED
+    scheduled = await env.manager.StartTask(MP.TaskRef(task_id=other.id), timeout=RPC_TIMEOUT)
+    assert scheduled.state == MP.TASK_STATE_SCHEDULED
     env.scheduled_task_id = other.id
 
 
@@ -449,29 +420,20 @@ def state_dir(factory: pytest.TempPathFactory) -> Path | None:
 
 @contextlib.asynccontextmanager
 async def fuzz_env(broker: Mosquitto, factory: pytest.TempPathFactory) -> AsyncIterator[FuzzEnv]:
+    """The Stack (no proplet: the known ones announce themselves over MQTT in `seed`) with
+    the known-good state in it, checked healthy."""
     topics = Topics(domain=f"fz{uuid.uuid4().hex[:8]}", channel="fl")
-    config = StackConfig(
-        state_dir=state_dir(factory),
-        mqtt=MqttConfig(port=broker.port, topics=topics),
-        seed_proplet_ids=(PROPLET,),
-        num_samples=8,
-        num_features=3,
+    mqtt = MqttConfig(port=broker.port, topics=topics)
+    stack = {
+        "state_dir": state_dir(factory),
+        "seed_proplet_ids": (PROPLET,),
+        "num_samples": 8,
+        "num_features": 3,
         # Known proplets stay alive for the whole run, so experiments really get scheduled.
-        alive_window_s=24 * 3600,
-    )
-    async with Stack(config) as stack, contextlib.AsyncExitStack() as chans:
-        ep = stack.endpoints
-        channels = {
-            name: await chans.enter_async_context(channel(addr))
-            for name, addr in (
-                ("Manager", ep.manager),
-                ("Coordinator", ep.coordinator),
-                ("Aggregator", ep.aggregator),
-                ("ModelRegistry", ep.registry),
-                ("DataStore", ep.datastore),
-            )
-        }
-        env = FuzzEnv(stack=stack, topics=topics, channels=channels)
+        "alive_window_s": 24 * 3600,
+    }
+    async with cluster(mqtt, factory.mktemp("fuzz"), dimension=None, stack=stack) as c:
+        env = FuzzEnv(c.channels, topics=topics, mqtt=mqtt)
         await seed(env)
         env.snapshot_at_start = await env.snapshot()
         await env.check_health()
@@ -529,13 +491,14 @@ async def fuzz(
     requests: st.SearchStrategy[Any],
     check: Check | None = None,
 ) -> None:
-    """Send at least EXAMPLES generated requests to `rpc`, check each answer, then check that
-    the known-good state is unchanged and every server is healthy."""
+    """Send at least the profile's `max_examples` generated requests to `rpc`, check each
+    answer, then check that the known-good state is unchanged and every server is healthy."""
+    examples = settings().max_examples
     loop = asyncio.get_running_loop()
     sent = 0
     tally: Counter[str] = Counter()
 
-    @FUZZ_SETTINGS
+    @settings(FUZZ_SETTINGS, max_examples=examples)
     @given(requests)
     def one(body: Any) -> None:
         nonlocal sent
@@ -561,8 +524,26 @@ async def fuzz(
     log.warning("[fuzz] %s: %d requests in %.1fs: %s", rpc.name, sent, elapsed, codes)
     RESULTS.append(f"{rpc.name}: {sent} requests in {elapsed:.1f}s: {codes}")
     assert not crashes.records, [f"{r.name}: {r.getMessage()[:300]}" for r in crashes.records[:5]]
-    assert sent >= EXAMPLES, f"{rpc.name}: only {sent} requests generated"
+    assert sent >= examples, f"{rpc.name}: only {sent} requests generated"
 
 
-def all_methods(service_descriptor: Any) -> set[str]:
-    return {f"{service_descriptor.name}.{m.name}" for m in service_descriptor.methods}
+async def fuzz_messages(
+    env: FuzzEnv, rpc: Rpc, requests: st.SearchStrategy[Any], check: Check | None = None
+) -> None:
+    """`fuzz` with `requests` (messages; lists of chunks for a request stream) and, mixed in,
+    wire-level variants of them (junk, corrupted serialisations, messages of other types)."""
+    streamed = rpc.kind.startswith("stream")
+    raw = S.raw_streams(requests) if streamed else S.raw_bodies(requests)
+    await fuzz(env, rpc, S.requests_or_raw(requests, raw), check)
+
+
+async def fuzz_empty_request(env: FuzzEnv, rpc: Rpc) -> None:
+    """`fuzz` for an RPC whose request has no fields: mostly wire-level junk."""
+    structured = st.builds(rpc.request)
+    await fuzz(env, rpc, S.weighted((1, structured), (8, S.raw_bodies(structured))))
+
+
+def all_methods(service: str) -> set[str]:
+    """Every RPC of the propeller.v1 service, "Service.Method"."""
+    found = descriptor_pool.Default().FindServiceByName(f"propeller.v1.{service}")
+    return {f"{service}.{m.name}" for m in found.methods}

@@ -447,28 +447,15 @@ def mutated_stream(
     raise AssertionError(m)
 
 
-def model_chunks(stream: Sequence[Chunk]) -> list[tensor_pb2.ModelChunk]:
-    out = []
-    for kind, value in stream:
-        if kind == "header":
-            out.append(tensor_pb2.ModelChunk(header=value))
-        elif kind == "data":
-            out.append(tensor_pb2.ModelChunk(data=value))
-        else:
-            out.append(tensor_pb2.ModelChunk())
-    return out
+ChunkMessage = TypeVar("ChunkMessage", tensor_pb2.ModelChunk, tensor_pb2.UpdateChunk)
 
 
-def update_chunks(stream: Sequence[Chunk]) -> list[tensor_pb2.UpdateChunk]:
-    out = []
-    for kind, value in stream:
-        if kind == "header":
-            out.append(tensor_pb2.UpdateChunk(header=value))
-        elif kind == "data":
-            out.append(tensor_pb2.UpdateChunk(data=value))
-        else:
-            out.append(tensor_pb2.UpdateChunk())
-    return out
+def chunk_messages(stream: Sequence[Chunk], kind: type[ChunkMessage]) -> list[ChunkMessage]:
+    """The stream as `kind` messages (ModelChunk or UpdateChunk): header, data or empty."""
+    return [
+        kind(header=value) if part == "header" else kind(data=value) if part == "data" else kind()
+        for part, value in stream
+    ]
 
 
 def aggregate_chunk(kind: str, value: Any) -> aggregator_pb2.AggregateChunk:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -12,26 +11,21 @@ from hypothesis import strategies as st
 
 from propeller.v1 import aggregator_pb2, tensor_pb2
 from tests.fuzz import strategies as S
-from tests.fuzz.harness import FuzzEnv, Outcome, Rpc, all_methods, fuzz, fuzz_env
-from tests.support.infra import Mosquitto
+from tests.fuzz.harness import (
+    FuzzEnv,
+    Outcome,
+    Rpc,
+    all_methods,
+    fuzz_messages,
+)
 
-AGGREGATE = Rpc("Aggregator", "Aggregate", "stream_stream", aggregator_pb2.AggregateChunk,
-                tensor_pb2.ModelChunk)  # fmt: skip
+AGGREGATE = Rpc.of("Aggregator.Aggregate")
 FUZZED = (AGGREGATE,)
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 
 
-@pytest.fixture(scope="module")
-async def env(
-    broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[FuzzEnv]:
-    async with fuzz_env(broker, tmp_path_factory) as e:
-        yield e
-
-
 def test_every_aggregator_rpc_is_fuzzed() -> None:
-    descriptor = aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"]
-    assert {r.name for r in FUZZED} == all_methods(descriptor)
+    assert {r.name for r in FUZZED} == all_methods("Aggregator")
 
 
 SHAPES = [[3], [], [2, 2], [0], [1, 0], [2**40, 0]]
@@ -134,6 +128,4 @@ def result_is_a_model(body: Any, outcome: Outcome) -> None:
 
 async def test_aggregate(env: FuzzEnv) -> None:
     streams = aggregate_streams()
-    await fuzz(
-        env, AGGREGATE, S.requests_or_raw(streams, S.raw_streams(streams)), result_is_a_model
-    )
+    await fuzz_messages(env, AGGREGATE, streams, result_is_a_model)

@@ -7,7 +7,6 @@ SubmitUpdate fuzzer may legitimately report for, so accepted updates are exercis
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -25,30 +24,23 @@ from tests.fuzz.harness import (
     PROPLET_TWO,
     ROUND,
     RPC_TIMEOUT,
+    SEEDED_ROUND,
     V0_URI,
     V1_URI,
     FuzzEnv,
     Outcome,
     Rpc,
     all_methods,
-    eventually,
-    fuzz,
-    fuzz_env,
+    fuzz_messages,
 )
-from tests.support.infra import Mosquitto
 
 CP = coordinator_pb2
-CONFIGURE = Rpc("Coordinator", "ConfigureRound", "unary_unary", CP.ConfigureRoundRequest,
-                CP.RoundStatus)  # fmt: skip
-START = Rpc("Coordinator", "StartRound", "unary_unary", CP.StartRoundRequest, CP.RoundStatus)
-SUBMIT = Rpc("Coordinator", "SubmitUpdate", "stream_unary", tensor_pb2.UpdateChunk,
-             CP.SubmitUpdateResponse)  # fmt: skip
-STATUS = Rpc("Coordinator", "GetRoundStatus", "unary_unary", CP.GetRoundStatusRequest,
-             CP.RoundStatus)  # fmt: skip
-LIST = Rpc("Coordinator", "ListRounds", "unary_unary", CP.ListRoundsRequest,
-           CP.ListRoundsResponse)  # fmt: skip
-WATCH = Rpc("Coordinator", "WatchRound", "unary_stream", CP.WatchRoundRequest, CP.RoundEvent,
-            first_only=True)  # fmt: skip
+CONFIGURE = Rpc.of("Coordinator.ConfigureRound")
+START = Rpc.of("Coordinator.StartRound")
+SUBMIT = Rpc.of("Coordinator.SubmitUpdate")
+STATUS = Rpc.of("Coordinator.GetRoundStatus")
+LIST = Rpc.of("Coordinator.ListRounds")
+WATCH = Rpc.of("Coordinator.WatchRound", first_only=True)
 FUZZED = (CONFIGURE, START, SUBMIT, STATUS, LIST, WATCH)
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 
@@ -63,42 +55,32 @@ ROUND_BASE = {ROUND: V1_URI, EXPERIMENT_ROUND: V0_URI, FAILED_ROUND: V1_URI, OPE
 
 
 @pytest.fixture(scope="module")
-async def env(
-    broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[FuzzEnv]:
-    async with fuzz_env(broker, tmp_path_factory) as e:
-        await e.coordinator.ConfigureRound(
-            CP.ConfigureRoundRequest(
-                round_id=FAILED_ROUND, participants=[PROPLET], timeout_s=0.01, start=True
-            ),
-            timeout=RPC_TIMEOUT,
-        )
-
-        async def failed() -> bool:
-            status = await e.coordinator.GetRoundStatus(
-                CP.GetRoundStatusRequest(round_id=FAILED_ROUND), timeout=RPC_TIMEOUT
-            )
-            return bool(status.state == CP.ROUND_STATE_FAILED)
-
-        await eventually(failed, f"{FAILED_ROUND} failed at its deadline", 30)
-        await e.coordinator.ConfigureRound(
-            CP.ConfigureRoundRequest(
-                round_id=OPEN_ROUND,
-                participants=OPEN_PARTICIPANTS,
-                timeout_s=24 * 3600,
-                model_ref=V1_URI,
-                start=True,
-            ),
-            timeout=RPC_TIMEOUT,
-        )
-        e.extra_rounds.append(FAILED_ROUND)
-        e.snapshot_at_start = await e.snapshot()
-        yield e
+async def env(env: FuzzEnv) -> FuzzEnv:
+    """The shared known-good state plus FAILED_ROUND (failed at its deadline) and OPEN_ROUND."""
+    await env.coordinator.ConfigureRound(
+        CP.ConfigureRoundRequest(
+            round_id=FAILED_ROUND, participants=[PROPLET], timeout_s=0.01, start=True
+        ),
+        timeout=RPC_TIMEOUT,
+    )
+    await env.wait_state(FAILED_ROUND, CP.ROUND_STATE_FAILED, timeout=30)
+    await env.coordinator.ConfigureRound(
+        CP.ConfigureRoundRequest(
+            round_id=OPEN_ROUND,
+            participants=OPEN_PARTICIPANTS,
+            timeout_s=24 * 3600,
+            model_ref=V1_URI,
+            start=True,
+        ),
+        timeout=RPC_TIMEOUT,
+    )
+    env.extra_rounds.append(FAILED_ROUND)
+    env.snapshot_at_start = await env.snapshot()
+    return env
 
 
 def test_every_coordinator_rpc_is_fuzzed() -> None:
-    descriptor = CP.DESCRIPTOR.services_by_name["Coordinator"]
-    assert {r.name for r in FUZZED} == all_methods(descriptor)
+    assert {r.name for r in FUZZED} == all_methods("Coordinator")
 
 
 def round_ids() -> st.SearchStrategy[str]:
@@ -115,15 +97,7 @@ def hyperparams() -> st.SearchStrategy[CP.Hyperparams]:
 
 
 # The seeded configuration of ROUND, replayed exactly: an idempotent retry, nothing changes.
-SEEDED = CP.ConfigureRoundRequest(
-    round_id=ROUND,
-    experiment_id="exp-manual",
-    participants=[PROPLET, PROPLET_TWO],
-    k_of_n=2,
-    timeout_s=24 * 3600,
-    model_ref=V1_URI,
-    task_wasm_image=IMAGE,
-)
+SEEDED = SEEDED_ROUND
 
 
 CONFIG_FIELDS = [
@@ -211,7 +185,7 @@ async def test_list_rounds(env: FuzzEnv) -> None:
     requests = st.builds(
         lambda e: CP.ListRoundsRequest(experiment_id=e), S.texts(("exp-manual", "exp-good"))
     )
-    await fuzz(env, LIST, S.requests_or_raw(requests, S.raw_bodies(requests)))
+    await fuzz_messages(env, LIST, requests)
 
 
 def status_of_requested(body: Any, outcome: Outcome) -> None:
@@ -225,14 +199,12 @@ def status_of_requested(body: Any, outcome: Outcome) -> None:
 
 async def test_get_round_status(env: FuzzEnv) -> None:
     requests = st.builds(lambda r: CP.GetRoundStatusRequest(round_id=r), round_ids())
-    await fuzz(
-        env, STATUS, S.requests_or_raw(requests, S.raw_bodies(requests)), status_of_requested
-    )
+    await fuzz_messages(env, STATUS, requests, status_of_requested)
 
 
 async def test_watch_round(env: FuzzEnv) -> None:
     requests = st.builds(lambda r: CP.WatchRoundRequest(round_id=r), round_ids())
-    await fuzz(env, WATCH, S.requests_or_raw(requests, S.raw_bodies(requests)), status_of_requested)
+    await fuzz_messages(env, WATCH, requests, status_of_requested)
 
 
 async def test_start_round(env: FuzzEnv) -> None:
@@ -242,9 +214,7 @@ async def test_start_round(env: FuzzEnv) -> None:
         if not isinstance(body, bytes) and body.round_id == FAILED_ROUND:
             assert outcome.code == grpc.StatusCode.FAILED_PRECONDITION
 
-    await fuzz(
-        env, START, S.requests_or_raw(requests, S.raw_bodies(requests)), finished_stays_finished
-    )
+    await fuzz_messages(env, START, requests, finished_stays_finished)
 
 
 SEMANTIC_BREAKS = [
@@ -315,7 +285,7 @@ def update_streams(draw: st.DrawFn) -> list[tensor_pb2.UpdateChunk]:
     header.total_bytes = S.matched_nbytes(specs) or 0
     if not clean and not must_fail and not draw(st.integers(0, 4)):
         header.total_bytes = draw(S.int64s())
-    return S.update_chunks(draw(S.mutated_stream(header, data, mutation)))
+    return S.chunk_messages(draw(S.mutated_stream(header, data, mutation)), tensor_pb2.UpdateChunk)
 
 
 def _encode(specs: list[tensor_pb2.TensorSpec], values: list[float]) -> bytes:
@@ -382,9 +352,9 @@ def submit_checks(body: Any, outcome: Outcome) -> None:
 
 async def test_submit_update(env: FuzzEnv) -> None:
     streams = update_streams()
-    await fuzz(env, SUBMIT, S.requests_or_raw(streams, S.raw_streams(streams)), submit_checks)
+    await fuzz_messages(env, SUBMIT, streams, submit_checks)
 
 
 async def test_configure_round(env: FuzzEnv) -> None:
     requests = configure_requests()
-    await fuzz(env, CONFIGURE, S.requests_or_raw(requests, S.raw_bodies(requests)))
+    await fuzz_messages(env, CONFIGURE, requests)

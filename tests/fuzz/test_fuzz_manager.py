@@ -8,7 +8,6 @@ before the ones that add tasks and experiments, so list answers stay small.
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,30 +32,23 @@ from tests.fuzz.harness import (
     Outcome,
     Rpc,
     all_methods,
-    fuzz,
-    fuzz_env,
+    fuzz_empty_request,
+    fuzz_messages,
 )
-from tests.support.infra import Mosquitto
 
 MP = manager_pb2
 CP = coordinator_pb2
-START_EXPERIMENT = Rpc("Manager", "StartExperiment", "unary_unary", MP.StartExperimentRequest,
-                       MP.StartExperimentResponse)  # fmt: skip
-GET_EXPERIMENT = Rpc("Manager", "GetExperiment", "unary_unary", MP.GetExperimentRequest,
-                     MP.Experiment)  # fmt: skip
-LIST_EXPERIMENTS = Rpc("Manager", "ListExperiments", "unary_unary", MP.ListExperimentsRequest,
-                       MP.ListExperimentsResponse)  # fmt: skip
-ROUND_STATUS = Rpc("Manager", "GetRoundStatus", "unary_unary", CP.GetRoundStatusRequest,
-                   CP.RoundStatus)  # fmt: skip
-LIST_PROPLETS = Rpc("Manager", "ListProplets", "unary_unary", MP.ListPropletsRequest,
-                    MP.ListPropletsResponse)  # fmt: skip
-GET_PROPLET = Rpc("Manager", "GetProplet", "unary_unary", MP.GetPropletRequest, MP.Proplet)
-CREATE_TASK = Rpc("Manager", "CreateTask", "unary_unary", MP.CreateTaskRequest, MP.Task)
-START_TASK = Rpc("Manager", "StartTask", "unary_unary", MP.TaskRef, MP.Task)
-STOP_TASK = Rpc("Manager", "StopTask", "unary_unary", MP.TaskRef, MP.Task)
-GET_TASK = Rpc("Manager", "GetTask", "unary_unary", MP.TaskRef, MP.Task)
-LIST_TASKS = Rpc("Manager", "ListTasks", "unary_unary", MP.ListTasksRequest,
-                 MP.ListTasksResponse)  # fmt: skip
+START_EXPERIMENT = Rpc.of("Manager.StartExperiment")
+GET_EXPERIMENT = Rpc.of("Manager.GetExperiment")
+LIST_EXPERIMENTS = Rpc.of("Manager.ListExperiments")
+ROUND_STATUS = Rpc.of("Manager.GetRoundStatus")
+LIST_PROPLETS = Rpc.of("Manager.ListProplets")
+GET_PROPLET = Rpc.of("Manager.GetProplet")
+CREATE_TASK = Rpc.of("Manager.CreateTask")
+START_TASK = Rpc.of("Manager.StartTask")
+STOP_TASK = Rpc.of("Manager.StopTask")
+GET_TASK = Rpc.of("Manager.GetTask")
+LIST_TASKS = Rpc.of("Manager.ListTasks")
 FUZZED = (START_EXPERIMENT, GET_EXPERIMENT, LIST_EXPERIMENTS, ROUND_STATUS, LIST_PROPLETS,
           GET_PROPLET, CREATE_TASK, START_TASK, STOP_TASK, GET_TASK, LIST_TASKS)  # fmt: skip
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
@@ -68,14 +60,6 @@ FRESH = itertools.count()
 class Pools:
     pending: list[str]
     scheduled: list[str]
-
-
-@pytest.fixture(scope="module")
-async def env(
-    broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[FuzzEnv]:
-    async with fuzz_env(broker, tmp_path_factory) as e:
-        yield e
 
 
 @pytest.fixture(scope="module")
@@ -95,21 +79,15 @@ async def pools(env: FuzzEnv) -> Pools:
 
 
 def test_every_manager_rpc_is_fuzzed() -> None:
-    descriptor = MP.DESCRIPTOR.services_by_name["Manager"]
-    assert {r.name for r in FUZZED} == all_methods(descriptor)
-
-
-def empty_request_fuzz(env: FuzzEnv, rpc: Rpc) -> Any:
-    structured = st.builds(rpc.request)
-    return fuzz(env, rpc, S.weighted((1, structured), (8, S.raw_bodies(structured))))
+    assert {r.name for r in FUZZED} == all_methods("Manager")
 
 
 async def test_list_proplets(env: FuzzEnv) -> None:
-    await empty_request_fuzz(env, LIST_PROPLETS)
+    await fuzz_empty_request(env, LIST_PROPLETS)
 
 
 async def test_list_experiments(env: FuzzEnv) -> None:
-    await empty_request_fuzz(env, LIST_EXPERIMENTS)
+    await fuzz_empty_request(env, LIST_EXPERIMENTS)
 
 
 def ids_of_requested(attr: str, response_attr: str) -> Any:
@@ -122,10 +100,10 @@ def ids_of_requested(attr: str, response_attr: str) -> Any:
 
 async def test_get_proplet(env: FuzzEnv) -> None:
     requests = st.builds(lambda p: MP.GetPropletRequest(proplet_id=p), S.texts(KNOWN_PROPLETS))
-    await fuzz(
+    await fuzz_messages(
         env,
         GET_PROPLET,
-        S.requests_or_raw(requests, S.raw_bodies(requests)),
+        requests,
         ids_of_requested("proplet_id", "id"),
     )
 
@@ -134,20 +112,20 @@ async def test_get_experiment(env: FuzzEnv) -> None:
     requests = st.builds(
         lambda x: MP.GetExperimentRequest(experiment_id=x), S.texts((EXPERIMENT, "exp-r-exp"))
     )
-    await fuzz(
+    await fuzz_messages(
         env,
         GET_EXPERIMENT,
-        S.requests_or_raw(requests, S.raw_bodies(requests)),
+        requests,
         ids_of_requested("experiment_id", "experiment_id"),
     )
 
 
 async def test_get_round_status(env: FuzzEnv) -> None:
     requests = st.builds(lambda r: CP.GetRoundStatusRequest(round_id=r), S.texts(KNOWN_ROUNDS))
-    await fuzz(
+    await fuzz_messages(
         env,
         ROUND_STATUS,
-        S.requests_or_raw(requests, S.raw_bodies(requests)),
+        requests,
         ids_of_requested("round_id", "round_id"),
     )
 
@@ -160,10 +138,10 @@ async def test_get_task(env: FuzzEnv) -> None:
     requests = st.builds(
         lambda t: MP.TaskRef(task_id=t), task_ids(env, env.task_id, env.scheduled_task_id)
     )
-    await fuzz(
+    await fuzz_messages(
         env,
         GET_TASK,
-        S.requests_or_raw(requests, S.raw_bodies(requests)),
+        requests,
         ids_of_requested("task_id", "id"),
     )
 
@@ -182,7 +160,7 @@ async def test_list_tasks(env: FuzzEnv) -> None:
                 assert task.name.startswith(body.name_prefix)
                 assert body.state in (0, task.state)
 
-    await fuzz(env, LIST_TASKS, S.requests_or_raw(requests, S.raw_bodies(requests)), filtered)
+    await fuzz_messages(env, LIST_TASKS, requests, filtered)
 
 
 async def test_stop_task(env: FuzzEnv, pools: Pools) -> None:
@@ -197,7 +175,7 @@ async def test_stop_task(env: FuzzEnv, pools: Pools) -> None:
         if not isinstance(body, bytes) and body.task_id == known:
             assert outcome.code == grpc.StatusCode.FAILED_PRECONDITION
 
-    await fuzz(env, STOP_TASK, S.requests_or_raw(requests, S.raw_bodies(requests)), known_refused)
+    await fuzz_messages(env, STOP_TASK, requests, known_refused)
 
 
 async def test_start_task(env: FuzzEnv, pools: Pools) -> None:
@@ -213,7 +191,7 @@ async def test_start_task(env: FuzzEnv, pools: Pools) -> None:
         if outcome.ok:
             assert outcome.response.state in (MP.TASK_STATE_SCHEDULED, MP.TASK_STATE_RUNNING)
 
-    await fuzz(env, START_TASK, S.requests_or_raw(requests, S.raw_bodies(requests)), known_refused)
+    await fuzz_messages(env, START_TASK, requests, known_refused)
 
 
 TASK_FIELDS = ["none", "name", "image_url", "file", "env", "cli_args", "proplet_id", "both"]
@@ -263,9 +241,7 @@ async def test_create_task(env: FuzzEnv) -> None:
             assert (task.name, task.image_url, task.file) == (body.name, body.image_url, body.file)
             assert dict(task.env) == dict(body.env) and task.proplet_id == body.proplet_id
 
-    await fuzz(
-        env, CREATE_TASK, S.requests_or_raw(requests, S.raw_bodies(requests)), created_as_sent
-    )
+    await fuzz_messages(env, CREATE_TASK, requests, created_as_sent)
 
 
 EXPERIMENT_FIELDS = [
@@ -339,9 +315,9 @@ async def test_start_experiment(env: FuzzEnv) -> None:
             assert {s.proplet_id for s in resp.scheduled} <= {PROPLET, PROPLET_TWO}
             assert len(resp.scheduled) + len(resp.skipped) == len(body.participants)
 
-    await fuzz(
+    await fuzz_messages(
         env,
         START_EXPERIMENT,
-        S.requests_or_raw(requests, S.raw_bodies(requests)),
+        requests,
         scheduled_only_live,
     )

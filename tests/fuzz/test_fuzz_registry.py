@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -13,32 +12,28 @@ from propeller.v1 import model_registry_pb2, tensor_pb2
 from server.models import MAX_VERSION, parse_model_uri
 from server.streams import model_stream
 from tests.fuzz import strategies as S
-from tests.fuzz.harness import KNOWN_URIS, FuzzEnv, Outcome, Rpc, all_methods, fuzz, fuzz_env
-from tests.support.infra import Mosquitto
+from tests.fuzz.harness import (
+    KNOWN_URIS,
+    FuzzEnv,
+    Outcome,
+    Rpc,
+    all_methods,
+    fuzz_empty_request,
+    fuzz_messages,
+)
 
 MV = model_registry_pb2.ModelVersion
-INIT = Rpc("ModelRegistry", "InitModel", "unary_unary", model_registry_pb2.InitModelRequest, MV)
-PUT = Rpc("ModelRegistry", "PutModel", "stream_unary", tensor_pb2.ModelChunk, MV)
-GET = Rpc("ModelRegistry", "GetModel", "unary_stream", model_registry_pb2.GetModelRequest,
-          tensor_pb2.ModelChunk)  # fmt: skip
-INFO = Rpc("ModelRegistry", "GetModelInfo", "unary_unary", model_registry_pb2.GetModelRequest, MV)
-LIST = Rpc("ModelRegistry", "ListModels", "unary_unary", model_registry_pb2.ListModelsRequest,
-           model_registry_pb2.ListModelsResponse)  # fmt: skip
+INIT = Rpc.of("ModelRegistry.InitModel")
+PUT = Rpc.of("ModelRegistry.PutModel")
+GET = Rpc.of("ModelRegistry.GetModel")
+INFO = Rpc.of("ModelRegistry.GetModelInfo")
+LIST = Rpc.of("ModelRegistry.ListModels")
 FUZZED = (INIT, PUT, GET, INFO, LIST)
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 
 
-@pytest.fixture(scope="module")
-async def env(
-    broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[FuzzEnv]:
-    async with fuzz_env(broker, tmp_path_factory) as e:
-        yield e
-
-
 def test_every_registry_rpc_is_fuzzed() -> None:
-    descriptor = model_registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"]
-    assert {r.name for r in FUZZED} == all_methods(descriptor)
+    assert {r.name for r in FUZZED} == all_methods("ModelRegistry")
 
 
 def get_requests() -> st.SearchStrategy[model_registry_pb2.GetModelRequest]:
@@ -74,18 +69,17 @@ def canonical_when_found(body: Any, outcome: Outcome) -> None:
 
 
 async def test_list_models(env: FuzzEnv) -> None:
-    structured = st.builds(model_registry_pb2.ListModelsRequest)
-    await fuzz(env, LIST, S.weighted((1, structured), (8, S.raw_bodies(structured))))
+    await fuzz_empty_request(env, LIST)
 
 
 async def test_get_model_info(env: FuzzEnv) -> None:
     requests = get_requests()
-    await fuzz(env, INFO, S.requests_or_raw(requests, S.raw_bodies(requests)), canonical_when_found)
+    await fuzz_messages(env, INFO, requests, canonical_when_found)
 
 
 async def test_get_model(env: FuzzEnv) -> None:
     requests = get_requests()
-    await fuzz(env, GET, S.requests_or_raw(requests, S.raw_bodies(requests)), canonical_when_found)
+    await fuzz_messages(env, GET, requests, canonical_when_found)
 
 
 async def test_init_model(env: FuzzEnv) -> None:
@@ -94,7 +88,7 @@ async def test_init_model(env: FuzzEnv) -> None:
         S.weighted((2, st.integers(-2, 10)), (2, S.int64s()), (1, st.just(10_000_001))),
         S.dtypes(),
     )
-    await fuzz(env, INIT, S.requests_or_raw(requests, S.raw_bodies(requests)))
+    await fuzz_messages(env, INIT, requests)
 
 
 @st.composite
@@ -144,9 +138,9 @@ def put_streams(draw: st.DrawFn) -> list[tensor_pb2.ModelChunk]:
         if 10**17 < header.version <= MAX_VERSION and draw(st.integers(0, 9)):
             header.version = MAX_VERSION + 1
     header.model_uri = draw(S.weighted((3, st.just("")), (2, S.model_refs(KNOWN_URIS))))
-    return S.model_chunks(draw(S.mutated_stream(header, data)))
+    return S.chunk_messages(draw(S.mutated_stream(header, data)), tensor_pb2.ModelChunk)
 
 
 async def test_put_model(env: FuzzEnv) -> None:
     streams = S.weighted((1, valid_put()), (1, put_streams()))
-    await fuzz(env, PUT, S.requests_or_raw(streams, S.raw_streams(streams)))
+    await fuzz_messages(env, PUT, streams)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tracemalloc
-from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -19,29 +18,19 @@ from server.errors import MAX_DETAILS_BYTES
 from server.models import MAX_VERSION
 from server.streams import model_stream
 from tests.fuzz import strategies as S
-from tests.fuzz.harness import FuzzEnv, Rpc, decodes, fuzz_env
-from tests.support.infra import Mosquitto
+from tests.fuzz.harness import (
+    FuzzEnv,
+    Rpc,
+    decodes,
+)
 
 MV = model_registry_pb2.ModelVersion
-GET_DATASET = Rpc("DataStore", "GetDataset", "unary_unary", datastore_pb2.GetDatasetRequest,
-                  datastore_pb2.Dataset)  # fmt: skip
-LIST_MODELS = Rpc("ModelRegistry", "ListModels", "unary_unary",
-                  model_registry_pb2.ListModelsRequest,
-                  model_registry_pb2.ListModelsResponse)  # fmt: skip
-GET_MODEL = Rpc("ModelRegistry", "GetModel", "unary_stream", model_registry_pb2.GetModelRequest,
-                tensor_pb2.ModelChunk)  # fmt: skip
-PUT_MODEL = Rpc("ModelRegistry", "PutModel", "stream_unary", tensor_pb2.ModelChunk, MV)
-INFO = Rpc("ModelRegistry", "GetModelInfo", "unary_unary", model_registry_pb2.GetModelRequest, MV)
-AGGREGATE = Rpc("Aggregator", "Aggregate", "stream_stream", aggregator_pb2.AggregateChunk,
-                tensor_pb2.ModelChunk)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-async def env(
-    broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[FuzzEnv]:
-    async with fuzz_env(broker, tmp_path_factory) as e:
-        yield e
+GET_DATASET = Rpc.of("DataStore.GetDataset")
+LIST_MODELS = Rpc.of("ModelRegistry.ListModels")
+GET_MODEL = Rpc.of("ModelRegistry.GetModel")
+PUT_MODEL = Rpc.of("ModelRegistry.PutModel")
+INFO = Rpc.of("ModelRegistry.GetModelInfo")
+AGGREGATE = Rpc.of("Aggregator.Aggregate")
 
 
 @pytest.mark.parametrize("body", [b"\xff", b"\x0a\x05ab", b"\x0a\x02\xff\xfe"])
@@ -113,8 +102,7 @@ async def test_a_shape_numpy_cannot_hold_is_invalid_argument(
         features=S.tensor(2, shape, b""),
         labels=S.tensor(2, [0], b""),
     )
-    put = Rpc("DataStore", "PutDataset", "unary_unary", datastore_pb2.PutDatasetRequest,
-              datastore_pb2.DatasetInfo)  # fmt: skip
+    put = Rpc.of("DataStore.PutDataset")
     outcome = await env.call(put, datastore_pb2.PutDatasetRequest(dataset=dataset))
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
 
