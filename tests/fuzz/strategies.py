@@ -368,22 +368,6 @@ def tensor_bytes(
 
 # ---- chunk streams -----------------------------------------------------------------------
 
-STREAM_MUTATIONS = [
-    "none",
-    "none",
-    "none",
-    "rechunk",
-    "zero_length_chunks",
-    "no_header",
-    "two_headers",
-    "header_after_data",
-    "data_before_header",
-    "truncated",
-    "extra_data",
-    "header_only",
-    "empty_chunk",
-    "empty_stream",
-]
 # Mutations after which no reader may accept the stream (when the tensors need > 0 bytes).
 BREAKING_MUTATIONS = [
     "no_header",
@@ -396,6 +380,7 @@ BREAKING_MUTATIONS = [
     "empty_chunk",
     "empty_stream",
 ]
+STREAM_MUTATIONS = ["none", "none", "none", "rechunk", "zero_length_chunks", *BREAKING_MUTATIONS]
 
 Chunk = tuple[str, Any]  # ("header", header message) | ("data", bytes) | ("empty", None)
 

@@ -11,13 +11,7 @@ from hypothesis import strategies as st
 
 from propeller.v1 import aggregator_pb2, tensor_pb2
 from tests.fuzz import strategies as S
-from tests.fuzz.harness import (
-    FuzzEnv,
-    Outcome,
-    Rpc,
-    all_methods,
-    fuzz_messages,
-)
+from tests.fuzz.harness import FuzzEnv, Outcome, Rpc, all_methods, fuzz_messages
 
 AGGREGATE = Rpc.of("Aggregator.Aggregate")
 FUZZED = (AGGREGATE,)

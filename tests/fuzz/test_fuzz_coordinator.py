@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from propeller.v1 import coordinator_pb2, tensor_pb2
 from tests.fuzz import strategies as S
-from tests.fuzz.harness import (
+from tests.fuzz.harness import FuzzEnv, Outcome, Rpc, all_methods, fuzz_messages
+from tests.fuzz.known import (
     EXPERIMENT_ROUND,
     IMAGE,
     KNOWN_ROUNDS,
@@ -27,11 +28,7 @@ from tests.fuzz.harness import (
     SEEDED_ROUND,
     V0_URI,
     V1_URI,
-    FuzzEnv,
-    Outcome,
-    Rpc,
-    all_methods,
-    fuzz_messages,
+    snapshot,
 )
 
 CP = coordinator_pb2
@@ -75,7 +72,7 @@ async def env(env: FuzzEnv) -> FuzzEnv:
         timeout=RPC_TIMEOUT,
     )
     env.extra_rounds.append(FAILED_ROUND)
-    env.snapshot_at_start = await env.snapshot()
+    env.snapshot_at_start = await snapshot(env)
     return env
 
 

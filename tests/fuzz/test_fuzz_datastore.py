@@ -11,15 +11,8 @@ from hypothesis import strategies as st
 from propeller.v1 import datastore_pb2, tensor_pb2
 from server.tensors import tensor_from_proto
 from tests.fuzz import strategies as S
-from tests.fuzz.harness import (
-    KNOWN_PROPLETS,
-    FuzzEnv,
-    Outcome,
-    Rpc,
-    all_methods,
-    fuzz_empty_request,
-    fuzz_messages,
-)
+from tests.fuzz.harness import FuzzEnv, Outcome, Rpc, all_methods, fuzz_empty_request, fuzz_messages
+from tests.fuzz.known import KNOWN_PROPLETS
 
 GET = Rpc.of("DataStore.GetDataset")
 PUT = Rpc.of("DataStore.PutDataset")

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from propeller.v1 import coordinator_pb2, manager_pb2
 from tests.fuzz import strategies as S
-from tests.fuzz.harness import (
+from tests.fuzz.harness import FuzzEnv, Outcome, Rpc, all_methods, fuzz_empty_request, fuzz_messages
+from tests.fuzz.known import (
     EXPERIMENT,
     IMAGE,
     KNOWN_PROPLETS,
@@ -28,12 +29,6 @@ from tests.fuzz.harness import (
     RPC_TIMEOUT,
     V0_URI,
     V1_URI,
-    FuzzEnv,
-    Outcome,
-    Rpc,
-    all_methods,
-    fuzz_empty_request,
-    fuzz_messages,
 )
 
 MP = manager_pb2
@@ -100,12 +95,7 @@ def ids_of_requested(attr: str, response_attr: str) -> Any:
 
 async def test_get_proplet(env: FuzzEnv) -> None:
     requests = st.builds(lambda p: MP.GetPropletRequest(proplet_id=p), S.texts(KNOWN_PROPLETS))
-    await fuzz_messages(
-        env,
-        GET_PROPLET,
-        requests,
-        ids_of_requested("proplet_id", "id"),
-    )
+    await fuzz_messages(env, GET_PROPLET, requests, ids_of_requested("proplet_id", "id"))
 
 
 async def test_get_experiment(env: FuzzEnv) -> None:
@@ -122,12 +112,7 @@ async def test_get_experiment(env: FuzzEnv) -> None:
 
 async def test_get_round_status(env: FuzzEnv) -> None:
     requests = st.builds(lambda r: CP.GetRoundStatusRequest(round_id=r), S.texts(KNOWN_ROUNDS))
-    await fuzz_messages(
-        env,
-        ROUND_STATUS,
-        requests,
-        ids_of_requested("round_id", "round_id"),
-    )
+    await fuzz_messages(env, ROUND_STATUS, requests, ids_of_requested("round_id", "round_id"))
 
 
 def task_ids(env: FuzzEnv, *extra: str) -> st.SearchStrategy[str]:
@@ -138,12 +123,7 @@ async def test_get_task(env: FuzzEnv) -> None:
     requests = st.builds(
         lambda t: MP.TaskRef(task_id=t), task_ids(env, env.task_id, env.scheduled_task_id)
     )
-    await fuzz_messages(
-        env,
-        GET_TASK,
-        requests,
-        ids_of_requested("task_id", "id"),
-    )
+    await fuzz_messages(env, GET_TASK, requests, ids_of_requested("task_id", "id"))
 
 
 async def test_list_tasks(env: FuzzEnv) -> None:
@@ -315,9 +295,4 @@ async def test_start_experiment(env: FuzzEnv) -> None:
             assert {s.proplet_id for s in resp.scheduled} <= {PROPLET, PROPLET_TWO}
             assert len(resp.scheduled) + len(resp.skipped) == len(body.participants)
 
-    await fuzz_messages(
-        env,
-        START_EXPERIMENT,
-        requests,
-        scheduled_only_live,
-    )
+    await fuzz_messages(env, START_EXPERIMENT, requests, scheduled_only_live)

@@ -12,17 +12,9 @@ from propeller.v1 import model_registry_pb2, tensor_pb2
 from server.models import MAX_VERSION, parse_model_uri
 from server.streams import model_stream
 from tests.fuzz import strategies as S
-from tests.fuzz.harness import (
-    KNOWN_URIS,
-    FuzzEnv,
-    Outcome,
-    Rpc,
-    all_methods,
-    fuzz_empty_request,
-    fuzz_messages,
-)
+from tests.fuzz.harness import FuzzEnv, Outcome, Rpc, all_methods, fuzz_empty_request, fuzz_messages
+from tests.fuzz.known import KNOWN_URIS
 
-MV = model_registry_pb2.ModelVersion
 INIT = Rpc.of("ModelRegistry.InitModel")
 PUT = Rpc.of("ModelRegistry.PutModel")
 GET = Rpc.of("ModelRegistry.GetModel")

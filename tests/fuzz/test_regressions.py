@@ -18,25 +18,14 @@ from server.errors import MAX_DETAILS_BYTES
 from server.models import MAX_VERSION
 from server.streams import model_stream
 from tests.fuzz import strategies as S
-from tests.fuzz.harness import (
-    FuzzEnv,
-    Rpc,
-    decodes,
-)
-
-MV = model_registry_pb2.ModelVersion
-GET_DATASET = Rpc.of("DataStore.GetDataset")
-LIST_MODELS = Rpc.of("ModelRegistry.ListModels")
-GET_MODEL = Rpc.of("ModelRegistry.GetModel")
-PUT_MODEL = Rpc.of("ModelRegistry.PutModel")
-INFO = Rpc.of("ModelRegistry.GetModelInfo")
-AGGREGATE = Rpc.of("Aggregator.Aggregate")
+from tests.fuzz.harness import FuzzEnv, Rpc, decodes
 
 
 @pytest.mark.parametrize("body", [b"\xff", b"\x0a\x05ab", b"\x0a\x02\xff\xfe"])
 async def test_an_undecodable_unary_body_is_invalid_argument(env: FuzzEnv, body: bytes) -> None:
     # grpc.aio itself answers UNKNOWN ("Unexpected DecodeError raised by servicer method").
-    for rpc in (GET_DATASET, LIST_MODELS, GET_MODEL):
+    for name in ("DataStore.GetDataset", "ModelRegistry.ListModels", "ModelRegistry.GetModel"):
+        rpc = Rpc.of(name)
         outcome = await env.call(rpc, body)
         if decodes(rpc, body):  # e.g. bad UTF-8 in a field the type does not have
             assert "not a valid message" not in outcome.details, (rpc.name, outcome)
@@ -48,7 +37,7 @@ async def test_an_undecodable_unary_body_is_invalid_argument(env: FuzzEnv, body:
 async def test_an_undecodable_stream_message_is_invalid_argument(env: FuzzEnv) -> None:
     # It used to surface inside the servicer's read loop and come back INTERNAL.
     header = tensor_pb2.ModelChunk(header=tensor_pb2.ModelHeader(tensors=[S.spec("w", 2, [1])]))
-    outcome = await env.call(PUT_MODEL, [header.SerializeToString(), b"\xff"])
+    outcome = await env.call("ModelRegistry.PutModel", [header.SerializeToString(), b"\xff"])
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "not a valid message" in outcome.details
 
@@ -61,7 +50,7 @@ async def test_a_rejected_stream_is_read_to_its_end_past_undecodable_messages(
     rest = [aggregator_pb2.AggregateChunk(data=b"\x00" * 1024).SerializeToString()] * 2000
     body = [b"", b"\xdb\x01r\xae\x01", *rest]
     for _ in range(5):
-        outcome = await env.call(AGGREGATE, body)
+        outcome = await env.call("Aggregator.Aggregate", body)
         assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
 
 
@@ -71,7 +60,7 @@ async def test_a_huge_id_echoed_in_an_error_keeps_its_status(env: FuzzEnv) -> No
     for ch in ("x", "é", "😀"):
         for n in (3000, 16_000, 1 << 20):
             outcome = await env.call(
-                GET_DATASET, datastore_pb2.GetDatasetRequest(proplet_id=ch * n)
+                "DataStore.GetDataset", datastore_pb2.GetDatasetRequest(proplet_id=ch * n)
             )
             assert outcome.code == grpc.StatusCode.NOT_FOUND
             assert len(outcome.details.encode()) <= MAX_DETAILS_BYTES + 64
@@ -81,10 +70,11 @@ async def test_a_huge_id_echoed_in_an_error_keeps_its_status(env: FuzzEnv) -> No
 async def test_a_tensor_with_a_zero_dimension_is_stored(env: FuzzEnv) -> None:
     # sha256_of / iter_chunks crashed on memoryview.cast of a zero-size 2-d array: INTERNAL.
     tensors = {"w": np.zeros((0, 3), dtype=np.float32), "b": np.zeros((), dtype=np.float32)}
-    outcome = await env.call(PUT_MODEL, list(model_stream(tensors, 16)))
+    outcome = await env.call("ModelRegistry.PutModel", list(model_stream(tensors, 16)))
     assert outcome.ok, outcome
     got = await env.call(
-        GET_MODEL, model_registry_pb2.GetModelRequest(version=outcome.response.version)
+        "ModelRegistry.GetModel",
+        model_registry_pb2.GetModelRequest(version=outcome.response.version),
     )
     assert got.ok and list(got.response.header.tensors[0].shape) == [0, 3]
 
@@ -95,15 +85,16 @@ async def test_a_shape_numpy_cannot_hold_is_invalid_argument(
 ) -> None:
     # Empty, so it passed the byte-count checks; numpy then raised ValueError: INTERNAL.
     header = tensor_pb2.ModelHeader(tensors=[S.spec("w", 2, shape)])
-    outcome = await env.call(PUT_MODEL, [tensor_pb2.ModelChunk(header=header)])
+    outcome = await env.call("ModelRegistry.PutModel", [tensor_pb2.ModelChunk(header=header)])
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
     dataset = datastore_pb2.Dataset(
         proplet_id="p-zero-shape",
         features=S.tensor(2, shape, b""),
         labels=S.tensor(2, [0], b""),
     )
-    put = Rpc.of("DataStore.PutDataset")
-    outcome = await env.call(put, datastore_pb2.PutDatasetRequest(dataset=dataset))
+    outcome = await env.call(
+        "DataStore.PutDataset", datastore_pb2.PutDatasetRequest(dataset=dataset)
+    )
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
 
 
@@ -118,7 +109,9 @@ async def test_a_shape_numpy_cannot_hold_is_invalid_argument(
 )
 async def test_a_non_canonical_model_reference_is_invalid_argument(env: FuzzEnv, uri: str) -> None:
     # They named version 1 (\d matches any Unicode digit, $ matches before a final newline).
-    outcome = await env.call(INFO, model_registry_pb2.GetModelRequest(model_uri=uri))
+    outcome = await env.call(
+        "ModelRegistry.GetModelInfo", model_registry_pb2.GetModelRequest(model_uri=uri)
+    )
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
 
 
@@ -127,13 +120,17 @@ async def test_versions_stay_within_what_a_model_reference_can_name(env: FuzzEnv
     # INTERNAL, and ListModels failed with INTERNAL from then on.
     w = {"w": np.ones(2)}
     for version in (2**63 - 1, MAX_VERSION + 1):
-        outcome = await env.call(PUT_MODEL, list(model_stream(w, 16, version=version)))
+        outcome = await env.call(
+            "ModelRegistry.PutModel", list(model_stream(w, 16, version=version))
+        )
         assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
-    outcome = await env.call(PUT_MODEL, list(model_stream(w, 16, version=MAX_VERSION)))
+    outcome = await env.call(
+        "ModelRegistry.PutModel", list(model_stream(w, 16, version=MAX_VERSION))
+    )
     assert outcome.ok and outcome.response.model_uri == f"fl/models/global_model_v{MAX_VERSION}"
-    outcome = await env.call(PUT_MODEL, list(model_stream(w, 16)))
+    outcome = await env.call("ModelRegistry.PutModel", list(model_stream(w, 16)))
     assert outcome.code == grpc.StatusCode.FAILED_PRECONDITION, outcome
-    listed = await env.call(LIST_MODELS, model_registry_pb2.ListModelsRequest())
+    listed = await env.call("ModelRegistry.ListModels", model_registry_pb2.ListModelsRequest())
     assert listed.ok and listed.response.models[-1].version == MAX_VERSION
 
 
@@ -148,7 +145,7 @@ async def test_an_update_header_alone_does_not_allocate_what_it_claims(env: Fuzz
     ]
     tracemalloc.start()
     try:
-        outcome = await env.call(AGGREGATE, body)
+        outcome = await env.call("Aggregator.Aggregate", body)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
