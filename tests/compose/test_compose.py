@@ -29,19 +29,17 @@ import ast
 import asyncio
 import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
 import numpy as np
 import pytest
 import yaml
@@ -49,18 +47,21 @@ import yaml
 from propeller.v1 import (
     coordinator_pb2,
     manager_pb2,
-    manager_pb2_grpc,
-    model_registry_pb2,
-    model_registry_pb2_grpc,
 )
 from server.cli.serve import LOG_LEVEL_ENV, SERVICES
 from server.config import MqttConfig
-from server.mqtt import MqttSession
-from server.streams import read_model_stream
-from server.tensors import Tensors
 from server.topics import Topics
+from tests.support.clients import V0, Clients, clients
+from tests.support.cluster import round_notes
 from tests.support.infra import Mosquitto, OciRegistry, mosquitto, oci_registry
 from tests.support.ports import free_port
+from tests.support.processes import (
+    GRPC_SERVICES,
+    LISTEN_VARS,
+    ChildProcess,
+    service_environment,
+    started,
+)
 from tests.support.waits import eventually
 
 T = TypeVar("T")
@@ -95,16 +96,12 @@ PUBLISHED = {
     "local-registry": 5000,
     "mosquitto": 1883,
 }
+# Compose service -> the gRPC service it serves (its healthcheck names it).
 GRPC_SERVICE = {
-    "manager": "propeller.v1.Manager",
-    "coordinator": "propeller.v1.Coordinator",
-    "aggregator": "propeller.v1.Aggregator",
-    "model-registry": "propeller.v1.ModelRegistry",
-    "local-data-store": "propeller.v1.DataStore",
+    name: GRPC_SERVICES[serve] for name, serve in OURS.items() if serve in GRPC_SERVICES
 }
 SELF_HOSTS = ("0.0.0.0", "127.0.0.1", "localhost")
 SEED_IMAGE = "local-registry:5000/fl-client-wasm:latest"
-HYPER = coordinator_pb2.Hyperparams(epochs=1, lr=0.01, batch_size=16)
 
 # Bounds: compose's own start_period for a healthcheck, and how long a stop may take.
 STOP_BOUND_S = 20.0
@@ -346,15 +343,9 @@ def test_ports_are_the_seeds(compose: dict[str, Any]) -> None:
             assert published == [f"{port}:{port}"], name
         else:
             assert published == [], name
-    listen = {
-        "manager": "PROPELLER_MANAGER_LISTEN",
-        "coordinator": "PROPELLER_COORDINATOR_LISTEN",
-        "aggregator": "PROPELLER_AGGREGATOR_LISTEN",
-        "model-registry": "PROPELLER_REGISTRY_LISTEN",
-        "local-data-store": "PROPELLER_DATASTORE_LISTEN",
-    }
-    for name, var in listen.items():
-        assert environment(svcs[name])[var] == f"0.0.0.0:{PUBLISHED[name]}", name
+    for name in GRPC_SERVICE:
+        listen = LISTEN_VARS[OURS[name]]
+        assert environment(svcs[name])[listen] == f"0.0.0.0:{PUBLISHED[name]}", name
     assert "listener 1883" in compose["configs"]["mosquitto-conf"]["content"]
 
 
@@ -450,8 +441,9 @@ def all_variables() -> set[str]:
     return set().union(*(variables_read(s) for s in set(OURS.values())))
 
 
+@pytest.mark.process
 def test_serve_refuses_a_bad_variable_in_one_line() -> None:
-    env = {**base_environment(all_variables()), "PROPELLER_MQTT_PORT": "not-a-port"}
+    env = {**service_environment(all_variables()), "PROPELLER_MQTT_PORT": "not-a-port"}
     result = subprocess.run(
         [*propeller_fl(), "serve", "coordinator"],
         env=env,
@@ -466,33 +458,20 @@ def test_serve_refuses_a_bad_variable_in_one_line() -> None:
     )
 
 
-def test_a_signal_during_start_up_stops_serve_cleanly(tmp_path: Path) -> None:
+@pytest.mark.process
+async def test_a_signal_during_start_up_stops_serve_cleanly(tmp_path: Path) -> None:
     """`docker compose stop` while the broker is still unreachable: exit 0, not a kill."""
     env = {
-        **base_environment(all_variables()),
+        **service_environment(all_variables()),
         "PROPELLER_MQTT_PORT": str(free_port()),  # nothing listens: start-up keeps retrying
         "PROPELLER_MANAGER_LISTEN": "127.0.0.1:0",
     }
-    log = tmp_path / "manager.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [*propeller_fl(), "serve", "manager"], env=env, stdout=subprocess.PIPE, stderr=err
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while "[serve] manager pid=" not in log.read_text(encoding="utf-8"):
-            assert proc.poll() is None, log.read_text(encoding="utf-8")
-            assert time.monotonic() < deadline, "serve never logged its configuration"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        stdout, _ = proc.communicate(timeout=STOP_BOUND_S)
-        assert proc.returncode == 0, log.read_text(encoding="utf-8")
-        assert stdout == b""
-        assert "stopped by SIGTERM during start-up" in log.read_text(encoding="utf-8")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    argv = [*propeller_fl(), "serve", "manager"]
+    with started(ChildProcess("manager", argv, tmp_path, env=env, stdout="file")) as serve:
+        await serve.wait_log("[serve] manager pid=")
+        assert await serve.terminate_async(STOP_BOUND_S) == 0, serve.tail()
+        assert serve.out_path.read_bytes() == b""
+        assert "stopped by SIGTERM during start-up" in serve.log_text()
 
 
 # --------------------------------------------------------------------------- the process cluster
@@ -566,31 +545,6 @@ def propeller_fl() -> list[str]:
     return [str(exe)]
 
 
-def base_environment(reserved: set[str]) -> dict[str, str]:
-    """The host's environment less anything a service reads: each process sees only what its
-    compose `environment` says, as in a container; plus the image's ENV."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in reserved and not k.startswith(("PROPELLER_", "PROPLET_"))
-    }
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-@dataclass
-class Process:
-    name: str
-    argv: list[str]
-    proc: subprocess.Popen[bytes]
-    stdout: Path
-    stderr: Path
-
-    def tail(self, lines: int = 40) -> str:
-        text = self.stderr.read_text(encoding="utf-8", errors="replace").splitlines()
-        return f"--- {self.name}: {' '.join(self.argv)}\n" + "\n".join(text[-lines:])
-
-
 class Cluster:
     """compose.yaml's services of ours (and its job) as local processes."""
 
@@ -605,7 +559,7 @@ class Cluster:
         self.amap = amap
         self.logs = logs
         self.base_env = base_env
-        self.processes: dict[str, Process] = {}
+        self.processes: dict[str, ChildProcess] = {}
         self.healthy: set[str] = set()
         self._up: dict[str, asyncio.Task[None]] = {}
 
@@ -621,12 +575,11 @@ class Cluster:
         env = {**self.base_env, **self.amap.env(name, mounts, environment(svc))}
         return argv, env
 
-    def start(self, name: str) -> Process:
+    def start(self, name: str) -> ChildProcess:
+        """The service's process: stderr in LOGS/NAME.log, stdout in LOGS/NAME.out."""
         argv, env = self.command(name)
-        stdout, stderr = self.logs / f"{name}.out", self.logs / f"{name}.log"
-        with open(stdout, "ab") as out, open(stderr, "ab") as err:
-            proc = subprocess.Popen(argv, env=env, stdout=out, stderr=err, cwd=self.logs)
-        process = Process(name, argv, proc, stdout, stderr)
+        process = ChildProcess(name, argv, self.logs, env=env, stdout="file")
+        process.start()
         self.processes[name] = process
         return process
 
@@ -647,11 +600,7 @@ class Cluster:
         last = ""
         while True:
             process = self.processes[name]
-            if process.proc.poll() is not None:
-                raise AssertionError(
-                    f"{name} exited with {process.proc.returncode} before it was healthy\n"
-                    + process.tail()
-                )
+            assert process.running, f"{name} exited before it was healthy\n{process.tail()}"
             result = await asyncio.to_thread(
                 subprocess.run,
                 argv,
@@ -672,10 +621,7 @@ class Cluster:
 
     async def run_job(self, name: str) -> None:
         process = self.start(name)
-        try:
-            code = await asyncio.to_thread(process.proc.wait, JOB_BOUND_S)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{name} still running after {JOB_BOUND_S} s") from None
+        code = await process.wait_exit(JOB_BOUND_S)
         assert code == 0, f"{name} exited {code}\n{process.tail()}"
 
     async def _bring_up(self, name: str) -> None:
@@ -697,23 +643,21 @@ class Cluster:
 
     def stop_all(self) -> dict[str, int | None]:
         """SIGTERM every process still running; each one's exit status (None: did not stop)."""
-        running = {n: p for n, p in self.processes.items() if p.proc.poll() is None}
+        running = {n: p for n, p in self.processes.items() if p.running}
         for p in running.values():
-            p.proc.send_signal(signal.SIGTERM)
+            p.send(signal.SIGTERM)
         deadline = time.monotonic() + STOP_BOUND_S
         codes: dict[str, int | None] = {}
         for name, p in running.items():
             try:
-                codes[name] = p.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+                codes[name] = p.wait(max(0.1, deadline - time.monotonic()))
+            except AssertionError:  # still running at the deadline
                 codes[name] = None
         return codes
 
     def kill_leftovers(self) -> None:
         for p in self.processes.values():
-            if p.proc.poll() is None:
-                p.proc.kill()
-                p.proc.wait()
+            p.stop(grace=0)
 
     def logs_tail(self) -> str:
         return "\n".join(p.tail() for p in self.processes.values())
@@ -721,85 +665,36 @@ class Cluster:
 
 @contextlib.contextmanager
 def infrastructure(tmp_path: Path) -> Iterator[tuple[Mosquitto, OciRegistry]]:
-    (tmp_path / "mosquitto").mkdir()
-    (tmp_path / "oci").mkdir()
+    """A broker and an OCI registry of the cluster's own (compose fixes the MQTT namespace)."""
     with mosquitto(tmp_path / "mosquitto") as broker, oci_registry(tmp_path / "oci") as registry:
         yield broker, registry
 
 
-@contextlib.asynccontextmanager
-async def round_notifications(
-    mqtt: MqttConfig,
-) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-    async def on_message(topic: str, payload: bytes) -> None:
-        queue.put_nowait(json.loads(payload))
-
-    async with MqttSession(
-        mqtt,
-        f"watcher-{uuid.uuid4().hex[:8]}",
-        [mqtt.topics.round_next],
-        on_message,
-        clean_session=True,
-    ):
-        yield queue
-
-
-async def get_model(registry: model_registry_pb2_grpc.ModelRegistryStub, version: int) -> Tensors:
-    stream = registry.GetModel(model_registry_pb2.GetModelRequest(version=version), timeout=30)
-    _, tensors = await read_model_stream(stream)
-    return tensors
-
-
 async def run_round(
-    manager: manager_pb2_grpc.ManagerStub,
-    round_id: str,
-    model_ref: str,
-    ids: list[str],
-    image: str,
+    c: Clients, round_id: str, model_ref: str, ids: list[str], image: str
 ) -> coordinator_pb2.RoundStatus:
     """One experiment round, as the seed's step 6, to completion; returns its final status."""
-    resp = await manager.StartExperiment(
-        manager_pb2.StartExperimentRequest(
-            experiment_id=f"exp-{round_id}",
-            round_id=round_id,
-            model_ref=model_ref,
-            participants=ids,
-            hyperparams=HYPER,
-            k_of_n=3,
-            timeout_s=60,
-            task_wasm_image=image,
-        ),
-        timeout=30,
+    resp = await c.start_experiment(
+        round_id, ids, image, experiment_id=f"exp-{round_id}", model_ref=model_ref, k_of_n=3
     )
     assert sorted(s.proplet_id for s in resp.scheduled) == sorted(ids)
     assert not resp.skipped
-    final = (coordinator_pb2.ROUND_STATE_COMPLETED, coordinator_pb2.ROUND_STATE_FAILED)
-    status = await eventually(
-        lambda: manager.GetRoundStatus(
-            coordinator_pb2.GetRoundStatusRequest(round_id=round_id), timeout=10
-        ),
-        lambda s: s.state in final,
-        timeout=90,
-    )
+    status = await c.wait_state(round_id, timeout=90, via="manager")
     assert status.state == coordinator_pb2.ROUND_STATE_COMPLETED, status.failure_reason
     assert status.completed and status.num_updates == 3
     assert sorted(status.reported) == sorted(ids)
     # Exactly one task per participant, named as the seed names them, each Completed.
     tasks = await eventually(
-        lambda: manager.ListTasks(
-            manager_pb2.ListTasksRequest(name_prefix=f"fl-round-{round_id}"), timeout=10
-        ),
-        lambda r: all(t.state == manager_pb2.TASK_STATE_COMPLETED for t in r.tasks),
+        lambda: c.round_tasks(round_id),
+        lambda ts: all(t.state == manager_pb2.TASK_STATE_COMPLETED for t in ts),
     )
-    assert sorted((t.name, t.proplet_id) for t in tasks.tasks) == sorted(
+    assert sorted((t.name, t.proplet_id) for t in tasks) == sorted(
         (f"fl-round-{round_id}-{pid}", pid) for pid in ids
     )
-    final_status: coordinator_pb2.RoundStatus = status
-    return final_status
+    return status
 
 
+@pytest.mark.process
 async def test_compose_as_a_process_cluster(
     compose: dict[str, Any], trainer_wasm: Path, tmp_path: Path
 ) -> None:
@@ -822,7 +717,7 @@ async def test_compose_as_a_process_cluster(
         )
         logs = tmp_path / "logs"
         logs.mkdir()
-        cluster = Cluster(compose, amap, logs, base_environment(reserved))
+        cluster = Cluster(compose, amap, logs, service_environment(reserved))
         order = [n for n in start_order(compose) if n not in INFRA]
         assert set(order) == {*OURS, JOB}
         ok = False
@@ -837,16 +732,14 @@ async def test_compose_as_a_process_cluster(
             codes = cluster.stop_all()
             assert codes == dict.fromkeys(OURS, 0), cluster.logs_tail()
             for name in OURS:  # serve logs to stderr and prints nothing on stdout
-                assert cluster.processes[name].stdout.read_bytes() == b"", name
+                assert cluster.processes[name].out_path.read_bytes() == b"", name
             # A restarted registry still has every version (the named volume's point).
             cluster.start("model-registry")
             await cluster.wait_healthy("model-registry")
-            async with grpc.aio.insecure_channel(
-                amap.published(compose, PUBLISHED["model-registry"])
-            ) as chan:
-                reg = model_registry_pb2_grpc.ModelRegistryStub(chan)
-                listed = await reg.ListModels(model_registry_pb2.ListModelsRequest(), timeout=10)
-            assert [m.version for m in listed.models] == [0, 1, 2]
+            async with clients(
+                {"registry": amap.published(compose, PUBLISHED["model-registry"])}
+            ) as c:
+                assert await c.versions() == [0, 1, 2]
             assert cluster.stop_all() == {"model-registry": 0}
             ok = True
         finally:
@@ -866,43 +759,36 @@ async def walkthrough(compose: dict[str, Any], amap: AddressMap, broker: Mosquit
         port=broker.port,
         topics=Topics(manager_env["PROPELLER_DOMAIN_ID"], manager_env["PROPELLER_CHANNEL_ID"]),
     )
-    async with (
-        grpc.aio.insecure_channel(amap.published(compose, PUBLISHED["manager"])) as mchan,
-        grpc.aio.insecure_channel(amap.published(compose, PUBLISHED["model-registry"])) as rchan,
-        round_notifications(mqtt) as notes,
-    ):
-        manager = manager_pb2_grpc.ManagerStub(mchan)
-        registry = model_registry_pb2_grpc.ModelRegistryStub(rchan)
-
+    published = {
+        "manager": amap.published(compose, PUBLISHED["manager"]),
+        "registry": amap.published(compose, PUBLISHED["model-registry"]),
+    }
+    async with clients(published) as c, round_notes(mqtt) as notes:
         # 4. The three compose proplets are registered and alive under their fixed ids.
-        listed = await eventually(
-            lambda: manager.ListProplets(manager_pb2.ListPropletsRequest(), timeout=10),
-            lambda r: {p.id for p in r.proplets if p.alive} == set(ids),
-        )
-        assert {p.name for p in listed.proplets} == {"proplet-1", "proplet-2", "proplet-3"}
+        await c.wait_alive(ids)
+        assert {p.name for p in await c.proplets()} == {"proplet-1", "proplet-2", "proplet-3"}
 
         # 5. v0: zeros of dimension 3.
-        v0 = await registry.InitModel(model_registry_pb2.InitModelRequest(dimension=3), timeout=10)
-        assert v0.version == 0 and v0.model_uri == "fl/models/global_model_v0"
-        model0 = await get_model(registry, 0)
+        v0 = await c.init_model(3)
+        assert v0.version == 0 and v0.model_uri == V0
+        model0 = await c.model(0)
         assert model0["w"].tolist() == [0.0, 0.0, 0.0] and float(model0["b"]) == 0.0
 
         # 6-8. Round 1 from v0 with k_of_n=3 -> v1, which differs from v0.
         r1 = f"r-{uuid.uuid4().hex[:8]}"
-        status = await run_round(manager, r1, "fl/models/global_model_v0", ids, image)
+        status = await run_round(c, r1, V0, ids, image)
         assert status.new_model_version == 1
         note = await asyncio.wait_for(notes.get(), 10)
         assert note["round_id"] == r1 and note["model_uri"] == "fl/models/global_model_v1"
-        model1 = await get_model(registry, 1)
+        model1 = await c.model(1)
         assert not np.allclose(model1["w"], model0["w"])
 
         # 9. Round 2 from v1 -> v2.
         r2 = f"r-{uuid.uuid4().hex[:8]}"
-        status2 = await run_round(manager, r2, "fl/models/global_model_v1", ids, image)
+        status2 = await run_round(c, r2, "fl/models/global_model_v1", ids, image)
         assert status2.new_model_version == 2
         note2 = await asyncio.wait_for(notes.get(), 10)
         assert note2["round_id"] == r2 and note2["new_model_version"] == 2
-        model2 = await get_model(registry, 2)
+        model2 = await c.model(2)
         assert not np.allclose(model2["w"], model1["w"])
-        models = await registry.ListModels(model_registry_pb2.ListModelsRequest(), timeout=10)
-        assert [m.version for m in models.models] == [0, 1, 2]
+        assert await c.versions() == [0, 1, 2]

@@ -4,11 +4,8 @@ trainer image, then SIGTERM and a clean exit."""
 
 from __future__ import annotations
 
-import queue
-import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,72 +22,26 @@ from propeller.v1 import (
     model_registry_pb2_grpc,
 )
 from tests.support.ports import free_port
+from tests.support.processes import UpProcess, up_process
 
 SERVICES = ("manager", "coordinator", "aggregator", "registry", "datastore", "mqtt")
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 
 
-class Up:
-    """The running command: its printed lines (read on a thread so waits stay bounded)."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def wait_ready(self, timeout: float) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no 'ready' within {timeout}s; printed: {self.seen}")
-            try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise AssertionError(f"exited {self.proc.wait()} before 'ready': {self.seen}")
-            self.seen.append(line)
-            if line == "ready":
-                return self.seen[:-1]
-
-
 @pytest.fixture
-def up(tmp_path: Path, trainer_wasm: Path) -> Iterator[tuple[Up, dict[str, int], Path]]:
+def up(tmp_path: Path, trainer_wasm: Path) -> Iterator[tuple[UpProcess, dict[str, int]]]:
+    """`up` with two proplets on free ports (the trainer it runs is built first)."""
     ports = {name: free_port() for name in SERVICES}
-    stderr = tmp_path / "up.stderr"
     flags = [arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))]
-    with stderr.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli.main", "up", "--proplets", "2", *flags],
-            cwd=tmp_path,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
-    try:
-        yield Up(proc), ports, stderr
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        assert proc.stdout is not None
-        proc.stdout.close()
+    with up_process(["--proplets", "2", *flags], tmp_path) as running:
+        yield running, ports
 
 
 def test_up_serves_a_round_and_stops_on_sigterm(
-    up: tuple[Up, dict[str, int], Path], trainer_wasm: Path
+    up: tuple[UpProcess, dict[str, int]], trainer_wasm: Path
 ) -> None:
-    running, ports, stderr = up
+    running, ports = up
     printed = running.wait_ready(READY_TIMEOUT_S)
     entries = [line.split(None, 1) for line in printed]
     assert all(len(e) == 2 for e in entries), printed
@@ -147,6 +98,5 @@ def test_up_serves_a_round_and_stops_on_sigterm(
         models = registry.ListModels(model_registry_pb2.ListModelsRequest(), timeout=10)
         assert [m.version for m in models.models] == [0, 1]
 
-    running.proc.send_signal(signal.SIGTERM)
-    assert running.proc.wait(STOP_TIMEOUT_S) == 0, stderr.read_text()
-    assert "Traceback" not in stderr.read_text()
+    assert running.terminate(STOP_TIMEOUT_S) == 0, running.tail()
+    assert "Traceback" not in running.log_text()

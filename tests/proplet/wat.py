@@ -47,9 +47,12 @@ def _write(fd: int, offset: int, length: int) -> str:
     )
 
 
-def printing(stdout: bytes = b"", *, stderr: bytes = b"", exit_code: int | None = None) -> bytes:
-    """Writes `stdout` and `stderr`, then returns from _start or exits with `exit_code`."""
-    body = ""
+def printing(
+    stdout: bytes = b"", *, stderr: bytes = b"", exit_code: int | None = None, sleep_s: float = 0
+) -> bytes:
+    """Blocks in the host for `sleep_s` seconds, writes `stdout` and `stderr`, then returns
+    from _start or exits with `exit_code`."""
+    body = _sleep(sleep_s)
     if stdout:
         body += _write(1, 0, len(stdout))
     if stderr:
@@ -134,10 +137,12 @@ def parse_env_dump(stdout: bytes) -> tuple[dict[str, str], list[str]]:
     return env, args
 
 
-def sleeper(seconds: float) -> bytes:
-    """Blocks in the host (WASI poll_oneoff on a relative clock) for `seconds`."""
+def _sleep(seconds: float) -> str:
+    """WASI poll_oneoff on one relative clock for `seconds` (nothing for 0)."""
     ns = int(seconds * 1e9)
-    body = (
+    if not ns:
+        return ""
+    return (
         # subscription at 0: userdata u64, tag u8 at 8 (0 = clock), clock id u32 at 16
         # (1 = monotonic), timeout u64 at 24, precision u64 at 32, flags u16 at 40 (0 = relative)
         "(i32.store8 (i32.const 8) (i32.const 0))"
@@ -145,7 +150,11 @@ def sleeper(seconds: float) -> bytes:
         f"(i64.store (i32.const 24) (i64.const {ns}))"
         "(drop (call $poll_oneoff (i32.const 0) (i32.const 256) (i32.const 1) (i32.const 512)))"
     )
-    return build(body) if ns else build("")
+
+
+def sleeper(seconds: float) -> bytes:
+    """Blocks in the host (WASI poll_oneoff on a relative clock) for `seconds`."""
+    return build(_sleep(seconds))
 
 
 def json_printer(value: object) -> bytes:

@@ -42,19 +42,7 @@ def slow_update(round_id: str, seconds: float) -> bytes:
             "update": {"w": [0.25, -0.5, 1.0], "b": 0.125},
         }
     ).encode()
-    ns = int(seconds * 1e9)
-    body = (
-        # poll_oneoff on one relative monotonic-clock subscription (see wat.sleeper) ...
-        "(i32.store8 (i32.const 8) (i32.const 0))"
-        "(i32.store (i32.const 16) (i32.const 1))"
-        f"(i64.store (i32.const 24) (i64.const {ns}))"
-        "(drop (call $poll_oneoff (i32.const 0) (i32.const 256) (i32.const 1) (i32.const 512)))"
-        # ... then one fd_write of the update to stdout.
-        f"(i32.store (i32.const 0) (i32.const {wat.DATA_AT}))"
-        f"(i32.store (i32.const 4) (i32.const {len(update)}))"
-        "(drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))"
-    )
-    return wat.build(body, update)
+    return wat.printing(update, sleep_s=seconds)
 
 
 @pytest.fixture

@@ -10,12 +10,9 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 from tests.support.ports import free_port, wait_port
-from tests.support.processes import ChildProcess
-
-P = TypeVar("P", bound=ChildProcess)
+from tests.support.processes import ChildProcess, started
 
 
 def _binary(name: str, *candidates: str) -> str:
@@ -64,6 +61,7 @@ class OciRegistry(ChildProcess):
     """The CNCF distribution registry (`docker-registry`), deletes enabled."""
 
     def __init__(self, port: int, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
         conf = workdir / "registry.yml"
         conf.write_text(
             "version: 0.1\n"
@@ -101,23 +99,14 @@ class OciRegistry(ChildProcess):
 
 @contextlib.contextmanager
 def mosquitto(workdir: Path) -> Iterator[Mosquitto]:
-    with _running(Mosquitto(free_port(), workdir)) as broker:
+    with started(Mosquitto(free_port(), workdir), grace=5.0) as broker:
         yield broker
 
 
 @contextlib.contextmanager
 def oci_registry(workdir: Path) -> Iterator[OciRegistry]:
-    with _running(OciRegistry(free_port(), workdir)) as registry:
+    with started(OciRegistry(free_port(), workdir), grace=5.0) as registry:
         yield registry
-
-
-@contextlib.contextmanager
-def _running(process: P) -> Iterator[P]:
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
 
 
 def push_wasm(

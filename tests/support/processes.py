@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Literal, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -67,6 +67,7 @@ _FAST_RECONNECT = [
 ]
 
 Output = Literal["log", "file", "devnull", "pipe"]
+P = TypeVar("P", bound="ChildProcess")
 
 
 def mqtt_env(mqtt: MqttConfig) -> dict[str, str]:
@@ -211,8 +212,11 @@ class ChildProcess:
         return f"--- {self.name} log ({self.log_path}):\n{text}"
 
     async def wait_log(self, text: str, bound: float = 30.0) -> None:
+        """Until the log has `text` (fails if the process exits first, or after `bound`)."""
         end = time.monotonic() + bound
         while text not in self.log_text():
+            exited = f"{self.name} exited without logging {text!r}\n{self.tail()}"
+            assert self.running or text in self.log_text(), exited
             assert time.monotonic() < end, f"{self.name} never logged {text!r}\n{self.tail()}"
             await asyncio.sleep(0.05)
 
@@ -315,10 +319,17 @@ class UpProcess(ChildProcess):
 
 @contextlib.contextmanager
 def up_process(args: Sequence[str], cwd: Path) -> Iterator[UpProcess]:
-    """An UpProcess (started) that is killed on exit if it is still running."""
-    process = UpProcess(args, cwd)
+    """An UpProcess, started, and killed on exit if it is still running."""
+    with started(UpProcess(args, cwd)) as process:
+        yield process
+
+
+@contextlib.contextmanager
+def started(process: P, *, grace: float = 0.0) -> Iterator[P]:
+    """`process`, started, and stopped on the way out whatever state it is in (SIGTERM, then
+    SIGKILL after `grace` seconds)."""
     process.start()
     try:
         yield process
     finally:
-        process.stop(grace=0)
+        process.stop(grace)
