@@ -14,11 +14,11 @@ from proplet import Proplet, PropletConfig, TaskFailed
 from proplet.artifacts import ArtifactStore, parse_image
 from server.messages import COMPLETED, FAILED, TaskStart
 from server.oci import ImageRef
-from tests.support.infra import OciRegistry, push_wasm
-from tests.support.ports import free_port
 from tests.proplet import wat
 from tests.proplet.conftest import ManagerProbe, with_changes
 from tests.proplet.fake_oci import digest_of, lying_registry, wasm_manifest
+from tests.support.infra import OciRegistry, push_wasm
+from tests.support.ports import free_port
 
 
 def push(registry: OciRegistry, tmp_path: Path, wasm: bytes, repo: str, tag: str) -> str:

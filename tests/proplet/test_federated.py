@@ -19,10 +19,10 @@ from proplet import Proplet, PropletConfig
 from proplet.federated import FederatedClient, FlTask, is_federated, service_address
 from server.config import Endpoints
 from server.messages import COMPLETED, FAILED
-from tests.support.ports import free_port
 from tests.proplet import wat
 from tests.proplet.conftest import ManagerProbe
 from tests.proplet.fake_services import RoundWorld, round_services
+from tests.support.ports import free_port
 
 MODEL_URI = "fl/models/global_model_v4"
 BASE_W = np.array([0.1, -0.2, 0.3])

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from server.messages import COMPLETED
 from server.topics import Topics
-from tests.support.infra import Mosquitto
 from tests.proplet import wat
 from tests.proplet.conftest import ManagerProbe
+from tests.support.infra import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 
