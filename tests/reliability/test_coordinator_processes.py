@@ -14,7 +14,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -67,14 +67,13 @@ async def setup(
     tmp_path: Path,
     *,
     aggregator: Any = None,
-    front: Callable[[Any], Any] | None = None,
+    front: RegistryFront | None = None,
     **env: str,
 ) -> AsyncIterator[tuple[ServiceProcess, Clients]]:
-    """A model registry holding v0 (`DIMENSION` zeros) in this process, `front(real servicer)`
-    in front of it if given; an aggregator in this process (or the `aggregator` servicer in
-    its place, or the address of one elsewhere); and the coordinator process (not started)
-    configured for them by `env` on top of the defaults. Yields the process and a client of
-    the registry."""
+    """A model registry holding v0 (`DIMENSION` zeros) in this process, `front` in front of it
+    if given; an aggregator in this process (or the `aggregator` servicer in its place, or
+    the address of one elsewhere); and the coordinator process (not started) configured for
+    them by `env` on top of the defaults. Yields the process and a client of the registry."""
     async with contextlib.AsyncExitStack() as stack:
         if not isinstance(aggregator, str):
             bindings = None
@@ -86,7 +85,10 @@ async def setup(
             )
         app = RegistryApp(RegistryConfig(LOCAL))
         real = app.bindings[0]
-        bindings = None if front is None else [replace(real, servicer=front(real.servicer))]
+        bindings = None
+        if front is not None:
+            front.real = real.servicer
+            bindings = [replace(real, servicer=front)]
         registry = await stack.enter_async_context(serve_app(app, bindings=bindings))
         reg = await stack.enter_async_context(clients({"registry": registry}))
         await reg.init_model(DIMENSION)
@@ -308,10 +310,10 @@ class RegistryFront:
     """The real ModelRegistry servicer, except that PutModel replies can be lost (the model is
     stored, the caller gets UNAVAILABLE) or held (stored, no answer until the caller leaves)."""
 
-    def __init__(self, real: Any) -> None:
-        self.real = real
-        self.lose_replies = 0
-        self.hold_replies = False
+    def __init__(self, *, lose_replies: int = 0, hold_replies: bool = False) -> None:
+        self.real: Any = None  # the real servicer, set when the registry starts
+        self.lose_replies = lose_replies
+        self.hold_replies = hold_replies
         self.puts = 0
         self.landed = asyncio.Event()
 
@@ -343,13 +345,7 @@ class RegistryFront:
 async def test_a_lost_registry_reply_does_not_store_the_model_twice(
     mqtt: MqttConfig, tmp_path: Path
 ) -> None:
-    fronts: list[RegistryFront] = []
-
-    def front(real: Any) -> RegistryFront:
-        fronts.append(RegistryFront(real))
-        fronts[-1].lose_replies = 1
-        return fronts[-1]
-
+    front = RegistryFront(lose_replies=1)
     async with setup(mqtt, tmp_path, front=front) as (coord, reg):
         async with running(coord) as c:
             await c.configure("r1", k_of_n=2, timeout_s=120)
@@ -358,7 +354,7 @@ async def test_a_lost_registry_reply_does_not_store_the_model_twice(
             st = await c.wait_state("r1", *FINISHED)
         assert st.state == S.ROUND_STATE_COMPLETED, st.failure_reason
         assert st.new_model_version == 1
-        assert fronts[0].puts == 1  # the retry found the stored model by its sha256
+        assert front.puts == 1  # the retry found the stored model by its sha256
         assert await reg.versions() == [0, 1]
         assert "store model attempt 1/5 failed" in coord.log_text()
         assert_fedavg(await reg.model(1), [UPDATES[0], UPDATES[2]])
@@ -370,19 +366,13 @@ async def test_stopped_while_the_registry_write_is_unanswered(
 ) -> None:
     """The model is stored but the coordinator stops before it hears so: after the restart it
     aggregates again, finds those bytes in the registry and records that version."""
-    fronts: list[RegistryFront] = []
-
-    def front(real: Any) -> RegistryFront:
-        fronts.append(RegistryFront(real))
-        fronts[-1].hold_replies = True
-        return fronts[-1]
-
+    front = RegistryFront(hold_replies=True)
     async with setup(mqtt, tmp_path, front=front) as (coord, reg):
         async with running(coord) as c:
             await c.configure("r1", k_of_n=2, timeout_s=120)
             await c.submit("r1", UPDATES[1])
             await c.submit("r1", UPDATES[2])
-            await asyncio.wait_for(fronts[0].landed.wait(), 30)
+            await asyncio.wait_for(front.landed.wait(), 30)
             assert (await c.status("r1")).state == S.ROUND_STATE_AGGREGATING
             if sig is signal.SIGKILL:
                 coord.kill()
@@ -394,12 +384,12 @@ async def test_stopped_while_the_registry_write_is_unanswered(
                 )
                 assert rc == 0, coord.log_text()
         assert await reg.versions() == [0, 1]
-        fronts[0].hold_replies = False
+        front.hold_replies = False
         async with running(coord) as c:
             st = await c.wait_state("r1", *FINISHED)
         assert st.state == S.ROUND_STATE_COMPLETED, st.failure_reason
         assert st.new_model_version == 1
-        assert fronts[0].puts == 1
+        assert front.puts == 1
         assert await reg.versions() == [0, 1]
         assert_fedavg(await reg.model(1), UPDATES[1:])
 

@@ -352,23 +352,16 @@ def test_round_deadline_from_the_task_env() -> None:
     for bad in ("soon", "nan", "-1", "inf"):
         with pytest.raises(TaskFailed, match="ROUND_DEADLINE"):
             FlTask.from_env({**base, "ROUND_DEADLINE": bad}, Endpoints())
-    env = round_task_env(
-        round_id="r1",
-        model_uri=V0,
-        hyperparams=Hyperparams(),
-        proplet_id="p1",
-        endpoints=Endpoints(),
-        deadline=1700000000.25,
-    )
+    task: dict[str, Any] = {
+        "round_id": "r1",
+        "model_uri": V0,
+        "hyperparams": Hyperparams(),
+        "proplet_id": "p1",
+        "endpoints": Endpoints(),
+    }
+    env = round_task_env(**task, deadline=1700000000.25)
     assert env["ROUND_DEADLINE"] == "1700000000.25"
-    no_deadline = round_task_env(
-        round_id="r1",
-        model_uri=V0,
-        hyperparams=Hyperparams(),
-        proplet_id="p1",
-        endpoints=Endpoints(),
-    )
-    assert "ROUND_DEADLINE" not in no_deadline
+    assert "ROUND_DEADLINE" not in round_task_env(**task)
 
 
 @pytest.mark.unit

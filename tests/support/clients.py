@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import grpc
@@ -73,33 +73,20 @@ def experiment_request(
 
 @dataclass
 class Clients:
-    """Channels by gRPC service name ("Manager", "ModelRegistry", ...) and their stubs (the
-    generated stubs are untyped, hence Any)."""
+    """Channels by gRPC service name ("Manager", "ModelRegistry", ...) and a stub for each
+    (the generated stubs are untyped, hence Any); a service without a channel has no stub."""
 
     channels: dict[str, grpc.aio.Channel]
+    manager: Any = field(init=False, repr=False)
+    coordinator: Any = field(init=False, repr=False)
+    aggregator: Any = field(init=False, repr=False)
+    registry: Any = field(init=False, repr=False)
+    datastore: Any = field(init=False, repr=False)
 
-    def _stub(self, service: str) -> Any:
-        return SERVICES[service][1](self.channels[service])
-
-    @property
-    def manager(self) -> Any:
-        return self._stub("Manager")
-
-    @property
-    def coordinator(self) -> Any:
-        return self._stub("Coordinator")
-
-    @property
-    def aggregator(self) -> Any:
-        return self._stub("Aggregator")
-
-    @property
-    def registry(self) -> Any:
-        return self._stub("ModelRegistry")
-
-    @property
-    def datastore(self) -> Any:
-        return self._stub("DataStore")
+    def __post_init__(self) -> None:
+        for service, (name, stub) in SERVICES.items():
+            if service in self.channels:
+                setattr(self, name, stub(self.channels[service]))
 
     # -- models (ModelRegistry) -------------------------------------------------------------
 

@@ -25,13 +25,27 @@ def _binary(name: str, *candidates: str) -> str:
     raise FileNotFoundError(f"{name} not installed (apt-get install it; .ci/run does)")
 
 
-class Mosquitto(ChildProcess):
+class _Server(ChildProcess):
+    """A third-party server run from `binary` with its configuration file `conf` (written
+    into `workdir` from `config`) on `port`; its output goes to the log in `workdir`."""
+
+    def __init__(
+        self, binary: str, args: list[str], conf: str, config: str, port: int, workdir: Path
+    ) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / conf).write_text(config)
+        argv = [binary, *(str(workdir / conf) if a == conf else a for a in args)]
+        super().__init__(Path(binary).name, argv, workdir, stdout="log")
+        self.port = port
+        self.workdir = workdir
+
+
+class Mosquitto(_Server):
     """A broker with persistence (its sessions survive a stop and start over `workdir`)."""
 
     def __init__(self, port: int, workdir: Path) -> None:
-        conf = workdir / "mosquitto.conf"
         (workdir / "data").mkdir(parents=True, exist_ok=True)
-        conf.write_text(
+        config = (
             f"listener {port} 127.0.0.1\n"
             "allow_anonymous true\n"
             # As root, mosquitto would drop to the `mosquitto` user, which cannot write into
@@ -43,27 +57,19 @@ class Mosquitto(ChildProcess):
             "set_tcp_nodelay true\n"
             "log_dest stderr\n"
         )
-        super().__init__(
-            "mosquitto",
-            [_binary("mosquitto", "/usr/sbin/mosquitto"), "-c", str(conf)],
-            workdir,
-            stdout="log",
-        )
-        self.port = port
-        self.workdir = workdir
+        binary = _binary("mosquitto", "/usr/sbin/mosquitto")
+        super().__init__(binary, ["-c", "mosquitto.conf"], "mosquitto.conf", config, port, workdir)
 
     def start(self) -> None:
         super().start()
         wait_port(self.port)
 
 
-class OciRegistry(ChildProcess):
+class OciRegistry(_Server):
     """The CNCF distribution registry (`docker-registry`), deletes enabled."""
 
     def __init__(self, port: int, workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        conf = workdir / "registry.yml"
-        conf.write_text(
+        config = (
             "version: 0.1\n"
             "log:\n  level: warn\n"
             "storage:\n"
@@ -72,13 +78,8 @@ class OciRegistry(ChildProcess):
             "http:\n"
             f"  addr: 127.0.0.1:{port}\n"
         )
-        super().__init__(
-            "registry",
-            [_binary("docker-registry", "/usr/bin/docker-registry"), "serve", str(conf)],
-            workdir,
-            stdout="log",
-        )
-        self.port = port
+        binary = _binary("docker-registry", "/usr/bin/docker-registry")
+        super().__init__(binary, ["serve", "registry.yml"], "registry.yml", config, port, workdir)
 
     @property
     def host(self) -> str:

@@ -317,10 +317,23 @@ class UpProcess(ChildProcess):
             self.printed.append(line)
 
 
+# What `up` serves, each on the port its `--NAME-port` flag names.
+UP_SERVICES = ("manager", "coordinator", "aggregator", "registry", "datastore", "mqtt")
+
+
+def up_ports() -> dict[str, int]:
+    """A free port for each of UP_SERVICES."""
+    return {name: free_port() for name in UP_SERVICES}
+
+
 @contextlib.contextmanager
-def up_process(args: Sequence[str], cwd: Path) -> Iterator[UpProcess]:
-    """An UpProcess, started, and killed on exit if it is still running."""
-    with started(UpProcess(args, cwd)) as process:
+def up_process(
+    args: Sequence[str], cwd: Path, ports: Mapping[str, int] | None = None
+) -> Iterator[UpProcess]:
+    """`up ARGS` with a `--NAME-port` flag for each of `ports`, started, and killed on exit if
+    it is still running."""
+    flags = [f for name, port in (ports or {}).items() for f in (f"--{name}-port", str(port))]
+    with started(UpProcess([*args, *flags], cwd)) as process:
         yield process
 
 
