@@ -1,8 +1,21 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs everything, checks generated code, lint,
 # types, then runs pytest against real mosquitto and a real OCI registry that the tests start.
+#
+#   scripts/test.sh [PYTEST ARGS]          everything, at full depth (what .ci/run runs)
+#   scripts/test.sh --fast [PYTEST ARGS]   the developer's tier: unit + integration tests with
+#                                          the `dev` Hypothesis profile, on an installed .venv
+#                                          (no setup, lint or type check; no process or fuzz
+#                                          tests). See docs/engineering.md, "Tests".
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ "${1:-}" == "--fast" ]]; then
+  shift
+  . .venv/bin/activate
+  python wasm-client/build.py >/dev/null
+  export PROPELLER_HYPOTHESIS_PROFILE="${PROPELLER_HYPOTHESIS_PROFILE:-dev}"
+  exec python -m pytest -q -p no:cacheprovider -m "unit or integration" "$@"
+fi
 scripts/setup.sh --system
 . .venv/bin/activate
 python proto/generate.py --check

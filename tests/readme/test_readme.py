@@ -60,6 +60,7 @@ def commands(block: str) -> list[str]:
     return [ln.split("#")[0].strip() for ln in block.splitlines() if ln.split("#")[0].strip()]
 
 
+@pytest.mark.unit  # reads files only
 def test_readme_opens_with_the_two_commands() -> None:
     head = README.read_text().split("\n\n")[:3]
     assert any("scripts/demo.sh" in part and "scripts/test.sh" in part for part in head)
@@ -167,6 +168,7 @@ def test_walkthrough(up: dict[str, int]) -> None:
     assert "global_model_v3" in out  # the manual task's round stored v3
 
 
+@pytest.mark.unit  # reads files only
 def test_compose_commands_name_the_compose_file() -> None:
     for cmd in commands(blocks()["compose"][0]):
         assert cmd.startswith("docker compose ")
