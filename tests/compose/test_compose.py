@@ -5,7 +5,7 @@ run as it is, as a process cluster, with the seed walkthrough against it.
 No Docker engine runs here, so the cluster is compose.yaml played by hand:
 - each service of ours runs as a local process: the image's ENTRYPOINT (`propeller-fl` of this
   virtualenv) followed by exactly the service's `command`, with exactly its `environment`;
-- the broker and the OCI registry are real Mosquitto and docker-registry (tests/infra.py);
+- the broker and the OCI registry are real Mosquitto and docker-registry (tests/support/infra.py);
 - services start in `depends_on` order, each waiting for its dependencies' conditions
   (`service_healthy`: the dependency's own healthcheck command exits 0;
   `service_completed_successfully`: the job exited 0), and every healthcheck is run until it
