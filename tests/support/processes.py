@@ -223,7 +223,8 @@ class ChildProcess:
 
 class ServiceProcess(ChildProcess):
     """`python -m server.cli serve SERVICE` with `env` (on top of `service_environment()`),
-    listening on a free loopback port of its own that restarts keep."""
+    listening on a free loopback port of its own that restarts keep (a proplet listens on
+    nothing: give it PROPLET_ID and the rest in `env`)."""
 
     def __init__(self, service: str, env: Mapping[str, str], logs: Path) -> None:
         self.service = service
@@ -240,14 +241,15 @@ class ServiceProcess(ChildProcess):
     async def ready(self, bound: float = READY_S) -> float:
         """Until the gRPC health service says SERVING for this service; the seconds it took.
         Fails at once if the process exits."""
+        assert self.service in GRPC_SERVICES, (
+            f"{self.service} serves no gRPC: wait until the manager lists it alive instead"
+        )
         began = time.monotonic()
         request = health_pb2.HealthCheckRequest(service=GRPC_SERVICES[self.service])
         async with grpc.aio.insecure_channel(self.addr, options=_FAST_RECONNECT) as chan:
             stub = health_pb2_grpc.HealthStub(chan)
             while True:
-                assert self.proc is not None and self.proc.poll() is None, (
-                    f"{self.service} exited before it was ready\n{self.tail()}"
-                )
+                assert self.running, f"{self.service} exited before it was ready\n{self.tail()}"
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     resp = await stub.Check(request, timeout=1.0)
                     if resp.status == health_pb2.HealthCheckResponse.SERVING:
