@@ -38,7 +38,7 @@ from proplet.config import PropletConfig
 from proplet.runner import CompiledModule, Limits, RunControl, RunOutput, WasmRuntime
 from server.config import Endpoints, MqttConfig
 from server.topics import Topics
-from tests.infra import mosquitto
+from tests.support.infra import mosquitto
 
 NAME = "round"
 TARGET_MS = {3: 50.0, 300: 2000.0}
