@@ -27,8 +27,9 @@ from typing import Any, Protocol, TypeVar, overload
 
 import numpy as np
 
-from server.coordinator.rounds import Hyperparams, Round, RoundState, Update
+from server.coordinator.rounds import Round, RoundState, Update
 from server.errors import DataLoss, PropellerError, ResourceExhausted, Unavailable
+from server.round_spec import Hyperparams
 from server.sqlite import Database
 from server.tensors import Array, Spec, Tensors, total_bytes
 
@@ -200,7 +201,6 @@ def _specs_from_json(text: str) -> tuple[Spec, ...]:
 
 
 def _round_values(rnd: Round) -> tuple[Any, ...]:
-    hp = rnd.hyperparams
     return (
         rnd.round_id,
         rnd.experiment_id,
@@ -211,7 +211,7 @@ def _round_values(rnd: Round) -> tuple[Any, ...]:
         rnd.model_ref,
         rnd.requested_model_ref,
         _specs_json(rnd.specs),
-        json.dumps({"epochs": hp.epochs, "lr": hp.lr, "batch_size": hp.batch_size}),
+        rnd.hyperparams.to_json(),
         rnd.task_wasm_image,
         rnd.configured_at,
         rnd.started_at,
@@ -228,7 +228,6 @@ def _round_values(rnd: Round) -> tuple[Any, ...]:
 
 def _round_from_row(row: Sequence[Any]) -> Round:
     v = dict(zip(_ROUND_COLUMNS, row, strict=True))
-    hp = json.loads(v["hyperparams"])
     return Round(
         round_id=v["round_id"],
         experiment_id=v["experiment_id"],
@@ -237,9 +236,7 @@ def _round_from_row(row: Sequence[Any]) -> Round:
         timeout_s=float(v["timeout_s"]),
         model_ref=v["model_ref"],
         specs=_specs_from_json(v["specs"]),
-        hyperparams=Hyperparams(
-            epochs=int(hp["epochs"]), lr=float(hp["lr"]), batch_size=int(hp["batch_size"])
-        ),
+        hyperparams=Hyperparams.from_dict(json.loads(v["hyperparams"])),
         task_wasm_image=v["task_wasm_image"],
         requested_model_ref=v["requested_model_ref"],
         state=RoundState(v["state"]),
