@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from server.models import parse_model_uri
@@ -93,15 +93,14 @@ class Round:
     def config(self) -> RoundSpec:
         """The configuration this round was created from (with the coordinator's defaults)."""
         return RoundSpec(
-            round_id=self.round_id,
-            experiment_id=self.experiment_id,
-            participants=self.participants,
-            k_of_n=self.k_of_n,
-            timeout_s=self.timeout_s,
+            **{name: getattr(self, name) for name in _FROM_SPEC},
             model_ref=self.requested_model_ref,
-            hyperparams=self.hyperparams,
-            task_wasm_image=self.task_wasm_image,
         )
+
+
+# A round's fields taken as they are from the RoundSpec it was created from; its model_ref is
+# the resolved base model, the spec's the requested one (`requested_model_ref`).
+_FROM_SPEC = tuple(f.name for f in fields(RoundSpec) if f.name != "model_ref")
 
 
 def require_round(rnd: Round | None, round_id: str) -> Round:
@@ -127,15 +126,9 @@ def new_round(cfg: RoundSpec, model_ref: str, specs: Sequence[Spec], now: float)
     """A PENDING round for `cfg` whose base model resolved to `model_ref` with `specs`."""
     parse_model_uri(model_ref, "model_ref")
     return Round(
-        round_id=cfg.round_id,
-        experiment_id=cfg.experiment_id,
-        participants=cfg.participants,
-        k_of_n=cfg.k_of_n,
-        timeout_s=cfg.timeout_s,
+        **{name: getattr(cfg, name) for name in _FROM_SPEC},
         model_ref=model_ref,
         specs=tuple(specs),
-        hyperparams=cfg.hyperparams,
-        task_wasm_image=cfg.task_wasm_image,
         requested_model_ref=cfg.model_ref,
         configured_at=now,
     )

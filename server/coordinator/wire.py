@@ -26,6 +26,19 @@ _STATE_OF: dict[int, RoundState] = {int(v): k for k, v in STATES.items()}
 
 SpecMessage = coordinator_pb2.ConfigureRoundRequest | manager_pb2.StartExperimentRequest
 
+# Fields that keep their name and value between the messages and the domain types; the
+# functions below add the ones that change form (repeated fields, hyperparameters, state...).
+_SPEC_SCALARS = ("round_id", "experiment_id", "k_of_n", "timeout_s", "model_ref", "task_wasm_image")
+_STATUS_SCALARS = (
+    *_SPEC_SCALARS,
+    "started_at",
+    "deadline",
+    "completed_at",
+    "new_model_uri",
+    "failure_reason",
+    "closed_by",
+)
+
 
 def hyperparams_to_proto(hp: Hyperparams) -> coordinator_pb2.Hyperparams:
     return coordinator_pb2.Hyperparams(epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size)
@@ -38,53 +51,32 @@ def hyperparams_from_proto(msg: coordinator_pb2.Hyperparams) -> Hyperparams:
 def spec_from_proto(msg: SpecMessage) -> RoundSpec:
     """The request's round as asked (zeros kept: `validate` judges and fills them)."""
     return RoundSpec(
-        round_id=msg.round_id,
+        **{name: getattr(msg, name) for name in _SPEC_SCALARS},
         participants=tuple(msg.participants),
-        experiment_id=msg.experiment_id,
-        k_of_n=msg.k_of_n,
-        timeout_s=msg.timeout_s,
-        model_ref=msg.model_ref,
         hyperparams=hyperparams_from_proto(msg.hyperparams),
-        task_wasm_image=msg.task_wasm_image,
     )
 
 
 def spec_fields(spec: RoundSpec) -> dict[str, Any]:
     """The keyword arguments that build either request message from `spec`."""
     return {
-        "round_id": spec.round_id,
+        **{name: getattr(spec, name) for name in _SPEC_SCALARS},
         "participants": spec.participants,
-        "experiment_id": spec.experiment_id,
-        "k_of_n": spec.k_of_n,
-        "timeout_s": spec.timeout_s,
-        "model_ref": spec.model_ref,
         "hyperparams": hyperparams_to_proto(spec.hyperparams),
-        "task_wasm_image": spec.task_wasm_image,
     }
 
 
 def status_to_proto(rnd: Round) -> coordinator_pb2.RoundStatus:
     return coordinator_pb2.RoundStatus(
-        round_id=rnd.round_id,
-        experiment_id=rnd.experiment_id,
+        **{name: getattr(rnd, name) for name in _STATUS_SCALARS},
+        participants=rnd.participants,
+        hyperparams=hyperparams_to_proto(rnd.hyperparams),
         state=STATES[rnd.state],
         completed=rnd.state is RoundState.COMPLETED,
         num_updates=rnd.num_updates,
-        k_of_n=rnd.k_of_n,
-        participants=rnd.participants,
         reported=rnd.reported,
-        model_ref=rnd.model_ref,
-        timeout_s=rnd.timeout_s,
-        hyperparams=hyperparams_to_proto(rnd.hyperparams),
-        task_wasm_image=rnd.task_wasm_image,
-        started_at=rnd.started_at,
-        deadline=rnd.deadline,
-        completed_at=rnd.completed_at,
-        new_model_version=rnd.new_model_version or 0,
-        new_model_uri=rnd.new_model_uri,
-        failure_reason=rnd.failure_reason,
-        closed_by=rnd.closed_by,
         metrics=dict(rnd.metrics),
+        new_model_version=rnd.new_model_version or 0,
     )
 
 
@@ -92,23 +84,12 @@ def status_from_proto(msg: coordinator_pb2.RoundStatus) -> Round:
     """The round as its status shows it: everything `status_to_proto` sends, so the two
     round-trip; the base model's tensor specs are not part of a status (left empty)."""
     return Round(
-        round_id=msg.round_id,
-        experiment_id=msg.experiment_id,
+        **{name: getattr(msg, name) for name in _STATUS_SCALARS},
         participants=tuple(msg.participants),
-        k_of_n=msg.k_of_n,
-        timeout_s=msg.timeout_s,
-        model_ref=msg.model_ref,
-        specs=(),
         hyperparams=hyperparams_from_proto(msg.hyperparams),
-        task_wasm_image=msg.task_wasm_image,
+        specs=(),
         state=_STATE_OF[msg.state],
-        started_at=msg.started_at,
-        deadline=msg.deadline,
-        completed_at=msg.completed_at,
         reported=tuple(msg.reported),
         metrics=dict(msg.metrics),
         new_model_version=msg.new_model_version or None,
-        new_model_uri=msg.new_model_uri,
-        failure_reason=msg.failure_reason,
-        closed_by=msg.closed_by,
     )

@@ -43,22 +43,27 @@ def state_from_proto(value: int) -> TaskState | None:
         raise InvalidArgument(f"state: {value} is not a TaskState") from None
 
 
+# The Task fields the message carries as they are (the state is an enum on the wire).
+_TASK_FIELDS = (
+    "id",
+    "name",
+    "image_url",
+    "file",
+    "env",
+    "cli_args",
+    "proplet_id",
+    "results",
+    "error",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "finished_at",
+)
+
+
 def task_to_proto(task: Task) -> manager_pb2.Task:
     return manager_pb2.Task(
-        id=task.id,
-        name=task.name,
-        image_url=task.image_url,
-        file=task.file,
-        env=task.env,
-        cli_args=task.cli_args,
-        proplet_id=task.proplet_id,
-        state=state_to_proto(task.state),
-        results=task.results,
-        error=task.error,
-        created_at=task.created_at,
-        updated_at=task.updated_at,
-        started_at=task.started_at,
-        finished_at=task.finished_at,
+        **{name: getattr(task, name) for name in _TASK_FIELDS}, state=state_to_proto(task.state)
     )
 
 

@@ -22,6 +22,7 @@ from tests.manager.fakes import (
     WASM,
     FakeProplet,
     eventually,
+    experiment,
     fake_coordinator,
     mqtt_config,
     running_manager,
@@ -228,16 +229,6 @@ async def test_task_request_errors(broker: Mosquitto, topics: Topics) -> None:
 
 
 # --- experiments -----------------------------------------------------------------------
-
-
-def experiment(round_id: str, participants: list[str], **kw: Any) -> Any:
-    return manager_pb2.StartExperimentRequest(
-        round_id=round_id,
-        model_ref=kw.pop("model_ref", "fl/models/global_model_v0"),
-        participants=participants,
-        task_wasm_image=WASM,
-        **kw,
-    )
 
 
 async def test_experiment_configures_round_and_starts_one_task_per_participant(

@@ -18,8 +18,8 @@ from server.registry.app import RegistryApp, RegistryConfig
 from server.topics import Topics
 from tests.infra import Mosquitto
 from tests.manager.fakes import (
-    WASM,
     FakeProplet,
+    experiment,
     mqtt_config,
     running_manager,
     until_alive,
@@ -60,16 +60,6 @@ async def manager(broker: Mosquitto, topics: Topics) -> AsyncIterator[Services]:
             yield Services(m.stub, coordinator_pb2_grpc.CoordinatorStub(chan))
 
 
-def request(round_id: str, participants: list[str], **kw: Any) -> Any:
-    return manager_pb2.StartExperimentRequest(
-        round_id=round_id,
-        model_ref=kw.pop("model_ref", "fl/models/global_model_v0"),
-        participants=participants,
-        task_wasm_image=WASM,
-        **kw,
-    )
-
-
 async def test_round_runs_as_configured(
     broker: Mosquitto, topics: Topics, manager: Services
 ) -> None:
@@ -80,7 +70,7 @@ async def test_round_runs_as_configured(
         await until_alive(manager.stub, "p-1")
         await until_alive(manager.stub, "p-2")
         resp = await manager.stub.StartExperiment(
-            request(
+            experiment(
                 "r-1",
                 ["p-1", "p-2", "p-ghost"],
                 experiment_id="exp-1",
@@ -127,13 +117,13 @@ async def test_coordinator_refusals_keep_their_codes(
         await until_alive(manager.stub, "p-1")
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await manager.stub.StartExperiment(
-                request("r-2", ["p-1"], model_ref="fl/models/global_model_v5")
+                experiment("r-2", ["p-1"], model_ref="fl/models/global_model_v5")
             )
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND
 
-        await manager.stub.StartExperiment(request("r-3", ["p-1"]))
+        await manager.stub.StartExperiment(experiment("r-3", ["p-1"]))
         with pytest.raises(grpc.aio.AioRpcError) as exc:
-            await manager.stub.StartExperiment(request("r-3", ["p-1"], experiment_id="again"))
+            await manager.stub.StartExperiment(experiment("r-3", ["p-1"], experiment_id="again"))
         assert exc.value.code() == grpc.StatusCode.ALREADY_EXISTS
         listed = await manager.stub.ListTasks(manager_pb2.ListTasksRequest(name_prefix="fl-"))
         assert [t.name for t in listed.tasks] == ["fl-round-r-3-p-1"]
