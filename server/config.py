@@ -4,10 +4,13 @@ the dataclasses directly."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from server.topics import Topics
+
+N = TypeVar("N", int, float)
 
 
 def env_str(env: Mapping[str, str], key: str, default: str) -> str:
@@ -16,23 +19,23 @@ def env_str(env: Mapping[str, str], key: str, default: str) -> str:
 
 
 def env_int(env: Mapping[str, str], key: str, default: int) -> int:
-    raw = env.get(key, "")
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{key}: {raw!r} is not an integer") from None
+    return _env_number(env, key, default, int, "an integer")
 
 
 def env_float(env: Mapping[str, str], key: str, default: float) -> float:
+    return _env_number(env, key, default, float, "a number")
+
+
+def _env_number(
+    env: Mapping[str, str], key: str, default: N, parse: Callable[[str], N], what: str
+) -> N:
     raw = env.get(key, "")
     if not raw:
         return default
     try:
-        return float(raw)
+        return parse(raw)
     except ValueError:
-        raise ValueError(f"{key}: {raw!r} is not a number") from None
+        raise ValueError(f"{key}: {raw!r} is not {what}") from None
 
 
 def env_list(env: Mapping[str, str], key: str) -> list[str]:

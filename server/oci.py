@@ -14,6 +14,7 @@ the problem. The client is blocking (requests underneath): call it via `asyncio.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -137,14 +138,8 @@ class PushResult:
         return f"{self.image.rsplit(':', 1)[0]}@{self.manifest_digest}"
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "image": self.image,
-            "digest": self.digest,
-            "size": self.size,
-            "media_type": self.media_type,
-            "manifest_digest": self.manifest_digest,
-            "pinned": self.pinned,
-        }
+        """`wasm push --json`: the fields, then `pinned`."""
+        return {**dataclasses.asdict(self), "pinned": self.pinned}
 
 
 def registry_error(response: Any) -> str:

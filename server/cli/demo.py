@@ -133,20 +133,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "then a 0/1 label in the last column; split in row order into one shard per proplet"
         ),
     )
-    demo.add_argument(
-        "--plot",
-        type=Path,
-        default=Path(DEFAULT_PLOT),
-        metavar="FILE",
-        help=f"convergence plot to write ({DEFAULT_PLOT})",
-    )
-    demo.add_argument(
-        "--record",
-        type=Path,
-        default=Path(DEFAULT_RECORD),
-        metavar="FILE",
-        help=f"JSON record of the run to write ({DEFAULT_RECORD})",
-    )
+    for flag, default, what in (
+        ("--plot", DEFAULT_PLOT, "convergence plot"),
+        ("--record", DEFAULT_RECORD, "JSON record of the run"),
+    ):
+        demo.add_argument(
+            flag,
+            type=Path,
+            default=Path(default),
+            metavar="FILE",
+            help=f"{what} to write ({default})",
+        )
     add_trainer_flag(demo)
     demo.set_defaults(func=cmd_demo)
 

@@ -10,6 +10,7 @@ import socket
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 from server.cli.one_process import (
     DEFAULT_FEATURES,
@@ -96,7 +97,9 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
 
 @one_line_failure("up")
 async def cmd_up(args: argparse.Namespace) -> int:
-    check_ports_free(args.host, {name: getattr(args, f"{name}_port") for name in UP_PORTS})
+    ports: dict[str, int] = {name: getattr(args, f"{name}_port") for name in UP_PORTS}
+    check_ports_free(args.host, ports)
+    service_ports: dict[str, Any] = {f"{name}_port": ports[name] for name in ENDPOINTS}
     trainer = await locate_trainer(args.wasm)
     proplet_ids = tuple(str(uuid.uuid4()) for _ in range(args.proplets))
     stop = asyncio.Event()
@@ -107,13 +110,9 @@ async def cmd_up(args: argparse.Namespace) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="propeller-fl-up-") as work:
             config = StackConfig(
-                broker_port=args.mqtt_port,
+                broker_port=ports["mqtt"],
                 host=args.host,
-                manager_port=args.manager_port,
-                coordinator_port=args.coordinator_port,
-                aggregator_port=args.aggregator_port,
-                registry_port=args.registry_port,
-                datastore_port=args.datastore_port,
+                **service_ports,
                 seed_proplet_ids=proplet_ids,
                 num_samples=args.samples,
                 num_features=args.features,
