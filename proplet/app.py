@@ -42,7 +42,7 @@ from proplet.federated import (
     parse_update,
     summary,
 )
-from proplet.runner import CompiledModule, RunControl, WasmRuntime
+from proplet.runner import CompiledModule, Invocation, RunControl, WasmRuntime
 from server.messages import (
     COMPLETED,
     FAILED,
@@ -431,15 +431,10 @@ class Proplet:
         prepare_ms = (time.perf_counter() - t0) * 1000
         running.timings["fetch_ms"] = prepare_ms - running.timings.get("compile_ms", 0.0)
         env = inputs.env(start.env, self.proplet_id) if inputs is not None else dict(start.env)
+        invocation = Invocation([start.name or start.id, *start.cli_args], env, self.config.limits)
         t1 = time.perf_counter()
         try:
-            out = await self.runtime.run(
-                compiled,
-                argv=[start.name or start.id, *start.cli_args],
-                env=env,
-                limits=self.config.limits,
-                control=running.control,
-            )
+            out = await self.runtime.run(compiled, invocation, running.control)
         finally:
             running.timings["run_ms"] = (time.perf_counter() - t1) * 1000
         if fl is None or inputs is None:

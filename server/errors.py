@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -97,15 +97,34 @@ def from_rpc_error(err: grpc.aio.AioRpcError, what: str) -> PropellerError:
     return cls(f"{what}: {err.code().name}: {err.details()}")
 
 
+class RemoteError(PropellerError):
+    """A downstream call's own status, code (any code) and details as they came, for clients
+    that show or classify the server's answer rather than word it anew (the CLI prints
+    "NOT_FOUND: <details>"; the proplet retries UNAVAILABLE but never INTERNAL)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+
+
+def as_remote_error(err: grpc.aio.AioRpcError, what: str) -> PropellerError:
+    """A `translate` for `rpc_errors` that keeps the status as it came (`RemoteError`)."""
+    return RemoteError(err.code(), err.details() or "")
+
+
 @contextlib.contextmanager
-def rpc_errors(what: str) -> Iterator[None]:
+def rpc_errors(
+    what: str,
+    translate: Callable[[grpc.aio.AioRpcError, str], PropellerError] = from_rpc_error,
+) -> Iterator[None]:
     """`with rpc_errors("Coordinator.StartRound"): await stub.StartRound(...)` -- the client
     side of `grpc_errors`: a failed call inside leaves as our own error (`from_rpc_error`, its
-    status code kept), so callers handle one family of exceptions, never `AioRpcError`."""
+    status code kept, or what `translate` makes of it), so callers handle one family of
+    exceptions, never `AioRpcError`."""
     try:
         yield
     except grpc.aio.AioRpcError as err:
-        raise from_rpc_error(err, what) from None
+        raise translate(err, what) from None
 
 
 class grpc_errors:

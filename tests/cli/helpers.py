@@ -4,13 +4,12 @@ worker thread, since main() runs its own event loop) or as the installed console
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
 import shutil
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,11 +17,8 @@ from typing import Any, TypeVar
 import pytest
 import wasmtime
 
-from proplet.app import Proplet
-from proplet.config import PropletConfig
 from server.cli.main import main
-from server.config import Endpoints, MqttConfig
-from server.stack import Stack
+from server.config import Endpoints
 
 T = TypeVar("T")
 
@@ -144,30 +140,3 @@ def spin_wasm(path: Path) -> Path:
     wat = '(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))'
     path.write_bytes(wasmtime.wat2wasm(wat))
     return path
-
-
-@contextlib.asynccontextmanager
-async def proplets(
-    stack: Stack, mqtt: MqttConfig, ids: Sequence[str], work_dir: Path
-) -> AsyncIterator[None]:
-    """Real proplets on the test broker, pointed at the stack's services."""
-    async with contextlib.AsyncExitStack() as es:
-        for i, pid in enumerate(ids):
-            await es.enter_async_context(
-                Proplet(
-                    PropletConfig(
-                        proplet_id=pid,
-                        name=f"proplet-{i + 1}",
-                        mqtt=mqtt,
-                        endpoints=Endpoints(
-                            coordinator=stack.endpoints.coordinator,
-                            registry=stack.endpoints.registry,
-                            datastore=stack.endpoints.datastore,
-                        ),
-                        heartbeat_s=0.5,
-                        work_dir=work_dir / f"proplet-{i}",
-                        task_timeout_s=30,
-                    )
-                )
-            )
-        yield

@@ -15,7 +15,7 @@ import pytest
 
 from server.config import MqttConfig
 from server.stack import Stack, StackConfig
-from tests.cli.helpers import Cli, flags, proplets, table_rows
+from tests.cli.helpers import Cli, flags, table_rows
 from tests.infra import OciRegistry, eventually
 
 HYPER = {"epochs": 1, "lr": 0.01, "batch_size": 16}
@@ -35,10 +35,14 @@ async def fl(
 ) -> AsyncIterator[Fl]:
     """Stack + three proplets with seeded datasets, the trainer pushed with `wasm push`, v0."""
     ids = [str(uuid.uuid4()) for _ in range(3)]
-    async with (
-        Stack(StackConfig(mqtt=mqtt, seed_proplet_ids=tuple(ids))) as stack,
-        proplets(stack, mqtt, ids, tmp_path),
-    ):
+    config = StackConfig(
+        mqtt=mqtt,
+        seed_proplet_ids=tuple(ids),
+        proplet_ids=tuple(ids),
+        proplet_work_dir=tmp_path,
+        proplet_task_timeout_s=30,
+    )
+    async with Stack(config) as stack:
         f = flags(stack.endpoints)
         image = f"{registry.host}/fl-client-wasm:cli-{uuid.uuid4().hex[:6]}"
         (await cli("wasm", "push", str(trainer_wasm), "--image", image)).ok()

@@ -12,12 +12,11 @@ from pathlib import Path
 import oras.client
 
 from server.config import MqttConfig
-from server.stack import Stack
+from server.stack import Stack, proplets
 from tests.cli.helpers import (
     Cli,
     flags,
     hello_wasm,
-    proplets,
     spin_wasm,
     table_rows,
 )
@@ -84,7 +83,7 @@ async def test_proplets_and_ordinary_tasks(
     f = flags(stack.endpoints)
     pid = f"p-{uuid.uuid4().hex[:8]}"
     module = hello_wasm(tmp_path / "hello.wasm")
-    async with proplets(stack, mqtt, [pid], tmp_path):
+    async with proplets(stack.endpoints, mqtt, [pid], tmp_path, task_timeout_s=30, heartbeat_s=0.5):
         listed = await eventually(
             lambda: cli("proplets", "list", "--json", *f),
             lambda r: any(p["id"] == pid and p["alive"] for p in r.json()["proplets"]),
