@@ -36,7 +36,6 @@ class StackConfig:
     seed_proplet_ids: tuple[str, ...] = ()
     num_samples: int = 64
     num_features: int = 3
-    registry_dir: Path | None = None
     # Every service's durable state (manager.sqlite, coordinator.sqlite, registry.sqlite,
     # datastore.sqlite) in this directory; None keeps it all in memory.
     state_dir: Path | None = None
@@ -63,13 +62,7 @@ class Stack:
         cfg = self.config
         async with contextlib.AsyncExitStack() as stack:
             self.registry = await stack.enter_async_context(
-                RegistryApp(
-                    RegistryConfig(
-                        self._addr(cfg.registry_port),
-                        data_dir=cfg.registry_dir,
-                        state_dir=cfg.state_dir,
-                    )
-                )
+                RegistryApp(RegistryConfig(self._addr(cfg.registry_port), state_dir=cfg.state_dir))
             )
             registry = self._addr(
                 await stack.enter_async_context(

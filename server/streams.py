@@ -80,7 +80,9 @@ def update_header(meta: UpdateMeta, specs: list[Spec]) -> tensor_pb2.UpdateHeade
     )
 
 
-def _checked_total(specs: list[Spec], declared: int, field: str) -> int:
+def checked_total(specs: list[Spec], declared: int, field: str) -> int:
+    """The bytes `specs` need, once the header's `total_bytes` (0 = not given) agrees and the
+    size is one this server assembles in memory."""
     need = total_bytes(specs)
     if declared not in (0, need):
         raise InvalidArgument(f"{field}.total_bytes: {declared}, tensors need {need}")
@@ -89,7 +91,11 @@ def _checked_total(specs: list[Spec], declared: int, field: str) -> int:
     return need
 
 
-class _Buffer:
+class PayloadBuffer:
+    """The tensor bytes of one model or update as they arrive. It grows with the data actually
+    received, never to what a header merely claims (a few bytes of header must not make the
+    server allocate gigabytes), and refuses a byte more than `need`."""
+
     def __init__(self, need: int, field: str) -> None:
         self.buf = bytearray()
         self.need = need
@@ -100,7 +106,16 @@ class _Buffer:
             raise InvalidArgument(f"{self.field}: more tensor bytes than the header's {self.need}")
         self.buf += data
 
+    @property
+    def filled(self) -> int:
+        return len(self.buf)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.buf) == self.need
+
     def done(self, specs: list[Spec]) -> Tensors:
+        """The arrays (views onto the received bytes), once exactly `need` bytes arrived."""
         if len(self.buf) != self.need:
             raise InvalidArgument(
                 f"{self.field}: stream ended after {len(self.buf)} of {self.need} tensor bytes"
@@ -139,7 +154,7 @@ async def _read_stream(stream: AsyncIterable[Any], field: str) -> tuple[Any, Ten
 async def _assemble(stream: AsyncIterator[Any], field: str) -> tuple[Any, Tensors]:
     header: Any = None
     specs: list[Spec] = []
-    buf: _Buffer | None = None
+    buf: PayloadBuffer | None = None
     async for chunk in stream:
         kind = chunk.WhichOneof("part")
         if kind == "header":
@@ -149,7 +164,7 @@ async def _assemble(stream: AsyncIterator[Any], field: str) -> tuple[Any, Tensor
             specs = specs_from_proto(header.tensors, f"{field}.header.tensors")
             if not specs:
                 raise InvalidArgument(f"{field}.header.tensors: must list at least one tensor")
-            buf = _Buffer(_checked_total(specs, header.total_bytes, f"{field}.header"), field)
+            buf = PayloadBuffer(checked_total(specs, header.total_bytes, f"{field}.header"), field)
         elif kind == "data":
             if buf is None:
                 raise InvalidArgument(f"{field}: data chunk before the header")

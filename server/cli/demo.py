@@ -251,13 +251,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="synthetic feature count (3)",
     )
     up.add_argument(
-        "--registry-dir",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="keep model versions in this directory (default: in memory)",
-    )
-    up.add_argument(
         "--state-dir",
         type=Path,
         default=None,
@@ -448,7 +441,6 @@ async def one_process(
             seed_proplet_ids=stack_config.seed_proplet_ids,
             num_samples=stack_config.num_samples,
             num_features=stack_config.num_features,
-            registry_dir=stack_config.registry_dir,
             state_dir=stack_config.state_dir,
         )
         services = await stack.enter_async_context(Stack(config))
@@ -1140,7 +1132,6 @@ async def _up(args: argparse.Namespace) -> int:
                     seed_proplet_ids=tuple(proplet_ids),
                     num_samples=args.samples,
                     num_features=args.features,
-                    registry_dir=args.registry_dir,
                     state_dir=args.state_dir,
                 ),
                 proplet_ids=proplet_ids,

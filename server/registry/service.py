@@ -16,7 +16,7 @@ from server.models import parse_model_uri
 from server.registry.registry import ModelRegistry
 from server.registry.store import ModelInfo, StoredModel
 from server.streams import model_stream, read_model_stream
-from server.tensors import DEFAULT_CHUNK_SIZE, dtype_from_proto
+from server.tensors import DEFAULT_CHUNK_SIZE, dtype_from_proto, offload_if_big
 
 SERVICE_NAME = "propeller.v1.ModelRegistry"
 MAX_CHUNK_SIZE = 4 << 20
@@ -25,8 +25,6 @@ MAX_CHUNK_SIZE = 4 << 20
 # only models of at most this many bytes.
 CHUNK_CACHE_ENTRIES = 2
 CHUNK_CACHE_MAX_MODEL_BYTES = 256 << 20
-# Models up to this size are serialized on the event loop; bigger ones in a thread.
-_INLINE_BYTES = 256 << 10
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -89,13 +87,9 @@ class ChunkCache:
         key = (model.version, chunk_size)
         answer = self._answers.get(key)
         if answer is None:
-            if model.info.total_bytes <= _INLINE_BYTES:
-                chunks = serialized_chunks(model, chunk_size)
-                answer = asyncio.get_running_loop().create_task(_ready(chunks))
-            else:
-                answer = asyncio.create_task(
-                    asyncio.to_thread(serialized_chunks, model, chunk_size)
-                )
+            answer = asyncio.create_task(
+                offload_if_big(model.info.total_bytes, serialized_chunks, model, chunk_size)
+            )
             self._answers[key] = answer
             answer.add_done_callback(lambda t: self._forget(key, t))
             while len(self._answers) > self.entries:
@@ -108,10 +102,6 @@ class ChunkCache:
         """A failed serialization is not kept (its requesters got the error)."""
         if (task.cancelled() or task.exception() is not None) and self._answers.get(key) is task:
             del self._answers[key]
-
-
-async def _ready(chunks: list[bytes]) -> list[bytes]:
-    return chunks
 
 
 def _serialize_chunk(message: tensor_pb2.ModelChunk | bytes) -> bytes:
