@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from propeller.v1 import tensor_pb2
 from server.errors import InvalidArgument, PropellerError
@@ -23,6 +23,8 @@ from server.tensors import (
     split_payload,
     total_bytes,
 )
+
+H = TypeVar("H", tensor_pb2.ModelHeader, tensor_pb2.UpdateHeader)
 
 # Upper bound for one model or update assembled in memory (a guard against absurd headers).
 MAX_PAYLOAD_BYTES = 4 << 30
@@ -140,15 +142,19 @@ async def drain(stream: AsyncIterator[Any]) -> None:
             continue
 
 
-async def _read_stream(stream: AsyncIterable[Any], field: str) -> tuple[Any, Tensors]:
+async def _read_stream(
+    stream: AsyncIterable[Any], field: str, header_type: type[H]
+) -> tuple[H, Tensors]:
     """Shared reader for ModelChunk and UpdateChunk streams (same header/data shape); on a
     rejected stream it drains the rest before raising, so the client gets our status."""
     chunks = aiter(stream)
     try:
-        return await _assemble(chunks, field)
+        header, tensors = await _assemble(chunks, field)
     except PropellerError:
         await drain(chunks)
         raise
+    assert isinstance(header, header_type)
+    return header, tensors
 
 
 async def _assemble(stream: AsyncIterator[Any], field: str) -> tuple[Any, Tensors]:
@@ -179,14 +185,10 @@ async def _assemble(stream: AsyncIterator[Any], field: str) -> tuple[Any, Tensor
 async def read_model_stream(
     stream: AsyncIterable[tensor_pb2.ModelChunk], field: str = "model"
 ) -> tuple[tensor_pb2.ModelHeader, Tensors]:
-    header, tensors = await _read_stream(stream, field)
-    assert isinstance(header, tensor_pb2.ModelHeader)
-    return header, tensors
+    return await _read_stream(stream, field, tensor_pb2.ModelHeader)
 
 
 async def read_update_stream(
     stream: AsyncIterable[tensor_pb2.UpdateChunk], field: str = "update"
 ) -> tuple[tensor_pb2.UpdateHeader, Tensors]:
-    header, tensors = await _read_stream(stream, field)
-    assert isinstance(header, tensor_pb2.UpdateHeader)
-    return header, tensors
+    return await _read_stream(stream, field, tensor_pb2.UpdateHeader)

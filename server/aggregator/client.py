@@ -3,8 +3,8 @@
 The coordinator aggregates through it (`server.coordinator.clients`), and so do the tests.
 The call is driven with explicit writes rather than a request iterator, so an error raised
 while producing the updates (a caller's bug, a bad array) surfaces as itself instead of as a
-silently cancelled RPC. Updates are sent one at a time, so they may come from a lazy (also
-async) iterable that reads each one just before it is sent.
+silently cancelled RPC. Updates come from an async iterable and are sent one at a time, so
+each may be read just before it is sent.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class AggregatorClient:
     async def aggregate(
         self,
         round_id: str,
-        updates: Iterable[UpdateInput] | AsyncIterable[UpdateInput],
+        updates: AsyncIterable[UpdateInput],
         *,
         strategy: aggregator_pb2.Strategy = aggregator_pb2.STRATEGY_FEDAVG,
     ) -> tuple[Tensors, str]:
@@ -91,7 +91,7 @@ class AggregatorClient:
             with rpc_errors(METHOD):
                 try:
                     await call.write(stream_header(round_id, strategy))
-                    async for meta, tensors in _each(updates):
+                    async for meta, tensors in updates:
                         for request in update_requests(meta, tensors, self._chunk_size):
                             await call.write(request)
                         del tensors  # not held while the next update is read
@@ -113,19 +113,6 @@ class AggregatorClient:
                 f"{METHOD}: response sha256 {header.sha256} does not match its bytes ({digest})"
             )
         return result, digest
-
-
-async def _each(
-    updates: Iterable[UpdateInput] | AsyncIterable[UpdateInput],
-) -> AsyncIterator[UpdateInput]:
-    if isinstance(updates, AsyncIterable):
-        async for u in updates:
-            yield u
-            del u  # not held while the next one is read
-    else:
-        for u in updates:
-            yield u
-            del u
 
 
 async def _responses(call: Any) -> AsyncIterator[tensor_pb2.ModelChunk]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -17,7 +18,15 @@ import numpy as np
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from server.models import MAX_VERSION, model_uri
 from server.registry.store import ModelCorrupted, ModelInfo, ModelStore, StoredModel
-from server.tensors import Array, Tensors, check_finite, nbytes_of, offload_if_big, sha256_of
+from server.tensors import (
+    Array,
+    Tensors,
+    check_finite,
+    nbytes_of,
+    offload_if_big,
+    sha256_of,
+    specs_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +129,11 @@ class ModelRegistry:
         grace period ran out) the write, which goes on in the store's thread, stops before it
         commits: a version is stored only by a put that can still be acknowledged (bar the
         moment of the commit itself), and never torn either way."""
+        info = ModelInfo(version, digest, tuple(specs_of(tensors)), time.time())
         abandoned = threading.Event()
         try:
-            return await self.store.put(version, tensors, digest, abandoned=abandoned)
+            await self.store.put(info, tensors, abandoned)
+            return info
         except asyncio.CancelledError:
             abandoned.set()
             log.warning(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -60,18 +60,20 @@ def chunk_size_of(request: model_registry_pb2.GetModelRequest) -> int:
     return min(request.chunk_size, MAX_CHUNK_SIZE)
 
 
+def answer_chunks(model: StoredModel, chunk_size: int) -> Iterator[tensor_pb2.ModelChunk]:
+    """A version's GetModel answer: its header (with the stored sha256), then its bytes."""
+    return model_stream(
+        model.tensors,
+        chunk_size,
+        version=model.version,
+        model_uri=model.info.model_uri,
+        sha256=model.sha256,
+    )
+
+
 def serialized_chunks(model: StoredModel, chunk_size: int) -> list[bytes]:
     """A version's whole GetModel answer as serialized ModelChunk messages."""
-    return [
-        chunk.SerializeToString()
-        for chunk in model_stream(
-            model.tensors,
-            chunk_size,
-            version=model.version,
-            model_uri=model.info.model_uri,
-            sha256=model.sha256,
-        )
-    ]
+    return [chunk.SerializeToString() for chunk in answer_chunks(model, chunk_size)]
 
 
 class ChunkCache:
@@ -153,13 +155,7 @@ class ModelRegistryServicer:
             chunk_size = chunk_size_of(request)
             model = await self.registry.get_model(version)
             if model.info.total_bytes > CHUNK_CACHE_MAX_MODEL_BYTES:
-                for chunk in model_stream(
-                    model.tensors,
-                    chunk_size,
-                    version=model.version,
-                    model_uri=model.info.model_uri,
-                    sha256=model.sha256,
-                ):
+                for chunk in answer_chunks(model, chunk_size):
                     yield chunk
                 return
             # Serialized already (see `_serialize_chunk`): sent as they are.

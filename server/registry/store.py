@@ -18,12 +18,11 @@ import asyncio
 import logging
 import math
 import sqlite3
-import threading
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from threading import Event
 from typing import Protocol
 
 import numpy as np
@@ -38,7 +37,6 @@ from server.tensors import (
     nbytes_of,
     offload_if_big,
     specs_from_json,
-    specs_of,
     specs_to_json,
     total_bytes,
     verified_tensors,
@@ -100,18 +98,12 @@ class ModelStore(Protocol):
         """Metadata of a stored version without reading its bytes, or None."""
         ...
 
-    async def put(
-        self,
-        version: int,
-        tensors: Mapping[str, Array],
-        sha256: str,
-        *,
-        abandoned: threading.Event | None = None,
-    ) -> ModelInfo:
-        """Store a new version; AlreadyExists if that version is stored (it stays unchanged).
-        `sha256` is the hex digest of the tensors' concatenated bytes, computed by the caller.
-        Once `abandoned` is set (the caller gave up: its call was cancelled), a write still in
-        progress stops before it commits and raises WriteAbandoned, storing nothing."""
+    async def put(self, info: ModelInfo, tensors: Mapping[str, Array], abandoned: Event) -> None:
+        """Store `tensors` as the new version `info` describes (its sha256 is the digest of
+        the tensors' concatenated bytes, computed by the caller); AlreadyExists if that
+        version is stored (it stays unchanged). Once `abandoned` is set (the caller gave up:
+        its call was cancelled), a write still in progress stops before it commits and raises
+        WriteAbandoned, storing nothing."""
         ...
 
     async def versions(self) -> list[int]:
@@ -123,8 +115,8 @@ class WriteAbandoned(Exception):
     """A put stopped before committing because its caller gave up; nothing was stored."""
 
 
-def _check_abandoned(abandoned: threading.Event | None, version: int) -> None:
-    if abandoned is not None and abandoned.is_set():
+def _check_abandoned(abandoned: Event, version: int) -> None:
+    if abandoned.is_set():
         raise WriteAbandoned(f"version: {version} not stored: the call was abandoned")
 
 
@@ -157,22 +149,13 @@ class InMemoryModelStore:
         model = self._models.get(version)
         return None if model is None else model.info
 
-    async def put(
-        self,
-        version: int,
-        tensors: Mapping[str, Array],
-        sha256: str,
-        *,
-        abandoned: threading.Event | None = None,
-    ) -> ModelInfo:
+    async def put(self, info: ModelInfo, tensors: Mapping[str, Array], abandoned: Event) -> None:
         frozen = await offload_if_big(nbytes_of(tensors), _frozen_copy, tensors)
-        info = ModelInfo(version, sha256, tuple(specs_of(frozen)), time.time())
         # No await from here on: the check and the insert are one step.
-        if version in self._models:
-            raise _already_exists(version)
-        _check_abandoned(abandoned, version)
-        self._models[version] = StoredModel(info, frozen)
-        return info
+        if info.version in self._models:
+            raise _already_exists(info.version)
+        _check_abandoned(abandoned, info.version)
+        self._models[info.version] = StoredModel(info, frozen)
 
     async def versions(self) -> list[int]:
         return sorted(self._models)
@@ -259,20 +242,25 @@ class SqliteModelStore:
         )
         return [r[0] for r in rows]
 
-    async def info(self, version: int) -> ModelInfo | None:
+    async def _row(self, version: int, data: str) -> tuple[ModelInfo, object] | None:
+        """The version's row: its checked metadata and the column expression `data`."""
         row = await self.db.read(
             lambda c: c.execute(
-                "SELECT sha256, tensors, total_bytes, created_at, length(data) FROM models "
+                f"SELECT sha256, tensors, total_bytes, created_at, {data} FROM models "
                 "WHERE version = ?",
                 (version,),
             ).fetchone()
         )
+        return None if row is None else (self._info(version, row[:4]), row[4])
+
+    async def info(self, version: int) -> ModelInfo | None:
+        row = await self._row(version, "length(data)")
         if row is None:
             return None
-        info = self._info(version, row[:4])
-        if row[4] != info.total_bytes:
+        info, size = row
+        if size != info.total_bytes:
             raise ModelCorrupted(
-                f"version: {version} is corrupted in storage ({self.path.name} holds {row[4]} "
+                f"version: {version} is corrupted in storage ({self.path.name} holds {size} "
                 f"tensor bytes, its row promises {info.total_bytes})"
             )
         return info
@@ -284,17 +272,11 @@ class SqliteModelStore:
         return await self._reads.get(version)
 
     async def _load(self, version: int) -> StoredModel | None:
-        row = await self.db.read(
-            lambda c: c.execute(
-                "SELECT sha256, tensors, total_bytes, created_at, data FROM models "
-                "WHERE version = ?",
-                (version,),
-            ).fetchone()
-        )
+        row = await self._row(version, "data")
         if row is None:
             return None
-        info = self._info(version, row[:4])
-        payload: bytes = row[4]
+        info, payload = row
+        assert isinstance(payload, bytes)
         # Read-only arrays over the row's bytes: no second copy of the model. Hashing a big
         # model takes a while: in a worker thread, not the database's or the event loop's.
         tensors = await offload_if_big(
@@ -324,17 +306,10 @@ class SqliteModelStore:
             ) from None
         return info
 
-    async def put(
-        self,
-        version: int,
-        tensors: Mapping[str, Array],
-        sha256: str,
-        *,
-        abandoned: threading.Event | None = None,
-    ) -> ModelInfo:
+    async def put(self, info: ModelInfo, tensors: Mapping[str, Array], abandoned: Event) -> None:
+        version = info.version
         if version < 0:
             raise ValueError(f"version must be >= 0, got {version}")
-        info = ModelInfo(version, sha256, tuple(specs_of(tensors)), time.time())
         size = info.total_bytes
         if size > self.max_bytes:
             raise ResourceExhausted(
@@ -348,7 +323,7 @@ class SqliteModelStore:
                 conn.execute(
                     "INSERT INTO models (version, sha256, tensors, total_bytes, created_at, "
                     "data) VALUES (?, ?, ?, ?, ?, zeroblob(?))",
-                    (version, sha256, specs_to_json(info.specs), size, info.created_at, size),
+                    (version, info.sha256, specs_to_json(info.specs), size, info.created_at, size),
                 )
             except sqlite3.IntegrityError:
                 raise _already_exists(version) from None
@@ -368,7 +343,6 @@ class SqliteModelStore:
         log.info(
             "[ModelRegistry.store] stored version=%d bytes=%d in %s", version, size, self.path.name
         )
-        return info
 
 
 def _configure(conn: sqlite3.Connection) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,11 +25,12 @@ from server.registry.app import RegistryApp, RegistryConfig
 from server.registry.store import (
     REGISTRY_DB_FILE,
     InMemoryModelStore,
+    ModelInfo,
     SqliteModelStore,
     WriteAbandoned,
 )
 from server.streams import model_stream, read_model_stream
-from server.tensors import Tensors, sha256_of
+from server.tensors import Tensors, sha256_of, specs_of
 from tests.services.harness import RPC_TIMEOUT, served
 
 Stub = Any  # generated gRPC stubs carry no type information
@@ -43,6 +45,10 @@ async def registry(state_dir: Path | None) -> AsyncIterator[tuple[Stub, Registry
 
 def model(w: list[float], b: float, dtype: str = "<f8") -> Tensors:
     return {"w": np.asarray(w, dtype=dtype), "b": np.asarray(b, dtype=dtype)}
+
+
+def info(version: int, tensors: Tensors) -> ModelInfo:
+    return ModelInfo(version, sha256_of(tensors), tuple(specs_of(tensors)), time.time())
 
 
 async def put(stub: Stub, tensors: Tensors, version: int | None = None) -> Any:
@@ -120,9 +126,9 @@ async def test_two_stores_on_one_file_never_share_a_version(tmp_path: Path) -> N
     await b.open()
     try:
         first = model([1.0], 1.0)
-        await a.put(0, first, sha256_of(first))
+        await a.put(info(0, first), first, threading.Event())
         with pytest.raises(AlreadyExists, match="already exists"):
-            await b.put(0, model([2.0], 2.0), sha256_of(model([2.0], 2.0)))
+            await b.put(info(0, model([2.0], 2.0)), model([2.0], 2.0), threading.Event())
         stored = await b.get(0)
         assert stored is not None and same(dict(stored.tensors), first)
         assert await b.versions() == [0]
@@ -139,9 +145,9 @@ async def test_an_abandoned_write_stores_nothing(tmp_path: Path) -> None:
         gave_up = threading.Event()
         gave_up.set()
         with pytest.raises(WriteAbandoned):
-            await store.put(0, tensors, sha256_of(tensors), abandoned=gave_up)
+            await store.put(info(0, tensors), tensors, gave_up)
         assert await store.versions() == []
-        await store.put(0, tensors, sha256_of(tensors), abandoned=threading.Event())
+        await store.put(info(0, tensors), tensors, threading.Event())
         assert await store.versions() == [0]
     finally:
         await store.close()

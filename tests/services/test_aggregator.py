@@ -46,12 +46,17 @@ def model(w: list[float], b: float, dtype: str = "<f8") -> Tensors:
     return {"w": np.asarray(w, dtype=dtype), "b": np.asarray(b, dtype=dtype)}
 
 
+async def one_by_one(updates: Iterable[UpdateInput]) -> AsyncIterator[UpdateInput]:
+    for u in updates:
+        yield u
+
+
 async def aggregate_via(
     channel: grpc.aio.Channel, updates: Iterable[UpdateInput], round_id: str = "r1"
 ) -> Tensors:
     """The aggregate through the client the coordinator uses; its digest is the bytes'."""
     tensors, digest = await AggregatorClient(channel, timeout_s=RPC_TIMEOUT).aggregate(
-        round_id, updates
+        round_id, one_by_one(updates)
     )
     assert digest == sha256_of(tensors)
     return tensors
