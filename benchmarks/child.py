@@ -42,6 +42,7 @@ from server.coordinator.store import MemoryRoundStore, RoundStore, RoundUpdates,
 from server.errors import FailedPrecondition
 from server.grpc_server import serving
 from server.registry.app import RegistryApp, RegistryConfig
+from server.round_spec import RoundSpec
 from server.stack import Stack, StackConfig
 from server.tensors import GRPC_OPTIONS, Spec, Tensors
 from server.topics import Topics
@@ -173,13 +174,13 @@ async def run_ingest(args: Json) -> None:
     coordinator = Coordinator(store, backend, _nothing, Topics("bench", "fl"))
     try:
         for r in rounds:
-            cfg = R.round_config(
+            spec = RoundSpec(
                 round_id=r["round_id"],
-                participants=[f"p{i}" for i in range(int(r["participants"]))],
+                participants=tuple(f"p{i}" for i in range(int(r["participants"]))),
                 timeout_s=86400.0,
                 model_ref=r["model_ref"],
             )
-            await coordinator.configure(cfg, start=True)
+            await coordinator.configure(spec, start=True)
         async with serving("127.0.0.1:0", [coordinator_binding(coordinator)]) as port:
             write_line(sys.stdout, {"addr": f"127.0.0.1:{port}"})
             await stdin_closed()

@@ -188,25 +188,6 @@ class TaskResult:
 
 
 @dataclass(frozen=True)
-class RoundStart:
-    """`fl/rounds/start`: a round opened (carries k_of_n, timeout and deadline unchanged)."""
-
-    round_id: str
-    experiment_id: str
-    model_uri: str
-    task_wasm_image: str
-    participants: list[str]
-    hyperparams: dict[str, Any]
-    k_of_n: int
-    timeout_s: float
-    deadline: float
-    timestamp: float = field(default_factory=time.time)
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
-
-
-@dataclass(frozen=True)
 class RoundComplete:
     """`fl/rounds/next`: the round closed and produced a new model version."""
 

@@ -23,6 +23,7 @@ from server.coordinator.service import binding
 from server.coordinator.store import STATE_FILE, MemoryRoundStore, RoundStore, SqliteRoundStore
 from server.grpc_server import ServiceBinding, serve_until_signal
 from server.mqtt import MqttSession
+from server.round_spec import DEFAULT_TIMEOUT_S
 from server.tensors import GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class CoordinatorConfig:
     # Timeout of each call to the aggregator or the registry.
     rpc_timeout_s: float = 30.0
     # A round's timeout when its configuration says 0.
-    default_timeout_s: float = 60.0
+    default_timeout_s: float = DEFAULT_TIMEOUT_S
     # How often the deadline task looks for rounds whose deadline passed.
     tick_s: float = 0.2
     # Aggregation + registry write: attempts, the first backoff (doubling) between them, and

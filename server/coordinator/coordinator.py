@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from server.coordinator import rounds as R
-from server.coordinator.rounds import Round, RoundConfig, Update
+from server.coordinator.rounds import Round, Update
 from server.coordinator.store import RoundStore, RoundUpdates, update_headers
 from server.errors import (
     AlreadyExists,
@@ -28,6 +28,7 @@ from server.errors import (
     PropellerError,
 )
 from server.messages import RoundComplete
+from server.round_spec import DEFAULT_TIMEOUT_S, RoundSpec, validate, with_defaults
 from server.tensors import Spec, Tensors, nbytes_of, offload_if_big, sha256_of
 from server.topics import Topics
 
@@ -149,7 +150,7 @@ class Coordinator:
         publish: Publish,
         topics: Topics,
         *,
-        default_timeout_s: float = R.DEFAULT_TIMEOUT_S,
+        default_timeout_s: float = DEFAULT_TIMEOUT_S,
         retry: RetryPolicy | None = None,
         clock: Clock = time.time,
     ) -> None:
@@ -179,10 +180,12 @@ class Coordinator:
     async def list(self, experiment_id: str = "") -> list[Round]:
         return await self.store.list(experiment_id)
 
-    async def configure(self, cfg: RoundConfig, *, start: bool = False) -> Round:
-        """Create the round (resolving its base model in the registry), or return the existing
-        one when the same configuration arrives again. `start` opens it at once (also on a
-        repeat that finds it still PENDING)."""
+    async def configure(self, spec: RoundSpec, *, start: bool = False) -> Round:
+        """Check `spec` and create the round (its base model resolved in the registry, zeros
+        replaced by the defaults), or return the existing one when the same configuration
+        arrives again. `start` opens it at once (also on a repeat that finds it still
+        PENDING)."""
+        cfg = with_defaults(validate(spec), self.default_timeout_s)
         async with self._lock(cfg.round_id):
             rnd = await self.store.get(cfg.round_id)
             if rnd is not None:

@@ -28,8 +28,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from server.coordinator.rounds import Hyperparams, Round, RoundState, Update
+from server.coordinator.rounds import Round, RoundState, Update
 from server.errors import DataLoss, PropellerError, ResourceExhausted, Unavailable
+from server.round_spec import Hyperparams
 from server.sqlite import Database
 from server.tensors import (
     Spec,
@@ -195,7 +196,6 @@ class StateCorrupted(DataLoss):
 
 
 def _round_values(rnd: Round) -> tuple[Any, ...]:
-    hp = rnd.hyperparams
     return (
         rnd.round_id,
         rnd.experiment_id,
@@ -206,7 +206,7 @@ def _round_values(rnd: Round) -> tuple[Any, ...]:
         rnd.model_ref,
         rnd.requested_model_ref,
         specs_to_json(rnd.specs),
-        json.dumps({"epochs": hp.epochs, "lr": hp.lr, "batch_size": hp.batch_size}),
+        rnd.hyperparams.to_json(),
         rnd.task_wasm_image,
         rnd.configured_at,
         rnd.started_at,
@@ -223,7 +223,6 @@ def _round_values(rnd: Round) -> tuple[Any, ...]:
 
 def _round_from_row(row: Sequence[Any]) -> Round:
     v = dict(zip(_ROUND_COLUMNS, row, strict=True))
-    hp = json.loads(v["hyperparams"])
     return Round(
         round_id=v["round_id"],
         experiment_id=v["experiment_id"],
@@ -232,9 +231,7 @@ def _round_from_row(row: Sequence[Any]) -> Round:
         timeout_s=float(v["timeout_s"]),
         model_ref=v["model_ref"],
         specs=specs_from_json(v["specs"]),
-        hyperparams=Hyperparams(
-            epochs=int(hp["epochs"]), lr=float(hp["lr"]), batch_size=int(hp["batch_size"])
-        ),
+        hyperparams=Hyperparams.from_dict(json.loads(v["hyperparams"])),
         task_wasm_image=v["task_wasm_image"],
         requested_model_ref=v["requested_model_ref"],
         state=RoundState(v["state"]),

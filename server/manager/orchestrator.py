@@ -1,8 +1,8 @@
 """What the manager does with its state: react to proplet messages, start and stop tasks, and
 run an experiment's round from configuration to one started task per live participant.
 
-MQTT publishing and the coordinator are injected (`Publish`, `RoundService`), so this is
-testable with plain fakes; `ManagerApp` wires in the real ones.
+MQTT publishing and the coordinator are injected (`Publish`, `RoundService`, both in domain
+terms), so this is testable with plain fakes; `ManagerApp` wires in the real ones.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from propeller.v1 import coordinator_pb2
 from server.config import Endpoints
+from server.coordinator.rounds import Round
 from server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -25,17 +25,16 @@ from server.errors import (
 from server.manager.coordinator import RoundService
 from server.manager.experiments import (
     Experiment,
-    ExperimentConfig,
     ExperimentStore,
     ScheduledParticipant,
     effective_k_of_n,
     round_task_env,
     round_task_name,
-    validate,
 )
 from server.manager.proplets import Proplets, Skipped
 from server.manager.tasks import Task, Tasks
-from server.messages import PropletAnnounce, RoundStart, TaskResult
+from server.messages import PropletAnnounce, TaskResult
+from server.round_spec import RoundSpec, validate
 from server.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,7 @@ Publish = Callable[[str, bytes], Awaitable[None]]
 @dataclass(frozen=True)
 class ExperimentStarted:
     experiment: Experiment
-    round: coordinator_pb2.RoundStatus
+    round: Round
 
 
 class Manager:
@@ -137,13 +136,13 @@ class Manager:
     def list_experiments(self) -> list[Experiment]:
         return sorted(self.experiments.list(), key=lambda e: e.created_at)
 
-    async def get_round_status(self, round_id: str) -> coordinator_pb2.RoundStatus:
+    async def get_round_status(self, round_id: str) -> Round:
         if not round_id:
             raise InvalidArgument("round_id: must not be empty")
         return await self.rounds.get_round_status(round_id)
 
-    async def start_experiment(self, request: ExperimentConfig) -> ExperimentStarted:
-        config = validate(request)
+    async def start_experiment(self, request: RoundSpec) -> ExperimentStarted:
+        config = validate(request, experiment=True)
         eid = config.experiment_id
         if eid in self._starting or self.experiments.get(eid) is not None:
             raise AlreadyExists(f"experiment_id: {eid!r} already exists")
@@ -153,7 +152,7 @@ class Manager:
         finally:
             self._starting.discard(eid)
 
-    async def _start_experiment(self, config: ExperimentConfig) -> ExperimentStarted:
+    async def _start_experiment(self, config: RoundSpec) -> ExperimentStarted:
         n = len(config.participants)
         participants, skipped = self.proplets.split(config.participants)
         for s in skipped:
@@ -169,39 +168,18 @@ class Manager:
                 f"participants: none of the {n} participants is alive: {reasons}"
             )
 
-        hp = config.hyperparams
+        # The coordinator is given the scheduled participants only, and a k_of_n they can reach.
         await self.rounds.configure_round(
-            coordinator_pb2.ConfigureRoundRequest(
-                round_id=config.round_id,
-                experiment_id=config.experiment_id,
-                participants=participants,
+            replace(
+                config,
+                participants=tuple(participants),
                 k_of_n=effective_k_of_n(config.k_of_n, len(participants)),
-                timeout_s=config.timeout_s,
-                model_ref=config.model_ref,
-                hyperparams=coordinator_pb2.Hyperparams(
-                    epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size
-                ),
-                task_wasm_image=config.task_wasm_image,
-                start=False,
             )
         )
-        # The deadline counts from here, the moment the proplets are told about the round.
+        # The deadline counts from here, the moment the proplets are told about the round: it
+        # reaches each task as ROUND_DEADLINE, beside the HYPERPARAMS.
         status = await self.rounds.start_round(config.round_id)
         model_uri = status.model_ref or config.model_ref
-        await self.publish(
-            self.topics.round_start,
-            RoundStart(
-                round_id=config.round_id,
-                experiment_id=config.experiment_id,
-                model_uri=model_uri,
-                task_wasm_image=config.task_wasm_image,
-                participants=list(participants),
-                hyperparams=hp.to_dict(),
-                k_of_n=status.k_of_n,
-                timeout_s=status.timeout_s,
-                deadline=status.deadline,
-            ).to_json(),
-        )
 
         tasks = [
             self.tasks.create(
@@ -210,7 +188,7 @@ class Manager:
                 env=round_task_env(
                     round_id=config.round_id,
                     model_uri=model_uri,
-                    hyperparams=hp,
+                    hyperparams=config.hyperparams,
                     proplet_id=pid,
                     endpoints=self.task_endpoints,
                     deadline=status.deadline,

@@ -8,8 +8,9 @@ from typing import Any, TypeVar
 import grpc
 
 from propeller.v1 import coordinator_pb2, manager_pb2
+from server.coordinator.wire import spec_fields, spec_from_proto, status_to_proto
 from server.errors import InvalidArgument, grpc_errors
-from server.manager.experiments import Experiment, ExperimentConfig, Hyperparams
+from server.manager.experiments import Experiment
 from server.manager.orchestrator import Manager
 from server.manager.proplets import Proplet
 from server.manager.tasks import Task, TaskState
@@ -42,52 +43,27 @@ def state_from_proto(value: int) -> TaskState | None:
         raise InvalidArgument(f"state: {value} is not a TaskState") from None
 
 
+# The Task fields the message carries as they are (the state is an enum on the wire).
+_TASK_FIELDS = (
+    "id",
+    "name",
+    "image_url",
+    "file",
+    "env",
+    "cli_args",
+    "proplet_id",
+    "results",
+    "error",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "finished_at",
+)
+
+
 def task_to_proto(task: Task) -> manager_pb2.Task:
     return manager_pb2.Task(
-        id=task.id,
-        name=task.name,
-        image_url=task.image_url,
-        file=task.file,
-        env=task.env,
-        cli_args=task.cli_args,
-        proplet_id=task.proplet_id,
-        state=state_to_proto(task.state),
-        results=task.results,
-        error=task.error,
-        created_at=task.created_at,
-        updated_at=task.updated_at,
-        started_at=task.started_at,
-        finished_at=task.finished_at,
-    )
-
-
-def config_from_proto(req: manager_pb2.StartExperimentRequest) -> ExperimentConfig:
-    hp = req.hyperparams
-    return ExperimentConfig(
-        experiment_id=req.experiment_id,
-        round_id=req.round_id,
-        model_ref=req.model_ref,
-        participants=list(req.participants),
-        hyperparams=Hyperparams(epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size),
-        k_of_n=req.k_of_n,
-        timeout_s=req.timeout_s,
-        task_wasm_image=req.task_wasm_image,
-    )
-
-
-def config_to_proto(config: ExperimentConfig) -> manager_pb2.StartExperimentRequest:
-    hp = config.hyperparams
-    return manager_pb2.StartExperimentRequest(
-        experiment_id=config.experiment_id,
-        round_id=config.round_id,
-        model_ref=config.model_ref,
-        participants=config.participants,
-        hyperparams=coordinator_pb2.Hyperparams(
-            epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size
-        ),
-        k_of_n=config.k_of_n,
-        timeout_s=config.timeout_s,
-        task_wasm_image=config.task_wasm_image,
+        **{name: getattr(task, name) for name in _TASK_FIELDS}, state=state_to_proto(task.state)
     )
 
 
@@ -109,7 +85,7 @@ def _skipped(e: Experiment) -> list[manager_pb2.SkippedParticipant]:
 def experiment_to_proto(e: Experiment) -> manager_pb2.Experiment:
     return manager_pb2.Experiment(
         experiment_id=e.experiment_id,
-        config=config_to_proto(e.config),
+        config=manager_pb2.StartExperimentRequest(**spec_fields(e.config)),
         scheduled=_scheduled(e),
         skipped=_skipped(e),
         created_at=e.created_at,
@@ -150,13 +126,13 @@ class ManagerServicer:
         self, request: manager_pb2.StartExperimentRequest, context: Context
     ) -> manager_pb2.StartExperimentResponse:
         async with grpc_errors(context, "Manager.StartExperiment"):
-            started = await self.manager.start_experiment(config_from_proto(request))
+            started = await self.manager.start_experiment(spec_from_proto(request))
             e = started.experiment
             return await self._durable(
                 manager_pb2.StartExperimentResponse(
                     experiment_id=e.experiment_id,
                     round_id=e.config.round_id,
-                    round=started.round,
+                    round=status_to_proto(started.round),
                     scheduled=_scheduled(e),
                     skipped=_skipped(e),
                 )
@@ -184,7 +160,7 @@ class ManagerServicer:
         self, request: coordinator_pb2.GetRoundStatusRequest, context: Context
     ) -> coordinator_pb2.RoundStatus:
         async with grpc_errors(context, "Manager.GetRoundStatus"):
-            return await self.manager.get_round_status(request.round_id)
+            return status_to_proto(await self.manager.get_round_status(request.round_id))
 
     async def ListProplets(
         self, request: manager_pb2.ListPropletsRequest, context: Context

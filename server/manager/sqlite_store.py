@@ -20,14 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from server.manager.experiments import (
-    Experiment,
-    ExperimentConfig,
-    Hyperparams,
-    ScheduledParticipant,
-)
+from server.manager.experiments import Experiment, ScheduledParticipant
 from server.manager.proplets import Proplet, Skipped
 from server.manager.tasks import Task, TaskState
+from server.round_spec import RoundSpec
 from server.sqlite import Database
 
 log = logging.getLogger(__name__)
@@ -286,19 +282,9 @@ class SqliteExperimentStore(_Store):
 
 
 def experiment_to_json(e: Experiment) -> dict[str, Any]:
-    c = e.config
     return {
         "experiment_id": e.experiment_id,
-        "config": {
-            "experiment_id": c.experiment_id,
-            "round_id": c.round_id,
-            "model_ref": c.model_ref,
-            "participants": list(c.participants),
-            "hyperparams": c.hyperparams.to_dict(),
-            "k_of_n": c.k_of_n,
-            "timeout_s": c.timeout_s,
-            "task_wasm_image": c.task_wasm_image,
-        },
+        "config": e.config.to_dict(),
         "scheduled": [
             {"proplet_id": s.proplet_id, "task_id": s.task_id, "task_name": s.task_name}
             for s in e.scheduled
@@ -309,22 +295,9 @@ def experiment_to_json(e: Experiment) -> dict[str, Any]:
 
 
 def experiment_from_json(d: dict[str, Any]) -> Experiment:
-    c = d["config"]
-    hp = c["hyperparams"]
     return Experiment(
         experiment_id=str(d["experiment_id"]),
-        config=ExperimentConfig(
-            experiment_id=str(c["experiment_id"]),
-            round_id=str(c["round_id"]),
-            model_ref=str(c["model_ref"]),
-            participants=[str(p) for p in c["participants"]],
-            hyperparams=Hyperparams(
-                epochs=int(hp["epochs"]), lr=float(hp["lr"]), batch_size=int(hp["batch_size"])
-            ),
-            k_of_n=int(c["k_of_n"]),
-            timeout_s=float(c["timeout_s"]),
-            task_wasm_image=str(c["task_wasm_image"]),
-        ),
+        config=RoundSpec.from_dict(d["config"]),
         scheduled=[
             ScheduledParticipant(str(s["proplet_id"]), str(s["task_id"]), str(s["task_name"]))
             for s in d["scheduled"]

@@ -21,7 +21,7 @@ import pytest
 from server.coordinator import rounds as R
 from server.coordinator.app import CoordinatorConfig
 from server.coordinator.coordinator import Coordinator, RetryPolicy
-from server.coordinator.rounds import Hyperparams, Round, RoundState, Update
+from server.coordinator.rounds import Round, RoundState, Update
 from server.coordinator.store import (
     STATE_FILE,
     SqliteRoundStore,
@@ -29,6 +29,7 @@ from server.coordinator.store import (
     StoredUpdates,
 )
 from server.errors import Unavailable
+from server.round_spec import Hyperparams, RoundSpec, validate, with_defaults
 from server.tensors import Spec, sha256_of
 from server.topics import Topics
 from tests.coordinator.helpers import Clock, MemoryBackend, fedavg, make_update
@@ -63,14 +64,14 @@ async def reopen(store: SqliteRoundStore) -> SqliteRoundStore:
 
 
 def new_round(round_id: str = "r1", experiment_id: str = "", **kw: Any) -> Round:
-    cfg = R.round_config(
+    spec = RoundSpec(
         round_id=round_id,
         experiment_id=experiment_id,
-        participants=["a", "b", "c"],
+        participants=("a", "b", "c"),
         timeout_s=10.0,
         **kw,
     )
-    return R.new_round(cfg, BASE, SPECS, 100.0)
+    return R.new_round(with_defaults(validate(spec)), BASE, SPECS, 100.0)
 
 
 def raw(path: Path, sql: str, *args: Any) -> list[Any]:
@@ -159,7 +160,7 @@ async def test_the_deadline_is_stored_as_absolute_wall_time(
 
 def mixed_round() -> Round:
     specs = (Spec("w", np.dtype("<f4"), (2, 3)), Spec("b", np.dtype("<f8"), ()))
-    cfg = R.round_config(round_id="r1", participants=["a", "b", "c"], timeout_s=10.0)
+    cfg = with_defaults(validate(RoundSpec("r1", ("a", "b", "c"), timeout_s=10.0)))
     return R.start_round(R.new_round(cfg, BASE, specs, 1.0), 2.0)
 
 
@@ -343,10 +344,10 @@ UPDATES = [
 ]
 
 
-def config(round_id: str, k_of_n: int = 3) -> R.RoundConfig:
-    return R.round_config(
+def config(round_id: str, k_of_n: int = 3) -> RoundSpec:
+    return RoundSpec(
         round_id=round_id,
-        participants=["a", "b", "c"],
+        participants=("a", "b", "c"),
         k_of_n=k_of_n,
         timeout_s=10,
         model_ref=BASE,

@@ -46,7 +46,8 @@ from server.config import Endpoints, MqttConfig
 from server.coordinator.app import CoordinatorApp, CoordinatorConfig
 from server.datastore.app import DataStoreApp, DataStoreConfig
 from server.grpc_server import serving
-from server.manager.experiments import Hyperparams, round_task_env
+from server.manager.experiments import round_task_env
+from server.round_spec import Hyperparams
 from server.stack import Stack, StackConfig
 from server.topics import Topics
 from tests.infra import Mosquitto, eventually, free_port
