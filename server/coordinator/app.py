@@ -144,7 +144,8 @@ class CoordinatorApp:
         async with AsyncExitStack() as stack:
             if self._store is None:
                 assert cfg.state_file is not None
-                sqlite_store = await asyncio.to_thread(SqliteRoundStore, cfg.state_file)
+                sqlite_store = SqliteRoundStore(cfg.state_file)
+                await sqlite_store.open()
                 self._store = sqlite_store
                 # Closed last: after the coordinator's tasks are cancelled and awaited.
                 stack.push_async_callback(self._close_store, sqlite_store)
@@ -184,7 +185,7 @@ class CoordinatorApp:
         return self
 
     async def _close_store(self, store: SqliteRoundStore) -> None:
-        await asyncio.to_thread(store.close)
+        await store.close()
         if self._store is store:
             self._store = None
 

@@ -13,13 +13,13 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from server.coordinator import rounds as R
 from server.coordinator.rounds import Round, Update
-from server.coordinator.store import RoundStore, update_headers
+from server.coordinator.store import RoundStore, RoundUpdates, update_headers
 from server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -29,7 +29,7 @@ from server.errors import (
 )
 from server.messages import RoundComplete
 from server.round_spec import DEFAULT_TIMEOUT_S, RoundSpec, validate, with_defaults
-from server.tensors import Array, Spec, Tensors, sha256_of
+from server.tensors import Spec, Tensors, nbytes_of, offload_if_big, sha256_of
 from server.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,6 @@ T = TypeVar("T")
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 Clock = Callable[[], float]
-
-# Array work on at most this many bytes runs on the event loop: handing it to a thread and back
-# costs more (two GIL hand-offs, each up to the 5 ms switch interval when the loop is busy).
-INLINE_BYTES = 256 << 10
 
 # Downstream errors that another attempt cannot fix.
 _PERMANENT: tuple[type[PropellerError], ...] = (
@@ -60,8 +56,9 @@ class ModelBackend(Protocol):
         NotFound if there is none."""
         ...
 
-    async def aggregate(self, round_id: str, updates: Sequence[Update]) -> Tensors:
-        """Combine the updates into one model."""
+    async def aggregate(self, round_id: str, updates: RoundUpdates) -> tuple[Tensors, str]:
+        """Combine the updates into one model; returns it with the sha256 of its bytes (in
+        the returned order), which the backend has verified."""
         ...
 
     async def put(self, tensors: Tensors, sha256: str) -> tuple[int, str]:
@@ -232,10 +229,7 @@ class Coordinator:
         rnd = await self.get(round_id)
         if self._admit(rnd, update.proplet_id):
             return Submitted(rnd, duplicate=True)
-        if _nbytes(update.tensors) <= INLINE_BYTES:
-            update = R.validate_update(rnd, update)
-        else:
-            update = await asyncio.to_thread(R.validate_update, rnd, update)
+        update = await offload_if_big(nbytes_of(update.tensors), R.validate_update, rnd, update)
         async with self._lock(round_id):
             rnd = await self.get(round_id)
             if self._admit(rnd, update.proplet_id):
@@ -375,20 +369,19 @@ class Coordinator:
         # exactly the same bytes (and the same sha256) as the first attempt.
         updates = await self.store.updates(round_id)
         try:
-            tensors = await self._with_retry(
+            aggregated, sha = await self._with_retry(
                 "aggregate", round_id, lambda _n: self.backend.aggregate(round_id, updates)
             )
-            if _nbytes(tensors) <= INLINE_BYTES:
-                tensors = R.check_tensors(rnd.specs, tensors, "aggregate")
-            else:
-                tensors = await asyncio.to_thread(R.check_tensors, rnd.specs, tensors, "aggregate")
+            nbytes = nbytes_of(aggregated)
+            tensors = await offload_if_big(
+                nbytes, R.check_tensors, rnd.specs, aggregated, "aggregate"
+            )
         except PropellerError as exc:
             await self._fail(round_id, f"aggregation failed: {exc}")
             return
-        if _nbytes(tensors) <= INLINE_BYTES:
-            sha = sha256_of(tensors)
-        else:
-            sha = await asyncio.to_thread(sha256_of, tensors)
+        if list(tensors) != list(aggregated):
+            # Put into the base model's order: other bytes, so another digest.
+            sha = await offload_if_big(nbytes, sha256_of, tensors)
 
         async def store_once(attempt: int) -> tuple[int, str]:
             # A retry, or a round resumed after a restart, may follow a write that landed
@@ -516,10 +509,6 @@ class Coordinator:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-def _nbytes(tensors: Mapping[str, Array]) -> int:
-    return sum(int(a.nbytes) for a in tensors.values())
 
 
 async def _to_the_end(aw: Awaitable[None]) -> None:

@@ -83,9 +83,9 @@ class DataStoreApp:
         if self._given is not None:
             store: DatasetStore = self._given
         elif self.config.state_dir is not None:
-            store = self._sqlite = await SqliteDatasetStore.open(
-                self.config.state_dir / DATASTORE_DB_FILE
-            )
+            sqlite = SqliteDatasetStore(self.config.state_dir / DATASTORE_DB_FILE)
+            await sqlite.open()
+            store = self._sqlite = sqlite
         else:
             store = InMemoryDatasetStore()
         try:

@@ -92,12 +92,13 @@ class ManagerDatabase:
         self.experiments = SqliteExperimentStore(self)
 
     async def open(self) -> None:
-        db = await asyncio.to_thread(Database, self.path, SCHEMA)
+        db = Database(self.path, SCHEMA)
+        await db.open()
         try:
             await db.write(_migrate)
             proplets, tasks, experiments = await db.read(_load_all)
         except BaseException:
-            await asyncio.to_thread(db.close)
+            await db.close()
             raise
         self.proplets._records = {p.id: p for p in proplets}
         self.tasks._records = {t.id: t for t in tasks}
@@ -118,21 +119,16 @@ class ManagerDatabase:
         try:
             await self._wait_pending()
         finally:
-            await asyncio.to_thread(db.close)
+            await db.close()
 
     def submit(self, write: Write) -> None:
         """Commit `write` on the database thread, after every write submitted before it."""
         db = self._db
         if db is None:
             raise RuntimeError(f"{self.path}: the manager's state is not open")
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            db.write_sync(write)  # no event loop (a synchronous caller): just write
-            return
         # Tasks start in creation order and each hands its write to the one database thread
         # at once, so writes commit in the order they were submitted.
-        future = asyncio.ensure_future(db.write(write))
+        future = asyncio.get_running_loop().create_task(db.write(write))
         self._pending.append(future)
         future.add_done_callback(self._written)
 
