@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from server.config import Endpoints
 from server.manager.proplets import Skipped
+from server.manager.records import InMemoryStore, RecordStore
 from server.round_spec import Hyperparams, RoundSpec
 
 
@@ -66,27 +66,12 @@ class Experiment:
     skipped: Sequence[Skipped]
     created_at: float
 
-
-class ExperimentStore(Protocol):
-    """Where experiment records live: in memory, or manager.sqlite (`sqlite_store`). `list`
-    is in creation order."""
-
-    def get(self, experiment_id: str) -> Experiment | None: ...
-
-    def put(self, experiment: Experiment) -> None: ...
-
-    def list(self) -> list[Experiment]: ...
+    @property
+    def key(self) -> str:
+        return self.experiment_id
 
 
-class InMemoryExperimentStore:
-    def __init__(self) -> None:
-        self._experiments: dict[str, Experiment] = {}
-
-    def get(self, experiment_id: str) -> Experiment | None:
-        return self._experiments.get(experiment_id)
-
-    def put(self, experiment: Experiment) -> None:
-        self._experiments[experiment.experiment_id] = experiment
-
-    def list(self) -> list[Experiment]:
-        return list(self._experiments.values())
+# Where experiment records live: in memory, or manager.sqlite (`sqlite_store`); `list` is
+# in creation order.
+ExperimentStore = RecordStore[Experiment]
+InMemoryExperimentStore = InMemoryStore[Experiment]

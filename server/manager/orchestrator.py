@@ -19,7 +19,6 @@ from server.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     Unavailable,
 )
 from server.manager.coordinator import RoundService
@@ -32,6 +31,7 @@ from server.manager.experiments import (
     round_task_name,
 )
 from server.manager.proplets import Proplets, Skipped
+from server.manager.records import require
 from server.manager.tasks import Task, Tasks
 from server.messages import PropletAnnounce, TaskResult
 from server.round_spec import RoundSpec, validate
@@ -128,10 +128,7 @@ class Manager:
     # --- experiments ---------------------------------------------------------------------
 
     def get_experiment(self, experiment_id: str) -> Experiment:
-        experiment = self.experiments.get(experiment_id)
-        if experiment is None:
-            raise NotFound(f"experiment_id: no experiment {experiment_id!r}")
-        return experiment
+        return require(self.experiments, experiment_id, "experiment")
 
     def list_experiments(self) -> list[Experiment]:
         return sorted(self.experiments.list(), key=lambda e: e.created_at)

@@ -3,8 +3,9 @@
 
 The domain code (`Proplets`, `Tasks`, `Manager`) reads and writes its stores synchronously, so
 these stores keep every record in memory as well (loaded once when the file is opened): reads
-never touch the disk. A `put` updates that copy and hands the row to the database thread
-(`server.sqlite.Database`, one transaction per put, in call order) without waiting.
+never touch the disk. A `put` updates that copy and hands its write (a new row, or the
+columns that changed) to the database thread (`server.sqlite.Database`, one transaction per
+put, in call order) without waiting.
 `flush()` waits until every write handed over so far is committed; the servicer awaits it
 before answering and the MQTT handler after each message, so whatever a client has been told
 has reached the disk, and the event loop never blocks on it.
@@ -17,11 +18,13 @@ import json
 import logging
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from server.manager.experiments import Experiment, ScheduledParticipant
 from server.manager.proplets import Proplet, Skipped
+from server.manager.records import InMemoryStore, Keyed
 from server.manager.tasks import Task, TaskState
 from server.round_spec import RoundSpec
 from server.sqlite import Database
@@ -64,6 +67,7 @@ SCHEMA = [
 ]
 
 Write = Callable[[sqlite3.Connection], None]
+T = TypeVar("T", bound=Keyed)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -87,29 +91,27 @@ class ManagerDatabase:
         self._db: Database | None = None
         self._pending: list[asyncio.Future[None]] = []
         self._failure: BaseException | None = None
-        self.proplets = SqlitePropletStore(self)
-        self.tasks = SqliteTaskStore(self)
-        self.experiments = SqliteExperimentStore(self)
+        self.proplets = TableStore(self, PROPLETS)
+        self.tasks = TableStore(self, TASKS)
+        self.experiments = TableStore(self, EXPERIMENTS)
 
     async def open(self) -> None:
         db = Database(self.path, SCHEMA)
         await db.open()
+        stores: tuple[TableStore[Any], ...] = (self.proplets, self.tasks, self.experiments)
         try:
             await db.write(_migrate)
-            proplets, tasks, experiments = await db.read(_load_all)
+            loaded = await db.read(lambda conn: [s.table.load(conn) for s in stores])
         except BaseException:
             await db.close()
             raise
-        self.proplets._records = {p.id: p for p in proplets}
-        self.tasks._records = {t.id: t for t in tasks}
-        self.experiments._records = {e.experiment_id: e for e in experiments}
+        for store, records in zip(stores, loaded, strict=True):
+            store.loaded(records)
         self._db = db
         log.info(
-            "[Manager.state] path=%s proplets=%d tasks=%d experiments=%d",
+            "[Manager.state] path=%s %s",
             self.path,
-            len(proplets),
-            len(tasks),
-            len(experiments),
+            " ".join(f"{s.table.name}={len(r)}" for s, r in zip(stores, loaded, strict=True)),
         )
 
     async def close(self) -> None:
@@ -155,130 +157,160 @@ class ManagerDatabase:
         await self._wait_pending()
 
 
-class _Store:
-    def __init__(self, owner: ManagerDatabase) -> None:
+# --- tables ---------------------------------------------------------------------------------
+
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Table(Generic[T]):
+    """One table of manager.sqlite: its columns (the first is the key, `id`) and how a record
+    becomes a row (values in column order) and back. Rows are read in insertion order, so
+    `list` keeps the records' creation order across restarts."""
+
+    name: str
+    columns: tuple[str, ...]
+    to_row: Callable[[T], Row]
+    from_row: Callable[[Row], T]
+
+    def load(self, conn: sqlite3.Connection) -> list[T]:
+        sql = f"SELECT {', '.join(self.columns)} FROM {self.name} ORDER BY rowid"
+        return [self.from_row(tuple(row)) for row in conn.execute(sql)]
+
+    def write(self, record: T, previous: T | None) -> Write | None:
+        """The write that stores `record` over `previous` (the record as stored, None for a
+        new one): the whole row for a new record, else only the columns whose value changed
+        (a task's inline module is written once, not with every change of state); None when
+        nothing changed."""
+        row = self.to_row(record)
+        if previous is None:
+            sql = f"INSERT INTO {self.name} ({', '.join(self.columns)}) VALUES ({_marks(row)})"
+            values = row
+        else:
+            old = self.to_row(previous)
+            changed = [i for i in range(1, len(row)) if row[i] != old[i]]
+            if not changed:
+                return None
+            sets = ", ".join(f"{self.columns[i]} = ?" for i in changed)
+            sql = f"UPDATE {self.name} SET {sets} WHERE {self.columns[0]} = ?"
+            values = (*(row[i] for i in changed), row[0])
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(sql, values)
+
+        return write
+
+
+def _marks(row: Row) -> str:
+    return ", ".join("?" * len(row))
+
+
+class TableStore(InMemoryStore[T]):
+    """A table's records, all in memory (loaded when the file is opened); a `put` also hands
+    its write to the database thread without waiting (`ManagerDatabase.flush` waits)."""
+
+    def __init__(self, owner: ManagerDatabase, table: Table[T]) -> None:
+        super().__init__()
         self._owner = owner
-        self._records: dict[str, Any] = {}
+        self.table = table
 
+    def loaded(self, records: list[T]) -> None:
+        """Take the records read from the file (in creation order)."""
+        self._records = {r.key: r for r in records}
 
-class SqlitePropletStore(_Store):
-    def get(self, proplet_id: str) -> Proplet | None:
-        proplet: Proplet | None = self._records.get(proplet_id)
-        return proplet
-
-    def put(self, proplet: Proplet) -> None:
-        row = (
-            proplet.id,
-            proplet.name,
-            json.dumps(proplet.metadata),
-            proplet.last_seen,
-            proplet.registered_at,
-        )
-
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO proplets (id, name, metadata, last_seen, registered_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET name = excluded.name, "
-                "metadata = excluded.metadata, last_seen = excluded.last_seen, "
-                "registered_at = excluded.registered_at",
-                row,
-            )
-
-        self._owner.submit(write)
-        self._records[proplet.id] = proplet
-
-    def list(self) -> list[Proplet]:
-        return list(self._records.values())
-
-
-_TASK_COLUMNS = (
-    "id, name, image_url, env, cli_args, proplet_id, state, results, error, "
-    "created_at, updated_at, started_at, finished_at, reported_by, attempt"
-)
-
-
-class SqliteTaskStore(_Store):
-    """Tasks; `list` is in creation order (the rows' insertion order)."""
-
-    def get(self, task_id: str) -> Task | None:
-        task: Task | None = self._records.get(task_id)
-        return task
-
-    def put(self, task: Task) -> None:
-        previous: Task | None = self._records.get(task.id)
-        row = (
-            task.id,
-            task.name,
-            task.image_url,
-            json.dumps(task.env),
-            json.dumps(task.cli_args),
-            task.proplet_id,
-            task.state.value,
-            task.results,
-            task.error,
-            task.created_at,
-            task.updated_at,
-            task.started_at,
-            task.finished_at,
-            task.reported_by,
-            task.attempt,
-        )
-        # The inline module never changes after creation: rewrite it only when it does.
-        file = None if previous is not None and previous.file == task.file else task.file
-
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                f"INSERT INTO tasks ({_TASK_COLUMNS}, file) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET name = excluded.name, "
-                "image_url = excluded.image_url, env = excluded.env, "
-                "cli_args = excluded.cli_args, proplet_id = excluded.proplet_id, "
-                "state = excluded.state, results = excluded.results, error = excluded.error, "
-                "created_at = excluded.created_at, updated_at = excluded.updated_at, "
-                "started_at = excluded.started_at, finished_at = excluded.finished_at, "
-                "reported_by = excluded.reported_by, attempt = excluded.attempt",
-                (*row, file if file is not None else b""),
-            )
-            if file is not None and previous is not None:
-                conn.execute("UPDATE tasks SET file = ? WHERE id = ?", (file, task.id))
-
-        self._owner.submit(write)
-        self._records[task.id] = task
-
-    def list(self) -> list[Task]:
-        return list(self._records.values())
-
-
-class SqliteExperimentStore(_Store):
-    """Experiments; `list` is in creation order."""
-
-    def get(self, experiment_id: str) -> Experiment | None:
-        experiment: Experiment | None = self._records.get(experiment_id)
-        return experiment
-
-    def put(self, experiment: Experiment) -> None:
-        row = (
-            experiment.experiment_id,
-            json.dumps(experiment_to_json(experiment)),
-            experiment.created_at,
-        )
-
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO experiments (id, record, created_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET record = excluded.record, "
-                "created_at = excluded.created_at",
-                row,
-            )
-
-        self._owner.submit(write)
-        self._records[experiment.experiment_id] = experiment
-
-    def list(self) -> list[Experiment]:
-        return list(self._records.values())
+    def put(self, record: T) -> None:
+        write = self.table.write(record, self.get(record.key))
+        if write is not None:
+            self._owner.submit(write)
+        super().put(record)
 
 
 # --- rows <-> records -----------------------------------------------------------------------
+
+
+def _str_map(text: str) -> dict[str, str]:
+    return {str(k): str(v) for k, v in json.loads(text).items()}
+
+
+PROPLETS = Table[Proplet](
+    "proplets",
+    ("id", "name", "metadata", "last_seen", "registered_at"),
+    to_row=lambda p: (p.id, p.name, json.dumps(p.metadata), p.last_seen, p.registered_at),
+    from_row=lambda row: Proplet(
+        id=row[0],
+        name=row[1],
+        metadata=_str_map(row[2]),
+        last_seen=float(row[3]),
+        registered_at=float(row[4]),
+    ),
+)
+
+
+def _task_row(t: Task) -> Row:
+    return (
+        t.id,
+        t.name,
+        t.image_url,
+        t.file,
+        json.dumps(t.env),
+        json.dumps(t.cli_args),
+        t.proplet_id,
+        t.state.value,
+        t.results,
+        t.error,
+        t.created_at,
+        t.updated_at,
+        t.started_at,
+        t.finished_at,
+        t.reported_by,
+        t.attempt,
+    )
+
+
+def _task(row: Row) -> Task:
+    return Task(
+        id=row[0],
+        name=row[1],
+        image_url=row[2],
+        file=bytes(row[3]),
+        env=_str_map(row[4]),
+        cli_args=[str(a) for a in json.loads(row[5])],
+        proplet_id=row[6],
+        state=TaskState(row[7]),
+        results=row[8],
+        error=row[9],
+        created_at=float(row[10]),
+        updated_at=float(row[11]),
+        started_at=float(row[12]),
+        finished_at=float(row[13]),
+        reported_by=row[14],
+        attempt=int(row[15]),
+    )
+
+
+TASKS = Table[Task](
+    "tasks",
+    (
+        "id",
+        "name",
+        "image_url",
+        "file",
+        "env",
+        "cli_args",
+        "proplet_id",
+        "state",
+        "results",
+        "error",
+        "created_at",
+        "updated_at",
+        "started_at",
+        "finished_at",
+        "reported_by",
+        "attempt",
+    ),
+    to_row=_task_row,
+    from_row=_task,
+)
 
 
 def experiment_to_json(e: Experiment) -> dict[str, Any]:
@@ -307,44 +339,10 @@ def experiment_from_json(d: dict[str, Any]) -> Experiment:
     )
 
 
-def _load_all(
-    conn: sqlite3.Connection,
-) -> tuple[list[Proplet], list[Task], list[Experiment]]:
-    proplets = [
-        Proplet(
-            id=row[0],
-            name=row[1],
-            metadata={str(k): str(v) for k, v in json.loads(row[2]).items()},
-            last_seen=float(row[3]),
-            registered_at=float(row[4]),
-        )
-        for row in conn.execute(
-            "SELECT id, name, metadata, last_seen, registered_at FROM proplets ORDER BY rowid"
-        )
-    ]
-    tasks = [
-        Task(
-            id=row[0],
-            name=row[1],
-            image_url=row[2],
-            env={str(k): str(v) for k, v in json.loads(row[3]).items()},
-            cli_args=[str(a) for a in json.loads(row[4])],
-            proplet_id=row[5],
-            state=TaskState(row[6]),
-            results=row[7],
-            error=row[8],
-            created_at=float(row[9]),
-            updated_at=float(row[10]),
-            started_at=float(row[11]),
-            finished_at=float(row[12]),
-            reported_by=row[13],
-            attempt=int(row[14]),
-            file=bytes(row[15]),
-        )
-        for row in conn.execute(f"SELECT {_TASK_COLUMNS}, file FROM tasks ORDER BY rowid")
-    ]
-    experiments = [
-        experiment_from_json(json.loads(row[0]))
-        for row in conn.execute("SELECT record FROM experiments ORDER BY rowid")
-    ]
-    return proplets, tasks, experiments
+# An experiment is one JSON document (with its creation time beside it, for reading by eye).
+EXPERIMENTS = Table[Experiment](
+    "experiments",
+    ("id", "record", "created_at"),
+    to_row=lambda e: (e.experiment_id, json.dumps(experiment_to_json(e)), e.created_at),
+    from_row=lambda row: experiment_from_json(json.loads(row[1])),
+)
