@@ -63,16 +63,11 @@ class DataLoss(PropellerError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+# A downstream status back to our error: every class above, by its own `code`, so the two
+# directions cannot disagree and a new class maps both ways. (`RemoteError`, defined below,
+# is not one of them: it keeps whatever status came.)
 _FROM_GRPC: dict[grpc.StatusCode, type[PropellerError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.DATA_LOSS: DataLoss,
+    cls.code: cls for cls in PropellerError.__subclasses__()
 }
 
 

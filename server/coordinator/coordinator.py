@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections import Counter
@@ -71,7 +72,9 @@ class ModelBackend(Protocol):
         ...
 
 
-class EventType:
+class EventType(enum.Enum):
+    """What a watcher is told (`Coordinator.watch`): the round as it is, then each change."""
+
     SNAPSHOT = "snapshot"
     STARTED = "started"
     UPDATE_ACCEPTED = "update_accepted"
@@ -85,7 +88,7 @@ _TERMINAL_EVENTS = frozenset({EventType.COMPLETED, EventType.FAILED})
 
 @dataclass(frozen=True)
 class Event:
-    type: str
+    type: EventType
     round: Round
     timestamp: float
     proplet_id: str = ""
@@ -462,7 +465,7 @@ class Coordinator:
 
     # ---- events ------------------------------------------------------------------------
 
-    def _emit(self, kind: str, rnd: Round, proplet_id: str = "") -> None:
+    def _emit(self, kind: EventType, rnd: Round, proplet_id: str = "") -> None:
         if rnd.state is not R.RoundState.OPEN:
             self._members.pop(rnd.round_id, None)  # closed: no more updates to look up
         event = Event(kind, rnd, self.clock(), proplet_id)

@@ -22,7 +22,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 SERVICE_NAME: str = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
-_EVENTS: dict[str, coordinator_pb2.RoundEventType] = {
+_EVENTS: dict[EventType, coordinator_pb2.RoundEventType] = {
     EventType.SNAPSHOT: coordinator_pb2.ROUND_EVENT_TYPE_SNAPSHOT,
     EventType.STARTED: coordinator_pb2.ROUND_EVENT_TYPE_STARTED,
     EventType.UPDATE_ACCEPTED: coordinator_pb2.ROUND_EVENT_TYPE_UPDATE_ACCEPTED,

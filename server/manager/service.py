@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import fields
 from typing import Any, TypeVar
 
 import grpc
@@ -14,6 +15,7 @@ from server.manager.experiments import Experiment
 from server.manager.orchestrator import Manager
 from server.manager.proplets import Proplet
 from server.manager.tasks import Task, TaskState
+from server.messages import TaskSpec
 
 Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
@@ -43,15 +45,10 @@ def state_from_proto(value: int) -> TaskState | None:
         raise InvalidArgument(f"state: {value} is not a TaskState") from None
 
 
-# The Task fields the message carries as they are (the state is an enum on the wire).
+# The Task fields the message carries as they are: what the task runs (its `TaskSpec`), its
+# outcome and its times (the state is an enum on the wire).
 _TASK_FIELDS = (
-    "id",
-    "name",
-    "image_url",
-    "file",
-    "env",
-    "cli_args",
-    "proplet_id",
+    *(f.name for f in fields(TaskSpec)),
     "results",
     "error",
     "created_at",

@@ -18,7 +18,7 @@ import json
 import logging
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -184,7 +184,8 @@ class Table(Generic[T]):
         nothing changed."""
         row = self.to_row(record)
         if previous is None:
-            sql = f"INSERT INTO {self.name} ({', '.join(self.columns)}) VALUES ({_marks(row)})"
+            marks = ", ".join("?" * len(row))
+            sql = f"INSERT INTO {self.name} ({', '.join(self.columns)}) VALUES ({marks})"
             values = row
         else:
             old = self.to_row(previous)
@@ -199,10 +200,6 @@ class Table(Generic[T]):
             conn.execute(sql, values)
 
         return write
-
-
-def _marks(row: Row) -> str:
-    return ", ".join("?" * len(row))
 
 
 class TableStore(InMemoryStore[T]):
@@ -228,88 +225,44 @@ class TableStore(InMemoryStore[T]):
 # --- rows <-> records -----------------------------------------------------------------------
 
 
+# How a field that is not stored as it is goes into its column and comes back.
+Codec = tuple[Callable[[Any], Any], Callable[[Any], Any]]
+
+
 def _str_map(text: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in json.loads(text).items()}
 
 
-PROPLETS = Table[Proplet](
-    "proplets",
-    ("id", "name", "metadata", "last_seen", "registered_at"),
-    to_row=lambda p: (p.id, p.name, json.dumps(p.metadata), p.last_seen, p.registered_at),
-    from_row=lambda row: Proplet(
-        id=row[0],
-        name=row[1],
-        metadata=_str_map(row[2]),
-        last_seen=float(row[3]),
-        registered_at=float(row[4]),
-    ),
-)
+def _str_list(text: str) -> list[str]:
+    return [str(a) for a in json.loads(text)]
 
 
-def _task_row(t: Task) -> Row:
-    return (
-        t.id,
-        t.name,
-        t.image_url,
-        t.file,
-        json.dumps(t.env),
-        json.dumps(t.cli_args),
-        t.proplet_id,
-        t.state.value,
-        t.results,
-        t.error,
-        t.created_at,
-        t.updated_at,
-        t.started_at,
-        t.finished_at,
-        t.reported_by,
-        t.attempt,
-    )
+STR_MAP: Codec = (json.dumps, _str_map)
+STR_LIST: Codec = (json.dumps, _str_list)
 
 
-def _task(row: Row) -> Task:
-    return Task(
-        id=row[0],
-        name=row[1],
-        image_url=row[2],
-        file=bytes(row[3]),
-        env=_str_map(row[4]),
-        cli_args=[str(a) for a in json.loads(row[5])],
-        proplet_id=row[6],
-        state=TaskState(row[7]),
-        results=row[8],
-        error=row[9],
-        created_at=float(row[10]),
-        updated_at=float(row[11]),
-        started_at=float(row[12]),
-        finished_at=float(row[13]),
-        reported_by=row[14],
-        attempt=int(row[15]),
-    )
+def field_table(name: str, cls: type[T], codecs: dict[str, Codec]) -> Table[T]:
+    """The table `name` with one column per field of the dataclass `cls`, by the same name:
+    the value as it is, or through its codec. A field added to `cls` without its column (see
+    `_migrate`) fails at once (no such column) instead of going unsaved."""
+    columns = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+    plain: Codec = (lambda v: v, lambda v: v)
+    coding = [(c, *codecs.get(c, plain)) for c in columns]
+
+    def to_row(record: T) -> Row:
+        return tuple(encode(getattr(record, c)) for c, encode, _ in coding)
+
+    def from_row(row: Row) -> T:
+        return cls(**{c: decode(v) for (c, _, decode), v in zip(coding, row, strict=True)})
+
+    return Table(name, columns, to_row, from_row)
 
 
-TASKS = Table[Task](
+PROPLETS = field_table("proplets", Proplet, {"metadata": STR_MAP})
+TASKS = field_table(
     "tasks",
-    (
-        "id",
-        "name",
-        "image_url",
-        "file",
-        "env",
-        "cli_args",
-        "proplet_id",
-        "state",
-        "results",
-        "error",
-        "created_at",
-        "updated_at",
-        "started_at",
-        "finished_at",
-        "reported_by",
-        "attempt",
-    ),
-    to_row=_task_row,
-    from_row=_task,
+    Task,
+    {"env": STR_MAP, "cli_args": STR_LIST, "state": (lambda s: s.value, TaskState)},
 )
 
 
