@@ -73,17 +73,15 @@ class ModelBackend(Protocol):
 
 
 class EventType(enum.Enum):
-    """What a watcher is told (`Coordinator.watch`): the round as it is, then each change."""
+    """What a watcher is told (`Coordinator.watch`): the round as it is, then each change.
+    Only the servicer's proto mapping gives these a form outside the process."""
 
-    SNAPSHOT = "snapshot"
-    STARTED = "started"
-    UPDATE_ACCEPTED = "update_accepted"
-    AGGREGATING = "aggregating"
-    COMPLETED = "completed"
-    FAILED = "failed"
-
-
-_TERMINAL_EVENTS = frozenset({EventType.COMPLETED, EventType.FAILED})
+    SNAPSHOT = enum.auto()
+    STARTED = enum.auto()
+    UPDATE_ACCEPTED = enum.auto()
+    AGGREGATING = enum.auto()
+    COMPLETED = enum.auto()
+    FAILED = enum.auto()
 
 
 @dataclass(frozen=True)
@@ -488,7 +486,7 @@ class Coordinator:
             while True:
                 event = await queue.get()
                 yield event
-                if event.type in _TERMINAL_EVENTS:
+                if event.round.finished:  # COMPLETED or FAILED: nothing follows
                     return
         finally:
             watchers = self._watchers.get(round_id)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from server.config import Endpoints
 from server.coordinator.rounds import Round
@@ -48,30 +48,19 @@ class ExperimentStarted:
     round: Round
 
 
+@dataclass(kw_only=True, eq=False)
 class Manager:
-    def __init__(
-        self,
-        *,
-        proplets: Proplets,
-        tasks: Tasks,
-        experiments: ExperimentStore,
-        rounds: RoundService,
-        publish: Publish,
-        topics: Topics,
-        task_endpoints: Endpoints,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.proplets = proplets
-        self.tasks = tasks
-        self.experiments = experiments
-        self.rounds = rounds
-        self.publish = publish
-        self.topics = topics
-        self.task_endpoints = task_endpoints
-        self.clock = clock
-        # Experiment ids whose StartExperiment is in flight, so two concurrent calls with one
-        # id cannot both pass the existence check while the first awaits the coordinator.
-        self._starting: set[str] = set()
+    proplets: Proplets
+    tasks: Tasks
+    experiments: ExperimentStore
+    rounds: RoundService
+    publish: Publish
+    topics: Topics
+    task_endpoints: Endpoints
+    clock: Callable[[], float] = time.time
+    # Experiment ids whose StartExperiment is in flight, so two concurrent calls with one
+    # id cannot both pass the existence check while the first awaits the coordinator.
+    _starting: set[str] = field(default_factory=set, init=False, repr=False)
 
     # --- MQTT intake ---------------------------------------------------------------------
 

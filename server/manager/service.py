@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import fields
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
@@ -18,7 +19,6 @@ from server.manager.tasks import Task, TaskState
 from server.messages import TaskSpec
 
 Context = grpc.aio.ServicerContext[Any, Any]
-T = TypeVar("T")
 _TO_PROTO: dict[TaskState, manager_pb2.TaskState] = {
     TaskState.PENDING: manager_pb2.TASK_STATE_PENDING,
     TaskState.SCHEDULED: manager_pb2.TASK_STATE_SCHEDULED,
@@ -103,9 +103,13 @@ class ManagerServicer:
         self.manager = manager
         self.persisted = persisted or _nothing_pending
 
-    async def _durable(self, reply: T) -> T:
-        await self.persisted()
-        return reply
+    @contextlib.asynccontextmanager
+    async def _answering(self, context: Context, method: str) -> AsyncIterator[None]:
+        """`grpc_errors` for a method whose answer must be on disk before it leaves: once the
+        body has its reply, wait for `persisted()` (a failure there is INTERNAL)."""
+        async with grpc_errors(context, method):
+            yield
+            await self.persisted()
 
     def _proplet(self, p: Proplet) -> manager_pb2.Proplet:
         proplets = self.manager.proplets
@@ -122,35 +126,29 @@ class ManagerServicer:
     async def StartExperiment(
         self, request: manager_pb2.StartExperimentRequest, context: Context
     ) -> manager_pb2.StartExperimentResponse:
-        async with grpc_errors(context, "Manager.StartExperiment"):
+        async with self._answering(context, "Manager.StartExperiment"):
             started = await self.manager.start_experiment(spec_from_proto(request))
             e = started.experiment
-            return await self._durable(
-                manager_pb2.StartExperimentResponse(
-                    experiment_id=e.experiment_id,
-                    round_id=e.config.round_id,
-                    round=status_to_proto(started.round),
-                    scheduled=_scheduled(e),
-                    skipped=_skipped(e),
-                )
+            return manager_pb2.StartExperimentResponse(
+                experiment_id=e.experiment_id,
+                round_id=e.config.round_id,
+                round=status_to_proto(started.round),
+                scheduled=_scheduled(e),
+                skipped=_skipped(e),
             )
 
     async def GetExperiment(
         self, request: manager_pb2.GetExperimentRequest, context: Context
     ) -> manager_pb2.Experiment:
-        async with grpc_errors(context, "Manager.GetExperiment"):
-            return await self._durable(
-                experiment_to_proto(self.manager.get_experiment(request.experiment_id))
-            )
+        async with self._answering(context, "Manager.GetExperiment"):
+            return experiment_to_proto(self.manager.get_experiment(request.experiment_id))
 
     async def ListExperiments(
         self, request: manager_pb2.ListExperimentsRequest, context: Context
     ) -> manager_pb2.ListExperimentsResponse:
-        async with grpc_errors(context, "Manager.ListExperiments"):
-            return await self._durable(
-                manager_pb2.ListExperimentsResponse(
-                    experiments=[experiment_to_proto(e) for e in self.manager.list_experiments()]
-                )
+        async with self._answering(context, "Manager.ListExperiments"):
+            return manager_pb2.ListExperimentsResponse(
+                experiments=[experiment_to_proto(e) for e in self.manager.list_experiments()]
             )
 
     async def GetRoundStatus(
@@ -162,23 +160,21 @@ class ManagerServicer:
     async def ListProplets(
         self, request: manager_pb2.ListPropletsRequest, context: Context
     ) -> manager_pb2.ListPropletsResponse:
-        async with grpc_errors(context, "Manager.ListProplets"):
-            return await self._durable(
-                manager_pb2.ListPropletsResponse(
-                    proplets=[self._proplet(p) for p in self.manager.proplets.all()]
-                )
+        async with self._answering(context, "Manager.ListProplets"):
+            return manager_pb2.ListPropletsResponse(
+                proplets=[self._proplet(p) for p in self.manager.proplets.all()]
             )
 
     async def GetProplet(
         self, request: manager_pb2.GetPropletRequest, context: Context
     ) -> manager_pb2.Proplet:
-        async with grpc_errors(context, "Manager.GetProplet"):
-            return await self._durable(self._proplet(self.manager.proplets.get(request.proplet_id)))
+        async with self._answering(context, "Manager.GetProplet"):
+            return self._proplet(self.manager.proplets.get(request.proplet_id))
 
     async def CreateTask(
         self, request: manager_pb2.CreateTaskRequest, context: Context
     ) -> manager_pb2.Task:
-        async with grpc_errors(context, "Manager.CreateTask"):
+        async with self._answering(context, "Manager.CreateTask"):
             task = self.manager.tasks.create(
                 request.name,
                 image_url=request.image_url,
@@ -187,31 +183,27 @@ class ManagerServicer:
                 cli_args=list(request.cli_args),
                 proplet_id=request.proplet_id,
             )
-            return await self._durable(task_to_proto(task))
+            return task_to_proto(task)
 
     async def StartTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
-        async with grpc_errors(context, "Manager.StartTask"):
-            return await self._durable(
-                task_to_proto(await self.manager.start_task(request.task_id))
-            )
+        async with self._answering(context, "Manager.StartTask"):
+            return task_to_proto(await self.manager.start_task(request.task_id))
 
     async def StopTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
-        async with grpc_errors(context, "Manager.StopTask"):
-            return await self._durable(task_to_proto(await self.manager.stop_task(request.task_id)))
+        async with self._answering(context, "Manager.StopTask"):
+            return task_to_proto(await self.manager.stop_task(request.task_id))
 
     async def GetTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
-        async with grpc_errors(context, "Manager.GetTask"):
-            return await self._durable(task_to_proto(self.manager.tasks.get(request.task_id)))
+        async with self._answering(context, "Manager.GetTask"):
+            return task_to_proto(self.manager.tasks.get(request.task_id))
 
     async def ListTasks(
         self, request: manager_pb2.ListTasksRequest, context: Context
     ) -> manager_pb2.ListTasksResponse:
-        async with grpc_errors(context, "Manager.ListTasks"):
+        async with self._answering(context, "Manager.ListTasks"):
             tasks = self.manager.tasks.find(
                 name_prefix=request.name_prefix,
                 proplet_id=request.proplet_id,
                 state=state_from_proto(request.state),
             )
-            return await self._durable(
-                manager_pb2.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])
-            )
+            return manager_pb2.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])
