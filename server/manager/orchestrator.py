@@ -50,6 +50,9 @@ class ExperimentStarted:
 
 @dataclass(kw_only=True, eq=False)
 class Manager:
+    """The manager's behaviour over its stores; what it talks to is given as fields, so a
+    test builds it from plain fakes."""
+
     proplets: Proplets
     tasks: Tasks
     experiments: ExperimentStore
