@@ -9,9 +9,9 @@ which releases exactly what was opened so far and then propagates. What must hap
 exit is registered last.
 
 Background tasks go on the same stack rather than in an `asyncio.TaskGroup`: a task group waits
-for its tasks at exit instead of cancelling them, and binds to the task that entered it (which
-it cancels when a child fails: not the one that exits it when a fixture's set-up and tear-down
-run in different tasks). On the stack a task's cancellation also takes its place in the order:
+for its tasks at exit instead of cancelling them, and it cancels the task that entered it when
+a child fails, which is not the task that exits it when a test fixture's set-up and tear-down
+run in different tasks. On the stack a task's cancellation also takes its place in the order:
 the coordinator's deadline task stops before its round store closes.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Coroutine, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import replace
@@ -55,7 +56,8 @@ class Lifecycle:
     _closing = False
 
     async def _open(self, stack: AsyncExitStack) -> None:
-        raise NotImplementedError
+        """Open what the thing owns, registering each release on `stack` (default: nothing,
+        as for the stateless aggregator)."""
 
     async def __aenter__(self) -> Self:
         self._closing = False
@@ -105,13 +107,13 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
         )
 
 
-class ServiceApp(Lifecycle):
+class ServiceApp(Lifecycle, ABC):
     """A service's app: owns its state, background tasks and MQTT sessions between entry and
     exit, and its `bindings` (valid inside the block) go on any gRPC server."""
 
     @property
-    def bindings(self) -> list[ServiceBinding]:
-        raise NotImplementedError
+    @abstractmethod
+    def bindings(self) -> list[ServiceBinding]: ...
 
 
 def state_dir_from_env(env: Mapping[str, str]) -> Path | None:

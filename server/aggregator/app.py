@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Mapping
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 from server.aggregator.service import binding
@@ -34,9 +33,6 @@ class AggregatorApp(ServiceApp):
     @property
     def bindings(self) -> list[ServiceBinding]:
         return self._bindings
-
-    async def _open(self, stack: AsyncExitStack) -> None:
-        return None
 
 
 async def main() -> None:
