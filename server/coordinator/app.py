@@ -116,8 +116,10 @@ class CoordinatorApp(ServiceApp):
 
     @property
     def store(self) -> RoundStore:
-        """The round store (a SQLite one opens on entry)."""
-        return self._entered(self._store)
+        """The round store: a given or memory one at any time, a SQLite one inside the block."""
+        if self._store is None:
+            raise RuntimeError("CoordinatorApp: its state file opens on entry")
+        return self._store
 
     @property
     def coordinator(self) -> Coordinator:
