@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import socket
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 from amqtt.broker import Broker
@@ -25,6 +25,7 @@ from amqtt.errors import BrokerError
 from amqtt.plugins.base import BaseAuthPlugin
 
 from server.config import MqttConfig
+from server.lifecycle import Lifecycle
 from server.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class AdmitAllAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is unty
 _AUTH_PLUGIN = f"{AdmitAllAuthPlugin.__module__}.{AdmitAllAuthPlugin.__qualname__}"
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(Lifecycle):
     """Async context manager: `async with EmbeddedBroker() as b: b.mqtt_config()`."""
 
     def __init__(
@@ -99,7 +100,7 @@ class EmbeddedBroker:
                     f"mqtt: cannot listen on {self.address}: {exc.strerror or exc}"
                 ) from None
 
-    async def __aenter__(self) -> EmbeddedBroker:
+    async def _open(self, stack: AsyncExitStack) -> None:
         self._check_free()
         broker = Broker(self._config())
         try:
@@ -108,14 +109,10 @@ class EmbeddedBroker:
             # Usually the port is taken; say so as an OSError like any failed bind.
             cause = exc.__cause__ or exc
             raise OSError(f"mqtt: cannot listen on {self.address}: {cause}") from None
-        try:
-            self.port = self._bound_port(broker)
-        except BaseException:
-            await broker.shutdown()
-            raise
+        stack.push_async_callback(self._shutdown, broker)
+        self.port = self._bound_port(broker)
         self._broker = broker
         log.info("[mqtt] embedded broker listening on %s", self.address)
-        return self
 
     def _bound_port(self, broker: Broker) -> int:
         if self.requested_port:
@@ -129,13 +126,7 @@ class EmbeddedBroker:
                 return int(name[1])
         raise RuntimeError("embedded broker: cannot tell which port it bound")
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        broker, self._broker = self._broker, None
-        if broker is not None:
-            await broker.shutdown()
-            log.info("[mqtt] embedded broker on %s stopped", self.address)
+    async def _shutdown(self, broker: Broker) -> None:
+        self._broker = None
+        await broker.shutdown()
+        log.info("[mqtt] embedded broker on %s stopped", self.address)

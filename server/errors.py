@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -134,12 +133,7 @@ class grpc_errors:
     async def __aenter__(self) -> None:
         return None
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if exc is None or isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError):
             return
         if isinstance(exc, PropellerError):

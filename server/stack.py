@@ -18,8 +18,6 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Protocol
 
 from propeller.v1 import manager_pb2, manager_pb2_grpc
 from proplet.app import Proplet
@@ -31,7 +29,8 @@ from server.coordinator.app import CoordinatorApp, CoordinatorConfig
 from server.datastore.app import DataStoreApp, DataStoreConfig
 from server.embedded_broker import EmbeddedBroker
 from server.errors import Unavailable, rpc_errors
-from server.grpc_server import ServiceBinding, channel, serving
+from server.grpc_server import channel, serving
+from server.lifecycle import Lifecycle, ServiceApp
 from server.manager.app import ManagerApp, ManagerConfig
 from server.registry.app import RegistryApp, RegistryConfig
 
@@ -70,24 +69,7 @@ class StackConfig:
     proplet_task_timeout_s: float = 300.0
 
 
-class _App(Protocol):
-    """What the stack needs of a service's app: an async context manager with bindings."""
-
-    @property
-    def bindings(self) -> list[ServiceBinding]: ...
-
-    async def __aenter__(self) -> object: ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-        /,
-    ) -> None: ...
-
-
-class Stack:
+class Stack(Lifecycle):
     """Async context manager; `endpoints` (and `mqtt`, the broker in use) hold the bound
     addresses once entered."""
 
@@ -101,101 +83,90 @@ class Stack:
         self.registry: RegistryApp | None = None
         self.datastore: DataStoreApp | None = None
         self.proplets: list[Proplet] = []
-        self._stack: contextlib.AsyncExitStack | None = None
 
     def _addr(self, port: int) -> str:
         return f"{self.config.host}:{port}"
 
-    async def _serve(self, stack: contextlib.AsyncExitStack, app: _App, port: int) -> str:
+    async def _serve(self, stack: contextlib.AsyncExitStack, app: ServiceApp, port: int) -> str:
         """Start `app` and its gRPC server; the address it listens on."""
         await stack.enter_async_context(app)
         bound = await stack.enter_async_context(serving(self._addr(port), app.bindings))
         return self._addr(bound)
 
-    async def __aenter__(self) -> Stack:
+    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         cfg = self.config
-        async with contextlib.AsyncExitStack() as stack:
-            if cfg.broker_port is not None:
-                self.broker = await stack.enter_async_context(
-                    EmbeddedBroker(cfg.host, cfg.broker_port)
+        if cfg.broker_port is not None:
+            self.broker = await stack.enter_async_context(EmbeddedBroker(cfg.host, cfg.broker_port))
+            self.mqtt = self.broker.mqtt_config(cfg.mqtt.topics)
+        self.registry = RegistryApp(
+            RegistryConfig(self._addr(cfg.registry_port), state_dir=cfg.state_dir)
+        )
+        registry = await self._serve(stack, self.registry, cfg.registry_port)
+        self.datastore = DataStoreApp(
+            DataStoreConfig(
+                self._addr(cfg.datastore_port),
+                seed_proplet_ids=cfg.seed_proplet_ids,
+                num_samples=cfg.num_samples,
+                num_features=cfg.num_features,
+                state_dir=cfg.state_dir,
+            )
+        )
+        datastore = await self._serve(stack, self.datastore, cfg.datastore_port)
+        aggregator = await self._serve(
+            stack,
+            AggregatorApp(AggregatorConfig(self._addr(cfg.aggregator_port))),
+            cfg.aggregator_port,
+        )
+        self.coordinator = CoordinatorApp(
+            CoordinatorConfig(
+                addr=self._addr(cfg.coordinator_port),
+                aggregator_addr=aggregator,
+                registry_addr=registry,
+                mqtt=self.mqtt,
+                tick_s=cfg.coordinator_tick_s,
+                state_dir=cfg.state_dir,
+            )
+        )
+        coordinator = await self._serve(stack, self.coordinator, cfg.coordinator_port)
+        services = Endpoints(
+            manager=self._addr(cfg.manager_port),
+            coordinator=coordinator,
+            aggregator=aggregator,
+            registry=registry,
+            datastore=datastore,
+        )
+        self.manager = ManagerApp(
+            ManagerConfig(
+                addr=self._addr(cfg.manager_port),
+                coordinator_addr=coordinator,
+                mqtt=self.mqtt,
+                alive_window_s=cfg.alive_window_s,
+                task_endpoints=services,
+                state_dir=cfg.state_dir,
+            )
+        )
+        manager = await self._serve(stack, self.manager, cfg.manager_port)
+        self.endpoints = Endpoints(
+            manager=manager,
+            coordinator=coordinator,
+            aggregator=aggregator,
+            registry=registry,
+            datastore=datastore,
+        )
+        log.info("[stack] up: %s", self.endpoints)
+        if cfg.proplet_ids:
+            if cfg.proplet_work_dir is None:
+                raise ValueError("proplet_work_dir: required with proplet_ids")
+            self.proplets = await stack.enter_async_context(
+                proplets(
+                    self.endpoints,
+                    self.mqtt,
+                    cfg.proplet_ids,
+                    cfg.proplet_work_dir,
+                    task_timeout_s=cfg.proplet_task_timeout_s,
                 )
-                self.mqtt = self.broker.mqtt_config(cfg.mqtt.topics)
-            self.registry = RegistryApp(
-                RegistryConfig(self._addr(cfg.registry_port), state_dir=cfg.state_dir)
             )
-            registry = await self._serve(stack, self.registry, cfg.registry_port)
-            self.datastore = DataStoreApp(
-                DataStoreConfig(
-                    self._addr(cfg.datastore_port),
-                    seed_proplet_ids=cfg.seed_proplet_ids,
-                    num_samples=cfg.num_samples,
-                    num_features=cfg.num_features,
-                    state_dir=cfg.state_dir,
-                )
-            )
-            datastore = await self._serve(stack, self.datastore, cfg.datastore_port)
-            aggregator = await self._serve(
-                stack,
-                AggregatorApp(AggregatorConfig(self._addr(cfg.aggregator_port))),
-                cfg.aggregator_port,
-            )
-            self.coordinator = CoordinatorApp(
-                CoordinatorConfig(
-                    addr=self._addr(cfg.coordinator_port),
-                    aggregator_addr=aggregator,
-                    registry_addr=registry,
-                    mqtt=self.mqtt,
-                    tick_s=cfg.coordinator_tick_s,
-                    state_dir=cfg.state_dir,
-                )
-            )
-            coordinator = await self._serve(stack, self.coordinator, cfg.coordinator_port)
-            services = Endpoints(
-                manager=self._addr(cfg.manager_port),
-                coordinator=coordinator,
-                aggregator=aggregator,
-                registry=registry,
-                datastore=datastore,
-            )
-            self.manager = ManagerApp(
-                ManagerConfig(
-                    addr=self._addr(cfg.manager_port),
-                    coordinator_addr=coordinator,
-                    mqtt=self.mqtt,
-                    alive_window_s=cfg.alive_window_s,
-                    task_endpoints=services,
-                    state_dir=cfg.state_dir,
-                )
-            )
-            manager = await self._serve(stack, self.manager, cfg.manager_port)
-            self.endpoints = Endpoints(
-                manager=manager,
-                coordinator=coordinator,
-                aggregator=aggregator,
-                registry=registry,
-                datastore=datastore,
-            )
-            log.info("[stack] up: %s", self.endpoints)
-            if cfg.proplet_ids:
-                if cfg.proplet_work_dir is None:
-                    raise ValueError("proplet_work_dir: required with proplet_ids")
-                self.proplets = await stack.enter_async_context(
-                    proplets(
-                        self.endpoints,
-                        self.mqtt,
-                        cfg.proplet_ids,
-                        cfg.proplet_work_dir,
-                        task_timeout_s=cfg.proplet_task_timeout_s,
-                    )
-                )
-                await wait_alive(self.endpoints.manager, cfg.proplet_ids)
-            self._stack = stack.pop_all()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._stack is not None:
-            await self._stack.aclose()
-            self._stack = None
+            await wait_alive(self.endpoints.manager, cfg.proplet_ids)
 
 
 @contextlib.asynccontextmanager

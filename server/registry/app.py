@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from server.config import env_str
-from server.grpc_server import ServiceBinding, serve_until_signal
+from server.grpc_server import ServiceBinding
+from server.lifecycle import ServiceApp, for_serve, run_service, state_dir_from_env
 from server.registry.registry import ModelRegistry
 from server.registry.service import binding
 from server.registry.store import (
@@ -20,12 +20,6 @@ from server.registry.store import (
     ModelStore,
     SqliteModelStore,
 )
-
-log = logging.getLogger(__name__)
-
-# Where `propeller-fl serve` keeps state when PROPELLER_STATE_DIR is unset (relative to the
-# working directory); see docs/configuration.md.
-DEFAULT_STATE_DIR = Path("propeller-fl-state")
 
 
 @dataclass(frozen=True)
@@ -39,21 +33,13 @@ class RegistryConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RegistryConfig:
         env = os.environ if env is None else env
-        d = cls()
-        state_dir = env_str(env, "PROPELLER_STATE_DIR", "")
         return cls(
-            addr=env_str(env, "PROPELLER_REGISTRY_LISTEN", d.addr),
-            state_dir=Path(state_dir) if state_dir else None,
+            addr=env_str(env, "PROPELLER_REGISTRY_LISTEN", cls().addr),
+            state_dir=state_dir_from_env(env),
         )
 
-    def for_serve(self) -> RegistryConfig:
-        """What `propeller-fl serve` runs: without a state directory, the default one."""
-        if self.state_dir is None:
-            return replace(self, state_dir=DEFAULT_STATE_DIR)
-        return self
 
-
-class RegistryApp:
+class RegistryApp(ServiceApp):
     """Owns the model store and the servicer; `bindings` go on any gRPC server. A SQLite store
     opens on entry and closes on exit."""
 
@@ -67,28 +53,21 @@ class RegistryApp:
                 store = InMemoryModelStore()
         self.store = store
         self.registry = ModelRegistry(store)
-        self.bindings: list[ServiceBinding] = [binding(self.registry)]
+        self._bindings = [binding(self.registry)]
 
-    async def __aenter__(self) -> RegistryApp:
+    @property
+    def bindings(self) -> list[ServiceBinding]:
+        return self._bindings
+
+    async def _open(self, stack: AsyncExitStack) -> None:
         if self._sqlite is not None:
             await self._sqlite.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._sqlite is not None:
-            await self._sqlite.close()
+            stack.push_async_callback(self._sqlite.close)
 
 
 async def main() -> None:
-    config = RegistryConfig.from_env().for_serve()
-    log.info("[ModelRegistry] state_dir=%s", config.state_dir)
-    async with RegistryApp(config) as app:
-        await serve_until_signal(config.addr, app.bindings)
+    config = for_serve(RegistryConfig.from_env(), "ModelRegistry")
+    await run_service(RegistryApp(config), config.addr)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import pytest
 
 from propeller.v1 import model_registry_pb2, model_registry_pb2_grpc
 from server.errors import AlreadyExists
+from server.lifecycle import for_serve
 from server.registry.app import RegistryApp, RegistryConfig
 from server.registry.store import (
     REGISTRY_DB_FILE,
@@ -193,8 +194,8 @@ async def test_config_from_env_and_the_store_it_picks(tmp_path: Path) -> None:
     config = RegistryConfig.from_env(env)
     assert config == RegistryConfig(state_dir=tmp_path / "s")
     # serve: nothing configured -> the default state directory.
-    assert RegistryConfig().for_serve().state_dir == Path("propeller-fl-state")
-    assert config.for_serve() == config
+    assert for_serve(RegistryConfig(), "ModelRegistry").state_dir == Path("propeller-fl-state")
+    assert for_serve(config, "ModelRegistry") == config
     assert isinstance(RegistryApp(RegistryConfig()).store, InMemoryModelStore)
     async with RegistryApp(RegistryConfig(state_dir=tmp_path / "s")) as app:
         store = app.store
