@@ -4,6 +4,7 @@ the dataclasses directly."""
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -104,3 +105,17 @@ class Endpoints:
     def label(self, service: str) -> str:
         """What messages call `service`, with its address: "model registry at host:port"."""
         return f"{ENDPOINTS[service][2]} at {getattr(self, service)}"
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on right now (the OS's reason), or None if it can.
+    Checked before a fixed port is used, so a taken port is one clear line instead of a
+    traceback (amqtt) or a silently shared port (gRPC servers bind with SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return str(exc.strerror or exc)
+    return None

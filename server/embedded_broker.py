@@ -24,7 +24,7 @@ from amqtt.broker import Broker
 from amqtt.errors import BrokerError
 from amqtt.plugins.base import BaseAuthPlugin
 
-from server.config import MqttConfig
+from server.config import MqttConfig, bind_problem
 from server.lifecycle import Lifecycle
 from server.topics import Topics
 
@@ -88,17 +88,9 @@ class EmbeddedBroker(Lifecycle):
 
     def _check_free(self) -> None:
         """Fail with one clear line when the port is taken (amqtt would log a traceback)."""
-        if not self.requested_port:
-            return
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((self.host, self.requested_port))
-            except OSError as exc:
-                raise OSError(
-                    f"mqtt: cannot listen on {self.address}: {exc.strerror or exc}"
-                ) from None
+        problem = bind_problem(self.host, self.requested_port) if self.requested_port else None
+        if problem is not None:
+            raise OSError(f"mqtt: cannot listen on {self.address}: {problem}")
 
     async def _open(self, stack: AsyncExitStack) -> None:
         self._check_free()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -23,7 +22,7 @@ from server.cli.one_process import (
     locate_trainer,
     one_line_failure,
 )
-from server.config import ENDPOINTS
+from server.config import ENDPOINTS, bind_problem
 from server.stack import Stack, StackConfig
 
 # The seed's ports, as `propeller-fl up` uses them.
@@ -81,18 +80,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def check_ports_free(host: str, ports: dict[str, int]) -> None:
     """Fail at once, naming the flag, when a fixed port is taken. (gRPC servers bind with
     SO_REUSEPORT, so a second `up` would otherwise share the ports of the first one.)"""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for name, port in ports.items():
-        if not port:
-            continue
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                raise CommandFailed(
-                    f"--{name}-port: cannot listen on {host}:{port}: {exc.strerror or exc}"
-                ) from None
+        problem = bind_problem(host, port) if port else None
+        if problem is not None:
+            raise CommandFailed(f"--{name}-port: cannot listen on {host}:{port}: {problem}")
 
 
 @one_line_failure("up")

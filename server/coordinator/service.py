@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any
-
-import grpc
 
 from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
 from server.coordinator import rounds as R
 from server.coordinator.coordinator import Coordinator, Event, EventType
 from server.coordinator.wire import STATES, spec_from_proto, status_to_proto
 from server.errors import InvalidArgument, grpc_errors
-from server.grpc_server import ServiceBinding
+from server.grpc_server import Context, ServiceBinding
 from server.streams import read_update_stream
 
 log = logging.getLogger(__name__)
 
-Context = grpc.aio.ServicerContext[Any, Any]
 
 SERVICE_NAME: str = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 

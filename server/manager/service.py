@@ -5,20 +5,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import fields
-from typing import Any
-
-import grpc
 
 from propeller.v1 import coordinator_pb2, manager_pb2
 from server.coordinator.wire import spec_fields, spec_from_proto, status_to_proto
 from server.errors import InvalidArgument, grpc_errors
+from server.grpc_server import Context
 from server.manager.experiments import Experiment
 from server.manager.orchestrator import Manager
 from server.manager.proplets import Proplet
 from server.manager.tasks import Task, TaskState
 from server.messages import TaskSpec
 
-Context = grpc.aio.ServicerContext[Any, Any]
 _TO_PROTO: dict[TaskState, manager_pb2.TaskState] = {
     TaskState.PENDING: manager_pb2.TASK_STATE_PENDING,
     TaskState.SCHEDULED: manager_pb2.TASK_STATE_SCHEDULED,

@@ -11,7 +11,7 @@ import grpc
 
 from propeller.v1 import model_registry_pb2, model_registry_pb2_grpc, tensor_pb2
 from server.errors import InvalidArgument, grpc_errors
-from server.grpc_server import ServiceBinding
+from server.grpc_server import Context, ServiceBinding
 from server.models import parse_model_uri
 from server.registry.registry import ModelRegistry
 from server.registry.store import ModelInfo, StoredModel
@@ -25,8 +25,6 @@ MAX_CHUNK_SIZE = 4 << 20
 # only models of at most this many bytes.
 CHUNK_CACHE_ENTRIES = 2
 CHUNK_CACHE_MAX_MODEL_BYTES = 256 << 20
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def model_version_proto(info: ModelInfo) -> model_registry_pb2.ModelVersion:
