@@ -38,10 +38,11 @@ from server.coordinator import rounds as R
 from server.coordinator.clients import GrpcModelBackend
 from server.coordinator.coordinator import Coordinator
 from server.coordinator.service import binding as coordinator_binding
-from server.coordinator.store import MemoryRoundStore, RoundStore, SqliteRoundStore
+from server.coordinator.store import MemoryRoundStore, RoundStore, RoundUpdates, SqliteRoundStore
 from server.errors import FailedPrecondition
 from server.grpc_server import serving
 from server.registry.app import RegistryApp, RegistryConfig
+from server.round_spec import RoundSpec
 from server.stack import Stack, StackConfig
 from server.tensors import GRPC_OPTIONS, Spec, Tensors
 from server.topics import Topics
@@ -141,7 +142,7 @@ class FixedModels:
     async def resolve(self, model_ref: str) -> tuple[str, list[Spec]]:
         return model_ref, self.specs[model_ref]
 
-    async def aggregate(self, round_id: str, updates: Sequence[R.Update]) -> Tensors:
+    async def aggregate(self, round_id: str, updates: RoundUpdates) -> tuple[Tensors, str]:
         raise FailedPrecondition("the ingestion benchmark does not aggregate")
 
     async def put(self, tensors: Tensors, sha256: str) -> tuple[int, str]:
@@ -166,26 +167,27 @@ async def run_ingest(args: Json) -> None:
     sqlite: SqliteRoundStore | None = None
     if args.get("state_dir"):
         sqlite = SqliteRoundStore.in_dir(Path(args["state_dir"]))
+        await sqlite.open()
         store = sqlite
     else:
         store = MemoryRoundStore()
     coordinator = Coordinator(store, backend, _nothing, Topics("bench", "fl"))
     try:
         for r in rounds:
-            cfg = R.round_config(
+            spec = RoundSpec(
                 round_id=r["round_id"],
-                participants=[f"p{i}" for i in range(int(r["participants"]))],
+                participants=tuple(f"p{i}" for i in range(int(r["participants"]))),
                 timeout_s=86400.0,
                 model_ref=r["model_ref"],
             )
-            await coordinator.configure(cfg, start=True)
+            await coordinator.configure(spec, start=True)
         async with serving("127.0.0.1:0", [coordinator_binding(coordinator)]) as port:
             write_line(sys.stdout, {"addr": f"127.0.0.1:{port}"})
             await stdin_closed()
     finally:
         await coordinator.aclose()
         if sqlite is not None:
-            sqlite.close()
+            await sqlite.close()
 
 
 # ---- registry for model transfer ------------------------------------------------------------
@@ -244,7 +246,7 @@ async def run_aggmem(args: Json) -> None:
         try:
             backend = GrpcModelBackend(registry, aggregator, timeout_s=3600)
             started = time.perf_counter()
-            result = await backend.aggregate("mem", updates)
+            result, _ = await backend.aggregate("mem", updates)
             seconds = time.perf_counter() - started
         finally:
             await aggregator.close(None)

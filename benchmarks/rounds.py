@@ -17,7 +17,7 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from propeller.v1 import (
 )
 from proplet.app import Proplet
 from proplet.config import PropletConfig
-from proplet.runner import CompiledModule, Limits, RunControl, RunOutput, WasmRuntime
+from proplet.runner import CompiledModule, Invocation, RunControl, RunOutput, WasmRuntime
 from server.config import Endpoints, MqttConfig
 from server.topics import Topics
 from tests.support.infra import mosquitto
@@ -53,16 +53,10 @@ class TimedRuntime(WasmRuntime):
         self.runs: dict[str, list[float]] = defaultdict(list)
 
     async def run(
-        self,
-        compiled: CompiledModule,
-        *,
-        argv: Sequence[str],
-        env: Mapping[str, str],
-        limits: Limits,
-        control: RunControl | None = None,
+        self, compiled: CompiledModule, invocation: Invocation, control: RunControl | None = None
     ) -> RunOutput:
-        out = await super().run(compiled, argv=argv, env=env, limits=limits, control=control)
-        self.runs[env.get("ROUND_ID", "")].append(out.duration_s)
+        out = await super().run(compiled, invocation, control)
+        self.runs[invocation.env.get("ROUND_ID", "")].append(out.duration_s)
         return out
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import ROOT, Recorder, median
-from proplet.runner import Limits, WasmRuntime
+from proplet.runner import Invocation, Limits, WasmRuntime
 
 NAME = "wasm"
 TARGET_RATIO = 0.5
@@ -139,7 +139,7 @@ class WasmTrainer:
 
     def run(self, env: dict[str, str]) -> tuple[float, dict[str, Any]]:
         started = time.perf_counter()
-        out = self.runtime.run_sync(self.compiled, argv=["fl-client"], env=env, limits=self.limits)
+        out = self.runtime.run_sync(self.compiled, Invocation(["fl-client"], env, self.limits))
         seconds = time.perf_counter() - started
         update: dict[str, Any] = json.loads(out.stdout)["update"]
         return seconds, update
@@ -183,14 +183,14 @@ def _start_costs(reps: int) -> dict[str, float]:
         runtime = WasmRuntime()
         started = time.perf_counter()
         compiled = runtime.compile(data, sha)
-        runtime.run_sync(compiled, argv=["fl-client"], env=env, limits=limits)
+        runtime.run_sync(compiled, Invocation(["fl-client"], env, limits))
         cold.append(time.perf_counter() - started)
         compile_s.append(compiled.compile_s)
         for _ in range(5):
             started = time.perf_counter()
             hit = runtime.cached(sha)
             assert hit is not None
-            runtime.run_sync(hit, argv=["fl-client"], env=env, limits=limits)
+            runtime.run_sync(hit, Invocation(["fl-client"], env, limits))
             warm.append(time.perf_counter() - started)
     return {
         "cold_start_ms": round(median(cold) * 1000, 2),

@@ -3,10 +3,11 @@
 from proplet.app import Proplet, main
 from proplet.config import PropletConfig
 from proplet.errors import TaskError, TaskFailed, TaskInterrupted
-from proplet.runner import CompiledModule, Limits, RunControl, RunOutput, WasmRuntime
+from proplet.runner import CompiledModule, Invocation, Limits, RunControl, RunOutput, WasmRuntime
 
 __all__ = [
     "CompiledModule",
+    "Invocation",
     "Limits",
     "Proplet",
     "PropletConfig",

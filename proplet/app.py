@@ -27,8 +27,8 @@ import signal
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, TypeVar
 
 from proplet.artifacts import ArtifactStore
@@ -42,7 +42,8 @@ from proplet.federated import (
     parse_update,
     summary,
 )
-from proplet.runner import CompiledModule, RunControl, WasmRuntime
+from proplet.runner import CompiledModule, Invocation, RunControl, WasmRuntime
+from server.lifecycle import Lifecycle, start_task
 from server.messages import (
     COMPLETED,
     FAILED,
@@ -89,7 +90,7 @@ class _Running:
             self.job.cancel()
 
 
-class Proplet:
+class Proplet(Lifecycle):
     """Async context manager; `stop()` (also called on exit) takes the device offline:
     heartbeats end at once, queued and running tasks are reported Interrupted."""
 
@@ -105,11 +106,7 @@ class Proplet:
         self._pending: OrderedDict[str, TaskStart] = OrderedDict()
         self._wakeup = asyncio.Event()
         self._current: _Running | None = None
-        self._heartbeat_task: asyncio.Task[None] | None = None
-        self._worker_task: asyncio.Task[None] | None = None
         self._outbox: asyncio.Queue[TaskResult] = asyncio.Queue()
-        self._reporter_task: asyncio.Task[None] | None = None
-        self._stopped = False
 
     @property
     def proplet_id(self) -> str:
@@ -138,33 +135,34 @@ class Proplet:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> Proplet:
-        session = MqttSession(
-            self.config.mqtt,
-            client_id=f"proplet-{self.proplet_id}",
-            # Its own start topic for addressed tasks, the shared one for broadcasts.
-            subscriptions=[
-                self.topics.task_start,
-                self.topics.task_start_for(self.proplet_id),
-                self.topics.task_stop,
-            ],
-            handler=self._on_message,
+    async def _open(self, stack: AsyncExitStack) -> None:
+        """Registered in the reverse of the order `stop()` releases them: heartbeats end,
+        queued tasks are reported Interrupted, the running one is interrupted, the last
+        results go out (for up to SHUTDOWN_GRACE_S), then the gRPC channels, the artifact
+        store and the MQTT session close."""
+        stack.callback(log.info, "[Proplet] id=%s stopped", self.proplet_id)
+        session = self._session = await stack.enter_async_context(
+            MqttSession(
+                self.config.mqtt,
+                client_id=f"proplet-{self.proplet_id}",
+                # Its own start topic for addressed tasks, the shared one for broadcasts.
+                subscriptions=[
+                    self.topics.task_start,
+                    self.topics.task_start_for(self.proplet_id),
+                    self.topics.task_stop,
+                ],
+                handler=self._on_message,
+            )
         )
-        await session.__aenter__()
-        self._session = session
-        try:
-            await self._announce()
-        except BaseException:
-            await session.__aexit__(None, None, None)
-            self._session = None
-            raise
-        self._reporter_task = asyncio.create_task(
-            self._reporter(session), name=f"results-{self.proplet_id}"
-        )
-        self._worker_task = asyncio.create_task(self._work(), name=f"proplet-{self.proplet_id}")
-        self._heartbeat_task = asyncio.create_task(
-            self._heartbeat(session), name=f"heartbeat-{self.proplet_id}"
-        )
+        stack.callback(self._forget_session)
+        stack.callback(self.artifacts.close)
+        stack.push_async_callback(self.federated.close)
+        await self._announce()
+        start_task(stack, self._reporter(session), f"results-{self.proplet_id}")
+        stack.push_async_callback(self._flush_results)
+        start_task(stack, self._work(), f"proplet-{self.proplet_id}")
+        stack.callback(self._drop_queue)
+        start_task(stack, self._heartbeat(session), f"heartbeat-{self.proplet_id}")
         log.info(
             "[Proplet] id=%s up: broker=%s:%d namespace=%s",
             self.proplet_id,
@@ -172,48 +170,32 @@ class Proplet:
             self.config.mqtt.port,
             self.topics.base,
         )
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def stop(self) -> None:
         """Go offline: stop heartbeats, interrupt the running task, drop the queue (each
         reported Interrupted), close the MQTT session and the gRPC channels. Idempotent."""
-        if self._stopped:
-            return
-        self._stopped = True
-        if self._heartbeat_task is not None:
-            await _cancel_and_wait(self._heartbeat_task)
+        await self.aclose()
+
+    def _drop_queue(self) -> None:
         dropped = list(self._pending.values())
         self._pending.clear()
         for start in dropped:
             self._report(start, INTERRUPTED, error="interrupted: proplet shutting down")
-        if self._worker_task is not None:
-            await _cancel_and_wait(self._worker_task)
-        if self._reporter_task is not None:
-            # The last results (Interrupted ones included) go out if the broker is there.
-            try:
-                async with asyncio.timeout(SHUTDOWN_GRACE_S):
-                    await self._outbox.join()
-            except TimeoutError:
-                log.warning(
-                    "[Proplet] id=%s %d task results not published before shutdown",
-                    self.proplet_id,
-                    self._outbox.qsize(),
-                )
-            await _cancel_and_wait(self._reporter_task)
-        await self.federated.close()
-        self.artifacts.close()
-        if self._session is not None:
-            await self._session.__aexit__(None, None, None)
-            self._session = None
-        log.info("[Proplet] id=%s stopped", self.proplet_id)
+
+    async def _flush_results(self) -> None:
+        """The last results (Interrupted ones included) go out if the broker is there."""
+        try:
+            async with asyncio.timeout(SHUTDOWN_GRACE_S):
+                await self._outbox.join()
+        except TimeoutError:
+            log.warning(
+                "[Proplet] id=%s %d task results not published before shutdown",
+                self.proplet_id,
+                self._outbox.qsize(),
+            )
+
+    def _forget_session(self) -> None:
+        self._session = None
 
     # ------------------------------------------------------------------ MQTT
 
@@ -227,7 +209,7 @@ class Proplet:
         interval = self.config.heartbeat_s
         next_beat = loop.time()
         seen_connects = session.connects
-        while not self._stopped:
+        while not self._closing:
             try:
                 if session.connects != seen_connects:
                     # Reconnected: the manager may have restarted too, so introduce ourselves
@@ -267,7 +249,7 @@ class Proplet:
     def _accept(self, start: TaskStart) -> None:
         if start.proplet_id and start.proplet_id != self.proplet_id:
             return  # addressed to another proplet
-        if self._stopped:
+        if self._closing:
             return
         held = [s for s in (self._pending.get(start.id), self._running_start()) if s is not None]
         if any(s.id == start.id and s.attempt >= start.attempt for s in held):
@@ -350,7 +332,7 @@ class Proplet:
     # ------------------------------------------------------------------ tasks
 
     async def _work(self) -> None:
-        while not self._stopped:
+        while not self._closing:
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -431,15 +413,10 @@ class Proplet:
         prepare_ms = (time.perf_counter() - t0) * 1000
         running.timings["fetch_ms"] = prepare_ms - running.timings.get("compile_ms", 0.0)
         env = inputs.env(start.env, self.proplet_id) if inputs is not None else dict(start.env)
+        invocation = Invocation([start.name or start.id, *start.cli_args], env, self.config.limits)
         t1 = time.perf_counter()
         try:
-            out = await self.runtime.run(
-                compiled,
-                argv=[start.name or start.id, *start.cli_args],
-                env=env,
-                limits=self.config.limits,
-                control=running.control,
-            )
+            out = await self.runtime.run(compiled, invocation, running.control)
         finally:
             running.timings["run_ms"] = (time.perf_counter() - t1) * 1000
         if fl is None or inputs is None:
@@ -467,17 +444,6 @@ class Proplet:
         compiled = await asyncio.to_thread(self.runtime.compile, data, artifact.sha256)
         running.timings["compile_ms"] = (time.perf_counter() - t0) * 1000
         return compiled
-
-
-async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
-    """Cancel `task` and wait for it to end. Cancels again if it keeps running: on Python 3.11
-    `asyncio.wait_for` (used inside aiomqtt and MqttSession) can swallow a cancellation that
-    arrives just as the awaited operation completes."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=SHUTDOWN_GRACE_S + 1.0)
-    if not task.cancelled() and task.exception() is not None:
-        log.error("[Proplet] background task %s failed", task.get_name(), exc_info=task.exception())
 
 
 async def _both(first: Coroutine[Any, Any, A], second: Coroutine[Any, Any, B]) -> tuple[A, B]:

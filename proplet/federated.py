@@ -38,7 +38,7 @@ from propeller.v1 import (
 )
 from proplet.errors import TaskFailed
 from server.config import Endpoints
-from server.errors import InvalidArgument
+from server.errors import InvalidArgument, RemoteError, as_remote_error, rpc_errors
 from server.streams import UpdateMeta, read_model_stream, update_stream
 from server.tensors import (
     GRPC_OPTIONS,
@@ -161,9 +161,10 @@ async def call_with_retries(
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
             async with asyncio.timeout(timeout):
-                return await attempt(timeout)
-        except grpc.aio.AioRpcError as err:
-            code, details = err.code(), err.details() or ""
+                with rpc_errors(what, as_remote_error):
+                    return await attempt(timeout)
+        except RemoteError as err:
+            code, details = err.code, str(err)
         except TimeoutError:
             code, details = grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:g}s"
         failure = CallFailed(code, details, n, clock() - started)

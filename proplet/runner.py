@@ -32,7 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import wasmtime
@@ -66,6 +66,15 @@ class Limits:
             raise ValueError(f"memory_bytes: {self.memory_bytes} must be >= {WASM_PAGE}")
         if self.output_bytes <= 0:
             raise ValueError(f"output_bytes: {self.output_bytes} must be > 0")
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One run of a module: what it sees (argv, environment) and what it may consume."""
+
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)
@@ -340,16 +349,11 @@ class WasmRuntime:
     # ------------------------------------------------------------------ running
 
     def run_sync(
-        self,
-        compiled: CompiledModule,
-        *,
-        argv: Sequence[str],
-        env: Mapping[str, str],
-        limits: Limits,
-        control: RunControl | None = None,
+        self, compiled: CompiledModule, invocation: Invocation, control: RunControl | None = None
     ) -> RunOutput:
         """Run the module's `_start` in the calling thread. Raises TaskFailed with the reason
         (trap, exit status, deadline, memory or output limit) or TaskInterrupted."""
+        limits = invocation.limits
         run = _Run(limits, control or RunControl())
         run_id = next(_RUN_IDS)
         store: Any = wasmtime.Store(self.engine)
@@ -359,8 +363,8 @@ class WasmRuntime:
         )
         store.set_epoch_deadline(1)
         wasi: Any = wasmtime.WasiConfig()
-        wasi.argv = list(argv)
-        wasi.env = list(env.items())
+        wasi.argv = list(invocation.argv)
+        wasi.env = list(invocation.env.items())
         for stream, setter in (
             (_STDOUT, wasmtime_ffi.wasi_config_set_stdout_custom),
             (_STDERR, wasmtime_ffi.wasi_config_set_stderr_custom),
@@ -417,13 +421,7 @@ class WasmRuntime:
         return RunOutput(bytes(run.stdout), run.stderr_text(), duration)
 
     async def run(
-        self,
-        compiled: CompiledModule,
-        *,
-        argv: Sequence[str],
-        env: Mapping[str, str],
-        limits: Limits,
-        control: RunControl | None = None,
+        self, compiled: CompiledModule, invocation: Invocation, control: RunControl | None = None
     ) -> RunOutput:
         """`run_sync` in a daemon thread. Cancelling the caller interrupts the module."""
         control = control or RunControl()
@@ -444,14 +442,15 @@ class WasmRuntime:
             result: RunOutput | None = None
             error: BaseException | None = None
             try:
-                result = self.run_sync(compiled, argv=argv, env=env, limits=limits, control=control)
+                result = self.run_sync(compiled, invocation, control)
             except BaseException as exc:  # handed to the awaiting coroutine
                 error = exc
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
                 loop.call_soon_threadsafe(settle, result, error)
 
         threading.Thread(target=target, name="wasm-run", daemon=True).start()
-        hard_deadline = limits.timeout_s + HARD_DEADLINE_GRACE_S
+        timeout_s = invocation.limits.timeout_s
+        hard_deadline = timeout_s + HARD_DEADLINE_GRACE_S
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
             async with asyncio.timeout(hard_deadline):
@@ -465,7 +464,7 @@ class WasmRuntime:
                 hard_deadline,
             )
             raise TaskFailed(
-                f"deadline exceeded after {limits.timeout_s:g}s (module blocked in a host call)"
+                f"deadline exceeded after {timeout_s:g}s (module blocked in a host call)"
             ) from None
         except asyncio.CancelledError:
             control.interrupt("task stopped")

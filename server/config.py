@@ -4,10 +4,14 @@ the dataclasses directly."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from server.topics import Topics
+
+N = TypeVar("N", int, float)
 
 
 def env_str(env: Mapping[str, str], key: str, default: str) -> str:
@@ -16,23 +20,23 @@ def env_str(env: Mapping[str, str], key: str, default: str) -> str:
 
 
 def env_int(env: Mapping[str, str], key: str, default: int) -> int:
-    raw = env.get(key, "")
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{key}: {raw!r} is not an integer") from None
+    return _env_number(env, key, default, int, "an integer")
 
 
 def env_float(env: Mapping[str, str], key: str, default: float) -> float:
+    return _env_number(env, key, default, float, "a number")
+
+
+def _env_number(
+    env: Mapping[str, str], key: str, default: N, parse: Callable[[str], N], what: str
+) -> N:
     raw = env.get(key, "")
     if not raw:
         return default
     try:
-        return float(raw)
+        return parse(raw)
     except ValueError:
-        raise ValueError(f"{key}: {raw!r} is not a number") from None
+        raise ValueError(f"{key}: {raw!r} is not {what}") from None
 
 
 def env_list(env: Mapping[str, str], key: str) -> list[str]:
@@ -61,6 +65,17 @@ class MqttConfig:
         )
 
 
+# Each service's environment variable (as the seed names them), default port and what
+# messages call it. One table, so the services, the proplet and the CLI agree.
+ENDPOINTS: dict[str, tuple[str, int, str]] = {
+    "manager": ("MANAGER_ADDR", 7070, "manager"),
+    "coordinator": ("COORDINATOR_ADDR", 8086, "coordinator"),
+    "aggregator": ("AGGREGATOR_ADDR", 8085, "aggregator"),
+    "registry": ("MODEL_REGISTRY_ADDR", 8084, "model registry"),
+    "datastore": ("DATA_STORE_ADDR", 8083, "data store"),
+}
+
+
 @dataclass(frozen=True)
 class Endpoints:
     """gRPC addresses of the services, as host:port."""
@@ -72,13 +87,35 @@ class Endpoints:
     datastore: str = "127.0.0.1:8083"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Endpoints:
+    def on(cls, host: str) -> Endpoints:
+        """Every service on `host` at its default port."""
+        return cls(**{name: f"{host}:{port}" for name, (_, port, _) in ENDPOINTS.items()})
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, defaults: Endpoints | None = None
+    ) -> Endpoints:
+        """The addresses the environment names; the others from `defaults` (127.0.0.1)."""
         env = os.environ if env is None else env
-        d = cls()
+        d = defaults or cls()
         return cls(
-            manager=env_str(env, "MANAGER_ADDR", d.manager),
-            coordinator=env_str(env, "COORDINATOR_ADDR", d.coordinator),
-            aggregator=env_str(env, "AGGREGATOR_ADDR", d.aggregator),
-            registry=env_str(env, "MODEL_REGISTRY_ADDR", d.registry),
-            datastore=env_str(env, "DATA_STORE_ADDR", d.datastore),
+            **{name: env_str(env, var, getattr(d, name)) for name, (var, _, _) in ENDPOINTS.items()}
         )
+
+    def label(self, service: str) -> str:
+        """What messages call `service`, with its address: "model registry at host:port"."""
+        return f"{ENDPOINTS[service][2]} at {getattr(self, service)}"
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on right now (the OS's reason), or None if it can.
+    Checked before a fixed port is used, so a taken port is one clear line instead of a
+    traceback (amqtt) or a silently shared port (gRPC servers bind with SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return str(exc.strerror or exc)
+    return None

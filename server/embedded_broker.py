@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import logging
 import socket
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 from amqtt.broker import Broker
 from amqtt.errors import BrokerError
 from amqtt.plugins.base import BaseAuthPlugin
 
-from server.config import MqttConfig
+from server.config import MqttConfig, bind_problem
+from server.lifecycle import Lifecycle
 from server.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class AdmitAllAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is unty
 _AUTH_PLUGIN = f"{AdmitAllAuthPlugin.__module__}.{AdmitAllAuthPlugin.__qualname__}"
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(Lifecycle):
     """Async context manager: `async with EmbeddedBroker() as b: b.mqtt_config()`."""
 
     def __init__(
@@ -87,19 +88,11 @@ class EmbeddedBroker:
 
     def _check_free(self) -> None:
         """Fail with one clear line when the port is taken (amqtt would log a traceback)."""
-        if not self.requested_port:
-            return
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((self.host, self.requested_port))
-            except OSError as exc:
-                raise OSError(
-                    f"mqtt: cannot listen on {self.address}: {exc.strerror or exc}"
-                ) from None
+        problem = bind_problem(self.host, self.requested_port) if self.requested_port else None
+        if problem is not None:
+            raise OSError(f"mqtt: cannot listen on {self.address}: {problem}")
 
-    async def __aenter__(self) -> EmbeddedBroker:
+    async def _open(self, stack: AsyncExitStack) -> None:
         self._check_free()
         broker = Broker(self._config())
         try:
@@ -108,14 +101,10 @@ class EmbeddedBroker:
             # Usually the port is taken; say so as an OSError like any failed bind.
             cause = exc.__cause__ or exc
             raise OSError(f"mqtt: cannot listen on {self.address}: {cause}") from None
-        try:
-            self.port = self._bound_port(broker)
-        except BaseException:
-            await broker.shutdown()
-            raise
+        stack.push_async_callback(self._shutdown, broker)
+        self.port = self._bound_port(broker)
         self._broker = broker
         log.info("[mqtt] embedded broker listening on %s", self.address)
-        return self
 
     def _bound_port(self, broker: Broker) -> int:
         if self.requested_port:
@@ -129,13 +118,7 @@ class EmbeddedBroker:
                 return int(name[1])
         raise RuntimeError("embedded broker: cannot tell which port it bound")
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        broker, self._broker = self._broker, None
-        if broker is not None:
-            await broker.shutdown()
-            log.info("[mqtt] embedded broker on %s stopped", self.address)
+    async def _shutdown(self, broker: Broker) -> None:
+        self._broker = None
+        await broker.shutdown()
+        log.info("[mqtt] embedded broker on %s stopped", self.address)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
-from types import TracebackType
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -63,16 +62,11 @@ class DataLoss(PropellerError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+# A downstream status back to our error: every class above, by its own `code`, so the two
+# directions cannot disagree and a new class maps both ways. (`RemoteError`, defined below,
+# is not one of them: it keeps whatever status came.)
 _FROM_GRPC: dict[grpc.StatusCode, type[PropellerError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.DATA_LOSS: DataLoss,
+    cls.code: cls for cls in PropellerError.__subclasses__()
 }
 
 
@@ -97,15 +91,34 @@ def from_rpc_error(err: grpc.aio.AioRpcError, what: str) -> PropellerError:
     return cls(f"{what}: {err.code().name}: {err.details()}")
 
 
+class RemoteError(PropellerError):
+    """A downstream call's own status, code (any code) and details as they came, for clients
+    that show or classify the server's answer rather than word it anew (the CLI prints
+    "NOT_FOUND: <details>"; the proplet retries UNAVAILABLE but never INTERNAL)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+
+
+def as_remote_error(err: grpc.aio.AioRpcError, what: str) -> PropellerError:
+    """A `translate` for `rpc_errors` that keeps the status as it came (`RemoteError`)."""
+    return RemoteError(err.code(), err.details() or "")
+
+
 @contextlib.contextmanager
-def rpc_errors(what: str) -> Iterator[None]:
+def rpc_errors(
+    what: str,
+    translate: Callable[[grpc.aio.AioRpcError, str], PropellerError] = from_rpc_error,
+) -> Iterator[None]:
     """`with rpc_errors("Coordinator.StartRound"): await stub.StartRound(...)` -- the client
     side of `grpc_errors`: a failed call inside leaves as our own error (`from_rpc_error`, its
-    status code kept), so callers handle one family of exceptions, never `AioRpcError`."""
+    status code kept, or what `translate` makes of it), so callers handle one family of
+    exceptions, never `AioRpcError`."""
     try:
         yield
     except grpc.aio.AioRpcError as err:
-        raise from_rpc_error(err, what) from None
+        raise translate(err, what) from None
 
 
 class grpc_errors:
@@ -120,12 +133,7 @@ class grpc_errors:
     async def __aenter__(self) -> None:
         return None
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if exc is None or isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError):
             return
         if isinstance(exc, PropellerError):

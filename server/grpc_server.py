@@ -26,6 +26,9 @@ from server.tensors import GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
 
+# What every servicer method is handed besides its request.
+Context = grpc.aio.ServicerContext[Any, Any]
+
 
 @dataclass(frozen=True)
 class ServiceBinding:
@@ -107,7 +110,7 @@ def _reject_undecodable(handler: Any) -> Any:
         if not handler.response_streaming:
             unary_unary = handler.unary_unary
 
-            async def uu(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async def uu(request: Any, context: Context) -> Any:
                 if isinstance(request, _Undecodable):
                     await context.abort(invalid, request.error)
                 return await _result(unary_unary(request, context))
@@ -115,7 +118,7 @@ def _reject_undecodable(handler: Any) -> Any:
             return grpc.unary_unary_rpc_method_handler(uu, safe, serialize)
         unary_stream = handler.unary_stream
 
-        async def us(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def us(request: Any, context: Context) -> Any:
             if isinstance(request, _Undecodable):
                 await context.abort(invalid, request.error)
             async for item in _responses(unary_stream(request, context)):
@@ -125,7 +128,7 @@ def _reject_undecodable(handler: Any) -> Any:
     if not handler.response_streaming:
         stream_unary = handler.stream_unary
 
-        async def su(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def su(requests: Any, context: Context) -> Any:
             try:
                 return await _result(stream_unary(_CheckedRequests(requests), context))
             except InvalidArgument as exc:  # a servicer without grpc_errors
@@ -134,7 +137,7 @@ def _reject_undecodable(handler: Any) -> Any:
         return grpc.stream_unary_rpc_method_handler(su, safe, serialize)
     stream_stream = handler.stream_stream
 
-    async def ss(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def ss(requests: Any, context: Context) -> Any:
         try:
             async for item in _responses(stream_stream(_CheckedRequests(requests), context)):
                 yield item

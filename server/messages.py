@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -87,12 +87,11 @@ class PropletAnnounce:
 
 
 @dataclass(frozen=True)
-class TaskStart:
-    """`control/manager/start`: run this module on `proplet_id` (empty = any proplet).
-
-    `attempt` numbers the manager's starts of this task (1, 2, ... after each restart); the
-    proplet echoes it in every `TaskResult` of this run so a late result of an earlier run is
-    not taken for the current one."""
+class TaskSpec:
+    """What a task runs and where: the module (an OCI `image_url` or the inline `file`), its
+    environment and arguments, and the proplet (empty = any). The manager's task record
+    (`server.manager.tasks.Task`) and the start message it publishes (`TaskStart`) both are
+    one of these, so the two cannot drift apart."""
 
     id: str
     name: str
@@ -101,7 +100,22 @@ class TaskStart:
     env: dict[str, str] = field(default_factory=dict)
     cli_args: list[str] = field(default_factory=list)
     proplet_id: str = ""
+
+
+@dataclass(frozen=True)
+class TaskStart(TaskSpec):
+    """`control/manager/start`: run this module on `proplet_id` (empty = any proplet).
+
+    `attempt` numbers the manager's starts of this task (1, 2, ... after each restart); the
+    proplet echoes it in every `TaskResult` of this run so a late result of an earlier run is
+    not taken for the current one."""
+
     attempt: int = 0
+
+    @classmethod
+    def of(cls, spec: TaskSpec, attempt: int) -> TaskStart:
+        """The start of attempt `attempt` of the task `spec` describes."""
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(TaskSpec)}, attempt=attempt)
 
     def to_json(self) -> bytes:
         d = asdict(self)
@@ -185,25 +199,6 @@ class TaskResult:
             timestamp=_num(d, "timestamp", time.time()),
             attempt=_attempt(d),
         )
-
-
-@dataclass(frozen=True)
-class RoundStart:
-    """`fl/rounds/start`: a round opened (carries k_of_n, timeout and deadline unchanged)."""
-
-    round_id: str
-    experiment_id: str
-    model_uri: str
-    task_wasm_image: str
-    participants: list[str]
-    hyperparams: dict[str, Any]
-    k_of_n: int
-    timeout_s: float
-    deadline: float
-    timestamp: float = field(default_factory=time.time)
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
 
 
 @dataclass(frozen=True)

@@ -12,17 +12,17 @@ messages, across its own restart too when it has persistence on (Mosquitto `pers
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
+from contextlib import AsyncExitStack
 
 import aiomqtt
 
 from server.config import MqttConfig
 from server.errors import Unavailable
+from server.lifecycle import Lifecycle, start_task
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,9 @@ class _Connection:
         self.lost = asyncio.Event()
 
 
-class MqttSession:
-    """Async context manager around a reconnecting aiomqtt client.
+class MqttSession(Lifecycle):
+    """Async context manager around a reconnecting aiomqtt client: entry waits (up to 10 s)
+    for the first connection, exit ends the connection task.
 
     `handler(topic, payload)` runs for each message on the subscribed topics, one at a time;
     a handler that raises is logged and the session carries on. Long work belongs in a task
@@ -65,30 +66,12 @@ class MqttSession:
         self.max_backoff_s = max_backoff_s
         self._conn: _Connection | None = None
         self._connected = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self.connects = 0
 
-    async def __aenter__(self) -> MqttSession:
-        self._task = asyncio.create_task(self._run(), name=f"mqtt-{self.client_id}")
-        try:
-            await self.wait_connected(10.0)
-        except BaseException:
-            await self.__aexit__(None, None, None)
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self._connected.clear()
+    async def _open(self, stack: AsyncExitStack) -> None:
+        stack.callback(self._connected.clear)
+        start_task(stack, self._run(), f"mqtt-{self.client_id}")
+        await self.wait_connected(10.0)
 
     async def wait_connected(self, timeout: float) -> None:
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.

@@ -4,50 +4,103 @@ synchronous=FULL, every write a transaction, every call off the event loop.
 A kill -9 at any moment leaves the file at the last committed transaction: SQLite's atomic
 commit is the whole crash-safety argument, so stores must put each logical change in one
 `write()` call.
+
+Every store uses it the same way: `Database(path, schema)` does no I/O; `await db.open()`
+creates or opens the file and applies the schema; `await db.write(fn)` / `await db.read(fn)`
+run `fn(conn)` on the database's own thread; `await db.close()` lets everything queued finish,
+then closes the file. The stores over it follow the same shape (`Store(path)`, `await
+store.open()`, `await store.close()`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
 
 class Database:
     """A single connection used from one dedicated thread, so SQLite never sees concurrent
-    use of a connection and the event loop never blocks on disk."""
+    use of a connection and the event loop never blocks on disk. Calls run in the order they
+    were made: a read sees every write submitted before it."""
 
     def __init__(self, path: Path, schema: Sequence[str]) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{path.stem}")
+        self._schema = list(schema)
+        self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-        self._run_sync(self._open, list(schema))
 
-    def _open(self, schema: list[str]) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("BEGIN IMMEDIATE")
+    async def open(self) -> None:
+        """Open (creating if needed) the file and apply the schema in one transaction."""
+        if self._executor is not None:
+            raise RuntimeError(f"database {self.path} is open already")
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{self.path.stem}")
+        self._executor = executor
         try:
-            for statement in schema:
-                conn.execute(statement)
-            conn.execute("COMMIT")
+            await asyncio.get_running_loop().run_in_executor(executor, self._open)
         except BaseException:
-            conn.execute("ROLLBACK")
+            # Also when cancelled while the thread is still opening: it closes after that.
+            self._executor = None
+            executor.submit(self._close_connection)
+            executor.shutdown(wait=False)
+            raise
+
+    async def close(self) -> None:
+        """Wait for every call already made, then close the file. Idempotent."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._close_connection)
+        except BaseException:
+            executor.shutdown(wait=False)  # the thread ends once its queue is done
+            raise
+        executor.shutdown(wait=True)  # idle by now: only joins the thread
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` inside one transaction (all or nothing) on the database thread."""
+        return await self._run(self._write, fn)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` on the database thread, outside any explicit transaction."""
+        return await self._run(self._read, fn)
+
+    async def _run(
+        self,
+        call: Callable[[Callable[[sqlite3.Connection], T]], T],
+        fn: Callable[[sqlite3.Connection], T],
+    ) -> T:
+        executor = self._executor
+        if executor is None:
+            raise RuntimeError(f"database {self.path} is not open")
+        return await asyncio.get_running_loop().run_in_executor(executor, call, fn)
+
+    # -- on the database thread --
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in self._schema:
+                    conn.execute(statement)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except BaseException:
+            conn.close()
             raise
         self._conn = conn
-
-    def _run_sync(self, fn: Callable[[T], Any], arg: T) -> Any:
-        return self._executor.submit(fn, arg).result()
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._connection()
@@ -68,29 +121,7 @@ class Database:
             raise RuntimeError(f"database {self.path} is closed")
         return self._conn
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn(conn)` inside one transaction (all or nothing) on the database thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._write, fn)
-
-    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._read, fn)
-
-    def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """For start-up code that runs before the event loop matters."""
-        result: T = self._run_sync(self._write, fn)
-        return result
-
-    def read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        result: T = self._run_sync(self._read, fn)
-        return result
-
-    def close(self) -> None:
-        def _close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        self._executor.submit(_close).result()
-        self._executor.shutdown(wait=True)
+    def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from propeller.v1 import tensor_pb2
 from server.errors import InvalidArgument, PropellerError
@@ -23,6 +23,8 @@ from server.tensors import (
     split_payload,
     total_bytes,
 )
+
+H = TypeVar("H", tensor_pb2.ModelHeader, tensor_pb2.UpdateHeader)
 
 # Upper bound for one model or update assembled in memory (a guard against absurd headers).
 MAX_PAYLOAD_BYTES = 4 << 30
@@ -80,7 +82,9 @@ def update_header(meta: UpdateMeta, specs: list[Spec]) -> tensor_pb2.UpdateHeade
     )
 
 
-def _checked_total(specs: list[Spec], declared: int, field: str) -> int:
+def checked_total(specs: list[Spec], declared: int, field: str) -> int:
+    """The bytes `specs` need, once the header's `total_bytes` (0 = not given) agrees and the
+    size is one this server assembles in memory."""
     need = total_bytes(specs)
     if declared not in (0, need):
         raise InvalidArgument(f"{field}.total_bytes: {declared}, tensors need {need}")
@@ -89,7 +93,11 @@ def _checked_total(specs: list[Spec], declared: int, field: str) -> int:
     return need
 
 
-class _Buffer:
+class PayloadBuffer:
+    """The tensor bytes of one model or update as they arrive. It grows with the data actually
+    received, never to what a header merely claims (a few bytes of header must not make the
+    server allocate gigabytes), and refuses a byte more than `need`."""
+
     def __init__(self, need: int, field: str) -> None:
         self.buf = bytearray()
         self.need = need
@@ -100,7 +108,16 @@ class _Buffer:
             raise InvalidArgument(f"{self.field}: more tensor bytes than the header's {self.need}")
         self.buf += data
 
+    @property
+    def filled(self) -> int:
+        return len(self.buf)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.buf) == self.need
+
     def done(self, specs: list[Spec]) -> Tensors:
+        """The arrays (views onto the received bytes), once exactly `need` bytes arrived."""
         if len(self.buf) != self.need:
             raise InvalidArgument(
                 f"{self.field}: stream ended after {len(self.buf)} of {self.need} tensor bytes"
@@ -125,21 +142,25 @@ async def drain(stream: AsyncIterator[Any]) -> None:
             continue
 
 
-async def _read_stream(stream: AsyncIterable[Any], field: str) -> tuple[Any, Tensors]:
+async def _read_stream(
+    stream: AsyncIterable[Any], field: str, header_type: type[H]
+) -> tuple[H, Tensors]:
     """Shared reader for ModelChunk and UpdateChunk streams (same header/data shape); on a
     rejected stream it drains the rest before raising, so the client gets our status."""
     chunks = aiter(stream)
     try:
-        return await _assemble(chunks, field)
+        header, tensors = await _assemble(chunks, field)
     except PropellerError:
         await drain(chunks)
         raise
+    assert isinstance(header, header_type)
+    return header, tensors
 
 
 async def _assemble(stream: AsyncIterator[Any], field: str) -> tuple[Any, Tensors]:
     header: Any = None
     specs: list[Spec] = []
-    buf: _Buffer | None = None
+    buf: PayloadBuffer | None = None
     async for chunk in stream:
         kind = chunk.WhichOneof("part")
         if kind == "header":
@@ -149,7 +170,7 @@ async def _assemble(stream: AsyncIterator[Any], field: str) -> tuple[Any, Tensor
             specs = specs_from_proto(header.tensors, f"{field}.header.tensors")
             if not specs:
                 raise InvalidArgument(f"{field}.header.tensors: must list at least one tensor")
-            buf = _Buffer(_checked_total(specs, header.total_bytes, f"{field}.header"), field)
+            buf = PayloadBuffer(checked_total(specs, header.total_bytes, f"{field}.header"), field)
         elif kind == "data":
             if buf is None:
                 raise InvalidArgument(f"{field}: data chunk before the header")
@@ -164,14 +185,10 @@ async def _assemble(stream: AsyncIterator[Any], field: str) -> tuple[Any, Tensor
 async def read_model_stream(
     stream: AsyncIterable[tensor_pb2.ModelChunk], field: str = "model"
 ) -> tuple[tensor_pb2.ModelHeader, Tensors]:
-    header, tensors = await _read_stream(stream, field)
-    assert isinstance(header, tensor_pb2.ModelHeader)
-    return header, tensors
+    return await _read_stream(stream, field, tensor_pb2.ModelHeader)
 
 
 async def read_update_stream(
     stream: AsyncIterable[tensor_pb2.UpdateChunk], field: str = "update"
 ) -> tuple[tensor_pb2.UpdateHeader, Tensors]:
-    header, tensors = await _read_stream(stream, field)
-    assert isinstance(header, tensor_pb2.UpdateHeader)
-    return header, tensors
+    return await _read_stream(stream, field, tensor_pb2.UpdateHeader)

@@ -1,22 +1,33 @@
-"""Tensors on the wire: raw little-endian bytes + dtype + shape, moved as chunk streams.
+"""Tensors on the wire and at rest: raw little-endian bytes + dtype + shape.
 
 A model or update is an ordered mapping name -> numpy array. On the wire it is a header
 listing each tensor's spec, then the C-ordered bytes of all tensors concatenated, cut into
-chunks. sha256 is taken over exactly those concatenated bytes.
+chunks. sha256 is taken over exactly those concatenated bytes. The stores keep the same bytes
+(one BLOB) next to the specs as JSON and the sha256, and check both before serving them.
+
+This module is the one codec: specs <-> proto and JSON, tensors <-> bytes (`tensor_bytes`,
+`tensors_from_bytes`, `split_payload` for the wire, `verified_tensors` for storage), and the
+one rule for where array work runs (`offload_if_big`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from propeller.v1 import tensor_pb2
-from server.errors import InvalidArgument
+from server.errors import DataLoss, InvalidArgument
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 # No 4 MB ceiling: chunk streams carry big payloads, and unary messages may be large too.
@@ -37,6 +48,28 @@ _DTYPES: dict[tensor_pb2.DType, np.dtype[np.floating]] = {
     tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
     tensor_pb2.DTYPE_FLOAT64: np.dtype("<f8"),
 }
+# Dtypes in stored JSON specs: written as numpy's name ("float32"); the byte-order spelling
+# ("<f4") is what the coordinator's state file held before, and is still read.
+_DTYPE_NAMES: dict[str, np.dtype[np.floating]] = {
+    **{d.name: d for d in _DTYPES.values()},
+    **{d.str: d for d in _DTYPES.values()},
+}
+
+# Array work (hashing, checks, copies, folding, serializing) on at most this many bytes runs on
+# the event loop: handing it to a thread and back costs more than the work (two GIL hand-offs,
+# each up to the 5 ms switch interval when the loop is busy). Bigger work goes to a thread, so
+# the loop keeps serving every other call meanwhile.
+INLINE_BYTES = 256 << 10
+
+
+async def offload_if_big(
+    nbytes: int, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """`fn(*args, **kwargs)` on the event loop when it works on at most `INLINE_BYTES`
+    (`nbytes`), else in a worker thread (`asyncio.to_thread`)."""
+    if nbytes <= INLINE_BYTES:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 def dtype_from_proto(value: int, field: str) -> np.dtype[np.floating]:
@@ -105,8 +138,40 @@ def total_bytes(specs: Sequence[Spec]) -> int:
     return sum(s.nbytes for s in specs)
 
 
-def tensor_bytes(tensors: Mapping[str, Array]) -> bytes:
-    return b"".join(np.ascontiguousarray(a).tobytes() for a in tensors.values())
+def nbytes_of(tensors: Mapping[str, Array]) -> int:
+    return sum(int(a.nbytes) for a in tensors.values())
+
+
+def tensor_bytes(tensors: Mapping[str, Array]) -> bytearray:
+    """The tensors' bytes concatenated: C order, little-endian, in mapping order, written into
+    one buffer (no per-tensor copies joined afterwards)."""
+    arrays = [
+        # asarray, not ascontiguousarray: that one turns a 0-d array into shape (1,).
+        np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C")
+        for a in tensors.values()
+    ]
+    out = bytearray(sum(a.nbytes for a in arrays))
+    offset = 0
+    for arr in arrays:
+        n = arr.nbytes
+        if n:
+            target = np.frombuffer(out, dtype=np.uint8, count=n, offset=offset)
+            target[:] = arr.reshape(-1).view(np.uint8)
+        offset += n
+    return out
+
+
+def tensors_from_bytes(payload: bytes | bytearray | memoryview, specs: Sequence[Spec]) -> Tensors:
+    """Arrays over `payload` (concatenated as `tensor_bytes` writes them) without a copy:
+    writable over a bytearray, read-only over bytes. The caller has checked the length."""
+    out: Tensors = {}
+    offset = 0
+    for spec in specs:
+        count = spec.nbytes // spec.dtype.itemsize
+        arr = np.frombuffer(payload, dtype=spec.dtype, count=count, offset=offset)
+        out[spec.name] = arr.reshape(spec.shape)
+        offset += spec.nbytes
+    return out
 
 
 def sha256_of(tensors: Mapping[str, Array]) -> str:
@@ -132,22 +197,69 @@ def iter_chunks(tensors: Mapping[str, Array], chunk_size: int) -> Iterator[bytes
 def split_payload(
     payload: bytes | bytearray | memoryview, specs: Sequence[Spec], field: str
 ) -> Tensors:
-    """Cut concatenated bytes back into named, writable arrays."""
+    """Cut received bytes back into named, writable arrays (INVALID_ARGUMENT on a length the
+    specs do not promise)."""
     need = total_bytes(specs)
     if len(payload) != need:
         raise InvalidArgument(
             f"{field}: received {len(payload)} bytes of tensor data, header promises {need}"
         )
-    out: Tensors = {}
-    offset = 0
-    view = memoryview(payload)
-    for spec in specs:
-        n = spec.nbytes
-        arr = np.frombuffer(view[offset : offset + n], dtype=spec.dtype).reshape(spec.shape)
-        # A bytearray payload already gives writable arrays; copy only immutable bytes.
-        out[spec.name] = arr if arr.flags.writeable else arr.copy()
-        offset += n
-    return out
+    # A bytearray payload already gives writable arrays; copy only immutable bytes.
+    return {
+        name: arr if arr.flags.writeable else arr.copy()
+        for name, arr in tensors_from_bytes(payload, specs).items()
+    }
+
+
+def verified_tensors(
+    payload: bytes,
+    specs: Sequence[Spec],
+    sha256: str,
+    what: str,
+    corrupted: type[DataLoss] = DataLoss,
+) -> Tensors:
+    """Read-only arrays over stored bytes (no copy), once their length matches the specs and
+    their sha256 the recorded one; `corrupted` (a DATA_LOSS error) naming `what` otherwise.
+    Stored data is never served unchecked. Hashing is the expensive part: callers run this
+    through `offload_if_big`."""
+    need = total_bytes(specs)
+    if len(payload) != need:
+        raise corrupted(
+            f"{what} is corrupted in storage: {len(payload)} tensor bytes stored, its record "
+            f"promises {need}"
+        )
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != sha256:
+        raise corrupted(
+            f"{what} is corrupted in storage: the stored bytes fail their integrity check "
+            f"(sha256 {digest}, recorded {sha256})"
+        )
+    return tensors_from_bytes(payload, specs)
+
+
+def specs_to_json(specs: Sequence[Spec]) -> str:
+    """Specs as stored next to tensor bytes: `[{"name", "dtype", "shape"}, ...]`."""
+    return json.dumps(
+        [{"name": s.name, "dtype": s.dtype.name, "shape": list(s.shape)} for s in specs],
+        separators=(",", ":"),
+    )
+
+
+def specs_from_json(text: str) -> tuple[Spec, ...]:
+    """The specs `specs_to_json` wrote; ValueError for anything else."""
+    try:
+        return tuple(
+            Spec(str(t["name"]), _DTYPE_NAMES[t["dtype"]], tuple(_dimension(d) for d in t["shape"]))
+            for t in json.loads(text)
+        )
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a list of tensor specs: {exc!r}") from None
+
+
+def _dimension(value: object) -> int:
+    if not isinstance(value, int) or value < 0:
+        raise ValueError(f"bad dimension {value!r}")
+    return value
 
 
 def check_finite(tensors: Mapping[str, Array], field: str) -> None:

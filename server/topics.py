@@ -52,9 +52,5 @@ class Topics:
         return f"{self.base}/control/manager/stop"
 
     @property
-    def round_start(self) -> str:
-        return f"{self.base}/fl/rounds/start"
-
-    @property
     def round_next(self) -> str:
         return f"{self.base}/fl/rounds/next"

@@ -15,7 +15,6 @@ def test_everything_lives_under_the_namespace() -> None:
         t.proplet_results,
         t.task_start,
         t.task_stop,
-        t.round_start,
         t.round_next,
         t.task_start_for("p1"),
     ):

@@ -6,11 +6,11 @@ import asyncio
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
 
 from server.aggregator.service import binding
 from server.config import env_str
-from server.grpc_server import ServiceBinding, serve_until_signal
+from server.grpc_server import ServiceBinding
+from server.lifecycle import ServiceApp, run_service
 
 
 @dataclass(frozen=True)
@@ -23,27 +23,21 @@ class AggregatorConfig:
         return cls(addr=env_str(env, "PROPELLER_AGGREGATOR_LISTEN", cls().addr))
 
 
-class AggregatorApp:
+class AggregatorApp(ServiceApp):
+    """Nothing to open: the servicer holds no state."""
+
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
-        self.bindings: list[ServiceBinding] = [binding()]
+        self._bindings = [binding()]
 
-    async def __aenter__(self) -> AggregatorApp:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
+    @property
+    def bindings(self) -> list[ServiceBinding]:
+        return self._bindings
 
 
 async def main() -> None:
     config = AggregatorConfig.from_env()
-    async with AggregatorApp(config) as app:
-        await serve_until_signal(config.addr, app.bindings)
+    await run_service(AggregatorApp(config), config.addr)
 
 
 if __name__ == "__main__":

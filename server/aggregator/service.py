@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
-
-import grpc
 
 from propeller.v1 import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
 from server.aggregator.fedavg import FedAvg
-from server.aggregator.intake import INLINE_BYTES, fold_update_stream
+from server.aggregator.intake import fold_update_stream
 from server.errors import InvalidArgument, grpc_errors
-from server.grpc_server import ServiceBinding
+from server.grpc_server import Context, ServiceBinding
 from server.streams import drain, model_stream
-from server.tensors import DEFAULT_CHUNK_SIZE, Tensors, sha256_of
+from server.tensors import DEFAULT_CHUNK_SIZE, Tensors, offload_if_big, sha256_of
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "propeller.v1.Aggregator"
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _finish(fedavg: FedAvg) -> tuple[Tensors, str]:
@@ -44,10 +38,7 @@ class AggregatorServicer:
             except InvalidArgument:
                 await drain(request_iterator)
                 raise
-            if _model_bytes(fedavg) <= INLINE_BYTES:  # less work than a thread hand-off
-                result, digest = _finish(fedavg)
-            else:
-                result, digest = await asyncio.to_thread(_finish, fedavg)
+            result, digest = await offload_if_big(_model_bytes(fedavg), _finish, fedavg)
             log.info(
                 "[Aggregator.Aggregate] round_id=%s updates=%d total_samples=%d",
                 header.round_id,

@@ -1,6 +1,6 @@
-"""`propeller-fl` entry point. Each module registers its subcommands on the parser; a command
-is a function `(args) -> int` (exit status). Errors end as one line on stderr and a non-zero
-exit, never a traceback."""
+"""`propeller-fl` entry point. Each command module registers its subcommands on the parser
+(`register(sub)`), setting `func`, an async `(args) -> int` (the exit status). Errors end as
+one line on stderr and a non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
@@ -11,18 +11,14 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-import grpc
-
+from server.cli import commands, demo, serve, up
+from server.cli.render import describe_error
 from server.errors import PropellerError
 
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import server.cli.client as client
-    import server.cli.demo as demo
-    import server.cli.serve as serve
-
     parser = argparse.ArgumentParser(
         prog="propeller-fl",
         description="Federated learning on edge devices as WebAssembly tasks (gRPC + MQTT).",
@@ -32,17 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo.register(sub)
+    up.register(sub)
     serve.register(sub)
-    client.register(sub)
+    commands.register(sub)
     return parser
-
-
-def describe_error(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    if isinstance(exc, PropellerError):
-        return f"{exc.code.name}: {exc}"
-    return str(exc) or type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,13 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(func(args))
     except KeyboardInterrupt:
         return 130
-    except (PropellerError, grpc.aio.AioRpcError, OSError, ValueError) as exc:
+    except (PropellerError, OSError, ValueError) as exc:
         print(f"propeller-fl {args.command}: {describe_error(exc)}", file=sys.stderr)
         return 1
-
-
-def set_command(parser: argparse.ArgumentParser, func: Command) -> None:
-    parser.set_defaults(func=func)
 
 
 if __name__ == "__main__":

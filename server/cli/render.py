@@ -1,5 +1,5 @@
 """Output of the client commands: aligned tables and key/value blocks for people, JSON for
-programs. No third-party dependencies.
+programs; then how each kind of message looks (`render_round`, `event_line`, ...).
 
 JSON shape: protobuf messages go through `json_format.MessageToDict` with the proto field names,
 every field present (zeros, empty lists and maps included) and int64 values as JSON numbers;
@@ -18,6 +18,17 @@ from typing import Any, TextIO
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
+
+from propeller.v1 import (
+    coordinator_pb2,
+    datastore_pb2,
+    manager_pb2,
+    model_registry_pb2,
+    tensor_pb2,
+)
+from server.errors import PropellerError
+from server.oci import PushResult
+from server.tensors import Array, Tensors, model_to_json, tensor_from_proto
 
 Cell = object
 
@@ -95,6 +106,13 @@ def ago(ts: float, now: float | None = None) -> str:
     return f"{age / 86400:.0f}d ago"
 
 
+def describe_error(exc: BaseException) -> str:
+    """The one line an error becomes: "CODE: message" for ours, the message otherwise."""
+    if isinstance(exc, PropellerError):
+        return f"{exc.code.name}: {exc}"
+    return str(exc) or type(exc).__name__
+
+
 def short_name(enum_name: str, prefix: str) -> str:
     """ "ROUND_STATE_OPEN" -> "OPEN"."""
     return enum_name.removeprefix(prefix)
@@ -123,3 +141,307 @@ class Output:
     def json_line(self, value: object) -> None:
         """One JSON object on one line (for streams)."""
         self.text(json.dumps(value, separators=(",", ":")))
+
+
+# ------------------------------------------------------------------------------- messages
+
+
+def dataset_arrays(msg: datastore_pb2.Dataset) -> tuple[Array, Array]:
+    """Features [n, d] and labels [n] of a Dataset message."""
+    return (
+        tensor_from_proto(msg.features, "dataset.features"),
+        tensor_from_proto(msg.labels, "dataset.labels"),
+    )
+
+
+def round_state(value: int) -> str:
+    return short_name(coordinator_pb2.RoundState.Name(value), "ROUND_STATE_")
+
+
+def task_state(value: int) -> str:
+    return short_name(manager_pb2.TaskState.Name(value), "TASK_STATE_")
+
+
+def specs_text(specs: Sequence[tensor_pb2.TensorSpec]) -> str:
+    parts = []
+    for s in specs:
+        dtype = short_name(tensor_pb2.DType.Name(s.dtype), "DTYPE_").lower()
+        parts.append(f"{s.name}:{dtype}{list(s.shape)}")
+    return " ".join(parts)
+
+
+def render_round(st: coordinator_pb2.RoundStatus) -> str:
+    hp = st.hyperparams
+    pairs: list[tuple[str, object]] = [
+        ("round", st.round_id),
+        ("experiment", st.experiment_id),
+        ("state", round_state(st.state)),
+        ("completed", st.completed),
+        ("updates", f"{st.num_updates}/{st.k_of_n}"),
+        ("participants", ", ".join(st.participants)),
+        ("reported", ", ".join(st.reported)),
+        ("model", st.model_ref),
+        ("hyperparams", f"epochs={hp.epochs} lr={hp.lr:g} batch_size={hp.batch_size}"),
+        ("image", st.task_wasm_image),
+        ("timeout", f"{st.timeout_s:g}s"),
+        ("started", timestamp(st.started_at)),
+        ("deadline", timestamp(st.deadline)),
+        ("completed at", timestamp(st.completed_at)),
+        ("closed by", st.closed_by),
+        ("new model", st.new_model_uri),
+    ]
+    if st.failure_reason:
+        pairs.append(("reason", st.failure_reason))
+    for name in sorted(st.metrics):
+        pairs.append((f"metric {name}", f"{st.metrics[name]:.6g}"))
+    return fields(pairs)
+
+
+def render_rounds(rounds: Sequence[coordinator_pb2.RoundStatus]) -> str:
+    return table(
+        ["ROUND", "EXPERIMENT", "STATE", "UPDATES", "PARTICIPANTS", "MODEL", "NEW MODEL", "CLOSED"],
+        [
+            [
+                r.round_id,
+                r.experiment_id,
+                round_state(r.state),
+                f"{r.num_updates}/{r.k_of_n}",
+                len(r.participants),
+                r.model_ref,
+                r.new_model_uri,
+                r.closed_by,
+            ]
+            for r in rounds
+        ],
+    )
+
+
+def event_line(ev: coordinator_pb2.RoundEvent) -> str:
+    """One live line of a round watch: time, event, updates/k_of_n, state, proplet, outcome."""
+    when = time.strftime("%H:%M:%S", time.localtime(ev.timestamp or time.time()))
+    kind = short_name(coordinator_pb2.RoundEventType.Name(ev.type), "ROUND_EVENT_TYPE_")
+    st = ev.status
+    parts = [
+        when,
+        kind.ljust(15),
+        f"{st.num_updates}/{st.k_of_n}".ljust(5),
+        round_state(st.state).ljust(11),
+    ]
+    if ev.proplet_id:
+        parts.append(f"proplet={ev.proplet_id}")
+    if st.state == coordinator_pb2.ROUND_STATE_COMPLETED:
+        parts.append(f"model={st.new_model_uri} closed_by={st.closed_by}")
+    if st.state == coordinator_pb2.ROUND_STATE_FAILED:
+        parts.append(f"reason={st.failure_reason}")
+    return "  ".join(parts).rstrip()
+
+
+def render_experiment_response(resp: manager_pb2.StartExperimentResponse) -> str:
+    st = resp.round
+    head = fields(
+        [
+            ("experiment", resp.experiment_id),
+            ("round", resp.round_id),
+            ("state", round_state(st.state)),
+            ("k_of_n", st.k_of_n),
+            ("timeout", f"{st.timeout_s:g}s"),
+            ("deadline", timestamp(st.deadline)),
+        ]
+    )
+    scheduled = table(
+        ["PROPLET", "TASK ID", "TASK NAME"],
+        [[s.proplet_id, s.task_id, s.task_name] for s in resp.scheduled],
+    )
+    blocks = [head, "", f"scheduled ({len(resp.scheduled)}):", scheduled]
+    if resp.skipped:
+        blocks += [
+            "",
+            f"skipped ({len(resp.skipped)}):",
+            table(["PROPLET", "REASON"], [[s.proplet_id, s.reason] for s in resp.skipped]),
+        ]
+    else:
+        blocks += ["", "skipped: none"]
+    return "\n".join(blocks)
+
+
+def render_experiments(exps: Sequence[manager_pb2.Experiment]) -> str:
+    return table(
+        ["EXPERIMENT", "ROUND", "MODEL", "SCHEDULED", "SKIPPED", "CREATED"],
+        [
+            [
+                e.experiment_id,
+                e.config.round_id,
+                e.config.model_ref,
+                len(e.scheduled),
+                len(e.skipped),
+                timestamp(e.created_at),
+            ]
+            for e in exps
+        ],
+    )
+
+
+def render_experiment(e: manager_pb2.Experiment) -> str:
+    c = e.config
+    head = fields(
+        [
+            ("experiment", e.experiment_id),
+            ("round", c.round_id),
+            ("model", c.model_ref),
+            ("participants", ", ".join(c.participants)),
+            ("k_of_n", c.k_of_n),
+            ("timeout", f"{c.timeout_s:g}s"),
+            ("image", c.task_wasm_image),
+            ("created", timestamp(e.created_at)),
+        ]
+    )
+    rows = [[s.proplet_id, "scheduled", s.task_name] for s in e.scheduled]
+    rows += [[s.proplet_id, "skipped", s.reason] for s in e.skipped]
+    return head + "\n\n" + table(["PROPLET", "OUTCOME", "TASK / REASON"], rows)
+
+
+def render_proplets(proplets: Sequence[manager_pb2.Proplet], now: float | None = None) -> str:
+    return table(
+        ["ID", "NAME", "ALIVE", "LAST SEEN", "TASKS"],
+        [[p.id, p.name, p.alive, ago(p.last_seen, now), p.task_count] for p in proplets],
+    )
+
+
+def render_tasks(tasks: Sequence[manager_pb2.Task]) -> str:
+    return table(
+        ["ID", "NAME", "STATE", "PROPLET", "UPDATED"],
+        [
+            [t.id, t.name, task_state(t.state), t.proplet_id or "(any)", timestamp(t.updated_at)]
+            for t in tasks
+        ],
+    )
+
+
+def render_task(t: manager_pb2.Task) -> str:
+    module = t.image_url if t.image_url else f"(inline module, {len(t.file)} bytes)"
+    pairs: list[tuple[str, object]] = [
+        ("id", t.id),
+        ("name", t.name),
+        ("state", task_state(t.state)),
+        ("proplet", t.proplet_id or "(any)"),
+        ("module", module),
+    ]
+    pairs += [("env", f"{k}={v}") for k, v in sorted(t.env.items())]
+    if t.cli_args:
+        pairs.append(("args", " ".join(t.cli_args)))
+    pairs += [
+        ("created", timestamp(t.created_at)),
+        ("started", timestamp(t.started_at)),
+        ("finished", timestamp(t.finished_at)),
+    ]
+    if t.error:
+        pairs.append(("error", t.error))
+    text = fields(pairs)
+    if t.results:
+        text += "\nresults:\n" + t.results.rstrip("\n")
+    return text
+
+
+def render_models(models: Sequence[model_registry_pb2.ModelVersion]) -> str:
+    return table(
+        ["VERSION", "URI", "SHA256", "TENSORS", "BYTES", "CREATED"],
+        [
+            [
+                m.version,
+                m.model_uri,
+                m.sha256[:12],
+                specs_text(m.tensors),
+                m.total_bytes,
+                timestamp(m.created_at),
+            ]
+            for m in models
+        ],
+    )
+
+
+def render_model_version(m: model_registry_pb2.ModelVersion) -> str:
+    return fields(
+        [
+            ("version", m.version),
+            ("uri", m.model_uri),
+            ("sha256", m.sha256),
+            ("tensors", specs_text(m.tensors)),
+            ("bytes", m.total_bytes),
+            ("created", timestamp(m.created_at)),
+        ]
+    )
+
+
+def model_json(header: tensor_pb2.ModelHeader, tensors: Tensors) -> dict[str, object]:
+    """`models get --json`: {"version", "model_uri", "sha256", "tensors": [specs],
+    "model": {"w": [...], "b": x}} (the seed's model JSON under "model")."""
+    return {
+        "version": header.version,
+        "model_uri": header.model_uri,
+        "sha256": header.sha256,
+        "tensors": [message_dict(s) for s in header.tensors],
+        "model": model_to_json(tensors),
+    }
+
+
+def dataset_json(msg: datastore_pb2.Dataset) -> dict[str, object]:
+    """`datasets get --json`: {"proplet_id", "schema", "size", "num_features",
+    "features": [[...], ...], "labels": [...]}."""
+    features, labels = dataset_arrays(msg)
+    return {
+        "proplet_id": msg.proplet_id,
+        "schema": msg.schema,
+        "size": int(features.shape[0]),
+        "num_features": int(features.shape[1]),
+        "features": features.tolist(),
+        "labels": labels.tolist(),
+    }
+
+
+def render_datasets(infos: Sequence[datastore_pb2.DatasetInfo]) -> str:
+    return table(
+        ["PROPLET", "SCHEMA", "SIZE", "FEATURES"],
+        [[d.proplet_id, d.schema, d.size, d.num_features] for d in infos],
+    )
+
+
+def render_dataset_info(d: datastore_pb2.DatasetInfo) -> str:
+    return fields(
+        [
+            ("proplet", d.proplet_id),
+            ("schema", d.schema),
+            ("size", d.size),
+            ("features", d.num_features),
+        ]
+    )
+
+
+def render_dataset(msg: datastore_pb2.Dataset) -> str:
+    features, labels = dataset_arrays(msg)
+    head = fields(
+        [
+            ("proplet", msg.proplet_id),
+            ("schema", msg.schema),
+            ("size", features.shape[0]),
+            ("features", features.shape[1]),
+        ]
+    )
+    headers = [f"x{i}" for i in range(features.shape[1])] + ["LABEL"]
+    rows = [
+        [f"{v:.6g}" for v in row] + [int(lab)]
+        for row, lab in zip(features.tolist(), labels.tolist(), strict=True)
+    ]
+    return head + "\n\n" + table(headers, rows)
+
+
+def render_push(r: PushResult) -> str:
+    return fields(
+        [
+            ("image", r.image),
+            ("digest", r.digest),
+            ("media type", r.media_type),
+            ("size", r.size),
+            ("manifest", r.manifest_digest),
+            ("pinned", r.pinned),
+        ]
+    )

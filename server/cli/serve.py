@@ -24,8 +24,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from server.cli.main import set_command
-
 log = logging.getLogger(__name__)
 
 # The level `serve` logs at when the command line gives no -v: `PROPELLER_LOG_LEVEL`, else INFO.
@@ -85,7 +83,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="LEVEL",
         help=f"DEBUG, INFO, WARNING or ERROR (default: ${LOG_LEVEL_ENV}, else INFO; -v/-vv win)",
     )
-    set_command(serve, serve_command)
+    serve.set_defaults(func=serve_command)
 
     health = sub.add_parser(
         "health",
@@ -111,7 +109,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     health.add_argument(
         "--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)"
     )
-    set_command(health, health_command)
+    health.set_defaults(func=health_command)
 
 
 def _log_level(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -173,14 +171,16 @@ async def health_command(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from propeller.v1 import manager_pb2, manager_pb2_grpc
+    from server.errors import RemoteError, as_remote_error, rpc_errors
     from server.grpc_server import channel
 
     async with channel(args.addr) as chan:
         if args.proplet:
             manager = manager_pb2_grpc.ManagerStub(chan)
-            proplet = await manager.GetProplet(
-                manager_pb2.GetPropletRequest(proplet_id=args.proplet), timeout=args.timeout
-            )
+            with rpc_errors("Manager.GetProplet", as_remote_error):
+                proplet = await manager.GetProplet(
+                    manager_pb2.GetPropletRequest(proplet_id=args.proplet), timeout=args.timeout
+                )
             if not proplet.alive:
                 age = time.time() - proplet.last_seen
                 print(
@@ -193,11 +193,12 @@ async def health_command(args: argparse.Namespace) -> int:
             return 0
         stub = health_pb2_grpc.HealthStub(chan)
         try:
-            resp = await stub.Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
+            with rpc_errors("Health.Check", as_remote_error):
+                resp = await stub.Check(
+                    health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+                )
+        except RemoteError as exc:
+            if exc.code != grpc.StatusCode.NOT_FOUND:
                 raise
             print(f"propeller-fl health: {args.addr} serves no {args.service!r}", file=sys.stderr)
             return 1

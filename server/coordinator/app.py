@@ -3,16 +3,13 @@ and the process entry point."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import uuid
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 import grpc
 
@@ -21,16 +18,13 @@ from server.coordinator.clients import GrpcModelBackend
 from server.coordinator.coordinator import Coordinator, RetryPolicy
 from server.coordinator.service import binding
 from server.coordinator.store import STATE_FILE, MemoryRoundStore, RoundStore, SqliteRoundStore
-from server.grpc_server import ServiceBinding, serve_until_signal
+from server.grpc_server import ServiceBinding
+from server.lifecycle import ServiceApp, for_serve, run_service, start_task, state_dir_from_env
 from server.mqtt import MqttSession
+from server.round_spec import DEFAULT_TIMEOUT_S
 from server.tensors import GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
-
-# Where `propeller-fl serve` keeps state when PROPELLER_STATE_DIR is unset (relative to the
-# working directory), as every service does. Tests and the one-process modes build configs
-# directly: None = memory.
-DEFAULT_STATE_DIR = Path("propeller-fl-state")
 
 
 @dataclass(frozen=True)
@@ -42,7 +36,7 @@ class CoordinatorConfig:
     # Timeout of each call to the aggregator or the registry.
     rpc_timeout_s: float = 30.0
     # A round's timeout when its configuration says 0.
-    default_timeout_s: float = 60.0
+    default_timeout_s: float = DEFAULT_TIMEOUT_S
     # How often the deadline task looks for rounds whose deadline passed.
     tick_s: float = 0.2
     # Aggregation + registry write: attempts, the first backoff (doubling) between them, and
@@ -58,7 +52,6 @@ class CoordinatorConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> CoordinatorConfig:
         env = os.environ if env is None else env
         d = cls()
-        state_dir = env_str(env, "PROPELLER_STATE_DIR", "")
         return cls(
             addr=env_str(env, "PROPELLER_COORDINATOR_LISTEN", d.addr),
             aggregator_addr=env_str(env, "AGGREGATOR_ADDR", d.aggregator_addr),
@@ -76,7 +69,7 @@ class CoordinatorConfig:
             retry_max_backoff_s=env_float(
                 env, "PROPELLER_COORDINATOR_RETRY_MAX_BACKOFF_S", d.retry_max_backoff_s
             ),
-            state_dir=Path(state_dir) if state_dir else None,
+            state_dir=state_dir_from_env(env),
         )
 
     @property
@@ -102,7 +95,7 @@ class CoordinatorConfig:
         ]
 
 
-class CoordinatorApp:
+class CoordinatorApp(ServiceApp):
     """Async context manager: the round store, an MQTT session (publish only), channels to the
     aggregator and the registry, the `Coordinator` (resumed from the store), and the
     background task that closes rounds at their deadline. `bindings` is valid inside the block.
@@ -119,58 +112,53 @@ class CoordinatorApp:
         self._store: RoundStore | None = store
         if store is None and config.state_dir is None:
             self._store = MemoryRoundStore()
-        self._stack: AsyncExitStack | None = None
         self._coordinator: Coordinator | None = None
 
     @property
     def store(self) -> RoundStore:
+        """The round store: a given or memory one at any time, a SQLite one inside the block."""
         if self._store is None:
-            raise RuntimeError("CoordinatorApp is not entered (its state file opens on entry)")
+            raise RuntimeError("CoordinatorApp: its state file opens on entry")
         return self._store
 
     @property
     def coordinator(self) -> Coordinator:
-        if self._coordinator is None:
-            raise RuntimeError("CoordinatorApp is not entered")
-        return self._coordinator
+        return self._entered(self._coordinator)
 
     @property
     def bindings(self) -> list[ServiceBinding]:
         return [binding(self.coordinator)]
 
-    async def __aenter__(self) -> CoordinatorApp:
+    async def _open(self, stack: AsyncExitStack) -> None:
         cfg = self.config
-        async with AsyncExitStack() as stack:
-            if self._store is None:
-                assert cfg.state_file is not None
-                sqlite_store = await asyncio.to_thread(SqliteRoundStore, cfg.state_file)
-                self._store = sqlite_store
-                # Closed last: after the coordinator's tasks are cancelled and awaited.
-                stack.push_async_callback(self._close_store, sqlite_store)
-            mqtt = await stack.enter_async_context(
-                MqttSession(cfg.mqtt, f"coordinator-{uuid.uuid4().hex[:12]}", clean_session=True)
-            )
-            options = cfg.channel_options()
-            registry = grpc.aio.insecure_channel(cfg.registry_addr, options=options)
-            stack.push_async_callback(registry.close, None)
-            aggregator = grpc.aio.insecure_channel(cfg.aggregator_addr, options=options)
-            stack.push_async_callback(aggregator.close, None)
-            coordinator = Coordinator(
-                self.store,
-                GrpcModelBackend(registry, aggregator, timeout_s=cfg.rpc_timeout_s),
-                mqtt.publish,
-                cfg.mqtt.topics,
-                default_timeout_s=cfg.default_timeout_s,
-                retry=cfg.retry,
-            )
-            stack.push_async_callback(coordinator.aclose)
-            await coordinator.resume()
-            deadlines = asyncio.create_task(
-                coordinator.run_deadlines(cfg.tick_s), name="coordinator-deadlines"
-            )
-            stack.push_async_callback(_cancel, deadlines)
-            self._coordinator = coordinator
-            self._stack = stack.pop_all()
+        store = self._store
+        if store is None:
+            assert cfg.state_file is not None
+            sqlite_store = SqliteRoundStore(cfg.state_file)
+            await sqlite_store.open()
+            store = self._store = sqlite_store
+            # Closed last: after the coordinator's tasks are cancelled and awaited.
+            stack.push_async_callback(self._close_store, sqlite_store)
+        mqtt = await stack.enter_async_context(
+            MqttSession(cfg.mqtt, f"coordinator-{uuid.uuid4().hex[:12]}", clean_session=True)
+        )
+        options = cfg.channel_options()
+        registry = grpc.aio.insecure_channel(cfg.registry_addr, options=options)
+        stack.push_async_callback(registry.close, None)
+        aggregator = grpc.aio.insecure_channel(cfg.aggregator_addr, options=options)
+        stack.push_async_callback(aggregator.close, None)
+        coordinator = Coordinator(
+            store,
+            GrpcModelBackend(registry, aggregator, timeout_s=cfg.rpc_timeout_s),
+            mqtt.publish,
+            cfg.mqtt.topics,
+            default_timeout_s=cfg.default_timeout_s,
+            retry=cfg.retry,
+        )
+        stack.push_async_callback(coordinator.aclose)
+        await coordinator.resume()
+        start_task(stack, coordinator.run_deadlines(cfg.tick_s), "coordinator-deadlines")
+        self._coordinator = coordinator
         log.info(
             "[Coordinator] aggregator=%s registry=%s mqtt=%s:%d namespace=%s state=%s",
             cfg.aggregator_addr,
@@ -180,33 +168,13 @@ class CoordinatorApp:
             cfg.mqtt.topics.base,
             cfg.state_file or "memory",
         )
-        return self
 
     async def _close_store(self, store: SqliteRoundStore) -> None:
-        await asyncio.to_thread(store.close)
+        await store.close()
         if self._store is store:
             self._store = None
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        stack, self._stack = self._stack, None
-        self._coordinator = None
-        if stack is not None:
-            await stack.aclose()
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
 
 async def main() -> None:
-    config = CoordinatorConfig.from_env()
-    config = replace(config, state_dir=config.state_dir or DEFAULT_STATE_DIR)
-    async with CoordinatorApp(config) as app:
-        await serve_until_signal(config.addr, app.bindings)
+    config = for_serve(CoordinatorConfig.from_env(), "Coordinator")
+    await run_service(CoordinatorApp(config), config.addr)

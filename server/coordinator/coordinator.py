@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from server.coordinator import rounds as R
-from server.coordinator.rounds import Round, RoundConfig, Update
-from server.coordinator.store import RoundStore, update_headers
+from server.coordinator.rounds import Round, Update
+from server.coordinator.store import RoundStore, RoundUpdates, update_headers
 from server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -28,7 +29,8 @@ from server.errors import (
     PropellerError,
 )
 from server.messages import RoundComplete
-from server.tensors import Array, Spec, Tensors, sha256_of
+from server.round_spec import DEFAULT_TIMEOUT_S, RoundSpec, validate, with_defaults
+from server.tensors import Spec, Tensors, nbytes_of, offload_if_big, sha256_of
 from server.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,6 @@ T = TypeVar("T")
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 Clock = Callable[[], float]
-
-# Array work on at most this many bytes runs on the event loop: handing it to a thread and back
-# costs more (two GIL hand-offs, each up to the 5 ms switch interval when the loop is busy).
-INLINE_BYTES = 256 << 10
 
 # Downstream errors that another attempt cannot fix.
 _PERMANENT: tuple[type[PropellerError], ...] = (
@@ -59,8 +57,9 @@ class ModelBackend(Protocol):
         NotFound if there is none."""
         ...
 
-    async def aggregate(self, round_id: str, updates: Sequence[Update]) -> Tensors:
-        """Combine the updates into one model."""
+    async def aggregate(self, round_id: str, updates: RoundUpdates) -> tuple[Tensors, str]:
+        """Combine the updates into one model; returns it with the sha256 of its bytes (in
+        the returned order), which the backend has verified."""
         ...
 
     async def put(self, tensors: Tensors, sha256: str) -> tuple[int, str]:
@@ -73,21 +72,21 @@ class ModelBackend(Protocol):
         ...
 
 
-class EventType:
-    SNAPSHOT = "snapshot"
-    STARTED = "started"
-    UPDATE_ACCEPTED = "update_accepted"
-    AGGREGATING = "aggregating"
-    COMPLETED = "completed"
-    FAILED = "failed"
+class EventType(enum.Enum):
+    """What a watcher is told (`Coordinator.watch`): the round as it is, then each change.
+    Only the servicer's proto mapping gives these a form outside the process."""
 
-
-_TERMINAL_EVENTS = frozenset({EventType.COMPLETED, EventType.FAILED})
+    SNAPSHOT = enum.auto()
+    STARTED = enum.auto()
+    UPDATE_ACCEPTED = enum.auto()
+    AGGREGATING = enum.auto()
+    COMPLETED = enum.auto()
+    FAILED = enum.auto()
 
 
 @dataclass(frozen=True)
 class Event:
-    type: str
+    type: EventType
     round: Round
     timestamp: float
     proplet_id: str = ""
@@ -152,7 +151,7 @@ class Coordinator:
         publish: Publish,
         topics: Topics,
         *,
-        default_timeout_s: float = R.DEFAULT_TIMEOUT_S,
+        default_timeout_s: float = DEFAULT_TIMEOUT_S,
         retry: RetryPolicy | None = None,
         clock: Clock = time.time,
     ) -> None:
@@ -182,10 +181,12 @@ class Coordinator:
     async def list(self, experiment_id: str = "") -> list[Round]:
         return await self.store.list(experiment_id)
 
-    async def configure(self, cfg: RoundConfig, *, start: bool = False) -> Round:
-        """Create the round (resolving its base model in the registry), or return the existing
-        one when the same configuration arrives again. `start` opens it at once (also on a
-        repeat that finds it still PENDING)."""
+    async def configure(self, spec: RoundSpec, *, start: bool = False) -> Round:
+        """Check `spec` and create the round (its base model resolved in the registry, zeros
+        replaced by the defaults), or return the existing one when the same configuration
+        arrives again. `start` opens it at once (also on a repeat that finds it still
+        PENDING)."""
+        cfg = with_defaults(validate(spec), self.default_timeout_s)
         async with self._lock(cfg.round_id):
             rnd = await self.store.get(cfg.round_id)
             if rnd is not None:
@@ -229,10 +230,7 @@ class Coordinator:
         rnd = await self.get(round_id)
         if self._admit(rnd, update.proplet_id):
             return Submitted(rnd, duplicate=True)
-        if _nbytes(update.tensors) <= INLINE_BYTES:
-            update = R.validate_update(rnd, update)
-        else:
-            update = await asyncio.to_thread(R.validate_update, rnd, update)
+        update = await offload_if_big(nbytes_of(update.tensors), R.validate_update, rnd, update)
         async with self._lock(round_id):
             rnd = await self.get(round_id)
             if self._admit(rnd, update.proplet_id):
@@ -372,20 +370,19 @@ class Coordinator:
         # exactly the same bytes (and the same sha256) as the first attempt.
         updates = await self.store.updates(round_id)
         try:
-            tensors = await self._with_retry(
+            aggregated, sha = await self._with_retry(
                 "aggregate", round_id, lambda _n: self.backend.aggregate(round_id, updates)
             )
-            if _nbytes(tensors) <= INLINE_BYTES:
-                tensors = R.check_tensors(rnd.specs, tensors, "aggregate")
-            else:
-                tensors = await asyncio.to_thread(R.check_tensors, rnd.specs, tensors, "aggregate")
+            nbytes = nbytes_of(aggregated)
+            tensors = await offload_if_big(
+                nbytes, R.check_tensors, rnd.specs, aggregated, "aggregate"
+            )
         except PropellerError as exc:
             await self._fail(round_id, f"aggregation failed: {exc}")
             return
-        if _nbytes(tensors) <= INLINE_BYTES:
-            sha = sha256_of(tensors)
-        else:
-            sha = await asyncio.to_thread(sha256_of, tensors)
+        if list(tensors) != list(aggregated):
+            # Put into the base model's order: other bytes, so another digest.
+            sha = await offload_if_big(nbytes, sha256_of, tensors)
 
         async def store_once(attempt: int) -> tuple[int, str]:
             # A retry, or a round resumed after a restart, may follow a write that landed
@@ -466,7 +463,7 @@ class Coordinator:
 
     # ---- events ------------------------------------------------------------------------
 
-    def _emit(self, kind: str, rnd: Round, proplet_id: str = "") -> None:
+    def _emit(self, kind: EventType, rnd: Round, proplet_id: str = "") -> None:
         if rnd.state is not R.RoundState.OPEN:
             self._members.pop(rnd.round_id, None)  # closed: no more updates to look up
         event = Event(kind, rnd, self.clock(), proplet_id)
@@ -489,7 +486,7 @@ class Coordinator:
             while True:
                 event = await queue.get()
                 yield event
-                if event.type in _TERMINAL_EVENTS:
+                if event.round.finished:  # COMPLETED or FAILED: nothing follows
                     return
         finally:
             watchers = self._watchers.get(round_id)
@@ -513,10 +510,6 @@ class Coordinator:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-def _nbytes(tensors: Mapping[str, Array]) -> int:
-    return sum(int(a.nbytes) for a in tensors.values())
 
 
 async def _to_the_end(aw: Awaitable[None]) -> None:

@@ -1,5 +1,5 @@
-"""Round logic on plain Python and numpy values: configuration checks, the state machine, and
-which updates count.
+"""Round logic on plain Python and numpy values: the round record, its state machine, and
+which updates count. What a round may be configured as is `server.round_spec`.
 
 A `Round` is immutable: every transition returns a new record, so a check that raises leaves
 the stored round exactly as it was ("rejected updates change nothing").
@@ -13,18 +13,13 @@ from __future__ import annotations
 
 import enum
 import math
-from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from server.models import parse_model_uri
+from server.round_spec import Hyperparams, RoundSpec
 from server.tensors import Array, Spec, Tensors, check_finite
-
-DEFAULT_TIMEOUT_S = 60.0
-DEFAULT_EPOCHS = 1
-DEFAULT_LR = 0.01
-DEFAULT_BATCH_SIZE = 1
 
 CLOSED_BY_K_OF_N = "k_of_n"
 CLOSED_BY_DEADLINE = "deadline"
@@ -42,83 +37,6 @@ FINISHED = frozenset({RoundState.COMPLETED, RoundState.FAILED})
 
 
 @dataclass(frozen=True)
-class Hyperparams:
-    epochs: int = DEFAULT_EPOCHS
-    lr: float = DEFAULT_LR
-    batch_size: int = DEFAULT_BATCH_SIZE
-
-
-@dataclass(frozen=True)
-class RoundConfig:
-    """A validated ConfigureRound request with defaults applied. `model_ref` is as requested:
-    empty means "the latest stored version", resolved against the registry when created."""
-
-    round_id: str
-    experiment_id: str
-    participants: tuple[str, ...]
-    k_of_n: int
-    timeout_s: float
-    model_ref: str
-    hyperparams: Hyperparams
-    task_wasm_image: str
-
-
-def round_config(
-    *,
-    round_id: str,
-    participants: Sequence[str],
-    experiment_id: str = "",
-    k_of_n: int = 0,
-    timeout_s: float = 0.0,
-    model_ref: str = "",
-    hyperparams: Hyperparams | None = None,
-    task_wasm_image: str = "",
-    default_timeout_s: float = DEFAULT_TIMEOUT_S,
-) -> RoundConfig:
-    """Check a round configuration (INVALID_ARGUMENT naming the field) and apply defaults:
-    k_of_n 0 -> all participants, timeout_s 0 -> `default_timeout_s`, hyperparameters 0 -> 1,
-    0.01, 1. `hyperparams` carries the raw request values (zeros mean "default")."""
-    if not round_id:
-        raise InvalidArgument("round_id: must not be empty")
-    if not participants:
-        raise InvalidArgument("participants: must not be empty")
-    for i, p in enumerate(participants):
-        if not p:
-            raise InvalidArgument(f"participants[{i}]: must not be empty")
-    dups = sorted(p for p, n in Counter(participants).items() if n > 1)
-    if dups:
-        raise InvalidArgument(f"participants: duplicate proplet ids {dups}")
-    n = len(participants)
-    if k_of_n < 0 or k_of_n > n:
-        raise InvalidArgument(f"k_of_n: {k_of_n} must be between 0 and {n} (the participants)")
-    if not math.isfinite(timeout_s) or timeout_s < 0:
-        raise InvalidArgument(f"timeout_s: {timeout_s} must be a finite number >= 0")
-    if model_ref:
-        parse_model_uri(model_ref, "model_ref")
-    hp = hyperparams if hyperparams is not None else Hyperparams(0, 0.0, 0)
-    if hp.epochs < 0:
-        raise InvalidArgument(f"hyperparams.epochs: {hp.epochs} must be >= 0")
-    if not math.isfinite(hp.lr) or hp.lr < 0:
-        raise InvalidArgument(f"hyperparams.lr: {hp.lr} must be a finite number >= 0")
-    if hp.batch_size < 0:
-        raise InvalidArgument(f"hyperparams.batch_size: {hp.batch_size} must be >= 0")
-    return RoundConfig(
-        round_id=round_id,
-        experiment_id=experiment_id,
-        participants=tuple(participants),
-        k_of_n=k_of_n or n,
-        timeout_s=timeout_s or default_timeout_s,
-        model_ref=model_ref,
-        hyperparams=Hyperparams(
-            epochs=hp.epochs or DEFAULT_EPOCHS,
-            lr=hp.lr or DEFAULT_LR,
-            batch_size=hp.batch_size or DEFAULT_BATCH_SIZE,
-        ),
-        task_wasm_image=task_wasm_image,
-    )
-
-
-@dataclass(frozen=True)
 class Update:
     """One participant's accepted (or candidate) update: arrays plus what the header said."""
 
@@ -132,6 +50,9 @@ class Update:
 
 @dataclass(frozen=True)
 class Round:
+    """A round's record. The manager sees it through the round's status
+    (`wire.status_from_proto`), which carries everything but the tensor specs."""
+
     round_id: str
     experiment_id: str
     participants: tuple[str, ...]
@@ -169,17 +90,17 @@ class Round:
     def base_version(self) -> int:
         return parse_model_uri(self.model_ref)
 
-    def config(self) -> RoundConfig:
-        return RoundConfig(
-            round_id=self.round_id,
-            experiment_id=self.experiment_id,
-            participants=self.participants,
-            k_of_n=self.k_of_n,
-            timeout_s=self.timeout_s,
+    def config(self) -> RoundSpec:
+        """The configuration this round was created from (with the coordinator's defaults)."""
+        return RoundSpec(
+            **{name: getattr(self, name) for name in _FROM_SPEC},
             model_ref=self.requested_model_ref,
-            hyperparams=self.hyperparams,
-            task_wasm_image=self.task_wasm_image,
         )
+
+
+# A round's fields taken as they are from the RoundSpec it was created from; its model_ref is
+# the resolved base model, the spec's the requested one (`requested_model_ref`).
+_FROM_SPEC = tuple(f.name for f in fields(RoundSpec) if f.name != "model_ref")
 
 
 def require_round(rnd: Round | None, round_id: str) -> Round:
@@ -188,14 +109,12 @@ def require_round(rnd: Round | None, round_id: str) -> Round:
     return rnd
 
 
-def check_same_config(rnd: Round, cfg: RoundConfig) -> None:
+def check_same_config(rnd: Round, cfg: RoundSpec) -> None:
     """A second ConfigureRound for an existing round_id is fine only when it asks for exactly
     the same round (a retry); otherwise ALREADY_EXISTS naming what differs."""
     old = rnd.config()
     diff = [
-        name
-        for name in RoundConfig.__dataclass_fields__
-        if getattr(old, name) != getattr(cfg, name)
+        name for name in RoundSpec.__dataclass_fields__ if getattr(old, name) != getattr(cfg, name)
     ]
     if diff:
         raise AlreadyExists(
@@ -203,19 +122,13 @@ def check_same_config(rnd: Round, cfg: RoundConfig) -> None:
         )
 
 
-def new_round(cfg: RoundConfig, model_ref: str, specs: Sequence[Spec], now: float) -> Round:
+def new_round(cfg: RoundSpec, model_ref: str, specs: Sequence[Spec], now: float) -> Round:
     """A PENDING round for `cfg` whose base model resolved to `model_ref` with `specs`."""
     parse_model_uri(model_ref, "model_ref")
     return Round(
-        round_id=cfg.round_id,
-        experiment_id=cfg.experiment_id,
-        participants=cfg.participants,
-        k_of_n=cfg.k_of_n,
-        timeout_s=cfg.timeout_s,
+        **{name: getattr(cfg, name) for name in _FROM_SPEC},
         model_ref=model_ref,
         specs=tuple(specs),
-        hyperparams=cfg.hyperparams,
-        task_wasm_image=cfg.task_wasm_image,
         requested_model_ref=cfg.model_ref,
         configured_at=now,
     )

@@ -4,32 +4,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any
-
-import grpc
 
 from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
 from server.coordinator import rounds as R
 from server.coordinator.coordinator import Coordinator, Event, EventType
+from server.coordinator.wire import STATES, spec_from_proto, status_to_proto
 from server.errors import InvalidArgument, grpc_errors
-from server.grpc_server import ServiceBinding
+from server.grpc_server import Context, ServiceBinding
 from server.streams import read_update_stream
 
 log = logging.getLogger(__name__)
 
-Context = grpc.aio.ServicerContext[Any, Any]
 
 SERVICE_NAME: str = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
-_STATES: dict[R.RoundState, coordinator_pb2.RoundState] = {
-    R.RoundState.PENDING: coordinator_pb2.ROUND_STATE_PENDING,
-    R.RoundState.OPEN: coordinator_pb2.ROUND_STATE_OPEN,
-    R.RoundState.AGGREGATING: coordinator_pb2.ROUND_STATE_AGGREGATING,
-    R.RoundState.COMPLETED: coordinator_pb2.ROUND_STATE_COMPLETED,
-    R.RoundState.FAILED: coordinator_pb2.ROUND_STATE_FAILED,
-}
-
-_EVENTS: dict[str, coordinator_pb2.RoundEventType] = {
+_EVENTS: dict[EventType, coordinator_pb2.RoundEventType] = {
     EventType.SNAPSHOT: coordinator_pb2.ROUND_EVENT_TYPE_SNAPSHOT,
     EventType.STARTED: coordinator_pb2.ROUND_EVENT_TYPE_STARTED,
     EventType.UPDATE_ACCEPTED: coordinator_pb2.ROUND_EVENT_TYPE_UPDATE_ACCEPTED,
@@ -37,35 +26,6 @@ _EVENTS: dict[str, coordinator_pb2.RoundEventType] = {
     EventType.COMPLETED: coordinator_pb2.ROUND_EVENT_TYPE_COMPLETED,
     EventType.FAILED: coordinator_pb2.ROUND_EVENT_TYPE_FAILED,
 }
-
-
-def status_to_proto(rnd: R.Round) -> coordinator_pb2.RoundStatus:
-    return coordinator_pb2.RoundStatus(
-        round_id=rnd.round_id,
-        experiment_id=rnd.experiment_id,
-        state=_STATES[rnd.state],
-        completed=rnd.state is R.RoundState.COMPLETED,
-        num_updates=rnd.num_updates,
-        k_of_n=rnd.k_of_n,
-        participants=rnd.participants,
-        reported=rnd.reported,
-        model_ref=rnd.model_ref,
-        timeout_s=rnd.timeout_s,
-        hyperparams=coordinator_pb2.Hyperparams(
-            epochs=rnd.hyperparams.epochs,
-            lr=rnd.hyperparams.lr,
-            batch_size=rnd.hyperparams.batch_size,
-        ),
-        task_wasm_image=rnd.task_wasm_image,
-        started_at=rnd.started_at,
-        deadline=rnd.deadline,
-        completed_at=rnd.completed_at,
-        new_model_version=rnd.new_model_version or 0,
-        new_model_uri=rnd.new_model_uri,
-        failure_reason=rnd.failure_reason,
-        closed_by=rnd.closed_by,
-        metrics=dict(rnd.metrics),
-    )
 
 
 def event_to_proto(event: Event) -> coordinator_pb2.RoundEvent:
@@ -77,26 +37,6 @@ def event_to_proto(event: Event) -> coordinator_pb2.RoundEvent:
     )
 
 
-def config_from_proto(
-    req: coordinator_pb2.ConfigureRoundRequest, default_timeout_s: float
-) -> R.RoundConfig:
-    return R.round_config(
-        round_id=req.round_id,
-        experiment_id=req.experiment_id,
-        participants=list(req.participants),
-        k_of_n=req.k_of_n,
-        timeout_s=req.timeout_s,
-        model_ref=req.model_ref,
-        hyperparams=R.Hyperparams(
-            epochs=req.hyperparams.epochs,
-            lr=req.hyperparams.lr,
-            batch_size=req.hyperparams.batch_size,
-        ),
-        task_wasm_image=req.task_wasm_image,
-        default_timeout_s=default_timeout_s,
-    )
-
-
 class CoordinatorServicer:
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
@@ -105,8 +45,7 @@ class CoordinatorServicer:
         self, request: coordinator_pb2.ConfigureRoundRequest, context: Context
     ) -> coordinator_pb2.RoundStatus:
         async with grpc_errors(context, "Coordinator.ConfigureRound"):
-            cfg = config_from_proto(request, self.coordinator.default_timeout_s)
-            rnd = await self.coordinator.configure(cfg, start=request.start)
+            rnd = await self.coordinator.configure(spec_from_proto(request), start=request.start)
             return status_to_proto(rnd)
 
     async def StartRound(
@@ -140,7 +79,7 @@ class CoordinatorServicer:
                 duplicate=result.duplicate,
                 num_updates=result.round.num_updates,
                 k_of_n=result.round.k_of_n,
-                state=_STATES[result.round.state],
+                state=STATES[result.round.state],
             )
 
     async def GetRoundStatus(

@@ -3,10 +3,13 @@
 The coordinator keeps nothing about a round outside a `RoundStore`: the round record (the
 immutable `Round`, replaced on every transition) and every accepted update, as arrays, in
 arrival order. The methods are async so an implementation may do its I/O off the event loop.
+A round's updates come back as `RoundUpdates`: `each_update` reads them in order (one update's
+arrays at a time for a stored round), `update_headers` gives their header fields.
 
 - `MemoryRoundStore`: process memory, lost on restart (tests, the one-process demo).
 - `SqliteRoundStore`: one SQLite file (`<state_dir>/coordinator.sqlite`, through
-  `server.sqlite.Database`: WAL, synchronous=FULL, one transaction per logical change). Every
+  `server.sqlite.Database`: WAL, synchronous=FULL, one transaction per logical change;
+  `SqliteRoundStore(path)`, then `await open()` and `await close()`). Every
   change the coordinator makes is one transaction: accepting an update inserts the update row
   (header fields + tensor bytes as one BLOB) *and* rewrites the round record together; a state
   change rewrites the round record. A kill -9 at any moment leaves the last committed state,
@@ -20,17 +23,23 @@ import hashlib
 import json
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, overload
+from typing import Any, Protocol, TypeVar
 
-import numpy as np
-
-from server.coordinator.rounds import Hyperparams, Round, RoundState, Update
+from server.coordinator.rounds import Round, RoundState, Update
 from server.errors import DataLoss, PropellerError, ResourceExhausted, Unavailable
+from server.round_spec import Hyperparams
 from server.sqlite import Database
-from server.tensors import Array, Spec, Tensors, total_bytes
+from server.tensors import (
+    Spec,
+    specs_from_json,
+    specs_of,
+    specs_to_json,
+    tensor_bytes,
+    verified_tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +70,7 @@ class RoundStore(Protocol):
         are stored or neither is. `rnd` is the round with `update.proplet_id` counted."""
         ...
 
-    async def updates(self, round_id: str) -> Sequence[Update]:
+    async def updates(self, round_id: str) -> RoundUpdates:
         """The round's accepted updates in arrival order."""
         ...
 
@@ -186,21 +195,7 @@ class StateCorrupted(DataLoss):
     """The state file holds something that cannot be a record this code wrote."""
 
 
-def _specs_json(specs: Sequence[Spec]) -> str:
-    return json.dumps(
-        [{"name": s.name, "dtype": s.dtype.str, "shape": list(s.shape)} for s in specs]
-    )
-
-
-def _specs_from_json(text: str) -> tuple[Spec, ...]:
-    return tuple(
-        Spec(str(s["name"]), np.dtype(s["dtype"]), tuple(int(d) for d in s["shape"]))
-        for s in json.loads(text)
-    )
-
-
 def _round_values(rnd: Round) -> tuple[Any, ...]:
-    hp = rnd.hyperparams
     return (
         rnd.round_id,
         rnd.experiment_id,
@@ -210,8 +205,8 @@ def _round_values(rnd: Round) -> tuple[Any, ...]:
         rnd.timeout_s,
         rnd.model_ref,
         rnd.requested_model_ref,
-        _specs_json(rnd.specs),
-        json.dumps({"epochs": hp.epochs, "lr": hp.lr, "batch_size": hp.batch_size}),
+        specs_to_json(rnd.specs),
+        rnd.hyperparams.to_json(),
         rnd.task_wasm_image,
         rnd.configured_at,
         rnd.started_at,
@@ -228,7 +223,6 @@ def _round_values(rnd: Round) -> tuple[Any, ...]:
 
 def _round_from_row(row: Sequence[Any]) -> Round:
     v = dict(zip(_ROUND_COLUMNS, row, strict=True))
-    hp = json.loads(v["hyperparams"])
     return Round(
         round_id=v["round_id"],
         experiment_id=v["experiment_id"],
@@ -236,10 +230,8 @@ def _round_from_row(row: Sequence[Any]) -> Round:
         k_of_n=int(v["k_of_n"]),
         timeout_s=float(v["timeout_s"]),
         model_ref=v["model_ref"],
-        specs=_specs_from_json(v["specs"]),
-        hyperparams=Hyperparams(
-            epochs=int(hp["epochs"]), lr=float(hp["lr"]), batch_size=int(hp["batch_size"])
-        ),
+        specs=specs_from_json(v["specs"]),
+        hyperparams=Hyperparams.from_dict(json.loads(v["hyperparams"])),
         task_wasm_image=v["task_wasm_image"],
         requested_model_ref=v["requested_model_ref"],
         state=RoundState(v["state"]),
@@ -267,50 +259,14 @@ def _header_from_row(row: Sequence[Any]) -> tuple[Update, tuple[Spec, ...]]:
         tensors={},
         received_at=float(v["received_at"]),
     )
-    return update, _specs_from_json(v["specs"])
+    return update, specs_from_json(v["specs"])
 
 
-def _tensor_blob(tensors: Mapping[str, Array]) -> tuple[bytearray, list[Spec], str]:
-    """The tensors as one BLOB (C-order, little-endian, in mapping order; written into one
-    buffer, no intermediate copies), their specs and the BLOB's sha256."""
-    arrays = [
-        # asarray, not ascontiguousarray: that one turns a 0-d array into shape (1,).
-        (name, np.asarray(arr, dtype=arr.dtype.newbyteorder("<"), order="C"))
-        for name, arr in tensors.items()
-    ]
-    blob = bytearray(sum(a.nbytes for _, a in arrays))
-    specs: list[Spec] = []
-    offset = 0
-    for name, arr in arrays:
-        specs.append(Spec(name, arr.dtype, tuple(arr.shape)))
-        n = arr.nbytes
-        np.frombuffer(blob, dtype=np.uint8, count=n, offset=offset)[:] = arr.reshape(-1).view(
-            np.uint8
-        )
-        offset += n
-    return blob, specs, hashlib.sha256(blob).hexdigest()
-
-
-def _tensors_from_blob(blob: bytes, specs: Sequence[Spec], sha256: str, what: str) -> Tensors:
-    """Read-only arrays over the BLOB (no copy), after checking its length and sha256."""
-    if len(blob) != total_bytes(specs) or hashlib.sha256(blob).hexdigest() != sha256:
-        raise StateCorrupted(f"{what}: stored tensor bytes fail their integrity check")
-    out: Tensors = {}
-    offset = 0
-    for spec in specs:
-        n = spec.nbytes
-        arr = np.frombuffer(blob, dtype=spec.dtype, count=n // spec.dtype.itemsize, offset=offset)
-        out[spec.name] = arr.reshape(spec.shape)
-        offset += n
-    return out
-
-
-class StoredUpdates(Sequence[Update]):
+class StoredUpdates:
     """A round's accepted updates as stored, in arrival order. The header fields are in memory
     (`headers`, with empty tensors); an update's tensors are read from the database only when
-    that update is asked for and are not kept, so aggregating a round holds one update's arrays
-    at a time. `async for` reads off the event loop; indexing reads synchronously (tools,
-    tests)."""
+    that update is asked for (`load`, `async for`) and are not kept, so aggregating a round
+    holds one update's arrays at a time."""
 
     def __init__(self, store: SqliteRoundStore, round_id: str, headers: Sequence[Update]) -> None:
         self._store = store
@@ -320,18 +276,6 @@ class StoredUpdates(Sequence[Update]):
     def __len__(self) -> int:
         return len(self.headers)
 
-    @overload
-    def __getitem__(self, index: int) -> Update: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[Update]: ...
-
-    def __getitem__(self, index: int | slice) -> Update | Sequence[Update]:
-        if isinstance(index, slice):
-            return tuple(self[i] for i in range(*index.indices(len(self))))
-        header = self.headers[index]
-        return self._store._load_update_sync(self.round_id, header)
-
     async def load(self, index: int) -> Update:
         return await self._store._load_update(self.round_id, self.headers[index])
 
@@ -340,7 +284,22 @@ class StoredUpdates(Sequence[Update]):
             yield await self.load(i)
 
 
-def update_headers(updates: Sequence[Update]) -> Sequence[Update]:
+# What `RoundStore.updates` returns: the updates themselves (in memory) or a stored round's.
+RoundUpdates = Sequence[Update] | StoredUpdates
+
+
+async def each_update(updates: RoundUpdates) -> AsyncIterator[Update]:
+    """The updates in arrival order; stored ones are read off the event loop, one at a time."""
+    if isinstance(updates, StoredUpdates):
+        async for u in updates:
+            yield u
+            del u  # not held while the next one is read
+    else:
+        for u in updates:
+            yield u
+
+
+def update_headers(updates: RoundUpdates) -> Sequence[Update]:
     """The updates' header fields without reading stored tensors (for the round's metrics)."""
     return updates.headers if isinstance(updates, StoredUpdates) else updates
 
@@ -356,28 +315,28 @@ class SqliteRoundStore:
     """
 
     def __init__(self, path: Path) -> None:
-        """Open (creating if needed) the state file and load the round records. Blocking."""
         self.path = path
         self._rounds: dict[str, Round] = {}
         self._failed: str = ""
-        self._closed = False
         self._db = Database(path, SCHEMA)
-        try:
-            self._db.read_sync(self._load)
-        except BaseException:
-            self._db.close()
-            raise
-        log.info("[Coordinator.store] path=%s rounds=%d", path, len(self._rounds))
 
     @classmethod
     def in_dir(cls, state_dir: Path) -> SqliteRoundStore:
         return cls(state_dir / STATE_FILE)
 
-    def close(self) -> None:
-        """Finish every queued operation, then close the file. Blocking; idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._db.close()
+    async def open(self) -> None:
+        """Open (creating if needed) the state file and load the round records."""
+        await self._db.open()
+        try:
+            await self._db.read(self._load)
+        except BaseException:
+            await self._db.close()
+            raise
+        log.info("[Coordinator.store] path=%s rounds=%d", self.path, len(self._rounds))
+
+    async def close(self) -> None:
+        """Finish every queued operation, then close the file. Idempotent."""
+        await self._db.close()
 
     # -- on the database thread --
 
@@ -398,7 +357,8 @@ class SqliteRoundStore:
         conn.execute(_UPSERT_ROUND, _round_values(rnd))
 
     def _insert_update(self, conn: sqlite3.Connection, round_id: str, update: Update) -> None:
-        blob, specs, sha = _tensor_blob(update.tensors)
+        # The tensors as one BLOB in the wire's layout, written into one buffer.
+        blob = tensor_bytes(update.tensors)
         limit = conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
         if len(blob) > limit:
             raise ResourceExhausted(
@@ -418,9 +378,9 @@ class SqliteRoundStore:
                 update.base_model_uri,
                 update.num_samples,
                 json.dumps(dict(update.metrics)),
-                _specs_json(specs),
+                specs_to_json(specs_of(update.tensors)),
                 update.received_at,
-                sha,
+                hashlib.sha256(blob).hexdigest(),
                 blob,
             ),
         )
@@ -507,7 +467,7 @@ class SqliteRoundStore:
 
         return StoredUpdates(self, round_id, await self._read(headers))
 
-    def _load_fn(self, round_id: str, header: Update) -> Callable[[sqlite3.Connection], Update]:
+    async def _load_update(self, round_id: str, header: Update) -> Update:
         def load(conn: sqlite3.Connection) -> Update:
             row = conn.execute(
                 "SELECT specs, sha256, tensors FROM updates WHERE round_id = ? AND proplet_id = ?",
@@ -519,14 +479,9 @@ class SqliteRoundStore:
                 )
             specs_text, sha, blob = row
             what = f"round {round_id!r} update {header.proplet_id!r}"
-            tensors = _tensors_from_blob(blob, _specs_from_json(specs_text), sha, what)
+            specs = specs_from_json(specs_text)
+            # Read-only arrays over the BLOB (no copy), after checking its length and sha256.
+            tensors = verified_tensors(blob, specs, sha, what, StateCorrupted)
             return replace(header, tensors=tensors)
 
-        return load
-
-    async def _load_update(self, round_id: str, header: Update) -> Update:
-        return await self._read(self._load_fn(round_id, header))
-
-    def _load_update_sync(self, round_id: str, header: Update) -> Update:
-        self._check()
-        return self._db.read_sync(self._load_fn(round_id, header))
+        return await self._read(load)

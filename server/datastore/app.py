@@ -6,9 +6,9 @@ import asyncio
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from server.config import env_int, env_list, env_str
 from server.datastore.datasets import DEFAULT_NUM_FEATURES, DEFAULT_NUM_SAMPLES, seeded_dataset
@@ -19,13 +19,10 @@ from server.datastore.store import (
     InMemoryDatasetStore,
     SqliteDatasetStore,
 )
-from server.grpc_server import ServiceBinding, serve_until_signal
+from server.grpc_server import ServiceBinding
+from server.lifecycle import ServiceApp, for_serve, run_service, state_dir_from_env
 
 log = logging.getLogger(__name__)
-
-# Where `propeller-fl serve` keeps state when PROPELLER_STATE_DIR is unset (relative to the
-# working directory); see docs/configuration.md.
-DEFAULT_STATE_DIR = Path("propeller-fl-state")
 
 
 @dataclass(frozen=True)
@@ -53,48 +50,45 @@ class DataStoreConfig:
         env = os.environ if env is None else env
         d = cls()
         ids = env_list(env, "PROPELLER_DATASTORE_SEED_IDS") or env_list(env, "PROPLET_IDS")
-        state_dir = env_str(env, "PROPELLER_STATE_DIR", "")
         return cls(
             addr=env_str(env, "PROPELLER_DATASTORE_LISTEN", d.addr),
             seed_proplet_ids=tuple(dict.fromkeys(ids)),
             num_samples=env_int(env, "PROPELLER_DATASTORE_SAMPLES", d.num_samples),
             num_features=env_int(env, "PROPELLER_DATASTORE_FEATURES", d.num_features),
-            state_dir=Path(state_dir) if state_dir else None,
+            state_dir=state_dir_from_env(env),
         )
 
 
-class DataStoreApp:
-    """Owns the dataset store (opened and seeded on entry) and the servicer."""
+class DataStoreApp(ServiceApp):
+    """Owns the dataset store (opened and seeded on entry; closed on exit, or when the seeding
+    fails) and the servicer."""
 
     def __init__(self, config: DataStoreConfig, store: DatasetStore | None = None) -> None:
         self.config = config
         self._given = store
         self._store: DatasetStore | None = None
-        self._sqlite: SqliteDatasetStore | None = None
-        self.bindings: list[ServiceBinding] = [binding(lambda: self.store)]
+        self._bindings = [binding(lambda: self.store)]
 
     @property
     def store(self) -> DatasetStore:
-        if self._store is None:
-            raise RuntimeError("DataStoreApp: use it inside `async with`")
-        return self._store
+        return self._entered(self._store)
 
-    async def __aenter__(self) -> DataStoreApp:
+    @property
+    def bindings(self) -> list[ServiceBinding]:
+        return self._bindings
+
+    async def _open(self, stack: AsyncExitStack) -> None:
         if self._given is not None:
             store: DatasetStore = self._given
         elif self.config.state_dir is not None:
-            store = self._sqlite = await SqliteDatasetStore.open(
-                self.config.state_dir / DATASTORE_DB_FILE
-            )
+            sqlite = SqliteDatasetStore(self.config.state_dir / DATASTORE_DB_FILE)
+            await sqlite.open()
+            stack.push_async_callback(sqlite.close)
+            store = sqlite
         else:
             store = InMemoryDatasetStore()
-        try:
-            await self._seed(store)
-        except BaseException:
-            await self._close()
-            raise
+        await self._seed(store)
         self._store = store
-        return self
 
     async def _seed(self, store: DatasetStore) -> None:
         """Give each seed id without a dataset a synthetic one; stored datasets (seeded by an
@@ -118,28 +112,10 @@ class DataStoreApp:
             cfg.num_features,
         )
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._store = None
-        await self._close()
-
-    async def _close(self) -> None:
-        sqlite, self._sqlite = self._sqlite, None
-        if sqlite is not None:
-            await sqlite.close()
-
 
 async def main() -> None:
-    config = DataStoreConfig.from_env()
-    state_dir = config.state_dir or DEFAULT_STATE_DIR
-    config = replace(config, state_dir=state_dir)
-    log.info("[DataStore] state_dir=%s", state_dir.resolve())
-    async with DataStoreApp(config) as app:
-        await serve_until_signal(config.addr, app.bindings)
+    config = for_serve(DataStoreConfig.from_env(), "DataStore")
+    await run_service(DataStoreApp(config), config.addr)
 
 
 if __name__ == "__main__":

@@ -5,22 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
-
-import grpc
 
 from propeller.v1 import datastore_pb2, datastore_pb2_grpc
 from server.datastore.datasets import SCHEMA, Dataset, validate_dataset
 from server.datastore.store import DatasetStore, DatasetSummary, summary_of
 from server.errors import InvalidArgument, NotFound, grpc_errors
-from server.grpc_server import ServiceBinding
+from server.grpc_server import Context, ServiceBinding
 from server.tensors import tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "propeller.v1.DataStore"
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def dataset_info_proto(summary: DatasetSummary) -> datastore_pb2.DatasetInfo:

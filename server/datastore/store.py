@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import time
@@ -16,7 +15,7 @@ import numpy as np
 
 from server.datastore.datasets import Dataset
 from server.sqlite import Database
-from server.tensors import Array
+from server.tensors import Array, Spec, offload_if_big, tensor_bytes, tensors_from_bytes
 
 DATASTORE_DB_FILE = "datastore.sqlite"
 
@@ -86,29 +85,30 @@ _SCHEMA = [
 ]
 
 
-def _array_row(arr: Array) -> tuple[str, str, bytes]:
-    little = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-    return little.dtype.str, json.dumps(list(arr.shape)), little.tobytes()
+def _array_row(arr: Array) -> tuple[str, str, bytearray]:
+    """An array's columns: its dtype ("<f8"), its shape (JSON) and its bytes."""
+    dtype = arr.dtype.newbyteorder("<")
+    return dtype.str, json.dumps(list(arr.shape)), tensor_bytes({"": arr})
 
 
 def _array_from_row(dtype: str, shape: str, data: bytes) -> Array:
-    arr = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(tuple(json.loads(shape)))
-    return arr  # read-only: a view onto the row's bytes
+    """A read-only array over the row's bytes (no copy)."""
+    spec = Spec("", np.dtype(dtype), tuple(json.loads(shape)))
+    return tensors_from_bytes(data, [spec])[""]
 
 
 class SqliteDatasetStore:
     """Datasets in one SQLite file, one row (both arrays as BLOBs) per proplet; each put is
-    one transaction. Open with `await SqliteDatasetStore.open(path)`."""
+    one transaction. `SqliteDatasetStore(path)`, then `await open()`, `await close()`."""
 
-    def __init__(self, db: Database) -> None:
-        self.db = db
+    def __init__(self, path: Path) -> None:
+        self.db = Database(path, _SCHEMA)
 
-    @classmethod
-    async def open(cls, path: Path) -> SqliteDatasetStore:
-        return cls(await asyncio.to_thread(Database, path, _SCHEMA))
+    async def open(self) -> None:
+        await self.db.open()
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.db.close)
+        await self.db.close()
 
     async def get(self, proplet_id: str) -> Dataset | None:
         row = await self.db.read(
@@ -128,8 +128,8 @@ class SqliteDatasetStore:
         )
 
     async def put(self, dataset: Dataset, *, replace: bool = True) -> bool:
-        features = await asyncio.to_thread(_array_row, dataset.features)
-        labels = await asyncio.to_thread(_array_row, dataset.labels)
+        features = await offload_if_big(dataset.features.nbytes, _array_row, dataset.features)
+        labels = await offload_if_big(dataset.labels.nbytes, _array_row, dataset.labels)
         values = (
             dataset.proplet_id,
             dataset.schema,

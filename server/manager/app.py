@@ -3,19 +3,18 @@ channel, wired to the servicer."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from propeller.v1 import coordinator_pb2_grpc, manager_pb2
 from propeller.v1 import manager_pb2_grpc as manager_grpc
 from server.config import Endpoints, MqttConfig, env_float, env_str
-from server.grpc_server import ServiceBinding, channel, serve_until_signal
+from server.grpc_server import ServiceBinding, channel
+from server.lifecycle import ServiceApp, for_serve, run_service, state_dir_from_env
 from server.manager.coordinator import CoordinatorClient
 from server.manager.experiments import ExperimentStore, InMemoryExperimentStore
 from server.manager.orchestrator import Manager
@@ -24,12 +23,6 @@ from server.manager.service import ManagerServicer
 from server.manager.sqlite_store import ManagerDatabase
 from server.manager.tasks import InMemoryTaskStore, Tasks, TaskStore
 from server.mqtt import MqttSession
-
-log = logging.getLogger(__name__)
-
-# Where `propeller-fl serve` keeps state when PROPELLER_STATE_DIR is unset (relative to the
-# working directory). Tests and the one-process modes build configs directly: None = memory.
-DEFAULT_STATE_DIR = Path("propeller-fl-state")
 
 SERVICE_NAME: str = manager_pb2.DESCRIPTOR.services_by_name["Manager"].full_name
 
@@ -67,16 +60,11 @@ class ManagerConfig:
             alive_window_s=env_float(env, "PROPELLER_ALIVE_WINDOW_S", d.alive_window_s),
             task_endpoints=Endpoints.from_env(env),
             rpc_timeout_s=env_float(env, "PROPELLER_RPC_TIMEOUT_S", d.rpc_timeout_s),
-            state_dir=_state_dir(env),
+            state_dir=state_dir_from_env(env),
         )
 
 
-def _state_dir(env: Mapping[str, str]) -> Path | None:
-    raw = env_str(env, "PROPELLER_STATE_DIR", "")
-    return Path(raw) if raw else None
-
-
-class ManagerApp:
+class ManagerApp(ServiceApp):
     """Async context manager owning the manager's state, its MQTT session (proplet create,
     alive and results) and its channel to the coordinator. Serve `bindings` while inside."""
 
@@ -103,15 +91,12 @@ class ManagerApp:
         self.experiment_store: ExperimentStore = experiment_store or (
             db.experiments if db else InMemoryExperimentStore()
         )
-        self._stack: contextlib.AsyncExitStack | None = None
         self._manager: Manager | None = None
         self._session: MqttSession | None = None
 
     @property
     def manager(self) -> Manager:
-        if self._manager is None:
-            raise RuntimeError("ManagerApp: use it inside `async with`")
-        return self._manager
+        return self._entered(self._manager)
 
     @property
     def bindings(self) -> list[ServiceBinding]:
@@ -134,61 +119,41 @@ class ManagerApp:
         await self.persisted()
 
     async def _publish(self, topic: str, payload: bytes) -> None:
-        if self._session is None:
-            raise RuntimeError("ManagerApp: MQTT session is not open")
-        await self._session.publish(topic, payload)
+        await self._entered(self._session).publish(topic, payload)
 
-    async def __aenter__(self) -> ManagerApp:
+    async def _open(self, stack: AsyncExitStack) -> None:
         topics = self.config.mqtt.topics
-        async with contextlib.AsyncExitStack() as stack:
-            # The state is loaded before the MQTT session opens: a persistent session delivers
-            # the results queued while the manager was down at once.
-            if self.database is not None:
-                await self.database.open()
-                stack.push_async_callback(self.database.close)
-            chan = channel(self.config.coordinator_addr)
-            stack.push_async_callback(chan.close, None)
-            self._manager = Manager(
-                proplets=self.proplets,
-                tasks=self.tasks,
-                experiments=self.experiment_store,
-                rounds=CoordinatorClient(
-                    coordinator_pb2_grpc.CoordinatorStub(chan), self.config.rpc_timeout_s
-                ),
-                publish=self._publish,
-                topics=topics,
-                task_endpoints=self.config.task_endpoints,
-                clock=self.clock,
+        # The state is loaded before the MQTT session opens: a persistent session delivers
+        # the results queued while the manager was down at once.
+        if self.database is not None:
+            await self.database.open()
+            stack.push_async_callback(self.database.close)
+        chan = channel(self.config.coordinator_addr)
+        stack.push_async_callback(chan.close, None)
+        self._manager = Manager(
+            proplets=self.proplets,
+            tasks=self.tasks,
+            experiments=self.experiment_store,
+            rounds=CoordinatorClient(
+                coordinator_pb2_grpc.CoordinatorStub(chan), self.config.rpc_timeout_s
+            ),
+            publish=self._publish,
+            topics=topics,
+            task_endpoints=self.config.task_endpoints,
+            clock=self.clock,
+        )
+        # A stable client id per namespace: a restarted manager resumes its persistent
+        # session and receives the results queued while it was down.
+        self._session = await stack.enter_async_context(
+            MqttSession(
+                self.config.mqtt,
+                f"propeller-manager-{topics.domain}-{topics.channel}",
+                [topics.proplet_create, topics.proplet_alive, topics.proplet_results],
+                self._on_message,
             )
-            # A stable client id per namespace: a restarted manager resumes its persistent
-            # session and receives the results queued while it was down.
-            self._session = await stack.enter_async_context(
-                MqttSession(
-                    self.config.mqtt,
-                    f"propeller-manager-{topics.domain}-{topics.channel}",
-                    [topics.proplet_create, topics.proplet_alive, topics.proplet_results],
-                    self._on_message,
-                )
-            )
-            self._stack = stack.pop_all()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        stack, self._stack = self._stack, None
-        self._session = None
-        if stack is not None:
-            await stack.aclose()
+        )
 
 
 async def main() -> None:
-    config = ManagerConfig.from_env()
-    state_dir = config.state_dir or DEFAULT_STATE_DIR
-    config = replace(config, state_dir=state_dir)
-    log.info("[Manager] state_dir=%s", state_dir.resolve())
-    async with ManagerApp(config) as app:
-        await serve_until_signal(config.addr, app.bindings)
+    config = for_serve(ManagerConfig.from_env(), "Manager")
+    await run_service(ManagerApp(config), config.addr)

@@ -1,59 +1,49 @@
-"""The manager's view of the Coordinator: the three round calls it makes, behind a Protocol so
-the orchestration can be exercised without a network."""
+"""The manager's view of the Coordinator: the three round calls it makes, in domain types
+(`RoundSpec` in, the coordinator's `Round` out), behind a Protocol so the orchestration can be
+exercised without a network. `CoordinatorClient` is the gRPC edge."""
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
-import grpc
-
 from propeller.v1 import coordinator_pb2
-from server.errors import from_rpc_error
+from server.coordinator.rounds import Round
+from server.coordinator.wire import spec_fields, status_from_proto
+from server.errors import rpc_errors
+from server.round_spec import RoundSpec
 
 
 class RoundService(Protocol):
-    async def configure_round(
-        self, request: coordinator_pb2.ConfigureRoundRequest
-    ) -> coordinator_pb2.RoundStatus: ...
+    async def configure_round(self, spec: RoundSpec) -> Round:
+        """Configure (not start) the round `spec` describes; zeros are the coordinator's to
+        fill."""
+        ...
 
-    async def start_round(self, round_id: str) -> coordinator_pb2.RoundStatus: ...
+    async def start_round(self, round_id: str) -> Round: ...
 
-    async def get_round_status(self, round_id: str) -> coordinator_pb2.RoundStatus: ...
+    async def get_round_status(self, round_id: str) -> Round: ...
 
 
 class CoordinatorClient:
     """`RoundService` over a `CoordinatorStub`; failures keep their status code
-    (ALREADY_EXISTS stays ALREADY_EXISTS) through `from_rpc_error`."""
+    (ALREADY_EXISTS stays ALREADY_EXISTS) through `rpc_errors`."""
 
     def __init__(self, stub: Any, timeout_s: float) -> None:
         self._stub = stub
         self.timeout_s = timeout_s
 
-    async def configure_round(
-        self, request: coordinator_pb2.ConfigureRoundRequest
-    ) -> coordinator_pb2.RoundStatus:
-        try:
-            status: coordinator_pb2.RoundStatus = await self._stub.ConfigureRound(
-                request, timeout=self.timeout_s
-            )
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err, "Coordinator.ConfigureRound") from None
-        return status
+    async def _call(self, method: str, request: Any) -> Round:
+        with rpc_errors(f"Coordinator.{method}"):
+            status = await getattr(self._stub, method)(request, timeout=self.timeout_s)
+        return status_from_proto(status)
 
-    async def start_round(self, round_id: str) -> coordinator_pb2.RoundStatus:
-        try:
-            status: coordinator_pb2.RoundStatus = await self._stub.StartRound(
-                coordinator_pb2.StartRoundRequest(round_id=round_id), timeout=self.timeout_s
-            )
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err, "Coordinator.StartRound") from None
-        return status
+    async def configure_round(self, spec: RoundSpec) -> Round:
+        request = coordinator_pb2.ConfigureRoundRequest(**spec_fields(spec), start=False)
+        return await self._call("ConfigureRound", request)
 
-    async def get_round_status(self, round_id: str) -> coordinator_pb2.RoundStatus:
-        try:
-            status: coordinator_pb2.RoundStatus = await self._stub.GetRoundStatus(
-                coordinator_pb2.GetRoundStatusRequest(round_id=round_id), timeout=self.timeout_s
-            )
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err, "Coordinator.GetRoundStatus") from None
-        return status
+    async def start_round(self, round_id: str) -> Round:
+        return await self._call("StartRound", coordinator_pb2.StartRoundRequest(round_id=round_id))
+
+    async def get_round_status(self, round_id: str) -> Round:
+        request = coordinator_pb2.GetRoundStatusRequest(round_id=round_id)
+        return await self._call("GetRoundStatus", request)

@@ -1,101 +1,17 @@
-"""Experiments (the seed's `POST /fl/experiments`): validating the request and deriving what a
-round needs — the coordinator's k_of_n, the per-participant task name and environment.
+"""Experiments (the seed's `POST /fl/experiments`): a round (`server.round_spec`, checked with
+`experiment=True`) fanned out as one task per participant, and what that fan-out derives from
+it: the coordinator's k_of_n, the per-participant task name and environment.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from dataclasses import dataclass
 
 from server.config import Endpoints
-from server.errors import InvalidArgument
 from server.manager.proplets import Skipped
-from server.models import parse_model_uri
-
-DEFAULT_EPOCHS = 1
-DEFAULT_LR = 0.01
-DEFAULT_BATCH_SIZE = 1
-
-
-@dataclass(frozen=True)
-class Hyperparams:
-    """0 means "the default": epochs 1, lr 0.01, batch_size 1 (per-example SGD)."""
-
-    epochs: int = 0
-    lr: float = 0.0
-    batch_size: int = 0
-
-    def filled(self) -> Hyperparams:
-        return Hyperparams(
-            epochs=self.epochs or DEFAULT_EPOCHS,
-            lr=self.lr or DEFAULT_LR,
-            batch_size=self.batch_size or DEFAULT_BATCH_SIZE,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size}
-
-    def to_json(self) -> str:
-        """The HYPERPARAMS environment value the wasm module reads."""
-        return json.dumps(self.to_dict())
-
-
-@dataclass(frozen=True)
-class ExperimentConfig:
-    experiment_id: str
-    round_id: str
-    model_ref: str
-    participants: list[str]
-    hyperparams: Hyperparams = field(default_factory=Hyperparams)
-    k_of_n: int = 0  # 0 -> every scheduled participant
-    timeout_s: float = 0.0  # 0 -> the coordinator's default
-    task_wasm_image: str = ""
-
-
-def validate(config: ExperimentConfig) -> ExperimentConfig:
-    """Check a request; INVALID_ARGUMENT naming the first bad field. Returns the config with
-    experiment_id derived when empty ("exp-{round_id}") and hyperparameter defaults filled."""
-    if not config.round_id:
-        raise InvalidArgument("round_id: must not be empty")
-    if any(c.isspace() for c in config.round_id):
-        raise InvalidArgument(f"round_id: {config.round_id!r} must not contain whitespace")
-    if not config.participants:
-        raise InvalidArgument("participants: must not be empty")
-    seen: set[str] = set()
-    for i, pid in enumerate(config.participants):
-        if not pid:
-            raise InvalidArgument(f"participants: entry {i} is empty")
-        if pid in seen:
-            raise InvalidArgument(f"participants: {pid!r} is listed more than once")
-        seen.add(pid)
-    if not config.model_ref:
-        raise InvalidArgument("model_ref: must not be empty")
-    parse_model_uri(config.model_ref, "model_ref")
-    if not config.task_wasm_image:
-        raise InvalidArgument("task_wasm_image: must not be empty")
-    n = len(config.participants)
-    if config.k_of_n < 0 or config.k_of_n > n:
-        raise InvalidArgument(
-            f"k_of_n: {config.k_of_n} must be between 0 (all) and the {n} participants"
-        )
-    if not math.isfinite(config.timeout_s) or config.timeout_s < 0:
-        raise InvalidArgument(f"timeout_s: {config.timeout_s} must be >= 0 (0 = default)")
-    hp = config.hyperparams
-    if hp.epochs < 0:
-        raise InvalidArgument(f"hyperparams.epochs: {hp.epochs} must be >= 0")
-    if not math.isfinite(hp.lr) or hp.lr < 0:
-        raise InvalidArgument(f"hyperparams.lr: {hp.lr} must be >= 0")
-    if hp.batch_size < 0:
-        raise InvalidArgument(f"hyperparams.batch_size: {hp.batch_size} must be >= 0")
-    return replace(
-        config,
-        experiment_id=config.experiment_id or f"exp-{config.round_id}",
-        participants=list(config.participants),
-        hyperparams=hp.filled(),
-    )
+from server.manager.records import InMemoryStore, RecordStore
+from server.round_spec import Hyperparams, RoundSpec
 
 
 def effective_k_of_n(requested: int, scheduled: int) -> int:
@@ -145,32 +61,17 @@ class ScheduledParticipant:
 @dataclass(frozen=True)
 class Experiment:
     experiment_id: str
-    config: ExperimentConfig
+    config: RoundSpec
     scheduled: Sequence[ScheduledParticipant]
     skipped: Sequence[Skipped]
     created_at: float
 
-
-class ExperimentStore(Protocol):
-    """Where experiment records live: in memory, or manager.sqlite (`sqlite_store`). `list`
-    is in creation order."""
-
-    def get(self, experiment_id: str) -> Experiment | None: ...
-
-    def put(self, experiment: Experiment) -> None: ...
-
-    def list(self) -> list[Experiment]: ...
+    @property
+    def key(self) -> str:
+        return self.experiment_id
 
 
-class InMemoryExperimentStore:
-    def __init__(self) -> None:
-        self._experiments: dict[str, Experiment] = {}
-
-    def get(self, experiment_id: str) -> Experiment | None:
-        return self._experiments.get(experiment_id)
-
-    def put(self, experiment: Experiment) -> None:
-        self._experiments[experiment.experiment_id] = experiment
-
-    def list(self) -> list[Experiment]:
-        return list(self._experiments.values())
+# Where experiment records live: in memory, or manager.sqlite (`sqlite_store`); `list` is
+# in creation order.
+ExperimentStore = RecordStore[Experiment]
+InMemoryExperimentStore = InMemoryStore[Experiment]

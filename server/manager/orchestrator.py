@@ -1,8 +1,8 @@
 """What the manager does with its state: react to proplet messages, start and stop tasks, and
 run an experiment's round from configuration to one started task per live participant.
 
-MQTT publishing and the coordinator are injected (`Publish`, `RoundService`), so this is
-testable with plain fakes; `ManagerApp` wires in the real ones.
+MQTT publishing and the coordinator are injected (`Publish`, `RoundService`, both in domain
+terms), so this is testable with plain fakes; `ManagerApp` wires in the real ones.
 """
 
 from __future__ import annotations
@@ -11,31 +11,30 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
-from propeller.v1 import coordinator_pb2
 from server.config import Endpoints
+from server.coordinator.rounds import Round
 from server.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     Unavailable,
 )
 from server.manager.coordinator import RoundService
 from server.manager.experiments import (
     Experiment,
-    ExperimentConfig,
     ExperimentStore,
     ScheduledParticipant,
     effective_k_of_n,
     round_task_env,
     round_task_name,
-    validate,
 )
 from server.manager.proplets import Proplets, Skipped
+from server.manager.records import require
 from server.manager.tasks import Task, Tasks
-from server.messages import PropletAnnounce, RoundStart, TaskResult
+from server.messages import PropletAnnounce, TaskResult
+from server.round_spec import RoundSpec, validate
 from server.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -46,33 +45,25 @@ Publish = Callable[[str, bytes], Awaitable[None]]
 @dataclass(frozen=True)
 class ExperimentStarted:
     experiment: Experiment
-    round: coordinator_pb2.RoundStatus
+    round: Round
 
 
+@dataclass(kw_only=True, eq=False)
 class Manager:
-    def __init__(
-        self,
-        *,
-        proplets: Proplets,
-        tasks: Tasks,
-        experiments: ExperimentStore,
-        rounds: RoundService,
-        publish: Publish,
-        topics: Topics,
-        task_endpoints: Endpoints,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.proplets = proplets
-        self.tasks = tasks
-        self.experiments = experiments
-        self.rounds = rounds
-        self.publish = publish
-        self.topics = topics
-        self.task_endpoints = task_endpoints
-        self.clock = clock
-        # Experiment ids whose StartExperiment is in flight, so two concurrent calls with one
-        # id cannot both pass the existence check while the first awaits the coordinator.
-        self._starting: set[str] = set()
+    """The manager's behaviour over its stores; what it talks to is given as fields, so a
+    test builds it from plain fakes."""
+
+    proplets: Proplets
+    tasks: Tasks
+    experiments: ExperimentStore
+    rounds: RoundService
+    publish: Publish
+    topics: Topics
+    task_endpoints: Endpoints
+    clock: Callable[[], float] = time.time
+    # Experiment ids whose StartExperiment is in flight, so two concurrent calls with one
+    # id cannot both pass the existence check while the first awaits the coordinator.
+    _starting: set[str] = field(default_factory=set, init=False, repr=False)
 
     # --- MQTT intake ---------------------------------------------------------------------
 
@@ -129,21 +120,18 @@ class Manager:
     # --- experiments ---------------------------------------------------------------------
 
     def get_experiment(self, experiment_id: str) -> Experiment:
-        experiment = self.experiments.get(experiment_id)
-        if experiment is None:
-            raise NotFound(f"experiment_id: no experiment {experiment_id!r}")
-        return experiment
+        return require(self.experiments, experiment_id, "experiment")
 
     def list_experiments(self) -> list[Experiment]:
         return sorted(self.experiments.list(), key=lambda e: e.created_at)
 
-    async def get_round_status(self, round_id: str) -> coordinator_pb2.RoundStatus:
+    async def get_round_status(self, round_id: str) -> Round:
         if not round_id:
             raise InvalidArgument("round_id: must not be empty")
         return await self.rounds.get_round_status(round_id)
 
-    async def start_experiment(self, request: ExperimentConfig) -> ExperimentStarted:
-        config = validate(request)
+    async def start_experiment(self, request: RoundSpec) -> ExperimentStarted:
+        config = validate(request, experiment=True)
         eid = config.experiment_id
         if eid in self._starting or self.experiments.get(eid) is not None:
             raise AlreadyExists(f"experiment_id: {eid!r} already exists")
@@ -153,7 +141,7 @@ class Manager:
         finally:
             self._starting.discard(eid)
 
-    async def _start_experiment(self, config: ExperimentConfig) -> ExperimentStarted:
+    async def _start_experiment(self, config: RoundSpec) -> ExperimentStarted:
         n = len(config.participants)
         participants, skipped = self.proplets.split(config.participants)
         for s in skipped:
@@ -169,39 +157,18 @@ class Manager:
                 f"participants: none of the {n} participants is alive: {reasons}"
             )
 
-        hp = config.hyperparams
+        # The coordinator is given the scheduled participants only, and a k_of_n they can reach.
         await self.rounds.configure_round(
-            coordinator_pb2.ConfigureRoundRequest(
-                round_id=config.round_id,
-                experiment_id=config.experiment_id,
-                participants=participants,
+            replace(
+                config,
+                participants=tuple(participants),
                 k_of_n=effective_k_of_n(config.k_of_n, len(participants)),
-                timeout_s=config.timeout_s,
-                model_ref=config.model_ref,
-                hyperparams=coordinator_pb2.Hyperparams(
-                    epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size
-                ),
-                task_wasm_image=config.task_wasm_image,
-                start=False,
             )
         )
-        # The deadline counts from here, the moment the proplets are told about the round.
+        # The deadline counts from here, the moment the proplets are told about the round: it
+        # reaches each task as ROUND_DEADLINE, beside the HYPERPARAMS.
         status = await self.rounds.start_round(config.round_id)
         model_uri = status.model_ref or config.model_ref
-        await self.publish(
-            self.topics.round_start,
-            RoundStart(
-                round_id=config.round_id,
-                experiment_id=config.experiment_id,
-                model_uri=model_uri,
-                task_wasm_image=config.task_wasm_image,
-                participants=list(participants),
-                hyperparams=hp.to_dict(),
-                k_of_n=status.k_of_n,
-                timeout_s=status.timeout_s,
-                deadline=status.deadline,
-            ).to_json(),
-        )
 
         tasks = [
             self.tasks.create(
@@ -210,7 +177,7 @@ class Manager:
                 env=round_task_env(
                     round_id=config.round_id,
                     model_uri=model_uri,
-                    hyperparams=hp,
+                    hyperparams=config.hyperparams,
                     proplet_id=pid,
                     endpoints=self.task_endpoints,
                     deadline=status.deadline,

@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
-from server.errors import NotFound
+from server.manager.records import InMemoryStore, RecordStore, require
 from server.messages import PropletAnnounce
 
 Clock = Callable[[], float]
@@ -27,29 +26,14 @@ class Proplet:
     last_seen: float = 0.0
     registered_at: float = 0.0
 
-
-class PropletStore(Protocol):
-    """Where proplet records live: in memory, or manager.sqlite (`sqlite_store`)."""
-
-    def get(self, proplet_id: str) -> Proplet | None: ...
-
-    def put(self, proplet: Proplet) -> None: ...
-
-    def list(self) -> list[Proplet]: ...
+    @property
+    def key(self) -> str:
+        return self.id
 
 
-class InMemoryPropletStore:
-    def __init__(self) -> None:
-        self._proplets: dict[str, Proplet] = {}
-
-    def get(self, proplet_id: str) -> Proplet | None:
-        return self._proplets.get(proplet_id)
-
-    def put(self, proplet: Proplet) -> None:
-        self._proplets[proplet.id] = proplet
-
-    def list(self) -> list[Proplet]:
-        return list(self._proplets.values())
+# Where proplet records live: in memory, or manager.sqlite (`sqlite_store`).
+PropletStore = RecordStore[Proplet]
+InMemoryPropletStore = InMemoryStore[Proplet]
 
 
 @dataclass(frozen=True)
@@ -94,10 +78,7 @@ class Proplets:
         return proplet
 
     def get(self, proplet_id: str) -> Proplet:
-        proplet = self.store.get(proplet_id)
-        if proplet is None:
-            raise NotFound(f"proplet_id: no proplet {proplet_id!r}")
-        return proplet
+        return require(self.store, proplet_id, "proplet")
 
     def all(self) -> list[Proplet]:
         """Every known proplet, in registration order."""

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
-
-import grpc
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import fields
 
 from propeller.v1 import coordinator_pb2, manager_pb2
+from server.coordinator.wire import spec_fields, spec_from_proto, status_to_proto
 from server.errors import InvalidArgument, grpc_errors
-from server.manager.experiments import Experiment, ExperimentConfig, Hyperparams
+from server.grpc_server import Context
+from server.manager.experiments import Experiment
 from server.manager.orchestrator import Manager
 from server.manager.proplets import Proplet
 from server.manager.tasks import Task, TaskState
+from server.messages import TaskSpec
 
-Context = grpc.aio.ServicerContext[Any, Any]
-T = TypeVar("T")
 _TO_PROTO: dict[TaskState, manager_pb2.TaskState] = {
     TaskState.PENDING: manager_pb2.TASK_STATE_PENDING,
     TaskState.SCHEDULED: manager_pb2.TASK_STATE_SCHEDULED,
@@ -42,52 +42,22 @@ def state_from_proto(value: int) -> TaskState | None:
         raise InvalidArgument(f"state: {value} is not a TaskState") from None
 
 
+# The Task fields the message carries as they are: what the task runs (its `TaskSpec`), its
+# outcome and its times (the state is an enum on the wire).
+_TASK_FIELDS = (
+    *(f.name for f in fields(TaskSpec)),
+    "results",
+    "error",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "finished_at",
+)
+
+
 def task_to_proto(task: Task) -> manager_pb2.Task:
     return manager_pb2.Task(
-        id=task.id,
-        name=task.name,
-        image_url=task.image_url,
-        file=task.file,
-        env=task.env,
-        cli_args=task.cli_args,
-        proplet_id=task.proplet_id,
-        state=state_to_proto(task.state),
-        results=task.results,
-        error=task.error,
-        created_at=task.created_at,
-        updated_at=task.updated_at,
-        started_at=task.started_at,
-        finished_at=task.finished_at,
-    )
-
-
-def config_from_proto(req: manager_pb2.StartExperimentRequest) -> ExperimentConfig:
-    hp = req.hyperparams
-    return ExperimentConfig(
-        experiment_id=req.experiment_id,
-        round_id=req.round_id,
-        model_ref=req.model_ref,
-        participants=list(req.participants),
-        hyperparams=Hyperparams(epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size),
-        k_of_n=req.k_of_n,
-        timeout_s=req.timeout_s,
-        task_wasm_image=req.task_wasm_image,
-    )
-
-
-def config_to_proto(config: ExperimentConfig) -> manager_pb2.StartExperimentRequest:
-    hp = config.hyperparams
-    return manager_pb2.StartExperimentRequest(
-        experiment_id=config.experiment_id,
-        round_id=config.round_id,
-        model_ref=config.model_ref,
-        participants=config.participants,
-        hyperparams=coordinator_pb2.Hyperparams(
-            epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size
-        ),
-        k_of_n=config.k_of_n,
-        timeout_s=config.timeout_s,
-        task_wasm_image=config.task_wasm_image,
+        **{name: getattr(task, name) for name in _TASK_FIELDS}, state=state_to_proto(task.state)
     )
 
 
@@ -109,7 +79,7 @@ def _skipped(e: Experiment) -> list[manager_pb2.SkippedParticipant]:
 def experiment_to_proto(e: Experiment) -> manager_pb2.Experiment:
     return manager_pb2.Experiment(
         experiment_id=e.experiment_id,
-        config=config_to_proto(e.config),
+        config=manager_pb2.StartExperimentRequest(**spec_fields(e.config)),
         scheduled=_scheduled(e),
         skipped=_skipped(e),
         created_at=e.created_at,
@@ -130,9 +100,13 @@ class ManagerServicer:
         self.manager = manager
         self.persisted = persisted or _nothing_pending
 
-    async def _durable(self, reply: T) -> T:
-        await self.persisted()
-        return reply
+    @contextlib.asynccontextmanager
+    async def _answering(self, context: Context, method: str) -> AsyncIterator[None]:
+        """`grpc_errors` for a method whose answer must be on disk before it leaves: once the
+        body has its reply, wait for `persisted()` (a failure there is INTERNAL)."""
+        async with grpc_errors(context, method):
+            yield
+            await self.persisted()
 
     def _proplet(self, p: Proplet) -> manager_pb2.Proplet:
         proplets = self.manager.proplets
@@ -149,63 +123,55 @@ class ManagerServicer:
     async def StartExperiment(
         self, request: manager_pb2.StartExperimentRequest, context: Context
     ) -> manager_pb2.StartExperimentResponse:
-        async with grpc_errors(context, "Manager.StartExperiment"):
-            started = await self.manager.start_experiment(config_from_proto(request))
+        async with self._answering(context, "Manager.StartExperiment"):
+            started = await self.manager.start_experiment(spec_from_proto(request))
             e = started.experiment
-            return await self._durable(
-                manager_pb2.StartExperimentResponse(
-                    experiment_id=e.experiment_id,
-                    round_id=e.config.round_id,
-                    round=started.round,
-                    scheduled=_scheduled(e),
-                    skipped=_skipped(e),
-                )
+            return manager_pb2.StartExperimentResponse(
+                experiment_id=e.experiment_id,
+                round_id=e.config.round_id,
+                round=status_to_proto(started.round),
+                scheduled=_scheduled(e),
+                skipped=_skipped(e),
             )
 
     async def GetExperiment(
         self, request: manager_pb2.GetExperimentRequest, context: Context
     ) -> manager_pb2.Experiment:
-        async with grpc_errors(context, "Manager.GetExperiment"):
-            return await self._durable(
-                experiment_to_proto(self.manager.get_experiment(request.experiment_id))
-            )
+        async with self._answering(context, "Manager.GetExperiment"):
+            return experiment_to_proto(self.manager.get_experiment(request.experiment_id))
 
     async def ListExperiments(
         self, request: manager_pb2.ListExperimentsRequest, context: Context
     ) -> manager_pb2.ListExperimentsResponse:
-        async with grpc_errors(context, "Manager.ListExperiments"):
-            return await self._durable(
-                manager_pb2.ListExperimentsResponse(
-                    experiments=[experiment_to_proto(e) for e in self.manager.list_experiments()]
-                )
+        async with self._answering(context, "Manager.ListExperiments"):
+            return manager_pb2.ListExperimentsResponse(
+                experiments=[experiment_to_proto(e) for e in self.manager.list_experiments()]
             )
 
     async def GetRoundStatus(
         self, request: coordinator_pb2.GetRoundStatusRequest, context: Context
     ) -> coordinator_pb2.RoundStatus:
         async with grpc_errors(context, "Manager.GetRoundStatus"):
-            return await self.manager.get_round_status(request.round_id)
+            return status_to_proto(await self.manager.get_round_status(request.round_id))
 
     async def ListProplets(
         self, request: manager_pb2.ListPropletsRequest, context: Context
     ) -> manager_pb2.ListPropletsResponse:
-        async with grpc_errors(context, "Manager.ListProplets"):
-            return await self._durable(
-                manager_pb2.ListPropletsResponse(
-                    proplets=[self._proplet(p) for p in self.manager.proplets.all()]
-                )
+        async with self._answering(context, "Manager.ListProplets"):
+            return manager_pb2.ListPropletsResponse(
+                proplets=[self._proplet(p) for p in self.manager.proplets.all()]
             )
 
     async def GetProplet(
         self, request: manager_pb2.GetPropletRequest, context: Context
     ) -> manager_pb2.Proplet:
-        async with grpc_errors(context, "Manager.GetProplet"):
-            return await self._durable(self._proplet(self.manager.proplets.get(request.proplet_id)))
+        async with self._answering(context, "Manager.GetProplet"):
+            return self._proplet(self.manager.proplets.get(request.proplet_id))
 
     async def CreateTask(
         self, request: manager_pb2.CreateTaskRequest, context: Context
     ) -> manager_pb2.Task:
-        async with grpc_errors(context, "Manager.CreateTask"):
+        async with self._answering(context, "Manager.CreateTask"):
             task = self.manager.tasks.create(
                 request.name,
                 image_url=request.image_url,
@@ -214,31 +180,27 @@ class ManagerServicer:
                 cli_args=list(request.cli_args),
                 proplet_id=request.proplet_id,
             )
-            return await self._durable(task_to_proto(task))
+            return task_to_proto(task)
 
     async def StartTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
-        async with grpc_errors(context, "Manager.StartTask"):
-            return await self._durable(
-                task_to_proto(await self.manager.start_task(request.task_id))
-            )
+        async with self._answering(context, "Manager.StartTask"):
+            return task_to_proto(await self.manager.start_task(request.task_id))
 
     async def StopTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
-        async with grpc_errors(context, "Manager.StopTask"):
-            return await self._durable(task_to_proto(await self.manager.stop_task(request.task_id)))
+        async with self._answering(context, "Manager.StopTask"):
+            return task_to_proto(await self.manager.stop_task(request.task_id))
 
     async def GetTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
-        async with grpc_errors(context, "Manager.GetTask"):
-            return await self._durable(task_to_proto(self.manager.tasks.get(request.task_id)))
+        async with self._answering(context, "Manager.GetTask"):
+            return task_to_proto(self.manager.tasks.get(request.task_id))
 
     async def ListTasks(
         self, request: manager_pb2.ListTasksRequest, context: Context
     ) -> manager_pb2.ListTasksResponse:
-        async with grpc_errors(context, "Manager.ListTasks"):
+        async with self._answering(context, "Manager.ListTasks"):
             tasks = self.manager.tasks.find(
                 name_prefix=request.name_prefix,
                 proplet_id=request.proplet_id,
                 state=state_from_proto(request.state),
             )
-            return await self._durable(
-                manager_pb2.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])
-            )
+            return manager_pb2.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])

@@ -3,8 +3,9 @@
 
 The domain code (`Proplets`, `Tasks`, `Manager`) reads and writes its stores synchronously, so
 these stores keep every record in memory as well (loaded once when the file is opened): reads
-never touch the disk. A `put` updates that copy and hands the row to the database thread
-(`server.sqlite.Database`, one transaction per put, in call order) without waiting.
+never touch the disk. A `put` updates that copy and hands its write (a new row, or the
+columns that changed) to the database thread (`server.sqlite.Database`, one transaction per
+put, in call order) without waiting.
 `flush()` waits until every write handed over so far is committed; the servicer awaits it
 before answering and the MQTT handler after each message, so whatever a client has been told
 has reached the disk, and the event loop never blocks on it.
@@ -17,17 +18,15 @@ import json
 import logging
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from server.manager.experiments import (
-    Experiment,
-    ExperimentConfig,
-    Hyperparams,
-    ScheduledParticipant,
-)
+from server.manager.experiments import Experiment, ScheduledParticipant
 from server.manager.proplets import Proplet, Skipped
+from server.manager.records import InMemoryStore, Keyed
 from server.manager.tasks import Task, TaskState
+from server.round_spec import RoundSpec
 from server.sqlite import Database
 
 log = logging.getLogger(__name__)
@@ -68,6 +67,7 @@ SCHEMA = [
 ]
 
 Write = Callable[[sqlite3.Connection], None]
+T = TypeVar("T", bound=Keyed)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -91,28 +91,27 @@ class ManagerDatabase:
         self._db: Database | None = None
         self._pending: list[asyncio.Future[None]] = []
         self._failure: BaseException | None = None
-        self.proplets = SqlitePropletStore(self)
-        self.tasks = SqliteTaskStore(self)
-        self.experiments = SqliteExperimentStore(self)
+        self.proplets = TableStore(self, PROPLETS)
+        self.tasks = TableStore(self, TASKS)
+        self.experiments = TableStore(self, EXPERIMENTS)
 
     async def open(self) -> None:
-        db = await asyncio.to_thread(Database, self.path, SCHEMA)
+        db = Database(self.path, SCHEMA)
+        await db.open()
+        stores: tuple[TableStore[Any], ...] = (self.proplets, self.tasks, self.experiments)
         try:
             await db.write(_migrate)
-            proplets, tasks, experiments = await db.read(_load_all)
+            loaded = await db.read(lambda conn: [s.table.load(conn) for s in stores])
         except BaseException:
-            await asyncio.to_thread(db.close)
+            await db.close()
             raise
-        self.proplets._records = {p.id: p for p in proplets}
-        self.tasks._records = {t.id: t for t in tasks}
-        self.experiments._records = {e.experiment_id: e for e in experiments}
+        for store, records in zip(stores, loaded, strict=True):
+            store.loaded(records)
         self._db = db
         log.info(
-            "[Manager.state] path=%s proplets=%d tasks=%d experiments=%d",
+            "[Manager.state] path=%s %s",
             self.path,
-            len(proplets),
-            len(tasks),
-            len(experiments),
+            " ".join(f"{s.table.name}={len(r)}" for s, r in zip(stores, loaded, strict=True)),
         )
 
     async def close(self) -> None:
@@ -122,21 +121,16 @@ class ManagerDatabase:
         try:
             await self._wait_pending()
         finally:
-            await asyncio.to_thread(db.close)
+            await db.close()
 
     def submit(self, write: Write) -> None:
         """Commit `write` on the database thread, after every write submitted before it."""
         db = self._db
         if db is None:
             raise RuntimeError(f"{self.path}: the manager's state is not open")
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            db.write_sync(write)  # no event loop (a synchronous caller): just write
-            return
         # Tasks start in creation order and each hands its write to the one database thread
         # at once, so writes commit in the order they were submitted.
-        future = asyncio.ensure_future(db.write(write))
+        future = asyncio.get_running_loop().create_task(db.write(write))
         self._pending.append(future)
         future.add_done_callback(self._written)
 
@@ -163,146 +157,119 @@ class ManagerDatabase:
         await self._wait_pending()
 
 
-class _Store:
-    def __init__(self, owner: ManagerDatabase) -> None:
+# --- tables ---------------------------------------------------------------------------------
+
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Table(Generic[T]):
+    """One table of manager.sqlite: its columns (the first is the key, `id`) and how a record
+    becomes a row (values in column order) and back. Rows are read in insertion order, so
+    `list` keeps the records' creation order across restarts."""
+
+    name: str
+    columns: tuple[str, ...]
+    to_row: Callable[[T], Row]
+    from_row: Callable[[Row], T]
+
+    def load(self, conn: sqlite3.Connection) -> list[T]:
+        sql = f"SELECT {', '.join(self.columns)} FROM {self.name} ORDER BY rowid"
+        return [self.from_row(tuple(row)) for row in conn.execute(sql)]
+
+    def write(self, record: T, previous: T | None) -> Write | None:
+        """The write that stores `record` over `previous` (the record as stored, None for a
+        new one): the whole row for a new record, else only the columns whose value changed
+        (a task's inline module is written once, not with every change of state); None when
+        nothing changed."""
+        row = self.to_row(record)
+        if previous is None:
+            marks = ", ".join("?" * len(row))
+            sql = f"INSERT INTO {self.name} ({', '.join(self.columns)}) VALUES ({marks})"
+            values = row
+        else:
+            old = self.to_row(previous)
+            changed = [i for i in range(1, len(row)) if row[i] != old[i]]
+            if not changed:
+                return None
+            sets = ", ".join(f"{self.columns[i]} = ?" for i in changed)
+            sql = f"UPDATE {self.name} SET {sets} WHERE {self.columns[0]} = ?"
+            values = (*(row[i] for i in changed), row[0])
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(sql, values)
+
+        return write
+
+
+class TableStore(InMemoryStore[T]):
+    """A table's records, all in memory (loaded when the file is opened); a `put` also hands
+    its write to the database thread without waiting (`ManagerDatabase.flush` waits)."""
+
+    def __init__(self, owner: ManagerDatabase, table: Table[T]) -> None:
+        super().__init__()
         self._owner = owner
-        self._records: dict[str, Any] = {}
+        self.table = table
 
+    def loaded(self, records: list[T]) -> None:
+        """Take the records read from the file (in creation order)."""
+        self._records = {r.key: r for r in records}
 
-class SqlitePropletStore(_Store):
-    def get(self, proplet_id: str) -> Proplet | None:
-        proplet: Proplet | None = self._records.get(proplet_id)
-        return proplet
-
-    def put(self, proplet: Proplet) -> None:
-        row = (
-            proplet.id,
-            proplet.name,
-            json.dumps(proplet.metadata),
-            proplet.last_seen,
-            proplet.registered_at,
-        )
-
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO proplets (id, name, metadata, last_seen, registered_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET name = excluded.name, "
-                "metadata = excluded.metadata, last_seen = excluded.last_seen, "
-                "registered_at = excluded.registered_at",
-                row,
-            )
-
-        self._owner.submit(write)
-        self._records[proplet.id] = proplet
-
-    def list(self) -> list[Proplet]:
-        return list(self._records.values())
-
-
-_TASK_COLUMNS = (
-    "id, name, image_url, env, cli_args, proplet_id, state, results, error, "
-    "created_at, updated_at, started_at, finished_at, reported_by, attempt"
-)
-
-
-class SqliteTaskStore(_Store):
-    """Tasks; `list` is in creation order (the rows' insertion order)."""
-
-    def get(self, task_id: str) -> Task | None:
-        task: Task | None = self._records.get(task_id)
-        return task
-
-    def put(self, task: Task) -> None:
-        previous: Task | None = self._records.get(task.id)
-        row = (
-            task.id,
-            task.name,
-            task.image_url,
-            json.dumps(task.env),
-            json.dumps(task.cli_args),
-            task.proplet_id,
-            task.state.value,
-            task.results,
-            task.error,
-            task.created_at,
-            task.updated_at,
-            task.started_at,
-            task.finished_at,
-            task.reported_by,
-            task.attempt,
-        )
-        # The inline module never changes after creation: rewrite it only when it does.
-        file = None if previous is not None and previous.file == task.file else task.file
-
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                f"INSERT INTO tasks ({_TASK_COLUMNS}, file) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET name = excluded.name, "
-                "image_url = excluded.image_url, env = excluded.env, "
-                "cli_args = excluded.cli_args, proplet_id = excluded.proplet_id, "
-                "state = excluded.state, results = excluded.results, error = excluded.error, "
-                "created_at = excluded.created_at, updated_at = excluded.updated_at, "
-                "started_at = excluded.started_at, finished_at = excluded.finished_at, "
-                "reported_by = excluded.reported_by, attempt = excluded.attempt",
-                (*row, file if file is not None else b""),
-            )
-            if file is not None and previous is not None:
-                conn.execute("UPDATE tasks SET file = ? WHERE id = ?", (file, task.id))
-
-        self._owner.submit(write)
-        self._records[task.id] = task
-
-    def list(self) -> list[Task]:
-        return list(self._records.values())
-
-
-class SqliteExperimentStore(_Store):
-    """Experiments; `list` is in creation order."""
-
-    def get(self, experiment_id: str) -> Experiment | None:
-        experiment: Experiment | None = self._records.get(experiment_id)
-        return experiment
-
-    def put(self, experiment: Experiment) -> None:
-        row = (
-            experiment.experiment_id,
-            json.dumps(experiment_to_json(experiment)),
-            experiment.created_at,
-        )
-
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO experiments (id, record, created_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET record = excluded.record, "
-                "created_at = excluded.created_at",
-                row,
-            )
-
-        self._owner.submit(write)
-        self._records[experiment.experiment_id] = experiment
-
-    def list(self) -> list[Experiment]:
-        return list(self._records.values())
+    def put(self, record: T) -> None:
+        write = self.table.write(record, self.get(record.key))
+        if write is not None:
+            self._owner.submit(write)
+        super().put(record)
 
 
 # --- rows <-> records -----------------------------------------------------------------------
 
 
+# How a field that is not stored as it is goes into its column and comes back.
+Codec = tuple[Callable[[Any], Any], Callable[[Any], Any]]
+
+
+def _str_map(text: str) -> dict[str, str]:
+    return {str(k): str(v) for k, v in json.loads(text).items()}
+
+
+def _str_list(text: str) -> list[str]:
+    return [str(a) for a in json.loads(text)]
+
+
+STR_MAP: Codec = (json.dumps, _str_map)
+STR_LIST: Codec = (json.dumps, _str_list)
+
+
+def field_table(name: str, cls: type[T], codecs: dict[str, Codec]) -> Table[T]:
+    """The table `name` with one column per field of the dataclass `cls`, by the same name:
+    the value as it is, or through its codec. A field added to `cls` without its column (see
+    `_migrate`) fails at once (no such column) instead of going unsaved."""
+    columns = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+    plain: Codec = (lambda v: v, lambda v: v)
+    coding = [(c, *codecs.get(c, plain)) for c in columns]
+
+    def to_row(record: T) -> Row:
+        return tuple(encode(getattr(record, c)) for c, encode, _ in coding)
+
+    def from_row(row: Row) -> T:
+        return cls(**{c: decode(v) for (c, _, decode), v in zip(coding, row, strict=True)})
+
+    return Table(name, columns, to_row, from_row)
+
+
+PROPLETS = field_table("proplets", Proplet, {"metadata": STR_MAP})
+TASKS = field_table(
+    "tasks",
+    Task,
+    {"env": STR_MAP, "cli_args": STR_LIST, "state": (lambda s: s.value, TaskState)},
+)
+
+
 def experiment_to_json(e: Experiment) -> dict[str, Any]:
-    c = e.config
     return {
         "experiment_id": e.experiment_id,
-        "config": {
-            "experiment_id": c.experiment_id,
-            "round_id": c.round_id,
-            "model_ref": c.model_ref,
-            "participants": list(c.participants),
-            "hyperparams": c.hyperparams.to_dict(),
-            "k_of_n": c.k_of_n,
-            "timeout_s": c.timeout_s,
-            "task_wasm_image": c.task_wasm_image,
-        },
+        "config": e.config.to_dict(),
         "scheduled": [
             {"proplet_id": s.proplet_id, "task_id": s.task_id, "task_name": s.task_name}
             for s in e.scheduled
@@ -313,22 +280,9 @@ def experiment_to_json(e: Experiment) -> dict[str, Any]:
 
 
 def experiment_from_json(d: dict[str, Any]) -> Experiment:
-    c = d["config"]
-    hp = c["hyperparams"]
     return Experiment(
         experiment_id=str(d["experiment_id"]),
-        config=ExperimentConfig(
-            experiment_id=str(c["experiment_id"]),
-            round_id=str(c["round_id"]),
-            model_ref=str(c["model_ref"]),
-            participants=[str(p) for p in c["participants"]],
-            hyperparams=Hyperparams(
-                epochs=int(hp["epochs"]), lr=float(hp["lr"]), batch_size=int(hp["batch_size"])
-            ),
-            k_of_n=int(c["k_of_n"]),
-            timeout_s=float(c["timeout_s"]),
-            task_wasm_image=str(c["task_wasm_image"]),
-        ),
+        config=RoundSpec.from_dict(d["config"]),
         scheduled=[
             ScheduledParticipant(str(s["proplet_id"]), str(s["task_id"]), str(s["task_name"]))
             for s in d["scheduled"]
@@ -338,44 +292,10 @@ def experiment_from_json(d: dict[str, Any]) -> Experiment:
     )
 
 
-def _load_all(
-    conn: sqlite3.Connection,
-) -> tuple[list[Proplet], list[Task], list[Experiment]]:
-    proplets = [
-        Proplet(
-            id=row[0],
-            name=row[1],
-            metadata={str(k): str(v) for k, v in json.loads(row[2]).items()},
-            last_seen=float(row[3]),
-            registered_at=float(row[4]),
-        )
-        for row in conn.execute(
-            "SELECT id, name, metadata, last_seen, registered_at FROM proplets ORDER BY rowid"
-        )
-    ]
-    tasks = [
-        Task(
-            id=row[0],
-            name=row[1],
-            image_url=row[2],
-            env={str(k): str(v) for k, v in json.loads(row[3]).items()},
-            cli_args=[str(a) for a in json.loads(row[4])],
-            proplet_id=row[5],
-            state=TaskState(row[6]),
-            results=row[7],
-            error=row[8],
-            created_at=float(row[9]),
-            updated_at=float(row[10]),
-            started_at=float(row[11]),
-            finished_at=float(row[12]),
-            reported_by=row[13],
-            attempt=int(row[14]),
-            file=bytes(row[15]),
-        )
-        for row in conn.execute(f"SELECT {_TASK_COLUMNS}, file FROM tasks ORDER BY rowid")
-    ]
-    experiments = [
-        experiment_from_json(json.loads(row[0]))
-        for row in conn.execute("SELECT record FROM experiments ORDER BY rowid")
-    ]
-    return proplets, tasks, experiments
+# An experiment is one JSON document (with its creation time beside it, for reading by eye).
+EXPERIMENTS = Table[Experiment](
+    "experiments",
+    ("id", "record", "created_at"),
+    to_row=lambda e: (e.experiment_id, json.dumps(experiment_to_json(e)), e.created_at),
+    from_row=lambda row: experiment_from_json(json.loads(row[1])),
+)

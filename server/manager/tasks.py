@@ -18,11 +18,11 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from dataclasses import dataclass, replace
 
 from server import messages
-from server.errors import FailedPrecondition, InvalidArgument, NotFound
+from server.errors import FailedPrecondition, InvalidArgument
+from server.manager.records import InMemoryStore, RecordStore, require
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,10 @@ _RESULT_STATES = {
 
 
 @dataclass(frozen=True)
-class Task:
-    id: str
-    name: str
-    image_url: str = ""
-    file: bytes = b""
-    env: dict[str, str] = field(default_factory=dict)
-    cli_args: list[str] = field(default_factory=list)
-    proplet_id: str = ""  # empty = any proplet
+class Task(messages.TaskSpec):
+    """A task as the manager records it: what it runs (`TaskSpec`, as its starts carry it)
+    and where it is in its life cycle."""
+
     state: TaskState = TaskState.PENDING
     results: str = ""
     error: str = ""
@@ -80,45 +76,21 @@ class Task:
     # How many times the task was started; results of any other attempt are stale.
     attempt: int = 0
 
+    @property
+    def key(self) -> str:
+        return self.id
+
     def start_message(self) -> messages.TaskStart:
-        return messages.TaskStart(
-            id=self.id,
-            name=self.name,
-            image_url=self.image_url,
-            file=self.file,
-            env=dict(self.env),
-            cli_args=list(self.cli_args),
-            proplet_id=self.proplet_id,
-            attempt=self.attempt,
-        )
+        return messages.TaskStart.of(self, self.attempt)
 
     def stop_message(self) -> messages.TaskStop:
         return messages.TaskStop(id=self.id, proplet_id=self.proplet_id)
 
 
-class TaskStore(Protocol):
-    """Where task records live: in memory, or manager.sqlite (`sqlite_store`). `list` is in
-    creation order."""
-
-    def get(self, task_id: str) -> Task | None: ...
-
-    def put(self, task: Task) -> None: ...
-
-    def list(self) -> list[Task]: ...
-
-
-class InMemoryTaskStore:
-    def __init__(self) -> None:
-        self._tasks: dict[str, Task] = {}
-
-    def get(self, task_id: str) -> Task | None:
-        return self._tasks.get(task_id)
-
-    def put(self, task: Task) -> None:
-        self._tasks[task.id] = task
-
-    def list(self) -> list[Task]:
-        return list(self._tasks.values())
+# Where task records live: in memory, or manager.sqlite (`sqlite_store`); `list` is in
+# creation order.
+TaskStore = RecordStore[Task]
+InMemoryTaskStore = InMemoryStore[Task]
 
 
 class Tasks:
@@ -165,10 +137,7 @@ class Tasks:
         return task
 
     def get(self, task_id: str) -> Task:
-        task = self.store.get(task_id)
-        if task is None:
-            raise NotFound(f"task_id: no task {task_id!r}")
-        return task
+        return require(self.store, task_id, "task")
 
     def find(
         self, *, name_prefix: str = "", proplet_id: str = "", state: TaskState | None = None

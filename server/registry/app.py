@@ -3,68 +3,45 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from server.config import env_str
-from server.grpc_server import ServiceBinding, serve_until_signal
+from server.grpc_server import ServiceBinding
+from server.lifecycle import ServiceApp, for_serve, run_service, state_dir_from_env
 from server.registry.registry import ModelRegistry
 from server.registry.service import binding
 from server.registry.store import (
     REGISTRY_DB_FILE,
-    DirectoryModelStore,
     InMemoryModelStore,
     ModelStore,
     SqliteModelStore,
-    import_versions,
 )
-
-log = logging.getLogger(__name__)
-
-# Where `propeller-fl serve` keeps state when PROPELLER_STATE_DIR is unset (relative to the
-# working directory); see docs/configuration.md.
-DEFAULT_STATE_DIR = Path("propeller-fl-state")
 
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    """Where versions live:
-    - `state_dir` set: `<state_dir>/registry.sqlite`; versions in the directory format under
-      `data_dir` (if set) that the database lacks are imported into it at start-up;
-    - only `data_dir` set: one file per version in that directory (the older format);
-    - neither: in memory.
-    """
+    """Where versions live: `<state_dir>/registry.sqlite` when `state_dir` is set, else in
+    memory."""
 
     addr: str = "127.0.0.1:8084"
-    data_dir: Path | None = None
     state_dir: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RegistryConfig:
         env = os.environ if env is None else env
-        d = cls()
-        data_dir = env_str(env, "PROPELLER_REGISTRY_DATA_DIR", "")
-        state_dir = env_str(env, "PROPELLER_STATE_DIR", "")
         return cls(
-            addr=env_str(env, "PROPELLER_REGISTRY_LISTEN", d.addr),
-            data_dir=Path(data_dir) if data_dir else None,
-            state_dir=Path(state_dir) if state_dir else None,
+            addr=env_str(env, "PROPELLER_REGISTRY_LISTEN", cls().addr),
+            state_dir=state_dir_from_env(env),
         )
 
-    def for_serve(self) -> RegistryConfig:
-        """What `propeller-fl serve` runs: without either directory, the default state
-        directory (a data directory alone keeps the directory format, as before)."""
-        if self.state_dir is None and self.data_dir is None:
-            return replace(self, state_dir=DEFAULT_STATE_DIR)
-        return self
 
-
-class RegistryApp:
-    """Owns the model store and the servicer; `bindings` go on any gRPC server."""
+class RegistryApp(ServiceApp):
+    """Owns the model store and the servicer; `bindings` go on any gRPC server. A SQLite store
+    opens on entry and closes on exit."""
 
     def __init__(self, config: RegistryConfig, store: ModelStore | None = None) -> None:
         self.config = config
@@ -72,45 +49,25 @@ class RegistryApp:
         if store is None:
             if config.state_dir is not None:
                 store = self._sqlite = SqliteModelStore(config.state_dir / REGISTRY_DB_FILE)
-            elif config.data_dir is not None:
-                store = DirectoryModelStore(config.data_dir)
             else:
                 store = InMemoryModelStore()
         self.store = store
         self.registry = ModelRegistry(store)
-        self.bindings: list[ServiceBinding] = [binding(self.registry)]
+        self._bindings = [binding(self.registry)]
 
-    async def __aenter__(self) -> RegistryApp:
-        if self._sqlite is not None and self.config.data_dir is not None:
-            try:
-                await asyncio.to_thread(
-                    import_versions, DirectoryModelStore(self.config.data_dir), self._sqlite
-                )
-            except BaseException:
-                await self._close()
-                raise
-        return self
+    @property
+    def bindings(self) -> list[ServiceBinding]:
+        return self._bindings
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._close()
-
-    async def _close(self) -> None:
-        sqlite, self._sqlite = self._sqlite, None
-        if sqlite is not None:
-            # Waits for a write in progress to commit (or fail) before closing the file.
-            await asyncio.to_thread(sqlite.close)
+    async def _open(self, stack: AsyncExitStack) -> None:
+        if self._sqlite is not None:
+            await self._sqlite.open()
+            stack.push_async_callback(self._sqlite.close)
 
 
 async def main() -> None:
-    config = RegistryConfig.from_env().for_serve()
-    log.info("[ModelRegistry] state_dir=%s data_dir=%s", config.state_dir, config.data_dir)
-    async with RegistryApp(config) as app:
-        await serve_until_signal(config.addr, app.bindings)
+    config = for_serve(RegistryConfig.from_env(), "ModelRegistry")
+    await run_service(RegistryApp(config), config.addr)
 
 
 if __name__ == "__main__":

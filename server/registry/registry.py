@@ -1,7 +1,7 @@
 """The model registry's rules: immutable versions, numbered from what is stored.
 
 The next version is always derived from the store (highest stored + 1), never from a counter
-in memory, so a restart (or a second registry process over the same directory) can never hand
+in memory, so a restart (or a second registry process over the same state file) can never hand
 out a version twice or overwrite one.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -17,13 +18,19 @@ import numpy as np
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from server.models import MAX_VERSION, model_uri
 from server.registry.store import ModelCorrupted, ModelInfo, ModelStore, StoredModel
-from server.tensors import Array, Tensors, check_finite, sha256_of
+from server.tensors import (
+    Array,
+    Tensors,
+    check_finite,
+    nbytes_of,
+    offload_if_big,
+    sha256_of,
+    specs_of,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_DIMENSION = 10_000_000
-# Checks and hashes of models up to this size run on the event loop, bigger ones in a thread.
-_INLINE_BYTES = 256 << 10
 # How often an auto-numbered put retries when another process took the version it derived.
 _PUT_ATTEMPTS = 8
 
@@ -58,9 +65,9 @@ class ModelRegistry:
         self, dimension: int, dtype: np.dtype[np.floating] | None = None
     ) -> ModelInfo:
         tensors = initial_model(dimension, np.dtype("<f8") if dtype is None else dtype)
-        digest = await asyncio.to_thread(sha256_of, tensors)
+        digest = await offload_if_big(nbytes_of(tensors), sha256_of, tensors)
         async with self._put_lock:
-            if await asyncio.to_thread(self.store.info, 0) is not None:
+            if await self.store.info(0) is not None:
                 raise AlreadyExists(f"version: 0 ({model_uri(0)}) already exists")
             info = await self._store_put(0, tensors, digest)
         log.info("[ModelRegistry.InitModel] version=0 dimension=%d", dimension)
@@ -80,10 +87,7 @@ class ModelRegistry:
         """
         if version is not None and not 0 <= version <= MAX_VERSION:
             raise InvalidArgument(f"version: must be between 0 and {MAX_VERSION}, got {version}")
-        if sum(a.nbytes for a in tensors.values()) <= _INLINE_BYTES:
-            digest = _checked_digest(tensors, field)  # less work than a thread hand-off
-        else:
-            digest = await asyncio.to_thread(_checked_digest, tensors, field)
+        digest = await offload_if_big(nbytes_of(tensors), _checked_digest, tensors, field)
         if sha256 and sha256.lower() != digest:
             raise InvalidArgument(
                 f"sha256: header says {sha256}, the received bytes hash to {digest}"
@@ -103,7 +107,7 @@ class ModelRegistry:
 
     async def _put_next(self, tensors: Mapping[str, Array], digest: str) -> ModelInfo:
         for _ in range(_PUT_ATTEMPTS):
-            versions = await asyncio.to_thread(self.store.versions)
+            versions = await self.store.versions()
             candidate = versions[-1] + 1 if versions else 0
             if candidate > MAX_VERSION:
                 raise FailedPrecondition(
@@ -121,15 +125,15 @@ class ModelRegistry:
     async def _store_put(
         self, version: int, tensors: Mapping[str, Array], digest: str
     ) -> ModelInfo:
-        """`store.put` in a worker thread. If this call is cancelled (a client that went away,
-        a server stop whose grace period ran out) the write stops before it commits: a
-        version is stored only by a put that can still be acknowledged (bar the moment of the
-        commit itself), and never torn either way."""
+        """`store.put`. If this call is cancelled (a client that went away, a server stop whose
+        grace period ran out) the write, which goes on in the store's thread, stops before it
+        commits: a version is stored only by a put that can still be acknowledged (bar the
+        moment of the commit itself), and never torn either way."""
+        info = ModelInfo(version, digest, tuple(specs_of(tensors)), time.time())
         abandoned = threading.Event()
         try:
-            return await asyncio.to_thread(
-                self.store.put, version, tensors, digest, abandoned=abandoned
-            )
+            await self.store.put(info, tensors, abandoned)
+            return info
         except asyncio.CancelledError:
             abandoned.set()
             log.warning(
@@ -138,31 +142,27 @@ class ModelRegistry:
             raise
 
     async def get_model(self, version: int) -> StoredModel:
-        # A version the store holds in memory (verified) is served without a thread hand-off:
-        # every participant of a round asks for the same model at once.
-        cached = getattr(self.store, "cached", None)
-        model: StoredModel | None = cached(self._checked(version)) if cached else None
+        # A version the store holds in memory (verified) is served without waiting for a
+        # read: every participant of a round asks for the same model at once.
+        model = self.store.cached(self._checked(version))
         if model is None:
-            model = await asyncio.to_thread(self.store.get, self._checked(version))
+            model = await self.store.get(version)
         if model is None:
             raise not_found(version)
         return model
 
     async def model_info(self, version: int) -> ModelInfo:
-        info = await asyncio.to_thread(self.store.info, self._checked(version))
+        info = await self.store.info(self._checked(version))
         if info is None:
             raise not_found(version)
         return info
 
     async def list_models(self) -> list[ModelInfo]:
         """Every readable version, oldest first; a corrupted one is logged and left out."""
-        return await asyncio.to_thread(self._list_blocking)
-
-    def _list_blocking(self) -> list[ModelInfo]:
         out: list[ModelInfo] = []
-        for version in self.store.versions():
+        for version in await self.store.versions():
             try:
-                info = self.store.info(version)
+                info = await self.store.info(version)
             except ModelCorrupted as exc:
                 log.error("[ModelRegistry.ListModels] skipping version=%d: %s", version, exc)
                 continue
@@ -171,7 +171,7 @@ class ModelRegistry:
         return out
 
     async def next_version(self) -> int:
-        versions = await asyncio.to_thread(self.store.versions)
+        versions = await self.store.versions()
         return versions[-1] + 1 if versions else 0
 
     @staticmethod

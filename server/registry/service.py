@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 
 from propeller.v1 import model_registry_pb2, model_registry_pb2_grpc, tensor_pb2
 from server.errors import InvalidArgument, grpc_errors
-from server.grpc_server import ServiceBinding
+from server.grpc_server import Context, ServiceBinding
 from server.models import parse_model_uri
 from server.registry.registry import ModelRegistry
 from server.registry.store import ModelInfo, StoredModel
 from server.streams import model_stream, read_model_stream
-from server.tensors import DEFAULT_CHUNK_SIZE, dtype_from_proto
+from server.tensors import DEFAULT_CHUNK_SIZE, dtype_from_proto, offload_if_big
 
 SERVICE_NAME = "propeller.v1.ModelRegistry"
 MAX_CHUNK_SIZE = 4 << 20
@@ -25,10 +25,6 @@ MAX_CHUNK_SIZE = 4 << 20
 # only models of at most this many bytes.
 CHUNK_CACHE_ENTRIES = 2
 CHUNK_CACHE_MAX_MODEL_BYTES = 256 << 20
-# Models up to this size are serialized on the event loop; bigger ones in a thread.
-_INLINE_BYTES = 256 << 10
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def model_version_proto(info: ModelInfo) -> model_registry_pb2.ModelVersion:
@@ -62,18 +58,20 @@ def chunk_size_of(request: model_registry_pb2.GetModelRequest) -> int:
     return min(request.chunk_size, MAX_CHUNK_SIZE)
 
 
+def answer_chunks(model: StoredModel, chunk_size: int) -> Iterator[tensor_pb2.ModelChunk]:
+    """A version's GetModel answer: its header (with the stored sha256), then its bytes."""
+    return model_stream(
+        model.tensors,
+        chunk_size,
+        version=model.version,
+        model_uri=model.info.model_uri,
+        sha256=model.sha256,
+    )
+
+
 def serialized_chunks(model: StoredModel, chunk_size: int) -> list[bytes]:
     """A version's whole GetModel answer as serialized ModelChunk messages."""
-    return [
-        chunk.SerializeToString()
-        for chunk in model_stream(
-            model.tensors,
-            chunk_size,
-            version=model.version,
-            model_uri=model.info.model_uri,
-            sha256=model.sha256,
-        )
-    ]
+    return [chunk.SerializeToString() for chunk in answer_chunks(model, chunk_size)]
 
 
 class ChunkCache:
@@ -89,13 +87,9 @@ class ChunkCache:
         key = (model.version, chunk_size)
         answer = self._answers.get(key)
         if answer is None:
-            if model.info.total_bytes <= _INLINE_BYTES:
-                chunks = serialized_chunks(model, chunk_size)
-                answer = asyncio.get_running_loop().create_task(_ready(chunks))
-            else:
-                answer = asyncio.create_task(
-                    asyncio.to_thread(serialized_chunks, model, chunk_size)
-                )
+            answer = asyncio.create_task(
+                offload_if_big(model.info.total_bytes, serialized_chunks, model, chunk_size)
+            )
             self._answers[key] = answer
             answer.add_done_callback(lambda t: self._forget(key, t))
             while len(self._answers) > self.entries:
@@ -108,10 +102,6 @@ class ChunkCache:
         """A failed serialization is not kept (its requesters got the error)."""
         if (task.cancelled() or task.exception() is not None) and self._answers.get(key) is task:
             del self._answers[key]
-
-
-async def _ready(chunks: list[bytes]) -> list[bytes]:
-    return chunks
 
 
 def _serialize_chunk(message: tensor_pb2.ModelChunk | bytes) -> bytes:
@@ -163,13 +153,7 @@ class ModelRegistryServicer:
             chunk_size = chunk_size_of(request)
             model = await self.registry.get_model(version)
             if model.info.total_bytes > CHUNK_CACHE_MAX_MODEL_BYTES:
-                for chunk in model_stream(
-                    model.tensors,
-                    chunk_size,
-                    version=model.version,
-                    model_uri=model.info.model_uri,
-                    sha256=model.sha256,
-                ):
+                for chunk in answer_chunks(model, chunk_size):
                     yield chunk
                 return
             # Serialized already (see `_serialize_chunk`): sent as they are.

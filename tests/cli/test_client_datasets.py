@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.cli.client import FileProblem, read_dataset_file
+from server.cli.files import FileProblem, read_dataset_file
 from server.stack import Stack
 from tests.cli.conftest import SEEDED
 from tests.cli.helpers import Cli, flags, table_rows

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from server.config import MqttConfig
-from server.stack import Stack
+from server.stack import Stack, StackConfig
 from tests.cli.helpers import Cli, flags, table_rows
-from tests.support.cluster import cluster
 from tests.support.infra import OciRegistry
 from tests.support.waits import eventually
 
@@ -36,8 +35,15 @@ async def fl(
     cli: Cli, mqtt: MqttConfig, registry: OciRegistry, trainer_wasm: Path, tmp_path: Path
 ) -> AsyncIterator[Fl]:
     """Stack + three proplets with seeded datasets, the trainer pushed with `wasm push`, v0."""
-    async with cluster(mqtt, tmp_path, proplets=3, dimension=None) as c:
-        stack, ids = c.stack, c.proplet_ids
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    config = StackConfig(
+        mqtt=mqtt,
+        seed_proplet_ids=tuple(ids),
+        proplet_ids=tuple(ids),
+        proplet_work_dir=tmp_path,
+        proplet_task_timeout_s=30,
+    )
+    async with Stack(config) as stack:
         f = flags(stack.endpoints)
         image = f"{registry.host}/fl-client-wasm:cli-{uuid.uuid4().hex[:6]}"
         (await cli("wasm", "push", str(trainer_wasm), "--image", image)).ok()

@@ -8,9 +8,10 @@ import json
 import pytest
 
 from propeller.v1 import coordinator_pb2, manager_pb2
-from server.cli.client import parse_env_pairs, parse_image, parse_task_state
+from server.cli.commands import parse_env_pairs, parse_task_state
 from server.cli.render import Output, ago, fields, message_dict, table, timestamp
 from server.errors import InvalidArgument
+from server.oci import ImageRef
 
 
 def test_table_aligns_columns_and_marks_empty_cells() -> None:
@@ -77,13 +78,13 @@ def test_argument_parsers() -> None:
     assert parse_env_pairs(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
     with pytest.raises(InvalidArgument, match="--env: '=v'"):
         parse_env_pairs(["=v"])
-    assert parse_image("localhost:5000/fl-client-wasm") == (
-        "localhost:5000",
-        "fl-client-wasm",
-        "latest",
+    assert ImageRef.push_target("localhost:5000/fl-client-wasm") == ImageRef(
+        "localhost:5000", "fl-client-wasm", "latest"
     )
-    assert parse_image("oci://reg.example.com/a/b:v1") == ("reg.example.com", "a/b", "v1")
+    assert ImageRef.push_target("oci://reg.example.com/a/b:v1") == ImageRef(
+        "reg.example.com", "a/b", "v1"
+    )
     with pytest.raises(InvalidArgument, match="names no registry host"):
-        parse_image("library/hello:1")
+        ImageRef.push_target("library/hello:1")
     with pytest.raises(InvalidArgument, match="not an OCI reference"):
-        parse_image("localhost:5000/Bad Name")
+        ImageRef.push_target("localhost:5000/Bad Name")

@@ -12,7 +12,7 @@ from pathlib import Path
 import oras.client
 
 from server.config import MqttConfig
-from server.stack import Stack
+from server.stack import Stack, proplets
 from tests.cli.helpers import (
     Cli,
     flags,
@@ -20,7 +20,6 @@ from tests.cli.helpers import (
     spin_wasm,
     table_rows,
 )
-from tests.support.cluster import run_proplets
 from tests.support.infra import OciRegistry
 from tests.support.ports import free_port
 from tests.support.waits import eventually
@@ -86,7 +85,7 @@ async def test_proplets_and_ordinary_tasks(
     f = flags(stack.endpoints)
     pid = f"p-{uuid.uuid4().hex[:8]}"
     module = hello_wasm(tmp_path / "hello.wasm")
-    async with run_proplets(stack.endpoints, mqtt, [pid], tmp_path):
+    async with proplets(stack.endpoints, mqtt, [pid], tmp_path, task_timeout_s=30, heartbeat_s=0.5):
         listed = await eventually(
             lambda: cli("proplets", "list", "--json", *f),
             lambda r: any(p["id"] == pid and p["alive"] for p in r.json()["proplets"]),

@@ -371,8 +371,8 @@ def test_state_lives_on_named_volumes(compose: dict[str, Any]) -> None:
             used.append(volume)
     assert sorted(used) == sorted(declared), "each named volume is used exactly once"
     assert volume_mounts(svcs["local-registry"]) == {"/var/lib/registry": "oci-registry-data"}
-    registry_dir = environment(svcs["model-registry"])["PROPELLER_REGISTRY_DATA_DIR"]
-    assert volume_mounts(svcs["model-registry"]) == {registry_dir: "model-registry-data"}
+    registry_state = environment(svcs["model-registry"])["PROPELLER_STATE_DIR"]
+    assert volume_mounts(svcs["model-registry"]) == {registry_state: "model-registry-data"}
     for name in PROPLETS:
         work = environment(svcs[name])["PROPLET_WORK_DIR"]
         assert list(volume_mounts(svcs[name])) == [work], name

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from server.coordinator.rounds import Update
+from server.coordinator.store import RoundUpdates, each_update
 from server.errors import NotFound, PropellerError
 from server.models import model_uri, parse_model_uri
 from server.tensors import Spec, Tensors, sha256_of, specs_of
@@ -54,13 +55,14 @@ class MemoryBackend:
             raise NotFound(f"model_ref: {model_ref!r}: NOT_FOUND: no such version")
         return model_uri(version), specs_of(self.models[version])
 
-    async def aggregate(self, round_id: str, updates: Sequence[Update]) -> Tensors:
+    async def aggregate(self, round_id: str, updates: RoundUpdates) -> tuple[Tensors, str]:
         self.aggregate_calls += 1
         if self.gate is not None:
             await self.gate.wait()
         if self.aggregate_errors:
             raise self.aggregate_errors.pop(0)
-        return fedavg(updates)
+        tensors = fedavg([u async for u in each_update(updates)])
+        return tensors, sha256_of(tensors)
 
     async def put(self, tensors: Tensors, sha256: str) -> tuple[int, str]:
         self.put_calls += 1

@@ -10,10 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.coordinator import rounds as R
 from server.coordinator.coordinator import Coordinator, Event, EventType, RetryPolicy
 from server.coordinator.rounds import RoundState
-from server.coordinator.store import MemoryRoundStore
+from server.coordinator.store import MemoryRoundStore, update_headers
 from server.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -22,6 +21,7 @@ from server.errors import (
     NotFound,
     Unavailable,
 )
+from server.round_spec import RoundSpec
 from server.topics import Topics
 from tests.coordinator.helpers import Clock, MemoryBackend, fedavg, make_update
 
@@ -53,10 +53,10 @@ def make(
     return coord, backend, published, clock
 
 
-def config(**kw: Any) -> R.RoundConfig:
-    args: dict[str, Any] = {"round_id": "r1", "participants": ["a", "b", "c"], "timeout_s": 10}
+def config(**kw: Any) -> RoundSpec:
+    args: dict[str, Any] = {"round_id": "r1", "participants": ("a", "b", "c"), "timeout_s": 10}
     args.update(kw)
-    return R.round_config(**args)
+    return RoundSpec(**args)
 
 
 UPDATES = [
@@ -175,7 +175,7 @@ async def test_rejections_change_nothing() -> None:
     after = await coord.get("r1")
     assert after == before
     assert after.num_updates == 1
-    [kept] = await coord.store.updates("r1")
+    [kept] = update_headers(await coord.store.updates("r1"))
     assert kept.num_samples == 10  # the first one is kept
 
 

@@ -21,6 +21,7 @@ from tests.coordinator.helpers import fedavg, make_update
 from tests.support.clients import Clients, clients
 from tests.support.cluster import round_notes, round_services
 from tests.support.ports import free_port
+from tests.test_round_spec import NOT_FINITE_OR_NEGATIVE
 
 V0 = "fl/models/global_model_v0"
 V1 = "fl/models/global_model_v1"
@@ -326,6 +327,16 @@ async def test_configure_rejects_invalid_config(
     err = await rpc_error(fl.configure(**kw))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (err.details() or "").startswith(f"{field}:")
+
+
+async def test_configure_says_non_finite_apart_from_negative(fl: Cluster) -> None:
+    for field, value, details in NOT_FINITE_OR_NEGATIVE:
+        hp = coordinator_pb2.Hyperparams(lr=value)
+        kw: dict[str, Any] = {"hyperparams": hp} if field == "lr" else {field: value}
+        err = await rpc_error(fl.configure(**kw))
+        assert (err.code(), err.details()) == (grpc.StatusCode.INVALID_ARGUMENT, details)
+    err = await rpc_error(fl.status("r1"))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_configure_unknown_model_is_not_found(fl: Cluster) -> None:

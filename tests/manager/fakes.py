@@ -38,6 +38,17 @@ class FakeClock:
 WASM = "local-registry:5000/fl-client-wasm:latest"
 
 
+def experiment(round_id: str, participants: list[str], **kw: Any) -> Any:
+    """A StartExperimentRequest for `participants` training v0 with `WASM`."""
+    return manager_pb2.StartExperimentRequest(
+        round_id=round_id,
+        model_ref=kw.pop("model_ref", "fl/models/global_model_v0"),
+        participants=participants,
+        task_wasm_image=WASM,
+        **kw,
+    )
+
+
 async def until_alive(stub: Any, proplet_id: str, alive: bool = True) -> None:
     """Poll the manager until it lists `proplet_id` with the given liveness."""
 

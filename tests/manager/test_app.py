@@ -4,9 +4,7 @@ MQTT protocol, and a coordinator serving the real Coordinator contract."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +20,7 @@ from tests.manager.fakes import (
     TASK_ENDPOINTS,
     WASM,
     FakeProplet,
+    experiment,
     fake_coordinator,
     mqtt_config,
     running_manager,
@@ -29,6 +28,7 @@ from tests.manager.fakes import (
 )
 from tests.support.infra import Mosquitto
 from tests.support.waits import eventually
+from tests.test_round_spec import NOT_FINITE_OR_NEGATIVE
 
 
 async def proplet(stub: Any, proplet_id: str) -> manager_pb2.Proplet:
@@ -231,42 +231,8 @@ async def test_task_request_errors(broker: Mosquitto, topics: Topics) -> None:
 # --- experiments -----------------------------------------------------------------------
 
 
-class RoundStarts:
-    """Watches `fl/rounds/start` like any other subscriber would."""
-
-    def __init__(self, broker: Mosquitto, topics: Topics) -> None:
-        self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.session = MqttSession(
-            mqtt_config(broker.port, topics),
-            f"rounds-watch-{topics.domain}",
-            [topics.round_start],
-            self._on,
-            clean_session=True,
-        )
-
-    async def _on(self, topic: str, payload: bytes) -> None:
-        self.messages.put_nowait(json.loads(payload))
-
-
-def experiment(round_id: str, participants: list[str], **kw: Any) -> Any:
-    return manager_pb2.StartExperimentRequest(
-        round_id=round_id,
-        model_ref=kw.pop("model_ref", "fl/models/global_model_v0"),
-        participants=participants,
-        task_wasm_image=WASM,
-        **kw,
-    )
-
-
-@pytest.fixture
-async def watch(broker: Mosquitto, topics: Topics) -> AsyncIterator[RoundStarts]:
-    w = RoundStarts(broker, topics)
-    async with w.session:
-        yield w
-
-
 async def test_experiment_configures_round_and_starts_one_task_per_participant(
-    broker: Mosquitto, topics: Topics, watch: RoundStarts
+    broker: Mosquitto, topics: Topics
 ) -> None:
     ids = ["p-1", "p-2", "p-3"]
     async with (
@@ -313,11 +279,11 @@ async def test_experiment_configures_round_and_starts_one_task_per_participant(
             (pid, f"fl-round-r-100-{pid}") for pid in ids
         ]
 
-        rs = await asyncio.wait_for(watch.messages.get(), 10)
-        assert (rs["round_id"], rs["k_of_n"], rs["timeout_s"]) == ("r-100", 2, 45.0)
-        assert rs["deadline"] == resp.round.deadline
-        assert rs["model_uri"] == "fl/models/global_model_v0"
-        assert rs["hyperparams"] == {"epochs": 2, "lr": 0.05, "batch_size": 16}
+        # The round as the coordinator answered it, unchanged on the manager's wire.
+        assert resp.round == coord.rounds["r-100"]
+        assert (resp.round.round_id, resp.round.timeout_s) == ("r-100", 45.0)
+        assert resp.round.deadline == pytest.approx(resp.round.started_at + 45.0)
+        assert resp.round.model_ref == "fl/models/global_model_v0"
 
         task_ids = {s.proplet_id: s.task_id for s in resp.scheduled}
         for fp in (p1, p2, p3):
@@ -356,10 +322,11 @@ async def test_experiment_configures_round_and_starts_one_task_per_participant(
             coordinator_pb2.GetRoundStatusRequest(round_id="r-100")
         )
         assert (status.round_id, status.state) == ("r-100", coordinator_pb2.ROUND_STATE_OPEN)
+        assert status == coord.rounds["r-100"]
 
 
 async def test_experiment_skips_unknown_and_dead_participants_and_says_so(
-    broker: Mosquitto, topics: Topics, watch: RoundStarts
+    broker: Mosquitto, topics: Topics
 ) -> None:
     async with (
         fake_coordinator() as (coord, coord_addr),
@@ -383,10 +350,11 @@ async def test_experiment_skips_unknown_and_dead_participants_and_says_so(
         (req,) = coord.configured
         assert list(req.participants) == ["p-live"] and req.k_of_n == 1
         assert resp.round.k_of_n == 1
-        rs = await asyncio.wait_for(watch.messages.get(), 10)
-        assert rs["participants"] == ["p-live"] and rs["k_of_n"] == 1
+        assert list(resp.round.participants) == ["p-live"]
 
-        assert (await live.next_start()).name == "fl-round-r-200-p-live"
+        start = await live.next_start()
+        assert start.name == "fl-round-r-200-p-live"
+        assert start.env["ROUND_DEADLINE"] == repr(resp.round.deadline)
         assert dead.starts.empty()
         listed = await m.stub.ListTasks(manager_pb2.ListTasksRequest(name_prefix="fl-round-r-200"))
         assert [t.proplet_id for t in listed.tasks] == ["p-live"]
@@ -421,6 +389,12 @@ async def test_experiment_errors_keep_their_codes(broker: Mosquitto, topics: Top
         err = await rpc_error(m.stub.StartExperiment(experiment("r", ["p-1"], k_of_n=2)))
         assert err.code == grpc.StatusCode.INVALID_ARGUMENT
         assert err.details.startswith("k_of_n:")
+        # A non-finite number is not "negative": each says what is wrong.
+        for field, value, details in NOT_FINITE_OR_NEGATIVE:
+            hp = coordinator_pb2.Hyperparams(lr=value)
+            kw: dict[str, Any] = {"hyperparams": hp} if field == "lr" else {field: value}
+            err = await rpc_error(m.stub.StartExperiment(experiment("r", ["p-1"], **kw)))
+            assert (err.code, err.details) == (grpc.StatusCode.INVALID_ARGUMENT, details)
 
         err = await rpc_error(
             m.stub.StartExperiment(

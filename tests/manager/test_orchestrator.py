@@ -10,14 +10,16 @@ from typing import Any
 
 import pytest
 
-from propeller.v1 import coordinator_pb2
 from server.config import Endpoints
+from server.coordinator import rounds as R
+from server.coordinator.rounds import Round
 from server.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
-from server.manager.experiments import ExperimentConfig, Hyperparams, InMemoryExperimentStore
+from server.manager.experiments import InMemoryExperimentStore
 from server.manager.orchestrator import Manager
 from server.manager.proplets import InMemoryPropletStore, Proplets, Skipped
 from server.manager.tasks import InMemoryTaskStore, Tasks, TaskState
 from server.messages import PropletAnnounce, TaskResult, TaskStart
+from server.round_spec import Hyperparams, RoundSpec, validate, with_defaults
 from server.topics import Topics
 from tests.manager.fakes import FakeClock
 
@@ -26,33 +28,28 @@ TOPICS = Topics("unit", "fl")
 
 @dataclass
 class Rounds:
-    configured: list[coordinator_pb2.ConfigureRoundRequest] = field(default_factory=list)
+    """The coordinator's round calls, run by its own round rules (defaults; the deadline
+    counts from the start, at 1000.0)."""
+
+    configured: list[RoundSpec] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
+    rounds: dict[str, Round] = field(default_factory=dict)
     fail_configure: Exception | None = None
 
-    async def configure_round(
-        self, request: coordinator_pb2.ConfigureRoundRequest
-    ) -> coordinator_pb2.RoundStatus:
-        self.configured.append(request)
+    async def configure_round(self, spec: RoundSpec) -> Round:
+        self.configured.append(spec)
         if self.fail_configure is not None:
             raise self.fail_configure
-        return coordinator_pb2.RoundStatus(round_id=request.round_id)
+        rnd = R.new_round(with_defaults(validate(spec)), spec.model_ref, (), 999.0)
+        self.rounds[spec.round_id] = rnd
+        return rnd
 
-    async def start_round(self, round_id: str) -> coordinator_pb2.RoundStatus:
+    async def start_round(self, round_id: str) -> Round:
         self.started.append(round_id)
-        req = self.configured[-1]
-        return coordinator_pb2.RoundStatus(
-            round_id=round_id,
-            state=coordinator_pb2.ROUND_STATE_OPEN,
-            k_of_n=req.k_of_n,
-            participants=req.participants,
-            model_ref=req.model_ref,
-            timeout_s=req.timeout_s or 60.0,
-            started_at=1000.0,
-            deadline=1000.0 + (req.timeout_s or 60.0),
-        )
+        rnd = self.rounds[round_id] = R.start_round(self.rounds[round_id], 1000.0)
+        return rnd
 
-    async def get_round_status(self, round_id: str) -> coordinator_pb2.RoundStatus:
+    async def get_round_status(self, round_id: str) -> Round:
         raise NotFound(f"round_id: {round_id!r}")
 
 
@@ -97,11 +94,11 @@ def world() -> World:
     return World(manager, rounds, broker, clock)
 
 
-BASE = ExperimentConfig(
+BASE = RoundSpec(
     experiment_id="",
     round_id="r1",
     model_ref="fl/models/global_model_v0",
-    participants=[],
+    participants=(),
     hyperparams=Hyperparams(epochs=1, lr=0.01, batch_size=16),
     k_of_n=0,
     timeout_s=30,
@@ -109,8 +106,8 @@ BASE = ExperimentConfig(
 )
 
 
-def config(participants: list[str], **kw: Any) -> ExperimentConfig:
-    return replace(BASE, participants=participants, **kw)
+def config(participants: list[str], **kw: Any) -> RoundSpec:
+    return replace(BASE, participants=tuple(participants), **kw)
 
 
 async def announce(world: World, *ids: str) -> None:
@@ -132,22 +129,26 @@ async def test_no_live_participant_configures_nothing(world: World) -> None:
     assert world.manager.list_experiments() == []
 
 
-async def test_round_start_carries_configured_k_timeout_and_deadline(world: World) -> None:
+async def test_k_of_n_and_timeout_reach_the_round_and_the_tasks(world: World) -> None:
     await announce(world, "p1", "p2", "p3")
     started = await world.manager.start_experiment(config(["p1", "p2", "p3"], k_of_n=2))
-    (payload,) = world.broker.on(TOPICS.round_start)
-    msg = json.loads(payload)
-    assert (msg["k_of_n"], msg["timeout_s"], msg["deadline"]) == (2, 30.0, 1030.0)
-    assert msg["participants"] == ["p1", "p2", "p3"]
-    assert msg["hyperparams"] == {"epochs": 1, "lr": 0.01, "batch_size": 16}
-    assert started.round.k_of_n == 2
+    (spec,) = world.rounds.configured
+    assert (spec.k_of_n, spec.timeout_s) == (2, 30.0)
+    assert spec.participants == ("p1", "p2", "p3")
+    assert spec.hyperparams == Hyperparams(epochs=1, lr=0.01, batch_size=16)
+    assert world.rounds.started == ["r1"]
+    assert (started.round.k_of_n, started.round.timeout_s) == (2, 30.0)
+    assert started.round.deadline == 1030.0
     assert started.experiment.experiment_id == "exp-r1"
-    # Round start published before the task starts.
-    assert world.broker.published[0][0] == TOPICS.round_start
-    # Each addressed start goes to its proplet's own topic.
-    assert sorted(t for t, _ in world.broker.published if TOPICS.is_task_start(t)) == [
+    # Only task starts are published, each to its proplet's own topic, and each carries the
+    # round's deadline and hyperparameters.
+    assert sorted(t for t, _ in world.broker.published) == [
         TOPICS.task_start_for(p) for p in ("p1", "p2", "p3")
     ]
+    for _, payload in world.broker.published:
+        env = TaskStart.from_json(payload).env
+        assert env["ROUND_DEADLINE"] == repr(1030.0)
+        assert json.loads(env["HYPERPARAMS"]) == {"epochs": 1, "lr": 0.01, "batch_size": 16}
 
 
 async def test_duplicate_experiment_id_is_already_exists(world: World) -> None:
@@ -206,5 +207,6 @@ async def test_skipped_participants_listed_beside_scheduled(world: World) -> Non
     await announce(world, "p1")
     started = await world.manager.start_experiment(config(["ghost", "p1"]))
     assert started.experiment.skipped == [Skipped("ghost", "unknown proplet")]
-    (req,) = world.rounds.configured
-    assert list(req.participants) == ["p1"] and req.k_of_n == 1 and not req.start
+    (spec,) = world.rounds.configured
+    assert spec.participants == ("p1",) and spec.k_of_n == 1
+    assert world.rounds.started == ["r1"]

@@ -3,23 +3,21 @@ is what the coordinator runs, and the coordinator's refusals reach the user unch
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
 
-from propeller.v1 import coordinator_pb2, manager_pb2
+from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc, manager_pb2
 from server.config import MqttConfig
-from server.mqtt import MqttSession
+from server.grpc_server import channel
 from server.topics import Topics
 from tests.manager.fakes import (
-    WASM,
     FakeProplet,
-    RunningManager,
-    mqtt_config,
+    experiment,
     running_manager,
     until_alive,
 )
@@ -27,50 +25,35 @@ from tests.support.cluster import round_services
 from tests.support.infra import Mosquitto
 
 
+@dataclass
+class Services:
+    stub: Any  # ManagerStub (the generated service code is untyped)
+    coordinator: Any  # CoordinatorStub
+
+
 @pytest.fixture
-async def manager(mqtt: MqttConfig) -> AsyncIterator[RunningManager]:
+async def manager(mqtt: MqttConfig) -> AsyncIterator[Services]:
     # The real coordinator and registry (v0 stored); nothing here aggregates: no update is
     # ever submitted.
     async with (
         round_services(mqtt, aggregator_addr="127.0.0.1:9", rpc_timeout_s=5.0) as services,
         running_manager(mqtt.port, mqtt.topics, coordinator_addr=services.coordinator) as m,
+        channel(services.coordinator) as chan,
     ):
-        yield m
-
-
-def request(round_id: str, participants: list[str], **kw: Any) -> Any:
-    return manager_pb2.StartExperimentRequest(
-        round_id=round_id,
-        model_ref=kw.pop("model_ref", "fl/models/global_model_v0"),
-        participants=participants,
-        task_wasm_image=WASM,
-        **kw,
-    )
+        yield Services(m.stub, coordinator_pb2_grpc.CoordinatorStub(chan))
 
 
 async def test_round_runs_as_configured(
-    broker: Mosquitto, topics: Topics, manager: RunningManager
+    broker: Mosquitto, topics: Topics, manager: Services
 ) -> None:
-    starts: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-    async def on_round_start(topic: str, payload: bytes) -> None:
-        starts.put_nowait(json.loads(payload))
-
     async with (
-        MqttSession(
-            mqtt_config(broker.port, topics),
-            f"watch-{topics.domain}",
-            [topics.round_start],
-            on_round_start,
-            clean_session=True,
-        ),
         FakeProplet(broker.port, topics, "p-1") as p1,
         FakeProplet(broker.port, topics, "p-2") as p2,
     ):
         await until_alive(manager.stub, "p-1")
         await until_alive(manager.stub, "p-2")
         resp = await manager.stub.StartExperiment(
-            request(
+            experiment(
                 "r-1",
                 ["p-1", "p-2", "p-ghost"],
                 experiment_id="exp-1",
@@ -91,13 +74,18 @@ async def test_round_runs_as_configured(
         assert status.hyperparams.batch_size == 8
         assert status.deadline == pytest.approx(status.started_at + 45.0)
 
-        rs = await asyncio.wait_for(starts.get(), 10)
-        assert (rs["k_of_n"], rs["timeout_s"], rs["deadline"]) == (2, 45.0, status.deadline)
+        # The manager answers with the coordinator's own status, field for field.
+        direct = await manager.coordinator.GetRoundStatus(
+            coordinator_pb2.GetRoundStatusRequest(round_id="r-1")
+        )
+        assert status == direct and resp.round == direct
 
         for fp in (p1, p2):
             start = await fp.next_start()
             assert start.name == f"fl-round-r-1-{fp.id}"
             assert start.env["MODEL_URI"] == "fl/models/global_model_v0"
+            # The deadline timeout_s set on the round reaches each task.
+            assert start.env["ROUND_DEADLINE"] == repr(status.deadline)
             assert json.loads(start.env["HYPERPARAMS"]) == {
                 "epochs": 3,
                 "lr": 0.1,
@@ -106,19 +94,19 @@ async def test_round_runs_as_configured(
 
 
 async def test_coordinator_refusals_keep_their_codes(
-    broker: Mosquitto, topics: Topics, manager: RunningManager
+    broker: Mosquitto, topics: Topics, manager: Services
 ) -> None:
     async with FakeProplet(broker.port, topics, "p-1"):
         await until_alive(manager.stub, "p-1")
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await manager.stub.StartExperiment(
-                request("r-2", ["p-1"], model_ref="fl/models/global_model_v5")
+                experiment("r-2", ["p-1"], model_ref="fl/models/global_model_v5")
             )
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND
 
-        await manager.stub.StartExperiment(request("r-3", ["p-1"]))
+        await manager.stub.StartExperiment(experiment("r-3", ["p-1"]))
         with pytest.raises(grpc.aio.AioRpcError) as exc:
-            await manager.stub.StartExperiment(request("r-3", ["p-1"], experiment_id="again"))
+            await manager.stub.StartExperiment(experiment("r-3", ["p-1"], experiment_id="again"))
         assert exc.value.code() == grpc.StatusCode.ALREADY_EXISTS
         listed = await manager.stub.ListTasks(manager_pb2.ListTasksRequest(name_prefix="fl-"))
         assert [t.name for t in listed.tasks] == ["fl-round-r-3-p-1"]

@@ -8,7 +8,7 @@ import hashlib
 import pytest
 import wasmtime
 
-from proplet import Limits, RunControl, TaskFailed, TaskInterrupted, WasmRuntime
+from proplet import Invocation, Limits, RunControl, TaskFailed, TaskInterrupted, WasmRuntime
 from proplet.runner import CompiledModule
 from tests.proplet import wat
 
@@ -31,9 +31,7 @@ async def run(
     control: RunControl | None = None,
     env: dict[str, str] | None = None,
 ) -> bytes:
-    out = await runtime.run(
-        compiled(runtime, wasm), argv=["t"], env=env or {}, limits=limits, control=control
-    )
+    out = await runtime.run(compiled(runtime, wasm), Invocation(["t"], env or {}, limits), control)
     return out.stdout
 
 
@@ -54,9 +52,7 @@ async def test_returning_from_start_is_success(runtime: WasmRuntime) -> None:
 async def test_env_and_argv_reach_the_module(runtime: WasmRuntime) -> None:
     out = await runtime.run(
         compiled(runtime, wat.env_dump()),
-        argv=["name", "--epochs", "3"],
-        env={"A": "1", "JSON": '{"w": [1.5], "b": 0}'},
-        limits=LIMITS,
+        Invocation(["name", "--epochs", "3"], {"A": "1", "JSON": '{"w": [1.5], "b": 0}'}, LIMITS),
     )
     env, args = wat.parse_env_dump(out.stdout)
     assert env == {"A": "1", "JSON": '{"w": [1.5], "b": 0}'}

@@ -10,7 +10,7 @@ import json
 import sqlite3
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import pytest
 from server.coordinator import rounds as R
 from server.coordinator.app import CoordinatorConfig
 from server.coordinator.coordinator import Coordinator, RetryPolicy
-from server.coordinator.rounds import Hyperparams, Round, RoundState, Update
+from server.coordinator.rounds import Round, RoundState, Update
 from server.coordinator.store import (
     STATE_FILE,
     SqliteRoundStore,
@@ -29,6 +29,7 @@ from server.coordinator.store import (
     StoredUpdates,
 )
 from server.errors import Unavailable
+from server.round_spec import Hyperparams, RoundSpec, validate, with_defaults
 from server.tensors import Spec, sha256_of
 from server.topics import Topics
 from tests.coordinator.helpers import Clock, MemoryBackend, fedavg, make_update
@@ -43,28 +44,34 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "state" / STATE_FILE
 
 
+async def opened(path: Path) -> SqliteRoundStore:
+    store = SqliteRoundStore(path)
+    await store.open()
+    return store
+
+
 @pytest.fixture
-def store(path: Path) -> Iterator[SqliteRoundStore]:
-    s = SqliteRoundStore(path)
+async def store(path: Path) -> AsyncIterator[SqliteRoundStore]:
+    s = await opened(path)
     yield s
-    s.close()
+    await s.close()
 
 
-def reopen(store: SqliteRoundStore) -> SqliteRoundStore:
+async def reopen(store: SqliteRoundStore) -> SqliteRoundStore:
     """What a restart sees: close the file, open it again."""
-    store.close()
-    return SqliteRoundStore(store.path)
+    await store.close()
+    return await opened(store.path)
 
 
 def new_round(round_id: str = "r1", experiment_id: str = "", **kw: Any) -> Round:
-    cfg = R.round_config(
+    spec = RoundSpec(
         round_id=round_id,
         experiment_id=experiment_id,
-        participants=["a", "b", "c"],
+        participants=("a", "b", "c"),
         timeout_s=10.0,
         **kw,
     )
-    return R.new_round(cfg, BASE, SPECS, 100.0)
+    return R.new_round(with_defaults(validate(spec)), BASE, SPECS, 100.0)
 
 
 def raw(path: Path, sql: str, *args: Any) -> list[Any]:
@@ -114,13 +121,13 @@ async def test_every_field_of_a_round_survives_a_restart(store: SqliteRoundStore
     )
     await store.put(rnd)
     await store.put(failed)
-    again = reopen(store)
+    again = await reopen(store)
     try:
         assert await again.get("r-all") == rnd
         assert await again.get("r-failed") == failed
         assert await again.get("zz") is None
     finally:
-        again.close()
+        await again.close()
 
 
 async def test_configuration_order_and_experiment_filter_survive(store: SqliteRoundStore) -> None:
@@ -128,13 +135,13 @@ async def test_configuration_order_and_experiment_filter_survive(store: SqliteRo
     for r in (r1, r2, r3):
         await store.put(r)
     await store.put(R.start_round(r1, 200.0))  # rewriting a record keeps its place
-    again = reopen(store)
+    again = await reopen(store)
     try:
         assert [r.round_id for r in await again.list()] == ["r1", "r2", "r3"]
         assert [r.round_id for r in await again.list("e1")] == ["r1", "r3"]
         assert (await again.get("r1")) == R.start_round(r1, 200.0)
     finally:
-        again.close()
+        await again.close()
 
 
 async def test_the_deadline_is_stored_as_absolute_wall_time(
@@ -153,7 +160,7 @@ async def test_the_deadline_is_stored_as_absolute_wall_time(
 
 def mixed_round() -> Round:
     specs = (Spec("w", np.dtype("<f4"), (2, 3)), Spec("b", np.dtype("<f8"), ()))
-    cfg = R.round_config(round_id="r1", participants=["a", "b", "c"], timeout_s=10.0)
+    cfg = with_defaults(validate(RoundSpec("r1", ("a", "b", "c"), timeout_s=10.0)))
     return R.start_round(R.new_round(cfg, BASE, specs, 1.0), 2.0)
 
 
@@ -194,12 +201,12 @@ async def test_each_accepted_update_is_one_row_with_its_bytes(
     [(reported,)] = raw(path, "SELECT reported FROM rounds WHERE round_id = 'r1'")
     assert json.loads(reported) == ["c", "a"]
 
-    again = reopen(store)
+    again = await reopen(store)
     try:
         assert (await again.get("r1")) == rnd
         stored = await again.updates("r1")
         assert isinstance(stored, StoredUpdates)
-        assert [u.proplet_id for u in stored] == ["c", "a"]
+        assert [u.proplet_id for u in stored.headers] == ["c", "a"]
         loaded = [u async for u in stored]
         for got, want in zip(loaded, sent, strict=True):
             assert (got.proplet_id, got.base_model_uri, got.num_samples) == (
@@ -216,7 +223,7 @@ async def test_each_accepted_update_is_one_row_with_its_bytes(
                 assert np.array_equal(got.tensors[name], want.tensors[name])
         assert len(await again.updates("zz")) == 0
     finally:
-        again.close()
+        await again.close()
 
 
 async def test_an_update_and_its_round_commit_together_or_not_at_all(
@@ -271,18 +278,18 @@ async def test_damaged_tensor_bytes_are_reported_not_used(
     rnd = mixed_round()
     await store.put(rnd)
     await store.accept(R.record_update(rnd, "a"), mixed_update("a", 1, 5))
-    store.close()
+    await store.close()
     conn = sqlite3.connect(path)
     conn.execute("UPDATE updates SET tensors = zeroblob(length(tensors))")
     conn.commit()
     conn.close()
-    again = SqliteRoundStore(path)
+    again = await opened(path)
     try:
         stored = await again.updates("r1")
         with pytest.raises(StateCorrupted, match="integrity check"):
             await stored.load(0)
     finally:
-        again.close()
+        await again.close()
 
 
 # ---- configuration ---------------------------------------------------------------------
@@ -337,10 +344,10 @@ UPDATES = [
 ]
 
 
-def config(round_id: str, k_of_n: int = 3) -> R.RoundConfig:
-    return R.round_config(
+def config(round_id: str, k_of_n: int = 3) -> RoundSpec:
+    return RoundSpec(
         round_id=round_id,
-        participants=["a", "b", "c"],
+        participants=("a", "b", "c"),
         k_of_n=k_of_n,
         timeout_s=10,
         model_ref=BASE,
@@ -362,7 +369,7 @@ async def test_an_acknowledged_update_is_already_on_disk(
 async def test_resume_after_a_restart(path: Path) -> None:
     clock = Clock(1000.0)
     backend = MemoryBackend()
-    store = SqliteRoundStore(path)
+    store = await opened(path)
     first = coordinator(store, backend, clock)
     # r-done: completed before the stop; never aggregated again.
     await first.configure(config("r-done", k_of_n=1), start=True)
@@ -383,12 +390,12 @@ async def test_resume_after_a_restart(path: Path) -> None:
     await first.configure(config("r-later"), start=True)
     await first.submit("r-later", UPDATES[1])
     await first.aclose()  # stops r-agg's aggregation mid-way
-    store.close()
+    await store.close()
     assert backend.aggregate_calls == 2
 
     clock.now += 6  # 11 s after r-due*'s start: past their deadline, r-later has 4 s left
     backend.gate.set()
-    store = SqliteRoundStore(path)
+    store = await opened(path)
     later_deadline = R.require_round(await store.get("r-later"), "r-later").deadline
     second = coordinator(store, backend, clock)
     try:
@@ -432,17 +439,17 @@ async def test_resume_after_a_restart(path: Path) -> None:
         assert sorted(backend.models) == [0, 1, 2, 3, 4]
     finally:
         await second.aclose()
-        store.close()
+        await store.close()
 
 
 async def test_duplicate_after_a_restart_is_not_counted_again(path: Path) -> None:
     clock = Clock()
-    store = SqliteRoundStore(path)
+    store = await opened(path)
     first = coordinator(store, MemoryBackend(), clock)
     await first.configure(config("r1"), start=True)
     await first.submit("r1", UPDATES[0])
-    store.close()
-    store = SqliteRoundStore(path)
+    await store.close()
+    store = await opened(path)
     try:
         second = coordinator(store, MemoryBackend(), clock)
         await second.resume()
@@ -451,7 +458,7 @@ async def test_duplicate_after_a_restart_is_not_counted_again(path: Path) -> Non
         [kept] = (await store.updates("r1")).headers
         assert kept.num_samples == 10
     finally:
-        store.close()
+        await store.close()
 
 
 class SlowAfterCommit(SqliteRoundStore):
@@ -470,6 +477,7 @@ class SlowAfterCommit(SqliteRoundStore):
 
 async def test_a_cancelled_submit_does_not_strand_the_round_it_closed(path: Path) -> None:
     store = SlowAfterCommit(path)
+    await store.open()
     backend = MemoryBackend()
     coord = coordinator(store, backend, Clock())
     try:
@@ -486,4 +494,4 @@ async def test_a_cancelled_submit_does_not_strand_the_round_it_closed(path: Path
         assert backend.aggregate_calls == 1
     finally:
         await coord.aclose()
-        store.close()
+        await store.close()

@@ -60,11 +60,10 @@ def same(a: Dataset | None, b: Dataset) -> bool:
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
 async def test_both_stores_behave_alike(kind: str, tmp_path: Path) -> None:
-    store: InMemoryDatasetStore | SqliteDatasetStore = (
-        InMemoryDatasetStore()
-        if kind == "memory"
-        else await SqliteDatasetStore.open(tmp_path / DATASTORE_DB_FILE)
-    )
+    store: InMemoryDatasetStore | SqliteDatasetStore = InMemoryDatasetStore()
+    if kind == "sqlite":
+        store = SqliteDatasetStore(tmp_path / DATASTORE_DB_FILE)
+        await store.open()
     try:
         b, a = dataset("b", 5, 2), dataset("a", 3, 4, "<f4")
         assert await store.put(b) and await store.put(a)

@@ -13,15 +13,11 @@ import pytest
 
 from propeller.v1 import manager_pb2, manager_pb2_grpc
 from server.manager import ManagerApp, ManagerConfig
-from server.manager.experiments import (
-    Experiment,
-    ExperimentConfig,
-    Hyperparams,
-    ScheduledParticipant,
-)
+from server.manager.experiments import Experiment, ScheduledParticipant
 from server.manager.proplets import Proplet, Skipped
 from server.manager.sqlite_store import FILE_NAME, ManagerDatabase, StateWriteFailed
 from server.manager.tasks import Task, TaskState
+from server.round_spec import Hyperparams, RoundSpec
 from server.topics import Topics
 from tests.manager.fakes import WASM, mqtt_config
 from tests.services.harness import served
@@ -47,11 +43,11 @@ TASK = Task(
 )
 EXPERIMENT = Experiment(
     experiment_id="exp-r1",
-    config=ExperimentConfig(
+    config=RoundSpec(
         experiment_id="exp-r1",
         round_id="r1",
         model_ref="fl/models/global_model_v0",
-        participants=["p1", "p2"],
+        participants=("p1", "p2"),
         hyperparams=Hyperparams(epochs=3, lr=0.125, batch_size=16),
         k_of_n=1,
         timeout_s=12.5,

@@ -1,13 +1,15 @@
 """The registry's SQLite store (`registry.sqlite` in the state directory) through a real gRPC
 server: versions survive a restart with their bytes, sha256, specs and created_at; a version is
-written once (ALREADY_EXISTS after); damaged rows are reported (DATA_LOSS), never served;
-version files of the older directory format are imported; and the configuration picks the
-store as docs/configuration.md says."""
+written once (ALREADY_EXISTS after, also from a second store over the same file); an abandoned
+write stores nothing; damaged rows are reported (DATA_LOSS), never served; and the
+configuration picks the store as docs/configuration.md says. That a killed registry never
+keeps a torn version is test_registry_crash.py."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,32 +20,36 @@ import numpy as np
 import pytest
 
 from propeller.v1 import model_registry_pb2, model_registry_pb2_grpc
+from server.errors import AlreadyExists
+from server.lifecycle import for_serve
 from server.registry.app import RegistryApp, RegistryConfig
 from server.registry.store import (
     REGISTRY_DB_FILE,
-    DirectoryModelStore,
     InMemoryModelStore,
+    ModelInfo,
     SqliteModelStore,
     WriteAbandoned,
 )
 from server.streams import model_stream, read_model_stream
-from server.tensors import Tensors, sha256_of
+from server.tensors import Tensors, sha256_of, specs_of
 from tests.services.harness import RPC_TIMEOUT, served
 
 Stub = Any  # generated gRPC stubs carry no type information
 
 
 @asynccontextmanager
-async def registry(
-    state_dir: Path | None, data_dir: Path | None = None
-) -> AsyncIterator[tuple[Stub, RegistryApp]]:
-    config = RegistryConfig(addr="127.0.0.1:0", data_dir=data_dir, state_dir=state_dir)
+async def registry(state_dir: Path | None) -> AsyncIterator[tuple[Stub, RegistryApp]]:
+    config = RegistryConfig(addr="127.0.0.1:0", state_dir=state_dir)
     async with RegistryApp(config) as app, served(app.bindings) as ch:
         yield model_registry_pb2_grpc.ModelRegistryStub(ch), app
 
 
 def model(w: list[float], b: float, dtype: str = "<f8") -> Tensors:
     return {"w": np.asarray(w, dtype=dtype), "b": np.asarray(b, dtype=dtype)}
+
+
+def info(version: int, tensors: Tensors) -> ModelInfo:
+    return ModelInfo(version, sha256_of(tensors), tuple(specs_of(tensors)), time.time())
 
 
 async def put(stub: Stub, tensors: Tensors, version: int | None = None) -> Any:
@@ -117,32 +123,35 @@ async def test_two_stores_on_one_file_never_share_a_version(tmp_path: Path) -> N
     """Two registry processes over one state file: the primary key settles who wins."""
     path = tmp_path / REGISTRY_DB_FILE
     a, b = SqliteModelStore(path), SqliteModelStore(path)
+    await a.open()
+    await b.open()
     try:
         first = model([1.0], 1.0)
-        a.put(0, first, sha256_of(first))
-        with pytest.raises(Exception, match="already exists"):
-            b.put(0, model([2.0], 2.0), sha256_of(model([2.0], 2.0)))
-        stored = b.get(0)
+        await a.put(info(0, first), first, threading.Event())
+        with pytest.raises(AlreadyExists, match="already exists"):
+            await b.put(info(0, model([2.0], 2.0)), model([2.0], 2.0), threading.Event())
+        stored = await b.get(0)
         assert stored is not None and same(dict(stored.tensors), first)
-        assert b.versions() == [0]
+        assert await b.versions() == [0]
     finally:
-        a.close()
-        b.close()
+        await a.close()
+        await b.close()
 
 
-def test_an_abandoned_write_stores_nothing(tmp_path: Path) -> None:
+async def test_an_abandoned_write_stores_nothing(tmp_path: Path) -> None:
     store = SqliteModelStore(tmp_path / REGISTRY_DB_FILE)
+    await store.open()
     try:
         tensors = model([1.0, 2.0], 3.0)
         gave_up = threading.Event()
         gave_up.set()
         with pytest.raises(WriteAbandoned):
-            store.put(0, tensors, sha256_of(tensors), abandoned=gave_up)
-        assert store.versions() == []
-        store.put(0, tensors, sha256_of(tensors), abandoned=threading.Event())
-        assert store.versions() == [0]
+            await store.put(info(0, tensors), tensors, gave_up)
+        assert await store.versions() == []
+        await store.put(info(0, tensors), tensors, threading.Event())
+        assert await store.versions() == [0]
     finally:
-        store.close()
+        await store.close()
 
 
 async def test_damaged_rows_are_reported_not_served(tmp_path: Path) -> None:
@@ -162,8 +171,10 @@ async def test_damaged_rows_are_reported_not_served(tmp_path: Path) -> None:
     async with registry(tmp_path) as (stub, _):
         code, details = await rpc_error(get(stub, 1))
         assert code == grpc.StatusCode.DATA_LOSS and "sha256" in details
+        assert "version: 1" in details and "corrupted" in details
         code, details = await rpc_error(get(stub, 2))
         assert code == grpc.StatusCode.DATA_LOSS and "corrupted" in details
+        assert "version: 2" in details
         code, _ = await rpc_error(
             stub.GetModelInfo(model_registry_pb2.GetModelRequest(version=2), timeout=10)
         )
@@ -177,42 +188,18 @@ async def test_damaged_rows_are_reported_not_served(tmp_path: Path) -> None:
         assert code == grpc.StatusCode.ALREADY_EXISTS
 
 
-async def test_versions_in_the_directory_format_are_imported(tmp_path: Path) -> None:
-    data_dir, state = tmp_path / "models", tmp_path / "state"
-    async with registry(None, data_dir) as (stub, app):  # an older deployment
-        assert isinstance(app.store, DirectoryModelStore)
-        await put(stub, model([1.0, 2.0], 3.0))
-        await put(stub, model([4.0, 5.0], 6.0), version=3)
-        old = await listed(stub)
-    # A damaged file is skipped (and logged), not imported.
-    (data_dir / "v7.model").write_bytes(b'{"format": "nonsense"}\n')
-    async with registry(state, data_dir) as (stub, app):
-        assert isinstance(app.store, SqliteModelStore)
-        assert await listed(stub) == old  # same versions, sha256, specs, created_at
-        assert same(await get(stub, 3), model([4.0, 5.0], 6.0))
-        assert (await put(stub, model([7.0, 8.0], 9.0))).version == 4
-        after = await listed(stub)
-    # The new version went to the database; the files are left as they were.
-    assert sorted(p.name for p in data_dir.iterdir()) == ["v0.model", "v3.model", "v7.model"]
-    async with registry(state, data_dir) as (stub, _):
-        assert await listed(stub) == after  # imported once; nothing duplicated
-
-
-def test_config_from_env_and_the_store_it_picks(tmp_path: Path) -> None:
+async def test_config_from_env_and_the_store_it_picks(tmp_path: Path) -> None:
     assert RegistryConfig.from_env({}) == RegistryConfig()
-    env = {"PROPELLER_STATE_DIR": str(tmp_path / "s"), "PROPELLER_REGISTRY_DATA_DIR": ""}
+    env = {"PROPELLER_STATE_DIR": str(tmp_path / "s")}
     config = RegistryConfig.from_env(env)
     assert config == RegistryConfig(state_dir=tmp_path / "s")
-    # serve: nothing configured -> the default state directory; a data directory alone keeps
-    # the directory format it always had.
-    assert RegistryConfig().for_serve().state_dir == Path("propeller-fl-state")
-    assert RegistryConfig(data_dir=tmp_path).for_serve() == RegistryConfig(data_dir=tmp_path)
-    assert config.for_serve() == config
+    # serve: nothing configured -> the default state directory.
+    assert for_serve(RegistryConfig(), "ModelRegistry").state_dir == Path("propeller-fl-state")
+    assert for_serve(config, "ModelRegistry") == config
     assert isinstance(RegistryApp(RegistryConfig()).store, InMemoryModelStore)
-    assert isinstance(
-        RegistryApp(RegistryConfig(data_dir=tmp_path / "d")).store, DirectoryModelStore
-    )
-    store = RegistryApp(RegistryConfig(data_dir=tmp_path / "d", state_dir=tmp_path / "s")).store
-    assert isinstance(store, SqliteModelStore)
-    store.close()
+    async with RegistryApp(RegistryConfig(state_dir=tmp_path / "s")) as app:
+        store = app.store
+        assert isinstance(store, SqliteModelStore)
+        assert await store.versions() == []
     assert store.path == tmp_path / "s" / REGISTRY_DB_FILE
+    assert store.path.is_file()

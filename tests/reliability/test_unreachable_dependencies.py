@@ -37,7 +37,8 @@ from proplet.federated import (
 from server.config import Endpoints, MqttConfig
 from server.coordinator.app import CoordinatorApp, CoordinatorConfig
 from server.datastore.app import DataStoreApp, DataStoreConfig
-from server.manager.experiments import Hyperparams, round_task_env
+from server.manager.experiments import round_task_env
+from server.round_spec import Hyperparams
 from tests.support.clients import HYPER, V0, Clients, clients
 from tests.support.cluster import Cluster, cluster, serve_app
 from tests.support.ports import free_port

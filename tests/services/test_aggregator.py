@@ -3,7 +3,7 @@ a real grpc.aio server with the client the coordinator uses."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any, cast
 
 import grpc
@@ -13,13 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from propeller.v1 import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
+from propeller.v1 import aggregator_pb2, aggregator_pb2_grpc
 from server.aggregator.app import AggregatorApp, AggregatorConfig
-from server.aggregator.client import aggregate_requests, aggregate_via
+from server.aggregator.client import AggregatorClient, UpdateInput, aggregate_requests
 from server.aggregator.fedavg import FedAvg, aggregate_fedavg
 from server.errors import InvalidArgument
-from server.streams import UpdateMeta, read_model_stream, update_header
-from server.tensors import Array, Tensors, specs_of
+from server.streams import UpdateMeta, read_model_stream
+from server.tensors import Array, Tensors, sha256_of
 from tests.services.harness import RPC_TIMEOUT, served
 
 Stub = Any  # generated gRPC stubs carry no type information
@@ -44,6 +44,22 @@ def meta(num_samples: int, proplet_id: str = "p", round_id: str = "r1") -> Updat
 
 def model(w: list[float], b: float, dtype: str = "<f8") -> Tensors:
     return {"w": np.asarray(w, dtype=dtype), "b": np.asarray(b, dtype=dtype)}
+
+
+async def one_by_one(updates: Iterable[UpdateInput]) -> AsyncIterator[UpdateInput]:
+    for u in updates:
+        yield u
+
+
+async def aggregate_via(
+    channel: grpc.aio.Channel, updates: Iterable[UpdateInput], round_id: str = "r1"
+) -> Tensors:
+    """The aggregate through the client the coordinator uses; its digest is the bytes'."""
+    tensors, digest = await AggregatorClient(channel, timeout_s=RPC_TIMEOUT).aggregate(
+        round_id, one_by_one(updates)
+    )
+    assert digest == sha256_of(tensors)
+    return tensors
 
 
 def reference(updates: list[tuple[Tensors, int]]) -> Tensors:
@@ -130,27 +146,20 @@ async def test_weighting_through_the_server(aggregator: grpc.aio.Channel) -> Non
             (meta(10, "a"), model([1.0, 1.0, 1.0], 1.0)),
             (meta(30, "b"), model([5.0, 5.0, 5.0], 9.0)),
         ],
-        round_id="r1",
-        timeout=RPC_TIMEOUT,
     )
     assert list(result) == ["w", "b"]
     np.testing.assert_array_equal(result["w"], [4.0, 4.0, 4.0])
     np.testing.assert_array_equal(result["b"], 7.0)
 
 
-async def test_accepts_a_stub_and_update_headers(aggregator: grpc.aio.Channel) -> None:
-    stub = aggregator_pb2_grpc.AggregatorStub(aggregator)
+async def test_float32_updates_give_a_float32_model(aggregator: grpc.aio.Channel) -> None:
     first, second = model([2.0], 0.0, "<f4"), model([8.0], 3.0, "<f4")
-    result = await aggregate_via(
-        stub,
-        [
-            (update_header(meta(1), specs_of(first)), first),
-            # Specs and total_bytes are taken from the arrays, not from a stale header.
-            (tensor_pb2.UpdateHeader(proplet_id="q", num_samples=2), second),
-        ],
-        round_id="r1",
-        timeout=RPC_TIMEOUT,
-    )
+
+    async def lazily() -> AsyncIterator[UpdateInput]:  # read just before it is sent
+        yield meta(1), first
+        yield meta(2, "q"), second
+
+    result, _ = await AggregatorClient(aggregator, timeout_s=RPC_TIMEOUT).aggregate("r1", lazily())
     assert result["w"].dtype == np.float32
     np.testing.assert_array_equal(result["w"], [6.0])
     np.testing.assert_array_equal(result["b"], 2.0)
@@ -168,7 +177,7 @@ async def test_a_multi_megabyte_update_set(aggregator: grpc.aio.Channel) -> None
         for i, (tensors, n) in enumerate(updates):
             yield meta(n, f"p{i}"), tensors
 
-    result = await aggregate_via(aggregator, lazily(), round_id="r1", timeout=RPC_TIMEOUT)
+    result = await aggregate_via(aggregator, lazily())
     want = reference(updates)
     np.testing.assert_allclose(result["w"], want["w"], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(result["b"], want["b"], rtol=1e-12)
@@ -202,12 +211,7 @@ async def test_a_bad_update_is_invalid_argument_naming_it(
     aggregator: grpc.aio.Channel, updates: list[tuple[Tensors, int]], field: str
 ) -> None:
     with pytest.raises(InvalidArgument) as excinfo:
-        await aggregate_via(
-            aggregator,
-            [(meta(n, f"p{i}"), t) for i, (t, n) in enumerate(updates)],
-            round_id="r1",
-            timeout=RPC_TIMEOUT,
-        )
+        await aggregate_via(aggregator, [(meta(n, f"p{i}"), t) for i, (t, n) in enumerate(updates)])
     assert field in str(excinfo.value)
     # The same rules hold for the logic used in-process.
     with pytest.raises(InvalidArgument, match=field.replace("[", r"\[").replace("]", r"\]")):
@@ -219,16 +223,12 @@ async def test_a_bad_update_among_big_ones_reports_its_own_error(
 ) -> None:
     big = {"w": np.zeros(2_000_000)}
     with pytest.raises(InvalidArgument, match=r"updates\[1\]\.num_samples"):
-        await aggregate_via(
-            aggregator, [(meta(1), big), (meta(0), big), (meta(1), big)], "r1", RPC_TIMEOUT
-        )
+        await aggregate_via(aggregator, [(meta(1), big), (meta(0), big), (meta(1), big)])
 
 
 async def test_a_caller_error_surfaces_as_itself(aggregator: grpc.aio.Channel) -> None:
     with pytest.raises(InvalidArgument, match="dtype"):
-        await aggregate_via(
-            aggregator, [(meta(1), {"w": cast(Any, np.arange(3))})], "r1", RPC_TIMEOUT
-        )
+        await aggregate_via(aggregator, [(meta(1), {"w": cast(Any, np.arange(3))})])
 
 
 # --- the raw stream protocol -----------------------------------------------------------

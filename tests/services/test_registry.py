@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -14,7 +14,6 @@ import pytest
 
 from propeller.v1 import model_registry_pb2, model_registry_pb2_grpc, tensor_pb2
 from server.registry.app import RegistryApp, RegistryConfig
-from server.registry.store import DirectoryModelStore
 from server.streams import model_stream, read_model_stream
 from server.tensors import Tensors, sha256_of, tensor_bytes
 from tests.services.harness import RPC_TIMEOUT, served
@@ -23,8 +22,8 @@ Stub = Any  # generated gRPC stubs carry no type information
 
 
 @asynccontextmanager
-async def registry(data_dir: Path | None = None) -> AsyncIterator[Stub]:
-    config = RegistryConfig(addr="127.0.0.1:0", data_dir=data_dir)
+async def registry(state_dir: Path | None = None) -> AsyncIterator[Stub]:
+    config = RegistryConfig(addr="127.0.0.1:0", state_dir=state_dir)
     async with RegistryApp(config) as app, served(app.bindings) as ch:
         yield model_registry_pb2_grpc.ModelRegistryStub(ch)
 
@@ -35,10 +34,10 @@ async def stub() -> AsyncIterator[Stub]:
         yield s
 
 
-@pytest.fixture(params=["memory", "directory"])
+@pytest.fixture(params=["memory", "sqlite"])
 async def any_stub(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stub]:
     """The same behaviour is expected from both stores."""
-    async with registry(None if request.param == "memory" else tmp_path / "models") as s:
+    async with registry(None if request.param == "memory" else tmp_path / "state") as s:
         yield s
 
 
@@ -208,13 +207,13 @@ async def test_put_without_a_version_takes_highest_stored_plus_one(any_stub: Stu
 
 
 async def test_a_restarted_registry_continues_at_the_next_stored_version(tmp_path: Path) -> None:
-    data_dir = tmp_path / "models"
-    async with registry(data_dir) as stub:
+    state_dir = tmp_path / "state"
+    async with registry(state_dir) as stub:
         await stub.InitModel(model_registry_pb2.InitModelRequest(dimension=2), timeout=60)
         v1 = await put(stub, model([1.0, 1.0], 1.0))
         assert v1.version == 1
-    # A new process over the same directory: no counter survives, only the files do.
-    async with registry(data_dir) as stub:
+    # A new process over the same state file: no counter survives, only the stored rows do.
+    async with registry(state_dir) as stub:
         assert await versions(stub) == [0, 1]
         v2 = await put(stub, model([2.0, 2.0], 2.0))
         assert v2.version == 2
@@ -426,79 +425,9 @@ async def test_list_models_oldest_first(any_stub: Stub) -> None:
     assert all(m.sha256 and m.total_bytes == 16 for m in reply.models)
 
 
-# --- the directory store across crashes -----------------------------------------------
-
-
-def model_files(data_dir: Path) -> Iterator[Path]:
-    return (p for p in data_dir.iterdir() if p.name.endswith(".model"))
-
-
-async def test_a_leftover_temp_file_from_a_crash_is_ignored(tmp_path: Path) -> None:
-    data_dir = tmp_path / "models"
-    async with registry(data_dir) as stub:
-        await put(stub, model([1.0], 1.0))
-    # A crash half-way through writing version 1: a partial temp file, no v1.model.
-    v0 = (data_dir / "v0.model").read_bytes()
-    (data_dir / ".v1.k3j2h1.tmp").write_bytes(v0[: len(v0) // 2])
-    async with registry(data_dir) as stub:
-        assert await versions(stub) == [0]
-        await expect_error(grpc.StatusCode.NOT_FOUND, "1", call=get(stub, version=1))
-        v1 = await put(stub, model([2.0], 2.0))
-        assert v1.version == 1
-        _, tensors = await get(stub, version=1)
-        assert_same(tensors, model([2.0], 2.0))
-
-
-async def test_a_corrupted_version_is_reported_not_served(tmp_path: Path) -> None:
-    data_dir = tmp_path / "models"
-    async with registry(data_dir) as stub:
-        await put(stub, model([1.0, 2.0], 3.0))
-        await put(stub, model([4.0, 5.0], 6.0))
-        await put(stub, model([7.0, 8.0], 9.0))
-    # Bit rot in v1's tensor bytes, and v2 cut short.
-    v1 = bytearray((data_dir / "v1.model").read_bytes())
-    v1[-3] ^= 0xFF
-    (data_dir / "v1.model").write_bytes(bytes(v1))
-    v2 = (data_dir / "v2.model").read_bytes()
-    (data_dir / "v2.model").write_bytes(v2[:-4])
-    async with registry(data_dir) as stub:
-        await expect_error(grpc.StatusCode.DATA_LOSS, "1", "corrupted", call=get(stub, version=1))
-        await expect_error(grpc.StatusCode.DATA_LOSS, "2", "corrupted", call=get(stub, version=2))
-        await expect_error(
-            grpc.StatusCode.DATA_LOSS,
-            "2",
-            call=stub.GetModelInfo(model_registry_pb2.GetModelRequest(version=2), timeout=60),
-        )
-        _, tensors = await get(stub, version=0)
-        assert_same(tensors, model([1.0, 2.0], 3.0))
-        # A damaged version still holds its number: it is never overwritten.
-        assert (await put(stub, model([0.0, 0.0], 0.0))).version == 3
-        await expect_error(
-            grpc.StatusCode.ALREADY_EXISTS, call=put(stub, model([0.0, 0.0], 0.0), version=1)
-        )
-    assert sorted(p.name for p in model_files(data_dir)) == [
-        "v0.model",
-        "v1.model",
-        "v2.model",
-        "v3.model",
-    ]
-
-
-def test_directory_store_never_overwrites(tmp_path: Path) -> None:
-    store = DirectoryModelStore(tmp_path)
-    first = model([1.0], 1.0)
-    store.put(0, first, sha256_of(first))
-    with pytest.raises(Exception, match="already exists"):
-        store.put(0, model([2.0], 2.0), sha256_of(model([2.0], 2.0)))
-    again = DirectoryModelStore(tmp_path).get(0)
-    assert again is not None
-    assert_same(again.tensors, first)
-    assert [p.name for p in tmp_path.iterdir()] == ["v0.model"]  # no temp file left behind
-
-
 def test_config_from_env(tmp_path: Path) -> None:
     assert RegistryConfig.from_env({}) == RegistryConfig()
     config = RegistryConfig.from_env(
-        {"PROPELLER_REGISTRY_LISTEN": "0.0.0.0:9000", "PROPELLER_REGISTRY_DATA_DIR": str(tmp_path)}
+        {"PROPELLER_REGISTRY_LISTEN": "0.0.0.0:9000", "PROPELLER_STATE_DIR": str(tmp_path)}
     )
-    assert config == RegistryConfig(addr="0.0.0.0:9000", data_dir=tmp_path)
+    assert config == RegistryConfig(addr="0.0.0.0:9000", state_dir=tmp_path)

@@ -1,0 +1,135 @@
+"""`propeller-fl up`: the whole system in one process (`server.stack.Stack` with an embedded
+MQTT broker and N proplets) on the familiar ports, until Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from server.cli.one_process import (
+    DEFAULT_FEATURES,
+    DEFAULT_PROPLETS,
+    DEFAULT_SAMPLES,
+    CommandFailed,
+    _port,
+    _positive_int,
+    add_trainer_flag,
+    locate_trainer,
+    one_line_failure,
+)
+from server.config import ENDPOINTS, bind_problem
+from server.stack import Stack, StackConfig
+
+# The seed's ports, as `propeller-fl up` uses them.
+UP_PORTS = {name: port for name, (_, port, _) in ENDPOINTS.items()} | {"mqtt": 1883}
+# A task of `up` may run for as long as a proplet allows by default.
+TASK_TIMEOUT_S = 300.0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    up = sub.add_parser(
+        "up",
+        help="run all services, an embedded MQTT broker and N proplets until Ctrl-C",
+        description=(
+            "Start an embedded MQTT broker, the five services and N proplets (with seeded "
+            "synthetic datasets) in this process on the usual ports, print each address, each "
+            "proplet id and the trainer image, then 'ready'; stop cleanly on Ctrl-C or SIGTERM."
+        ),
+    )
+    up.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    for name, port in UP_PORTS.items():
+        up.add_argument(
+            f"--{name}-port",
+            type=_port,
+            default=port,
+            metavar="PORT",
+            help=f"({port}; 0 = any free port)",
+        )
+    up.add_argument(
+        "--proplets", type=_positive_int, default=DEFAULT_PROPLETS, metavar="N", help="proplets (3)"
+    )
+    up.add_argument(
+        "--samples", type=_positive_int, default=DEFAULT_SAMPLES, help="samples per proplet (64)"
+    )
+    up.add_argument(
+        "--features",
+        type=_positive_int,
+        default=DEFAULT_FEATURES,
+        help="synthetic feature count (3)",
+    )
+    up.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=(
+            "keep every service's state (models, datasets, rounds, proplets, tasks, "
+            "experiments) in SQLite files in DIR, so a restart with the same DIR carries on "
+            "(default: in memory)"
+        ),
+    )
+    add_trainer_flag(up)
+    up.set_defaults(func=cmd_up)
+
+
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """Fail at once, naming the flag, when a fixed port is taken. (gRPC servers bind with
+    SO_REUSEPORT, so a second `up` would otherwise share the ports of the first one.)"""
+    for name, port in ports.items():
+        problem = bind_problem(host, port) if port else None
+        if problem is not None:
+            raise CommandFailed(f"--{name}-port: cannot listen on {host}:{port}: {problem}")
+
+
+@one_line_failure("up")
+async def cmd_up(args: argparse.Namespace) -> int:
+    ports: dict[str, int] = {name: getattr(args, f"{name}_port") for name in UP_PORTS}
+    check_ports_free(args.host, ports)
+    service_ports: dict[str, Any] = {f"{name}_port": ports[name] for name in ENDPOINTS}
+    trainer = await locate_trainer(args.wasm)
+    proplet_ids = tuple(str(uuid.uuid4()) for _ in range(args.proplets))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        with tempfile.TemporaryDirectory(prefix="propeller-fl-up-") as work:
+            config = StackConfig(
+                broker_port=ports["mqtt"],
+                host=args.host,
+                **service_ports,
+                seed_proplet_ids=proplet_ids,
+                num_samples=args.samples,
+                num_features=args.features,
+                state_dir=args.state_dir,
+                proplet_ids=proplet_ids,
+                proplet_work_dir=Path(work),
+                proplet_task_timeout_s=TASK_TIMEOUT_S,
+            )
+            async with Stack(config) as stack:
+                assert stack.broker is not None
+                ep = stack.endpoints
+                lines = [
+                    ("mqtt", stack.broker.address),
+                    ("manager", ep.manager),
+                    ("coordinator", ep.coordinator),
+                    ("aggregator", ep.aggregator),
+                    ("registry", ep.registry),
+                    ("datastore", ep.datastore),
+                    ("trainer", f"file://{trainer}"),
+                    *(("proplet", pid) for pid in proplet_ids),
+                ]
+                for name, value in lines:
+                    print(f"{name:<12} {value}", flush=True)
+                print("ready", flush=True)
+                await stop.wait()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    return 0

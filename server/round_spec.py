@@ -1,0 +1,159 @@
+"""What a round is asked to be: its hyperparameters, its configuration, their checks and their
+defaults, in one place for the manager (StartExperiment), the coordinator (ConfigureRound)
+and the CLI.
+
+Zeros mean "the default" on the wire, so a spec holds the values as requested; `validate`
+checks them (INVALID_ARGUMENT naming the field and saying what is wrong) and fills the
+hyperparameter defaults, `with_defaults` applies the coordinator's own (k_of_n 0 -> every
+participant, timeout_s 0 -> its default deadline). No protobufs here: the gRPC edges translate
+(`server/coordinator/wire.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from server.errors import InvalidArgument
+from server.models import parse_model_uri
+
+# Hyperparameters a request leaves at 0: one local epoch of per-example SGD (the original's
+# algorithm) with learning rate 0.01.
+DEFAULT_EPOCHS = 1
+DEFAULT_LR = 0.01
+DEFAULT_BATCH_SIZE = 1
+# A round's deadline, in seconds from its start, when its configuration says 0 (the
+# coordinator's `default_timeout_s`, PROPELLER_ROUND_DEFAULT_TIMEOUT_S).
+DEFAULT_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Hyperparams:
+    """As requested: 0 means the default (epochs 1, lr 0.01, batch_size 1)."""
+
+    epochs: int = 0
+    lr: float = 0.0
+    batch_size: int = 0
+
+    def filled(self) -> Hyperparams:
+        return Hyperparams(
+            epochs=self.epochs or DEFAULT_EPOCHS,
+            lr=self.lr or DEFAULT_LR,
+            batch_size=self.batch_size or DEFAULT_BATCH_SIZE,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Hyperparams:
+        return cls(epochs=int(d["epochs"]), lr=float(d["lr"]), batch_size=int(d["batch_size"]))
+
+    def to_json(self) -> str:
+        """The HYPERPARAMS environment value the wasm module reads (also how the stores keep
+        them)."""
+        return json.dumps(self.to_dict())
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """A round's configuration. `model_ref` "" asks the coordinator for the latest stored
+    version; `experiment_id` "" on an experiment becomes "exp-{round_id}"."""
+
+    round_id: str
+    participants: tuple[str, ...]
+    experiment_id: str = ""
+    k_of_n: int = 0  # 0 -> every participant
+    timeout_s: float = 0.0  # 0 -> the coordinator's default
+    model_ref: str = ""
+    hyperparams: Hyperparams = field(default_factory=Hyperparams)
+    task_wasm_image: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "round_id": self.round_id,
+            "participants": list(self.participants),
+            "experiment_id": self.experiment_id,
+            "k_of_n": self.k_of_n,
+            "timeout_s": self.timeout_s,
+            "model_ref": self.model_ref,
+            "hyperparams": self.hyperparams.to_dict(),
+            "task_wasm_image": self.task_wasm_image,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RoundSpec:
+        return cls(
+            round_id=str(d["round_id"]),
+            participants=tuple(str(p) for p in d["participants"]),
+            experiment_id=str(d["experiment_id"]),
+            k_of_n=int(d["k_of_n"]),
+            timeout_s=float(d["timeout_s"]),
+            model_ref=str(d["model_ref"]),
+            hyperparams=Hyperparams.from_dict(d["hyperparams"]),
+            task_wasm_image=str(d["task_wasm_image"]),
+        )
+
+
+def _non_negative(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise InvalidArgument(f"{name}: {value} must be finite")
+    if value < 0:
+        raise InvalidArgument(f"{name}: {value} must be >= 0 (0 = the default)")
+
+
+def validate(spec: RoundSpec, *, experiment: bool = False) -> RoundSpec:
+    """Check `spec`, raising INVALID_ARGUMENT naming the first bad field; returns it with the
+    hyperparameter defaults filled.
+
+    `experiment=True` is the manager's StartExperiment, which runs the round as one task per
+    participant and records it as an experiment: the tasks need the image to run and the model
+    named, and the round id goes into their names (so no whitespace). The experiment id
+    defaults to "exp-{round_id}". The coordinator alone (`experiment=False`) takes an empty
+    image and model_ref ("" = the latest version) and leaves the experiment id as given."""
+    if not spec.round_id:
+        raise InvalidArgument("round_id: must not be empty")
+    if experiment and any(c.isspace() for c in spec.round_id):
+        raise InvalidArgument(f"round_id: {spec.round_id!r} must not contain whitespace")
+    if not spec.participants:
+        raise InvalidArgument("participants: must not be empty")
+    for i, p in enumerate(spec.participants):
+        if not p:
+            raise InvalidArgument(f"participants[{i}]: must not be empty")
+    dups = sorted(p for p, n in Counter(spec.participants).items() if n > 1)
+    if dups:
+        raise InvalidArgument(f"participants: duplicate proplet ids {dups}")
+    n = len(spec.participants)
+    if spec.k_of_n < 0 or spec.k_of_n > n:
+        raise InvalidArgument(
+            f"k_of_n: {spec.k_of_n} must be between 0 (all) and {n} (the participants)"
+        )
+    _non_negative("timeout_s", spec.timeout_s)
+    if experiment and not spec.model_ref:
+        raise InvalidArgument("model_ref: must not be empty")
+    if spec.model_ref:
+        parse_model_uri(spec.model_ref, "model_ref")
+    hp = spec.hyperparams
+    _non_negative("hyperparams.epochs", hp.epochs)
+    _non_negative("hyperparams.lr", hp.lr)
+    _non_negative("hyperparams.batch_size", hp.batch_size)
+    if experiment and not spec.task_wasm_image:
+        raise InvalidArgument("task_wasm_image: must not be empty")
+    return replace(
+        spec,
+        experiment_id=spec.experiment_id or (f"exp-{spec.round_id}" if experiment else ""),
+        hyperparams=hp.filled(),
+    )
+
+
+def with_defaults(spec: RoundSpec, default_timeout_s: float = DEFAULT_TIMEOUT_S) -> RoundSpec:
+    """The round the coordinator runs for a validated `spec`: k_of_n 0 -> every participant,
+    timeout_s 0 -> `default_timeout_s`."""
+    return replace(
+        spec,
+        k_of_n=spec.k_of_n or len(spec.participants),
+        timeout_s=spec.timeout_s or default_timeout_s,
+    )

@@ -1,0 +1,150 @@
+"""The round spec: one set of checks and defaults for the manager's experiments and the
+coordinator's rounds."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from server.errors import InvalidArgument
+from server.round_spec import Hyperparams, RoundSpec, validate, with_defaults
+
+ROUND = RoundSpec(round_id="r1", participants=("a", "b", "c"))
+EXPERIMENT = RoundSpec(
+    experiment_id="exp-1",
+    round_id="r-1",
+    model_ref="fl/models/global_model_v0",
+    participants=("p1", "p2", "p3"),
+    hyperparams=Hyperparams(epochs=1, lr=0.01, batch_size=16),
+    k_of_n=3,
+    timeout_s=60,
+    task_wasm_image="local-registry:5000/fl-client-wasm:latest",
+)
+
+
+def test_coordinator_defaults() -> None:
+    c = with_defaults(validate(ROUND), default_timeout_s=42.0)
+    assert c.k_of_n == 3
+    assert c.timeout_s == 42.0
+    assert c.hyperparams == Hyperparams(epochs=1, lr=0.01, batch_size=1)
+    assert c.model_ref == ""
+    assert c.experiment_id == ""
+    assert with_defaults(validate(ROUND)).timeout_s == 60.0
+
+
+def test_given_values_are_kept() -> None:
+    spec = replace(
+        ROUND,
+        k_of_n=2,
+        timeout_s=5.5,
+        model_ref="fl/models/global_model_v7",
+        hyperparams=Hyperparams(epochs=3, lr=0.1, batch_size=16),
+        experiment_id="e",
+        task_wasm_image="img",
+    )
+    c = with_defaults(validate(spec))
+    assert (c.k_of_n, c.timeout_s, c.model_ref) == (2, 5.5, "fl/models/global_model_v7")
+    assert c.hyperparams == Hyperparams(3, 0.1, 16)
+    assert (c.experiment_id, c.task_wasm_image) == ("e", "img")
+
+
+def test_valid_experiment_passes_unchanged() -> None:
+    assert validate(EXPERIMENT, experiment=True) == EXPERIMENT
+
+
+def test_experiment_id_derived_from_round_id_for_experiments_only() -> None:
+    spec = replace(EXPERIMENT, experiment_id="")
+    assert validate(spec, experiment=True).experiment_id == "exp-r-1"
+    assert validate(spec).experiment_id == ""
+
+
+def test_experiment_hyperparam_defaults_filled_k_and_timeout_kept() -> None:
+    out = validate(
+        replace(EXPERIMENT, hyperparams=Hyperparams(), k_of_n=0, timeout_s=0), experiment=True
+    )
+    assert out.hyperparams == Hyperparams(epochs=1, lr=0.01, batch_size=1)
+    # 0 stays 0: the manager caps k_of_n at the scheduled participants, and the coordinator
+    # fills the timeout.
+    assert (out.k_of_n, out.timeout_s) == (0, 0.0)
+
+
+BOTH = (False, True)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "modes"),
+    [
+        ({"round_id": ""}, "round_id", BOTH),
+        ({"round_id": "r 1"}, "round_id", (True,)),
+        ({"participants": ()}, "participants", BOTH),
+        ({"participants": ("p1", "p2", "p1")}, "participants", BOTH),
+        ({"participants": ("p1", "")}, r"participants\[1\]", BOTH),
+        ({"model_ref": ""}, "model_ref", (True,)),
+        ({"model_ref": "models/v0"}, "model_ref", BOTH),
+        ({"model_ref": "global_model_v1"}, "model_ref", BOTH),
+        ({"model_ref": "fl/models/global_model_vx"}, "model_ref", BOTH),
+        ({"task_wasm_image": ""}, "task_wasm_image", (True,)),
+        ({"k_of_n": -1}, "k_of_n", BOTH),
+        ({"k_of_n": 4}, "k_of_n", BOTH),
+        ({"timeout_s": -1.0}, "timeout_s", BOTH),
+        ({"timeout_s": math.nan}, "timeout_s", BOTH),
+        ({"timeout_s": math.inf}, "timeout_s", BOTH),
+        ({"hyperparams": Hyperparams(epochs=-1)}, "hyperparams.epochs", BOTH),
+        ({"hyperparams": Hyperparams(lr=-0.1)}, "hyperparams.lr", BOTH),
+        ({"hyperparams": Hyperparams(lr=math.nan)}, "hyperparams.lr", BOTH),
+        ({"hyperparams": Hyperparams(lr=math.inf)}, "hyperparams.lr", BOTH),
+        ({"hyperparams": Hyperparams(batch_size=-2)}, "hyperparams.batch_size", BOTH),
+    ],
+)
+def test_invalid_field_is_named(
+    change: dict[str, Any], field: str, modes: tuple[bool, ...]
+) -> None:
+    for experiment in modes:
+        with pytest.raises(InvalidArgument, match=f"^{field}:"):
+            validate(replace(EXPERIMENT, **change), experiment=experiment)
+
+
+def test_experiment_only_rules_leave_the_coordinator_alone() -> None:
+    # The coordinator alone takes "the latest model", no image and any round id.
+    spec = replace(EXPERIMENT, round_id="r 1", model_ref="", task_wasm_image="")
+    assert validate(spec).model_ref == ""
+
+
+# (field, value, the whole message): a non-finite number is not "negative". The manager's and
+# the coordinator's gRPC tests send the same table.
+NOT_FINITE_OR_NEGATIVE: list[tuple[str, float, str]] = [
+    ("timeout_s", math.nan, "timeout_s: nan must be finite"),
+    ("timeout_s", math.inf, "timeout_s: inf must be finite"),
+    ("timeout_s", -math.inf, "timeout_s: -inf must be finite"),
+    ("timeout_s", -1.5, "timeout_s: -1.5 must be >= 0 (0 = the default)"),
+    ("lr", math.nan, "hyperparams.lr: nan must be finite"),
+    ("lr", math.inf, "hyperparams.lr: inf must be finite"),
+    ("lr", -0.5, "hyperparams.lr: -0.5 must be >= 0 (0 = the default)"),
+]
+
+
+@pytest.mark.parametrize("experiment", BOTH)
+@pytest.mark.parametrize(("field", "value", "message"), NOT_FINITE_OR_NEGATIVE)
+def test_non_finite_and_negative_say_which(
+    field: str, value: float, message: str, experiment: bool
+) -> None:
+    if field == "lr":
+        spec = replace(EXPERIMENT, hyperparams=Hyperparams(lr=value))
+    else:
+        spec = replace(EXPERIMENT, timeout_s=value)
+    with pytest.raises(InvalidArgument) as exc:
+        validate(spec, experiment=experiment)
+    assert str(exc.value) == message
+
+
+def test_duplicate_participants_are_named() -> None:
+    with pytest.raises(InvalidArgument, match=r"\['a'\]"):
+        validate(replace(ROUND, participants=("a", "b", "a")))
+
+
+def test_dict_round_trip() -> None:
+    assert RoundSpec.from_dict(EXPERIMENT.to_dict()) == EXPERIMENT
+    assert Hyperparams.from_dict(EXPERIMENT.hyperparams.to_dict()) == EXPERIMENT.hyperparams
