@@ -102,6 +102,17 @@ class CoordinatorServicer:
             async for event in self.coordinator.watch(request.round_id):
                 yield event_to_proto(event)
 
+    async def ReportParticipantFailure(
+        self, request: coordinator_pb2.ReportParticipantFailureRequest, context: Context
+    ) -> coordinator_pb2.RoundStatus:
+        async with grpc_errors(context, "Coordinator.ReportParticipantFailure"):
+            if not request.proplet_id:
+                raise InvalidArgument("proplet_id: must not be empty")
+            rnd = await self.coordinator.participant_failed(
+                request.round_id, request.proplet_id, request.reason
+            )
+            return status_to_proto(rnd)
+
 
 def binding(coordinator: Coordinator) -> ServiceBinding:
     return ServiceBinding(
