@@ -106,13 +106,12 @@ class Experiment:
 
 
 def round_of(experiment: Experiment) -> RoundSpec:
-    """The round the coordinator is asked for (during the fan-out): the scheduled participants
-    only, with the k_of_n they reach (`quorum` checked they reach the request's floor)."""
+    """The round the coordinator is asked for (while the experiment is RECORDED): the scheduled
+    participants only, with the k_of_n they can reach (`quorum`: FAILED_PRECONDITION if that is
+    less than the request allows)."""
     config = experiment.config
     ids = tuple(s.proplet_id for s in experiment.scheduled)
-    return replace(
-        config, participants=ids, k_of_n=min(config.k_of_n or len(config.participants), len(ids))
-    )
+    return replace(config, participants=ids, k_of_n=quorum(config, len(ids), experiment.skipped))
 
 
 # Where experiment records live: in memory, or manager.sqlite (`sqlite_store`); `list` is
