@@ -300,6 +300,8 @@ class Coordinator:
                 after.reachable,
                 after.floor,
             )
+            if after.state is rnd.state:
+                return after
             if after.state is R.RoundState.FAILED:
                 log.warning("[Coordinator] round_id=%s failed: %s", round_id, after.failure_reason)
                 self._emit(EventType.FAILED, after)

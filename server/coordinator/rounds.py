@@ -280,21 +280,24 @@ def _close_at_quorum(rnd: Round) -> Round:
 
 def participant_failed(rnd: Round, proplet_id: str, reason: str, now: float) -> Round:
     """Record that `proplet_id` cannot report. Returns `rnd` itself when nothing changes (a
-    repeat, a participant that already reported, a round already closed); FAILED at once
-    when fewer than the round's floor can still report; AGGREGATING when every participant
-    that still can has reported and that is enough."""
+    repeat, a participant that already reported, a round closing or completed); FAILED at
+    once when fewer than the round's floor can still report; AGGREGATING when every
+    participant that still can has reported and that is enough. A round that already failed
+    still lists the failure (its status names every participant that failed)."""
     if proplet_id not in rnd.participants:
         raise FailedPrecondition(
             f"proplet_id: {proplet_id!r} is not a participant of round {rnd.round_id!r}"
         )
     if (
-        rnd.state not in (RoundState.PENDING, RoundState.OPEN)
+        rnd.state not in (RoundState.PENDING, RoundState.OPEN, RoundState.FAILED)
         or proplet_id in rnd.reported
         or any(f.proplet_id == proplet_id for f in rnd.failed)
     ):
         return rnd
     failure = ParticipantFailure(proplet_id, reason[:MAX_REASON_CHARS] or "no reason given")
     rnd = replace(rnd, failed=(*rnd.failed, failure))
+    if rnd.state is RoundState.FAILED:
+        return rnd
     if rnd.reachable < rnd.floor:
         return fail(rnd, _unreachable_reason(rnd), now)
     return _close_at_quorum(rnd)

@@ -419,6 +419,7 @@ async def test_failures_that_leave_fewer_than_k_of_n_fail_the_round_at_once() ->
     assert backend.aggregate_calls == 0 and published.messages == []
     # Repeats change nothing; a failure for a finished round is not an error.
     assert (await coord.participant_failed("r1", "c", "again")).failed == stored.failed
+    assert (await coord.participant_failed("r1", "b", "late")).failed == stored.failed
     with pytest.raises(FailedPrecondition, match="not a participant"):
         await coord.participant_failed("r1", "zz", "?")
     with pytest.raises(NotFound, match="round_id"):

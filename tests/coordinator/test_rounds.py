@@ -288,12 +288,14 @@ def test_a_failure_that_leaves_fewer_than_k_of_n_fails_the_round_at_once() -> No
     )
 
 
-def test_every_participant_failing_fails_the_round_naming_each() -> None:
+def test_every_participant_failing_fails_the_round_and_lists_each() -> None:
     rnd = open_round(k=3)
     for p in ("a", "b", "c"):
-        rnd = R.participant_failed(rnd, p, f"{p}: file not found", 101.0)
+        rnd = R.participant_failed(rnd, p, f"{p}: file not found", 101.0 + ord(p))
         assert rnd.state is RoundState.FAILED  # the first failure already leaves 2 < 3
-    assert [f.proplet_id for f in rnd.failed] == ["a"]  # a closed round records no more
+    assert rnd.completed_at == 101.0 + ord("a")  # failed at the first, kept as it was
+    assert rnd.failure_reason.endswith("(a: a: file not found)")
+    assert [f.proplet_id for f in rnd.failed] == ["a", "b", "c"]  # each one listed
 
 
 def test_min_k_of_n_lets_the_round_close_with_the_participants_left() -> None:
@@ -325,6 +327,8 @@ def test_failures_that_change_nothing_return_the_round_itself() -> None:
     assert R.participant_failed(once, "b", "again", 102.0) is once  # a repeat keeps the first
     closed = R.record_update(rnd, "b")
     assert R.participant_failed(closed, "c", "after the close", 103.0) is closed
+    done = R.complete(closed, 1, "fl/models/global_model_v1", {}, 104.0)
+    assert R.participant_failed(done, "c", "after completion", 105.0) is done
     with pytest.raises(FailedPrecondition, match="proplet_id: 'zz' is not a participant"):
         R.participant_failed(rnd, "zz", "?", 101.0)
 

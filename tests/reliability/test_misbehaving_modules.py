@@ -1,7 +1,8 @@
 """Misbehaving WASM modules as federated round tasks (Manager.StartExperiment on a real Stack,
 a real proplet with small but realistic limits): each fails with its own reason within its
-limits, submits nothing to the coordinator, and leaves the proplet alive (heartbeats go on)
-and able to run the next round's real trainer to completion."""
+limits, submits nothing to the coordinator (whose round fails at once, with that reason), and
+leaves the proplet alive (heartbeats go on) and able to run the next round's real trainer to
+completion."""
 
 from __future__ import annotations
 
@@ -96,10 +97,11 @@ async def test_a_misbehaving_round_task_fails_alone(
     # Within its limits: the runner's hard stop is the task timeout plus a grace period.
     assert task.finished_at - task.started_at < TASK_TIMEOUT_S + HARD_DEADLINE_GRACE_S + 1.0
 
-    # Nothing reached the coordinator.
-    status = await world.status(bad_round, via="manager")
-    assert status.state == coordinator_pb2.ROUND_STATE_OPEN
+    # Nothing reached the coordinator, and the round (its only participant failed) failed at
+    # once, with the task's error as the reason, instead of waiting for its deadline.
+    status = await world.wait_state(bad_round, coordinator_pb2.ROUND_STATE_FAILED, via="manager")
     assert status.num_updates == 0 and list(status.reported) == []
+    assert [(f.proplet_id, f.reason) for f in status.failed] == [(world.proplet_ids[0], task.error)]
 
     # The proplet lives on: still heartbeating after the failure, listed alive, idle.
     me = await heard_from_after(world, task.finished_at)
