@@ -10,6 +10,8 @@ it is no setting a user has, and `docs/configuration.md` does not list it.
 The points (each where a crash used to lose something; `docs/reliability.md` has the test of
 each):
 
+- `manager.before_record`: StartExperiment checked the request and chose the participants;
+  nothing is recorded yet.
 - `manager.round_configured`: StartExperiment recorded the experiment and configured its round
   on the coordinator, and has not started the round.
 - `manager.round_started`: the round is open; no task of the experiment exists yet.

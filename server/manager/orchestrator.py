@@ -325,8 +325,8 @@ class Manager:
         """Configure and open the round, create the tasks, publish their starts, mark the
         experiment DONE. Every step may have been done before (by a call the manager died
         in): the coordinator answers a repeated configuration with the round as it is, a task
-        already created is not created again, a start already published is published again
-        (the proplet ignores a start it holds)."""
+        already created is not created again, a start that may have left is published again
+        unless its participant has reported (the proplet ignores a start it holds)."""
         await self.persisted()  # the record is on disk before the round or a task exists
         experiment = require(self.experiments, eid, "experiment")
         config = experiment.config
@@ -351,31 +351,39 @@ class Manager:
         crash_point("manager.round_started")
 
         tasks = [self._round_task(experiment, s, rnd) for s in experiment.scheduled]
-        if rnd.finished:
-            # It ended while the manager was down (e.g. its deadline passed): nothing to start.
-            reason = f"round {config.round_id!r} is {rnd.state.value} before its task started"
-            outcomes: list[BaseException | None] = [
-                Unavailable(reason) if t.state is TaskState.PENDING else None for t in tasks
-            ]
-        else:
-            outcomes = list(
-                await asyncio.gather(
-                    *(self._start_round_task(t) for t in tasks), return_exceptions=True
-                )
-            )
+        reported = set(rnd.reported)
         not_started: dict[str, str] = {}
-        for task, outcome in zip(tasks, outcomes, strict=True):
-            if outcome is None:
-                continue
-            if not isinstance(outcome, Exception):
-                raise outcome
-            reason = f"task start not delivered: {outcome}"
-            not_started[task.proplet_id] = reason
-            self._task_ended(self.tasks.fail(task.id, reason))
+        starts: list[Task] = []
+        for task in tasks:
+            if task.state is TaskState.PENDING:
+                if rnd.finished:  # it ended while the manager was down: nothing to start
+                    not_started[task.proplet_id] = (
+                        f"round {config.round_id!r} is {rnd.state.value} before the task started"
+                    )
+                else:
+                    starts.append(self.tasks.schedule(task.id)[0])
+            elif task.state is TaskState.SCHEDULED and task.proplet_id not in reported:
+                # Scheduled by a fan-out that died: its start may not have left. Once more,
+                # the same attempt (a proplet ignores a start it holds).
+                starts.append(task)
+        # Every start that leaves is SCHEDULED on disk first: after a crash, a task that
+        # may have run is never taken for one that never started.
+        await self.persisted()
+        outcomes = await asyncio.gather(
+            *(self._publish_start(t) for t in starts), return_exceptions=True
+        )
+        for task, outcome in zip(starts, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                not_started[task.proplet_id] = f"task start not delivered: {outcome}"
+        by_proplet = {t.proplet_id: t for t in tasks}
+        for proplet_id, reason in not_started.items():
+            self._task_ended(self.tasks.fail(by_proplet[proplet_id].id, reason))
             log.warning(
                 "[Manager.StartExperiment] round_id=%s proplet_id=%s: %s",
                 config.round_id,
-                task.proplet_id,
+                proplet_id,
                 reason,
             )
         done = replace(
@@ -420,22 +428,6 @@ class Manager:
             ),
             proplet_id=s.proplet_id,
         )
-
-    async def _start_round_task(self, task: Task) -> None:
-        """Publish the task's start: a PENDING task's first, or again, for a task an earlier
-        fan-out scheduled (its start may or may not have left); nothing for a task that ran."""
-        if task.state is TaskState.SCHEDULED:
-            await self._publish_start(task)
-            return None
-        if task.state is not TaskState.PENDING:
-            return None
-        scheduled, previous = self.tasks.schedule(task.id)
-        try:
-            await self._publish_start(scheduled)
-        except BaseException:
-            self.tasks.unschedule(previous)
-            raise
-        return None
 
     async def run_fan_outs(self) -> None:
         """Forever: finish the fan-out of every experiment recorded but not DONE: at start

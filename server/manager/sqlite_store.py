@@ -146,7 +146,9 @@ class ManagerDatabase:
 
     async def _wait_pending(self) -> None:
         if self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+            # `wait`, not `gather`: a waiter that is cancelled (a call or an MQTT handler cut
+            # off by shutdown) must not cancel the writes themselves.
+            await asyncio.wait(list(self._pending))
         if self._failure is not None:
             raise StateWriteFailed(
                 f"{self.path}: a state write failed ({self._failure!r}); restart the manager"
