@@ -1,8 +1,10 @@
 """Coordinator under fuzzed requests: every RPC, at least 1,000 requests each.
 
 Besides the shared known-good state this module adds a FAILED round (for "cannot start a
-finished round" and late updates) and a wide-open round whose thousands of participants the
-SubmitUpdate fuzzer may legitimately report for, so accepted updates are exercised too.
+finished round" and late updates), a wide-open round whose thousands of participants the
+SubmitUpdate fuzzer may legitimately report for, so accepted updates are exercised too, and a
+round (min_k_of_n 1) whose thousands of participants the ReportParticipantFailure fuzzer may
+legitimately report failed.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -327,6 +328,7 @@ async def test_a_manager_killed_during_a_fan_out_finishes_it_after_the_restart(
 
             del mgr.env[KILL_AT_ENV]
             await mgr.restart()
+            restarted = time.monotonic()
             if point == "manager.before_record":
                 # Nothing was recorded, nothing left the manager: as if never asked.
                 with pytest.raises(grpc.aio.AioRpcError) as unknown:
@@ -344,6 +346,12 @@ async def test_a_manager_killed_during_a_fan_out_finishes_it_after_the_restart(
                 )
                 assert sorted(s.proplet_id for s in recorded.scheduled) == sorted(ids)
                 await round_finished(c, request)
+                log.info(
+                    "[test] %s: %d tasks final, round completed %.2fs after the restart",
+                    point,
+                    FLEET,
+                    time.monotonic() - restarted,
+                )
                 first = await c.manager.StartExperiment(request, timeout=RPC_S)
                 assert the_answer(first)[2] == sorted(
                     (s.proplet_id, s.task_id, s.task_name) for s in recorded.scheduled

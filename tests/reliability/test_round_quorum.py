@@ -6,6 +6,7 @@ one, unless the request allows a lower quorum (min_k_of_n), which then runs with
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from tests.support.cluster import Cluster, cluster
 from tests.support.waits import eventually
 
 S = coordinator_pb2
+log = logging.getLogger(__name__)
 DEADLINE_S = 3600.0  # no round here may close by its deadline
 
 
@@ -43,6 +45,11 @@ async def test_a_round_whose_module_is_missing_everywhere_fails_with_the_reasons
     status = await fleet.wait_state(rid, via="manager")
     assert status.state == S.ROUND_STATE_FAILED
     assert status.completed_at < status.deadline  # failed, not timed out
+    log.info(
+        "[test] round failed %.3fs after the first task failure (deadline in %.0fs)",
+        status.completed_at - min(t.finished_at for t in tasks),
+        status.deadline - status.completed_at,
+    )
     assert status.num_updates == 0
     # Which participants failed and why: each task's own error, in the round's status.
     errors = {t.proplet_id: t.error for t in tasks}
