@@ -280,8 +280,11 @@ async def test_a_notification_cut_off_by_a_kill_is_published_after_the_restart(
 ) -> None:
     """Killed between committing the completion (with its notification, the outbox) and
     publishing it: the restarted coordinator publishes it (at least once)."""
-    kill = {KILL_AT_ENV: "coordinator.round_completed"}
-    async with setup(mqtt, tmp_path, **kill) as (coord, reg), round_notes(mqtt) as notes:
+    async with (
+        setup(mqtt, tmp_path, PROPELLER_TEST_KILL_AT="coordinator.round_completed") as (coord, reg),
+        round_notes(mqtt) as notes,
+    ):
+        assert KILL_AT_ENV in coord.env
         async with running(coord) as c:
             await c.configure("r1", k_of_n=3, timeout_s=120)
             for u in UPDATES:

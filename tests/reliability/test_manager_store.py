@@ -114,7 +114,7 @@ async def test_an_experiment_s_fan_out_state_and_its_removal_survive(tmp_path: P
         assert [e.experiment_id for e in db.experiments.list()] == ["e-rec"]
         assert db.experiments.get("e-rec") == replace(recorded, fan_out=FanOut.DONE)
         # A record of an older manager (no fan-out state, no min_k_of_n) reads as DONE.
-        document = json.loads(rows(db.path, "SELECT record FROM experiments")[0][0])
+        document = json.loads(str(rows(db.path, "SELECT record FROM experiments")[0][0]))
         del document["fan_out"], document["config"]["min_k_of_n"]
         old = experiment_from_json(document)
         assert old.fan_out is FanOut.DONE and old.config.min_k_of_n == 0
