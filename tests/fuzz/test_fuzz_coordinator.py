@@ -59,7 +59,8 @@ ROUND_BASE = {ROUND: V1_URI, EXPERIMENT_ROUND: V0_URI, FAILED_ROUND: V1_URI, OPE
 
 @pytest.fixture(scope="module")
 async def env(env: FuzzEnv) -> FuzzEnv:
-    """The shared known-good state plus FAILED_ROUND (failed at its deadline) and OPEN_ROUND."""
+    """The shared known-good state plus FAILED_ROUND (failed at its deadline), OPEN_ROUND and
+    FAILING_ROUND."""
     await env.coordinator.ConfigureRound(
         CP.ConfigureRoundRequest(
             round_id=FAILED_ROUND, participants=[PROPLET], timeout_s=0.01, start=True
@@ -67,27 +68,21 @@ async def env(env: FuzzEnv) -> FuzzEnv:
         timeout=RPC_TIMEOUT,
     )
     await env.wait_state(FAILED_ROUND, CP.ROUND_STATE_FAILED, timeout=30)
-    await env.coordinator.ConfigureRound(
-        CP.ConfigureRoundRequest(
-            round_id=OPEN_ROUND,
-            participants=OPEN_PARTICIPANTS,
-            timeout_s=24 * 3600,
-            model_ref=V1_URI,
-            start=True,
-        ),
-        timeout=RPC_TIMEOUT,
-    )
-    await env.coordinator.ConfigureRound(
-        CP.ConfigureRoundRequest(
-            round_id=FAILING_ROUND,
-            participants=FAILING_PARTICIPANTS,
-            timeout_s=24 * 3600,
-            model_ref=V1_URI,
-            min_k_of_n=1,
-            start=True,
-        ),
-        timeout=RPC_TIMEOUT,
-    )
+    for round_id, participants, min_k_of_n in (
+        (OPEN_ROUND, OPEN_PARTICIPANTS, 0),
+        (FAILING_ROUND, FAILING_PARTICIPANTS, 1),
+    ):
+        await env.coordinator.ConfigureRound(
+            CP.ConfigureRoundRequest(
+                round_id=round_id,
+                participants=participants,
+                timeout_s=24 * 3600,
+                model_ref=V1_URI,
+                min_k_of_n=min_k_of_n,
+                start=True,
+            ),
+            timeout=RPC_TIMEOUT,
+        )
     env.extra_rounds.append(FAILED_ROUND)
     env.snapshot_at_start = await snapshot(env)
     return env

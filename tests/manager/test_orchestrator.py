@@ -15,7 +15,7 @@ from server.config import Endpoints
 from server.coordinator import rounds as R
 from server.coordinator.rounds import Round
 from server.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
-from server.manager.experiments import FanOut, InMemoryExperimentStore
+from server.manager.experiments import Experiment, FanOut, InMemoryExperimentStore
 from server.manager.orchestrator import Manager
 from server.manager.proplets import InMemoryPropletStore, Proplets, Skipped
 from server.manager.tasks import InMemoryTaskStore, Tasks, TaskState
@@ -283,6 +283,20 @@ async def test_fewer_alive_than_k_of_n_is_refused_unless_min_k_of_n_allows(world
     assert started.experiment.config.min_k_of_n == 2  # the request as asked, for a repeat
 
 
+async def fanned_out(manager: Manager, experiment_id: str) -> Experiment:
+    """Run the manager's recovery (`run_fan_outs`) until the experiment's fan-out is done."""
+    fan_outs = asyncio.create_task(manager.run_fan_outs())
+    try:
+        return await eventually(
+            lambda: _async(manager.get_experiment(experiment_id)),
+            lambda e: e.fan_out is FanOut.DONE,
+            what=f"the fan-out of {experiment_id} finished",
+        )
+    finally:
+        fan_outs.cancel()
+        await asyncio.gather(fan_outs, return_exceptions=True)
+
+
 async def test_an_unreachable_coordinator_leaves_the_experiment_to_be_finished(
     world: World,
 ) -> None:
@@ -295,16 +309,7 @@ async def test_an_unreachable_coordinator_leaves_the_experiment_to_be_finished(
     recorded = m.get_experiment("exp-r1")
     assert recorded.fan_out is FanOut.RECORDED and m.tasks.find() == []
     world.rounds.fail_configure = None  # the coordinator is back
-    fan_outs = asyncio.create_task(m.run_fan_outs())
-    try:
-        done = await eventually(
-            lambda: _async(m.get_experiment("exp-r1")),
-            lambda e: e.fan_out is FanOut.DONE,
-            what="the experiment's fan-out finished",
-        )
-    finally:
-        fan_outs.cancel()
-        await asyncio.gather(fan_outs, return_exceptions=True)
+    done = await fanned_out(m, "exp-r1")
     assert done.scheduled == recorded.scheduled  # the task ids recorded before the fan-out
     assert {t.id for t in m.tasks.find()} == {s.task_id for s in recorded.scheduled}
     assert {t.state for t in m.tasks.find()} == {TaskState.SCHEDULED}
@@ -314,7 +319,7 @@ async def test_an_unreachable_coordinator_leaves_the_experiment_to_be_finished(
 async def test_a_fan_out_stopped_half_way_is_finished_by_the_next_manager(world: World) -> None:
     """The manager stops (cancelled, as at shutdown) after one of three task starts went out;
     another manager over the same stores finishes the fan-out from the record: the round is
-    not configured twice, every start whose participant has not reported is sent (again: the
+    opened once, every start whose participant has not reported is sent (again: the
     proplet ignores a start it holds), and the experiment keeps its task ids."""
     m = world.manager
     await announce(world, "p1", "p2", "p3")
@@ -338,16 +343,7 @@ async def test_a_fan_out_stopped_half_way_is_finished_by_the_next_manager(world:
     [first] = world.broker.published
 
     again = replace(m, publish=world.broker.publish)  # same stores, a new manager
-    fan_outs = asyncio.create_task(again.run_fan_outs())
-    try:
-        done = await eventually(
-            lambda: _async(again.get_experiment("exp-r1")),
-            lambda e: e.fan_out is FanOut.DONE,
-            what="the fan-out finished",
-        )
-    finally:
-        fan_outs.cancel()
-        await asyncio.gather(fan_outs, return_exceptions=True)
+    done = await fanned_out(again, "exp-r1")
     assert [s.task_id for s in done.scheduled] == [s.task_id for s in recorded.scheduled]
     assert world.rounds.started == ["r1"]  # opened once; the repeat found it open
     # All three were scheduled (on disk) before any start left: each start is sent (again)
