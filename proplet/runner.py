@@ -29,9 +29,8 @@ and stderr are our own non-blocking callbacks. The runner replaces `poll_oneoff`
 `clock_time_get`, so that absolute monotonic times share its clock) with versions that sleep
 at most until the run's deadline and wake at once when the run is stopped; the run then ends
 at the next epoch check, and its thread with it. As a last resort, a run still inside a host
-call `HARD_DEADLINE_GRACE_S` after its deadline is abandoned and reported as timed out; at
-most `MAX_ABANDONED_RUNS` such threads may linger per runtime, after which new runs fail at
-once until they finish.
+call `HARD_DEADLINE_GRACE_S` after its deadline is abandoned and reported as timed out; while
+`MAX_ABANDONED_RUNS` such threads linger in a runtime, new runs fail at once.
 """
 
 from __future__ import annotations

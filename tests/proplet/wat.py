@@ -139,7 +139,11 @@ def table_and_memory_hog() -> bytes:
         "(local $old i32) (local $at i32)"
         "(block $full (loop $more"
         "  (br_if $full (i32.eq (table.grow $t (ref.null func) (i32.const 1024)) (i32.const -1)))"
-        "  (br $more)))" + _grow_until_refused() + "(i32.store (i32.const 32) (table.size $t))"
+        "  (br $more)))"
+    )
+    body += _grow_until_refused()
+    body += (
+        "(i32.store (i32.const 32) (table.size $t))"
         "(i32.store (i32.const 36) (memory.size))"
         "(i32.store (i32.const 0) (i32.const 32))"
         "(i32.store (i32.const 4) (i32.const 8))"
@@ -149,24 +153,25 @@ def table_and_memory_hog() -> bytes:
     return build(body, extra="(table $t 1 funcref)")
 
 
-def exception_thrower() -> bytes:
-    """Throws a wasm exception (the exception-handling proposal) and catches it."""
-    wat = (
-        '(module (tag $oops) (memory (export "memory") 1)'
-        '(func (export "_start") (block $caught (try_table (catch_all $caught) (throw $oops)))))'
+def _proposal(declarations: str, body: str) -> bytes:
+    """A WASI-less command using a wasm proposal: `declarations`, a memory, `_start` runs
+    `body`."""
+    wasm: bytes = wasmtime.wat2wasm(
+        f'(module {declarations} (memory (export "memory") 1) (func (export "_start") {body}))'
     )
-    wasm: bytes = wasmtime.wat2wasm(wat)
     return wasm
+
+
+def exception_thrower() -> bytes:
+    """Throws a wasm exception and catches it (the exception-handling proposal)."""
+    return _proposal("(tag $oops)", "(block $caught (try_table (catch_all $caught) (throw $oops)))")
 
 
 def gc_arrays() -> bytes:
     """Allocates a GC array (the GC proposal; its heap is not linear memory)."""
-    wat = (
-        '(module (type $bytes (array (mut i8))) (memory (export "memory") 1)'
-        '(func (export "_start") (drop (array.new_default $bytes (i32.const 1024)))))'
+    return _proposal(
+        "(type $bytes (array (mut i8)))", "(drop (array.new_default $bytes (i32.const 1024)))"
     )
-    wasm: bytes = wasmtime.wat2wasm(wat)
-    return wasm
 
 
 def exit_with(code: int, stderr: bytes = b"") -> bytes:
