@@ -49,6 +49,8 @@ TIER_BY_PATH = {
     "proplet/test_main.py": "process",
     "readme": "process",
     "reliability": "integration",
+    "security": "integration",
+    "security/test_pki.py": "unit",
     "reliability/test_coordinator_processes.py": "process",
     "reliability/test_datastore_crash.py": "process",
     "reliability/test_manager_crash.py": "process",
