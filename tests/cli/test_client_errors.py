@@ -147,6 +147,7 @@ async def test_module_entry_point(stack: Stack) -> None:
         "--json",
         "--datastore",
         stack.endpoints.datastore,
+        *tls_flags(),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
