@@ -51,7 +51,7 @@ def test_issue_one_proplet_touches_nothing_else(
     d = tmp_path / "pki"
     assert run(capsys, "certs", "init", str(d), "--proplet", IDS[0])[0] == 0
     before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file() and p.name != "issued.jsonl"}
-    code, out, err = run(capsys, "certs", "issue", str(d), "proplet", IDS[1])
+    code, _, err = run(capsys, "certs", "issue", str(d), "proplet", IDS[1])
     assert (code, err) == (0, "")
     after = {p: p.read_bytes() for p in d.rglob("*") if p.is_file() and p.name != "issued.jsonl"}
     new = set(after) - set(before)
@@ -92,7 +92,7 @@ def test_names_that_cannot_be_identities_are_refused(
 
 
 def test_a_service_will_not_start_without_tls_or_an_explicit_plaintext() -> None:
-    with pytest.raises(ValueError, match="PROPELLER_TLS_DIR: not set.*PROPELLER_INSECURE=1"):
+    with pytest.raises(ValueError, match=r"PROPELLER_TLS_DIR: not set.*PROPELLER_INSECURE=1"):
         RegistryConfig.from_env({})
     assert RegistryConfig.from_env({"PROPELLER_INSECURE": "1"}).tls is None
     with pytest.raises(ValueError, match="choose TLS or plaintext"):
@@ -107,7 +107,7 @@ def test_a_proplet_is_who_its_certificate_says(tmp_path: Path) -> None:
     env = {"PROPELLER_TLS_DIR": str(bundle.dir)}
     config = PropletConfig.from_env(env)
     assert config.proplet_id == IDS[0] and config.tls == TlsConfig.bundle(bundle.dir)
-    with pytest.raises(ValueError, match="PROPLET_ID.*proplet 'd69775d9"):
+    with pytest.raises(ValueError, match=r"PROPLET_ID.*proplet 'd69775d9"):
         PropletConfig.from_env({**env, "PROPLET_ID": IDS[1]})
     operator = ca.issue(Identity(Kind.OPERATOR, "admin"))
     with pytest.raises(ValueError, match="not a proplet's"):
