@@ -6,11 +6,13 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator
 
 from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
+from server import authz
 from server.coordinator import rounds as R
 from server.coordinator.coordinator import Coordinator, Event, EventType
 from server.coordinator.wire import STATES, spec_from_proto, status_to_proto
-from server.errors import InvalidArgument, grpc_errors
+from server.errors import InvalidArgument, PermissionDenied, grpc_errors
 from server.grpc_server import Context, ServiceBinding
+from server.pki import Kind
 from server.streams import read_update_stream
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class CoordinatorServicer:
                 raise InvalidArgument("update.header.round_id: must not be empty")
             if not header.proplet_id:
                 raise InvalidArgument("update.header.proplet_id: must not be empty")
+            await self._check_submitter(header.round_id, header.proplet_id)
             update = R.Update(
                 proplet_id=header.proplet_id,
                 base_model_uri=header.base_model_uri,
@@ -80,6 +83,20 @@ class CoordinatorServicer:
                 num_updates=result.round.num_updates,
                 k_of_n=result.round.k_of_n,
                 state=STATES[result.round.state],
+            )
+
+    async def _check_submitter(self, round_id: str, proplet_id: str) -> None:
+        """An authenticated proplet submits only as itself and only to a round it is a
+        participant of (PERMISSION_DENIED otherwise; nothing counted)."""
+        authz.require_self(proplet_id)
+        who = authz.caller()
+        if who is None or who.kind is not Kind.PROPLET:
+            return  # plaintext: the round's own membership rule answers (FAILED_PRECONDITION)
+        rnd = await self.coordinator.get(round_id)
+        if proplet_id not in rnd.participants:
+            raise PermissionDenied(
+                f"SubmitUpdate: proplet {proplet_id!r} (header.proplet_id) is not a participant "
+                f"of round {round_id!r}"
             )
 
     async def GetRoundStatus(
