@@ -412,6 +412,8 @@ class Proplet(Lifecycle):
             )
         prepare_ms = (time.perf_counter() - t0) * 1000
         running.timings["fetch_ms"] = prepare_ms - running.timings.get("compile_ms", 0.0)
+        # A round task runs its round's module and no other (MODULE_DIGEST).
+        module = fl.check_module(compiled.sha256) if fl is not None else ""
         env = inputs.env(start.env, self.proplet_id) if inputs is not None else dict(start.env)
         invocation = Invocation([start.name or start.id, *start.cli_args], env, self.config.limits)
         t1 = time.perf_counter()
@@ -421,7 +423,15 @@ class Proplet(Lifecycle):
             running.timings["run_ms"] = (time.perf_counter() - t1) * 1000
         if fl is None or inputs is None:
             return out.stdout.decode(errors="replace")
-        update = parse_update(out.stdout, fl, self.proplet_id, inputs.model, inputs.dataset_size)
+        update = parse_update(
+            out.stdout,
+            fl,
+            self.proplet_id,
+            inputs.model,
+            inputs.dataset_size,
+            base_sha256=inputs.model_sha256,
+            module_digest=module,
+        )
         response = await self.federated.submit(fl, update, deadline)
         return summary(update, response)
 

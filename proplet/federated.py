@@ -7,6 +7,11 @@ The module prints one JSON update on stdout; the proplet checks it against the r
 base model and streams it to Coordinator.SubmitUpdate. The module itself never touches the
 network.
 
+Provenance (docs/security.md): a round task names the module its round pinned (env
+MODULE_DIGEST); the proplet refuses to run any other (`FlTask.check_module`). Every update
+carries the base model's sha256 and the digest of the module that produced it, and is signed
+with the proplet's own key (its TLS bundle's `tls.key`) over `server.provenance.Claim`.
+
 Every call to those services is retried while it fails with a transient status (UNAVAILABLE,
 DEADLINE_EXCEEDED), with exponential backoff and jitter (`Backoff`), until the round's deadline
 (env ROUND_DEADLINE; a task without one: the task timeout from the task's start). Each attempt
@@ -23,10 +28,11 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from propeller.v1 import (
     coordinator_pb2,
@@ -40,6 +46,8 @@ from proplet.errors import TaskFailed
 from server.config import Endpoints, TlsConfig
 from server.errors import InvalidArgument, RemoteError, as_remote_error, rpc_errors
 from server.grpc_server import channel
+from server.pki import PkiError, load_private_key
+from server.provenance import Claim, check_module_digest, sign
 from server.streams import UpdateMeta, read_model_stream, update_stream
 from server.tensors import (
     GRPC_OPTIONS,
@@ -219,6 +227,20 @@ class FlTask:
     # Unix seconds (env ROUND_DEADLINE, the coordinator's deadline for the round); None for a
     # task that does not say (a manual task).
     round_deadline: float | None = None
+    # The module the round pinned (env MODULE_DIGEST, "sha256:<hex>"); "" for a task that
+    # does not say (a manual task: any module, whose digest the update still carries).
+    module_digest: str = ""
+
+    def check_module(self, sha256: str) -> str:
+        """The digest of the module about to run (`sha256`: hex of its bytes), once it is the
+        pinned one; TaskFailed before anything runs otherwise."""
+        digest = f"sha256:{sha256}"
+        if self.module_digest and digest != self.module_digest:
+            raise TaskFailed(
+                f"module digest mismatch: the task's module is {digest}, round "
+                f"{self.round_id!r} pinned {self.module_digest}; not run"
+            )
+        return digest
 
     def retry_deadline(self, task_timeout_s: float) -> float:
         """Until when (a time.monotonic() time) the round's services are retried: the round's
@@ -244,8 +266,15 @@ class FlTask:
                 parsed = None
             if not isinstance(parsed, dict):
                 raise TaskFailed(f"HYPERPARAMS: {hyperparams[:80]!r} is not a JSON object")
+        try:
+            module_digest = check_module_digest(
+                env.get("MODULE_DIGEST", "").strip(), "MODULE_DIGEST"
+            )
+        except InvalidArgument as exc:
+            raise TaskFailed(str(exc)) from None
         return cls(
             round_deadline=_round_deadline(env.get("ROUND_DEADLINE", "")),
+            module_digest=module_digest,
             round_id=round_id,
             model_uri=model_uri,
             hyperparams=hyperparams,
@@ -277,6 +306,8 @@ class FlInputs:
     model_json: str
     dataset_json: str
     dataset_size: int
+    # The base model's sha256 (hex), checked against what the registry said on fetch.
+    model_sha256: str = ""
 
     def env(self, task_env: Mapping[str, str], proplet_id: str) -> dict[str, str]:
         return {
@@ -335,9 +366,17 @@ def _is_number(v: object) -> bool:
 
 
 def parse_update(
-    stdout: bytes, fl: FlTask, proplet_id: str, base: Tensors, dataset_size: int
+    stdout: bytes,
+    fl: FlTask,
+    proplet_id: str,
+    base: Tensors,
+    dataset_size: int,
+    *,
+    base_sha256: str = "",
+    module_digest: str = "",
 ) -> Update:
-    """Check the module's stdout against the round and the base model; the update to submit."""
+    """Check the module's stdout against the round and the base model; the update to submit
+    (carrying `base_sha256` and `module_digest`, unsigned yet)."""
     try:
         text = stdout.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -381,8 +420,26 @@ def parse_update(
         base_model_uri=fl.model_uri,
         num_samples=num_samples,
         metrics={k: float(v) for k, v in metrics.items()},
+        base_model_sha256=base_sha256,
+        module_digest=module_digest,
     )
     return Update(meta, tensors)
+
+
+def signed(update: Update, key: ec.EllipticCurvePrivateKey) -> Update:
+    """`update` with its signature: over its claims and the sha256 of its bytes (in the base
+    model's order, the order `parse_update` put them in)."""
+    meta = update.meta
+    claim = Claim(
+        round_id=meta.round_id,
+        proplet_id=meta.proplet_id,
+        base_model_sha256=meta.base_model_sha256,
+        module_digest=meta.module_digest,
+        update_sha256=sha256_of(update.tensors),
+        num_samples=meta.num_samples,
+        metrics=meta.metrics,
+    )
+    return Update(replace(meta, signature=sign(key, claim)), update.tensors)
 
 
 def summary(update: Update, response: coordinator_pb2.SubmitUpdateResponse) -> str:
@@ -423,6 +480,18 @@ class FederatedClient:
         # Seeded from the OS per proplet: two proplets draw different delays.
         self.rng = rng or random.Random()
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._key: ec.EllipticCurvePrivateKey | None = None
+
+    async def signing_key(self) -> ec.EllipticCurvePrivateKey | None:
+        """The proplet's own key (its TLS bundle's), read once; None over plaintext."""
+        if self.tls is None:
+            return None
+        if self._key is None:
+            try:
+                self._key = await asyncio.to_thread(load_private_key, self.tls.key)
+            except PkiError as exc:
+                raise TaskFailed(f"cannot sign the update: {exc}") from None
+        return self._key
 
     def _channel(self, target: str) -> grpc.aio.Channel:
         ch = self._channels.get(target)
@@ -464,7 +533,8 @@ class FederatedClient:
             what=f"proplet={self.proplet_id} {what}",
         )
 
-    async def fetch_model(self, fl: FlTask, deadline: float | None = None) -> Tensors:
+    async def fetch_model(self, fl: FlTask, deadline: float | None = None) -> tuple[Tensors, str]:
+        """The base model and its sha256 (hex), checked against the bytes."""
         stub = model_registry_pb2_grpc.ModelRegistryStub(self._channel(fl.registry))
         call_name = f"GetModel {fl.model_uri}"
 
@@ -482,9 +552,9 @@ class FederatedClient:
             raise TaskFailed(failed.reason("model registry", fl.registry, call_name)) from None
         except InvalidArgument as exc:
             raise TaskFailed(f"model registry: bad model stream: {exc}") from None
-        if header.sha256 and header.sha256 != sha256_of(tensors):
+        if header.sha256 != sha256_of(tensors):
             raise TaskFailed(f"model registry: {fl.model_uri} arrived with a wrong sha256")
-        return tensors
+        return tensors, header.sha256
 
     async def fetch_dataset(
         self, fl: FlTask, deadline: float | None = None
@@ -507,7 +577,7 @@ class FederatedClient:
         model_task = asyncio.ensure_future(self.fetch_model(fl, deadline))
         try:
             ds = await self.fetch_dataset(fl, deadline)
-            model = await model_task
+            model, model_sha256 = await model_task
         finally:
             if not model_task.done():
                 model_task.cancel()
@@ -522,14 +592,18 @@ class FederatedClient:
             )
         else:
             dataset_json = dataset_to_json(self.proplet_id, ds.schema, features, labels)
-        return FlInputs(model, model_json, dataset_json, int(labels.shape[0]))
+        return FlInputs(model, model_json, dataset_json, int(labels.shape[0]), model_sha256)
 
     async def submit(
         self, fl: FlTask, update: Update, deadline: float | None = None
     ) -> coordinator_pb2.SubmitUpdateResponse:
-        """Stream the update to the coordinator. A retry after a lost reply is safe: the
-        coordinator counts each participant once and answers `duplicate`."""
+        """Sign the update (with TLS) and stream it to the coordinator. A retry after a lost
+        reply is safe: the coordinator counts each participant once and answers
+        `duplicate`."""
         stub = coordinator_pb2_grpc.CoordinatorStub(self._channel(fl.coordinator))
+        key = await self.signing_key()
+        if key is not None:
+            update = await asyncio.to_thread(signed, update, key)
 
         async def attempt(timeout: float) -> coordinator_pb2.SubmitUpdateResponse:
             response: coordinator_pb2.SubmitUpdateResponse = await stub.SubmitUpdate(

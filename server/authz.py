@@ -120,12 +120,24 @@ RULES: Mapping[str, Rule] = {
     f"{_R}GetModel": ANYONE,
     f"{_R}GetModelInfo": ANYONE,
     f"{_R}ListModels": _rule(operator=True, services=(ANY_SERVICE,)),
+    # A version's lineage: written by the coordinator only, with the version it made; read
+    # by operators (`models verify`) and services.
+    f"{_R}PutLineage": _rule(services=("coordinator",)),
+    f"{_R}GetLineage": _rule(operator=True, services=(ANY_SERVICE,)),
     # The data store: a proplet reads its own dataset only.
     f"{_D}GetDataset": _rule(
         operator=True, proplet=True, as_itself="proplet_id", verb="read a dataset"
     ),
     f"{_D}PutDataset": OPERATOR,
     f"{_D}ListDatasets": OPERATOR,
+    # A dataset's size: the coordinator caps num_samples by it.
+    f"{_D}GetDatasetInfo": _rule(
+        operator=True,
+        services=("coordinator",),
+        proplet=True,
+        as_itself="proplet_id",
+        verb="read a dataset",
+    ),
     # Beside every service: health and reflection, for any authenticated identity.
     "/grpc.health.v1.Health/Check": ANYONE,
     "/grpc.health.v1.Health/List": ANYONE,
@@ -147,6 +159,8 @@ class Caller:
     identity: Identity | None
     method: str
     rule: Rule | None
+    # The peer's certificate (PEM) as the TLS handshake verified it; b"" on plaintext.
+    certificate: bytes = b""
 
 
 _CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
@@ -163,6 +177,13 @@ def caller() -> Identity | None:
     call)."""
     current = _CALLER.get()
     return None if current is None else current.identity
+
+
+def caller_certificate() -> bytes:
+    """The current call's peer certificate (PEM; b"" on a plaintext server): what the
+    coordinator checks an update's signature with."""
+    current = _CALLER.get()
+    return b"" if current is None else current.certificate
 
 
 def require_self(claimed: str) -> None:
@@ -216,7 +237,7 @@ class Gate:
                 "certificates are not refused"
             )
 
-    def _peer(self, auth_context: Mapping[str, Iterable[bytes]]) -> Identity:
+    def _peer(self, auth_context: Mapping[str, Iterable[bytes]]) -> tuple[Identity, bytes]:
         pem = next(iter(auth_context.get("x509_pem_cert", ())), None)
         if pem is None:
             raise Unauthenticated("no client certificate")
@@ -239,13 +260,13 @@ class Gate:
                 raise Unauthenticated(str(exc)) from None
             if revoked:
                 raise Unauthenticated(f"{identity}: certificate {serial:x} is revoked")
-        return identity
+        return identity, pem
 
     def admit(self, auth_context: Mapping[str, Iterable[bytes]], method: str) -> Caller:
         """The caller of `method`: authenticated and allowed by its rule, or Unauthenticated /
         PermissionDenied."""
-        identity = self._peer(auth_context)
-        return Caller(identity, method, authorize(identity, method))
+        identity, pem = self._peer(auth_context)
+        return Caller(identity, method, authorize(identity, method), pem)
 
     @staticmethod
     def check_request(caller: Caller, request: Any) -> None:

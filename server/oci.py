@@ -236,6 +236,11 @@ class OciClient:
 
     def wasm_layer(self, ref: ImageRef) -> Layer:
         """The image's one wasm layer, from a manifest checked against a pinned digest."""
+        return self.pin(ref)[1]
+
+    def pin(self, ref: ImageRef) -> tuple[ImageRef, Layer]:
+        """`ref` pinned to the digest of the manifest it resolves to now (a tag may move
+        later; the pinned reference never does), and that manifest's wasm layer."""
         with self._pulling(ref):
             url = f"{self._oras.prefix}://{self._container(ref).manifest_url()}"
             response = self._oras.do_request(url, "GET", headers={"Accept": MANIFEST_ACCEPT})
@@ -246,13 +251,12 @@ class OciClient:
                 raise ResourceExhausted(
                     f"image {ref}: manifest larger than {MAX_MANIFEST_BYTES} bytes"
                 )
-            if ref.digest:
-                got = "sha256:" + hashlib.sha256(raw).hexdigest()
-                if got != ref.digest:
-                    raise DataLoss(
-                        f"image {ref}: manifest digest mismatch: pinned {ref.digest}, "
-                        f"registry served {got}"
-                    )
+            got = "sha256:" + hashlib.sha256(raw).hexdigest()
+            if ref.digest and got != ref.digest:
+                raise DataLoss(
+                    f"image {ref}: manifest digest mismatch: pinned {ref.digest}, "
+                    f"registry served {got}"
+                )
             try:
                 manifest = json.loads(raw)
             except ValueError as exc:
@@ -265,7 +269,8 @@ class OciClient:
                 raise FailedPrecondition(f"image {ref}: layer digest {digest!r} is not sha256")
             size = layer.get("size")
             declared = size if isinstance(size, int) and not isinstance(size, bool) else None
-            return Layer(digest.removeprefix("sha256:"), declared)
+            pinned = dataclasses.replace(ref, digest=got)
+            return pinned, Layer(digest.removeprefix("sha256:"), declared)
 
     def fetch_layer(self, ref: ImageRef, layer: Layer) -> bytes:
         """The layer's bytes, streamed up to its declared size and checked against its

@@ -157,6 +157,17 @@ def identity_of(cert: x509.Certificate) -> Identity:
         raise PkiError(str(exc)) from None
 
 
+def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The ECDSA private key in `path` (PEM, unencrypted): a CA's or a bundle's `tls.key`."""
+    try:
+        key = serialization.load_pem_private_key(_read(path), password=None)
+    except ValueError as exc:
+        raise PkiError(f"{path}: not a private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"{path}: not an ECDSA key")
+    return key
+
+
 def read_identity(path: Path) -> Identity:
     """The identity of the certificate in `path` (PEM or DER)."""
     return identity_of(load_certificate(_read(path), str(path)))
@@ -362,13 +373,7 @@ class CertificateAuthority:
         return load_certificate(_read(self.cert_path), str(self.cert_path))
 
     def _key(self) -> ec.EllipticCurvePrivateKey:
-        try:
-            key = serialization.load_pem_private_key(_read(self.key_path), password=None)
-        except ValueError as exc:
-            raise PkiError(f"{self.key_path}: not a private key ({exc})") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise PkiError(f"{self.key_path}: not an ECDSA key")
-        return key
+        return load_private_key(self.key_path)
 
     # ---- issuing
 

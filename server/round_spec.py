@@ -19,6 +19,7 @@ from typing import Any
 
 from server.errors import InvalidArgument
 from server.models import parse_model_uri
+from server.provenance import check_module_digest
 
 # Hyperparameters a request leaves at 0: one local epoch of per-example SGD (the original's
 # algorithm) with learning rate 0.01.
@@ -74,6 +75,10 @@ class RoundSpec:
     # The fewest participants the round may run with when others cannot take part (not alive
     # at the start, or their task failed); 0 -> k_of_n: none of k_of_n may be missing.
     min_k_of_n: int = 0
+    # The module the round runs ("sha256:<hex>" of its wasm bytes; "" = not pinned). The
+    # manager resolves task_wasm_image to it at StartExperiment (a request may name the
+    # digest it expects).
+    module_digest: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +91,7 @@ class RoundSpec:
             "hyperparams": self.hyperparams.to_dict(),
             "task_wasm_image": self.task_wasm_image,
             "min_k_of_n": self.min_k_of_n,
+            "module_digest": self.module_digest,
         }
 
     @classmethod
@@ -100,6 +106,7 @@ class RoundSpec:
             hyperparams=Hyperparams.from_dict(d["hyperparams"]),
             task_wasm_image=str(d["task_wasm_image"]),
             min_k_of_n=int(d.get("min_k_of_n", 0)),  # absent in records of older versions
+            module_digest=str(d.get("module_digest", "")),
         )
 
 
@@ -152,6 +159,7 @@ def validate(spec: RoundSpec, *, experiment: bool = False) -> RoundSpec:
     _non_negative("hyperparams.batch_size", hp.batch_size)
     if experiment and not spec.task_wasm_image:
         raise InvalidArgument("task_wasm_image: must not be empty")
+    check_module_digest(spec.module_digest, "module_digest")
     return replace(
         spec,
         experiment_id=spec.experiment_id or (f"exp-{spec.round_id}" if experiment else ""),

@@ -97,6 +97,9 @@ class StackConfig:
     proplet_ids: tuple[str, ...] = ()
     proplet_work_dir: Path | None = None
     proplet_task_timeout_s: float = 300.0
+    # Where the manager resolves round modules (ManagerConfig.oci_registry / oci_insecure).
+    oci_registry: str = ""
+    oci_insecure: bool | None = None
     # The deployment CA (a directory; one is created there when it holds none) the stack
     # issues every bundle from; None: plaintext on every hop.
     ca_dir: Path | None = field(kw_only=True)
@@ -180,6 +183,7 @@ class Stack(Lifecycle):
                 addr=self._addr(cfg.coordinator_port),
                 aggregator_addr=aggregator,
                 registry_addr=registry,
+                datastore_addr=datastore,
                 mqtt=self.mqtt,
                 tick_s=cfg.coordinator_tick_s,
                 state_dir=cfg.state_dir,
@@ -204,6 +208,8 @@ class Stack(Lifecycle):
                 alive_window_s=cfg.alive_window_s,
                 task_endpoints=services,
                 state_dir=cfg.state_dir,
+                oci_registry=cfg.oci_registry,
+                oci_insecure=cfg.oci_insecure,
                 tls=tls["manager"],
             )
         )

@@ -59,6 +59,11 @@ class UpdateMeta:
     base_model_uri: str
     num_samples: int
     metrics: dict[str, float]
+    # Provenance (`server.provenance`): what the update was trained from, by which module,
+    # and its proplet's signature over them.
+    base_model_sha256: str = ""
+    module_digest: str = ""
+    signature: bytes = b""
 
 
 def update_stream(
@@ -79,6 +84,9 @@ def update_header(meta: UpdateMeta, specs: list[Spec]) -> tensor_pb2.UpdateHeade
         metrics=meta.metrics,
         tensors=[s.to_proto() for s in specs],
         total_bytes=total_bytes(specs),
+        base_model_sha256=meta.base_model_sha256,
+        module_digest=meta.module_digest,
+        signature=meta.signature,
     )
 
 

@@ -328,6 +328,19 @@ class Client:
             )
         return header, tensors
 
+    async def model_info(self, version: int) -> model_registry_pb2.ModelVersion:
+        request = model_registry_pb2.GetModelRequest(version=version)
+        return await self._unary(
+            "registry", "GetModelInfo", request, model_registry_pb2.ModelVersion
+        )
+
+    async def lineage(self, version: int) -> AsyncGenerator[model_registry_pb2.LineageChunk, None]:
+        """A version's lineage stream (GetLineage): its header, then its updates' bytes."""
+        request = model_registry_pb2.GetModelRequest(version=version)
+        with self._rpc("registry"):
+            async for chunk in self._stub("registry").GetLineage(request, timeout=self.timeout):
+                yield chunk
+
     async def put_model(
         self, tensors: Mapping[str, Array], version: int | None = None
     ) -> model_registry_pb2.ModelVersion:

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from propeller.v1 import coordinator_pb2, manager_pb2, tensor_pb2
 from server.cli import hyperparams, runner
 from server.cli.client import DEFAULT_WATCH_S, Client
@@ -55,11 +57,15 @@ from server.cli.render import (
     render_tasks,
     short_name,
     specs_text,
+    table,
     task_state,
 )
 from server.cli.runner import Arg, Command, OneOf, Reply, arg, one_call, shown
+from server.cli.verify import verify_chain
 from server.errors import InvalidArgument, Unavailable
+from server.models import model_uri, parse_model_uri
 from server.oci import ImageRef, OciClient, is_loopback
+from server.pki import PkiError, load_certificate
 from server.tensors import model_to_json
 
 FINAL_ROUND_STATES = (coordinator_pb2.ROUND_STATE_COMPLETED, coordinator_pb2.ROUND_STATE_FAILED)
@@ -261,6 +267,51 @@ async def models_put(c: Client, a: argparse.Namespace) -> Reply:
     return shown(mv, render_model_version(mv))
 
 
+async def models_verify(c: Client, a: argparse.Namespace) -> Reply:
+    request = await c.resolve_model_ref(a.ref)
+    version = (
+        request.version
+        if request.WhichOneof("ref") == "version"
+        else parse_model_uri(request.model_uri, "VERSION_OR_URI")
+    )
+    ca_path = Path(a.ca) if a.ca else (c.tls.ca if c.tls is not None else None)
+    ca = None if ca_path is None else await asyncio.to_thread(read_ca, ca_path)
+    links = await verify_chain(c, version, ca, allow_unsigned=a.allow_unsigned)
+    broken = next((link for link in links if link.problem), None)
+    doc = {
+        "version": version,
+        "ok": broken is None,
+        "chain": [link.to_dict() for link in links],
+    }
+    text = table(
+        ["VERSION", "BASE", "ROUND", "UPDATES", "SHA256", "CHECK"],
+        [
+            [
+                f"v{link.version}",
+                "-" if link.base is None else f"v{link.base}",
+                link.round_id or "-",
+                link.updates,
+                link.sha256[:12],
+                link.problem or "ok",
+            ]
+            for link in links
+        ],
+    )
+    failure = ""
+    if broken is not None:
+        failure = f"v{broken.version} ({model_uri(broken.version)}): {broken.problem}"
+    return Reply(doc, text, failure=failure)
+
+
+def read_ca(path: Path) -> x509.Certificate:
+    try:
+        return load_certificate(path.read_bytes(), str(path))
+    except OSError as exc:
+        raise InvalidArgument(f"--ca: cannot read {path}: {exc.strerror or exc}") from None
+    except PkiError as exc:
+        raise InvalidArgument(f"--ca: {exc}") from None
+
+
 async def datasets_get(c: Client, a: argparse.Namespace) -> Reply:
     output = Path(a.output) if a.output else None
     if output is not None:
@@ -451,6 +502,28 @@ COMMANDS: tuple[Command, ...] = (
             arg("file", metavar="FILE", help='.json {"w": [...], "b": x} or .npz'),
             arg("--version", type=int, default=None, help="this version (default: the next one)"),
             arg("--dtype", choices=["float32", "float64"], help="convert the tensors"),
+        ),
+    ),
+    Command(
+        "models",
+        "verify",
+        "check the chain that made a version, from v0 up: every base, every update's "
+        "signature and certificate, its module, and the version as the FedAvg of its updates",
+        models_verify,
+        (
+            arg("ref", metavar="VERSION_OR_URI", help="3, v3, latest or fl/models/global_model_v3"),
+            arg(
+                "--ca",
+                default="",
+                metavar="FILE",
+                help="the deployment CA certificate the proplets' certificates must come from "
+                "(default: the ca.crt of the TLS bundle)",
+            ),
+            arg(
+                "--allow-unsigned",
+                action="store_true",
+                help="accept updates taken over plaintext (no certificate, no signature)",
+            ),
         ),
     ),
     Command(

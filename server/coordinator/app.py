@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.config import MqttConfig, TlsConfig, env_float, env_int, env_str
-from server.coordinator.clients import GrpcModelBackend
+from server.coordinator.bounds import (
+    DEFAULT_MAX_ABS_VALUE,
+    DEFAULT_MAX_DISTANCE,
+    NumSamplesCap,
+    UpdateBounds,
+)
+from server.coordinator.clients import DataStoreSizes, GrpcModelBackend
 from server.coordinator.coordinator import Coordinator, RetryPolicy
 from server.coordinator.service import binding
 from server.coordinator.store import STATE_FILE, MemoryRoundStore, RoundStore, SqliteRoundStore
@@ -30,6 +36,9 @@ class CoordinatorConfig:
     addr: str = "127.0.0.1:8086"
     aggregator_addr: str = "127.0.0.1:8085"
     registry_addr: str = "127.0.0.1:8084"
+    # The data store, asked for a participant's dataset size when num_samples_cap is
+    # "dataset".
+    datastore_addr: str = "127.0.0.1:8083"
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     # Timeout of each call to the aggregator or the registry.
     rpc_timeout_s: float = 30.0
@@ -45,8 +54,25 @@ class CoordinatorConfig:
     # Where the rounds and accepted updates survive a restart (`coordinator.sqlite` in it);
     # None keeps them in memory (tests, the demo).
     state_dir: Path | None = None
+    # Poisoning bounds (`server.coordinator.bounds`): each participant's num_samples cap
+    # ("dataset": its dataset's size in the data store; "none"; or a number), the largest
+    # |value| in an update, the largest L2 distance of an update from its base model (0: no
+    # bound) and what to do beyond it ("reject" or "clip").
+    num_samples_cap: str = "dataset"
+    max_update_value: float = DEFAULT_MAX_ABS_VALUE
+    max_update_distance: float = DEFAULT_MAX_DISTANCE
+    update_distance_action: str = "reject"
     # Mutual TLS, server and the registry / aggregator channels (None: plaintext).
     tls: TlsConfig | None = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.update_distance_action not in ("reject", "clip"):
+            raise ValueError(
+                f"update_distance_action: {self.update_distance_action!r} must be 'reject' "
+                "or 'clip'"
+            )
+        self.samples_cap  # noqa: B018 - checks the settings now rather than at the first update
+        self.bounds  # noqa: B018
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> CoordinatorConfig:
@@ -56,6 +82,7 @@ class CoordinatorConfig:
             addr=env_str(env, "PROPELLER_COORDINATOR_LISTEN", d.addr),
             aggregator_addr=env_str(env, "AGGREGATOR_ADDR", d.aggregator_addr),
             registry_addr=env_str(env, "MODEL_REGISTRY_ADDR", d.registry_addr),
+            datastore_addr=env_str(env, "DATA_STORE_ADDR", d.datastore_addr),
             mqtt=MqttConfig.from_env(env),
             rpc_timeout_s=env_float(env, "PROPELLER_COORDINATOR_RPC_TIMEOUT_S", d.rpc_timeout_s),
             default_timeout_s=env_float(
@@ -70,7 +97,27 @@ class CoordinatorConfig:
                 env, "PROPELLER_COORDINATOR_RETRY_MAX_BACKOFF_S", d.retry_max_backoff_s
             ),
             state_dir=state_dir_from_env(env),
+            num_samples_cap=env_str(env, "PROPELLER_NUM_SAMPLES_CAP", d.num_samples_cap),
+            max_update_value=env_float(env, "PROPELLER_MAX_UPDATE_VALUE", d.max_update_value),
+            max_update_distance=env_float(
+                env, "PROPELLER_MAX_UPDATE_DISTANCE", d.max_update_distance
+            ),
+            update_distance_action=env_str(
+                env, "PROPELLER_UPDATE_DISTANCE_ACTION", d.update_distance_action
+            ),
             tls=TlsConfig.from_env(env),
+        )
+
+    @property
+    def samples_cap(self) -> NumSamplesCap:
+        return NumSamplesCap.parse(self.num_samples_cap)
+
+    @property
+    def bounds(self) -> UpdateBounds:
+        return UpdateBounds(
+            max_abs_value=self.max_update_value,
+            max_distance=self.max_update_distance,
+            clip=self.update_distance_action == "clip",
         )
 
     @property
@@ -148,6 +195,12 @@ class CoordinatorApp(ServiceApp):
         stack.push_async_callback(registry.close, None)
         aggregator = channel(cfg.aggregator_addr, cfg.tls, options)
         stack.push_async_callback(aggregator.close, None)
+        samples_cap = cfg.samples_cap
+        datasets = None
+        if samples_cap.source == "dataset":
+            datastore = channel(cfg.datastore_addr, cfg.tls, options)
+            stack.push_async_callback(datastore.close, None)
+            datasets = DataStoreSizes(datastore, timeout_s=cfg.rpc_timeout_s)
         coordinator = Coordinator(
             store,
             GrpcModelBackend(registry, aggregator, timeout_s=cfg.rpc_timeout_s),
@@ -155,6 +208,9 @@ class CoordinatorApp(ServiceApp):
             cfg.mqtt.topics,
             default_timeout_s=cfg.default_timeout_s,
             retry=cfg.retry,
+            bounds=cfg.bounds,
+            samples_cap=samples_cap,
+            datasets=datasets,
         )
         stack.push_async_callback(coordinator.aclose)
         await coordinator.resume()
@@ -163,9 +219,14 @@ class CoordinatorApp(ServiceApp):
         start_task(stack, coordinator.run_outbox(cfg.retry_max_backoff_s), "coordinator-outbox")
         self._coordinator = coordinator
         log.info(
-            "[Coordinator] aggregator=%s registry=%s mqtt=%s:%d namespace=%s state=%s",
+            "[Coordinator] aggregator=%s registry=%s num_samples_cap=%s max_update_value=%g "
+            "max_update_distance=%g (%s) mqtt=%s:%d namespace=%s state=%s",
             cfg.aggregator_addr,
             cfg.registry_addr,
+            samples_cap,
+            cfg.max_update_value,
+            cfg.max_update_distance,
+            cfg.update_distance_action,
             cfg.mqtt.host,
             cfg.mqtt.port,
             cfg.mqtt.topics.base,

@@ -1,20 +1,41 @@
 """The coordinator's `ModelBackend` over gRPC: the ModelRegistry through its generated stub and
-the Aggregator through its one client (`server.aggregator.client`). Every call has a timeout;
-failures come back as our own errors (`rpc_errors`), keeping the downstream status code."""
+the Aggregator through its one client (`server.aggregator.client`); and the data store's
+dataset sizes (`DataStoreSizes`, the num_samples cap). Every call has a timeout; failures come
+back as our own errors (`rpc_errors`), keeping the downstream status code."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import grpc
 
-from propeller.v1 import model_registry_pb2, model_registry_pb2_grpc
+from propeller.v1 import (
+    datastore_pb2,
+    datastore_pb2_grpc,
+    model_registry_pb2,
+    model_registry_pb2_grpc,
+)
 from server.aggregator.client import AggregatorClient, UpdateInput
-from server.coordinator.store import RoundUpdates, each_update
-from server.errors import NotFound, rpc_errors
+from server.coordinator.coordinator import BaseModel, Lineage
+from server.coordinator.rounds import Update
+from server.coordinator.store import RoundUpdates, each_update, update_headers
+from server.errors import NotFound, Unavailable, rpc_errors
 from server.models import model_uri
-from server.streams import UpdateMeta, model_stream
-from server.tensors import DEFAULT_CHUNK_SIZE, Spec, Tensors, specs_from_proto
+from server.streams import UpdateMeta, model_stream, read_model_stream, update_header
+from server.tensors import (
+    DEFAULT_CHUNK_SIZE,
+    Tensors,
+    iter_chunks,
+    nbytes_of,
+    offload_if_big,
+    sha256_of,
+    specs_from_proto,
+)
+
+# Base models kept in memory for the distance bound: rounds in flight share a few.
+BASE_MODELS_KEPT = 2
 
 
 class GrpcModelBackend:
@@ -32,6 +53,8 @@ class GrpcModelBackend:
         self._aggregator = AggregatorClient(aggregator, timeout_s=timeout_s, chunk_size=chunk_size)
         self._timeout_s = timeout_s
         self._chunk_size = chunk_size
+        # uri -> its tensors being fetched or fetched (versions never change).
+        self._bases: OrderedDict[str, asyncio.Task[Tensors]] = OrderedDict()
 
     async def _list_models(self) -> list[model_registry_pb2.ModelVersion]:
         with rpc_errors("registry.ListModels"):
@@ -40,7 +63,7 @@ class GrpcModelBackend:
             )
         return list(resp.models)
 
-    async def resolve(self, model_ref: str) -> tuple[str, list[Spec]]:
+    async def resolve(self, model_ref: str) -> BaseModel:
         if model_ref:
             with rpc_errors(f"model_ref: {model_ref!r}"):
                 info = await self._registry.GetModelInfo(
@@ -53,7 +76,31 @@ class GrpcModelBackend:
                 raise NotFound("model_ref: empty, and the registry holds no model yet")
             info = max(models, key=lambda m: m.version)
         specs = specs_from_proto(info.tensors, "registry.tensors")
-        return info.model_uri or model_uri(info.version), specs
+        return BaseModel(info.model_uri or model_uri(info.version), specs, info.sha256)
+
+    async def base_tensors(self, model_uri: str) -> Tensors:
+        """The version's tensors, fetched once and kept (the last BASE_MODELS_KEPT)."""
+        task = self._bases.get(model_uri)
+        if task is None or (task.done() and (task.cancelled() or task.exception())):
+            task = asyncio.ensure_future(self._fetch(model_uri))
+            self._bases[model_uri] = task
+            while len(self._bases) > BASE_MODELS_KEPT:
+                self._bases.popitem(last=False)
+        else:
+            self._bases.move_to_end(model_uri)
+        # Shielded: a caller that goes away does not cancel the fetch the others wait for.
+        return await asyncio.shield(task)
+
+    async def _fetch(self, uri: str) -> Tensors:
+        with rpc_errors(f"registry.GetModel {uri}"):
+            call = self._registry.GetModel(
+                model_registry_pb2.GetModelRequest(model_uri=uri), timeout=self._timeout_s
+            )
+            header, tensors = await read_model_stream(call, "base model")
+        digest = await offload_if_big(nbytes_of(tensors), sha256_of, tensors)
+        if header.sha256 != digest:
+            raise Unavailable(f"registry.GetModel {uri}: the bytes do not match its sha256")
+        return tensors
 
     async def aggregate(self, round_id: str, updates: RoundUpdates) -> tuple[Tensors, str]:
         """Stream the updates to the Aggregator one at a time: stored updates are read from
@@ -73,6 +120,79 @@ class GrpcModelBackend:
             if m.version > after_version and m.sha256 == sha256:
                 return m.version, m.model_uri or model_uri(m.version)
         return None
+
+    async def put_lineage(self, lineage: Lineage) -> None:
+        with rpc_errors("registry.PutLineage"):
+            await self._registry.PutLineage(
+                lineage_chunks(lineage, self._chunk_size), timeout=self._timeout_s
+            )
+
+
+def lineage_header(lineage: Lineage) -> model_registry_pb2.Lineage:
+    """The Lineage message the registry keeps: every update's header as its proplet sent it
+    (tensors in the base model's order, signature included), sha256, certificate, clip."""
+    rnd = lineage.round
+    specs = list(rnd.specs)
+    return model_registry_pb2.Lineage(
+        version=lineage.version,
+        model_sha256=lineage.model_sha256,
+        round_id=rnd.round_id,
+        base_model_uri=rnd.model_ref,
+        base_model_sha256=rnd.base_model_sha256,
+        module_digest=rnd.module_digest,
+        strategy="fedavg",
+        contributions=[
+            model_registry_pb2.Contribution(
+                header=update_header(signed_meta(rnd.round_id, u), specs),
+                sha256=u.sha256,
+                certificate=u.certificate,
+                clip_scale=u.clip_scale,
+                received_at=u.received_at,
+            )
+            for u in update_headers(lineage.updates)
+        ],
+    )
+
+
+async def lineage_chunks(
+    lineage: Lineage, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> AsyncIterator[model_registry_pb2.LineageChunk]:
+    """A PutLineage stream: the header, then each update's bytes in order (stored updates
+    read one at a time)."""
+    yield model_registry_pb2.LineageChunk(header=lineage_header(lineage))
+    async for u in each_update(lineage.updates):
+        for data in iter_chunks(u.tensors, chunk_size):
+            yield model_registry_pb2.LineageChunk(data=data)
+        del u
+
+
+def signed_meta(round_id: str, u: Update) -> UpdateMeta:
+    """An accepted update's header fields, as its proplet signed them."""
+    return UpdateMeta(
+        round_id,
+        u.proplet_id,
+        u.base_model_uri,
+        u.num_samples,
+        dict(u.metrics),
+        base_model_sha256=u.base_model_sha256,
+        module_digest=u.module_digest,
+        signature=u.signature,
+    )
+
+
+class DataStoreSizes:
+    """`bounds.DatasetSizes` over a data store channel (owned by the caller)."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float) -> None:
+        self._stub = datastore_pb2_grpc.DataStoreStub(channel)
+        self._timeout_s = timeout_s
+
+    async def size(self, proplet_id: str) -> int:
+        with rpc_errors("data store: GetDatasetInfo"):
+            info = await self._stub.GetDatasetInfo(
+                datastore_pb2.GetDatasetRequest(proplet_id=proplet_id), timeout=self._timeout_s
+            )
+        return int(info.size)
 
 
 async def _inputs(round_id: str, updates: RoundUpdates) -> AsyncIterator[UpdateInput]:

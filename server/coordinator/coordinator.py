@@ -1,7 +1,8 @@
-"""The coordinator's behaviour over time: configuring and starting rounds, taking updates and
-participant failures, closing rounds (k_of_n, deadline, or failures), aggregating through a
-`ModelBackend`, announcing the new model (through the store's outbox: at least once), and
-telling watchers about every change.
+"""The coordinator's behaviour over time: configuring and starting rounds, taking updates
+(checked against the round, their provenance and the poisoning bounds) and participant
+failures, closing rounds (k_of_n, deadline, or failures), aggregating through a
+`ModelBackend`, storing the new version with its lineage, announcing it (through the store's
+outbox: at least once), and telling watchers about every change.
 
 Transport-free: the gRPC servicer and the app wire it to the network; tests may drive it with
 an in-process backend.
@@ -15,13 +16,20 @@ import enum
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
+from server.coordinator import bounds as B
 from server.coordinator import rounds as R
 from server.coordinator.rounds import Round, Update
-from server.coordinator.store import Notice, RoundStore, RoundUpdates, update_headers
+from server.coordinator.store import (
+    Notice,
+    RoundStore,
+    RoundUpdates,
+    each_update,
+    update_headers,
+)
 from server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -31,6 +39,7 @@ from server.errors import (
 )
 from server.faults import crash_point
 from server.messages import RoundComplete
+from server.provenance import Claim, check_signature
 from server.round_spec import DEFAULT_TIMEOUT_S, RoundSpec, validate, with_defaults
 from server.tensors import Spec, Tensors, nbytes_of, offload_if_big, sha256_of
 from server.topics import Topics
@@ -51,12 +60,36 @@ _PERMANENT: tuple[type[PropellerError], ...] = (
 )
 
 
+@dataclass(frozen=True)
+class BaseModel:
+    """A stored version a round trains from: its uri, tensor specs and sha256."""
+
+    uri: str
+    specs: list[Spec]
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """How a version was made, as the registry keeps it beside the version: the round, its
+    base model and module, and its updates (with their provenance) in aggregation order."""
+
+    version: int
+    model_sha256: str
+    round: Round
+    updates: RoundUpdates
+
+
 class ModelBackend(Protocol):
     """What the coordinator needs from the registry and the aggregator."""
 
-    async def resolve(self, model_ref: str) -> tuple[str, list[Spec]]:
-        """The stored model `model_ref` names ("" = the latest) as (uri, tensor specs);
-        NotFound if there is none."""
+    async def resolve(self, model_ref: str) -> BaseModel:
+        """The stored model `model_ref` names ("" = the latest); NotFound if there is
+        none."""
+        ...
+
+    async def base_tensors(self, model_uri: str) -> Tensors:
+        """A stored version's tensors (the distance bound measures updates against them)."""
         ...
 
     async def aggregate(self, round_id: str, updates: RoundUpdates) -> tuple[Tensors, str]:
@@ -71,6 +104,11 @@ class ModelBackend(Protocol):
     async def find(self, sha256: str, after_version: int) -> tuple[int, str] | None:
         """A stored version newer than `after_version` with exactly these bytes, if any (so a
         retried write whose first attempt did land is not stored twice)."""
+        ...
+
+    async def put_lineage(self, lineage: Lineage) -> None:
+        """Store the version's lineage with its updates' bytes (idempotent: the same lineage
+        again is fine)."""
         ...
 
 
@@ -156,6 +194,9 @@ class Coordinator:
         default_timeout_s: float = DEFAULT_TIMEOUT_S,
         retry: RetryPolicy | None = None,
         clock: Clock = time.time,
+        bounds: B.UpdateBounds | None = None,
+        samples_cap: B.NumSamplesCap | None = None,
+        datasets: B.DatasetSizes | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -164,6 +205,11 @@ class Coordinator:
         self.default_timeout_s = default_timeout_s
         self.retry = retry or RetryPolicy()
         self.clock = clock
+        self.bounds = bounds or B.UpdateBounds()
+        self.samples_cap = samples_cap or B.NumSamplesCap()
+        if self.samples_cap.source == "dataset" and datasets is None:
+            raise ValueError("num_samples_cap 'dataset' needs the data store (datasets)")
+        self.datasets = datasets
         self._locks: dict[str, asyncio.Lock] = {}
         self._watchers: dict[str, set[asyncio.Queue[Event]]] = {}
         self._finishing: dict[str, asyncio.Task[None]] = {}
@@ -199,8 +245,8 @@ class Coordinator:
             if rnd is not None:
                 R.check_same_config(rnd, cfg)
             else:
-                uri, specs = await self.backend.resolve(cfg.model_ref)
-                rnd = R.new_round(cfg, uri, specs, self.clock())
+                base = await self.backend.resolve(cfg.model_ref)
+                rnd = R.new_round(cfg, base.uri, base.specs, self.clock(), base.sha256)
                 await self.store.put(rnd)
                 log.info(
                     "[Coordinator.ConfigureRound] round_id=%s participants=%d k_of_n=%d "
@@ -231,13 +277,19 @@ class Coordinator:
         return started
 
     async def submit(self, round_id: str, update: Update) -> Submitted:
-        """Take one participant's update; see `rounds.admit` / `rounds.validate_update` for the
-        rules. The update that reaches k_of_n closes the round and starts aggregation in the
-        background, so this returns at once (state AGGREGATING)."""
+        """Take one participant's update; see `rounds.admit` / `rounds.check_provenance` /
+        `rounds.validate_update`, `_check_update` and `bounds` for the rules. The update that
+        reaches k_of_n closes the round and starts aggregation in the background, so this
+        returns at once (state AGGREGATING)."""
         rnd = await self.get(round_id)
         if self._admit(rnd, update.proplet_id):
             return Submitted(rnd, duplicate=True)
-        update = await offload_if_big(nbytes_of(update.tensors), R.validate_update, rnd, update)
+        R.check_provenance(rnd, update)
+        await self._check_num_samples(update)
+        base = await self.backend.base_tensors(rnd.model_ref) if self.bounds.needs_base else None
+        update = await offload_if_big(
+            nbytes_of(update.tensors), self._check_update, rnd, update, base
+        )
         async with self._lock(round_id):
             rnd = await self.get(round_id)
             if self._admit(rnd, update.proplet_id):
@@ -249,6 +301,67 @@ class Coordinator:
             # starts the aggregation.
             await _to_the_end(self._accepted(rnd, update))
             return Submitted(rnd, duplicate=False)
+
+    async def _check_num_samples(self, update: Update) -> None:
+        """`num_samples` within the participant's cap (`bounds.NumSamplesCap`): refused,
+        naming the cap, when above it (its weight is what its proplet signed, never
+        re-weighted)."""
+        if update.num_samples <= 0:
+            raise InvalidArgument(f"num_samples: {update.num_samples} must be > 0")
+        cap = self.samples_cap
+        if cap.source == "none":
+            return
+        if cap.source == "fixed":
+            limit, what = cap.value, f"the coordinator's cap of {cap.value} (num_samples_cap)"
+        else:
+            assert self.datasets is not None
+            try:
+                limit = await self.datasets.size(update.proplet_id)
+            except NotFound:
+                raise FailedPrecondition(
+                    f"num_samples: proplet {update.proplet_id!r} has no dataset in the data "
+                    "store to cap num_samples by (num_samples_cap=dataset); update not counted"
+                ) from None
+            what = (
+                f"the {limit} samples proplet {update.proplet_id!r} holds in the data store "
+                "(num_samples_cap=dataset)"
+            )
+        if update.num_samples > limit:
+            raise InvalidArgument(
+                f"num_samples: {update.num_samples} exceeds {what}; update not counted"
+            )
+
+    def _check_update(self, rnd: Round, update: Update, base: Tensors | None) -> Update:
+        """The update's content (`rounds.validate_update`), its values' magnitude, its
+        signature (over mutual TLS: against the caller's certificate) and its distance from
+        the base model; returns it with its tensors in the base model's order, its sha256,
+        distance and clip scale. Runs off the event loop for big updates."""
+        update = R.validate_update(rnd, update)
+        B.check_magnitude(update.tensors, self.bounds.max_abs_value, "tensors")
+        sha = sha256_of(update.tensors)
+        if update.certificate:
+            claim = Claim(
+                round_id=rnd.round_id,
+                proplet_id=update.proplet_id,
+                base_model_sha256=rnd.base_model_sha256,
+                module_digest=update.module_digest,
+                update_sha256=sha,
+                num_samples=update.num_samples,
+                metrics=update.metrics,
+            )
+            check_signature(update.certificate, update.signature, claim)
+        dist, scale = 0.0, 1.0
+        if base is not None:
+            bound = self.bounds.max_distance
+            dist = B.distance(update.tensors, base)
+            if dist > bound and not self.bounds.clip:
+                raise InvalidArgument(
+                    f"tensors: the update is {dist:.6g} from the base model (L2 norm of the "
+                    f"difference over all tensors), beyond the coordinator's bound {bound:g} "
+                    "(max_update_distance); update not counted"
+                )
+            scale = B.clip_scale(dist, bound)
+        return replace(update, sha256=sha, distance=dist, clip_scale=scale)
 
     def _admit(self, rnd: Round, proplet_id: str) -> bool:
         """`rounds.admit` with an open round's members as sets (a big round's tuples are long;
@@ -268,12 +381,15 @@ class Coordinator:
         await self.store.accept(rnd, update)
         log.info(
             "[Coordinator.SubmitUpdate] round_id=%s proplet_id=%s num_samples=%d "
-            "num_updates=%d k_of_n=%d",
+            "num_updates=%d k_of_n=%d distance=%.6g clip_scale=%.6g signed=%s",
             rnd.round_id,
             update.proplet_id,
             update.num_samples,
             rnd.num_updates,
             rnd.k_of_n,
+            update.distance,
+            update.clip_scale,
+            bool(update.certificate),
         )
         self._emit(EventType.UPDATE_ACCEPTED, rnd, update.proplet_id)
         if rnd.state is R.RoundState.AGGREGATING:
@@ -406,9 +522,13 @@ class Coordinator:
         # Updates are read in arrival order, so aggregating again after a restart gives
         # exactly the same bytes (and the same sha256) as the first attempt.
         updates = await self.store.updates(round_id)
+        inputs: RoundUpdates = updates
         try:
+            if any(u.clip_scale != 1.0 for u in update_headers(updates)):
+                base = await self.backend.base_tensors(rnd.model_ref)
+                inputs = ClippedUpdates(updates, base)
             aggregated, sha = await self._with_retry(
-                "aggregate", round_id, lambda _n: self.backend.aggregate(round_id, updates)
+                "aggregate", round_id, lambda _n: self.backend.aggregate(round_id, inputs)
             )
             nbytes = nbytes_of(aggregated)
             tensors = await offload_if_big(
@@ -424,11 +544,15 @@ class Coordinator:
         async def store_once(attempt: int) -> tuple[int, str]:
             # A retry, or a round resumed after a restart, may follow a write that landed
             # although its reply never arrived: look for those exact bytes first.
+            stored = None
             if attempt > 1 or resumed:
-                found = await self.backend.find(sha, rnd.base_version)
-                if found is not None:
-                    return found
-            return await self.backend.put(tensors, sha)
+                stored = await self.backend.find(sha, rnd.base_version)
+            if stored is None:
+                stored = await self.backend.put(tensors, sha)
+            # The version's lineage (its updates as signed) right after it; the round is
+            # completed only once both are stored, so a crash in between sends it again.
+            await self.backend.put_lineage(Lineage(stored[0], sha, rnd, updates))
+            return stored
 
         try:
             version, uri = await self._with_retry("store model", round_id, store_once)
@@ -591,6 +715,30 @@ class Coordinator:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+class ClippedUpdates:
+    """A round's updates as they are aggregated: each one that clipping scaled
+    (`Update.clip_scale` < 1) is `bounds.scaled` towards the base model; the others as sent.
+    Iterated afresh by every aggregation attempt."""
+
+    def __init__(self, updates: RoundUpdates, base: Tensors) -> None:
+        self.updates = updates
+        self.base = base
+
+    @property
+    def headers(self) -> Sequence[Update]:
+        return update_headers(self.updates)
+
+    async def __aiter__(self) -> AsyncIterator[Update]:
+        async for u in each_update(self.updates):
+            if u.clip_scale != 1.0:
+                tensors = await offload_if_big(
+                    nbytes_of(u.tensors), B.scaled, u.tensors, self.base, u.clip_scale
+                )
+                u = replace(u, tensors=tensors)
+            yield u
+            del u
 
 
 async def _to_the_end(aw: Awaitable[None]) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from server.models import parse_model_uri
+from server.provenance import check_module_digest
 from server.round_spec import Hyperparams, RoundSpec
 from server.tensors import Array, Spec, Tensors, check_finite
 
@@ -49,7 +50,9 @@ FINISHED = frozenset({RoundState.COMPLETED, RoundState.FAILED})
 
 @dataclass(frozen=True)
 class Update:
-    """One participant's accepted (or candidate) update: arrays plus what the header said."""
+    """One participant's accepted (or candidate) update: arrays plus what the header said,
+    and its provenance (`server.provenance`): the base model and module it claims, its
+    signature and the certificate of the call it came on (b"" over plaintext)."""
 
     proplet_id: str
     base_model_uri: str
@@ -57,6 +60,15 @@ class Update:
     metrics: Mapping[str, float]
     tensors: Tensors
     received_at: float = 0.0
+    base_model_sha256: str = ""
+    module_digest: str = ""
+    signature: bytes = b""
+    certificate: bytes = b""
+    # Set once checked: the sha256 of its bytes (base model order), its L2 distance from the
+    # base model (0 when not measured) and the factor clipping scales that difference by.
+    sha256: str = ""
+    distance: float = 0.0
+    clip_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,10 @@ class Round:
     min_k_of_n: int = 0
     # Participants that cannot report (never one that has reported), in the order reported.
     failed: tuple[ParticipantFailure, ...] = ()
+    # The module every update must come from ("sha256:<hex>"; "" = any), and the base
+    # model's sha256 (hex) every update's signature covers.
+    module_digest: str = ""
+    base_model_sha256: str = ""
 
     @property
     def num_updates(self) -> int:
@@ -161,8 +177,11 @@ def check_same_config(rnd: Round, cfg: RoundSpec) -> None:
         )
 
 
-def new_round(cfg: RoundSpec, model_ref: str, specs: Sequence[Spec], now: float) -> Round:
-    """A PENDING round for `cfg` whose base model resolved to `model_ref` with `specs`."""
+def new_round(
+    cfg: RoundSpec, model_ref: str, specs: Sequence[Spec], now: float, base_sha256: str = ""
+) -> Round:
+    """A PENDING round for `cfg` whose base model resolved to `model_ref` with `specs` (and
+    the sha256 `base_sha256`)."""
     parse_model_uri(model_ref, "model_ref")
     return Round(
         **{name: getattr(cfg, name) for name in _FROM_SPEC},
@@ -170,6 +189,7 @@ def new_round(cfg: RoundSpec, model_ref: str, specs: Sequence[Spec], now: float)
         specs=tuple(specs),
         requested_model_ref=cfg.model_ref,
         configured_at=now,
+        base_model_sha256=base_sha256,
     )
 
 
@@ -218,6 +238,23 @@ def admit(
             f"round_id: round {rnd.round_id!r} is {rnd.state.value}; late update not counted"
         )
     return False
+
+
+def check_provenance(rnd: Round, update: Update) -> None:
+    """The update's claims about where it comes from, before its bytes are looked at: a
+    module digest is required (FAILED_PRECONDITION when the round pins another), and a base
+    model sha256, when given, must be the round's."""
+    check_module_digest(update.module_digest, "header.module_digest", required=True)
+    if rnd.module_digest and update.module_digest != rnd.module_digest:
+        raise FailedPrecondition(
+            f"header.module_digest: the update comes from module {update.module_digest}, but "
+            f"round {rnd.round_id!r} runs {rnd.module_digest}; update not counted"
+        )
+    if update.base_model_sha256 and update.base_model_sha256 != rnd.base_model_sha256:
+        raise FailedPrecondition(
+            f"header.base_model_sha256: {update.base_model_sha256[:80]!r}, but round "
+            f"{rnd.round_id!r} trains {rnd.model_ref} with sha256 {rnd.base_model_sha256}"
+        )
 
 
 def validate_update(rnd: Round, update: Update) -> Update:

@@ -73,6 +73,13 @@ class CoordinatorServicer:
                 metrics=dict(header.metrics),
                 tensors=tensors,
                 received_at=self.coordinator.clock(),
+                base_model_sha256=header.base_model_sha256,
+                module_digest=header.module_digest,
+                signature=header.signature,
+                # Over mutual TLS the signature is checked against the caller's own
+                # certificate (authz admitted it as this proplet); over plaintext there is
+                # none to check it with.
+                certificate=authz.caller_certificate(),
             )
             result = await self.coordinator.submit(header.round_id, update)
             return coordinator_pb2.SubmitUpdateResponse(

@@ -196,6 +196,17 @@ SCHEMA = (
 _ADDED_ROUND_COLUMNS = {
     "min_k_of_n": "INTEGER NOT NULL DEFAULT 0",
     "failed": "TEXT NOT NULL DEFAULT '[]'",  # JSON list of [proplet_id, reason]
+    "module_digest": "TEXT NOT NULL DEFAULT ''",
+    "base_model_sha256": "TEXT NOT NULL DEFAULT ''",
+}
+# The same for `updates`: an update's provenance (docs/security.md, "Provenance").
+_ADDED_UPDATE_COLUMNS = {
+    "base_model_sha256": "TEXT NOT NULL DEFAULT ''",
+    "module_digest": "TEXT NOT NULL DEFAULT ''",
+    "signature": "BLOB NOT NULL DEFAULT x''",
+    "certificate": "BLOB NOT NULL DEFAULT x''",  # the proplet's, PEM; empty over plaintext
+    "distance": "REAL NOT NULL DEFAULT 0",
+    "clip_scale": "REAL NOT NULL DEFAULT 1",
 }
 
 _ROUND_COLUMNS = (
@@ -237,6 +248,8 @@ _UPDATE_HEADER_COLUMNS = (
     "metrics",
     "specs",
     "received_at",
+    "sha256",
+    *_ADDED_UPDATE_COLUMNS,
 )
 
 
@@ -269,6 +282,8 @@ def _round_values(rnd: Round) -> tuple[Any, ...]:
         rnd.closed_by,
         rnd.min_k_of_n,
         json.dumps([[f.proplet_id, f.reason] for f in rnd.failed]),
+        rnd.module_digest,
+        rnd.base_model_sha256,
     )
 
 
@@ -298,16 +313,19 @@ def _round_from_row(row: Sequence[Any]) -> Round:
         closed_by=v["closed_by"],
         min_k_of_n=int(v["min_k_of_n"]),
         failed=tuple(ParticipantFailure(str(p), str(r)) for p, r in json.loads(v["failed"])),
+        module_digest=str(v["module_digest"]),
+        base_model_sha256=str(v["base_model_sha256"]),
     )
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a file written by an older coordinator up to `SCHEMA` (columns added since)."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(rounds)")}
-    for name, definition in _ADDED_ROUND_COLUMNS.items():
-        if name not in columns:
-            conn.execute(f"ALTER TABLE rounds ADD COLUMN {name} {definition}")
-            log.info("[Coordinator.store] rounds: added column %s", name)
+    for table, added in (("rounds", _ADDED_ROUND_COLUMNS), ("updates", _ADDED_UPDATE_COLUMNS)):
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for name, definition in added.items():
+            if name not in columns:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
+                log.info("[Coordinator.store] %s: added column %s", table, name)
 
 
 def _header_from_row(row: Sequence[Any]) -> tuple[Update, tuple[Spec, ...]]:
@@ -320,6 +338,13 @@ def _header_from_row(row: Sequence[Any]) -> tuple[Update, tuple[Spec, ...]]:
         metrics={str(k): float(x) for k, x in json.loads(v["metrics"]).items()},
         tensors={},
         received_at=float(v["received_at"]),
+        sha256=str(v["sha256"]),
+        base_model_sha256=str(v["base_model_sha256"]),
+        module_digest=str(v["module_digest"]),
+        signature=bytes(v["signature"]),
+        certificate=bytes(v["certificate"]),
+        distance=float(v["distance"]),
+        clip_scale=float(v["clip_scale"]),
     )
     return update, specs_from_json(v["specs"])
 
@@ -346,24 +371,35 @@ class StoredUpdates:
             yield await self.load(i)
 
 
+class UpdateSource(Protocol):
+    """Updates read one at a time (`StoredUpdates`, or the coordinator's clipped view of a
+    round's): their header fields at hand, their tensors as they are iterated (each iteration
+    starts from the first)."""
+
+    @property
+    def headers(self) -> Sequence[Update]: ...
+
+    def __aiter__(self) -> AsyncIterator[Update]: ...
+
+
 # What `RoundStore.updates` returns: the updates themselves (in memory) or a stored round's.
-RoundUpdates = Sequence[Update] | StoredUpdates
+RoundUpdates = Sequence[Update] | UpdateSource
 
 
 async def each_update(updates: RoundUpdates) -> AsyncIterator[Update]:
     """The updates in arrival order; stored ones are read off the event loop, one at a time."""
-    if isinstance(updates, StoredUpdates):
+    if isinstance(updates, Sequence):
+        for u in updates:
+            yield u
+    else:
         async for u in updates:
             yield u
             del u  # not held while the next one is read
-    else:
-        for u in updates:
-            yield u
 
 
 def update_headers(updates: RoundUpdates) -> Sequence[Update]:
     """The updates' header fields without reading stored tensors (for the round's metrics)."""
-    return updates.headers if isinstance(updates, StoredUpdates) else updates
+    return updates if isinstance(updates, Sequence) else updates.headers
 
 
 class SqliteRoundStore:
@@ -431,20 +467,28 @@ class SqliteRoundStore:
         (seq,) = conn.execute(
             "SELECT COALESCE(MAX(seq), -1) + 1 FROM updates WHERE round_id = ?", (round_id,)
         ).fetchone()
+        columns = ("round_id", "seq", "tensors", *_UPDATE_HEADER_COLUMNS)
         conn.execute(
-            "INSERT INTO updates (round_id, proplet_id, seq, base_model_uri, num_samples, "
-            "metrics, specs, received_at, sha256, tensors) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO updates ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' for _ in columns)})",
             (
                 round_id,
-                update.proplet_id,
                 seq,
+                blob,
+                update.proplet_id,
                 update.base_model_uri,
                 update.num_samples,
                 json.dumps(dict(update.metrics)),
                 specs_to_json(specs_of(update.tensors)),
                 update.received_at,
-                hashlib.sha256(blob).hexdigest(),
-                blob,
+                # The same bytes the coordinator's checks hashed (when they did).
+                update.sha256 or hashlib.sha256(blob).hexdigest(),
+                update.base_model_sha256,
+                update.module_digest,
+                update.signature,
+                update.certificate,
+                update.distance,
+                update.clip_scale,
             ),
         )
 

@@ -36,6 +36,7 @@ _SPEC_SCALARS = (
     "model_ref",
     "task_wasm_image",
     "min_k_of_n",
+    "module_digest",
 )
 _STATUS_SCALARS = (
     *_SPEC_SCALARS,
@@ -45,6 +46,7 @@ _STATUS_SCALARS = (
     "new_model_uri",
     "failure_reason",
     "closed_by",
+    "base_model_sha256",
 )
 
 

@@ -70,6 +70,17 @@ class DataStoreServicer:
                 raise NotFound(f"proplet_id: no dataset for {request.proplet_id!r}")
             return dataset_proto(dataset)
 
+    async def GetDatasetInfo(
+        self, request: datastore_pb2.GetDatasetRequest, context: Context
+    ) -> datastore_pb2.DatasetInfo:
+        async with grpc_errors(context, "DataStore.GetDatasetInfo"):
+            if not request.proplet_id:
+                raise InvalidArgument("proplet_id: must not be empty")
+            dataset = await self.store_of().get(request.proplet_id)
+            if dataset is None:
+                raise NotFound(f"proplet_id: no dataset for {request.proplet_id!r}")
+            return dataset_info_proto(summary_of(dataset))
+
     async def PutDataset(
         self, request: datastore_pb2.PutDatasetRequest, context: Context
     ) -> datastore_pb2.DatasetInfo:

@@ -17,6 +17,7 @@ from server.grpc_server import ServiceBinding, channel
 from server.lifecycle import ServiceApp, for_serve, run_service, start_task, state_dir_from_env
 from server.manager.coordinator import CoordinatorClient
 from server.manager.experiments import ExperimentStore, InMemoryExperimentStore
+from server.manager.modules import ModuleResolver
 from server.manager.orchestrator import Manager
 from server.manager.proplets import InMemoryPropletStore, Proplets, PropletStore
 from server.manager.service import ManagerServicer
@@ -42,6 +43,11 @@ class ManagerConfig:
     # Proplets, tasks and experiments in `<state_dir>/manager.sqlite`; None keeps them in
     # memory only.
     state_dir: Path | None = None
+    # The OCI registry StartExperiment resolves task_wasm_image in to pin its digest: the
+    # address every image's registry is reached at ("" = the host the image names) and
+    # whether over plain HTTP (None: for loopback addresses only).
+    oci_registry: str = ""
+    oci_insecure: bool | None = None
     # Mutual TLS, server and the coordinator channel (None: plaintext); see TlsConfig.
     tls: TlsConfig | None = field(kw_only=True)
 
@@ -63,8 +69,22 @@ class ManagerConfig:
             task_endpoints=Endpoints.from_env(env),
             rpc_timeout_s=env_float(env, "PROPELLER_RPC_TIMEOUT_S", d.rpc_timeout_s),
             state_dir=state_dir_from_env(env),
+            oci_registry=env_str(env, "PROPELLER_OCI_REGISTRY", d.oci_registry),
+            oci_insecure=_flag(env, "PROPELLER_OCI_INSECURE"),
             tls=TlsConfig.from_env(env),
         )
+
+
+def _flag(env: Mapping[str, str], key: str) -> bool | None:
+    """1/true/yes or 0/false/no; unset: None."""
+    raw = env.get(key, "").strip().lower()
+    if not raw:
+        return None
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("0", "false", "no"):
+        return False
+    raise ValueError(f"{key}: {raw!r} must be 1 or 0")
 
 
 class ManagerApp(ServiceApp):
@@ -133,6 +153,12 @@ class ManagerApp(ServiceApp):
             stack.push_async_callback(self.database.close)
         chan = channel(self.config.coordinator_addr, self.config.tls)
         stack.push_async_callback(chan.close, None)
+        modules = ModuleResolver(
+            registry=self.config.oci_registry,
+            insecure=self.config.oci_insecure,
+            timeout_s=self.config.rpc_timeout_s,
+        )
+        stack.callback(modules.close)
         self._manager = Manager(
             proplets=self.proplets,
             tasks=self.tasks,
@@ -143,6 +169,7 @@ class ManagerApp(ServiceApp):
             publish=self._publish,
             topics=topics,
             task_endpoints=self.config.task_endpoints,
+            modules=modules,
             clock=self.clock,
             persisted=self.persisted,
         )

@@ -56,11 +56,13 @@ def round_task_env(
     proplet_id: str,
     endpoints: Endpoints,
     deadline: float = 0.0,
+    module_digest: str = "",
 ) -> dict[str, str]:
     """The environment of a federated task: the seed's ROUND_ID, MODEL_URI and HYPERPARAMS
     plus the gRPC targets (host:port) the proplet fetches from and reports to, and, when the
     round has one, ROUND_DEADLINE: the coordinator's deadline in unix seconds, until which the
-    proplet retries services it cannot reach."""
+    proplet retries services it cannot reach; and MODULE_DIGEST, the module the round pinned
+    (the proplet runs no other)."""
     env = {
         "ROUND_ID": round_id,
         "MODEL_URI": model_uri,
@@ -72,6 +74,8 @@ def round_task_env(
     }
     if deadline > 0:
         env["ROUND_DEADLINE"] = repr(float(deadline))
+    if module_digest:
+        env["MODULE_DIGEST"] = module_digest
     return env
 
 
@@ -99,6 +103,10 @@ class Experiment:
     skipped: Sequence[Skipped]
     created_at: float
     fan_out: FanOut = FanOut.DONE
+    # The module pinned at the start (`server.manager.modules`): the image reference the
+    # tasks run and the module's digest ("" in records older than pinning).
+    image: str = ""
+    module_digest: str = ""
 
     @property
     def key(self) -> str:
@@ -108,10 +116,16 @@ class Experiment:
 def round_of(experiment: Experiment) -> RoundSpec:
     """The round the coordinator is asked for (while the experiment is RECORDED): the scheduled
     participants only, with the k_of_n they can reach (`quorum`: FAILED_PRECONDITION if that is
-    less than the request allows)."""
+    less than the request allows), running the pinned module."""
     config = experiment.config
     ids = tuple(s.proplet_id for s in experiment.scheduled)
-    return replace(config, participants=ids, k_of_n=quorum(config, len(ids), experiment.skipped))
+    return replace(
+        config,
+        participants=ids,
+        k_of_n=quorum(config, len(ids), experiment.skipped),
+        task_wasm_image=experiment.image or config.task_wasm_image,
+        module_digest=experiment.module_digest or config.module_digest,
+    )
 
 
 # Where experiment records live: in memory, or manager.sqlite (`sqlite_store`); `list` is

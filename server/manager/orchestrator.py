@@ -43,6 +43,7 @@ from server.manager.experiments import (
     round_task_env,
     round_task_name,
 )
+from server.manager.modules import Modules, PinnedModule
 from server.manager.proplets import Proplets, Skipped
 from server.manager.records import require
 from server.manager.tasks import Task, Tasks, TaskState
@@ -84,6 +85,8 @@ class Manager:
     publish: Publish
     topics: Topics
     task_endpoints: Endpoints
+    # Resolves an experiment's task_wasm_image to the module it pins (`server.manager.modules`).
+    modules: Modules
     clock: Callable[[], float] = time.time
     # Waits until every change made to the stores so far is on disk (`ManagerApp.persisted`).
     persisted: Callable[[], Awaitable[None]] = _nothing_pending
@@ -246,19 +249,25 @@ class Manager:
         return await self.rounds.get_round_status(round_id)
 
     async def start_experiment(self, request: RoundSpec) -> ExperimentStarted:
-        """Record the experiment (refused before anything is recorded when too few of its
-        participants are alive), then fan it out; the same request again joins or repeats the
-        answer, a different one with the same experiment id is ALREADY_EXISTS."""
+        """Pin its module (`task_wasm_image` resolved to a digest: the round and its tasks run
+        that module only), record the experiment (refused before anything is recorded when
+        too few of its participants are alive), then fan it out; the same request again joins
+        or repeats the answer (with the module pinned the first time), a different one with
+        the same experiment id is ALREADY_EXISTS."""
         config = validate(request, experiment=True)
         eid = config.experiment_id
         experiment = self.experiments.get(eid)
         if experiment is None:
-            experiment = self._plan(config)
-            crash_point("manager.before_record")
-            # In memory at once (a concurrent repeat finds it); on disk before the fan-out
-            # lets anything leave the manager.
-            self.experiments.put(experiment)
-        elif experiment.config != config:
+            module = await self._pin(config)
+            # A concurrent request may have recorded it while the module was resolved.
+            experiment = self.experiments.get(eid)
+            if experiment is None:
+                experiment = self._plan(config, module)
+                crash_point("manager.before_record")
+                # In memory at once (a concurrent repeat finds it); on disk before the fan-out
+                # lets anything leave the manager.
+                self.experiments.put(experiment)
+        if experiment.config != config:
             differ = [
                 f.name
                 for f in fields(config)
@@ -290,9 +299,20 @@ class Manager:
         # A caller that goes away does not stop the fan-out.
         return await asyncio.shield(task)
 
-    def _plan(self, config: RoundSpec) -> Experiment:
+    async def _pin(self, config: RoundSpec) -> PinnedModule:
+        """The module the experiment runs; FAILED_PRECONDITION when the request names a
+        digest (`module_digest`) the image does not resolve to."""
+        module = await self.modules.pin(config.task_wasm_image)
+        if config.module_digest and module.digest != config.module_digest:
+            raise FailedPrecondition(
+                f"module_digest: {config.task_wasm_image} resolves to module {module.digest}, "
+                f"not {config.module_digest}"
+            )
+        return module
+
+    def _plan(self, config: RoundSpec, module: PinnedModule) -> Experiment:
         """The experiment to record: the participants alive now, each with its task's id,
-        and the others with the reason they are left out."""
+        and the others with the reason they are left out; the module it pins."""
         n = len(config.participants)
         alive, skipped = self.proplets.split(config.participants)
         for s in skipped:
@@ -317,6 +337,8 @@ class Manager:
             skipped=skipped,
             created_at=self.clock(),
             fan_out=FanOut.RECORDED,
+            image=module.image,
+            module_digest=module.digest,
         )
         round_of(experiment)  # FAILED_PRECONDITION if too few are alive for its k_of_n
         return experiment
@@ -417,7 +439,7 @@ class Manager:
         return self.tasks.create(
             s.task_name,
             task_id=s.task_id,
-            image_url=config.task_wasm_image,
+            image_url=experiment.image or config.task_wasm_image,
             env=round_task_env(
                 round_id=config.round_id,
                 model_uri=rnd.model_ref or config.model_ref,
@@ -425,6 +447,7 @@ class Manager:
                 proplet_id=s.proplet_id,
                 endpoints=self.task_endpoints,
                 deadline=rnd.deadline,
+                module_digest=rnd.module_digest or experiment.module_digest,
             ),
             proplet_id=s.proplet_id,
         )

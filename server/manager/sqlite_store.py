@@ -293,6 +293,8 @@ def experiment_to_json(e: Experiment) -> dict[str, Any]:
         "skipped": [{"proplet_id": s.proplet_id, "reason": s.reason} for s in e.skipped],
         "created_at": e.created_at,
         "fan_out": e.fan_out.value,
+        "image": e.image,
+        "module_digest": e.module_digest,
     }
 
 
@@ -308,6 +310,9 @@ def experiment_from_json(d: dict[str, Any]) -> Experiment:
         created_at=float(d["created_at"]),
         # Older versions recorded an experiment only once its fan-out was done.
         fan_out=FanOut(d.get("fan_out", FanOut.DONE.value)),
+        # Absent in records older than module pinning.
+        image=str(d.get("image", "")),
+        module_digest=str(d.get("module_digest", "")),
     )
 
 

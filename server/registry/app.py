@@ -12,6 +12,13 @@ from pathlib import Path
 from server.config import TlsConfig, env_str
 from server.grpc_server import ServiceBinding
 from server.lifecycle import ServiceApp, for_serve, run_service, state_dir_from_env
+from server.registry.lineage import (
+    LINEAGE_DB_FILE,
+    Lineages,
+    LineageStore,
+    MemoryLineageStore,
+    SqliteLineageStore,
+)
 from server.registry.registry import ModelRegistry
 from server.registry.service import binding
 from server.registry.store import (
@@ -43,20 +50,29 @@ class RegistryConfig:
 
 
 class RegistryApp(ServiceApp):
-    """Owns the model store and the servicer; `bindings` go on any gRPC server. A SQLite store
-    opens on entry and closes on exit."""
+    """Owns the model store, the lineage store and the servicer; `bindings` go on any gRPC
+    server. SQLite stores (`registry.sqlite`, `lineage.sqlite`) open on entry and close on
+    exit."""
 
     def __init__(self, config: RegistryConfig, store: ModelStore | None = None) -> None:
         self.config = config
         self._sqlite: SqliteModelStore | None = None
+        self._lineage_sqlite: SqliteLineageStore | None = None
         if store is None:
             if config.state_dir is not None:
                 store = self._sqlite = SqliteModelStore(config.state_dir / REGISTRY_DB_FILE)
             else:
                 store = InMemoryModelStore()
+        lineage_store: LineageStore
+        if config.state_dir is not None:
+            path = config.state_dir / LINEAGE_DB_FILE
+            lineage_store = self._lineage_sqlite = SqliteLineageStore(path)
+        else:
+            lineage_store = MemoryLineageStore()
         self.store = store
         self.registry = ModelRegistry(store)
-        self._bindings = [binding(self.registry)]
+        self.lineages = Lineages(lineage_store, self.registry)
+        self._bindings = [binding(self.registry, self.lineages)]
 
     @property
     def bindings(self) -> list[ServiceBinding]:
@@ -66,6 +82,9 @@ class RegistryApp(ServiceApp):
         if self._sqlite is not None:
             await self._sqlite.open()
             stack.push_async_callback(self._sqlite.close)
+        if self._lineage_sqlite is not None:
+            await self._lineage_sqlite.open()
+            stack.push_async_callback(self._lineage_sqlite.close)
 
 
 async def main() -> None:

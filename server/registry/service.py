@@ -13,6 +13,7 @@ from propeller.v1 import model_registry_pb2, model_registry_pb2_grpc, tensor_pb2
 from server.errors import InvalidArgument, grpc_errors
 from server.grpc_server import Context, ServiceBinding
 from server.models import parse_model_uri
+from server.registry.lineage import Lineages, MemoryLineageStore
 from server.registry.registry import ModelRegistry
 from server.registry.store import ModelInfo, StoredModel
 from server.streams import model_stream, read_model_stream
@@ -110,8 +111,9 @@ def _serialize_chunk(message: tensor_pb2.ModelChunk | bytes) -> bytes:
 
 
 class ModelRegistryServicer:
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, lineages: Lineages | None = None) -> None:
         self.registry = registry
+        self.lineages = lineages or Lineages(MemoryLineageStore(), registry)
         self.chunks = ChunkCache()
 
     async def InitModel(
@@ -176,6 +178,20 @@ class ModelRegistryServicer:
                 models=[model_version_proto(i) for i in infos]
             )
 
+    async def PutLineage(
+        self, request_iterator: AsyncIterator[model_registry_pb2.LineageChunk], context: Context
+    ) -> model_registry_pb2.LineageInfo:
+        async with grpc_errors(context, "ModelRegistry.PutLineage"):
+            return await self.lineages.put(request_iterator)
+
+    async def GetLineage(
+        self, request: model_registry_pb2.GetModelRequest, context: Context
+    ) -> AsyncIterator[model_registry_pb2.LineageChunk]:
+        async with grpc_errors(context, "ModelRegistry.GetLineage"):
+            version = requested_version(request)
+            async for chunk in self.lineages.get(version, chunk_size_of(request)):
+                yield chunk
+
 
 class _PassSerializedChunks:
     """Stands in for the server while the generated code registers the handlers, and
@@ -211,5 +227,5 @@ def _add(servicer: ModelRegistryServicer, server: grpc.aio.Server) -> None:
     )
 
 
-def binding(registry: ModelRegistry) -> ServiceBinding:
-    return ServiceBinding(SERVICE_NAME, ModelRegistryServicer(registry), _add)
+def binding(registry: ModelRegistry, lineages: Lineages | None = None) -> ServiceBinding:
+    return ServiceBinding(SERVICE_NAME, ModelRegistryServicer(registry, lineages), _add)

@@ -51,7 +51,7 @@ class Hyperparams(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class ConfigureRoundRequest(_message.Message):
-    __slots__ = ("round_id", "experiment_id", "participants", "k_of_n", "timeout_s", "model_ref", "hyperparams", "task_wasm_image", "start", "min_k_of_n")
+    __slots__ = ("round_id", "experiment_id", "participants", "k_of_n", "timeout_s", "model_ref", "hyperparams", "task_wasm_image", "start", "min_k_of_n", "module_digest")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class ConfigureRoundRequest(_message.Message):
     TASK_WASM_IMAGE_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     MIN_K_OF_N_FIELD_NUMBER: _ClassVar[int]
+    MODULE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     experiment_id: str
     participants: _containers.RepeatedScalarFieldContainer[str]
@@ -72,7 +73,8 @@ class ConfigureRoundRequest(_message.Message):
     task_wasm_image: str
     start: bool
     min_k_of_n: int
-    def __init__(self, round_id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., k_of_n: _Optional[int] = ..., timeout_s: _Optional[float] = ..., model_ref: _Optional[str] = ..., hyperparams: _Optional[_Union[Hyperparams, _Mapping]] = ..., task_wasm_image: _Optional[str] = ..., start: _Optional[bool] = ..., min_k_of_n: _Optional[int] = ...) -> None: ...
+    module_digest: str
+    def __init__(self, round_id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., k_of_n: _Optional[int] = ..., timeout_s: _Optional[float] = ..., model_ref: _Optional[str] = ..., hyperparams: _Optional[_Union[Hyperparams, _Mapping]] = ..., task_wasm_image: _Optional[str] = ..., start: _Optional[bool] = ..., min_k_of_n: _Optional[int] = ..., module_digest: _Optional[str] = ...) -> None: ...
 
 class StartRoundRequest(_message.Message):
     __slots__ = ("round_id",)
@@ -81,7 +83,7 @@ class StartRoundRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round_id", "experiment_id", "state", "completed", "num_updates", "k_of_n", "participants", "reported", "model_ref", "timeout_s", "hyperparams", "task_wasm_image", "started_at", "deadline", "completed_at", "new_model_version", "new_model_uri", "failure_reason", "closed_by", "metrics", "min_k_of_n", "failed")
+    __slots__ = ("round_id", "experiment_id", "state", "completed", "num_updates", "k_of_n", "participants", "reported", "model_ref", "timeout_s", "hyperparams", "task_wasm_image", "started_at", "deadline", "completed_at", "new_model_version", "new_model_uri", "failure_reason", "closed_by", "metrics", "min_k_of_n", "failed", "module_digest", "base_model_sha256")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +113,8 @@ class RoundStatus(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     MIN_K_OF_N_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    MODULE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     experiment_id: str
     state: RoundState
@@ -133,7 +137,9 @@ class RoundStatus(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     min_k_of_n: int
     failed: _containers.RepeatedCompositeFieldContainer[ParticipantFailure]
-    def __init__(self, round_id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., state: _Optional[_Union[RoundState, str]] = ..., completed: _Optional[bool] = ..., num_updates: _Optional[int] = ..., k_of_n: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., reported: _Optional[_Iterable[str]] = ..., model_ref: _Optional[str] = ..., timeout_s: _Optional[float] = ..., hyperparams: _Optional[_Union[Hyperparams, _Mapping]] = ..., task_wasm_image: _Optional[str] = ..., started_at: _Optional[float] = ..., deadline: _Optional[float] = ..., completed_at: _Optional[float] = ..., new_model_version: _Optional[int] = ..., new_model_uri: _Optional[str] = ..., failure_reason: _Optional[str] = ..., closed_by: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., min_k_of_n: _Optional[int] = ..., failed: _Optional[_Iterable[_Union[ParticipantFailure, _Mapping]]] = ...) -> None: ...
+    module_digest: str
+    base_model_sha256: str
+    def __init__(self, round_id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., state: _Optional[_Union[RoundState, str]] = ..., completed: _Optional[bool] = ..., num_updates: _Optional[int] = ..., k_of_n: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., reported: _Optional[_Iterable[str]] = ..., model_ref: _Optional[str] = ..., timeout_s: _Optional[float] = ..., hyperparams: _Optional[_Union[Hyperparams, _Mapping]] = ..., task_wasm_image: _Optional[str] = ..., started_at: _Optional[float] = ..., deadline: _Optional[float] = ..., completed_at: _Optional[float] = ..., new_model_version: _Optional[int] = ..., new_model_uri: _Optional[str] = ..., failure_reason: _Optional[str] = ..., closed_by: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., min_k_of_n: _Optional[int] = ..., failed: _Optional[_Iterable[_Union[ParticipantFailure, _Mapping]]] = ..., module_digest: _Optional[str] = ..., base_model_sha256: _Optional[str] = ...) -> None: ...
 
 class ParticipantFailure(_message.Message):
     __slots__ = ("proplet_id", "reason")

@@ -50,6 +50,11 @@ class DataStoreStub:
                 request_serializer=propeller_dot_v1_dot_datastore__pb2.ListDatasetsRequest.SerializeToString,
                 response_deserializer=propeller_dot_v1_dot_datastore__pb2.ListDatasetsResponse.FromString,
                 _registered_method=True)
+        self.GetDatasetInfo = channel.unary_unary(
+                '/propeller.v1.DataStore/GetDatasetInfo',
+                request_serializer=propeller_dot_v1_dot_datastore__pb2.GetDatasetRequest.SerializeToString,
+                response_deserializer=propeller_dot_v1_dot_datastore__pb2.DatasetInfo.FromString,
+                _registered_method=True)
 
 
 class DataStoreServicer:
@@ -74,6 +79,13 @@ class DataStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDatasetInfo(self, request, context):
+        """A dataset's size and shape without its data (the coordinator's num_samples cap).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DataStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +103,11 @@ def add_DataStoreServicer_to_server(servicer, server):
                     servicer.ListDatasets,
                     request_deserializer=propeller_dot_v1_dot_datastore__pb2.ListDatasetsRequest.FromString,
                     response_serializer=propeller_dot_v1_dot_datastore__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+            'GetDatasetInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDatasetInfo,
+                    request_deserializer=propeller_dot_v1_dot_datastore__pb2.GetDatasetRequest.FromString,
+                    response_serializer=propeller_dot_v1_dot_datastore__pb2.DatasetInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +192,33 @@ class DataStore:
             '/propeller.v1.DataStore/ListDatasets',
             propeller_dot_v1_dot_datastore__pb2.ListDatasetsRequest.SerializeToString,
             propeller_dot_v1_dot_datastore__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDatasetInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/propeller.v1.DataStore/GetDatasetInfo',
+            propeller_dot_v1_dot_datastore__pb2.GetDatasetRequest.SerializeToString,
+            propeller_dot_v1_dot_datastore__pb2.DatasetInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,7 +28,7 @@ TASK_STATE_SKIPPED: TaskState
 TASK_STATE_INTERRUPTED: TaskState
 
 class StartExperimentRequest(_message.Message):
-    __slots__ = ("experiment_id", "round_id", "model_ref", "participants", "hyperparams", "k_of_n", "timeout_s", "task_wasm_image", "min_k_of_n")
+    __slots__ = ("experiment_id", "round_id", "model_ref", "participants", "hyperparams", "k_of_n", "timeout_s", "task_wasm_image", "min_k_of_n", "module_digest")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_REF_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class StartExperimentRequest(_message.Message):
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     TASK_WASM_IMAGE_FIELD_NUMBER: _ClassVar[int]
     MIN_K_OF_N_FIELD_NUMBER: _ClassVar[int]
+    MODULE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     experiment_id: str
     round_id: str
     model_ref: str
@@ -47,7 +48,8 @@ class StartExperimentRequest(_message.Message):
     timeout_s: float
     task_wasm_image: str
     min_k_of_n: int
-    def __init__(self, experiment_id: _Optional[str] = ..., round_id: _Optional[str] = ..., model_ref: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., hyperparams: _Optional[_Union[_coordinator_pb2.Hyperparams, _Mapping]] = ..., k_of_n: _Optional[int] = ..., timeout_s: _Optional[float] = ..., task_wasm_image: _Optional[str] = ..., min_k_of_n: _Optional[int] = ...) -> None: ...
+    module_digest: str
+    def __init__(self, experiment_id: _Optional[str] = ..., round_id: _Optional[str] = ..., model_ref: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., hyperparams: _Optional[_Union[_coordinator_pb2.Hyperparams, _Mapping]] = ..., k_of_n: _Optional[int] = ..., timeout_s: _Optional[float] = ..., task_wasm_image: _Optional[str] = ..., min_k_of_n: _Optional[int] = ..., module_digest: _Optional[str] = ...) -> None: ...
 
 class ScheduledParticipant(_message.Message):
     __slots__ = ("proplet_id", "task_id", "task_name")

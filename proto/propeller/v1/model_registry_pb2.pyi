@@ -50,3 +50,57 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelVersion]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ...) -> None: ...
+
+class Contribution(_message.Message):
+    __slots__ = ("header", "sha256", "certificate", "clip_scale", "received_at")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_SCALE_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    header: _tensor_pb2.UpdateHeader
+    sha256: str
+    certificate: bytes
+    clip_scale: float
+    received_at: float
+    def __init__(self, header: _Optional[_Union[_tensor_pb2.UpdateHeader, _Mapping]] = ..., sha256: _Optional[str] = ..., certificate: _Optional[bytes] = ..., clip_scale: _Optional[float] = ..., received_at: _Optional[float] = ...) -> None: ...
+
+class Lineage(_message.Message):
+    __slots__ = ("version", "model_sha256", "round_id", "base_model_uri", "base_model_sha256", "module_digest", "strategy", "contributions")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_URI_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MODULE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    model_sha256: str
+    round_id: str
+    base_model_uri: str
+    base_model_sha256: str
+    module_digest: str
+    strategy: str
+    contributions: _containers.RepeatedCompositeFieldContainer[Contribution]
+    def __init__(self, version: _Optional[int] = ..., model_sha256: _Optional[str] = ..., round_id: _Optional[str] = ..., base_model_uri: _Optional[str] = ..., base_model_sha256: _Optional[str] = ..., module_digest: _Optional[str] = ..., strategy: _Optional[str] = ..., contributions: _Optional[_Iterable[_Union[Contribution, _Mapping]]] = ...) -> None: ...
+
+class LineageChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: Lineage
+    data: bytes
+    def __init__(self, header: _Optional[_Union[Lineage, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class LineageInfo(_message.Message):
+    __slots__ = ("version", "round_id", "contributions", "total_bytes")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    round_id: str
+    contributions: int
+    total_bytes: int
+    def __init__(self, version: _Optional[int] = ..., round_id: _Optional[str] = ..., contributions: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...

@@ -62,6 +62,16 @@ class ModelRegistryStub:
                 request_serializer=propeller_dot_v1_dot_model__registry__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=propeller_dot_v1_dot_model__registry__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.PutLineage = channel.stream_unary(
+                '/propeller.v1.ModelRegistry/PutLineage',
+                request_serializer=propeller_dot_v1_dot_model__registry__pb2.LineageChunk.SerializeToString,
+                response_deserializer=propeller_dot_v1_dot_model__registry__pb2.LineageInfo.FromString,
+                _registered_method=True)
+        self.GetLineage = channel.unary_stream(
+                '/propeller.v1.ModelRegistry/GetLineage',
+                request_serializer=propeller_dot_v1_dot_model__registry__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=propeller_dot_v1_dot_model__registry__pb2.LineageChunk.FromString,
+                _registered_method=True)
 
 
 class ModelRegistryServicer:
@@ -105,6 +115,24 @@ class ModelRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutLineage(self, request_iterator, context):
+        """The lineage of a version a round produced (the coordinator sends it right after the
+        version): a Lineage header, then the contributions' update bytes, concatenated in
+        order. Idempotent: the same lineage again is answered as stored; another is
+        ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLineage(self, request, context):
+        """A version's lineage as PutLineage took it (NOT_FOUND when it has none: v0, or a version
+        an operator stored).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +160,16 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=propeller_dot_v1_dot_model__registry__pb2.ListModelsRequest.FromString,
                     response_serializer=propeller_dot_v1_dot_model__registry__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'PutLineage': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutLineage,
+                    request_deserializer=propeller_dot_v1_dot_model__registry__pb2.LineageChunk.FromString,
+                    response_serializer=propeller_dot_v1_dot_model__registry__pb2.LineageInfo.SerializeToString,
+            ),
+            'GetLineage': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetLineage,
+                    request_deserializer=propeller_dot_v1_dot_model__registry__pb2.GetModelRequest.FromString,
+                    response_serializer=propeller_dot_v1_dot_model__registry__pb2.LineageChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +309,60 @@ class ModelRegistry:
             '/propeller.v1.ModelRegistry/ListModels',
             propeller_dot_v1_dot_model__registry__pb2.ListModelsRequest.SerializeToString,
             propeller_dot_v1_dot_model__registry__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutLineage(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/propeller.v1.ModelRegistry/PutLineage',
+            propeller_dot_v1_dot_model__registry__pb2.LineageChunk.SerializeToString,
+            propeller_dot_v1_dot_model__registry__pb2.LineageInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLineage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/propeller.v1.ModelRegistry/GetLineage',
+            propeller_dot_v1_dot_model__registry__pb2.GetModelRequest.SerializeToString,
+            propeller_dot_v1_dot_model__registry__pb2.LineageChunk.FromString,
             options,
             channel_credentials,
             insecure,

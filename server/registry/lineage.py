@@ -1,0 +1,279 @@
+"""Lineages: how each version a round produced was made, kept beside the versions.
+
+The coordinator sends a version's lineage right after the version (`PutLineage`): a
+`Lineage` message (the round, its base model and module, and every contributing update's
+header as its proplet signed it, its sha256, certificate and clip scale) followed by the
+updates' bytes, so `propeller-fl models verify` can check every signature and recompute the
+aggregate from what is stored here.
+
+The registry checks what it can without trusting the sender's arithmetic: the version exists
+and has the sha256 the lineage names, every update's bytes hash to the sha256 listed (and
+their length matches the header's tensors). It does not judge signatures (the coordinator
+did before counting them; `models verify` does again).
+
+Storage: `MemoryLineageStore`, or `SqliteLineageStore` in `lineage.sqlite` beside
+`registry.sqlite` (the header as its serialized bytes; the update bytes content-addressed by
+their sha256, each one written as it arrives, so a stream holds one update in memory at a
+time; the header row last, in its own transaction: a lineage is listed only once all of its
+bytes are stored). Reads check each update's bytes against their sha256 (DATA_LOSS otherwise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+from collections.abc import AsyncIterable, AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+from propeller.v1 import model_registry_pb2
+from server.errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PropellerError,
+)
+from server.models import model_uri
+from server.registry.registry import ModelRegistry
+from server.sqlite import Database
+from server.streams import PayloadBuffer, checked_total, drain
+from server.tensors import DEFAULT_CHUNK_SIZE, specs_from_proto
+
+log = logging.getLogger(__name__)
+
+LINEAGE_DB_FILE = "lineage.sqlite"
+# Contributions one lineage may list (a round's updates).
+MAX_CONTRIBUTIONS = 100_000
+
+
+class LineageStore(Protocol):
+    async def header(self, version: int) -> bytes | None:
+        """The version's serialized Lineage, or None."""
+        ...
+
+    async def put_header(self, version: int, header: bytes) -> None:
+        """Keep the version's lineage (its update bytes are stored already)."""
+        ...
+
+    async def update_bytes(self, sha256: str) -> bytes | None:
+        """An update's bytes by their sha256, checked; None if not stored."""
+        ...
+
+    async def put_update_bytes(self, sha256: str, data: bytes) -> None:
+        """Keep an update's bytes (whose sha256 the caller checked); a repeat is a no-op."""
+        ...
+
+
+class LineageCorrupted(DataLoss):
+    """Stored update bytes no longer hash to their sha256."""
+
+
+def _checked(sha256: str, data: bytes, where: str) -> bytes:
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise LineageCorrupted(f"{where}: update bytes {sha256[:12]}... are corrupted in storage")
+    return data
+
+
+class MemoryLineageStore:
+    def __init__(self) -> None:
+        self._headers: dict[int, bytes] = {}
+        self._bytes: dict[str, bytes] = {}
+
+    async def header(self, version: int) -> bytes | None:
+        return self._headers.get(version)
+
+    async def put_header(self, version: int, header: bytes) -> None:
+        self._headers[version] = header
+
+    async def update_bytes(self, sha256: str) -> bytes | None:
+        data = self._bytes.get(sha256)
+        return None if data is None else _checked(sha256, data, "memory")
+
+    async def put_update_bytes(self, sha256: str, data: bytes) -> None:
+        self._bytes.setdefault(sha256, data)
+
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS lineages (
+        version INTEGER PRIMARY KEY,
+        header BLOB NOT NULL            -- a serialized propeller.v1.Lineage
+    )""",
+    """CREATE TABLE IF NOT EXISTS update_bytes (
+        sha256 TEXT PRIMARY KEY,        -- hex, of `data`
+        data BLOB NOT NULL              -- the update's tensors, base model order
+    )""",
+)
+
+
+class SqliteLineageStore:
+    """`LineageStore` in one SQLite file; `open()` before use, `close()` after."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = Database(path, _SCHEMA)
+
+    async def open(self) -> None:
+        await self._db.open()
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def header(self, version: int) -> bytes | None:
+        row = await self._db.read(
+            lambda c: c.execute(
+                "SELECT header FROM lineages WHERE version = ?", (version,)
+            ).fetchone()
+        )
+        return None if row is None else bytes(row[0])
+
+    async def put_header(self, version: int, header: bytes) -> None:
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO lineages (version, header) VALUES (?, ?) "
+                "ON CONFLICT(version) DO NOTHING",
+                (version, header),
+            )
+
+        await self._db.write(insert)
+
+    async def update_bytes(self, sha256: str) -> bytes | None:
+        row = await self._db.read(
+            lambda c: c.execute(
+                "SELECT data FROM update_bytes WHERE sha256 = ?", (sha256,)
+            ).fetchone()
+        )
+        return None if row is None else _checked(sha256, bytes(row[0]), self.path.name)
+
+    async def put_update_bytes(self, sha256: str, data: bytes) -> None:
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO update_bytes (sha256, data) VALUES (?, ?) "
+                "ON CONFLICT(sha256) DO NOTHING",
+                (sha256, data),
+            )
+
+        await self._db.write(insert)
+
+
+def _no_lineage(version: int) -> NotFound:
+    return NotFound(
+        f"version: {version} ({model_uri(version)}) has no lineage (v0, or a version not "
+        "produced by a round)"
+    )
+
+
+class Lineages:
+    """The lineage rules over a `LineageStore` and the registry's versions."""
+
+    def __init__(self, store: LineageStore, registry: ModelRegistry) -> None:
+        self.store = store
+        self.registry = registry
+
+    async def put(
+        self, chunks: AsyncIterable[model_registry_pb2.LineageChunk]
+    ) -> model_registry_pb2.LineageInfo:
+        """Take a PutLineage stream (see the module docstring); on a refusal the rest of the
+        stream is read and dropped, so the client sees the status."""
+        stream = aiter(chunks)
+        try:
+            return await self._put(stream)
+        except PropellerError:
+            await drain(stream)
+            raise
+
+    async def _put(
+        self, stream: AsyncIterator[model_registry_pb2.LineageChunk]
+    ) -> model_registry_pb2.LineageInfo:
+        first = await anext(stream, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("lineage: the stream must start with a Lineage header")
+        lineage = first.header
+        version = lineage.version
+        info = await self.registry.model_info(version)  # NOT_FOUND for an unknown version
+        if lineage.model_sha256 != info.sha256:
+            raise FailedPrecondition(
+                f"model_sha256: {lineage.model_sha256[:80]!r}, but version {version} has "
+                f"sha256 {info.sha256}"
+            )
+        if len(lineage.contributions) > MAX_CONTRIBUTIONS:
+            raise InvalidArgument(
+                f"contributions: {len(lineage.contributions)} exceeds {MAX_CONTRIBUTIONS}"
+            )
+        serialized = lineage.SerializeToString(deterministic=True)
+        stored = await self.store.header(version)
+        if stored is not None and stored != serialized:
+            raise AlreadyExists(f"version: {version} already has another lineage")
+        total = 0
+        for i, contribution in enumerate(lineage.contributions):
+            total += await self._take_bytes(stream, i, contribution)
+        extra = await anext(stream, None)
+        if extra is not None:
+            raise InvalidArgument("lineage: more data than its contributions' tensors need")
+        if stored is None:
+            await self.store.put_header(version, serialized)
+            log.info(
+                "[ModelRegistry.PutLineage] version=%d round_id=%s contributions=%d bytes=%d",
+                version,
+                lineage.round_id,
+                len(lineage.contributions),
+                total,
+            )
+        return model_registry_pb2.LineageInfo(
+            version=version,
+            round_id=lineage.round_id,
+            contributions=len(lineage.contributions),
+            total_bytes=total,
+        )
+
+    async def _take_bytes(
+        self,
+        stream: AsyncIterator[model_registry_pb2.LineageChunk],
+        index: int,
+        contribution: model_registry_pb2.Contribution,
+    ) -> int:
+        """Read one contribution's bytes off the stream, check and keep them."""
+        field = f"contributions[{index}]"
+        header = contribution.header
+        specs = specs_from_proto(header.tensors, f"{field}.header.tensors")
+        if not specs:
+            raise InvalidArgument(f"{field}.header.tensors: must list at least one tensor")
+        buf = PayloadBuffer(checked_total(specs, header.total_bytes, f"{field}.header"), field)
+        while not buf.complete:
+            chunk = await anext(stream, None)
+            if chunk is None:
+                raise InvalidArgument(
+                    f"{field}: stream ended after {buf.filled} of {buf.need} bytes"
+                )
+            if chunk.WhichOneof("part") != "data":
+                raise InvalidArgument(f"{field}: a second header in one stream")
+            buf.add(chunk.data)
+        data = bytes(buf.buf)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != contribution.sha256:
+            raise InvalidArgument(
+                f"{field}.sha256: {contribution.sha256[:80]!r}, its bytes hash to {digest}"
+            )
+        await self.store.put_update_bytes(digest, data)
+        return len(data)
+
+    async def get(
+        self, version: int, chunk_size: int = DEFAULT_CHUNK_SIZE
+    ) -> AsyncIterator[model_registry_pb2.LineageChunk]:
+        """A GetLineage stream: the header, then each contribution's bytes (checked)."""
+        serialized = await self.store.header(version)
+        if serialized is None:
+            await self.registry.model_info(version)  # NOT_FOUND for an unknown version
+            raise _no_lineage(version)
+        lineage = model_registry_pb2.Lineage.FromString(serialized)
+        yield model_registry_pb2.LineageChunk(header=lineage)
+        for i, contribution in enumerate(lineage.contributions):
+            data = await self.store.update_bytes(contribution.sha256)
+            if data is None:
+                raise LineageCorrupted(
+                    f"version: {version}: the bytes of contributions[{i}] are not stored"
+                )
+            for start in range(0, len(data), chunk_size):
+                yield model_registry_pb2.LineageChunk(data=data[start : start + chunk_size])
