@@ -100,6 +100,8 @@ class StackConfig:
     # Where the manager resolves round modules (ManagerConfig.oci_registry / oci_insecure).
     oci_registry: str = ""
     oci_insecure: bool | None = None
+    # The coordinator's num_samples cap (CoordinatorConfig.num_samples_cap).
+    num_samples_cap: str = "dataset"
     # The deployment CA (a directory; one is created there when it holds none) the stack
     # issues every bundle from; None: plaintext on every hop.
     ca_dir: Path | None = field(kw_only=True)
@@ -184,6 +186,7 @@ class Stack(Lifecycle):
                 aggregator_addr=aggregator,
                 registry_addr=registry,
                 datastore_addr=datastore,
+                num_samples_cap=cfg.num_samples_cap,
                 mqtt=self.mqtt,
                 tick_s=cfg.coordinator_tick_s,
                 state_dir=cfg.state_dir,

@@ -30,7 +30,7 @@ from hypothesis import settings
 
 from server.config import MqttConfig
 from server.topics import Topics
-from tests.support.infra import Mosquitto, OciRegistry, mosquitto, oci_registry
+from tests.support.infra import Mosquitto, OciRegistry, mosquitto, oci_registry, push_wasm
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
@@ -120,6 +120,15 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OciRegistry]:
 def trainer_wasm() -> Path:
     path: Path = load_wasm_build().build()
     return path
+
+
+@pytest.fixture(scope="session")
+def seed_image_registry(registry: OciRegistry, trainer_wasm: Path) -> str:
+    """The address of the test OCI registry once the trainer is pushed there as the seed's
+    `fl-client-wasm:latest`: a manager given it as its registry (`oci_registry`) pins the
+    seed's image `local-registry:5000/fl-client-wasm:latest` to that module."""
+    push_wasm(registry, trainer_wasm, repo="fl-client-wasm", tag="latest")
+    return registry.host
 
 
 @pytest.fixture

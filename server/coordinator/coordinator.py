@@ -206,7 +206,9 @@ class Coordinator:
         self.retry = retry or RetryPolicy()
         self.clock = clock
         self.bounds = bounds or B.UpdateBounds()
-        self.samples_cap = samples_cap or B.NumSamplesCap()
+        # Unless told: the dataset's size when there is a data store to ask, else no cap
+        # (the app always says: `CoordinatorConfig.num_samples_cap`).
+        self.samples_cap = samples_cap or B.NumSamplesCap("dataset" if datasets else "none")
         if self.samples_cap.source == "dataset" and datasets is None:
             raise ValueError("num_samples_cap 'dataset' needs the data store (datasets)")
         self.datasets = datasets

@@ -192,26 +192,35 @@ class Lineages:
             raise InvalidArgument("lineage: the stream must start with a Lineage header")
         lineage = first.header
         version = lineage.version
-        info = await self.registry.model_info(version)  # NOT_FOUND for an unknown version
-        if lineage.model_sha256 != info.sha256:
-            raise FailedPrecondition(
-                f"model_sha256: {lineage.model_sha256[:80]!r}, but version {version} has "
-                f"sha256 {info.sha256}"
-            )
         if len(lineage.contributions) > MAX_CONTRIBUTIONS:
             raise InvalidArgument(
                 f"contributions: {len(lineage.contributions)} exceeds {MAX_CONTRIBUTIONS}"
             )
         serialized = lineage.SerializeToString(deterministic=True)
-        stored = await self.store.header(version)
-        if stored is not None and stored != serialized:
-            raise AlreadyExists(f"version: {version} already has another lineage")
+        # A lineage the version does not take is refused after the stream was read (a
+        # malformed stream is INVALID_ARGUMENT whatever else is wrong), keeping nothing.
+        refusal: PropellerError | None = None
+        stored: bytes | None = None
+        try:
+            info = await self.registry.model_info(version)
+            if lineage.model_sha256 != info.sha256:
+                raise FailedPrecondition(
+                    f"model_sha256: {lineage.model_sha256[:80]!r}, but version {version} has "
+                    f"sha256 {info.sha256}"
+                )
+            stored = await self.store.header(version)
+            if stored is not None and stored != serialized:
+                raise AlreadyExists(f"version: {version} already has another lineage")
+        except (NotFound, FailedPrecondition, AlreadyExists) as exc:
+            refusal = exc
         total = 0
         for i, contribution in enumerate(lineage.contributions):
-            total += await self._take_bytes(stream, i, contribution)
+            total += await self._take_bytes(stream, i, contribution, keep=refusal is None)
         extra = await anext(stream, None)
         if extra is not None:
             raise InvalidArgument("lineage: more data than its contributions' tensors need")
+        if refusal is not None:
+            raise refusal
         if stored is None:
             await self.store.put_header(version, serialized)
             log.info(
@@ -233,8 +242,10 @@ class Lineages:
         stream: AsyncIterator[model_registry_pb2.LineageChunk],
         index: int,
         contribution: model_registry_pb2.Contribution,
+        *,
+        keep: bool,
     ) -> int:
-        """Read one contribution's bytes off the stream, check and keep them."""
+        """Read one contribution's bytes off the stream, check them and (`keep`) store them."""
         field = f"contributions[{index}]"
         header = contribution.header
         specs = specs_from_proto(header.tensors, f"{field}.header.tensors")
@@ -256,7 +267,8 @@ class Lineages:
             raise InvalidArgument(
                 f"{field}.sha256: {contribution.sha256[:80]!r}, its bytes hash to {digest}"
             )
-        await self.store.put_update_bytes(digest, data)
+        if keep:
+            await self.store.put_update_bytes(digest, data)
         return len(data)
 
     async def get(

@@ -8,11 +8,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from server.coordinator.coordinator import BaseModel, Lineage
 from server.coordinator.rounds import Update
 from server.coordinator.store import RoundUpdates, each_update
 from server.errors import NotFound, PropellerError
 from server.models import model_uri, parse_model_uri
-from server.tensors import Spec, Tensors, sha256_of, specs_of
+from server.tensors import Tensors, sha256_of, specs_of
+from tests.support.clients import TEST_MODULE
 
 
 def fedavg(updates: Sequence[Update]) -> Tensors:
@@ -48,12 +50,21 @@ class MemoryBackend:
         self.aggregate_calls = 0
         self.put_calls = 0
         self.gate: asyncio.Event | None = None
+        # Each version's lineage as the coordinator sent it: (round id, proplets, clips).
+        self.lineages: dict[int, Lineage] = {}
 
-    async def resolve(self, model_ref: str) -> tuple[str, list[Spec]]:
+    async def resolve(self, model_ref: str) -> BaseModel:
         version = parse_model_uri(model_ref) if model_ref else max(self.models)
         if version not in self.models:
             raise NotFound(f"model_ref: {model_ref!r}: NOT_FOUND: no such version")
-        return model_uri(version), specs_of(self.models[version])
+        tensors = self.models[version]
+        return BaseModel(model_uri(version), specs_of(tensors), sha256_of(tensors))
+
+    async def base_tensors(self, model_uri: str) -> Tensors:
+        return self.models[parse_model_uri(model_uri)]
+
+    async def put_lineage(self, lineage: Lineage) -> None:
+        self.lineages[lineage.version] = lineage
 
     async def aggregate(self, round_id: str, updates: RoundUpdates) -> tuple[Tensors, str]:
         self.aggregate_calls += 1
@@ -99,4 +110,5 @@ def make_update(
         num_samples=num_samples,
         metrics={"loss": loss},
         tensors={"w": np.array(w, dtype=np.float64), "b": np.array(b, dtype=np.float64)},
+        module_digest=TEST_MODULE,
     )

@@ -20,6 +20,7 @@ import wasmtime
 from propeller.v1 import coordinator_pb2, datastore_pb2, manager_pb2
 from server.config import MqttConfig
 from server.messages import RoundComplete
+from server.provenance import module_digest
 from server.tensors import Tensors, tensor_from_proto
 from tests.support.clients import HYPER, V0
 from tests.support.cluster import Cluster, cluster, round_notes
@@ -36,14 +37,20 @@ async def deployment(
     mqtt: MqttConfig, registry: OciRegistry, trainer_wasm: Path, tmp_path: Path
 ) -> AsyncIterator[Cluster]:
     """Five services, three proplets (the registry name the seed uses mirrored to the test's
-    OCI registry), the trainer pushed there with oras; no model yet."""
+    OCI registry, for the manager too), the trainer pushed there with oras; no model yet."""
     pushed = push_wasm(registry, trainer_wasm, repo="fl-client-wasm", tag="latest")
     assert pushed == f"{registry.host}/fl-client-wasm:latest"
     # The seed's image reference, resolved through a registry mirror as compose's hostname would.
     image = "local-registry:5000/fl-client-wasm:latest"
     mirrors = {"registry_mirrors": {"local-registry:5000": registry.host}}
     async with cluster(
-        mqtt, tmp_path, proplets=3, dimension=None, proplet=mirrors, image=image
+        mqtt,
+        tmp_path,
+        proplets=3,
+        dimension=None,
+        proplet=mirrors,
+        image=image,
+        stack={"oci_registry": registry.host},
     ) as d:
         yield d
 
@@ -152,6 +159,11 @@ async def test_seed_walkthrough(deployment: Cluster, trainer_wasm: Path) -> None
         assert status.state == coordinator_pb2.ROUND_STATE_COMPLETED, status.failure_reason
         assert status.completed and status.num_updates == 3 and status.closed_by == "k_of_n"
         assert status.new_model_version == 1
+        # The round ran the module the image named at its start, pinned by digest.
+        module = await asyncio.to_thread(trainer_wasm.read_bytes)
+        assert status.module_digest == module_digest(module)
+        assert status.task_wasm_image.startswith(f"{d.image}@sha256:")
+        assert {t.image_url for t in tasks} == {status.task_wasm_image}
         assert set(status.reported) == set(d.proplet_ids)
         note = await asyncio.wait_for(notes.get(), 10)
         assert note["round_id"] == r1 and note["new_model_version"] == 1

@@ -13,11 +13,11 @@ from tests.support.infra import Mosquitto
 
 @pytest.fixture(scope="module")
 async def env(
-    broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory
+    broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory, seed_image_registry: str
 ) -> AsyncIterator[FuzzEnv]:
     """One Stack with the known-good state per test module (a module may add to it by
     overriding this fixture)."""
-    async with fuzz_env(broker, tmp_path_factory) as e:
+    async with fuzz_env(broker, tmp_path_factory, seed_image_registry) as e:
         yield e
 
 

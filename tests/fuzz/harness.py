@@ -76,9 +76,12 @@ ALLOWED: dict[str, frozenset[grpc.StatusCode]] = {
         "ModelRegistry.GetModel": {C.NOT_FOUND},
         "ModelRegistry.GetModelInfo": {C.NOT_FOUND},
         "ModelRegistry.ListModels": set(),
+        "ModelRegistry.PutLineage": {C.NOT_FOUND, C.FAILED_PRECONDITION, C.ALREADY_EXISTS},
+        "ModelRegistry.GetLineage": {C.NOT_FOUND},
         "DataStore.GetDataset": {C.NOT_FOUND},
         "DataStore.PutDataset": set(),
         "DataStore.ListDatasets": set(),
+        "DataStore.GetDatasetInfo": {C.NOT_FOUND},
         "Aggregator.Aggregate": set(),
         "Coordinator.ConfigureRound": {C.NOT_FOUND, C.ALREADY_EXISTS},
         "Coordinator.StartRound": {C.NOT_FOUND, C.FAILED_PRECONDITION},
@@ -252,9 +255,12 @@ def state_dir(factory: pytest.TempPathFactory) -> Path | None:
 
 
 @contextlib.asynccontextmanager
-async def fuzz_env(broker: Mosquitto, factory: pytest.TempPathFactory) -> AsyncIterator[FuzzEnv]:
+async def fuzz_env(
+    broker: Mosquitto, factory: pytest.TempPathFactory, image_registry: str
+) -> AsyncIterator[FuzzEnv]:
     """The Stack (no proplet: the known ones announce themselves over MQTT in `seed`) with
-    the known-good state in it, checked healthy."""
+    the known-good state in it, checked healthy. `image_registry`: where the manager resolves
+    `known.IMAGE` (the `seed_image_registry` fixture)."""
     topics = Topics(domain=f"fz{uuid.uuid4().hex[:8]}", channel="fl")
     mqtt = MqttConfig(port=broker.port, topics=topics)
     stack = {
@@ -264,6 +270,10 @@ async def fuzz_env(broker: Mosquitto, factory: pytest.TempPathFactory) -> AsyncI
         "num_features": 3,
         # Known proplets stay alive for the whole run, so experiments really get scheduled.
         "alive_window_s": 24 * 3600,
+        "oci_registry": image_registry,
+        # The SubmitUpdate fuzzer reports for thousands of participants with no dataset:
+        # uncapped, so accepted updates are fuzzed too (the cap has its own tests).
+        "num_samples_cap": "none",
     }
     # Plaintext, on purpose: the fuzzers send SubmitUpdate for any proplet id, which over
     # mutual TLS only that proplet's own certificate may do; what they fuzz is the servicers'

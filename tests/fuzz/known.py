@@ -34,7 +34,11 @@ EXPERIMENT = "exp-good"
 EXPERIMENT_ROUND = "r-exp"
 V0_URI = model_uri(0)
 V1_URI = model_uri(1)
+# The fuzz stack's manager reaches every image's registry at the test registry, where the
+# trainer is pushed as fl-client-wasm:latest: StartExperiment pins it.
 IMAGE = "registry.example:5000/fl-client-wasm:latest"
+# The module digest updates claim (no round here pins one).
+MODULE = "sha256:" + "5" * 64
 V1: Tensors = {
     "w": np.array([0.5, -1.25, 2.0], dtype=np.float64),
     "b": np.array(0.75, dtype=np.float64),
@@ -156,7 +160,7 @@ async def seed(env: FuzzEnv) -> None:
     configure.CopyFrom(SEEDED_ROUND)
     configure.start = True
     await env.coordinator.ConfigureRound(configure, timeout=RPC_TIMEOUT)
-    meta = UpdateMeta(ROUND, PROPLET, V1_URI, 10, {"loss": 0.5})
+    meta = UpdateMeta(ROUND, PROPLET, V1_URI, 10, {"loss": 0.5}, module_digest=MODULE)
     accepted = await env.coordinator.SubmitUpdate(update_stream(meta, UPDATE), timeout=RPC_TIMEOUT)
     assert accepted.accepted and not accepted.duplicate and accepted.num_updates == 1
 

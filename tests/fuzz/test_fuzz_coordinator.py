@@ -23,6 +23,7 @@ from tests.fuzz.known import (
     IMAGE,
     KNOWN_ROUNDS,
     KNOWN_URIS,
+    MODULE,
     PROPLET,
     PROPLET_TWO,
     ROUND,
@@ -120,6 +121,7 @@ CONFIG_FIELDS = [
     "hyperparams",
     "task_wasm_image",
     "min_k_of_n",
+    "module_digest",
 ]
 
 
@@ -146,6 +148,7 @@ def valid_configure(draw: st.DrawFn) -> CP.ConfigureRoundRequest:
         ),
         task_wasm_image=draw(S.texts((IMAGE,))),
         start=draw(st.booleans()),
+        module_digest=draw(st.sampled_from(["", MODULE])),
     )
     req.min_k_of_n = draw(st.integers(0, req.k_of_n or len(participants)))
     field = draw(st.sampled_from(CONFIG_FIELDS))
@@ -167,6 +170,8 @@ def valid_configure(draw: st.DrawFn) -> CP.ConfigureRoundRequest:
         req.task_wasm_image = draw(S.texts())
     elif field == "min_k_of_n":
         req.min_k_of_n = draw(S.int32s())
+    elif field == "module_digest":
+        req.module_digest = draw(S.texts((MODULE,)))
     return req
 
 
@@ -243,6 +248,9 @@ SEMANTIC_BREAKS = [
     "missing_tensor",
     "extra_tensor",
     "renamed_tensor",
+    "no_module",
+    "bad_module",
+    "huge_value",
 ]
 
 
@@ -268,8 +276,10 @@ def update_streams(draw: st.DrawFn) -> list[tensor_pb2.UpdateChunk]:
         base_model_uri=base,
         num_samples=draw(st.integers(1, 10_000)),
         metrics=draw(st.dictionaries(S.texts(("loss",)), st.floats(-1e6, 1e6), max_size=3)),
+        module_digest=MODULE,
     )
     if not clean:
+        header.module_digest = draw(S.weighted((4, st.just(MODULE)), (1, S.texts((MODULE,)))))
         header.base_model_uri = draw(S.weighted((4, st.just(base)), (2, S.model_refs(KNOWN_URIS))))
         header.num_samples = draw(S.weighted((2, st.integers(1, 100)), (1, S.int64s())))
         header.metrics.clear()
@@ -330,6 +340,12 @@ def _break(
         )
     elif brk in ("nan_value", "inf_value"):
         values[draw(st.integers(0, 3))] = S.NAN if brk == "nan_value" else -S.INF
+    elif brk == "huge_value":
+        values[draw(st.integers(0, 3))] = draw(st.sampled_from([1e308, -1.7e308, 1e31]))
+    elif brk == "no_module":
+        header.module_digest = ""
+    elif brk == "bad_module":
+        header.module_digest = draw(st.sampled_from(["sha256:" + "A" * 64, "md5:00", MODULE[:-1]]))
     elif brk == "zero_samples":
         header.num_samples = 0
     elif brk == "negative_samples":

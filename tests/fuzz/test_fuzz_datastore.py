@@ -17,7 +17,8 @@ from tests.fuzz.known import KNOWN_PROPLETS
 GET = Rpc.of("DataStore.GetDataset")
 PUT = Rpc.of("DataStore.PutDataset")
 LIST = Rpc.of("DataStore.ListDatasets")
-FUZZED = (GET, PUT, LIST)
+INFO = Rpc.of("DataStore.GetDatasetInfo")
+FUZZED = (GET, PUT, LIST, INFO)
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 
 
@@ -44,6 +45,13 @@ async def test_get_dataset(env: FuzzEnv) -> None:
         lambda p: datastore_pb2.GetDatasetRequest(proplet_id=p), S.texts(KNOWN_PROPLETS)
     )
     await fuzz_messages(env, GET, requests, found_is_valid)
+
+
+async def test_get_dataset_info(env: FuzzEnv) -> None:
+    requests = st.builds(
+        lambda p: datastore_pb2.GetDatasetRequest(proplet_id=p), S.texts(KNOWN_PROPLETS)
+    )
+    await fuzz_messages(env, INFO, requests)
 
 
 @st.composite

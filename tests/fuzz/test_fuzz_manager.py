@@ -235,6 +235,7 @@ EXPERIMENT_FIELDS = [
     "timeout_s",
     "task_wasm_image",
     "min_k_of_n",
+    "module_digest",
 ]
 
 
@@ -288,6 +289,8 @@ def start_experiment_requests(draw: st.DrawFn) -> MP.StartExperimentRequest:
         req.task_wasm_image = draw(S.texts())
     elif field == "min_k_of_n":
         req.min_k_of_n = draw(S.int32s())
+    elif field == "module_digest":
+        req.module_digest = draw(S.texts(("sha256:" + "0" * 64,)))
     return req
 
 

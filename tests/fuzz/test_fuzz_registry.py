@@ -13,14 +13,16 @@ from server.models import MAX_VERSION, parse_model_uri
 from server.streams import model_stream
 from tests.fuzz import strategies as S
 from tests.fuzz.harness import FuzzEnv, Outcome, Rpc, all_methods, fuzz_empty_request, fuzz_messages
-from tests.fuzz.known import KNOWN_URIS
+from tests.fuzz.known import KNOWN_URIS, V1, sha256_of_bytes
 
 INIT = Rpc.of("ModelRegistry.InitModel")
 PUT = Rpc.of("ModelRegistry.PutModel")
 GET = Rpc.of("ModelRegistry.GetModel")
 INFO = Rpc.of("ModelRegistry.GetModelInfo")
 LIST = Rpc.of("ModelRegistry.ListModels")
-FUZZED = (INIT, PUT, GET, INFO, LIST)
+PUT_LINEAGE = Rpc.of("ModelRegistry.PutLineage")
+GET_LINEAGE = Rpc.of("ModelRegistry.GetLineage")
+FUZZED = (INIT, PUT, GET, INFO, LIST, PUT_LINEAGE, GET_LINEAGE)
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 
 
@@ -136,3 +138,44 @@ def put_streams(draw: st.DrawFn) -> list[tensor_pb2.ModelChunk]:
 async def test_put_model(env: FuzzEnv) -> None:
     streams = S.weighted((1, valid_put()), (1, put_streams()))
     await fuzz_messages(env, PUT, streams)
+
+
+async def test_get_lineage(env: FuzzEnv) -> None:
+    # No round made a version here: NOT_FOUND, a bad request, or what PutLineage took.
+    await fuzz_messages(env, GET_LINEAGE, get_requests())
+
+
+@st.composite
+def lineage_streams(draw: st.DrawFn) -> list[model_registry_pb2.LineageChunk]:
+    """A lineage for a stored version or not, naming its sha256 or not, with updates whose
+    bytes match their header and sha256, or not."""
+    v1_sha = sha256_of_bytes(b"".join(np.ascontiguousarray(a).tobytes() for a in V1.values()))
+    lineage = model_registry_pb2.Lineage(
+        version=draw(S.weighted((3, st.sampled_from([0, 1, 2])), (1, S.int64s()))),
+        model_sha256=draw(S.weighted((3, st.just(v1_sha)), (1, S.texts()))),
+        round_id=draw(S.texts(("r-good",))),
+        base_model_uri=draw(S.model_refs(KNOWN_URIS)),
+    )
+    data = b""
+    for _ in range(draw(st.integers(0, 3))):
+        specs = draw(
+            S.weighted((3, st.just([S.spec("w", 2, [3]), S.spec("b", 2, [])])), (1, S.spec_lists()))
+        )
+        blob = draw(S.tensor_bytes(specs))
+        header = tensor_pb2.UpdateHeader(
+            tensors=specs, total_bytes=S.matched_nbytes(specs) or 0, proplet_id="p"
+        )
+        sha = sha256_of_bytes(blob)
+        lineage.contributions.append(
+            model_registry_pb2.Contribution(
+                header=header,
+                sha256=draw(S.weighted((4, st.just(sha)), (1, S.texts((sha.upper(),))))),
+                clip_scale=1.0,
+            )
+        )
+        data += blob
+    return S.chunk_messages(draw(S.mutated_stream(lineage, data)), model_registry_pb2.LineageChunk)
+
+
+async def test_put_lineage(env: FuzzEnv) -> None:
+    await fuzz_messages(env, PUT_LINEAGE, lineage_streams())

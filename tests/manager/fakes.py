@@ -193,6 +193,7 @@ class FakeCoordinator:
             timeout_s=request.timeout_s or 60.0,
             hyperparams=request.hyperparams,
             task_wasm_image=request.task_wasm_image,
+            module_digest=request.module_digest,
         )
         self.rounds[request.round_id] = status
         return status
@@ -275,7 +276,10 @@ async def running_manager(
     *,
     coordinator_addr: str = "127.0.0.1:9",
     alive_window_s: float = 30.0,
+    oci_registry: str = "",
 ) -> AsyncIterator[RunningManager]:
+    """A manager; `oci_registry`: where it resolves `WASM` (the `seed_image_registry`
+    fixture) for the experiments a test starts."""
     config = ManagerConfig(
         addr="127.0.0.1:0",
         coordinator_addr=coordinator_addr,
@@ -284,6 +288,7 @@ async def running_manager(
         alive_window_s=alive_window_s,
         task_endpoints=TASK_ENDPOINTS,
         rpc_timeout_s=5.0,
+        oci_registry=oci_registry,
     )
     async with (
         ManagerApp(config) as app,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,6 +16,8 @@ from propeller.v1 import coordinator_pb2, manager_pb2
 from server.manager import ManagerConfig
 from server.messages import COMPLETED, RUNNING
 from server.mqtt import MqttSession
+from server.oci import ImageRef
+from server.provenance import module_digest
 from server.topics import Topics
 from tests.manager.fakes import (
     TASK_ENDPOINTS,
@@ -232,12 +235,15 @@ async def test_task_request_errors(broker: Mosquitto, topics: Topics) -> None:
 
 
 async def test_experiment_configures_round_and_starts_one_task_per_participant(
-    broker: Mosquitto, topics: Topics
+    broker: Mosquitto, topics: Topics, seed_image_registry: str, trainer_wasm: Path
 ) -> None:
     ids = ["p-1", "p-2", "p-3"]
+    module = module_digest(await asyncio.to_thread(trainer_wasm.read_bytes))
     async with (
         fake_coordinator() as (coord, coord_addr),
-        running_manager(broker.port, topics, coordinator_addr=coord_addr) as m,
+        running_manager(
+            broker.port, topics, coordinator_addr=coord_addr, oci_registry=seed_image_registry
+        ) as m,
         FakeProplet(broker.port, topics, ids[0]) as p1,
         FakeProplet(broker.port, topics, ids[1]) as p2,
         FakeProplet(broker.port, topics, ids[2]) as p3,
@@ -268,7 +274,11 @@ async def test_experiment_configures_round_and_starts_one_task_per_participant(
             0.05,
             16,
         )
-        assert req.task_wasm_image == WASM and not req.start
+        # ... running the module the image names now, pinned: the image to its manifest's
+        # digest, the module to its bytes' digest.
+        pinned = ImageRef.parse(req.task_wasm_image)
+        assert req.task_wasm_image == f"{WASM}@{pinned.digest}" and pinned.digest
+        assert req.module_digest == module and not req.start
         assert coord.started == ["r-100"]
 
         assert (resp.experiment_id, resp.round_id) == ("exp-100", "r-100")
@@ -291,7 +301,7 @@ async def test_experiment_configures_round_and_starts_one_task_per_participant(
             assert (start.id, start.name, start.image_url, start.proplet_id) == (
                 task_ids[fp.id],
                 f"fl-round-r-100-{fp.id}",
-                WASM,
+                req.task_wasm_image,
                 fp.id,
             )
             assert start.env == {
@@ -303,6 +313,7 @@ async def test_experiment_configures_round_and_starts_one_task_per_participant(
                 "MODEL_REGISTRY_URL": TASK_ENDPOINTS.registry,
                 "DATA_STORE_URL": TASK_ENDPOINTS.datastore,
                 "ROUND_DEADLINE": repr(resp.round.deadline),
+                "MODULE_DIGEST": module,
             }
             await fp.report(start.id, COMPLETED, results="update submitted")
 
@@ -326,11 +337,17 @@ async def test_experiment_configures_round_and_starts_one_task_per_participant(
 
 
 async def test_experiment_skips_unknown_and_dead_participants_and_says_so(
-    broker: Mosquitto, topics: Topics
+    broker: Mosquitto, topics: Topics, seed_image_registry: str
 ) -> None:
     async with (
         fake_coordinator() as (coord, coord_addr),
-        running_manager(broker.port, topics, coordinator_addr=coord_addr, alive_window_s=1.0) as m,
+        running_manager(
+            broker.port,
+            topics,
+            coordinator_addr=coord_addr,
+            alive_window_s=1.0,
+            oci_registry=seed_image_registry,
+        ) as m,
         FakeProplet(broker.port, topics, "p-live", heartbeat_s=0.2) as live,
         FakeProplet(broker.port, topics, "p-dead", heartbeat_s=None) as dead,
     ):
@@ -364,11 +381,13 @@ async def test_experiment_skips_unknown_and_dead_participants_and_says_so(
 
 
 async def test_experiment_with_no_live_participant_fails_without_configuring(
-    broker: Mosquitto, topics: Topics
+    broker: Mosquitto, topics: Topics, seed_image_registry: str
 ) -> None:
     async with (
         fake_coordinator() as (coord, coord_addr),
-        running_manager(broker.port, topics, coordinator_addr=coord_addr) as m,
+        running_manager(
+            broker.port, topics, coordinator_addr=coord_addr, oci_registry=seed_image_registry
+        ) as m,
     ):
         err = await rpc_error(m.stub.StartExperiment(experiment("r-300", ["a", "b"])))
         assert err.code == grpc.StatusCode.FAILED_PRECONDITION
@@ -378,10 +397,14 @@ async def test_experiment_with_no_live_participant_fails_without_configuring(
         assert list(listed.tasks) == []
 
 
-async def test_experiment_errors_keep_their_codes(broker: Mosquitto, topics: Topics) -> None:
+async def test_experiment_errors_keep_their_codes(
+    broker: Mosquitto, topics: Topics, seed_image_registry: str
+) -> None:
     async with (
         fake_coordinator() as (_, coord_addr),
-        running_manager(broker.port, topics, coordinator_addr=coord_addr) as m,
+        running_manager(
+            broker.port, topics, coordinator_addr=coord_addr, oci_registry=seed_image_registry
+        ) as m,
         FakeProplet(broker.port, topics, "p-1"),
     ):
         await until_alive(m.stub, "p-1")

@@ -16,6 +16,7 @@ from server.coordinator import rounds as R
 from server.coordinator.rounds import Round
 from server.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from server.manager.experiments import Experiment, FanOut, InMemoryExperimentStore
+from server.manager.modules import PinnedModule
 from server.manager.orchestrator import Manager
 from server.manager.proplets import InMemoryPropletStore, Proplets, Skipped
 from server.manager.tasks import InMemoryTaskStore, Tasks, TaskState
@@ -85,18 +86,35 @@ class Broker:
         return [p for t, p in self.published if t == topic]
 
 
+# What every image pins to in these tests: its manifest, and the module's digest.
+MANIFEST = "sha256:" + "ab" * 32
+MODULE = "sha256:" + "cd" * 32
+
+
+@dataclass
+class Modules:
+    """The registry as StartExperiment sees it: every image resolves to MANIFEST / MODULE."""
+
+    asked: list[str] = field(default_factory=list)
+
+    async def pin(self, image: str) -> PinnedModule:
+        self.asked.append(image)
+        return PinnedModule(f"{image}@{MANIFEST}", MODULE)
+
+
 @dataclass
 class World:
     manager: Manager
     rounds: Rounds
     broker: Broker
     clock: FakeClock
+    modules: Modules
 
 
 @pytest.fixture
 def world() -> World:
     clock = FakeClock()
-    rounds, broker = Rounds(), Broker()
+    rounds, broker, modules = Rounds(), Broker(), Modules()
     manager = Manager(
         proplets=Proplets(InMemoryPropletStore(), 30.0, clock),
         tasks=Tasks(InMemoryTaskStore(), clock),
@@ -105,9 +123,10 @@ def world() -> World:
         publish=broker.publish,
         topics=TOPICS,
         task_endpoints=Endpoints(),
+        modules=modules,
         clock=clock,
     )
-    return World(manager, rounds, broker, clock)
+    return World(manager, rounds, broker, clock, modules)
 
 
 BASE = RoundSpec(
@@ -165,6 +184,39 @@ async def test_k_of_n_and_timeout_reach_the_round_and_the_tasks(world: World) ->
         env = TaskStart.from_json(payload).env
         assert env["ROUND_DEADLINE"] == repr(1030.0)
         assert json.loads(env["HYPERPARAMS"]) == {"epochs": 1, "lr": 0.01, "batch_size": 16}
+
+
+async def test_the_round_and_its_tasks_run_the_module_pinned_at_the_start(world: World) -> None:
+    await announce(world, "p1", "p2")
+    request = config(["p1", "p2"], experiment_id="e")
+    started = await world.manager.start_experiment(request)
+    pinned = f"{BASE.task_wasm_image}@{MANIFEST}"
+    (spec,) = world.rounds.configured
+    assert (spec.task_wasm_image, spec.module_digest) == (pinned, MODULE)
+    assert (started.round.task_wasm_image, started.round.module_digest) == (pinned, MODULE)
+    for _, payload in world.broker.published:
+        start = TaskStart.from_json(payload)
+        assert (start.image_url, start.env["MODULE_DIGEST"]) == (pinned, MODULE)
+    # The experiment keeps the request as asked; a repeat is not resolved again (the tag
+    # may have moved: the experiment runs what it pinned).
+    assert world.manager.get_experiment("e").config == validate(request, experiment=True)
+    await world.manager.start_experiment(request)
+    assert world.modules.asked == [BASE.task_wasm_image]
+
+
+async def test_an_image_that_resolves_to_another_module_than_asked_is_refused(
+    world: World,
+) -> None:
+    await announce(world, "p1")
+    other = "sha256:" + "ef" * 32
+    with pytest.raises(FailedPrecondition) as exc:
+        await world.manager.start_experiment(config(["p1"], module_digest=other))
+    assert str(exc.value) == (
+        f"module_digest: {BASE.task_wasm_image} resolves to module {MODULE}, not {other}"
+    )
+    assert world.rounds.configured == [] and world.manager.list_experiments() == []
+    started = await world.manager.start_experiment(config(["p1"], module_digest=MODULE))
+    assert started.round.module_digest == MODULE
 
 
 async def test_duplicate_experiment_id_is_already_exists(world: World) -> None:

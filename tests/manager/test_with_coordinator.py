@@ -33,12 +33,17 @@ class Services:
 
 
 @pytest.fixture
-async def manager(mqtt: MqttConfig) -> AsyncIterator[Services]:
+async def manager(mqtt: MqttConfig, seed_image_registry: str) -> AsyncIterator[Services]:
     # The real coordinator and registry (v0 stored); nothing here aggregates: no update is
     # ever submitted.
     async with (
         round_services(mqtt, aggregator_addr="127.0.0.1:9", rpc_timeout_s=5.0) as services,
-        running_manager(mqtt.port, mqtt.topics, coordinator_addr=services.coordinator) as m,
+        running_manager(
+            mqtt.port,
+            mqtt.topics,
+            coordinator_addr=services.coordinator,
+            oci_registry=seed_image_registry,
+        ) as m,
         channel(services.coordinator, operator_tls()) as chan,
     ):
         yield Services(m.stub, coordinator_pb2_grpc.CoordinatorStub(chan))

@@ -1,6 +1,6 @@
 """Rounds that cannot reach their quorum, on a real Stack with real proplets: a round whose
-module is missing on every proplet fails as soon as the task failures are known (the manager
-tells the coordinator), with each participant's reason in its status, not at its deadline;
+module no proplet can run fails as soon as the task failures are known (the manager tells
+the coordinator), with each participant's reason in its status, not at its deadline;
 StartExperiment refuses a k_of_n that more participants are alive than, naming the missing
 one, unless the request allows a lower quorum (min_k_of_n), which then runs with the others."""
 
@@ -31,13 +31,15 @@ async def fleet(mqtt: MqttConfig, tmp_path: Path) -> AsyncIterator[Cluster]:
         yield c
 
 
-async def test_a_round_whose_module_is_missing_everywhere_fails_with_the_reasons(
+async def test_a_round_whose_module_fails_everywhere_fails_with_the_reasons(
     fleet: Cluster, tmp_path: Path
 ) -> None:
-    missing = tmp_path / "not-there.wasm"
+    # A module the manager can pin (it reads the file) but no proplet can compile.
+    broken = tmp_path / "not-wasm.wasm"
+    broken.write_bytes(b"this is not a wasm module")
     rid = f"r-{uuid.uuid4().hex[:8]}"
     started = await fleet.start_experiment(
-        rid, fleet.proplet_ids, f"file://{missing}", k_of_n=3, timeout_s=DEADLINE_S
+        rid, fleet.proplet_ids, f"file://{broken}", k_of_n=3, timeout_s=DEADLINE_S
     )
     assert len(started.scheduled) == 3
     tasks = [await fleet.finished(s.task_id) for s in started.scheduled]
@@ -53,7 +55,7 @@ async def test_a_round_whose_module_is_missing_everywhere_fails_with_the_reasons
     assert status.num_updates == 0
     # Which participants failed and why: each task's own error, in the round's status.
     errors = {t.proplet_id: t.error for t in tasks}
-    assert all(str(missing) in e for e in errors.values()), errors
+    assert all(e.startswith("invalid wasm module") for e in errors.values()), errors
     assert status.failure_reason.startswith(
         "k_of_n 3 can no longer be reached: 1 of 3 participants failed, 2 can still report ("
     )

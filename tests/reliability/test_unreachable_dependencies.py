@@ -161,6 +161,7 @@ async def coordinator_on(world: Cluster, addr: str, state_dir: Path) -> AsyncIte
         addr=addr,
         aggregator_addr=ep.aggregator,
         registry_addr=ep.registry,
+        datastore_addr=ep.datastore,
         mqtt=world.mqtt,
         rpc_timeout_s=5.0,
         tick_s=0.05,

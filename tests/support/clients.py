@@ -4,7 +4,9 @@ bounded by a timeout; every wait is `eventually`.
 
 The channels carry the suite's operator certificate (`tests.support.security`) unless
 `insecure`; an update is submitted with the certificate of the proplet it is from, over a
-channel of that proplet's own, as a real proplet would."""
+channel of that proplet's own, as a real proplet would: carrying a module digest
+(`TEST_MODULE` unless the update names one) and the base model's sha256, and signed with that
+proplet's key (`signed_meta`)."""
 
 from __future__ import annotations
 
@@ -28,11 +30,13 @@ from propeller.v1 import (
 )
 from server.config import Endpoints, TlsConfig
 from server.coordinator.rounds import Update
+from server.errors import PropellerError
 from server.grpc_server import channel
 from server.models import model_uri
-from server.pki import Identity, Kind
+from server.pki import Identity, Kind, load_private_key
+from server.provenance import Claim, module_digest, sign
 from server.streams import UpdateMeta, read_model_stream, update_stream
-from server.tensors import Tensors
+from server.tensors import Tensors, sha256_of
 from tests.support.security import operator_tls, proplet_tls
 from tests.support.waits import eventually
 
@@ -45,6 +49,9 @@ RPC_S = 10.0
 SENDER = "test-sender"
 # Uploads and StartExperiment (which waits for the broker to publish the tasks) get longer.
 LONG_RPC_S = 60.0
+# The module digest test updates claim unless they name one (a round pins none unless a test
+# configures one).
+TEST_MODULE = module_digest(b"propeller-fl test module")
 
 # gRPC service name -> (the Endpoints field with its address, its stub).
 SERVICES: dict[str, tuple[str, Callable[[grpc.aio.Channel], Any]]] = {
@@ -144,17 +151,72 @@ class Clients:
     async def submit(
         self, round_id: str, update: Update, chunk_size: int = 0
     ) -> coordinator_pb2.SubmitUpdateResponse:
+        """SubmitUpdate of `update` as its proplet would send it (`signed_meta`)."""
+        meta = await self.signed_meta(round_id, update)
+        resp: coordinator_pb2.SubmitUpdateResponse = await self.coordinator_as(
+            update.proplet_id
+        ).SubmitUpdate(update_stream(meta, update.tensors, chunk_size), timeout=LONG_RPC_S)
+        return resp
+
+    async def base_sha256(self, round_id: str, base_model_uri: str) -> str:
+        """The sha256 of the base model an update names: from the registry, else from the
+        round's status, else "" (a test of an unknown round or model)."""
+        calls: list[Any] = []
+        if "ModelRegistry" in self.channels:
+            request = model_registry_pb2.GetModelRequest(model_uri=base_model_uri)
+            calls.append(lambda: self.registry.GetModelInfo(request, timeout=RPC_S))
+        if "Coordinator" in self.channels:
+            status = coordinator_pb2.GetRoundStatusRequest(round_id=round_id)
+            calls.append(lambda: self.coordinator.GetRoundStatus(status, timeout=RPC_S))
+        for call in calls:
+            try:
+                answer = await call()
+            except grpc.aio.AioRpcError:
+                continue
+            return str(getattr(answer, "sha256", "") or getattr(answer, "base_model_sha256", ""))
+        return ""
+
+    async def signed_meta(
+        self, round_id: str, update: Update, *, key_of: str | None = None
+    ) -> UpdateMeta:
+        """`update`'s header as a proplet sends it: its module digest (TEST_MODULE unless it
+        names one), the base model's sha256, and, with TLS, the signature by the key of
+        proplet `key_of` (default: its own) over its tensors as given (tests send them in the
+        base model's order)."""
+        base_sha = update.base_model_sha256 or await self.base_sha256(
+            round_id, update.base_model_uri
+        )
         meta = UpdateMeta(
             round_id,
             update.proplet_id,
             update.base_model_uri,
             update.num_samples,
             dict(update.metrics),
+            base_model_sha256=base_sha,
+            module_digest=update.module_digest or TEST_MODULE,
         )
-        resp: coordinator_pb2.SubmitUpdateResponse = await self.coordinator_as(
-            update.proplet_id
-        ).SubmitUpdate(update_stream(meta, update.tensors, chunk_size), timeout=LONG_RPC_S)
-        return resp
+        if self.tls is None:
+            return meta
+        signer = key_of or update.proplet_id
+        try:
+            Identity(Kind.PROPLET, signer)
+        except ValueError:
+            signer = SENDER
+        key = load_private_key(proplet_tls(signer).key)
+        claim = Claim(
+            round_id=round_id,
+            proplet_id=update.proplet_id,
+            base_model_sha256=base_sha,
+            module_digest=meta.module_digest,
+            update_sha256=sha256_of(update.tensors),
+            num_samples=update.num_samples,
+            metrics=meta.metrics,
+        )
+        try:
+            signature = sign(key, claim)
+        except PropellerError:  # a claim that cannot be encoded (a test of bad headers)
+            signature = b""
+        return dataclasses.replace(meta, signature=signature)
 
     def connection(self) -> dict[str, Any]:
         """The keyword arguments that give a subclass made from these clients' `channels`

@@ -92,7 +92,8 @@ async def round_services(
     """A model registry holding v0 (`dimension` zeros; None: empty), an aggregator (unless
     `aggregator_addr` names one elsewhere) and a coordinator with the `coordinator` settings
     of CoordinatorConfig, in this process. Yields their addresses (no manager, no data
-    store)."""
+    store: so num_samples is not capped by dataset sizes unless a test names a data store
+    and the cap)."""
     async with contextlib.AsyncExitStack() as stack:
         tls = tls_for("registry", insecure)
         registry = await stack.enter_async_context(
@@ -115,7 +116,7 @@ async def round_services(
             registry_addr=registry,
             mqtt=mqtt,
             tls=tls,
-            **coordinator,
+            **{"num_samples_cap": "none", **coordinator},
         )
         coordinator_addr = await stack.enter_async_context(
             serve_app(CoordinatorApp(config), tls=tls)
