@@ -36,7 +36,7 @@ from server.aggregator.service import binding as aggregator_binding
 from server.config import MqttConfig
 from server.coordinator import rounds as R
 from server.coordinator.clients import GrpcModelBackend
-from server.coordinator.coordinator import Coordinator
+from server.coordinator.coordinator import BaseModel, Coordinator, Lineage
 from server.coordinator.service import binding as coordinator_binding
 from server.coordinator.store import MemoryRoundStore, RoundStore, RoundUpdates, SqliteRoundStore
 from server.errors import FailedPrecondition
@@ -45,7 +45,7 @@ from server.pki import CertificateAuthority
 from server.registry.app import RegistryApp, RegistryConfig
 from server.round_spec import RoundSpec
 from server.stack import Stack, StackConfig, service_tls
-from server.tensors import GRPC_OPTIONS, Spec, Tensors
+from server.tensors import GRPC_OPTIONS, Spec, Tensors, sha256_of
 from server.topics import Topics
 
 BARE_SERVICE = "bench.Bare"
@@ -135,15 +135,27 @@ async def run_bare(args: Json) -> None:
 # ---- coordinator for ingestion ----------------------------------------------------------------
 
 
+def zeros_model(specs: Sequence[Spec]) -> Tensors:
+    """The base model of the ingestion rounds: zeros of the round's specs."""
+    return {s.name: np.zeros(s.shape, s.dtype) for s in specs}
+
+
 class FixedModels:
-    """A `ModelBackend` that knows the base models' specs and nothing else: the ingestion
+    """A `ModelBackend` whose base models are zeros of the rounds' specs: the ingestion
     rounds never close, so nothing is aggregated or stored."""
 
     def __init__(self, specs: dict[str, list[Spec]]) -> None:
         self.specs = specs
+        self.bases = {uri: zeros_model(s) for uri, s in specs.items()}
 
-    async def resolve(self, model_ref: str) -> tuple[str, list[Spec]]:
-        return model_ref, self.specs[model_ref]
+    async def resolve(self, model_ref: str) -> BaseModel:
+        return BaseModel(model_ref, self.specs[model_ref], sha256_of(self.bases[model_ref]))
+
+    async def base_tensors(self, model_uri: str) -> Tensors:
+        return self.bases[model_uri]
+
+    async def put_lineage(self, lineage: Lineage) -> None:
+        raise FailedPrecondition("the ingestion benchmark does not store lineages")
 
     async def aggregate(self, round_id: str, updates: RoundUpdates) -> tuple[Tensors, str]:
         raise FailedPrecondition("the ingestion benchmark does not aggregate")

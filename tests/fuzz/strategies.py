@@ -17,7 +17,7 @@ import numpy as np
 from google.protobuf.message import Message
 from hypothesis import strategies as st
 
-from propeller.v1 import aggregator_pb2, tensor_pb2
+from propeller.v1 import aggregator_pb2, model_registry_pb2, tensor_pb2
 
 T = TypeVar("T")
 Strategy = st.SearchStrategy
@@ -432,11 +432,14 @@ def mutated_stream(
     raise AssertionError(m)
 
 
-ChunkMessage = TypeVar("ChunkMessage", tensor_pb2.ModelChunk, tensor_pb2.UpdateChunk)
+ChunkMessage = TypeVar(
+    "ChunkMessage", tensor_pb2.ModelChunk, tensor_pb2.UpdateChunk, model_registry_pb2.LineageChunk
+)
 
 
 def chunk_messages(stream: Sequence[Chunk], kind: type[ChunkMessage]) -> list[ChunkMessage]:
-    """The stream as `kind` messages (ModelChunk or UpdateChunk): header, data or empty."""
+    """The stream as `kind` messages (ModelChunk, UpdateChunk or LineageChunk): header, data
+    or empty."""
     return [
         kind(header=value) if part == "header" else kind(data=value) if part == "data" else kind()
         for part, value in stream
