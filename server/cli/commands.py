@@ -290,7 +290,7 @@ async def models_verify(c: Client, a: argparse.Namespace) -> Reply:
                 f"v{link.version}",
                 "-" if link.base is None else f"v{link.base}",
                 link.round_id or "-",
-                link.updates,
+                "-" if link.base is None else link.updates,
                 link.sha256[:12],
                 link.problem or "ok",
             ]

@@ -19,6 +19,9 @@ from proplet import Proplet, PropletConfig
 from proplet.federated import FederatedClient, FlTask, is_federated, service_address
 from server.config import Endpoints
 from server.messages import COMPLETED, FAILED
+from server.pki import load_certificate
+from server.provenance import Claim, module_digest, signature_verifies
+from server.tensors import sha256_of
 from tests.proplet import wat
 from tests.proplet.conftest import ManagerProbe
 from tests.proplet.fake_services import RoundWorld, round_services
@@ -131,6 +134,49 @@ async def test_the_update_reaches_the_coordinator_exactly_as_printed(
     assert got.tensors["w"].tolist() == [0.5, -1.25, 3.0]
     assert float(got.tensors["b"]) == 0.125
     assert got.tensors["b"].shape == ()
+
+
+async def test_the_update_is_signed_and_names_its_module_and_base_model(
+    proplet: Proplet, probe: ManagerProbe, world: RoundWorld, proplet_config: PropletConfig
+) -> None:
+    module = wat.json_printer(printed_update(proplet.proplet_id))
+    digest = module_digest(module)
+    result = await probe.run(module, env=round_env(world, MODULE_DIGEST=digest))
+    assert result.state == COMPLETED, result.error
+    [got] = world.updates
+    header = got.header
+    assert header.module_digest == digest
+    assert header.base_model_sha256 == sha256_of(world.models[MODEL_URI])
+    # Signed with the proplet's own key (its TLS bundle), over the documented claim.
+    claim = Claim(
+        round_id="r1",
+        proplet_id=proplet.proplet_id,
+        base_model_sha256=header.base_model_sha256,
+        module_digest=digest,
+        update_sha256=sha256_of(got.tensors),
+        num_samples=5,
+        metrics=dict(header.metrics),
+    )
+    assert proplet_config.tls is not None
+    cert = load_certificate(proplet_config.tls.cert.read_bytes())
+    assert signature_verifies(cert, header.signature, claim)
+    assert not signature_verifies(cert, header.signature, replace(claim, num_samples=6))
+
+
+async def test_a_round_task_runs_its_rounds_module_and_no_other(
+    proplet: Proplet, probe: ManagerProbe, world: RoundWorld
+) -> None:
+    module = wat.json_printer(printed_update(proplet.proplet_id))
+    pinned = module_digest(b"the module the round pinned")
+    result = await probe.run(module, env=round_env(world, MODULE_DIGEST=pinned))
+    assert result.state == FAILED
+    assert result.error == (
+        f"module digest mismatch: the task's module is {module_digest(module)}, round 'r1' "
+        f"pinned {pinned}; not run"
+    )
+    assert world.updates == []
+    bad = await probe.run(module, env=round_env(world, MODULE_DIGEST="sha256:nope"))
+    assert bad.state == FAILED and bad.error.startswith("MODULE_DIGEST: 'sha256:nope' is not")
 
 
 async def test_a_repeated_round_task_is_reported_as_duplicate(

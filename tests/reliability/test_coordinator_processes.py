@@ -111,6 +111,8 @@ async def setup(
             "PROPELLER_COORDINATOR_TICK_S": "0.05",
             "PROPELLER_COORDINATOR_RPC_TIMEOUT_S": "10",
             "PROPELLER_LOG_LEVEL": "INFO",
+            # No data store here: num_samples is not capped by dataset sizes.
+            "PROPELLER_NUM_SAMPLES_CAP": "none",
             **env,
         }
         coord = stack.enter_context(service_process("coordinator", settings, tmp_path))
@@ -387,6 +389,13 @@ class RegistryFront:
 
     async def GetModel(self, request: Any, context: Any) -> AsyncIterator[Any]:
         async for chunk in self.real.GetModel(request, context):
+            yield chunk
+
+    async def PutLineage(self, request_iterator: Any, context: Any) -> Any:
+        return await self.real.PutLineage(request_iterator, context)
+
+    async def GetLineage(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        async for chunk in self.real.GetLineage(request, context):
             yield chunk
 
     async def PutModel(self, request_iterator: Any, context: Any) -> Any:

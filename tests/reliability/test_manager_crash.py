@@ -225,6 +225,7 @@ async def fleet_services(
                     **mqtt_env(mqtt),
                     "AGGREGATOR_ADDR": aggregator.addr,
                     "MODEL_REGISTRY_ADDR": registry.addr,
+                    "DATA_STORE_ADDR": datastore.addr,
                     "PROPELLER_STATE_DIR": str(tmp_path / "coordinator-state"),
                     "PROPELLER_COORDINATOR_TICK_S": "0.05",
                 },
