@@ -76,7 +76,7 @@ async def test_what_cannot_be_pinned_is_refused_naming_the_field(
     assert str(unreadable.value).startswith(
         f"task_wasm_image: the manager cannot read {tmp_path / 'gone.wasm'} to pin"
     )
-    with pytest.raises(InvalidArgument, match="^task_wasm_image: 'x' is not an OCI reference"):
+    with pytest.raises(InvalidArgument, match=r"^task_wasm_image: 'x' is not an OCI reference"):
         await resolver.pin("x")
     # A file the manager reads is pinned by its bytes; the tasks keep the URL.
     pinned = await resolver.pin(f"file://{trainer_wasm}")

@@ -37,14 +37,20 @@ Stub = Any  # generated gRPC stubs carry no type information
 log = logging.getLogger(__name__)
 
 
-def manager_env(mqtt: MqttConfig, state_dir: Path, coordinator: str) -> dict[str, str]:
-    return {
+def manager_env(
+    mqtt: MqttConfig, state_dir: Path, coordinator: str, oci_registry: str = ""
+) -> dict[str, str]:
+    """`oci_registry`: where the manager resolves the seed's image (`seed_image_registry`)."""
+    env = {
         **mqtt_env(mqtt),
         "PROPELLER_STATE_DIR": str(state_dir),
         "COORDINATOR_ADDR": coordinator,
         # Liveness is not what is tested here: long enough that no proplet ages out.
         "PROPELLER_ALIVE_WINDOW_S": "3600",
     }
+    if oci_registry:
+        env["PROPELLER_OCI_REGISTRY"] = oci_registry
+    return env
 
 
 async def snapshot(stub: Stub) -> dict[str, Any]:
@@ -130,12 +136,12 @@ async def build_state(stub: Stub, p1: FakeProplet) -> dict[str, str]:
 
 
 async def test_a_killed_manager_keeps_proplets_tasks_and_experiments(
-    broker: Mosquitto, topics: Topics, mqtt: MqttConfig, tmp_path: Path
+    broker: Mosquitto, topics: Topics, mqtt: MqttConfig, tmp_path: Path, seed_image_registry: str
 ) -> None:
     # The real coordinator (and a registry holding v0) in this process; no update is
     # submitted here, so nothing listens on the aggregator's address.
     async with round_services(mqtt, aggregator_addr="127.0.0.1:9", rpc_timeout_s=5.0) as services:
-        env = manager_env(mqtt, tmp_path / "state", services.coordinator)
+        env = manager_env(mqtt, tmp_path / "state", services.coordinator, seed_image_registry)
         with service_process("manager", env, tmp_path) as mgr:
             await mgr.restart()
             async with channel(mgr.addr, mgr.tls) as chan:
@@ -182,6 +188,9 @@ async def test_a_killed_manager_keeps_proplets_tasks_and_experiments(
                 ]
                 assert {t.state for t in round_tasks} == {manager_pb2.TASK_STATE_SCHEDULED}
                 assert {t.env["ROUND_ID"] for t in round_tasks} == {"r-durable"}
+                # Pinned at the start, kept: the image by its manifest, the module by digest.
+                assert {t.image_url.startswith(f"{WASM}@sha256:") for t in round_tasks} == {True}
+                assert len({t.env["MODULE_DIGEST"] for t in round_tasks}) == 1
 
                 # A second kill and restart, with nothing done in between, changes nothing.
                 settled = await snapshot(stub)
