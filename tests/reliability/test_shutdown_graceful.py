@@ -137,11 +137,11 @@ class GatedCoordinator(FakeCoordinator):
 
 
 async def test_sigterm_lets_a_start_experiment_in_flight_finish(
-    broker: Mosquitto, topics: Topics, mqtt: MqttConfig, tmp_path: Path
+    broker: Mosquitto, topics: Topics, mqtt: MqttConfig, tmp_path: Path, seed_image_registry: str
 ) -> None:
     coord = GatedCoordinator()
     async with fake_coordinator(coord) as (_, coord_addr):
-        env = manager_env(mqtt, tmp_path / "state", coord_addr)
+        env = manager_env(mqtt, tmp_path / "state", coord_addr, seed_image_registry)
         with service_process("manager", env, tmp_path) as mgr:
             await mgr.restart()
             async with (

@@ -40,6 +40,7 @@ async def test_up_with_a_state_dir_carries_on_after_a_restart(
     assert sorted(p.name for p in state_dir.glob("*.sqlite")) == [
         "coordinator.sqlite",
         "datastore.sqlite",
+        "lineage.sqlite",
         "manager.sqlite",
         "registry.sqlite",
     ]
