@@ -166,6 +166,8 @@ def test_walkthrough(up: dict[str, int]) -> None:
     assert out.count("COMPLETED") >= 2  # round watch, twice
     assert re.search(r"fl-round-r-\d+-[0-9a-f-]{36}", out)
     assert "global_model_v3" in out  # the manual task's round stored v3
+    # models verify: the chain v0 -> v2 holds, each round's three signed updates checked.
+    assert re.search(r"^v2\s+v1\s+r-\d+-2\s+3\s+[0-9a-f]{12}\s+ok$", out, re.M), out[-3000:]
 
 
 @pytest.mark.unit  # reads files only
