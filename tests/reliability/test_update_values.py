@@ -13,12 +13,13 @@ from propeller.v1 import coordinator_pb2
 from server.config import MqttConfig
 from server.coordinator.app import CoordinatorConfig
 from server.coordinator.rounds import Update
+from server.tensors import Tensors
 from tests.support.clients import TEST_MODULE, V0, clients
 from tests.support.cluster import round_services
 
 
 def update(proplet_id: str, w: list[float], b: float, n: int) -> Update:
-    tensors = {"w": np.array(w, np.float64), "b": np.array(b, np.float64)}
+    tensors: Tensors = {"w": np.array(w, np.float64), "b": np.array(b, np.float64)}
     return Update(proplet_id, V0, n, {"loss": 0.5}, tensors, module_digest=TEST_MODULE)
 
 

@@ -62,7 +62,7 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
 
 
 def update(proplet_id: str, *, n: int = 10, w: float = 0.5, module: str = PINNED) -> Update:
-    tensors = {"w": np.full(3, w, np.float64), "b": np.array(w / 2, np.float64)}
+    tensors: Tensors = {"w": np.full(3, w, np.float64), "b": np.array(w / 2, np.float64)}
     return Update(proplet_id, V0, n, {"loss": 0.5}, tensors, module_digest=module)
 
 
@@ -251,9 +251,8 @@ async def test_the_lineage_is_the_coordinators_to_write_and_a_dataset_size_its_o
 async def test_a_clipped_update_is_aggregated_as_clipped_and_verifies(
     mqtt: MqttConfig, cli: Cli
 ) -> None:
-    settings = {"max_update_distance": 1.0, "update_distance_action": "clip"}
     async with (
-        round_services(mqtt, **settings) as services,
+        round_services(mqtt, max_update_distance=1.0, update_distance_action="clip") as services,
         clients(services) as c,
     ):
         await c.configure("r1", participants=["a", "b"])
@@ -286,7 +285,8 @@ async def lineage_of(c: Clients, version: int) -> model_registry_pb2.Lineage:
     async for chunk in call:
         assert chunk.WhichOneof("part") == "header"
         call.cancel()
-        return chunk.header
+        header: model_registry_pb2.Lineage = chunk.header
+        return header
     raise AssertionError("no header")
 
 
