@@ -112,14 +112,11 @@ class Signer:
         self.update_sha = sha256_of(update)
 
     def sign(self, meta: UpdateMeta) -> UpdateMeta:
-        claim = Claim(
+        claim = Claim.of(
+            meta,
             round_id=meta.round_id,
-            proplet_id=meta.proplet_id,
             base_model_sha256=self.base_sha,
-            module_digest=meta.module_digest,
             update_sha256=self.update_sha,
-            num_samples=meta.num_samples,
-            metrics=meta.metrics,
         )
         return replace(meta, base_model_sha256=self.base_sha, signature=sign(self.key, claim))
 

@@ -430,14 +430,11 @@ def signed(update: Update, key: ec.EllipticCurvePrivateKey) -> Update:
     """`update` with its signature: over its claims and the sha256 of its bytes (in the base
     model's order, the order `parse_update` put them in)."""
     meta = update.meta
-    claim = Claim(
+    claim = Claim.of(
+        meta,
         round_id=meta.round_id,
-        proplet_id=meta.proplet_id,
         base_model_sha256=meta.base_model_sha256,
-        module_digest=meta.module_digest,
         update_sha256=sha256_of(update.tensors),
-        num_samples=meta.num_samples,
-        metrics=meta.metrics,
     )
     return Update(replace(meta, signature=sign(key, claim)), update.tensors)
 

@@ -29,6 +29,7 @@ import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -69,6 +70,23 @@ def _text(value: str) -> bytes:
     return struct.pack(">I", len(data)) + data
 
 
+class Signed(Protocol):
+    """An update's header fields that its signature covers, whatever carries them (the
+    proplet's `UpdateMeta`, the coordinator's `Update`, a lineage's `UpdateHeader`)."""
+
+    @property
+    def proplet_id(self) -> str: ...
+
+    @property
+    def module_digest(self) -> str: ...
+
+    @property
+    def num_samples(self) -> int: ...
+
+    @property
+    def metrics(self) -> Mapping[str, float]: ...
+
+
 @dataclass(frozen=True)
 class Claim:
     """What an update's signature covers (see the module docstring for its bytes)."""
@@ -80,6 +98,22 @@ class Claim:
     update_sha256: str
     num_samples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls, header: Signed, *, round_id: str, base_model_sha256: str, update_sha256: str
+    ) -> Claim:
+        """The claim of an update with `header`'s fields, for `round_id`, trained from the
+        base model `base_model_sha256`, whose bytes hash to `update_sha256`."""
+        return cls(
+            round_id=round_id,
+            proplet_id=header.proplet_id,
+            base_model_sha256=base_model_sha256,
+            module_digest=header.module_digest,
+            update_sha256=update_sha256,
+            num_samples=int(header.num_samples),
+            metrics=dict(header.metrics),
+        )
 
     def canonical(self) -> bytes:
         if not -(2**63) <= self.num_samples < 2**63:

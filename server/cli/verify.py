@@ -227,14 +227,11 @@ def _contribution_problem(
     cert, problem = certificate_problem(c.certificate, ca, h.proplet_id)
     if problem or cert is None:
         return problem
-    claim = Claim(
+    claim = Claim.of(
+        h,
         round_id=lineage.round_id,
-        proplet_id=h.proplet_id,
         base_model_sha256=lineage.base_model_sha256,
-        module_digest=h.module_digest,
         update_sha256=sha,
-        num_samples=h.num_samples,
-        metrics=dict(h.metrics),
     )
     try:
         ok = signature_verifies(cert, h.signature, claim)

@@ -143,7 +143,7 @@ def lineage_header(lineage: Lineage) -> model_registry_pb2.Lineage:
         strategy="fedavg",
         contributions=[
             model_registry_pb2.Contribution(
-                header=update_header(signed_meta(rnd.round_id, u), specs),
+                header=update_header(meta_of(rnd.round_id, u), specs),
                 sha256=u.sha256,
                 certificate=u.certificate,
                 clip_scale=u.clip_scale,
@@ -166,8 +166,8 @@ async def lineage_chunks(
         del u
 
 
-def signed_meta(round_id: str, u: Update) -> UpdateMeta:
-    """An accepted update's header fields, as its proplet signed them."""
+def meta_of(round_id: str, u: Update) -> UpdateMeta:
+    """An accepted update's header fields, as its proplet sent (and signed) them."""
     return UpdateMeta(
         round_id,
         u.proplet_id,
@@ -197,6 +197,5 @@ class DataStoreSizes:
 
 async def _inputs(round_id: str, updates: RoundUpdates) -> AsyncIterator[UpdateInput]:
     async for u in each_update(updates):
-        meta = UpdateMeta(round_id, u.proplet_id, u.base_model_uri, u.num_samples, dict(u.metrics))
-        yield meta, u.tensors
+        yield meta_of(round_id, u), u.tensors
         del u  # not held while the next one is read

@@ -342,14 +342,11 @@ class Coordinator:
         B.check_magnitude(update.tensors, self.bounds.max_abs_value, "tensors")
         sha = sha256_of(update.tensors)
         if update.certificate:
-            claim = Claim(
+            claim = Claim.of(
+                update,
                 round_id=rnd.round_id,
-                proplet_id=update.proplet_id,
                 base_model_sha256=rnd.base_model_sha256,
-                module_digest=update.module_digest,
                 update_sha256=sha,
-                num_samples=update.num_samples,
-                metrics=update.metrics,
             )
             check_signature(update.certificate, update.signature, claim)
         dist, scale = 0.0, 1.0

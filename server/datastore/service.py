@@ -59,27 +59,25 @@ class DataStoreServicer:
     def __init__(self, store_of: Callable[[], DatasetStore]) -> None:
         self.store_of = store_of
 
+    async def _dataset(self, request: datastore_pb2.GetDatasetRequest) -> Dataset:
+        if not request.proplet_id:
+            raise InvalidArgument("proplet_id: must not be empty")
+        dataset = await self.store_of().get(request.proplet_id)
+        if dataset is None:
+            raise NotFound(f"proplet_id: no dataset for {request.proplet_id!r}")
+        return dataset
+
     async def GetDataset(
         self, request: datastore_pb2.GetDatasetRequest, context: Context
     ) -> datastore_pb2.Dataset:
         async with grpc_errors(context, "DataStore.GetDataset"):
-            if not request.proplet_id:
-                raise InvalidArgument("proplet_id: must not be empty")
-            dataset = await self.store_of().get(request.proplet_id)
-            if dataset is None:
-                raise NotFound(f"proplet_id: no dataset for {request.proplet_id!r}")
-            return dataset_proto(dataset)
+            return dataset_proto(await self._dataset(request))
 
     async def GetDatasetInfo(
         self, request: datastore_pb2.GetDatasetRequest, context: Context
     ) -> datastore_pb2.DatasetInfo:
         async with grpc_errors(context, "DataStore.GetDatasetInfo"):
-            if not request.proplet_id:
-                raise InvalidArgument("proplet_id: must not be empty")
-            dataset = await self.store_of().get(request.proplet_id)
-            if dataset is None:
-                raise NotFound(f"proplet_id: no dataset for {request.proplet_id!r}")
-            return dataset_info_proto(summary_of(dataset))
+            return dataset_info_proto(summary_of(await self._dataset(request)))
 
     async def PutDataset(
         self, request: datastore_pb2.PutDatasetRequest, context: Context

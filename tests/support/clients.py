@@ -203,14 +203,11 @@ class Clients:
         except ValueError:
             signer = SENDER
         key = load_private_key(proplet_tls(signer).key)
-        claim = Claim(
+        claim = Claim.of(
+            meta,
             round_id=round_id,
-            proplet_id=update.proplet_id,
             base_model_sha256=base_sha,
-            module_digest=meta.module_digest,
             update_sha256=sha256_of(update.tensors),
-            num_samples=update.num_samples,
-            metrics=meta.metrics,
         )
         try:
             signature = sign(key, claim)
