@@ -153,6 +153,12 @@ def signature_verifies(cert: x509.Certificate, signature: bytes, claim: Claim) -
     return True
 
 
+# Peer certificates parsed so far (PEM -> certificate): a proplet sends every update with the
+# same one. Bounded: cleared when full.
+_PEERS: dict[bytes, x509.Certificate] = {}
+_PEERS_KEPT = 4096
+
+
 def check_signature(certificate: bytes, signature: bytes, claim: Claim) -> None:
     """The coordinator's check of an update taken over mutual TLS: `signature` (the header's)
     must be `claim`'s, by the key of `certificate` (the call's peer, PEM). INVALID_ARGUMENT
@@ -162,7 +168,12 @@ def check_signature(certificate: bytes, signature: bytes, claim: Claim) -> None:
             "header.signature: missing; every update must be signed with its proplet's key "
             "(docs/security.md, Provenance)"
         )
-    cert = load_certificate(certificate, "peer certificate")
+    cert = _PEERS.get(certificate)
+    if cert is None:
+        cert = load_certificate(certificate, "peer certificate")
+        if len(_PEERS) >= _PEERS_KEPT:
+            _PEERS.clear()
+        _PEERS[certificate] = cert
     if not signature_verifies(cert, signature, claim):
         raise InvalidArgument(
             f"header.signature: does not verify with proplet {claim.proplet_id!r}'s certificate "

@@ -35,8 +35,8 @@ from server.coordinator.bounds import scaled
 from server.errors import InvalidArgument, NotFound, PropellerError, RemoteError
 from server.models import model_uri, parse_model_uri
 from server.provenance import Claim, certificate_problem, signature_verifies
-from server.streams import PayloadBuffer, checked_total
-from server.tensors import Tensors, offload_if_big, sha256_of, specs_from_proto
+from server.registry.lineage import LineageBytes
+from server.tensors import Tensors, offload_if_big, sha256_of, specs_from_proto, split_payload
 
 
 @dataclass(frozen=True)
@@ -189,16 +189,12 @@ async def _contributions(
     stream: AsyncIterator[model_registry_pb2.LineageChunk], lineage: model_registry_pb2.Lineage
 ) -> AsyncIterator[tuple[int, Tensors]]:
     """Each contribution's tensors as its bytes arrive (one at a time)."""
+    data = LineageBytes(stream)
     for i, c in enumerate(lineage.contributions):
+        update = await data.take(i, c)
         field = f"contributions[{i}]"
-        specs = specs_from_proto(c.header.tensors, f"{field}.header.tensors")
-        buf = PayloadBuffer(checked_total(specs, c.header.total_bytes, field), field)
-        while not buf.complete:
-            chunk = await anext(stream, None)
-            if chunk is None or chunk.WhichOneof("part") != "data":
-                break
-            buf.add(chunk.data)
-        yield i, buf.done(specs)
+        yield i, split_payload(update, specs_from_proto(c.header.tensors, field), field)
+    await data.end()
 
 
 def _contribution_problem(

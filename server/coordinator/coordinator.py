@@ -542,14 +542,18 @@ class Coordinator:
 
         async def store_once(attempt: int) -> tuple[int, str]:
             # A retry, or a round resumed after a restart, may follow a write that landed
-            # although its reply never arrived: look for those exact bytes first.
-            stored = None
-            if attempt > 1 or resumed:
-                stored = await self.backend.find(sha, rnd.base_version)
-            if stored is None:
-                stored = await self.backend.put(tensors, sha)
-            # The version's lineage (its updates as signed) right after it; the round is
+            # although its reply never arrived: look for those exact bytes first. The
+            # version's lineage (its updates as signed) goes right after it; the round is
             # completed only once both are stored, so a crash in between sends it again.
+            if attempt > 1 or resumed:
+                found = await self.backend.find(sha, rnd.base_version)
+                if found is not None:
+                    try:
+                        await self.backend.put_lineage(Lineage(found[0], sha, rnd, updates))
+                        return found
+                    except AlreadyExists:
+                        pass  # the same bytes, but another round's version: store ours
+            stored = await self.backend.put(tensors, sha)
             await self.backend.put_lineage(Lineage(stored[0], sha, rnd, updates))
             return stored
 

@@ -158,6 +158,44 @@ class SqliteLineageStore:
         await self._db.write(insert)
 
 
+class LineageBytes:
+    """The data chunks of a lineage stream as one run of bytes, taken a contribution at a time
+    (a chunk need not end where a contribution does). Used by the registry and by
+    `models verify`."""
+
+    def __init__(self, stream: AsyncIterator[model_registry_pb2.LineageChunk]) -> None:
+        self._stream = stream
+        self._rest = b""
+
+    async def take(self, index: int, contribution: model_registry_pb2.Contribution) -> bytes:
+        """Contribution `index`'s bytes: exactly what its header's tensors need."""
+        field = f"contributions[{index}]"
+        header = contribution.header
+        specs = specs_from_proto(header.tensors, f"{field}.header.tensors")
+        if not specs:
+            raise InvalidArgument(f"{field}.header.tensors: must list at least one tensor")
+        buf = PayloadBuffer(checked_total(specs, header.total_bytes, f"{field}.header"), field)
+        while not buf.complete:
+            if not self._rest:
+                chunk = await anext(self._stream, None)
+                if chunk is None:
+                    raise InvalidArgument(
+                        f"{field}: stream ended after {buf.filled} of {buf.need} bytes"
+                    )
+                if chunk.WhichOneof("part") != "data":
+                    raise InvalidArgument(f"{field}: a second header in one stream")
+                self._rest = chunk.data
+            room = buf.need - buf.filled
+            buf.add(self._rest[:room])
+            self._rest = self._rest[room:]
+        return bytes(buf.buf)
+
+    async def end(self) -> None:
+        """Nothing may follow the last contribution's bytes."""
+        if self._rest or await anext(self._stream, None) is not None:
+            raise InvalidArgument("lineage: more data than its contributions' tensors need")
+
+
 def _no_lineage(version: int) -> NotFound:
     return NotFound(
         f"version: {version} ({model_uri(version)}) has no lineage (v0, or a version not "
@@ -214,11 +252,19 @@ class Lineages:
         except (NotFound, FailedPrecondition, AlreadyExists) as exc:
             refusal = exc
         total = 0
+        data = LineageBytes(stream)
         for i, contribution in enumerate(lineage.contributions):
-            total += await self._take_bytes(stream, i, contribution, keep=refusal is None)
-        extra = await anext(stream, None)
-        if extra is not None:
-            raise InvalidArgument("lineage: more data than its contributions' tensors need")
+            update = await data.take(i, contribution)
+            digest = hashlib.sha256(update).hexdigest()
+            if digest != contribution.sha256:
+                raise InvalidArgument(
+                    f"contributions[{i}].sha256: {contribution.sha256[:80]!r}, its bytes hash "
+                    f"to {digest}"
+                )
+            if refusal is None:
+                await self.store.put_update_bytes(digest, update)
+            total += len(update)
+        await data.end()
         if refusal is not None:
             raise refusal
         if stored is None:
@@ -236,40 +282,6 @@ class Lineages:
             contributions=len(lineage.contributions),
             total_bytes=total,
         )
-
-    async def _take_bytes(
-        self,
-        stream: AsyncIterator[model_registry_pb2.LineageChunk],
-        index: int,
-        contribution: model_registry_pb2.Contribution,
-        *,
-        keep: bool,
-    ) -> int:
-        """Read one contribution's bytes off the stream, check them and (`keep`) store them."""
-        field = f"contributions[{index}]"
-        header = contribution.header
-        specs = specs_from_proto(header.tensors, f"{field}.header.tensors")
-        if not specs:
-            raise InvalidArgument(f"{field}.header.tensors: must list at least one tensor")
-        buf = PayloadBuffer(checked_total(specs, header.total_bytes, f"{field}.header"), field)
-        while not buf.complete:
-            chunk = await anext(stream, None)
-            if chunk is None:
-                raise InvalidArgument(
-                    f"{field}: stream ended after {buf.filled} of {buf.need} bytes"
-                )
-            if chunk.WhichOneof("part") != "data":
-                raise InvalidArgument(f"{field}: a second header in one stream")
-            buf.add(chunk.data)
-        data = bytes(buf.buf)
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != contribution.sha256:
-            raise InvalidArgument(
-                f"{field}.sha256: {contribution.sha256[:80]!r}, its bytes hash to {digest}"
-            )
-        if keep:
-            await self.store.put_update_bytes(digest, data)
-        return len(data)
 
     async def get(
         self, version: int, chunk_size: int = DEFAULT_CHUNK_SIZE

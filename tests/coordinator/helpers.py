@@ -11,7 +11,7 @@ import numpy as np
 from server.coordinator.coordinator import BaseModel, Lineage
 from server.coordinator.rounds import Update
 from server.coordinator.store import RoundUpdates, each_update
-from server.errors import NotFound, PropellerError
+from server.errors import AlreadyExists, NotFound, PropellerError
 from server.models import model_uri, parse_model_uri
 from server.tensors import Tensors, sha256_of, specs_of
 from tests.support.clients import TEST_MODULE
@@ -64,6 +64,10 @@ class MemoryBackend:
         return self.models[parse_model_uri(model_uri)]
 
     async def put_lineage(self, lineage: Lineage) -> None:
+        """As the registry: the same round's lineage again is fine, another is refused."""
+        known = self.lineages.get(lineage.version)
+        if known is not None and known.round.round_id != lineage.round.round_id:
+            raise AlreadyExists(f"version: {lineage.version} already has another lineage")
         self.lineages[lineage.version] = lineage
 
     async def aggregate(self, round_id: str, updates: RoundUpdates) -> tuple[Tensors, str]:

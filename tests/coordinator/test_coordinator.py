@@ -22,6 +22,7 @@ from server.errors import (
     Unavailable,
 )
 from server.round_spec import RoundSpec
+from server.tensors import sha256_of
 from server.topics import Topics
 from tests.coordinator.helpers import Clock, MemoryBackend, fedavg, make_update
 from tests.support.waits import eventually
@@ -260,6 +261,38 @@ async def test_a_write_that_landed_is_not_stored_twice() -> None:
     assert rnd.state is RoundState.COMPLETED
     assert rnd.new_model_version == 1
     assert sorted(backend.models) == [0, 1]
+
+
+async def test_each_version_is_stored_with_its_lineage() -> None:
+    coord, backend, _, _ = make()
+    await coord.configure(config(k_of_n=2), start=True)
+    for u in UPDATES[:2]:
+        await coord.submit("r1", u)
+    await coord.wait_finishing()
+    lineage = backend.lineages[1]
+    assert (lineage.round.round_id, lineage.model_sha256) == ("r1", sha256_of(backend.models[1]))
+    headers = update_headers(lineage.updates)
+    assert [u.proplet_id for u in headers] == ["a", "b"]
+    assert all(u.sha256 == sha256_of(v.tensors) for u, v in zip(headers, UPDATES, strict=False))
+
+
+async def test_a_retry_that_finds_another_rounds_identical_version_stores_its_own() -> None:
+    coord, backend, _, _ = make()
+    # r0 stores exactly the model r1 will make (same base, same single update).
+    v0 = "fl/models/global_model_v0"
+    await coord.configure(config(round_id="r0", k_of_n=1, model_ref=v0), start=True)
+    await coord.submit("r0", UPDATES[0])
+    await coord.wait_finishing()
+    # r1's first write is lost (nothing lands): its retry finds r0's v1 by its bytes, whose
+    # lineage is r0's: r1 stores a version of its own, with its own lineage.
+    backend.put_errors = [DeadlineExceeded("reply lost")]
+    await coord.configure(config(k_of_n=1, model_ref=v0), start=True)
+    await coord.submit("r1", UPDATES[0])
+    await coord.wait_finishing()
+    rnd = await coord.get("r1")
+    assert rnd.state is RoundState.COMPLETED and rnd.new_model_version == 2
+    assert backend.lineages[1].round.round_id == "r0"
+    assert backend.lineages[2].round.round_id == "r1"
 
 
 async def test_persistent_failure_fails_the_round_with_reason() -> None:
