@@ -289,9 +289,14 @@ class Coordinator:
         R.check_provenance(rnd, update)
         await self._check_num_samples(update)
         base = await self.backend.base_tensors(rnd.model_ref) if self.bounds.needs_base else None
-        update = await offload_if_big(
-            nbytes_of(update.tensors), self._check_update, rnd, update, base
+        # Two passes over a big update at once, each in a thread of its own: its checks, and
+        # the sha256 its signature covers.
+        nbytes = nbytes_of(update.tensors)
+        checked, sha = await asyncio.gather(
+            offload_if_big(nbytes, self._check_update, rnd, update, base),
+            offload_if_big(nbytes, _digest, rnd.specs, update.tensors),
         )
+        update = self._check_signature(rnd, replace(checked, sha256=sha))
         async with self._lock(round_id):
             rnd = await self.get(round_id)
             if self._admit(rnd, update.proplet_id):
@@ -334,21 +339,11 @@ class Coordinator:
             )
 
     def _check_update(self, rnd: Round, update: Update, base: Tensors | None) -> Update:
-        """The update's content (`rounds.validate_update`), its values' magnitude, its
-        signature (over mutual TLS: against the caller's certificate) and its distance from
-        the base model; returns it with its tensors in the base model's order, its sha256,
-        distance and clip scale. Runs off the event loop for big updates."""
+        """The update's content (`rounds.validate_update`), its values' magnitude and its
+        distance from the base model; returns it with its tensors in the base model's order,
+        its distance and clip scale. Runs off the event loop for big updates."""
         update = R.validate_update(rnd, update)
         B.check_magnitude(update.tensors, self.bounds.max_abs_value, "tensors")
-        sha = sha256_of(update.tensors)
-        if update.certificate:
-            claim = Claim.of(
-                update,
-                round_id=rnd.round_id,
-                base_model_sha256=rnd.base_model_sha256,
-                update_sha256=sha,
-            )
-            check_signature(update.certificate, update.signature, claim)
         dist, scale = 0.0, 1.0
         if base is not None:
             bound = self.bounds.max_distance
@@ -360,7 +355,21 @@ class Coordinator:
                     "(max_update_distance); update not counted"
                 )
             scale = B.clip_scale(dist, bound)
-        return replace(update, sha256=sha, distance=dist, clip_scale=scale)
+        return replace(update, distance=dist, clip_scale=scale)
+
+    @staticmethod
+    def _check_signature(rnd: Round, update: Update) -> Update:
+        """Over mutual TLS (the call's certificate is known): the update's signature over its
+        claim, with the round's base model and the sha256 of the bytes received."""
+        if update.certificate:
+            claim = Claim.of(
+                update,
+                round_id=rnd.round_id,
+                base_model_sha256=rnd.base_model_sha256,
+                update_sha256=update.sha256,
+            )
+            check_signature(update.certificate, update.signature, claim)
+        return update
 
     def _admit(self, rnd: Round, proplet_id: str) -> bool:
         """`rounds.admit` with an open round's members as sets (a big round's tuples are long;
@@ -718,6 +727,14 @@ class Coordinator:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _digest(specs: Sequence[Spec], tensors: Tensors) -> str:
+    """The sha256 of an update's bytes in the base model's tensor order ("" when it lacks a
+    tensor: its checks refuse it)."""
+    if any(s.name not in tensors for s in specs):
+        return ""
+    return sha256_of({s.name: tensors[s.name] for s in specs})
 
 
 class ClippedUpdates:

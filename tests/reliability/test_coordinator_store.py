@@ -28,6 +28,7 @@ from server.coordinator.store import (
     SqliteRoundStore,
     StateCorrupted,
     StoredUpdates,
+    each_update,
 )
 from server.errors import Unavailable
 from server.round_spec import Hyperparams, RoundSpec, validate, with_defaults
@@ -113,6 +114,8 @@ async def test_every_field_of_a_round_survives_a_restart(store: SqliteRoundStore
         new_model_uri="fl/models/global_model_v8",
         failure_reason="",
         closed_by="k_of_n",
+        module_digest="sha256:" + "ab" * 32,
+        base_model_sha256="cd" * 32,
     )
     failed = replace(
         new_round("r-failed", min_k_of_n=2),
@@ -141,6 +144,12 @@ async def test_a_file_of_an_older_coordinator_is_read_and_brought_up_to_date(pat
     with conn:
         conn.execute("ALTER TABLE rounds DROP COLUMN min_k_of_n")
         conn.execute("ALTER TABLE rounds DROP COLUMN failed")
+        conn.execute("ALTER TABLE rounds DROP COLUMN module_digest")
+        conn.execute("ALTER TABLE rounds DROP COLUMN base_model_sha256")
+        for column in ("base_model_sha256", "module_digest", "signature", "certificate"):
+            conn.execute(f"ALTER TABLE updates DROP COLUMN {column}")
+        conn.execute("ALTER TABLE updates DROP COLUMN distance")
+        conn.execute("ALTER TABLE updates DROP COLUMN clip_scale")
         conn.execute("DROP TABLE notices")
     conn.close()
     store = await opened(path)
@@ -278,6 +287,33 @@ async def test_each_accepted_update_is_one_row_with_its_bytes(
                 assert got.tensors[name].shape == want.tensors[name].shape
                 assert np.array_equal(got.tensors[name], want.tensors[name])
         assert len(await again.updates("zz")) == 0
+    finally:
+        await again.close()
+
+
+async def test_an_updates_provenance_survives_a_restart(
+    store: SqliteRoundStore, path: Path
+) -> None:
+    rnd = mixed_round()
+    await store.put(rnd)
+    u = replace(
+        mixed_update("a", 3, 4),
+        base_model_sha256="ef" * 32,
+        module_digest="sha256:" + "12" * 32,
+        signature=b"0E\x02 signature",
+        certificate=b"-----BEGIN CERTIFICATE-----\n...",
+        distance=2.5,
+        clip_scale=0.4,
+    )
+    u = replace(u, sha256=sha256_of(u.tensors))
+    rnd = R.record_update(rnd, "a")
+    await store.accept(rnd, u)
+    again = await reopen(store)
+    try:
+        [header] = (await again.updates("r1")).headers
+        assert replace(header, tensors=u.tensors) == u
+        [loaded] = [x async for x in each_update(await again.updates("r1"))]
+        assert loaded.sha256 == sha256_of(loaded.tensors)
     finally:
         await again.close()
 
