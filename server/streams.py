@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from propeller.v1 import tensor_pb2
 from server.errors import InvalidArgument, PropellerError
+from server.ids import MAX_TENSORS, check_count, check_name
 from server.tensors import (
     Array,
     Spec,
@@ -83,8 +84,12 @@ def update_header(meta: UpdateMeta, specs: list[Spec]) -> tensor_pb2.UpdateHeade
 
 
 def checked_total(specs: list[Spec], declared: int, field: str) -> int:
-    """The bytes `specs` need, once the header's `total_bytes` (0 = not given) agrees and the
-    size is one this server assembles in memory."""
+    """The bytes `specs` need, once the header's `total_bytes` (0 = not given) agrees, the
+    size is one this server assembles, and the tensors are at most `MAX_TENSORS` with names
+    that follow the name rule (`server.ids`)."""
+    check_count(specs, f"{field}.tensors", MAX_TENSORS)
+    for i, spec in enumerate(specs):
+        check_name(spec.name, f"{field}.tensors[{i}].name")
     need = total_bytes(specs)
     if declared not in (0, need):
         raise InvalidArgument(f"{field}.total_bytes: {declared}, tensors need {need}")

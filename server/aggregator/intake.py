@@ -13,6 +13,7 @@ from collections.abc import AsyncIterable
 from propeller.v1 import aggregator_pb2, tensor_pb2
 from server.aggregator.fedavg import FedAvg, check_num_samples, check_specs
 from server.errors import InvalidArgument
+from server.ids import check_id
 from server.streams import PayloadBuffer, checked_total
 from server.tensors import Spec, offload_if_big, specs_from_proto
 
@@ -41,6 +42,8 @@ def _start_update(
     fedavg: FedAvg,
 ) -> _PendingUpdate:
     field = f"updates[{index}]"
+    check_id(header.round_id, f"{field}.round_id", optional=True)
+    check_id(header.proplet_id, f"{field}.proplet_id", optional=True)
     if round_id and header.round_id and header.round_id != round_id:
         raise InvalidArgument(
             f"{field}.round_id: {header.round_id!r}, the aggregation is for {round_id!r}"
@@ -78,6 +81,7 @@ async def fold_update_stream(
             if header is not None:
                 raise InvalidArgument("header: a second AggregateHeader in one stream")
             header = chunk.header
+            check_id(header.round_id, "header.round_id", optional=True)
             if header.strategy not in SUPPORTED_STRATEGIES:
                 raise InvalidArgument(
                     f"header.strategy: unsupported strategy {header.strategy} "

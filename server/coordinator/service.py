@@ -9,8 +9,9 @@ from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
 from server.coordinator import rounds as R
 from server.coordinator.coordinator import Coordinator, Event, EventType
 from server.coordinator.wire import STATES, spec_from_proto, status_to_proto
-from server.errors import InvalidArgument, grpc_errors
+from server.errors import grpc_errors
 from server.grpc_server import Context, ServiceBinding
+from server.ids import check_count, check_id, check_name, check_text
 from server.streams import read_update_stream
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,17 @@ _EVENTS: dict[EventType, coordinator_pb2.RoundEventType] = {
     EventType.COMPLETED: coordinator_pb2.ROUND_EVENT_TYPE_COMPLETED,
     EventType.FAILED: coordinator_pb2.ROUND_EVENT_TYPE_FAILED,
 }
+
+
+def check_update_header(header: tensor_pb2.UpdateHeader, field: str = "update.header") -> None:
+    """The ids, the base model reference and the metrics of an update's header within the
+    rules of `server.ids` (the tensors are the stream reader's)."""
+    check_id(header.round_id, f"{field}.round_id")
+    check_id(header.proplet_id, f"{field}.proplet_id")
+    check_text(header.base_model_uri, f"{field}.base_model_uri")
+    check_count(header.metrics, f"{field}.metrics")
+    for name in header.metrics:
+        check_name(name, f"{field}.metrics")
 
 
 def event_to_proto(event: Event) -> coordinator_pb2.RoundEvent:
@@ -52,6 +64,7 @@ class CoordinatorServicer:
         self, request: coordinator_pb2.StartRoundRequest, context: Context
     ) -> coordinator_pb2.RoundStatus:
         async with grpc_errors(context, "Coordinator.StartRound"):
+            check_id(request.round_id, "round_id")
             return status_to_proto(await self.coordinator.start(request.round_id))
 
     async def SubmitUpdate(
@@ -59,10 +72,7 @@ class CoordinatorServicer:
     ) -> coordinator_pb2.SubmitUpdateResponse:
         async with grpc_errors(context, "Coordinator.SubmitUpdate"):
             header, tensors = await read_update_stream(request_iterator)
-            if not header.round_id:
-                raise InvalidArgument("update.header.round_id: must not be empty")
-            if not header.proplet_id:
-                raise InvalidArgument("update.header.proplet_id: must not be empty")
+            check_update_header(header)
             update = R.Update(
                 proplet_id=header.proplet_id,
                 base_model_uri=header.base_model_uri,
@@ -86,12 +96,14 @@ class CoordinatorServicer:
         self, request: coordinator_pb2.GetRoundStatusRequest, context: Context
     ) -> coordinator_pb2.RoundStatus:
         async with grpc_errors(context, "Coordinator.GetRoundStatus"):
+            check_id(request.round_id, "round_id")
             return status_to_proto(await self.coordinator.get(request.round_id))
 
     async def ListRounds(
         self, request: coordinator_pb2.ListRoundsRequest, context: Context
     ) -> coordinator_pb2.ListRoundsResponse:
         async with grpc_errors(context, "Coordinator.ListRounds"):
+            check_id(request.experiment_id, "experiment_id", optional=True)
             rounds = await self.coordinator.list(request.experiment_id)
             return coordinator_pb2.ListRoundsResponse(rounds=[status_to_proto(r) for r in rounds])
 
@@ -99,6 +111,7 @@ class CoordinatorServicer:
         self, request: coordinator_pb2.WatchRoundRequest, context: Context
     ) -> AsyncIterator[coordinator_pb2.RoundEvent]:
         async with grpc_errors(context, "Coordinator.WatchRound"):
+            check_id(request.round_id, "round_id")
             async for event in self.coordinator.watch(request.round_id):
                 yield event_to_proto(event)
 
