@@ -51,6 +51,7 @@ TIER_BY_PATH = {
     "reliability": "integration",
     "security": "integration",
     "security/test_pki.py": "unit",
+    "security/test_authz_table.py": "unit",
     "reliability/test_coordinator_processes.py": "process",
     "reliability/test_datastore_crash.py": "process",
     "reliability/test_manager_crash.py": "process",

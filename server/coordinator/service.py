@@ -6,12 +6,14 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator
 
 from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
+from server import authz
 from server.coordinator import rounds as R
 from server.coordinator.coordinator import Coordinator, Event, EventType
 from server.coordinator.wire import STATES, spec_from_proto, status_to_proto
-from server.errors import grpc_errors
+from server.errors import PermissionDenied, grpc_errors
 from server.grpc_server import Context, ServiceBinding
 from server.ids import check_count, check_id, check_name, check_text
+from server.pki import Kind
 from server.streams import read_update_stream
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ class CoordinatorServicer:
         async with grpc_errors(context, "Coordinator.SubmitUpdate"):
             header, tensors = await read_update_stream(request_iterator)
             check_update_header(header)
+            await self._check_submitter(header.round_id, header.proplet_id)
             update = R.Update(
                 proplet_id=header.proplet_id,
                 base_model_uri=header.base_model_uri,
@@ -90,6 +93,19 @@ class CoordinatorServicer:
                 num_updates=result.round.num_updates,
                 k_of_n=result.round.k_of_n,
                 state=STATES[result.round.state],
+            )
+
+    async def _check_submitter(self, round_id: str, proplet_id: str) -> None:
+        """An authenticated proplet submits only as itself and only to a round it is a
+        participant of (PERMISSION_DENIED otherwise; nothing counted)."""
+        authz.require_self(proplet_id)
+        who = authz.caller()
+        if who is None or who.kind is not Kind.PROPLET:
+            return  # plaintext: the round's own membership rule answers (FAILED_PRECONDITION)
+        rnd = await self.coordinator.get(round_id)
+        if proplet_id not in rnd.participants:
+            raise PermissionDenied(
+                f"SubmitUpdate: proplet {proplet_id!r} is not a participant of round {round_id!r}"
             )
 
     async def GetRoundStatus(

@@ -22,6 +22,7 @@ from server.topics import Topics
 from tests.manager.fakes import WASM, mqtt_config
 from tests.services.harness import served
 from tests.support.infra import Mosquitto
+from tests.support.security import service_tls
 
 PROPLET = Proplet("p1", "edge-1", {"os": "linux", "arch": "x86"}, 1005.5, 1000.25)
 TASK = Task(
@@ -163,6 +164,7 @@ async def test_an_acknowledged_call_is_already_on_disk(
     config = ManagerConfig(
         addr="127.0.0.1:0",
         coordinator_addr="127.0.0.1:9",
+        tls=service_tls("manager"),
         mqtt=mqtt_config(broker.port, topics),
         state_dir=tmp_path,
     )

@@ -1,6 +1,10 @@
 """gRPC clients of the services for tests: one channel per service, a stub for each, and the
 calls tests make through them (models, rounds, experiments, tasks, proplets). Every call is
-bounded by a timeout; every wait is `eventually`."""
+bounded by a timeout; every wait is `eventually`.
+
+The channels carry the suite's operator certificate (`tests.support.security`) unless
+`insecure`; an update is submitted with the certificate of the proplet it is from, over a
+channel of that proplet's own, as a real proplet would."""
 
 from __future__ import annotations
 
@@ -22,12 +26,13 @@ from propeller.v1 import (
     model_registry_pb2,
     model_registry_pb2_grpc,
 )
-from server.config import Endpoints
+from server.config import Endpoints, TlsConfig
 from server.coordinator.rounds import Update
 from server.grpc_server import channel
 from server.models import model_uri
 from server.streams import UpdateMeta, read_model_stream, update_stream
 from server.tensors import Tensors
+from tests.support.security import operator_tls, proplet_tls
 from tests.support.waits import eventually
 
 V0 = model_uri(0)
@@ -77,6 +82,11 @@ class Clients:
     (the generated stubs are untyped, hence Any); a service without a channel has no stub."""
 
     channels: dict[str, grpc.aio.Channel]
+    # Where the coordinator is, and the operator's TLS (None: plaintext): a submitted update
+    # goes over a channel with its proplet's own certificate.
+    coordinator_addr: str = field(default="", kw_only=True)
+    tls: TlsConfig | None = field(default=None, kw_only=True)
+    as_proplet: dict[str, grpc.aio.Channel] = field(default_factory=dict, kw_only=True)
     manager: Any = field(init=False, repr=False)
     coordinator: Any = field(init=False, repr=False)
     aggregator: Any = field(init=False, repr=False)
@@ -136,10 +146,28 @@ class Clients:
             update.num_samples,
             dict(update.metrics),
         )
-        resp: coordinator_pb2.SubmitUpdateResponse = await self.coordinator.SubmitUpdate(
-            update_stream(meta, update.tensors, chunk_size), timeout=LONG_RPC_S
-        )
+        resp: coordinator_pb2.SubmitUpdateResponse = await self.coordinator_as(
+            update.proplet_id
+        ).SubmitUpdate(update_stream(meta, update.tensors, chunk_size), timeout=LONG_RPC_S)
         return resp
+
+    def coordinator_as(self, proplet_id: str) -> Any:
+        """A Coordinator stub calling as proplet `proplet_id` (its own certificate); the
+        operator's stub on plaintext."""
+        if self.tls is None:
+            return self.coordinator
+        ch = self.as_proplet.get(proplet_id)
+        if ch is None:
+            assert self.coordinator_addr, "no coordinator address to call as a proplet"
+            ch = self.as_proplet[proplet_id] = channel(
+                self.coordinator_addr, proplet_tls(proplet_id)
+            )
+        return coordinator_pb2_grpc.CoordinatorStub(ch)
+
+    async def close_proplet_channels(self) -> None:
+        channels, self.as_proplet = list(self.as_proplet.values()), {}
+        for ch in channels:
+            await ch.close(None)
 
     async def status(
         self, round_id: str = "r1", via: Literal["coordinator", "manager"] = "coordinator"
@@ -221,14 +249,23 @@ class Clients:
 
 
 @contextlib.asynccontextmanager
-async def clients(addresses: Endpoints | Mapping[str, str]) -> AsyncIterator[Clients]:
+async def clients(
+    addresses: Endpoints | Mapping[str, str],
+    *,
+    tls: TlsConfig | None = None,
+    insecure: bool = False,
+) -> AsyncIterator[Clients]:
     """Clients with a channel to each service `addresses` names (an Endpoints names all five;
-    a mapping like {"coordinator": addr} only those)."""
+    a mapping like {"coordinator": addr} only those), as the suite's operator (or with `tls`;
+    `insecure`: plaintext)."""
     named = dataclasses.asdict(addresses) if isinstance(addresses, Endpoints) else addresses
+    creds = None if insecure else tls or operator_tls()
     async with contextlib.AsyncExitStack() as stack:
         channels = {
-            service: await stack.enter_async_context(channel(named[field]))
+            service: await stack.enter_async_context(channel(named[field], creds))
             for service, (field, _) in SERVICES.items()
             if named.get(field)
         }
-        yield Clients(channels)
+        made = Clients(channels, coordinator_addr=named.get("coordinator", ""), tls=creds)
+        stack.push_async_callback(made.close_proplet_channels)
+        yield made
