@@ -105,7 +105,8 @@ class CoordinatorServicer:
         rnd = await self.coordinator.get(round_id)
         if proplet_id not in rnd.participants:
             raise PermissionDenied(
-                f"SubmitUpdate: proplet {proplet_id!r} is not a participant of round {round_id!r}"
+                f"SubmitUpdate: proplet {proplet_id!r} (header.proplet_id) is not a participant "
+                f"of round {round_id!r}"
             )
 
     async def GetRoundStatus(

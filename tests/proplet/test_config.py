@@ -73,7 +73,11 @@ def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> No
 
 def test_insecure_registries_from_env() -> None:
     config = PropletConfig.from_env(
-        {"PROPLET_ID": "p", "PROPLET_INSECURE_REGISTRIES": "registry:5000, other:80"}
+        {
+            "PROPELLER_INSECURE": "1",
+            "PROPLET_ID": "p",
+            "PROPLET_INSECURE_REGISTRIES": "registry:5000, other:80",
+        }
     )
     assert config.insecure_registries == frozenset({"registry:5000", "other:80"})
     assert config.is_insecure("registry:5000")

@@ -148,6 +148,8 @@ async def test_without_a_state_dir_nothing_is_kept() -> None:
 
 
 def test_state_dir_from_the_environment(tmp_path: Path) -> None:
-    assert DataStoreConfig.from_env({}).state_dir is None
-    config = DataStoreConfig.from_env({"PROPELLER_STATE_DIR": str(tmp_path)})
+    assert DataStoreConfig.from_env({"PROPELLER_INSECURE": "1"}).state_dir is None
+    config = DataStoreConfig.from_env(
+        {"PROPELLER_INSECURE": "1", "PROPELLER_STATE_DIR": str(tmp_path)}
+    )
     assert config.state_dir == tmp_path

@@ -153,8 +153,13 @@ async def test_a_failed_write_is_reported_and_stays_reported(tmp_path: Path) -> 
 
 
 def test_state_dir_from_the_environment(tmp_path: Path) -> None:
-    assert ManagerConfig.from_env({}).state_dir is None
-    assert ManagerConfig.from_env({"PROPELLER_STATE_DIR": str(tmp_path)}).state_dir == tmp_path
+    assert ManagerConfig.from_env({"PROPELLER_INSECURE": "1"}).state_dir is None
+    assert (
+        ManagerConfig.from_env(
+            {"PROPELLER_INSECURE": "1", "PROPELLER_STATE_DIR": str(tmp_path)}
+        ).state_dir
+        == tmp_path
+    )
 
 
 async def test_an_acknowledged_call_is_already_on_disk(

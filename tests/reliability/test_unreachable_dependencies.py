@@ -375,15 +375,31 @@ def test_round_deadline_from_the_task_env() -> None:
 @pytest.mark.unit
 def test_retry_settings_from_the_environment() -> None:
     config = PropletConfig.from_env(
-        {"PROPLET_ID": "p", "PROPLET_RETRY_BACKOFF_S": "0.5", "PROPLET_RETRY_MAX_BACKOFF_S": "8"}
+        {
+            "PROPELLER_INSECURE": "1",
+            "PROPLET_ID": "p",
+            "PROPLET_RETRY_BACKOFF_S": "0.5",
+            "PROPLET_RETRY_MAX_BACKOFF_S": "8",
+        }
     )
     assert config.backoff == Backoff(initial_s=0.5, max_s=8.0)
-    assert PropletConfig.from_env({"PROPLET_ID": "p"}).backoff == Backoff(0.2, 5.0)
+    assert PropletConfig.from_env(
+        {"PROPELLER_INSECURE": "1", "PROPLET_ID": "p"}
+    ).backoff == Backoff(0.2, 5.0)
     with pytest.raises(ValueError, match="retry_backoff_s"):
-        PropletConfig.from_env({"PROPLET_ID": "p", "PROPLET_RETRY_BACKOFF_S": "0"})
+        PropletConfig.from_env(
+            {"PROPELLER_INSECURE": "1", "PROPLET_ID": "p", "PROPLET_RETRY_BACKOFF_S": "0"}
+        )
     with pytest.raises(ValueError, match="retry_max_backoff_s"):
         PropletConfig.from_env(
-            {"PROPLET_ID": "p", "PROPLET_RETRY_BACKOFF_S": "2", "PROPLET_RETRY_MAX_BACKOFF_S": "1"}
+            {
+                "PROPELLER_INSECURE": "1",
+                "PROPLET_ID": "p",
+                "PROPLET_RETRY_BACKOFF_S": "2",
+                "PROPLET_RETRY_MAX_BACKOFF_S": "1",
+            }
         )
     with pytest.raises(ValueError, match="PROPLET_RETRY_MAX_BACKOFF_S"):
-        PropletConfig.from_env({"PROPLET_ID": "p", "PROPLET_RETRY_MAX_BACKOFF_S": "soon"})
+        PropletConfig.from_env(
+            {"PROPELLER_INSECURE": "1", "PROPLET_ID": "p", "PROPLET_RETRY_MAX_BACKOFF_S": "soon"}
+        )

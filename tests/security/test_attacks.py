@@ -101,7 +101,7 @@ async def test_a_proplet_cannot_submit_to_a_round_it_is_not_in(world: Cluster) -
         await refused(
             stub.SubmitUpdate(update("c"), timeout=RPC_S),
             C.PERMISSION_DENIED,
-            "proplet 'c' is not a participant of round 'r1'",
+            "proplet 'c' (header.proplet_id) is not a participant of round 'r1'",
         )
     assert (await world.status("r1")).num_updates == 0
 

@@ -29,10 +29,8 @@ ROW = re.compile(r"^\| `([\w.]+/\w+)` \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$")
 def cells(rule: Rule) -> tuple[str, str, str]:
     """A rule as the doc writes it."""
     operator = "yes" if rule.operator else "—"
-    if ANY_SERVICE in rule.services:
-        services = "any"
-    else:
-        services = ", ".join(sorted(rule.services)) or "—"
+    named = ", ".join(sorted(rule.services)) or "—"
+    services = "any" if ANY_SERVICE in rule.services else named
     proplet = "—"
     if rule.proplet:
         proplet = f"as itself (`{rule.as_itself}`)" if rule.as_itself else "yes"

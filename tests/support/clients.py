@@ -30,6 +30,7 @@ from server.config import Endpoints, TlsConfig
 from server.coordinator.rounds import Update
 from server.grpc_server import channel
 from server.models import model_uri
+from server.pki import Identity, Kind
 from server.streams import UpdateMeta, read_model_stream, update_stream
 from server.tensors import Tensors
 from tests.support.security import operator_tls, proplet_tls
@@ -40,6 +41,8 @@ HYPER = coordinator_pb2.Hyperparams(epochs=1, lr=0.01, batch_size=16)
 CLOSED = (coordinator_pb2.ROUND_STATE_COMPLETED, coordinator_pb2.ROUND_STATE_FAILED)
 FINISHED = (manager_pb2.TASK_STATE_COMPLETED, manager_pb2.TASK_STATE_FAILED)
 RPC_S = 10.0
+# The proplet that sends an update whose proplet id no certificate can carry.
+SENDER = "test-sender"
 # Uploads and StartExperiment (which waits for the broker to publish the tasks) get longer.
 LONG_RPC_S = 60.0
 
@@ -151,17 +154,29 @@ class Clients:
         ).SubmitUpdate(update_stream(meta, update.tensors, chunk_size), timeout=LONG_RPC_S)
         return resp
 
+    def connection(self) -> dict[str, Any]:
+        """The keyword arguments that give a subclass made from these clients' `channels`
+        the same way of calling as a proplet."""
+        return {
+            "coordinator_addr": self.coordinator_addr,
+            "tls": self.tls,
+            "as_proplet": self.as_proplet,
+        }
+
     def coordinator_as(self, proplet_id: str) -> Any:
         """A Coordinator stub calling as proplet `proplet_id` (its own certificate); the
-        operator's stub on plaintext."""
+        operator's stub on plaintext. An id no certificate can carry (empty, say: a test of
+        the coordinator's own checks) is sent by a proplet named SENDER."""
         if self.tls is None:
             return self.coordinator
         ch = self.as_proplet.get(proplet_id)
         if ch is None:
             assert self.coordinator_addr, "no coordinator address to call as a proplet"
-            ch = self.as_proplet[proplet_id] = channel(
-                self.coordinator_addr, proplet_tls(proplet_id)
-            )
+            try:
+                sender = Identity(Kind.PROPLET, proplet_id).name
+            except ValueError:
+                sender = SENDER
+            ch = self.as_proplet[proplet_id] = channel(self.coordinator_addr, proplet_tls(sender))
         return coordinator_pb2_grpc.CoordinatorStub(ch)
 
     async def close_proplet_channels(self) -> None:

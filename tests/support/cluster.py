@@ -68,8 +68,10 @@ async def serve_app(
 ) -> AsyncIterator[str]:
     """Enter `app` and serve its bindings (or `bindings` in their place) on `addr` (a free
     loopback port by default) with `tls` (None: plaintext); yields the address clients use."""
-    served = app.bindings if bindings is None else bindings
-    async with app, serving(addr, served, tls) as port:
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(app)
+        served = app.bindings if bindings is None else bindings
+        port = await stack.enter_async_context(serving(addr, served, tls))
         yield f"{addr.rpartition(':')[0]}:{port}"
 
 
@@ -221,9 +223,7 @@ async def cluster(
     ):
         made = Cluster(
             c.channels,
-            coordinator_addr=c.coordinator_addr,
-            tls=c.tls,
-            as_proplet=c.as_proplet,
+            **c.connection(),
             stack=running_stack,
             mqtt=mqtt,
             proplet_ids=ids,
