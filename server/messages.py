@@ -114,7 +114,8 @@ def _num(d: dict[str, Any], key: str, default: float = 0.0) -> float:
 
 @dataclass(frozen=True)
 class PropletAnnounce:
-    """`control/proplet/create` (at start-up) and `control/proplet/alive` (heartbeats)."""
+    """`control/proplet/create/{id}` (at start-up) and `control/proplet/alive/{id}`
+    (heartbeats); `proplet_id` must be the topic's id (the manager drops it otherwise)."""
 
     proplet_id: str
     name: str = ""
@@ -153,7 +154,8 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class TaskStart(TaskSpec):
-    """`control/manager/start`: run this module on `proplet_id` (empty = any proplet).
+    """`control/manager/start/{proplet_id}` (`control/manager/start` when `proplet_id` is
+    empty: any proplet): run this module.
 
     `attempt` numbers the manager's starts of this task (1, 2, ... after each restart); the
     proplet echoes it in every `TaskResult` of this run so a late result of an earlier run is
@@ -192,7 +194,7 @@ class TaskStart(TaskSpec):
 
 @dataclass(frozen=True)
 class TaskStop:
-    """`control/manager/stop`."""
+    """`control/manager/stop/{proplet_id}` (`control/manager/stop`: any proplet)."""
 
     id: str
     proplet_id: str = ""
@@ -216,8 +218,9 @@ RESULT_STATES = (RUNNING, COMPLETED, FAILED, INTERRUPTED)
 
 @dataclass(frozen=True)
 class TaskResult:
-    """`control/proplet/results`: a task changed state on a proplet; `attempt` is that of the
-    `TaskStart` the proplet was running."""
+    """`control/proplet/results/{proplet_id}`: a task changed state on a proplet; `attempt` is
+    that of the `TaskStart` the proplet was running. The proplet sends it again until a
+    `ResultAck` says the manager has it."""
 
     task_id: str
     proplet_id: str
@@ -247,6 +250,44 @@ class TaskResult:
             error=bounded_text(_str(d, "error"), MAX_TEXT_BYTES),
             timestamp=_num(d, "timestamp", time.time()),
             attempt=_attempt(d),
+        )
+
+
+@dataclass(frozen=True)
+class ResultAck:
+    """`control/manager/ack/{proplet_id}`: the manager has handled the result `state` of
+    attempt `attempt` of task `task_id` (recorded it on disk, or knowingly ignored it: a stale
+    attempt, an unknown task, a repeat), so the proplet stops sending it again."""
+
+    task_id: str
+    attempt: int
+    state: str
+
+    def __post_init__(self) -> None:
+        if self.state not in RESULT_STATES:
+            raise ValueError(f"state: {self.state!r} not one of {RESULT_STATES}")
+
+    @classmethod
+    def of(cls, result: TaskResult) -> ResultAck:
+        return cls(result.task_id, result.attempt, result.state)
+
+    def acknowledges(self, result: TaskResult) -> bool:
+        return (self.task_id, self.attempt, self.state) == (
+            result.task_id,
+            result.attempt,
+            result.state,
+        )
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, payload: bytes | str) -> ResultAck:
+        d = _load(payload)
+        return cls(
+            task_id=_id(d, "task_id", required=True),
+            attempt=_attempt(d),
+            state=_str(d, "state", required=True),
         )
 
 

@@ -135,12 +135,14 @@ class Stack(Lifecycle):
         """Each service's TLS (and the operator's), from the CA in `ca_dir`."""
         cfg = self.config
         if cfg.ca_dir is None:
-            return dict.fromkeys((*ENDPOINTS, "operator"))
+            return dict.fromkeys((*ENDPOINTS, "operator", "mqtt"))
         ca_dir = cfg.ca_dir
 
         def issue() -> dict[str, TlsConfig | None]:
             self.ca = CertificateAuthority.open_or_create(ca_dir)
             tls = {name: service_tls(self.ca, name, [cfg.host]) for name in ENDPOINTS}
+            # The embedded broker's own certificate, for the host the clients reach it at.
+            tls["mqtt"] = service_tls(self.ca, "mqtt", [cfg.host])
             return {**tls, "operator": identity_tls(self.ca, OPERATOR)}
 
         return await asyncio.to_thread(issue)
@@ -150,7 +152,9 @@ class Stack(Lifecycle):
         tls = await self._credentials()
         self.operator_tls = tls["operator"]
         if cfg.broker_port is not None:
-            self.broker = await stack.enter_async_context(EmbeddedBroker(cfg.host, cfg.broker_port))
+            self.broker = await stack.enter_async_context(
+                EmbeddedBroker(cfg.host, cfg.broker_port, tls=tls["mqtt"])
+            )
             self.mqtt = self.broker.mqtt_config(cfg.mqtt.topics)
         self.registry = RegistryApp(
             RegistryConfig(
@@ -180,7 +184,7 @@ class Stack(Lifecycle):
                 addr=self._addr(cfg.coordinator_port),
                 aggregator_addr=aggregator,
                 registry_addr=registry,
-                mqtt=self.mqtt,
+                mqtt=self.mqtt.as_identity(tls["coordinator"]),
                 tick_s=cfg.coordinator_tick_s,
                 state_dir=cfg.state_dir,
                 tls=tls["coordinator"],
@@ -200,7 +204,7 @@ class Stack(Lifecycle):
             ManagerConfig(
                 addr=self._addr(cfg.manager_port),
                 coordinator_addr=coordinator,
-                mqtt=self.mqtt,
+                mqtt=self.mqtt.as_identity(tls["manager"]),
                 alive_window_s=cfg.alive_window_s,
                 task_endpoints=services,
                 state_dir=cfg.state_dir,
@@ -256,7 +260,7 @@ async def proplets(
             config = PropletConfig(
                 proplet_id=pid,
                 name=f"proplet-{i + 1}",
-                mqtt=mqtt,
+                mqtt=mqtt.as_identity(tls[i]),
                 endpoints=endpoints,
                 heartbeat_s=heartbeat_s,
                 work_dir=work_dir / "proplets",

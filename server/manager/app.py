@@ -3,6 +3,9 @@ channel, wired to the servicer."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -13,8 +16,9 @@ from pathlib import Path
 from propeller.v1 import coordinator_pb2_grpc, manager_pb2
 from propeller.v1 import manager_pb2_grpc as manager_grpc
 from server.config import Endpoints, MqttConfig, TlsConfig, env_float, env_str
+from server.errors import Unavailable
 from server.grpc_server import ServiceBinding, channel
-from server.lifecycle import ServiceApp, for_serve, run_service, state_dir_from_env
+from server.lifecycle import ServiceApp, for_serve, run_service, start_task, state_dir_from_env
 from server.manager.coordinator import CoordinatorClient
 from server.manager.experiments import ExperimentStore, InMemoryExperimentStore
 from server.manager.orchestrator import Manager
@@ -22,6 +26,7 @@ from server.manager.proplets import InMemoryPropletStore, Proplets, PropletStore
 from server.manager.service import ManagerServicer
 from server.manager.sqlite_store import ManagerDatabase
 from server.manager.tasks import InMemoryTaskStore, Tasks, TaskStore
+from server.messages import ResultAck
 from server.mqtt import MqttSession
 
 SERVICE_NAME: str = manager_pb2.DESCRIPTOR.services_by_name["Manager"].full_name
@@ -42,6 +47,12 @@ class ManagerConfig:
     # Proplets, tasks and experiments in `<state_dir>/manager.sqlite`; None keeps them in
     # memory only.
     state_dir: Path | None = None
+    # Reconciliation, every `reconcile_interval_s`: a task left SCHEDULED or RUNNING this long
+    # after its start (without ROUND_DEADLINE), or this long after its round's deadline, is
+    # interrupted with a reason (`Manager.reconcile`).
+    task_deadline_s: float = 900.0
+    report_grace_s: float = 30.0
+    reconcile_interval_s: float = 5.0
     # Mutual TLS, server and the coordinator channel (None: plaintext); see TlsConfig.
     tls: TlsConfig | None = field(kw_only=True)
 
@@ -50,6 +61,10 @@ class ManagerConfig:
             raise ValueError(f"alive_window_s: {self.alive_window_s} must be > 0")
         if not self.rpc_timeout_s > 0:
             raise ValueError(f"rpc_timeout_s: {self.rpc_timeout_s} must be > 0")
+        for name in ("task_deadline_s", "report_grace_s", "reconcile_interval_s"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: {value} must be a finite number > 0")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ManagerConfig:
@@ -63,13 +78,22 @@ class ManagerConfig:
             task_endpoints=Endpoints.from_env(env),
             rpc_timeout_s=env_float(env, "PROPELLER_RPC_TIMEOUT_S", d.rpc_timeout_s),
             state_dir=state_dir_from_env(env),
+            task_deadline_s=env_float(env, "PROPELLER_TASK_DEADLINE_S", d.task_deadline_s),
+            report_grace_s=env_float(env, "PROPELLER_REPORT_GRACE_S", d.report_grace_s),
+            reconcile_interval_s=env_float(
+                env, "PROPELLER_RECONCILE_INTERVAL_S", d.reconcile_interval_s
+            ),
             tls=TlsConfig.from_env(env),
         )
 
 
+log = logging.getLogger(__name__)
+
+
 class ManagerApp(ServiceApp):
-    """Async context manager owning the manager's state, its MQTT session (proplet create,
-    alive and results) and its channel to the coordinator. Serve `bindings` while inside."""
+    """Async context manager owning the manager's state, its MQTT session (every proplet's
+    announcements, heartbeats and results; result acknowledgements out), the reconciliation
+    loop and its channel to the coordinator. Serve `bindings` while inside."""
 
     def __init__(
         self,
@@ -96,6 +120,9 @@ class ManagerApp(ServiceApp):
         )
         self._manager: Manager | None = None
         self._session: MqttSession | None = None
+        # Acknowledgements of handled results, sent in the background (never from the MQTT
+        # handler, which must not wait on the connection it runs on): (proplet id, ack).
+        self._acks: asyncio.Queue[tuple[str, ResultAck]] = asyncio.Queue()
 
     @property
     def manager(self) -> Manager:
@@ -118,8 +145,30 @@ class ManagerApp(ServiceApp):
             await self.database.flush()
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
-        await self.manager.handle_message(topic, payload)
+        ack = await self.manager.handle_message(topic, payload)
         await self.persisted()
+        report = self.config.mqtt.topics.parse_report(topic)
+        if ack is not None and report is not None:
+            # On disk first: an acknowledged result is never lost by a manager crash.
+            self._acks.put_nowait((report[1], ack))
+
+    async def _send_acks(self) -> None:
+        topics = self.config.mqtt.topics
+        while True:
+            proplet_id, ack = await self._acks.get()
+            try:
+                await self._publish(topics.result_ack_for(proplet_id), ack.to_json())
+            except Unavailable as exc:  # the proplet sends the result again: acked then
+                log.warning("[Manager.results] ack to %s not sent: %s", proplet_id, exc)
+
+    async def _reconcile(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reconcile_interval_s)
+            try:
+                await self.manager.reconcile()
+                await self.persisted()
+            except Exception:  # logged; the next round of reconciliation may succeed
+                log.exception("[Manager.reconcile] failed")
 
     async def _publish(self, topic: str, payload: bytes) -> None:
         await self._entered(self._session).publish(topic, payload)
@@ -144,17 +193,22 @@ class ManagerApp(ServiceApp):
             topics=topics,
             task_endpoints=self.config.task_endpoints,
             clock=self.clock,
+            task_deadline_s=self.config.task_deadline_s,
+            report_grace_s=self.config.report_grace_s,
         )
-        # A stable client id per namespace: a restarted manager resumes its persistent
-        # session and receives the results queued while it was down.
+        # A stable client id (per namespace; with TLS, the manager's user name): a restarted
+        # manager resumes its persistent session and receives the results queued while it was
+        # down.
         self._session = await stack.enter_async_context(
             MqttSession(
                 self.config.mqtt,
                 f"propeller-manager-{topics.domain}-{topics.channel}",
-                [topics.proplet_create, topics.proplet_alive, topics.proplet_results],
+                topics.reports,
                 self._on_message,
             )
         )
+        start_task(stack, self._send_acks(), "manager-acks")
+        start_task(stack, self._reconcile(), "manager-reconcile")
 
 
 async def main() -> None:

@@ -27,6 +27,7 @@ from server.mqtt import MqttSession
 from server.streams import UpdateMeta, model_stream, update_stream
 from server.tensors import tensor_to_proto
 from tests.support.cluster import Cluster, cluster
+from tests.support.security import proplet_tls
 from tests.support.waits import eventually
 
 CP, DS, MP, MR = coordinator_pb2, datastore_pb2, manager_pb2, model_registry_pb2
@@ -181,14 +182,17 @@ async def test_mqtt_messages_with_bad_ids_are_dropped(stack: Cluster) -> None:
     topics = stack.topics
     task = await stack.manager.CreateTask(MP.CreateTaskRequest(name="t", image_url="x"))
     await stack.manager.StartTask(MP.TaskRef(task_id=task.id))
-    async with MqttSession(stack.mqtt, f"ids-{uuid.uuid4().hex[:8]}") as s:
+    # A proplet (the only kind that may publish reports) naming bad ids in its payloads; the
+    # topics themselves cannot carry one (its own id is the last level).
+    mqtt = stack.mqtt.as_identity(proplet_tls("p-ok"))
+    async with MqttSession(mqtt, f"ids-{uuid.uuid4().hex[:8]}") as s:
         for bad in ("p/x", "p+", "#", "a b", "svc:manager", "x" * 129):
-            await s.publish(topics.proplet_create, PropletAnnounce(bad).to_json())
-            await s.publish(topics.proplet_alive, PropletAnnounce(bad).to_json())
+            await s.publish(topics.proplet_create_for("p-ok"), PropletAnnounce(bad).to_json())
+            await s.publish(topics.proplet_alive_for("p-ok"), PropletAnnounce(bad).to_json())
             result = TaskResult(task.id, bad, COMPLETED, results="forged")
-            await s.publish(topics.proplet_results, result.to_json())
+            await s.publish(topics.proplet_results_for("p-ok"), result.to_json())
         # A good one after them: once it is listed, every message before it was handled.
-        await s.publish(topics.proplet_create, PropletAnnounce("p-ok").to_json())
+        await s.publish(topics.proplet_create_for("p-ok"), PropletAnnounce("p-ok").to_json())
         await eventually(
             stack.proplets, lambda ps: any(p.id == "p-ok" for p in ps), what="p-ok registered"
         )

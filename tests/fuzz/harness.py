@@ -255,7 +255,8 @@ async def fuzz_env(broker: Mosquitto, factory: pytest.TempPathFactory) -> AsyncI
     """The Stack (no proplet: the known ones announce themselves over MQTT in `seed`) with
     the known-good state in it, checked healthy."""
     topics = Topics(domain=f"fz{uuid.uuid4().hex[:8]}", channel="fl")
-    mqtt = MqttConfig(port=broker.port, topics=topics)
+    assert broker.plain_port is not None
+    mqtt = MqttConfig(port=broker.plain_port, topics=topics)
     stack = {
         "state_dir": state_dir(factory),
         "seed_proplet_ids": (known.PROPLET,),
@@ -264,9 +265,10 @@ async def fuzz_env(broker: Mosquitto, factory: pytest.TempPathFactory) -> AsyncI
         # Known proplets stay alive for the whole run, so experiments really get scheduled.
         "alive_window_s": 24 * 3600,
     }
-    # Plaintext, on purpose: the fuzzers send SubmitUpdate for any proplet id, which over
-    # mutual TLS only that proplet's own certificate may do; what they fuzz is the servicers'
-    # input handling. Authorization has its own tests (tests/security).
+    # Plaintext (and the broker's plaintext listener), on purpose: the fuzzers send
+    # SubmitUpdate for any proplet id, which over mutual TLS only that proplet's own
+    # certificate may do; what they fuzz is the servicers' input handling. Authorization has
+    # its own tests (tests/security).
     async with cluster(
         mqtt, factory.mktemp("fuzz"), dimension=None, stack=stack, insecure=True
     ) as c:

@@ -27,6 +27,7 @@ from tests.manager.fakes import (
     until_alive,
 )
 from tests.support.infra import Mosquitto
+from tests.support.security import proplet_tls
 from tests.support.waits import eventually
 from tests.test_round_spec import NOT_FINITE_OR_NEGATIVE
 
@@ -107,11 +108,15 @@ async def test_heartbeating_proplet_never_flaps_and_silent_one_dies(
 async def test_malformed_payloads_are_dropped(broker: Mosquitto, topics: Topics) -> None:
     async with (
         running_manager(broker.port, topics) as m,
-        MqttSession(mqtt_config(broker.port, topics), f"junk-{topics.domain}") as junk,
+        MqttSession(
+            mqtt_config(broker.port, topics).as_identity(proplet_tls("junk")), "junk"
+        ) as junk,
     ):
-        await junk.publish(topics.proplet_create, b"\xff not json")
-        await junk.publish(topics.proplet_alive, b'{"proplet_id": 7}')
-        await junk.publish(topics.proplet_results, b'{"task_id": "x", "state": "Bogus"}')
+        await junk.publish(topics.proplet_create_for("junk"), b"\xff not json")
+        await junk.publish(topics.proplet_alive_for("junk"), b'{"proplet_id": 7}')
+        await junk.publish(
+            topics.proplet_results_for("junk"), b'{"task_id": "x", "state": "Bogus"}'
+        )
         async with FakeProplet(broker.port, topics, "p-ok"):
             await until_alive(m.stub, "p-ok")
         listed = await m.stub.ListProplets(manager_pb2.ListPropletsRequest())

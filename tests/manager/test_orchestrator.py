@@ -18,7 +18,7 @@ from server.manager.experiments import InMemoryExperimentStore
 from server.manager.orchestrator import Manager
 from server.manager.proplets import InMemoryPropletStore, Proplets, Skipped
 from server.manager.tasks import InMemoryTaskStore, Tasks, TaskState
-from server.messages import PropletAnnounce, TaskResult, TaskStart
+from server.messages import PropletAnnounce, ResultAck, TaskResult, TaskStart
 from server.round_spec import Hyperparams, RoundSpec, validate, with_defaults
 from server.topics import Topics
 from tests.manager.fakes import FakeClock
@@ -112,7 +112,9 @@ def config(participants: list[str], **kw: Any) -> RoundSpec:
 
 async def announce(world: World, *ids: str) -> None:
     for pid in ids:
-        await world.manager.handle_message(TOPICS.proplet_create, PropletAnnounce(pid).to_json())
+        await world.manager.handle_message(
+            TOPICS.proplet_create_for(pid), PropletAnnounce(pid).to_json()
+        )
 
 
 async def test_no_live_participant_configures_nothing(world: World) -> None:
@@ -193,11 +195,15 @@ async def test_start_task_publish_failure_leaves_task_pending(world: World) -> N
 
 async def test_malformed_mqtt_payloads_are_dropped(world: World) -> None:
     m = world.manager
-    await m.handle_message(TOPICS.proplet_create, b"not json")
-    await m.handle_message(TOPICS.proplet_alive, b'{"name": "no id"}')
-    await m.handle_message(TOPICS.proplet_alive, b"[1, 2]")
-    await m.handle_message(TOPICS.proplet_results, b'{"task_id": "t", "state": "Exploded"}')
-    await m.handle_message(TOPICS.proplet_results, TaskResult("nope", "p1", "Running").to_json())
+    await m.handle_message(TOPICS.proplet_create_for("p1"), b"not json")
+    await m.handle_message(TOPICS.proplet_alive_for("p1"), b'{"name": "no id"}')
+    await m.handle_message(TOPICS.proplet_alive_for("p1"), b"[1, 2]")
+    bogus = b'{"task_id": "t", "state": "Exploded"}'
+    assert await m.handle_message(TOPICS.proplet_results_for("p1"), bogus) is None
+    unknown = TaskResult("nope", "p1", "Running")
+    # Well-formed: acknowledged (the proplet stops sending it), though it changes nothing.
+    ack = await m.handle_message(TOPICS.proplet_results_for("p1"), unknown.to_json())
+    assert ack == ResultAck("nope", 0, "Running")
     assert m.proplets.all() == []
     await announce(world, "p1")
     assert [p.id for p in m.proplets.all()] == ["p1"]
