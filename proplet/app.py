@@ -7,7 +7,7 @@ published on `control/manager/start/{id}` (addressed to this proplet) and on
 Running, then Completed (its results) or Failed (the reason) or Interrupted on
 `control/proplet/results/{id}`, every report carrying the `attempt` of the start it answers. A
 start is known by (task id, attempt): a repeated one is ignored (also once that attempt has
-finished: its result is sent again instead), a newer attempt of a queued task replaces it,
+finished), a newer attempt of a queued task replaces it,
 one of the running task waits in the queue until it ends. A task with ROUND_ID in its env is
 a round task (see `proplet.federated`). Nothing a task or a message does can take the proplet
 down. With TLS, the proplet is who its certificate says (`MqttConfig.tls`): the broker lets it
@@ -78,7 +78,7 @@ SHUTDOWN_GRACE_S = 2.0
 MAX_UNACKED = 1024
 MAX_REMEMBERED = 4096
 
-ResultKey = tuple[str, int]  # (task id, attempt)
+ResultKey = tuple[str, int, str]  # (task id, attempt, state)
 
 
 def _version(package: str) -> str:
@@ -120,8 +120,8 @@ class Proplet(Lifecycle):
         self._pending: OrderedDict[str, TaskStart] = OrderedDict()
         self._wakeup = asyncio.Event()
         self._current: _Running | None = None
-        # Results not acknowledged yet (the latest state per attempt), oldest first; those due
-        # to be published, in order; when each was last published.
+        # Results not acknowledged yet, oldest first; those due to be published, in order;
+        # when each was last published.
         self._unacked: OrderedDict[ResultKey, TaskResult] = OrderedDict()
         self._due: OrderedDict[ResultKey, None] = OrderedDict()
         self._sent_at: dict[ResultKey, float] = {}
@@ -289,15 +289,14 @@ class Proplet(Lifecycle):
         if self._closing:
             return
         if self._finished.get(start.id, 0) >= start.attempt > 0:
-            # Sent again (the manager has no result yet: a broker outage): not run twice; the
-            # result goes out again at once instead.
+            # Sent again (the manager has no result yet: a broker outage): not run twice; its
+            # result is being sent again until acknowledged.
             log.info(
-                "[Proplet] id=%s task=%s attempt=%d already ran; its result is sent again",
+                "[Proplet] id=%s task=%s attempt=%d already ran; ignored",
                 self.proplet_id,
                 start.id,
                 start.attempt,
             )
-            self._send_again(k for k in self._unacked if k[0] == start.id)
             return
         held = [s for s in (self._pending.get(start.id), self._running_start()) if s is not None]
         if any(s.id == start.id and s.attempt >= start.attempt for s in held):
@@ -347,21 +346,20 @@ class Proplet(Lifecycle):
         again until the manager acknowledges it)."""
         if self._session is None:
             return
-        key = (start.id, start.attempt)
+        key = (start.id, start.attempt, state)
         result = TaskResult(
             start.id, self.proplet_id, state, results=results, error=error, attempt=start.attempt
         )
-        self._unacked.pop(key, None)  # a later state of the same run replaces the earlier
         self._unacked[key] = result
         self._all_acked.clear()
         while len(self._unacked) > MAX_UNACKED:
-            (task_id, attempt), dropped = self._unacked.popitem(last=False)
-            self._forget((task_id, attempt))
+            key, dropped = self._unacked.popitem(last=False)
+            self._forget(key)
             log.warning(
                 "[Proplet] id=%s task=%s attempt=%d: result %s never acknowledged; given up",
                 self.proplet_id,
-                task_id,
-                attempt,
+                dropped.task_id,
+                dropped.attempt,
                 dropped.state,
             )
         if state != RUNNING:
@@ -381,12 +379,9 @@ class Proplet(Lifecycle):
             self._all_acked.set()
 
     def _acknowledged(self, ack: ResultAck) -> None:
-        key = (ack.task_id, ack.attempt)
-        result = self._unacked.get(key)
-        if result is None or not ack.acknowledges(result):
-            return  # a repeat, or an earlier state of a run whose later state is pending
-        del self._unacked[key]
-        self._forget(key)
+        key = (ack.task_id, ack.attempt, ack.state)
+        if self._unacked.pop(key, None) is not None:
+            self._forget(key)
 
     def _send_again(self, keys: Iterable[ResultKey]) -> None:
         """Publish these unacknowledged results again, now."""

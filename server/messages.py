@@ -271,13 +271,6 @@ class ResultAck:
     def of(cls, result: TaskResult) -> ResultAck:
         return cls(result.task_id, result.attempt, result.state)
 
-    def acknowledges(self, result: TaskResult) -> bool:
-        return (self.task_id, self.attempt, self.state) == (
-            result.task_id,
-            result.attempt,
-            result.state,
-        )
-
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
 

@@ -171,4 +171,10 @@ async def proplet(proplet_config: PropletConfig, probe: ManagerProbe) -> AsyncIt
 
 
 def with_changes(config: PropletConfig, **changes: Any) -> PropletConfig:
+    """`config` with `changes`; another proplet_id brings that proplet's own certificate
+    (gRPC and MQTT), unless `tls` is among the changes."""
+    pid = changes.get("proplet_id")
+    if pid is not None and "tls" not in changes:
+        tls = proplet_tls(pid)
+        changes |= {"tls": tls, "mqtt": changes.get("mqtt", config.mqtt).as_identity(tls)}
     return replace(config, **changes)

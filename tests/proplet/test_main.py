@@ -15,6 +15,7 @@ from server.topics import Topics
 from tests.proplet import wat
 from tests.proplet.conftest import ManagerProbe
 from tests.support.infra import Mosquitto
+from tests.support.security import proplet_tls, tls_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,6 +26,9 @@ async def test_entry_point_serves_tasks_until_sigterm(
     proplet_id = f"proc-{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
+        # Its bundle: the proplet id comes from its certificate (PROPLET_ID must agree), for
+        # gRPC and MQTT alike.
+        **tls_env(proplet_tls(proplet_id)),
         "PROPLET_ID": proplet_id,
         "PROPLET_HEARTBEAT_S": "0.2",
         "PROPLET_WORK_DIR": str(tmp_path / "work"),

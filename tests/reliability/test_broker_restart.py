@@ -25,6 +25,7 @@ from tests.proplet import wat
 from tests.support.clients import Clients
 from tests.support.cluster import Cluster, cluster, round_notes
 from tests.support.infra import Mosquitto, mosquitto
+from tests.support.security import proplet_tls, service_tls, session_ca
 from tests.support.waits import eventually
 
 # How long the phase-1 module trains: the broker is down for about this long.
@@ -47,14 +48,23 @@ def slow_update(round_id: str, seconds: float) -> bytes:
 
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    """A Mosquitto of this test's own (persistence on), to stop and start at will."""
-    with mosquitto(tmp_path / "mosquitto") as broker:
+    """A Mosquitto of this test's own (persistence on; TLS, certificates and the ACL as
+    deployed), to stop and start at will."""
+    with mosquitto(tmp_path / "mosquitto", ca=session_ca()) as broker:
         yield broker
 
 
 @pytest.fixture
 def own_mqtt(own_broker: Mosquitto, topics: Topics) -> MqttConfig:
     return MqttConfig(port=own_broker.port, topics=topics)
+
+
+def as_manager(mqtt: MqttConfig) -> MqttConfig:
+    return mqtt.as_identity(service_tls("manager"))
+
+
+def as_proplet(mqtt: MqttConfig, proplet_id: str) -> MqttConfig:
+    return mqtt.as_identity(proplet_tls(proplet_id))
 
 
 def stop_and_check_saved(broker: Mosquitto) -> None:
@@ -166,16 +176,18 @@ async def test_every_reconnect_subscribes_again(
     own_broker: Mosquitto, own_mqtt: MqttConfig
 ) -> None:
     """With clean sessions the restarted broker remembers no subscription: messages after the
-    restart arrive only because the session subscribed again on reconnecting."""
+    restart arrive only because the session subscribed again on reconnecting. (The manager
+    publishing to a proplet's own task topic: what the ACL allows.)"""
     mqtt = own_mqtt
-    topic = f"{mqtt.topics.base}/test/resubscribe"
+    pid = f"p-{uuid.uuid4().hex[:8]}"
+    topic = mqtt.topics.task_start_for(pid)
     got: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def on_message(_: str, payload: bytes) -> None:
         got.put_nowait(payload)
 
-    sub = MqttSession(mqtt, f"sub-{uuid.uuid4().hex[:8]}", [topic], on_message, clean_session=True)
-    pub = MqttSession(mqtt, f"pub-{uuid.uuid4().hex[:8]}", clean_session=True)
+    sub = MqttSession(as_proplet(mqtt, pid), pid, [topic], on_message, clean_session=True)
+    pub = MqttSession(as_manager(mqtt), "manager", clean_session=True)
     async with sub, pub:
         await pub.publish(topic, b"before")
         assert await asyncio.wait_for(got.get(), 10) == b"before"
@@ -198,14 +210,15 @@ async def test_a_publish_during_a_short_outage_waits_for_the_broker(
     """QoS 1 to a persistent subscriber: published while the broker is down (the publisher
     waits for it), delivered after it is back."""
     mqtt = own_mqtt
-    topic = f"{mqtt.topics.base}/test/outage"
+    pid = f"p-{uuid.uuid4().hex[:8]}"
+    topic = mqtt.topics.task_start_for(pid)
     got: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def on_message(_: str, payload: bytes) -> None:
         got.put_nowait(payload)
 
-    sub = MqttSession(mqtt, f"sub-{uuid.uuid4().hex[:8]}", [topic], on_message)
-    pub = MqttSession(mqtt, f"pub-{uuid.uuid4().hex[:8]}")
+    sub = MqttSession(as_proplet(mqtt, pid), pid, [topic], on_message)
+    pub = MqttSession(as_manager(mqtt), "manager")
     async with sub, pub:
         await asyncio.to_thread(stop_and_check_saved, own_broker)
         sending = asyncio.ensure_future(pub.publish(topic, b"during", timeout=15))
