@@ -106,6 +106,8 @@ RULES: Mapping[str, Rule] = {
     # updates only from the proplets themselves.
     f"{_C}ConfigureRound": _rule(operator=True, services=("manager",)),
     f"{_C}StartRound": _rule(operator=True, services=("manager",)),
+    # Task failures of a round's participants: only the manager hears task results.
+    f"{_C}ReportParticipantFailure": _rule(services=("manager",)),
     f"{_C}SubmitUpdate": _rule(proplet=True, as_itself="header.proplet_id", verb="submit"),
     f"{_C}GetRoundStatus": _rule(operator=True, services=("manager",)),
     f"{_C}ListRounds": OPERATOR,

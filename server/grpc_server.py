@@ -236,7 +236,8 @@ def channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
 
 
 PLAINTEXT_WARNING = (
-    "plaintext gRPC (PROPELLER_INSECURE=1): no encryption, no authentication, no authorization"
+    "plaintext gRPC (--insecure / PROPELLER_INSECURE=1): no encryption, no authentication, "
+    "no authorization"
 )
 
 

@@ -10,7 +10,7 @@ from server import authz
 from server.coordinator import rounds as R
 from server.coordinator.coordinator import Coordinator, Event, EventType
 from server.coordinator.wire import STATES, spec_from_proto, status_to_proto
-from server.errors import PermissionDenied, grpc_errors
+from server.errors import InvalidArgument, PermissionDenied, grpc_errors
 from server.grpc_server import Context, ServiceBinding
 from server.ids import check_count, check_id, check_name, check_text
 from server.pki import Kind
@@ -131,6 +131,17 @@ class CoordinatorServicer:
             check_id(request.round_id, "round_id")
             async for event in self.coordinator.watch(request.round_id):
                 yield event_to_proto(event)
+
+    async def ReportParticipantFailure(
+        self, request: coordinator_pb2.ReportParticipantFailureRequest, context: Context
+    ) -> coordinator_pb2.RoundStatus:
+        async with grpc_errors(context, "Coordinator.ReportParticipantFailure"):
+            if not request.proplet_id:
+                raise InvalidArgument("proplet_id: must not be empty")
+            rnd = await self.coordinator.participant_failed(
+                request.round_id, request.proplet_id, request.reason
+            )
+            return status_to_proto(rnd)
 
 
 def binding(coordinator: Coordinator) -> ServiceBinding:

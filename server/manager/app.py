@@ -195,7 +195,9 @@ class ManagerApp(ServiceApp):
             clock=self.clock,
             task_deadline_s=self.config.task_deadline_s,
             report_grace_s=self.config.report_grace_s,
+            persisted=self.persisted,
         )
+        stack.push_async_callback(self._manager.aclose)
         # A stable client id (per namespace; with TLS, the manager's user name): a restarted
         # manager resumes its persistent session and receives the results queued while it was
         # down.
@@ -209,6 +211,8 @@ class ManagerApp(ServiceApp):
         )
         start_task(stack, self._send_acks(), "manager-acks")
         start_task(stack, self._reconcile(), "manager-reconcile")
+        # Recovery: finish the fan-out of any experiment a crash left half-started.
+        start_task(stack, self._manager.run_fan_outs(), "manager-fan-outs")
 
 
 async def main() -> None:
