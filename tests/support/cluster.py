@@ -242,12 +242,16 @@ async def cluster(
 
 @contextlib.asynccontextmanager
 async def round_notes(
-    mqtt: MqttConfig, *, persistent: bool = False, insecure: bool = False
+    mqtt: MqttConfig,
+    *,
+    persistent: bool = False,
+    insecure: bool = False,
+    identity: TlsConfig | None = None,
 ) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
     """The round-complete notifications (JSON) on the deployment's round topic, in order,
-    as an operator of its own (any identity may read them; `insecure`: as nobody, on a
-    plaintext `mqtt`); `persistent`: a session the broker keeps while this subscriber is
-    away."""
+    as `identity` (any identity may read them; by default an operator of its own from the
+    suite's CA; `insecure`: as nobody, on a plaintext `mqtt`); `persistent`: a session the
+    broker keeps while this subscriber is away."""
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def on_message(topic: str, payload: bytes) -> None:
@@ -256,7 +260,7 @@ async def round_notes(
 
     name = f"watcher-{uuid.uuid4().hex[:8]}"
     async with MqttSession(
-        mqtt.as_identity(None if insecure else operator_tls(name)),
+        mqtt.as_identity(None if insecure else identity or operator_tls(name)),
         name,
         [mqtt.topics.round_next],
         on_message,
