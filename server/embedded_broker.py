@@ -17,11 +17,10 @@ Configured the way the services expect a broker to behave:
   so a client that reconnects gets what was published to it meanwhile, as with Mosquitto;
   a disconnected persistent session is dropped after `session_expiry_s`.
 
-What amqtt cannot do that mosquitto does: it takes over a connected session before it asks the
-auth plugins, so a client with a valid certificate that connects with another identity's
-client id is refused, but drops that identity's live connection first (which reconnects at
-once; nothing queued is lost or read). Connections already open when a certificate is
-revoked stay open (as with mosquitto) until they reconnect.
+amqtt looks up, merges into and takes over the session of the client id a CONNECT names before
+it asks its auth plugins; so each connection's CONNECT is read and checked here first
+(`_Broker`), and a refused client never reaches amqtt's sessions. Connections already open when
+a certificate is revoked stay open (as with mosquitto) until they reconnect.
 """
 
 from __future__ import annotations
@@ -33,9 +32,9 @@ import socket
 import ssl
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import BrokerError
@@ -64,18 +63,54 @@ class AdmitAllAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is unty
         return True
 
 
-# The certificate (DER) the client of the connection being handled presented: set per
-# connection (each is a task of its own) before amqtt reads its CONNECT. amqtt's
-# `session.ssl_object` would not do: a resumed session keeps its first connection's.
-_PEER_CERT: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
-    "propeller_mqtt_peer_cert", default=None
+# A CONNECT larger than this is refused before it is read (ours are a few dozen bytes).
+MAX_CONNECT_BYTES = 64 << 10
+# How long a new connection may take to send its CONNECT.
+CONNECT_TIMEOUT_S = 10.0
+# MQTT 3.1.1 CONNACK "not authorized", without a session present.
+_NOT_AUTHORIZED = b"\x20\x02\x00\x05"
+
+# The user name admitted for the connection being handled (each connection is a task of its
+# own): what `CertificateAuthPlugin` gives the session.
+_ADMITTED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "propeller_mqtt_admitted", default=None
 )
 
 
+class _Admission:
+    """Who may connect: a certificate of the CA (verified in the handshake) that names a
+    propeller identity and is not revoked (the CA's revocation list, re-read when it
+    changes), with a client id that is that identity's user name."""
+
+    def __init__(self, tls: TlsConfig) -> None:
+        ca = load_certificate(tls.ca.read_bytes(), str(tls.ca))
+        self._revoked = RevocationList(tls.crl, ca) if tls.crl is not None else None
+
+    def check(self, der: bytes | None, client_id: str) -> tuple[str | None, str]:
+        """(user name, "") when admitted, else (None, why not)."""
+        if der is None:
+            return None, "no client certificate"
+        try:
+            cert = load_certificate(der, "client certificate")
+            identity = identity_of(cert)
+            if self._revoked is not None and self._revoked.is_revoked(cert.serial_number):
+                return None, f"{identity}'s certificate is revoked"
+        except PkiError as exc:
+            return None, str(exc)
+        if client_id != identity.username:
+            return None, f"{identity} must connect with client id {identity.username!r}"
+        return identity.username, ""
+
+
 class _Broker(Broker):  # type: ignore[misc]  # amqtt is untyped here
-    """amqtt's broker with mutual TLS: a client without a certificate of the CA is refused
-    in the handshake (amqtt itself only asks for one), and the certificate of each connection
-    reaches the auth plugin."""
+    """amqtt's broker with mutual TLS. A client without a certificate of the CA is refused in
+    the handshake (amqtt itself only asks for one). Every connection's CONNECT is read and
+    checked (`_Admission`) before amqtt sees it: amqtt looks up, merges into and takes over
+    the session of the client id a CONNECT names before it asks its auth plugins, so a
+    refused client must never reach it (it would disconnect that client id's owner and lose
+    what was queued for it)."""
+
+    admission: _Admission | None = None
 
     @staticmethod
     def _create_ssl_context(listener: Any) -> ssl.SSLContext:
@@ -86,53 +121,101 @@ class _Broker(Broker):  # type: ignore[misc]  # amqtt is untyped here
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
-        ssl_object = writer.get_extra_info("ssl_object")
-        _PEER_CERT.set(ssl_object.getpeercert(binary_form=True) if ssl_object else None)
         try:
-            await super().stream_connected(reader, writer, listener_name)
+            if self.admission is None:
+                await super().stream_connected(reader, writer, listener_name)
+                return
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    packet, client_id = await _read_connect(reader)
+            except (ValueError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                log.warning("[mqtt] embedded broker: no valid CONNECT: %s", exc)
+                writer.close()
+                return
+            ssl_object = writer.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+            username, why = self.admission.check(der, client_id)
+            if username is None:
+                log.warning("[mqtt] embedded broker refused client_id=%r: %s", client_id, why)
+                writer.write(_NOT_AUTHORIZED)
+                await writer.drain()
+                writer.close()
+                return
+            _ADMITTED.set(username)
+            await self._client_connected(
+                listener_name, _Replay(packet, reader), StreamWriterAdapter(writer)
+            )
         except ConnectionError as exc:
-            # A refused client that hangs up before amqtt closes its side: nothing to report.
+            # A client that hangs up while being refused or served: nothing to report.
             log.debug("[mqtt] embedded broker: connection closed by the client: %s", exc)
 
 
+async def _read_connect(reader: asyncio.StreamReader) -> tuple[bytes, str]:
+    """The first packet, which must be an MQTT 3.1.1 CONNECT: its bytes and its client id."""
+    first = await reader.readexactly(1)
+    if first[0] >> 4 != 1:
+        raise ValueError("the first packet is not a CONNECT")
+    length_bytes = b""
+    length = 0
+    for shift in range(0, 28, 7):
+        byte = await reader.readexactly(1)
+        length_bytes += byte
+        length |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            break
+    else:
+        raise ValueError("malformed remaining length")
+    if length > MAX_CONNECT_BYTES:
+        raise ValueError(f"CONNECT of {length} bytes")
+    body = await reader.readexactly(length)
+    name_length = int.from_bytes(body[0:2], "big")
+    at = 2 + name_length + 4  # protocol name, level, flags, keepalive
+    id_length = int.from_bytes(body[at : at + 2], "big")
+    raw_id = body[at + 2 : at + 2 + id_length]
+    if len(body) < at + 2 or len(raw_id) != id_length:
+        raise ValueError("truncated CONNECT")
+    try:
+        client_id = raw_id.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("client id is not UTF-8") from None
+    return first + length_bytes + body, client_id
+
+
+class _Replay(StreamReaderAdapter):  # type: ignore[misc]
+    """A connection's reader for amqtt: the CONNECT already read, then the rest."""
+
+    def __init__(self, already: bytes, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
+        self._already = already
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._already:
+            data: bytes = await super().read(n)
+            return data
+        if n < 0 or n >= len(self._already):
+            head, self._already = self._already, b""
+            rest = await super().read(n - len(head)) if n > len(head) else b""
+            return head + rest
+        head, self._already = self._already[:n], self._already[n:]
+        return head
+
+
 class CertificateAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
-    """Admits a client whose certificate (verified against the CA in the handshake) names a
-    propeller identity, is not revoked, and whose client id is that identity's user name; the
-    session's user name becomes it. Sessions are not marked anonymous (see the module)."""
+    """Admits the client `_Broker` admitted (its certificate checked, its client id its
+    identity's user name), which becomes the session's user name. Sessions are not marked
+    anonymous (see the module)."""
 
     @dataclass
     class Config:
-        ca: str
-        crl: str = ""
-
-    def __init__(self, context: Any) -> None:
-        super().__init__(context)
-        ca = load_certificate(Path(self.config.ca).read_bytes(), self.config.ca)
-        self._revoked = RevocationList(Path(self.config.crl), ca) if self.config.crl else None
+        """No options: `_Broker` checks the certificate before amqtt reads the CONNECT."""
 
     async def authenticate(self, *, session: Any) -> bool:
-        client_id = session.client_id
-        der = _PEER_CERT.get()
-        if der is None:
-            return _refused(client_id, "no client certificate")
-        try:
-            cert = load_certificate(der, "client certificate")
-            identity = identity_of(cert)
-            if self._revoked is not None and self._revoked.is_revoked(cert.serial_number):
-                return _refused(client_id, f"{identity}'s certificate is revoked")
-        except PkiError as exc:
-            return _refused(client_id, str(exc))
-        if client_id != identity.username:
-            return _refused(
-                client_id, f"{identity} must connect with client id {identity.username!r}"
-            )
-        session.username = identity.username
+        username = _ADMITTED.get()
+        if username is None or session.client_id != username:
+            log.warning("[mqtt] embedded broker refused client_id=%r", session.client_id)
+            return False
+        session.username = username
         return True
-
-
-def _refused(client_id: str, reason: str) -> bool:
-    log.warning("[mqtt] embedded broker refused client_id=%r: %s", client_id, reason)
-    return False
 
 
 class AclTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
@@ -207,8 +290,7 @@ class EmbeddedBroker(Lifecycle):
                 "certfile": str(tls.cert),
                 "keyfile": str(tls.key),
             }
-            auth = {"ca": str(tls.ca), "crl": str(tls.crl or "")}
-            plugins = {_plugin(CertificateAuthPlugin): auth, _plugin(AclTopicPlugin): {}}
+            plugins = {_plugin(CertificateAuthPlugin): {}, _plugin(AclTopicPlugin): {}}
         return {
             "listeners": {"default": listener},
             "session_expiry_interval": self.session_expiry_s,
@@ -224,6 +306,8 @@ class EmbeddedBroker(Lifecycle):
     async def _open(self, stack: AsyncExitStack) -> None:
         self._check_free()
         broker = _Broker(self._config())
+        if self.tls is not None:
+            broker.admission = await asyncio.to_thread(_Admission, self.tls)
         try:
             await broker.start()
         except BrokerError as exc:

@@ -39,7 +39,7 @@ class ManagerProbe:
     tasks, records results and heartbeats, and acknowledges each result as the manager does
     (unless `acking` is off)."""
 
-    def __init__(self, broker: Mosquitto, topics: Topics) -> None:
+    def __init__(self, port: int, topics: Topics) -> None:
         self.topics = topics
         self.results: list[TaskResult] = []
         self.alive: list[PropletAnnounce] = []
@@ -48,7 +48,7 @@ class ManagerProbe:
         self._pending_acks: set[asyncio.Future[None]] = set()
         self._changed = asyncio.Condition()
         self.session = MqttSession(
-            MqttConfig(port=broker.port, topics=topics).as_identity(service_tls("manager")),
+            MqttConfig(port=port, topics=topics).as_identity(service_tls("manager")),
             client_id=f"probe-{uuid.uuid4().hex[:8]}",
             subscriptions=topics.reports,
             handler=self._on_message,
@@ -158,7 +158,7 @@ def proplet_config(broker: Mosquitto, topics: Topics, tmp_path: Path) -> Proplet
 
 @pytest.fixture
 async def probe(broker: Mosquitto, topics: Topics) -> AsyncIterator[ManagerProbe]:
-    p = ManagerProbe(broker, topics)
+    p = ManagerProbe(broker.port, topics)
     async with p.session:
         yield p
         await p.acks_sent()
