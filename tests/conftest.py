@@ -141,6 +141,20 @@ def mqtt(broker: Mosquitto, topics: Topics) -> MqttConfig:
 
 
 @pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A Mosquitto of this test's own, configured as `broker` (TLS, certificates, the ACL)
+    with persistence, to stop, kill, start again on the same port and data, or reload."""
+    with mosquitto(tmp_path / "mosquitto", ca=session_ca()) as b:
+        yield b
+
+
+@pytest.fixture
+def own_mqtt(own_broker: Mosquitto, topics: Topics) -> MqttConfig:
+    """`own_broker` in the test's namespace, as nobody yet (see `mqtt`)."""
+    return MqttConfig(port=own_broker.port, topics=topics)
+
+
+@pytest.fixture
 def plain_mqtt(broker: Mosquitto, topics: Topics) -> MqttConfig:
     """The test broker's plaintext listener (no TLS, no ACL), for `insecure` tests."""
     assert broker.plain_port is not None

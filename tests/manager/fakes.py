@@ -280,7 +280,9 @@ async def running_manager(
     *,
     coordinator_addr: str = "127.0.0.1:9",
     alive_window_s: float = 30.0,
+    **settings: Any,
 ) -> AsyncIterator[RunningManager]:
+    """A ManagerApp served on a free port (`settings`: other ManagerConfig fields)."""
     config = ManagerConfig(
         addr="127.0.0.1:0",
         coordinator_addr=coordinator_addr,
@@ -289,6 +291,7 @@ async def running_manager(
         alive_window_s=alive_window_s,
         task_endpoints=TASK_ENDPOINTS,
         rpc_timeout_s=5.0,
+        **settings,
     )
     async with (
         ManagerApp(config) as app,

@@ -17,7 +17,7 @@ import contextlib
 import ssl
 import struct
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from server.pki import CertificateAuthority, Identity, Kind
 from server.topics import Topics
 from tests.proplet import wat
 from tests.proplet.conftest import ManagerProbe, with_changes
-from tests.support.infra import BROKER, Mosquitto, mosquitto
+from tests.support.infra import BROKER, Mosquitto
 from tests.support.security import operator_tls, proplet_tls, service_tls, session_ca, tls
 from tests.support.waits import eventually
 
@@ -257,13 +257,6 @@ async def test_a_proplet_reads_neither_anothers_tasks_nor_its_acks(target: Broke
 
 
 # --------------------------------------------------------------------------- revocation
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    """A mosquitto of this test's own (its revocation list reloaded at will)."""
-    with mosquitto(tmp_path / "mosquitto", ca=session_ca()) as running:
-        yield running
 
 
 async def revoke(*pids: str) -> None:

@@ -17,7 +17,7 @@ from propeller.v1 import manager_pb2
 from server.config import MqttConfig
 from server.messages import COMPLETED, FAILED, PropletAnnounce, TaskResult
 from server.mqtt import MqttSession
-from tests.reliability.test_broker_restart import slow_update
+from tests.proplet import wat
 from tests.support.cluster import Cluster, cluster
 from tests.support.security import proplet_tls
 from tests.support.waits import eventually
@@ -75,7 +75,7 @@ async def test_a_forged_result_for_another_proplets_task_is_not_recorded(
     evil = fresh("evil")
     round_id = fresh("r")
     module = tmp_path / "slow.wasm"
-    module.write_bytes(slow_update(round_id, 1.0))
+    module.write_bytes(wat.round_update(round_id, 1.0))
     resp = await world.start_experiment(round_id, [real], f"file://{module}", k_of_n=1)
     [scheduled] = resp.scheduled
     await eventually(
