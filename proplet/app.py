@@ -34,7 +34,7 @@ import platform
 import signal
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 
 A = TypeVar("A")
 B = TypeVar("B")
+M = TypeVar("M")
 
 # How long shutdown waits for a running task to notice it was stopped, and for the last
 # results to be acknowledged.
@@ -259,29 +260,26 @@ class Proplet(Lifecycle):
             await asyncio.sleep(max(0.0, next_beat - loop.time()))
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
-        if self.topics.is_task_start(topic):
-            try:
-                start = TaskStart.from_json(payload)
-            except ValueError as exc:
-                log.warning(
-                    "[Proplet] id=%s dropped malformed task start: %s", self.proplet_id, exc
-                )
-                return
-            self._accept(start)
-        elif self.topics.is_task_stop(topic):
-            try:
-                stop = TaskStop.from_json(payload)
-            except ValueError as exc:
-                log.warning("[Proplet] id=%s dropped malformed task stop: %s", self.proplet_id, exc)
-                return
-            self._stop_task(stop)
-        elif topic == self.topics.result_ack_for(self.proplet_id):
-            try:
-                ack = ResultAck.from_json(payload)
-            except ValueError as exc:
-                log.warning("[Proplet] id=%s dropped malformed ack: %s", self.proplet_id, exc)
-                return
+        t = self.topics
+        if t.is_task_start(topic):
+            if (start := self._parsed("task start", TaskStart.from_json, payload)) is not None:
+                self._accept(start)
+        elif t.is_task_stop(topic):
+            if (stop := self._parsed("task stop", TaskStop.from_json, payload)) is not None:
+                self._stop_task(stop)
+        elif (
+            topic == t.result_ack_for(self.proplet_id)
+            and (ack := self._parsed("result ack", ResultAck.from_json, payload)) is not None
+        ):
             self._acknowledged(ack)
+
+    def _parsed(self, what: str, parse: Callable[[bytes], M], payload: bytes) -> M | None:
+        """`parse(payload)`, or None (logged) for a malformed one."""
+        try:
+            return parse(payload)
+        except ValueError as exc:
+            log.warning("[Proplet] id=%s dropped malformed %s: %s", self.proplet_id, what, exc)
+            return None
 
     def _accept(self, start: TaskStart) -> None:
         if start.proplet_id and start.proplet_id != self.proplet_id:

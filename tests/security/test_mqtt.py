@@ -264,6 +264,13 @@ async def revoke(*pids: str) -> None:
         await asyncio.to_thread(session_ca().revoke_identity, Identity(Kind.PROPLET, pid))
 
 
+async def still_open(session: MqttSession, proplet_id: str, manager: Listener) -> None:
+    """`session`, connected before its certificate was revoked, still gets through."""
+    topic = session.config.topics.proplet_alive_for(proplet_id)
+    await session.publish(topic, b"still open")
+    assert await manager.until(b"still open") == [(topic, b"still open")]
+
+
 async def test_embedded_broker_refuses_a_revoked_certificate_from_its_next_connection() -> None:
     # Two proplets: `held` connected before the revocation, `new` connecting after it (one
     # connection per identity: the same one would replace the held connection).
@@ -281,10 +288,7 @@ async def test_embedded_broker_refuses_a_revoked_certificate_from_its_next_conne
             assert await connect(embedded.port, context, new) == f"refused (code {NOT_AUTHORIZED})"
             # What holds, and what does not: a connection made before the revocation stays
             # open until it reconnects (as with mosquitto).
-            await s.publish(topics.proplet_alive_for(held), b"still open")
-            assert await manager.until(b"still open") == [
-                (topics.proplet_alive_for(held), b"still open")
-            ]
+            await still_open(s, held, manager)
 
 
 async def test_mosquitto_refuses_a_revoked_certificate_once_it_reloads(
@@ -310,10 +314,7 @@ async def test_mosquitto_refuses_a_revoked_certificate_once_it_reloads(
             lambda outcome: outcome.startswith("closed"),
             what="the revoked certificate refused after the reload",
         )
-        await s.publish(topics.proplet_alive_for(held), b"still open")
-        assert await manager.until(b"still open") == [
-            (topics.proplet_alive_for(held), b"still open")
-        ]
+        await still_open(s, held, manager)
 
 
 # --------------------------------------------------------------------------- a real proplet
