@@ -147,10 +147,9 @@ class ManagerApp(ServiceApp):
     async def _on_message(self, topic: str, payload: bytes) -> None:
         ack = await self.manager.handle_message(topic, payload)
         await self.persisted()
-        report = self.config.mqtt.topics.parse_report(topic)
-        if ack is not None and report is not None:
+        if ack is not None:
             # On disk first: an acknowledged result is never lost by a manager crash.
-            self._acks.put_nowait((report[1], ack))
+            self._acks.put_nowait(ack)
 
     async def _send_acks(self) -> None:
         topics = self.config.mqtt.topics

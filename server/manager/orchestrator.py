@@ -119,11 +119,11 @@ class Manager:
 
     # --- MQTT intake ---------------------------------------------------------------------
 
-    async def handle_message(self, topic: str, payload: bytes) -> ResultAck | None:
+    async def handle_message(self, topic: str, payload: bytes) -> tuple[str, ResultAck] | None:
         """Handler for the manager's MQTT subscriptions (`Topics.reports`): what a proplet
-        says, checked against the proplet whose topic it came on. Returns the acknowledgement
-        of a task result, to publish to its sender once the state is on disk; malformed
-        payloads are dropped (and not acknowledged)."""
+        says, checked against the proplet whose topic it came on. Returns, for a task result,
+        the proplet to acknowledge it to and the acknowledgement, to publish once the state is
+        on disk; malformed payloads are dropped (and not acknowledged)."""
         report = self.topics.parse_report(topic)
         if report is None:
             log.debug("[Manager.mqtt] topic=%s: not ours; ignored", topic)
@@ -135,7 +135,7 @@ class Manager:
                 task = self._apply_result(sender, result)
                 if task is not None:
                     self._task_ended(task)
-                return ResultAck.of(result)
+                return sender, ResultAck.of(result)
             announce = PropletAnnounce.from_json(payload)
         except ValueError as exc:
             log.warning("[Manager.mqtt] topic=%s: malformed payload dropped: %s", topic, exc)

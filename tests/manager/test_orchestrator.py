@@ -219,7 +219,7 @@ async def test_malformed_mqtt_payloads_are_dropped(world: World) -> None:
     unknown = TaskResult("nope", "p1", "Running")
     # Well-formed: acknowledged (the proplet stops sending it), though it changes nothing.
     ack = await m.handle_message(TOPICS.proplet_results_for("p1"), unknown.to_json())
-    assert ack == ResultAck("nope", 0, "Running")
+    assert ack == ("p1", ResultAck("nope", 0, "Running"))
     assert m.proplets.all() == []
     await announce(world, "p1")
     assert [p.id for p in m.proplets.all()] == ["p1"]
@@ -408,7 +408,8 @@ async def test_a_result_counts_only_from_the_proplet_the_task_is_assigned_to(
     for topic_of, claimed in (("p2", "p1"), ("p2", "p2"), ("p2", ""), ("p1", "p2")):
         forged = TaskResult(s.task_id, claimed, "Completed", results="forged", attempt=1)
         ack = await m.handle_message(TOPICS.proplet_results_for(topic_of), forged.to_json())
-        assert ack == ResultAck(s.task_id, 1, "Completed")  # handled: its sender stops sending
+        # Handled: acknowledged to its sender, which stops sending it.
+        assert ack == (topic_of, ResultAck(s.task_id, 1, "Completed"))
     assert m.tasks.get(s.task_id).state is TaskState.SCHEDULED
     # The assigned proplet, naming itself or not (older peers): recorded.
     real = TaskResult(s.task_id, "", "Completed", results="real", attempt=1)
