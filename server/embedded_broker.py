@@ -10,6 +10,8 @@ Configured the way the services expect a broker to behave:
   connection on, without a restart); its CN is its user name and must be its client id; and
   the ACL of `server.mqtt_acl` decides what it may publish, subscribe to and receive. Without
   a bundle (PROPELLER_INSECURE=1): every client is let in and no topic is filtered;
+- no packet larger than `messages.MAX_PACKET_BYTES` (a client sending one is disconnected, as
+  mosquitto's `max_packet_size` does);
 - QoS 1 with persistent sessions: the manager and the proplets connect with
   clean_session=False. amqtt's own anonymous-auth plugin marks each session it admits as
   anonymous, and amqtt keeps neither the subscriptions nor the queued QoS 1 messages of an
@@ -42,6 +44,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 
 from server.config import MqttConfig, TlsConfig, bind_problem
 from server.lifecycle import Lifecycle
+from server.messages import MAX_PACKET_BYTES
 from server.mqtt_acl import Access, allowed
 from server.pki import PkiError, RevocationList, identity_of, load_certificate
 from server.topics import Topics
@@ -182,13 +185,16 @@ async def _read_connect(reader: asyncio.StreamReader) -> tuple[bytes, str]:
 
 
 class _Replay(StreamReaderAdapter):  # type: ignore[misc]
-    """A connection's reader for amqtt: the CONNECT already read, then the rest."""
+    """A connection's reader for amqtt: the CONNECT already read, then the rest, no packet
+    larger than `MAX_PACKET_BYTES` (amqtt reads a packet's whole remaining length at once)."""
 
     def __init__(self, already: bytes, reader: asyncio.StreamReader) -> None:
         super().__init__(reader)
         self._already = already
 
     async def read(self, n: int = -1) -> bytes:
+        if n > MAX_PACKET_BYTES:
+            raise ConnectionResetError(f"a packet of {n} bytes, at most {MAX_PACKET_BYTES}")
         if not self._already:
             data: bytes = await super().read(n)
             return data

@@ -25,6 +25,11 @@ from server.ids import (
     text_problem,
 )
 
+# The largest MQTT packet the brokers take (mosquitto's `max_packet_size`, the embedded
+# broker's reader): a TaskStart carrying the largest inline module (16 MiB, base64) with its
+# bounded environment and arguments fits; a client announcing more is disconnected.
+MAX_PACKET_BYTES = 32 << 20
+
 
 def _load(payload: bytes | str) -> dict[str, Any]:
     try:

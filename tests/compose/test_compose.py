@@ -52,6 +52,7 @@ from propeller.v1 import (
 )
 from server.cli.serve import LOG_LEVEL_ENV, SERVICES
 from server.config import MqttConfig, TlsConfig
+from server.messages import MAX_PACKET_BYTES
 from server.mqtt_acl import MosquittoTls, mosquitto_acl
 from server.pki import CertificateAuthority
 from server.topics import Topics
@@ -416,6 +417,7 @@ def test_mosquitto_requires_certificates_and_applies_the_acl(compose: dict[str, 
     assert "allow_anonymous true" not in lines
     assert sum(line.startswith("listener ") for line in lines) == 1  # no plaintext listener
     assert {"persistence true", "persistence_location /mosquitto/data/"} <= set(lines)
+    assert f"max_packet_size {MAX_PACKET_BYTES}" in lines
     assert compose["configs"]["mosquitto-acl"]["content"] == mosquitto_acl()
     assert volume_mounts(mosq) == {"/mosquitto/data": "mosquitto-data", CERTS_DIR: "certs"}
     assert f"certs:{CERTS_DIR}:ro" in mosq["volumes"]

@@ -90,16 +90,19 @@ def connect_packet(client_id: str) -> bytes:
     return bytes([0x10, len(body)]) + body
 
 
-async def connect(port: int, context: ssl.SSLContext | None, client_id: str) -> str:
-    """What the broker answers a CONNECT: "accepted", "refused (code N)", or "closed: ..."
-    when it ends the connection first (a TLS alert, or plaintext on a TLS port)."""
+async def connect(
+    port: int, context: ssl.SSLContext | None, client_id: str, first: bytes | None = None
+) -> str:
+    """What the broker answers a CONNECT (or `first`, another first packet): "accepted",
+    "refused (code N)", or "closed: ..." when it ends the connection first (a TLS alert, or
+    plaintext on a TLS port)."""
     writer = None
     try:
         async with asyncio.timeout(CONNECT_BOUND_S):
             reader, writer = await asyncio.open_connection(
                 "127.0.0.1", port, ssl=context, server_hostname="127.0.0.1" if context else None
             )
-            writer.write(connect_packet(client_id))
+            writer.write(connect_packet(client_id) if first is None else first)
             await writer.drain()
             answer = await reader.read(4)
     except (ssl.SSLError, ConnectionError) as exc:
@@ -126,6 +129,19 @@ async def test_a_client_without_a_certificate_is_refused(target: Broker) -> None
     # The same client with a certificate of the deployment: accepted (the check is real).
     pid = fresh("p")
     assert await connect(target.port, client_context(proplet_tls(pid)), pid) == "accepted"
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"\x30\x05\x00\x01a\x00\x00",  # a PUBLISH before any CONNECT
+        b"\x10\xff\xff\xff\x7f",  # a CONNECT announcing 256 MiB
+    ],
+)
+async def test_a_connection_must_start_with_a_sane_connect(target: Broker, first: bytes) -> None:
+    pid = fresh("p")
+    outcome = await connect(target.port, client_context(proplet_tls(pid)), pid, first)
+    assert outcome.startswith("closed"), outcome
 
 
 async def test_a_certificate_of_another_ca_is_refused(target: Broker, tmp_path: Path) -> None:

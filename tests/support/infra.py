@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from server.messages import MAX_PACKET_BYTES
 from server.mqtt_acl import MosquittoTls, mosquitto_acl
 from server.pki import CertificateAuthority, Identity, Kind
 from tests.support.ports import free_port, wait_port
@@ -73,6 +74,7 @@ class Mosquitto(_Server):
             ("user root\n" if os.geteuid() == 0 else "") + "persistence true\n"
             f"persistence_location {workdir / 'data'}/\n"
             "max_queued_messages 100000\n"
+            f"max_packet_size {MAX_PACKET_BYTES}\n"
             "set_tcp_nodelay true\n"
             "log_dest stderr\n"
         )
