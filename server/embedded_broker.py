@@ -184,9 +184,14 @@ async def _read_connect(reader: asyncio.StreamReader) -> tuple[bytes, str]:
     return first + length_bytes + body, client_id
 
 
+class PacketTooLarge(Exception):
+    """A client announced a packet larger than `MAX_PACKET_BYTES`."""
+
+
 class _Replay(StreamReaderAdapter):  # type: ignore[misc]
-    """A connection's reader for amqtt: the CONNECT already read, then the rest, no packet
-    larger than `MAX_PACKET_BYTES` (amqtt reads a packet's whole remaining length at once)."""
+    """A connection's reader for amqtt: the CONNECT already read, then the rest, never more
+    than `MAX_PACKET_BYTES` at once (amqtt reads a packet's payload in one read, so no packet
+    much larger gets in)."""
 
     def __init__(self, already: bytes, reader: asyncio.StreamReader) -> None:
         super().__init__(reader)
@@ -194,7 +199,9 @@ class _Replay(StreamReaderAdapter):  # type: ignore[misc]
 
     async def read(self, n: int = -1) -> bytes:
         if n > MAX_PACKET_BYTES:
-            raise ConnectionResetError(f"a packet of {n} bytes, at most {MAX_PACKET_BYTES}")
+            # Not an error amqtt's reads swallow (they would carry on mid-packet): its reader
+            # loop ends, and the connection with it.
+            raise PacketTooLarge(f"a packet of {n} bytes, at most {MAX_PACKET_BYTES}")
         if not self._already:
             data: bytes = await super().read(n)
             return data

@@ -26,7 +26,7 @@ import pytest
 from proplet import Proplet, PropletConfig
 from server.config import MqttConfig, TlsConfig
 from server.embedded_broker import EmbeddedBroker
-from server.messages import COMPLETED, ResultAck, RoundComplete, TaskStart
+from server.messages import COMPLETED, MAX_PACKET_BYTES, ResultAck, RoundComplete, TaskStart
 from server.mqtt import MqttSession
 from server.pki import CertificateAuthority, Identity, Kind
 from server.topics import Topics
@@ -142,6 +142,41 @@ async def test_a_connection_must_start_with_a_sane_connect(target: Broker, first
     pid = fresh("p")
     outcome = await connect(target.port, client_context(proplet_tls(pid)), pid, first)
     assert outcome.startswith("closed"), outcome
+
+
+def remaining_length(n: int) -> bytes:
+    out = b""
+    while True:
+        byte, n = n % 128, n // 128
+        out += bytes([byte | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+async def test_a_packet_over_the_bound_ends_the_connection(target: Broker) -> None:
+    """Every packet is bounded as it arrives (`messages.MAX_PACKET_BYTES`): a client that
+    announces a bigger one is disconnected before anything of it is held."""
+    pid = fresh("p")
+    too_big = 2 * MAX_PACKET_BYTES
+    async with asyncio.timeout(CONNECT_BOUND_S):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            target.port,
+            ssl=client_context(proplet_tls(pid)),
+            server_hostname="127.0.0.1",
+        )
+        try:
+            writer.write(connect_packet(pid))
+            assert await reader.readexactly(4) == b"\x20\x02\x00\x00"  # accepted
+            topic = target.mqtt.topics.proplet_alive_for(pid).encode()
+            header = b"\x30" + remaining_length(too_big) + struct.pack("!H", len(topic)) + topic
+            writer.write(header)
+            with contextlib.suppress(ssl.SSLError, ConnectionError):
+                assert await reader.read() == b""  # closed by the broker
+        finally:
+            writer.close()
+            with contextlib.suppress(ssl.SSLError, ConnectionError):
+                await writer.wait_closed()
 
 
 async def test_a_certificate_of_another_ca_is_refused(target: Broker, tmp_path: Path) -> None:
