@@ -12,6 +12,7 @@ from server.coordinator.wire import STATES, spec_from_proto, status_to_proto
 from server.errors import grpc_errors
 from server.grpc_server import Context, ServiceBinding
 from server.ids import check_count, check_id, check_name, check_text
+from server.paging import PageRequest, page_of
 from server.streams import read_update_stream
 
 log = logging.getLogger(__name__)
@@ -103,9 +104,19 @@ class CoordinatorServicer:
         self, request: coordinator_pb2.ListRoundsRequest, context: Context
     ) -> coordinator_pb2.ListRoundsResponse:
         async with grpc_errors(context, "Coordinator.ListRounds"):
-            check_id(request.experiment_id, "experiment_id", optional=True)
-            rounds = await self.coordinator.list(request.experiment_id)
-            return coordinator_pb2.ListRoundsResponse(rounds=[status_to_proto(r) for r in rounds])
+            eid = check_id(request.experiment_id, "experiment_id", optional=True)
+            wanted = PageRequest.of(request, "ListRounds", int)
+            # Positions in the list of every round (configuration order, which only grows at
+            # its end), so the filter cannot shift a page.
+            page = page_of(
+                wanted.indexed(await self.coordinator.list()),
+                wanted,
+                status_to_proto,
+                keep=lambda r: not eid or r.experiment_id == eid,
+            )
+            return coordinator_pb2.ListRoundsResponse(
+                rounds=page.items, next_page_token=page.next_page_token
+            )
 
     async def WatchRound(
         self, request: coordinator_pb2.WatchRoundRequest, context: Context

@@ -8,10 +8,11 @@ out a version twice or overwrite one.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 import numpy as np
 
@@ -157,18 +158,19 @@ class ModelRegistry:
             raise not_found(version)
         return info
 
-    async def list_models(self) -> list[ModelInfo]:
-        """Every readable version, oldest first; a corrupted one is logged and left out."""
-        out: list[ModelInfo] = []
-        for version in await self.store.versions():
+    async def list_models(self, after: int | None = None) -> AsyncIterator[ModelInfo]:
+        """Every readable version (after version `after`, when given), oldest first, read as
+        they are asked for; a corrupted one is logged and left out."""
+        versions = await self.store.versions()
+        start = 0 if after is None else bisect.bisect_right(versions, after)
+        for version in versions[start:]:
             try:
                 info = await self.store.info(version)
             except ModelCorrupted as exc:
                 log.error("[ModelRegistry.ListModels] skipping version=%d: %s", version, exc)
                 continue
             if info is not None:
-                out.append(info)
-        return out
+                yield info
 
     async def next_version(self) -> int:
         versions = await self.store.versions()

@@ -13,6 +13,7 @@ from propeller.v1 import model_registry_pb2, model_registry_pb2_grpc, tensor_pb2
 from server.errors import InvalidArgument, grpc_errors
 from server.grpc_server import Context, ServiceBinding
 from server.models import parse_model_uri
+from server.paging import Page, PageRequest
 from server.registry.registry import ModelRegistry
 from server.registry.store import ModelInfo, StoredModel
 from server.streams import model_stream, read_model_stream
@@ -171,9 +172,14 @@ class ModelRegistryServicer:
         self, request: model_registry_pb2.ListModelsRequest, context: Context
     ) -> model_registry_pb2.ListModelsResponse:
         async with grpc_errors(context, "ModelRegistry.ListModels"):
-            infos = await self.registry.list_models()
+            wanted = PageRequest.of(request, "ListModels", int)
+            page: Page[model_registry_pb2.ModelVersion] = Page(wanted)
+            after = None if wanted.after is None else int(wanted.after)
+            async for info in self.registry.list_models(after=after):
+                if not page.offer(info.version, model_version_proto(info)):
+                    break
             return model_registry_pb2.ListModelsResponse(
-                models=[model_version_proto(i) for i in infos]
+                models=page.items, next_page_token=page.next_page_token
             )
 
 
