@@ -9,11 +9,12 @@ from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
 from server.coordinator import rounds as R
 from server.coordinator.coordinator import Coordinator, Event, EventType
 from server.coordinator.wire import STATES, spec_from_proto, status_to_proto
-from server.errors import grpc_errors
+from server.errors import InvalidArgument, grpc_errors
 from server.grpc_server import Context, ServiceBinding
 from server.ids import check_count, check_id, check_name, check_text
 from server.paging import PageRequest, page_of
-from server.streams import read_update_stream
+from server.streams import SPOOL_ABOVE, read_update_stream
+from server.tensors import total_bytes
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ class CoordinatorServicer:
         self, request_iterator: AsyncIterable[tensor_pb2.UpdateChunk], context: Context
     ) -> coordinator_pb2.SubmitUpdateResponse:
         async with grpc_errors(context, "Coordinator.SubmitUpdate"):
-            header, tensors = await read_update_stream(request_iterator)
-            check_update_header(header)
+            header, tensors = await read_update_stream(
+                request_iterator, spool_above=SPOOL_ABOVE, on_header=self._check_header
+            )
             update = R.Update(
                 proplet_id=header.proplet_id,
                 base_model_uri=header.base_model_uri,
@@ -91,6 +93,20 @@ class CoordinatorServicer:
                 num_updates=result.round.num_updates,
                 k_of_n=result.round.k_of_n,
                 state=STATES[result.round.state],
+            )
+
+    async def _check_header(self, header: tensor_pb2.UpdateHeader, need: int) -> None:
+        """An update is refused from its header, before its bytes arrive: bad ids, a round that
+        does not exist or does not take this proplet's update now, or more bytes than the
+        round's base model has (the whole update must match it)."""
+        check_update_header(header)
+        rnd = await self.coordinator.get(header.round_id)
+        R.admit(rnd, header.proplet_id)
+        model_bytes = total_bytes(rnd.specs)
+        if need > model_bytes:
+            raise InvalidArgument(
+                f"update.header.tensors: {need} bytes, but round {rnd.round_id!r}'s base model "
+                f"{rnd.model_ref} has {model_bytes}"
             )
 
     async def GetRoundStatus(
