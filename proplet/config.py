@@ -47,8 +47,12 @@ class PropletConfig:
     # Registry addresses spoken to over plain HTTP. None: loopback addresses and mirror targets.
     insecure_registries: frozenset[str] | None = None
     task_timeout_s: float = 300.0
+    # One run's linear memory and tables together (the tables' share: 8 bytes an element).
     memory_limit_bytes: int = 256 << 20
     output_limit_bytes: int = 16 << 20
+    # Table elements of one run over all its tables, and how many tables it may have.
+    table_elements_limit: int = 1 << 16
+    tables_limit: int = 1
     rpc_timeout_s: float = 30.0
     # Round services (registry, data store, coordinator) that fail with UNAVAILABLE or
     # DEADLINE_EXCEEDED are retried after delays growing from retry_backoff_s to at most
@@ -63,7 +67,7 @@ class PropletConfig:
             raise ValueError(f"heartbeat_s: {self.heartbeat_s} must be > 0")
         if not self.rpc_timeout_s > 0:
             raise ValueError(f"rpc_timeout_s: {self.rpc_timeout_s} must be > 0")
-        self.limits  # noqa: B018 - validates the three limits now rather than at the first task
+        self.limits  # noqa: B018 - validates the limits now rather than at the first task
         self.backoff  # noqa: B018 - and the retry backoff
 
     @property
@@ -72,6 +76,8 @@ class PropletConfig:
             timeout_s=self.task_timeout_s,
             memory_bytes=self.memory_limit_bytes,
             output_bytes=self.output_limit_bytes,
+            table_elements=self.table_elements_limit,
+            tables=self.tables_limit,
         )
 
     @property
@@ -108,6 +114,10 @@ class PropletConfig:
             task_timeout_s=env_float(env, "PROPLET_TASK_TIMEOUT_S", d.task_timeout_s),
             memory_limit_bytes=env_int(env, "PROPLET_MEMORY_LIMIT_MB", 256) << 20,
             output_limit_bytes=env_int(env, "PROPLET_OUTPUT_LIMIT_MB", 16) << 20,
+            table_elements_limit=env_int(
+                env, "PROPLET_TABLE_ELEMENTS_LIMIT", d.table_elements_limit
+            ),
+            tables_limit=env_int(env, "PROPLET_TABLES_LIMIT", d.tables_limit),
             rpc_timeout_s=env_float(env, "PROPLET_RPC_TIMEOUT_S", d.rpc_timeout_s),
             retry_backoff_s=env_float(env, "PROPLET_RETRY_BACKOFF_S", d.retry_backoff_s),
             retry_max_backoff_s=env_float(

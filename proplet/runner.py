@@ -5,9 +5,16 @@ an in-memory cache of compiled modules keyed by the sha256 of their bytes, so an
 proplets in the process compile a module once and start it warm afterwards.
 
 Each run gets a fresh `Store` with:
-- a memory cap (`Store.set_limits`): `memory.grow` returns -1 at the cap; when the module then
-  fails (trap, abort, exit non-zero) with its memory close to the cap, the reason says
-  "memory limit exceeded" (wasmtime does not report the refused growth itself);
+- limits that are totals for the run (`Store.set_limits`): one instance, one linear memory, at
+  most `Limits.tables` tables, and `Limits.memory_bytes` for the linear memory and the tables
+  together. wasmtime caps each memory and each table on its own, so the totals come from the
+  counts: the one memory may grow to `memory_bytes` less the tables' share
+  (`table_elements` x 8 bytes), and the tables share `table_elements` between them.
+  `memory.grow` returns -1 at the cap; when the module then fails (trap, abort, exit
+  non-zero) with its memory close to the cap, the reason says "memory limit exceeded"
+  (wasmtime does not report the refused growth itself). The engine refuses the GC and
+  exception-handling proposals: their objects live in a heap of their own that the store
+  would cap separately, a second budget of the same size;
 - epoch interruption: one daemon thread per engine bumps the epoch every `TICK_S` while any run
   is active, and a per-store epoch-deadline callback checks that run's wall-clock deadline,
   its stop request and its output cap at every tick. A per-store check (rather than bumping
@@ -15,9 +22,15 @@ Each run gets a fresh `Store` with:
 - stdout captured in memory up to the output cap (writes beyond it fail inside the module and
   the run is stopped at the next tick), stderr kept as a short tail for error reasons.
 
-Epoch checks only happen while wasm code executes: a module blocked in a host call (a WASI
-sleep, say) is abandoned after the deadline plus a grace period and reported as timed out;
-its daemon thread finishes on its own.
+Epoch checks only happen while wasm code executes, so no host call may block past the run's
+deadline. The one WASI call that can block here is `poll_oneoff` (how `sleep` compiles in C,
+Zig, Rust and Go): stdin is empty, there are no preopened directories or sockets, and stdout
+and stderr are our own non-blocking callbacks. The runner replaces `poll_oneoff` (and
+`clock_time_get`, so that absolute monotonic times share its clock) with versions that sleep
+at most until the run's deadline and wake at once when the run is stopped; the run then ends
+at the next epoch check, and its thread with it. As a last resort, a run still inside a host
+call `HARD_DEADLINE_GRACE_S` after its deadline is abandoned and reported as timed out; while
+`MAX_ABANDONED_RUNS` such threads linger in a runtime, new runs fail at once.
 """
 
 from __future__ import annotations
@@ -28,6 +41,8 @@ import ctypes
 import errno
 import itertools
 import logging
+import re
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -48,24 +63,56 @@ STDERR_TAIL_BYTES = 2048
 HARD_DEADLINE_GRACE_S = 2.0
 # How long a stopped run may take to leave wasm before the caller stops waiting for it.
 STOP_GRACE_S = 2.0
+# How many abandoned runs (threads stuck in a host call past their deadline) a runtime keeps
+# before it refuses new runs.
+MAX_ABANDONED_RUNS = 4
 WASM_PAGE = 65536
+# What one table element costs (wasmtime: a pointer).
+TABLE_ELEMENT_BYTES = 8
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one run may consume."""
+    """What one run may consume, in all: `memory_bytes` covers its linear memory and its
+    tables together (`table_elements` over all its tables, 8 bytes each)."""
 
     timeout_s: float = 300.0
     memory_bytes: int = 256 << 20
     output_bytes: int = 16 << 20
+    table_elements: int = 1 << 16
+    tables: int = 1
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s: {self.timeout_s} must be > 0")
-        if self.memory_bytes < WASM_PAGE:
-            raise ValueError(f"memory_bytes: {self.memory_bytes} must be >= {WASM_PAGE}")
         if self.output_bytes <= 0:
             raise ValueError(f"output_bytes: {self.output_bytes} must be > 0")
+        if self.tables < 1:
+            raise ValueError(f"tables: {self.tables} must be >= 1")
+        if self.table_elements < self.tables:
+            raise ValueError(
+                f"table_elements: {self.table_elements} must be >= tables ({self.tables})"
+            )
+        least = WASM_PAGE + self.table_bytes
+        if self.memory_bytes < least:
+            raise ValueError(
+                f"memory_bytes: {self.memory_bytes} must be >= {least} (one wasm page and "
+                f"{self.table_elements} table elements)"
+            )
+
+    @property
+    def table_bytes(self) -> int:
+        """The tables' share of `memory_bytes`."""
+        return self.table_elements * TABLE_ELEMENT_BYTES
+
+    @property
+    def linear_memory_bytes(self) -> int:
+        """How far the run's one linear memory may grow."""
+        return self.memory_bytes - self.table_bytes
+
+    @property
+    def elements_per_table(self) -> int:
+        return self.table_elements // self.tables
 
 
 @dataclass(frozen=True)
@@ -102,14 +149,20 @@ class RunControl:
 
     def __init__(self) -> None:
         self._reason: str | None = None
+        self._stopped = threading.Event()
 
     def interrupt(self, reason: str) -> None:
         if self._reason is None:
             self._reason = reason
+        self._stopped.set()
 
     @property
     def interrupted(self) -> str | None:
         return self._reason
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleep up to `timeout_s`; True as soon as the run is interrupted."""
+        return self._stopped.wait(timeout_s)
 
 
 def _mib(n: int) -> str:
@@ -153,6 +206,14 @@ class _Run:
 
     def stderr_text(self) -> str:
         return self.stderr_tail.decode(errors="replace").strip()
+
+    def sleep_until(self, wake: float) -> bool:
+        """Sleep until `wake` (time.monotonic), but never past the deadline nor once the run
+        is stopped; True if `wake` was reached with the run still allowed to go on."""
+        end = min(wake, self.deadline)
+        while (left := end - time.monotonic()) > 0 and not self.control.wait(left):
+            pass
+        return self.check() is None and time.monotonic() >= wake
 
 
 # Runs currently inside wasm, by the id handed to the epoch callback as its `data` pointer.
@@ -217,6 +278,116 @@ def _on_epoch_deadline(_ctx: Any, data: int | None, delta: Any, kind: Any) -> in
 _EPOCH_CALLBACK = _DeadlineCallback(_on_epoch_deadline)
 
 
+# ---------------------------------------------------------------------- bounded WASI calls
+#
+# The run whose wasm executes in this thread, for the WASI functions below (a host function
+# learns nothing else about its store). They never raise: wasmtime-py keeps a host
+# function's exception in one process-wide slot, which a concurrent run's trap could pick up.
+
+_CURRENT = threading.local()
+
+# WASI preview1 errno values, event types and layouts (wasi_snapshot_preview1.witx).
+_WASI_EBADF, _WASI_EFAULT, _WASI_EINTR, _WASI_EINVAL = 8, 21, 27, 28
+_CLOCK, _FD_READ, _FD_WRITE = 0, 1, 2
+_REALTIME, _MONOTONIC, _PROCESS_CPUTIME, _THREAD_CPUTIME = 0, 1, 2, 3
+_ABSTIME = 1
+_SUBSCRIPTION = struct.Struct("<QB7xIxxxxQQH6x")  # userdata, tag, clock id | fd, timeout, ...
+_EVENT = struct.Struct("<QHB5xQH6x")  # userdata, error, type, nbytes, flags
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_STDIO = (0, 1, 2)  # the only descriptors a run has: no preopens, no sockets
+# More subscriptions in one call than any program polls; refused so a call stays cheap.
+_MAX_SUBSCRIPTIONS = 4096
+_I32 = wasmtime.ValType.i32()
+_I64 = wasmtime.ValType.i64()
+
+
+def _now_ns(clock: int) -> int:
+    return time.time_ns() if clock == _REALTIME else time.monotonic_ns()
+
+
+def _memory(caller: Any, ptr: int, size: int) -> Any:
+    """The caller's exported memory if [ptr, ptr + size) lies inside it, else None."""
+    memory = caller.get("memory")
+    if not isinstance(memory, wasmtime.Memory) or ptr + size > memory.data_len(caller):
+        return None
+    return memory
+
+
+def _clock_time_get(caller: Any, clock: int, _precision: int, out: int) -> int:
+    try:
+        if clock in (_PROCESS_CPUTIME, _THREAD_CPUTIME):
+            return _WASI_EBADF  # as wasmtime's own: no CPU-time clocks
+        if clock not in (_REALTIME, _MONOTONIC):
+            return _WASI_EINVAL
+        out &= 0xFFFFFFFF
+        memory = _memory(caller, out, _U64.size)
+        if memory is None:
+            return _WASI_EFAULT
+        memory.write(caller, _U64.pack(_now_ns(clock)), out)
+        return 0
+    except BaseException:
+        return _WASI_EFAULT
+
+
+def _poll_oneoff(caller: Any, subs: int, events: int, count: int, written: int) -> int:
+    """WASI poll_oneoff: fd subscriptions (only stdin, stdout and stderr exist, and none of
+    them ever waits) are ready at once; otherwise sleep until the first clock is due, but
+    never past the run's deadline nor once it is stopped: then answer EINTR and the run ends
+    at its next epoch check."""
+    try:
+        subs, events, written = subs & 0xFFFFFFFF, events & 0xFFFFFFFF, written & 0xFFFFFFFF
+        run: _Run | None = getattr(_CURRENT, "run", None)
+        if run is None or not 0 < count <= _MAX_SUBSCRIPTIONS:
+            return _WASI_EINVAL
+        memory = _memory(caller, subs, count * _SUBSCRIPTION.size)
+        if memory is None:
+            return _WASI_EFAULT
+        raw = memory.read(caller, subs, subs + count * _SUBSCRIPTION.size)
+        ready: list[tuple[int, int]] = []  # (userdata, event type)
+        clocks: list[tuple[int, float]] = []  # (userdata, time.monotonic() when due)
+        now = time.monotonic()
+        for userdata, tag, ident, timeout, _precision, flags in _SUBSCRIPTION.iter_unpack(raw):
+            if tag == _CLOCK:
+                if ident not in (_REALTIME, _MONOTONIC):
+                    return _WASI_EINVAL
+                due_ns = timeout - _now_ns(ident) if flags & _ABSTIME else timeout
+                clocks.append((userdata, now + max(0, due_ns) / 1e9))
+            elif tag in (_FD_READ, _FD_WRITE):
+                if ident not in _STDIO:
+                    return _WASI_EBADF
+                ready.append((userdata, tag))
+            else:
+                return _WASI_EINVAL
+        if not ready and not run.sleep_until(min(wake for _, wake in clocks)):
+            return _WASI_EINTR
+        now = time.monotonic()
+        out = [_EVENT.pack(userdata, 0, tag, 1, 0) for userdata, tag in ready]
+        out += [_EVENT.pack(userdata, 0, _CLOCK, 0, 0) for userdata, due in clocks if due <= now]
+        data = b"".join(out)
+        if _memory(caller, events, len(data)) is None or _memory(caller, written, 4) is None:
+            return _WASI_EFAULT
+        memory.write(caller, data, events)
+        memory.write(caller, _U32.pack(len(out)), written)
+        return 0
+    except BaseException:
+        return _WASI_EFAULT
+
+
+def _define_bounded_wasi(linker: Any) -> None:
+    """Put the bounded `poll_oneoff` and its `clock_time_get` in place of wasmtime's."""
+    linker.allow_shadowing = True
+    try:
+        for name, params, func in (
+            ("poll_oneoff", [_I32, _I32, _I32, _I32], _poll_oneoff),
+            ("clock_time_get", [_I32, _I64, _I32], _clock_time_get),
+        ):
+            kind = wasmtime.FuncType(params, [_I32])
+            linker.define_func("wasi_snapshot_preview1", name, kind, func, access_caller=True)
+    finally:
+        linker.allow_shadowing = False
+
+
 class _EpochTicker:
     """Bumps an engine's epoch every TICK_S while at least one run is active."""
 
@@ -259,6 +430,28 @@ def _cause(exc: BaseException) -> str:
     return text.removeprefix("wasm trap: ")
 
 
+_COUNT_TOO_HIGH = re.compile(r"resource limit exceeded: (\w+) count too high at (\d+)")
+
+
+def _instantiation_failure(failure: str, limits: Limits) -> str:
+    """The reason for a module that could not be instantiated, naming the limit it broke."""
+    total = _mib(limits.memory_bytes)
+    count = _COUNT_TOO_HIGH.search(failure)
+    if count is not None:
+        what, needed = count.group(1), count.group(2)
+        allowed = {"memory": 1, "table": limits.tables, "instance": 1}.get(what, 0)
+        kinds = {"memory": "linear memories", "table": "tables", "instance": "instances"}
+        return (
+            f"{what} limit exceeded: the module needs {needed} {kinds.get(what, what)}, a task "
+            f"may have {allowed} ({total} of memory and tables in all)"
+        )
+    if "exceeds memory limits" in failure:
+        return f"memory limit exceeded ({total}): {failure}"
+    if "exceeds table limits" in failure:
+        return f"table limit exceeded ({limits.elements_per_table} elements per table): {failure}"
+    return failure
+
+
 def _memory_in_use(instance: Any, store: Any) -> int:
     if instance is None:
         return 0
@@ -275,17 +468,25 @@ class WasmRuntime:
     _shared: ClassVar[WasmRuntime | None] = None
     _shared_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, max_modules: int = 32) -> None:
+    def __init__(self, max_modules: int = 32, max_abandoned: int = MAX_ABANDONED_RUNS) -> None:
         config = wasmtime.Config()
         config.epoch_interruption = True
+        # GC objects and exceptions live in a heap the store caps apart from linear memory.
+        config.wasm_gc = False
+        config.wasm_exceptions = False
         self.engine: Any = wasmtime.Engine(config)
-        self._linker: Any = wasmtime.Linker(self.engine)
-        self._linker.define_wasi()
+        # WASI, with the calls that could block bounded by the run's deadline. Public so a
+        # caller can define more host functions before compiling modules that import them.
+        self.linker: Any = wasmtime.Linker(self.engine)
+        self.linker.define_wasi()
+        _define_bounded_wasi(self.linker)
         self._ticker = _EpochTicker(self.engine)
         self._max_modules = max_modules
         self._modules: OrderedDict[str, CompiledModule] = OrderedDict()
         self._compiling: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        self.max_abandoned = max_abandoned
+        self._abandoned = 0
         self.compiles = 0
 
     @classmethod
@@ -324,7 +525,7 @@ class WasmRuntime:
                 except wasmtime.WasmtimeError as exc:
                     raise TaskFailed(f"invalid wasm module: {_cause(exc)}") from None
                 try:
-                    pre = self._linker.instantiate_pre(module)
+                    pre = self.linker.instantiate_pre(module)
                 except wasmtime.WasmtimeError as exc:
                     raise TaskFailed(f"cannot link module: {_cause(exc)}") from None
                 compiled = CompiledModule(
@@ -346,6 +547,12 @@ class WasmRuntime:
             with self._lock:
                 self._compiling.pop(sha256, None)
 
+    @property
+    def abandoned_runs(self) -> int:
+        """Runs given up on while inside a host call whose threads have not ended yet."""
+        with self._lock:
+            return self._abandoned
+
     # ------------------------------------------------------------------ running
 
     def run_sync(
@@ -357,7 +564,13 @@ class WasmRuntime:
         run = _Run(limits, control or RunControl())
         run_id = next(_RUN_IDS)
         store: Any = wasmtime.Store(self.engine)
-        store.set_limits(memory_size=limits.memory_bytes)
+        store.set_limits(
+            memory_size=limits.linear_memory_bytes,
+            table_elements=limits.elements_per_table,
+            instances=1,
+            tables=limits.tables,
+            memories=1,
+        )
         wasmtime_ffi.wasmtime_store_epoch_deadline_callback(
             store.ptr(), _EPOCH_CALLBACK, ctypes.c_void_p(run_id), _NO_FINALIZER
         )
@@ -378,6 +591,7 @@ class WasmRuntime:
         failure: str | None = None
         exit_code = 0
         _RUNS[run_id] = run
+        _CURRENT.run = run
         self._ticker.acquire()
         try:
             instance = compiled.pre.instantiate(store)
@@ -394,6 +608,7 @@ class WasmRuntime:
         finally:
             self._ticker.release()
             _RUNS.pop(run_id, None)
+            _CURRENT.run = None
         duration = time.perf_counter() - started
 
         if run.stopped_for == "interrupt":
@@ -406,16 +621,16 @@ class WasmRuntime:
             tail = run.stderr_text()
             failure = f"exit status {exit_code}" + (f": {tail}" if tail else "")
         if failure is not None:
+            if instance is None:
+                raise TaskFailed(_instantiation_failure(failure, limits))
             in_use = _memory_in_use(instance, store)
             # wasmtime does not say that a memory.grow was refused; a module that failed with
             # its memory within 1/8 of the cap almost certainly failed for want of more.
-            slack = max(WASM_PAGE, limits.memory_bytes // 8)
-            cap = _mib(limits.memory_bytes)
-            if instance is None and "exceeds memory limits" in failure:
-                raise TaskFailed(f"memory limit exceeded ({cap}): {failure}")
-            if instance is not None and in_use + slack > limits.memory_bytes:
+            cap = limits.linear_memory_bytes
+            if in_use + max(WASM_PAGE, cap // 8) > cap:
                 raise TaskFailed(
-                    f"memory limit exceeded ({_mib(in_use)} of {cap} in use): {failure}"
+                    f"memory limit exceeded ({_mib(in_use)} of {_mib(limits.memory_bytes)} "
+                    f"in use): {failure}"
                 )
             raise TaskFailed(failure)
         return RunOutput(bytes(run.stdout), run.stderr_text(), duration)
@@ -423,12 +638,20 @@ class WasmRuntime:
     async def run(
         self, compiled: CompiledModule, invocation: Invocation, control: RunControl | None = None
     ) -> RunOutput:
-        """`run_sync` in a daemon thread. Cancelling the caller interrupts the module."""
+        """`run_sync` in a daemon thread. Cancelling the caller interrupts the module. Fails at
+        once while `max_abandoned` earlier runs are still stuck in host calls."""
+        stuck = self.abandoned_runs
+        if stuck >= self.max_abandoned:
+            raise TaskFailed(
+                f"runner saturated: {stuck} earlier runs are still blocked in host calls past "
+                f"their deadline (at most {self.max_abandoned}); retry later"
+            )
         control = control or RunControl()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[RunOutput] = loop.create_future()
         # Retrieve the outcome even when nobody awaits it any more (abandoned or stopped runs).
         done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        thread = _RunThread()
 
         def settle(result: RunOutput | None, exc: BaseException | None) -> None:
             if done.done():
@@ -445,6 +668,11 @@ class WasmRuntime:
                 result = self.run_sync(compiled, invocation, control)
             except BaseException as exc:  # handed to the awaiting coroutine
                 error = exc
+            finally:
+                with self._lock:
+                    thread.finished = True
+                    if thread.abandoned:
+                        self._abandoned -= 1
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
                 loop.call_soon_threadsafe(settle, result, error)
 
@@ -457,6 +685,10 @@ class WasmRuntime:
                 return await asyncio.shield(done)
         except TimeoutError:
             control.interrupt("deadline")
+            with self._lock:
+                if not thread.finished:
+                    thread.abandoned = True
+                    self._abandoned += 1
             log.warning(
                 "[proplet.runner] sha256=%s still running %.1fs after start (blocked in a host "
                 "call); abandoning its thread",
@@ -470,3 +702,12 @@ class WasmRuntime:
             control.interrupt("task stopped")
             await asyncio.wait({done}, timeout=STOP_GRACE_S)
             raise
+
+
+@dataclass
+class _RunThread:
+    """Whether a run's thread has ended, and whether its caller gave up on it first (guarded
+    by the runtime's lock)."""
+
+    finished: bool = False
+    abandoned: bool = False

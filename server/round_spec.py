@@ -79,6 +79,9 @@ class RoundSpec:
     model_ref: str = ""
     hyperparams: Hyperparams = field(default_factory=Hyperparams)
     task_wasm_image: str = ""
+    # The fewest participants the round may run with when others cannot take part (not alive
+    # at the start, or their task failed); 0 -> k_of_n: none of k_of_n may be missing.
+    min_k_of_n: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +93,7 @@ class RoundSpec:
             "model_ref": self.model_ref,
             "hyperparams": self.hyperparams.to_dict(),
             "task_wasm_image": self.task_wasm_image,
+            "min_k_of_n": self.min_k_of_n,
         }
 
     @classmethod
@@ -103,6 +107,7 @@ class RoundSpec:
             model_ref=str(d["model_ref"]),
             hyperparams=Hyperparams.from_dict(d["hyperparams"]),
             task_wasm_image=str(d["task_wasm_image"]),
+            min_k_of_n=int(d.get("min_k_of_n", 0)),  # absent in records of older versions
         )
 
 
@@ -144,6 +149,11 @@ def validate(spec: RoundSpec, *, experiment: bool = False) -> RoundSpec:
     if spec.k_of_n < 0 or spec.k_of_n > n:
         raise InvalidArgument(
             f"k_of_n: {spec.k_of_n} must be between 0 (all) and {n} (the participants)"
+        )
+    k = spec.k_of_n or n
+    if spec.min_k_of_n < 0 or spec.min_k_of_n > k:
+        raise InvalidArgument(
+            f"min_k_of_n: {spec.min_k_of_n} must be between 0 (= k_of_n) and {k} (k_of_n)"
         )
     _non_negative("timeout_s", spec.timeout_s)
     if experiment and not spec.model_ref:

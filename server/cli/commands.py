@@ -118,6 +118,7 @@ def _round(args: argparse.Namespace) -> dict[str, Any]:
         "participants": participants_of(args),
         "hyperparams": hyperparams.hyperparams(args.epochs, args.lr, args.batch_size),
         "k_of_n": args.k_of_n,
+        "min_k_of_n": args.min_k_of_n,
         "timeout_s": args.timeout_s,
         "task_wasm_image": args.image or os.environ.get("TASK_WASM_IMAGE", ""),
     }
@@ -163,7 +164,14 @@ def round_args(*, model_required: bool) -> tuple[Arg, ...]:
             "--k-of-n",
             type=int,
             default=0,
-            help="updates that close the round (default 0 = every scheduled participant)",
+            help="updates that close the round (default 0 = every participant)",
+        ),
+        arg(
+            "--min-k-of-n",
+            type=int,
+            default=0,
+            help="the fewest participants the round may run with when others are not alive "
+            "or fail (default 0 = k_of_n: none may be missing)",
         ),
         arg(
             "--timeout-s",

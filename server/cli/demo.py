@@ -396,23 +396,9 @@ async def _run_round(
             f"round {index} ({round_id}) could not start: {describe_error(exc)}"
         ) from None
     skipped = {s.proplet_id: s.reason for s in started.skipped}
-    scheduled = [s.proplet_id for s in started.scheduled]
-    k = started.round.k_of_n or len(scheduled)
-    # The deadline counts from the start; allow for aggregation on top.
-    watch = asyncio.create_task(_watch_round(c, round_id, progress, args.timeout_s))
-    doomed = asyncio.create_task(_hopeless(c, round_id, scheduled, k))
-    try:
-        await asyncio.wait({watch, doomed}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (watch, doomed):
-            if not task.done():
-                task.cancel()
-        await asyncio.wait({watch, doomed})
-    if not watch.done() or watch.cancelled():
-        raise CommandFailed(
-            f"round {index} ({round_id}) cannot reach k_of_n {k}: {doomed.result()}"
-        )
-    status = watch.result()
+    # The deadline counts from the start; allow for aggregation on top. A round whose tasks
+    # fail so that k_of_n cannot be reached fails at once (the coordinator), with the reasons.
+    status = await _watch_round(c, round_id, progress, args.timeout_s)
     wall = time.perf_counter() - t0
     if status.state != coordinator_pb2.ROUND_STATE_COMPLETED:
         reason = status.failure_reason or coordinator_pb2.RoundState.Name(status.state)
@@ -473,24 +459,6 @@ async def _watch_round(
 def _round_tasks(round_id: str, proplet_ids: Sequence[str]) -> dict[str, str]:
     """The round's task names (as the manager names them) -> proplet id."""
     return {f"fl-round-{round_id}-{pid}": pid for pid in proplet_ids}
-
-
-async def _hopeless(c: Client, round_id: str, scheduled: Sequence[str], k: int) -> str:
-    """Returns (with the first task error) once so many of the round's tasks have failed
-    that k updates can no longer arrive, rather than waiting for the deadline; runs until
-    cancelled otherwise."""
-    names = _round_tasks(round_id, scheduled)
-    ended = (manager_pb2.TASK_STATE_FAILED, manager_pb2.TASK_STATE_INTERRUPTED)
-    while True:
-        await asyncio.sleep(0.2)
-        listed = await c.list_tasks(name_prefix=f"fl-round-{round_id}-")
-        failed = [
-            (names[t.name], t.error) for t in listed.tasks if t.name in names and t.state in ended
-        ]
-        if failed and len(names) - len(failed) < k:
-            pid, error = failed[0]
-            reason = error or "no reason given"
-            return f"{len(failed)} of {len(names)} tasks failed; {pid}: {reason}"
 
 
 async def _proplet_metrics(

@@ -158,6 +158,8 @@ class CoordinatorApp(ServiceApp):
         stack.push_async_callback(coordinator.aclose)
         await coordinator.resume()
         start_task(stack, coordinator.run_deadlines(cfg.tick_s), "coordinator-deadlines")
+        # Publishes what a crash left in the outbox, and retries failed publishes.
+        start_task(stack, coordinator.run_outbox(cfg.retry_max_backoff_s), "coordinator-outbox")
         self._coordinator = coordinator
         log.info(
             "[Coordinator] aggregator=%s registry=%s mqtt=%s:%d namespace=%s state=%s",

@@ -1,6 +1,7 @@
-"""The coordinator's behaviour over time: configuring and starting rounds, taking updates,
-closing rounds (k_of_n or deadline), aggregating through a `ModelBackend`, announcing the new
-model, and telling watchers about every change.
+"""The coordinator's behaviour over time: configuring and starting rounds, taking updates and
+participant failures, closing rounds (k_of_n, deadline, or failures), aggregating through a
+`ModelBackend`, announcing the new model (through the store's outbox: at least once), and
+telling watchers about every change.
 
 Transport-free: the gRPC servicer and the app wire it to the network; tests may drive it with
 an in-process backend.
@@ -20,7 +21,7 @@ from typing import Protocol, TypeVar
 
 from server.coordinator import rounds as R
 from server.coordinator.rounds import Round, Update
-from server.coordinator.store import RoundStore, RoundUpdates, update_headers
+from server.coordinator.store import Notice, RoundStore, RoundUpdates, update_headers
 from server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -28,6 +29,7 @@ from server.errors import (
     NotFound,
     PropellerError,
 )
+from server.faults import crash_point
 from server.messages import RoundComplete
 from server.round_spec import DEFAULT_TIMEOUT_S, RoundSpec, validate, with_defaults
 from server.tensors import Spec, Tensors, nbytes_of, offload_if_big, sha256_of
@@ -166,6 +168,11 @@ class Coordinator:
         self._watchers: dict[str, set[asyncio.Queue[Event]]] = {}
         self._finishing: dict[str, asyncio.Task[None]] = {}
         self._members: dict[str, _Members] = {}
+        # Set when the outbox may hold notices to publish: at start (a crash may have left
+        # some) and after a publish failed. `run_outbox` waits for it.
+        self._outbox_due = asyncio.Event()
+        self._outbox_due.set()
+        self._publishing: set[str] = set()
 
     # ---- rounds ------------------------------------------------------------------------
 
@@ -271,6 +278,36 @@ class Coordinator:
         self._emit(EventType.UPDATE_ACCEPTED, rnd, update.proplet_id)
         if rnd.state is R.RoundState.AGGREGATING:
             self._begin_aggregation(rnd)
+
+    async def participant_failed(self, round_id: str, proplet_id: str, reason: str) -> Round:
+        """`proplet_id` cannot report in this round (its task failed or was stopped): see
+        `rounds.participant_failed`. Fails the round at once, with the reasons, when fewer
+        than its floor can still report; closes it when every one that still can has."""
+        await self.get(round_id)  # NOT_FOUND before a lock exists for an unknown id
+        async with self._lock(round_id):
+            rnd = await self.get(round_id)
+            after = R.participant_failed(rnd, proplet_id, reason, self.clock())
+            if after is rnd:
+                return rnd
+            await self.store.put(after)
+            log.warning(
+                "[Coordinator.ReportParticipantFailure] round_id=%s proplet_id=%s reason=%s "
+                "failed=%d reachable=%d floor=%d",
+                round_id,
+                proplet_id,
+                reason,
+                len(after.failed),
+                after.reachable,
+                after.floor,
+            )
+            if after.state is rnd.state:
+                return after
+            if after.state is R.RoundState.FAILED:
+                log.warning("[Coordinator] round_id=%s failed: %s", round_id, after.failure_reason)
+                self._emit(EventType.FAILED, after)
+            elif after.state is R.RoundState.AGGREGATING:
+                self._begin_aggregation(after)
+            return after
 
     # ---- deadlines ---------------------------------------------------------------------
 
@@ -401,7 +438,17 @@ class Coordinator:
         metrics = R.weighted_metrics(update_headers(updates))
         async with self._lock(round_id):
             rnd = R.complete(await self.get(round_id), version, uri, metrics, self.clock())
-            await self.store.put(rnd)
+            message = RoundComplete(
+                round_id=round_id,
+                new_model_version=version,
+                model_uri=uri,
+                num_updates=rnd.num_updates,
+                closed_by=rnd.closed_by,
+            )
+            # The completion and its notification in one transaction (the outbox): a crash
+            # before the publish below leaves it unsent, and the next start publishes it.
+            notice = Notice(round_id, self.topics.round_next, message.to_json())
+            await self.store.put(rnd, notice)
             self._emit(EventType.COMPLETED, rnd)
         log.info(
             "[Coordinator.aggregate] round_id=%s completed new_model_uri=%s num_updates=%d "
@@ -411,22 +458,56 @@ class Coordinator:
             rnd.num_updates,
             rnd.closed_by,
         )
-        message = RoundComplete(
-            round_id=round_id,
-            new_model_version=version,
-            model_uri=uri,
-            num_updates=rnd.num_updates,
-            closed_by=rnd.closed_by,
-        )
+        crash_point("coordinator.round_completed")
+        await self._deliver(notice)
+
+    # ---- the outbox ----------------------------------------------------------------------
+
+    async def _deliver(self, notice: Notice) -> bool:
+        """Publish `notice` and mark it sent; False (and `run_outbox` tries again later) when
+        the publish failed. A crash between the publish and the mark sends it again after the
+        restart: subscribers may see a notification twice."""
+        if notice.round_id in self._publishing:
+            return True  # being published right now
+        self._publishing.add(notice.round_id)
         try:
-            await self.publish(self.topics.round_next, message.to_json())
-        except Exception as exc:  # the round is completed either way; say the message is lost
-            log.error(
-                "[Coordinator.aggregate] round_id=%s completed but the round-complete "
-                "notification was not published: %s",
-                round_id,
+            await self.publish(notice.topic, notice.payload)
+            await self.store.sent(notice.round_id)
+        except Exception as exc:
+            log.warning(
+                "[Coordinator.outbox] round_id=%s notification not published yet: %s; "
+                "retrying later",
+                notice.round_id,
                 exc,
             )
+            self._outbox_due.set()
+            return False
+        finally:
+            self._publishing.discard(notice.round_id)
+        return True
+
+    async def deliver_unsent(self) -> bool:
+        """Publish every notice the store holds unsent; True if all went out."""
+        unsent = await self.store.unsent()
+        if unsent:
+            log.info("[Coordinator.outbox] %d unsent notification(s) to publish", len(unsent))
+        delivered = [await self._deliver(notice) for notice in unsent]
+        return all(delivered)
+
+    async def run_outbox(self, retry_s: float) -> None:
+        """Forever: publish what the outbox holds unsent, at start (what a crash left) and
+        after a failed publish, every `retry_s` seconds until it goes out. Cancel to stop."""
+        while True:
+            await self._outbox_due.wait()
+            self._outbox_due.clear()
+            try:
+                done = await self.deliver_unsent()
+            except Exception:
+                log.exception("[Coordinator.outbox] reading the outbox failed")
+                done = False
+            if not done:
+                await asyncio.sleep(retry_s)
+                self._outbox_due.set()
 
     async def _with_retry(
         self, what: str, round_id: str, attempt_fn: Callable[[int], Awaitable[T]]

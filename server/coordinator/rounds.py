@@ -7,6 +7,11 @@ the stored round exactly as it was ("rejected updates change nothing").
 States: PENDING (configured) -> OPEN (started; its deadline runs) -> AGGREGATING (closed by
 k_of_n, or by the deadline with >= 1 update) -> COMPLETED (a new model version is stored) or
 FAILED (the deadline passed with no update, or aggregation / the registry write failed).
+
+Participants that cannot report (their task failed: `participant_failed`) lower what the round
+can reach: it fails at once when fewer than its floor (min_k_of_n, or k_of_n when that is 0)
+can still report, and otherwise closes once every participant that still can has reported
+(`quorum`), without waiting for the deadline.
 """
 
 from __future__ import annotations
@@ -23,6 +28,12 @@ from server.tensors import Array, Spec, Tensors, check_finite
 
 CLOSED_BY_K_OF_N = "k_of_n"
 CLOSED_BY_DEADLINE = "deadline"
+# Closed with fewer than k_of_n (but at least min_k_of_n) because the others failed.
+CLOSED_BY_MIN_K_OF_N = "min_k_of_n"
+# How many failed participants a failure reason lists by name (all are in `Round.failed`).
+_NAMED_FAILURES = 10
+# A participant failure's reason is kept with the round: cut to this many characters.
+MAX_REASON_CHARS = 1024
 
 
 class RoundState(enum.Enum):
@@ -46,6 +57,14 @@ class Update:
     metrics: Mapping[str, float]
     tensors: Tensors
     received_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class ParticipantFailure:
+    """A participant that cannot report in this round, and why (its task's error)."""
+
+    proplet_id: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -77,10 +96,30 @@ class Round:
     new_model_uri: str = ""
     failure_reason: str = ""
     closed_by: str = ""
+    # 0 -> k_of_n: the fewest participants the round may go on with when others failed.
+    min_k_of_n: int = 0
+    # Participants that cannot report (never one that has reported), in the order reported.
+    failed: tuple[ParticipantFailure, ...] = ()
 
     @property
     def num_updates(self) -> int:
         return len(self.reported)
+
+    @property
+    def floor(self) -> int:
+        """The fewest participants that must be able to report: min_k_of_n, else k_of_n."""
+        return self.min_k_of_n or self.k_of_n
+
+    @property
+    def reachable(self) -> int:
+        """Participants that have reported or still can (none of them failed)."""
+        return len(self.participants) - len(self.failed)
+
+    @property
+    def quorum(self) -> int:
+        """The updates that close the round: k_of_n, or fewer when failures leave fewer
+        participants able to report (never below `floor`: the round fails first)."""
+        return min(self.k_of_n, self.reachable)
 
     @property
     def finished(self) -> bool:
@@ -224,13 +263,56 @@ def check_tensors(specs: Sequence[Spec], tensors: Mapping[str, Array], field: st
 
 
 def record_update(rnd: Round, proplet_id: str) -> Round:
-    """Count an admitted, validated update; the k-th one closes the round (AGGREGATING)."""
-    reported = (*rnd.reported, proplet_id)
-    if len(reported) >= rnd.k_of_n:
-        return replace(
-            rnd, reported=reported, state=RoundState.AGGREGATING, closed_by=CLOSED_BY_K_OF_N
+    """Count an admitted, validated update; the one that reaches the quorum (k_of_n, or every
+    participant that did not fail) closes the round (AGGREGATING). A participant reported as
+    failed that reports after all (its task was started again) counts like any other."""
+    failed = tuple(f for f in rnd.failed if f.proplet_id != proplet_id)
+    rnd = replace(rnd, reported=(*rnd.reported, proplet_id), failed=failed)
+    return _close_at_quorum(rnd)
+
+
+def _close_at_quorum(rnd: Round) -> Round:
+    if rnd.state is not RoundState.OPEN or rnd.num_updates < rnd.quorum:
+        return rnd
+    closed_by = CLOSED_BY_K_OF_N if rnd.num_updates >= rnd.k_of_n else CLOSED_BY_MIN_K_OF_N
+    return replace(rnd, state=RoundState.AGGREGATING, closed_by=closed_by)
+
+
+def participant_failed(rnd: Round, proplet_id: str, reason: str, now: float) -> Round:
+    """Record that `proplet_id` cannot report. Returns `rnd` itself when nothing changes (a
+    repeat, a participant that already reported, a round closing or completed); FAILED at
+    once when fewer than the round's floor can still report; AGGREGATING when every
+    participant that still can has reported and that is enough. A round that already failed
+    still lists the failure (its status names every participant that failed)."""
+    if proplet_id not in rnd.participants:
+        raise FailedPrecondition(
+            f"proplet_id: {proplet_id!r} is not a participant of round {rnd.round_id!r}"
         )
-    return replace(rnd, reported=reported)
+    if (
+        rnd.state not in (RoundState.PENDING, RoundState.OPEN, RoundState.FAILED)
+        or proplet_id in rnd.reported
+        or any(f.proplet_id == proplet_id for f in rnd.failed)
+    ):
+        return rnd
+    failure = ParticipantFailure(proplet_id, reason[:MAX_REASON_CHARS] or "no reason given")
+    rnd = replace(rnd, failed=(*rnd.failed, failure))
+    if rnd.state is RoundState.FAILED:
+        return rnd
+    if rnd.reachable < rnd.floor:
+        return fail(rnd, _unreachable_reason(rnd), now)
+    return _close_at_quorum(rnd)
+
+
+def _unreachable_reason(rnd: Round) -> str:
+    named = "; ".join(f"{f.proplet_id}: {f.reason[:200]}" for f in rnd.failed[:_NAMED_FAILURES])
+    more = len(rnd.failed) - _NAMED_FAILURES
+    if more > 0:
+        named += f"; and {more} more"
+    need = f"min_k_of_n {rnd.min_k_of_n}" if rnd.min_k_of_n else f"k_of_n {rnd.k_of_n}"
+    return (
+        f"{need} can no longer be reached: {len(rnd.failed)} of {len(rnd.participants)} "
+        f"participants failed, {rnd.reachable} can still report ({named})"
+    )
 
 
 def is_due(rnd: Round, now: float) -> bool:

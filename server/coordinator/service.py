@@ -142,6 +142,17 @@ class CoordinatorServicer:
             async for event in self.coordinator.watch(request.round_id):
                 yield event_to_proto(event)
 
+    async def ReportParticipantFailure(
+        self, request: coordinator_pb2.ReportParticipantFailureRequest, context: Context
+    ) -> coordinator_pb2.RoundStatus:
+        async with grpc_errors(context, "Coordinator.ReportParticipantFailure"):
+            check_id(request.round_id, "round_id")
+            check_id(request.proplet_id, "proplet_id")
+            rnd = await self.coordinator.participant_failed(
+                request.round_id, request.proplet_id, request.reason
+            )
+            return status_to_proto(rnd)
+
 
 def binding(coordinator: Coordinator) -> ServiceBinding:
     return ServiceBinding(

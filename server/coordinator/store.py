@@ -6,6 +6,11 @@ arrival order. The methods are async so an implementation may do its I/O off the
 A round's updates come back as `RoundUpdates`: `each_update` reads them in order (one update's
 arrays at a time for a stored round), `update_headers` gives their header fields.
 
+The store is also the coordinator's outbox: a round's completion and the notification that
+announces it (`Notice`) are written together (`put(rnd, notice)`), the notice stays listed by
+`unsent()` until `sent(round_id)` marks it, so one lost between the commit and the publish
+(a crash) is published after the restart: at least once.
+
 - `MemoryRoundStore`: process memory, lost on restart (tests, the one-process demo).
 - `SqliteRoundStore`: one SQLite file (`<state_dir>/coordinator.sqlite`, through
   `server.sqlite.Database`: WAL, synchronous=FULL, one transaction per logical change;
@@ -24,11 +29,11 @@ import json
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from server.coordinator.rounds import Round, RoundState, Update
+from server.coordinator.rounds import ParticipantFailure, Round, RoundState, Update
 from server.errors import DataLoss, PropellerError, ResourceExhausted, Unavailable
 from server.round_spec import Hyperparams
 from server.sqlite import Database
@@ -48,13 +53,32 @@ T = TypeVar("T")
 STATE_FILE = "coordinator.sqlite"
 
 
+@dataclass(frozen=True)
+class Notice:
+    """A message the coordinator must publish about a round (its completion), kept in the
+    store from the change it announces until it is marked sent."""
+
+    round_id: str
+    topic: str
+    payload: bytes
+
+
 class RoundStore(Protocol):
     async def get(self, round_id: str) -> Round | None:
         """The round's current record, or None."""
         ...
 
-    async def put(self, rnd: Round) -> None:
-        """Insert or replace the round's record (one atomic change)."""
+    async def put(self, rnd: Round, notice: Notice | None = None) -> None:
+        """Insert or replace the round's record, and keep `notice` unsent with it: one atomic
+        change."""
+        ...
+
+    async def unsent(self) -> list[Notice]:
+        """The notices not marked sent, oldest first."""
+        ...
+
+    async def sent(self, round_id: str) -> None:
+        """Mark the round's notice sent (nothing if there is none)."""
         ...
 
     async def list(self, experiment_id: str = "") -> list[Round]:
@@ -81,12 +105,21 @@ class MemoryRoundStore:
     def __init__(self) -> None:
         self._rounds: dict[str, Round] = {}
         self._updates: dict[str, list[Update]] = {}
+        self._unsent: dict[str, Notice] = {}
 
     async def get(self, round_id: str) -> Round | None:
         return self._rounds.get(round_id)
 
-    async def put(self, rnd: Round) -> None:
+    async def put(self, rnd: Round, notice: Notice | None = None) -> None:
         self._rounds[rnd.round_id] = rnd
+        if notice is not None:
+            self._unsent[notice.round_id] = notice
+
+    async def unsent(self) -> list[Notice]:
+        return list(self._unsent.values())
+
+    async def sent(self, round_id: str) -> None:
+        self._unsent.pop(round_id, None)
 
     async def list(self, experiment_id: str = "") -> list[Round]:
         return [
@@ -148,7 +181,22 @@ SCHEMA = (
         PRIMARY KEY (round_id, proplet_id),
         UNIQUE (round_id, seq)
     )""",
+    # The outbox: a round's notification, written with the change it announces.
+    """CREATE TABLE IF NOT EXISTS notices (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- the order to publish in
+        round_id TEXT NOT NULL UNIQUE REFERENCES rounds(round_id),
+        topic TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        sent INTEGER NOT NULL DEFAULT 0         -- 1 once published (and acknowledged)
+    )""",
 )
+
+# Columns added to `rounds` since the first version, with their definition: a file written
+# by an older coordinator gets them on open (`_migrate`).
+_ADDED_ROUND_COLUMNS = {
+    "min_k_of_n": "INTEGER NOT NULL DEFAULT 0",
+    "failed": "TEXT NOT NULL DEFAULT '[]'",  # JSON list of [proplet_id, reason]
+}
 
 _ROUND_COLUMNS = (
     "round_id",
@@ -172,6 +220,7 @@ _ROUND_COLUMNS = (
     "new_model_uri",
     "failure_reason",
     "closed_by",
+    *_ADDED_ROUND_COLUMNS,
 )
 
 _UPSERT_ROUND = (
@@ -218,6 +267,8 @@ def _round_values(rnd: Round) -> tuple[Any, ...]:
         rnd.new_model_uri,
         rnd.failure_reason,
         rnd.closed_by,
+        rnd.min_k_of_n,
+        json.dumps([[f.proplet_id, f.reason] for f in rnd.failed]),
     )
 
 
@@ -245,7 +296,18 @@ def _round_from_row(row: Sequence[Any]) -> Round:
         new_model_uri=v["new_model_uri"],
         failure_reason=v["failure_reason"],
         closed_by=v["closed_by"],
+        min_k_of_n=int(v["min_k_of_n"]),
+        failed=tuple(ParticipantFailure(str(p), str(r)) for p, r in json.loads(v["failed"])),
     )
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a file written by an older coordinator up to `SCHEMA` (columns added since)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(rounds)")}
+    for name, definition in _ADDED_ROUND_COLUMNS.items():
+        if name not in columns:
+            conn.execute(f"ALTER TABLE rounds ADD COLUMN {name} {definition}")
+            log.info("[Coordinator.store] rounds: added column %s", name)
 
 
 def _header_from_row(row: Sequence[Any]) -> tuple[Update, tuple[Spec, ...]]:
@@ -328,6 +390,7 @@ class SqliteRoundStore:
         """Open (creating if needed) the state file and load the round records."""
         await self._db.open()
         try:
+            await self._db.write(_migrate)
             await self._db.read(self._load)
         except BaseException:
             await self._db.close()
@@ -425,8 +488,33 @@ class SqliteRoundStore:
     async def get(self, round_id: str) -> Round | None:
         return await self._read(lambda _conn: self._rounds.get(round_id))
 
-    async def put(self, rnd: Round) -> None:
-        await self._write(lambda conn: self._put_row(conn, rnd), rnd)
+    async def put(self, rnd: Round, notice: Notice | None = None) -> None:
+        def both(conn: sqlite3.Connection) -> None:
+            self._put_row(conn, rnd)
+            if notice is not None:
+                conn.execute(
+                    "INSERT INTO notices (round_id, topic, payload) VALUES (?, ?, ?) "
+                    "ON CONFLICT(round_id) DO UPDATE SET topic = excluded.topic, "
+                    "payload = excluded.payload, sent = 0",
+                    (notice.round_id, notice.topic, notice.payload),
+                )
+
+        await self._write(both, rnd)
+
+    async def unsent(self) -> list[Notice]:
+        def select(conn: sqlite3.Connection) -> list[Notice]:
+            rows = conn.execute(
+                "SELECT round_id, topic, payload FROM notices WHERE sent = 0 ORDER BY seq"
+            ).fetchall()
+            return [Notice(str(r), str(t), bytes(p)) for r, t, p in rows]
+
+        return await self._read(select)
+
+    async def sent(self, round_id: str) -> None:
+        def mark(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE notices SET sent = 1 WHERE round_id = ?", (round_id,))
+
+        await self._write(mark, None)
 
     async def list(self, experiment_id: str = "") -> list[Round]:
         def select(_conn: sqlite3.Connection) -> list[Round]:

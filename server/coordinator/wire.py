@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from propeller.v1 import coordinator_pb2, manager_pb2
-from server.coordinator.rounds import Round, RoundState
+from server.coordinator.rounds import ParticipantFailure, Round, RoundState
 from server.round_spec import Hyperparams, RoundSpec
 
 STATES: dict[RoundState, coordinator_pb2.RoundState] = {
@@ -28,7 +28,15 @@ SpecMessage = coordinator_pb2.ConfigureRoundRequest | manager_pb2.StartExperimen
 
 # Fields that keep their name and value between the messages and the domain types; the
 # functions below add the ones that change form (repeated fields, hyperparameters, state...).
-_SPEC_SCALARS = ("round_id", "experiment_id", "k_of_n", "timeout_s", "model_ref", "task_wasm_image")
+_SPEC_SCALARS = (
+    "round_id",
+    "experiment_id",
+    "k_of_n",
+    "timeout_s",
+    "model_ref",
+    "task_wasm_image",
+    "min_k_of_n",
+)
 _STATUS_SCALARS = (
     *_SPEC_SCALARS,
     "started_at",
@@ -77,6 +85,10 @@ def status_to_proto(rnd: Round) -> coordinator_pb2.RoundStatus:
         reported=rnd.reported,
         metrics=dict(rnd.metrics),
         new_model_version=rnd.new_model_version or 0,
+        failed=[
+            coordinator_pb2.ParticipantFailure(proplet_id=f.proplet_id, reason=f.reason)
+            for f in rnd.failed
+        ],
     )
 
 
@@ -92,4 +104,5 @@ def status_from_proto(msg: coordinator_pb2.RoundStatus) -> Round:
         reported=tuple(msg.reported),
         metrics=dict(msg.metrics),
         new_model_version=msg.new_model_version or None,
+        failed=tuple(ParticipantFailure(f.proplet_id, f.reason) for f in msg.failed),
     )

@@ -14,7 +14,7 @@ from propeller.v1 import coordinator_pb2_grpc, manager_pb2
 from propeller.v1 import manager_pb2_grpc as manager_grpc
 from server.config import Endpoints, MqttConfig, env_float, env_str
 from server.grpc_server import ServiceBinding, channel
-from server.lifecycle import ServiceApp, for_serve, run_service, state_dir_from_env
+from server.lifecycle import ServiceApp, for_serve, run_service, start_task, state_dir_from_env
 from server.manager.coordinator import CoordinatorClient
 from server.manager.experiments import ExperimentStore, InMemoryExperimentStore
 from server.manager.orchestrator import Manager
@@ -141,7 +141,9 @@ class ManagerApp(ServiceApp):
             topics=topics,
             task_endpoints=self.config.task_endpoints,
             clock=self.clock,
+            persisted=self.persisted,
         )
+        stack.push_async_callback(self._manager.aclose)
         # A stable client id per namespace: a restarted manager resumes its persistent
         # session and receives the results queued while it was down.
         self._session = await stack.enter_async_context(
@@ -152,6 +154,8 @@ class ManagerApp(ServiceApp):
                 self._on_message,
             )
         )
+        # Recovery: finish the fan-out of any experiment a crash left half-started.
+        start_task(stack, self._manager.run_fan_outs(), "manager-fan-outs")
 
 
 async def main() -> None:

@@ -1,4 +1,4 @@
-"""The manager's view of the Coordinator: the three round calls it makes, in domain types
+"""The manager's view of the Coordinator: the round calls it makes, in domain types
 (`RoundSpec` in, the coordinator's `Round` out), behind a Protocol so the orchestration can be
 exercised without a network. `CoordinatorClient` is the gRPC edge."""
 
@@ -22,6 +22,10 @@ class RoundService(Protocol):
     async def start_round(self, round_id: str) -> Round: ...
 
     async def get_round_status(self, round_id: str) -> Round: ...
+
+    async def report_failure(self, round_id: str, proplet_id: str, reason: str) -> Round:
+        """`proplet_id` cannot report in `round_id` (its task failed or was stopped)."""
+        ...
 
 
 class CoordinatorClient:
@@ -47,3 +51,9 @@ class CoordinatorClient:
     async def get_round_status(self, round_id: str) -> Round:
         request = coordinator_pb2.GetRoundStatusRequest(round_id=round_id)
         return await self._call("GetRoundStatus", request)
+
+    async def report_failure(self, round_id: str, proplet_id: str, reason: str) -> Round:
+        request = coordinator_pb2.ReportParticipantFailureRequest(
+            round_id=round_id, proplet_id=proplet_id, reason=reason
+        )
+        return await self._call("ReportParticipantFailure", request)

@@ -1,5 +1,12 @@
-"""What the manager does with its state: react to proplet messages, start and stop tasks, and
-run an experiment's round from configuration to one started task per live participant.
+"""What the manager does with its state: react to proplet messages, start and stop tasks, run
+an experiment's round from configuration to one started task per live participant, and tell
+the coordinator when a round's participant can no longer report.
+
+StartExperiment survives a crash: the experiment (request, participants, task ids) is on disk
+before anything leaves the manager, the fan-out (round configured and opened, tasks created,
+starts published) is idempotent step by step, and `run_fan_outs` finishes any recorded
+experiment whose fan-out did not (after a restart, or after the coordinator was unreachable).
+A repeated request gets the same answer (the same experiment and tasks).
 
 MQTT publishing and the coordinator are injected (`Publish`, `RoundService`, both in domain
 terms), so this is testable with plain fakes; `ManagerApp` wires in the real ones.
@@ -10,29 +17,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from server.config import Endpoints
-from server.coordinator.rounds import Round
+from server.coordinator.rounds import Round, RoundState
 from server.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    PropellerError,
     Unavailable,
 )
+from server.faults import crash_point
 from server.manager.coordinator import RoundService
 from server.manager.experiments import (
     Experiment,
     ExperimentStore,
+    FanOut,
     ScheduledParticipant,
-    effective_k_of_n,
+    round_of,
     round_task_env,
     round_task_name,
 )
 from server.manager.proplets import Proplets, Skipped
 from server.manager.records import require
-from server.manager.tasks import Task, Tasks
+from server.manager.tasks import Task, Tasks, TaskState
 from server.messages import PropletAnnounce, TaskResult
 from server.round_spec import RoundSpec, validate
 from server.topics import Topics
@@ -40,6 +53,17 @@ from server.topics import Topics
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes], Awaitable[None]]
+
+# Coordinator answers that another attempt may change: the experiment stays recorded and its
+# fan-out is tried again. Any other refusal removes it (the request was not accepted).
+TRANSIENT: tuple[type[PropellerError], ...] = (Unavailable, DeadlineExceeded)
+# How long the manager keeps telling the coordinator about a failed participant when the
+# task carries no ROUND_DEADLINE.
+REPORT_WINDOW_S = 60.0
+
+
+async def _nothing_pending() -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -61,9 +85,21 @@ class Manager:
     topics: Topics
     task_endpoints: Endpoints
     clock: Callable[[], float] = time.time
-    # Experiment ids whose StartExperiment is in flight, so two concurrent calls with one
-    # id cannot both pass the existence check while the first awaits the coordinator.
-    _starting: set[str] = field(default_factory=set, init=False, repr=False)
+    # Waits until every change made to the stores so far is on disk (`ManagerApp.persisted`).
+    persisted: Callable[[], Awaitable[None]] = _nothing_pending
+    # Backoff of the background retries (fan-outs, failure reports): doubling up to the cap.
+    retry_initial_s: float = 0.2
+    retry_max_s: float = 5.0
+    # The fan-out in flight per experiment id: a repeated request, or `run_fan_outs`, joins it.
+    _fan_outs: dict[str, asyncio.Task[ExperimentStarted]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    # Set when a recorded experiment may need its fan-out finished (`run_fan_outs`).
+    _fan_outs_due: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    _background: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._fan_outs_due.set()  # at start: whatever a crash left recorded
 
     # --- MQTT intake ---------------------------------------------------------------------
 
@@ -82,7 +118,9 @@ class Manager:
                         proplet.name,
                     )
             elif topic == t.proplet_results:
-                self.tasks.apply_result(TaskResult.from_json(payload))
+                task = self.tasks.apply_result(TaskResult.from_json(payload))
+                if task is not None:
+                    self._task_ended(task)
             else:
                 log.debug("[Manager.mqtt] topic=%s: not ours; ignored", topic)
         except ValueError as exc:
@@ -100,6 +138,7 @@ class Manager:
             task.proplet_id or "*",
             task.attempt,
         )
+        crash_point("manager.task_start_published")
 
     async def start_task(self, task_id: str) -> Task:
         scheduled, previous = self.tasks.schedule(task_id)
@@ -115,7 +154,83 @@ class Manager:
         task = self.tasks.check_stoppable(task_id)
         await self.publish(self.topics.task_stop, task.stop_message().to_json())
         log.info("[Manager.StopTask] task_id=%s proplet_id=%s", task.id, task.proplet_id or "*")
-        return self.tasks.interrupt(task_id)
+        task = self.tasks.interrupt(task_id)
+        self._task_ended(task)
+        return task
+
+    # --- participants that cannot report -------------------------------------------------
+
+    def _task_ended(self, task: Task) -> None:
+        """A task of a round (ROUND_ID in its env) that failed or was interrupted: its
+        participant will not report, so the coordinator is told (in the background, retried
+        while it is unreachable, until the round's deadline): the round fails at once if it
+        can no longer reach its quorum, instead of at its deadline."""
+        if task.state not in (TaskState.FAILED, TaskState.INTERRUPTED):
+            return
+        round_id = task.env.get("ROUND_ID", "")
+        proplet_id = task.proplet_id or task.reported_by
+        if not round_id or not proplet_id:
+            return
+        reason = task.error or f"task {task.id} {task.state.value.lower()}"
+        try:
+            until = float(task.env.get("ROUND_DEADLINE", "")) or 0.0
+        except ValueError:
+            until = 0.0
+        until = until or self.clock() + REPORT_WINDOW_S
+        self._spawn(
+            self._report_failure(round_id, proplet_id, reason, until),
+            f"report-{round_id}-{proplet_id}",
+        )
+
+    async def _report_failure(
+        self, round_id: str, proplet_id: str, reason: str, until: float
+    ) -> None:
+        delay = self.retry_initial_s
+        while True:
+            try:
+                rnd = await self.rounds.report_failure(round_id, proplet_id, reason)
+            except TRANSIENT as exc:
+                if self.clock() + delay > until:
+                    log.warning(
+                        "[Manager.failures] round_id=%s proplet_id=%s: coordinator not told "
+                        "before the round's deadline (%s); the deadline closes the round",
+                        round_id,
+                        proplet_id,
+                        exc,
+                    )
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+                continue
+            except PropellerError as exc:  # e.g. a manual task for a round nobody configured
+                log.info(
+                    "[Manager.failures] round_id=%s proplet_id=%s: not recorded by the "
+                    "coordinator: %s",
+                    round_id,
+                    proplet_id,
+                    exc,
+                )
+                return
+            log.info(
+                "[Manager.failures] round_id=%s proplet_id=%s reported failed; round %s",
+                round_id,
+                proplet_id,
+                rnd.state.value,
+            )
+            return
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self) -> None:
+        """Cancel the background work (failure reports, fan-outs in flight: a recorded
+        experiment's fan-out is finished at the next start)."""
+        tasks: list[asyncio.Task[Any]] = [*self._background, *self._fan_outs.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- experiments ---------------------------------------------------------------------
 
@@ -131,19 +246,55 @@ class Manager:
         return await self.rounds.get_round_status(round_id)
 
     async def start_experiment(self, request: RoundSpec) -> ExperimentStarted:
+        """Record the experiment (refused before anything is recorded when too few of its
+        participants are alive), then fan it out; the same request again joins or repeats the
+        answer, a different one with the same experiment id is ALREADY_EXISTS."""
         config = validate(request, experiment=True)
         eid = config.experiment_id
-        if eid in self._starting or self.experiments.get(eid) is not None:
-            raise AlreadyExists(f"experiment_id: {eid!r} already exists")
-        self._starting.add(eid)
-        try:
-            return await self._start_experiment(config)
-        finally:
-            self._starting.discard(eid)
+        experiment = self.experiments.get(eid)
+        if experiment is None:
+            experiment = self._plan(config)
+            crash_point("manager.before_record")
+            # In memory at once (a concurrent repeat finds it); on disk before the fan-out
+            # lets anything leave the manager.
+            self.experiments.put(experiment)
+        elif experiment.config != config:
+            differ = [
+                f.name
+                for f in fields(config)
+                if getattr(config, f.name) != getattr(experiment.config, f.name)
+            ]
+            raise AlreadyExists(
+                f"experiment_id: {eid!r} already exists with a different {', '.join(differ)}"
+            )
+        return await self._finish(experiment)
 
-    async def _start_experiment(self, config: RoundSpec) -> ExperimentStarted:
+    async def _finish(self, experiment: Experiment) -> ExperimentStarted:
+        """The experiment's answer, after its fan-out (joining the one in flight, if any)."""
+        if experiment.fan_out is FanOut.DONE:
+            round_id = experiment.config.round_id
+            return ExperimentStarted(experiment, await self.rounds.get_round_status(round_id))
+        eid = experiment.experiment_id
+        task = self._fan_outs.get(eid)
+        if task is None:
+            task = asyncio.create_task(self._fan_out(eid), name=f"fan-out-{eid}")
+            self._fan_outs[eid] = task
+
+            def done(t: asyncio.Task[ExperimentStarted]) -> None:
+                if self._fan_outs.get(eid) is t:
+                    del self._fan_outs[eid]
+                if not t.cancelled() and isinstance(t.exception(), TRANSIENT):
+                    self._fan_outs_due.set()  # `run_fan_outs` tries again
+
+            task.add_done_callback(done)
+        # A caller that goes away does not stop the fan-out.
+        return await asyncio.shield(task)
+
+    def _plan(self, config: RoundSpec) -> Experiment:
+        """The experiment to record: the participants alive now, each with its task's id,
+        and the others with the reason they are left out."""
         n = len(config.participants)
-        participants, skipped = self.proplets.split(config.participants)
+        alive, skipped = self.proplets.split(config.participants)
         for s in skipped:
             log.warning(
                 "[Manager.StartExperiment] round_id=%s proplet_id=%s skipped: %s",
@@ -151,85 +302,166 @@ class Manager:
                 s.proplet_id,
                 s.reason,
             )
-        if not participants:
+        if not alive:
             reasons = "; ".join(f"{s.proplet_id}: {s.reason}" for s in skipped)
             raise FailedPrecondition(
                 f"participants: none of the {n} participants is alive: {reasons}"
             )
-
-        # The coordinator is given the scheduled participants only, and a k_of_n they can reach.
-        await self.rounds.configure_round(
-            replace(
-                config,
-                participants=tuple(participants),
-                k_of_n=effective_k_of_n(config.k_of_n, len(participants)),
-            )
-        )
-        # The deadline counts from here, the moment the proplets are told about the round: it
-        # reaches each task as ROUND_DEADLINE, beside the HYPERPARAMS.
-        status = await self.rounds.start_round(config.round_id)
-        model_uri = status.model_ref or config.model_ref
-
-        tasks = [
-            self.tasks.create(
-                round_task_name(config.round_id, pid),
-                image_url=config.task_wasm_image,
-                env=round_task_env(
-                    round_id=config.round_id,
-                    model_uri=model_uri,
-                    hyperparams=config.hyperparams,
-                    proplet_id=pid,
-                    endpoints=self.task_endpoints,
-                    deadline=status.deadline,
-                ),
-                proplet_id=pid,
-            )
-            for pid in participants
-        ]
-        outcomes = await asyncio.gather(
-            *(self._start_round_task(t) for t in tasks), return_exceptions=True
-        )
-        scheduled: list[ScheduledParticipant] = []
-        for task, outcome in zip(tasks, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, Exception):
-                    raise outcome
-                reason = f"task start not delivered: {outcome}"
-                self.tasks.fail(task.id, reason)
-                skipped.append(Skipped(task.proplet_id, reason))
-                log.warning(
-                    "[Manager.StartExperiment] round_id=%s proplet_id=%s: %s",
-                    config.round_id,
-                    task.proplet_id,
-                    reason,
-                )
-            else:
-                scheduled.append(ScheduledParticipant(task.proplet_id, task.id, task.name))
-
         experiment = Experiment(
             experiment_id=config.experiment_id,
             config=config,
-            scheduled=scheduled,
+            scheduled=[
+                ScheduledParticipant(pid, str(uuid.uuid4()), round_task_name(config.round_id, pid))
+                for pid in alive
+            ],
             skipped=skipped,
             created_at=self.clock(),
+            fan_out=FanOut.RECORDED,
         )
-        self.experiments.put(experiment)
+        round_of(experiment)  # FAILED_PRECONDITION if too few are alive for its k_of_n
+        return experiment
+
+    async def _fan_out(self, eid: str) -> ExperimentStarted:
+        """Configure and open the round, create the tasks, publish their starts, mark the
+        experiment DONE. Every step may have been done before (by a call the manager died
+        in): the coordinator answers a repeated configuration with the round as it is, a task
+        already created is not created again, a start that may have left is published again
+        unless its participant has reported (the proplet ignores a start it holds)."""
+        await self.persisted()  # the record is on disk before the round or a task exists
+        experiment = require(self.experiments, eid, "experiment")
+        config = experiment.config
+        try:
+            rnd = await self.rounds.configure_round(round_of(experiment))
+            crash_point("manager.round_configured")
+            if rnd.state is RoundState.PENDING:
+                # The deadline counts from here, the moment the proplets are told about the
+                # round: it reaches each task as ROUND_DEADLINE, beside the HYPERPARAMS.
+                rnd = await self.rounds.start_round(config.round_id)
+        except TRANSIENT as exc:
+            raise type(exc)(
+                f"{exc} (experiment {eid!r} is recorded and its start is retried; repeat the "
+                "call for its answer)"
+            ) from exc
+        except PropellerError:
+            # The coordinator refused the round (no such model, the round id taken by another
+            # configuration...): the request is not accepted, nothing of it is kept.
+            self.experiments.delete(eid)
+            await self.persisted()
+            raise
+        crash_point("manager.round_started")
+
+        tasks = [self._round_task(experiment, s, rnd) for s in experiment.scheduled]
+        reported = set(rnd.reported)
+        not_started: dict[str, str] = {}
+        starts: list[Task] = []
+        for task in tasks:
+            if task.state is TaskState.PENDING:
+                if rnd.finished:  # it ended while the manager was down: nothing to start
+                    not_started[task.proplet_id] = (
+                        f"round {config.round_id!r} is {rnd.state.value} before the task started"
+                    )
+                else:
+                    starts.append(self.tasks.schedule(task.id)[0])
+            elif task.state is TaskState.SCHEDULED and task.proplet_id not in reported:
+                # Scheduled by a fan-out that died: its start may not have left. Once more,
+                # the same attempt (a proplet ignores a start it holds).
+                starts.append(task)
+        # Every start that leaves is SCHEDULED on disk first: after a crash, a task that
+        # may have run is never taken for one that never started.
+        await self.persisted()
+        outcomes = await asyncio.gather(
+            *(self._publish_start(t) for t in starts), return_exceptions=True
+        )
+        for task, outcome in zip(starts, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                not_started[task.proplet_id] = f"task start not delivered: {outcome}"
+        by_proplet = {t.proplet_id: t for t in tasks}
+        for proplet_id, reason in not_started.items():
+            self._task_ended(self.tasks.fail(by_proplet[proplet_id].id, reason))
+            log.warning(
+                "[Manager.StartExperiment] round_id=%s proplet_id=%s: %s",
+                config.round_id,
+                proplet_id,
+                reason,
+            )
+        done = replace(
+            experiment,
+            scheduled=[s for s in experiment.scheduled if s.proplet_id not in not_started],
+            skipped=[*experiment.skipped, *(Skipped(p, r) for p, r in not_started.items())],
+            fan_out=FanOut.DONE,
+        )
+        self.experiments.put(done)
+        await self.persisted()
         log.info(
             "[Manager.StartExperiment] experiment_id=%s round_id=%s scheduled=%d skipped=%d "
-            "k_of_n=%d timeout_s=%g",
-            experiment.experiment_id,
+            "k_of_n=%d min_k_of_n=%d timeout_s=%g",
+            eid,
             config.round_id,
-            len(scheduled),
-            len(skipped),
-            status.k_of_n,
-            status.timeout_s,
+            len(done.scheduled),
+            len(done.skipped),
+            rnd.k_of_n,
+            rnd.min_k_of_n,
+            rnd.timeout_s,
         )
-        return ExperimentStarted(experiment, status)
+        return ExperimentStarted(done, rnd)
 
-    async def _start_round_task(self, task: Task) -> None:
-        scheduled, previous = self.tasks.schedule(task.id)
-        try:
-            await self._publish_start(scheduled)
-        except BaseException:
-            self.tasks.unschedule(previous)
-            raise
+    def _round_task(self, experiment: Experiment, s: ScheduledParticipant, rnd: Round) -> Task:
+        """The participant's task, created under the id the experiment recorded for it unless
+        an earlier fan-out did."""
+        task = self.tasks.store.get(s.task_id)
+        if task is not None:
+            return task
+        config = experiment.config
+        return self.tasks.create(
+            s.task_name,
+            task_id=s.task_id,
+            image_url=config.task_wasm_image,
+            env=round_task_env(
+                round_id=config.round_id,
+                model_uri=rnd.model_ref or config.model_ref,
+                hyperparams=config.hyperparams,
+                proplet_id=s.proplet_id,
+                endpoints=self.task_endpoints,
+                deadline=rnd.deadline,
+            ),
+            proplet_id=s.proplet_id,
+        )
+
+    async def run_fan_outs(self) -> None:
+        """Forever: finish the fan-out of every experiment recorded but not DONE: at start
+        (the manager died during a StartExperiment), and after one failed because the
+        coordinator was unreachable, retrying with backoff while it still is. Cancel to stop."""
+        delay = self.retry_initial_s
+        while True:
+            await self._fan_outs_due.wait()
+            self._fan_outs_due.clear()
+            again = False
+            for experiment in self.experiments.list():
+                if experiment.fan_out is not FanOut.RECORDED:
+                    continue
+                eid = experiment.experiment_id
+                try:
+                    started = await self._finish(experiment)
+                except TRANSIENT as exc:
+                    again = True
+                    log.warning("[Manager.fan-out] experiment_id=%s not finished: %s", eid, exc)
+                except PropellerError as exc:
+                    log.error("[Manager.fan-out] experiment_id=%s refused, removed: %s", eid, exc)
+                except Exception:
+                    again = True
+                    log.exception("[Manager.fan-out] experiment_id=%s failed", eid)
+                else:
+                    log.info(
+                        "[Manager.fan-out] experiment_id=%s finished: scheduled=%d skipped=%d",
+                        eid,
+                        len(started.experiment.scheduled),
+                        len(started.experiment.skipped),
+                    )
+            if again:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+                self._fan_outs_due.set()
+            else:
+                delay = self.retry_initial_s

@@ -1,5 +1,6 @@
 """The one shape of the manager's stores (proplets, tasks, experiments): records found by their
-`key`, `put` inserting or replacing, `list` in the order the keys were first put.
+`key`, `put` inserting or replacing, `delete` removing, `list` in the order the keys were
+first put.
 
 `InMemoryStore` keeps them in a dict; `sqlite_store` extends it to write every put to
 manager.sqlite as well. The domain code (`Proplets`, `Tasks`, `Manager`) sees a `RecordStore`.
@@ -28,6 +29,10 @@ class RecordStore(Protocol[T]):
 
     def put(self, record: T) -> None: ...
 
+    def delete(self, key: str) -> None:
+        """Remove the record `key` names (nothing if there is none)."""
+        ...
+
     def list(self) -> list[T]: ...
 
 
@@ -40,6 +45,9 @@ class InMemoryStore(Generic[T]):
 
     def put(self, record: T) -> None:
         self._records[record.key] = record
+
+    def delete(self, key: str) -> None:
+        self._records.pop(key, None)
 
     def list(self) -> list[T]:
         return list(self._records.values())

@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from server.manager.experiments import Experiment, ScheduledParticipant
+from server.manager.experiments import Experiment, FanOut, ScheduledParticipant
 from server.manager.proplets import Proplet, Skipped
 from server.manager.records import InMemoryStore, Keyed
 from server.manager.tasks import Task, TaskState
@@ -146,7 +146,9 @@ class ManagerDatabase:
 
     async def _wait_pending(self) -> None:
         if self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+            # `wait`, not `gather`: a waiter that is cancelled (a call or an MQTT handler cut
+            # off by shutdown) must not cancel the writes themselves.
+            await asyncio.wait(list(self._pending))
         if self._failure is not None:
             raise StateWriteFailed(
                 f"{self.path}: a state write failed ({self._failure!r}); restart the manager"
@@ -201,6 +203,14 @@ class Table(Generic[T]):
 
         return write
 
+    def delete(self, key: str) -> Write:
+        sql = f"DELETE FROM {self.name} WHERE {self.columns[0]} = ?"
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(sql, (key,))
+
+        return write
+
 
 class TableStore(InMemoryStore[T]):
     """A table's records, all in memory (loaded when the file is opened); a `put` also hands
@@ -220,6 +230,12 @@ class TableStore(InMemoryStore[T]):
         if write is not None:
             self._owner.submit(write)
         super().put(record)
+
+    def delete(self, key: str) -> None:
+        if self.get(key) is None:
+            return
+        self._owner.submit(self.table.delete(key))
+        super().delete(key)
 
 
 # --- rows <-> records -----------------------------------------------------------------------
@@ -276,6 +292,7 @@ def experiment_to_json(e: Experiment) -> dict[str, Any]:
         ],
         "skipped": [{"proplet_id": s.proplet_id, "reason": s.reason} for s in e.skipped],
         "created_at": e.created_at,
+        "fan_out": e.fan_out.value,
     }
 
 
@@ -289,6 +306,8 @@ def experiment_from_json(d: dict[str, Any]) -> Experiment:
         ],
         skipped=[Skipped(str(s["proplet_id"]), str(s["reason"])) for s in d["skipped"]],
         created_at=float(d["created_at"]),
+        # Older versions recorded an experiment only once its fan-out was done.
+        fan_out=FanOut(d.get("fan_out", FanOut.DONE.value)),
     )
 
 

@@ -121,7 +121,10 @@ class Tasks:
         env: Mapping[str, str] | None = None,
         cli_args: Sequence[str] = (),
         proplet_id: str = "",
+        task_id: str = "",
     ) -> Task:
+        """A new PENDING task; `task_id` "" gets a fresh UUID (an experiment's fan-out gives
+        the id it recorded for the task before creating it)."""
         if not name:
             raise InvalidArgument("name: must not be empty")
         if bool(image_url) == bool(file):
@@ -134,7 +137,7 @@ class Tasks:
             raise InvalidArgument("env: variable names must not be empty")
         now = self.clock()
         task = Task(
-            id=str(uuid.uuid4()),
+            id=task_id or str(uuid.uuid4()),
             name=name,
             image_url=image_url,
             file=bytes(file),

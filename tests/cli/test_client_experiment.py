@@ -109,7 +109,7 @@ async def test_experiment_start_watch_end_to_end(cli: Cli, fl: Fl) -> None:
     docs = run2.ok().json_lines()
     assert docs[0]["round_id"] == r2 and docs[0]["experiment_id"] == f"exp-{r2}"
     assert len(docs[0]["scheduled"]) == 3 and docs[0]["skipped"] == []
-    assert docs[0]["round"]["k_of_n"] == 3  # 0 = every scheduled participant
+    assert docs[0]["round"]["k_of_n"] == 3  # 0 = every participant
     assert docs[1]["type"] == "ROUND_EVENT_TYPE_SNAPSHOT"
     assert docs[-1]["type"] == "ROUND_EVENT_TYPE_COMPLETED"
     assert docs[-1]["status"]["new_model_uri"] == "fl/models/global_model_v2"
@@ -146,8 +146,18 @@ async def test_experiment_skips_unknown_and_rejects_bad_config(cli: Cli, fl: Fl)
     f = fl.flags
     r = f"r-{uuid.uuid4().hex[:8]}"
     base = ["experiment", "start", "--round-id", r, "--image", fl.image, *f]
-    run = await cli(*base, "--model-ref", "fl/models/global_model_v0",
-                    "--participants", f"{fl.ids[0]},ghost")  # fmt: skip
+    with_ghost = [
+        "--model-ref",
+        "fl/models/global_model_v0",
+        "--participants",
+        f"{fl.ids[0]},ghost",
+    ]
+    # Every participant (k_of_n 0) cannot take part: refused, naming the one missing.
+    (await cli(*base, *with_ghost)).failed_with(
+        "FAILED_PRECONDITION: participants: k_of_n 2 needs 2 live participants",
+        "missing: ghost: unknown proplet",
+    )
+    run = await cli(*base, *with_ghost, "--min-k-of-n", "1")  # unless a quorum of 1 will do
     out = run.ok().out
     skipped = out.split("skipped (1):\n", 1)[1]
     header, rows = table_rows(skipped)

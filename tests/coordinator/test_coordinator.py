@@ -24,6 +24,7 @@ from server.errors import (
 from server.round_spec import RoundSpec
 from server.topics import Topics
 from tests.coordinator.helpers import Clock, MemoryBackend, fedavg, make_update
+from tests.support.waits import eventually
 
 TOPICS = Topics("unit", "fl")
 
@@ -388,3 +389,108 @@ async def test_list_rounds_by_experiment() -> None:
     await coord.configure(config(round_id="r3", experiment_id="e1"))
     assert [r.round_id for r in await coord.list()] == ["r1", "r2", "r3"]
     assert [r.round_id for r in await coord.list("e1")] == ["r1", "r3"]
+
+
+# ---- participant failures ------------------------------------------------------------
+
+
+async def test_failures_that_leave_fewer_than_k_of_n_fail_the_round_at_once() -> None:
+    coord, backend, published, clock = make()
+    await coord.configure(config(k_of_n=2), start=True)
+    events, watcher = await watching(coord, "r1")
+    rnd = await coord.participant_failed("r1", "a", "fetch module: file not found")
+    assert rnd.state is RoundState.OPEN  # b and c can still make 2
+    await coord.submit("r1", UPDATES[1])
+    rnd = await coord.participant_failed("r1", "c", "trap")
+    assert rnd.state is RoundState.FAILED  # long before the deadline (clock never moved)
+    assert clock.now < rnd.deadline
+    await asyncio.wait_for(watcher, 5)
+    assert [e.type for e in events] == [
+        EventType.SNAPSHOT,
+        EventType.UPDATE_ACCEPTED,
+        EventType.FAILED,
+    ]
+    stored = await coord.get("r1")
+    assert [(f.proplet_id, f.reason) for f in stored.failed] == [
+        ("a", "fetch module: file not found"),
+        ("c", "trap"),
+    ]
+    assert "a: fetch module: file not found; c: trap" in stored.failure_reason
+    assert backend.aggregate_calls == 0 and published.messages == []
+    # Repeats change nothing; a failure for a finished round is not an error.
+    assert (await coord.participant_failed("r1", "c", "again")).failed == stored.failed
+    assert (await coord.participant_failed("r1", "b", "late")).failed == stored.failed
+    with pytest.raises(FailedPrecondition, match="not a participant"):
+        await coord.participant_failed("r1", "zz", "?")
+    with pytest.raises(NotFound, match="round_id"):
+        await coord.participant_failed("nope", "a", "?")
+
+
+async def test_with_min_k_of_n_a_failure_closes_the_round_with_the_others() -> None:
+    coord, _, published, _ = make()
+    await coord.configure(config(min_k_of_n=2), start=True)
+    await coord.submit("r1", UPDATES[0])
+    await coord.submit("r1", UPDATES[1])
+    rnd = await coord.participant_failed("r1", "c", "stopped")
+    assert (rnd.state, rnd.closed_by) == (RoundState.AGGREGATING, "min_k_of_n")
+    await coord.wait_finishing()
+    done = await coord.get("r1")
+    assert done.state is RoundState.COMPLETED and done.reported == ("a", "b")
+    [(_, msg)] = published.messages
+    assert (msg["num_updates"], msg["closed_by"]) == (2, "min_k_of_n")
+
+
+# ---- the round-complete notification (outbox) ----------------------------------------
+
+
+class FlakyPublish(Published):
+    """Fails the first `failures` publishes, as a broker that is down would."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def __call__(self, topic: str, payload: bytes) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise Unavailable("mqtt: broker unreachable")
+        await super().__call__(topic, payload)
+
+
+async def test_a_notification_that_could_not_be_published_stays_in_the_outbox() -> None:
+    publish = FlakyPublish(failures=2)
+    coord = Coordinator(MemoryRoundStore(), MemoryBackend(), publish, TOPICS)
+    await coord.configure(config(k_of_n=1), start=True)
+    await coord.submit("r1", UPDATES[0])
+    await coord.wait_finishing()
+    assert (await coord.get("r1")).state is RoundState.COMPLETED
+    assert publish.messages == []
+    [notice] = await coord.store.unsent()
+    assert notice.round_id == "r1" and notice.topic == TOPICS.round_next
+    # The outbox task publishes it once the broker answers (one more failure first).
+    outbox = asyncio.create_task(coord.run_outbox(retry_s=0.01))
+    try:
+        await eventually(coord.store.unsent, lambda u: not u, what="the outbox emptied")
+    finally:
+        outbox.cancel()
+        await asyncio.gather(outbox, return_exceptions=True)
+    [(topic, msg)] = publish.messages
+    assert (topic, msg["round_id"], msg["new_model_version"]) == (TOPICS.round_next, "r1", 1)
+
+
+async def test_a_restarted_coordinator_publishes_what_its_outbox_holds() -> None:
+    first = FlakyPublish(failures=1)
+    store = MemoryRoundStore()
+    coord = Coordinator(store, MemoryBackend(), first, TOPICS)
+    await coord.configure(config(k_of_n=1), start=True)
+    await coord.submit("r1", UPDATES[0])
+    await coord.wait_finishing()
+    await coord.aclose()
+    assert first.messages == [] and len(await store.unsent()) == 1
+    again = Published()
+    restarted = Coordinator(store, MemoryBackend(), again, TOPICS)
+    assert await restarted.deliver_unsent()
+    assert [m["round_id"] for _, m in again.messages] == ["r1"]
+    assert await store.unsent() == []
+    assert await restarted.deliver_unsent()  # nothing left: nothing published twice
+    assert len(again.messages) == 1

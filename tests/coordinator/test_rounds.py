@@ -265,3 +265,89 @@ async def test_memory_store_keeps_records_and_updates_in_order() -> None:
     r1b = R.record_update(r1, "b")
     await store.put(r1b)
     assert await store.get("r1") == r1b
+
+
+# ---- participants that cannot report -------------------------------------------------
+
+
+def test_a_failure_that_leaves_fewer_than_k_of_n_fails_the_round_at_once() -> None:
+    rnd = open_round(k=2)
+    rnd = R.participant_failed(rnd, "a", "module not found", 105.0)
+    assert rnd.state is RoundState.OPEN  # b and c can still make k_of_n 2
+    assert (rnd.reachable, rnd.quorum) == (2, 2)
+    rnd = R.participant_failed(rnd, "b", "trap: unreachable", 106.0)
+    assert rnd.state is RoundState.FAILED
+    assert rnd.completed_at == 106.0
+    assert rnd.failed == (
+        R.ParticipantFailure("a", "module not found"),
+        R.ParticipantFailure("b", "trap: unreachable"),
+    )
+    assert rnd.failure_reason == (
+        "k_of_n 2 can no longer be reached: 2 of 3 participants failed, 1 can still report "
+        "(a: module not found; b: trap: unreachable)"
+    )
+
+
+def test_every_participant_failing_fails_the_round_and_lists_each() -> None:
+    rnd = open_round(k=3)
+    for p in ("a", "b", "c"):
+        rnd = R.participant_failed(rnd, p, f"{p}: file not found", 101.0 + ord(p))
+        assert rnd.state is RoundState.FAILED  # the first failure already leaves 2 < 3
+    assert rnd.completed_at == 101.0 + ord("a")  # failed at the first, kept as it was
+    assert rnd.failure_reason.endswith("(a: a: file not found)")
+    assert [f.proplet_id for f in rnd.failed] == ["a", "b", "c"]  # each one listed
+
+
+def test_min_k_of_n_lets_the_round_close_with_the_participants_left() -> None:
+    rnd = open_round(k=3, min_k_of_n=2)
+    rnd = R.record_update(rnd, "a")
+    rnd = R.participant_failed(rnd, "c", "proplet went away", 101.0)
+    assert rnd.state is RoundState.OPEN and rnd.quorum == 2
+    rnd = R.record_update(rnd, "b")
+    assert rnd.state is RoundState.AGGREGATING
+    assert rnd.closed_by == R.CLOSED_BY_MIN_K_OF_N
+    # And when the failure comes last, it is the failure that closes the round.
+    rnd = R.record_update(R.record_update(open_round(k=3, min_k_of_n=2), "a"), "b")
+    rnd = R.participant_failed(rnd, "c", "stopped", 101.0)
+    assert (rnd.state, rnd.closed_by) == (RoundState.AGGREGATING, R.CLOSED_BY_MIN_K_OF_N)
+
+
+def test_below_min_k_of_n_the_round_fails_and_says_which_floor() -> None:
+    rnd = open_round(k=3, min_k_of_n=2)
+    rnd = R.participant_failed(rnd, "a", "x", 101.0)
+    rnd = R.participant_failed(rnd, "b", "y", 102.0)
+    assert rnd.state is RoundState.FAILED
+    assert rnd.failure_reason.startswith("min_k_of_n 2 can no longer be reached: 2 of 3")
+
+
+def test_failures_that_change_nothing_return_the_round_itself() -> None:
+    rnd = R.record_update(open_round(k=2), "a")
+    assert R.participant_failed(rnd, "a", "late failure", 101.0) is rnd  # it reported
+    once = R.participant_failed(rnd, "b", "first", 101.0)
+    assert R.participant_failed(once, "b", "again", 102.0) is once  # a repeat keeps the first
+    closed = R.record_update(rnd, "b")
+    assert R.participant_failed(closed, "c", "after the close", 103.0) is closed
+    done = R.complete(closed, 1, "fl/models/global_model_v1", {}, 104.0)
+    assert R.participant_failed(done, "c", "after completion", 105.0) is done
+    with pytest.raises(FailedPrecondition, match="proplet_id: 'zz' is not a participant"):
+        R.participant_failed(rnd, "zz", "?", 101.0)
+
+
+def test_a_failed_participant_that_reports_after_all_counts() -> None:
+    rnd = R.participant_failed(open_round(k=2), "a", "stopped", 101.0)
+    rnd = R.record_update(rnd, "a")  # its task was started again and delivered
+    assert rnd.failed == () and rnd.reported == ("a",)
+    rnd = R.record_update(rnd, "b")
+    assert (rnd.state, rnd.closed_by) == (RoundState.AGGREGATING, R.CLOSED_BY_K_OF_N)
+
+
+def test_a_failure_reason_is_bounded() -> None:
+    many = open_round(k=1, participants=tuple(f"p{i}" for i in range(30)))
+    for i in range(29):
+        many = R.participant_failed(many, f"p{i}", "e" * 5000, 101.0)
+    assert many.state is RoundState.OPEN
+    assert {len(f.reason) for f in many.failed} == {R.MAX_REASON_CHARS}
+    failed = R.participant_failed(many, "p29", "last", 102.0)
+    assert failed.state is RoundState.FAILED
+    assert failed.failure_reason.endswith("; and 20 more)")
+    assert len(failed.failure_reason) < 3000

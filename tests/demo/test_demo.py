@@ -179,7 +179,11 @@ def test_a_failing_round_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("propeller-fl demo: round 1 (demo-r1) cannot reach k_of_n 3"), last
+    # The round fails as soon as a task failure leaves fewer than k_of_n able to report.
+    assert last.startswith(
+        "propeller-fl demo: round 1 (demo-r1) failed: k_of_n 3 can no longer be reached: "
+    ), last
+    assert "invalid wasm module" in last
     record = json.loads((tmp_path / "propeller-fl-demo.json").read_text())
     assert record["status"] == "failed" and record["rounds"] == []
     assert record["error"] in last

@@ -86,6 +86,7 @@ ALLOWED: dict[str, frozenset[grpc.StatusCode]] = {
         "Coordinator.GetRoundStatus": {C.NOT_FOUND},
         "Coordinator.ListRounds": set(),
         "Coordinator.WatchRound": {C.NOT_FOUND},
+        "Coordinator.ReportParticipantFailure": {C.NOT_FOUND, C.FAILED_PRECONDITION},
         "Manager.StartExperiment": {C.NOT_FOUND, C.ALREADY_EXISTS, C.FAILED_PRECONDITION},
         "Manager.GetExperiment": {C.NOT_FOUND},
         "Manager.ListExperiments": set(),

@@ -1,8 +1,10 @@
 """Coordinator under fuzzed requests: every RPC, at least 1,000 requests each.
 
 Besides the shared known-good state this module adds a FAILED round (for "cannot start a
-finished round" and late updates) and a wide-open round whose thousands of participants the
-SubmitUpdate fuzzer may legitimately report for, so accepted updates are exercised too.
+finished round" and late updates), a wide-open round whose thousands of participants the
+SubmitUpdate fuzzer may legitimately report for, so accepted updates are exercised too, and a
+round (min_k_of_n 1) whose thousands of participants the ReportParticipantFailure fuzzer may
+legitimately report failed.
 """
 
 from __future__ import annotations
@@ -38,13 +40,17 @@ SUBMIT = Rpc.of("Coordinator.SubmitUpdate")
 STATUS = Rpc.of("Coordinator.GetRoundStatus")
 LIST = Rpc.of("Coordinator.ListRounds")
 WATCH = Rpc.of("Coordinator.WatchRound", first_only=True)
-FUZZED = (CONFIGURE, START, SUBMIT, STATUS, LIST, WATCH)
+REPORT = Rpc.of("Coordinator.ReportParticipantFailure")
+FUZZED = (CONFIGURE, START, SUBMIT, STATUS, LIST, WATCH, REPORT)
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 
 FAILED_ROUND = "r-failed"
 OPEN_ROUND = "r-open"  # the fuzzer may report for its participants
 OPEN_PARTICIPANTS = [f"q-{i}" for i in range(3000)]
-ROUND_IDS = (*KNOWN_ROUNDS, FAILED_ROUND, OPEN_ROUND)
+# Its participants may be reported failed: min_k_of_n 1 keeps it open through 1,000 reports.
+FAILING_ROUND = "r-failing"
+FAILING_PARTICIPANTS = [f"f-{i}" for i in range(3000)]
+ROUND_IDS = (*KNOWN_ROUNDS, FAILED_ROUND, OPEN_ROUND, FAILING_ROUND)
 # (round, participant) pairs whose valid update would be accepted and change known-good state:
 # the fuzzer only ever sends them updates that must be rejected.
 NOT_YET_REPORTED = {(ROUND, PROPLET_TWO): V1_URI, (EXPERIMENT_ROUND, PROPLET): V0_URI}
@@ -53,7 +59,8 @@ ROUND_BASE = {ROUND: V1_URI, EXPERIMENT_ROUND: V0_URI, FAILED_ROUND: V1_URI, OPE
 
 @pytest.fixture(scope="module")
 async def env(env: FuzzEnv) -> FuzzEnv:
-    """The shared known-good state plus FAILED_ROUND (failed at its deadline) and OPEN_ROUND."""
+    """The shared known-good state plus FAILED_ROUND (failed at its deadline), OPEN_ROUND and
+    FAILING_ROUND."""
     await env.coordinator.ConfigureRound(
         CP.ConfigureRoundRequest(
             round_id=FAILED_ROUND, participants=[PROPLET], timeout_s=0.01, start=True
@@ -61,16 +68,21 @@ async def env(env: FuzzEnv) -> FuzzEnv:
         timeout=RPC_TIMEOUT,
     )
     await env.wait_state(FAILED_ROUND, CP.ROUND_STATE_FAILED, timeout=30)
-    await env.coordinator.ConfigureRound(
-        CP.ConfigureRoundRequest(
-            round_id=OPEN_ROUND,
-            participants=OPEN_PARTICIPANTS,
-            timeout_s=24 * 3600,
-            model_ref=V1_URI,
-            start=True,
-        ),
-        timeout=RPC_TIMEOUT,
-    )
+    for round_id, participants, min_k_of_n in (
+        (OPEN_ROUND, OPEN_PARTICIPANTS, 0),
+        (FAILING_ROUND, FAILING_PARTICIPANTS, 1),
+    ):
+        await env.coordinator.ConfigureRound(
+            CP.ConfigureRoundRequest(
+                round_id=round_id,
+                participants=participants,
+                timeout_s=24 * 3600,
+                model_ref=V1_URI,
+                min_k_of_n=min_k_of_n,
+                start=True,
+            ),
+            timeout=RPC_TIMEOUT,
+        )
     env.extra_rounds.append(FAILED_ROUND)
     env.snapshot_at_start = await snapshot(env)
     return env
@@ -107,6 +119,7 @@ CONFIG_FIELDS = [
     "model_ref",
     "hyperparams",
     "task_wasm_image",
+    "min_k_of_n",
 ]
 
 
@@ -134,6 +147,7 @@ def valid_configure(draw: st.DrawFn) -> CP.ConfigureRoundRequest:
         task_wasm_image=draw(S.texts((IMAGE,))),
         start=draw(st.booleans()),
     )
+    req.min_k_of_n = draw(st.integers(0, req.k_of_n or len(participants)))
     field = draw(st.sampled_from(CONFIG_FIELDS))
     if field == "round_id":
         req.round_id = draw(S.texts(ROUND_IDS))
@@ -151,6 +165,8 @@ def valid_configure(draw: st.DrawFn) -> CP.ConfigureRoundRequest:
         req.hyperparams.CopyFrom(draw(hyperparams()))
     elif field == "task_wasm_image":
         req.task_wasm_image = draw(S.texts())
+    elif field == "min_k_of_n":
+        req.min_k_of_n = draw(S.int32s())
     return req
 
 
@@ -355,3 +371,38 @@ async def test_submit_update(env: FuzzEnv) -> None:
 async def test_configure_round(env: FuzzEnv) -> None:
     requests = configure_requests()
     await fuzz_messages(env, CONFIGURE, requests)
+
+
+# (round, participant) pairs whose failure would change known-good state (not yet reported,
+# or listed on a failed round): the fuzzer never reports them.
+CHANGES_KNOWN = {(ROUND, PROPLET_TWO), (EXPERIMENT_ROUND, PROPLET), (FAILED_ROUND, PROPLET)}
+
+
+@st.composite
+def failure_reports(draw: st.DrawFn) -> CP.ReportParticipantFailureRequest:
+    round_id, proplet_id = draw(
+        S.weighted(
+            (4, st.tuples(st.just(FAILING_ROUND), st.sampled_from(FAILING_PARTICIPANTS))),
+            (1, st.tuples(st.just(ROUND), st.just(PROPLET))),  # reported: changes nothing
+            (2, st.tuples(round_ids(), S.texts(("p-stranger", "", "f-1")))),
+        )
+    )
+    if (round_id, proplet_id) in CHANGES_KNOWN:
+        proplet_id = "p-stranger"
+    return CP.ReportParticipantFailureRequest(
+        round_id=round_id, proplet_id=proplet_id, reason=draw(S.texts(("trap", "")))
+    )
+
+
+async def test_report_participant_failure(env: FuzzEnv) -> None:
+    def recorded(body: Any, outcome: Outcome) -> None:
+        if not outcome.ok or isinstance(body, bytes):
+            return
+        status = outcome.response
+        assert status.round_id == body.round_id
+        if body.round_id == FAILING_ROUND:
+            assert status.state == CP.ROUND_STATE_OPEN  # min_k_of_n 1: far from failing
+            [failure] = [f for f in status.failed if f.proplet_id == body.proplet_id]
+            assert len(failure.reason) <= 1024 and failure.reason
+
+    await fuzz_messages(env, REPORT, failure_reports(), recorded)

@@ -236,6 +236,7 @@ EXPERIMENT_FIELDS = [
     "k_of_n",
     "timeout_s",
     "task_wasm_image",
+    "min_k_of_n",
 ]
 
 
@@ -264,6 +265,8 @@ def start_experiment_requests(draw: st.DrawFn) -> MP.StartExperimentRequest:
         timeout_s=draw(st.sampled_from([0.0, 1e-300, 0.5, 3600.0, 1e308])),
         task_wasm_image=draw(st.sampled_from([IMAGE, "x", "😀"])),
     )  # fmt: skip
+    # Usually a quorum the live participants can meet, so the success path is reached.
+    req.min_k_of_n = draw(S.weighted((3, st.just(1)), (1, st.integers(0, req.k_of_n or 1))))
     field = draw(st.sampled_from(EXPERIMENT_FIELDS))
     if field == "experiment_id":
         req.experiment_id = draw(S.texts((EXPERIMENT,)))
@@ -285,6 +288,8 @@ def start_experiment_requests(draw: st.DrawFn) -> MP.StartExperimentRequest:
         req.timeout_s = draw(S.doubles())
     elif field == "task_wasm_image":
         req.task_wasm_image = draw(S.texts())
+    elif field == "min_k_of_n":
+        req.min_k_of_n = draw(S.int32s())
     return req
 
 

@@ -168,6 +168,7 @@ class FakeCoordinator:
     configured: list[coordinator_pb2.ConfigureRoundRequest] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
     rounds: dict[str, coordinator_pb2.RoundStatus] = field(default_factory=dict)
+    failures: list[coordinator_pb2.ReportParticipantFailureRequest] = field(default_factory=list)
 
     async def ConfigureRound(
         self, request: coordinator_pb2.ConfigureRoundRequest, context: Any
@@ -217,6 +218,14 @@ class FakeCoordinator:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"round_id: {request.round_id!r}")
             raise AssertionError("unreachable")
         return status
+
+    async def ReportParticipantFailure(
+        self, request: coordinator_pb2.ReportParticipantFailureRequest, context: Any
+    ) -> coordinator_pb2.RoundStatus:
+        self.failures.append(request)
+        return await self.GetRoundStatus(
+            coordinator_pb2.GetRoundStatusRequest(round_id=request.round_id), context
+        )
 
     async def SubmitUpdate(self, request: Any, context: Any) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake")

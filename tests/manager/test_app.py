@@ -336,8 +336,11 @@ async def test_experiment_skips_unknown_and_dead_participants_and_says_so(
     ):
         await until_alive(m.stub, "p-live")
         await until_alive(m.stub, "p-dead", alive=False)
+        # All three (k_of_n 0) would be refused; the request allows a quorum of one.
         resp = await m.stub.StartExperiment(
-            experiment("r-200", ["p-dead", "p-live", "p-ghost"], k_of_n=0, timeout_s=30)
+            experiment(
+                "r-200", ["p-dead", "p-live", "p-ghost"], k_of_n=0, min_k_of_n=1, timeout_s=30
+            )
         )
         assert resp.experiment_id == "exp-r-200"
         assert [s.proplet_id for s in resp.scheduled] == ["p-live"]
@@ -348,7 +351,7 @@ async def test_experiment_skips_unknown_and_dead_participants_and_says_so(
 
         # Only the scheduled participant is in the round, and k_of_n is what it can reach.
         (req,) = coord.configured
-        assert list(req.participants) == ["p-live"] and req.k_of_n == 1
+        assert list(req.participants) == ["p-live"] and (req.k_of_n, req.min_k_of_n) == (1, 1)
         assert resp.round.k_of_n == 1
         assert list(resp.round.participants) == ["p-live"]
 

@@ -4,9 +4,10 @@ side fails."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -14,7 +15,7 @@ from server.config import Endpoints
 from server.coordinator import rounds as R
 from server.coordinator.rounds import Round
 from server.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
-from server.manager.experiments import InMemoryExperimentStore
+from server.manager.experiments import Experiment, FanOut, InMemoryExperimentStore
 from server.manager.orchestrator import Manager
 from server.manager.proplets import InMemoryPropletStore, Proplets, Skipped
 from server.manager.tasks import InMemoryTaskStore, Tasks, TaskState
@@ -22,6 +23,9 @@ from server.messages import PropletAnnounce, TaskResult, TaskStart
 from server.round_spec import Hyperparams, RoundSpec, validate, with_defaults
 from server.topics import Topics
 from tests.manager.fakes import FakeClock
+from tests.support.waits import eventually
+
+T = TypeVar("T")
 
 TOPICS = Topics("unit", "fl")
 
@@ -29,18 +33,24 @@ TOPICS = Topics("unit", "fl")
 @dataclass
 class Rounds:
     """The coordinator's round calls, run by its own round rules (defaults; the deadline
-    counts from the start, at 1000.0)."""
+    counts from the start, at 1000.0; a repeated configuration answers the round as it is)."""
 
     configured: list[RoundSpec] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
     rounds: dict[str, Round] = field(default_factory=dict)
+    failures: list[tuple[str, str, str]] = field(default_factory=list)
     fail_configure: Exception | None = None
 
     async def configure_round(self, spec: RoundSpec) -> Round:
         self.configured.append(spec)
         if self.fail_configure is not None:
             raise self.fail_configure
-        rnd = R.new_round(with_defaults(validate(spec)), spec.model_ref, (), 999.0)
+        cfg = with_defaults(validate(spec))
+        rnd = self.rounds.get(spec.round_id)
+        if rnd is not None:
+            R.check_same_config(rnd, cfg)
+            return rnd
+        rnd = R.new_round(cfg, spec.model_ref, (), 999.0)
         self.rounds[spec.round_id] = rnd
         return rnd
 
@@ -50,7 +60,13 @@ class Rounds:
         return rnd
 
     async def get_round_status(self, round_id: str) -> Round:
-        raise NotFound(f"round_id: {round_id!r}")
+        return R.require_round(self.rounds.get(round_id), round_id)
+
+    async def report_failure(self, round_id: str, proplet_id: str, reason: str) -> Round:
+        self.failures.append((round_id, proplet_id, reason))
+        rnd = R.participant_failed(await self.get_round_status(round_id), proplet_id, reason, 1.0)
+        self.rounds[round_id] = rnd
+        return rnd
 
 
 @dataclass
@@ -205,8 +221,157 @@ async def test_malformed_mqtt_payloads_are_dropped(world: World) -> None:
 
 async def test_skipped_participants_listed_beside_scheduled(world: World) -> None:
     await announce(world, "p1")
-    started = await world.manager.start_experiment(config(["ghost", "p1"]))
+    started = await world.manager.start_experiment(config(["ghost", "p1"], k_of_n=1))
     assert started.experiment.skipped == [Skipped("ghost", "unknown proplet")]
     (spec,) = world.rounds.configured
     assert spec.participants == ("p1",) and spec.k_of_n == 1
     assert world.rounds.started == ["r1"]
+
+
+# ---- a repeated request, too few alive, a fan-out cut short ----------------------------
+
+
+def answer(started: Any) -> tuple[Any, ...]:
+    e = started.experiment
+    return (e.experiment_id, e.config, list(e.scheduled), list(e.skipped), e.created_at)
+
+
+async def test_a_repeated_request_gets_the_same_answer_and_starts_nothing_again(
+    world: World,
+) -> None:
+    await announce(world, "p1", "p2")
+    request = config(["p1", "p2", "ghost"], k_of_n=2, experiment_id="e")
+    first = await world.manager.start_experiment(request)
+    world.clock.advance(100)  # later, and "ghost" still unknown
+    again = await world.manager.start_experiment(request)
+    assert answer(again) == answer(first)
+    assert again.round.round_id == "r1"
+    assert len(world.rounds.configured) == 1 and world.rounds.started == ["r1"]
+    assert len(world.broker.published) == 2
+    assert len(world.manager.tasks.find()) == 2
+    # The same request after every proplet died too: still the same answer.
+    world.clock.advance(100)
+    assert answer(await world.manager.start_experiment(request)) == answer(first)
+
+
+async def test_a_different_request_with_the_same_id_names_what_differs(world: World) -> None:
+    await announce(world, "p1")
+    await world.manager.start_experiment(config(["p1"], experiment_id="e"))
+    with pytest.raises(AlreadyExists) as exc:
+        await world.manager.start_experiment(config(["p1"], experiment_id="e", timeout_s=31))
+    assert str(exc.value) == "experiment_id: 'e' already exists with a different timeout_s"
+
+
+async def test_fewer_alive_than_k_of_n_is_refused_unless_min_k_of_n_allows(world: World) -> None:
+    await announce(world, "p1", "p2", "p3")
+    world.clock.advance(20)
+    await announce(world, "p1", "p2")  # p3 has been silent for 20 s, then 40 s
+    world.clock.advance(20)
+    with pytest.raises(FailedPrecondition) as exc:
+        await world.manager.start_experiment(config(["p1", "p2", "p3"], k_of_n=3))
+    assert "k_of_n 3 needs 3 live participants, 2 of 3 are alive" in str(exc.value)
+    assert "p3: not alive (last seen 40.0 s ago)" in str(exc.value)
+    assert world.rounds.configured == [] and world.manager.list_experiments() == []
+    assert world.broker.published == []
+
+    started = await world.manager.start_experiment(
+        config(["p1", "p2", "p3"], k_of_n=3, min_k_of_n=2)
+    )
+    (spec,) = world.rounds.configured
+    assert (spec.participants, spec.k_of_n, spec.min_k_of_n) == (("p1", "p2"), 2, 2)
+    assert [s.proplet_id for s in started.experiment.skipped] == ["p3"]
+    assert started.experiment.config.min_k_of_n == 2  # the request as asked, for a repeat
+
+
+async def fanned_out(manager: Manager, experiment_id: str) -> Experiment:
+    """Run the manager's recovery (`run_fan_outs`) until the experiment's fan-out is done."""
+    fan_outs = asyncio.create_task(manager.run_fan_outs())
+    try:
+        return await eventually(
+            lambda: _async(manager.get_experiment(experiment_id)),
+            lambda e: e.fan_out is FanOut.DONE,
+            what=f"the fan-out of {experiment_id} finished",
+        )
+    finally:
+        fan_outs.cancel()
+        await asyncio.gather(fan_outs, return_exceptions=True)
+
+
+async def test_an_unreachable_coordinator_leaves_the_experiment_to_be_finished(
+    world: World,
+) -> None:
+    m = world.manager
+    await announce(world, "p1", "p2")
+    world.rounds.fail_configure = Unavailable("Coordinator.ConfigureRound: connection refused")
+    with pytest.raises(Unavailable) as exc:
+        await m.start_experiment(config(["p1", "p2"]))
+    assert "experiment 'exp-r1' is recorded and its start is retried" in str(exc.value)
+    recorded = m.get_experiment("exp-r1")
+    assert recorded.fan_out is FanOut.RECORDED and m.tasks.find() == []
+    world.rounds.fail_configure = None  # the coordinator is back
+    done = await fanned_out(m, "exp-r1")
+    assert done.scheduled == recorded.scheduled  # the task ids recorded before the fan-out
+    assert {t.id for t in m.tasks.find()} == {s.task_id for s in recorded.scheduled}
+    assert {t.state for t in m.tasks.find()} == {TaskState.SCHEDULED}
+    assert len(world.broker.published) == 2
+
+
+async def test_a_fan_out_stopped_half_way_is_finished_by_the_next_manager(world: World) -> None:
+    """The manager stops (cancelled, as at shutdown) after one of three task starts went out;
+    another manager over the same stores finishes the fan-out from the record: the round is
+    opened once, every start whose participant has not reported is sent (again: the
+    proplet ignores a start it holds), and the experiment keeps its task ids."""
+    m = world.manager
+    await announce(world, "p1", "p2", "p3")
+    gate = asyncio.Event()
+    published_one = asyncio.Event()
+
+    async def stalls_after_one(topic: str, payload: bytes) -> None:
+        if world.broker.published:
+            await gate.wait()  # never set: the broker hangs
+        await world.broker.publish(topic, payload)
+        published_one.set()
+
+    m.publish = stalls_after_one
+    call = asyncio.create_task(m.start_experiment(config(["p1", "p2", "p3"])))
+    await asyncio.wait_for(published_one.wait(), 5)
+    await m.aclose()  # cancels the fan-out in flight
+    call.cancel()
+    await asyncio.gather(call, return_exceptions=True)
+    recorded = m.get_experiment("exp-r1")
+    assert recorded.fan_out is FanOut.RECORDED
+    [first] = world.broker.published
+
+    again = replace(m, publish=world.broker.publish)  # same stores, a new manager
+    done = await fanned_out(again, "exp-r1")
+    assert [s.task_id for s in done.scheduled] == [s.task_id for s in recorded.scheduled]
+    assert world.rounds.started == ["r1"]  # opened once; the repeat found it open
+    # All three were scheduled (on disk) before any start left: each start is sent (again)
+    # as attempt 1, since none of the participants has reported yet.
+    sent = TaskStart.from_json(first[1]).proplet_id
+    starts = [TaskStart.from_json(p) for _, p in world.broker.published]
+    assert sorted((s.proplet_id, s.attempt) for s in starts) == sorted(
+        [(sent, 1), ("p1", 1), ("p2", 1), ("p3", 1)]
+    )
+    assert {t.state for t in again.tasks.find()} == {TaskState.SCHEDULED}
+
+
+async def test_a_failed_round_task_is_reported_to_the_coordinator(world: World) -> None:
+    m = world.manager
+    await announce(world, "p1", "p2")
+    started = await m.start_experiment(config(["p1", "p2"], k_of_n=2))
+    t1 = started.experiment.scheduled[0]
+    failed = TaskResult(t1.task_id, "p1", "Failed", error="fetch module: no such file", attempt=1)
+    await m.handle_message(TOPICS.proplet_results, failed.to_json())
+    await eventually(lambda: _async(world.rounds.failures), what="the failure reported")
+    assert world.rounds.failures == [("r1", "p1", "fetch module: no such file")]
+    assert world.rounds.rounds["r1"].state is R.RoundState.FAILED  # 1 of 2 left < k_of_n 2
+    # A stopped task is a participant that will not report either.
+    t2 = started.experiment.scheduled[1]
+    await m.stop_task(t2.task_id)
+    await eventually(lambda: _async(len(world.rounds.failures) == 2), what="the stop reported")
+    assert world.rounds.failures[1][:2] == ("r1", "p2")
+
+
+async def _async(value: T) -> T:
+    return value

@@ -20,6 +20,8 @@ def test_from_env_reads_every_setting() -> None:
             "PROPLET_TASK_TIMEOUT_S": "30",
             "PROPLET_MEMORY_LIMIT_MB": "64",
             "PROPLET_OUTPUT_LIMIT_MB": "2",
+            "PROPLET_TABLE_ELEMENTS_LIMIT": "4096",
+            "PROPLET_TABLES_LIMIT": "2",
             "PROPLET_REGISTRY_MIRRORS": "local-registry:5000=127.0.0.1:5000, ghcr.io=m:5000",
             "PROPELLER_MQTT_HOST": "broker",
             "PROPELLER_MQTT_PORT": "1884",
@@ -34,6 +36,9 @@ def test_from_env_reads_every_setting() -> None:
     assert config.task_timeout_s == 30.0
     assert config.memory_limit_bytes == 64 << 20
     assert config.output_limit_bytes == 2 << 20
+    assert (config.limits.table_elements, config.limits.tables) == (4096, 2)
+    assert config.limits.elements_per_table == 2048
+    assert config.limits.linear_memory_bytes == (64 << 20) - 4096 * 8
     assert config.registry_mirrors == {"local-registry:5000": "127.0.0.1:5000", "ghcr.io": "m:5000"}
     assert (config.mqtt.host, config.mqtt.port, config.mqtt.topics.domain) == ("broker", 1884, "d1")
     assert config.endpoints.coordinator == "coordinator:8086"
@@ -49,6 +54,9 @@ def test_defaults() -> None:
     assert config.task_timeout_s == 300.0
     assert config.memory_limit_bytes == 256 << 20
     assert config.output_limit_bytes == 16 << 20
+    assert (config.table_elements_limit, config.tables_limit) == (65536, 1)
+    # Memory and tables share the 256 MiB: 512 KiB for 65,536 table elements.
+    assert config.limits.linear_memory_bytes == (256 << 20) - (512 << 10)
     assert config.registry_mirrors == {}
     assert config.insecure_registries is None
 
@@ -62,6 +70,17 @@ def test_defaults() -> None:
         ({"PROPLET_ID": "p", "PROPLET_HEARTBEAT_S": "0"}, "heartbeat_s"),
         ({"PROPLET_ID": "p", "PROPLET_TASK_TIMEOUT_S": "-1"}, "timeout_s"),
         ({"PROPLET_ID": "p", "PROPLET_MEMORY_LIMIT_MB": "lots"}, "PROPLET_MEMORY_LIMIT_MB"),
+        ({"PROPLET_ID": "p", "PROPLET_TABLES_LIMIT": "0"}, "tables"),
+        ({"PROPLET_ID": "p", "PROPLET_TABLE_ELEMENTS_LIMIT": "x"}, "PROPLET_TABLE_ELEMENTS_LIMIT"),
+        # The tables' share (8 MiB) leaves no room for memory in 8 MiB.
+        (
+            {
+                "PROPLET_ID": "p",
+                "PROPLET_MEMORY_LIMIT_MB": "8",
+                "PROPLET_TABLE_ELEMENTS_LIMIT": "1048576",
+            },
+            "memory_bytes",
+        ),
         ({"PROPLET_ID": "p", "PROPLET_REGISTRY_MIRRORS": "nohost"}, "PROPLET_REGISTRY_MIRRORS"),
     ],
 )

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import struct
+import threading
+import time
 
 import pytest
 import wasmtime
@@ -11,6 +15,7 @@ import wasmtime
 from proplet import Invocation, Limits, RunControl, TaskFailed, TaskInterrupted, WasmRuntime
 from proplet.runner import CompiledModule
 from tests.proplet import wat
+from tests.support.waits import eventually
 
 LIMITS = Limits(timeout_s=1.0, memory_bytes=16 << 20, output_bytes=64 << 10)
 
@@ -147,12 +152,171 @@ async def test_one_run_stopping_leaves_concurrent_runs_alone(runtime: WasmRuntim
         await asyncio.wait_for(b, 10)
 
 
-async def test_module_blocked_in_a_host_call_is_abandoned_after_the_deadline(
+# ---------------------------------------------------------------- limits are totals per run
+
+
+async def test_memory_and_tables_share_one_budget(runtime: WasmRuntime) -> None:
+    # The module grows its table, then its memory, each until refused.
+    out = await run(runtime, wat.table_and_memory_hog())
+    elements, pages = struct.unpack("<II", out)
+    assert elements * 8 + pages * 65536 <= LIMITS.memory_bytes
+    assert elements > 60_000  # most of the tables' share (65,536 elements by default)
+    assert pages * 65536 > LIMITS.memory_bytes - LIMITS.table_bytes - (1 << 20)
+
+
+@pytest.mark.parametrize("count", [2, 8])
+async def test_more_than_one_memory_fails_naming_the_limit(
+    runtime: WasmRuntime, count: int
+) -> None:
+    # Each memory (200 pages, 12.5 MiB) is under the cap on its own: only the count stops it.
+    reason = await failure(runtime, wat.many_memories(count, 200))
+    assert reason == (
+        f"memory limit exceeded: the module needs {count} linear memories, a task may have 1 "
+        "(16 MiB of memory and tables in all)"
+    )
+    assert await run(runtime, wat.many_memories(1, 200)) == b""
+
+
+async def test_tables_beyond_the_limit_fail_naming_it(runtime: WasmRuntime) -> None:
+    reason = await failure(runtime, wat.tables(2))
+    assert reason == (
+        "table limit exceeded: the module needs 2 tables, a task may have 1 "
+        "(16 MiB of memory and tables in all)"
+    )
+    two = Limits(timeout_s=1.0, memory_bytes=16 << 20, output_bytes=1024, tables=2)
+    assert await run(runtime, wat.tables(2), two) == b""
+
+
+async def test_a_table_bigger_than_its_share_fails_naming_the_limit(runtime: WasmRuntime) -> None:
+    shared = Limits(timeout_s=1.0, memory_bytes=16 << 20, output_bytes=1024, tables=2)
+    out = await run(runtime, wat.table_and_memory_hog(), shared)
+    elements, _ = struct.unpack("<II", out)
+    assert elements <= shared.table_elements // 2
+
+
+@pytest.mark.parametrize(
+    ("wasm", "proposal"),
+    [(wat.gc_arrays(), "gc"), (wat.exception_thrower(), "exceptions")],
+    ids=["gc", "exceptions"],
+)
+def test_gc_and_exception_proposals_are_refused(
+    runtime: WasmRuntime, wasm: bytes, proposal: str
+) -> None:
+    # Their objects would live in a heap of their own, beside the memory budget.
+    with pytest.raises(TaskFailed, match=rf"invalid wasm module: .*{proposal}"):
+        runtime.compile(wasm, hashlib.sha256(wasm).hexdigest())
+
+
+# ---------------------------------------------------------- host calls end with the run
+
+
+def wasm_run_threads() -> int:
+    return sum(t.name == "wasm-run" for t in threading.enumerate())
+
+
+async def threads() -> tuple[int, int]:
+    """(the runner's threads, all threads of this process as the kernel counts them)"""
+    return wasm_run_threads(), len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.parametrize("absolute", [False, True], ids=["relative", "absolute"])
+async def test_a_sleep_within_the_deadline_sleeps(runtime: WasmRuntime, absolute: bool) -> None:
+    # The module checks itself that its clock advanced by the time asked for.
+    assert await run(runtime, wat.timed_sleep(0.05, absolute=absolute)) == b""
+
+
+async def test_a_module_sleeping_past_its_deadline_leaves_no_thread_behind(
     runtime: WasmRuntime,
 ) -> None:
-    limits = Limits(timeout_s=0.2, memory_bytes=16 << 20, output_bytes=1024)
-    reason = await failure(runtime, wat.sleeper(5.0), limits)
-    assert reason.startswith("deadline exceeded after 0.2s")
+    short = Limits(timeout_s=0.1, memory_bytes=16 << 20, output_bytes=1024)
+    assert await run(runtime, wat.hello()) == b"hello from wasm\n"  # the epoch ticker runs
+    _, baseline = await eventually(threads, lambda n: n[0] == 0, timeout=10)
+    for _ in range(10):
+        assert await failure(runtime, wat.sleeper(3600), short) == "deadline exceeded after 0.1s"
+        await eventually(
+            threads,
+            lambda n: n[0] == 0 and n[1] <= baseline,
+            timeout=10,
+            what="no thread left behind by the failed run",
+        )
+    assert await run(runtime, wat.hello()) == b"hello from wasm\n"
+
+
+async def test_a_sleep_until_a_far_wall_clock_time_ends_at_the_deadline(
+    runtime: WasmRuntime,
+) -> None:
+    short = Limits(timeout_s=0.1, memory_bytes=16 << 20, output_bytes=1024)
+    in_an_hour = time.time_ns() + 3600 * 10**9
+    reason = await failure(runtime, wat.sleeper_until(in_an_hour), short)
+    assert reason == "deadline exceeded after 0.1s"
+    await eventually(threads, lambda n: n[0] == 0, timeout=10)
+
+
+async def test_interrupt_wakes_a_sleeping_module(runtime: WasmRuntime) -> None:
+    control = RunControl()
+    limits = Limits(timeout_s=3600.0, memory_bytes=16 << 20, output_bytes=1024)
+    job = asyncio.create_task(run(runtime, wat.sleeper(3600), limits, control))
+    await eventually(threads, lambda n: n[0] == 1, timeout=10)
+    control.interrupt("stopped by test")
+    with pytest.raises(TaskInterrupted, match="stopped by test"):
+        await asyncio.wait_for(job, 10)
+    await eventually(threads, lambda n: n[0] == 0, timeout=10)
+
+
+async def test_no_host_call_can_wait(runtime: WasmRuntime) -> None:
+    # Everything a module could wait on: stdin, poll_oneoff on a descriptor (with a one-hour
+    # clock beside it), preopened files, sockets. A call that waited would fail the run at
+    # its deadline instead of answering.
+    limits = Limits(timeout_s=30.0, memory_bytes=16 << 20, output_bytes=1024)
+    answers = wat.parse_host_calls(await run(runtime, wat.host_calls(), limits))
+    ebadf = 8
+    assert answers == {
+        "stdin_read_errno": 0,
+        "stdin_read_bytes": 0,
+        "poll_errno": 0,
+        "poll_events": 1,
+        "poll_event_type": 1,
+        "poll_event_userdata": 1,
+        "prestat_errno": ebadf,
+        "path_open_errno": ebadf,
+        "sock_accept_errno": ebadf,
+        "fd3_read_errno": ebadf,
+        "fd3_poll_errno": ebadf,
+    }
+
+
+async def test_runs_stuck_in_an_unknown_host_call_are_bounded_in_number() -> None:
+    """The last resort, for a host call that could block and is not bounded (the test defines
+    one): such runs are abandoned after the deadline plus a grace period, and while
+    `max_abandoned` of them linger new runs fail at once."""
+    runtime = WasmRuntime(max_abandoned=2)
+    gate = threading.Event()
+    runtime.linker.define_func("test", "block", wasmtime.FuncType([], []), lambda: gate.wait(60))
+    blocking = bytes(
+        wasmtime.wat2wasm(
+            '(module (import "test" "block" (func $block)) (memory (export "memory") 1)'
+            '(func (export "_start") (call $block)))'
+        )
+    )
+    short = Limits(timeout_s=0.1, memory_bytes=16 << 20, output_bytes=1024)
+    try:
+        stuck = await asyncio.gather(
+            *(failure(runtime, blocking, short) for _ in range(2)), return_exceptions=True
+        )
+        assert stuck == ["deadline exceeded after 0.1s (module blocked in a host call)"] * 2
+        assert runtime.abandoned_runs == 2
+        assert await failure(runtime, wat.hello()) == (
+            "runner saturated: 2 earlier runs are still blocked in host calls past their "
+            "deadline (at most 2); retry later"
+        )
+    finally:
+        gate.set()
+
+    async def abandoned() -> int:
+        return runtime.abandoned_runs
+
+    await eventually(abandoned, lambda n: n == 0, what="the stuck threads ended")
+    assert await run(runtime, wat.hello()) == b"hello from wasm\n"
 
 
 def test_compiled_modules_are_cached_by_content(runtime: WasmRuntime) -> None:

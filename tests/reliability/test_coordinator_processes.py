@@ -13,11 +13,12 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -28,16 +29,19 @@ from server.aggregator.app import AggregatorApp, AggregatorConfig
 from server.aggregator.service import AggregatorServicer
 from server.config import MqttConfig
 from server.coordinator.rounds import Update
+from server.faults import KILL_AT_ENV
 from server.grpc_server import ServiceBinding
 from server.registry.app import RegistryApp, RegistryConfig
 from server.tensors import Tensors
 from server.topics import Topics
 from tests.coordinator.helpers import fedavg
 from tests.support.clients import CLOSED, V0, Clients, clients
-from tests.support.cluster import LOCAL, round_services, serve_app
+from tests.support.cluster import LOCAL, round_notes, round_services, serve_app
 from tests.support.processes import ServiceProcess, mqtt_env, service_process
+from tests.support.waits import eventually
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 S = coordinator_pb2
 FINISHED = CLOSED
@@ -269,6 +273,54 @@ async def test_rounds_whose_deadline_passed_while_down_close_on_restart(
         )
         assert await reg.versions() == [0, 1]
         assert_fedavg(await reg.model(1), [UPDATES[2]])
+
+
+async def test_a_notification_cut_off_by_a_kill_is_published_after_the_restart(
+    mqtt: MqttConfig, tmp_path: Path
+) -> None:
+    """Killed between committing the completion (with its notification, the outbox) and
+    publishing it: the restarted coordinator publishes it (at least once)."""
+    async with (
+        setup(mqtt, tmp_path, PROPELLER_TEST_KILL_AT="coordinator.round_completed") as (coord, reg),
+        round_notes(mqtt) as notes,
+    ):
+        assert KILL_AT_ENV in coord.env
+        async with running(coord) as c:
+            await c.configure("r1", k_of_n=3, timeout_s=120)
+            for u in UPDATES:
+                await c.submit("r1", u)
+            # The third update closed the round; the coordinator aggregates, stores v1,
+            # commits the completion and its notification, and kills itself.
+            assert await coord.wait_exit() == -signal.SIGKILL, coord.tail()
+        assert "point=coordinator.round_completed pass=1" in coord.log_text()
+        state = Path(coord.env["PROPELLER_STATE_DIR"]) / "coordinator.sqlite"
+        assert outbox(state) == [("r1", 0)]  # committed, not sent
+        assert notes.empty()  # the publish comes after the point: it never happened
+
+        del coord.env[KILL_AT_ENV]
+        async with running(coord) as c:
+            note = await asyncio.wait_for(notes.get(), 30)
+            st = await c.status("r1")
+        assert st.state == S.ROUND_STATE_COMPLETED and st.new_model_version == 1
+        assert (note["round_id"], note["new_model_version"], note["num_updates"]) == ("r1", 1, 3)
+        assert note["model_uri"] == st.new_model_uri
+        await eventually(lambda: _async(outbox(state)), lambda o: o == [("r1", 1)])
+        assert await reg.versions() == [0, 1]  # the model itself was stored once
+        assert await coord.terminate_async() == 0
+
+
+def outbox(state_file: Path) -> list[tuple[str, int]]:
+    """The coordinator's outbox as another process reads it: (round_id, sent)."""
+    conn = sqlite3.connect(state_file)
+    try:
+        rows = conn.execute("SELECT round_id, sent FROM notices ORDER BY seq").fetchall()
+        return [(str(r), int(n)) for r, n in rows]
+    finally:
+        conn.close()
+
+
+async def _async(value: T) -> T:
+    return value
 
 
 # ---- downstream failures ----------------------------------------------------------------

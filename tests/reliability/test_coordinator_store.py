@@ -24,6 +24,7 @@ from server.coordinator.coordinator import Coordinator, RetryPolicy
 from server.coordinator.rounds import Round, RoundState, Update
 from server.coordinator.store import (
     STATE_FILE,
+    Notice,
     SqliteRoundStore,
     StateCorrupted,
     StoredUpdates,
@@ -114,10 +115,10 @@ async def test_every_field_of_a_round_survives_a_restart(store: SqliteRoundStore
         closed_by="k_of_n",
     )
     failed = replace(
-        new_round("r-failed"),
+        new_round("r-failed", min_k_of_n=2),
         state=RoundState.FAILED,
-        failure_reason="deadline passed with 0 of 3 updates",
-        closed_by="deadline",
+        failure_reason="min_k_of_n 2 can no longer be reached: ...",
+        failed=(R.ParticipantFailure("a", "trap: ü"), R.ParticipantFailure("b", "gone")),
     )
     await store.put(rnd)
     await store.put(failed)
@@ -125,9 +126,64 @@ async def test_every_field_of_a_round_survives_a_restart(store: SqliteRoundStore
     try:
         assert await again.get("r-all") == rnd
         assert await again.get("r-failed") == failed
+        assert (await again.get("r-failed")).min_k_of_n == 2  # type: ignore[union-attr]
         assert await again.get("zz") is None
     finally:
         await again.close()
+
+
+async def test_a_file_of_an_older_coordinator_is_read_and_brought_up_to_date(path: Path) -> None:
+    """A coordinator.sqlite written before min_k_of_n, participant failures and the outbox."""
+    store = await opened(path)
+    await store.put(new_round("old"))
+    await store.close()
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("ALTER TABLE rounds DROP COLUMN min_k_of_n")
+        conn.execute("ALTER TABLE rounds DROP COLUMN failed")
+        conn.execute("DROP TABLE notices")
+    conn.close()
+    store = await opened(path)
+    try:
+        old = await store.get("old")
+        assert old == new_round("old") and old is not None
+        assert (old.min_k_of_n, old.failed) == (0, ())
+        changed = R.participant_failed(R.start_round(old, 101.0), "a", "x", 102.0)
+        await store.put(changed)
+        assert await store.unsent() == []
+    finally:
+        await store.close()
+    store = await opened(path)
+    try:
+        assert await store.get("old") == changed
+    finally:
+        await store.close()
+
+
+async def test_a_completion_and_its_notice_commit_together_and_stay_until_sent(
+    store: SqliteRoundStore,
+) -> None:
+    done = replace(new_round("r1"), state=RoundState.COMPLETED, new_model_version=1)
+    notice = Notice("r1", TOPICS.round_next, b'{"round_id": "r1"}')
+    await store.put(done, notice)
+    await store.put(replace(new_round("r2"), state=RoundState.COMPLETED), Notice("r2", "t", b"2"))
+    assert raw(store.path, "SELECT round_id, sent FROM notices ORDER BY seq") == [
+        ("r1", 0),
+        ("r2", 0),
+    ]
+    store = await reopen(store)
+    assert [n.round_id for n in await store.unsent()] == ["r1", "r2"]
+    assert (await store.unsent())[0] == notice
+    await store.sent("r1")
+    store = await reopen(store)
+    assert [n.round_id for n in await store.unsent()] == ["r2"]
+    # A notice never exists without the change it announces: both in one transaction.
+    unstorable = Notice("r3", "t", object())  # type: ignore[arg-type]
+    with pytest.raises(Unavailable):
+        await store.put(new_round("r3"), unstorable)  # the round's row is rolled back
+    assert await store.get("r3") is None
+    assert [n.round_id for n in await store.unsent()] == ["r2"]
+    await store.close()
 
 
 async def test_configuration_order_and_experiment_filter_survive(store: SqliteRoundStore) -> None:

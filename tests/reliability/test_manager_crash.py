@@ -6,23 +6,35 @@ while it was down completes its task)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
+import pytest
 
 from propeller.v1 import coordinator_pb2, manager_pb2, manager_pb2_grpc
-from server.config import MqttConfig
+from server.config import Endpoints, MqttConfig
+from server.faults import KILL_AT_ENV
 from server.grpc_server import channel
 from server.messages import COMPLETED, RUNNING
 from server.topics import Topics
 from tests.manager.fakes import WASM, FakeProplet
-from tests.support.cluster import round_services
+from tests.support.clients import FINISHED, Clients, clients, experiment_request
+from tests.support.cluster import round_services, run_proplets
 from tests.support.infra import Mosquitto
-from tests.support.processes import RPC_S, mqtt_env, service_process
+from tests.support.processes import RPC_S, ServiceProcess, mqtt_env, service_process
 from tests.support.waits import eventually
 
 Stub = Any  # generated gRPC stubs carry no type information
+log = logging.getLogger(__name__)
 
 
 def manager_env(mqtt: MqttConfig, state_dir: Path, coordinator: str) -> dict[str, str]:
@@ -177,3 +189,187 @@ async def test_a_killed_manager_keeps_proplets_tasks_and_experiments(
                 await mgr.restart()
                 assert await snapshot(stub) == settled
             assert await mgr.terminate_async() == 0, mgr.tail()
+
+
+# ---- kill -9 in the middle of StartExperiment's fan-out --------------------------------
+
+FLEET = 20  # proplets in the round
+# Where the manager dies (`server/faults.py`): before the experiment is recorded, after its
+# round is configured (not started), after the round is open (no task created yet), after
+# the fifth of the twenty task starts was published.
+POINTS = [
+    "manager.before_record",
+    "manager.round_configured",
+    "manager.round_started",
+    "manager.task_start_published:5",
+]
+
+
+@contextlib.asynccontextmanager
+async def fleet_services(
+    mqtt: MqttConfig, tmp_path: Path, ids: list[str]
+) -> AsyncIterator[tuple[ServiceProcess, Endpoints]]:
+    """Registry (v0 stored), aggregator, data store (a dataset per proplet) and coordinator
+    as `serve` processes, running; the manager as a process with a state directory, not
+    started. Yields the manager and every address."""
+    with contextlib.ExitStack() as stack:
+        registry = stack.enter_context(service_process("registry", {}, tmp_path))
+        aggregator = stack.enter_context(service_process("aggregator", {}, tmp_path))
+        datastore = stack.enter_context(
+            service_process("datastore", {"PROPELLER_DATASTORE_SEED_IDS": ",".join(ids)}, tmp_path)
+        )
+        coordinator = stack.enter_context(
+            service_process(
+                "coordinator",
+                {
+                    **mqtt_env(mqtt),
+                    "AGGREGATOR_ADDR": aggregator.addr,
+                    "MODEL_REGISTRY_ADDR": registry.addr,
+                    "PROPELLER_STATE_DIR": str(tmp_path / "coordinator-state"),
+                    "PROPELLER_COORDINATOR_TICK_S": "0.05",
+                },
+                tmp_path,
+            )
+        )
+        services = (registry, aggregator, datastore, coordinator)
+        for s in services:
+            s.start()
+        await asyncio.gather(*(s.ready() for s in services))
+        endpoints = Endpoints(
+            manager="",
+            coordinator=coordinator.addr,
+            aggregator=aggregator.addr,
+            registry=registry.addr,
+            datastore=datastore.addr,
+        )
+        async with clients({"registry": registry.addr}) as c:
+            await c.init_model(3)
+        env = {
+            **manager_env(mqtt, tmp_path / "manager-state", coordinator.addr),
+            # What the round tasks are told to reach.
+            "MODEL_REGISTRY_ADDR": registry.addr,
+            "DATA_STORE_ADDR": datastore.addr,
+        }
+        manager = stack.enter_context(service_process("manager", env, tmp_path))
+        yield manager, replace(endpoints, manager=manager.addr)
+
+
+def the_answer(resp: manager_pb2.StartExperimentResponse) -> tuple[Any, ...]:
+    """What a repeated StartExperiment must answer the same (the round's status moves on)."""
+    return (
+        resp.experiment_id,
+        resp.round_id,
+        sorted((s.proplet_id, s.task_id, s.task_name) for s in resp.scheduled),
+        sorted((s.proplet_id, s.reason) for s in resp.skipped),
+    )
+
+
+async def killed_at(
+    manager: ServiceProcess, stub: Stub, point: str, request: manager_pb2.StartExperimentRequest
+) -> None:
+    """StartExperiment on a manager armed to kill itself at `point`: the call is cut off and
+    the process dies by SIGKILL there."""
+    with pytest.raises(grpc.aio.AioRpcError) as cut:
+        await stub.StartExperiment(request, timeout=RPC_S)
+    assert cut.value.code() == grpc.StatusCode.UNAVAILABLE, cut.value
+    assert await manager.wait_exit() == -signal.SIGKILL, manager.tail()
+    name, _, count = point.partition(":")
+    assert f"point={name} pass={count or 1}" in manager.log_text(), manager.tail()
+
+
+async def round_finished(c: Clients, request: manager_pb2.StartExperimentRequest) -> None:
+    """Every task of the round in a final state (completed), and the round completed with
+    every participant's update."""
+    n = len(request.participants)
+
+    async def tasks() -> list[manager_pb2.Task]:
+        return await c.round_tasks(request.round_id)
+
+    done = await eventually(
+        tasks,
+        lambda ts: len(ts) == n and all(t.state in FINISHED for t in ts),
+        timeout=120,
+        what=f"the {n} tasks of {request.round_id} finished",
+    )
+    assert {t.state for t in done} == {manager_pb2.TASK_STATE_COMPLETED}, [t.error for t in done]
+    status = await c.wait_state(request.round_id, timeout=120, via="manager")
+    assert status.state == coordinator_pb2.ROUND_STATE_COMPLETED, status.failure_reason
+    assert sorted(status.reported) == sorted(request.participants)
+
+
+async def test_a_manager_killed_during_a_fan_out_finishes_it_after_the_restart(
+    mqtt: MqttConfig, tmp_path: Path, trainer_wasm: Path
+) -> None:
+    """kill -9 at four points of StartExperiment's fan-out to 20 proplets. After each
+    restart: the experiment exists (unless the kill came before it was recorded), every task
+    reaches a final state and the round completes without anyone calling again, and a
+    repeated StartExperiment answers the same experiment and tasks (a different request with
+    the same id is still ALREADY_EXISTS)."""
+    ids = [f"edge-{i:02d}" for i in range(FLEET)]
+    async with (
+        fleet_services(mqtt, tmp_path, ids) as (mgr, endpoints),
+        run_proplets(endpoints, mqtt, ids, tmp_path / "proplets", heartbeat_s=1.0),
+        clients(endpoints) as c,
+    ):
+        for n, point in enumerate(POINTS):
+            request = experiment_request(
+                f"r{n}-{point.split('.')[1].split(':')[0]}",
+                ids,
+                f"file://{trainer_wasm}",
+                timeout_s=300,
+            )
+            eid = f"exp-{request.round_id}"
+            if mgr.running:  # from the phase before
+                assert await mgr.terminate_async() == 0, mgr.tail()
+            mgr.env[KILL_AT_ENV] = point
+            await mgr.restart()
+            await c.wait_alive(ids)
+            await killed_at(mgr, c.manager, point, request)
+
+            del mgr.env[KILL_AT_ENV]
+            await mgr.restart()
+            restarted = time.monotonic()
+            if point == "manager.before_record":
+                # Nothing was recorded, nothing left the manager: as if never asked.
+                with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                    await c.manager.GetExperiment(
+                        manager_pb2.GetExperimentRequest(experiment_id=eid), timeout=RPC_S
+                    )
+                assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+                assert await c.round_tasks(request.round_id) == []
+                first = await c.manager.StartExperiment(request, timeout=RPC_S)
+            else:
+                # Recorded before anything left the manager; its fan-out is finished by the
+                # restarted manager on its own.
+                recorded = await c.manager.GetExperiment(
+                    manager_pb2.GetExperimentRequest(experiment_id=eid), timeout=RPC_S
+                )
+                assert sorted(s.proplet_id for s in recorded.scheduled) == sorted(ids)
+                await round_finished(c, request)
+                log.info(
+                    "[test] %s: %d tasks final, round completed %.2fs after the restart",
+                    point,
+                    FLEET,
+                    time.monotonic() - restarted,
+                )
+                first = await c.manager.StartExperiment(request, timeout=RPC_S)
+                assert the_answer(first)[2] == sorted(
+                    (s.proplet_id, s.task_id, s.task_name) for s in recorded.scheduled
+                )
+            await round_finished(c, request)
+            assert not first.skipped and len(first.scheduled) == FLEET
+            tasks = await c.round_tasks(request.round_id)
+            assert sorted(t.id for t in tasks) == sorted(s.task_id for s in first.scheduled)
+
+            again = await c.manager.StartExperiment(request, timeout=RPC_S)
+            assert the_answer(again) == the_answer(first)
+            assert again.round.state == coordinator_pb2.ROUND_STATE_COMPLETED
+            other = experiment_request(request.round_id, ids, request.task_wasm_image, k_of_n=2)
+            other.experiment_id = eid
+            with pytest.raises(grpc.aio.AioRpcError) as exists:
+                await c.manager.StartExperiment(other, timeout=RPC_S)
+            assert exists.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert "k_of_n" in (exists.value.details() or "")
+            assert len(await c.round_tasks(request.round_id)) == FLEET
+            log.info("[test] %s: recovered", point)
+        assert await mgr.terminate_async() == 0, mgr.tail()

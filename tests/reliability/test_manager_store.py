@@ -5,6 +5,7 @@ test_manager_crash.py."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -13,9 +14,14 @@ import pytest
 
 from propeller.v1 import manager_pb2, manager_pb2_grpc
 from server.manager import ManagerApp, ManagerConfig
-from server.manager.experiments import Experiment, ScheduledParticipant
+from server.manager.experiments import Experiment, FanOut, ScheduledParticipant
 from server.manager.proplets import Proplet, Skipped
-from server.manager.sqlite_store import FILE_NAME, ManagerDatabase, StateWriteFailed
+from server.manager.sqlite_store import (
+    FILE_NAME,
+    ManagerDatabase,
+    StateWriteFailed,
+    experiment_from_json,
+)
 from server.manager.tasks import Task, TaskState
 from server.round_spec import Hyperparams, RoundSpec
 from server.topics import Topics
@@ -52,6 +58,7 @@ EXPERIMENT = Experiment(
         k_of_n=1,
         timeout_s=12.5,
         task_wasm_image=WASM,
+        min_k_of_n=1,
     ),
     scheduled=[ScheduledParticipant("p1", "7d1e2f", "fl-round-r1-p1")],
     skipped=[Skipped("p2", "not alive (last seen 40.0 s ago)")],
@@ -87,6 +94,30 @@ async def test_every_field_survives_reopening(tmp_path: Path) -> None:
         assert db.tasks.get(TASK.id) == TASK
         assert db.experiments.list() == [EXPERIMENT]
         assert db.proplets.get("nope") is None
+    finally:
+        await db.close()
+
+
+async def test_an_experiment_s_fan_out_state_and_its_removal_survive(tmp_path: Path) -> None:
+    db = ManagerDatabase(tmp_path)
+    await db.open()
+    recorded = replace(EXPERIMENT, experiment_id="e-rec", fan_out=FanOut.RECORDED)
+    db.experiments.put(recorded)
+    db.experiments.put(replace(EXPERIMENT, experiment_id="e-gone"))
+    db = await reopened(db)
+    try:
+        assert db.experiments.get("e-rec") == recorded
+        db.experiments.delete("e-gone")
+        db.experiments.delete("never-there")
+        db.experiments.put(replace(recorded, fan_out=FanOut.DONE))
+        db = await reopened(db)
+        assert [e.experiment_id for e in db.experiments.list()] == ["e-rec"]
+        assert db.experiments.get("e-rec") == replace(recorded, fan_out=FanOut.DONE)
+        # A record of an older manager (no fan-out state, no min_k_of_n) reads as DONE.
+        document = json.loads(str(rows(db.path, "SELECT record FROM experiments")[0][0]))
+        del document["fan_out"], document["config"]["min_k_of_n"]
+        old = experiment_from_json(document)
+        assert old.fan_out is FanOut.DONE and old.config.min_k_of_n == 0
     finally:
         await db.close()
 

@@ -1,7 +1,8 @@
 """Misbehaving WASM modules as federated round tasks (Manager.StartExperiment on a real Stack,
 a real proplet with small but realistic limits): each fails with its own reason within its
-limits, submits nothing to the coordinator, and leaves the proplet alive (heartbeats go on)
-and able to run the next round's real trainer to completion."""
+limits, submits nothing to the coordinator (whose round fails at once, with that reason), and
+leaves the proplet alive (heartbeats go on) and able to run the next round's real trainer to
+completion."""
 
 from __future__ import annotations
 
@@ -35,11 +36,27 @@ def hundred_megabytes() -> bytes:
     return wat.flood(chunk=1 << 20, times=100)
 
 
+def eight_memories() -> bytes:
+    return wat.many_memories(8, 1000)
+
+
+def an_hour_asleep() -> bytes:
+    return wat.sleeper(3600)
+
+
 # (module, how the task's error starts, what else it says)
 CASES: dict[str, tuple[Callable[[], bytes], str, str]] = {
     "trap": (wat.trap, "trap: wasm `unreachable` instruction executed", ""),
     "infinite-loop": (wat.infinite_loop, f"deadline exceeded after {TASK_TIMEOUT_S:g}s", ""),
     "memory-hog": (wat.memory_hog, "memory limit exceeded (", "of 64 MiB in use): trap"),
+    # 8 x 62.5 MiB, each under the cap on its own: the limit is a total.
+    "eight-memories": (
+        eight_memories,
+        "memory limit exceeded: the module needs 8 linear memories, a task may have 1",
+        "(64 MiB of memory and tables in all)",
+    ),
+    # Asleep in a WASI host call (poll_oneoff) for an hour: woken at the deadline.
+    "sleeps-in-host": (an_hour_asleep, f"deadline exceeded after {TASK_TIMEOUT_S:g}s", ""),
     "invalid-json": (invalid_json, "invalid update: stdout is not one JSON object", ""),
     "100MB-stdout": (
         hundred_megabytes,
@@ -93,13 +110,16 @@ async def test_a_misbehaving_round_task_fails_alone(
     assert task.state == manager_pb2.TASK_STATE_FAILED
     assert task.error.startswith(reason), task.error
     assert detail in task.error, task.error
+    # Stopped by its own limits, never left behind in a host call (the runner's last resort).
+    assert "blocked in a host call" not in task.error, task.error
     # Within its limits: the runner's hard stop is the task timeout plus a grace period.
     assert task.finished_at - task.started_at < TASK_TIMEOUT_S + HARD_DEADLINE_GRACE_S + 1.0
 
-    # Nothing reached the coordinator.
-    status = await world.status(bad_round, via="manager")
-    assert status.state == coordinator_pb2.ROUND_STATE_OPEN
+    # Nothing reached the coordinator, and the round (its only participant failed) failed at
+    # once, with the task's error as the reason, instead of waiting for its deadline.
+    status = await world.wait_state(bad_round, coordinator_pb2.ROUND_STATE_FAILED, via="manager")
     assert status.num_updates == 0 and list(status.reported) == []
+    assert [(f.proplet_id, f.reason) for f in status.failed] == [(world.proplet_ids[0], task.error)]
 
     # The proplet lives on: still heartbeating after the failure, listed alive, idle.
     me = await heard_from_after(world, task.finished_at)

@@ -60,6 +60,7 @@ def experiment_request(
     model_ref: str = V0,
     experiment_id: str = "",
     hyperparams: coordinator_pb2.Hyperparams = HYPER,
+    min_k_of_n: int = 0,
 ) -> manager_pb2.StartExperimentRequest:
     return manager_pb2.StartExperimentRequest(
         experiment_id=experiment_id,
@@ -70,6 +71,7 @@ def experiment_request(
         k_of_n=k_of_n,
         timeout_s=timeout_s,
         task_wasm_image=image,
+        min_k_of_n=min_k_of_n,
     )
 
 

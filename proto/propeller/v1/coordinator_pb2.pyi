@@ -51,7 +51,7 @@ class Hyperparams(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class ConfigureRoundRequest(_message.Message):
-    __slots__ = ("round_id", "experiment_id", "participants", "k_of_n", "timeout_s", "model_ref", "hyperparams", "task_wasm_image", "start")
+    __slots__ = ("round_id", "experiment_id", "participants", "k_of_n", "timeout_s", "model_ref", "hyperparams", "task_wasm_image", "start", "min_k_of_n")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class ConfigureRoundRequest(_message.Message):
     HYPERPARAMS_FIELD_NUMBER: _ClassVar[int]
     TASK_WASM_IMAGE_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
+    MIN_K_OF_N_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     experiment_id: str
     participants: _containers.RepeatedScalarFieldContainer[str]
@@ -70,7 +71,8 @@ class ConfigureRoundRequest(_message.Message):
     hyperparams: Hyperparams
     task_wasm_image: str
     start: bool
-    def __init__(self, round_id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., k_of_n: _Optional[int] = ..., timeout_s: _Optional[float] = ..., model_ref: _Optional[str] = ..., hyperparams: _Optional[_Union[Hyperparams, _Mapping]] = ..., task_wasm_image: _Optional[str] = ..., start: _Optional[bool] = ...) -> None: ...
+    min_k_of_n: int
+    def __init__(self, round_id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., k_of_n: _Optional[int] = ..., timeout_s: _Optional[float] = ..., model_ref: _Optional[str] = ..., hyperparams: _Optional[_Union[Hyperparams, _Mapping]] = ..., task_wasm_image: _Optional[str] = ..., start: _Optional[bool] = ..., min_k_of_n: _Optional[int] = ...) -> None: ...
 
 class StartRoundRequest(_message.Message):
     __slots__ = ("round_id",)
@@ -79,7 +81,7 @@ class StartRoundRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round_id", "experiment_id", "state", "completed", "num_updates", "k_of_n", "participants", "reported", "model_ref", "timeout_s", "hyperparams", "task_wasm_image", "started_at", "deadline", "completed_at", "new_model_version", "new_model_uri", "failure_reason", "closed_by", "metrics")
+    __slots__ = ("round_id", "experiment_id", "state", "completed", "num_updates", "k_of_n", "participants", "reported", "model_ref", "timeout_s", "hyperparams", "task_wasm_image", "started_at", "deadline", "completed_at", "new_model_version", "new_model_uri", "failure_reason", "closed_by", "metrics", "min_k_of_n", "failed")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +109,8 @@ class RoundStatus(_message.Message):
     FAILURE_REASON_FIELD_NUMBER: _ClassVar[int]
     CLOSED_BY_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    MIN_K_OF_N_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     experiment_id: str
     state: RoundState
@@ -127,7 +131,27 @@ class RoundStatus(_message.Message):
     failure_reason: str
     closed_by: str
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, round_id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., state: _Optional[_Union[RoundState, str]] = ..., completed: _Optional[bool] = ..., num_updates: _Optional[int] = ..., k_of_n: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., reported: _Optional[_Iterable[str]] = ..., model_ref: _Optional[str] = ..., timeout_s: _Optional[float] = ..., hyperparams: _Optional[_Union[Hyperparams, _Mapping]] = ..., task_wasm_image: _Optional[str] = ..., started_at: _Optional[float] = ..., deadline: _Optional[float] = ..., completed_at: _Optional[float] = ..., new_model_version: _Optional[int] = ..., new_model_uri: _Optional[str] = ..., failure_reason: _Optional[str] = ..., closed_by: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    min_k_of_n: int
+    failed: _containers.RepeatedCompositeFieldContainer[ParticipantFailure]
+    def __init__(self, round_id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., state: _Optional[_Union[RoundState, str]] = ..., completed: _Optional[bool] = ..., num_updates: _Optional[int] = ..., k_of_n: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., reported: _Optional[_Iterable[str]] = ..., model_ref: _Optional[str] = ..., timeout_s: _Optional[float] = ..., hyperparams: _Optional[_Union[Hyperparams, _Mapping]] = ..., task_wasm_image: _Optional[str] = ..., started_at: _Optional[float] = ..., deadline: _Optional[float] = ..., completed_at: _Optional[float] = ..., new_model_version: _Optional[int] = ..., new_model_uri: _Optional[str] = ..., failure_reason: _Optional[str] = ..., closed_by: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., min_k_of_n: _Optional[int] = ..., failed: _Optional[_Iterable[_Union[ParticipantFailure, _Mapping]]] = ...) -> None: ...
+
+class ParticipantFailure(_message.Message):
+    __slots__ = ("proplet_id", "reason")
+    PROPLET_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    proplet_id: str
+    reason: str
+    def __init__(self, proplet_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReportParticipantFailureRequest(_message.Message):
+    __slots__ = ("round_id", "proplet_id", "reason")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    PROPLET_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    proplet_id: str
+    reason: str
+    def __init__(self, round_id: _Optional[str] = ..., proplet_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class SubmitUpdateResponse(_message.Message):
     __slots__ = ("round_id", "proplet_id", "accepted", "duplicate", "num_updates", "k_of_n", "state")

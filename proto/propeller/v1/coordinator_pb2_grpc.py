@@ -66,6 +66,11 @@ class CoordinatorStub:
                 request_serializer=propeller_dot_v1_dot_coordinator__pb2.WatchRoundRequest.SerializeToString,
                 response_deserializer=propeller_dot_v1_dot_coordinator__pb2.RoundEvent.FromString,
                 _registered_method=True)
+        self.ReportParticipantFailure = channel.unary_unary(
+                '/propeller.v1.Coordinator/ReportParticipantFailure',
+                request_serializer=propeller_dot_v1_dot_coordinator__pb2.ReportParticipantFailureRequest.SerializeToString,
+                response_deserializer=propeller_dot_v1_dot_coordinator__pb2.RoundStatus.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -112,6 +117,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportParticipantFailure(self, request, context):
+        """A participant cannot report (its task failed or was stopped; the manager tells). The
+        round fails at once when fewer than its quorum can still report. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +157,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.WatchRound,
                     request_deserializer=propeller_dot_v1_dot_coordinator__pb2.WatchRoundRequest.FromString,
                     response_serializer=propeller_dot_v1_dot_coordinator__pb2.RoundEvent.SerializeToString,
+            ),
+            'ReportParticipantFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportParticipantFailure,
+                    request_deserializer=propeller_dot_v1_dot_coordinator__pb2.ReportParticipantFailureRequest.FromString,
+                    response_serializer=propeller_dot_v1_dot_coordinator__pb2.RoundStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +327,33 @@ class Coordinator:
             '/propeller.v1.Coordinator/WatchRound',
             propeller_dot_v1_dot_coordinator__pb2.WatchRoundRequest.SerializeToString,
             propeller_dot_v1_dot_coordinator__pb2.RoundEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportParticipantFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/propeller.v1.Coordinator/ReportParticipantFailure',
+            propeller_dot_v1_dot_coordinator__pb2.ReportParticipantFailureRequest.SerializeToString,
+            propeller_dot_v1_dot_coordinator__pb2.RoundStatus.FromString,
             options,
             channel_credentials,
             insecure,

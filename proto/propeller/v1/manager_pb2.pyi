@@ -28,7 +28,7 @@ TASK_STATE_SKIPPED: TaskState
 TASK_STATE_INTERRUPTED: TaskState
 
 class StartExperimentRequest(_message.Message):
-    __slots__ = ("experiment_id", "round_id", "model_ref", "participants", "hyperparams", "k_of_n", "timeout_s", "task_wasm_image")
+    __slots__ = ("experiment_id", "round_id", "model_ref", "participants", "hyperparams", "k_of_n", "timeout_s", "task_wasm_image", "min_k_of_n")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_REF_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class StartExperimentRequest(_message.Message):
     K_OF_N_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     TASK_WASM_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MIN_K_OF_N_FIELD_NUMBER: _ClassVar[int]
     experiment_id: str
     round_id: str
     model_ref: str
@@ -45,7 +46,8 @@ class StartExperimentRequest(_message.Message):
     k_of_n: int
     timeout_s: float
     task_wasm_image: str
-    def __init__(self, experiment_id: _Optional[str] = ..., round_id: _Optional[str] = ..., model_ref: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., hyperparams: _Optional[_Union[_coordinator_pb2.Hyperparams, _Mapping]] = ..., k_of_n: _Optional[int] = ..., timeout_s: _Optional[float] = ..., task_wasm_image: _Optional[str] = ...) -> None: ...
+    min_k_of_n: int
+    def __init__(self, experiment_id: _Optional[str] = ..., round_id: _Optional[str] = ..., model_ref: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., hyperparams: _Optional[_Union[_coordinator_pb2.Hyperparams, _Mapping]] = ..., k_of_n: _Optional[int] = ..., timeout_s: _Optional[float] = ..., task_wasm_image: _Optional[str] = ..., min_k_of_n: _Optional[int] = ...) -> None: ...
 
 class ScheduledParticipant(_message.Message):
     __slots__ = ("proplet_id", "task_id", "task_name")
