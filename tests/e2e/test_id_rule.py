@@ -146,15 +146,19 @@ EDGES: list[tuple[str, Call, str]] = [
 ]  # fmt: skip
 
 
+async def answered(answer: Any) -> None:
+    """Wait for a call's answer: a unary one, or every message of a response stream."""
+    if hasattr(answer, "__aiter__"):
+        async for _ in answer:
+            pass
+    else:
+        await answer
+
+
 @pytest.mark.parametrize(("call", "field"), [e[1:] for e in EDGES], ids=[e[0] for e in EDGES])
 async def test_bad_ids_refused_naming_the_field(stack: Cluster, call: Call, field: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as exc:
-        answer = call(stack)
-        if hasattr(answer, "__aiter__"):
-            async for _ in answer:
-                pass
-        else:
-            await answer
+        await answered(call(stack))
     details = exc.value.details() or ""
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
     assert details.startswith(field.replace("\\", "")), details
@@ -163,12 +167,7 @@ async def test_bad_ids_refused_naming_the_field(stack: Cluster, call: Call, fiel
 async def test_nothing_was_stored_by_refused_requests(stack: Cluster) -> None:
     for _, call, _ in EDGES:
         with pytest.raises(grpc.aio.AioRpcError):
-            answer = call(stack)
-            if hasattr(answer, "__aiter__"):
-                async for _ in answer:
-                    pass
-            else:
-                await answer
+            await answered(call(stack))
     assert (await stack.manager.ListTasks(MP.ListTasksRequest())).tasks == []
     assert (await stack.manager.ListExperiments(MP.ListExperimentsRequest())).experiments == []
     assert (await stack.coordinator.ListRounds(CP.ListRoundsRequest())).rounds == []
