@@ -27,11 +27,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1
 COPY --from=install /opt/venv /opt/venv
 COPY --from=wasm /app/wasm-client/build/fl-client.wasm /app/wasm-client/build/fl-client.wasm
-# State lives under /var/lib/propeller (named volumes in compose.yaml); the directories exist
-# in the image so a fresh volume starts out owned by the unprivileged user.
+# State lives under /var/lib/propeller and certificates under /certs (named volumes in
+# compose.yaml); the directories exist in the image so a fresh volume starts out owned by the
+# unprivileged user.
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/propeller propeller \
-    && mkdir -p /var/lib/propeller/registry /var/lib/propeller/proplet \
-    && chown -R propeller:propeller /var/lib/propeller
+    && mkdir -p /var/lib/propeller/registry /var/lib/propeller/proplet /certs \
+    && chown -R propeller:propeller /var/lib/propeller /certs
 USER propeller
 WORKDIR /app
 ENTRYPOINT ["propeller-fl"]

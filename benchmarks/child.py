@@ -41,9 +41,10 @@ from server.coordinator.service import binding as coordinator_binding
 from server.coordinator.store import MemoryRoundStore, RoundStore, RoundUpdates, SqliteRoundStore
 from server.errors import FailedPrecondition
 from server.grpc_server import serving
+from server.pki import CertificateAuthority
 from server.registry.app import RegistryApp, RegistryConfig
 from server.round_spec import RoundSpec
-from server.stack import Stack, StackConfig
+from server.stack import Stack, StackConfig, service_tls
 from server.streams import Payload
 from server.tensors import GRPC_OPTIONS, Spec, Tensors
 from server.topics import Topics
@@ -73,6 +74,8 @@ async def run_stack(args: Json) -> None:
         num_samples=int(args.get("num_samples", 64)),
         num_features=int(args.get("num_features", 3)),
         alive_window_s=float(args.get("alive_window_s", 3600)),
+        # Mutual TLS from the CA in this directory ("": plaintext).
+        ca_dir=Path(args["ca_dir"]) if args.get("ca_dir") else None,
     )
     async with Stack(config) as stack:
         e = stack.endpoints
@@ -161,6 +164,11 @@ async def _nothing(topic: str, payload: bytes) -> None:
     return None
 
 
+def ca_of(args: Json) -> CertificateAuthority | None:
+    """The CA in args["ca_dir"] (mutual TLS), or None ("" or absent: plaintext)."""
+    return CertificateAuthority(Path(args["ca_dir"])) if args.get("ca_dir") else None
+
+
 async def run_ingest(args: Json) -> None:
     rounds: list[Json] = args["rounds"]
     backend = FixedModels({r["model_ref"]: specs_from_args(r["tensors"]) for r in rounds})
@@ -182,7 +190,8 @@ async def run_ingest(args: Json) -> None:
                 model_ref=r["model_ref"],
             )
             await coordinator.configure(spec, start=True)
-        async with serving("127.0.0.1:0", [coordinator_binding(coordinator)]) as port:
+        tls = service_tls(ca_of(args), "coordinator")
+        async with serving("127.0.0.1:0", [coordinator_binding(coordinator)], tls) as port:
             write_line(sys.stdout, {"addr": f"127.0.0.1:{port}"})
             await stdin_closed()
     finally:
@@ -195,12 +204,12 @@ async def run_ingest(args: Json) -> None:
 
 
 async def run_registry(args: Json) -> None:
-    config = RegistryConfig("127.0.0.1:0", state_dir=Path(args["state_dir"]))
+    config = RegistryConfig("127.0.0.1:0", state_dir=Path(args["state_dir"]), tls=None)
     async with RegistryApp(config) as app:
         w = model_bytes(int(args["model_bytes"]))
         info = await app.registry.put_model(Payload.of({"w": w}))
         del w
-        async with serving(config.addr, app.bindings) as port:
+        async with serving(config.addr, app.bindings, None) as port:
             write_line(
                 sys.stdout,
                 {"addr": f"127.0.0.1:{port}", "version": info.version, "uri": info.model_uri},
@@ -241,7 +250,7 @@ class LazyUpdates(Sequence[R.Update]):
 async def run_aggmem(args: Json) -> None:
     k, d = int(args["k"]), int(args["d"])
     updates = LazyUpdates(k, d)
-    async with serving("127.0.0.1:0", [aggregator_binding()]) as port:
+    async with serving("127.0.0.1:0", [aggregator_binding()], None) as port:
         aggregator = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
         registry = grpc.aio.insecure_channel("127.0.0.1:9", options=GRPC_OPTIONS)  # unused
         try:

@@ -14,11 +14,17 @@ alternating subject and baseline, and the ratio of the medians is reported.
 
 An extra row (no target) repeats the small case at 16 senders against the SQLite store
 (`propeller-fl serve`'s store: every accepted update is committed to disk before the answer).
+
+Transport: the same coordinator twice in one run, over mutual TLS (each of 3 or 30 senders a
+proplet with its own certificate and channel, as deployed) and over plaintext; small updates,
+every sender submitting one update per round, alternating the two; the ratio of the rates is
+mTLS's cost (target: plaintext at most 1.2x mTLS's rate).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import tempfile
 import time
@@ -30,11 +36,17 @@ import numpy as np
 
 from benchmarks.common import Child, Recorder, median
 from propeller.v1 import coordinator_pb2, tensor_pb2
+from server.config import TlsConfig
+from server.grpc_server import channel
+from server.pki import CertificateAuthority, Identity, Kind
+from server.stack import identity_tls
 from server.streams import UpdateMeta, update_header
 from server.tensors import DEFAULT_CHUNK_SIZE, GRPC_OPTIONS, Spec, Tensors, iter_chunks, specs_of
 
 NAME = "ingest"
 TARGET_RATIO = 0.5
+TLS_SENDERS = (3, 30)
+TARGET_TLS_RATIO = 1.2
 SUBMIT = "/propeller.v1.Coordinator/SubmitUpdate"
 SINK = "/bench.Bare/Sink"
 SMALL_URI = "fl/models/global_model_v1"
@@ -171,6 +183,105 @@ async def run(rec: Recorder, smoke: bool) -> None:
         finally:
             sqlite.stop()
             bare.stop()
+        await _transport(rec, smoke, workdir)
+
+
+def transport_rounds(n: int, reps: int, per_rep: int) -> list[dict[str, object]]:
+    """Rounds for `n` senders that never close (n + 1 participants): one warm-up round and
+    `per_rep` per repetition and transport."""
+    small = _spec_args(small_model())
+    ids = [f"t{n}-warm"] + [
+        f"t{n}-{t}-{r}-{m}"
+        for t in ("mtls", "plaintext")
+        for r in range(reps)
+        for m in range(per_rep)
+    ]
+    return [
+        {"round_id": rid, "model_ref": SMALL_URI, "tensors": small, "participants": n + 1}
+        for rid in ids
+    ]
+
+
+async def _transport(rec: Recorder, smoke: bool, workdir: Path) -> None:
+    ca = await asyncio.to_thread(CertificateAuthority.create, workdir / "ca")
+    reps = 1 if smoke else 3
+    model = small_model()
+    data, specs = data_chunks(model), specs_of(model)
+    for n in TLS_SENDERS:
+        per_rep = 5 if smoke else max(20, 300 // n)
+        config = transport_rounds(n, reps, per_rep)
+        ids = [f"p{i}" for i in range(n)]
+        tls = await asyncio.to_thread(_bundles, ca, ids)
+        children = {
+            "mtls": Child(
+                "ingest",
+                {"rounds": config, "ca_dir": str(ca.dir)},
+                log_path=workdir / f"tls-{n}.log",
+            ),
+            "plaintext": Child("ingest", {"rounds": config}, log_path=workdir / f"plain-{n}.log"),
+        }
+        rates: dict[str, list[float]] = {"mtls": [], "plaintext": []}
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                senders: dict[str, list[Send]] = {}
+                for transport, child in children.items():
+                    senders[transport] = []
+                    for pid in ids:
+                        creds = tls[pid] if transport == "mtls" else None
+                        ch = await stack.enter_async_context(
+                            channel(child.ready["addr"], creds, GRPC_OPTIONS)
+                        )
+                        senders[transport].append(caller(ch, SUBMIT, _check_subject))
+                    await _one_per_sender(senders[transport], [f"t{n}-warm"], ids, specs, data)
+                for r in range(reps):
+                    for transport in ("mtls", "plaintext"):
+                        rounds = [f"t{n}-{transport}-{r}-{m}" for m in range(per_rep)]
+                        seconds = await _one_per_sender(
+                            senders[transport], rounds, ids, specs, data
+                        )
+                        rates[transport].append(n * per_rep / seconds)
+        finally:
+            for child in children.values():
+                child.stop()
+        mtls, plain = median(rates["mtls"]), median(rates["plaintext"])
+        ratio = plain / mtls
+        for transport, rate in (("mtls", mtls), ("plaintext", plain)):
+            rec.record(
+                NAME,
+                {"update": "w[3]+b f64", "senders": n, "transport": transport, "reps": reps},
+                {"updates_per_s": round(rate)},
+                summary=f"small updates, {n:>2} proplets ({transport}): {rate:8.0f}/s",
+            )
+        rec.record(
+            NAME,
+            {"update": "w[3]+b f64", "senders": n, "compare": "plaintext / mtls"},
+            {"mtls_per_s": round(mtls), "plaintext_per_s": round(plain), "ratio": round(ratio, 3)},
+            targets={f"<= {TARGET_TLS_RATIO:g}": ratio <= TARGET_TLS_RATIO},
+            summary=f"small updates, {n:>2} proplets: plaintext / mTLS rate x{ratio:.2f}",
+        )
+
+
+def _bundles(ca: CertificateAuthority, ids: Sequence[str]) -> dict[str, TlsConfig | None]:
+    return {pid: identity_tls(ca, Identity(Kind.PROPLET, pid)) for pid in ids}
+
+
+async def _one_per_sender(
+    senders: Sequence[Send],
+    rounds: Sequence[str],
+    ids: Sequence[str],
+    specs: list[Spec],
+    data: Messages,
+) -> float:
+    """Every sender submits its own update to each of `rounds` in turn, all senders at once;
+    the seconds it took."""
+
+    async def sender(send: Send, pid: str) -> None:
+        for rid in rounds:
+            await send(messages(rid, pid, SMALL_URI, specs, data))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(sender(s, pid) for s, pid in zip(senders, ids, strict=True)))
+    return time.perf_counter() - started
 
 
 async def _small(

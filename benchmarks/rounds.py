@@ -7,6 +7,11 @@ proplet as a participant and k_of_n = all, watched with `Coordinator.WatchRound`
 COMPLETED. Its wall time runs from the StartExperiment call to the COMPLETED event; the WASM
 time is the longest `_start` run among that round's tasks (as measured by the runtime).
 A first round (compiling the module, opening connections) is not counted.
+
+At 3 and 30 proplets two deployments run side by side in one run, one over mutual TLS (a CA
+made for the run; every service, proplet and the client with a certificate of their own: the
+default) and one over plaintext, their rounds alternating, and a comparison row gives mTLS's
+overhead as a ratio of the medians (target: at most 1.2).
 """
 
 from __future__ import annotations
@@ -17,11 +22,9 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import grpc
 
 from benchmarks.common import Child, Recorder, median
 from benchmarks.wasm import trainer_wasm
@@ -37,11 +40,17 @@ from proplet.app import Proplet
 from proplet.config import PropletConfig
 from proplet.runner import CompiledModule, Invocation, RunControl, RunOutput, WasmRuntime
 from server.config import Endpoints, MqttConfig
+from server.grpc_server import channel
+from server.pki import CertificateAuthority, Identity, Kind
+from server.stack import OPERATOR, identity_tls
 from server.topics import Topics
 from tests.support.infra import mosquitto
 
 NAME = "round"
 TARGET_MS = {3: 50.0, 300: 2000.0}
+# Sizes measured over both transports, and the most mTLS may cost (overhead ratio).
+COMPARED = (3, 30)
+TARGET_TLS_RATIO = 1.2
 HYPER = coordinator_pb2.Hyperparams(epochs=1, lr=0.01, batch_size=16)
 
 
@@ -75,7 +84,12 @@ class RoundTiming:
 
 @contextlib.asynccontextmanager
 async def proplets(
-    n: int, prefix: str, mqtt: MqttConfig, endpoints: Endpoints, work_dir: Path
+    n: int,
+    prefix: str,
+    mqtt: MqttConfig,
+    endpoints: Endpoints,
+    work_dir: Path,
+    ca: CertificateAuthority | None,
 ) -> AsyncIterator[TimedRuntime]:
     runtime = TimedRuntime()
     async with contextlib.AsyncExitStack() as stack:
@@ -89,6 +103,7 @@ async def proplets(
                 work_dir=work_dir,
                 task_timeout_s=120.0,
                 rpc_timeout_s=120.0,
+                tls=identity_tls(ca, Identity(Kind.PROPLET, f"{prefix}{i}")),
             )
             for i in range(n)
         ]
@@ -164,15 +179,28 @@ async def one_round(
     return timing, final.new_model_uri
 
 
-async def measure(n: int, rounds: int, broker_port: int, workdir: Path) -> list[RoundTiming]:
+@contextlib.asynccontextmanager
+async def deployment(
+    n: int, broker_port: int, workdir: Path, ca: CertificateAuthority | None
+) -> AsyncIterator[Callable[[], Awaitable[RoundTiming]]]:
+    """The stack (a child process) and `n` proplets, over mutual TLS from `ca` (None:
+    plaintext), warmed up by one round; yields a function that runs the next round."""
+    transport = "mtls" if ca else "plaintext"
     domain = f"bench{uuid.uuid4().hex[:8]}"
-    prefix = "p-"
+    prefix = f"{transport}-p"
     mqtt = MqttConfig(port=broker_port, topics=Topics(domain, "fl"))
     image = f"file://{trainer_wasm()}"
+    tls = identity_tls(ca, OPERATOR)
     stack = Child(
         "stack",
-        {"mqtt_port": broker_port, "domain": domain, "id_prefix": prefix, "proplets": n},
-        log_path=workdir / f"stack-{n}.log",
+        {
+            "mqtt_port": broker_port,
+            "domain": domain,
+            "id_prefix": prefix,
+            "proplets": n,
+            "ca_dir": "" if ca is None else str(ca.dir),
+        },
+        log_path=workdir / f"stack-{n}-{transport}.log",
     )
     try:
         ep = stack.ready
@@ -184,10 +212,10 @@ async def measure(n: int, rounds: int, broker_port: int, workdir: Path) -> list[
             datastore=ep["datastore"],
         )
         async with (
-            grpc.aio.insecure_channel(endpoints.manager) as mch,
-            grpc.aio.insecure_channel(endpoints.coordinator) as cch,
-            grpc.aio.insecure_channel(endpoints.registry) as rch,
-            proplets(n, prefix, mqtt, endpoints, workdir / "proplet") as runtime,
+            channel(endpoints.manager, tls) as mch,
+            channel(endpoints.coordinator, tls) as cch,
+            channel(endpoints.registry, tls) as rch,
+            proplets(n, prefix, mqtt, endpoints, workdir / "proplet", ca) as runtime,
         ):
             manager = manager_pb2_grpc.ManagerStub(mch)
             coordinator = coordinator_pb2_grpc.CoordinatorStub(cch)
@@ -199,13 +227,15 @@ async def measure(n: int, rounds: int, broker_port: int, workdir: Path) -> list[
             ids = [f"{prefix}{i}" for i in range(n)]
             uri = v0.model_uri
             _, uri = await one_round(manager, coordinator, runtime, ids, uri, image)  # warm-up
-            timings: list[RoundTiming] = []
-            for _ in range(rounds):
+
+            async def next_round() -> RoundTiming:
+                nonlocal uri
                 timing, uri = await one_round(manager, coordinator, runtime, ids, uri, image)
                 if timing.tasks != n:
                     raise RuntimeError(f"{timing.tasks} WASM runs for {n} proplets")
-                timings.append(timing)
-            return timings
+                return timing
+
+            yield next_round
     finally:
         stack.stop()
 
@@ -214,34 +244,78 @@ async def run(rec: Recorder, smoke: bool) -> None:
     sizes = [3] if smoke else [3, 30, 300]
     with tempfile.TemporaryDirectory(prefix="bench-round-") as tmp:
         workdir = Path(tmp)
+        ca = await asyncio.to_thread(CertificateAuthority.create, workdir / "ca")
         with mosquitto(workdir) as broker:
             for n in sizes:
                 rounds = 2 if smoke else (10 if n <= 30 else 5)
-                timings = await measure(n, rounds, broker.port, workdir)
-                overhead = median([t.overhead_s for t in timings]) * 1000
-                figures = {
-                    "proplets": n,
-                    "rounds": len(timings),
-                    "overhead_ms": round(overhead, 2),
-                    "overhead_ms_all": [round(t.overhead_s * 1000, 2) for t in timings],
-                    "wall_ms": round(median([t.wall_s for t in timings]) * 1000, 2),
-                    "wasm_max_ms": round(median([t.wasm_max_s for t in timings]) * 1000, 3),
-                    "start_experiment_ms": round(
-                        median([t.start_call_s for t in timings]) * 1000, 2
-                    ),
-                    "aggregate_ms": round(median([t.aggregate_s for t in timings]) * 1000, 2),
-                }
-                target = TARGET_MS.get(n)
-                targets = {f"< {target:g} ms": overhead < target} if target else None
-                rec.record(
-                    NAME,
-                    {"proplets": n, "model": "w[3] f64 + b", "samples": 64, "image": "file://"},
-                    figures,
-                    targets=targets,
-                    summary=(
-                        f"{n:>3} proplets: overhead {overhead:8.1f} ms (wall "
-                        f"{figures['wall_ms']:.1f} ms, slowest WASM {figures['wasm_max_ms']:.2f} "
-                        f"ms, StartExperiment {figures['start_experiment_ms']:.1f} ms, "
-                        f"aggregate+store {figures['aggregate_ms']:.1f} ms)"
-                    ),
-                )
+                transports = {"mtls": ca, "plaintext": None} if n in COMPARED else {"mtls": ca}
+                timings: dict[str, list[RoundTiming]] = {t: [] for t in transports}
+                async with contextlib.AsyncExitStack() as both:
+                    # Both deployments up at once, their rounds alternating: whatever else
+                    # the machine does weighs on both alike.
+                    runners = {
+                        t: await both.enter_async_context(
+                            deployment(n, broker.port, workdir, tls_ca)
+                        )
+                        for t, tls_ca in transports.items()
+                    }
+                    for _ in range(rounds):
+                        for t, next_round in runners.items():
+                            timings[t].append(await next_round())
+                overheads = {t: _record(rec, n, t, timings[t]) for t in transports}
+                if len(overheads) == 2:
+                    _compare(rec, n, overheads)
+
+
+def _compare(rec: Recorder, n: int, overheads: dict[str, float]) -> None:
+    ratio = overheads["mtls"] / overheads["plaintext"]
+    rec.record(
+        NAME,
+        {"proplets": n, "compare": "mtls / plaintext"},
+        {
+            "mtls_overhead_ms": round(overheads["mtls"], 2),
+            "plaintext_overhead_ms": round(overheads["plaintext"], 2),
+            "ratio": round(ratio, 3),
+        },
+        targets={f"<= {TARGET_TLS_RATIO:g}x plaintext": ratio <= TARGET_TLS_RATIO},
+        summary=(
+            f"{n:>3} proplets: mTLS overhead {overheads['mtls']:.1f} ms vs plaintext "
+            f"{overheads['plaintext']:.1f} ms: x{ratio:.2f}"
+        ),
+    )
+
+
+def _record(rec: Recorder, n: int, transport: str, timings: list[RoundTiming]) -> float:
+    """One size's figures over one transport; the median overhead in ms."""
+    overhead = median([t.overhead_s for t in timings]) * 1000
+    figures = {
+        "proplets": n,
+        "rounds": len(timings),
+        "overhead_ms": round(overhead, 2),
+        "overhead_ms_all": [round(t.overhead_s * 1000, 2) for t in timings],
+        "wall_ms": round(median([t.wall_s for t in timings]) * 1000, 2),
+        "wasm_max_ms": round(median([t.wasm_max_s for t in timings]) * 1000, 3),
+        "start_experiment_ms": round(median([t.start_call_s for t in timings]) * 1000, 2),
+        "aggregate_ms": round(median([t.aggregate_s for t in timings]) * 1000, 2),
+    }
+    target = TARGET_MS.get(n)
+    targets = {f"< {target:g} ms": overhead < target} if target else None
+    rec.record(
+        NAME,
+        {
+            "proplets": n,
+            "model": "w[3] f64 + b",
+            "samples": 64,
+            "image": "file://",
+            "transport": transport,
+        },
+        figures,
+        targets=targets,
+        summary=(
+            f"{n:>3} proplets, {transport:<9}: overhead {overhead:8.1f} ms (wall "
+            f"{figures['wall_ms']:.1f} ms, slowest WASM {figures['wasm_max_ms']:.2f} "
+            f"ms, StartExperiment {figures['start_experiment_ms']:.1f} ms, "
+            f"aggregate+store {figures['aggregate_ms']:.1f} ms)"
+        ),
+    )
+    return overhead

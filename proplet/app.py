@@ -99,7 +99,7 @@ class Proplet(Lifecycle):
         self.runtime = runtime or WasmRuntime.shared()
         self.artifacts = ArtifactStore(config)
         self.federated = FederatedClient(
-            config.proplet_id, config.rpc_timeout_s, backoff=config.backoff
+            config.proplet_id, config.rpc_timeout_s, backoff=config.backoff, tls=config.tls
         )
         self.topics = config.mqtt.topics
         self._session: MqttSession | None = None

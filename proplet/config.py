@@ -10,8 +10,17 @@ from pathlib import Path
 
 from proplet.federated import Backoff
 from proplet.runner import Limits
-from server.config import Endpoints, MqttConfig, env_float, env_int, env_list, env_str
+from server.config import (
+    Endpoints,
+    MqttConfig,
+    TlsConfig,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+)
 from server.oci import is_loopback
+from server.pki import Kind, PkiError, read_identity
 
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "propeller-fl" / "proplet"
 
@@ -59,6 +68,9 @@ class PropletConfig:
     # retry_max_backoff_s (with jitter), until the round's deadline.
     retry_backoff_s: float = 0.2
     retry_max_backoff_s: float = 5.0
+    # Mutual TLS on the round services' channels, with this proplet's own certificate (its id
+    # in the SAN; None: plaintext).
+    tls: TlsConfig | None = field(kw_only=True)
 
     def __post_init__(self) -> None:
         if not self.proplet_id or any(c in self.proplet_id for c in "/+#"):
@@ -97,11 +109,10 @@ class PropletConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> PropletConfig:
         env = os.environ if env is None else env
-        proplet_id = env.get("PROPLET_ID", "").strip()
-        if not proplet_id:
-            raise ValueError("PROPLET_ID: required")
+        tls = TlsConfig.from_env(env)
+        proplet_id = _proplet_id(env.get("PROPLET_ID", "").strip(), tls)
         insecure = env_list(env, "PROPLET_INSECURE_REGISTRIES")
-        d = cls(proplet_id=proplet_id)
+        d = cls(proplet_id=proplet_id, tls=None)
         return cls(
             proplet_id=proplet_id,
             name=env_str(env, "PROPLET_NAME", ""),
@@ -123,4 +134,25 @@ class PropletConfig:
             retry_max_backoff_s=env_float(
                 env, "PROPLET_RETRY_MAX_BACKOFF_S", d.retry_max_backoff_s
             ),
+            tls=tls,
         )
+
+
+def _proplet_id(given: str, tls: TlsConfig | None) -> str:
+    """PROPLET_ID, or the id the proplet's certificate names: a proplet is who its certificate
+    says (given both, they must agree)."""
+    if tls is None:
+        if not given:
+            raise ValueError("PROPLET_ID: required")
+        return given
+    try:
+        identity = read_identity(tls.cert)
+    except PkiError as exc:
+        raise ValueError(f"TLS cert: {exc}") from None
+    if identity.kind is not Kind.PROPLET:
+        raise ValueError(f"TLS cert: {tls.cert} is a {identity}'s, not a proplet's")
+    if given and given != identity.name:
+        raise ValueError(
+            f"PROPLET_ID: {given!r}, but the certificate {tls.cert} is proplet {identity.name!r}'s"
+        )
+    return identity.name

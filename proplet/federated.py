@@ -37,8 +37,9 @@ from propeller.v1 import (
     model_registry_pb2_grpc,
 )
 from proplet.errors import TaskFailed
-from server.config import Endpoints
+from server.config import Endpoints, TlsConfig
 from server.errors import InvalidArgument, RemoteError, as_remote_error, rpc_errors
+from server.grpc_server import channel
 from server.streams import UpdateMeta, read_model_stream, update_stream
 from server.tensors import (
     GRPC_OPTIONS,
@@ -413,8 +414,10 @@ class FederatedClient:
         *,
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
+        tls: TlsConfig | None,
     ) -> None:
         self.proplet_id = proplet_id
+        self.tls = tls
         self.rpc_timeout_s = rpc_timeout_s
         self.backoff = backoff or Backoff()
         # Seeded from the OS per proplet: two proplets draw different delays.
@@ -427,9 +430,10 @@ class FederatedClient:
             # While a service is down the channel tries to reconnect at least every
             # backoff.max_s (gRPC's default grows to 120 s), so an attempt soon after the
             # service is back finds it.
-            ch = grpc.aio.insecure_channel(
+            ch = channel(
                 target,
-                options=[
+                self.tls,
+                [
                     *GRPC_OPTIONS,
                     (
                         "grpc.initial_reconnect_backoff_ms",

@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from server.topics import Topics
@@ -63,6 +64,78 @@ class MqttConfig:
                 channel=env_str(env, "PROPELLER_CHANNEL_ID", "fl"),
             ),
         )
+
+
+# The transport's variables (docs/configuration.md, docs/security.md).
+TLS_DIR_ENV = "PROPELLER_TLS_DIR"
+TLS_CA_ENV = "PROPELLER_TLS_CA"
+TLS_CERT_ENV = "PROPELLER_TLS_CERT"
+TLS_KEY_ENV = "PROPELLER_TLS_KEY"
+TLS_CRL_ENV = "PROPELLER_TLS_CRL"
+INSECURE_ENV = "PROPELLER_INSECURE"
+_TRUE = ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """A process's credentials for mutual TLS: the deployment CA's certificate it trusts, its
+    own certificate and key (`server.pki` issues them as a bundle directory) and, for a
+    server, the CA's revocation list (re-read whenever it changes). Where a config takes
+    `tls: TlsConfig | None`, None means plaintext: no encryption, no authentication, no
+    authorization (`PROPELLER_INSECURE=1`; logged as a warning)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    crl: Path | None = None
+
+    @classmethod
+    def bundle(cls, directory: Path, crl: Path | None = None) -> TlsConfig:
+        """The bundle directory `directory` (ca.crt, tls.crt, tls.key)."""
+        return cls(directory / "ca.crt", directory / "tls.crt", directory / "tls.key", crl)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TlsConfig | None:
+        """PROPELLER_TLS_DIR (a bundle directory) or PROPELLER_TLS_CA + _CERT + _KEY (the
+        three files; any of them overrides the bundle's), PROPELLER_TLS_CRL; None with
+        PROPELLER_INSECURE=1. ValueError saying what to set when there is neither, or both."""
+        env = os.environ if env is None else env
+        insecure = env.get(INSECURE_ENV, "").strip().lower() in _TRUE
+        directory = env_str(env, TLS_DIR_ENV, "")
+        files = {v: env_str(env, v, "") for v in (TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV)}
+        crl = env_str(env, TLS_CRL_ENV, "")
+        named = [v for v in (TLS_DIR_ENV, *files) if env_str(env, v, "")]
+        if insecure:
+            if named:
+                raise ValueError(
+                    f"{INSECURE_ENV}=1 and {named[0]} are both set: choose TLS or plaintext"
+                )
+            return None
+        if not named:
+            raise ValueError(
+                f"{TLS_DIR_ENV}: not set: give this process a certificate bundle "
+                f"(`propeller-fl certs issue ...`, docs/security.md), or set {INSECURE_ENV}=1 "
+                "to run without TLS"
+            )
+        base = cls.bundle(Path(directory)) if directory else None
+        paths: dict[str, Path] = {}
+        for var, name in ((TLS_CA_ENV, "ca"), (TLS_CERT_ENV, "cert"), (TLS_KEY_ENV, "key")):
+            if files[var]:
+                paths[name] = Path(files[var])
+            elif base is not None:
+                paths[name] = getattr(base, name)
+            else:
+                raise ValueError(f"{var}: not set (or set {TLS_DIR_ENV} to a bundle directory)")
+        config = cls(crl=Path(crl) if crl else None, **paths)
+        config.check_readable()
+        return config
+
+    def check_readable(self) -> None:
+        """ValueError naming the first of the files that cannot be read."""
+        for name, path in (("ca", self.ca), ("cert", self.cert), ("key", self.key)):
+            if not os.access(path, os.R_OK):
+                why = "does not exist" if not path.exists() else "is not readable"
+                raise ValueError(f"TLS {name}: {path} {why}")
 
 
 # Each service's environment variable (as the seed names them), default port and what

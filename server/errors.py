@@ -56,6 +56,12 @@ class PermissionDenied(PropellerError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Unauthenticated(PropellerError):
+    """The caller's certificate names no usable identity (or is revoked)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class DataLoss(PropellerError):
     """Stored data failed its integrity check."""
 

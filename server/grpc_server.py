@@ -1,7 +1,11 @@
-"""The grpc.aio server shape shared by every service: health + reflection beside each service.
+"""The grpc.aio server shape shared by every service: health + reflection beside each service,
+mutual TLS, and the authorization check in front of every handler.
 
 `create_server` binds and starts; the caller owns `await server.stop(grace)`. Several services
 can share one server (embedded mode) or each get its own (one per process, as compose runs).
+Given a `TlsConfig`, a server requires and verifies a client certificate from the deployment
+CA and admits each call through `server.authz.Gate`; `channel(target, tls)` is every client's
+channel, with its own certificate. `tls=None` is plaintext, logged as a warning.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import signal
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,7 +26,9 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.errors import InvalidArgument
+from server.authz import Caller, Gate, set_caller
+from server.config import TlsConfig
+from server.errors import InvalidArgument, PropellerError
 from server.tensors import GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -95,32 +102,61 @@ async def _responses(result: Any) -> AsyncIterator[Any]:
         await result
 
 
-def _reject_undecodable(handler: Any) -> Any:
-    """`handler` with its request deserializer made total: a body that does not parse is
-    answered INVALID_ARGUMENT instead of grpc's UNKNOWN (unary requests: grpc.aio treats a
-    deserializer exception as a servicer crash) or INTERNAL (request streams: the exception
-    surfaces inside the servicer's read loop)."""
+async def _drain(requests: AsyncIterable[Any]) -> None:
+    """Read a refused request stream to its end: a grpc.aio client that is still sending when
+    the status comes sees "INTERNAL" instead of it."""
+    async for _ in requests:
+        pass
+
+
+def _guard(handler: Any, method: str, gate: Gate | None) -> Any:
+    """`handler` behind the gate and with its request deserializer made total.
+
+    The gate first: the caller is authenticated and authorized (`server.authz`) before any
+    of its request is looked at, else UNAUTHENTICATED / PERMISSION_DENIED; a unary request's
+    "as itself" field is checked next. A body that does not parse is answered
+    INVALID_ARGUMENT instead of grpc's UNKNOWN (unary requests: grpc.aio treats a deserializer
+    exception as a servicer crash) or INTERNAL (request streams: the exception surfaces inside
+    the servicer's read loop)."""
     deserialize = handler.request_deserializer
     if deserialize is None:
         return handler
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     serialize = handler.response_serializer
     safe = _safe_deserializer(deserialize)
+
+    async def admit(context: Context, request: Any = None, stream: Any = None) -> None:
+        try:
+            caller = (
+                Caller(None, method, None)
+                if gate is None
+                else gate.admit(context.auth_context(), method)
+            )
+            set_caller(caller)
+            if isinstance(request, _Undecodable):
+                raise InvalidArgument(request.error)
+            if request is not None:
+                Gate.check_request(caller, request)
+        except PropellerError as exc:
+            if not isinstance(exc, InvalidArgument):
+                log.warning("[authz] %s refused: %s (%s)", context.peer(), exc, method)
+            if stream is not None:
+                await _drain(stream)
+            await context.abort(exc.code, str(exc))
+
     if not handler.request_streaming:
         if not handler.response_streaming:
             unary_unary = handler.unary_unary
 
             async def uu(request: Any, context: Context) -> Any:
-                if isinstance(request, _Undecodable):
-                    await context.abort(invalid, request.error)
+                await admit(context, request)
                 return await _result(unary_unary(request, context))
 
             return grpc.unary_unary_rpc_method_handler(uu, safe, serialize)
         unary_stream = handler.unary_stream
 
         async def us(request: Any, context: Context) -> Any:
-            if isinstance(request, _Undecodable):
-                await context.abort(invalid, request.error)
+            await admit(context, request)
             async for item in _responses(unary_stream(request, context)):
                 yield item
 
@@ -129,6 +165,7 @@ def _reject_undecodable(handler: Any) -> Any:
         stream_unary = handler.stream_unary
 
         async def su(requests: Any, context: Context) -> Any:
+            await admit(context, stream=requests)
             try:
                 return await _result(stream_unary(_CheckedRequests(requests), context))
             except InvalidArgument as exc:  # a servicer without grpc_errors
@@ -138,6 +175,7 @@ def _reject_undecodable(handler: Any) -> Any:
     stream_stream = handler.stream_stream
 
     async def ss(requests: Any, context: Context) -> Any:
+        await admit(context, stream=requests)
         try:
             async for item in _responses(stream_stream(_CheckedRequests(requests), context)):
                 yield item
@@ -147,11 +185,12 @@ def _reject_undecodable(handler: Any) -> Any:
     return grpc.stream_stream_rpc_method_handler(ss, safe, serialize)
 
 
-class RejectUndecodable(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Server interceptor applying `_reject_undecodable` to every method (wrapped once per
-    method and cached)."""
+class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Server interceptor applying `_guard` to every method (wrapped once per method and
+    cached). `gate` None: a plaintext server, which authenticates nobody."""
 
-    def __init__(self) -> None:
+    def __init__(self, gate: Gate | None) -> None:
+        self._gate = gate
         self._handlers: dict[str, Any] = {}
 
     async def intercept_service(
@@ -165,18 +204,54 @@ class RejectUndecodable(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
             return None
-        wrapped = self._handlers[method] = _reject_undecodable(handler)
+        wrapped = self._handlers[method] = _guard(handler, method, self._gate)
         return wrapped
 
 
+def _read(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"TLS: cannot read {path}: {exc.strerror or exc}") from None
+    return data
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """The server's certificate, and client certificates required and verified against the
+    deployment CA."""
+    return grpc.ssl_server_credentials(
+        [(_read(tls.key), _read(tls.cert))],
+        root_certificates=_read(tls.ca),
+        require_client_auth=True,
+    )
+
+
+def channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
+    """The server verified against the deployment CA; our own certificate shown to it."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.ca),
+        private_key=_read(tls.key),
+        certificate_chain=_read(tls.cert),
+    )
+
+
+PLAINTEXT_WARNING = (
+    "plaintext gRPC (--insecure / PROPELLER_INSECURE=1): no encryption, no authentication, "
+    "no authorization"
+)
+
+
 async def create_server(
-    addr: str, bindings: Sequence[ServiceBinding]
+    addr: str, bindings: Sequence[ServiceBinding], tls: TlsConfig | None
 ) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
-    """Bind `addr` (port 0 picks a free port), register services, health and reflection,
-    start serving, and return the server, the bound port and the health servicer."""
+    """Bind `addr` (port 0 picks a free port) with mutual TLS (`tls`; None: plaintext),
+    register services, health and reflection, start serving, and return the server, the
+    bound port and the health servicer."""
+    gate = None if tls is None else Gate(tls)
+    credentials = None if tls is None else server_credentials(tls)
     # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
     server = grpc.aio.server(
-        interceptors=[RejectUndecodable()], options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
+        interceptors=[Guard(gate)], options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
     )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -191,7 +266,11 @@ async def create_server(
         ],
         server,
     )
-    port = server.add_insecure_port(addr)
+    if credentials is None:
+        log.warning("[serve] %s: %s", addr, PLAINTEXT_WARNING)
+        port = server.add_insecure_port(addr)
+    else:
+        port = server.add_secure_port(addr, credentials)
     if port == 0:
         raise OSError(f"could not bind gRPC server to {addr}")
     await server.start()
@@ -208,9 +287,21 @@ async def stop_server(
     await server.stop(grace)
 
 
-def channel(target: str) -> grpc.aio.Channel:
-    """A client channel without the 4 MB ceiling."""
-    return grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
+_warned_plaintext = False
+
+
+def channel(
+    target: str, tls: TlsConfig | None, options: Sequence[tuple[str, Any]] = GRPC_OPTIONS
+) -> grpc.aio.Channel:
+    """A client channel without the 4 MB ceiling: mutual TLS with `tls` (None: plaintext,
+    warned about once per process)."""
+    if tls is None:
+        global _warned_plaintext
+        if not _warned_plaintext:
+            _warned_plaintext = True
+            log.warning("[channel] %s", PLAINTEXT_WARNING)
+        return grpc.aio.insecure_channel(target, options=list(options))
+    return grpc.aio.secure_channel(target, channel_credentials(tls), options=list(options))
 
 
 # In-flight calls get this long after SIGTERM: room for a large upload to finish, and still
@@ -220,22 +311,25 @@ SHUTDOWN_GRACE_S = 8.0
 
 @asynccontextmanager
 async def serving(
-    addr: str, bindings: Sequence[ServiceBinding], grace: float = 2.0
+    addr: str, bindings: Sequence[ServiceBinding], tls: TlsConfig | None, grace: float = 2.0
 ) -> AsyncIterator[int]:
-    """Serve `bindings` on `addr` for the duration of the block; yields the bound port."""
-    server, port, health = await create_server(addr, bindings)
+    """Serve `bindings` on `addr` (mutual TLS with `tls`; None: plaintext) for the duration
+    of the block; yields the bound port."""
+    server, port, health = await create_server(addr, bindings, tls)
     try:
         yield port
     finally:
         await stop_server(server, health, grace)
 
 
-async def serve_until_signal(addr: str, bindings: Sequence[ServiceBinding]) -> None:
+async def serve_until_signal(
+    addr: str, bindings: Sequence[ServiceBinding], tls: TlsConfig | None
+) -> None:
     """Serve until SIGINT or SIGTERM, then stop gracefully (in-flight calls get a grace period)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with serving(addr, bindings, SHUTDOWN_GRACE_S) as port:
+    async with serving(addr, bindings, tls, SHUTDOWN_GRACE_S) as port:
         log.info("[serve] %s listening on port %d", ",".join(b.name for b in bindings), port)
         await stop.wait()

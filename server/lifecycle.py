@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, TypeVar
 
-from server.config import env_str
+from server.config import TlsConfig, env_str
 from server.grpc_server import ServiceBinding, serve_until_signal
 
 if TYPE_CHECKING:
@@ -144,8 +144,9 @@ def for_serve(config: C, service: str) -> C:
     return config
 
 
-async def run_service(app: ServiceApp, addr: str) -> None:
-    """A service process's `main()`: enter `app`, serve its bindings on `addr` until SIGINT or
-    SIGTERM, stop the server gracefully, then exit `app`."""
+async def run_service(app: ServiceApp, addr: str, tls: TlsConfig | None) -> None:
+    """A service process's `main()`: enter `app`, serve its bindings on `addr` (mutual TLS
+    with `tls`; None: plaintext) until SIGINT or SIGTERM, stop the server gracefully, then
+    exit `app`."""
     async with app:
-        await serve_until_signal(addr, app.bindings)
+        await serve_until_signal(addr, app.bindings, tls)

@@ -8,6 +8,11 @@ apps one per process).
   coordinator -> manager);
 - N proplets (`proplet_ids`) sharing one wasmtime engine, pointed at those services; the stack
   is up once the manager lists every one of them as alive.
+
+With a deployment CA (`ca_dir`, created there when empty) every service, every proplet and
+the stack's own operator (`OPERATOR`, whose bundle `operator_tls` names: what `up` prints for
+grpcurl) get a bundle of their own in it, and every gRPC hop is mutual TLS; `ca_dir=None` is
+plaintext everywhere.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from proplet.app import Proplet
 from proplet.config import PropletConfig
 from proplet.runner import WasmRuntime
 from server.aggregator.app import AggregatorApp, AggregatorConfig
-from server.config import Endpoints, MqttConfig
+from server.config import ENDPOINTS, Endpoints, MqttConfig, TlsConfig
 from server.coordinator.app import CoordinatorApp, CoordinatorConfig
 from server.datastore.app import DataStoreApp, DataStoreConfig
 from server.embedded_broker import EmbeddedBroker
@@ -33,12 +38,37 @@ from server.grpc_server import channel, serving
 from server.lifecycle import Lifecycle, ServiceApp
 from server.manager.app import ManagerApp, ManagerConfig
 from server.paging import all_pages
+from server.pki import CertificateAuthority, Identity, Kind
 from server.registry.app import RegistryApp, RegistryConfig
 
 log = logging.getLogger(__name__)
 
 # How long the proplets have to announce themselves before the stack gives up.
 READY_TIMEOUT_S = 20.0
+# The operator identity of the stack itself (its readiness check) and of its user.
+OPERATOR = Identity(Kind.OPERATOR, "admin")
+
+
+def service_tls(
+    ca: CertificateAuthority | None, name: str, hosts: Sequence[str] = ()
+) -> TlsConfig | None:
+    """A bundle (reused or issued, see `CertificateAuthority.ensure`) for service `name`
+    reachable at `hosts`, with the CA's revocation list; None without a CA."""
+    return _tls(ca, Identity(Kind.SERVICE, name), hosts)
+
+
+def identity_tls(ca: CertificateAuthority | None, identity: Identity) -> TlsConfig | None:
+    """The same for an operator or a proplet."""
+    return _tls(ca, identity, ())
+
+
+def _tls(
+    ca: CertificateAuthority | None, identity: Identity, hosts: Sequence[str]
+) -> TlsConfig | None:
+    if ca is None:
+        return None
+    bundle = ca.ensure(identity, hosts=[h for h in hosts if h not in ("0.0.0.0", "::")])
+    return TlsConfig.bundle(bundle.dir, crl=ca.crl_path)
 
 
 @dataclass(frozen=True)
@@ -68,6 +98,9 @@ class StackConfig:
     proplet_ids: tuple[str, ...] = ()
     proplet_work_dir: Path | None = None
     proplet_task_timeout_s: float = 300.0
+    # The deployment CA (a directory; one is created there when it holds none) the stack
+    # issues every bundle from; None: plaintext on every hop.
+    ca_dir: Path | None = field(kw_only=True)
 
 
 class Stack(Lifecycle):
@@ -84,25 +117,48 @@ class Stack(Lifecycle):
         self.registry: RegistryApp | None = None
         self.datastore: DataStoreApp | None = None
         self.proplets: list[Proplet] = []
+        self.ca: CertificateAuthority | None = None
+        # The stack's operator credentials (None: plaintext).
+        self.operator_tls: TlsConfig | None = None
 
     def _addr(self, port: int) -> str:
         return f"{self.config.host}:{port}"
 
-    async def _serve(self, stack: contextlib.AsyncExitStack, app: ServiceApp, port: int) -> str:
+    async def _serve(
+        self, stack: contextlib.AsyncExitStack, app: ServiceApp, port: int, tls: TlsConfig | None
+    ) -> str:
         """Start `app` and its gRPC server; the address it listens on."""
         await stack.enter_async_context(app)
-        bound = await stack.enter_async_context(serving(self._addr(port), app.bindings))
+        bound = await stack.enter_async_context(serving(self._addr(port), app.bindings, tls))
         return self._addr(bound)
+
+    async def _credentials(self) -> dict[str, TlsConfig | None]:
+        """Each service's TLS (and the operator's), from the CA in `ca_dir`."""
+        cfg = self.config
+        if cfg.ca_dir is None:
+            return dict.fromkeys((*ENDPOINTS, "operator"))
+        ca_dir = cfg.ca_dir
+
+        def issue() -> dict[str, TlsConfig | None]:
+            self.ca = CertificateAuthority.open_or_create(ca_dir)
+            tls = {name: service_tls(self.ca, name, [cfg.host]) for name in ENDPOINTS}
+            return {**tls, "operator": identity_tls(self.ca, OPERATOR)}
+
+        return await asyncio.to_thread(issue)
 
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         cfg = self.config
+        tls = await self._credentials()
+        self.operator_tls = tls["operator"]
         if cfg.broker_port is not None:
             self.broker = await stack.enter_async_context(EmbeddedBroker(cfg.host, cfg.broker_port))
             self.mqtt = self.broker.mqtt_config(cfg.mqtt.topics)
         self.registry = RegistryApp(
-            RegistryConfig(self._addr(cfg.registry_port), state_dir=cfg.state_dir)
+            RegistryConfig(
+                self._addr(cfg.registry_port), state_dir=cfg.state_dir, tls=tls["registry"]
+            )
         )
-        registry = await self._serve(stack, self.registry, cfg.registry_port)
+        registry = await self._serve(stack, self.registry, cfg.registry_port, tls["registry"])
         self.datastore = DataStoreApp(
             DataStoreConfig(
                 self._addr(cfg.datastore_port),
@@ -110,13 +166,15 @@ class Stack(Lifecycle):
                 num_samples=cfg.num_samples,
                 num_features=cfg.num_features,
                 state_dir=cfg.state_dir,
+                tls=tls["datastore"],
             )
         )
-        datastore = await self._serve(stack, self.datastore, cfg.datastore_port)
+        datastore = await self._serve(stack, self.datastore, cfg.datastore_port, tls["datastore"])
         aggregator = await self._serve(
             stack,
-            AggregatorApp(AggregatorConfig(self._addr(cfg.aggregator_port))),
+            AggregatorApp(AggregatorConfig(self._addr(cfg.aggregator_port), tls=tls["aggregator"])),
             cfg.aggregator_port,
+            tls["aggregator"],
         )
         self.coordinator = CoordinatorApp(
             CoordinatorConfig(
@@ -126,9 +184,12 @@ class Stack(Lifecycle):
                 mqtt=self.mqtt,
                 tick_s=cfg.coordinator_tick_s,
                 state_dir=cfg.state_dir,
+                tls=tls["coordinator"],
             )
         )
-        coordinator = await self._serve(stack, self.coordinator, cfg.coordinator_port)
+        coordinator = await self._serve(
+            stack, self.coordinator, cfg.coordinator_port, tls["coordinator"]
+        )
         services = Endpoints(
             manager=self._addr(cfg.manager_port),
             coordinator=coordinator,
@@ -144,9 +205,10 @@ class Stack(Lifecycle):
                 alive_window_s=cfg.alive_window_s,
                 task_endpoints=services,
                 state_dir=cfg.state_dir,
+                tls=tls["manager"],
             )
         )
-        manager = await self._serve(stack, self.manager, cfg.manager_port)
+        manager = await self._serve(stack, self.manager, cfg.manager_port, tls["manager"])
         self.endpoints = Endpoints(
             manager=manager,
             coordinator=coordinator,
@@ -164,10 +226,11 @@ class Stack(Lifecycle):
                     self.mqtt,
                     cfg.proplet_ids,
                     cfg.proplet_work_dir,
+                    ca=self.ca,
                     task_timeout_s=cfg.proplet_task_timeout_s,
                 )
             )
-            await wait_alive(self.endpoints.manager, cfg.proplet_ids)
+            await wait_alive(self.endpoints.manager, cfg.proplet_ids, self.operator_tls)
 
 
 @contextlib.asynccontextmanager
@@ -177,12 +240,17 @@ async def proplets(
     ids: Sequence[str],
     work_dir: Path,
     *,
+    ca: CertificateAuthority | None,
     task_timeout_s: float = 300.0,
     heartbeat_s: float = 10.0,
 ) -> AsyncIterator[list[Proplet]]:
     """Proplets `proplet-1..N` in this process, one wasmtime engine and module cache for all,
-    pointed at `endpoints`; stopped (their tasks Interrupted) on exit."""
+    pointed at `endpoints`, each with a bundle of its own from `ca` (None: plaintext); stopped
+    (their tasks Interrupted) on exit."""
     runtime = WasmRuntime.shared()
+    tls = await asyncio.to_thread(
+        lambda: [identity_tls(ca, Identity(Kind.PROPLET, pid)) for pid in ids]
+    )
     async with contextlib.AsyncExitStack() as stack:
         started = []
         for i, pid in enumerate(ids):
@@ -194,19 +262,20 @@ async def proplets(
                 heartbeat_s=heartbeat_s,
                 work_dir=work_dir / "proplets",
                 task_timeout_s=task_timeout_s,
+                tls=tls[i],
             )
             started.append(await stack.enter_async_context(Proplet(config, runtime=runtime)))
         yield started
 
 
-async def wait_alive(manager: str, ids: Sequence[str]) -> None:
+async def wait_alive(manager: str, ids: Sequence[str], tls: TlsConfig | None) -> None:
     """Until the manager at `manager` lists every proplet in `ids` as alive (they announce
     over MQTT); Unavailable naming the missing ones after READY_TIMEOUT_S."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + READY_TIMEOUT_S
     want = set(ids)
     alive: set[str] = set()
-    async with channel(manager) as ch:
+    async with channel(manager, tls) as ch:
         stub = manager_pb2_grpc.ManagerStub(ch)
         while loop.time() < deadline:
             with rpc_errors("Manager.ListProplets"):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.aggregator.service import binding
-from server.config import env_str
+from server.config import TlsConfig, env_str
 from server.grpc_server import ServiceBinding
 from server.lifecycle import ServiceApp, run_service
 
@@ -16,11 +16,16 @@ from server.lifecycle import ServiceApp, run_service
 @dataclass(frozen=True)
 class AggregatorConfig:
     addr: str = "127.0.0.1:8085"
+    # Mutual TLS (None: plaintext); see TlsConfig.
+    tls: TlsConfig | None = field(kw_only=True)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AggregatorConfig:
         env = os.environ if env is None else env
-        return cls(addr=env_str(env, "PROPELLER_AGGREGATOR_LISTEN", cls().addr))
+        return cls(
+            addr=env_str(env, "PROPELLER_AGGREGATOR_LISTEN", cls(tls=None).addr),
+            tls=TlsConfig.from_env(env),
+        )
 
 
 class AggregatorApp(ServiceApp):
@@ -37,7 +42,7 @@ class AggregatorApp(ServiceApp):
 
 async def main() -> None:
     config = AggregatorConfig.from_env()
-    await run_service(AggregatorApp(config), config.addr)
+    await run_service(AggregatorApp(config), config.addr, config.tls)
 
 
 if __name__ == "__main__":

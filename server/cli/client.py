@@ -11,12 +11,15 @@ model registry at localhost:8084 (connection refused)"), one that does not answe
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import math
+import os
 import re
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -34,7 +37,7 @@ from propeller.v1 import (
     tensor_pb2,
 )
 from server.cli.render import task_state
-from server.config import Endpoints
+from server.config import INSECURE_ENV, TLS_DIR_ENV, Endpoints, TlsConfig
 from server.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -71,8 +74,40 @@ _STUBS: dict[str, Callable[[grpc.aio.Channel], Any]] = {
 }
 
 
+def add_tls_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--tls-dir and --insecure: how a client command proves who it is."""
+    parser.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"certificate bundle (ca.crt, tls.crt, tls.key) to call with (env {TLS_DIR_ENV})",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help=f"plaintext, no certificate (env {INSECURE_ENV}=1): only for insecure services",
+    )
+
+
+def tls_of(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> TlsConfig | None:
+    """The flags win over the environment (`TlsConfig.from_env`); one of them must say."""
+    if args.insecure:
+        return None
+    if args.tls_dir is not None:
+        tls = TlsConfig.bundle(args.tls_dir)
+        tls.check_readable()
+        return tls
+    try:
+        return TlsConfig.from_env(os.environ if env is None else env)
+    except ValueError as exc:
+        raise ValueError(f"--tls-dir / {exc}") from None
+
+
 def _connect_hint(details: str) -> str:
     low = details.lower()
+    if "ssl" in low or "handshake" in low or "certificate" in low or "socket closed" in low:
+        return " (TLS handshake failed: is --tls-dir a bundle of this deployment's CA?)"
     if "connection refused" in low:
         return " (connection refused)"
     if "resolv" in low or "dns" in low or "name not found" in low:
@@ -85,10 +120,13 @@ def _connect_hint(details: str) -> str:
 class Client:
     """Async client for the manager, coordinator, model registry and data store."""
 
-    def __init__(self, endpoints: Endpoints, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self, endpoints: Endpoints, *, tls: TlsConfig | None, timeout: float = DEFAULT_TIMEOUT_S
+    ) -> None:
         if not (timeout > 0 and math.isfinite(timeout)):
             raise ValueError(f"--timeout: {timeout} must be a positive number of seconds")
         self.endpoints = endpoints
+        self.tls = tls
         self.timeout = timeout
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -106,7 +144,7 @@ class Client:
     def _stub(self, service: str) -> Any:
         ch = self._channels.get(service)
         if ch is None:
-            ch = channel(getattr(self.endpoints, service))
+            ch = channel(getattr(self.endpoints, service), self.tls)
             self._channels[service] = ch
         return _STUBS[service](ch)
 

@@ -573,6 +573,7 @@ COMMANDS: tuple[Command, ...] = (
                 help="plain HTTP instead of HTTPS (default: on for localhost / 127.x / ::1 only)",
             ),
         ),
+        grpc=False,
     ),
 )
 

@@ -144,6 +144,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             metavar="FILE",
             help=f"{what} to write ({default})",
         )
+    demo.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC (default: mutual TLS from a throwaway CA)",
+    )
     add_trainer_flag(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -250,12 +255,14 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             proplet_ids=tuple(proplet_ids),
             proplet_work_dir=Path(work),
             proplet_task_timeout_s=args.timeout_s,
+            # A throwaway CA: every hop is mutual TLS, as in a deployment.
+            ca_dir=None if args.insecure else Path(work) / "certs",
         )
         line.show(f"starting broker, services and {n} proplets...")
         try:
             async with (
                 Stack(stack_config) as stack,
-                Client(stack.endpoints, timeout=RPC_TIMEOUT_S) as c,
+                Client(stack.endpoints, tls=stack.operator_tls, timeout=RPC_TIMEOUT_S) as c,
             ):
                 line.clear()
                 await _train(c, args, record, shards, line, t_built, k_of_n)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from server.cli import commands, demo, serve, up
+from server.cli import certs, commands, demo, serve, up
 from server.cli.render import describe_error
 from server.errors import PropellerError
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.register(sub)
     serve.register(sub)
     commands.register(sub)
+    certs.register(sub)
     return parser
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from server.cli.client import CLI_ENDPOINTS, DEFAULT_TIMEOUT_S, Client
+from server.cli.client import CLI_ENDPOINTS, DEFAULT_TIMEOUT_S, Client, add_tls_flags, tls_of
 from server.cli.render import Output, message_dict
 from server.config import ENDPOINTS, Endpoints
 
@@ -67,6 +67,8 @@ class Command:
     help: str
     run: Callable[[Client, argparse.Namespace], Awaitable[Reply]]
     args: tuple[Arg | OneOf, ...] = ()
+    # False for a command that calls none of our services (`wasm push`): no TLS flags.
+    grpc: bool = True
 
 
 def one_call(
@@ -90,7 +92,8 @@ def endpoints_of(args: argparse.Namespace) -> Endpoints:
 
 async def run(command: Command, args: argparse.Namespace) -> int:
     """The part every command shares: connect, call, print, exit status."""
-    async with Client(endpoints_of(args), timeout=args.timeout) as client:
+    tls = tls_of(args) if command.grpc else None
+    async with Client(endpoints_of(args), tls=tls, timeout=args.timeout) as client:
         reply = await command.run(client, args)
     out = Output()
     if not reply.printed:
@@ -105,8 +108,9 @@ async def run(command: Command, args: argparse.Namespace) -> int:
     return 0
 
 
-def _common_parser() -> argparse.ArgumentParser:
-    """Flags every client command takes: where the services are, the RPC timeout, --json."""
+def _common_parser(tls: bool) -> argparse.ArgumentParser:
+    """Flags every client command takes: where the services are, the RPC timeout, --json;
+    with `tls`, --tls-dir and --insecure."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("connection")
     for service in SERVICES:
@@ -124,6 +128,8 @@ def _common_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"per-RPC timeout (default {DEFAULT_TIMEOUT_S:g})",
     )
+    if tls:
+        add_tls_flags(g)
     p.add_argument(
         "--json", action="store_true", help="machine-readable JSON on stdout instead of tables"
     )
@@ -136,14 +142,17 @@ def register(
     commands: Sequence[Command],
 ) -> None:
     """Add the command groups and their commands to the `propeller-fl` parser."""
-    common = _common_parser()
+    common = {tls: _common_parser(tls) for tls in (True, False)}
     groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
     for name, help_ in groups_help.items():
         gp = sub.add_parser(name, help=help_, description=help_)
         groups[name] = gp.add_subparsers(dest="action", metavar="ACTION", required=True)
     for command in commands:
         p = groups[command.group].add_parser(
-            command.name, help=command.help, description=command.help, parents=[common]
+            command.name,
+            help=command.help,
+            description=command.help,
+            parents=[common[command.grpc]],
         )
         for spec in command.args:
             if isinstance(spec, OneOf):

@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from server.cli.client import add_tls_flags, tls_of
+
 log = logging.getLogger(__name__)
 
 # The level `serve` logs at when the command line gives no -v: `PROPELLER_LOG_LEVEL`, else INFO.
@@ -109,6 +111,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     health.add_argument(
         "--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)"
     )
+    add_tls_flags(health)
     health.set_defaults(func=health_command)
 
 
@@ -174,7 +177,7 @@ async def health_command(args: argparse.Namespace) -> int:
     from server.errors import RemoteError, as_remote_error, rpc_errors
     from server.grpc_server import channel
 
-    async with channel(args.addr) as chan:
+    async with channel(args.addr, tls_of(args)) as chan:
         if args.proplet:
             manager = manager_pb2_grpc.ManagerStub(chan)
             with rpc_errors("Manager.GetProplet", as_remote_error):

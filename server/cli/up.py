@@ -1,5 +1,9 @@
 """`propeller-fl up`: the whole system in one process (`server.stack.Stack` with an embedded
-MQTT broker and N proplets) on the familiar ports, until Ctrl-C / SIGTERM."""
+MQTT broker and N proplets) on the familiar ports, until Ctrl-C / SIGTERM.
+
+Secure by default: a throwaway deployment CA (in `--certs DIR`, else STATE_DIR/certs, else a
+temporary directory) gives every service and proplet its certificate, and an operator bundle
+whose paths `up` prints, with the grpcurl flags that use it. `--insecure`: plaintext."""
 
 from __future__ import annotations
 
@@ -73,6 +77,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "(default: in memory)"
         ),
     )
+    up.add_argument(
+        "--certs",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=(
+            "the deployment CA and every bundle, made there if it holds none (default: "
+            "STATE_DIR/certs with --state-dir, else a temporary directory removed on exit)"
+        ),
+    )
+    up.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC: no TLS, no authentication, no authorization",
+    )
     add_trainer_flag(up)
     up.set_defaults(func=cmd_up)
 
@@ -98,8 +117,13 @@ async def cmd_up(args: argparse.Namespace) -> int:
     signals = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    if args.insecure and args.certs is not None:
+        raise CommandFailed("--insecure and --certs: choose one")
     try:
         with tempfile.TemporaryDirectory(prefix="propeller-fl-up-") as work:
+            certs: Path | None = None
+            if not args.insecure:
+                certs = args.certs or (args.state_dir or Path(work)) / "certs"
             config = StackConfig(
                 broker_port=ports["mqtt"],
                 host=args.host,
@@ -111,6 +135,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
                 proplet_ids=proplet_ids,
                 proplet_work_dir=Path(work),
                 proplet_task_timeout_s=TASK_TIMEOUT_S,
+                ca_dir=certs,
             )
             async with Stack(config) as stack:
                 assert stack.broker is not None
@@ -124,6 +149,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
                     ("datastore", ep.datastore),
                     ("trainer", f"file://{trainer}"),
                     *(("proplet", pid) for pid in proplet_ids),
+                    *_credentials(stack),
                 ]
                 for name, value in lines:
                     print(f"{name:<12} {value}", flush=True)
@@ -133,3 +159,15 @@ async def cmd_up(args: argparse.Namespace) -> int:
         for sig in signals:
             loop.remove_signal_handler(sig)
     return 0
+
+
+def _credentials(stack: Stack) -> list[tuple[str, str]]:
+    """Where the CA and the operator bundle are, and grpcurl's flags for it."""
+    tls = stack.operator_tls
+    if tls is None or stack.ca is None:
+        return [("tls", "off (--insecure): grpcurl -plaintext")]
+    return [
+        ("certs", str(stack.ca.dir)),
+        ("operator", str(tls.cert.parent)),
+        ("grpcurl", f"-cacert {tls.ca} -cert {tls.cert} -key {tls.key}"),
+    ]

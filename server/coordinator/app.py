@@ -11,14 +11,12 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
-from server.config import MqttConfig, env_float, env_int, env_str
+from server.config import MqttConfig, TlsConfig, env_float, env_int, env_str
 from server.coordinator.clients import GrpcModelBackend
 from server.coordinator.coordinator import Coordinator, RetryPolicy
 from server.coordinator.service import binding
 from server.coordinator.store import STATE_FILE, MemoryRoundStore, RoundStore, SqliteRoundStore
-from server.grpc_server import ServiceBinding
+from server.grpc_server import ServiceBinding, channel
 from server.lifecycle import ServiceApp, for_serve, run_service, start_task, state_dir_from_env
 from server.mqtt import MqttSession
 from server.round_spec import DEFAULT_TIMEOUT_S
@@ -47,11 +45,13 @@ class CoordinatorConfig:
     # Where the rounds and accepted updates survive a restart (`coordinator.sqlite` in it);
     # None keeps them in memory (tests, the demo).
     state_dir: Path | None = None
+    # Mutual TLS, server and the registry / aggregator channels (None: plaintext).
+    tls: TlsConfig | None = field(kw_only=True)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> CoordinatorConfig:
         env = os.environ if env is None else env
-        d = cls()
+        d = cls(tls=None)
         return cls(
             addr=env_str(env, "PROPELLER_COORDINATOR_LISTEN", d.addr),
             aggregator_addr=env_str(env, "AGGREGATOR_ADDR", d.aggregator_addr),
@@ -70,6 +70,7 @@ class CoordinatorConfig:
                 env, "PROPELLER_COORDINATOR_RETRY_MAX_BACKOFF_S", d.retry_max_backoff_s
             ),
             state_dir=state_dir_from_env(env),
+            tls=TlsConfig.from_env(env),
         )
 
     @property
@@ -143,9 +144,9 @@ class CoordinatorApp(ServiceApp):
             MqttSession(cfg.mqtt, f"coordinator-{uuid.uuid4().hex[:12]}", clean_session=True)
         )
         options = cfg.channel_options()
-        registry = grpc.aio.insecure_channel(cfg.registry_addr, options=options)
+        registry = channel(cfg.registry_addr, cfg.tls, options)
         stack.push_async_callback(registry.close, None)
-        aggregator = grpc.aio.insecure_channel(cfg.aggregator_addr, options=options)
+        aggregator = channel(cfg.aggregator_addr, cfg.tls, options)
         stack.push_async_callback(aggregator.close, None)
         coordinator = Coordinator(
             store,
@@ -179,4 +180,4 @@ class CoordinatorApp(ServiceApp):
 
 async def main() -> None:
     config = for_serve(CoordinatorConfig.from_env(), "Coordinator")
-    await run_service(CoordinatorApp(config), config.addr)
+    await run_service(CoordinatorApp(config), config.addr, config.tls)

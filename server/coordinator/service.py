@@ -6,13 +6,15 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator
 
 from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
+from server import authz
 from server.coordinator import rounds as R
 from server.coordinator.coordinator import Coordinator, Event, EventType
 from server.coordinator.wire import STATES, spec_from_proto, status_to_proto
-from server.errors import InvalidArgument, grpc_errors
+from server.errors import InvalidArgument, PermissionDenied, grpc_errors
 from server.grpc_server import Context, ServiceBinding
 from server.ids import check_count, check_id, check_name, check_text
 from server.paging import PageRequest, page_of
+from server.pki import Kind
 from server.streams import SPOOL_ABOVE, read_update_stream
 from server.tensors import total_bytes
 
@@ -96,10 +98,12 @@ class CoordinatorServicer:
             )
 
     async def _check_header(self, header: tensor_pb2.UpdateHeader, need: int) -> None:
-        """An update is refused from its header, before its bytes arrive: bad ids, a round that
-        does not exist or does not take this proplet's update now, or more bytes than the
-        round's base model has (the whole update must match it)."""
+        """An update is refused from its header, before its bytes arrive: bad ids, a caller
+        submitting for another proplet or to a round it is not in (`_check_submitter`), a
+        round that does not exist or does not take this proplet's update now, or more bytes
+        than the round's base model has (the whole update must match it)."""
         check_update_header(header)
+        await self._check_submitter(header.round_id, header.proplet_id)
         rnd = await self.coordinator.get(header.round_id)
         R.admit(rnd, header.proplet_id)
         model_bytes = total_bytes(rnd.specs)
@@ -107,6 +111,20 @@ class CoordinatorServicer:
             raise InvalidArgument(
                 f"update.header.tensors: {need} bytes, but round {rnd.round_id!r}'s base model "
                 f"{rnd.model_ref} has {model_bytes}"
+            )
+
+    async def _check_submitter(self, round_id: str, proplet_id: str) -> None:
+        """An authenticated proplet submits only as itself and only to a round it is a
+        participant of (PERMISSION_DENIED otherwise; nothing counted)."""
+        authz.require_self(proplet_id)
+        who = authz.caller()
+        if who is None or who.kind is not Kind.PROPLET:
+            return  # plaintext: the round's own membership rule answers (FAILED_PRECONDITION)
+        rnd = await self.coordinator.get(round_id)
+        if proplet_id not in rnd.participants:
+            raise PermissionDenied(
+                f"SubmitUpdate: proplet {proplet_id!r} (header.proplet_id) is not a participant "
+                f"of round {round_id!r}"
             )
 
     async def GetRoundStatus(

@@ -7,10 +7,10 @@ import logging
 import os
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.config import env_int, env_list, env_str
+from server.config import TlsConfig, env_int, env_list, env_str
 from server.datastore.datasets import DEFAULT_NUM_FEATURES, DEFAULT_NUM_SAMPLES, seeded_dataset
 from server.datastore.service import binding
 from server.datastore.store import (
@@ -36,6 +36,8 @@ class DataStoreConfig:
     num_samples: int = DEFAULT_NUM_SAMPLES
     num_features: int = DEFAULT_NUM_FEATURES
     state_dir: Path | None = None
+    # Mutual TLS (None: plaintext); see TlsConfig.
+    tls: TlsConfig | None = field(kw_only=True)
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -48,7 +50,7 @@ class DataStoreConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DataStoreConfig:
         env = os.environ if env is None else env
-        d = cls()
+        d = cls(tls=None)
         ids = env_list(env, "PROPELLER_DATASTORE_SEED_IDS") or env_list(env, "PROPLET_IDS")
         return cls(
             addr=env_str(env, "PROPELLER_DATASTORE_LISTEN", d.addr),
@@ -56,6 +58,7 @@ class DataStoreConfig:
             num_samples=env_int(env, "PROPELLER_DATASTORE_SAMPLES", d.num_samples),
             num_features=env_int(env, "PROPELLER_DATASTORE_FEATURES", d.num_features),
             state_dir=state_dir_from_env(env),
+            tls=TlsConfig.from_env(env),
         )
 
 
@@ -115,7 +118,7 @@ class DataStoreApp(ServiceApp):
 
 async def main() -> None:
     config = for_serve(DataStoreConfig.from_env(), "DataStore")
-    await run_service(DataStoreApp(config), config.addr)
+    await run_service(DataStoreApp(config), config.addr, config.tls)
 
 
 if __name__ == "__main__":

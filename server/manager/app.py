@@ -12,7 +12,7 @@ from pathlib import Path
 
 from propeller.v1 import coordinator_pb2_grpc, manager_pb2
 from propeller.v1 import manager_pb2_grpc as manager_grpc
-from server.config import Endpoints, MqttConfig, env_float, env_str
+from server.config import Endpoints, MqttConfig, TlsConfig, env_float, env_str
 from server.grpc_server import ServiceBinding, channel
 from server.lifecycle import ServiceApp, for_serve, run_service, start_task, state_dir_from_env
 from server.manager.coordinator import CoordinatorClient
@@ -42,6 +42,8 @@ class ManagerConfig:
     # Proplets, tasks and experiments in `<state_dir>/manager.sqlite`; None keeps them in
     # memory only.
     state_dir: Path | None = None
+    # Mutual TLS, server and the coordinator channel (None: plaintext); see TlsConfig.
+    tls: TlsConfig | None = field(kw_only=True)
 
     def __post_init__(self) -> None:
         if not self.alive_window_s > 0:
@@ -52,7 +54,7 @@ class ManagerConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ManagerConfig:
         env = os.environ if env is None else env
-        d = cls()
+        d = cls(tls=None)
         return cls(
             addr=env_str(env, "PROPELLER_MANAGER_LISTEN", d.addr),
             coordinator_addr=env_str(env, "COORDINATOR_ADDR", d.coordinator_addr),
@@ -61,6 +63,7 @@ class ManagerConfig:
             task_endpoints=Endpoints.from_env(env),
             rpc_timeout_s=env_float(env, "PROPELLER_RPC_TIMEOUT_S", d.rpc_timeout_s),
             state_dir=state_dir_from_env(env),
+            tls=TlsConfig.from_env(env),
         )
 
 
@@ -128,7 +131,7 @@ class ManagerApp(ServiceApp):
         if self.database is not None:
             await self.database.open()
             stack.push_async_callback(self.database.close)
-        chan = channel(self.config.coordinator_addr)
+        chan = channel(self.config.coordinator_addr, self.config.tls)
         stack.push_async_callback(chan.close, None)
         self._manager = Manager(
             proplets=self.proplets,
@@ -160,4 +163,4 @@ class ManagerApp(ServiceApp):
 
 async def main() -> None:
     config = for_serve(ManagerConfig.from_env(), "Manager")
-    await run_service(ManagerApp(config), config.addr)
+    await run_service(ManagerApp(config), config.addr, config.tls)

@@ -6,10 +6,10 @@ import asyncio
 import os
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.config import env_str
+from server.config import TlsConfig, env_str
 from server.grpc_server import ServiceBinding
 from server.lifecycle import ServiceApp, for_serve, run_service, state_dir_from_env
 from server.registry.registry import ModelRegistry
@@ -29,13 +29,16 @@ class RegistryConfig:
 
     addr: str = "127.0.0.1:8084"
     state_dir: Path | None = None
+    # Mutual TLS (None: plaintext); see TlsConfig.
+    tls: TlsConfig | None = field(kw_only=True)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RegistryConfig:
         env = os.environ if env is None else env
         return cls(
-            addr=env_str(env, "PROPELLER_REGISTRY_LISTEN", cls().addr),
+            addr=env_str(env, "PROPELLER_REGISTRY_LISTEN", cls(tls=None).addr),
             state_dir=state_dir_from_env(env),
+            tls=TlsConfig.from_env(env),
         )
 
 
@@ -67,7 +70,7 @@ class RegistryApp(ServiceApp):
 
 async def main() -> None:
     config = for_serve(RegistryConfig.from_env(), "ModelRegistry")
-    await run_service(RegistryApp(config), config.addr)
+    await run_service(RegistryApp(config), config.addr, config.tls)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import wasmtime
 
 from server.cli.main import main
 from server.config import Endpoints
+from tests.support.security import operator_tls
 
 T = TypeVar("T")
 
@@ -95,8 +96,15 @@ async def run_script(*argv: str, env: dict[str, str] | None = None) -> Result:
     return Result(proc.returncode, out.decode(), err.decode())
 
 
+def tls_flags() -> list[str]:
+    """The suite's operator bundle, as a client command takes it."""
+    return ["--tls-dir", str(operator_tls().cert.parent)]
+
+
 def flags(endpoints: Endpoints) -> list[str]:
+    """Where the services are, and the suite's operator bundle to call them with."""
     return [
+        *tls_flags(),
         "--manager",
         endpoints.manager,
         "--coordinator",

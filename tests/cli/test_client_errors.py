@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from server.stack import Stack
-from tests.cli.helpers import Cli, Result, run_script
+from tests.cli.helpers import Cli, Result, run_script, tls_flags
 from tests.support.ports import free_port
 
 UNREACHABLE = [
@@ -33,7 +33,7 @@ async def test_unreachable_service_is_one_line(
     cli: Cli, argv: list[str], flag: str, label: str
 ) -> None:
     addr = f"127.0.0.1:{free_port()}"
-    res = await cli(*argv, f"--{flag}", addr)
+    res = await cli(*argv, f"--{flag}", addr, *tls_flags())
     line = res.failed_with()
     command = " ".join(argv[:2])
     assert line == (
@@ -53,7 +53,7 @@ def silent_listener() -> Iterator[str]:
 
 async def test_a_silent_service_hits_the_timeout(cli: Cli) -> None:
     with silent_listener() as addr:
-        res = await cli("models", "list", "--registry", addr, "--timeout", "0.5")
+        res = await cli("models", "list", "--registry", addr, "--timeout", "0.5", *tls_flags())
     res.failed_with(
         f"propeller-fl models list: DEADLINE_EXCEEDED: model registry at {addr} "
         "did not answer within 0.5s"
@@ -61,10 +61,20 @@ async def test_a_silent_service_hits_the_timeout(cli: Cli) -> None:
 
 
 async def test_bad_flag_values_are_one_line(cli: Cli, tmp_path: Path) -> None:
-    (await cli("models", "list", "--timeout", "0")).failed_with(
+    (await cli("models", "list", "--timeout", "0", *tls_flags())).failed_with(
         "propeller-fl models list: --timeout: 0.0 must be a positive number of seconds"
     )
-    (await cli("models", "get", "v-one")).failed_with("INVALID_ARGUMENT: VERSION_OR_URI")
+    (await cli("models", "get", "v-one", *tls_flags())).failed_with(
+        "INVALID_ARGUMENT: VERSION_OR_URI"
+    )
+    # Neither a bundle nor --insecure: one line saying what to set.
+    (await cli("models", "list")).failed_with(
+        "propeller-fl models list: --tls-dir / PROPELLER_TLS_DIR: not set",
+        "PROPELLER_INSECURE=1",
+    )
+    (await cli("models", "list", "--tls-dir", str(tmp_path))).failed_with(
+        f"propeller-fl models list: TLS ca: {tmp_path / 'ca.crt'} does not exist"
+    )
 
 
 async def test_usage_errors_exit_2_without_traceback(cli: Cli) -> None:
@@ -84,6 +94,7 @@ async def test_entry_point_as_a_process(stack: Stack, tmp_path: Path) -> None:
         "COORDINATOR_ADDR": ep.coordinator,
         "MODEL_REGISTRY_ADDR": ep.registry,
         "DATA_STORE_ADDR": ep.datastore,
+        "PROPELLER_TLS_DIR": tls_flags()[1],
     }
     init = await run_script("models", "init", "--dimension", "2", "--json", env=env)
     assert init.code == 0 and init.err == "", init.err
@@ -115,7 +126,7 @@ async def test_entry_point_as_a_process(stack: Stack, tmp_path: Path) -> None:
     # message names localhost:8084 (skipped if a real deployment happens to be running).
     with socket.socket() as probe:
         if probe.connect_ex(("127.0.0.1", 8084)) != 0:
-            default = await run_script("models", "list", env={"MODEL_REGISTRY_ADDR": ""})
+            default = await run_script("models", "list", env={**env, "MODEL_REGISTRY_ADDR": ""})
             assert default.err.splitlines() == [
                 "propeller-fl models list: UNAVAILABLE: cannot reach model registry at "
                 "localhost:8084 (connection refused)"
@@ -136,6 +147,7 @@ async def test_module_entry_point(stack: Stack) -> None:
         "--json",
         "--datastore",
         stack.endpoints.datastore,
+        *tls_flags(),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

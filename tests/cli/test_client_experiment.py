@@ -17,6 +17,7 @@ from server.config import MqttConfig
 from server.stack import Stack, StackConfig
 from tests.cli.helpers import Cli, flags, table_rows
 from tests.support.infra import OciRegistry
+from tests.support.security import session_ca
 from tests.support.waits import eventually
 
 HYPER = {"epochs": 1, "lr": 0.01, "batch_size": 16}
@@ -42,6 +43,7 @@ async def fl(
         proplet_ids=tuple(ids),
         proplet_work_dir=tmp_path,
         proplet_task_timeout_s=30,
+        ca_dir=session_ca().dir,
     )
     async with Stack(config) as stack:
         f = flags(stack.endpoints)

@@ -85,7 +85,9 @@ async def test_proplets_and_ordinary_tasks(
     f = flags(stack.endpoints)
     pid = f"p-{uuid.uuid4().hex[:8]}"
     module = hello_wasm(tmp_path / "hello.wasm")
-    async with proplets(stack.endpoints, mqtt, [pid], tmp_path, task_timeout_s=30, heartbeat_s=0.5):
+    async with proplets(
+        stack.endpoints, mqtt, [pid], tmp_path, ca=stack.ca, task_timeout_s=30, heartbeat_s=0.5
+    ):
         listed = await eventually(
             lambda: cli("proplets", "list", "--json", *f),
             lambda r: any(p["id"] == pid and p["alive"] for p in r.json()["proplets"]),

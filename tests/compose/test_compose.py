@@ -49,7 +49,7 @@ from propeller.v1 import (
     manager_pb2,
 )
 from server.cli.serve import LOG_LEVEL_ENV, SERVICES
-from server.config import MqttConfig
+from server.config import MqttConfig, TlsConfig
 from server.topics import Topics
 from tests.support.clients import V0, Clients, clients
 from tests.support.cluster import round_notes
@@ -62,6 +62,7 @@ from tests.support.processes import (
     service_environment,
     started,
 )
+from tests.support.security import service_tls, tls, tls_env
 from tests.support.waits import eventually
 
 T = TypeVar("T")
@@ -85,6 +86,18 @@ OURS = {
 }
 PROPLETS = ("proplet", "proplet-2", "proplet-3")
 JOB = "push-wasm"
+# The one-shot job that makes the CA and every bundle on the certs volume (docs/security.md).
+CERTS = "certs"
+CERTS_DIR = "/certs"
+JOBS = (JOB, CERTS)
+# The bundle each service of ours runs with (a proplet: its own id's).
+BUNDLES = {
+    "manager": "service-manager",
+    "coordinator": "service-coordinator",
+    "aggregator": "service-aggregator",
+    "model-registry": "service-registry",
+    "local-data-store": "service-datastore",
+}
 INFRA = ("mosquitto", "local-registry")
 # The seed's familiar host ports.
 PUBLISHED = {
@@ -210,9 +223,23 @@ class RecordingEnv(dict[str, str]):
         return super().__contains__(key)
 
 
+def loadable(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with its bundle directory (a path on the certs volume) replaced by the suite's
+    bundle of the same identity, so a config loads here (no TLS: plaintext)."""
+    out = dict(env)
+    bundle = out.get("PROPELLER_TLS_DIR", "")
+    if not bundle:
+        out.setdefault("PROPELLER_INSECURE", "1")
+        return out
+    kind, _, name = Path(bundle).name.partition("-")
+    out["PROPELLER_TLS_DIR"] = str(tls(kind, name).cert.parent)
+    out.pop("PROPELLER_TLS_CRL", None)
+    return out
+
+
 def variables_read(serve_name: str, env: Mapping[str, str] | None = None) -> set[str]:
     """Every variable `propeller-fl serve NAME` reads: its config's from_env, and the log level."""
-    base = dict(env or {})
+    base = loadable(env or {})
     if serve_name == "proplet":
         base.setdefault("PROPLET_ID", "a-proplet")
     recorder = RecordingEnv(base)
@@ -236,7 +263,7 @@ def documented_variables() -> dict[str, str]:
 
 def test_every_service_of_ours_runs_the_one_image_with_serve(compose: dict[str, Any]) -> None:
     svcs = services(compose)
-    assert set(svcs) == {*OURS, JOB, *INFRA}
+    assert set(svcs) == {*OURS, *JOBS, *INFRA}
     image = svcs["manager"]["image"]
     build = svcs["manager"]["build"]
     assert build["context"] == "." and build.get("dockerfile", "Dockerfile") == "Dockerfile"
@@ -255,6 +282,9 @@ def test_every_service_of_ours_runs_the_one_image_with_serve(compose: dict[str, 
         "--plain-http",
     ]
     assert svcs[JOB].get("restart") == "no"  # a one-shot job
+    assert (svcs[CERTS]["image"], svcs[CERTS]["build"]) == (image, build)
+    assert svcs[CERTS].get("restart") == "no"
+    assert svcs[CERTS]["command"][:3] == ["certs", "init", CERTS_DIR]
     assert svcs["mosquitto"]["image"] == "eclipse-mosquitto:2"
     assert svcs["local-registry"]["image"] == "registry:2"
 
@@ -304,7 +334,7 @@ def test_healthchecks_ask_the_grpc_health_service(compose: dict[str, Any]) -> No
         for key in ("interval", "timeout", "start_period"):
             assert duration_s(check[key]) > 0, (name, key)
         assert check["retries"] >= 1, name
-    assert "healthcheck" not in svcs[JOB]
+    assert all("healthcheck" not in svcs[job] for job in JOBS)
 
 
 def test_depends_on_waits_for_what_each_service_talks_to(compose: dict[str, Any]) -> None:
@@ -314,7 +344,7 @@ def test_depends_on_waits_for_what_each_service_talks_to(compose: dict[str, Any]
     for name, svc in svcs.items():
         for dep, condition in depends_on(svc).items():
             assert dep in svcs, f"{name} depends on unknown {dep}"
-            if dep == JOB:
+            if dep in JOBS:
                 assert condition == "service_completed_successfully", name
             else:
                 assert condition == "service_healthy", (name, dep)
@@ -326,12 +356,17 @@ def test_depends_on_waits_for_what_each_service_talks_to(compose: dict[str, Any]
         assert "manager" in depends_on(svcs[name]), name
     # Every service another one's environment names is started (and healthy) before it.
     hosts = set(svcs)
-    for name in (*OURS, JOB):
+    for name in (*OURS, *JOBS):
         env = environment(svcs[name])
         named = {
             h for value in env.values() for h in re.findall(r"([a-z][a-z0-9-]*):\d+", value)
         } & hosts
         assert named - {name} <= transitive_deps(compose, name), (name, named)
+
+
+# What an operator must reach from elsewhere (mutual TLS guards it) is published on every
+# interface; the rest on the loopback interface only (docs/security.md).
+OPERATOR_FACING = {"manager", "coordinator", "model-registry", "local-data-store"}
 
 
 def test_ports_are_the_seeds(compose: dict[str, Any]) -> None:
@@ -340,7 +375,8 @@ def test_ports_are_the_seeds(compose: dict[str, Any]) -> None:
         published = [str(p) for p in svc.get("ports", [])]
         if name in PUBLISHED:
             port = PUBLISHED[name]
-            assert published == [f"{port}:{port}"], name
+            where = "" if name in OPERATOR_FACING else "127.0.0.1:"
+            assert published == [f"{where}{port}:{port}"], name
         else:
             assert published == [], name
     for name in GRPC_SERVICE:
@@ -369,13 +405,27 @@ def test_state_lives_on_named_volumes(compose: dict[str, Any]) -> None:
             assert volume in declared, f"{name}: volume {volume} is not declared"
             assert target.startswith("/"), name
             used.append(volume)
-    assert sorted(used) == sorted(declared), "each named volume is used exactly once"
+    # Each named volume is used by exactly one service, except the certificates, which the
+    # certs job writes and every service of ours reads.
+    shared = [v for v in used if v == "certs"]
+    assert sorted(v for v in used if v != "certs") == sorted(declared - {"certs"})
+    assert len(shared) == 1 + len(OURS)
+    for name in OURS:
+        assert f"certs:{CERTS_DIR}:ro" in svcs[name]["volumes"], name
+        bundle = environment(svcs[name])["PROPELLER_TLS_DIR"]
+        expected = BUNDLES.get(name) or f"proplet-{environment(svcs[name])['PROPLET_ID']}"
+        assert bundle == f"{CERTS_DIR}/{expected}", name
+        assert environment(svcs[name]).get("PROPELLER_TLS_CRL", "") in ("", "/certs/crl.pem")
+        assert name in PROPLETS or environment(svcs[name])["PROPELLER_TLS_CRL"]
     assert volume_mounts(svcs["local-registry"]) == {"/var/lib/registry": "oci-registry-data"}
     registry_state = environment(svcs["model-registry"])["PROPELLER_STATE_DIR"]
-    assert volume_mounts(svcs["model-registry"]) == {registry_state: "model-registry-data"}
+    assert volume_mounts(svcs["model-registry"]) == {
+        registry_state: "model-registry-data",
+        CERTS_DIR: "certs",
+    }
     for name in PROPLETS:
         work = environment(svcs[name])["PROPLET_WORK_DIR"]
-        assert list(volume_mounts(svcs[name])) == [work], name
+        assert list(volume_mounts(svcs[name])) == [work, CERTS_DIR], name
     assert len({tuple(volume_mounts(svcs[n]).values()) for n in PROPLETS}) == 3
 
 
@@ -388,6 +438,18 @@ def test_the_proplet_ids_are_fixed_and_seeded(compose: dict[str, Any]) -> None:
     assert list(compose["x-proplet-ids"].values()) == ids
     seeded = environment(svcs["local-data-store"])["PROPELLER_DATASTORE_SEED_IDS"].split(",")
     assert seeded == ids
+    # The certs job issues each of them its bundle (and every service of ours its own).
+    command = svcs[CERTS]["command"]
+    issued = [command[i + 1] for i, a in enumerate(command) if a == "--proplet"]
+    assert issued == ids
+    services_issued = [command[i + 1] for i, a in enumerate(command) if a == "--service"]
+    assert sorted(s.partition("=")[0] for s in services_issued) == sorted(
+        b.removeprefix("service-") for b in BUNDLES.values()
+    )
+    for spec in services_issued:  # each named for the host the others dial
+        service, _, hosts = spec.partition("=")
+        (name,) = [n for n, b in BUNDLES.items() if b == f"service-{service}"]
+        assert hosts.split(",") == [name], spec
     names = [environment(svcs[n])["PROPLET_NAME"] for n in PROPLETS]
     assert names == ["proplet-1", "proplet-2", "proplet-3"]
     for name in PROPLETS:
@@ -401,9 +463,9 @@ def test_every_variable_compose_sets_is_read_and_valid(compose: dict[str, Any]) 
         env = environment(svcs[name])
         unread = set(env) - variables_read(serve_name, env)
         assert not unread, f"{name} sets variables nothing reads: {sorted(unread)}"
-    proplet = SERVICES["proplet"].load_config(environment(svcs["proplet"]))
+    proplet = SERVICES["proplet"].load_config(loadable(environment(svcs["proplet"])))
     assert proplet.is_insecure("local-registry:5000")  # type: ignore[attr-defined]
-    datastore = SERVICES["datastore"].load_config(environment(svcs["local-data-store"]))
+    datastore = SERVICES["datastore"].load_config(loadable(environment(svcs["local-data-store"])))
     assert len(datastore.seed_proplet_ids) == 3  # type: ignore[attr-defined]
 
 
@@ -463,6 +525,7 @@ async def test_a_signal_during_start_up_stops_serve_cleanly(tmp_path: Path) -> N
     """`docker compose stop` while the broker is still unreachable: exit 0, not a kill."""
     env = {
         **service_environment(all_variables()),
+        **tls_env(service_tls("manager")),
         "PROPELLER_MQTT_PORT": str(free_port()),  # nothing listens: start-up keeps retrying
         "PROPELLER_MANAGER_LISTEN": "127.0.0.1:0",
     }
@@ -532,7 +595,7 @@ class AddressMap:
         """Where `localhost:<host_port>` of the compose host is."""
         for name, svc in services(compose).items():
             for spec in svc.get("ports", []):
-                published, _, target = str(spec).partition(":")
+                published, target = str(spec).split(":")[-2:]  # [IP:]HOST:CONTAINER
                 if int(published) == host_port:
                     return f"127.0.0.1:{self.ports[(name, int(target))]}"
         raise AssertionError(f"nothing publishes port {host_port}")
@@ -630,7 +693,7 @@ class Cluster:
                 continue  # started by the test before the cluster, and ready
             await self._up[dep]  # healthy, or completed successfully for the job
             assert condition in ("service_healthy", "service_completed_successfully")
-        if name == JOB:
+        if name in JOBS:
             await self.run_job(name)
         else:
             self.start(name)
@@ -709,7 +772,7 @@ async def test_compose_as_a_process_cluster(
         }
         for name in OURS:
             for spec in svcs[name].get("ports", []):
-                ports[(name, int(str(spec).partition(":")[2]))] = free_port()
+                ports[(name, int(str(spec).split(":")[-1]))] = free_port()
         amap = AddressMap(
             hosts=frozenset(svcs),
             ports=ports,
@@ -719,7 +782,7 @@ async def test_compose_as_a_process_cluster(
         logs.mkdir()
         cluster = Cluster(compose, amap, logs, service_environment(reserved))
         order = [n for n in start_order(compose) if n not in INFRA]
-        assert set(order) == {*OURS, JOB}
+        assert set(order) == {*OURS, *JOBS}
         ok = False
         try:
             async with asyncio.timeout(180):
@@ -737,7 +800,8 @@ async def test_compose_as_a_process_cluster(
             cluster.start("model-registry")
             await cluster.wait_healthy("model-registry")
             async with clients(
-                {"registry": amap.published(compose, PUBLISHED["model-registry"])}
+                {"registry": amap.published(compose, PUBLISHED["model-registry"])},
+                tls=compose_operator(amap),
             ) as c:
                 assert await c.versions() == [0, 1, 2]
             assert cluster.stop_all() == {"model-registry": 0}
@@ -746,6 +810,11 @@ async def test_compose_as_a_process_cluster(
             if not ok:
                 print(cluster.logs_tail())
             cluster.kill_leftovers()
+
+
+def compose_operator(amap: AddressMap) -> TlsConfig:
+    """The operator bundle the certs job made (`docker compose cp certs:/certs/operator-admin`)."""
+    return TlsConfig.bundle(amap.volume_dirs["certs"] / "operator-admin")
 
 
 async def walkthrough(compose: dict[str, Any], amap: AddressMap, broker: Mosquitto) -> None:
@@ -763,7 +832,7 @@ async def walkthrough(compose: dict[str, Any], amap: AddressMap, broker: Mosquit
         "manager": amap.published(compose, PUBLISHED["manager"]),
         "registry": amap.published(compose, PUBLISHED["model-registry"]),
     }
-    async with clients(published) as c, round_notes(mqtt) as notes:
+    async with clients(published, tls=compose_operator(amap)) as c, round_notes(mqtt) as notes:
         # 4. The three compose proplets are registered and alive under their fixed ids.
         await c.wait_alive(ids)
         assert {p.name for p in await c.proplets()} == {"proplet-1", "proplet-2", "proplet-3"}

@@ -9,8 +9,8 @@ from server.topics import Topics
 
 
 def test_defaults() -> None:
-    c = CoordinatorConfig.from_env({})
-    assert c == CoordinatorConfig()
+    c = CoordinatorConfig.from_env({"PROPELLER_INSECURE": "1"})
+    assert c == CoordinatorConfig(tls=None)
     assert (c.addr, c.aggregator_addr, c.registry_addr) == (
         "127.0.0.1:8086",
         "127.0.0.1:8085",
@@ -22,6 +22,7 @@ def test_defaults() -> None:
 def test_from_env() -> None:
     c = CoordinatorConfig.from_env(
         {
+            "PROPELLER_INSECURE": "1",
             "PROPELLER_COORDINATOR_LISTEN": "0.0.0.0:9000",
             "AGGREGATOR_ADDR": "aggregator:8085",
             "MODEL_REGISTRY_ADDR": "registry:8084",
@@ -41,4 +42,6 @@ def test_from_env() -> None:
 
 def test_bad_number_names_the_variable() -> None:
     with pytest.raises(ValueError, match="PROPELLER_COORDINATOR_TICK_S"):
-        CoordinatorConfig.from_env({"PROPELLER_COORDINATOR_TICK_S": "soon"})
+        CoordinatorConfig.from_env(
+            {"PROPELLER_INSECURE": "1", "PROPELLER_COORDINATOR_TICK_S": "soon"}
+        )

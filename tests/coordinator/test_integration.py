@@ -45,7 +45,7 @@ async def cluster(mqtt: MqttConfig, dimension: int = 3, **overrides: Any) -> Asy
         round_services(mqtt, dimension=dimension, **settings) as services,
         clients(services) as c,
     ):
-        yield Cluster(c.channels, announcements)
+        yield Cluster(c.channels, announcements, **c.connection())
 
 
 @pytest.fixture
@@ -243,13 +243,15 @@ async def test_watch_unknown_round_is_not_found(fl: Cluster) -> None:
 
 FP = grpc.StatusCode.FAILED_PRECONDITION
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 
 def bad_updates() -> Sequence[tuple[str, str, Update, grpc.StatusCode, str]]:
     """(what, round_id, update, expected code, field the message names)."""
     ok = UPDATES[1]
     return [
-        ("non-participant", "r1", replace(ok, proplet_id="mallory"), FP, "proplet_id"),
+        # Over mutual TLS the proplet's own certificate: a question of its rights.
+        ("non-participant", "r1", replace(ok, proplet_id="mallory"), DENIED, "proplet_id"),
         ("unknown round", "zz", ok, grpc.StatusCode.NOT_FOUND, "round_id"),
         ("wrong base", "r1", replace(ok, base_model_uri=V1), FP, "base_model_uri"),
         ("wrong shape", "r1", make_update("b", [1.0, 2.0], 0.0, 5), INVALID, "tensors.w"),

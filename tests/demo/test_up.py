@@ -37,6 +37,11 @@ async def test_up_serves_a_round_and_stops_on_sigterm(
     entries = [line.split(None, 1) for line in printed]
     assert all(len(e) == 2 for e in entries), printed
     by_name = {name: value for name, value in entries if name != "proplet"}
+    # Secure by default: a throwaway CA and an operator bundle, with grpcurl's flags for it.
+    tls = running.operator_tls
+    assert tls is not None and tls.key.exists()
+    flags = by_name["grpcurl"].split()
+    assert flags == ["-cacert", str(tls.ca), "-cert", str(tls.cert), "-key", str(tls.key)]
     for name in UP_SERVICES:
         assert by_name[name] == f"127.0.0.1:{ports[name]}", printed
     assert by_name["trainer"] == f"file://{trainer_wasm}"
@@ -47,7 +52,7 @@ async def test_up_serves_a_round_and_stops_on_sigterm(
     grpcurl = Path(sys.executable).parent / "grpcurl"
     listed = await asyncio.to_thread(
         subprocess.run,
-        [str(grpcurl), "-plaintext", manager, "list"],
+        [str(grpcurl), *flags, manager, "list"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -57,7 +62,7 @@ async def test_up_serves_a_round_and_stops_on_sigterm(
     assert "propeller.v1.Manager" in listed.stdout.split()
 
     # One round, as a user would start it: v0, then an experiment with the printed ids/image.
-    async with clients({"manager": manager, "registry": by_name["registry"]}) as c:
+    async with clients({"manager": manager, "registry": by_name["registry"]}, tls=tls) as c:
         await c.init_model(3)
         hyper = coordinator_pb2.Hyperparams(epochs=1, lr=0.1, batch_size=1)
         started = await c.start_experiment(

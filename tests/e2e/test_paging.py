@@ -24,6 +24,7 @@ from server.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from server.streams import model_stream
 from server.tensors import tensor_to_proto
 from tests.support.cluster import Cluster, cluster
+from tests.support.security import operator_tls
 from tests.support.waits import eventually
 
 CP, DS, MP, MR = coordinator_pb2, datastore_pb2, manager_pb2, model_registry_pb2
@@ -237,7 +238,7 @@ async def test_the_cli_client_lists_everything(stack: Cluster) -> None:
             MP.CreateTaskRequest(name=f"t-{i}", image_url="x"), timeout=30
         )
         made.append(task.id)
-    async with Client(stack.endpoints) as client:
+    async with Client(stack.endpoints, tls=operator_tls()) as client:
         listed = await client.list_tasks()
         assert [t.id for t in listed.tasks] == made
         assert listed.next_page_token == ""

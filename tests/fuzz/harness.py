@@ -265,7 +265,12 @@ async def fuzz_env(broker: Mosquitto, factory: pytest.TempPathFactory) -> AsyncI
         # Known proplets stay alive for the whole run, so experiments really get scheduled.
         "alive_window_s": 24 * 3600,
     }
-    async with cluster(mqtt, factory.mktemp("fuzz"), dimension=None, stack=stack) as c:
+    # Plaintext, on purpose: the fuzzers send SubmitUpdate for any proplet id, which over
+    # mutual TLS only that proplet's own certificate may do; what they fuzz is the servicers'
+    # input handling. Authorization has its own tests (tests/security).
+    async with cluster(
+        mqtt, factory.mktemp("fuzz"), dimension=None, stack=stack, insecure=True
+    ) as c:
         env = FuzzEnv(c.channels, topics=topics, mqtt=mqtt)
         await known.seed(env)
         env.snapshot_at_start = await known.snapshot(env)

@@ -21,6 +21,7 @@ from server.messages import PropletAnnounce, TaskResult, TaskStart, TaskStop
 from server.models import parse_model_uri
 from server.mqtt import MqttSession
 from server.topics import Topics
+from tests.support.security import operator_tls, service_tls
 from tests.support.waits import eventually
 
 
@@ -247,7 +248,7 @@ async def fake_coordinator(
     binding = ServiceBinding(
         "propeller.v1.Coordinator", fake, coordinator_pb2_grpc.add_CoordinatorServicer_to_server
     )
-    async with serving("127.0.0.1:0", [binding]) as port:
+    async with serving("127.0.0.1:0", [binding], service_tls("coordinator")) as port:
         yield fake, f"127.0.0.1:{port}"
 
 
@@ -278,6 +279,7 @@ async def running_manager(
     config = ManagerConfig(
         addr="127.0.0.1:0",
         coordinator_addr=coordinator_addr,
+        tls=service_tls("manager"),
         mqtt=mqtt_config(broker_port, topics),
         alive_window_s=alive_window_s,
         task_endpoints=TASK_ENDPOINTS,
@@ -285,7 +287,7 @@ async def running_manager(
     )
     async with (
         ManagerApp(config) as app,
-        serving(config.addr, app.bindings) as port,
-        channel(f"127.0.0.1:{port}") as chan,
+        serving(config.addr, app.bindings, config.tls) as port,
+        channel(f"127.0.0.1:{port}", operator_tls()) as chan,
     ):
         yield RunningManager(app, manager_pb2_grpc.ManagerStub(chan), config)

@@ -432,6 +432,7 @@ async def test_experiment_errors_keep_their_codes(broker: Mosquitto, topics: Top
 def test_config_from_env() -> None:
     config = ManagerConfig.from_env(
         {
+            "PROPELLER_INSECURE": "1",
             "PROPELLER_MANAGER_LISTEN": "0.0.0.0:7070",
             "COORDINATOR_ADDR": "coordinator:8086",
             "PROPELLER_ALIVE_WINDOW_S": "12.5",
@@ -450,8 +451,8 @@ def test_config_from_env() -> None:
     assert config.task_endpoints.coordinator == "coordinator:8086"
     assert config.task_endpoints.registry == "model-registry:8084"
     assert config.task_endpoints.datastore == "local-data-store:8083"
-    defaults = ManagerConfig.from_env({})
-    assert defaults == ManagerConfig()
+    defaults = ManagerConfig.from_env({"PROPELLER_INSECURE": "1"})
+    assert defaults == ManagerConfig(tls=None)
     assert defaults.alive_window_s == 30.0
     with pytest.raises(ValueError, match="alive_window_s"):
-        ManagerConfig(alive_window_s=0)
+        ManagerConfig(alive_window_s=0, tls=None)

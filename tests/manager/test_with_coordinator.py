@@ -23,6 +23,7 @@ from tests.manager.fakes import (
 )
 from tests.support.cluster import round_services
 from tests.support.infra import Mosquitto
+from tests.support.security import operator_tls
 
 
 @dataclass
@@ -38,7 +39,7 @@ async def manager(mqtt: MqttConfig) -> AsyncIterator[Services]:
     async with (
         round_services(mqtt, aggregator_addr="127.0.0.1:9", rpc_timeout_s=5.0) as services,
         running_manager(mqtt.port, mqtt.topics, coordinator_addr=services.coordinator) as m,
-        channel(services.coordinator) as chan,
+        channel(services.coordinator, operator_tls()) as chan,
     ):
         yield Services(m.stub, coordinator_pb2_grpc.CoordinatorStub(chan))
 

@@ -27,6 +27,7 @@ from server.messages import (
 from server.mqtt import MqttSession
 from server.topics import Topics
 from tests.support.infra import Mosquitto
+from tests.support.security import proplet_tls
 
 FINAL_STATES = (COMPLETED, FAILED, INTERRUPTED)
 WAIT_S = 15.0
@@ -117,7 +118,8 @@ class ManagerProbe:
 @pytest.fixture
 def proplet_config(broker: Mosquitto, topics: Topics, tmp_path: Path) -> PropletConfig:
     return PropletConfig(
-        proplet_id=f"proplet-{uuid.uuid4().hex[:8]}",
+        proplet_id=(pid := f"proplet-{uuid.uuid4().hex[:8]}"),
+        tls=proplet_tls(pid),
         name="test-proplet",
         mqtt=MqttConfig(port=broker.port, topics=topics),
         heartbeat_s=0.2,

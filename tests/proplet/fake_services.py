@@ -25,6 +25,7 @@ from server.grpc_server import ServiceBinding, serving
 from server.models import model_uri
 from server.streams import model_stream, read_update_stream
 from server.tensors import Tensors, tensor_to_proto
+from tests.support.security import service_tls
 
 
 @dataclass
@@ -140,6 +141,6 @@ async def round_services(world: RoundWorld) -> AsyncIterator[RoundWorld]:
             coordinator_pb2_grpc.add_CoordinatorServicer_to_server,
         ),
     ]
-    async with serving("127.0.0.1:0", bindings) as port:
+    async with serving("127.0.0.1:0", bindings, service_tls("round-services")) as port:
         world.port = port
         yield world

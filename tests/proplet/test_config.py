@@ -13,6 +13,7 @@ from proplet.config import parse_mirrors
 def test_from_env_reads_every_setting() -> None:
     config = PropletConfig.from_env(
         {
+            "PROPELLER_INSECURE": "1",
             "PROPLET_ID": "p-1",
             "PROPLET_NAME": "edge-1",
             "PROPLET_HEARTBEAT_S": "2.5",
@@ -49,7 +50,7 @@ def test_from_env_reads_every_setting() -> None:
 
 
 def test_defaults() -> None:
-    config = PropletConfig.from_env({"PROPLET_ID": "p-1"})
+    config = PropletConfig.from_env({"PROPELLER_INSECURE": "1", "PROPLET_ID": "p-1"})
     assert config.heartbeat_s == 10.0
     assert config.task_timeout_s == 300.0
     assert config.memory_limit_bytes == 256 << 20
@@ -86,12 +87,16 @@ def test_defaults() -> None:
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        PropletConfig.from_env(env)
+        PropletConfig.from_env({"PROPELLER_INSECURE": "1", **env})
 
 
 def test_insecure_registries_from_env() -> None:
     config = PropletConfig.from_env(
-        {"PROPLET_ID": "p", "PROPLET_INSECURE_REGISTRIES": "registry:5000, other:80"}
+        {
+            "PROPELLER_INSECURE": "1",
+            "PROPLET_ID": "p",
+            "PROPLET_INSECURE_REGISTRIES": "registry:5000, other:80",
+        }
     )
     assert config.insecure_registries == frozenset({"registry:5000", "other:80"})
     assert config.is_insecure("registry:5000")

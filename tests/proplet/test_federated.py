@@ -299,7 +299,7 @@ async def test_incomplete_round_env_fails_with_the_field(
 async def test_model_and_dataset_follow_the_seed_json_contract(
     proplet_config: PropletConfig, world: RoundWorld
 ) -> None:
-    client = FederatedClient(proplet_config.proplet_id, rpc_timeout_s=5.0)
+    client = FederatedClient(proplet_config.proplet_id, rpc_timeout_s=5.0, tls=proplet_config.tls)
     try:
         fl = FlTask.from_env(round_env(world), Endpoints())
         inputs = await client.fetch_inputs(fl)

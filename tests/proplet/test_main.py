@@ -17,6 +17,7 @@ from server.topics import Topics
 from tests.proplet import wat
 from tests.proplet.conftest import ManagerProbe
 from tests.support.infra import Mosquitto
+from tests.support.security import proplet_tls, tls_env
 from tests.support.waits import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +33,7 @@ async def proplet_process(
     proplet_id = f"proc-{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
+        **tls_env(proplet_tls(proplet_id)),
         "PROPLET_ID": proplet_id,
         "PROPLET_HEARTBEAT_S": "0.2",
         "PROPLET_WORK_DIR": str(work),

@@ -38,6 +38,7 @@ from tests.coordinator.helpers import fedavg
 from tests.support.clients import CLOSED, V0, Clients, clients
 from tests.support.cluster import LOCAL, round_notes, round_services, serve_app
 from tests.support.processes import ServiceProcess, mqtt_env, service_process
+from tests.support.security import service_tls
 from tests.support.waits import eventually
 
 log = logging.getLogger(__name__)
@@ -85,15 +86,21 @@ async def setup(
                 add = aggregator_pb2_grpc.add_AggregatorServicer_to_server
                 bindings = [ServiceBinding("propeller.v1.Aggregator", aggregator, add)]
             aggregator = await stack.enter_async_context(
-                serve_app(AggregatorApp(AggregatorConfig(LOCAL)), bindings=bindings)
+                serve_app(
+                    AggregatorApp(AggregatorConfig(LOCAL, tls=service_tls("aggregator"))),
+                    bindings=bindings,
+                    tls=service_tls("aggregator"),
+                )
             )
-        app = RegistryApp(RegistryConfig(LOCAL))
+        app = RegistryApp(RegistryConfig(LOCAL, tls=service_tls("registry")))
         real = app.bindings[0]
         bindings = None
         if front is not None:
             front.real = real.servicer
             bindings = [replace(real, servicer=front)]
-        registry = await stack.enter_async_context(serve_app(app, bindings=bindings))
+        registry = await stack.enter_async_context(
+            serve_app(app, bindings=bindings, tls=service_tls("registry"))
+        )
         reg = await stack.enter_async_context(clients({"registry": registry}))
         await reg.init_model(DIMENSION)
         settings = {

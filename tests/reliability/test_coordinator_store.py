@@ -352,11 +352,12 @@ async def test_damaged_tensor_bytes_are_reported_not_used(
 
 
 def test_state_dir_and_retry_policy_from_the_environment(tmp_path: Path) -> None:
-    default = CoordinatorConfig.from_env({})
+    default = CoordinatorConfig.from_env({"PROPELLER_INSECURE": "1"})
     assert default.state_dir is None and default.state_file is None
     assert default.retry == RetryPolicy(attempts=5, initial_backoff_s=0.2, max_backoff_s=5.0)
     c = CoordinatorConfig.from_env(
         {
+            "PROPELLER_INSECURE": "1",
             "PROPELLER_STATE_DIR": str(tmp_path),
             "PROPELLER_COORDINATOR_RETRY_ATTEMPTS": "8",
             "PROPELLER_COORDINATOR_RETRY_BACKOFF_S": "0.5",
@@ -368,7 +369,9 @@ def test_state_dir_and_retry_policy_from_the_environment(tmp_path: Path) -> None
     assert [c.retry.backoff_s(n) for n in range(1, 8)] == [0.5, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0]
     assert c.retry.total_backoff_s() == 11.5  # 7 waits between 8 attempts
     with pytest.raises(ValueError, match="PROPELLER_COORDINATOR_RETRY_MAX_BACKOFF_S"):
-        CoordinatorConfig.from_env({"PROPELLER_COORDINATOR_RETRY_MAX_BACKOFF_S": "x"})
+        CoordinatorConfig.from_env(
+            {"PROPELLER_INSECURE": "1", "PROPELLER_COORDINATOR_RETRY_MAX_BACKOFF_S": "x"}
+        )
 
 
 # ---- the coordinator over the durable store ---------------------------------------------

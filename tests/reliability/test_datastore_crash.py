@@ -55,7 +55,7 @@ async def test_a_killed_data_store_keeps_imported_datasets(tmp_path: Path) -> No
     replacing = dataset("seed-a", 40, 3, seed=2)  # an import over a seeded id
     with service_process("datastore", env, tmp_path) as ds:
         await ds.restart()
-        async with channel(ds.addr) as chan:
+        async with channel(ds.addr, ds.tls) as chan:
             stub = datastore_pb2_grpc.DataStoreStub(chan)
             assert [row[0] for row in await listing(stub)] == ["seed-a", "seed-b"]
             for msg in (imported, replacing):

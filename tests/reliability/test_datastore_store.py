@@ -23,6 +23,7 @@ from server.datastore.store import (
 )
 from server.tensors import tensor_from_proto, tensor_to_proto
 from tests.services.harness import RPC_TIMEOUT, served
+from tests.support.security import service_tls
 
 Stub = Any  # generated gRPC stubs carry no type information
 
@@ -30,7 +31,11 @@ Stub = Any  # generated gRPC stubs carry no type information
 @asynccontextmanager
 async def datastore(state_dir: Path | None, *seed_ids: str) -> AsyncIterator[Stub]:
     config = DataStoreConfig(
-        addr="127.0.0.1:0", seed_proplet_ids=seed_ids, num_samples=8, state_dir=state_dir
+        addr="127.0.0.1:0",
+        seed_proplet_ids=seed_ids,
+        num_samples=8,
+        state_dir=state_dir,
+        tls=service_tls("datastore"),
     )
     async with DataStoreApp(config) as app, served(app.bindings) as ch:
         yield datastore_pb2_grpc.DataStoreStub(ch)
@@ -143,6 +148,8 @@ async def test_without_a_state_dir_nothing_is_kept() -> None:
 
 
 def test_state_dir_from_the_environment(tmp_path: Path) -> None:
-    assert DataStoreConfig.from_env({}).state_dir is None
-    config = DataStoreConfig.from_env({"PROPELLER_STATE_DIR": str(tmp_path)})
+    assert DataStoreConfig.from_env({"PROPELLER_INSECURE": "1"}).state_dir is None
+    config = DataStoreConfig.from_env(
+        {"PROPELLER_INSECURE": "1", "PROPELLER_STATE_DIR": str(tmp_path)}
+    )
     assert config.state_dir == tmp_path

@@ -138,7 +138,7 @@ async def test_a_killed_manager_keeps_proplets_tasks_and_experiments(
         env = manager_env(mqtt, tmp_path / "state", services.coordinator)
         with service_process("manager", env, tmp_path) as mgr:
             await mgr.restart()
-            async with channel(mgr.addr) as chan:
+            async with channel(mgr.addr, mgr.tls) as chan:
                 stub = manager_pb2_grpc.ManagerStub(chan)
                 # No heartbeats: nothing changes once the proplets have announced themselves.
                 async with (

@@ -28,6 +28,7 @@ from server.topics import Topics
 from tests.manager.fakes import WASM, mqtt_config
 from tests.services.harness import served
 from tests.support.infra import Mosquitto
+from tests.support.security import service_tls
 
 PROPLET = Proplet("p1", "edge-1", {"os": "linux", "arch": "x86"}, 1005.5, 1000.25)
 TASK = Task(
@@ -183,8 +184,13 @@ async def test_a_failed_write_is_reported_and_stays_reported(tmp_path: Path) -> 
 
 
 def test_state_dir_from_the_environment(tmp_path: Path) -> None:
-    assert ManagerConfig.from_env({}).state_dir is None
-    assert ManagerConfig.from_env({"PROPELLER_STATE_DIR": str(tmp_path)}).state_dir == tmp_path
+    assert ManagerConfig.from_env({"PROPELLER_INSECURE": "1"}).state_dir is None
+    assert (
+        ManagerConfig.from_env(
+            {"PROPELLER_INSECURE": "1", "PROPELLER_STATE_DIR": str(tmp_path)}
+        ).state_dir
+        == tmp_path
+    )
 
 
 async def test_an_acknowledged_call_is_already_on_disk(
@@ -194,6 +200,7 @@ async def test_an_acknowledged_call_is_already_on_disk(
     config = ManagerConfig(
         addr="127.0.0.1:0",
         coordinator_addr="127.0.0.1:9",
+        tls=service_tls("manager"),
         mqtt=mqtt_config(broker.port, topics),
         state_dir=tmp_path,
     )

@@ -69,7 +69,7 @@ CASES: dict[str, tuple[Callable[[], bytes], str, str]] = {
 @pytest.fixture
 async def world(mqtt: MqttConfig, tmp_path: Path) -> AsyncIterator[Cluster]:
     """The Stack and one proplet with the limits under test."""
-    assert PropletConfig(proplet_id="p").output_limit_bytes == OUTPUT_LIMIT  # the default
+    assert PropletConfig(proplet_id="p", tls=None).output_limit_bytes == OUTPUT_LIMIT  # the default
     limits = {
         "heartbeat_s": 0.25,
         "task_timeout_s": TASK_TIMEOUT_S,

@@ -167,7 +167,7 @@ async def test_a_killed_registry_never_keeps_a_torn_version(tmp_path: Path) -> N
     ]
     with service_process("registry", {"PROPELLER_STATE_DIR": str(state_dir)}, tmp_path) as reg:
         await reg.restart()
-        async with channel(reg.addr) as chan:
+        async with channel(reg.addr, reg.tls) as chan:
             stub = model_registry_pb2_grpc.ModelRegistryStub(chan)
             v0 = await stub.InitModel(
                 model_registry_pb2.InitModelRequest(dimension=3), timeout=RPC_S

@@ -33,13 +33,14 @@ from server.registry.store import (
 from server.streams import Payload, model_stream, read_model_stream
 from server.tensors import Tensors, sha256_of, specs_of
 from tests.services.harness import RPC_TIMEOUT, served
+from tests.support.security import service_tls
 
 Stub = Any  # generated gRPC stubs carry no type information
 
 
 @asynccontextmanager
 async def registry(state_dir: Path | None) -> AsyncIterator[tuple[Stub, RegistryApp]]:
-    config = RegistryConfig(addr="127.0.0.1:0", state_dir=state_dir)
+    config = RegistryConfig(addr="127.0.0.1:0", state_dir=state_dir, tls=service_tls("registry"))
     async with RegistryApp(config) as app, served(app.bindings) as ch:
         yield model_registry_pb2_grpc.ModelRegistryStub(ch), app
 
@@ -191,15 +192,17 @@ async def test_damaged_rows_are_reported_not_served(tmp_path: Path) -> None:
 
 
 async def test_config_from_env_and_the_store_it_picks(tmp_path: Path) -> None:
-    assert RegistryConfig.from_env({}) == RegistryConfig()
-    env = {"PROPELLER_STATE_DIR": str(tmp_path / "s")}
+    plain = {"PROPELLER_INSECURE": "1"}
+    assert RegistryConfig.from_env(plain) == RegistryConfig(tls=None)
+    env = {**plain, "PROPELLER_STATE_DIR": str(tmp_path / "s")}
     config = RegistryConfig.from_env(env)
-    assert config == RegistryConfig(state_dir=tmp_path / "s")
+    assert config == RegistryConfig(state_dir=tmp_path / "s", tls=None)
     # serve: nothing configured -> the default state directory.
-    assert for_serve(RegistryConfig(), "ModelRegistry").state_dir == Path("propeller-fl-state")
+    default = RegistryConfig(tls=None)
+    assert for_serve(default, "ModelRegistry").state_dir == Path("propeller-fl-state")
     assert for_serve(config, "ModelRegistry") == config
-    assert isinstance(RegistryApp(RegistryConfig()).store, InMemoryModelStore)
-    async with RegistryApp(RegistryConfig(state_dir=tmp_path / "s")) as app:
+    assert isinstance(RegistryApp(default).store, InMemoryModelStore)
+    async with RegistryApp(RegistryConfig(state_dir=tmp_path / "s", tls=None)) as app:
         store = app.store
         assert isinstance(store, SqliteModelStore)
         assert await store.versions() == []

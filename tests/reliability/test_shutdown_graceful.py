@@ -59,7 +59,7 @@ async def until_shutting_down(process: ServiceProcess) -> None:
     """Until the process has begun its graceful stop: its health service stops answering
     SERVING (or stops taking calls at all)."""
     deadline = time.monotonic() + STOP_S
-    async with channel(process.addr) as chan:
+    async with channel(process.addr, process.tls) as chan:
         stub = health_pb2_grpc.HealthStub(chan)
         while True:
             try:
@@ -79,7 +79,7 @@ async def test_sigterm_during_put_model_never_leaves_a_torn_version(tmp_path: Pa
     state_dir = tmp_path / "state"
     with service_process("registry", {"PROPELLER_STATE_DIR": str(state_dir)}, tmp_path) as reg:
         await reg.restart()
-        async with channel(reg.addr) as chan:
+        async with channel(reg.addr, reg.tls) as chan:
             stub = model_registry_pb2_grpc.ModelRegistryStub(chan)
             assert (await put(stub, small_model(0))).version == 0
             tensors = big_model(7)
@@ -145,7 +145,7 @@ async def test_sigterm_lets_a_start_experiment_in_flight_finish(
         with service_process("manager", env, tmp_path) as mgr:
             await mgr.restart()
             async with (
-                channel(mgr.addr) as chan,
+                channel(mgr.addr, mgr.tls) as chan,
                 FakeProplet(broker.port, topics, "p1", heartbeat_s=None) as p1,
             ):
                 stub = manager_pb2_grpc.ManagerStub(chan)
@@ -227,7 +227,7 @@ async def test_sigterm_on_the_data_store_keeps_what_it_acknowledged(tmp_path: Pa
     racing = [big_dataset(f"racing-{i}", 10 + i) for i in range(4)]
     with service_process("datastore", env, tmp_path) as ds:
         await ds.restart()
-        async with channel(ds.addr) as chan:
+        async with channel(ds.addr, ds.tls) as chan:
             stub = datastore_pb2_grpc.DataStoreStub(chan)
             await stub.PutDataset(datastore_pb2.PutDatasetRequest(dataset=saved), timeout=RPC_S)
             calls = [

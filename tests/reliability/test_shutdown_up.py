@@ -27,7 +27,11 @@ async def test_up_with_a_state_dir_carries_on_after_a_restart(
 
     with up_process(args, tmp_path, ports) as first:
         await asyncio.to_thread(first.wait_ready)
-        async with clients(services) as c:
+        # Its throwaway CA lives in the state directory, so a restart keeps the credentials.
+        tls = first.operator_tls
+        assert tls is not None and tls.cert.parent == state_dir / "certs" / "operator-admin"
+        ca = (state_dir / "certs" / "ca.crt").read_bytes()
+        async with clients(services, tls=tls) as c:
             v0 = await c.init_model(3)
             task = await c.manager.CreateTask(
                 manager_pb2.CreateTaskRequest(name="kept", image_url="reg/x:1"), timeout=10
@@ -42,7 +46,9 @@ async def test_up_with_a_state_dir_carries_on_after_a_restart(
 
     with up_process(args, tmp_path, ports) as second:
         await asyncio.to_thread(second.wait_ready)
-        async with clients(services) as c:
+        assert second.operator_tls == tls
+        assert (state_dir / "certs" / "ca.crt").read_bytes() == ca
+        async with clients(services, tls=tls) as c:
             assert [(m.version, m.sha256) for m in await c.models()] == [(0, v0.sha256)]
             assert await c.task(task.id) == task
             # v0 is still there: initialising it again is refused.

@@ -42,6 +42,7 @@ from server.round_spec import Hyperparams
 from tests.support.clients import HYPER, V0, Clients, clients
 from tests.support.cluster import Cluster, cluster, serve_app
 from tests.support.ports import free_port
+from tests.support.security import service_tls
 from tests.support.waits import eventually
 
 
@@ -142,7 +143,9 @@ async def test_a_data_store_that_comes_up_late_is_retried_until_it_answers(
     await logged(caplog, f"data store at {late}: GetDataset {pid}: attempt 1 failed")
     # ... and the real data store comes up on that port about a second later.
     await asyncio.sleep(1.0)
-    async with serve_app(DataStoreApp(DataStoreConfig(addr=late, seed_proplet_ids=(pid,))), late):
+    tls = service_tls("datastore")
+    late_store = DataStoreApp(DataStoreConfig(addr=late, seed_proplet_ids=(pid,), tls=tls))
+    async with serve_app(late_store, late, tls=tls):
         task = await world.finished(task_id)
         assert task.state == manager_pb2.TASK_STATE_COMPLETED, task.error
         assert json.loads(task.results)["accepted"] is True
@@ -162,8 +165,12 @@ async def coordinator_on(world: Cluster, addr: str, state_dir: Path) -> AsyncIte
         rpc_timeout_s=5.0,
         tick_s=0.05,
         state_dir=state_dir,
+        tls=service_tls("coordinator"),
     )
-    async with serve_app(CoordinatorApp(config), addr), clients({"coordinator": addr}) as c:
+    async with (
+        serve_app(CoordinatorApp(config), addr, tls=config.tls),
+        clients({"coordinator": addr}) as c,
+    ):
         yield c
 
 
@@ -237,7 +244,7 @@ def test_two_proplets_do_not_retry_in_lockstep() -> None:
     second = [d for d, _ in zip(backoff.delays(random.Random(2)), range(8), strict=False)]
     assert all(a != b for a, b in zip(first, second, strict=True))
     # Proplets seed their own source from the OS: two of them draw different schedules.
-    a, b = FederatedClient("p1", 5.0), FederatedClient("p2", 5.0)
+    a, b = FederatedClient("p1", 5.0, tls=None), FederatedClient("p2", 5.0, tls=None)
     assert [a.backoff.delay(n, a.rng) for n in range(1, 6)] != [
         b.backoff.delay(n, b.rng) for n in range(1, 6)
     ]
@@ -368,15 +375,31 @@ def test_round_deadline_from_the_task_env() -> None:
 @pytest.mark.unit
 def test_retry_settings_from_the_environment() -> None:
     config = PropletConfig.from_env(
-        {"PROPLET_ID": "p", "PROPLET_RETRY_BACKOFF_S": "0.5", "PROPLET_RETRY_MAX_BACKOFF_S": "8"}
+        {
+            "PROPELLER_INSECURE": "1",
+            "PROPLET_ID": "p",
+            "PROPLET_RETRY_BACKOFF_S": "0.5",
+            "PROPLET_RETRY_MAX_BACKOFF_S": "8",
+        }
     )
     assert config.backoff == Backoff(initial_s=0.5, max_s=8.0)
-    assert PropletConfig.from_env({"PROPLET_ID": "p"}).backoff == Backoff(0.2, 5.0)
+    assert PropletConfig.from_env(
+        {"PROPELLER_INSECURE": "1", "PROPLET_ID": "p"}
+    ).backoff == Backoff(0.2, 5.0)
     with pytest.raises(ValueError, match="retry_backoff_s"):
-        PropletConfig.from_env({"PROPLET_ID": "p", "PROPLET_RETRY_BACKOFF_S": "0"})
+        PropletConfig.from_env(
+            {"PROPELLER_INSECURE": "1", "PROPLET_ID": "p", "PROPLET_RETRY_BACKOFF_S": "0"}
+        )
     with pytest.raises(ValueError, match="retry_max_backoff_s"):
         PropletConfig.from_env(
-            {"PROPLET_ID": "p", "PROPLET_RETRY_BACKOFF_S": "2", "PROPLET_RETRY_MAX_BACKOFF_S": "1"}
+            {
+                "PROPELLER_INSECURE": "1",
+                "PROPLET_ID": "p",
+                "PROPLET_RETRY_BACKOFF_S": "2",
+                "PROPLET_RETRY_MAX_BACKOFF_S": "1",
+            }
         )
     with pytest.raises(ValueError, match="PROPLET_RETRY_MAX_BACKOFF_S"):
-        PropletConfig.from_env({"PROPLET_ID": "p", "PROPLET_RETRY_MAX_BACKOFF_S": "soon"})
+        PropletConfig.from_env(
+            {"PROPELLER_INSECURE": "1", "PROPLET_ID": "p", "PROPLET_RETRY_MAX_BACKOFF_S": "soon"}
+        )

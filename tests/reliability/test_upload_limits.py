@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 
 from propeller.v1 import model_registry_pb2, model_registry_pb2_grpc, tensor_pb2
-from server.tensors import GRPC_OPTIONS
+from tests.support.clients import sync_channel
 from tests.support.processes import ServiceProcess, service_process
 
 MIB = 1 << 20
@@ -59,16 +59,18 @@ def generated(
         yield tensor_pb2.ModelChunk(data=data)
 
 
-def put(addr: str, chunks: Iterator[tensor_pb2.ModelChunk]) -> model_registry_pb2.ModelVersion:
-    with grpc.insecure_channel(addr, options=GRPC_OPTIONS) as ch:
+def put(
+    registry: ServiceProcess, chunks: Iterator[tensor_pb2.ModelChunk]
+) -> model_registry_pb2.ModelVersion:
+    with sync_channel(registry.addr, registry.tls) as ch:
         stub = model_registry_pb2_grpc.ModelRegistryStub(ch)
         reply: model_registry_pb2.ModelVersion = stub.PutModel(chunks, timeout=300)
         return reply
 
 
-def refused(addr: str, chunks: Iterator[tensor_pb2.ModelChunk]) -> grpc.RpcError:
+def refused(registry: ServiceProcess, chunks: Iterator[tensor_pb2.ModelChunk]) -> grpc.RpcError:
     try:
-        put(addr, chunks)
+        put(registry, chunks)
     except grpc.RpcError as err:
         return err
     raise AssertionError("the upload was accepted")
@@ -96,11 +98,11 @@ def open_deleted_files(process: ServiceProcess) -> list[str]:
     return [t for t in targets if t.endswith("(deleted)")]
 
 
-def fetched_sha256(addr: str, version: int) -> tuple[str, int]:
+def fetched_sha256(registry: ServiceProcess, version: int) -> tuple[str, int]:
     """The sha256 and size of a version's bytes as GetModel streams them (never held whole)."""
     digest = hashlib.sha256()
     size = 0
-    with grpc.insecure_channel(addr, options=GRPC_OPTIONS) as ch:
+    with sync_channel(registry.addr, registry.tls) as ch:
         stub = model_registry_pb2_grpc.ModelRegistryStub(ch)
         request = model_registry_pb2.GetModelRequest(version=version)
         for chunk in stub.GetModel(request, timeout=300):
@@ -116,7 +118,7 @@ async def test_uploads_are_bounded_from_the_header_and_as_they_arrive(tmp_path: 
         await registry.restart()
 
         sent = Sent()
-        err = await asyncio.to_thread(refused, registry.addr, generated(TWO_GIB, sent))
+        err = await asyncio.to_thread(refused, registry, generated(TWO_GIB, sent))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
         assert (err.details() or "").startswith("model.header.tensors: 2147483648 bytes, more ")
         assert sent.bytes < EARLY, f"{sent.bytes} bytes sent before the refusal"
@@ -124,18 +126,18 @@ async def test_uploads_are_bounded_from_the_header_and_as_they_arrive(tmp_path: 
         # A header that promises 64 MiB, then 2 GiB: refused at the first byte too many.
         sent = Sent()
         lying = generated(TWO_GIB, sent, declared=64 * MIB)
-        err = await asyncio.to_thread(refused, registry.addr, lying)
+        err = await asyncio.to_thread(refused, registry, lying)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
         assert "more tensor bytes than the header's 67108864" in (err.details() or "")
         assert sent.bytes < 64 * MIB + EARLY, f"{sent.bytes} bytes sent before the refusal"
         assert peak_rss(registry) < RSS_BOUND, f"peak RSS {peak_rss(registry)}"
 
         sent = Sent()
-        stored = await asyncio.to_thread(put, registry.addr, generated(ALLOWED, sent))
+        stored = await asyncio.to_thread(put, registry, generated(ALLOWED, sent))
         assert stored.total_bytes == ALLOWED == sent.bytes
         assert stored.sha256 == sent.sha256.hexdigest()
         assert peak_rss(registry) < RSS_BOUND, f"peak RSS {peak_rss(registry)}"
         assert open_deleted_files(registry) == []  # no spool file left open
 
-        digest, size = await asyncio.to_thread(fetched_sha256, registry.addr, stored.version)
+        digest, size = await asyncio.to_thread(fetched_sha256, registry, stored.version)
         assert (digest, size) == (sent.sha256.hexdigest(), ALLOWED)

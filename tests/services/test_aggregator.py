@@ -21,14 +21,16 @@ from server.errors import InvalidArgument
 from server.streams import UpdateMeta, read_model_stream
 from server.tensors import Array, Tensors, sha256_of
 from tests.services.harness import RPC_TIMEOUT, served
+from tests.support.security import service_tls
 
 Stub = Any  # generated gRPC stubs carry no type information
 
 
 @pytest.fixture
 async def aggregator() -> AsyncIterator[grpc.aio.Channel]:
-    config = AggregatorConfig(addr="127.0.0.1:0")
-    async with AggregatorApp(config) as app, served(app.bindings) as ch:
+    config = AggregatorConfig(addr="127.0.0.1:0", tls=service_tls("aggregator"))
+    # Only the coordinator may call the aggregator.
+    async with AggregatorApp(config) as app, served(app.bindings, service_tls("coordinator")) as ch:
         yield ch
 
 
@@ -326,7 +328,7 @@ async def test_the_response_is_a_header_without_version_then_data(
 
 
 def test_config_from_env() -> None:
-    assert AggregatorConfig.from_env({}) == AggregatorConfig()
-    assert AggregatorConfig.from_env({"PROPELLER_AGGREGATOR_LISTEN": "0.0.0.0:1"}).addr == (
-        "0.0.0.0:1"
-    )
+    assert AggregatorConfig.from_env({"PROPELLER_INSECURE": "1"}) == AggregatorConfig(tls=None)
+    assert AggregatorConfig.from_env(
+        {"PROPELLER_INSECURE": "1", "PROPELLER_AGGREGATOR_LISTEN": "0.0.0.0:1"}
+    ).addr == ("0.0.0.0:1")

@@ -16,6 +16,7 @@ from server.datastore.app import DataStoreApp, DataStoreConfig
 from server.datastore.datasets import synthetic_dataset, true_model
 from server.tensors import Array, tensor_from_proto, tensor_to_proto
 from tests.services.harness import RPC_TIMEOUT, served
+from tests.support.security import service_tls
 
 Stub = Any  # generated gRPC stubs carry no type information
 
@@ -24,7 +25,9 @@ SEED_IDS = ("proplet-a", "0d3c9a4e-5b1f-4f8e-9f53-2b3f6c1e7a10", "proplet-c")
 
 @asynccontextmanager
 async def datastore(*seed_ids: str, **kw: Any) -> AsyncIterator[Stub]:
-    config = DataStoreConfig(addr="127.0.0.1:0", seed_proplet_ids=seed_ids, **kw)
+    config = DataStoreConfig(
+        addr="127.0.0.1:0", seed_proplet_ids=seed_ids, tls=service_tls("datastore"), **kw
+    )
     async with DataStoreApp(config) as app, served(app.bindings) as ch:
         yield datastore_pb2_grpc.DataStoreStub(ch)
 
@@ -271,15 +274,18 @@ async def test_put_without_a_dataset_is_invalid_argument(stub: Stub) -> None:
 
 
 def test_config_from_env() -> None:
-    assert DataStoreConfig.from_env({}) == DataStoreConfig()
+    assert DataStoreConfig.from_env({"PROPELLER_INSECURE": "1"}) == DataStoreConfig(tls=None)
     assert DataStoreConfig.from_env(
         {
+            "PROPELLER_INSECURE": "1",
             "PROPELLER_DATASTORE_LISTEN": "0.0.0.0:9083",
             "PROPELLER_DATASTORE_SEED_IDS": " a, b ,,a",
             "PROPELLER_DATASTORE_SAMPLES": "32",
             "PROPELLER_DATASTORE_FEATURES": "4",
         }
-    ) == DataStoreConfig("0.0.0.0:9083", ("a", "b"), 32, 4)
-    assert DataStoreConfig.from_env({"PROPLET_IDS": "x,y"}).seed_proplet_ids == ("x", "y")
+    ) == DataStoreConfig("0.0.0.0:9083", ("a", "b"), 32, 4, tls=None)
+    assert DataStoreConfig.from_env(
+        {"PROPELLER_INSECURE": "1", "PROPLET_IDS": "x,y"}
+    ).seed_proplet_ids == ("x", "y")
     with pytest.raises(ValueError, match="num_samples"):
-        DataStoreConfig(num_samples=0)
+        DataStoreConfig(num_samples=0, tls=None)

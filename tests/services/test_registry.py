@@ -13,17 +13,19 @@ import numpy as np
 import pytest
 
 from propeller.v1 import model_registry_pb2, model_registry_pb2_grpc, tensor_pb2
+from server.config import TlsConfig
 from server.registry.app import RegistryApp, RegistryConfig
 from server.streams import model_stream, read_model_stream
 from server.tensors import Tensors, sha256_of, tensor_bytes
 from tests.services.harness import RPC_TIMEOUT, served
+from tests.support.security import service_tls
 
 Stub = Any  # generated gRPC stubs carry no type information
 
 
 @asynccontextmanager
 async def registry(state_dir: Path | None = None) -> AsyncIterator[Stub]:
-    config = RegistryConfig(addr="127.0.0.1:0", state_dir=state_dir)
+    config = RegistryConfig(addr="127.0.0.1:0", state_dir=state_dir, tls=service_tls("registry"))
     async with RegistryApp(config) as app, served(app.bindings) as ch:
         yield model_registry_pb2_grpc.ModelRegistryStub(ch)
 
@@ -426,8 +428,14 @@ async def test_list_models_oldest_first(any_stub: Stub) -> None:
 
 
 def test_config_from_env(tmp_path: Path) -> None:
-    assert RegistryConfig.from_env({}) == RegistryConfig()
+    assert RegistryConfig.from_env({"PROPELLER_INSECURE": "1"}) == RegistryConfig(tls=None)
+    bundle = service_tls("registry").cert.parent
     config = RegistryConfig.from_env(
-        {"PROPELLER_REGISTRY_LISTEN": "0.0.0.0:9000", "PROPELLER_STATE_DIR": str(tmp_path)}
+        {
+            "PROPELLER_REGISTRY_LISTEN": "0.0.0.0:9000",
+            "PROPELLER_STATE_DIR": str(tmp_path),
+            "PROPELLER_TLS_DIR": str(bundle),
+        }
     )
-    assert config == RegistryConfig(addr="0.0.0.0:9000", state_dir=tmp_path)
+    tls = TlsConfig.bundle(bundle)
+    assert config == RegistryConfig(addr="0.0.0.0:9000", state_dir=tmp_path, tls=tls)

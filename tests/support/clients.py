@@ -1,6 +1,10 @@
 """gRPC clients of the services for tests: one channel per service, a stub for each, and the
 calls tests make through them (models, rounds, experiments, tasks, proplets). Every call is
-bounded by a timeout; every wait is `eventually`."""
+bounded by a timeout; every wait is `eventually`.
+
+The channels carry the suite's operator certificate (`tests.support.security`) unless
+`insecure`; an update is submitted with the certificate of the proplet it is from, over a
+channel of that proplet's own, as a real proplet would."""
 
 from __future__ import annotations
 
@@ -22,13 +26,15 @@ from propeller.v1 import (
     model_registry_pb2,
     model_registry_pb2_grpc,
 )
-from server.config import Endpoints
+from server.config import Endpoints, TlsConfig
 from server.coordinator.rounds import Update
-from server.grpc_server import channel
+from server.grpc_server import channel, channel_credentials
 from server.models import model_uri
 from server.paging import all_pages
+from server.pki import Identity, Kind
 from server.streams import UpdateMeta, read_model_stream, update_stream
-from server.tensors import Tensors
+from server.tensors import GRPC_OPTIONS, Tensors
+from tests.support.security import operator_tls, proplet_tls
 from tests.support.waits import eventually
 
 T = TypeVar("T")
@@ -37,6 +43,8 @@ HYPER = coordinator_pb2.Hyperparams(epochs=1, lr=0.01, batch_size=16)
 CLOSED = (coordinator_pb2.ROUND_STATE_COMPLETED, coordinator_pb2.ROUND_STATE_FAILED)
 FINISHED = (manager_pb2.TASK_STATE_COMPLETED, manager_pb2.TASK_STATE_FAILED)
 RPC_S = 10.0
+# The proplet that sends an update whose proplet id no certificate can carry.
+SENDER = "test-sender"
 # Uploads and StartExperiment (which waits for the broker to publish the tasks) get longer.
 LONG_RPC_S = 60.0
 
@@ -75,6 +83,17 @@ def experiment_request(
     )
 
 
+def sync_channel(
+    addr: str, tls: TlsConfig | None, options: Sequence[tuple[str, int]] = GRPC_OPTIONS
+) -> grpc.Channel:
+    """A blocking (not grpc.aio) channel without the 4 MB ceiling, with `tls` (None:
+    plaintext): for uploads a server refuses before they end, whose status grpc.aio clients
+    may report as "INTERNAL: Internal error from Core" instead (grpc/grpc#36066)."""
+    if tls is None:
+        return grpc.insecure_channel(addr, options=list(options))
+    return grpc.secure_channel(addr, channel_credentials(tls), options=list(options))
+
+
 async def every(method: Any, request: Any, entries: Callable[[Any], Iterable[T]]) -> list[T]:
     """Every entry of a List RPC (`method`, a stub's), following its pages."""
     return [e async for e in all_pages(lambda r: method(r, timeout=RPC_S), request, entries)]
@@ -86,6 +105,11 @@ class Clients:
     (the generated stubs are untyped, hence Any); a service without a channel has no stub."""
 
     channels: dict[str, grpc.aio.Channel]
+    # Where the coordinator is, and the operator's TLS (None: plaintext): a submitted update
+    # goes over a channel with its proplet's own certificate.
+    coordinator_addr: str = field(default="", kw_only=True)
+    tls: TlsConfig | None = field(default=None, kw_only=True)
+    as_proplet: dict[str, grpc.aio.Channel] = field(default_factory=dict, kw_only=True)
     manager: Any = field(init=False, repr=False)
     coordinator: Any = field(init=False, repr=False)
     aggregator: Any = field(init=False, repr=False)
@@ -147,10 +171,40 @@ class Clients:
             update.num_samples,
             dict(update.metrics),
         )
-        resp: coordinator_pb2.SubmitUpdateResponse = await self.coordinator.SubmitUpdate(
-            update_stream(meta, update.tensors, chunk_size), timeout=LONG_RPC_S
-        )
+        resp: coordinator_pb2.SubmitUpdateResponse = await self.coordinator_as(
+            update.proplet_id
+        ).SubmitUpdate(update_stream(meta, update.tensors, chunk_size), timeout=LONG_RPC_S)
         return resp
+
+    def connection(self) -> dict[str, Any]:
+        """The keyword arguments that give a subclass made from these clients' `channels`
+        the same way of calling as a proplet."""
+        return {
+            "coordinator_addr": self.coordinator_addr,
+            "tls": self.tls,
+            "as_proplet": self.as_proplet,
+        }
+
+    def coordinator_as(self, proplet_id: str) -> Any:
+        """A Coordinator stub calling as proplet `proplet_id` (its own certificate); the
+        operator's stub on plaintext. An id no certificate can carry (empty, say: a test of
+        the coordinator's own checks) is sent by a proplet named SENDER."""
+        if self.tls is None:
+            return self.coordinator
+        ch = self.as_proplet.get(proplet_id)
+        if ch is None:
+            assert self.coordinator_addr, "no coordinator address to call as a proplet"
+            try:
+                sender = Identity(Kind.PROPLET, proplet_id).name
+            except ValueError:
+                sender = SENDER
+            ch = self.as_proplet[proplet_id] = channel(self.coordinator_addr, proplet_tls(sender))
+        return coordinator_pb2_grpc.CoordinatorStub(ch)
+
+    async def close_proplet_channels(self) -> None:
+        channels, self.as_proplet = list(self.as_proplet.values()), {}
+        for ch in channels:
+            await ch.close(None)
 
     async def status(
         self, round_id: str = "r1", via: Literal["coordinator", "manager"] = "coordinator"
@@ -232,14 +286,23 @@ class Clients:
 
 
 @contextlib.asynccontextmanager
-async def clients(addresses: Endpoints | Mapping[str, str]) -> AsyncIterator[Clients]:
+async def clients(
+    addresses: Endpoints | Mapping[str, str],
+    *,
+    tls: TlsConfig | None = None,
+    insecure: bool = False,
+) -> AsyncIterator[Clients]:
     """Clients with a channel to each service `addresses` names (an Endpoints names all five;
-    a mapping like {"coordinator": addr} only those)."""
+    a mapping like {"coordinator": addr} only those), as the suite's operator (or with `tls`;
+    `insecure`: plaintext)."""
     named = dataclasses.asdict(addresses) if isinstance(addresses, Endpoints) else addresses
+    creds = None if insecure else tls or operator_tls()
     async with contextlib.AsyncExitStack() as stack:
         channels = {
-            service: await stack.enter_async_context(channel(named[field]))
+            service: await stack.enter_async_context(channel(named[field], creds))
             for service, (field, _) in SERVICES.items()
             if named.get(field)
         }
-        yield Clients(channels)
+        made = Clients(channels, coordinator_addr=named.get("coordinator", ""), tls=creds)
+        stack.push_async_callback(made.close_proplet_channels)
+        yield made

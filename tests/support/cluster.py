@@ -9,6 +9,9 @@ tests run against, with what differs between them as parameters.
 - `serve_app(app)`: one service app entered and served on a free loopback port.
 - `run_proplets(...)`: real proplets pointed at a set of services.
 - `round_notes(mqtt)`: the round-complete notifications a subscriber sees.
+
+Everything is mutual TLS from the suite's CA (`tests.support.security`) unless a test passes
+`insecure=True`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Protocol
 
 from proplet import Proplet, PropletConfig
 from server.aggregator.app import AggregatorApp, AggregatorConfig
-from server.config import Endpoints, MqttConfig
+from server.config import Endpoints, MqttConfig, TlsConfig
 from server.coordinator.app import CoordinatorApp, CoordinatorConfig
 from server.grpc_server import ServiceBinding, serving
 from server.mqtt import MqttSession
@@ -34,6 +37,7 @@ from server.registry.app import RegistryApp, RegistryConfig
 from server.stack import Stack, StackConfig
 from server.topics import Topics
 from tests.support.clients import Clients, clients
+from tests.support.security import proplet_tls, service_tls, session_ca
 
 LOCAL = "127.0.0.1:0"
 
@@ -56,12 +60,24 @@ class App(Protocol):
 
 @contextlib.asynccontextmanager
 async def serve_app(
-    app: App, addr: str = LOCAL, bindings: Sequence[ServiceBinding] | None = None
+    app: App,
+    addr: str = LOCAL,
+    bindings: Sequence[ServiceBinding] | None = None,
+    *,
+    tls: TlsConfig | None,
 ) -> AsyncIterator[str]:
     """Enter `app` and serve its bindings (or `bindings` in their place) on `addr` (a free
-    loopback port by default); yields the address clients use."""
-    async with app, serving(addr, app.bindings if bindings is None else bindings) as port:
+    loopback port by default) with `tls` (None: plaintext); yields the address clients use."""
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(app)
+        served = app.bindings if bindings is None else bindings
+        port = await stack.enter_async_context(serving(addr, served, tls))
         yield f"{addr.rpartition(':')[0]}:{port}"
+
+
+def tls_for(service: str, insecure: bool) -> TlsConfig | None:
+    """A service's TLS from the suite's CA, or None for a plaintext test."""
+    return None if insecure else service_tls(service)
 
 
 @contextlib.asynccontextmanager
@@ -70,6 +86,7 @@ async def round_services(
     *,
     dimension: int | None = 3,
     aggregator_addr: str | None = None,
+    insecure: bool = False,
     **coordinator: Any,
 ) -> AsyncIterator[Endpoints]:
     """A model registry holding v0 (`dimension` zeros; None: empty), an aggregator (unless
@@ -77,24 +94,32 @@ async def round_services(
     of CoordinatorConfig, in this process. Yields their addresses (no manager, no data
     store)."""
     async with contextlib.AsyncExitStack() as stack:
-        registry = await stack.enter_async_context(serve_app(RegistryApp(RegistryConfig(LOCAL))))
+        tls = tls_for("registry", insecure)
+        registry = await stack.enter_async_context(
+            serve_app(RegistryApp(RegistryConfig(LOCAL, tls=tls)), tls=tls)
+        )
         if dimension is not None:
-            async with clients({"registry": registry}) as c:
+            async with clients({"registry": registry}, insecure=insecure) as c:
                 await c.init_model(dimension)
         if aggregator_addr is None:
+            tls = tls_for("aggregator", insecure)
             aggregator = await stack.enter_async_context(
-                serve_app(AggregatorApp(AggregatorConfig(LOCAL)))
+                serve_app(AggregatorApp(AggregatorConfig(LOCAL, tls=tls)), tls=tls)
             )
         else:
             aggregator = aggregator_addr
+        tls = tls_for("coordinator", insecure)
         config = CoordinatorConfig(
             addr=LOCAL,
             aggregator_addr=aggregator,
             registry_addr=registry,
             mqtt=mqtt,
+            tls=tls,
             **coordinator,
         )
-        coordinator_addr = await stack.enter_async_context(serve_app(CoordinatorApp(config)))
+        coordinator_addr = await stack.enter_async_context(
+            serve_app(CoordinatorApp(config), tls=tls)
+        )
         yield Endpoints(
             manager="",
             coordinator=coordinator_addr,
@@ -110,12 +135,13 @@ async def run_proplets(
     mqtt: MqttConfig,
     ids: Sequence[str],
     work_dir: Path,
+    insecure: bool = False,
     **config: Any,
 ) -> AsyncIterator[dict[str, contextlib.AsyncExitStack]]:
     """Real proplets `ids` on the broker, using `services`' coordinator, registry and data
-    store: named proplet-1, proplet-2, ..., heartbeat every 0.5 s, 30 s per task, unless
-    `config` (PropletConfig fields) says else. Yields one exit stack per proplet: closing
-    it stops that proplet early."""
+    store: named proplet-1, proplet-2, ..., heartbeat every 0.5 s, 30 s per task, each with
+    its own certificate (`insecure`: none), unless `config` (PropletConfig fields) says
+    else. Yields one exit stack per proplet: closing it stops that proplet early."""
     running: dict[str, contextlib.AsyncExitStack] = {}
     try:
         for i, pid in enumerate(ids):
@@ -124,6 +150,7 @@ async def run_proplets(
                 "heartbeat_s": 0.5,
                 "work_dir": work_dir / f"proplet-{i}",
                 "task_timeout_s": 30.0,
+                "tls": None if insecure else proplet_tls(pid),
                 **config,
             }
             endpoints = Endpoints(
@@ -175,24 +202,28 @@ async def cluster(
     stack: Mapping[str, Any] | None = None,
     proplet: Mapping[str, Any] | None = None,
     image: str = "",
+    insecure: bool = False,
 ) -> AsyncIterator[Cluster]:
     """The Stack with the data store seeded for the proplets (`stack`: other StackConfig
     fields), `proplets` real proplets (a count of fresh UUIDs, or the ids; `proplet`: their
     PropletConfig fields), v0 of `dimension` zeros (None: no model yet), and the proplets
-    listed alive before it yields. `image`: the round module the test runs."""
+    listed alive before it yields. `image`: the round module the test runs. Mutual TLS from
+    the suite's CA on every hop, unless `insecure`."""
     ids = [str(uuid.uuid4()) for _ in range(proplets)] if isinstance(proplets, int) else [*proplets]
+    ca_dir = None if insecure else session_ca().dir
     config = dataclasses.replace(
-        StackConfig(mqtt=mqtt, seed_proplet_ids=tuple(ids)), **dict(stack or {})
+        StackConfig(mqtt=mqtt, seed_proplet_ids=tuple(ids), ca_dir=ca_dir), **dict(stack or {})
     )
     async with (
         Stack(config) as running_stack,
         run_proplets(
-            running_stack.endpoints, mqtt, ids, work_dir, **dict(proplet or {})
+            running_stack.endpoints, mqtt, ids, work_dir, insecure, **dict(proplet or {})
         ) as running,
-        clients(running_stack.endpoints) as c,
+        clients(running_stack.endpoints, insecure=insecure) as c,
     ):
         made = Cluster(
             c.channels,
+            **c.connection(),
             stack=running_stack,
             mqtt=mqtt,
             proplet_ids=ids,

@@ -5,6 +5,8 @@
 or SIGKILL, and puts the log's tail into every failure message. `ServiceProcess` is
 `python -m server.cli serve SERVICE` on a free port of its own, ready when its gRPC health
 service says SERVING; `UpProcess` is `propeller-fl up`, ready when it prints `ready`.
+A service process gets its bundle from the suite's CA (`tests.support.security`) unless it is
+started `insecure`.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from typing import IO, Literal, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.config import MqttConfig
+from server.config import MqttConfig, TlsConfig
+from server.grpc_server import channel
 from tests.support.ports import free_port
+from tests.support.security import operator_tls, proplet_tls, service_tls, tls_env
 
 # Bounds, not expectations: start-up (imports, opening the state, connecting MQTT), a stop.
 READY_S = 60.0
@@ -222,20 +226,27 @@ class ChildProcess:
 
 
 class ServiceProcess(ChildProcess):
-    """`python -m server.cli serve SERVICE` with `env` (on top of `service_environment()`),
+    """`python -m server.cli serve SERVICE` with `env` (on top of `service_environment()` and
+    the service's bundle: a proplet's for its PROPLET_ID; `insecure`: PROPELLER_INSECURE=1),
     listening on a free loopback port of its own that restarts keep (a proplet listens on
-    nothing: give it PROPLET_ID and the rest in `env`)."""
+    nothing: give it PROPLET_ID and the rest in `env`). `tls` is what a client of it uses."""
 
-    def __init__(self, service: str, env: Mapping[str, str], logs: Path) -> None:
+    def __init__(
+        self, service: str, env: Mapping[str, str], logs: Path, *, insecure: bool = False
+    ) -> None:
         self.service = service
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
+        self.tls: TlsConfig | None = None if insecure else operator_tls()
+        own: TlsConfig | None = None
+        if not insecure:
+            own = proplet_tls(env["PROPLET_ID"]) if service == "proplet" else service_tls(service)
         listen = {LISTEN_VARS[service]: self.addr} if service in LISTEN_VARS else {}
         super().__init__(
             service,
             [sys.executable, "-m", "server.cli", "serve", service],
             logs,
-            env={**service_environment(), **env, **listen},
+            env={**service_environment(), **tls_env(own), **env, **listen},
         )
 
     async def ready(self, bound: float = READY_S) -> float:
@@ -246,7 +257,7 @@ class ServiceProcess(ChildProcess):
         )
         began = time.monotonic()
         request = health_pb2.HealthCheckRequest(service=GRPC_SERVICES[self.service])
-        async with grpc.aio.insecure_channel(self.addr, options=_FAST_RECONNECT) as chan:
+        async with channel(self.addr, self.tls, _FAST_RECONNECT) as chan:
             stub = health_pb2_grpc.HealthStub(chan)
             while True:
                 assert self.running, f"{self.service} exited before it was ready\n{self.tail()}"
@@ -266,9 +277,11 @@ class ServiceProcess(ChildProcess):
 
 
 @contextlib.contextmanager
-def service_process(service: str, env: Mapping[str, str], logs: Path) -> Iterator[ServiceProcess]:
+def service_process(
+    service: str, env: Mapping[str, str], logs: Path, *, insecure: bool = False
+) -> Iterator[ServiceProcess]:
     """A ServiceProcess (not started) that is killed on exit if it is still running."""
-    process = ServiceProcess(service, env, logs)
+    process = ServiceProcess(service, env, logs, insecure=insecure)
     try:
         yield process
     finally:
@@ -317,6 +330,15 @@ class UpProcess(ChildProcess):
             if line == "ready":
                 return self.printed
             self.printed.append(line)
+
+    @property
+    def operator_tls(self) -> TlsConfig | None:
+        """The operator bundle `up` printed (None: it runs --insecure); after `wait_ready`."""
+        for line in self.printed:
+            name, _, value = line.partition(" ")
+            if name == "operator":
+                return TlsConfig.bundle(Path(value.strip()))
+        return None
 
 
 # What `up` serves, each on the port its `--NAME-port` flag names.
