@@ -23,7 +23,7 @@ functions raise INVALID_ARGUMENT naming the field (for the gRPC edges).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sized
+from collections.abc import Callable, Iterable, Mapping, Sized
 
 from server.errors import InvalidArgument, short_details
 
@@ -90,24 +90,21 @@ def valid_name(value: str) -> bool:
     return name_problem(value) is None
 
 
+def _checked(value: str, field: str, optional: bool, problem: Callable[[str], str | None]) -> str:
+    found = None if optional and not value else problem(value)
+    if found is not None:
+        raise InvalidArgument(f"{field}: {found}")
+    return value
+
+
 def check_id(value: str, field: str, *, optional: bool = False) -> str:
     """`value` if it is an id (or empty, when `optional`); INVALID_ARGUMENT naming `field`."""
-    if optional and not value:
-        return value
-    problem = id_problem(value)
-    if problem is not None:
-        raise InvalidArgument(f"{field}: {problem}")
-    return value
+    return _checked(value, field, optional, id_problem)
 
 
 def check_name(value: str, field: str, *, optional: bool = False) -> str:
     """`value` if it is a name (or empty, when `optional`); INVALID_ARGUMENT naming `field`."""
-    if optional and not value:
-        return value
-    problem = name_problem(value)
-    if problem is not None:
-        raise InvalidArgument(f"{field}: {problem}")
-    return value
+    return _checked(value, field, optional, name_problem)
 
 
 def check_count(values: Sized, field: str, limit: int = MAX_ENTRIES) -> None:

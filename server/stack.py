@@ -37,6 +37,7 @@ from server.errors import Unavailable, rpc_errors
 from server.grpc_server import channel, serving
 from server.lifecycle import Lifecycle, ServiceApp
 from server.manager.app import ManagerApp, ManagerConfig
+from server.paging import all_pages
 from server.pki import CertificateAuthority, Identity, Kind
 from server.registry.app import RegistryApp, RegistryConfig
 
@@ -282,8 +283,12 @@ async def wait_alive(manager: str, ids: Sequence[str], tls: TlsConfig | None) ->
         stub = manager_pb2_grpc.ManagerStub(ch)
         while loop.time() < deadline:
             with rpc_errors("Manager.ListProplets"):
-                listed = await stub.ListProplets(manager_pb2.ListPropletsRequest(), timeout=10)
-            alive = {p.id for p in listed.proplets if p.alive}
+                listed = all_pages(
+                    lambda r: stub.ListProplets(r, timeout=10),
+                    manager_pb2.ListPropletsRequest(),
+                    lambda r: r.proplets,
+                )
+                alive = {p.id async for p in listed if p.alive}
             if want <= alive:
                 return
             await asyncio.sleep(0.05)

@@ -59,6 +59,7 @@ TIER_BY_PATH = {
     "reliability/test_registry_crash.py": "process",
     "reliability/test_shutdown_graceful.py": "process",
     "reliability/test_shutdown_up.py": "process",
+    "reliability/test_upload_limits.py": "process",
     "services": "integration",
     "services/test_fedavg_batching.py": "unit",
 }

@@ -13,6 +13,7 @@ from server.aggregator.client import AggregatorClient, UpdateInput
 from server.coordinator.store import RoundUpdates, each_update
 from server.errors import NotFound, rpc_errors
 from server.models import model_uri
+from server.paging import all_pages
 from server.streams import UpdateMeta, model_stream
 from server.tensors import DEFAULT_CHUNK_SIZE, Spec, Tensors, specs_from_proto
 
@@ -34,11 +35,19 @@ class GrpcModelBackend:
         self._chunk_size = chunk_size
 
     async def _list_models(self) -> list[model_registry_pb2.ModelVersion]:
-        with rpc_errors("registry.ListModels"):
-            resp = await self._registry.ListModels(
-                model_registry_pb2.ListModelsRequest(), timeout=self._timeout_s
-            )
-        return list(resp.models)
+        """Every stored version (all the pages of ListModels)."""
+
+        async def page(
+            request: model_registry_pb2.ListModelsRequest,
+        ) -> model_registry_pb2.ListModelsResponse:
+            with rpc_errors("registry.ListModels"):
+                response: model_registry_pb2.ListModelsResponse = await self._registry.ListModels(
+                    request, timeout=self._timeout_s
+                )
+            return response
+
+        request = model_registry_pb2.ListModelsRequest()
+        return [m async for m in all_pages(page, request, lambda r: r.models)]
 
     async def resolve(self, model_ref: str) -> tuple[str, list[Spec]]:
         if model_ref:

@@ -13,8 +13,10 @@ from server.coordinator.wire import STATES, spec_from_proto, status_to_proto
 from server.errors import InvalidArgument, PermissionDenied, grpc_errors
 from server.grpc_server import Context, ServiceBinding
 from server.ids import check_count, check_id, check_name, check_text
+from server.paging import PageRequest, page_of
 from server.pki import Kind
-from server.streams import read_update_stream
+from server.streams import SPOOL_ABOVE, read_update_stream
+from server.tensors import total_bytes
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,9 @@ class CoordinatorServicer:
         self, request_iterator: AsyncIterable[tensor_pb2.UpdateChunk], context: Context
     ) -> coordinator_pb2.SubmitUpdateResponse:
         async with grpc_errors(context, "Coordinator.SubmitUpdate"):
-            header, tensors = await read_update_stream(request_iterator)
-            check_update_header(header)
-            await self._check_submitter(header.round_id, header.proplet_id)
+            header, tensors = await read_update_stream(
+                request_iterator, spool_above=SPOOL_ABOVE, on_header=self._check_header
+            )
             update = R.Update(
                 proplet_id=header.proplet_id,
                 base_model_uri=header.base_model_uri,
@@ -93,6 +95,22 @@ class CoordinatorServicer:
                 num_updates=result.round.num_updates,
                 k_of_n=result.round.k_of_n,
                 state=STATES[result.round.state],
+            )
+
+    async def _check_header(self, header: tensor_pb2.UpdateHeader, need: int) -> None:
+        """An update is refused from its header, before its bytes arrive: bad ids, a caller
+        submitting for another proplet or to a round it is not in (`_check_submitter`), a
+        round that does not exist or does not take this proplet's update now, or more bytes
+        than the round's base model has (the whole update must match it)."""
+        check_update_header(header)
+        await self._check_submitter(header.round_id, header.proplet_id)
+        rnd = await self.coordinator.get(header.round_id)
+        R.admit(rnd, header.proplet_id)
+        model_bytes = total_bytes(rnd.specs)
+        if need > model_bytes:
+            raise InvalidArgument(
+                f"update.header.tensors: {need} bytes, but round {rnd.round_id!r}'s base model "
+                f"{rnd.model_ref} has {model_bytes}"
             )
 
     async def _check_submitter(self, round_id: str, proplet_id: str) -> None:
@@ -120,9 +138,19 @@ class CoordinatorServicer:
         self, request: coordinator_pb2.ListRoundsRequest, context: Context
     ) -> coordinator_pb2.ListRoundsResponse:
         async with grpc_errors(context, "Coordinator.ListRounds"):
-            check_id(request.experiment_id, "experiment_id", optional=True)
-            rounds = await self.coordinator.list(request.experiment_id)
-            return coordinator_pb2.ListRoundsResponse(rounds=[status_to_proto(r) for r in rounds])
+            eid = check_id(request.experiment_id, "experiment_id", optional=True)
+            wanted = PageRequest.of(request, "ListRounds", int)
+            # Positions in the list of every round (configuration order, which only grows at
+            # its end), so the filter cannot shift a page.
+            page = page_of(
+                wanted.indexed(await self.coordinator.list()),
+                wanted,
+                status_to_proto,
+                keep=lambda r: not eid or r.experiment_id == eid,
+            )
+            return coordinator_pb2.ListRoundsResponse(
+                rounds=page.items, next_page_token=page.next_page_token
+            )
 
     async def WatchRound(
         self, request: coordinator_pb2.WatchRoundRequest, context: Context
@@ -136,8 +164,8 @@ class CoordinatorServicer:
         self, request: coordinator_pb2.ReportParticipantFailureRequest, context: Context
     ) -> coordinator_pb2.RoundStatus:
         async with grpc_errors(context, "Coordinator.ReportParticipantFailure"):
-            if not request.proplet_id:
-                raise InvalidArgument("proplet_id: must not be empty")
+            check_id(request.round_id, "round_id")
+            check_id(request.proplet_id, "proplet_id")
             rnd = await self.coordinator.participant_failed(
                 request.round_id, request.proplet_id, request.reason
             )

@@ -12,6 +12,7 @@ from server.datastore.store import DatasetStore, DatasetSummary, summary_of
 from server.errors import InvalidArgument, NotFound, grpc_errors
 from server.grpc_server import Context, ServiceBinding
 from server.ids import check_id, check_name
+from server.paging import PageRequest, page_of
 from server.tensors import tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,13 @@ class DataStoreServicer:
         self, request: datastore_pb2.ListDatasetsRequest, context: Context
     ) -> datastore_pb2.ListDatasetsResponse:
         async with grpc_errors(context, "DataStore.ListDatasets"):
+            wanted = PageRequest.of(request, "ListDatasets", str)
+            datasets = await self.store_of().list()  # sorted by proplet id
+            page = page_of(
+                wanted.keyed(datasets, lambda d: d.proplet_id), wanted, dataset_info_proto
+            )
             return datastore_pb2.ListDatasetsResponse(
-                datasets=[dataset_info_proto(d) for d in await self.store_of().list()]
+                datasets=page.items, next_page_token=page.next_page_token
             )
 
 

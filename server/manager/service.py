@@ -21,8 +21,9 @@ from server.ids import (
 from server.manager.experiments import Experiment
 from server.manager.orchestrator import Manager
 from server.manager.proplets import Proplet
-from server.manager.tasks import Task, TaskState
+from server.manager.tasks import Task, TaskState, matches
 from server.messages import TaskSpec
+from server.paging import PageRequest, page_of
 
 _TO_PROTO: dict[TaskState, manager_pb2.TaskState] = {
     TaskState.PENDING: manager_pb2.TASK_STATE_PENDING,
@@ -166,8 +167,12 @@ class ManagerServicer:
         self, request: manager_pb2.ListExperimentsRequest, context: Context
     ) -> manager_pb2.ListExperimentsResponse:
         async with self._answering(context, "Manager.ListExperiments"):
+            wanted = PageRequest.of(request, "ListExperiments", int)
+            # Creation order: the store's, where new experiments only ever come at the end.
+            experiments = self.manager.experiments.list()
+            page = page_of(wanted.indexed(experiments), wanted, experiment_to_proto)
             return manager_pb2.ListExperimentsResponse(
-                experiments=[experiment_to_proto(e) for e in self.manager.list_experiments()]
+                experiments=page.items, next_page_token=page.next_page_token
             )
 
     async def GetRoundStatus(
@@ -181,8 +186,10 @@ class ManagerServicer:
         self, request: manager_pb2.ListPropletsRequest, context: Context
     ) -> manager_pb2.ListPropletsResponse:
         async with self._answering(context, "Manager.ListProplets"):
+            wanted = PageRequest.of(request, "ListProplets", int)
+            page = page_of(wanted.indexed(self.manager.proplets.all()), wanted, self._proplet)
             return manager_pb2.ListPropletsResponse(
-                proplets=[self._proplet(p) for p in self.manager.proplets.all()]
+                proplets=page.items, next_page_token=page.next_page_token
             )
 
     async def GetProplet(
@@ -226,11 +233,18 @@ class ManagerServicer:
         self, request: manager_pb2.ListTasksRequest, context: Context
     ) -> manager_pb2.ListTasksResponse:
         async with self._answering(context, "Manager.ListTasks"):
-            check_name(request.name_prefix, "name_prefix", optional=True)
-            check_id(request.proplet_id, "proplet_id", optional=True)
-            tasks = self.manager.tasks.find(
-                name_prefix=request.name_prefix,
-                proplet_id=request.proplet_id,
-                state=state_from_proto(request.state),
+            prefix = check_name(request.name_prefix, "name_prefix", optional=True)
+            proplet_id = check_id(request.proplet_id, "proplet_id", optional=True)
+            state = state_from_proto(request.state)
+            wanted = PageRequest.of(request, "ListTasks", int)
+            # Positions among all tasks (creation order), so a task changing state or
+            # reporting proplet between two pages cannot shift the next one.
+            page = page_of(
+                wanted.indexed(self.manager.tasks.listed()),
+                wanted,
+                task_to_proto,
+                keep=lambda t: matches(t, name_prefix=prefix, proplet_id=proplet_id, state=state),
             )
-            return manager_pb2.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])
+            return manager_pb2.ListTasksResponse(
+                tasks=page.items, next_page_token=page.next_page_token
+            )

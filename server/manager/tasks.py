@@ -106,6 +106,18 @@ TaskStore = RecordStore[Task]
 InMemoryTaskStore = InMemoryStore[Task]
 
 
+def matches(
+    task: Task, *, name_prefix: str = "", proplet_id: str = "", state: TaskState | None = None
+) -> bool:
+    """ListTasks' filter: a name starting with `name_prefix`, addressed to or reported by
+    `proplet_id` ("" = any), in `state` (None = any)."""
+    return (
+        task.name.startswith(name_prefix)
+        and (not proplet_id or proplet_id in (task.proplet_id, task.reported_by))
+        and (state is None or task.state is state)
+    )
+
+
 class Tasks:
     """The task state machine over a `TaskStore`."""
 
@@ -155,15 +167,18 @@ class Tasks:
     def get(self, task_id: str) -> Task:
         return require(self.store, task_id, "task")
 
+    def listed(self) -> list[Task]:
+        """Every task in creation order (the store's order, kept across restarts; new tasks
+        only ever come at the end, which is what ListTasks' pages count on)."""
+        return self.store.list()
+
     def find(
         self, *, name_prefix: str = "", proplet_id: str = "", state: TaskState | None = None
     ) -> list[Task]:
         return [
             t
-            for t in sorted(self.store.list(), key=lambda t: t.created_at)
-            if t.name.startswith(name_prefix)
-            and (not proplet_id or proplet_id in (t.proplet_id, t.reported_by))
-            and (state is None or t.state is state)
+            for t in self.listed()
+            if matches(t, name_prefix=name_prefix, proplet_id=proplet_id, state=state)
         ]
 
     def running_on(self, proplet_id: str) -> int:

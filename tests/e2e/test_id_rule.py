@@ -4,8 +4,10 @@ messages with bad ids are dropped by the manager (nothing registered, nothing re
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import pytest
 
 from propeller.v1 import (
     aggregator_pb2,
+    aggregator_pb2_grpc,
     coordinator_pb2,
     datastore_pb2,
     manager_pb2,
@@ -22,12 +25,13 @@ from propeller.v1 import (
     tensor_pb2,
 )
 from server.config import MqttConfig
+from server.grpc_server import channel
 from server.messages import COMPLETED, PropletAnnounce, TaskResult
 from server.mqtt import MqttSession
 from server.streams import UpdateMeta, model_stream, update_stream
 from server.tensors import tensor_to_proto
 from tests.support.cluster import Cluster, cluster
-from tests.support.security import proplet_tls
+from tests.support.security import proplet_tls, service_tls
 from tests.support.waits import eventually
 
 CP, DS, MP, MR = coordinator_pb2, datastore_pb2, manager_pb2, model_registry_pb2
@@ -36,10 +40,22 @@ HUGE = "x" * (1 << 20)
 ZEROS = {"w": np.zeros(3), "b": np.zeros(())}
 
 
+@dataclass
+class Stack(Cluster):
+    """The cluster's clients (as the suite's operator; `coordinator_as(proplet)` as a proplet)
+    and an Aggregator stub as the coordinator, the one caller the aggregator takes."""
+
+    aggregator_as_coordinator: Any = field(kw_only=True, default=None)
+
+
 @pytest.fixture
-async def stack(mqtt: MqttConfig, tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with cluster(mqtt, tmp_path) as c:
-        yield c
+async def stack(mqtt: MqttConfig, tmp_path: Path) -> AsyncIterator[Stack]:
+    async with (
+        cluster(mqtt, tmp_path) as c,
+        channel(c.endpoints.aggregator, service_tls("coordinator")) as ch,
+    ):
+        fields = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.init}
+        yield Stack(**fields, aggregator_as_coordinator=aggregator_pb2_grpc.AggregatorStub(ch))
 
 
 def chunks(header: Any, data: bytes = b"") -> Iterator[Any]:
@@ -83,8 +99,8 @@ def dataset(proplet_id: str, schema: str = "") -> DS.PutDatasetRequest:
     )
 
 
-# (what, the call on a Cluster, the field the status must name first)
-Call = Callable[[Cluster], Any]
+# (what, the call on the Stack, the field the status must name first)
+Call = Callable[[Stack], Any]
 EDGES: list[tuple[str, Call, str]] = [
     ("experiment round id", lambda c: c.manager.StartExperiment(experiment(round_id="r/1")),
      "round_id"),
@@ -125,13 +141,14 @@ EDGES: list[tuple[str, Call, str]] = [
         CP.GetRoundStatusRequest(round_id=HUGE)), "round_id"),
     ("list rounds", lambda c: c.coordinator.ListRounds(
         CP.ListRoundsRequest(experiment_id="e/1")), "experiment_id"),
-    ("update round", lambda c: c.coordinator.SubmitUpdate(bad_update(round_id="r#")),
+    ("update round", lambda c: c.coordinator_as("a").SubmitUpdate(bad_update(round_id="r#")),
      "update.header.round_id"),
-    ("update proplet", lambda c: c.coordinator.SubmitUpdate(bad_update(proplet_id="a:b")),
+    ("update proplet", lambda c: c.coordinator_as("a:b").SubmitUpdate(
+        bad_update(proplet_id="a:b")),
      "update.header.proplet_id"),
-    ("update metric", lambda c: c.coordinator.SubmitUpdate(
+    ("update metric", lambda c: c.coordinator_as("a").SubmitUpdate(
         bad_update(metrics={"a b": 1.0})), "update.header.metrics"),
-    ("update tensor", lambda c: c.coordinator.SubmitUpdate(chunks(tensor_pb2.UpdateChunk(
+    ("update tensor", lambda c: c.coordinator_as("a").SubmitUpdate(chunks(tensor_pb2.UpdateChunk(
         header=tensor_pb2.UpdateHeader(round_id="r1", proplet_id="a", tensors=[
             tensor_pb2.TensorSpec(name="w/x", dtype=tensor_pb2.DTYPE_FLOAT64)]))))
      , r"update.header.tensors\[0\].name"),
@@ -142,34 +159,34 @@ EDGES: list[tuple[str, Call, str]] = [
     ("put dataset", lambda c: c.datastore.PutDataset(dataset("p/1")), "dataset.proplet_id"),
     ("dataset schema", lambda c: c.datastore.PutDataset(dataset("p1", "a schema")),
      "dataset.schema"),
-    ("aggregate round", lambda c: c.aggregator.Aggregate(iter([aggregator_pb2.AggregateChunk(
-        header=aggregator_pb2.AggregateHeader(round_id="r+"))])), "header.round_id"),
+    ("aggregate round", lambda c: c.aggregator_as_coordinator.Aggregate(iter([
+        aggregator_pb2.AggregateChunk(header=aggregator_pb2.AggregateHeader(round_id="r+"))])),
+     "header.round_id"),
 ]  # fmt: skip
 
 
+async def answered(answer: Any) -> None:
+    """Wait for a call's answer: a unary one, or every message of a response stream."""
+    if hasattr(answer, "__aiter__"):
+        async for _ in answer:
+            pass
+    else:
+        await answer
+
+
 @pytest.mark.parametrize(("call", "field"), [e[1:] for e in EDGES], ids=[e[0] for e in EDGES])
-async def test_bad_ids_refused_naming_the_field(stack: Cluster, call: Call, field: str) -> None:
+async def test_bad_ids_refused_naming_the_field(stack: Stack, call: Call, field: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as exc:
-        answer = call(stack)
-        if hasattr(answer, "__aiter__"):
-            async for _ in answer:
-                pass
-        else:
-            await answer
+        await answered(call(stack))
     details = exc.value.details() or ""
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
     assert details.startswith(field.replace("\\", "")), details
 
 
-async def test_nothing_was_stored_by_refused_requests(stack: Cluster) -> None:
+async def test_nothing_was_stored_by_refused_requests(stack: Stack) -> None:
     for _, call, _ in EDGES:
         with pytest.raises(grpc.aio.AioRpcError):
-            answer = call(stack)
-            if hasattr(answer, "__aiter__"):
-                async for _ in answer:
-                    pass
-            else:
-                await answer
+            await answered(call(stack))
     assert (await stack.manager.ListTasks(MP.ListTasksRequest())).tasks == []
     assert (await stack.manager.ListExperiments(MP.ListExperimentsRequest())).experiments == []
     assert (await stack.coordinator.ListRounds(CP.ListRoundsRequest())).rounds == []
@@ -178,7 +195,7 @@ async def test_nothing_was_stored_by_refused_requests(stack: Cluster) -> None:
     assert [d.proplet_id for d in listed.datasets] == []
 
 
-async def test_mqtt_messages_with_bad_ids_are_dropped(stack: Cluster) -> None:
+async def test_mqtt_messages_with_bad_ids_are_dropped(stack: Stack) -> None:
     topics = stack.topics
     task = await stack.manager.CreateTask(MP.CreateTaskRequest(name="t", image_url="x"))
     await stack.manager.StartTask(MP.TaskRef(task_id=task.id))
