@@ -1,6 +1,6 @@
 """The one rule for ids, names and the sizes of what crosses gRPC or MQTT.
 
-An **id** (proplet, round, experiment, task, dataset) is 1 to `MAX_ID_LENGTH` (128) characters
+An **id** (proplet, round, experiment, task, dataset) is 1 to `MAX_ID_LENGTH` (64) characters
 from `A-Z a-z 0-9 . _ -`, starting with a letter or a digit: `ID_PATTERN`. UUIDs, "demo-r1" and
 "exp-r1" pass; nothing that could form an MQTT wildcard or an extra topic level (`+`, `#`,
 `/`), no NUL, no whitespace, no ':' (so an operator's or a service's MQTT user name
@@ -27,10 +27,12 @@ from collections.abc import Callable, Iterable, Mapping, Sized
 
 from server.errors import InvalidArgument, short_details
 
-MAX_ID_LENGTH = 128
+# 64: an id must fit where X.509 puts a proplet's identity for MQTT, the certificate's CN
+# (at most 64 characters), so every valid proplet id can hold a certificate.
+MAX_ID_LENGTH = 64
 MAX_NAME_LENGTH = 320
 # The rule as a regular expression (for mosquitto ACL generators, docs, other languages).
-ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,319}"
 
 # Entries of one request or message: participants of a round, tensors of a model, and any

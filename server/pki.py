@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from server.ids import valid_id
+from server.ids import MAX_ID_LENGTH, id_problem
 
 TRUST_DOMAIN = "propeller"
 CA_CERT = "ca.crt"
@@ -86,10 +86,14 @@ class Identity:
             object.__setattr__(self, "kind", Kind(self.kind))
         # The one id rule (server/ids.py): no ':' (the MQTT user names `service:NAME` stay
         # apart from proplet ids), no '/' (the URI), no MQTT wildcards, no whitespace.
-        if not valid_id(self.name):
+        problem = id_problem(self.name)
+        if problem is not None:
+            raise ValueError(f"{self.kind.value} name: {problem}")
+        # The CN holds the MQTT user name, and X.509 caps a CN at 64 characters.
+        if len(self.username) > MAX_ID_LENGTH:
             raise ValueError(
-                f"{self.kind.value} name: {self.name!r} must be 1-128 letters, digits, '.', "
-                "'_' or '-', starting with a letter or digit"
+                f"{self.kind.value} name: {self.name!r} is too long for a certificate: "
+                f"{self.username!r} is over {MAX_ID_LENGTH} characters"
             )
 
     @property

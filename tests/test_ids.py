@@ -80,7 +80,7 @@ def test_a_refused_huge_id_is_not_echoed_whole() -> None:
     with pytest.raises(InvalidArgument) as exc:
         check_id("x" * (1 << 20), "proplet_id")
     assert len(str(exc.value)) < 300
-    assert "longer than 128 characters" in str(exc.value)
+    assert f"longer than {MAX_ID_LENGTH} characters" in str(exc.value)
 
 
 def test_names_are_longer_ids() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from server.errors import InvalidArgument
+from server.ids import MAX_ID_LENGTH
 from server.round_spec import Hyperparams, RoundSpec, validate, with_defaults
 
 ROUND = RoundSpec(round_id="r1", participants=("a", "b", "c"))
@@ -80,9 +81,9 @@ BOTH = (False, True)
         ({"round_id": ""}, "round_id", BOTH),
         ({"round_id": "r 1"}, "round_id", BOTH),
         ({"round_id": "r/1"}, "round_id", BOTH),
-        ({"round_id": "r" * 129}, "round_id", BOTH),
+        ({"round_id": "r" * (MAX_ID_LENGTH + 1)}, "round_id", BOTH),
         ({"experiment_id": "e+1"}, "experiment_id", BOTH),
-        ({"experiment_id": "", "round_id": "r" * 125}, "experiment_id", (True,)),
+        ({"experiment_id": "", "round_id": "r" * MAX_ID_LENGTH}, "experiment_id", (True,)),
         ({"participants": ("p1", "p#")}, r"participants\[1\]", BOTH),
         ({"participants": tuple(f"p{i}" for i in range(10_001))}, "participants", BOTH),
         ({"task_wasm_image": "x" * 5000}, "task_wasm_image", BOTH),
@@ -123,11 +124,11 @@ def test_experiment_only_rules_leave_the_coordinator_alone() -> None:
 def test_ids_at_the_limits_pass() -> None:
     spec = replace(
         EXPERIMENT,
-        round_id="r" * 124,
+        round_id="r" * (MAX_ID_LENGTH - 4),
         experiment_id="",
         participants=tuple(f"p{i}" for i in range(10_000)),
     )
-    assert validate(spec, experiment=True).experiment_id == "exp-" + "r" * 124
+    assert validate(spec, experiment=True).experiment_id == "exp-" + "r" * (MAX_ID_LENGTH - 4)
 
 
 # (field, value, the whole message): a non-finite number is not "negative". The manager's and

@@ -64,8 +64,8 @@ async def pages(
 
 async def test_rounds_with_maximum_ids_page_and_stay_small(stack: Cluster) -> None:
     # The red team's case: 70 rounds with huge ids made ListRounds fail for good. Now ids are
-    # at most 128 characters, and a round of 2,000 such participants is ~260 KB: 70 of them
-    # would be 18 MB in one answer.
+    # at most 64 characters, and a round of 2,000 such participants is ~130 KB: 70 of them
+    # would be 9 MB in one answer.
     participants = [long_id("p", i) for i in range(2000)]
     rounds = [long_id("r", i) for i in range(70)]
     for i, rid in enumerate(rounds):
@@ -97,8 +97,8 @@ async def test_rounds_with_maximum_ids_page_and_stay_small(stack: Cluster) -> No
 
 async def test_proplets_announced_over_mqtt_page(stack: Cluster, plain_mqtt: MqttConfig) -> None:
     ids = [long_id("p", i) for i in range(DEFAULT_PAGE_SIZE + 50)]
-    # Each on its own topic, through the broker's plaintext listener (no ACL): no certificate
-    # can name a 128-character proplet (X.509 caps a CN, the MQTT user name, at 64).
+    # Each on its own topic, through the broker's plaintext listener (no ACL): one announcer
+    # stands in for 150 proplets, which over TLS would need 150 certificates.
     async with MqttSession(plain_mqtt, f"announcer-{uuid.uuid4().hex[:8]}") as s:
         for pid in ids:
             announce = PropletAnnounce(pid, name="n" * 4096, metadata={"k": "v" * 4096})
