@@ -45,6 +45,7 @@ from server.pki import CertificateAuthority
 from server.registry.app import RegistryApp, RegistryConfig
 from server.round_spec import RoundSpec
 from server.stack import Stack, StackConfig, service_tls
+from server.streams import Payload
 from server.tensors import GRPC_OPTIONS, Spec, Tensors, sha256_of
 from server.topics import Topics
 
@@ -218,7 +219,7 @@ async def run_registry(args: Json) -> None:
     config = RegistryConfig("127.0.0.1:0", state_dir=Path(args["state_dir"]), tls=None)
     async with RegistryApp(config) as app:
         w = model_bytes(int(args["model_bytes"]))
-        info = await app.registry.put_model({"w": w})
+        info = await app.registry.put_model(Payload.of({"w": w}))
         del w
         async with serving(config.addr, app.bindings, None) as port:
             write_line(

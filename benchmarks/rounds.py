@@ -93,17 +93,18 @@ async def proplets(
 ) -> AsyncIterator[TimedRuntime]:
     runtime = TimedRuntime()
     async with contextlib.AsyncExitStack() as stack:
+        tls = [identity_tls(ca, Identity(Kind.PROPLET, f"{prefix}{i}")) for i in range(n)]
         configs = [
             PropletConfig(
                 proplet_id=f"{prefix}{i}",
                 name=f"bench-{i}",
-                mqtt=mqtt,
+                mqtt=mqtt.as_identity(tls[i]),
                 endpoints=endpoints,
                 heartbeat_s=3600.0,  # one beat at start-up; the manager's window is as long
                 work_dir=work_dir,
                 task_timeout_s=120.0,
                 rpc_timeout_s=120.0,
-                tls=identity_tls(ca, Identity(Kind.PROPLET, f"{prefix}{i}")),
+                tls=tls[i],
             )
             for i in range(n)
         ]
@@ -245,7 +246,11 @@ async def run(rec: Recorder, smoke: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-round-") as tmp:
         workdir = Path(tmp)
         ca = await asyncio.to_thread(CertificateAuthority.create, workdir / "ca")
-        with mosquitto(workdir) as broker:
+        # TLS with the CA's certificates and the ACL for the mTLS deployments (MQTT included),
+        # the plaintext listener for the plaintext ones.
+        with mosquitto(workdir / "mosquitto", ca=ca, plain=True) as broker:
+            assert broker.plain_port is not None
+            ports = {"mtls": broker.port, "plaintext": broker.plain_port}
             for n in sizes:
                 rounds = 2 if smoke else (10 if n <= 30 else 5)
                 transports = {"mtls": ca, "plaintext": None} if n in COMPARED else {"mtls": ca}
@@ -254,9 +259,7 @@ async def run(rec: Recorder, smoke: bool) -> None:
                     # Both deployments up at once, their rounds alternating: whatever else
                     # the machine does weighs on both alike.
                     runners = {
-                        t: await both.enter_async_context(
-                            deployment(n, broker.port, workdir, tls_ca)
-                        )
+                        t: await both.enter_async_context(deployment(n, ports[t], workdir, tls_ca))
                         for t, tls_ca in transports.items()
                     }
                     for _ in range(rounds):

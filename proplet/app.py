@@ -1,20 +1,27 @@
 """The proplet: an edge agent that takes WASM tasks over MQTT and runs them in wasmtime.
 
 Lifecycle (`async with Proplet(config) as p:`): connect to the broker, announce on
-`control/proplet/create`, heartbeat on `control/proplet/alive`, and run the tasks published on
-`control/manager/start` that are addressed to this proplet (or to any proplet), one at a time in
-arrival order. Each task reports Running, then Completed (its results) or Failed (the reason)
-or Interrupted on `control/proplet/results`, every report carrying the `attempt` of the start
-it answers. A start is known by (task id, attempt): a repeated one is ignored, a newer attempt
-of a queued task replaces it, one of the running task waits in the queue until it ends. A task
-with ROUND_ID in its env is a round task (see `proplet.federated`). Nothing a task or a message
-does can take the proplet down.
+`control/proplet/create/{id}`, heartbeat on `control/proplet/alive/{id}`, and run the tasks
+published on `control/manager/start/{id}` (addressed to this proplet) and on
+`control/manager/start` (to any proplet), one at a time in arrival order. Each task reports
+Running, then Completed (its results) or Failed (the reason) or Interrupted on
+`control/proplet/results/{id}`, every report carrying the `attempt` of the start it answers. A
+start is known by (task id, attempt): a repeated one is ignored (also once that attempt has
+finished), a newer attempt of a queued task replaces it,
+one of the running task waits in the queue until it ends. A task with ROUND_ID in its env is
+a round task (see `proplet.federated`). Nothing a task or a message does can take the proplet
+down. With TLS, the proplet is who its certificate says (`MqttConfig.tls`): the broker lets it
+publish only on its own topics.
 
-Results go out in order through one reporter task, so neither a task's start nor the next task
-waits for the broker: results produced while the broker is unreachable are published once it
-is back (each is given up on after RESULT_PUBLISH_TIMEOUT_S). The MQTT session is persistent
-(client id `proplet-{id}`, clean_session=False): task starts published while the proplet or
-the broker was down are delivered when it reconnects.
+Results survive a broker that dies (kill -9 included): each result is kept until the manager
+acknowledges it (`ResultAck` on `control/manager/ack/{id}`, once the result is on the
+manager's disk) and sent again every `result_resend_s` and after every reconnection until
+then; the manager applies a repeat as a no-op. Results go out in order through one reporter
+task, so neither a task's start nor the next task waits for the broker. The MQTT session is
+persistent (clean_session=False): task starts published while the proplet was down are
+delivered when it reconnects, and the announcement is repeated after every reconnection.
+Unacknowledged results are kept in memory only: a proplet that restarts loses them (the
+manager then interrupts the task at its deadline).
 """
 
 from __future__ import annotations
@@ -22,11 +29,12 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+import math
 import platform
 import signal
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -50,6 +58,7 @@ from server.messages import (
     INTERRUPTED,
     RUNNING,
     PropletAnnounce,
+    ResultAck,
     TaskResult,
     TaskStart,
     TaskStop,
@@ -60,11 +69,17 @@ log = logging.getLogger(__name__)
 
 A = TypeVar("A")
 B = TypeVar("B")
+M = TypeVar("M")
 
-# How long shutdown waits for a running task to notice it was stopped, and for last publishes.
+# How long shutdown waits for a running task to notice it was stopped, and for the last
+# results to be acknowledged.
 SHUTDOWN_GRACE_S = 2.0
-# How long one task result waits for the broker (an outage) before it is dropped and logged.
-RESULT_PUBLISH_TIMEOUT_S = 60.0
+# How many results wait for their acknowledgement at most (the oldest is given up on beyond),
+# and how many finished attempts are remembered (a start sent again for one is not run again).
+MAX_UNACKED = 1024
+MAX_REMEMBERED = 4096
+
+ResultKey = tuple[str, int, str]  # (task id, attempt, state)
 
 
 def _version(package: str) -> str:
@@ -106,7 +121,16 @@ class Proplet(Lifecycle):
         self._pending: OrderedDict[str, TaskStart] = OrderedDict()
         self._wakeup = asyncio.Event()
         self._current: _Running | None = None
-        self._outbox: asyncio.Queue[TaskResult] = asyncio.Queue()
+        # Results not acknowledged yet, oldest first; those due to be published, in order;
+        # when each was last published.
+        self._unacked: OrderedDict[ResultKey, TaskResult] = OrderedDict()
+        self._due: OrderedDict[ResultKey, None] = OrderedDict()
+        self._sent_at: dict[ResultKey, float] = {}
+        self._has_due = asyncio.Event()
+        self._all_acked = asyncio.Event()
+        self._all_acked.set()
+        # The last finished attempt per task id.
+        self._finished: OrderedDict[str, int] = OrderedDict()
 
     @property
     def proplet_id(self) -> str:
@@ -120,6 +144,11 @@ class Proplet(Lifecycle):
     @property
     def queued_tasks(self) -> list[str]:
         return list(self._pending)
+
+    @property
+    def unacknowledged(self) -> list[TaskResult]:
+        """The results the manager has not acknowledged yet, oldest first."""
+        return list(self._unacked.values())
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -138,19 +167,15 @@ class Proplet(Lifecycle):
     async def _open(self, stack: AsyncExitStack) -> None:
         """Registered in the reverse of the order `stop()` releases them: heartbeats end,
         queued tasks are reported Interrupted, the running one is interrupted, the last
-        results go out (for up to SHUTDOWN_GRACE_S), then the gRPC channels, the artifact
-        store and the MQTT session close."""
+        results go out and are acknowledged (for up to SHUTDOWN_GRACE_S), then the gRPC
+        channels, the artifact store and the MQTT session close."""
         stack.callback(log.info, "[Proplet] id=%s stopped", self.proplet_id)
         session = self._session = await stack.enter_async_context(
             MqttSession(
                 self.config.mqtt,
                 client_id=f"proplet-{self.proplet_id}",
-                # Its own start topic for addressed tasks, the shared one for broadcasts.
-                subscriptions=[
-                    self.topics.task_start,
-                    self.topics.task_start_for(self.proplet_id),
-                    self.topics.task_stop,
-                ],
+                # Its own start, stop and ack topics; the shared ones for broadcasts.
+                subscriptions=self.topics.proplet_subscriptions(self.proplet_id),
                 handler=self._on_message,
             )
         )
@@ -159,6 +184,7 @@ class Proplet(Lifecycle):
         stack.push_async_callback(self.federated.close)
         await self._announce()
         start_task(stack, self._reporter(session), f"results-{self.proplet_id}")
+        start_task(stack, self._resender(session), f"resend-{self.proplet_id}")
         stack.push_async_callback(self._flush_results)
         start_task(stack, self._work(), f"proplet-{self.proplet_id}")
         stack.callback(self._drop_queue)
@@ -183,15 +209,16 @@ class Proplet(Lifecycle):
             self._report(start, INTERRUPTED, error="interrupted: proplet shutting down")
 
     async def _flush_results(self) -> None:
-        """The last results (Interrupted ones included) go out if the broker is there."""
+        """The last results (Interrupted ones included) go out, and are acknowledged, if the
+        broker and the manager are there."""
         try:
             async with asyncio.timeout(SHUTDOWN_GRACE_S):
-                await self._outbox.join()
+                await self._all_acked.wait()
         except TimeoutError:
             log.warning(
-                "[Proplet] id=%s %d task results not published before shutdown",
+                "[Proplet] id=%s %d task results not acknowledged before shutdown",
                 self.proplet_id,
-                self._outbox.qsize(),
+                len(self._unacked),
             )
 
     def _forget_session(self) -> None:
@@ -202,7 +229,9 @@ class Proplet(Lifecycle):
     async def _announce(self) -> None:
         assert self._session is not None
         announce = PropletAnnounce(self.proplet_id, self.config.name, self.metadata())
-        await self._session.publish(self.topics.proplet_create, announce.to_json())
+        await self._session.publish(
+            self.topics.proplet_create_for(self.proplet_id), announce.to_json()
+        )
 
     async def _heartbeat(self, session: MqttSession) -> None:
         loop = asyncio.get_running_loop()
@@ -222,34 +251,50 @@ class Proplet(Lifecycle):
                     "queued": str(len(self._pending)),
                 }
                 beat = PropletAnnounce(self.proplet_id, self.config.name, status)
-                await session.publish(self.topics.proplet_alive, beat.to_json(), timeout=interval)
+                await session.publish(
+                    self.topics.proplet_alive_for(self.proplet_id), beat.to_json(), timeout=interval
+                )
             except Exception as exc:  # a missed heartbeat is logged; the next one may work
                 log.warning("[Proplet.heartbeat] id=%s failed: %s", self.proplet_id, exc)
             next_beat += interval
             await asyncio.sleep(max(0.0, next_beat - loop.time()))
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
-        if self.topics.is_task_start(topic):
-            try:
-                start = TaskStart.from_json(payload)
-            except ValueError as exc:
-                log.warning(
-                    "[Proplet] id=%s dropped malformed task start: %s", self.proplet_id, exc
-                )
-                return
-            self._accept(start)
-        elif topic == self.topics.task_stop:
-            try:
-                stop = TaskStop.from_json(payload)
-            except ValueError as exc:
-                log.warning("[Proplet] id=%s dropped malformed task stop: %s", self.proplet_id, exc)
-                return
-            self._stop_task(stop)
+        t = self.topics
+        if t.is_task_start(topic):
+            if (start := self._parsed("task start", TaskStart.from_json, payload)) is not None:
+                self._accept(start)
+        elif t.is_task_stop(topic):
+            if (stop := self._parsed("task stop", TaskStop.from_json, payload)) is not None:
+                self._stop_task(stop)
+        elif (
+            topic == t.result_ack_for(self.proplet_id)
+            and (ack := self._parsed("result ack", ResultAck.from_json, payload)) is not None
+        ):
+            self._acknowledged(ack)
+
+    def _parsed(self, what: str, parse: Callable[[bytes], M], payload: bytes) -> M | None:
+        """`parse(payload)`, or None (logged) for a malformed one."""
+        try:
+            return parse(payload)
+        except ValueError as exc:
+            log.warning("[Proplet] id=%s dropped malformed %s: %s", self.proplet_id, what, exc)
+            return None
 
     def _accept(self, start: TaskStart) -> None:
         if start.proplet_id and start.proplet_id != self.proplet_id:
             return  # addressed to another proplet
         if self._closing:
+            return
+        if self._finished.get(start.id, 0) >= start.attempt > 0:
+            # Sent again (the manager has no result yet: a broker outage): not run twice; its
+            # result is being sent again until acknowledged.
+            log.info(
+                "[Proplet] id=%s task=%s attempt=%d already ran; ignored",
+                self.proplet_id,
+                start.id,
+                start.attempt,
+            )
             return
         held = [s for s in (self._pending.get(start.id), self._running_start()) if s is not None]
         if any(s.id == start.id and s.attempt >= start.attempt for s in held):
@@ -295,39 +340,97 @@ class Proplet(Lifecycle):
             self._current.stop("stopped by request")
 
     def _report(self, start: TaskStart, state: str, results: str = "", error: str = "") -> None:
-        """Queue a result of the run `start` asked for (published in the order queued)."""
+        """Queue a result of the run `start` asked for (published in the order queued, and
+        again until the manager acknowledges it)."""
         if self._session is None:
             return
-        self._outbox.put_nowait(
-            TaskResult(
-                start.id,
-                self.proplet_id,
-                state,
-                results=results,
-                error=error,
-                attempt=start.attempt,
-            )
+        key = (start.id, start.attempt, state)
+        result = TaskResult(
+            start.id, self.proplet_id, state, results=results, error=error, attempt=start.attempt
         )
+        self._unacked[key] = result
+        self._all_acked.clear()
+        while len(self._unacked) > MAX_UNACKED:
+            key, dropped = self._unacked.popitem(last=False)
+            self._forget(key)
+            log.warning(
+                "[Proplet] id=%s task=%s attempt=%d: result %s never acknowledged; given up",
+                self.proplet_id,
+                dropped.task_id,
+                dropped.attempt,
+                dropped.state,
+            )
+        if state != RUNNING:
+            self._finished[start.id] = max(start.attempt, self._finished.pop(start.id, 0))
+            while len(self._finished) > MAX_REMEMBERED:
+                self._finished.popitem(last=False)
+        self._make_due(key)
+
+    def _make_due(self, key: ResultKey) -> None:
+        self._due[key] = None
+        self._has_due.set()
+
+    def _forget(self, key: ResultKey) -> None:
+        self._due.pop(key, None)
+        self._sent_at.pop(key, None)
+        if not self._unacked:
+            self._all_acked.set()
+
+    def _acknowledged(self, ack: ResultAck) -> None:
+        key = (ack.task_id, ack.attempt, ack.state)
+        if self._unacked.pop(key, None) is not None:
+            self._forget(key)
+
+    def _send_again(self, keys: Iterable[ResultKey]) -> None:
+        """Publish these unacknowledged results again, now."""
+        for key in list(keys):
+            self._make_due(key)
 
     async def _reporter(self, session: MqttSession) -> None:
+        """Publishes the due results in order; one that cannot be published now is due again
+        at the next `_resender` pass."""
+        timeout = self.config.result_resend_s
         while True:
-            result = await self._outbox.get()
+            await self._has_due.wait()
+            if not self._due:
+                self._has_due.clear()
+                continue
+            key, _ = self._due.popitem(last=False)
+            result = self._unacked.get(key)
+            if result is None:  # acknowledged meanwhile
+                continue
             try:
                 await session.publish(
-                    self.topics.proplet_results,
+                    self.topics.proplet_results_for(self.proplet_id),
                     result.to_json(),
-                    timeout=RESULT_PUBLISH_TIMEOUT_S,
+                    timeout=timeout,
                 )
+                self._sent_at[key] = time.monotonic()
             except Exception as exc:
                 log.warning(
-                    "[Proplet] id=%s task=%s could not report %s: %s",
+                    "[Proplet] id=%s task=%s could not report %s (sent again later): %s",
                     self.proplet_id,
                     result.task_id,
                     result.state,
                     exc,
                 )
-            finally:
-                self._outbox.task_done()
+
+    async def _resender(self, session: MqttSession) -> None:
+        """Every `result_resend_s`, makes due again each result published that long ago and
+        not acknowledged yet; after a reconnection, every one at once (the broker may have
+        lost them, and the manager's acknowledgements)."""
+        interval = self.config.result_resend_s
+        connects = session.connects
+        while True:
+            await asyncio.sleep(interval)
+            if session.connects != connects:
+                connects = session.connects
+                self._send_again(self._unacked)
+            else:
+                cutoff = time.monotonic() - interval
+                self._send_again(
+                    k for k in self._unacked if self._sent_at.get(k, -math.inf) <= cutoff
+                )
 
     # ------------------------------------------------------------------ tasks
 

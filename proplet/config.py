@@ -68,6 +68,9 @@ class PropletConfig:
     # retry_max_backoff_s (with jitter), until the round's deadline.
     retry_backoff_s: float = 0.2
     retry_max_backoff_s: float = 5.0
+    # A task result the manager has not acknowledged is sent again this often (and after every
+    # reconnection to the broker).
+    result_resend_s: float = 5.0
     # Mutual TLS on the round services' channels, with this proplet's own certificate (its id
     # in the SAN; None: plaintext).
     tls: TlsConfig | None = field(kw_only=True)
@@ -79,6 +82,8 @@ class PropletConfig:
             raise ValueError(f"heartbeat_s: {self.heartbeat_s} must be > 0")
         if not self.rpc_timeout_s > 0:
             raise ValueError(f"rpc_timeout_s: {self.rpc_timeout_s} must be > 0")
+        if not self.result_resend_s > 0:
+            raise ValueError(f"result_resend_s: {self.result_resend_s} must be > 0")
         self.limits  # noqa: B018 - validates the limits now rather than at the first task
         self.backoff  # noqa: B018 - and the retry backoff
 
@@ -134,6 +139,7 @@ class PropletConfig:
             retry_max_backoff_s=env_float(
                 env, "PROPLET_RETRY_MAX_BACKOFF_S", d.retry_max_backoff_s
             ),
+            result_resend_s=env_float(env, "PROPLET_RESULT_RESEND_S", d.result_resend_s),
             tls=tls,
         )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -46,15 +46,23 @@ def env_list(env: Mapping[str, str], key: str) -> list[str]:
 
 @dataclass(frozen=True)
 class MqttConfig:
-    """Where the broker is and which deployment namespace to use."""
+    """Where the broker is, which deployment namespace to use and who this client is.
+
+    `tls`: the process's bundle (the same as its gRPC one, `TlsConfig`): the client verifies
+    the broker's certificate against the CA and presents its own, whose CN is its MQTT user
+    name and client id (docs/security.md, "MQTT"). None: plaintext, anonymous
+    (PROPELLER_INSECURE=1)."""
 
     host: str = "127.0.0.1"
     port: int = 1883
     topics: Topics = field(default_factory=Topics)
     keepalive: int = 30
+    tls: TlsConfig | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> MqttConfig:
+        """PROPELLER_MQTT_HOST / _PORT, PROPELLER_DOMAIN_ID / _CHANNEL_ID, and the process's
+        TLS settings (`TlsConfig.from_env`)."""
         env = os.environ if env is None else env
         return cls(
             host=env_str(env, "PROPELLER_MQTT_HOST", "127.0.0.1"),
@@ -63,7 +71,12 @@ class MqttConfig:
                 domain=env_str(env, "PROPELLER_DOMAIN_ID", "propeller"),
                 channel=env_str(env, "PROPELLER_CHANNEL_ID", "fl"),
             ),
+            tls=TlsConfig.from_env(env),
         )
+
+    def as_identity(self, tls: TlsConfig | None) -> MqttConfig:
+        """The same broker and namespace, as the holder of `tls` (None: plaintext)."""
+        return replace(self, tls=tls)
 
 
 # The transport's variables (docs/configuration.md, docs/security.md).

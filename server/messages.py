@@ -1,7 +1,9 @@
 """JSON payloads carried over MQTT between the manager, the coordinator and proplets.
 
 Each is a frozen dataclass with `to_json()` / `from_json()`; `from_json` raises ValueError on
-a malformed payload so a subscriber can log and drop it without dying.
+a malformed payload so a subscriber can log and drop it without dying. Ids and names follow
+the one rule (`server.ids`: a payload with a bad proplet or task id is malformed), maps and
+lists are bounded, and a task's results and error are cut to `MAX_TEXT_BYTES`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,22 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from server.errors import InvalidArgument
+from server.ids import (
+    MAX_TEXT_BYTES,
+    bounded_text,
+    check_text_map,
+    check_texts,
+    id_problem,
+    name_problem,
+    text_problem,
+)
+
+# The largest MQTT packet the brokers take (mosquitto's `max_packet_size`, the embedded
+# broker's reader): a TaskStart carrying the largest inline module (16 MiB, base64) with its
+# bounded environment and arguments fits; a client announcing more is disconnected.
+MAX_PACKET_BYTES = 32 << 20
 
 
 def _load(payload: bytes | str) -> dict[str, Any]:
@@ -32,12 +50,44 @@ def _str(d: dict[str, Any], key: str, required: bool = False) -> str:
     return v
 
 
+def _checked(key: str, problem: str | None) -> None:
+    if problem is not None:
+        raise ValueError(f"{key}: {problem}")
+
+
+def _id(d: dict[str, Any], key: str, required: bool = False) -> str:
+    """An id (`server.ids`; "" allowed unless `required`): a payload naming a proplet or task
+    by anything else is malformed, so nothing unbounded or topic-forming is ever recorded."""
+    v = _str(d, key, required)
+    if v:
+        _checked(key, id_problem(v))
+    return v
+
+
+def _name(d: dict[str, Any], key: str) -> str:
+    v = _str(d, key)
+    if v:
+        _checked(key, name_problem(v))
+    return v
+
+
+def _text(d: dict[str, Any], key: str) -> str:
+    """A short free text (`MAX_VALUE_BYTES`)."""
+    v = _str(d, key)
+    _checked(key, text_problem(v))
+    return v
+
+
 def _str_map(d: dict[str, Any], key: str) -> dict[str, str]:
     v = d.get(key) or {}
     if not isinstance(v, dict) or not all(
         isinstance(k, str) and isinstance(x, str) for k, x in v.items()
     ):
         raise ValueError(f"{key}: expected an object of strings")
+    try:
+        check_text_map(v, key)
+    except InvalidArgument as exc:
+        raise ValueError(str(exc)) from None
     return dict(v)
 
 
@@ -45,6 +95,10 @@ def _str_list(d: dict[str, Any], key: str) -> list[str]:
     v = d.get(key) or []
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise ValueError(f"{key}: expected a list of strings")
+    try:
+        check_texts(v, key)
+    except InvalidArgument as exc:
+        raise ValueError(str(exc)) from None
     return list(v)
 
 
@@ -65,7 +119,8 @@ def _num(d: dict[str, Any], key: str, default: float = 0.0) -> float:
 
 @dataclass(frozen=True)
 class PropletAnnounce:
-    """`control/proplet/create` (at start-up) and `control/proplet/alive` (heartbeats)."""
+    """`control/proplet/create/{id}` (at start-up) and `control/proplet/alive/{id}`
+    (heartbeats); `proplet_id` must be the topic's id (the manager drops it otherwise)."""
 
     proplet_id: str
     name: str = ""
@@ -79,8 +134,8 @@ class PropletAnnounce:
     def from_json(cls, payload: bytes | str) -> PropletAnnounce:
         d = _load(payload)
         return cls(
-            proplet_id=_str(d, "proplet_id", required=True),
-            name=_str(d, "name"),
+            proplet_id=_id(d, "proplet_id", required=True),
+            name=_text(d, "name"),
             metadata=_str_map(d, "metadata"),
             timestamp=_num(d, "timestamp", time.time()),
         )
@@ -104,7 +159,8 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class TaskStart(TaskSpec):
-    """`control/manager/start`: run this module on `proplet_id` (empty = any proplet).
+    """`control/manager/start/{proplet_id}` (`control/manager/start` when `proplet_id` is
+    empty: any proplet): run this module.
 
     `attempt` numbers the manager's starts of this task (1, 2, ... after each restart); the
     proplet echoes it in every `TaskResult` of this run so a late result of an earlier run is
@@ -130,20 +186,20 @@ class TaskStart(TaskSpec):
         except ValueError:
             raise ValueError("file: not base64") from None
         return cls(
-            id=_str(d, "id", required=True),
-            name=_str(d, "name"),
-            image_url=_str(d, "image_url"),
+            id=_id(d, "id", required=True),
+            name=_name(d, "name"),
+            image_url=_text(d, "image_url"),
             file=file,
             env=_str_map(d, "env"),
             cli_args=_str_list(d, "cli_args"),
-            proplet_id=_str(d, "proplet_id"),
+            proplet_id=_id(d, "proplet_id"),
             attempt=_attempt(d),
         )
 
 
 @dataclass(frozen=True)
 class TaskStop:
-    """`control/manager/stop`."""
+    """`control/manager/stop/{proplet_id}` (`control/manager/stop`: any proplet)."""
 
     id: str
     proplet_id: str = ""
@@ -154,7 +210,7 @@ class TaskStop:
     @classmethod
     def from_json(cls, payload: bytes | str) -> TaskStop:
         d = _load(payload)
-        return cls(id=_str(d, "id", required=True), proplet_id=_str(d, "proplet_id"))
+        return cls(id=_id(d, "id", required=True), proplet_id=_id(d, "proplet_id"))
 
 
 # Task states as they travel in results (the proto TaskState names without prefix).
@@ -167,8 +223,9 @@ RESULT_STATES = (RUNNING, COMPLETED, FAILED, INTERRUPTED)
 
 @dataclass(frozen=True)
 class TaskResult:
-    """`control/proplet/results`: a task changed state on a proplet; `attempt` is that of the
-    `TaskStart` the proplet was running."""
+    """`control/proplet/results/{proplet_id}`: a task changed state on a proplet; `attempt` is
+    that of the `TaskStart` the proplet was running. The proplet sends it again until a
+    `ResultAck` says the manager has it."""
 
     task_id: str
     proplet_id: str
@@ -191,13 +248,44 @@ class TaskResult:
     def from_json(cls, payload: bytes | str) -> TaskResult:
         d = _load(payload)
         return cls(
-            task_id=_str(d, "task_id", required=True),
-            proplet_id=_str(d, "proplet_id"),
+            task_id=_id(d, "task_id", required=True),
+            proplet_id=_id(d, "proplet_id"),
             state=_str(d, "state", required=True),
-            results=_str(d, "results"),
-            error=_str(d, "error"),
+            results=bounded_text(_str(d, "results"), MAX_TEXT_BYTES),
+            error=bounded_text(_str(d, "error"), MAX_TEXT_BYTES),
             timestamp=_num(d, "timestamp", time.time()),
             attempt=_attempt(d),
+        )
+
+
+@dataclass(frozen=True)
+class ResultAck:
+    """`control/manager/ack/{proplet_id}`: the manager has handled the result `state` of
+    attempt `attempt` of task `task_id` (recorded it on disk, or knowingly ignored it: a stale
+    attempt, an unknown task, a repeat), so the proplet stops sending it again."""
+
+    task_id: str
+    attempt: int
+    state: str
+
+    def __post_init__(self) -> None:
+        if self.state not in RESULT_STATES:
+            raise ValueError(f"state: {self.state!r} not one of {RESULT_STATES}")
+
+    @classmethod
+    def of(cls, result: TaskResult) -> ResultAck:
+        return cls(result.task_id, result.attempt, result.state)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, payload: bytes | str) -> ResultAck:
+        d = _load(payload)
+        return cls(
+            task_id=_id(d, "task_id", required=True),
+            attempt=_attempt(d),
+            state=_str(d, "state", required=True),
         )
 
 

@@ -7,6 +7,12 @@ sent again on the next connection (the broker may then see it twice). Components
 miss messages published while they were offline (the manager, the proplets) use a stable client
 id with `clean_session=False`; the broker keeps their subscriptions and queues their QoS 1
 messages, across its own restart too when it has persistence on (Mosquitto `persistence true`).
+
+With TLS (`MqttConfig.tls`) the session verifies the broker's certificate against the
+deployment CA and presents the process's own; the brokers take the certificate's CN as the
+MQTT user name and client id (docs/security.md, "MQTT"), so the session's client id is that
+user name whatever the caller asked for: one session per identity, which no other identity can
+take over.
 """
 
 from __future__ import annotations
@@ -15,18 +21,33 @@ import asyncio
 import logging
 import random
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 
 import aiomqtt
 
-from server.config import MqttConfig
+from server.config import MqttConfig, TlsConfig
 from server.errors import Unavailable
 from server.lifecycle import Lifecycle, start_task
+from server.pki import PkiError, read_identity
 
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], Awaitable[None]]
+
+
+def client_tls(tls: TlsConfig) -> tuple[ssl.SSLContext, str]:
+    """A client's TLS context for `tls` (the broker verified against the CA, the client's own
+    certificate presented) and its MQTT user name (the certificate's CN). Blocking (reads the
+    files); ValueError naming the file that cannot be used."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+        username = read_identity(tls.cert).username
+    except (OSError, ssl.SSLError, PkiError) as exc:
+        raise ValueError(f"mqtt tls: {tls.cert}: {exc}") from None
+    return context, username
 
 
 class _Connection:
@@ -66,9 +87,12 @@ class MqttSession(Lifecycle):
         self.max_backoff_s = max_backoff_s
         self._conn: _Connection | None = None
         self._connected = asyncio.Event()
+        self._tls: ssl.SSLContext | None = None
         self.connects = 0
 
     async def _open(self, stack: AsyncExitStack) -> None:
+        if self.config.tls is not None:
+            self._tls, self.client_id = await asyncio.to_thread(client_tls, self.config.tls)
         stack.callback(self._connected.clear)
         start_task(stack, self._run(), f"mqtt-{self.client_id}")
         await self.wait_connected(10.0)
@@ -146,13 +170,21 @@ class MqttSession(Lifecycle):
                     keepalive=self.config.keepalive,
                     # Small QoS 1 messages otherwise wait ~40 ms on Nagle + delayed ACK per hop.
                     socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+                    tls_context=self._tls,
                 ) as client:
                     conn = _Connection(client)
                     try:
                         # Every connection subscribes again: a broker that lost our session
                         # (restarted without persistence, or clean_session) knows nothing.
                         for topic in self.subscriptions:
-                            await client.subscribe(topic, qos=1)
+                            granted = await client.subscribe(topic, qos=1)
+                            if any(getattr(code, "is_failure", False) for code in granted):
+                                # The broker's ACL refused it: say so rather than go deaf.
+                                log.warning(
+                                    "[mqtt] %s subscription to %s refused by the broker",
+                                    self.client_id,
+                                    topic,
+                                )
                         self._conn = conn
                         self.connects += 1
                         self._connected.set()

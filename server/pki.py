@@ -30,7 +30,6 @@ import enum
 import ipaddress
 import json
 import os
-import re
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from server.ids import MAX_ID_LENGTH, id_problem
 
 TRUST_DOMAIN = "propeller"
 CA_CERT = "ca.crt"
@@ -58,10 +59,6 @@ CLOCK_SKEW = datetime.timedelta(minutes=5)
 # Every service certificate names these, so a process reaches a service on its own machine
 # (healthchecks, `up`, tests) whatever other hosts it is issued for.
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
-# An identity's name: what a proplet id, a service name or an operator name may be. No ':'
-# (the MQTT user names `service:NAME` stay apart from proplet ids), no '/' (the URI), no MQTT
-# wildcards, no whitespace or control characters.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class PkiError(Exception):
@@ -87,10 +84,16 @@ class Identity:
     def __post_init__(self) -> None:
         if not isinstance(self.kind, Kind):
             object.__setattr__(self, "kind", Kind(self.kind))
-        if not _NAME.fullmatch(self.name):
+        # The one id rule (server/ids.py): no ':' (the MQTT user names `service:NAME` stay
+        # apart from proplet ids), no '/' (the URI), no MQTT wildcards, no whitespace.
+        problem = id_problem(self.name)
+        if problem is not None:
+            raise ValueError(f"{self.kind.value} name: {problem}")
+        # The CN holds the MQTT user name, and X.509 caps a CN at 64 characters.
+        if len(self.username) > MAX_ID_LENGTH:
             raise ValueError(
-                f"{self.kind.value} name: {self.name!r} must be 1-128 letters, digits, '.', "
-                "'_' or '-', starting with a letter or digit"
+                f"{self.kind.value} name: {self.name!r} is too long for a certificate: "
+                f"{self.username!r} is over {MAX_ID_LENGTH} characters"
             )
 
     @property

@@ -18,6 +18,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from server.errors import InvalidArgument
+from server.ids import (
+    MAX_ID_LENGTH,
+    MAX_PARTICIPANTS,
+    check_id,
+    check_ids,
+    check_text,
+    valid_id,
+)
 from server.models import parse_model_uri
 from server.provenance import check_module_digest
 
@@ -121,20 +129,26 @@ def validate(spec: RoundSpec, *, experiment: bool = False) -> RoundSpec:
     """Check `spec`, raising INVALID_ARGUMENT naming the first bad field; returns it with the
     hyperparameter defaults filled.
 
+    The round id, the experiment id (when given) and every participant follow the id rule
+    (`server.ids`: at most 128 characters A-Z a-z 0-9 . _ -), at most `MAX_PARTICIPANTS` of
+    them; the image reference is a bounded text.
+
     `experiment=True` is the manager's StartExperiment, which runs the round as one task per
     participant and records it as an experiment: the tasks need the image to run and the model
-    named, and the round id goes into their names (so no whitespace). The experiment id
-    defaults to "exp-{round_id}". The coordinator alone (`experiment=False`) takes an empty
-    image and model_ref ("" = the latest version) and leaves the experiment id as given."""
-    if not spec.round_id:
-        raise InvalidArgument("round_id: must not be empty")
-    if experiment and any(c.isspace() for c in spec.round_id):
-        raise InvalidArgument(f"round_id: {spec.round_id!r} must not contain whitespace")
+    named. The experiment id defaults to "exp-{round_id}". The coordinator alone
+    (`experiment=False`) takes an empty image and model_ref ("" = the latest version) and
+    leaves the experiment id as given."""
+    check_id(spec.round_id, "round_id")
+    experiment_id = spec.experiment_id or (f"exp-{spec.round_id}" if experiment else "")
+    if experiment_id and not spec.experiment_id and not valid_id(experiment_id):
+        raise InvalidArgument(
+            f"experiment_id: empty, and its default 'exp-' + round_id would be longer than "
+            f"{MAX_ID_LENGTH} characters; give one"
+        )
+    check_id(spec.experiment_id, "experiment_id", optional=True)
     if not spec.participants:
         raise InvalidArgument("participants: must not be empty")
-    for i, p in enumerate(spec.participants):
-        if not p:
-            raise InvalidArgument(f"participants[{i}]: must not be empty")
+    check_ids(spec.participants, "participants", MAX_PARTICIPANTS)
     dups = sorted(p for p, n in Counter(spec.participants).items() if n > 1)
     if dups:
         raise InvalidArgument(f"participants: duplicate proplet ids {dups}")
@@ -159,12 +173,9 @@ def validate(spec: RoundSpec, *, experiment: bool = False) -> RoundSpec:
     _non_negative("hyperparams.batch_size", hp.batch_size)
     if experiment and not spec.task_wasm_image:
         raise InvalidArgument("task_wasm_image: must not be empty")
+    check_text(spec.task_wasm_image, "task_wasm_image")
     check_module_digest(spec.module_digest, "module_digest")
-    return replace(
-        spec,
-        experiment_id=spec.experiment_id or (f"exp-{spec.round_id}" if experiment else ""),
-        hyperparams=hp.filled(),
-    )
+    return replace(spec, experiment_id=experiment_id, hyperparams=hp.filled())
 
 
 def with_defaults(spec: RoundSpec, default_timeout_s: float = DEFAULT_TIMEOUT_S) -> RoundSpec:

@@ -37,6 +37,7 @@ from server.errors import Unavailable, rpc_errors
 from server.grpc_server import channel, serving
 from server.lifecycle import Lifecycle, ServiceApp
 from server.manager.app import ManagerApp, ManagerConfig
+from server.paging import all_pages
 from server.pki import CertificateAuthority, Identity, Kind
 from server.registry.app import RegistryApp, RegistryConfig
 
@@ -140,12 +141,14 @@ class Stack(Lifecycle):
         """Each service's TLS (and the operator's), from the CA in `ca_dir`."""
         cfg = self.config
         if cfg.ca_dir is None:
-            return dict.fromkeys((*ENDPOINTS, "operator"))
+            return dict.fromkeys((*ENDPOINTS, "operator", "mqtt"))
         ca_dir = cfg.ca_dir
 
         def issue() -> dict[str, TlsConfig | None]:
             self.ca = CertificateAuthority.open_or_create(ca_dir)
             tls = {name: service_tls(self.ca, name, [cfg.host]) for name in ENDPOINTS}
+            # The embedded broker's own certificate, for the host the clients reach it at.
+            tls["mqtt"] = service_tls(self.ca, "mqtt", [cfg.host])
             return {**tls, "operator": identity_tls(self.ca, OPERATOR)}
 
         return await asyncio.to_thread(issue)
@@ -155,7 +158,9 @@ class Stack(Lifecycle):
         tls = await self._credentials()
         self.operator_tls = tls["operator"]
         if cfg.broker_port is not None:
-            self.broker = await stack.enter_async_context(EmbeddedBroker(cfg.host, cfg.broker_port))
+            self.broker = await stack.enter_async_context(
+                EmbeddedBroker(cfg.host, cfg.broker_port, tls=tls["mqtt"])
+            )
             self.mqtt = self.broker.mqtt_config(cfg.mqtt.topics)
         self.registry = RegistryApp(
             RegistryConfig(
@@ -187,7 +192,7 @@ class Stack(Lifecycle):
                 registry_addr=registry,
                 datastore_addr=datastore,
                 num_samples_cap=cfg.num_samples_cap,
-                mqtt=self.mqtt,
+                mqtt=self.mqtt.as_identity(tls["coordinator"]),
                 tick_s=cfg.coordinator_tick_s,
                 state_dir=cfg.state_dir,
                 tls=tls["coordinator"],
@@ -207,7 +212,7 @@ class Stack(Lifecycle):
             ManagerConfig(
                 addr=self._addr(cfg.manager_port),
                 coordinator_addr=coordinator,
-                mqtt=self.mqtt,
+                mqtt=self.mqtt.as_identity(tls["manager"]),
                 alive_window_s=cfg.alive_window_s,
                 task_endpoints=services,
                 state_dir=cfg.state_dir,
@@ -265,7 +270,7 @@ async def proplets(
             config = PropletConfig(
                 proplet_id=pid,
                 name=f"proplet-{i + 1}",
-                mqtt=mqtt,
+                mqtt=mqtt.as_identity(tls[i]),
                 endpoints=endpoints,
                 heartbeat_s=heartbeat_s,
                 work_dir=work_dir / "proplets",
@@ -287,8 +292,12 @@ async def wait_alive(manager: str, ids: Sequence[str], tls: TlsConfig | None) ->
         stub = manager_pb2_grpc.ManagerStub(ch)
         while loop.time() < deadline:
             with rpc_errors("Manager.ListProplets"):
-                listed = await stub.ListProplets(manager_pb2.ListPropletsRequest(), timeout=10)
-            alive = {p.id for p in listed.proplets if p.alive}
+                listed = all_pages(
+                    lambda r: stub.ListProplets(r, timeout=10),
+                    manager_pb2.ListPropletsRequest(),
+                    lambda r: r.proplets,
+                )
+                alive = {p.id async for p in listed if p.alive}
             if want <= alive:
                 return
             await asyncio.sleep(0.05)

@@ -31,6 +31,7 @@ from hypothesis import settings
 from server.config import MqttConfig
 from server.topics import Topics
 from tests.support.infra import Mosquitto, OciRegistry, mosquitto, oci_registry, push_wasm
+from tests.support.security import session_ca
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
@@ -58,6 +59,7 @@ TIER_BY_PATH = {
     "reliability/test_registry_crash.py": "process",
     "reliability/test_shutdown_graceful.py": "process",
     "reliability/test_shutdown_up.py": "process",
+    "reliability/test_upload_limits.py": "process",
     "services": "integration",
     "services/test_fedavg_batching.py": "unit",
 }
@@ -106,7 +108,10 @@ def load_wasm_build() -> ModuleType:
 
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    with mosquitto(tmp_path_factory.mktemp("mosquitto")) as b:
+    """The deployment's broker as compose runs it: TLS with the suite's CA, certificates
+    required, the ACL (`server.mqtt_acl`); and a plaintext listener (`plain_port`) for the
+    tests that say `insecure`."""
+    with mosquitto(tmp_path_factory.mktemp("mosquitto"), ca=session_ca(), plain=True) as b:
         yield b
 
 
@@ -139,5 +144,28 @@ def topics() -> Topics:
 
 @pytest.fixture
 def mqtt(broker: Mosquitto, topics: Topics) -> MqttConfig:
-    """The test broker, in the test's own namespace."""
+    """The test broker's TLS listener, in the test's own namespace, as nobody yet: whoever
+    connects says who with `as_identity(...)` (the cluster gives each service and proplet
+    its own)."""
     return MqttConfig(port=broker.port, topics=topics)
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A Mosquitto of this test's own, configured as `broker` (TLS, certificates, the ACL)
+    with persistence, to stop, kill, start again on the same port and data, or reload."""
+    with mosquitto(tmp_path / "mosquitto", ca=session_ca()) as b:
+        yield b
+
+
+@pytest.fixture
+def own_mqtt(own_broker: Mosquitto, topics: Topics) -> MqttConfig:
+    """`own_broker` in the test's namespace, as nobody yet (see `mqtt`)."""
+    return MqttConfig(port=own_broker.port, topics=topics)
+
+
+@pytest.fixture
+def plain_mqtt(broker: Mosquitto, topics: Topics) -> MqttConfig:
+    """The test broker's plaintext listener (no TLS, no ACL), for `insecure` tests."""
+    assert broker.plain_port is not None
+    return MqttConfig(port=broker.plain_port, topics=topics)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from server.errors import InvalidArgument
+from server.ids import MAX_ID_LENGTH
 from server.round_spec import Hyperparams, RoundSpec, validate, with_defaults
 
 ROUND = RoundSpec(round_id="r1", participants=("a", "b", "c"))
@@ -78,7 +79,14 @@ BOTH = (False, True)
     ("change", "field", "modes"),
     [
         ({"round_id": ""}, "round_id", BOTH),
-        ({"round_id": "r 1"}, "round_id", (True,)),
+        ({"round_id": "r 1"}, "round_id", BOTH),
+        ({"round_id": "r/1"}, "round_id", BOTH),
+        ({"round_id": "r" * (MAX_ID_LENGTH + 1)}, "round_id", BOTH),
+        ({"experiment_id": "e+1"}, "experiment_id", BOTH),
+        ({"experiment_id": "", "round_id": "r" * MAX_ID_LENGTH}, "experiment_id", (True,)),
+        ({"participants": ("p1", "p#")}, r"participants\[1\]", BOTH),
+        ({"participants": tuple(f"p{i}" for i in range(10_001))}, "participants", BOTH),
+        ({"task_wasm_image": "x" * 5000}, "task_wasm_image", BOTH),
         ({"participants": ()}, "participants", BOTH),
         ({"participants": ("p1", "p2", "p1")}, "participants", BOTH),
         ({"participants": ("p1", "")}, r"participants\[1\]", BOTH),
@@ -108,9 +116,19 @@ def test_invalid_field_is_named(
 
 
 def test_experiment_only_rules_leave_the_coordinator_alone() -> None:
-    # The coordinator alone takes "the latest model", no image and any round id.
-    spec = replace(EXPERIMENT, round_id="r 1", model_ref="", task_wasm_image="")
+    # The coordinator alone takes "the latest model" and no image.
+    spec = replace(EXPERIMENT, model_ref="", task_wasm_image="")
     assert validate(spec).model_ref == ""
+
+
+def test_ids_at_the_limits_pass() -> None:
+    spec = replace(
+        EXPERIMENT,
+        round_id="r" * (MAX_ID_LENGTH - 4),
+        experiment_id="",
+        participants=tuple(f"p{i}" for i in range(10_000)),
+    )
+    assert validate(spec, experiment=True).experiment_id == "exp-" + "r" * (MAX_ID_LENGTH - 4)
 
 
 # (field, value, the whole message): a non-finite number is not "negative". The manager's and

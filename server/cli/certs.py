@@ -4,6 +4,7 @@
     certs issue DIR proplet ID | service NAME --host H... | operator NAME [--out D] [--replace]
     certs revoke DIR (KIND NAME | --serial HEX...)
     certs list DIR [--json]
+    certs mqtt-acl [--out FILE]
 
 `init` makes the CA in DIR (keeping one that is there) and issues the bundles it is given that
 do not exist yet: what compose's one-shot certs job runs, idempotent across restarts. `issue`
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from server.cli.one_process import CommandFailed, one_line_failure
+from server.mqtt_acl import mosquitto_acl
 from server.pki import Bundle, CertificateAuthority, Identity, Kind, PkiError
 
 T = TypeVar("T")
@@ -93,6 +95,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     revoke.add_argument("name", nargs="?", metavar="NAME")
     revoke.add_argument("--serial", action="append", default=[], metavar="HEX")
     revoke.set_defaults(func=cmd_revoke, command="certs revoke")
+
+    acl = actions.add_parser(
+        "mqtt-acl",
+        help="the broker's ACL as a mosquitto acl_file (docs/security.md, MQTT)",
+        description=(
+            "Print (or write to --out) the MQTT ACL as a mosquitto acl_file: who may publish "
+            "and read which topics, the same rules as the embedded broker's. Identities are "
+            "certificate CNs; one file for every proplet, so adding one changes nothing here."
+        ),
+    )
+    acl.add_argument("--out", type=Path, default=None, metavar="FILE")
+    acl.set_defaults(func=cmd_mqtt_acl, command="certs mqtt-acl")
 
     listing = actions.add_parser("list", help="the certificates issued, and which are revoked")
     listing.add_argument("dir", type=Path, metavar="DIR", help="the CA directory")
@@ -188,6 +202,20 @@ async def cmd_revoke(args: argparse.Namespace) -> int:
         raise CommandFailed("give the identity to revoke (KIND NAME) or --serial HEX")
     new = sorted(revoked)
     print(f"revoked {len(new)}: {', '.join(f'{s:x}' for s in new) or '(already revoked)'}")
+    return 0
+
+
+@one_line_failure("certs mqtt-acl")
+async def cmd_mqtt_acl(args: argparse.Namespace) -> int:
+    text = mosquitto_acl()
+    if args.out is None:
+        print(text, end="")
+    else:
+        try:
+            await asyncio.to_thread(args.out.write_text, text)
+        except OSError as exc:
+            raise CommandFailed(f"--out: {args.out}: {exc.strerror or exc}") from None
+        print(f"mqtt acl: {args.out}")
     return 0
 
 

@@ -2,7 +2,8 @@
 registry and data store (plus the stream helpers), shared by the client commands and the demo.
 
 `async with Client(endpoints, timeout=30) as c: await c.list_models()`. Channels open lazily,
-one per service; every RPC carries `timeout`. A failed call leaves as one of our errors (through
+one per service; every RPC carries `timeout`. A list method follows the pages of its List RPC
+and answers with every entry. A failed call leaves as one of our errors (through
 `server.errors.rpc_errors`): a service that cannot be reached is `Unavailable` ("cannot reach
 model registry at localhost:8084 (connection refused)"), one that does not answer in time is
 `DeadlineExceeded`, and any status a server answered with is kept as it came (`RemoteError`).
@@ -48,6 +49,7 @@ from server.errors import (
 )
 from server.grpc_server import channel
 from server.models import MODEL_URI_PREFIX, model_uri, parse_model_uri
+from server.paging import all_pages
 from server.streams import model_stream, read_model_stream
 from server.tensors import DEFAULT_CHUNK_SIZE, Array, Tensors, sha256_of, tensor_to_proto
 
@@ -173,6 +175,21 @@ class Client:
             response: R = await getattr(self._stub(service), method)(request, timeout=self.timeout)
         return response
 
+    async def _list(
+        self, service: str, method: str, request: Message, reply: type[R], entries: str
+    ) -> R:
+        """Every page of a List RPC as one `reply` holding all the entries (its repeated
+        field `entries`), so a list shows everything however many pages it takes."""
+
+        async def page(request: Message) -> R:
+            return await self._unary(service, method, request, reply)
+
+        whole = reply()
+        listed = getattr(whole, entries)
+        async for entry in all_pages(page, request, lambda r: getattr(r, entries)):
+            listed.append(entry)
+        return whole
+
     # -------------------------------------------------------------------------- manager
 
     async def start_experiment(
@@ -188,8 +205,12 @@ class Client:
 
     async def list_experiments(self) -> manager_pb2.ListExperimentsResponse:
         request = manager_pb2.ListExperimentsRequest()
-        return await self._unary(
-            "manager", "ListExperiments", request, manager_pb2.ListExperimentsResponse
+        return await self._list(
+            "manager",
+            "ListExperiments",
+            request,
+            manager_pb2.ListExperimentsResponse,
+            "experiments",
         )
 
     async def round_status(self, round_id: str) -> coordinator_pb2.RoundStatus:
@@ -199,8 +220,8 @@ class Client:
 
     async def list_proplets(self) -> manager_pb2.ListPropletsResponse:
         request = manager_pb2.ListPropletsRequest()
-        return await self._unary(
-            "manager", "ListProplets", request, manager_pb2.ListPropletsResponse
+        return await self._list(
+            "manager", "ListProplets", request, manager_pb2.ListPropletsResponse, "proplets"
         )
 
     async def create_task(self, request: manager_pb2.CreateTaskRequest) -> manager_pb2.Task:
@@ -226,7 +247,9 @@ class Client:
             proplet_id=proplet_id,
             state=state,  # type: ignore[arg-type]  # validated by parse_task_state
         )
-        return await self._unary("manager", "ListTasks", request, manager_pb2.ListTasksResponse)
+        return await self._list(
+            "manager", "ListTasks", request, manager_pb2.ListTasksResponse, "tasks"
+        )
 
     async def wait_task(
         self, task_id: str, max_wait: float, poll_s: float = 0.2
@@ -255,8 +278,8 @@ class Client:
 
     async def list_rounds(self, experiment_id: str = "") -> coordinator_pb2.ListRoundsResponse:
         request = coordinator_pb2.ListRoundsRequest(experiment_id=experiment_id)
-        return await self._unary(
-            "coordinator", "ListRounds", request, coordinator_pb2.ListRoundsResponse
+        return await self._list(
+            "coordinator", "ListRounds", request, coordinator_pb2.ListRoundsResponse, "rounds"
         )
 
     async def watch_round(
@@ -281,8 +304,8 @@ class Client:
 
     async def list_models(self) -> model_registry_pb2.ListModelsResponse:
         request = model_registry_pb2.ListModelsRequest()
-        return await self._unary(
-            "registry", "ListModels", request, model_registry_pb2.ListModelsResponse
+        return await self._list(
+            "registry", "ListModels", request, model_registry_pb2.ListModelsResponse, "models"
         )
 
     async def init_model(self, dimension: int, dtype: int = 0) -> model_registry_pb2.ModelVersion:
@@ -354,8 +377,8 @@ class Client:
 
     async def list_datasets(self) -> datastore_pb2.ListDatasetsResponse:
         request = datastore_pb2.ListDatasetsRequest()
-        return await self._unary(
-            "datastore", "ListDatasets", request, datastore_pb2.ListDatasetsResponse
+        return await self._list(
+            "datastore", "ListDatasets", request, datastore_pb2.ListDatasetsResponse, "datasets"
         )
 
     async def get_dataset(self, proplet_id: str) -> datastore_pb2.Dataset:

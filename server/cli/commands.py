@@ -133,7 +133,7 @@ def _round(args: argparse.Namespace) -> dict[str, Any]:
 def round_args(*, model_required: bool) -> tuple[Arg, ...]:
     d = hyperparams.CLIENT
     return (
-        arg("--round-id", required=True, help="round id (no whitespace)"),
+        arg("--round-id", required=True, help="round id (1-128 of A-Z a-z 0-9 . _ -)"),
         arg(
             "--experiment-id",
             default="",

@@ -23,6 +23,7 @@ from server.coordinator.rounds import Update
 from server.coordinator.store import RoundUpdates, each_update, update_headers
 from server.errors import NotFound, Unavailable, rpc_errors
 from server.models import model_uri
+from server.paging import all_pages
 from server.streams import UpdateMeta, model_stream, read_model_stream, update_header
 from server.tensors import (
     DEFAULT_CHUNK_SIZE,
@@ -57,11 +58,19 @@ class GrpcModelBackend:
         self._bases: OrderedDict[str, asyncio.Task[Tensors]] = OrderedDict()
 
     async def _list_models(self) -> list[model_registry_pb2.ModelVersion]:
-        with rpc_errors("registry.ListModels"):
-            resp = await self._registry.ListModels(
-                model_registry_pb2.ListModelsRequest(), timeout=self._timeout_s
-            )
-        return list(resp.models)
+        """Every stored version (all the pages of ListModels)."""
+
+        async def page(
+            request: model_registry_pb2.ListModelsRequest,
+        ) -> model_registry_pb2.ListModelsResponse:
+            with rpc_errors("registry.ListModels"):
+                response: model_registry_pb2.ListModelsResponse = await self._registry.ListModels(
+                    request, timeout=self._timeout_s
+                )
+            return response
+
+        request = model_registry_pb2.ListModelsRequest()
+        return [m async for m in all_pages(page, request, lambda r: r.models)]
 
     async def resolve(self, model_ref: str) -> BaseModel:
         if model_ref:

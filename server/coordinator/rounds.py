@@ -20,10 +20,11 @@ import enum
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from typing import Protocol
 
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from server.models import parse_model_uri
-from server.provenance import check_module_digest
+from server.provenance import MAX_SIGNATURE_BYTES, check_module_digest
 from server.round_spec import Hyperparams, RoundSpec
 from server.tensors import Array, Spec, Tensors, check_finite
 
@@ -240,11 +241,30 @@ def admit(
     return False
 
 
-def check_provenance(rnd: Round, update: Update) -> None:
+class Claims(Protocol):
+    """What an update's header says about its origin (an `Update`, or the header itself)."""
+
+    @property
+    def module_digest(self) -> str: ...
+
+    @property
+    def base_model_sha256(self) -> str: ...
+
+    @property
+    def signature(self) -> bytes: ...
+
+
+def check_provenance(rnd: Round, update: Claims) -> None:
     """The update's claims about where it comes from, before its bytes are looked at: a
-    module digest is required (FAILED_PRECONDITION when the round pins another), and a base
-    model sha256, when given, must be the round's."""
+    module digest is required (FAILED_PRECONDITION when the round pins another), a base
+    model sha256, when given, must be the round's, and a signature must be of a signature's
+    size."""
     check_module_digest(update.module_digest, "header.module_digest", required=True)
+    if len(update.signature) > MAX_SIGNATURE_BYTES:
+        raise InvalidArgument(
+            f"header.signature: {len(update.signature)} bytes; a signature is at most "
+            f"{MAX_SIGNATURE_BYTES}"
+        )
     if rnd.module_digest and update.module_digest != rnd.module_digest:
         raise FailedPrecondition(
             f"header.module_digest: the update comes from module {update.module_digest}, but "

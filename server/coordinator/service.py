@@ -12,8 +12,11 @@ from server.coordinator.coordinator import Coordinator, Event, EventType
 from server.coordinator.wire import STATES, spec_from_proto, status_to_proto
 from server.errors import InvalidArgument, PermissionDenied, grpc_errors
 from server.grpc_server import Context, ServiceBinding
+from server.ids import check_count, check_id, check_name, check_text
+from server.paging import PageRequest, page_of
 from server.pki import Kind
-from server.streams import read_update_stream
+from server.streams import SPOOL_ABOVE, read_update_stream
+from server.tensors import total_bytes
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,17 @@ _EVENTS: dict[EventType, coordinator_pb2.RoundEventType] = {
     EventType.COMPLETED: coordinator_pb2.ROUND_EVENT_TYPE_COMPLETED,
     EventType.FAILED: coordinator_pb2.ROUND_EVENT_TYPE_FAILED,
 }
+
+
+def check_update_header(header: tensor_pb2.UpdateHeader, field: str = "update.header") -> None:
+    """The ids, the base model reference and the metrics of an update's header within the
+    rules of `server.ids` (the tensors are the stream reader's)."""
+    check_id(header.round_id, f"{field}.round_id")
+    check_id(header.proplet_id, f"{field}.proplet_id")
+    check_text(header.base_model_uri, f"{field}.base_model_uri")
+    check_count(header.metrics, f"{field}.metrics")
+    for name in header.metrics:
+        check_name(name, f"{field}.metrics")
 
 
 def event_to_proto(event: Event) -> coordinator_pb2.RoundEvent:
@@ -54,18 +68,16 @@ class CoordinatorServicer:
         self, request: coordinator_pb2.StartRoundRequest, context: Context
     ) -> coordinator_pb2.RoundStatus:
         async with grpc_errors(context, "Coordinator.StartRound"):
+            check_id(request.round_id, "round_id")
             return status_to_proto(await self.coordinator.start(request.round_id))
 
     async def SubmitUpdate(
         self, request_iterator: AsyncIterable[tensor_pb2.UpdateChunk], context: Context
     ) -> coordinator_pb2.SubmitUpdateResponse:
         async with grpc_errors(context, "Coordinator.SubmitUpdate"):
-            header, tensors = await read_update_stream(request_iterator)
-            if not header.round_id:
-                raise InvalidArgument("update.header.round_id: must not be empty")
-            if not header.proplet_id:
-                raise InvalidArgument("update.header.proplet_id: must not be empty")
-            await self._check_submitter(header.round_id, header.proplet_id)
+            header, tensors = await read_update_stream(
+                request_iterator, spool_above=SPOOL_ABOVE, on_header=self._check_header
+            )
             update = R.Update(
                 proplet_id=header.proplet_id,
                 base_model_uri=header.base_model_uri,
@@ -92,6 +104,24 @@ class CoordinatorServicer:
                 state=STATES[result.round.state],
             )
 
+    async def _check_header(self, header: tensor_pb2.UpdateHeader, need: int) -> None:
+        """An update is refused from its header, before its bytes arrive: bad ids, a caller
+        submitting for another proplet or to a round it is not in (`_check_submitter`), a
+        round that does not exist or does not take this proplet's update now, or more bytes
+        than the round's base model has (the whole update must match it)."""
+        check_update_header(header)
+        await self._check_submitter(header.round_id, header.proplet_id)
+        rnd = await self.coordinator.get(header.round_id)
+        duplicate = R.admit(rnd, header.proplet_id)
+        model_bytes = total_bytes(rnd.specs)
+        if need > model_bytes:
+            raise InvalidArgument(
+                f"update.header.tensors: {need} bytes, but round {rnd.round_id!r}'s base model "
+                f"{rnd.model_ref} has {model_bytes}"
+            )
+        if not duplicate:  # a repeat is answered as the duplicate it is
+            R.check_provenance(rnd, header)
+
     async def _check_submitter(self, round_id: str, proplet_id: str) -> None:
         """An authenticated proplet submits only as itself and only to a round it is a
         participant of (PERMISSION_DENIED otherwise; nothing counted)."""
@@ -110,19 +140,32 @@ class CoordinatorServicer:
         self, request: coordinator_pb2.GetRoundStatusRequest, context: Context
     ) -> coordinator_pb2.RoundStatus:
         async with grpc_errors(context, "Coordinator.GetRoundStatus"):
+            check_id(request.round_id, "round_id")
             return status_to_proto(await self.coordinator.get(request.round_id))
 
     async def ListRounds(
         self, request: coordinator_pb2.ListRoundsRequest, context: Context
     ) -> coordinator_pb2.ListRoundsResponse:
         async with grpc_errors(context, "Coordinator.ListRounds"):
-            rounds = await self.coordinator.list(request.experiment_id)
-            return coordinator_pb2.ListRoundsResponse(rounds=[status_to_proto(r) for r in rounds])
+            eid = check_id(request.experiment_id, "experiment_id", optional=True)
+            wanted = PageRequest.of(request, "ListRounds", int)
+            # Positions in the list of every round (configuration order, which only grows at
+            # its end), so the filter cannot shift a page.
+            page = page_of(
+                wanted.indexed(await self.coordinator.list()),
+                wanted,
+                status_to_proto,
+                keep=lambda r: not eid or r.experiment_id == eid,
+            )
+            return coordinator_pb2.ListRoundsResponse(
+                rounds=page.items, next_page_token=page.next_page_token
+            )
 
     async def WatchRound(
         self, request: coordinator_pb2.WatchRoundRequest, context: Context
     ) -> AsyncIterator[coordinator_pb2.RoundEvent]:
         async with grpc_errors(context, "Coordinator.WatchRound"):
+            check_id(request.round_id, "round_id")
             async for event in self.coordinator.watch(request.round_id):
                 yield event_to_proto(event)
 
@@ -130,8 +173,8 @@ class CoordinatorServicer:
         self, request: coordinator_pb2.ReportParticipantFailureRequest, context: Context
     ) -> coordinator_pb2.RoundStatus:
         async with grpc_errors(context, "Coordinator.ReportParticipantFailure"):
-            if not request.proplet_id:
-                raise InvalidArgument("proplet_id: must not be empty")
+            check_id(request.round_id, "round_id")
+            check_id(request.proplet_id, "proplet_id")
             rnd = await self.coordinator.participant_failed(
                 request.round_id, request.proplet_id, request.reason
             )

@@ -11,6 +11,8 @@ from server.datastore.datasets import SCHEMA, Dataset, validate_dataset
 from server.datastore.store import DatasetStore, DatasetSummary, summary_of
 from server.errors import InvalidArgument, NotFound, grpc_errors
 from server.grpc_server import Context, ServiceBinding
+from server.ids import check_id, check_name
+from server.paging import PageRequest, page_of
 from server.tensors import tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,8 @@ def dataset_proto(dataset: Dataset) -> datastore_pb2.Dataset:
 
 def dataset_from_proto(msg: datastore_pb2.Dataset, field: str = "dataset") -> Dataset:
     """Decode and validate; InvalidArgument naming the field otherwise."""
-    if not msg.proplet_id:
-        raise InvalidArgument(f"{field}.proplet_id: must not be empty")
+    check_id(msg.proplet_id, f"{field}.proplet_id")
+    check_name(msg.schema, f"{field}.schema", optional=True)
     if not msg.HasField("features"):
         raise InvalidArgument(f"{field}.features: required")
     if not msg.HasField("labels"):
@@ -60,8 +62,7 @@ class DataStoreServicer:
         self.store_of = store_of
 
     async def _dataset(self, request: datastore_pb2.GetDatasetRequest) -> Dataset:
-        if not request.proplet_id:
-            raise InvalidArgument("proplet_id: must not be empty")
+        check_id(request.proplet_id, "proplet_id")
         dataset = await self.store_of().get(request.proplet_id)
         if dataset is None:
             raise NotFound(f"proplet_id: no dataset for {request.proplet_id!r}")
@@ -100,8 +101,13 @@ class DataStoreServicer:
         self, request: datastore_pb2.ListDatasetsRequest, context: Context
     ) -> datastore_pb2.ListDatasetsResponse:
         async with grpc_errors(context, "DataStore.ListDatasets"):
+            wanted = PageRequest.of(request, "ListDatasets", str)
+            datasets = await self.store_of().list()  # sorted by proplet id
+            page = page_of(
+                wanted.keyed(datasets, lambda d: d.proplet_id), wanted, dataset_info_proto
+            )
             return datastore_pb2.ListDatasetsResponse(
-                datasets=[dataset_info_proto(d) for d in await self.store_of().list()]
+                datasets=page.items, next_page_token=page.next_page_token
             )
 
 

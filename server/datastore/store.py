@@ -15,9 +15,11 @@ import numpy as np
 
 from server.datastore.datasets import Dataset
 from server.sqlite import Database
-from server.tensors import Array, Spec, offload_if_big, tensor_bytes, tensors_from_bytes
+from server.tensors import Array, Spec, tensors_from_bytes
 
 DATASTORE_DB_FILE = "datastore.sqlite"
+# Bytes written into a BLOB at a time.
+_BLOB_PIECE = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -85,10 +87,21 @@ _SCHEMA = [
 ]
 
 
-def _array_row(arr: Array) -> tuple[str, str, bytearray]:
-    """An array's columns: its dtype ("<f8"), its shape (JSON) and its bytes."""
+def _array_columns(arr: Array) -> tuple[str, str, int]:
+    """An array's columns but its bytes: its dtype ("<f8"), its shape (JSON), its size."""
     dtype = arr.dtype.newbyteorder("<")
-    return dtype.str, json.dumps(list(arr.shape)), tensor_bytes({"": arr})
+    return dtype.str, json.dumps(list(arr.shape)), int(arr.nbytes)
+
+
+def _write_blob(conn: sqlite3.Connection, column: str, rowid: int, arr: Array) -> None:
+    """The array's bytes (C order, little-endian) into the row's zero-filled BLOB, piece by
+    piece: no copy of the whole array on its way in."""
+    if not arr.nbytes:
+        return
+    data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
+    with conn.blobopen("datasets", column, rowid) as blob:
+        for start in range(0, len(data), _BLOB_PIECE):
+            blob.write(data[start : start + _BLOB_PIECE].data)
 
 
 def _array_from_row(dtype: str, shape: str, data: bytes) -> Array:
@@ -128,15 +141,13 @@ class SqliteDatasetStore:
         )
 
     async def put(self, dataset: Dataset, *, replace: bool = True) -> bool:
-        features = await offload_if_big(dataset.features.nbytes, _array_row, dataset.features)
-        labels = await offload_if_big(dataset.labels.nbytes, _array_row, dataset.labels)
         values = (
             dataset.proplet_id,
             dataset.schema,
             dataset.size,
             dataset.num_features,
-            *features,
-            *labels,
+            *_array_columns(dataset.features),
+            *_array_columns(dataset.labels),
             time.time(),
         )
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
@@ -145,10 +156,16 @@ class SqliteDatasetStore:
             cur = conn.execute(
                 f"{verb} INTO datasets (proplet_id, schema, size, num_features, "
                 "features_dtype, features_shape, features, labels_dtype, labels_shape, labels, "
-                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, zeroblob(?), ?, ?, zeroblob(?), ?)",
                 values,
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            assert cur.lastrowid is not None
+            # In the same transaction: the row and its bytes commit together or not at all.
+            _write_blob(conn, "features", cur.lastrowid, dataset.features)
+            _write_blob(conn, "labels", cur.lastrowid, dataset.labels)
+            return True
 
         stored: bool = await self.db.write(write)
         return stored

@@ -3,6 +3,9 @@ channel, wired to the servicer."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -13,6 +16,7 @@ from pathlib import Path
 from propeller.v1 import coordinator_pb2_grpc, manager_pb2
 from propeller.v1 import manager_pb2_grpc as manager_grpc
 from server.config import Endpoints, MqttConfig, TlsConfig, env_float, env_str
+from server.errors import Unavailable
 from server.grpc_server import ServiceBinding, channel
 from server.lifecycle import ServiceApp, for_serve, run_service, start_task, state_dir_from_env
 from server.manager.coordinator import CoordinatorClient
@@ -23,6 +27,7 @@ from server.manager.proplets import InMemoryPropletStore, Proplets, PropletStore
 from server.manager.service import ManagerServicer
 from server.manager.sqlite_store import ManagerDatabase
 from server.manager.tasks import InMemoryTaskStore, Tasks, TaskStore
+from server.messages import ResultAck
 from server.mqtt import MqttSession
 
 SERVICE_NAME: str = manager_pb2.DESCRIPTOR.services_by_name["Manager"].full_name
@@ -43,6 +48,12 @@ class ManagerConfig:
     # Proplets, tasks and experiments in `<state_dir>/manager.sqlite`; None keeps them in
     # memory only.
     state_dir: Path | None = None
+    # Reconciliation, every `reconcile_interval_s`: a task left SCHEDULED or RUNNING this long
+    # after its start (without ROUND_DEADLINE), or this long after its round's deadline, is
+    # interrupted with a reason (`Manager.reconcile`).
+    task_deadline_s: float = 900.0
+    report_grace_s: float = 30.0
+    reconcile_interval_s: float = 5.0
     # The OCI registry StartExperiment resolves task_wasm_image in to pin its digest: the
     # address every image's registry is reached at ("" = the host the image names) and
     # whether over plain HTTP (None: for loopback addresses only).
@@ -56,6 +67,10 @@ class ManagerConfig:
             raise ValueError(f"alive_window_s: {self.alive_window_s} must be > 0")
         if not self.rpc_timeout_s > 0:
             raise ValueError(f"rpc_timeout_s: {self.rpc_timeout_s} must be > 0")
+        for name in ("task_deadline_s", "report_grace_s", "reconcile_interval_s"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: {value} must be a finite number > 0")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ManagerConfig:
@@ -69,6 +84,11 @@ class ManagerConfig:
             task_endpoints=Endpoints.from_env(env),
             rpc_timeout_s=env_float(env, "PROPELLER_RPC_TIMEOUT_S", d.rpc_timeout_s),
             state_dir=state_dir_from_env(env),
+            task_deadline_s=env_float(env, "PROPELLER_TASK_DEADLINE_S", d.task_deadline_s),
+            report_grace_s=env_float(env, "PROPELLER_REPORT_GRACE_S", d.report_grace_s),
+            reconcile_interval_s=env_float(
+                env, "PROPELLER_RECONCILE_INTERVAL_S", d.reconcile_interval_s
+            ),
             oci_registry=env_str(env, "PROPELLER_OCI_REGISTRY", d.oci_registry),
             oci_insecure=_flag(env, "PROPELLER_OCI_INSECURE"),
             tls=TlsConfig.from_env(env),
@@ -87,9 +107,13 @@ def _flag(env: Mapping[str, str], key: str) -> bool | None:
     raise ValueError(f"{key}: {raw!r} must be 1 or 0")
 
 
+log = logging.getLogger(__name__)
+
+
 class ManagerApp(ServiceApp):
-    """Async context manager owning the manager's state, its MQTT session (proplet create,
-    alive and results) and its channel to the coordinator. Serve `bindings` while inside."""
+    """Async context manager owning the manager's state, its MQTT session (every proplet's
+    announcements, heartbeats and results; result acknowledgements out), the reconciliation
+    loop and its channel to the coordinator. Serve `bindings` while inside."""
 
     def __init__(
         self,
@@ -116,6 +140,9 @@ class ManagerApp(ServiceApp):
         )
         self._manager: Manager | None = None
         self._session: MqttSession | None = None
+        # Acknowledgements of handled results, sent in the background (never from the MQTT
+        # handler, which must not wait on the connection it runs on): (proplet id, ack).
+        self._acks: asyncio.Queue[tuple[str, ResultAck]] = asyncio.Queue()
 
     @property
     def manager(self) -> Manager:
@@ -138,8 +165,29 @@ class ManagerApp(ServiceApp):
             await self.database.flush()
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
-        await self.manager.handle_message(topic, payload)
+        ack = await self.manager.handle_message(topic, payload)
         await self.persisted()
+        if ack is not None:
+            # On disk first: an acknowledged result is never lost by a manager crash.
+            self._acks.put_nowait(ack)
+
+    async def _send_acks(self) -> None:
+        topics = self.config.mqtt.topics
+        while True:
+            proplet_id, ack = await self._acks.get()
+            try:
+                await self._publish(topics.result_ack_for(proplet_id), ack.to_json())
+            except Unavailable as exc:  # the proplet sends the result again: acked then
+                log.warning("[Manager.results] ack to %s not sent: %s", proplet_id, exc)
+
+    async def _reconcile(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reconcile_interval_s)
+            try:
+                await self.manager.reconcile()
+                await self.persisted()
+            except Exception:  # logged; the next round of reconciliation may succeed
+                log.exception("[Manager.reconcile] failed")
 
     async def _publish(self, topic: str, payload: bytes) -> None:
         await self._entered(self._session).publish(topic, payload)
@@ -171,19 +219,24 @@ class ManagerApp(ServiceApp):
             task_endpoints=self.config.task_endpoints,
             modules=modules,
             clock=self.clock,
+            task_deadline_s=self.config.task_deadline_s,
+            report_grace_s=self.config.report_grace_s,
             persisted=self.persisted,
         )
         stack.push_async_callback(self._manager.aclose)
-        # A stable client id per namespace: a restarted manager resumes its persistent
-        # session and receives the results queued while it was down.
+        # A stable client id (per namespace; with TLS, the manager's user name): a restarted
+        # manager resumes its persistent session and receives the results queued while it was
+        # down.
         self._session = await stack.enter_async_context(
             MqttSession(
                 self.config.mqtt,
                 f"propeller-manager-{topics.domain}-{topics.channel}",
-                [topics.proplet_create, topics.proplet_alive, topics.proplet_results],
+                topics.reports,
                 self._on_message,
             )
         )
+        start_task(stack, self._send_acks(), "manager-acks")
+        start_task(stack, self._reconcile(), "manager-reconcile")
         # Recovery: finish the fan-out of any experiment a crash left half-started.
         start_task(stack, self._manager.run_fan_outs(), "manager-fan-outs")
 

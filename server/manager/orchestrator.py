@@ -10,12 +10,21 @@ A repeated request gets the same answer (the same experiment and tasks).
 
 MQTT publishing and the coordinator are injected (`Publish`, `RoundService`, both in domain
 terms), so this is testable with plain fakes; `ManagerApp` wires in the real ones.
+
+MQTT intake trusts the topic, not the payload: a proplet reports on topics that end in its own
+id, which the broker lets only that proplet publish to (`server.mqtt_acl`). An announcement or
+heartbeat whose payload names another proplet, and a task result for a task assigned to
+another proplet, are dropped. Every well-formed result is acknowledged to its sender once
+handled (`ResultAck`), so the proplet stops sending it again; `reconcile` (run periodically)
+sends again the starts of tasks no proplet has reported on yet and interrupts the tasks left
+SCHEDULED or RUNNING past their deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
@@ -47,9 +56,9 @@ from server.manager.modules import Modules, PinnedModule
 from server.manager.proplets import Proplets, Skipped
 from server.manager.records import require
 from server.manager.tasks import Task, Tasks, TaskState
-from server.messages import PropletAnnounce, TaskResult
+from server.messages import PropletAnnounce, ResultAck, TaskResult
 from server.round_spec import RoundSpec, validate
-from server.topics import Topics
+from server.topics import Report, Topics
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +97,13 @@ class Manager:
     # Resolves an experiment's task_wasm_image to the module it pins (`server.manager.modules`).
     modules: Modules
     clock: Callable[[], float] = time.time
+    # Reconciliation (`reconcile`): a task without ROUND_DEADLINE is interrupted this long
+    # after its start if no final result came; a round task this long after its deadline; a
+    # start no proplet has reported on is sent again this often.
+    task_deadline_s: float = 900.0
+    report_grace_s: float = 30.0
+    start_resend_s: float = 10.0
+    _resent: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     # Waits until every change made to the stores so far is on disk (`ManagerApp.persisted`).
     persisted: Callable[[], Awaitable[None]] = _nothing_pending
     # Backoff of the background retries (fan-outs, failure reports): doubling up to the cap.
@@ -106,28 +122,86 @@ class Manager:
 
     # --- MQTT intake ---------------------------------------------------------------------
 
-    async def handle_message(self, topic: str, payload: bytes) -> None:
-        """Handler for the manager's MQTT subscriptions; malformed payloads are dropped."""
-        t = self.topics
+    async def handle_message(self, topic: str, payload: bytes) -> tuple[str, ResultAck] | None:
+        """Handler for the manager's MQTT subscriptions (`Topics.reports`): what a proplet
+        says, checked against the proplet whose topic it came on. Returns, for a task result,
+        the proplet to acknowledge it to and the acknowledgement, to publish once the state is
+        on disk; malformed payloads are dropped (and not acknowledged)."""
+        report = self.topics.parse_report(topic)
+        if report is None:
+            log.debug("[Manager.mqtt] topic=%s: not ours; ignored", topic)
+            return None
+        kind, sender = report
         try:
-            if topic in (t.proplet_create, t.proplet_alive):
-                announce = PropletAnnounce.from_json(payload)
-                known = self.proplets.store.get(announce.proplet_id) is not None
-                proplet = self.proplets.announce(announce)
-                if not known:
-                    log.info(
-                        "[Manager.proplets] proplet_id=%s name=%s registered",
-                        proplet.id,
-                        proplet.name,
-                    )
-            elif topic == t.proplet_results:
-                task = self.tasks.apply_result(TaskResult.from_json(payload))
+            if kind is Report.RESULTS:
+                result = TaskResult.from_json(payload)
+                task = self._apply_result(sender, result)
                 if task is not None:
                     self._task_ended(task)
-            else:
-                log.debug("[Manager.mqtt] topic=%s: not ours; ignored", topic)
+                return sender, ResultAck.of(result)
+            announce = PropletAnnounce.from_json(payload)
         except ValueError as exc:
             log.warning("[Manager.mqtt] topic=%s: malformed payload dropped: %s", topic, exc)
+            return None
+        if announce.proplet_id != sender:
+            log.warning(
+                "[Manager.proplets] topic=%s: proplet %s announced itself as %s; dropped",
+                topic,
+                sender,
+                announce.proplet_id,
+            )
+            return None
+        known = self.proplets.store.get(announce.proplet_id) is not None
+        proplet = self.proplets.announce(announce)
+        if not known:
+            log.info(
+                "[Manager.proplets] proplet_id=%s name=%s registered", proplet.id, proplet.name
+            )
+        return None
+
+    def _apply_result(self, sender: str, result: TaskResult) -> Task | None:
+        """Apply a result `sender` published (its payload may leave proplet_id out)."""
+        if result.proplet_id not in ("", sender):
+            log.warning(
+                "[Manager.results] task_id=%s: proplet %s reported as %s; dropped",
+                result.task_id,
+                sender,
+                result.proplet_id,
+            )
+            return None
+        return self.tasks.apply_result(replace(result, proplet_id=sender))
+
+    # --- reconciliation ------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Send again the starts no proplet has reported on for `start_resend_s` (a start
+        lost with a broker that died: a proplet ignores one it already has, and sends its
+        result again instead), and interrupt the tasks left SCHEDULED or RUNNING past their
+        deadline (`Tasks.overdue`), saying why."""
+        now = self.clock()
+        overdue = self.tasks.overdue(
+            now, task_deadline_s=self.task_deadline_s, grace_s=self.report_grace_s
+        )
+        for task, why in overdue:
+            ended = self.tasks.reconcile(task.id, why)
+            if ended is not None:
+                log.warning(
+                    "[Manager.reconcile] task_id=%s name=%s: %s", ended.id, ended.name, ended.error
+                )
+                self._task_ended(ended)
+        late = {t.id for t, _ in overdue}
+        unstarted = [t for t in self.tasks.unstarted(now - self.start_resend_s) if t.id not in late]
+        self._resent = {t.id: self._resent[t.id] for t in unstarted if t.id in self._resent}
+        for task in unstarted:
+            if now - self._resent.get(task.id, -math.inf) < self.start_resend_s:
+                continue
+            self._resent[task.id] = now
+            try:
+                await self._publish_start(task)
+            except Unavailable as exc:
+                log.warning(
+                    "[Manager.reconcile] task_id=%s: start not sent again: %s", task.id, exc
+                )
 
     # --- tasks ---------------------------------------------------------------------------
 
@@ -155,7 +229,8 @@ class Manager:
 
     async def stop_task(self, task_id: str) -> Task:
         task = self.tasks.check_stoppable(task_id)
-        await self.publish(self.topics.task_stop, task.stop_message().to_json())
+        topic = self.topics.task_stop_for(task.proplet_id)
+        await self.publish(topic, task.stop_message().to_json())
         log.info("[Manager.StopTask] task_id=%s proplet_id=%s", task.id, task.proplet_id or "*")
         task = self.tasks.interrupt(task_id)
         self._task_ended(task)

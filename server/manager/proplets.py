@@ -81,8 +81,10 @@ class Proplets:
         return require(self.store, proplet_id, "proplet")
 
     def all(self) -> list[Proplet]:
-        """Every known proplet, in registration order."""
-        return sorted(self.store.list(), key=lambda p: (p.registered_at, p.id))
+        """Every known proplet, in registration order (the store's order, kept across
+        restarts; new proplets only ever come at the end, which ListProplets' pages count
+        on)."""
+        return self.store.list()
 
     def age(self, proplet: Proplet) -> float:
         """Seconds since the manager last heard from `proplet`."""

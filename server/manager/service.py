@@ -10,11 +10,20 @@ from propeller.v1 import coordinator_pb2, manager_pb2
 from server.coordinator.wire import spec_fields, spec_from_proto, status_to_proto
 from server.errors import InvalidArgument, grpc_errors
 from server.grpc_server import Context
+from server.ids import (
+    MAX_MODULE_BYTES,
+    check_id,
+    check_name,
+    check_text,
+    check_text_map,
+    check_texts,
+)
 from server.manager.experiments import Experiment
 from server.manager.orchestrator import Manager
 from server.manager.proplets import Proplet
-from server.manager.tasks import Task, TaskState
+from server.manager.tasks import Task, TaskState, matches
 from server.messages import TaskSpec
+from server.paging import PageRequest, page_of
 
 _TO_PROTO: dict[TaskState, manager_pb2.TaskState] = {
     TaskState.PENDING: manager_pb2.TASK_STATE_PENDING,
@@ -86,6 +95,19 @@ def experiment_to_proto(e: Experiment) -> manager_pb2.Experiment:
     )
 
 
+def check_task_request(request: manager_pb2.CreateTaskRequest) -> None:
+    """A task's fields within the rules of `server.ids`: its name, proplet id, environment and
+    arguments; an inline module of at most `MAX_MODULE_BYTES` (what the task runs is the
+    task store's to judge)."""
+    check_name(request.name, "name")
+    check_id(request.proplet_id, "proplet_id", optional=True)
+    check_text(request.image_url, "image_url")
+    if len(request.file) > MAX_MODULE_BYTES:
+        raise InvalidArgument(f"file: {len(request.file)} bytes, at most {MAX_MODULE_BYTES}")
+    check_text_map(request.env, "env")
+    check_texts(request.cli_args, "cli_args")
+
+
 async def _nothing_pending() -> None:
     return None
 
@@ -138,40 +160,50 @@ class ManagerServicer:
         self, request: manager_pb2.GetExperimentRequest, context: Context
     ) -> manager_pb2.Experiment:
         async with self._answering(context, "Manager.GetExperiment"):
+            check_id(request.experiment_id, "experiment_id")
             return experiment_to_proto(self.manager.get_experiment(request.experiment_id))
 
     async def ListExperiments(
         self, request: manager_pb2.ListExperimentsRequest, context: Context
     ) -> manager_pb2.ListExperimentsResponse:
         async with self._answering(context, "Manager.ListExperiments"):
+            wanted = PageRequest.of(request, "ListExperiments", int)
+            # Creation order: the store's, where new experiments only ever come at the end.
+            experiments = self.manager.experiments.list()
+            page = page_of(wanted.indexed(experiments), wanted, experiment_to_proto)
             return manager_pb2.ListExperimentsResponse(
-                experiments=[experiment_to_proto(e) for e in self.manager.list_experiments()]
+                experiments=page.items, next_page_token=page.next_page_token
             )
 
     async def GetRoundStatus(
         self, request: coordinator_pb2.GetRoundStatusRequest, context: Context
     ) -> coordinator_pb2.RoundStatus:
         async with grpc_errors(context, "Manager.GetRoundStatus"):
+            check_id(request.round_id, "round_id")
             return status_to_proto(await self.manager.get_round_status(request.round_id))
 
     async def ListProplets(
         self, request: manager_pb2.ListPropletsRequest, context: Context
     ) -> manager_pb2.ListPropletsResponse:
         async with self._answering(context, "Manager.ListProplets"):
+            wanted = PageRequest.of(request, "ListProplets", int)
+            page = page_of(wanted.indexed(self.manager.proplets.all()), wanted, self._proplet)
             return manager_pb2.ListPropletsResponse(
-                proplets=[self._proplet(p) for p in self.manager.proplets.all()]
+                proplets=page.items, next_page_token=page.next_page_token
             )
 
     async def GetProplet(
         self, request: manager_pb2.GetPropletRequest, context: Context
     ) -> manager_pb2.Proplet:
         async with self._answering(context, "Manager.GetProplet"):
+            check_id(request.proplet_id, "proplet_id")
             return self._proplet(self.manager.proplets.get(request.proplet_id))
 
     async def CreateTask(
         self, request: manager_pb2.CreateTaskRequest, context: Context
     ) -> manager_pb2.Task:
         async with self._answering(context, "Manager.CreateTask"):
+            check_task_request(request)
             task = self.manager.tasks.create(
                 request.name,
                 image_url=request.image_url,
@@ -184,23 +216,35 @@ class ManagerServicer:
 
     async def StartTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
         async with self._answering(context, "Manager.StartTask"):
+            check_id(request.task_id, "task_id")
             return task_to_proto(await self.manager.start_task(request.task_id))
 
     async def StopTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
         async with self._answering(context, "Manager.StopTask"):
+            check_id(request.task_id, "task_id")
             return task_to_proto(await self.manager.stop_task(request.task_id))
 
     async def GetTask(self, request: manager_pb2.TaskRef, context: Context) -> manager_pb2.Task:
         async with self._answering(context, "Manager.GetTask"):
+            check_id(request.task_id, "task_id")
             return task_to_proto(self.manager.tasks.get(request.task_id))
 
     async def ListTasks(
         self, request: manager_pb2.ListTasksRequest, context: Context
     ) -> manager_pb2.ListTasksResponse:
         async with self._answering(context, "Manager.ListTasks"):
-            tasks = self.manager.tasks.find(
-                name_prefix=request.name_prefix,
-                proplet_id=request.proplet_id,
-                state=state_from_proto(request.state),
+            prefix = check_name(request.name_prefix, "name_prefix", optional=True)
+            proplet_id = check_id(request.proplet_id, "proplet_id", optional=True)
+            state = state_from_proto(request.state)
+            wanted = PageRequest.of(request, "ListTasks", int)
+            # Positions among all tasks (creation order), so a task changing state or
+            # reporting proplet between two pages cannot shift the next one.
+            page = page_of(
+                wanted.indexed(self.manager.tasks.listed()),
+                wanted,
+                task_to_proto,
+                keep=lambda t: matches(t, name_prefix=prefix, proplet_id=proplet_id, state=state),
             )
-            return manager_pb2.ListTasksResponse(tasks=[task_to_proto(t) for t in tasks])
+            return manager_pb2.ListTasksResponse(
+                tasks=page.items, next_page_token=page.next_page_token
+            )

@@ -8,6 +8,14 @@ A final state (COMPLETED, FAILED, INTERRUPTED, SKIPPED) is left only by a new st
 arriving for a finished task are ignored. Every start is a new attempt (`Task.attempt`, 1, 2,
 ...) carried in the TaskStart and echoed in each TaskResult: a result of another attempt (a
 late report of a run that was stopped before the task was started again) is ignored too.
+Applying a result is idempotent (proplets send each one again until it is acknowledged): a
+repeat changes nothing.
+
+A task still SCHEDULED or RUNNING past its deadline (`overdue`: a round task's ROUND_DEADLINE
+plus a grace for the last report, any other task a bound from its start) is `reconcile`d:
+INTERRUPTED, with a reason saying no result came. A final result of the same attempt arriving
+after that (a proplet that was cut off by a broker outage) still replaces it: what happened
+beats the guess.
 The caller publishes the MQTT messages; this module only decides and records.
 """
 
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +59,10 @@ FINAL_STATES = frozenset(
 STARTABLE = frozenset({TaskState.PENDING, *FINAL_STATES})
 # States a stop interrupts.
 STOPPABLE = frozenset({TaskState.SCHEDULED, TaskState.RUNNING})
+
+# The start of the error of a task `reconcile` interrupted (no result by its deadline): a final
+# result of the same attempt may still replace it.
+UNREPORTED = "interrupted: no result"
 
 _RESULT_STATES = {
     messages.RUNNING: TaskState.RUNNING,
@@ -91,6 +104,18 @@ class Task(messages.TaskSpec):
 # creation order.
 TaskStore = RecordStore[Task]
 InMemoryTaskStore = InMemoryStore[Task]
+
+
+def matches(
+    task: Task, *, name_prefix: str = "", proplet_id: str = "", state: TaskState | None = None
+) -> bool:
+    """ListTasks' filter: a name starting with `name_prefix`, addressed to or reported by
+    `proplet_id` ("" = any), in `state` (None = any)."""
+    return (
+        task.name.startswith(name_prefix)
+        and (not proplet_id or proplet_id in (task.proplet_id, task.reported_by))
+        and (state is None or task.state is state)
+    )
 
 
 class Tasks:
@@ -142,15 +167,18 @@ class Tasks:
     def get(self, task_id: str) -> Task:
         return require(self.store, task_id, "task")
 
+    def listed(self) -> list[Task]:
+        """Every task in creation order (the store's order, kept across restarts; new tasks
+        only ever come at the end, which is what ListTasks' pages count on)."""
+        return self.store.list()
+
     def find(
         self, *, name_prefix: str = "", proplet_id: str = "", state: TaskState | None = None
     ) -> list[Task]:
         return [
             t
-            for t in sorted(self.store.list(), key=lambda t: t.created_at)
-            if t.name.startswith(name_prefix)
-            and (not proplet_id or proplet_id in (t.proplet_id, t.reported_by))
-            and (state is None or t.state is state)
+            for t in self.listed()
+            if matches(t, name_prefix=name_prefix, proplet_id=proplet_id, state=state)
         ]
 
     def running_on(self, proplet_id: str) -> int:
@@ -203,6 +231,47 @@ class Tasks:
             )
         return task
 
+    def overdue(
+        self, now: float, *, task_deadline_s: float, grace_s: float
+    ) -> list[tuple[Task, str]]:
+        """The tasks still SCHEDULED or RUNNING past their deadline, each with why: a round
+        task (ROUND_DEADLINE in its env, unix seconds) `grace_s` after that deadline, any
+        other `task_deadline_s` after it was started."""
+        found: list[tuple[Task, str]] = []
+        for task in self.store.list():
+            if task.state not in STOPPABLE:
+                continue
+            round_deadline = _round_deadline(task)
+            if round_deadline is not None:
+                if now > round_deadline + grace_s:
+                    found.append((task, f"by the round's deadline ({grace_s:g} s grace)"))
+            elif now > (task.started_at or task.updated_at) + task_deadline_s:
+                found.append((task, f"within {task_deadline_s:g} s of its start"))
+        return found
+
+    def unstarted(self, scheduled_before: float) -> list[Task]:
+        """The tasks SCHEDULED before `scheduled_before` that no proplet has reported on."""
+        return [
+            t
+            for t in self.store.list()
+            if t.state is TaskState.SCHEDULED and t.updated_at < scheduled_before
+        ]
+
+    def reconcile(self, task_id: str, why: str) -> Task | None:
+        """Interrupt a task no proplet reported on in time (see `overdue`), unless it ended
+        meanwhile; the task, or None if it had ended."""
+        task = self.get(task_id)
+        if task.state not in STOPPABLE:
+            return None
+        now = self.clock()
+        who = task.proplet_id or "any proplet"
+        error = f"{UNREPORTED} from {who} {why} (task left {task.state.value})"
+        task = replace(
+            task, state=TaskState.INTERRUPTED, error=error, finished_at=now, updated_at=now
+        )
+        self.store.put(task)
+        return task
+
     def interrupt(self, task_id: str) -> Task:
         """Mark a stopped task INTERRUPTED, unless it finished in the meantime."""
         task = self.get(task_id)
@@ -222,9 +291,10 @@ class Tasks:
         return task
 
     def apply_result(self, result: messages.TaskResult) -> Task | None:
-        """Record a result a proplet published. Returns the updated task, or None when the
-        result was dropped (unknown task, wrong proplet, another attempt, task already
-        finished)."""
+        """Record a result proplet `result.proplet_id` published (the caller has checked that
+        it is the proplet that sent it). Returns the updated task, or None when the result
+        was dropped (unknown task, another proplet's task, another attempt, task already
+        finished, a repeat)."""
         task = self.store.get(result.task_id)
         if task is None:
             log.warning(
@@ -233,7 +303,7 @@ class Tasks:
                 result.proplet_id,
             )
             return None
-        if task.proplet_id and result.proplet_id and result.proplet_id != task.proplet_id:
+        if task.proplet_id and result.proplet_id != task.proplet_id:
             log.warning(
                 "[Manager.results] task_id=%s proplet_id=%s: task belongs to %s; dropped",
                 task.id,
@@ -251,7 +321,11 @@ class Tasks:
                 result.attempt,
             )
             return None
-        if task.state.final or task.state is TaskState.PENDING:
+        new_state = _RESULT_STATES[result.state]
+        late = task.state is TaskState.INTERRUPTED and task.error.startswith(UNREPORTED)
+        if (task.state.final and not (late and new_state.final)) or (
+            task.state is TaskState.PENDING
+        ):
             log.info(
                 "[Manager.results] task_id=%s state=%s: result %s ignored",
                 task.id,
@@ -259,7 +333,8 @@ class Tasks:
                 result.state,
             )
             return None
-        new_state = _RESULT_STATES[result.state]
+        if new_state is TaskState.RUNNING and task.state is TaskState.RUNNING:
+            return None  # a repeat: nothing to change
         now = self.clock()
         task = replace(
             task,
@@ -282,3 +357,15 @@ class Tasks:
             "[Manager.results] task_id=%s name=%s state=%s", task.id, task.name, new_state.value
         )
         return task
+
+
+def _round_deadline(task: Task) -> float | None:
+    """A round task's ROUND_DEADLINE (unix seconds), None for another task."""
+    raw = task.env.get("ROUND_DEADLINE", "")
+    if not raw:
+        return None
+    try:
+        deadline = float(raw)
+    except ValueError:
+        return None
+    return deadline if math.isfinite(deadline) else None

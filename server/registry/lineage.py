@@ -39,7 +39,7 @@ from server.errors import (
 from server.models import model_uri
 from server.registry.registry import ModelRegistry
 from server.sqlite import Database
-from server.streams import PayloadBuffer, checked_total, drain
+from server.streams import checked_total, drain
 from server.tensors import DEFAULT_CHUNK_SIZE, specs_from_proto
 
 log = logging.getLogger(__name__)
@@ -174,21 +174,20 @@ class LineageBytes:
         specs = specs_from_proto(header.tensors, f"{field}.header.tensors")
         if not specs:
             raise InvalidArgument(f"{field}.header.tensors: must list at least one tensor")
-        buf = PayloadBuffer(checked_total(specs, header.total_bytes, f"{field}.header"), field)
-        while not buf.complete:
+        need = checked_total(specs, header.total_bytes, f"{field}.header")
+        buf = bytearray()
+        while len(buf) < need:
             if not self._rest:
                 chunk = await anext(self._stream, None)
                 if chunk is None:
-                    raise InvalidArgument(
-                        f"{field}: stream ended after {buf.filled} of {buf.need} bytes"
-                    )
+                    raise InvalidArgument(f"{field}: stream ended after {len(buf)} of {need} bytes")
                 if chunk.WhichOneof("part") != "data":
                     raise InvalidArgument(f"{field}: a second header in one stream")
                 self._rest = chunk.data
-            room = buf.need - buf.filled
-            buf.add(self._rest[:room])
+            room = need - len(buf)
+            buf += self._rest[:room]
             self._rest = self._rest[room:]
-        return bytes(buf.buf)
+        return bytes(buf)
 
     async def end(self) -> None:
         """Nothing may follow the last contribution's bytes."""

@@ -8,25 +8,19 @@ out a version twice or overwrite one.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator
 
 import numpy as np
 
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from server.models import MAX_VERSION, model_uri
 from server.registry.store import ModelCorrupted, ModelInfo, ModelStore, StoredModel
-from server.tensors import (
-    Array,
-    Tensors,
-    check_finite,
-    nbytes_of,
-    offload_if_big,
-    sha256_of,
-    specs_of,
-)
+from server.streams import MAX_PAYLOAD_BYTES, Payload
+from server.tensors import Tensors, nbytes_of, offload_if_big, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +36,12 @@ def initial_model(dimension: int, dtype: np.dtype[np.floating]) -> Tensors:
     return {"w": np.zeros(dimension, dtype=dtype), "b": np.zeros((), dtype=dtype)}
 
 
-def _checked_digest(tensors: Mapping[str, Array], field: str) -> str:
-    if not tensors:
+def _checked_digest(payload: Payload, field: str) -> str:
+    """The payload's sha256, once it has tensors and every value is finite (read piece by
+    piece: a spooled payload is never loaded whole)."""
+    if not payload.specs:
         raise InvalidArgument(f"{field}.tensors: must list at least one tensor")
-    check_finite(tensors, field)
-    return sha256_of(tensors)
+    return payload.sha256(finite_field=field)
 
 
 def not_found(version: int) -> NotFound:
@@ -66,37 +61,45 @@ class ModelRegistry:
     ) -> ModelInfo:
         tensors = initial_model(dimension, np.dtype("<f8") if dtype is None else dtype)
         digest = await offload_if_big(nbytes_of(tensors), sha256_of, tensors)
+        payload = await offload_if_big(nbytes_of(tensors), Payload.of, tensors)
         async with self._put_lock:
             if await self.store.info(0) is not None:
                 raise AlreadyExists(f"version: 0 ({model_uri(0)}) already exists")
-            info = await self._store_put(0, tensors, digest)
+            info = await self._store_put(0, payload, digest)
         log.info("[ModelRegistry.InitModel] version=0 dimension=%d", dimension)
         return info
 
+    @property
+    def max_bytes(self) -> int:
+        """The most bytes a version may have (what the store holds, at most
+        `MAX_PAYLOAD_BYTES`): PutModel refuses a bigger one from its header."""
+        return min(MAX_PAYLOAD_BYTES, self.store.max_bytes)
+
     async def put_model(
         self,
-        tensors: Mapping[str, Array],
+        payload: Payload,
         *,
         version: int | None = None,
         sha256: str = "",
         field: str = "model",
     ) -> ModelInfo:
-        """Store `tensors` as `version`, or as the next version when `version` is None.
+        """Store `payload` (the tensors' bytes, in memory or spooled) as `version`, or as the
+        next version when `version` is None.
 
         `sha256`, if given, must be the digest of the tensors' bytes as the sender computed it.
         """
         if version is not None and not 0 <= version <= MAX_VERSION:
             raise InvalidArgument(f"version: must be between 0 and {MAX_VERSION}, got {version}")
-        digest = await offload_if_big(nbytes_of(tensors), _checked_digest, tensors, field)
+        digest = await offload_if_big(payload.nbytes, _checked_digest, payload, field)
         if sha256 and sha256.lower() != digest:
             raise InvalidArgument(
                 f"sha256: header says {sha256}, the received bytes hash to {digest}"
             )
         async with self._put_lock:
             if version is not None:
-                info = await self._store_put(version, tensors, digest)
+                info = await self._store_put(version, payload, digest)
             else:
-                info = await self._put_next(tensors, digest)
+                info = await self._put_next(payload, digest)
         log.info(
             "[ModelRegistry.PutModel] version=%d bytes=%d sha256=%s",
             info.version,
@@ -105,7 +108,7 @@ class ModelRegistry:
         )
         return info
 
-    async def _put_next(self, tensors: Mapping[str, Array], digest: str) -> ModelInfo:
+    async def _put_next(self, payload: Payload, digest: str) -> ModelInfo:
         for _ in range(_PUT_ATTEMPTS):
             versions = await self.store.versions()
             candidate = versions[-1] + 1 if versions else 0
@@ -114,7 +117,7 @@ class ModelRegistry:
                     f"version: {versions[-1]} is stored, the highest a model reference can name"
                 )
             try:
-                return await self._store_put(candidate, tensors, digest)
+                return await self._store_put(candidate, payload, digest)
             except AlreadyExists:
                 # Another process sharing the store published this version first.
                 continue
@@ -122,17 +125,15 @@ class ModelRegistry:
             f"version: could not claim a new version after {_PUT_ATTEMPTS} attempts"
         )
 
-    async def _store_put(
-        self, version: int, tensors: Mapping[str, Array], digest: str
-    ) -> ModelInfo:
+    async def _store_put(self, version: int, payload: Payload, digest: str) -> ModelInfo:
         """`store.put`. If this call is cancelled (a client that went away, a server stop whose
         grace period ran out) the write, which goes on in the store's thread, stops before it
         commits: a version is stored only by a put that can still be acknowledged (bar the
         moment of the commit itself), and never torn either way."""
-        info = ModelInfo(version, digest, tuple(specs_of(tensors)), time.time())
+        info = ModelInfo(version, digest, payload.specs, time.time())
         abandoned = threading.Event()
         try:
-            await self.store.put(info, tensors, abandoned)
+            await self.store.put(info, payload, abandoned)
             return info
         except asyncio.CancelledError:
             abandoned.set()
@@ -157,18 +158,19 @@ class ModelRegistry:
             raise not_found(version)
         return info
 
-    async def list_models(self) -> list[ModelInfo]:
-        """Every readable version, oldest first; a corrupted one is logged and left out."""
-        out: list[ModelInfo] = []
-        for version in await self.store.versions():
+    async def list_models(self, after: int | None = None) -> AsyncIterator[ModelInfo]:
+        """Every readable version (after version `after`, when given), oldest first, read as
+        they are asked for; a corrupted one is logged and left out."""
+        versions = await self.store.versions()
+        start = 0 if after is None else bisect.bisect_right(versions, after)
+        for version in versions[start:]:
             try:
                 info = await self.store.info(version)
             except ModelCorrupted as exc:
                 log.error("[ModelRegistry.ListModels] skipping version=%d: %s", version, exc)
                 continue
             if info is not None:
-                out.append(info)
-        return out
+                yield info
 
     async def next_version(self) -> int:
         versions = await self.store.versions()

@@ -13,10 +13,11 @@ from propeller.v1 import model_registry_pb2, model_registry_pb2_grpc, tensor_pb2
 from server.errors import InvalidArgument, grpc_errors
 from server.grpc_server import Context, ServiceBinding
 from server.models import parse_model_uri
+from server.paging import Page, PageRequest
 from server.registry.lineage import Lineages, MemoryLineageStore
 from server.registry.registry import ModelRegistry
 from server.registry.store import ModelInfo, StoredModel
-from server.streams import model_stream, read_model_stream
+from server.streams import Payload, model_stream, read_model_payload
 from server.tensors import DEFAULT_CHUNK_SIZE, dtype_from_proto, offload_if_big
 
 SERVICE_NAME = "propeller.v1.ModelRegistry"
@@ -132,20 +133,28 @@ class ModelRegistryServicer:
         self, request_iterator: AsyncIterator[tensor_pb2.ModelChunk], context: Context
     ) -> model_registry_pb2.ModelVersion:
         async with grpc_errors(context, "ModelRegistry.PutModel"):
-            header, tensors = await read_model_stream(request_iterator, "model")
-            version: int | None = None
-            if header.HasField("version"):
-                version = header.version
-            if header.model_uri:
-                named = parse_model_uri(header.model_uri, "model_uri")
-                if version is not None and version != named:
-                    raise InvalidArgument(
-                        f"model_uri: {header.model_uri!r} names version {named}, "
-                        f"header.version is {version}"
-                    )
-                version = named
-            info = await self.registry.put_model(tensors, version=version, sha256=header.sha256)
-            return model_version_proto(info)
+            header, payload = await read_model_payload(
+                request_iterator, "model", max_bytes=self.registry.max_bytes
+            )
+            try:
+                return model_version_proto(await self._put(header, payload))
+            finally:
+                payload.close()
+
+    async def _put(self, header: tensor_pb2.ModelHeader, payload: Payload) -> ModelInfo:
+        """Store an upload: as the version its header names, else as the next one."""
+        version: int | None = None
+        if header.HasField("version"):
+            version = header.version
+        if header.model_uri:
+            named = parse_model_uri(header.model_uri, "model_uri")
+            if version is not None and version != named:
+                raise InvalidArgument(
+                    f"model_uri: {header.model_uri!r} names version {named}, "
+                    f"header.version is {version}"
+                )
+            version = named
+        return await self.registry.put_model(payload, version=version, sha256=header.sha256)
 
     async def GetModel(
         self, request: model_registry_pb2.GetModelRequest, context: Context
@@ -173,9 +182,14 @@ class ModelRegistryServicer:
         self, request: model_registry_pb2.ListModelsRequest, context: Context
     ) -> model_registry_pb2.ListModelsResponse:
         async with grpc_errors(context, "ModelRegistry.ListModels"):
-            infos = await self.registry.list_models()
+            wanted = PageRequest.of(request, "ListModels", int)
+            page: Page[model_registry_pb2.ModelVersion] = Page(wanted)
+            after = None if wanted.after is None else int(wanted.after)
+            async for info in self.registry.list_models(after=after):
+                if not page.offer(info.version, model_version_proto(info)):
+                    break
             return model_registry_pb2.ListModelsResponse(
-                models=[model_version_proto(i) for i in infos]
+                models=page.items, next_page_token=page.next_page_token
             )
 
     async def PutLineage(

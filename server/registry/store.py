@@ -19,7 +19,7 @@ import logging
 import math
 import sqlite3
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from threading import Event
@@ -30,11 +30,10 @@ import numpy as np
 from server.errors import AlreadyExists, DataLoss, ResourceExhausted
 from server.models import model_uri
 from server.sqlite import Database
+from server.streams import MAX_PAYLOAD_BYTES, Payload
 from server.tensors import (
-    Array,
     Spec,
     Tensors,
-    nbytes_of,
     offload_if_big,
     specs_from_json,
     specs_to_json,
@@ -86,6 +85,9 @@ class StoredModel:
 
 
 class ModelStore(Protocol):
+    # The most bytes one version may have here.
+    max_bytes: int
+
     def cached(self, version: int) -> StoredModel | None:
         """The version if it is in memory already (verified), without waiting; else None."""
         ...
@@ -98,12 +100,12 @@ class ModelStore(Protocol):
         """Metadata of a stored version without reading its bytes, or None."""
         ...
 
-    async def put(self, info: ModelInfo, tensors: Mapping[str, Array], abandoned: Event) -> None:
-        """Store `tensors` as the new version `info` describes (its sha256 is the digest of
-        the tensors' concatenated bytes, computed by the caller); AlreadyExists if that
-        version is stored (it stays unchanged). Once `abandoned` is set (the caller gave up:
-        its call was cancelled), a write still in progress stops before it commits and raises
-        WriteAbandoned, storing nothing."""
+    async def put(self, info: ModelInfo, payload: Payload, abandoned: Event) -> None:
+        """Store `payload` (the tensors' bytes, in memory or spooled to a file) as the new
+        version `info` describes (its sha256 is the digest of those bytes, computed by the
+        caller); AlreadyExists if that version is stored (it stays unchanged). Once
+        `abandoned` is set (the caller gave up: its call was cancelled), a write still in
+        progress stops before it commits and raises WriteAbandoned, storing nothing."""
         ...
 
     async def versions(self) -> list[int]:
@@ -124,9 +126,9 @@ def _already_exists(version: int) -> AlreadyExists:
     return AlreadyExists(f"version: {version} ({model_uri(version)}) already exists")
 
 
-def _frozen_copy(tensors: Mapping[str, Array]) -> Tensors:
+def _frozen_copy(payload: Payload) -> Tensors:
     out: Tensors = {}
-    for name, arr in tensors.items():
+    for name, arr in payload.tensors().items():
         copy = np.array(arr, copy=True, order="C")
         copy.setflags(write=False)
         out[name] = copy
@@ -136,7 +138,8 @@ def _frozen_copy(tensors: Mapping[str, Array]) -> Tensors:
 class InMemoryModelStore:
     """Versions in a dict; gone when the process ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+        self.max_bytes = max_bytes
         self._models: dict[int, StoredModel] = {}
 
     def cached(self, version: int) -> StoredModel | None:
@@ -149,8 +152,8 @@ class InMemoryModelStore:
         model = self._models.get(version)
         return None if model is None else model.info
 
-    async def put(self, info: ModelInfo, tensors: Mapping[str, Array], abandoned: Event) -> None:
-        frozen = await offload_if_big(nbytes_of(tensors), _frozen_copy, tensors)
+    async def put(self, info: ModelInfo, payload: Payload, abandoned: Event) -> None:
+        frozen = await offload_if_big(payload.nbytes, _frozen_copy, payload)
         # No await from here on: the check and the insert are one step.
         if info.version in self._models:
             raise _already_exists(info.version)
@@ -212,10 +215,10 @@ class SqliteModelStore:
     """Versions in one SQLite file (`registry.sqlite`), each inserted in one transaction.
     `SqliteModelStore(path)` does no I/O: `await open()` before use, `await close()` after.
 
-    The bytes are written into the row's BLOB tensor by tensor (no concatenated copy) inside
-    the inserting transaction. Reads check the BLOB's length and sha256 against the row
-    before serving anything (DATA_LOSS otherwise); the last `cache_size` versions read are
-    kept in memory once verified.
+    The bytes are written into the row's BLOB piece by piece (from memory, or from the file
+    an upload was spooled to) inside the inserting transaction. Reads check the BLOB's length
+    and sha256 against the row before serving anything (DATA_LOSS otherwise); the last
+    `cache_size` versions read are kept in memory once verified.
     """
 
     def __init__(self, path: Path, cache_size: int = 2) -> None:
@@ -306,7 +309,7 @@ class SqliteModelStore:
             ) from None
         return info
 
-    async def put(self, info: ModelInfo, tensors: Mapping[str, Array], abandoned: Event) -> None:
+    async def put(self, info: ModelInfo, payload: Payload, abandoned: Event) -> None:
         version = info.version
         if version < 0:
             raise ValueError(f"version must be >= 0, got {version}")
@@ -328,14 +331,12 @@ class SqliteModelStore:
             except sqlite3.IntegrityError:
                 raise _already_exists(version) from None
             if size:
+                # Piece by piece from memory or the spool file: a big version is never
+                # held whole in memory on its way in.
                 with conn.blobopen("models", "data", version) as blob:
-                    for arr in tensors.values():
-                        if not arr.nbytes:
-                            continue
-                        data = np.ascontiguousarray(arr).data.cast("B")
-                        for start in range(0, len(data), _BLOB_PIECE):
-                            _check_abandoned(abandoned, version)
-                            blob.write(data[start : start + _BLOB_PIECE])
+                    for _spec, piece in payload.pieces(_BLOB_PIECE):
+                        _check_abandoned(abandoned, version)
+                        blob.write(piece)
             _check_abandoned(abandoned, version)
 
         # One transaction: the row and all of its bytes commit together or not at all.

@@ -6,6 +6,8 @@ No Docker engine runs here, so the cluster is compose.yaml played by hand:
 - each service of ours runs as a local process: the image's ENTRYPOINT (`propeller-fl` of this
   virtualenv) followed by exactly the service's `command`, with exactly its `environment`;
 - the broker and the OCI registry are real Mosquitto and docker-registry (tests/support/infra.py);
+  the broker starts once the certs job has made its bundle, with the TLS listener and the ACL
+  compose.yaml configures (the same generators, `server.mqtt_acl`);
 - services start in `depends_on` order, each waiting for its dependencies' conditions
   (`service_healthy`: the dependency's own healthcheck command exits 0;
   `service_completed_successfully`: the job exited 0), and every healthcheck is run until it
@@ -50,10 +52,13 @@ from propeller.v1 import (
 )
 from server.cli.serve import LOG_LEVEL_ENV, SERVICES
 from server.config import MqttConfig, TlsConfig
+from server.messages import MAX_PACKET_BYTES
+from server.mqtt_acl import MosquittoTls, mosquitto_acl
+from server.pki import CertificateAuthority
 from server.topics import Topics
 from tests.support.clients import V0, Clients, clients
 from tests.support.cluster import round_notes
-from tests.support.infra import Mosquitto, OciRegistry, mosquitto, oci_registry
+from tests.support.infra import Mosquitto, OciRegistry, oci_registry
 from tests.support.ports import free_port
 from tests.support.processes import (
     GRPC_SERVICES,
@@ -92,6 +97,7 @@ CERTS_DIR = "/certs"
 JOBS = (JOB, CERTS)
 # The bundle each service of ours runs with (a proplet: its own id's).
 BUNDLES = {
+    "mosquitto": "service-mqtt",
     "manager": "service-manager",
     "coordinator": "service-coordinator",
     "aggregator": "service-aggregator",
@@ -385,15 +391,51 @@ def test_ports_are_the_seeds(compose: dict[str, Any]) -> None:
     assert "listener 1883" in compose["configs"]["mosquitto-conf"]["content"]
 
 
-def test_mosquitto_is_configured_inline_for_anonymous_clients(compose: dict[str, Any]) -> None:
+# The broker's files in its container: its bundle and the CA's revocation list from the certs
+# volume, its own copy of its key (see compose.yaml), the ACL from `configs`.
+BROKER_FILES = MosquittoTls(
+    ca=f"{CERTS_DIR}/service-mqtt/ca.crt",
+    cert=f"{CERTS_DIR}/service-mqtt/tls.crt",
+    key="/mosquitto/tls.key",
+    crl=f"{CERTS_DIR}/crl.pem",
+    acl="/mosquitto/config/acl",
+)
+
+
+def test_mosquitto_requires_certificates_and_applies_the_acl(compose: dict[str, Any]) -> None:
+    """The listener block the tests' own brokers run (`MosquittoTls.listener`, the one
+    generator), with the container's paths; the ACL file is `server.mqtt_acl`'s, verbatim."""
     mosq = services(compose)["mosquitto"]
     assert mosq["configs"] == [
-        {"source": "mosquitto-conf", "target": "/mosquitto/config/mosquitto.conf"}
+        {"source": "mosquitto-conf", "target": "/mosquitto/config/mosquitto.conf"},
+        {"source": "mosquitto-acl", "target": BROKER_FILES.acl},
     ]
-    lines = compose["configs"]["mosquitto-conf"]["content"].splitlines()
-    assert {"listener 1883", "allow_anonymous true", "persistence true"} <= set(lines)
-    assert "persistence_location /mosquitto/data/" in lines
-    assert volume_mounts(mosq) == {"/mosquitto/data": "mosquitto-data"}
+    conf = compose["configs"]["mosquitto-conf"]["content"]
+    lines = conf.splitlines()
+    assert lines[0] == "per_listener_settings true"
+    assert BROKER_FILES.listener(PUBLISHED["mosquitto"]) in conf
+    assert "allow_anonymous true" not in lines
+    assert sum(line.startswith("listener ") for line in lines) == 1  # no plaintext listener
+    assert {"persistence true", "persistence_location /mosquitto/data/"} <= set(lines)
+    assert f"max_packet_size {MAX_PACKET_BYTES}" in lines
+    assert compose["configs"]["mosquitto-acl"]["content"] == mosquitto_acl()
+    assert volume_mounts(mosq) == {"/mosquitto/data": "mosquitto-data", CERTS_DIR: "certs"}
+    assert f"certs:{CERTS_DIR}:ro" in mosq["volumes"]
+    assert depends_on(mosq) == {CERTS: "service_completed_successfully"}
+    # The key mosquitto reads is its own copy of the certs job's, made before it starts.
+    shell = mosq["command"]
+    assert shell[:2] == ["sh", "-c"]
+    copy = f"install -m 0400 -o mosquitto -g mosquitto {CERTS_DIR}/service-mqtt/tls.key"
+    assert shell[2].startswith(f"{copy} {BROKER_FILES.key} && exec /usr/sbin/mosquitto -c ")
+    # Its healthcheck connects as the broker's own identity over TLS.
+    check = healthcheck_test(mosq)
+    assert check[:2] == ["CMD", "mosquitto_sub"]
+    for flag, value in (
+        ("--cafile", BROKER_FILES.ca),
+        ("--cert", BROKER_FILES.cert),
+        ("--key", BROKER_FILES.key),
+    ):
+        assert check[check.index(flag) + 1] == value
 
 
 def test_state_lives_on_named_volumes(compose: dict[str, Any]) -> None:
@@ -406,10 +448,10 @@ def test_state_lives_on_named_volumes(compose: dict[str, Any]) -> None:
             assert target.startswith("/"), name
             used.append(volume)
     # Each named volume is used by exactly one service, except the certificates, which the
-    # certs job writes and every service of ours reads.
+    # certs job writes and every service of ours (and the broker) reads.
     shared = [v for v in used if v == "certs"]
     assert sorted(v for v in used if v != "certs") == sorted(declared - {"certs"})
-    assert len(shared) == 1 + len(OURS)
+    assert len(shared) == 2 + len(OURS)
     for name in OURS:
         assert f"certs:{CERTS_DIR}:ro" in svcs[name]["volumes"], name
         bundle = environment(svcs[name])["PROPELLER_TLS_DIR"]
@@ -727,10 +769,20 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def infrastructure(tmp_path: Path) -> Iterator[tuple[Mosquitto, OciRegistry]]:
-    """A broker and an OCI registry of the cluster's own (compose fixes the MQTT namespace)."""
-    with mosquitto(tmp_path / "mosquitto") as broker, oci_registry(tmp_path / "oci") as registry:
-        yield broker, registry
+def infrastructure(tmp_path: Path) -> Iterator[OciRegistry]:
+    """An OCI registry of the cluster's own. (Its broker starts after the certs job: see
+    `compose_broker`.)"""
+    with oci_registry(tmp_path / "oci") as registry:
+        yield registry
+
+
+def compose_broker(amap: AddressMap, port: int, workdir: Path) -> Mosquitto:
+    """The compose broker, as a real mosquitto on `port`: the listener and ACL compose.yaml
+    configures (the same generators, checked above), with the bundle the certs job made for
+    it on the certs volume."""
+    ca = CertificateAuthority(amap.volume_dirs["certs"])
+    assert (amap.volume_dirs["certs"] / BUNDLES["mosquitto"] / "tls.key").exists()
+    return Mosquitto(port, workdir, ca=ca)
 
 
 async def run_round(
@@ -765,9 +817,10 @@ async def test_compose_as_a_process_cluster(
     # The trainer the push-wasm job pushes is the one the Dockerfile builds, at /app/...
     assert trainer_wasm == ROOT / "wasm-client" / "build" / "fl-client.wasm"
     reserved = all_variables()
-    with infrastructure(tmp_path) as (broker, registry):
+    with infrastructure(tmp_path) as registry, contextlib.ExitStack() as broker_stack:
+        mqtt_port = free_port()
         ports: dict[tuple[str, int], int] = {
-            ("mosquitto", PUBLISHED["mosquitto"]): broker.port,
+            ("mosquitto", PUBLISHED["mosquitto"]): mqtt_port,
             ("local-registry", PUBLISHED["local-registry"]): registry.port,
         }
         for name in OURS:
@@ -786,7 +839,11 @@ async def test_compose_as_a_process_cluster(
         ok = False
         try:
             async with asyncio.timeout(180):
-                await cluster.up(order)
+                # The certs job first, then the broker with its bundle (its depends_on).
+                await cluster.up([CERTS])
+                broker = compose_broker(amap, mqtt_port, tmp_path / "mosquitto")
+                broker_stack.enter_context(started(broker, grace=5.0))
+                await cluster.up([n for n in order if n != CERTS])
             assert cluster.healthy == set(OURS)  # every healthcheck ran and passed
             await walkthrough(compose, amap, broker)
             # The model registry's versions are on its volume.
@@ -832,7 +889,10 @@ async def walkthrough(compose: dict[str, Any], amap: AddressMap, broker: Mosquit
         "manager": amap.published(compose, PUBLISHED["manager"]),
         "registry": amap.published(compose, PUBLISHED["model-registry"]),
     }
-    async with clients(published, tls=compose_operator(amap)) as c, round_notes(mqtt) as notes:
+    async with (
+        clients(published, tls=compose_operator(amap)) as c,
+        round_notes(mqtt, identity=compose_operator(amap)) as notes,
+    ):
         # 4. The three compose proplets are registered and alive under their fixed ids.
         await c.wait_alive(ids)
         assert {p.name for p in await c.proplets()} == {"proplet-1", "proplet-2", "proplet-3"}

@@ -1,5 +1,6 @@
 """The embedded broker as the services use it: QoS 1 through `MqttSession`, persistent
-sessions that keep messages across a reconnect, a clean start and stop, one-line bind errors."""
+sessions that keep messages across a reconnect, a clean start and stop, one-line bind errors.
+Plaintext here (`tls=None`); its TLS, authentication and ACL: tests/security/test_mqtt.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ async def test_qos1_and_persistent_sessions() -> None:
     async def on_message(topic: str, payload: bytes) -> None:
         got.put_nowait((topic, payload))
 
-    async with EmbeddedBroker() as broker:
+    async with EmbeddedBroker(tls=None) as broker:
         assert broker.port > 0
         mqtt = broker.mqtt_config()
         async with MqttSession(mqtt, "pub") as pub:
@@ -33,7 +34,7 @@ async def test_qos1_and_persistent_sessions() -> None:
 
 
 async def test_a_taken_port_is_one_clear_error() -> None:
-    async with EmbeddedBroker() as first:
+    async with EmbeddedBroker(tls=None) as first:
         with pytest.raises(OSError, match=rf"mqtt: cannot listen on 127\.0\.0\.1:{first.port}"):
-            async with EmbeddedBroker(port=first.port):
+            async with EmbeddedBroker(port=first.port, tls=None):
                 pass

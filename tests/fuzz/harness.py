@@ -262,7 +262,8 @@ async def fuzz_env(
     the known-good state in it, checked healthy. `image_registry`: where the manager resolves
     `known.IMAGE` (the `seed_image_registry` fixture)."""
     topics = Topics(domain=f"fz{uuid.uuid4().hex[:8]}", channel="fl")
-    mqtt = MqttConfig(port=broker.port, topics=topics)
+    assert broker.plain_port is not None
+    mqtt = MqttConfig(port=broker.plain_port, topics=topics)
     stack = {
         "state_dir": state_dir(factory),
         "seed_proplet_ids": (known.PROPLET,),
@@ -275,9 +276,10 @@ async def fuzz_env(
         # uncapped, so accepted updates are fuzzed too (the cap has its own tests).
         "num_samples_cap": "none",
     }
-    # Plaintext, on purpose: the fuzzers send SubmitUpdate for any proplet id, which over
-    # mutual TLS only that proplet's own certificate may do; what they fuzz is the servicers'
-    # input handling. Authorization has its own tests (tests/security).
+    # Plaintext (and the broker's plaintext listener), on purpose: the fuzzers send
+    # SubmitUpdate for any proplet id, which over mutual TLS only that proplet's own
+    # certificate may do; what they fuzz is the servicers' input handling. Authorization has
+    # its own tests (tests/security).
     async with cluster(
         mqtt, factory.mktemp("fuzz"), dimension=None, stack=stack, insecure=True
     ) as c:

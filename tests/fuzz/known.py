@@ -148,7 +148,7 @@ async def seed(env: FuzzEnv) -> None:
     ) as s:
         for pid in (PROPLET, PROPLET_TWO):
             announce = PropletAnnounce(proplet_id=pid, name=f"{pid}-name", metadata={"os": "fz"})
-            await s.publish(env.topics.proplet_create, announce.to_json())
+            await s.publish(env.topics.proplet_create_for(pid), announce.to_json())
     await eventually(
         lambda: env.proplets(),
         lambda ps: {PROPLET, PROPLET_TWO} <= {p.id for p in ps},

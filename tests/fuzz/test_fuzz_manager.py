@@ -174,6 +174,8 @@ async def test_start_task(env: FuzzEnv, pools: Pools) -> None:
     await fuzz_messages(env, START_TASK, requests, known_refused)
 
 
+# Valid environment variable names (no '=', no NUL: the rest of the text is the hostile part).
+ENV_KEYS = st.text(st.characters(exclude_characters="=\x00"), min_size=1, max_size=6)
 TASK_FIELDS = ["none", "name", "image_url", "file", "env", "cli_args", "proplet_id", "both"]
 
 
@@ -181,8 +183,8 @@ TASK_FIELDS = ["none", "name", "image_url", "file", "env", "cli_args", "proplet_
 def create_task_requests(draw: st.DrawFn) -> MP.CreateTaskRequest:
     """A valid task (inline module or image) with at most one field hostile."""
     req = MP.CreateTaskRequest(
-        name=draw(st.text(min_size=1, max_size=12)),
-        env=draw(st.dictionaries(st.text(min_size=1, max_size=6), st.text(max_size=6), max_size=3)),
+        name=draw(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,11}", fullmatch=True)),
+        env=draw(st.dictionaries(ENV_KEYS, st.text(max_size=6), max_size=3)),
         cli_args=draw(st.lists(st.text(max_size=6), max_size=3)),
         proplet_id=draw(S.weighted((1, st.just("")), (1, st.sampled_from(KNOWN_PROPLETS)))),
     )

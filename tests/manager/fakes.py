@@ -14,14 +14,14 @@ from typing import Any
 import grpc
 
 from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc, manager_pb2, manager_pb2_grpc
-from server.config import Endpoints, MqttConfig
+from server.config import Endpoints, MqttConfig, TlsConfig
 from server.grpc_server import ServiceBinding, channel, serving
 from server.manager import ManagerApp, ManagerConfig
-from server.messages import PropletAnnounce, TaskResult, TaskStart, TaskStop
+from server.messages import PropletAnnounce, ResultAck, TaskResult, TaskStart, TaskStop
 from server.models import parse_model_uri
 from server.mqtt import MqttSession
 from server.topics import Topics
-from tests.support.security import operator_tls, service_tls
+from tests.support.security import operator_tls, proplet_tls, service_tls
 from tests.support.waits import eventually
 
 
@@ -66,7 +66,8 @@ def mqtt_config(port: int, topics: Topics) -> MqttConfig:
 
 class FakeProplet:
     """A proplet as the manager sees it: announces itself, heartbeats, receives the task
-    starts and stops addressed to it and publishes results."""
+    starts and stops addressed to it and publishes results, over TLS with a certificate of
+    its own (`tls`: another one, e.g. to speak as another proplet)."""
 
     def __init__(
         self,
@@ -76,6 +77,7 @@ class FakeProplet:
         *,
         name: str = "",
         heartbeat_s: float | None = 0.2,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.id = proplet_id
         self.name = name or f"name-{proplet_id}"
@@ -85,10 +87,11 @@ class FakeProplet:
         self.stops: asyncio.Queue[TaskStop] = asyncio.Queue()
         # The attempt of the latest start received per task id: what `report` echoes.
         self.attempts: dict[str, int] = {}
+        self.acks: asyncio.Queue[ResultAck] = asyncio.Queue()
         self.session = MqttSession(
-            mqtt_config(broker_port, topics),
+            mqtt_config(broker_port, topics).as_identity(tls or proplet_tls(proplet_id)),
             f"fake-proplet-{topics.domain}-{proplet_id}",
-            [topics.task_start, topics.task_start_for(proplet_id), topics.task_stop],
+            topics.proplet_subscriptions(proplet_id),
             self._on_message,
             clean_session=True,
         )
@@ -100,15 +103,17 @@ class FakeProplet:
             if start.proplet_id in ("", self.id):
                 self.attempts[start.id] = start.attempt
                 self.starts.put_nowait(start)
-        elif topic == self.topics.task_stop:
+        elif self.topics.is_task_stop(topic):
             stop = TaskStop.from_json(payload)
             if stop.proplet_id in ("", self.id):
                 self.stops.put_nowait(stop)
+        elif topic == self.topics.result_ack_for(self.id):
+            self.acks.put_nowait(ResultAck.from_json(payload))
 
     async def __aenter__(self) -> FakeProplet:
         await self.session.__aenter__()
         await self.session.publish(
-            self.topics.proplet_create,
+            self.topics.proplet_create_for(self.id),
             PropletAnnounce(self.id, self.name, {"os": "test", "arch": "wasm32"}).to_json(),
         )
         if self.heartbeat_s is not None:
@@ -119,7 +124,7 @@ class FakeProplet:
         while True:
             await asyncio.sleep(interval)
             beat = PropletAnnounce(self.id).to_json()
-            await self.session.publish(self.topics.proplet_alive, beat)
+            await self.session.publish(self.topics.proplet_alive_for(self.id), beat)
 
     async def stop_heartbeat(self) -> None:
         if self._heartbeat is not None:
@@ -150,7 +155,7 @@ class FakeProplet:
         if attempt is None:
             attempt = self.attempts.get(task_id, 0)
         await self.session.publish(
-            self.topics.proplet_results,
+            self.topics.proplet_results_for(self.id),
             TaskResult(
                 task_id, self.id, state, results=results, error=error, attempt=attempt
             ).to_json(),
@@ -276,19 +281,19 @@ async def running_manager(
     *,
     coordinator_addr: str = "127.0.0.1:9",
     alive_window_s: float = 30.0,
-    oci_registry: str = "",
+    **settings: Any,
 ) -> AsyncIterator[RunningManager]:
-    """A manager; `oci_registry`: where it resolves `WASM` (the `seed_image_registry`
-    fixture) for the experiments a test starts."""
+    """A ManagerApp served on a free port (`settings`: other ManagerConfig fields,
+    e.g. `oci_registry`: where it resolves `WASM`, the `seed_image_registry` fixture)."""
     config = ManagerConfig(
         addr="127.0.0.1:0",
         coordinator_addr=coordinator_addr,
         tls=service_tls("manager"),
-        mqtt=mqtt_config(broker_port, topics),
+        mqtt=mqtt_config(broker_port, topics).as_identity(service_tls("manager")),
         alive_window_s=alive_window_s,
         task_endpoints=TASK_ENDPOINTS,
         rpc_timeout_s=5.0,
-        oci_registry=oci_registry,
+        **settings,
     )
     async with (
         ManagerApp(config) as app,

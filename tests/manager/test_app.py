@@ -4,6 +4,8 @@ MQTT protocol, and a coordinator serving the real Coordinator contract."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from tests.manager.fakes import (
     until_alive,
 )
 from tests.support.infra import Mosquitto
+from tests.support.security import proplet_tls
 from tests.support.waits import eventually
 from tests.test_round_spec import NOT_FINITE_OR_NEGATIVE
 
@@ -110,11 +113,15 @@ async def test_heartbeating_proplet_never_flaps_and_silent_one_dies(
 async def test_malformed_payloads_are_dropped(broker: Mosquitto, topics: Topics) -> None:
     async with (
         running_manager(broker.port, topics) as m,
-        MqttSession(mqtt_config(broker.port, topics), f"junk-{topics.domain}") as junk,
+        MqttSession(
+            mqtt_config(broker.port, topics).as_identity(proplet_tls("junk")), "junk"
+        ) as junk,
     ):
-        await junk.publish(topics.proplet_create, b"\xff not json")
-        await junk.publish(topics.proplet_alive, b'{"proplet_id": 7}')
-        await junk.publish(topics.proplet_results, b'{"task_id": "x", "state": "Bogus"}')
+        await junk.publish(topics.proplet_create_for("junk"), b"\xff not json")
+        await junk.publish(topics.proplet_alive_for("junk"), b'{"proplet_id": 7}')
+        await junk.publish(
+            topics.proplet_results_for("junk"), b'{"task_id": "x", "state": "Bogus"}'
+        )
         async with FakeProplet(broker.port, topics, "p-ok"):
             await until_alive(m.stub, "p-ok")
         listed = await m.stub.ListProplets(manager_pb2.ListPropletsRequest())
@@ -479,3 +486,68 @@ def test_config_from_env() -> None:
     assert defaults.alive_window_s == 30.0
     with pytest.raises(ValueError, match="alive_window_s"):
         ManagerConfig(alive_window_s=0, tls=None)
+
+
+# --- results acknowledged, tasks nobody reports on (issue 10, item 1) -------------------
+
+
+async def test_each_result_is_acknowledged_to_its_proplet_once_recorded(
+    broker: Mosquitto, topics: Topics, tmp_path: Path
+) -> None:
+    async with (
+        running_manager(broker.port, topics, state_dir=tmp_path) as m,
+        FakeProplet(broker.port, topics, "p-1") as p1,
+    ):
+        await until_alive(m.stub, "p-1")
+        created = await m.stub.CreateTask(
+            manager_pb2.CreateTaskRequest(name="t", image_url=WASM, proplet_id="p-1")
+        )
+        await m.stub.StartTask(manager_pb2.TaskRef(task_id=created.id))
+        await p1.next_start()
+        for state in (RUNNING, COMPLETED, COMPLETED):  # the last one a repeat
+            await p1.report(created.id, state, results="ok")
+            ack = await asyncio.wait_for(p1.acks.get(), 10)
+            assert (ack.task_id, ack.attempt, ack.state) == (created.id, 1, state)
+            # Acknowledged only once on disk: a manager crash after it loses nothing.
+            assert stored_state(tmp_path, created.id) == (
+                "RUNNING" if state == RUNNING else "COMPLETED"
+            )
+        assert (await task(m.stub, created.id)).results == "ok"
+
+
+def stored_state(state_dir: Path, task_id: str) -> str:
+    with contextlib.closing(sqlite3.connect(state_dir / "manager.sqlite")) as conn:
+        (state,) = conn.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    return str(state)
+
+
+async def test_a_round_task_nobody_reports_on_is_interrupted_after_its_deadline(
+    broker: Mosquitto, topics: Topics
+) -> None:
+    async with (
+        running_manager(broker.port, topics, report_grace_s=0.5, reconcile_interval_s=0.05) as m,
+        FakeProplet(broker.port, topics, "p-1") as p1,
+    ):
+        await until_alive(m.stub, "p-1")
+        deadline = time.time() + 1.0
+        created = await m.stub.CreateTask(
+            manager_pb2.CreateTaskRequest(
+                name="fl-round-r1-p-1",
+                image_url=WASM,
+                proplet_id="p-1",
+                env={"ROUND_ID": "r1", "ROUND_DEADLINE": repr(deadline)},
+            )
+        )
+        await m.stub.StartTask(manager_pb2.TaskRef(task_id=created.id))
+        await p1.next_start()  # delivered; the proplet then goes silent (it died, say)
+        await p1.report(created.id, RUNNING)
+        ended = await until_state(m.stub, created.id, manager_pb2.TASK_STATE_INTERRUPTED)
+        assert ended.error == (
+            "interrupted: no result from p-1 by the round's deadline (0.5 s grace) "
+            "(task left RUNNING)"
+        )
+        assert ended.finished_at >= deadline + 0.5
+        # The proplet was cut off, not dead: its result, sent again, is the outcome.
+        await p1.report(created.id, COMPLETED, results="late but real")
+        done = await until_state(m.stub, created.id, manager_pb2.TASK_STATE_COMPLETED)
+        assert (done.results, done.error) == ("late but real", "")

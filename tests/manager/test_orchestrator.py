@@ -20,7 +20,7 @@ from server.manager.modules import PinnedModule
 from server.manager.orchestrator import Manager
 from server.manager.proplets import InMemoryPropletStore, Proplets, Skipped
 from server.manager.tasks import InMemoryTaskStore, Tasks, TaskState
-from server.messages import PropletAnnounce, TaskResult, TaskStart
+from server.messages import PropletAnnounce, ResultAck, TaskResult, TaskStart
 from server.round_spec import Hyperparams, RoundSpec, validate, with_defaults
 from server.topics import Topics
 from tests.manager.fakes import FakeClock
@@ -147,7 +147,9 @@ def config(participants: list[str], **kw: Any) -> RoundSpec:
 
 async def announce(world: World, *ids: str) -> None:
     for pid in ids:
-        await world.manager.handle_message(TOPICS.proplet_create, PropletAnnounce(pid).to_json())
+        await world.manager.handle_message(
+            TOPICS.proplet_create_for(pid), PropletAnnounce(pid).to_json()
+        )
 
 
 async def test_no_live_participant_configures_nothing(world: World) -> None:
@@ -261,11 +263,15 @@ async def test_start_task_publish_failure_leaves_task_pending(world: World) -> N
 
 async def test_malformed_mqtt_payloads_are_dropped(world: World) -> None:
     m = world.manager
-    await m.handle_message(TOPICS.proplet_create, b"not json")
-    await m.handle_message(TOPICS.proplet_alive, b'{"name": "no id"}')
-    await m.handle_message(TOPICS.proplet_alive, b"[1, 2]")
-    await m.handle_message(TOPICS.proplet_results, b'{"task_id": "t", "state": "Exploded"}')
-    await m.handle_message(TOPICS.proplet_results, TaskResult("nope", "p1", "Running").to_json())
+    await m.handle_message(TOPICS.proplet_create_for("p1"), b"not json")
+    await m.handle_message(TOPICS.proplet_alive_for("p1"), b'{"name": "no id"}')
+    await m.handle_message(TOPICS.proplet_alive_for("p1"), b"[1, 2]")
+    bogus = b'{"task_id": "t", "state": "Exploded"}'
+    assert await m.handle_message(TOPICS.proplet_results_for("p1"), bogus) is None
+    unknown = TaskResult("nope", "p1", "Running")
+    # Well-formed: acknowledged (the proplet stops sending it), though it changes nothing.
+    ack = await m.handle_message(TOPICS.proplet_results_for("p1"), unknown.to_json())
+    assert ack == ("p1", ResultAck("nope", 0, "Running"))
     assert m.proplets.all() == []
     await announce(world, "p1")
     assert [p.id for p in m.proplets.all()] == ["p1"]
@@ -414,7 +420,7 @@ async def test_a_failed_round_task_is_reported_to_the_coordinator(world: World) 
     started = await m.start_experiment(config(["p1", "p2"], k_of_n=2))
     t1 = started.experiment.scheduled[0]
     failed = TaskResult(t1.task_id, "p1", "Failed", error="fetch module: no such file", attempt=1)
-    await m.handle_message(TOPICS.proplet_results, failed.to_json())
+    await m.handle_message(TOPICS.proplet_results_for("p1"), failed.to_json())
     await eventually(lambda: _async(world.rounds.failures), what="the failure reported")
     assert world.rounds.failures == [("r1", "p1", "fetch module: no such file")]
     assert world.rounds.rounds["r1"].state is R.RoundState.FAILED  # 1 of 2 left < k_of_n 2
@@ -427,3 +433,81 @@ async def test_a_failed_round_task_is_reported_to_the_coordinator(world: World) 
 
 async def _async(value: T) -> T:
     return value
+
+
+# --- MQTT intake by topic identity; reconciliation (issue 9 item 4, issue 10 item 1) ------
+
+
+async def test_an_announcement_counts_only_for_the_proplet_whose_topic_it_came_on(
+    world: World,
+) -> None:
+    m = world.manager
+    forged = PropletAnnounce("victim", "forged").to_json()
+    assert await m.handle_message(TOPICS.proplet_create_for("evil"), forged) is None
+    assert await m.handle_message(TOPICS.proplet_alive_for("evil"), forged) is None
+    # The seed's shared topics carry no identity: not read.
+    await m.handle_message(f"{TOPICS.base}/control/proplet/create", forged)
+    assert m.proplets.all() == []
+
+
+async def test_a_result_counts_only_from_the_proplet_the_task_is_assigned_to(
+    world: World,
+) -> None:
+    m = world.manager
+    await announce(world, "p1", "p2")
+    started = await m.start_experiment(config(["p1"], k_of_n=1))
+    [s] = started.experiment.scheduled
+    for topic_of, claimed in (("p2", "p1"), ("p2", "p2"), ("p2", ""), ("p1", "p2")):
+        forged = TaskResult(s.task_id, claimed, "Completed", results="forged", attempt=1)
+        ack = await m.handle_message(TOPICS.proplet_results_for(topic_of), forged.to_json())
+        # Handled: acknowledged to its sender, which stops sending it.
+        assert ack == (topic_of, ResultAck(s.task_id, 1, "Completed"))
+    assert m.tasks.get(s.task_id).state is TaskState.SCHEDULED
+    # The assigned proplet, naming itself or not (older peers): recorded.
+    real = TaskResult(s.task_id, "", "Completed", results="real", attempt=1)
+    await m.handle_message(TOPICS.proplet_results_for("p1"), real.to_json())
+    task = m.tasks.get(s.task_id)
+    assert (task.state, task.results, task.reported_by) == (TaskState.COMPLETED, "real", "p1")
+
+
+async def test_reconcile_sends_a_start_nobody_reported_on_again(world: World) -> None:
+    m = world.manager
+    world.clock.now = 1000.0  # the fake coordinator's round starts then: well before its end
+    await announce(world, "p1")
+    started = await m.start_experiment(config(["p1"], k_of_n=1))
+    [s] = started.experiment.scheduled
+    topic = TOPICS.task_start_for("p1")
+    assert len(world.broker.on(topic)) == 1
+    world.clock.advance(m.start_resend_s - 1)
+    await m.reconcile()
+    assert len(world.broker.on(topic)) == 1  # not yet
+    world.clock.advance(2)
+    await m.reconcile()
+    await m.reconcile()  # once per interval
+    again = world.broker.on(topic)
+    assert len(again) == 2 and again[1] == again[0]  # the same start, the same attempt
+    # Reported on: never sent again.
+    running = TaskResult(s.task_id, "p1", "Running", attempt=1)
+    await m.handle_message(TOPICS.proplet_results_for("p1"), running.to_json())
+    world.clock.advance(m.start_resend_s * 3)
+    await m.reconcile()
+    assert len(world.broker.on(topic)) == 2
+
+
+async def test_reconcile_interrupts_an_overdue_round_task_and_tells_the_coordinator(
+    world: World,
+) -> None:
+    m = world.manager
+    await announce(world, "p1")
+    started = await m.start_experiment(config(["p1"], k_of_n=1, timeout_s=30))
+    [s] = started.experiment.scheduled
+    running = TaskResult(s.task_id, "p1", "Running", attempt=1)
+    await m.handle_message(TOPICS.proplet_results_for("p1"), running.to_json())
+    deadline = float(m.tasks.get(s.task_id).env["ROUND_DEADLINE"])
+    world.clock.now = deadline + m.report_grace_s + 1
+    await m.reconcile()
+    task = m.tasks.get(s.task_id)
+    assert task.state is TaskState.INTERRUPTED
+    assert task.error.startswith("interrupted: no result from p1 by the round's deadline")
+    await eventually(lambda: _async(world.rounds.failures), what="the failure reported")
+    assert world.rounds.failures == [("r1", "p1", task.error)]

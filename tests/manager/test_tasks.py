@@ -234,3 +234,109 @@ def test_unschedule_keeps_the_attempt_number() -> None:
     tasks.unschedule(previous)
     assert (tasks.get(task.id).state, tasks.get(task.id).attempt) == (TaskState.PENDING, 1)
     assert tasks.schedule(task.id)[0].attempt == 2
+
+
+# --- results sent again, and tasks nobody reports on (issue 10, item 1) -----------------
+
+
+def test_a_result_applied_twice_changes_nothing() -> None:
+    tasks, clock = make()
+    task = started(tasks)
+    assert tasks.apply_result(result_of(tasks, task.id, "p1", RUNNING)) is not None
+    running = tasks.get(task.id)
+    clock.advance(5)
+    assert tasks.apply_result(result_of(tasks, task.id, "p1", RUNNING)) is None
+    assert tasks.get(task.id) == running
+    assert tasks.apply_result(result_of(tasks, task.id, "p1", COMPLETED, "ok")) is not None
+    done = tasks.get(task.id)
+    clock.advance(5)
+    for state in (COMPLETED, RUNNING):  # the same result again, and an earlier one late
+        assert tasks.apply_result(result_of(tasks, task.id, "p1", state, "ok")) is None
+    assert tasks.get(task.id) == done
+
+
+def test_a_result_without_its_proplet_is_not_taken_for_an_assigned_task() -> None:
+    tasks, _ = make()
+    task = started(tasks, proplet_id="p1")
+    assert tasks.apply_result(result_of(tasks, task.id, "", COMPLETED)) is None
+    assert tasks.get(task.id).state is TaskState.SCHEDULED
+
+
+def round_task(tasks: Tasks, deadline: float, proplet_id: str = "p1") -> Task:
+    task = tasks.create(
+        "fl-round-r1-p1",
+        image_url="reg/x:1",
+        env={"ROUND_DEADLINE": repr(deadline)},
+        proplet_id=proplet_id,
+    )
+    return tasks.schedule(task.id)[0]
+
+
+def test_overdue_round_tasks_after_their_deadline_and_a_grace() -> None:
+    tasks, clock = make()
+    task = round_task(tasks, clock.now + 60)
+    clock.advance(60 + 30)
+    assert tasks.overdue(clock.now, task_deadline_s=900, grace_s=30) == []
+    clock.advance(1)
+    [(found, why)] = tasks.overdue(clock.now, task_deadline_s=900, grace_s=30)
+    assert found.id == task.id and why == "by the round's deadline (30 s grace)"
+    # Running, too; finished ones never.
+    tasks.apply_result(result_of(tasks, task.id, "p1", RUNNING))
+    assert [t.id for t, _ in tasks.overdue(clock.now, task_deadline_s=900, grace_s=30)] == [task.id]
+    tasks.apply_result(result_of(tasks, task.id, "p1", COMPLETED))
+    assert tasks.overdue(clock.now, task_deadline_s=900, grace_s=30) == []
+
+
+@pytest.mark.parametrize("deadline", ["soon", "nan", "inf"])
+def test_a_task_without_a_usable_round_deadline_has_the_general_bound(deadline: str) -> None:
+    tasks, clock = make()
+    task = tasks.create("t", image_url="reg/x:1", env={"ROUND_DEADLINE": deadline})
+    tasks.schedule(task.id)
+    clock.advance(900)
+    assert tasks.overdue(clock.now, task_deadline_s=900, grace_s=30) == []
+    clock.advance(1)
+    [(_, why)] = tasks.overdue(clock.now, task_deadline_s=900, grace_s=30)
+    assert why == "within 900 s of its start"
+
+
+def test_reconcile_interrupts_with_a_reason_and_a_late_final_result_still_counts() -> None:
+    tasks, clock = make()
+    task = round_task(tasks, clock.now)
+    clock.advance(31)
+    [(found, why)] = tasks.overdue(clock.now, task_deadline_s=900, grace_s=30)
+    ended = tasks.reconcile(found.id, why)
+    assert ended is not None and ended.state is TaskState.INTERRUPTED
+    assert ended.error == (
+        "interrupted: no result from p1 by the round's deadline (30 s grace) (task left SCHEDULED)"
+    )
+    assert tasks.reconcile(task.id, why) is None  # already ended: nothing to do
+    # A late Running changes nothing; a late result of another attempt neither.
+    assert tasks.apply_result(result_of(tasks, task.id, "p1", RUNNING)) is None
+    stale = TaskResult(task.id, "p1", COMPLETED, attempt=task.attempt + 1)
+    assert tasks.apply_result(stale) is None
+    # The proplet's real outcome, sent again after a broker outage, replaces the guess.
+    late = tasks.apply_result(result_of(tasks, task.id, "p1", COMPLETED, "ok"))
+    assert late is not None and (late.state, late.results, late.error) == (
+        TaskState.COMPLETED,
+        "ok",
+        "",
+    )
+
+
+def test_a_stopped_task_stays_interrupted_whatever_arrives_late() -> None:
+    tasks, _ = make()
+    task = started(tasks)
+    tasks.interrupt(task.id)
+    assert tasks.apply_result(result_of(tasks, task.id, "p1", COMPLETED)) is None
+    assert tasks.get(task.id).state is TaskState.INTERRUPTED
+
+
+def test_unstarted_lists_scheduled_tasks_nobody_reported_on() -> None:
+    tasks, clock = make()
+    old = started(tasks)
+    clock.advance(20)
+    fresh = started(tasks)
+    reported = started(tasks)
+    tasks.apply_result(result_of(tasks, reported.id, "p1", RUNNING))
+    assert [t.id for t in tasks.unstarted(clock.now - 10)] == [old.id]
+    assert {t.id for t in tasks.unstarted(clock.now + 1)} == {old.id, fresh.id}

@@ -20,45 +20,68 @@ from server.messages import (
     FAILED,
     INTERRUPTED,
     PropletAnnounce,
+    ResultAck,
     TaskResult,
     TaskStart,
     TaskStop,
 )
 from server.mqtt import MqttSession
-from server.topics import Topics
+from server.topics import Report, Topics
 from tests.support.infra import Mosquitto
-from tests.support.security import proplet_tls
+from tests.support.security import proplet_tls, service_tls
 
 FINAL_STATES = (COMPLETED, FAILED, INTERRUPTED)
 WAIT_S = 15.0
 
 
 class ManagerProbe:
-    """Stands where the manager stands on MQTT: publishes tasks, records results/heartbeats."""
+    """Stands where the manager stands on MQTT (with the manager's certificate): publishes
+    tasks, records results and heartbeats, and acknowledges each result as the manager does
+    (unless `acking` is off)."""
 
-    def __init__(self, broker: Mosquitto, topics: Topics) -> None:
+    def __init__(self, port: int, topics: Topics) -> None:
         self.topics = topics
         self.results: list[TaskResult] = []
         self.alive: list[PropletAnnounce] = []
         self.created: list[PropletAnnounce] = []
+        self.acking = True
+        self._pending_acks: set[asyncio.Future[None]] = set()
         self._changed = asyncio.Condition()
         self.session = MqttSession(
-            MqttConfig(port=broker.port, topics=topics),
+            MqttConfig(port=port, topics=topics).as_identity(service_tls("manager")),
             client_id=f"probe-{uuid.uuid4().hex[:8]}",
-            subscriptions=[topics.proplet_results, topics.proplet_alive, topics.proplet_create],
+            subscriptions=topics.reports,
             handler=self._on_message,
             clean_session=True,
         )
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
-        if topic == self.topics.proplet_results:
-            self.results.append(TaskResult.from_json(payload))
-        elif topic == self.topics.proplet_alive:
+        report = self.topics.parse_report(topic)
+        if report is None:
+            return
+        kind, sender = report
+        if kind is Report.RESULTS:
+            result = TaskResult.from_json(payload)
+            self.results.append(result)
+            if self.acking:
+                self._ack(sender, result)
+        elif kind is Report.ALIVE:
             self.alive.append(PropletAnnounce.from_json(payload))
-        elif topic == self.topics.proplet_create:
+        else:
             self.created.append(PropletAnnounce.from_json(payload))
         async with self._changed:
             self._changed.notify_all()
+
+    def _ack(self, sender: str, result: TaskResult) -> None:
+        """Acknowledge in the background: the handler must not wait on its own connection."""
+        ack = ResultAck.of(result).to_json()
+        sent = asyncio.ensure_future(self.session.publish(self.topics.result_ack_for(sender), ack))
+        self._pending_acks.add(sent)
+        sent.add_done_callback(self._pending_acks.discard)
+
+    async def acks_sent(self) -> None:
+        if self._pending_acks:
+            await asyncio.wait(set(self._pending_acks))
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = WAIT_S) -> None:
         async with self._changed:
@@ -101,11 +124,13 @@ class ManagerProbe:
             cli_args=cli_args or [],
             proplet_id=proplet_id,
         )
-        await self.session.publish(self.topics.task_start, start.to_json())
+        await self.session.publish(self.topics.task_start_for(proplet_id), start.to_json())
         return task_id
 
     async def stop(self, task_id: str, proplet_id: str = "") -> None:
-        await self.session.publish(self.topics.task_stop, TaskStop(task_id, proplet_id).to_json())
+        await self.session.publish(
+            self.topics.task_stop_for(proplet_id), TaskStop(task_id, proplet_id).to_json()
+        )
 
     async def publish_raw(self, topic: str, payload: bytes) -> None:
         await self.session.publish(topic, payload)
@@ -121,7 +146,7 @@ def proplet_config(broker: Mosquitto, topics: Topics, tmp_path: Path) -> Proplet
         proplet_id=(pid := f"proplet-{uuid.uuid4().hex[:8]}"),
         tls=proplet_tls(pid),
         name="test-proplet",
-        mqtt=MqttConfig(port=broker.port, topics=topics),
+        mqtt=MqttConfig(port=broker.port, topics=topics).as_identity(proplet_tls(pid)),
         heartbeat_s=0.2,
         work_dir=tmp_path / "work",
         task_timeout_s=1.0,
@@ -133,9 +158,10 @@ def proplet_config(broker: Mosquitto, topics: Topics, tmp_path: Path) -> Proplet
 
 @pytest.fixture
 async def probe(broker: Mosquitto, topics: Topics) -> AsyncIterator[ManagerProbe]:
-    p = ManagerProbe(broker, topics)
+    p = ManagerProbe(broker.port, topics)
     async with p.session:
         yield p
+        await p.acks_sent()
 
 
 @pytest.fixture
@@ -145,4 +171,10 @@ async def proplet(proplet_config: PropletConfig, probe: ManagerProbe) -> AsyncIt
 
 
 def with_changes(config: PropletConfig, **changes: Any) -> PropletConfig:
+    """`config` with `changes`; another proplet_id brings that proplet's own certificate
+    (gRPC and MQTT), unless `tls` is among the changes."""
+    pid = changes.get("proplet_id")
+    if pid is not None and "tls" not in changes:
+        tls = proplet_tls(pid)
+        changes |= {"tls": tls, "mqtt": changes.get("mqtt", config.mqtt).as_identity(tls)}
     return replace(config, **changes)

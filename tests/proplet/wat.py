@@ -354,3 +354,17 @@ def parse_host_calls(stdout: bytes) -> dict[str, int]:
 def json_printer(value: object) -> bytes:
     """Prints `value` as one line of JSON and exits 0 (a module with a fixed answer)."""
     return printing(json.dumps(value).encode() + b"\n", exit_code=0)
+
+
+def round_update(round_id: str, sleep_s: float) -> bytes:
+    """A round module that "trains" for `sleep_s` seconds (a WASI sleep), then prints a valid
+    update for `round_id` and the 3-feature model."""
+    update = json.dumps(
+        {
+            "round_id": round_id,
+            "num_samples": 10,
+            "metrics": {"loss": 0.5},
+            "update": {"w": [0.25, -0.5, 1.0], "b": 0.125},
+        }
+    ).encode()
+    return printing(update, sleep_s=sleep_s)

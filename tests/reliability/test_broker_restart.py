@@ -1,16 +1,23 @@
-"""The MQTT broker (a real Mosquitto with persistence, of this test's own) stopped in the
-middle of a round and started again on the same port over the same data directory: the
-manager, the coordinator and three proplets reconnect and resubscribe by themselves, nothing
-published during the outage is lost (QoS 1, persistent sessions for the manager, the proplets
-and a persistent watcher), a StartExperiment issued while the broker is down succeeds once it
-is back, and both rounds complete with every update."""
+"""The MQTT broker (a real Mosquitto with persistence, TLS and the ACL, of this test's own)
+stopped in the middle of a round and started again on the same port over the same data
+directory: the manager, the coordinator and three proplets reconnect and resubscribe by
+themselves, nothing published during the outage is lost (QoS 1, persistent sessions for the
+manager, the proplets and a persistent watcher), a StartExperiment issued while the broker is
+down succeeds once it is back, and both rounds complete with every update.
+
+Killed (SIGKILL) instead, several times in a row (issue 10, item 1): the broker keeps nothing
+it had not saved (its sessions, subscriptions and queued messages are gone, and so is what it
+had acknowledged but not delivered), yet every task result reaches the manager, because a
+proplet sends each result again until the manager acknowledges it, and the manager applies a
+repeat as a no-op; the proplets' heartbeats and announcements resume."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,41 +27,23 @@ import pytest
 from propeller.v1 import coordinator_pb2, manager_pb2
 from server.config import MqttConfig
 from server.mqtt import MqttSession
-from server.topics import Topics
 from tests.proplet import wat
 from tests.support.clients import Clients
 from tests.support.cluster import Cluster, cluster, round_notes
-from tests.support.infra import Mosquitto, mosquitto
+from tests.support.infra import Mosquitto
+from tests.support.security import proplet_tls, service_tls
 from tests.support.waits import eventually
 
 # How long the phase-1 module trains: the broker is down for about this long.
 SLOW_S = 3.0
 
 
-def slow_update(round_id: str, seconds: float) -> bytes:
-    """A round module that "trains" for `seconds` (a WASI sleep), then prints a valid update
-    for `round_id` and the 3-feature model."""
-    update = json.dumps(
-        {
-            "round_id": round_id,
-            "num_samples": 10,
-            "metrics": {"loss": 0.5},
-            "update": {"w": [0.25, -0.5, 1.0], "b": 0.125},
-        }
-    ).encode()
-    return wat.printing(update, sleep_s=seconds)
+def as_manager(mqtt: MqttConfig) -> MqttConfig:
+    return mqtt.as_identity(service_tls("manager"))
 
 
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    """A Mosquitto of this test's own (persistence on), to stop and start at will."""
-    with mosquitto(tmp_path / "mosquitto") as broker:
-        yield broker
-
-
-@pytest.fixture
-def own_mqtt(own_broker: Mosquitto, topics: Topics) -> MqttConfig:
-    return MqttConfig(port=own_broker.port, topics=topics)
+def as_proplet(mqtt: MqttConfig, proplet_id: str) -> MqttConfig:
+    return mqtt.as_identity(proplet_tls(proplet_id))
 
 
 def stop_and_check_saved(broker: Mosquitto) -> None:
@@ -116,7 +105,7 @@ async def test_a_broker_restart_mid_round_loses_nothing(
         # Phase 1: the broker goes down while the three proplets train.
         r1 = f"r1-{uuid.uuid4().hex[:6]}"
         module = tmp_path / "slow.wasm"
-        module.write_bytes(slow_update(r1, SLOW_S))
+        module.write_bytes(wat.round_update(r1, SLOW_S))
         started = await experiment(f, r1, f"file://{module}")
         assert len(started.scheduled) == 3 and not started.skipped
         await tasks_in(f, r1, manager_pb2.TASK_STATE_RUNNING)
@@ -166,16 +155,18 @@ async def test_every_reconnect_subscribes_again(
     own_broker: Mosquitto, own_mqtt: MqttConfig
 ) -> None:
     """With clean sessions the restarted broker remembers no subscription: messages after the
-    restart arrive only because the session subscribed again on reconnecting."""
+    restart arrive only because the session subscribed again on reconnecting. (The manager
+    publishing to a proplet's own task topic: what the ACL allows.)"""
     mqtt = own_mqtt
-    topic = f"{mqtt.topics.base}/test/resubscribe"
+    pid = f"p-{uuid.uuid4().hex[:8]}"
+    topic = mqtt.topics.task_start_for(pid)
     got: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def on_message(_: str, payload: bytes) -> None:
         got.put_nowait(payload)
 
-    sub = MqttSession(mqtt, f"sub-{uuid.uuid4().hex[:8]}", [topic], on_message, clean_session=True)
-    pub = MqttSession(mqtt, f"pub-{uuid.uuid4().hex[:8]}", clean_session=True)
+    sub = MqttSession(as_proplet(mqtt, pid), pid, [topic], on_message, clean_session=True)
+    pub = MqttSession(as_manager(mqtt), "manager", clean_session=True)
     async with sub, pub:
         await pub.publish(topic, b"before")
         assert await asyncio.wait_for(got.get(), 10) == b"before"
@@ -198,14 +189,15 @@ async def test_a_publish_during_a_short_outage_waits_for_the_broker(
     """QoS 1 to a persistent subscriber: published while the broker is down (the publisher
     waits for it), delivered after it is back."""
     mqtt = own_mqtt
-    topic = f"{mqtt.topics.base}/test/outage"
+    pid = f"p-{uuid.uuid4().hex[:8]}"
+    topic = mqtt.topics.task_start_for(pid)
     got: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def on_message(_: str, payload: bytes) -> None:
         got.put_nowait(payload)
 
-    sub = MqttSession(mqtt, f"sub-{uuid.uuid4().hex[:8]}", [topic], on_message)
-    pub = MqttSession(mqtt, f"pub-{uuid.uuid4().hex[:8]}")
+    sub = MqttSession(as_proplet(mqtt, pid), pid, [topic], on_message)
+    pub = MqttSession(as_manager(mqtt), "manager")
     async with sub, pub:
         await asyncio.to_thread(stop_and_check_saved, own_broker)
         sending = asyncio.ensure_future(pub.publish(topic, b"during", timeout=15))
@@ -214,3 +206,53 @@ async def test_a_publish_during_a_short_outage_waits_for_the_broker(
         await asyncio.to_thread(own_broker.start)
         await sending
         assert await asyncio.wait_for(got.get(), 15) == b"during"
+
+
+async def kill(broker: Mosquitto) -> None:
+    """SIGKILL: mosquitto saves nothing (it saves its sessions on a clean stop only)."""
+    await asyncio.to_thread(broker.kill)
+
+
+async def heard_from_since(f: Cluster, since: float) -> None:
+    """Every proplet heard from (an announcement or a heartbeat) after `since`."""
+    await eventually(
+        f.proplets,
+        lambda ps: {p.id for p in ps if p.last_seen > since} == set(f.proplet_ids),
+        what="every proplet heard from again",
+    )
+
+
+async def test_task_results_survive_a_broker_killed_mid_round_again_and_again(
+    fleet: Cluster, own_broker: Mosquitto, tmp_path: Path
+) -> None:
+    f = fleet
+    ids = set(f.proplet_ids)
+    module = tmp_path / "slow.wasm"
+    # Three rounds, the broker killed once in each, at three moments: while the proplets
+    # train; while they train, back only after they have all reported (every Completed result
+    # produced while it is down); and right as the round completes (results in flight).
+    for n, moment in enumerate(("training", "outage", "reporting")):
+        round_id = f"k{n}-{uuid.uuid4().hex[:6]}"
+        module.write_bytes(wat.round_update(round_id, 1.0))
+        resp = await experiment(f, round_id, f"file://{module}")
+        assert {s.proplet_id for s in resp.scheduled} == ids and not resp.skipped
+        if moment == "reporting":
+            await completed(f, round_id)
+            await kill(own_broker)
+            await asyncio.to_thread(own_broker.start)
+        else:
+            await tasks_in(f, round_id, manager_pb2.TASK_STATE_RUNNING)
+            await kill(own_broker)
+            if moment == "outage":
+                await completed(f, round_id)  # over gRPC, while the broker is down
+            await asyncio.to_thread(own_broker.start)
+        back = time.time()
+        status = await completed(f, round_id)
+        assert status.num_updates == 3 and set(status.reported) == ids
+        assert status.new_model_version == n + 1
+        done = await tasks_in(f, round_id, manager_pb2.TASK_STATE_COMPLETED)
+        for task in done:
+            summary = json.loads(task.results)
+            assert summary["accepted"] is True and summary["duplicate"] is False, task.results
+        await heard_from_since(f, back)
+    assert await f.alive() == ids

@@ -201,7 +201,7 @@ async def test_an_acknowledged_call_is_already_on_disk(
         addr="127.0.0.1:0",
         coordinator_addr="127.0.0.1:9",
         tls=service_tls("manager"),
-        mqtt=mqtt_config(broker.port, topics),
+        mqtt=mqtt_config(broker.port, topics).as_identity(service_tls("manager")),
         state_dir=tmp_path,
     )
     async with ManagerApp(config) as app, served(app.bindings) as chan:

@@ -30,7 +30,7 @@ from server.registry.store import (
     SqliteModelStore,
     WriteAbandoned,
 )
-from server.streams import model_stream, read_model_stream
+from server.streams import Payload, model_stream, read_model_stream
 from server.tensors import Tensors, sha256_of, specs_of
 from tests.services.harness import RPC_TIMEOUT, served
 from tests.support.security import service_tls
@@ -128,9 +128,11 @@ async def test_two_stores_on_one_file_never_share_a_version(tmp_path: Path) -> N
     await b.open()
     try:
         first = model([1.0], 1.0)
-        await a.put(info(0, first), first, threading.Event())
+        await a.put(info(0, first), Payload.of(first), threading.Event())
         with pytest.raises(AlreadyExists, match="already exists"):
-            await b.put(info(0, model([2.0], 2.0)), model([2.0], 2.0), threading.Event())
+            await b.put(
+                info(0, model([2.0], 2.0)), Payload.of(model([2.0], 2.0)), threading.Event()
+            )
         stored = await b.get(0)
         assert stored is not None and same(dict(stored.tensors), first)
         assert await b.versions() == [0]
@@ -147,9 +149,9 @@ async def test_an_abandoned_write_stores_nothing(tmp_path: Path) -> None:
         gave_up = threading.Event()
         gave_up.set()
         with pytest.raises(WriteAbandoned):
-            await store.put(info(0, tensors), tensors, gave_up)
+            await store.put(info(0, tensors), Payload.of(tensors), gave_up)
         assert await store.versions() == []
-        await store.put(info(0, tensors), tensors, threading.Event())
+        await store.put(info(0, tensors), Payload.of(tensors), threading.Event())
         assert await store.versions() == [0]
     finally:
         await store.close()

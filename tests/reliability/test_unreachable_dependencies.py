@@ -154,15 +154,19 @@ async def test_a_data_store_that_comes_up_late_is_retried_until_it_answers(
 
 
 @asynccontextmanager
-async def coordinator_on(world: Cluster, addr: str, state_dir: Path) -> AsyncIterator[Clients]:
-    """A coordinator of its own on `addr`, keeping its rounds in `state_dir`."""
+async def coordinator_on(
+    world: Cluster, addr: str, state_dir: Path, mqtt: MqttConfig
+) -> AsyncIterator[Clients]:
+    """A coordinator of its own on `addr`, keeping its rounds in `state_dir`. Its MQTT is
+    `mqtt`: the broker's plaintext listener, since the stack's own coordinator holds the
+    coordinator's MQTT identity (one connection per identity: docs/security.md)."""
     ep = world.endpoints
     config = CoordinatorConfig(
         addr=addr,
         aggregator_addr=ep.aggregator,
         registry_addr=ep.registry,
         datastore_addr=ep.datastore,
-        mqtt=world.mqtt,
+        mqtt=mqtt,
         rpc_timeout_s=5.0,
         tick_s=0.05,
         state_dir=state_dir,
@@ -176,19 +180,19 @@ async def coordinator_on(world: Cluster, addr: str, state_dir: Path) -> AsyncIte
 
 
 async def test_a_coordinator_down_at_submit_time_gets_the_update_when_back(
-    world: Cluster, caplog: pytest.LogCaptureFixture, tmp_path: Path
+    world: Cluster, caplog: pytest.LogCaptureFixture, tmp_path: Path, plain_mqtt: MqttConfig
 ) -> None:
     caplog.set_level(logging.WARNING, logger="proplet.federated")
     addr = f"127.0.0.1:{free_port()}"
     rid = f"r-{uuid.uuid4().hex[:8]}"
     [pid] = world.proplet_ids
-    async with coordinator_on(world, addr, tmp_path / "coord") as coord:
+    async with coordinator_on(world, addr, tmp_path / "coord", plain_mqtt) as coord:
         status = await open_round(coord, rid, pid, timeout_s=30.0)
     # The coordinator is down when the proplet has trained and submits.
     task_id = await start_task(world, task_env(world, rid, status.deadline, COORDINATOR_URL=addr))
     await logged(caplog, f"coordinator at {addr}: SubmitUpdate: attempt 1 failed")
     # Back on the same port, over the same state: the round is still open, same deadline.
-    async with coordinator_on(world, addr, tmp_path / "coord") as coord:
+    async with coordinator_on(world, addr, tmp_path / "coord", plain_mqtt) as coord:
         task = await world.finished(task_id)
         assert task.state == manager_pb2.TASK_STATE_COMPLETED, task.error
         summary = json.loads(task.results)

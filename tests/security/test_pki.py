@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from server.ids import MAX_ID_LENGTH
 from server.pki import (
     CertificateAuthority,
     Identity,
@@ -91,7 +92,7 @@ def test_ensure_reuses_a_good_bundle_and_replaces_a_revoked_one(ca: CertificateA
 
 
 def test_names_that_would_break_uris_topics_or_user_names_are_refused() -> None:
-    for bad in ("", "a/b", "a:b", "a+b", "#", "a b", "é", "x" * 129, "-a"):
+    for bad in ("", "a/b", "a:b", "a+b", "#", "a b", "é", "x" * (MAX_ID_LENGTH + 1), "-a"):
         with pytest.raises(ValueError, match="name"):
             Identity(Kind.PROPLET, bad)
     with pytest.raises(ValueError, match="kind"):
@@ -99,6 +100,17 @@ def test_names_that_would_break_uris_topics_or_user_names_are_refused() -> None:
     with pytest.raises(ValueError):
         Identity.from_uri("spiffe://other/proplet/a")
     assert Identity.from_uri("spiffe://propeller/proplet/a") == Identity(Kind.PROPLET, "a")
+
+
+def test_every_valid_proplet_id_fits_a_certificate(ca: CertificateAuthority) -> None:
+    # The longest proplet id is its certificate's CN (the MQTT user name), which X.509 caps at
+    # 64 characters; a longer operator or service user name is refused before issuing.
+    longest = Identity(Kind.PROPLET, "p" * MAX_ID_LENGTH)
+    bundle = ca.issue(longest)
+    cn = bundle.certificate().subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert cn == longest.username == "p" * MAX_ID_LENGTH
+    with pytest.raises(ValueError, match="too long for a certificate"):
+        Identity(Kind.OPERATOR, "o" * (MAX_ID_LENGTH - len("operator:") + 1))
 
 
 def test_only_services_name_hosts(ca: CertificateAuthority) -> None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import grpc
 
@@ -31,15 +31,17 @@ from propeller.v1 import (
 from server.config import Endpoints, TlsConfig
 from server.coordinator.rounds import Update
 from server.errors import PropellerError
-from server.grpc_server import channel
+from server.grpc_server import channel, channel_credentials
 from server.models import model_uri
+from server.paging import all_pages
 from server.pki import Identity, Kind, load_private_key
 from server.provenance import Claim, module_digest, sign
 from server.streams import UpdateMeta, read_model_stream, update_stream
-from server.tensors import Tensors, sha256_of
+from server.tensors import GRPC_OPTIONS, Tensors, sha256_of
 from tests.support.security import operator_tls, proplet_tls
 from tests.support.waits import eventually
 
+T = TypeVar("T")
 V0 = model_uri(0)
 HYPER = coordinator_pb2.Hyperparams(epochs=1, lr=0.01, batch_size=16)
 CLOSED = (coordinator_pb2.ROUND_STATE_COMPLETED, coordinator_pb2.ROUND_STATE_FAILED)
@@ -88,6 +90,22 @@ def experiment_request(
     )
 
 
+def sync_channel(
+    addr: str, tls: TlsConfig | None, options: Sequence[tuple[str, int]] = GRPC_OPTIONS
+) -> grpc.Channel:
+    """A blocking (not grpc.aio) channel without the 4 MB ceiling, with `tls` (None:
+    plaintext): for uploads a server refuses before they end, whose status grpc.aio clients
+    may report as "INTERNAL: Internal error from Core" instead (grpc/grpc#36066)."""
+    if tls is None:
+        return grpc.insecure_channel(addr, options=list(options))
+    return grpc.secure_channel(addr, channel_credentials(tls), options=list(options))
+
+
+async def every(method: Any, request: Any, entries: Callable[[Any], Iterable[T]]) -> list[T]:
+    """Every entry of a List RPC (`method`, a stub's), following its pages."""
+    return [e async for e in all_pages(lambda r: method(r, timeout=RPC_S), request, entries)]
+
+
 @dataclass
 class Clients:
     """Channels by gRPC service name ("Manager", "ModelRegistry", ...) and a stub for each
@@ -119,8 +137,10 @@ class Clients:
         return version
 
     async def models(self) -> list[model_registry_pb2.ModelVersion]:
-        resp = await self.registry.ListModels(model_registry_pb2.ListModelsRequest(), timeout=RPC_S)
-        return list(resp.models)
+        """Every version (all pages)."""
+        return await every(
+            self.registry.ListModels, model_registry_pb2.ListModelsRequest(), lambda r: r.models
+        )
 
     async def versions(self) -> list[int]:
         return [m.version for m in await self.models()]
@@ -282,10 +302,8 @@ class Clients:
         return resp
 
     async def round_tasks(self, round_id: str) -> list[manager_pb2.Task]:
-        resp = await self.manager.ListTasks(
-            manager_pb2.ListTasksRequest(name_prefix=f"fl-round-{round_id}"), timeout=RPC_S
-        )
-        return list(resp.tasks)
+        request = manager_pb2.ListTasksRequest(name_prefix=f"fl-round-{round_id}")
+        return await every(self.manager.ListTasks, request, lambda r: r.tasks)
 
     async def task(self, task_id: str) -> manager_pb2.Task:
         task: manager_pb2.Task = await self.manager.GetTask(
@@ -311,8 +329,10 @@ class Clients:
         )
 
     async def proplets(self) -> list[manager_pb2.Proplet]:
-        listed = await self.manager.ListProplets(manager_pb2.ListPropletsRequest(), timeout=RPC_S)
-        return list(listed.proplets)
+        """Every proplet the manager knows (all pages)."""
+        return await every(
+            self.manager.ListProplets, manager_pb2.ListPropletsRequest(), lambda r: r.proplets
+        )
 
     async def alive(self) -> set[str]:
         return {p.id for p in await self.proplets() if p.alive}

@@ -37,7 +37,7 @@ from server.registry.app import RegistryApp, RegistryConfig
 from server.stack import Stack, StackConfig
 from server.topics import Topics
 from tests.support.clients import Clients, clients
-from tests.support.security import proplet_tls, service_tls, session_ca
+from tests.support.security import operator_tls, proplet_tls, service_tls, session_ca
 
 LOCAL = "127.0.0.1:0"
 
@@ -114,7 +114,7 @@ async def round_services(
             addr=LOCAL,
             aggregator_addr=aggregator,
             registry_addr=registry,
-            mqtt=mqtt,
+            mqtt=mqtt.as_identity(tls),
             tls=tls,
             **{"num_samples_cap": "none", **coordinator},
         )
@@ -146,12 +146,15 @@ async def run_proplets(
     running: dict[str, contextlib.AsyncExitStack] = {}
     try:
         for i, pid in enumerate(ids):
+            tls = None if insecure else proplet_tls(pid)
             settings: dict[str, Any] = {
                 "name": f"proplet-{i + 1}",
                 "heartbeat_s": 0.5,
                 "work_dir": work_dir / f"proplet-{i}",
                 "task_timeout_s": 30.0,
-                "tls": None if insecure else proplet_tls(pid),
+                "result_resend_s": 0.5,
+                "tls": tls,
+                "mqtt": mqtt.as_identity(tls),
                 **config,
             }
             endpoints = Endpoints(
@@ -162,7 +165,7 @@ async def run_proplets(
             one = contextlib.AsyncExitStack()
             running[pid] = one
             await one.enter_async_context(
-                Proplet(PropletConfig(proplet_id=pid, mqtt=mqtt, endpoints=endpoints, **settings))
+                Proplet(PropletConfig(proplet_id=pid, endpoints=endpoints, **settings))
             )
         yield running
     finally:
@@ -240,19 +243,26 @@ async def cluster(
 
 @contextlib.asynccontextmanager
 async def round_notes(
-    mqtt: MqttConfig, *, persistent: bool = False
+    mqtt: MqttConfig,
+    *,
+    persistent: bool = False,
+    insecure: bool = False,
+    identity: TlsConfig | None = None,
 ) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
-    """The round-complete notifications (JSON) on the deployment's round topic, in order;
-    `persistent`: a session the broker keeps while this subscriber is away."""
+    """The round-complete notifications (JSON) on the deployment's round topic, in order,
+    as `identity` (any identity may read them; by default an operator of its own from the
+    suite's CA; `insecure`: as nobody, on a plaintext `mqtt`); `persistent`: a session the
+    broker keeps while this subscriber is away."""
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def on_message(topic: str, payload: bytes) -> None:
         assert topic == mqtt.topics.round_next, topic
         queue.put_nowait(json.loads(payload))
 
+    name = f"watcher-{uuid.uuid4().hex[:8]}"
     async with MqttSession(
-        mqtt,
-        f"watcher-{uuid.uuid4().hex[:8]}",
+        mqtt.as_identity(None if insecure else identity or operator_tls(name)),
+        name,
         [mqtt.topics.round_next],
         on_message,
         clean_session=not persistent,

@@ -6,13 +6,20 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from server.messages import MAX_PACKET_BYTES
+from server.mqtt_acl import MosquittoTls, mosquitto_acl
+from server.pki import CertificateAuthority, Identity, Kind
 from tests.support.ports import free_port, wait_port
 from tests.support.processes import ChildProcess, started
+
+# The broker's own identity (its server certificate names 127.0.0.1 and localhost).
+BROKER = Identity(Kind.SERVICE, "mqtt")
 
 
 def _binary(name: str, *candidates: str) -> str:
@@ -41,28 +48,63 @@ class _Server(ChildProcess):
 
 
 class Mosquitto(_Server):
-    """A broker with persistence (its sessions survive a stop and start over `workdir`)."""
+    """A broker with persistence (its sessions survive a stop and start over `workdir`).
 
-    def __init__(self, port: int, workdir: Path) -> None:
+    With a CA (`ca`): the deployment's broker, as compose runs it (`server.mqtt_acl`): `port`
+    is TLS only, every client with a certificate of the CA that the CA's revocation list does
+    not list (read at start and on `reload()`), its CN as user name and client id, the ACL
+    file written from `server.mqtt_acl.RULES`. `plain_port` (if given) is a second listener,
+    plaintext and anonymous with no ACL, for the tests that say `insecure`. Without a CA:
+    one anonymous plaintext listener on `port`."""
+
+    def __init__(
+        self,
+        port: int,
+        workdir: Path,
+        *,
+        ca: CertificateAuthority | None = None,
+        plain_port: int | None = None,
+    ) -> None:
         (workdir / "data").mkdir(parents=True, exist_ok=True)
-        config = (
-            f"listener {port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+        self.ca = ca
+        self.plain_port = plain_port
+        common = (
             # As root, mosquitto would drop to the `mosquitto` user, which cannot write into
             # pytest's private temp dirs: persistence would then fail silently.
-            + ("user root\n" if os.geteuid() == 0 else "")
-            + "persistence true\n"
+            ("user root\n" if os.geteuid() == 0 else "") + "persistence true\n"
             f"persistence_location {workdir / 'data'}/\n"
             "max_queued_messages 100000\n"
+            f"max_packet_size {MAX_PACKET_BYTES}\n"
             "set_tcp_nodelay true\n"
             "log_dest stderr\n"
         )
+        if ca is None:
+            config = f"listener {port} 127.0.0.1\nallow_anonymous true\n" + common
+        else:
+            bundle = ca.ensure(BROKER)
+            (workdir / "acl").write_text(mosquitto_acl())
+            files = MosquittoTls(
+                ca=str(bundle.ca),
+                cert=str(bundle.cert),
+                key=str(bundle.key),
+                crl=str(ca.crl_path),
+                acl=str(workdir / "acl"),
+            )
+            config = "per_listener_settings true\n" + common + files.listener(port, "127.0.0.1")
+            if plain_port is not None:
+                config += f"\nlistener {plain_port} 127.0.0.1\nallow_anonymous true\n"
         binary = _binary("mosquitto", "/usr/sbin/mosquitto")
         super().__init__(binary, ["-c", "mosquitto.conf"], "mosquitto.conf", config, port, workdir)
 
     def start(self) -> None:
         super().start()
         wait_port(self.port)
+        if self.plain_port is not None:
+            wait_port(self.plain_port)
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto reads its configuration, the revocation list included, again."""
+        self.send(signal.SIGHUP)
 
 
 class OciRegistry(_Server):
@@ -99,9 +141,15 @@ class OciRegistry(_Server):
 
 
 @contextlib.contextmanager
-def mosquitto(workdir: Path) -> Iterator[Mosquitto]:
-    with started(Mosquitto(free_port(), workdir), grace=5.0) as broker:
-        yield broker
+def mosquitto(
+    workdir: Path, *, ca: CertificateAuthority | None = None, plain: bool = False
+) -> Iterator[Mosquitto]:
+    """A Mosquitto on free loopback ports (see `Mosquitto`; `plain`: with a plaintext
+    listener too)."""
+    plain_port = free_port() if plain and ca is not None else None
+    broker = Mosquitto(free_port(), workdir, ca=ca, plain_port=plain_port)
+    with started(broker, grace=5.0) as running:
+        yield running
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from propeller.v1 import coordinator_pb2 as propeller_dot_v1_dot_coordinator__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apropeller/v1/manager.proto\x12\x0cpropeller.v1\x1a\x1epropeller/v1/coordinator.proto\"\x81\x02\n\x16StartExperimentRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x11\n\tmodel_ref\x18\x03 \x01(\t\x12\x14\n\x0cparticipants\x18\x04 \x03(\t\x12.\n\x0bhyperparams\x18\x05 \x01(\x0b\x32\x19.propeller.v1.Hyperparams\x12\x0e\n\x06k_of_n\x18\x06 \x01(\x05\x12\x11\n\ttimeout_s\x18\x07 \x01(\x01\x12\x17\n\x0ftask_wasm_image\x18\x08 \x01(\t\x12\x12\n\nmin_k_of_n\x18\t \x01(\x05\x12\x15\n\rmodule_digest\x18\n \x01(\t\"N\n\x14ScheduledParticipant\x12\x12\n\nproplet_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\ttask_name\x18\x03 \x01(\t\"8\n\x12SkippedParticipant\x12\x12\n\nproplet_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd6\x01\n\x17StartExperimentResponse\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12(\n\x05round\x18\x03 \x01(\x0b\x32\x19.propeller.v1.RoundStatus\x12\x35\n\tscheduled\x18\x04 \x03(\x0b\x32\".propeller.v1.ScheduledParticipant\x12\x31\n\x07skipped\x18\x05 \x03(\x0b\x32 .propeller.v1.SkippedParticipant\"\xd7\x01\n\nExperiment\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x34\n\x06\x63onfig\x18\x02 \x01(\x0b\x32$.propeller.v1.StartExperimentRequest\x12\x35\n\tscheduled\x18\x03 \x03(\x0b\x32\".propeller.v1.ScheduledParticipant\x12\x31\n\x07skipped\x18\x04 \x03(\x0b\x32 .propeller.v1.SkippedParticipant\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\"-\n\x14GetExperimentRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\"\x18\n\x16ListExperimentsRequest\"H\n\x17ListExperimentsResponse\x12-\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\x18.propeller.v1.Experiment\"\xd8\x01\n\x07Proplet\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12\x11\n\tlast_seen\x18\x04 \x01(\x01\x12\x15\n\rregistered_at\x18\x05 \x01(\x01\x12\x35\n\x08metadata\x18\x06 \x03(\x0b\x32#.propeller.v1.Proplet.MetadataEntry\x12\x12\n\ntask_count\x18\x07 \x01(\x05\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x15\n\x13ListPropletsRequest\"?\n\x14ListPropletsResponse\x12\'\n\x08proplets\x18\x01 \x03(\x0b\x32\x15.propeller.v1.Proplet\"\'\n\x11GetPropletRequest\x12\x12\n\nproplet_id\x18\x01 \x01(\t\"\xd6\x02\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\timage_url\x18\x03 \x01(\t\x12\x0c\n\x04\x66ile\x18\x04 \x01(\x0c\x12(\n\x03\x65nv\x18\x05 \x03(\x0b\x32\x1b.propeller.v1.Task.EnvEntry\x12\x10\n\x08\x63li_args\x18\x06 \x03(\t\x12\x12\n\nproplet_id\x18\x07 \x01(\t\x12&\n\x05state\x18\x08 \x01(\x0e\x32\x17.propeller.v1.TaskState\x12\x0f\n\x07results\x18\t \x01(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x12\n\ncreated_at\x18\x0b \x01(\x01\x12\x12\n\nupdated_at\x18\x0c \x01(\x01\x12\x12\n\nstarted_at\x18\r \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0e \x01(\x01\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcb\x01\n\x11\x43reateTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\timage_url\x18\x02 \x01(\t\x12\x0c\n\x04\x66ile\x18\x03 \x01(\x0c\x12\x35\n\x03\x65nv\x18\x04 \x03(\x0b\x32(.propeller.v1.CreateTaskRequest.EnvEntry\x12\x10\n\x08\x63li_args\x18\x05 \x03(\t\x12\x12\n\nproplet_id\x18\x06 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1a\n\x07TaskRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"c\n\x10ListTasksRequest\x12\x13\n\x0bname_prefix\x18\x01 \x01(\t\x12\x12\n\nproplet_id\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.propeller.v1.TaskState\"6\n\x11ListTasksResponse\x12!\n\x05tasks\x18\x01 \x03(\x0b\x32\x12.propeller.v1.Task*\xd6\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x18\n\x14TASK_STATE_SCHEDULED\x10\x02\x12\x16\n\x12TASK_STATE_RUNNING\x10\x03\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x04\x12\x15\n\x11TASK_STATE_FAILED\x10\x05\x12\x16\n\x12TASK_STATE_SKIPPED\x10\x06\x12\x1a\n\x16TASK_STATE_INTERRUPTED\x10\x07\x32\xbd\x06\n\x07Manager\x12^\n\x0fStartExperiment\x12$.propeller.v1.StartExperimentRequest\x1a%.propeller.v1.StartExperimentResponse\x12M\n\rGetExperiment\x12\".propeller.v1.GetExperimentRequest\x1a\x18.propeller.v1.Experiment\x12^\n\x0fListExperiments\x12$.propeller.v1.ListExperimentsRequest\x1a%.propeller.v1.ListExperimentsResponse\x12P\n\x0eGetRoundStatus\x12#.propeller.v1.GetRoundStatusRequest\x1a\x19.propeller.v1.RoundStatus\x12U\n\x0cListProplets\x12!.propeller.v1.ListPropletsRequest\x1a\".propeller.v1.ListPropletsResponse\x12\x44\n\nGetProplet\x12\x1f.propeller.v1.GetPropletRequest\x1a\x15.propeller.v1.Proplet\x12\x41\n\nCreateTask\x12\x1f.propeller.v1.CreateTaskRequest\x1a\x12.propeller.v1.Task\x12\x36\n\tStartTask\x12\x15.propeller.v1.TaskRef\x1a\x12.propeller.v1.Task\x12\x35\n\x08StopTask\x12\x15.propeller.v1.TaskRef\x1a\x12.propeller.v1.Task\x12\x34\n\x07GetTask\x12\x15.propeller.v1.TaskRef\x1a\x12.propeller.v1.Task\x12L\n\tListTasks\x12\x1e.propeller.v1.ListTasksRequest\x1a\x1f.propeller.v1.ListTasksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apropeller/v1/manager.proto\x12\x0cpropeller.v1\x1a\x1epropeller/v1/coordinator.proto\"\x81\x02\n\x16StartExperimentRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x11\n\tmodel_ref\x18\x03 \x01(\t\x12\x14\n\x0cparticipants\x18\x04 \x03(\t\x12.\n\x0bhyperparams\x18\x05 \x01(\x0b\x32\x19.propeller.v1.Hyperparams\x12\x0e\n\x06k_of_n\x18\x06 \x01(\x05\x12\x11\n\ttimeout_s\x18\x07 \x01(\x01\x12\x17\n\x0ftask_wasm_image\x18\x08 \x01(\t\x12\x12\n\nmin_k_of_n\x18\t \x01(\x05\x12\x15\n\rmodule_digest\x18\n \x01(\t\"N\n\x14ScheduledParticipant\x12\x12\n\nproplet_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\ttask_name\x18\x03 \x01(\t\"8\n\x12SkippedParticipant\x12\x12\n\nproplet_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd6\x01\n\x17StartExperimentResponse\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12(\n\x05round\x18\x03 \x01(\x0b\x32\x19.propeller.v1.RoundStatus\x12\x35\n\tscheduled\x18\x04 \x03(\x0b\x32\".propeller.v1.ScheduledParticipant\x12\x31\n\x07skipped\x18\x05 \x03(\x0b\x32 .propeller.v1.SkippedParticipant\"\xd7\x01\n\nExperiment\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x34\n\x06\x63onfig\x18\x02 \x01(\x0b\x32$.propeller.v1.StartExperimentRequest\x12\x35\n\tscheduled\x18\x03 \x03(\x0b\x32\".propeller.v1.ScheduledParticipant\x12\x31\n\x07skipped\x18\x04 \x03(\x0b\x32 .propeller.v1.SkippedParticipant\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\"-\n\x14GetExperimentRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\"?\n\x16ListExperimentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"a\n\x17ListExperimentsResponse\x12-\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\x18.propeller.v1.Experiment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xd8\x01\n\x07Proplet\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12\x11\n\tlast_seen\x18\x04 \x01(\x01\x12\x15\n\rregistered_at\x18\x05 \x01(\x01\x12\x35\n\x08metadata\x18\x06 \x03(\x0b\x32#.propeller.v1.Proplet.MetadataEntry\x12\x12\n\ntask_count\x18\x07 \x01(\x05\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x13ListPropletsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x14ListPropletsResponse\x12\'\n\x08proplets\x18\x01 \x03(\x0b\x32\x15.propeller.v1.Proplet\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11GetPropletRequest\x12\x12\n\nproplet_id\x18\x01 \x01(\t\"\xd6\x02\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\timage_url\x18\x03 \x01(\t\x12\x0c\n\x04\x66ile\x18\x04 \x01(\x0c\x12(\n\x03\x65nv\x18\x05 \x03(\x0b\x32\x1b.propeller.v1.Task.EnvEntry\x12\x10\n\x08\x63li_args\x18\x06 \x03(\t\x12\x12\n\nproplet_id\x18\x07 \x01(\t\x12&\n\x05state\x18\x08 \x01(\x0e\x32\x17.propeller.v1.TaskState\x12\x0f\n\x07results\x18\t \x01(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x12\n\ncreated_at\x18\x0b \x01(\x01\x12\x12\n\nupdated_at\x18\x0c \x01(\x01\x12\x12\n\nstarted_at\x18\r \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0e \x01(\x01\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcb\x01\n\x11\x43reateTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\timage_url\x18\x02 \x01(\t\x12\x0c\n\x04\x66ile\x18\x03 \x01(\x0c\x12\x35\n\x03\x65nv\x18\x04 \x03(\x0b\x32(.propeller.v1.CreateTaskRequest.EnvEntry\x12\x10\n\x08\x63li_args\x18\x05 \x03(\t\x12\x12\n\nproplet_id\x18\x06 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1a\n\x07TaskRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x8a\x01\n\x10ListTasksRequest\x12\x13\n\x0bname_prefix\x18\x01 \x01(\t\x12\x12\n\nproplet_id\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.propeller.v1.TaskState\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"O\n\x11ListTasksResponse\x12!\n\x05tasks\x18\x01 \x03(\x0b\x32\x12.propeller.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xd6\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x18\n\x14TASK_STATE_SCHEDULED\x10\x02\x12\x16\n\x12TASK_STATE_RUNNING\x10\x03\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x04\x12\x15\n\x11TASK_STATE_FAILED\x10\x05\x12\x16\n\x12TASK_STATE_SKIPPED\x10\x06\x12\x1a\n\x16TASK_STATE_INTERRUPTED\x10\x07\x32\xbd\x06\n\x07Manager\x12^\n\x0fStartExperiment\x12$.propeller.v1.StartExperimentRequest\x1a%.propeller.v1.StartExperimentResponse\x12M\n\rGetExperiment\x12\".propeller.v1.GetExperimentRequest\x1a\x18.propeller.v1.Experiment\x12^\n\x0fListExperiments\x12$.propeller.v1.ListExperimentsRequest\x1a%.propeller.v1.ListExperimentsResponse\x12P\n\x0eGetRoundStatus\x12#.propeller.v1.GetRoundStatusRequest\x1a\x19.propeller.v1.RoundStatus\x12U\n\x0cListProplets\x12!.propeller.v1.ListPropletsRequest\x1a\".propeller.v1.ListPropletsResponse\x12\x44\n\nGetProplet\x12\x1f.propeller.v1.GetPropletRequest\x1a\x15.propeller.v1.Proplet\x12\x41\n\nCreateTask\x12\x1f.propeller.v1.CreateTaskRequest\x1a\x12.propeller.v1.Task\x12\x36\n\tStartTask\x12\x15.propeller.v1.TaskRef\x1a\x12.propeller.v1.Task\x12\x35\n\x08StopTask\x12\x15.propeller.v1.TaskRef\x1a\x12.propeller.v1.Task\x12\x34\n\x07GetTask\x12\x15.propeller.v1.TaskRef\x1a\x12.propeller.v1.Task\x12L\n\tListTasks\x12\x1e.propeller.v1.ListTasksRequest\x1a\x1f.propeller.v1.ListTasksResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASK_ENVENTRY']._serialized_options = b'8\001'
   _globals['_CREATETASKREQUEST_ENVENTRY']._loaded_options = None
   _globals['_CREATETASKREQUEST_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATE']._serialized_start=2141
-  _globals['_TASKSTATE']._serialized_end=2355
+  _globals['_TASKSTATE']._serialized_start=2334
+  _globals['_TASKSTATE']._serialized_end=2548
   _globals['_STARTEXPERIMENTREQUEST']._serialized_start=77
   _globals['_STARTEXPERIMENTREQUEST']._serialized_end=334
   _globals['_SCHEDULEDPARTICIPANT']._serialized_start=336
@@ -53,33 +53,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETEXPERIMENTREQUEST']._serialized_start=909
   _globals['_GETEXPERIMENTREQUEST']._serialized_end=954
   _globals['_LISTEXPERIMENTSREQUEST']._serialized_start=956
-  _globals['_LISTEXPERIMENTSREQUEST']._serialized_end=980
-  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_start=982
-  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_end=1054
-  _globals['_PROPLET']._serialized_start=1057
-  _globals['_PROPLET']._serialized_end=1273
-  _globals['_PROPLET_METADATAENTRY']._serialized_start=1226
-  _globals['_PROPLET_METADATAENTRY']._serialized_end=1273
-  _globals['_LISTPROPLETSREQUEST']._serialized_start=1275
-  _globals['_LISTPROPLETSREQUEST']._serialized_end=1296
-  _globals['_LISTPROPLETSRESPONSE']._serialized_start=1298
-  _globals['_LISTPROPLETSRESPONSE']._serialized_end=1361
-  _globals['_GETPROPLETREQUEST']._serialized_start=1363
-  _globals['_GETPROPLETREQUEST']._serialized_end=1402
-  _globals['_TASK']._serialized_start=1405
-  _globals['_TASK']._serialized_end=1747
-  _globals['_TASK_ENVENTRY']._serialized_start=1705
-  _globals['_TASK_ENVENTRY']._serialized_end=1747
-  _globals['_CREATETASKREQUEST']._serialized_start=1750
-  _globals['_CREATETASKREQUEST']._serialized_end=1953
-  _globals['_CREATETASKREQUEST_ENVENTRY']._serialized_start=1705
-  _globals['_CREATETASKREQUEST_ENVENTRY']._serialized_end=1747
-  _globals['_TASKREF']._serialized_start=1955
-  _globals['_TASKREF']._serialized_end=1981
-  _globals['_LISTTASKSREQUEST']._serialized_start=1983
-  _globals['_LISTTASKSREQUEST']._serialized_end=2082
-  _globals['_LISTTASKSRESPONSE']._serialized_start=2084
-  _globals['_LISTTASKSRESPONSE']._serialized_end=2138
-  _globals['_MANAGER']._serialized_start=2358
-  _globals['_MANAGER']._serialized_end=3187
+  _globals['_LISTEXPERIMENTSREQUEST']._serialized_end=1019
+  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_start=1021
+  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_end=1118
+  _globals['_PROPLET']._serialized_start=1121
+  _globals['_PROPLET']._serialized_end=1337
+  _globals['_PROPLET_METADATAENTRY']._serialized_start=1290
+  _globals['_PROPLET_METADATAENTRY']._serialized_end=1337
+  _globals['_LISTPROPLETSREQUEST']._serialized_start=1339
+  _globals['_LISTPROPLETSREQUEST']._serialized_end=1399
+  _globals['_LISTPROPLETSRESPONSE']._serialized_start=1401
+  _globals['_LISTPROPLETSRESPONSE']._serialized_end=1489
+  _globals['_GETPROPLETREQUEST']._serialized_start=1491
+  _globals['_GETPROPLETREQUEST']._serialized_end=1530
+  _globals['_TASK']._serialized_start=1533
+  _globals['_TASK']._serialized_end=1875
+  _globals['_TASK_ENVENTRY']._serialized_start=1833
+  _globals['_TASK_ENVENTRY']._serialized_end=1875
+  _globals['_CREATETASKREQUEST']._serialized_start=1878
+  _globals['_CREATETASKREQUEST']._serialized_end=2081
+  _globals['_CREATETASKREQUEST_ENVENTRY']._serialized_start=1833
+  _globals['_CREATETASKREQUEST_ENVENTRY']._serialized_end=1875
+  _globals['_TASKREF']._serialized_start=2083
+  _globals['_TASKREF']._serialized_end=2109
+  _globals['_LISTTASKSREQUEST']._serialized_start=2112
+  _globals['_LISTTASKSREQUEST']._serialized_end=2250
+  _globals['_LISTTASKSRESPONSE']._serialized_start=2252
+  _globals['_LISTTASKSRESPONSE']._serialized_end=2331
+  _globals['_MANAGER']._serialized_start=2551
+  _globals['_MANAGER']._serialized_end=3380
 # @@protoc_insertion_point(module_scope)

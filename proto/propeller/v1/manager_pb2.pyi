@@ -104,14 +104,20 @@ class GetExperimentRequest(_message.Message):
     def __init__(self, experiment_id: _Optional[str] = ...) -> None: ...
 
 class ListExperimentsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListExperimentsResponse(_message.Message):
-    __slots__ = ("experiments",)
+    __slots__ = ("experiments", "next_page_token")
     EXPERIMENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     experiments: _containers.RepeatedCompositeFieldContainer[Experiment]
-    def __init__(self, experiments: _Optional[_Iterable[_Union[Experiment, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, experiments: _Optional[_Iterable[_Union[Experiment, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class Proplet(_message.Message):
     __slots__ = ("id", "name", "alive", "last_seen", "registered_at", "metadata", "task_count")
@@ -139,14 +145,20 @@ class Proplet(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., alive: _Optional[bool] = ..., last_seen: _Optional[float] = ..., registered_at: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., task_count: _Optional[int] = ...) -> None: ...
 
 class ListPropletsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListPropletsResponse(_message.Message):
-    __slots__ = ("proplets",)
+    __slots__ = ("proplets", "next_page_token")
     PROPLETS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     proplets: _containers.RepeatedCompositeFieldContainer[Proplet]
-    def __init__(self, proplets: _Optional[_Iterable[_Union[Proplet, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, proplets: _Optional[_Iterable[_Union[Proplet, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetPropletRequest(_message.Message):
     __slots__ = ("proplet_id",)
@@ -223,17 +235,23 @@ class TaskRef(_message.Message):
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
-    __slots__ = ("name_prefix", "proplet_id", "state")
+    __slots__ = ("name_prefix", "proplet_id", "state", "page_size", "page_token")
     NAME_PREFIX_FIELD_NUMBER: _ClassVar[int]
     PROPLET_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name_prefix: str
     proplet_id: str
     state: TaskState
-    def __init__(self, name_prefix: _Optional[str] = ..., proplet_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, name_prefix: _Optional[str] = ..., proplet_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListTasksResponse(_message.Message):
-    __slots__ = ("tasks",)
+    __slots__ = ("tasks", "next_page_token")
     TASKS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     tasks: _containers.RepeatedCompositeFieldContainer[Task]
-    def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

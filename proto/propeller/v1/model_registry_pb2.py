@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from propeller.v1 import tensor_pb2 as propeller_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!propeller/v1/model_registry.proto\x12\x0cpropeller.v1\x1a\x19propeller/v1/tensor.proto\"I\n\x10InitModelRequest\x12\x11\n\tdimension\x18\x01 \x01(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.propeller.v1.DType\"T\n\x0fGetModelRequest\x12\x11\n\x07version\x18\x01 \x01(\x03H\x00\x12\x13\n\tmodel_uri\x18\x02 \x01(\tH\x00\x12\x12\n\nchunk_size\x18\x03 \x01(\x05\x42\x05\n\x03ref\"\x96\x01\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12)\n\x07tensors\x18\x04 \x03(\x0b\x32\x18.propeller.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.propeller.v1.ModelVersion\"\x88\x01\n\x0c\x43ontribution\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.propeller.v1.UpdateHeader\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c\x12\x12\n\nclip_scale\x18\x04 \x01(\x01\x12\x13\n\x0breceived_at\x18\x05 \x01(\x01\"\xd1\x01\n\x07Lineage\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\x12\x10\n\x08round_id\x18\x03 \x01(\t\x12\x16\n\x0e\x62\x61se_model_uri\x18\x04 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\x05 \x01(\t\x12\x15\n\rmodule_digest\x18\x06 \x01(\t\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12\x31\n\rcontributions\x18\x08 \x03(\x0b\x32\x1a.propeller.v1.Contribution\"O\n\x0cLineageChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.propeller.v1.LineageH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\\\n\x0bLineageInfo\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x15\n\rcontributions\x18\x03 \x01(\x05\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x32\x91\x04\n\rModelRegistry\x12G\n\tInitModel\x12\x1e.propeller.v1.InitModelRequest\x1a\x1a.propeller.v1.ModelVersion\x12\x42\n\x08PutModel\x12\x18.propeller.v1.ModelChunk\x1a\x1a.propeller.v1.ModelVersion(\x01\x12\x45\n\x08GetModel\x12\x1d.propeller.v1.GetModelRequest\x1a\x18.propeller.v1.ModelChunk0\x01\x12I\n\x0cGetModelInfo\x12\x1d.propeller.v1.GetModelRequest\x1a\x1a.propeller.v1.ModelVersion\x12O\n\nListModels\x12\x1f.propeller.v1.ListModelsRequest\x1a .propeller.v1.ListModelsResponse\x12\x45\n\nPutLineage\x12\x1a.propeller.v1.LineageChunk\x1a\x19.propeller.v1.LineageInfo(\x01\x12I\n\nGetLineage\x12\x1d.propeller.v1.GetModelRequest\x1a\x1a.propeller.v1.LineageChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!propeller/v1/model_registry.proto\x12\x0cpropeller.v1\x1a\x19propeller/v1/tensor.proto\"I\n\x10InitModelRequest\x12\x11\n\tdimension\x18\x01 \x01(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.propeller.v1.DType\"T\n\x0fGetModelRequest\x12\x11\n\x07version\x18\x01 \x01(\x03H\x00\x12\x13\n\tmodel_uri\x18\x02 \x01(\tH\x00\x12\x12\n\nchunk_size\x18\x03 \x01(\x05\x42\x05\n\x03ref\"\x96\x01\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12)\n\x07tensors\x18\x04 \x03(\x0b\x32\x18.propeller.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Y\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.propeller.v1.ModelVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x88\x01\n\x0c\x43ontribution\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.propeller.v1.UpdateHeader\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c\x12\x12\n\nclip_scale\x18\x04 \x01(\x01\x12\x13\n\x0breceived_at\x18\x05 \x01(\x01\"\xd1\x01\n\x07Lineage\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\x12\x10\n\x08round_id\x18\x03 \x01(\t\x12\x16\n\x0e\x62\x61se_model_uri\x18\x04 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\x05 \x01(\t\x12\x15\n\rmodule_digest\x18\x06 \x01(\t\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12\x31\n\rcontributions\x18\x08 \x03(\x0b\x32\x1a.propeller.v1.Contribution\"O\n\x0cLineageChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.propeller.v1.LineageH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\\\n\x0bLineageInfo\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x15\n\rcontributions\x18\x03 \x01(\x05\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x32\x91\x04\n\rModelRegistry\x12G\n\tInitModel\x12\x1e.propeller.v1.InitModelRequest\x1a\x1a.propeller.v1.ModelVersion\x12\x42\n\x08PutModel\x12\x18.propeller.v1.ModelChunk\x1a\x1a.propeller.v1.ModelVersion(\x01\x12\x45\n\x08GetModel\x12\x1d.propeller.v1.GetModelRequest\x1a\x18.propeller.v1.ModelChunk0\x01\x12I\n\x0cGetModelInfo\x12\x1d.propeller.v1.GetModelRequest\x1a\x1a.propeller.v1.ModelVersion\x12O\n\nListModels\x12\x1f.propeller.v1.ListModelsRequest\x1a .propeller.v1.ListModelsResponse\x12\x45\n\nPutLineage\x12\x1a.propeller.v1.LineageChunk\x1a\x19.propeller.v1.LineageInfo(\x01\x12I\n\nGetLineage\x12\x1d.propeller.v1.GetModelRequest\x1a\x1a.propeller.v1.LineageChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,17 +39,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELVERSION']._serialized_start=240
   _globals['_MODELVERSION']._serialized_end=390
   _globals['_LISTMODELSREQUEST']._serialized_start=392
-  _globals['_LISTMODELSREQUEST']._serialized_end=411
-  _globals['_LISTMODELSRESPONSE']._serialized_start=413
-  _globals['_LISTMODELSRESPONSE']._serialized_end=477
-  _globals['_CONTRIBUTION']._serialized_start=480
-  _globals['_CONTRIBUTION']._serialized_end=616
-  _globals['_LINEAGE']._serialized_start=619
-  _globals['_LINEAGE']._serialized_end=828
-  _globals['_LINEAGECHUNK']._serialized_start=830
-  _globals['_LINEAGECHUNK']._serialized_end=909
-  _globals['_LINEAGEINFO']._serialized_start=911
-  _globals['_LINEAGEINFO']._serialized_end=1003
-  _globals['_MODELREGISTRY']._serialized_start=1006
-  _globals['_MODELREGISTRY']._serialized_end=1535
+  _globals['_LISTMODELSREQUEST']._serialized_end=450
+  _globals['_LISTMODELSRESPONSE']._serialized_start=452
+  _globals['_LISTMODELSRESPONSE']._serialized_end=541
+  _globals['_CONTRIBUTION']._serialized_start=544
+  _globals['_CONTRIBUTION']._serialized_end=680
+  _globals['_LINEAGE']._serialized_start=683
+  _globals['_LINEAGE']._serialized_end=892
+  _globals['_LINEAGECHUNK']._serialized_start=894
+  _globals['_LINEAGECHUNK']._serialized_end=973
+  _globals['_LINEAGEINFO']._serialized_start=975
+  _globals['_LINEAGEINFO']._serialized_end=1067
+  _globals['_MODELREGISTRY']._serialized_start=1070
+  _globals['_MODELREGISTRY']._serialized_end=1599
 # @@protoc_insertion_point(module_scope)

@@ -109,7 +109,7 @@ class ModelRegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """All versions, oldest first.
+        """Versions, oldest first, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

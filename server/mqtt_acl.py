@@ -1,0 +1,207 @@
+"""Who may publish and read what on the broker: one table (`RULES`), from which both the
+mosquitto ACL file (`mosquitto_acl()`) and the embedded broker's topic check (`allowed`) are
+derived, so the two brokers enforce the same rules.
+
+A client's user name is its certificate's CN (`server.pki.Identity.username`): the proplet id
+for a proplet, `service:NAME` / `operator:NAME` otherwise; the brokers also make it the MQTT
+client id, so a session belongs to one identity. The rules, in every namespace (`m/+/c/+`):
+
+- every identity (a mosquitto `pattern`; `%u` is its user name): publish its own
+  announcement, heartbeat and task results (`control/proplet/{create,alive,results}/%u`);
+  read its own task starts, stops and result acknowledgements
+  (`control/manager/{start,stop,ack}/%u`), the broadcast starts and stops
+  (`control/manager/{start,stop}`) and the round completions (`fl/rounds/next`). For a
+  service or an operator these own topics carry a user name with ':' in its last level, never
+  a proplet id, and the manager drops them: in effect they are a proplet's rights.
+- `service:manager`: read every proplet's reports; publish task starts and stops (addressed
+  and broadcast) and result acknowledgements. Only the manager starts or stops tasks.
+- `service:coordinator`: publish round completions. Only the coordinator does.
+- nothing else: operators and the other services have no other MQTT rights (they use gRPC).
+
+Pure (no I/O): matching follows MQTT's topic filters, and a subscription is allowed only when
+one readable filter covers all of it (mosquitto grants any subscription and filters what it
+delivers: the messages a client receives are the same on both brokers).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from server.pki import Identity, Kind
+from server.topics import (
+    PROPLET_ALIVE,
+    PROPLET_CREATE,
+    PROPLET_RESULTS,
+    RESULT_ACK,
+    ROUND_NEXT,
+    TASK_START,
+    TASK_STOP,
+)
+
+# Rules hold in every deployment namespace: the CA, not the namespace, makes a deployment.
+ANY_NAMESPACE = "m/+/c/+"
+# In a pattern rule: the user name of the client the rule is applied to (mosquitto's `%u`).
+SELF = "%u"
+
+MANAGER = Identity(Kind.SERVICE, "manager").username
+COORDINATOR = Identity(Kind.SERVICE, "coordinator").username
+
+
+class Access(enum.Enum):
+    READ = "read"  # subscribe and receive
+    WRITE = "write"  # publish
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`user` (None: every identity, with `SELF` in `topic` standing for its user name) may
+    `access` the topics `topic` (a filter under the namespace) matches."""
+
+    user: str | None
+    access: Access
+    topic: str
+
+    def filter_for(self, username: str) -> str | None:
+        """The rule's topic filter for `username`, or None when the rule is not for it (or
+        `username` could not stand as one topic level)."""
+        if self.user is not None:
+            return self.topic if self.user == username else None
+        if SELF not in self.topic.split("/"):
+            return self.topic
+        if not username or any(c in username for c in "/+#\x00"):
+            return None  # as mosquitto: no substitution that would widen the filter
+        return "/".join(username if level == SELF else level for level in self.topic.split("/"))
+
+
+def _rules(user: str | None, access: Access, *topics: str) -> list[Rule]:
+    return [Rule(user, access, f"{ANY_NAMESPACE}/{t}") for t in topics]
+
+
+RULES: tuple[Rule, ...] = (
+    *_rules(
+        None,
+        Access.WRITE,
+        f"{PROPLET_CREATE}/{SELF}",
+        f"{PROPLET_ALIVE}/{SELF}",
+        f"{PROPLET_RESULTS}/{SELF}",
+    ),
+    *_rules(
+        None,
+        Access.READ,
+        TASK_START,
+        f"{TASK_START}/{SELF}",
+        TASK_STOP,
+        f"{TASK_STOP}/{SELF}",
+        f"{RESULT_ACK}/{SELF}",
+        ROUND_NEXT,
+    ),
+    *_rules(
+        MANAGER, Access.READ, f"{PROPLET_CREATE}/+", f"{PROPLET_ALIVE}/+", f"{PROPLET_RESULTS}/+"
+    ),
+    *_rules(
+        MANAGER,
+        Access.WRITE,
+        TASK_START,
+        f"{TASK_START}/+",
+        TASK_STOP,
+        f"{TASK_STOP}/+",
+        f"{RESULT_ACK}/+",
+    ),
+    *_rules(COORDINATOR, Access.WRITE, ROUND_NEXT),
+)
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """Whether `topic` (no wildcards) is one `topic_filter` matches."""
+    f, t = topic_filter.split("/"), topic.split("/")
+    for i, level in enumerate(f):
+        if level == "#":
+            return True
+        if i >= len(t) or (level != "+" and level != t[i]):
+            return False
+    return len(f) == len(t)
+
+
+def covers(topic_filter: str, requested: str) -> bool:
+    """Whether every topic `requested` (a filter) matches, `topic_filter` matches too."""
+    f, r = topic_filter.split("/"), requested.split("/")
+    for i, level in enumerate(f):
+        if level == "#":
+            return True
+        if i >= len(r) or r[i] == "#":
+            return False
+        if level != "+" and (r[i] == "+" or level != r[i]):
+            return False
+    return len(f) == len(r)
+
+
+def allowed(
+    username: str,
+    access: Access,
+    topic: str,
+    *,
+    subscribe: bool = False,
+    rules: Iterable[Rule] = RULES,
+) -> bool:
+    """Whether `username` may publish to (`WRITE`) or receive from (`READ`) `topic`; with
+    `subscribe`, whether it may subscribe to the filter `topic` (read all of it)."""
+    for rule in rules:
+        if rule.access is not access:
+            continue
+        granted = rule.filter_for(username)
+        if granted is None:
+            continue
+        if covers(granted, topic) if subscribe else matches(granted, topic):
+            return True
+    return False
+
+
+def mosquitto_acl(rules: Iterable[Rule] = RULES) -> str:
+    """The rules as a mosquitto `acl_file`: `pattern` lines for every identity, then a `user`
+    block per named user."""
+    rules = list(rules)
+    lines = [
+        "# propeller-fl MQTT ACL, generated from server/mqtt_acl.py (RULES); do not edit.",
+        "# User names are certificate CNs (use_identity_as_username). Patterns apply to every",
+        "# user, %u being its user name; mosquitto warns about the patterns without %u (the",
+        "# broadcasts everyone reads): expected.",
+    ]
+    lines += [f"pattern {r.access.value} {r.topic}" for r in rules if r.user is None]
+    users = dict.fromkeys(r.user for r in rules if r.user is not None)
+    for user in users:
+        lines += ["", f"user {user}"]
+        lines += [f"topic {r.access.value} {r.topic}" for r in rules if r.user == user]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class MosquittoTls:
+    """Where a mosquitto TLS listener finds its files: the CA, its own certificate and key,
+    the CA's revocation list and the ACL file (`mosquitto_acl()` written out)."""
+
+    ca: str
+    cert: str
+    key: str
+    crl: str
+    acl: str
+
+    def listener(self, port: int, bind: str = "") -> str:
+        """A mosquitto.conf listener block (with `per_listener_settings true` at the top of
+        the file): TLS, every client with a certificate of the CA and not revoked, its CN
+        as user name and client id, the ACL; no anonymous access."""
+        return "\n".join(
+            [
+                f"listener {port}{' ' + bind if bind else ''}",
+                f"cafile {self.ca}",
+                f"certfile {self.cert}",
+                f"keyfile {self.key}",
+                f"crlfile {self.crl}",
+                "require_certificate true",
+                "use_identity_as_username true",
+                "use_username_as_clientid true",
+                "allow_anonymous false",
+                f"acl_file {self.acl}",
+            ]
+        )

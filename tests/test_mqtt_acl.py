@@ -1,0 +1,147 @@
+"""The MQTT ACL table (`server.mqtt_acl`): what each identity may publish, subscribe to and
+receive, as both brokers enforce it (mosquitto reads `mosquitto_acl()`, the embedded broker
+calls `allowed`), and the topic matching it rests on."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from server.ids import ID_PATTERN
+from server.mqtt_acl import (
+    COORDINATOR,
+    MANAGER,
+    RULES,
+    SELF,
+    Access,
+    MosquittoTls,
+    allowed,
+    covers,
+    matches,
+    mosquitto_acl,
+)
+from server.pki import Identity, Kind
+from server.topics import Topics
+
+T = Topics("d", "c")
+READ, WRITE = Access.READ, Access.WRITE
+ids = st.from_regex(ID_PATTERN, fullmatch=True)
+
+
+def can_publish(user: str, topic: str) -> bool:
+    return allowed(user, WRITE, topic)
+
+
+def can_receive(user: str, topic: str) -> bool:
+    return allowed(user, READ, topic)
+
+
+def can_subscribe(user: str, topic_filter: str) -> bool:
+    return allowed(user, READ, topic_filter, subscribe=True)
+
+
+def reports(t: Topics, pid: str) -> list[str]:
+    return [t.proplet_create_for(pid), t.proplet_alive_for(pid), t.proplet_results_for(pid)]
+
+
+def manager_says(t: Topics, pid: str) -> list[str]:
+    return [t.task_start, t.task_start_for(pid), t.task_stop, t.task_stop_for(pid)]
+
+
+@given(a=ids, b=ids)
+def test_a_proplet_speaks_only_as_itself(a: str, b: str) -> None:
+    for topic in reports(T, a):
+        assert can_publish(a, topic)
+        assert can_publish(b, topic) is (a == b)
+    # Never what the manager or the coordinator says, in any namespace.
+    for topic in [*manager_says(T, a), T.result_ack_for(a), T.round_next]:
+        assert not can_publish(a, topic), topic
+
+
+@given(a=ids, b=ids)
+def test_a_proplet_reads_its_own_tasks_and_acks_and_the_broadcasts(a: str, b: str) -> None:
+    for topic in [*manager_says(T, a), T.result_ack_for(a), T.round_next]:
+        assert can_receive(a, topic) and can_subscribe(a, topic), topic
+    for topic in [T.task_start_for(b), T.task_stop_for(b), T.result_ack_for(b)]:
+        assert can_receive(a, topic) is (a == b)
+    # Nobody else's reports, and no wildcard over other proplets' topics.
+    for topic in reports(T, b):
+        assert not can_receive(a, topic)
+    for wide in (f"{T.task_start}/+", f"{T.base}/#", "#", f"{T.base}/control/manager/ack/+"):
+        assert not can_subscribe(a, wide), wide
+
+
+def test_only_the_manager_starts_and_stops_tasks_and_reads_every_report() -> None:
+    for topic in [*manager_says(T, "p1"), T.result_ack_for("p1")]:
+        assert can_publish(MANAGER, topic), topic
+    for user in (COORDINATOR, "operator:admin", "service:registry", "p1", "p2"):
+        for topic in [T.task_start, T.task_start_for("p2"), T.task_stop_for("p2")]:
+            assert not can_publish(user, topic), (user, topic)
+    for sub in T.reports:
+        assert can_subscribe(MANAGER, sub)
+        assert not can_subscribe(COORDINATOR, sub) and not can_subscribe("p1", sub)
+    for topic in reports(T, "p1"):
+        assert can_receive(MANAGER, topic)
+        assert not can_publish(MANAGER, topic)  # the manager never speaks as a proplet
+
+
+def test_only_the_coordinator_announces_round_completions() -> None:
+    assert can_publish(COORDINATOR, T.round_next)
+    for user in (MANAGER, "operator:admin", "p1", "service:aggregator"):
+        assert not can_publish(user, T.round_next), user
+        assert can_receive(user, T.round_next), user  # a broadcast: everyone may read it
+
+
+def test_a_service_or_operators_own_topics_never_name_a_proplet() -> None:
+    """The patterns apply to every identity (as in mosquitto): a service's "own" report topic
+    ends in a user name with ':', which is not an id, so the manager drops it."""
+    user = Identity(Kind.OPERATOR, "admin").username
+    assert can_publish(user, f"{T.base}/control/proplet/create/{user}")
+    assert T.parse_report(f"{T.base}/control/proplet/create/{user}") is None
+
+
+@pytest.mark.parametrize("bad", ["a/b", "+", "#", "a+", "x#", "", "a\x00"])
+def test_a_user_name_that_could_widen_a_pattern_gets_nothing_from_it(bad: str) -> None:
+    for rule in RULES:
+        if rule.user is None and SELF in rule.topic.split("/"):
+            assert rule.filter_for(bad) is None
+    assert not can_publish(bad, f"{T.base}/control/proplet/create/{bad}")
+
+
+def test_topic_matching() -> None:
+    assert matches("a/+/c", "a/b/c") and not matches("a/+/c", "a/b/c/d")
+    assert matches("a/#", "a") and matches("a/#", "a/b/c") and not matches("a/#", "b")
+    assert matches("a/b", "a/b") and not matches("a/b", "a/b/c") and not matches("a/b/c", "a/b")
+    assert covers("a/+/c", "a/b/c") and covers("a/+/c", "a/+/c") and covers("a/#", "a/+/#")
+    assert not covers("a/b", "a/+") and not covers("a/+", "a/#") and not covers("a/+", "a")
+
+
+def test_the_mosquitto_file_is_the_table() -> None:
+    text = mosquitto_acl()
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    patterns = [r for r in RULES if r.user is None]
+    assert lines[: len(patterns)] == [f"pattern {r.access.value} {r.topic}" for r in patterns]
+    users = [line.removeprefix("user ") for line in lines if line.startswith("user ")]
+    assert users == [MANAGER, COORDINATOR]
+    topics = [line for line in lines if line.startswith("topic ")]
+    assert topics == [f"topic {r.access.value} {r.topic}" for r in RULES if r.user is not None]
+    # Every proplet, present and future, is covered by the patterns: adding one changes
+    # nothing in this file.
+    assert "%u" in text and "p1" not in text
+
+
+def test_the_mosquitto_listener_requires_a_certificate_and_names_every_file() -> None:
+    block = MosquittoTls(ca="CA", cert="CERT", key="KEY", crl="CRL", acl="ACL").listener(8883)
+    assert block.splitlines() == [
+        "listener 8883",
+        "cafile CA",
+        "certfile CERT",
+        "keyfile KEY",
+        "crlfile CRL",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+        "allow_anonymous false",
+        "acl_file ACL",
+    ]
