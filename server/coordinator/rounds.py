@@ -254,17 +254,22 @@ class Claims(Protocol):
     def signature(self) -> bytes: ...
 
 
-def check_provenance(rnd: Round, update: Claims) -> None:
-    """The update's claims about where it comes from, before its bytes are looked at: a
-    module digest is required (FAILED_PRECONDITION when the round pins another), a base
-    model sha256, when given, must be the round's, and a signature must be of a signature's
-    size."""
+def check_claims(update: Claims) -> None:
+    """The form of an update's claims, from its header alone: a module digest is required,
+    and a signature is of a signature's size (INVALID_ARGUMENT naming the field)."""
     check_module_digest(update.module_digest, "header.module_digest", required=True)
     if len(update.signature) > MAX_SIGNATURE_BYTES:
         raise InvalidArgument(
             f"header.signature: {len(update.signature)} bytes; a signature is at most "
             f"{MAX_SIGNATURE_BYTES}"
         )
+
+
+def check_provenance(rnd: Round, update: Claims) -> None:
+    """The update's claims about where it comes from, before its bytes are looked at
+    (`check_claims`); FAILED_PRECONDITION when the round pins another module, or a base model
+    sha256 given is not the round's."""
+    check_claims(update)
     if rnd.module_digest and update.module_digest != rnd.module_digest:
         raise FailedPrecondition(
             f"header.module_digest: the update comes from module {update.module_digest}, but "

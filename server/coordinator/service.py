@@ -120,7 +120,7 @@ class CoordinatorServicer:
                 f"{rnd.model_ref} has {model_bytes}"
             )
         if not duplicate:  # a repeat is answered as the duplicate it is
-            R.check_provenance(rnd, header)
+            R.check_claims(header)
 
     async def _check_submitter(self, round_id: str, proplet_id: str) -> None:
         """An authenticated proplet submits only as itself and only to a round it is a
