@@ -89,13 +89,14 @@ def distance(update: Mapping[str, Array], base: Mapping[str, Array]) -> float:
     total = 0.0
     # Block by block through two float64 buffers: no temporary the update's size, and no
     # mixed-dtype ufunc (numpy's casting loop for those is ten times slower).
-    x = np.empty(_BLOCK, np.float64)
-    y = np.empty(_BLOCK, np.float64)
+    block = min(_BLOCK, max((a.size for a in update.values()), default=1)) or 1
+    x = np.empty(block, np.float64)
+    y = np.empty(block, np.float64)
     for name, arr in update.items():
         a = arr.reshape(-1)
         b = np.asarray(base[name]).reshape(-1)
-        for start in range(0, a.size, _BLOCK):
-            n = min(_BLOCK, a.size - start)
+        for start in range(0, a.size, block):
+            n = min(block, a.size - start)
             dx, dy = x[:n], y[:n]
             dx[...] = a[start : start + n]
             dy[...] = b[start : start + n]

@@ -41,7 +41,7 @@ from server.faults import crash_point
 from server.messages import RoundComplete
 from server.provenance import Claim, check_signature
 from server.round_spec import DEFAULT_TIMEOUT_S, RoundSpec, validate, with_defaults
-from server.tensors import Spec, Tensors, nbytes_of, offload_if_big, sha256_of
+from server.tensors import INLINE_BYTES, Spec, Tensors, nbytes_of, offload_if_big, sha256_of
 from server.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -289,13 +289,17 @@ class Coordinator:
         R.check_provenance(rnd, update)
         await self._check_num_samples(update)
         base = await self.backend.base_tensors(rnd.model_ref) if self.bounds.needs_base else None
-        # Two passes over a big update at once, each in a thread of its own: its checks, and
-        # the sha256 its signature covers.
         nbytes = nbytes_of(update.tensors)
-        checked, sha = await asyncio.gather(
-            offload_if_big(nbytes, self._check_update, rnd, update, base),
-            offload_if_big(nbytes, _digest, rnd.specs, update.tensors),
-        )
+        if nbytes <= INLINE_BYTES:
+            checked = self._check_update(rnd, update, base)
+            sha = _digest(rnd.specs, update.tensors)
+        else:
+            # Two passes over a big update at once, each in a thread of its own: its checks,
+            # and the sha256 its signature covers.
+            checked, sha = await asyncio.gather(
+                asyncio.to_thread(self._check_update, rnd, update, base),
+                asyncio.to_thread(_digest, rnd.specs, update.tensors),
+            )
         update = self._check_signature(rnd, replace(checked, sha256=sha))
         async with self._lock(round_id):
             rnd = await self.get(round_id)
