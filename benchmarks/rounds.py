@@ -25,6 +25,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import Child, Recorder, median
 from benchmarks.wasm import trainer_wasm
@@ -41,6 +42,7 @@ from proplet.config import PropletConfig
 from proplet.runner import CompiledModule, Invocation, RunControl, RunOutput, WasmRuntime
 from server.config import Endpoints, MqttConfig
 from server.grpc_server import channel
+from server.paging import all_pages
 from server.pki import CertificateAuthority, Identity, Kind
 from server.stack import OPERATOR, identity_tls
 from server.topics import Topics
@@ -119,12 +121,18 @@ async def proplets(
 
 async def _eventually_alive(manager: manager_pb2_grpc.ManagerStub, n: int) -> None:
     deadline = time.monotonic() + 120
+
+    async def page(request: manager_pb2.ListPropletsRequest) -> Any:
+        return await manager.ListProplets(request, timeout=30)
+
     while True:
-        resp = await manager.ListProplets(manager_pb2.ListPropletsRequest(), timeout=30)
-        if sum(p.alive for p in resp.proplets) >= n:
+        # Every page: ListProplets answers 100 at a time.
+        listed = all_pages(page, manager_pb2.ListPropletsRequest(), lambda r: r.proplets)
+        alive = sum([p.alive async for p in listed])
+        if alive >= n:
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {sum(p.alive for p in resp.proplets)} of {n} alive")
+            raise TimeoutError(f"only {alive} of {n} alive")
         await asyncio.sleep(0.1)
 
 
