@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from propeller.v1 import tensor_pb2 as propeller_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpropeller/v1/aggregator.proto\x12\x0cpropeller.v1\x1a\x19propeller/v1/tensor.proto\"M\n\x0f\x41ggregateHeader\x12(\n\x08strategy\x18\x01 \x01(\x0e\x32\x16.propeller.v1.Strategy\x12\x10\n\x08round_id\x18\x02 \x01(\t\"\x87\x01\n\x0e\x41ggregateChunk\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.propeller.v1.AggregateHeaderH\x00\x12,\n\x06update\x18\x02 \x01(\x0b\x32\x1a.propeller.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part*9\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTRATEGY_FEDAVG\x10\x01\x32U\n\nAggregator\x12G\n\tAggregate\x12\x1c.propeller.v1.AggregateChunk\x1a\x18.propeller.v1.ModelChunk(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpropeller/v1/aggregator.proto\x12\x0cpropeller.v1\x1a\x19propeller/v1/tensor.proto\"\x82\x01\n\x0f\x41ggregateHeader\x12(\n\x08strategy\x18\x01 \x01(\x0e\x32\x16.propeller.v1.Strategy\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x15\n\rstrategy_name\x18\x03 \x01(\t\x12\x1c\n\x14strategy_params_json\x18\x04 \x01(\t\"\xde\x01\n\x0e\x41ggregateChunk\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.propeller.v1.AggregateHeaderH\x00\x12,\n\x06update\x18\x02 \x01(\x0b\x32\x1a.propeller.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12)\n\x04\x62\x61se\x18\x04 \x01(\x0b\x32\x19.propeller.v1.ModelHeaderH\x00\x12*\n\x05state\x18\x05 \x01(\x0b\x32\x19.propeller.v1.ModelHeaderH\x00\x42\x06\n\x04part*9\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTRATEGY_FEDAVG\x10\x01\x32U\n\nAggregator\x12G\n\tAggregate\x12\x1c.propeller.v1.AggregateChunk\x1a\x18.propeller.v1.ModelChunk(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'propeller.v1.aggregator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STRATEGY']._serialized_start=291
-  _globals['_STRATEGY']._serialized_end=348
-  _globals['_AGGREGATEHEADER']._serialized_start=74
-  _globals['_AGGREGATEHEADER']._serialized_end=151
-  _globals['_AGGREGATECHUNK']._serialized_start=154
-  _globals['_AGGREGATECHUNK']._serialized_end=289
-  _globals['_AGGREGATOR']._serialized_start=350
-  _globals['_AGGREGATOR']._serialized_end=435
+  _globals['_STRATEGY']._serialized_start=432
+  _globals['_STRATEGY']._serialized_end=489
+  _globals['_AGGREGATEHEADER']._serialized_start=75
+  _globals['_AGGREGATEHEADER']._serialized_end=205
+  _globals['_AGGREGATECHUNK']._serialized_start=208
+  _globals['_AGGREGATECHUNK']._serialized_end=430
+  _globals['_AGGREGATOR']._serialized_start=491
+  _globals['_AGGREGATOR']._serialized_end=576
 # @@protoc_insertion_point(module_scope)

@@ -15,19 +15,27 @@ STRATEGY_UNSPECIFIED: Strategy
 STRATEGY_FEDAVG: Strategy
 
 class AggregateHeader(_message.Message):
-    __slots__ = ("strategy", "round_id")
+    __slots__ = ("strategy", "round_id", "strategy_name", "strategy_params_json")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_NAME_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
     strategy: Strategy
     round_id: str
-    def __init__(self, strategy: _Optional[_Union[Strategy, str]] = ..., round_id: _Optional[str] = ...) -> None: ...
+    strategy_name: str
+    strategy_params_json: str
+    def __init__(self, strategy: _Optional[_Union[Strategy, str]] = ..., round_id: _Optional[str] = ..., strategy_name: _Optional[str] = ..., strategy_params_json: _Optional[str] = ...) -> None: ...
 
 class AggregateChunk(_message.Message):
-    __slots__ = ("header", "update", "data")
+    __slots__ = ("header", "update", "data", "base", "state")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     header: AggregateHeader
     update: _tensor_pb2.UpdateHeader
     data: bytes
-    def __init__(self, header: _Optional[_Union[AggregateHeader, _Mapping]] = ..., update: _Optional[_Union[_tensor_pb2.UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    base: _tensor_pb2.ModelHeader
+    state: _tensor_pb2.ModelHeader
+    def __init__(self, header: _Optional[_Union[AggregateHeader, _Mapping]] = ..., update: _Optional[_Union[_tensor_pb2.UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., base: _Optional[_Union[_tensor_pb2.ModelHeader, _Mapping]] = ..., state: _Optional[_Union[_tensor_pb2.ModelHeader, _Mapping]] = ...) -> None: ...

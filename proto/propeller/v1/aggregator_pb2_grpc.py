@@ -27,7 +27,7 @@ if _version_not_supported:
 
 
 class AggregatorStub:
-    """Stateless combination of updates into one model.
+    """Stateless combination of updates into one model, by a strategy.
     """
 
     def __init__(self, channel):
@@ -44,13 +44,19 @@ class AggregatorStub:
 
 
 class AggregatorServicer:
-    """Stateless combination of updates into one model.
+    """Stateless combination of updates into one model, by a strategy.
     """
 
     def Aggregate(self, request_iterator, context):
-        """Client sends an AggregateHeader, then for each update an UpdateHeader followed by its data
-        chunks. The aggregator folds each update in as it arrives (memory O(model size)) and, once
-        the client half-closes, streams back the aggregated model (header without version, then data).
+        """Client sends an AggregateHeader; then, when the strategy needs them, `base` (the global
+        model the round started from: a ModelHeader, then its data chunks) and `state` (the
+        strategy's server-side state as the previous round's answer gave it: a ModelHeader, then
+        its data chunks); then for each update an UpdateHeader followed by its data chunks. The
+        FedAvg family folds each update in as it arrives (memory O(model size)); order-statistic
+        strategies (median, trimmed mean, Krum, Bulyan) hold the round's updates. Once the client
+        half-closes, the aggregator streams back the aggregated model (header without version,
+        then data) and, for a strategy that keeps state, a second header with model_uri "state"
+        and the new state's data chunks (to be sent back as `state` next round).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -73,7 +79,7 @@ def add_AggregatorServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Aggregator:
-    """Stateless combination of updates into one model.
+    """Stateless combination of updates into one model, by a strategy.
     """
 
     @staticmethod
