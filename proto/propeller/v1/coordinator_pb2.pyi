@@ -41,17 +41,19 @@ ROUND_EVENT_TYPE_COMPLETED: RoundEventType
 ROUND_EVENT_TYPE_FAILED: RoundEventType
 
 class Hyperparams(_message.Message):
-    __slots__ = ("epochs", "lr", "batch_size")
+    __slots__ = ("epochs", "lr", "batch_size", "extra_json")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_JSON_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     lr: float
     batch_size: int
-    def __init__(self, epochs: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    extra_json: str
+    def __init__(self, epochs: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., extra_json: _Optional[str] = ...) -> None: ...
 
 class ConfigureRoundRequest(_message.Message):
-    __slots__ = ("round_id", "experiment_id", "participants", "k_of_n", "timeout_s", "model_ref", "hyperparams", "task_wasm_image", "start", "min_k_of_n", "module_digest")
+    __slots__ = ("round_id", "experiment_id", "participants", "k_of_n", "timeout_s", "model_ref", "hyperparams", "task_wasm_image", "start", "min_k_of_n", "module_digest", "strategy_name", "strategy_params_json")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +65,8 @@ class ConfigureRoundRequest(_message.Message):
     START_FIELD_NUMBER: _ClassVar[int]
     MIN_K_OF_N_FIELD_NUMBER: _ClassVar[int]
     MODULE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_NAME_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     experiment_id: str
     participants: _containers.RepeatedScalarFieldContainer[str]
@@ -74,7 +78,9 @@ class ConfigureRoundRequest(_message.Message):
     start: bool
     min_k_of_n: int
     module_digest: str
-    def __init__(self, round_id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., k_of_n: _Optional[int] = ..., timeout_s: _Optional[float] = ..., model_ref: _Optional[str] = ..., hyperparams: _Optional[_Union[Hyperparams, _Mapping]] = ..., task_wasm_image: _Optional[str] = ..., start: _Optional[bool] = ..., min_k_of_n: _Optional[int] = ..., module_digest: _Optional[str] = ...) -> None: ...
+    strategy_name: str
+    strategy_params_json: str
+    def __init__(self, round_id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., k_of_n: _Optional[int] = ..., timeout_s: _Optional[float] = ..., model_ref: _Optional[str] = ..., hyperparams: _Optional[_Union[Hyperparams, _Mapping]] = ..., task_wasm_image: _Optional[str] = ..., start: _Optional[bool] = ..., min_k_of_n: _Optional[int] = ..., module_digest: _Optional[str] = ..., strategy_name: _Optional[str] = ..., strategy_params_json: _Optional[str] = ...) -> None: ...
 
 class StartRoundRequest(_message.Message):
     __slots__ = ("round_id",)

@@ -8,10 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetDatasetRequest(_message.Message):
-    __slots__ = ("proplet_id",)
+    __slots__ = ("proplet_id", "split")
     PROPLET_ID_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
     proplet_id: str
-    def __init__(self, proplet_id: _Optional[str] = ...) -> None: ...
+    split: str
+    def __init__(self, proplet_id: _Optional[str] = ..., split: _Optional[str] = ...) -> None: ...
 
 class Dataset(_message.Message):
     __slots__ = ("proplet_id", "schema", "features", "labels")
