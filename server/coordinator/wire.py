@@ -51,11 +51,16 @@ _STATUS_SCALARS = (
 
 
 def hyperparams_to_proto(hp: Hyperparams) -> coordinator_pb2.Hyperparams:
-    return coordinator_pb2.Hyperparams(epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size)
+    return coordinator_pb2.Hyperparams(
+        epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size, extra_json=hp.extra_json
+    )
 
 
 def hyperparams_from_proto(msg: coordinator_pb2.Hyperparams) -> Hyperparams:
-    return Hyperparams(epochs=msg.epochs, lr=msg.lr, batch_size=msg.batch_size)
+    """As received: `round_spec.validate` checks extra_json and makes it canonical."""
+    return Hyperparams(
+        epochs=msg.epochs, lr=msg.lr, batch_size=msg.batch_size, extra_json=msg.extra_json
+    )
 
 
 def spec_from_proto(msg: SpecMessage) -> RoundSpec:
