@@ -40,6 +40,9 @@ DEFAULT_BATCH_SIZE = 1
 DEFAULT_TIMEOUT_S = 60.0
 # The keys Hyperparams holds as fields; the free part (`extra_json`) must not repeat them.
 CORE_HYPERPARAMS = ("epochs", "lr", "batch_size")
+# Keys of HYPERPARAMS the proplet itself sets: "task" from the task's FL_TASK (train or
+# evaluate, wasm-client/README.md), never from a round's configuration.
+RESERVED_HYPERPARAMS = ("task",)
 # The free part of the hyperparameters: a JSON object of at most this many bytes (UTF-8), its
 # values nested at most this deep. Enough for any strategy's or trainer's knobs; bounded because
 # it is stored with every round and passed in every task's environment.
@@ -142,7 +145,8 @@ def _check_extra_value(value: Any, field: str, depth: int) -> None:
 def check_extra_json(text: str, field: str = "hyperparams.extra_json") -> str:
     """The free hyperparameters `text` in canonical form ("" stays ""), or INVALID_ARGUMENT
     naming `field` (and `field.<key>` for a bad value): a JSON object of at most
-    `MAX_EXTRA_JSON_BYTES` bytes, no key repeating epochs, lr or batch_size, every number
+    `MAX_EXTRA_JSON_BYTES` bytes, no key repeating epochs, lr or batch_size nor a reserved
+    one ("task"), every number
     finite, nested at most `MAX_EXTRA_JSON_DEPTH` deep."""
     if not text.strip():
         return ""
@@ -160,6 +164,10 @@ def check_extra_json(text: str, field: str = "hyperparams.extra_json") -> str:
         if key in CORE_HYPERPARAMS:
             raise InvalidArgument(
                 f"{name}: repeats the hyperparameter {key}; set hyperparams.{key} instead"
+            )
+        if key in RESERVED_HYPERPARAMS:
+            raise InvalidArgument(
+                f"{name}: reserved: the proplet sets it from the task (FL_TASK), not the round"
             )
         if not key.strip():
             raise InvalidArgument(f"{field}: keys must not be empty")

@@ -230,6 +230,7 @@ def test_free_hyperparameters_round_trip_through_the_stored_dict() -> None:
         ('{"big": ' + "9" * 400 + "}", r"^hyperparams\.extra_json\.big: .* is not a finite"),
         ('{"a": {"b": {"c": -Infinity}}}', r"^hyperparams\.extra_json: not valid JSON"),
         ('{"": 1}', r"^hyperparams\.extra_json: keys must not be empty$"),
+        ('{"task": "evaluate"}', r"^hyperparams\.extra_json\.task: reserved"),
         ('{"d": ' + "[" * 9 + "]" * 9 + "}", r"^hyperparams\.extra_json\.d.*: nested deeper"),
         ('{"deep": ' + "[" * 3000 + "]" * 3000 + "}", r"^hyperparams\.extra_json"),
         ('{"s": "' + "x" * 5000 + '"}', r"^hyperparams\.extra_json: 5009 bytes, at most 4096$"),
