@@ -33,13 +33,12 @@ from server.cli.client import Client
 from server.cli.files import FileProblem, read_dataset_file
 from server.cli.one_process import (
     DEFAULT_FEATURES,
-    DEFAULT_PROPLETS,
     DEFAULT_SAMPLES,
     CommandFailed,
     _non_negative_int,
     _positive_float,
     _positive_int,
-    add_trainer_flag,
+    add_stack_flags,
     locate_trainer,
     one_line_failure,
 )
@@ -78,9 +77,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     demo.add_argument(
         "--rounds", type=_positive_int, default=DEFAULT_ROUNDS, metavar="R", help="rounds (5)"
-    )
-    demo.add_argument(
-        "--proplets", type=_positive_int, default=DEFAULT_PROPLETS, metavar="N", help="proplets (3)"
     )
     demo.add_argument(
         "--k-of-n",
@@ -144,12 +140,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             metavar="FILE",
             help=f"{what} to write ({default})",
         )
-    demo.add_argument(
-        "--insecure",
-        action="store_true",
-        help="plaintext gRPC (default: mutual TLS from a throwaway CA)",
-    )
-    add_trainer_flag(demo)
+    add_stack_flags(demo, insecure_help="plaintext gRPC (default: mutual TLS from a throwaway CA)")
     demo.set_defaults(func=cmd_demo)
 
 

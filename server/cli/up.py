@@ -17,12 +17,11 @@ from typing import Any
 
 from server.cli.one_process import (
     DEFAULT_FEATURES,
-    DEFAULT_PROPLETS,
     DEFAULT_SAMPLES,
     CommandFailed,
     _port,
     _positive_int,
-    add_trainer_flag,
+    add_stack_flags,
     locate_trainer,
     one_line_failure,
 )
@@ -55,9 +54,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             help=f"({port}; 0 = any free port)",
         )
     up.add_argument(
-        "--proplets", type=_positive_int, default=DEFAULT_PROPLETS, metavar="N", help="proplets (3)"
-    )
-    up.add_argument(
         "--samples", type=_positive_int, default=DEFAULT_SAMPLES, help="samples per proplet (64)"
     )
     up.add_argument(
@@ -87,12 +83,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "STATE_DIR/certs with --state-dir, else a temporary directory removed on exit)"
         ),
     )
-    up.add_argument(
-        "--insecure",
-        action="store_true",
-        help="plaintext gRPC: no TLS, no authentication, no authorization",
-    )
-    add_trainer_flag(up)
+    add_stack_flags(up, insecure_help="plaintext gRPC: no TLS, no authentication, no authorization")
     up.set_defaults(func=cmd_up)
 
 
