@@ -24,7 +24,6 @@ import hashlib
 import logging
 import sqlite3
 from collections.abc import AsyncIterable, AsyncIterator
-from pathlib import Path
 from typing import Protocol
 
 from propeller.v1 import model_registry_pb2
@@ -38,7 +37,7 @@ from server.errors import (
 )
 from server.models import model_uri
 from server.registry.registry import ModelRegistry
-from server.sqlite import Database
+from server.sqlite import SqliteStore
 from server.streams import checked_total, drain
 from server.tensors import DEFAULT_CHUNK_SIZE, specs_from_proto
 
@@ -108,21 +107,13 @@ _SCHEMA = (
 )
 
 
-class SqliteLineageStore:
+class SqliteLineageStore(SqliteStore):
     """`LineageStore` in one SQLite file; `open()` before use, `close()` after."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db = Database(path, _SCHEMA)
-
-    async def open(self) -> None:
-        await self._db.open()
-
-    async def close(self) -> None:
-        await self._db.close()
+    schema = _SCHEMA
 
     async def header(self, version: int) -> bytes | None:
-        row = await self._db.read(
+        row = await self.db.read(
             lambda c: c.execute(
                 "SELECT header FROM lineages WHERE version = ?", (version,)
             ).fetchone()
@@ -137,10 +128,10 @@ class SqliteLineageStore:
                 (version, header),
             )
 
-        await self._db.write(insert)
+        await self.db.write(insert)
 
     async def update_bytes(self, sha256: str) -> bytes | None:
-        row = await self._db.read(
+        row = await self.db.read(
             lambda c: c.execute(
                 "SELECT data FROM update_bytes WHERE sha256 = ?", (sha256,)
             ).fetchone()
@@ -155,7 +146,7 @@ class SqliteLineageStore:
                 (sha256, data),
             )
 
-        await self._db.write(insert)
+        await self.db.write(insert)
 
 
 class LineageBytes:
