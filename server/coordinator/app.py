@@ -12,12 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.config import MqttConfig, TlsConfig, setting, settings_from_env
-from server.coordinator.bounds import (
-    DEFAULT_MAX_ABS_VALUE,
-    DEFAULT_MAX_DISTANCE,
-    NumSamplesCap,
-    UpdateBounds,
-)
+from server.coordinator import bounds as B
 from server.coordinator.clients import DataStoreSizes, GrpcModelBackend
 from server.coordinator.coordinator import Coordinator, RetryPolicy
 from server.coordinator.service import binding
@@ -59,8 +54,8 @@ class CoordinatorConfig:
     # |value| in an update, the largest L2 distance of an update from its base model (0: no
     # bound) and what to do beyond it ("reject" or "clip").
     num_samples_cap: str = setting("PROPELLER_NUM_SAMPLES_CAP", "dataset")
-    max_update_value: float = setting("PROPELLER_MAX_UPDATE_VALUE", DEFAULT_MAX_ABS_VALUE)
-    max_update_distance: float = setting("PROPELLER_MAX_UPDATE_DISTANCE", DEFAULT_MAX_DISTANCE)
+    max_update_value: float = setting("PROPELLER_MAX_UPDATE_VALUE", B.DEFAULT_MAX_ABS_VALUE)
+    max_update_distance: float = setting("PROPELLER_MAX_UPDATE_DISTANCE", B.DEFAULT_MAX_DISTANCE)
     update_distance_action: str = setting("PROPELLER_UPDATE_DISTANCE_ACTION", "reject")
     # Mutual TLS, server and the registry / aggregator channels (None: plaintext).
     tls: TlsConfig | None = field(kw_only=True)
@@ -85,12 +80,12 @@ class CoordinatorConfig:
         )
 
     @property
-    def samples_cap(self) -> NumSamplesCap:
-        return NumSamplesCap.parse(self.num_samples_cap)
+    def samples_cap(self) -> B.NumSamplesCap:
+        return B.NumSamplesCap.parse(self.num_samples_cap)
 
     @property
-    def bounds(self) -> UpdateBounds:
-        return UpdateBounds(
+    def bounds(self) -> B.UpdateBounds:
+        return B.UpdateBounds(
             max_abs_value=self.max_update_value,
             max_distance=self.max_update_distance,
             clip=self.update_distance_action == "clip",
