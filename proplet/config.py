@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from server.config import (
     env_int,
     env_list,
     env_str,
+    read_by,
     setting,
     settings_from_env,
 )
@@ -39,27 +40,51 @@ def parse_mirrors(raw: str, key: str = "PROPLET_REGISTRY_MIRRORS") -> dict[str, 
     return mirrors
 
 
+def _work_dir(env: Mapping[str, str]) -> Path:
+    return Path(env_str(env, "PROPLET_WORK_DIR", str(DEFAULT_WORK_DIR)))
+
+
+def _mirrors(env: Mapping[str, str]) -> dict[str, str]:
+    return parse_mirrors(env.get("PROPLET_REGISTRY_MIRRORS", ""))
+
+
+def _insecure_registries(env: Mapping[str, str]) -> frozenset[str] | None:
+    insecure = env_list(env, "PROPLET_INSECURE_REGISTRIES")
+    return frozenset(insecure) if insecure else None
+
+
+def _mebibytes(var: str, default_mib: int) -> Callable[[Mapping[str, str]], int]:
+    """A limit the environment gives in MiB, kept in bytes."""
+    return lambda env: env_int(env, var, default_mib) << 20
+
+
 @dataclass(frozen=True)
 class PropletConfig:
     """Everything a proplet needs; tests build it directly."""
 
     proplet_id: str
     name: str = setting("PROPLET_NAME", "")
-    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig, metadata=read_by(MqttConfig.from_env))
     # Model registry, data store and coordinator used when a task's env does not name them.
-    endpoints: Endpoints = field(default_factory=Endpoints)
+    endpoints: Endpoints = field(default_factory=Endpoints, metadata=read_by(Endpoints.from_env))
     heartbeat_s: float = setting("PROPLET_HEARTBEAT_S", 10.0)
     # Content-addressed module cache (shared safely by proplets on one machine).
-    work_dir: Path = DEFAULT_WORK_DIR
+    work_dir: Path = field(default=DEFAULT_WORK_DIR, metadata=read_by(_work_dir))
     # Image host as written in image_url -> address actually used, e.g.
     # {"local-registry:5000": "127.0.0.1:5000"}.
-    registry_mirrors: Mapping[str, str] = field(default_factory=dict)
+    registry_mirrors: Mapping[str, str] = field(default_factory=dict, metadata=read_by(_mirrors))
     # Registry addresses spoken to over plain HTTP. None: loopback addresses and mirror targets.
-    insecure_registries: frozenset[str] | None = None
+    insecure_registries: frozenset[str] | None = field(
+        default=None, metadata=read_by(_insecure_registries)
+    )
     task_timeout_s: float = setting("PROPLET_TASK_TIMEOUT_S", 300.0)
     # One run's linear memory and tables together (the tables' share: 8 bytes an element).
-    memory_limit_bytes: int = 256 << 20
-    output_limit_bytes: int = 16 << 20
+    memory_limit_bytes: int = field(
+        default=256 << 20, metadata=read_by(_mebibytes("PROPLET_MEMORY_LIMIT_MB", 256))
+    )
+    output_limit_bytes: int = field(
+        default=16 << 20, metadata=read_by(_mebibytes("PROPLET_OUTPUT_LIMIT_MB", 16))
+    )
     # Table elements of one run over all its tables, and how many tables it may have.
     table_elements_limit: int = setting("PROPLET_TABLE_ELEMENTS_LIMIT", 1 << 16)
     tables_limit: int = setting("PROPLET_TABLES_LIMIT", 1)
@@ -115,22 +140,10 @@ class PropletConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> PropletConfig:
         env = os.environ if env is None else env
+        # The certificate says who the proplet is (`_proplet_id`): read once, used twice.
         tls = TlsConfig.from_env(env)
         proplet_id = _proplet_id(env.get("PROPLET_ID", "").strip(), tls)
-        insecure = env_list(env, "PROPLET_INSECURE_REGISTRIES")
-        return cls(
-            **settings_from_env(cls, env),
-            proplet_id=proplet_id,
-            mqtt=MqttConfig.from_env(env),
-            endpoints=Endpoints.from_env(env),
-            work_dir=Path(env_str(env, "PROPLET_WORK_DIR", str(DEFAULT_WORK_DIR))),
-            registry_mirrors=parse_mirrors(env.get("PROPLET_REGISTRY_MIRRORS", "")),
-            insecure_registries=frozenset(insecure) if insecure else None,
-            # In MiB in the environment, in bytes in the config.
-            memory_limit_bytes=env_int(env, "PROPLET_MEMORY_LIMIT_MB", 256) << 20,
-            output_limit_bytes=env_int(env, "PROPLET_OUTPUT_LIMIT_MB", 16) << 20,
-            tls=tls,
-        )
+        return cls(**settings_from_env(cls, env), proplet_id=proplet_id, tls=tls)
 
 
 def _proplet_id(given: str, tls: TlsConfig | None) -> str:

@@ -60,17 +60,26 @@ def setting(var: str, default: T) -> T:
     return field(default=default, metadata={"env": var})
 
 
-def settings_from_env(config: type[Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """Every `setting` field of the dataclass `config`, by name: its variable read as the
-    field's type (str, int or float; a malformed number is a ValueError naming the
-    variable), else its default. Fields with another form (nested configs, paths, flags)
-    are read by the config's own `from_env`."""
+def read_by(read: Callable[[Mapping[str, str]], object]) -> dict[str, object]:
+    """Field metadata (`field(..., metadata=read_by(fn))`): the environment sets the field as
+    `fn(env)` (a nested config, a path, a flag), when `settings_from_env` reads it."""
+    return {"read": read}
+
+
+def settings_from_env(config: type[Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What the environment (`os.environ` when None) sets of the dataclass `config`, by
+    field name: each `setting` field's variable read as the field's type (str, int or float;
+    a malformed number is a ValueError naming the variable) or its default, and each
+    `read_by` field as its reader says. A config's `from_env` is `cls(**settings_from_env(cls,
+    env))` and whatever depends on more than one variable."""
+    env = os.environ if env is None else env
     values: dict[str, Any] = {}
     for f in fields(config):
-        var = f.metadata.get("env")
-        if var is not None:
+        if "env" in f.metadata:
             kind = f.type if isinstance(f.type, str) else f.type.__name__
-            values[f.name] = _READERS[kind](env, var, f.default)
+            values[f.name] = _READERS[kind](env, f.metadata["env"], f.default)
+        elif "read" in f.metadata:
+            values[f.name] = f.metadata["read"](env)
     return values
 
 

@@ -4,14 +4,13 @@ and the process entry point."""
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.config import MqttConfig, TlsConfig, setting, settings_from_env
+from server.config import MqttConfig, TlsConfig, read_by, setting, settings_from_env
 from server.coordinator import bounds as B
 from server.coordinator.clients import DataStoreSizes, GrpcModelBackend
 from server.coordinator.coordinator import Coordinator, RetryPolicy
@@ -34,7 +33,7 @@ class CoordinatorConfig:
     # The data store, asked for a participant's dataset size when num_samples_cap is
     # "dataset".
     datastore_addr: str = setting("DATA_STORE_ADDR", "127.0.0.1:8083")
-    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig, metadata=read_by(MqttConfig.from_env))
     # Timeout of each call to the aggregator or the registry.
     rpc_timeout_s: float = setting("PROPELLER_COORDINATOR_RPC_TIMEOUT_S", 30.0)
     # A round's timeout when its configuration says 0.
@@ -48,7 +47,7 @@ class CoordinatorConfig:
     retry_max_backoff_s: float = setting("PROPELLER_COORDINATOR_RETRY_MAX_BACKOFF_S", 5.0)
     # Where the rounds and accepted updates survive a restart (`coordinator.sqlite` in it);
     # None keeps them in memory (tests, the demo).
-    state_dir: Path | None = None
+    state_dir: Path | None = field(default=None, metadata=read_by(state_dir_from_env))
     # Poisoning bounds (`server.coordinator.bounds`): each participant's num_samples cap
     # ("dataset": its dataset's size in the data store; "none"; or a number), the largest
     # |value| in an update, the largest L2 distance of an update from its base model (0: no
@@ -58,7 +57,7 @@ class CoordinatorConfig:
     max_update_distance: float = setting("PROPELLER_MAX_UPDATE_DISTANCE", B.DEFAULT_MAX_DISTANCE)
     update_distance_action: str = setting("PROPELLER_UPDATE_DISTANCE_ACTION", "reject")
     # Mutual TLS, server and the registry / aggregator channels (None: plaintext).
-    tls: TlsConfig | None = field(kw_only=True)
+    tls: TlsConfig | None = field(kw_only=True, metadata=read_by(TlsConfig.from_env))
 
     def __post_init__(self) -> None:
         if self.update_distance_action not in ("reject", "clip"):
@@ -71,13 +70,7 @@ class CoordinatorConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> CoordinatorConfig:
-        env = os.environ if env is None else env
-        return cls(
-            **settings_from_env(cls, env),
-            mqtt=MqttConfig.from_env(env),
-            state_dir=state_dir_from_env(env),
-            tls=TlsConfig.from_env(env),
-        )
+        return cls(**settings_from_env(cls, env))
 
     @property
     def samples_cap(self) -> B.NumSamplesCap:

@@ -15,11 +15,10 @@ import numpy as np
 
 from server.datastore.datasets import Dataset
 from server.sqlite import Database
+from server.streams import PIECE_BYTES
 from server.tensors import Array, Spec, tensors_from_bytes
 
 DATASTORE_DB_FILE = "datastore.sqlite"
-# Bytes written into a BLOB at a time.
-_BLOB_PIECE = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -100,8 +99,8 @@ def _write_blob(conn: sqlite3.Connection, column: str, rowid: int, arr: Array) -
         return
     data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
     with conn.blobopen("datasets", column, rowid) as blob:
-        for start in range(0, len(data), _BLOB_PIECE):
-            blob.write(data[start : start + _BLOB_PIECE].data)
+        for start in range(0, len(data), PIECE_BYTES):
+            blob.write(data[start : start + PIECE_BYTES].data)
 
 
 def _array_from_row(dtype: str, shape: str, data: bytes) -> Array:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from propeller.v1 import coordinator_pb2_grpc, manager_pb2
 from propeller.v1 import manager_pb2_grpc as manager_grpc
-from server.config import Endpoints, MqttConfig, TlsConfig, setting, settings_from_env
+from server.config import Endpoints, MqttConfig, TlsConfig, read_by, setting, settings_from_env
 from server.errors import Unavailable
 from server.grpc_server import ServiceBinding, channel
 from server.lifecycle import ServiceApp, for_serve, run_service, start_task, state_dir_from_env
@@ -33,21 +32,36 @@ from server.mqtt import MqttSession
 SERVICE_NAME: str = manager_pb2.DESCRIPTOR.services_by_name["Manager"].full_name
 
 
+def _oci_insecure(env: Mapping[str, str]) -> bool | None:
+    """PROPELLER_OCI_INSECURE: 1/true/yes or 0/false/no; unset: None."""
+    key = "PROPELLER_OCI_INSECURE"
+    raw = env.get(key, "").strip().lower()
+    if not raw:
+        return None
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("0", "false", "no"):
+        return False
+    raise ValueError(f"{key}: {raw!r} must be 1 or 0")
+
+
 @dataclass(frozen=True)
 class ManagerConfig:
     addr: str = setting("PROPELLER_MANAGER_LISTEN", "127.0.0.1:7070")
     coordinator_addr: str = setting("COORDINATOR_ADDR", "127.0.0.1:8086")
-    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig, metadata=read_by(MqttConfig.from_env))
     # Proplets heartbeat every 10 s by default: a window of three intervals means a live
     # proplet never flaps to dead because one heartbeat arrived a little late.
     alive_window_s: float = setting("PROPELLER_ALIVE_WINDOW_S", 30.0)
     # The addresses written into federated tasks' environment, as the proplets reach them
     # (service host names under compose).
-    task_endpoints: Endpoints = field(default_factory=Endpoints)
+    task_endpoints: Endpoints = field(
+        default_factory=Endpoints, metadata=read_by(Endpoints.from_env)
+    )
     rpc_timeout_s: float = setting("PROPELLER_RPC_TIMEOUT_S", 30.0)
     # Proplets, tasks and experiments in `<state_dir>/manager.sqlite`; None keeps them in
     # memory only.
-    state_dir: Path | None = None
+    state_dir: Path | None = field(default=None, metadata=read_by(state_dir_from_env))
     # Reconciliation, every `reconcile_interval_s`: a task left SCHEDULED or RUNNING this long
     # after its start (without ROUND_DEADLINE), or this long after its round's deadline, is
     # interrupted with a reason (`Manager.reconcile`).
@@ -58,9 +72,9 @@ class ManagerConfig:
     # address every image's registry is reached at ("" = the host the image names) and
     # whether over plain HTTP (None: for loopback addresses only).
     oci_registry: str = setting("PROPELLER_OCI_REGISTRY", "")
-    oci_insecure: bool | None = None
+    oci_insecure: bool | None = field(default=None, metadata=read_by(_oci_insecure))
     # Mutual TLS, server and the coordinator channel (None: plaintext); see TlsConfig.
-    tls: TlsConfig | None = field(kw_only=True)
+    tls: TlsConfig | None = field(kw_only=True, metadata=read_by(TlsConfig.from_env))
 
     def __post_init__(self) -> None:
         if not self.alive_window_s > 0:
@@ -74,27 +88,7 @@ class ManagerConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ManagerConfig:
-        env = os.environ if env is None else env
-        return cls(
-            **settings_from_env(cls, env),
-            mqtt=MqttConfig.from_env(env),
-            task_endpoints=Endpoints.from_env(env),
-            state_dir=state_dir_from_env(env),
-            oci_insecure=_flag(env, "PROPELLER_OCI_INSECURE"),
-            tls=TlsConfig.from_env(env),
-        )
-
-
-def _flag(env: Mapping[str, str], key: str) -> bool | None:
-    """1/true/yes or 0/false/no; unset: None."""
-    raw = env.get(key, "").strip().lower()
-    if not raw:
-        return None
-    if raw in ("1", "true", "yes"):
-        return True
-    if raw in ("0", "false", "no"):
-        return False
-    raise ValueError(f"{key}: {raw!r} must be 1 or 0")
+        return cls(**settings_from_env(cls, env))
 
 
 log = logging.getLogger(__name__)

@@ -23,13 +23,11 @@ from pathlib import Path
 from typing import Protocol
 
 from server.errors import FailedPrecondition, PropellerError, Unavailable
-from server.oci import ImageRef, OciClient, is_loopback
+from server.oci import MAX_MODULE_BYTES, ImageRef, OciClient, is_loopback
 
 log = logging.getLogger(__name__)
 
 FIELD = "task_wasm_image"
-# A module file bigger than this is not a training module (the proplet's limit too).
-MAX_FILE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -100,12 +98,12 @@ def _pin_file(image: str) -> PinnedModule:
     path = Path(image.removeprefix("file://"))
     try:
         with path.open("rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+            data = f.read(MAX_MODULE_BYTES + 1)
     except OSError as exc:
         raise FailedPrecondition(
             f"{FIELD}: the manager cannot read {path} to pin the module's digest: "
             f"{exc.strerror or exc}"
         ) from None
-    if len(data) > MAX_FILE_BYTES:
-        raise FailedPrecondition(f"{FIELD}: {path} is larger than {MAX_FILE_BYTES} bytes")
+    if len(data) > MAX_MODULE_BYTES:
+        raise FailedPrecondition(f"{FIELD}: {path} is larger than {MAX_MODULE_BYTES} bytes")
     return PinnedModule(image, f"sha256:{hashlib.sha256(data).hexdigest()}")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.config import TlsConfig, setting, settings_from_env
+from server.config import TlsConfig, read_by, setting, settings_from_env
 from server.grpc_server import ServiceBinding
 from server.lifecycle import ServiceApp, for_serve, run_service, state_dir_from_env
 from server.registry.lineage import (
@@ -35,18 +34,13 @@ class RegistryConfig:
     memory."""
 
     addr: str = setting("PROPELLER_REGISTRY_LISTEN", "127.0.0.1:8084")
-    state_dir: Path | None = None
+    state_dir: Path | None = field(default=None, metadata=read_by(state_dir_from_env))
     # Mutual TLS (None: plaintext); see TlsConfig.
-    tls: TlsConfig | None = field(kw_only=True)
+    tls: TlsConfig | None = field(kw_only=True, metadata=read_by(TlsConfig.from_env))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RegistryConfig:
-        env = os.environ if env is None else env
-        return cls(
-            **settings_from_env(cls, env),
-            state_dir=state_dir_from_env(env),
-            tls=TlsConfig.from_env(env),
-        )
+        return cls(**settings_from_env(cls, env))
 
 
 class RegistryApp(ServiceApp):

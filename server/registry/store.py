@@ -30,7 +30,7 @@ import numpy as np
 from server.errors import AlreadyExists, DataLoss, ResourceExhausted
 from server.models import model_uri
 from server.sqlite import SqliteStore
-from server.streams import MAX_PAYLOAD_BYTES, Payload
+from server.streams import MAX_PAYLOAD_BYTES, PIECE_BYTES, Payload
 from server.tensors import (
     Spec,
     Tensors,
@@ -207,8 +207,6 @@ _SQLITE_SCHEMA = [
 ]
 # A big version passes through the write-ahead log once; do not keep a log that size around.
 _WAL_SIZE_LIMIT = 64 << 20
-# Bytes written into a BLOB between two looks at `abandoned`.
-_BLOB_PIECE = 16 << 20
 
 
 class SqliteModelStore(SqliteStore):
@@ -326,7 +324,7 @@ class SqliteModelStore(SqliteStore):
                 # Piece by piece from memory or the spool file: a big version is never
                 # held whole in memory on its way in.
                 with conn.blobopen("models", "data", version) as blob:
-                    for _spec, piece in payload.pieces(_BLOB_PIECE):
+                    for _spec, piece in payload.pieces(PIECE_BYTES):
                         _check_abandoned(abandoned, version)
                         blob.write(piece)
             _check_abandoned(abandoned, version)

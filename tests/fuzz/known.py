@@ -17,6 +17,7 @@ from server.models import model_uri
 from server.mqtt import MqttSession
 from server.streams import UpdateMeta, model_stream, update_stream
 from server.tensors import Tensors, sha256_of, tensor_to_proto
+from tests.support.clients import header_and_data
 from tests.support.waits import eventually
 
 if TYPE_CHECKING:
@@ -112,16 +113,9 @@ async def snapshot(env: FuzzEnv) -> dict[str, bytes]:
 
 
 async def model_bytes(env: FuzzEnv, version: int) -> tuple[tensor_pb2.ModelHeader, bytes]:
-    header: tensor_pb2.ModelHeader | None = None
-    data = b""
-    async for chunk in env.registry.GetModel(
-        MR.GetModelRequest(version=version), timeout=RPC_TIMEOUT
-    ):
-        if chunk.WhichOneof("part") == "header":
-            header = chunk.header
-        else:
-            data += chunk.data
-    assert header is not None
+    call = env.registry.GetModel(MR.GetModelRequest(version=version), timeout=RPC_TIMEOUT)
+    header, data = await header_and_data(call)
+    assert isinstance(header, tensor_pb2.ModelHeader)
     return header, data
 
 

@@ -56,6 +56,16 @@ def env() -> dict[str, str]:
     return e
 
 
+def run(
+    args: list[str], cwd: Path, timeout: float, environ: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`args` as a user runs them from `cwd` (in `environ`, else the test's environment with
+    propeller-fl on PATH), their output captured as text."""
+    return subprocess.run(
+        args, cwd=cwd, env=environ or env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
 def commands(block: str) -> list[str]:
     return [ln.split("#")[0].strip() for ln in block.splitlines() if ln.split("#")[0].strip()]
 
@@ -74,25 +84,11 @@ def test_readme_opens_with_the_two_commands() -> None:
 
 def test_demo_script_and_demo_command(tmp_path: Path) -> None:
     # The README's first command, exactly (it sets up .venv, then runs the demo).
-    proc = subprocess.run(
-        [str(ROOT / "scripts/demo.sh"), "--rounds", "2"],
-        cwd=tmp_path,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run([str(ROOT / "scripts/demo.sh"), "--rounds", "2"], tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"^demo-r2\s+v2\s+3/3", proc.stdout, re.M), proc.stdout
     for cmd in commands(blocks()["demo"][0]):
-        proc = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", cmd],
-            cwd=tmp_path,
-            env=env(),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        proc = run(["bash", "-euo", "pipefail", "-c", cmd], tmp_path, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
         rows = re.findall(r"^demo-r(\d)\s+v(\d)\s+3/3", proc.stdout, re.M)
         assert rows == [(str(i), str(i)) for i in range(1, 6)], proc.stdout
@@ -151,14 +147,7 @@ def test_walkthrough(up: dict[str, int]) -> None:
         MODEL_REGISTRY_ADDR=f"127.0.0.1:{up['registry']}",
         DATA_STORE_ADDR=f"127.0.0.1:{up['datastore']}",
     )
-    proc = subprocess.run(
-        ["bash", "-euo", "pipefail", "-x", "-c", script],
-        cwd=ROOT,
-        env=e,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run(["bash", "-euo", "pipefail", "-x", "-c", script], ROOT, timeout=300, environ=e)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "propeller.v1.Manager" in out and '"status": "SERVING"' in out

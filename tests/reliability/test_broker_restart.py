@@ -151,6 +151,25 @@ async def test_a_broker_restart_mid_round_loses_nothing(
     assert await f.alive() == set(f.proplet_ids)
 
 
+class TaskInbox:
+    """A new proplet's task-start topic, and what arrives on it."""
+
+    def __init__(self, mqtt: MqttConfig) -> None:
+        self.proplet_id = f"p-{uuid.uuid4().hex[:8]}"
+        self.topic = mqtt.topics.task_start_for(self.proplet_id)
+        self.got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_message(self, _: str, payload: bytes) -> None:
+        self.got.put_nowait(payload)
+
+    def session(self, mqtt: MqttConfig, *, clean_session: bool = False) -> MqttSession:
+        """The proplet's session, subscribed to its task-start topic."""
+        pid = self.proplet_id
+        return MqttSession(
+            as_proplet(mqtt, pid), pid, [self.topic], self.on_message, clean_session=clean_session
+        )
+
+
 async def test_every_reconnect_subscribes_again(
     own_broker: Mosquitto, own_mqtt: MqttConfig
 ) -> None:
@@ -158,14 +177,9 @@ async def test_every_reconnect_subscribes_again(
     restart arrive only because the session subscribed again on reconnecting. (The manager
     publishing to a proplet's own task topic: what the ACL allows.)"""
     mqtt = own_mqtt
-    pid = f"p-{uuid.uuid4().hex[:8]}"
-    topic = mqtt.topics.task_start_for(pid)
-    got: asyncio.Queue[bytes] = asyncio.Queue()
-
-    async def on_message(_: str, payload: bytes) -> None:
-        got.put_nowait(payload)
-
-    sub = MqttSession(as_proplet(mqtt, pid), pid, [topic], on_message, clean_session=True)
+    inbox = TaskInbox(mqtt)
+    topic, got = inbox.topic, inbox.got
+    sub = inbox.session(mqtt, clean_session=True)
     pub = MqttSession(as_manager(mqtt), "manager", clean_session=True)
     async with sub, pub:
         await pub.publish(topic, b"before")
@@ -189,14 +203,9 @@ async def test_a_publish_during_a_short_outage_waits_for_the_broker(
     """QoS 1 to a persistent subscriber: published while the broker is down (the publisher
     waits for it), delivered after it is back."""
     mqtt = own_mqtt
-    pid = f"p-{uuid.uuid4().hex[:8]}"
-    topic = mqtt.topics.task_start_for(pid)
-    got: asyncio.Queue[bytes] = asyncio.Queue()
-
-    async def on_message(_: str, payload: bytes) -> None:
-        got.put_nowait(payload)
-
-    sub = MqttSession(as_proplet(mqtt, pid), pid, [topic], on_message)
+    inbox = TaskInbox(mqtt)
+    topic, got = inbox.topic, inbox.got
+    sub = inbox.session(mqtt)
     pub = MqttSession(as_manager(mqtt), "manager")
     async with sub, pub:
         await asyncio.to_thread(stop_and_check_saved, own_broker)

@@ -23,6 +23,7 @@ from server.registry.app import RegistryApp, RegistryConfig
 from server.streams import model_stream
 from server.tensors import Tensors, sha256_of, specs_of, tensor_bytes
 from tests.services.harness import RPC_TIMEOUT, rpc_error
+from tests.support.clients import header_and_data
 from tests.support.security import operator_tls, service_tls
 
 MR = model_registry_pb2
@@ -108,14 +109,9 @@ async def refused(call: Any, code: grpc.StatusCode, start: str) -> None:
 
 
 async def read(stub: Any, version: int) -> tuple[MR.Lineage, bytes]:
-    header: MR.Lineage | None = None
-    data = b""
-    async for chunk in stub.GetLineage(MR.GetModelRequest(version=version), timeout=RPC_TIMEOUT):
-        if chunk.WhichOneof("part") == "header":
-            header = chunk.header
-        else:
-            data += chunk.data
-    assert header is not None
+    call = stub.GetLineage(MR.GetModelRequest(version=version), timeout=RPC_TIMEOUT)
+    header, data = await header_and_data(call)
+    assert isinstance(header, MR.Lineage)
     return header, data
 
 

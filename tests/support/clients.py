@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -99,6 +99,20 @@ def sync_channel(
     if tls is None:
         return grpc.insecure_channel(addr, options=list(options))
     return grpc.secure_channel(addr, channel_credentials(tls), options=list(options))
+
+
+async def header_and_data(chunks: AsyncIterable[Any]) -> tuple[Any, bytes]:
+    """A chunk stream as it came: its header and its data chunks joined (the stream's bytes
+    exactly, not decoded)."""
+    header: Any = None
+    data = b""
+    async for chunk in chunks:
+        if chunk.WhichOneof("part") == "header":
+            header = chunk.header
+        else:
+            data += chunk.data
+    assert header is not None
+    return header, data
 
 
 async def every(method: Any, request: Any, entries: Callable[[Any], Iterable[T]]) -> list[T]:
