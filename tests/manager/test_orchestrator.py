@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -42,7 +43,9 @@ class Rounds:
     failures: list[tuple[str, str, str]] = field(default_factory=list)
     fail_configure: Exception | None = None
 
-    async def configure_round(self, spec: RoundSpec) -> Round:
+    async def configure_round(
+        self, spec: RoundSpec, *, strategy_name: str = "", strategy_params_json: str = ""
+    ) -> Round:
         self.configured.append(spec)
         if self.fail_configure is not None:
             raise self.fail_configure
@@ -62,6 +65,9 @@ class Rounds:
 
     async def get_round_status(self, round_id: str) -> Round:
         return R.require_round(self.rounds.get(round_id), round_id)
+
+    async def watch_round(self, round_id: str) -> AsyncIterator[Round]:
+        yield await self.get_round_status(round_id)
 
     async def report_failure(self, round_id: str, proplet_id: str, reason: str) -> Round:
         self.failures.append((round_id, proplet_id, reason))
