@@ -178,6 +178,7 @@ class ExperimentLoop:
         experiment = replace(experiment, rounds=(*experiment.rounds[:-1], current))
         m.experiments.put(experiment)
         await m.persisted()
+        crash_point("manager.round_outcome_recorded")
         log.info(
             "[Manager.experiments] experiment_id=%s round %d (%s) %s: version=%d reported=%d",
             eid,
