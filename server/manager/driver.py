@@ -27,18 +27,37 @@ none is skipped; the coordinator stores one version per round.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import uuid
 from dataclasses import dataclass, field, replace
 
 from server.coordinator.rounds import Round, RoundState
 from server.errors import FailedPrecondition, PropellerError, Unavailable
 from server.faults import crash_point
 from server.lifecycle import cancel_and_wait
-from server.manager.experiments import EventKind, Experiment, FanOut
+from server.manager.experiments import (
+    EventKind,
+    Experiment,
+    FanOut,
+    RoundRecord,
+    ScheduledParticipant,
+    eval_task_name,
+)
 from server.manager.orchestrator import Manager
-from server.manager.plan import EndReason, MetricSource, round_id_for, verdict
+from server.manager.plan import (
+    EndReason,
+    Evaluation,
+    MetricSource,
+    Sampling,
+    round_id_for,
+    sample,
+    verdict,
+    weighted_metrics,
+)
+from server.manager.proplets import Skipped
 from server.manager.records import require
-from server.manager.tasks import STOPPABLE
+from server.manager.tasks import STOPPABLE, TaskState
 from server.round_spec import DEFAULT_TIMEOUT_S
 
 log = logging.getLogger(__name__)
@@ -99,7 +118,7 @@ class ExperimentLoop:
         await m.fan_out_settled(eid)
         experiment = m.end_experiment(eid, EndReason.STOPPED, "stopped by the operator")
         await m.persisted()
-        for s in experiment.scheduled:
+        for s in (*experiment.scheduled, *experiment.current_round.eval_tasks):
             task = m.tasks.store.get(s.task_id)
             if task is None or task.state not in STOPPABLE:
                 continue
@@ -175,7 +194,7 @@ class ExperimentLoop:
             train_metrics=dict(rnd.metrics),
             finished_at=rnd.completed_at or m.clock(),
         )
-        experiment = replace(experiment, rounds=(*experiment.rounds[:-1], current))
+        experiment = self._with_current(experiment, current)
         m.experiments.put(experiment)
         await m.persisted()
         crash_point("manager.round_outcome_recorded")
@@ -203,6 +222,9 @@ class ExperimentLoop:
                 f"round {last.index} ({last.round_id}) failed: {last.failure_reason}",
             )
             await m.persisted()
+            return
+        if experiment.plan.evaluation.due(last.index) and not last.eval_done:
+            await self._evaluate(experiment)
             return
         source = experiment.plan.stopping.source
         metrics = [
@@ -241,3 +263,93 @@ class ExperimentLoop:
         await m.persisted()
         crash_point("manager.next_round_recorded")
         await m.finish_fan_out(planned)
+
+    async def _evaluate(self, experiment: Experiment) -> None:
+        """Federated evaluation of the model the current round stored: tasks on a sample of
+        the alive candidates (`plan.evaluation.fraction`), recorded before they start; their
+        results awaited until all are in or the evaluation's deadline; the sample-weighted
+        metrics recorded with the round. Those without a usable result are listed with why."""
+        m = self.manager
+        eid = experiment.experiment_id
+        plan = experiment.plan
+        last = experiment.current_round
+        if not last.eval_tasks:
+            candidates = experiment.config.participants or tuple(p.id for p in m.proplets.all())
+            alive, _ = m.proplets.split(candidates)
+            chosen = sample(
+                Sampling(fraction=plan.evaluation.fraction, seed=plan.sampling.seed),
+                alive,
+                last.index,
+            )
+            timeout = plan.evaluation.timeout_s or experiment.config.timeout_s or DEFAULT_TIMEOUT_S
+            last = replace(
+                last,
+                eval_tasks=tuple(
+                    ScheduledParticipant(pid, str(uuid.uuid4()), eval_task_name(last.round_id, pid))
+                    for pid in chosen
+                ),
+                eval_deadline=m.clock() + timeout,
+                eval_done=not chosen,
+            )
+            experiment = self._with_current(experiment, last)
+            m.experiments.put(experiment)
+            await m.persisted()
+            if not chosen:
+                log.warning(
+                    "[Manager.experiments] experiment_id=%s round %d: no alive proplet to "
+                    "evaluate on",
+                    eid,
+                    last.index,
+                )
+                m.emit(EventKind.ROUND_EVALUATED, experiment, last)
+                return
+        tasks = [m.evaluation_task(experiment, last, s) for s in last.eval_tasks]
+        closed = "" if m.clock() < last.eval_deadline else "the evaluation's deadline passed"
+        await m.launch(tasks, done={t.proplet_id for t in tasks if t.state.final}, closed=closed)
+        while True:
+            m.task_finished.clear()
+            tasks = [m.tasks.get(s.task_id) for s in last.eval_tasks]
+            left = last.eval_deadline - m.clock()
+            if all(t.state.final for t in tasks) or left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(m.task_finished.wait(), min(self.poll_s, left))
+        evaluations: list[Evaluation] = []
+        evaluated: list[str] = []
+        missing: list[Skipped] = []
+        for task in tasks:
+            if task.state is TaskState.COMPLETED:
+                try:
+                    evaluations.append(Evaluation.from_json(task.results))
+                    evaluated.append(task.proplet_id)
+                except ValueError as exc:
+                    missing.append(Skipped(task.proplet_id, f"results not an evaluation: {exc}"))
+            elif task.state.final:
+                missing.append(
+                    Skipped(task.proplet_id, task.error or f"task {task.state.value.lower()}")
+                )
+            else:
+                missing.append(Skipped(task.proplet_id, "no result by the evaluation's deadline"))
+        last = replace(
+            last,
+            eval_metrics=weighted_metrics(evaluations),
+            eval_num_samples=sum(e.num_samples for e in evaluations),
+            evaluated=tuple(evaluated),
+            eval_missing=tuple(missing),
+            eval_done=True,
+        )
+        experiment = self._with_current(require(m.experiments, eid, "experiment"), last)
+        m.experiments.put(experiment)
+        await m.persisted()
+        log.info(
+            "[Manager.experiments] experiment_id=%s round %d evaluated on %d proplet(s): %s",
+            eid,
+            last.index,
+            len(evaluated),
+            dict(last.eval_metrics),
+        )
+        m.emit(EventKind.ROUND_EVALUATED, experiment, last)
+
+    @staticmethod
+    def _with_current(experiment: Experiment, current: RoundRecord) -> Experiment:
+        return replace(experiment, rounds=(*experiment.rounds[:-1], current))

@@ -57,6 +57,17 @@ def round_task_name(round_id: str, proplet_id: str) -> str:
     return f"fl-round-{round_id}-{proplet_id}"
 
 
+def eval_task_name(round_id: str, proplet_id: str) -> str:
+    return f"fl-eval-{round_id}-{proplet_id}"
+
+
+# An evaluation task's environment: a round task's, plus FL_TASK=evaluate (the proplet then
+# evaluates MODEL_URI on its held-out split and reports {"num_samples": n, "metrics": {...}}
+# as the task's results, submitting no update).
+FL_TASK = "FL_TASK"
+EVALUATE = "evaluate"
+
+
 def round_task_env(
     *,
     round_id: str,
@@ -131,6 +142,11 @@ class RoundRecord:
     evaluated: tuple[str, ...] = ()
     eval_missing: tuple[Skipped, ...] = ()
     finished_at: float = 0.0
+    # Its evaluation, when the plan has one after this round: the tasks (recorded before
+    # they start), until when results are awaited, and whether it is over.
+    eval_tasks: tuple[ScheduledParticipant, ...] = ()
+    eval_deadline: float = 0.0
+    eval_done: bool = False
 
     @property
     def finished(self) -> bool:
@@ -224,6 +240,7 @@ class EventKind(enum.Enum):
     SNAPSHOT = "snapshot"
     ROUND_STARTED = "round_started"
     ROUND_FINISHED = "round_finished"
+    ROUND_EVALUATED = "round_evaluated"
     ENDED = "ended"
 
 

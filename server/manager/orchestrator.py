@@ -44,6 +44,8 @@ from server.errors import (
 from server.faults import crash_point
 from server.manager.coordinator import RoundService
 from server.manager.experiments import (
+    EVALUATE,
+    FL_TASK,
     End,
     EventKind,
     Experiment,
@@ -127,6 +129,8 @@ class Manager:
     events: ExperimentEvents = field(default_factory=ExperimentEvents, init=False, repr=False)
     # Set when an experiment may need its loop (`server.manager.driver`) started.
     experiments_due: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    # Set whenever a task reaches a final state (an experiment's evaluation waits on it).
+    task_finished: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._fan_outs_due.set()  # at start: whatever a crash left recorded
@@ -149,6 +153,8 @@ class Manager:
                 task = self._apply_result(sender, result)
                 if task is not None:
                     self._task_ended(task)
+                    if task.state.final:
+                        self.task_finished.set()
                 return sender, ResultAck.of(result)
             announce = PropletAnnounce.from_json(payload)
         except ValueError as exc:
@@ -256,6 +262,8 @@ class Manager:
         can no longer reach its quorum, instead of at its deadline."""
         if task.state not in (TaskState.FAILED, TaskState.INTERRUPTED):
             return
+        if task.env.get(FL_TASK) == EVALUATE:
+            return  # an evaluation: its round is over, the coordinator has nothing to learn
         round_id = task.env.get("ROUND_ID", "")
         proplet_id = task.proplet_id or task.reported_by
         if not round_id or not proplet_id:
@@ -557,35 +565,13 @@ class Manager:
         crash_point("manager.round_started")
 
         tasks = [self._round_task(experiment, s, rnd) for s in experiment.scheduled]
-        reported = set(rnd.reported)
-        not_started: dict[str, str] = {}
-        starts: list[Task] = []
-        for task in tasks:
-            if task.state is TaskState.PENDING:
-                if rnd.finished:  # it ended while the manager was down: nothing to start
-                    not_started[task.proplet_id] = (
-                        f"round {config.round_id!r} is {rnd.state.value} before the task started"
-                    )
-                else:
-                    starts.append(self.tasks.schedule(task.id)[0])
-            elif task.state is TaskState.SCHEDULED and task.proplet_id not in reported:
-                # Scheduled by a fan-out that died: its start may not have left. Once more,
-                # the same attempt (a proplet ignores a start it holds).
-                starts.append(task)
-        # Every start that leaves is SCHEDULED on disk first: after a crash, a task that
-        # may have run is never taken for one that never started.
-        await self.persisted()
-        outcomes = await asyncio.gather(
-            *(self._publish_start(t) for t in starts), return_exceptions=True
+        closed = (
+            f"round {config.round_id!r} is {rnd.state.value} before the task started"
+            if rnd.finished  # it ended while the manager was down: nothing to start
+            else ""
         )
-        for task, outcome in zip(starts, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, Exception):
-                    raise outcome
-                not_started[task.proplet_id] = f"task start not delivered: {outcome}"
-        by_proplet = {t.proplet_id: t for t in tasks}
+        not_started = await self.launch(tasks, done=set(rnd.reported), closed=closed)
         for proplet_id, reason in not_started.items():
-            self._task_ended(self.tasks.fail(by_proplet[proplet_id].id, reason))
             log.warning(
                 "[Manager.StartExperiment] round_id=%s proplet_id=%s: %s",
                 config.round_id,
@@ -622,6 +608,66 @@ class Manager:
             rnd.timeout_s,
         )
         return ExperimentStarted(done, rnd)
+
+    async def launch(self, tasks: list[Task], *, done: set[str], closed: str) -> dict[str, str]:
+        """Start `tasks` (one per proplet, created under recorded ids), each step repeatable
+        after a crash: a PENDING task is scheduled (on disk) and its start published; a
+        SCHEDULED one whose proplet is not in `done` (has not reported) is published again,
+        the same attempt (a proplet ignores a start it holds); with `closed` (why the work is
+        over) a PENDING task is failed instead. Returns the proplets whose task did not
+        start, with why (their task FAILED saying so)."""
+        not_started: dict[str, str] = {}
+        starts: list[Task] = []
+        for task in tasks:
+            if task.state is TaskState.PENDING:
+                if closed:
+                    not_started[task.proplet_id] = closed
+                else:
+                    starts.append(self.tasks.schedule(task.id)[0])
+            elif task.state is TaskState.SCHEDULED and task.proplet_id not in done:
+                starts.append(task)
+        # Every start that leaves is SCHEDULED on disk first: after a crash, a task that
+        # may have run is never taken for one that never started.
+        await self.persisted()
+        outcomes = await asyncio.gather(
+            *(self._publish_start(t) for t in starts), return_exceptions=True
+        )
+        for task, outcome in zip(starts, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                not_started[task.proplet_id] = f"task start not delivered: {outcome}"
+        by_proplet = {t.proplet_id: t for t in tasks}
+        for proplet_id, reason in not_started.items():
+            self._task_ended(self.tasks.fail(by_proplet[proplet_id].id, reason))
+        return not_started
+
+    def evaluation_task(
+        self, experiment: Experiment, rnd: RoundRecord, s: ScheduledParticipant
+    ) -> Task:
+        """The evaluation task of `s` after round `rnd` (the model it stored, FL_TASK=evaluate,
+        the evaluation's deadline as ROUND_DEADLINE), created under the id the record holds
+        unless it exists."""
+        task = self.tasks.store.get(s.task_id)
+        if task is not None:
+            return task
+        config = experiment.config
+        env = round_task_env(
+            round_id=rnd.round_id,
+            model_uri=rnd.new_model_uri,
+            hyperparams=config.hyperparams,
+            proplet_id=s.proplet_id,
+            endpoints=self.task_endpoints,
+            deadline=rnd.eval_deadline,
+            module_digest=experiment.module_digest,
+        )
+        return self.tasks.create(
+            s.task_name,
+            task_id=s.task_id,
+            image_url=experiment.image or config.task_wasm_image,
+            env={**env, FL_TASK: EVALUATE},
+            proplet_id=s.proplet_id,
+        )
 
     def _round_task(self, experiment: Experiment, s: ScheduledParticipant, rnd: Round) -> Task:
         """The participant's task, created under the id the experiment recorded for it unless

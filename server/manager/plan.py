@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from server.errors import InvalidArgument
-from server.ids import MAX_ID_LENGTH, check_name, check_text, valid_id
+from server.ids import MAX_ENTRIES, MAX_ID_LENGTH, check_name, check_text, valid_id, valid_name
 
 # The most rounds one experiment may ask for: every round is a record kept with the
 # experiment (its history), so the history stays bounded.
@@ -264,3 +264,49 @@ def verdict(
     if index >= plan.rounds:
         return Verdict(EndReason.MAX_ROUNDS, f"{plan.rounds} round(s) run")
     return None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One proplet's evaluation result: {"num_samples": n, "metrics": {name: value}}."""
+
+    num_samples: int
+    metrics: Mapping[str, float]
+
+    @classmethod
+    def from_json(cls, text: str) -> Evaluation:
+        """The task's results parsed; ValueError saying what is wrong otherwise."""
+        try:
+            d = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"not JSON: {exc}") from None
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        n = d.get("num_samples")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"num_samples: {n!r} is not a count")
+        metrics = d.get("metrics")
+        if not isinstance(metrics, dict) or len(metrics) > MAX_ENTRIES:
+            raise ValueError(f"metrics: not an object of at most {MAX_ENTRIES} entries")
+        checked: dict[str, float] = {}
+        for name, value in metrics.items():
+            if not valid_name(name):
+                raise ValueError(f"metrics: {name!r} is not a metric name")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"metrics[{name}]: {value!r} is not a number")
+            if not math.isfinite(value):
+                raise ValueError(f"metrics[{name}]: {value!r} is not finite")
+            checked[name] = float(value)
+        return cls(n, checked)
+
+
+def weighted_metrics(evaluations: Sequence[Evaluation]) -> dict[str, float]:
+    """Each metric's mean over the evaluations that report it, weighted by num_samples (a
+    metric whose evaluations hold no sample at all is left out)."""
+    sums: dict[str, float] = {}
+    weights: dict[str, int] = {}
+    for e in evaluations:
+        for name, value in e.metrics.items():
+            sums[name] = sums.get(name, 0.0) + e.num_samples * value
+            weights[name] = weights.get(name, 0) + e.num_samples
+    return {name: sums[name] / weights[name] for name in sums if weights[name] > 0}

@@ -322,6 +322,10 @@ def _round_to_json(r: RoundRecord) -> dict[str, Any]:
     d["train_metrics"] = dict(r.train_metrics)
     d["eval_metrics"] = dict(r.eval_metrics)
     d["eval_missing"] = [{"proplet_id": s.proplet_id, "reason": s.reason} for s in r.eval_missing]
+    d["eval_tasks"] = [
+        {"proplet_id": s.proplet_id, "task_id": s.task_id, "task_name": s.task_name}
+        for s in r.eval_tasks
+    ]
     return d
 
 
@@ -329,12 +333,16 @@ def _round_from_json(d: dict[str, Any]) -> RoundRecord:
     plain: dict[str, Any] = {
         k: tuple(v) if isinstance(v, list) else v
         for k, v in d.items()
-        if k not in ("state", "eval_missing")
+        if k not in ("state", "eval_missing", "eval_tasks")
     }
     return RoundRecord(
         **plain,
         state=RoundState(d["state"]) if d["state"] else None,
         eval_missing=_skipped_list(d["eval_missing"]),
+        eval_tasks=tuple(
+            ScheduledParticipant(str(s["proplet_id"]), str(s["task_id"]), str(s["task_name"]))
+            for s in d.get("eval_tasks", ())
+        ),
     )
 
 

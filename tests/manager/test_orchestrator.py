@@ -42,6 +42,8 @@ class Rounds:
     rounds: dict[str, Round] = field(default_factory=dict)
     failures: list[tuple[str, str, str]] = field(default_factory=list)
     fail_configure: Exception | None = None
+    # Set on every change a test makes (what `watch_round` waits for).
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def configure_round(
         self, spec: RoundSpec, *, strategy_name: str = "", strategy_params_json: str = ""
@@ -67,7 +69,24 @@ class Rounds:
         return R.require_round(self.rounds.get(round_id), round_id)
 
     async def watch_round(self, round_id: str) -> AsyncIterator[Round]:
-        yield await self.get_round_status(round_id)
+        while True:
+            self.changed.clear()
+            rnd = await self.get_round_status(round_id)
+            yield rnd
+            if rnd.finished:
+                return
+            await self.changed.wait()
+
+    def complete(self, round_id: str, version: int, metrics: dict[str, float]) -> None:
+        """The round completes, storing `version` (what aggregation would do)."""
+        uri = f"fl/models/global_model_v{version}"
+        rnd = self.rounds[round_id]
+        self.rounds[round_id] = R.complete(rnd, version, uri, metrics, 2000.0)
+        self.changed.set()
+
+    def fail(self, round_id: str, reason: str) -> None:
+        self.rounds[round_id] = R.fail(self.rounds[round_id], reason, 2000.0)
+        self.changed.set()
 
     async def report_failure(self, round_id: str, proplet_id: str, reason: str) -> Round:
         self.failures.append((round_id, proplet_id, reason))

@@ -44,6 +44,7 @@ class ExperimentEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPERIMENT_EVENT_TYPE_ROUND_STARTED: _ClassVar[ExperimentEventType]
     EXPERIMENT_EVENT_TYPE_ROUND_FINISHED: _ClassVar[ExperimentEventType]
     EXPERIMENT_EVENT_TYPE_ENDED: _ClassVar[ExperimentEventType]
+    EXPERIMENT_EVENT_TYPE_ROUND_EVALUATED: _ClassVar[ExperimentEventType]
 
 class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -77,6 +78,7 @@ EXPERIMENT_EVENT_TYPE_SNAPSHOT: ExperimentEventType
 EXPERIMENT_EVENT_TYPE_ROUND_STARTED: ExperimentEventType
 EXPERIMENT_EVENT_TYPE_ROUND_FINISHED: ExperimentEventType
 EXPERIMENT_EVENT_TYPE_ENDED: ExperimentEventType
+EXPERIMENT_EVENT_TYPE_ROUND_EVALUATED: ExperimentEventType
 TASK_STATE_UNSPECIFIED: TaskState
 TASK_STATE_PENDING: TaskState
 TASK_STATE_SCHEDULED: TaskState
