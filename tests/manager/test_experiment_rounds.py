@@ -5,6 +5,7 @@ every round, StopExperiment ends it."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -276,3 +277,48 @@ async def test_bad_many_round_fields_name_the_field(stack: Cluster) -> None:
             manager_pb2.StopExperimentRequest(experiment_id="nope"), timeout=10
         )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_federated_evaluation_on_the_proplets_held_out_splits(stack: Cluster) -> None:
+    c = stack
+    await c.manager.StartExperiment(
+        request(
+            c,
+            "exp-eval",
+            rounds=2,
+            evaluation=manager_pb2.EvaluationPlan(every_rounds=1),
+            stopping=manager_pb2.StoppingRule(
+                metric="accuracy",
+                goal=manager_pb2.METRIC_GOAL_MAXIMIZE,
+                patience_rounds=50,
+            ),
+        ),
+        timeout=60,
+    )
+    e = await ended(c, "exp-eval")
+    assert e.end.reason == manager_pb2.END_REASON_MAX_ROUNDS, e.end
+    for r in e.rounds:
+        # Every proplet evaluated the round's new version on its test split.
+        assert sorted(r.evaluated) == sorted(c.proplet_ids), list(r.eval_missing)
+        assert {"loss", "accuracy"} <= set(r.eval_metrics)
+        assert 0.0 <= r.eval_metrics["accuracy"] <= 1.0
+        assert r.eval_num_samples > 0
+        tasks = await c.manager.ListTasks(
+            manager_pb2.ListTasksRequest(name_prefix=f"fl-eval-{r.round_id}-"), timeout=10
+        )
+        assert sorted(t.proplet_id for t in tasks.tasks) == sorted(c.proplet_ids)
+        for t in tasks.tasks:
+            assert t.env["FL_TASK"] == "evaluate" and t.env["MODEL_URI"] == r.new_model_uri
+            assert t.state == manager_pb2.TASK_STATE_COMPLETED
+    # The weighted mean is of what the proplets reported (their tasks' results).
+    first = e.rounds[0]
+    tasks = await c.manager.ListTasks(
+        manager_pb2.ListTasksRequest(name_prefix=f"fl-eval-{first.round_id}-"), timeout=10
+    )
+    results = [json.loads(t.results) for t in tasks.tasks]
+    total = sum(r["num_samples"] for r in results)
+    assert first.eval_num_samples == total
+    expected = sum(r["num_samples"] * r["metrics"]["accuracy"] for r in results) / total
+    assert first.eval_metrics["accuracy"] == pytest.approx(expected)
+    # Evaluation submits nothing: each round has its training updates only.
+    assert await c.versions() == [0, 1, 2]
