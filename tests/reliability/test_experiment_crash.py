@@ -1,7 +1,8 @@
 """Experiments of many rounds survive kill -9: the registry, aggregator, data store,
 coordinator and manager run as `serve` processes (a real Mosquitto, three real proplets in
 this process training the real module); the manager is killed between two rounds (before and
-after the next one is recorded) and during a round's fan-out, the coordinator during a round.
+after the next one is recorded) and during a round's fan-out, the coordinator during a round
+(once right after its completion is committed, once as soon as the round is fanned out).
 After each restart the experiment goes on by itself at the right round and ends after its
 rounds; no round runs twice (the coordinator holds exactly the experiment's rounds, each with
 one task per proplet), and no version is skipped or duplicated (the registry holds
@@ -147,7 +148,24 @@ async def test_experiments_survive_kills_of_the_manager_and_the_coordinator(
         await coordinator.restart()
         stored += await check_ran_once(c, eid, V0)
 
-        # Every version once, none skipped, across all four experiments.
-        assert stored == list(range(1 + ROUNDS * 4))
+        # The coordinator killed while round 2 runs (as soon as the manager has fanned it out:
+        # its updates are arriving, or about to) and started again.
+        eid = "exp-coordinator-killed-open"
+        await c.manager.StartExperiment(request(eid, image), timeout=RPC_S)
+        async for event in c.manager.WatchExperiment(
+            manager_pb2.WatchExperimentRequest(experiment_id=eid), timeout=120
+        ):
+            if (
+                event.type == manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_STARTED
+                and event.round.index == 2
+            ):
+                break
+        coordinator.kill()
+        assert await coordinator.wait_exit() == -signal.SIGKILL
+        await coordinator.restart()
+        stored += await check_ran_once(c, eid, V0)
+
+        # Every version once, none skipped, across all five experiments.
+        assert stored == list(range(1 + ROUNDS * 5))
         assert await c.versions() == stored
         assert await mgr.terminate_async() == 0, mgr.tail()
