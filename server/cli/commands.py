@@ -63,6 +63,7 @@ from server.cli.render import (
     table,
     task_state,
 )
+from server.cli.report import write_experiment_plot
 from server.cli.runner import Arg, Command, OneOf, Reply, arg, one_call, shown
 from server.cli.verify import verify_chain
 from server.errors import InvalidArgument, Unavailable
@@ -330,6 +331,17 @@ async def experiment_history(c: Client, a: argparse.Namespace) -> Reply:
     return shown(rounds, render_experiment_rounds(rounds.rounds))
 
 
+async def experiment_plot(c: Client, a: argparse.Namespace) -> Reply:
+    output = Path(a.output)
+    if output.suffix.lower() != ".png":
+        raise InvalidArgument(f"--output: {output} must end in .png")
+    rounds = (await c.experiment_rounds(a.experiment_id)).rounds
+    points = [(r.index, dict(r.train_metrics), dict(r.eval_metrics)) for r in rounds]
+    await asyncio.to_thread(write_experiment_plot, output, points, f"experiment {a.experiment_id}")
+    doc = {"experiment_id": a.experiment_id, "rounds": len(rounds), "plot": str(output)}
+    return Reply(doc, f"wrote {output} ({len(rounds)} rounds)")
+
+
 def experiment_run_args() -> tuple[Arg, ...]:
     return (
         *round_args(model_required=True, round_required=False),
@@ -561,6 +573,17 @@ COMMANDS: tuple[Command, ...] = (
         "evaluation metrics (--json: the ExperimentRound messages)",
         experiment_history,
         (arg("experiment_id", metavar="EXPERIMENT_ID"),),
+    ),
+    Command(
+        "experiment",
+        "plot",
+        "a PNG of an experiment's loss and accuracy per round: training (the updates') and "
+        "evaluation (held-out splits)",
+        experiment_plot,
+        (
+            arg("experiment_id", metavar="EXPERIMENT_ID"),
+            arg("--output", "-o", required=True, metavar="FILE.png", help="where to write it"),
+        ),
     ),
     Command(
         "experiment",

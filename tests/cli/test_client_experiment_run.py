@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from pathlib import Path
 
 from tests.cli.helpers import Cli, table_rows
 from tests.cli.test_client_experiment import Fl, fl  # noqa: F401
@@ -12,7 +13,7 @@ from tests.cli.test_client_experiment import Fl, fl  # noqa: F401
 V0 = "fl/models/global_model_v0"
 
 
-async def test_run_watch_history_and_stop(cli: Cli, fl: Fl) -> None:  # noqa: F811
+async def test_run_watch_history_and_stop(cli: Cli, fl: Fl, tmp_path: Path) -> None:  # noqa: F811
     f = fl.flags
     eid = f"exp-{uuid.uuid4().hex[:8]}"
     run = await cli(
@@ -44,6 +45,10 @@ async def test_run_watch_history_and_stop(cli: Cli, fl: Fl) -> None:  # noqa: F8
     assert [r["new_model_uri"] for r in doc["rounds"]] == [
         f"fl/models/global_model_v{i}" for i in (1, 2, 3)
     ]
+    png = tmp_path / "exp.png"
+    plotted = (await cli("experiment", "plot", eid, "--output", str(png), "--json", *f)).ok()
+    assert plotted.json() == {"experiment_id": eid, "rounds": 3, "plot": str(png)}
+    assert png.read_bytes()[:4] == b"\x89PNG"
     got = (await cli("experiment", "get", eid, *f)).ok().out
     assert re.search(r"^state:\s+COMPLETED$", got, re.M)
     assert re.search(r"^ended:\s+MAX_ROUNDS after round 3", got, re.M)
