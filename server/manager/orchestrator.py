@@ -532,6 +532,11 @@ class Manager:
         unless its participant has reported (the proplet ignores a start it holds)."""
         await self.persisted()  # the record is on disk before the round or a task exists
         experiment = require(self.experiments, eid, "experiment")
+        if not experiment.running:  # stopped before its round went out: nothing goes out
+            raise FailedPrecondition(
+                f"experiment_id: {eid!r} is {experiment.state.value}; its round "
+                f"{experiment.round_spec.round_id!r} is not started"
+            )
         config = experiment.round_spec
         try:
             rnd = await self.rounds.configure_round(

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from server.coordinator.rounds import RoundState
+from server.errors import FailedPrecondition, Unavailable
 from server.manager.driver import ExperimentLoop
 from server.manager.experiments import EVALUATE, FL_TASK, ExperimentState
 from server.manager.plan import (
@@ -197,3 +198,20 @@ async def test_the_record_round_trips_through_manager_sqlite(
         assert again.experiments.get("e") == record
     finally:
         await again.close()
+
+
+async def test_an_experiment_stopped_before_its_round_went_out_sends_nothing(
+    world: World,  # noqa: F811
+    loop: ExperimentLoop,
+) -> None:
+    await announce(world, "p1")
+    request = config(["p1"], experiment_id="e")
+    world.rounds.fail_configure = Unavailable("coordinator: connection refused")
+    with pytest.raises(Unavailable):
+        await world.manager.start_experiment(request, ExperimentPlan(rounds=3))
+    stopped = await loop.stop("e")
+    assert stopped.state is ExperimentState.STOPPED
+    world.rounds.fail_configure = None
+    with pytest.raises(FailedPrecondition, match=r"^experiment_id: 'e' is stopped"):
+        await world.manager.start_experiment(request, ExperimentPlan(rounds=3))
+    assert world.rounds.rounds == {} and world.broker.published == []
