@@ -744,6 +744,14 @@ def check_experiment(request: RoundSpec, plan: ExperimentPlan) -> RoundSpec:
         if not spec.experiment_id:
             raise InvalidArgument("round_id: give a round_id or an experiment_id")
         spec = replace(spec, round_id=round_id_for(spec.experiment_id, 1))
+    if plan.rounds > 1:
+        eid = spec.experiment_id or f"exp-{spec.round_id}"
+        later = {round_id_for(eid, i): i for i in range(2, plan.rounds + 1)}
+        if spec.round_id in later:
+            raise InvalidArgument(
+                f"round_id: {spec.round_id!r} is the id of round {later[spec.round_id]} of "
+                f"experiment {eid!r}; give another or none"
+            )
     if not plan.all_alive:
         return validate(spec, experiment=True)
     if spec.participants:

@@ -262,6 +262,7 @@ async def test_bad_many_round_fields_name_the_field(stack: Cluster) -> None:
         ({"strategy_params_json": "[]"}, "strategy_params_json"),
         ({"sampling": manager_pb2.Sampling(fraction=1.5)}, "sampling.fraction"),
         ({"stopping": manager_pb2.StoppingRule(metric="loss", target=1)}, "stopping.goal"),
+        ({"rounds": 3, "round_id": "bad-round_id-r2"}, "round_id"),
     ]
     for fields, name in cases:
         with pytest.raises(grpc.aio.AioRpcError) as err:
