@@ -4,7 +4,7 @@ exercised without a network. `CoordinatorClient` is the gRPC edge."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 from propeller.v1 import coordinator_pb2
@@ -22,8 +22,9 @@ class RoundService(Protocol):
         ("" = fedavg); zeros are the coordinator's to fill."""
         ...
 
-    def watch_round(self, round_id: str) -> AsyncIterator[Round]:
-        """The round as it is, then after each change, until it is finished."""
+    def watch_round(self, round_id: str, timeout_s: float) -> AsyncGenerator[Round, None]:
+        """The round as it is, then after each change, until it is finished or `timeout_s`
+        passed (DEADLINE_EXCEEDED)."""
         ...
 
     async def start_round(self, round_id: str) -> Round: ...
@@ -59,13 +60,17 @@ class CoordinatorClient:
         )
         return await self._call("ConfigureRound", request)
 
-    async def watch_round(self, round_id: str) -> AsyncIterator[Round]:
-        # No deadline on the stream: a round may run for as long as its timeout says; the
-        # caller cancels, and a broken stream is an error it retries.
+    async def watch_round(self, round_id: str, timeout_s: float) -> AsyncGenerator[Round, None]:
+        # Bounded: a connection that died without a word would otherwise hold the watch
+        # forever; the caller looks at the round's status after a timeout and watches again.
         request = coordinator_pb2.WatchRoundRequest(round_id=round_id)
-        with rpc_errors("Coordinator.WatchRound"):
-            async for event in self._stub.WatchRound(request):
-                yield status_from_proto(event.status)
+        call = self._stub.WatchRound(request, timeout=timeout_s)
+        try:
+            with rpc_errors("Coordinator.WatchRound"):
+                async for event in call:
+                    yield status_from_proto(event.status)
+        finally:
+            call.cancel()
 
     async def start_round(self, round_id: str) -> Round:
         return await self._call("StartRound", coordinator_pb2.StartRoundRequest(round_id=round_id))

@@ -62,6 +62,9 @@ from server.round_spec import DEFAULT_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
+# How long past a round's timeout one watch of it lasts (aggregation, storing the version).
+WATCH_MARGIN_S = 60.0
+
 
 @dataclass(eq=False)
 class ExperimentLoop:
@@ -156,20 +159,24 @@ class ExperimentLoop:
         if experiment.fan_out is FanOut.RECORDED:
             await self.manager.finish_fan_out(experiment)
         elif not current.finished:
-            outcome = await self._outcome(current.round_id)
+            # A round ends by its deadline at the latest: one watch lasts that long and a
+            # minute for aggregation, then the round's status is looked at again.
+            bound = (experiment.round_spec.timeout_s or DEFAULT_TIMEOUT_S) + WATCH_MARGIN_S
+            outcome = await self._outcome(current.round_id, bound)
             await self._record_outcome(experiment.experiment_id, outcome)
         else:
             await self._after_round(experiment)
 
-    async def _outcome(self, round_id: str) -> Round:
+    async def _outcome(self, round_id: str, timeout_s: float) -> Round:
         """The round once finished: from the coordinator's stream, or, when the stream fails
-        (the coordinator restarting), from its status if finished by then (else the error,
-        and the driver tries again)."""
+        (the coordinator restarting) or times out, from its status if finished by then (else
+        the error, and the driver tries again)."""
         rounds = self.manager.rounds
         try:
-            async for rnd in rounds.watch_round(round_id):
-                if rnd.finished:
-                    return rnd
+            async with contextlib.aclosing(rounds.watch_round(round_id, timeout_s)) as events:
+                async for rnd in events:
+                    if rnd.finished:
+                        return rnd
         except PropellerError:
             rnd = await rounds.get_round_status(round_id)
             if rnd.finished:

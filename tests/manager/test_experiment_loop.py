@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from server.coordinator.rounds import RoundState
-from server.errors import FailedPrecondition, Unavailable
+from server.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from server.manager.driver import ExperimentLoop
 from server.manager.experiments import EVALUATE, FL_TASK, ExperimentState
 from server.manager.plan import (
@@ -215,3 +215,25 @@ async def test_an_experiment_stopped_before_its_round_went_out_sends_nothing(
     with pytest.raises(FailedPrecondition, match=r"^experiment_id: 'e' is stopped"):
         await world.manager.start_experiment(request, ExperimentPlan(rounds=3))
     assert world.rounds.rounds == {} and world.broker.published == []
+
+
+async def test_without_the_round_stream_the_round_status_still_moves_it_on(
+    world: World,  # noqa: F811
+    loop: ExperimentLoop,
+) -> None:
+    # Every watch fails at once (timed out, or the coordinator restarting): the loop looks at
+    # the round's status instead, and retries until the round has finished.
+    world.rounds.watch_fails = DeadlineExceeded("Coordinator.WatchRound: deadline exceeded")
+    world.manager.retry_initial_s = world.manager.retry_max_s = 0.01
+    await announce(world, "p1")
+    await world.manager.start_experiment(
+        config(["p1"], experiment_id="e"), ExperimentPlan(rounds=2)
+    )
+    world.rounds.complete("r1", 1, {})
+    await configured(world, 2)
+    await until(lambda: world.manager.get_experiment("e").fan_out.value == "done", "round 2 out")
+    world.rounds.complete("e-r2", 2, {})
+    await until(lambda: not world.manager.get_experiment("e").running, "the end")
+    e = world.manager.get_experiment("e")
+    assert e.end is not None and e.end.reason is EndReason.MAX_ROUNDS
+    assert [r.new_model_version for r in e.rounds] == [1, 2]

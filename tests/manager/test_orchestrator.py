@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -44,6 +44,8 @@ class Rounds:
     fail_configure: Exception | None = None
     # Set on every change a test makes (what `watch_round` waits for).
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # What every watch fails with (a watch that timed out, a coordinator restarting).
+    watch_fails: Exception | None = None
 
     async def configure_round(
         self, spec: RoundSpec, *, strategy_name: str = "", strategy_params_json: str = ""
@@ -68,7 +70,9 @@ class Rounds:
     async def get_round_status(self, round_id: str) -> Round:
         return R.require_round(self.rounds.get(round_id), round_id)
 
-    async def watch_round(self, round_id: str) -> AsyncIterator[Round]:
+    async def watch_round(self, round_id: str, timeout_s: float) -> AsyncGenerator[Round, None]:
+        if self.watch_fails is not None:
+            raise self.watch_fails
         while True:
             self.changed.clear()
             rnd = await self.get_round_status(round_id)
