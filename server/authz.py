@@ -94,6 +94,9 @@ RULES: Mapping[str, Rule] = {
     f"{_M}StartExperiment": OPERATOR,
     f"{_M}GetExperiment": OPERATOR,
     f"{_M}ListExperiments": OPERATOR,
+    f"{_M}StopExperiment": OPERATOR,
+    f"{_M}WatchExperiment": _rule(operator=True, services=(ANY_SERVICE,)),
+    f"{_M}ListExperimentRounds": _rule(operator=True, services=(ANY_SERVICE,)),
     f"{_M}GetRoundStatus": OPERATOR,
     f"{_M}ListProplets": OPERATOR,
     f"{_M}GetProplet": _rule(operator=True, proplet=True, as_itself="proplet_id", verb="ask"),
@@ -111,7 +114,8 @@ RULES: Mapping[str, Rule] = {
     f"{_C}SubmitUpdate": _rule(proplet=True, as_itself="header.proplet_id", verb="submit"),
     f"{_C}GetRoundStatus": _rule(operator=True, services=("manager",)),
     f"{_C}ListRounds": OPERATOR,
-    f"{_C}WatchRound": OPERATOR,
+    # The manager drives experiments from the round's events (server/manager/driver.py).
+    f"{_C}WatchRound": _rule(operator=True, services=("manager",)),
     # The aggregator: only the coordinator.
     f"{_A}Aggregate": _rule(services=("coordinator",)),
     # The model registry: new versions from operators and the coordinator; read by anyone.

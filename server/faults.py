@@ -16,6 +16,10 @@ each):
   on the coordinator, and has not started the round.
 - `manager.round_started`: the round is open; no task of the experiment exists yet.
 - `manager.task_start_published`: a task start was published (count them with `:N`).
+- `manager.round_outcome_recorded`: an experiment's round finished and its outcome is
+  recorded; the next round is not planned yet (`server/manager/driver.py`).
+- `manager.next_round_recorded`: an experiment's next round (participants, task ids) is
+  recorded; nothing of it has left the manager.
 - `coordinator.round_completed`: the round's COMPLETED record and its notification are
   committed; the notification is not published yet.
 """

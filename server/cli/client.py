@@ -203,6 +203,40 @@ class Client:
         request = manager_pb2.GetExperimentRequest(experiment_id=experiment_id)
         return await self._unary("manager", "GetExperiment", request, manager_pb2.Experiment)
 
+    async def stop_experiment(self, experiment_id: str) -> manager_pb2.Experiment:
+        request = manager_pb2.StopExperimentRequest(experiment_id=experiment_id)
+        return await self._unary("manager", "StopExperiment", request, manager_pb2.Experiment)
+
+    async def experiment_rounds(
+        self, experiment_id: str
+    ) -> manager_pb2.ListExperimentRoundsResponse:
+        """Every round of the experiment (all pages)."""
+        request = manager_pb2.ListExperimentRoundsRequest(experiment_id=experiment_id)
+        return await self._list(
+            "manager",
+            "ListExperimentRounds",
+            request,
+            manager_pb2.ListExperimentRoundsResponse,
+            "rounds",
+        )
+
+    async def watch_experiment(
+        self, experiment_id: str, max_wait: float = DEFAULT_WATCH_S, limit: str = "--max-wait"
+    ) -> AsyncGenerator[manager_pb2.ExperimentEvent, None]:
+        """The experiment's events as they happen (a snapshot first), until the manager ends
+        the stream after the experiment ends; the whole watch bounded by `max_wait`."""
+        call = self._stub("manager").WatchExperiment(
+            manager_pb2.WatchExperimentRequest(experiment_id=experiment_id), timeout=max_wait
+        )
+        try:
+            with self._rpc(
+                "manager", f"experiment {experiment_id} did not end within {max_wait:g}s ({limit})"
+            ):
+                async for event in call:
+                    yield event
+        finally:
+            call.cancel()
+
     async def list_experiments(self) -> manager_pb2.ListExperimentsResponse:
         request = manager_pb2.ListExperimentsRequest()
         return await self._list(

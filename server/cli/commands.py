@@ -37,7 +37,9 @@ from server.cli.render import (
     Output,
     dataset_arrays,
     dataset_json,
+    end_text,
     event_line,
+    experiment_event_line,
     fields,
     message_dict,
     model_json,
@@ -46,6 +48,7 @@ from server.cli.render import (
     render_datasets,
     render_experiment,
     render_experiment_response,
+    render_experiment_rounds,
     render_experiments,
     render_model_version,
     render_models,
@@ -60,6 +63,7 @@ from server.cli.render import (
     table,
     task_state,
 )
+from server.cli.report import write_experiment_plot
 from server.cli.runner import Arg, Command, OneOf, Reply, arg, one_call, shown
 from server.cli.verify import verify_chain
 from server.errors import InvalidArgument, Unavailable
@@ -130,10 +134,16 @@ def _round(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def round_args(*, model_required: bool) -> tuple[Arg, ...]:
+def round_args(*, model_required: bool, round_required: bool = True) -> tuple[Arg, ...]:
     d = hyperparams.CLIENT
     return (
-        arg("--round-id", required=True, help="round id (1-128 of A-Z a-z 0-9 . _ -)"),
+        arg(
+            "--round-id",
+            required=round_required,
+            default="",
+            help="round id (1-64 of A-Z a-z 0-9 . _ -)"
+            + ("" if round_required else "; the first round's (default: EXPERIMENT_ID-r1)"),
+        ),
         arg(
             "--experiment-id",
             default="",
@@ -238,6 +248,135 @@ async def experiment_start(c: Client, a: argparse.Namespace) -> Reply:
         out.text(render_experiment_response(resp))
         out.text("")
     return await follow_round(c, resp.round_id, a)
+
+
+_SOURCES = {
+    "evaluation": manager_pb2.METRIC_SOURCE_EVALUATION,
+    "training": manager_pb2.METRIC_SOURCE_TRAINING,
+}
+_GOALS = {
+    "minimize": manager_pb2.METRIC_GOAL_MINIMIZE,
+    "maximize": manager_pb2.METRIC_GOAL_MAXIMIZE,
+}
+
+
+def _experiment(a: argparse.Namespace) -> manager_pb2.StartExperimentRequest:
+    """`experiment run`'s request: the round's fields and those of many rounds."""
+    stopping = manager_pb2.StoppingRule(
+        metric=a.stop_metric,
+        source=_SOURCES[a.stop_source],
+        goal=_GOALS[a.stop_goal] if a.stop_goal else manager_pb2.METRIC_GOAL_UNSPECIFIED,
+        patience_rounds=a.patience,
+        min_delta=a.min_delta,
+    )
+    if a.target is not None:
+        stopping.target = a.target
+    return manager_pb2.StartExperimentRequest(
+        **_round(a),
+        rounds=a.rounds,
+        strategy_name=a.strategy,
+        strategy_params_json=a.strategy_params,
+        all_alive=a.all_alive,
+        sampling=manager_pb2.Sampling(
+            fraction=a.sample_fraction,
+            count=a.sample_count,
+            min_available=a.min_available,
+            seed=a.seed,
+        ),
+        k_fraction=a.k_fraction,
+        evaluation=manager_pb2.EvaluationPlan(
+            every_rounds=a.eval_every, fraction=a.eval_fraction, timeout_s=a.eval_timeout_s
+        ),
+        stopping=stopping,
+    )
+
+
+async def follow_experiment(client: Client, experiment_id: str, a: argparse.Namespace) -> Reply:
+    """Print the experiment's events live, a line each, until it ends; a failure unless it
+    COMPLETED or was STOPPED."""
+    out = Output()
+    final: manager_pb2.Experiment | None = None
+    events = client.watch_experiment(experiment_id, a.max_wait)
+    async with contextlib.aclosing(events):
+        async for ev in events:
+            out.json_line(message_dict(ev)) if a.json else out.text(experiment_event_line(ev))
+            ended = ev.experiment.state != manager_pb2.EXPERIMENT_STATE_RUNNING
+            if ev.type == manager_pb2.EXPERIMENT_EVENT_TYPE_ENDED or ended:
+                final = ev.experiment
+                break
+    if final is None:
+        raise Unavailable(f"manager: the watch of experiment {experiment_id} ended before it did")
+    if final.state == manager_pb2.EXPERIMENT_STATE_FAILED:
+        return Reply(
+            printed=True, failure=f"experiment {experiment_id} FAILED: {end_text(final.end)}"
+        )
+    return Reply(printed=True)
+
+
+async def experiment_run(c: Client, a: argparse.Namespace) -> Reply:
+    resp = await c.start_experiment(_experiment(a))
+    if not a.watch:
+        return shown(resp, render_experiment_response(resp))
+    out = Output()
+    if a.json:
+        out.json_line(message_dict(resp))
+    else:
+        out.text(render_experiment_response(resp))
+        out.text("")
+    return await follow_experiment(c, resp.experiment_id, a)
+
+
+async def experiment_history(c: Client, a: argparse.Namespace) -> Reply:
+    rounds = await c.experiment_rounds(a.experiment_id)
+    return shown(rounds, render_experiment_rounds(rounds.rounds))
+
+
+async def experiment_plot(c: Client, a: argparse.Namespace) -> Reply:
+    output = Path(a.output)
+    if output.suffix.lower() != ".png":
+        raise InvalidArgument(f"--output: {output} must end in .png")
+    rounds = (await c.experiment_rounds(a.experiment_id)).rounds
+    points = [(r.index, dict(r.train_metrics), dict(r.eval_metrics)) for r in rounds]
+    await asyncio.to_thread(write_experiment_plot, output, points, f"experiment {a.experiment_id}")
+    doc = {"experiment_id": a.experiment_id, "rounds": len(rounds), "plot": str(output)}
+    return Reply(doc, f"wrote {output} ({len(rounds)} rounds)")
+
+
+def experiment_run_args() -> tuple[Arg, ...]:
+    return (
+        *round_args(model_required=True, round_required=False),
+        arg("--rounds", type=int, default=1, help="the most rounds it runs (default 1)"),
+        arg("--strategy", default="", metavar="NAME", help="aggregation strategy (default fedavg)"),
+        arg(
+            "--strategy-params",
+            default="",
+            metavar="JSON",
+            help="the strategy's parameters, a JSON object, e.g. '{\"momentum\": 0.9}'",
+        ),
+        arg(
+            "--all-alive",
+            action="store_true",
+            help="every alive proplet is a candidate (instead of --participant)",
+        ),
+        arg(
+            "--sample-fraction", type=float, default=0.0, help="share of alive candidates per round"
+        ),
+        arg("--sample-count", type=int, default=0, help="candidates per round (at least)"),
+        arg("--min-available", type=int, default=0, help="alive candidates a round waits for"),
+        arg("--seed", type=int, default=0, help="the sampling seed (default 0)"),
+        arg("--k-fraction", type=float, default=0.0, help="k_of_n as a share of the sample"),
+        arg("--eval-every", type=int, default=0, help="evaluate after every N-th round"),
+        arg("--eval-fraction", type=float, default=0.0, help="share of candidates evaluating"),
+        arg("--eval-timeout-s", type=float, default=0.0, help="evaluation deadline in seconds"),
+        arg("--stop-metric", default="", metavar="NAME", help="metric of the stopping rule"),
+        arg("--stop-source", choices=sorted(_SOURCES), default="evaluation"),
+        arg("--stop-goal", choices=sorted(_GOALS), default=None),
+        arg("--target", type=float, default=None, help="stop once the metric reaches this"),
+        arg("--patience", type=int, default=0, help="stop after N rounds without improvement"),
+        arg("--min-delta", type=float, default=0.0, help="what counts as an improvement"),
+        arg("--watch", action="store_true", help="then print a line per round until it ends"),
+        WATCH_LIMIT,
+    )
 
 
 async def round_configure(c: Client, a: argparse.Namespace) -> Reply:
@@ -416,6 +555,49 @@ COMMANDS: tuple[Command, ...] = (
             arg("--watch", action="store_true", help="then follow the round like `round watch`"),
             WATCH_LIMIT,
         ),
+    ),
+    Command(
+        "experiment",
+        "run",
+        "run an experiment of many rounds: round r + 1 starts from the version round r stored, "
+        "until --rounds, a --target or a plateau (--patience). With --watch a line per round "
+        "until it ends (exit 1 if it FAILED); with --watch --json, JSON lines: the response, "
+        "then one ExperimentEvent per line.",
+        experiment_run,
+        experiment_run_args(),
+    ),
+    Command(
+        "experiment",
+        "history",
+        "every round of an experiment: state, version, sampled and reported, train and "
+        "evaluation metrics (--json: the ExperimentRound messages)",
+        experiment_history,
+        (arg("experiment_id", metavar="EXPERIMENT_ID"),),
+    ),
+    Command(
+        "experiment",
+        "plot",
+        "a PNG of an experiment's loss and accuracy per round: training (the updates') and "
+        "evaluation (held-out splits)",
+        experiment_plot,
+        (
+            arg("experiment_id", metavar="EXPERIMENT_ID"),
+            arg("--output", "-o", required=True, metavar="FILE.png", help="where to write it"),
+        ),
+    ),
+    Command(
+        "experiment",
+        "watch",
+        "print an experiment's events live until it ends (exit 1 if it FAILED)",
+        lambda c, a: follow_experiment(c, a.experiment_id, a),
+        (arg("experiment_id", metavar="EXPERIMENT_ID"), WATCH_LIMIT),
+    ),
+    Command(
+        "experiment",
+        "stop",
+        "stop an experiment: no further round starts, its running tasks are stopped",
+        one_call(lambda c, a: c.stop_experiment(a.experiment_id), render_experiment),
+        (arg("experiment_id", metavar="EXPERIMENT_ID"),),
     ),
     Command(
         "experiment",
@@ -651,7 +833,7 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 GROUPS = {
-    "experiment": "federated-learning experiments (one round each)",
+    "experiment": "federated-learning experiments (one round, or many with `experiment run`)",
     "round": "rounds on the coordinator",
     "models": "global model versions in the model registry",
     "datasets": "per-proplet training datasets in the data store",

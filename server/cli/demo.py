@@ -3,11 +3,13 @@ this package.
 
 The stack runner (`server.stack.Stack`) starts an embedded MQTT broker, the five services and N
 proplets sharing one wasmtime engine; the proplets get the Zig trainer (`wasm-client/build.py`,
-built on first use) as image "file://<path>". The demo then runs R federated rounds (each a
-`Manager.StartExperiment` from the previous round's model) through the CLI's RPC client, shows
-live progress from `Coordinator.WatchRound`, evaluates every global model on all proplets'
-data with numpy, prints one row per round, writes a convergence plot (PNG) and a JSON record
-of the run (`server.cli.report`), and stops everything.
+built on first use) as image "file://<path>". The demo then runs one experiment of R federated
+rounds (`Manager.StartExperiment` with `rounds`: the manager starts each round from the
+version the one before stored) through the CLI's RPC client, follows it with
+`Manager.WatchExperiment`, shows each round's live progress from `Coordinator.WatchRound`,
+evaluates every global model on all proplets' data with numpy, prints one row per round, writes
+a convergence plot (PNG) and a JSON record of the run (`server.cli.report`), and stops
+everything.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ from server.cli.report import Record, RoundRow, Table, evaluate, write_plot
 from server.cli.runner import add_command
 from server.datastore.datasets import SCHEMA
 from server.errors import PropellerError
+from server.manager.plan import round_id_for
 from server.models import model_uri
 from server.stack import Stack, StackConfig
 from server.tensors import Array
@@ -57,6 +60,8 @@ from server.tensors import Array
 DEFAULT_ROUNDS = 5
 DEFAULT_PLOT = "propeller-fl-demo.png"
 DEFAULT_RECORD = "propeller-fl-demo.json"
+# The demo's experiment; its rounds are demo-r1, demo-r2, ... (`server.manager.plan`).
+EXPERIMENT_ID = "demo"
 # The RPC timeout of the demo's calls; a round's watch gets the round deadline plus this.
 RPC_TIMEOUT_S = 30.0
 # Task results reach the manager over MQTT shortly after the round closes.
@@ -324,14 +329,12 @@ async def _train(
     record.plot_rows.append({"round": 0, "loss": loss0, "accuracy": acc0})
     t_ready = record.lap("startup_s", t_built)
 
-    round_ids = [f"demo-r{r}" for r in range(1, args.rounds + 1)]
+    round_ids = [round_id_for(EXPERIMENT_ID, r) for r in range(1, args.rounds + 1)]
     table = Table(sys.stdout, max(len(rid) for rid in round_ids))
     table.header()
     table.row("initial", 0, "-", loss0, acc0, "-")
     image: str = record.doc["trainer"]["image"]
-    version = 0
-    for index, round_id in enumerate(round_ids, start=1):
-        row = await _run_round(c, args, index, round_id, version, proplet_ids, k_of_n, image, line)
+    async for row in _run_experiment(c, args, proplet_ids, k_of_n, image, line):
         record.rows.append(row)
         header, model = await c.get_model(row.model_version)
         row.loss, row.accuracy = await asyncio.to_thread(evaluate, model, x, y)
@@ -339,7 +342,7 @@ async def _train(
         record.add_model(row.model_version, row.model_uri, row.sha256, model)
         record.plot_rows.append(
             {
-                "round": index,
+                "round": row.index,
                 "loss": row.loss,
                 "accuracy": row.accuracy,
                 "local_loss": row.round_metrics.get("loss"),
@@ -347,51 +350,88 @@ async def _train(
         )
         line.clear()
         table.row(
-            round_id,
+            row.round_id,
             row.model_version,
             f"{len(row.reported)}/{row.k_of_n}",
             row.loss,
             row.accuracy,
             f"{row.wall_time_s:.2f}s",
         )
-        version = row.model_version
     record.lap("rounds_s", t_ready)
     record.doc["final_model"] = record.models[-1]
 
 
-async def _run_round(
+async def _run_experiment(
     c: Client,
     args: argparse.Namespace,
-    index: int,
-    round_id: str,
-    base_version: int,
     participants: list[str],
     k_of_n: int,
     image: str,
     line: StatusLine,
-) -> RoundRow:
-    experiment_id = f"exp-{round_id}"
-    base = model_uri(base_version)
-    progress = RoundProgress(line, index, args.rounds, round_id, len(participants))
+) -> AsyncIterator[RoundRow]:
+    """The demo as one experiment of `args.rounds` rounds from v0 (the manager starts each
+    round from the version the one before stored): each round's row as it completes, followed
+    live from its WatchRound while the experiment's WatchExperiment says which round runs."""
+    first = round_id_for(EXPERIMENT_ID, 1)
     t0 = time.perf_counter()
     try:
         started = await c.start_experiment(
             manager_pb2.StartExperimentRequest(
-                experiment_id=experiment_id,
-                round_id=round_id,
-                model_ref=base,
+                experiment_id=EXPERIMENT_ID,
+                round_id=first,
+                model_ref=model_uri(0),
                 participants=participants,
                 hyperparams=hyperparams.hyperparams(args.epochs, args.lr, args.batch_size),
                 k_of_n=k_of_n,
                 timeout_s=args.timeout_s,
                 task_wasm_image=image,
+                rounds=args.rounds,
             )
         )
     except PropellerError as exc:
-        raise CommandFailed(
-            f"round {index} ({round_id}) could not start: {describe_error(exc)}"
-        ) from None
-    skipped = {s.proplet_id: s.reason for s in started.skipped}
+        raise CommandFailed(f"round 1 ({first}) could not start: {describe_error(exc)}") from None
+    skipped = {1: {s.proplet_id: s.reason for s in started.skipped}}
+    following = 1  # the next round to follow
+    running = 0  # the latest round the manager has started
+    # Each round may take its whole deadline plus aggregation.
+    bound = args.rounds * (args.timeout_s + RPC_TIMEOUT_S)
+    events = c.watch_experiment(
+        EXPERIMENT_ID, bound, f"--rounds x (--timeout-s + {RPC_TIMEOUT_S:g}s)"
+    )
+    async with contextlib.aclosing(events):
+        async for ev in events:
+            e = ev.experiment
+            if ev.type == manager_pb2.EXPERIMENT_EVENT_TYPE_SNAPSHOT:
+                running = e.current_round
+            elif ev.type == manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_STARTED:
+                running = ev.round.index
+                skipped[running] = {s.proplet_id: s.reason for s in e.skipped}
+            while following <= min(running, args.rounds):
+                row = await _follow_round(
+                    c, args, following, participants, line, skipped.get(following, {}), t0
+                )
+                yield row
+                following += 1
+                t0 = time.perf_counter()
+            if e.state != manager_pb2.EXPERIMENT_STATE_RUNNING:
+                if e.state != manager_pb2.EXPERIMENT_STATE_COMPLETED:
+                    raise CommandFailed(f"experiment {EXPERIMENT_ID}: {e.end.detail}")
+                if following > args.rounds or e.end.round < following:
+                    return
+
+
+async def _follow_round(
+    c: Client,
+    args: argparse.Namespace,
+    index: int,
+    participants: list[str],
+    line: StatusLine,
+    skipped: dict[str, str],
+    t0: float,
+) -> RoundRow:
+    """Round `index` of the demo's experiment, followed until it closes: its row."""
+    round_id = round_id_for(EXPERIMENT_ID, index)
+    progress = RoundProgress(line, index, args.rounds, round_id, len(participants))
     # The deadline counts from the start; allow for aggregation on top. A round whose tasks
     # fail so that k_of_n cannot be reached fails at once (the coordinator), with the reasons.
     status = await _watch_round(c, round_id, progress, args.timeout_s)
@@ -402,8 +442,8 @@ async def _run_round(
     return RoundRow(
         index=index,
         round_id=round_id,
-        experiment_id=experiment_id,
-        base_model_uri=base,
+        experiment_id=EXPERIMENT_ID,
+        base_model_uri=status.model_ref,
         model_version=int(status.new_model_version),
         model_uri=status.new_model_uri,
         k_of_n=status.k_of_n,

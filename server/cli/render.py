@@ -13,7 +13,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
 from google.protobuf import json_format
@@ -281,23 +281,92 @@ def render_experiments(exps: Sequence[manager_pb2.Experiment]) -> str:
     )
 
 
+def experiment_state(value: int) -> str:
+    return short_name(manager_pb2.ExperimentState.Name(value), "EXPERIMENT_STATE_")
+
+
+def end_text(end: manager_pb2.ExperimentEnd) -> str:
+    """ "MAX_ROUNDS after round 3 (exp-r3): 3 round(s) run"; "" when not ended."""
+    if not end.reason:
+        return ""
+    reason = short_name(manager_pb2.EndReason.Name(end.reason), "END_REASON_")
+    return f"{reason} after round {end.round} ({end.round_id}): {end.detail}"
+
+
 def render_experiment(e: manager_pb2.Experiment) -> str:
     c = e.config
-    head = fields(
-        [
-            ("experiment", e.experiment_id),
-            ("round", c.round_id),
-            ("model", c.model_ref),
-            ("participants", ", ".join(c.participants)),
-            ("k_of_n", c.k_of_n),
-            ("timeout", f"{c.timeout_s:g}s"),
-            ("image", c.task_wasm_image),
-            ("created", timestamp(e.created_at)),
-        ]
-    )
+    pairs: list[tuple[str, Cell]] = [
+        ("experiment", e.experiment_id),
+        ("round", c.round_id),
+        ("model", c.model_ref),
+        ("participants", ", ".join(c.participants) or ("all alive" if c.all_alive else "")),
+        ("k_of_n", c.k_of_n),
+        ("timeout", f"{c.timeout_s:g}s"),
+        ("image", c.task_wasm_image),
+        ("created", timestamp(e.created_at)),
+        ("state", experiment_state(e.state)),
+        ("rounds", f"{e.current_round} of {c.rounds or 1}"),
+    ]
+    if c.strategy_name:
+        pairs.append(("strategy", f"{c.strategy_name} {c.strategy_params_json}".strip()))
+    if e.end.reason:
+        pairs.append(("ended", end_text(e.end)))
     rows = [[s.proplet_id, "scheduled", s.task_name] for s in e.scheduled]
     rows += [[s.proplet_id, "skipped", s.reason] for s in e.skipped]
-    return head + "\n\n" + table(["PROPLET", "OUTCOME", "TASK / REASON"], rows)
+    return fields(pairs) + "\n\n" + table(["PROPLET", "OUTCOME", "TASK / REASON"], rows)
+
+
+def metrics_text(metrics: Mapping[str, float]) -> str:
+    """ "accuracy=0.91 loss=0.25" (sorted by name)."""
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in sorted(metrics))
+
+
+def render_experiment_rounds(rounds: Sequence[manager_pb2.ExperimentRound]) -> str:
+    """`experiment history`: one row per round."""
+    return table(
+        ["ROUND", "ROUND ID", "STATE", "MODEL", "SAMPLED", "REPORTED", "CLOSED", "TRAIN", "EVAL"],
+        [
+            [
+                r.index,
+                r.round_id,
+                round_state(r.state),
+                f"v{r.new_model_version}" if r.new_model_version else "",
+                len(r.sampled),
+                len(r.reported),
+                r.closed_by or r.failure_reason,
+                metrics_text(r.train_metrics),
+                metrics_text(r.eval_metrics),
+            ]
+            for r in rounds
+        ],
+    )
+
+
+def experiment_event_line(ev: manager_pb2.ExperimentEvent) -> str:
+    """One live line of an experiment watch: time, event, round, what it says."""
+    when = time.strftime("%H:%M:%S", time.localtime(ev.timestamp or time.time()))
+    kind = short_name(manager_pb2.ExperimentEventType.Name(ev.type), "EXPERIMENT_EVENT_TYPE_")
+    e, r = ev.experiment, ev.round
+    total = e.config.rounds or 1
+    parts = [when, kind.ljust(15)]
+    if ev.type == manager_pb2.EXPERIMENT_EVENT_TYPE_SNAPSHOT:
+        parts += [f"round {e.current_round}/{total}", experiment_state(e.state)]
+    elif ev.type == manager_pb2.EXPERIMENT_EVENT_TYPE_ENDED:
+        parts += [experiment_state(e.state), end_text(e.end)]
+    else:
+        parts += [f"round {r.index}/{total}", r.round_id]
+        if ev.type == manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_STARTED:
+            parts.append(f"sampled={len(r.sampled)} model={r.model_ref}")
+        elif ev.type == manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_FINISHED:
+            parts.append(round_state(r.state))
+            if r.new_model_uri:
+                parts.append(f"model={r.new_model_uri} reported={len(r.reported)}")
+            if r.failure_reason:
+                parts.append(f"reason={r.failure_reason}")
+            parts.append(metrics_text(r.train_metrics))
+        else:
+            parts.append(f"evaluated={len(r.evaluated)} {metrics_text(r.eval_metrics)}")
+    return "  ".join(p for p in parts if p)
 
 
 def render_proplets(proplets: Sequence[manager_pb2.Proplet], now: float | None = None) -> str:

@@ -8,7 +8,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -201,6 +201,58 @@ def write_plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     for ax in (ax_loss, ax_acc):
         ax.set_xticks(rounds)
         ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+# `experiment plot`: the series drawn, each (panel, label, metric source, metric name).
+EXPERIMENT_SERIES = (
+    ("loss", "train (updates)", "train", "loss"),
+    ("loss", "evaluation (held-out)", "eval", "loss"),
+    ("accuracy", "train (updates)", "train", "accuracy"),
+    ("accuracy", "evaluation (held-out)", "eval", "accuracy"),
+)
+
+
+def experiment_series(
+    rounds: Sequence[tuple[int, Mapping[str, float], Mapping[str, float]]],
+) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """The points `experiment plot` draws from (round index, train metrics, eval metrics):
+    per (panel, label), the rounds that have the metric; series without a point left out."""
+    found: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for panel, label, source, name in EXPERIMENT_SERIES:
+        points = [
+            (index, (train if source == "train" else evaluation)[name])
+            for index, train, evaluation in rounds
+            if name in (train if source == "train" else evaluation)
+        ]
+        if points:
+            found[(panel, label)] = points
+    return found
+
+
+def write_experiment_plot(
+    path: Path,
+    rounds: Sequence[tuple[int, Mapping[str, float], Mapping[str, float]]],
+    title: str,
+) -> None:
+    """Loss and accuracy per round of an experiment: its training metrics (the updates'
+    sample-weighted means) and its evaluation metrics (held-out splits), as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.0, 3.8), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = dict(zip(("loss", "accuracy"), fig.subplots(1, 2), strict=True))
+    for (panel, label), points in experiment_series(rounds).items():
+        axes[panel].plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+    for panel, ax in axes.items():
+        ax.set_xlabel("round")
+        ax.set_title(panel)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

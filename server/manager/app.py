@@ -19,6 +19,7 @@ from server.errors import Unavailable
 from server.grpc_server import ServiceBinding, channel
 from server.lifecycle import ServiceApp, for_serve, run_service, start_task, state_dir_from_env
 from server.manager.coordinator import CoordinatorClient
+from server.manager.driver import ExperimentLoop
 from server.manager.experiments import ExperimentStore, InMemoryExperimentStore
 from server.manager.modules import ModuleResolver
 from server.manager.orchestrator import Manager
@@ -123,6 +124,7 @@ class ManagerApp(ServiceApp):
             db.experiments if db else InMemoryExperimentStore()
         )
         self._manager: Manager | None = None
+        self._loop: ExperimentLoop | None = None
         self._session: MqttSession | None = None
         # Acknowledgements of handled results, sent in the background (never from the MQTT
         # handler, which must not wait on the connection it runs on): (proplet id, ack).
@@ -137,7 +139,9 @@ class ManagerApp(ServiceApp):
         return [
             ServiceBinding(
                 SERVICE_NAME,
-                ManagerServicer(self.manager, persisted=self.persisted),
+                ManagerServicer(
+                    self.manager, persisted=self.persisted, loop=self._entered(self._loop)
+                ),
                 manager_grpc.add_ManagerServicer_to_server,
             )
         ]
@@ -223,6 +227,9 @@ class ManagerApp(ServiceApp):
         start_task(stack, self._reconcile(), "manager-reconcile")
         # Recovery: finish the fan-out of any experiment a crash left half-started.
         start_task(stack, self._manager.run_fan_outs(), "manager-fan-outs")
+        # Experiments of many rounds: each one's next round, by itself (also after a restart).
+        self._loop = ExperimentLoop(self._manager)
+        start_task(stack, self._loop.run(), "manager-experiments")
 
 
 async def main() -> None:

@@ -4,6 +4,7 @@ exercised without a network. `CoordinatorClient` is the gRPC edge."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 from propeller.v1 import coordinator_pb2
@@ -14,9 +15,16 @@ from server.round_spec import RoundSpec
 
 
 class RoundService(Protocol):
-    async def configure_round(self, spec: RoundSpec) -> Round:
-        """Configure (not start) the round `spec` describes; zeros are the coordinator's to
-        fill."""
+    async def configure_round(
+        self, spec: RoundSpec, *, strategy_name: str = "", strategy_params_json: str = ""
+    ) -> Round:
+        """Configure (not start) the round `spec` describes, aggregated by the strategy named
+        ("" = fedavg); zeros are the coordinator's to fill."""
+        ...
+
+    def watch_round(self, round_id: str, timeout_s: float) -> AsyncGenerator[Round, None]:
+        """The round as it is, then after each change, until it is finished or `timeout_s`
+        passed (DEADLINE_EXCEEDED)."""
         ...
 
     async def start_round(self, round_id: str) -> Round: ...
@@ -41,9 +49,28 @@ class CoordinatorClient:
             status = await getattr(self._stub, method)(request, timeout=self.timeout_s)
         return status_from_proto(status)
 
-    async def configure_round(self, spec: RoundSpec) -> Round:
-        request = coordinator_pb2.ConfigureRoundRequest(**spec_fields(spec), start=False)
+    async def configure_round(
+        self, spec: RoundSpec, *, strategy_name: str = "", strategy_params_json: str = ""
+    ) -> Round:
+        request = coordinator_pb2.ConfigureRoundRequest(
+            **spec_fields(spec),
+            start=False,
+            strategy_name=strategy_name,
+            strategy_params_json=strategy_params_json,
+        )
         return await self._call("ConfigureRound", request)
+
+    async def watch_round(self, round_id: str, timeout_s: float) -> AsyncGenerator[Round, None]:
+        # Bounded: a connection that died without a word would otherwise hold the watch
+        # forever; the caller looks at the round's status after a timeout and watches again.
+        request = coordinator_pb2.WatchRoundRequest(round_id=round_id)
+        call = self._stub.WatchRound(request, timeout=timeout_s)
+        try:
+            with rpc_errors("Coordinator.WatchRound"):
+                async for event in call:
+                    yield status_from_proto(event.status)
+        finally:
+            call.cancel()
 
     async def start_round(self, round_id: str) -> Round:
         return await self._call("StartRound", coordinator_pb2.StartRoundRequest(round_id=round_id))

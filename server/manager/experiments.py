@@ -6,16 +6,25 @@ it: whether enough participants are alive (`quorum`), the round the coordinator 
 An experiment is recorded before its fan-out (`FanOut.RECORDED`: the request, who is scheduled
 under which task id, who is skipped and why) and marked `FanOut.DONE` once every task start
 is published, so a manager that dies in between finishes the fan-out from the record.
+
+An experiment of many rounds (`server.manager.plan`) keeps the same record for its current
+round (`current`: the round's spec; `scheduled`, `skipped` and `fan_out`: its fan-out) and the
+history of every round so far (`rounds`, the last one being the current one). Round r + 1 is
+recorded (one write: round r's outcome and round r + 1's plan) before anything of it leaves
+the manager, so a restart neither starts a round twice nor skips one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from server.config import Endpoints
+from server.coordinator.rounds import FINISHED, RoundState
 from server.errors import FailedPrecondition
+from server.manager.plan import EndReason, ExperimentPlan
 from server.manager.proplets import Skipped
 from server.manager.records import InMemoryStore, RecordStore
 from server.round_spec import Hyperparams, RoundSpec
@@ -46,6 +55,17 @@ def quorum(config: RoundSpec, alive: int, skipped: Sequence[Skipped]) -> int:
 
 def round_task_name(round_id: str, proplet_id: str) -> str:
     return f"fl-round-{round_id}-{proplet_id}"
+
+
+def eval_task_name(round_id: str, proplet_id: str) -> str:
+    return f"fl-eval-{round_id}-{proplet_id}"
+
+
+# An evaluation task's environment: a round task's, plus FL_TASK=evaluate (the proplet then
+# evaluates MODEL_URI on its held-out split and reports {"num_samples": n, "metrics": {...}}
+# as the task's results, submitting no update).
+FL_TASK = "FL_TASK"
+EVALUATE = "evaluate"
 
 
 def round_task_env(
@@ -93,12 +113,63 @@ class FanOut(enum.Enum):
     DONE = "done"  # every task start published (or its failure recorded)
 
 
+class ExperimentState(enum.Enum):
+    RUNNING = "running"
+    COMPLETED = "completed"  # by its round count, a target or a plateau
+    STOPPED = "stopped"  # by the operator
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round of an experiment as the manager keeps it: its plan, then its outcome as the
+    coordinator reported it (`state` None while it runs)."""
+
+    index: int
+    round_id: str
+    model_ref: str
+    sampled: tuple[str, ...]
+    started_at: float = 0.0
+    state: RoundState | None = None
+    new_model_version: int = 0
+    new_model_uri: str = ""
+    reported: tuple[str, ...] = ()
+    closed_by: str = ""
+    failure_reason: str = ""
+    train_metrics: Mapping[str, float] = field(default_factory=dict)
+    eval_metrics: Mapping[str, float] = field(default_factory=dict)
+    eval_num_samples: int = 0
+    evaluated: tuple[str, ...] = ()
+    eval_missing: tuple[Skipped, ...] = ()
+    finished_at: float = 0.0
+    # Its evaluation, when the plan has one after this round: the tasks (recorded before
+    # they start), until when results are awaited, and whether it is over.
+    eval_tasks: tuple[ScheduledParticipant, ...] = ()
+    eval_deadline: float = 0.0
+    eval_done: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+
+@dataclass(frozen=True)
+class End:
+    """How an experiment ended: after (or, failed, in) round `round`."""
+
+    reason: EndReason
+    round: int
+    round_id: str
+    detail: str
+    ended_at: float
+
+
 @dataclass(frozen=True)
 class Experiment:
     experiment_id: str
     config: RoundSpec
     # Until the fan-out is DONE: the participants alive at the start, each with the id its
-    # task gets; then those whose task start was published.
+    # task gets; then those whose task start was published. Of the current round.
     scheduled: Sequence[ScheduledParticipant]
     skipped: Sequence[Skipped]
     created_at: float
@@ -107,17 +178,48 @@ class Experiment:
     # tasks run and the module's digest ("" in records older than pinning).
     image: str = ""
     module_digest: str = ""
+    # Many rounds (the default: the seed's one round), the current round's spec (None: the
+    # first round, `config`), every round so far and where the experiment is.
+    plan: ExperimentPlan = field(default_factory=ExperimentPlan)
+    current: RoundSpec | None = None
+    rounds: tuple[RoundRecord, ...] = ()
+    state: ExperimentState = ExperimentState.RUNNING
+    end: End | None = None
 
     @property
     def key(self) -> str:
         return self.experiment_id
+
+    @property
+    def round_spec(self) -> RoundSpec:
+        """The current round's configuration."""
+        return self.current or self.config
+
+    @property
+    def round_index(self) -> int:
+        return len(self.rounds) or 1
+
+    @property
+    def current_round(self) -> RoundRecord:
+        """The round in flight (or the last one, once ended); records older than many rounds
+        have none stored: their one round."""
+        if self.rounds:
+            return self.rounds[-1]
+        spec = self.round_spec
+        return RoundRecord(
+            1, spec.round_id, spec.model_ref, tuple(s.proplet_id for s in self.scheduled)
+        )
+
+    @property
+    def running(self) -> bool:
+        return self.state is ExperimentState.RUNNING
 
 
 def round_of(experiment: Experiment) -> RoundSpec:
     """The round the coordinator is asked for (while the experiment is RECORDED): the scheduled
     participants only, with the k_of_n they can reach (`quorum`: FAILED_PRECONDITION if that is
     less than the request allows), running the pinned module."""
-    config = experiment.config
+    config = experiment.round_spec
     ids = tuple(s.proplet_id for s in experiment.scheduled)
     return replace(
         config,
@@ -132,3 +234,53 @@ def round_of(experiment: Experiment) -> RoundSpec:
 # in creation order.
 ExperimentStore = RecordStore[Experiment]
 InMemoryExperimentStore = InMemoryStore[Experiment]
+
+
+class EventKind(enum.Enum):
+    SNAPSHOT = "snapshot"
+    ROUND_STARTED = "round_started"
+    ROUND_FINISHED = "round_finished"
+    ROUND_EVALUATED = "round_evaluated"
+    ENDED = "ended"
+
+
+@dataclass(frozen=True)
+class ExperimentEvent:
+    kind: EventKind
+    experiment: Experiment
+    round: RoundRecord | None
+    timestamp: float
+
+
+class ExperimentEvents:
+    """WatchExperiment's hub: every watcher of an experiment gets each event emitted for it
+    after it subscribed. Events are few (a handful per round), so a watcher's queue is not
+    bounded by count; a watcher that goes away unsubscribes."""
+
+    def __init__(self) -> None:
+        self._watchers: dict[str, set[asyncio.Queue[ExperimentEvent]]] = {}
+
+    def emit(self, event: ExperimentEvent) -> None:
+        for queue in self._watchers.get(event.experiment.experiment_id, ()):
+            queue.put_nowait(event)
+
+    async def watch(self, snapshot: ExperimentEvent) -> AsyncIterator[ExperimentEvent]:
+        """`snapshot` (the experiment as it is), then its events until the one that ends it
+        (at once when the snapshot shows it ended)."""
+        eid = snapshot.experiment.experiment_id
+        queue: asyncio.Queue[ExperimentEvent] = asyncio.Queue()
+        self._watchers.setdefault(eid, set()).add(queue)
+        try:
+            yield snapshot
+            if not snapshot.experiment.running:
+                return
+            while True:
+                event = await queue.get()
+                yield event
+                if event.kind is EventKind.ENDED:
+                    return
+        finally:
+            watchers = self._watchers.get(eid, set())
+            watchers.discard(queue)
+            if not watchers:
+                self._watchers.pop(eid, None)

@@ -44,15 +44,24 @@ from server.errors import (
 from server.faults import crash_point
 from server.manager.coordinator import RoundService
 from server.manager.experiments import (
+    EVALUATE,
+    FL_TASK,
+    End,
+    EventKind,
     Experiment,
+    ExperimentEvent,
+    ExperimentEvents,
+    ExperimentState,
     ExperimentStore,
     FanOut,
+    RoundRecord,
     ScheduledParticipant,
     round_of,
     round_task_env,
     round_task_name,
 )
 from server.manager.modules import Modules, PinnedModule
+from server.manager.plan import EndReason, ExperimentPlan, round_id_for, round_k, sample
 from server.manager.proplets import Proplets, Skipped
 from server.manager.records import require
 from server.manager.tasks import Task, Tasks, TaskState
@@ -116,6 +125,12 @@ class Manager:
     # Set when a recorded experiment may need its fan-out finished (`run_fan_outs`).
     _fan_outs_due: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
     _background: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
+    # WatchExperiment's events (round started / finished, experiment ended).
+    events: ExperimentEvents = field(default_factory=ExperimentEvents, init=False, repr=False)
+    # Set when an experiment may need its loop (`server.manager.driver`) started.
+    experiments_due: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    # Set whenever a task reaches a final state (an experiment's evaluation waits on it).
+    task_finished: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._fan_outs_due.set()  # at start: whatever a crash left recorded
@@ -138,6 +153,8 @@ class Manager:
                 task = self._apply_result(sender, result)
                 if task is not None:
                     self._task_ended(task)
+                    if task.state.final:
+                        self.task_finished.set()
                 return sender, ResultAck.of(result)
             announce = PropletAnnounce.from_json(payload)
         except ValueError as exc:
@@ -245,6 +262,8 @@ class Manager:
         can no longer reach its quorum, instead of at its deadline."""
         if task.state not in (TaskState.FAILED, TaskState.INTERRUPTED):
             return
+        if task.env.get(FL_TASK) == EVALUATE:
+            return  # an evaluation: its round is over, the coordinator has nothing to learn
         round_id = task.env.get("ROUND_ID", "")
         proplet_id = task.proplet_id or task.reported_by
         if not round_id or not proplet_id:
@@ -312,6 +331,33 @@ class Manager:
 
     # --- experiments ---------------------------------------------------------------------
 
+    def end_experiment(self, eid: str, reason: EndReason, detail: str) -> Experiment:
+        """Record that experiment `eid` ended after (or in) its current round (the caller
+        awaits `persisted()`); an ended one is left as it is."""
+        experiment = require(self.experiments, eid, "experiment")
+        if not experiment.running:
+            return experiment
+        state = {
+            EndReason.STOPPED: ExperimentState.STOPPED,
+            EndReason.FAILED: ExperimentState.FAILED,
+        }.get(reason, ExperimentState.COMPLETED)
+        rnd = experiment.current_round
+        ended = replace(
+            experiment,
+            state=state,
+            end=End(reason, rnd.index, rnd.round_id, detail, self.clock()),
+        )
+        self.experiments.put(ended)
+        log.info(
+            "[Manager.experiments] experiment_id=%s ended after round %d: %s (%s)",
+            eid,
+            rnd.index,
+            reason.value,
+            detail,
+        )
+        self.emit(EventKind.ENDED, ended, None)
+        return ended
+
     def get_experiment(self, experiment_id: str) -> Experiment:
         return require(self.experiments, experiment_id, "experiment")
 
@@ -323,13 +369,17 @@ class Manager:
             raise InvalidArgument("round_id: must not be empty")
         return await self.rounds.get_round_status(round_id)
 
-    async def start_experiment(self, request: RoundSpec) -> ExperimentStarted:
+    async def start_experiment(
+        self, request: RoundSpec, plan: ExperimentPlan | None = None
+    ) -> ExperimentStarted:
         """Pin its module (`task_wasm_image` resolved to a digest: the round and its tasks run
         that module only), record the experiment (refused before anything is recorded when
-        too few of its participants are alive), then fan it out; the same request again joins
-        or repeats the answer (with the module pinned the first time), a different one with
-        the same experiment id is ALREADY_EXISTS."""
-        config = validate(request, experiment=True)
+        too few of its participants are alive), then fan its first round out; the same
+        request again joins or repeats the answer (with the module pinned the first time), a
+        different one with the same experiment id is ALREADY_EXISTS. The rounds after the
+        first are the experiment loop's (`server.manager.driver`)."""
+        plan = plan or ExperimentPlan()
+        config = check_experiment(request, plan)
         eid = config.experiment_id
         experiment = self.experiments.get(eid)
         if experiment is None:
@@ -337,26 +387,33 @@ class Manager:
             # A concurrent request may have recorded it while the module was resolved.
             experiment = self.experiments.get(eid)
             if experiment is None:
-                experiment = self._plan(config, module)
+                experiment = self._plan(config, plan, module)
                 crash_point("manager.before_record")
                 # In memory at once (a concurrent repeat finds it); on disk before the fan-out
                 # lets anything leave the manager.
                 self.experiments.put(experiment)
-        if experiment.config != config:
+                self.experiments_due.set()
+        if experiment.config != config or experiment.plan != plan:
             differ = [
                 f.name
                 for f in fields(config)
                 if getattr(config, f.name) != getattr(experiment.config, f.name)
             ]
+            differ += [
+                f.name
+                for f in fields(plan)
+                if getattr(plan, f.name) != getattr(experiment.plan, f.name)
+            ]
             raise AlreadyExists(
                 f"experiment_id: {eid!r} already exists with a different {', '.join(differ)}"
             )
-        return await self._finish(experiment)
+        return await self.finish_fan_out(experiment)
 
-    async def _finish(self, experiment: Experiment) -> ExperimentStarted:
-        """The experiment's answer, after its fan-out (joining the one in flight, if any)."""
+    async def finish_fan_out(self, experiment: Experiment) -> ExperimentStarted:
+        """The experiment's answer, after the fan-out of its current round (joining the one
+        in flight, if any)."""
         if experiment.fan_out is FanOut.DONE:
-            round_id = experiment.config.round_id
+            round_id = experiment.round_spec.round_id
             return ExperimentStarted(experiment, await self.rounds.get_round_status(round_id))
         eid = experiment.experiment_id
         task = self._fan_outs.get(eid)
@@ -374,6 +431,12 @@ class Manager:
         # A caller that goes away does not stop the fan-out.
         return await asyncio.shield(task)
 
+    async def fan_out_settled(self, eid: str) -> None:
+        """Wait for the fan-out of `eid` in flight, if any, to end (however it ends)."""
+        task = self._fan_outs.get(eid)
+        if task is not None:
+            await asyncio.wait({task})
+
     async def _pin(self, config: RoundSpec) -> PinnedModule:
         """The module the experiment runs; FAILED_PRECONDITION when the request names a
         digest (`module_digest`) the image does not resolve to."""
@@ -385,38 +448,81 @@ class Manager:
             )
         return module
 
-    def _plan(self, config: RoundSpec, module: PinnedModule) -> Experiment:
-        """The experiment to record: the participants alive now, each with its task's id,
-        and the others with the reason they are left out; the module it pins."""
-        n = len(config.participants)
-        alive, skipped = self.proplets.split(config.participants)
-        for s in skipped:
-            log.warning(
-                "[Manager.StartExperiment] round_id=%s proplet_id=%s skipped: %s",
-                config.round_id,
-                s.proplet_id,
-                s.reason,
-            )
-        if not alive:
-            reasons = "; ".join(f"{s.proplet_id}: {s.reason}" for s in skipped)
-            raise FailedPrecondition(
-                f"participants: none of the {n} participants is alive: {reasons}"
-            )
+    def _plan(self, config: RoundSpec, plan: ExperimentPlan, module: PinnedModule) -> Experiment:
+        """The experiment to record: its first round (`plan_round`) and the module it pins."""
         experiment = Experiment(
             experiment_id=config.experiment_id,
             config=config,
-            scheduled=[
-                ScheduledParticipant(pid, str(uuid.uuid4()), round_task_name(config.round_id, pid))
-                for pid in alive
-            ],
-            skipped=skipped,
+            scheduled=[],
+            skipped=[],
             created_at=self.clock(),
             fan_out=FanOut.RECORDED,
             image=module.image,
             module_digest=module.digest,
+            plan=plan,
         )
-        round_of(experiment)  # FAILED_PRECONDITION if too few are alive for its k_of_n
-        return experiment
+        return self.plan_round(experiment, 1, config)
+
+    def plan_round(self, experiment: Experiment, index: int, spec: RoundSpec) -> Experiment:
+        """`experiment` with round `index` (configured as `spec`, but for its participants)
+        recorded as its current round, not fanned out yet: the participants alive now, each
+        with its task's id, and the others with the reason they are left out. With fixed
+        participants (the seed's rule): those of `spec` that are alive, k_of_n as requested
+        (FAILED_PRECONDITION if too few are alive for it); sampled (`plan.sampled`): a sample
+        of the alive candidates, k_of_n of the sample."""
+        plan = experiment.plan
+        if plan.sampled:
+            candidates = spec.participants or tuple(p.id for p in self.proplets.all())
+            alive, _ = self.proplets.split(candidates)
+            wanted = plan.sampling.min_available or 1
+            if len(alive) < wanted:
+                raise FailedPrecondition(
+                    f"sampling.min_available: round {index} needs {wanted} alive "
+                    f"candidate(s), {len(alive)} of {len(candidates)} are alive"
+                )
+            chosen = sample(plan.sampling, alive, index)
+            k = round_k(spec.k_of_n, plan.k_fraction, len(chosen))
+            spec = replace(
+                spec,
+                participants=tuple(chosen),
+                k_of_n=k,
+                min_k_of_n=min(spec.min_k_of_n, k),
+            )
+            skipped: list[Skipped] = []
+        else:
+            chosen, skipped = self.proplets.split(spec.participants)
+            for s in skipped:
+                log.warning(
+                    "[Manager.StartExperiment] round_id=%s proplet_id=%s skipped: %s",
+                    spec.round_id,
+                    s.proplet_id,
+                    s.reason,
+                )
+            if not chosen:
+                reasons = "; ".join(f"{s.proplet_id}: {s.reason}" for s in skipped)
+                raise FailedPrecondition(
+                    f"participants: none of the {len(spec.participants)} participants is "
+                    f"alive: {reasons}"
+                )
+        planned = replace(
+            experiment,
+            current=spec,
+            scheduled=[
+                ScheduledParticipant(pid, str(uuid.uuid4()), round_task_name(spec.round_id, pid))
+                for pid in chosen
+            ],
+            skipped=skipped,
+            fan_out=FanOut.RECORDED,
+            rounds=(
+                *experiment.rounds,
+                RoundRecord(index, spec.round_id, spec.model_ref, tuple(chosen)),
+            ),
+        )
+        round_of(planned)  # FAILED_PRECONDITION if too few are alive for its k_of_n
+        return planned
+
+    def emit(self, kind: EventKind, experiment: Experiment, rnd: RoundRecord | None) -> None:
+        self.events.emit(ExperimentEvent(kind, experiment, rnd, self.clock()))
 
     async def _fan_out(self, eid: str) -> ExperimentStarted:
         """Configure and open the round, create the tasks, publish their starts, mark the
@@ -426,9 +532,18 @@ class Manager:
         unless its participant has reported (the proplet ignores a start it holds)."""
         await self.persisted()  # the record is on disk before the round or a task exists
         experiment = require(self.experiments, eid, "experiment")
-        config = experiment.config
+        if not experiment.running:  # stopped before its round went out: nothing goes out
+            raise FailedPrecondition(
+                f"experiment_id: {eid!r} is {experiment.state.value}; its round "
+                f"{experiment.round_spec.round_id!r} is not started"
+            )
+        config = experiment.round_spec
         try:
-            rnd = await self.rounds.configure_round(round_of(experiment))
+            rnd = await self.rounds.configure_round(
+                round_of(experiment),
+                strategy_name=experiment.plan.strategy_name,
+                strategy_params_json=experiment.plan.strategy_params_json,
+            )
             crash_point("manager.round_configured")
             if rnd.state is RoundState.PENDING:
                 # The deadline counts from here, the moment the proplets are told about the
@@ -439,7 +554,14 @@ class Manager:
                 f"{exc} (experiment {eid!r} is recorded and its start is retried; repeat the "
                 "call for its answer)"
             ) from exc
-        except PropellerError:
+        except PropellerError as exc:
+            if len(experiment.rounds) > 1:
+                # A later round refused: the experiment ends there, failed, saying why.
+                self.end_experiment(
+                    eid, EndReason.FAILED, f"round {config.round_id!r} not configured: {exc}"
+                )
+                await self.persisted()
+                raise
             # The coordinator refused the round (no such model, the round id taken by another
             # configuration...): the request is not accepted, nothing of it is kept.
             self.experiments.delete(eid)
@@ -448,20 +570,66 @@ class Manager:
         crash_point("manager.round_started")
 
         tasks = [self._round_task(experiment, s, rnd) for s in experiment.scheduled]
-        reported = set(rnd.reported)
+        closed = (
+            f"round {config.round_id!r} is {rnd.state.value} before the task started"
+            if rnd.finished  # it ended while the manager was down: nothing to start
+            else ""
+        )
+        not_started = await self.launch(tasks, done=set(rnd.reported), closed=closed)
+        for proplet_id, reason in not_started.items():
+            log.warning(
+                "[Manager.StartExperiment] round_id=%s proplet_id=%s: %s",
+                config.round_id,
+                proplet_id,
+                reason,
+            )
+        # The record as it is now (the operator may have stopped the experiment meanwhile).
+        latest = require(self.experiments, eid, "experiment")
+        scheduled = [s for s in experiment.scheduled if s.proplet_id not in not_started]
+        current = replace(
+            latest.current_round,
+            sampled=tuple(s.proplet_id for s in scheduled),
+            started_at=rnd.started_at,
+        )
+        done = replace(
+            latest,
+            scheduled=scheduled,
+            skipped=[*experiment.skipped, *(Skipped(p, r) for p, r in not_started.items())],
+            fan_out=FanOut.DONE,
+            rounds=(*latest.rounds[:-1], current) if latest.rounds else (),
+        )
+        self.experiments.put(done)
+        await self.persisted()
+        self.emit(EventKind.ROUND_STARTED, done, done.current_round)
+        log.info(
+            "[Manager.StartExperiment] experiment_id=%s round_id=%s scheduled=%d skipped=%d "
+            "k_of_n=%d min_k_of_n=%d timeout_s=%g",
+            eid,
+            config.round_id,
+            len(done.scheduled),
+            len(done.skipped),
+            rnd.k_of_n,
+            rnd.min_k_of_n,
+            rnd.timeout_s,
+        )
+        return ExperimentStarted(done, rnd)
+
+    async def launch(self, tasks: list[Task], *, done: set[str], closed: str) -> dict[str, str]:
+        """Start `tasks` (one per proplet, created under recorded ids), each step repeatable
+        after a crash: a PENDING task is scheduled (on disk) and its start published; a
+        SCHEDULED one whose proplet is not in `done` (has not reported) is published again,
+        the same attempt (a proplet ignores a start it holds); with `closed` (why the work is
+        over) a PENDING task is failed instead. Returns the proplets whose task did not
+        start, with why (their task FAILED saying so)."""
         not_started: dict[str, str] = {}
         starts: list[Task] = []
         for task in tasks:
             if task.state is TaskState.PENDING:
-                if rnd.finished:  # it ended while the manager was down: nothing to start
-                    not_started[task.proplet_id] = (
-                        f"round {config.round_id!r} is {rnd.state.value} before the task started"
-                    )
+                if closed:
+                    not_started[task.proplet_id] = closed
                 else:
                     starts.append(self.tasks.schedule(task.id)[0])
-            elif task.state is TaskState.SCHEDULED and task.proplet_id not in reported:
-                # Scheduled by a fan-out that died: its start may not have left. Once more,
-                # the same attempt (a proplet ignores a start it holds).
+            elif task.state is TaskState.SCHEDULED and task.proplet_id not in done:
                 starts.append(task)
         # Every start that leaves is SCHEDULED on disk first: after a crash, a task that
         # may have run is never taken for one that never started.
@@ -477,32 +645,34 @@ class Manager:
         by_proplet = {t.proplet_id: t for t in tasks}
         for proplet_id, reason in not_started.items():
             self._task_ended(self.tasks.fail(by_proplet[proplet_id].id, reason))
-            log.warning(
-                "[Manager.StartExperiment] round_id=%s proplet_id=%s: %s",
-                config.round_id,
-                proplet_id,
-                reason,
-            )
-        done = replace(
-            experiment,
-            scheduled=[s for s in experiment.scheduled if s.proplet_id not in not_started],
-            skipped=[*experiment.skipped, *(Skipped(p, r) for p, r in not_started.items())],
-            fan_out=FanOut.DONE,
+        return not_started
+
+    def evaluation_task(
+        self, experiment: Experiment, rnd: RoundRecord, s: ScheduledParticipant
+    ) -> Task:
+        """The evaluation task of `s` after round `rnd` (the model it stored, FL_TASK=evaluate,
+        the evaluation's deadline as ROUND_DEADLINE), created under the id the record holds
+        unless it exists."""
+        task = self.tasks.store.get(s.task_id)
+        if task is not None:
+            return task
+        config = experiment.config
+        env = round_task_env(
+            round_id=rnd.round_id,
+            model_uri=rnd.new_model_uri,
+            hyperparams=config.hyperparams,
+            proplet_id=s.proplet_id,
+            endpoints=self.task_endpoints,
+            deadline=rnd.eval_deadline,
+            module_digest=experiment.module_digest,
         )
-        self.experiments.put(done)
-        await self.persisted()
-        log.info(
-            "[Manager.StartExperiment] experiment_id=%s round_id=%s scheduled=%d skipped=%d "
-            "k_of_n=%d min_k_of_n=%d timeout_s=%g",
-            eid,
-            config.round_id,
-            len(done.scheduled),
-            len(done.skipped),
-            rnd.k_of_n,
-            rnd.min_k_of_n,
-            rnd.timeout_s,
+        return self.tasks.create(
+            s.task_name,
+            task_id=s.task_id,
+            image_url=experiment.image or config.task_wasm_image,
+            env={**env, FL_TASK: EVALUATE},
+            proplet_id=s.proplet_id,
         )
-        return ExperimentStarted(done, rnd)
 
     def _round_task(self, experiment: Experiment, s: ScheduledParticipant, rnd: Round) -> Task:
         """The participant's task, created under the id the experiment recorded for it unless
@@ -510,7 +680,7 @@ class Manager:
         task = self.tasks.store.get(s.task_id)
         if task is not None:
             return task
-        config = experiment.config
+        config = experiment.round_spec
         return self.tasks.create(
             s.task_name,
             task_id=s.task_id,
@@ -537,11 +707,11 @@ class Manager:
             self._fan_outs_due.clear()
             again = False
             for experiment in self.experiments.list():
-                if experiment.fan_out is not FanOut.RECORDED:
+                if experiment.fan_out is not FanOut.RECORDED or not experiment.running:
                     continue
                 eid = experiment.experiment_id
                 try:
-                    started = await self._finish(experiment)
+                    started = await self.finish_fan_out(experiment)
                 except TRANSIENT as exc:
                     again = True
                     log.warning("[Manager.fan-out] experiment_id=%s not finished: %s", eid, exc)
@@ -563,3 +733,30 @@ class Manager:
                 self._fan_outs_due.set()
             else:
                 delay = self.retry_initial_s
+
+
+def check_experiment(request: RoundSpec, plan: ExperimentPlan) -> RoundSpec:
+    """The request's round checked (`validate`, INVALID_ARGUMENT naming the field) with what
+    many rounds add: all_alive instead of participants; the first round's id derived from the
+    experiment id when the request gives none."""
+    spec = request
+    if not spec.round_id:
+        if not spec.experiment_id:
+            raise InvalidArgument("round_id: give a round_id or an experiment_id")
+        spec = replace(spec, round_id=round_id_for(spec.experiment_id, 1))
+    if plan.rounds > 1:
+        eid = spec.experiment_id or f"exp-{spec.round_id}"
+        later = {round_id_for(eid, i): i for i in range(2, plan.rounds + 1)}
+        if spec.round_id in later:
+            raise InvalidArgument(
+                f"round_id: {spec.round_id!r} is the id of round {later[spec.round_id]} of "
+                f"experiment {eid!r}; give another or none"
+            )
+    if not plan.all_alive:
+        return validate(spec, experiment=True)
+    if spec.participants:
+        raise InvalidArgument("participants: must be empty with all_alive (every alive proplet)")
+    # Checked as if with as many participants as k_of_n asks for: all_alive has them at the
+    # round's start or the round waits for them (sampling.min_available).
+    stand_in = tuple(f"p{i}" for i in range(max(spec.k_of_n, spec.min_k_of_n, 1)))
+    return replace(validate(replace(spec, participants=stand_in), experiment=True), participants=())

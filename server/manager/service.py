@@ -7,7 +7,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import fields
 
 from propeller.v1 import coordinator_pb2, manager_pb2
-from server.coordinator.wire import answer_round, spec_fields, spec_from_proto, status_to_proto
+from server.coordinator.wire import (
+    STATES,
+    answer_round,
+    spec_fields,
+    spec_from_proto,
+    status_to_proto,
+)
 from server.errors import InvalidArgument, grpc_errors
 from server.grpc_server import Context
 from server.ids import (
@@ -18,12 +24,28 @@ from server.ids import (
     check_text_map,
     check_texts,
 )
-from server.manager.experiments import Experiment
+from server.manager.driver import ExperimentLoop
+from server.manager.experiments import (
+    EventKind,
+    Experiment,
+    ExperimentEvent,
+    ExperimentState,
+    RoundRecord,
+)
 from server.manager.orchestrator import Manager
+from server.manager.plan import (
+    EndReason,
+    EvaluationPlan,
+    ExperimentPlan,
+    MetricGoal,
+    MetricSource,
+    Sampling,
+    StoppingRule,
+)
 from server.manager.proplets import Proplet
 from server.manager.tasks import Task, TaskState, matches
 from server.messages import TaskSpec
-from server.paging import PageRequest, page_of
+from server.paging import PAGE_BYTES, PageRequest, page_of
 
 _TO_PROTO: dict[TaskState, manager_pb2.TaskState] = {
     TaskState.PENDING: manager_pb2.TASK_STATE_PENDING,
@@ -85,14 +107,182 @@ def _skipped(e: Experiment) -> list[manager_pb2.SkippedParticipant]:
     ]
 
 
-def experiment_to_proto(e: Experiment) -> manager_pb2.Experiment:
-    return manager_pb2.Experiment(
+_EXPERIMENT_STATES = {
+    ExperimentState.RUNNING: manager_pb2.EXPERIMENT_STATE_RUNNING,
+    ExperimentState.COMPLETED: manager_pb2.EXPERIMENT_STATE_COMPLETED,
+    ExperimentState.STOPPED: manager_pb2.EXPERIMENT_STATE_STOPPED,
+    ExperimentState.FAILED: manager_pb2.EXPERIMENT_STATE_FAILED,
+}
+_END_REASONS = {
+    EndReason.MAX_ROUNDS: manager_pb2.END_REASON_MAX_ROUNDS,
+    EndReason.TARGET_REACHED: manager_pb2.END_REASON_TARGET_REACHED,
+    EndReason.PLATEAU: manager_pb2.END_REASON_PLATEAU,
+    EndReason.STOPPED: manager_pb2.END_REASON_STOPPED,
+    EndReason.FAILED: manager_pb2.END_REASON_FAILED,
+}
+_SOURCES = {
+    MetricSource.EVALUATION: manager_pb2.METRIC_SOURCE_EVALUATION,
+    MetricSource.TRAINING: manager_pb2.METRIC_SOURCE_TRAINING,
+}
+_GOALS = {
+    MetricGoal.MINIMIZE: manager_pb2.METRIC_GOAL_MINIMIZE,
+    MetricGoal.MAXIMIZE: manager_pb2.METRIC_GOAL_MAXIMIZE,
+}
+_EVENTS = {
+    EventKind.SNAPSHOT: manager_pb2.EXPERIMENT_EVENT_TYPE_SNAPSHOT,
+    EventKind.ROUND_STARTED: manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_STARTED,
+    EventKind.ROUND_FINISHED: manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_FINISHED,
+    EventKind.ENDED: manager_pb2.EXPERIMENT_EVENT_TYPE_ENDED,
+    EventKind.ROUND_EVALUATED: manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_EVALUATED,
+}
+
+
+def plan_from_proto(request: manager_pb2.StartExperimentRequest) -> ExperimentPlan:
+    """The request's many-round fields (all unset: the seed's one round); INVALID_ARGUMENT
+    naming the field that is out of range."""
+    stop = request.stopping
+    if stop.source not in (0, *_SOURCES.values()):
+        raise InvalidArgument(f"stopping.source: {stop.source} is not a MetricSource")
+    if stop.goal not in (0, *_GOALS.values()):
+        raise InvalidArgument(f"stopping.goal: {stop.goal} is not a MetricGoal")
+    sources: dict[int, MetricSource] = {int(v): k for k, v in _SOURCES.items()}
+    goals: dict[int, MetricGoal] = {int(v): k for k, v in _GOALS.items()}
+    if request.rounds < 0:
+        raise InvalidArgument(f"rounds: {request.rounds} must be >= 0 (0 = 1)")
+    return ExperimentPlan(
+        rounds=request.rounds or 1,
+        strategy_name=request.strategy_name,
+        strategy_params_json=request.strategy_params_json,
+        all_alive=request.all_alive,
+        sampling=Sampling(
+            fraction=request.sampling.fraction,
+            count=request.sampling.count,
+            min_available=request.sampling.min_available,
+            seed=request.sampling.seed,
+        ),
+        k_fraction=request.k_fraction,
+        evaluation=EvaluationPlan(
+            every_rounds=request.evaluation.every_rounds,
+            fraction=request.evaluation.fraction,
+            timeout_s=request.evaluation.timeout_s,
+        ),
+        stopping=StoppingRule(
+            metric=stop.metric,
+            source=sources.get(stop.source, MetricSource.EVALUATION),
+            goal=goals.get(stop.goal),
+            target=stop.target if stop.HasField("target") else None,
+            patience_rounds=stop.patience_rounds,
+            min_delta=stop.min_delta,
+        ),
+    )
+
+
+def _plan_fields(plan: ExperimentPlan) -> dict[str, object]:
+    stop = plan.stopping
+    return {
+        "rounds": plan.rounds,
+        "strategy_name": plan.strategy_name,
+        "strategy_params_json": plan.strategy_params_json,
+        "all_alive": plan.all_alive,
+        "sampling": manager_pb2.Sampling(
+            fraction=plan.sampling.fraction,
+            count=plan.sampling.count,
+            min_available=plan.sampling.min_available,
+            seed=plan.sampling.seed,
+        ),
+        "k_fraction": plan.k_fraction,
+        "evaluation": manager_pb2.EvaluationPlan(
+            every_rounds=plan.evaluation.every_rounds,
+            fraction=plan.evaluation.fraction,
+            timeout_s=plan.evaluation.timeout_s,
+        ),
+        "stopping": manager_pb2.StoppingRule(
+            metric=stop.metric,
+            source=_SOURCES[stop.source] if stop.metric else manager_pb2.METRIC_SOURCE_UNSPECIFIED,
+            goal=_GOALS[stop.goal] if stop.goal else manager_pb2.METRIC_GOAL_UNSPECIFIED,
+            target=stop.target,
+            patience_rounds=stop.patience_rounds,
+            min_delta=stop.min_delta,
+        ),
+    }
+
+
+def round_to_proto(r: RoundRecord) -> manager_pb2.ExperimentRound:
+    return manager_pb2.ExperimentRound(
+        index=r.index,
+        round_id=r.round_id,
+        model_ref=r.model_ref,
+        new_model_version=r.new_model_version,
+        new_model_uri=r.new_model_uri,
+        sampled=r.sampled,
+        reported=r.reported,
+        closed_by=r.closed_by,
+        # In flight: OPEN (the fan-out opened it; the coordinator's status says more).
+        state=STATES[r.state] if r.state else coordinator_pb2.ROUND_STATE_OPEN,
+        failure_reason=r.failure_reason,
+        train_metrics=dict(r.train_metrics),
+        eval_metrics=dict(r.eval_metrics),
+        eval_num_samples=r.eval_num_samples,
+        evaluated=r.evaluated,
+        eval_missing=[
+            manager_pb2.SkippedParticipant(proplet_id=s.proplet_id, reason=s.reason)
+            for s in r.eval_missing
+        ],
+        started_at=r.started_at,
+        finished_at=r.finished_at,
+    )
+
+
+def experiment_to_proto(e: Experiment, *, with_rounds: bool = True) -> manager_pb2.Experiment:
+    """The experiment; with its latest rounds that fit in one answer (`PAGE_BYTES`) unless
+    `with_rounds` is False (ListExperiments, events): `rounds_omitted` counts the others."""
+    message = manager_pb2.Experiment(
         experiment_id=e.experiment_id,
-        config=manager_pb2.StartExperimentRequest(**spec_fields(e.config)),
+        config=manager_pb2.StartExperimentRequest(
+            **spec_fields(e.config),
+            **_plan_fields(e.plan),  # type: ignore[arg-type]
+        ),
         scheduled=_scheduled(e),
         skipped=_skipped(e),
         created_at=e.created_at,
+        state=_EXPERIMENT_STATES[e.state],
+        current_round=e.round_index,
     )
+    if e.end is not None:
+        message.end.CopyFrom(
+            manager_pb2.ExperimentEnd(
+                reason=_END_REASONS[e.end.reason],
+                round=e.end.round,
+                round_id=e.end.round_id,
+                detail=e.end.detail,
+                ended_at=e.end.ended_at,
+            )
+        )
+    rounds = e.rounds or (e.current_round,)
+    shown: list[manager_pb2.ExperimentRound] = []
+    if with_rounds:
+        budget = PAGE_BYTES
+        for r in reversed(rounds):
+            proto = round_to_proto(r)
+            budget -= proto.ByteSize() + 8
+            if budget < 0 and shown:
+                break
+            shown.append(proto)
+    message.rounds.extend(reversed(shown))
+    message.rounds_omitted = len(rounds) - len(shown)
+    return message
+
+
+def event_to_proto(event: ExperimentEvent) -> manager_pb2.ExperimentEvent:
+    snapshot = event.kind is EventKind.SNAPSHOT
+    message = manager_pb2.ExperimentEvent(
+        type=_EVENTS[event.kind],
+        experiment=experiment_to_proto(event.experiment, with_rounds=snapshot),
+        timestamp=event.timestamp,
+    )
+    if event.round is not None:
+        message.round.CopyFrom(round_to_proto(event.round))
+    return message
 
 
 def check_task_request(request: manager_pb2.CreateTaskRequest) -> None:
@@ -117,10 +307,14 @@ class ManagerServicer:
     client is told (a created task, a listed proplet) is already on disk."""
 
     def __init__(
-        self, manager: Manager, persisted: Callable[[], Awaitable[None]] | None = None
+        self,
+        manager: Manager,
+        persisted: Callable[[], Awaitable[None]] | None = None,
+        loop: ExperimentLoop | None = None,
     ) -> None:
         self.manager = manager
         self.persisted = persisted or _nothing_pending
+        self.loop = loop or ExperimentLoop(manager)
 
     @contextlib.asynccontextmanager
     async def _answering(self, context: Context, method: str) -> AsyncIterator[None]:
@@ -146,7 +340,9 @@ class ManagerServicer:
         self, request: manager_pb2.StartExperimentRequest, context: Context
     ) -> manager_pb2.StartExperimentResponse:
         async with self._answering(context, "Manager.StartExperiment"):
-            started = await self.manager.start_experiment(spec_from_proto(request))
+            started = await self.manager.start_experiment(
+                spec_from_proto(request), plan_from_proto(request)
+            )
             e = started.experiment
             return manager_pb2.StartExperimentResponse(
                 experiment_id=e.experiment_id,
@@ -170,9 +366,43 @@ class ManagerServicer:
             wanted = PageRequest.of(request, "ListExperiments", int)
             # Creation order: the store's, where new experiments only ever come at the end.
             experiments = self.manager.experiments.list()
-            page = page_of(wanted.indexed(experiments), wanted, experiment_to_proto)
+            page = page_of(
+                wanted.indexed(experiments),
+                wanted,
+                lambda e: experiment_to_proto(e, with_rounds=False),
+            )
             return manager_pb2.ListExperimentsResponse(
                 experiments=page.items, next_page_token=page.next_page_token
+            )
+
+    async def StopExperiment(
+        self, request: manager_pb2.StopExperimentRequest, context: Context
+    ) -> manager_pb2.Experiment:
+        async with self._answering(context, "Manager.StopExperiment"):
+            check_id(request.experiment_id, "experiment_id")
+            return experiment_to_proto(await self.loop.stop(request.experiment_id))
+
+    async def WatchExperiment(
+        self, request: manager_pb2.WatchExperimentRequest, context: Context
+    ) -> AsyncIterator[manager_pb2.ExperimentEvent]:
+        async with grpc_errors(context, "Manager.WatchExperiment"):
+            check_id(request.experiment_id, "experiment_id")
+            experiment = self.manager.get_experiment(request.experiment_id)
+            snapshot = ExperimentEvent(EventKind.SNAPSHOT, experiment, None, self.manager.clock())
+            async for event in self.manager.events.watch(snapshot):
+                yield event_to_proto(event)
+
+    async def ListExperimentRounds(
+        self, request: manager_pb2.ListExperimentRoundsRequest, context: Context
+    ) -> manager_pb2.ListExperimentRoundsResponse:
+        async with self._answering(context, "Manager.ListExperimentRounds"):
+            check_id(request.experiment_id, "experiment_id")
+            experiment = self.manager.get_experiment(request.experiment_id)
+            wanted = PageRequest.of(request, "ListExperimentRounds", int)
+            rounds = experiment.rounds or (experiment.current_round,)
+            page = page_of(wanted.indexed(rounds), wanted, round_to_proto)
+            return manager_pb2.ListExperimentRoundsResponse(
+                rounds=page.items, next_page_token=page.next_page_token
             )
 
     async def GetRoundStatus(

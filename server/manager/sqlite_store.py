@@ -22,7 +22,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from server.manager.experiments import Experiment, FanOut, ScheduledParticipant
+from server.coordinator.rounds import RoundState
+from server.manager.experiments import (
+    End,
+    Experiment,
+    ExperimentState,
+    FanOut,
+    RoundRecord,
+    ScheduledParticipant,
+)
+from server.manager.plan import EndReason, ExperimentPlan
 from server.manager.proplets import Proplet, Skipped
 from server.manager.records import InMemoryStore, Keyed
 from server.manager.tasks import Task, TaskState
@@ -295,7 +304,70 @@ def experiment_to_json(e: Experiment) -> dict[str, Any]:
         "fan_out": e.fan_out.value,
         "image": e.image,
         "module_digest": e.module_digest,
+        "plan": e.plan.to_dict(),
+        "current": e.current.to_dict() if e.current else None,
+        "rounds": [_round_to_json(r) for r in e.rounds],
+        "state": e.state.value,
+        "end": _end_to_json(e.end),
     }
+
+
+def _skipped_list(items: Any) -> tuple[Skipped, ...]:
+    return tuple(Skipped(str(s["proplet_id"]), str(s["reason"])) for s in items)
+
+
+def _round_to_json(r: RoundRecord) -> dict[str, Any]:
+    d = {f.name: getattr(r, f.name) for f in fields(r)}
+    d["state"] = r.state.value if r.state else None
+    d["train_metrics"] = dict(r.train_metrics)
+    d["eval_metrics"] = dict(r.eval_metrics)
+    d["eval_missing"] = [{"proplet_id": s.proplet_id, "reason": s.reason} for s in r.eval_missing]
+    d["eval_tasks"] = [
+        {"proplet_id": s.proplet_id, "task_id": s.task_id, "task_name": s.task_name}
+        for s in r.eval_tasks
+    ]
+    return d
+
+
+def _round_from_json(d: dict[str, Any]) -> RoundRecord:
+    plain: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in d.items()
+        if k not in ("state", "eval_missing", "eval_tasks")
+    }
+    return RoundRecord(
+        **plain,
+        state=RoundState(d["state"]) if d["state"] else None,
+        eval_missing=_skipped_list(d["eval_missing"]),
+        eval_tasks=tuple(
+            ScheduledParticipant(str(s["proplet_id"]), str(s["task_id"]), str(s["task_name"]))
+            for s in d.get("eval_tasks", ())
+        ),
+    )
+
+
+def _end_to_json(end: End | None) -> dict[str, Any] | None:
+    if end is None:
+        return None
+    return {
+        "reason": end.reason.value,
+        "round": end.round,
+        "round_id": end.round_id,
+        "detail": end.detail,
+        "ended_at": end.ended_at,
+    }
+
+
+def _end_from_json(d: dict[str, Any] | None) -> End | None:
+    if d is None:
+        return None
+    return End(
+        EndReason(d["reason"]),
+        int(d["round"]),
+        str(d["round_id"]),
+        str(d["detail"]),
+        float(d["ended_at"]),
+    )
 
 
 def experiment_from_json(d: dict[str, Any]) -> Experiment:
@@ -313,6 +385,12 @@ def experiment_from_json(d: dict[str, Any]) -> Experiment:
         # Absent in records older than module pinning.
         image=str(d.get("image", "")),
         module_digest=str(d.get("module_digest", "")),
+        # Absent in records older than experiments of many rounds: one round, running.
+        plan=ExperimentPlan.from_dict(d["plan"]) if "plan" in d else ExperimentPlan(),
+        current=RoundSpec.from_dict(d["current"]) if d.get("current") else None,
+        rounds=tuple(_round_from_json(r) for r in d.get("rounds", ())),
+        state=ExperimentState(d.get("state", ExperimentState.RUNNING.value)),
+        end=_end_from_json(d.get("end")),
     )
 
 

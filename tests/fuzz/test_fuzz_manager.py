@@ -44,8 +44,14 @@ START_TASK = Rpc.of("Manager.StartTask")
 STOP_TASK = Rpc.of("Manager.StopTask")
 GET_TASK = Rpc.of("Manager.GetTask")
 LIST_TASKS = Rpc.of("Manager.ListTasks")
+STOP_EXPERIMENT = Rpc.of("Manager.StopExperiment")
+WATCH_EXPERIMENT = Rpc.of("Manager.WatchExperiment", first_only=True)
+EXPERIMENT_ROUNDS = Rpc.of("Manager.ListExperimentRounds")
 FUZZED = (START_EXPERIMENT, GET_EXPERIMENT, LIST_EXPERIMENTS, ROUND_STATUS, LIST_PROPLETS,
-          GET_PROPLET, CREATE_TASK, START_TASK, STOP_TASK, GET_TASK, LIST_TASKS)  # fmt: skip
+          GET_PROPLET, CREATE_TASK, START_TASK, STOP_TASK, GET_TASK, LIST_TASKS,
+          STOP_EXPERIMENT, WATCH_EXPERIMENT, EXPERIMENT_ROUNDS)  # fmt: skip
+# Experiments of many rounds the StopExperiment fuzz may (legitimately) stop.
+STOPPABLE = [f"fz-stop-{i}" for i in range(5)]
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 POOL = 150
 FRESH = itertools.count()
@@ -108,6 +114,58 @@ async def test_get_experiment(env: FuzzEnv) -> None:
         requests,
         ids_of_requested("experiment_id", "experiment_id"),
     )
+
+
+async def test_watch_experiment(env: FuzzEnv) -> None:
+    requests = st.builds(
+        lambda x: MP.WatchExperimentRequest(experiment_id=x), S.texts((EXPERIMENT,))
+    )
+
+    def snapshot_first(body: Any, outcome: Outcome) -> None:
+        if outcome.ok and not isinstance(body, bytes):
+            assert outcome.response.type == MP.EXPERIMENT_EVENT_TYPE_SNAPSHOT
+            assert outcome.response.experiment.experiment_id == body.experiment_id
+
+    await fuzz_messages(env, WATCH_EXPERIMENT, requests, snapshot_first)
+
+
+async def test_list_experiment_rounds(env: FuzzEnv) -> None:
+    requests = st.builds(
+        lambda x, n, t: MP.ListExperimentRoundsRequest(experiment_id=x, page_size=n, page_token=t),
+        S.texts((EXPERIMENT,)),
+        S.int32s(),
+        S.texts(),
+    )
+
+    def in_order(body: Any, outcome: Outcome) -> None:
+        if outcome.ok and not isinstance(body, bytes):
+            indices = [r.index for r in outcome.response.rounds]
+            assert indices == sorted(indices) and all(i >= 1 for i in indices)
+
+    await fuzz_messages(env, EXPERIMENT_ROUNDS, requests, in_order)
+
+
+async def test_stop_experiment(env: FuzzEnv) -> None:
+    for eid in STOPPABLE:
+        await env.manager.StartExperiment(
+            MP.StartExperimentRequest(
+                experiment_id=eid,
+                model_ref=V0_URI,
+                participants=[PROPLET],
+                timeout_s=24 * 3600,
+                task_wasm_image=IMAGE,
+                rounds=10,
+            ),
+            timeout=RPC_TIMEOUT,
+        )
+    requests = st.builds(lambda x: MP.StopExperimentRequest(experiment_id=x), S.texts(STOPPABLE))
+
+    def ended(body: Any, outcome: Outcome) -> None:
+        if outcome.ok and not isinstance(body, bytes):
+            assert outcome.response.experiment_id == body.experiment_id
+            assert outcome.response.state == MP.EXPERIMENT_STATE_STOPPED
+
+    await fuzz_messages(env, STOP_EXPERIMENT, requests, ended)
 
 
 async def test_get_round_status(env: FuzzEnv) -> None:
@@ -238,6 +296,13 @@ EXPERIMENT_FIELDS = [
     "task_wasm_image",
     "min_k_of_n",
     "module_digest",
+    "rounds",
+    "strategy",
+    "all_alive",
+    "sampling",
+    "k_fraction",
+    "evaluation",
+    "stopping",
 ]
 
 
@@ -293,6 +358,47 @@ def start_experiment_requests(draw: st.DrawFn) -> MP.StartExperimentRequest:
         req.min_k_of_n = draw(S.int32s())
     elif field == "module_digest":
         req.module_digest = draw(S.texts(("sha256:" + "0" * 64,)))
+    elif field == "rounds":
+        req.rounds = draw(S.int32s())
+    elif field == "strategy":
+        req.strategy_name = draw(S.texts(("fedavg",)))
+        req.strategy_params_json = draw(S.texts(("{}", '{"mu": 0.1}', "[]", "{")))
+    elif field == "all_alive":
+        req.all_alive = True
+        req.participants[:] = draw(st.sampled_from([[], [PROPLET]]))
+    elif field == "sampling":
+        req.sampling.CopyFrom(
+            MP.Sampling(
+                fraction=draw(S.doubles()),
+                count=draw(S.int32s()),
+                min_available=draw(S.int32s()),
+                seed=draw(st.integers(0, 2**64 - 1)),
+            )
+        )
+    elif field == "k_fraction":
+        req.k_fraction = draw(S.doubles())
+    elif field == "evaluation":
+        req.evaluation.CopyFrom(
+            MP.EvaluationPlan(
+                every_rounds=draw(S.int32s()),
+                fraction=draw(S.doubles()),
+                timeout_s=draw(S.doubles()),
+            )
+        )
+    elif field == "stopping":
+        enums: dict[str, Any] = {  # any int, as the wire allows
+            "source": draw(S.enums([0, 1, 2])),
+            "goal": draw(S.enums([0, 1, 2])),
+        }
+        stopping = MP.StoppingRule(
+            metric=draw(S.texts(("loss", "accuracy"))),
+            patience_rounds=draw(S.int32s()),
+            min_delta=draw(S.doubles()),
+            **enums,
+        )
+        if draw(st.booleans()):
+            stopping.target = draw(S.doubles())
+        req.stopping.CopyFrom(stopping)
     return req
 
 
@@ -303,6 +409,10 @@ async def test_start_experiment(env: FuzzEnv) -> None:
         if outcome.ok and not isinstance(body, bytes):
             resp = outcome.response
             assert {s.proplet_id for s in resp.scheduled} <= {PROPLET, PROPLET_TWO}
-            assert len(resp.scheduled) + len(resp.skipped) == len(body.participants)
+            sampled = body.all_alive or body.HasField("sampling") or body.k_fraction
+            if not sampled:
+                assert len(resp.scheduled) + len(resp.skipped) == len(body.participants)
+            elif body.participants:
+                assert {s.proplet_id for s in resp.scheduled} <= set(body.participants)
 
     await fuzz_messages(env, START_EXPERIMENT, requests, scheduled_only_live)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -41,8 +42,14 @@ class Rounds:
     rounds: dict[str, Round] = field(default_factory=dict)
     failures: list[tuple[str, str, str]] = field(default_factory=list)
     fail_configure: Exception | None = None
+    # Set on every change a test makes (what `watch_round` waits for).
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # What every watch fails with (a watch that timed out, a coordinator restarting).
+    watch_fails: Exception | None = None
 
-    async def configure_round(self, spec: RoundSpec) -> Round:
+    async def configure_round(
+        self, spec: RoundSpec, *, strategy_name: str = "", strategy_params_json: str = ""
+    ) -> Round:
         self.configured.append(spec)
         if self.fail_configure is not None:
             raise self.fail_configure
@@ -62,6 +69,28 @@ class Rounds:
 
     async def get_round_status(self, round_id: str) -> Round:
         return R.require_round(self.rounds.get(round_id), round_id)
+
+    async def watch_round(self, round_id: str, timeout_s: float) -> AsyncGenerator[Round, None]:
+        if self.watch_fails is not None:
+            raise self.watch_fails
+        while True:
+            self.changed.clear()
+            rnd = await self.get_round_status(round_id)
+            yield rnd
+            if rnd.finished:
+                return
+            await self.changed.wait()
+
+    def complete(self, round_id: str, version: int, metrics: dict[str, float]) -> None:
+        """The round completes, storing `version` (what aggregation would do)."""
+        uri = f"fl/models/global_model_v{version}"
+        rnd = self.rounds[round_id]
+        self.rounds[round_id] = R.complete(rnd, version, uri, metrics, 2000.0)
+        self.changed.set()
+
+    def fail(self, round_id: str, reason: str) -> None:
+        self.rounds[round_id] = R.fail(self.rounds[round_id], reason, 2000.0)
+        self.changed.set()
 
     async def report_failure(self, round_id: str, proplet_id: str, reason: str) -> Round:
         self.failures.append((round_id, proplet_id, reason))

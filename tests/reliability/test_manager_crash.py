@@ -221,6 +221,16 @@ async def fleet_services(
     """Registry (v0 stored), aggregator, data store (a dataset per proplet) and coordinator
     as `serve` processes, running; the manager as a process with a state directory, not
     started. Yields the manager and every address."""
+    async with fleet_processes(mqtt, tmp_path, ids) as (manager, _, endpoints):
+        yield manager, endpoints
+
+
+@contextlib.asynccontextmanager
+async def fleet_processes(
+    mqtt: MqttConfig, tmp_path: Path, ids: list[str]
+) -> AsyncIterator[tuple[ServiceProcess, ServiceProcess, Endpoints]]:
+    """`fleet_services`, yielding the coordinator process too (manager, coordinator,
+    addresses)."""
     with contextlib.ExitStack() as stack:
         registry = stack.enter_context(service_process("registry", {}, tmp_path))
         aggregator = stack.enter_context(service_process("aggregator", {}, tmp_path))
@@ -261,7 +271,7 @@ async def fleet_services(
             "DATA_STORE_ADDR": datastore.addr,
         }
         manager = stack.enter_context(service_process("manager", env, tmp_path))
-        yield manager, replace(endpoints, manager=manager.addr)
+        yield manager, coordinator, replace(endpoints, manager=manager.addr)
 
 
 def the_answer(resp: manager_pb2.StartExperimentResponse) -> tuple[Any, ...]:

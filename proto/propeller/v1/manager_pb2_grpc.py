@@ -51,6 +51,21 @@ class ManagerStub:
                 request_serializer=propeller_dot_v1_dot_manager__pb2.ListExperimentsRequest.SerializeToString,
                 response_deserializer=propeller_dot_v1_dot_manager__pb2.ListExperimentsResponse.FromString,
                 _registered_method=True)
+        self.StopExperiment = channel.unary_unary(
+                '/propeller.v1.Manager/StopExperiment',
+                request_serializer=propeller_dot_v1_dot_manager__pb2.StopExperimentRequest.SerializeToString,
+                response_deserializer=propeller_dot_v1_dot_manager__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.WatchExperiment = channel.unary_stream(
+                '/propeller.v1.Manager/WatchExperiment',
+                request_serializer=propeller_dot_v1_dot_manager__pb2.WatchExperimentRequest.SerializeToString,
+                response_deserializer=propeller_dot_v1_dot_manager__pb2.ExperimentEvent.FromString,
+                _registered_method=True)
+        self.ListExperimentRounds = channel.unary_unary(
+                '/propeller.v1.Manager/ListExperimentRounds',
+                request_serializer=propeller_dot_v1_dot_manager__pb2.ListExperimentRoundsRequest.SerializeToString,
+                response_deserializer=propeller_dot_v1_dot_manager__pb2.ListExperimentRoundsResponse.FromString,
+                _registered_method=True)
         self.GetRoundStatus = channel.unary_unary(
                 '/propeller.v1.Manager/GetRoundStatus',
                 request_serializer=propeller_dot_v1_dot_coordinator__pb2.GetRoundStatusRequest.SerializeToString,
@@ -111,6 +126,29 @@ class ManagerServicer:
 
     def ListExperiments(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopExperiment(self, request, context):
+        """Ends a running experiment: no further round starts and the tasks of the round in flight
+        are stopped; the end reason is STOPPED. An ended experiment is answered as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchExperiment(self, request, context):
+        """The experiment as it is now (SNAPSHOT), then one event per round started, round
+        finished (with its metrics) and the end; the stream closes after the end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListExperimentRounds(self, request, context):
+        """An experiment's rounds, first to last, a page at a time.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -181,6 +219,21 @@ def add_ManagerServicer_to_server(servicer, server):
                     servicer.ListExperiments,
                     request_deserializer=propeller_dot_v1_dot_manager__pb2.ListExperimentsRequest.FromString,
                     response_serializer=propeller_dot_v1_dot_manager__pb2.ListExperimentsResponse.SerializeToString,
+            ),
+            'StopExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopExperiment,
+                    request_deserializer=propeller_dot_v1_dot_manager__pb2.StopExperimentRequest.FromString,
+                    response_serializer=propeller_dot_v1_dot_manager__pb2.Experiment.SerializeToString,
+            ),
+            'WatchExperiment': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchExperiment,
+                    request_deserializer=propeller_dot_v1_dot_manager__pb2.WatchExperimentRequest.FromString,
+                    response_serializer=propeller_dot_v1_dot_manager__pb2.ExperimentEvent.SerializeToString,
+            ),
+            'ListExperimentRounds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExperimentRounds,
+                    request_deserializer=propeller_dot_v1_dot_manager__pb2.ListExperimentRoundsRequest.FromString,
+                    response_serializer=propeller_dot_v1_dot_manager__pb2.ListExperimentRoundsResponse.SerializeToString,
             ),
             'GetRoundStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRoundStatus,
@@ -305,6 +358,87 @@ class Manager:
             '/propeller.v1.Manager/ListExperiments',
             propeller_dot_v1_dot_manager__pb2.ListExperimentsRequest.SerializeToString,
             propeller_dot_v1_dot_manager__pb2.ListExperimentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/propeller.v1.Manager/StopExperiment',
+            propeller_dot_v1_dot_manager__pb2.StopExperimentRequest.SerializeToString,
+            propeller_dot_v1_dot_manager__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/propeller.v1.Manager/WatchExperiment',
+            propeller_dot_v1_dot_manager__pb2.WatchExperimentRequest.SerializeToString,
+            propeller_dot_v1_dot_manager__pb2.ExperimentEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExperimentRounds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/propeller.v1.Manager/ListExperimentRounds',
+            propeller_dot_v1_dot_manager__pb2.ListExperimentRoundsRequest.SerializeToString,
+            propeller_dot_v1_dot_manager__pb2.ListExperimentRoundsResponse.FromString,
             options,
             channel_credentials,
             insecure,
