@@ -7,8 +7,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from server.aggregator.intake import DEFAULT_MAX_HELD_BYTES
 from server.aggregator.service import binding
-from server.config import TlsConfig, env_str
+from server.config import TlsConfig, env_int, env_str
 from server.grpc_server import ServiceBinding
 from server.lifecycle import ServiceApp, run_service
 
@@ -18,6 +19,9 @@ class AggregatorConfig:
     addr: str = "127.0.0.1:8085"
     # Mutual TLS (None: plaintext); see TlsConfig.
     tls: TlsConfig | None = field(kw_only=True)
+    # What an order-statistic strategy (median, trimmed mean, Krum, Bulyan) may hold of one
+    # round's updates; an update beyond it is refused (docs/strategies.md).
+    max_held_bytes: int = field(default=DEFAULT_MAX_HELD_BYTES, kw_only=True)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AggregatorConfig:
@@ -25,15 +29,18 @@ class AggregatorConfig:
         return cls(
             addr=env_str(env, "PROPELLER_AGGREGATOR_LISTEN", cls(tls=None).addr),
             tls=TlsConfig.from_env(env),
+            max_held_bytes=env_int(
+                env, "PROPELLER_AGGREGATOR_MAX_HELD_BYTES", DEFAULT_MAX_HELD_BYTES
+            ),
         )
 
 
 class AggregatorApp(ServiceApp):
-    """Nothing to open: the servicer holds no state."""
+    """Nothing to open: the servicer holds no state between calls."""
 
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
-        self._bindings = [binding()]
+        self._bindings = [binding(config.max_held_bytes)]
 
     @property
     def bindings(self) -> list[ServiceBinding]:
