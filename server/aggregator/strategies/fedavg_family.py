@@ -122,7 +122,7 @@ class _ServerOptimiser(_MeanStrategy):
             raise InvalidArgument(f"base: strategy {self.name} needs the round's base model")
         mean = self._mean.result(np.float64)
         model: dict[str, F64] = {}
-        new_state: Tensors = {}
+        moved_by_name: dict[str, F64] = {}
         with np.errstate(over="ignore", invalid="ignore"):
             for spec in specs:
                 old = {
@@ -137,7 +137,9 @@ class _ServerOptimiser(_MeanStrategy):
                 new_x, moved = self.step(x, mean[spec.name].astype(np.float64), old)
                 model[spec.name] = new_x
                 for p in self.state_prefixes:
-                    new_state[f"{p}.{spec.name}"] = moved[p]
+                    moved_by_name[f"{p}.{spec.name}"] = moved[p]
+        # In the order of `state_specs`, which is what comes back next round.
+        new_state: Tensors = {s.name: moved_by_name[s.name] for s in self.state_specs(specs)}
         for name, arr in new_state.items():
             if not np.isfinite(arr).all():
                 raise InvalidArgument(f"updates: the {self.name} state {name} overflows float64")
