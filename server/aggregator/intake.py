@@ -147,6 +147,9 @@ class _Intake:
 
     def start_update(self, header: tensor_pb2.UpdateHeader) -> _PendingUpdate:
         strategy = self.require_strategy()
+        if strategy.needs_base and self.base_specs is None:
+            # Said before any update's bytes arrive: the base comes first or not at all.
+            raise InvalidArgument(f"base: strategy {strategy.name} needs the round's base model")
         index = self.started
         field = f"updates[{index}]"
         round_id = self.require_header().round_id
