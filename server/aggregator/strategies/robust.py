@@ -112,9 +112,11 @@ class _HeldStrategy(Strategy):
                 rows = np.stack([u[spec.name][start:stop] for u in self._updates]).astype(
                     np.float64, copy=False
                 )
-                for i in range(k):
-                    diff = rows - rows[i]
-                    dist[i] += np.einsum("ij,ij->i", diff, diff)
+                for i in range(k - 1):  # each pair once: the matrix is symmetric
+                    diff = rows[i + 1 :] - rows[i]
+                    d = np.einsum("ij,ij->i", diff, diff)
+                    dist[i, i + 1 :] += d
+                    dist[i + 1 :, i] += d
         return dist
 
 
