@@ -47,6 +47,7 @@ from proplet.federated import (
     FlInputs,
     FlTask,
     is_federated,
+    parse_evaluation,
     parse_update,
     summary,
 )
@@ -517,7 +518,9 @@ class Proplet(Lifecycle):
         running.timings["fetch_ms"] = prepare_ms - running.timings.get("compile_ms", 0.0)
         # A round task runs its round's module and no other (MODULE_DIGEST).
         module = fl.check_module(compiled.sha256) if fl is not None else ""
-        env = inputs.env(start.env, self.proplet_id) if inputs is not None else dict(start.env)
+        env = dict(start.env)
+        if fl is not None and inputs is not None:
+            env = inputs.env(fl.module_env(start.env), self.proplet_id)
         invocation = Invocation([start.name or start.id, *start.cli_args], env, self.config.limits)
         t1 = time.perf_counter()
         try:
@@ -526,6 +529,9 @@ class Proplet(Lifecycle):
             running.timings["run_ms"] = (time.perf_counter() - t1) * 1000
         if fl is None or inputs is None:
             return out.stdout.decode(errors="replace")
+        if fl.evaluates:
+            # Federated evaluation: the metrics are the result; the coordinator gets nothing.
+            return parse_evaluation(out.stdout, inputs.dataset_size)
         update = parse_update(
             out.stdout,
             fl,

@@ -14,10 +14,11 @@ from server.config import (
     Endpoints,
     MqttConfig,
     TlsConfig,
-    env_float,
     env_int,
     env_list,
     env_str,
+    setting,
+    settings_from_env,
 )
 from server.oci import is_loopback
 from server.pki import Kind, PkiError, read_identity
@@ -43,11 +44,11 @@ class PropletConfig:
     """Everything a proplet needs; tests build it directly."""
 
     proplet_id: str
-    name: str = ""
+    name: str = setting("PROPLET_NAME", "")
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     # Model registry, data store and coordinator used when a task's env does not name them.
     endpoints: Endpoints = field(default_factory=Endpoints)
-    heartbeat_s: float = 10.0
+    heartbeat_s: float = setting("PROPLET_HEARTBEAT_S", 10.0)
     # Content-addressed module cache (shared safely by proplets on one machine).
     work_dir: Path = DEFAULT_WORK_DIR
     # Image host as written in image_url -> address actually used, e.g.
@@ -55,22 +56,22 @@ class PropletConfig:
     registry_mirrors: Mapping[str, str] = field(default_factory=dict)
     # Registry addresses spoken to over plain HTTP. None: loopback addresses and mirror targets.
     insecure_registries: frozenset[str] | None = None
-    task_timeout_s: float = 300.0
+    task_timeout_s: float = setting("PROPLET_TASK_TIMEOUT_S", 300.0)
     # One run's linear memory and tables together (the tables' share: 8 bytes an element).
     memory_limit_bytes: int = 256 << 20
     output_limit_bytes: int = 16 << 20
     # Table elements of one run over all its tables, and how many tables it may have.
-    table_elements_limit: int = 1 << 16
-    tables_limit: int = 1
-    rpc_timeout_s: float = 30.0
+    table_elements_limit: int = setting("PROPLET_TABLE_ELEMENTS_LIMIT", 1 << 16)
+    tables_limit: int = setting("PROPLET_TABLES_LIMIT", 1)
+    rpc_timeout_s: float = setting("PROPLET_RPC_TIMEOUT_S", 30.0)
     # Round services (registry, data store, coordinator) that fail with UNAVAILABLE or
     # DEADLINE_EXCEEDED are retried after delays growing from retry_backoff_s to at most
     # retry_max_backoff_s (with jitter), until the round's deadline.
-    retry_backoff_s: float = 0.2
-    retry_max_backoff_s: float = 5.0
+    retry_backoff_s: float = setting("PROPLET_RETRY_BACKOFF_S", 0.2)
+    retry_max_backoff_s: float = setting("PROPLET_RETRY_MAX_BACKOFF_S", 5.0)
     # A task result the manager has not acknowledged is sent again this often (and after every
     # reconnection to the broker).
-    result_resend_s: float = 5.0
+    result_resend_s: float = setting("PROPLET_RESULT_RESEND_S", 5.0)
     # Mutual TLS on the round services' channels, with this proplet's own certificate (its id
     # in the SAN; None: plaintext).
     tls: TlsConfig | None = field(kw_only=True)
@@ -117,29 +118,17 @@ class PropletConfig:
         tls = TlsConfig.from_env(env)
         proplet_id = _proplet_id(env.get("PROPLET_ID", "").strip(), tls)
         insecure = env_list(env, "PROPLET_INSECURE_REGISTRIES")
-        d = cls(proplet_id=proplet_id, tls=None)
         return cls(
+            **settings_from_env(cls, env),
             proplet_id=proplet_id,
-            name=env_str(env, "PROPLET_NAME", ""),
             mqtt=MqttConfig.from_env(env),
             endpoints=Endpoints.from_env(env),
-            heartbeat_s=env_float(env, "PROPLET_HEARTBEAT_S", d.heartbeat_s),
-            work_dir=Path(env_str(env, "PROPLET_WORK_DIR", str(d.work_dir))),
+            work_dir=Path(env_str(env, "PROPLET_WORK_DIR", str(DEFAULT_WORK_DIR))),
             registry_mirrors=parse_mirrors(env.get("PROPLET_REGISTRY_MIRRORS", "")),
             insecure_registries=frozenset(insecure) if insecure else None,
-            task_timeout_s=env_float(env, "PROPLET_TASK_TIMEOUT_S", d.task_timeout_s),
+            # In MiB in the environment, in bytes in the config.
             memory_limit_bytes=env_int(env, "PROPLET_MEMORY_LIMIT_MB", 256) << 20,
             output_limit_bytes=env_int(env, "PROPLET_OUTPUT_LIMIT_MB", 16) << 20,
-            table_elements_limit=env_int(
-                env, "PROPLET_TABLE_ELEMENTS_LIMIT", d.table_elements_limit
-            ),
-            tables_limit=env_int(env, "PROPLET_TABLES_LIMIT", d.tables_limit),
-            rpc_timeout_s=env_float(env, "PROPLET_RPC_TIMEOUT_S", d.rpc_timeout_s),
-            retry_backoff_s=env_float(env, "PROPLET_RETRY_BACKOFF_S", d.retry_backoff_s),
-            retry_max_backoff_s=env_float(
-                env, "PROPLET_RETRY_MAX_BACKOFF_S", d.retry_max_backoff_s
-            ),
-            result_resend_s=env_float(env, "PROPLET_RESULT_RESEND_S", d.result_resend_s),
             tls=tls,
         )
 

@@ -7,6 +7,13 @@ The module prints one JSON update on stdout; the proplet checks it against the r
 base model and streams it to Coordinator.SubmitUpdate. The module itself never touches the
 network.
 
+A task whose env also has FL_TASK=evaluate is an evaluation task (federated evaluation): the
+proplet fetches the model and the `test` split of its dataset, runs the module with
+HYPERPARAMS plus {"task": "evaluate"}, submits nothing, and reports the module's
+{"num_samples", "metrics"} as the task's results. A training task (FL_TASK "" or "train") may
+say FL_SPLIT=train to train on the train split only ("" / "all": the whole dataset, as the
+seed does).
+
 Provenance (docs/security.md): a round task names the module its round pinned (env
 MODULE_DIGEST); the proplet refuses to run any other (`FlTask.check_module`). Every update
 carries the base model's sha256 and the digest of the module that produced it, and is signed
@@ -214,6 +221,34 @@ def is_federated(env: Mapping[str, str]) -> bool:
     return bool(env.get("ROUND_ID", "").strip())
 
 
+TRAIN = "train"
+EVALUATE = "evaluate"
+# The HYPERPARAMS key (and its value) that asks the module to evaluate instead of training
+# (wasm-client/README.md).
+EVALUATE_HYPERPARAMS = {"task": EVALUATE}
+# The data store splits a task may ask for, per kind of task: an evaluation always uses the
+# held-out part, a training task never does.
+_SPLITS = {TRAIN: ("", "all", "train"), EVALUATE: ("", "test")}
+
+
+def _task_kind(env: Mapping[str, str]) -> tuple[str, str]:
+    """(FL_TASK, the data store split) of a round task's env; TaskFailed naming the variable
+    for values that are not allowed."""
+    kind = env.get("FL_TASK", "").strip() or TRAIN
+    if kind not in (TRAIN, EVALUATE):
+        raise TaskFailed(f"FL_TASK: {kind[:40]!r} is not 'train' or 'evaluate'")
+    split = env.get("FL_SPLIT", "").strip()
+    allowed = _SPLITS[kind]
+    if split not in allowed:
+        raise TaskFailed(
+            f"FL_SPLIT: {split[:40]!r} is not allowed for FL_TASK={kind} "
+            f"(one of {', '.join(repr(a) for a in allowed)})"
+        )
+    if kind == EVALUATE:
+        split = "test"
+    return kind, split
+
+
 @dataclass(frozen=True)
 class FlTask:
     """What a round task's env says: the round, its base model and where the services are."""
@@ -230,6 +265,22 @@ class FlTask:
     # The module the round pinned (env MODULE_DIGEST, "sha256:<hex>"); "" for a task that
     # does not say (a manual task: any module, whose digest the update still carries).
     module_digest: str = ""
+    # "train" (the seed's round task) or "evaluate" (env FL_TASK).
+    kind: str = TRAIN
+    # The part of the dataset to fetch: "" (all) or "train" for training, "test" to evaluate.
+    split: str = ""
+
+    @property
+    def evaluates(self) -> bool:
+        return self.kind == EVALUATE
+
+    def module_env(self, env: Mapping[str, str]) -> dict[str, str]:
+        """The task's env as the module sees it: an evaluation's HYPERPARAMS ask for
+        evaluation."""
+        if not self.evaluates:
+            return dict(env)
+        hyperparams = json.loads(self.hyperparams) if self.hyperparams.strip() else {}
+        return {**env, "HYPERPARAMS": json.dumps({**hyperparams, **EVALUATE_HYPERPARAMS})}
 
     def check_module(self, sha256: str) -> str:
         """The digest of the module about to run (`sha256`: hex of its bytes), once it is the
@@ -266,6 +317,16 @@ class FlTask:
                 parsed = None
             if not isinstance(parsed, dict):
                 raise TaskFailed(f"HYPERPARAMS: {hyperparams[:80]!r} is not a JSON object")
+        else:
+            parsed = {}
+        kind, split = _task_kind(env)
+        # FL_TASK says what the task is; a HYPERPARAMS "task" saying otherwise would make the
+        # module print what the proplet does not expect.
+        if "task" in parsed and parsed["task"] != kind:
+            raise TaskFailed(
+                f"HYPERPARAMS: its 'task' {str(parsed['task'])[:40]!r} contradicts "
+                f"FL_TASK={kind}; leave it out (the proplet sets it)"
+            )
         try:
             module_digest = check_module_digest(
                 env.get("MODULE_DIGEST", "").strip(), "MODULE_DIGEST"
@@ -273,6 +334,8 @@ class FlTask:
         except InvalidArgument as exc:
             raise TaskFailed(str(exc)) from None
         return cls(
+            kind=kind,
+            split=split,
             round_deadline=_round_deadline(env.get("ROUND_DEADLINE", "")),
             module_digest=module_digest,
             round_id=round_id,
@@ -426,6 +489,40 @@ def parse_update(
     return Update(meta, tensors)
 
 
+def parse_evaluation(stdout: bytes, dataset_size: int) -> str:
+    """The results of an evaluation task: the module's {"num_samples", "metrics"} checked
+    (a positive sample count no larger than the data it was given, finite metrics) and
+    re-encoded with nothing else in it."""
+    try:
+        value = json.loads(stdout.decode("utf-8").strip())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise TaskFailed(f"invalid evaluation: stdout is not one JSON object ({exc})") from None
+    if not isinstance(value, dict):
+        raise TaskFailed(
+            f"invalid evaluation: stdout is JSON {type(value).__name__}, not an object"
+        )
+    num_samples = value.get("num_samples")
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples <= 0:
+        raise TaskFailed(
+            f"invalid evaluation: num_samples {num_samples!r} is not a positive integer"
+        )
+    if num_samples > dataset_size:
+        raise TaskFailed(
+            f"invalid evaluation: num_samples {num_samples} exceeds the {dataset_size} samples "
+            "in DATASET_DATA"
+        )
+    metrics = value.get("metrics")
+    if not isinstance(metrics, dict) or not all(
+        isinstance(k, str) and _is_number(v) and math.isfinite(v) for k, v in metrics.items()
+    ):
+        raise TaskFailed(
+            f"invalid evaluation: metrics {str(metrics)[:80]} is not an object of finite numbers"
+        )
+    return json.dumps(
+        {"num_samples": num_samples, "metrics": {k: float(v) for k, v in metrics.items()}}
+    )
+
+
 def signed(update: Update, key: ec.EllipticCurvePrivateKey) -> Update:
     """`update` with its signature: over its claims and the sha256 of its bytes (in the base
     model's order, the order `parse_update` put them in)."""
@@ -557,12 +654,11 @@ class FederatedClient:
         self, fl: FlTask, deadline: float | None = None
     ) -> datastore_pb2.Dataset:
         stub = datastore_pb2_grpc.DataStoreStub(self._channel(fl.datastore))
-        call_name = f"GetDataset {self.proplet_id}"
+        call_name = f"GetDataset {self.proplet_id}" + (f" split={fl.split}" if fl.split else "")
+        request = datastore_pb2.GetDatasetRequest(proplet_id=self.proplet_id, split=fl.split)
 
         async def attempt(timeout: float) -> datastore_pb2.Dataset:
-            ds: datastore_pb2.Dataset = await stub.GetDataset(
-                datastore_pb2.GetDatasetRequest(proplet_id=self.proplet_id), timeout=timeout
-            )
+            ds: datastore_pb2.Dataset = await stub.GetDataset(request, timeout=timeout)
             return ds
 
         try:

@@ -15,34 +15,21 @@ Each run gets a fresh `Store` with:
   (wasmtime does not report the refused growth itself). The engine refuses the GC and
   exception-handling proposals: their objects live in a heap of their own that the store
   would cap separately, a second budget of the same size;
-- epoch interruption: one daemon thread per engine bumps the epoch every `TICK_S` while any run
-  is active, and a per-store epoch-deadline callback checks that run's wall-clock deadline,
-  its stop request and its output cap at every tick. A per-store check (rather than bumping
-  the shared engine's epoch) interrupts one run without touching the others;
-- stdout captured in memory up to the output cap (writes beyond it fail inside the module and
-  the run is stopped at the next tick), stderr kept as a short tail for error reasons.
+- epoch interruption (the run's deadline, its stop request and its output cap checked at
+  every tick), stdout captured up to the output cap, a stderr tail, and WASI's blocking calls
+  bounded by the deadline: the host side, in `proplet.sandbox`.
 
-Epoch checks only happen while wasm code executes, so no host call may block past the run's
-deadline. The one WASI call that can block here is `poll_oneoff` (how `sleep` compiles in C,
-Zig, Rust and Go): stdin is empty, there are no preopened directories or sockets, and stdout
-and stderr are our own non-blocking callbacks. The runner replaces `poll_oneoff` (and
-`clock_time_get`, so that absolute monotonic times share its clock) with versions that sleep
-at most until the run's deadline and wake at once when the run is stopped; the run then ends
-at the next epoch check, and its thread with it. As a last resort, a run still inside a host
-call `HARD_DEADLINE_GRACE_S` after its deadline is abandoned and reported as timed out; while
-`MAX_ABANDONED_RUNS` such threads linger in a runtime, new runs fail at once.
+As a last resort, a run still inside a host call `HARD_DEADLINE_GRACE_S` after its deadline is
+abandoned and reported as timed out; while `MAX_ABANDONED_RUNS` such threads linger in a
+runtime, new runs fail at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import errno
-import itertools
 import logging
 import re
-import struct
 import threading
 import time
 from collections import OrderedDict
@@ -51,14 +38,25 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import wasmtime
-from wasmtime import _ffi as wasmtime_ffi  # the epoch-deadline callback has no public wrapper
 
 from proplet.errors import TaskFailed, TaskInterrupted
+from proplet.sandbox import EpochTicker, Run, RunControl, define_bounded_wasi
+
+# RunControl is part of the runner's interface (`WasmRuntime.run`), kept importable from here.
+__all__ = [
+    "HARD_DEADLINE_GRACE_S",
+    "MAX_ABANDONED_RUNS",
+    "STOP_GRACE_S",
+    "CompiledModule",
+    "Invocation",
+    "Limits",
+    "RunControl",
+    "RunOutput",
+    "WasmRuntime",
+]
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.01
-STDERR_TAIL_BYTES = 2048
 # How long a run may overstay its deadline (stuck in a host call) before it is abandoned.
 HARD_DEADLINE_GRACE_S = 2.0
 # How long a stopped run may take to leave wasm before the caller stops waiting for it.
@@ -144,281 +142,8 @@ class CompiledModule:
     pre: Any  # wasmtime.InstancePre
 
 
-class RunControl:
-    """Stops one run from any thread: `interrupt(reason)` makes it end as Interrupted."""
-
-    def __init__(self) -> None:
-        self._reason: str | None = None
-        self._stopped = threading.Event()
-
-    def interrupt(self, reason: str) -> None:
-        if self._reason is None:
-            self._reason = reason
-        self._stopped.set()
-
-    @property
-    def interrupted(self) -> str | None:
-        return self._reason
-
-    def wait(self, timeout_s: float) -> bool:
-        """Sleep up to `timeout_s`; True as soon as the run is interrupted."""
-        return self._stopped.wait(timeout_s)
-
-
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.3g} MiB"
-
-
-class _Run:
-    """Per-run state shared by the wasm thread's callbacks (epoch ticks, stdout, stderr)."""
-
-    def __init__(self, limits: Limits, control: RunControl) -> None:
-        self.limits = limits
-        self.control = control
-        self.deadline = time.monotonic() + limits.timeout_s
-        self.stdout = bytearray()
-        self.stderr_tail = bytearray()
-        self.output_exceeded = False
-        self.stopped_for: str | None = None  # "interrupt" | "deadline" | "output"
-
-    def write_stdout(self, data: bytes) -> int:
-        if len(self.stdout) + len(data) > self.limits.output_bytes:
-            self.output_exceeded = True
-            return -errno.EFBIG
-        self.stdout += data
-        return len(data)
-
-    def write_stderr(self, data: bytes) -> int:
-        self.stderr_tail += data
-        if len(self.stderr_tail) > STDERR_TAIL_BYTES:
-            del self.stderr_tail[:-STDERR_TAIL_BYTES]
-        return len(data)
-
-    def check(self) -> str | None:
-        """Called at every epoch tick while wasm runs: why the run must stop now, if it must."""
-        if self.control.interrupted is not None:
-            self.stopped_for = "interrupt"
-        elif self.output_exceeded:
-            self.stopped_for = "output"
-        elif time.monotonic() >= self.deadline:
-            self.stopped_for = "deadline"
-        return self.stopped_for
-
-    def stderr_text(self) -> str:
-        return self.stderr_tail.decode(errors="replace").strip()
-
-    def sleep_until(self, wake: float) -> bool:
-        """Sleep until `wake` (time.monotonic), but never past the deadline nor once the run
-        is stopped; True if `wake` was reached with the run still allowed to go on."""
-        end = min(wake, self.deadline)
-        while (left := end - time.monotonic()) > 0 and not self.control.wait(left):
-            pass
-        return self.check() is None and time.monotonic() >= wake
-
-
-# Runs currently inside wasm, by the id handed to the epoch callback as its `data` pointer.
-_RUNS: dict[int, _Run] = {}
-_RUN_IDS = itertools.count(1)
-
-_DeadlineCallback = ctypes.CFUNCTYPE(
-    ctypes.c_size_t,
-    ctypes.POINTER(wasmtime_ffi.wasmtime_context_t),
-    ctypes.c_void_p,
-    ctypes.POINTER(ctypes.c_uint64),
-    ctypes.POINTER(wasmtime_ffi.wasmtime_update_deadline_kind_t),
-)
-_NO_FINALIZER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)()
-_UPDATE_DEADLINE_CONTINUE = 0
-
-_WriteCallback = ctypes.CFUNCTYPE(
-    ctypes.c_ssize_t, ctypes.c_void_p, ctypes.POINTER(ctypes.c_ubyte), ctypes.c_size_t
-)
-_STDOUT, _STDERR = 0, 1
-
-
-def _on_write(data: int | None, buf: Any, size: int) -> int:
-    # `data` is run_id * 2 + stream. Never raises (it runs inside wasmtime).
-    try:
-        key = data or 0
-        run = _RUNS.get(key >> 1)
-        if run is None:
-            return -errno.EBADF
-        chunk = ctypes.string_at(buf, size)
-        return run.write_stdout(chunk) if key & 1 == _STDOUT else run.write_stderr(chunk)
-    except BaseException:
-        return -errno.EIO
-
-
-# Our own output callback with no finalizer, instead of WasiConfig.stdout_custom: that one
-# registers a Python finalizer which wasmtime may call from a tokio thread while the
-# interpreter is shutting down, aborting the process (observed with wasmtime 50.0.1).
-_WRITE_CALLBACK = _WriteCallback(_on_write)
-
-
-def _error_pointer(message: str) -> int:
-    err = wasmtime_ffi.wasmtime_error_new(message.encode())
-    value = ctypes.cast(err, ctypes.c_void_p).value
-    return int(value or 0)
-
-
-def _on_epoch_deadline(_ctx: Any, data: int | None, delta: Any, kind: Any) -> int:
-    # Runs in the wasm thread with the GIL held. It must not raise: ctypes would swallow the
-    # exception and wasmtime would read an unset delta.
-    try:
-        run = _RUNS.get(data or 0)
-        if run is None or run.check() is None:
-            delta[0] = 1
-            kind[0] = _UPDATE_DEADLINE_CONTINUE
-            return 0
-        return _error_pointer(f"proplet stopped the module ({run.stopped_for})")
-    except BaseException:
-        return _error_pointer("proplet stopped the module (epoch check failed)")
-
-
-_EPOCH_CALLBACK = _DeadlineCallback(_on_epoch_deadline)
-
-
-# ---------------------------------------------------------------------- bounded WASI calls
-#
-# The run whose wasm executes in this thread, for the WASI functions below (a host function
-# learns nothing else about its store). They never raise: wasmtime-py keeps a host
-# function's exception in one process-wide slot, which a concurrent run's trap could pick up.
-
-_CURRENT = threading.local()
-
-# WASI preview1 errno values, event types and layouts (wasi_snapshot_preview1.witx).
-_WASI_EBADF, _WASI_EFAULT, _WASI_EINTR, _WASI_EINVAL = 8, 21, 27, 28
-_CLOCK, _FD_READ, _FD_WRITE = 0, 1, 2
-_REALTIME, _MONOTONIC, _PROCESS_CPUTIME, _THREAD_CPUTIME = 0, 1, 2, 3
-_ABSTIME = 1
-_SUBSCRIPTION = struct.Struct("<QB7xIxxxxQQH6x")  # userdata, tag, clock id | fd, timeout, ...
-_EVENT = struct.Struct("<QHB5xQH6x")  # userdata, error, type, nbytes, flags
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-_STDIO = (0, 1, 2)  # the only descriptors a run has: no preopens, no sockets
-# More subscriptions in one call than any program polls; refused so a call stays cheap.
-_MAX_SUBSCRIPTIONS = 4096
-_I32 = wasmtime.ValType.i32()
-_I64 = wasmtime.ValType.i64()
-
-
-def _now_ns(clock: int) -> int:
-    return time.time_ns() if clock == _REALTIME else time.monotonic_ns()
-
-
-def _memory(caller: Any, ptr: int, size: int) -> Any:
-    """The caller's exported memory if [ptr, ptr + size) lies inside it, else None."""
-    memory = caller.get("memory")
-    if not isinstance(memory, wasmtime.Memory) or ptr + size > memory.data_len(caller):
-        return None
-    return memory
-
-
-def _clock_time_get(caller: Any, clock: int, _precision: int, out: int) -> int:
-    try:
-        if clock in (_PROCESS_CPUTIME, _THREAD_CPUTIME):
-            return _WASI_EBADF  # as wasmtime's own: no CPU-time clocks
-        if clock not in (_REALTIME, _MONOTONIC):
-            return _WASI_EINVAL
-        out &= 0xFFFFFFFF
-        memory = _memory(caller, out, _U64.size)
-        if memory is None:
-            return _WASI_EFAULT
-        memory.write(caller, _U64.pack(_now_ns(clock)), out)
-        return 0
-    except BaseException:
-        return _WASI_EFAULT
-
-
-def _poll_oneoff(caller: Any, subs: int, events: int, count: int, written: int) -> int:
-    """WASI poll_oneoff: fd subscriptions (only stdin, stdout and stderr exist, and none of
-    them ever waits) are ready at once; otherwise sleep until the first clock is due, but
-    never past the run's deadline nor once it is stopped: then answer EINTR and the run ends
-    at its next epoch check."""
-    try:
-        subs, events, written = subs & 0xFFFFFFFF, events & 0xFFFFFFFF, written & 0xFFFFFFFF
-        run: _Run | None = getattr(_CURRENT, "run", None)
-        if run is None or not 0 < count <= _MAX_SUBSCRIPTIONS:
-            return _WASI_EINVAL
-        memory = _memory(caller, subs, count * _SUBSCRIPTION.size)
-        if memory is None:
-            return _WASI_EFAULT
-        raw = memory.read(caller, subs, subs + count * _SUBSCRIPTION.size)
-        ready: list[tuple[int, int]] = []  # (userdata, event type)
-        clocks: list[tuple[int, float]] = []  # (userdata, time.monotonic() when due)
-        now = time.monotonic()
-        for userdata, tag, ident, timeout, _precision, flags in _SUBSCRIPTION.iter_unpack(raw):
-            if tag == _CLOCK:
-                if ident not in (_REALTIME, _MONOTONIC):
-                    return _WASI_EINVAL
-                due_ns = timeout - _now_ns(ident) if flags & _ABSTIME else timeout
-                clocks.append((userdata, now + max(0, due_ns) / 1e9))
-            elif tag in (_FD_READ, _FD_WRITE):
-                if ident not in _STDIO:
-                    return _WASI_EBADF
-                ready.append((userdata, tag))
-            else:
-                return _WASI_EINVAL
-        if not ready and not run.sleep_until(min(wake for _, wake in clocks)):
-            return _WASI_EINTR
-        now = time.monotonic()
-        out = [_EVENT.pack(userdata, 0, tag, 1, 0) for userdata, tag in ready]
-        out += [_EVENT.pack(userdata, 0, _CLOCK, 0, 0) for userdata, due in clocks if due <= now]
-        data = b"".join(out)
-        if _memory(caller, events, len(data)) is None or _memory(caller, written, 4) is None:
-            return _WASI_EFAULT
-        memory.write(caller, data, events)
-        memory.write(caller, _U32.pack(len(out)), written)
-        return 0
-    except BaseException:
-        return _WASI_EFAULT
-
-
-def _define_bounded_wasi(linker: Any) -> None:
-    """Put the bounded `poll_oneoff` and its `clock_time_get` in place of wasmtime's."""
-    linker.allow_shadowing = True
-    try:
-        for name, params, func in (
-            ("poll_oneoff", [_I32, _I32, _I32, _I32], _poll_oneoff),
-            ("clock_time_get", [_I32, _I64, _I32], _clock_time_get),
-        ):
-            kind = wasmtime.FuncType(params, [_I32])
-            linker.define_func("wasi_snapshot_preview1", name, kind, func, access_caller=True)
-    finally:
-        linker.allow_shadowing = False
-
-
-class _EpochTicker:
-    """Bumps an engine's epoch every TICK_S while at least one run is active."""
-
-    def __init__(self, engine: Any) -> None:
-        self._engine = engine
-        self._lock = threading.Lock()
-        self._active = 0
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def acquire(self) -> None:
-        with self._lock:
-            self._active += 1
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop, name="wasmtime-epoch", daemon=True
-                )
-                self._thread.start()
-            self._wake.set()
-
-    def release(self) -> None:
-        with self._lock:
-            self._active -= 1
-            if self._active == 0:
-                self._wake.clear()
-
-    def _loop(self) -> None:
-        while True:
-            self._wake.wait()
-            time.sleep(TICK_S)
-            self._engine.increment_epoch()
 
 
 def _cause(exc: BaseException) -> str:
@@ -479,8 +204,8 @@ class WasmRuntime:
         # caller can define more host functions before compiling modules that import them.
         self.linker: Any = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
-        _define_bounded_wasi(self.linker)
-        self._ticker = _EpochTicker(self.engine)
+        define_bounded_wasi(self.linker)
+        self._ticker = EpochTicker(self.engine)
         self._max_modules = max_modules
         self._modules: OrderedDict[str, CompiledModule] = OrderedDict()
         self._compiling: dict[str, threading.Lock] = {}
@@ -561,8 +286,7 @@ class WasmRuntime:
         """Run the module's `_start` in the calling thread. Raises TaskFailed with the reason
         (trap, exit status, deadline, memory or output limit) or TaskInterrupted."""
         limits = invocation.limits
-        run = _Run(limits, control or RunControl())
-        run_id = next(_RUN_IDS)
+        run = Run(limits.timeout_s, limits.output_bytes, control or RunControl())
         store: Any = wasmtime.Store(self.engine)
         store.set_limits(
             memory_size=limits.linear_memory_bytes,
@@ -571,44 +295,29 @@ class WasmRuntime:
             tables=limits.tables,
             memories=1,
         )
-        wasmtime_ffi.wasmtime_store_epoch_deadline_callback(
-            store.ptr(), _EPOCH_CALLBACK, ctypes.c_void_p(run_id), _NO_FINALIZER
-        )
-        store.set_epoch_deadline(1)
         wasi: Any = wasmtime.WasiConfig()
         wasi.argv = list(invocation.argv)
         wasi.env = list(invocation.env.items())
-        for stream, setter in (
-            (_STDOUT, wasmtime_ffi.wasi_config_set_stdout_custom),
-            (_STDERR, wasmtime_ffi.wasi_config_set_stderr_custom),
-        ):
-            key = ctypes.c_void_p(run_id * 2 + stream)
-            setter(wasi.ptr(), _WRITE_CALLBACK, key, _NO_FINALIZER)
+        run.attach(store, wasi)
         store.set_wasi(wasi)
 
         started = time.perf_counter()
         instance: Any = None
         failure: str | None = None
         exit_code = 0
-        _RUNS[run_id] = run
-        _CURRENT.run = run
-        self._ticker.acquire()
-        try:
-            instance = compiled.pre.instantiate(store)
-            start = instance.exports(store).get("_start")
-            if not isinstance(start, wasmtime.Func):
-                raise TaskFailed("module exports no _start function (not a WASI command)")
-            start(store)
-        except wasmtime.ExitTrap as exc:  # WASI proc_exit, raised even for status 0
-            exit_code = int(exc.code)
-        except wasmtime.Trap as exc:
-            failure = f"trap: {_cause(exc)}"
-        except wasmtime.WasmtimeError as exc:
-            failure = _cause(exc)
-        finally:
-            self._ticker.release()
-            _RUNS.pop(run_id, None)
-            _CURRENT.run = None
+        with run.executing(self._ticker):
+            try:
+                instance = compiled.pre.instantiate(store)
+                start = instance.exports(store).get("_start")
+                if not isinstance(start, wasmtime.Func):
+                    raise TaskFailed("module exports no _start function (not a WASI command)")
+                start(store)
+            except wasmtime.ExitTrap as exc:  # WASI proc_exit, raised even for status 0
+                exit_code = int(exc.code)
+            except wasmtime.Trap as exc:
+                failure = f"trap: {_cause(exc)}"
+            except wasmtime.WasmtimeError as exc:
+                failure = _cause(exc)
         duration = time.perf_counter() - started
 
         if run.stopped_for == "interrupt":

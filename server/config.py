@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from server.topics import Topics
 
@@ -42,6 +42,36 @@ def _env_number(
 
 def env_list(env: Mapping[str, str], key: str) -> list[str]:
     return [p.strip() for p in env.get(key, "").split(",") if p.strip()]
+
+
+T = TypeVar("T")
+
+# How a setting's value is read, by the type its field declares.
+_READERS: dict[str, Callable[[Mapping[str, str], str, Any], Any]] = {
+    "str": env_str,
+    "int": env_int,
+    "float": env_float,
+}
+
+
+def setting(var: str, default: T) -> T:
+    """A config field that environment variable `var` sets (`settings_from_env`): its
+    default, its variable and its comment stand together in the dataclass."""
+    return field(default=default, metadata={"env": var})
+
+
+def settings_from_env(config: type[Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Every `setting` field of the dataclass `config`, by name: its variable read as the
+    field's type (str, int or float; a malformed number is a ValueError naming the
+    variable), else its default. Fields with another form (nested configs, paths, flags)
+    are read by the config's own `from_env`."""
+    values: dict[str, Any] = {}
+    for f in fields(config):
+        var = f.metadata.get("env")
+        if var is not None:
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            values[f.name] = _READERS[kind](env, var, f.default)
+    return values
 
 
 @dataclass(frozen=True)

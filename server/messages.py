@@ -1,9 +1,10 @@
 """JSON payloads carried over MQTT between the manager, the coordinator and proplets.
 
-Each is a frozen dataclass with `to_json()` / `from_json()`; `from_json` raises ValueError on
-a malformed payload so a subscriber can log and drop it without dying. Ids and names follow
-the one rule (`server.ids`: a payload with a bad proplet or task id is malformed), maps and
-lists are bounded, and a task's results and error are cut to `MAX_TEXT_BYTES`.
+Each is a frozen dataclass and a `Payload` (`to_json()` / `from_json()`); `from_json` raises
+ValueError on a malformed payload so a subscriber can log and drop it without dying. Ids and
+names follow the one rule (`server.ids`: a payload with a bad proplet or task id is
+malformed), maps and lists are bounded, and a task's results and error are cut to
+`MAX_TEXT_BYTES`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import base64
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from collections.abc import Callable
+from dataclasses import Field, asdict, dataclass, field, fields
+from typing import Any, ClassVar, Self
 
 from server.errors import InvalidArgument
 from server.ids import (
@@ -78,16 +80,22 @@ def _text(d: dict[str, Any], key: str) -> str:
     return v
 
 
+def _check_bounds(check: Callable[[Any, str], None], value: object, key: str) -> None:
+    """`check` (the bound the gRPC side applies too) on `value`; what it refuses makes a
+    payload malformed: a ValueError."""
+    try:
+        check(value, key)
+    except InvalidArgument as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _str_map(d: dict[str, Any], key: str) -> dict[str, str]:
     v = d.get(key) or {}
     if not isinstance(v, dict) or not all(
         isinstance(k, str) and isinstance(x, str) for k, x in v.items()
     ):
         raise ValueError(f"{key}: expected an object of strings")
-    try:
-        check_text_map(v, key)
-    except InvalidArgument as exc:
-        raise ValueError(str(exc)) from None
+    _check_bounds(check_text_map, v, key)
     return dict(v)
 
 
@@ -95,10 +103,7 @@ def _str_list(d: dict[str, Any], key: str) -> list[str]:
     v = d.get(key) or []
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise ValueError(f"{key}: expected a list of strings")
-    try:
-        check_texts(v, key)
-    except InvalidArgument as exc:
-        raise ValueError(str(exc)) from None
+    _check_bounds(check_texts, v, key)
     return list(v)
 
 
@@ -117,8 +122,26 @@ def _num(d: dict[str, Any], key: str, default: float = 0.0) -> float:
     return float(v)
 
 
+class Payload:
+    """What every payload shares: out as JSON of its fields, in through `from_json` (JSON, then
+    the class's own `_from_dict`, which checks each field)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, payload: bytes | str) -> Self:
+        return cls._from_dict(_load(payload))
+
+    @classmethod
+    def _from_dict(cls, d: dict[str, Any]) -> Self:
+        raise NotImplementedError(f"{cls.__name__} is only ever sent")
+
+
 @dataclass(frozen=True)
-class PropletAnnounce:
+class PropletAnnounce(Payload):
     """`control/proplet/create/{id}` (at start-up) and `control/proplet/alive/{id}`
     (heartbeats); `proplet_id` must be the topic's id (the manager drops it otherwise)."""
 
@@ -127,12 +150,8 @@ class PropletAnnounce:
     metadata: dict[str, str] = field(default_factory=dict)
     timestamp: float = field(default_factory=time.time)
 
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
-
     @classmethod
-    def from_json(cls, payload: bytes | str) -> PropletAnnounce:
-        d = _load(payload)
+    def _from_dict(cls, d: dict[str, Any]) -> PropletAnnounce:
         return cls(
             proplet_id=_id(d, "proplet_id", required=True),
             name=_text(d, "name"),
@@ -158,7 +177,7 @@ class TaskSpec:
 
 
 @dataclass(frozen=True)
-class TaskStart(TaskSpec):
+class TaskStart(TaskSpec, Payload):
     """`control/manager/start/{proplet_id}` (`control/manager/start` when `proplet_id` is
     empty: any proplet): run this module.
 
@@ -179,8 +198,7 @@ class TaskStart(TaskSpec):
         return json.dumps(d).encode()
 
     @classmethod
-    def from_json(cls, payload: bytes | str) -> TaskStart:
-        d = _load(payload)
+    def _from_dict(cls, d: dict[str, Any]) -> TaskStart:
         try:
             file = base64.b64decode(_str(d, "file"), validate=True)
         except ValueError:
@@ -198,18 +216,14 @@ class TaskStart(TaskSpec):
 
 
 @dataclass(frozen=True)
-class TaskStop:
+class TaskStop(Payload):
     """`control/manager/stop/{proplet_id}` (`control/manager/stop`: any proplet)."""
 
     id: str
     proplet_id: str = ""
 
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
-
     @classmethod
-    def from_json(cls, payload: bytes | str) -> TaskStop:
-        d = _load(payload)
+    def _from_dict(cls, d: dict[str, Any]) -> TaskStop:
         return cls(id=_id(d, "id", required=True), proplet_id=_id(d, "proplet_id"))
 
 
@@ -222,7 +236,7 @@ RESULT_STATES = (RUNNING, COMPLETED, FAILED, INTERRUPTED)
 
 
 @dataclass(frozen=True)
-class TaskResult:
+class TaskResult(Payload):
     """`control/proplet/results/{proplet_id}`: a task changed state on a proplet; `attempt` is
     that of the `TaskStart` the proplet was running. The proplet sends it again until a
     `ResultAck` says the manager has it."""
@@ -241,12 +255,8 @@ class TaskResult:
         if isinstance(self.attempt, bool) or not isinstance(self.attempt, int) or self.attempt < 0:
             raise ValueError(f"attempt: {self.attempt!r} is not a non-negative integer")
 
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
-
     @classmethod
-    def from_json(cls, payload: bytes | str) -> TaskResult:
-        d = _load(payload)
+    def _from_dict(cls, d: dict[str, Any]) -> TaskResult:
         return cls(
             task_id=_id(d, "task_id", required=True),
             proplet_id=_id(d, "proplet_id"),
@@ -259,7 +269,7 @@ class TaskResult:
 
 
 @dataclass(frozen=True)
-class ResultAck:
+class ResultAck(Payload):
     """`control/manager/ack/{proplet_id}`: the manager has handled the result `state` of
     attempt `attempt` of task `task_id` (recorded it on disk, or knowingly ignored it: a stale
     attempt, an unknown task, a repeat), so the proplet stops sending it again."""
@@ -276,12 +286,8 @@ class ResultAck:
     def of(cls, result: TaskResult) -> ResultAck:
         return cls(result.task_id, result.attempt, result.state)
 
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
-
     @classmethod
-    def from_json(cls, payload: bytes | str) -> ResultAck:
-        d = _load(payload)
+    def _from_dict(cls, d: dict[str, Any]) -> ResultAck:
         return cls(
             task_id=_id(d, "task_id", required=True),
             attempt=_attempt(d),
@@ -290,7 +296,7 @@ class ResultAck:
 
 
 @dataclass(frozen=True)
-class RoundComplete:
+class RoundComplete(Payload):
     """`fl/rounds/next`: the round closed and produced a new model version."""
 
     round_id: str
@@ -301,6 +307,3 @@ class RoundComplete:
     status: str = "complete"
     next_round_available: bool = True
     timestamp: float = field(default_factory=time.time)
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()

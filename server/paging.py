@@ -43,11 +43,10 @@ R = TypeVar("R")
 
 
 class PagedRequest(Protocol):
-    @property
-    def page_size(self) -> int: ...
+    """Any List request message (its fields are plain attributes)."""
 
-    @property
-    def page_token(self) -> str: ...
+    page_size: int
+    page_token: str
 
 
 @dataclass(frozen=True)

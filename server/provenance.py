@@ -71,8 +71,9 @@ def _text(value: str) -> bytes:
 
 
 class Signed(Protocol):
-    """An update's header fields that its signature covers, whatever carries them (the
-    proplet's `UpdateMeta`, the coordinator's `Update`, a lineage's `UpdateHeader`)."""
+    """An update's header fields about its origin, whatever carries them (the proplet's
+    `UpdateMeta`, the coordinator's `Update`, a lineage's `UpdateHeader`): those its
+    signature covers, the base model it claims to be trained from, and the signature."""
 
     @property
     def proplet_id(self) -> str: ...
@@ -85,6 +86,12 @@ class Signed(Protocol):
 
     @property
     def metrics(self) -> Mapping[str, float]: ...
+
+    @property
+    def base_model_sha256(self) -> str: ...
+
+    @property
+    def signature(self) -> bytes: ...
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from server.ids import (
     check_id,
     check_ids,
     check_text,
+    shown,
     valid_id,
 )
 from server.models import parse_model_uri
@@ -37,34 +38,141 @@ DEFAULT_BATCH_SIZE = 1
 # A round's deadline, in seconds from its start, when its configuration says 0 (the
 # coordinator's `default_timeout_s`, PROPELLER_ROUND_DEFAULT_TIMEOUT_S).
 DEFAULT_TIMEOUT_S = 60.0
+# The keys Hyperparams holds as fields; the free part (`extra_json`) must not repeat them.
+CORE_HYPERPARAMS = ("epochs", "lr", "batch_size")
+# Keys of HYPERPARAMS the proplet itself sets: "task" from the task's FL_TASK (train or
+# evaluate, wasm-client/README.md), never from a round's configuration.
+RESERVED_HYPERPARAMS = ("task",)
+# The free part of the hyperparameters: a JSON object of at most this many bytes (UTF-8), its
+# values nested at most this deep. Enough for any strategy's or trainer's knobs; bounded because
+# it is stored with every round and passed in every task's environment.
+MAX_EXTRA_JSON_BYTES = 4096
+MAX_EXTRA_JSON_DEPTH = 8
 
 
 @dataclass(frozen=True)
 class Hyperparams:
-    """As requested: 0 means the default (epochs 1, lr 0.01, batch_size 1)."""
+    """As requested: 0 means the default (epochs 1, lr 0.01, batch_size 1). `extra_json` holds
+    the further keys of the HYPERPARAMS object the module receives (e.g. FedProx's "mu"), as a
+    JSON object text: "" = none; `validate` checks it and makes it canonical (sorted keys, no
+    spaces), so equal requests compare equal."""
 
     epochs: int = 0
     lr: float = 0.0
     batch_size: int = 0
+    extra_json: str = ""
 
     def filled(self) -> Hyperparams:
-        return Hyperparams(
+        return replace(
+            self,
             epochs=self.epochs or DEFAULT_EPOCHS,
             lr=self.lr or DEFAULT_LR,
             batch_size=self.batch_size or DEFAULT_BATCH_SIZE,
         )
 
+    def extra(self) -> dict[str, Any]:
+        """The further keys (checked by `validate`; {} when there are none)."""
+        if not self.extra_json:
+            return {}
+        parsed = json.loads(self.extra_json)
+        assert isinstance(parsed, dict)
+        return parsed
+
     def to_dict(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size}
+        """The merged object: epochs, lr and batch_size, then the further keys. Without
+        further keys exactly the seed's three."""
+        return {
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            **self.extra(),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Hyperparams:
-        return cls(epochs=int(d["epochs"]), lr=float(d["lr"]), batch_size=int(d["batch_size"]))
+        extra = {k: v for k, v in d.items() if k not in CORE_HYPERPARAMS}
+        return cls(
+            epochs=int(d["epochs"]),
+            lr=float(d["lr"]),
+            batch_size=int(d["batch_size"]),
+            extra_json=_canonical(extra) if extra else "",
+        )
 
     def to_json(self) -> str:
         """The HYPERPARAMS environment value the wasm module reads (also how the stores keep
         them)."""
         return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> Hyperparams:
+        """The inverse of `to_json` (a stored record, a task's HYPERPARAMS)."""
+        parsed = json.loads(text)
+        assert isinstance(parsed, dict)
+        return cls.from_dict(parsed)
+
+
+def _canonical(value: dict[str, Any]) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _reject_constant(name: str) -> Any:
+    # json.loads would otherwise turn NaN, Infinity and -Infinity into floats.
+    raise ValueError(f"{name} is not a finite number")
+
+
+def _check_extra_value(value: Any, field: str, depth: int) -> None:
+    if depth > MAX_EXTRA_JSON_DEPTH:
+        raise InvalidArgument(f"{field}: nested deeper than {MAX_EXTRA_JSON_DEPTH} levels")
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, int | float):
+        try:
+            finite = math.isfinite(float(value))
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise InvalidArgument(f"{field}: {shown(str(value))} is not a finite number")
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_extra_value(item, f"{field}[{i}]", depth + 1)
+        return
+    assert isinstance(value, dict)
+    for key, item in value.items():
+        _check_extra_value(item, f"{field}.{key}", depth + 1)
+
+
+def check_extra_json(text: str, field: str = "hyperparams.extra_json") -> str:
+    """The free hyperparameters `text` in canonical form ("" stays ""), or INVALID_ARGUMENT
+    naming `field` (and `field.<key>` for a bad value): a JSON object of at most
+    `MAX_EXTRA_JSON_BYTES` bytes, no key repeating epochs, lr or batch_size nor a reserved
+    one ("task"), every number
+    finite, nested at most `MAX_EXTRA_JSON_DEPTH` deep."""
+    if not text.strip():
+        return ""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_EXTRA_JSON_BYTES:
+        raise InvalidArgument(f"{field}: {size} bytes, at most {MAX_EXTRA_JSON_BYTES}")
+    try:
+        parsed = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"{field}: not valid JSON ({shown(str(exc))})") from None
+    if not isinstance(parsed, dict):
+        raise InvalidArgument(f"{field}: must be a JSON object, got {type(parsed).__name__}")
+    for key, value in parsed.items():
+        name = f"{field}.{key}"
+        if key in CORE_HYPERPARAMS:
+            raise InvalidArgument(
+                f"{name}: repeats the hyperparameter {key}; set hyperparams.{key} instead"
+            )
+        if key in RESERVED_HYPERPARAMS:
+            raise InvalidArgument(
+                f"{name}: reserved: the proplet sets it from the task (FL_TASK), not the round"
+            )
+        if not key.strip():
+            raise InvalidArgument(f"{field}: keys must not be empty")
+        _check_extra_value(value, name, 1)
+    return _canonical(parsed)
 
 
 @dataclass(frozen=True)
@@ -171,6 +279,7 @@ def validate(spec: RoundSpec, *, experiment: bool = False) -> RoundSpec:
     _non_negative("hyperparams.epochs", hp.epochs)
     _non_negative("hyperparams.lr", hp.lr)
     _non_negative("hyperparams.batch_size", hp.batch_size)
+    hp = replace(hp, extra_json=check_extra_json(hp.extra_json))
     if experiment and not spec.task_wasm_image:
         raise InvalidArgument("task_wasm_image: must not be empty")
     check_text(spec.task_wasm_image, "task_wasm_image")

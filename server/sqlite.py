@@ -19,7 +19,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 T = TypeVar("T")
 
@@ -125,3 +125,30 @@ class Database:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+class SqliteStore:
+    """The shape of every store over one `Database`: `Store(path)` does no I/O, `await
+    open()` opens the file (and runs the store's own `_opened`, e.g. loading or migrating;
+    if that fails the file is closed again), `await close()` lets every queued call finish,
+    then closes it (idempotent). A subclass names its `schema`."""
+
+    schema: ClassVar[Sequence[str]]
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = Database(path, self.schema)
+
+    async def open(self) -> None:
+        await self.db.open()
+        try:
+            await self._opened()
+        except BaseException:
+            await self.db.close()
+            raise
+
+    async def _opened(self) -> None:
+        """What the store does once the file is open (nothing, unless it says)."""
+
+    async def close(self) -> None:
+        await self.db.close()

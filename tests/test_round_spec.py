@@ -3,6 +3,7 @@ coordinator's rounds."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from typing import Any
@@ -166,3 +167,79 @@ def test_duplicate_participants_are_named() -> None:
 def test_dict_round_trip() -> None:
     assert RoundSpec.from_dict(EXPERIMENT.to_dict()) == EXPERIMENT
     assert Hyperparams.from_dict(EXPERIMENT.hyperparams.to_dict()) == EXPERIMENT.hyperparams
+
+
+# ----------------------------------------------------------------------- free hyperparameters
+
+
+def test_free_hyperparameters_are_checked_once_and_made_canonical() -> None:
+    spec = replace(
+        EXPERIMENT,
+        hyperparams=Hyperparams(epochs=2, extra_json=' {"shuffle": false, "mu": 0.01} '),
+    )
+    hp = validate(spec, experiment=True).hyperparams
+    assert hp.extra_json == '{"mu":0.01,"shuffle":false}'
+    # Equal requests written differently are the same round.
+    written_otherwise = Hyperparams(epochs=2, extra_json='{"shuffle":false,"mu":1e-2}')
+    other = replace(spec, hyperparams=written_otherwise)
+    assert validate(other, experiment=True) == validate(spec, experiment=True)
+    # The module receives one merged object.
+    assert json.loads(hp.to_json()) == {
+        "epochs": 2,
+        "lr": 0.01,
+        "batch_size": 1,
+        "mu": 0.01,
+        "shuffle": False,
+    }
+
+
+def test_without_free_hyperparameters_the_object_is_the_seeds() -> None:
+    hp = validate(EXPERIMENT, experiment=True).hyperparams
+    assert hp.extra_json == ""
+    assert hp.to_json() == '{"epochs": 1, "lr": 0.01, "batch_size": 16}'
+    assert validate(replace(EXPERIMENT, hyperparams=Hyperparams(extra_json="  "))).hyperparams == (
+        Hyperparams(1, 0.01, 1)
+    )
+
+
+def test_free_hyperparameters_round_trip_through_the_stored_dict() -> None:
+    spec = validate(
+        replace(
+            EXPERIMENT,
+            hyperparams=Hyperparams(1, 0.1, 4, '{"mode":"literal","nested":{"a":[1,2.5,null]}}'),
+        ),
+        experiment=True,
+    )
+    assert RoundSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert Hyperparams.from_json(spec.hyperparams.to_json()) == spec.hyperparams
+
+
+@pytest.mark.parametrize(
+    ("extra_json", "message"),
+    [
+        ("[1, 2]", r"^hyperparams\.extra_json: must be a JSON object, got list$"),
+        ('"mu"', r"^hyperparams\.extra_json: must be a JSON object"),
+        ("{", r"^hyperparams\.extra_json: not valid JSON"),
+        ('{"epochs": 3}', r"^hyperparams\.extra_json\.epochs: repeats the hyperparameter"),
+        ('{"lr": 0.1}', r"^hyperparams\.extra_json\.lr: repeats"),
+        ('{"batch_size": 2}', r"^hyperparams\.extra_json\.batch_size: repeats"),
+        ('{"mu": NaN}', r"^hyperparams\.extra_json: not valid JSON \(.*NaN"),
+        ('{"mu": Infinity}', r"^hyperparams\.extra_json: not valid JSON \(.*Infinity"),
+        ('{"mu": 1e400}', r"^hyperparams\.extra_json\.mu: 'inf' is not a finite number$"),
+        ('{"w": [1, -1e999]}', r"^hyperparams\.extra_json\.w\[1\]: '-inf' is not a finite"),
+        ('{"big": ' + "9" * 400 + "}", r"^hyperparams\.extra_json\.big: .* is not a finite"),
+        ('{"a": {"b": {"c": -Infinity}}}', r"^hyperparams\.extra_json: not valid JSON"),
+        ('{"": 1}', r"^hyperparams\.extra_json: keys must not be empty$"),
+        ('{"task": "evaluate"}', r"^hyperparams\.extra_json\.task: reserved"),
+        ('{"d": ' + "[" * 9 + "]" * 9 + "}", r"^hyperparams\.extra_json\.d.*: nested deeper"),
+        ('{"deep": ' + "[" * 3000 + "]" * 3000 + "}", r"^hyperparams\.extra_json"),
+        ('{"s": "' + "x" * 5000 + '"}', r"^hyperparams\.extra_json: 5009 bytes, at most 4096$"),
+    ],
+)
+@pytest.mark.parametrize("experiment", BOTH)
+def test_bad_free_hyperparameters_are_named(
+    extra_json: str, message: str, experiment: bool
+) -> None:
+    spec = replace(EXPERIMENT, hyperparams=Hyperparams(extra_json=extra_json))
+    with pytest.raises(InvalidArgument, match=message):
+        validate(spec, experiment=experiment)

@@ -9,30 +9,24 @@ from dataclasses import dataclass, field
 
 from server.aggregator.intake import DEFAULT_MAX_HELD_BYTES
 from server.aggregator.service import binding
-from server.config import TlsConfig, env_int, env_str
+from server.config import TlsConfig, setting, settings_from_env
 from server.grpc_server import ServiceBinding
 from server.lifecycle import ServiceApp, run_service
 
 
 @dataclass(frozen=True)
 class AggregatorConfig:
-    addr: str = "127.0.0.1:8085"
-    # Mutual TLS (None: plaintext); see TlsConfig.
-    tls: TlsConfig | None = field(kw_only=True)
+    addr: str = setting("PROPELLER_AGGREGATOR_LISTEN", "127.0.0.1:8085")
     # What an order-statistic strategy (median, trimmed mean, Krum, Bulyan) may hold of one
     # round's updates; an update beyond it is refused (docs/strategies.md).
-    max_held_bytes: int = field(default=DEFAULT_MAX_HELD_BYTES, kw_only=True)
+    max_held_bytes: int = setting("PROPELLER_AGGREGATOR_MAX_HELD_BYTES", DEFAULT_MAX_HELD_BYTES)
+    # Mutual TLS (None: plaintext); see TlsConfig.
+    tls: TlsConfig | None = field(kw_only=True)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AggregatorConfig:
         env = os.environ if env is None else env
-        return cls(
-            addr=env_str(env, "PROPELLER_AGGREGATOR_LISTEN", cls(tls=None).addr),
-            tls=TlsConfig.from_env(env),
-            max_held_bytes=env_int(
-                env, "PROPELLER_AGGREGATOR_MAX_HELD_BYTES", DEFAULT_MAX_HELD_BYTES
-            ),
-        )
+        return cls(**settings_from_env(cls, env), tls=TlsConfig.from_env(env))
 
 
 class AggregatorApp(ServiceApp):

@@ -18,11 +18,12 @@ import argparse
 import asyncio
 import datetime
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 from server.cli.one_process import CommandFailed, one_line_failure
+from server.cli.runner import add_command
 from server.mqtt_acl import mosquitto_acl
 from server.pki import Bundle, CertificateAuthority, Identity, Kind, PkiError
 
@@ -40,13 +41,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     actions = certs.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    init = actions.add_parser(
-        "init",
-        help="create the CA in DIR (kept if there) and issue the bundles named",
-        description=(
-            "Create the CA in DIR unless one is there, then issue each bundle named below that "
-            "does not exist yet (so running it again changes nothing)."
-        ),
+    def action(
+        name: str, run: Callable[[argparse.Namespace], Awaitable[int]], summary: str
+    ) -> argparse.ArgumentParser:
+        return add_command(actions, name, run, summary, command=f"certs {name}")
+
+    init = action(
+        "init", cmd_init, "create the CA in DIR (kept if there) and issue the bundles named"
     )
     init.add_argument("dir", type=Path, metavar="DIR")
     init.add_argument(
@@ -58,13 +59,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     init.add_argument("--operator", action="append", default=[], metavar="NAME")
     init.add_argument("--proplet", action="append", default=[], metavar="ID")
-    init.set_defaults(func=cmd_init, command="certs init")
 
-    issue = actions.add_parser(
-        "issue",
-        help="issue one new bundle (touches nothing else)",
-        description="Issue a new key and certificate for one identity, written as a bundle.",
-    )
+    issue = action("issue", cmd_issue, "issue one new bundle (touches nothing else)")
     issue.add_argument("dir", type=Path, metavar="DIR", help="the CA directory")
     issue.add_argument("kind", choices=[k.value for k in Kind])
     issue.add_argument("name", metavar="NAME", help="the proplet id, service or operator name")
@@ -80,38 +76,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     issue.add_argument(
         "--replace", action="store_true", help="overwrite a bundle already in its directory"
     )
-    issue.set_defaults(func=cmd_issue, command="certs issue")
 
-    revoke = actions.add_parser(
-        "revoke",
-        help="revoke an identity's certificates, or certificates by serial",
-        description=(
-            "Add certificates to the CA's revocation list (crl.pem): every service refuses "
-            "them from its next call on, without a restart."
-        ),
+    revoke = action(
+        "revoke", cmd_revoke, "revoke an identity's certificates, or certificates by serial"
     )
     revoke.add_argument("dir", type=Path, metavar="DIR", help="the CA directory")
     revoke.add_argument("kind", nargs="?", choices=[k.value for k in Kind])
     revoke.add_argument("name", nargs="?", metavar="NAME")
     revoke.add_argument("--serial", action="append", default=[], metavar="HEX")
-    revoke.set_defaults(func=cmd_revoke, command="certs revoke")
 
-    acl = actions.add_parser(
+    acl = action(
         "mqtt-acl",
-        help="the broker's ACL as a mosquitto acl_file (docs/security.md, MQTT)",
-        description=(
-            "Print (or write to --out) the MQTT ACL as a mosquitto acl_file: who may publish "
-            "and read which topics, the same rules as the embedded broker's. Identities are "
-            "certificate CNs; one file for every proplet, so adding one changes nothing here."
-        ),
+        cmd_mqtt_acl,
+        "the broker's ACL as a mosquitto acl_file (docs/security.md, MQTT)",
     )
     acl.add_argument("--out", type=Path, default=None, metavar="FILE")
-    acl.set_defaults(func=cmd_mqtt_acl, command="certs mqtt-acl")
 
-    listing = actions.add_parser("list", help="the certificates issued, and which are revoked")
+    listing = action("list", cmd_list, "the certificates issued, and which are revoked")
     listing.add_argument("dir", type=Path, metavar="DIR", help="the CA directory")
     listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=cmd_list, command="certs list")
 
 
 def _identity(kind: str, name: str) -> Identity:
@@ -143,6 +126,9 @@ async def _run(fn: Callable[..., T], *args: object) -> T:
 
 @one_line_failure("certs init")
 async def cmd_init(args: argparse.Namespace) -> int:
+    """Create the CA in DIR unless one is there, then issue each bundle named below that does not
+    exist yet (so running it again changes nothing).
+    """
     wanted: list[tuple[Identity, list[str]]] = [_service(s) for s in args.service]
     wanted += [(_identity("operator", n), []) for n in args.operator]
     wanted += [(_identity("proplet", n), []) for n in args.proplet]
@@ -172,6 +158,7 @@ async def cmd_init(args: argparse.Namespace) -> int:
 
 @one_line_failure("certs issue")
 async def cmd_issue(args: argparse.Namespace) -> int:
+    """Issue a new key and certificate for one identity, written as a bundle."""
     identity = _identity(args.kind, args.name)
     ca = _existing(args.dir)
 
@@ -187,6 +174,9 @@ async def cmd_issue(args: argparse.Namespace) -> int:
 
 @one_line_failure("certs revoke")
 async def cmd_revoke(args: argparse.Namespace) -> int:
+    """Add certificates to the CA's revocation list (crl.pem): every service refuses them from its
+    next call on, without a restart.
+    """
     ca = _existing(args.dir)
     if args.serial:
         if args.kind or args.name:
@@ -207,6 +197,10 @@ async def cmd_revoke(args: argparse.Namespace) -> int:
 
 @one_line_failure("certs mqtt-acl")
 async def cmd_mqtt_acl(args: argparse.Namespace) -> int:
+    """Print (or write to --out) the MQTT ACL as a mosquitto acl_file: who may publish and read
+    which topics, the same rules as the embedded broker's. Identities are certificate CNs; one
+    file for every proplet, so adding one changes nothing here.
+    """
     text = mosquitto_acl()
     if args.out is None:
         print(text, end="")

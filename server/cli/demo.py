@@ -33,19 +33,19 @@ from server.cli.client import Client
 from server.cli.files import FileProblem, read_dataset_file
 from server.cli.one_process import (
     DEFAULT_FEATURES,
-    DEFAULT_PROPLETS,
     DEFAULT_SAMPLES,
     CommandFailed,
     _non_negative_int,
     _positive_float,
     _positive_int,
-    add_trainer_flag,
+    add_stack_flags,
     locate_trainer,
     one_line_failure,
 )
 from server.cli.progress import RoundProgress, StatusLine, is_live
 from server.cli.render import dataset_arrays, describe_error
 from server.cli.report import Record, RoundRow, Table, evaluate, write_plot
+from server.cli.runner import add_command
 from server.datastore.datasets import SCHEMA
 from server.errors import PropellerError
 from server.models import model_uri
@@ -65,22 +65,11 @@ TASK_RESULTS_TIMEOUT_S = 5.0
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = hyperparams.DEMO
-    demo = sub.add_parser(
-        "demo",
-        help="run a short federated training in one process and show it converge",
-        description=(
-            "Start an embedded MQTT broker, the five services and N proplets in this process, "
-            "run R federated rounds of the Zig/WASM trainer from a zero model, and print one row "
-            "per round with the new global model's log-loss and accuracy on all proplets' data. "
-            "Writes a convergence plot (PNG) and a JSON record of the run. No broker, registry "
-            "or database needs to be installed; services listen on free ports."
-        ),
+    demo = add_command(
+        sub, "demo", cmd_demo, "run a short federated training in one process and show it converge"
     )
     demo.add_argument(
         "--rounds", type=_positive_int, default=DEFAULT_ROUNDS, metavar="R", help="rounds (5)"
-    )
-    demo.add_argument(
-        "--proplets", type=_positive_int, default=DEFAULT_PROPLETS, metavar="N", help="proplets (3)"
     )
     demo.add_argument(
         "--k-of-n",
@@ -144,13 +133,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             metavar="FILE",
             help=f"{what} to write ({default})",
         )
-    demo.add_argument(
-        "--insecure",
-        action="store_true",
-        help="plaintext gRPC (default: mutual TLS from a throwaway CA)",
-    )
-    add_trainer_flag(demo)
-    demo.set_defaults(func=cmd_demo)
+    add_stack_flags(demo, insecure_help="plaintext gRPC (default: mutual TLS from a throwaway CA)")
 
 
 # ---------------------------------------------------------------------------- data
@@ -200,6 +183,12 @@ async def _all_data(c: Client, ids: Sequence[str]) -> tuple[Array, Array, dict[s
 
 @one_line_failure("demo")
 async def cmd_demo(args: argparse.Namespace) -> int:
+    """Start an embedded MQTT broker, the five services and N proplets in this process, run R
+    federated rounds of the Zig/WASM trainer from a zero model, and print one row per round with
+    the new global model's log-loss and accuracy on all proplets' data. Writes a convergence
+    plot (PNG) and a JSON record of the run. No broker, registry or database needs to be
+    installed; services listen on free ports.
+    """
     t_start = time.perf_counter()
     n = args.proplets
     k_of_n = args.k_of_n or n

@@ -85,7 +85,13 @@ async def locate_trainer(explicit: Path | None) -> Path:
     return await asyncio.to_thread(_trainer, explicit)
 
 
-def add_trainer_flag(parser: argparse.ArgumentParser) -> None:
+def add_stack_flags(parser: argparse.ArgumentParser, *, insecure_help: str) -> None:
+    """What `demo` and `up` both take about the stack they start: how many proplets, whether
+    its gRPC is plaintext, and the trainer module."""
+    parser.add_argument(
+        "--proplets", type=_positive_int, default=DEFAULT_PROPLETS, metavar="N", help="proplets (3)"
+    )
+    parser.add_argument("--insecure", action="store_true", help=insecure_help)
     parser.add_argument(
         "--wasm",
         type=Path,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -134,6 +135,21 @@ def _common_parser(tls: bool) -> argparse.ArgumentParser:
         "--json", action="store_true", help="machine-readable JSON on stdout instead of tables"
     )
     return p
+
+
+def add_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    run: Callable[[argparse.Namespace], Awaitable[int]],
+    summary: str,
+    **defaults: Any,
+) -> argparse.ArgumentParser:
+    """A command that is not a row of the client table (`demo`, `up`, `serve`, `certs init`,
+    ...): `summary` is its line in the list of commands, `run`'s docstring its description,
+    and `run` what `server.cli.main` calls (`func`); `defaults` go on its namespace too."""
+    parser = sub.add_parser(name, help=summary, description=inspect.getdoc(run))
+    parser.set_defaults(func=run, **defaults)
+    return parser
 
 
 def register(

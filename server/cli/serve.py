@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from server.cli.client import add_tls_flags, tls_of
+from server.cli.runner import add_command
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,11 @@ SERVICES: dict[str, Service] = {
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    serve = sub.add_parser(
+    serve = add_command(
+        sub,
         "serve",
-        help="run one service, configured from the environment (as compose does)",
-        description=(
-            "Run one service in this process until SIGINT or SIGTERM, then stop gracefully. "
-            "Configuration comes only from environment variables; see docs/configuration.md. "
-            "Logs go to stderr."
-        ),
+        serve_command,
+        "run one service, configured from the environment (as compose does)",
     )
     serve.add_argument("service", choices=sorted(SERVICES), help="the service to run")
     serve.add_argument(
@@ -85,16 +83,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="LEVEL",
         help=f"DEBUG, INFO, WARNING or ERROR (default: ${LOG_LEVEL_ENV}, else INFO; -v/-vv win)",
     )
-    serve.set_defaults(func=serve_command)
 
-    health = sub.add_parser(
+    health = add_command(
+        sub,
         "health",
-        help="check a gRPC service's health (exit 0 if SERVING): the containers' healthcheck",
-        description=(
-            "Ask grpc.health.v1.Health/Check at ADDR and exit 0 only if the answer is SERVING. "
-            "With --proplet ID, ask the manager at ADDR instead whether that proplet is "
-            "registered and alive."
-        ),
+        health_command,
+        "check a gRPC service's health (exit 0 if SERVING): the containers' healthcheck",
     )
     health.add_argument("addr", metavar="ADDR", help="host:port of the gRPC server")
     health.add_argument(
@@ -112,7 +106,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)"
     )
     add_tls_flags(health)
-    health.set_defaults(func=health_command)
 
 
 def _log_level(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -124,6 +117,9 @@ def _log_level(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 async def serve_command(args: argparse.Namespace) -> int:
+    """Run one service in this process until SIGINT or SIGTERM, then stop gracefully. Configuration
+    comes only from environment variables; see docs/configuration.md. Logs go to stderr.
+    """
     env = os.environ
     if getattr(args, "verbose", 0) == 0:
         logging.getLogger().setLevel(_log_level(args, env))
@@ -169,6 +165,9 @@ def _signame(sig: int) -> str:
 
 
 async def health_command(args: argparse.Namespace) -> int:
+    """Ask grpc.health.v1.Health/Check at ADDR and exit 0 only if the answer is SERVING. With
+    --proplet ID, ask the manager at ADDR instead whether that proplet is registered and alive.
+    """
     # Imported here: gRPC is only needed by this command, and `serve` imports it via the apps.
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -17,15 +17,15 @@ from typing import Any
 
 from server.cli.one_process import (
     DEFAULT_FEATURES,
-    DEFAULT_PROPLETS,
     DEFAULT_SAMPLES,
     CommandFailed,
     _port,
     _positive_int,
-    add_trainer_flag,
+    add_stack_flags,
     locate_trainer,
     one_line_failure,
 )
+from server.cli.runner import add_command
 from server.config import ENDPOINTS, bind_problem
 from server.stack import Stack, StackConfig
 
@@ -36,14 +36,8 @@ TASK_TIMEOUT_S = 300.0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    up = sub.add_parser(
-        "up",
-        help="run all services, an embedded MQTT broker and N proplets until Ctrl-C",
-        description=(
-            "Start an embedded MQTT broker, the five services and N proplets (with seeded "
-            "synthetic datasets) in this process on the usual ports, print each address, each "
-            "proplet id and the trainer image, then 'ready'; stop cleanly on Ctrl-C or SIGTERM."
-        ),
+    up = add_command(
+        sub, "up", cmd_up, "run all services, an embedded MQTT broker and N proplets until Ctrl-C"
     )
     up.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     for name, port in UP_PORTS.items():
@@ -54,9 +48,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             metavar="PORT",
             help=f"({port}; 0 = any free port)",
         )
-    up.add_argument(
-        "--proplets", type=_positive_int, default=DEFAULT_PROPLETS, metavar="N", help="proplets (3)"
-    )
     up.add_argument(
         "--samples", type=_positive_int, default=DEFAULT_SAMPLES, help="samples per proplet (64)"
     )
@@ -87,13 +78,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "STATE_DIR/certs with --state-dir, else a temporary directory removed on exit)"
         ),
     )
-    up.add_argument(
-        "--insecure",
-        action="store_true",
-        help="plaintext gRPC: no TLS, no authentication, no authorization",
-    )
-    add_trainer_flag(up)
-    up.set_defaults(func=cmd_up)
+    add_stack_flags(up, insecure_help="plaintext gRPC: no TLS, no authentication, no authorization")
 
 
 def check_ports_free(host: str, ports: dict[str, int]) -> None:
@@ -107,6 +92,10 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
 
 @one_line_failure("up")
 async def cmd_up(args: argparse.Namespace) -> int:
+    """Start an embedded MQTT broker, the five services and N proplets (with seeded synthetic
+    datasets) in this process on the usual ports, print each address, each proplet id and the
+    trainer image, then 'ready'; stop cleanly on Ctrl-C or SIGTERM.
+    """
     ports: dict[str, int] = {name: getattr(args, f"{name}_port") for name in UP_PORTS}
     check_ports_free(args.host, ports)
     service_ports: dict[str, Any] = {f"{name}_port": ports[name] for name in ENDPOINTS}

@@ -11,13 +11,8 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.config import MqttConfig, TlsConfig, env_float, env_int, env_str
-from server.coordinator.bounds import (
-    DEFAULT_MAX_ABS_VALUE,
-    DEFAULT_MAX_DISTANCE,
-    NumSamplesCap,
-    UpdateBounds,
-)
+from server.config import MqttConfig, TlsConfig, setting, settings_from_env
+from server.coordinator import bounds as B
 from server.coordinator.clients import DataStoreSizes, GrpcModelBackend
 from server.coordinator.coordinator import Coordinator, RetryPolicy
 from server.coordinator.service import binding
@@ -33,24 +28,24 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
-    addr: str = "127.0.0.1:8086"
-    aggregator_addr: str = "127.0.0.1:8085"
-    registry_addr: str = "127.0.0.1:8084"
+    addr: str = setting("PROPELLER_COORDINATOR_LISTEN", "127.0.0.1:8086")
+    aggregator_addr: str = setting("AGGREGATOR_ADDR", "127.0.0.1:8085")
+    registry_addr: str = setting("MODEL_REGISTRY_ADDR", "127.0.0.1:8084")
     # The data store, asked for a participant's dataset size when num_samples_cap is
     # "dataset".
-    datastore_addr: str = "127.0.0.1:8083"
+    datastore_addr: str = setting("DATA_STORE_ADDR", "127.0.0.1:8083")
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     # Timeout of each call to the aggregator or the registry.
-    rpc_timeout_s: float = 30.0
+    rpc_timeout_s: float = setting("PROPELLER_COORDINATOR_RPC_TIMEOUT_S", 30.0)
     # A round's timeout when its configuration says 0.
-    default_timeout_s: float = DEFAULT_TIMEOUT_S
+    default_timeout_s: float = setting("PROPELLER_ROUND_DEFAULT_TIMEOUT_S", DEFAULT_TIMEOUT_S)
     # How often the deadline task looks for rounds whose deadline passed.
-    tick_s: float = 0.2
+    tick_s: float = setting("PROPELLER_COORDINATOR_TICK_S", 0.2)
     # Aggregation + registry write: attempts, the first backoff (doubling) between them, and
     # the cap on one backoff (also the longest the channels wait before reconnecting).
-    retry_attempts: int = 5
-    retry_backoff_s: float = 0.2
-    retry_max_backoff_s: float = 5.0
+    retry_attempts: int = setting("PROPELLER_COORDINATOR_RETRY_ATTEMPTS", 5)
+    retry_backoff_s: float = setting("PROPELLER_COORDINATOR_RETRY_BACKOFF_S", 0.2)
+    retry_max_backoff_s: float = setting("PROPELLER_COORDINATOR_RETRY_MAX_BACKOFF_S", 5.0)
     # Where the rounds and accepted updates survive a restart (`coordinator.sqlite` in it);
     # None keeps them in memory (tests, the demo).
     state_dir: Path | None = None
@@ -58,10 +53,10 @@ class CoordinatorConfig:
     # ("dataset": its dataset's size in the data store; "none"; or a number), the largest
     # |value| in an update, the largest L2 distance of an update from its base model (0: no
     # bound) and what to do beyond it ("reject" or "clip").
-    num_samples_cap: str = "dataset"
-    max_update_value: float = DEFAULT_MAX_ABS_VALUE
-    max_update_distance: float = DEFAULT_MAX_DISTANCE
-    update_distance_action: str = "reject"
+    num_samples_cap: str = setting("PROPELLER_NUM_SAMPLES_CAP", "dataset")
+    max_update_value: float = setting("PROPELLER_MAX_UPDATE_VALUE", B.DEFAULT_MAX_ABS_VALUE)
+    max_update_distance: float = setting("PROPELLER_MAX_UPDATE_DISTANCE", B.DEFAULT_MAX_DISTANCE)
+    update_distance_action: str = setting("PROPELLER_UPDATE_DISTANCE_ACTION", "reject")
     # Mutual TLS, server and the registry / aggregator channels (None: plaintext).
     tls: TlsConfig | None = field(kw_only=True)
 
@@ -77,44 +72,20 @@ class CoordinatorConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> CoordinatorConfig:
         env = os.environ if env is None else env
-        d = cls(tls=None)
         return cls(
-            addr=env_str(env, "PROPELLER_COORDINATOR_LISTEN", d.addr),
-            aggregator_addr=env_str(env, "AGGREGATOR_ADDR", d.aggregator_addr),
-            registry_addr=env_str(env, "MODEL_REGISTRY_ADDR", d.registry_addr),
-            datastore_addr=env_str(env, "DATA_STORE_ADDR", d.datastore_addr),
+            **settings_from_env(cls, env),
             mqtt=MqttConfig.from_env(env),
-            rpc_timeout_s=env_float(env, "PROPELLER_COORDINATOR_RPC_TIMEOUT_S", d.rpc_timeout_s),
-            default_timeout_s=env_float(
-                env, "PROPELLER_ROUND_DEFAULT_TIMEOUT_S", d.default_timeout_s
-            ),
-            tick_s=env_float(env, "PROPELLER_COORDINATOR_TICK_S", d.tick_s),
-            retry_attempts=env_int(env, "PROPELLER_COORDINATOR_RETRY_ATTEMPTS", d.retry_attempts),
-            retry_backoff_s=env_float(
-                env, "PROPELLER_COORDINATOR_RETRY_BACKOFF_S", d.retry_backoff_s
-            ),
-            retry_max_backoff_s=env_float(
-                env, "PROPELLER_COORDINATOR_RETRY_MAX_BACKOFF_S", d.retry_max_backoff_s
-            ),
             state_dir=state_dir_from_env(env),
-            num_samples_cap=env_str(env, "PROPELLER_NUM_SAMPLES_CAP", d.num_samples_cap),
-            max_update_value=env_float(env, "PROPELLER_MAX_UPDATE_VALUE", d.max_update_value),
-            max_update_distance=env_float(
-                env, "PROPELLER_MAX_UPDATE_DISTANCE", d.max_update_distance
-            ),
-            update_distance_action=env_str(
-                env, "PROPELLER_UPDATE_DISTANCE_ACTION", d.update_distance_action
-            ),
             tls=TlsConfig.from_env(env),
         )
 
     @property
-    def samples_cap(self) -> NumSamplesCap:
-        return NumSamplesCap.parse(self.num_samples_cap)
+    def samples_cap(self) -> B.NumSamplesCap:
+        return B.NumSamplesCap.parse(self.num_samples_cap)
 
     @property
-    def bounds(self) -> UpdateBounds:
-        return UpdateBounds(
+    def bounds(self) -> B.UpdateBounds:
+        return B.UpdateBounds(
             max_abs_value=self.max_update_value,
             max_distance=self.max_update_distance,
             clip=self.update_distance_action == "clip",

@@ -12,124 +12,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Protocol, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from server.coordinator import bounds as B
 from server.coordinator import rounds as R
+from server.coordinator.backend import BaseModel, Lineage, ModelBackend, RetryPolicy, with_retry
+from server.coordinator.checks import ClippedUpdates, OpenRoundMembers, UpdateChecks
+from server.coordinator.events import Event, EventType, Watchers
 from server.coordinator.rounds import Round, Update
-from server.coordinator.store import (
-    Notice,
-    RoundStore,
-    RoundUpdates,
-    each_update,
-    update_headers,
-)
-from server.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PropellerError,
-)
+from server.coordinator.store import Notice, RoundStore, RoundUpdates, update_headers
+from server.errors import AlreadyExists, PropellerError
 from server.faults import crash_point
 from server.messages import RoundComplete
-from server.provenance import Claim, check_signature
 from server.round_spec import DEFAULT_TIMEOUT_S, RoundSpec, validate, with_defaults
-from server.tensors import INLINE_BYTES, Spec, Tensors, nbytes_of, offload_if_big, sha256_of
+from server.tensors import nbytes_of, offload_if_big, sha256_of
 from server.topics import Topics
+
+# The coordinator's values, importable from here as before they had modules of their own.
+__all__ = [
+    "BaseModel",
+    "Coordinator",
+    "Event",
+    "EventType",
+    "Lineage",
+    "ModelBackend",
+    "RetryPolicy",
+    "Submitted",
+]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 Publish = Callable[[str, bytes], Awaitable[None]]
 Clock = Callable[[], float]
-
-# Downstream errors that another attempt cannot fix.
-_PERMANENT: tuple[type[PropellerError], ...] = (
-    InvalidArgument,
-    NotFound,
-    AlreadyExists,
-    FailedPrecondition,
-)
-
-
-@dataclass(frozen=True)
-class BaseModel:
-    """A stored version a round trains from: its uri, tensor specs and sha256."""
-
-    uri: str
-    specs: list[Spec]
-    sha256: str
-
-
-@dataclass(frozen=True)
-class Lineage:
-    """How a version was made, as the registry keeps it beside the version: the round, its
-    base model and module, and its updates (with their provenance) in aggregation order."""
-
-    version: int
-    model_sha256: str
-    round: Round
-    updates: RoundUpdates
-
-
-class ModelBackend(Protocol):
-    """What the coordinator needs from the registry and the aggregator."""
-
-    async def resolve(self, model_ref: str) -> BaseModel:
-        """The stored model `model_ref` names ("" = the latest); NotFound if there is
-        none."""
-        ...
-
-    async def base_tensors(self, model_uri: str) -> Tensors:
-        """A stored version's tensors (the distance bound measures updates against them)."""
-        ...
-
-    async def aggregate(self, round_id: str, updates: RoundUpdates) -> tuple[Tensors, str]:
-        """Combine the updates into one model; returns it with the sha256 of its bytes (in
-        the returned order), which the backend has verified."""
-        ...
-
-    async def put(self, tensors: Tensors, sha256: str) -> tuple[int, str]:
-        """Store a model as the registry's next version; returns (version, uri)."""
-        ...
-
-    async def find(self, sha256: str, after_version: int) -> tuple[int, str] | None:
-        """A stored version newer than `after_version` with exactly these bytes, if any (so a
-        retried write whose first attempt did land is not stored twice)."""
-        ...
-
-    async def put_lineage(self, lineage: Lineage) -> None:
-        """Store the version's lineage with its updates' bytes (idempotent: the same lineage
-        again is fine)."""
-        ...
-
-
-class EventType(enum.Enum):
-    """What a watcher is told (`Coordinator.watch`): the round as it is, then each change.
-    Only the servicer's proto mapping gives these a form outside the process."""
-
-    SNAPSHOT = enum.auto()
-    STARTED = enum.auto()
-    UPDATE_ACCEPTED = enum.auto()
-    AGGREGATING = enum.auto()
-    COMPLETED = enum.auto()
-    FAILED = enum.auto()
-
-
-@dataclass(frozen=True)
-class Event:
-    type: EventType
-    round: Round
-    timestamp: float
-    proplet_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -138,47 +56,6 @@ class Submitted:
 
     round: Round
     duplicate: bool
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Aggregation and the registry write are each tried up to `attempts` times; the wait
-    before attempt n+1 is `initial_backoff_s * factor**(n-1)`, capped at `max_backoff_s`. So
-    the time spent waiting is bounded by `total_backoff_s()` (plus each attempt's RPC
-    timeout); after the last attempt the round fails with the last error as its reason."""
-
-    attempts: int = 5
-    initial_backoff_s: float = 0.2
-    factor: float = 2.0
-    max_backoff_s: float = 5.0
-
-    def backoff_s(self, attempt: int) -> float:
-        """The wait after failed attempt `attempt` (1-based)."""
-        return min(self.initial_backoff_s * self.factor ** (attempt - 1), self.max_backoff_s)
-
-    def total_backoff_s(self) -> float:
-        return sum(self.backoff_s(n) for n in range(1, max(1, self.attempts)))
-
-
-class _Members:
-    """A round's participants and reported proplets as sets, kept in step with its record:
-    `reported` only ever grows by appending, so usually one proplet is added."""
-
-    def __init__(self, participants: tuple[str, ...]) -> None:
-        self.participants = participants
-        self.participant_set = frozenset(participants)
-        self.reported: tuple[str, ...] = ()
-        self.reported_set: set[str] = set()
-
-    def sync(self, reported: tuple[str, ...]) -> None:
-        if reported is self.reported:
-            return
-        n = len(self.reported)
-        if len(reported) == n + 1 and reported[:n] == self.reported:
-            self.reported_set.add(reported[n])
-        else:
-            self.reported_set = set(reported)
-        self.reported = reported
 
 
 class Coordinator:
@@ -205,17 +82,18 @@ class Coordinator:
         self.default_timeout_s = default_timeout_s
         self.retry = retry or RetryPolicy()
         self.clock = clock
-        self.bounds = bounds or B.UpdateBounds()
         # Unless told: the dataset's size when there is a data store to ask, else no cap
         # (the app always says: `CoordinatorConfig.num_samples_cap`).
-        self.samples_cap = samples_cap or B.NumSamplesCap("dataset" if datasets else "none")
-        if self.samples_cap.source == "dataset" and datasets is None:
-            raise ValueError("num_samples_cap 'dataset' needs the data store (datasets)")
-        self.datasets = datasets
+        self.checks = UpdateChecks(
+            backend,
+            bounds or B.UpdateBounds(),
+            samples_cap or B.NumSamplesCap("dataset" if datasets else "none"),
+            datasets,
+        )
         self._locks: dict[str, asyncio.Lock] = {}
-        self._watchers: dict[str, set[asyncio.Queue[Event]]] = {}
+        self._watchers = Watchers()
         self._finishing: dict[str, asyncio.Task[None]] = {}
-        self._members: dict[str, _Members] = {}
+        self._members = OpenRoundMembers()
         # Set when the outbox may hold notices to publish: at start (a crash may have left
         # some) and after a publish failed. `run_outbox` waits for it.
         self._outbox_due = asyncio.Event()
@@ -279,31 +157,17 @@ class Coordinator:
         return started
 
     async def submit(self, round_id: str, update: Update) -> Submitted:
-        """Take one participant's update; see `rounds.admit` / `rounds.check_provenance` /
-        `rounds.validate_update`, `_check_update` and `bounds` for the rules. The update that
+        """Take one participant's update; see `rounds.admit` and `checks.UpdateChecks` for the
+        rules. The update that
         reaches k_of_n closes the round and starts aggregation in the background, so this
         returns at once (state AGGREGATING)."""
         rnd = await self.get(round_id)
-        if self._admit(rnd, update.proplet_id):
+        if self._members.admit(rnd, update.proplet_id):
             return Submitted(rnd, duplicate=True)
-        R.check_provenance(rnd, update)
-        await self._check_num_samples(update)
-        base = await self.backend.base_tensors(rnd.model_ref) if self.bounds.needs_base else None
-        nbytes = nbytes_of(update.tensors)
-        if nbytes <= INLINE_BYTES:
-            checked = self._check_update(rnd, update, base)
-            sha = _digest(rnd.specs, update.tensors)
-        else:
-            # Two passes over a big update at once, each in a thread of its own: its checks,
-            # and the sha256 its signature covers.
-            checked, sha = await asyncio.gather(
-                asyncio.to_thread(self._check_update, rnd, update, base),
-                asyncio.to_thread(_digest, rnd.specs, update.tensors),
-            )
-        update = self._check_signature(rnd, replace(checked, sha256=sha))
+        update = await self.checks.check(rnd, update)
         async with self._lock(round_id):
             rnd = await self.get(round_id)
-            if self._admit(rnd, update.proplet_id):
+            if self._members.admit(rnd, update.proplet_id):
                 return Submitted(rnd, duplicate=True)
             rnd = R.record_update(rnd, update.proplet_id)
             # One transaction: the update row and the round that counts it. The caller answers
@@ -312,82 +176,6 @@ class Coordinator:
             # starts the aggregation.
             await _to_the_end(self._accepted(rnd, update))
             return Submitted(rnd, duplicate=False)
-
-    async def _check_num_samples(self, update: Update) -> None:
-        """`num_samples` within the participant's cap (`bounds.NumSamplesCap`): refused,
-        naming the cap, when above it (its weight is what its proplet signed, never
-        re-weighted)."""
-        if update.num_samples <= 0:
-            raise InvalidArgument(f"num_samples: {update.num_samples} must be > 0")
-        cap = self.samples_cap
-        if cap.source == "none":
-            return
-        if cap.source == "fixed":
-            limit, what = cap.value, f"the coordinator's cap of {cap.value} (num_samples_cap)"
-        else:
-            assert self.datasets is not None
-            try:
-                limit = await self.datasets.size(update.proplet_id)
-            except NotFound:
-                raise FailedPrecondition(
-                    f"num_samples: proplet {update.proplet_id!r} has no dataset in the data "
-                    "store to cap num_samples by (num_samples_cap=dataset); update not counted"
-                ) from None
-            what = (
-                f"the {limit} samples proplet {update.proplet_id!r} holds in the data store "
-                "(num_samples_cap=dataset)"
-            )
-        if update.num_samples > limit:
-            raise InvalidArgument(
-                f"num_samples: {update.num_samples} exceeds {what}; update not counted"
-            )
-
-    def _check_update(self, rnd: Round, update: Update, base: Tensors | None) -> Update:
-        """The update's content (`rounds.validate_update`), its values' magnitude and its
-        distance from the base model; returns it with its tensors in the base model's order,
-        its distance and clip scale. Runs off the event loop for big updates."""
-        update = R.validate_update(rnd, update)
-        B.check_magnitude(update.tensors, self.bounds.max_abs_value, "tensors")
-        dist, scale = 0.0, 1.0
-        if base is not None:
-            bound = self.bounds.max_distance
-            dist = B.distance(update.tensors, base)
-            if dist > bound and not self.bounds.clip:
-                raise InvalidArgument(
-                    f"tensors: the update is {dist:.6g} from the base model (L2 norm of the "
-                    f"difference over all tensors), beyond the coordinator's bound {bound:g} "
-                    "(max_update_distance); update not counted"
-                )
-            scale = B.clip_scale(dist, bound)
-        return replace(update, distance=dist, clip_scale=scale)
-
-    @staticmethod
-    def _check_signature(rnd: Round, update: Update) -> Update:
-        """Over mutual TLS (the call's certificate is known): the update's signature over its
-        claim, with the round's base model and the sha256 of the bytes received."""
-        if update.certificate:
-            claim = Claim.of(
-                update,
-                round_id=rnd.round_id,
-                base_model_sha256=rnd.base_model_sha256,
-                update_sha256=update.sha256,
-            )
-            check_signature(update.certificate, update.signature, claim)
-        return update
-
-    def _admit(self, rnd: Round, proplet_id: str) -> bool:
-        """`rounds.admit` with an open round's members as sets (a big round's tuples are long;
-        rounds in any other state answer from the record itself)."""
-        if rnd.state is not R.RoundState.OPEN:
-            self._members.pop(rnd.round_id, None)
-            return R.admit(rnd, proplet_id)
-        members = self._members.get(rnd.round_id)
-        if members is None or members.participants is not rnd.participants:
-            members = self._members[rnd.round_id] = _Members(rnd.participants)
-        members.sync(rnd.reported)
-        return R.admit(
-            rnd, proplet_id, participants=members.participant_set, reported=members.reported_set
-        )
 
     async def _accepted(self, rnd: Round, update: Update) -> None:
         await self.store.accept(rnd, update)
@@ -539,8 +327,11 @@ class Coordinator:
             if any(u.clip_scale != 1.0 for u in update_headers(updates)):
                 base = await self.backend.base_tensors(rnd.model_ref)
                 inputs = ClippedUpdates(updates, base)
-            aggregated, sha = await self._with_retry(
-                "aggregate", round_id, lambda _n: self.backend.aggregate(round_id, inputs)
+            aggregated, sha = await with_retry(
+                self.retry,
+                "aggregate",
+                round_id,
+                lambda _n: self.backend.aggregate(round_id, inputs),
             )
             nbytes = nbytes_of(aggregated)
             tensors = await offload_if_big(
@@ -571,7 +362,7 @@ class Coordinator:
             return stored
 
         try:
-            version, uri = await self._with_retry("store model", round_id, store_once)
+            version, uri = await with_retry(self.retry, "store model", round_id, store_once)
         except PropellerError as exc:
             await self._fail(round_id, f"storing the new model failed: {exc}")
             return
@@ -649,32 +440,6 @@ class Coordinator:
                 await asyncio.sleep(retry_s)
                 self._outbox_due.set()
 
-    async def _with_retry(
-        self, what: str, round_id: str, attempt_fn: Callable[[int], Awaitable[T]]
-    ) -> T:
-        attempts = max(1, self.retry.attempts)
-        for attempt in range(1, attempts + 1):
-            try:
-                return await attempt_fn(attempt)
-            except _PERMANENT:
-                raise
-            except PropellerError as exc:
-                if attempt == attempts:
-                    raise type(exc)(f"{what}: {attempts} attempts, last: {exc}") from exc
-                delay = self.retry.backoff_s(attempt)
-                log.warning(
-                    "[Coordinator.aggregate] round_id=%s %s attempt %d/%d failed: %s; "
-                    "retrying in %.2fs",
-                    round_id,
-                    what,
-                    attempt,
-                    attempts,
-                    exc,
-                    delay,
-                )
-            await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
-
     async def _fail(self, round_id: str, reason: str) -> None:
         async with self._lock(round_id):
             rnd = R.fail(await self.get(round_id), reason, self.clock())
@@ -686,23 +451,21 @@ class Coordinator:
 
     def _emit(self, kind: EventType, rnd: Round, proplet_id: str = "") -> None:
         if rnd.state is not R.RoundState.OPEN:
-            self._members.pop(rnd.round_id, None)  # closed: no more updates to look up
-        event = Event(kind, rnd, self.clock(), proplet_id)
-        for queue in self._watchers.get(rnd.round_id, ()):
-            queue.put_nowait(event)
+            self._members.forget(rnd.round_id)
+        self._watchers.tell(Event(kind, rnd, self.clock(), proplet_id))
 
     async def watch(self, round_id: str) -> AsyncIterator[Event]:
         """A SNAPSHOT of the round, then one event per change, ending after COMPLETED or
         FAILED (at once when the round already finished)."""
-        queue: asyncio.Queue[Event] = asyncio.Queue()
+        queue: asyncio.Queue[Event] | None = None
         await self.get(round_id)  # NOT_FOUND before a lock exists for an unknown id
         async with self._lock(round_id):
             rnd = await self.get(round_id)
             if not rnd.finished:
-                self._watchers.setdefault(round_id, set()).add(queue)
+                queue = self._watchers.add(round_id)
         try:
             yield Event(EventType.SNAPSHOT, rnd, self.clock())
-            if rnd.finished:
+            if queue is None:
                 return
             while True:
                 event = await queue.get()
@@ -710,11 +473,8 @@ class Coordinator:
                 if event.round.finished:  # COMPLETED or FAILED: nothing follows
                     return
         finally:
-            watchers = self._watchers.get(round_id)
-            if watchers is not None:
-                watchers.discard(queue)
-                if not watchers:
-                    del self._watchers[round_id]
+            if queue is not None:
+                self._watchers.discard(round_id, queue)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -731,38 +491,6 @@ class Coordinator:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-def _digest(specs: Sequence[Spec], tensors: Tensors) -> str:
-    """The sha256 of an update's bytes in the base model's tensor order ("" when it lacks a
-    tensor: its checks refuse it)."""
-    if any(s.name not in tensors for s in specs):
-        return ""
-    return sha256_of({s.name: tensors[s.name] for s in specs})
-
-
-class ClippedUpdates:
-    """A round's updates as they are aggregated: each one that clipping scaled
-    (`Update.clip_scale` < 1) is `bounds.scaled` towards the base model; the others as sent.
-    Iterated afresh by every aggregation attempt."""
-
-    def __init__(self, updates: RoundUpdates, base: Tensors) -> None:
-        self.updates = updates
-        self.base = base
-
-    @property
-    def headers(self) -> Sequence[Update]:
-        return update_headers(self.updates)
-
-    async def __aiter__(self) -> AsyncIterator[Update]:
-        async for u in each_update(self.updates):
-            if u.clip_scale != 1.0:
-                tensors = await offload_if_big(
-                    nbytes_of(u.tensors), B.scaled, u.tensors, self.base, u.clip_scale
-                )
-                u = replace(u, tensors=tensors)
-            yield u
-            del u
 
 
 async def _to_the_end(aw: Awaitable[None]) -> None:

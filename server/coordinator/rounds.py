@@ -20,11 +20,10 @@ import enum
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Protocol
 
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from server.models import parse_model_uri
-from server.provenance import MAX_SIGNATURE_BYTES, check_module_digest
+from server.provenance import MAX_SIGNATURE_BYTES, Signed, check_module_digest
 from server.round_spec import Hyperparams, RoundSpec
 from server.tensors import Array, Spec, Tensors, check_finite
 
@@ -241,20 +240,7 @@ def admit(
     return False
 
 
-class Claims(Protocol):
-    """What an update's header says about its origin (an `Update`, or the header itself)."""
-
-    @property
-    def module_digest(self) -> str: ...
-
-    @property
-    def base_model_sha256(self) -> str: ...
-
-    @property
-    def signature(self) -> bytes: ...
-
-
-def check_claims(update: Claims) -> None:
+def check_claims(update: Signed) -> None:
     """The form of an update's claims, from its header alone: a module digest is required,
     and a signature is of a signature's size (INVALID_ARGUMENT naming the field)."""
     check_module_digest(update.module_digest, "header.module_digest", required=True)
@@ -265,7 +251,7 @@ def check_claims(update: Claims) -> None:
         )
 
 
-def check_provenance(rnd: Round, update: Claims) -> None:
+def check_provenance(rnd: Round, update: Signed) -> None:
     """The update's claims about where it comes from, before its bytes are looked at
     (`check_claims`); FAILED_PRECONDITION when the round pins another module, or a base model
     sha256 given is not the round's."""

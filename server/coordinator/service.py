@@ -9,7 +9,7 @@ from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
 from server import authz
 from server.coordinator import rounds as R
 from server.coordinator.coordinator import Coordinator, Event, EventType
-from server.coordinator.wire import STATES, spec_from_proto, status_to_proto
+from server.coordinator.wire import STATES, answer_round, spec_from_proto, status_to_proto
 from server.errors import InvalidArgument, PermissionDenied, grpc_errors
 from server.grpc_server import Context, ServiceBinding
 from server.ids import check_count, check_id, check_name, check_text
@@ -67,9 +67,9 @@ class CoordinatorServicer:
     async def StartRound(
         self, request: coordinator_pb2.StartRoundRequest, context: Context
     ) -> coordinator_pb2.RoundStatus:
-        async with grpc_errors(context, "Coordinator.StartRound"):
-            check_id(request.round_id, "round_id")
-            return status_to_proto(await self.coordinator.start(request.round_id))
+        return await answer_round(
+            context, "Coordinator.StartRound", request.round_id, self.coordinator.start
+        )
 
     async def SubmitUpdate(
         self, request_iterator: AsyncIterable[tensor_pb2.UpdateChunk], context: Context
@@ -139,9 +139,9 @@ class CoordinatorServicer:
     async def GetRoundStatus(
         self, request: coordinator_pb2.GetRoundStatusRequest, context: Context
     ) -> coordinator_pb2.RoundStatus:
-        async with grpc_errors(context, "Coordinator.GetRoundStatus"):
-            check_id(request.round_id, "round_id")
-            return status_to_proto(await self.coordinator.get(request.round_id))
+        return await answer_round(
+            context, "Coordinator.GetRoundStatus", request.round_id, self.coordinator.get
+        )
 
     async def ListRounds(
         self, request: coordinator_pb2.ListRoundsRequest, context: Context

@@ -36,7 +36,7 @@ from typing import Any, Protocol, TypeVar
 from server.coordinator.rounds import ParticipantFailure, Round, RoundState, Update
 from server.errors import DataLoss, PropellerError, ResourceExhausted, Unavailable
 from server.round_spec import Hyperparams
-from server.sqlite import Database
+from server.sqlite import SqliteStore
 from server.tensors import (
     Spec,
     specs_from_json,
@@ -402,7 +402,7 @@ def update_headers(updates: RoundUpdates) -> Sequence[Update]:
     return updates if isinstance(updates, Sequence) else updates.headers
 
 
-class SqliteRoundStore:
+class SqliteRoundStore(SqliteStore):
     """A durable `RoundStore` in one SQLite file.
 
     Round records are also kept in a dict (they are small; the deadline task lists them every
@@ -412,30 +412,22 @@ class SqliteRoundStore:
     was cancelled while waiting). Update tensors are never kept in memory once stored.
     """
 
+    schema = SCHEMA
+
     def __init__(self, path: Path) -> None:
-        self.path = path
+        super().__init__(path)
         self._rounds: dict[str, Round] = {}
         self._failed: str = ""
-        self._db = Database(path, SCHEMA)
 
     @classmethod
     def in_dir(cls, state_dir: Path) -> SqliteRoundStore:
         return cls(state_dir / STATE_FILE)
 
-    async def open(self) -> None:
-        """Open (creating if needed) the state file and load the round records."""
-        await self._db.open()
-        try:
-            await self._db.write(_migrate)
-            await self._db.read(self._load)
-        except BaseException:
-            await self._db.close()
-            raise
+    async def _opened(self) -> None:
+        """Bring the state file's tables up to date and load the round records."""
+        await self.db.write(_migrate)
+        await self.db.read(self._load)
         log.info("[Coordinator.store] path=%s rounds=%d", self.path, len(self._rounds))
-
-    async def close(self) -> None:
-        """Finish every queued operation, then close the file. Idempotent."""
-        await self._db.close()
 
     # -- on the database thread --
 
@@ -503,7 +495,7 @@ class SqliteRoundStore:
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         self._check()
-        return await self._db.read(fn)
+        return await self.db.read(fn)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], None], rnd: Round | None) -> None:
         """Run `fn` in one transaction; then (still inside it, on the database thread) record
@@ -520,7 +512,7 @@ class SqliteRoundStore:
             ran = True
 
         try:
-            await self._db.write(tx)
+            await self.db.write(tx)
         except PropellerError:
             raise
         except Exception as exc:

@@ -9,10 +9,14 @@ builds on coordinator.proto), so one reader serves both.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from propeller.v1 import coordinator_pb2, manager_pb2
 from server.coordinator.rounds import ParticipantFailure, Round, RoundState
+from server.errors import grpc_errors
+from server.grpc_server import Context
+from server.ids import check_id
 from server.round_spec import Hyperparams, RoundSpec
 
 STATES: dict[RoundState, coordinator_pb2.RoundState] = {
@@ -51,11 +55,16 @@ _STATUS_SCALARS = (
 
 
 def hyperparams_to_proto(hp: Hyperparams) -> coordinator_pb2.Hyperparams:
-    return coordinator_pb2.Hyperparams(epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size)
+    return coordinator_pb2.Hyperparams(
+        epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size, extra_json=hp.extra_json
+    )
 
 
 def hyperparams_from_proto(msg: coordinator_pb2.Hyperparams) -> Hyperparams:
-    return Hyperparams(epochs=msg.epochs, lr=msg.lr, batch_size=msg.batch_size)
+    """As received: `round_spec.validate` checks extra_json and makes it canonical."""
+    return Hyperparams(
+        epochs=msg.epochs, lr=msg.lr, batch_size=msg.batch_size, extra_json=msg.extra_json
+    )
 
 
 def spec_from_proto(msg: SpecMessage) -> RoundSpec:
@@ -108,3 +117,14 @@ def status_from_proto(msg: coordinator_pb2.RoundStatus) -> Round:
         new_model_version=msg.new_model_version or None,
         failed=tuple(ParticipantFailure(f.proplet_id, f.reason) for f in msg.failed),
     )
+
+
+async def answer_round(
+    context: Context, method: str, round_id: str, action: Callable[[str], Awaitable[Round]]
+) -> coordinator_pb2.RoundStatus:
+    """The answer of an RPC that names one round and returns its status (the coordinator's
+    StartRound and GetRoundStatus, the manager's GetRoundStatus): `round_id` checked, then
+    `action(round_id)`'s round, or the error's status."""
+    async with grpc_errors(context, method):
+        check_id(round_id, "round_id")
+        return status_to_proto(await action(round_id))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.errors import InvalidArgument
+from server.errors import FailedPrecondition, InvalidArgument
 from server.tensors import Array
 
 SCHEMA = "fl-demo-dataset-v1"
@@ -117,3 +117,52 @@ def validate_dataset(dataset: Dataset, field: str = "dataset") -> Dataset:
             f"{field}.labels: must be exactly 0 or 1, labels[{first}] is {labels[first]!r}"
         )
     return dataset
+
+
+# The dataset parts a GetDataset/GetDatasetInfo may ask for ("" = "all": the whole dataset).
+SPLITS = ("", "all", "train", "test")
+# The share of a dataset held out as its "test" part: floor(size / TEST_DENOMINATOR) samples,
+# so 20%; a dataset of fewer than TEST_DENOMINATOR samples has no test part.
+TEST_DENOMINATOR = 5
+
+
+def check_split(split: str, field: str = "split") -> str:
+    if split not in SPLITS:
+        raise InvalidArgument(f"{field}: {split!r} is not one of '', 'all', 'train', 'test'")
+    return split
+
+
+def split_indices(proplet_id: str, size: int) -> tuple[Array, Array]:
+    """(train, test) sample indices of a proplet's dataset of `size` samples: a permutation of
+    0..size-1 seeded by sha256("split:" + proplet_id); its last floor(size/5) entries are the
+    test part, the rest the train part, each in data order (ascending). It depends on the
+    proplet id and the size only, so generated and uploaded datasets split alike, the same in
+    every process, and the two parts never overlap."""
+    digest = hashlib.sha256(b"split:" + proplet_id.encode("utf-8")).digest()
+    order = np.random.default_rng(int.from_bytes(digest, "big")).permutation(size)
+    n_test = size // TEST_DENOMINATOR
+    return np.sort(order[: size - n_test]), np.sort(order[size - n_test :])
+
+
+def split_size(proplet_id: str, size: int, split: str) -> int:
+    """How many samples the (checked) `split` of a dataset of `size` samples holds;
+    FAILED_PRECONDITION when that part is empty (a test part of a dataset under five
+    samples)."""
+    n_test = size // TEST_DENOMINATOR
+    n = {"": size, "all": size, "train": size - n_test, "test": n_test}[split]
+    if n == 0:
+        raise FailedPrecondition(
+            f"split: the {split!r} part of {proplet_id!r}'s dataset of {size} samples is empty "
+            f"(the test part is size // {TEST_DENOMINATOR} samples)"
+        )
+    return n
+
+
+def dataset_split(dataset: Dataset, split: str) -> Dataset:
+    """The part of `dataset` a (checked) `split` names (see `split_indices`)."""
+    split_size(dataset.proplet_id, dataset.size, split)
+    if split in ("", "all"):
+        return dataset
+    train, test = split_indices(dataset.proplet_id, dataset.size)
+    idx = train if split == "train" else test
+    return Dataset(dataset.proplet_id, dataset.features[idx], dataset.labels[idx], dataset.schema)

@@ -5,15 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 from propeller.v1 import datastore_pb2, datastore_pb2_grpc
-from server.datastore.datasets import SCHEMA, Dataset, validate_dataset
+from server.datastore.datasets import (
+    SCHEMA,
+    Dataset,
+    check_split,
+    dataset_split,
+    split_size,
+    validate_dataset,
+)
 from server.datastore.store import DatasetStore, DatasetSummary, summary_of
 from server.errors import InvalidArgument, NotFound, grpc_errors
 from server.grpc_server import Context, ServiceBinding
 from server.ids import check_id, check_name
 from server.paging import PageRequest, page_of
-from server.tensors import tensor_from_proto, tensor_to_proto
+from server.tensors import offload_if_big, tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,7 @@ class DataStoreServicer:
 
     async def _dataset(self, request: datastore_pb2.GetDatasetRequest) -> Dataset:
         check_id(request.proplet_id, "proplet_id")
+        check_split(request.split)
         dataset = await self.store_of().get(request.proplet_id)
         if dataset is None:
             raise NotFound(f"proplet_id: no dataset for {request.proplet_id!r}")
@@ -72,13 +81,20 @@ class DataStoreServicer:
         self, request: datastore_pb2.GetDatasetRequest, context: Context
     ) -> datastore_pb2.Dataset:
         async with grpc_errors(context, "DataStore.GetDataset"):
-            return dataset_proto(await self._dataset(request))
+            dataset = await self._dataset(request)
+            # Selecting a part copies the arrays: off the event loop for big datasets.
+            part = await offload_if_big(
+                dataset.features.nbytes, dataset_split, dataset, request.split
+            )
+            return dataset_proto(part)
 
     async def GetDatasetInfo(
         self, request: datastore_pb2.GetDatasetRequest, context: Context
     ) -> datastore_pb2.DatasetInfo:
         async with grpc_errors(context, "DataStore.GetDatasetInfo"):
-            return dataset_info_proto(summary_of(await self._dataset(request)))
+            summary = summary_of(await self._dataset(request))
+            size = split_size(summary.proplet_id, summary.size, request.split)
+            return dataset_info_proto(replace(summary, size=size))
 
     async def PutDataset(
         self, request: datastore_pb2.PutDatasetRequest, context: Context

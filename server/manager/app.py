@@ -15,7 +15,7 @@ from pathlib import Path
 
 from propeller.v1 import coordinator_pb2_grpc, manager_pb2
 from propeller.v1 import manager_pb2_grpc as manager_grpc
-from server.config import Endpoints, MqttConfig, TlsConfig, env_float, env_str
+from server.config import Endpoints, MqttConfig, TlsConfig, setting, settings_from_env
 from server.errors import Unavailable
 from server.grpc_server import ServiceBinding, channel
 from server.lifecycle import ServiceApp, for_serve, run_service, start_task, state_dir_from_env
@@ -35,29 +35,29 @@ SERVICE_NAME: str = manager_pb2.DESCRIPTOR.services_by_name["Manager"].full_name
 
 @dataclass(frozen=True)
 class ManagerConfig:
-    addr: str = "127.0.0.1:7070"
-    coordinator_addr: str = "127.0.0.1:8086"
+    addr: str = setting("PROPELLER_MANAGER_LISTEN", "127.0.0.1:7070")
+    coordinator_addr: str = setting("COORDINATOR_ADDR", "127.0.0.1:8086")
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     # Proplets heartbeat every 10 s by default: a window of three intervals means a live
     # proplet never flaps to dead because one heartbeat arrived a little late.
-    alive_window_s: float = 30.0
+    alive_window_s: float = setting("PROPELLER_ALIVE_WINDOW_S", 30.0)
     # The addresses written into federated tasks' environment, as the proplets reach them
     # (service host names under compose).
     task_endpoints: Endpoints = field(default_factory=Endpoints)
-    rpc_timeout_s: float = 30.0
+    rpc_timeout_s: float = setting("PROPELLER_RPC_TIMEOUT_S", 30.0)
     # Proplets, tasks and experiments in `<state_dir>/manager.sqlite`; None keeps them in
     # memory only.
     state_dir: Path | None = None
     # Reconciliation, every `reconcile_interval_s`: a task left SCHEDULED or RUNNING this long
     # after its start (without ROUND_DEADLINE), or this long after its round's deadline, is
     # interrupted with a reason (`Manager.reconcile`).
-    task_deadline_s: float = 900.0
-    report_grace_s: float = 30.0
-    reconcile_interval_s: float = 5.0
+    task_deadline_s: float = setting("PROPELLER_TASK_DEADLINE_S", 900.0)
+    report_grace_s: float = setting("PROPELLER_REPORT_GRACE_S", 30.0)
+    reconcile_interval_s: float = setting("PROPELLER_RECONCILE_INTERVAL_S", 5.0)
     # The OCI registry StartExperiment resolves task_wasm_image in to pin its digest: the
     # address every image's registry is reached at ("" = the host the image names) and
     # whether over plain HTTP (None: for loopback addresses only).
-    oci_registry: str = ""
+    oci_registry: str = setting("PROPELLER_OCI_REGISTRY", "")
     oci_insecure: bool | None = None
     # Mutual TLS, server and the coordinator channel (None: plaintext); see TlsConfig.
     tls: TlsConfig | None = field(kw_only=True)
@@ -75,21 +75,11 @@ class ManagerConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ManagerConfig:
         env = os.environ if env is None else env
-        d = cls(tls=None)
         return cls(
-            addr=env_str(env, "PROPELLER_MANAGER_LISTEN", d.addr),
-            coordinator_addr=env_str(env, "COORDINATOR_ADDR", d.coordinator_addr),
+            **settings_from_env(cls, env),
             mqtt=MqttConfig.from_env(env),
-            alive_window_s=env_float(env, "PROPELLER_ALIVE_WINDOW_S", d.alive_window_s),
             task_endpoints=Endpoints.from_env(env),
-            rpc_timeout_s=env_float(env, "PROPELLER_RPC_TIMEOUT_S", d.rpc_timeout_s),
             state_dir=state_dir_from_env(env),
-            task_deadline_s=env_float(env, "PROPELLER_TASK_DEADLINE_S", d.task_deadline_s),
-            report_grace_s=env_float(env, "PROPELLER_REPORT_GRACE_S", d.report_grace_s),
-            reconcile_interval_s=env_float(
-                env, "PROPELLER_RECONCILE_INTERVAL_S", d.reconcile_interval_s
-            ),
-            oci_registry=env_str(env, "PROPELLER_OCI_REGISTRY", d.oci_registry),
             oci_insecure=_flag(env, "PROPELLER_OCI_INSECURE"),
             tls=TlsConfig.from_env(env),
         )

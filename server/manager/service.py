@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import fields
 
 from propeller.v1 import coordinator_pb2, manager_pb2
-from server.coordinator.wire import spec_fields, spec_from_proto, status_to_proto
+from server.coordinator.wire import answer_round, spec_fields, spec_from_proto, status_to_proto
 from server.errors import InvalidArgument, grpc_errors
 from server.grpc_server import Context
 from server.ids import (
@@ -178,9 +178,9 @@ class ManagerServicer:
     async def GetRoundStatus(
         self, request: coordinator_pb2.GetRoundStatusRequest, context: Context
     ) -> coordinator_pb2.RoundStatus:
-        async with grpc_errors(context, "Manager.GetRoundStatus"):
-            check_id(request.round_id, "round_id")
-            return status_to_proto(await self.manager.get_round_status(request.round_id))
+        return await answer_round(
+            context, "Manager.GetRoundStatus", request.round_id, self.manager.get_round_status
+        )
 
     async def ListProplets(
         self, request: manager_pb2.ListPropletsRequest, context: Context

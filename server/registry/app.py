@@ -9,7 +9,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.config import TlsConfig, env_str
+from server.config import TlsConfig, setting, settings_from_env
 from server.grpc_server import ServiceBinding
 from server.lifecycle import ServiceApp, for_serve, run_service, state_dir_from_env
 from server.registry.lineage import (
@@ -34,7 +34,7 @@ class RegistryConfig:
     """Where versions live: `<state_dir>/registry.sqlite` when `state_dir` is set, else in
     memory."""
 
-    addr: str = "127.0.0.1:8084"
+    addr: str = setting("PROPELLER_REGISTRY_LISTEN", "127.0.0.1:8084")
     state_dir: Path | None = None
     # Mutual TLS (None: plaintext); see TlsConfig.
     tls: TlsConfig | None = field(kw_only=True)
@@ -43,7 +43,7 @@ class RegistryConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> RegistryConfig:
         env = os.environ if env is None else env
         return cls(
-            addr=env_str(env, "PROPELLER_REGISTRY_LISTEN", cls(tls=None).addr),
+            **settings_from_env(cls, env),
             state_dir=state_dir_from_env(env),
             tls=TlsConfig.from_env(env),
         )

@@ -24,7 +24,6 @@ import hashlib
 import logging
 import sqlite3
 from collections.abc import AsyncIterable, AsyncIterator
-from pathlib import Path
 from typing import Protocol
 
 from propeller.v1 import model_registry_pb2
@@ -38,7 +37,7 @@ from server.errors import (
 )
 from server.models import model_uri
 from server.registry.registry import ModelRegistry
-from server.sqlite import Database
+from server.sqlite import SqliteStore
 from server.streams import checked_total, drain
 from server.tensors import DEFAULT_CHUNK_SIZE, specs_from_proto
 
@@ -107,55 +106,47 @@ _SCHEMA = (
     )""",
 )
 
+# Each table's key and value columns (both tables keep bytes under a key, written once).
+_COLUMNS = {"lineages": ("version", "header"), "update_bytes": ("sha256", "data")}
 
-class SqliteLineageStore:
+
+class SqliteLineageStore(SqliteStore):
     """`LineageStore` in one SQLite file; `open()` before use, `close()` after."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db = Database(path, _SCHEMA)
-
-    async def open(self) -> None:
-        await self._db.open()
-
-    async def close(self) -> None:
-        await self._db.close()
+    schema = _SCHEMA
 
     async def header(self, version: int) -> bytes | None:
-        row = await self._db.read(
-            lambda c: c.execute(
-                "SELECT header FROM lineages WHERE version = ?", (version,)
-            ).fetchone()
-        )
-        return None if row is None else bytes(row[0])
+        return await self._get("lineages", version)
 
     async def put_header(self, version: int, header: bytes) -> None:
-        def insert(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO lineages (version, header) VALUES (?, ?) "
-                "ON CONFLICT(version) DO NOTHING",
-                (version, header),
-            )
-
-        await self._db.write(insert)
+        await self._put_once("lineages", version, header)
 
     async def update_bytes(self, sha256: str) -> bytes | None:
-        row = await self._db.read(
-            lambda c: c.execute(
-                "SELECT data FROM update_bytes WHERE sha256 = ?", (sha256,)
-            ).fetchone()
-        )
-        return None if row is None else _checked(sha256, bytes(row[0]), self.path.name)
+        data = await self._get("update_bytes", sha256)
+        return None if data is None else _checked(sha256, data, self.path.name)
 
     async def put_update_bytes(self, sha256: str, data: bytes) -> None:
-        def insert(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO update_bytes (sha256, data) VALUES (?, ?) "
-                "ON CONFLICT(sha256) DO NOTHING",
-                (sha256, data),
-            )
+        await self._put_once("update_bytes", sha256, data)
 
-        await self._db.write(insert)
+    async def _get(self, table: str, key: int | str) -> bytes | None:
+        key_column, value_column = _COLUMNS[table]
+        query = f"SELECT {value_column} FROM {table} WHERE {key_column} = ?"
+        row = await self.db.read(lambda c: c.execute(query, (key,)).fetchone())
+        return None if row is None else bytes(row[0])
+
+    async def _put_once(self, table: str, key: int | str, value: bytes) -> None:
+        """Keep the first value stored under `key`: a key always names the same bytes (a
+        version's lineage, a sha256's data), so a repeat changes nothing."""
+        key_column, value_column = _COLUMNS[table]
+        query = (
+            f"INSERT INTO {table} ({key_column}, {value_column}) VALUES (?, ?) "
+            f"ON CONFLICT({key_column}) DO NOTHING"
+        )
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute(query, (key, value))
+
+        await self.db.write(insert)
 
 
 class LineageBytes:

@@ -29,7 +29,7 @@ import numpy as np
 
 from server.errors import AlreadyExists, DataLoss, ResourceExhausted
 from server.models import model_uri
-from server.sqlite import Database
+from server.sqlite import SqliteStore
 from server.streams import MAX_PAYLOAD_BYTES, Payload
 from server.tensors import (
     Spec,
@@ -211,7 +211,7 @@ _WAL_SIZE_LIMIT = 64 << 20
 _BLOB_PIECE = 16 << 20
 
 
-class SqliteModelStore:
+class SqliteModelStore(SqliteStore):
     """Versions in one SQLite file (`registry.sqlite`), each inserted in one transaction.
     `SqliteModelStore(path)` does no I/O: `await open()` before use, `await close()` after.
 
@@ -221,23 +221,15 @@ class SqliteModelStore:
     `cache_size` versions read are kept in memory once verified.
     """
 
+    schema = _SQLITE_SCHEMA
+
     def __init__(self, path: Path, cache_size: int = 2) -> None:
-        self.path = path
-        self.db = Database(path, _SQLITE_SCHEMA)
+        super().__init__(path)
         self.max_bytes = 0
         self._reads = _VerifiedReads(self._load, cache_size)
 
-    async def open(self) -> None:
-        await self.db.open()
-        try:
-            self.max_bytes = await self.db.read(_configure)
-        except BaseException:
-            await self.db.close()
-            raise
-
-    async def close(self) -> None:
-        """Waits for a write in progress to commit (or fail), then closes the file."""
-        await self.db.close()
+    async def _opened(self) -> None:
+        self.max_bytes = await self.db.read(_configure)
 
     async def versions(self) -> list[int]:
         rows: list[tuple[int]] = await self.db.read(

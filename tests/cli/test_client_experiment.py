@@ -21,6 +21,8 @@ from tests.support.security import session_ca
 from tests.support.waits import eventually
 
 HYPER = {"epochs": 1, "lr": 0.01, "batch_size": 16}
+# The same in a --json answer, which shows every field of the message (no free keys here).
+HYPER_JSON = HYPER | {"extra_json": ""}
 
 
 @dataclass
@@ -95,7 +97,7 @@ async def test_experiment_start_watch_end_to_end(cli: Cli, fl: Fl) -> None:
     assert status["state"] == "ROUND_STATE_COMPLETED" and status["completed"] is True
     assert status["num_updates"] == 3 and status["new_model_version"] == 1
     assert set(status["reported"]) == set(fl.ids)
-    assert status["hyperparams"] == HYPER and "loss" in status["metrics"]
+    assert status["hyperparams"] == HYPER_JSON and "loss" in status["metrics"]
     human = (await cli("round", "status", r1, *f)).ok().out
     assert re.search(r"^state:\s+COMPLETED$", human, re.M)
     assert re.search(r"^updates:\s+3/3$", human, re.M)
@@ -130,7 +132,7 @@ async def test_experiment_start_watch_end_to_end(cli: Cli, fl: Fl) -> None:
     assert header == ["EXPERIMENT", "ROUND", "MODEL", "SCHEDULED", "SKIPPED", "CREATED"]
     assert sorted(r[0] for r in rows) == sorted([f"exp-{r1}", f"exp-{r2}"])
     exp = (await cli("experiment", "get", f"exp-{r1}", "--json", *f)).ok().json()
-    assert exp["config"]["round_id"] == r1 and exp["config"]["hyperparams"] == HYPER
+    assert exp["config"]["round_id"] == r1 and exp["config"]["hyperparams"] == HYPER_JSON
     models = (await cli("models", "list", "--json", *f)).ok().json()
     assert [m["version"] for m in models["models"]] == [0, 1, 2]
     v1 = (await cli("models", "get", "1", "--json", *f)).ok().json()
@@ -203,7 +205,7 @@ async def test_manual_federated_task_and_failed_round(cli: Cli, fl: Fl) -> None:
     )  # fmt: skip
     st = configured.ok().json()
     assert st["state"] == "ROUND_STATE_OPEN" and st["participants"] == [pid]
-    assert st["hyperparams"] == HYPER
+    assert st["hyperparams"] == HYPER_JSON
     created = await cli(
         "tasks", "create", "--name", f"fl-manual-{rid}", "--image", fl.image, "--proplet", pid,
         "--env", f"ROUND_ID={rid}", "--env", "MODEL_URI=fl/models/global_model_v0",

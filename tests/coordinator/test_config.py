@@ -6,6 +6,7 @@ import pytest
 
 from server.coordinator.app import CoordinatorConfig
 from server.topics import Topics
+from tests.support.environment import config_from_env
 
 
 def test_defaults() -> None:
@@ -20,22 +21,14 @@ def test_defaults() -> None:
 
 
 def test_from_env() -> None:
-    c = CoordinatorConfig.from_env(
-        {
-            "PROPELLER_INSECURE": "1",
-            "PROPELLER_COORDINATOR_LISTEN": "0.0.0.0:9000",
-            "AGGREGATOR_ADDR": "aggregator:8085",
-            "MODEL_REGISTRY_ADDR": "registry:8084",
-            "PROPELLER_MQTT_HOST": "mqtt",
-            "PROPELLER_MQTT_PORT": "1884",
-            "PROPELLER_DOMAIN_ID": "d1",
-            "PROPELLER_CHANNEL_ID": "c1",
-            "PROPELLER_ROUND_DEFAULT_TIMEOUT_S": "30",
-        }
+    c = config_from_env(
+        CoordinatorConfig,
+        PROPELLER_COORDINATOR_LISTEN="0.0.0.0:9000",
+        PROPELLER_ROUND_DEFAULT_TIMEOUT_S="30",
     )
     assert c.addr == "0.0.0.0:9000"
-    assert (c.aggregator_addr, c.registry_addr) == ("aggregator:8085", "registry:8084")
-    assert (c.mqtt.host, c.mqtt.port) == ("mqtt", 1884)
+    assert (c.aggregator_addr, c.registry_addr) == ("aggregator:8085", "model-registry:8084")
+    assert (c.mqtt.host, c.mqtt.port) == ("mosquitto", 1884)
     assert c.mqtt.topics == Topics("d1", "c1")
     assert c.default_timeout_s == 30.0
 

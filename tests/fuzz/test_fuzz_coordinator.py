@@ -97,12 +97,27 @@ def round_ids() -> st.SearchStrategy[str]:
     return S.weighted((1, st.sampled_from(ROUND_IDS)), (1, S.texts(ROUND_IDS)))
 
 
+# Free hyperparameters (extra_json): valid objects, the refused shapes, and any text.
+EXTRA_JSON = (
+    "",
+    '{"mu": 0.01}',
+    '{"shuffle": false, "mode": "literal"}',
+    '{"lr": 0.1}',
+    '{"task": "evaluate"}',
+    '{"mu": NaN}',
+    '{"mu": 1e400}',
+    "[1]",
+    "{",
+)
+
+
 def hyperparams() -> st.SearchStrategy[CP.Hyperparams]:
     return st.builds(
-        lambda e, lr, b: CP.Hyperparams(epochs=e, lr=lr, batch_size=b),
+        lambda e, lr, b, x: CP.Hyperparams(epochs=e, lr=lr, batch_size=b, extra_json=x),
         S.int32s(),
         S.doubles(),
         S.int32s(),
+        S.weighted((3, st.sampled_from(EXTRA_JSON)), (1, S.texts(EXTRA_JSON))),
     )
 
 

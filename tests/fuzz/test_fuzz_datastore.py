@@ -40,18 +40,23 @@ def found_is_valid(body: Any, outcome: Outcome) -> None:
     assert x.ndim == 2 and y.shape == (x.shape[0],) and np.isin(y, (0.0, 1.0)).all()
 
 
-async def test_get_dataset(env: FuzzEnv) -> None:
-    requests = st.builds(
-        lambda p: datastore_pb2.GetDatasetRequest(proplet_id=p), S.texts(KNOWN_PROPLETS)
+SPLITS = ("", "all", "train", "test")
+
+
+def dataset_requests() -> st.SearchStrategy[datastore_pb2.GetDatasetRequest]:
+    return st.builds(
+        lambda p, s: datastore_pb2.GetDatasetRequest(proplet_id=p, split=s),
+        S.texts(KNOWN_PROPLETS),
+        S.weighted((3, st.sampled_from(SPLITS)), (1, S.texts(SPLITS))),
     )
-    await fuzz_messages(env, GET, requests, found_is_valid)
+
+
+async def test_get_dataset(env: FuzzEnv) -> None:
+    await fuzz_messages(env, GET, dataset_requests(), found_is_valid)
 
 
 async def test_get_dataset_info(env: FuzzEnv) -> None:
-    requests = st.builds(
-        lambda p: datastore_pb2.GetDatasetRequest(proplet_id=p), S.texts(KNOWN_PROPLETS)
-    )
-    await fuzz_messages(env, INFO, requests)
+    await fuzz_messages(env, INFO, dataset_requests())
 
 
 @st.composite

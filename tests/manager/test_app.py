@@ -31,6 +31,7 @@ from tests.manager.fakes import (
     running_manager,
     until_alive,
 )
+from tests.support.environment import config_from_env
 from tests.support.infra import Mosquitto
 from tests.support.security import proplet_tls
 from tests.support.waits import eventually
@@ -460,17 +461,8 @@ async def test_experiment_errors_keep_their_codes(
 
 
 def test_config_from_env() -> None:
-    config = ManagerConfig.from_env(
-        {
-            "PROPELLER_INSECURE": "1",
-            "PROPELLER_MANAGER_LISTEN": "0.0.0.0:7070",
-            "COORDINATOR_ADDR": "coordinator:8086",
-            "PROPELLER_ALIVE_WINDOW_S": "12.5",
-            "PROPELLER_MQTT_HOST": "mosquitto",
-            "PROPELLER_DOMAIN_ID": "d1",
-            "MODEL_REGISTRY_ADDR": "model-registry:8084",
-            "DATA_STORE_ADDR": "local-data-store:8083",
-        }
+    config = config_from_env(
+        ManagerConfig, PROPELLER_MANAGER_LISTEN="0.0.0.0:7070", PROPELLER_ALIVE_WINDOW_S="12.5"
     )
     assert (config.addr, config.coordinator_addr, config.alive_window_s) == (
         "0.0.0.0:7070",

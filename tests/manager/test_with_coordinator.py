@@ -116,3 +116,42 @@ async def test_coordinator_refusals_keep_their_codes(
         assert exc.value.code() == grpc.StatusCode.ALREADY_EXISTS
         listed = await manager.stub.ListTasks(manager_pb2.ListTasksRequest(name_prefix="fl-"))
         assert [t.name for t in listed.tasks] == ["fl-round-r-3-p-1"]
+
+
+async def test_free_hyperparameters_reach_the_round_and_every_task(
+    broker: Mosquitto, topics: Topics, manager: Services
+) -> None:
+    async with FakeProplet(broker.port, topics, "p-1") as p1:
+        await until_alive(manager.stub, "p-1")
+        hp = coordinator_pb2.Hyperparams(
+            epochs=2, lr=0.05, extra_json='{"shuffle": false, "mu": 0.5}'
+        )
+        await manager.stub.StartExperiment(experiment("r-x", ["p-1"], hyperparams=hp))
+        status = await manager.coordinator.GetRoundStatus(
+            coordinator_pb2.GetRoundStatusRequest(round_id="r-x")
+        )
+        # Stored with the round in its canonical form.
+        assert status.hyperparams.extra_json == '{"mu":0.5,"shuffle":false}'
+        start = await p1.next_start()
+        assert json.loads(start.env["HYPERPARAMS"]) == {
+            "epochs": 2,
+            "lr": 0.05,
+            "batch_size": 1,
+            "mu": 0.5,
+            "shuffle": False,
+        }
+
+        # A bad key is refused before anything is configured, and named.
+        bad = coordinator_pb2.Hyperparams(extra_json='{"mu": 1, "lr": 0.2}')
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await manager.stub.StartExperiment(experiment("r-y", ["p-1"], hyperparams=bad))
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert str(exc.value.details()).startswith("hyperparams.extra_json.lr:")
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await manager.coordinator.ConfigureRound(
+                coordinator_pb2.ConfigureRoundRequest(
+                    round_id="r-z", participants=["p-1"], hyperparams=bad
+                )
+            )
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert str(exc.value.details()).startswith("hyperparams.extra_json.lr:")

@@ -21,6 +21,7 @@ from propeller.v1 import (
     model_registry_pb2_grpc,
     tensor_pb2,
 )
+from server.datastore.datasets import Dataset, check_split, dataset_split
 from server.grpc_server import ServiceBinding, serving
 from server.models import model_uri
 from server.streams import model_stream, read_update_stream
@@ -44,6 +45,8 @@ class RoundWorld:
     )
     model_requests: list[str] = field(default_factory=list)
     dataset_requests: list[str] = field(default_factory=list)
+    # The split each GetDataset asked for ("" = all), in order.
+    split_requests: list[str] = field(default_factory=list)
     updates: list[Received] = field(default_factory=list)
     reject: tuple[grpc.StatusCode, str] | None = None
     k_of_n: int = 3
@@ -82,16 +85,18 @@ class FakeDataStore(datastore_pb2_grpc.DataStoreServicer):  # type: ignore[misc]
         self, request: datastore_pb2.GetDatasetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> datastore_pb2.Dataset:
         self.world.dataset_requests.append(request.proplet_id)
+        self.world.split_requests.append(request.split)
         found = self.world.datasets.get(request.proplet_id)
         if found is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"proplet_id: {request.proplet_id}")
         assert found is not None
-        x, y = found
+        # The data store's own split rule (server/datastore/datasets.py).
+        part = dataset_split(Dataset(request.proplet_id, *found), check_split(request.split))
         return datastore_pb2.Dataset(
             proplet_id=request.proplet_id,
             schema="fl-demo-dataset-v1",
-            features=tensor_to_proto(x),
-            labels=tensor_to_proto(y),
+            features=tensor_to_proto(part.features),
+            labels=tensor_to_proto(part.labels),
         )
 
 

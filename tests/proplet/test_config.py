@@ -8,29 +8,22 @@ import pytest
 
 from proplet import PropletConfig
 from proplet.config import parse_mirrors
+from tests.support.environment import config_from_env
 
 
 def test_from_env_reads_every_setting() -> None:
-    config = PropletConfig.from_env(
-        {
-            "PROPELLER_INSECURE": "1",
-            "PROPLET_ID": "p-1",
-            "PROPLET_NAME": "edge-1",
-            "PROPLET_HEARTBEAT_S": "2.5",
-            "PROPLET_WORK_DIR": "/var/lib/proplet",
-            "PROPLET_TASK_TIMEOUT_S": "30",
-            "PROPLET_MEMORY_LIMIT_MB": "64",
-            "PROPLET_OUTPUT_LIMIT_MB": "2",
-            "PROPLET_TABLE_ELEMENTS_LIMIT": "4096",
-            "PROPLET_TABLES_LIMIT": "2",
-            "PROPLET_REGISTRY_MIRRORS": "local-registry:5000=127.0.0.1:5000, ghcr.io=m:5000",
-            "PROPELLER_MQTT_HOST": "broker",
-            "PROPELLER_MQTT_PORT": "1884",
-            "PROPELLER_DOMAIN_ID": "d1",
-            "COORDINATOR_ADDR": "coordinator:8086",
-            "MODEL_REGISTRY_ADDR": "model-registry:8084",
-            "DATA_STORE_ADDR": "local-data-store:8083",
-        }
+    config = config_from_env(
+        PropletConfig,
+        PROPLET_ID="p-1",
+        PROPLET_NAME="edge-1",
+        PROPLET_HEARTBEAT_S="2.5",
+        PROPLET_WORK_DIR="/var/lib/proplet",
+        PROPLET_TASK_TIMEOUT_S="30",
+        PROPLET_MEMORY_LIMIT_MB="64",
+        PROPLET_OUTPUT_LIMIT_MB="2",
+        PROPLET_TABLE_ELEMENTS_LIMIT="4096",
+        PROPLET_TABLES_LIMIT="2",
+        PROPLET_REGISTRY_MIRRORS="local-registry:5000=127.0.0.1:5000, ghcr.io=m:5000",
     )
     assert (config.proplet_id, config.name, config.heartbeat_s) == ("p-1", "edge-1", 2.5)
     assert config.work_dir == Path("/var/lib/proplet")
@@ -41,7 +34,11 @@ def test_from_env_reads_every_setting() -> None:
     assert config.limits.elements_per_table == 2048
     assert config.limits.linear_memory_bytes == (64 << 20) - 4096 * 8
     assert config.registry_mirrors == {"local-registry:5000": "127.0.0.1:5000", "ghcr.io": "m:5000"}
-    assert (config.mqtt.host, config.mqtt.port, config.mqtt.topics.domain) == ("broker", 1884, "d1")
+    assert (config.mqtt.host, config.mqtt.port, config.mqtt.topics.domain) == (
+        "mosquitto",
+        1884,
+        "d1",
+    )
     assert config.endpoints.coordinator == "coordinator:8086"
     assert config.endpoints.registry == "model-registry:8084"
     assert config.endpoints.datastore == "local-data-store:8083"

@@ -18,6 +18,7 @@ import pytest
 from proplet import Proplet, PropletConfig
 from proplet.federated import FederatedClient, FlTask, is_federated, service_address
 from server.config import Endpoints
+from server.datastore.datasets import split_indices
 from server.messages import COMPLETED, FAILED
 from server.pki import load_certificate
 from server.provenance import Claim, module_digest, signature_verifies
@@ -108,6 +109,7 @@ async def test_round_task_trains_with_the_real_trainer_and_submits(
 
     assert world.model_requests == [MODEL_URI]
     assert world.dataset_requests == [proplet.proplet_id]
+    assert world.split_requests == [""]  # the whole dataset, as the seed trains
     [got] = world.updates
     assert got.header.round_id == "r1"
     assert got.header.proplet_id == proplet.proplet_id
@@ -418,3 +420,109 @@ async def test_a_stopped_round_task_submits_nothing(
         result = await probe.result(task)
     assert result.state == "Interrupted"
     assert world.updates == []
+
+
+# ---- federated evaluation and the train split (issue 11) -----------------------------------
+
+
+def logistic_metrics(
+    x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], w: np.ndarray[Any, Any], b: float
+) -> tuple[float, float]:
+    """Mean log-loss (p clipped to [1e-12, 1 - 1e-12]) and accuracy at p >= 0.5."""
+    p = 1.0 / (1.0 + np.exp(-np.clip(x @ w + b, -20.0, 20.0)))
+    pc = np.clip(p, 1e-12, 1 - 1e-12)
+    loss = float(np.mean(-(y * np.log(pc) + (1 - y) * np.log(1 - pc))))
+    return loss, float(np.mean((p >= 0.5) == (y == 1.0)))
+
+
+async def test_an_evaluation_task_reports_the_test_split_metrics_and_submits_nothing(
+    proplet: Proplet, probe: ManagerProbe, world: RoundWorld, trainer_bytes: bytes
+) -> None:
+    world.datasets[proplet.proplet_id] = make_dataset(40, seed=7)
+    result = await probe.run(trainer_bytes, env=round_env(world, FL_TASK="evaluate"))
+    assert result.state == COMPLETED, result.error
+    assert world.split_requests == ["test"]
+    assert world.updates == []  # nothing reaches the coordinator
+    reported = json.loads(result.results)
+    assert set(reported) == {"num_samples", "metrics"}
+    x, y = world.datasets[proplet.proplet_id]
+    _, test = split_indices(proplet.proplet_id, 40)
+    assert reported["num_samples"] == len(test) == 8
+    loss, accuracy = logistic_metrics(x[test], y[test], BASE_W, BASE_B)
+    assert reported["metrics"]["loss"] == pytest.approx(loss, abs=1e-12)
+    assert reported["metrics"]["accuracy"] == accuracy
+
+
+async def test_a_training_task_may_train_on_the_train_split(
+    proplet: Proplet, probe: ManagerProbe, world: RoundWorld, trainer_bytes: bytes
+) -> None:
+    world.datasets[proplet.proplet_id] = make_dataset(40, seed=8)
+    result = await probe.run(trainer_bytes, env=round_env(world, FL_SPLIT="train"))
+    assert result.state == COMPLETED, result.error
+    assert world.split_requests == ["train"]
+    [got] = world.updates
+    train, _ = split_indices(proplet.proplet_id, 40)
+    assert got.header.num_samples == len(train) == 32
+    x, y = world.datasets[proplet.proplet_id]
+    w, b = full_batch_step(x[train], y[train], BASE_W, BASE_B, lr=0.5)
+    np.testing.assert_allclose(got.tensors["w"], w, rtol=0, atol=1e-12)
+    assert abs(float(got.tensors["b"]) - b) < 1e-12
+
+
+async def test_an_evaluation_keeps_only_the_modules_count_and_metrics(
+    proplet: Proplet, probe: ManagerProbe, world: RoundWorld
+) -> None:
+    printed = {"num_samples": 3, "metrics": {"loss": 0.5, "accuracy": 1}, "note": "x"}
+    result = await probe.run(wat.json_printer(printed), env=round_env(world, FL_TASK="evaluate"))
+    assert result.state == COMPLETED, result.error
+    assert json.loads(result.results) == {
+        "num_samples": 3,
+        "metrics": {"loss": 0.5, "accuracy": 1.0},
+    }
+    # The test part of 16 samples is 3: a module claiming more is not believed.
+    too_many = {"num_samples": 4, "metrics": {"loss": 0.5}}
+    bad = await probe.run(wat.json_printer(too_many), env=round_env(world, FL_TASK="evaluate"))
+    assert bad.state == FAILED
+    assert bad.error.startswith("invalid evaluation: num_samples 4 exceeds the 3 samples")
+    no_metrics = await probe.run(
+        wat.json_printer({"num_samples": 2}), env=round_env(world, FL_TASK="evaluate")
+    )
+    assert no_metrics.state == FAILED and no_metrics.error.startswith("invalid evaluation")
+    assert world.updates == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"FL_TASK": "infer"}, "FL_TASK: 'infer' is not 'train' or 'evaluate'"),
+        ({"FL_SPLIT": "test"}, "FL_SPLIT: 'test' is not allowed for FL_TASK=train"),
+        ({"FL_SPLIT": "validation"}, "FL_SPLIT: 'validation' is not allowed for FL_TASK=train"),
+        ({"FL_TASK": "evaluate", "FL_SPLIT": "train"}, "FL_SPLIT: 'train' is not allowed"),
+        (
+            {"FL_TASK": "evaluate", "HYPERPARAMS": '{"task": "train"}'},
+            "HYPERPARAMS: its 'task' 'train' contradicts FL_TASK=evaluate",
+        ),
+        ({"HYPERPARAMS": '{"task": "evaluate"}'}, "HYPERPARAMS: its 'task' 'evaluate'"),
+    ],
+)
+async def test_bad_task_kind_or_split_fails_naming_the_variable(
+    proplet: Proplet, probe: ManagerProbe, world: RoundWorld, extra: dict[str, str], reason: str
+) -> None:
+    module = wat.json_printer(printed_update(proplet.proplet_id))
+    result = await probe.run(module, env=round_env(world, **extra))
+    assert result.state == FAILED
+    assert result.error.startswith(reason), result.error
+    assert world.dataset_requests == [] and world.updates == []
+
+
+def test_an_evaluation_tells_the_module_to_evaluate() -> None:
+    env = {"ROUND_ID": "r", "MODEL_URI": MODEL_URI, "FL_TASK": "evaluate"}
+    fl = FlTask.from_env(env | {"HYPERPARAMS": '{"epochs": 2, "mu": 0.1}'}, Endpoints())
+    assert (fl.kind, fl.split) == ("evaluate", "test")
+    module_env = fl.module_env(env | {"HYPERPARAMS": '{"epochs": 2, "mu": 0.1}'})
+    assert json.loads(module_env["HYPERPARAMS"]) == {"epochs": 2, "mu": 0.1, "task": "evaluate"}
+    bare = FlTask.from_env(env, Endpoints())
+    assert json.loads(bare.module_env(env)["HYPERPARAMS"]) == {"task": "evaluate"}
+    train = FlTask.from_env(env | {"FL_TASK": "train", "FL_SPLIT": "all"}, Endpoints())
+    assert (train.kind, train.split) == ("train", "all")
+    assert train.module_env(env) == env

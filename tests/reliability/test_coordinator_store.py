@@ -100,7 +100,8 @@ async def test_every_field_of_a_round_survives_a_restart(store: SqliteRoundStore
             Spec("w", np.dtype("<f4"), (2, 3)),
             Spec("b", np.dtype("<f8"), ()),
         ),
-        hyperparams=Hyperparams(epochs=3, lr=0.125, batch_size=16),
+        # The free hyperparameters too (issue 11): stored merged, split again on reading.
+        hyperparams=Hyperparams(3, 0.125, 16, '{"mode":"literal","mu":0.01,"shuffle":false}'),
         task_wasm_image="local-registry:5000/fl-client-wasm:latest",
         requested_model_ref="",
         state=RoundState.COMPLETED,

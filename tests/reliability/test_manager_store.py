@@ -55,7 +55,7 @@ EXPERIMENT = Experiment(
         round_id="r1",
         model_ref="fl/models/global_model_v0",
         participants=("p1", "p2"),
-        hyperparams=Hyperparams(epochs=3, lr=0.125, batch_size=16),
+        hyperparams=Hyperparams(3, 0.125, 16, '{"mu":0.01,"shuffle":false}'),
         k_of_n=1,
         timeout_s=12.5,
         task_wasm_image=WASM,

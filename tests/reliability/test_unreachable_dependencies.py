@@ -41,6 +41,7 @@ from server.manager.experiments import round_task_env
 from server.round_spec import Hyperparams
 from tests.support.clients import HYPER, V0, Clients, clients
 from tests.support.cluster import Cluster, cluster, serve_app
+from tests.support.environment import config_from_env
 from tests.support.ports import free_port
 from tests.support.security import service_tls
 from tests.support.waits import eventually
@@ -379,32 +380,15 @@ def test_round_deadline_from_the_task_env() -> None:
 
 @pytest.mark.unit
 def test_retry_settings_from_the_environment() -> None:
-    config = PropletConfig.from_env(
-        {
-            "PROPELLER_INSECURE": "1",
-            "PROPLET_ID": "p",
-            "PROPLET_RETRY_BACKOFF_S": "0.5",
-            "PROPLET_RETRY_MAX_BACKOFF_S": "8",
-        }
-    )
+    def proplet(**env: str) -> PropletConfig:
+        return config_from_env(PropletConfig, PROPLET_ID="p", **env)
+
+    config = proplet(PROPLET_RETRY_BACKOFF_S="0.5", PROPLET_RETRY_MAX_BACKOFF_S="8")
     assert config.backoff == Backoff(initial_s=0.5, max_s=8.0)
-    assert PropletConfig.from_env(
-        {"PROPELLER_INSECURE": "1", "PROPLET_ID": "p"}
-    ).backoff == Backoff(0.2, 5.0)
+    assert proplet().backoff == Backoff(0.2, 5.0)
     with pytest.raises(ValueError, match="retry_backoff_s"):
-        PropletConfig.from_env(
-            {"PROPELLER_INSECURE": "1", "PROPLET_ID": "p", "PROPLET_RETRY_BACKOFF_S": "0"}
-        )
+        proplet(PROPLET_RETRY_BACKOFF_S="0")
     with pytest.raises(ValueError, match="retry_max_backoff_s"):
-        PropletConfig.from_env(
-            {
-                "PROPELLER_INSECURE": "1",
-                "PROPLET_ID": "p",
-                "PROPLET_RETRY_BACKOFF_S": "2",
-                "PROPLET_RETRY_MAX_BACKOFF_S": "1",
-            }
-        )
+        proplet(PROPLET_RETRY_BACKOFF_S="2", PROPLET_RETRY_MAX_BACKOFF_S="1")
     with pytest.raises(ValueError, match="PROPLET_RETRY_MAX_BACKOFF_S"):
-        PropletConfig.from_env(
-            {"PROPELLER_INSECURE": "1", "PROPLET_ID": "p", "PROPLET_RETRY_MAX_BACKOFF_S": "soon"}
-        )
+        proplet(PROPLET_RETRY_MAX_BACKOFF_S="soon")

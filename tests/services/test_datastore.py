@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -271,6 +272,98 @@ async def test_put_without_a_dataset_is_invalid_argument(stub: Stub) -> None:
 
 
 # --- configuration ---------------------------------------------------------------------
+
+
+# --- train/test split (issue 11) ---------------------------------------------------------
+
+
+async def get_split(stub: Stub, proplet_id: str, split: str) -> datastore_pb2.Dataset:
+    reply: datastore_pb2.Dataset = await stub.GetDataset(
+        datastore_pb2.GetDatasetRequest(proplet_id=proplet_id, split=split), timeout=RPC_TIMEOUT
+    )
+    return reply
+
+
+async def get_info(stub: Stub, proplet_id: str, split: str) -> datastore_pb2.DatasetInfo:
+    reply: datastore_pb2.DatasetInfo = await stub.GetDatasetInfo(
+        datastore_pb2.GetDatasetRequest(proplet_id=proplet_id, split=split), timeout=RPC_TIMEOUT
+    )
+    return reply
+
+
+def documented_split(proplet_id: str, size: int) -> tuple[list[int], list[int]]:
+    """docs/architecture.md's rule, written out: a permutation seeded by sha256("split:" + id),
+    its last size // 5 entries held out, each part in data order."""
+    digest = hashlib.sha256(f"split:{proplet_id}".encode()).digest()
+    order = [int(i) for i in np.random.default_rng(int.from_bytes(digest, "big")).permutation(size)]
+    cut = size - size // 5
+    return sorted(order[:cut]), sorted(order[cut:])
+
+
+async def test_all_and_empty_split_are_the_whole_dataset(stub: Stub) -> None:
+    whole = await get_dataset(stub, SEED_IDS[0])
+    for split in ("", "all"):
+        assert await get_split(stub, SEED_IDS[0], split) == whole
+        assert (await get_info(stub, SEED_IDS[0], split)).size == 64
+
+
+@pytest.mark.parametrize("proplet_id", SEED_IDS)
+async def test_train_and_test_are_the_documented_seeded_split(stub: Stub, proplet_id: str) -> None:
+    features, labels = arrays(await get_dataset(stub, proplet_id))
+    train_idx, test_idx = documented_split(proplet_id, 64)
+    assert (len(train_idx), len(test_idx)) == (52, 12)
+    for split, idx in (("train", train_idx), ("test", test_idx)):
+        part = await get_split(stub, proplet_id, split)
+        f, y = arrays(part)
+        assert np.array_equal(f, features[idx]) and np.array_equal(y, labels[idx])
+        assert (part.proplet_id, part.schema) == (proplet_id, "fl-demo-dataset-v1")
+        info = await get_info(stub, proplet_id, split)
+        assert (info.size, info.num_features) == (len(idx), 3)
+    # Disjoint, together the whole, and not simply the first and last rows.
+    assert sorted(train_idx + test_idx) == list(range(64))
+    assert test_idx != list(range(52, 64))
+
+
+async def test_the_split_is_the_same_in_every_process_and_for_uploaded_data() -> None:
+    async with datastore(SEED_IDS[0]) as first:
+        test_a = await get_split(first, SEED_IDS[0], "test")
+    async with datastore(SEED_IDS[0]) as second:
+        assert await get_split(second, SEED_IDS[0], "test") == test_a
+        # An uploaded dataset splits by the same rule: its own rows at the same positions.
+        features = np.arange(30 * 2, dtype=np.float64).reshape(30, 2)
+        labels = (np.arange(30) % 2).astype(np.float64)
+        await put_dataset(second, dataset("up-1", features, labels))
+        _, test_idx = documented_split("up-1", 30)
+        got, got_labels = arrays(await get_split(second, "up-1", "test"))
+        assert np.array_equal(got, features[test_idx])
+        assert np.array_equal(got_labels, labels[test_idx])
+        assert len(test_idx) == 6
+        assert (await get_info(second, "up-1", "train")).size == 24
+
+
+async def test_a_bad_split_is_invalid_argument(stub: Stub) -> None:
+    for call in (stub.GetDataset, stub.GetDatasetInfo):
+        with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+            await call(
+                datastore_pb2.GetDatasetRequest(proplet_id=SEED_IDS[0], split="validation"),
+                timeout=RPC_TIMEOUT,
+            )
+        assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (excinfo.value.details() or "").startswith("split:")
+
+
+async def test_a_dataset_too_small_for_a_test_part_says_so(stub: Stub) -> None:
+    await put_dataset(stub, dataset("tiny"))  # 4 samples: 4 // 5 = 0 held out
+    train, _ = arrays(await get_split(stub, "tiny", "train"))
+    assert train.shape == (4, 3)
+    for call in (stub.GetDataset, stub.GetDatasetInfo):
+        with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+            await call(
+                datastore_pb2.GetDatasetRequest(proplet_id="tiny", split="test"),
+                timeout=RPC_TIMEOUT,
+            )
+        assert excinfo.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert (excinfo.value.details() or "").startswith("split:")
 
 
 def test_config_from_env() -> None:

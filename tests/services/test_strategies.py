@@ -514,9 +514,7 @@ async def test_parts_out_of_order_are_invalid_argument(
 
 async def test_the_held_updates_are_bounded() -> None:
     one = 6 * 8  # bytes of one update
-    config = AggregatorConfig(
-        addr="127.0.0.1:0", tls=service_tls("aggregator"), max_held_bytes=3 * one
-    )
+    config = AggregatorConfig("127.0.0.1:0", 3 * one, tls=service_tls("aggregator"))
     async with AggregatorApp(config) as app, served(app.bindings, service_tls("coordinator")) as ch:
         got = await aggregate(ch, "fedmedian", ROUND1)  # exactly at the limit
         close(got.model, np.median([flat(t) for t, _ in ROUND1], axis=0))

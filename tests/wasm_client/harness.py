@@ -192,11 +192,14 @@ def reference_train(
     round_id: str,
     proplet_id: str,
     shuffle: bool = True,
+    mu: float = 0.0,
 ) -> tuple[FloatArray, float]:
     """The documented algorithm, in numpy. ``shuffle=False`` uses data order (for the
-    order-independent full-batch case and for the minimal C client)."""
+    order-independent full-batch case and for the minimal C client); ``mu`` > 0 adds
+    FedProx's proximal gradient mu * (theta - theta_global) to every step, for w and b."""
     w = problem.w.astype(np.float64).copy()
     b = float(problem.b)
+    w_global, b_global = w.copy(), b
     n = problem.x.shape[0]
     for epoch in range(epochs):
         order = (
@@ -208,15 +211,43 @@ def reference_train(
             for i in order:
                 xi = problem.x[i]
                 err = float(sigmoid_clamped(np.asarray(float(np.dot(w, xi)) + b))) - problem.y[i]
-                w -= lr * err * xi
-                b -= lr * err
+                w -= lr * (err * xi + mu * (w - w_global))
+                b -= lr * (err + mu * (b - b_global))
         else:
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
                 xb, yb = problem.x[idx], problem.y[idx]
                 err_b = sigmoid_clamped(xb @ w + b) - yb
-                w = w - lr * ((err_b @ xb) / len(idx))
-                b = b - lr * (float(err_b.sum()) / len(idx))
+                w = w - lr * ((err_b @ xb) / len(idx) + mu * (w - w_global))
+                b = b - lr * (float(err_b.sum()) / len(idx) + mu * (b - b_global))
+    return w, b
+
+
+def seed_reference_run(
+    features: Sequence[Sequence[float]],
+    labels: Sequence[float],
+    w0: Sequence[float],
+    b0: float,
+    *,
+    lr: float,
+    epochs: int,
+) -> tuple[list[float], float]:
+    """The original demo's training loop, written out in plain Python floats with no numpy
+    (so independent of the vectorised reference above): samples in data order, one SGD step
+    each, z summed in feature order and clamped to [-20, 20]. What the trainer's literal mode
+    must reproduce."""
+    w = [float(v) for v in w0]
+    b = float(b0)
+    for _ in range(epochs):
+        for x, y in zip(features, labels, strict=True):
+            z = 0.0
+            for wj, xj in zip(w, x, strict=True):
+                z += wj * xj
+            z += b
+            z = min(max(z, -20.0), 20.0)
+            err = 1.0 / (1.0 + math.exp(-z)) - y
+            w = [wj - lr * err * xj for wj, xj in zip(w, x, strict=True)]
+            b -= lr * err
     return w, b
 
 

@@ -11,7 +11,9 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from server.datastore.datasets import synthetic_dataset
 from tests.wasm_client.harness import (
+    Problem,
     WasmRunner,
     assert_close,
     env_for,
@@ -20,6 +22,7 @@ from tests.wasm_client.harness import (
     make_problem,
     reference_metrics,
     reference_train,
+    seed_reference_run,
     shuffled_order,
 )
 
@@ -177,6 +180,150 @@ def test_zero_epochs_returns_the_received_model(fl_client: WasmRunner) -> None:
     assert out["metrics"]["loss"] == out["metrics"]["loss_before"]
 
 
+# ------------------------------------------------------------------------------- FedProx, shuffle
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 40])
+@pytest.mark.parametrize("mu", [0.01, 0.5, 3.0])
+def test_fedprox_mu_matches_numpy(fl_client: WasmRunner, batch_size: int, mu: float) -> None:
+    problem = make_problem(n=37, dim=4, seed=30, zero_model=False)
+    hp = {"epochs": 3, "lr": 0.1, "batch_size": batch_size, "mu": mu}
+    out = fl_client.run(env_for(problem, round_id="rp", proplet_id="pp", hyperparams=hp)).json()
+    w, b = reference_train(
+        problem, epochs=3, lr=0.1, batch_size=batch_size, round_id="rp", proplet_id="pp", mu=mu
+    )
+    assert_close(out["update"]["w"], w, TOL)
+    assert out["update"]["b"] == pytest.approx(b, abs=TOL)
+    # The metrics stay the plain log-loss: the proximal term is not part of them.
+    loss, _ = reference_metrics(problem.x, problem.y, out["update"]["w"], out["update"]["b"])
+    assert out["metrics"]["loss"] == pytest.approx(loss, abs=1e-9)
+
+
+def test_fedprox_keeps_the_update_near_the_global_model(fl_client: WasmRunner) -> None:
+    problem = make_problem(n=64, dim=3, seed=31)
+    base = np.append(problem.w, problem.b)
+
+    def distance(mu: float) -> float:
+        hp = {"epochs": 5, "lr": 0.2, "mu": mu}
+        u = fl_client.run(env_for(problem, hyperparams=hp)).json()["update"]
+        return float(np.linalg.norm(np.append(u["w"], u["b"]) - base))
+
+    assert distance(2.0) < 0.5 * distance(0.0)
+
+
+def test_mu_zero_is_the_plain_algorithm(fl_client: WasmRunner) -> None:
+    problem = make_problem(n=20, dim=3, seed=32, zero_model=False)
+    for bs in (1, 4):
+        plain = fl_client.run(env_for(problem, hyperparams={"epochs": 2, "batch_size": bs}))
+        zero = fl_client.run(
+            env_for(problem, hyperparams={"epochs": 2, "batch_size": bs, "mu": 0, "shuffle": True})
+        )
+        assert zero.stdout == plain.stdout
+
+
+@pytest.mark.parametrize("batch_size", [1, 6])
+def test_shuffle_off_trains_in_data_order(fl_client: WasmRunner, batch_size: int) -> None:
+    problem = make_problem(n=29, dim=3, seed=33, zero_model=False)
+    hp = {"epochs": 3, "lr": 0.2, "batch_size": batch_size, "shuffle": False}
+    out = fl_client.run(env_for(problem, round_id="rs", proplet_id="ps", hyperparams=hp)).json()
+    w, b = reference_train(
+        problem,
+        epochs=3,
+        lr=0.2,
+        batch_size=batch_size,
+        round_id="-",
+        proplet_id="-",
+        shuffle=False,
+    )
+    assert_close(out["update"]["w"], w, TOL)
+    assert out["update"]["b"] == pytest.approx(b, abs=TOL)
+    # Data order is the same for every round and proplet; the shuffled run is not.
+    other = fl_client.run(env_for(problem, round_id="r2", proplet_id="p2", hyperparams=hp))
+    assert other.json()["update"] == out["update"]
+    shuffled = fl_client.run(env_for(problem, hyperparams=hp | {"shuffle": True})).json()
+    assert shuffled["update"] != out["update"]
+
+
+# ------------------------------------------------------------------------------- literal mode
+
+# The seed walkthrough's request (step 6): epochs 1, lr 0.01, batch_size 16, from the all-zero
+# three-feature v0, on each proplet's 64 seeded samples.
+SEED_HYPERPARAMS = {"epochs": 1, "lr": 0.01, "batch_size": 16}
+
+
+@pytest.mark.parametrize("proplet_id", ["proplet-1", "proplet-2", "proplet-3"])
+@pytest.mark.parametrize("epochs", [1, 5])
+def test_literal_mode_reproduces_the_seed_reference_run(
+    fl_client: WasmRunner, proplet_id: str, epochs: int
+) -> None:
+    features, labels = synthetic_dataset(proplet_id)
+    x, y = features.astype(np.float64), labels.astype(np.float64)
+    problem = Problem(x=x, y=y, w=np.zeros(3), b=0.0)
+    hp = SEED_HYPERPARAMS | {"epochs": epochs, "mode": "literal"}
+    out = fl_client.run(env_for(problem, proplet_id=proplet_id, hyperparams=hp)).json()
+    w, b = seed_reference_run(
+        features.tolist(), labels.tolist(), [0.0] * 3, 0.0, lr=0.01, epochs=epochs
+    )
+    # Same operations in the same order: only exp() may differ in its last bit between the
+    # module's and the C library's implementations.
+    assert_close(out["update"]["w"], w, 2e-16)
+    assert abs(out["update"]["b"] - b) <= 2e-16
+    assert out["num_samples"] == 64 and out["metrics"]["epochs"] == epochs
+
+
+def test_literal_mode_ignores_batch_size_and_shuffle(fl_client: WasmRunner) -> None:
+    problem = make_problem(n=30, dim=2, seed=34, zero_model=False)
+    outs = [
+        fl_client.run(
+            env_for(problem, round_id=r, proplet_id=p, hyperparams=hp | {"mode": "literal"})
+        ).json()
+        for r, p, hp in [
+            ("ra", "pa", {"batch_size": 1}),
+            ("rb", "pb", {"batch_size": 7, "shuffle": True}),
+            ("rc", "pc", {"batch_size": 30, "shuffle": False}),
+        ]
+    ]
+    assert outs[0]["update"] == outs[1]["update"] == outs[2]["update"]
+    assert outs[0]["metrics"] == outs[1]["metrics"] == outs[2]["metrics"]
+    # One SGD step per example in data order, not the full-batch step batch_size 30 means.
+    out = outs[0]
+    w, b = reference_train(
+        problem, epochs=1, lr=0.01, batch_size=1, round_id="", proplet_id="", shuffle=False
+    )
+    assert_close(out["update"]["w"], w, TOL)
+    assert out["update"]["b"] == pytest.approx(b, abs=TOL)
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+@pytest.mark.parametrize("dim", [1, 3, 50])
+def test_evaluate_mode_reports_the_models_metrics_without_training(
+    fl_client: WasmRunner, dim: int
+) -> None:
+    problem = make_problem(n=45, dim=dim, seed=40 + dim, zero_model=False)
+    hp = {"task": "evaluate", "epochs": 5, "lr": 0.5}
+    result = fl_client.run(env_for(problem, hyperparams=hp))
+    out = result.json()
+    assert set(out) == {"num_samples", "metrics"}
+    assert out["num_samples"] == 45
+    assert set(out["metrics"]) == {"loss", "accuracy"}
+    loss, accuracy = reference_metrics(problem.x, problem.y, problem.w, problem.b)
+    assert out["metrics"]["loss"] == pytest.approx(loss, abs=1e-12)
+    assert out["metrics"]["accuracy"] == accuracy
+    # The training run of the same inputs starts from exactly these numbers.
+    trained = fl_client.run(env_for(problem, hyperparams={"epochs": 5, "lr": 0.5})).json()
+    assert trained["metrics"]["loss_before"] == out["metrics"]["loss"]
+    assert trained["metrics"]["loss"] != out["metrics"]["loss"]
+
+
+def test_evaluate_mode_checks_its_inputs(fl_client: WasmRunner) -> None:
+    env = env_for(make_problem(n=6, dim=3), hyperparams={"task": "evaluate"})
+    env["MODEL_DATA"] = json.dumps({"w": [0.0, 0.0], "b": 0.0})
+    result = fl_client.run(env)
+    assert result.code == 1 and result.stdout == "" and "dimension" in result.stderr
+
+
 # ------------------------------------------------------------------------------- metrics
 
 
@@ -270,6 +417,28 @@ def test_bad_hyperparams_fail(fl_client: WasmRunner, hyperparams: str) -> None:
     result = fl_client.run(env_for(make_problem(n=4, dim=2), hyperparams=hyperparams))
     assert result.code == 1
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("hyperparams", "named"),
+    [
+        ({"mu": -0.1}, "HYPERPARAMS.mu"),
+        ({"mu": "0.1"}, "HYPERPARAMS.mu"),
+        ({"shuffle": 0}, "HYPERPARAMS.shuffle"),
+        ({"shuffle": "false"}, "HYPERPARAMS.shuffle"),
+        ({"mode": "seed"}, "HYPERPARAMS.mode"),
+        ({"mode": 1}, "HYPERPARAMS.mode"),
+        ({"task": "eval"}, "HYPERPARAMS.task"),
+        ({"mode": "literal", "mu": 0.1}, "HYPERPARAMS.mu"),
+    ],
+)
+def test_bad_new_hyperparams_fail_naming_the_key(
+    fl_client: WasmRunner, hyperparams: dict[str, object], named: str
+) -> None:
+    result = fl_client.run(env_for(make_problem(n=4, dim=2), hyperparams=hyperparams))
+    assert result.code == 1
+    assert result.stdout == ""
+    assert named in result.stderr
 
 
 def test_divergence_is_reported_not_emitted(fl_client: WasmRunner) -> None:

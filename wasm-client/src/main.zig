@@ -5,7 +5,9 @@
 //!
 //!   ROUND_ID      required (missing/empty -> exit 2)
 //!   MODEL_URI     echoed back as base_model_uri
-//!   HYPERPARAMS   {"epochs": int=1, "lr": float=0.01, "batch_size": int=1}
+//!   HYPERPARAMS   {"epochs": int=1, "lr": float=0.01, "batch_size": int=1,
+//!                  "mu": float=0 (FedProx), "shuffle": bool=true,
+//!                  "mode": "standard"|"literal", "task": "train"|"evaluate"}
 //!   PROPLET_ID    echoed back; part of the shuffle seed
 //!   MODEL_DATA    {"w": [f64...], "b": f64}
 //!   DATASET_DATA  {"data": [{"x": [f64...], "y": 0|1}], ...}
@@ -13,7 +15,10 @@
 //! Training is logistic regression with per-epoch Fisher-Yates shuffling driven
 //! by SplitMix64 seeded with FNV-1a 64 of
 //!   ROUND_ID ++ 0x00 ++ PROPLET_ID ++ 0x00 ++ epoch (u64, little endian),
-//! so identical inputs always give an identical update.
+//! so identical inputs always give an identical update. "shuffle": false keeps the
+//! data order; "mode": "literal" is the original demo's algorithm (data order, one SGD
+//! step per example whatever batch_size says); "task": "evaluate" trains nothing and
+//! reports the received model's loss and accuracy on the data.
 
 const std = @import("std");
 const Allocator = std.mem.Allocator;
@@ -25,10 +30,18 @@ const exit_bad_input: u8 = 1;
 const z_clamp: f64 = 20.0;
 const p_eps: f64 = 1e-12;
 
+const Mode = enum { standard, literal };
+const Task = enum { train, evaluate };
+
 const Hyper = struct {
     epochs: u64 = 1,
     lr: f64 = 0.01,
     batch_size: u64 = 1,
+    /// FedProx: mu/2 * ||theta - theta_global||^2 added to the loss (w and b).
+    mu: f64 = 0.0,
+    shuffle: bool = true,
+    mode: Mode = .standard,
+    task: Task = .train,
 };
 
 const Model = struct {
@@ -51,6 +64,11 @@ const Dataset = struct {
 const Metrics = struct {
     loss: f64,
     accuracy: f64,
+};
+
+const EvalOutput = struct {
+    num_samples: usize,
+    metrics: Metrics,
 };
 
 const Output = struct {
@@ -107,6 +125,13 @@ fn numberToU64(v: Value) ?u64 {
     }
 }
 
+fn enumValue(comptime E: type, v: Value) ?E {
+    return switch (v) {
+        .string => |s| std.meta.stringToEnum(E, s),
+        else => null,
+    };
+}
+
 fn parseJson(alloc: Allocator, name: []const u8, text: []const u8) Value {
     return std.json.parseFromSliceLeaky(Value, alloc, text, .{}) catch |err|
         die(exit_bad_input, "{s} is not valid JSON ({s})", .{ name, @errorName(err) });
@@ -141,6 +166,25 @@ fn parseHyper(alloc: Allocator, text: ?[]const u8) Hyper {
         h.batch_size = numberToU64(v) orelse die(exit_bad_input, "HYPERPARAMS.batch_size must be a positive integer", .{});
         if (h.batch_size == 0) die(exit_bad_input, "HYPERPARAMS.batch_size must be >= 1", .{});
     }
+    if (obj.get("mu")) |v| {
+        h.mu = numberToF64(v) orelse die(exit_bad_input, "HYPERPARAMS.mu must be a finite number >= 0", .{});
+        if (h.mu < 0) die(exit_bad_input, "HYPERPARAMS.mu must be a finite number >= 0", .{});
+    }
+    if (obj.get("shuffle")) |v| {
+        h.shuffle = switch (v) {
+            .bool => |b| b,
+            else => die(exit_bad_input, "HYPERPARAMS.shuffle must be true or false", .{}),
+        };
+    }
+    if (obj.get("mode")) |v| {
+        h.mode = enumValue(Mode, v) orelse die(exit_bad_input, "HYPERPARAMS.mode must be \"standard\" or \"literal\"", .{});
+    }
+    if (obj.get("task")) |v| {
+        h.task = enumValue(Task, v) orelse die(exit_bad_input, "HYPERPARAMS.task must be \"train\" or \"evaluate\"", .{});
+    }
+    // The literal mode is the original algorithm and nothing else: a proximal term would
+    // make it something the reference run never was.
+    if (h.mode == .literal and h.mu != 0) die(exit_bad_input, "HYPERPARAMS.mu must be 0 in \"mode\": \"literal\"", .{});
     return h;
 }
 
@@ -285,20 +329,44 @@ fn shuffle(order: []usize, seed: u64) void {
 fn train(alloc: Allocator, m: *Model, ds: Dataset, h: Hyper, round_id: []const u8, proplet_id: []const u8) !void {
     const order = try alloc.alloc(usize, ds.n);
     const grad = try alloc.alloc(f64, ds.d);
+    // The model as received: the centre of FedProx's proximal term.
+    const w_global = try alloc.dupe(f64, m.w);
+    const b_global = m.b;
     const lr = h.lr;
+    const mu = h.mu;
     var epoch: u64 = 0;
     while (epoch < h.epochs) : (epoch += 1) {
-        shuffle(order, epochSeed(round_id, proplet_id, epoch));
-        if (h.batch_size == 1) {
-            // Per-example SGD, exactly the original demo's update rule.
-            for (order) |i| {
+        if (h.mode == .literal) {
+            // The original demo, step for step: data order, one SGD step per example.
+            for (0..ds.n) |i| {
                 const x = ds.row(i);
                 const err = sigmoid(logit(m.w, m.b, x)) - ds.y[i];
                 for (m.w, x) |*wj, xj| wj.* -= lr * err * xj;
                 m.b -= lr * err;
             }
+            continue;
+        }
+        if (h.shuffle) {
+            shuffle(order, epochSeed(round_id, proplet_id, epoch));
         } else {
-            // Mini-batches of consecutive shuffled samples; the last may be short.
+            for (order, 0..) |*o, i| o.* = i;
+        }
+        if (h.batch_size == 1) {
+            // Per-example SGD, exactly the original demo's update rule (plus the proximal
+            // gradient mu * (theta - theta_global) when mu > 0).
+            for (order) |i| {
+                const x = ds.row(i);
+                const err = sigmoid(logit(m.w, m.b, x)) - ds.y[i];
+                if (mu == 0) {
+                    for (m.w, x) |*wj, xj| wj.* -= lr * err * xj;
+                    m.b -= lr * err;
+                } else {
+                    for (m.w, x, w_global) |*wj, xj, gj| wj.* -= lr * (err * xj + mu * (wj.* - gj));
+                    m.b -= lr * (err + mu * (m.b - b_global));
+                }
+            }
+        } else {
+            // Mini-batches of consecutive (shuffled) samples; the last may be short.
             // Gradient = mean over the batch, computed with the pre-batch model.
             const bs: usize = @intCast(@min(h.batch_size, @as(u64, ds.n)));
             var start: usize = 0;
@@ -313,8 +381,13 @@ fn train(alloc: Allocator, m: *Model, ds: Dataset, h: Hyper, round_id: []const u
                     grad_b += err;
                 }
                 const count: f64 = @floatFromInt(end - start);
-                for (m.w, grad) |*wj, gj| wj.* -= lr * (gj / count);
-                m.b -= lr * (grad_b / count);
+                if (mu == 0) {
+                    for (m.w, grad) |*wj, gj| wj.* -= lr * (gj / count);
+                    m.b -= lr * (grad_b / count);
+                } else {
+                    for (m.w, grad, w_global) |*wj, gj, cj| wj.* -= lr * (gj / count + mu * (wj.* - cj));
+                    m.b -= lr * (grad_b / count + mu * (m.b - b_global));
+                }
             }
         }
     }
@@ -335,7 +408,20 @@ pub fn main(init: std.process.Init) !void {
     const ds = try parseDataset(alloc, env.get("DATASET_DATA"));
     var model = try parseModel(alloc, env.get("MODEL_DATA"), ds.d);
 
+    var buf: [4096]u8 = undefined;
+    var fw = std.Io.File.stdout().writerStreaming(init.io, &buf);
+    const w = &fw.interface;
+
     const before = evaluate(model, ds);
+    if (hyper.task == .evaluate) {
+        std.debug.print("fl-client: evaluate round={s} proplet={s} n={d} d={d} loss {d:.6} accuracy {d:.6}\n", .{
+            round_id, proplet_id, ds.n, ds.d, before.loss, before.accuracy,
+        });
+        try std.json.Stringify.value(EvalOutput{ .num_samples = ds.n, .metrics = before }, .{}, w);
+        try w.writeByte('\n');
+        try w.flush();
+        return;
+    }
     try train(alloc, &model, ds, hyper, round_id, proplet_id);
     const after = evaluate(model, ds);
 
@@ -344,8 +430,9 @@ pub fn main(init: std.process.Init) !void {
     }
     if (!std.math.isFinite(model.b)) die(exit_bad_input, "training diverged (non-finite bias); lower lr", .{});
 
-    std.debug.print("fl-client: round={s} proplet={s} n={d} d={d} epochs={d} lr={d} batch_size={d} loss {d:.6} -> {d:.6}\n", .{
-        round_id, proplet_id, ds.n, ds.d, hyper.epochs, hyper.lr, hyper.batch_size, before.loss, after.loss,
+    std.debug.print("fl-client: round={s} proplet={s} n={d} d={d} epochs={d} lr={d} batch_size={d} mu={d} shuffle={} mode={s} loss {d:.6} -> {d:.6}\n", .{
+        round_id, proplet_id,    ds.n,                 ds.d,        hyper.epochs, hyper.lr, hyper.batch_size,
+        hyper.mu, hyper.shuffle, @tagName(hyper.mode), before.loss, after.loss,
     });
 
     const out: Output = .{
@@ -363,9 +450,6 @@ pub fn main(init: std.process.Init) !void {
         .update = .{ .w = model.w, .b = model.b },
     };
 
-    var buf: [4096]u8 = undefined;
-    var fw = std.Io.File.stdout().writerStreaming(init.io, &buf);
-    const w = &fw.interface;
     try std.json.Stringify.value(out, .{}, w);
     try w.writeByte('\n');
     try w.flush();
