@@ -8,6 +8,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from server.aggregator.client import Aggregated
+from server.aggregator.strategies import choose_strategy
+from server.coordinator.backend import FEDAVG, StrategyRun
 from server.coordinator.coordinator import BaseModel, Lineage
 from server.coordinator.rounds import Update
 from server.coordinator.store import RoundUpdates, each_update
@@ -52,6 +55,8 @@ class MemoryBackend:
         self.gate: asyncio.Event | None = None
         # Each version's lineage as the coordinator sent it: (round id, proplets, clips).
         self.lineages: dict[int, Lineage] = {}
+        # Every aggregation's strategy, base and state, in call order.
+        self.runs: list[StrategyRun] = []
 
     async def resolve(self, model_ref: str) -> BaseModel:
         version = parse_model_uri(model_ref) if model_ref else max(self.models)
@@ -70,14 +75,26 @@ class MemoryBackend:
             raise AlreadyExists(f"version: {lineage.version} already has another lineage")
         self.lineages[lineage.version] = lineage
 
-    async def aggregate(self, round_id: str, updates: RoundUpdates) -> tuple[Tensors, str]:
+    async def aggregate(
+        self, round_id: str, updates: RoundUpdates, run: StrategyRun = FEDAVG
+    ) -> Aggregated:
+        """FedAvg as the reference computes it; another strategy by the aggregator's own
+        strategy objects, in process."""
         self.aggregate_calls += 1
+        self.runs.append(run)
         if self.gate is not None:
             await self.gate.wait()
         if self.aggregate_errors:
             raise self.aggregate_errors.pop(0)
-        tensors = fedavg([u async for u in each_update(updates)])
-        return tensors, sha256_of(tensors)
+        received = [u async for u in each_update(updates)]
+        if not run.name:
+            tensors = fedavg(received)
+            return Aggregated(tensors, sha256_of(tensors), None)
+        strategy = choose_strategy(run.name, run.params_json).start()
+        for u in received:
+            strategy.add(u.tensors, u.num_samples)
+        tensors, state = strategy.result(run.base, run.state)
+        return Aggregated(tensors, sha256_of(tensors), state)
 
     async def put(self, tensors: Tensors, sha256: str) -> tuple[int, str]:
         self.put_calls += 1

@@ -58,6 +58,10 @@ class StrategyChoice:
     def name(self) -> str:
         return self.cls.name
 
+    @property
+    def min_updates(self) -> int:
+        return self.cls.min_updates(self.params)
+
     def start(self) -> Strategy:
         """A fresh aggregation of one round by this strategy."""
         return self.cls(self.params)

@@ -131,6 +131,12 @@ class Strategy(ABC):
         """The new model and the new state; `state` None means the first round (zeros)."""
 
     @classmethod
+    def min_updates(cls, params: StrategyParams) -> int:
+        """The fewest updates the rule can combine with these parameters (a round configured
+        to close with fewer is refused when it is configured)."""
+        return 1
+
+    @classmethod
     def state_specs(cls, model: Sequence[Spec]) -> list[Spec]:
         """The tensors of this strategy's state for a model of `model`'s tensors."""
         return []

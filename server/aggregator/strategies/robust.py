@@ -210,6 +210,11 @@ class Krum(_HeldStrategy):
     name = "krum"
     params_type = KrumParams
 
+    @classmethod
+    def min_updates(cls, params: StrategyParams) -> int:
+        assert isinstance(params, KrumParams)
+        return 2 * params.num_malicious + 3
+
     def _selected(self) -> list[int]:
         p = self.params
         assert isinstance(p, KrumParams)
@@ -242,6 +247,11 @@ class MultiKrum(Krum):
     name = "multikrum"
     params_type = MultiKrumParams
 
+    @classmethod
+    def min_updates(cls, params: StrategyParams) -> int:
+        assert isinstance(params, MultiKrumParams)
+        return max(2 * params.num_malicious + 3, params.num_to_keep)
+
     def _keep(self, k: int, f: int) -> int:
         p = self.params
         assert isinstance(p, MultiKrumParams)
@@ -261,6 +271,11 @@ class BulyanParams(KrumParams):
 class Bulyan(_HeldStrategy):
     name = "bulyan"
     params_type = BulyanParams
+
+    @classmethod
+    def min_updates(cls, params: StrategyParams) -> int:
+        assert isinstance(params, BulyanParams)
+        return 4 * params.num_malicious + 3
 
     def result(self, base: Tensors | None, state: Tensors | None) -> tuple[Tensors, Tensors | None]:
         specs = self._checked_specs()
