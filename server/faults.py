@@ -16,6 +16,8 @@ each):
   on the coordinator, and has not started the round.
 - `manager.round_started`: the round is open; no task of the experiment exists yet.
 - `manager.task_start_published`: a task start was published (count them with `:N`).
+- `coordinator.model_stored`: the round's new version and its lineage are in the registry;
+  the round's completion (and its experiment's new strategy state) is not committed yet.
 - `coordinator.round_completed`: the round's COMPLETED record and its notification are
   committed; the notification is not published yet.
 """

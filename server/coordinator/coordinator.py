@@ -398,6 +398,7 @@ class Coordinator:
         except PropellerError as exc:
             await self._fail(round_id, f"storing the new model failed: {exc}")
             return
+        crash_point("coordinator.model_stored")
         metrics = R.weighted_metrics(update_headers(updates))
         async with self._lock(round_id):
             rnd = R.complete(await self.get(round_id), version, uri, metrics, self.clock())

@@ -133,3 +133,38 @@ def make_update(
         tensors={"w": np.array(w, dtype=np.float64), "b": np.array(b, dtype=np.float64)},
         module_digest=TEST_MODULE,
     )
+
+
+class FedAdamReference:
+    """FedAdam as Reddi et al. 2021 (Algorithm 2) state it, over the model flattened into one
+    vector, in plain numpy: delta = mean - x; m = b1 m + (1 - b1) delta;
+    v = b2 v + (1 - b2) delta^2; x = x + eta m / (sqrt(v) + tau); m and v start at 0. One
+    `step` per round, with the round's updates (sample-weighted mean)."""
+
+    def __init__(
+        self, base: Tensors, *, eta: float, beta_1: float, beta_2: float, tau: float
+    ) -> None:
+        self.names = list(base)
+        self.shapes = {n: np.shape(base[n]) for n in base}
+        self.x = self._flat(base)
+        self.m = np.zeros_like(self.x)
+        self.v = np.zeros_like(self.x)
+        self.eta, self.beta_1, self.beta_2, self.tau = eta, beta_1, beta_2, tau
+
+    def _flat(self, t: Tensors) -> np.ndarray:
+        return np.concatenate([np.asarray(t[n], np.float64).ravel() for n in self.names])
+
+    def step(self, updates: Sequence[Update]) -> Tensors:
+        total = sum(u.num_samples for u in updates)
+        mean = sum(self._flat(u.tensors) * u.num_samples for u in updates) / total
+        delta = mean - self.x
+        self.m = self.beta_1 * self.m + (1 - self.beta_1) * delta
+        self.v = self.beta_2 * self.v + (1 - self.beta_2) * delta**2
+        self.x = self.x + self.eta * self.m / (np.sqrt(self.v) + self.tau)
+        out: Tensors = {}
+        at = 0
+        for n in self.names:
+            size = int(np.prod(self.shapes[n]))
+            out[n] = self.x[at : at + size].reshape(self.shapes[n])
+            at += size
+        return out
