@@ -127,6 +127,11 @@ async def test_the_state_survives_a_kill_and_is_applied_once(
         async with running(coord) as c:
             st = await completed(c, "r1")  # resumed, or already committed
             assert st.new_model_version == 1
+            # The round's strategy is part of its record on disk.
+            assert (st.strategy_name, json.loads(st.strategy_params_json)) == (
+                "fedadam",
+                {**ADAM, "eta_l": 0.1},
+            )
             assert await reg.versions() == [0, 1]  # stored once
             v1 = await reg.model(1)
             want1 = reference.step(first)
