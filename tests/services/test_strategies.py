@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
-from propeller.v1 import aggregator_pb2, aggregator_pb2_grpc
+from propeller.v1 import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
 from server.aggregator.app import AggregatorApp, AggregatorConfig
 from server.aggregator.client import (
     Aggregated,
@@ -460,6 +460,8 @@ BAD_PARTS = [
     ("fedavgm", with_w(BASE0, np.zeros((2, 3))), None, "base.tensors.w.shape"),
     ("fedadam", {"w": BASE0["w"]}, None, "base.tensors"),
     ("fedadam", with_w(BASE0, np.full((2, 2), np.nan)), None, "base.tensors.w"),
+    # A base a strategy does not need is still checked (and then ignored).
+    ("fedavg", with_w(BASE0, np.zeros(4)), None, "base.tensors.w.shape"),
     ("fedavg", BASE0, FIRST_STATE, "state"),
     ("fedadam", BASE0, {k: v for k, v in FIRST_STATE.items() if k != "v.b"}, "state.tensors"),
     ("fedadam", BASE0, {**FIRST_STATE, "m.w": np.zeros((2, 2), np.float32)}, "state.tensors.m.w"),
@@ -510,6 +512,23 @@ async def test_parts_out_of_order_are_invalid_argument(
         await read_answer(stub.Aggregate(raw_stream(*order), timeout=RPC_TIMEOUT))
     assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (excinfo.value.details() or "").startswith(f"{field}:"), excinfo.value.details()
+
+
+async def test_a_base_too_big_is_refused_from_its_header(aggregator: grpc.aio.Channel) -> None:
+    """2 GiB claimed by the base's header: refused before any of its bytes."""
+    huge = tensor_pb2.ModelHeader(
+        tensors=[tensor_pb2.TensorSpec(name="w", dtype=tensor_pb2.DTYPE_FLOAT64, shape=[1 << 28])]
+    )
+    chunks = [
+        stream_header("r1", strategy_name="fedadam"),
+        aggregator_pb2.AggregateChunk(base=huge),
+        aggregator_pb2.AggregateChunk(data=b"\0" * 1024),
+    ]
+    stub = aggregator_pb2_grpc.AggregatorStub(aggregator)
+    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+        await read_answer(stub.Aggregate(iter(chunks), timeout=RPC_TIMEOUT))
+    assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (excinfo.value.details() or "").startswith("base.tensors: 2147483648 bytes, more than")
 
 
 async def test_the_held_updates_are_bounded() -> None:
