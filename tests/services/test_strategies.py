@@ -391,6 +391,36 @@ async def test_bulyan(aggregator: grpc.aio.Channel) -> None:
     assert np.abs(weighted_mean(updates) - 1.0).max() > 3
 
 
+async def test_robust_rules_resist_sign_flipped_scaled_updates(
+    aggregator: grpc.aio.Channel,
+) -> None:
+    """20% of the updates poisoned (the honest direction flipped and scaled by 10, claiming
+    many samples): the robust rules stay near the clean mean, FedAvg does not. Both halves of
+    the comparison are asserted, so the test fails if either stops holding."""
+    rng = np.random.default_rng(7)
+    step = rng.standard_normal(6)
+    honest = [(unflat(step + 0.05 * rng.standard_normal(6)), 10) for _ in range(8)]
+    poisoned = [(unflat(-10 * step), 1000) for _ in range(2)]
+    updates = [*honest[:4], poisoned[0], *honest[4:], poisoned[1]]
+    clean = weighted_mean(honest)
+    scale = float(np.linalg.norm(step))
+
+    def off(model: Tensors) -> float:
+        return float(np.linalg.norm(flat(model) - clean)) / scale
+
+    plain = await aggregate(aggregator, "fedavg", updates)
+    assert off(plain.model) > 5
+    for name, params in (
+        ("fedmedian", ""),
+        ("fedtrimmedavg", '{"beta": 0.2}'),
+        ("krum", '{"num_malicious": 2}'),
+        ("multikrum", '{"num_malicious": 2}'),
+        ("bulyan", '{"num_malicious": 1}'),
+    ):
+        got = await aggregate(aggregator, name, updates, params)
+        assert off(got.model) < 0.2, name
+
+
 @pytest.mark.parametrize(
     ("name", "params", "k"),
     [
