@@ -97,8 +97,12 @@ def compare(k: int, d: int, reps: int) -> dict[str, float]:
     }
 
 
-def memory(k: int, d: int, workdir: Path) -> dict[str, float]:
-    child = Child("aggmem", {"k": k, "d": d}, log_path=workdir / f"aggmem-{k}.log")
+def memory(k: int, d: int, workdir: Path, strategy: str = "") -> dict[str, float]:
+    child = Child(
+        "aggmem",
+        {"k": k, "d": d, "strategy": strategy},
+        log_path=workdir / f"aggmem-{strategy or 'fedavg'}-{k}.log",
+    )
     try:
         ready = child.ready
     finally:
@@ -132,25 +136,29 @@ async def run(rec: Recorder, smoke: bool) -> None:
             )
     d_mem = 10_000 if smoke else 2_500_000
     ks = [2, 20] if smoke else [10, 100, 1000]
-    with tempfile.TemporaryDirectory(prefix="bench-agg-") as tmp:
-        peaks = {k: memory(k, d_mem, Path(tmp)) for k in ks}
-    small, big = peaks[ks[0]], peaks[ks[-1]]
-    growth = big["peak_rss_mb"] / small["peak_rss_mb"]
-    all_bytes = ks[-1] * d_mem * 4
-    rec.record(
-        NAME + "-memory",
-        {"d": d_mem, "k": ks, "update_mb": d_mem * 4 / 1e6},
-        {
-            **{f"peak_rss_mb_k{k}": p["peak_rss_mb"] for k, p in peaks.items()},
-            "growth": round(growth, 3),
-            f"seconds_k{ks[-1]}": big["seconds"],
-            f"all_updates_mb_k{ks[-1]}": round(all_bytes / 1e6),
-        },
-        targets={f"flat in K (K={ks[-1]} < 1.25x K={ks[0]})": growth < 1.25},
-        summary=(
-            f"coordinator->aggregator over gRPC, D={fmt_count(d_mem)} float32: peak RSS "
-            + ", ".join(f"{p['peak_rss_mb']:.0f} MB at K={k}" for k, p in peaks.items())
-            + f" (all K={ks[-1]} updates: {all_bytes / 1e6:.0f} MB); K={ks[-1]} took "
-            f"{big['seconds']:.1f} s"
-        ),
-    )
+    # FedAvg, and a server optimiser of its family (the base streamed in, float64 moments
+    # kept and answered): both fold updates as they arrive.
+    for strategy in ("", "fedadam"):
+        with tempfile.TemporaryDirectory(prefix="bench-agg-") as tmp:
+            peaks = {k: memory(k, d_mem, Path(tmp), strategy) for k in ks}
+        small, big = peaks[ks[0]], peaks[ks[-1]]
+        growth = big["peak_rss_mb"] / small["peak_rss_mb"]
+        all_bytes = ks[-1] * d_mem * 4
+        rec.record(
+            NAME + "-memory" + (f"-{strategy}" if strategy else ""),
+            {"d": d_mem, "k": ks, "update_mb": d_mem * 4 / 1e6, "strategy": strategy or "fedavg"},
+            {
+                **{f"peak_rss_mb_k{k}": p["peak_rss_mb"] for k, p in peaks.items()},
+                "growth": round(growth, 3),
+                f"seconds_k{ks[-1]}": big["seconds"],
+                f"all_updates_mb_k{ks[-1]}": round(all_bytes / 1e6),
+            },
+            targets={f"flat in K (K={ks[-1]} < 1.25x K={ks[0]})": growth < 1.25},
+            summary=(
+                f"{strategy or 'fedavg'}, coordinator->aggregator over gRPC, "
+                f"D={fmt_count(d_mem)} float32: peak RSS "
+                + ", ".join(f"{p['peak_rss_mb']:.0f} MB at K={k}" for k, p in peaks.items())
+                + f" (all K={ks[-1]} updates: {all_bytes / 1e6:.0f} MB); K={ks[-1]} took "
+                f"{big['seconds']:.1f} s"
+            ),
+        )

@@ -32,9 +32,12 @@ import grpc
 import numpy as np
 
 from benchmarks.common import Json, peak_rss_kib, write_line
+from server.aggregator.client import Aggregated
 from server.aggregator.service import binding as aggregator_binding
+from server.aggregator.strategies import strategy_class
 from server.config import MqttConfig
 from server.coordinator import rounds as R
+from server.coordinator.backend import FEDAVG, StrategyRun
 from server.coordinator.clients import GrpcModelBackend
 from server.coordinator.coordinator import BaseModel, Coordinator, Lineage
 from server.coordinator.service import binding as coordinator_binding
@@ -158,7 +161,9 @@ class FixedModels:
     async def put_lineage(self, lineage: Lineage) -> None:
         raise FailedPrecondition("the ingestion benchmark does not store lineages")
 
-    async def aggregate(self, round_id: str, updates: RoundUpdates) -> tuple[Tensors, str]:
+    async def aggregate(
+        self, round_id: str, updates: RoundUpdates, run: StrategyRun = FEDAVG
+    ) -> Aggregated:
         raise FailedPrecondition("the ingestion benchmark does not aggregate")
 
     async def put(self, tensors: Tensors, sha256: str) -> tuple[int, str]:
@@ -262,13 +267,17 @@ class LazyUpdates(Sequence[R.Update]):
 async def run_aggmem(args: Json) -> None:
     k, d = int(args["k"]), int(args["d"])
     updates = LazyUpdates(k, d)
+    # A server optimiser (e.g. fedadam) also streams the base model and answers a state.
+    strategy = str(args.get("strategy", ""))
+    base = {"w": np.zeros(d, np.float32)} if strategy_class(strategy).needs_base else None
+    run = StrategyRun(strategy, "", base, None)
     async with serving("127.0.0.1:0", [aggregator_binding()], None) as port:
         aggregator = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
         registry = grpc.aio.insecure_channel("127.0.0.1:9", options=GRPC_OPTIONS)  # unused
         try:
             backend = GrpcModelBackend(registry, aggregator, timeout_s=3600)
             started = time.perf_counter()
-            result, _ = await backend.aggregate("mem", updates)
+            result = (await backend.aggregate("mem", updates, run)).model
             seconds = time.perf_counter() - started
         finally:
             await aggregator.close(None)

@@ -20,6 +20,8 @@ each):
   recorded; the next round is not planned yet (`server/manager/driver.py`).
 - `manager.next_round_recorded`: an experiment's next round (participants, task ids) is
   recorded; nothing of it has left the manager.
+- `coordinator.model_stored`: the round's new version and its lineage are in the registry;
+  the round's completion (and its experiment's new strategy state) is not committed yet.
 - `coordinator.round_completed`: the round's COMPLETED record and its notification are
   committed; the notification is not published yet.
 """

@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from server.aggregator.strategies import choose_strategy
 from server.errors import InvalidArgument
 from server.ids import (
     MAX_ID_LENGTH,
@@ -195,6 +196,11 @@ class RoundSpec:
     # manager resolves task_wasm_image to it at StartExperiment (a request may name the
     # digest it expects).
     module_digest: str = ""
+    # How the aggregator combines the round's updates (docs/strategies.md): "" = fedavg; the
+    # parameters as a JSON object, made canonical with every default filled in by `validate`
+    # ("" = the defaults).
+    strategy_name: str = ""
+    strategy_params_json: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -208,6 +214,8 @@ class RoundSpec:
             "task_wasm_image": self.task_wasm_image,
             "min_k_of_n": self.min_k_of_n,
             "module_digest": self.module_digest,
+            "strategy_name": self.strategy_name,
+            "strategy_params_json": self.strategy_params_json,
         }
 
     @classmethod
@@ -223,6 +231,8 @@ class RoundSpec:
             task_wasm_image=str(d["task_wasm_image"]),
             min_k_of_n=int(d.get("min_k_of_n", 0)),  # absent in records of older versions
             module_digest=str(d.get("module_digest", "")),
+            strategy_name=str(d.get("strategy_name", "")),
+            strategy_params_json=str(d.get("strategy_params_json", "")),
         )
 
 
@@ -284,7 +294,21 @@ def validate(spec: RoundSpec, *, experiment: bool = False) -> RoundSpec:
         raise InvalidArgument("task_wasm_image: must not be empty")
     check_text(spec.task_wasm_image, "task_wasm_image")
     check_module_digest(spec.module_digest, "module_digest")
-    return replace(spec, experiment_id=experiment_id, hyperparams=hp.filled())
+    # The same registry the aggregator runs the strategy from: a round it would refuse is
+    # refused here, before any participant trains for it.
+    strategy = choose_strategy(spec.strategy_name, spec.strategy_params_json)
+    if k < strategy.min_updates:
+        raise InvalidArgument(
+            f"k_of_n: {k}, but {strategy.name} with {strategy.params.as_json()} needs at least "
+            f"{strategy.min_updates} updates"
+        )
+    params = strategy.params.as_json() if spec.strategy_params_json.strip() else ""
+    return replace(
+        spec,
+        experiment_id=experiment_id,
+        hyperparams=hp.filled(),
+        strategy_params_json=params,
+    )
 
 
 def with_defaults(spec: RoundSpec, default_timeout_s: float = DEFAULT_TIMEOUT_S) -> RoundSpec:

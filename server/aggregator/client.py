@@ -1,4 +1,5 @@
-"""The one client of the Aggregator: stream updates in, read the aggregated model back.
+"""The one client of the Aggregator: stream the strategy, the base model, the strategy's state
+and the updates in; read the aggregated model (and the new state) back.
 
 The coordinator aggregates through it (`server.coordinator.clients`), and so do the tests.
 The call is driven with explicit writes rather than a request iterator, so an error raised
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from propeller.v1 import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
 from server.errors import InvalidArgument, Unavailable, rpc_errors
-from server.streams import UpdateMeta, read_model_stream, update_header
+from server.streams import UpdateMeta, checked_total, model_stream, update_header
 from server.tensors import (
     DEFAULT_CHUNK_SIZE,
     Array,
@@ -26,10 +28,14 @@ from server.tensors import (
     nbytes_of,
     offload_if_big,
     sha256_of,
+    specs_from_proto,
     specs_of,
+    split_payload,
 )
 
 METHOD = "Aggregator.Aggregate"
+# The model_uri of the answer's second model: the strategy's new state.
+STATE_URI = "state"
 
 UpdateInput = tuple[UpdateMeta, Mapping[str, Array]]
 
@@ -45,11 +51,34 @@ def update_requests(
 
 
 def stream_header(
-    round_id: str, strategy: aggregator_pb2.Strategy = aggregator_pb2.STRATEGY_FEDAVG
+    round_id: str,
+    strategy: aggregator_pb2.Strategy = aggregator_pb2.STRATEGY_FEDAVG,
+    *,
+    strategy_name: str = "",
+    strategy_params_json: str = "",
 ) -> aggregator_pb2.AggregateChunk:
     return aggregator_pb2.AggregateChunk(
-        header=aggregator_pb2.AggregateHeader(strategy=strategy, round_id=round_id)
+        header=aggregator_pb2.AggregateHeader(
+            # A strategy by name leaves the enum unspecified (the name decides).
+            strategy=aggregator_pb2.STRATEGY_UNSPECIFIED if strategy_name else strategy,
+            round_id=round_id,
+            strategy_name=strategy_name,
+            strategy_params_json=strategy_params_json,
+        )
     )
+
+
+def model_part_requests(
+    part: str, tensors: Mapping[str, Array], chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Iterator[aggregator_pb2.AggregateChunk]:
+    """The `base` or `state` part of a request stream: a ModelHeader, then its bytes."""
+    for chunk in model_stream(tensors, chunk_size):
+        if chunk.WhichOneof("part") == "header":
+            request = aggregator_pb2.AggregateChunk()
+            getattr(request, part).CopyFrom(chunk.header)
+            yield request
+        else:
+            yield aggregator_pb2.AggregateChunk(data=chunk.data)
 
 
 def aggregate_requests(
@@ -62,6 +91,16 @@ def aggregate_requests(
     yield stream_header(round_id, strategy)
     for meta, tensors in updates:
         yield from update_requests(meta, tensors, chunk_size)
+
+
+@dataclass(frozen=True)
+class Aggregated:
+    """An Aggregate answer: the model, its sha256 (verified against the bytes), and the
+    strategy's new state (None for a stateless strategy)."""
+
+    model: Tensors
+    sha256: str
+    state: Tensors | None
 
 
 class AggregatorClient:
@@ -84,35 +123,119 @@ class AggregatorClient:
         *,
         strategy: aggregator_pb2.Strategy = aggregator_pb2.STRATEGY_FEDAVG,
     ) -> tuple[Tensors, str]:
-        """The aggregate of `updates` ((UpdateMeta, tensors) pairs) and the sha256 of its
-        bytes, checked against the one the aggregator sent: verified here, once."""
+        """The FedAvg of `updates` ((UpdateMeta, tensors) pairs) and the sha256 of its bytes,
+        checked against the one the aggregator sent: verified here, once."""
+        result = await self.aggregate_round(round_id, updates, strategy=strategy)
+        return result.model, result.sha256
+
+    async def aggregate_round(
+        self,
+        round_id: str,
+        updates: AsyncIterable[UpdateInput],
+        *,
+        strategy: aggregator_pb2.Strategy = aggregator_pb2.STRATEGY_FEDAVG,
+        strategy_name: str = "",
+        strategy_params_json: str = "",
+        base: Mapping[str, Array] | None = None,
+        state: Mapping[str, Array] | None = None,
+    ) -> Aggregated:
+        """One round's aggregation by the strategy `strategy_name` (empty: `strategy`) with its
+        parameters, from the round's `base` model and the strategy's `state` as the previous
+        round answered it (None: the first round)."""
         call = self._stub.Aggregate(timeout=self._timeout_s)
         try:
             with rpc_errors(METHOD):
                 try:
-                    await call.write(stream_header(round_id, strategy))
-                    async for meta, tensors in updates:
-                        for request in update_requests(meta, tensors, self._chunk_size):
+                    await call.write(
+                        stream_header(
+                            round_id,
+                            strategy,
+                            strategy_name=strategy_name,
+                            strategy_params_json=strategy_params_json,
+                        )
+                    )
+                    for part, tensors in (("base", base), ("state", state)):
+                        if tensors is not None:
+                            for request in model_part_requests(part, tensors, self._chunk_size):
+                                await call.write(request)
+                    async for meta, update in updates:
+                        for request in update_requests(meta, update, self._chunk_size):
                             await call.write(request)
-                        del tensors  # not held while the next update is read
+                        del update  # not held while the next update is read
                     await call.done_writing()
                 except asyncio.InvalidStateError:
                     # The aggregator ended the call early (it rejected an update); its status,
                     # read below, says why.
                     pass
                 try:
-                    header, result = await read_model_stream(_responses(call), "aggregate.response")
+                    answers = await read_answer(_responses(call))
                 except InvalidArgument as exc:
                     # A malformed response is the aggregator's fault, not the caller's arguments'.
                     raise Unavailable(f"{METHOD}: malformed response: {exc}") from None
         finally:
             call.cancel()  # a no-op once the call has finished
-        digest = await offload_if_big(nbytes_of(result), sha256_of, result)
+        (header, model), *rest = answers
+        digest = await offload_if_big(nbytes_of(model), sha256_of, model)
         if header.sha256 and header.sha256 != digest:
             raise Unavailable(
                 f"{METHOD}: response sha256 {header.sha256} does not match its bytes ({digest})"
             )
-        return result, digest
+        new_state: Tensors | None = None
+        if rest:
+            state_header, new_state = rest[0]
+            if state_header.sha256 and state_header.sha256 != sha256_of(new_state):
+                raise Unavailable(f"{METHOD}: the state's sha256 does not match its bytes")
+        return Aggregated(model, digest, new_state)
+
+
+async def read_answer(
+    stream: AsyncIterable[tensor_pb2.ModelChunk],
+) -> list[tuple[tensor_pb2.ModelHeader, Tensors]]:
+    """An Aggregate answer: the model (header, then its bytes), then optionally a second
+    header with model_uri "state" and the state's bytes. Each part is bounded by its header
+    and must be complete before the next starts; InvalidArgument for anything else."""
+    parts: list[tuple[tensor_pb2.ModelHeader, Tensors]] = []
+    header: tensor_pb2.ModelHeader | None = None
+    data = bytearray()
+    need = 0
+
+    def close_part() -> None:
+        if header is None:
+            return
+        if len(data) != need:
+            raise InvalidArgument(f"response: {len(data)} of {need} tensor bytes")
+        parts.append((header, split_payload(data, specs_from_proto(header.tensors, ""), "")))
+
+    async for chunk in stream:
+        kind = chunk.WhichOneof("part")
+        if kind == "header":
+            close_part()
+            if len(parts) == 2:
+                raise InvalidArgument("response: more than a model and a state")
+            if parts and chunk.header.model_uri != STATE_URI:
+                raise InvalidArgument(
+                    f"response: second header's model_uri {chunk.header.model_uri!r}, "
+                    f"want {STATE_URI!r}"
+                )
+            header = chunk.header
+            field = "response.state" if parts else "response.model"
+            specs = specs_from_proto(header.tensors, f"{field}.tensors")
+            if not specs:
+                raise InvalidArgument(f"{field}.tensors: must list at least one tensor")
+            need = checked_total(specs, header.total_bytes, field)
+            data = bytearray()
+        elif kind == "data":
+            if header is None:
+                raise InvalidArgument("response: data chunk before the header")
+            if len(data) + len(chunk.data) > need:
+                raise InvalidArgument(f"response: more tensor bytes than the header's {need}")
+            data += chunk.data
+        else:
+            raise InvalidArgument("response: empty chunk (neither header nor data)")
+    if header is None:
+        raise InvalidArgument("response: stream ended without a header")
+    close_part()
+    return parts
 
 
 async def _responses(call: Any) -> AsyncIterator[tensor_pb2.ModelChunk]:

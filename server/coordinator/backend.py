@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from server.aggregator.client import Aggregated
 from server.coordinator.rounds import Round
 from server.coordinator.store import RoundUpdates
 from server.errors import (
@@ -47,6 +48,21 @@ class BaseModel:
 
 
 @dataclass(frozen=True)
+class StrategyRun:
+    """How one round's updates are combined: the strategy by name with its parameters
+    (docs/strategies.md), the round's base model when the strategy needs it, and the
+    experiment's strategy state from its previous round (None: none yet)."""
+
+    name: str = ""
+    params_json: str = ""
+    base: Tensors | None = None
+    state: Tensors | None = None
+
+
+FEDAVG = StrategyRun()
+
+
+@dataclass(frozen=True)
 class Lineage:
     """How a version was made, as the registry keeps it beside the version: the round, its
     base model and module, and its updates (with their provenance) in aggregation order."""
@@ -69,9 +85,12 @@ class ModelBackend(Protocol):
         """A stored version's tensors (the distance bound measures updates against them)."""
         ...
 
-    async def aggregate(self, round_id: str, updates: RoundUpdates) -> tuple[Tensors, str]:
-        """Combine the updates into one model; returns it with the sha256 of its bytes (in
-        the returned order), which the backend has verified."""
+    async def aggregate(
+        self, round_id: str, updates: RoundUpdates, run: StrategyRun = FEDAVG
+    ) -> Aggregated:
+        """Combine the updates into one model by `run`'s strategy; returns it with the sha256
+        of its bytes (in the returned order), which the backend has verified, and the
+        strategy's new state (None for a stateless strategy)."""
         ...
 
     async def put(self, tensors: Tensors, sha256: str) -> tuple[int, str]:

@@ -17,8 +17,9 @@ from propeller.v1 import (
     model_registry_pb2,
     model_registry_pb2_grpc,
 )
-from server.aggregator.client import AggregatorClient, UpdateInput
-from server.coordinator.coordinator import BaseModel, Lineage
+from server.aggregator.client import Aggregated, AggregatorClient, UpdateInput
+from server.aggregator.strategies import strategy_class
+from server.coordinator.backend import FEDAVG, BaseModel, Lineage, StrategyRun
 from server.coordinator.rounds import Update
 from server.coordinator.store import RoundUpdates, each_update, update_headers
 from server.errors import NotFound, Unavailable, rpc_errors
@@ -111,10 +112,20 @@ class GrpcModelBackend:
             raise Unavailable(f"registry.GetModel {uri}: the bytes do not match its sha256")
         return tensors
 
-    async def aggregate(self, round_id: str, updates: RoundUpdates) -> tuple[Tensors, str]:
-        """Stream the updates to the Aggregator one at a time: stored updates are read from
-        the state store just before they are sent, so only one update's arrays are in memory."""
-        return await self._aggregator.aggregate(round_id, _inputs(round_id, updates))
+    async def aggregate(
+        self, round_id: str, updates: RoundUpdates, run: StrategyRun = FEDAVG
+    ) -> Aggregated:
+        """Stream the strategy, its base and state, then the updates to the Aggregator one at
+        a time: stored updates are read from the state store just before they are sent, so
+        only one update's arrays are in memory."""
+        return await self._aggregator.aggregate_round(
+            round_id,
+            _inputs(round_id, updates),
+            strategy_name=run.name,
+            strategy_params_json=run.params_json,
+            base=run.base,
+            state=run.state,
+        )
 
     async def put(self, tensors: Tensors, sha256: str) -> tuple[int, str]:
         # No version in the header: the registry assigns the next one from what it stores.
@@ -149,7 +160,7 @@ def lineage_header(lineage: Lineage) -> model_registry_pb2.Lineage:
         base_model_uri=rnd.model_ref,
         base_model_sha256=rnd.base_model_sha256,
         module_digest=rnd.module_digest,
-        strategy="fedavg",
+        strategy=strategy_class(rnd.strategy_name).name,
         contributions=[
             model_registry_pb2.Contribution(
                 header=update_header(meta_of(rnd.round_id, u), specs),

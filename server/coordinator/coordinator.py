@@ -18,18 +18,33 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from server.aggregator.strategies import strategy_class
 from server.coordinator import bounds as B
 from server.coordinator import rounds as R
-from server.coordinator.backend import BaseModel, Lineage, ModelBackend, RetryPolicy, with_retry
+from server.coordinator.backend import (
+    BaseModel,
+    Lineage,
+    ModelBackend,
+    RetryPolicy,
+    StrategyRun,
+    with_retry,
+)
 from server.coordinator.checks import ClippedUpdates, OpenRoundMembers, UpdateChecks
 from server.coordinator.events import Event, EventType, Watchers
 from server.coordinator.rounds import Round, Update
-from server.coordinator.store import Notice, RoundStore, RoundUpdates, update_headers
-from server.errors import AlreadyExists, PropellerError
+from server.coordinator.store import (
+    Notice,
+    RoundStore,
+    RoundUpdates,
+    StrategyState,
+    update_headers,
+)
+from server.errors import AlreadyExists, PropellerError, ResourceExhausted, Unavailable
 from server.faults import crash_point
 from server.messages import RoundComplete
 from server.round_spec import DEFAULT_TIMEOUT_S, RoundSpec, validate, with_defaults
-from server.tensors import nbytes_of, offload_if_big, sha256_of
+from server.streams import MAX_PAYLOAD_BYTES
+from server.tensors import Tensors, nbytes_of, offload_if_big, sha256_of
 from server.topics import Topics
 
 # The coordinator's values, importable from here as before they had modules of their own.
@@ -323,20 +338,37 @@ class Coordinator:
         # exactly the same bytes (and the same sha256) as the first attempt.
         updates = await self.store.updates(round_id)
         inputs: RoundUpdates = updates
+        strategy = strategy_class(rnd.strategy_name)
         try:
-            if any(u.clip_scale != 1.0 for u in update_headers(updates)):
+            base: Tensors | None = None
+            clipped = any(u.clip_scale != 1.0 for u in update_headers(updates))
+            if clipped or strategy.needs_base:
                 base = await self.backend.base_tensors(rnd.model_ref)
+            if clipped:
+                assert base is not None
                 inputs = ClippedUpdates(updates, base)
-            aggregated, sha = await with_retry(
+            # The state the experiment's last completed round left: a round aggregated again
+            # (a retry, or resumed after a crash) reads the same one, since the state changes
+            # only together with a round's completion.
+            state = await self._strategy_state(rnd) if strategy.stateful else None
+            run = StrategyRun(
+                rnd.strategy_name,
+                rnd.strategy_params_json,
+                base if strategy.needs_base else None,
+                state,
+            )
+            result = await with_retry(
                 self.retry,
                 "aggregate",
                 round_id,
-                lambda _n: self.backend.aggregate(round_id, inputs),
+                lambda _n: self.backend.aggregate(round_id, inputs, run),
             )
+            aggregated, sha = result.model, result.sha256
             nbytes = nbytes_of(aggregated)
             tensors = await offload_if_big(
                 nbytes, R.check_tensors, rnd.specs, aggregated, "aggregate"
             )
+            new_state = self._new_state(rnd, strategy.stateful, result.state)
         except PropellerError as exc:
             await self._fail(round_id, f"aggregation failed: {exc}")
             return
@@ -366,6 +398,7 @@ class Coordinator:
         except PropellerError as exc:
             await self._fail(round_id, f"storing the new model failed: {exc}")
             return
+        crash_point("coordinator.model_stored")
         metrics = R.weighted_metrics(update_headers(updates))
         async with self._lock(round_id):
             rnd = R.complete(await self.get(round_id), version, uri, metrics, self.clock())
@@ -379,7 +412,8 @@ class Coordinator:
             # The completion and its notification in one transaction (the outbox): a crash
             # before the publish below leaves it unsent, and the next start publishes it.
             notice = Notice(round_id, self.topics.round_next, message.to_json())
-            await self.store.put(rnd, notice)
+            # The strategy's new state too: it is applied exactly when the round completes.
+            await self.store.put(rnd, notice, new_state)
             self._emit(EventType.COMPLETED, rnd)
         log.info(
             "[Coordinator.aggregate] round_id=%s completed new_model_uri=%s num_updates=%d "
@@ -391,6 +425,34 @@ class Coordinator:
         )
         crash_point("coordinator.round_completed")
         await self._deliver(notice)
+
+    async def _strategy_state(self, rnd: Round) -> Tensors | None:
+        """The experiment's strategy state for `rnd`, if an earlier round of it left one by
+        the same strategy (a round outside an experiment, or the first, starts afresh)."""
+        if not rnd.experiment_id:
+            return None
+        kept = await self.store.strategy_state(rnd.experiment_id)
+        if kept is None or kept.strategy_name != strategy_class(rnd.strategy_name).name:
+            return None
+        return kept.tensors
+
+    @staticmethod
+    def _new_state(rnd: Round, stateful: bool, state: Tensors | None) -> StrategyState | None:
+        """What to keep for the experiment; refused (the round fails before its model is
+        stored) when a stateful strategy answered none or one too big to keep."""
+        if not stateful:
+            return None
+        if state is None:
+            raise Unavailable(f"aggregate: strategy {rnd.strategy_name} answered no state")
+        if nbytes_of(state) > MAX_PAYLOAD_BYTES:
+            raise ResourceExhausted(
+                f"state: strategy state of {nbytes_of(state)} bytes, more than the "
+                f"{MAX_PAYLOAD_BYTES} the coordinator keeps"
+            )
+        if not rnd.experiment_id:
+            return None
+        name = strategy_class(rnd.strategy_name).name
+        return StrategyState(rnd.experiment_id, rnd.round_id, name, state)
 
     # ---- the outbox ----------------------------------------------------------------------
 

@@ -116,6 +116,9 @@ class Round:
     # model's sha256 (hex) every update's signature covers.
     module_digest: str = ""
     base_model_sha256: str = ""
+    # The aggregation strategy ("" = fedavg) and its canonical parameters ("" = defaults).
+    strategy_name: str = ""
+    strategy_params_json: str = ""
 
     @property
     def num_updates(self) -> int:

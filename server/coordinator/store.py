@@ -11,6 +11,12 @@ announces it (`Notice`) are written together (`put(rnd, notice)`), the notice st
 `unsent()` until `sent(round_id)` marks it, so one lost between the commit and the publish
 (a crash) is published after the restart: at least once.
 
+It also keeps each experiment's strategy state (`StrategyState`: the server-side momentum or
+moments the aggregator answered for its last completed round), written in the same atomic
+change that completes the round (`put(rnd, notice, state)`): after a kill -9 the state and
+the round's completion are either both recorded or neither, so a state is never lost and
+never applied twice.
+
 - `MemoryRoundStore`: process memory, lost on restart (tests, the one-process demo).
 - `SqliteRoundStore`: one SQLite file (`<state_dir>/coordinator.sqlite`, through
   `server.sqlite.Database`: WAL, synchronous=FULL, one transaction per logical change;
@@ -39,6 +45,9 @@ from server.round_spec import Hyperparams
 from server.sqlite import SqliteStore
 from server.tensors import (
     Spec,
+    Tensors,
+    nbytes_of,
+    offload_if_big,
     specs_from_json,
     specs_of,
     specs_to_json,
@@ -63,14 +72,30 @@ class Notice:
     payload: bytes
 
 
+@dataclass(frozen=True)
+class StrategyState:
+    """An experiment's strategy state as the aggregation of `round_id` answered it."""
+
+    experiment_id: str
+    round_id: str
+    strategy_name: str
+    tensors: Tensors
+
+
 class RoundStore(Protocol):
     async def get(self, round_id: str) -> Round | None:
         """The round's current record, or None."""
         ...
 
-    async def put(self, rnd: Round, notice: Notice | None = None) -> None:
-        """Insert or replace the round's record, and keep `notice` unsent with it: one atomic
-        change."""
+    async def put(
+        self, rnd: Round, notice: Notice | None = None, state: StrategyState | None = None
+    ) -> None:
+        """Insert or replace the round's record, keep `notice` unsent with it, and make
+        `state` its experiment's strategy state: one atomic change."""
+        ...
+
+    async def strategy_state(self, experiment_id: str) -> StrategyState | None:
+        """The experiment's strategy state, if one of its rounds left one."""
         ...
 
     async def unsent(self) -> list[Notice]:
@@ -106,14 +131,22 @@ class MemoryRoundStore:
         self._rounds: dict[str, Round] = {}
         self._updates: dict[str, list[Update]] = {}
         self._unsent: dict[str, Notice] = {}
+        self._states: dict[str, StrategyState] = {}
 
     async def get(self, round_id: str) -> Round | None:
         return self._rounds.get(round_id)
 
-    async def put(self, rnd: Round, notice: Notice | None = None) -> None:
+    async def put(
+        self, rnd: Round, notice: Notice | None = None, state: StrategyState | None = None
+    ) -> None:
         self._rounds[rnd.round_id] = rnd
         if notice is not None:
             self._unsent[notice.round_id] = notice
+        if state is not None:
+            self._states[state.experiment_id] = state
+
+    async def strategy_state(self, experiment_id: str) -> StrategyState | None:
+        return self._states.get(experiment_id)
 
     async def unsent(self) -> list[Notice]:
         return list(self._unsent.values())
@@ -182,6 +215,15 @@ SCHEMA = (
         UNIQUE (round_id, seq)
     )""",
     # The outbox: a round's notification, written with the change it announces.
+    # Each experiment's strategy state, replaced with the completion of each of its rounds.
+    """CREATE TABLE IF NOT EXISTS strategy_states (
+        experiment_id TEXT PRIMARY KEY,
+        round_id TEXT NOT NULL REFERENCES rounds(round_id),  -- the round that left it
+        strategy_name TEXT NOT NULL,
+        specs TEXT NOT NULL,                    -- JSON: the tensors in BLOB order
+        sha256 TEXT NOT NULL,                   -- of the BLOB, checked on every read
+        tensors BLOB NOT NULL
+    )""",
     """CREATE TABLE IF NOT EXISTS notices (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- the order to publish in
         round_id TEXT NOT NULL UNIQUE REFERENCES rounds(round_id),
@@ -198,6 +240,8 @@ _ADDED_ROUND_COLUMNS = {
     "failed": "TEXT NOT NULL DEFAULT '[]'",  # JSON list of [proplet_id, reason]
     "module_digest": "TEXT NOT NULL DEFAULT ''",
     "base_model_sha256": "TEXT NOT NULL DEFAULT ''",
+    "strategy_name": "TEXT NOT NULL DEFAULT ''",
+    "strategy_params_json": "TEXT NOT NULL DEFAULT ''",
 }
 # The same for `updates`: an update's provenance (docs/security.md, "Provenance").
 _ADDED_UPDATE_COLUMNS = {
@@ -253,6 +297,12 @@ _UPDATE_HEADER_COLUMNS = (
 )
 
 
+def _blob(tensors: Tensors) -> tuple[bytearray, str]:
+    """Tensors as one BLOB in the wire's layout, and its sha256."""
+    blob = tensor_bytes(tensors)
+    return blob, hashlib.sha256(blob).hexdigest()
+
+
 class StateCorrupted(DataLoss):
     """The state file holds something that cannot be a record this code wrote."""
 
@@ -284,6 +334,8 @@ def _round_values(rnd: Round) -> tuple[Any, ...]:
         json.dumps([[f.proplet_id, f.reason] for f in rnd.failed]),
         rnd.module_digest,
         rnd.base_model_sha256,
+        rnd.strategy_name,
+        rnd.strategy_params_json,
     )
 
 
@@ -315,6 +367,8 @@ def _round_from_row(row: Sequence[Any]) -> Round:
         failed=tuple(ParticipantFailure(str(p), str(r)) for p, r in json.loads(v["failed"])),
         module_digest=str(v["module_digest"]),
         base_model_sha256=str(v["base_model_sha256"]),
+        strategy_name=str(v["strategy_name"]),
+        strategy_params_json=str(v["strategy_params_json"]),
     )
 
 
@@ -524,8 +578,15 @@ class SqliteRoundStore(SqliteStore):
     async def get(self, round_id: str) -> Round | None:
         return await self._read(lambda _conn: self._rounds.get(round_id))
 
-    async def put(self, rnd: Round, notice: Notice | None = None) -> None:
-        def both(conn: sqlite3.Connection) -> None:
+    async def put(
+        self, rnd: Round, notice: Notice | None = None, state: StrategyState | None = None
+    ) -> None:
+        # The state's bytes and digest are made before the transaction (in a thread if big).
+        blob, digest = bytearray(), ""
+        if state is not None:
+            blob, digest = await offload_if_big(nbytes_of(state.tensors), _blob, state.tensors)
+
+        def together(conn: sqlite3.Connection) -> None:
             self._put_row(conn, rnd)
             if notice is not None:
                 conn.execute(
@@ -534,8 +595,46 @@ class SqliteRoundStore(SqliteStore):
                     "payload = excluded.payload, sent = 0",
                     (notice.round_id, notice.topic, notice.payload),
                 )
+            if state is not None:
+                limit = conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+                if len(blob) > limit:
+                    raise ResourceExhausted(
+                        f"state: strategy state of {len(blob)} bytes exceeds the "
+                        f"coordinator's state store limit of {limit} bytes"
+                    )
+                conn.execute(
+                    "INSERT INTO strategy_states (experiment_id, round_id, strategy_name, "
+                    "specs, sha256, tensors) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(experiment_id) DO UPDATE SET round_id = excluded.round_id, "
+                    "strategy_name = excluded.strategy_name, specs = excluded.specs, "
+                    "sha256 = excluded.sha256, tensors = excluded.tensors",
+                    (
+                        state.experiment_id,
+                        state.round_id,
+                        state.strategy_name,
+                        specs_to_json(specs_of(state.tensors)),
+                        digest,
+                        blob,
+                    ),
+                )
 
-        await self._write(both, rnd)
+        await self._write(together, rnd)
+
+    async def strategy_state(self, experiment_id: str) -> StrategyState | None:
+        def load(conn: sqlite3.Connection) -> StrategyState | None:
+            row = conn.execute(
+                "SELECT round_id, strategy_name, specs, sha256, tensors FROM strategy_states "
+                "WHERE experiment_id = ?",
+                (experiment_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            round_id, name, specs_text, sha, blob = row
+            what = f"experiment {experiment_id!r} strategy state"
+            tensors = verified_tensors(blob, specs_from_json(specs_text), sha, what, StateCorrupted)
+            return StrategyState(experiment_id, str(round_id), str(name), tensors)
+
+        return await self._read(load)
 
     async def unsent(self) -> list[Notice]:
         def select(conn: sqlite3.Connection) -> list[Notice]:

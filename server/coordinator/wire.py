@@ -42,8 +42,13 @@ _SPEC_SCALARS = (
     "min_k_of_n",
     "module_digest",
 )
+# ConfigureRoundRequest's strategy (a StartExperimentRequest may carry it too): read into the
+# spec, but not among the fields that build a request from a spec (`spec_fields`), whose
+# callers set a request's strategy themselves.
+_STRATEGY_SCALARS = ("strategy_name", "strategy_params_json")
 _STATUS_SCALARS = (
     *_SPEC_SCALARS,
+    *_STRATEGY_SCALARS,
     "started_at",
     "deadline",
     "completed_at",
@@ -69,8 +74,10 @@ def hyperparams_from_proto(msg: coordinator_pb2.Hyperparams) -> Hyperparams:
 
 def spec_from_proto(msg: SpecMessage) -> RoundSpec:
     """The request's round as asked (zeros kept: `validate` judges and fills them)."""
+    present = msg.DESCRIPTOR.fields_by_name
     return RoundSpec(
         **{name: getattr(msg, name) for name in _SPEC_SCALARS},
+        **{name: getattr(msg, name) for name in _STRATEGY_SCALARS if name in present},
         participants=tuple(msg.participants),
         hyperparams=hyperparams_from_proto(msg.hyperparams),
     )

@@ -8,6 +8,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from server.aggregator.client import Aggregated
+from server.aggregator.strategies import choose_strategy
+from server.coordinator.backend import FEDAVG, StrategyRun
 from server.coordinator.coordinator import BaseModel, Lineage
 from server.coordinator.rounds import Update
 from server.coordinator.store import RoundUpdates, each_update
@@ -52,6 +55,8 @@ class MemoryBackend:
         self.gate: asyncio.Event | None = None
         # Each version's lineage as the coordinator sent it: (round id, proplets, clips).
         self.lineages: dict[int, Lineage] = {}
+        # Every aggregation's strategy, base and state, in call order.
+        self.runs: list[StrategyRun] = []
 
     async def resolve(self, model_ref: str) -> BaseModel:
         version = parse_model_uri(model_ref) if model_ref else max(self.models)
@@ -70,14 +75,26 @@ class MemoryBackend:
             raise AlreadyExists(f"version: {lineage.version} already has another lineage")
         self.lineages[lineage.version] = lineage
 
-    async def aggregate(self, round_id: str, updates: RoundUpdates) -> tuple[Tensors, str]:
+    async def aggregate(
+        self, round_id: str, updates: RoundUpdates, run: StrategyRun = FEDAVG
+    ) -> Aggregated:
+        """FedAvg as the reference computes it; another strategy by the aggregator's own
+        strategy objects, in process."""
         self.aggregate_calls += 1
+        self.runs.append(run)
         if self.gate is not None:
             await self.gate.wait()
         if self.aggregate_errors:
             raise self.aggregate_errors.pop(0)
-        tensors = fedavg([u async for u in each_update(updates)])
-        return tensors, sha256_of(tensors)
+        received = [u async for u in each_update(updates)]
+        if not run.name:
+            tensors = fedavg(received)
+            return Aggregated(tensors, sha256_of(tensors), None)
+        strategy = choose_strategy(run.name, run.params_json).start()
+        for u in received:
+            strategy.add(u.tensors, u.num_samples)
+        tensors, state = strategy.result(run.base, run.state)
+        return Aggregated(tensors, sha256_of(tensors), state)
 
     async def put(self, tensors: Tensors, sha256: str) -> tuple[int, str]:
         self.put_calls += 1
@@ -116,3 +133,38 @@ def make_update(
         tensors={"w": np.array(w, dtype=np.float64), "b": np.array(b, dtype=np.float64)},
         module_digest=TEST_MODULE,
     )
+
+
+class FedAdamReference:
+    """FedAdam as Reddi et al. 2021 (Algorithm 2) state it, over the model flattened into one
+    vector, in plain numpy: delta = mean - x; m = b1 m + (1 - b1) delta;
+    v = b2 v + (1 - b2) delta^2; x = x + eta m / (sqrt(v) + tau); m and v start at 0. One
+    `step` per round, with the round's updates (sample-weighted mean)."""
+
+    def __init__(
+        self, base: Tensors, *, eta: float, beta_1: float, beta_2: float, tau: float
+    ) -> None:
+        self.names = list(base)
+        self.shapes = {n: np.shape(base[n]) for n in base}
+        self.x = self._flat(base)
+        self.m = np.zeros_like(self.x)
+        self.v = np.zeros_like(self.x)
+        self.eta, self.beta_1, self.beta_2, self.tau = eta, beta_1, beta_2, tau
+
+    def _flat(self, t: Tensors) -> np.ndarray:
+        return np.concatenate([np.asarray(t[n], np.float64).ravel() for n in self.names])
+
+    def step(self, updates: Sequence[Update]) -> Tensors:
+        total = sum(u.num_samples for u in updates)
+        mean = sum(self._flat(u.tensors) * u.num_samples for u in updates) / total
+        delta = mean - self.x
+        self.m = self.beta_1 * self.m + (1 - self.beta_1) * delta
+        self.v = self.beta_2 * self.v + (1 - self.beta_2) * delta**2
+        self.x = self.x + self.eta * self.m / (np.sqrt(self.v) + self.tau)
+        out: Tensors = {}
+        at = 0
+        for n in self.names:
+            size = int(np.prod(self.shapes[n]))
+            out[n] = self.x[at : at + size].reshape(self.shapes[n])
+            at += size
+        return out

@@ -451,6 +451,10 @@ def aggregate_chunk(kind: str, value: Any) -> aggregator_pb2.AggregateChunk:
         return aggregator_pb2.AggregateChunk(header=value)
     if kind == "header":
         return aggregator_pb2.AggregateChunk(update=value)
+    if kind == "base":
+        return aggregator_pb2.AggregateChunk(base=value)
+    if kind == "state":
+        return aggregator_pb2.AggregateChunk(state=value)
     if kind == "data":
         return aggregator_pb2.AggregateChunk(data=value)
     return aggregator_pb2.AggregateChunk()

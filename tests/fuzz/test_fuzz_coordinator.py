@@ -125,8 +125,23 @@ def hyperparams() -> st.SearchStrategy[CP.Hyperparams]:
 SEEDED = SEEDED_ROUND
 
 
+# A round's strategy: valid names and parameters, refused ones, and any text.
+STRATEGY_NAMES = ("", "fedavg", "fedadam", "krum", "bulyan", "fedmedian", "fedsgd")
+STRATEGY_PARAMS = (
+    "",
+    '{"eta": 0.1}',
+    '{"num_malicious": 0}',
+    '{"num_malicious": 100}',
+    '{"beta": 0.2}',
+    '{"eta": -1}',
+    '{"x": 1}',
+    "[]",
+    "{",
+)
+
 CONFIG_FIELDS = [
     "none",
+    "strategy",
     "round_id",
     "experiment_id",
     "participants",
@@ -187,6 +202,11 @@ def valid_configure(draw: st.DrawFn) -> CP.ConfigureRoundRequest:
         req.min_k_of_n = draw(S.int32s())
     elif field == "module_digest":
         req.module_digest = draw(S.texts((MODULE,)))
+    elif field == "strategy":
+        req.strategy_name = draw(S.weighted((3, st.sampled_from(STRATEGY_NAMES)), (1, S.texts())))
+        req.strategy_params_json = draw(
+            S.weighted((3, st.sampled_from(STRATEGY_PARAMS)), (1, S.texts(STRATEGY_PARAMS)))
+        )
     return req
 
 

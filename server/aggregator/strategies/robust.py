@@ -1,0 +1,306 @@
+"""Order-statistic rules: they need every update of the round at once, so they hold them
+(as received: the arrays the intake decoded, no float64 copy) until `result`. What they may
+hold is bounded by the aggregator (`max_held_bytes`, refused from the update's header beyond
+it; docs/strategies.md). The rules are unweighted, as in their papers: a Byzantine client can
+claim any num_samples, so the sample counts must not steer a robust rule.
+
+- FedMedian (Yin et al. 2018): the coordinate-wise median.
+- FedTrimmedAvg (Yin et al. 2018): per coordinate, drop the floor(beta K) smallest and largest
+  values and average the rest.
+- Krum (Blanchard et al. 2017): the update whose summed squared distance to its K - f - 2
+  nearest others is smallest; MultiKrum: the mean of the m best-scored.
+- Bulyan (El Mhamdi et al. 2018): theta = K - 2f updates chosen by Krum one at a time (each
+  removed from the pool before the next), then per coordinate the mean of the theta - 2f
+  values closest to the chosen ones' median.
+
+Coordinate-wise work runs in blocks of coordinates so the float64 scratch is K x block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.aggregator.fedavg import all_finite, check_num_samples, check_specs
+from server.aggregator.strategies.base import Strategy, StrategyParams, bad, cast_checked
+from server.errors import FailedPrecondition, InvalidArgument
+from server.tensors import Array, Spec, Tensors, specs_of
+
+F64 = np.ndarray[tuple[int, ...], np.dtype[np.float64]]
+# float64 scratch per coordinate block: K rows of the block (bounds the work memory).
+_SCRATCH_BYTES = 32 << 20
+
+
+def _block(k: int) -> int:
+    return max(256, _SCRATCH_BYTES // (8 * max(1, k)))
+
+
+class _HeldStrategy(Strategy):
+    incremental = False
+
+    def __init__(self, params: StrategyParams) -> None:
+        super().__init__(params)
+        self._specs: list[Spec] | None = None
+        self._updates: list[dict[str, Array]] = []
+        self._total_samples = 0
+
+    @property
+    def count(self) -> int:
+        return len(self._updates)
+
+    @property
+    def total_samples(self) -> int:
+        return self._total_samples
+
+    @property
+    def specs(self) -> list[Spec] | None:
+        return None if self._specs is None else list(self._specs)
+
+    def add(self, tensors: Mapping[str, Array], num_samples: int) -> None:
+        index = len(self._updates)
+        check_num_samples(index, num_samples)
+        specs = specs_of(tensors)
+        check_specs(index, specs, self._specs)
+        flats: dict[str, Array] = {}
+        for name, arr in tensors.items():
+            flat = arr.reshape(-1)
+            if not all_finite(flat):
+                raise InvalidArgument(f"updates[{index}].tensors.{name}: contains NaN or Inf")
+            flats[name] = flat
+        if self._specs is None:
+            self._specs = specs
+        self._updates.append(flats)
+        self._total_samples += int(num_samples)
+
+    def _checked_specs(self) -> list[Spec]:
+        if self._specs is None:
+            raise InvalidArgument("updates: no updates to aggregate")
+        return self._specs
+
+    def _coordinatewise(
+        self, rows_of: Sequence[int], reduce: Callable[[F64], F64], specs: Sequence[Spec]
+    ) -> dict[str, F64]:
+        """reduce((len(rows_of), block) float64) -> (block,) over every coordinate block."""
+        block = _block(len(rows_of))
+        out: dict[str, F64] = {}
+        for spec in specs:
+            size = math.prod(spec.shape)
+            values = np.empty(size, np.float64)
+            for start in range(0, size, block):
+                stop = min(size, start + block)
+                rows = np.stack([self._updates[i][spec.name][start:stop] for i in rows_of]).astype(
+                    np.float64, copy=False
+                )
+                values[start:stop] = reduce(rows)
+            out[spec.name] = values.reshape(spec.shape)
+        return out
+
+    def _distances(self) -> F64:
+        """Squared Euclidean distances between every two updates, over all tensors, summed
+        in float64 as sum((x_i - x_j)^2) (not via the Gram matrix, which cancels)."""
+        specs = self._checked_specs()
+        k = len(self._updates)
+        block = _block(k)
+        dist = np.zeros((k, k), np.float64)
+        for spec in specs:
+            size = math.prod(spec.shape)
+            for start in range(0, size, block):
+                stop = min(size, start + block)
+                rows = np.stack([u[spec.name][start:stop] for u in self._updates]).astype(
+                    np.float64, copy=False
+                )
+                for i in range(k - 1):  # each pair once: the matrix is symmetric
+                    diff = rows[i + 1 :] - rows[i]
+                    d = np.einsum("ij,ij->i", diff, diff)
+                    dist[i, i + 1 :] += d
+                    dist[i + 1 :, i] += d
+        return dist
+
+
+def krum_scores(dist: F64, candidates: Sequence[int], num_malicious: int) -> list[float]:
+    """Krum's score of each candidate among `candidates`: the sum of its squared distances to
+    its max(1, n - f - 2) nearest other candidates (n = len(candidates))."""
+    n = len(candidates)
+    nearest = min(max(1, n - num_malicious - 2), n - 1)
+    among = dist[np.ix_(candidates, candidates)]
+    np.fill_diagonal(among, np.inf)  # a candidate is not its own neighbour
+    return [float(x) for x in np.sort(among, axis=1)[:, :nearest].sum(axis=1)]
+
+
+def _ranked(scores: Sequence[float]) -> list[int]:
+    """Positions by ascending score, ties by position (a stable order: reproducible)."""
+    return [int(i) for i in np.argsort(np.asarray(scores), kind="stable")]
+
+
+@dataclass(frozen=True)
+class FedMedianParams(StrategyParams):
+    pass
+
+
+class FedMedian(_HeldStrategy):
+    name = "fedmedian"
+    params_type = FedMedianParams
+
+    def result(self, base: Tensors | None, state: Tensors | None) -> tuple[Tensors, Tensors | None]:
+        specs = self._checked_specs()
+
+        def median(rows: F64) -> F64:
+            out: F64 = np.median(rows, axis=0)
+            return out
+
+        values = self._coordinatewise(range(self.count), median, specs)
+        return cast_checked(values, specs, "updates"), None
+
+
+@dataclass(frozen=True)
+class FedTrimmedAvgParams(StrategyParams):
+    # The fraction cut from each end, per coordinate.
+    beta: float = 0.2
+
+    def check(self) -> None:
+        if not 0.0 <= self.beta < 0.5:
+            raise bad("beta", f"must be in [0, 0.5), got {self.beta}")
+
+
+class FedTrimmedAvg(_HeldStrategy):
+    name = "fedtrimmedavg"
+    params_type = FedTrimmedAvgParams
+
+    def result(self, base: Tensors | None, state: Tensors | None) -> tuple[Tensors, Tensors | None]:
+        specs = self._checked_specs()
+        p = self.params
+        assert isinstance(p, FedTrimmedAvgParams)
+        k = self.count
+        cut = int(p.beta * k)
+
+        def trimmed_mean(rows: F64) -> F64:
+            ordered = np.sort(rows, axis=0)
+            out: F64 = ordered[cut : k - cut].mean(axis=0)
+            return out
+
+        values = self._coordinatewise(range(k), trimmed_mean, specs)
+        return cast_checked(values, specs, "updates"), None
+
+
+@dataclass(frozen=True)
+class KrumParams(StrategyParams):
+    # f: how many of the round's updates may be Byzantine.
+    num_malicious: int = 0
+
+    def check(self) -> None:
+        if self.num_malicious < 0:
+            raise bad("num_malicious", f"must be >= 0, got {self.num_malicious}")
+
+
+@dataclass(frozen=True)
+class MultiKrumParams(KrumParams):
+    # m: how many best-scored updates are averaged; 0 means K - f.
+    num_to_keep: int = 0
+
+    def check(self) -> None:
+        super().check()
+        if self.num_to_keep < 0:
+            raise bad("num_to_keep", f"must be >= 0, got {self.num_to_keep}")
+
+
+class Krum(_HeldStrategy):
+    name = "krum"
+    params_type = KrumParams
+
+    @classmethod
+    def min_updates(cls, params: StrategyParams) -> int:
+        assert isinstance(params, KrumParams)
+        return 2 * params.num_malicious + 3
+
+    def _selected(self) -> list[int]:
+        p = self.params
+        assert isinstance(p, KrumParams)
+        k, f = self.count, p.num_malicious
+        if k < 2 * f + 3:
+            raise FailedPrecondition(
+                f"updates: {self.name} with num_malicious={f} needs at least {2 * f + 3} "
+                f"updates (2f + 3), got {k}"
+            )
+        candidates = list(range(k))
+        order = _ranked(krum_scores(self._distances(), candidates, f))
+        return [candidates[i] for i in order[: self._keep(k, f)]]
+
+    def _keep(self, k: int, f: int) -> int:
+        return 1
+
+    def result(self, base: Tensors | None, state: Tensors | None) -> tuple[Tensors, Tensors | None]:
+        specs = self._checked_specs()
+        chosen = self._selected()
+
+        def mean(rows: F64) -> F64:
+            out: F64 = rows.mean(axis=0)
+            return out
+
+        values = self._coordinatewise(chosen, mean, specs)
+        return cast_checked(values, specs, "updates"), None
+
+
+class MultiKrum(Krum):
+    name = "multikrum"
+    params_type = MultiKrumParams
+
+    @classmethod
+    def min_updates(cls, params: StrategyParams) -> int:
+        assert isinstance(params, MultiKrumParams)
+        return max(2 * params.num_malicious + 3, params.num_to_keep)
+
+    def _keep(self, k: int, f: int) -> int:
+        p = self.params
+        assert isinstance(p, MultiKrumParams)
+        m = p.num_to_keep or k - f
+        if m > k:
+            raise FailedPrecondition(
+                f"strategy_params_json.num_to_keep: {m}, more than the round's {k} updates"
+            )
+        return m
+
+
+@dataclass(frozen=True)
+class BulyanParams(KrumParams):
+    pass
+
+
+class Bulyan(_HeldStrategy):
+    name = "bulyan"
+    params_type = BulyanParams
+
+    @classmethod
+    def min_updates(cls, params: StrategyParams) -> int:
+        assert isinstance(params, BulyanParams)
+        return 4 * params.num_malicious + 3
+
+    def result(self, base: Tensors | None, state: Tensors | None) -> tuple[Tensors, Tensors | None]:
+        specs = self._checked_specs()
+        p = self.params
+        assert isinstance(p, BulyanParams)
+        k, f = self.count, p.num_malicious
+        if k < 4 * f + 3:
+            raise FailedPrecondition(
+                f"updates: bulyan with num_malicious={f} needs at least {4 * f + 3} updates "
+                f"(4f + 3), got {k}"
+            )
+        dist = self._distances()
+        pool = list(range(k))
+        chosen: list[int] = []
+        for _ in range(k - 2 * f):
+            best = pool[_ranked(krum_scores(dist, pool, f))[0]]
+            chosen.append(best)
+            pool.remove(best)
+        keep = len(chosen) - 2 * f
+
+        def closest_to_median(rows: F64) -> F64:
+            median = np.median(rows, axis=0)
+            nearest = np.argsort(np.abs(rows - median), axis=0, kind="stable")[:keep]
+            out: F64 = np.take_along_axis(rows, nearest, axis=0).mean(axis=0)
+            return out
+
+        values = self._coordinatewise(chosen, closest_to_median, specs)
+        return cast_checked(values, specs, "updates"), None
