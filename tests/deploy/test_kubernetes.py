@@ -11,6 +11,7 @@ the repository, and only the manager reachable from outside the namespace.
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import itertools
@@ -26,7 +27,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from server.config import TlsConfig
 from server.mqtt_acl import mosquitto_acl
+from server.pki import load_certificate, load_private_key, read_identity
 from tests.support.processes import GRPC_SERVICES, LISTEN_VARS
 
 # kubectl runs as a child process (a renderer, no network): not "unit".
@@ -235,6 +238,45 @@ def test_scale_out_changes_only_the_broker_and_adds_only_the_database(
     assert SCALE_OUT_CHANGES["PROPELLER_MQTT_HOST"] in objects(SCALE_OUT, "Service")
 
 
+def test_the_nats_configuration_is_valid_for_nats_server(tmp_path: Path) -> None:
+    """nats.conf as the pods get it (the ConfigMap, POD_NAME from the StatefulSet), checked by
+    a real nats-server (`-t`: parse, load the TLS files, exit), with the broker's bundle."""
+    nats = workloads(SCALE_OUT)["nats"]
+    container = pod_spec(nats)["containers"][0]
+    (name,) = [n for n in objects(SCALE_OUT, "ConfigMap") if n.startswith("nats-config")]
+    conf = objects(SCALE_OUT, "ConfigMap")[name]["data"]["nats.conf"]
+    certs = tmp_path / "certs"
+    subprocess.run(
+        [sys.executable, "-m", "server.cli", "certs", "init", str(certs), "--service", "mqtt=nats"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    local = conf.replace(mounts["certs"] + "/", f"{certs}/").replace(
+        mounts["data"] + "/", f"{tmp_path}/data/"
+    )
+    assert local != conf
+    (tmp_path / "nats.conf").write_text(local)
+    server = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    assert Path(server).exists(), "nats-server not found (Debian package nats-server)"
+    env_from = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert env_from == {"POD_NAME": "metadata.name"}
+    result = subprocess.run(
+        [server, "-c", str(tmp_path / "nats.conf"), "-t"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"POD_NAME": "nats-0"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    # The cluster's routes name every node of the StatefulSet through its headless Service.
+    for ordinal in range(nats["spec"]["replicas"]):
+        assert f"nats-{ordinal}.{nats['spec']['serviceName']}:6222" in conf
+    assert container["args"] == ["--config", f"{mounts['config']}/nats.conf"]
+
+
 def test_every_variable_set_is_documented() -> None:
     documented = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", CONFIG_DOC.read_text(), re.M))
     deploy_doc = DEPLOY_DOC.read_text(encoding="utf-8")
@@ -317,6 +359,50 @@ def test_every_bundle_issued_is_published_as_a_secret(kustomization: str) -> Non
         m["mountPath"]: m["name"] for c in pod_spec(job)["containers"] for m in c["volumeMounts"]
     }
     assert mounts["/publish/certs"] == "certs" and "/publish/kustomization.yaml" in mounts
+
+
+def test_the_certs_job_publishes_working_secrets(tmp_path: Path) -> None:
+    """The certs job's two steps, run here on its own arguments: `propeller-fl certs init`,
+    then kustomize over what it wrote, as `kubectl apply -k` would: every Secret holds its
+    bundle, and a server loads the bundle it mounts."""
+    job = workloads(BASE)["certs"]
+    args = the_container(job)["args"]
+    assert args[:3] == ["certs", "init", CERTS_DIR]
+    publish = tmp_path / "publish"
+    subprocess.run(
+        [sys.executable, "-m", "server.cli", *args[:2], str(publish / "certs"), *args[3:]],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    config = objects(BASE, "ConfigMap")
+    (name,) = [n for n in config if n.startswith("certs-publish")]
+    (publish / "kustomization.yaml").write_text(config[name]["data"]["kustomization.yaml"])
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(publish)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    secrets = {s["metadata"]["name"]: s for s in yaml.safe_load_all(result.stdout)}
+    assert set(secrets) == set(published_secrets(BASE))
+    for secret_name, secret in secrets.items():
+        kubernetes_validate.validate(secret, KUBERNETES_VERSIONS[0], strict=True)
+        if secret_name == CRL_SECRET:
+            crl = base64.b64decode(secret["data"]["crl.pem"])
+            assert crl.startswith(b"-----BEGIN X509 CRL-----")
+            continue
+        # What a pod sees at /certs/<bundle>: a bundle the product loads.
+        bundle_dir = tmp_path / "mounted" / secret_name.removeprefix(SECRET_PREFIX)
+        bundle_dir.mkdir(parents=True)
+        for key, value in secret["data"].items():
+            (bundle_dir / key).write_bytes(base64.b64decode(value))
+        tls = TlsConfig.bundle(bundle_dir)
+        assert read_identity(tls.cert).label == bundle_dir.name
+        cert = load_certificate(tls.cert.read_bytes(), str(tls.cert))
+        assert load_private_key(tls.key).public_key() == cert.public_key(), secret_name
 
 
 def certs_volume(workload: Mapping[str, Any]) -> dict[str, str]:
