@@ -40,7 +40,10 @@ DEPLOY = ROOT / "deploy"
 KUSTOMIZE = DEPLOY / "kubernetes"
 BASE = "base"
 SCALE_OUT = "overlays/scale-out"
-KUSTOMIZATIONS = (BASE, SCALE_OUT)
+EDGE_FLEET = "overlays/edge-fleet"
+KUSTOMIZATIONS = (BASE, SCALE_OUT, EDGE_FLEET)
+# The overlays on top of scale-out (they keep what it checks).
+SCALED = (SCALE_OUT, EDGE_FLEET)
 COMPOSE_FILE = ROOT / "compose.yaml"
 CONFIG_DOC = ROOT / "docs" / "configuration.md"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
@@ -219,11 +222,12 @@ def test_the_broker_is_configured_as_compose_configures_it(compose: dict[str, An
     assert mosquitto["command"] == compose_service(compose, "mosquitto")["command"]
 
 
+@pytest.mark.parametrize("kustomization", SCALED)
 def test_scale_out_changes_only_the_broker_and_adds_only_the_database(
-    compose: dict[str, Any],
+    compose: dict[str, Any], kustomization: str
 ) -> None:
-    found = workloads(SCALE_OUT)
-    assert "mosquitto" not in found and "mosquitto" not in objects(SCALE_OUT, "Service")
+    found = workloads(kustomization)
+    assert "mosquitto" not in found and "mosquitto" not in objects(kustomization, "Service")
     for name in [*OURS, *JOBS]:
         container = the_container(found[name])
         assert container["args"] == compose_service(compose, name)["command"] or name == "certs"
@@ -235,7 +239,7 @@ def test_scale_out_changes_only_the_broker_and_adds_only_the_database(
     # The broker's certificate names the host its clients dial.
     args = the_container(found["certs"])["args"]
     assert "mqtt=nats" in args and "mqtt=mosquitto" not in args
-    assert SCALE_OUT_CHANGES["PROPELLER_MQTT_HOST"] in objects(SCALE_OUT, "Service")
+    assert SCALE_OUT_CHANGES["PROPELLER_MQTT_HOST"] in objects(kustomization, "Service")
 
 
 def test_the_nats_configuration_is_valid_for_nats_server(tmp_path: Path) -> None:
@@ -491,14 +495,15 @@ def test_every_container_has_requests_and_limits(kustomization: str) -> None:
                 assert set(resources.get(bound, {})) == {"cpu", "memory"}, f"{name} {bound}"
 
 
-def test_scale_out_runs_replicas_with_disruption_budgets() -> None:
-    found = workloads(SCALE_OUT)
+@pytest.mark.parametrize("kustomization", SCALED)
+def test_scale_out_runs_replicas_with_disruption_budgets(kustomization: str) -> None:
+    found = workloads(kustomization)
     assert found["coordinator"]["spec"]["replicas"] >= 2
     assert found["manager"]["spec"]["replicas"] >= 2
     assert found["nats"]["spec"]["replicas"] == 3
     budgets = [
         b["spec"]["selector"]["matchLabels"]
-        for b in objects(SCALE_OUT, "PodDisruptionBudget").values()
+        for b in objects(kustomization, "PodDisruptionBudget").values()
     ]
     for name, workload in found.items():
         if workload["kind"] != "Job" and workload["spec"].get("replicas", 1) > 1:
@@ -507,3 +512,38 @@ def test_scale_out_runs_replicas_with_disruption_budgets() -> None:
     for name in ("model-registry", "local-data-store", "postgresql"):
         assert found[name]["spec"]["replicas"] == 1
         assert found[name]["spec"]["selector"]["matchLabels"] not in budgets, name
+
+
+def test_an_edge_proplet_is_its_device(compose: dict[str, Any]) -> None:
+    """One proplet per edge node, whose id is the node's name and whose key is the one
+    provisioned onto the device: compose's proplet otherwise."""
+    daemon = workloads(EDGE_FLEET)["edge-proplet"]
+    assert daemon["kind"] == "DaemonSet"
+    # An update deletes a device's pod before starting its successor: one session per id.
+    assert daemon["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"] == 0
+    spec = pod_spec(daemon)
+    assert spec["nodeSelector"] == {"propeller-fl.io/edge": "true"}
+    container = the_container(daemon)
+    proplet = compose_service(compose, "proplet")
+    assert container["args"] == proplet["command"]
+    assert env_names(container) == set(proplet["environment"])
+    from_node = {
+        e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
+        for e in container["env"]
+        if "valueFrom" in e
+    }
+    assert from_node == {"PROPLET_ID": "spec.nodeName", "PROPLET_NAME": "spec.nodeName"}
+    env = plain_env(container)
+    expected = {**proplet["environment"], **SCALE_OUT_CHANGES}
+    for name in ("PROPLET_ID", "PROPLET_NAME", "PROPELLER_TLS_DIR"):
+        expected.pop(name)
+    assert {k: v for k, v in env.items() if k != "PROPELLER_TLS_DIR"} == expected
+    # Its bundle is the device's own directory, read-only; no Secret reaches this pod.
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    certs = mounts[env["PROPELLER_TLS_DIR"]]
+    assert certs["readOnly"] is True
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[certs["name"]]["hostPath"]["type"] == "Directory"
+    assert not any("secret" in v or "projected" in v for v in volumes.values())
+    probe = container["readinessProbe"]["exec"]["command"]
+    assert probe[:2] == ["sh", "-c"] and '--proplet "$PROPLET_ID"' in probe[2]
