@@ -219,7 +219,9 @@ def test_the_broker_is_configured_as_compose_configures_it(compose: dict[str, An
     assert data["mosquitto.conf"] == compose["configs"]["mosquitto-conf"]["content"]
     assert data["acl"] == compose["configs"]["mosquitto-acl"]["content"] == mosquitto_acl()
     mosquitto = pod_spec(workloads(BASE)["mosquitto"])["containers"][0]
-    assert mosquitto["command"] == compose_service(compose, "mosquitto")["command"]
+    # Compose's command replaces the image's CMD, not its entrypoint (which chowns the data).
+    assert "command" not in mosquitto
+    assert mosquitto["args"] == compose_service(compose, "mosquitto")["command"]
 
 
 @pytest.mark.parametrize("kustomization", SCALED)
@@ -230,15 +232,23 @@ def test_scale_out_changes_only_the_broker_and_adds_only_the_database(
     assert "mosquitto" not in found and "mosquitto" not in objects(kustomization, "Service")
     for name in [*OURS, *JOBS]:
         container = the_container(found[name])
-        assert container["args"] == compose_service(compose, name)["command"] or name == "certs"
+        command = compose_service(compose, name)["command"]
+        if name == "certs":  # the broker's certificate names the host its clients dial
+            command = ["mqtt=nats" if a == "mqtt=mosquitto" else a for a in command]
+        assert container["args"] == command, name
         expected = dict(compose_service(compose, name).get("environment", {}))
         expected.update({k: v for k, v in SCALE_OUT_CHANGES.items() if k in expected})
         env = plain_env(container)
         assert {k: v for k, v in env.items() if k not in PENDING_VARS} == expected, name
         assert env_names(container) <= set(expected) | PENDING_VARS, name
-    # The broker's certificate names the host its clients dial.
-    args = the_container(found["certs"])["args"]
-    assert "mqtt=nats" in args and "mqtt=mosquitto" not in args
+    # The state of these three on PostgreSQL, its password from the operator's Secret.
+    for name in ("coordinator", "manager", "model-registry"):
+        variables = {e["name"]: e for e in the_container(found[name])["env"]}
+        assert variables["PROPELLER_DATABASE_URL"]["value"].startswith("postgresql://propeller@")
+        assert variables["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "postgresql-auth",
+            "key": "password",
+        }
     assert SCALE_OUT_CHANGES["PROPELLER_MQTT_HOST"] in objects(kustomization, "Service")
 
 
