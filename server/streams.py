@@ -6,7 +6,9 @@ from its header (`checked_total`: at most `max_bytes`, `MAX_PAYLOAD_BYTES` by de
 header check of the caller's, e.g. the round's model size) and counted as it arrives
 (`PayloadBuffer`, which spools to a temporary file above a threshold), so what a header
 claims never decides what a server allocates, and a rejected upload is answered without
-reading gigabytes (`drain` is bounded).
+reading gigabytes (`drain` is bounded). A client downloading a model to use it
+(`read_model_download`) reserves the header's size at once (address space only; memory is
+committed as bytes arrive) and hashes the bytes while they arrive.
 """
 
 from __future__ import annotations
