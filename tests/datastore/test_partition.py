@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.datastore import catalog
 from server.datastore.catalog import Corpus
@@ -161,3 +163,32 @@ def test_bad_arguments_are_refused_naming_them(
 def test_unknown_dataset_is_refused() -> None:
     with pytest.raises(InvalidArgument, match=r"--dataset: 'mnist' is not one of digits"):
         catalog.load("mnist")
+
+
+# A partition of a few hundred labels is quick, Hypothesis's generation is not: 200 examples
+# at most (the profile's number when smaller) cover the sizes without a minute of CI.
+@settings(deadline=None, max_examples=min(200, settings().max_examples))
+@given(
+    labels=st.lists(st.integers(0, 9), min_size=20, max_size=400),
+    count=st.integers(1, 8),
+    alpha=st.one_of(st.none(), st.floats(0.2, 100.0)),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_partition_puts_every_sample_in_exactly_one_part(
+    labels: list[int], count: int, alpha: float | None, seed: int
+) -> None:
+    y = np.asarray(labels, dtype=np.float64)
+    # IID meets any reachable minimum; a Dirichlet draw must be asked for little, or most
+    # examples would spend their time redrawing.
+    min_samples = max(1, min(3, len(labels) // count)) if alpha is None else 1
+    try:
+        if alpha is None:
+            parts = iid_parts(y, count, seed, min_samples)
+        else:
+            parts = dirichlet_parts(y, count, alpha, seed, min_samples)
+    except FailedPrecondition:
+        assert alpha is not None  # only a Dirichlet draw can miss the minimum
+        return
+    assert len(parts) == count and all(len(p) >= min_samples for p in parts)
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
+    assert all(np.all(np.diff(p) > 0) for p in parts)  # each part ascending, no repeats
