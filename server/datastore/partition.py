@@ -36,7 +36,9 @@ DEFAULT_MIN_SAMPLES = 10
 MAX_DRAWS = 1000
 
 
-def _check(num_samples: int, count: int, min_samples: int) -> None:
+def _check(num_samples: int, count: int, min_samples: int, seed: int) -> None:
+    if seed < 0:
+        raise InvalidArgument(f"--seed: must be >= 0, got {seed}")
     if count < 1:
         raise InvalidArgument(f"--proplets: must be >= 1, got {count}")
     if min_samples < 1:
@@ -53,7 +55,7 @@ def iid_parts(
 ) -> list[Indices]:
     """`count` stratified parts (see the module docstring)."""
     n = int(labels.shape[0])
-    _check(n, count, min_samples)
+    _check(n, count, min_samples, seed)
     rng = np.random.default_rng(seed)
     order = np.concatenate(
         [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
@@ -73,7 +75,7 @@ def dirichlet_parts(
     if not (math.isfinite(alpha) and alpha > 0):
         raise InvalidArgument(f"--dirichlet: alpha must be a number > 0, got {alpha}")
     n = int(labels.shape[0])
-    _check(n, count, min_samples)
+    _check(n, count, min_samples, seed)
     rng = np.random.default_rng(seed)
     members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     smallest = 0

@@ -162,6 +162,8 @@ async def test_each_proplet_reads_its_own_part_and_held_out_split_only(
         (["--ids", "a,digits.test", "--iid"], ["--ids[1]: 'digits.test' is reserved"]),
         (["--ids", " , ", "--iid"], ["--ids: no proplet id given"]),
         (["--proplets", "0", "--iid"], ["--proplets: must be >= 1"]),
+        (["--proplets", "2", "--iid", "--seed", "-1"], ["--seed: must be >= 0, got -1"]),
+        (["--proplets", "2", "--iid", "--min-samples", "0"], ["--min-samples: must be >= 1"]),
         (["--proplets", "3", "--dirichlet", "-1"], ["--dirichlet: alpha must be a number > 0"]),
     ],
 )
