@@ -47,7 +47,6 @@ from propeller.v1 import (
     datastore_pb2,
     datastore_pb2_grpc,
     model_registry_pb2,
-    model_registry_pb2_grpc,
 )
 from proplet.errors import TaskFailed
 from server.config import Endpoints, TlsConfig
@@ -55,7 +54,7 @@ from server.errors import InvalidArgument, RemoteError, as_remote_error, rpc_err
 from server.grpc_server import channel
 from server.pki import PkiError, load_private_key
 from server.provenance import Claim, check_module_digest, sign
-from server.streams import UpdateMeta, read_model_stream, update_stream
+from server.streams import UpdateMeta, model_download_call, read_model_download, update_stream
 from server.tensors import (
     GRPC_OPTIONS,
     Tensors,
@@ -628,25 +627,25 @@ class FederatedClient:
         )
 
     async def fetch_model(self, fl: FlTask, deadline: float | None = None) -> tuple[Tensors, str]:
-        """The base model and its sha256 (hex), checked against the bytes."""
-        stub = model_registry_pb2_grpc.ModelRegistryStub(self._channel(fl.registry))
+        """The base model and its sha256 (hex), checked against the bytes (hashed as they
+        arrive: `server.streams.read_model_download`)."""
+        registry = self._channel(fl.registry)
         call_name = f"GetModel {fl.model_uri}"
 
-        async def attempt(timeout: float) -> tuple[Any, Tensors]:
-            call = stub.GetModel(
-                model_registry_pb2.GetModelRequest(model_uri=fl.model_uri), timeout=timeout
-            )
-            return await read_model_stream(call, "model")
+        async def attempt(timeout: float) -> tuple[Any, Tensors, str]:
+            request = model_registry_pb2.GetModelRequest(model_uri=fl.model_uri)
+            call = model_download_call(registry, request, timeout=timeout)
+            return await read_model_download(call, "model")
 
         try:
-            header, tensors = await self._call(
+            header, tensors, sha256 = await self._call(
                 attempt, deadline, f"model registry at {fl.registry}: {call_name}"
             )
         except CallFailed as failed:
             raise TaskFailed(failed.reason("model registry", fl.registry, call_name)) from None
         except InvalidArgument as exc:
             raise TaskFailed(f"model registry: bad model stream: {exc}") from None
-        if header.sha256 != sha256_of(tensors):
+        if header.sha256 != sha256:
             raise TaskFailed(f"model registry: {fl.model_uri} arrived with a wrong sha256")
         return tensors, header.sha256
 

@@ -6,14 +6,19 @@ from its header (`checked_total`: at most `max_bytes`, `MAX_PAYLOAD_BYTES` by de
 header check of the caller's, e.g. the round's model size) and counted as it arrives
 (`PayloadBuffer`, which spools to a temporary file above a threshold), so what a header
 claims never decides what a server allocates, and a rejected upload is answered without
-reading gigabytes (`drain` is bounded).
+reading gigabytes (`drain` is bounded). A client downloading a model to use it
+(`read_model_download`) reserves the header's size at once (address space only; memory is
+committed as bytes arrive) and hashes the bytes while they arrive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import queue
 import tempfile
+import threading
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -26,8 +31,9 @@ from collections.abc import (
 from dataclasses import dataclass
 from io import BufferedRandom
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+import grpc
 import numpy as np
 from google.protobuf.message import Message
 
@@ -35,6 +41,7 @@ from propeller.v1 import tensor_pb2
 from server.errors import DataLoss, InvalidArgument, PropellerError
 from server.ids import MAX_TENSORS, check_count, check_name
 from server.tensors import (
+    INLINE_BYTES,
     Array,
     Spec,
     Tensors,
@@ -45,6 +52,7 @@ from server.tensors import (
     specs_of,
     split_payload,
     tensor_bytes,
+    tensors_from_bytes,
     total_bytes,
 )
 
@@ -63,6 +71,8 @@ PIECE_BYTES = 16 << 20
 # the answer, so the client sees our status rather than a failed write.
 DRAIN_BYTES = 64 << 20
 DRAIN_S = 5.0
+# A model download's received chunks waiting for its hashing worker, at most.
+_QUEUED_CHUNKS = 8
 
 
 def model_stream(
@@ -456,3 +466,185 @@ async def read_update_stream(
             on_header=on_header,
         )
     )
+
+
+class _HashingAssembly:
+    """A downloaded model's bytes as they arrive: copied into one buffer of the size the header
+    promises and hashed (sha256), chunk by chunk in arrival order, on a worker thread of its
+    own while the event loop receives the next chunks; small models all on the loop.
+
+    The buffer is reserved, not written: numpy's `empty` leaves the pages untouched, so memory
+    is committed only as bytes arrive (a header that lies about the size costs address space,
+    not memory), and the count is checked on every chunk, before it is queued. At most
+    `_QUEUED_CHUNKS` chunks wait for the worker: a slow hash holds back the reader instead of
+    piling up received chunks."""
+
+    def __init__(self, need: int, field: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.need = need
+        self.field = field
+        self.filled = 0
+        self._loop = loop
+        self._buffer = np.empty(need, dtype=np.uint8)
+        self._view = self._buffer.data
+        self._hash = hashlib.sha256()
+        self._threaded = need > INLINE_BYTES
+        self._room = asyncio.Semaphore(_QUEUED_CHUNKS)
+        self._jobs: queue.SimpleQueue[tuple[int, bytes | memoryview] | None] = queue.SimpleQueue()
+        self._finished: asyncio.Future[None] = loop.create_future()
+        self._abandoned = False
+        self._worker: threading.Thread | None = None
+        if self._threaded:
+            self._worker = threading.Thread(
+                target=self._work, name=f"download-{field}", daemon=True
+            )
+            self._worker.start()
+
+    def _place(self, offset: int, data: bytes | memoryview) -> None:
+        end = offset + len(data)
+        self._view[offset:end] = data
+        # hashlib releases the GIL on buffers of 2 KiB and more; hashing the copy just made
+        # reads it from cache.
+        self._hash.update(self._view[offset:end])
+
+    def _work(self) -> None:
+        error: BaseException | None = None
+        while (job := self._jobs.get()) is not None:
+            if error is None and not self._abandoned:
+                try:
+                    self._place(*job)
+                except BaseException as exc:  # reported to the reader, which re-raises it
+                    error = exc
+            self._tell(self._room.release)
+        self._tell(self._settle, error)
+
+    def _tell(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run `callback` on the reader's loop, unless that loop is gone (a download given up
+        as its loop closed): then nobody is waiting."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _settle(self, error: BaseException | None) -> None:
+        if self._finished.done() or self._abandoned:
+            return
+        if error is None:
+            self._finished.set_result(None)
+        else:
+            self._finished.set_exception(error)
+
+    async def add(self, data: bytes | memoryview) -> None:
+        if self.filled + len(data) > self.need:
+            raise InvalidArgument(f"{self.field}: more tensor bytes than the header's {self.need}")
+        offset, self.filled = self.filled, self.filled + len(data)
+        if not self._threaded:
+            self._place(offset, data)
+            return
+        await self._room.acquire()
+        self._jobs.put((offset, data))
+
+    async def finish(self, specs: Sequence[Spec]) -> tuple[Tensors, str]:
+        """The arrays (writable views of the one buffer) and the hex sha256 of their bytes,
+        once exactly `need` bytes arrived and the worker placed them all."""
+        if self.filled != self.need:
+            raise InvalidArgument(
+                f"{self.field}: stream ended after {self.filled} of {self.need} tensor bytes"
+            )
+        if self._worker is not None:
+            self._jobs.put(None)
+            await self._finished
+        return tensors_from_bytes(self._view, specs), self._hash.hexdigest()
+
+    def close(self) -> None:
+        """Stop the worker of a download given up: what it still holds is dropped, and no
+        outcome is reported (nobody awaits it)."""
+        if self._worker is not None and not self._finished.done() and not self._abandoned:
+            self._abandoned = True
+            self._jobs.put(None)
+
+
+# ModelRegistry.GetModel, called for its answers as raw bytes (`model_download_call`).
+GET_MODEL_METHOD = "/propeller.v1.ModelRegistry/GetModel"
+# A serialized ModelChunk whose part is `data` (field 2, length-delimited) starts with this.
+_DATA_TAG = 0x12
+
+
+def model_download_call(
+    channel: grpc.aio.Channel, request: Message, *, timeout: float
+) -> AsyncIterable[bytes]:
+    """GetModel with its answers left serialized: `read_model_download` takes a data chunk's
+    bytes as a view of the message instead of a parsed copy."""
+    call = channel.unary_stream(
+        GET_MODEL_METHOD,
+        request_serializer=type(request).SerializeToString,
+        response_deserializer=None,
+    )(request, timeout=timeout)
+    return cast(AsyncIterable[bytes], call)
+
+
+def _data_view(message: bytes) -> memoryview | None:
+    """The `data` bytes of a serialized ModelChunk that holds exactly one data field (what
+    every encoder writes for it), as a view of `message`; None for anything else (a header,
+    an empty chunk, another layout), which the caller parses in full."""
+    if not message or message[0] != _DATA_TAG:
+        return None
+    length, shift, i = 0, 0, 1
+    while i < len(message) and i <= 10:
+        byte = message[i]
+        length |= (byte & 0x7F) << shift
+        i += 1
+        if not byte & 0x80:
+            return memoryview(message)[i:] if i + length == len(message) else None
+        shift += 7
+    return None
+
+
+async def read_model_download(
+    stream: AsyncIterable[bytes] | AsyncIterable[tensor_pb2.ModelChunk],
+    field: str = "model",
+    *,
+    max_bytes: int = MAX_PAYLOAD_BYTES,
+) -> tuple[tensor_pb2.ModelHeader, Tensors, str]:
+    """A model stream as a client downloads it to use it: the header, the arrays and the hex
+    sha256 of their bytes, computed as the chunks arrive (compare it with the header's before
+    using the model). The stream's items are ModelChunk messages or their serialized bytes
+    (`model_download_call`: no parse, no copy of a data chunk). The same checks as
+    `read_model_stream` (header first and once, at most `max_bytes`, no byte more or less than
+    the header promises); the bytes land in one buffer (no assembly pass, no second copy) and
+    are hashed on a worker thread while the next chunks arrive (no hashing pass after)."""
+    header: tensor_pb2.ModelHeader | None = None
+    specs: list[Spec] = []
+    assembly: _HashingAssembly | None = None
+    try:
+        async for item in stream:
+            if isinstance(item, bytes):
+                data = _data_view(item)
+                if data is not None:
+                    if assembly is None:
+                        raise InvalidArgument(f"{field}: data chunk before the header")
+                    await assembly.add(data)
+                    continue
+                chunk = tensor_pb2.ModelChunk.FromString(item)
+            else:
+                chunk = item
+            kind = chunk.WhichOneof("part")
+            if kind == "data":
+                if assembly is None:
+                    raise InvalidArgument(f"{field}: data chunk before the header")
+                await assembly.add(chunk.data)
+            elif kind == "header":
+                if header is not None:
+                    raise InvalidArgument(f"{field}: a second header in one stream")
+                header = chunk.header
+                specs = specs_from_proto(header.tensors, f"{field}.header.tensors")
+                if not specs:
+                    raise InvalidArgument(f"{field}.header.tensors: must list at least one tensor")
+                need = checked_total(specs, header.total_bytes, f"{field}.header", max_bytes)
+                assembly = _HashingAssembly(need, field, asyncio.get_running_loop())
+            else:
+                raise InvalidArgument(f"{field}: empty chunk (neither header nor data)")
+        if header is None or assembly is None:
+            raise InvalidArgument(f"{field}: stream ended without a header")
+        tensors, sha256 = await assembly.finish(specs)
+        return header, tensors, sha256
+    finally:
+        if assembly is not None:
+            assembly.close()

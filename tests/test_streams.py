@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
+import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,10 +22,12 @@ from server.streams import (
     checked_total,
     drain,
     model_stream,
+    read_model_download,
     read_model_payload,
     read_model_stream,
 )
-from server.tensors import Spec, specs_of, tensor_bytes
+from server.tensors import Spec, sha256_of, specs_of, tensor_bytes
+from tests.support.waits import eventually
 
 MIB = 1 << 20
 TENSORS = {
@@ -151,3 +156,145 @@ async def test_draining_is_bounded_in_bytes_and_time() -> None:
 
     # Returns by its own bound (the outer one only turns a hang into a failure).
     await asyncio.wait_for(drain(silent(), max_s=0.2), 30)
+
+
+# --- the client's model download (issue 12): placed and hashed as the chunks arrive --------
+
+
+async def items_of(items: list[Any]) -> AsyncIterator[Any]:
+    for item in items:
+        yield item
+
+
+def serialized(chunks: list[tensor_pb2.ModelChunk]) -> list[bytes]:
+    """The chunks as `model_download_call` yields them: unparsed."""
+    return [c.SerializeToString() for c in chunks]
+
+
+SMALL = {"w": np.arange(12, dtype="<f8").reshape(4, 3), "b": np.asarray(-1.5, dtype="<f8")}
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["messages", "bytes"])
+@pytest.mark.parametrize(
+    ("tensors", "chunk"),
+    [(TENSORS, MIB), (TENSORS, 1000_003), (SMALL, 7), (SMALL, MIB)],
+    ids=["12MB-1MiB", "12MB-odd", "small-7B", "small-1chunk"],
+)
+async def test_a_download_gives_the_arrays_and_the_sha256_of_their_bytes(
+    raw: bool, tensors: dict[str, np.ndarray], chunk: int
+) -> None:
+    chunks = list(model_stream(tensors, chunk_size=chunk, model_uri="fl/models/global_model_v1"))
+    items: list[Any] = serialized(chunks) if raw else chunks
+    header, got, sha256 = await read_model_download(items_of(items))
+    assert header.model_uri == "fl/models/global_model_v1"
+    assert sha256 == hashlib.sha256(tensor_bytes(tensors)).hexdigest() == sha256_of(got)
+    assert list(got) == list(tensors)
+    for name, arr in tensors.items():
+        assert got[name].dtype == arr.dtype and got[name].shape == arr.shape, name
+        np.testing.assert_array_equal(got[name], arr)
+        assert got[name].flags.writeable  # the caller's own arrays, like read_model_stream's
+
+
+async def test_a_download_hashes_the_bytes_that_came_not_what_the_header_says() -> None:
+    chunks = list(model_stream(TENSORS, chunk_size=MIB))
+    items = serialized(chunks)
+    tampered = bytearray(items[5])
+    tampered[-1] ^= 0x01  # one bit of one value, in the middle of the stream
+    items[5] = bytes(tampered)
+    header, _, sha256 = await read_model_download(items_of(items))
+    assert header.sha256 == sha256_of(TENSORS) != sha256
+
+
+def _data_twice(first: bytes, second: bytes) -> bytes:
+    """A ModelChunk with its `data` field written twice: valid protobuf, the last one wins."""
+    one = tensor_pb2.ModelChunk(data=first).SerializeToString()
+    return one + tensor_pb2.ModelChunk(data=second).SerializeToString()
+
+
+async def test_unusual_encodings_are_parsed_as_protobuf_says() -> None:
+    chunks = list(model_stream(SMALL, chunk_size=8))
+    items = serialized(chunks)
+    # The first data chunk written twice (the first copy garbage), then an unknown field.
+    items[1] = _data_twice(b"\xff" * 8, tensor_pb2.ModelChunk.FromString(items[1]).data)
+    items[2] = items[2] + b"\x18\x01"  # field 3, varint 1: unknown, ignored
+    _, got, sha256 = await read_model_download(items_of(items))
+    np.testing.assert_array_equal(got["w"], SMALL["w"])
+    assert sha256 == sha256_of(SMALL)
+
+
+def _header(tensors: dict[str, np.ndarray]) -> tensor_pb2.ModelChunk:
+    return next(iter(model_stream(tensors, MIB)))
+
+
+BAD_DOWNLOADS: list[tuple[str, list[tensor_pb2.ModelChunk], str]] = [
+    ("no header", [tensor_pb2.ModelChunk(data=b"12345678")], "data chunk before the header"),
+    ("nothing", [], "stream ended without a header"),
+    ("two headers", [_header(SMALL), _header(SMALL)], "a second header in one stream"),
+    ("empty chunk", [_header(SMALL), tensor_pb2.ModelChunk()], "empty chunk"),
+    (
+        "truncated",
+        list(model_stream(TENSORS, chunk_size=MIB))[:-1],
+        f"stream ended after {12 * MIB + 8} of {len(BYTES)} tensor bytes",
+    ),
+    (
+        "a byte more",
+        [*model_stream(SMALL, MIB), tensor_pb2.ModelChunk(data=b"x")],
+        "more tensor bytes than the header's 104",
+    ),
+]
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["messages", "bytes"])
+@pytest.mark.parametrize(
+    ("chunks", "needle"),
+    [(c, n) for _, c, n in BAD_DOWNLOADS],
+    ids=[i for i, _, _ in BAD_DOWNLOADS],
+)
+async def test_a_bad_download_is_refused_naming_the_field(
+    raw: bool, chunks: list[tensor_pb2.ModelChunk], needle: str
+) -> None:
+    items: list[Any] = serialized(chunks) if raw else chunks
+    with pytest.raises(InvalidArgument, match=r"^model") as excinfo:
+        await read_model_download(items_of(items))
+    assert needle in str(excinfo.value)
+
+
+async def test_a_download_is_bounded_from_its_header_and_counted_as_it_arrives() -> None:
+    chunks = list(model_stream(TENSORS, chunk_size=MIB))
+    with pytest.raises(InvalidArgument, match=r"model\.header\.tensors: .* more than the 1048576"):
+        await read_model_download(items_of(chunks), max_bytes=MIB)
+    # A stream that goes on past what its header promised is refused at the first byte too
+    # many: what follows is never read.
+    read: list[int] = []
+
+    async def endless() -> AsyncIterator[tensor_pb2.ModelChunk]:
+        for i, c in enumerate(itertools.chain(chunks, itertools.repeat(chunks[1]))):
+            read.append(i)
+            yield c
+
+    with pytest.raises(InvalidArgument, match="more tensor bytes than the header's"):
+        await read_model_download(endless())
+    assert len(read) == len(chunks) + 1
+
+
+async def test_a_download_given_up_leaves_no_worker_behind() -> None:
+    others = set(threading.enumerate())
+
+    async def its_workers() -> list[threading.Thread]:
+        return [
+            t
+            for t in threading.enumerate()
+            if t.name.startswith("download-") and t not in others and t.is_alive()
+        ]
+
+    async def stalls() -> AsyncIterator[tensor_pb2.ModelChunk]:
+        for c in list(model_stream(TENSORS, chunk_size=MIB))[:4]:
+            yield c
+        await asyncio.Event().wait()  # a registry that stops sending
+
+    task = asyncio.ensure_future(read_model_download(stalls()))
+    await eventually(its_workers, what="the download's worker started")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await eventually(its_workers, lambda alive: not alive, what="the worker gone")

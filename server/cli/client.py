@@ -420,13 +420,19 @@ class Client:
         return await self._unary("datastore", "GetDataset", request, datastore_pb2.Dataset)
 
     async def put_dataset(
-        self, proplet_id: str, features: Array, labels: Array, schema: str = ""
+        self,
+        proplet_id: str,
+        features: Array,
+        labels: Array,
+        schema: str = "",
+        num_classes: int = 0,
     ) -> datastore_pb2.DatasetInfo:
         dataset = datastore_pb2.Dataset(
             proplet_id=proplet_id,
             schema=schema,
             features=tensor_to_proto(features),
             labels=tensor_to_proto(labels),
+            num_classes=num_classes,
         )
         request = datastore_pb2.PutDatasetRequest(dataset=dataset)
         return await self._unary("datastore", "PutDataset", request, datastore_pb2.DatasetInfo)

@@ -66,6 +66,13 @@ from server.cli.render import (
 from server.cli.report import write_experiment_plot
 from server.cli.runner import Arg, Command, OneOf, Reply, arg, one_call, shown
 from server.cli.verify import verify_chain
+from server.datastore import catalog
+from server.datastore.partition import (
+    DEFAULT_MIN_SAMPLES,
+    dataset_of,
+    label_histogram,
+    partition,
+)
 from server.errors import InvalidArgument, Unavailable
 from server.models import model_uri, parse_model_uri
 from server.oci import ImageRef, OciClient, is_loopback
@@ -487,6 +494,71 @@ async def datasets_put(c: Client, a: argparse.Namespace) -> Reply:
     return shown(info, render_dataset_info(info))
 
 
+def partition_ids(a: argparse.Namespace) -> list[str]:
+    """--ids a,b,c as given, or --proplets N as proplet-1..proplet-N (the demo's names)."""
+    if a.ids is not None:
+        ids = [p.strip() for p in a.ids.split(",") if p.strip()]
+        if not ids:
+            raise InvalidArgument("--ids: no proplet id given")
+        return ids
+    if a.proplets < 1:
+        raise InvalidArgument(f"--proplets: must be >= 1, got {a.proplets}")
+    return [f"proplet-{i + 1}" for i in range(a.proplets)]
+
+
+async def datasets_partition(c: Client, a: argparse.Namespace) -> Reply:
+    """Spread a shipped dataset's train split over proplets and store each part (and the
+    global test split, under its reserved id) in the data store."""
+    ids = partition_ids(a)
+    corpus = await asyncio.to_thread(catalog.load, a.dataset)
+    alpha = None if a.iid else a.dirichlet
+    parts = await asyncio.to_thread(
+        partition, corpus, ids, alpha=alpha, seed=a.seed, min_samples=a.min_samples
+    )
+    held_out = catalog.held_out_id(corpus.name)
+    rows: list[dict[str, Any]] = []
+    for ds in [*parts, dataset_of(held_out, corpus, corpus.test)]:
+        info = await c.put_dataset(
+            ds.proplet_id,
+            ds.features,
+            ds.labels,
+            schema=ds.schema,
+            num_classes=ds.num_classes,
+        )
+        histogram = label_histogram(ds.labels, corpus.num_classes)
+        rows.append(
+            {"proplet_id": info.proplet_id, "size": info.size, "labels": histogram.tolist()}
+        )
+    doc = {
+        "dataset": corpus.name,
+        "schema": parts[0].schema,
+        "num_classes": corpus.num_classes,
+        "num_features": corpus.num_features,
+        "partition": "iid" if alpha is None else "dirichlet",
+        "alpha": alpha,
+        "seed": a.seed,
+        "min_samples": a.min_samples,
+        "proplets": rows[:-1],
+        "test": rows[-1],
+    }
+    how = "IID" if alpha is None else f"Dirichlet alpha={alpha:g}"
+    head = fields(
+        [
+            (
+                "dataset",
+                f"{corpus.name} ({corpus.num_classes} classes, {corpus.num_features} features)",
+            ),
+            ("partition", f"{how}, seed {a.seed}, at least {a.min_samples} samples each"),
+            ("test split", f"{held_out} ({rows[-1]['size']} samples)"),
+        ]
+    )
+    text = table(
+        ["PROPLET", "SIZE", *(str(k) for k in range(corpus.num_classes))],
+        [[r["proplet_id"], r["size"], *r["labels"]] for r in rows],
+    )
+    return Reply(doc, head + "\n\n" + text)
+
+
 async def proplets_list(c: Client, a: argparse.Namespace) -> Reply:
     resp = await c.list_proplets()
     if a.ids:
@@ -737,6 +809,44 @@ COMMANDS: tuple[Command, ...] = (
         "or FILE.npy (2-D, last column the label)",
         datasets_put,
         (arg("proplet_id", metavar="PROPLET_ID"), arg("file", metavar="FILE")),
+    ),
+    Command(
+        "datasets",
+        "partition",
+        "spread a shipped dataset's train split over proplets, IID or non-IID (Dirichlet over "
+        "labels), and store each proplet's part and the global test split (as DATASET.test) "
+        'in the data store; --json: {"dataset", "partition", "alpha", "seed", "proplets": '
+        '[{"proplet_id", "size", "labels"}], "test", ...}',
+        datasets_partition,
+        (
+            arg("--dataset", default="digits", choices=sorted(catalog.CORPORA)),
+            OneOf(
+                (
+                    arg("--proplets", type=int, metavar="N", help="proplet-1 .. proplet-N"),
+                    arg("--ids", metavar="ID,ID,...", help="these proplets, comma-separated"),
+                )
+            ),
+            OneOf(
+                (
+                    arg("--iid", action="store_true", help="equal shares of every class"),
+                    arg(
+                        "--dirichlet",
+                        type=float,
+                        metavar="ALPHA",
+                        help="label skew: class shares per proplet ~ Dirichlet(ALPHA); "
+                        "0.1 = few classes each, 100 = close to IID",
+                    ),
+                )
+            ),
+            arg("--seed", type=int, default=0, help="the partition's seed (default 0)"),
+            arg(
+                "--min-samples",
+                type=int,
+                default=DEFAULT_MIN_SAMPLES,
+                metavar="M",
+                help=f"every proplet gets at least M samples (default {DEFAULT_MIN_SAMPLES})",
+            ),
+        ),
     ),
     Command(
         "proplets",

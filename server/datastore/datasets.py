@@ -1,5 +1,14 @@
 """Per-proplet datasets: what a valid one is, and the synthetic ones seeded at start-up.
 
+Two schemas. `SCHEMA` ("fl-demo-dataset-v1", the seed's): labels exactly 0 or 1, what the
+seed's linear trainer learns. `CLASSES_SCHEMA` ("fl-classes-dataset-v1"): k classes
+(`num_classes`, 2..MAX_CLASSES), labels the integers 0..k-1. Labels stay float tensors in both
+(exact integers; float64 holds every class index exactly): the tensor codec, the SQLite rows and
+the proplet's DATASET_DATA carry both schemas alike, and a trainer reads the class as a number.
+k is stored, not inferred from the labels: a non-IID part may miss some classes entirely, and
+the model it trains still has k outputs. Any schema other than CLASSES_SCHEMA is held to the
+binary rule, as before there were two.
+
 Synthetic data: every proplet's labels come from one fixed "true" logistic model, so
 federated training over all proplets learns that model; each proplet's features are shifted
 by a mean of its own, so the proplets' data is not identically distributed (non-IID). The
@@ -10,7 +19,7 @@ process and on every machine (Python's hash() is salted per process and must not
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -18,6 +27,9 @@ from server.errors import FailedPrecondition, InvalidArgument
 from server.tensors import Array
 
 SCHEMA = "fl-demo-dataset-v1"
+CLASSES_SCHEMA = "fl-classes-dataset-v1"
+# The most classes a CLASSES_SCHEMA dataset may declare (a bound on what a client may claim).
+MAX_CLASSES = 1000
 DEFAULT_NUM_SAMPLES = 64
 DEFAULT_NUM_FEATURES = 3
 # Seed of the one logistic model all proplets' labels are drawn from.
@@ -28,12 +40,14 @@ _SHIFT_SCALE = 1.0
 
 @dataclass(frozen=True)
 class Dataset:
-    """One proplet's local dataset: features [n, d] and labels [n] in {0, 1}."""
+    """One proplet's local dataset: features [n, d] and labels [n], in {0, 1} for the binary
+    schema and in 0..num_classes-1 for CLASSES_SCHEMA (num_classes is 2 for the binary one)."""
 
     proplet_id: str
     features: Array
     labels: Array
     schema: str = SCHEMA
+    num_classes: int = 2
 
     @property
     def size(self) -> int:
@@ -110,6 +124,27 @@ def validate_dataset(dataset: Dataset, field: str = "dataset") -> Dataset:
         )
     if not np.isfinite(features).all():
         raise InvalidArgument(f"{field}.features: contains NaN or Inf")
+    if dataset.schema == CLASSES_SCHEMA:
+        k = dataset.num_classes
+        if not 2 <= k <= MAX_CLASSES:
+            raise InvalidArgument(
+                f"{field}.num_classes: must be 2..{MAX_CLASSES} for schema {CLASSES_SCHEMA!r}, "
+                f"got {k}"
+            )
+        # NaN fails every comparison, so it is caught here too.
+        bad = ~((labels >= 0) & (labels < k) & (labels == np.floor(labels)))
+        if bad.any():
+            first = int(np.argmax(bad))
+            raise InvalidArgument(
+                f"{field}.labels: must be integers 0..{k - 1} (num_classes {k}), "
+                f"labels[{first}] is {float(labels[first])!r}"
+            )
+        return dataset
+    if dataset.num_classes != 2:
+        raise InvalidArgument(
+            f"{field}.num_classes: schema {dataset.schema!r} has 2 classes (labels 0 or 1), "
+            f"got {dataset.num_classes}; k classes need schema {CLASSES_SCHEMA!r}"
+        )
     bad = ~((labels == 0.0) | (labels == 1.0))
     if bad.any():
         first = int(np.argmax(bad))
@@ -165,4 +200,4 @@ def dataset_split(dataset: Dataset, split: str) -> Dataset:
         return dataset
     train, test = split_indices(dataset.proplet_id, dataset.size)
     idx = train if split == "train" else test
-    return Dataset(dataset.proplet_id, dataset.features[idx], dataset.labels[idx], dataset.schema)
+    return replace(dataset, features=dataset.features[idx], labels=dataset.labels[idx])

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from propeller.v1 import datastore_pb2, datastore_pb2_grpc
 from server.datastore.datasets import (
+    CLASSES_SCHEMA,
     SCHEMA,
     Dataset,
     check_split,
@@ -34,6 +35,7 @@ def dataset_info_proto(summary: DatasetSummary) -> datastore_pb2.DatasetInfo:
         schema=summary.schema,
         size=summary.size,
         num_features=summary.num_features,
+        num_classes=summary.num_classes,
     )
 
 
@@ -43,6 +45,7 @@ def dataset_proto(dataset: Dataset) -> datastore_pb2.Dataset:
         schema=dataset.schema,
         features=tensor_to_proto(dataset.features),
         labels=tensor_to_proto(dataset.labels),
+        num_classes=dataset.num_classes,
     )
 
 
@@ -54,11 +57,16 @@ def dataset_from_proto(msg: datastore_pb2.Dataset, field: str = "dataset") -> Da
         raise InvalidArgument(f"{field}.features: required")
     if not msg.HasField("labels"):
         raise InvalidArgument(f"{field}.labels: required")
+    schema = msg.schema or SCHEMA
+    # 0 on the binary schema means its 2 classes (a client that predates the field);
+    # validation refuses any other count for it.
+    num_classes = msg.num_classes if schema == CLASSES_SCHEMA or msg.num_classes else 2
     dataset = Dataset(
         proplet_id=msg.proplet_id,
         features=tensor_from_proto(msg.features, f"{field}.features"),
         labels=tensor_from_proto(msg.labels, f"{field}.labels"),
-        schema=msg.schema or SCHEMA,
+        schema=schema,
+        num_classes=num_classes,
     )
     return validate_dataset(dataset, field)
 
@@ -106,10 +114,13 @@ class DataStoreServicer:
             dataset = await asyncio.to_thread(dataset_from_proto, request.dataset)
             await self.store_of().put(dataset)
             log.info(
-                "[DataStore.PutDataset] proplet_id=%s size=%d num_features=%d",
+                "[DataStore.PutDataset] proplet_id=%s schema=%s size=%d num_features=%d "
+                "num_classes=%d",
                 dataset.proplet_id,
+                dataset.schema,
                 dataset.size,
                 dataset.num_features,
+                dataset.num_classes,
             )
             return dataset_info_proto(summary_of(dataset))
 

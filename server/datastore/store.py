@@ -29,10 +29,17 @@ class DatasetSummary:
     schema: str
     size: int
     num_features: int
+    num_classes: int = 2
 
 
 def summary_of(dataset: Dataset) -> DatasetSummary:
-    return DatasetSummary(dataset.proplet_id, dataset.schema, dataset.size, dataset.num_features)
+    return DatasetSummary(
+        dataset.proplet_id,
+        dataset.schema,
+        dataset.size,
+        dataset.num_features,
+        dataset.num_classes,
+    )
 
 
 class DatasetStore(Protocol):
@@ -81,9 +88,21 @@ _SCHEMA = [
         labels_dtype TEXT NOT NULL,
         labels_shape TEXT NOT NULL,
         labels BLOB NOT NULL,
-        updated_at REAL NOT NULL
+        updated_at REAL NOT NULL,
+        num_classes INTEGER NOT NULL DEFAULT 2
     )""",
 ]
+# Columns added since the first datastore.sqlite: name -> definition (ALTER TABLE on open).
+_ADDED_COLUMNS = {"num_classes": "INTEGER NOT NULL DEFAULT 2"}
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a file written by an older data store up to `_SCHEMA`: its datasets are all of
+    the binary schema, which the column's default (2 classes) describes."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(datasets)")}
+    for name, definition in _ADDED_COLUMNS.items():
+        if name not in columns:
+            conn.execute(f"ALTER TABLE datasets ADD COLUMN {name} {definition}")
 
 
 def _array_columns(arr: Array) -> tuple[str, str, int]:
@@ -118,6 +137,7 @@ class SqliteDatasetStore:
 
     async def open(self) -> None:
         await self.db.open()
+        await self.db.write(_migrate)
 
     async def close(self) -> None:
         await self.db.close()
@@ -126,7 +146,7 @@ class SqliteDatasetStore:
         row = await self.db.read(
             lambda c: c.execute(
                 "SELECT schema, features_dtype, features_shape, features, labels_dtype, "
-                "labels_shape, labels FROM datasets WHERE proplet_id = ?",
+                "labels_shape, labels, num_classes FROM datasets WHERE proplet_id = ?",
                 (proplet_id,),
             ).fetchone()
         )
@@ -137,6 +157,7 @@ class SqliteDatasetStore:
             features=_array_from_row(row[1], row[2], row[3]),
             labels=_array_from_row(row[4], row[5], row[6]),
             schema=row[0],
+            num_classes=int(row[7]),
         )
 
     async def put(self, dataset: Dataset, *, replace: bool = True) -> bool:
@@ -148,6 +169,7 @@ class SqliteDatasetStore:
             *_array_columns(dataset.features),
             *_array_columns(dataset.labels),
             time.time(),
+            dataset.num_classes,
         )
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
 
@@ -155,7 +177,8 @@ class SqliteDatasetStore:
             cur = conn.execute(
                 f"{verb} INTO datasets (proplet_id, schema, size, num_features, "
                 "features_dtype, features_shape, features, labels_dtype, labels_shape, labels, "
-                "updated_at) VALUES (?, ?, ?, ?, ?, ?, zeroblob(?), ?, ?, zeroblob(?), ?)",
+                "updated_at, num_classes) "
+                "VALUES (?, ?, ?, ?, ?, ?, zeroblob(?), ?, ?, zeroblob(?), ?, ?)",
                 values,
             )
             if cur.rowcount != 1:
@@ -172,7 +195,8 @@ class SqliteDatasetStore:
     async def list(self) -> list[DatasetSummary]:
         rows = await self.db.read(
             lambda c: c.execute(
-                "SELECT proplet_id, schema, size, num_features FROM datasets ORDER BY proplet_id"
+                "SELECT proplet_id, schema, size, num_features, num_classes FROM datasets "
+                "ORDER BY proplet_id"
             ).fetchall()
         )
-        return [DatasetSummary(r[0], r[1], int(r[2]), int(r[3])) for r in rows]
+        return [DatasetSummary(r[0], r[1], int(r[2]), int(r[3]), int(r[4])) for r in rows]

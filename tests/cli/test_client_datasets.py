@@ -51,6 +51,7 @@ async def test_put_csv_and_npy_then_get_back_equal(cli: Cli, stack: Stack, tmp_p
         "schema": "fl-demo-dataset-v1",
         "size": 20,
         "num_features": 4,
+        "num_classes": 2,
     }
     out_csv = tmp_path / "back.csv"
     (await cli("datasets", "get", "p-csv", "--output", str(out_csv), *f)).ok()

@@ -4,6 +4,7 @@ test with a real process is test_datastore_crash.py."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from propeller.v1 import datastore_pb2, datastore_pb2_grpc
 from server.datastore.app import DataStoreApp, DataStoreConfig
-from server.datastore.datasets import Dataset, synthetic_dataset
+from server.datastore.datasets import CLASSES_SCHEMA, Dataset, synthetic_dataset
 from server.datastore.store import (
     DATASTORE_DB_FILE,
     DatasetSummary,
@@ -153,3 +154,50 @@ def test_state_dir_from_the_environment(tmp_path: Path) -> None:
         {"PROPELLER_INSECURE": "1", "PROPELLER_STATE_DIR": str(tmp_path)}
     )
     assert config.state_dir == tmp_path
+
+
+# The table as the data store created it before k-class datasets (issue 12).
+_FIRST_TABLE = """CREATE TABLE datasets (
+    proplet_id TEXT PRIMARY KEY, schema TEXT NOT NULL, size INTEGER NOT NULL,
+    num_features INTEGER NOT NULL, features_dtype TEXT NOT NULL, features_shape TEXT NOT NULL,
+    features BLOB NOT NULL, labels_dtype TEXT NOT NULL, labels_shape TEXT NOT NULL,
+    labels BLOB NOT NULL, updated_at REAL NOT NULL)"""
+
+
+async def test_class_counts_survive_a_restart_and_an_older_file_opens(tmp_path: Path) -> None:
+    path = tmp_path / DATASTORE_DB_FILE
+    old = dataset("old", 6, 2)
+    with sqlite3.connect(path) as conn:
+        conn.execute(_FIRST_TABLE)
+        conn.execute(
+            "INSERT INTO datasets VALUES (?, ?, 6, 2, '<f8', '[6, 2]', ?, '<f8', '[6]', ?, 0)",
+            ("old", old.schema, old.features.tobytes(), old.labels.tobytes()),
+        )
+    conn.close()
+    k_class = Dataset(
+        "part",
+        np.random.default_rng(1).random((12, 3)),
+        np.arange(12, dtype=np.float64) % 4,
+        schema=CLASSES_SCHEMA,
+        num_classes=7,
+    )
+    store = SqliteDatasetStore(path)
+    await store.open()
+    try:
+        # The older file's datasets are binary: two classes.
+        got_old = await store.get("old")
+        assert same(got_old, old) and got_old is not None and got_old.num_classes == 2
+        assert await store.put(k_class)
+    finally:
+        await store.close()
+    store = SqliteDatasetStore(path)
+    await store.open()
+    try:
+        got = await store.get("part")
+        assert same(got, k_class) and got is not None and got.num_classes == 7
+        assert await store.list() == [
+            DatasetSummary("old", old.schema, 6, 2, 2),
+            DatasetSummary("part", CLASSES_SCHEMA, 12, 3, 7),
+        ]
+    finally:
+        await store.close()

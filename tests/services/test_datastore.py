@@ -14,7 +14,7 @@ import pytest
 
 from propeller.v1 import datastore_pb2, datastore_pb2_grpc, tensor_pb2
 from server.datastore.app import DataStoreApp, DataStoreConfig
-from server.datastore.datasets import synthetic_dataset, true_model
+from server.datastore.datasets import CLASSES_SCHEMA, synthetic_dataset, true_model
 from server.tensors import Array, tensor_from_proto, tensor_to_proto
 from tests.services.harness import RPC_TIMEOUT, served
 from tests.support.security import service_tls
@@ -382,3 +382,85 @@ def test_config_from_env() -> None:
     ).seed_proplet_ids == ("x", "y")
     with pytest.raises(ValueError, match="num_samples"):
         DataStoreConfig(num_samples=0, tls=None)
+
+
+# --- k classes (issue 12) ------------------------------------------------------------------
+
+
+def classes_dataset(
+    proplet_id: str = "digits-part", num_classes: int = 10, labels: Array | None = None
+) -> datastore_pb2.Dataset:
+    size = 25
+    msg = dataset(
+        proplet_id,
+        np.random.default_rng(5).random((size, 4)),
+        np.arange(size, dtype=np.float64) % 10 if labels is None else labels,
+        schema=CLASSES_SCHEMA,
+    )
+    msg.num_classes = num_classes
+    return msg
+
+
+async def test_a_k_class_dataset_round_trips_with_its_class_count(stub: Stub) -> None:
+    # Only classes 0..4 present: k is what the dataset says, not what its labels show.
+    labels = np.arange(25, dtype=np.float64) % 5
+    sent = classes_dataset("part-1", 10, labels)
+    info = await put_dataset(stub, sent)
+    assert (info.schema, info.size, info.num_features, info.num_classes) == (
+        CLASSES_SCHEMA,
+        25,
+        4,
+        10,
+    )
+    assert await get_dataset(stub, "part-1") == sent
+    listed = await stub.ListDatasets(datastore_pb2.ListDatasetsRequest(), timeout=RPC_TIMEOUT)
+    assert {d.proplet_id: d.num_classes for d in listed.datasets}["part-1"] == 10
+    # The per-proplet held-out split works on a k-class part as on any dataset.
+    _, test_idx = documented_split("part-1", 25)
+    test = await get_split(stub, "part-1", "test")
+    assert (test.schema, test.num_classes) == (CLASSES_SCHEMA, 10)
+    np.testing.assert_array_equal(arrays(test)[1], labels[test_idx])
+    info = await get_info(stub, "part-1", "train")
+    assert (info.size, info.num_classes) == (20, 10)
+
+
+async def test_binary_datasets_have_two_classes(stub: Stub) -> None:
+    assert (await get_dataset(stub, SEED_IDS[0])).num_classes == 2
+    # A client that predates num_classes sends 0: the binary schema's 2 classes.
+    assert (await put_dataset(stub, dataset("bin"))).num_classes == 2
+    assert (await get_dataset(stub, "bin")).num_classes == 2
+
+
+BAD_CLASSES: list[tuple[str, datastore_pb2.Dataset, str]] = [
+    ("label k", classes_dataset(labels=np.full(25, 10.0)), "dataset.labels: must be integers 0..9"),
+    ("label -1", classes_dataset(labels=np.full(25, -1.0)), "labels[0] is -1.0"),
+    ("label 2.5", classes_dataset(labels=np.full(25, 2.5)), "labels[0] is 2.5"),
+    ("label NaN", classes_dataset(labels=np.full(25, np.nan)), "dataset.labels"),
+    ("no class count", classes_dataset(num_classes=0), "dataset.num_classes: must be 2..1000"),
+    ("one class", classes_dataset(num_classes=1), "dataset.num_classes: must be 2..1000"),
+    ("too many", classes_dataset(num_classes=1001), "dataset.num_classes: must be 2..1000"),
+]
+
+
+@pytest.mark.parametrize(
+    ("msg", "needle"), [(m, n) for _, m, n in BAD_CLASSES], ids=[n for n, _, _ in BAD_CLASSES]
+)
+async def test_a_bad_k_class_put_is_invalid_argument(
+    stub: Stub, msg: datastore_pb2.Dataset, needle: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+        await put_dataset(stub, msg)
+    assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in (excinfo.value.details() or ""), excinfo.value.details()
+    assert await list_ids(stub) == sorted(SEED_IDS)
+
+
+async def test_a_binary_dataset_cannot_claim_k_classes(stub: Stub) -> None:
+    msg = dataset("bin")
+    msg.num_classes = 10
+    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+        await put_dataset(stub, msg)
+    assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (excinfo.value.details() or "").startswith(
+        "dataset.num_classes: schema 'fl-demo-dataset-v1' has 2 classes"
+    )

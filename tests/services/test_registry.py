@@ -15,7 +15,12 @@ import pytest
 from propeller.v1 import model_registry_pb2, model_registry_pb2_grpc, tensor_pb2
 from server.config import TlsConfig
 from server.registry.app import RegistryApp, RegistryConfig
-from server.streams import model_stream, read_model_stream
+from server.streams import (
+    model_download_call,
+    model_stream,
+    read_model_download,
+    read_model_stream,
+)
 from server.tensors import Tensors, sha256_of, tensor_bytes
 from tests.services.harness import RPC_TIMEOUT, served
 from tests.support.security import service_tls
@@ -439,3 +444,29 @@ def test_config_from_env(tmp_path: Path) -> None:
     )
     tls = TlsConfig.bundle(bundle)
     assert config == RegistryConfig(addr="0.0.0.0:9000", state_dir=tmp_path, tls=tls)
+
+
+async def test_a_proplets_download_reads_the_registrys_bytes_and_their_sha256(
+    tmp_path: Path,
+) -> None:
+    """`model_download_call` + `read_model_download` (the proplet's base-model fetch) against
+    the real registry: the stored arrays, and the sha256 the registry states for them."""
+    rng = np.random.default_rng(12)
+    big = {"w": rng.standard_normal((3, 1 << 20)).astype("<f4"), "b": np.asarray(0.25)}
+    small = model([1.0, -2.0, 3.0], 0.5)
+    config = RegistryConfig(addr="127.0.0.1:0", state_dir=tmp_path, tls=service_tls("registry"))
+    async with RegistryApp(config) as app, served(app.bindings) as ch:
+        stub = model_registry_pb2_grpc.ModelRegistryStub(ch)
+        for tensors in (small, big):
+            mv = await put(stub, tensors)
+            request = model_registry_pb2.GetModelRequest(model_uri=mv.model_uri)
+            call = model_download_call(ch, request, timeout=RPC_TIMEOUT)
+            header, got, sha256 = await read_model_download(call)
+            assert header.version == mv.version and sha256 == header.sha256 == mv.sha256
+            assert sha256 == sha256_of(tensors)
+            assert_same(got, tensors)
+        # An unknown model is the registry's NOT_FOUND, as through the generated stub.
+        with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+            missing = model_registry_pb2.GetModelRequest(version=99)
+            await read_model_download(model_download_call(ch, missing, timeout=RPC_TIMEOUT))
+        assert excinfo.value.code() == grpc.StatusCode.NOT_FOUND

@@ -496,3 +496,23 @@ def test_warm_run_is_fast(fl_client: WasmRunner) -> None:
     fl_client.run(env)
     best = min(fl_client.run(env).seconds for _ in range(5))
     assert best < 0.25, f"one module execution took {best * 1000:.1f} ms"
+
+
+def test_the_linear_trainer_refuses_k_class_data_by_its_schema(fl_client: WasmRunner) -> None:
+    """A part of digits as the proplet hands it over: refused with the reason, even a part
+    whose labels happen to be only 0 and 1 (non-IID parts can be)."""
+    from proplet.federated import dataset_to_json
+    from server.datastore import catalog
+    from server.datastore.datasets import CLASSES_SCHEMA
+
+    digits = catalog.digits()
+    two_classes = np.flatnonzero(digits.train.labels < 2)[:20]
+    for idx in (np.arange(30), two_classes):
+        env = env_for(make_problem(n=2, dim=64))
+        env["DATASET_DATA"] = dataset_to_json(
+            "proplet-a", CLASSES_SCHEMA, digits.train.features[idx], digits.train.labels[idx]
+        )
+        result = fl_client.run(env)
+        assert result.code == 1 and result.stdout == ""
+        assert 'DATASET_DATA.schema is "fl-classes-dataset-v1" (k classes)' in result.stderr
+        assert "2-class logistic model" in result.stderr

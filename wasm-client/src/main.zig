@@ -191,6 +191,15 @@ fn parseHyper(alloc: Allocator, text: ?[]const u8) Hyper {
 fn parseDataset(alloc: Allocator, text: ?[]const u8) !Dataset {
     const src = nonEmpty(text) orelse die(exit_bad_input, "DATASET_DATA is missing or empty", .{});
     const obj = expectObject("DATASET_DATA", parseJson(alloc, "DATASET_DATA", src));
+    // A k-class dataset's labels are class indices: refused by its schema, not by its labels,
+    // since a non-IID part may happen to hold only classes 0 and 1.
+    if (obj.get("schema")) |sv| {
+        if (sv == .string and std.mem.eql(u8, sv.string, "fl-classes-dataset-v1")) die(
+            exit_bad_input,
+            "DATASET_DATA.schema is \"fl-classes-dataset-v1\" (k classes): this trainer learns a 2-class logistic model (schema \"fl-demo-dataset-v1\", labels 0 or 1); use a k-class trainer",
+            .{},
+        );
+    }
     const data_v = obj.get("data") orelse die(exit_bad_input, "DATASET_DATA has no \"data\" array", .{});
     const items = switch (data_v) {
         .array => |a| a.items,

@@ -16,16 +16,18 @@ class GetDatasetRequest(_message.Message):
     def __init__(self, proplet_id: _Optional[str] = ..., split: _Optional[str] = ...) -> None: ...
 
 class Dataset(_message.Message):
-    __slots__ = ("proplet_id", "schema", "features", "labels")
+    __slots__ = ("proplet_id", "schema", "features", "labels", "num_classes")
     PROPLET_ID_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     proplet_id: str
     schema: str
     features: _tensor_pb2.Tensor
     labels: _tensor_pb2.Tensor
-    def __init__(self, proplet_id: _Optional[str] = ..., schema: _Optional[str] = ..., features: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., labels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    num_classes: int
+    def __init__(self, proplet_id: _Optional[str] = ..., schema: _Optional[str] = ..., features: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., labels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class PutDatasetRequest(_message.Message):
     __slots__ = ("dataset",)
@@ -34,16 +36,18 @@ class PutDatasetRequest(_message.Message):
     def __init__(self, dataset: _Optional[_Union[Dataset, _Mapping]] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("proplet_id", "schema", "size", "num_features")
+    __slots__ = ("proplet_id", "schema", "size", "num_features", "num_classes")
     PROPLET_ID_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     proplet_id: str
     schema: str
     size: int
     num_features: int
-    def __init__(self, proplet_id: _Optional[str] = ..., schema: _Optional[str] = ..., size: _Optional[int] = ..., num_features: _Optional[int] = ...) -> None: ...
+    num_classes: int
+    def __init__(self, proplet_id: _Optional[str] = ..., schema: _Optional[str] = ..., size: _Optional[int] = ..., num_features: _Optional[int] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class ListDatasetsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
