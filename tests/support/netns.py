@@ -27,8 +27,13 @@ import os
 import random
 import re
 import subprocess
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support.processes import ChildProcess, started
 
 NS_PREFIX = "pfl"
 LINK_PREFIX = "pf"
@@ -38,14 +43,35 @@ _LINK_NAME = re.compile(rf"^{LINK_PREFIX}([0-9a-f]+)x")
 # One command of `ip`: milliseconds in practice; the bound only keeps a wedged one from
 # hanging the suite.
 IP_S = 20.0
+# A relay process opening its tap (imports and one ioctl), and stopping.
+READY_S = 30.0
+STOP_S = 10.0
+_FRAMES = re.compile(r"frames forwarded=(\d+) dropped=(\d+)")
+# `python -m tests.support.lossy_link` runs from the checkout (the tests are not installed).
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def ip(*args: str) -> str:
     """`ip ARGS`; its output. Fails with its stderr."""
-    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=IP_S, check=False)
+    return _run("ip", *args)
+
+
+def tc(*args: str) -> str:
+    """`tc ARGS`; its output. Fails with its stderr."""
+    return _run("tc", *args)
+
+
+def _run(*argv: str) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=IP_S, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+        raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
     return done.stdout
+
+
+def _mac(*args: str) -> str:
+    """The MAC address of the link `args` name (`NAME`, or `-n NAMESPACE NAME`)."""
+    [link] = json.loads(ip("-j", *args[:-1], "link", "show", args[-1]))
+    return str(link["address"])
 
 
 def _pid_running(pid: int) -> bool:
@@ -132,6 +158,126 @@ class Network:
     def link_up(self, host: Host) -> bool:
         [link] = json.loads(ip("-j", "link", "show", host.link))
         return "UP" in link.get("flags", [])
+
+    @contextlib.contextmanager
+    def impaired(
+        self, host: Host, *, delay_ms: float, loss: float, logs: Path, seed: int = 0
+    ) -> Iterator[Impairment]:
+        """`host`'s link delays every IPv4 packet by `delay_ms` and loses each with
+        probability `loss`, both ways, as `tc qdisc add ... netem delay D loss P` on both
+        ends would; as it was again on the way out.
+
+        This machine's kernel has no netem, so the kernel's tc hands the link's IPv4 frames
+        to a process that holds and drops them (`tests.support.lossy_link`): gateway to host,
+        frames arriving at the namespace's end are redirected (`mirred`) to a tap there,
+        whose process writes them back to be received on the tap; host to gateway, frames
+        arriving at this side's end go to a tap here, and what its process writes back is
+        redirected into the bridge, where it would have arrived. ARP is left alone.
+
+        Yields the `Impairment`: once it is over, `frames()` says what each direction's
+        process forwarded and dropped."""
+        i = self.hosts.index(host)
+        tag = host.link.removesuffix(f"h{i}")
+        outbound, inbound = f"{tag}o{i}", f"{tag}i{i}"
+        ns = ("-n", host.name)
+        argv = [sys.executable, "-m", "tests.support.lossy_link"]
+        settings = [str(delay_ms), str(loss)]
+        impairment = Impairment()
+        with contextlib.ExitStack() as undo:
+            # Host to gateway: the tap here answers to the bridge's MAC, so the frames its
+            # process writes back are the bridge's to take.
+            ip("tuntap", "add", "dev", outbound, "mode", "tap")
+            undo.callback(_quietly, ip, "link", "del", outbound)
+            ip("link", "set", outbound, "address", _mac(self.bridge), "up")
+            relay = ChildProcess(
+                f"link-{outbound}",
+                [*argv, outbound, *settings, str(seed)],
+                logs,
+                cwd=ROOT,
+                stdout="log",
+            )
+            impairment.relays.append(_ready(undo.enter_context(started(relay, grace=STOP_S))))
+            tc("qdisc", "add", "dev", outbound, "ingress")
+            tc(*_redirect(outbound), "ingress", "redirect", "dev", self.bridge)
+            tc("qdisc", "add", "dev", host.link, "ingress")
+            undo.callback(_quietly, tc, "qdisc", "del", "dev", host.link, "ingress")
+            tc(*_redirect(host.link), "egress", "redirect", "dev", outbound)
+            # Gateway to host: the tap in the namespace answers to its end's MAC, and takes
+            # what it receives for the namespace (no reverse-path check on it).
+            ip(*ns, "tuntap", "add", "dev", inbound, "mode", "tap")
+            undo.callback(_quietly, ip, *ns, "link", "del", inbound)
+            ip(*ns, "link", "set", inbound, "address", _mac(*ns, host.inner), "up")
+            for conf in ("all", inbound):
+                path = f"/proc/sys/net/ipv4/conf/{conf}/rp_filter"
+                _run(*self.run_in(host, ["sh", "-c", f"echo 0 > {path}"]))
+            relay = ChildProcess(
+                f"link-{inbound}",
+                self.run_in(host, [*argv, inbound, *settings, str(seed + 1)]),
+                logs,
+                cwd=ROOT,
+                stdout="log",
+            )
+            impairment.relays.append(_ready(undo.enter_context(started(relay, grace=STOP_S))))
+            tc(*ns, "qdisc", "add", "dev", host.inner, "ingress")
+            undo.callback(_quietly, tc, *ns, "qdisc", "del", "dev", host.inner, "ingress")
+            tc(*ns, *_redirect(host.inner), "egress", "redirect", "dev", inbound)
+            yield impairment
+
+
+def _ready(relay: ChildProcess) -> ChildProcess:
+    """The relay, once it has its tap open (fails if it exits, or after READY_S)."""
+    end = time.monotonic() + READY_S
+    while "ready" not in relay.log_text():
+        assert relay.running, f"{relay.name} exited\n{relay.tail()}"
+        assert time.monotonic() < end, f"{relay.name} not ready\n{relay.tail()}"
+        time.sleep(0.02)
+    return relay
+
+
+@dataclass
+class Impairment:
+    """The processes that carry an impaired link's frames (host to gateway, gateway to host)."""
+
+    relays: list[ChildProcess] = field(default_factory=list)
+
+    def frames(self) -> list[tuple[int, int]]:
+        """(forwarded, dropped) for each direction, as its process counted them; once the
+        impairment is over (the processes print them when they stop)."""
+        counts = []
+        for relay in self.relays:
+            found = _FRAMES.search(relay.log_text())
+            assert found, f"{relay.name} counted nothing\n{relay.tail()}"
+            counts.append((int(found.group(1)), int(found.group(2))))
+        return counts
+
+
+def _redirect(dev: str) -> list[str]:
+    """The start of a filter on `dev`'s ingress that sends every IPv4 frame somewhere
+    (`mirred` and where follow)."""
+    return [
+        "filter",
+        "add",
+        "dev",
+        dev,
+        "parent",
+        "ffff:",
+        "protocol",
+        "ip",
+        "u32",
+        "match",
+        "u32",
+        "0",
+        "0",
+        "action",
+        "mirred",
+    ]
+
+
+def _quietly(run: object, *args: str) -> None:
+    """Clean-up that may find the thing gone already (its namespace deleted first)."""
+    assert callable(run)
+    with contextlib.suppress(RuntimeError):
+        run(*args)
 
 
 @contextlib.contextmanager
