@@ -284,6 +284,8 @@ def _quietly(run: object, *args: str) -> None:
 def network(hosts: int) -> Iterator[Network]:
     """A bridge on a free private /24 and `hosts` namespaces joined to it (see the module
     docstring); all of it removed on the way out, whatever happened."""
+    if os.geteuid() != 0:
+        raise PermissionError("network namespaces and links need root (docs/engineering.md, Tests)")
     sweep_leftovers()
     pid, k = os.getpid(), next(_counter)
     tag = f"{pid:x}x{k:x}"
