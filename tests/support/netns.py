@@ -29,7 +29,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,7 +203,8 @@ class Network:
             undo.callback(_quietly, tc, "qdisc", "del", "dev", host.link, "ingress")
             tc(*_redirect(host.link), "egress", "redirect", "dev", outbound)
             # Gateway to host: the tap in the namespace answers to its end's MAC, and takes
-            # what it receives for the namespace (no reverse-path check on it).
+            # what it receives for the namespace: without the reverse-path check, which would
+            # drop it (the way back to the gateway is the veth end, not the tap).
             ip(*ns, "tuntap", "add", "dev", inbound, "mode", "tap")
             undo.callback(_quietly, ip, *ns, "link", "del", inbound)
             ip(*ns, "link", "set", inbound, "address", _mac(*ns, host.inner), "up")
@@ -254,28 +255,12 @@ class Impairment:
 def _redirect(dev: str) -> list[str]:
     """The start of a filter on `dev`'s ingress that sends every IPv4 frame somewhere
     (`mirred` and where follow)."""
-    return [
-        "filter",
-        "add",
-        "dev",
-        dev,
-        "parent",
-        "ffff:",
-        "protocol",
-        "ip",
-        "u32",
-        "match",
-        "u32",
-        "0",
-        "0",
-        "action",
-        "mirred",
-    ]
+    every_ipv4_frame = ("parent", "ffff:", "protocol", "ip", "u32", "match", "u32", "0", "0")
+    return ["filter", "add", "dev", dev, *every_ipv4_frame, "action", "mirred"]
 
 
-def _quietly(run: object, *args: str) -> None:
+def _quietly(run: Callable[..., str], *args: str) -> None:
     """Clean-up that may find the thing gone already (its namespace deleted first)."""
-    assert callable(run)
     with contextlib.suppress(RuntimeError):
         run(*args)
 
