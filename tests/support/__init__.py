@@ -8,6 +8,8 @@
 - `clients`: gRPC stubs to every service and the calls tests make through them.
 - `cluster`: in-process services and real proplets on the test broker (`cluster`,
   `round_services`, `serve_app`, `proplets`).
+- `netns`: hosts of the tests' own (network namespaces on a bridge, a veth pair each), their
+  links cut, restored, or delayed and lossy (through `lossy_link`, the kernel having no netem).
 
 Fixtures built from these (`broker`, `registry`, `topics`, `trainer_wasm`) are in
 tests/conftest.py, which also tiers the suite (markers) and picks the Hypothesis profile.

@@ -55,7 +55,9 @@ class Mosquitto(_Server):
     not list (read at start and on `reload()`), its CN as user name and client id, the ACL
     file written from `server.mqtt_acl.RULES`. `plain_port` (if given) is a second listener,
     plaintext and anonymous with no ACL, for the tests that say `insecure`. Without a CA:
-    one anonymous plaintext listener on `port`."""
+    one anonymous plaintext listener on `port`. Every listener is on `host` (loopback unless
+    a test reaches the broker from hosts of its own: `tests.support.netns`), which the
+    broker's certificate then names too."""
 
     def __init__(
         self,
@@ -64,10 +66,12 @@ class Mosquitto(_Server):
         *,
         ca: CertificateAuthority | None = None,
         plain_port: int | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         (workdir / "data").mkdir(parents=True, exist_ok=True)
         self.ca = ca
         self.plain_port = plain_port
+        self.host = host
         common = (
             # As root, mosquitto would drop to the `mosquitto` user, which cannot write into
             # pytest's private temp dirs: persistence would then fail silently.
@@ -79,9 +83,9 @@ class Mosquitto(_Server):
             "log_dest stderr\n"
         )
         if ca is None:
-            config = f"listener {port} 127.0.0.1\nallow_anonymous true\n" + common
+            config = f"listener {port} {host}\nallow_anonymous true\n" + common
         else:
-            bundle = ca.ensure(BROKER)
+            bundle = ca.ensure(BROKER, hosts=[] if host == "127.0.0.1" else [host])
             (workdir / "acl").write_text(mosquitto_acl())
             files = MosquittoTls(
                 ca=str(bundle.ca),
@@ -90,17 +94,17 @@ class Mosquitto(_Server):
                 crl=str(ca.crl_path),
                 acl=str(workdir / "acl"),
             )
-            config = "per_listener_settings true\n" + common + files.listener(port, "127.0.0.1")
+            config = "per_listener_settings true\n" + common + files.listener(port, host)
             if plain_port is not None:
-                config += f"\nlistener {plain_port} 127.0.0.1\nallow_anonymous true\n"
+                config += f"\nlistener {plain_port} {host}\nallow_anonymous true\n"
         binary = _binary("mosquitto", "/usr/sbin/mosquitto")
         super().__init__(binary, ["-c", "mosquitto.conf"], "mosquitto.conf", config, port, workdir)
 
     def start(self) -> None:
         super().start()
-        wait_port(self.port)
+        wait_port(self.port, host=self.host)
         if self.plain_port is not None:
-            wait_port(self.plain_port)
+            wait_port(self.plain_port, host=self.host)
 
     def reload(self) -> None:
         """SIGHUP: mosquitto reads its configuration, the revocation list included, again."""
@@ -108,9 +112,11 @@ class Mosquitto(_Server):
 
 
 class OciRegistry(_Server):
-    """The CNCF distribution registry (`docker-registry`), deletes enabled."""
+    """The CNCF distribution registry (`docker-registry`), deletes enabled, on `bind`'s
+    address (loopback unless a test's own hosts pull from it)."""
 
-    def __init__(self, port: int, workdir: Path) -> None:
+    def __init__(self, port: int, workdir: Path, *, bind: str = "127.0.0.1") -> None:
+        self.bind = bind
         config = (
             "version: 0.1\n"
             "log:\n  level: warn\n"
@@ -118,14 +124,14 @@ class OciRegistry(_Server):
             f"  filesystem:\n    rootdirectory: {workdir / 'data'}\n"
             "  delete:\n    enabled: true\n"
             "http:\n"
-            f"  addr: 127.0.0.1:{port}\n"
+            f"  addr: {bind}:{port}\n"
         )
         binary = _binary("docker-registry", "/usr/bin/docker-registry")
         super().__init__(binary, ["serve", "registry.yml"], "registry.yml", config, port, workdir)
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.bind}:{self.port}"
 
     def start(self) -> None:
         super().start()
@@ -142,19 +148,23 @@ class OciRegistry(_Server):
 
 @contextlib.contextmanager
 def mosquitto(
-    workdir: Path, *, ca: CertificateAuthority | None = None, plain: bool = False
+    workdir: Path,
+    *,
+    ca: CertificateAuthority | None = None,
+    plain: bool = False,
+    host: str = "127.0.0.1",
 ) -> Iterator[Mosquitto]:
-    """A Mosquitto on free loopback ports (see `Mosquitto`; `plain`: with a plaintext
+    """A Mosquitto on free ports of `host` (see `Mosquitto`; `plain`: with a plaintext
     listener too)."""
-    plain_port = free_port() if plain and ca is not None else None
-    broker = Mosquitto(free_port(), workdir, ca=ca, plain_port=plain_port)
+    plain_port = free_port(host) if plain and ca is not None else None
+    broker = Mosquitto(free_port(host), workdir, ca=ca, plain_port=plain_port, host=host)
     with started(broker, grace=5.0) as running:
         yield running
 
 
 @contextlib.contextmanager
-def oci_registry(workdir: Path) -> Iterator[OciRegistry]:
-    with started(OciRegistry(free_port(), workdir), grace=5.0) as registry:
+def oci_registry(workdir: Path, *, bind: str = "127.0.0.1") -> Iterator[OciRegistry]:
+    with started(OciRegistry(free_port(bind), workdir, bind=bind), grace=5.0) as registry:
         yield registry
 
 
