@@ -18,10 +18,11 @@ import numpy.typing as npt
 from proplet import safetensors
 from proplet.errors import TaskFailed
 from proplet.runner import CompiledModule, Invocation, Limits, WasmRuntime
+from server.tensors import Array
 from tests.wasm_client.harness import epoch_seed, shuffled_order
 
 FloatArray = npt.NDArray[np.float64]
-Params = dict[str, FloatArray]
+Params = dict[str, Array]
 
 
 def layer_count(params: Mapping[str, Any]) -> int:
@@ -48,7 +49,7 @@ def make_data(n: int, d: int, k: int, seed: int = 1) -> tuple[FloatArray, FloatA
 
 
 def forward(
-    params: Mapping[str, FloatArray], x: FloatArray
+    params: Mapping[str, Array], x: FloatArray
 ) -> tuple[list[FloatArray], list[FloatArray]]:
     """(inputs of each layer, pre-activations of each layer) for the batch `x`."""
     inputs, zs = [x], []
@@ -67,7 +68,7 @@ def log_softmax(z: FloatArray) -> FloatArray:
     return out
 
 
-def metrics(params: Mapping[str, FloatArray], x: FloatArray, y: FloatArray) -> tuple[float, float]:
+def metrics(params: Mapping[str, Array], x: FloatArray, y: FloatArray) -> tuple[float, float]:
     """(mean cross-entropy, accuracy with the first of tied maxima as the prediction)."""
     _, zs = forward(params, x)
     labels = y.astype(np.int64)
@@ -77,7 +78,7 @@ def metrics(params: Mapping[str, FloatArray], x: FloatArray, y: FloatArray) -> t
     return loss, accuracy
 
 
-def gradients(params: Mapping[str, FloatArray], x: FloatArray, y: FloatArray) -> Params:
+def gradients(params: Mapping[str, Array], x: FloatArray, y: FloatArray) -> Params:
     """The batch's summed (not averaged) gradient of the cross-entropy."""
     inputs, zs = forward(params, x)
     labels = y.astype(np.int64)
@@ -93,7 +94,7 @@ def gradients(params: Mapping[str, FloatArray], x: FloatArray, y: FloatArray) ->
 
 
 def train(
-    params: Mapping[str, FloatArray],
+    params: Mapping[str, Array],
     x: FloatArray,
     y: FloatArray,
     *,
@@ -106,7 +107,7 @@ def train(
     round_id: str = "r1",
     proplet_id: str = "p1",
 ) -> Params:
-    theta = {k: np.asarray(v, dtype=np.float64).copy() for k, v in params.items()}
+    theta: Params = {k: np.asarray(v, dtype=np.float64).copy() for k, v in params.items()}
     centre = {k: v.copy() for k, v in theta.items()}
     velocity = {k: np.zeros_like(v) for k, v in theta.items()}
     n = len(y)
@@ -117,7 +118,7 @@ def train(
             idx = order[start : start + batch_size]
             grads = gradients(theta, x[idx], y[idx])
             for name in theta:
-                step = grads[name] / len(idx) + mu * (theta[name] - centre[name])
+                step: Array = grads[name] / len(idx) + mu * (theta[name] - centre[name])
                 if momentum:
                     velocity[name] = momentum * velocity[name] + step
                     step = velocity[name]
