@@ -311,134 +311,230 @@ fn parseDataset(alloc: Allocator, ds: Container, k: usize) !Dataset {
 
 // ---------------------------------------------------------------- the network
 
+/// Samples run through the network together: each weight is read once per chunk rather
+/// than once per sample, and the batch's gradient sums stay in registers.
+const chunk = 32;
+
+const lanes = 2;
+const V = @Vector(lanes, f64);
+/// Vectors per register block.
+const nvec = 4;
+/// Columns per register block: 8, four accumulators of one 128-bit register each (simd128;
+/// SSE2 natively).
+const block = nvec * lanes;
+
+inline fn load(s: []const f64, at: usize) V {
+    return s[at..][0..lanes].*;
+}
+
+inline fn store(s: []f64, at: usize, v: V) void {
+    s[at..][0..lanes].* = v;
+}
+
+/// How many terms of a sum one loop iteration adds. wasmtime checks its epoch (the proplet's
+/// deadline) at every loop iteration; four terms per iteration keep that check cheap
+/// against the arithmetic (measured: docs/benchmarks.md).
+const unroll = 4;
+
+/// acc[q] += sum over t < unroll of xs[t] * rows[t][q]: one register block of `unroll` terms.
+inline fn blockTerms(acc: *[nvec]V, xs: [unroll]f64, src: []const f64, at: [unroll]usize) void {
+    inline for (0..unroll) |t| {
+        const sv: V = @splat(xs[t]);
+        inline for (0..nvec) |q| acc[q] += sv * load(src, at[t] + q * lanes);
+    }
+}
+
+/// z[s, :] = b + a[s, :] · w for the m rows of `a` ([m, in], row-major; w is [in, out]).
+fn forwardLayer(a: []const f64, m: usize, l: Layer, z: []f64) void {
+    const in = l.in;
+    const out = l.out;
+    const in4 = in - in % unroll;
+    var j: usize = 0;
+    while (j + block <= out) : (j += block) {
+        for (0..m) |s| {
+            const row = a[s * in .. (s + 1) * in];
+            var acc: [nvec]V = undefined;
+            inline for (0..nvec) |q| acc[q] = load(l.b, j + q * lanes);
+            var r: usize = 0;
+            while (r < in4) : (r += unroll) {
+                const xs: [unroll]f64 = row[r..][0..unroll].*;
+                // Four ReLU zeros (or zero pixels) add nothing.
+                if (@reduce(.And, @as(@Vector(unroll, f64), xs) == @as(@Vector(unroll, f64), @splat(0)))) continue;
+                var at: [unroll]usize = undefined;
+                inline for (0..unroll) |t| at[t] = (r + t) * out + j;
+                blockTerms(&acc, xs, l.w, at);
+            }
+            while (r < in) : (r += 1) {
+                const sv: V = @splat(row[r]);
+                inline for (0..nvec) |q| acc[q] += sv * load(l.w, r * out + j + q * lanes);
+            }
+            inline for (0..nvec) |q| store(z, s * out + j + q * lanes, acc[q]);
+        }
+    }
+    while (j < out) : (j += 1) {
+        for (0..m) |s| {
+            var acc = l.b[j];
+            for (a[s * in .. (s + 1) * in], 0..) |av, r| acc += av * l.w[r * out + j];
+            z[s * out + j] = acc;
+        }
+    }
+}
+
+/// g.w += a^T · dz and g.b += column sums of dz, over the m rows.
+fn gradLayer(a: []const f64, m: usize, dz: []const f64, g: Layer) void {
+    const in = g.in;
+    const out = g.out;
+    const m4 = m - m % unroll;
+    for (0..in) |r| {
+        var j: usize = 0;
+        while (j + block <= out) : (j += block) {
+            var acc: [nvec]V = undefined;
+            inline for (0..nvec) |q| acc[q] = load(g.w, r * out + j + q * lanes);
+            var s: usize = 0;
+            while (s < m4) : (s += unroll) {
+                var xs: [unroll]f64 = undefined;
+                var at: [unroll]usize = undefined;
+                inline for (0..unroll) |t| {
+                    xs[t] = a[(s + t) * in + r];
+                    at[t] = (s + t) * out + j;
+                }
+                if (@reduce(.And, @as(@Vector(unroll, f64), xs) == @as(@Vector(unroll, f64), @splat(0)))) continue;
+                blockTerms(&acc, xs, dz, at);
+            }
+            while (s < m) : (s += 1) {
+                const sv: V = @splat(a[s * in + r]);
+                inline for (0..nvec) |q| acc[q] += sv * load(dz, s * out + j + q * lanes);
+            }
+            inline for (0..nvec) |q| store(g.w, r * out + j + q * lanes, acc[q]);
+        }
+        while (j < out) : (j += 1) {
+            var acc = g.w[r * out + j];
+            for (0..m) |s| acc += a[s * in + r] * dz[s * out + j];
+            g.w[r * out + j] = acc;
+        }
+    }
+    for (0..m) |s| {
+        for (g.b, dz[s * out .. (s + 1) * out]) |*gb, d| gb.* += d;
+    }
+}
+
+/// below[s, :] = (w · dz[s, :]) where z_below[s, :] > 0, else 0 (back through the ReLU);
+/// `wt` is w transposed ([out, in], zero bias), so this is a forward product over it.
+fn backLayer(dz: []const f64, m: usize, wt: Layer, z_below: []const f64, below: []f64) void {
+    forwardLayer(dz, m, wt, below);
+    for (below[0 .. m * wt.out], z_below[0 .. m * wt.out]) |*d, z| {
+        if (!(z > 0)) d.* = 0;
+    }
+}
+
 const Net = struct {
     layers: []Layer,
-    /// Per layer: its pre-activations z and activations a (a = relu(z), softmax for the last).
+    /// The chunk's inputs [chunk, d], and per layer its pre-activations z, activations
+    /// (ReLU(z); softmax probabilities for the last) and d loss / d z, each [chunk, out].
+    x: []f64,
     z: [][]f64,
     a: [][]f64,
-    /// Gradient of the loss with respect to one layer's z, and to its input.
     dz: [][]f64,
-    da: [][]f64,
+    /// Per layer its weight transposed ([out, in]) with a zero bias, for the backward pass.
+    wt: []Layer,
 
     fn init(alloc: Allocator, layers: []Layer) !Net {
         const z = try alloc.alloc([]f64, layers.len);
         const a = try alloc.alloc([]f64, layers.len);
         const dz = try alloc.alloc([]f64, layers.len);
-        const da = try alloc.alloc([]f64, layers.len);
         for (layers, 0..) |l, i| {
-            z[i] = try alloc.alloc(f64, l.out);
-            a[i] = try alloc.alloc(f64, l.out);
-            dz[i] = try alloc.alloc(f64, l.out);
-            da[i] = try alloc.alloc(f64, l.in);
+            z[i] = try alloc.alloc(f64, chunk * l.out);
+            a[i] = try alloc.alloc(f64, chunk * l.out);
+            dz[i] = try alloc.alloc(f64, chunk * l.out);
         }
-        return .{ .layers = layers, .z = z, .a = a, .dz = dz, .da = da };
+        const x = try alloc.alloc(f64, chunk * layers[0].in);
+        const wt = try alloc.alloc(Layer, layers.len);
+        for (layers, wt, 0..) |l, *t, i| {
+            // Layer 0 has nothing below it to propagate to.
+            if (i == 0) {
+                t.* = .{ .in = l.out, .out = l.in, .w = &.{}, .b = &.{} };
+                continue;
+            }
+            const zeros = try alloc.alloc(f64, l.in);
+            @memset(zeros, 0);
+            t.* = .{ .in = l.out, .out = l.in, .w = try alloc.alloc(f64, l.w.len), .b = zeros };
+        }
+        return .{ .layers = layers, .x = x, .z = z, .a = a, .dz = dz, .wt = wt };
     }
 
-    fn input(self: Net, x: []const f64, i: usize) []const f64 {
-        return if (i == 0) x else self.a[i - 1];
+    /// Refresh `wt` from the weights (once per batch: the weights change after each).
+    fn transpose(self: Net) void {
+        for (self.layers[1..], self.wt[1..]) |l, t| {
+            for (0..l.in) |r| {
+                for (0..l.out) |j| t.w[j * l.in + r] = l.w[r * l.out + j];
+            }
+        }
     }
 
-    /// Forward pass of one sample; returns its loss -log softmax(z)[y]. a[last] holds the
-    /// class probabilities.
-    fn forward(self: Net, x: []const f64, y: usize) f64 {
+    fn input(self: Net, i: usize) []const f64 {
+        return if (i == 0) self.x else self.a[i - 1];
+    }
+
+    /// Forward pass of the samples `idx` (at most `chunk`); adds their losses into `loss`
+    /// and their correct predictions into `correct`. a[last] holds the probabilities.
+    fn forward(self: Net, ds: Dataset, idx: []const usize, loss: *f64, correct: *usize) void {
+        const m = idx.len;
+        const d = ds.d;
+        for (idx, 0..) |i, s| @memcpy(self.x[s * d .. (s + 1) * d], ds.row(i));
         const last = self.layers.len - 1;
         for (self.layers, 0..) |l, i| {
-            const in = self.input(x, i);
-            const z = self.z[i];
-            @memcpy(z, l.b);
-            for (in, 0..) |ai, r| {
-                if (ai == 0) continue; // ReLU zeros add nothing
-                const wr = l.w[r * l.out .. (r + 1) * l.out];
-                axpy(z, ai, wr);
-            }
+            forwardLayer(self.input(i), m, l, self.z[i]);
             if (i < last) {
-                for (self.a[i], z) |*a, zj| a.* = if (zj > 0) zj else 0;
+                for (self.a[i][0 .. m * l.out], self.z[i][0 .. m * l.out]) |*a, zj| a.* = if (zj > 0) zj else 0;
             }
         }
-        const z = self.z[last];
-        const p = self.a[last];
-        var zmax = z[0];
-        for (z[1..]) |v| zmax = @max(zmax, v);
-        var s: f64 = 0;
-        for (p, z) |*pj, zj| {
-            pj.* = @exp(zj - zmax);
-            s += pj.*;
+        const k = self.layers[last].out;
+        for (idx, 0..) |i, s| {
+            const z = self.z[last][s * k .. (s + 1) * k];
+            const p = self.a[last][s * k .. (s + 1) * k];
+            var zmax = z[0];
+            var best: usize = 0;
+            for (z, 0..) |v, j| {
+                if (v > zmax) {
+                    zmax = v;
+                    best = j;
+                }
+            }
+            var sum: f64 = 0;
+            for (p, z) |*pj, zj| {
+                pj.* = @exp(zj - zmax);
+                sum += pj.*;
+            }
+            for (p) |*pj| pj.* /= sum;
+            loss.* += @log(sum) - (z[ds.y[i]] - zmax);
+            if (best == ds.y[i]) correct.* += 1;
         }
-        for (p) |*pj| pj.* /= s;
-        return @log(s) - (z[y] - zmax);
     }
 
-    /// Backward pass of the sample last run forward: adds d loss / d theta into `grads`.
-    fn backward(self: Net, x: []const f64, y: usize, grads: []Layer) void {
+    /// Backward pass of the samples last run forward: adds d loss / d theta into `grads`.
+    fn backward(self: Net, ds: Dataset, idx: []const usize, grads: []Layer) void {
+        const m = idx.len;
         const last = self.layers.len - 1;
-        const dz_last = self.dz[last];
-        @memcpy(dz_last, self.a[last]);
-        dz_last[y] -= 1;
+        const k = self.layers[last].out;
+        @memcpy(self.dz[last][0 .. m * k], self.a[last][0 .. m * k]);
+        for (idx, 0..) |i, s| self.dz[last][s * k + ds.y[i]] -= 1;
         var i: usize = last + 1;
         while (i > 0) {
             i -= 1;
-            const l = self.layers[i];
-            const g = grads[i];
-            const dz = self.dz[i];
-            const in = self.input(x, i);
-            for (g.b, dz) |*gb, d| gb.* += d;
-            for (in, 0..) |ai, r| {
-                if (ai == 0) continue;
-                axpy(g.w[r * l.out .. (r + 1) * l.out], ai, dz);
-            }
+            gradLayer(self.input(i), m, self.dz[i], grads[i]);
             if (i == 0) break;
-            // d loss / d a[i-1] = W dz, then through the ReLU of layer i-1.
-            const below = self.dz[i - 1];
-            for (below, self.z[i - 1], 0..) |*d, zr, r| {
-                d.* = if (zr > 0) dot(l.w[r * l.out .. (r + 1) * l.out], dz) else 0;
-            }
+            backLayer(self.dz[i], m, self.wt[i], self.z[i - 1], self.dz[i - 1]);
         }
     }
 };
 
-const lanes = 4;
-const V = @Vector(lanes, f64);
-
-/// y += a * x
-inline fn axpy(y: []f64, a: f64, x: []const f64) void {
-    const av: V = @splat(a);
-    var j: usize = 0;
-    while (j + lanes <= y.len) : (j += lanes) {
-        const yv: V = y[j..][0..lanes].*;
-        const xv: V = x[j..][0..lanes].*;
-        y[j..][0..lanes].* = yv + av * xv;
-    }
-    while (j < y.len) : (j += 1) y[j] += a * x[j];
-}
-
-inline fn dot(a: []const f64, b: []const f64) f64 {
-    var acc: V = @splat(0);
-    var j: usize = 0;
-    while (j + lanes <= a.len) : (j += lanes) {
-        const av: V = a[j..][0..lanes].*;
-        const bv: V = b[j..][0..lanes].*;
-        acc += av * bv;
-    }
-    var s = @reduce(.Add, acc);
-    while (j < a.len) : (j += 1) s += a[j] * b[j];
-    return s;
-}
-
-fn argmax(p: []const f64) usize {
-    var best: usize = 0;
-    for (p, 0..) |v, j| {
-        if (v > p[best]) best = j;
-    }
-    return best;
-}
-
-fn evaluate(net: Net, ds: Dataset) Metrics {
+fn evaluate(net: Net, ds: Dataset, order: []usize) Metrics {
+    for (order, 0..) |*o, i| o.* = i;
     var loss: f64 = 0;
     var correct: usize = 0;
-    const last = net.layers.len - 1;
-    for (0..ds.n) |i| {
-        loss += net.forward(ds.row(i), ds.y[i]);
-        if (argmax(net.a[last]) == ds.y[i]) correct += 1;
+    var start: usize = 0;
+    while (start < ds.n) : (start += chunk) {
+        net.forward(ds, order[start..@min(start + chunk, ds.n)], &loss, &correct);
     }
     const n: f64 = @floatFromInt(ds.n);
     return .{ .loss = loss / n, .accuracy = @as(f64, @floatFromInt(correct)) / n };
@@ -504,7 +600,7 @@ fn applyStep(theta: []f64, g: []const f64, global: []const f64, v: []f64, h: Hyp
     }
 }
 
-fn train(alloc: Allocator, net: Net, ds: Dataset, h: Hyper, round_id: []const u8, proplet_id: []const u8) !void {
+fn train(net: Net, ds: Dataset, h: Hyper, order: []usize, round_id: []const u8, proplet_id: []const u8, alloc: Allocator) !void {
     const layers = net.layers;
     const grads = try zeroLike(alloc, layers);
     const velocity = try zeroLike(alloc, layers);
@@ -514,7 +610,6 @@ fn train(alloc: Allocator, net: Net, ds: Dataset, h: Hyper, round_id: []const u8
         @memcpy(g.w, l.w);
         @memcpy(g.b, l.b);
     }
-    const order = try alloc.alloc(usize, ds.n);
     const bs: usize = @intCast(@min(h.batch_size, ds.n));
     var epoch: u64 = 0;
     while (epoch < h.epochs) : (epoch += 1) {
@@ -530,9 +625,14 @@ fn train(alloc: Allocator, net: Net, ds: Dataset, h: Hyper, round_id: []const u8
                 @memset(g.w, 0);
                 @memset(g.b, 0);
             }
-            for (order[start..end]) |i| {
-                _ = net.forward(ds.row(i), ds.y[i]);
-                net.backward(ds.row(i), ds.y[i], grads);
+            net.transpose();
+            var sub = start;
+            while (sub < end) : (sub += chunk) {
+                const idx = order[sub..@min(sub + chunk, end)];
+                var loss: f64 = 0;
+                var correct: usize = 0;
+                net.forward(ds, idx, &loss, &correct);
+                net.backward(ds, idx, grads);
             }
             const m: f64 = @floatFromInt(end - start);
             for (layers, grads, global, velocity) |l, g, c, v| {
@@ -626,7 +726,8 @@ pub fn main(init: std.process.Init) !void {
 
     var num_buf: [24]u8 = undefined;
     const num_samples = std.fmt.bufPrint(&num_buf, "{d}", .{ds.n}) catch unreachable;
-    const before = evaluate(net, ds);
+    const order = try alloc.alloc(usize, ds.n);
+    const before = evaluate(net, ds, order);
     if (hyper.task == .evaluate) {
         const metrics = try std.json.Stringify.valueAlloc(alloc, before, .{});
         std.debug.print("fl-mlp: evaluate round={s} proplet={s} n={d} loss {d:.6} accuracy {d:.6}\n", .{ round_id, proplet_id, ds.n, before.loss, before.accuracy });
@@ -635,12 +736,12 @@ pub fn main(init: std.process.Init) !void {
         try w.flush();
         return;
     }
-    try train(alloc, net, ds, hyper, round_id, proplet_id);
+    try train(net, ds, hyper, order, round_id, proplet_id, alloc);
     for (layers, 0..) |l, i| {
         for (l.w) |v| if (!std.math.isFinite(v)) die(exit_bad_input, "training diverged (non-finite weight in l{d}.w); lower lr", .{i});
         for (l.b) |v| if (!std.math.isFinite(v)) die(exit_bad_input, "training diverged (non-finite bias in l{d}.b); lower lr", .{i});
     }
-    const after = evaluate(net, ds);
+    const after = evaluate(net, ds, order);
     std.debug.print("fl-mlp: round={s} proplet={s} n={d} d={d} k={d} layers={d} epochs={d} lr={d} batch_size={d} mu={d} momentum={d} loss {d:.6} -> {d:.6}\n", .{
         round_id, proplet_id, ds.n, ds.d, k, layers.len, hyper.epochs, hyper.lr, hyper.batch_size, hyper.mu, hyper.momentum, before.loss, after.loss,
     });
