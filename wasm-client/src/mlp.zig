@@ -345,7 +345,9 @@ inline fn blockTerms(acc: *[nvec]V, xs: [unroll]f64, src: []const f64, at: [unro
 }
 
 /// z[s, :] = b + a[s, :] · w for the m rows of `a` ([m, in], row-major; w is [in, out]).
-fn forwardLayer(a: []const f64, m: usize, l: Layer, z: []f64) void {
+/// Not inlined (nor gradLayer): as functions of their own their loops keep the accumulators
+/// in registers under wasmtime's compiler, which spills them inside a large `main`.
+noinline fn forwardLayer(a: []const f64, m: usize, l: Layer, z: []f64) void {
     const in = l.in;
     const out = l.out;
     const in4 = in - in % unroll;
@@ -381,7 +383,7 @@ fn forwardLayer(a: []const f64, m: usize, l: Layer, z: []f64) void {
 }
 
 /// g.w += a^T · dz and g.b += column sums of dz, over the m rows.
-fn gradLayer(a: []const f64, m: usize, dz: []const f64, g: Layer) void {
+noinline fn gradLayer(a: []const f64, m: usize, dz: []const f64, g: Layer) void {
     const in = g.in;
     const out = g.out;
     const m4 = m - m % unroll;
