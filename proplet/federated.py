@@ -2,10 +2,12 @@
 
 A task whose env has ROUND_ID is a training round task. Before the module runs, the proplet
 fetches the base model (ModelRegistry.GetModel, MODEL_URI) and its own dataset
-(DataStore.GetDataset) and hands them to the module as JSON in MODEL_DATA and DATASET_DATA.
-The module prints one JSON update on stdout; the proplet checks it against the round and the
-base model and streams it to Coordinator.SubmitUpdate. The module itself never touches the
-network.
+(DataStore.GetDataset) and hands them to the module in the trainer contract the module
+declares (wasm-client/README.md): v1, JSON in MODEL_DATA and DATASET_DATA, answered by one
+JSON update on stdout; v2 (the module exports `propeller_contract_v2`), two safetensors
+containers on stdin, answered by one safetensors container on stdout. The proplet checks the
+update against the round and the base model and streams it to Coordinator.SubmitUpdate. The
+module itself never touches the network.
 
 A task whose env also has FL_TASK=evaluate is an evaluation task (federated evaluation): the
 proplet fetches the model and the `test` split of its dataset, runs the module with
