@@ -6,6 +6,14 @@ Training throughput is samples per second of per-example SGD (batch_size 1, the 
 demo's rule): each implementation is timed with `epochs = E` and with `epochs = 0` on the same
 data, and the difference (parsing, start-up and output cancel out) gives E x n samples. All
 three must print the same update, which is checked.
+
+The MLP trainer (`wasm-client/src/mlp.zig`, trainer contract v2: safetensors on stdin and
+stdout) the same way, as `wasm-mlp`: in wasmtime with WASM SIMD (the build the proplet runs)
+and without, the same Zig built natively, and the same algorithm in numpy (whole batches as
+matrix products), on a digits-sized task (64 features, one hidden layer of 128, 10 classes,
+mini-batches of 32). Samples per second again come from `epochs = E` minus `epochs = 0`, but
+in CPU seconds (the wasm run's thread, the native child, this process for numpy): on a shared
+machine wall-clock ratios of sub-second runs swing by 2x, CPU time much less.
 """
 
 from __future__ import annotations
@@ -13,11 +21,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import os
+import resource
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -25,10 +36,13 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import ROOT, Recorder, median
+from proplet import safetensors
 from proplet.runner import Invocation, Limits, WasmRuntime
 
 NAME = "wasm"
+MLP_NAME = "wasm-mlp"
 TARGET_RATIO = 0.5
+MLP_TARGET_RATIO = 0.7
 MASK64 = (1 << 64) - 1
 
 
@@ -51,6 +65,18 @@ def trainer_wasm() -> Path:
 @functools.cache
 def trainer_native() -> Path:
     path: Path = _build_module().build(target="x86_64-linux")
+    return path
+
+
+@functools.cache
+def mlp_wasm(simd: bool = True) -> Path:
+    path: Path = _build_module().build_mlp(target="wasm32-wasi", simd=simd)
+    return path
+
+
+@functools.cache
+def mlp_native() -> Path:
+    path: Path = _build_module().build_mlp(target="x86_64-linux")
     return path
 
 
@@ -199,7 +225,181 @@ def _start_costs(reps: int) -> dict[str, float]:
     }
 
 
+# ---- the MLP (contract v2) ----------------------------------------------------------------
+
+MLP_SIZES = (64, 128, 10)
+MLP_BATCH = 32
+MLP_LR = 0.05
+
+
+@dataclass(frozen=True)
+class MlpTask:
+    """One MLP training task: its env (HYPERPARAMS with `epochs`) and its stdin."""
+
+    env: dict[str, str]
+    stdin: bytes
+    params: dict[str, Any]
+    x: Any
+    y: Any
+    epochs: int
+
+
+def make_mlp_task(n: int, epochs: int, seed: int = 11) -> MlpTask:
+    rng = np.random.default_rng(seed)
+    params: dict[str, Any] = {}
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(MLP_SIZES)):
+        params[f"l{i}.w"] = rng.normal(size=(n_in, n_out)) * math.sqrt(2.0 / n_in)
+        params[f"l{i}.b"] = np.zeros(n_out)
+    x = rng.normal(size=(n, MLP_SIZES[0]))
+    y = np.argmax(x @ rng.normal(size=(MLP_SIZES[0], MLP_SIZES[-1])), axis=1).astype(np.float64)
+    env = {
+        "ROUND_ID": "bench-round",
+        "PROPLET_ID": "bench-proplet",
+        "HYPERPARAMS": json.dumps({"epochs": epochs, "lr": MLP_LR, "batch_size": MLP_BATCH}),
+    }
+    stdin = safetensors.encode(params) + safetensors.encode({"x": x, "y": y})
+    return MlpTask(env, stdin, params, x, y, epochs)
+
+
+def numpy_mlp(task: MlpTask) -> dict[str, Any]:
+    """The MLP trainer's algorithm (wasm-client/README.md) in numpy, a batch at a time."""
+    theta = {k: v.copy() for k, v in task.params.items()}
+    count = len(theta) // 2
+    n = len(task.y)
+    labels = task.y.astype(np.int64)
+    prefix = b"bench-round\0bench-proplet\0"
+    for epoch in range(task.epochs):
+        order = _shuffle(n, _fnv1a(0xCBF29CE484222325, prefix + epoch.to_bytes(8, "little")))
+        for start in range(0, n, MLP_BATCH):
+            idx = order[start : start + MLP_BATCH]
+            acts, zs = [task.x[idx]], []
+            for i in range(count):
+                z = acts[-1] @ theta[f"l{i}.w"] + theta[f"l{i}.b"]
+                zs.append(z)
+                if i < count - 1:
+                    acts.append(np.maximum(z, 0.0))
+            e = np.exp(zs[-1] - zs[-1].max(axis=1, keepdims=True))
+            dz = e / e.sum(axis=1, keepdims=True)
+            dz[np.arange(len(idx)), labels[idx]] -= 1.0
+            for i in reversed(range(count)):
+                gw, gb = acts[i].T @ dz, dz.sum(axis=0)
+                if i:
+                    dz = (dz @ theta[f"l{i}.w"].T) * (zs[i - 1] > 0)
+                theta[f"l{i}.w"] -= MLP_LR * gw / len(idx)
+                theta[f"l{i}.b"] -= MLP_LR * gb / len(idx)
+    return theta
+
+
+class WasmMlp:
+    def __init__(self, runtime: WasmRuntime, simd: bool) -> None:
+        self.runtime = runtime
+        data = mlp_wasm(simd).read_bytes()
+        self.compiled = runtime.compile(data, hashlib.sha256(data).hexdigest())
+        self.limits = Limits(timeout_s=600, memory_bytes=512 << 20, output_bytes=16 << 20)
+
+    def run(self, task: MlpTask) -> tuple[float, dict[str, Any]]:
+        """CPU seconds of the run (`run_sync` runs the module in this thread)."""
+        started = time.thread_time()
+        out = self.runtime.run_sync(
+            self.compiled, Invocation(["fl-mlp"], task.env, self.limits, task.stdin)
+        )
+        seconds = time.thread_time() - started
+        return seconds, dict(safetensors.decode(out.stdout, "update").tensors)
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_native_mlp(task: MlpTask) -> tuple[float, dict[str, Any]]:
+    started = _children_cpu_s()
+    proc = subprocess.run(
+        [str(mlp_native())],
+        input=task.stdin,
+        env={**task.env, "PATH": os.environ.get("PATH", "")},
+        capture_output=True,
+        check=True,
+    )
+    seconds = _children_cpu_s() - started
+    return seconds, dict(safetensors.decode(proc.stdout, "update").tensors)
+
+
+def run_numpy_mlp(task: MlpTask) -> tuple[float, dict[str, Any]]:
+    """CPU seconds of the whole process (numpy's BLAS may use threads of its own)."""
+    started = time.process_time()
+    update = numpy_mlp(task)
+    return time.process_time() - started, update
+
+
+def _same_tensors(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(np.allclose(a[k], b[k], rtol=0, atol=1e-9) for k in a)
+
+
+def run_mlp(rec: Recorder, smoke: bool) -> None:
+    n = 256 if smoke else 1024
+    reps = 2 if smoke else 7
+    epochs = 2 if smoke else 20
+    runtime = WasmRuntime()
+    runners = {
+        "wasm": WasmMlp(runtime, simd=True).run,
+        "native": run_native_mlp,
+        "numpy": run_numpy_mlp,
+    }
+    if not smoke:  # one more build; what SIMD buys is a full run's question
+        runners["wasm_nosimd"] = WasmMlp(runtime, simd=False).run
+    full, zero = make_mlp_task(n, epochs), make_mlp_task(n, 0)
+    updates = {impl: runner(make_mlp_task(n, 2))[1] for impl, runner in runners.items()}
+    train_s: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(reps):
+        for impl, runner in runners.items():
+            t_full, _ = runner(full)
+            t_zero, _ = runner(zero)
+            train_s[impl].append(max(t_full - t_zero, 1e-9))
+    rate = {k: n * epochs / median(v) for k, v in train_s.items()}
+    agree = all(_same_tensors(updates["wasm"], u) for u in updates.values())
+    ratio = rate["wasm"] / rate["native"]
+    figures = {
+        **{f"{k}_samples_per_s": round(v) for k, v in rate.items()},
+        "wasm_vs_native": round(ratio, 3),
+        "wasm_vs_numpy": round(rate["wasm"] / rate["numpy"], 2),
+        "same_update": agree,
+    }
+    if "wasm_nosimd" in rate:
+        figures["simd_speedup"] = round(rate["wasm"] / rate["wasm_nosimd"], 2)
+    params = sum(a.size for a in full.params.values())
+    nosimd = f" (no SIMD {rate['wasm_nosimd'] / 1e3:.1f} k)" if "wasm_nosimd" in rate else ""
+    rec.record(
+        MLP_NAME,
+        {
+            "samples": n,
+            "layers": list(MLP_SIZES),
+            "parameters": params,
+            "batch_size": MLP_BATCH,
+            "epochs": epochs,
+            "reps": reps,
+        },
+        figures,
+        targets={
+            f">= {MLP_TARGET_RATIO} of native": ratio >= MLP_TARGET_RATIO,
+            "same update": agree,
+        },
+        summary=(
+            f"MLP {'-'.join(map(str, MLP_SIZES))} ({params} params), {n} samples, batch "
+            f"{MLP_BATCH}: wasm {rate['wasm'] / 1e3:.1f} k samples/s{nosimd}, native "
+            f"{rate['native'] / 1e3:.1f} k/s, numpy "
+            f"{rate['numpy'] / 1e3:.1f} k/s; wasm/native {ratio:.2f}, wasm/numpy "
+            f"{figures['wasm_vs_numpy']:.2f}"
+        ),
+    )
+
+
 async def run(rec: Recorder, smoke: bool) -> None:
+    await run_linear(rec, smoke)
+    run_mlp(rec, smoke)
+
+
+async def run_linear(rec: Recorder, smoke: bool) -> None:
     n, d = (200, 4) if smoke else (1000, 8)
     reps = 2 if smoke else 5
     epochs = {

@@ -65,6 +65,7 @@ from server.messages import (
     TaskStop,
 )
 from server.mqtt import MqttSession
+from server.tensors import offload_if_big
 
 log = logging.getLogger(__name__)
 
@@ -518,10 +519,14 @@ class Proplet(Lifecycle):
         running.timings["fetch_ms"] = prepare_ms - running.timings.get("compile_ms", 0.0)
         # A round task runs its round's module and no other (MODULE_DIGEST).
         module = fl.check_module(compiled.sha256) if fl is not None else ""
-        env = dict(start.env)
+        env, stdin = dict(start.env), b""
         if fl is not None and inputs is not None:
-            env = inputs.env(fl.module_env(start.env), self.proplet_id)
-        invocation = Invocation([start.name or start.id, *start.cli_args], env, self.config.limits)
+            env, stdin = await inputs.invocation_inputs(
+                compiled.contract, fl.module_env(start.env), self.proplet_id
+            )
+        invocation = Invocation(
+            [start.name or start.id, *start.cli_args], env, self.config.limits, stdin
+        )
         t1 = time.perf_counter()
         try:
             out = await self.runtime.run(compiled, invocation, running.control)
@@ -531,8 +536,10 @@ class Proplet(Lifecycle):
             return out.stdout.decode(errors="replace")
         if fl.evaluates:
             # Federated evaluation: the metrics are the result; the coordinator gets nothing.
-            return parse_evaluation(out.stdout, inputs.dataset_size)
-        update = parse_update(
+            return parse_evaluation(out.stdout, inputs.dataset_size, compiled.contract)
+        update = await offload_if_big(
+            len(out.stdout),
+            parse_update,
             out.stdout,
             fl,
             self.proplet_id,
@@ -540,6 +547,7 @@ class Proplet(Lifecycle):
             inputs.dataset_size,
             base_sha256=inputs.model_sha256,
             module_digest=module,
+            contract=compiled.contract,
         )
         response = await self.federated.submit(fl, update, deadline)
         return summary(update, response)

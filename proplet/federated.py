@@ -2,10 +2,12 @@
 
 A task whose env has ROUND_ID is a training round task. Before the module runs, the proplet
 fetches the base model (ModelRegistry.GetModel, MODEL_URI) and its own dataset
-(DataStore.GetDataset) and hands them to the module as JSON in MODEL_DATA and DATASET_DATA.
-The module prints one JSON update on stdout; the proplet checks it against the round and the
-base model and streams it to Coordinator.SubmitUpdate. The module itself never touches the
-network.
+(DataStore.GetDataset) and hands them to the module in the trainer contract the module
+declares (wasm-client/README.md): v1, JSON in MODEL_DATA and DATASET_DATA, answered by one
+JSON update on stdout; v2 (the module exports `propeller_contract_v2`), two safetensors
+containers on stdin, answered by one safetensors container on stdout. The proplet checks the
+update against the round and the base model and streams it to Coordinator.SubmitUpdate. The
+module itself never touches the network.
 
 A task whose env also has FL_TASK=evaluate is an evaluation task (federated evaluation): the
 proplet fetches the model and the `test` split of its dataset, runs the module with
@@ -48,6 +50,7 @@ from propeller.v1 import (
     datastore_pb2_grpc,
     model_registry_pb2,
 )
+from proplet import safetensors
 from proplet.errors import TaskFailed
 from server.config import Endpoints, TlsConfig
 from server.errors import InvalidArgument, RemoteError, as_remote_error, rpc_errors
@@ -57,10 +60,13 @@ from server.provenance import Claim, check_module_digest, sign
 from server.streams import UpdateMeta, model_download_call, read_model_download, update_stream
 from server.tensors import (
     GRPC_OPTIONS,
+    Array,
     Tensors,
     check_finite,
     model_from_json,
     model_to_json,
+    nbytes_of,
+    offload_if_big,
     sha256_of,
     specs_of,
     tensor_from_proto,
@@ -72,8 +78,11 @@ T = TypeVar("T")
 
 DATASET_SCHEMA = "fl-demo-dataset-v1"
 _SCHEMES = ("grpc://", "http://", "https://", "dns:///")
-# Large datasets are turned into JSON off the event loop.
-_INLINE_JSON_ELEMENTS = 100_000
+# The trainer contracts (wasm-client/README.md): v1 is JSON in env vars, v2 safetensors on
+# stdin and stdout; a module says it speaks v2 by exporting CONTRACT_V2_EXPORT.
+CONTRACT_V1, CONTRACT_V2 = 1, 2
+# The env vars that carry v1's inputs; a v2 module never gets them.
+_V1_INPUTS = ("MODEL_DATA", "DATASET_DATA")
 
 # Statuses worth another attempt: the service is down, restarting, or did not answer in time.
 # Every other status is an answer and final: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION
@@ -362,22 +371,48 @@ def _round_deadline(raw: str) -> float | None:
 
 @dataclass(frozen=True)
 class FlInputs:
-    """The base model and the local dataset, as arrays and as the JSON the module reads."""
+    """The base model and the local dataset, handed to the module in the contract it speaks
+    (wasm-client/README.md): v1 as JSON in MODEL_DATA and DATASET_DATA, v2 as two
+    safetensors containers on stdin."""
 
     model: Tensors
-    model_json: str
-    dataset_json: str
-    dataset_size: int
+    features: Array
+    labels: Array
+    schema: str = ""
     # The base model's sha256 (hex), checked against what the registry said on fetch.
     model_sha256: str = ""
 
+    @property
+    def dataset_size(self) -> int:
+        return int(self.labels.shape[0])
+
     def env(self, task_env: Mapping[str, str], proplet_id: str) -> dict[str, str]:
+        """Contract v1: the task env with the model and the dataset as JSON."""
         return {
             **task_env,
             "PROPLET_ID": proplet_id,
-            "MODEL_DATA": self.model_json,
-            "DATASET_DATA": self.dataset_json,
+            "MODEL_DATA": json.dumps(model_to_json(self.model)),
+            "DATASET_DATA": dataset_to_json(proplet_id, self.schema, self.features, self.labels),
         }
+
+    def stdin(self) -> bytes:
+        """Contract v2: the model's container, then the dataset's (`x` [n, d], `y` [n])."""
+        return safetensors.encode(self.model) + safetensors.encode(
+            {"x": self.features, "y": self.labels}
+        )
+
+    async def invocation_inputs(
+        self, contract: int, task_env: Mapping[str, str], proplet_id: str
+    ) -> tuple[dict[str, str], bytes]:
+        """(env, stdin) for a module speaking `contract`; the encoding runs off the event
+        loop when the data is big."""
+        nbytes = nbytes_of(self.model) + self.features.nbytes
+        if contract == CONTRACT_V2:
+            env = {k: v for k, v in task_env.items() if k not in _V1_INPUTS}
+            stdin = await offload_if_big(nbytes * 2, self.stdin)
+            return {**env, "PROPLET_ID": proplet_id}, stdin
+        # JSON text is ~20 bytes per number: worth a thread much sooner than raw bytes.
+        return await offload_if_big(nbytes * 20, self.env, task_env, proplet_id), b""
 
 
 @dataclass(frozen=True)
@@ -436,46 +471,43 @@ def parse_update(
     *,
     base_sha256: str = "",
     module_digest: str = "",
+    contract: int = CONTRACT_V1,
 ) -> Update:
-    """Check the module's stdout against the round and the base model; the update to submit
-    (carrying `base_sha256` and `module_digest`, unsigned yet)."""
+    """Check the module's stdout (in the trainer contract it speaks) against the round and
+    the base model; the update to submit (carrying `base_sha256` and `module_digest`,
+    unsigned yet)."""
+    if contract == CONTRACT_V2:
+        fields, tensors = _update_v2(stdout, base)
+    else:
+        fields = _update_v1(stdout)
+        if "update" not in fields:
+            raise _bad_update("no 'update' object")
+        try:
+            tensors = model_from_json(fields["update"], specs_of(base), "update")
+        except InvalidArgument as exc:
+            raise _bad_update(str(exc)) from None
     try:
-        text = stdout.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise _bad_update("stdout is not UTF-8") from None
-    if not text:
-        raise _bad_update("the module printed nothing on stdout")
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise _bad_update(f"stdout is not one JSON object ({exc}): {text[:80]!r}") from None
-    if not isinstance(value, dict):
-        raise _bad_update(f"stdout is JSON {type(value).__name__}, not an object")
-    if value.get("round_id") != fl.round_id:
-        raise _bad_update(f"round_id {value.get('round_id')!r}, the task is for {fl.round_id!r}")
+        check_finite(tensors, "update")
+    except InvalidArgument as exc:
+        raise _bad_update(str(exc)) from None
+    if fields.get("round_id") != fl.round_id:
+        raise _bad_update(f"round_id {fields.get('round_id')!r}, the task is for {fl.round_id!r}")
     for key, expected in (("proplet_id", proplet_id), ("base_model_uri", fl.model_uri)):
-        got = value.get(key, "")
+        got = fields.get(key, "")
         if got not in ("", expected):
             raise _bad_update(f"{key} {got!r}, expected {expected!r}")
-    num_samples = value.get("num_samples")
+    num_samples = fields.get("num_samples")
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples <= 0:
         raise _bad_update(f"num_samples {num_samples!r} is not a positive integer")
     if num_samples > dataset_size:
         raise _bad_update(
-            f"num_samples {num_samples} exceeds the {dataset_size} samples in DATASET_DATA"
+            f"num_samples {num_samples} exceeds the {dataset_size} samples it was given"
         )
-    metrics = value.get("metrics") or {}
+    metrics = fields.get("metrics") or {}
     if not isinstance(metrics, dict) or not all(
         isinstance(k, str) and _is_number(v) and math.isfinite(v) for k, v in metrics.items()
     ):
         raise _bad_update(f"metrics {metrics!r} is not an object of finite numbers")
-    if "update" not in value:
-        raise _bad_update("no 'update' object")
-    try:
-        tensors = model_from_json(value["update"], specs_of(base), "update")
-        check_finite(tensors, "update")
-    except InvalidArgument as exc:
-        raise _bad_update(str(exc)) from None
     meta = UpdateMeta(
         round_id=fl.round_id,
         proplet_id=proplet_id,
@@ -488,14 +520,97 @@ def parse_update(
     return Update(meta, tensors)
 
 
-def parse_evaluation(stdout: bytes, dataset_size: int) -> str:
-    """The results of an evaluation task: the module's {"num_samples", "metrics"} checked
-    (a positive sample count no larger than the data it was given, finite metrics) and
-    re-encoded with nothing else in it."""
+def _update_v1(stdout: bytes) -> dict[str, Any]:
+    """Contract v1: stdout is one JSON object."""
     try:
-        value = json.loads(stdout.decode("utf-8").strip())
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise TaskFailed(f"invalid evaluation: stdout is not one JSON object ({exc})") from None
+        text = stdout.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise _bad_update("stdout is not UTF-8") from None
+    if not text:
+        raise _bad_update("the module printed nothing on stdout")
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise _bad_update(f"stdout is not one JSON object ({exc}): {text[:80]!r}") from None
+    if not isinstance(value, dict):
+        raise _bad_update(f"stdout is JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _container_v2(stdout: bytes, failure: Callable[[str], TaskFailed]) -> Any:
+    """Contract v2: stdout is exactly one safetensors container."""
+    if not stdout:
+        raise failure("the module printed nothing on stdout")
+    try:
+        container = safetensors.decode(stdout, "stdout")
+    except safetensors.MalformedContainer as exc:
+        raise failure(f"{exc} (contract v2 wants one safetensors container)") from None
+    if container.size != len(stdout):
+        raise failure(
+            f"stdout: {len(stdout) - container.size} bytes follow the safetensors container"
+        )
+    return container
+
+
+def _metadata_fields(
+    metadata: Mapping[str, str], failure: Callable[[str], TaskFailed]
+) -> dict[str, Any]:
+    """The v2 `__metadata__` strings as the values v1 prints: num_samples an integer (decimal
+    digits), metrics the JSON object they hold."""
+    fields: dict[str, Any] = dict(metadata)
+    raw = metadata.get("num_samples")
+    if raw is not None and raw.isascii() and raw.isdigit():
+        fields["num_samples"] = int(raw)
+    if "metrics" in metadata:
+        try:
+            fields["metrics"] = json.loads(metadata["metrics"])
+        except ValueError as exc:
+            raise failure(f"__metadata__.metrics is not JSON ({exc})") from None
+    return fields
+
+
+def _update_v2(stdout: bytes, base: Tensors) -> tuple[dict[str, Any], Tensors]:
+    container = _container_v2(stdout, _bad_update)
+    got = container.tensors
+    missing = [name for name in base if name not in got]
+    if missing:
+        raise _bad_update(f"update: missing tensors {missing}")
+    extra = sorted(set(got) - set(base))
+    if extra:
+        raise _bad_update(f"update: unexpected tensors {extra}")
+    tensors: Tensors = {}
+    for name, want in base.items():
+        arr = got[name]
+        if arr.dtype != want.dtype:
+            raise _bad_update(
+                f"update.{name}: dtype {safetensors.DTYPE_NAMES[arr.dtype]}, base model has "
+                f"{safetensors.DTYPE_NAMES.get(want.dtype, str(want.dtype))}"
+            )
+        if arr.shape != want.shape:
+            raise _bad_update(
+                f"update.{name}: shape {list(arr.shape)}, base model has {list(want.shape)}"
+            )
+        tensors[name] = arr.copy()  # off the stdout buffer, writable
+    return _metadata_fields(container.metadata, _bad_update), tensors
+
+
+def _bad_evaluation(message: str) -> TaskFailed:
+    return TaskFailed(f"invalid evaluation: {message}")
+
+
+def parse_evaluation(stdout: bytes, dataset_size: int, contract: int = CONTRACT_V1) -> str:
+    """The results of an evaluation task: the module's {"num_samples", "metrics"} (v2: its
+    container's metadata) checked (a positive sample count no larger than the data it was
+    given, finite metrics) and re-encoded with nothing else in it."""
+    value: object
+    if contract == CONTRACT_V2:
+        container = _container_v2(stdout, _bad_evaluation)
+        value = _metadata_fields(container.metadata, _bad_evaluation)
+    else:
+        try:
+            value = json.loads(stdout.decode("utf-8").strip())
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise _bad_evaluation(f"stdout is not one JSON object ({exc})") from None
     if not isinstance(value, dict):
         raise TaskFailed(
             f"invalid evaluation: stdout is JSON {type(value).__name__}, not an object"
@@ -677,14 +792,7 @@ class FederatedClient:
             if not model_task.cancelled():
                 model_task.exception()  # retrieved: the first failure is the one reported
         features, labels = _dataset_arrays(ds)
-        model_json = json.dumps(model_to_json(model))
-        if features.size > _INLINE_JSON_ELEMENTS:
-            dataset_json = await asyncio.to_thread(
-                dataset_to_json, self.proplet_id, ds.schema, features, labels
-            )
-        else:
-            dataset_json = dataset_to_json(self.proplet_id, ds.schema, features, labels)
-        return FlInputs(model, model_json, dataset_json, int(labels.shape[0]), model_sha256)
+        return FlInputs(model, features, labels, ds.schema, model_sha256)
 
     async def submit(
         self, fl: FlTask, update: Update, deadline: float | None = None

@@ -40,10 +40,11 @@ from typing import Any, ClassVar
 import wasmtime
 
 from proplet.errors import TaskFailed, TaskInterrupted
-from proplet.sandbox import EpochTicker, Run, RunControl, define_bounded_wasi
+from proplet.sandbox import EpochTicker, Run, RunControl, define_bounded_wasi, set_stdin
 
 # RunControl is part of the runner's interface (`WasmRuntime.run`), kept importable from here.
 __all__ = [
+    "CONTRACT_V2_EXPORT",
     "HARD_DEADLINE_GRACE_S",
     "MAX_ABANDONED_RUNS",
     "STOP_GRACE_S",
@@ -115,11 +116,14 @@ class Limits:
 
 @dataclass(frozen=True)
 class Invocation:
-    """One run of a module: what it sees (argv, environment) and what it may consume."""
+    """One run of a module: what it sees (argv, environment, stdin) and what it may consume.
+    `stdin` is held in memory; its size is the caller's to bound (a round task's stdin is its
+    model and dataset, both bounded as they arrive)."""
 
     argv: Sequence[str]
     env: Mapping[str, str]
     limits: Limits = field(default_factory=Limits)
+    stdin: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,11 @@ class RunOutput:
     duration_s: float
 
 
+# The export (of any kind) by which a module says it speaks trainer contract v2
+# (wasm-client/README.md); a module without it speaks v1.
+CONTRACT_V2_EXPORT = "propeller_contract_v2"
+
+
 @dataclass(frozen=True)
 class CompiledModule:
     """A module compiled for the runtime's engine and pre-linked against WASI."""
@@ -140,6 +149,8 @@ class CompiledModule:
     compile_s: float
     module: Any  # wasmtime.Module
     pre: Any  # wasmtime.InstancePre
+    # The trainer contract the module declares (1 or 2), read once from its exports.
+    contract: int = 1
 
 
 def _mib(n: int) -> str:
@@ -253,8 +264,9 @@ class WasmRuntime:
                     pre = self.linker.instantiate_pre(module)
                 except wasmtime.WasmtimeError as exc:
                     raise TaskFailed(f"cannot link module: {_cause(exc)}") from None
+                contract = 2 if any(e.name == CONTRACT_V2_EXPORT for e in module.exports) else 1
                 compiled = CompiledModule(
-                    sha256, len(wasm), time.perf_counter() - started, module, pre
+                    sha256, len(wasm), time.perf_counter() - started, module, pre, contract
                 )
                 with self._lock:
                     self._modules[sha256] = compiled
@@ -298,6 +310,8 @@ class WasmRuntime:
         wasi: Any = wasmtime.WasiConfig()
         wasi.argv = list(invocation.argv)
         wasi.env = list(invocation.env.items())
+        if invocation.stdin:
+            set_stdin(wasi, invocation.stdin)
         run.attach(store, wasi)
         store.set_wasi(wasi)
 

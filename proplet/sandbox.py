@@ -11,9 +11,11 @@
 - Output: stdout is captured in memory up to the output cap (writes beyond it fail inside the
   module and the run is stopped at the next tick); stderr is kept as a short tail for error
   reasons.
+- Input: stdin is empty, or bytes held in memory (`set_stdin`, trainer contract v2: the model
+  and the dataset, which arrive bounded); reads never wait.
 - Bounded WASI (`define_bounded_wasi`): epoch checks only happen while wasm code executes, so
   no host call may block past the run's deadline. The one WASI call that can block here is
-  `poll_oneoff` (how `sleep` compiles in C, Zig, Rust and Go): stdin is empty, there are no
+  `poll_oneoff` (how `sleep` compiles in C, Zig, Rust and Go): stdin is in memory, there are no
   preopened directories or sockets, and stdout and stderr are our own non-blocking callbacks.
   It is replaced (with `clock_time_get`, so that absolute monotonic times share its clock) by
   versions that sleep at most until the run's deadline and wake at once when the run is
@@ -309,6 +311,16 @@ def define_bounded_wasi(linker: Any) -> None:
             linker.define_func("wasi_snapshot_preview1", name, kind, func, access_caller=True)
     finally:
         linker.allow_shadowing = False
+
+
+def set_stdin(wasi: Any, data: bytes) -> None:
+    """Give a run's WASI config `data` as its stdin, held in memory (wasmtime-py only offers a
+    file). wasmtime takes ownership of the byte vector."""
+    vec = wasmtime_ffi.wasm_byte_vec_t()
+    wasmtime_ffi.wasm_byte_vec_new_uninitialized(ctypes.byref(vec), len(data))
+    if data:
+        ctypes.memmove(vec.data, data, len(data))
+    wasmtime_ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))
 
 
 class EpochTicker:

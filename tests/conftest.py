@@ -128,6 +128,13 @@ def trainer_wasm() -> Path:
 
 
 @pytest.fixture(scope="session")
+def mlp_wasm() -> Path:
+    """The MLP trainer (wasm-client/src/mlp.zig, trainer contract v2)."""
+    path: Path = load_wasm_build().build_mlp()
+    return path
+
+
+@pytest.fixture(scope="session")
 def seed_image_registry(registry: OciRegistry, trainer_wasm: Path) -> str:
     """The address of the test OCI registry once the trainer is pushed there as the seed's
     `fl-client-wasm:latest`: a manager given it as its registry (`oci_registry`) pins the

@@ -27,6 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SRC_DIR = HERE / "src"
 MAIN_ZIG = SRC_DIR / "main.zig"
+MLP_ZIG = SRC_DIR / "mlp.zig"
 MINIMAL_C = HERE / "examples" / "minimal.c"
 DEFAULT_OUT_DIR = HERE / "build"
 CACHE_DIR = DEFAULT_OUT_DIR / "zig-cache"
@@ -34,6 +35,10 @@ CACHE_DIR = DEFAULT_OUT_DIR / "zig-cache"
 WASM_NAME = "fl-client.wasm"
 NATIVE_NAME = "fl-client-native"
 MINIMAL_NAME = "minimal-client.wasm"
+MLP_WASM_NAME = "fl-mlp.wasm"
+MLP_NATIVE_NAME = "fl-mlp-native"
+# WASM SIMD for the MLP's vector loops (wasmtime supports simd128 by default).
+WASM_SIMD_CPU = "generic+simd128"
 
 OPTIMIZE_MODES = ("Debug", "ReleaseSafe", "ReleaseFast", "ReleaseSmall")
 
@@ -115,14 +120,45 @@ def output_name(target: str) -> str:
 def build(
     target: str = "wasm32-wasi", out_dir: Path | None = None, optimize: str = "ReleaseFast"
 ) -> Path:
-    """Build ``src/main.zig`` for ``target``; return the artefact path.
+    """Build ``src/main.zig`` (the linear trainer, contract v1) for ``target``; return the
+    artefact path.
 
     ``target`` is a Zig triple (``wasm32-wasi``, ``x86_64-linux`` or ``native``).
     The build is skipped when the existing artefact's stamp matches.
     """
+    return _build_zig(MAIN_ZIG, output_name(target), target, out_dir, optimize, [])
+
+
+def build_mlp(
+    target: str = "wasm32-wasi",
+    out_dir: Path | None = None,
+    optimize: str = "ReleaseFast",
+    simd: bool = True,
+) -> Path:
+    """Build ``src/mlp.zig`` (the MLP trainer, contract v2) for ``target``; return the path.
+
+    For wasm the exported marker ``propeller_contract_v2`` is kept (``-rdynamic``) and,
+    with ``simd``, the module uses WASM SIMD (simd128)."""
+    extra = []
+    if target.startswith("wasm"):
+        extra = ["-rdynamic"] + (["-mcpu", WASM_SIMD_CPU] if simd else [])
+        name = MLP_WASM_NAME if simd else "fl-mlp-nosimd.wasm"
+    else:
+        name = MLP_NATIVE_NAME + (".exe" if "windows" in target else "")
+    return _build_zig(MLP_ZIG, name, target, out_dir, optimize, extra)
+
+
+def _build_zig(
+    source: Path,
+    name: str,
+    target: str,
+    out_dir: Path | None,
+    optimize: str,
+    extra: list[str],
+) -> Path:
     if optimize not in OPTIMIZE_MODES:
         raise ValueError(f"optimize must be one of {OPTIMIZE_MODES}, not {optimize!r}")
-    out = (out_dir if out_dir is not None else DEFAULT_OUT_DIR).resolve() / output_name(target)
+    out = (out_dir if out_dir is not None else DEFAULT_OUT_DIR).resolve() / name
     sources = sorted(SRC_DIR.rglob("*.zig"))
     args = [
         "build-exe",
@@ -131,13 +167,14 @@ def build(
         "-O",
         optimize,
         "-fstrip",
+        *extra,
         "--cache-dir",
         str(CACHE_DIR / "local"),
         "--global-cache-dir",
         str(CACHE_DIR / "global"),
-        str(MAIN_ZIG),
+        str(source),
     ]
-    digest = _digest(sources, ["build-exe", target, optimize, "-fstrip"])
+    digest = _digest(sources, ["build-exe", source.name, target, optimize, "-fstrip", *extra])
     if _up_to_date(out, digest):
         return out
     return _compile(args, out, digest)
@@ -163,9 +200,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--optimize", default="ReleaseFast", choices=OPTIMIZE_MODES)
     parser.add_argument("--minimal", action="store_true", help="build examples/minimal.c instead")
+    parser.add_argument("--mlp", action="store_true", help="build the MLP trainer (src/mlp.zig)")
     ns = parser.parse_args(argv)
     try:
-        path = build_minimal(ns.out) if ns.minimal else build(ns.target, ns.out, ns.optimize)
+        if ns.minimal:
+            path = build_minimal(ns.out)
+        elif ns.mlp:
+            path = build_mlp(ns.target, ns.out, ns.optimize)
+        else:
+            path = build(ns.target, ns.out, ns.optimize)
     except BuildError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -368,3 +368,39 @@ def round_update(round_id: str, sleep_s: float) -> bytes:
         }
     ).encode()
     return printing(update, sleep_s=sleep_s)
+
+
+def contract_v2_printer(stdout: bytes) -> bytes:
+    """A module declaring trainer contract v2 (it exports `propeller_contract_v2`) that
+    prints `stdout` whatever its stdin holds, then exits 0."""
+    body = _write(1, 0, len(stdout)) + "(call $proc_exit (i32.const 0))" if stdout else ""
+    return build(
+        body,
+        stdout,
+        pages=1 + (DATA_AT + len(stdout)) // 65536,
+        extra='(func (export "propeller_contract_v2"))',
+    )
+
+
+def stdin_echo(limit: int = 1 << 20) -> bytes:
+    """A contract-v2 module that copies its stdin to stdout (one fd_read per 64 KiB until
+    it reads 0, or once it holds at least `limit` - 64 KiB bytes), then exits 0."""
+    pages = 2 + limit // 65536
+    body = (
+        "(local $at i32) (local $n i32)"
+        "(local.set $at (i32.const 65536))"
+        "(block $eof (loop $more"
+        "  (i32.store (i32.const 0) (local.get $at))"
+        "  (i32.store (i32.const 4) (i32.const 65536))"
+        "  (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 16)))"
+        "  (local.set $n (i32.load (i32.const 16)))"
+        "  (br_if $eof (i32.eqz (local.get $n)))"
+        "  (local.set $at (i32.add (local.get $at) (local.get $n)))"
+        f"  (br_if $eof (i32.ge_u (local.get $at) (i32.const {limit})))"
+        "  (br $more)))"
+        "(i32.store (i32.const 0) (i32.const 65536))"
+        "(i32.store (i32.const 4) (i32.sub (local.get $at) (i32.const 65536)))"
+        "(drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))"
+        "(call $proc_exit (i32.const 0))"
+    )
+    return build(body, pages=pages, extra='(func (export "propeller_contract_v2"))')
