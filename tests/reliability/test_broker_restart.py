@@ -130,8 +130,12 @@ async def test_a_broker_restart_mid_round_loses_nothing(
         r2 = f"r2-{uuid.uuid4().hex[:6]}"
         call = asyncio.ensure_future(experiment(f, r2, f"file://{trainer_wasm}"))
         try:
-            # The manager has opened the round and is now waiting to publish its tasks.
-            opened = await eventually(lambda: round_status(f, r2), lambda s: s is not None)
+            # The manager configures the round, opens it and is then waiting to publish its
+            # tasks (configured and opened are two calls: the round may be seen PENDING first).
+            opened = await eventually(
+                lambda: round_status(f, r2),
+                lambda s: s is not None and s.state != coordinator_pb2.ROUND_STATE_PENDING,
+            )
             assert opened.state == coordinator_pb2.ROUND_STATE_OPEN
             assert not call.done()
             await asyncio.to_thread(own_broker.start)
