@@ -132,21 +132,25 @@ async def test_experiments_survive_kills_of_the_manager_and_the_coordinator(
             stored += versions
             await mgr.terminate_async()
 
-        # The coordinator, killed during round 2 (its completion committed, the notice not
-        # yet sent) and started again; the manager runs throughout.
+        # The coordinator, killed during round 2: at the end of its aggregation (the new
+        # version and its lineage stored in the registry, the completion not committed), and
+        # later (its completion committed, the notice not yet sent); started again each time.
+        # The manager runs throughout.
         await mgr.restart()
         await c.wait_alive(IDS)
-        coordinator.env[KILL_AT_ENV] = "coordinator.round_completed:2"
-        coordinator.terminate()
-        await coordinator.restart()
-        eid = "exp-coordinator-killed"
-        await c.manager.StartExperiment(request(eid, image), timeout=RPC_S)
-        await killed(coordinator)
-        del coordinator.env[KILL_AT_ENV]
-        running = await experiment(c, eid)
-        assert running.state == manager_pb2.EXPERIMENT_STATE_RUNNING
-        await coordinator.restart()
-        stored += await check_ran_once(c, eid, V0)
+        for point in ("coordinator.model_stored:2", "coordinator.round_completed:2"):
+            coordinator.env[KILL_AT_ENV] = point
+            coordinator.terminate()
+            await coordinator.restart()
+            eid = f"exp-coordinator-killed-{point.split('.')[1].split(':')[0].replace('_', '-')}"
+            await c.manager.StartExperiment(request(eid, image), timeout=RPC_S)
+            await killed(coordinator)
+            assert f"point={point.split(':')[0]}" in coordinator.log_text(), coordinator.tail()
+            del coordinator.env[KILL_AT_ENV]
+            running = await experiment(c, eid)
+            assert running.state == manager_pb2.EXPERIMENT_STATE_RUNNING
+            await coordinator.restart()
+            stored += await check_ran_once(c, eid, V0)
 
         # The coordinator killed while round 2 runs (as soon as the manager has fanned it out:
         # its updates are arriving, or about to) and started again.
@@ -165,7 +169,7 @@ async def test_experiments_survive_kills_of_the_manager_and_the_coordinator(
         await coordinator.restart()
         stored += await check_ran_once(c, eid, V0)
 
-        # Every version once, none skipped, across all five experiments.
-        assert stored == list(range(1 + ROUNDS * 5))
+        # Every version once, none skipped, across all six experiments.
+        assert stored == list(range(1 + ROUNDS * 6))
         assert await c.versions() == stored
         assert await mgr.terminate_async() == 0, mgr.tail()
