@@ -1,0 +1,202 @@
+"""A clustered MQTT broker (issue 13, item 3): three nats-server nodes (JetStream with its MQTT
+listener) on loopback, TLS and the ACL as NATS permissions (`tests/support/nats.py`).
+
+- The broker: QoS 1 to a persistent session across nodes, the ACL (a proplet publishes and
+  reads only its own topics), and a session that follows its client to another node when
+  its node is killed (SIGKILL), with what was queued for it meanwhile.
+- The product on it: the manager and the other services on node 1, proplets spread over
+  nodes 2 and 3; a round completes; node 2 killed mid-round, its proplets fail over to the
+  other nodes, the round completes and every task result reaches the manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from propeller.v1 import coordinator_pb2, manager_pb2
+from server.mqtt import MqttSession
+from server.topics import Topics
+from tests.proplet import wat
+from tests.support.cluster import Cluster, cluster
+from tests.support.nats import NatsCluster, nats_cluster
+from tests.support.security import proplet_tls, service_tls
+from tests.support.waits import eventually
+
+pytestmark = pytest.mark.process
+
+MANAGER = "service:manager"
+# A bound on one JetStream leader election after a node dies (nats-server 2.9: 4 to 9 s,
+# longer on a loaded machine), during which MQTT sessions cannot be opened or publish QoS 1.
+ELECTION_S = 30.0
+SERVICES = ("service:manager", "service:coordinator", "operator:tester")
+
+
+class Inbox:
+    """What a session receives, in order."""
+
+    def __init__(self) -> None:
+        self.got: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+
+    async def on_message(self, topic: str, payload: bytes) -> None:
+        self.got.put_nowait((topic, payload))
+
+    async def next(self, bound: float = ELECTION_S) -> tuple[str, bytes]:
+        return await asyncio.wait_for(self.got.get(), bound)
+
+
+@pytest.fixture
+async def broker(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    async with nats_cluster(tmp_path / "nats", [*SERVICES, "p1", "p2"]) as running:
+        yield running
+
+
+async def test_a_session_follows_its_proplet_to_another_node(
+    broker: NatsCluster, topics: Topics
+) -> None:
+    """QoS 1 across nodes; the ACL holds on every node; a proplet's node killed: its session
+    reconnects to the next node by itself, with its subscriptions and what was queued."""
+    manager_inbox, proplet_inbox = Inbox(), Inbox()
+    manager = MqttSession(
+        broker.mqtt(topics, 0).as_identity(service_tls("manager")),
+        MANAGER,
+        topics.reports,
+        manager_inbox.on_message,
+    )
+    proplet = MqttSession(
+        broker.mqtt(topics, 1).as_identity(proplet_tls("p1")),
+        "p1",
+        topics.proplet_subscriptions("p1"),
+        proplet_inbox.on_message,
+    )
+    async with manager, proplet:
+        assert manager.broker[1] == broker.nodes[0].port
+        assert proplet.broker[1] == broker.nodes[1].port
+        # A forged heartbeat (p1 as p2) is refused on p1's own node; its own goes through.
+        await proplet.publish(topics.proplet_alive_for("p2"), b"forged")
+        await proplet.publish(topics.proplet_alive_for("p1"), b"alive")
+        assert await manager_inbox.next() == (topics.proplet_alive_for("p1"), b"alive")
+        await manager.publish(topics.task_start_for("p1"), b"task-1")
+        assert await proplet_inbox.next() == (topics.task_start_for("p1"), b"task-1")
+
+        connects = proplet.connects
+        await asyncio.to_thread(broker.nodes[1].kill)
+        # Queued for p1 while it has no connection: delivered on the node it fails over to.
+        # The whole cluster may pause for one JetStream leader election first (the dead node
+        # led the streams that keep sessions and messages): the publish waits that out.
+        await manager.publish(topics.task_start_for("p1"), b"task-2", timeout=ELECTION_S)
+
+        async def reconnected() -> bool:
+            return proplet.connects > connects
+
+        await eventually(reconnected, what="p1 connected again")
+        assert proplet.broker[1] == broker.nodes[2].port
+        assert await proplet_inbox.next() == (topics.task_start_for("p1"), b"task-2")
+        await proplet.publish(topics.proplet_alive_for("p1"), b"moved", timeout=ELECTION_S)
+        assert await manager_inbox.next() == (topics.proplet_alive_for("p1"), b"moved")
+    assert manager_inbox.got.empty() and proplet_inbox.got.empty()
+
+
+# Four proplets: two on node 2, two on node 3 (each preferring its node, then the next ones).
+PROPLETS = 4
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path, topics: Topics) -> AsyncIterator[tuple[Cluster, NatsCluster]]:
+    """The services on node 1 (the manager's and the coordinator's sessions prefer it), four
+    real proplets spread over nodes 2 and 3."""
+    ids = [f"p{n}-{uuid.uuid4().hex[:8]}" for n in range(PROPLETS)]
+    settings = {"memory_limit_bytes": 64 << 20, "rpc_timeout_s": 10.0}
+    async with (
+        nats_cluster(tmp_path / "nats", [*SERVICES, *ids]) as broker,
+        cluster(
+            broker.mqtt(topics, 0),
+            tmp_path,
+            proplets=ids,
+            proplet=settings,
+            spread=[broker.mqtt(topics, 1), broker.mqtt(topics, 2)],
+        ) as fleet,
+    ):
+        yield fleet, broker
+
+
+async def completed(f: Cluster, round_id: str) -> Any:
+    status = await f.wait_state(round_id, timeout=60)
+    assert status.state == coordinator_pb2.ROUND_STATE_COMPLETED, status.failure_reason
+    assert status.num_updates == PROPLETS and set(status.reported) == set(f.proplet_ids)
+    return status
+
+
+async def every_result(f: Cluster, round_id: str) -> list[manager_pb2.Task]:
+    """The round's tasks once every one is COMPLETED (its result reached the manager), each
+    accepted by the coordinator once."""
+    done = await eventually(
+        lambda: f.round_tasks(round_id),
+        lambda ts: (
+            len(ts) == PROPLETS and all(t.state == manager_pb2.TASK_STATE_COMPLETED for t in ts)
+        ),
+        what="every task COMPLETED",
+    )
+    for task in done:
+        summary = json.loads(task.results)
+        assert summary["accepted"] is True and summary["duplicate"] is False, task.results
+    return done
+
+
+async def test_a_round_completes_on_a_three_node_broker(
+    fleet: tuple[Cluster, NatsCluster], trainer_wasm: Path
+) -> None:
+    f, _ = fleet
+    round_id = f"c-{uuid.uuid4().hex[:6]}"
+    resp = await f.start_experiment(
+        round_id, f.proplet_ids, f"file://{trainer_wasm}", k_of_n=PROPLETS
+    )
+    assert {s.proplet_id for s in resp.scheduled} == set(f.proplet_ids) and not resp.skipped
+    status = await completed(f, round_id)
+    assert status.new_model_version == 1
+    await every_result(f, round_id)
+
+
+async def test_a_node_killed_mid_round_the_round_still_completes(
+    fleet: tuple[Cluster, NatsCluster], tmp_path: Path
+) -> None:
+    """Node 2 SIGKILLed while its two proplets train: they fail over to node 3, the round
+    completes with every update, and every task's result reaches the manager (through the
+    proplets' re-sending until acknowledged, whatever the dead node held)."""
+    f, broker = fleet
+    round_id = f"k-{uuid.uuid4().hex[:6]}"
+    module = tmp_path / "slow.wasm"
+    module.write_bytes(wat.round_update(round_id, 2.0))
+    resp = await f.start_experiment(round_id, f.proplet_ids, f"file://{module}", k_of_n=PROPLETS)
+    assert {s.proplet_id for s in resp.scheduled} == set(f.proplet_ids) and not resp.skipped
+    await eventually(
+        lambda: f.round_tasks(round_id),
+        lambda ts: (
+            len(ts) == PROPLETS and all(t.state == manager_pb2.TASK_STATE_RUNNING for t in ts)
+        ),
+        what="every task RUNNING",
+    )
+    killed_at = time.time()
+    await asyncio.to_thread(broker.nodes[1].kill)
+    await completed(f, round_id)
+    await every_result(f, round_id)
+    # The moved proplets are heard from again (over node 3 or node 1).
+    await eventually(
+        f.proplets,
+        lambda ps: {p.id for p in ps if p.last_seen > killed_at} == set(f.proplet_ids),
+        what="every proplet heard from after the kill",
+    )
+    # The cluster carries on with two nodes: the next round completes too.
+    after = f"k2-{uuid.uuid4().hex[:6]}"
+    module.write_bytes(wat.round_update(after, 0.1))
+    await f.start_experiment(after, f.proplet_ids, f"file://{module}", k_of_n=PROPLETS)
+    status = await completed(f, after)
+    assert status.new_model_version == 2
+    await every_result(f, after)
