@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what propeller-fl needs on a fresh Debian/Ubuntu machine: system packages (only for
-# the test suite: mosquitto, docker-registry) and a virtualenv in .venv with the project.
+# the test suite: mosquitto, docker-registry, nats-server) and a virtualenv in .venv with the
+# project.
 # Usage: scripts/setup.sh [--system]   (--system also installs the Debian packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,8 @@ if [[ "${1:-}" == "--system" ]]; then
   need=()
   command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || need+=(mosquitto)
   command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
+  # The clustered broker's tests (tests/support/nats.py): three nodes, JetStream + MQTT.
+  command -v nats-server >/dev/null 2>&1 || [[ -x /usr/sbin/nats-server ]] || need+=(nats-server)
   if ((${#need[@]})); then
     SUDO=""
     [[ $(id -u) -eq 0 ]] || SUDO="sudo"

@@ -19,10 +19,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
 
 from propeller.v1 import coordinator_pb2, manager_pb2
-from server.mqtt import MqttSession
+from server.mqtt import MqttSession, client_tls
 from server.topics import Topics
 from tests.proplet import wat
 from tests.support.cluster import Cluster, cluster
@@ -102,6 +103,42 @@ async def test_a_session_follows_its_proplet_to_another_node(
         await proplet.publish(topics.proplet_alive_for("p1"), b"moved", timeout=ELECTION_S)
         assert await manager_inbox.next() == (topics.proplet_alive_for("p1"), b"moved")
     assert manager_inbox.got.empty() and proplet_inbox.got.empty()
+
+
+async def test_another_identitys_client_id_reads_nothing_of_its_session(
+    broker: NatsCluster, topics: Topics
+) -> None:
+    """NATS does not tie the client id to the certificate (mosquitto does): p2 may connect
+    as client id `p1`, but the session's subscriptions are checked against p2's own
+    permissions, so p1's queued task start reaches p1 and nobody else."""
+    victim, victim_inbox = "p1", Inbox()
+    subscriptions = topics.proplet_subscriptions(victim)
+    as_victim = broker.mqtt(topics, 1).as_identity(proplet_tls(victim))
+    async with MqttSession(as_victim, victim, subscriptions, victim_inbox.on_message):
+        pass  # subscribed once: the cluster now keeps the session and its subscriptions
+    as_manager = broker.mqtt(topics, 0).as_identity(service_tls("manager"))
+    async with MqttSession(as_manager, MANAGER) as manager:
+        await manager.publish(topics.task_start_for(victim), b"queued")
+    context, _ = await asyncio.to_thread(client_tls, proplet_tls("p2"))
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        broker.nodes[2].port,
+        identifier=victim,
+        clean_session=False,
+        tls_context=context,
+    ) as hijack:
+        # The victim's session, resumed by p2: its subscriptions are refused (the node logs
+        # "Subscription Violation - User CN=p2"); a message for p1 is not delivered to p2.
+        async with MqttSession(as_manager, MANAGER) as manager:
+            await manager.publish(topics.task_start_for(victim), b"while-hijacked")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(3):
+                async for message in hijack.messages:
+                    pytest.fail(f"p2 received {message.topic.value}: {message.payload!r}")
+    async with MqttSession(as_victim, victim, subscriptions, victim_inbox.on_message):
+        got = {await victim_inbox.next(), await victim_inbox.next()}
+    start = topics.task_start_for(victim)
+    assert got == {(start, b"queued"), (start, b"while-hijacked")}
 
 
 # Four proplets: two on node 2, two on node 3 (each preferring its node, then the next ones).
