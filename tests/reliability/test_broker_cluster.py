@@ -23,9 +23,12 @@ import aiomqtt
 import pytest
 
 from propeller.v1 import coordinator_pb2, manager_pb2
+from server.config import TlsConfig
 from server.mqtt import MqttSession, client_tls
+from server.pki import CertificateAuthority, Identity, Kind
 from server.topics import Topics
 from tests.proplet import wat
+from tests.security.test_mqtt import assert_refused_at_connect, client_context, connect
 from tests.support.cluster import Cluster, cluster
 from tests.support.nats import NatsCluster, nats_cluster
 from tests.support.security import proplet_tls, service_tls
@@ -139,6 +142,28 @@ async def test_another_identitys_client_id_reads_nothing_of_its_session(
         got = {await victim_inbox.next(), await victim_inbox.next()}
     start = topics.task_start_for(victim)
     assert got == {(start, b"queued"), (start, b"while-hijacked")}
+
+
+async def test_only_a_listed_certificate_of_the_ca_connects(
+    broker: NatsCluster, tmp_path: Path
+) -> None:
+    """Every node's MQTT listener wants a certificate of the deployment's CA that maps to a
+    user (`verify_and_map`): without one, from another CA, or of an identity the cluster
+    does not list, the connection is refused; plaintext too. (The probes of
+    tests/security/test_mqtt.py, which runs them against mosquitto and the embedded broker.)"""
+    other = CertificateAuthority.create(tmp_path / "other-ca")
+    wrong_ca = TlsConfig.bundle(other.issue(Identity(Kind.PROPLET, "p1")).dir)
+    stranger = f"stranger-{uuid.uuid4().hex[:8]}"
+    for node in broker.nodes:
+        for outcome in (
+            await connect(node.port, client_context(None), "p1"),
+            await connect(node.port, None, "p1"),
+            await connect(node.port, client_context(wrong_ca, trust=other.cert_path), "p1"),
+            await connect(node.port, client_context(proplet_tls(stranger)), stranger),
+        ):
+            assert_refused_at_connect(outcome)
+        # A listed identity with its own certificate: accepted (the check is real).
+        assert await connect(node.port, client_context(proplet_tls("p1")), "p1") == "accepted"
 
 
 # Four proplets: two on node 2, two on node 3 (each preferring its node, then the next ones).
