@@ -135,25 +135,25 @@ class MqttConfig:
         PROPELLER_DOMAIN_ID / _CHANNEL_ID, and the process's TLS settings
         (`TlsConfig.from_env`)."""
         env = os.environ if env is None else env
-        topics = Topics(
-            domain=env_str(env, "PROPELLER_DOMAIN_ID", "propeller"),
-            channel=env_str(env, "PROPELLER_CHANNEL_ID", "fl"),
-        )
-        tls = TlsConfig.from_env(env)
-        nodes = env_list(env, MQTT_BROKERS_ENV)
+        nodes = [parse_broker(n) for n in env_list(env, MQTT_BROKERS_ENV)]
         if nodes:
             single = [v for v in ("PROPELLER_MQTT_HOST", "PROPELLER_MQTT_PORT") if env.get(v)]
             if single:
                 raise ValueError(
                     f"{MQTT_BROKERS_ENV} and {single[0]} are both set: name the broker once"
                 )
-            return cls.on_brokers([parse_broker(n) for n in nodes], topics=topics, tls=tls)
-        return cls(
-            host=env_str(env, "PROPELLER_MQTT_HOST", "127.0.0.1"),
-            port=env_int(env, "PROPELLER_MQTT_PORT", 1883),
-            topics=topics,
-            tls=tls,
+        else:
+            nodes = [
+                (
+                    env_str(env, "PROPELLER_MQTT_HOST", "127.0.0.1"),
+                    env_int(env, "PROPELLER_MQTT_PORT", 1883),
+                )
+            ]
+        topics = Topics(
+            domain=env_str(env, "PROPELLER_DOMAIN_ID", "propeller"),
+            channel=env_str(env, "PROPELLER_CHANNEL_ID", "fl"),
         )
+        return cls.on_brokers(nodes, topics=topics, tls=TlsConfig.from_env(env))
 
     def as_identity(self, tls: TlsConfig | None) -> MqttConfig:
         """The same broker and namespace, as the holder of `tls` (None: plaintext)."""
