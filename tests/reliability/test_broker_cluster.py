@@ -1,17 +1,20 @@
 """A clustered MQTT broker (issue 13, item 3): three nats-server nodes (JetStream with its MQTT
 listener) on loopback, TLS and the ACL as NATS permissions (`tests/support/nats.py`).
 
-- The broker: QoS 1 to a persistent session across nodes, the ACL (a proplet publishes and
-  reads only its own topics), and a session that follows its client to another node when
-  its node is killed (SIGKILL), with what was queued for it meanwhile.
-- The product on it: the manager and the other services on node 1, proplets spread over
-  nodes 2 and 3; a round completes; node 2 killed mid-round, its proplets fail over to the
-  other nodes, the round completes and every task result reaches the manager.
+- The broker: QoS 1 to a persistent session across nodes, the ACL (a proplet publishes only
+  its own topics), a session that follows its client to another node when its node is
+  killed (SIGKILL) with what was queued for it meanwhile; only a listed certificate of the
+  CA connects; another identity's client id reads nothing of that session.
+- The product on it: the services on node 1, proplets spread over nodes 2 and 3; a round
+  completes; node 2 killed mid-round, its proplets fail over, the round completes and every
+  task result reaches the manager; the services as processes (PROPELLER_MQTT_BROKERS), their
+  node 1 killed mid-round, the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -28,9 +31,12 @@ from server.mqtt import MqttSession, client_tls
 from server.pki import CertificateAuthority, Identity, Kind
 from server.topics import Topics
 from tests.proplet import wat
+from tests.reliability.test_manager_crash import fleet_services
 from tests.security.test_mqtt import assert_refused_at_connect, client_context, connect
-from tests.support.cluster import Cluster, cluster
+from tests.support.clients import clients
+from tests.support.cluster import Cluster, cluster, run_proplets
 from tests.support.nats import NatsCluster, nats_cluster
+from tests.support.processes import mqtt_env
 from tests.support.security import proplet_tls, service_tls
 from tests.support.waits import eventually
 
@@ -262,3 +268,52 @@ async def test_a_node_killed_mid_round_the_round_still_completes(
     status = await completed(f, after)
     assert status.new_model_version == 2
     await every_result(f, after)
+
+
+async def test_the_services_as_processes_fail_over_when_their_node_dies(
+    tmp_path: Path, topics: Topics
+) -> None:
+    """The five services as `propeller-fl serve` processes, given the cluster by
+    PROPELLER_MQTT_BROKERS with node 1 first; two proplets on nodes 2 and 3. Node 1 SIGKILLed
+    mid-round: the manager and the coordinator move to another node by themselves, the round
+    completes and both results reach the manager (they travel only over MQTT, and the
+    manager's node is gone); the next round completes too."""
+    ids = [f"q{n}-{uuid.uuid4().hex[:8]}" for n in range(2)]
+    async with nats_cluster(tmp_path / "nats", [*SERVICES, *ids]) as broker:
+        services_mqtt = broker.mqtt(topics, 0)
+        assert mqtt_env(services_mqtt)["PROPELLER_MQTT_BROKERS"].count(",") == 2
+        spread = [broker.mqtt(topics, 1), broker.mqtt(topics, 2)]
+        async with (
+            fleet_services(services_mqtt, tmp_path, ids) as (manager, endpoints),
+            run_proplets(endpoints, services_mqtt, ids, tmp_path / "proplets", spread=spread),
+            clients(endpoints) as c,
+        ):
+            await manager.restart()
+            await c.wait_alive(ids)
+            module = tmp_path / "slow.wasm"
+            for n, kill in enumerate((True, False)):
+                round_id = f"s{n}-{uuid.uuid4().hex[:6]}"
+                module.write_bytes(wat.round_update(round_id, 2.0))
+                await c.start_experiment(round_id, ids, f"file://{module}", k_of_n=2)
+                if kill:
+                    await eventually(
+                        functools.partial(c.round_tasks, round_id),
+                        lambda ts: (
+                            len(ts) == 2
+                            and all(t.state == manager_pb2.TASK_STATE_RUNNING for t in ts)
+                        ),
+                        what="both tasks RUNNING",
+                    )
+                    await asyncio.to_thread(broker.nodes[0].kill)
+                status = await c.wait_state(round_id, timeout=60)
+                assert status.state == coordinator_pb2.ROUND_STATE_COMPLETED, status
+                assert status.new_model_version == n + 1 and set(status.reported) == set(ids)
+                done = await eventually(
+                    functools.partial(c.round_tasks, round_id),
+                    lambda ts: (
+                        len(ts) == 2
+                        and all(t.state == manager_pb2.TASK_STATE_COMPLETED for t in ts)
+                    ),
+                    what="both tasks COMPLETED",
+                )
+                assert all(json.loads(t.results)["accepted"] for t in done)
