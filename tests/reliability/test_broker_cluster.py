@@ -107,7 +107,9 @@ async def test_a_session_follows_its_proplet_to_another_node(
             return proplet.connects > connects
 
         await eventually(reconnected, what="p1 connected again")
-        assert proplet.broker[1] == broker.nodes[2].port
+        # On a node still alive: node 3 first, node 1 when node 3 did not answer in time
+        # (during the election pause a connection can time out).
+        assert proplet.broker[1] in (broker.nodes[2].port, broker.nodes[0].port)
         assert await proplet_inbox.next() == (topics.task_start_for("p1"), b"task-2")
         await proplet.publish(topics.proplet_alive_for("p1"), b"moved", timeout=ELECTION_S)
         assert await manager_inbox.next() == (topics.proplet_alive_for("p1"), b"moved")
