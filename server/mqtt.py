@@ -12,7 +12,8 @@ With TLS (`MqttConfig.tls`) the session verifies the broker's certificate agains
 deployment CA and presents the process's own; the brokers take the certificate's CN as the
 MQTT user name and client id (docs/security.md, "MQTT"), so the session's client id is that
 user name whatever the caller asked for: one session per identity, which no other identity can
-take over.
+take over (on the clustered NATS broker another identity can take the client id, but reads
+nothing of the session: docs/security.md, "MQTT on the clustered broker").
 
 A clustered broker (`MqttConfig.failover`: the other nodes) is used one node at a time: the
 session connects to the first node that answers, and when its connection is lost or refused

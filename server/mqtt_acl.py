@@ -254,11 +254,17 @@ def nats_permissions(username: str, rules: Iterable[Rule] = RULES) -> dict[str, 
 
 def nats_authorization(usernames: Iterable[str], rules: Iterable[Rule] = RULES) -> str:
     """A nats-server `authorization` block (JSON, which its configuration format reads) with
-    a user per identity in `usernames` (certificate CNs) and its rights from `rules`.
+    a user per identity in `usernames` (certificate CNs) and its rights from `rules`, each
+    allowed MQTT connections only: on the NATS protocol port a certificate holder could
+    otherwise read `NATS_MQTT_DELIVERY`, where every subscriber's QoS 1 messages pass.
     ValueError for a user name that cannot be a NATS token (a proplet id with a '.')."""
     rules = list(rules)
     users = [
-        {"user": nats_user(name), "permissions": nats_permissions(name, rules)}
+        {
+            "user": nats_user(name),
+            "permissions": nats_permissions(name, rules),
+            "allowed_connection_types": ["MQTT"],
+        }
         for name in dict.fromkeys(usernames)
     ]
     return "authorization " + json.dumps({"users": users}, indent=2) + "\n"

@@ -208,6 +208,8 @@ def test_the_nats_users_are_the_certificates_subjects() -> None:
     assert [u["user"] for u in users] == ["CN=p1", f"CN={MANAGER}"]
     # Every identity reads its QoS 1 deliveries (an internal subject of NATS's MQTT listener).
     assert all(u["permissions"]["subscribe"]["allow"][0] == "$MQTT.sub.>" for u in users)
+    # ... and is an MQTT user only: on the NATS protocol port that subject would show it all.
+    assert all(u["allowed_connection_types"] == ["MQTT"] for u in users)
 
 
 def test_an_id_nats_cannot_carry_is_refused_by_name() -> None:

@@ -14,8 +14,10 @@ listener) on loopback, TLS and the ACL as NATS permissions (`tests/support/nats.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -172,6 +174,40 @@ async def test_only_a_listed_certificate_of_the_ca_connects(
             assert_refused_at_connect(outcome)
         # A listed identity with its own certificate: accepted (the check is real).
         assert await connect(node.port, client_context(proplet_tls("p1")), "p1") == "accepted"
+
+
+async def nats_protocol_answer(port: int, context: ssl.SSLContext) -> str:
+    """What a node's NATS protocol port answers a client with `context` that connects and
+    subscribes to every QoS 1 delivery of the MQTT listener: its first line after CONNECT,
+    SUB and PING ("PONG" when accepted, "-ERR ..." otherwise)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        async with asyncio.timeout(10):
+            assert (await reader.readline()).startswith(b"INFO ")
+            await writer.start_tls(context, server_hostname="127.0.0.1")
+            writer.write(b'CONNECT {"verbose":false,"pedantic":false}\r\n')
+            writer.write(b"SUB $MQTT.sub.> 1\r\nPING\r\n")
+            await writer.drain()
+            return (await reader.readline()).decode().strip()
+    except (ssl.SSLError, ConnectionError) as exc:
+        return f"-ERR closed: {exc}"
+    finally:
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_a_certificate_holder_gets_nothing_from_the_nats_protocol_port(
+    broker: NatsCluster,
+) -> None:
+    """The identities are MQTT users only: on the NATS protocol port (where every QoS 1
+    delivery of the MQTT listener could otherwise be read) a proplet's certificate, or the
+    manager's, is refused."""
+    for identity in (proplet_tls("p1"), service_tls("manager")):
+        context = client_context(identity)
+        for node in broker.nodes:
+            answer = await nats_protocol_answer(node.client_port, context)
+            assert answer.startswith("-ERR"), (node.name, answer)
 
 
 # Four proplets: two on node 2, two on node 3 (each preferring its node, then the next ones).

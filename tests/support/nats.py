@@ -3,8 +3,8 @@ free loopback ports in a temporary directory, as one cluster, with TLS and the A
 `server.mqtt_acl` as NATS permissions (docs/architecture.md, "Clustered broker").
 
 Each node: an MQTT listener (TLS, a certificate of the CA required, mapped to its user by its
-subject), the NATS client port (TLS and certificates as well, so nobody reaches the subjects
-without one), routes to the two others (TLS, the broker's own certificate both ways), a
+subject), the NATS client port (TLS and certificates as well, and no identity allowed on it:
+they are MQTT users only), routes to the two others (TLS, the broker's own certificate both ways), a
 JetStream store of its own and a monitoring port (`/healthz`). JetStream keeps the MQTT
 sessions, subscriptions and queued QoS 1 messages in streams replicated on all three nodes,
 so any two of them carry on without the third.
@@ -50,11 +50,12 @@ class NatsNode(_Server):
         authorization: str,
     ) -> None:
         self.monitor_port = free_port()
+        self.client_port = free_port()  # the NATS protocol's own listener
         tls_files = f'cert_file: "{bundle.cert}", key_file: "{bundle.key}", ca_file: "{bundle.ca}"'
         config = "\n".join(
             [
                 f"server_name: {name}",
-                f"listen: 127.0.0.1:{free_port()}",
+                f"listen: 127.0.0.1:{self.client_port}",
                 f"http: 127.0.0.1:{self.monitor_port}",
                 f"max_payload: {MAX_PACKET_BYTES}",
                 # Every client, on either listener, is who its certificate says.
