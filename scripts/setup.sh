@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what propeller-fl needs on a fresh Debian/Ubuntu machine: system packages (only for
-# the test suite: mosquitto, docker-registry, iproute2) and a virtualenv in .venv with the project.
+# the test suite: mosquitto, docker-registry, nats-server, iproute2) and a virtualenv in .venv
+# with the project.
 # Usage: scripts/setup.sh [--system]   (--system also installs the Debian packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,8 @@ if [[ "${1:-}" == "--system" ]]; then
   command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
   # `ip` and `tc`: the tests' own hosts (network namespaces) and their links.
   command -v ip >/dev/null 2>&1 || [[ -x /usr/sbin/ip ]] || need+=(iproute2)
+  # The clustered broker's tests (tests/support/nats.py): three nodes, JetStream + MQTT.
+  command -v nats-server >/dev/null 2>&1 || [[ -x /usr/sbin/nats-server ]] || need+=(nats-server)
   if ((${#need[@]})); then
     SUDO=""
     [[ $(id -u) -eq 0 ]] || SUDO="sudo"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -83,35 +83,77 @@ def settings_from_env(config: type[Any], env: Mapping[str, str] | None = None) -
     return values
 
 
+# A comma list of the broker nodes a client may use (host:port each), tried in order: the
+# first is the one a client connects to, the others take over when it is lost.
+MQTT_BROKERS_ENV = "PROPELLER_MQTT_BROKERS"
+
+
+def parse_broker(entry: str, var: str = MQTT_BROKERS_ENV) -> tuple[str, int]:
+    """`host:port` (an IPv6 host in brackets) as (host, port); ValueError naming `var`."""
+    host, sep, port = entry.strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{var}: {entry.strip()!r} is not host:port (port 1..65535)")
+    return host, int(port)
+
+
 @dataclass(frozen=True)
 class MqttConfig:
     """Where the broker is, which deployment namespace to use and who this client is.
 
-    `tls`: the process's bundle (the same as its gRPC one, `TlsConfig`): the client verifies
-    the broker's certificate against the CA and presents its own, whose CN is its MQTT user
-    name and client id (docs/security.md, "MQTT"). None: plaintext, anonymous
-    (PROPELLER_INSECURE=1)."""
+    `host`:`port` is the broker (or the first node of a clustered one); `failover` the other
+    nodes of a cluster, tried in turn when a connection is lost or refused (`brokers` is
+    all of them, in order). `tls`: the process's bundle (the same as its gRPC one,
+    `TlsConfig`): the client verifies the broker's certificate against the CA and presents
+    its own, whose CN is its MQTT user name and client id (docs/security.md, "MQTT"). None:
+    plaintext, anonymous (PROPELLER_INSECURE=1)."""
 
     host: str = "127.0.0.1"
     port: int = 1883
     topics: Topics = field(default_factory=Topics)
     keepalive: int = 30
     tls: TlsConfig | None = None
+    failover: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def brokers(self) -> list[tuple[str, int]]:
+        """Every node this client may connect to, the preferred one first."""
+        return [(self.host, self.port), *self.failover]
+
+    @classmethod
+    def on_brokers(cls, brokers: Sequence[tuple[str, int]], **settings: Any) -> MqttConfig:
+        """A config for the nodes `brokers` (the first preferred); ValueError if empty."""
+        if not brokers:
+            raise ValueError(f"{MQTT_BROKERS_ENV}: no broker given")
+        (host, port), *rest = brokers
+        return cls(host=host, port=port, failover=tuple(rest), **settings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> MqttConfig:
-        """PROPELLER_MQTT_HOST / _PORT, PROPELLER_DOMAIN_ID / _CHANNEL_ID, and the process's
-        TLS settings (`TlsConfig.from_env`)."""
+        """PROPELLER_MQTT_HOST / _PORT, or PROPELLER_MQTT_BROKERS (host:port,host:port,...:
+        the nodes of a clustered broker; not together with _HOST / _PORT),
+        PROPELLER_DOMAIN_ID / _CHANNEL_ID, and the process's TLS settings
+        (`TlsConfig.from_env`)."""
         env = os.environ if env is None else env
-        return cls(
-            host=env_str(env, "PROPELLER_MQTT_HOST", "127.0.0.1"),
-            port=env_int(env, "PROPELLER_MQTT_PORT", 1883),
-            topics=Topics(
-                domain=env_str(env, "PROPELLER_DOMAIN_ID", "propeller"),
-                channel=env_str(env, "PROPELLER_CHANNEL_ID", "fl"),
-            ),
-            tls=TlsConfig.from_env(env),
+        nodes = [parse_broker(n) for n in env_list(env, MQTT_BROKERS_ENV)]
+        if nodes:
+            single = [v for v in ("PROPELLER_MQTT_HOST", "PROPELLER_MQTT_PORT") if env.get(v)]
+            if single:
+                raise ValueError(
+                    f"{MQTT_BROKERS_ENV} and {single[0]} are both set: name the broker once"
+                )
+        else:
+            nodes = [
+                (
+                    env_str(env, "PROPELLER_MQTT_HOST", "127.0.0.1"),
+                    env_int(env, "PROPELLER_MQTT_PORT", 1883),
+                )
+            ]
+        topics = Topics(
+            domain=env_str(env, "PROPELLER_DOMAIN_ID", "propeller"),
+            channel=env_str(env, "PROPELLER_CHANNEL_ID", "fl"),
         )
+        return cls.on_brokers(nodes, topics=topics, tls=TlsConfig.from_env(env))
 
     def as_identity(self, tls: TlsConfig | None) -> MqttConfig:
         """The same broker and namespace, as the holder of `tls` (None: plaintext)."""

@@ -12,7 +12,15 @@ With TLS (`MqttConfig.tls`) the session verifies the broker's certificate agains
 deployment CA and presents the process's own; the brokers take the certificate's CN as the
 MQTT user name and client id (docs/security.md, "MQTT"), so the session's client id is that
 user name whatever the caller asked for: one session per identity, which no other identity can
-take over.
+take over (on the clustered NATS broker another identity can take the client id, but reads
+nothing of the session: docs/security.md, "MQTT on the clustered broker").
+
+A clustered broker (`MqttConfig.failover`: the other nodes) is used one node at a time: the
+session connects to the first node that answers, and when its connection is lost or refused
+it tries the next node in turn (the same jittered backoff between tries as with one broker).
+Nodes of a cluster share sessions (NATS keeps them in JetStream, replicated), so the
+persistent session and its queued messages follow the client to the node it lands on
+(docs/reliability.md, "Clustered broker").
 """
 
 from __future__ import annotations
@@ -89,6 +97,13 @@ class MqttSession(Lifecycle):
         self._connected = asyncio.Event()
         self._tls: ssl.SSLContext | None = None
         self.connects = 0
+        # The node of `config.brokers` the session is on, or tries next.
+        self._node = 0
+
+    @property
+    def broker(self) -> tuple[str, int]:
+        """The broker node (host, port) the session is connected to, or tries next."""
+        return self.config.brokers[self._node]
 
     async def _open(self, stack: AsyncExitStack) -> None:
         if self.config.tls is not None:
@@ -103,9 +118,8 @@ class MqttSession(Lifecycle):
             async with asyncio.timeout(timeout):
                 await self._connected.wait()
         except TimeoutError:
-            raise Unavailable(
-                f"mqtt: no connection to {self.config.host}:{self.config.port} within {timeout}s"
-            ) from None
+            nodes = ", ".join(f"{h}:{p}" for h, p in self.config.brokers)
+            raise Unavailable(f"mqtt: no connection to {nodes} within {timeout}s") from None
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, timeout: float = 10.0
@@ -161,10 +175,11 @@ class MqttSession(Lifecycle):
     async def _run(self) -> None:
         backoff = 0.05
         while True:
+            host, port = self.broker
             try:
                 async with aiomqtt.Client(
-                    self.config.host,
-                    self.config.port,
+                    host,
+                    port,
                     identifier=self.client_id,
                     clean_session=self.clean_session,
                     keepalive=self.config.keepalive,
@@ -189,12 +204,7 @@ class MqttSession(Lifecycle):
                         self.connects += 1
                         self._connected.set()
                         backoff = 0.05
-                        log.info(
-                            "[mqtt] %s connected to %s:%d",
-                            self.client_id,
-                            self.config.host,
-                            self.config.port,
-                        )
+                        log.info("[mqtt] %s connected to %s:%d", self.client_id, host, port)
                         async for message in client.messages:
                             await self._dispatch(message)
                     finally:
@@ -204,11 +214,18 @@ class MqttSession(Lifecycle):
                         conn.lost.set()
             except aiomqtt.MqttError as exc:
                 log.warning(
-                    "[mqtt] %s disconnected: %s; retrying in %.2fs", self.client_id, exc, backoff
+                    "[mqtt] %s disconnected from %s:%d: %s; retrying in %.2fs",
+                    self.client_id,
+                    host,
+                    port,
+                    exc,
+                    backoff,
                 )
             finally:
                 self._connected.clear()
                 self._conn = None
+            # Lost or refused: the next node of a cluster (the same one when there is one).
+            self._node = (self._node + 1) % len(self.config.brokers)
             # Exponential backoff with jitter so a fleet does not reconnect in lockstep.
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(self.max_backoff_s, backoff * 2)

@@ -21,11 +21,17 @@ client id, so a session belongs to one identity. The rules, in every namespace (
 Pure (no I/O): matching follows MQTT's topic filters, and a subscription is allowed only when
 one readable filter covers all of it (mosquitto grants any subscription and filters what it
 delivers: the messages a client receives are the same on both brokers).
+
+A clustered NATS broker (JetStream with its MQTT listener) gets the same table as NATS
+permissions (`nats_authorization`): NATS maps a client certificate to a user by its subject
+(`verify_and_map`) and has no per-user pattern like `%u` in a configuration file, so every
+identity is a user of its own, its `SELF` rules written out with its name.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -205,3 +211,60 @@ class MosquittoTls:
                 f"acl_file {self.acl}",
             ]
         )
+
+
+# What NATS's MQTT listener delivers each QoS 1 subscription's messages on (an internal subject
+# per subscription, with a random name): every identity must be allowed to read it, or its
+# QoS 1 subscriptions fail.
+NATS_MQTT_DELIVERY = "$MQTT.sub.>"
+
+
+def nats_user(username: str) -> str:
+    """The NATS user a certificate with CN `username` is mapped to (`verify_and_map`: the
+    certificate's subject, RFC 2253)."""
+    return f"CN={username}"
+
+
+def nats_subject(topic_filter: str) -> str:
+    """An MQTT topic filter as the NATS subject its MQTT listener uses: levels become tokens,
+    `+` is `*` and `#` is `>`. ValueError for a level NATS cannot carry (a '.', the token
+    separator, or a space)."""
+    tokens = []
+    for level in topic_filter.split("/"):
+        if not level or any(c in level for c in ". \t"):
+            raise ValueError(f"mqtt topic {topic_filter!r}: level {level!r} cannot be a NATS token")
+        tokens.append(">" if level == "#" else "*" if level == "+" else level)
+    return ".".join(tokens)
+
+
+def nats_permissions(username: str, rules: Iterable[Rule] = RULES) -> dict[str, object]:
+    """`username`'s rights as a NATS user's `permissions` (publish and subscribe allow
+    lists; whatever is not allowed is denied)."""
+    rules = list(rules)
+
+    def allowed_subjects(access: Access) -> list[str]:
+        granted = (r.filter_for(username) for r in rules if r.access is access)
+        return [nats_subject(f) for f in granted if f is not None]
+
+    return {
+        "publish": {"allow": allowed_subjects(Access.WRITE)},
+        "subscribe": {"allow": [NATS_MQTT_DELIVERY, *allowed_subjects(Access.READ)]},
+    }
+
+
+def nats_authorization(usernames: Iterable[str], rules: Iterable[Rule] = RULES) -> str:
+    """A nats-server `authorization` block (JSON, which its configuration format reads) with
+    a user per identity in `usernames` (certificate CNs) and its rights from `rules`, each
+    allowed MQTT connections only: on the NATS protocol port a certificate holder could
+    otherwise read `NATS_MQTT_DELIVERY`, where every subscriber's QoS 1 messages pass.
+    ValueError for a user name that cannot be a NATS token (a proplet id with a '.')."""
+    rules = list(rules)
+    users = [
+        {
+            "user": nats_user(name),
+            "permissions": nats_permissions(name, rules),
+            "allowed_connection_types": ["MQTT"],
+        }
+        for name in dict.fromkeys(usernames)
+    ]
+    return "authorization " + json.dumps({"users": users}, indent=2) + "\n"

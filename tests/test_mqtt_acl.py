@@ -4,6 +4,8 @@ calls `allowed`), and the topic matching it rests on."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,6 +22,9 @@ from server.mqtt_acl import (
     covers,
     matches,
     mosquitto_acl,
+    nats_authorization,
+    nats_permissions,
+    nats_subject,
 )
 from server.pki import Identity, Kind
 from server.topics import Topics
@@ -145,3 +150,69 @@ def test_the_mosquitto_listener_requires_a_certificate_and_names_every_file() ->
         "allow_anonymous false",
         "acl_file ACL",
     ]
+
+
+# --- The same table as NATS permissions (the clustered broker) -------------------------
+
+
+def nats_allows(subjects: list[str], subject: str) -> bool:
+    """NATS's rule: `*` is one token, `>` the rest (one or more), else tokens are equal."""
+    for allowed_subject in subjects:
+        a, s = allowed_subject.split("."), subject.split(".")
+        for i, token in enumerate(a):
+            if token == ">":
+                if len(s) > i:
+                    return True
+                break
+            if i >= len(s) or (token != "*" and token != s[i]):
+                break
+        else:
+            if len(a) == len(s):
+                return True
+    return False
+
+
+nats_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,20}", fullmatch=True)
+
+
+@given(a=nats_ids, b=nats_ids)
+def test_nats_permissions_are_the_table(a: str, b: str) -> None:
+    """For a proplet, the manager and the coordinator, every topic of both proplets' and of
+    the broadcasts: NATS allows the publish and the subscription exactly when the table
+    does."""
+    topics = [
+        *reports(T, b),
+        *manager_says(T, b),
+        T.result_ack_for(b),
+        *reports(T, a),
+        *manager_says(T, a),
+        T.result_ack_for(a),
+        T.round_next,
+        *T.reports,
+    ]
+    for user in (a, MANAGER, COORDINATOR):
+        permissions = nats_permissions(user)
+        publish = permissions["publish"]["allow"]  # type: ignore[index]
+        subscribe = permissions["subscribe"]["allow"]  # type: ignore[index]
+        for topic in topics:
+            subject = nats_subject(topic)
+            if "+" not in topic:
+                assert nats_allows(publish, subject) is can_publish(user, topic), (user, topic)
+            assert nats_allows(subscribe, subject) is can_subscribe(user, topic), (user, topic)
+
+
+def test_the_nats_users_are_the_certificates_subjects() -> None:
+    block = nats_authorization(["p1", MANAGER, "p1"])
+    assert block.startswith("authorization ")
+    users = json.loads(block.removeprefix("authorization "))["users"]
+    assert [u["user"] for u in users] == ["CN=p1", f"CN={MANAGER}"]
+    # Every identity reads its QoS 1 deliveries (an internal subject of NATS's MQTT listener).
+    assert all(u["permissions"]["subscribe"]["allow"][0] == "$MQTT.sub.>" for u in users)
+    # ... and is an MQTT user only: on the NATS protocol port that subject would show it all.
+    assert all(u["allowed_connection_types"] == ["MQTT"] for u in users)
+
+
+def test_an_id_nats_cannot_carry_is_refused_by_name() -> None:
+    """'.' separates NATS tokens: an id with one cannot be a topic level on that broker."""
+    with pytest.raises(ValueError, match=r"'p\.1' cannot be a NATS token"):
+        nats_authorization(["p.1"])

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from server.config import setting, settings_from_env
+from server.config import MqttConfig, setting, settings_from_env
+from tests.support.environment import DEPLOYMENT_ENV, config_from_env
 
 
 @dataclass(frozen=True)
@@ -44,3 +45,32 @@ def test_a_malformed_number_names_its_variable(env: dict[str, str], message: str
     with pytest.raises(ValueError) as caught:
         settings_from_env(Example, env)
     assert str(caught.value) == message
+
+
+# --- MQTT: one broker, or the nodes of a clustered one -------------------------------
+
+
+def test_one_broker_by_host_and_port() -> None:
+    mqtt = config_from_env(MqttConfig, PROPELLER_MQTT_HOST="b", PROPELLER_MQTT_PORT="1884")
+    assert mqtt.brokers == [("b", 1884)] and mqtt.failover == ()
+
+
+def test_the_nodes_of_a_clustered_broker_in_the_order_given() -> None:
+    env = {**DEPLOYMENT_ENV, "PROPELLER_MQTT_BROKERS": " n2:1883, [::1]:1884 ,n1:1885,"}
+    del env["PROPELLER_MQTT_HOST"], env["PROPELLER_MQTT_PORT"]
+    mqtt = MqttConfig.from_env(env)
+    assert mqtt.brokers == [("n2", 1883), ("::1", 1884), ("n1", 1885)]
+    assert (mqtt.host, mqtt.port) == ("n2", 1883)  # the preferred node
+    assert mqtt.topics.domain == DEPLOYMENT_ENV["PROPELLER_DOMAIN_ID"]
+
+
+@pytest.mark.parametrize("entry", ["n1", "n1:", ":1883", "n1:0", "n1:65536", "n1:x"])
+def test_a_malformed_broker_node_is_named(entry: str) -> None:
+    env = {"PROPELLER_INSECURE": "1", "PROPELLER_MQTT_BROKERS": f"ok:1883,{entry}"}
+    with pytest.raises(ValueError, match=f"PROPELLER_MQTT_BROKERS: {entry!r} is not host:port"):
+        MqttConfig.from_env(env)
+
+
+def test_the_broker_is_named_once() -> None:
+    with pytest.raises(ValueError, match="PROPELLER_MQTT_BROKERS and PROPELLER_MQTT_HOST"):
+        config_from_env(MqttConfig, PROPELLER_MQTT_BROKERS="n1:1883")

@@ -2,6 +2,7 @@
 
 - `infra`: Mosquitto and the OCI registry as child processes on free ports, `free_port`,
   `push_wasm`.
+- `nats`: the clustered MQTT broker, three nats-server nodes (`nats_cluster`).
 - `waits`: `eventually`, the one bounded poll.
 - `processes`: child processes (`ChildProcess`), services as `propeller-fl serve` processes
   (`ServiceProcess`), `propeller-fl up` (`UpProcess`).

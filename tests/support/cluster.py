@@ -137,16 +137,22 @@ async def run_proplets(
     ids: Sequence[str],
     work_dir: Path,
     insecure: bool = False,
+    spread: Sequence[MqttConfig] = (),
     **config: Any,
 ) -> AsyncIterator[dict[str, contextlib.AsyncExitStack]]:
     """Real proplets `ids` on the broker, using `services`' coordinator, registry and data
     store: named proplet-1, proplet-2, ..., heartbeat every 0.5 s, 30 s per task, each with
     its own certificate (`insecure`: none), unless `config` (PropletConfig fields) says
-    else. Yields one exit stack per proplet: closing it stops that proplet early."""
+    else. `spread`: the brokers (nodes of a cluster) proplet i uses `spread[i % len]` of,
+    in `mqtt`'s namespace (empty: all on `mqtt`). Yields one exit stack per proplet:
+    closing it stops that proplet early."""
     running: dict[str, contextlib.AsyncExitStack] = {}
     try:
         for i, pid in enumerate(ids):
             tls = None if insecure else proplet_tls(pid)
+            broker = (
+                dataclasses.replace(spread[i % len(spread)], topics=mqtt.topics) if spread else mqtt
+            )
             settings: dict[str, Any] = {
                 "name": f"proplet-{i + 1}",
                 "heartbeat_s": 0.5,
@@ -154,7 +160,7 @@ async def run_proplets(
                 "task_timeout_s": 30.0,
                 "result_resend_s": 0.5,
                 "tls": tls,
-                "mqtt": mqtt.as_identity(tls),
+                "mqtt": broker.as_identity(tls),
                 **config,
             }
             endpoints = Endpoints(
@@ -207,12 +213,14 @@ async def cluster(
     proplet: Mapping[str, Any] | None = None,
     image: str = "",
     insecure: bool = False,
+    spread: Sequence[MqttConfig] = (),
 ) -> AsyncIterator[Cluster]:
     """The Stack with the data store seeded for the proplets (`stack`: other StackConfig
     fields), `proplets` real proplets (a count of fresh UUIDs, or the ids; `proplet`: their
     PropletConfig fields), v0 of `dimension` zeros (None: no model yet), and the proplets
     listed alive before it yields. `image`: the round module the test runs. Mutual TLS from
-    the suite's CA on every hop, unless `insecure`."""
+    the suite's CA on every hop, unless `insecure`. `spread`: the broker nodes the proplets
+    are spread over (`run_proplets`); the services use `mqtt`."""
     ids = [str(uuid.uuid4()) for _ in range(proplets)] if isinstance(proplets, int) else [*proplets]
     ca_dir = None if insecure else session_ca().dir
     config = dataclasses.replace(
@@ -221,7 +229,13 @@ async def cluster(
     async with (
         Stack(config) as running_stack,
         run_proplets(
-            running_stack.endpoints, mqtt, ids, work_dir, insecure, **dict(proplet or {})
+            running_stack.endpoints,
+            mqtt,
+            ids,
+            work_dir,
+            insecure,
+            spread,
+            **dict(proplet or {}),
         ) as running,
         clients(running_stack.endpoints, insecure=insecure) as c,
     ):

@@ -27,7 +27,7 @@ from typing import IO, Literal, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.config import MqttConfig, TlsConfig
+from server.config import MQTT_BROKERS_ENV, MqttConfig, TlsConfig
 from server.grpc_server import channel
 from tests.support.ports import free_port
 from tests.support.security import operator_tls, proplet_tls, service_tls, tls_env
@@ -75,10 +75,15 @@ P = TypeVar("P", bound="ChildProcess")
 
 
 def mqtt_env(mqtt: MqttConfig) -> dict[str, str]:
-    """The variables that put a service on `mqtt`'s broker, in its namespace."""
+    """The variables that put a service on `mqtt`'s broker (every node of a clustered one,
+    in order), in its namespace."""
+    if mqtt.failover:
+        nodes = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in mqtt.brokers)
+        broker = {MQTT_BROKERS_ENV: nodes}
+    else:
+        broker = {"PROPELLER_MQTT_HOST": mqtt.host, "PROPELLER_MQTT_PORT": str(mqtt.port)}
     return {
-        "PROPELLER_MQTT_HOST": mqtt.host,
-        "PROPELLER_MQTT_PORT": str(mqtt.port),
+        **broker,
         "PROPELLER_DOMAIN_ID": mqtt.topics.domain,
         "PROPELLER_CHANNEL_ID": mqtt.topics.channel,
     }
