@@ -26,6 +26,7 @@ from typing import Any
 from server.config import TlsConfig
 from server.errors import PermissionDenied, Unauthenticated
 from server.pki import (
+    SITE_SERVICE_PREFIX,
     Identity,
     Kind,
     PkiError,
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 ANY_SERVICE = "*"
 # Every site coordinator (service `site-{site_id}`, `server.coordinator.site`): a site acts
 # for its proplets towards the root, the aggregator and the data store.
-SITES = "site-*"
+SITES = f"{SITE_SERVICE_PREFIX}*"
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class Rule:
         if identity.kind is Kind.OPERATOR:
             return self.operator
         if identity.kind is Kind.SERVICE:
-            site = SITES in self.services and identity.name.startswith(SITES[:-1])
+            site = SITES in self.services and identity.name.startswith(SITE_SERVICE_PREFIX)
             return site or ANY_SERVICE in self.services or identity.name in self.services
         return self.proplet
 

@@ -15,12 +15,12 @@ from server.coordinator import bounds as B
 from server.coordinator.clients import DataStoreSizes, GrpcModelBackend
 from server.coordinator.coordinator import Coordinator, RetryPolicy
 from server.coordinator.service import binding
-from server.coordinator.site import SITE, GrpcUpstream, Hierarchy, site_service
+from server.coordinator.site import SITE, GrpcUpstream, Hierarchy
 from server.coordinator.store import STATE_FILE, MemoryRoundStore, RoundStore, SqliteRoundStore
 from server.grpc_server import ServiceBinding, channel
 from server.lifecycle import ServiceApp, for_serve, run_service, start_task, state_dir_from_env
 from server.mqtt import MqttSession
-from server.pki import Identity, Kind, load_private_key, read_identity
+from server.pki import Identity, Kind, load_private_key, read_identity, site_service
 from server.round_spec import DEFAULT_TIMEOUT_S
 from server.tensors import GRPC_OPTIONS
 

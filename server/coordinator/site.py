@@ -38,7 +38,7 @@ from server.coordinator.rounds import Round, Update
 from server.coordinator.wire import status_from_proto
 from server.errors import FailedPrecondition, NotFound, rpc_errors
 from server.ids import check_id
-from server.pki import Identity, Kind
+from server.pki import SITE_SERVICE_PREFIX, Identity, Kind
 from server.provenance import Claim, sign
 from server.round_spec import RoundSpec
 from server.streams import UpdateMeta, update_stream
@@ -48,14 +48,6 @@ FLAT = "flat"
 ROOT = "root"
 SITE = "site"
 TIERS = (FLAT, ROOT, SITE)
-# A site coordinator's service identity is `site-{site_id}`: the authorization table grants
-# every such service the site's rights (`authz.SITES`), and the root reads the site from it.
-SITE_SERVICE_PREFIX = "site-"
-
-
-def site_service(site_id: str) -> str:
-    """The service name a site coordinator's certificate carries."""
-    return f"{SITE_SERVICE_PREFIX}{site_id}"
 
 
 def site_of(identity: Identity) -> str | None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from propeller.v1 import coordinator_pb2
-from server.config import MqttConfig
+from server.config import Endpoints, MqttConfig
 from server.coordinator.app import CoordinatorApp, CoordinatorConfig
 from server.coordinator.rounds import Update
 from server.coordinator.site import GrpcUpstream
@@ -25,6 +25,7 @@ from server.errors import InvalidArgument, PermissionDenied
 from server.grpc_server import channel
 from server.pki import load_private_key
 from server.tensors import Tensors
+from tests.cli.helpers import Cli, flags, make_cli
 from tests.coordinator.helpers import fedavg, make_update
 from tests.support.clients import Clients, clients
 from tests.support.cluster import LOCAL, round_services, serve_app
@@ -55,6 +56,7 @@ class Hierarchy:
     flat: Clients
     root_addr: str
     services: dict[str, str]
+    endpoints: Endpoints
     mqtt: MqttConfig
 
 
@@ -122,8 +124,14 @@ async def hierarchy(mqtt: MqttConfig, **root_settings: Any) -> AsyncIterator[Hie
             ),
             root_addr=root.coordinator,
             services=services,
+            endpoints=root,
             mqtt=mqtt,
         )
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
+    return make_cli(capsys)
 
 
 @pytest.fixture
@@ -173,7 +181,9 @@ async def run_flat(h: Hierarchy, proplets: Sequence[str], **fields: Any) -> Tens
     ],
     ids=["fedavg", "fedprox", "fedadam"],
 )
-async def test_two_levels_equal_the_flat_round(h: Hierarchy, strategy: dict[str, str]) -> None:
+async def test_two_levels_equal_the_flat_round(
+    h: Hierarchy, cli: Cli, strategy: dict[str, str]
+) -> None:
     await h.root.configure("r1", participants=list(SITES), experiment_id="hier", **strategy)
     for site_id, proplets in SITES.items():
         st = await h.sites[site_id].configure(
@@ -202,10 +212,20 @@ async def test_two_levels_equal_the_flat_round(h: Hierarchy, strategy: dict[str,
         assert (st.new_model_version, st.new_model_uri) == (0, "")
     assert await h.root.versions() == [0, root.new_model_version]
 
+    mean_at_root = strategy.get("strategy_name", "fedavg") in ("fedavg", "fedprox")
+    if mean_at_root:
+        # Its lineage holds the sites' partials as each site signed them: `models verify`
+        # checks the signatures against the sites' certificates and recomputes the FedAvg
+        # (the one rule it recomputes, flat or not).
+        verified = await cli(
+            "models", "verify", str(root.new_model_version), "--json", *flags(h.endpoints)
+        )
+        assert verified.ok().json()["ok"] is True
+
     two_level = await h.root.model(root.new_model_version)
     flat = await run_flat(h, list(UPDATES), experiment_id="flat", **strategy)
     assert_same_to_float64_rounding(two_level, flat)
-    if not strategy or strategy.get("strategy_name") == "fedprox":
+    if mean_at_root:
         assert_same_to_float64_rounding(two_level, fedavg(everyone))
 
 
