@@ -116,8 +116,10 @@ RULES: Mapping[str, Rule] = {
     # coordinator (the servicer holds it to its own site, and only a root takes it).
     f"{_C}ConfigureRound": _rule(operator=True, services=("manager",)),
     f"{_C}StartRound": _rule(operator=True, services=("manager",)),
-    # Task failures of a round's participants: only the manager hears task results.
-    f"{_C}ReportParticipantFailure": _rule(services=("manager",)),
+    # Task failures of a round's participants: only the manager hears task results; a site
+    # coordinator tells its root that its site's round failed (the servicer holds it to its
+    # own site).
+    f"{_C}ReportParticipantFailure": _rule(services=("manager", SITES)),
     f"{_C}SubmitUpdate": _rule(
         services=(SITES,), proplet=True, as_itself="header.proplet_id", verb="submit"
     ),

@@ -118,6 +118,8 @@ class Coordinator:
         self._locks: dict[str, asyncio.Lock] = {}
         self._watchers = Watchers()
         self._finishing: dict[str, asyncio.Task[None]] = {}
+        # A site's reports to its root of rounds that failed here.
+        self._reports: set[asyncio.Task[None]] = set()
         self._members = OpenRoundMembers()
         # Set when the outbox may hold notices to publish: at start (a crash may have left
         # some) and after a publish failed. `run_outbox` waits for it.
@@ -591,6 +593,34 @@ class Coordinator:
         if rnd.state is not R.RoundState.OPEN:
             self._members.forget(rnd.round_id)
         self._watchers.tell(Event(kind, rnd, self.clock(), proplet_id))
+        if kind is EventType.FAILED and self.upstream is not None:
+            self._tell_root_failed(rnd, self.upstream)
+
+    def _tell_root_failed(self, rnd: Round, upstream: S.Upstream) -> None:
+        """A site round failed: the root hears it as its participant's failure, so it closes
+        at the quorum the other sites can still reach (or fails) without waiting for its
+        deadline. Best effort: should it not arrive, the root's deadline still closes its
+        round."""
+        site_id = self.hierarchy.site_id
+
+        async def report() -> None:
+            try:
+                await with_retry(
+                    self.retry,
+                    "report the site's failure to the root",
+                    rnd.round_id,
+                    lambda _n: upstream.report_failure(rnd.round_id, site_id, rnd.failure_reason),
+                )
+            except PropellerError as exc:
+                log.warning(
+                    "[Coordinator.site] round_id=%s the root did not take the site's failure: %s",
+                    rnd.round_id,
+                    exc,
+                )
+
+        task = asyncio.create_task(report(), name=f"report-{rnd.round_id}")
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
 
     async def watch(self, round_id: str) -> AsyncIterator[Event]:
         """A SNAPSHOT of the round, then one event per change, ending after COMPLETED or
@@ -618,12 +648,13 @@ class Coordinator:
 
     async def wait_finishing(self) -> None:
         """Wait for the aggregations in flight (tests, graceful shutdown)."""
-        while self._finishing:
-            await asyncio.gather(*self._finishing.values(), return_exceptions=True)
+        while self._finishing or self._reports:
+            tasks = [*self._finishing.values(), *self._reports]
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def aclose(self) -> None:
         """Cancel the aggregations in flight; their rounds stay AGGREGATING for `resume`."""
-        tasks = list(self._finishing.values())
+        tasks = [*self._finishing.values(), *self._reports]
         for task in tasks:
             task.cancel()
         for task in tasks:

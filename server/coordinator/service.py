@@ -164,6 +164,22 @@ class CoordinatorServicer:
                 f"of round {round_id!r}"
             )
 
+    def _check_site_caller(self, site_id: str, method: str) -> None:
+        """A site coordinator calls a root, about its own site only (PERMISSION_DENIED)."""
+        who = authz.caller()
+        caller_site = None if who is None else S.site_of(who)
+        if caller_site is None:
+            return
+        if self.coordinator.hierarchy.tier != S.ROOT:
+            raise PermissionDenied(
+                f"{method}: {who} calls a root coordinator only (PROPELLER_COORDINATOR_TIER=root)"
+            )
+        if site_id != caller_site:
+            raise PermissionDenied(
+                f"{method}: {who} may only speak for site {caller_site!r}, not {site_id!r} "
+                "(proplet_id)"
+            )
+
     def _check_contributors(self, header: tensor_pb2.UpdateHeader) -> None:
         """A root's updates are sites' partials, which name their contributors (their caps
         bound its num_samples); anywhere else an update names none, so a proplet cannot
@@ -221,6 +237,7 @@ class CoordinatorServicer:
         async with grpc_errors(context, "Coordinator.ReportParticipantFailure"):
             check_id(request.round_id, "round_id")
             check_id(request.proplet_id, "proplet_id")
+            self._check_site_caller(request.proplet_id, "ReportParticipantFailure")
             rnd = await self.coordinator.participant_failed(
                 request.round_id, request.proplet_id, request.reason
             )

@@ -157,6 +157,10 @@ class Upstream(Protocol):
         """Submit the site's partial (idempotent at the root: a repeat is a duplicate)."""
         ...
 
+    async def report_failure(self, round_id: str, site_id: str, reason: str) -> None:
+        """Tell the root that site `site_id` cannot report in `round_id` (idempotent)."""
+        ...
+
 
 class GrpcUpstream:
     """`Upstream` over a channel to the root (owned by the caller), signing each partial with
@@ -199,6 +203,13 @@ class GrpcUpstream:
             await self._stub.SubmitUpdate(
                 update_stream(meta, partial.tensors), timeout=self._timeout_s
             )
+
+    async def report_failure(self, round_id: str, site_id: str, reason: str) -> None:
+        request = coordinator_pb2.ReportParticipantFailureRequest(
+            round_id=round_id, proplet_id=site_id, reason=f"site round failed: {reason}"
+        )
+        with rpc_errors("root coordinator: ReportParticipantFailure"):
+            await self._stub.ReportParticipantFailure(request, timeout=self._timeout_s)
 
 
 async def root_round(upstream: Upstream, round_id: str) -> Round:

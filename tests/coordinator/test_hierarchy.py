@@ -258,6 +258,26 @@ async def test_k_of_n_closes_each_level(h: Hierarchy) -> None:
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+async def test_a_failed_site_lets_the_root_close_at_its_floor(h: Hierarchy) -> None:
+    # East's round fails at its deadline with no update; it tells the root, which closes on
+    # west's partial at min_k_of_n instead of waiting for its own 60 s deadline.
+    await h.root.configure("r1", participants=["east", "west"], k_of_n=2, min_k_of_n=1)
+    await h.sites["east"].configure("r1", participants=["a"], timeout_s=0.5)
+    await h.sites["west"].configure("r1", participants=["d", "e"], timeout_s=SITE_TIMEOUT_S)
+    await h.sites["west"].submit("r1", UPDATES["d"])
+    await h.sites["west"].submit("r1", UPDATES["e"])
+    east = await h.sites["east"].wait_state("r1")
+    assert east.state == S.ROUND_STATE_FAILED
+    root = await completed(h.root, "r1")
+    assert (root.closed_by, list(root.reported), root.num_samples) == ("min_k_of_n", ["west"], 30)
+    assert [f.proplet_id for f in root.failed] == ["east"]
+    assert "site round failed: deadline passed with 0 of 1 updates" in root.failed[0].reason
+    assert root.completed_at < root.deadline
+    assert_same_to_float64_rounding(
+        await h.root.model(root.new_model_version), fedavg([UPDATES["d"], UPDATES["e"]])
+    )
+
+
 # ---- what the root refuses ----------------------------------------------------------------
 
 
@@ -318,6 +338,8 @@ async def test_only_sites_submit_to_a_root_each_as_itself(h: Hierarchy) -> None:
     async with as_site(h, "east") as east:
         with pytest.raises(PermissionDenied, match="may only submit as site 'east', not as 'west'"):
             await east.submit("r1", partial("west", 10, ["d"]))
+        with pytest.raises(PermissionDenied, match="may only speak for site 'east', not 'west'"):
+            await east.report_failure("r1", "west", "not east's to say")
     async with as_site(h, "north") as north:
         with pytest.raises(PermissionDenied, match=r"site 'north' .* is not a participant"):
             await north.submit("r1", partial("north", 10, ["x"]))
@@ -326,7 +348,8 @@ async def test_only_sites_submit_to_a_root_each_as_itself(h: Hierarchy) -> None:
         upstream = GrpcUpstream(ch, load_private_key(service_tls("site-east").key), timeout_s=10)
         with pytest.raises(PermissionDenied, match="only a root coordinator"):
             await upstream.submit("r1", partial("east", 10, ["a"]))
-    assert (await h.root.status("r1")).num_updates == 0
+    root = await h.root.status("r1")
+    assert (root.num_updates, list(root.failed)) == (0, [])
     assert (await h.flat.status("r1")).num_updates == 0
 
 
