@@ -37,7 +37,7 @@ from server.coordinator import rounds as R
 from server.coordinator.rounds import Round, Update
 from server.coordinator.wire import status_from_proto
 from server.errors import FailedPrecondition, NotFound, rpc_errors
-from server.ids import check_id
+from server.ids import id_problem
 from server.pki import SITE_SERVICE_PREFIX, Identity, Kind
 from server.provenance import Claim, sign
 from server.round_spec import RoundSpec
@@ -68,7 +68,9 @@ class Hierarchy:
         if self.tier not in TIERS:
             raise ValueError(f"tier: {self.tier!r} must be one of {', '.join(TIERS)}")
         if self.tier == SITE:
-            check_id(self.site_id, "site_id")
+            problem = id_problem(self.site_id)
+            if problem is not None:
+                raise ValueError(f"site_id: {problem} (a site coordinator names its site)")
         elif self.site_id:
             raise ValueError(f"site_id: {self.site_id!r} is only for tier {SITE!r}")
 
