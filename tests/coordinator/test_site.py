@@ -4,6 +4,7 @@ certificates and a real root are in test_hierarchy.py."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Any
 
@@ -38,6 +39,8 @@ class Root:
         self.partials: list[Update] = []
         self.failures: list[tuple[str, str]] = []
         self.refuse: list[Exception] = []
+        # Set: submits wait for it (a root that does not answer yet).
+        self.gate: asyncio.Event | None = None
 
     async def round(self, round_id: str) -> Round:
         if round_id != self.rnd.round_id:
@@ -47,6 +50,8 @@ class Root:
     async def submit(self, round_id: str, partial: Update) -> None:
         if self.refuse:
             raise self.refuse.pop(0)
+        if self.gate is not None:
+            await self.gate.wait()
         self.partials.append(partial)
 
     async def report_failure(self, round_id: str, site_id: str, reason: str) -> None:
@@ -75,15 +80,17 @@ async def root_round(clock: Clock, **kw: Any) -> Round:
     return Round(**args)
 
 
-async def make_site(**root_kw: Any) -> tuple[Coordinator, Root, Clock]:
+async def make_site(
+    root: Root | None = None, store: MemoryRoundStore | None = None, **root_kw: Any
+) -> tuple[Coordinator, Root, Clock]:
     clock = Clock()
-    root = Root(await root_round(clock, **root_kw))
+    root = root or Root(await root_round(clock, **root_kw))
 
     async def publish(topic: str, payload: bytes) -> None:
         raise AssertionError("a site publishes no round notice")
 
     coord = Coordinator(
-        MemoryRoundStore(),
+        store or MemoryRoundStore(),
         MemoryBackend(),
         publish,
         Topics("unit", "fl"),
@@ -138,6 +145,26 @@ async def test_a_root_that_is_down_is_retried_and_a_refusal_fails_the_site_round
     assert "forwarding the site's partial failed: num_samples: 10 exceeds" in failed.failure_reason
     # ...and the root hears that this site will not report.
     assert root.failures == [("east", failed.failure_reason)]
+
+
+async def test_a_site_stopped_while_forwarding_forwards_the_same_partial_after_restart() -> None:
+    store = MemoryRoundStore()
+    first, root, _ = await make_site(store=store)
+    root.gate = asyncio.Event()  # the root does not answer before the site stops
+    await first.configure(spec(), start=True)
+    for u in UPDATES:
+        await first.submit("r1", u)
+    await first.aclose()
+    assert (await store.get("r1")).state is RoundState.AGGREGATING  # type: ignore[union-attr]
+    assert root.partials == []
+
+    root.gate = None
+    again, _, _ = await make_site(root=root, store=store)
+    await again.resume()
+    await again.wait_finishing()
+    (partial,) = root.partials
+    assert (partial.num_samples, partial.contributors) == (100, ("a", "b", "c"))
+    assert (await again.get("r1")).state is RoundState.COMPLETED
 
 
 async def test_a_site_round_failing_at_its_deadline_tells_the_root() -> None:
