@@ -26,6 +26,7 @@ from typing import Any
 from server.config import TlsConfig
 from server.errors import PermissionDenied, Unauthenticated
 from server.pki import (
+    SITE_SERVICE_PREFIX,
     Identity,
     Kind,
     PkiError,
@@ -37,11 +38,15 @@ from server.pki import (
 log = logging.getLogger(__name__)
 
 ANY_SERVICE = "*"
+# Every site coordinator (service `site-{site_id}`, `server.coordinator.site`): a site acts
+# for its proplets towards the root, the aggregator and the data store.
+SITES = f"{SITE_SERVICE_PREFIX}*"
 
 
 @dataclass(frozen=True)
 class Rule:
-    """Who may call one RPC. `services`: service names (ANY_SERVICE: any service).
+    """Who may call one RPC. `services`: service names (ANY_SERVICE: any service; SITES:
+    any site coordinator).
     `as_itself`: a proplet may call it only with this request field (dotted for a stream's
     header) equal to its own id; `verb` words the refusal ("submit" -> "may only submit as
     itself")."""
@@ -56,7 +61,8 @@ class Rule:
         if identity.kind is Kind.OPERATOR:
             return self.operator
         if identity.kind is Kind.SERVICE:
-            return ANY_SERVICE in self.services or identity.name in self.services
+            site = SITES in self.services and identity.name.startswith(SITE_SERVICE_PREFIX)
+            return site or ANY_SERVICE in self.services or identity.name in self.services
         return self.proplet
 
     def who(self) -> str:
@@ -106,18 +112,24 @@ RULES: Mapping[str, Rule] = {
     f"{_M}GetTask": OPERATOR,
     f"{_M}ListTasks": OPERATOR,
     # The coordinator: rounds configured by operators and by the manager (StartExperiment);
-    # updates only from the proplets themselves.
+    # updates only from the proplets themselves, and a site's partial from its site
+    # coordinator (the servicer holds it to its own site, and only a root takes it).
     f"{_C}ConfigureRound": _rule(operator=True, services=("manager",)),
     f"{_C}StartRound": _rule(operator=True, services=("manager",)),
-    # Task failures of a round's participants: only the manager hears task results.
-    f"{_C}ReportParticipantFailure": _rule(services=("manager",)),
-    f"{_C}SubmitUpdate": _rule(proplet=True, as_itself="header.proplet_id", verb="submit"),
-    f"{_C}GetRoundStatus": _rule(operator=True, services=("manager",)),
+    # Task failures of a round's participants: only the manager hears task results; a site
+    # coordinator tells its root that its site's round failed (the servicer holds it to its
+    # own site).
+    f"{_C}ReportParticipantFailure": _rule(services=("manager", SITES)),
+    f"{_C}SubmitUpdate": _rule(
+        services=(SITES,), proplet=True, as_itself="header.proplet_id", verb="submit"
+    ),
+    # A site coordinator reads its root's round (membership, base model, deadline).
+    f"{_C}GetRoundStatus": _rule(operator=True, services=("manager", SITES)),
     f"{_C}ListRounds": OPERATOR,
     # The manager drives experiments from the round's events (server/manager/driver.py).
     f"{_C}WatchRound": _rule(operator=True, services=("manager",)),
-    # The aggregator: only the coordinator.
-    f"{_A}Aggregate": _rule(services=("coordinator",)),
+    # The aggregator: only the coordinator, and site coordinators (their partials).
+    f"{_A}Aggregate": _rule(services=("coordinator", SITES)),
     # The model registry: new versions from operators and the coordinator; read by anyone.
     f"{_R}InitModel": OPERATOR,
     f"{_R}PutModel": _rule(operator=True, services=("coordinator",)),
@@ -134,10 +146,10 @@ RULES: Mapping[str, Rule] = {
     ),
     f"{_D}PutDataset": OPERATOR,
     f"{_D}ListDatasets": OPERATOR,
-    # A dataset's size: the coordinator caps num_samples by it.
+    # A dataset's size: the coordinator (and a site's) caps num_samples by it.
     f"{_D}GetDatasetInfo": _rule(
         operator=True,
-        services=("coordinator",),
+        services=("coordinator", SITES),
         proplet=True,
         as_itself="proplet_id",
         verb="read a dataset",

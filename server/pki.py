@@ -73,6 +73,17 @@ class Kind(enum.StrEnum):
 
 _KINDS = tuple(k.value for k in Kind)
 
+# A site coordinator (hierarchical aggregation, `server.coordinator.site`) is the service
+# `site-{site_id}`: the authorization table grants every such service the site's rights, the
+# root reads the site from it, and `models verify` takes it as the signer of the site's
+# partial.
+SITE_SERVICE_PREFIX = "site-"
+
+
+def site_service(site_id: str) -> str:
+    """The service name a site coordinator's certificate carries."""
+    return f"{SITE_SERVICE_PREFIX}{site_id}"
+
 
 @dataclass(frozen=True)
 class Identity:

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.errors import InvalidArgument
-from server.pki import Kind, PkiError, identity_of, load_certificate
+from server.pki import Kind, PkiError, identity_of, load_certificate, site_service
 
 SIGNATURE_DOMAIN = b"propeller-fl/update-signature/v1\n"
 MODULE_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -194,7 +194,9 @@ def certificate_problem(
     certificate: bytes, ca: x509.Certificate, proplet_id: str
 ) -> tuple[x509.Certificate | None, str]:
     """`certificate` (PEM, from a lineage) parsed, and "" when it was issued by `ca` to
-    proplet `proplet_id`; otherwise None or the certificate, and what is wrong with it."""
+    proplet `proplet_id`, or to the site coordinator of site `proplet_id` (a root's update is
+    a site's partial, signed by its site: docs/architecture.md, "Hierarchical aggregation");
+    otherwise None or the certificate, and what is wrong with it."""
     if not certificate:
         return None, "no certificate (the update was taken over plaintext: unsigned)"
     try:
@@ -206,6 +208,7 @@ def certificate_problem(
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
         return cert, f"the certificate of {who} was not issued by the deployment CA"
-    if who.kind is not Kind.PROPLET or who.name != proplet_id:
+    signer = (who.kind, who.name)
+    if signer not in ((Kind.PROPLET, proplet_id), (Kind.SERVICE, site_service(proplet_id))):
         return cert, f"the certificate is {who}'s, the update names proplet {proplet_id!r}"
     return cert, ""

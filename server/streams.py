@@ -109,6 +109,8 @@ class UpdateMeta:
     base_model_sha256: str = ""
     module_digest: str = ""
     signature: bytes = b""
+    # A site coordinator's partial: the participants whose updates it combines.
+    contributors: tuple[str, ...] = ()
 
 
 def update_stream(
@@ -132,6 +134,7 @@ def update_header(meta: UpdateMeta, specs: list[Spec]) -> tensor_pb2.UpdateHeade
         base_model_sha256=meta.base_model_sha256,
         module_digest=meta.module_digest,
         signature=meta.signature,
+        contributors=meta.contributors,
     )
 
 

@@ -15,10 +15,12 @@ from server.coordinator import bounds as B
 from server.coordinator.clients import DataStoreSizes, GrpcModelBackend
 from server.coordinator.coordinator import Coordinator, RetryPolicy
 from server.coordinator.service import binding
+from server.coordinator.site import SITE, GrpcUpstream, Hierarchy
 from server.coordinator.store import STATE_FILE, MemoryRoundStore, RoundStore, SqliteRoundStore
 from server.grpc_server import ServiceBinding, channel
 from server.lifecycle import ServiceApp, for_serve, run_service, start_task, state_dir_from_env
 from server.mqtt import MqttSession
+from server.pki import Identity, Kind, load_private_key, read_identity, site_service
 from server.round_spec import DEFAULT_TIMEOUT_S
 from server.tensors import GRPC_OPTIONS
 
@@ -56,6 +58,13 @@ class CoordinatorConfig:
     max_update_value: float = setting("PROPELLER_MAX_UPDATE_VALUE", B.DEFAULT_MAX_ABS_VALUE)
     max_update_distance: float = setting("PROPELLER_MAX_UPDATE_DISTANCE", B.DEFAULT_MAX_DISTANCE)
     update_distance_action: str = setting("PROPELLER_UPDATE_DISTANCE_ACTION", "reject")
+    # Hierarchical aggregation (docs/architecture.md): "flat"; "root" (its rounds'
+    # participants are sites, whose coordinators submit their partials); or "site" (acts for
+    # site `site_id` of the root coordinator at `upstream_addr`; over TLS its certificate is
+    # service `site-{site_id}`).
+    tier: str = setting("PROPELLER_COORDINATOR_TIER", "flat")
+    upstream_addr: str = setting("PROPELLER_COORDINATOR_UPSTREAM", "")
+    site_id: str = setting("PROPELLER_COORDINATOR_SITE_ID", "")
     # Mutual TLS, server and the registry / aggregator channels (None: plaintext).
     tls: TlsConfig | None = field(kw_only=True, metadata=read_by(TlsConfig.from_env))
 
@@ -67,10 +76,19 @@ class CoordinatorConfig:
             )
         self.samples_cap  # noqa: B018 - checks the settings now rather than at the first update
         self.bounds  # noqa: B018
+        if (self.hierarchy.tier == SITE) != bool(self.upstream_addr):
+            raise ValueError(
+                "upstream_addr: a site coordinator (tier 'site'), and only one, names its root "
+                "coordinator (PROPELLER_COORDINATOR_UPSTREAM)"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> CoordinatorConfig:
         return cls(**settings_from_env(cls, env))
+
+    @property
+    def hierarchy(self) -> Hierarchy:
+        return Hierarchy(self.tier, self.site_id)
 
     @property
     def samples_cap(self) -> B.NumSamplesCap:
@@ -165,6 +183,24 @@ class CoordinatorApp(ServiceApp):
             datastore = channel(cfg.datastore_addr, cfg.tls, options)
             stack.push_async_callback(datastore.close, None)
             datasets = DataStoreSizes(datastore, timeout_s=cfg.rpc_timeout_s)
+        hierarchy = cfg.hierarchy
+        upstream = None
+        if hierarchy.tier == SITE:
+            key = None
+            if cfg.tls is not None:
+                # The root holds a site to its own identity, and the partial is signed with
+                # this key: a certificate for another identity would only be refused there.
+                expected = Identity(Kind.SERVICE, site_service(hierarchy.site_id))
+                actual = read_identity(cfg.tls.cert)
+                if actual != expected:
+                    raise ValueError(
+                        f"site_id: {hierarchy.site_id!r} needs the certificate of {expected}, "
+                        f"but {cfg.tls.cert} is {actual}'s"
+                    )
+                key = load_private_key(cfg.tls.key)
+            root = channel(cfg.upstream_addr, cfg.tls, options)
+            stack.push_async_callback(root.close, None)
+            upstream = GrpcUpstream(root, key, timeout_s=cfg.rpc_timeout_s)
         coordinator = Coordinator(
             store,
             GrpcModelBackend(registry, aggregator, timeout_s=cfg.rpc_timeout_s),
@@ -175,6 +211,8 @@ class CoordinatorApp(ServiceApp):
             bounds=cfg.bounds,
             samples_cap=samples_cap,
             datasets=datasets,
+            hierarchy=hierarchy,
+            upstream=upstream,
         )
         stack.push_async_callback(coordinator.aclose)
         await coordinator.resume()
@@ -183,8 +221,10 @@ class CoordinatorApp(ServiceApp):
         start_task(stack, coordinator.run_outbox(cfg.retry_max_backoff_s), "coordinator-outbox")
         self._coordinator = coordinator
         log.info(
-            "[Coordinator] aggregator=%s registry=%s num_samples_cap=%s max_update_value=%g "
-            "max_update_distance=%g (%s) mqtt=%s:%d namespace=%s state=%s",
+            "[Coordinator] tier=%s%s aggregator=%s registry=%s num_samples_cap=%s "
+            "max_update_value=%g max_update_distance=%g (%s) mqtt=%s:%d namespace=%s state=%s",
+            hierarchy.tier,
+            f" site_id={hierarchy.site_id} upstream={cfg.upstream_addr}" if upstream else "",
             cfg.aggregator_addr,
             cfg.registry_addr,
             samples_cap,

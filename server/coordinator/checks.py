@@ -61,31 +61,44 @@ class UpdateChecks:
     async def check_num_samples(self, update: Update) -> None:
         """`num_samples` within the participant's cap (`bounds.NumSamplesCap`): refused,
         naming the cap, when above it (its weight is what its proplet signed, never
-        re-weighted)."""
+        re-weighted). A site's partial (`site`) is within the sum of its contributors' caps."""
         if update.num_samples <= 0:
             raise InvalidArgument(f"num_samples: {update.num_samples} must be > 0")
         cap = self.samples_cap
         if cap.source == "none":
             return
-        if cap.source == "fixed":
-            limit, what = cap.value, f"the coordinator's cap of {cap.value} (num_samples_cap)"
-        else:
-            assert self.datasets is not None
-            try:
-                limit = await self.datasets.size(update.proplet_id)
-            except NotFound:
-                raise FailedPrecondition(
-                    f"num_samples: proplet {update.proplet_id!r} has no dataset in the data "
-                    "store to cap num_samples by (num_samples_cap=dataset); update not counted"
-                ) from None
+        if update.contributors:
+            limits = await asyncio.gather(*(self._limit(p) for p in update.contributors))
+            limit = sum(limit for limit, _what in limits)
             what = (
-                f"the {limit} samples proplet {update.proplet_id!r} holds in the data store "
-                "(num_samples_cap=dataset)"
+                f"the {limit} samples of site {update.proplet_id!r}'s "
+                f"{len(update.contributors)} contributors (their caps summed, "
+                f"num_samples_cap={cap})"
             )
+        else:
+            limit, what = await self._limit(update.proplet_id)
         if update.num_samples > limit:
             raise InvalidArgument(
                 f"num_samples: {update.num_samples} exceeds {what}; update not counted"
             )
+
+    async def _limit(self, proplet_id: str) -> tuple[int, str]:
+        """Proplet `proplet_id`'s num_samples cap, and its words for a refusal."""
+        cap = self.samples_cap
+        if cap.source == "fixed":
+            return cap.value, f"the coordinator's cap of {cap.value} (num_samples_cap)"
+        assert self.datasets is not None
+        try:
+            limit = await self.datasets.size(proplet_id)
+        except NotFound:
+            raise FailedPrecondition(
+                f"num_samples: proplet {proplet_id!r} has no dataset in the data "
+                "store to cap num_samples by (num_samples_cap=dataset); update not counted"
+            ) from None
+        return limit, (
+            f"the {limit} samples proplet {proplet_id!r} holds in the data store "
+            "(num_samples_cap=dataset)"
+        )
 
     def check_content(self, rnd: Round, update: Update, base: Tensors | None) -> Update:
         """The update's content (`rounds.validate_update`), its values' magnitude and its

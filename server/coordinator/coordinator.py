@@ -16,12 +16,14 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from server.aggregator.strategies import strategy_class
 from server.coordinator import bounds as B
 from server.coordinator import rounds as R
+from server.coordinator import site as S
 from server.coordinator.backend import (
+    FEDAVG,
     BaseModel,
     Lineage,
     ModelBackend,
@@ -89,6 +91,8 @@ class Coordinator:
         bounds: B.UpdateBounds | None = None,
         samples_cap: B.NumSamplesCap | None = None,
         datasets: B.DatasetSizes | None = None,
+        hierarchy: S.Hierarchy | None = None,
+        upstream: S.Upstream | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -97,6 +101,12 @@ class Coordinator:
         self.default_timeout_s = default_timeout_s
         self.retry = retry or RetryPolicy()
         self.clock = clock
+        # Hierarchical aggregation (`site`): a site coordinator forwards each round's partial
+        # to `upstream` (its root) instead of storing a model.
+        self.hierarchy = hierarchy or S.Hierarchy()
+        if (self.hierarchy.tier == S.SITE) != (upstream is not None):
+            raise ValueError("a site coordinator, and only one, has an upstream root")
+        self.upstream = upstream
         # Unless told: the dataset's size when there is a data store to ask, else no cap
         # (the app always says: `CoordinatorConfig.num_samples_cap`).
         self.checks = UpdateChecks(
@@ -108,6 +118,8 @@ class Coordinator:
         self._locks: dict[str, asyncio.Lock] = {}
         self._watchers = Watchers()
         self._finishing: dict[str, asyncio.Task[None]] = {}
+        # A site's reports to its root of rounds that failed here.
+        self._reports: set[asyncio.Task[None]] = set()
         self._members = OpenRoundMembers()
         # Set when the outbox may hold notices to publish: at start (a crash may have left
         # some) and after a publish failed. `run_outbox` waits for it.
@@ -135,12 +147,20 @@ class Coordinator:
         arrives again. `start` opens it at once (also on a repeat that finds it still
         PENDING)."""
         cfg = with_defaults(validate(spec), self.default_timeout_s)
+        if self.hierarchy.hierarchical:
+            S.check_composes(cfg.strategy_name)
         async with self._lock(cfg.round_id):
             rnd = await self.store.get(cfg.round_id)
             if rnd is not None:
                 R.check_same_config(rnd, cfg)
             else:
                 base = await self.backend.resolve(cfg.model_ref)
+                if self.upstream is not None:
+                    root = await S.root_round(self.upstream, cfg.round_id)
+                    S.check_against_root(cfg, base.uri, root, self.hierarchy.site_id)
+                    # Before the round is stored: one that cannot close in time is refused
+                    # whole (its start, later, checks again against the root's deadline).
+                    S.check_deadline(self.clock() + cfg.timeout_s, cfg.timeout_s, root)
                 rnd = R.new_round(cfg, base.uri, base.specs, self.clock(), base.sha256)
                 await self.store.put(rnd)
                 log.info(
@@ -163,6 +183,9 @@ class Coordinator:
 
     async def _start_locked(self, rnd: Round) -> Round:
         started = R.start_round(rnd, self.clock())
+        if started is not rnd and self.upstream is not None:
+            root = await S.root_round(self.upstream, rnd.round_id)
+            S.check_deadline(started.deadline, started.timeout_s, root)
         if started is not rnd:
             await self.store.put(started)
             self._emit(EventType.STARTED, started)
@@ -325,7 +348,10 @@ class Coordinator:
 
     async def _finish(self, round_id: str, resumed: bool) -> None:
         try:
-            await self._aggregate_and_store(round_id, resumed)
+            if self.upstream is not None:
+                await self._aggregate_and_forward(round_id, self.upstream)
+            else:
+                await self._aggregate_and_store(round_id, resumed)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -426,6 +452,58 @@ class Coordinator:
         crash_point("coordinator.round_completed")
         await self._deliver(notice)
 
+    async def _aggregate_and_forward(self, round_id: str, upstream: S.Upstream) -> None:
+        """A site round's end: its updates' weighted mean and sample total (the partial),
+        submitted to the root as the site's update; the round completes once the root took
+        it. Aggregated again after a restart, the same partial reaches the root, which counts
+        the site once (a repeat is answered as a duplicate)."""
+        rnd = await self.get(round_id)
+        updates = await self.store.updates(round_id)
+        headers = update_headers(updates)
+        inputs: RoundUpdates = updates
+        try:
+            if any(u.clip_scale != 1.0 for u in headers):
+                inputs = ClippedUpdates(updates, await self.backend.base_tensors(rnd.model_ref))
+            # The plain weighted mean whatever the round's strategy: the root applies the
+            # strategy (its server optimiser, its state) to the mean of the sites' means.
+            result = await with_retry(
+                self.retry,
+                "aggregate",
+                round_id,
+                lambda _n: self.backend.aggregate(round_id, inputs, FEDAVG),
+            )
+            mean = await offload_if_big(
+                nbytes_of(result.model), R.check_tensors, rnd.specs, result.model, "aggregate"
+            )
+            partial = S.partial_of(rnd, headers, mean, self.hierarchy.site_id)
+            await with_retry(
+                self.retry,
+                "submit the site's partial to the root",
+                round_id,
+                lambda _n: upstream.submit(round_id, partial),
+            )
+        except PropellerError as exc:
+            await self._fail(round_id, f"forwarding the site's partial failed: {exc}")
+            return
+        async with self._lock(round_id):
+            done = R.complete(await self.get(round_id), 0, "", partial.metrics, self.clock())
+            rnd = replace(done, new_model_version=None)
+            await self.store.put(rnd)
+            self._emit(EventType.COMPLETED, rnd)
+        log.info(
+            "[Coordinator.site] round_id=%s site_id=%s partial of %d updates, num_samples=%d "
+            "accepted by the root",
+            round_id,
+            self.hierarchy.site_id,
+            len(headers),
+            partial.num_samples,
+        )
+
+    async def num_samples(self, round_id: str) -> int:
+        """The accepted updates' num_samples summed (on a root: every site's proplets')."""
+        await self.get(round_id)
+        return sum(u.num_samples for u in update_headers(await self.store.updates(round_id)))
+
     async def _strategy_state(self, rnd: Round) -> Tensors | None:
         """The experiment's strategy state for `rnd`, if an earlier round of it left one by
         the same strategy (a round outside an experiment, or the first, starts afresh)."""
@@ -515,6 +593,34 @@ class Coordinator:
         if rnd.state is not R.RoundState.OPEN:
             self._members.forget(rnd.round_id)
         self._watchers.tell(Event(kind, rnd, self.clock(), proplet_id))
+        if kind is EventType.FAILED and self.upstream is not None:
+            self._tell_root_failed(rnd, self.upstream)
+
+    def _tell_root_failed(self, rnd: Round, upstream: S.Upstream) -> None:
+        """A site round failed: the root hears it as its participant's failure, so it closes
+        at the quorum the other sites can still reach (or fails) without waiting for its
+        deadline. Best effort: should it not arrive, the root's deadline still closes its
+        round."""
+        site_id = self.hierarchy.site_id
+
+        async def report() -> None:
+            try:
+                await with_retry(
+                    self.retry,
+                    "report the site's failure to the root",
+                    rnd.round_id,
+                    lambda _n: upstream.report_failure(rnd.round_id, site_id, rnd.failure_reason),
+                )
+            except PropellerError as exc:
+                log.warning(
+                    "[Coordinator.site] round_id=%s the root did not take the site's failure: %s",
+                    rnd.round_id,
+                    exc,
+                )
+
+        task = asyncio.create_task(report(), name=f"report-{rnd.round_id}")
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
 
     async def watch(self, round_id: str) -> AsyncIterator[Event]:
         """A SNAPSHOT of the round, then one event per change, ending after COMPLETED or
@@ -542,12 +648,13 @@ class Coordinator:
 
     async def wait_finishing(self) -> None:
         """Wait for the aggregations in flight (tests, graceful shutdown)."""
-        while self._finishing:
-            await asyncio.gather(*self._finishing.values(), return_exceptions=True)
+        while self._finishing or self._reports:
+            tasks = [*self._finishing.values(), *self._reports]
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def aclose(self) -> None:
         """Cancel the aggregations in flight; their rounds stay AGGREGATING for `resume`."""
-        tasks = list(self._finishing.values())
+        tasks = [*self._finishing.values(), *self._reports]
         for task in tasks:
             task.cancel()
         for task in tasks:

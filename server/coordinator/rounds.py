@@ -69,6 +69,9 @@ class Update:
     sha256: str = ""
     distance: float = 0.0
     clip_scale: float = 1.0
+    # A site coordinator's partial (`server.coordinator.site`): the site's participants whose
+    # updates it combines (checked when it arrives, not kept with the update).
+    contributors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

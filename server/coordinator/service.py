@@ -8,11 +8,12 @@ from collections.abc import AsyncIterable, AsyncIterator
 from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
 from server import authz
 from server.coordinator import rounds as R
+from server.coordinator import site as S
 from server.coordinator.coordinator import Coordinator, Event, EventType
 from server.coordinator.wire import STATES, answer_round, spec_from_proto, status_to_proto
 from server.errors import InvalidArgument, PermissionDenied, grpc_errors
 from server.grpc_server import Context, ServiceBinding
-from server.ids import check_count, check_id, check_name, check_text
+from server.ids import MAX_PARTICIPANTS, check_count, check_id, check_ids, check_name, check_text
 from server.paging import PageRequest, page_of
 from server.pki import Kind
 from server.streams import SPOOL_ABOVE, read_update_stream
@@ -42,6 +43,9 @@ def check_update_header(header: tensor_pb2.UpdateHeader, field: str = "update.he
     check_count(header.metrics, f"{field}.metrics")
     for name in header.metrics:
         check_name(name, f"{field}.metrics")
+    check_ids(header.contributors, f"{field}.contributors", MAX_PARTICIPANTS)
+    if len(set(header.contributors)) != len(header.contributors):
+        raise InvalidArgument(f"{field}.contributors: a contributor is named twice")
 
 
 def event_to_proto(event: Event) -> coordinator_pb2.RoundEvent:
@@ -92,6 +96,7 @@ class CoordinatorServicer:
                 # certificate (authz admitted it as this proplet); over plaintext there is
                 # none to check it with.
                 certificate=authz.caller_certificate(),
+                contributors=tuple(header.contributors),
             )
             result = await self.coordinator.submit(header.round_id, update)
             return coordinator_pb2.SubmitUpdateResponse(
@@ -111,6 +116,7 @@ class CoordinatorServicer:
         than the round's base model has (the whole update must match it)."""
         check_update_header(header)
         await self._check_submitter(header.round_id, header.proplet_id)
+        self._check_contributors(header)
         rnd = await self.coordinator.get(header.round_id)
         duplicate = R.admit(rnd, header.proplet_id)
         model_bytes = total_bytes(rnd.specs)
@@ -124,24 +130,80 @@ class CoordinatorServicer:
 
     async def _check_submitter(self, round_id: str, proplet_id: str) -> None:
         """An authenticated proplet submits only as itself and only to a round it is a
-        participant of (PERMISSION_DENIED otherwise; nothing counted)."""
+        participant of; to a root coordinator only site coordinators submit, each as its own
+        site (PERMISSION_DENIED otherwise; nothing counted)."""
         authz.require_self(proplet_id)
         who = authz.caller()
-        if who is None or who.kind is not Kind.PROPLET:
+        if who is None:
             return  # plaintext: the round's own membership rule answers (FAILED_PRECONDITION)
+        root = self.coordinator.hierarchy.tier == S.ROOT
+        if who.kind is Kind.PROPLET and root:
+            raise PermissionDenied(
+                f"SubmitUpdate: proplet {who.name!r} submits to its site's coordinator; this "
+                "root coordinator takes only the sites' partial aggregates"
+            )
+        if who.kind is Kind.SERVICE:
+            site_id = S.site_of(who)
+            if not root or site_id is None:
+                raise PermissionDenied(
+                    f"SubmitUpdate: {who} submits no updates here: only a root coordinator "
+                    f"(PROPELLER_COORDINATOR_TIER=root) takes a site coordinator's partial"
+                )
+            if proplet_id != site_id:
+                raise PermissionDenied(
+                    f"SubmitUpdate: {who} may only submit as site {site_id!r}, not as "
+                    f"{proplet_id!r} (header.proplet_id)"
+                )
+        if who.kind is Kind.OPERATOR:
+            return
         rnd = await self.coordinator.get(round_id)
         if proplet_id not in rnd.participants:
+            what = "site" if root else "proplet"
             raise PermissionDenied(
-                f"SubmitUpdate: proplet {proplet_id!r} (header.proplet_id) is not a participant "
+                f"SubmitUpdate: {what} {proplet_id!r} (header.proplet_id) is not a participant "
                 f"of round {round_id!r}"
+            )
+
+    def _check_site_caller(self, site_id: str, method: str) -> None:
+        """A site coordinator calls a root, about its own site only (PERMISSION_DENIED)."""
+        who = authz.caller()
+        caller_site = None if who is None else S.site_of(who)
+        if caller_site is None:
+            return
+        if self.coordinator.hierarchy.tier != S.ROOT:
+            raise PermissionDenied(
+                f"{method}: {who} calls a root coordinator only (PROPELLER_COORDINATOR_TIER=root)"
+            )
+        if site_id != caller_site:
+            raise PermissionDenied(
+                f"{method}: {who} may only speak for site {caller_site!r}, not {site_id!r} "
+                "(proplet_id)"
+            )
+
+    def _check_contributors(self, header: tensor_pb2.UpdateHeader) -> None:
+        """A root's updates are sites' partials, which name their contributors (their caps
+        bound its num_samples); anywhere else an update names none, so a proplet cannot
+        raise its own cap by naming others."""
+        root = self.coordinator.hierarchy.tier == S.ROOT
+        if root and not header.contributors:
+            raise InvalidArgument(
+                "update.header.contributors: empty, but this root coordinator takes only the "
+                "sites' partials, which name the participants they combine"
+            )
+        if not root and header.contributors:
+            raise InvalidArgument(
+                "update.header.contributors: only a site's partial to a root coordinator "
+                "names contributors"
             )
 
     async def GetRoundStatus(
         self, request: coordinator_pb2.GetRoundStatusRequest, context: Context
     ) -> coordinator_pb2.RoundStatus:
-        return await answer_round(
-            context, "Coordinator.GetRoundStatus", request.round_id, self.coordinator.get
-        )
+        async with grpc_errors(context, "Coordinator.GetRoundStatus"):
+            check_id(request.round_id, "round_id")
+            status = status_to_proto(await self.coordinator.get(request.round_id))
+            status.num_samples = await self.coordinator.num_samples(request.round_id)
+            return status
 
     async def ListRounds(
         self, request: coordinator_pb2.ListRoundsRequest, context: Context
@@ -175,6 +237,7 @@ class CoordinatorServicer:
         async with grpc_errors(context, "Coordinator.ReportParticipantFailure"):
             check_id(request.round_id, "round_id")
             check_id(request.proplet_id, "proplet_id")
+            self._check_site_caller(request.proplet_id, "ReportParticipantFailure")
             rnd = await self.coordinator.participant_failed(
                 request.round_id, request.proplet_id, request.reason
             )

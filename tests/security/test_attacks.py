@@ -115,7 +115,7 @@ async def test_only_proplets_submit_updates(world: Cluster) -> None:
                 stub.SubmitUpdate(update("a"), timeout=RPC_S),
                 C.PERMISSION_DENIED,
                 "SubmitUpdate:",
-                "allowed: proplets (as themselves)",
+                "allowed: service site-*; proplets (as themselves)",
             )
     assert (await world.status("r1")).num_updates == 0
 

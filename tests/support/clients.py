@@ -228,6 +228,7 @@ class Clients:
             dict(update.metrics),
             base_model_sha256=base_sha,
             module_digest=update.module_digest or TEST_MODULE,
+            contributors=update.contributors,
         )
         if self.tls is None:
             return meta
