@@ -33,6 +33,7 @@ from server.cli.files import (
     write_dataset_file,
     write_model_file,
 )
+from server.cli.lineage import lineage_chain, lineage_dict, render_chain, render_lineage
 from server.cli.render import (
     Output,
     dataset_arrays,
@@ -406,13 +407,16 @@ async def models_put(c: Client, a: argparse.Namespace) -> Reply:
     return shown(mv, render_model_version(mv))
 
 
+async def version_of(c: Client, ref: str) -> int:
+    """The version VERSION_OR_URI names (`latest`: the newest)."""
+    request = await c.resolve_model_ref(ref)
+    if request.WhichOneof("ref") == "version":
+        return request.version
+    return parse_model_uri(request.model_uri, "VERSION_OR_URI")
+
+
 async def models_verify(c: Client, a: argparse.Namespace) -> Reply:
-    request = await c.resolve_model_ref(a.ref)
-    version = (
-        request.version
-        if request.WhichOneof("ref") == "version"
-        else parse_model_uri(request.model_uri, "VERSION_OR_URI")
-    )
+    version = await version_of(c, a.ref)
     ca_path = Path(a.ca) if a.ca else (c.tls.ca if c.tls is not None else None)
     ca = None if ca_path is None else await asyncio.to_thread(read_ca, ca_path)
     links = await verify_chain(c, version, ca, allow_unsigned=a.allow_unsigned)
@@ -440,6 +444,16 @@ async def models_verify(c: Client, a: argparse.Namespace) -> Reply:
     if broken is not None:
         failure = f"v{broken.version} ({model_uri(broken.version)}): {broken.problem}"
     return Reply(doc, text, failure=failure)
+
+
+async def models_lineage(c: Client, a: argparse.Namespace) -> Reply:
+    version = await version_of(c, a.ref)
+    links = await lineage_chain(c, version, chain=a.chain)
+    if a.chain:
+        doc = {"version": version, "chain": [lineage_dict(v, x) for v, x in links]}
+        return Reply(doc, render_chain(links))
+    ((_, lineage),) = links
+    return Reply(lineage_dict(version, lineage), render_lineage(version, lineage))
 
 
 def read_ca(path: Path) -> x509.Certificate:
@@ -684,6 +698,21 @@ COMMANDS: tuple[Command, ...] = (
             arg("file", metavar="FILE", help='.json {"w": [...], "b": x} or .npz'),
             arg("--version", type=int, default=None, help="this version (default: the next one)"),
             arg("--dtype", choices=["float32", "float64"], help="convert the tensors"),
+        ),
+    ),
+    Command(
+        "models",
+        "lineage",
+        "how a version was made: its experiment, round, parent version, strategy with its "
+        "parameters and state, and each contributing proplet with its weight and update digest",
+        models_lineage,
+        (
+            arg("ref", metavar="VERSION_OR_URI", help="3, v3, latest or fl/models/global_model_v3"),
+            arg(
+                "--chain",
+                action="store_true",
+                help="follow the parents back to v0 (or the first version without a lineage)",
+            ),
         ),
     ),
     Command(
