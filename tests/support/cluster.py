@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import json
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -137,12 +137,15 @@ async def run_proplets(
     ids: Sequence[str],
     work_dir: Path,
     insecure: bool = False,
+    built: Mapping[str, Callable[[PropletConfig], Proplet]] | None = None,
     **config: Any,
 ) -> AsyncIterator[dict[str, contextlib.AsyncExitStack]]:
     """Real proplets `ids` on the broker, using `services`' coordinator, registry and data
     store: named proplet-1, proplet-2, ..., heartbeat every 0.5 s, 30 s per task, each with
     its own certificate (`insecure`: none), unless `config` (PropletConfig fields) says
-    else. Yields one exit stack per proplet: closing it stops that proplet early."""
+    else; `built`: the proplets made otherwise than `Proplet(config)` (e.g. a compromised one,
+    `tests/support/poisoning.py`), by id. Yields one exit stack per proplet: closing it stops
+    that proplet early."""
     running: dict[str, contextlib.AsyncExitStack] = {}
     try:
         for i, pid in enumerate(ids):
@@ -164,8 +167,9 @@ async def run_proplets(
             )
             one = contextlib.AsyncExitStack()
             running[pid] = one
+            make = (built or {}).get(pid, Proplet)
             await one.enter_async_context(
-                Proplet(PropletConfig(proplet_id=pid, endpoints=endpoints, **settings))
+                make(PropletConfig(proplet_id=pid, endpoints=endpoints, **settings))
             )
         yield running
     finally:
@@ -207,12 +211,13 @@ async def cluster(
     proplet: Mapping[str, Any] | None = None,
     image: str = "",
     insecure: bool = False,
+    built: Mapping[str, Callable[[PropletConfig], Proplet]] | None = None,
 ) -> AsyncIterator[Cluster]:
     """The Stack with the data store seeded for the proplets (`stack`: other StackConfig
     fields), `proplets` real proplets (a count of fresh UUIDs, or the ids; `proplet`: their
     PropletConfig fields), v0 of `dimension` zeros (None: no model yet), and the proplets
     listed alive before it yields. `image`: the round module the test runs. Mutual TLS from
-    the suite's CA on every hop, unless `insecure`."""
+    the suite's CA on every hop, unless `insecure`. `built`: as for `run_proplets`."""
     ids = [str(uuid.uuid4()) for _ in range(proplets)] if isinstance(proplets, int) else [*proplets]
     ca_dir = None if insecure else session_ca().dir
     config = dataclasses.replace(
@@ -221,7 +226,7 @@ async def cluster(
     async with (
         Stack(config) as running_stack,
         run_proplets(
-            running_stack.endpoints, mqtt, ids, work_dir, insecure, **dict(proplet or {})
+            running_stack.endpoints, mqtt, ids, work_dir, insecure, built, **dict(proplet or {})
         ) as running,
         clients(running_stack.endpoints, insecure=insecure) as c,
     ):
