@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from server.cli.files import (
     write_model_file,
 )
 from server.cli.lineage import lineage_chain, lineage_dict, render_chain, render_lineage
+from server.cli.progress import ExperimentView, is_live
 from server.cli.render import (
     Output,
     dataset_arrays,
@@ -41,6 +43,7 @@ from server.cli.render import (
     end_text,
     event_line,
     experiment_event_line,
+    experiment_state,
     fields,
     message_dict,
     model_json,
@@ -297,14 +300,43 @@ async def follow_experiment(client: Client, experiment_id: str, a: argparse.Name
     COMPLETED or was STOPPED."""
     out = Output()
     final: manager_pb2.Experiment | None = None
+    # On a terminal: the rounds' table and the round in flight's bar, redrawn in place.
+    view = ExperimentView(out.stream, 1) if not a.json and is_live(out.stream, sys.stderr) else None
+    round_watch: asyncio.Task[None] | None = None
+
+    async def follow_round(round_id: str) -> None:
+        assert view is not None
+        events = client.watch_round(round_id, a.max_wait)
+        async with contextlib.aclosing(events):
+            async for ev in events:
+                view.on_round_event(round_id, ev)
+
     events = client.watch_experiment(experiment_id, a.max_wait)
-    async with contextlib.aclosing(events):
-        async for ev in events:
-            out.json_line(message_dict(ev)) if a.json else out.text(experiment_event_line(ev))
-            ended = ev.experiment.state != manager_pb2.EXPERIMENT_STATE_RUNNING
-            if ev.type == manager_pb2.EXPERIMENT_EVENT_TYPE_ENDED or ended:
-                final = ev.experiment
-                break
+    try:
+        async with contextlib.aclosing(events):
+            async for ev in events:
+                if a.json:
+                    out.json_line(message_dict(ev))
+                elif view is None:
+                    out.text(experiment_event_line(ev))
+                else:
+                    watched = view.round_in_flight
+                    view.on_experiment_event(ev)
+                    if view.round_in_flight and view.round_in_flight != watched:
+                        if round_watch is not None:
+                            round_watch.cancel()
+                        round_watch = asyncio.create_task(follow_round(view.round_in_flight))
+                ended = ev.experiment.state != manager_pb2.EXPERIMENT_STATE_RUNNING
+                if ev.type == manager_pb2.EXPERIMENT_EVENT_TYPE_ENDED or ended:
+                    final = ev.experiment
+                    break
+    finally:
+        if round_watch is not None:
+            round_watch.cancel()
+            # The bar is only a view: its watch failing or being cut short changes nothing.
+            await asyncio.gather(round_watch, return_exceptions=True)
+    if view is not None and final is not None:
+        out.text(f"{experiment_state(final.state)}  {end_text(final.end)}")
     if final is None:
         raise Unavailable(f"manager: the watch of experiment {experiment_id} ended before it did")
     if final.state == manager_pb2.EXPERIMENT_STATE_FAILED:
