@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.helpers import Cli, console_script, table_rows
+from tests.cli.helpers import Cli, console_script, table_rows, terminal_screen
 from tests.cli.test_client_experiment import Fl, fl  # noqa: F401
 
 V0 = "fl/models/global_model_v0"
@@ -80,18 +80,6 @@ async def test_run_watch_history_and_stop(cli: Cli, fl: Fl, tmp_path: Path) -> N
     (await cli("experiment", "stop", "nope", *f)).failed_with("experiment_id")
 
 
-def _screen(raw: str) -> list[str]:
-    """What a terminal shows after `raw` (see tests/cli/test_client_render.py)."""
-    lines: list[str] = []
-    for part in re.split(r"(\x1b\[\d+F\x1b\[J)", raw.replace("\r\n", "\n")):
-        moved = re.fullmatch(r"\x1b\[(\d+)F\x1b\[J", part)
-        if moved:
-            del lines[len(lines) - int(moved.group(1)) :]
-        else:
-            lines += part.splitlines()
-    return lines
-
-
 @pytest.mark.process
 async def test_run_watch_on_a_terminal_redraws_the_rounds_and_a_bar(fl: Fl) -> None:  # noqa: F811
     """The console script on a pseudo-terminal: the rounds' table redrawn in place, a bar of
@@ -129,7 +117,7 @@ async def test_run_watch_on_a_terminal_redraws_the_rounds_and_a_bar(fl: Fl) -> N
     assert proc.returncode == 0, raw
     bars = re.findall(r"round (\d)/2 \S+  \[[#-]+\] (\d)/3 updates", raw)
     assert {index for index, _ in bars} == {"1", "2"}, raw  # a bar for each round in flight
-    screen = _screen(raw)
+    screen = terminal_screen(raw)
     at = next(i for i, line in enumerate(screen) if line.startswith("ROUND "))
     assert [line.split()[:4] for line in screen[at + 1 : at + 3]] == [
         ["1", f"{eid}-r1", "COMPLETED", "v1"],

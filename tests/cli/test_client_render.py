@@ -15,6 +15,7 @@ from server.cli.progress import ExperimentView, is_live
 from server.cli.render import Output, ago, fields, message_dict, table, timestamp
 from server.errors import InvalidArgument
 from server.oci import ImageRef
+from tests.cli.helpers import terminal_screen
 
 
 def test_table_aligns_columns_and_marks_empty_cells() -> None:
@@ -107,19 +108,6 @@ def _exp_event(kind: Any, rnd: manager_pb2.ExperimentRound | None = None) -> Any
     )
 
 
-def _screen(raw: str) -> list[str]:
-    """What a terminal shows after `raw`: each redraw (cursor up N lines, erase down) replaces
-    the lines the previous one drew."""
-    lines: list[str] = []
-    for part in re.split(r"(\x1b\[\d+F\x1b\[J)", raw):
-        moved = re.fullmatch(r"\x1b\[(\d+)F\x1b\[J", part)
-        if moved:
-            del lines[len(lines) - int(moved.group(1)) :]
-        else:
-            lines += part.splitlines()
-    return lines
-
-
 def test_the_experiment_view_redraws_the_rounds_table_and_the_round_in_flights_bar() -> None:
     E = manager_pb2
     out = io.StringIO()
@@ -129,7 +117,7 @@ def test_the_experiment_view_redraws_the_rounds_table_and_the_round_in_flights_b
     status = coordinator_pb2.RoundStatus(k_of_n=4, reported=["p0", "p2"])
     view.on_round_event("exp-r1", coordinator_pb2.RoundEvent(status=status))
     view.on_round_event("exp-r0", coordinator_pb2.RoundEvent(status=status))  # not in flight
-    screen = _screen(out.getvalue())
+    screen = terminal_screen(out.getvalue())
     assert screen[0].split()[:3] == ["ROUND", "ROUND", "ID"]
     assert screen[1].split()[:2] == ["1", "exp-r1"]
     assert re.fullmatch(r"round 1/2 exp-r1  \[##--\] 2/4 updates  \d+\.\ds", screen[2])
@@ -139,13 +127,13 @@ def test_the_experiment_view_redraws_the_rounds_table_and_the_round_in_flights_b
     )
     view.on_experiment_event(_exp_event(E.EXPERIMENT_EVENT_TYPE_ROUND_FINISHED, done))
     view.on_experiment_event(_exp_event(E.EXPERIMENT_EVENT_TYPE_ROUND_STARTED, _round(2)))
-    screen = _screen(out.getvalue())
+    screen = terminal_screen(out.getvalue())
     # Round 1 in the table as it ended, round 2 started, its bar empty: the table updated.
     assert screen[1].split()[:6] == ["1", "exp-r1", "COMPLETED", "v1", "4", "4"]
     assert screen[2].split()[:2] == ["2", "exp-r2"]
     assert screen[3].startswith("round 2/2 exp-r2  [----] 0/4 updates")
     view.on_experiment_event(_exp_event(E.EXPERIMENT_EVENT_TYPE_ENDED))
-    assert len(_screen(out.getvalue())) == 3  # the table alone once it ended
+    assert len(terminal_screen(out.getvalue())) == 3  # the table alone once it ended
 
 
 def test_off_a_terminal_the_watch_is_plain_lines() -> None:
