@@ -147,6 +147,22 @@ async def _eventually_alive(manager: manager_pb2_grpc.ManagerStub, n: int) -> No
         await asyncio.sleep(0.1)
 
 
+def experiment_request(
+    experiment_id: str, ids: list[str], model_uri: str, image: str, **fields: Any
+) -> manager_pb2.StartExperimentRequest:
+    """Every proplet a participant, k_of_n = all, the benchmark's hyperparameters."""
+    return manager_pb2.StartExperimentRequest(
+        experiment_id=experiment_id,
+        model_ref=model_uri,
+        participants=ids,
+        hyperparams=HYPER,
+        k_of_n=0,
+        timeout_s=300,
+        task_wasm_image=image,
+        **fields,
+    )
+
+
 async def one_round(
     manager: manager_pb2_grpc.ManagerStub,
     coordinator: coordinator_pb2_grpc.CoordinatorStub,
@@ -158,17 +174,7 @@ async def one_round(
     rid = f"r-{uuid.uuid4().hex[:10]}"
     t0 = time.perf_counter()
     await manager.StartExperiment(
-        manager_pb2.StartExperimentRequest(
-            experiment_id=f"exp-{rid}",
-            round_id=rid,
-            model_ref=model_uri,
-            participants=ids,
-            hyperparams=HYPER,
-            k_of_n=0,
-            timeout_s=300,
-            task_wasm_image=image,
-        ),
-        timeout=300,
+        experiment_request(f"exp-{rid}", ids, model_uri, image, round_id=rid), timeout=300
     )
     t_started = time.perf_counter()
     aggregating_at = completed_at = 0.0
@@ -211,17 +217,7 @@ async def between_rounds(
     the next one's start, as the coordinator recorded them, and the last version's uri."""
     eid = f"exp-between-{uuid.uuid4().hex[:8]}"
     await manager.StartExperiment(
-        manager_pb2.StartExperimentRequest(
-            experiment_id=eid,
-            model_ref=model_uri,
-            participants=ids,
-            hyperparams=HYPER,
-            k_of_n=0,
-            timeout_s=300,
-            task_wasm_image=image,
-            rounds=rounds,
-        ),
-        timeout=300,
+        experiment_request(eid, ids, model_uri, image, rounds=rounds), timeout=300
     )
     async for event in manager.WatchExperiment(
         manager_pb2.WatchExperimentRequest(experiment_id=eid), timeout=300 + 60 * rounds
