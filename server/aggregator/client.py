@@ -149,6 +149,7 @@ class AggregatorClient:
         parameters, from the round's `base` model and the strategy's `state` as the previous
         round answered it (None: the first round)."""
         call = self._stub.Aggregate(timeout=self._timeout_s)
+        sent = 0
         try:
             with rpc_errors(METHOD):
                 try:
@@ -167,6 +168,7 @@ class AggregatorClient:
                     async for meta, update in updates:
                         for request in update_requests(meta, update, self._chunk_size):
                             await call.write(request)
+                        sent += 1
                         del update  # not held while the next update is read
                     await call.done_writing()
                 except asyncio.InvalidStateError:
@@ -195,6 +197,8 @@ class AggregatorClient:
                     raise Unavailable(f"{METHOD}: the state's sha256 does not match its bytes")
             else:
                 weights = _weights(tensors)
+                if len(weights) != sent:
+                    raise Unavailable(f"{METHOD}: {len(weights)} weights for {sent} updates")
         return Aggregated(model, digest, new_state, weights)
 
 

@@ -139,6 +139,7 @@ async def test_each_version_records_its_strategy_and_verify_recomputes_it(
         (0, True),
     ]
 
+    (await cli("models", "lineage", "99", *f)).failed_with("99")  # no such version
     # verify recomputes each version with its recorded strategy, parameters and state.
     for version in (2, 4):
         doc = (await cli("models", "verify", str(version), "--json", *f)).ok().json()
