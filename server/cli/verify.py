@@ -5,8 +5,9 @@ For every version on the chain (vN, the base its lineage names, that one's base,
 v0) it checks:
 - the version's bytes hash to its sha256 (v0, the root, is checked for that alone);
 - it has a lineage (a version not produced by a round has none: the chain is broken there),
-  naming a base version older than itself whose sha256 is the one the lineage says it
-  trained from, and its own sha256;
+  naming a base version older than itself (its parent, named twice: the base model's uri and
+  parent_version) whose sha256 is the one the lineage says it trained from, and its own
+  sha256;
 - every contributing update: it is for the lineage's round and base model, came from the
   round's pinned module (when it pinned one), its bytes hash to its sha256, its certificate
   was issued by the deployment CA to the proplet it names, and its signature verifies over
@@ -154,6 +155,8 @@ async def _check_lineage(
         raise broken(f"its lineage is v{lineage.version}'s")
     if lineage.model_sha256 != sha:
         raise broken(f"its lineage names sha256 {lineage.model_sha256}, the version has {sha}")
+    if lineage.parent_version != base:
+        raise broken(f"its lineage names parent v{lineage.parent_version}, its base is v{base}")
     try:
         base_info = await client.model_info(base)
     except PropellerError as exc:

@@ -5,7 +5,7 @@ and update digest, and (fedadam) the state the round started from, linked to the
 left it; `propeller-fl models lineage` shows it, `--chain` back to v0; `models verify`
 recomputes a fedadam and a krum version with their recorded strategy, and names what is wrong
 in a lineage forged for a copy of a version (the start state claimed as zeros, a state the
-named version did not leave, the state the round left, a krum selection)."""
+named version did not leave, the state the round left, a krum selection, the parent)."""
 
 from __future__ import annotations
 
@@ -179,6 +179,14 @@ async def test_each_version_records_its_strategy_and_verify_recomputes_it(
     selection = await forged_copy(c, 4, reselected)
     (await cli("models", "verify", str(selection), *f)).failed_with(
         "its lineage records the updates' weights [", "krum gives ["
+    )
+
+    def other_parent(x: MR.Lineage) -> None:
+        x.parent_version = 1
+
+    parent = await forged_copy(c, 4, other_parent)
+    (await cli("models", "verify", str(parent), *f)).failed_with(
+        "its lineage names parent v1, its base is v3"
     )
     # None of the forgeries changed what the honest versions say.
     assert json.dumps(await lineage(cli, c, 2)) == json.dumps(v2)
