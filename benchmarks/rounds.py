@@ -12,12 +12,20 @@ At 3 and 30 proplets two deployments run side by side in one run, one over mutua
 made for the run; every service, proplet and the client with a certificate of their own: the
 default) and one over plaintext, their rounds alternating, and a comparison row gives mTLS's
 overhead as a ratio of the medians (target: at most 1.2).
+
+**Between rounds** (issue 11, item 10): on the mTLS deployment of each size, one experiment of
+several rounds driven by the manager (`StartExperiment` with `rounds`); for each round after
+the first, the time from the coordinator's `completed_at` of round r to its `started_at` of
+round r + 1 (both the coordinator's clock): the manager seeing round r end (`WatchRound`),
+recording it, sampling round r + 1, configuring and starting it on the coordinator. Target:
+under 20 ms at 30 proplets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import tempfile
 import time
 import uuid
@@ -50,6 +58,9 @@ from tests.support.infra import mosquitto
 
 NAME = "round"
 TARGET_MS = {3: 50.0, 300: 2000.0}
+TARGET_BETWEEN_MS = {30: 20.0}
+# Rounds of the between-rounds experiment at each size (gaps: one fewer).
+BETWEEN_ROUNDS = {3: 11, 30: 11, 300: 6}
 # Sizes measured over both transports, and the most mTLS may cost (overhead ratio).
 COMPARED = (3, 30)
 TARGET_TLS_RATIO = 1.2
@@ -136,6 +147,22 @@ async def _eventually_alive(manager: manager_pb2_grpc.ManagerStub, n: int) -> No
         await asyncio.sleep(0.1)
 
 
+def experiment_request(
+    experiment_id: str, ids: list[str], model_uri: str, image: str, **fields: Any
+) -> manager_pb2.StartExperimentRequest:
+    """Every proplet a participant, k_of_n = all, the benchmark's hyperparameters."""
+    return manager_pb2.StartExperimentRequest(
+        experiment_id=experiment_id,
+        model_ref=model_uri,
+        participants=ids,
+        hyperparams=HYPER,
+        k_of_n=0,
+        timeout_s=300,
+        task_wasm_image=image,
+        **fields,
+    )
+
+
 async def one_round(
     manager: manager_pb2_grpc.ManagerStub,
     coordinator: coordinator_pb2_grpc.CoordinatorStub,
@@ -147,17 +174,7 @@ async def one_round(
     rid = f"r-{uuid.uuid4().hex[:10]}"
     t0 = time.perf_counter()
     await manager.StartExperiment(
-        manager_pb2.StartExperimentRequest(
-            experiment_id=f"exp-{rid}",
-            round_id=rid,
-            model_ref=model_uri,
-            participants=ids,
-            hyperparams=HYPER,
-            k_of_n=0,
-            timeout_s=300,
-            task_wasm_image=image,
-        ),
-        timeout=300,
+        experiment_request(f"exp-{rid}", ids, model_uri, image, round_id=rid), timeout=300
     )
     t_started = time.perf_counter()
     aggregating_at = completed_at = 0.0
@@ -188,12 +205,57 @@ async def one_round(
     return timing, final.new_model_uri
 
 
+async def between_rounds(
+    manager: manager_pb2_grpc.ManagerStub,
+    coordinator: coordinator_pb2_grpc.CoordinatorStub,
+    ids: list[str],
+    model_uri: str,
+    image: str,
+    rounds: int,
+) -> tuple[list[float], str]:
+    """One experiment of `rounds` rounds; the gaps (seconds) from each round's completion to
+    the next one's start, as the coordinator recorded them, and the last version's uri."""
+    eid = f"exp-between-{uuid.uuid4().hex[:8]}"
+    await manager.StartExperiment(
+        experiment_request(eid, ids, model_uri, image, rounds=rounds), timeout=300
+    )
+    async for event in manager.WatchExperiment(
+        manager_pb2.WatchExperimentRequest(experiment_id=eid), timeout=300 + 60 * rounds
+    ):
+        if event.type == manager_pb2.EXPERIMENT_EVENT_TYPE_ENDED:
+            if event.experiment.state != manager_pb2.EXPERIMENT_STATE_COMPLETED:
+                raise RuntimeError(f"experiment {eid} did not complete: {event.experiment}")
+            break
+
+    async def page(request: coordinator_pb2.ListRoundsRequest) -> Any:
+        return await coordinator.ListRounds(request, timeout=30)
+
+    listed = all_pages(
+        page, coordinator_pb2.ListRoundsRequest(experiment_id=eid), lambda r: r.rounds
+    )
+    statuses = sorted([r async for r in listed], key=lambda r: r.started_at)
+    if len(statuses) != rounds or any(
+        r.state != coordinator_pb2.ROUND_STATE_COMPLETED for r in statuses
+    ):
+        raise RuntimeError(f"experiment {eid}: {len(statuses)} rounds, not {rounds} completed")
+    gaps = [b.started_at - a.completed_at for a, b in itertools.pairwise(statuses)]
+    return gaps, statuses[-1].new_model_uri
+
+
+@dataclass
+class Deployment:
+    """What a running deployment offers: the next round, timed; an experiment's gaps."""
+
+    next_round: Callable[[], Awaitable[RoundTiming]]
+    experiment: Callable[[int], Awaitable[list[float]]]
+
+
 @contextlib.asynccontextmanager
 async def deployment(
     n: int, broker_port: int, workdir: Path, ca: CertificateAuthority | None
-) -> AsyncIterator[Callable[[], Awaitable[RoundTiming]]]:
+) -> AsyncIterator[Deployment]:
     """The stack (a child process) and `n` proplets, over mutual TLS from `ca` (None:
-    plaintext), warmed up by one round; yields a function that runs the next round."""
+    plaintext), warmed up by one round; yields what runs the next round and experiments."""
     transport = "mtls" if ca else "plaintext"
     domain = f"bench{uuid.uuid4().hex[:8]}"
     prefix = f"{transport}-p"
@@ -244,7 +306,12 @@ async def deployment(
                     raise RuntimeError(f"{timing.tasks} WASM runs for {n} proplets")
                 return timing
 
-            yield next_round
+            async def experiment(rounds: int) -> list[float]:
+                nonlocal uri
+                gaps, uri = await between_rounds(manager, coordinator, ids, uri, image, rounds)
+                return gaps
+
+            yield Deployment(next_round, experiment)
     finally:
         stack.stop()
 
@@ -271,9 +338,11 @@ async def run(rec: Recorder, smoke: bool) -> None:
                         for t, tls_ca in transports.items()
                     }
                     for _ in range(rounds):
-                        for t, next_round in runners.items():
-                            timings[t].append(await next_round())
+                        for t, runner in runners.items():
+                            timings[t].append(await runner.next_round())
+                    gaps = await runners["mtls"].experiment(3 if smoke else BETWEEN_ROUNDS[n])
                 overheads = {t: _record(rec, n, t, timings[t]) for t in transports}
+                _record_between(rec, n, gaps)
                 if len(overheads) == 2:
                     _compare(rec, n, overheads)
 
@@ -330,3 +399,23 @@ def _record(rec: Recorder, n: int, transport: str, timings: list[RoundTiming]) -
         ),
     )
     return overhead
+
+
+def _record_between(rec: Recorder, n: int, gaps: list[float]) -> None:
+    between = median(gaps) * 1000
+    target = TARGET_BETWEEN_MS.get(n)
+    rec.record(
+        NAME,
+        {"proplets": n, "measure": "between rounds", "transport": "mtls"},
+        {
+            "gaps": len(gaps),
+            "between_ms": round(between, 2),
+            "between_ms_max": round(max(gaps) * 1000, 2),
+            "between_ms_all": [round(g * 1000, 2) for g in gaps],
+        },
+        targets={f"< {target:g} ms": between < target} if target else None,
+        summary=(
+            f"{n:>3} proplets, between rounds: {between:8.1f} ms median, "
+            f"{max(gaps) * 1000:.1f} ms max over {len(gaps)} (round r completed -> r + 1 started)"
+        ),
+    )

@@ -31,6 +31,7 @@ from proplet.runner import WasmRuntime
 from server.aggregator.app import AggregatorApp, AggregatorConfig
 from server.config import ENDPOINTS, Endpoints, MqttConfig, TlsConfig
 from server.coordinator.app import CoordinatorApp, CoordinatorConfig
+from server.coordinator.bounds import DEFAULT_MAX_DISTANCE
 from server.datastore.app import DataStoreApp, DataStoreConfig
 from server.embedded_broker import EmbeddedBroker
 from server.errors import Unavailable, rpc_errors
@@ -103,6 +104,10 @@ class StackConfig:
     oci_insecure: bool | None = None
     # The coordinator's num_samples cap (CoordinatorConfig.num_samples_cap).
     num_samples_cap: str = "dataset"
+    # The coordinator's distance bound (CoordinatorConfig.max_update_distance, 0 = none) and
+    # what it does beyond it ("reject" or "clip").
+    max_update_distance: float = DEFAULT_MAX_DISTANCE
+    update_distance_action: str = "reject"
     # The deployment CA (a directory; one is created there when it holds none) the stack
     # issues every bundle from; None: plaintext on every hop.
     ca_dir: Path | None = field(kw_only=True)
@@ -192,6 +197,8 @@ class Stack(Lifecycle):
                 registry_addr=registry,
                 datastore_addr=datastore,
                 num_samples_cap=cfg.num_samples_cap,
+                max_update_distance=cfg.max_update_distance,
+                update_distance_action=cfg.update_distance_action,
                 mqtt=self.mqtt.as_identity(tls["coordinator"]),
                 tick_s=cfg.coordinator_tick_s,
                 state_dir=cfg.state_dir,

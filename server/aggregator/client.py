@@ -36,6 +36,10 @@ from server.tensors import (
 METHOD = "Aggregator.Aggregate"
 # The model_uri of the answer's second model: the strategy's new state.
 STATE_URI = "state"
+# The model_uri of the answer's last part: one float64 tensor WEIGHTS_TENSOR of shape [K],
+# update i's weight in the aggregate (`Strategy.weights`; the lineage records it).
+WEIGHTS_URI = "weights"
+WEIGHTS_TENSOR = "weight"
 
 UpdateInput = tuple[UpdateMeta, Mapping[str, Array]]
 
@@ -95,12 +99,14 @@ def aggregate_requests(
 
 @dataclass(frozen=True)
 class Aggregated:
-    """An Aggregate answer: the model, its sha256 (verified against the bytes), and the
-    strategy's new state (None for a stateless strategy)."""
+    """An Aggregate answer: the model, its sha256 (verified against the bytes), the
+    strategy's new state (None for a stateless strategy) and each update's weight in the
+    aggregate, in the order sent (None: the aggregator answered none)."""
 
     model: Tensors
     sha256: str
     state: Tensors | None
+    weights: list[float] | None = None
 
 
 class AggregatorClient:
@@ -143,6 +149,7 @@ class AggregatorClient:
         parameters, from the round's `base` model and the strategy's `state` as the previous
         round answered it (None: the first round)."""
         call = self._stub.Aggregate(timeout=self._timeout_s)
+        sent = 0
         try:
             with rpc_errors(METHOD):
                 try:
@@ -161,6 +168,7 @@ class AggregatorClient:
                     async for meta, update in updates:
                         for request in update_requests(meta, update, self._chunk_size):
                             await call.write(request)
+                        sent += 1
                         del update  # not held while the next update is read
                     await call.done_writing()
                 except asyncio.InvalidStateError:
@@ -181,19 +189,37 @@ class AggregatorClient:
                 f"{METHOD}: response sha256 {header.sha256} does not match its bytes ({digest})"
             )
         new_state: Tensors | None = None
-        if rest:
-            state_header, new_state = rest[0]
-            if state_header.sha256 and state_header.sha256 != sha256_of(new_state):
-                raise Unavailable(f"{METHOD}: the state's sha256 does not match its bytes")
-        return Aggregated(model, digest, new_state)
+        weights: list[float] | None = None
+        for part_header, tensors in rest:
+            if part_header.model_uri == STATE_URI:
+                new_state = tensors
+                if part_header.sha256 and part_header.sha256 != sha256_of(new_state):
+                    raise Unavailable(f"{METHOD}: the state's sha256 does not match its bytes")
+            else:
+                weights = _weights(tensors)
+                if len(weights) != sent:
+                    raise Unavailable(f"{METHOD}: {len(weights)} weights for {sent} updates")
+        return Aggregated(model, digest, new_state, weights)
+
+
+def _weights(tensors: Tensors) -> list[float]:
+    weight = tensors.get(WEIGHTS_TENSOR)
+    if len(tensors) != 1 or weight is None or weight.ndim != 1:
+        raise Unavailable(f"{METHOD}: the weights part must be one tensor {WEIGHTS_TENSOR}[K]")
+    return [float(x) for x in weight]
+
+
+# The parts an answer may have after the model, in this order.
+_LATER_PARTS = (STATE_URI, WEIGHTS_URI)
 
 
 async def read_answer(
     stream: AsyncIterable[tensor_pb2.ModelChunk],
 ) -> list[tuple[tensor_pb2.ModelHeader, Tensors]]:
-    """An Aggregate answer: the model (header, then its bytes), then optionally a second
-    header with model_uri "state" and the state's bytes. Each part is bounded by its header
-    and must be complete before the next starts; InvalidArgument for anything else."""
+    """An Aggregate answer: the model (header, then its bytes), then optionally a header with
+    model_uri "state" and the state's bytes, then optionally one with model_uri "weights" and
+    the updates' weights. Each part is bounded by its header and must be complete before the
+    next starts; InvalidArgument for anything else."""
     parts: list[tuple[tensor_pb2.ModelHeader, Tensors]] = []
     header: tensor_pb2.ModelHeader | None = None
     data = bytearray()
@@ -210,15 +236,18 @@ async def read_answer(
         kind = chunk.WhichOneof("part")
         if kind == "header":
             close_part()
-            if len(parts) == 2:
-                raise InvalidArgument("response: more than a model and a state")
-            if parts and chunk.header.model_uri != STATE_URI:
-                raise InvalidArgument(
-                    f"response: second header's model_uri {chunk.header.model_uri!r}, "
-                    f"want {STATE_URI!r}"
-                )
+            if parts:
+                uri = chunk.header.model_uri
+                # After the model, each later part at most once, in order.
+                last = _LATER_PARTS.index(parts[-1][0].model_uri) if len(parts) > 1 else -1
+                allowed = list(_LATER_PARTS[last + 1 :])
+                if uri not in allowed:
+                    raise InvalidArgument(
+                        f"response: header {len(parts) + 1}'s model_uri {uri!r}, want one of "
+                        f"{allowed} (a model, then a state, then weights)"
+                    )
             header = chunk.header
-            field = "response.state" if parts else "response.model"
+            field = f"response.{header.model_uri}" if parts else "response.model"
             specs = specs_from_proto(header.tensors, f"{field}.tensors")
             if not specs:
                 raise InvalidArgument(f"{field}.tensors: must list at least one tensor")

@@ -1,12 +1,16 @@
 """Aggregator servicer: reads the request stream into the round's strategy, streams the model
-back, then (for a strategy that keeps state) the new state."""
+back, then (for a strategy that keeps state) the new state, then each update's weight as
+aggregated (what the version's lineage records)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
 
+import numpy as np
+
 from propeller.v1 import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
+from server.aggregator.client import WEIGHTS_TENSOR, WEIGHTS_URI
 from server.aggregator.intake import (
     DEFAULT_MAX_HELD_BYTES,
     AggregateInput,
@@ -24,10 +28,12 @@ SERVICE_NAME = "propeller.v1.Aggregator"
 STATE_URI = "state"
 
 
-def _finish(request: AggregateInput) -> tuple[Tensors, str, Tensors | None, str]:
-    """The new model and state and their sha256s (all CPU work on the whole model)."""
+def _finish(request: AggregateInput) -> tuple[Tensors, str, Tensors | None, str, Tensors]:
+    """The new model and state and their sha256s (all CPU work on the whole model), and the
+    updates' weights."""
     model, state = request.strategy.result(request.base, request.state)
-    return model, sha256_of(model), state, "" if state is None else sha256_of(state)
+    weights: Tensors = {WEIGHTS_TENSOR: np.asarray(request.strategy.weights(), np.float64)}
+    return model, sha256_of(model), state, "" if state is None else sha256_of(state), weights
 
 
 def _work_bytes(request: AggregateInput) -> int:
@@ -51,7 +57,7 @@ class AggregatorServicer:
             except (InvalidArgument, ResourceExhausted):
                 await drain(request_iterator)
                 raise
-            model, digest, state, state_digest = await offload_if_big(
+            model, digest, state, state_digest, weights = await offload_if_big(
                 _work_bytes(request), _finish, request
             )
             log.info(
@@ -69,6 +75,8 @@ class AggregatorServicer:
                     state, DEFAULT_CHUNK_SIZE, model_uri=STATE_URI, sha256=state_digest
                 ):
                     yield chunk
+            for chunk in model_stream(weights, DEFAULT_CHUNK_SIZE, model_uri=WEIGHTS_URI):
+                yield chunk
 
 
 def binding(max_held_bytes: int = DEFAULT_MAX_HELD_BYTES) -> ServiceBinding:

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from server.cli.files import (
     write_dataset_file,
     write_model_file,
 )
+from server.cli.lineage import lineage_chain, lineage_dict, render_chain, render_lineage
+from server.cli.progress import ExperimentView, is_live
 from server.cli.render import (
     Output,
     dataset_arrays,
@@ -40,6 +43,7 @@ from server.cli.render import (
     end_text,
     event_line,
     experiment_event_line,
+    experiment_state,
     fields,
     message_dict,
     model_json,
@@ -303,14 +307,43 @@ async def follow_experiment(client: Client, experiment_id: str, a: argparse.Name
     COMPLETED or was STOPPED."""
     out = Output()
     final: manager_pb2.Experiment | None = None
+    # On a terminal: the rounds' table and the round in flight's bar, redrawn in place.
+    view = ExperimentView(out.stream, 1) if not a.json and is_live(out.stream, sys.stderr) else None
+    round_watch: asyncio.Task[None] | None = None
+
+    async def follow_round(round_id: str) -> None:
+        assert view is not None
+        events = client.watch_round(round_id, a.max_wait)
+        async with contextlib.aclosing(events):
+            async for ev in events:
+                view.on_round_event(round_id, ev)
+
     events = client.watch_experiment(experiment_id, a.max_wait)
-    async with contextlib.aclosing(events):
-        async for ev in events:
-            out.json_line(message_dict(ev)) if a.json else out.text(experiment_event_line(ev))
-            ended = ev.experiment.state != manager_pb2.EXPERIMENT_STATE_RUNNING
-            if ev.type == manager_pb2.EXPERIMENT_EVENT_TYPE_ENDED or ended:
-                final = ev.experiment
-                break
+    try:
+        async with contextlib.aclosing(events):
+            async for ev in events:
+                if a.json:
+                    out.json_line(message_dict(ev))
+                elif view is None:
+                    out.text(experiment_event_line(ev))
+                else:
+                    watched = view.round_in_flight
+                    view.on_experiment_event(ev)
+                    if view.round_in_flight and view.round_in_flight != watched:
+                        if round_watch is not None:
+                            round_watch.cancel()
+                        round_watch = asyncio.create_task(follow_round(view.round_in_flight))
+                ended = ev.experiment.state != manager_pb2.EXPERIMENT_STATE_RUNNING
+                if ev.type == manager_pb2.EXPERIMENT_EVENT_TYPE_ENDED or ended:
+                    final = ev.experiment
+                    break
+    finally:
+        if round_watch is not None:
+            round_watch.cancel()
+            # The bar is only a view: its watch failing or being cut short changes nothing.
+            await asyncio.gather(round_watch, return_exceptions=True)
+    if view is not None and final is not None:
+        out.text(f"{experiment_state(final.state)}  {end_text(final.end)}")
     if final is None:
         raise Unavailable(f"manager: the watch of experiment {experiment_id} ended before it did")
     if final.state == manager_pb2.EXPERIMENT_STATE_FAILED:
@@ -413,13 +446,16 @@ async def models_put(c: Client, a: argparse.Namespace) -> Reply:
     return shown(mv, render_model_version(mv))
 
 
+async def version_of(c: Client, ref: str) -> int:
+    """The version VERSION_OR_URI names (`latest`: the newest)."""
+    request = await c.resolve_model_ref(ref)
+    if request.WhichOneof("ref") == "version":
+        return request.version
+    return parse_model_uri(request.model_uri, "VERSION_OR_URI")
+
+
 async def models_verify(c: Client, a: argparse.Namespace) -> Reply:
-    request = await c.resolve_model_ref(a.ref)
-    version = (
-        request.version
-        if request.WhichOneof("ref") == "version"
-        else parse_model_uri(request.model_uri, "VERSION_OR_URI")
-    )
+    version = await version_of(c, a.ref)
     ca_path = Path(a.ca) if a.ca else (c.tls.ca if c.tls is not None else None)
     ca = None if ca_path is None else await asyncio.to_thread(read_ca, ca_path)
     links = await verify_chain(c, version, ca, allow_unsigned=a.allow_unsigned)
@@ -447,6 +483,16 @@ async def models_verify(c: Client, a: argparse.Namespace) -> Reply:
     if broken is not None:
         failure = f"v{broken.version} ({model_uri(broken.version)}): {broken.problem}"
     return Reply(doc, text, failure=failure)
+
+
+async def models_lineage(c: Client, a: argparse.Namespace) -> Reply:
+    version = await version_of(c, a.ref)
+    links = await lineage_chain(c, version, chain=a.chain)
+    if a.chain:
+        doc = {"version": version, "chain": [lineage_dict(v, x) for v, x in links]}
+        return Reply(doc, render_chain(links))
+    ((_, lineage),) = links
+    return Reply(lineage_dict(version, lineage), render_lineage(version, lineage))
 
 
 def read_ca(path: Path) -> x509.Certificate:
@@ -756,6 +802,21 @@ COMMANDS: tuple[Command, ...] = (
             arg("file", metavar="FILE", help='.json {"w": [...], "b": x} or .npz'),
             arg("--version", type=int, default=None, help="this version (default: the next one)"),
             arg("--dtype", choices=["float32", "float64"], help="convert the tensors"),
+        ),
+    ),
+    Command(
+        "models",
+        "lineage",
+        "how a version was made: its experiment, round, parent version, strategy with its "
+        "parameters and state, and each contributing proplet with its weight and update digest",
+        models_lineage,
+        (
+            arg("ref", metavar="VERSION_OR_URI", help="3, v3, latest or fl/models/global_model_v3"),
+            arg(
+                "--chain",
+                action="store_true",
+                help="follow the parents back to v0 (or the first version without a lineage)",
+            ),
         ),
     ),
     Command(

@@ -1,4 +1,5 @@
-"""Live progress of a federated round on stderr, driven by `Coordinator.WatchRound` events.
+"""Live progress of a federated round on stderr, driven by `Coordinator.WatchRound` events;
+and of an experiment (`ExperimentView`: its rounds' table and the round in flight's bar).
 
 On a terminal (stdout and stderr both TTYs, TERM not "dumb") one status line is redrawn in
 place as updates arrive; otherwise each event is one plain line, so logs and pipes stay
@@ -8,10 +9,12 @@ readable.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from typing import TextIO
 
-from propeller.v1 import coordinator_pb2
+from propeller.v1 import coordinator_pb2, manager_pb2
+from server.cli.render import render_experiment_rounds
 
 _EV = coordinator_pb2.RoundEventType
 _ST = coordinator_pb2.RoundState
@@ -120,3 +123,97 @@ def _phase(status: coordinator_pb2.RoundStatus) -> str:
         _ST.ROUND_STATE_COMPLETED: "completed",
         _ST.ROUND_STATE_FAILED: "failed",
     }.get(status.state, "unknown")
+
+
+_FINISHED = (_ST.ROUND_STATE_COMPLETED, _ST.ROUND_STATE_FAILED)
+
+
+class ExperimentView:
+    """`experiment run --watch` on a terminal: the table of the experiment's rounds so far
+    (as `experiment history` shows it) with, under it, a progress bar of the round in flight
+    (updates received of its k), redrawn in place with plain ANSI (cursor up, erase down) as
+    events arrive. Off a terminal the command prints a line per event instead (`is_live`)."""
+
+    def __init__(self, stream: TextIO, total_rounds: int, width: int = 0) -> None:
+        self.stream = stream
+        # Lines are cut to the terminal's width: a wrapped line would take two rows, and the
+        # redraw moves up by rows.
+        self.width = width or shutil.get_terminal_size((100, 24)).columns
+        self.total = max(1, total_rounds)
+        self.rounds: dict[int, manager_pb2.ExperimentRound] = {}
+        # The round in flight: its index and id, its k, the updates received so far.
+        self.current: tuple[int, str] | None = None
+        self.k_of_n = 0
+        self.received = 0
+        self.started = time.monotonic()
+        self._drawn = 0  # lines the last render wrote
+
+    def on_experiment_event(self, ev: manager_pb2.ExperimentEvent) -> None:
+        kind = ev.type
+        if kind == manager_pb2.EXPERIMENT_EVENT_TYPE_SNAPSHOT:
+            self.total = max(1, ev.experiment.config.rounds or 1)
+            for r in ev.experiment.rounds:
+                self.rounds[r.index] = r
+            # A watch that starts mid-round: that round is in flight.
+            last = max(self.rounds, default=0)
+            running = ev.experiment.state == manager_pb2.EXPERIMENT_STATE_RUNNING
+            if running and last and self.rounds[last].state not in _FINISHED:
+                self._start(self.rounds[last])
+        elif kind == manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_STARTED:
+            self.rounds[ev.round.index] = ev.round
+            self._start(ev.round)
+        elif kind in (
+            manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_FINISHED,
+            manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_EVALUATED,
+        ):
+            self.rounds[ev.round.index] = ev.round
+            if self.current is not None and self.current[0] == ev.round.index:
+                self.current = None
+        elif kind == manager_pb2.EXPERIMENT_EVENT_TYPE_ENDED:
+            self.current = None
+        self.render()
+
+    def _start(self, rnd: manager_pb2.ExperimentRound) -> None:
+        self.current = (rnd.index, rnd.round_id)
+        self.k_of_n = len(rnd.sampled)
+        self.received = len(rnd.reported)
+        self.started = time.monotonic()
+
+    @property
+    def round_in_flight(self) -> str:
+        """The id of the round in flight ("" when none)."""
+        return "" if self.current is None else self.current[1]
+
+    def on_round_event(self, round_id: str, ev: coordinator_pb2.RoundEvent) -> None:
+        """A WatchRound event of the round in flight (others are late: ignored)."""
+        if self.current is None or self.current[1] != round_id:
+            return
+        if ev.status.k_of_n:
+            self.k_of_n = ev.status.k_of_n
+        self.received = len(ev.status.reported)
+        self.render()
+
+    def lines(self) -> list[str]:
+        rows = [self.rounds[i] for i in sorted(self.rounds)]
+        out = render_experiment_rounds(rows).splitlines()
+        if self.current is not None:
+            index, round_id = self.current
+            k = max(1, self.k_of_n)
+            done = min(self.received, k)
+            width = min(k, 40)
+            filled = done * width // k
+            bar = "#" * filled + "-" * (width - filled)
+            elapsed = time.monotonic() - self.started
+            out.append(
+                f"round {index}/{self.total} {round_id}  [{bar}] {self.received}/{self.k_of_n} "
+                f"updates  {elapsed:.1f}s"
+            )
+        return out
+
+    def render(self) -> None:
+        """Erase what the last render drew, then draw the table and the bar again."""
+        text = "\n".join(line[: self.width - 1] for line in self.lines()) + "\n"
+        erase = f"\x1b[{self._drawn}F\x1b[J" if self._drawn else ""
+        self.stream.write(erase + text)
+        self.stream.flush()
+        self._drawn = text.count("\n")

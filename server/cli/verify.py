@@ -5,32 +5,40 @@ For every version on the chain (vN, the base its lineage names, that one's base,
 v0) it checks:
 - the version's bytes hash to its sha256 (v0, the root, is checked for that alone);
 - it has a lineage (a version not produced by a round has none: the chain is broken there),
-  naming a base version older than itself whose sha256 is the one the lineage says it
-  trained from, and its own sha256;
+  naming a base version older than itself (its parent, named twice: the base model's uri and
+  parent_version) whose sha256 is the one the lineage says it trained from, and its own
+  sha256;
 - every contributing update: it is for the lineage's round and base model, came from the
   round's pinned module (when it pinned one), its bytes hash to its sha256, its certificate
   was issued by the deployment CA to the proplet it names, and its signature verifies over
   `server.provenance.Claim` (round, proplet, base sha256, module digest, update sha256,
   num_samples, metrics);
-- the version equals the FedAvg of its updates, recomputed here in the same order with the
-  aggregator's own code (`server.aggregator.fedavg`, bit for bit), each clipped update scaled
-  as the coordinator did (`server.coordinator.bounds.scaled`).
+- the version equals what its lineage's strategy (with its recorded parameters) makes of its
+  updates, recomputed here in the same order with the aggregator's own strategy objects
+  (`server.aggregator.strategies`, bit for bit), each clipped update scaled as the coordinator
+  did (`server.coordinator.bounds.scaled`), and each update's recorded weight is the one the
+  strategy gives it;
+- for a stateful strategy: the state the round started from (kept in the lineage) is the
+  state the lineage of the version it names says its round left, and the state this round
+  left hashes to what its own lineage says.
 
-One update is held at a time. The answer lists every version with what was found; the
+The FedAvg family holds one update at a time; the order-statistic rules hold the round's
+updates, as the aggregator does. The answer lists every version with what was found; the
 command fails naming the first broken link from v0 up.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 from cryptography import x509
 
 from propeller.v1 import model_registry_pb2
-from server.aggregator.fedavg import FedAvg
+from server.aggregator.strategies import choose_strategy
 from server.cli.client import Client
+from server.cli.lineage import lineage_header
 from server.coordinator.bounds import scaled
 from server.errors import InvalidArgument, NotFound, PropellerError, RemoteError
 from server.models import model_uri, parse_model_uri
@@ -147,6 +155,8 @@ async def _check_lineage(
         raise broken(f"its lineage is v{lineage.version}'s")
     if lineage.model_sha256 != sha:
         raise broken(f"its lineage names sha256 {lineage.model_sha256}, the version has {sha}")
+    if lineage.parent_version != base:
+        raise broken(f"its lineage names parent v{lineage.parent_version}, its base is v{base}")
     try:
         base_info = await client.model_info(base)
     except PropellerError as exc:
@@ -158,11 +168,20 @@ async def _check_lineage(
         )
     if not n:
         raise broken("its lineage lists no updates")
-    base_tensors: Tensors | None = None
-    fedavg = FedAvg()
     try:
-        async for i, tensors in _contributions(stream, lineage):
-            c = lineage.contributions[i]
+        choice = choose_strategy(lineage.strategy, lineage.strategy_params_json, "strategy")
+    except PropellerError as exc:
+        raise broken(f"its lineage names a strategy this tool cannot run: {exc}") from None
+    strategy = choice.start()
+    shown = "FedAvg" if choice.name == "fedavg" else choice.name
+    base_tensors: Tensors | None = None
+    data = LineageBytes(stream)
+    try:
+        for i, c in enumerate(lineage.contributions):
+            field = f"contributions[{i}]"
+            update = await data.take(i, c)
+            tensors = split_payload(update, specs_from_proto(c.header.tensors, field), field)
+            del update
             problem = _contribution_problem(lineage, c, tensors, ca, allow_unsigned)
             if problem:
                 raise broken(f"update {i + 1} of {n} (proplet {c.header.proplet_id!r}): {problem}")
@@ -170,31 +189,76 @@ async def _check_lineage(
                 if base_tensors is None:
                     _, base_tensors = await client.get_model(base)
                 tensors = scaled(tensors, base_tensors, c.clip_scale)
-            await offload_if_big(
-                sum(a.nbytes for a in tensors.values()), fedavg.add, tensors, c.header.num_samples
-            )
-        result = fedavg.result()
+            nbytes = sum(a.nbytes for a in tensors.values())
+            await offload_if_big(nbytes, strategy.add, tensors, c.header.num_samples)
+        state = await _start_state(client, lineage, choice.cls.stateful, data, broken)
+        await data.end()
+        if choice.cls.needs_base and base_tensors is None:
+            _, base_tensors = await client.get_model(base)
+        size = sum(s.nbytes for s in strategy.specs or ()) * max(1, strategy.count)
+        result, new_state = await offload_if_big(
+            size, strategy.result, base_tensors if choice.cls.needs_base else None, state
+        )
     except PropellerError as exc:
         raise broken(f"its updates cannot be read or aggregated: {exc}") from None
     recomputed = await offload_if_big(sum(a.nbytes for a in result.values()), sha256_of, result)
     if recomputed != sha:
         raise broken(
-            f"the stored version is not the FedAvg of its {n} updates (stored sha256 {sha}, "
+            f"the stored version is not the {shown} of its {n} updates (stored sha256 {sha}, "
             f"recomputed {recomputed})"
+        )
+    if new_state is not None and sha256_of(new_state) != lineage.state.result_sha256:
+        raise broken(
+            f"its lineage says the round left {choice.name} state sha256 "
+            f"{lineage.state.result_sha256 or '(none)'}, recomputed {sha256_of(new_state)}"
+        )
+    recorded = [c.weight for c in lineage.contributions]
+    if recorded != strategy.weights():
+        raise broken(
+            f"its lineage records the updates' weights {recorded}, {choice.name} gives "
+            f"{strategy.weights()}"
         )
     return lineage, base, n
 
 
-async def _contributions(
-    stream: AsyncIterator[model_registry_pb2.LineageChunk], lineage: model_registry_pb2.Lineage
-) -> AsyncIterator[tuple[int, Tensors]]:
-    """Each contribution's tensors as its bytes arrive (one at a time)."""
-    data = LineageBytes(stream)
-    for i, c in enumerate(lineage.contributions):
-        update = await data.take(i, c)
-        field = f"contributions[{i}]"
-        yield i, split_payload(update, specs_from_proto(c.header.tensors, field), field)
-    await data.end()
+async def _start_state(
+    client: Client,
+    lineage: model_registry_pb2.Lineage,
+    stateful: bool,
+    data: LineageBytes,
+    broken: Callable[[str], _BrokenAt],
+) -> Tensors | None:
+    """The state a stateful strategy's round started from, read after the updates' bytes and
+    linked to the state the round of the version it names left (None: zeros)."""
+    if not stateful:
+        if lineage.HasField("state"):
+            raise broken(f"its lineage records a state, but {lineage.strategy} keeps none")
+        return None
+    record = lineage.state
+    if not lineage.HasField("state") or not record.result_sha256:
+        raise broken(f"its lineage does not record the {lineage.strategy} state")
+    raw = await data.take_state(record)
+    if not record.HasField("from_version"):
+        if raw is not None:
+            raise broken("its lineage lists a start state but no version that left it")
+        return None
+    if raw is None:
+        raise broken(f"its lineage names state from v{record.from_version} but lists no state")
+    if not 0 < record.from_version < lineage.version:
+        raise broken(f"its state comes from v{record.from_version}, not an earlier round's version")
+    state = split_payload(raw, specs_from_proto(record.tensors, "state.tensors"), "state")
+    if sha256_of(state) != record.sha256:
+        raise broken(f"its start state's bytes do not hash to {record.sha256}")
+    try:
+        left = await lineage_header(client, record.from_version)
+    except PropellerError as exc:
+        raise broken(f"cannot read the lineage of v{record.from_version}: {exc}") from None
+    if left is None or left.state.result_sha256 != record.sha256:
+        raise broken(
+            f"it started from a {lineage.strategy} state (sha256 {record.sha256[:12]}...) that "
+            f"v{record.from_version}'s round did not leave"
+        )
+    return state
 
 
 def _contribution_problem(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -63,14 +63,28 @@ FEDAVG = StrategyRun()
 
 
 @dataclass(frozen=True)
+class StateLineage:
+    """What a stateful strategy's round started from and left, as its lineage records it: the
+    state it started from and the version whose round left that state (None: zeros, no
+    version), and the sha256 of the state it left."""
+
+    start: Tensors | None
+    from_version: int | None
+    result_sha256: str
+
+
+@dataclass(frozen=True)
 class Lineage:
     """How a version was made, as the registry keeps it beside the version: the round, its
-    base model and module, and its updates (with their provenance) in aggregation order."""
+    base model and module, its strategy, and its updates (with their provenance) in
+    aggregation order with each one's weight in the aggregate (empty: not known)."""
 
     version: int
     model_sha256: str
     round: Round
     updates: RoundUpdates
+    weights: Sequence[float] = ()
+    state: StateLineage | None = None
 
 
 class ModelBackend(Protocol):

@@ -19,7 +19,7 @@ from propeller.v1 import (
 )
 from server.aggregator.client import Aggregated, AggregatorClient, UpdateInput
 from server.aggregator.strategies import strategy_class
-from server.coordinator.backend import FEDAVG, BaseModel, Lineage, StrategyRun
+from server.coordinator.backend import FEDAVG, BaseModel, Lineage, StateLineage, StrategyRun
 from server.coordinator.rounds import Update
 from server.coordinator.store import RoundUpdates, each_update, update_headers
 from server.errors import NotFound, Unavailable, rpc_errors
@@ -34,6 +34,8 @@ from server.tensors import (
     offload_if_big,
     sha256_of,
     specs_from_proto,
+    specs_of,
+    total_bytes,
 )
 
 # Base models kept in memory for the distance bound: rounds in flight share a few.
@@ -153,6 +155,8 @@ def lineage_header(lineage: Lineage) -> model_registry_pb2.Lineage:
     (tensors in the base model's order, signature included), sha256, certificate, clip."""
     rnd = lineage.round
     specs = list(rnd.specs)
+    headers = update_headers(lineage.updates)
+    weights = list(lineage.weights) or [0.0] * len(headers)
     return model_registry_pb2.Lineage(
         version=lineage.version,
         model_sha256=lineage.model_sha256,
@@ -161,6 +165,10 @@ def lineage_header(lineage: Lineage) -> model_registry_pb2.Lineage:
         base_model_sha256=rnd.base_model_sha256,
         module_digest=rnd.module_digest,
         strategy=strategy_class(rnd.strategy_name).name,
+        experiment_id=rnd.experiment_id,
+        parent_version=rnd.base_version,
+        strategy_params_json=rnd.strategy_params_json,
+        state=None if lineage.state is None else state_record(lineage.state),
         contributions=[
             model_registry_pb2.Contribution(
                 header=update_header(meta_of(rnd.round_id, u), specs),
@@ -168,10 +176,23 @@ def lineage_header(lineage: Lineage) -> model_registry_pb2.Lineage:
                 certificate=u.certificate,
                 clip_scale=u.clip_scale,
                 received_at=u.received_at,
+                weight=weight,
             )
-            for u in update_headers(lineage.updates)
+            for u, weight in zip(headers, weights, strict=True)
         ],
     )
+
+
+def state_record(state: StateLineage) -> model_registry_pb2.LineageState:
+    """The lineage's record of a stateful strategy's state (its bytes follow the updates')."""
+    record = model_registry_pb2.LineageState(result_sha256=state.result_sha256)
+    if state.from_version is not None and state.start is not None:
+        specs = specs_of(state.start)
+        record.from_version = state.from_version
+        record.tensors.extend(s.to_proto() for s in specs)
+        record.total_bytes = total_bytes(specs)
+        record.sha256 = sha256_of(state.start)
+    return record
 
 
 async def lineage_chunks(
@@ -184,6 +205,10 @@ async def lineage_chunks(
         for data in iter_chunks(u.tensors, chunk_size):
             yield model_registry_pb2.LineageChunk(data=data)
         del u
+    state = lineage.state
+    if state is not None and state.from_version is not None and state.start is not None:
+        for data in iter_chunks(state.start, chunk_size):
+            yield model_registry_pb2.LineageChunk(data=data)
 
 
 def meta_of(round_id: str, u: Update) -> UpdateMeta:

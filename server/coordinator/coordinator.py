@@ -28,6 +28,7 @@ from server.coordinator.backend import (
     Lineage,
     ModelBackend,
     RetryPolicy,
+    StateLineage,
     StrategyRun,
     with_retry,
 )
@@ -376,7 +377,9 @@ class Coordinator:
             # The state the experiment's last completed round left: a round aggregated again
             # (a retry, or resumed after a crash) reads the same one, since the state changes
             # only together with a round's completion.
-            state = await self._strategy_state(rnd) if strategy.stateful else None
+            state, state_from = (
+                await self._strategy_state(rnd) if strategy.stateful else (None, None)
+            )
             run = StrategyRun(
                 rnd.strategy_name,
                 rnd.strategy_params_json,
@@ -395,12 +398,25 @@ class Coordinator:
                 nbytes, R.check_tensors, rnd.specs, aggregated, "aggregate"
             )
             new_state = self._new_state(rnd, strategy.stateful, result.state)
+            state_lineage = (
+                None
+                if result.state is None
+                else StateLineage(
+                    state,
+                    state_from,
+                    await offload_if_big(nbytes_of(result.state), sha256_of, result.state),
+                )
+            )
         except PropellerError as exc:
             await self._fail(round_id, f"aggregation failed: {exc}")
             return
         if list(tensors) != list(aggregated):
             # Put into the base model's order: other bytes, so another digest.
             sha = await offload_if_big(nbytes, sha256_of, tensors)
+
+        def lineage_of(version: int) -> Lineage:
+            weights = result.weights or ()
+            return Lineage(version, sha, rnd, updates, weights, state_lineage)
 
         async def store_once(attempt: int) -> tuple[int, str]:
             # A retry, or a round resumed after a restart, may follow a write that landed
@@ -411,12 +427,12 @@ class Coordinator:
                 found = await self.backend.find(sha, rnd.base_version)
                 if found is not None:
                     try:
-                        await self.backend.put_lineage(Lineage(found[0], sha, rnd, updates))
+                        await self.backend.put_lineage(lineage_of(found[0]))
                         return found
                     except AlreadyExists:
                         pass  # the same bytes, but another round's version: store ours
             stored = await self.backend.put(tensors, sha)
-            await self.backend.put_lineage(Lineage(stored[0], sha, rnd, updates))
+            await self.backend.put_lineage(lineage_of(stored[0]))
             return stored
 
         try:
@@ -504,15 +520,17 @@ class Coordinator:
         await self.get(round_id)
         return sum(u.num_samples for u in update_headers(await self.store.updates(round_id)))
 
-    async def _strategy_state(self, rnd: Round) -> Tensors | None:
+    async def _strategy_state(self, rnd: Round) -> tuple[Tensors | None, int | None]:
         """The experiment's strategy state for `rnd`, if an earlier round of it left one by
-        the same strategy (a round outside an experiment, or the first, starts afresh)."""
+        the same strategy (a round outside an experiment, or the first, starts afresh), and
+        the version that round produced (the lineage links the two)."""
         if not rnd.experiment_id:
-            return None
+            return None, None
         kept = await self.store.strategy_state(rnd.experiment_id)
         if kept is None or kept.strategy_name != strategy_class(rnd.strategy_name).name:
-            return None
-        return kept.tensors
+            return None, None
+        left_by = await self.store.get(kept.round_id)
+        return kept.tensors, None if left_by is None else left_by.new_model_version
 
     @staticmethod
     def _new_state(rnd: Round, stateful: bool, state: Tensors | None) -> StrategyState | None:

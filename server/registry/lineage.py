@@ -1,15 +1,16 @@
 """Lineages: how each version a round produced was made, kept beside the versions.
 
 The coordinator sends a version's lineage right after the version (`PutLineage`): a
-`Lineage` message (the round, its base model and module, and every contributing update's
-header as its proplet signed it, its sha256, certificate and clip scale) followed by the
-updates' bytes, so `propeller-fl models verify` can check every signature and recompute the
-aggregate from what is stored here.
+`Lineage` message (the experiment and round, its base model and module, its strategy and
+parameters, every contributing update's header as its proplet signed it, its sha256,
+certificate, clip scale and weight, and for a stateful strategy the state the round started
+from) followed by the updates' bytes and then the state's, so `propeller-fl models verify` can
+check every signature and recompute the aggregate from what is stored here.
 
 The registry checks what it can without trusting the sender's arithmetic: the version exists
-and has the sha256 the lineage names, every update's bytes hash to the sha256 listed (and
-their length matches the header's tensors). It does not judge signatures (the coordinator
-did before counting them; `models verify` does again).
+and has the sha256 the lineage names, every update's bytes (and the state's) hash to the
+sha256 listed (and their length matches the header's tensors). It does not judge signatures
+(the coordinator did before counting them; `models verify` does again).
 
 Storage: `MemoryLineageStore`, or `SqliteLineageStore` in `lineage.sqlite` beside
 `registry.sqlite` (the header as its serialized bytes; the update bytes content-addressed by
@@ -26,7 +27,7 @@ import sqlite3
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Protocol
 
-from propeller.v1 import model_registry_pb2
+from propeller.v1 import model_registry_pb2, tensor_pb2
 from server.errors import (
     AlreadyExists,
     DataLoss,
@@ -160,12 +161,26 @@ class LineageBytes:
 
     async def take(self, index: int, contribution: model_registry_pb2.Contribution) -> bytes:
         """Contribution `index`'s bytes: exactly what its header's tensors need."""
-        field = f"contributions[{index}]"
         header = contribution.header
-        specs = specs_from_proto(header.tensors, f"{field}.header.tensors")
+        return await self._take(f"contributions[{index}]", ".header", header)
+
+    async def take_state(self, state: model_registry_pb2.LineageState) -> bytes | None:
+        """The bytes of the state the round started from (after the contributions'); None
+        when the lineage records none."""
+        if not state.tensors:
+            return None
+        return await self._take("state", "", state)
+
+    async def _take(
+        self,
+        field: str,
+        sub: str,
+        part: tensor_pb2.UpdateHeader | model_registry_pb2.LineageState,
+    ) -> bytes:
+        specs = specs_from_proto(part.tensors, f"{field}{sub}.tensors")
         if not specs:
-            raise InvalidArgument(f"{field}.header.tensors: must list at least one tensor")
-        need = checked_total(specs, header.total_bytes, f"{field}.header")
+            raise InvalidArgument(f"{field}{sub}.tensors: must list at least one tensor")
+        need = checked_total(specs, part.total_bytes, f"{field}{sub}")
         buf = bytearray()
         while len(buf) < need:
             if not self._rest:
@@ -254,6 +269,16 @@ class Lineages:
             if refusal is None:
                 await self.store.put_update_bytes(digest, update)
             total += len(update)
+        state = await data.take_state(lineage.state)
+        if state is not None:
+            digest = hashlib.sha256(state).hexdigest()
+            if digest != lineage.state.sha256:
+                raise InvalidArgument(
+                    f"state.sha256: {lineage.state.sha256[:80]!r}, its bytes hash to {digest}"
+                )
+            if refusal is None:
+                await self.store.put_update_bytes(digest, state)
+            total += len(state)
         await data.end()
         if refusal is not None:
             raise refusal
@@ -289,5 +314,11 @@ class Lineages:
                 raise LineageCorrupted(
                     f"version: {version}: the bytes of contributions[{i}] are not stored"
                 )
+            for start in range(0, len(data), chunk_size):
+                yield model_registry_pb2.LineageChunk(data=data[start : start + chunk_size])
+        if lineage.state.tensors:
+            data = await self.store.update_bytes(lineage.state.sha256)
+            if data is None:
+                raise LineageCorrupted(f"version: {version}: the bytes of its state are not stored")
             for start in range(0, len(data), chunk_size):
                 yield model_registry_pb2.LineageChunk(data=data[start : start + chunk_size])

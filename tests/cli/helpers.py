@@ -148,3 +148,16 @@ def spin_wasm(path: Path) -> Path:
     wat = '(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))'
     path.write_bytes(wasmtime.wat2wasm(wat))
     return path
+
+
+def terminal_screen(raw: str) -> list[str]:
+    """What a terminal shows after `raw` written by `server.cli.progress.ExperimentView`: each
+    redraw (cursor up N lines, erase down) replaces the lines the previous one drew."""
+    lines: list[str] = []
+    for part in re.split(r"(\x1b\[\d+F\x1b\[J)", raw.replace("\r\n", "\n")):
+        moved = re.fullmatch(r"\x1b\[(\d+)F\x1b\[J", part)
+        if moved:
+            del lines[len(lines) - int(moved.group(1)) :]
+        else:
+            lines += part.splitlines()
+    return lines

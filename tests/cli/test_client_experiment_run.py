@@ -3,11 +3,16 @@ proplets: a live line per round, the history as a table and JSON, a stop."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import pty
 import re
 import uuid
 from pathlib import Path
 
-from tests.cli.helpers import Cli, table_rows
+import pytest
+
+from tests.cli.helpers import Cli, console_script, table_rows, terminal_screen
 from tests.cli.test_client_experiment import Fl, fl  # noqa: F401
 
 V0 = "fl/models/global_model_v0"
@@ -73,3 +78,49 @@ async def test_run_watch_history_and_stop(cli: Cli, fl: Fl, tmp_path: Path) -> N
     )  # fmt: skip
     bad.failed_with("sampling.fraction")
     (await cli("experiment", "stop", "nope", *f)).failed_with("experiment_id")
+
+
+@pytest.mark.process
+async def test_run_watch_on_a_terminal_redraws_the_rounds_and_a_bar(fl: Fl) -> None:  # noqa: F811
+    """The console script on a pseudo-terminal: the rounds' table redrawn in place, a bar of
+    the round in flight while it runs, and the end."""
+    eid = f"exp-{uuid.uuid4().hex[:8]}"
+    master, slave = pty.openpty()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            console_script(),
+            "experiment", "run", "--experiment-id", eid, "--model-ref", V0,
+            "--participants", ",".join(fl.ids), "--image", fl.image, "--rounds", "2",
+            "--watch", *fl.flags,
+            stdin=slave, stdout=slave, stderr=slave,
+            env={**os.environ, "TERM": "xterm"},
+        )  # fmt: skip
+    finally:
+        os.close(slave)
+    chunks: list[bytes] = []
+
+    def read_all() -> None:
+        while True:
+            try:
+                data = os.read(master, 1 << 16)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    try:
+        await asyncio.wait_for(asyncio.gather(asyncio.to_thread(read_all), proc.wait()), 120)
+    finally:
+        os.close(master)
+    raw = b"".join(chunks).decode()
+    assert proc.returncode == 0, raw
+    bars = re.findall(r"round (\d)/2 \S+  \[[#-]+\] (\d)/3 updates", raw)
+    assert {index for index, _ in bars} == {"1", "2"}, raw  # a bar for each round in flight
+    screen = terminal_screen(raw)
+    at = next(i for i, line in enumerate(screen) if line.startswith("ROUND "))
+    assert [line.split()[:4] for line in screen[at + 1 : at + 3]] == [
+        ["1", f"{eid}-r1", "COMPLETED", "v1"],
+        ["2", f"{eid}-r2", "COMPLETED", "v2"],
+    ]
+    assert screen[at + 3].startswith("COMPLETED  MAX_ROUNDS after round 2"), screen

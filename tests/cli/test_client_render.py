@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+import re
+from typing import Any
 
 import pytest
 
 from propeller.v1 import coordinator_pb2, manager_pb2
 from server.cli.commands import parse_env_pairs, parse_task_state
+from server.cli.progress import ExperimentView, is_live
 from server.cli.render import Output, ago, fields, message_dict, table, timestamp
 from server.errors import InvalidArgument
 from server.oci import ImageRef
+from tests.cli.helpers import terminal_screen
 
 
 def test_table_aligns_columns_and_marks_empty_cells() -> None:
@@ -88,3 +92,49 @@ def test_argument_parsers() -> None:
         ImageRef.push_target("library/hello:1")
     with pytest.raises(InvalidArgument, match="not an OCI reference"):
         ImageRef.push_target("localhost:5000/Bad Name")
+
+
+def _round(index: int, **fields: Any) -> manager_pb2.ExperimentRound:
+    return manager_pb2.ExperimentRound(
+        index=index, round_id=f"exp-r{index}", sampled=[f"p{i}" for i in range(4)], **fields
+    )
+
+
+def _exp_event(kind: Any, rnd: manager_pb2.ExperimentRound | None = None) -> Any:
+    return manager_pb2.ExperimentEvent(
+        type=kind,
+        experiment=manager_pb2.Experiment(config=manager_pb2.StartExperimentRequest(rounds=2)),
+        round=rnd,
+    )
+
+
+def test_the_experiment_view_redraws_the_rounds_table_and_the_round_in_flights_bar() -> None:
+    E = manager_pb2
+    out = io.StringIO()
+    view = ExperimentView(out, 1)
+    view.on_experiment_event(_exp_event(E.EXPERIMENT_EVENT_TYPE_SNAPSHOT))
+    view.on_experiment_event(_exp_event(E.EXPERIMENT_EVENT_TYPE_ROUND_STARTED, _round(1)))
+    status = coordinator_pb2.RoundStatus(k_of_n=4, reported=["p0", "p2"])
+    view.on_round_event("exp-r1", coordinator_pb2.RoundEvent(status=status))
+    view.on_round_event("exp-r0", coordinator_pb2.RoundEvent(status=status))  # not in flight
+    screen = terminal_screen(out.getvalue())
+    assert screen[0].split()[:3] == ["ROUND", "ROUND", "ID"]
+    assert screen[1].split()[:2] == ["1", "exp-r1"]
+    assert re.fullmatch(r"round 1/2 exp-r1  \[##--\] 2/4 updates  \d+\.\ds", screen[2])
+    assert len(screen) == 3
+    done = _round(
+        1, state=coordinator_pb2.ROUND_STATE_COMPLETED, new_model_version=1, reported=["p0"] * 4
+    )
+    view.on_experiment_event(_exp_event(E.EXPERIMENT_EVENT_TYPE_ROUND_FINISHED, done))
+    view.on_experiment_event(_exp_event(E.EXPERIMENT_EVENT_TYPE_ROUND_STARTED, _round(2)))
+    screen = terminal_screen(out.getvalue())
+    # Round 1 in the table as it ended, round 2 started, its bar empty: the table updated.
+    assert screen[1].split()[:6] == ["1", "exp-r1", "COMPLETED", "v1", "4", "4"]
+    assert screen[2].split()[:2] == ["2", "exp-r2"]
+    assert screen[3].startswith("round 2/2 exp-r2  [----] 0/4 updates")
+    view.on_experiment_event(_exp_event(E.EXPERIMENT_EVENT_TYPE_ENDED))
+    assert len(terminal_screen(out.getvalue())) == 3  # the table alone once it ended
+
+
+def test_off_a_terminal_the_watch_is_plain_lines() -> None:
+    assert not is_live(io.StringIO(), io.StringIO())

@@ -89,12 +89,14 @@ class MemoryBackend:
         received = [u async for u in each_update(updates)]
         if not run.name:
             tensors = fedavg(received)
-            return Aggregated(tensors, sha256_of(tensors), None)
+            total = sum(u.num_samples for u in received)
+            weights = [u.num_samples / total for u in received]
+            return Aggregated(tensors, sha256_of(tensors), None, weights)
         strategy = choose_strategy(run.name, run.params_json).start()
         for u in received:
             strategy.add(u.tensors, u.num_samples)
         tensors, state = strategy.result(run.base, run.state)
-        return Aggregated(tensors, sha256_of(tensors), state)
+        return Aggregated(tensors, sha256_of(tensors), state, strategy.weights())
 
     async def put(self, tensors: Tensors, sha256: str) -> tuple[int, str]:
         self.put_calls += 1

@@ -154,14 +154,13 @@ def _update_mutation() -> st.SearchStrategy[str]:
 def result_is_a_model(body: Any, outcome: Outcome) -> None:
     """An aggregate comes back as a well-formed model stream: header, then exactly its bytes,
     hashing to its sha256, all finite; then, for a strategy with state, the same for the
-    state (model_uri "state")."""
+    state (model_uri "state"); last, the updates' weights (model_uri "weights")."""
     if not outcome.ok:
         return
     heads = [i for i, c in enumerate(outcome.responses) if c.WhichOneof("part") == "header"]
-    assert heads[0] == 0 and len(heads) <= 2
-    if len(heads) == 2:
-        second: Any = outcome.responses[heads[1]]
-        assert second.header.model_uri == "state"
+    assert heads[0] == 0 and len(heads) in (2, 3)
+    later: list[Any] = [outcome.responses[i] for i in heads[1:]]
+    assert [h.header.model_uri for h in later] == ["state", "weights"][3 - len(heads) :]
     bounds = [*heads, len(outcome.responses)]
     for start, stop in itertools.pairwise(bounds):
         _a_model(outcome.responses[start:stop])

@@ -157,6 +157,15 @@ def test_walkthrough(up: dict[str, int]) -> None:
     assert "global_model_v3" in out  # the manual task's round stored v3
     # models verify: the chain v0 -> v2 holds, each round's three signed updates checked.
     assert re.search(r"^v2\s+v1\s+r-\d+-2\s+3\s+[0-9a-f]{12}\s+ok$", out, re.M), out[-3000:]
+    # models lineage: v2's round, its parent, its strategy; --chain back to v0.
+    assert re.search(r"^parent:\s+v1 \(sha256 [0-9a-f]{12}\)$", out, re.M), out[-3000:]
+    assert re.search(r"^v0\s+-\s+-\s+-\s+-\s+-\s+no lineage$", out, re.M), out[-3000:]
+    # The grpcurl experiment: two fedadam rounds, watched to the end; the last version's
+    # lineage names the strategy, its parameters and the state it started from.
+    assert re.search(r'"type": "EXPERIMENT_EVENT_TYPE_ENDED"', out), out[-3000:]
+    assert re.search(r'"reason": "END_REASON_MAX_ROUNDS"', out), out[-3000:]
+    assert re.search(r"^strategy:\s+fedadam \{.*\"eta\":0\.05", out, re.M), out[-3000:]
+    assert re.search(r"^state:\s+from v\d+'s state [0-9a-f]{12}", out, re.M), out[-3000:]
 
 
 @pytest.mark.unit  # reads files only

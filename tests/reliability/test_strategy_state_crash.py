@@ -24,6 +24,7 @@ from server.coordinator.rounds import Update
 from server.faults import KILL_AT_ENV
 from server.registry.app import RegistryApp, RegistryConfig
 from server.tensors import Tensors
+from tests.cli.helpers import make_cli, tls_flags
 from tests.coordinator.helpers import FedAdamReference
 from tests.support.clients import Clients, clients
 from tests.support.cluster import LOCAL, serve_app
@@ -63,9 +64,10 @@ def updates_from(base: Tensors, base_uri: str, seed: int) -> list[Update]:
 @contextlib.asynccontextmanager
 async def setup(
     mqtt: MqttConfig, tmp_path: Path, kill_at: str
-) -> AsyncIterator[tuple[ServiceProcess, Clients]]:
+) -> AsyncIterator[tuple[ServiceProcess, Clients, str]]:
     """Registry (v0: zeros) and aggregator in this process; the coordinator process (not
-    started) over a state directory, armed to kill itself at `kill_at`."""
+    started) over a state directory, armed to kill itself at `kill_at`; and the registry's
+    address."""
     async with contextlib.AsyncExitStack() as stack:
         aggregator = await stack.enter_async_context(
             serve_app(
@@ -91,7 +93,7 @@ async def setup(
             "PROPELLER_NUM_SAMPLES_CAP": "none",
             KILL_AT_ENV: kill_at,
         }
-        yield stack.enter_context(service_process("coordinator", env, tmp_path)), reg
+        yield stack.enter_context(service_process("coordinator", env, tmp_path)), reg, registry
 
 
 @contextlib.asynccontextmanager
@@ -109,9 +111,9 @@ async def completed(c: Clients, round_id: str) -> coordinator_pb2.RoundStatus:
 
 @pytest.mark.parametrize("kill_at", ["coordinator.model_stored", "coordinator.round_completed"])
 async def test_the_state_survives_a_kill_and_is_applied_once(
-    mqtt: MqttConfig, tmp_path: Path, kill_at: str
+    mqtt: MqttConfig, tmp_path: Path, kill_at: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async with setup(mqtt, tmp_path, kill_at) as (coord, reg):
+    async with setup(mqtt, tmp_path, kill_at) as (coord, reg, registry):
         v0 = await reg.model(0)
         reference = FedAdamReference(v0, **ADAM)
         first = updates_from(v0, "fl/models/global_model_v0", seed=1)
@@ -151,4 +153,9 @@ async def test_the_state_survives_a_kill_and_is_applied_once(
         # moments: another v1, a second version).
         lost = FedAdamReference(v1, **ADAM).step(second)
         assert not np.allclose(v2["w"], lost["w"], rtol=1e-6)
+        # The lineages the coordinator sent (v1's again after the kill) verify: v2 started
+        # from the state v1's round left, and both recompute bit for bit.
+        cli = make_cli(capsys)
+        verify = ("models", "verify", "2", "--json", *tls_flags(), "--registry", registry)
+        assert [x["ok"] for x in (await cli(*verify)).ok().json()["chain"]] == [True] * 3
         assert await coord.terminate_async() == 0

@@ -324,7 +324,13 @@ async def test_the_response_is_a_header_without_version_then_data(
     assert not header.HasField("version")
     assert header.total_bytes == 32
     assert [t.name for t in header.tensors] == ["w", "b"]
-    assert all(p.WhichOneof("part") == "data" for p in parts[1:])
+    # Then the updates' weights: FedAvg's n_i / sum(n), one float64 tensor.
+    at = next(i for i, p in enumerate(parts[1:], 1) if p.WhichOneof("part") == "header")
+    assert all(p.WhichOneof("part") == "data" for p in parts[1:at])
+    weights = parts[at].header
+    assert (weights.model_uri, [t.name for t in weights.tensors]) == ("weights", ["weight"])
+    data = b"".join(p.data for p in parts[at + 1 :])
+    assert np.frombuffer(data, "<f8").tolist() == [2 / 5, 3 / 5]
 
 
 def test_config_from_env() -> None:

@@ -185,3 +185,42 @@ async def test_a_lineage_is_kept_once_checked_and_read_back(state_dir: Path | No
         code, details = rpc_error(exc)
         assert code == grpc.StatusCode.DATA_LOSS and "are corrupted in storage" in details
     assert hashlib.sha256(DATA[:32]).hexdigest() == first
+
+
+STATE: Tensors = {"m.w": np.array([0.1, 0.2, 0.3]), "m.b": np.array(0.05)}
+
+
+def with_state(header: MR.Lineage, state: Tensors, sha: str | None = None) -> MR.Lineage:
+    """`header` of a stateful strategy's round that started from `state`, left by v1."""
+    header.state.from_version = 1
+    header.state.tensors.extend(s.to_proto() for s in specs_of(state))
+    header.state.total_bytes = len(tensor_bytes(state))
+    header.state.sha256 = sha if sha is not None else sha256_of(state)
+    header.state.result_sha256 = "ab" * 32
+    return header
+
+
+async def test_a_stateful_strategys_start_state_is_kept_checked_and_read_back(
+    state_dir: Path | None,
+) -> None:
+    """The state's bytes follow the contributions' in the stream: checked against the state's
+    sha256 like an update's, kept, and streamed back after the updates'."""
+    async with registry(state_dir) as r:
+        sha = await stored_v1(r)
+        put = r.coordinator.PutLineage
+        state_bytes = tensor_bytes(STATE)
+        await refused(
+            put(chunks(with_state(lineage(1, sha), STATE, "0" * 64), DATA + state_bytes)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"state.sha256: '{'0' * 64}', its bytes hash to {sha256_of(STATE)}",
+        )
+        await refused(
+            put(chunks(with_state(lineage(1, sha), STATE), DATA)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "state: stream ended after 0 of 32 bytes",
+        )
+        header = with_state(lineage(1, sha), STATE)
+        info = await put(chunks(header, DATA + state_bytes), timeout=RPC_TIMEOUT)
+        assert info.total_bytes == len(DATA) + len(state_bytes)
+        got, data = await read(r.operator, 1)
+        assert got == header and data == DATA + state_bytes

@@ -148,6 +148,7 @@ async def test_fedavg_and_fedprox_are_the_weighted_mean(aggregator: grpc.aio.Cha
     for name in ("fedavg", "fedprox"):
         got = await aggregate(aggregator, name, ROUND1, base=BASE0)
         close(got.model, weighted_mean(ROUND1))
+        assert got.weights == [10 / 60, 30 / 60, 20 / 60]  # each update's share of the samples
 
 
 # --- server optimisers over two rounds -------------------------------------------------
@@ -305,6 +306,7 @@ async def test_fedmedian_is_the_coordinatewise_median(aggregator: grpc.aio.Chann
             )
         close(got.model, want)
         assert got.state is None
+        assert got.weights == [1 / len(updates)] * len(updates)  # unweighted, each once
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.15, 0.3, 0.45])
@@ -341,6 +343,8 @@ async def test_krum_picks_the_update_closest_to_its_neighbours(
     assert best not in (3, 6)  # an honest one, by the inputs' design
     got = await aggregate(aggregator, "krum", POISONED, '{"num_malicious": 2}')
     np.testing.assert_array_equal(flat(got.model), vectors[best])
+    # Its weights (what the lineage records): the selected update 1, the others 0.
+    assert got.weights == [1.0 if i == best else 0.0 for i in range(len(vectors))]
     # The selection matters: the mean of everything is dragged off by the outliers.
     assert np.abs(weighted_mean(POISONED) - vectors[best]).max() > 3
 
@@ -356,6 +360,7 @@ async def test_multikrum_averages_the_best_scored(aggregator: grpc.aio.Channel) 
             aggregator, "multikrum", POISONED, f'{{"num_malicious": {f}, "num_to_keep": {m}}}'
         )
         close(got.model, want)
+        assert got.weights == [1 / keep if i in chosen else 0.0 for i in range(len(vectors))]
     # Keeping 6 of 7 with f=1 lets exactly one of the two outliers in.
     assert len({3, 6} & set(chosen)) == 1
 
@@ -387,6 +392,9 @@ async def test_bulyan(aggregator: grpc.aio.Channel) -> None:
     want = bulyan_reference(vectors, f=1)
     got = await aggregate(aggregator, "bulyan", updates, '{"num_malicious": 1}')
     close(got.model, want)
+    # theta = 7 - 2f = 5 chosen by its Krum phase, 1/5 each; the outlier (3) is not one.
+    assert got.weights is not None and got.weights[3] == 0.0
+    assert sorted(got.weights) == [0.0, 0.0] + [1 / 5] * 5
     assert np.abs(want - 1.0).max() < 0.1  # the outlier left no trace
     assert np.abs(weighted_mean(updates) - 1.0).max() > 3
 

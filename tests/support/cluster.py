@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import json
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -138,14 +138,16 @@ async def run_proplets(
     work_dir: Path,
     insecure: bool = False,
     spread: Sequence[MqttConfig] = (),
+    built: Mapping[str, Callable[[PropletConfig], Proplet]] | None = None,
     **config: Any,
 ) -> AsyncIterator[dict[str, contextlib.AsyncExitStack]]:
     """Real proplets `ids` on the broker, using `services`' coordinator, registry and data
     store: named proplet-1, proplet-2, ..., heartbeat every 0.5 s, 30 s per task, each with
     its own certificate (`insecure`: none), unless `config` (PropletConfig fields) says
     else. `spread`: the brokers (nodes of a cluster) proplet i uses `spread[i % len]` of,
-    in `mqtt`'s namespace (empty: all on `mqtt`). Yields one exit stack per proplet:
-    closing it stops that proplet early."""
+    in `mqtt`'s namespace (empty: all on `mqtt`); `built`: the proplets made otherwise than
+    `Proplet(config)` (e.g. a compromised one, `tests/support/poisoning.py`), by id. Yields
+    one exit stack per proplet: closing it stops that proplet early."""
     running: dict[str, contextlib.AsyncExitStack] = {}
     try:
         for i, pid in enumerate(ids):
@@ -170,8 +172,9 @@ async def run_proplets(
             )
             one = contextlib.AsyncExitStack()
             running[pid] = one
+            make = (built or {}).get(pid, Proplet)
             await one.enter_async_context(
-                Proplet(PropletConfig(proplet_id=pid, endpoints=endpoints, **settings))
+                make(PropletConfig(proplet_id=pid, endpoints=endpoints, **settings))
             )
         yield running
     finally:
@@ -214,13 +217,15 @@ async def cluster(
     image: str = "",
     insecure: bool = False,
     spread: Sequence[MqttConfig] = (),
+    built: Mapping[str, Callable[[PropletConfig], Proplet]] | None = None,
 ) -> AsyncIterator[Cluster]:
     """The Stack with the data store seeded for the proplets (`stack`: other StackConfig
     fields), `proplets` real proplets (a count of fresh UUIDs, or the ids; `proplet`: their
     PropletConfig fields), v0 of `dimension` zeros (None: no model yet), and the proplets
     listed alive before it yields. `image`: the round module the test runs. Mutual TLS from
     the suite's CA on every hop, unless `insecure`. `spread`: the broker nodes the proplets
-    are spread over (`run_proplets`); the services use `mqtt`."""
+    are spread over (`run_proplets`); the services use `mqtt`. `built`: as for
+    `run_proplets`."""
     ids = [str(uuid.uuid4()) for _ in range(proplets)] if isinstance(proplets, int) else [*proplets]
     ca_dir = None if insecure else session_ca().dir
     config = dataclasses.replace(
@@ -235,6 +240,7 @@ async def cluster(
             work_dir,
             insecure,
             spread,
+            built,
             **dict(proplet or {}),
         ) as running,
         clients(running_stack.endpoints, insecure=insecure) as c,

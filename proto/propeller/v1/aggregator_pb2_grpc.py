@@ -56,7 +56,9 @@ class AggregatorServicer:
         strategies (median, trimmed mean, Krum, Bulyan) hold the round's updates. Once the client
         half-closes, the aggregator streams back the aggregated model (header without version,
         then data) and, for a strategy that keeps state, a second header with model_uri "state"
-        and the new state's data chunks (to be sent back as `state` next round).
+        and the new state's data chunks (to be sent back as `state` next round); last, a header
+        with model_uri "weights" and one float64 tensor "weight" of shape [K]: each update's
+        weight in the aggregate, in the order sent (what the version's lineage records).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -58,21 +58,37 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class Contribution(_message.Message):
-    __slots__ = ("header", "sha256", "certificate", "clip_scale", "received_at")
+    __slots__ = ("header", "sha256", "certificate", "clip_scale", "received_at", "weight")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     CLIP_SCALE_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     header: _tensor_pb2.UpdateHeader
     sha256: str
     certificate: bytes
     clip_scale: float
     received_at: float
-    def __init__(self, header: _Optional[_Union[_tensor_pb2.UpdateHeader, _Mapping]] = ..., sha256: _Optional[str] = ..., certificate: _Optional[bytes] = ..., clip_scale: _Optional[float] = ..., received_at: _Optional[float] = ...) -> None: ...
+    weight: float
+    def __init__(self, header: _Optional[_Union[_tensor_pb2.UpdateHeader, _Mapping]] = ..., sha256: _Optional[str] = ..., certificate: _Optional[bytes] = ..., clip_scale: _Optional[float] = ..., received_at: _Optional[float] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class LineageState(_message.Message):
+    __slots__ = ("from_version", "tensors", "total_bytes", "sha256", "result_sha256")
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    RESULT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    from_version: int
+    tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
+    total_bytes: int
+    sha256: str
+    result_sha256: str
+    def __init__(self, from_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., result_sha256: _Optional[str] = ...) -> None: ...
 
 class Lineage(_message.Message):
-    __slots__ = ("version", "model_sha256", "round_id", "base_model_uri", "base_model_sha256", "module_digest", "strategy", "contributions")
+    __slots__ = ("version", "model_sha256", "round_id", "base_model_uri", "base_model_sha256", "module_digest", "strategy", "contributions", "experiment_id", "parent_version", "strategy_params_json", "state")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +97,10 @@ class Lineage(_message.Message):
     MODULE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     version: int
     model_sha256: str
     round_id: str
@@ -89,7 +109,11 @@ class Lineage(_message.Message):
     module_digest: str
     strategy: str
     contributions: _containers.RepeatedCompositeFieldContainer[Contribution]
-    def __init__(self, version: _Optional[int] = ..., model_sha256: _Optional[str] = ..., round_id: _Optional[str] = ..., base_model_uri: _Optional[str] = ..., base_model_sha256: _Optional[str] = ..., module_digest: _Optional[str] = ..., strategy: _Optional[str] = ..., contributions: _Optional[_Iterable[_Union[Contribution, _Mapping]]] = ...) -> None: ...
+    experiment_id: str
+    parent_version: int
+    strategy_params_json: str
+    state: LineageState
+    def __init__(self, version: _Optional[int] = ..., model_sha256: _Optional[str] = ..., round_id: _Optional[str] = ..., base_model_uri: _Optional[str] = ..., base_model_sha256: _Optional[str] = ..., module_digest: _Optional[str] = ..., strategy: _Optional[str] = ..., contributions: _Optional[_Iterable[_Union[Contribution, _Mapping]]] = ..., experiment_id: _Optional[str] = ..., parent_version: _Optional[int] = ..., strategy_params_json: _Optional[str] = ..., state: _Optional[_Union[LineageState, _Mapping]] = ...) -> None: ...
 
 class LineageChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -130,6 +130,12 @@ class Strategy(ABC):
     def result(self, base: Tensors | None, state: Tensors | None) -> tuple[Tensors, Tensors | None]:
         """The new model and the new state; `state` None means the first round (zeros)."""
 
+    @abstractmethod
+    def weights(self) -> list[float]:
+        """Each update's weight in the aggregate, in the order they were added (after
+        `result`): what the lineage records of each contribution (model_registry.proto,
+        `Contribution.weight`)."""
+
     @classmethod
     def min_updates(cls, params: StrategyParams) -> int:
         """The fewest updates the rule can combine with these parameters (a round configured

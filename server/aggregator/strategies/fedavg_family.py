@@ -50,6 +50,7 @@ class _MeanStrategy(Strategy):
     def __init__(self, params: StrategyParams) -> None:
         super().__init__(params)
         self._mean = FedAvgCore()
+        self._samples: list[int] = []
 
     @property
     def count(self) -> int:
@@ -65,6 +66,12 @@ class _MeanStrategy(Strategy):
 
     def add(self, tensors: Mapping[str, Array], num_samples: int) -> None:
         self._mean.add(tensors, num_samples)
+        self._samples.append(int(num_samples))
+
+    def weights(self) -> list[float]:
+        """n_i / sum(n): every rule here moves by the sample-weighted mean."""
+        total = self._mean.total_samples
+        return [n / total for n in self._samples]
 
     def _checked_specs(self) -> list[Spec]:
         specs = self._mean.specs

@@ -46,6 +46,8 @@ class _HeldStrategy(Strategy):
         self._specs: list[Spec] | None = None
         self._updates: list[dict[str, Array]] = []
         self._total_samples = 0
+        # The updates the rule combined, by position (all of them unless it selects).
+        self._chosen: list[int] | None = None
 
     @property
     def count(self) -> int:
@@ -79,6 +81,14 @@ class _HeldStrategy(Strategy):
         if self._specs is None:
             raise InvalidArgument("updates: no updates to aggregate")
         return self._specs
+
+    def weights(self) -> list[float]:
+        """Unweighted: 1/m for each of the m updates the rule combined (every update for the
+        coordinate-wise rules), 0 for one a selecting rule left out."""
+        chosen = range(self.count) if self._chosen is None else self._chosen
+        share = 1.0 / max(1, len(chosen))
+        kept = set(chosen)
+        return [share if i in kept else 0.0 for i in range(self.count)]
 
     def _coordinatewise(
         self, rows_of: Sequence[int], reduce: Callable[[F64], F64], specs: Sequence[Spec]
@@ -234,6 +244,7 @@ class Krum(_HeldStrategy):
     def result(self, base: Tensors | None, state: Tensors | None) -> tuple[Tensors, Tensors | None]:
         specs = self._checked_specs()
         chosen = self._selected()
+        self._chosen = chosen
 
         def mean(rows: F64) -> F64:
             out: F64 = rows.mean(axis=0)
@@ -294,6 +305,7 @@ class Bulyan(_HeldStrategy):
             best = pool[_ranked(krum_scores(dist, pool, f))[0]]
             chosen.append(best)
             pool.remove(best)
+        self._chosen = chosen
         keep = len(chosen) - 2 * f
 
         def closest_to_median(rows: F64) -> F64:
