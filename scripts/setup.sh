@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what propeller-fl needs on a fresh Debian/Ubuntu machine: system packages (only for
-# the test suite: mosquitto, docker-registry, iproute2) and a virtualenv in .venv with the project.
+# the test suite: mosquitto, docker-registry, iproute2, postgresql) and a virtualenv in .venv with the project.
 # Usage: scripts/setup.sh [--system]   (--system also installs the Debian packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,9 @@ if [[ "${1:-}" == "--system" ]]; then
   command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
   # `ip` and `tc`: the tests' own hosts (network namespaces) and their links.
   command -v ip >/dev/null 2>&1 || [[ -x /usr/sbin/ip ]] || need+=(iproute2)
+  # initdb + postgres: the tests' own PostgreSQL (tests/support/postgres.py).
+  command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+    || need+=(postgresql)
   if ((${#need[@]})); then
     SUDO=""
     [[ $(id -u) -eq 0 ]] || SUDO="sudo"

@@ -1,5 +1,6 @@
-"""Session fixtures: one real Mosquitto and one real OCI registry for the whole run; each test
-isolates itself with its own MQTT namespace. Also the suite's tiers (markers) and the
+"""Session fixtures: one real Mosquitto, one real OCI registry and one real PostgreSQL (started
+on first use) for the whole run; each test isolates itself with its own MQTT namespace (and
+its own database). Also the suite's tiers (markers) and the
 Hypothesis profiles.
 
 Tiers (exactly one per test; select with `-m`):
@@ -31,6 +32,7 @@ from hypothesis import settings
 from server.config import MqttConfig
 from server.topics import Topics
 from tests.support.infra import Mosquitto, OciRegistry, mosquitto, oci_registry, push_wasm
+from tests.support.postgres import Postgres, postgres
 from tests.support.security import session_ca
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +67,7 @@ TIER_BY_PATH = {
 }
 # Fixtures that bring real infrastructure: a test using one (directly or through another
 # fixture) is never "unit".
-NETWORK_FIXTURES = frozenset({"broker", "registry"})
+NETWORK_FIXTURES = frozenset({"broker", "registry", "postgres_server"})
 
 HYPOTHESIS_PROFILE_ENV = "PROPELLER_HYPOTHESIS_PROFILE"
 settings.register_profile("ci", max_examples=1000)
@@ -119,6 +121,21 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OciRegistry]:
     with oci_registry(tmp_path_factory.mktemp("oci")) as r:
         yield r
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    """A PostgreSQL of the suite's own on a free loopback port (`tests.support.postgres`)."""
+    with postgres(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture
+def database_url(postgres_server: Postgres) -> Iterator[str]:
+    """A fresh, empty database on the suite's PostgreSQL: its DSN (PROPELLER_DATABASE_URL)."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
 
 
 @pytest.fixture(scope="session")
