@@ -34,6 +34,7 @@ from server.topics import Topics
 from tests.support.infra import Mosquitto, OciRegistry, mosquitto, oci_registry, push_wasm
 from tests.support.postgres import Postgres, postgres
 from tests.support.security import session_ca
+from tests.support.state import StateBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
@@ -90,12 +91,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if len(marked) > 1:
             raise pytest.UsageError(f"{item.nodeid}: more than one tier: {marked}")
         tier = marked[0] if marked else path_tier(item.path)
-        if tier == "unit" and NETWORK_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if tier == "unit" and _uses_network(item):
             if marked:
                 raise pytest.UsageError(f"{item.nodeid}: marked unit but uses {NETWORK_FIXTURES}")
             tier = "integration"
         if not marked:
             item.add_marker(tier)
+
+
+def _uses_network(item: pytest.Item) -> bool:
+    """Whether the test uses real infrastructure: a network fixture, or the PostgreSQL case
+    of `state_backend`."""
+    if NETWORK_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("state_backend") == "postgres"
 
 
 def load_wasm_build() -> ModuleType:
@@ -136,6 +146,14 @@ def database_url(postgres_server: Postgres) -> Iterator[str]:
     url = postgres_server.create_database()
     yield url
     postgres_server.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def state_backend(request: pytest.FixtureRequest, tmp_path: Path) -> StateBackend:
+    """Each durable backend in turn (`tests.support.state`): the store contract tests run the
+    same assertions against SQLite files and a fresh PostgreSQL database."""
+    url = request.getfixturevalue("database_url") if request.param == "postgres" else ""
+    return StateBackend(request.param, tmp_path / "state", url)
 
 
 @pytest.fixture(scope="session")
