@@ -30,6 +30,7 @@ from server.coordinator.store import (
     SqliteRoundStore,
     StateCorrupted,
     StoredUpdates,
+    StrategyState,
     each_update,
 )
 from server.errors import Unavailable
@@ -227,6 +228,37 @@ async def test_the_deadline_is_stored_as_absolute_wall_time(
         db, "SELECT state, started_at, deadline FROM rounds WHERE round_id = 'r1'"
     )
     assert (state, started_at, deadline) == ("open", 1234.5, 1244.5)
+
+
+async def test_a_strategy_state_commits_with_its_completion_and_survives(
+    store: DurableRoundStore, db: StateBackend
+) -> None:
+    rng = np.random.default_rng(7)
+    moments = {"m": rng.standard_normal((2, 3)), "v": np.asarray(0.25, dtype="<f4")}
+    r1 = replace(new_round("r1", "e1"), state=RoundState.COMPLETED, new_model_version=1)
+    await store.put(r1, Notice("r1", "t", b"1"), StrategyState("e1", "r1", "fedadam", moments))
+    store = await reopen(db, store)
+    kept = await store.strategy_state("e1")
+    assert kept is not None and (kept.round_id, kept.strategy_name) == ("r1", "fedadam")
+    assert list(kept.tensors) == ["m", "v"]
+    for name, want in moments.items():
+        assert kept.tensors[name].dtype == want.dtype and np.array_equal(kept.tensors[name], want)
+    assert await store.strategy_state("e2") is None
+    # A completion that fails to commit leaves the previous state, not half of the new one.
+    r2 = replace(new_round("r2", "e1"), state=RoundState.COMPLETED, new_model_version=2)
+    newer = StrategyState("e1", "r2", "fedadam", {"m": np.zeros((2, 3))})
+    unstorable = Notice("r2", "t", object())  # type: ignore[arg-type]
+    with pytest.raises(Unavailable):
+        await store.put(r2, unstorable, newer)
+    assert (await store.strategy_state("e1")).round_id == "r1"  # type: ignore[union-attr]
+    await store.put(r2, Notice("r2", "t", b"2"), newer)
+    store = await reopen(db, store)
+    try:
+        replaced = await store.strategy_state("e1")
+        assert replaced is not None and replaced.round_id == "r2"
+        assert np.array_equal(replaced.tensors["m"], np.zeros((2, 3)))
+    finally:
+        await store.close()
 
 
 # ---- updates ---------------------------------------------------------------------------
