@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from server.errors import Unavailable
 
@@ -127,6 +128,15 @@ class PostgresDatabase:
         self._max_size = max_size
         self._pool: AsyncConnectionPool[Connection] | None = None
 
+    @property
+    def where(self) -> str:
+        """host:port/dbname of the DSN, never its password."""
+        try:
+            info = conninfo_to_dict(self.url)
+        except psycopg.ProgrammingError:
+            return "(an unparsable DSN)"
+        return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
     def __repr__(self) -> str:
         # Never the DSN itself: it may carry a password.
         return f"PostgresDatabase({self.component})"
@@ -143,7 +153,13 @@ class PostgresDatabase:
             name=self.component,
         )
         try:
-            await pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+            try:
+                await pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+            except PoolTimeout:
+                raise Unavailable(
+                    f"{self.component} state store: PostgreSQL at {self.where} accepted no "
+                    f"connection within {CONNECT_TIMEOUT_S:g} s (PROPELLER_DATABASE_URL)"
+                ) from None
             async with pool.connection() as conn:
                 await migrate(conn, self.component, self._migrations)
         except BaseException:
