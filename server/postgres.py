@@ -150,6 +150,9 @@ class PostgresDatabase:
             max_size=self._max_size,
             open=False,
             kwargs={"autocommit": True},
+            # A connection the server dropped while idle (a restart, a failover) is found
+            # when taken and replaced, rather than failing the call that took it.
+            check=AsyncConnectionPool.check_connection,
             name=self.component,
         )
         try:

@@ -1,8 +1,8 @@
-"""Schema migrations on PostgreSQL (`server.postgres`): applied at start, each recorded in
-`schema_migrations` once; a start against an up-to-date database changes nothing; many
-services starting at once over one empty database apply every migration exactly once (the
-advisory lock); a database newer than the code is refused rather than used; and an
-unreachable server is a clear error, not a hang."""
+"""PostgreSQL under the stores (`server.postgres`): schema migrations applied at start, each
+recorded in `schema_migrations` once; a start against an up-to-date database changes nothing;
+many services starting at once over one empty database apply every migration exactly once (the
+advisory lock); a database newer than the code is refused rather than used; an unreachable
+server is a clear error, not a hang; connections the server dropped are replaced."""
 
 from __future__ import annotations
 
@@ -94,3 +94,21 @@ async def test_an_unreachable_server_is_an_error_not_a_hang(
         await db.open()
     assert f"PostgreSQL at 127.0.0.1:{port}/x accepted no connection" in str(exc.value)
     assert "secret" not in str(exc.value)
+
+
+async def test_connections_the_server_dropped_are_replaced(database_url: str) -> None:
+    store = PostgresRoundStore(database_url)
+    await store.open()
+    try:
+        assert await store.list() == []
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            dropped = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+        assert dropped[0][0] >= 1  # the store's idle connection
+        # The next call takes a fresh connection instead of failing on the dead one.
+        assert await store.list() == []
+        assert await store.unsent() == []
+    finally:
+        await store.close()
