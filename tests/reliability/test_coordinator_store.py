@@ -385,6 +385,32 @@ async def test_an_update_and_its_round_commit_together_or_not_at_all(
     assert (await store.get("r1")) == second
 
 
+async def test_two_processes_accepting_into_one_round_never_miscount(
+    store: DurableRoundStore, db: StateBackend
+) -> None:
+    """Two stores over one state (two coordinator processes, say), each counting an update
+    on the round as it read it: one commits, the other finds the rows and its record
+    disagree and stores nothing. The round's row lock (PostgreSQL) or the write lock
+    (SQLite) orders them."""
+    rnd = mixed_round()
+    await store.put(rnd)
+    other = await db.opened_round_store()
+    try:
+        results = await asyncio.gather(
+            store.accept(R.record_update(rnd, "a"), mixed_update("a", 1, 5)),
+            other.accept(R.record_update(rnd, "b"), mixed_update("b", 2, 7)),
+            return_exceptions=True,
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert len(failed) == 1 and isinstance(failed[0], Unavailable), results
+        [(proplet, seq)] = raw(db, "SELECT proplet_id, seq FROM updates")
+        assert seq == 0
+        [(reported,)] = raw(db, "SELECT reported FROM rounds")
+        assert json.loads(reported) == [proplet]
+    finally:
+        await other.close()
+
+
 async def test_stored_update_arrays_are_not_kept_in_memory(store: DurableRoundStore) -> None:
     rnd = mixed_round()
     await store.put(rnd)
