@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what propeller-fl needs on a fresh Debian/Ubuntu machine: system packages (only for
-# the test suite: mosquitto, docker-registry, iproute2, postgresql) and a virtualenv in .venv with the project.
+# the test suite: mosquitto, docker-registry, iproute2, postgresql) and a virtualenv in .venv
+# with the project.
 # Usage: scripts/setup.sh [--system]   (--system also installs the Debian packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."

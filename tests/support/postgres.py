@@ -29,18 +29,18 @@ from tests.support.infra import _binary
 from tests.support.ports import free_port, wait_port
 from tests.support.processes import ChildProcess, started
 
-# The Debian package keeps the server's programs out of PATH.
-_PG_DIRS = (
-    "/usr/local/bin",
-    "/usr/lib/postgresql/17/bin",
-    "/usr/lib/postgresql/16/bin",
-    "/usr/lib/postgresql/15/bin",
-)
+# Debian's package keeps the server's programs out of PATH, under its major version.
 SUPERUSER = "propeller"
 
 
 def pg_binary(name: str) -> str:
-    return _binary(name, *(f"{d}/{name}" for d in _PG_DIRS))
+    """`name` from PATH, /usr/local/bin, or the newest /usr/lib/postgresql/N/bin."""
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+        reverse=True,
+    )
+    return _binary(name, f"/usr/local/bin/{name}", *(str(d / name) for d in versions))
 
 
 def _as_server_user() -> list[str]:
