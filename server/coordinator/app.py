@@ -50,7 +50,7 @@ class CoordinatorConfig:
     # None keeps them in memory (tests, the demo).
     state_dir: Path | None = field(default=None, metadata=read_by(state_dir_from_env))
     # A PostgreSQL DSN: the rounds and updates live there instead (`server.coordinator.pg_store`).
-    database_url: str = setting("PROPELLER_DATABASE_URL", "")
+    database_url: str = setting("PROPELLER_DATABASE_URL", "", secret=True)
     # Poisoning bounds (`server.coordinator.bounds`): each participant's num_samples cap
     # ("dataset": its dataset's size in the data store; "none"; or a number), the largest
     # |value| in an update, the largest L2 distance of an update from its base model (0: no

@@ -65,7 +65,7 @@ class ManagerConfig:
     # memory only.
     state_dir: Path | None = field(default=None, metadata=read_by(state_dir_from_env))
     # A PostgreSQL DSN: the same records live there instead (`server.manager.pg_store`).
-    database_url: str = setting("PROPELLER_DATABASE_URL", "")
+    database_url: str = setting("PROPELLER_DATABASE_URL", "", secret=True)
     # Reconciliation, every `reconcile_interval_s`: a task left SCHEDULED or RUNNING this long
     # after its start (without ROUND_DEADLINE), or this long after its round's deadline, is
     # interrupted with a reason (`Manager.reconcile`).

@@ -38,7 +38,7 @@ class RegistryConfig:
     state_dir: Path | None = field(default=None, metadata=read_by(state_dir_from_env))
     # A PostgreSQL DSN: versions live there instead (`server.registry.pg_store`); lineage
     # records stay in `<state_dir>/lineage.sqlite`.
-    database_url: str = setting("PROPELLER_DATABASE_URL", "")
+    database_url: str = setting("PROPELLER_DATABASE_URL", "", secret=True)
     # Mutual TLS (None: plaintext); see TlsConfig.
     tls: TlsConfig | None = field(kw_only=True, metadata=read_by(TlsConfig.from_env))
 

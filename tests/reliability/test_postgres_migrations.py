@@ -11,10 +11,13 @@ import asyncio
 import psycopg
 import pytest
 
+from server.coordinator.app import CoordinatorConfig
 from server.coordinator.pg_store import PostgresRoundStore
 from server.errors import Unavailable
+from server.manager.app import ManagerConfig
 from server.manager.pg_store import PostgresManagerDatabase
 from server.postgres import Migration, PostgresDatabase
+from server.registry.app import RegistryConfig
 from server.registry.pg_store import PostgresModelStore
 from tests.support.ports import free_port
 
@@ -112,3 +115,15 @@ async def test_connections_the_server_dropped_are_replaced(database_url: str) ->
         assert await store.unsent() == []
     finally:
         await store.close()
+
+
+def test_a_dsn_s_password_is_not_in_the_logged_config() -> None:
+    """`serve` logs each service's config at start: the DSN is left out of it."""
+    env = {"PROPELLER_INSECURE": "1", "PROPELLER_DATABASE_URL": "postgresql://u:hunter2@db/x"}
+    for config in (
+        CoordinatorConfig.from_env(env),
+        ManagerConfig.from_env(env),
+        RegistryConfig.from_env(env),
+    ):
+        assert config.database_url == env["PROPELLER_DATABASE_URL"]
+        assert "hunter2" not in repr(config) and "hunter2" not in str(config)
