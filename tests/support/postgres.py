@@ -54,7 +54,7 @@ class Postgres(ChildProcess):
     """`postgres` over a cluster `initdb` made in `datadir`, on `port` of 127.0.0.1, trusting
     local connections (a test database with no secrets). `url(dbname)` is a DSN for it."""
 
-    def __init__(self, port: int, datadir: Path, logs: Path) -> None:
+    def __init__(self, port: int, datadir: Path, logs: Path, *, durable: bool = False) -> None:
         self.port = port
         self.datadir = datadir
         argv = [
@@ -64,7 +64,9 @@ class Postgres(ChildProcess):
             "-p", str(port),
             "-h", "127.0.0.1",
             "-k", str(datadir),  # its Unix socket stays in its own directory
-            "-c", "fsync=off",  # a throw-away cluster: durability comes from the tested code
+            # A throw-away cluster: tests kill our processes, not the server. `durable` (the
+            # benchmarks') keeps fsync on, so a commit costs what it costs in production.
+            "-c", f"fsync={'on' if durable else 'off'}",
             "-c", "max_connections=200",
         ]  # fmt: skip
         super().__init__("postgres", argv, logs, stdout="log", cwd=datadir)
@@ -119,11 +121,12 @@ class Postgres(ChildProcess):
 
 
 @contextlib.contextmanager
-def postgres(logs: Path) -> Iterator[Postgres]:
-    """A PostgreSQL on a free loopback port, its cluster in a temporary directory."""
+def postgres(logs: Path, *, durable: bool = False) -> Iterator[Postgres]:
+    """A PostgreSQL on a free loopback port, its cluster in a temporary directory (fsync off
+    unless `durable`)."""
     datadir = Path(tempfile.mkdtemp(prefix="propeller-pg-"))
     try:
-        server = Postgres(free_port(), datadir, logs)
+        server = Postgres(free_port(), datadir, logs, durable=durable)
         server.initdb()
         with started(server, grace=10.0) as running:
             yield running
