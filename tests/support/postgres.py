@@ -86,15 +86,21 @@ class Postgres(ChildProcess):
 
     def start(self) -> None:
         super().start()
-        wait_port(self.port)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # `started` only stops what started
+            raise
+
+    def _wait_ready(self) -> None:
+        wait_port(self.port, timeout=30.0)
         # The port opens before the server accepts sessions (recovery, start-up).
-        for _ in range(200):
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline and self.running:
             try:
                 psycopg.connect(self.url("postgres"), connect_timeout=2).close()
                 return
             except psycopg.OperationalError:
-                if not self.running:
-                    break
                 time.sleep(0.05)
         raise RuntimeError(f"postgres did not accept connections\n{self.tail()}")
 
