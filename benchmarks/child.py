@@ -40,6 +40,7 @@ from server.coordinator import rounds as R
 from server.coordinator.backend import FEDAVG, StrategyRun
 from server.coordinator.clients import GrpcModelBackend
 from server.coordinator.coordinator import BaseModel, Coordinator, Lineage
+from server.coordinator.pg_store import PostgresRoundStore
 from server.coordinator.service import binding as coordinator_binding
 from server.coordinator.store import MemoryRoundStore, RoundStore, RoundUpdates, SqliteRoundStore
 from server.errors import FailedPrecondition
@@ -190,8 +191,12 @@ async def run_ingest(args: Json) -> None:
     rounds: list[Json] = args["rounds"]
     backend = FixedModels({r["model_ref"]: specs_from_args(r["tensors"]) for r in rounds})
     store: RoundStore
-    sqlite: SqliteRoundStore | None = None
-    if args.get("state_dir"):
+    sqlite: SqliteRoundStore | PostgresRoundStore | None = None
+    if args.get("database_url"):
+        sqlite = PostgresRoundStore(str(args["database_url"]))
+        await sqlite.open()
+        store = sqlite
+    elif args.get("state_dir"):
         sqlite = SqliteRoundStore.in_dir(Path(args["state_dir"]))
         await sqlite.open()
         store = sqlite

@@ -12,8 +12,10 @@ alternating subject and baseline, and the ratio of the medians is reported.
   with 1, 4, 16 and 64 concurrent senders;
 - big updates (one float32 tensor of 10 MB and of 100 MB, 1 MiB chunks): MB/s of one sender.
 
-An extra row (no target) repeats the small case at 16 senders against the SQLite store
-(`propeller-fl serve`'s store: every accepted update is committed to disk before the answer).
+Two extra rows (no target) repeat the small case at 16 senders against the SQLite store
+(`propeller-fl serve`'s store: every accepted update is committed to disk before the answer)
+and against the PostgreSQL store (PROPELLER_DATABASE_URL; a server of the benchmark's own on
+loopback, fsync on).
 
 Transport: the same coordinator twice in one run, over mutual TLS (each of 3 or 30 senders a
 proplet with its own certificate and channel, as deployed) and over plaintext; small updates,
@@ -54,6 +56,7 @@ from server.tensors import (
     sha256_of,
     specs_of,
 )
+from tests.support.postgres import postgres
 
 NAME = "ingest"
 TARGET_RATIO = 0.5
@@ -208,6 +211,7 @@ async def run(rec: Recorder, smoke: bool) -> None:
                 await _big(rec, subject, baseline, bigs, reps)
         finally:
             coord.stop()
+        senders = concurrencies[-1] if smoke else 16
         sqlite = Child(
             "ingest",
             {
@@ -223,12 +227,52 @@ async def run(rec: Recorder, smoke: bool) -> None:
             ):
                 subject = caller(sch, SUBMIT, _check_subject)
                 baseline = caller(bch, SINK, _check_sink)
-                c = concurrencies[-1] if smoke else 16
-                await _small(rec, subject, baseline, [c], reps, per_run, store="sqlite")
+                await _small(rec, subject, baseline, [senders], reps, per_run, store="sqlite")
         finally:
             sqlite.stop()
+        try:
+            await _on_postgres(
+                rec,
+                bare,
+                config[: reps + 1 + len(concurrencies) * (reps + 1)],
+                senders,
+                reps,
+                per_run,
+                workdir,
+            )
+        finally:
             bare.stop()
         await _transport(rec, smoke, workdir)
+
+
+async def _on_postgres(
+    rec: Recorder,
+    bare: Child,
+    config: list[dict[str, object]],
+    senders: int,
+    reps: int,
+    per_run: int,
+    workdir: Path,
+) -> None:
+    """The small case against the PostgreSQL store (PROPELLER_DATABASE_URL), on a server of
+    the benchmark's own with fsync on: every accepted update is committed durably before the
+    answer, as with SQLite's synchronous=FULL. Loopback, one machine: the commit's cost, not
+    a network's."""
+    with postgres(workdir / "postgres", durable=True) as server:
+        url = server.create_database()
+        pg = Child(
+            "ingest", {"rounds": config, "database_url": url}, log_path=workdir / "ingest-pg.log"
+        )
+        try:
+            async with (
+                grpc.aio.insecure_channel(pg.ready["addr"], options=GRPC_OPTIONS) as pch,
+                grpc.aio.insecure_channel(bare.ready["addr"], options=GRPC_OPTIONS) as bch,
+            ):
+                subject = caller(pch, SUBMIT, _check_subject)
+                baseline = caller(bch, SINK, _check_sink)
+                await _small(rec, subject, baseline, [senders], reps, per_run, store="postgres")
+        finally:
+            pg.stop()
 
 
 def transport_rounds(n: int, reps: int, per_rep: int) -> list[dict[str, object]]:

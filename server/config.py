@@ -54,10 +54,11 @@ _READERS: dict[str, Callable[[Mapping[str, str], str, Any], Any]] = {
 }
 
 
-def setting(var: str, default: T) -> T:
+def setting(var: str, default: T, *, secret: bool = False) -> T:
     """A config field that environment variable `var` sets (`settings_from_env`): its
-    default, its variable and its comment stand together in the dataclass."""
-    return field(default=default, metadata={"env": var})
+    default, its variable and its comment stand together in the dataclass. A `secret` one
+    (a DSN that may carry a password) is left out of the config's repr, which `serve` logs."""
+    return field(default=default, repr=not secret, metadata={"env": var})
 
 
 def read_by(read: Callable[[Mapping[str, str]], object]) -> dict[str, object]:

@@ -212,14 +212,15 @@ def split_payload(
 
 
 def verified_tensors(
-    payload: bytes,
+    payload: bytes | memoryview,
     specs: Sequence[Spec],
     sha256: str,
     what: str,
     corrupted: type[DataLoss] = DataLoss,
 ) -> Tensors:
-    """Read-only arrays over stored bytes (no copy), once their length matches the specs and
-    their sha256 the recorded one; `corrupted` (a DATA_LOSS error) naming `what` otherwise.
+    """Read-only arrays over stored bytes (no copy; a memoryview must be read-only), once
+    their length matches the specs and their sha256 the recorded one; `corrupted` (a
+    DATA_LOSS error) naming `what` otherwise.
     Stored data is never served unchecked. Hashing is the expensive part: callers run this
     through `offload_if_big`."""
     need = total_bytes(specs)

@@ -1,5 +1,6 @@
-"""Session fixtures: one real Mosquitto and one real OCI registry for the whole run; each test
-isolates itself with its own MQTT namespace. Also the suite's tiers (markers) and the
+"""Session fixtures: one real Mosquitto, one real OCI registry and one real PostgreSQL (started
+on first use) for the whole run; each test isolates itself with its own MQTT namespace (and
+its own database). Also the suite's tiers (markers) and the
 Hypothesis profiles.
 
 Tiers (exactly one per test; select with `-m`):
@@ -31,7 +32,9 @@ from hypothesis import settings
 from server.config import MqttConfig
 from server.topics import Topics
 from tests.support.infra import Mosquitto, OciRegistry, mosquitto, oci_registry, push_wasm
+from tests.support.postgres import Postgres, postgres
 from tests.support.security import session_ca
+from tests.support.state import StateBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
@@ -65,7 +68,7 @@ TIER_BY_PATH = {
 }
 # Fixtures that bring real infrastructure: a test using one (directly or through another
 # fixture) is never "unit".
-NETWORK_FIXTURES = frozenset({"broker", "registry"})
+NETWORK_FIXTURES = frozenset({"broker", "registry", "postgres_server"})
 
 HYPOTHESIS_PROFILE_ENV = "PROPELLER_HYPOTHESIS_PROFILE"
 settings.register_profile("ci", max_examples=1000)
@@ -88,12 +91,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if len(marked) > 1:
             raise pytest.UsageError(f"{item.nodeid}: more than one tier: {marked}")
         tier = marked[0] if marked else path_tier(item.path)
-        if tier == "unit" and NETWORK_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if tier == "unit" and _uses_network(item):
             if marked:
                 raise pytest.UsageError(f"{item.nodeid}: marked unit but uses {NETWORK_FIXTURES}")
             tier = "integration"
         if not marked:
             item.add_marker(tier)
+
+
+def _uses_network(item: pytest.Item) -> bool:
+    """Whether the test uses real infrastructure: a network fixture, or the PostgreSQL case
+    of `state_backend`."""
+    if NETWORK_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("state_backend") == "postgres"
 
 
 def load_wasm_build() -> ModuleType:
@@ -119,6 +131,29 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OciRegistry]:
     with oci_registry(tmp_path_factory.mktemp("oci")) as r:
         yield r
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    """A PostgreSQL of the suite's own on a free loopback port (`tests.support.postgres`)."""
+    with postgres(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture
+def database_url(postgres_server: Postgres) -> Iterator[str]:
+    """A fresh, empty database on the suite's PostgreSQL: its DSN (PROPELLER_DATABASE_URL)."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def state_backend(request: pytest.FixtureRequest, tmp_path: Path) -> StateBackend:
+    """Each durable backend in turn (`tests.support.state`): the store contract tests run the
+    same assertions against SQLite files and a fresh PostgreSQL database."""
+    url = request.getfixturevalue("database_url") if request.param == "postgres" else ""
+    return StateBackend(request.param, tmp_path / "state", url)
 
 
 @pytest.fixture(scope="session")

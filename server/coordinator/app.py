@@ -14,6 +14,7 @@ from server.config import MqttConfig, TlsConfig, read_by, setting, settings_from
 from server.coordinator import bounds as B
 from server.coordinator.clients import DataStoreSizes, GrpcModelBackend
 from server.coordinator.coordinator import Coordinator, RetryPolicy
+from server.coordinator.pg_store import PostgresRoundStore
 from server.coordinator.service import binding
 from server.coordinator.site import SITE, GrpcUpstream, Hierarchy
 from server.coordinator.store import STATE_FILE, MemoryRoundStore, RoundStore, SqliteRoundStore
@@ -50,6 +51,8 @@ class CoordinatorConfig:
     # Where the rounds and accepted updates survive a restart (`coordinator.sqlite` in it);
     # None keeps them in memory (tests, the demo).
     state_dir: Path | None = field(default=None, metadata=read_by(state_dir_from_env))
+    # A PostgreSQL DSN: the rounds and updates live there instead (`server.coordinator.pg_store`).
+    database_url: str = setting("PROPELLER_DATABASE_URL", "", secret=True)
     # Poisoning bounds (`server.coordinator.bounds`): each participant's num_samples cap
     # ("dataset": its dataset's size in the data store; "none"; or a number), the largest
     # |value| in an update, the largest L2 distance of an update from its base model (0: no
@@ -130,8 +133,9 @@ class CoordinatorApp(ServiceApp):
     aggregator and the registry, the `Coordinator` (resumed from the store), and the
     background task that closes rounds at their deadline. `bindings` is valid inside the block.
 
-    The store is `store` when given (the caller owns it), else a `SqliteRoundStore` in
-    `config.state_dir` (opened on entry, closed on exit), else a `MemoryRoundStore`.
+    The store is `store` when given (the caller owns it), else a `PostgresRoundStore` when
+    `config.database_url` is set, else a `SqliteRoundStore` in `config.state_dir` (either
+    opened on entry, closed on exit), else a `MemoryRoundStore`.
 
     On exit (SIGTERM via `serve_until_signal`) aggregations in flight are cancelled: their
     rounds stay AGGREGATING in the store and the next start aggregates them again; every
@@ -140,7 +144,7 @@ class CoordinatorApp(ServiceApp):
     def __init__(self, config: CoordinatorConfig, store: RoundStore | None = None) -> None:
         self.config = config
         self._store: RoundStore | None = store
-        if store is None and config.state_dir is None:
+        if store is None and config.state_dir is None and not config.database_url:
             self._store = MemoryRoundStore()
         self._coordinator: Coordinator | None = None
 
@@ -163,12 +167,16 @@ class CoordinatorApp(ServiceApp):
         cfg = self.config
         store = self._store
         if store is None:
-            assert cfg.state_file is not None
-            sqlite_store = SqliteRoundStore(cfg.state_file)
-            await sqlite_store.open()
-            store = self._store = sqlite_store
+            durable: SqliteRoundStore | PostgresRoundStore
+            if cfg.database_url:
+                durable = PostgresRoundStore(cfg.database_url)
+            else:
+                assert cfg.state_file is not None
+                durable = SqliteRoundStore(cfg.state_file)
+            await durable.open()
+            store = self._store = durable
             # Closed last: after the coordinator's tasks are cancelled and awaited.
-            stack.push_async_callback(self._close_store, sqlite_store)
+            stack.push_async_callback(self._close_store, durable)
         mqtt = await stack.enter_async_context(
             MqttSession(cfg.mqtt, f"coordinator-{uuid.uuid4().hex[:12]}", clean_session=True)
         )
@@ -234,10 +242,10 @@ class CoordinatorApp(ServiceApp):
             cfg.mqtt.host,
             cfg.mqtt.port,
             cfg.mqtt.topics.base,
-            cfg.state_file or "memory",
+            "postgresql" if cfg.database_url else cfg.state_file or "memory",
         )
 
-    async def _close_store(self, store: SqliteRoundStore) -> None:
+    async def _close_store(self, store: SqliteRoundStore | PostgresRoundStore) -> None:
         await store.close()
         if self._store is store:
             self._store = None

@@ -18,6 +18,8 @@ the round's completion are either both recorded or neither, so a state is never 
 never applied twice.
 
 - `MemoryRoundStore`: process memory, lost on restart (tests, the one-process demo).
+- `PostgresRoundStore` (`server.coordinator.pg_store`): the same tables in PostgreSQL, chosen
+  by `PROPELLER_DATABASE_URL`; the same transactions.
 - `SqliteRoundStore`: one SQLite file (`<state_dir>/coordinator.sqlite`, through
   `server.sqlite.Database`: WAL, synchronous=FULL, one transaction per logical change;
   `SqliteRoundStore(path)`, then `await open()` and `await close()`). Every
@@ -403,13 +405,19 @@ def _header_from_row(row: Sequence[Any]) -> tuple[Update, tuple[Spec, ...]]:
     return update, specs_from_json(v["specs"])
 
 
+class UpdateLoader(Protocol):
+    """A durable store that reads one stored update's tensors (SQLite's or PostgreSQL's)."""
+
+    async def _load_update(self, round_id: str, header: Update) -> Update: ...
+
+
 class StoredUpdates:
     """A round's accepted updates as stored, in arrival order. The header fields are in memory
     (`headers`, with empty tensors); an update's tensors are read from the database only when
     that update is asked for (`load`, `async for`) and are not kept, so aggregating a round
     holds one update's arrays at a time."""
 
-    def __init__(self, store: SqliteRoundStore, round_id: str, headers: Sequence[Update]) -> None:
+    def __init__(self, store: UpdateLoader, round_id: str, headers: Sequence[Update]) -> None:
         self._store = store
         self.round_id = round_id
         self.headers: tuple[Update, ...] = tuple(headers)

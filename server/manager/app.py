@@ -23,6 +23,7 @@ from server.manager.driver import ExperimentLoop
 from server.manager.experiments import ExperimentStore, InMemoryExperimentStore
 from server.manager.modules import ModuleResolver
 from server.manager.orchestrator import Manager
+from server.manager.pg_store import PostgresManagerDatabase
 from server.manager.proplets import InMemoryPropletStore, Proplets, PropletStore
 from server.manager.service import ManagerServicer
 from server.manager.sqlite_store import ManagerDatabase
@@ -63,6 +64,8 @@ class ManagerConfig:
     # Proplets, tasks and experiments in `<state_dir>/manager.sqlite`; None keeps them in
     # memory only.
     state_dir: Path | None = field(default=None, metadata=read_by(state_dir_from_env))
+    # A PostgreSQL DSN: the same records live there instead (`server.manager.pg_store`).
+    database_url: str = setting("PROPELLER_DATABASE_URL", "", secret=True)
     # Reconciliation, every `reconcile_interval_s`: a task left SCHEDULED or RUNNING this long
     # after its start (without ROUND_DEADLINE), or this long after its round's deadline, is
     # interrupted with a reason (`Manager.reconcile`).
@@ -111,8 +114,13 @@ class ManagerApp(ServiceApp):
     ) -> None:
         self.config = config
         self.clock = clock
-        # The durable state, when there is a state directory (stores given explicitly win).
-        self.database = None if config.state_dir is None else ManagerDatabase(config.state_dir)
+        # The durable state: PostgreSQL when there is a DSN, else SQLite when there is a state
+        # directory (stores given explicitly win).
+        self.database: ManagerDatabase | None = None
+        if config.database_url:
+            self.database = PostgresManagerDatabase(config.database_url)
+        elif config.state_dir is not None:
+            self.database = ManagerDatabase(config.state_dir)
         db = self.database
         self.proplets = Proplets(
             proplet_store or (db.proplets if db else InMemoryPropletStore()),

@@ -20,7 +20,7 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from server.coordinator.rounds import RoundState
 from server.manager.experiments import (
@@ -76,6 +76,7 @@ SCHEMA = [
 ]
 
 Write = Callable[[sqlite3.Connection], None]
+Row = tuple[Any, ...]
 T = TypeVar("T", bound=Keyed)
 
 
@@ -132,6 +133,19 @@ class ManagerDatabase:
         finally:
             await db.close()
 
+    # Table stores' SQL: tables by their own name, values marked `?`.
+    schema = ""
+    mark = "?"
+
+    def submit_statement(self, statement: tuple[str, Row]) -> None:
+        """Commit one statement of a table store, in submission order."""
+        sql, values = statement
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(sql, values)
+
+        self.submit(write)
+
     def submit(self, write: Write) -> None:
         """Commit `write` on the database thread, after every write submitted before it."""
         db = self._db
@@ -170,7 +184,15 @@ class ManagerDatabase:
 
 # --- tables ---------------------------------------------------------------------------------
 
-Row = tuple[Any, ...]
+
+class StatementSink(Protocol):
+    """Where a table store hands its writes: the SQLite or the PostgreSQL manager database,
+    whose SQL names a table as `schema` + its name and marks a value with `mark`."""
+
+    schema: str
+    mark: str
+
+    def submit_statement(self, statement: tuple[str, Row]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -188,44 +210,36 @@ class Table(Generic[T]):
         sql = f"SELECT {', '.join(self.columns)} FROM {self.name} ORDER BY rowid"
         return [self.from_row(tuple(row)) for row in conn.execute(sql)]
 
-    def write(self, record: T, previous: T | None) -> Write | None:
-        """The write that stores `record` over `previous` (the record as stored, None for a
-        new one): the whole row for a new record, else only the columns whose value changed
-        (a task's inline module is written once, not with every change of state); None when
-        nothing changed."""
+    def statement(
+        self, record: T, previous: T | None, *, table: str = "", mark: str = "?"
+    ) -> tuple[str, Row] | None:
+        """The statement (SQL with `mark` placeholders, into `table`, by default this one's
+        name) and its values that store `record` over `previous` (the record as stored, None
+        for a new one): the whole row for a new record, else only the columns whose value
+        changed (a task's inline module is written once, not with every change of state);
+        None when nothing changed."""
+        table = table or self.name
         row = self.to_row(record)
         if previous is None:
-            marks = ", ".join("?" * len(row))
-            sql = f"INSERT INTO {self.name} ({', '.join(self.columns)}) VALUES ({marks})"
-            values = row
-        else:
-            old = self.to_row(previous)
-            changed = [i for i in range(1, len(row)) if row[i] != old[i]]
-            if not changed:
-                return None
-            sets = ", ".join(f"{self.columns[i]} = ?" for i in changed)
-            sql = f"UPDATE {self.name} SET {sets} WHERE {self.columns[0]} = ?"
-            values = (*(row[i] for i in changed), row[0])
+            marks = ", ".join([mark] * len(row))
+            return f"INSERT INTO {table} ({', '.join(self.columns)}) VALUES ({marks})", row
+        old = self.to_row(previous)
+        changed = [i for i in range(1, len(row)) if row[i] != old[i]]
+        if not changed:
+            return None
+        sets = ", ".join(f"{self.columns[i]} = {mark}" for i in changed)
+        sql = f"UPDATE {table} SET {sets} WHERE {self.columns[0]} = {mark}"
+        return sql, (*(row[i] for i in changed), row[0])
 
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(sql, values)
-
-        return write
-
-    def delete(self, key: str) -> Write:
-        sql = f"DELETE FROM {self.name} WHERE {self.columns[0]} = ?"
-
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(sql, (key,))
-
-        return write
+    def delete_statement(self, key: str, *, table: str = "", mark: str = "?") -> tuple[str, Row]:
+        return f"DELETE FROM {table or self.name} WHERE {self.columns[0]} = {mark}", (key,)
 
 
 class TableStore(InMemoryStore[T]):
     """A table's records, all in memory (loaded when the file is opened); a `put` also hands
     its write to the database thread without waiting (`ManagerDatabase.flush` waits)."""
 
-    def __init__(self, owner: ManagerDatabase, table: Table[T]) -> None:
+    def __init__(self, owner: StatementSink, table: Table[T]) -> None:
         super().__init__()
         self._owner = owner
         self.table = table
@@ -235,15 +249,19 @@ class TableStore(InMemoryStore[T]):
         self._records = {r.key: r for r in records}
 
     def put(self, record: T) -> None:
-        write = self.table.write(record, self.get(record.key))
-        if write is not None:
-            self._owner.submit(write)
+        owner = self._owner
+        table = owner.schema + self.table.name
+        statement = self.table.statement(record, self.get(record.key), table=table, mark=owner.mark)
+        if statement is not None:
+            self._owner.submit_statement(statement)
         super().put(record)
 
     def delete(self, key: str) -> None:
         if self.get(key) is None:
             return
-        self._owner.submit(self.table.delete(key))
+        owner = self._owner
+        table = owner.schema + self.table.name
+        owner.submit_statement(self.table.delete_statement(key, table=table, mark=owner.mark))
         super().delete(key)
 
 

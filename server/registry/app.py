@@ -18,6 +18,7 @@ from server.registry.lineage import (
     MemoryLineageStore,
     SqliteLineageStore,
 )
+from server.registry.pg_store import PostgresModelStore
 from server.registry.registry import ModelRegistry
 from server.registry.service import binding
 from server.registry.store import (
@@ -35,6 +36,9 @@ class RegistryConfig:
 
     addr: str = setting("PROPELLER_REGISTRY_LISTEN", "127.0.0.1:8084")
     state_dir: Path | None = field(default=None, metadata=read_by(state_dir_from_env))
+    # A PostgreSQL DSN: versions live there instead (`server.registry.pg_store`); lineage
+    # records stay in `<state_dir>/lineage.sqlite`.
+    database_url: str = setting("PROPELLER_DATABASE_URL", "", secret=True)
     # Mutual TLS (None: plaintext); see TlsConfig.
     tls: TlsConfig | None = field(kw_only=True, metadata=read_by(TlsConfig.from_env))
 
@@ -50,10 +54,12 @@ class RegistryApp(ServiceApp):
 
     def __init__(self, config: RegistryConfig, store: ModelStore | None = None) -> None:
         self.config = config
-        self._sqlite: SqliteModelStore | None = None
+        self._sqlite: SqliteModelStore | PostgresModelStore | None = None
         self._lineage_sqlite: SqliteLineageStore | None = None
         if store is None:
-            if config.state_dir is not None:
+            if config.database_url:
+                store = self._sqlite = PostgresModelStore(config.database_url)
+            elif config.state_dir is not None:
                 store = self._sqlite = SqliteModelStore(config.state_dir / REGISTRY_DB_FILE)
             else:
                 store = InMemoryModelStore()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import pytest
 
@@ -25,10 +24,10 @@ from server.manager.plan import (
     StoppingRule,
 )
 from server.manager.proplets import Skipped
-from server.manager.sqlite_store import ManagerDatabase
 from server.manager.tasks import TaskState
 from server.messages import COMPLETED, FAILED, TaskResult, TaskStart
 from tests.manager.test_orchestrator import TOPICS, World, announce, config, world  # noqa: F401
+from tests.support.state import StateBackend
 from tests.support.waits import eventually
 
 
@@ -168,10 +167,10 @@ async def test_stop_ends_it_and_stops_the_round_tasks(
     assert len(world.rounds.configured) == 1
 
 
-async def test_the_record_round_trips_through_manager_sqlite(
+async def test_the_record_round_trips_through_the_manager_s_database(
     world: World,  # noqa: F811
     loop: ExperimentLoop,
-    tmp_path: Path,
+    state_backend: StateBackend,
 ) -> None:
     await announce(world, "p1", "p2")
     plan = ExperimentPlan(rounds=2, evaluation=EvaluationPlan(every_rounds=2, timeout_s=5))
@@ -188,11 +187,11 @@ async def test_the_record_round_trips_through_manager_sqlite(
     assert record.rounds[1].eval_metrics == {"accuracy": 0.8}
     assert record.rounds[0].eval_tasks == ()  # evaluated every 2nd round only
 
-    db = ManagerDatabase(tmp_path)
+    db = state_backend.manager_database()
     await db.open()
     db.experiments.put(record)
     await db.close()
-    again = ManagerDatabase(tmp_path)
+    again = state_backend.manager_database()
     await again.open()
     try:
         assert again.experiments.get("e") == record

@@ -1,5 +1,6 @@
-"""A task's attempt number in manager.sqlite: it survives reopening, and a file written
-before the column existed still opens (its tasks at attempt 0) and then keeps attempts."""
+"""A task's attempt number in the manager's database: it survives reopening (on both backends,
+tests.support.state), and a manager.sqlite written before the column existed still opens (its
+tasks at attempt 0) and then keeps attempts."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from server.manager.sqlite_store import FILE_NAME, ManagerDatabase
 from server.manager.tasks import Task, Tasks, TaskState
 from server.messages import COMPLETED, TaskResult
 from tests.manager.fakes import FakeClock
+from tests.support.state import StateBackend
 
 TASK = Task(
     id="t-1",
@@ -42,12 +44,16 @@ async def reopened(db: ManagerDatabase) -> ManagerDatabase:
     return again
 
 
-async def test_attempt_survives_reopening_and_stale_results_stay_stale(tmp_path: Path) -> None:
-    db = ManagerDatabase(tmp_path)
+async def test_attempt_survives_reopening_and_stale_results_stay_stale(
+    state_backend: StateBackend,
+) -> None:
+    db = state_backend.manager_database()
     await db.open()
     db.tasks.put(TASK)
     db.tasks.put(replace(TASK, attempt=4, state=TaskState.SCHEDULED))
-    db = await reopened(db)
+    await db.close()
+    db = state_backend.manager_database()
+    await db.open()
     try:
         assert db.tasks.get(TASK.id) == replace(TASK, attempt=4, state=TaskState.SCHEDULED)
         tasks = Tasks(db.tasks, FakeClock())

@@ -1,6 +1,8 @@
-"""The coordinator's durable state: `SqliteRoundStore` (one SQLite file, one transaction per
-change) and `Coordinator.resume` over it, in process with a scripted clock and backend. The
-crash tests with real processes are in test_coordinator_processes.py."""
+"""The coordinator's durable state: the store contract (`SqliteRoundStore`, one SQLite file, and
+`PostgresRoundStore`, one transaction per change in either) and `Coordinator.resume` over
+it, in process with a scripted clock and backend. Every test that takes `db` runs
+against both (tests.support.state). The crash tests with real processes are in
+test_coordinator_processes.py."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from server.coordinator.store import (
     SqliteRoundStore,
     StateCorrupted,
     StoredUpdates,
+    StrategyState,
     each_update,
 )
 from server.errors import Unavailable
@@ -35,6 +38,7 @@ from server.round_spec import Hyperparams, RoundSpec, validate, with_defaults
 from server.tensors import Spec, sha256_of
 from server.topics import Topics
 from tests.coordinator.helpers import Clock, MemoryBackend, fedavg, make_update
+from tests.support.state import DurableRoundStore, StateBackend
 
 BASE = "fl/models/global_model_v0"
 TOPICS = Topics("t", "fl")
@@ -53,16 +57,21 @@ async def opened(path: Path) -> SqliteRoundStore:
 
 
 @pytest.fixture
-async def store(path: Path) -> AsyncIterator[SqliteRoundStore]:
-    s = await opened(path)
+def db(state_backend: StateBackend) -> StateBackend:
+    return state_backend
+
+
+@pytest.fixture
+async def store(db: StateBackend) -> AsyncIterator[DurableRoundStore]:
+    s = await db.opened_round_store()
     yield s
     await s.close()
 
 
-async def reopen(store: SqliteRoundStore) -> SqliteRoundStore:
-    """What a restart sees: close the file, open it again."""
+async def reopen(db: StateBackend, store: DurableRoundStore) -> DurableRoundStore:
+    """What a restart sees: close the store, open it again."""
     await store.close()
-    return await opened(store.path)
+    return await db.opened_round_store()
 
 
 def new_round(round_id: str = "r1", experiment_id: str = "", **kw: Any) -> Round:
@@ -76,19 +85,17 @@ def new_round(round_id: str = "r1", experiment_id: str = "", **kw: Any) -> Round
     return R.new_round(with_defaults(validate(spec)), BASE, SPECS, 100.0)
 
 
-def raw(path: Path, sql: str, *args: Any) -> list[Any]:
-    """Read the file with a connection of its own, as another process would."""
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
+def raw(db: StateBackend, sql: str, *args: Any) -> list[Any]:
+    """Read the tables with a connection of its own, as another process would."""
+    return db.raw("coordinator", sql, *args)
 
 
 # ---- the round record ------------------------------------------------------------------
 
 
-async def test_every_field_of_a_round_survives_a_restart(store: SqliteRoundStore) -> None:
+async def test_every_field_of_a_round_survives_a_restart(
+    store: DurableRoundStore, db: StateBackend
+) -> None:
     rnd = Round(
         round_id="r-all",
         experiment_id="exp-1",
@@ -126,7 +133,7 @@ async def test_every_field_of_a_round_survives_a_restart(store: SqliteRoundStore
     )
     await store.put(rnd)
     await store.put(failed)
-    again = await reopen(store)
+    again = await reopen(db, store)
     try:
         assert await again.get("r-all") == rnd
         assert await again.get("r-failed") == failed
@@ -171,21 +178,21 @@ async def test_a_file_of_an_older_coordinator_is_read_and_brought_up_to_date(pat
 
 
 async def test_a_completion_and_its_notice_commit_together_and_stay_until_sent(
-    store: SqliteRoundStore,
+    store: DurableRoundStore, db: StateBackend
 ) -> None:
     done = replace(new_round("r1"), state=RoundState.COMPLETED, new_model_version=1)
     notice = Notice("r1", TOPICS.round_next, b'{"round_id": "r1"}')
     await store.put(done, notice)
     await store.put(replace(new_round("r2"), state=RoundState.COMPLETED), Notice("r2", "t", b"2"))
-    assert raw(store.path, "SELECT round_id, sent FROM notices ORDER BY seq") == [
+    assert raw(db, "SELECT round_id, sent FROM notices ORDER BY seq") == [
         ("r1", 0),
         ("r2", 0),
     ]
-    store = await reopen(store)
+    store = await reopen(db, store)
     assert [n.round_id for n in await store.unsent()] == ["r1", "r2"]
     assert (await store.unsent())[0] == notice
     await store.sent("r1")
-    store = await reopen(store)
+    store = await reopen(db, store)
     assert [n.round_id for n in await store.unsent()] == ["r2"]
     # A notice never exists without the change it announces: both in one transaction.
     unstorable = Notice("r3", "t", object())  # type: ignore[arg-type]
@@ -196,12 +203,14 @@ async def test_a_completion_and_its_notice_commit_together_and_stay_until_sent(
     await store.close()
 
 
-async def test_configuration_order_and_experiment_filter_survive(store: SqliteRoundStore) -> None:
+async def test_configuration_order_and_experiment_filter_survive(
+    store: DurableRoundStore, db: StateBackend
+) -> None:
     r1, r2, r3 = new_round("r1", "e1"), new_round("r2", "e2"), new_round("r3", "e1")
     for r in (r1, r2, r3):
         await store.put(r)
     await store.put(R.start_round(r1, 200.0))  # rewriting a record keeps its place
-    again = await reopen(store)
+    again = await reopen(db, store)
     try:
         assert [r.round_id for r in await again.list()] == ["r1", "r2", "r3"]
         assert [r.round_id for r in await again.list("e1")] == ["r1", "r3"]
@@ -211,14 +220,45 @@ async def test_configuration_order_and_experiment_filter_survive(store: SqliteRo
 
 
 async def test_the_deadline_is_stored_as_absolute_wall_time(
-    store: SqliteRoundStore, path: Path
+    store: DurableRoundStore, db: StateBackend
 ) -> None:
     started = R.start_round(new_round(), 1234.5)
     await store.put(started)
     [(state, started_at, deadline)] = raw(
-        path, "SELECT state, started_at, deadline FROM rounds WHERE round_id = 'r1'"
+        db, "SELECT state, started_at, deadline FROM rounds WHERE round_id = 'r1'"
     )
     assert (state, started_at, deadline) == ("open", 1234.5, 1244.5)
+
+
+async def test_a_strategy_state_commits_with_its_completion_and_survives(
+    store: DurableRoundStore, db: StateBackend
+) -> None:
+    rng = np.random.default_rng(7)
+    moments = {"m": rng.standard_normal((2, 3)), "v": np.asarray(0.25, dtype="<f4")}
+    r1 = replace(new_round("r1", "e1"), state=RoundState.COMPLETED, new_model_version=1)
+    await store.put(r1, Notice("r1", "t", b"1"), StrategyState("e1", "r1", "fedadam", moments))
+    store = await reopen(db, store)
+    kept = await store.strategy_state("e1")
+    assert kept is not None and (kept.round_id, kept.strategy_name) == ("r1", "fedadam")
+    assert list(kept.tensors) == ["m", "v"]
+    for name, want in moments.items():
+        assert kept.tensors[name].dtype == want.dtype and np.array_equal(kept.tensors[name], want)
+    assert await store.strategy_state("e2") is None
+    # A completion that fails to commit leaves the previous state, not half of the new one.
+    r2 = replace(new_round("r2", "e1"), state=RoundState.COMPLETED, new_model_version=2)
+    newer = StrategyState("e1", "r2", "fedadam", {"m": np.zeros((2, 3))})
+    unstorable = Notice("r2", "t", object())  # type: ignore[arg-type]
+    with pytest.raises(Unavailable):
+        await store.put(r2, unstorable, newer)
+    assert (await store.strategy_state("e1")).round_id == "r1"  # type: ignore[union-attr]
+    await store.put(r2, Notice("r2", "t", b"2"), newer)
+    store = await reopen(db, store)
+    try:
+        replaced = await store.strategy_state("e1")
+        assert replaced is not None and replaced.round_id == "r2"
+        assert np.array_equal(replaced.tensors["m"], np.zeros((2, 3)))
+    finally:
+        await store.close()
 
 
 # ---- updates ---------------------------------------------------------------------------
@@ -245,7 +285,7 @@ def mixed_update(proplet: str, seed: int, num_samples: int) -> Update:
 
 
 async def test_each_accepted_update_is_one_row_with_its_bytes(
-    store: SqliteRoundStore, path: Path
+    store: DurableRoundStore, db: StateBackend
 ) -> None:
     rnd = mixed_round()
     await store.put(rnd)
@@ -255,7 +295,7 @@ async def test_each_accepted_update_is_one_row_with_its_bytes(
         await store.accept(rnd, u)
 
     rows = raw(
-        path,
+        db,
         "SELECT proplet_id, seq, num_samples, length(tensors), sha256 FROM updates "
         "WHERE round_id = 'r1' ORDER BY seq",
     )
@@ -264,10 +304,10 @@ async def test_each_accepted_update_is_one_row_with_its_bytes(
         ("a", 1, 7, 6 * 4 + 8),
     ]
     assert [sha for *_, sha in rows] == [sha256_of(u.tensors) for u in sent]
-    [(reported,)] = raw(path, "SELECT reported FROM rounds WHERE round_id = 'r1'")
+    [(reported,)] = raw(db, "SELECT reported FROM rounds WHERE round_id = 'r1'")
     assert json.loads(reported) == ["c", "a"]
 
-    again = await reopen(store)
+    again = await reopen(db, store)
     try:
         assert (await again.get("r1")) == rnd
         stored = await again.updates("r1")
@@ -293,7 +333,7 @@ async def test_each_accepted_update_is_one_row_with_its_bytes(
 
 
 async def test_an_updates_provenance_survives_a_restart(
-    store: SqliteRoundStore, path: Path
+    store: DurableRoundStore, db: StateBackend
 ) -> None:
     rnd = mixed_round()
     await store.put(rnd)
@@ -309,7 +349,7 @@ async def test_an_updates_provenance_survives_a_restart(
     u = replace(u, sha256=sha256_of(u.tensors))
     rnd = R.record_update(rnd, "a")
     await store.accept(rnd, u)
-    again = await reopen(store)
+    again = await reopen(db, store)
     try:
         [header] = (await again.updates("r1")).headers
         assert replace(header, tensors=u.tensors) == u
@@ -320,7 +360,7 @@ async def test_an_updates_provenance_survives_a_restart(
 
 
 async def test_an_update_and_its_round_commit_together_or_not_at_all(
-    store: SqliteRoundStore, path: Path
+    store: DurableRoundStore, db: StateBackend
 ) -> None:
     rnd = mixed_round()
     await store.put(rnd)
@@ -336,8 +376,8 @@ async def test_an_update_and_its_round_commit_together_or_not_at_all(
         await store.accept(first, mixed_update("b", 3, 9))
 
     assert await store.get("r1") == first
-    assert raw(path, "SELECT proplet_id, num_samples FROM updates") == [("a", 5)]
-    [(reported,)] = raw(path, "SELECT reported FROM rounds")
+    assert raw(db, "SELECT proplet_id, num_samples FROM updates") == [("a", 5)]
+    [(reported,)] = raw(db, "SELECT reported FROM rounds")
     assert json.loads(reported) == ["a"]
     # The store keeps working after a rolled-back transaction.
     second = R.record_update(first, "b")
@@ -345,7 +385,33 @@ async def test_an_update_and_its_round_commit_together_or_not_at_all(
     assert (await store.get("r1")) == second
 
 
-async def test_stored_update_arrays_are_not_kept_in_memory(store: SqliteRoundStore) -> None:
+async def test_two_processes_accepting_into_one_round_never_miscount(
+    store: DurableRoundStore, db: StateBackend
+) -> None:
+    """Two stores over one state (two coordinator processes, say), each counting an update
+    on the round as it read it: one commits, the other finds the rows and its record
+    disagree and stores nothing. The round's row lock (PostgreSQL) or the write lock
+    (SQLite) orders them."""
+    rnd = mixed_round()
+    await store.put(rnd)
+    other = await db.opened_round_store()
+    try:
+        results = await asyncio.gather(
+            store.accept(R.record_update(rnd, "a"), mixed_update("a", 1, 5)),
+            other.accept(R.record_update(rnd, "b"), mixed_update("b", 2, 7)),
+            return_exceptions=True,
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert len(failed) == 1 and isinstance(failed[0], Unavailable), results
+        [(proplet, seq)] = raw(db, "SELECT proplet_id, seq FROM updates")
+        assert seq == 0
+        [(reported,)] = raw(db, "SELECT reported FROM rounds")
+        assert json.loads(reported) == [proplet]
+    finally:
+        await other.close()
+
+
+async def test_stored_update_arrays_are_not_kept_in_memory(store: DurableRoundStore) -> None:
     rnd = mixed_round()
     await store.put(rnd)
     update = mixed_update("a", 1, 5)
@@ -366,17 +432,18 @@ async def test_stored_update_arrays_are_not_kept_in_memory(store: SqliteRoundSto
 
 
 async def test_damaged_tensor_bytes_are_reported_not_used(
-    store: SqliteRoundStore, path: Path
+    store: DurableRoundStore, db: StateBackend
 ) -> None:
     rnd = mixed_round()
     await store.put(rnd)
     await store.accept(R.record_update(rnd, "a"), mixed_update("a", 1, 5))
     await store.close()
-    conn = sqlite3.connect(path)
-    conn.execute("UPDATE updates SET tensors = zeroblob(length(tensors))")
-    conn.commit()
-    conn.close()
-    again = await opened(path)
+    zeros = {
+        "sqlite": "zeroblob(length(tensors))",
+        "postgres": "decode(repeat('00', length(tensors)), 'hex')",
+    }
+    db.execute("coordinator", f"UPDATE updates SET tensors = {zeros[db.kind]}")
+    again = await db.opened_round_store()
     try:
         stored = await again.updates("r1")
         with pytest.raises(StateCorrupted, match="integrity check"):
@@ -422,7 +489,7 @@ class Published:
         self.messages.append(json.loads(payload))
 
 
-def coordinator(store: SqliteRoundStore, backend: MemoryBackend, clock: Clock) -> Coordinator:
+def coordinator(store: DurableRoundStore, backend: MemoryBackend, clock: Clock) -> Coordinator:
     return Coordinator(
         store,
         backend,
@@ -451,7 +518,7 @@ def config(round_id: str, k_of_n: int = 3) -> RoundSpec:
 
 
 async def test_an_acknowledged_update_is_already_on_disk(
-    store: SqliteRoundStore, path: Path
+    store: DurableRoundStore, db: StateBackend
 ) -> None:
     coord = coordinator(store, MemoryBackend(), Clock())
     await coord.configure(config("r1"), start=True)
@@ -459,13 +526,13 @@ async def test_an_acknowledged_update_is_already_on_disk(
     assert (result.duplicate, result.round.num_updates) == (False, 1)
     # Another connection (another process) sees it: the transaction committed before submit
     # returned, so the gRPC answer that follows it cannot precede the commit.
-    assert raw(path, "SELECT proplet_id FROM updates") == [("a",)]
+    assert raw(db, "SELECT proplet_id FROM updates") == [("a",)]
 
 
-async def test_resume_after_a_restart(path: Path) -> None:
+async def test_resume_after_a_restart(db: StateBackend) -> None:
     clock = Clock(1000.0)
     backend = MemoryBackend()
-    store = await opened(path)
+    store = await db.opened_round_store()
     first = coordinator(store, backend, clock)
     # r-done: completed before the stop; never aggregated again.
     await first.configure(config("r-done", k_of_n=1), start=True)
@@ -491,7 +558,7 @@ async def test_resume_after_a_restart(path: Path) -> None:
 
     clock.now += 6  # 11 s after r-due*'s start: past their deadline, r-later has 4 s left
     backend.gate.set()
-    store = await opened(path)
+    store = await db.opened_round_store()
     later_deadline = R.require_round(await store.get("r-later"), "r-later").deadline
     second = coordinator(store, backend, clock)
     try:
@@ -538,14 +605,14 @@ async def test_resume_after_a_restart(path: Path) -> None:
         await store.close()
 
 
-async def test_duplicate_after_a_restart_is_not_counted_again(path: Path) -> None:
+async def test_duplicate_after_a_restart_is_not_counted_again(db: StateBackend) -> None:
     clock = Clock()
-    store = await opened(path)
+    store = await db.opened_round_store()
     first = coordinator(store, MemoryBackend(), clock)
     await first.configure(config("r1"), start=True)
     await first.submit("r1", UPDATES[0])
     await store.close()
-    store = await opened(path)
+    store = await db.opened_round_store()
     try:
         second = coordinator(store, MemoryBackend(), clock)
         await second.resume()
@@ -557,31 +624,35 @@ async def test_duplicate_after_a_restart_is_not_counted_again(path: Path) -> Non
         await store.close()
 
 
-class SlowAfterCommit(SqliteRoundStore):
-    """Commits, then takes its time to return: the window in which a caller may go away."""
+class SlowAfterCommit:
+    """Makes `store` commit, then take its time to return: the window in which a caller may
+    go away."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self, store: DurableRoundStore) -> None:
         self.committed = asyncio.Event()
         self.release = asyncio.Event()
+        self._accept = store.accept
+        store.accept = self.accept  # type: ignore[method-assign]
 
     async def accept(self, rnd: Round, update: Update) -> None:
-        await super().accept(rnd, update)
+        await self._accept(rnd, update)
         self.committed.set()
         await self.release.wait()
 
 
-async def test_a_cancelled_submit_does_not_strand_the_round_it_closed(path: Path) -> None:
-    store = SlowAfterCommit(path)
-    await store.open()
+async def test_a_cancelled_submit_does_not_strand_the_round_it_closed(
+    db: StateBackend,
+) -> None:
+    store = await db.opened_round_store()
+    slow = SlowAfterCommit(store)
     backend = MemoryBackend()
     coord = coordinator(store, backend, Clock())
     try:
         await coord.configure(config("r1", k_of_n=1), start=True)
         call = asyncio.create_task(coord.submit("r1", UPDATES[0]))
-        await store.committed.wait()
+        await slow.committed.wait()
         call.cancel()  # the client hung up while the k-th update was being committed
-        store.release.set()
+        slow.release.set()
         with pytest.raises(asyncio.CancelledError):
             await call
         await coord.wait_finishing()

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -227,12 +227,14 @@ async def fleet_services(
 
 @contextlib.asynccontextmanager
 async def fleet_processes(
-    mqtt: MqttConfig, tmp_path: Path, ids: list[str]
+    mqtt: MqttConfig, tmp_path: Path, ids: list[str], state: Mapping[str, str] | None = None
 ) -> AsyncIterator[tuple[ServiceProcess, ServiceProcess, Endpoints]]:
     """`fleet_services`, yielding the coordinator process too (manager, coordinator,
-    addresses)."""
+    addresses). `state`: variables for the registry, the coordinator and the manager on top
+    (e.g. PROPELLER_DATABASE_URL)."""
+    state = dict(state or {})
     with contextlib.ExitStack() as stack:
-        registry = stack.enter_context(service_process("registry", {}, tmp_path))
+        registry = stack.enter_context(service_process("registry", state, tmp_path))
         aggregator = stack.enter_context(service_process("aggregator", {}, tmp_path))
         datastore = stack.enter_context(
             service_process("datastore", {"PROPELLER_DATASTORE_SEED_IDS": ",".join(ids)}, tmp_path)
@@ -247,6 +249,7 @@ async def fleet_processes(
                     "DATA_STORE_ADDR": datastore.addr,
                     "PROPELLER_STATE_DIR": str(tmp_path / "coordinator-state"),
                     "PROPELLER_COORDINATOR_TICK_S": "0.05",
+                    **state,
                 },
                 tmp_path,
             )
@@ -269,6 +272,7 @@ async def fleet_processes(
             # What the round tasks are told to reach.
             "MODEL_REGISTRY_ADDR": registry.addr,
             "DATA_STORE_ADDR": datastore.addr,
+            **state,
         }
         manager = stack.enter_context(service_process("manager", env, tmp_path))
         yield manager, coordinator, replace(endpoints, manager=manager.addr)

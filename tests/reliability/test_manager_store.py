@@ -1,12 +1,11 @@
-"""The manager's SQLite state (`manager.sqlite`): every proplet, task and experiment field
-survives closing and reopening, in creation order; an acknowledged call is already on disk; a
-failed write is reported, not hidden. The crash test with a real process is
-test_manager_crash.py."""
+"""The manager's durable state, on both backends (`manager.sqlite`, and the `manager` schema
+of PostgreSQL; tests.support.state): every proplet, task and experiment field survives
+closing and reopening, in creation order; an acknowledged call is already committed; a failed
+write is reported, not hidden. The crash test with a real process is test_manager_crash.py."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,12 +15,7 @@ from propeller.v1 import manager_pb2, manager_pb2_grpc
 from server.manager import ManagerApp, ManagerConfig
 from server.manager.experiments import Experiment, FanOut, ScheduledParticipant
 from server.manager.proplets import Proplet, Skipped
-from server.manager.sqlite_store import (
-    FILE_NAME,
-    ManagerDatabase,
-    StateWriteFailed,
-    experiment_from_json,
-)
+from server.manager.sqlite_store import ManagerDatabase, StateWriteFailed, experiment_from_json
 from server.manager.tasks import Task, TaskState
 from server.round_spec import Hyperparams, RoundSpec
 from server.topics import Topics
@@ -29,6 +23,7 @@ from tests.manager.fakes import WASM, mqtt_config
 from tests.services.harness import served
 from tests.support.infra import Mosquitto
 from tests.support.security import service_tls
+from tests.support.state import StateBackend
 
 PROPLET = Proplet("p1", "edge-1", {"os": "linux", "arch": "x86"}, 1005.5, 1000.25)
 TASK = Task(
@@ -67,29 +62,29 @@ EXPERIMENT = Experiment(
 )
 
 
-async def reopened(db: ManagerDatabase) -> ManagerDatabase:
-    await db.close()
-    again = ManagerDatabase(db.path.parent)
-    await again.open()
-    return again
-
-
-def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
-    """Read the file with a connection of its own, as another process would."""
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
-
-
-async def test_every_field_survives_reopening(tmp_path: Path) -> None:
-    db = ManagerDatabase(tmp_path)
+async def opened(state: StateBackend) -> ManagerDatabase:
+    db = state.manager_database()
     await db.open()
+    return db
+
+
+async def reopened(state: StateBackend, db: ManagerDatabase) -> ManagerDatabase:
+    await db.close()
+    return await opened(state)
+
+
+def rows(state: StateBackend, sql: str) -> list[tuple[object, ...]]:
+    """Read the tables with a connection of its own, as another process would."""
+    return state.raw("manager", sql)
+
+
+async def test_every_field_survives_reopening(state_backend: StateBackend) -> None:
+    state = state_backend
+    db = await opened(state)
     db.proplets.put(PROPLET)
     db.tasks.put(TASK)
     db.experiments.put(EXPERIMENT)
-    db = await reopened(db)
+    db = await reopened(state, db)
     try:
         assert db.proplets.list() == [PROPLET]
         assert db.tasks.get(TASK.id) == TASK
@@ -99,23 +94,25 @@ async def test_every_field_survives_reopening(tmp_path: Path) -> None:
         await db.close()
 
 
-async def test_an_experiment_s_fan_out_state_and_its_removal_survive(tmp_path: Path) -> None:
-    db = ManagerDatabase(tmp_path)
-    await db.open()
+async def test_an_experiment_s_fan_out_state_and_its_removal_survive(
+    state_backend: StateBackend,
+) -> None:
+    state = state_backend
+    db = await opened(state)
     recorded = replace(EXPERIMENT, experiment_id="e-rec", fan_out=FanOut.RECORDED)
     db.experiments.put(recorded)
     db.experiments.put(replace(EXPERIMENT, experiment_id="e-gone"))
-    db = await reopened(db)
+    db = await reopened(state, db)
     try:
         assert db.experiments.get("e-rec") == recorded
         db.experiments.delete("e-gone")
         db.experiments.delete("never-there")
         db.experiments.put(replace(recorded, fan_out=FanOut.DONE))
-        db = await reopened(db)
+        db = await reopened(state, db)
         assert [e.experiment_id for e in db.experiments.list()] == ["e-rec"]
         assert db.experiments.get("e-rec") == replace(recorded, fan_out=FanOut.DONE)
         # A record of an older manager (no fan-out state, no min_k_of_n) reads as DONE.
-        document = json.loads(str(rows(db.path, "SELECT record FROM experiments")[0][0]))
+        document = json.loads(str(rows(state, "SELECT record FROM experiments")[0][0]))
         del document["fan_out"], document["config"]["min_k_of_n"]
         old = experiment_from_json(document)
         assert old.fan_out is FanOut.DONE and old.config.min_k_of_n == 0
@@ -123,9 +120,9 @@ async def test_an_experiment_s_fan_out_state_and_its_removal_survive(tmp_path: P
         await db.close()
 
 
-async def test_creation_order_and_updates_survive(tmp_path: Path) -> None:
-    db = ManagerDatabase(tmp_path)
-    await db.open()
+async def test_creation_order_and_updates_survive(state_backend: StateBackend) -> None:
+    state = state_backend
+    db = await opened(state)
     tasks = [replace(TASK, id=f"t{i}", name=f"n{i}", state=TaskState.PENDING) for i in range(5)]
     for t in tasks:
         db.tasks.put(t)
@@ -138,7 +135,7 @@ async def test_creation_order_and_updates_survive(tmp_path: Path) -> None:
     db.proplets.put(replace(PROPLET, id="b"))
     db.proplets.put(replace(PROPLET, id="a"))
     db.proplets.put(replace(PROPLET, id="b", last_seen=2000.0, name="renamed"))
-    db = await reopened(db)
+    db = await reopened(state, db)
     try:
         assert [t.id for t in db.tasks.list()] == [t.id for t in tasks]
         assert db.tasks.get("t0") == done
@@ -152,26 +149,23 @@ async def test_creation_order_and_updates_survive(tmp_path: Path) -> None:
         await db.close()
 
 
-async def test_flush_means_on_disk(tmp_path: Path) -> None:
-    db = ManagerDatabase(tmp_path)
-    await db.open()
+async def test_flush_means_on_disk(state_backend: StateBackend) -> None:
+    state = state_backend
+    db = await opened(state)
     try:
         db.tasks.put(TASK)
         assert db.tasks.get(TASK.id) == TASK  # at once, from memory
         await db.flush()
-        assert rows(db.path, "SELECT id, state FROM tasks") == [(TASK.id, "COMPLETED")]
+        assert rows(state, "SELECT id, state FROM tasks") == [(TASK.id, "COMPLETED")]
     finally:
         await db.close()
 
 
-async def test_a_failed_write_is_reported_and_stays_reported(tmp_path: Path) -> None:
-    db = ManagerDatabase(tmp_path)
-    await db.open()
+async def test_a_failed_write_is_reported_and_stays_reported(state_backend: StateBackend) -> None:
+    state = state_backend
+    db = await opened(state)
     try:
-        conn = sqlite3.connect(db.path)
-        conn.execute("DROP TABLE experiments")
-        conn.commit()
-        conn.close()
+        state.execute("manager", "DROP TABLE experiments")
         db.experiments.put(EXPERIMENT)
         with pytest.raises(StateWriteFailed, match="restart the manager"):
             await db.flush()
@@ -194,26 +188,28 @@ def test_state_dir_from_the_environment(tmp_path: Path) -> None:
 
 
 async def test_an_acknowledged_call_is_already_on_disk(
-    broker: Mosquitto, topics: Topics, tmp_path: Path
+    broker: Mosquitto, topics: Topics, state_backend: StateBackend
 ) -> None:
+    state = state_backend
     """Through the real servicer: when CreateTask / StartTask answer, the row is committed."""
     config = ManagerConfig(
         addr="127.0.0.1:0",
         coordinator_addr="127.0.0.1:9",
         tls=service_tls("manager"),
         mqtt=mqtt_config(broker.port, topics).as_identity(service_tls("manager")),
-        state_dir=tmp_path,
+        state_dir=state.state_dir,
+        database_url=state.url,
     )
     async with ManagerApp(config) as app, served(app.bindings) as chan:
         stub = manager_pb2_grpc.ManagerStub(chan)
         task = await stub.CreateTask(
             manager_pb2.CreateTaskRequest(name="t", image_url=WASM, env={"A": "1"}), timeout=10
         )
-        assert rows(tmp_path / FILE_NAME, "SELECT id, state, env FROM tasks") == [
+        assert rows(state, "SELECT id, state, env FROM tasks") == [
             (task.id, "PENDING", '{"A": "1"}')
         ]
         await stub.StartTask(manager_pb2.TaskRef(task_id=task.id), timeout=10)
-        assert rows(tmp_path / FILE_NAME, "SELECT state FROM tasks") == [("SCHEDULED",)]
+        assert rows(state, "SELECT state FROM tasks") == [("SCHEDULED",)]
     # Reopened by a new app: the same task.
     async with ManagerApp(config) as app, served(app.bindings) as chan:
         stub = manager_pb2_grpc.ManagerStub(chan)

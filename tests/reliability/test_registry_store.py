@@ -1,13 +1,13 @@
-"""The registry's SQLite store (`registry.sqlite` in the state directory) through a real gRPC
-server: versions survive a restart with their bytes, sha256, specs and created_at; a version is
-written once (ALREADY_EXISTS after, also from a second store over the same file); an abandoned
-write stores nothing; damaged rows are reported (DATA_LOSS), never served; and the
+"""The registry's durable store, on both backends (`registry.sqlite` in the state directory,
+and the `registry` schema of PostgreSQL; tests.support.state), through a real gRPC server:
+versions survive a restart with their bytes, sha256, specs and created_at; a version is
+written once (ALREADY_EXISTS after, also from a second store over the same state); an
+abandoned write stores nothing; damaged rows are reported (DATA_LOSS), never served; and the
 configuration picks the store as docs/configuration.md says. That a killed registry never
 keeps a torn version is test_registry_crash.py."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +23,7 @@ from propeller.v1 import model_registry_pb2, model_registry_pb2_grpc
 from server.errors import AlreadyExists
 from server.lifecycle import for_serve
 from server.registry.app import RegistryApp, RegistryConfig
+from server.registry.pg_store import PostgresModelStore
 from server.registry.store import (
     REGISTRY_DB_FILE,
     InMemoryModelStore,
@@ -34,13 +35,19 @@ from server.streams import Payload, model_stream, read_model_stream
 from server.tensors import Tensors, sha256_of, specs_of
 from tests.services.harness import RPC_TIMEOUT, served
 from tests.support.security import service_tls
+from tests.support.state import StateBackend
 
 Stub = Any  # generated gRPC stubs carry no type information
 
 
 @asynccontextmanager
-async def registry(state_dir: Path | None) -> AsyncIterator[tuple[Stub, RegistryApp]]:
-    config = RegistryConfig(addr="127.0.0.1:0", state_dir=state_dir, tls=service_tls("registry"))
+async def registry(state: StateBackend) -> AsyncIterator[tuple[Stub, RegistryApp]]:
+    config = RegistryConfig(
+        addr="127.0.0.1:0",
+        state_dir=state.state_dir,
+        database_url=state.url,
+        tls=service_tls("registry"),
+    )
     async with RegistryApp(config) as app, served(app.bindings) as ch:
         yield model_registry_pb2_grpc.ModelRegistryStub(ch), app
 
@@ -82,19 +89,20 @@ def same(a: Tensors, b: Tensors) -> bool:
     )
 
 
-async def test_versions_survive_a_restart_with_every_field(tmp_path: Path) -> None:
-    state = tmp_path / "state"
+async def test_versions_survive_a_restart_with_every_field(state_backend: StateBackend) -> None:
+    state = state_backend
     mixed: Tensors = {
         "w": np.arange(12, dtype="<f4").reshape(3, 4),
         "empty": np.zeros((0, 5), dtype="<f8"),
         "b": np.asarray(-1.5, dtype="<f8"),
     }
     async with registry(state) as (stub, app):
-        assert isinstance(app.store, SqliteModelStore)
+        kind = {"sqlite": SqliteModelStore, "postgres": PostgresModelStore}[state.kind]
+        assert isinstance(app.store, kind)
         v0 = await stub.InitModel(model_registry_pb2.InitModelRequest(dimension=3), timeout=10)
         v1 = await put(stub, mixed)
         before = await listed(stub)
-    assert (state / REGISTRY_DB_FILE).is_file()
+    assert (state.state_dir / REGISTRY_DB_FILE).is_file() == (state.kind == "sqlite")
     async with registry(state) as (stub, _):
         assert await listed(stub) == before
         assert [m.version for m in before] == [0, 1]
@@ -105,8 +113,8 @@ async def test_versions_survive_a_restart_with_every_field(tmp_path: Path) -> No
         assert (await put(stub, model([1.0], 1.0))).version == 2
 
 
-async def test_a_version_is_written_once(tmp_path: Path) -> None:
-    async with registry(tmp_path) as (stub, _):
+async def test_a_version_is_written_once(state_backend: StateBackend) -> None:
+    async with registry(state_backend) as (stub, _):
         first = model([1.0, 2.0], 3.0)
         await put(stub, first, version=4)
         code, details = await rpc_error(put(stub, model([9.0, 9.0], 9.0), version=4))
@@ -120,10 +128,9 @@ async def test_a_version_is_written_once(tmp_path: Path) -> None:
         assert (await put(stub, model([0.0], 0.0))).version == 5
 
 
-async def test_two_stores_on_one_file_never_share_a_version(tmp_path: Path) -> None:
-    """Two registry processes over one state file: the primary key settles who wins."""
-    path = tmp_path / REGISTRY_DB_FILE
-    a, b = SqliteModelStore(path), SqliteModelStore(path)
+async def test_two_stores_on_one_state_never_share_a_version(state_backend: StateBackend) -> None:
+    """Two registry processes (replicas) over one state: the primary key settles who wins."""
+    a, b = state_backend.model_store(), state_backend.model_store()
     await a.open()
     await b.open()
     try:
@@ -141,8 +148,8 @@ async def test_two_stores_on_one_file_never_share_a_version(tmp_path: Path) -> N
         await b.close()
 
 
-async def test_an_abandoned_write_stores_nothing(tmp_path: Path) -> None:
-    store = SqliteModelStore(tmp_path / REGISTRY_DB_FILE)
+async def test_an_abandoned_write_stores_nothing(state_backend: StateBackend) -> None:
+    store = state_backend.model_store()
     await store.open()
     try:
         tensors = model([1.0, 2.0], 3.0)
@@ -157,21 +164,36 @@ async def test_an_abandoned_write_stores_nothing(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_damaged_rows_are_reported_not_served(tmp_path: Path) -> None:
-    async with registry(tmp_path) as (stub, _):
+async def test_damaged_rows_are_reported_not_served(state_backend: StateBackend) -> None:
+    state = state_backend
+    async with registry(state) as (stub, _):
         for i in range(3):
             await put(stub, model([float(i), 1.0], 2.0))
-    conn = sqlite3.connect(tmp_path / REGISTRY_DB_FILE)
-    try:
-        # Bit rot in v1's bytes (same length), and v2's bytes cut short.
-        data = bytearray(conn.execute("SELECT data FROM models WHERE version = 1").fetchone()[0])
+    # Bit rot in v1's bytes (same length), and v2's bytes cut short.
+    if state.kind == "sqlite":
+        [(blob,)] = state.raw("registry", "SELECT data FROM models WHERE version = 1")
+        data = bytearray(blob)
         data[-3] ^= 0xFF
-        conn.execute("UPDATE models SET data = ? WHERE version = 1", (bytes(data),))
-        conn.execute("UPDATE models SET data = substr(data, 1, 10) WHERE version = 2")
-        conn.commit()
-    finally:
-        conn.close()
-    async with registry(tmp_path) as (stub, _):
+        state.execute("registry", "UPDATE models SET data = ? WHERE version = 1", bytes(data))
+        state.execute("registry", "UPDATE models SET data = substr(data, 1, 10) WHERE version = 2")
+    else:
+        last = "seq = (SELECT max(seq) FROM model_pieces WHERE version = 1)"
+        [(piece,)] = state.raw(
+            "registry", f"SELECT data FROM model_pieces WHERE version = 1 AND {last}"
+        )
+        data = bytearray(piece)
+        data[-3] ^= 0xFF
+        state.execute(
+            "registry",
+            f"UPDATE model_pieces SET data = ? WHERE version = 1 AND {last}",
+            bytes(data),
+        )
+        state.execute(
+            "registry",
+            "UPDATE model_pieces SET data = substring(data from 1 for 10) "
+            "WHERE version = 2 AND seq = 0",
+        )
+    async with registry(state) as (stub, _):
         code, details = await rpc_error(get(stub, 1))
         assert code == grpc.StatusCode.DATA_LOSS and "sha256" in details
         assert "version: 1" in details and "corrupted" in details
@@ -208,3 +230,14 @@ async def test_config_from_env_and_the_store_it_picks(tmp_path: Path) -> None:
         assert await store.versions() == []
     assert store.path == tmp_path / "s" / REGISTRY_DB_FILE
     assert store.path.is_file()
+
+
+async def test_a_database_url_puts_the_versions_on_postgresql(
+    tmp_path: Path, database_url: str
+) -> None:
+    env = {"PROPELLER_INSECURE": "1", "PROPELLER_DATABASE_URL": database_url}
+    config = RegistryConfig.from_env(env)
+    assert config == RegistryConfig(database_url=database_url, tls=None)
+    async with RegistryApp(config) as app:
+        assert isinstance(app.store, PostgresModelStore)
+        assert await app.store.versions() == []
