@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what propeller-fl needs on a fresh Debian/Ubuntu machine: system packages (only for
-# the test suite: mosquitto, docker-registry, nats-server, iproute2) and a virtualenv in .venv
+# the test suite: mosquitto, docker-registry, nats-server, iproute2, chromium, chromium-driver) and a virtualenv in .venv
 # with the project.
 # Usage: scripts/setup.sh [--system]   (--system also installs the Debian packages)
 set -euo pipefail
@@ -14,6 +14,9 @@ if [[ "${1:-}" == "--system" ]]; then
   command -v ip >/dev/null 2>&1 || [[ -x /usr/sbin/ip ]] || need+=(iproute2)
   # The clustered broker's tests (tests/support/nats.py): three nodes, JetStream + MQTT.
   command -v nats-server >/dev/null 2>&1 || [[ -x /usr/sbin/nats-server ]] || need+=(nats-server)
+  # The console's browser test (tests/console): headless Chromium driven through chromedriver.
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
   if ((${#need[@]})); then
     SUDO=""
     [[ $(id -u) -eq 0 ]] || SUDO="sudo"
