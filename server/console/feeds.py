@@ -20,6 +20,7 @@ from typing import Any
 
 from propeller.v1 import coordinator_pb2, manager_pb2
 from server.cli.client import Client
+from server.cli.render import describe_error
 from server.console.board import Board, Entry
 from server.errors import PropellerError
 from server.lifecycle import Lifecycle, cancel_and_wait, start_task
@@ -139,8 +140,10 @@ class Feeds(Lifecycle):
                 await self.poll_once()
                 self._board.problem("")
             except PropellerError as exc:
-                log.warning("[console] poll: %s", exc)
-                self._board.problem(str(exc))
+                # As the CLI says it: "PERMISSION_DENIED: ...", "UNAVAILABLE: cannot reach ...".
+                problem = describe_error(exc)
+                log.warning("[console] poll: %s", problem)
+                self._board.problem(problem)
             await asyncio.sleep(self._poll_s)
 
     async def poll_once(self) -> None:

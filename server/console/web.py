@@ -122,6 +122,7 @@ class WebServer:
         self.port = port
         self._server: asyncio.Server | None = None
         self._streams: set[asyncio.Task[Any]] = set()
+        self._closing = False
 
     @property
     def url(self) -> str:
@@ -135,6 +136,7 @@ class WebServer:
 
     async def __aexit__(self, *exc: object) -> None:
         if self._server is not None:
+            self._closing = True
             self._server.close()
             # Event streams never end by themselves: end them, then wait for the server.
             for task in list(self._streams):
@@ -155,6 +157,11 @@ class WebServer:
             await self._answer(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the page went away
+        except asyncio.CancelledError:
+            # Ours, at exit (an event stream never ends by itself): the answer ends here. The
+            # task asyncio.start_server made must not end cancelled: it logs that as an error.
+            if not self._closing:
+                raise
         finally:
             self._streams.discard(task)
             writer.close()

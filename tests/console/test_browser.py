@@ -2,11 +2,13 @@
 proplets running the trainer, mutual TLS, the console reading as an operator): the page
 loads and lists the proplets alive, an experiment started by the test shows up and its
 rounds complete on the page with their timings, the convergence plot has each round's
-points (the values the manager recorded), and a screenshot is saved."""
+points (the values the manager recorded), and a screenshot is saved. A console started after
+the experiment ended shows its rounds too."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -26,7 +28,14 @@ from tests.support.waits import eventually
 
 pytestmark = pytest.mark.process  # Chromium and chromedriver are child processes
 
-ROUNDS = 2
+ROUNDS = 3
+# Each training series and each evaluation series: loss and accuracy.
+SERIES = {
+    "train_loss": ("train", "loss"),
+    "train_accuracy": ("train", "accuracy"),
+    "eval_loss": ("eval", "loss"),
+    "eval_accuracy": ("eval", "accuracy"),
+}
 TIMEOUT = 120.0
 
 # What the page shows, read from its DOM (the rows and plot points it drew).
@@ -114,6 +123,7 @@ async def test_a_round_shows_up_completes_and_is_plotted(
             timeout_s=60,
             task_wasm_image=c.image,
             rounds=ROUNDS,
+            evaluation=manager_pb2.EvaluationPlan(every_rounds=1),
         ),
         timeout=60,
     )
@@ -123,8 +133,8 @@ async def test_a_round_shows_up_completes_and_is_plotted(
         lambda p: (
             p["experiments"] == [[experiment_id, "COMPLETED"]]
             and [r["state"] for r in p["rounds"]] == ["COMPLETED"] * ROUNDS
-            # Both training series, a point per round.
-            and len(p["points"]) == 2 * ROUNDS
+            # Every series, a point per round.
+            and len(p["points"]) == len(SERIES) * ROUNDS
         ),
         timeout=TIMEOUT,
         what=f"experiment {experiment_id} completed on the page",
@@ -146,9 +156,30 @@ async def test_a_round_shows_up_completes_and_is_plotted(
         assert "—" not in (cells["started"], cells["closed"], cells["completed"]), cells
         assert "(+" in cells["closed"] and "(+" in cells["completed"], cells
         assert cells["train loss"] == f"{r.train_metrics['loss']:.4f}"
+        assert cells["eval acc"] == f"{r.eval_metrics['accuracy']:.4f}"
+    metrics = {"train": lambda r: r.train_metrics, "eval": lambda r: r.eval_metrics}
     expected = {
-        (series, r.index, round(r.train_metrics[metric], 6))
+        (series, r.index, round(metrics[source](r)[metric], 6))
         for r in e.rounds
-        for series, metric in (("train_loss", "loss"), ("train_accuracy", "accuracy"))
+        for series, (source, metric) in SERIES.items()
     }
     assert {(s, i, round(v, 6)) for s, i, v in shown["points"]} == expected
+
+    # A console that starts later learns the ended experiment's rounds from the lists (the
+    # close time only a live watch sees: RoundStatus has none).
+    async with Console(dataclasses.replace(console.config)) as later:
+        rounds = await eventually(
+            lambda: _rounds(later),
+            lambda rs: (
+                [r.get("state") for r in rs] == ["COMPLETED"] * ROUNDS
+                and all(r.get("started_at") and r.get("completed_at") for r in rs)
+            ),
+            what="the rounds in a later console",
+        )
+    assert [r["round_id"] for r in rounds] == round_ids
+    assert [r["train"]["loss"] for r in rounds] == [r.train_metrics["loss"] for r in e.rounds]
+
+
+async def _rounds(console: Console) -> list[dict[str, Any]]:
+    rounds: list[dict[str, Any]] = console.board.snapshot()["rounds"]
+    return sorted(rounds, key=lambda r: r.get("index") or 0)
