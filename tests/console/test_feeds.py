@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,7 @@ def config(endpoints: Endpoints, **fields: object) -> ConsoleConfig:
 async def test_an_operator_sees_the_proplets(stack: Cluster) -> None:
     async with Console(config(stack.endpoints)) as console:
         shown = await eventually(
-            lambda: _snapshot(console), lambda s: s["proplets"], what="the proplets listed"
+            lambda: _snapshot(console), lambda s: bool(s["proplets"]), what="the proplets listed"
         )
     assert [(p["id"], p["alive"]) for p in shown["proplets"]] == [(stack.proplet_ids[0], True)]
     assert shown["problem"] == ""
@@ -43,7 +44,7 @@ async def test_another_identity_is_refused_and_the_page_says_why(stack: Cluster)
     as_proplet = config(stack.endpoints, tls=proplet_tls(stack.proplet_ids[0]))
     async with Console(as_proplet) as console:
         shown = await eventually(
-            lambda: _snapshot(console), lambda s: s["problem"], what="the console's problem"
+            lambda: _snapshot(console), lambda s: bool(s["problem"]), what="the console's problem"
         )
     assert shown["problem"].startswith("PERMISSION_DENIED: ListProplets: proplet ")
     assert "allowed: operators" in shown["problem"] and shown["proplets"] == []
@@ -53,10 +54,10 @@ async def test_services_it_cannot_reach_are_named(stack: Cluster) -> None:
     nowhere = Endpoints(manager=f"127.0.0.1:{free_port()}", coordinator=stack.endpoints.coordinator)
     async with Console(config(nowhere)) as console:
         shown = await eventually(
-            lambda: _snapshot(console), lambda s: s["problem"], what="the console's problem"
+            lambda: _snapshot(console), lambda s: bool(s["problem"]), what="the console's problem"
         )
     assert shown["problem"].startswith(f"UNAVAILABLE: cannot reach manager at {nowhere.manager}")
 
 
-async def _snapshot(console: Console) -> dict[str, object]:
+async def _snapshot(console: Console) -> dict[str, Any]:
     return console.board.snapshot()

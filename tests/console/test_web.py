@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -64,7 +65,7 @@ async def test_the_page_its_files_and_the_board(served: tuple[Board, WebServer])
     assert json.loads(body) == board.snapshot() and json.loads(body)["proplets"][0]["id"] == "p1"
 
 
-async def read_event(reader: asyncio.StreamReader) -> tuple[str, object]:
+async def read_event(reader: asyncio.StreamReader) -> tuple[str, Any]:
     block = (await asyncio.wait_for(reader.readuntil(b"\n\n"), 10)).decode()
     fields = dict(line.split(": ", 1) for line in block.strip().split("\n"))
     return fields["event"], json.loads(fields["data"])
