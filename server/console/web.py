@@ -44,6 +44,7 @@ SECURITY_HEADERS = (
     ("Referrer-Policy", "no-referrer"),
     ("Cache-Control", "no-store"),
 )
+WILDCARDS = ("0.0.0.0", "::", "")
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -145,9 +146,14 @@ class WebServer:
                 await asyncio.gather(*self._streams, return_exceptions=True)
             await self._server.wait_closed()
 
-    def _allowed_hosts(self) -> set[str]:
-        names = {self.host, "localhost", "127.0.0.1", "[::1]"}
-        return {f"{name}:{self.port}" for name in names}
+    def _host_allowed(self, host: str) -> bool:
+        """The Host a browser sends: this server's address (or localhost's, on this port).
+        Served on every interface (0.0.0.0, ::), any name with this port: whoever reaches it
+        already sees it, and the console warned of that when it started."""
+        if self.host in WILDCARDS:
+            return host.rpartition(":")[2] == str(self.port)
+        names = {self.host, f"[{self.host}]", "localhost", "127.0.0.1", "[::1]"}
+        return host in {f"{name}:{self.port}" for name in names}
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -173,7 +179,7 @@ class WebServer:
             request = await read_request(reader)
             if request.method not in ("GET", "HEAD"):
                 raise BadRequest(405, f"{request.method}: the console is read-only (GET)")
-            if request.headers.get("host", "") not in self._allowed_hosts():
+            if not self._host_allowed(request.headers.get("host", "")):
                 raise BadRequest(421, "Host: not this console's address")
         except BadRequest as exc:
             body = f"{exc}\n".encode()

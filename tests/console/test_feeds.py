@@ -4,6 +4,7 @@ said too."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -61,3 +62,19 @@ async def test_services_it_cannot_reach_are_named(stack: Cluster) -> None:
 
 async def _snapshot(console: Console) -> dict[str, Any]:
     return console.board.snapshot()
+
+
+async def test_serving_beyond_loopback_is_warned_of(
+    stack: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with Console(config(stack.endpoints, listen="0.0.0.0:0")) as console:
+        assert console.url.startswith("http://0.0.0.0:")
+        # Served on every interface, it answers whatever name a browser reached it by.
+        port = console.url.rstrip("/").rpartition(":")[2]
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(port))
+        writer.write(f"GET /state.json HTTP/1.1\r\nHost: fleet.example:{port}\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        await writer.wait_closed()
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert "not loopback: whoever reaches it sees it" in caplog.text

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from server.console import web as web_module
 from server.console.board import Board
 from server.console.web import MAX_HEAD, WebServer
 
@@ -119,3 +120,17 @@ async def test_an_oversized_request_is_refused_as_it_arrives(
     _, web = served
     top, _ = await answer(web, "GET / HTTP/1.1\r\nX-Filler: " + "a" * MAX_HEAD)
     assert top.startswith("HTTP/1.1 431"), top
+
+
+async def test_a_request_that_does_not_arrive_in_time_is_refused(
+    served: tuple[Board, WebServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, web = served
+    monkeypatch.setattr(web_module, "READ_S", 0.2)
+    reader, writer = await asyncio.open_connection("127.0.0.1", web.port)
+    writer.write(b"GET / HTTP/1.1\r\n")  # and nothing more
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+    assert raw.startswith(b"HTTP/1.1 408"), raw
