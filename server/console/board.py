@@ -99,10 +99,13 @@ class Board:
         # go from RUNNING to an end, which their source never reverses).
         self._merge(self._rounds, "round", {"round_id": round_id, **fields})
 
-    def problem(self, text: str) -> None:
-        if text != self._problem:
-            self._problem = text
-            self._tell(Change("problem", text))
+    def problem(self, text: str) -> bool:
+        """What the console cannot do now ("" once it can); True if that is news."""
+        if text == self._problem:
+            return False
+        self._problem = text
+        self._tell(Change("problem", text))
+        return True
 
     def _merge(self, table: dict[str, Entry], kind: str, fields: Mapping[str, Any]) -> None:
         key = fields[f"{kind}_id"]

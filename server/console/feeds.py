@@ -142,8 +142,8 @@ class Feeds(Lifecycle):
             except PropellerError as exc:
                 # As the CLI says it: "PERMISSION_DENIED: ...", "UNAVAILABLE: cannot reach ...".
                 problem = describe_error(exc)
-                log.warning("[console] poll: %s", problem)
-                self._board.problem(problem)
+                if self._board.problem(problem):  # once per problem, not every poll
+                    log.warning("[console] poll: %s", problem)
             await asyncio.sleep(self._poll_s)
 
     async def poll_once(self) -> None:
