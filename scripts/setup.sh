@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what propeller-fl needs on a fresh Debian/Ubuntu machine: system packages (only for
-# the test suite: mosquitto, docker-registry, nats-server, iproute2, postgresql) and a
-# virtualenv in .venv with the project.
+# the test suite: mosquitto, docker-registry, nats-server, iproute2, postgresql, chromium,
+# chromium-driver) and a virtualenv in .venv with the project.
 # Usage: scripts/setup.sh [--system]   (--system also installs the Debian packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,9 @@ if [[ "${1:-}" == "--system" ]]; then
   # initdb + postgres: the tests' own PostgreSQL (tests/support/postgres.py).
   command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
     || need+=(postgresql)
+  # The console's browser test (tests/console): headless Chromium driven through chromedriver.
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
   if ((${#need[@]})); then
     SUDO=""
     [[ $(id -u) -eq 0 ]] || SUDO="sudo"

@@ -13,6 +13,7 @@ from typing import Any
 
 from server.cli import certs, commands, demo, serve, up
 from server.cli.render import describe_error
+from server.console import command as console
 from server.errors import PropellerError
 
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(sub)
     commands.register(sub)
     certs.register(sub)
+    console.register(sub)
     return parser
 
 

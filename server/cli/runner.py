@@ -113,7 +113,17 @@ def _common_parser(tls: bool) -> argparse.ArgumentParser:
     """Flags every client command takes: where the services are, the RPC timeout, --json;
     with `tls`, --tls-dir and --insecure."""
     p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("connection")
+    add_connection_flags(p, tls)
+    p.add_argument(
+        "--json", action="store_true", help="machine-readable JSON on stdout instead of tables"
+    )
+    return p
+
+
+def add_connection_flags(parser: argparse.ArgumentParser, tls: bool = True) -> None:
+    """The services' addresses (`endpoints_of` reads them), --timeout and, with `tls`,
+    --tls-dir / --insecure: what every client of the services takes."""
+    g = parser.add_argument_group("connection")
     for service in SERVICES:
         env, _, label = ENDPOINTS[service]
         g.add_argument(
@@ -131,10 +141,6 @@ def _common_parser(tls: bool) -> argparse.ArgumentParser:
     )
     if tls:
         add_tls_flags(g)
-    p.add_argument(
-        "--json", action="store_true", help="machine-readable JSON on stdout instead of tables"
-    )
-    return p
 
 
 def add_command(
