@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from benchmarks.common import Recorder
 from benchmarks.wasm import mlp_wasm
 from propeller.v1 import coordinator_pb2, datastore_pb2, manager_pb2
@@ -37,9 +35,10 @@ from server.config import MqttConfig
 from server.datastore import catalog
 from server.datastore.catalog import Corpus, Split
 from server.datastore.partition import partition
+from server.mlp import evaluate, initial_model
 from server.models import model_uri
 from server.streams import model_stream
-from server.tensors import Array, Tensors, tensor_to_proto
+from server.tensors import Tensors, tensor_to_proto
 from server.topics import Topics
 from tests.support.cluster import Cluster, cluster
 from tests.support.infra import mosquitto
@@ -102,26 +101,8 @@ STRATEGIES = (
 )
 
 
-def initial_model(num_features: int, num_classes: int, seed: int = INIT_SEED) -> Tensors:
-    """l0 [d, HIDDEN], l1 [HIDDEN, k]: He-scaled normal weights, zero biases, f64."""
-    rng = np.random.default_rng(seed)
-    model: Tensors = {}
-    for i, (n_in, n_out) in enumerate(((num_features, HIDDEN), (HIDDEN, num_classes))):
-        model[f"l{i}.w"] = rng.normal(size=(n_in, n_out)) * np.sqrt(2.0 / n_in)
-        model[f"l{i}.b"] = np.zeros(n_out)
-    return model
-
-
-def accuracy(model: Mapping[str, Array], split: Split) -> float:
-    """The fraction of `split` whose largest output (the first on ties, as the trainer) is its
-    label."""
-    a = np.asarray(split.features, dtype=np.float64)
-    layers = sum(1 for name in model if name.endswith(".w"))
-    for i in range(layers):
-        a = a @ np.asarray(model[f"l{i}.w"], np.float64) + np.asarray(model[f"l{i}.b"], np.float64)
-        if i < layers - 1:
-            a = np.maximum(a, 0.0)
-    return float(np.mean(np.argmax(a, axis=1) == split.labels.astype(np.int64)))
+def accuracy(model: Tensors, split: Split) -> float:
+    return evaluate(model, split.features, split.labels)[1]
 
 
 def hyperparams_json(setup: Setup, epochs: int, extra: Mapping[str, float]) -> str:
@@ -242,7 +223,7 @@ async def compare(
     d: Cluster, corpus: Corpus, setup: Setup, strategies: tuple[Strategy, ...], wasm: Path
 ) -> Comparison:
     """Central once, then one federated experiment per strategy, all from the same v0."""
-    model = initial_model(corpus.num_features, corpus.num_classes)
+    model = initial_model((corpus.num_features, HIDDEN, corpus.num_classes), INIT_SEED)
     central = await asyncio.to_thread(train_central, wasm, model, corpus.train, setup)
     result = Comparison(setup, accuracy(central, corpus.test))
     participants = await put_parts(d, corpus, setup)
