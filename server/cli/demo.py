@@ -188,7 +188,7 @@ def digits_shards(corpus: catalog.Corpus, proplet_ids: Sequence[str]) -> list[Sh
     try:
         parts = partition(corpus, proplet_ids, alpha=None, seed=DIGITS_SEED)
     except PropellerError as exc:
-        raise CommandFailed(f"--proplets: {exc}") from None
+        raise CommandFailed(str(exc)) from None
     return [Shard(p.proplet_id, p.features, p.labels, CLASSES_SCHEMA, p.num_classes) for p in parts]
 
 
@@ -197,7 +197,10 @@ def load_dataset(path: Path) -> tuple[Array, Array]:
     try:
         return read_dataset_file(path)
     except FileProblem as exc:
-        raise CommandFailed(f"--dataset: {exc}") from None
+        shipped = ""
+        if not path.suffix and not path.exists():
+            shipped = f" (or a shipped dataset: {', '.join(sorted(catalog.CORPORA))})"
+        raise CommandFailed(f"--dataset: {exc}{shipped}") from None
 
 
 def split_shards(features: Array, labels: Array, proplet_ids: Sequence[str]) -> list[Shard]:

@@ -244,3 +244,18 @@ def test_demo_on_digits_trains_the_mlp(tmp_path: Path, mlp_wasm: Path) -> None:
     assert [c[-1] for c in printed] == [f"{r['test_accuracy']:.4f}" for r in rows[1:]]
     assert table_rows(done.stdout, "initial")[0][-1] == f"{test_acc[0]:.4f}"
     assert (tmp_path / "propeller-fl-demo.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_digits_refusals_are_one_line(tmp_path: Path) -> None:
+    too_many = run_cli(tmp_path, "demo", "--dataset", "digits", "--proplets", "200")
+    assert too_many.returncode == 1
+    assert too_many.stderr.strip().splitlines() == [
+        "propeller-fl demo: --proplets: 200 proplets x --min-samples 10 need 2000 samples, "
+        "the train split has 1438"
+    ]
+    typo = run_cli(tmp_path, "demo", "--dataset", "digitz")
+    assert typo.returncode == 1
+    assert typo.stderr.strip().splitlines() == [
+        "propeller-fl demo: --dataset: digitz: no such file (or a shipped dataset: digits)"
+    ]
+    assert not list(tmp_path.iterdir())  # nothing written
