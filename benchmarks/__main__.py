@@ -16,7 +16,16 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import BENCHMARK_NAMES, aggregation, ingest, rounds, transfer, wasm
+from benchmarks import (
+    BENCHMARK_NAMES,
+    aggregation,
+    bigmodel,
+    ingest,
+    quality,
+    rounds,
+    transfer,
+    wasm,
+)
 from benchmarks.common import DEFAULT_RESULTS, Recorder
 from benchmarks.report import markdown
 
@@ -28,6 +37,8 @@ BENCHMARKS: dict[str, Runner] = {
     ingest.NAME: ingest.run,
     transfer.NAME: transfer.run,
     rounds.NAME: rounds.run,
+    bigmodel.NAME: bigmodel.run,
+    quality.NAME: quality.run,
 }
 
 

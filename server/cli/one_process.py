@@ -53,7 +53,7 @@ def one_line_failure(
 # ---------------------------------------------------------------------------- trainer
 
 
-def _build_trainer() -> Path:
+def _build_trainer(mlp: bool) -> Path:
     if not WASM_BUILD_SCRIPT.is_file():
         raise CommandFailed(
             f"trainer: {WASM_BUILD_SCRIPT} not found (installed without the source tree?); "
@@ -65,24 +65,25 @@ def _build_trainer() -> Path:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     try:
-        path = Path(module.build())
+        path = Path(module.build_mlp() if mlp else module.build())
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CommandFailed(f"trainer: build failed: {first}") from None
     return path
 
 
-def _trainer(explicit: Path | None) -> Path:
+def _trainer(explicit: Path | None, mlp: bool) -> Path:
     if explicit is not None:
         if not explicit.is_file():
             raise CommandFailed(f"--wasm: {explicit} is not a file")
         return explicit.resolve()
-    return _build_trainer().resolve()
+    return _build_trainer(mlp).resolve()
 
 
-async def locate_trainer(explicit: Path | None) -> Path:
-    """The trainer module: `--wasm FILE`, or wasm-client built (cached) from source."""
-    return await asyncio.to_thread(_trainer, explicit)
+async def locate_trainer(explicit: Path | None, *, mlp: bool = False) -> Path:
+    """The trainer module: `--wasm FILE`, or wasm-client built (cached) from source: the
+    linear trainer, or with `mlp` the MLP trainer (fl-mlp.wasm)."""
+    return await asyncio.to_thread(_trainer, explicit, mlp)
 
 
 def add_stack_flags(parser: argparse.ArgumentParser, *, insecure_help: str) -> None:

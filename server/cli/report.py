@@ -57,8 +57,16 @@ class RoundRow:
     sha256: str = ""
     loss: float = math.nan
     accuracy: float = math.nan
+    # On a held-out test split (`demo --dataset digits`); NaN when there is none.
+    test_loss: float = math.nan
+    test_accuracy: float = math.nan
 
     def to_record(self) -> dict[str, Any]:
+        held_out = (
+            {"test_loss": self.test_loss, "test_accuracy": self.test_accuracy}
+            if not math.isnan(self.test_accuracy)
+            else {}
+        )
         return {
             "round": self.index,
             "round_id": self.round_id,
@@ -75,6 +83,7 @@ class RoundRow:
             "closed_by": self.closed_by,
             "loss": self.loss,
             "accuracy": self.accuracy,
+            **held_out,
             "wall_time_s": round(self.wall_time_s, 4),
             "round_metrics": self.round_metrics,
             "proplet_metrics": self.proplet_metrics,
@@ -86,9 +95,13 @@ class Table:
 
     HEADER = ("round", "model", "reported", "loss", "accuracy", "time")
 
-    def __init__(self, out: TextIO, first_width: int) -> None:
+    def __init__(self, out: TextIO, first_width: int, *, held_out: bool = False) -> None:
+        """`held_out`: a last column, the accuracy on a held-out test split."""
         self.out = out
-        self.widths = (max(first_width, 9), 6, 8, 8, 8, 7)
+        self.held_out = held_out
+        self.widths: tuple[int, ...] = (max(first_width, 9), 6, 8, 8, 8, 7)
+        if held_out:
+            self.widths = (*self.widths, 8)
 
     def _line(self, cells: Sequence[str]) -> None:
         parts = [c.ljust(w) for c, w in zip(cells, self.widths, strict=True)]
@@ -96,12 +109,22 @@ class Table:
         self.out.flush()
 
     def header(self) -> None:
-        self._line(self.HEADER)
+        self._line((*self.HEADER, "test_acc") if self.held_out else self.HEADER)
 
     def row(
-        self, label: str, version: int, reported: str, loss: float, acc: float, wall: str
+        self,
+        label: str,
+        version: int,
+        reported: str,
+        loss: float,
+        acc: float,
+        wall: str,
+        test_acc: float | None = None,
     ) -> None:
-        self._line([label, f"v{version}", reported, f"{loss:.4f}", f"{acc:.4f}", wall])
+        cells = [label, f"v{version}", reported, f"{loss:.4f}", f"{acc:.4f}", wall]
+        if self.held_out:
+            cells.append("-" if test_acc is None else f"{test_acc:.4f}")
+        self._line(cells)
 
 
 RECORD_ORDER = (
@@ -193,7 +216,24 @@ def write_plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     ax_loss.set_ylabel("log-loss")
     ax_loss.set_title("log-loss")
     ax_loss.legend()
-    ax_acc.plot(rounds, [r["accuracy"] for r in rows], marker="o", color="tab:green")
+    held_out = [(r["round"], r["test_accuracy"]) for r in rows if "test_accuracy" in r]
+    ax_acc.plot(
+        rounds,
+        [r["accuracy"] for r in rows],
+        marker="o",
+        color="tab:green",
+        label="train (all proplets' data)",
+    )
+    if held_out:
+        ax_acc.plot(
+            [x for x, _ in held_out],
+            [y for _, y in held_out],
+            marker="s",
+            linestyle="--",
+            color="tab:red",
+            label="test (held-out split)",
+        )
+        ax_acc.legend()
     ax_acc.set_xlabel("round")
     ax_acc.set_ylabel("accuracy")
     ax_acc.set_ylim(0.0, 1.0)

@@ -187,3 +187,75 @@ def test_a_failing_round_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "propeller-fl-demo.json").read_text())
     assert record["status"] == "failed" and record["rounds"] == []
     assert record["error"] in last
+
+
+def mlp_scores(tensors: dict[str, Any], x: Any, y: Any) -> tuple[float, float]:
+    """Mean softmax cross-entropy and accuracy of the MLP {l<i>.w, l<i>.b}, written out again
+    sample by sample (ReLU between layers, the first largest output is the prediction)."""
+    layers = sum(1 for name in tensors if name.endswith(".w"))
+    ws = [np.asarray(tensors[f"l{i}.w"], dtype=np.float64) for i in range(layers)]
+    bs = [np.asarray(tensors[f"l{i}.b"], dtype=np.float64) for i in range(layers)]
+    losses, correct = [], 0
+    for row, label in zip(x, y, strict=True):
+        a = row
+        for i in range(layers):
+            a = a @ ws[i] + bs[i]
+            if i < layers - 1:
+                a = np.maximum(a, 0.0)
+        top = float(np.max(a))
+        losses.append(math.log(sum(math.exp(v - top) for v in a)) - (a[int(label)] - top))
+        correct += int(int(np.argmax(a)) == int(label))
+    return float(np.mean(losses)), correct / len(y)
+
+
+def test_demo_on_digits_trains_the_mlp(tmp_path: Path, mlp_wasm: Path) -> None:
+    from server.datastore import catalog
+
+    done = run_cli(tmp_path, "demo", "--dataset", "digits", "--rounds", "3")
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "propeller-fl-demo.json").read_text())
+    assert record["status"] == "completed"
+    assert record["trainer"]["sha256"] == hashlib.sha256(mlp_wasm.read_bytes()).hexdigest()
+    cfg = record["config"]
+    assert (cfg["epochs"], cfg["lr"], cfg["batch_size"]) == (2, 0.1, 16)
+    data = record["data"]
+    assert data["source"] == "digits" and data["num_classes"] == 10
+    corpus = catalog.digits()
+    # The whole train split, dealt out over the three proplets (sizes differ by at most one).
+    sizes = list(data["samples_per_proplet"].values())
+    assert sum(sizes) == corpus.train.size == 1438 and max(sizes) - min(sizes) <= 1
+    assert data["test_samples"] == corpus.test.size
+    rows = [record["initial"], *record["rounds"]]
+    assert [r["model_version"] for r in rows] == [0, 1, 2, 3]
+    # Every model's numbers recomputed from its recorded weights: on the pooled train split
+    # (the proplets' data, in another order: the mean is the same) and the held-out test split.
+    for model, row in zip(record["models"], rows, strict=True):
+        loss, acc = mlp_scores(model["tensors"], corpus.train.features, corpus.train.labels)
+        assert math.isclose(loss, row["loss"], rel_tol=1e-9) and math.isclose(acc, row["accuracy"])
+        t_loss, t_acc = mlp_scores(model["tensors"], corpus.test.features, corpus.test.labels)
+        assert math.isclose(t_loss, row["test_loss"], rel_tol=1e-9)
+        assert math.isclose(t_acc, row["test_accuracy"])
+    # It learns: from about chance (10 classes) to well above it on data it never saw.
+    test_acc = [r["test_accuracy"] for r in rows]
+    assert test_acc[0] < 0.3 and test_acc[-1] > 0.8, test_acc
+    assert all(a > b for a, b in itertools.pairwise(r["loss"] for r in rows))
+    # The table has the held-out accuracy as its last column.
+    printed = table_rows(done.stdout, "demo-r")
+    assert [c[-1] for c in printed] == [f"{r['test_accuracy']:.4f}" for r in rows[1:]]
+    assert table_rows(done.stdout, "initial")[0][-1] == f"{test_acc[0]:.4f}"
+    assert (tmp_path / "propeller-fl-demo.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_digits_refusals_are_one_line(tmp_path: Path) -> None:
+    too_many = run_cli(tmp_path, "demo", "--dataset", "digits", "--proplets", "200")
+    assert too_many.returncode == 1
+    assert too_many.stderr.strip().splitlines() == [
+        "propeller-fl demo: --proplets: 200 proplets x --min-samples 10 need 2000 samples, "
+        "the train split has 1438"
+    ]
+    typo = run_cli(tmp_path, "demo", "--dataset", "digitz")
+    assert typo.returncode == 1
+    assert typo.stderr.strip().splitlines() == [
+        "propeller-fl demo: --dataset: digitz: no such file (or a shipped dataset: digits)"
+    ]
+    assert not list(tmp_path.iterdir())  # nothing written
