@@ -39,7 +39,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
 
     def spans(self) -> list[tuple[str, trace_pb2.Span]]:
         """(service.name, span) of every span received."""
-        out = []
+        out: list[tuple[str, trace_pb2.Span]] = []
         for batch in self.batches:
             for resource_spans in batch.resource_spans:
                 names = [
@@ -55,7 +55,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
 async def test_a_service_exports_its_spans_with_otlp_when_configured(tmp_path: Path) -> None:
     receiver = Receiver()
     server = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
