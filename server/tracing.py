@@ -35,16 +35,17 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
+
+if TYPE_CHECKING:  # the SDK is loaded only when tracing is turned on
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ def enable(processor: SpanProcessor, service_name: str = "propeller-fl") -> Trac
     """Record spans from now on and hand them to `processor`. Our own provider, not the
     global one: OpenTelemetry lets a process set that once, and the tests turn tracing on and
     off. `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES` win over `service_name`."""
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
     global _provider, _tracer
     disable()
     resource = Resource.create()
@@ -160,6 +164,15 @@ def traced(name: str) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Corou
         return run
 
     return wrap
+
+
+def current_ids() -> tuple[str, str]:
+    """The current trace and span ids in hex, as OTLP backends show them ("", "" outside a
+    span or with tracing off): for log lines that join their trace."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return "", ""
+    return trace.format_trace_id(ctx.trace_id), trace.format_span_id(ctx.span_id)
 
 
 def _remember(table: OrderedDict[str, SpanContext], key: str, ctx: SpanContext) -> None:

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def service_name(args: argparse.Namespace) -> str:
     """What the process's spans say it is (`OTEL_SERVICE_NAME` wins): the service `serve`
     runs, else the command."""
-    return f"propeller-fl-{getattr(args, 'service', None) or args.command}"
+    return f"propeller-fl-{args.service if args.command == 'serve' else args.command}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

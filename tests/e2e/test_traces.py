@@ -15,6 +15,7 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from propeller.v1 import manager_pb2
 from server import tracing
@@ -130,6 +131,7 @@ async def test_each_round_is_one_trace_from_start_to_stored_version(
             (s.name, dict(s.attributes or {})) for s in in_trace
         ]
         assert children(rnd, "propeller.v1.Coordinator/ConfigureRound", in_trace, by_id)
+        assert children(rnd, "propeller.v1.Coordinator/StartRound", in_trace, by_id)
         starts = children(rnd, "task start", in_trace, by_id)
         assert len(starts) == PROPLETS
         proplets = set()
@@ -159,6 +161,7 @@ async def test_each_round_is_one_trace_from_start_to_stored_version(
         assert parent_of(configured, by_id) is rnd
         assert children(aggregate, "propeller.v1.Aggregator/Aggregate", in_trace, by_id)
         assert len(children(aggregate, "propeller.v1.ModelRegistry/PutModel", in_trace, by_id)) == 1
+        assert children(aggregate, "propeller.v1.ModelRegistry/PutLineage", in_trace, by_id)
 
 
 def test_task_start_carries_the_trace_context_in_its_json() -> None:
@@ -181,3 +184,24 @@ def test_off_unless_an_otlp_endpoint_is_configured() -> None:
     assert not tracing.wanted({**endpoint, "OTEL_TRACES_EXPORTER": "none"})
     assert not tracing.enabled()
     assert tracing.client_interceptors() == [] and tracing.server_interceptors() == []
+
+
+def test_log_lines_can_name_the_current_trace(exporter: InMemorySpanExporter) -> None:
+    assert tracing.current_ids() == ("", "")
+    with tracing.span("a step"):
+        trace_id, span_id = tracing.current_ids()
+    (step,) = exporter.get_finished_spans()
+    assert (trace_id, span_id) == (f"{step.context.trace_id:032x}", f"{step.context.span_id:016x}")
+    assert tracing.current_ids() == ("", "")
+
+
+async def test_a_failed_step_ends_its_span_with_the_error(exporter: InMemorySpanExporter) -> None:
+    @tracing.traced("a step")
+    async def step() -> None:
+        raise ValueError("no such thing")
+
+    with pytest.raises(ValueError):
+        await step()
+    (span,) = exporter.get_finished_spans()
+    assert span.status.status_code is StatusCode.ERROR
+    assert [e.name for e in span.events] == ["exception"]
