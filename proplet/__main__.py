@@ -7,10 +7,12 @@ import logging
 import os
 
 from proplet.app import main
+from server import tracing
 
 if __name__ == "__main__":
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    tracing.configure(os.environ, "proplet")
     asyncio.run(main())

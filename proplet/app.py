@@ -52,6 +52,7 @@ from proplet.federated import (
     summary,
 )
 from proplet.runner import CompiledModule, Invocation, RunControl, WasmRuntime
+from server import tracing
 from server.lifecycle import Lifecycle, start_task
 from server.messages import (
     COMPLETED,
@@ -452,7 +453,9 @@ class Proplet(Lifecycle):
         job: asyncio.Task[str] | None = None
         try:
             self._report(start, RUNNING)
-            job = asyncio.create_task(self._execute(running), name=f"task-{start.id}")
+            attributes = self._span_attributes(start)
+            traced = tracing.task_run(start.traceparent, attributes, self._execute(running))
+            job = asyncio.create_task(traced, name=f"task-{start.id}")
             running.job = job
             if running.stop_reason is not None:  # stopped while its Running report was in flight
                 job.cancel()
@@ -479,6 +482,13 @@ class Proplet(Lifecycle):
             f": {error}" if error else "",
         )
         self._report(start, state, results=results, error=error)
+
+    def _span_attributes(self, start: TaskStart) -> dict[str, str]:
+        return {
+            "propeller.task_id": start.id,
+            "propeller.proplet_id": self.proplet_id,
+            "propeller.round_id": start.env.get("ROUND_ID", ""),
+        }
 
     def _outcome(self, running: _Running, job: asyncio.Task[str]) -> tuple[str, str, str]:
         if job.cancelled():

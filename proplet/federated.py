@@ -52,6 +52,7 @@ from propeller.v1 import (
 )
 from proplet import safetensors
 from proplet.errors import TaskFailed
+from server import tracing
 from server.config import Endpoints, TlsConfig
 from server.errors import InvalidArgument, RemoteError, as_remote_error, rpc_errors
 from server.grpc_server import channel
@@ -741,6 +742,7 @@ class FederatedClient:
             what=f"proplet={self.proplet_id} {what}",
         )
 
+    @tracing.traced("fetch model")
     async def fetch_model(self, fl: FlTask, deadline: float | None = None) -> tuple[Tensors, str]:
         """The base model and its sha256 (hex), checked against the bytes (hashed as they
         arrive: `server.streams.read_model_download`)."""
@@ -764,6 +766,7 @@ class FederatedClient:
             raise TaskFailed(f"model registry: {fl.model_uri} arrived with a wrong sha256")
         return tensors, header.sha256
 
+    @tracing.traced("fetch dataset")
     async def fetch_dataset(
         self, fl: FlTask, deadline: float | None = None
     ) -> datastore_pb2.Dataset:
@@ -794,6 +797,7 @@ class FederatedClient:
         features, labels = _dataset_arrays(ds)
         return FlInputs(model, features, labels, ds.schema, model_sha256)
 
+    @tracing.traced("SubmitUpdate")
     async def submit(
         self, fl: FlTask, update: Update, deadline: float | None = None
     ) -> coordinator_pb2.SubmitUpdateResponse:

@@ -41,6 +41,7 @@ import wasmtime
 
 from proplet.errors import TaskFailed, TaskInterrupted
 from proplet.sandbox import EpochTicker, Run, RunControl, define_bounded_wasi, set_stdin
+from server import tracing
 
 # RunControl is part of the runner's interface (`WasmRuntime.run`), kept importable from here.
 __all__ = [
@@ -358,6 +359,7 @@ class WasmRuntime:
             raise TaskFailed(failure)
         return RunOutput(bytes(run.stdout), run.stderr_text(), duration)
 
+    @tracing.traced("wasm run")
     async def run(
         self, compiled: CompiledModule, invocation: Invocation, control: RunControl | None = None
     ) -> RunOutput:

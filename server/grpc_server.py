@@ -30,6 +30,7 @@ from server.authz import Caller, Gate, set_caller
 from server.config import TlsConfig
 from server.errors import InvalidArgument, PropellerError
 from server.tensors import GRPC_OPTIONS
+from server.tracing import client_interceptors, server_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,8 @@ async def create_server(
     credentials = None if tls is None else server_credentials(tls)
     # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
     server = grpc.aio.server(
-        interceptors=[Guard(gate)], options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
+        interceptors=[*server_interceptors(), Guard(gate)],
+        options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
     )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -300,8 +302,15 @@ def channel(
         if not _warned_plaintext:
             _warned_plaintext = True
             log.warning("[channel] %s", PLAINTEXT_WARNING)
-        return grpc.aio.insecure_channel(target, options=list(options))
-    return grpc.aio.secure_channel(target, channel_credentials(tls), options=list(options))
+        return grpc.aio.insecure_channel(
+            target, options=list(options), interceptors=client_interceptors()
+        )
+    return grpc.aio.secure_channel(
+        target,
+        channel_credentials(tls),
+        options=list(options),
+        interceptors=client_interceptors(),
+    )
 
 
 # In-flight calls get this long after SIGTERM: room for a large upload to finish, and still

@@ -26,6 +26,7 @@ from server.ids import (
     name_problem,
     text_problem,
 )
+from server.tracing import MAX_TRACEPARENT
 
 # The largest MQTT packet the brokers take (mosquitto's `max_packet_size`, the embedded
 # broker's reader): a TaskStart carrying the largest inline module (16 MiB, base64) with its
@@ -115,6 +116,13 @@ def _attempt(d: dict[str, Any]) -> int:
     return v
 
 
+def _traceparent(d: dict[str, Any]) -> str:
+    """A trace context only ever adds spans: one that is not a short string is dropped, never
+    a reason to refuse the task."""
+    v = d.get("traceparent", "")
+    return v if isinstance(v, str) and len(v) <= MAX_TRACEPARENT else ""
+
+
 def _num(d: dict[str, Any], key: str, default: float = 0.0) -> float:
     v = d.get(key, default)
     if isinstance(v, bool) or not isinstance(v, int | float):
@@ -186,6 +194,9 @@ class TaskStart(TaskSpec, Payload):
     not taken for the current one."""
 
     attempt: int = 0
+    # The W3C trace context of the manager's `task start` span (server.tracing: why in the
+    # JSON and not in an MQTT 5 property); empty when tracing is off.
+    traceparent: str = ""
 
     @classmethod
     def of(cls, spec: TaskSpec, attempt: int) -> TaskStart:
@@ -212,6 +223,7 @@ class TaskStart(TaskSpec, Payload):
             cli_args=_str_list(d, "cli_args"),
             proplet_id=_id(d, "proplet_id"),
             attempt=_attempt(d),
+            traceparent=_traceparent(d),
         )
 
 

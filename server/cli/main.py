@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from server import tracing
 from server.cli import certs, commands, demo, serve, up
 from server.cli.render import describe_error
 from server.console import command as console
@@ -37,12 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def service_name(args: argparse.Namespace) -> str:
+    """What the process's spans say it is (`OTEL_SERVICE_NAME` wins): the service `serve`
+    runs, else the command."""
+    return f"propeller-fl-{args.service if args.command == 'serve' else args.command}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     func: Command = args.func
+    # Before any server or channel exists: they take the trace interceptors when created.
+    tracing.configure(os.environ, service_name(args))
     try:
         return asyncio.run(func(args))
     except KeyboardInterrupt:

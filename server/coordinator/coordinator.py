@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
+from server import tracing
 from server.aggregator.strategies import strategy_class
 from server.coordinator import bounds as B
 from server.coordinator import rounds as R
@@ -150,6 +151,7 @@ class Coordinator:
         cfg = with_defaults(validate(spec), self.default_timeout_s)
         if self.hierarchy.hierarchical:
             S.check_composes(cfg.strategy_name)
+        tracing.remember_round(cfg.round_id)
         async with self._lock(cfg.round_id):
             rnd = await self.store.get(cfg.round_id)
             if rnd is not None:
@@ -195,6 +197,7 @@ class Coordinator:
             )
         return started
 
+    @tracing.traced("accept update")
     async def submit(self, round_id: str, update: Update) -> Submitted:
         """Take one participant's update; see `rounds.admit` and `checks.UpdateChecks` for the
         rules. The update that
@@ -335,9 +338,8 @@ class Coordinator:
         """Announce AGGREGATING and run the aggregation in its own task (called under the
         round's lock, right after the round went AGGREGATING, or by `resume`)."""
         self._emit(EventType.AGGREGATING, rnd)
-        task = asyncio.create_task(
-            self._finish(rnd.round_id, resumed), name=f"finish-{rnd.round_id}"
-        )
+        finish = tracing.in_round(rnd.round_id, "aggregate", self._finish(rnd.round_id, resumed))
+        task = asyncio.create_task(finish, name=f"finish-{rnd.round_id}")
         self._finishing[rnd.round_id] = task
         round_id = rnd.round_id
 

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from server import tracing
 from server.config import Endpoints
 from server.coordinator.rounds import Round, RoundState
 from server.errors import (
@@ -224,7 +225,8 @@ class Manager:
 
     async def _publish_start(self, task: Task) -> None:
         topic = self.topics.task_start_for(task.proplet_id)
-        await self.publish(topic, task.start_message().to_json())
+        with tracing.task_start(task.id, task.proplet_id):
+            await self.publish(topic, tracing.carried(task.start_message()).to_json())
         log.info(
             "[Manager.StartTask] task_id=%s name=%s proplet_id=%s attempt=%d published",
             task.id,
@@ -407,7 +409,7 @@ class Manager:
             raise AlreadyExists(
                 f"experiment_id: {eid!r} already exists with a different {', '.join(differ)}"
             )
-        return await self.finish_fan_out(experiment)
+        return await tracing.experiment_started(eid, self.finish_fan_out(experiment))
 
     async def finish_fan_out(self, experiment: Experiment) -> ExperimentStarted:
         """The experiment's answer, after the fan-out of its current round (joining the one
@@ -418,7 +420,10 @@ class Manager:
         eid = experiment.experiment_id
         task = self._fan_outs.get(eid)
         if task is None:
-            task = asyncio.create_task(self._fan_out(eid), name=f"fan-out-{eid}")
+            fan_out = tracing.round_fan_out(
+                experiment.round_spec.round_id, eid, len(experiment.rounds) <= 1, self._fan_out(eid)
+            )
+            task = asyncio.create_task(fan_out, name=f"fan-out-{eid}")
             self._fan_outs[eid] = task
 
             def done(t: asyncio.Task[ExperimentStarted]) -> None:

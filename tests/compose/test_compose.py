@@ -50,6 +50,7 @@ from propeller.v1 import (
     coordinator_pb2,
     manager_pb2,
 )
+from server import tracing
 from server.cli.serve import LOG_LEVEL_ENV, SERVICES
 from server.config import MqttConfig, TlsConfig
 from server.messages import MAX_PACKET_BYTES
@@ -74,6 +75,8 @@ T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "compose.yaml"
+TRACING_FILE = ROOT / "compose.tracing.yaml"
+COLLECTOR_CONFIG = ROOT / "deploy" / "otel-collector.yaml"
 CONFIG_DOC = ROOT / "docs" / "configuration.md"
 DOCKERFILE = ROOT / "Dockerfile"
 IMAGE_WORKDIR = "/app"
@@ -137,8 +140,9 @@ def compose() -> dict[str, Any]:
 
 
 def services(compose: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    result: dict[str, dict[str, Any]] = compose["services"]
-    return result
+    """The services `docker compose up` starts: those of no profile."""
+    every: dict[str, dict[str, Any]] = compose["services"]
+    return {name: svc for name, svc in every.items() if not svc.get("profiles")}
 
 
 def environment(service: Mapping[str, Any]) -> dict[str, str]:
@@ -250,6 +254,7 @@ def variables_read(serve_name: str, env: Mapping[str, str] | None = None) -> set
         base.setdefault("PROPLET_ID", "a-proplet")
     recorder = RecordingEnv(base)
     SERVICES[serve_name].load_config(recorder)
+    tracing.wanted(recorder)  # what `propeller-fl` reads to decide on traces
     return recorder.read | {LOG_LEVEL_ENV}
 
 
@@ -536,6 +541,44 @@ def test_configuration_doc_has_one_row_per_variable() -> None:
     rows = documented_variables()
     assert not read - set(rows), f"undocumented: {sorted(read - set(rows))}"
     assert not set(rows) - read, f"documented but read by nothing: {sorted(set(rows) - read)}"
+
+
+def test_the_tracing_profile_collects_every_service_s_spans(compose: dict[str, Any]) -> None:
+    """`--profile tracing` adds an OpenTelemetry collector (and nothing else); the override
+    file points exactly our services at its OTLP receiver, with OpenTelemetry's own variable
+    (read by every `propeller-fl serve`); the collector's config (in the repository, mounted
+    where its command reads it) receives OTLP/gRPC on that port and sends traces through a
+    pipeline whose every part is defined."""
+    every = compose["services"]
+    profiled = {n: s["profiles"] for n, s in every.items() if s.get("profiles")}
+    assert profiled == {"otel-collector": ["tracing"]}
+    collector = every["otel-collector"]
+    assert collector["image"].startswith("otel/opentelemetry-collector:")
+    assert not collector["image"].endswith(":latest")
+    (mount,) = collector["configs"]
+    assert compose["configs"][mount["source"]] == {"file": "./deploy/otel-collector.yaml"}
+    assert collector["command"] == [f"--config={mount['target']}"]
+
+    config = yaml.safe_load(COLLECTOR_CONFIG.read_text(encoding="utf-8"))
+    endpoint = config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
+    host, _, port = endpoint.rpartition(":")
+    assert host == "0.0.0.0"
+    assert collector["ports"] == [f"127.0.0.1:{port}:{port}"]
+    (traces,) = config["service"]["pipelines"].values()
+    assert list(config["service"]["pipelines"]) == ["traces"]
+    for part in ("receivers", "processors", "exporters"):
+        assert traces[part], part
+        assert set(traces[part]) <= set(config[part]), part
+
+    override = yaml.safe_load(TRACING_FILE.read_text(encoding="utf-8"))
+    assert set(override["services"]) == set(OURS)
+    for name, serve_name in OURS.items():
+        svc = override["services"][name]
+        env = environment(svc)
+        assert env == {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://otel-collector:{port}"}, name
+        assert tracing.wanted(env)
+        assert set(env) <= variables_read(serve_name, env), name
+        assert depends_on(svc) == {"otel-collector": "service_started"}, name
 
 
 # --------------------------------------------------------------------------- serve and health

@@ -95,7 +95,7 @@ def service_environment(reserved: frozenset[str] | set[str] = frozenset()) -> di
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("PROPELLER_", "PROPLET_"))
+        if not k.startswith(("PROPELLER_", "PROPLET_", "OTEL_"))
         and k not in _OTHER_VARS
         and k not in reserved
     }
