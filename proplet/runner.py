@@ -41,6 +41,7 @@ import wasmtime
 
 from proplet.errors import TaskFailed, TaskInterrupted
 from proplet.sandbox import EpochTicker, Run, RunControl, define_bounded_wasi, set_stdin
+from server import metrics
 
 # RunControl is part of the runner's interface (`WasmRuntime.run`), kept importable from here.
 __all__ = [
@@ -333,6 +334,7 @@ class WasmRuntime:
             except wasmtime.WasmtimeError as exc:
                 failure = _cause(exc)
         duration = time.perf_counter() - started
+        metrics.wasm_ran(duration)
 
         if run.stopped_for == "interrupt":
             raise TaskInterrupted(f"interrupted: {run.control.interrupted}")
