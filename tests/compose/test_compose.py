@@ -52,7 +52,9 @@ from propeller.v1 import (
 )
 from server.cli.serve import LOG_LEVEL_ENV, SERVICES
 from server.config import MqttConfig, TlsConfig
+from server.log_format import LogConfig
 from server.messages import MAX_PACKET_BYTES
+from server.metrics import METRICS_ADDR_ENV, MetricsConfig
 from server.mqtt_acl import MosquittoTls, mosquitto_acl
 from server.pki import CertificateAuthority
 from server.topics import Topics
@@ -105,6 +107,9 @@ BUNDLES = {
     "local-data-store": "service-datastore",
 }
 INFRA = ("mosquitto", "local-registry")
+# Started only with their profile (`docker compose --profile NAME up`): name -> profile.
+PROFILED = {"prometheus": "metrics"}
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus.yml"
 # The seed's familiar host ports.
 PUBLISHED = {
     "manager": 7070,
@@ -114,6 +119,7 @@ PUBLISHED = {
     "local-data-store": 8083,
     "local-registry": 5000,
     "mosquitto": 1883,
+    "prometheus": 9090,
 }
 # Compose service -> the gRPC service it serves (its healthcheck names it).
 GRPC_SERVICE = {
@@ -250,6 +256,9 @@ def variables_read(serve_name: str, env: Mapping[str, str] | None = None) -> set
         base.setdefault("PROPLET_ID", "a-proplet")
     recorder = RecordingEnv(base)
     SERVICES[serve_name].load_config(recorder)
+    # What the CLI reads for every command: the log format, and /metrics for serve.
+    LogConfig.from_env(recorder)
+    MetricsConfig.from_env(recorder)
     return recorder.read | {LOG_LEVEL_ENV}
 
 
@@ -269,7 +278,9 @@ def documented_variables() -> dict[str, str]:
 
 def test_every_service_of_ours_runs_the_one_image_with_serve(compose: dict[str, Any]) -> None:
     svcs = services(compose)
-    assert set(svcs) == {*OURS, *JOBS, *INFRA}
+    assert set(svcs) == {*OURS, *JOBS, *INFRA, *PROFILED}
+    for name, svc in svcs.items():
+        assert svc.get("profiles", []) == ([PROFILED[name]] if name in PROFILED else []), name
     image = svcs["manager"]["image"]
     build = svcs["manager"]["build"]
     assert build["context"] == "." and build.get("dockerfile", "Dockerfile") == "Dockerfile"
@@ -509,6 +520,41 @@ def test_every_variable_compose_sets_is_read_and_valid(compose: dict[str, Any]) 
     assert proplet.is_insecure("local-registry:5000")  # type: ignore[attr-defined]
     datastore = SERVICES["datastore"].load_config(loadable(environment(svcs["local-data-store"])))
     assert len(datastore.seed_proplet_ids) == 3  # type: ignore[attr-defined]
+
+
+def test_the_metrics_profile_scrapes_every_service_on_its_metrics_port(
+    compose: dict[str, Any],
+) -> None:
+    svcs = services(compose)
+    prometheus = svcs["prometheus"]
+    assert prometheus["image"].startswith("prom/prometheus:")
+    assert prometheus["ports"] == ["127.0.0.1:9090:9090"]  # the UI on the host's loopback
+    (mounted,) = prometheus["configs"]
+    assert mounted["target"] == "/etc/prometheus/prometheus.yml"
+    source = compose["configs"][mounted["source"]]["file"]
+    assert (ROOT / source).resolve() == PROMETHEUS_CONFIG
+    # Every service and proplet of ours serves /metrics on a port the network reaches, not
+    # published on the host; the config scrapes exactly those.
+    wanted: set[str] = set()
+    for name in OURS:
+        listen = MetricsConfig.from_env(environment(svcs[name]))
+        host, port = listen.listen_on()
+        assert host == "0.0.0.0", name  # reachable from the prometheus container
+        assert str(port) in [str(p) for p in svcs[name].get("expose", [])], name
+        assert all(not str(p).endswith(f":{port}") for p in svcs[name].get("ports", [])), name
+        wanted.add(f"{name}:{port}")
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
+    targets = [
+        t
+        for job in config["scrape_configs"]
+        for static in job["static_configs"]
+        for t in static["targets"]
+    ]
+    assert sorted(targets) == sorted(wanted)
+    assert all(
+        job.get("metrics_path", "/metrics") == "/metrics" for job in config["scrape_configs"]
+    )
+    assert METRICS_ADDR_ENV in documented_variables()
 
 
 def test_configuration_doc_has_one_row_per_variable() -> None:
@@ -830,7 +876,8 @@ async def test_compose_as_a_process_cluster(
             ("local-registry", PUBLISHED["local-registry"]): registry.port,
         }
         for name in OURS:
-            for spec in svcs[name].get("ports", []):
+            # Published ports and the ones only the compose network reaches (/metrics).
+            for spec in [*svcs[name].get("ports", []), *svcs[name].get("expose", [])]:
                 ports[(name, int(str(spec).split(":")[-1]))] = free_port()
         amap = AddressMap(
             hosts=frozenset(svcs),
@@ -840,7 +887,7 @@ async def test_compose_as_a_process_cluster(
         logs = tmp_path / "logs"
         logs.mkdir()
         cluster = Cluster(compose, amap, logs, service_environment(reserved))
-        order = [n for n in start_order(compose) if n not in INFRA]
+        order = [n for n in start_order(compose) if n not in INFRA and n not in PROFILED]
         assert set(order) == {*OURS, *JOBS}
         ok = False
         try:
