@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar
 import grpc
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
-from server.config import parse_broker, setting, settings_from_env
+from server.config import setting, settings_from_env
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +173,14 @@ class MetricsConfig:
         return config
 
     def listen_on(self) -> tuple[str, int]:
+        """(host, port) of `addr` (an IPv6 host in brackets); ValueError naming the variable."""
         host, sep, port = self.addr.strip().rpartition(":")
-        if sep and port == "0" and host:
-            return host.strip("[]"), 0
-        return parse_broker(self.addr, METRICS_ADDR_ENV)
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(
+                f"{METRICS_ADDR_ENV}: {self.addr.strip()!r} is not host:port (port 0..65535)"
+            )
+        return host, int(port)
 
 
 @dataclass(frozen=True)
