@@ -82,7 +82,9 @@ Phase = Literal["fan_out", "training", "upload", "aggregation", "store"]
 PHASES: tuple[Phase, ...] = ("fan_out", "training", "upload", "aggregation", "store")
 
 # "field: message" or "field.sub[0]: message": what our status messages start with.
-_FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*):\s")
+_FIELD = re.compile(r"^([A-Za-z_][\w.]*(?:\[[^\]]*\][\w.]*)*):\s")
+_INDEX = re.compile(r"\[[^\]]*\]")
+_MAX_FIELD = 64
 
 
 # ---- the events ----------------------------------------------------------------------
@@ -122,7 +124,9 @@ def update_answered(duplicate: bool) -> None:
 def update_rejected(code: grpc.StatusCode | None, details: str | None) -> None:
     """A SubmitUpdate that ended with status `code`; the field is what `details` names."""
     m = _FIELD.match(details or "")
-    UPDATES.labels("rejected", code.name if code else "UNKNOWN", m[1] if m else "").inc()
+    # Indexes and keys come from the request: `tensors[]`, so a sender cannot mint labels.
+    field = _INDEX.sub("[]", m[1])[:_MAX_FIELD] if m else ""
+    UPDATES.labels("rejected", code.name if code else "UNKNOWN", field).inc()
 
 
 S = TypeVar("S")

@@ -58,6 +58,7 @@ from server.metrics import METRICS_ADDR_ENV, MetricsConfig
 from server.mqtt_acl import MosquittoTls, mosquitto_acl
 from server.pki import CertificateAuthority
 from server.topics import Topics
+from tests.operations.scrape import scrape
 from tests.support.clients import V0, Clients, clients
 from tests.support.cluster import round_notes
 from tests.support.infra import Mosquitto, OciRegistry, oci_registry
@@ -899,6 +900,7 @@ async def test_compose_as_a_process_cluster(
                 await cluster.up([n for n in order if n != CERTS])
             assert cluster.healthy == set(OURS)  # every healthcheck ran and passed
             await walkthrough(compose, amap, broker)
+            await metrics_after_the_walkthrough(compose, amap)
             # The model registry's versions are on its volume.
             assert any((tmp_path / "volumes" / "model-registry-data").iterdir())
             # Graceful stop: SIGTERM, each service exits 0 within the bound.
@@ -920,6 +922,32 @@ async def test_compose_as_a_process_cluster(
             if not ok:
                 print(cluster.logs_tail())
             cluster.kill_leftovers()
+
+
+async def metrics_after_the_walkthrough(compose: dict[str, Any], amap: AddressMap) -> None:
+    """Every process's /metrics, scraped where the `metrics` profile's Prometheus scrapes it
+    (deploy/prometheus.yml), after the walkthrough's two rounds of three proplets."""
+    svcs = services(compose)
+    scraped = {}
+    for name in OURS:
+        _, port = MetricsConfig.from_env(environment(svcs[name])).listen_on()
+        scraped[name] = await scrape(f"http://127.0.0.1:{amap.port(name, '0.0.0.0', port)}/metrics")
+    coordinator, manager = scraped["coordinator"], scraped["manager"]
+    accepted = {"outcome": "accepted", "code": "OK", "field": ""}
+    assert coordinator.value("propeller_updates_total", **accepted) == 2 * len(PROPLETS)
+    assert coordinator.value("propeller_rounds_total", state="completed") == 2
+    for phase in ("aggregation", "store"):
+        assert coordinator.value("propeller_round_phase_seconds_count", phase=phase) == 2
+    assert manager.value("propeller_proplets_alive") == len(PROPLETS)
+    assert manager.value("propeller_round_phase_seconds_count", phase="fan_out") == 2
+    for name in PROPLETS:
+        assert scraped[name].value("propeller_wasm_run_seconds_count") == 2, name
+        for phase in ("training", "upload"):
+            count = scraped[name].value("propeller_round_phase_seconds_count", phase=phase)
+            assert count == 2, (name, phase)
+    # The registry read the two new versions as model streams.
+    stored = {"stream": "model", "direction": "in"}
+    assert scraped["model-registry"].value("propeller_stream_bytes_total", **stored) > 0
 
 
 def compose_operator(amap: AddressMap) -> TlsConfig:

@@ -6,9 +6,11 @@ import re
 import urllib.error
 import urllib.request
 
+import grpc
 import pytest
+from prometheus_client import REGISTRY
 
-from server.metrics import MetricsConfig, serving_metrics
+from server.metrics import MetricsConfig, serving_metrics, update_rejected
 from tests.operations.scrape import scrape_now
 
 pytestmark = pytest.mark.integration
@@ -40,3 +42,22 @@ def test_port_0_serves_on_a_free_port_until_the_block_ends() -> None:
         } <= names
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(endpoint.url, timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("details", "field"),
+    [
+        ("update.header.tensors: 400 bytes, but ...", "update.header.tensors"),
+        ("update.tensors[w]: shape (4,) != (3,)", "update.tensors[]"),
+        ("update.tensors[evil-1]: shape (4,) != (3,)", "update.tensors[]"),
+        ("round 'r1' is completed", ""),
+        (None, ""),
+    ],
+)
+def test_a_rejection_is_labelled_by_its_field_not_by_request_values(
+    details: str | None, field: str
+) -> None:
+    labels = {"outcome": "rejected", "code": "INVALID_ARGUMENT", "field": field}
+    before = REGISTRY.get_sample_value("propeller_updates_total", labels) or 0.0
+    update_rejected(grpc.StatusCode.INVALID_ARGUMENT, details)
+    assert REGISTRY.get_sample_value("propeller_updates_total", labels) == before + 1
