@@ -724,8 +724,22 @@ class Cluster:
         for volume in mounts.values():
             self.amap.volume_dirs[volume].mkdir(parents=True, exist_ok=True)
         argv = [*propeller_fl(), *self.amap.argv(name, mounts, list(svc["command"]))]
-        env = {**self.base_env, **self.amap.env(name, mounts, environment(svc))}
+        declared = environment(svc)
+        metrics = declared.pop(METRICS_ADDR_ENV, None)
+        env = {**self.base_env, **self.amap.env(name, mounts, declared)}
+        if metrics is not None:
+            # /metrics on a port the process picks (it logs the address): a port chosen here
+            # in advance may be taken by then, and nothing else depends on it.
+            env[METRICS_ADDR_ENV] = "127.0.0.1:0"
         return argv, env
+
+    def metrics_url(self, name: str) -> str:
+        """Where the service's process serves /metrics, from its log."""
+        found = re.findall(
+            r"\[metrics\] serving (http://\S+/metrics)", self.processes[name].log_text()
+        )
+        assert found, f"{name}: no metrics endpoint logged"
+        return str(found[-1])
 
     def start(self, name: str) -> ChildProcess:
         """The service's process: stderr in LOGS/NAME.log, stdout in LOGS/NAME.out."""
@@ -877,8 +891,7 @@ async def test_compose_as_a_process_cluster(
             ("local-registry", PUBLISHED["local-registry"]): registry.port,
         }
         for name in OURS:
-            # Published ports and the ones only the compose network reaches (/metrics).
-            for spec in [*svcs[name].get("ports", []), *svcs[name].get("expose", [])]:
+            for spec in svcs[name].get("ports", []):
                 ports[(name, int(str(spec).split(":")[-1]))] = free_port()
         amap = AddressMap(
             hosts=frozenset(svcs),
@@ -900,7 +913,7 @@ async def test_compose_as_a_process_cluster(
                 await cluster.up([n for n in order if n != CERTS])
             assert cluster.healthy == set(OURS)  # every healthcheck ran and passed
             await walkthrough(compose, amap, broker)
-            await metrics_after_the_walkthrough(compose, amap)
+            await metrics_after_the_walkthrough(cluster)
             # The model registry's versions are on its volume.
             assert any((tmp_path / "volumes" / "model-registry-data").iterdir())
             # Graceful stop: SIGTERM, each service exits 0 within the bound.
@@ -924,14 +937,10 @@ async def test_compose_as_a_process_cluster(
             cluster.kill_leftovers()
 
 
-async def metrics_after_the_walkthrough(compose: dict[str, Any], amap: AddressMap) -> None:
-    """Every process's /metrics, scraped where the `metrics` profile's Prometheus scrapes it
-    (deploy/prometheus.yml), after the walkthrough's two rounds of three proplets."""
-    svcs = services(compose)
-    scraped = {}
-    for name in OURS:
-        _, port = MetricsConfig.from_env(environment(svcs[name])).listen_on()
-        scraped[name] = await scrape(f"http://127.0.0.1:{amap.port(name, '0.0.0.0', port)}/metrics")
+async def metrics_after_the_walkthrough(cluster: Cluster) -> None:
+    """Every process's /metrics (what the `metrics` profile's Prometheus scrapes, checked
+    statically above) after the walkthrough's two rounds of three proplets."""
+    scraped = {name: await scrape(cluster.metrics_url(name)) for name in OURS}
     coordinator, manager = scraped["coordinator"], scraped["manager"]
     accepted = {"outcome": "accepted", "code": "OK", "field": ""}
     assert coordinator.value("propeller_updates_total", **accepted) == 2 * len(PROPLETS)
