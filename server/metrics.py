@@ -205,7 +205,11 @@ def serving_metrics(config: MetricsConfig) -> Iterator[MetricsEndpoint | None]:
         yield None
         return
     host, port = config.listen_on()
-    server, thread = start_http_server(port, addr=host, registry=REGISTRY)
+    try:
+        server, thread = start_http_server(port, addr=host, registry=REGISTRY)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise ValueError(f"{METRICS_ADDR_ENV}: cannot listen on {config.addr}: {why}") from None
     endpoint = MetricsEndpoint(host, int(server.server_port))
     log.info("[metrics] serving %s", endpoint.url)
     try:

@@ -61,3 +61,12 @@ def test_a_rejection_is_labelled_by_its_field_not_by_request_values(
     before = REGISTRY.get_sample_value("propeller_updates_total", labels) or 0.0
     update_rejected(grpc.StatusCode.INVALID_ARGUMENT, details)
     assert REGISTRY.get_sample_value("propeller_updates_total", labels) == before + 1
+
+
+def test_a_taken_port_is_refused_naming_the_variable() -> None:
+    with serving_metrics(MetricsConfig("127.0.0.1:0")) as taken:
+        assert taken is not None
+        config = MetricsConfig(f"127.0.0.1:{taken.port}")
+        refused = re.escape(f"PROPELLER_METRICS_ADDR: cannot listen on {config.addr}: ")
+        with pytest.raises(ValueError, match=refused), serving_metrics(config):
+            pass
