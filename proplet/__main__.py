@@ -8,11 +8,14 @@ import os
 
 from proplet.app import main
 from server import tracing
+from server.log_format import LogConfig, configure_logging
+from server.metrics import MetricsConfig, serving_metrics
 
 if __name__ == "__main__":
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    configure_logging(
+        logging.getLevelNamesMapping()[os.environ.get("LOG_LEVEL", "INFO").upper()],
+        LogConfig.from_env(),
     )
     tracing.configure(os.environ, "proplet")
-    asyncio.run(main())
+    with serving_metrics(MetricsConfig.from_env()):
+        asyncio.run(main())

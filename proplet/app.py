@@ -52,7 +52,7 @@ from proplet.federated import (
     summary,
 )
 from proplet.runner import CompiledModule, Invocation, RunControl, WasmRuntime
-from server import tracing
+from server import metrics, tracing
 from server.lifecycle import Lifecycle, start_task
 from server.messages import (
     COMPLETED,
@@ -559,7 +559,10 @@ class Proplet(Lifecycle):
             module_digest=module,
             contract=compiled.contract,
         )
+        metrics.phase_took("training", t0)
+        upload_began = time.perf_counter()
         response = await self.federated.submit(fl, update, deadline)
+        metrics.phase_took("upload", upload_began)
         return summary(update, response)
 
     async def _load(self, running: _Running) -> CompiledModule:

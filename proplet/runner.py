@@ -41,7 +41,7 @@ import wasmtime
 
 from proplet.errors import TaskFailed, TaskInterrupted
 from proplet.sandbox import EpochTicker, Run, RunControl, define_bounded_wasi, set_stdin
-from server import tracing
+from server import metrics, tracing
 
 # RunControl is part of the runner's interface (`WasmRuntime.run`), kept importable from here.
 __all__ = [
@@ -334,6 +334,7 @@ class WasmRuntime:
             except wasmtime.WasmtimeError as exc:
                 failure = _cause(exc)
         duration = time.perf_counter() - started
+        metrics.wasm_ran(duration)
 
         if run.stopped_for == "interrupt":
             raise TaskInterrupted(f"interrupted: {run.control.interrupted}")

@@ -35,6 +35,7 @@ from contextlib import AsyncExitStack
 
 import aiomqtt
 
+from server import metrics
 from server.config import MqttConfig, TlsConfig
 from server.errors import Unavailable
 from server.lifecycle import Lifecycle, start_task
@@ -202,6 +203,7 @@ class MqttSession(Lifecycle):
                                 )
                         self._conn = conn
                         self.connects += 1
+                        metrics.mqtt_connected(self.connects)
                         self._connected.set()
                         backoff = 0.05
                         log.info("[mqtt] %s connected to %s:%d", self.client_id, host, port)

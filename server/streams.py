@@ -31,13 +31,14 @@ from collections.abc import (
 from dataclasses import dataclass
 from io import BufferedRandom
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import grpc
 import numpy as np
 from google.protobuf.message import Message
 
 from propeller.v1 import tensor_pb2
+from server import metrics
 from server.errors import DataLoss, InvalidArgument, PropellerError
 from server.ids import MAX_TENSORS, check_count, check_name
 from server.tensors import (
@@ -94,6 +95,7 @@ def model_stream(
         header.version = version
     yield tensor_pb2.ModelChunk(header=header)
     for data in iter_chunks(tensors, chunk_size):
+        metrics.streamed("model", "out", len(data))
         yield tensor_pb2.ModelChunk(data=data)
 
 
@@ -119,6 +121,7 @@ def update_stream(
     specs = specs_of(tensors)
     yield tensor_pb2.UpdateChunk(header=update_header(meta, specs))
     for data in iter_chunks(tensors, chunk_size):
+        metrics.streamed("update", "out", len(data))
         yield tensor_pb2.UpdateChunk(data=data)
 
 
@@ -367,6 +370,10 @@ async def _read_stream(
         await drain(chunks)
         raise
     assert isinstance(header, header_type)
+    kind: Literal["model", "update"] = (
+        "update" if header_type is tensor_pb2.UpdateHeader else "model"
+    )
+    metrics.streamed(kind, "in", payload.nbytes)
     return header, payload
 
 
@@ -647,6 +654,7 @@ async def read_model_download(
         if header is None or assembly is None:
             raise InvalidArgument(f"{field}: stream ended without a header")
         tensors, sha256 = await assembly.finish(specs)
+        metrics.streamed("model", "in", need)
         return header, tensors, sha256
     finally:
         if assembly is not None:

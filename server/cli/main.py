@@ -17,6 +17,7 @@ from server.cli import certs, commands, demo, serve, up
 from server.cli.render import describe_error
 from server.console import command as console
 from server.errors import PropellerError
+from server.log_format import LogConfig, configure_logging
 
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -49,7 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        configure_logging(level, LogConfig.from_env())
+    except ValueError as exc:
+        print(f"propeller-fl {args.command}: {exc}", file=sys.stderr)
+        return 1
     func: Command = args.func
     # Before any server or channel exists: they take the trace interceptors when created.
     tracing.configure(os.environ, service_name(args))

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from server.cli.client import add_tls_flags, tls_of
 from server.cli.runner import add_command
+from server.metrics import MetricsConfig, serving_metrics
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ async def serve_command(args: argparse.Namespace) -> int:
     # Validate the whole configuration before anything starts: a bad variable is one line on
     # stderr and exit status 1, not a half-started service.
     config = service.load_config(env)
+    metrics_config = MetricsConfig.from_env(env)
     # Until the service installs its own handlers (once it is up), a signal cancels start-up;
     # after that the service's handlers stop it gracefully.
     task = asyncio.current_task()
@@ -144,7 +146,8 @@ async def serve_command(args: argparse.Namespace) -> int:
     log.info("[serve] %s pid=%d config=%s", args.service, os.getpid(), config)
     started = time.monotonic()
     try:
-        await main()
+        with serving_metrics(metrics_config):
+            await main()
     except asyncio.CancelledError:
         if not signalled:
             raise

@@ -27,6 +27,7 @@ from server.cli.one_process import (
 )
 from server.cli.runner import add_command
 from server.config import ENDPOINTS, bind_problem
+from server.metrics import MetricsConfig, MetricsEndpoint, serving_metrics
 from server.stack import Stack, StackConfig
 
 # The seed's ports, as `propeller-fl up` uses them.
@@ -126,28 +127,41 @@ async def cmd_up(args: argparse.Namespace) -> int:
                 proplet_task_timeout_s=TASK_TIMEOUT_S,
                 ca_dir=certs,
             )
-            async with Stack(config) as stack:
-                assert stack.broker is not None
-                ep = stack.endpoints
-                lines = [
-                    ("mqtt", stack.broker.address),
-                    ("manager", ep.manager),
-                    ("coordinator", ep.coordinator),
-                    ("aggregator", ep.aggregator),
-                    ("registry", ep.registry),
-                    ("datastore", ep.datastore),
-                    ("trainer", f"file://{trainer}"),
-                    *(("proplet", pid) for pid in proplet_ids),
-                    *_credentials(stack),
-                ]
-                for name, value in lines:
-                    print(f"{name:<12} {value}", flush=True)
-                print("ready", flush=True)
-                await stop.wait()
+            with serving_metrics(MetricsConfig.from_env()) as metrics_endpoint:
+                await _serve_stack(config, trainer, proplet_ids, metrics_endpoint, stop)
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
     return 0
+
+
+async def _serve_stack(
+    config: StackConfig,
+    trainer: Path,
+    proplet_ids: tuple[str, ...],
+    metrics_endpoint: MetricsEndpoint | None,
+    stop: asyncio.Event,
+) -> None:
+    """Run the stack, print what a user needs of it, and stop when `stop` is set."""
+    async with Stack(config) as stack:
+        assert stack.broker is not None
+        ep = stack.endpoints
+        lines = [
+            ("mqtt", stack.broker.address),
+            ("manager", ep.manager),
+            ("coordinator", ep.coordinator),
+            ("aggregator", ep.aggregator),
+            ("registry", ep.registry),
+            ("datastore", ep.datastore),
+            ("trainer", f"file://{trainer}"),
+            *(("proplet", pid) for pid in proplet_ids),
+            *_credentials(stack),
+            *([("metrics", metrics_endpoint.url)] if metrics_endpoint else []),
+        ]
+        for name, value in lines:
+            print(f"{name:<12} {value}", flush=True)
+        print("ready", flush=True)
+        await stop.wait()
 
 
 def _credentials(stack: Stack) -> list[tuple[str, str]]:

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
-from server import tracing
+from server import metrics, tracing
 from server.aggregator.strategies import strategy_class
 from server.coordinator import bounds as B
 from server.coordinator import rounds as R
@@ -166,6 +166,7 @@ class Coordinator:
                     S.check_deadline(self.clock() + cfg.timeout_s, cfg.timeout_s, root)
                 rnd = R.new_round(cfg, base.uri, base.specs, self.clock(), base.sha256)
                 await self.store.put(rnd)
+                metrics.round_entered(rnd.state.value)
                 log.info(
                     "[Coordinator.ConfigureRound] round_id=%s participants=%d k_of_n=%d "
                     "model_ref=%s timeout_s=%s",
@@ -368,6 +369,7 @@ class Coordinator:
         updates = await self.store.updates(round_id)
         inputs: RoundUpdates = updates
         strategy = strategy_class(rnd.strategy_name)
+        aggregation_began = time.perf_counter()
         try:
             base: Tensors | None = None
             clipped = any(u.clip_scale != 1.0 for u in update_headers(updates))
@@ -400,6 +402,7 @@ class Coordinator:
                 nbytes, R.check_tensors, rnd.specs, aggregated, "aggregate"
             )
             new_state = self._new_state(rnd, strategy.stateful, result.state)
+            metrics.phase_took("aggregation", aggregation_began)
             state_lineage = (
                 None
                 if result.state is None
@@ -437,15 +440,17 @@ class Coordinator:
             await self.backend.put_lineage(lineage_of(stored[0]))
             return stored
 
+        store_began = time.perf_counter()
         try:
             version, uri = await with_retry(self.retry, "store model", round_id, store_once)
         except PropellerError as exc:
             await self._fail(round_id, f"storing the new model failed: {exc}")
             return
+        metrics.phase_took("store", store_began)
         crash_point("coordinator.model_stored")
-        metrics = R.weighted_metrics(update_headers(updates))
+        weighted = R.weighted_metrics(update_headers(updates))
         async with self._lock(round_id):
-            rnd = R.complete(await self.get(round_id), version, uri, metrics, self.clock())
+            rnd = R.complete(await self.get(round_id), version, uri, weighted, self.clock())
             message = RoundComplete(
                 round_id=round_id,
                 new_model_version=version,
@@ -610,6 +615,8 @@ class Coordinator:
     # ---- events ------------------------------------------------------------------------
 
     def _emit(self, kind: EventType, rnd: Round, proplet_id: str = "") -> None:
+        if kind not in (EventType.UPDATE_ACCEPTED, EventType.SNAPSHOT):  # a change of state
+            metrics.round_entered(rnd.state.value)
         if rnd.state is not R.RoundState.OPEN:
             self._members.forget(rnd.round_id)
         self._watchers.tell(Event(kind, rnd, self.clock(), proplet_id))

@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator
 
 from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
-from server import authz
+from server import authz, metrics
 from server.coordinator import rounds as R
 from server.coordinator import site as S
 from server.coordinator.coordinator import Coordinator, Event, EventType
@@ -75,6 +75,7 @@ class CoordinatorServicer:
             context, "Coordinator.StartRound", request.round_id, self.coordinator.start
         )
 
+    @metrics.counts_updates
     async def SubmitUpdate(
         self, request_iterator: AsyncIterable[tensor_pb2.UpdateChunk], context: Context
     ) -> coordinator_pb2.SubmitUpdateResponse:

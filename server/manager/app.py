@@ -14,6 +14,7 @@ from pathlib import Path
 
 from propeller.v1 import coordinator_pb2_grpc, manager_pb2
 from propeller.v1 import manager_pb2_grpc as manager_grpc
+from server import metrics
 from server.config import Endpoints, MqttConfig, TlsConfig, read_by, setting, settings_from_env
 from server.errors import Unavailable
 from server.grpc_server import ServiceBinding, channel
@@ -127,6 +128,7 @@ class ManagerApp(ServiceApp):
             config.alive_window_s,
             clock,
         )
+        metrics.proplets_alive_from(self.proplets.alive_count)
         self.tasks = Tasks(task_store or (db.tasks if db else InMemoryTaskStore()), clock)
         self.experiment_store: ExperimentStore = experiment_store or (
             db.experiments if db else InMemoryExperimentStore()

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from server import tracing
+from server import metrics, tracing
 from server.config import Endpoints
 from server.coordinator.rounds import Round, RoundState
 from server.errors import (
@@ -536,6 +536,7 @@ class Manager:
         already created is not created again, a start that may have left is published again
         unless its participant has reported (the proplet ignores a start it holds)."""
         await self.persisted()  # the record is on disk before the round or a task exists
+        fan_out_began = time.perf_counter()
         experiment = require(self.experiments, eid, "experiment")
         if not experiment.running:  # stopped before its round went out: nothing goes out
             raise FailedPrecondition(
@@ -606,6 +607,7 @@ class Manager:
         self.experiments.put(done)
         await self.persisted()
         self.emit(EventKind.ROUND_STARTED, done, done.current_round)
+        metrics.phase_took("fan_out", fan_out_began)
         log.info(
             "[Manager.StartExperiment] experiment_id=%s round_id=%s scheduled=%d skipped=%d "
             "k_of_n=%d min_k_of_n=%d timeout_s=%g",

@@ -93,6 +93,16 @@ class Proplets:
     def is_alive(self, proplet: Proplet) -> bool:
         return self.age(proplet) <= self.alive_window_s
 
+    def alive_count(self) -> int:
+        """How many proplets are alive now. Called from the metrics endpoint's thread: a
+        registration landing during the count makes it count again."""
+        for _ in range(10):
+            try:
+                return sum(1 for p in self.all() if self.is_alive(p))
+            except RuntimeError:  # the store changed size while it was being listed
+                continue
+        return 0
+
     def split(self, participants: Iterable[str]) -> tuple[list[str], list[Skipped]]:
         """Participants that can take part now (known and alive), in request order, and the
         others with the reason each one is left out."""

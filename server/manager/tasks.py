@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from server import messages
+from server import messages, metrics
 from server.errors import FailedPrecondition, InvalidArgument
 from server.manager.records import InMemoryStore, RecordStore, require
 
@@ -125,6 +125,13 @@ class Tasks:
         self.store = store
         self.clock = clock
 
+    def _put(self, task: Task) -> None:
+        """Store `task`, counting it into its state when it changed state."""
+        before = self.store.get(task.id)
+        self.store.put(task)
+        if before is None or before.state is not task.state:
+            metrics.task_entered(task.state.value)
+
     def create(
         self,
         name: str,
@@ -161,7 +168,7 @@ class Tasks:
             created_at=now,
             updated_at=now,
         )
-        self.store.put(task)
+        self._put(task)
         return task
 
     def get(self, task_id: str) -> Task:
@@ -211,7 +218,7 @@ class Tasks:
             updated_at=now,
             attempt=task.attempt + 1,
         )
-        self.store.put(scheduled)
+        self._put(scheduled)
         return scheduled, task
 
     def unschedule(self, previous: Task) -> None:
@@ -220,7 +227,7 @@ class Tasks:
         attempt number is never handed out twice."""
         current = self.store.get(previous.id)
         if current is not None and current.state is TaskState.SCHEDULED:
-            self.store.put(replace(previous, updated_at=self.clock(), attempt=current.attempt))
+            self._put(replace(previous, updated_at=self.clock(), attempt=current.attempt))
 
     def check_stoppable(self, task_id: str) -> Task:
         task = self.get(task_id)
@@ -269,7 +276,7 @@ class Tasks:
         task = replace(
             task, state=TaskState.INTERRUPTED, error=error, finished_at=now, updated_at=now
         )
-        self.store.put(task)
+        self._put(task)
         return task
 
     def interrupt(self, task_id: str) -> Task:
@@ -279,7 +286,7 @@ class Tasks:
             return task
         now = self.clock()
         task = replace(task, state=TaskState.INTERRUPTED, finished_at=now, updated_at=now)
-        self.store.put(task)
+        self._put(task)
         return task
 
     def fail(self, task_id: str, error: str) -> Task:
@@ -287,7 +294,7 @@ class Tasks:
         task = replace(
             self.get(task_id), state=TaskState.FAILED, error=error, finished_at=now, updated_at=now
         )
-        self.store.put(task)
+        self._put(task)
         return task
 
     def apply_result(self, result: messages.TaskResult) -> Task | None:
@@ -352,7 +359,7 @@ class Tasks:
                 finished_at=now,
                 started_at=task.started_at or now,
             )
-        self.store.put(task)
+        self._put(task)
         log.info(
             "[Manager.results] task_id=%s name=%s state=%s", task.id, task.name, new_state.value
         )

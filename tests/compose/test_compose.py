@@ -53,10 +53,13 @@ from propeller.v1 import (
 from server import tracing
 from server.cli.serve import LOG_LEVEL_ENV, SERVICES
 from server.config import MqttConfig, TlsConfig
+from server.log_format import LogConfig
 from server.messages import MAX_PACKET_BYTES
+from server.metrics import METRICS_ADDR_ENV, MetricsConfig
 from server.mqtt_acl import MosquittoTls, mosquitto_acl
 from server.pki import CertificateAuthority
 from server.topics import Topics
+from tests.operations.scrape import scrape
 from tests.support.clients import V0, Clients, clients
 from tests.support.cluster import round_notes
 from tests.support.infra import Mosquitto, OciRegistry, oci_registry
@@ -108,6 +111,9 @@ BUNDLES = {
     "local-data-store": "service-datastore",
 }
 INFRA = ("mosquitto", "local-registry")
+# Started only with their profile (`docker compose --profile NAME up`): name -> profile.
+PROFILED = {"prometheus": "metrics"}
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus.yml"
 # The seed's familiar host ports.
 PUBLISHED = {
     "manager": 7070,
@@ -117,6 +123,7 @@ PUBLISHED = {
     "local-data-store": 8083,
     "local-registry": 5000,
     "mosquitto": 1883,
+    "prometheus": 9090,
 }
 # Compose service -> the gRPC service it serves (its healthcheck names it).
 GRPC_SERVICE = {
@@ -255,6 +262,9 @@ def variables_read(serve_name: str, env: Mapping[str, str] | None = None) -> set
     recorder = RecordingEnv(base)
     SERVICES[serve_name].load_config(recorder)
     tracing.wanted(recorder)  # what `propeller-fl` reads to decide on traces
+    # What the CLI reads for every command: the log format, and /metrics for serve.
+    LogConfig.from_env(recorder)
+    MetricsConfig.from_env(recorder)
     return recorder.read | {LOG_LEVEL_ENV}
 
 
@@ -274,7 +284,9 @@ def documented_variables() -> dict[str, str]:
 
 def test_every_service_of_ours_runs_the_one_image_with_serve(compose: dict[str, Any]) -> None:
     svcs = services(compose)
-    assert set(svcs) == {*OURS, *JOBS, *INFRA}
+    assert set(svcs) == {*OURS, *JOBS, *INFRA, *PROFILED}
+    for name, svc in svcs.items():
+        assert svc.get("profiles", []) == ([PROFILED[name]] if name in PROFILED else []), name
     image = svcs["manager"]["image"]
     build = svcs["manager"]["build"]
     assert build["context"] == "." and build.get("dockerfile", "Dockerfile") == "Dockerfile"
@@ -516,6 +528,41 @@ def test_every_variable_compose_sets_is_read_and_valid(compose: dict[str, Any]) 
     assert len(datastore.seed_proplet_ids) == 3  # type: ignore[attr-defined]
 
 
+def test_the_metrics_profile_scrapes_every_service_on_its_metrics_port(
+    compose: dict[str, Any],
+) -> None:
+    svcs = services(compose)
+    prometheus = svcs["prometheus"]
+    assert prometheus["image"].startswith("prom/prometheus:")
+    assert prometheus["ports"] == ["127.0.0.1:9090:9090"]  # the UI on the host's loopback
+    (mounted,) = prometheus["configs"]
+    assert mounted["target"] == "/etc/prometheus/prometheus.yml"
+    source = compose["configs"][mounted["source"]]["file"]
+    assert (ROOT / source).resolve() == PROMETHEUS_CONFIG
+    # Every service and proplet of ours serves /metrics on a port the network reaches, not
+    # published on the host; the config scrapes exactly those.
+    wanted: set[str] = set()
+    for name in OURS:
+        listen = MetricsConfig.from_env(environment(svcs[name]))
+        host, port = listen.listen_on()
+        assert host == "0.0.0.0", name  # reachable from the prometheus container
+        assert str(port) in [str(p) for p in svcs[name].get("expose", [])], name
+        assert all(not str(p).endswith(f":{port}") for p in svcs[name].get("ports", [])), name
+        wanted.add(f"{name}:{port}")
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
+    targets = [
+        t
+        for job in config["scrape_configs"]
+        for static in job["static_configs"]
+        for t in static["targets"]
+    ]
+    assert sorted(targets) == sorted(wanted)
+    assert all(
+        job.get("metrics_path", "/metrics") == "/metrics" for job in config["scrape_configs"]
+    )
+    assert METRICS_ADDR_ENV in documented_variables()
+
+
 def test_configuration_doc_has_one_row_per_variable() -> None:
     read: set[str] = set()
     for serve_name in sorted(set(OURS.values())):
@@ -720,8 +767,22 @@ class Cluster:
         for volume in mounts.values():
             self.amap.volume_dirs[volume].mkdir(parents=True, exist_ok=True)
         argv = [*propeller_fl(), *self.amap.argv(name, mounts, list(svc["command"]))]
-        env = {**self.base_env, **self.amap.env(name, mounts, environment(svc))}
+        declared = environment(svc)
+        metrics = declared.pop(METRICS_ADDR_ENV, None)
+        env = {**self.base_env, **self.amap.env(name, mounts, declared)}
+        if metrics is not None:
+            # /metrics on a port the process picks (it logs the address): a port chosen here
+            # in advance may be taken by then, and nothing else depends on it.
+            env[METRICS_ADDR_ENV] = "127.0.0.1:0"
         return argv, env
+
+    def metrics_url(self, name: str) -> str:
+        """Where the service's process serves /metrics, from its log."""
+        found = re.findall(
+            r"\[metrics\] serving (http://\S+/metrics)", self.processes[name].log_text()
+        )
+        assert found, f"{name}: no metrics endpoint logged"
+        return str(found[-1])
 
     def start(self, name: str) -> ChildProcess:
         """The service's process: stderr in LOGS/NAME.log, stdout in LOGS/NAME.out."""
@@ -883,7 +944,7 @@ async def test_compose_as_a_process_cluster(
         logs = tmp_path / "logs"
         logs.mkdir()
         cluster = Cluster(compose, amap, logs, service_environment(reserved))
-        order = [n for n in start_order(compose) if n not in INFRA]
+        order = [n for n in start_order(compose) if n not in INFRA and n not in PROFILED]
         assert set(order) == {*OURS, *JOBS}
         ok = False
         try:
@@ -895,6 +956,7 @@ async def test_compose_as_a_process_cluster(
                 await cluster.up([n for n in order if n != CERTS])
             assert cluster.healthy == set(OURS)  # every healthcheck ran and passed
             await walkthrough(compose, amap, broker)
+            await metrics_after_the_walkthrough(cluster)
             # The model registry's versions are on its volume.
             assert any((tmp_path / "volumes" / "model-registry-data").iterdir())
             # Graceful stop: SIGTERM, each service exits 0 within the bound.
@@ -916,6 +978,28 @@ async def test_compose_as_a_process_cluster(
             if not ok:
                 print(cluster.logs_tail())
             cluster.kill_leftovers()
+
+
+async def metrics_after_the_walkthrough(cluster: Cluster) -> None:
+    """Every process's /metrics (what the `metrics` profile's Prometheus scrapes, checked
+    statically above) after the walkthrough's two rounds of three proplets."""
+    scraped = {name: await scrape(cluster.metrics_url(name)) for name in OURS}
+    coordinator, manager = scraped["coordinator"], scraped["manager"]
+    accepted = {"outcome": "accepted", "code": "OK", "field": ""}
+    assert coordinator.value("propeller_updates_total", **accepted) == 2 * len(PROPLETS)
+    assert coordinator.value("propeller_rounds_total", state="completed") == 2
+    for phase in ("aggregation", "store"):
+        assert coordinator.value("propeller_round_phase_seconds_count", phase=phase) == 2
+    assert manager.value("propeller_proplets_alive") == len(PROPLETS)
+    assert manager.value("propeller_round_phase_seconds_count", phase="fan_out") == 2
+    for name in PROPLETS:
+        assert scraped[name].value("propeller_wasm_run_seconds_count") == 2, name
+        for phase in ("training", "upload"):
+            count = scraped[name].value("propeller_round_phase_seconds_count", phase=phase)
+            assert count == 2, (name, phase)
+    # The registry read the two new versions as model streams.
+    stored = {"stream": "model", "direction": "in"}
+    assert scraped["model-registry"].value("propeller_stream_bytes_total", **stored) > 0
 
 
 def compose_operator(amap: AddressMap) -> TlsConfig:

@@ -7,9 +7,12 @@ the aggregation and the registry's PutModel."""
 
 from __future__ import annotations
 
+import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
@@ -20,6 +23,7 @@ from opentelemetry.trace import StatusCode
 from propeller.v1 import manager_pb2
 from server import tracing
 from server.config import MqttConfig
+from server.log_format import JsonFormatter
 from server.messages import TaskStart
 from tests.support.clients import HYPER, V0
 from tests.support.cluster import Cluster, cluster
@@ -193,6 +197,25 @@ def test_log_lines_can_name_the_current_trace(exporter: InMemorySpanExporter) ->
     (step,) = exporter.get_finished_spans()
     assert (trace_id, span_id) == (f"{step.context.trace_id:032x}", f"{step.context.span_id:016x}")
     assert tracing.current_ids() == ("", "")
+
+
+def test_json_log_lines_name_the_span_they_were_logged_in(exporter: InMemorySpanExporter) -> None:
+    formatter = JsonFormatter()
+
+    def line(message: str) -> dict[str, Any]:
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, message, None, None)
+        return dict(json.loads(formatter.format(record)))
+
+    outside = line("[Test.step] round_id=r1")
+    with tracing.span("a step"):
+        inside = line("[Test.step] round_id=r1")
+    (step,) = exporter.get_finished_spans()
+    assert (outside["trace_id"], outside["span_id"]) == ("", "")
+    assert (inside["trace_id"], inside["span_id"]) == (
+        f"{step.context.trace_id:032x}",
+        f"{step.context.span_id:016x}",
+    )
+    assert inside["round_id"] == "r1"
 
 
 async def test_a_failed_step_ends_its_span_with_the_error(exporter: InMemorySpanExporter) -> None:

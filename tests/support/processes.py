@@ -297,9 +297,21 @@ class UpProcess(ChildProcess):
     """`python -m server.cli.main up ARGS` in `cwd`; its printed lines are read on a thread,
     so every wait for them is bounded."""
 
-    def __init__(self, args: Sequence[str], cwd: Path) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        cwd: Path,
+        *,
+        options: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        # `options`: the command's own (-v) before `up`; `env`: added to this environment.
         super().__init__(
-            "up", [sys.executable, "-m", "server.cli.main", "up", *args], cwd, stdout="pipe"
+            "up",
+            [sys.executable, "-m", "server.cli.main", *options, "up", *args],
+            cwd,
+            env={**os.environ, **(env or {})},
+            stdout="pipe",
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.printed: list[str] = []
@@ -357,12 +369,17 @@ def up_ports() -> dict[str, int]:
 
 @contextlib.contextmanager
 def up_process(
-    args: Sequence[str], cwd: Path, ports: Mapping[str, int] | None = None
+    args: Sequence[str],
+    cwd: Path,
+    ports: Mapping[str, int] | None = None,
+    *,
+    options: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[UpProcess]:
-    """`up ARGS` with a `--NAME-port` flag for each of `ports`, started, and killed on exit if
-    it is still running."""
+    """`up ARGS` with a `--NAME-port` flag for each of `ports` (`options` and `env` as
+    `UpProcess` takes them), started, and killed on exit if it is still running."""
     flags = [f for name, port in (ports or {}).items() for f in (f"--{name}-port", str(port))]
-    with started(UpProcess([*args, *flags], cwd)) as process:
+    with started(UpProcess([*args, *flags], cwd, options=options, env=env)) as process:
         yield process
 
 
