@@ -675,8 +675,11 @@ class Coordinator:
             return True  # being published right now
         self._publishing.add(notice.round_id)
         try:
-            await self.publish(notice.topic, notice.payload)
-            await self.store.sent(notice.round_id)
+            if self.replica is None:
+                await self.publish(notice.topic, notice.payload)
+                await self.store.sent(notice.round_id)
+            else:
+                await self._deliver_once(notice)
         except Exception as exc:
             log.warning(
                 "[Coordinator.outbox] round_id=%s notification not published yet: %s; "
@@ -689,6 +692,16 @@ class Coordinator:
         finally:
             self._publishing.discard(notice.round_id)
         return True
+
+    async def _deliver_once(self, notice: Notice) -> None:
+        """A replica publishes a notice under the round's lock, and only if it is still
+        unsent: two replicas (one completing the round, one starting up and reading the
+        outbox) never both publish it, short of a crash between the publish and the mark."""
+        async with self._lock(notice.round_id):
+            if all(n.round_id != notice.round_id for n in await self.store.unsent()):
+                return  # another replica published it
+            await self.publish(notice.topic, notice.payload)
+            await self.store.sent(notice.round_id)
 
     async def deliver_unsent(self) -> bool:
         """Publish every notice the store holds unsent; True if all went out."""

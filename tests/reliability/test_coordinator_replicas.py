@@ -41,8 +41,11 @@ UPDATES = [
 class Published:
     def __init__(self) -> None:
         self.messages: list[dict[str, Any]] = []
+        self.broker_down = False
 
     async def __call__(self, topic: str, payload: bytes) -> None:
+        if self.broker_down:
+            raise ConnectionError("the broker is down")
         self.messages.append(json.loads(payload))
 
 
@@ -217,6 +220,22 @@ async def test_a_stalled_replica_whose_round_was_taken_over_stores_nothing(
     assert (rnd.state, rnd.new_model_version) == (RoundState.COMPLETED, 1)
     assert (replicas.backend.aggregate_calls, sorted(replicas.backend.models)) == (2, [0, 1])
     assert [n["round_id"] for n in replicas.notices()] == ["r1"]
+
+
+async def test_an_unsent_notice_is_published_by_one_replica(replicas: Replicas) -> None:
+    a, b = await replicas.start("r-a"), await replicas.start("r-b")
+    replicas.published[0].broker_down = True  # a completes the round, its publish fails
+    await a.configure(config("r1", k_of_n=1), start=True)
+    await a.submit("r1", UPDATES[0])
+    await a.wait_finishing()
+    assert (await a.get("r1")).state is RoundState.COMPLETED
+    assert replicas.notices() == []
+    replicas.published[0].broker_down = False
+    # Both read the outbox at once (a retrying, b starting up): one of them publishes it.
+    done = await asyncio.gather(*(c.deliver_unsent() for c in (a, b, a, b)))
+    assert done == [True] * 4
+    assert [n["round_id"] for n in replicas.notices()] == ["r1"]
+    assert await a.store.unsent() == []
 
 
 async def test_watching_one_replica_shows_what_another_did(replicas: Replicas) -> None:
