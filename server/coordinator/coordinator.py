@@ -107,6 +107,7 @@ class Coordinator:
             if not isinstance(store, RoundLeases):
                 raise ValueError("replica: replicas need a store they share (PostgreSQL)")
             self._leases = store
+            store.lease_aggregations(replica.replica_id, replica.lease_s, clock)
         self.backend = backend
         self.publish = publish
         self.topics = topics

@@ -155,6 +155,14 @@ _UPSERT_ROUND = (
     "ON CONFLICT (round_id) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in _ROUND_COLUMNS[1:])
 )
+# A replica's rewrite: a round that goes AGGREGATING in it is leased to the replica in the same
+# statement, so no other replica's claim loop can take it between the commit and the claim.
+_UPSERT_ROUND_LEASED = (
+    _UPSERT_ROUND + ", lease_owner = CASE WHEN EXCLUDED.state = 'aggregating' AND "
+    "coordinator.rounds.state <> 'aggregating' THEN %s ELSE coordinator.rounds.lease_owner END"
+    ", lease_until = CASE WHEN EXCLUDED.state = 'aggregating' AND "
+    "coordinator.rounds.state <> 'aggregating' THEN %s ELSE coordinator.rounds.lease_until END"
+)
 _INSERT_UPDATE_COLUMNS = ("round_id", "seq", "tensors", *_UPDATE_HEADER_COLUMNS)
 _INSERT_UPDATE = (
     f"INSERT INTO coordinator.updates ({', '.join(_INSERT_UPDATE_COLUMNS)}) "
@@ -172,6 +180,8 @@ class PostgresRoundStore:
         self.url = url
         self.db = PostgresDatabase(url, COMPONENT, MIGRATIONS)
         self.max_bytes = max_bytes
+        # The replica that rounds going AGGREGATING here are leased to (`lease_aggregations`).
+        self._holder: tuple[str, float, Callable[[], float]] | None = None
         # The connection that holds this process's round locks (opened at the first).
         self._locks: psycopg.AsyncConnection[Any] | None = None
         self._locks_opening = asyncio.Lock()
@@ -189,7 +199,19 @@ class PostgresRoundStore:
             await locks.close()
         await self.db.close()
 
+    async def _upsert(self, conn: Connection, rnd: Round) -> None:
+        if self._holder is None:
+            await conn.execute(_UPSERT_ROUND, _round_values(rnd))
+            return
+        owner, lease_s, clock = self._holder
+        await conn.execute(_UPSERT_ROUND_LEASED, (*_round_values(rnd), owner, clock() + lease_s))
+
     # ---- replicas (`server.coordinator.replicas.RoundLeases`) ------------------------------
+
+    def lease_aggregations(self, owner: str, lease_s: float, clock: Callable[[], float]) -> None:
+        """From now on a round this store turns AGGREGATING is leased to `owner`, for
+        `lease_s` from `clock()`, in the transaction that does it."""
+        self._holder = (owner, lease_s, clock)
 
     async def _lock_connection(self) -> psycopg.AsyncConnection[Any]:
         async with self._locks_opening:
@@ -309,7 +331,7 @@ class PostgresRoundStore:
             self._check_size("state: strategy state", len(blob))
 
         async def together(conn: Connection) -> None:
-            await conn.execute(_UPSERT_ROUND, _round_values(rnd))
+            await self._upsert(conn, rnd)
             if notice is not None:
                 await conn.execute(
                     "INSERT INTO coordinator.notices (round_id, topic, payload) "
@@ -408,7 +430,7 @@ class PostgresRoundStore:
             # numbers), from this process or another.
             await _lock_round(conn, rnd.round_id)
             await self._insert_update(conn, rnd.round_id, update)
-            await conn.execute(_UPSERT_ROUND, _round_values(rnd))
+            await self._upsert(conn, rnd)
             cur = await conn.execute(
                 "SELECT count(*) FROM coordinator.updates WHERE round_id = %s", (rnd.round_id,)
             )

@@ -10,8 +10,9 @@ round at its deadline and aggregates it, and how the others stay out of its way.
   row (`lease_owner`, `lease_until`): `claim_due` takes, with `FOR UPDATE SKIP LOCKED`, the
   open rounds whose deadline passed and the aggregating rounds whose lease expired (their
   replica died or stalled); the replica whose update (or failure report, or deadline close)
-  turned a round AGGREGATING claims that round. The holder renews the lease while it
-  aggregates; one that finds its lease taken over stores nothing more of that round.
+  turned a round AGGREGATING holds its lease from the transaction that did it. The holder
+  renews the lease while it aggregates; one that finds its lease taken over stores nothing
+  more of that round.
 - A replica that dies leaves its leases to expire; the next claim by another replica carries
   the round on: it closes it, or aggregates it again from its stored updates (the same
   bytes), asking the registry first whether the dead one already stored them.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -60,6 +62,10 @@ class RoundLeases(Protocol):
 
     def round_lock(self, round_id: str) -> AbstractAsyncContextManager[None]:
         """Held by one replica at a time for `round_id`; released if its process dies."""
+        ...
+
+    def lease_aggregations(self, owner: str, lease_s: float, clock: Callable[[], float]) -> None:
+        """Lease every round this store turns AGGREGATING to `owner`, in that transaction."""
         ...
 
     async def claim(self, round_id: str, owner: str, now: float, lease_s: float) -> bool:

@@ -12,6 +12,7 @@ tensors), half to each replica. The registry and the aggregator run in this proc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 from pathlib import Path
@@ -31,6 +32,7 @@ from tests.reliability.test_coordinator_processes import (
 from tests.support.clients import Clients
 from tests.support.processes import ServiceProcess, service_process
 from tests.support.state import StateBackend
+from tests.support.waits import eventually
 
 pytestmark = pytest.mark.process
 
@@ -60,6 +62,7 @@ def version_rows(db: StateBackend) -> list[tuple[int]]:
 async def test_the_replica_holding_the_aggregation_killed_the_other_completes_it_once(
     mqtt: MqttConfig, tmp_path: Path, database_url: str, point: str
 ) -> None:
+    db = StateBackend("postgres", tmp_path / "state", database_url)
     async with setup(
         mqtt,
         tmp_path,
@@ -79,6 +82,12 @@ async def test_the_replica_holding_the_aggregation_killed_the_other_completes_it
                 assert await a_proc.wait_exit() == -signal.SIGKILL, a_proc.tail()
                 assert f"point={point}" in a_proc.log_text()
                 st = await b.wait_state("r1", timeout=60)
+                # The notice of the completion, published by b (once: a never completed).
+                await eventually(
+                    lambda: asyncio.to_thread(db.raw, "coordinator", "SELECT sent FROM notices"),
+                    lambda rows: rows == [(1,)],
+                    what="the round's notice sent",
+                )
         assert st.state == S.ROUND_STATE_COMPLETED, st.failure_reason
         assert (st.new_model_version, st.closed_by, list(st.reported)) == (
             1,
@@ -91,12 +100,10 @@ async def test_the_replica_holding_the_aggregation_killed_the_other_completes_it
         assert models[1].sha256 == await never_killed_sha256(
             mqtt, a_proc.env["AGGREGATOR_ADDR"], UPDATES
         )
-        db = StateBackend("postgres", tmp_path / "state", database_url)
         assert db.raw("coordinator", "SELECT lease_owner, state FROM rounds") == [
             ("replica-b", "completed")
         ]
         assert db.raw("coordinator", "SELECT count(*) FROM updates") == [(3,)]
-        assert db.raw("coordinator", "SELECT sent FROM notices") == [(1,)]
 
 
 async def test_the_replica_holding_the_deadline_killed_the_other_closes_the_round(

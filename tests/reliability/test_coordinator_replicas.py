@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -267,3 +268,28 @@ async def test_watching_one_replica_shows_what_another_did(replicas: Replicas) -
     ]
     assert seen[-1] == (EventType.COMPLETED, 2)
     assert len([t for t, _ in seen if t is EventType.COMPLETED]) == 1
+
+
+async def test_the_update_that_closes_the_round_leases_it_in_its_own_transaction(
+    replicas: Replicas, database_url: str
+) -> None:
+    db = StateBackend("postgres", Path("no-state-dir"), database_url)
+    a, b = await replicas.start("r-a"), await replicas.start("r-b")
+    replicas.backend.gate = asyncio.Event()  # the aggregation waits: the lease is what counts
+    await a.configure(config("r1", k_of_n=2), start=True)
+    await b.submit("r1", UPDATES[0])
+    assert lease(db, "r1") == ("", 0.0)  # an open round's updates take no lease
+    # The k-th update's transaction, alone (the coordinator's follow-up not run): the round
+    # is AGGREGATING and already b's, so a's claim loop leaves it alone.
+    rnd = await b.get("r1")
+    closing = replace(rnd, reported=(*rnd.reported, "b"))
+    closing = replace(closing, state=RoundState.AGGREGATING, closed_by="k_of_n")
+    await replicas.stores[1].accept(closing, UPDATES[1])
+    assert lease(db, "r1") == ("r-b", replicas.clock.now + LEASE_S)
+    await a.close_due()
+    assert replicas.backend.aggregate_calls == 0
+    # Rewriting an aggregating round (a failure, a completion) leaves its lease as it is.
+    replicas.clock.now += 1
+    await replicas.stores[0].put(closing)
+    assert lease(db, "r1") == ("r-b", replicas.clock.now - 1 + LEASE_S)
+    replicas.backend.gate.set()
