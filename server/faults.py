@@ -20,6 +20,11 @@ each):
   recorded; the next round is not planned yet (`server/manager/driver.py`).
 - `manager.next_round_recorded`: an experiment's next round (participants, task ids) is
   recorded; nothing of it has left the manager.
+- `coordinator.deadline_claimed`: a coordinator replica (on PostgreSQL) leased due rounds to
+  itself (their deadline, or an aggregation whose replica's lease expired) and has done
+  nothing with them yet.
+- `coordinator.aggregation_claimed`: a coordinator replica holds the lease of a round's
+  aggregation and has not begun it.
 - `coordinator.model_stored`: the round's new version and its lineage are in the registry;
   the round's completion (and its experiment's new strategy state) is not committed yet.
 - `coordinator.round_completed`: the round's COMPLETED record and its notification are

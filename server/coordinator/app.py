@@ -15,6 +15,7 @@ from server.coordinator import bounds as B
 from server.coordinator.clients import DataStoreSizes, GrpcModelBackend
 from server.coordinator.coordinator import Coordinator, RetryPolicy
 from server.coordinator.pg_store import PostgresRoundStore
+from server.coordinator.replicas import DEFAULT_LEASE_S, Replica, default_replica_id
 from server.coordinator.service import binding
 from server.coordinator.site import SITE, GrpcUpstream, Hierarchy
 from server.coordinator.store import STATE_FILE, MemoryRoundStore, RoundStore, SqliteRoundStore
@@ -53,6 +54,13 @@ class CoordinatorConfig:
     state_dir: Path | None = field(default=None, metadata=read_by(state_dir_from_env))
     # A PostgreSQL DSN: the rounds and updates live there instead (`server.coordinator.pg_store`).
     database_url: str = setting("PROPELLER_DATABASE_URL", "", secret=True)
+    # On PostgreSQL every coordinator is a replica (`server.coordinator.replicas`): its id
+    # ("" = hostname-pid), how long the deadline or aggregation it claims stays leased to it
+    # without renewal (a dead replica's rounds are taken over after at most this), and how
+    # often a WatchRound reads what other replicas changed.
+    replica_id: str = setting("PROPELLER_COORDINATOR_REPLICA_ID", "")
+    lease_s: float = setting("PROPELLER_COORDINATOR_LEASE_S", DEFAULT_LEASE_S)
+    watch_poll_s: float = setting("PROPELLER_COORDINATOR_WATCH_POLL_S", 0.5)
     # Poisoning bounds (`server.coordinator.bounds`): each participant's num_samples cap
     # ("dataset": its dataset's size in the data store; "none"; or a number), the largest
     # |value| in an update, the largest L2 distance of an update from its base model (0: no
@@ -104,6 +112,13 @@ class CoordinatorConfig:
             max_distance=self.max_update_distance,
             clip=self.update_distance_action == "clip",
         )
+
+    @property
+    def replica(self) -> Replica | None:
+        """This coordinator as a replica: on PostgreSQL only (a state file is one process's)."""
+        if not self.database_url:
+            return None
+        return Replica(self.replica_id or default_replica_id(), self.lease_s, self.watch_poll_s)
 
     @property
     def state_file(self) -> Path | None:
@@ -221,6 +236,7 @@ class CoordinatorApp(ServiceApp):
             datasets=datasets,
             hierarchy=hierarchy,
             upstream=upstream,
+            replica=cfg.replica if isinstance(store, PostgresRoundStore) else None,
         )
         stack.push_async_callback(coordinator.aclose)
         await coordinator.resume()
@@ -242,7 +258,11 @@ class CoordinatorApp(ServiceApp):
             cfg.mqtt.host,
             cfg.mqtt.port,
             cfg.mqtt.topics.base,
-            "postgresql" if cfg.database_url else cfg.state_file or "memory",
+            f"postgresql replica={coordinator.replica.replica_id}"
+            if coordinator.replica is not None
+            else "postgresql"
+            if cfg.database_url
+            else cfg.state_file or "memory",
         )
 
     async def _close_store(self, store: SqliteRoundStore | PostgresRoundStore) -> None:

@@ -16,6 +16,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
 from server import metrics, tracing
@@ -35,6 +36,7 @@ from server.coordinator.backend import (
 )
 from server.coordinator.checks import ClippedUpdates, OpenRoundMembers, UpdateChecks
 from server.coordinator.events import Event, EventType, Watchers
+from server.coordinator.replicas import Replica, RoundLeases
 from server.coordinator.rounds import Round, Update
 from server.coordinator.store import (
     Notice,
@@ -95,8 +97,18 @@ class Coordinator:
         datasets: B.DatasetSizes | None = None,
         hierarchy: S.Hierarchy | None = None,
         upstream: S.Upstream | None = None,
+        replica: Replica | None = None,
     ) -> None:
         self.store = store
+        # One of several replicas on one database (`server.coordinator.replicas`): rounds
+        # locked across them, deadlines and aggregations leased.
+        self.replica = replica
+        self._leases: RoundLeases | None = None
+        if replica is not None:
+            if not isinstance(store, RoundLeases):
+                raise ValueError("replica: replicas need a store they share (PostgreSQL)")
+            self._leases = store
+            store.lease_aggregations(replica.replica_id, replica.lease_s, clock)
         self.backend = backend
         self.publish = publish
         self.topics = topics
@@ -131,11 +143,19 @@ class Coordinator:
 
     # ---- rounds ------------------------------------------------------------------------
 
-    def _lock(self, round_id: str) -> asyncio.Lock:
+    @asynccontextmanager
+    async def _lock(self, round_id: str) -> AsyncIterator[None]:
+        """The round's read-modify-write section: one at a time in this process, and, among
+        replicas, one at a time across them (every section reads the round afresh)."""
         lock = self._locks.get(round_id)
         if lock is None:
             lock = self._locks[round_id] = asyncio.Lock()
-        return lock
+        async with lock:
+            if self._leases is None:
+                yield
+            else:
+                async with self._leases.round_lock(round_id):
+                    yield
 
     async def get(self, round_id: str) -> Round:
         return R.require_round(await self.store.get(round_id), round_id)
@@ -271,11 +291,37 @@ class Coordinator:
     # ---- deadlines ---------------------------------------------------------------------
 
     async def close_due(self) -> None:
-        """Close every open round whose deadline has passed."""
+        """Close every open round whose deadline has passed. A replica closes those it
+        claims, and aggregates again those whose aggregating replica's lease expired."""
         now = self.clock()
+        if self._leases is not None and self.replica is not None:
+            claimed = await self._leases.claim_due(
+                self.replica.replica_id, now, self.replica.lease_s
+            )
+            if claimed:
+                crash_point("coordinator.deadline_claimed")
+            for round_id in claimed:
+                await self._take_over(round_id)
+            return
         for rnd in await self.store.list():
             if R.is_due(rnd, now):
                 await self._close_at_deadline(rnd.round_id)
+
+    async def _take_over(self, round_id: str) -> None:
+        """A round this replica claimed: close it if still due, or aggregate it again if its
+        aggregating replica went away."""
+        async with self._lock(round_id):
+            rnd = await self.get(round_id)
+            if rnd.state is R.RoundState.AGGREGATING and round_id not in self._finishing:
+                log.info(
+                    "[Coordinator.replica] round_id=%s taken over: aggregating again from %d "
+                    "stored updates",
+                    round_id,
+                    rnd.num_updates,
+                )
+                self._begin_aggregation(rnd, resumed=True)
+                return
+        await self._close_at_deadline(round_id)
 
     async def _close_at_deadline(self, round_id: str) -> None:
         async with self._lock(round_id):
@@ -315,7 +361,9 @@ class Coordinator:
           stored that exact model, so it is never stored twice;
         - OPEN rounds keep their absolute deadline; those whose deadline passed while the
           coordinator was down close now (aggregate what arrived, or fail with none);
-        - COMPLETED and FAILED rounds are never touched again."""
+        - COMPLETED and FAILED rounds are never touched again.
+        A replica takes only what it claims (`close_due`): an aggregating round whose
+        replica's lease has expired."""
         rounds = await self.store.list()
         by_state = Counter(r.state.value for r in rounds)
         log.info(
@@ -323,7 +371,7 @@ class Coordinator:
             len(rounds),
             " ".join(f"{k}={v}" for k, v in sorted(by_state.items())),
         )
-        for rnd in rounds:
+        for rnd in rounds if self.replica is None else ():
             if rnd.state is R.RoundState.AGGREGATING and rnd.round_id not in self._finishing:
                 log.info(
                     "[Coordinator.resume] round_id=%s aggregating again from %d stored updates",
@@ -351,6 +399,21 @@ class Coordinator:
         task.add_done_callback(done)
 
     async def _finish(self, round_id: str, resumed: bool) -> None:
+        renewing: asyncio.Task[None] | None = None
+        if self.replica is not None:
+            try:
+                claimed = await self._holds_lease(round_id)
+            except PropellerError as exc:
+                # Left unclaimed: the claim loop (this replica's or another's) takes it.
+                log.warning("[Coordinator.replica] round_id=%s not claimed: %s", round_id, exc)
+                return
+            if not claimed:
+                log.info(
+                    "[Coordinator.replica] round_id=%s aggregated by another replica", round_id
+                )
+                return
+            crash_point("coordinator.aggregation_claimed")
+            renewing = asyncio.create_task(self._renew(round_id), name=f"lease-{round_id}")
         try:
             if self.upstream is not None:
                 await self._aggregate_and_forward(round_id, self.upstream)
@@ -361,6 +424,49 @@ class Coordinator:
         except Exception:
             log.exception("[Coordinator.aggregate] round_id=%s unexpected error", round_id)
             await self._fail(round_id, "aggregation failed: internal error (see coordinator log)")
+        finally:
+            if renewing is not None:
+                renewing.cancel()
+
+    async def _holds_lease(self, round_id: str) -> bool:
+        """Take or keep the round's lease (a replica); always True for a single coordinator."""
+        if self._leases is None or self.replica is None:
+            return True
+        r = self.replica
+        return await self._leases.claim(round_id, r.replica_id, self.clock(), r.lease_s)
+
+    async def _renew(self, round_id: str) -> None:
+        """Keep the aggregation's lease while it runs: renewed three times a lease."""
+        assert self._leases is not None and self.replica is not None
+        r = self.replica
+        while True:
+            await asyncio.sleep(r.lease_s / 3)
+            try:
+                if not await self._leases.renew(round_id, r.replica_id, self.clock(), r.lease_s):
+                    log.warning("[Coordinator.replica] round_id=%s lease taken over", round_id)
+                    return
+            except PropellerError as exc:
+                log.warning(
+                    "[Coordinator.replica] round_id=%s lease not renewed: %s", round_id, exc
+                )
+
+    async def _still_aggregating(self, rnd: Round) -> bool:
+        """Under the round's lock, before the aggregation's outcome is written: the round is
+        still AGGREGATING and (a replica) still this replica's, else the outcome is dropped
+        (another replica took the round over, and writes its own)."""
+        if rnd.state is not R.RoundState.AGGREGATING:
+            log.warning(
+                "[Coordinator.aggregate] round_id=%s is %s already: outcome dropped",
+                rnd.round_id,
+                rnd.state.value,
+            )
+            return False
+        if self.replica is not None and not await self._holds_lease(rnd.round_id):
+            log.warning(
+                "[Coordinator.replica] round_id=%s lease lost: outcome dropped", rnd.round_id
+            )
+            return False
+        return True
 
     async def _aggregate_and_store(self, round_id: str, resumed: bool) -> None:
         rnd = await self.get(round_id)
@@ -440,6 +546,10 @@ class Coordinator:
             await self.backend.put_lineage(lineage_of(stored[0]))
             return stored
 
+        if not await self._holds_lease(round_id):
+            # Another replica took the round over while this one stalled: it stores the model.
+            log.warning("[Coordinator.replica] round_id=%s lease lost: not stored", round_id)
+            return
         store_began = time.perf_counter()
         try:
             version, uri = await with_retry(self.retry, "store model", round_id, store_once)
@@ -450,7 +560,10 @@ class Coordinator:
         crash_point("coordinator.model_stored")
         weighted = R.weighted_metrics(update_headers(updates))
         async with self._lock(round_id):
-            rnd = R.complete(await self.get(round_id), version, uri, weighted, self.clock())
+            rnd = await self.get(round_id)
+            if not await self._still_aggregating(rnd):
+                return
+            rnd = R.complete(rnd, version, uri, weighted, self.clock())
             message = RoundComplete(
                 round_id=round_id,
                 new_model_version=version,
@@ -509,7 +622,10 @@ class Coordinator:
             await self._fail(round_id, f"forwarding the site's partial failed: {exc}")
             return
         async with self._lock(round_id):
-            done = R.complete(await self.get(round_id), 0, "", partial.metrics, self.clock())
+            rnd = await self.get(round_id)
+            if not await self._still_aggregating(rnd):
+                return
+            done = R.complete(rnd, 0, "", partial.metrics, self.clock())
             rnd = replace(done, new_model_version=None)
             await self.store.put(rnd)
             self._emit(EventType.COMPLETED, rnd)
@@ -567,8 +683,11 @@ class Coordinator:
             return True  # being published right now
         self._publishing.add(notice.round_id)
         try:
-            await self.publish(notice.topic, notice.payload)
-            await self.store.sent(notice.round_id)
+            if self.replica is None:
+                await self.publish(notice.topic, notice.payload)
+                await self.store.sent(notice.round_id)
+            else:
+                await self._deliver_once(notice)
         except Exception as exc:
             log.warning(
                 "[Coordinator.outbox] round_id=%s notification not published yet: %s; "
@@ -581,6 +700,16 @@ class Coordinator:
         finally:
             self._publishing.discard(notice.round_id)
         return True
+
+    async def _deliver_once(self, notice: Notice) -> None:
+        """A replica publishes a notice under the round's lock, and only if it is still
+        unsent: two replicas (one completing the round, one starting up and reading the
+        outbox) never both publish it, short of a crash between the publish and the mark."""
+        async with self._lock(notice.round_id):
+            if all(n.round_id != notice.round_id for n in await self.store.unsent()):
+                return  # another replica published it
+            await self.publish(notice.topic, notice.payload)
+            await self.store.sent(notice.round_id)
 
     async def deliver_unsent(self) -> bool:
         """Publish every notice the store holds unsent; True if all went out."""
@@ -607,7 +736,10 @@ class Coordinator:
 
     async def _fail(self, round_id: str, reason: str) -> None:
         async with self._lock(round_id):
-            rnd = R.fail(await self.get(round_id), reason, self.clock())
+            rnd = await self.get(round_id)
+            if not await self._still_aggregating(rnd):
+                return
+            rnd = R.fail(rnd, reason, self.clock())
             await self.store.put(rnd)
             self._emit(EventType.FAILED, rnd)
         log.error("[Coordinator.aggregate] round_id=%s failed: %s", round_id, reason)
@@ -662,6 +794,10 @@ class Coordinator:
             yield Event(EventType.SNAPSHOT, rnd, self.clock())
             if queue is None:
                 return
+            if self.replica is not None:
+                async for event in self._watch_replicated(rnd, queue, self.replica.watch_poll_s):
+                    yield event
+                return
             while True:
                 event = await queue.get()
                 yield event
@@ -670,6 +806,26 @@ class Coordinator:
         finally:
             if queue is not None:
                 self._watchers.discard(round_id, queue)
+
+    async def _watch_replicated(
+        self, seen: Round, queue: asyncio.Queue[Event], poll_s: float
+    ) -> AsyncIterator[Event]:
+        """A replica's watch: this replica's events as they happen, and, every `poll_s`, the
+        changes other replicas committed, read from the store. Only changes newer than the
+        last one told are told (an update or a state each once)."""
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), poll_s)
+                events = [event] if _advances(seen, event.round) else []
+            except TimeoutError:
+                current = await self.store.get(seen.round_id)
+                events = [] if current is None else _changes(seen, current, self.clock())
+            for event in events:
+                seen = event.round
+                yield event
+                # Not `event.round.finished`: the updates read with a completion carry it.
+                if event.type in (EventType.COMPLETED, EventType.FAILED):
+                    return
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -687,6 +843,32 @@ class Coordinator:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+_STATE_EVENTS = {
+    R.RoundState.OPEN: EventType.STARTED,
+    R.RoundState.AGGREGATING: EventType.AGGREGATING,
+    R.RoundState.COMPLETED: EventType.COMPLETED,
+    R.RoundState.FAILED: EventType.FAILED,
+}
+
+
+def _advances(seen: Round, rnd: Round) -> bool:
+    """`rnd` is later than `seen`: more updates, or a later state (states only go forward)."""
+    return rnd.num_updates > seen.num_updates or rnd.state is not seen.state
+
+
+def _changes(seen: Round, current: Round, now: float) -> list[Event]:
+    """The events between two records of a round, as its watchers would have been told them
+    by the replica that made the changes: each new update, then the state reached."""
+    events = [
+        Event(EventType.UPDATE_ACCEPTED, current, now, proplet_id)
+        for proplet_id in current.reported[seen.num_updates :]
+    ]
+    kind = _STATE_EVENTS.get(current.state)
+    if current.state is not seen.state and kind is not None:
+        events.append(Event(kind, current, now))
+    return events
 
 
 async def _to_the_end(aw: Awaitable[None]) -> None:

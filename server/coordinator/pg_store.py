@@ -11,21 +11,28 @@ database `PROPELLER_DATABASE_URL` names.
 - Nothing is cached: every read asks the database, so what one process committed is what the
   next read sees, from any process (the ground a second coordinator replica stands on).
 
-Rounds carry a lease (`lease_owner`, `lease_until`, empty and 0 until a replica takes one)
-and are indexed by (state, deadline), so a replica can claim the rounds that are due with
-`SELECT ... FOR UPDATE SKIP LOCKED` (issue 13, item 2). Update and state tensors are `bytea`
-(the wire's layout, sha256 checked on every read): a row is at most MAX_PAYLOAD_BYTES, under
-PostgreSQL's 1 GiB per value.
+Replicas (`server.coordinator.replicas`): the store is also their `RoundLeases`. A round's
+lock is a session-level advisory lock taken on a connection of the store's own (so it goes
+with the process that holds it, even on kill -9); rounds carry a lease (`lease_owner`,
+`lease_until`, empty and 0 until a replica takes one) and are indexed by (state, deadline),
+so a replica claims the rounds that are due with `SELECT ... FOR UPDATE SKIP LOCKED`.
+
+Update and state tensors are `bytea` (the wire's layout, sha256 checked on every read): a row
+is at most MAX_PAYLOAD_BYTES, under PostgreSQL's 1 GiB per value.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any, TypeVar
+
+import psycopg
 
 from server.coordinator.rounds import Round, Update
 from server.coordinator.store import (
@@ -148,6 +155,14 @@ _UPSERT_ROUND = (
     "ON CONFLICT (round_id) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in _ROUND_COLUMNS[1:])
 )
+# A replica's rewrite: a round that goes AGGREGATING in it is leased to the replica in the same
+# statement, so no other replica's claim loop can take it between the commit and the claim.
+_UPSERT_ROUND_LEASED = (
+    _UPSERT_ROUND + ", lease_owner = CASE WHEN EXCLUDED.state = 'aggregating' AND "
+    "coordinator.rounds.state <> 'aggregating' THEN %s ELSE coordinator.rounds.lease_owner END"
+    ", lease_until = CASE WHEN EXCLUDED.state = 'aggregating' AND "
+    "coordinator.rounds.state <> 'aggregating' THEN %s ELSE coordinator.rounds.lease_until END"
+)
 _INSERT_UPDATE_COLUMNS = ("round_id", "seq", "tensors", *_UPDATE_HEADER_COLUMNS)
 _INSERT_UPDATE = (
     f"INSERT INTO coordinator.updates ({', '.join(_INSERT_UPDATE_COLUMNS)}) "
@@ -162,8 +177,14 @@ class PostgresRoundStore:
     open()` connects and applies the migrations; `await close()` closes the pool."""
 
     def __init__(self, url: str, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+        self.url = url
         self.db = PostgresDatabase(url, COMPONENT, MIGRATIONS)
         self.max_bytes = max_bytes
+        # The replica that rounds going AGGREGATING here are leased to (`lease_aggregations`).
+        self._holder: tuple[str, float, Callable[[], float]] | None = None
+        # The connection that holds this process's round locks (opened at the first).
+        self._locks: psycopg.AsyncConnection[Any] | None = None
+        self._locks_opening = asyncio.Lock()
 
     async def open(self) -> None:
         await self.db.open()
@@ -173,7 +194,107 @@ class PostgresRoundStore:
         log.info("[Coordinator.store] postgres rounds=%d", row[0] if row else 0)
 
     async def close(self) -> None:
+        locks, self._locks = self._locks, None
+        if locks is not None:
+            await locks.close()
         await self.db.close()
+
+    async def _upsert(self, conn: Connection, rnd: Round) -> None:
+        if self._holder is None:
+            await conn.execute(_UPSERT_ROUND, _round_values(rnd))
+            return
+        owner, lease_s, clock = self._holder
+        await conn.execute(_UPSERT_ROUND_LEASED, (*_round_values(rnd), owner, clock() + lease_s))
+
+    # ---- replicas (`server.coordinator.replicas.RoundLeases`) ------------------------------
+
+    def lease_aggregations(self, owner: str, lease_s: float, clock: Callable[[], float]) -> None:
+        """From now on a round this store turns AGGREGATING is leased to `owner`, for
+        `lease_s` from `clock()`, in the transaction that does it."""
+        self._holder = (owner, lease_s, clock)
+
+    async def _lock_connection(self) -> psycopg.AsyncConnection[Any]:
+        async with self._locks_opening:
+            if self._locks is None or self._locks.closed:
+                try:
+                    self._locks = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+                except psycopg.OperationalError as exc:
+                    raise Unavailable(f"coordinator state store (round locks): {exc}") from exc
+            return self._locks
+
+    @asynccontextmanager
+    async def round_lock(self, round_id: str) -> AsyncIterator[None]:
+        """The round's advisory lock, across processes. Tried rather than waited for, so the
+        one connection holding this process's locks is never blocked: a section of another
+        replica lasts one transaction or two."""
+        key = f"coordinator.round:{round_id}"
+        delay = 0.005
+        while True:
+            conn = await self._lock_connection()
+            try:
+                cur = await conn.execute(
+                    "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)
+                )
+                row = await cur.fetchone()
+            except psycopg.OperationalError as exc:
+                raise Unavailable(f"coordinator state store (round locks): {exc}") from exc
+            if row is not None and row[0]:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        try:
+            yield
+        finally:
+            # A connection lost meanwhile took its locks with it.
+            if not conn.closed:
+                try:
+                    await conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
+                except psycopg.OperationalError as exc:
+                    log.warning("[Coordinator.store] round lock %s not released: %s", key, exc)
+
+    async def claim(self, round_id: str, owner: str, now: float, lease_s: float) -> bool:
+        async def take(conn: Connection) -> bool:
+            cur = await conn.execute(
+                "UPDATE coordinator.rounds SET lease_owner = %s, lease_until = %s "
+                "WHERE round_id = %s AND (lease_owner = %s OR lease_until < %s) "
+                "RETURNING round_id",
+                (owner, now + lease_s, round_id, owner, now),
+            )
+            return await cur.fetchone() is not None
+
+        return await self._tx(take)
+
+    async def renew(self, round_id: str, owner: str, now: float, lease_s: float) -> bool:
+        async def extend(conn: Connection) -> bool:
+            cur = await conn.execute(
+                "UPDATE coordinator.rounds SET lease_until = %s "
+                "WHERE round_id = %s AND lease_owner = %s RETURNING round_id",
+                (now + lease_s, round_id, owner),
+            )
+            return await cur.fetchone() is not None
+
+        return await self._tx(extend)
+
+    async def claim_due(self, owner: str, now: float, lease_s: float) -> list[str]:
+        async def take(conn: Connection) -> list[str]:
+            cur = await conn.execute(
+                "SELECT round_id FROM coordinator.rounds WHERE "
+                "(state = 'open' AND deadline > 0 AND deadline <= %s "
+                " AND (lease_owner = %s OR lease_until < %s)) "
+                "OR (state = 'aggregating' AND lease_until < %s) "
+                "ORDER BY seq FOR UPDATE SKIP LOCKED",
+                (now, owner, now, now),
+            )
+            ids = [str(r[0]) for r in await cur.fetchall()]
+            if ids:
+                await conn.execute(
+                    "UPDATE coordinator.rounds SET lease_owner = %s, lease_until = %s "
+                    "WHERE round_id = ANY(%s)",
+                    (owner, now + lease_s, ids),
+                )
+            return ids
+
+        return await self._tx(take)
 
     async def _tx(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         """`fn` in one transaction; a failure of the database itself is UNAVAILABLE (nothing
@@ -210,7 +331,7 @@ class PostgresRoundStore:
             self._check_size("state: strategy state", len(blob))
 
         async def together(conn: Connection) -> None:
-            await conn.execute(_UPSERT_ROUND, _round_values(rnd))
+            await self._upsert(conn, rnd)
             if notice is not None:
                 await conn.execute(
                     "INSERT INTO coordinator.notices (round_id, topic, payload) "
@@ -309,7 +430,7 @@ class PostgresRoundStore:
             # numbers), from this process or another.
             await _lock_round(conn, rnd.round_id)
             await self._insert_update(conn, rnd.round_id, update)
-            await conn.execute(_UPSERT_ROUND, _round_values(rnd))
+            await self._upsert(conn, rnd)
             cur = await conn.execute(
                 "SELECT count(*) FROM coordinator.updates WHERE round_id = %s", (rnd.round_id,)
             )
