@@ -6,4 +6,4 @@ several repetitions, medians), prints its figures and appends them as JSON lines
 """
 
 # The benchmarks, in the order `python -m benchmarks` runs them.
-BENCHMARK_NAMES = ("wasm", "aggregation", "ingest", "transfer", "round")
+BENCHMARK_NAMES = ("wasm", "aggregation", "ingest", "transfer", "round", "fleet")

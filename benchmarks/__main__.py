@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import BENCHMARK_NAMES, aggregation, ingest, rounds, transfer, wasm
+from benchmarks import BENCHMARK_NAMES, aggregation, fleet, ingest, rounds, transfer, wasm
 from benchmarks.common import DEFAULT_RESULTS, Recorder
 from benchmarks.report import markdown
 
@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, Runner] = {
     ingest.NAME: ingest.run,
     transfer.NAME: transfer.run,
     rounds.NAME: rounds.run,
+    fleet.NAME: fleet.run,
 }
 
 
