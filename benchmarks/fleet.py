@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import Child, Recorder, median
+from benchmarks.common import Child, Json, Recorder, median
 from benchmarks.rounds import HYPER, _eventually_alive, experiment_request
 from benchmarks.wasm import trainer_wasm
 from propeller.v1 import (
@@ -98,7 +98,7 @@ class Fleet:
         self.image = f"file://{trainer_wasm()}"
         self.uri = {"flat": "", "hierarchical": ""}
 
-    def _child(self, kind: str, args: dict[str, object], log: str) -> Child:
+    def _child(self, kind: str, args: Json, log: str) -> Child:
         base = {"mqtt_port": self.broker_port, "domain": self.domain, "id_prefix": PREFIX}
         kid = Child(
             kind, {**base, **args}, log_path=self.workdir / f"{log}.log", ready_timeout_s=600
