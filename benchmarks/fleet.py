@@ -13,8 +13,7 @@ reporting the task result over MQTT), many per process (`fleet`), in `procs` pro
 a TLS handshake per connection; the round benchmark measures mTLS against plaintext
 side by side (docs/benchmarks.md).
 
-One fleet of the largest size is started once; a round "at n proplets" has the first n as
-its participants (the others stay connected and heartbeat, as an idle fleet would).
+Each size gets a fleet (and services) of its own, every proplet a participant.
 
 - **flat**: `Manager.StartExperiment` with the n proplets as participants (k_of_n = all) on
   the flat coordinator; wall time from the call to the coordinator's COMPLETED (new version
@@ -66,6 +65,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 HYPER_JSON = json.dumps({"epochs": HYPER.epochs, "lr": HYPER.lr, "batch_size": HYPER.batch_size})
 # Tasks created and started at once by the benchmark in a hierarchical round.
 TASK_CONCURRENCY = 64
+# The most proplets one fleet process holds (file descriptors: see `run`).
+PER_PROCESS = 2500
 
 
 def cpu_s(pid: int) -> float:
@@ -81,12 +82,17 @@ class Measured:
     cpu_s: float  # every coordinator process of the topology, together
     root_cpu_s: float  # the flat or root coordinator alone
     updates: int  # what the coordinators received: n (+ one partial per site)
+    # CPU seconds of every other part over the round: where a 2-core machine's time went.
+    roles: dict[str, float]
 
 
 class Fleet:
     """The running processes and the clients the benchmark drives them with."""
 
-    def __init__(self, workdir: Path, size: int, sites: int, procs: int, broker_port: int):
+    def __init__(
+        self, workdir: Path, size: int, sites: int, procs: int, broker_port: int, broker_pid: int
+    ):
+        self.broker_pid = broker_pid
         self.workdir = workdir
         self.size = size
         self.sites = sites
@@ -122,14 +128,14 @@ class Fleet:
             for s in range(self.sites)
         ]
         flat_addr = self.flat.ready["coordinator"]
-        self.manager_addr = self._child(
-            "manager", {**svc, "coordinator": flat_addr}, "manager"
-        ).ready["manager"]
+        self.manager = self._child("manager", {**svc, "coordinator": flat_addr}, "manager")
+        self.manager_addr = self.manager.ready["manager"]
         per = -(-self.size // self.procs)
         # Started one after the other: each process's CONNECT storm in turn.
+        self.fleet_kids = []
         for p in range(self.procs):
             first, end = p * per, min(self.size, (p + 1) * per)
-            self._child(
+            kid = self._child(
                 "fleet",
                 {
                     **svc,
@@ -140,6 +146,17 @@ class Fleet:
                 },
                 f"fleet-{p}",
             )
+            self.fleet_kids.append(kid)
+
+    def role_pids(self) -> dict[str, list[int]]:
+        """The other parts' processes by role (the benchmark itself: "driver")."""
+        return {
+            "manager": [self.manager.proc.pid],
+            "services": [self.kids[0].proc.pid],
+            "proplets": [k.proc.pid for k in self.fleet_kids],
+            "mosquitto": [self.broker_pid],
+            "driver": [os.getpid()],
+        }
 
     def stop(self) -> None:
         for kid in reversed(self.kids):
@@ -152,7 +169,9 @@ class Fleet:
         ids = self.ids[:n]
         coordinators = [self.flat] if topology == "flat" else [self.root, *self.site_kids]
         pids = [c.proc.pid for c in coordinators]
+        roles = self.role_pids()
         before = [cpu_s(p) for p in pids]
+        roles_before = {r: sum(cpu_s(p) for p in ps) for r, ps in roles.items()}
         t0 = time.perf_counter()
         if topology == "flat":
             self.uri["flat"] = await self._flat_round(ids)
@@ -161,8 +180,9 @@ class Fleet:
         wall = time.perf_counter() - t0
         after = [cpu_s(p) for p in pids]
         spent = [a - b for a, b in zip(after, before, strict=True)]
+        other = {r: sum(cpu_s(p) for p in ps) - roles_before[r] for r, ps in roles.items()}
         updates = n if topology == "flat" else n + min(self.sites, n)
-        return Measured(wall, sum(spent), spent[0], updates)
+        return Measured(wall, sum(spent), spent[0], updates, other)
 
     async def open(self) -> None:
         async with channel(self.manager_addr, None) as mch:
@@ -277,19 +297,30 @@ async def run(rec: Recorder, smoke: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         workdir = Path(tmp)
         with mosquitto(workdir / "mosquitto") as broker:
-            fleet = Fleet(workdir, max(sizes), sites, procs, broker.port)
-            try:
-                started = time.perf_counter()
-                await asyncio.to_thread(fleet.start)
-                await fleet.open()
-                up_s = time.perf_counter() - started
-                for n in sorted(sizes):
+            assert broker.proc is not None
+            for n in sorted(sizes):
+                # A fleet of its own per size: no idle proplets heartbeating into the figures.
+                # At most PER_PROCESS proplets a process: each holds an MQTT connection and
+                # up to three gRPC channels (registry, data store, coordinator) open.
+                fleet = Fleet(
+                    workdir / str(n),
+                    n,
+                    sites,
+                    max(procs, -(-n // PER_PROCESS)),
+                    broker.port,
+                    broker.proc.pid,
+                )
+                try:
+                    started = time.perf_counter()
+                    await asyncio.to_thread(fleet.start)
+                    await fleet.open()
+                    up_s = time.perf_counter() - started
                     for topology in ("flat", "hierarchical"):
                         await fleet.measure(topology, n)  # warm-up
                         runs = [await fleet.measure(topology, n) for _ in range(rounds)]
                         _record(rec, n, topology, runs, fleet, up_s)
-            finally:
-                fleet.stop()
+                finally:
+                    await asyncio.to_thread(fleet.stop)
 
 
 def _record(
@@ -307,6 +338,9 @@ def _record(
         "coordinator_cpu_ms_per_update": round(per_update_ms, 3),
         "root_cpu_ms_per_update": round(root_ms, 3),
         "coordinator_cpu_s": round(median([r.cpu_s for r in runs]), 3),
+        "cpu_s_by_role": {
+            role: round(median([r.roles[role] for r in runs]), 3) for role in runs[0].roles
+        },
         "fleet_size": fleet.size,
         "fleet_procs": fleet.procs,
         "fleet_up_s": round(up_s, 1),
