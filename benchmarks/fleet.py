@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import tempfile
 import time
 import uuid
@@ -82,6 +83,7 @@ class Measured:
     cpu_s: float  # every coordinator process of the topology, together
     root_cpu_s: float  # the flat or root coordinator alone
     updates: int  # what the coordinators received: n (+ one partial per site)
+    reported: int  # proplets whose update the round took (fewer if some failed)
     # CPU seconds of every other part over the round: where a 2-core machine's time went.
     roles: dict[str, float]
 
@@ -174,15 +176,15 @@ class Fleet:
         roles_before = {r: sum(cpu_s(p) for p in ps) for r, ps in roles.items()}
         t0 = time.perf_counter()
         if topology == "flat":
-            self.uri["flat"] = await self._flat_round(ids)
+            self.uri["flat"], reported = await self._flat_round(ids)
         else:
-            self.uri["hierarchical"] = await self._hierarchical_round(ids)
+            self.uri["hierarchical"], reported = await self._hierarchical_round(ids)
         wall = time.perf_counter() - t0
         after = [cpu_s(p) for p in pids]
         spent = [a - b for a, b in zip(after, before, strict=True)]
         other = {r: sum(cpu_s(p) for p in ps) - roles_before[r] for r, ps in roles.items()}
         updates = n if topology == "flat" else n + min(self.sites, n)
-        return Measured(wall, sum(spent), spent[0], updates, other)
+        return Measured(wall, sum(spent), spent[0], updates, reported, other)
 
     async def open(self) -> None:
         async with channel(self.manager_addr, None) as mch:
@@ -194,7 +196,7 @@ class Fleet:
             )
         self.uri = {"flat": v0.model_uri, "hierarchical": v0.model_uri}
 
-    async def _flat_round(self, ids: list[str]) -> str:
+    async def _flat_round(self, ids: list[str]) -> tuple[str, int]:
         rid = f"r-{uuid.uuid4().hex[:10]}"
         async with (
             channel(self.manager_addr, None) as mch,
@@ -206,10 +208,11 @@ class Fleet:
                 f"exp-{rid}", ids, self.uri["flat"], self.image, round_id=rid
             )
             request.timeout_s = 600
+            request.min_k_of_n = quorum(len(ids))
             await manager.StartExperiment(request, timeout=600)
             return await completed(coordinator, rid)
 
-    async def _hierarchical_round(self, ids: list[str]) -> str:
+    async def _hierarchical_round(self, ids: list[str]) -> tuple[str, int]:
         rid = f"r-{uuid.uuid4().hex[:10]}"
         sites = sorted({self.site_of(i) for i in range(len(ids))})
         base = self.uri["hierarchical"]
@@ -225,10 +228,13 @@ class Fleet:
             mch = await stack.enter_async_context(channel(self.manager_addr, None))
             manager = manager_pb2_grpc.ManagerStub(mch)
 
-            def configure(participants: Sequence[str], timeout_s: int) -> object:
+            def configure(
+                participants: Sequence[str], timeout_s: int, min_k: int = 0
+            ) -> coordinator_pb2.ConfigureRoundRequest:
                 return coordinator_pb2.ConfigureRoundRequest(
                     round_id=rid,
                     participants=list(participants),
+                    min_k_of_n=min_k,
                     model_ref=base,
                     hyperparams=HYPER,
                     timeout_s=timeout_s,
@@ -240,7 +246,9 @@ class Fleet:
             members = {s: [p for i, p in enumerate(ids) if self.site_of(i) == s] for s in sites}
             await asyncio.gather(
                 *(
-                    stub.ConfigureRound(configure(members[s], 600), timeout=60)
+                    stub.ConfigureRound(
+                        configure(members[s], 600, quorum(len(members[s]))), timeout=60
+                    )
                     for s, stub in zip(sites, site_stubs, strict=True)
                 )
             )
@@ -266,20 +274,52 @@ class Fleet:
                     await manager.StartTask(manager_pb2.TaskRef(task_id=created.id), timeout=120)
 
             await asyncio.gather(*(task(i, p) for i, p in enumerate(ids)))
-            return await done
+            uri, _ = await done
+            # The root counts sites; the proplets are in each site's contributors.
+            return uri, sum(
+                len(u)
+                for u in await asyncio.gather(*(contributors(stub, rid) for stub in site_stubs))
+            )
 
 
-async def completed(coordinator: coordinator_pb2_grpc.CoordinatorStub, rid: str) -> str:
-    """Watches round `rid` until it ends; its new model's uri (RuntimeError if it failed)."""
+def quorum(n: int) -> int:
+    """min_k_of_n: a round goes on when up to 1 % of its proplets fail (a fleet this size
+    always has a few), every one that can still report is waited for."""
+    return n - n // 100
+
+
+async def contributors(coordinator: coordinator_pb2_grpc.CoordinatorStub, rid: str) -> list[str]:
+    status = await coordinator.GetRoundStatus(
+        coordinator_pb2.GetRoundStatusRequest(round_id=rid), timeout=60
+    )
+    return list(status.reported)
+
+
+async def completed(coordinator: coordinator_pb2_grpc.CoordinatorStub, rid: str) -> tuple[str, int]:
+    """Watches round `rid` until it ends; its new model's uri and how many reported
+    (RuntimeError if it failed)."""
     async for event in coordinator.WatchRound(
         coordinator_pb2.WatchRoundRequest(round_id=rid), timeout=900
     ):
         state = event.status.state
         if state == coordinator_pb2.ROUND_STATE_COMPLETED:
-            return str(event.status.new_model_uri)
+            return str(event.status.new_model_uri), len(event.status.reported)
         if state == coordinator_pb2.ROUND_STATE_FAILED:
             raise RuntimeError(f"round {rid} failed: {event.status.failure_reason}")
     raise RuntimeError(f"round {rid}: the watch ended before the round did")
+
+
+def raise_file_limit(n: int) -> int:
+    """Raise this process's open-file limit to its hard limit (the children and mosquitto
+    inherit it): mosquitto holds one socket per proplet, a fleet process up to four per
+    proplet. Returns the limit; RuntimeError if even the hard limit cannot hold `n`."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    need = max(n, 4 * min(n, PER_PROCESS)) + 1000
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise RuntimeError(f"ulimit -n: {hard} open files; {n} proplets need about {need}")
+    return hard
 
 
 def sizes_from_env(smoke: bool) -> list[int]:
@@ -294,6 +334,7 @@ async def run(rec: Recorder, smoke: bool) -> None:
     sites = 2 if smoke else int(os.environ.get("BENCH_FLEET_SITES", "10"))
     procs = 1 if smoke else int(os.environ.get("BENCH_FLEET_PROCS", "2"))
     rounds = 1 if smoke else int(os.environ.get("BENCH_FLEET_ROUNDS", "3"))
+    raise_file_limit(max(sizes))
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         workdir = Path(tmp)
         with mosquitto(workdir / "mosquitto") as broker:
@@ -333,6 +374,7 @@ def _record(
     figures = {
         "proplets": n,
         "rounds": len(runs),
+        "reported_min": min(r.reported for r in runs),
         "wall_s": round(wall, 3),
         "wall_s_all": [round(r.wall_s, 3) for r in runs],
         "coordinator_cpu_ms_per_update": round(per_update_ms, 3),
