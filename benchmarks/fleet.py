@@ -7,16 +7,18 @@ and `sites` site coordinators one per process; and the proplets, real `proplet.a
 (each its own MQTT session, announcing itself and heartbeating every 10 s, taking its task
 from the manager over MQTT, fetching model and dataset, running the real linear wasm trainer
 from one shared wasmtime engine and compiled module, submitting its update over gRPC and
-reporting the task result over MQTT), many per process (`fleet`), in `procs` processes.
+reporting the task result over MQTT), many per process (`fleet`): at least BENCH_FLEET_PROCS
+(2) processes, at most PER_PROCESS proplets each.
 
 **Plaintext** throughout: mutual TLS at this scale would mean a certificate per proplet and
 a TLS handshake per connection; the round benchmark measures mTLS against plaintext
 side by side (docs/benchmarks.md).
 
-Each size gets a fleet (and services) of its own, every proplet a participant.
+Each size gets a fleet (and services) of its own, every proplet a participant; a round
+waits for all of them but goes on when up to 1 % fail (`quorum`).
 
-- **flat**: `Manager.StartExperiment` with the n proplets as participants (k_of_n = all) on
-  the flat coordinator; wall time from the call to the coordinator's COMPLETED (new version
+- **flat**: `Manager.StartExperiment` with the n proplets as participants on the flat
+  coordinator; wall time from the call to the coordinator's COMPLETED (new version
   stored).
 - **hierarchical**: `sites` site coordinators, proplet i in site i mod sites. The manager does
   not drive hierarchical rounds (docs/architecture.md), so the benchmark does what an operator
@@ -27,7 +29,8 @@ Each size gets a fleet (and services) of its own, every proplet a participant.
 
 Coordinator CPU per update: the coordinator processes' user + system CPU time
 (`/proc/<pid>/stat`) over the round, divided by the updates it received (flat: n; root plus
-sites: n + sites). Medians of `rounds` rounds after one warm-up round per topology and size.
+sites: n + sites). Medians of BENCH_FLEET_ROUNDS (3) rounds after one warm-up round per
+topology and size; sizes BENCH_FLEET_SIZES (1000,3000,10000), sites BENCH_FLEET_SITES (10).
 """
 
 from __future__ import annotations
