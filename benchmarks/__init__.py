@@ -6,4 +6,13 @@ several repetitions, medians), prints its figures and appends them as JSON lines
 """
 
 # The benchmarks, in the order `python -m benchmarks` runs them.
-BENCHMARK_NAMES = ("wasm", "aggregation", "ingest", "transfer", "round", "bigmodel", "quality")
+BENCHMARK_NAMES = (
+    "wasm",
+    "aggregation",
+    "ingest",
+    "transfer",
+    "round",
+    "bigmodel",
+    "quality",
+    "fleet",
+)

@@ -20,6 +20,7 @@ from benchmarks import (
     BENCHMARK_NAMES,
     aggregation,
     bigmodel,
+    fleet,
     ingest,
     quality,
     rounds,
@@ -39,6 +40,7 @@ BENCHMARKS: dict[str, Runner] = {
     rounds.NAME: rounds.run,
     bigmodel.NAME: bigmodel.run,
     quality.NAME: quality.run,
+    fleet.NAME: fleet.run,
 }
 
 

@@ -11,7 +11,10 @@ Kinds:
 - `ingest`: a Coordinator (memory or SQLite store) with open rounds that never close;
 - `registry`: a ModelRegistry (SQLite state dir) holding one model of the given size;
 - `aggmem`: one aggregation of K lazily generated updates through the coordinator's gRPC
-  backend and a real Aggregator, in this process; reports time and peak RSS.
+  backend and a real Aggregator, in this process; reports time and peak RSS;
+- fleet (`benchmarks/fleet.py`, plaintext): `services` (registry, data store seeded with
+  the fleet's datasets, aggregator), `coordinator` (flat, root or site), `manager`, and
+  `fleet` (many real proplets in one process sharing one wasmtime engine).
 """
 
 from __future__ import annotations
@@ -32,19 +35,27 @@ import grpc
 import numpy as np
 
 from benchmarks.common import Json, peak_rss_kib, write_line
+from proplet.app import Proplet
+from proplet.config import PropletConfig
+from proplet.runner import WasmRuntime
+from server.aggregator.app import AggregatorApp, AggregatorConfig
 from server.aggregator.client import Aggregated
 from server.aggregator.service import binding as aggregator_binding
 from server.aggregator.strategies import strategy_class
-from server.config import MqttConfig
+from server.config import Endpoints, MqttConfig
 from server.coordinator import rounds as R
+from server.coordinator.app import CoordinatorApp, CoordinatorConfig
 from server.coordinator.backend import FEDAVG, StrategyRun
 from server.coordinator.clients import GrpcModelBackend
 from server.coordinator.coordinator import BaseModel, Coordinator, Lineage
 from server.coordinator.pg_store import PostgresRoundStore
 from server.coordinator.service import binding as coordinator_binding
 from server.coordinator.store import MemoryRoundStore, RoundStore, RoundUpdates, SqliteRoundStore
+from server.datastore.app import DataStoreApp, DataStoreConfig
 from server.errors import FailedPrecondition
 from server.grpc_server import serving
+from server.lifecycle import ServiceApp
+from server.manager.app import ManagerApp, ManagerConfig
 from server.pki import CertificateAuthority
 from server.registry.app import RegistryApp, RegistryConfig
 from server.round_spec import RoundSpec
@@ -298,12 +309,131 @@ async def run_aggmem(args: Json) -> None:
     await stdin_closed()
 
 
+# ---- fleet: the services one per process, and many proplets per process -------------------
+
+
+async def _serve(stack: contextlib.AsyncExitStack, app: ServiceApp) -> str:
+    """Start `app` and its plaintext gRPC server on a free loopback port; its address."""
+    await stack.enter_async_context(app)
+    port = await stack.enter_async_context(serving("127.0.0.1:0", app.bindings, None))
+    return f"127.0.0.1:{port}"
+
+
+def fleet_ids(args: Json) -> list[str]:
+    return [f"{args['id_prefix']}{i}" for i in range(int(args["first"]), int(args["end"]))]
+
+
+async def run_services(args: Json) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        registry = await _serve(stack, RegistryApp(RegistryConfig("127.0.0.1:0", tls=None)))
+        datastore = await _serve(
+            stack,
+            DataStoreApp(
+                DataStoreConfig("127.0.0.1:0", seed_proplet_ids=tuple(fleet_ids(args)), tls=None)
+            ),
+        )
+        aggregator = await _serve(stack, AggregatorApp(AggregatorConfig("127.0.0.1:0", tls=None)))
+        out = {"registry": registry, "datastore": datastore, "aggregator": aggregator}
+        write_line(sys.stdout, {**out, "pid": os.getpid()})
+        await stdin_closed()
+
+
+def _mqtt(args: Json) -> MqttConfig:
+    return MqttConfig(port=int(args["mqtt_port"]), topics=Topics(args["domain"], "fl"))
+
+
+async def run_coordinator(args: Json) -> None:
+    config = CoordinatorConfig(
+        addr="127.0.0.1:0",
+        aggregator_addr=args["aggregator"],
+        registry_addr=args["registry"],
+        datastore_addr=args["datastore"],
+        mqtt=_mqtt(args),
+        tier=args.get("tier", "flat"),
+        upstream_addr=args.get("upstream", ""),
+        site_id=args.get("site_id", ""),
+        tick_s=0.05,
+        rpc_timeout_s=300.0,
+        tls=None,
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        addr = await _serve(stack, CoordinatorApp(config))
+        write_line(sys.stdout, {"coordinator": addr, "pid": os.getpid()})
+        await stdin_closed()
+
+
+async def run_manager(args: Json) -> None:
+    endpoints = Endpoints(
+        coordinator=args["coordinator"],
+        aggregator=args["aggregator"],
+        registry=args["registry"],
+        datastore=args["datastore"],
+    )
+    config = ManagerConfig(
+        addr="127.0.0.1:0",
+        coordinator_addr=args["coordinator"],
+        mqtt=_mqtt(args),
+        alive_window_s=3600.0,
+        task_endpoints=endpoints,
+        rpc_timeout_s=300.0,
+        tls=None,
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        addr = await _serve(stack, ManagerApp(config))
+        write_line(sys.stdout, {"manager": addr, "pid": os.getpid()})
+        await stdin_closed()
+
+
+async def run_fleet(args: Json) -> None:
+    """Proplets `first..end-1` of the fleet: each its own MQTT session (client id
+    proplet-ID), announcing itself and heartbeating, taking its tasks from the manager and
+    submitting over gRPC; one wasmtime engine and module cache for all of them."""
+    ids = fleet_ids(args)
+    endpoints = Endpoints(
+        coordinator=args["coordinator"],
+        aggregator=args["aggregator"],
+        registry=args["registry"],
+        datastore=args["datastore"],
+    )
+    runtime = WasmRuntime.shared()
+    mqtt = _mqtt(args)
+    work_dir = Path(args["work_dir"])
+    async with contextlib.AsyncExitStack() as stack:
+        configs = [
+            PropletConfig(
+                proplet_id=pid,
+                name=pid,
+                mqtt=mqtt,
+                endpoints=endpoints,
+                heartbeat_s=float(args.get("heartbeat_s", 10.0)),
+                work_dir=work_dir,
+                task_timeout_s=600.0,
+                rpc_timeout_s=300.0,
+                tls=None,
+            )
+            for pid in ids
+        ]
+        # In batches: thousands of CONNECTs at once only queue at the broker.
+        for batch in range(0, len(configs), 100):
+            started = await asyncio.gather(
+                *(Proplet(c, runtime=runtime).__aenter__() for c in configs[batch : batch + 100])
+            )
+            for proplet in started:
+                stack.push_async_callback(proplet.stop)
+        write_line(sys.stdout, {"proplets": len(ids), "pid": os.getpid()})
+        await stdin_closed()
+
+
 KINDS = {
     "stack": run_stack,
     "bare": run_bare,
     "ingest": run_ingest,
     "registry": run_registry,
     "aggmem": run_aggmem,
+    "services": run_services,
+    "coordinator": run_coordinator,
+    "manager": run_manager,
+    "fleet": run_fleet,
 }
 
 
