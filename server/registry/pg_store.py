@@ -21,7 +21,6 @@ megabytes, written once per round; that is well within what PostgreSQL's TOAST s
 from __future__ import annotations
 
 import logging
-import math
 from threading import Event
 
 import psycopg
@@ -34,10 +33,12 @@ from server.registry.store import (
     StoredModel,
     _already_exists,
     _check_abandoned,
+    _check_size,
+    _info_of_row,
     _VerifiedReads,
 )
 from server.streams import MAX_PAYLOAD_BYTES, PIECE_BYTES, Payload
-from server.tensors import offload_if_big, specs_from_json, specs_to_json, verified_tensors
+from server.tensors import offload_if_big, specs_to_json, verified_tensors
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class PostgresModelStore:
         row = await cur.fetchone()
         if row is None:
             return None
-        return _info(version, row[:4]), int(row[4])
+        return _info_of_row(version, row[:4], WHERE), int(row[4])
 
     async def info(self, version: int) -> ModelInfo | None:
         async with self.db.transaction() as conn:
@@ -109,7 +110,7 @@ class PostgresModelStore:
         if found is None:
             return None
         info, size = found
-        _check_size(info, size)
+        _check_size(info, size, WHERE)
         return info
 
     def cached(self, version: int) -> StoredModel | None:
@@ -124,7 +125,7 @@ class PostgresModelStore:
             if found is None:
                 return None
             info, size = found
-            _check_size(info, size)
+            _check_size(info, size, WHERE)
             # One buffer of the model's size, filled piece by piece from a server-side cursor:
             # never the pieces and the whole at once.
             data = bytearray(size)
@@ -188,27 +189,3 @@ class PostgresModelStore:
         except psycopg.Error as exc:
             raise Unavailable(f"registry state store (PostgreSQL): {exc}") from exc
         log.info("[ModelRegistry.store] stored version=%d bytes=%d in %s", version, size, WHERE)
-
-
-def _check_size(info: ModelInfo, size: int) -> None:
-    if size != info.total_bytes:
-        raise ModelCorrupted(
-            f"version: {info.version} is corrupted in storage ({WHERE} holds {size} tensor "
-            f"bytes, its row promises {info.total_bytes})"
-        )
-
-
-def _info(version: int, row: tuple[object, ...]) -> ModelInfo:
-    sha256, tensors, total, created_at = row
-    try:
-        specs = specs_from_json(str(tensors))
-        info = ModelInfo(version, str(sha256), specs, float(str(created_at)))
-        if len(info.sha256) != 64 or not math.isfinite(info.created_at):
-            raise ValueError("bad sha256 or created_at")
-        if info.total_bytes != total:
-            raise ValueError("total_bytes does not match the tensors")
-    except ValueError as exc:
-        raise ModelCorrupted(
-            f"version: {version} is corrupted in storage ({WHERE}: unreadable row: {exc})"
-        ) from None
-    return info

@@ -126,6 +126,33 @@ def _already_exists(version: int) -> AlreadyExists:
     return AlreadyExists(f"version: {version} ({model_uri(version)}) already exists")
 
 
+def _info_of_row(version: int, row: tuple[object, ...], where: str) -> ModelInfo:
+    """A version's metadata from its row (sha256, tensors JSON, total_bytes, created_at) as
+    both backends store it; ModelCorrupted naming `where` if the row does not hold together."""
+    sha256, tensors, total, created_at = row
+    try:
+        specs = specs_from_json(str(tensors))
+        info = ModelInfo(version, str(sha256), specs, float(str(created_at)))
+        if len(info.sha256) != 64 or not math.isfinite(info.created_at):
+            raise ValueError("bad sha256 or created_at")
+        if info.total_bytes != total:
+            raise ValueError("total_bytes does not match the tensors")
+    except ValueError as exc:
+        raise ModelCorrupted(
+            f"version: {version} is corrupted in storage ({where}: unreadable row: {exc})"
+        ) from None
+    return info
+
+
+def _check_size(info: ModelInfo, size: object, where: str) -> None:
+    """The tensor bytes stored (`size`) must be the ones the row promises."""
+    if size != info.total_bytes:
+        raise ModelCorrupted(
+            f"version: {info.version} is corrupted in storage ({where} holds {size} tensor "
+            f"bytes, its row promises {info.total_bytes})"
+        )
+
+
 def _frozen_copy(payload: Payload) -> Tensors:
     out: Tensors = {}
     for name, arr in payload.tensors().items():
@@ -244,18 +271,14 @@ class SqliteModelStore(SqliteStore):
                 (version,),
             ).fetchone()
         )
-        return None if row is None else (self._info(version, row[:4]), row[4])
+        return None if row is None else (_info_of_row(version, row[:4], self.path.name), row[4])
 
     async def info(self, version: int) -> ModelInfo | None:
         row = await self._row(version, "length(data)")
         if row is None:
             return None
         info, size = row
-        if size != info.total_bytes:
-            raise ModelCorrupted(
-                f"version: {version} is corrupted in storage ({self.path.name} holds {size} "
-                f"tensor bytes, its row promises {info.total_bytes})"
-            )
+        _check_size(info, size, self.path.name)
         return info
 
     def cached(self, version: int) -> StoredModel | None:
@@ -282,22 +305,6 @@ class SqliteModelStore(SqliteStore):
             ModelCorrupted,
         )
         return StoredModel(info, tensors)
-
-    def _info(self, version: int, row: tuple[object, ...]) -> ModelInfo:
-        sha256, tensors, total, created_at = row
-        try:
-            specs = specs_from_json(str(tensors))
-            info = ModelInfo(version, str(sha256), specs, float(str(created_at)))
-            if len(info.sha256) != 64 or not math.isfinite(info.created_at):
-                raise ValueError("bad sha256 or created_at")
-            if info.total_bytes != total:
-                raise ValueError("total_bytes does not match the tensors")
-        except ValueError as exc:
-            raise ModelCorrupted(
-                f"version: {version} is corrupted in storage ({self.path.name}: unreadable "
-                f"row: {exc})"
-            ) from None
-        return info
 
     async def put(self, info: ModelInfo, payload: Payload, abandoned: Event) -> None:
         version = info.version
