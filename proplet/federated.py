@@ -55,6 +55,7 @@ from proplet.errors import TaskFailed
 from server.config import Endpoints, TlsConfig
 from server.errors import InvalidArgument, RemoteError, as_remote_error, rpc_errors
 from server.grpc_server import channel
+from server.messages import json_object
 from server.pki import PkiError, load_private_key
 from server.provenance import Claim, check_module_digest, sign
 from server.streams import UpdateMeta, model_download_call, read_model_download, update_stream
@@ -528,13 +529,11 @@ def _update_v1(stdout: bytes) -> dict[str, Any]:
         raise _bad_update("stdout is not UTF-8") from None
     if not text:
         raise _bad_update("the module printed nothing on stdout")
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise _bad_update(f"stdout is not one JSON object ({exc}): {text[:80]!r}") from None
-    if not isinstance(value, dict):
-        raise _bad_update(f"stdout is JSON {type(value).__name__}, not an object")
-    return value
+    return json_object(
+        text,
+        lambda exc: _bad_update(f"stdout is not one JSON object ({exc}): {text[:80]!r}"),
+        lambda kind: _bad_update(f"stdout is JSON {kind}, not an object"),
+    )
 
 
 def _container_v2(stdout: bytes, failure: Callable[[str], TaskFailed]) -> Any:

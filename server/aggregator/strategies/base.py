@@ -23,6 +23,7 @@ import numpy as np
 from server.aggregator.fedavg import all_finite
 from server.errors import InvalidArgument
 from server.ids import MAX_VALUE_BYTES
+from server.messages import json_object
 from server.tensors import Array, Spec, Tensors
 
 PARAMS_FIELD = "strategy_params_json"
@@ -58,12 +59,11 @@ def parse_params(cls: type[P], text: str) -> P:
         raise InvalidArgument(f"{PARAMS_FIELD}: more than {MAX_VALUE_BYTES} bytes")
     if not text.strip():
         return cls()
-    try:
-        raw = json.loads(text)
-    except ValueError as exc:
-        raise InvalidArgument(f"{PARAMS_FIELD}: not JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise InvalidArgument(f"{PARAMS_FIELD}: must be a JSON object, got {type(raw).__name__}")
+    raw = json_object(
+        text,
+        lambda exc: InvalidArgument(f"{PARAMS_FIELD}: not JSON ({exc})"),
+        lambda kind: InvalidArgument(f"{PARAMS_FIELD}: must be a JSON object, got {kind}"),
+    )
     hints = get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
