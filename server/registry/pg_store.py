@@ -25,20 +25,21 @@ from threading import Event
 
 import psycopg
 
-from server.errors import ResourceExhausted, Unavailable
+from server.errors import Unavailable
 from server.postgres import Connection, Migration, PostgresDatabase
 from server.registry.store import (
-    ModelCorrupted,
     ModelInfo,
     StoredModel,
     _already_exists,
     _check_abandoned,
+    _check_put,
     _check_size,
     _info_of_row,
+    _verified_model,
     _VerifiedReads,
 )
 from server.streams import MAX_PAYLOAD_BYTES, PIECE_BYTES, Payload
-from server.tensors import offload_if_big, specs_to_json, verified_tensors
+from server.tensors import offload_if_big, specs_to_json
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +103,14 @@ class PostgresModelStore:
         row = await cur.fetchone()
         if row is None:
             return None
-        return _info_of_row(version, row[:4], WHERE), int(row[4])
+        info, size = _info_of_row(version, row[:4], WHERE), int(row[4])
+        _check_size(info, size, WHERE)
+        return info, size
 
     async def info(self, version: int) -> ModelInfo | None:
         async with self.db.transaction() as conn:
             found = await self._info_row(conn, version)
-        if found is None:
-            return None
-        info, size = found
-        _check_size(info, size, WHERE)
-        return info
+        return None if found is None else found[0]
 
     def cached(self, version: int) -> StoredModel | None:
         return self._reads.cached(version)
@@ -125,7 +124,6 @@ class PostgresModelStore:
             if found is None:
                 return None
             info, size = found
-            _check_size(info, size, WHERE)
             # One buffer of the model's size, filled piece by piece from a server-side cursor:
             # never the pieces and the whole at once.
             data = bytearray(size)
@@ -138,27 +136,12 @@ class PostgresModelStore:
                 async for (piece,) in cur:
                     data[offset : offset + len(piece)] = piece
                     offset += len(piece)
-        tensors = await offload_if_big(
-            len(data),
-            verified_tensors,
-            memoryview(data).toreadonly(),  # read-only arrays, no copy
-            info.specs,
-            info.sha256,
-            f"version: {version} ({WHERE})",
-            ModelCorrupted,
-        )
-        return StoredModel(info, tensors)
+        # Read-only arrays, no copy.
+        return await _verified_model(info, memoryview(data).toreadonly(), WHERE)
 
     async def put(self, info: ModelInfo, payload: Payload, abandoned: Event) -> None:
-        version = info.version
-        if version < 0:
-            raise ValueError(f"version must be >= 0, got {version}")
-        size = info.total_bytes
-        if size > self.max_bytes:
-            raise ResourceExhausted(
-                f"model: {size} bytes exceed the registry's limit of {self.max_bytes} bytes "
-                "per version"
-            )
+        version, size = info.version, info.total_bytes
+        _check_put(info, self.max_bytes)
         # One transaction: the row and all of its pieces commit together or not at all.
         try:
             async with self.db.transaction() as conn:

@@ -153,6 +153,33 @@ def _check_size(info: ModelInfo, size: object, where: str) -> None:
         )
 
 
+async def _verified_model(info: ModelInfo, data: bytes | memoryview, where: str) -> StoredModel:
+    """The stored bytes of `info`'s version as read-only arrays, their sha256 checked against
+    the row's (ModelCorrupted naming `where` if not). Hashing a big model takes a while: in a
+    worker thread, not the database's or the event loop's."""
+    tensors = await offload_if_big(
+        len(data),
+        verified_tensors,
+        data,
+        info.specs,
+        info.sha256,
+        f"version: {info.version} ({where})",
+        ModelCorrupted,
+    )
+    return StoredModel(info, tensors)
+
+
+def _check_put(info: ModelInfo, max_bytes: int) -> None:
+    """What every backend refuses before it writes anything."""
+    if info.version < 0:
+        raise ValueError(f"version must be >= 0, got {info.version}")
+    if info.total_bytes > max_bytes:
+        raise ResourceExhausted(
+            f"model: {info.total_bytes} bytes exceed the registry's limit of {max_bytes} bytes "
+            "per version"
+        )
+
+
 def _frozen_copy(payload: Payload) -> Tensors:
     out: Tensors = {}
     for name, arr in payload.tensors().items():
@@ -293,29 +320,12 @@ class SqliteModelStore(SqliteStore):
             return None
         info, payload = row
         assert isinstance(payload, bytes)
-        # Read-only arrays over the row's bytes: no second copy of the model. Hashing a big
-        # model takes a while: in a worker thread, not the database's or the event loop's.
-        tensors = await offload_if_big(
-            len(payload),
-            verified_tensors,
-            payload,
-            info.specs,
-            info.sha256,
-            f"version: {version} ({self.path.name})",
-            ModelCorrupted,
-        )
-        return StoredModel(info, tensors)
+        # Read-only arrays over the row's bytes: no second copy of the model.
+        return await _verified_model(info, payload, self.path.name)
 
     async def put(self, info: ModelInfo, payload: Payload, abandoned: Event) -> None:
-        version = info.version
-        if version < 0:
-            raise ValueError(f"version must be >= 0, got {version}")
-        size = info.total_bytes
-        if size > self.max_bytes:
-            raise ResourceExhausted(
-                f"model: {size} bytes exceed the registry's limit of {self.max_bytes} bytes "
-                "per version"
-            )
+        version, size = info.version, info.total_bytes
+        _check_put(info, self.max_bytes)
 
         def insert(conn: sqlite3.Connection) -> None:
             _check_abandoned(abandoned, version)
