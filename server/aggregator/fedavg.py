@@ -94,9 +94,16 @@ def all_finite(flat: Array) -> bool:
     return int(np.count_nonzero(np.isfinite(flat))) == flat.size
 
 
-def _flat(arr: Array) -> Array:
-    """The array's elements in C order, 1-d: a view (a copy only if it is not C-contiguous)."""
-    return arr.reshape(-1)
+def finite_flats(index: int, tensors: Mapping[str, Array]) -> dict[str, Array]:
+    """Update `index`'s tensors, each as its elements in C order, 1-d: a view (a copy only if
+    it is not C-contiguous); INVALID_ARGUMENT naming the first that holds NaN or Inf."""
+    flats: dict[str, Array] = {}
+    for name, arr in tensors.items():
+        flat = arr.reshape(-1)
+        if not all_finite(flat):
+            raise InvalidArgument(f"updates[{index}].tensors.{name}: contains NaN or Inf")
+        flats[name] = flat
+    return flats
 
 
 def _holding(elements: int, nbytes: int) -> int:
@@ -174,14 +181,8 @@ class FedAvg:
             # The first update, or one that differs: the full checks say what is wrong.
             specs = specs_of(tensors)
             check_specs(index, specs, self._specs)
-        flats: dict[str, Array] = {}
-        nbytes = 0
-        for name, arr in tensors.items():
-            flat = _flat(arr)
-            if not all_finite(flat):
-                raise InvalidArgument(f"updates[{index}].tensors.{name}: contains NaN or Inf")
-            flats[name] = flat
-            nbytes += flat.nbytes
+        flats = finite_flats(index, tensors)
+        nbytes = sum(flat.nbytes for flat in flats.values())
         if self._specs is None:
             self._specs = specs
             self._signature = signature

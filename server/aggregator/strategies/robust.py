@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.aggregator.fedavg import all_finite, check_num_samples, check_specs
+from server.aggregator.fedavg import check_num_samples, check_specs, finite_flats
 from server.aggregator.strategies.base import (
     NON_NEGATIVE,
     Bound,
@@ -73,12 +73,7 @@ class _HeldStrategy(Strategy):
         check_num_samples(index, num_samples)
         specs = specs_of(tensors)
         check_specs(index, specs, self._specs)
-        flats: dict[str, Array] = {}
-        for name, arr in tensors.items():
-            flat = arr.reshape(-1)
-            if not all_finite(flat):
-                raise InvalidArgument(f"updates[{index}].tensors.{name}: contains NaN or Inf")
-            flats[name] = flat
+        flats = finite_flats(index, tensors)
         if self._specs is None:
             self._specs = specs
         self._updates.append(flats)
