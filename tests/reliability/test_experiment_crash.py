@@ -101,6 +101,24 @@ async def killed(process: ServiceProcess) -> None:
     assert await process.wait_exit(bound=120) == -signal.SIGKILL, process.tail()
 
 
+async def killed_while_round_2_runs(
+    c: Clients, coordinator: ServiceProcess, eid: str, image: str
+) -> list[int]:
+    """Start experiment `eid`, SIGKILL the coordinator as soon as the manager has fanned out
+    round 2 (its updates arriving, or about to), start it again; the versions the experiment
+    stored, each round run once (`check_ran_once`)."""
+    await c.manager.StartExperiment(request(eid, image), timeout=RPC_S)
+    async for event in c.manager.WatchExperiment(
+        manager_pb2.WatchExperimentRequest(experiment_id=eid), timeout=120
+    ):
+        if event.type == manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_STARTED and event.round.index == 2:
+            break
+    coordinator.kill()
+    assert await coordinator.wait_exit() == -signal.SIGKILL
+    await coordinator.restart()
+    return await check_ran_once(c, eid, V0)
+
+
 async def test_experiments_survive_kills_of_the_manager_and_the_coordinator(
     mqtt: MqttConfig, tmp_path: Path, trainer_wasm: Path
 ) -> None:
@@ -155,19 +173,7 @@ async def test_experiments_survive_kills_of_the_manager_and_the_coordinator(
         # The coordinator killed while round 2 runs (as soon as the manager has fanned it out:
         # its updates are arriving, or about to) and started again.
         eid = "exp-coordinator-killed-open"
-        await c.manager.StartExperiment(request(eid, image), timeout=RPC_S)
-        async for event in c.manager.WatchExperiment(
-            manager_pb2.WatchExperimentRequest(experiment_id=eid), timeout=120
-        ):
-            if (
-                event.type == manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_STARTED
-                and event.round.index == 2
-            ):
-                break
-        coordinator.kill()
-        assert await coordinator.wait_exit() == -signal.SIGKILL
-        await coordinator.restart()
-        stored += await check_ran_once(c, eid, V0)
+        stored += await killed_while_round_2_runs(c, coordinator, eid, image)
 
         # Every version once, none skipped, across all six experiments.
         assert stored == list(range(1 + ROUNDS * 6))

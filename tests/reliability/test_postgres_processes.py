@@ -10,7 +10,6 @@ no round twice, no version skipped or duplicated."""
 from __future__ import annotations
 
 import asyncio
-import signal
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from tests.reliability.test_experiment_crash import (
     check_ran_once,
     ended,
     killed,
+    killed_while_round_2_runs,
     request,
 )
 from tests.reliability.test_manager_crash import fleet_processes
@@ -94,19 +94,7 @@ async def test_the_seed_round_and_coordinator_kills_on_postgresql(
 
         # Killed while round 2 runs (its updates arriving, or about to), then started again.
         eid = "exp-coordinator-killed-open"
-        await c.manager.StartExperiment(request(eid, image), timeout=RPC_S)
-        async for event in c.manager.WatchExperiment(
-            manager_pb2.WatchExperimentRequest(experiment_id=eid), timeout=120
-        ):
-            if (
-                event.type == manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_STARTED
-                and event.round.index == 2
-            ):
-                break
-        coordinator.kill()
-        assert await coordinator.wait_exit() == -signal.SIGKILL
-        await coordinator.restart()
-        stored += await check_ran_once(c, eid, V0)
+        stored += await killed_while_round_2_runs(c, coordinator, eid, image)
 
         # Every version once, none skipped; every round's notice published.
         assert stored == list(range(2 + ROUNDS * 2))
