@@ -176,12 +176,11 @@ class FedAdagradParams(StrategyParams):
 
 
 @dataclass(frozen=True)
-class FedAdamParams(StrategyParams):
-    eta: float = bounded(0.1, POSITIVE)
-    eta_l: float = bounded(0.1, POSITIVE)
+class FedAdamParams(FedAdagradParams):
+    """Adagrad's parameters with a first moment by default, and the second moment's decay."""
+
     beta_1: float = bounded(0.9, FRACTION)
     beta_2: float = bounded(0.99, FRACTION)
-    tau: float = bounded(1e-9, POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -202,7 +201,7 @@ class _FedOpt(_ServerOptimiser):
 
     def step(self, x: F64, mean: F64, state: dict[str, F64]) -> tuple[F64, dict[str, F64]]:
         p = self.params
-        assert isinstance(p, FedAdagradParams | FedAdamParams)
+        assert isinstance(p, FedAdagradParams)
         delta = mean - x
         m = p.beta_1 * state["m"] + (1.0 - p.beta_1) * delta
         v = self.second_moment(state["v"], delta)
