@@ -101,6 +101,20 @@ async def killed(process: ServiceProcess) -> None:
     assert await process.wait_exit(bound=120) == -signal.SIGKILL, process.tail()
 
 
+async def killed_at(
+    point: str, c: Clients, coordinator: ServiceProcess, eid: str, image: str
+) -> None:
+    """Restart the coordinator to die at `point` (`server.faults`), start experiment `eid`
+    and see it die there; the coordinator is left down, to start again without the fault."""
+    coordinator.env[KILL_AT_ENV] = point
+    coordinator.terminate()
+    await coordinator.restart()
+    await c.manager.StartExperiment(request(eid, image), timeout=RPC_S)
+    await killed(coordinator)
+    assert f"point={point.split(':')[0]}" in coordinator.log_text(), coordinator.tail()
+    del coordinator.env[KILL_AT_ENV]
+
+
 async def killed_while_round_2_runs(
     c: Clients, coordinator: ServiceProcess, eid: str, image: str
 ) -> list[int]:
@@ -157,14 +171,8 @@ async def test_experiments_survive_kills_of_the_manager_and_the_coordinator(
         await mgr.restart()
         await c.wait_alive(IDS)
         for point in ("coordinator.model_stored:2", "coordinator.round_completed:2"):
-            coordinator.env[KILL_AT_ENV] = point
-            coordinator.terminate()
-            await coordinator.restart()
             eid = f"exp-coordinator-killed-{point.split('.')[1].split(':')[0].replace('_', '-')}"
-            await c.manager.StartExperiment(request(eid, image), timeout=RPC_S)
-            await killed(coordinator)
-            assert f"point={point.split(':')[0]}" in coordinator.log_text(), coordinator.tail()
-            del coordinator.env[KILL_AT_ENV]
+            await killed_at(point, c, coordinator, eid, image)
             running = await experiment(c, eid)
             assert running.state == manager_pb2.EXPERIMENT_STATE_RUNNING
             await coordinator.restart()

@@ -16,15 +16,13 @@ import pytest
 
 from propeller.v1 import coordinator_pb2, manager_pb2
 from server.config import MqttConfig
-from server.faults import KILL_AT_ENV
 from tests.reliability.test_experiment_crash import (
     IDS,
     ROUNDS,
     check_ran_once,
     ended,
-    killed,
+    killed_at,
     killed_while_round_2_runs,
-    request,
 )
 from tests.reliability.test_manager_crash import fleet_processes
 from tests.support.clients import HYPER, V0, clients
@@ -81,14 +79,8 @@ async def test_the_seed_round_and_coordinator_kills_on_postgresql(
         stored = [0, 1]
 
         # Killed right after round 2's completion is committed, before its notice is sent.
-        coordinator.env[KILL_AT_ENV] = "coordinator.round_completed:2"
-        coordinator.terminate()
-        await coordinator.restart()
         eid = "exp-coordinator-killed"
-        await c.manager.StartExperiment(request(eid, image), timeout=RPC_S)
-        await killed(coordinator)
-        assert "point=coordinator.round_completed" in coordinator.log_text(), coordinator.tail()
-        del coordinator.env[KILL_AT_ENV]
+        await killed_at("coordinator.round_completed:2", c, coordinator, eid, image)
         await coordinator.restart()
         stored += await check_ran_once(c, eid, V0)
 
