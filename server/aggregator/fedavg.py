@@ -140,7 +140,24 @@ def _fold_blocks(
             np.add(acc, part, out=acc)
 
 
-class FedAvg:
+class Intake:
+    """What an aggregation has taken in so far, as every aggregation answers it: the tensors
+    every update must have (those of the first update, once known) and the sum of the
+    updates' sample counts."""
+
+    _specs: list[Spec] | None = None
+    _total_samples: int = 0
+
+    @property
+    def total_samples(self) -> int:
+        return self._total_samples
+
+    @property
+    def specs(self) -> list[Spec] | None:
+        return None if self._specs is None else list(self._specs)
+
+
+class FedAvg(Intake):
     """Incremental weighted mean of updates, weighted by their sample counts.
 
     `add` keeps a reference to the update's arrays until they are folded in (at the latest in
@@ -161,15 +178,6 @@ class FedAvg:
     def count(self) -> int:
         """Updates added so far."""
         return self._count
-
-    @property
-    def total_samples(self) -> int:
-        return self._total_samples
-
-    @property
-    def specs(self) -> list[Spec] | None:
-        """The tensors every update must have (those of the first update), once known."""
-        return None if self._specs is None else list(self._specs)
 
     def add(self, tensors: Mapping[str, Array], num_samples: int) -> None:
         """Take one update in; InvalidArgument (and no change) if it is not acceptable."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.aggregator.fedavg import check_num_samples, check_specs, finite_flats
+from server.aggregator.fedavg import Intake, check_num_samples, check_specs, finite_flats
 from server.aggregator.strategies.base import (
     NON_NEGATIVE,
     Bound,
@@ -45,7 +45,7 @@ def _block(k: int) -> int:
     return max(256, _SCRATCH_BYTES // (8 * max(1, k)))
 
 
-class _HeldStrategy(Strategy):
+class _HeldStrategy(Intake, Strategy):
     incremental = False
 
     def __init__(self, params: StrategyParams) -> None:
@@ -59,14 +59,6 @@ class _HeldStrategy(Strategy):
     @property
     def count(self) -> int:
         return len(self._updates)
-
-    @property
-    def total_samples(self) -> int:
-        return self._total_samples
-
-    @property
-    def specs(self) -> list[Spec] | None:
-        return None if self._specs is None else list(self._specs)
 
     def add(self, tensors: Mapping[str, Array], num_samples: int) -> None:
         index = len(self._updates)
