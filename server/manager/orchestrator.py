@@ -56,8 +56,8 @@ from server.manager.experiments import (
     FanOut,
     RoundRecord,
     ScheduledParticipant,
+    participant_task,
     round_of,
-    round_task_env,
     round_task_name,
 )
 from server.manager.modules import Modules, PinnedModule
@@ -659,48 +659,33 @@ class Manager:
         """The evaluation task of `s` after round `rnd` (the model it stored, FL_TASK=evaluate,
         the evaluation's deadline as ROUND_DEADLINE), created under the id the record holds
         unless it exists."""
-        task = self.tasks.store.get(s.task_id)
-        if task is not None:
-            return task
-        config = experiment.config
-        env = round_task_env(
+        return participant_task(
+            self.tasks,
+            self.task_endpoints,
+            experiment,
+            experiment.config,
+            s,
             round_id=rnd.round_id,
             model_uri=rnd.new_model_uri,
-            hyperparams=config.hyperparams,
-            proplet_id=s.proplet_id,
-            endpoints=self.task_endpoints,
             deadline=rnd.eval_deadline,
             module_digest=experiment.module_digest,
-        )
-        return self.tasks.create(
-            s.task_name,
-            task_id=s.task_id,
-            image_url=experiment.image or config.task_wasm_image,
-            env={**env, FL_TASK: EVALUATE},
-            proplet_id=s.proplet_id,
+            evaluate=True,
         )
 
     def _round_task(self, experiment: Experiment, s: ScheduledParticipant, rnd: Round) -> Task:
         """The participant's task, created under the id the experiment recorded for it unless
         an earlier fan-out did."""
-        task = self.tasks.store.get(s.task_id)
-        if task is not None:
-            return task
         config = experiment.round_spec
-        return self.tasks.create(
-            s.task_name,
-            task_id=s.task_id,
-            image_url=experiment.image or config.task_wasm_image,
-            env=round_task_env(
-                round_id=config.round_id,
-                model_uri=rnd.model_ref or config.model_ref,
-                hyperparams=config.hyperparams,
-                proplet_id=s.proplet_id,
-                endpoints=self.task_endpoints,
-                deadline=rnd.deadline,
-                module_digest=rnd.module_digest or experiment.module_digest,
-            ),
-            proplet_id=s.proplet_id,
+        return participant_task(
+            self.tasks,
+            self.task_endpoints,
+            experiment,
+            config,
+            s,
+            round_id=config.round_id,
+            model_uri=rnd.model_ref or config.model_ref,
+            deadline=rnd.deadline,
+            module_digest=rnd.module_digest or experiment.module_digest,
         )
 
     async def run_fan_outs(self) -> None:
