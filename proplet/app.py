@@ -47,11 +47,10 @@ from proplet.federated import (
     FlInputs,
     FlTask,
     is_federated,
-    parse_evaluation,
-    parse_update,
     summary,
 )
 from proplet.runner import CompiledModule, Invocation, RunControl, WasmRuntime
+from proplet.task_output import parse_evaluation, parse_update
 from server import metrics, tracing
 from server.lifecycle import Lifecycle, start_task
 from server.messages import (

@@ -34,14 +34,30 @@ from server.tracing import MAX_TRACEPARENT
 MAX_PACKET_BYTES = 32 << 20
 
 
-def _load(payload: bytes | str) -> dict[str, Any]:
+def json_object(
+    text: bytes | str,
+    not_json: Callable[[ValueError], Exception],
+    not_object: Callable[[str], Exception],
+) -> dict[str, Any]:
+    """`text` as one JSON object, for everything that reads one from outside (an MQTT payload,
+    a module's stdout, an image manifest, strategy parameters). The reader words its own
+    errors: `not_json` gets the parser's error (bytes that are not UTF-8 included),
+    `not_object` the JSON type found instead (`list`, `str`, ...)."""
     try:
-        value = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"not JSON: {exc}") from None
+        value = json.loads(text)
+    except ValueError as exc:
+        raise not_json(exc) from None
     if not isinstance(value, dict):
-        raise ValueError("payload is not a JSON object")
+        raise not_object(type(value).__name__)
     return value
+
+
+def _load(payload: bytes | str) -> dict[str, Any]:
+    return json_object(
+        payload,
+        lambda exc: ValueError(f"not JSON: {exc}"),
+        lambda _: ValueError("payload is not a JSON object"),
+    )
 
 
 def _str(d: dict[str, Any], key: str, required: bool = False) -> str:

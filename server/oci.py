@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import re
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from server.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from server.messages import json_object
 
 log = logging.getLogger(__name__)
 
@@ -257,12 +257,11 @@ class OciClient:
                     f"image {ref}: manifest digest mismatch: pinned {ref.digest}, "
                     f"registry served {got}"
                 )
-            try:
-                manifest = json.loads(raw)
-            except ValueError as exc:
-                raise FailedPrecondition(f"image {ref}: manifest is not JSON: {exc}") from None
-            if not isinstance(manifest, dict):
-                raise FailedPrecondition(f"image {ref}: manifest is not a JSON object")
+            manifest = json_object(
+                raw,
+                lambda exc: FailedPrecondition(f"image {ref}: manifest is not JSON: {exc}"),
+                lambda _: FailedPrecondition(f"image {ref}: manifest is not a JSON object"),
+            )
             layer = _pick_wasm_layer(manifest, ref)
             digest = str(layer.get("digest", ""))
             if not DIGEST.match(digest):

@@ -153,6 +153,20 @@ def page_of(
     return page
 
 
+def page_in_order(
+    request: PagedRequest,
+    listing: str,
+    entries: Sequence[T],
+    to_proto: Callable[[T], M],
+    keep: Callable[[T], bool] | None = None,
+) -> Page[M]:
+    """The page `request` asks for of `entries`, a list that only grows at its end (creation
+    order; keys are positions, so neither a filter nor a change to an entry can shift a
+    page): those `keep` accepts, as messages."""
+    wanted = PageRequest.of(request, listing, int)
+    return page_of(wanted.indexed(entries), wanted, to_proto, keep)
+
+
 async def all_pages(
     call: Callable[[Any], Awaitable[R]], request: Any, items: Callable[[R], Iterable[T]]
 ) -> AsyncIterator[T]:

@@ -161,6 +161,15 @@ def checked_total(
     return need
 
 
+def _header_specs(header: Any, field: str, max_bytes: int) -> tuple[list[Spec], int]:
+    """A stream header's tensor specs (at least one) and the bytes they promise, bounded by
+    `max_bytes`; INVALID_ARGUMENT naming `field`'s header otherwise."""
+    specs = specs_from_proto(header.tensors, f"{field}.header.tensors")
+    if not specs:
+        raise InvalidArgument(f"{field}.header.tensors: must list at least one tensor")
+    return specs, checked_total(specs, header.total_bytes, f"{field}.header", max_bytes)
+
+
 class Payload:
     """The tensor bytes of one model or update, concatenated in the order of `specs`: in
     memory, or in a temporary file when they were spooled (`PayloadBuffer`). Reading a spooled
@@ -394,10 +403,7 @@ async def _assemble(
                 if header is not None:
                     raise InvalidArgument(f"{field}: a second header in one stream")
                 header = chunk.header
-                specs = specs_from_proto(header.tensors, f"{field}.header.tensors")
-                if not specs:
-                    raise InvalidArgument(f"{field}.header.tensors: must list at least one tensor")
-                need = checked_total(specs, header.total_bytes, f"{field}.header", max_bytes)
+                specs, need = _header_specs(header, field, max_bytes)
                 if on_header is not None:
                     await on_header(header, need)
                 buf = PayloadBuffer(need, field, spool_above=spool_above)
@@ -644,10 +650,7 @@ async def read_model_download(
                 if header is not None:
                     raise InvalidArgument(f"{field}: a second header in one stream")
                 header = chunk.header
-                specs = specs_from_proto(header.tensors, f"{field}.header.tensors")
-                if not specs:
-                    raise InvalidArgument(f"{field}.header.tensors: must list at least one tensor")
-                need = checked_total(specs, header.total_bytes, f"{field}.header", max_bytes)
+                specs, need = _header_specs(header, field, max_bytes)
                 assembly = _HashingAssembly(need, field, asyncio.get_running_loop())
             else:
                 raise InvalidArgument(f"{field}: empty chunk (neither header nor data)")

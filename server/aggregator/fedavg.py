@@ -94,9 +94,16 @@ def all_finite(flat: Array) -> bool:
     return int(np.count_nonzero(np.isfinite(flat))) == flat.size
 
 
-def _flat(arr: Array) -> Array:
-    """The array's elements in C order, 1-d: a view (a copy only if it is not C-contiguous)."""
-    return arr.reshape(-1)
+def finite_flats(index: int, tensors: Mapping[str, Array]) -> dict[str, Array]:
+    """Update `index`'s tensors, each as its elements in C order, 1-d: a view (a copy only if
+    it is not C-contiguous); INVALID_ARGUMENT naming the first that holds NaN or Inf."""
+    flats: dict[str, Array] = {}
+    for name, arr in tensors.items():
+        flat = arr.reshape(-1)
+        if not all_finite(flat):
+            raise InvalidArgument(f"updates[{index}].tensors.{name}: contains NaN or Inf")
+        flats[name] = flat
+    return flats
 
 
 def _holding(elements: int, nbytes: int) -> int:
@@ -133,7 +140,24 @@ def _fold_blocks(
             np.add(acc, part, out=acc)
 
 
-class FedAvg:
+class Intake:
+    """What an aggregation has taken in so far, as every aggregation answers it: the tensors
+    every update must have (those of the first update, once known) and the sum of the
+    updates' sample counts."""
+
+    _specs: list[Spec] | None = None
+    _total_samples: int = 0
+
+    @property
+    def total_samples(self) -> int:
+        return self._total_samples
+
+    @property
+    def specs(self) -> list[Spec] | None:
+        return None if self._specs is None else list(self._specs)
+
+
+class FedAvg(Intake):
     """Incremental weighted mean of updates, weighted by their sample counts.
 
     `add` keeps a reference to the update's arrays until they are folded in (at the latest in
@@ -155,15 +179,6 @@ class FedAvg:
         """Updates added so far."""
         return self._count
 
-    @property
-    def total_samples(self) -> int:
-        return self._total_samples
-
-    @property
-    def specs(self) -> list[Spec] | None:
-        """The tensors every update must have (those of the first update), once known."""
-        return None if self._specs is None else list(self._specs)
-
     def add(self, tensors: Mapping[str, Array], num_samples: int) -> None:
         """Take one update in; InvalidArgument (and no change) if it is not acceptable."""
         index = self._count
@@ -174,14 +189,8 @@ class FedAvg:
             # The first update, or one that differs: the full checks say what is wrong.
             specs = specs_of(tensors)
             check_specs(index, specs, self._specs)
-        flats: dict[str, Array] = {}
-        nbytes = 0
-        for name, arr in tensors.items():
-            flat = _flat(arr)
-            if not all_finite(flat):
-                raise InvalidArgument(f"updates[{index}].tensors.{name}: contains NaN or Inf")
-            flats[name] = flat
-            nbytes += flat.nbytes
+        flats = finite_flats(index, tensors)
+        nbytes = sum(flat.nbytes for flat in flats.values())
         if self._specs is None:
             self._specs = specs
             self._signature = signature

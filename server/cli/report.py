@@ -205,13 +205,7 @@ def write_plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     ax_loss.plot(rounds, [r["loss"] for r in rows], marker="o", label="global (all data)")
     local = [(r["round"], r["local_loss"]) for r in rows if r.get("local_loss") is not None]
     if local:
-        ax_loss.plot(
-            [x for x, _ in local],
-            [y for _, y in local],
-            marker=".",
-            linestyle="--",
-            label="trainers' local, after training",
-        )
+        _dashed(ax_loss, local, marker=".", label="trainers' local, after training")
     ax_loss.set_xlabel("round")
     ax_loss.set_ylabel("log-loss")
     ax_loss.set_title("log-loss")
@@ -225,14 +219,7 @@ def write_plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         label="train (all proplets' data)",
     )
     if held_out:
-        ax_acc.plot(
-            [x for x, _ in held_out],
-            [y for _, y in held_out],
-            marker="s",
-            linestyle="--",
-            color="tab:red",
-            label="test (held-out split)",
-        )
+        _dashed(ax_acc, held_out, marker="s", color="tab:red", label="test (held-out split)")
         ax_acc.legend()
     ax_acc.set_xlabel("round")
     ax_acc.set_ylabel("accuracy")
@@ -253,6 +240,11 @@ EXPERIMENT_SERIES = (
     ("accuracy", "train (updates)", "train", "accuracy"),
     ("accuracy", "evaluation (held-out)", "eval", "accuracy"),
 )
+
+
+def _dashed(ax: Any, points: Sequence[tuple[Any, Any]], **style: Any) -> None:
+    """A series known for some rounds only (x, y pairs), dashed beside the solid one."""
+    ax.plot([x for x, _ in points], [y for _, y in points], linestyle="--", **style)
 
 
 def experiment_series(

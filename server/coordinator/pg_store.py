@@ -24,8 +24,6 @@ is at most MAX_PAYLOAD_BYTES, under PostgreSQL's 1 GiB per value.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -46,6 +44,7 @@ from server.coordinator.store import (
     _header_from_row,
     _round_from_row,
     _round_values,
+    _update_values,
 )
 from server.errors import PropellerError, ResourceExhausted, Unavailable
 from server.postgres import Connection, Migration, PostgresDatabase
@@ -396,25 +395,7 @@ class PostgresRoundStore:
     async def _insert_update(self, conn: Connection, round_id: str, update: Update) -> None:
         blob = await offload_if_big(nbytes_of(update.tensors), tensor_bytes, update.tensors)
         self._check_size("tensors: update", len(blob))
-        values = (
-            round_id,
-            blob,
-            update.proplet_id,
-            update.base_model_uri,
-            update.num_samples,
-            json.dumps(dict(update.metrics)),
-            specs_to_json(specs_of(update.tensors)),
-            update.received_at,
-            # The same bytes the coordinator's checks hashed (when they did).
-            update.sha256 or hashlib.sha256(blob).hexdigest(),
-            update.base_model_sha256,
-            update.module_digest,
-            update.signature,
-            update.certificate,
-            update.distance,
-            update.clip_scale,
-            round_id,
-        )
+        values = (round_id, blob, *_update_values(update, blob), round_id)
         await conn.execute(_INSERT_UPDATE, values)
 
     async def add_update(self, round_id: str, update: Update) -> None:

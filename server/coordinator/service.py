@@ -14,7 +14,7 @@ from server.coordinator.wire import STATES, answer_round, spec_from_proto, statu
 from server.errors import InvalidArgument, PermissionDenied, grpc_errors
 from server.grpc_server import Context, ServiceBinding
 from server.ids import MAX_PARTICIPANTS, check_count, check_id, check_ids, check_name, check_text
-from server.paging import PageRequest, page_of
+from server.paging import page_in_order
 from server.pki import Kind
 from server.streams import SPOOL_ABOVE, read_update_stream
 from server.tensors import total_bytes
@@ -211,12 +211,12 @@ class CoordinatorServicer:
     ) -> coordinator_pb2.ListRoundsResponse:
         async with grpc_errors(context, "Coordinator.ListRounds"):
             eid = check_id(request.experiment_id, "experiment_id", optional=True)
-            wanted = PageRequest.of(request, "ListRounds", int)
             # Positions in the list of every round (configuration order, which only grows at
             # its end), so the filter cannot shift a page.
-            page = page_of(
-                wanted.indexed(await self.coordinator.list()),
-                wanted,
+            page = page_in_order(
+                request,
+                "ListRounds",
+                await self.coordinator.list(),
                 status_to_proto,
                 keep=lambda r: not eid or r.experiment_id == eid,
             )

@@ -309,6 +309,27 @@ class StateCorrupted(DataLoss):
     """The state file holds something that cannot be a record this code wrote."""
 
 
+def _update_values(update: Update, blob: bytes | bytearray) -> tuple[object, ...]:
+    """An update's `_UPDATE_HEADER_COLUMNS` as both backends store them (`blob`: its
+    tensors' bytes)."""
+    return (
+        update.proplet_id,
+        update.base_model_uri,
+        update.num_samples,
+        json.dumps(dict(update.metrics)),
+        specs_to_json(specs_of(update.tensors)),
+        update.received_at,
+        # The same bytes the coordinator's checks hashed (when they did).
+        update.sha256 or hashlib.sha256(blob).hexdigest(),
+        update.base_model_sha256,
+        update.module_digest,
+        update.signature,
+        update.certificate,
+        update.distance,
+        update.clip_scale,
+    )
+
+
 def _round_values(rnd: Round) -> tuple[Any, ...]:
     return (
         rnd.round_id,
@@ -529,20 +550,7 @@ class SqliteRoundStore(SqliteStore):
                 round_id,
                 seq,
                 blob,
-                update.proplet_id,
-                update.base_model_uri,
-                update.num_samples,
-                json.dumps(dict(update.metrics)),
-                specs_to_json(specs_of(update.tensors)),
-                update.received_at,
-                # The same bytes the coordinator's checks hashed (when they did).
-                update.sha256 or hashlib.sha256(blob).hexdigest(),
-                update.base_model_sha256,
-                update.module_digest,
-                update.signature,
-                update.certificate,
-                update.distance,
-                update.clip_scale,
+                *_update_values(update, blob),
             ),
         )
 

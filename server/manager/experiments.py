@@ -27,6 +27,7 @@ from server.errors import FailedPrecondition
 from server.manager.plan import EndReason, ExperimentPlan
 from server.manager.proplets import Skipped
 from server.manager.records import InMemoryStore, RecordStore
+from server.manager.tasks import Task, Tasks
 from server.round_spec import Hyperparams, RoundSpec
 
 
@@ -97,6 +98,43 @@ def round_task_env(
     if module_digest:
         env["MODULE_DIGEST"] = module_digest
     return env
+
+
+def participant_task(
+    tasks: Tasks,
+    endpoints: Endpoints,
+    experiment: Experiment,
+    spec: RoundSpec,
+    s: ScheduledParticipant,
+    *,
+    round_id: str,
+    model_uri: str,
+    deadline: float,
+    module_digest: str,
+    evaluate: bool = False,
+) -> Task:
+    """A participant's round or evaluation task: the experiment's module with the spec's
+    hyperparameters, created under the id the experiment recorded for it unless an earlier
+    fan-out did."""
+    task = tasks.store.get(s.task_id)
+    if task is not None:
+        return task
+    env = round_task_env(
+        round_id=round_id,
+        model_uri=model_uri,
+        hyperparams=spec.hyperparams,
+        proplet_id=s.proplet_id,
+        endpoints=endpoints,
+        deadline=deadline,
+        module_digest=module_digest,
+    )
+    return tasks.create(
+        s.task_name,
+        task_id=s.task_id,
+        image_url=experiment.image or spec.task_wasm_image,
+        env={**env, FL_TASK: EVALUATE} if evaluate else env,
+        proplet_id=s.proplet_id,
+    )
 
 
 @dataclass(frozen=True)

@@ -57,17 +57,23 @@ from server.manager.experiments import (
     FanOut,
     RoundRecord,
     ScheduledParticipant,
+    participant_task,
     round_of,
-    round_task_env,
     round_task_name,
 )
 from server.manager.modules import Modules, PinnedModule
-from server.manager.plan import EndReason, ExperimentPlan, round_id_for, round_k, sample
+from server.manager.plan import (
+    EndReason,
+    ExperimentPlan,
+    check_experiment,
+    round_k,
+    sample,
+)
 from server.manager.proplets import Proplets, Skipped
 from server.manager.records import require
 from server.manager.tasks import Task, Tasks, TaskState
 from server.messages import PropletAnnounce, ResultAck, TaskResult
-from server.round_spec import RoundSpec, validate
+from server.round_spec import RoundSpec
 from server.topics import Report, Topics
 
 log = logging.getLogger(__name__)
@@ -660,48 +666,33 @@ class Manager:
         """The evaluation task of `s` after round `rnd` (the model it stored, FL_TASK=evaluate,
         the evaluation's deadline as ROUND_DEADLINE), created under the id the record holds
         unless it exists."""
-        task = self.tasks.store.get(s.task_id)
-        if task is not None:
-            return task
-        config = experiment.config
-        env = round_task_env(
+        return participant_task(
+            self.tasks,
+            self.task_endpoints,
+            experiment,
+            experiment.config,
+            s,
             round_id=rnd.round_id,
             model_uri=rnd.new_model_uri,
-            hyperparams=config.hyperparams,
-            proplet_id=s.proplet_id,
-            endpoints=self.task_endpoints,
             deadline=rnd.eval_deadline,
             module_digest=experiment.module_digest,
-        )
-        return self.tasks.create(
-            s.task_name,
-            task_id=s.task_id,
-            image_url=experiment.image or config.task_wasm_image,
-            env={**env, FL_TASK: EVALUATE},
-            proplet_id=s.proplet_id,
+            evaluate=True,
         )
 
     def _round_task(self, experiment: Experiment, s: ScheduledParticipant, rnd: Round) -> Task:
         """The participant's task, created under the id the experiment recorded for it unless
         an earlier fan-out did."""
-        task = self.tasks.store.get(s.task_id)
-        if task is not None:
-            return task
         config = experiment.round_spec
-        return self.tasks.create(
-            s.task_name,
-            task_id=s.task_id,
-            image_url=experiment.image or config.task_wasm_image,
-            env=round_task_env(
-                round_id=config.round_id,
-                model_uri=rnd.model_ref or config.model_ref,
-                hyperparams=config.hyperparams,
-                proplet_id=s.proplet_id,
-                endpoints=self.task_endpoints,
-                deadline=rnd.deadline,
-                module_digest=rnd.module_digest or experiment.module_digest,
-            ),
-            proplet_id=s.proplet_id,
+        return participant_task(
+            self.tasks,
+            self.task_endpoints,
+            experiment,
+            config,
+            s,
+            round_id=config.round_id,
+            model_uri=rnd.model_ref or config.model_ref,
+            deadline=rnd.deadline,
+            module_digest=rnd.module_digest or experiment.module_digest,
         )
 
     async def run_fan_outs(self) -> None:
@@ -740,30 +731,3 @@ class Manager:
                 self._fan_outs_due.set()
             else:
                 delay = self.retry_initial_s
-
-
-def check_experiment(request: RoundSpec, plan: ExperimentPlan) -> RoundSpec:
-    """The request's round checked (`validate`, INVALID_ARGUMENT naming the field) with what
-    many rounds add: all_alive instead of participants; the first round's id derived from the
-    experiment id when the request gives none."""
-    spec = request
-    if not spec.round_id:
-        if not spec.experiment_id:
-            raise InvalidArgument("round_id: give a round_id or an experiment_id")
-        spec = replace(spec, round_id=round_id_for(spec.experiment_id, 1))
-    if plan.rounds > 1:
-        eid = spec.experiment_id or f"exp-{spec.round_id}"
-        later = {round_id_for(eid, i): i for i in range(2, plan.rounds + 1)}
-        if spec.round_id in later:
-            raise InvalidArgument(
-                f"round_id: {spec.round_id!r} is the id of round {later[spec.round_id]} of "
-                f"experiment {eid!r}; give another or none"
-            )
-    if not plan.all_alive:
-        return validate(spec, experiment=True)
-    if spec.participants:
-        raise InvalidArgument("participants: must be empty with all_alive (every alive proplet)")
-    # Checked as if with as many participants as k_of_n asks for: all_alive has them at the
-    # round's start or the round waits for them (sampling.min_available).
-    stand_in = tuple(f"p{i}" for i in range(max(spec.k_of_n, spec.min_k_of_n, 1)))
-    return replace(validate(replace(spec, participants=stand_in), experiment=True), participants=())

@@ -1,5 +1,6 @@
-"""What makes an experiment many rounds (`ExperimentPlan`) and the pure rules the manager's
-experiment loop applies between two rounds: the id of round r (`round_id_for`), who takes part
+"""What makes an experiment many rounds (`ExperimentPlan`), how a request's first round is
+checked against it (`check_experiment`), and the pure rules the manager's experiment loop
+applies between two rounds: the id of round r (`round_id_for`), who takes part
 in it (`sample`, reproducible), its k_of_n (`round_k`), and whether the experiment ends after
 it (`verdict`: max rounds, a target on a metric, a plateau).
 
@@ -15,11 +16,12 @@ import json
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from server.errors import InvalidArgument
 from server.ids import MAX_ENTRIES, MAX_ID_LENGTH, check_name, check_text, valid_id, valid_name
+from server.round_spec import RoundSpec, validate
 
 # The most rounds one experiment may ask for: every round is a record kept with the
 # experiment (its history), so the history stays bounded.
@@ -209,6 +211,33 @@ def round_id_for(experiment_id: str, index: int) -> str:
     rid = f"{experiment_id[:keep]}-{digest}{suffix}"
     assert valid_id(rid), rid
     return rid
+
+
+def check_experiment(request: RoundSpec, plan: ExperimentPlan) -> RoundSpec:
+    """The request's round checked (`validate`, INVALID_ARGUMENT naming the field) with what
+    many rounds add: all_alive instead of participants; the first round's id derived from the
+    experiment id when the request gives none."""
+    spec = request
+    if not spec.round_id:
+        if not spec.experiment_id:
+            raise InvalidArgument("round_id: give a round_id or an experiment_id")
+        spec = replace(spec, round_id=round_id_for(spec.experiment_id, 1))
+    if plan.rounds > 1:
+        eid = spec.experiment_id or f"exp-{spec.round_id}"
+        later = {round_id_for(eid, i): i for i in range(2, plan.rounds + 1)}
+        if spec.round_id in later:
+            raise InvalidArgument(
+                f"round_id: {spec.round_id!r} is the id of round {later[spec.round_id]} of "
+                f"experiment {eid!r}; give another or none"
+            )
+    if not plan.all_alive:
+        return validate(spec, experiment=True)
+    if spec.participants:
+        raise InvalidArgument("participants: must be empty with all_alive (every alive proplet)")
+    # Checked as if with as many participants as k_of_n asks for: all_alive has them at the
+    # round's start or the round waits for them (sampling.min_available).
+    stand_in = tuple(f"p{i}" for i in range(max(spec.k_of_n, spec.min_k_of_n, 1)))
+    return replace(validate(replace(spec, participants=stand_in), experiment=True), participants=())
 
 
 def sample(sampling: Sampling, alive: Sequence[str], index: int) -> list[str]:

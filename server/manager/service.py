@@ -45,7 +45,7 @@ from server.manager.plan import (
 from server.manager.proplets import Proplet
 from server.manager.tasks import Task, TaskState, matches
 from server.messages import TaskSpec
-from server.paging import PAGE_BYTES, PageRequest, page_of
+from server.paging import PAGE_BYTES, page_in_order
 
 _TO_PROTO: dict[TaskState, manager_pb2.TaskState] = {
     TaskState.PENDING: manager_pb2.TASK_STATE_PENDING,
@@ -363,12 +363,11 @@ class ManagerServicer:
         self, request: manager_pb2.ListExperimentsRequest, context: Context
     ) -> manager_pb2.ListExperimentsResponse:
         async with self._answering(context, "Manager.ListExperiments"):
-            wanted = PageRequest.of(request, "ListExperiments", int)
             # Creation order: the store's, where new experiments only ever come at the end.
-            experiments = self.manager.experiments.list()
-            page = page_of(
-                wanted.indexed(experiments),
-                wanted,
+            page = page_in_order(
+                request,
+                "ListExperiments",
+                self.manager.experiments.list(),
                 lambda e: experiment_to_proto(e, with_rounds=False),
             )
             return manager_pb2.ListExperimentsResponse(
@@ -398,9 +397,8 @@ class ManagerServicer:
         async with self._answering(context, "Manager.ListExperimentRounds"):
             check_id(request.experiment_id, "experiment_id")
             experiment = self.manager.get_experiment(request.experiment_id)
-            wanted = PageRequest.of(request, "ListExperimentRounds", int)
             rounds = experiment.rounds or (experiment.current_round,)
-            page = page_of(wanted.indexed(rounds), wanted, round_to_proto)
+            page = page_in_order(request, "ListExperimentRounds", rounds, round_to_proto)
             return manager_pb2.ListExperimentRoundsResponse(
                 rounds=page.items, next_page_token=page.next_page_token
             )
@@ -416,8 +414,8 @@ class ManagerServicer:
         self, request: manager_pb2.ListPropletsRequest, context: Context
     ) -> manager_pb2.ListPropletsResponse:
         async with self._answering(context, "Manager.ListProplets"):
-            wanted = PageRequest.of(request, "ListProplets", int)
-            page = page_of(wanted.indexed(self.manager.proplets.all()), wanted, self._proplet)
+            proplets = self.manager.proplets.all()
+            page = page_in_order(request, "ListProplets", proplets, self._proplet)
             return manager_pb2.ListPropletsResponse(
                 proplets=page.items, next_page_token=page.next_page_token
             )
@@ -466,12 +464,12 @@ class ManagerServicer:
             prefix = check_name(request.name_prefix, "name_prefix", optional=True)
             proplet_id = check_id(request.proplet_id, "proplet_id", optional=True)
             state = state_from_proto(request.state)
-            wanted = PageRequest.of(request, "ListTasks", int)
             # Positions among all tasks (creation order), so a task changing state or
             # reporting proplet between two pages cannot shift the next one.
-            page = page_of(
-                wanted.indexed(self.manager.tasks.listed()),
-                wanted,
+            page = page_in_order(
+                request,
+                "ListTasks",
+                self.manager.tasks.listed(),
                 task_to_proto,
                 keep=lambda t: matches(t, name_prefix=prefix, proplet_id=proplet_id, state=state),
             )

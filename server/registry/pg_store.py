@@ -21,23 +21,25 @@ megabytes, written once per round; that is well within what PostgreSQL's TOAST s
 from __future__ import annotations
 
 import logging
-import math
 from threading import Event
 
 import psycopg
 
-from server.errors import ResourceExhausted, Unavailable
+from server.errors import Unavailable
 from server.postgres import Connection, Migration, PostgresDatabase
 from server.registry.store import (
-    ModelCorrupted,
     ModelInfo,
     StoredModel,
     _already_exists,
     _check_abandoned,
+    _check_put,
+    _check_size,
+    _info_of_row,
+    _verified_model,
     _VerifiedReads,
 )
 from server.streams import MAX_PAYLOAD_BYTES, PIECE_BYTES, Payload
-from server.tensors import offload_if_big, specs_from_json, specs_to_json, verified_tensors
+from server.tensors import offload_if_big, specs_to_json
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +103,14 @@ class PostgresModelStore:
         row = await cur.fetchone()
         if row is None:
             return None
-        return _info(version, row[:4]), int(row[4])
+        info, size = _info_of_row(version, row[:4], WHERE), int(row[4])
+        _check_size(info, size, WHERE)
+        return info, size
 
     async def info(self, version: int) -> ModelInfo | None:
         async with self.db.transaction() as conn:
             found = await self._info_row(conn, version)
-        if found is None:
-            return None
-        info, size = found
-        _check_size(info, size)
-        return info
+        return None if found is None else found[0]
 
     def cached(self, version: int) -> StoredModel | None:
         return self._reads.cached(version)
@@ -124,7 +124,6 @@ class PostgresModelStore:
             if found is None:
                 return None
             info, size = found
-            _check_size(info, size)
             # One buffer of the model's size, filled piece by piece from a server-side cursor:
             # never the pieces and the whole at once.
             data = bytearray(size)
@@ -137,27 +136,12 @@ class PostgresModelStore:
                 async for (piece,) in cur:
                     data[offset : offset + len(piece)] = piece
                     offset += len(piece)
-        tensors = await offload_if_big(
-            len(data),
-            verified_tensors,
-            memoryview(data).toreadonly(),  # read-only arrays, no copy
-            info.specs,
-            info.sha256,
-            f"version: {version} ({WHERE})",
-            ModelCorrupted,
-        )
-        return StoredModel(info, tensors)
+        # Read-only arrays, no copy.
+        return await _verified_model(info, memoryview(data).toreadonly(), WHERE)
 
     async def put(self, info: ModelInfo, payload: Payload, abandoned: Event) -> None:
-        version = info.version
-        if version < 0:
-            raise ValueError(f"version must be >= 0, got {version}")
-        size = info.total_bytes
-        if size > self.max_bytes:
-            raise ResourceExhausted(
-                f"model: {size} bytes exceed the registry's limit of {self.max_bytes} bytes "
-                "per version"
-            )
+        version, size = info.version, info.total_bytes
+        _check_put(info, self.max_bytes)
         # One transaction: the row and all of its pieces commit together or not at all.
         try:
             async with self.db.transaction() as conn:
@@ -188,27 +172,3 @@ class PostgresModelStore:
         except psycopg.Error as exc:
             raise Unavailable(f"registry state store (PostgreSQL): {exc}") from exc
         log.info("[ModelRegistry.store] stored version=%d bytes=%d in %s", version, size, WHERE)
-
-
-def _check_size(info: ModelInfo, size: int) -> None:
-    if size != info.total_bytes:
-        raise ModelCorrupted(
-            f"version: {info.version} is corrupted in storage ({WHERE} holds {size} tensor "
-            f"bytes, its row promises {info.total_bytes})"
-        )
-
-
-def _info(version: int, row: tuple[object, ...]) -> ModelInfo:
-    sha256, tensors, total, created_at = row
-    try:
-        specs = specs_from_json(str(tensors))
-        info = ModelInfo(version, str(sha256), specs, float(str(created_at)))
-        if len(info.sha256) != 64 or not math.isfinite(info.created_at):
-            raise ValueError("bad sha256 or created_at")
-        if info.total_bytes != total:
-            raise ValueError("total_bytes does not match the tensors")
-    except ValueError as exc:
-        raise ModelCorrupted(
-            f"version: {version} is corrupted in storage ({WHERE}: unreadable row: {exc})"
-        ) from None
-    return info

@@ -126,6 +126,60 @@ def _already_exists(version: int) -> AlreadyExists:
     return AlreadyExists(f"version: {version} ({model_uri(version)}) already exists")
 
 
+def _info_of_row(version: int, row: tuple[object, ...], where: str) -> ModelInfo:
+    """A version's metadata from its row (sha256, tensors JSON, total_bytes, created_at) as
+    both backends store it; ModelCorrupted naming `where` if the row does not hold together."""
+    sha256, tensors, total, created_at = row
+    try:
+        specs = specs_from_json(str(tensors))
+        info = ModelInfo(version, str(sha256), specs, float(str(created_at)))
+        if len(info.sha256) != 64 or not math.isfinite(info.created_at):
+            raise ValueError("bad sha256 or created_at")
+        if info.total_bytes != total:
+            raise ValueError("total_bytes does not match the tensors")
+    except ValueError as exc:
+        raise ModelCorrupted(
+            f"version: {version} is corrupted in storage ({where}: unreadable row: {exc})"
+        ) from None
+    return info
+
+
+def _check_size(info: ModelInfo, size: object, where: str) -> None:
+    """The tensor bytes stored (`size`) must be the ones the row promises."""
+    if size != info.total_bytes:
+        raise ModelCorrupted(
+            f"version: {info.version} is corrupted in storage ({where} holds {size} tensor "
+            f"bytes, its row promises {info.total_bytes})"
+        )
+
+
+async def _verified_model(info: ModelInfo, data: bytes | memoryview, where: str) -> StoredModel:
+    """The stored bytes of `info`'s version as read-only arrays, their sha256 checked against
+    the row's (ModelCorrupted naming `where` if not). Hashing a big model takes a while: in a
+    worker thread, not the database's or the event loop's."""
+    tensors = await offload_if_big(
+        len(data),
+        verified_tensors,
+        data,
+        info.specs,
+        info.sha256,
+        f"version: {info.version} ({where})",
+        ModelCorrupted,
+    )
+    return StoredModel(info, tensors)
+
+
+def _check_put(info: ModelInfo, max_bytes: int) -> None:
+    """What every backend refuses before it writes anything."""
+    if info.version < 0:
+        raise ValueError(f"version must be >= 0, got {info.version}")
+    if info.total_bytes > max_bytes:
+        raise ResourceExhausted(
+            f"model: {info.total_bytes} bytes exceed the registry's limit of {max_bytes} bytes "
+            "per version"
+        )
+
+
 def _frozen_copy(payload: Payload) -> Tensors:
     out: Tensors = {}
     for name, arr in payload.tensors().items():
@@ -244,18 +298,14 @@ class SqliteModelStore(SqliteStore):
                 (version,),
             ).fetchone()
         )
-        return None if row is None else (self._info(version, row[:4]), row[4])
+        return None if row is None else (_info_of_row(version, row[:4], self.path.name), row[4])
 
     async def info(self, version: int) -> ModelInfo | None:
         row = await self._row(version, "length(data)")
         if row is None:
             return None
         info, size = row
-        if size != info.total_bytes:
-            raise ModelCorrupted(
-                f"version: {version} is corrupted in storage ({self.path.name} holds {size} "
-                f"tensor bytes, its row promises {info.total_bytes})"
-            )
+        _check_size(info, size, self.path.name)
         return info
 
     def cached(self, version: int) -> StoredModel | None:
@@ -270,45 +320,12 @@ class SqliteModelStore(SqliteStore):
             return None
         info, payload = row
         assert isinstance(payload, bytes)
-        # Read-only arrays over the row's bytes: no second copy of the model. Hashing a big
-        # model takes a while: in a worker thread, not the database's or the event loop's.
-        tensors = await offload_if_big(
-            len(payload),
-            verified_tensors,
-            payload,
-            info.specs,
-            info.sha256,
-            f"version: {version} ({self.path.name})",
-            ModelCorrupted,
-        )
-        return StoredModel(info, tensors)
-
-    def _info(self, version: int, row: tuple[object, ...]) -> ModelInfo:
-        sha256, tensors, total, created_at = row
-        try:
-            specs = specs_from_json(str(tensors))
-            info = ModelInfo(version, str(sha256), specs, float(str(created_at)))
-            if len(info.sha256) != 64 or not math.isfinite(info.created_at):
-                raise ValueError("bad sha256 or created_at")
-            if info.total_bytes != total:
-                raise ValueError("total_bytes does not match the tensors")
-        except ValueError as exc:
-            raise ModelCorrupted(
-                f"version: {version} is corrupted in storage ({self.path.name}: unreadable "
-                f"row: {exc})"
-            ) from None
-        return info
+        # Read-only arrays over the row's bytes: no second copy of the model.
+        return await _verified_model(info, payload, self.path.name)
 
     async def put(self, info: ModelInfo, payload: Payload, abandoned: Event) -> None:
-        version = info.version
-        if version < 0:
-            raise ValueError(f"version must be >= 0, got {version}")
-        size = info.total_bytes
-        if size > self.max_bytes:
-            raise ResourceExhausted(
-                f"model: {size} bytes exceed the registry's limit of {self.max_bytes} bytes "
-                "per version"
-            )
+        version, size = info.version, info.total_bytes
+        _check_put(info, self.max_bytes)
 
         def insert(conn: sqlite3.Connection) -> None:
             _check_abandoned(abandoned, version)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from propeller.v1 import coordinator_pb2, manager_pb2
-from server.cli.commands import parse_env_pairs, parse_task_state
+from server.cli.arguments import parse_env_pairs, parse_task_state
 from server.cli.progress import ExperimentView, is_live
 from server.cli.render import Output, ago, fields, message_dict, table, timestamp
 from server.errors import InvalidArgument

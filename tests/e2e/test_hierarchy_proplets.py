@@ -8,7 +8,6 @@ per proplet and at the root per site (its contributors' datasets summed)."""
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,10 @@ import numpy as np
 from propeller.v1 import coordinator_pb2, datastore_pb2, manager_pb2
 from server.config import Endpoints, MqttConfig
 from server.coordinator.app import CoordinatorApp, CoordinatorConfig
-from tests.support.clients import HYPER, V0, Clients, clients
+from tests.support.clients import HYPER, Clients, clients
 from tests.support.cluster import LOCAL, Cluster, cluster, serve_app
 from tests.support.security import service_tls
 
-HYPER_JSON = json.dumps({"epochs": 1, "lr": 0.01, "batch_size": 16})
 SITES = {"east": ("p-east-1", "p-east-2"), "west": ("p-west-1", "p-west-2")}
 PROPLETS = [p for members in SITES.values() for p in members]
 
@@ -55,22 +53,9 @@ def dataset(proplet_id: str) -> datastore_pb2.GetDatasetRequest:
 
 async def train(d: Cluster, round_id: str, coordinators: Mapping[str, str]) -> None:
     """One round task per proplet, each naming the coordinator it reports to; all complete."""
-    ep = d.stack.endpoints
     tasks = []
     for pid, addr in coordinators.items():
-        request = manager_pb2.CreateTaskRequest(
-            name=f"fl-{round_id}-{pid}",
-            image_url=d.image,
-            proplet_id=pid,
-            env={
-                "ROUND_ID": round_id,
-                "MODEL_URI": V0,
-                "HYPERPARAMS": HYPER_JSON,
-                "COORDINATOR_URL": addr,
-                "MODEL_REGISTRY_URL": ep.registry,
-                "DATA_STORE_URL": ep.datastore,
-            },
-        )
+        request = d.round_task(f"fl-{round_id}-{pid}", round_id, pid, coordinator_url=addr)
         tasks.append(await d.run_task(request))
     for task in tasks:
         finished = await d.finished(task.id)

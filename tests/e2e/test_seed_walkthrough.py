@@ -23,12 +23,11 @@ from server.messages import RoundComplete
 from server.provenance import module_digest
 from server.tensors import Tensors, tensor_from_proto
 from tests.support.clients import HYPER, V0
-from tests.support.cluster import Cluster, cluster, round_notes
+from tests.support.cluster import HYPER_JSON, Cluster, cluster, round_notes
 from tests.support.infra import OciRegistry, push_wasm
 from tests.support.waits import eventually
 from tests.wasm_client.harness import WasmRunner
 
-HYPER_JSON = json.dumps({"epochs": 1, "lr": 0.01, "batch_size": 16})
 V1 = "fl/models/global_model_v1"
 
 
@@ -209,22 +208,9 @@ async def test_manual_federated_task(deployment: Cluster) -> None:
     d = deployment
     await d.init_model(3)
     pid = d.proplet_ids[0]
-    ep = d.stack.endpoints
 
     def manual_task(round_id: str) -> manager_pb2.CreateTaskRequest:
-        return manager_pb2.CreateTaskRequest(
-            name=f"fl-manual-{round_id}",
-            image_url=d.image,
-            proplet_id=pid,
-            env={
-                "ROUND_ID": round_id,
-                "MODEL_URI": V0,
-                "HYPERPARAMS": HYPER_JSON,
-                "COORDINATOR_URL": ep.coordinator,
-                "MODEL_REGISTRY_URL": ep.registry,
-                "DATA_STORE_URL": ep.datastore,
-            },
-        )
+        return d.round_task(f"fl-manual-{round_id}", round_id, pid)
 
     # The round must be known to the coordinator: configure and open it, then run one task.
     rid = f"manual-r-{uuid.uuid4().hex[:8]}"

@@ -101,6 +101,38 @@ async def killed(process: ServiceProcess) -> None:
     assert await process.wait_exit(bound=120) == -signal.SIGKILL, process.tail()
 
 
+async def killed_at(
+    point: str, c: Clients, coordinator: ServiceProcess, eid: str, image: str
+) -> None:
+    """Restart the coordinator to die at `point` (`server.faults`), start experiment `eid`
+    and see it die there; the coordinator is left down, to start again without the fault."""
+    coordinator.env[KILL_AT_ENV] = point
+    coordinator.terminate()
+    await coordinator.restart()
+    await c.manager.StartExperiment(request(eid, image), timeout=RPC_S)
+    await killed(coordinator)
+    assert f"point={point.split(':')[0]}" in coordinator.log_text(), coordinator.tail()
+    del coordinator.env[KILL_AT_ENV]
+
+
+async def killed_while_round_2_runs(
+    c: Clients, coordinator: ServiceProcess, eid: str, image: str
+) -> list[int]:
+    """Start experiment `eid`, SIGKILL the coordinator as soon as the manager has fanned out
+    round 2 (its updates arriving, or about to), start it again; the versions the experiment
+    stored, each round run once (`check_ran_once`)."""
+    await c.manager.StartExperiment(request(eid, image), timeout=RPC_S)
+    async for event in c.manager.WatchExperiment(
+        manager_pb2.WatchExperimentRequest(experiment_id=eid), timeout=120
+    ):
+        if event.type == manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_STARTED and event.round.index == 2:
+            break
+    coordinator.kill()
+    assert await coordinator.wait_exit() == -signal.SIGKILL
+    await coordinator.restart()
+    return await check_ran_once(c, eid, V0)
+
+
 async def test_experiments_survive_kills_of_the_manager_and_the_coordinator(
     mqtt: MqttConfig, tmp_path: Path, trainer_wasm: Path
 ) -> None:
@@ -139,14 +171,8 @@ async def test_experiments_survive_kills_of_the_manager_and_the_coordinator(
         await mgr.restart()
         await c.wait_alive(IDS)
         for point in ("coordinator.model_stored:2", "coordinator.round_completed:2"):
-            coordinator.env[KILL_AT_ENV] = point
-            coordinator.terminate()
-            await coordinator.restart()
             eid = f"exp-coordinator-killed-{point.split('.')[1].split(':')[0].replace('_', '-')}"
-            await c.manager.StartExperiment(request(eid, image), timeout=RPC_S)
-            await killed(coordinator)
-            assert f"point={point.split(':')[0]}" in coordinator.log_text(), coordinator.tail()
-            del coordinator.env[KILL_AT_ENV]
+            await killed_at(point, c, coordinator, eid, image)
             running = await experiment(c, eid)
             assert running.state == manager_pb2.EXPERIMENT_STATE_RUNNING
             await coordinator.restart()
@@ -155,19 +181,7 @@ async def test_experiments_survive_kills_of_the_manager_and_the_coordinator(
         # The coordinator killed while round 2 runs (as soon as the manager has fanned it out:
         # its updates are arriving, or about to) and started again.
         eid = "exp-coordinator-killed-open"
-        await c.manager.StartExperiment(request(eid, image), timeout=RPC_S)
-        async for event in c.manager.WatchExperiment(
-            manager_pb2.WatchExperimentRequest(experiment_id=eid), timeout=120
-        ):
-            if (
-                event.type == manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_STARTED
-                and event.round.index == 2
-            ):
-                break
-        coordinator.kill()
-        assert await coordinator.wait_exit() == -signal.SIGKILL
-        await coordinator.restart()
-        stored += await check_ran_once(c, eid, V0)
+        stored += await killed_while_round_2_runs(c, coordinator, eid, image)
 
         # Every version once, none skipped, across all six experiments.
         assert stored == list(range(1 + ROUNDS * 6))

@@ -10,21 +10,19 @@ no round twice, no version skipped or duplicated."""
 from __future__ import annotations
 
 import asyncio
-import signal
 from pathlib import Path
 
 import pytest
 
 from propeller.v1 import coordinator_pb2, manager_pb2
 from server.config import MqttConfig
-from server.faults import KILL_AT_ENV
 from tests.reliability.test_experiment_crash import (
     IDS,
     ROUNDS,
     check_ran_once,
     ended,
-    killed,
-    request,
+    killed_at,
+    killed_while_round_2_runs,
 )
 from tests.reliability.test_manager_crash import fleet_processes
 from tests.support.clients import HYPER, V0, clients
@@ -81,32 +79,14 @@ async def test_the_seed_round_and_coordinator_kills_on_postgresql(
         stored = [0, 1]
 
         # Killed right after round 2's completion is committed, before its notice is sent.
-        coordinator.env[KILL_AT_ENV] = "coordinator.round_completed:2"
-        coordinator.terminate()
-        await coordinator.restart()
         eid = "exp-coordinator-killed"
-        await c.manager.StartExperiment(request(eid, image), timeout=RPC_S)
-        await killed(coordinator)
-        assert "point=coordinator.round_completed" in coordinator.log_text(), coordinator.tail()
-        del coordinator.env[KILL_AT_ENV]
+        await killed_at("coordinator.round_completed:2", c, coordinator, eid, image)
         await coordinator.restart()
         stored += await check_ran_once(c, eid, V0)
 
         # Killed while round 2 runs (its updates arriving, or about to), then started again.
         eid = "exp-coordinator-killed-open"
-        await c.manager.StartExperiment(request(eid, image), timeout=RPC_S)
-        async for event in c.manager.WatchExperiment(
-            manager_pb2.WatchExperimentRequest(experiment_id=eid), timeout=120
-        ):
-            if (
-                event.type == manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_STARTED
-                and event.round.index == 2
-            ):
-                break
-        coordinator.kill()
-        assert await coordinator.wait_exit() == -signal.SIGKILL
-        await coordinator.restart()
-        stored += await check_ran_once(c, eid, V0)
+        stored += await killed_while_round_2_runs(c, coordinator, eid, image)
 
         # Every version once, none skipped; every round's notice published.
         assert stored == list(range(2 + ROUNDS * 2))

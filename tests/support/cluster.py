@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+from propeller.v1 import manager_pb2
 from proplet import Proplet, PropletConfig
 from server.aggregator.app import AggregatorApp, AggregatorConfig
 from server.config import Endpoints, MqttConfig, TlsConfig
@@ -36,8 +37,11 @@ from server.mqtt import MqttSession
 from server.registry.app import RegistryApp, RegistryConfig
 from server.stack import Stack, StackConfig
 from server.topics import Topics
-from tests.support.clients import Clients, clients
+from tests.support.clients import V0, Clients, clients
 from tests.support.security import operator_tls, proplet_tls, service_tls, session_ca
+
+# A hand-made round task's HYPERPARAMS: `tests.support.clients.HYPER` as the module reads it.
+HYPER_JSON = json.dumps({"epochs": 1, "lr": 0.01, "batch_size": 16})
 
 LOCAL = "127.0.0.1:0"
 
@@ -200,6 +204,27 @@ class Cluster(Clients):
     @property
     def endpoints(self) -> Endpoints:
         return self.stack.endpoints
+
+    def round_task(
+        self, name: str, round_id: str, proplet_id: str, coordinator_url: str = ""
+    ) -> manager_pb2.CreateTaskRequest:
+        """A round task created by hand (not by an experiment): `image` on `proplet_id` for
+        `round_id` from v0 (HYPER's hyperparameters), reporting to `coordinator_url` (default:
+        the stack's coordinator)."""
+        ep = self.stack.endpoints
+        return manager_pb2.CreateTaskRequest(
+            name=name,
+            image_url=self.image,
+            proplet_id=proplet_id,
+            env={
+                "ROUND_ID": round_id,
+                "MODEL_URI": V0,
+                "HYPERPARAMS": HYPER_JSON,
+                "COORDINATOR_URL": coordinator_url or ep.coordinator,
+                "MODEL_REGISTRY_URL": ep.registry,
+                "DATA_STORE_URL": ep.datastore,
+            },
+        )
 
     async def stop_proplet(self, proplet_id: str) -> None:
         await self.running[proplet_id].aclose()

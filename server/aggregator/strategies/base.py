@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar, get_type_hints
 
@@ -23,23 +23,50 @@ import numpy as np
 from server.aggregator.fedavg import all_finite
 from server.errors import InvalidArgument
 from server.ids import MAX_VALUE_BYTES
+from server.messages import json_object
 from server.tensors import Array, Spec, Tensors
 
 PARAMS_FIELD = "strategy_params_json"
 STATE_DTYPE = np.dtype(np.float64)
 
 P = TypeVar("P", bound="StrategyParams")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The range of one parameter, written the way its INVALID_ARGUMENT says it."""
+
+    text: str
+    holds: Callable[[float], bool]
+
+
+POSITIVE = Bound("> 0", lambda v: v > 0.0)
+NON_NEGATIVE = Bound(">= 0", lambda v: v >= 0.0)
+FRACTION = Bound("in [0, 1)", lambda v: 0.0 <= v < 1.0)
+
+
+def bounded(default: T, bound: Bound) -> T:
+    """A parameter field with its default and its range (checked in field order)."""
+    field: T = dataclasses.field(default=default, metadata={"bound": bound})
+    return field
 
 
 @dataclass(frozen=True)
 class StrategyParams:
     """Base of every strategy's parameters. Subclasses declare fields with defaults (float,
-    int or bool) and check ranges in `check` with `bad(key, why)`."""
+    int or bool), a field's range with `bounded`, and what spans fields in `check` with
+    `bad(key, why)`."""
 
     def check(self) -> None:
-        """Ranges of the values; types are already checked."""
+        """What the fields' bounds cannot say; types and bounds are already checked."""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            bound = f.metadata.get("bound")
+            value = getattr(self, f.name)
+            if isinstance(bound, Bound) and not bound.holds(value):
+                raise bad(f.name, f"must be {bound.text}, got {value}")
         self.check()
 
     def as_json(self) -> str:
@@ -58,12 +85,11 @@ def parse_params(cls: type[P], text: str) -> P:
         raise InvalidArgument(f"{PARAMS_FIELD}: more than {MAX_VALUE_BYTES} bytes")
     if not text.strip():
         return cls()
-    try:
-        raw = json.loads(text)
-    except ValueError as exc:
-        raise InvalidArgument(f"{PARAMS_FIELD}: not JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise InvalidArgument(f"{PARAMS_FIELD}: must be a JSON object, got {type(raw).__name__}")
+    raw = json_object(
+        text,
+        lambda exc: InvalidArgument(f"{PARAMS_FIELD}: not JSON ({exc})"),
+        lambda kind: InvalidArgument(f"{PARAMS_FIELD}: must be a JSON object, got {kind}"),
+    )
     hints = get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}

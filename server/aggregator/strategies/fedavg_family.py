@@ -22,9 +22,12 @@ import numpy as np
 
 from server.aggregator.fedavg import FedAvg as FedAvgCore
 from server.aggregator.strategies.base import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
     Strategy,
     StrategyParams,
-    bad,
+    bounded,
     cast_checked,
     prefixed_specs,
 )
@@ -32,16 +35,6 @@ from server.errors import InvalidArgument
 from server.tensors import Array, Spec, Tensors
 
 F64 = np.ndarray[tuple[int, ...], np.dtype[np.float64]]
-
-
-def _check_fraction(key: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise bad(key, f"must be in [0, 1), got {value}")
-
-
-def _check_positive(key: str, value: float) -> None:
-    if not value > 0.0:
-        raise bad(key, f"must be > 0, got {value}")
 
 
 class _MeanStrategy(Strategy):
@@ -97,11 +90,7 @@ class FedAvg(_MeanStrategy):
 class FedProxParams(StrategyParams):
     # The proximal term's weight: the trainer's (it reaches it as a hyperparameter); accepted
     # here so one parameter object describes the strategy.
-    mu: float = 0.0
-
-    def check(self) -> None:
-        if self.mu < 0.0:
-            raise bad("mu", f"must be >= 0, got {self.mu}")
+    mu: float = bounded(0.0, NON_NEGATIVE)
 
 
 class FedProx(_MeanStrategy):
@@ -159,12 +148,8 @@ class _ServerOptimiser(_MeanStrategy):
 
 @dataclass(frozen=True)
 class FedAvgMParams(StrategyParams):
-    server_learning_rate: float = 1.0
-    server_momentum: float = 0.0
-
-    def check(self) -> None:
-        _check_positive("server_learning_rate", self.server_learning_rate)
-        _check_fraction("server_momentum", self.server_momentum)
+    server_learning_rate: float = bounded(1.0, POSITIVE)
+    server_momentum: float = bounded(0.0, FRACTION)
 
 
 class FedAvgM(_ServerOptimiser):
@@ -183,40 +168,26 @@ class FedAvgM(_ServerOptimiser):
 
 @dataclass(frozen=True)
 class FedAdagradParams(StrategyParams):
-    eta: float = 0.1
+    eta: float = bounded(0.1, POSITIVE)
     # The clients' learning rate (the trainer's `lr`); not used server side.
-    eta_l: float = 0.1
-    beta_1: float = 0.0
-    tau: float = 1e-9
-
-    def check(self) -> None:
-        _check_positive("eta", self.eta)
-        _check_positive("eta_l", self.eta_l)
-        _check_fraction("beta_1", self.beta_1)
-        _check_positive("tau", self.tau)
+    eta_l: float = bounded(0.1, POSITIVE)
+    beta_1: float = bounded(0.0, FRACTION)
+    tau: float = bounded(1e-9, POSITIVE)
 
 
 @dataclass(frozen=True)
-class FedAdamParams(StrategyParams):
-    eta: float = 0.1
-    eta_l: float = 0.1
-    beta_1: float = 0.9
-    beta_2: float = 0.99
-    tau: float = 1e-9
+class FedAdamParams(FedAdagradParams):
+    """Adagrad's parameters with a first moment by default, and the second moment's decay."""
 
-    def check(self) -> None:
-        _check_positive("eta", self.eta)
-        _check_positive("eta_l", self.eta_l)
-        _check_fraction("beta_1", self.beta_1)
-        _check_fraction("beta_2", self.beta_2)
-        _check_positive("tau", self.tau)
+    beta_1: float = bounded(0.9, FRACTION)
+    beta_2: float = bounded(0.99, FRACTION)
 
 
 @dataclass(frozen=True)
 class FedYogiParams(FedAdamParams):
-    eta: float = 0.01
-    eta_l: float = 0.0316
-    tau: float = 1e-3
+    eta: float = bounded(0.01, POSITIVE)
+    eta_l: float = bounded(0.0316, POSITIVE)
+    tau: float = bounded(1e-3, POSITIVE)
 
 
 class _FedOpt(_ServerOptimiser):
@@ -230,7 +201,7 @@ class _FedOpt(_ServerOptimiser):
 
     def step(self, x: F64, mean: F64, state: dict[str, F64]) -> tuple[F64, dict[str, F64]]:
         p = self.params
-        assert isinstance(p, FedAdagradParams | FedAdamParams)
+        assert isinstance(p, FedAdagradParams)
         delta = mean - x
         m = p.beta_1 * state["m"] + (1.0 - p.beta_1) * delta
         v = self.second_moment(state["v"], delta)

@@ -24,8 +24,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.aggregator.fedavg import all_finite, check_num_samples, check_specs
-from server.aggregator.strategies.base import Strategy, StrategyParams, bad, cast_checked
+from server.aggregator.fedavg import Intake, check_num_samples, check_specs, finite_flats
+from server.aggregator.strategies.base import (
+    NON_NEGATIVE,
+    Bound,
+    Strategy,
+    StrategyParams,
+    bounded,
+    cast_checked,
+)
 from server.errors import FailedPrecondition, InvalidArgument
 from server.tensors import Array, Spec, Tensors, specs_of
 
@@ -38,7 +45,7 @@ def _block(k: int) -> int:
     return max(256, _SCRATCH_BYTES // (8 * max(1, k)))
 
 
-class _HeldStrategy(Strategy):
+class _HeldStrategy(Intake, Strategy):
     incremental = False
 
     def __init__(self, params: StrategyParams) -> None:
@@ -53,25 +60,12 @@ class _HeldStrategy(Strategy):
     def count(self) -> int:
         return len(self._updates)
 
-    @property
-    def total_samples(self) -> int:
-        return self._total_samples
-
-    @property
-    def specs(self) -> list[Spec] | None:
-        return None if self._specs is None else list(self._specs)
-
     def add(self, tensors: Mapping[str, Array], num_samples: int) -> None:
         index = len(self._updates)
         check_num_samples(index, num_samples)
         specs = specs_of(tensors)
         check_specs(index, specs, self._specs)
-        flats: dict[str, Array] = {}
-        for name, arr in tensors.items():
-            flat = arr.reshape(-1)
-            if not all_finite(flat):
-                raise InvalidArgument(f"updates[{index}].tensors.{name}: contains NaN or Inf")
-            flats[name] = flat
+        flats = finite_flats(index, tensors)
         if self._specs is None:
             self._specs = specs
         self._updates.append(flats)
@@ -168,11 +162,7 @@ class FedMedian(_HeldStrategy):
 @dataclass(frozen=True)
 class FedTrimmedAvgParams(StrategyParams):
     # The fraction cut from each end, per coordinate.
-    beta: float = 0.2
-
-    def check(self) -> None:
-        if not 0.0 <= self.beta < 0.5:
-            raise bad("beta", f"must be in [0, 0.5), got {self.beta}")
+    beta: float = bounded(0.2, Bound("in [0, 0.5)", lambda v: 0.0 <= v < 0.5))
 
 
 class FedTrimmedAvg(_HeldStrategy):
@@ -198,22 +188,13 @@ class FedTrimmedAvg(_HeldStrategy):
 @dataclass(frozen=True)
 class KrumParams(StrategyParams):
     # f: how many of the round's updates may be Byzantine.
-    num_malicious: int = 0
-
-    def check(self) -> None:
-        if self.num_malicious < 0:
-            raise bad("num_malicious", f"must be >= 0, got {self.num_malicious}")
+    num_malicious: int = bounded(0, NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
 class MultiKrumParams(KrumParams):
     # m: how many best-scored updates are averaged; 0 means K - f.
-    num_to_keep: int = 0
-
-    def check(self) -> None:
-        super().check()
-        if self.num_to_keep < 0:
-            raise bad("num_to_keep", f"must be >= 0, got {self.num_to_keep}")
+    num_to_keep: int = bounded(0, NON_NEGATIVE)
 
 
 class Krum(_HeldStrategy):
