@@ -340,8 +340,8 @@ const unroll = 4;
 /// gradLayer. Each weight (or dz) vector loaded is used for `rows` accumulators, and one
 /// loop iteration (one epoch check under wasmtime) does `rows` times the arithmetic. Two
 /// rows of four accumulators, their splats and the loaded vector fit x86-64's 16 vector
-/// registers; three and four rows made the native build slower and the module no faster
-/// (measured: docs/benchmarks.md).
+/// registers; three and four rows made the module no faster, eight terms per iteration
+/// slower (measured: docs/benchmarks.md).
 const rows = 2;
 
 inline fn allZero(comptime p: usize, xs: [p][unroll]f64) bool {
