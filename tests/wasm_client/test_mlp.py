@@ -41,6 +41,9 @@ def assert_params_close(got: dict[str, Any], want: dict[str, Any], tol: float) -
         ([6, 9, 8, 4], 5, 0.3, 0.0, 3),
         ([6, 9, 8, 4], 3, 0.1, 0.5, 2),
         ([4, 10], 2, 0.0, 0.0, 2),  # no hidden layer: softmax regression
+        # Odd sizes through every kernel path: 8-column blocks, 2-column vectors, single
+        # columns, rows in pairs and one left over, sums of 4 terms and a remainder.
+        ([13, 19, 11], 5, 0.0, 0.0, 2),
     ],
     ids=lambda v: str(v).replace(" ", ""),
 )

@@ -336,12 +336,60 @@ inline fn store(s: []f64, at: usize, v: V) void {
 /// against the arithmetic (measured: docs/benchmarks.md).
 const unroll = 4;
 
-/// acc[q] += sum over t < unroll of xs[t] * rows[t][q]: one register block of `unroll` terms.
-inline fn blockTerms(acc: *[nvec]V, xs: [unroll]f64, src: []const f64, at: [unroll]usize) void {
-    inline for (0..unroll) |t| {
-        const sv: V = @splat(xs[t]);
-        inline for (0..nvec) |q| acc[q] += sv * load(src, at[t] + q * lanes);
+/// Rows a register block advances together: samples in forwardLayer, weight rows in
+/// gradLayer. Each weight (or dz) vector loaded is used for `rows` accumulators, and one
+/// loop iteration (one epoch check under wasmtime) does `rows` times the arithmetic. Two
+/// rows of four accumulators, their splats and the loaded vector fit x86-64's 16 vector
+/// registers; three and four rows made the module no faster, eight terms per iteration
+/// slower (measured: docs/benchmarks.md).
+const rows = 2;
+
+inline fn allZero(comptime p: usize, xs: [p][unroll]f64) bool {
+    var zero = true;
+    inline for (0..p) |u| zero = zero and @reduce(.And, @as(@Vector(unroll, f64), xs[u]) == @as(@Vector(unroll, f64), @splat(0)));
+    return zero;
+}
+
+/// z[s + u, j ..][0 .. nv * lanes] for u < p: the bias plus the sum over r, in order, of
+/// a[s + u, r] * w[r, j ..]. Every output's terms are added in the same order whatever p
+/// and nv, so the blocking does not change the results.
+inline fn forwardBlock(comptime p: usize, comptime nv: usize, a: []const f64, s: usize, l: Layer, j: usize, z: []f64) void {
+    const in = l.in;
+    const out = l.out;
+    const in4 = in - in % unroll;
+    var acc: [p][nv]V = undefined;
+    inline for (0..p) |u| {
+        inline for (0..nv) |q| acc[u][q] = load(l.b, j + q * lanes);
     }
+    var r: usize = 0;
+    while (r < in4) : (r += unroll) {
+        var xs: [p][unroll]f64 = undefined;
+        inline for (0..p) |u| xs[u] = a[(s + u) * in + r ..][0..unroll].*;
+        // Four ReLU zeros (or zero pixels) in every row add nothing.
+        if (allZero(p, xs)) continue;
+        inline for (0..unroll) |t| {
+            inline for (0..nv) |q| {
+                const wv = load(l.w, (r + t) * out + j + q * lanes);
+                inline for (0..p) |u| acc[u][q] += @as(V, @splat(xs[u][t])) * wv;
+            }
+        }
+    }
+    while (r < in) : (r += 1) {
+        inline for (0..nv) |q| {
+            const wv = load(l.w, r * out + j + q * lanes);
+            inline for (0..p) |u| acc[u][q] += @as(V, @splat(a[(s + u) * in + r])) * wv;
+        }
+    }
+    inline for (0..p) |u| {
+        inline for (0..nv) |q| store(z, (s + u) * out + j + q * lanes, acc[u][q]);
+    }
+}
+
+/// forwardBlock over the m rows of `a`, `rows` at a time.
+inline fn forwardColumns(comptime nv: usize, a: []const f64, m: usize, l: Layer, j: usize, z: []f64) void {
+    var s: usize = 0;
+    while (s + rows <= m) : (s += rows) forwardBlock(rows, nv, a, s, l, j, z);
+    while (s < m) : (s += 1) forwardBlock(1, nv, a, s, l, j, z);
 }
 
 /// z[s, :] = b + a[s, :] · w for the m rows of `a` ([m, in], row-major; w is [in, out]).
@@ -350,29 +398,10 @@ inline fn blockTerms(acc: *[nvec]V, xs: [unroll]f64, src: []const f64, at: [unro
 noinline fn forwardLayer(a: []const f64, m: usize, l: Layer, z: []f64) void {
     const in = l.in;
     const out = l.out;
-    const in4 = in - in % unroll;
     var j: usize = 0;
-    while (j + block <= out) : (j += block) {
-        for (0..m) |s| {
-            const row = a[s * in .. (s + 1) * in];
-            var acc: [nvec]V = undefined;
-            inline for (0..nvec) |q| acc[q] = load(l.b, j + q * lanes);
-            var r: usize = 0;
-            while (r < in4) : (r += unroll) {
-                const xs: [unroll]f64 = row[r..][0..unroll].*;
-                // Four ReLU zeros (or zero pixels) add nothing.
-                if (@reduce(.And, @as(@Vector(unroll, f64), xs) == @as(@Vector(unroll, f64), @splat(0)))) continue;
-                var at: [unroll]usize = undefined;
-                inline for (0..unroll) |t| at[t] = (r + t) * out + j;
-                blockTerms(&acc, xs, l.w, at);
-            }
-            while (r < in) : (r += 1) {
-                const sv: V = @splat(row[r]);
-                inline for (0..nvec) |q| acc[q] += sv * load(l.w, r * out + j + q * lanes);
-            }
-            inline for (0..nvec) |q| store(z, s * out + j + q * lanes, acc[q]);
-        }
-    }
+    while (j + block <= out) : (j += block) forwardColumns(nvec, a, m, l, j, z);
+    // Columns left over in vectors of their own (a 10-class layer: 8 + 2), then one by one.
+    while (j + lanes <= out) : (j += lanes) forwardColumns(1, a, m, l, j, z);
     while (j < out) : (j += 1) {
         for (0..m) |s| {
             var acc = l.b[j];
@@ -382,39 +411,64 @@ noinline fn forwardLayer(a: []const f64, m: usize, l: Layer, z: []f64) void {
     }
 }
 
+/// g.w[r + u, j ..][0 .. nv * lanes] += the sum over s, in order, of a[s, r + u] * dz[s, j ..]
+/// for u < p. As in forwardBlock, the order of the terms does not depend on p or nv.
+inline fn gradBlock(comptime p: usize, comptime nv: usize, a: []const f64, m: usize, dz: []const f64, g: Layer, r: usize, j: usize) void {
+    const in = g.in;
+    const out = g.out;
+    const m4 = m - m % unroll;
+    var acc: [p][nv]V = undefined;
+    inline for (0..p) |u| {
+        inline for (0..nv) |q| acc[u][q] = load(g.w, (r + u) * out + j + q * lanes);
+    }
+    var s: usize = 0;
+    while (s < m4) : (s += unroll) {
+        var xs: [p][unroll]f64 = undefined;
+        inline for (0..p) |u| {
+            inline for (0..unroll) |t| xs[u][t] = a[(s + t) * in + r + u];
+        }
+        if (allZero(p, xs)) continue;
+        inline for (0..unroll) |t| {
+            inline for (0..nv) |q| {
+                const dv = load(dz, (s + t) * out + j + q * lanes);
+                inline for (0..p) |u| acc[u][q] += @as(V, @splat(xs[u][t])) * dv;
+            }
+        }
+    }
+    while (s < m) : (s += 1) {
+        inline for (0..nv) |q| {
+            const dv = load(dz, s * out + j + q * lanes);
+            inline for (0..p) |u| acc[u][q] += @as(V, @splat(a[s * in + r + u])) * dv;
+        }
+    }
+    inline for (0..p) |u| {
+        inline for (0..nv) |q| store(g.w, (r + u) * out + j + q * lanes, acc[u][q]);
+    }
+}
+
+/// The gradient of the weight rows r .. r + p, all columns.
+inline fn gradRows(comptime p: usize, a: []const f64, m: usize, dz: []const f64, g: Layer, r: usize) void {
+    const in = g.in;
+    const out = g.out;
+    var j: usize = 0;
+    while (j + block <= out) : (j += block) gradBlock(p, nvec, a, m, dz, g, r, j);
+    while (j + lanes <= out) : (j += lanes) gradBlock(p, 1, a, m, dz, g, r, j);
+    while (j < out) : (j += 1) {
+        inline for (0..p) |u| {
+            var acc = g.w[(r + u) * out + j];
+            for (0..m) |s| acc += a[s * in + r + u] * dz[s * out + j];
+            g.w[(r + u) * out + j] = acc;
+        }
+    }
+}
+
 /// g.w += a^T · dz and g.b += column sums of dz, over the m rows.
 noinline fn gradLayer(a: []const f64, m: usize, dz: []const f64, g: Layer) void {
     const in = g.in;
     const out = g.out;
-    const m4 = m - m % unroll;
-    for (0..in) |r| {
-        var j: usize = 0;
-        while (j + block <= out) : (j += block) {
-            var acc: [nvec]V = undefined;
-            inline for (0..nvec) |q| acc[q] = load(g.w, r * out + j + q * lanes);
-            var s: usize = 0;
-            while (s < m4) : (s += unroll) {
-                var xs: [unroll]f64 = undefined;
-                var at: [unroll]usize = undefined;
-                inline for (0..unroll) |t| {
-                    xs[t] = a[(s + t) * in + r];
-                    at[t] = (s + t) * out + j;
-                }
-                if (@reduce(.And, @as(@Vector(unroll, f64), xs) == @as(@Vector(unroll, f64), @splat(0)))) continue;
-                blockTerms(&acc, xs, dz, at);
-            }
-            while (s < m) : (s += 1) {
-                const sv: V = @splat(a[s * in + r]);
-                inline for (0..nvec) |q| acc[q] += sv * load(dz, s * out + j + q * lanes);
-            }
-            inline for (0..nvec) |q| store(g.w, r * out + j + q * lanes, acc[q]);
-        }
-        while (j < out) : (j += 1) {
-            var acc = g.w[r * out + j];
-            for (0..m) |s| acc += a[s * in + r] * dz[s * out + j];
-            g.w[r * out + j] = acc;
-        }
-    }
+    var r: usize = 0;
+    while (r + rows <= in) : (r += rows) gradRows(rows, a, m, dz, g, r);
+    while (r < in) : (r += 1) gradRows(1, a, m, dz, g, r);
     for (0..m) |s| {
         for (g.b, dz[s * out .. (s + 1) * out]) |*gb, d| gb.* += d;
     }
