@@ -69,8 +69,8 @@ CERTS_DIR = "/certs"
 CRL_SECRET = "certs-crl"
 SECRET_PREFIX = "certs-"
 
-# What scale-out sets that compose does not, until the PostgreSQL backend (issue 13, item 1)
-# reads it: docs/deploy.md lists them. PGPASSWORD is libpq's own variable (psycopg reads it).
+# What scale-out sets that compose does not: the PostgreSQL state backend's DSN (compose keeps
+# SQLite) and PGPASSWORD, libpq's own variable (psycopg reads it); docs/deploy.md lists them.
 PENDING_VARS = frozenset({"PROPELLER_DATABASE_URL", "PGPASSWORD"})
 # What scale-out changes in compose's environment: the broker it dials.
 SCALE_OUT_CHANGES = {"PROPELLER_MQTT_HOST": "nats"}
