@@ -147,16 +147,24 @@ async def test_a_round_shows_up_completes_and_is_plotted(
         manager_pb2.GetExperimentRequest(experiment_id=experiment_id), timeout=10
     )
     assert [r.round_id for r in e.rounds] == round_ids
+    closed_seen = 0
     for r, row in zip(e.rounds, shown["rounds"], strict=True):
         cells = dict(zip(COLUMNS, row["cells"], strict=True))
         assert row["id"] == r.round_id and cells["#"] == str(r.index)
         assert cells["updates"] == "2/2" and cells["closed by"] == r.closed_by == "k_of_n"
         assert cells["version"] == f"v{r.new_model_version}"
-        # Every timing is there, closed and completed after the start.
-        assert "—" not in (cells["started"], cells["closed"], cells["completed"]), cells
-        assert "(+" in cells["closed"] and "(+" in cells["completed"], cells
+        # Started and completed are the round's own (RoundStatus); completed after the start.
+        assert "—" not in (cells["started"], cells["completed"]), cells
+        assert "(+" in cells["completed"], cells
+        # RoundStatus has no close time: the page knows it from the watch's AGGREGATING event,
+        # so a round that closed before the console watched it (the first, here, may close
+        # before the console has even listed the experiment) shows "—" (docs/console.md).
+        if cells["closed"] != "—":
+            assert "(+" in cells["closed"], cells
+            closed_seen += 1
         assert cells["train loss"] == f"{r.train_metrics['loss']:.4f}"
         assert cells["eval acc"] == f"{r.eval_metrics['accuracy']:.4f}"
+    assert closed_seen >= 1, shown["rounds"]  # the rounds watched while open show it
     metrics = {"train": lambda r: r.train_metrics, "eval": lambda r: r.eval_metrics}
     expected = {
         (series, r.index, round(metrics[source](r)[metric], 6))
