@@ -36,15 +36,10 @@ from server.coordinator.backend import (
 )
 from server.coordinator.checks import ClippedUpdates, OpenRoundMembers, UpdateChecks
 from server.coordinator.events import Event, EventType, Watchers
+from server.coordinator.records import Notice, StrategyState
 from server.coordinator.replicas import Replica, RoundLeases
 from server.coordinator.rounds import Round, Update
-from server.coordinator.store import (
-    Notice,
-    RoundStore,
-    RoundUpdates,
-    StrategyState,
-    update_headers,
-)
+from server.coordinator.store import RoundStore, RoundUpdates, update_headers
 from server.errors import AlreadyExists, PropellerError, ResourceExhausted, Unavailable
 from server.faults import crash_point
 from server.messages import RoundComplete
