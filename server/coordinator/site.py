@@ -36,6 +36,7 @@ from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc
 from server.aggregator.strategies import STRATEGIES, strategy_class
 from server.coordinator import rounds as R
 from server.coordinator.backend import RetryPolicy, with_retry
+from server.coordinator.clients import meta_of
 from server.coordinator.rounds import Round, Update
 from server.coordinator.wire import status_from_proto
 from server.errors import FailedPrecondition, NotFound, PropellerError, rpc_errors
@@ -43,7 +44,7 @@ from server.ids import id_problem
 from server.pki import SITE_SERVICE_PREFIX, Identity, Kind
 from server.provenance import Claim, sign
 from server.round_spec import RoundSpec
-from server.streams import UpdateMeta, update_stream
+from server.streams import update_stream
 from server.tensors import Tensors, sha256_of
 
 log = logging.getLogger(__name__)
@@ -187,16 +188,8 @@ class GrpcUpstream:
         return status_from_proto(status)
 
     async def submit(self, round_id: str, partial: Update) -> None:
-        meta = UpdateMeta(
-            round_id,
-            partial.proplet_id,
-            partial.base_model_uri,
-            partial.num_samples,
-            dict(partial.metrics),
-            base_model_sha256=partial.base_model_sha256,
-            module_digest=partial.module_digest,
-            contributors=partial.contributors,
-        )
+        # The partial is signed here, by the site: it carries no signature yet.
+        meta = replace(meta_of(round_id, partial), contributors=partial.contributors)
         if self._key is not None:
             claim = Claim.of(
                 meta,
