@@ -1,7 +1,7 @@
 """Domain values and their gRPC messages, field by field: a dataclass and the message that
-carries it mostly share field names, and those fields are copied by name (`message_from`);
-what differs (an enum, a nested message, a renamed field, a conversion) is
-written out at the call, and wins over the copy.
+carries it mostly share field names, and those fields are copied by name (`message_from`,
+`value_from` the other way); what differs (an enum, a nested message, a renamed field, a
+conversion) is written out at the call, and wins over the copy.
 
 The one home of that idiom, so a field added to both a value and its message travels without
 another line; what a service translates of its own stays in its servicer (the coordinator's
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 M = TypeVar("M", bound=Message)
+V = TypeVar("V", bound="DataclassInstance")
 
 
 def message_from(message_type: type[M], value: DataclassInstance, **fields: Any) -> M:
@@ -31,3 +32,15 @@ def message_from(message_type: type[M], value: DataclassInstance, **fields: Any)
         if f.name in names and f.name not in fields
     }
     return message_type(**shared, **fields)
+
+
+def value_from(value_type: type[V], message: Message, **fields: Any) -> V:
+    """A `value_type` (a dataclass) holding `fields` and every other field of `message` that
+    the dataclass takes by the same name, as it is."""
+    names = message.DESCRIPTOR.fields_by_name
+    shared = {
+        f.name: getattr(message, f.name)
+        for f in dataclasses.fields(value_type)
+        if f.init and f.name in names and f.name not in fields
+    }
+    return value_type(**shared, **fields)
