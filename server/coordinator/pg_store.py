@@ -27,28 +27,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from typing import Any, TypeVar
 
 import psycopg
 
-from server.coordinator.records import (
-    ROUND_COLUMNS,
-    STATE_COLUMNS,
-    UPDATE_HEADER_COLUMNS,
-    Notice,
-    StateCorrupted,
-    StrategyState,
-    blob_of,
-    check_update_count,
-    header_from_row,
-    readable_round,
-    round_values,
-    state_from_row,
-    state_values,
-    update_values,
-    upsert,
-)
+from server.coordinator import records
+from server.coordinator.records import Notice, StrategyState
 from server.coordinator.rounds import Round, Update
 from server.coordinator.store import StoredUpdates
 from server.errors import PropellerError, ResourceExhausted, Unavailable
@@ -57,9 +41,7 @@ from server.streams import MAX_PAYLOAD_BYTES
 from server.tensors import (
     nbytes_of,
     offload_if_big,
-    specs_from_json,
     tensor_bytes,
-    verified_tensors,
 )
 
 log = logging.getLogger(__name__)
@@ -149,10 +131,12 @@ MIGRATIONS = (
     ),
 )
 
-_SELECT_ROUNDS = f"SELECT {', '.join(ROUND_COLUMNS)} FROM coordinator.rounds"
+_SELECT_ROUNDS = f"SELECT {', '.join(records.ROUND_COLUMNS)} FROM coordinator.rounds"
 # The lease columns are not in the record: rewriting a round leaves them as they are.
-_UPSERT_ROUND = upsert("coordinator.rounds", ROUND_COLUMNS, "%s")
-_UPSERT_STATE = upsert("coordinator.strategy_states", ("experiment_id", *STATE_COLUMNS), "%s")
+_UPSERT_ROUND = records.upsert("coordinator.rounds", records.ROUND_COLUMNS, "%s")
+_UPSERT_STATE = records.upsert(
+    "coordinator.strategy_states", ("experiment_id", *records.STATE_COLUMNS), "%s"
+)
 # A replica's rewrite: a round that goes AGGREGATING in it is leased to the replica in the same
 # statement, so no other replica's claim loop can take it between the commit and the claim.
 _UPSERT_ROUND_LEASED = (
@@ -161,7 +145,7 @@ _UPSERT_ROUND_LEASED = (
     ", lease_until = CASE WHEN EXCLUDED.state = 'aggregating' AND "
     "coordinator.rounds.state <> 'aggregating' THEN %s ELSE coordinator.rounds.lease_until END"
 )
-_INSERT_UPDATE_COLUMNS = ("round_id", "seq", "tensors", *UPDATE_HEADER_COLUMNS)
+_INSERT_UPDATE_COLUMNS = ("round_id", "seq", "tensors", *records.UPDATE_HEADER_COLUMNS)
 _INSERT_UPDATE = (
     f"INSERT INTO coordinator.updates ({', '.join(_INSERT_UPDATE_COLUMNS)}) "
     # The round's next arrival number, counted under the round's row lock.
@@ -199,10 +183,12 @@ class PostgresRoundStore:
 
     async def _upsert(self, conn: Connection, rnd: Round) -> None:
         if self._holder is None:
-            await conn.execute(_UPSERT_ROUND, round_values(rnd))
+            await conn.execute(_UPSERT_ROUND, records.round_values(rnd))
             return
         owner, lease_s, clock = self._holder
-        await conn.execute(_UPSERT_ROUND_LEASED, (*round_values(rnd), owner, clock() + lease_s))
+        await conn.execute(
+            _UPSERT_ROUND_LEASED, (*records.round_values(rnd), owner, clock() + lease_s)
+        )
 
     # ---- replicas (`server.coordinator.replicas.RoundLeases`) ------------------------------
 
@@ -316,7 +302,7 @@ class PostgresRoundStore:
         async def select(conn: Connection) -> Round | None:
             cur = await conn.execute(f"{_SELECT_ROUNDS} WHERE round_id = %s", (round_id,))
             row = await cur.fetchone()
-            return None if row is None else readable_round(row, "coordinator.rounds")
+            return None if row is None else records.readable_round(row, "coordinator.rounds")
 
         return await self._tx(select)
 
@@ -325,7 +311,9 @@ class PostgresRoundStore:
     ) -> None:
         blob, digest = bytearray(), ""
         if state is not None:
-            blob, digest = await offload_if_big(nbytes_of(state.tensors), blob_of, state.tensors)
+            blob, digest = await offload_if_big(
+                nbytes_of(state.tensors), records.blob_of, state.tensors
+            )
             self._check_size("state: strategy state", len(blob))
 
         async def together(conn: Connection) -> None:
@@ -338,19 +326,19 @@ class PostgresRoundStore:
                     (notice.round_id, notice.topic, notice.payload),
                 )
             if state is not None:
-                await conn.execute(_UPSERT_STATE, state_values(state, digest, blob))
+                await conn.execute(_UPSERT_STATE, records.state_values(state, digest, blob))
 
         await self._tx(together)
 
     async def strategy_state(self, experiment_id: str) -> StrategyState | None:
         async def load(conn: Connection) -> StrategyState | None:
             cur = await conn.execute(
-                f"SELECT {', '.join(STATE_COLUMNS)} FROM coordinator.strategy_states "
+                f"SELECT {', '.join(records.STATE_COLUMNS)} FROM coordinator.strategy_states "
                 "WHERE experiment_id = %s",
                 (experiment_id,),
             )
             row = await cur.fetchone()
-            return None if row is None else state_from_row(experiment_id, row)
+            return None if row is None else records.state_from_row(experiment_id, row)
 
         return await self._tx(load)
 
@@ -375,7 +363,7 @@ class PostgresRoundStore:
     async def _insert_update(self, conn: Connection, round_id: str, update: Update) -> None:
         blob = await offload_if_big(nbytes_of(update.tensors), tensor_bytes, update.tensors)
         self._check_size("tensors: update", len(blob))
-        values = (round_id, blob, *update_values(update, blob), round_id)
+        values = (round_id, blob, *records.update_values(update, blob), round_id)
         await conn.execute(_INSERT_UPDATE, values)
 
     async def add_update(self, round_id: str, update: Update) -> None:
@@ -396,43 +384,34 @@ class PostgresRoundStore:
                 "SELECT count(*) FROM coordinator.updates WHERE round_id = %s", (rnd.round_id,)
             )
             row = await cur.fetchone()
-            check_update_count(rnd, row[0] if row else 0)
+            records.check_update_count(rnd, row[0] if row else 0)
 
         await self._tx(both)
 
     async def updates(self, round_id: str) -> StoredUpdates:
         async def headers(conn: Connection) -> Sequence[Update]:
             cur = await conn.execute(
-                f"SELECT {', '.join(UPDATE_HEADER_COLUMNS)} FROM coordinator.updates "
+                f"SELECT {', '.join(records.UPDATE_HEADER_COLUMNS)} FROM coordinator.updates "
                 "WHERE round_id = %s ORDER BY seq",
                 (round_id,),
             )
-            return [header_from_row(row)[0] for row in await cur.fetchall()]
+            return [records.header_from_row(row)[0] for row in await cur.fetchall()]
 
         return StoredUpdates(self, round_id, await self._tx(headers))
 
     async def _load_update(self, round_id: str, header: Update) -> Update:
-        async def load(conn: Connection) -> tuple[Any, ...]:
+        async def load(conn: Connection) -> tuple[Any, ...] | None:
             cur = await conn.execute(
                 "SELECT specs, sha256, tensors FROM coordinator.updates "
                 "WHERE round_id = %s AND proplet_id = %s",
                 (round_id, header.proplet_id),
             )
-            row = await cur.fetchone()
-            if row is None:
-                raise StateCorrupted(
-                    f"round {round_id!r}: the update of {header.proplet_id!r} is gone"
-                )
-            return row
+            return await cur.fetchone()
 
-        specs_text, sha, blob = await self._tx(load)
-        what = f"round {round_id!r} update {header.proplet_id!r}"
+        row = await self._tx(load)
         # Hashing a big update is CPU work: in a worker thread when big.
-        specs = specs_from_json(specs_text)
-        tensors = await offload_if_big(
-            len(blob), verified_tensors, blob, specs, sha, what, StateCorrupted
-        )
-        return replace(header, tensors=tensors)
+        nbytes = 0 if row is None else len(row[2])
+        return await offload_if_big(nbytes, records.stored_update, round_id, header, row)
 
     # Last: inside the class body, `list` names this method from here on.
     async def list(self, experiment_id: str = "") -> list[Round]:
@@ -443,7 +422,9 @@ class PostgresRoundStore:
                 )
             else:
                 cur = await conn.execute(f"{_SELECT_ROUNDS} ORDER BY seq")
-            return [readable_round(row, "coordinator.rounds") for row in await cur.fetchall()]
+            return [
+                records.readable_round(row, "coordinator.rounds") for row in await cur.fetchall()
+            ]
 
         return await self._tx(select)
 

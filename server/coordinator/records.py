@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from server.coordinator.rounds import ParticipantFailure, Round, RoundState, Update
@@ -268,3 +268,14 @@ def state_from_row(experiment_id: str, row: Sequence[Any]) -> StrategyState:
     what = f"experiment {experiment_id!r} strategy state"
     tensors = verified_tensors(blob, specs_from_json(specs_text), sha, what, StateCorrupted)
     return StrategyState(experiment_id, str(round_id), str(name), tensors)
+
+
+def stored_update(round_id: str, header: Update, row: Sequence[Any] | None) -> Update:
+    """The update `header` describes with its tensors from `row` (specs, sha256, bytes):
+    read-only arrays over the bytes (no copy), after checking their length and sha256."""
+    if row is None:
+        raise StateCorrupted(f"round {round_id!r}: the update of {header.proplet_id!r} is gone")
+    specs_text, sha, blob = row
+    what = f"round {round_id!r} update {header.proplet_id!r}"
+    tensors = verified_tensors(blob, specs_from_json(specs_text), sha, what, StateCorrupted)
+    return replace(header, tensors=tensors)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -49,7 +48,6 @@ from server.coordinator.records import (
     STATE_COLUMNS,
     UPDATE_HEADER_COLUMNS,
     Notice,
-    StateCorrupted,
     StrategyState,
     blob_of,
     check_update_count,
@@ -58,6 +56,7 @@ from server.coordinator.records import (
     round_values,
     state_from_row,
     state_values,
+    stored_update,
     update_values,
     upsert,
 )
@@ -67,9 +66,7 @@ from server.sqlite import SqliteStore
 from server.tensors import (
     nbytes_of,
     offload_if_big,
-    specs_from_json,
     tensor_bytes,
-    verified_tensors,
 )
 
 log = logging.getLogger(__name__)
@@ -503,15 +500,6 @@ class SqliteRoundStore(SqliteStore):
                 "SELECT specs, sha256, tensors FROM updates WHERE round_id = ? AND proplet_id = ?",
                 (round_id, header.proplet_id),
             ).fetchone()
-            if row is None:
-                raise StateCorrupted(
-                    f"round {round_id!r}: the update of {header.proplet_id!r} is gone"
-                )
-            specs_text, sha, blob = row
-            what = f"round {round_id!r} update {header.proplet_id!r}"
-            specs = specs_from_json(specs_text)
-            # Read-only arrays over the BLOB (no copy), after checking its length and sha256.
-            tensors = verified_tensors(blob, specs, sha, what, StateCorrupted)
-            return replace(header, tensors=tensors)
+            return stored_update(round_id, header, row)
 
         return await self._read(load)
