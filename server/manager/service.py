@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from google.protobuf.message import Message
 
 from propeller.v1 import coordinator_pb2, manager_pb2
 from server.coordinator.wire import (
@@ -43,8 +46,28 @@ from server.manager.plan import (
 )
 from server.manager.proplets import Proplet
 from server.manager.tasks import Task, TaskState, matches
-from server.paging import PAGE_BYTES, page_in_order
+from server.paging import PAGE_BYTES, PagedRequest, page_in_order
 from server.wire import message_from
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _listed(
+    response: Callable[..., _R],
+    field: str,
+    request: PagedRequest,
+    entries: Sequence[_T],
+    to_proto: Callable[[_T], Message],
+    keep: Callable[[_T], bool] | None = None,
+) -> _R:
+    """A List RPC's answer: the page `request` asks for of `entries` (creation order,
+    `page_in_order`) in the response's repeated `field`, with the next page's token. The
+    listing an error names is the response's name without "Response"."""
+    listing = getattr(response, "__name__", "List").removesuffix("Response")
+    page = page_in_order(request, listing, entries, to_proto, keep)
+    return response(**{field: page.items}, next_page_token=page.next_page_token)
+
 
 _TO_PROTO: dict[TaskState, manager_pb2.TaskState] = {
     TaskState.PENDING: manager_pb2.TASK_STATE_PENDING,
@@ -337,14 +360,12 @@ class ManagerServicer:
     ) -> manager_pb2.ListExperimentsResponse:
         async with self._answering(context, "Manager.ListExperiments"):
             # Creation order: the store's, where new experiments only ever come at the end.
-            page = page_in_order(
+            return _listed(
+                manager_pb2.ListExperimentsResponse,
+                "experiments",
                 request,
-                "ListExperiments",
                 self.manager.experiments.list(),
                 lambda e: experiment_to_proto(e, with_rounds=False),
-            )
-            return manager_pb2.ListExperimentsResponse(
-                experiments=page.items, next_page_token=page.next_page_token
             )
 
     async def StopExperiment(
@@ -371,9 +392,8 @@ class ManagerServicer:
             check_id(request.experiment_id, "experiment_id")
             experiment = self.manager.get_experiment(request.experiment_id)
             rounds = experiment.rounds or (experiment.current_round,)
-            page = page_in_order(request, "ListExperimentRounds", rounds, round_to_proto)
-            return manager_pb2.ListExperimentRoundsResponse(
-                rounds=page.items, next_page_token=page.next_page_token
+            return _listed(
+                manager_pb2.ListExperimentRoundsResponse, "rounds", request, rounds, round_to_proto
             )
 
     async def GetRoundStatus(
@@ -387,10 +407,12 @@ class ManagerServicer:
         self, request: manager_pb2.ListPropletsRequest, context: Context
     ) -> manager_pb2.ListPropletsResponse:
         async with self._answering(context, "Manager.ListProplets"):
-            proplets = self.manager.proplets.all()
-            page = page_in_order(request, "ListProplets", proplets, self._proplet)
-            return manager_pb2.ListPropletsResponse(
-                proplets=page.items, next_page_token=page.next_page_token
+            return _listed(
+                manager_pb2.ListPropletsResponse,
+                "proplets",
+                request,
+                self.manager.proplets.all(),
+                self._proplet,
             )
 
     async def GetProplet(
@@ -439,13 +461,11 @@ class ManagerServicer:
             state = state_from_proto(request.state)
             # Positions among all tasks (creation order), so a task changing state or
             # reporting proplet between two pages cannot shift the next one.
-            page = page_in_order(
+            return _listed(
+                manager_pb2.ListTasksResponse,
+                "tasks",
                 request,
-                "ListTasks",
                 self.manager.tasks.listed(),
                 task_to_proto,
                 keep=lambda t: matches(t, name_prefix=prefix, proplet_id=proplet_id, state=state),
-            )
-            return manager_pb2.ListTasksResponse(
-                tasks=page.items, next_page_token=page.next_page_token
             )
