@@ -11,6 +11,7 @@ rounds: `server.coordinator.wire`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf.message import Message
@@ -23,24 +24,26 @@ V = TypeVar("V", bound="DataclassInstance")
 
 
 def message_from(message_type: type[M], value: DataclassInstance, **fields: Any) -> M:
-    """A `message_type` holding `fields` and every other field of the dataclass `value` that
+    """A `message_type` holding `fields` and each other field of the dataclass `value` that
     the message has by the same name, as it is."""
-    names = message_type.DESCRIPTOR.fields_by_name
-    shared = {
-        f.name: getattr(value, f.name)
-        for f in dataclasses.fields(value)
-        if f.name in names and f.name not in fields
-    }
-    return message_type(**shared, **fields)
+    return message_type(**_with_shared(value, dataclasses.fields(value), message_type, fields))
 
 
 def value_from(value_type: type[V], message: Message, **fields: Any) -> V:
-    """A `value_type` (a dataclass) holding `fields` and every other field of `message` that
+    """A `value_type` (a dataclass) holding `fields` and each other field of `message` that
     the dataclass takes by the same name, as it is."""
+    takes = [f for f in dataclasses.fields(value_type) if f.init]
+    return value_type(**_with_shared(message, takes, message, fields))
+
+
+def _with_shared(
+    source: object,
+    value_fields: Iterable[dataclasses.Field[Any]],
+    message: Message | type[Message],
+    fields: dict[str, Any],
+) -> dict[str, Any]:
+    """`fields`, and the value in `source` of each of `value_fields` that `message` (or its
+    type) has too, unless `fields` gives it."""
     names = message.DESCRIPTOR.fields_by_name
-    shared = {
-        f.name: getattr(message, f.name)
-        for f in dataclasses.fields(value_type)
-        if f.init and f.name in names and f.name not in fields
-    }
-    return value_type(**shared, **fields)
+    shared = {f.name: getattr(source, f.name) for f in value_fields if f.name in names}
+    return {**shared, **fields}
