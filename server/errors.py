@@ -19,53 +19,49 @@ log = logging.getLogger(__name__)
 
 
 class PropellerError(Exception):
-    """Root of the project's errors. `code` is the gRPC status the error maps to."""
+    """Root of the project's errors. `code` is the gRPC status the error maps to, declared on
+    each subclass's line (`class NotFound(PropellerError, code=...)`); a subclass without one
+    keeps its parent's."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-
-class InvalidArgument(PropellerError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class NotFound(PropellerError):
-    code = grpc.StatusCode.NOT_FOUND
+    def __init_subclass__(cls, code: grpc.StatusCode | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
 
 
-class AlreadyExists(PropellerError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+# One class per status, so callers catch by type (and mypy sees each).
+class InvalidArgument(PropellerError, code=grpc.StatusCode.INVALID_ARGUMENT): ...
 
 
-class FailedPrecondition(PropellerError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+class NotFound(PropellerError, code=grpc.StatusCode.NOT_FOUND): ...
 
 
-class Unavailable(PropellerError):
-    code = grpc.StatusCode.UNAVAILABLE
+class AlreadyExists(PropellerError, code=grpc.StatusCode.ALREADY_EXISTS): ...
 
 
-class DeadlineExceeded(PropellerError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+class FailedPrecondition(PropellerError, code=grpc.StatusCode.FAILED_PRECONDITION): ...
 
 
-class ResourceExhausted(PropellerError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+class Unavailable(PropellerError, code=grpc.StatusCode.UNAVAILABLE): ...
 
 
-class PermissionDenied(PropellerError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+class DeadlineExceeded(PropellerError, code=grpc.StatusCode.DEADLINE_EXCEEDED): ...
 
 
-class Unauthenticated(PropellerError):
+class ResourceExhausted(PropellerError, code=grpc.StatusCode.RESOURCE_EXHAUSTED): ...
+
+
+class PermissionDenied(PropellerError, code=grpc.StatusCode.PERMISSION_DENIED): ...
+
+
+class Unauthenticated(PropellerError, code=grpc.StatusCode.UNAUTHENTICATED):
     """The caller's certificate names no usable identity (or is revoked)."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
 
-
-class DataLoss(PropellerError):
+class DataLoss(PropellerError, code=grpc.StatusCode.DATA_LOSS):
     """Stored data failed its integrity check."""
-
-    code = grpc.StatusCode.DATA_LOSS
 
 
 # A downstream status back to our error: every class above, by its own `code`, so the two

@@ -34,6 +34,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -259,23 +260,29 @@ def _san_entries(identity: Identity, hosts: Sequence[str]) -> list[x509.GeneralN
 # --------------------------------------------------------------------------- bundles
 
 
+class _HasDir(Protocol):
+    @property
+    def dir(self) -> Path: ...
+
+
+class InDir:
+    """A read-only attribute naming one file of its owner's directory: `owner.dir / name`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, owner: _HasDir, owner_type: type | None = None) -> Path:
+        return owner.dir / self.name
+
+
 @dataclass(frozen=True)
 class Bundle:
     """One process's credentials: a directory with ca.crt, tls.crt and tls.key."""
 
     dir: Path
-
-    @property
-    def ca(self) -> Path:
-        return self.dir / BUNDLE_CA
-
-    @property
-    def cert(self) -> Path:
-        return self.dir / BUNDLE_CERT
-
-    @property
-    def key(self) -> Path:
-        return self.dir / BUNDLE_KEY
+    ca = InDir(BUNDLE_CA)
+    cert = InDir(BUNDLE_CERT)
+    key = InDir(BUNDLE_KEY)
 
     def identity(self) -> Identity:
         return read_identity(self.cert)
@@ -326,21 +333,10 @@ class CertificateAuthority:
     def __init__(self, directory: Path) -> None:
         self.dir = Path(directory)
 
-    @property
-    def cert_path(self) -> Path:
-        return self.dir / CA_CERT
-
-    @property
-    def key_path(self) -> Path:
-        return self.dir / CA_KEY
-
-    @property
-    def crl_path(self) -> Path:
-        return self.dir / CRL_FILE
-
-    @property
-    def index_path(self) -> Path:
-        return self.dir / INDEX_FILE
+    cert_path = InDir(CA_CERT)
+    key_path = InDir(CA_KEY)
+    crl_path = InDir(CRL_FILE)
+    index_path = InDir(INDEX_FILE)
 
     def exists(self) -> bool:
         return self.cert_path.exists() or self.key_path.exists()
