@@ -182,6 +182,11 @@ def sha256_of(tensors: Mapping[str, Array]) -> str:
     return h.hexdigest()
 
 
+async def digest_of(tensors: Mapping[str, Array]) -> str:
+    """`sha256_of(tensors)` from async code: in a worker thread when they are big."""
+    return await offload_if_big(nbytes_of(tensors), sha256_of, tensors)
+
+
 def iter_chunks(tensors: Mapping[str, Array], chunk_size: int) -> Iterator[bytes]:
     """The concatenated tensor bytes cut into chunks of at most chunk_size."""
     if chunk_size <= 0:

@@ -24,10 +24,8 @@ from server.tensors import (
     DEFAULT_CHUNK_SIZE,
     Array,
     Tensors,
+    digest_of,
     iter_chunks,
-    nbytes_of,
-    offload_if_big,
-    sha256_of,
     specs_from_proto,
     specs_of,
     split_payload,
@@ -183,7 +181,7 @@ class AggregatorClient:
         finally:
             call.cancel()  # a no-op once the call has finished
         (header, model), *rest = answers
-        digest = await offload_if_big(nbytes_of(model), sha256_of, model)
+        digest = await digest_of(model)
         if header.sha256 and header.sha256 != digest:
             raise Unavailable(
                 f"{METHOD}: response sha256 {header.sha256} does not match its bytes ({digest})"
@@ -193,7 +191,7 @@ class AggregatorClient:
         for part_header, tensors in rest:
             if part_header.model_uri == STATE_URI:
                 new_state = tensors
-                if part_header.sha256 and part_header.sha256 != sha256_of(new_state):
+                if part_header.sha256 and part_header.sha256 != await digest_of(new_state):
                     raise Unavailable(f"{METHOD}: the state's sha256 does not match its bytes")
             else:
                 weights = _weights(tensors)

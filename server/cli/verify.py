@@ -44,7 +44,14 @@ from server.errors import InvalidArgument, NotFound, PropellerError, RemoteError
 from server.models import model_uri, parse_model_uri
 from server.provenance import Claim, certificate_problem, signature_verifies
 from server.registry.lineage import LineageBytes
-from server.tensors import Tensors, offload_if_big, sha256_of, specs_from_proto, split_payload
+from server.tensors import (
+    Tensors,
+    digest_of,
+    offload_if_big,
+    sha256_of,
+    specs_from_proto,
+    split_payload,
+)
 
 
 @dataclass(frozen=True)
@@ -201,7 +208,7 @@ async def _check_lineage(
         )
     except PropellerError as exc:
         raise broken(f"its updates cannot be read or aggregated: {exc}") from None
-    recomputed = await offload_if_big(sum(a.nbytes for a in result.values()), sha256_of, result)
+    recomputed = await digest_of(result)
     if recomputed != sha:
         raise broken(
             f"the stored version is not the {shown} of its {n} updates (stored sha256 {sha}, "

@@ -34,7 +34,7 @@ from server.coordinator.rounds import Round, Update
 from server.coordinator.store import RoundStore, RoundUpdates, update_headers
 from server.errors import AlreadyExists, ResourceExhausted, Unavailable
 from server.streams import MAX_PAYLOAD_BYTES
-from server.tensors import Tensors, nbytes_of, offload_if_big, sha256_of
+from server.tensors import Tensors, digest_of, nbytes_of, offload_if_big
 
 
 @dataclass(frozen=True)
@@ -105,12 +105,12 @@ async def new_model(
         else StateLineage(
             state,
             state_from,
-            await offload_if_big(nbytes_of(result.state), sha256_of, result.state),
+            await digest_of(result.state),
         )
     )
     if list(tensors) != list(aggregated):
         # Put into the base model's order: other bytes, so another digest.
-        sha = await offload_if_big(nbytes, sha256_of, tensors)
+        sha = await digest_of(tensors)
     weights = result.weights or ()
     return NewModel(rnd, updates, tensors, sha, weights, kept, state_lineage)
 

@@ -29,9 +29,8 @@ from server.streams import UpdateMeta, model_stream, read_model_stream, update_h
 from server.tensors import (
     DEFAULT_CHUNK_SIZE,
     Tensors,
+    digest_of,
     iter_chunks,
-    nbytes_of,
-    offload_if_big,
     sha256_of,
     specs_from_proto,
     specs_of,
@@ -109,7 +108,7 @@ class GrpcModelBackend:
                 model_registry_pb2.GetModelRequest(model_uri=uri), timeout=self._timeout_s
             )
             header, tensors = await read_model_stream(call, "base model")
-        digest = await offload_if_big(nbytes_of(tensors), sha256_of, tensors)
+        digest = await digest_of(tensors)
         if header.sha256 != digest:
             raise Unavailable(f"registry.GetModel {uri}: the bytes do not match its sha256")
         return tensors

@@ -20,7 +20,7 @@ from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, No
 from server.models import MAX_VERSION, model_uri
 from server.registry.store import ModelCorrupted, ModelInfo, ModelStore, StoredModel
 from server.streams import MAX_PAYLOAD_BYTES, Payload
-from server.tensors import Tensors, nbytes_of, offload_if_big, sha256_of
+from server.tensors import Tensors, digest_of, nbytes_of, offload_if_big
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ModelRegistry:
         self, dimension: int, dtype: np.dtype[np.floating] | None = None
     ) -> ModelInfo:
         tensors = initial_model(dimension, np.dtype("<f8") if dtype is None else dtype)
-        digest = await offload_if_big(nbytes_of(tensors), sha256_of, tensors)
+        digest = await digest_of(tensors)
         payload = await offload_if_big(nbytes_of(tensors), Payload.of, tensors)
         async with self._put_lock:
             if await self.store.info(0) is not None:

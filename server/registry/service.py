@@ -65,9 +65,9 @@ def answer_chunks(model: StoredModel, chunk_size: int) -> Iterator[tensor_pb2.Mo
     return model_stream(
         model.tensors,
         chunk_size,
-        version=model.version,
+        version=model.info.version,
         model_uri=model.info.model_uri,
-        sha256=model.sha256,
+        sha256=model.info.sha256,
     )
 
 
@@ -86,7 +86,7 @@ class ChunkCache:
         self._answers: OrderedDict[tuple[int, int], asyncio.Task[list[bytes]]] = OrderedDict()
 
     async def get(self, model: StoredModel, chunk_size: int) -> list[bytes]:
-        key = (model.version, chunk_size)
+        key = (model.info.version, chunk_size)
         answer = self._answers.get(key)
         if answer is None:
             answer = asyncio.create_task(

@@ -75,14 +75,6 @@ class StoredModel:
     info: ModelInfo
     tensors: Tensors
 
-    @property
-    def version(self) -> int:
-        return self.info.version
-
-    @property
-    def sha256(self) -> str:
-        return self.info.sha256
-
 
 class ModelStore(Protocol):
     # The most bytes one version may have here.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import get_type_hints
 
 import grpc
 import numpy as np
@@ -483,6 +484,29 @@ def test_every_strategy_takes_its_defaults_and_fills_them_in() -> None:
         choice = choose_strategy(name, "")
         assert choice.name == name
         assert choose_strategy(name, choice.params.as_json()) == choice
+
+
+def test_a_strategy_takes_only_the_parameters_it_declares() -> None:
+    # `params: X` on the class is what a round's JSON is parsed into, and checked when made.
+    for name, cls in STRATEGIES.items():
+        assert cls.params_type is get_type_hints(cls)["params"], name
+        assert isinstance(choose_strategy(name, "").start().params, cls.params_type)
+    with pytest.raises(TypeError, match=r"^strategy multikrum takes MultiKrumParams, got Krum"):
+        STRATEGIES["multikrum"](STRATEGIES["krum"].params_type())
+
+
+@pytest.mark.parametrize(
+    ("name", "needs"), [("krum", "5 updates (2f + 3)"), ("bulyan", "7 updates (4f + 3)")]
+)
+def test_too_few_updates_names_the_rule_and_its_need(name: str, needs: str) -> None:
+    strategy = choose_strategy(name, '{"num_malicious": 1}').start()
+    for update, num_samples in POISONED[:4]:
+        strategy.add(update, num_samples)
+    with pytest.raises(FailedPrecondition) as excinfo:
+        strategy.result(None, None)
+    assert (
+        str(excinfo.value) == f"updates: {name} with num_malicious=1 needs at least {needs}, got 4"
+    )
 
 
 def with_w(t: Tensors, w: np.ndarray) -> Tensors:

@@ -11,6 +11,7 @@ streamed, stored and sent back next round like a model.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 from abc import ABC, abstractmethod
@@ -123,7 +124,10 @@ class Strategy(ABC):
     state (None for a stateless strategy)."""
 
     name: ClassVar[str]
-    params_type: ClassVar[type[StrategyParams]]
+    # A rule's parameters: a subclass declares `params: ItsParams`, which sets `params_type`
+    # (what a round's JSON is parsed into) and is checked when the strategy is made.
+    params: StrategyParams
+    params_type: ClassVar[type[StrategyParams]] = StrategyParams
     # The rule needs the model the round started from (server-side optimisers).
     needs_base: ClassVar[bool] = False
     # The rule keeps server-side state across rounds (momentum, moments).
@@ -132,7 +136,17 @@ class Strategy(ABC):
     # update until `result` (order statistics), bounded by the aggregator's held-bytes limit.
     incremental: ClassVar[bool] = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "params" in inspect.get_annotations(cls):
+            cls.params_type = get_type_hints(cls)["params"]
+
     def __init__(self, params: StrategyParams) -> None:
+        if not isinstance(params, self.params_type):
+            raise TypeError(
+                f"strategy {self.name} takes {self.params_type.__name__}, "
+                f"got {type(params).__name__}"
+            )
         self.params = params
 
     @property

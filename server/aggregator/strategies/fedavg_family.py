@@ -73,14 +73,10 @@ class _MeanStrategy(Strategy):
         return specs
 
 
-@dataclass(frozen=True)
-class FedAvgParams(StrategyParams):
-    pass
-
-
 class FedAvg(_MeanStrategy):
+    """The mean itself (no parameters)."""
+
     name = "fedavg"
-    params_type = FedAvgParams
 
     def result(self, base: Tensors | None, state: Tensors | None) -> tuple[Tensors, Tensors | None]:
         return self._mean.result(), None
@@ -93,12 +89,11 @@ class FedProxParams(StrategyParams):
     mu: float = bounded(0.0, NON_NEGATIVE)
 
 
-class FedProx(_MeanStrategy):
-    name = "fedprox"
-    params_type = FedProxParams
+class FedProx(FedAvg):
+    """FedAvg at the server; `mu` is the trainer's."""
 
-    def result(self, base: Tensors | None, state: Tensors | None) -> tuple[Tensors, Tensors | None]:
-        return self._mean.result(), None
+    name = "fedprox"
+    params: FedProxParams
 
 
 class _ServerOptimiser(_MeanStrategy):
@@ -156,12 +151,11 @@ class FedAvgM(_ServerOptimiser):
     """v <- beta v + (x - mean); x <- x - lr v (v = 0 before the first round)."""
 
     name = "fedavgm"
-    params_type = FedAvgMParams
+    params: FedAvgMParams
     state_prefixes = ("momentum",)
 
     def step(self, x: F64, mean: F64, state: dict[str, F64]) -> tuple[F64, dict[str, F64]]:
         p = self.params
-        assert isinstance(p, FedAvgMParams)
         velocity = p.server_momentum * state["momentum"] + (x - mean)
         return x - p.server_learning_rate * velocity, {"momentum": velocity}
 
@@ -194,6 +188,7 @@ class _FedOpt(_ServerOptimiser):
     """delta = mean - x; m <- beta_1 m + (1 - beta_1) delta; v by the rule;
     x <- x + eta m / (sqrt(v) + tau). m and v start at 0."""
 
+    params: FedAdagradParams
     state_prefixes = ("m", "v")
 
     def second_moment(self, v: F64, delta: F64) -> F64:
@@ -201,7 +196,6 @@ class _FedOpt(_ServerOptimiser):
 
     def step(self, x: F64, mean: F64, state: dict[str, F64]) -> tuple[F64, dict[str, F64]]:
         p = self.params
-        assert isinstance(p, FedAdagradParams)
         delta = mean - x
         m = p.beta_1 * state["m"] + (1.0 - p.beta_1) * delta
         v = self.second_moment(state["v"], delta)
@@ -210,7 +204,6 @@ class _FedOpt(_ServerOptimiser):
 
 class FedAdagrad(_FedOpt):
     name = "fedadagrad"
-    params_type = FedAdagradParams
 
     def second_moment(self, v: F64, delta: F64) -> F64:
         out: F64 = v + delta * delta
@@ -219,22 +212,21 @@ class FedAdagrad(_FedOpt):
 
 class FedAdam(_FedOpt):
     name = "fedadam"
-    params_type = FedAdamParams
+    params: FedAdamParams
 
     def second_moment(self, v: F64, delta: F64) -> F64:
-        p = self.params
-        assert isinstance(p, FedAdamParams)
-        out: F64 = p.beta_2 * v + (1.0 - p.beta_2) * delta * delta
+        decay = self.params.beta_2
+        out: F64 = decay * v + (1.0 - decay) * delta * delta
         return out
 
 
-class FedYogi(_FedOpt):
+class FedYogi(FedAdam):
+    """Adam's moments with Yogi's second-moment rule (its own defaults)."""
+
     name = "fedyogi"
-    params_type = FedYogiParams
+    params: FedYogiParams
 
     def second_moment(self, v: F64, delta: F64) -> F64:
-        p = self.params
-        assert isinstance(p, FedAdamParams)
         sq = delta * delta
-        out: F64 = v - (1.0 - p.beta_2) * sq * np.sign(v - sq)
+        out: F64 = v - (1.0 - self.params.beta_2) * sq * np.sign(v - sq)
         return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -75,6 +76,17 @@ class _HeldStrategy(Intake, Strategy):
         if self._specs is None:
             raise InvalidArgument("updates: no updates to aggregate")
         return self._specs
+
+    def result(self, base: Tensors | None, state: Tensors | None) -> tuple[Tensors, Tensors | None]:
+        specs = self._checked_specs()
+        rows, reduce = self.rule()
+        self._chosen = list(rows)
+        return cast_checked(self._coordinatewise(rows, reduce, specs), specs, "updates"), None
+
+    def rule(self) -> tuple[Sequence[int], Callable[[F64], F64]]:
+        """The updates the rule combines (by position) and how, per coordinate: a (rows,
+        block) float64 array to its (block,) values."""
+        raise NotImplementedError
 
     def weights(self) -> list[float]:
         """Unweighted: 1/m for each of the m updates the rule combined (every update for the
@@ -134,29 +146,28 @@ def krum_scores(dist: F64, candidates: Sequence[int], num_malicious: int) -> lis
     return [float(x) for x in np.sort(among, axis=1)[:, :nearest].sum(axis=1)]
 
 
+def _median(rows: F64) -> F64:
+    out: F64 = np.median(rows, axis=0)
+    return out
+
+
+def _mean(rows: F64) -> F64:
+    out: F64 = rows.mean(axis=0)
+    return out
+
+
 def _ranked(scores: Sequence[float]) -> list[int]:
     """Positions by ascending score, ties by position (a stable order: reproducible)."""
     return [int(i) for i in np.argsort(np.asarray(scores), kind="stable")]
 
 
-@dataclass(frozen=True)
-class FedMedianParams(StrategyParams):
-    pass
-
-
 class FedMedian(_HeldStrategy):
+    """The coordinate-wise median (no parameters)."""
+
     name = "fedmedian"
-    params_type = FedMedianParams
 
-    def result(self, base: Tensors | None, state: Tensors | None) -> tuple[Tensors, Tensors | None]:
-        specs = self._checked_specs()
-
-        def median(rows: F64) -> F64:
-            out: F64 = np.median(rows, axis=0)
-            return out
-
-        values = self._coordinatewise(range(self.count), median, specs)
-        return cast_checked(values, specs, "updates"), None
+    def rule(self) -> tuple[Sequence[int], Callable[[F64], F64]]:
+        return range(self.count), _median
 
 
 @dataclass(frozen=True)
@@ -167,22 +178,18 @@ class FedTrimmedAvgParams(StrategyParams):
 
 class FedTrimmedAvg(_HeldStrategy):
     name = "fedtrimmedavg"
-    params_type = FedTrimmedAvgParams
+    params: FedTrimmedAvgParams
 
-    def result(self, base: Tensors | None, state: Tensors | None) -> tuple[Tensors, Tensors | None]:
-        specs = self._checked_specs()
-        p = self.params
-        assert isinstance(p, FedTrimmedAvgParams)
+    def rule(self) -> tuple[Sequence[int], Callable[[F64], F64]]:
         k = self.count
-        cut = int(p.beta * k)
+        cut = int(self.params.beta * k)
 
         def trimmed_mean(rows: F64) -> F64:
             ordered = np.sort(rows, axis=0)
             out: F64 = ordered[cut : k - cut].mean(axis=0)
             return out
 
-        values = self._coordinatewise(range(k), trimmed_mean, specs)
-        return cast_checked(values, specs, "updates"), None
+        return range(k), trimmed_mean
 
 
 @dataclass(frozen=True)
@@ -197,57 +204,54 @@ class MultiKrumParams(KrumParams):
     num_to_keep: int = bounded(0, NON_NEGATIVE)
 
 
-class Krum(_HeldStrategy):
-    name = "krum"
-    params_type = KrumParams
+class _KrumFamily(_HeldStrategy):
+    """Rules that score updates by Krum and tolerate f Byzantine ones out of at least
+    `factor` f + 3."""
+
+    params: KrumParams
+    factor: ClassVar[int]
 
     @classmethod
     def min_updates(cls, params: StrategyParams) -> int:
         assert isinstance(params, KrumParams)
-        return 2 * params.num_malicious + 3
+        return cls.factor * params.num_malicious + 3
 
-    def _selected(self) -> list[int]:
-        p = self.params
-        assert isinstance(p, KrumParams)
-        k, f = self.count, p.num_malicious
-        if k < 2 * f + 3:
+    def _counts(self) -> tuple[int, int]:
+        """(K, f); FAILED_PRECONDITION if the round has too few updates for f."""
+        k, f = self.count, self.params.num_malicious
+        if k < self.factor * f + 3:
             raise FailedPrecondition(
-                f"updates: {self.name} with num_malicious={f} needs at least {2 * f + 3} "
-                f"updates (2f + 3), got {k}"
+                f"updates: {self.name} with num_malicious={f} needs at least "
+                f"{self.factor * f + 3} updates ({self.factor}f + 3), got {k}"
             )
+        return k, f
+
+
+class Krum(_KrumFamily):
+    name = "krum"
+    factor = 2
+
+    def rule(self) -> tuple[Sequence[int], Callable[[F64], F64]]:
+        k, f = self._counts()
         candidates = list(range(k))
         order = _ranked(krum_scores(self._distances(), candidates, f))
-        return [candidates[i] for i in order[: self._keep(k, f)]]
+        return [candidates[i] for i in order[: self._keep(k, f)]], _mean
 
     def _keep(self, k: int, f: int) -> int:
         return 1
 
-    def result(self, base: Tensors | None, state: Tensors | None) -> tuple[Tensors, Tensors | None]:
-        specs = self._checked_specs()
-        chosen = self._selected()
-        self._chosen = chosen
-
-        def mean(rows: F64) -> F64:
-            out: F64 = rows.mean(axis=0)
-            return out
-
-        values = self._coordinatewise(chosen, mean, specs)
-        return cast_checked(values, specs, "updates"), None
-
 
 class MultiKrum(Krum):
     name = "multikrum"
-    params_type = MultiKrumParams
+    params: MultiKrumParams
 
     @classmethod
     def min_updates(cls, params: StrategyParams) -> int:
         assert isinstance(params, MultiKrumParams)
-        return max(2 * params.num_malicious + 3, params.num_to_keep)
+        return max(super().min_updates(params), params.num_to_keep)
 
     def _keep(self, k: int, f: int) -> int:
-        p = self.params
-        assert isinstance(p, MultiKrumParams)
-        m = p.num_to_keep or k - f
+        m = self.params.num_to_keep or k - f
         if m > k:
             raise FailedPrecondition(
                 f"strategy_params_json.num_to_keep: {m}, more than the round's {k} updates"
@@ -255,30 +259,12 @@ class MultiKrum(Krum):
         return m
 
 
-@dataclass(frozen=True)
-class BulyanParams(KrumParams):
-    pass
-
-
-class Bulyan(_HeldStrategy):
+class Bulyan(_KrumFamily):
     name = "bulyan"
-    params_type = BulyanParams
+    factor = 4
 
-    @classmethod
-    def min_updates(cls, params: StrategyParams) -> int:
-        assert isinstance(params, BulyanParams)
-        return 4 * params.num_malicious + 3
-
-    def result(self, base: Tensors | None, state: Tensors | None) -> tuple[Tensors, Tensors | None]:
-        specs = self._checked_specs()
-        p = self.params
-        assert isinstance(p, BulyanParams)
-        k, f = self.count, p.num_malicious
-        if k < 4 * f + 3:
-            raise FailedPrecondition(
-                f"updates: bulyan with num_malicious={f} needs at least {4 * f + 3} updates "
-                f"(4f + 3), got {k}"
-            )
+    def rule(self) -> tuple[Sequence[int], Callable[[F64], F64]]:
+        k, f = self._counts()
         dist = self._distances()
         pool = list(range(k))
         chosen: list[int] = []
@@ -286,7 +272,6 @@ class Bulyan(_HeldStrategy):
             best = pool[_ranked(krum_scores(dist, pool, f))[0]]
             chosen.append(best)
             pool.remove(best)
-        self._chosen = chosen
         keep = len(chosen) - 2 * f
 
         def closest_to_median(rows: F64) -> F64:
@@ -295,5 +280,4 @@ class Bulyan(_HeldStrategy):
             out: F64 = np.take_along_axis(rows, nearest, axis=0).mean(axis=0)
             return out
 
-        values = self._coordinatewise(chosen, closest_to_median, specs)
-        return cast_checked(values, specs, "updates"), None
+        return chosen, closest_to_median
