@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from server.aggregator.strategies import choose_strategy
@@ -203,19 +203,13 @@ class RoundSpec:
     strategy_params_json: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by its name, in declaration order (a JSON object: the participants as
+        a list, the hyperparameters as their merged object)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         return {
-            "round_id": self.round_id,
+            **d,
             "participants": list(self.participants),
-            "experiment_id": self.experiment_id,
-            "k_of_n": self.k_of_n,
-            "timeout_s": self.timeout_s,
-            "model_ref": self.model_ref,
             "hyperparams": self.hyperparams.to_dict(),
-            "task_wasm_image": self.task_wasm_image,
-            "min_k_of_n": self.min_k_of_n,
-            "module_digest": self.module_digest,
-            "strategy_name": self.strategy_name,
-            "strategy_params_json": self.strategy_params_json,
         }
 
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import pytest
@@ -167,6 +167,11 @@ def test_duplicate_participants_are_named() -> None:
 def test_dict_round_trip() -> None:
     assert RoundSpec.from_dict(EXPERIMENT.to_dict()) == EXPERIMENT
     assert Hyperparams.from_dict(EXPERIMENT.hyperparams.to_dict()) == EXPERIMENT.hyperparams
+    d = EXPERIMENT.to_dict()
+    assert list(d) == [f.name for f in fields(RoundSpec)]  # every field, in order
+    assert d["participants"] == list(EXPERIMENT.participants)
+    assert d["hyperparams"] == EXPERIMENT.hyperparams.to_dict()
+    assert json.loads(json.dumps(d)) == d  # plain JSON values only
 
 
 # ----------------------------------------------------------------------- free hyperparameters
