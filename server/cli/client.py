@@ -267,17 +267,19 @@ class Client:
     async def create_task(self, request: manager_pb2.CreateTaskRequest) -> manager_pb2.Task:
         return await self._unary("manager", "CreateTask", request, manager_pb2.Task)
 
-    async def start_task(self, task_id: str) -> manager_pb2.Task:
+    async def _on_task(self, method: str, task_id: str) -> manager_pb2.Task:
+        """The manager's `method` on one task (a TaskRef in, the task as it is then out)."""
         request = manager_pb2.TaskRef(task_id=task_id)
-        return await self._unary("manager", "StartTask", request, manager_pb2.Task)
+        return await self._unary("manager", method, request, manager_pb2.Task)
+
+    async def start_task(self, task_id: str) -> manager_pb2.Task:
+        return await self._on_task("StartTask", task_id)
 
     async def stop_task(self, task_id: str) -> manager_pb2.Task:
-        request = manager_pb2.TaskRef(task_id=task_id)
-        return await self._unary("manager", "StopTask", request, manager_pb2.Task)
+        return await self._on_task("StopTask", task_id)
 
     async def get_task(self, task_id: str) -> manager_pb2.Task:
-        request = manager_pb2.TaskRef(task_id=task_id)
-        return await self._unary("manager", "GetTask", request, manager_pb2.Task)
+        return await self._on_task("GetTask", task_id)
 
     async def list_tasks(
         self, name_prefix: str = "", proplet_id: str = "", state: int = 0
