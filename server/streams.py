@@ -441,19 +441,11 @@ async def _tensors_of(read: Awaitable[tuple[H, Payload]]) -> tuple[H, Tensors]:
 
 
 async def read_model_stream(
-    stream: AsyncIterable[tensor_pb2.ModelChunk],
-    field: str = "model",
-    *,
-    max_bytes: int = MAX_PAYLOAD_BYTES,
-    spool_above: int | None = None,
+    stream: AsyncIterable[tensor_pb2.ModelChunk], field: str = "model"
 ) -> tuple[tensor_pb2.ModelHeader, Tensors]:
-    """A model stream as arrays (clients reading a model; held in memory unless
-    `spool_above` is given)."""
-    return await _tensors_of(
-        _read_stream(
-            stream, field, tensor_pb2.ModelHeader, max_bytes=max_bytes, spool_above=spool_above
-        )
-    )
+    """A model stream as arrays, held in memory (clients reading a model), up to
+    `MAX_PAYLOAD_BYTES`."""
+    return await _tensors_of(read_model_payload(stream, field, spool_above=None))
 
 
 async def read_update_stream(
