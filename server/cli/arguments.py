@@ -145,6 +145,13 @@ def round_args(*, model_required: bool, round_required: bool = True) -> tuple[Ar
     )
 
 
+# The positional arguments naming what a command is about.
+EXPERIMENT_ID = arg("experiment_id", metavar="EXPERIMENT_ID")
+ROUND_ID = arg("round_id", metavar="ROUND_ID")
+TASK_ID = arg("task_id", metavar="ID")
+PROPLET_ID = arg("proplet_id", metavar="PROPLET_ID")
+MODEL_REF = arg("ref", metavar="VERSION_OR_URI", help="3, v3, latest or fl/models/global_model_v3")
+
 WATCH_LIMIT = arg(
     "--max-wait",
     type=float,

@@ -21,6 +21,11 @@ from typing import Any
 from propeller.v1 import coordinator_pb2, manager_pb2
 from server.cli import runner
 from server.cli.arguments import (
+    EXPERIMENT_ID,
+    MODEL_REF,
+    PROPLET_ID,
+    ROUND_ID,
+    TASK_ID,
     WATCH_LIMIT,
     dtype_of,
     experiment_request,
@@ -282,7 +287,7 @@ COMMANDS: tuple[Command, ...] = (
         "every round of an experiment: state, version, sampled and reported, train and "
         "evaluation metrics (--json: the ExperimentRound messages)",
         experiment_history,
-        (arg("experiment_id", metavar="EXPERIMENT_ID"),),
+        (EXPERIMENT_ID,),
     ),
     Command(
         "experiment",
@@ -291,7 +296,7 @@ COMMANDS: tuple[Command, ...] = (
         "evaluation (held-out splits)",
         experiment_plot,
         (
-            arg("experiment_id", metavar="EXPERIMENT_ID"),
+            EXPERIMENT_ID,
             arg("--output", "-o", required=True, metavar="FILE.png", help="where to write it"),
         ),
     ),
@@ -300,21 +305,21 @@ COMMANDS: tuple[Command, ...] = (
         "watch",
         "print an experiment's events live until it ends (exit 1 if it FAILED)",
         lambda c, a: follow_experiment(c, a.experiment_id, a),
-        (arg("experiment_id", metavar="EXPERIMENT_ID"), WATCH_LIMIT),
+        (EXPERIMENT_ID, WATCH_LIMIT),
     ),
     Command(
         "experiment",
         "stop",
         "stop an experiment: no further round starts, its running tasks are stopped",
         one_call(lambda c, a: c.stop_experiment(a.experiment_id), render_experiment),
-        (arg("experiment_id", metavar="EXPERIMENT_ID"),),
+        (EXPERIMENT_ID,),
     ),
     Command(
         "experiment",
         "get",
         "one experiment",
         one_call(lambda c, a: c.get_experiment(a.experiment_id), render_experiment),
-        (arg("experiment_id", metavar="EXPERIMENT_ID"),),
+        (EXPERIMENT_ID,),
     ),
     Command(
         "experiment",
@@ -327,7 +332,7 @@ COMMANDS: tuple[Command, ...] = (
         "status",
         "a round's status (via the manager)",
         one_call(lambda c, a: c.round_status(a.round_id), render_round),
-        (arg("round_id", metavar="ROUND_ID"),),
+        (ROUND_ID,),
     ),
     Command(
         "round",
@@ -335,7 +340,7 @@ COMMANDS: tuple[Command, ...] = (
         "print the round's events live until it completes (exit 0) or fails (exit 1); "
         "with --json one RoundEvent object per line",
         lambda c, a: follow_round(c, a.round_id, a),
-        (arg("round_id", metavar="ROUND_ID"), WATCH_LIMIT),
+        (ROUND_ID, WATCH_LIMIT),
     ),
     Command(
         "round",
@@ -371,7 +376,7 @@ COMMANDS: tuple[Command, ...] = (
         '--json: {"version", "model_uri", "sha256", "tensors", "model"}',
         models_get,
         (
-            arg("ref", metavar="VERSION_OR_URI", help="3, v3, latest or fl/models/global_model_v3"),
+            MODEL_REF,
             arg("--output", "-o", metavar="FILE", help="write the model to FILE.json or FILE.npz"),
         ),
     ),
@@ -403,7 +408,7 @@ COMMANDS: tuple[Command, ...] = (
         "parameters and state, and each contributing proplet with its weight and update digest",
         models_lineage,
         (
-            arg("ref", metavar="VERSION_OR_URI", help="3, v3, latest or fl/models/global_model_v3"),
+            MODEL_REF,
             arg(
                 "--chain",
                 action="store_true",
@@ -418,7 +423,7 @@ COMMANDS: tuple[Command, ...] = (
         "signature and certificate, its module, and the version as the FedAvg of its updates",
         models_verify,
         (
-            arg("ref", metavar="VERSION_OR_URI", help="3, v3, latest or fl/models/global_model_v3"),
+            MODEL_REF,
             arg(
                 "--ca",
                 default="",
@@ -446,7 +451,7 @@ COMMANDS: tuple[Command, ...] = (
         '"features", "labels"}',
         datasets_get,
         (
-            arg("proplet_id", metavar="PROPLET_ID"),
+            PROPLET_ID,
             arg(
                 "--output",
                 "-o",
@@ -461,7 +466,7 @@ COMMANDS: tuple[Command, ...] = (
         "store a proplet's dataset from FILE.csv (optional header; last column the 0/1 label) "
         "or FILE.npy (2-D, last column the label)",
         datasets_put,
-        (arg("proplet_id", metavar="PROPLET_ID"), arg("file", metavar="FILE")),
+        (PROPLET_ID, arg("file", metavar="FILE")),
     ),
     Command(
         "datasets",
@@ -530,7 +535,7 @@ COMMANDS: tuple[Command, ...] = (
         "get",
         "one task, with its results",
         one_call(lambda c, a: c.get_task(a.task_id), render_task),
-        (arg("task_id", metavar="ID"),),
+        (TASK_ID,),
     ),
     Command(
         "tasks",
@@ -556,7 +561,7 @@ COMMANDS: tuple[Command, ...] = (
         "start a task",
         tasks_start,
         (
-            arg("task_id", metavar="ID"),
+            TASK_ID,
             arg(
                 "--wait",
                 action="store_true",
@@ -570,7 +575,7 @@ COMMANDS: tuple[Command, ...] = (
         "stop",
         "stop a task",
         one_call(lambda c, a: c.stop_task(a.task_id), render_task),
-        (arg("task_id", metavar="ID"),),
+        (TASK_ID,),
     ),
     Command(
         "wasm",
