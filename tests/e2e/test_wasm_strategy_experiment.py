@@ -41,30 +41,12 @@ async def test_an_experiment_with_a_wasm_strategy_completes_and_verifies(
     module = push(registry, load_wasm_build().build_strategy("fedmedian"), "strategies/median")
     params = json.dumps({"module": module})
     eid = f"exp-wasm-{uuid.uuid4().hex[:6]}"
-    (
-        await cli(
-            "experiment",
-            "run",
-            "--experiment-id",
-            eid,
-            "--model-ref",
-            V0,
-            "--participants",
-            ",".join(c.proplet_ids),
-            "--image",
-            c.image,
-            "--k-of-n",
-            "3",
-            "--rounds",
-            "2",
-            "--strategy",
-            "wasm",
-            "--strategy-params",
-            params,
-            "--watch",
-            *f,
-        )  # fmt: skip
-    ).ok()
+    run = await cli(
+        "experiment", "run", "--experiment-id", eid, "--model-ref", V0,
+        "--participants", ",".join(c.proplet_ids), "--image", c.image, "--k-of-n", "3",
+        "--rounds", "2", "--strategy", "wasm", "--strategy-params", params, "--watch", *f,
+    )  # fmt: skip
+    run.ok()
     assert await c.versions() == [0, 1, 2]
     for version in (1, 2):
         doc = (await cli("models", "lineage", str(version), "--json", *f)).ok().json()

@@ -118,7 +118,7 @@ async def test_the_fedavg_module_folds_as_it_reads(modules: dict[str, CompiledMo
     limits = Limits(timeout_s=120, memory_bytes=24 << 20)
     await compare(modules, "fedavg", base, updates, samples, limits)
     # The cap bites: the median, which holds every update, cannot run under it.
-    with pytest.raises(FailedPrecondition, match="^memory limit exceeded"):
+    with pytest.raises(FailedPrecondition, match=r"^memory limit exceeded"):
         await compare(modules, "fedmedian", base, updates, samples, limits)
 
 
