@@ -38,7 +38,7 @@ from server.aggregator.strategies.base import (
     bounded,
 )
 from server.aggregator.strategies.robust import _HeldStrategy
-from server.errors import FailedPrecondition, InvalidArgument, PropellerError
+from server.errors import FailedPrecondition, InvalidArgument, PropellerError, RemoteError
 from server.oci import ImageRef, OciClient, is_loopback
 from server.tensors import Array, Spec, Tensors
 
@@ -226,6 +226,14 @@ async def load_strategy(runtime: WasmRuntime, ref: ImageRef) -> CompiledModule:
     return compiled
 
 
+def _about(exc: PropellerError, ref: ImageRef) -> PropellerError:
+    """`exc` (same class and status) with a message that names the module."""
+    message = f"strategy wasm: module {ref}: {exc}"
+    if isinstance(exc, RemoteError):
+        return RemoteError(exc.code, message)
+    return type(exc)(message)
+
+
 class WasmStrategy(_HeldStrategy):
     """Holds every update (bounded by the aggregator's held-bytes limit, like the order
     statistics), then `prepare` runs the module once on all of them."""
@@ -259,7 +267,7 @@ class WasmStrategy(_HeldStrategy):
                 self.runtime, compiled, base, self._updates, self._samples, specs, limits
             )
         except PropellerError as exc:
-            raise type(exc)(f"strategy wasm: module {ref}: {exc}") from None
+            raise _about(exc, ref) from None
 
     def result(self, base: Tensors | None, state: Tensors | None) -> tuple[Tensors, Tensors | None]:
         if self._result is None:
