@@ -142,14 +142,20 @@ def compare_wasm(
     encode_s: list[float] = []
     run_s: list[float] = []
     decode_s: list[float] = []
+    # CPU time of this process (all its threads): less disturbed than wall time when other
+    # work shares the cores.
+    numpy_cpu: list[float] = []
+    wasm_cpu: list[float] = []
     # A first run maps the module's memory and warms the instance: not what a round pays
     # again (the runtime keeps the module compiled).
-    runtime.run_sync(
-        module, Invocation(["strategy"], {}, limits, encode_input(base, updates[:1], weights[:1]))
-    )
+    warm = encode_input(base, updates[:1], weights[:1])
+    runtime.run_sync(module, Invocation(["strategy"], {}, limits, warm))
     for _ in range(reps):
+        cpu = time.process_time()
         t, expect = _timed(lambda: fedavg(pool, k, weights))
+        numpy_cpu.append(time.process_time() - cpu)
         numpy_s.append(t)
+        cpu = time.process_time()
         started = time.perf_counter()
         stdin = encode_input(base, updates, weights)
         encoded = time.perf_counter()
@@ -158,6 +164,7 @@ def compare_wasm(
         ran = time.perf_counter()
         got = decode_output(out.stdout, specs, k)[0]["w"]
         decoded = time.perf_counter()
+        wasm_cpu.append(time.process_time() - cpu)
         encode_s.append(encoded - started)
         run_s.append(ran - encoded)
         decode_s.append(decoded - ran)
@@ -173,6 +180,9 @@ def compare_wasm(
         "wasm_decode_ms": round(median(decode_s) * 1000, 3),
         "ratio": round(n / w, 3),
         "ratio_run_only": round(n / median(run_s), 3),
+        "numpy_cpu_ms": round(median(numpy_cpu) * 1000, 3),
+        "wasm_cpu_ms": round(median(wasm_cpu) * 1000, 3),
+        "ratio_cpu": round(median(numpy_cpu) / median(wasm_cpu), 3),
     }
 
 
@@ -265,7 +275,9 @@ async def run_wasm(rec: Recorder, smoke: bool) -> None:
                     f"K={k:<5} D={fmt_count(d):<6} wasm fedavg {fig['wasm_ms']:9.2f} ms "
                     f"(encode {fig['wasm_encode_ms']:.2f}, run {fig['wasm_run_ms']:.2f}, decode "
                     f"{fig['wasm_decode_ms']:.2f}), numpy fedavg {fig['numpy_ms']:9.2f} ms, "
-                    f"numpy/wasm {fig['ratio']:.2f} (run only {fig['ratio_run_only']:.2f})"
+                    f"numpy/wasm {fig['ratio']:.2f} (run only {fig['ratio_run_only']:.2f}; "
+                    f"CPU time {fig['wasm_cpu_ms']:.2f} vs {fig['numpy_cpu_ms']:.2f} ms, "
+                    f"{fig['ratio_cpu']:.2f})"
                 ),
             )
     if skipped:

@@ -157,7 +157,8 @@ def build_mlp(
 def build_strategy(name: str, out_dir: Path | None = None, optimize: str = "ReleaseFast") -> Path:
     """Build the strategy module ``name`` (``fedavg`` or ``fedmedian``, ``STRATEGY_SOURCES``)
     for wasm32-wasi as ``<name>-strategy.wasm``; the marker ``propeller_strategy_v1`` is kept
-    (``-rdynamic``). No SIMD: the rules' arithmetic stays the plain scalar order."""
+    (``-rdynamic``). WASM SIMD (simd128, deterministic; never relaxed-simd): lanes are
+    separate elements, so the arithmetic per element is the scalar one."""
     if name not in STRATEGY_SOURCES:
         raise ValueError(f"strategy must be one of {sorted(STRATEGY_SOURCES)}, not {name!r}")
     return _build_zig(
@@ -166,7 +167,7 @@ def build_strategy(name: str, out_dir: Path | None = None, optimize: str = "Rele
         "wasm32-wasi",
         out_dir,
         optimize,
-        ["-rdynamic"],
+        ["-rdynamic", "-mcpu", WASM_SIMD_CPU],
     )
 
 

@@ -148,7 +148,9 @@ pub const Input = struct {
     }
 
     /// sums[i] += f64(x[i]) * w for tensor `e` (the next in the data section), read in
-    /// chunks: the tensor itself is never held.
+    /// chunks: the tensor itself is never held. Lanes of a vector are separate elements, each
+    /// with its own multiply and add (no fused multiply-add, no reassociation), so the sums
+    /// are those of the scalar loop bit for bit.
     pub fn fold(self: *Input, e: Entry, sums: []f64, w: f64) void {
         self.at(e);
         const size = e.dtype.size();
@@ -159,18 +161,33 @@ pub const Input = struct {
             const bytes = self.reader.take(n * size) catch |err| die("input: tensor {s}: {s}", .{ e.name, @errorName(err) });
             const out = sums[done .. done + n];
             switch (e.dtype) {
-                .F64 => for (out, 0..) |*s, i| {
-                    s.* += element(bytes, .F64, i) * w;
-                },
-                .F32 => for (out, 0..) |*s, i| {
-                    s.* += element(bytes, .F32, i) * w;
-                },
+                .F64 => foldChunk(f64, bytes, out, w),
+                .F32 => foldChunk(f32, bytes, out, w),
             }
             done += n;
         }
         self.pos = e.end;
     }
 };
+
+const lanes = 4;
+const F64s = @Vector(lanes, f64);
+
+fn foldChunk(comptime T: type, bytes: []const u8, out: []f64, w: f64) void {
+    const size = @sizeOf(T);
+    const ws: F64s = @splat(w);
+    var i: usize = 0;
+    while (i + lanes <= out.len) : (i += lanes) {
+        const raw: [lanes * size]u8 = bytes[i * size ..][0 .. lanes * size].*;
+        const xs: @Vector(lanes, T) = @bitCast(raw);
+        const wide: F64s = if (T == f64) xs else @floatCast(xs);
+        const acc: F64s = out[i..][0..lanes].*;
+        out[i..][0..lanes].* = acc + wide * ws;
+    }
+    while (i < out.len) : (i += 1) {
+        out[i] += element(bytes, if (T == f64) .F64 else .F32, i) * w;
+    }
+}
 
 /// Read the container's header from `reader` and check it against the contract; the reader
 /// is left at the start of the data section.
