@@ -1,7 +1,8 @@
 """Strategy "wasm" through real rounds (registry, aggregator and coordinator in this process,
 real Mosquitto, the module pulled by digest from a real OCI registry): the Zig FedAvg and
 FedMedian modules give the built-in rules' models to the last bit; a module that traps,
-loops, over-allocates, answers the wrong shape or does not declare the contract fails the
+loops, over-allocates, exits non-zero, floods stdout, answers the wrong shape or does not
+declare the contract fails the
 round with a reason naming the module, and no model version is stored; an unpinned module
 is refused when the round is configured (docs/verifiability.md, "Strategies as sandboxed
 modules")."""
@@ -56,6 +57,7 @@ def wat_module(tmp_path: Path, name: str, body: str, marker: bool = True) -> Pat
     text = f"""(module
       (import "wasi_snapshot_preview1" "fd_write"
         (func $fd_write (param i32 i32 i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
       (memory (export "memory") 1)
       {export}
       {body})"""
@@ -93,6 +95,18 @@ BAD_MODULES = {
         True,
     ),
     "shape": (wrong_shape_body(), "output: tensor w is float64 [2], the model's is", True),
+    "exit": ('(func (export "_start") (call $proc_exit (i32.const 3)))', "exit status 3", True),
+    # Writes 60,000 bytes at a time for ever: past the model's bytes + 64 KiB + 64 an update.
+    "flood": (
+        """(func (export "_start")
+          (i32.store (i32.const 0) (i32.const 1024))
+          (i32.store (i32.const 4) (i32.const 60000))
+          (loop
+            (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+            (br 0)))""",
+        "output too large: more than 65824 bytes on stdout",
+        True,
+    ),
     "unmarked": ('(func (export "_start"))', "no export propeller_strategy_v1", False),
 }
 
