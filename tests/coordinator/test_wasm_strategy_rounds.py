@@ -2,10 +2,9 @@
 real Mosquitto, the module pulled by digest from a real OCI registry): the Zig FedAvg and
 FedMedian modules give the built-in rules' models to the last bit; a module that traps,
 loops, over-allocates, exits non-zero, floods stdout, answers the wrong shape or does not
-declare the contract fails the
-round with a reason naming the module, and no model version is stored; an unpinned module
-is refused when the round is configured (docs/verifiability.md, "Strategies as sandboxed
-modules")."""
+declare the contract fails the round with a reason naming the module, and no model version
+is stored; an unpinned module is refused when the round is configured
+(docs/verifiability.md, "Strategies as sandboxed modules")."""
 
 from __future__ import annotations
 
