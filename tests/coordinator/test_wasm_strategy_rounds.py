@@ -8,6 +8,7 @@ is stored; an unpinned module is refused when the round is configured
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from collections.abc import AsyncIterator
@@ -19,15 +20,20 @@ import pytest
 import wasmtime
 
 from propeller.v1 import coordinator_pb2
+from proplet.runner import WasmRuntime
 from server.aggregator.strategies import choose_strategy
+from server.aggregator.strategies.wasm import load_strategy
 from server.config import MqttConfig
+from server.errors import Unavailable
 from server.oci import ImageRef, OciClient
 from server.tensors import Tensors
 from tests.conftest import load_wasm_build
 from tests.coordinator.helpers import make_update
 from tests.support.clients import Clients, clients
 from tests.support.cluster import round_services
-from tests.support.infra import OciRegistry
+from tests.support.infra import OciRegistry, oci_registry
+
+pytestmark = pytest.mark.integration
 
 S = coordinator_pb2
 V0 = "fl/models/global_model_v0"
@@ -210,3 +216,18 @@ async def test_an_unpinned_or_bad_module_parameter_is_refused_when_configured(
         await fl.configure("r1", strategy_name="wasm", strategy_params_json=params)
     assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (excinfo.value.details() or "").startswith(f"{field}:"), excinfo.value.details()
+
+
+async def test_a_pinned_module_is_pulled_once(tmp_path: Path) -> None:
+    """After the first pull, later rounds find the module compiled without asking the
+    registry: here the registry is gone by the second load."""
+    runtime = WasmRuntime()
+    with oci_registry(tmp_path / "oci") as own:
+        ref = ImageRef.parse(push(own, load_wasm_build().build_strategy("fedavg"), "s/avg"))
+        first = await load_strategy(runtime, ref)
+    assert await load_strategy(runtime, ref) is first
+    assert runtime.compiles == 1
+    # Another reference is pulled: with the registry gone, it fails naming the image.
+    other = dataclasses.replace(ref, digest="sha256:" + "1" * 64)
+    with pytest.raises(Unavailable, match="s/avg"):
+        await load_strategy(runtime, other)
