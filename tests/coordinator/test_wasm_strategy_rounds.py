@@ -166,7 +166,7 @@ async def test_a_zig_module_round_gives_the_builtin_model(
 
 @pytest.mark.parametrize("kind", list(BAD_MODULES))
 async def test_a_failing_module_fails_the_round_and_stores_nothing(
-    fl: Clients, registry: OciRegistry, tmp_path: Path, kind: str
+    fl: Clients, registry: OciRegistry, zig_modules: dict[str, str], tmp_path: Path, kind: str
 ) -> None:
     body, reason, marker = BAD_MODULES[kind]
     ref = push(registry, wat_module(tmp_path, kind, body, marker), f"strategies/bad-{kind}")
@@ -179,6 +179,10 @@ async def test_a_failing_module_fails_the_round_and_stores_nothing(
     assert reason in status.failure_reason, status.failure_reason
     assert status.new_model_version == 0
     assert await fl.versions() == before
+    # The aggregator carries on: the next round, with a sound module, completes.
+    params = json.dumps({"module": zig_modules["fedavg"]})
+    after = await run_round(fl, "r2", strategy_name="wasm", strategy_params_json=params)
+    assert after.state == S.ROUND_STATE_COMPLETED, after.failure_reason
 
 
 async def test_a_module_missing_from_the_registry_fails_the_round(
