@@ -170,3 +170,23 @@ def test_a_wrong_answer_is_refused_saying_why(stdout: bytes, reason: str) -> Non
     with pytest.raises(FailedPrecondition) as excinfo:
         decode_output(stdout, SPECS, 2)
     assert str(excinfo.value).startswith(reason), excinfo.value
+
+
+def test_the_codec_writes_any_layout_as_little_endian_row_major() -> None:
+    """encode takes views of the tensors where it can; big-endian, transposed (not
+    C-contiguous), 0-d and empty tensors come out as their values, row-major, little-endian."""
+    rng = np.random.default_rng(3)
+    tensors = {
+        "big": rng.normal(size=(3, 4)).astype(">f4"),
+        "t": rng.normal(size=(5, 3)).T,
+        "scalar": np.array(2.5),
+        "empty": np.zeros((0, 2), np.float32),
+    }
+    data = safetensors.encode(tensors)
+    back = safetensors.decode(data, "x")
+    assert back.size == len(data)
+    for name, arr in tensors.items():
+        assert back.tensors[name].dtype == arr.dtype.newbyteorder("<")
+        np.testing.assert_array_equal(back.tensors[name], arr)
+    start = 8 + int.from_bytes(data[:8], "little")
+    assert data[start : start + 48] == tensors["big"].astype("<f4").tobytes()
