@@ -148,3 +148,12 @@ def decode(data: bytes | memoryview, what: str, *, max_header_bytes: int = 1 << 
             raise _fail(what, f"tensor {name!r}: data at [{begin}, {end}] {kind}")
         covered = end
     return Container(tensors, dict(metadata), start + covered)
+
+
+def decode_whole(data: bytes | memoryview, what: str) -> Container:
+    """The one container that is all of `data` (a module's answer): `decode`, and
+    MalformedContainer saying how many bytes follow it when any do."""
+    container = decode(data, what)
+    if container.size != len(data):
+        raise _fail(what, f"{len(data) - container.size} bytes follow the safetensors container")
+    return container

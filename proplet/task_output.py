@@ -112,14 +112,9 @@ def _container_v2(stdout: bytes, failure: Callable[[str], TaskFailed]) -> Any:
     if not stdout:
         raise failure("the module printed nothing on stdout")
     try:
-        container = safetensors.decode(stdout, "stdout")
+        return safetensors.decode_whole(stdout, "stdout")
     except safetensors.MalformedContainer as exc:
         raise failure(f"{exc} (contract v2 wants one safetensors container)") from None
-    if container.size != len(stdout):
-        raise failure(
-            f"stdout: {len(stdout) - container.size} bytes follow the safetensors container"
-        )
-    return container
 
 
 def _metadata_fields(

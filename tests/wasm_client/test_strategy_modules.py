@@ -155,7 +155,7 @@ def test_a_right_answer_is_taken() -> None:
     ("stdout", "reason"),
     [
         (b"", "output: 0 bytes, too short"),
-        (answer(MODEL) + b"x", "output: 1 bytes after the container"),
+        (answer(MODEL) + b"x", "output: 1 bytes follow the safetensors container"),
         (answer({"w": MODEL["w"]}), "output: tensors ['w'], the model has ['w', 'b']"),
         (answer({"b": MODEL["b"], "w": MODEL["w"]}), "output: tensors ['b', 'w']"),
         (answer({**MODEL, "w": np.zeros(2, np.float32)}), "output: tensor w is float32 [2]"),
