@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 from server import metrics, tracing
 from server.aggregator.strategies import strategy_class
+from server.coordinator import audit as A
 from server.coordinator import bounds as B
 from server.coordinator import rounds as R
 from server.coordinator import site as S
@@ -45,7 +46,14 @@ from server.coordinator.store import (
     StrategyState,
     update_headers,
 )
-from server.errors import AlreadyExists, PropellerError, ResourceExhausted, Unavailable
+from server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    PropellerError,
+    ResourceExhausted,
+    Unavailable,
+)
 from server.faults import crash_point
 from server.messages import RoundComplete
 from server.round_spec import DEFAULT_TIMEOUT_S, RoundSpec, validate, with_defaults
@@ -98,8 +106,12 @@ class Coordinator:
         hierarchy: S.Hierarchy | None = None,
         upstream: S.Upstream | None = None,
         replica: Replica | None = None,
+        auditor: A.Auditor | None = None,
     ) -> None:
         self.store = store
+        # Re-runs a seeded sample of each round's updates (`audit`); None: rounds that ask for
+        # an audit are refused.
+        self.auditor = auditor
         # One of several replicas on one database (`server.coordinator.replicas`): rounds
         # locked across them, deadlines and aggregations leased.
         self.replica = replica
@@ -171,6 +183,8 @@ class Coordinator:
         cfg = with_defaults(validate(spec), self.default_timeout_s)
         if self.hierarchy.hierarchical:
             S.check_composes(cfg.strategy_name)
+        if cfg.audit.enabled:
+            self._check_auditable()
         tracing.remember_round(cfg.round_id)
         async with self._lock(cfg.round_id):
             rnd = await self.store.get(cfg.round_id)
@@ -184,7 +198,9 @@ class Coordinator:
                     # Before the round is stored: one that cannot close in time is refused
                     # whole (its start, later, checks again against the root's deadline).
                     S.check_deadline(self.clock() + cfg.timeout_s, cfg.timeout_s, root)
-                rnd = R.new_round(cfg, base.uri, base.specs, self.clock(), base.sha256)
+                rnd = R.new_round(
+                    cfg, base.uri, base.specs, self.clock(), base.sha256, A.draw_seed()
+                )
                 await self.store.put(rnd)
                 metrics.round_entered(rnd.state.value)
                 log.info(
@@ -255,6 +271,8 @@ class Coordinator:
             bool(update.certificate),
         )
         self._emit(EventType.UPDATE_ACCEPTED, rnd, update.proplet_id)
+        if self.auditor is not None and rnd.audit.enabled:
+            self.auditor.begin(rnd, update)
         if rnd.state is R.RoundState.AGGREGATING:
             self._begin_aggregation(rnd)
 
@@ -473,6 +491,11 @@ class Coordinator:
         # Updates are read in arrival order, so aggregating again after a restart gives
         # exactly the same bytes (and the same sha256) as the first attempt.
         updates = await self.store.updates(round_id)
+        if rnd.audit.enabled:
+            audited = await self._audit(rnd, updates)
+            if audited is None:
+                return
+            rnd, updates = audited
         inputs: RoundUpdates = updates
         strategy = strategy_class(rnd.strategy_name)
         aggregation_began = time.perf_counter()
@@ -527,7 +550,7 @@ class Coordinator:
 
         def lineage_of(version: int) -> Lineage:
             weights = result.weights or ()
-            return Lineage(version, sha, rnd, updates, weights, state_lineage)
+            return Lineage(version, sha, rnd, updates, weights, state_lineage, rnd.audits)
 
         async def store_once(attempt: int) -> tuple[int, str]:
             # A retry, or a round resumed after a restart, may follow a write that landed
@@ -595,6 +618,11 @@ class Coordinator:
         the site once (a repeat is answered as a duplicate)."""
         rnd = await self.get(round_id)
         updates = await self.store.updates(round_id)
+        if rnd.audit.enabled:
+            audited = await self._audit(rnd, updates)
+            if audited is None:
+                return
+            rnd, updates = audited
         headers = update_headers(updates)
         inputs: RoundUpdates = updates
         try:
@@ -637,6 +665,47 @@ class Coordinator:
             len(headers),
             partial.num_samples,
         )
+
+    def _check_auditable(self) -> None:
+        """A round may ask for an audit only where its updates can be re-run: a coordinator
+        with an auditor whose participants are proplets (not a root's sites)."""
+        if self.auditor is None:
+            raise FailedPrecondition(
+                "audit.fraction: this coordinator has no auditor (PROPELLER_AUDIT=off)"
+            )
+        if self.hierarchy.tier == S.ROOT:
+            raise InvalidArgument(
+                "audit.fraction: a root coordinator's updates are its sites' partials, which "
+                "cannot be re-run; configure the audit on the sites' rounds"
+            )
+
+    async def _audit(self, rnd: Round, updates: RoundUpdates) -> tuple[Round, RoundUpdates] | None:
+        """The round's re-execution audit at its close (`audit`): its outcomes recorded with
+        the round, and the updates the policy leaves to aggregate; None when the round failed
+        for want of updates (or is no longer this coordinator's to finish)."""
+        if rnd.audits:
+            # Recorded before a restart: the same outcomes, not a second re-run.
+            verdict = A.apply_policy(rnd, rnd.audits, updates)
+        else:
+            if self.auditor is None:
+                outcomes: tuple[R.AuditOutcome, ...] = tuple(
+                    R.AuditOutcome(u.proplet_id, R.AUDIT_ERROR, u.sha256, "", "no auditor")
+                    for u in update_headers(updates)
+                )
+            else:
+                outcomes = await self.auditor.outcomes(rnd, updates)
+            verdict = A.apply_policy(rnd, outcomes, updates)
+        async with self._lock(rnd.round_id):
+            current = await self.get(rnd.round_id)
+            if not await self._still_aggregating(current):
+                return None
+            if current.audits != verdict.round.audits:
+                current = replace(current, audits=verdict.round.audits)
+                await self.store.put(current)
+        if verdict.failure:
+            await self._fail(rnd.round_id, verdict.failure)
+            return None
+        return current, verdict.updates
 
     async def num_samples(self, round_id: str) -> int:
         """The accepted updates' num_samples summed (on a root: every site's proplets')."""
@@ -837,6 +906,8 @@ class Coordinator:
 
     async def aclose(self) -> None:
         """Cancel the aggregations in flight; their rounds stay AGGREGATING for `resume`."""
+        if self.auditor is not None:
+            await self.auditor.aclose()
         tasks = [*self._finishing.values(), *self._reports]
         for task in tasks:
             task.cancel()

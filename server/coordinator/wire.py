@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from propeller.v1 import coordinator_pb2, manager_pb2
-from server.coordinator.rounds import ParticipantFailure, Round, RoundState
+from propeller.v1 import coordinator_pb2, manager_pb2, tensor_pb2
+from server.coordinator.rounds import AuditOutcome, ParticipantFailure, Round, RoundState
 from server.errors import grpc_errors
 from server.grpc_server import Context
 from server.ids import check_id
-from server.round_spec import Hyperparams, RoundSpec
+from server.round_spec import AuditSpec, Hyperparams, RoundSpec
 
 STATES: dict[RoundState, coordinator_pb2.RoundState] = {
     RoundState.PENDING: coordinator_pb2.ROUND_STATE_PENDING,
@@ -72,6 +72,30 @@ def hyperparams_from_proto(msg: coordinator_pb2.Hyperparams) -> Hyperparams:
     )
 
 
+def audit_to_proto(audit: AuditSpec) -> tensor_pb2.AuditConfig:
+    return tensor_pb2.AuditConfig(fraction=audit.fraction, seed=audit.seed, policy=audit.policy)
+
+
+def audit_from_proto(msg: tensor_pb2.AuditConfig) -> AuditSpec:
+    """As received: `round_spec.validate` checks it and fills the policy."""
+    return AuditSpec(fraction=msg.fraction, seed=msg.seed, policy=msg.policy)
+
+
+def audit_record_to_proto(outcome: AuditOutcome) -> tensor_pb2.AuditRecord:
+    return tensor_pb2.AuditRecord(**outcome.to_dict())
+
+
+def audit_record_from_proto(msg: tensor_pb2.AuditRecord) -> AuditOutcome:
+    return AuditOutcome(
+        proplet_id=msg.proplet_id,
+        outcome=msg.outcome,
+        claimed_sha256=msg.claimed_sha256,
+        reexecuted_sha256=msg.reexecuted_sha256,
+        detail=msg.detail,
+        rejected=msg.rejected,
+    )
+
+
 def spec_from_proto(msg: SpecMessage) -> RoundSpec:
     """The request's round as asked (zeros kept: `validate` judges and fills them)."""
     present = msg.DESCRIPTOR.fields_by_name
@@ -80,6 +104,7 @@ def spec_from_proto(msg: SpecMessage) -> RoundSpec:
         **{name: getattr(msg, name) for name in _STRATEGY_SCALARS if name in present},
         participants=tuple(msg.participants),
         hyperparams=hyperparams_from_proto(msg.hyperparams),
+        audit=audit_from_proto(msg.audit),
     )
 
 
@@ -89,6 +114,7 @@ def spec_fields(spec: RoundSpec) -> dict[str, Any]:
         **{name: getattr(spec, name) for name in _SPEC_SCALARS},
         "participants": spec.participants,
         "hyperparams": hyperparams_to_proto(spec.hyperparams),
+        "audit": audit_to_proto(spec.audit),
     }
 
 
@@ -107,6 +133,8 @@ def status_to_proto(rnd: Round) -> coordinator_pb2.RoundStatus:
             coordinator_pb2.ParticipantFailure(proplet_id=f.proplet_id, reason=f.reason)
             for f in rnd.failed
         ],
+        audit=audit_to_proto(rnd.audit),
+        audits=[audit_record_to_proto(a) for a in rnd.audits],
     )
 
 
@@ -123,6 +151,8 @@ def status_from_proto(msg: coordinator_pb2.RoundStatus) -> Round:
         metrics=dict(msg.metrics),
         new_model_version=msg.new_model_version or None,
         failed=tuple(ParticipantFailure(f.proplet_id, f.reason) for f in msg.failed),
+        audit=audit_from_proto(msg.audit),
+        audits=tuple(audit_record_from_proto(a) for a in msg.audits),
     )
 
 
