@@ -24,6 +24,7 @@ from server.coordinator.store import STATE_FILE, MemoryRoundStore, RoundStore, S
 from server.grpc_server import ServiceBinding, channel
 from server.lifecycle import ServiceApp, for_serve, run_service, start_task, state_dir_from_env
 from server.mqtt import MqttSession
+from server.oci import oci_insecure_from_env
 from server.pki import Identity, Kind, load_private_key, read_identity, site_service
 from server.round_spec import DEFAULT_TIMEOUT_S
 from server.tensors import GRPC_OPTIONS
@@ -83,6 +84,7 @@ class CoordinatorConfig:
     # for a loopback address), one re-run's limits (as a proplet's task: wall time, memory
     # and tables together, stdout) and how many re-runs at a time.
     oci_registry: str = setting("PROPELLER_OCI_REGISTRY", "")
+    oci_insecure: bool | None = field(default=None, metadata=read_by(oci_insecure_from_env))
     audit_timeout_s: float = setting("PROPELLER_AUDIT_TIMEOUT_S", 300.0)
     audit_memory_mb: int = setting("PROPELLER_AUDIT_MEMORY_MB", 256)
     audit_output_mb: int = setting("PROPELLER_AUDIT_OUTPUT_MB", 16)
@@ -231,7 +233,9 @@ class CoordinatorApp(ServiceApp):
         data_store = DataStoreSizes(datastore, timeout_s=cfg.rpc_timeout_s)
         datasets = data_store if samples_cap.source == "dataset" else None
         backend = GrpcModelBackend(registry, aggregator, timeout_s=cfg.rpc_timeout_s)
-        modules = ModuleFetcher(registry=cfg.oci_registry, timeout_s=cfg.rpc_timeout_s)
+        modules = ModuleFetcher(
+            registry=cfg.oci_registry, insecure=cfg.oci_insecure, timeout_s=cfg.rpc_timeout_s
+        )
         stack.callback(modules.close)
         auditor = Auditor(
             Sources(modules, data_store),

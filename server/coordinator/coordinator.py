@@ -671,7 +671,7 @@ class Coordinator:
         with an auditor whose participants are proplets (not a root's sites)."""
         if self.auditor is None:
             raise FailedPrecondition(
-                "audit.fraction: this coordinator has no auditor (PROPELLER_AUDIT=off)"
+                "audit.fraction: this coordinator has no auditor to re-run updates with"
             )
         if self.hierarchy.tier == S.ROOT:
             raise InvalidArgument(

@@ -11,11 +11,16 @@ import numpy as np
 import pytest
 
 from server.coordinator import rounds as R
-from server.coordinator.audit import apply_policy, chosen, draw_seed
+from server.coordinator.audit import Auditor, apply_policy, chosen, draw_seed
+from server.coordinator.coordinator import Coordinator
 from server.coordinator.rounds import AuditOutcome, Round, Update
-from server.coordinator.store import update_headers
+from server.coordinator.site import Hierarchy
+from server.coordinator.store import MemoryRoundStore, update_headers
+from server.errors import FailedPrecondition, InvalidArgument, PropellerError
 from server.round_spec import AuditSpec, RoundSpec, validate, with_defaults
-from server.tensors import Spec
+from server.tensors import Spec, sha256_of
+from server.topics import Topics
+from tests.coordinator.helpers import MemoryBackend, make_update
 
 BASE = "fl/models/global_model_v0"
 SPECS = (Spec("w", np.dtype("<f8"), (3,)), Spec("b", np.dtype("<f8"), ()))
@@ -123,3 +128,101 @@ def test_only_matches_leave_the_round_unmarked() -> None:
     rnd = closed_round()
     verdict = apply_policy(rnd, [outcome("a", R.AUDIT_MATCH)], updates("a", "b", "c", "d"))
     assert not verdict.round.audit_flagged
+
+
+# ---- the coordinator's side, with an in-process backend ------------------------------------
+
+TOPICS = Topics("unit", "fl")
+
+
+class CountingSources:
+    """Audit inputs that are never there: each call counted, then refused."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def module(self, image: str, digest: str) -> bytes:
+        self.calls += 1
+        raise PropellerError("module: not available here")
+
+    async def dataset(self, proplet_id: str) -> tuple[Any, Any, str]:
+        self.calls += 1
+        raise PropellerError("dataset: not available here")
+
+
+async def _published(topic: str, payload: bytes) -> None:
+    return None
+
+
+def coordinator(backend: MemoryBackend, sources: CountingSources | None, **kw: Any) -> Coordinator:
+    auditor = None if sources is None else Auditor(sources, backend)
+    return Coordinator(MemoryRoundStore(), backend, _published, TOPICS, auditor=auditor, **kw)
+
+
+AUDITED = RoundSpec(
+    round_id="r1",
+    participants=("a", "b"),
+    timeout_s=10,
+    audit=AuditSpec(fraction=1.0),
+)
+
+
+async def test_a_root_coordinator_and_one_without_an_auditor_refuse_an_audit() -> None:
+    root = coordinator(MemoryBackend(), CountingSources(), hierarchy=Hierarchy("root"))
+    with pytest.raises(InvalidArgument) as err:
+        await root.configure(AUDITED)
+    assert str(err.value).startswith("audit.fraction: a root coordinator's updates are its sites'")
+    bare = coordinator(MemoryBackend(), None)
+    with pytest.raises(
+        FailedPrecondition, match=r"audit\.fraction: this coordinator has no auditor"
+    ):
+        await bare.configure(AUDITED)
+    # Without an audit both take the round.
+    await bare.configure(replace(AUDITED, audit=AuditSpec()))
+
+
+async def test_an_auditor_failure_is_an_error_outcome_and_the_round_goes_on() -> None:
+    backend, sources = MemoryBackend(), CountingSources()
+    coord = coordinator(backend, sources)
+    await coord.configure(AUDITED, start=True)
+    for u in (make_update("a", [1, 2, 3], 0.5, 10), make_update("b", [3, 2, 1], 0.5, 30)):
+        await coord.submit("r1", u)
+    await coord.wait_finishing()
+    rnd = await coord.get("r1")
+    assert rnd.state is R.RoundState.COMPLETED
+    assert [(a.proplet_id, a.outcome, a.rejected) for a in rnd.audits] == [
+        ("a", R.AUDIT_ERROR, False),
+        ("b", R.AUDIT_ERROR, False),
+    ]
+    assert all(a.detail.startswith("audit error: ") for a in rnd.audits)
+    assert sources.calls > 0
+    lineage = backend.lineages[1]
+    assert [a.proplet_id for a in lineage.audits] == ["a", "b"]
+
+
+async def test_outcomes_recorded_before_a_restart_are_applied_not_rerun() -> None:
+    backend, sources = MemoryBackend(), CountingSources()
+    coord = coordinator(backend, sources)
+    # min_k_of_n 1: the round may go on without the update its audit rejected.
+    await coord.configure(replace(AUDITED, min_k_of_n=1), start=True)
+    store = coord.store
+    # The round as a coordinator left it when it stopped mid-aggregation: closed, its
+    # audit's outcomes recorded (b's update did not match and is to be left out).
+    rnd = await coord.get("r1")
+    for u in (make_update("a", [1, 2, 3], 0.5, 10), make_update("b", [3, 2, 1], 0.5, 30)):
+        rnd = R.record_update(rnd, u.proplet_id)
+        await store.accept(rnd, replace(u, sha256=sha256_of(u.tensors)))
+    recorded = (
+        AuditOutcome("a", R.AUDIT_MATCH, "aa" * 32, "aa" * 32),
+        AuditOutcome("b", R.AUDIT_MISMATCH, "bb" * 32, "cc" * 32, "differs: update bytes", True),
+    )
+    await store.put(replace(rnd, audits=recorded))
+    again = Coordinator(store, backend, _published, TOPICS, auditor=Auditor(sources, backend))
+    await again.resume()
+    await again.wait_finishing()
+    done = await again.get("r1")
+    assert done.state is R.RoundState.COMPLETED and done.audits == recorded
+    assert sources.calls == 0
+    lineage = backend.lineages[1]
+    assert [u.proplet_id for u in update_headers(lineage.updates)] == ["a"]
+    assert lineage.audits == recorded

@@ -12,6 +12,7 @@ with their own certificates, so only the audit tells them apart (tests/support/a
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from propeller.v1 import coordinator_pb2, manager_pb2, model_registry_pb2, tenso
 from proplet.config import PropletConfig
 from server.config import MqttConfig
 from server.coordinator.audit import chosen
+from tests.cli.helpers import Cli, flags, make_cli
 from tests.conftest import load_wasm_build
 from tests.support.auditing import GhostDataProplet, LyingDataProplet, TamperedModuleProplet
 from tests.support.clients import HYPER, V0
@@ -258,3 +260,36 @@ async def test_without_an_audit_nothing_is_rerun_and_a_seeded_sample_is_reproduc
     assert 0 < len(expected) < len(who)  # this seed samples some, not all
     assert sorted(r.proplet_id for r in status.audits) == sorted(expected)
     assert status.audit.seed == 1234
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
+    return make_cli(capsys)
+
+
+async def test_the_cli_asks_for_an_audit_and_shows_its_outcomes(fleet: Cluster, cli: Cli) -> None:
+    c = fleet
+    f = flags(c.endpoints)
+    run = await cli(
+        "experiment", "run", "--experiment-id", "exp-cli", "--model-ref", V0,
+        "--participants", f"{HONEST[0]},{LIAR}", "--image", c.image,
+        "--audit-fraction", "1", "--audit-policy", "flag", "--watch", *f,
+    )  # fmt: skip
+    run.ok()
+    shown = (await cli("round", "status", "exp-cli-r1", *f)).ok().out
+    assert re.search(r"^audit:\s+fraction=1 policy=flag$", shown, re.M), shown
+    assert re.search(rf"^audit {HONEST[0]}:\s+match \(\w{{12}} -> \w{{12}}\)$", shown, re.M)
+    assert re.search(rf"^audit {LIAR}:\s+mismatch \(\w{{12}} -> \w{{12}}\): differs: ", shown, re.M)
+    # The lineage lists the audits beside the contributions (flag: the liar's update kept).
+    status = await c.status("exp-cli-r1")
+    doc = (await cli("models", "lineage", str(status.new_model_version), "--json", *f)).ok().json()
+    audited = {a["proplet_id"]: a for a in doc["lineage"]["audits"]}
+    assert (audited[LIAR]["outcome"], audited[LIAR]["rejected"]) == ("mismatch", False)
+    assert audited[LIAR]["claimed_sha256"] != audited[LIAR]["reexecuted_sha256"]
+    table = (await cli("models", "lineage", str(status.new_model_version), *f)).ok().out
+    assert re.search(rf"^{LIAR}\s+mismatch\s+\w{{12}}\s+\w{{12}}\s+no$", table, re.M), table
+    bad = await cli(
+        "experiment", "run", "--experiment-id", "exp-bad", "--model-ref", V0,
+        "--participants", HONEST[0], "--image", c.image, "--audit-fraction", "2", *f,
+    )  # fmt: skip
+    bad.failed_with("audit.fraction")
