@@ -219,22 +219,20 @@ class Auditor:
             return
         key = (rnd.round_id, update.proplet_id)
         if key not in self._running:
+            # Its header is all the comparison needs (the sha256 of the bytes it sent): an
+            # audit waiting for its turn does not hold the update's tensors.
+            header = replace(update, tensors={})
             self._running[key] = asyncio.create_task(
-                self.audit(rnd, update), name=f"audit-{rnd.round_id}-{update.proplet_id}"
+                self.audit(rnd, header), name=f"audit-{rnd.round_id}-{update.proplet_id}"
             )
 
     async def outcomes(self, rnd: Round, updates: RoundUpdates) -> tuple[AuditOutcome, ...]:
         """The outcome of every sampled update of `rnd`, in arrival order: those begun on
         arrival awaited, the others (a restart lost them) run now."""
-        wanted = [u.proplet_id for u in update_headers(updates) if self.sampled(rnd, u.proplet_id)]
-        if not wanted:
-            return ()
-        missing = {p for p in wanted if (rnd.round_id, p) not in self._running}
-        if missing:
-            async for u in each_update(updates):
-                if u.proplet_id in missing:
-                    self.begin(rnd, u)
-                del u
+        sampled = [u for u in update_headers(updates) if self.sampled(rnd, u.proplet_id)]
+        wanted = [u.proplet_id for u in sampled]
+        for u in sampled:
+            self.begin(rnd, u)  # those a restart lost (the others are running or done)
         try:
             return tuple([await self._running[(rnd.round_id, p)] for p in wanted])
         finally:

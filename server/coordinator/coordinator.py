@@ -709,8 +709,11 @@ class Coordinator:
 
     async def num_samples(self, round_id: str) -> int:
         """The accepted updates' num_samples summed (on a root: every site's proplets')."""
-        await self.get(round_id)
-        return sum(u.num_samples for u in update_headers(await self.store.updates(round_id)))
+        rnd = await self.get(round_id)
+        # Less the updates the re-execution audit left out of the aggregation.
+        out = {a.proplet_id for a in rnd.audits if a.rejected}
+        headers = update_headers(await self.store.updates(round_id))
+        return sum(u.num_samples for u in headers if u.proplet_id not in out)
 
     async def _strategy_state(self, rnd: Round) -> tuple[Tensors | None, int | None]:
         """The experiment's strategy state for `rnd`, if an earlier round of it left one by

@@ -178,6 +178,8 @@ async def test_a_tampered_module_and_lying_data_are_caught_and_rejected(fleet: C
     # Both were counted on arrival (signed, pinned digest claimed), and left out before
     # aggregation: the version is the honest pair's, and its lineage says why.
     assert sorted(status.reported) == sorted(who)
+    # The round's sample count is the honest pair's (the data store's 64 samples each).
+    assert status.num_samples == 2 * 64
     kept = await lineage(c, status.new_model_version)
     assert sorted(x.header.proplet_id for x in kept.contributions) == sorted(HONEST[:2])
     recorded = by_proplet(kept.audits)
