@@ -72,7 +72,10 @@ def hyperparams_from_proto(msg: coordinator_pb2.Hyperparams) -> Hyperparams:
     )
 
 
-def audit_to_proto(audit: AuditSpec) -> tensor_pb2.AuditConfig:
+def audit_to_proto(audit: AuditSpec) -> tensor_pb2.AuditConfig | None:
+    """None for no audit (the field left unset, as a request without one has it)."""
+    if audit == AuditSpec():
+        return None
     return tensor_pb2.AuditConfig(fraction=audit.fraction, seed=audit.seed, policy=audit.policy)
 
 
