@@ -12,6 +12,7 @@ with their own certificates, so only the audit tells them apart (tests/support/a
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -21,10 +22,13 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from benchmarks import quality
 from propeller.v1 import coordinator_pb2, manager_pb2, model_registry_pb2, tensor_pb2
 from proplet.config import PropletConfig
 from server.config import MqttConfig
 from server.coordinator.audit import chosen
+from server.datastore import catalog
+from server.mlp import initial_model
 from tests.cli.helpers import Cli, flags, make_cli
 from tests.conftest import load_wasm_build
 from tests.support.auditing import GhostDataProplet, LyingDataProplet, TamperedModuleProplet
@@ -86,17 +90,20 @@ async def run(
     config: tensor_pb2.AuditConfig,
     **fields: Any,
 ) -> manager_pb2.Experiment:
-    """Run an experiment on `participants` with the audit `config`, to its end."""
+    """Run an experiment on `participants` with the audit `config`, to its end (the
+    cluster's image from v0, HYPER's hyperparameters, unless `fields` say otherwise)."""
+    request: dict[str, Any] = {
+        "model_ref": V0,
+        "hyperparams": HYPER,
+        "timeout_s": 60,
+        "task_wasm_image": c.image,
+        **fields,
+    }
+    if "image" in request:
+        request["task_wasm_image"] = request.pop("image")
     await c.manager.StartExperiment(
         manager_pb2.StartExperimentRequest(
-            experiment_id=experiment_id,
-            model_ref=fields.pop("model_ref", V0),
-            participants=participants,
-            hyperparams=HYPER,
-            timeout_s=60,
-            task_wasm_image=c.image,
-            audit=config,
-            **fields,
+            experiment_id=experiment_id, participants=participants, audit=config, **request
         ),
         timeout=60,
     )
@@ -295,3 +302,35 @@ async def test_the_cli_asks_for_an_audit_and_shows_its_outcomes(fleet: Cluster, 
         "--participants", HONEST[0], "--image", c.image, "--audit-fraction", "2", *f,
     )  # fmt: skip
     bad.failed_with("audit.fraction")
+
+
+async def test_a_contract_v2_trainer_is_audited_the_same_way(
+    mqtt: MqttConfig, mlp_wasm: Path, tmp_path: Path
+) -> None:
+    """The MLP trainer (binary tensors on stdin and stdout) on the digits, partitioned over an
+    honest proplet and a lying one (each label moved to the next class)."""
+    corpus = await asyncio.to_thread(catalog.digits)
+    setup = quality.Setup(proplets=2, alpha=None, rounds=1, epochs=1)
+    async with cluster(
+        mqtt, tmp_path, proplets=[HONEST[0], LIAR], dimension=None, built={LIAR: LyingDataProplet}
+    ) as d:
+        await quality.put_parts(d, corpus, setup)
+        base = await quality.put_initial(d, initial_model((64, 32, 10), seed=0))
+        e = await run(
+            d,
+            "exp-mlp",
+            [HONEST[0], LIAR],
+            audit(1.0),
+            model_ref=base,
+            image=f"file://{mlp_wasm}",
+            min_k_of_n=1,
+            hyperparams=coordinator_pb2.Hyperparams(epochs=1, lr=0.1, batch_size=16),
+        )
+        assert e.state == manager_pb2.EXPERIMENT_STATE_COMPLETED, e.end.detail
+        status = await d.status(e.rounds[0].round_id)
+        audits = by_proplet(status.audits)
+        assert (audits[HONEST[0]].outcome, audits[LIAR].outcome) == ("match", "mismatch")
+        assert audits[HONEST[0]].claimed_sha256 == audits[HONEST[0]].reexecuted_sha256
+        assert audits[LIAR].rejected
+        kept = await lineage(d, status.new_model_version)
+        assert [x.header.proplet_id for x in kept.contributions] == [HONEST[0]]

@@ -7,7 +7,7 @@ knows about them.
   choosing) and claims the pinned digest: the check the proplet makes before running
   (`FlTask.check_module`) is its own, and this one lies to it.
 - `LyingDataProplet` trains the pinned module on other data than the data store's: its
-  dataset's labels flipped (the same samples, so the same num_samples).
+  dataset's labels moved to the next class (the same samples, so the same num_samples).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class TamperedModuleProplet(Proplet):
 
 
 class LyingDataClient(FederatedClient):
-    """Hands the module the data store's dataset with every label flipped (0 <-> 1)."""
+    """Hands the module the data store's dataset with every label moved to the next class
+    (y -> (y + 1) mod k, k the classes its labels show: 0 <-> 1 for a binary dataset)."""
 
     def __init__(self, inner: FederatedClient) -> None:
         super().__init__(
@@ -50,7 +51,9 @@ class LyingDataClient(FederatedClient):
 
     async def fetch_inputs(self, fl: FlTask, deadline: float | None = None) -> FlInputs:
         inputs = await super().fetch_inputs(fl, deadline)
-        return dataclasses.replace(inputs, labels=(1.0 - inputs.labels).astype(inputs.labels.dtype))
+        labels = inputs.labels
+        k = int(labels.max()) + 1
+        return dataclasses.replace(inputs, labels=((labels + 1) % k).astype(labels.dtype))
 
 
 class LyingDataProplet(Proplet):
