@@ -30,10 +30,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import secrets
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -239,6 +238,11 @@ class Auditor:
             for p in wanted:
                 self._running.pop((rnd.round_id, p), None)
 
+    def forget(self, round_id: str) -> None:
+        """The round failed before its aggregation: its audits are of no use any more."""
+        for key in [k for k in self._running if k[0] == round_id]:
+            self._running.pop(key).cancel()
+
     async def aclose(self) -> None:
         tasks, self._running = list(self._running.values()), {}
         for task in tasks:
@@ -347,14 +351,10 @@ def _compare(update: Update, again: _Rerun) -> AuditOutcome:
     return AuditOutcome(update.proplet_id, outcome, update.sha256, again.sha256, detail)
 
 
-def _same_metrics(sent: object, again: dict[str, float]) -> bool:
-    assert isinstance(sent, dict) or hasattr(sent, "items")
-    mine = {str(k): float(v) for k, v in dict(sent).items()}  # type: ignore[call-overload]
-    if set(mine) != set(again):
-        return False
-    # Bit for bit: the same module on the same inputs prints the same shortest round-trip
-    # decimals (v1) or the same JSON (v2).
-    return all(mine[k] == again[k] or (math.isnan(mine[k]) and math.isnan(again[k])) for k in mine)
+def _same_metrics(sent: Mapping[str, float], again: Mapping[str, float]) -> bool:
+    """The same keys and, bit for bit, the same values: the same module on the same inputs
+    prints the same numbers (NaN cannot occur: an update's metrics are finite)."""
+    return dict(sent) == dict(again)
 
 
 @dataclass(frozen=True)

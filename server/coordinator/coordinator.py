@@ -823,6 +823,8 @@ class Coordinator:
             metrics.round_entered(rnd.state.value)
         if rnd.state is not R.RoundState.OPEN:
             self._members.forget(rnd.round_id)
+        if kind is EventType.FAILED and self.auditor is not None:
+            self.auditor.forget(rnd.round_id)
         self._watchers.tell(Event(kind, rnd, self.clock(), proplet_id))
         if kind is EventType.FAILED and self.upstream is not None:
             self._tell_root_failed(rnd, self.upstream)

@@ -4,6 +4,7 @@ by real proplets is tests/security/test_audit.py."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Any
 
@@ -21,6 +22,7 @@ from server.round_spec import AuditSpec, RoundSpec, validate, with_defaults
 from server.tensors import Spec, sha256_of
 from server.topics import Topics
 from tests.coordinator.helpers import MemoryBackend, make_update
+from tests.support.waits import eventually
 
 BASE = "fl/models/global_model_v0"
 SPECS = (Spec("w", np.dtype("<f8"), (3,)), Spec("b", np.dtype("<f8"), ()))
@@ -226,3 +228,41 @@ async def test_outcomes_recorded_before_a_restart_are_applied_not_rerun() -> Non
     lineage = backend.lineages[1]
     assert [u.proplet_id for u in update_headers(lineage.updates)] == ["a"]
     assert lineage.audits == recorded
+
+
+class BlockedSources(CountingSources):
+    """Audit inputs that never arrive (until the audit is cancelled)."""
+
+    async def module(self, image: str, digest: str) -> bytes:
+        self.calls += 1
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def dataset(self, proplet_id: str) -> tuple[Any, Any, str]:
+        self.calls += 1
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_round_that_fails_drops_the_audits_still_running() -> None:
+    coord = coordinator(MemoryBackend(), BlockedSources())
+    await coord.configure(replace(AUDITED, participants=("a", "b", "c")), start=True)
+    await coord.submit("r1", make_update("a", [1, 2, 3], 0.5, 10))
+    await eventually(
+        lambda: _audits_running("r1"), lambda n: n == 1, what="a's audit running", timeout=10
+    )
+    # b cannot report: k_of_n 3 cannot be reached, the round fails before any aggregation.
+    failed = await coord.participant_failed("r1", "b", "task failed")
+    assert failed.state is R.RoundState.FAILED
+    await eventually(
+        lambda: _audits_running("r1"), lambda n: n == 0, what="the audit dropped", timeout=10
+    )
+
+
+async def _audits_running(round_id: str) -> int:
+    await asyncio.sleep(0)
+    return sum(
+        1
+        for t in asyncio.all_tasks()
+        if t.get_name().startswith(f"audit-{round_id}-") and not t.done()
+    )
