@@ -357,6 +357,15 @@ def _same_metrics(sent: Mapping[str, float], again: Mapping[str, float]) -> bool
     return dict(sent) == dict(again)
 
 
+def unaudited(rnd: Round, updates: RoundUpdates, reason: str) -> tuple[AuditOutcome, ...]:
+    """An "error" outcome, saying `reason`, for each update of `rnd` its sample takes."""
+    return tuple(
+        AuditOutcome(u.proplet_id, R.AUDIT_ERROR, u.sha256, "", reason)
+        for u in update_headers(updates)
+        if chosen(rnd.audit_seed, rnd.round_id, u.proplet_id, rnd.audit.fraction)
+    )
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What the audit leaves for the aggregation: the round with its outcomes recorded (the

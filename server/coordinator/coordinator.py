@@ -30,7 +30,7 @@ from server.coordinator import aggregation as A
 from server.coordinator import bounds as B
 from server.coordinator import rounds as R
 from server.coordinator import site as S
-from server.coordinator.audit import Auditor, apply_policy, draw_seed
+from server.coordinator.audit import Auditor, apply_policy, draw_seed, unaudited
 from server.coordinator.backend import BaseModel, Lineage, ModelBackend, RetryPolicy
 from server.coordinator.checks import OpenRoundMembers, UpdateChecks
 from server.coordinator.events import Event, EventType, Watchers
@@ -566,18 +566,13 @@ class Coordinator:
         """The round's re-execution audit at its close (`audit`): its outcomes recorded with
         the round, and the updates the policy leaves to aggregate; None when the round failed
         for want of updates (or is no longer this coordinator's to finish)."""
-        if rnd.audits:
-            # Recorded before a restart: the same outcomes, not a second re-run.
-            verdict = apply_policy(rnd, rnd.audits, updates)
-        else:
-            if self.auditor is None:
-                outcomes: tuple[R.AuditOutcome, ...] = tuple(
-                    R.AuditOutcome(u.proplet_id, R.AUDIT_ERROR, u.sha256, "", "no auditor")
-                    for u in update_headers(updates)
-                )
-            else:
-                outcomes = await self.auditor.outcomes(rnd, updates)
-            verdict = apply_policy(rnd, outcomes, updates)
+        if rnd.audits:  # recorded before a restart: the same outcomes, not a second re-run
+            outcomes = rnd.audits
+        elif self.auditor is not None:
+            outcomes = await self.auditor.outcomes(rnd, updates)
+        else:  # a round resumed by a coordinator without an auditor
+            outcomes = unaudited(rnd, updates, "audit error: this coordinator has no auditor")
+        verdict = apply_policy(rnd, outcomes, updates)
         async with self._lock(rnd.round_id):
             current = await self.get(rnd.round_id)
             if not await self._still_aggregating(current):

@@ -266,3 +266,24 @@ async def _audits_running(round_id: str) -> int:
         for t in asyncio.all_tasks()
         if t.get_name().startswith(f"audit-{round_id}-") and not t.done()
     )
+
+
+async def test_a_coordinator_without_an_auditor_resuming_an_audited_round_records_errors() -> None:
+    backend = MemoryBackend()
+    coord = coordinator(backend, CountingSources())
+    await coord.configure(AUDITED, start=True)
+    rnd = await coord.get("r1")
+    for u in (make_update("a", [1, 2, 3], 0.5, 10), make_update("b", [3, 2, 1], 0.5, 30)):
+        rnd = R.record_update(rnd, u.proplet_id)
+        await coord.store.accept(rnd, replace(u, sha256=sha256_of(u.tensors)))
+    again = Coordinator(coord.store, backend, _published, TOPICS)
+    await again.resume()
+    await again.wait_finishing()
+    done = await again.get("r1")
+    # Never taken for a pass: each sampled update (fraction 1: both) is an audit error, kept.
+    assert done.state is R.RoundState.COMPLETED
+    assert [(a.proplet_id, a.outcome, a.rejected) for a in done.audits] == [
+        ("a", R.AUDIT_ERROR, False),
+        ("b", R.AUDIT_ERROR, False),
+    ]
+    assert done.audits[0].detail == "audit error: this coordinator has no auditor"
