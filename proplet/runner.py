@@ -211,6 +211,11 @@ class WasmRuntime:
         # GC objects and exceptions live in a heap the store caps apart from linear memory.
         config.wasm_gc = False
         config.wasm_exceptions = False
+        # The same module on the same inputs gives the same bytes on any host: the coordinator's
+        # re-execution audit (docs/verifiability.md) compares a proplet's update with its own
+        # re-run byte for byte. Relaxed SIMD may differ between CPUs unless made deterministic
+        # (no cost to modules that do not use it).
+        config.wasm_relaxed_simd_deterministic = True
         self.engine: Any = wasmtime.Engine(config)
         # WASI, with the calls that could block bounded by the run's deadline. Public so a
         # caller can define more host functions before compiling modules that import them.

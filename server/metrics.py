@@ -78,6 +78,13 @@ MQTT_RECONNECTS = Counter(
     "MQTT connections made after a session's first one (a lost or refused broker).",
 )
 
+AUDITS = Counter(
+    "propeller_audits",
+    "Updates the coordinator's re-execution audit re-ran (docs/verifiability.md), by outcome: "
+    "match, mismatch (the re-run gave another update), error (the auditor could not re-run it).",
+    ["outcome"],
+)
+
 Phase = Literal["fan_out", "training", "upload", "aggregation", "store"]
 PHASES: tuple[Phase, ...] = ("fan_out", "training", "upload", "aggregation", "store")
 
@@ -101,6 +108,10 @@ def task_entered(state: str) -> None:
 def phase_took(phase: Phase, started: float) -> None:
     """`phase` ran from `started` (a `time.perf_counter()` reading) until now."""
     ROUND_PHASE_SECONDS.labels(phase).observe(time.perf_counter() - started)
+
+
+def audited(outcome: str) -> None:
+    AUDITS.labels(outcome).inc()
 
 
 def wasm_ran(seconds: float) -> None:

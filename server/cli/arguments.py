@@ -194,6 +194,9 @@ def experiment_request(a: argparse.Namespace) -> manager_pb2.StartExperimentRequ
             every_rounds=a.eval_every, fraction=a.eval_fraction, timeout_s=a.eval_timeout_s
         ),
         stopping=stopping,
+        audit=tensor_pb2.AuditConfig(
+            fraction=a.audit_fraction, seed=a.audit_seed, policy=a.audit_policy
+        ),
     )
 
 
@@ -229,6 +232,25 @@ def experiment_run_args() -> tuple[Arg, ...]:
         arg("--target", type=float, default=None, help="stop once the metric reaches this"),
         arg("--patience", type=int, default=0, help="stop after N rounds without improvement"),
         arg("--min-delta", type=float, default=0.0, help="what counts as an improvement"),
+        arg(
+            "--audit-fraction",
+            type=float,
+            default=0.0,
+            help="share of each round's updates the coordinator re-runs and compares "
+            "(docs/verifiability.md; default 0 = none)",
+        ),
+        arg(
+            "--audit-seed",
+            type=int,
+            default=0,
+            help="seed of the audit's choice (default 0: the coordinator draws one per round)",
+        ),
+        arg(
+            "--audit-policy",
+            choices=("reject", "flag"),
+            default="",
+            help="on a mismatch: leave the update out (reject, the default) or mark the round",
+        ),
         arg("--watch", action="store_true", help="then print a line per round until it ends"),
         WATCH_LIMIT,
     )

@@ -101,6 +101,19 @@ def lineage_dict(version: int, lineage: model_registry_pb2.Lineage | None) -> di
                 }
                 for c in lineage.contributions
             ],
+            # The re-execution audit's outcomes (docs/verifiability.md): a rejected update is
+            # here and not among the contributions.
+            "audits": [
+                {
+                    "proplet_id": a.proplet_id,
+                    "outcome": a.outcome,
+                    "claimed_sha256": a.claimed_sha256,
+                    "reexecuted_sha256": a.reexecuted_sha256,
+                    "rejected": a.rejected,
+                    "detail": a.detail,
+                }
+                for a in lineage.audits
+            ],
         },
     }
 
@@ -141,7 +154,22 @@ def render_lineage(version: int, lineage: model_registry_pb2.Lineage | None) -> 
             for c in lineage.contributions
         ],
     )
-    return f"{head}\n\n{rows}"
+    if not lineage.audits:
+        return f"{head}\n\n{rows}"
+    audits = table(
+        ["AUDITED", "OUTCOME", "CLAIMED SHA256", "RE-EXECUTED SHA256", "REJECTED"],
+        [
+            [
+                a.proplet_id,
+                a.outcome,
+                a.claimed_sha256[:12],
+                a.reexecuted_sha256[:12] or "-",
+                "yes" if a.rejected else "no",
+            ]
+            for a in lineage.audits
+        ],
+    )
+    return f"{head}\n\n{rows}\n\n{audits}"
 
 
 def render_chain(links: list[Link]) -> str:

@@ -194,6 +194,15 @@ def render_round(st: coordinator_pb2.RoundStatus) -> str:
         pairs.append(("reason", st.failure_reason))
     for name in sorted(st.metrics):
         pairs.append((f"metric {name}", f"{st.metrics[name]:.6g}"))
+    if st.audit.fraction:
+        policy = st.audit.policy or "reject"
+        pairs.append(("audit", f"fraction={st.audit.fraction:g} policy={policy}"))
+    for a in st.audits:
+        # proplet: outcome (claimed sha256 -> re-executed sha256), and what became of it
+        digests = f"{a.claimed_sha256[:12]} -> {a.reexecuted_sha256[:12] or '-'}"
+        note = " rejected" if a.rejected else ""
+        detail = f": {a.detail}" if a.detail else ""
+        pairs.append((f"audit {a.proplet_id}", f"{a.outcome}{note} ({digests}){detail}"))
     return fields(pairs)
 
 

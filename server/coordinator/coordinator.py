@@ -30,6 +30,7 @@ from server.coordinator import aggregation as A
 from server.coordinator import bounds as B
 from server.coordinator import rounds as R
 from server.coordinator import site as S
+from server.coordinator.audit import Auditor, apply_policy, draw_seed, unaudited
 from server.coordinator.backend import BaseModel, Lineage, ModelBackend, RetryPolicy
 from server.coordinator.checks import OpenRoundMembers, UpdateChecks
 from server.coordinator.events import Event, EventType, Watchers
@@ -37,8 +38,8 @@ from server.coordinator.outbox import Outbox, Publish
 from server.coordinator.records import Notice
 from server.coordinator.replicas import Replica, RoundLeases, keep_lease, watch_replicated
 from server.coordinator.rounds import Round, Update
-from server.coordinator.store import RoundStore, update_headers
-from server.errors import PropellerError
+from server.coordinator.store import RoundStore, RoundUpdates, update_headers
+from server.errors import FailedPrecondition, InvalidArgument, PropellerError
 from server.faults import crash_point
 from server.messages import RoundComplete
 from server.round_spec import DEFAULT_TIMEOUT_S, RoundSpec, validate, with_defaults
@@ -88,8 +89,12 @@ class Coordinator:
         hierarchy: S.Hierarchy | None = None,
         upstream: S.Upstream | None = None,
         replica: Replica | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
         self.store = store
+        # Re-runs a seeded sample of each round's updates (`audit`); None: rounds that ask for
+        # an audit are refused.
+        self.auditor = auditor
         # One of several replicas on one database (`server.coordinator.replicas`): rounds
         # locked across them, deadlines and aggregations leased.
         self.replica = replica
@@ -158,6 +163,8 @@ class Coordinator:
         cfg = with_defaults(validate(spec), self.default_timeout_s)
         if self.hierarchy.hierarchical:
             S.check_composes(cfg.strategy_name)
+        if cfg.audit.enabled:
+            self._check_auditable()
         tracing.remember_round(cfg.round_id)
         async with self._lock(cfg.round_id):
             rnd = await self.store.get(cfg.round_id)
@@ -171,7 +178,7 @@ class Coordinator:
                     # Before the round is stored: one that cannot close in time is refused
                     # whole (its start, later, checks again against the root's deadline).
                     S.check_deadline(self.clock() + cfg.timeout_s, cfg.timeout_s, root)
-                rnd = R.new_round(cfg, base.uri, base.specs, self.clock(), base.sha256)
+                rnd = R.new_round(cfg, base.uri, base.specs, self.clock(), base.sha256, draw_seed())
                 await self.store.put(rnd)
                 metrics.round_entered(rnd.state.value)
                 log.info(
@@ -242,6 +249,8 @@ class Coordinator:
             bool(update.certificate),
         )
         self._emit(EventType.UPDATE_ACCEPTED, rnd, update.proplet_id)
+        if self.auditor is not None and rnd.audit.enabled:
+            self.auditor.begin(rnd, update)
         if rnd.state is R.RoundState.AGGREGATING:
             self._begin_aggregation(rnd)
 
@@ -449,6 +458,11 @@ class Coordinator:
         # Updates are read in arrival order, so aggregating again after a restart gives
         # exactly the same bytes (and the same sha256) as the first attempt.
         updates = await self.store.updates(round_id)
+        if rnd.audit.enabled:
+            audited = await self._audit(rnd, updates)
+            if audited is None:
+                return
+            rnd, updates = audited
         strategy = strategy_class(rnd.strategy_name)
         try:
             model = await A.new_model(self.backend, self.store, self.retry, rnd, updates, strategy)
@@ -504,6 +518,11 @@ class Coordinator:
         the site once (a repeat is answered as a duplicate)."""
         rnd = await self.get(round_id)
         updates = await self.store.updates(round_id)
+        if rnd.audit.enabled:
+            audited = await self._audit(rnd, updates)
+            if audited is None:
+                return
+            rnd, updates = audited
         headers = update_headers(updates)
         site_id = self.hierarchy.site_id
         try:
@@ -530,10 +549,49 @@ class Coordinator:
             partial.num_samples,
         )
 
+    def _check_auditable(self) -> None:
+        """A round may ask for an audit only where its updates can be re-run: a coordinator
+        with an auditor whose participants are proplets (not a root's sites)."""
+        if self.auditor is None:
+            raise FailedPrecondition(
+                "audit.fraction: this coordinator has no auditor to re-run updates with"
+            )
+        if self.hierarchy.tier == S.ROOT:
+            raise InvalidArgument(
+                "audit.fraction: a root coordinator's updates are its sites' partials, which "
+                "cannot be re-run; configure the audit on the sites' rounds"
+            )
+
+    async def _audit(self, rnd: Round, updates: RoundUpdates) -> tuple[Round, RoundUpdates] | None:
+        """The round's re-execution audit at its close (`audit`): its outcomes recorded with
+        the round, and the updates the policy leaves to aggregate; None when the round failed
+        for want of updates (or is no longer this coordinator's to finish)."""
+        if rnd.audits:  # recorded before a restart: the same outcomes, not a second re-run
+            outcomes = rnd.audits
+        elif self.auditor is not None:
+            outcomes = await self.auditor.outcomes(rnd, updates)
+        else:  # a round resumed by a coordinator without an auditor
+            outcomes = unaudited(rnd, updates, "audit error: this coordinator has no auditor")
+        verdict = apply_policy(rnd, outcomes, updates)
+        async with self._lock(rnd.round_id):
+            current = await self.get(rnd.round_id)
+            if not await self._still_aggregating(current):
+                return None
+            if current.audits != verdict.round.audits:
+                current = replace(current, audits=verdict.round.audits)
+                await self.store.put(current)
+        if verdict.failure:
+            await self._fail(rnd.round_id, verdict.failure)
+            return None
+        return current, verdict.updates
+
     async def num_samples(self, round_id: str) -> int:
         """The accepted updates' num_samples summed (on a root: every site's proplets')."""
-        await self.get(round_id)
-        return sum(u.num_samples for u in update_headers(await self.store.updates(round_id)))
+        rnd = await self.get(round_id)
+        # Less the updates the re-execution audit left out of the aggregation.
+        out = {a.proplet_id for a in rnd.audits if a.rejected}
+        headers = update_headers(await self.store.updates(round_id))
+        return sum(u.num_samples for u in headers if u.proplet_id not in out)
 
     # ---- the outbox (`outbox.Outbox`) -----------------------------------------------------
 
@@ -563,6 +621,8 @@ class Coordinator:
             metrics.round_entered(rnd.state.value)
         if rnd.state is not R.RoundState.OPEN:
             self._members.forget(rnd.round_id)
+        if kind is EventType.FAILED and self.auditor is not None:
+            self.auditor.forget(rnd.round_id)
         self._watchers.tell(Event(kind, rnd, self.clock(), proplet_id))
         if kind is EventType.FAILED and self.upstream is not None:
             self._tell_root_failed(rnd, self.upstream)
@@ -611,6 +671,8 @@ class Coordinator:
 
     async def aclose(self) -> None:
         """Cancel the aggregations in flight; their rounds stay AGGREGATING for `resume`."""
+        if self.auditor is not None:
+            await self.auditor.aclose()
         tasks = [*self._finishing.values(), *self._reports]
         for task in tasks:
             task.cancel()

@@ -129,6 +129,16 @@ MIGRATIONS = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "the re-execution audit of a round: its configuration and outcomes",
+        (
+            # JSON object: fraction, seed, policy, and the seed in use (docs/verifiability.md)
+            "ALTER TABLE coordinator.rounds ADD COLUMN audit TEXT NOT NULL DEFAULT '{}'",
+            # JSON list of the audited updates' outcomes
+            "ALTER TABLE coordinator.rounds ADD COLUMN audits TEXT NOT NULL DEFAULT '[]'",
+        ),
+    ),
 )
 
 _SELECT_ROUNDS = f"SELECT {', '.join(records.ROUND_COLUMNS)} FROM coordinator.rounds"

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from server.coordinator.rounds import ParticipantFailure, Round, RoundState, Update
+from server.coordinator.rounds import AuditOutcome, ParticipantFailure, Round, RoundState, Update
 from server.errors import DataLoss
-from server.round_spec import Hyperparams
+from server.round_spec import AuditSpec, Hyperparams
 from server.tensors import (
     Spec,
     Tensors,
@@ -58,6 +58,10 @@ ADDED_ROUND_COLUMNS = {
     "base_model_sha256": "TEXT NOT NULL DEFAULT ''",
     "strategy_name": "TEXT NOT NULL DEFAULT ''",
     "strategy_params_json": "TEXT NOT NULL DEFAULT ''",
+    # The re-execution audit: its configuration (JSON object, with the seed in use) and its
+    # outcomes (JSON list). PostgreSQL: migration 2.
+    "audit": "TEXT NOT NULL DEFAULT '{}'",
+    "audits": "TEXT NOT NULL DEFAULT '[]'",
 }
 # The same for `updates`: an update's provenance (docs/security.md, "Provenance").
 ADDED_UPDATE_COLUMNS = {
@@ -166,11 +170,14 @@ def round_values(rnd: Round) -> tuple[Any, ...]:
         rnd.base_model_sha256,
         rnd.strategy_name,
         rnd.strategy_params_json,
+        json.dumps({**rnd.audit.to_dict(), "seed_in_use": rnd.audit_seed}),
+        json.dumps([a.to_dict() for a in rnd.audits]),
     )
 
 
 def round_from_row(row: Sequence[Any]) -> Round:
     v = dict(zip(ROUND_COLUMNS, row, strict=True))
+    audit = json.loads(v["audit"])
     return Round(
         round_id=v["round_id"],
         experiment_id=v["experiment_id"],
@@ -199,6 +206,9 @@ def round_from_row(row: Sequence[Any]) -> Round:
         base_model_sha256=str(v["base_model_sha256"]),
         strategy_name=str(v["strategy_name"]),
         strategy_params_json=str(v["strategy_params_json"]),
+        audit=AuditSpec.from_dict(audit),
+        audit_seed=int(audit.get("seed_in_use", 0)),
+        audits=tuple(AuditOutcome.from_dict(a) for a in json.loads(v["audits"])),
     )
 
 

@@ -98,3 +98,29 @@ class UpdateChunk(_message.Message):
     header: UpdateHeader
     data: bytes
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class AuditConfig(_message.Message):
+    __slots__ = ("fraction", "seed", "policy")
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    fraction: float
+    seed: int
+    policy: str
+    def __init__(self, fraction: _Optional[float] = ..., seed: _Optional[int] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class AuditRecord(_message.Message):
+    __slots__ = ("proplet_id", "outcome", "claimed_sha256", "reexecuted_sha256", "detail", "rejected")
+    PROPLET_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_SHA256_FIELD_NUMBER: _ClassVar[int]
+    REEXECUTED_SHA256_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    proplet_id: str
+    outcome: str
+    claimed_sha256: str
+    reexecuted_sha256: str
+    detail: str
+    rejected: bool
+    def __init__(self, proplet_id: _Optional[str] = ..., outcome: _Optional[str] = ..., claimed_sha256: _Optional[str] = ..., reexecuted_sha256: _Optional[str] = ..., detail: _Optional[str] = ..., rejected: _Optional[bool] = ...) -> None: ...
