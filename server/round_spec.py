@@ -49,6 +49,8 @@ RESERVED_HYPERPARAMS = ("task",)
 # it is stored with every round and passed in every task's environment.
 MAX_EXTRA_JSON_BYTES = 4096
 MAX_EXTRA_JSON_DEPTH = 8
+# A round's fuel budget fits a signed 64-bit column (proplet.runner.MAX_FUEL).
+MAX_FUEL_BUDGET = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,12 @@ class RoundSpec:
     # ("" = the defaults).
     strategy_name: str = ""
     strategy_params_json: str = ""
+    # Fuel receipts (docs/verifiability.md): the most wasmtime fuel one participant's run may
+    # consume (0 = the proplet's own limit), and the fuel plausibility rule: an update whose
+    # fuel per sample is below `min_fuel_ratio` times the experiment's reference is refused
+    # (0 = off; `server.coordinator.fuel`).
+    fuel_budget: int = 0
+    min_fuel_ratio: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -216,6 +224,8 @@ class RoundSpec:
             "module_digest": self.module_digest,
             "strategy_name": self.strategy_name,
             "strategy_params_json": self.strategy_params_json,
+            "fuel_budget": self.fuel_budget,
+            "min_fuel_ratio": self.min_fuel_ratio,
         }
 
     @classmethod
@@ -233,6 +243,8 @@ class RoundSpec:
             module_digest=str(d.get("module_digest", "")),
             strategy_name=str(d.get("strategy_name", "")),
             strategy_params_json=str(d.get("strategy_params_json", "")),
+            fuel_budget=int(d.get("fuel_budget", 0)),
+            min_fuel_ratio=float(d.get("min_fuel_ratio", 0.0)),
         )
 
 
@@ -294,6 +306,16 @@ def validate(spec: RoundSpec, *, experiment: bool = False) -> RoundSpec:
         raise InvalidArgument("task_wasm_image: must not be empty")
     check_text(spec.task_wasm_image, "task_wasm_image")
     check_module_digest(spec.module_digest, "module_digest")
+    if not 0 <= spec.fuel_budget <= MAX_FUEL_BUDGET:
+        raise InvalidArgument(
+            f"fuel_budget: {spec.fuel_budget} must be between 0 (the proplet's own limit) and "
+            f"{MAX_FUEL_BUDGET}"
+        )
+    if not (math.isfinite(spec.min_fuel_ratio) and 0 <= spec.min_fuel_ratio <= 1):
+        raise InvalidArgument(
+            f"min_fuel_ratio: {spec.min_fuel_ratio} must be between 0 (off) and 1 (a fraction "
+            "of the reference fuel per sample)"
+        )
     # The same registry the aggregator runs the strategy from: a round it would refuse is
     # refused here, before any participant trains for it.
     strategy = choose_strategy(spec.strategy_name, spec.strategy_params_json)

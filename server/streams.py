@@ -113,6 +113,8 @@ class UpdateMeta:
     signature: bytes = b""
     # A site coordinator's partial: the participants whose updates it combines.
     contributors: tuple[str, ...] = ()
+    # The wasmtime fuel the training run consumed (0: not metered); signed with the rest.
+    fuel_consumed: int = 0
 
 
 def update_stream(
@@ -138,6 +140,7 @@ def update_header(meta: UpdateMeta, specs: list[Spec]) -> tensor_pb2.UpdateHeade
         module_digest=meta.module_digest,
         signature=meta.signature,
         contributors=meta.contributors,
+        fuel_consumed=meta.fuel_consumed,
     )
 
 

@@ -1,6 +1,7 @@
 """`propeller-fl models lineage N`: how a version was made, as the registry keeps it (the
 experiment and round, the parent version, the strategy with its parameters and state, and
-every contributing proplet with its weight in the aggregate and its update's digest); with
+every contributing proplet with its weight in the aggregate, the fuel its training consumed
+(its signed fuel receipt) and its update's digest; the round's fuel in all); with
 `--chain` the same for its parent, the parent's parent, ... down to the first version without
 a lineage (v0, or one an operator stored). It reads only the lineage headers, never the
 updates' bytes; `models verify` checks what they say."""
@@ -87,10 +88,12 @@ def lineage_dict(version: int, lineage: model_registry_pb2.Lineage | None) -> di
             "strategy": lineage.strategy,
             "strategy_params": params,
             "state": state,
+            "fuel_consumed": round_fuel(lineage),
             "contributions": [
                 {
                     "proplet_id": c.header.proplet_id,
                     "num_samples": c.header.num_samples,
+                    "fuel_consumed": c.header.fuel_consumed,
                     "weight": c.weight,
                     "clip_scale": c.clip_scale,
                     "update_sha256": c.sha256,
@@ -103,6 +106,20 @@ def lineage_dict(version: int, lineage: model_registry_pb2.Lineage | None) -> di
             ],
         },
     }
+
+
+def round_fuel(lineage: model_registry_pb2.Lineage) -> int:
+    """The fuel the round's contributing updates consumed, summed (their signed receipts)."""
+    return sum(c.header.fuel_consumed for c in lineage.contributions)
+
+
+def fuel_text(fuel: int) -> str:
+    """A fuel count for people ("-": none, an update or round from before fuel receipts)."""
+    return f"{fuel:,}" if fuel else "-"
+
+
+def per_sample(fuel: int, samples: int) -> str:
+    return f"{fuel / samples:,.0f}" if fuel and samples > 0 else "-"
 
 
 def render_lineage(version: int, lineage: model_registry_pb2.Lineage | None) -> str:
@@ -126,14 +143,17 @@ def render_lineage(version: int, lineage: model_registry_pb2.Lineage | None) -> 
             ("module", lineage.module_digest or "-"),
             ("strategy", f"{lineage.strategy} {lineage.strategy_params_json or '{}'}"),
             ("state", state),
+            ("fuel", fuel_text(round_fuel(lineage))),
         ]
     )
     rows = table(
-        ["PROPLET", "SAMPLES", "WEIGHT", "CLIP", "UPDATE SHA256"],
+        ["PROPLET", "SAMPLES", "FUEL", "FUEL/SAMPLE", "WEIGHT", "CLIP", "UPDATE SHA256"],
         [
             [
                 c.header.proplet_id,
                 c.header.num_samples,
+                fuel_text(c.header.fuel_consumed),
+                per_sample(c.header.fuel_consumed, c.header.num_samples),
                 f"{c.weight:.4f}",
                 "-" if c.clip_scale == 1.0 else f"{c.clip_scale:.4g}",
                 c.sha256[:12],
@@ -147,9 +167,9 @@ def render_lineage(version: int, lineage: model_registry_pb2.Lineage | None) -> 
 def render_chain(links: list[Link]) -> str:
     """A row per version, newest first."""
     return table(
-        ["VERSION", "PARENT", "EXPERIMENT", "ROUND", "STRATEGY", "UPDATES", "SHA256"],
+        ["VERSION", "PARENT", "EXPERIMENT", "ROUND", "STRATEGY", "UPDATES", "FUEL", "SHA256"],
         [
-            [f"v{v}", "-", "-", "-", "-", "-", "no lineage"]
+            [f"v{v}", "-", "-", "-", "-", "-", "-", "no lineage"]
             if x is None
             else [
                 f"v{v}",
@@ -158,6 +178,7 @@ def render_chain(links: list[Link]) -> str:
                 x.round_id,
                 x.strategy,
                 len(x.contributions),
+                fuel_text(round_fuel(x)),
                 x.model_sha256[:12],
             ]
             for v, x in links

@@ -192,6 +192,12 @@ def render_round(st: coordinator_pb2.RoundStatus) -> str:
     ]
     if st.failure_reason:
         pairs.append(("reason", st.failure_reason))
+    if st.fuel_budget:
+        pairs.append(("fuel budget", f"{st.fuel_budget:,} a run"))
+    if st.min_fuel_ratio:
+        pairs.append(("min fuel ratio", f"{st.min_fuel_ratio:g}"))
+    if st.fuel_consumed:
+        pairs.append(("fuel", f"{st.fuel_consumed:,} (the accepted updates', summed)"))
     for name in sorted(st.metrics):
         pairs.append((f"metric {name}", f"{st.metrics[name]:.6g}"))
     return fields(pairs)

@@ -36,6 +36,7 @@ from server.coordinator.backend import (
 )
 from server.coordinator.checks import ClippedUpdates, OpenRoundMembers, UpdateChecks
 from server.coordinator.events import Event, EventType, Watchers
+from server.coordinator.fuel import FuelPlausibility
 from server.coordinator.replicas import Replica, RoundLeases
 from server.coordinator.rounds import Round, Update
 from server.coordinator.store import (
@@ -129,6 +130,8 @@ class Coordinator:
             samples_cap or B.NumSamplesCap("dataset" if datasets else "none"),
             datasets,
         )
+        # A round's fuel plausibility rule (`fuel`), judged once an update's signature held.
+        self.fuel = FuelPlausibility(store)
         self._locks: dict[str, asyncio.Lock] = {}
         self._watchers = Watchers()
         self._finishing: dict[str, asyncio.Task[None]] = {}
@@ -228,6 +231,7 @@ class Coordinator:
         if self._members.admit(rnd, update.proplet_id):
             return Submitted(rnd, duplicate=True)
         update = await self.checks.check(rnd, update)
+        await self.fuel.check(rnd, update)
         async with self._lock(round_id):
             rnd = await self.get(round_id)
             if self._members.admit(rnd, update.proplet_id):
@@ -243,11 +247,12 @@ class Coordinator:
     async def _accepted(self, rnd: Round, update: Update) -> None:
         await self.store.accept(rnd, update)
         log.info(
-            "[Coordinator.SubmitUpdate] round_id=%s proplet_id=%s num_samples=%d "
+            "[Coordinator.SubmitUpdate] round_id=%s proplet_id=%s num_samples=%d fuel=%d "
             "num_updates=%d k_of_n=%d distance=%.6g clip_scale=%.6g signed=%s",
             rnd.round_id,
             update.proplet_id,
             update.num_samples,
+            update.fuel_consumed,
             rnd.num_updates,
             rnd.k_of_n,
             update.distance,
@@ -638,10 +643,12 @@ class Coordinator:
             partial.num_samples,
         )
 
-    async def num_samples(self, round_id: str) -> int:
-        """The accepted updates' num_samples summed (on a root: every site's proplets')."""
+    async def update_totals(self, round_id: str) -> tuple[int, int]:
+        """The accepted updates' num_samples (on a root: every site's proplets') and
+        fuel_consumed, each summed."""
         await self.get(round_id)
-        return sum(u.num_samples for u in update_headers(await self.store.updates(round_id)))
+        headers = update_headers(await self.store.updates(round_id))
+        return sum(u.num_samples for u in headers), sum(u.fuel_consumed for u in headers)
 
     async def _strategy_state(self, rnd: Round) -> tuple[Tensors | None, int | None]:
         """The experiment's strategy state for `rnd`, if an earlier round of it left one by

@@ -72,6 +72,8 @@ class Update:
     # A site coordinator's partial (`server.coordinator.site`): the site's participants whose
     # updates it combines (checked when it arrives, not kept with the update).
     contributors: tuple[str, ...] = ()
+    # The wasmtime fuel its training consumed, as signed (0: not metered).
+    fuel_consumed: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,10 @@ class Round:
     # The aggregation strategy ("" = fedavg) and its canonical parameters ("" = defaults).
     strategy_name: str = ""
     strategy_params_json: str = ""
+    # Fuel receipts (`RoundSpec`): each run's fuel budget (0 = the proplets' own) and the
+    # fuel plausibility rule's fraction (0 = off; `server.coordinator.fuel`).
+    fuel_budget: int = 0
+    min_fuel_ratio: float = 0.0
 
     @property
     def num_updates(self) -> int:

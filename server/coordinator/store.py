@@ -244,6 +244,8 @@ _ADDED_ROUND_COLUMNS = {
     "base_model_sha256": "TEXT NOT NULL DEFAULT ''",
     "strategy_name": "TEXT NOT NULL DEFAULT ''",
     "strategy_params_json": "TEXT NOT NULL DEFAULT ''",
+    "fuel_budget": "INTEGER NOT NULL DEFAULT 0",
+    "min_fuel_ratio": "REAL NOT NULL DEFAULT 0",
 }
 # The same for `updates`: an update's provenance (docs/security.md, "Provenance").
 _ADDED_UPDATE_COLUMNS = {
@@ -253,6 +255,7 @@ _ADDED_UPDATE_COLUMNS = {
     "certificate": "BLOB NOT NULL DEFAULT x''",  # the proplet's, PEM; empty over plaintext
     "distance": "REAL NOT NULL DEFAULT 0",
     "clip_scale": "REAL NOT NULL DEFAULT 1",
+    "fuel_consumed": "INTEGER NOT NULL DEFAULT 0",  # as signed; 0: not metered
 }
 
 _ROUND_COLUMNS = (
@@ -327,6 +330,7 @@ def _update_values(update: Update, blob: bytes | bytearray) -> tuple[object, ...
         update.certificate,
         update.distance,
         update.clip_scale,
+        update.fuel_consumed,
     )
 
 
@@ -359,6 +363,8 @@ def _round_values(rnd: Round) -> tuple[Any, ...]:
         rnd.base_model_sha256,
         rnd.strategy_name,
         rnd.strategy_params_json,
+        rnd.fuel_budget,
+        rnd.min_fuel_ratio,
     )
 
 
@@ -392,6 +398,8 @@ def _round_from_row(row: Sequence[Any]) -> Round:
         base_model_sha256=str(v["base_model_sha256"]),
         strategy_name=str(v["strategy_name"]),
         strategy_params_json=str(v["strategy_params_json"]),
+        fuel_budget=int(v["fuel_budget"]),
+        min_fuel_ratio=float(v["min_fuel_ratio"]),
     )
 
 
@@ -422,6 +430,7 @@ def _header_from_row(row: Sequence[Any]) -> tuple[Update, tuple[Spec, ...]]:
         certificate=bytes(v["certificate"]),
         distance=float(v["distance"]),
         clip_scale=float(v["clip_scale"]),
+        fuel_consumed=int(v["fuel_consumed"]),
     )
     return update, specs_from_json(v["specs"])
 

@@ -41,6 +41,8 @@ _SPEC_SCALARS = (
     "task_wasm_image",
     "min_k_of_n",
     "module_digest",
+    "fuel_budget",
+    "min_fuel_ratio",
 )
 # ConfigureRoundRequest's strategy (a StartExperimentRequest may carry it too): read into the
 # spec, but not among the fields that build a request from a spec (`spec_fields`), whose

@@ -158,11 +158,17 @@ async def test_the_update_is_signed_and_names_its_module_and_base_model(
         update_sha256=sha256_of(got.tensors),
         num_samples=5,
         metrics=dict(header.metrics),
+        fuel_consumed=header.fuel_consumed,
     )
+    # The fuel the module's run consumed (its receipt) is in the header and signed (v2).
+    assert header.fuel_consumed > 0
+    assert claim.canonical().startswith(b"propeller-fl/update-signature/v2\n")
     assert proplet_config.tls is not None
     cert = load_certificate(proplet_config.tls.cert.read_bytes())
     assert signature_verifies(cert, header.signature, claim)
     assert not signature_verifies(cert, header.signature, replace(claim, num_samples=6))
+    for fuel in (header.fuel_consumed + 1, header.fuel_consumed * 10, 0):
+        assert not signature_verifies(cert, header.signature, replace(claim, fuel_consumed=fuel))
 
 
 async def test_a_round_task_runs_its_rounds_module_and_no_other(
