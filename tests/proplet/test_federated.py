@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from proplet import Proplet, PropletConfig
+from proplet.errors import TaskFailed
 from proplet.federated import FederatedClient, FlTask, is_federated, service_address
+from proplet.runner import DEFAULT_FUEL
 from server.config import Endpoints
 from server.datastore.datasets import split_indices
 from server.messages import COMPLETED, FAILED
@@ -532,3 +534,31 @@ def test_an_evaluation_tells_the_module_to_evaluate() -> None:
     train = FlTask.from_env(env | {"FL_TASK": "train", "FL_SPLIT": "all"}, Endpoints())
     assert (train.kind, train.split) == ("train", "all")
     assert train.module_env(env) == env
+
+
+def test_a_rounds_fuel_budget_comes_from_fuel_budget() -> None:
+    env = {"ROUND_ID": "r", "MODEL_URI": MODEL_URI}
+    assert FlTask.from_env(env, Endpoints()).fuel_budget == 0
+    assert FlTask.from_env(env | {"FUEL_BUDGET": " 0 "}, Endpoints()).fuel_budget == 0
+    assert FlTask.from_env(env | {"FUEL_BUDGET": "123456"}, Endpoints()).fuel_budget == 123456
+    for bad in ("-1", "1e9", "lots", str(2**63)):
+        with pytest.raises(TaskFailed, match=r"^FUEL_BUDGET: .* is not a fuel count"):
+            FlTask.from_env(env | {"FUEL_BUDGET": bad}, Endpoints())
+
+
+async def test_the_lower_of_the_rounds_and_the_proplets_fuel_budget_ends_a_run(
+    proplet: Proplet, probe: ManagerProbe, world: RoundWorld
+) -> None:
+    module = wat.counting(1_000_000)
+    result = await probe.run(module, env=round_env(world, FUEL_BUDGET="100000"))
+    assert result.state == FAILED
+    assert result.error == "fuel budget of 100000 exhausted (the module ran out)"
+    assert world.updates == []
+    # A round budget above the proplet's own does not raise it.
+    assert proplet.config.limits.fuel == DEFAULT_FUEL
+    huge = str(DEFAULT_FUEL * 2)
+    module = wat.json_printer(printed_update(proplet.proplet_id))
+    result = await probe.run(module, env=round_env(world, FUEL_BUDGET=huge))
+    assert result.state == COMPLETED, result.error
+    [got] = world.updates
+    assert 0 < got.header.fuel_consumed < 1_000_000
