@@ -562,3 +562,13 @@ async def test_the_lower_of_the_rounds_and_the_proplets_fuel_budget_ends_a_run(
     assert result.state == COMPLETED, result.error
     [got] = world.updates
     assert 0 < got.header.fuel_consumed < 1_000_000
+
+
+async def test_an_evaluation_task_is_metered_and_budgeted_like_training(
+    proplet: Proplet, probe: ManagerProbe, world: RoundWorld, trainer_bytes: bytes
+) -> None:
+    world.datasets[proplet.proplet_id] = make_dataset(40, seed=7)
+    env = round_env(world, FL_TASK="evaluate", FUEL_BUDGET="10000")
+    result = await probe.run(trainer_bytes, env=env)
+    assert result.state == FAILED
+    assert result.error == "fuel budget of 10000 exhausted (the module ran out)"
