@@ -18,6 +18,7 @@ from server.errors import grpc_errors
 from server.grpc_server import Context
 from server.ids import check_id
 from server.round_spec import Hyperparams, RoundSpec
+from server.wire import message_from, value_from
 
 STATES: dict[RoundState, coordinator_pb2.RoundState] = {
     RoundState.PENDING: coordinator_pb2.ROUND_STATE_PENDING,
@@ -30,8 +31,10 @@ _STATE_OF: dict[int, RoundState] = {int(v): k for k, v in STATES.items()}
 
 SpecMessage = coordinator_pb2.ConfigureRoundRequest | manager_pb2.StartExperimentRequest
 
-# Fields that keep their name and value between the messages and the domain types; the
-# functions below add the ones that change form (repeated fields, hyperparameters, state...).
+# The round fields a request built from a spec carries as they are (`spec_fields`): not the
+# strategy, which its callers set themselves. Otherwise a field keeps its name and value
+# between the messages and the domain types (`server.wire`); the functions below write out
+# the ones that change form (repeated fields, hyperparameters, state...).
 _SPEC_SCALARS = (
     "round_id",
     "experiment_id",
@@ -43,21 +46,6 @@ _SPEC_SCALARS = (
     "module_digest",
     "fuel_budget",
     "min_fuel_ratio",
-)
-# ConfigureRoundRequest's strategy (a StartExperimentRequest may carry it too): read into the
-# spec, but not among the fields that build a request from a spec (`spec_fields`), whose
-# callers set a request's strategy themselves.
-_STRATEGY_SCALARS = ("strategy_name", "strategy_params_json")
-_STATUS_SCALARS = (
-    *_SPEC_SCALARS,
-    *_STRATEGY_SCALARS,
-    "started_at",
-    "deadline",
-    "completed_at",
-    "new_model_uri",
-    "failure_reason",
-    "closed_by",
-    "base_model_sha256",
 )
 
 
@@ -76,10 +64,9 @@ def hyperparams_from_proto(msg: coordinator_pb2.Hyperparams) -> Hyperparams:
 
 def spec_from_proto(msg: SpecMessage) -> RoundSpec:
     """The request's round as asked (zeros kept: `validate` judges and fills them)."""
-    present = msg.DESCRIPTOR.fields_by_name
-    return RoundSpec(
-        **{name: getattr(msg, name) for name in _SPEC_SCALARS},
-        **{name: getattr(msg, name) for name in _STRATEGY_SCALARS if name in present},
+    return value_from(
+        RoundSpec,
+        msg,
         participants=tuple(msg.participants),
         hyperparams=hyperparams_from_proto(msg.hyperparams),
     )
@@ -95,8 +82,9 @@ def spec_fields(spec: RoundSpec) -> dict[str, Any]:
 
 
 def status_to_proto(rnd: Round) -> coordinator_pb2.RoundStatus:
-    return coordinator_pb2.RoundStatus(
-        **{name: getattr(rnd, name) for name in _STATUS_SCALARS},
+    return message_from(
+        coordinator_pb2.RoundStatus,
+        rnd,
         participants=rnd.participants,
         hyperparams=hyperparams_to_proto(rnd.hyperparams),
         state=STATES[rnd.state],
@@ -115,8 +103,9 @@ def status_to_proto(rnd: Round) -> coordinator_pb2.RoundStatus:
 def status_from_proto(msg: coordinator_pb2.RoundStatus) -> Round:
     """The round as its status shows it: everything `status_to_proto` sends, so the two
     round-trip; the base model's tensor specs are not part of a status (left empty)."""
-    return Round(
-        **{name: getattr(msg, name) for name in _STATUS_SCALARS},
+    return value_from(
+        Round,
+        msg,
         participants=tuple(msg.participants),
         hyperparams=hyperparams_from_proto(msg.hyperparams),
         specs=(),
