@@ -28,6 +28,7 @@ from server.config import MqttConfig
 from server.datastore.datasets import synthetic_dataset
 from server.tensors import tensor_to_proto
 from tests.cli.helpers import Cli, flags, make_cli, table_rows
+from tests.security.test_provenance import tamper_lineage
 from tests.support.clients import HYPER, V0
 from tests.support.cluster import Cluster, cluster
 from tests.support.waits import eventually
@@ -231,3 +232,27 @@ async def test_round_fuel_fields_are_checked_naming_the_field(world: Cluster) ->
             await world.configure("r-bad", participants=["fuel-small"], **fields)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (err.value.details() or "").startswith(message), err.value.details()
+
+
+async def test_models_verify_refuses_a_fuel_receipt_changed_in_the_lineage(
+    mqtt: MqttConfig, tmp_path: Path, trainer_wasm: Path, cli: Cli
+) -> None:
+    state = tmp_path / "state"
+    ids = ["fuel-a", "fuel-b"]
+    stack = {"state_dir": state, "seed_proplet_ids": tuple(ids)}
+    image = f"file://{trainer_wasm}"
+    async with cluster(mqtt, tmp_path / "run", proplets=ids, stack=stack, image=image) as c:
+        await c.start_experiment("r-fuel", ids, image, k_of_n=2, model_ref=V0)
+        status = await c.wait_state("r-fuel", timeout=60)
+        assert status.state == coordinator_pb2.ROUND_STATE_COMPLETED, status.failure_reason
+        (await cli("models", "verify", "1", *flags(c.endpoints))).ok()
+
+    def more_fuel(x: model_registry_pb2.Lineage) -> None:
+        x.contributions[0].header.fuel_consumed *= 10
+
+    changed = tamper_lineage(state, 1, more_fuel)
+    proplet = changed.contributions[0].header.proplet_id
+    async with cluster(mqtt, tmp_path / "again", dimension=None, stack=stack) as c:
+        result = await cli("models", "verify", "1", *flags(c.endpoints))
+        line = result.failed_with("v1 (fl/models/global_model_v1): update 1 of 2 ")
+        assert f"(proplet {proplet!r}): its signature does not verify" in line
