@@ -222,7 +222,18 @@ async def test_a_rounds_fuel_budget_fails_its_tasks_with_the_reason_and_proplets
     assert after.state == manager_pb2.EXPERIMENT_STATE_COMPLETED, after.end
 
 
-async def test_round_fuel_fields_are_checked_naming_the_field(world: Cluster) -> None:
+async def test_round_fuel_fields_from_the_command_line_and_checked_naming_the_field(
+    world: Cluster, cli: Cli
+) -> None:
+    configured = await cli(
+        "round", "configure", "--round-id", "r-cli", "--participant", "fuel-small",
+        "--model-ref", V0, "--fuel-budget", "123456789", "--min-fuel-ratio", "0.25",
+        "--json", *flags(world.endpoints),
+    )  # fmt: skip
+    st = configured.ok().json()
+    assert (st["fuel_budget"], st["min_fuel_ratio"]) == (123456789, 0.25)
+    status = await world.status("r-cli")
+    assert (status.fuel_budget, status.min_fuel_ratio) == (123456789, 0.25)
     for fields, message in (
         ({"min_fuel_ratio": 1.5}, "min_fuel_ratio: 1.5 must be between 0 (off) and 1"),
         ({"min_fuel_ratio": -0.1}, "min_fuel_ratio: -0.1 must be between 0 (off) and 1"),
