@@ -113,6 +113,20 @@ def round_fuel(lineage: model_registry_pb2.Lineage) -> int:
     return sum(c.header.fuel_consumed for c in lineage.contributions)
 
 
+async def round_fuels(client: Client, versions: list[int]) -> dict[int, int]:
+    """The fuel each version's round consumed, from its lineage (the contributions' signed
+    receipts summed); a version whose lineage cannot be read now is left out."""
+    out: dict[int, int] = {}
+    for version in versions:
+        try:
+            lineage = await lineage_header(client, version)
+        except PropellerError:
+            continue
+        if lineage is not None:
+            out[version] = round_fuel(lineage)
+    return out
+
+
 def fuel_text(fuel: int) -> str:
     """A fuel count for people ("-": none, an update or round from before fuel receipts)."""
     return f"{fuel:,}" if fuel else "-"

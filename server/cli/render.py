@@ -327,10 +327,29 @@ def metrics_text(metrics: Mapping[str, float]) -> str:
     return " ".join(f"{k}={metrics[k]:.4g}" for k in sorted(metrics))
 
 
-def render_experiment_rounds(rounds: Sequence[manager_pb2.ExperimentRound]) -> str:
-    """`experiment history`: one row per round."""
+# `experiment history`'s columns.
+_HISTORY_COLUMNS = [
+    "ROUND",
+    "ROUND ID",
+    "STATE",
+    "MODEL",
+    "SAMPLED",
+    "REPORTED",
+    "CLOSED",
+    "TRAIN",
+    "EVAL",
+    "FUEL",
+]
+
+
+def render_experiment_rounds(
+    rounds: Sequence[manager_pb2.ExperimentRound], fuel: Mapping[int, int] | None = None
+) -> str:
+    """`experiment history`: one row per round; FUEL is the round's fuel by the version it
+    stored (`fuel`: from the versions' lineages; "-" when not known)."""
+    fuel = fuel or {}
     return table(
-        ["ROUND", "ROUND ID", "STATE", "MODEL", "SAMPLED", "REPORTED", "CLOSED", "TRAIN", "EVAL"],
+        _HISTORY_COLUMNS,
         [
             [
                 r.index,
@@ -342,6 +361,7 @@ def render_experiment_rounds(rounds: Sequence[manager_pb2.ExperimentRound]) -> s
                 r.closed_by or r.failure_reason,
                 metrics_text(r.train_metrics),
                 metrics_text(r.eval_metrics),
+                f"{fuel[r.new_model_version]:,}" if fuel.get(r.new_model_version) else "-",
             ]
             for r in rounds
         ],

@@ -185,6 +185,10 @@ async def test_fuel_is_signed_recorded_shown_and_a_10x_sample_claim_is_refused(
     totals = {r[0]: r[fuel_column] for r in rows}
     assert totals["v1"] == f"{sum(fuel for fuel, _ in one.values()):,}"
     assert totals["v2"] == f"{sum(fuel for fuel, _ in two.values()):,}"
+    # `experiment history`: each round's fuel beside its other figures.
+    header, rows = table_rows((await cli("experiment", "history", "exp-fuel", *f)).ok().out)
+    assert header[-1] == "FUEL"
+    assert [r[-1] for r in rows] == [totals["v1"], totals["v2"]]
     # ... and `models verify` checks every fuel receipt's signature on the way.
     verified = (await cli("models", "verify", str(second.new_model_version), *f)).ok()
     assert [r[-1] for r in table_rows(verified.out)[1]] == ["ok", "ok", "ok"]
