@@ -195,6 +195,7 @@ async def _check_lineage(
         await data.end()
         if choice.cls.needs_base and base_tensors is None:
             _, base_tensors = await client.get_model(base)
+        await strategy.prepare(base_tensors if choice.cls.needs_base else None, state)
         size = sum(s.nbytes for s in strategy.specs or ()) * max(1, strategy.count)
         result, new_state = await offload_if_big(
             size, strategy.result, base_tensors if choice.cls.needs_base else None, state

@@ -90,6 +90,12 @@ _COMPOSING = ", ".join(name for name, cls in STRATEGIES.items() if cls.increment
 def check_composes(strategy_name: str) -> None:
     """A hierarchical round's strategy must compose over sites (see the module docstring)."""
     cls = strategy_class(strategy_name)
+    if cls.name == "wasm":
+        raise FailedPrecondition(
+            "strategy_name: wasm runs its module on every update of the round at once, which "
+            "does not compose over sites (a site's partial is a weighted mean); a hierarchical "
+            f"round takes one of {_COMPOSING}"
+        )
     if not cls.incremental:
         raise FailedPrecondition(
             f"strategy_name: {cls.name} is an order statistic, which does not compose over "
