@@ -73,6 +73,11 @@ WASM_RUN_SECONDS = Histogram(
     "Wall time of a WASM module run in wasmtime (proplet), whatever its outcome.",
     buckets=_PHASE_BUCKETS,
 )
+WASM_FUEL = Counter(
+    "propeller_wasm_fuel",
+    "Fuel units WASM module runs consumed in wasmtime (proplet; about one per wasm "
+    "instruction), whatever their outcome.",
+)
 MQTT_RECONNECTS = Counter(
     "propeller_mqtt_reconnects",
     "MQTT connections made after a session's first one (a lost or refused broker).",
@@ -114,8 +119,9 @@ def audited(outcome: str) -> None:
     AUDITS.labels(outcome).inc()
 
 
-def wasm_ran(seconds: float) -> None:
+def wasm_ran(seconds: float, fuel: int = 0) -> None:
     WASM_RUN_SECONDS.observe(seconds)
+    WASM_FUEL.inc(fuel)
 
 
 def streamed(stream: Literal["model", "update"], direction: Literal["in", "out"], n: int) -> None:

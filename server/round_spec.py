@@ -56,6 +56,8 @@ AUDIT_REJECT = "reject"
 AUDIT_FLAG = "flag"
 AUDIT_POLICIES = (AUDIT_REJECT, AUDIT_FLAG)
 MAX_AUDIT_SEED = 2**64 - 1
+# A round's fuel budget fits a signed 64-bit column (proplet.runner.MAX_FUEL).
+MAX_FUEL_BUDGET = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,12 @@ class RoundSpec:
     strategy_params_json: str = ""
     # The re-execution audit of the round's updates (none by default).
     audit: AuditSpec = field(default_factory=AuditSpec)
+    # Fuel receipts (docs/verifiability.md): the most wasmtime fuel one participant's run may
+    # consume (0 = the proplet's own limit), and the fuel plausibility rule: an update whose
+    # fuel per sample is below `min_fuel_ratio` times the experiment's reference is refused
+    # (0 = off; `server.coordinator.fuel`).
+    fuel_budget: int = 0
+    min_fuel_ratio: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -278,6 +286,8 @@ class RoundSpec:
             "strategy_name": self.strategy_name,
             "strategy_params_json": self.strategy_params_json,
             "audit": self.audit.to_dict(),
+            "fuel_budget": self.fuel_budget,
+            "min_fuel_ratio": self.min_fuel_ratio,
         }
 
     @classmethod
@@ -296,6 +306,8 @@ class RoundSpec:
             strategy_name=str(d.get("strategy_name", "")),
             strategy_params_json=str(d.get("strategy_params_json", "")),
             audit=AuditSpec.from_dict(d.get("audit") or {}),
+            fuel_budget=int(d.get("fuel_budget", 0)),
+            min_fuel_ratio=float(d.get("min_fuel_ratio", 0.0)),
         )
 
 
@@ -357,6 +369,16 @@ def validate(spec: RoundSpec, *, experiment: bool = False) -> RoundSpec:
         raise InvalidArgument("task_wasm_image: must not be empty")
     check_text(spec.task_wasm_image, "task_wasm_image")
     check_module_digest(spec.module_digest, "module_digest")
+    if not 0 <= spec.fuel_budget <= MAX_FUEL_BUDGET:
+        raise InvalidArgument(
+            f"fuel_budget: {spec.fuel_budget} must be between 0 (the proplet's own limit) and "
+            f"{MAX_FUEL_BUDGET}"
+        )
+    if not (math.isfinite(spec.min_fuel_ratio) and 0 <= spec.min_fuel_ratio <= 1):
+        raise InvalidArgument(
+            f"min_fuel_ratio: {spec.min_fuel_ratio} must be between 0 (off) and 1 (a fraction "
+            "of the reference fuel per sample)"
+        )
     # The same registry the aggregator runs the strategy from: a round it would refuse is
     # refused here, before any participant trains for it.
     strategy = choose_strategy(spec.strategy_name, spec.strategy_params_json)

@@ -114,6 +114,8 @@ class UpdateMeta:
     signature: bytes = b""
     # A site coordinator's partial: the participants whose updates it combines.
     contributors: tuple[str, ...] = ()
+    # The wasmtime fuel the training run consumed (0: not metered); signed with the rest.
+    fuel_consumed: int = 0
 
 
 def update_stream(

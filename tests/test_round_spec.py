@@ -106,6 +106,11 @@ BOTH = (False, True)
         ({"hyperparams": Hyperparams(lr=math.nan)}, "hyperparams.lr", BOTH),
         ({"hyperparams": Hyperparams(lr=math.inf)}, "hyperparams.lr", BOTH),
         ({"hyperparams": Hyperparams(batch_size=-2)}, "hyperparams.batch_size", BOTH),
+        ({"fuel_budget": -1}, "fuel_budget", BOTH),
+        ({"fuel_budget": 2**63}, "fuel_budget", BOTH),
+        ({"min_fuel_ratio": -0.5}, "min_fuel_ratio", BOTH),
+        ({"min_fuel_ratio": 1.01}, "min_fuel_ratio", BOTH),
+        ({"min_fuel_ratio": math.nan}, "min_fuel_ratio", BOTH),
     ],
 )
 def test_invalid_field_is_named(
@@ -166,6 +171,13 @@ def test_duplicate_participants_are_named() -> None:
 
 def test_dict_round_trip() -> None:
     assert RoundSpec.from_dict(EXPERIMENT.to_dict()) == EXPERIMENT
+    fuel = replace(EXPERIMENT, fuel_budget=2**63 - 1, min_fuel_ratio=0.5)
+    expected = replace(validate(EXPERIMENT), fuel_budget=2**63 - 1, min_fuel_ratio=0.5)
+    assert validate(fuel) == expected
+    assert RoundSpec.from_dict(fuel.to_dict()) == fuel
+    # A record from before fuel receipts: no budget, no rule.
+    old = {k: v for k, v in EXPERIMENT.to_dict().items() if "fuel" not in k}
+    assert RoundSpec.from_dict(old) == EXPERIMENT
     assert Hyperparams.from_dict(EXPERIMENT.hyperparams.to_dict()) == EXPERIMENT.hyperparams
 
 

@@ -70,6 +70,8 @@ def round_fields(args: argparse.Namespace) -> dict[str, Any]:
         "hyperparams": hyperparams.hyperparams(args.epochs, args.lr, args.batch_size),
         "k_of_n": args.k_of_n,
         "min_k_of_n": args.min_k_of_n,
+        "fuel_budget": args.fuel_budget,
+        "min_fuel_ratio": args.min_fuel_ratio,
         "timeout_s": args.timeout_s,
         "task_wasm_image": args.image or os.environ.get("TASK_WASM_IMAGE", ""),
     }
@@ -129,6 +131,23 @@ def round_args(*, model_required: bool, round_required: bool = True) -> tuple[Ar
             default=0,
             help="the fewest participants the round may run with when others are not alive "
             "or fail (default 0 = k_of_n: none may be missing)",
+        ),
+        arg(
+            "--fuel-budget",
+            type=int,
+            default=0,
+            metavar="FUEL",
+            help="the most wasmtime fuel one participant's training run may consume (default "
+            "0 = each proplet's own PROPLET_FUEL_LIMIT)",
+        ),
+        arg(
+            "--min-fuel-ratio",
+            type=float,
+            default=0.0,
+            metavar="R",
+            help="refuse updates whose fuel per sample is below R times the median of the "
+            "experiment's earlier updates (0 < R <= 1, e.g. 0.5; default 0 = off; "
+            "docs/verifiability.md)",
         ),
         arg(
             "--timeout-s",

@@ -192,6 +192,12 @@ def render_round(st: coordinator_pb2.RoundStatus) -> str:
     ]
     if st.failure_reason:
         pairs.append(("reason", st.failure_reason))
+    if st.fuel_budget:
+        pairs.append(("fuel budget", f"{st.fuel_budget:,} a run"))
+    if st.min_fuel_ratio:
+        pairs.append(("min fuel ratio", f"{st.min_fuel_ratio:g}"))
+    if st.fuel_consumed:
+        pairs.append(("fuel", f"{st.fuel_consumed:,} (the accepted updates', summed)"))
     for name in sorted(st.metrics):
         pairs.append((f"metric {name}", f"{st.metrics[name]:.6g}"))
     if st.audit.fraction:
@@ -330,10 +336,29 @@ def metrics_text(metrics: Mapping[str, float]) -> str:
     return " ".join(f"{k}={metrics[k]:.4g}" for k in sorted(metrics))
 
 
-def render_experiment_rounds(rounds: Sequence[manager_pb2.ExperimentRound]) -> str:
-    """`experiment history`: one row per round."""
+# `experiment history`'s columns.
+_HISTORY_COLUMNS = [
+    "ROUND",
+    "ROUND ID",
+    "STATE",
+    "MODEL",
+    "SAMPLED",
+    "REPORTED",
+    "CLOSED",
+    "TRAIN",
+    "EVAL",
+    "FUEL",
+]
+
+
+def render_experiment_rounds(
+    rounds: Sequence[manager_pb2.ExperimentRound], fuel: Mapping[int, int] | None = None
+) -> str:
+    """`experiment history`: one row per round; FUEL is the round's fuel by the version it
+    stored (`fuel`: from the versions' lineages; "-" when not known)."""
+    fuel = fuel or {}
     return table(
-        ["ROUND", "ROUND ID", "STATE", "MODEL", "SAMPLED", "REPORTED", "CLOSED", "TRAIN", "EVAL"],
+        _HISTORY_COLUMNS,
         [
             [
                 r.index,
@@ -345,6 +370,7 @@ def render_experiment_rounds(rounds: Sequence[manager_pb2.ExperimentRound]) -> s
                 r.closed_by or r.failure_reason,
                 metrics_text(r.train_metrics),
                 metrics_text(r.eval_metrics),
+                f"{fuel[r.new_model_version]:,}" if fuel.get(r.new_model_version) else "-",
             ]
             for r in rounds
         ],

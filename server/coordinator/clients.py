@@ -226,6 +226,7 @@ def meta_of(round_id: str, u: Update) -> UpdateMeta:
         base_model_sha256=u.base_model_sha256,
         module_digest=u.module_digest,
         signature=u.signature,
+        fuel_consumed=u.fuel_consumed,
     )
 
 

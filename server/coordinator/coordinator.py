@@ -34,6 +34,7 @@ from server.coordinator.audit import Auditor, apply_policy, draw_seed, unaudited
 from server.coordinator.backend import BaseModel, Lineage, ModelBackend, RetryPolicy
 from server.coordinator.checks import OpenRoundMembers, UpdateChecks
 from server.coordinator.events import Event, EventType, Watchers
+from server.coordinator.fuel import FuelPlausibility
 from server.coordinator.outbox import Outbox, Publish
 from server.coordinator.records import Notice
 from server.coordinator.replicas import Replica, RoundLeases, keep_lease, watch_replicated
@@ -124,6 +125,8 @@ class Coordinator:
             samples_cap or B.NumSamplesCap("dataset" if datasets else "none"),
             datasets,
         )
+        # A round's fuel plausibility rule (`fuel`), judged once an update's signature held.
+        self.fuel = FuelPlausibility(store)
         self._locks: dict[str, asyncio.Lock] = {}
         self._watchers = Watchers()
         self._finishing: dict[str, asyncio.Task[None]] = {}
@@ -222,6 +225,7 @@ class Coordinator:
         if self._members.admit(rnd, update.proplet_id):
             return Submitted(rnd, duplicate=True)
         update = await self.checks.check(rnd, update)
+        await self.fuel.check(rnd, update)
         async with self._lock(round_id):
             rnd = await self.get(round_id)
             if self._members.admit(rnd, update.proplet_id):
@@ -237,11 +241,12 @@ class Coordinator:
     async def _accepted(self, rnd: Round, update: Update) -> None:
         await self.store.accept(rnd, update)
         log.info(
-            "[Coordinator.SubmitUpdate] round_id=%s proplet_id=%s num_samples=%d "
+            "[Coordinator.SubmitUpdate] round_id=%s proplet_id=%s num_samples=%d fuel=%d "
             "num_updates=%d k_of_n=%d distance=%.6g clip_scale=%.6g signed=%s",
             rnd.round_id,
             update.proplet_id,
             update.num_samples,
+            update.fuel_consumed,
             rnd.num_updates,
             rnd.k_of_n,
             update.distance,
@@ -585,13 +590,16 @@ class Coordinator:
             return None
         return current, verdict.updates
 
-    async def num_samples(self, round_id: str) -> int:
-        """The accepted updates' num_samples summed (on a root: every site's proplets')."""
+    async def update_totals(self, round_id: str) -> tuple[int, int]:
+        """The accepted updates' num_samples (on a root: every site's proplets') and
+        fuel_consumed, each summed, less the updates the re-execution audit left out of the
+        aggregation."""
         rnd = await self.get(round_id)
-        # Less the updates the re-execution audit left out of the aggregation.
         out = {a.proplet_id for a in rnd.audits if a.rejected}
-        headers = update_headers(await self.store.updates(round_id))
-        return sum(u.num_samples for u in headers if u.proplet_id not in out)
+        headers = [
+            u for u in update_headers(await self.store.updates(round_id)) if u.proplet_id not in out
+        ]
+        return sum(u.num_samples for u in headers), sum(u.fuel_consumed for u in headers)
 
     # ---- the outbox (`outbox.Outbox`) -----------------------------------------------------
 

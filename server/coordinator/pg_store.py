@@ -139,6 +139,16 @@ MIGRATIONS = (
             "ALTER TABLE coordinator.rounds ADD COLUMN audits TEXT NOT NULL DEFAULT '[]'",
         ),
     ),
+    Migration(
+        3,
+        "fuel receipts: rounds' fuel budget and plausibility rule, updates' fuel",
+        (
+            "ALTER TABLE coordinator.rounds ADD COLUMN fuel_budget BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE coordinator.rounds "
+            "ADD COLUMN min_fuel_ratio DOUBLE PRECISION NOT NULL DEFAULT 0",
+            "ALTER TABLE coordinator.updates ADD COLUMN fuel_consumed BIGINT NOT NULL DEFAULT 0",
+        ),
+    ),
 )
 
 _SELECT_ROUNDS = f"SELECT {', '.join(records.ROUND_COLUMNS)} FROM coordinator.rounds"

@@ -73,6 +73,8 @@ class Update:
     # A site coordinator's partial (`server.coordinator.site`): the site's participants whose
     # updates it combines (checked when it arrives, not kept with the update).
     contributors: tuple[str, ...] = ()
+    # The wasmtime fuel its training consumed, as signed (0: not metered).
+    fuel_consumed: int = 0
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,11 @@ class Round:
     def audit_flagged(self) -> bool:
         """An audited update did not match, or could not be audited."""
         return any(a.outcome != AUDIT_MATCH for a in self.audits)
+
+    # Fuel receipts (`RoundSpec`): each run's fuel budget (0 = the proplets' own) and the
+    # fuel plausibility rule's fraction (0 = off; `server.coordinator.fuel`).
+    fuel_budget: int = 0
+    min_fuel_ratio: float = 0.0
 
     @property
     def num_updates(self) -> int:

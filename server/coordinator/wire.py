@@ -44,6 +44,8 @@ _SPEC_SCALARS = (
     "task_wasm_image",
     "min_k_of_n",
     "module_digest",
+    "fuel_budget",
+    "min_fuel_ratio",
 )
 
 

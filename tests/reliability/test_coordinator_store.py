@@ -117,6 +117,8 @@ async def test_every_field_of_a_round_survives_a_restart(
         closed_by="k_of_n",
         module_digest="sha256:" + "ab" * 32,
         base_model_sha256="cd" * 32,
+        fuel_budget=2**62 + 1,
+        min_fuel_ratio=0.375,
     )
     failed = replace(
         new_round("r-failed", min_k_of_n=2),
@@ -175,6 +177,9 @@ async def test_a_file_of_an_older_coordinator_is_read_and_brought_up_to_date(pat
             conn.execute(f"ALTER TABLE updates DROP COLUMN {column}")
         conn.execute("ALTER TABLE updates DROP COLUMN distance")
         conn.execute("ALTER TABLE updates DROP COLUMN clip_scale")
+        conn.execute("ALTER TABLE rounds DROP COLUMN fuel_budget")
+        conn.execute("ALTER TABLE rounds DROP COLUMN min_fuel_ratio")
+        conn.execute("ALTER TABLE updates DROP COLUMN fuel_consumed")
         conn.execute("DROP TABLE notices")
     conn.close()
     store = await opened(path)
@@ -182,6 +187,7 @@ async def test_a_file_of_an_older_coordinator_is_read_and_brought_up_to_date(pat
         old = await store.get("old")
         assert old == new_round("old") and old is not None
         assert (old.min_k_of_n, old.failed) == (0, ())
+        assert (old.fuel_budget, old.min_fuel_ratio) == (0, 0.0)
         changed = R.participant_failed(R.start_round(old, 101.0), "a", "x", 102.0)
         await store.put(changed)
         assert await store.unsent() == []
@@ -362,6 +368,7 @@ async def test_an_updates_provenance_survives_a_restart(
         certificate=b"-----BEGIN CERTIFICATE-----\n...",
         distance=2.5,
         clip_scale=0.4,
+        fuel_consumed=2**63 - 1,
     )
     u = replace(u, sha256=sha256_of(u.tensors))
     rnd = R.record_update(rnd, "a")

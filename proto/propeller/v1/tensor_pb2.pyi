@@ -59,7 +59,7 @@ class ModelChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round_id", "proplet_id", "base_model_uri", "num_samples", "metrics", "tensors", "total_bytes", "base_model_sha256", "module_digest", "signature", "contributors")
+    __slots__ = ("round_id", "proplet_id", "base_model_uri", "num_samples", "metrics", "tensors", "total_bytes", "base_model_sha256", "module_digest", "signature", "contributors", "fuel_consumed")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class UpdateHeader(_message.Message):
     MODULE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    FUEL_CONSUMED_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     proplet_id: str
     base_model_uri: str
@@ -89,7 +90,8 @@ class UpdateHeader(_message.Message):
     module_digest: str
     signature: bytes
     contributors: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, round_id: _Optional[str] = ..., proplet_id: _Optional[str] = ..., base_model_uri: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., base_model_sha256: _Optional[str] = ..., module_digest: _Optional[str] = ..., signature: _Optional[bytes] = ..., contributors: _Optional[_Iterable[str]] = ...) -> None: ...
+    fuel_consumed: int
+    def __init__(self, round_id: _Optional[str] = ..., proplet_id: _Optional[str] = ..., base_model_uri: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., base_model_sha256: _Optional[str] = ..., module_digest: _Optional[str] = ..., signature: _Optional[bytes] = ..., contributors: _Optional[_Iterable[str]] = ..., fuel_consumed: _Optional[int] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "data")
