@@ -45,7 +45,7 @@ from server import metrics
 from server.coordinator import rounds as R
 from server.coordinator.rounds import AuditOutcome, Round, Update
 from server.coordinator.store import RoundUpdates, each_update, update_headers
-from server.errors import PropellerError
+from server.errors import FailedPrecondition, InvalidArgument, PropellerError
 from server.manager.experiments import round_task_name
 from server.oci import MAX_MODULE_BYTES, ImageRef, OciClient, is_loopback
 from server.tensors import Array, Tensors, nbytes_of, offload_if_big, sha256_of
@@ -355,6 +355,20 @@ def _same_metrics(sent: Mapping[str, float], again: Mapping[str, float]) -> bool
     """The same keys and, bit for bit, the same values: the same module on the same inputs
     prints the same numbers (NaN cannot occur: an update's metrics are finite)."""
     return dict(sent) == dict(again)
+
+
+def check_auditable(auditor: Auditor | None, *, root: bool) -> None:
+    """A round may ask for an audit only where its updates can be re-run: a coordinator
+    with an auditor whose participants are proplets (not a root's sites)."""
+    if auditor is None:
+        raise FailedPrecondition(
+            "audit.fraction: this coordinator has no auditor to re-run updates with"
+        )
+    if root:
+        raise InvalidArgument(
+            "audit.fraction: a root coordinator's updates are its sites' partials, which "
+            "cannot be re-run; configure the audit on the sites' rounds"
+        )
 
 
 def unaudited(rnd: Round, updates: RoundUpdates, reason: str) -> tuple[AuditOutcome, ...]:

@@ -30,7 +30,13 @@ from server.coordinator import aggregation as A
 from server.coordinator import bounds as B
 from server.coordinator import rounds as R
 from server.coordinator import site as S
-from server.coordinator.audit import Auditor, apply_policy, draw_seed, unaudited
+from server.coordinator.audit import (
+    Auditor,
+    apply_policy,
+    check_auditable,
+    draw_seed,
+    unaudited,
+)
 from server.coordinator.backend import BaseModel, Lineage, ModelBackend, RetryPolicy
 from server.coordinator.checks import OpenRoundMembers, UpdateChecks
 from server.coordinator.events import Event, EventType, Watchers
@@ -40,7 +46,7 @@ from server.coordinator.records import Notice
 from server.coordinator.replicas import Replica, RoundLeases, keep_lease, watch_replicated
 from server.coordinator.rounds import Round, Update
 from server.coordinator.store import RoundStore, RoundUpdates, update_headers
-from server.errors import FailedPrecondition, InvalidArgument, PropellerError
+from server.errors import PropellerError
 from server.faults import crash_point
 from server.messages import RoundComplete
 from server.round_spec import DEFAULT_TIMEOUT_S, RoundSpec, validate, with_defaults
@@ -167,7 +173,7 @@ class Coordinator:
         if self.hierarchy.hierarchical:
             S.check_composes(cfg.strategy_name)
         if cfg.audit.enabled:
-            self._check_auditable()
+            check_auditable(self.auditor, root=self.hierarchy.tier == S.ROOT)
         tracing.remember_round(cfg.round_id)
         async with self._lock(cfg.round_id):
             rnd = await self.store.get(cfg.round_id)
@@ -553,19 +559,6 @@ class Coordinator:
             len(headers),
             partial.num_samples,
         )
-
-    def _check_auditable(self) -> None:
-        """A round may ask for an audit only where its updates can be re-run: a coordinator
-        with an auditor whose participants are proplets (not a root's sites)."""
-        if self.auditor is None:
-            raise FailedPrecondition(
-                "audit.fraction: this coordinator has no auditor to re-run updates with"
-            )
-        if self.hierarchy.tier == S.ROOT:
-            raise InvalidArgument(
-                "audit.fraction: a root coordinator's updates are its sites' partials, which "
-                "cannot be re-run; configure the audit on the sites' rounds"
-            )
 
     async def _audit(self, rnd: Round, updates: RoundUpdates) -> tuple[Round, RoundUpdates] | None:
         """The round's re-execution audit at its close (`audit`): its outcomes recorded with
