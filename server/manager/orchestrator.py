@@ -23,10 +23,12 @@ SCHEDULED or RUNNING past their deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -66,12 +68,16 @@ from server.manager.plan import (
 )
 from server.manager.proplets import Proplets, Skipped
 from server.manager.records import require
+from server.manager.replicas import Replica, ReplicaStore, events_between
 from server.manager.tasks import Task, Tasks, TaskState
 from server.messages import PropletAnnounce, ResultAck, TaskResult
 from server.round_spec import RoundSpec
 from server.topics import Report, Topics
 
 log = logging.getLogger(__name__)
+
+# How long StartExperiment on a replica waits for the fan-out another replica drives.
+FAN_OUT_WAIT_S = 60.0
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 
@@ -110,6 +116,10 @@ class Manager:
     _resent: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     # Waits until every change made to the stores so far is on disk (`ManagerApp.persisted`).
     persisted: Callable[[], Awaitable[None]] = _nothing_pending
+    # On PostgreSQL, this manager among its replicas and the state they share
+    # (`server.manager.replicas`); None: the only manager.
+    replica: Replica | None = None
+    shared: ReplicaStore | None = None
     # Backoff of the background retries (fan-outs, failure reports): doubling up to the cap.
     retry_initial_s: float = 0.2
     retry_max_s: float = 5.0
@@ -130,6 +140,32 @@ class Manager:
     def __post_init__(self) -> None:
         self._fan_outs_due.set()  # at start: whatever a crash left recorded
 
+    # --- replicas --------------------------------------------------------------------------
+
+    async def fresh(self) -> None:
+        """With replicas: the stores take what the others changed since they last looked, and
+        WatchExperiment hears of the experiments that moved on elsewhere."""
+        if self.shared is None:
+            return
+        for old, new in await self.shared.refresh():
+            for kind, rnd in events_between(old, new):
+                self.emit(kind, new, rnd)
+
+    def task_lock(self, task_id: str) -> AbstractAsyncContextManager[None]:
+        """Around a task's read-modify-write: with replicas, the task's lock (the task fresh
+        inside); else nothing."""
+        if self.shared is None:
+            return contextlib.nullcontext()
+        return self.shared.task_lock(task_id)
+
+    async def leased(self, eid: str) -> bool:
+        """Whether this manager may drive experiment `eid` (taking its lease if it is free):
+        always without replicas."""
+        if self.shared is None or self.replica is None:
+            return True
+        replica = self.replica
+        return await self.shared.claim(eid, replica.replica_id, self.clock(), replica.lease_s)
+
     # --- MQTT intake ---------------------------------------------------------------------
 
     async def handle_message(self, topic: str, payload: bytes) -> tuple[str, ResultAck] | None:
@@ -145,7 +181,8 @@ class Manager:
         try:
             if kind is Report.RESULTS:
                 result = TaskResult.from_json(payload)
-                task = self._apply_result(sender, result)
+                async with self.task_lock(result.task_id):
+                    task = self._apply_result(sender, result)
                 if task is not None:
                     self._task_ended(task)
                     if task.state.final:
@@ -195,7 +232,8 @@ class Manager:
             now, task_deadline_s=self.task_deadline_s, grace_s=self.report_grace_s
         )
         for task, why in overdue:
-            ended = self.tasks.reconcile(task.id, why)
+            async with self.task_lock(task.id):
+                ended = self.tasks.reconcile(task.id, why)
             if ended is not None:
                 log.warning(
                     "[Manager.reconcile] task_id=%s name=%s: %s", ended.id, ended.name, ended.error
@@ -231,21 +269,23 @@ class Manager:
         crash_point("manager.task_start_published")
 
     async def start_task(self, task_id: str) -> Task:
-        scheduled, previous = self.tasks.schedule(task_id)
-        try:
-            await self._publish_start(scheduled)
-        except Unavailable:
-            self.tasks.unschedule(previous)
-            raise
+        async with self.task_lock(task_id):
+            scheduled, previous = self.tasks.schedule(task_id)
+            try:
+                await self._publish_start(scheduled)
+            except Unavailable:
+                self.tasks.unschedule(previous)
+                raise
         # A fast proplet may already have reported Running.
         return self.tasks.get(task_id)
 
     async def stop_task(self, task_id: str) -> Task:
-        task = self.tasks.check_stoppable(task_id)
-        topic = self.topics.task_stop_for(task.proplet_id)
-        await self.publish(topic, task.stop_message().to_json())
-        log.info("[Manager.StopTask] task_id=%s proplet_id=%s", task.id, task.proplet_id or "*")
-        task = self.tasks.interrupt(task_id)
+        async with self.task_lock(task_id):
+            task = self.tasks.check_stoppable(task_id)
+            topic = self.topics.task_stop_for(task.proplet_id)
+            await self.publish(topic, task.stop_message().to_json())
+            log.info("[Manager.StopTask] task_id=%s proplet_id=%s", task.id, task.proplet_id or "*")
+            task = self.tasks.interrupt(task_id)
         self._task_ended(task)
         return task
 
@@ -371,6 +411,11 @@ class Manager:
             return ExperimentStarted(experiment, await self.rounds.get_round_status(round_id))
         eid = experiment.experiment_id
         task = self._fan_outs.get(eid)
+        if task is None and self.shared is not None:
+            await self.persisted()  # recorded before its lease is taken
+            if not await self.leased(eid):
+                return await self._fanned_out_elsewhere(eid)
+            task = self._fan_outs.get(eid)
         if task is None:
             fan_out = tracing.round_fan_out(
                 experiment.round_spec.round_id, eid, len(experiment.rounds) <= 1, self._fan_out(eid)
@@ -387,6 +432,29 @@ class Manager:
             task.add_done_callback(done)
         # A caller that goes away does not stop the fan-out.
         return await asyncio.shield(task)
+
+    async def _fanned_out_elsewhere(self, eid: str) -> ExperimentStarted:
+        """The answer once the replica that drives `eid` has finished its fan-out, as the
+        database shows it (UNAVAILABLE after `FAN_OUT_WAIT_S`: repeat the call)."""
+        poll_s = self.replica.refresh_s if self.replica else 0.5
+        give_up = time.monotonic() + FAN_OUT_WAIT_S
+        while time.monotonic() < give_up:
+            await asyncio.sleep(poll_s)
+            await self.fresh()
+            experiment = self.experiments.get(eid)
+            if experiment is None:  # refused by the coordinator: nothing of it is kept
+                raise FailedPrecondition(f"experiment_id: {eid!r} was not accepted; see its logs")
+            if experiment.fan_out is FanOut.DONE:
+                return await self.finish_fan_out(experiment)
+            if not experiment.running:
+                raise FailedPrecondition(
+                    f"experiment_id: {eid!r} is {experiment.state.value}; its round "
+                    f"{experiment.round_spec.round_id!r} is not started"
+                )
+        raise Unavailable(
+            f"experiment_id: {eid!r} is being started by another manager replica; repeat the "
+            "call for its answer"
+        )
 
     async def fan_out_settled(self, eid: str) -> None:
         """Wait for the fan-out of `eid` in flight, if any, to end (however it ends)."""

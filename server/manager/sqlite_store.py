@@ -140,10 +140,13 @@ class ManagerDatabase:
     def stores(self) -> tuple[TableStore[Any], ...]:
         return (self.proplets, self.tasks, self.experiments)
 
-    def loaded(self, loaded: list[list[Any]], where: str) -> None:
-        """Take each store's records as read at open (in `stores` order)."""
-        for store, records in zip(self.stores, loaded, strict=True):
-            store.loaded(records)
+    def loaded(
+        self, loaded: list[list[Any]], where: str, seqs: list[list[int]] | None = None
+    ) -> None:
+        """Take each store's records as read at open (in `stores` order), with their
+        positions in the database when it numbers them (`seqs`)."""
+        for i, (store, records) in enumerate(zip(self.stores, loaded, strict=True)):
+            store.loaded(records, None if seqs is None else seqs[i])
         counts = " ".join(
             f"{s.table.name}={len(r)}" for s, r in zip(self.stores, loaded, strict=True)
         )
@@ -268,10 +271,18 @@ class TableStore(InMemoryStore[T]):
         super().__init__()
         self._owner = owner
         self.table = table
+        # For replicas (`refreshed`): how many puts and deletes so far, the count at each
+        # key's latest one, and each key's creation position in the database (its `seq`).
+        self.changes = 0
+        self._changed_at: dict[str, int] = {}
+        self._seq: dict[str, int] = {}
 
-    def loaded(self, records: list[T]) -> None:
-        """Take the records read from the file (in creation order)."""
+    def loaded(self, records: list[T], seqs: list[int] | None = None) -> None:
+        """Take the records read from the file (in creation order), with their positions
+        there when the database numbers them (`seqs`)."""
         self._records = {r.key: r for r in records}
+        if seqs is not None:
+            self._seq = {r.key: seq for r, seq in zip(records, seqs, strict=True)}
 
     def put(self, record: T) -> None:
         owner = self._owner
@@ -279,6 +290,7 @@ class TableStore(InMemoryStore[T]):
         statement = self.table.statement(record, self.get(record.key), table=table, mark=owner.mark)
         if statement is not None:
             self._owner.submit_statement(statement)
+            self._changed(record.key)
         super().put(record)
 
     def delete(self, key: str) -> None:
@@ -287,7 +299,43 @@ class TableStore(InMemoryStore[T]):
         owner = self._owner
         table = owner.schema + self.table.name
         owner.submit_statement(self.table.delete_statement(key, table=table, mark=owner.mark))
+        self._changed(key)
         super().delete(key)
+
+    def _changed(self, key: str) -> None:
+        self.changes += 1
+        self._changed_at[key] = self.changes
+
+    def refreshed(
+        self, rows: list[tuple[int, T]], removed: list[str], since: int
+    ) -> list[tuple[T | None, T]]:
+        """Take what another replica wrote: `rows` (each with its creation position) and the
+        keys `removed`, as read after this store's change number was `since` -- except for
+        the keys changed here since (this replica's write is newer than what was read).
+        Keeps the records in creation order. Returns the records taken, each with the one it
+        replaced (None: new here)."""
+        taken: list[tuple[T | None, T]] = []
+        reorder = False
+        for seq, record in rows:
+            key = record.key
+            if self._changed_at.get(key, 0) > since:
+                continue
+            before = self._records.get(key)
+            if before is None:
+                reorder = True
+            self._seq[key] = seq
+            if before != record:
+                self._records[key] = record
+                taken.append((before, record))
+        for key in removed:
+            if self._changed_at.get(key, 0) <= since:
+                self._records.pop(key, None)
+        if reorder:
+            # Records written here and not read back yet (no position) stay at the end.
+            last = max(self._seq.values(), default=0) + 1
+            ordered = sorted(self._records.items(), key=lambda kv: self._seq.get(kv[0], last))
+            self._records = dict(ordered)
+        return taken
 
 
 # --- rows <-> records -----------------------------------------------------------------------

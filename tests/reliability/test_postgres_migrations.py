@@ -64,6 +64,7 @@ async def test_concurrent_starts_on_an_empty_database_migrate_once(database_url:
         assert recorded(database_url) == [
             ("coordinator", 1, "rounds, updates, strategy states, notices"),
             ("manager", 1, "proplets, tasks, experiments"),
+            ("manager", 2, "replicas: change numbers, removals, experiment leases"),
             ("registry", 1, "models and their pieces"),
         ]
     finally:
