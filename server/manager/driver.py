@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from dataclasses import dataclass, field, replace
 
@@ -58,7 +57,7 @@ from server.manager.plan import (
 )
 from server.manager.proplets import Skipped
 from server.manager.records import require
-from server.manager.replicas import Replica, ReplicaStore
+from server.manager.replicas import Replica, ReplicaStore, recorded_elsewhere
 from server.manager.tasks import STOPPABLE, TaskState
 from server.round_spec import DEFAULT_TIMEOUT_S
 
@@ -66,8 +65,6 @@ log = logging.getLogger(__name__)
 
 # How long past a round's timeout one watch of it lasts (aggregation, storing the version).
 WATCH_MARGIN_S = 60.0
-# How long StopExperiment on a replica waits for the replica driving it to stop it.
-STOP_WAIT_S = 60.0
 
 
 @dataclass(eq=False)
@@ -209,22 +206,12 @@ class ExperimentLoop:
 
     async def _stopped_elsewhere(self, eid: str) -> Experiment:
         """StopExperiment for an experiment another replica drives: ask it to stop (it reads
-        the request when it renews its lease) and answer once the record says it ended
-        (UNAVAILABLE after `STOP_WAIT_S`: the request stays, repeat the call)."""
+        the request when it renews its lease) and answer once the record says it ended."""
         m = self.manager
-        assert m.shared is not None and m.replica is not None
+        assert m.shared is not None
         await m.shared.request_stop(eid)
-        give_up = time.monotonic() + STOP_WAIT_S
-        while time.monotonic() < give_up:
-            await asyncio.sleep(m.replica.refresh_s)
-            await m.fresh()
-            experiment = require(m.experiments, eid, "experiment")
-            if not experiment.running:
-                return experiment
-        raise Unavailable(
-            f"experiment_id: {eid!r} is driven by another manager replica, which was asked to "
-            "stop it and has not yet; repeat the call"
-        )
+        ended = await recorded_elsewhere(m, eid, lambda e: e is None or not e.running)
+        return ended or require(m.experiments, eid, "experiment")
 
     async def _drive(self, eid: str) -> None:
         m = self.manager

@@ -29,14 +29,13 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from server import metrics, tracing
 from server.config import Endpoints
 from server.coordinator.rounds import Round, RoundState
 from server.errors import (
-    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     PropellerError,
@@ -57,6 +56,7 @@ from server.manager.experiments import (
     ScheduledParticipant,
     participant_task,
     round_of,
+    same_request,
 )
 from server.manager.failures import TRANSIENT, failure_of, report_failure
 from server.manager.modules import Modules, pin_module
@@ -68,16 +68,13 @@ from server.manager.plan import (
 )
 from server.manager.proplets import Proplets, Skipped
 from server.manager.records import require
-from server.manager.replicas import Replica, ReplicaStore, events_between
+from server.manager.replicas import Replica, ReplicaStore, events_between, recorded_elsewhere
 from server.manager.tasks import Task, Tasks, TaskState
 from server.messages import PropletAnnounce, ResultAck, TaskResult
 from server.round_spec import RoundSpec
 from server.topics import Report, Topics
 
 log = logging.getLogger(__name__)
-
-# How long StartExperiment on a replica waits for the fan-out another replica drives.
-FAN_OUT_WAIT_S = 60.0
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 
@@ -378,6 +375,11 @@ class Manager:
             module = await pin_module(self.modules, config)
             # A concurrent request may have recorded it while the module was resolved.
             experiment = self.experiments.get(eid)
+            if experiment is None and not await self.leased(eid):
+                # Another replica holds it: it records the experiment; its answer.
+                started = await self._fanned_out_elsewhere(eid)
+                same_request(started.experiment, config, plan)
+                return started
             if experiment is None:
                 experiment = plan_round(
                     self.proplets, first_round(config, plan, module, self.clock()), 1, config
@@ -387,20 +389,7 @@ class Manager:
                 # lets anything leave the manager.
                 self.experiments.put(experiment)
                 self.experiments_due.set()
-        if experiment.config != config or experiment.plan != plan:
-            differ = [
-                f.name
-                for f in fields(config)
-                if getattr(config, f.name) != getattr(experiment.config, f.name)
-            ]
-            differ += [
-                f.name
-                for f in fields(plan)
-                if getattr(plan, f.name) != getattr(experiment.plan, f.name)
-            ]
-            raise AlreadyExists(
-                f"experiment_id: {eid!r} already exists with a different {', '.join(differ)}"
-            )
+        same_request(experiment, config, plan)
         return await tracing.experiment_started(eid, self.finish_fan_out(experiment))
 
     async def finish_fan_out(self, experiment: Experiment) -> ExperimentStarted:
@@ -434,27 +423,18 @@ class Manager:
         return await asyncio.shield(task)
 
     async def _fanned_out_elsewhere(self, eid: str) -> ExperimentStarted:
-        """The answer once the replica that drives `eid` has finished its fan-out, as the
-        database shows it (UNAVAILABLE after `FAN_OUT_WAIT_S`: repeat the call)."""
-        poll_s = self.replica.refresh_s if self.replica else 0.5
-        give_up = time.monotonic() + FAN_OUT_WAIT_S
-        while time.monotonic() < give_up:
-            await asyncio.sleep(poll_s)
-            await self.fresh()
-            experiment = self.experiments.get(eid)
-            if experiment is None:  # refused by the coordinator: nothing of it is kept
-                raise FailedPrecondition(f"experiment_id: {eid!r} was not accepted; see its logs")
-            if experiment.fan_out is FanOut.DONE:
-                return await self.finish_fan_out(experiment)
-            if not experiment.running:
-                raise FailedPrecondition(
-                    f"experiment_id: {eid!r} is {experiment.state.value}; its round "
-                    f"{experiment.round_spec.round_id!r} is not started"
-                )
-        raise Unavailable(
-            f"experiment_id: {eid!r} is being started by another manager replica; repeat the "
-            "call for its answer"
+        """The answer once the replica that drives `eid` has recorded it and finished its
+        fan-out, as the database shows it."""
+        experiment = await recorded_elsewhere(
+            self, eid, lambda e: e is not None and (e.fan_out is FanOut.DONE or not e.running)
         )
+        assert experiment is not None
+        if not experiment.running and experiment.fan_out is not FanOut.DONE:
+            raise FailedPrecondition(
+                f"experiment_id: {eid!r} is {experiment.state.value}; its round "
+                f"{experiment.round_spec.round_id!r} is not started"
+            )
+        return await self.finish_fan_out(experiment)
 
     async def fan_out_settled(self, eid: str) -> None:
         """Wait for the fan-out of `eid` in flight, if any, to end (however it ends)."""

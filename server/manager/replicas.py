@@ -26,15 +26,21 @@ state directory are not supported (each would keep its own copy in memory).
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from server.coordinator.replicas import default_replica_id
-from server.manager.experiments import EventKind, Experiment, FanOut, RoundRecord
+from server.errors import Unavailable
+from server.manager.experiments import EventKind, Experiment, ExperimentStore, FanOut, RoundRecord
 
 DEFAULT_LEASE_S = 10.0
 DEFAULT_REFRESH_S = 0.5
+# How long a call on a replica waits for what another replica does (a fan-out, a stop).
+WAIT_S = 60.0
 
 __all__ = ["DEFAULT_LEASE_S", "Replica", "ReplicaStore", "default_replica_id", "events_between"]
 
@@ -115,3 +121,31 @@ def events_between(
     if not new.running and (old is None or old.running):
         events.append((EventKind.ENDED, None))
     return events
+
+
+class Refreshing(Protocol):
+    """The part of the `Manager` a replica waits with."""
+
+    replica: Replica | None
+    experiments: ExperimentStore
+
+    async def fresh(self) -> None: ...
+
+
+async def recorded_elsewhere(
+    manager: Refreshing, eid: str, done: Callable[[Experiment | None], bool]
+) -> Experiment | None:
+    """Experiment `eid`'s record once `done` says another replica has got it there, read
+    afresh every `refresh_s`; UNAVAILABLE after `WAIT_S` (repeat the call)."""
+    poll_s = manager.replica.refresh_s if manager.replica else DEFAULT_REFRESH_S
+    give_up = time.monotonic() + WAIT_S
+    while time.monotonic() < give_up:
+        await asyncio.sleep(poll_s)
+        await manager.fresh()
+        experiment = manager.experiments.get(eid)
+        if done(experiment):
+            return experiment
+    raise Unavailable(
+        f"experiment_id: {eid!r} is driven by another manager replica, which has not yet "
+        f"done what this call waits for in {WAIT_S:g} s; repeat the call"
+    )
