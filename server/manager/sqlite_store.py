@@ -249,8 +249,14 @@ class Table(Generic[T]):
         table = table or self.name
         row = self.to_row(record)
         if previous is None:
+            # An upsert: with manager replicas (`server.manager.replicas`) another one may
+            # have stored the same record first (a proplet's announcement reaches them all).
             marks = ", ".join([mark] * len(row))
-            return f"INSERT INTO {table} ({', '.join(self.columns)}) VALUES ({marks})", row
+            sets = ", ".join(f"{c} = excluded.{c}" for c in self.columns[1:])
+            return (
+                f"INSERT INTO {table} ({', '.join(self.columns)}) VALUES ({marks}) "
+                f"ON CONFLICT ({self.columns[0]}) DO UPDATE SET {sets}"
+            ), row
         old = self.to_row(previous)
         changed = [i for i in range(1, len(row)) if row[i] != old[i]]
         if not changed:
