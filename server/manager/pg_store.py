@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from server.manager.experiments import Experiment
 from server.manager.sqlite_store import (
@@ -35,7 +35,6 @@ from server.postgres import AdvisoryLocks, Connection, Migration, PostgresDataba
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 COMPONENT = "manager"
 
@@ -228,33 +227,29 @@ class PostgresManagerDatabase(ManagerDatabase):
             finally:
                 await self.flush()
 
-    async def _lease_tx(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+    async def _row(self, sql: str, values: Row) -> Row | None:
+        """The first row `sql` returns (None: none), in a transaction of its own."""
         async with self._pg.transaction() as conn:
-            return await fn(conn)
+            cur = await conn.execute(sql, values)
+            row = await cur.fetchone() if cur.description else None
+            return None if row is None else tuple(row)
 
     async def claim(self, experiment_id: str, owner: str, now: float, lease_s: float) -> bool:
-        async def take(conn: Connection) -> bool:
-            cur = await conn.execute(_CLAIM, (experiment_id, owner, now + lease_s, owner, now))
-            return await cur.fetchone() is not None
-
-        return await self._lease_tx(take)
+        values = (experiment_id, owner, now + lease_s, owner, now)
+        return await self._row(_CLAIM, values) is not None
 
     async def renew(
         self, experiment_id: str, owner: str, now: float, lease_s: float
     ) -> tuple[bool, bool]:
-        async def extend(conn: Connection) -> tuple[bool, bool]:
-            cur = await conn.execute(
-                "UPDATE manager.experiment_leases SET until = %s "
-                "WHERE experiment_id = %s AND owner = %s RETURNING stop_requested",
-                (now + lease_s, experiment_id, owner),
-            )
-            row = await cur.fetchone()
-            return (row is not None, bool(row[0]) if row is not None else False)
-
-        return await self._lease_tx(extend)
+        row = await self._row(
+            "UPDATE manager.experiment_leases SET until = %s "
+            "WHERE experiment_id = %s AND owner = %s RETURNING stop_requested",
+            (now + lease_s, experiment_id, owner),
+        )
+        return (row is not None, bool(row[0]) if row is not None else False)
 
     async def claim_due(self, owner: str, now: float, lease_s: float) -> list[str]:
-        async def take(conn: Connection) -> list[str]:
+        async with self._pg.transaction() as conn:
             cur = await conn.execute(
                 "SELECT e.id FROM manager.experiments e "
                 "LEFT JOIN manager.experiment_leases l ON l.experiment_id = e.id "
@@ -270,17 +265,12 @@ class PostgresManagerDatabase(ManagerDatabase):
                     taken.append(str(eid))
             return taken
 
-        return await self._lease_tx(take)
-
     async def request_stop(self, experiment_id: str) -> None:
-        async def ask(conn: Connection) -> None:
-            await conn.execute(
-                "INSERT INTO manager.experiment_leases (experiment_id, stop_requested) "
-                "VALUES (%s, TRUE) ON CONFLICT (experiment_id) DO UPDATE SET stop_requested = TRUE",
-                (experiment_id,),
-            )
-
-        await self._lease_tx(ask)
+        await self._row(
+            "INSERT INTO manager.experiment_leases (experiment_id, stop_requested) "
+            "VALUES (%s, TRUE) ON CONFLICT (experiment_id) DO UPDATE SET stop_requested = TRUE",
+            (experiment_id,),
+        )
 
 
 # Take an experiment's lease when there is none, or it is `owner`'s, or it expired (the row is

@@ -2,8 +2,9 @@
 registry, aggregator, data store and coordinator as `serve` processes, a real Mosquitto and
 three real proplets training the real module.
 
-An experiment started on one replica is driven by it and read, the same, from the other;
-every task result, which both replicas receive, is applied by one of them only. Then the
+An experiment started on one replica is driven by it, and watched and read, the same, on
+the other; every task result, which both replicas receive, is applied by one of them only.
+Then the
 replica that drives a second experiment is killed with SIGKILL in the middle of a round (its
 fan-out: two of round 2's three task starts sent); the other takes the experiment over once
 the lease expires, finishes the round and the experiment, each round once with one task per
@@ -11,7 +12,8 @@ proplet, and stores the same models as the experiment that ran without a crash: 
 from the same bases on the same data, each update counted once. (The same values to float
 rounding, not the same bytes: the coordinator sums a round's updates in their order of
 arrival, which differs between any two runs; test_coordinator_replica_processes.py shows the
-same bytes for the same order.)
+same bytes for the same order.) Last, StopExperiment on the replica that does not drive an
+experiment: the driver stops it and the answer says it stopped.
 
 The managers reach the broker on its plaintext listener, and every hop is plaintext: with
 mutual TLS, mosquitto makes a client's certificate name its client id, and the ACL knows one
@@ -34,8 +36,9 @@ from server.config import MqttConfig
 from server.faults import KILL_AT_ENV
 from server.manager.plan import round_id_for
 from tests.reliability.test_experiment_crash import ended, experiment
+from tests.reliability.test_experiment_crash import request as experiment_request
 from tests.reliability.test_manager_crash import fleet_processes
-from tests.support.clients import V0, Clients, clients
+from tests.support.clients import Clients, clients
 from tests.support.cluster import run_proplets
 from tests.support.processes import RPC_S, service_process
 from tests.support.state import StateBackend
@@ -53,15 +56,11 @@ LEASE_S = "2"
 
 
 def request(eid: str, image: str) -> manager_pb2.StartExperimentRequest:
-    return manager_pb2.StartExperimentRequest(
-        experiment_id=eid,
-        model_ref=V0,
-        participants=IDS,
-        hyperparams=HYPER,
-        timeout_s=120,
-        task_wasm_image=image,
-        rounds=ROUNDS,
-    )
+    """test_experiment_crash's experiment, with two rounds and no shuffle."""
+    r = experiment_request(eid, image)
+    r.rounds = ROUNDS
+    r.hyperparams.CopyFrom(HYPER)
+    return r
 
 
 async def ran_once(c: Clients, eid: str) -> list[int]:
@@ -128,8 +127,21 @@ async def test_manager_replicas_share_state_and_take_over_a_killed_driver_s_expe
                 await a.wait_alive(IDS)
                 await b.wait_alive(IDS)
 
-                # Started on b (which drives it), read on a: the same answers from either.
+                # Started on b (which drives it), watched and read on a: the same answers
+                # from either.
                 await b.manager.StartExperiment(request("calm", image), timeout=RPC_S)
+                watched = [
+                    (e.type, e.round.index)
+                    async for e in a.manager.WatchExperiment(
+                        manager_pb2.WatchExperimentRequest(experiment_id="calm"), timeout=180
+                    )
+                ]
+                assert watched[0][0] == manager_pb2.EXPERIMENT_EVENT_TYPE_SNAPSHOT
+                assert watched[-1][0] == manager_pb2.EXPERIMENT_EVENT_TYPE_ENDED
+                assert watched[-3:-1] == [
+                    (manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_STARTED, 2),
+                    (manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_FINISHED, 2),
+                ]
                 calm = await ran_once(a, "calm")
                 assert await experiment(a, "calm") == await experiment(b, "calm")
                 tasks_a, tasks_b = await a.round_tasks(""), await b.round_tasks("")
@@ -151,9 +163,25 @@ async def test_manager_replicas_share_state_and_take_over_a_killed_driver_s_expe
                 await same_models(b, killed, calm)
                 assert calm == [1, 2] and killed == [3, 4]  # no version skipped or stored twice
                 assert "experiment_id=killed driven by replica replica-b" in b_proc.log_text()
+
+                # StopExperiment on a replica that does not drive the experiment: the driver
+                # stops it, the answer says so.
+                del a_proc.env[KILL_AT_ENV]
+                await a_proc.restart()
+                await b.manager.StartExperiment(request("stopped", image), timeout=RPC_S)
+                stopped = await a.manager.StopExperiment(
+                    manager_pb2.StopExperimentRequest(experiment_id="stopped"), timeout=RPC_S * 6
+                )
+                assert stopped.state == manager_pb2.EXPERIMENT_STATE_STOPPED, stopped
+                assert stopped.end.reason == manager_pb2.END_REASON_STOPPED
+                assert (await experiment(b, "stopped")).state == stopped.state
+                ending = "experiment_id=stopped ended after round"
+                assert ending in b_proc.log_text() and ending not in a_proc.log_text()
             assert await b_proc.terminate_async() == 0, b_proc.tail()
     assert db.raw("manager", "SELECT experiment_id, owner FROM experiment_leases ORDER BY 1") == [
         ("calm", "replica-b"),
         ("killed", "replica-b"),
+        ("stopped", "replica-b"),
     ]
-    assert db.raw("manager", "SELECT count(*) FROM tasks") == [(2 * ROUNDS * len(IDS),)]
+    # Each round task once: calm's and killed's, and the first round of the stopped one.
+    assert db.raw("manager", "SELECT count(*) FROM tasks") == [((2 * ROUNDS + 1) * len(IDS),)]
