@@ -126,6 +126,8 @@ class PostgresManagerDatabase(ManagerDatabase):
         self._refresh_asked = 0
         self._refresh_done = 0
         self._refreshing = asyncio.Lock()
+        # The experiments refreshes found changed, until `refresh` hands them out.
+        self._experiments_changed: list[tuple[Experiment | None, Experiment]] = []
 
     async def open(self) -> None:
         await self._pg.open()
@@ -189,12 +191,18 @@ class PostgresManagerDatabase(ManagerDatabase):
 
     async def refresh(self) -> list[tuple[Experiment | None, Experiment]]:
         """Take every row changed elsewhere since the last refresh (after this replica's own
-        writes so far are committed); the experiments that changed, before and after."""
+        writes so far are committed); the experiments that changed, before and after, since
+        the last call of this (a task lock's refresh keeps them for it), each change once."""
+        await self._read_changes()
+        changed, self._experiments_changed = self._experiments_changed, []
+        return changed
+
+    async def _read_changes(self) -> None:
         self._refresh_asked += 1
         asked = self._refresh_asked
         async with self._refreshing:
             if self._refresh_done >= asked:
-                return []  # a refresh that began after this call was made has run
+                return  # a refresh that began after this call was made has run
             target = self._refresh_asked
             await self.flush()
             since = [s.changes for s in self.stores]
@@ -216,12 +224,12 @@ class PostgresManagerDatabase(ManagerDatabase):
                 taken.append(store.refreshed([(q, r) for q, _, r in table], removed, mark))
             self._seen = seen
             self._refresh_done = target
-            return taken[2]
+            self._experiments_changed += taken[2]
 
     @asynccontextmanager
     async def task_lock(self, task_id: str) -> AsyncIterator[None]:
         async with self._locks.held(f"manager.task:{task_id}"):
-            await self.refresh()
+            await self._read_changes()
             try:
                 yield
             finally:
