@@ -8,6 +8,9 @@ coordinator to the manager: the manager learns that a round finished from the co
 stored, or why it failed), and after a broken stream or a restart from `GetRoundStatus`.
 The MQTT round-complete notice is not used: it says nothing of failed rounds nor of metrics.
 
+With replicas (`server.manager.replicas`) a replica drives only the experiments whose lease
+it holds, and carries on a dead replica's from their records once their leases expire.
+
 One driver task per running experiment repeats one step, each idempotent and each reading
 the experiment's record first, so a restart (or a retry after an error) resumes where the
 record says:

@@ -8,6 +8,8 @@ starts published) is idempotent step by step, and `run_fan_outs` finishes any re
 experiment whose fan-out did not (after a restart, or after the coordinator was unreachable).
 A repeated request gets the same answer (the same experiment and tasks).
 
+On PostgreSQL it is one of its replicas (`server.manager.replicas`: `fresh`, `task_lock`).
+
 MQTT publishing and the coordinator are injected (`Publish`, `RoundService`, both in domain
 terms), so this is testable with plain fakes; `ManagerApp` wires in the real ones.
 
@@ -156,8 +158,7 @@ class Manager:
         return self.shared.task_lock(task_id)
 
     async def leased(self, eid: str) -> bool:
-        """Whether this manager may drive experiment `eid` (taking its lease if it is free):
-        always without replicas."""
+        """Whether this manager may drive `eid` (taking its lease if free); no replicas: yes."""
         if self.shared is None or self.replica is None:
             return True
         replica = self.replica
