@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,12 @@ from server.tensors import model_to_json
 # ------------------------------------------------------------------------------ commands
 
 
-async def experiment_start(c: Client, a: argparse.Namespace) -> Reply:
-    resp = await c.start_experiment(manager_pb2.StartExperimentRequest(**round_fields(a)))
+async def started(
+    resp: manager_pb2.StartExperimentResponse,
+    a: argparse.Namespace,
+    follow: Callable[[], Awaitable[Reply]],
+) -> Reply:
+    """A started experiment's answer; with --watch, shown at once and then `follow()`ed."""
     if not a.watch:
         return shown(resp, render_experiment_response(resp))
     out = Output()
@@ -87,20 +92,17 @@ async def experiment_start(c: Client, a: argparse.Namespace) -> Reply:
     else:
         out.text(render_experiment_response(resp))
         out.text("")
-    return await follow_round(c, resp.round_id, a)
+    return await follow()
+
+
+async def experiment_start(c: Client, a: argparse.Namespace) -> Reply:
+    resp = await c.start_experiment(manager_pb2.StartExperimentRequest(**round_fields(a)))
+    return await started(resp, a, lambda: follow_round(c, resp.round_id, a))
 
 
 async def experiment_run(c: Client, a: argparse.Namespace) -> Reply:
     resp = await c.start_experiment(experiment_request(a))
-    if not a.watch:
-        return shown(resp, render_experiment_response(resp))
-    out = Output()
-    if a.json:
-        out.json_line(message_dict(resp))
-    else:
-        out.text(render_experiment_response(resp))
-        out.text("")
-    return await follow_experiment(c, resp.experiment_id, a)
+    return await started(resp, a, lambda: follow_experiment(c, resp.experiment_id, a))
 
 
 async def experiment_history(c: Client, a: argparse.Namespace) -> Reply:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import fields
 from typing import TypeVar
 
 from google.protobuf.message import Message
@@ -47,8 +46,8 @@ from server.manager.plan import (
 )
 from server.manager.proplets import Proplet
 from server.manager.tasks import Task, TaskState, matches
-from server.messages import TaskSpec
 from server.paging import PAGE_BYTES, PagedRequest, page_in_order
+from server.wire import message_from
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -96,23 +95,8 @@ def state_from_proto(value: int) -> TaskState | None:
         raise InvalidArgument(f"state: {value} is not a TaskState") from None
 
 
-# The Task fields the message carries as they are: what the task runs (its `TaskSpec`), its
-# outcome and its times (the state is an enum on the wire).
-_TASK_FIELDS = (
-    *(f.name for f in fields(TaskSpec)),
-    "results",
-    "error",
-    "created_at",
-    "updated_at",
-    "started_at",
-    "finished_at",
-)
-
-
 def task_to_proto(task: Task) -> manager_pb2.Task:
-    return manager_pb2.Task(
-        **{name: getattr(task, name) for name in _TASK_FIELDS}, state=state_to_proto(task.state)
-    )
+    return message_from(manager_pb2.Task, task, state=state_to_proto(task.state))
 
 
 def _scheduled(e: Experiment) -> list[manager_pb2.ScheduledParticipant]:
@@ -231,28 +215,17 @@ def _plan_fields(plan: ExperimentPlan) -> dict[str, object]:
 
 
 def round_to_proto(r: RoundRecord) -> manager_pb2.ExperimentRound:
-    return manager_pb2.ExperimentRound(
-        index=r.index,
-        round_id=r.round_id,
-        model_ref=r.model_ref,
-        new_model_version=r.new_model_version,
-        new_model_uri=r.new_model_uri,
-        sampled=r.sampled,
-        reported=r.reported,
-        closed_by=r.closed_by,
+    return message_from(
+        manager_pb2.ExperimentRound,
+        r,
         # In flight: OPEN (the fan-out opened it; the coordinator's status says more).
         state=STATES[r.state] if r.state else coordinator_pb2.ROUND_STATE_OPEN,
-        failure_reason=r.failure_reason,
         train_metrics=dict(r.train_metrics),
         eval_metrics=dict(r.eval_metrics),
-        eval_num_samples=r.eval_num_samples,
-        evaluated=r.evaluated,
         eval_missing=[
             manager_pb2.SkippedParticipant(proplet_id=s.proplet_id, reason=s.reason)
             for s in r.eval_missing
         ],
-        started_at=r.started_at,
-        finished_at=r.finished_at,
     )
 
 

@@ -23,16 +23,9 @@ import pytest
 from server.coordinator import rounds as R
 from server.coordinator.app import CoordinatorConfig
 from server.coordinator.coordinator import Coordinator, RetryPolicy
+from server.coordinator.records import Notice, StateCorrupted, StrategyState
 from server.coordinator.rounds import Round, RoundState, Update
-from server.coordinator.store import (
-    STATE_FILE,
-    Notice,
-    SqliteRoundStore,
-    StateCorrupted,
-    StoredUpdates,
-    StrategyState,
-    each_update,
-)
+from server.coordinator.store import STATE_FILE, SqliteRoundStore, StoredUpdates, each_update
 from server.errors import Unavailable
 from server.round_spec import Hyperparams, RoundSpec, validate, with_defaults
 from server.tensors import Spec, sha256_of
