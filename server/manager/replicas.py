@@ -20,8 +20,8 @@ for task state"), the pattern of `server.coordinator.replicas`:
 - WatchExperiment on a replica that does not drive the experiment gets its events from
   what each refresh finds changed (`events_between`).
 
-A manager on SQLite (or in memory) is one process and has no replicas: two managers on one
-state directory are not supported (each would keep its own copy in memory).
+A manager on SQLite (or in memory) is one process and has no replicas: a second manager on
+the same state directory is refused at start (`sqlite_store._only_manager`).
 """
 
 from __future__ import annotations

@@ -14,15 +14,17 @@ has reached the disk, and the event loop never blocks on it.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import IO, Any, Generic, Protocol, TypeVar
 
 from server.coordinator.rounds import RoundState
+from server.errors import FailedPrecondition
 from server.manager.experiments import (
     End,
     Experiment,
@@ -107,6 +109,24 @@ def _migrate(conn: sqlite3.Connection) -> None:
         log.info("[Manager.state] tasks: added column attempt")
 
 
+def _only_manager(path: Path) -> IO[bytes]:
+    """An exclusive lock beside manager.sqlite, held while the manager runs: a manager on
+    SQLite is one process (it keeps its records in memory), so a second one on the same state
+    directory is refused at start instead of both writing over each other. The kernel
+    releases the lock when the process ends, also by kill -9. Blocking (a thread)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = (path.parent / f"{path.name}.lock").open("wb")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise FailedPrecondition(
+            f"{path}: another manager is running on this state directory; a manager on SQLite "
+            "is one process (replicas share PostgreSQL: PROPELLER_DATABASE_URL)"
+        ) from None
+    return lock
+
+
 class StateWriteFailed(RuntimeError):
     """A write to manager.sqlite failed: what is in memory is no longer what is on disk."""
 
@@ -118,6 +138,8 @@ class ManagerDatabase:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / FILE_NAME
         self._db: Database | None = None
+        # manager.sqlite's lock (`_only_manager`), held while open.
+        self._lock: IO[bytes] | None = None
         self._pending: list[asyncio.Future[None]] = []
         self._failure: BaseException | None = None
         self.proplets = TableStore(self, PROPLETS)
@@ -125,16 +147,26 @@ class ManagerDatabase:
         self.experiments = TableStore(self, EXPERIMENTS)
 
     async def open(self) -> None:
+        self._lock = await asyncio.to_thread(_only_manager, self.path)
         db = Database(self.path, SCHEMA)
-        await db.open()
         try:
-            await db.write(_migrate)
-            loaded = await db.read(lambda conn: [s.table.load(conn) for s in self.stores])
+            await db.open()
+            try:
+                await db.write(_migrate)
+                loaded = await db.read(lambda conn: [s.table.load(conn) for s in self.stores])
+            except BaseException:
+                await db.close()
+                raise
         except BaseException:
-            await db.close()
+            self._unlock()
             raise
         self._db = db
         self.loaded(loaded, f"path={self.path}")
+
+    def _unlock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.close()  # closing the file releases its lock
 
     @property
     def stores(self) -> tuple[TableStore[Any], ...]:
@@ -160,6 +192,7 @@ class ManagerDatabase:
             await self._wait_pending()
         finally:
             await db.close()
+            self._unlock()
 
     # Table stores' SQL: tables by their own name, values marked `?`.
     schema = ""
