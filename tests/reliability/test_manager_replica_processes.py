@@ -13,7 +13,8 @@ from the same bases on the same data, each update counted once. (The same values
 rounding, not the same bytes: the coordinator sums a round's updates in their order of
 arrival, which differs between any two runs; test_coordinator_replica_processes.py shows the
 same bytes for the same order.) Last, StopExperiment on the replica that does not drive an
-experiment: the driver stops it and the answer says it stopped.
+experiment: the driver stops it and the answer says it stopped; and the same StartExperiment
+sent to both at once: recorded once, both answers the same.
 
 The managers reach the broker on its plaintext listener, and every hop is plaintext: with
 mutual TLS, mosquitto makes a client's certificate name its client id, and the ACL knows one
@@ -23,6 +24,7 @@ manager identity, so two replicas would take each other's session over (docs/rel
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 from dataclasses import replace
@@ -37,7 +39,7 @@ from server.faults import KILL_AT_ENV
 from server.manager.plan import round_id_for
 from tests.reliability.test_experiment_crash import ended, experiment
 from tests.reliability.test_experiment_crash import request as experiment_request
-from tests.reliability.test_manager_crash import fleet_processes
+from tests.reliability.test_manager_crash import fleet_processes, the_answer
 from tests.support.clients import Clients, clients
 from tests.support.cluster import run_proplets
 from tests.support.processes import RPC_S, service_process
@@ -180,12 +182,24 @@ async def test_manager_replicas_share_state_and_take_over_a_killed_driver_s_expe
                 assert (await experiment(b, "stopped")).state == stopped.state
                 ending = "experiment_id=stopped ended after round"
                 assert ending in b_proc.log_text() and ending not in a_proc.log_text()
+
+                # The same StartExperiment to both at once: recorded once, the same answer.
+                twice = request("twice", image)
+                answers = await asyncio.gather(
+                    a.manager.StartExperiment(twice, timeout=RPC_S * 6),
+                    b.manager.StartExperiment(twice, timeout=RPC_S * 6),
+                )
+                assert the_answer(answers[0]) == the_answer(answers[1])
+                assert (await ended(a, "twice")).state == manager_pb2.EXPERIMENT_STATE_COMPLETED
             assert await b_proc.terminate_async() == 0, b_proc.tail()
+    leases = dict(db.raw("manager", "SELECT experiment_id, owner FROM experiment_leases"))
     assert db.raw("manager", "SELECT experiment_id, owner FROM experiment_leases ORDER BY 1") == [
         ("calm", "replica-b"),
         ("killed", "replica-b"),
         ("stopped", "replica-b"),
+        ("twice", leases["twice"]),
     ]
-    # Each round task once: calm's, killed's and those of the rounds the stopped one ran.
-    rounds = 2 * ROUNDS + len(stopped.rounds)
+    assert leases["twice"] in ("replica-a", "replica-b")
+    # Each round task once: calm's, killed's, twice's and the stopped one's rounds'.
+    rounds = 3 * ROUNDS + len(stopped.rounds)
     assert db.raw("manager", "SELECT count(*) FROM tasks") == [(rounds * len(IDS),)]
