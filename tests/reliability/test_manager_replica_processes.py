@@ -4,17 +4,17 @@ three real proplets training the real module.
 
 An experiment started on one replica is driven by it, and watched and read, the same, on
 the other; every task result, which both replicas receive, is applied by one of them only.
-Then the
-replica that drives a second experiment is killed with SIGKILL in the middle of a round (its
-fan-out: two of round 2's three task starts sent); the other takes the experiment over once
-the lease expires, finishes the round and the experiment, each round once with one task per
-proplet, and stores the same models as the experiment that ran without a crash: trained
-from the same bases on the same data, each update counted once. (The same values to float
-rounding, not the same bytes: the coordinator sums a round's updates in their order of
-arrival, which differs between any two runs; test_coordinator_replica_processes.py shows the
-same bytes for the same order.) Last, StopExperiment on the replica that does not drive an
-experiment: the driver stops it and the answer says it stopped; and the same StartExperiment
-sent to both at once: recorded once, both answers the same.
+Then the replica that drives a second experiment is killed with SIGKILL in the middle of a
+round (its fan-out: two of round 2's three task starts sent); the other takes the experiment
+over once the lease expires, finishes the round and the experiment, each round once with one
+task per proplet, and stores the same models as the experiment that ran without a crash:
+each proplet's update in each round byte for byte the uninterrupted run's, each counted
+once, and the models equal to float rounding (not byte for byte: the coordinator sums a
+round's updates in their order of arrival, which differs between any two runs;
+test_coordinator_replica_processes.py shows the same bytes for the same order). Last,
+StopExperiment on the replica that does not drive an experiment: the driver stops it and the
+answer says it stopped; and the same StartExperiment sent to both at once: recorded once,
+both answers the same.
 
 The managers reach the broker on its plaintext listener, and every hop is plaintext: with
 mutual TLS, mosquitto makes a client's certificate name its client id, and the ACL knows one
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from propeller.v1 import coordinator_pb2, manager_pb2
+from propeller.v1 import coordinator_pb2, manager_pb2, model_registry_pb2
 from server.config import MqttConfig
 from server.faults import KILL_AT_ENV
 from server.manager.plan import round_id_for
@@ -85,8 +85,22 @@ async def ran_once(c: Clients, eid: str) -> list[int]:
     return [r.new_model_version for r in e.rounds]
 
 
+async def updates(c: Clients, version: int) -> dict[str, str]:
+    """The sha256 of each proplet's update the version was aggregated from (its lineage)."""
+    async for chunk in c.registry.GetLineage(
+        model_registry_pb2.GetModelRequest(version=version), timeout=RPC_S
+    ):
+        if chunk.HasField("header"):
+            return {u.header.proplet_id: u.sha256 for u in chunk.header.contributions}
+    raise AssertionError(f"no lineage for v{version}")
+
+
 async def same_models(c: Clients, versions: list[int], reference: list[int]) -> None:
+    """Round by round: every proplet's update byte for byte the reference's, the model the
+    same to float rounding (summed in another order)."""
     for version, ref in zip(versions, reference, strict=True):
+        ours = await updates(c, version)
+        assert sorted(ours) == IDS and ours == await updates(c, ref), version
         model, expected = await c.model(version), await c.model(ref)
         assert list(model) == list(expected)
         for name in expected:
@@ -185,6 +199,7 @@ async def test_manager_replicas_share_state_and_take_over_a_killed_driver_s_expe
 
                 # The same StartExperiment to both at once: recorded once, the same answer.
                 twice = request("twice", image)
+                twice.rounds = 1  # a repeat answers the current round: let there be one
                 answers = await asyncio.gather(
                     a.manager.StartExperiment(twice, timeout=RPC_S * 6),
                     b.manager.StartExperiment(twice, timeout=RPC_S * 6),
@@ -201,5 +216,5 @@ async def test_manager_replicas_share_state_and_take_over_a_killed_driver_s_expe
     ]
     assert leases["twice"] in ("replica-a", "replica-b")
     # Each round task once: calm's, killed's, twice's and the stopped one's rounds'.
-    rounds = 3 * ROUNDS + len(stopped.rounds)
+    rounds = 2 * ROUNDS + 1 + len(stopped.rounds)
     assert db.raw("manager", "SELECT count(*) FROM tasks") == [(rounds * len(IDS),)]
