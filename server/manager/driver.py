@@ -144,8 +144,8 @@ class ExperimentLoop:
                         experiment.round_index,
                     )
                     self._start(eid)
-            except PropellerError as exc:  # the database unreachable: try again
-                log.warning("[Manager.experiments] leases not renewed or claimed: %s", exc)
+            except Exception:  # the database unreachable...: logged, tried again
+                log.exception("[Manager.experiments] leases not renewed or claimed")
 
     async def _stop_here(self, eid: str) -> None:
         try:
@@ -220,7 +220,13 @@ class ExperimentLoop:
         m = self.manager
         delay = m.retry_initial_s
         while True:
-            await m.fresh()
+            try:
+                await m.fresh()
+            except Exception as exc:  # the database unreachable: tried again
+                log.warning("[Manager.experiments] experiment_id=%s not read: %s", eid, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, m.retry_max_s)
+                continue
             experiment = m.experiments.get(eid)
             if experiment is None or not experiment.running:
                 return
