@@ -19,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from server.config import Endpoints
 from server.coordinator.rounds import FINISHED, RoundState
-from server.errors import FailedPrecondition
+from server.errors import AlreadyExists, FailedPrecondition
 from server.manager.plan import EndReason, ExperimentPlan
 from server.manager.proplets import Skipped
 from server.manager.records import InMemoryStore, RecordStore
@@ -327,3 +327,22 @@ class ExperimentEvents:
             watchers.discard(queue)
             if not watchers:
                 self._watchers.pop(eid, None)
+
+
+def same_request(experiment: Experiment, config: RoundSpec, plan: ExperimentPlan) -> None:
+    """ALREADY_EXISTS naming the fields in which `config` and `plan` differ from what
+    `experiment` was started with."""
+    if experiment.config == config and experiment.plan == plan:
+        return
+    differ = [
+        f.name
+        for f in fields(config)
+        if getattr(config, f.name) != getattr(experiment.config, f.name)
+    ]
+    differ += [
+        f.name for f in fields(plan) if getattr(plan, f.name) != getattr(experiment.plan, f.name)
+    ]
+    raise AlreadyExists(
+        f"experiment_id: {experiment.experiment_id!r} already exists with a different "
+        f"{', '.join(differ)}"
+    )

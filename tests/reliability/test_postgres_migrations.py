@@ -75,6 +75,11 @@ async def test_concurrent_starts_on_an_empty_database_migrate_once(database_url:
             for m in steps
         ]
         assert ("coordinator", 3, FUEL_MIGRATION) in recorded(database_url)
+        assert (
+            "manager",
+            2,
+            "replicas: change numbers, removals, experiment leases",
+        ) in recorded(database_url)
     finally:
         await asyncio.gather(*(s.close() for s in stores))
 
