@@ -56,6 +56,7 @@ from server.tensors import (
     tensors_from_bytes,
     total_bytes,
 )
+from server.wire import message_from
 
 H = TypeVar("H", tensor_pb2.ModelHeader, tensor_pb2.UpdateHeader)
 
@@ -113,6 +114,8 @@ class UpdateMeta:
     signature: bytes = b""
     # A site coordinator's partial: the participants whose updates it combines.
     contributors: tuple[str, ...] = ()
+    # The wasmtime fuel the training run consumed (0: not metered); signed with the rest.
+    fuel_consumed: int = 0
 
 
 def update_stream(
@@ -126,18 +129,11 @@ def update_stream(
 
 
 def update_header(meta: UpdateMeta, specs: list[Spec]) -> tensor_pb2.UpdateHeader:
-    return tensor_pb2.UpdateHeader(
-        round_id=meta.round_id,
-        proplet_id=meta.proplet_id,
-        base_model_uri=meta.base_model_uri,
-        num_samples=meta.num_samples,
-        metrics=meta.metrics,
+    return message_from(
+        tensor_pb2.UpdateHeader,
+        meta,
         tensors=[s.to_proto() for s in specs],
         total_bytes=total_bytes(specs),
-        base_model_sha256=meta.base_model_sha256,
-        module_digest=meta.module_digest,
-        signature=meta.signature,
-        contributors=meta.contributors,
     )
 
 

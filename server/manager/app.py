@@ -31,21 +31,9 @@ from server.manager.sqlite_store import ManagerDatabase
 from server.manager.tasks import InMemoryTaskStore, Tasks, TaskStore
 from server.messages import ResultAck
 from server.mqtt import MqttSession
+from server.oci import oci_insecure_from_env
 
 SERVICE_NAME: str = manager_pb2.DESCRIPTOR.services_by_name["Manager"].full_name
-
-
-def _oci_insecure(env: Mapping[str, str]) -> bool | None:
-    """PROPELLER_OCI_INSECURE: 1/true/yes or 0/false/no; unset: None."""
-    key = "PROPELLER_OCI_INSECURE"
-    raw = env.get(key, "").strip().lower()
-    if not raw:
-        return None
-    if raw in ("1", "true", "yes"):
-        return True
-    if raw in ("0", "false", "no"):
-        return False
-    raise ValueError(f"{key}: {raw!r} must be 1 or 0")
 
 
 @dataclass(frozen=True)
@@ -77,7 +65,7 @@ class ManagerConfig:
     # address every image's registry is reached at ("" = the host the image names) and
     # whether over plain HTTP (None: for loopback addresses only).
     oci_registry: str = setting("PROPELLER_OCI_REGISTRY", "")
-    oci_insecure: bool | None = field(default=None, metadata=read_by(_oci_insecure))
+    oci_insecure: bool | None = field(default=None, metadata=read_by(oci_insecure_from_env))
     # Mutual TLS, server and the coordinator channel (None: plaintext); see TlsConfig.
     tls: TlsConfig | None = field(kw_only=True, metadata=read_by(TlsConfig.from_env))
 

@@ -78,12 +78,14 @@ def round_task_env(
     endpoints: Endpoints,
     deadline: float = 0.0,
     module_digest: str = "",
+    fuel_budget: int = 0,
 ) -> dict[str, str]:
     """The environment of a federated task: the seed's ROUND_ID, MODEL_URI and HYPERPARAMS
     plus the gRPC targets (host:port) the proplet fetches from and reports to, and, when the
     round has one, ROUND_DEADLINE: the coordinator's deadline in unix seconds, until which the
     proplet retries services it cannot reach; and MODULE_DIGEST, the module the round pinned
-    (the proplet runs no other)."""
+    (the proplet runs no other); and FUEL_BUDGET, the round's fuel budget for one run (the
+    proplet's own limit, if lower, still applies)."""
     env = {
         "ROUND_ID": round_id,
         "MODEL_URI": model_uri,
@@ -97,6 +99,8 @@ def round_task_env(
         env["ROUND_DEADLINE"] = repr(float(deadline))
     if module_digest:
         env["MODULE_DIGEST"] = module_digest
+    if fuel_budget:
+        env["FUEL_BUDGET"] = str(fuel_budget)
     return env
 
 
@@ -127,6 +131,7 @@ def participant_task(
         endpoints=endpoints,
         deadline=deadline,
         module_digest=module_digest,
+        fuel_budget=spec.fuel_budget,
     )
     return tasks.create(
         s.task_name,

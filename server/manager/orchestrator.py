@@ -26,7 +26,6 @@ import asyncio
 import logging
 import math
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -36,7 +35,6 @@ from server.config import Endpoints
 from server.coordinator.rounds import Round, RoundState
 from server.errors import (
     AlreadyExists,
-    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     PropellerError,
@@ -45,8 +43,6 @@ from server.errors import (
 from server.faults import crash_point
 from server.manager.coordinator import RoundService
 from server.manager.experiments import (
-    EVALUATE,
-    FL_TASK,
     End,
     EventKind,
     Experiment,
@@ -59,15 +55,14 @@ from server.manager.experiments import (
     ScheduledParticipant,
     participant_task,
     round_of,
-    round_task_name,
 )
-from server.manager.modules import Modules, PinnedModule
+from server.manager.failures import TRANSIENT, failure_of, report_failure
+from server.manager.modules import Modules, pin_module
+from server.manager.participants import first_round, plan_round
 from server.manager.plan import (
     EndReason,
     ExperimentPlan,
     check_experiment,
-    round_k,
-    sample,
 )
 from server.manager.proplets import Proplets, Skipped
 from server.manager.records import require
@@ -79,13 +74,6 @@ from server.topics import Report, Topics
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes], Awaitable[None]]
-
-# Coordinator answers that another attempt may change: the experiment stays recorded and its
-# fan-out is tried again. Any other refusal removes it (the request was not accepted).
-TRANSIENT: tuple[type[PropellerError], ...] = (Unavailable, DeadlineExceeded)
-# How long the manager keeps telling the coordinator about a failed participant when the
-# task carries no ROUND_DEADLINE.
-REPORT_WINDOW_S = 60.0
 
 
 async def _nothing_pending() -> None:
@@ -264,65 +252,21 @@ class Manager:
     # --- participants that cannot report -------------------------------------------------
 
     def _task_ended(self, task: Task) -> None:
-        """A task of a round (ROUND_ID in its env) that failed or was interrupted: its
-        participant will not report, so the coordinator is told (in the background, retried
-        while it is unreachable, until the round's deadline): the round fails at once if it
-        can no longer reach its quorum, instead of at its deadline."""
-        if task.state not in (TaskState.FAILED, TaskState.INTERRUPTED):
+        """A round task that failed or was interrupted: the coordinator is told, in the
+        background (`server.manager.failures`)."""
+        failure = failure_of(task, self.clock)
+        if failure is None:
             return
-        if task.env.get(FL_TASK) == EVALUATE:
-            return  # an evaluation: its round is over, the coordinator has nothing to learn
-        round_id = task.env.get("ROUND_ID", "")
-        proplet_id = task.proplet_id or task.reported_by
-        if not round_id or not proplet_id:
-            return
-        reason = task.error or f"task {task.id} {task.state.value.lower()}"
-        try:
-            until = float(task.env.get("ROUND_DEADLINE", "")) or 0.0
-        except ValueError:
-            until = 0.0
-        until = until or self.clock() + REPORT_WINDOW_S
         self._spawn(
-            self._report_failure(round_id, proplet_id, reason, until),
-            f"report-{round_id}-{proplet_id}",
+            report_failure(
+                self.rounds,
+                failure,
+                self.clock,
+                retry_initial_s=self.retry_initial_s,
+                retry_max_s=self.retry_max_s,
+            ),
+            f"report-{failure.round_id}-{failure.proplet_id}",
         )
-
-    async def _report_failure(
-        self, round_id: str, proplet_id: str, reason: str, until: float
-    ) -> None:
-        delay = self.retry_initial_s
-        while True:
-            try:
-                rnd = await self.rounds.report_failure(round_id, proplet_id, reason)
-            except TRANSIENT as exc:
-                if self.clock() + delay > until:
-                    log.warning(
-                        "[Manager.failures] round_id=%s proplet_id=%s: coordinator not told "
-                        "before the round's deadline (%s); the deadline closes the round",
-                        round_id,
-                        proplet_id,
-                        exc,
-                    )
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max_s)
-                continue
-            except PropellerError as exc:  # e.g. a manual task for a round nobody configured
-                log.info(
-                    "[Manager.failures] round_id=%s proplet_id=%s: not recorded by the "
-                    "coordinator: %s",
-                    round_id,
-                    proplet_id,
-                    exc,
-                )
-                return
-            log.info(
-                "[Manager.failures] round_id=%s proplet_id=%s reported failed; round %s",
-                round_id,
-                proplet_id,
-                rnd.state.value,
-            )
-            return
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -391,11 +335,13 @@ class Manager:
         eid = config.experiment_id
         experiment = self.experiments.get(eid)
         if experiment is None:
-            module = await self._pin(config)
+            module = await pin_module(self.modules, config)
             # A concurrent request may have recorded it while the module was resolved.
             experiment = self.experiments.get(eid)
             if experiment is None:
-                experiment = self._plan(config, plan, module)
+                experiment = plan_round(
+                    self.proplets, first_round(config, plan, module, self.clock()), 1, config
+                )
                 crash_point("manager.before_record")
                 # In memory at once (a concurrent repeat finds it); on disk before the fan-out
                 # lets anything leave the manager.
@@ -448,89 +394,10 @@ class Manager:
         if task is not None:
             await asyncio.wait({task})
 
-    async def _pin(self, config: RoundSpec) -> PinnedModule:
-        """The module the experiment runs; FAILED_PRECONDITION when the request names a
-        digest (`module_digest`) the image does not resolve to."""
-        module = await self.modules.pin(config.task_wasm_image)
-        if config.module_digest and module.digest != config.module_digest:
-            raise FailedPrecondition(
-                f"module_digest: {config.task_wasm_image} resolves to module {module.digest}, "
-                f"not {config.module_digest}"
-            )
-        return module
-
-    def _plan(self, config: RoundSpec, plan: ExperimentPlan, module: PinnedModule) -> Experiment:
-        """The experiment to record: its first round (`plan_round`) and the module it pins."""
-        experiment = Experiment(
-            experiment_id=config.experiment_id,
-            config=config,
-            scheduled=[],
-            skipped=[],
-            created_at=self.clock(),
-            fan_out=FanOut.RECORDED,
-            image=module.image,
-            module_digest=module.digest,
-            plan=plan,
-        )
-        return self.plan_round(experiment, 1, config)
-
     def plan_round(self, experiment: Experiment, index: int, spec: RoundSpec) -> Experiment:
-        """`experiment` with round `index` (configured as `spec`, but for its participants)
-        recorded as its current round, not fanned out yet: the participants alive now, each
-        with its task's id, and the others with the reason they are left out. With fixed
-        participants (the seed's rule): those of `spec` that are alive, k_of_n as requested
-        (FAILED_PRECONDITION if too few are alive for it); sampled (`plan.sampled`): a sample
-        of the alive candidates, k_of_n of the sample."""
-        plan = experiment.plan
-        if plan.sampled:
-            candidates = spec.participants or tuple(p.id for p in self.proplets.all())
-            alive, _ = self.proplets.split(candidates)
-            wanted = plan.sampling.min_available or 1
-            if len(alive) < wanted:
-                raise FailedPrecondition(
-                    f"sampling.min_available: round {index} needs {wanted} alive "
-                    f"candidate(s), {len(alive)} of {len(candidates)} are alive"
-                )
-            chosen = sample(plan.sampling, alive, index)
-            k = round_k(spec.k_of_n, plan.k_fraction, len(chosen))
-            spec = replace(
-                spec,
-                participants=tuple(chosen),
-                k_of_n=k,
-                min_k_of_n=min(spec.min_k_of_n, k),
-            )
-            skipped: list[Skipped] = []
-        else:
-            chosen, skipped = self.proplets.split(spec.participants)
-            for s in skipped:
-                log.warning(
-                    "[Manager.StartExperiment] round_id=%s proplet_id=%s skipped: %s",
-                    spec.round_id,
-                    s.proplet_id,
-                    s.reason,
-                )
-            if not chosen:
-                reasons = "; ".join(f"{s.proplet_id}: {s.reason}" for s in skipped)
-                raise FailedPrecondition(
-                    f"participants: none of the {len(spec.participants)} participants is "
-                    f"alive: {reasons}"
-                )
-        planned = replace(
-            experiment,
-            current=spec,
-            scheduled=[
-                ScheduledParticipant(pid, str(uuid.uuid4()), round_task_name(spec.round_id, pid))
-                for pid in chosen
-            ],
-            skipped=skipped,
-            fan_out=FanOut.RECORDED,
-            rounds=(
-                *experiment.rounds,
-                RoundRecord(index, spec.round_id, spec.model_ref, tuple(chosen)),
-            ),
-        )
-        round_of(planned)  # FAILED_PRECONDITION if too few are alive for its k_of_n
-        return planned
+        """`experiment` with round `index` recorded as its current round
+        (`server.manager.participants.plan_round`)."""
+        return plan_round(self.proplets, experiment, index, spec)
 
     def emit(self, kind: EventKind, experiment: Experiment, rnd: RoundRecord | None) -> None:
         self.events.emit(ExperimentEvent(kind, experiment, rnd, self.clock()))

@@ -17,12 +17,24 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from server.manager.sqlite_store import ManagerDatabase, Row, Table, TableStore
+from server.manager.sqlite_store import (
+    BLOB,
+    COLUMNS,
+    COUNT,
+    REAL,
+    TEXT,
+    ManagerDatabase,
+    Row,
+    Table,
+    column_definitions,
+)
 from server.postgres import Migration, PostgresDatabase
 
 log = logging.getLogger(__name__)
 
 COMPONENT = "manager"
+
+POSTGRES_TYPES = {TEXT: "TEXT", REAL: "DOUBLE PRECISION", BLOB: "BYTEA", COUNT: "INTEGER"}
 
 MIGRATIONS = (
     Migration(
@@ -31,39 +43,11 @@ MIGRATIONS = (
         (
             "CREATE SCHEMA IF NOT EXISTS manager",
             # `seq`: creation order, which `list` keeps across restarts (SQLite's rowid).
-            """CREATE TABLE manager.proplets (
-                seq BIGINT GENERATED ALWAYS AS IDENTITY,
-                id TEXT PRIMARY KEY,
-                name TEXT NOT NULL,
-                metadata TEXT NOT NULL,
-                last_seen DOUBLE PRECISION NOT NULL,
-                registered_at DOUBLE PRECISION NOT NULL
-            )""",
-            """CREATE TABLE manager.tasks (
-                seq BIGINT GENERATED ALWAYS AS IDENTITY,
-                id TEXT PRIMARY KEY,
-                name TEXT NOT NULL,
-                image_url TEXT NOT NULL,
-                file BYTEA NOT NULL,
-                env TEXT NOT NULL,
-                cli_args TEXT NOT NULL,
-                proplet_id TEXT NOT NULL,
-                state TEXT NOT NULL,
-                results TEXT NOT NULL,
-                error TEXT NOT NULL,
-                created_at DOUBLE PRECISION NOT NULL,
-                updated_at DOUBLE PRECISION NOT NULL,
-                started_at DOUBLE PRECISION NOT NULL,
-                finished_at DOUBLE PRECISION NOT NULL,
-                reported_by TEXT NOT NULL,
-                attempt INTEGER NOT NULL DEFAULT 0
-            )""",
-            """CREATE TABLE manager.experiments (
-                seq BIGINT GENERATED ALWAYS AS IDENTITY,
-                id TEXT PRIMARY KEY,
-                record TEXT NOT NULL,                   -- JSON
-                created_at DOUBLE PRECISION NOT NULL
-            )""",
+            *(
+                f"CREATE TABLE manager.{table} (\n    seq BIGINT GENERATED ALWAYS AS IDENTITY,"
+                f"\n    {column_definitions(table, POSTGRES_TYPES)}\n)"
+                for table in COLUMNS
+            ),
         ),
     ),
 )
@@ -88,19 +72,13 @@ class PostgresManagerDatabase(ManagerDatabase):
 
     async def open(self) -> None:
         await self._pg.open()
-        stores: tuple[TableStore[Any], ...] = (self.proplets, self.tasks, self.experiments)
         try:
-            loaded = [await self._load(s.table) for s in stores]
+            loaded = [await self._load(s.table) for s in self.stores]
         except BaseException:
             await self._pg.close()
             raise
-        for store, records in zip(stores, loaded, strict=True):
-            store.loaded(records)
         self._open = True
-        log.info(
-            "[Manager.state] postgres %s",
-            " ".join(f"{s.table.name}={len(r)}" for s, r in zip(stores, loaded, strict=True)),
-        )
+        self.loaded(loaded, "postgres")
 
     async def _load(self, table: Table[Any]) -> list[Any]:
         async with self._pg.transaction() as conn:

@@ -42,37 +42,56 @@ log = logging.getLogger(__name__)
 
 FILE_NAME = "manager.sqlite"
 
+# The tables' columns as schema version 1 made them, in order (the first is the key), each
+# with its kind; SQLite's schema and PostgreSQL's first migration are both written from
+# these (`column_definitions`). A column added later goes into `_migrate` and into a new
+# PostgreSQL migration, not here.
+TEXT, REAL, BLOB, COUNT = "text", "real", "blob", "count"
+COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "proplets": (
+        ("id", TEXT),
+        ("name", TEXT),
+        ("metadata", TEXT),
+        ("last_seen", REAL),
+        ("registered_at", REAL),
+    ),
+    "tasks": (
+        ("id", TEXT),
+        ("name", TEXT),
+        ("image_url", TEXT),
+        ("file", BLOB),
+        ("env", TEXT),
+        ("cli_args", TEXT),
+        ("proplet_id", TEXT),
+        ("state", TEXT),
+        ("results", TEXT),
+        ("error", TEXT),
+        ("created_at", REAL),
+        ("updated_at", REAL),
+        ("started_at", REAL),
+        ("finished_at", REAL),
+        ("reported_by", TEXT),
+        ("attempt", COUNT),
+    ),
+    "experiments": (("id", TEXT), ("record", TEXT), ("created_at", REAL)),  # record: JSON
+}
+SQLITE_TYPES = {TEXT: "TEXT", REAL: "REAL", BLOB: "BLOB", COUNT: "INTEGER"}
+
+
+def column_definitions(table: str, types: dict[str, str]) -> str:
+    """`table`'s column definitions in a dialect whose type for each kind `types` gives."""
+    (key, key_kind), *rest = COLUMNS[table]
+    defs = [f"{key} {types[key_kind]} PRIMARY KEY"]
+    defs += [
+        f"{name} {types[kind]} NOT NULL" + (" DEFAULT 0" if kind == COUNT else "")
+        for name, kind in rest
+    ]
+    return ",\n    ".join(defs)
+
+
 SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS proplets (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        metadata TEXT NOT NULL,
-        last_seen REAL NOT NULL,
-        registered_at REAL NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS tasks (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        image_url TEXT NOT NULL,
-        file BLOB NOT NULL,
-        env TEXT NOT NULL,
-        cli_args TEXT NOT NULL,
-        proplet_id TEXT NOT NULL,
-        state TEXT NOT NULL,
-        results TEXT NOT NULL,
-        error TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        started_at REAL NOT NULL,
-        finished_at REAL NOT NULL,
-        reported_by TEXT NOT NULL,
-        attempt INTEGER NOT NULL DEFAULT 0
-    )""",
-    """CREATE TABLE IF NOT EXISTS experiments (
-        id TEXT PRIMARY KEY,
-        record TEXT NOT NULL,
-        created_at REAL NOT NULL
-    )""",
+    f"CREATE TABLE IF NOT EXISTS {table} (\n    {column_definitions(table, SQLITE_TYPES)}\n)"
+    for table in COLUMNS
 ]
 
 Write = Callable[[sqlite3.Connection], None]
@@ -108,21 +127,27 @@ class ManagerDatabase:
     async def open(self) -> None:
         db = Database(self.path, SCHEMA)
         await db.open()
-        stores: tuple[TableStore[Any], ...] = (self.proplets, self.tasks, self.experiments)
         try:
             await db.write(_migrate)
-            loaded = await db.read(lambda conn: [s.table.load(conn) for s in stores])
+            loaded = await db.read(lambda conn: [s.table.load(conn) for s in self.stores])
         except BaseException:
             await db.close()
             raise
-        for store, records in zip(stores, loaded, strict=True):
-            store.loaded(records)
         self._db = db
-        log.info(
-            "[Manager.state] path=%s %s",
-            self.path,
-            " ".join(f"{s.table.name}={len(r)}" for s, r in zip(stores, loaded, strict=True)),
+        self.loaded(loaded, f"path={self.path}")
+
+    @property
+    def stores(self) -> tuple[TableStore[Any], ...]:
+        return (self.proplets, self.tasks, self.experiments)
+
+    def loaded(self, loaded: list[list[Any]], where: str) -> None:
+        """Take each store's records as read at open (in `stores` order)."""
+        for store, records in zip(self.stores, loaded, strict=True):
+            store.loaded(records)
+        counts = " ".join(
+            f"{s.table.name}={len(r)}" for s, r in zip(self.stores, loaded, strict=True)
         )
+        log.info("[Manager.state] %s %s", where, counts)
 
     async def close(self) -> None:
         db, self._db = self._db, None
