@@ -345,12 +345,16 @@ const unroll = 4;
 const rows = 2;
 
 inline fn allZeroV(comptime p: usize, comptime h: usize, xv: [p][h]V) bool {
-    const zero: V = @splat(0);
-    var all = true;
+    // One test, not one per vector: the bits of all the values or-ed together, sign bits
+    // masked (-0.0 is zero; NaN is not). Every test is a branch, and under wasmtime a basic
+    // block of its own (fuel is counted per block).
+    const U = @Vector(lanes, u64);
+    var bits: U = @splat(0);
     inline for (0..p) |u| {
-        inline for (0..h) |k| all = all and @reduce(.And, xv[u][k] == zero);
+        inline for (0..h) |k| bits |= @as(U, @bitCast(xv[u][k]));
     }
-    return all;
+    const magnitude: U = @splat(0x7fff_ffff_ffff_ffff);
+    return @reduce(.Or, bits & magnitude) == 0;
 }
 
 inline fn allZero(comptime p: usize, xs: [p][unroll]f64) bool {
