@@ -114,6 +114,8 @@ class UpdateMeta:
     signature: bytes = b""
     # A site coordinator's partial: the participants whose updates it combines.
     contributors: tuple[str, ...] = ()
+    # The wasmtime fuel the training run consumed (0: not metered); signed with the rest.
+    fuel_consumed: int = 0
 
 
 def update_stream(
@@ -503,9 +505,11 @@ class _HashingAssembly:
 
     def _place(self, offset: int, data: bytes | memoryview) -> None:
         end = offset + len(data)
-        self._view[offset:end] = data
-        # hashlib releases the GIL on buffers of 2 KiB and more; hashing the copy just made
-        # reads it from cache.
+        # Copied by numpy, which releases the GIL for the copy (a memoryview assignment holds
+        # it, stalling the event loop that receives the next chunks for as long: measured in
+        # docs/benchmarks.md); hashlib releases it too, on buffers of 2 KiB and more. Hashing
+        # the copy just made reads it from cache.
+        self._buffer[offset:end] = np.frombuffer(data, dtype=np.uint8)
         self._hash.update(self._view[offset:end])
 
     def _work(self) -> None:

@@ -45,7 +45,13 @@ from server.cli.files import (
     write_model_file,
 )
 from server.cli.follow import follow_experiment, follow_round
-from server.cli.lineage import lineage_chain, lineage_dict, render_chain, render_lineage
+from server.cli.lineage import (
+    lineage_chain,
+    lineage_dict,
+    render_chain,
+    render_lineage,
+    round_fuels,
+)
 from server.cli.render import (
     Output,
     fields,
@@ -112,7 +118,11 @@ async def experiment_run(c: Client, a: argparse.Namespace) -> Reply:
 
 async def experiment_history(c: Client, a: argparse.Namespace) -> Reply:
     rounds = await c.experiment_rounds(a.experiment_id)
-    return shown(rounds, render_experiment_rounds(rounds.rounds))
+    fuel: dict[int, int] = {}
+    if not a.json:  # the table's FUEL column: each round's from its lineage (the registry)
+        versions = [r.new_model_version for r in rounds.rounds if r.new_model_version]
+        fuel = await round_fuels(c, versions)
+    return shown(rounds, render_experiment_rounds(rounds.rounds, fuel))
 
 
 async def experiment_plot(c: Client, a: argparse.Namespace) -> Reply:

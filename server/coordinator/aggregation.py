@@ -53,7 +53,14 @@ class NewModel:
 
     def lineage(self, version: int) -> Lineage:
         return Lineage(
-            version, self.sha256, self.round, self.updates, self.weights, self.state_lineage
+            version,
+            self.sha256,
+            self.round,
+            self.updates,
+            self.weights,
+            self.state_lineage,
+            # The round's audited updates, the rejected ones included (not among `updates`).
+            self.round.audits,
         )
 
 

@@ -30,14 +30,22 @@ from server.coordinator import aggregation as A
 from server.coordinator import bounds as B
 from server.coordinator import rounds as R
 from server.coordinator import site as S
+from server.coordinator.audit import (
+    Auditor,
+    apply_policy,
+    check_auditable,
+    draw_seed,
+    unaudited,
+)
 from server.coordinator.backend import BaseModel, Lineage, ModelBackend, RetryPolicy
 from server.coordinator.checks import OpenRoundMembers, UpdateChecks
 from server.coordinator.events import Event, EventType, Watchers
+from server.coordinator.fuel import FuelPlausibility
 from server.coordinator.outbox import Outbox, Publish
 from server.coordinator.records import Notice
 from server.coordinator.replicas import Replica, RoundLeases, keep_lease, watch_replicated
 from server.coordinator.rounds import Round, Update
-from server.coordinator.store import RoundStore, update_headers
+from server.coordinator.store import RoundStore, RoundUpdates, update_headers
 from server.errors import PropellerError
 from server.faults import crash_point
 from server.messages import RoundComplete
@@ -88,8 +96,12 @@ class Coordinator:
         hierarchy: S.Hierarchy | None = None,
         upstream: S.Upstream | None = None,
         replica: Replica | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
         self.store = store
+        # Re-runs a seeded sample of each round's updates (`audit`); None: rounds that ask for
+        # an audit are refused.
+        self.auditor = auditor
         # One of several replicas on one database (`server.coordinator.replicas`): rounds
         # locked across them, deadlines and aggregations leased.
         self.replica = replica
@@ -119,6 +131,8 @@ class Coordinator:
             samples_cap or B.NumSamplesCap("dataset" if datasets else "none"),
             datasets,
         )
+        # A round's fuel plausibility rule (`fuel`), judged once an update's signature held.
+        self.fuel = FuelPlausibility(store)
         self._locks: dict[str, asyncio.Lock] = {}
         self._watchers = Watchers()
         self._finishing: dict[str, asyncio.Task[None]] = {}
@@ -158,6 +172,8 @@ class Coordinator:
         cfg = with_defaults(validate(spec), self.default_timeout_s)
         if self.hierarchy.hierarchical:
             S.check_composes(cfg.strategy_name)
+        if cfg.audit.enabled:
+            check_auditable(self.auditor, root=self.hierarchy.tier == S.ROOT)
         tracing.remember_round(cfg.round_id)
         async with self._lock(cfg.round_id):
             rnd = await self.store.get(cfg.round_id)
@@ -171,7 +187,7 @@ class Coordinator:
                     # Before the round is stored: one that cannot close in time is refused
                     # whole (its start, later, checks again against the root's deadline).
                     S.check_deadline(self.clock() + cfg.timeout_s, cfg.timeout_s, root)
-                rnd = R.new_round(cfg, base.uri, base.specs, self.clock(), base.sha256)
+                rnd = R.new_round(cfg, base.uri, base.specs, self.clock(), base.sha256, draw_seed())
                 await self.store.put(rnd)
                 metrics.round_entered(rnd.state.value)
                 log.info(
@@ -215,6 +231,7 @@ class Coordinator:
         if self._members.admit(rnd, update.proplet_id):
             return Submitted(rnd, duplicate=True)
         update = await self.checks.check(rnd, update)
+        await self.fuel.check(rnd, update)
         async with self._lock(round_id):
             rnd = await self.get(round_id)
             if self._members.admit(rnd, update.proplet_id):
@@ -230,11 +247,12 @@ class Coordinator:
     async def _accepted(self, rnd: Round, update: Update) -> None:
         await self.store.accept(rnd, update)
         log.info(
-            "[Coordinator.SubmitUpdate] round_id=%s proplet_id=%s num_samples=%d "
+            "[Coordinator.SubmitUpdate] round_id=%s proplet_id=%s num_samples=%d fuel=%d "
             "num_updates=%d k_of_n=%d distance=%.6g clip_scale=%.6g signed=%s",
             rnd.round_id,
             update.proplet_id,
             update.num_samples,
+            update.fuel_consumed,
             rnd.num_updates,
             rnd.k_of_n,
             update.distance,
@@ -242,6 +260,8 @@ class Coordinator:
             bool(update.certificate),
         )
         self._emit(EventType.UPDATE_ACCEPTED, rnd, update.proplet_id)
+        if self.auditor is not None and rnd.audit.enabled:
+            self.auditor.begin(rnd, update)
         if rnd.state is R.RoundState.AGGREGATING:
             self._begin_aggregation(rnd)
 
@@ -449,6 +469,11 @@ class Coordinator:
         # Updates are read in arrival order, so aggregating again after a restart gives
         # exactly the same bytes (and the same sha256) as the first attempt.
         updates = await self.store.updates(round_id)
+        if rnd.audit.enabled:
+            audited = await self._audit(rnd, updates)
+            if audited is None:
+                return
+            rnd, updates = audited
         strategy = strategy_class(rnd.strategy_name)
         try:
             model = await A.new_model(self.backend, self.store, self.retry, rnd, updates, strategy)
@@ -504,6 +529,11 @@ class Coordinator:
         the site once (a repeat is answered as a duplicate)."""
         rnd = await self.get(round_id)
         updates = await self.store.updates(round_id)
+        if rnd.audit.enabled:
+            audited = await self._audit(rnd, updates)
+            if audited is None:
+                return
+            rnd, updates = audited
         headers = update_headers(updates)
         site_id = self.hierarchy.site_id
         try:
@@ -530,10 +560,39 @@ class Coordinator:
             partial.num_samples,
         )
 
-    async def num_samples(self, round_id: str) -> int:
-        """The accepted updates' num_samples summed (on a root: every site's proplets')."""
-        await self.get(round_id)
-        return sum(u.num_samples for u in update_headers(await self.store.updates(round_id)))
+    async def _audit(self, rnd: Round, updates: RoundUpdates) -> tuple[Round, RoundUpdates] | None:
+        """The round's re-execution audit at its close (`audit`): its outcomes recorded with
+        the round, and the updates the policy leaves to aggregate; None when the round failed
+        for want of updates (or is no longer this coordinator's to finish)."""
+        if rnd.audits:  # recorded before a restart: the same outcomes, not a second re-run
+            outcomes = rnd.audits
+        elif self.auditor is not None:
+            outcomes = await self.auditor.outcomes(rnd, updates)
+        else:  # a round resumed by a coordinator without an auditor
+            outcomes = unaudited(rnd, updates, "audit error: this coordinator has no auditor")
+        verdict = apply_policy(rnd, outcomes, updates)
+        async with self._lock(rnd.round_id):
+            current = await self.get(rnd.round_id)
+            if not await self._still_aggregating(current):
+                return None
+            if current.audits != verdict.round.audits:
+                current = replace(current, audits=verdict.round.audits)
+                await self.store.put(current)
+        if verdict.failure:
+            await self._fail(rnd.round_id, verdict.failure)
+            return None
+        return current, verdict.updates
+
+    async def update_totals(self, round_id: str) -> tuple[int, int]:
+        """The accepted updates' num_samples (on a root: every site's proplets') and
+        fuel_consumed, each summed, less the updates the re-execution audit left out of the
+        aggregation."""
+        rnd = await self.get(round_id)
+        out = {a.proplet_id for a in rnd.audits if a.rejected}
+        headers = [
+            u for u in update_headers(await self.store.updates(round_id)) if u.proplet_id not in out
+        ]
+        return sum(u.num_samples for u in headers), sum(u.fuel_consumed for u in headers)
 
     # ---- the outbox (`outbox.Outbox`) -----------------------------------------------------
 
@@ -563,6 +622,8 @@ class Coordinator:
             metrics.round_entered(rnd.state.value)
         if rnd.state is not R.RoundState.OPEN:
             self._members.forget(rnd.round_id)
+        if kind is EventType.FAILED and self.auditor is not None:
+            self.auditor.forget(rnd.round_id)
         self._watchers.tell(Event(kind, rnd, self.clock(), proplet_id))
         if kind is EventType.FAILED and self.upstream is not None:
             self._tell_root_failed(rnd, self.upstream)
@@ -611,6 +672,8 @@ class Coordinator:
 
     async def aclose(self) -> None:
         """Cancel the aggregations in flight; their rounds stay AGGREGATING for `resume`."""
+        if self.auditor is not None:
+            await self.auditor.aclose()
         tasks = [*self._finishing.values(), *self._reports]
         for task in tasks:
             task.cancel()

@@ -23,20 +23,17 @@ is at most MAX_PAYLOAD_BYTES, under PostgreSQL's 1 GiB per value.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
-
-import psycopg
 
 from server.coordinator import records
 from server.coordinator.records import Notice, StrategyState
 from server.coordinator.rounds import Round, Update
 from server.coordinator.store import StoredUpdates
 from server.errors import PropellerError, ResourceExhausted, Unavailable
-from server.postgres import Connection, Migration, PostgresDatabase
+from server.postgres import AdvisoryLocks, Connection, Migration, PostgresDatabase
 from server.streams import MAX_PAYLOAD_BYTES
 from server.tensors import (
     nbytes_of,
@@ -129,6 +126,26 @@ MIGRATIONS = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "the re-execution audit of a round: its configuration and outcomes",
+        (
+            # JSON object: fraction, seed, policy, and the seed in use (docs/verifiability.md)
+            "ALTER TABLE coordinator.rounds ADD COLUMN audit TEXT NOT NULL DEFAULT '{}'",
+            # JSON list of the audited updates' outcomes
+            "ALTER TABLE coordinator.rounds ADD COLUMN audits TEXT NOT NULL DEFAULT '[]'",
+        ),
+    ),
+    Migration(
+        3,
+        "fuel receipts: rounds' fuel budget and plausibility rule, updates' fuel",
+        (
+            "ALTER TABLE coordinator.rounds ADD COLUMN fuel_budget BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE coordinator.rounds "
+            "ADD COLUMN min_fuel_ratio DOUBLE PRECISION NOT NULL DEFAULT 0",
+            "ALTER TABLE coordinator.updates ADD COLUMN fuel_consumed BIGINT NOT NULL DEFAULT 0",
+        ),
+    ),
 )
 
 _SELECT_ROUNDS = f"SELECT {', '.join(records.ROUND_COLUMNS)} FROM coordinator.rounds"
@@ -164,9 +181,8 @@ class PostgresRoundStore:
         self.max_bytes = max_bytes
         # The replica that rounds going AGGREGATING here are leased to (`lease_aggregations`).
         self._holder: tuple[str, float, Callable[[], float]] | None = None
-        # The connection that holds this process's round locks (opened at the first).
-        self._locks: psycopg.AsyncConnection[Any] | None = None
-        self._locks_opening = asyncio.Lock()
+        # This process's round locks, on a connection of their own (opened at the first).
+        self._locks = AdvisoryLocks(url, "coordinator")
 
     async def open(self) -> None:
         await self.db.open()
@@ -176,9 +192,7 @@ class PostgresRoundStore:
         log.info("[Coordinator.store] postgres rounds=%d", row[0] if row else 0)
 
     async def close(self) -> None:
-        locks, self._locks = self._locks, None
-        if locks is not None:
-            await locks.close()
+        await self._locks.close()
         await self.db.close()
 
     async def _upsert(self, conn: Connection, rnd: Round) -> None:
@@ -197,44 +211,11 @@ class PostgresRoundStore:
         `lease_s` from `clock()`, in the transaction that does it."""
         self._holder = (owner, lease_s, clock)
 
-    async def _lock_connection(self) -> psycopg.AsyncConnection[Any]:
-        async with self._locks_opening:
-            if self._locks is None or self._locks.closed:
-                try:
-                    self._locks = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
-                except psycopg.OperationalError as exc:
-                    raise Unavailable(f"coordinator state store (round locks): {exc}") from exc
-            return self._locks
-
     @asynccontextmanager
     async def round_lock(self, round_id: str) -> AsyncIterator[None]:
-        """The round's advisory lock, across processes. Tried rather than waited for, so the
-        one connection holding this process's locks is never blocked: a section of another
-        replica lasts one transaction or two."""
-        key = f"coordinator.round:{round_id}"
-        delay = 0.005
-        while True:
-            conn = await self._lock_connection()
-            try:
-                cur = await conn.execute(
-                    "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)
-                )
-                row = await cur.fetchone()
-            except psycopg.OperationalError as exc:
-                raise Unavailable(f"coordinator state store (round locks): {exc}") from exc
-            if row is not None and row[0]:
-                break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        try:
+        """The round's advisory lock, across processes (`server.postgres.AdvisoryLocks`)."""
+        async with self._locks.held(f"coordinator.round:{round_id}"):
             yield
-        finally:
-            # A connection lost meanwhile took its locks with it.
-            if not conn.closed:
-                try:
-                    await conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
-                except psycopg.OperationalError as exc:
-                    log.warning("[Coordinator.store] round lock %s not released: %s", key, exc)
 
     async def claim(self, round_id: str, owner: str, now: float, lease_s: float) -> bool:
         async def take(conn: Connection) -> bool:

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from server.coordinator.rounds import ParticipantFailure, Round, RoundState, Update
+from server.coordinator.rounds import AuditOutcome, ParticipantFailure, Round, RoundState, Update
 from server.errors import DataLoss
-from server.round_spec import Hyperparams
+from server.round_spec import AuditSpec, Hyperparams
 from server.tensors import (
     Spec,
     Tensors,
@@ -50,7 +50,7 @@ class StrategyState:
 
 # Columns added to `rounds` since the first version, with their SQLite definition: a file
 # written by an older coordinator gets them on open (`store._migrate`; PostgreSQL's first
-# migration has them all).
+# migration has them all but the fuel columns, which its second adds).
 ADDED_ROUND_COLUMNS = {
     "min_k_of_n": "INTEGER NOT NULL DEFAULT 0",
     "failed": "TEXT NOT NULL DEFAULT '[]'",  # JSON list of [proplet_id, reason]
@@ -58,6 +58,12 @@ ADDED_ROUND_COLUMNS = {
     "base_model_sha256": "TEXT NOT NULL DEFAULT ''",
     "strategy_name": "TEXT NOT NULL DEFAULT ''",
     "strategy_params_json": "TEXT NOT NULL DEFAULT ''",
+    # The re-execution audit: its configuration (JSON object, with the seed in use) and its
+    # outcomes (JSON list). PostgreSQL: migration 2.
+    "audit": "TEXT NOT NULL DEFAULT '{}'",
+    "audits": "TEXT NOT NULL DEFAULT '[]'",
+    "fuel_budget": "INTEGER NOT NULL DEFAULT 0",
+    "min_fuel_ratio": "REAL NOT NULL DEFAULT 0",
 }
 # The same for `updates`: an update's provenance (docs/security.md, "Provenance").
 ADDED_UPDATE_COLUMNS = {
@@ -67,6 +73,7 @@ ADDED_UPDATE_COLUMNS = {
     "certificate": "BLOB NOT NULL DEFAULT x''",  # the proplet's, PEM; empty over plaintext
     "distance": "REAL NOT NULL DEFAULT 0",
     "clip_scale": "REAL NOT NULL DEFAULT 1",
+    "fuel_consumed": "INTEGER NOT NULL DEFAULT 0",  # as signed; 0: not metered
 }
 
 ROUND_COLUMNS = (
@@ -134,6 +141,7 @@ def update_values(update: Update, blob: bytes | bytearray) -> tuple[object, ...]
         update.certificate,
         update.distance,
         update.clip_scale,
+        update.fuel_consumed,
     )
 
 
@@ -166,11 +174,16 @@ def round_values(rnd: Round) -> tuple[Any, ...]:
         rnd.base_model_sha256,
         rnd.strategy_name,
         rnd.strategy_params_json,
+        json.dumps({**rnd.audit.to_dict(), "seed_in_use": rnd.audit_seed}),
+        json.dumps([a.to_dict() for a in rnd.audits]),
+        rnd.fuel_budget,
+        rnd.min_fuel_ratio,
     )
 
 
 def round_from_row(row: Sequence[Any]) -> Round:
     v = dict(zip(ROUND_COLUMNS, row, strict=True))
+    audit = json.loads(v["audit"])
     return Round(
         round_id=v["round_id"],
         experiment_id=v["experiment_id"],
@@ -199,6 +212,11 @@ def round_from_row(row: Sequence[Any]) -> Round:
         base_model_sha256=str(v["base_model_sha256"]),
         strategy_name=str(v["strategy_name"]),
         strategy_params_json=str(v["strategy_params_json"]),
+        audit=AuditSpec.from_dict(audit),
+        audit_seed=int(audit.get("seed_in_use", 0)),
+        audits=tuple(AuditOutcome.from_dict(a) for a in json.loads(v["audits"])),
+        fuel_budget=int(v["fuel_budget"]),
+        min_fuel_ratio=float(v["min_fuel_ratio"]),
     )
 
 
@@ -219,6 +237,7 @@ def header_from_row(row: Sequence[Any]) -> tuple[Update, tuple[Spec, ...]]:
         certificate=bytes(v["certificate"]),
         distance=float(v["distance"]),
         clip_scale=float(v["clip_scale"]),
+        fuel_consumed=int(v["fuel_consumed"]),
     )
     return update, specs_from_json(v["specs"])
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from propeller.v1 import coordinator_pb2, manager_pb2
-from server.coordinator.rounds import ParticipantFailure, Round, RoundState
+from propeller.v1 import coordinator_pb2, manager_pb2, tensor_pb2
+from server.coordinator.rounds import AuditOutcome, ParticipantFailure, Round, RoundState
 from server.errors import grpc_errors
 from server.grpc_server import Context
 from server.ids import check_id
-from server.round_spec import Hyperparams, RoundSpec
+from server.round_spec import AuditSpec, Hyperparams, RoundSpec
 from server.wire import message_from, value_from
 
 STATES: dict[RoundState, coordinator_pb2.RoundState] = {
@@ -44,6 +44,8 @@ _SPEC_SCALARS = (
     "task_wasm_image",
     "min_k_of_n",
     "module_digest",
+    "fuel_budget",
+    "min_fuel_ratio",
 )
 
 
@@ -60,6 +62,26 @@ def hyperparams_from_proto(msg: coordinator_pb2.Hyperparams) -> Hyperparams:
     )
 
 
+def audit_to_proto(audit: AuditSpec) -> tensor_pb2.AuditConfig | None:
+    """None for no audit (the field left unset, as a request without one has it)."""
+    if audit == AuditSpec():
+        return None
+    return tensor_pb2.AuditConfig(fraction=audit.fraction, seed=audit.seed, policy=audit.policy)
+
+
+def audit_from_proto(msg: tensor_pb2.AuditConfig) -> AuditSpec:
+    """As received: `round_spec.validate` checks it."""
+    return AuditSpec(fraction=msg.fraction, seed=msg.seed, policy=msg.policy)
+
+
+def audit_record_to_proto(outcome: AuditOutcome) -> tensor_pb2.AuditRecord:
+    return message_from(tensor_pb2.AuditRecord, outcome)
+
+
+def audit_record_from_proto(msg: tensor_pb2.AuditRecord) -> AuditOutcome:
+    return value_from(AuditOutcome, msg)
+
+
 def spec_from_proto(msg: SpecMessage) -> RoundSpec:
     """The request's round as asked (zeros kept: `validate` judges and fills them)."""
     return value_from(
@@ -67,6 +89,7 @@ def spec_from_proto(msg: SpecMessage) -> RoundSpec:
         msg,
         participants=tuple(msg.participants),
         hyperparams=hyperparams_from_proto(msg.hyperparams),
+        audit=audit_from_proto(msg.audit),
     )
 
 
@@ -76,6 +99,7 @@ def spec_fields(spec: RoundSpec) -> dict[str, Any]:
         **{name: getattr(spec, name) for name in _SPEC_SCALARS},
         "participants": spec.participants,
         "hyperparams": hyperparams_to_proto(spec.hyperparams),
+        "audit": audit_to_proto(spec.audit),
     }
 
 
@@ -95,6 +119,8 @@ def status_to_proto(rnd: Round) -> coordinator_pb2.RoundStatus:
             coordinator_pb2.ParticipantFailure(proplet_id=f.proplet_id, reason=f.reason)
             for f in rnd.failed
         ],
+        audit=audit_to_proto(rnd.audit),
+        audits=[audit_record_to_proto(a) for a in rnd.audits],
     )
 
 
@@ -112,6 +138,8 @@ def status_from_proto(msg: coordinator_pb2.RoundStatus) -> Round:
         metrics=dict(msg.metrics),
         new_model_version=msg.new_model_version or None,
         failed=tuple(ParticipantFailure(f.proplet_id, f.reason) for f in msg.failed),
+        audit=audit_from_proto(msg.audit),
+        audits=tuple(audit_record_from_proto(a) for a in msg.audits),
     )
 
 

@@ -8,6 +8,8 @@ starts published) is idempotent step by step, and `run_fan_outs` finishes any re
 experiment whose fan-out did not (after a restart, or after the coordinator was unreachable).
 A repeated request gets the same answer (the same experiment and tasks).
 
+On PostgreSQL it is one of its replicas (`server.manager.replicas`: `fresh`, `task_lock`).
+
 MQTT publishing and the coordinator are injected (`Publish`, `RoundService`, both in domain
 terms), so this is testable with plain fakes; `ManagerApp` wires in the real ones.
 
@@ -23,18 +25,19 @@ SCHEDULED or RUNNING past their deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field, fields, replace
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from server import metrics, tracing
 from server.config import Endpoints
 from server.coordinator.rounds import Round, RoundState
 from server.errors import (
-    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     PropellerError,
@@ -55,6 +58,7 @@ from server.manager.experiments import (
     ScheduledParticipant,
     participant_task,
     round_of,
+    same_request,
 )
 from server.manager.failures import TRANSIENT, failure_of, report_failure
 from server.manager.modules import Modules, pin_module
@@ -66,6 +70,7 @@ from server.manager.plan import (
 )
 from server.manager.proplets import Proplets, Skipped
 from server.manager.records import require
+from server.manager.replicas import Replica, ReplicaStore, events_between, recorded_elsewhere
 from server.manager.tasks import Task, Tasks, TaskState
 from server.messages import PropletAnnounce, ResultAck, TaskResult
 from server.round_spec import RoundSpec
@@ -110,6 +115,10 @@ class Manager:
     _resent: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     # Waits until every change made to the stores so far is on disk (`ManagerApp.persisted`).
     persisted: Callable[[], Awaitable[None]] = _nothing_pending
+    # On PostgreSQL, this manager among its replicas and the state they share
+    # (`server.manager.replicas`); None: the only manager.
+    replica: Replica | None = None
+    shared: ReplicaStore | None = None
     # Backoff of the background retries (fan-outs, failure reports): doubling up to the cap.
     retry_initial_s: float = 0.2
     retry_max_s: float = 5.0
@@ -130,6 +139,31 @@ class Manager:
     def __post_init__(self) -> None:
         self._fan_outs_due.set()  # at start: whatever a crash left recorded
 
+    # --- replicas --------------------------------------------------------------------------
+
+    async def fresh(self) -> None:
+        """With replicas: the stores take what the others changed since they last looked, and
+        WatchExperiment hears of the experiments that moved on elsewhere."""
+        if self.shared is None:
+            return
+        for old, new in await self.shared.refresh():
+            for kind, rnd in events_between(old, new):
+                self.emit(kind, new, rnd)
+
+    def task_lock(self, task_id: str) -> AbstractAsyncContextManager[None]:
+        """Around a task's read-modify-write: with replicas, the task's lock (the task fresh
+        inside); else nothing."""
+        if self.shared is None:
+            return contextlib.nullcontext()
+        return self.shared.task_lock(task_id)
+
+    async def leased(self, eid: str) -> bool:
+        """Whether this manager may drive `eid` (taking its lease if free); no replicas: yes."""
+        if self.shared is None or self.replica is None:
+            return True
+        replica = self.replica
+        return await self.shared.claim(eid, replica.replica_id, self.clock(), replica.lease_s)
+
     # --- MQTT intake ---------------------------------------------------------------------
 
     async def handle_message(self, topic: str, payload: bytes) -> tuple[str, ResultAck] | None:
@@ -145,7 +179,8 @@ class Manager:
         try:
             if kind is Report.RESULTS:
                 result = TaskResult.from_json(payload)
-                task = self._apply_result(sender, result)
+                async with self.task_lock(result.task_id):
+                    task = self._apply_result(sender, result)
                 if task is not None:
                     self._task_ended(task)
                     if task.state.final:
@@ -195,7 +230,8 @@ class Manager:
             now, task_deadline_s=self.task_deadline_s, grace_s=self.report_grace_s
         )
         for task, why in overdue:
-            ended = self.tasks.reconcile(task.id, why)
+            async with self.task_lock(task.id):
+                ended = self.tasks.reconcile(task.id, why)
             if ended is not None:
                 log.warning(
                     "[Manager.reconcile] task_id=%s name=%s: %s", ended.id, ended.name, ended.error
@@ -231,21 +267,23 @@ class Manager:
         crash_point("manager.task_start_published")
 
     async def start_task(self, task_id: str) -> Task:
-        scheduled, previous = self.tasks.schedule(task_id)
-        try:
-            await self._publish_start(scheduled)
-        except Unavailable:
-            self.tasks.unschedule(previous)
-            raise
+        async with self.task_lock(task_id):
+            scheduled, previous = self.tasks.schedule(task_id)
+            try:
+                await self._publish_start(scheduled)
+            except Unavailable:
+                self.tasks.unschedule(previous)
+                raise
         # A fast proplet may already have reported Running.
         return self.tasks.get(task_id)
 
     async def stop_task(self, task_id: str) -> Task:
-        task = self.tasks.check_stoppable(task_id)
-        topic = self.topics.task_stop_for(task.proplet_id)
-        await self.publish(topic, task.stop_message().to_json())
-        log.info("[Manager.StopTask] task_id=%s proplet_id=%s", task.id, task.proplet_id or "*")
-        task = self.tasks.interrupt(task_id)
+        async with self.task_lock(task_id):
+            task = self.tasks.check_stoppable(task_id)
+            topic = self.topics.task_stop_for(task.proplet_id)
+            await self.publish(topic, task.stop_message().to_json())
+            log.info("[Manager.StopTask] task_id=%s proplet_id=%s", task.id, task.proplet_id or "*")
+            task = self.tasks.interrupt(task_id)
         self._task_ended(task)
         return task
 
@@ -338,6 +376,11 @@ class Manager:
             module = await pin_module(self.modules, config)
             # A concurrent request may have recorded it while the module was resolved.
             experiment = self.experiments.get(eid)
+            if experiment is None and not await self.leased(eid):
+                # Another replica holds it: it records the experiment; its answer.
+                started = await self._fanned_out_elsewhere(eid)
+                same_request(started.experiment, config, plan)
+                return started
             if experiment is None:
                 experiment = plan_round(
                     self.proplets, first_round(config, plan, module, self.clock()), 1, config
@@ -347,20 +390,7 @@ class Manager:
                 # lets anything leave the manager.
                 self.experiments.put(experiment)
                 self.experiments_due.set()
-        if experiment.config != config or experiment.plan != plan:
-            differ = [
-                f.name
-                for f in fields(config)
-                if getattr(config, f.name) != getattr(experiment.config, f.name)
-            ]
-            differ += [
-                f.name
-                for f in fields(plan)
-                if getattr(plan, f.name) != getattr(experiment.plan, f.name)
-            ]
-            raise AlreadyExists(
-                f"experiment_id: {eid!r} already exists with a different {', '.join(differ)}"
-            )
+        same_request(experiment, config, plan)
         return await tracing.experiment_started(eid, self.finish_fan_out(experiment))
 
     async def finish_fan_out(self, experiment: Experiment) -> ExperimentStarted:
@@ -371,6 +401,11 @@ class Manager:
             return ExperimentStarted(experiment, await self.rounds.get_round_status(round_id))
         eid = experiment.experiment_id
         task = self._fan_outs.get(eid)
+        if task is None and self.shared is not None:
+            await self.persisted()  # recorded before its lease is taken
+            if not await self.leased(eid):
+                return await self._fanned_out_elsewhere(eid)
+            task = self._fan_outs.get(eid)
         if task is None:
             fan_out = tracing.round_fan_out(
                 experiment.round_spec.round_id, eid, len(experiment.rounds) <= 1, self._fan_out(eid)
@@ -387,6 +422,20 @@ class Manager:
             task.add_done_callback(done)
         # A caller that goes away does not stop the fan-out.
         return await asyncio.shield(task)
+
+    async def _fanned_out_elsewhere(self, eid: str) -> ExperimentStarted:
+        """The answer once the replica that drives `eid` has recorded it and finished its
+        fan-out, as the database shows it."""
+        experiment = await recorded_elsewhere(
+            self, eid, lambda e: e is not None and (e.fan_out is FanOut.DONE or not e.running)
+        )
+        assert experiment is not None
+        if not experiment.running and experiment.fan_out is not FanOut.DONE:
+            raise FailedPrecondition(
+                f"experiment_id: {eid!r} is {experiment.state.value}; its round "
+                f"{experiment.round_spec.round_id!r} is not started"
+            )
+        return await self.finish_fan_out(experiment)
 
     async def fan_out_settled(self, eid: str) -> None:
         """Wait for the fan-out of `eid` in flight, if any, to end (however it ends)."""

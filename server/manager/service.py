@@ -317,6 +317,7 @@ class ManagerServicer:
         """`grpc_errors` for a method whose answer must be on disk before it leaves: once the
         body has its reply, wait for `persisted()` (a failure there is INTERNAL)."""
         async with grpc_errors(context, method):
+            await self.manager.fresh()  # with replicas: what the others changed
             yield
             await self.persisted()
 
@@ -380,6 +381,7 @@ class ManagerServicer:
     ) -> AsyncIterator[manager_pb2.ExperimentEvent]:
         async with grpc_errors(context, "Manager.WatchExperiment"):
             check_id(request.experiment_id, "experiment_id")
+            await self.manager.fresh()
             experiment = self.manager.get_experiment(request.experiment_id)
             snapshot = ExperimentEvent(EventKind.SNAPSHOT, experiment, None, self.manager.clock())
             async for event in self.manager.events.watch(snapshot):
