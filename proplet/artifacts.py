@@ -21,7 +21,7 @@ from proplet.config import PropletConfig
 from proplet.errors import TaskFailed
 from server.errors import PropellerError
 from server.messages import TaskStart
-from server.oci import ImageRef, Layer, OciClient
+from server.oci import ImageRef, Layer, OciClients
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,11 @@ class ArtifactStore:
         self.cache_dir = config.work_dir / "modules"
         # "address/repo@sha256:..." -> its wasm layer
         self._pinned_layers: dict[str, Layer] = {}
-        self._clients: dict[tuple[str, bool], OciClient] = {}
+        self._clients = OciClients(config.is_insecure, config.rpc_timeout_s)
 
     def close(self) -> None:
         """Close the HTTP sessions of the registry clients."""
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            client.close()
+        self._clients.close()
 
     async def fetch(
         self, task: TaskStart, have: Callable[[str], bool] = lambda _sha: False
@@ -97,18 +95,9 @@ class ArtifactStore:
 
     # ------------------------------------------------------------------ OCI
 
-    def _client(self, address: str) -> OciClient:
-        insecure = self.config.is_insecure(address)
-        key = (address, insecure)
-        client = self._clients.get(key)
-        if client is None:
-            client = OciClient(address, insecure=insecure, timeout=self.config.rpc_timeout_s)
-            self._clients[key] = client
-        return client
-
     def _pull(self, ref: ImageRef, have: Callable[[str], bool]) -> Artifact:
         address = self.config.registry_address(ref.host)
-        client = self._client(address)
+        client = self._clients.client(address)
         try:
             pin_key = f"{address}/{ref.repository}@{ref.digest}" if ref.digest else ""
             layer = self._pinned_layers.get(pin_key) if pin_key else None

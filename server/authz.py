@@ -87,6 +87,15 @@ def _rule(
 
 OPERATOR = _rule(operator=True)
 ANYONE = _rule(operator=True, services=(ANY_SERVICE,), proplet=True)
+# A proplet's dataset (and its size): the operators, the coordinator and the sites' (the
+# audit's re-runs, the num_samples cap), and the proplet itself.
+_DATASET_READ = _rule(
+    operator=True,
+    services=("coordinator", SITES),
+    proplet=True,
+    as_itself="proplet_id",
+    verb="read a dataset",
+)
 
 _M = "/propeller.v1.Manager/"
 _C = "/propeller.v1.Coordinator/"
@@ -142,23 +151,11 @@ RULES: Mapping[str, Rule] = {
     f"{_R}GetLineage": _rule(operator=True, services=(ANY_SERVICE,)),
     # The data store: a proplet reads its own dataset only; the coordinator (and a site's)
     # reads a participant's to re-run its update (the re-execution audit).
-    f"{_D}GetDataset": _rule(
-        operator=True,
-        services=("coordinator", SITES),
-        proplet=True,
-        as_itself="proplet_id",
-        verb="read a dataset",
-    ),
+    f"{_D}GetDataset": _DATASET_READ,
     f"{_D}PutDataset": OPERATOR,
     f"{_D}ListDatasets": OPERATOR,
     # A dataset's size: the coordinator (and a site's) caps num_samples by it.
-    f"{_D}GetDatasetInfo": _rule(
-        operator=True,
-        services=("coordinator", SITES),
-        proplet=True,
-        as_itself="proplet_id",
-        verb="read a dataset",
-    ),
+    f"{_D}GetDatasetInfo": _DATASET_READ,
     # Beside every service: health and reflection, for any authenticated identity.
     "/grpc.health.v1.Health/Check": ANYONE,
     "/grpc.health.v1.Health/List": ANYONE,

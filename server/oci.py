@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -370,3 +370,73 @@ def _pick_wasm_layer(manifest: dict[str, Any], ref: ImageRef) -> dict[str, Any]:
         return layers[0]
     kinds = [x.get("mediaType") for x in layers if isinstance(x, dict)]
     raise FailedPrecondition(f"image {ref}: expected one application/wasm layer, found {kinds}")
+
+
+class OciClients:
+    """The registry clients of a process that pulls from several registries: one per address
+    and transport, kept open between pulls. `insecure(address)`: plain HTTP to it. Blocking;
+    `close()` ends every session."""
+
+    def __init__(self, insecure: Callable[[str], bool], timeout: float) -> None:
+        self._insecure = insecure
+        self.timeout = timeout
+        self._clients: dict[tuple[str, bool], OciClient] = {}
+
+    def client(self, address: str) -> OciClient:
+        key = (address, self._insecure(address))
+        client = self._clients.get(key)
+        if client is None:
+            client = OciClient(address, insecure=key[1], timeout=self.timeout)
+            self._clients[key] = client
+        return client
+
+    def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
+
+
+def plain_http(setting: bool | None) -> Callable[[str], bool]:
+    """`setting` for every registry, or (None) plain HTTP to loopback registries only."""
+    return is_loopback if setting is None else (lambda _address: setting)
+
+
+class Registries:
+    """The registries as a service reaches them (the manager's pinning, the coordinator's
+    audit): every image's registry at `registry` ("" = the host the image names, e.g.
+    compose's "local-registry:5000" as 127.0.0.1:5000 from outside), plain HTTP when
+    `insecure` (None: to loopback addresses only), each call within `timeout_s`. Blocking;
+    `close()` ends the clients' sessions."""
+
+    def __init__(
+        self, *, registry: str = "", insecure: bool | None = None, timeout_s: float = 30.0
+    ) -> None:
+        self.registry = registry
+        self.timeout_s = timeout_s
+        self._clients = OciClients(plain_http(insecure), timeout_s)
+
+    def client(self, ref: ImageRef) -> OciClient:
+        """The client of the registry `ref` is pulled from."""
+        return self._clients.client(self.registry or ref.host)
+
+    def close(self) -> None:
+        self._clients.close()
+
+
+class ModuleFileError(Exception):
+    """A `file://` module that cannot serve: unreadable, or larger than `MAX_MODULE_BYTES`."""
+
+
+def read_module_file(image: str) -> bytes:
+    """The bytes of the `file://` module `image` names (at most `MAX_MODULE_BYTES`, read no
+    further); ModuleFileError saying why not ("cannot read PATH: ...", "PATH is larger than N
+    bytes")."""
+    path = Path(image.removeprefix("file://"))
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_MODULE_BYTES + 1)
+    except OSError as exc:
+        raise ModuleFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_MODULE_BYTES:
+        raise ModuleFileError(f"{path} is larger than {MAX_MODULE_BYTES} bytes")
+    return data

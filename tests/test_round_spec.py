@@ -183,6 +183,7 @@ def test_dict_round_trip() -> None:
     assert list(d) == [f.name for f in fields(RoundSpec)]  # every field, in order
     assert d["participants"] == list(EXPERIMENT.participants)
     assert d["hyperparams"] == EXPERIMENT.hyperparams.to_dict()
+    assert d["audit"] == EXPERIMENT.audit.to_dict()
     assert json.loads(json.dumps(d)) == d  # plain JSON values only
 
 

@@ -34,7 +34,6 @@ import secrets
 import struct
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Protocol
 
 from proplet.errors import TaskError
@@ -47,8 +46,8 @@ from server.coordinator.rounds import AuditOutcome, Round, Update
 from server.coordinator.store import RoundUpdates, each_update, update_headers
 from server.errors import FailedPrecondition, InvalidArgument, PropellerError
 from server.manager.experiments import round_task_name
-from server.oci import MAX_MODULE_BYTES, ImageRef, OciClient, is_loopback
-from server.tensors import Array, Tensors, nbytes_of, offload_if_big, sha256_of
+from server.oci import ImageRef, ModuleFileError, Registries, read_module_file
+from server.tensors import Array, Tensors, digest_of, offload_if_big
 
 log = logging.getLogger(__name__)
 
@@ -95,27 +94,18 @@ class BaseModels(Protocol):
     async def base_tensors(self, model_uri: str) -> Tensors: ...
 
 
-class ModuleFetcher:
+class ModuleFetcher(Registries):
     """Round modules by digest: a `file://` module read (at most MAX_MODULE_BYTES), an OCI
-    image's wasm layer pulled from `registry` ("" = the host the image names; plain HTTP for
-    loopback unless `insecure` says otherwise), either one checked against the digest. Keeps
-    the last few modules fetched, by digest."""
+    image's wasm layer pulled (as `Registries` reaches it), either one checked against the
+    digest. Keeps the last few modules fetched, by digest."""
 
     KEPT = 4
 
     def __init__(
         self, *, registry: str = "", insecure: bool | None = None, timeout_s: float = 30.0
     ) -> None:
-        self.registry = registry
-        self.insecure = insecure
-        self.timeout_s = timeout_s
-        self._clients: dict[tuple[str, bool], OciClient] = {}
+        super().__init__(registry=registry, insecure=insecure, timeout_s=timeout_s)
         self._kept: dict[str, bytes] = {}
-
-    def close(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            client.close()
 
     async def module(self, image: str, digest: str) -> bytes:
         data = self._kept.get(digest)
@@ -132,24 +122,13 @@ class ModuleFetcher:
         if not image:
             raise PropellerError(f"module {digest}: the round names no image to fetch it from")
         if image.startswith("file://"):
-            path = Path(image.removeprefix("file://"))
             try:
-                with path.open("rb") as f:
-                    data = f.read(MAX_MODULE_BYTES + 1)
-            except OSError as exc:
-                raise PropellerError(
-                    f"module {digest}: cannot read {path}: {exc.strerror or exc}"
-                ) from None
-            if len(data) > MAX_MODULE_BYTES:
-                raise PropellerError(f"module {digest}: {path} exceeds {MAX_MODULE_BYTES} bytes")
+                data = read_module_file(image)
+            except ModuleFileError as exc:
+                raise PropellerError(f"module {digest}: {exc}") from None
         else:
             ref = ImageRef.parse(image, "task_wasm_image")
-            address = self.registry or ref.host
-            insecure = is_loopback(address) if self.insecure is None else self.insecure
-            client = self._clients.get((address, insecure))
-            if client is None:
-                client = OciClient(address, insecure=insecure, timeout=self.timeout_s)
-                self._clients[(address, insecure)] = client
+            client = self.client(ref)
             _, layer = client.pin(ref)
             if f"sha256:{layer.sha256}" != digest:
                 raise PropellerError(
@@ -320,7 +299,7 @@ class Auditor:
             contract=compiled.contract,
         )
         ordered = {s.name: again.tensors[s.name] for s in rnd.specs}
-        sha = await offload_if_big(nbytes_of(ordered), sha256_of, ordered)
+        sha = await digest_of(ordered)
         return _Rerun(sha, again.meta.num_samples, dict(again.meta.metrics))
 
 

@@ -465,15 +465,10 @@ class Coordinator:
         return True
 
     async def _aggregate_and_store(self, round_id: str, resumed: bool) -> None:
-        rnd = await self.get(round_id)
-        # Updates are read in arrival order, so aggregating again after a restart gives
-        # exactly the same bytes (and the same sha256) as the first attempt.
-        updates = await self.store.updates(round_id)
-        if rnd.audit.enabled:
-            audited = await self._audit(rnd, updates)
-            if audited is None:
-                return
-            rnd, updates = audited
+        to_aggregate = await self._to_aggregate(round_id)
+        if to_aggregate is None:
+            return
+        rnd, updates = to_aggregate
         strategy = strategy_class(rnd.strategy_name)
         try:
             model = await A.new_model(self.backend, self.store, self.retry, rnd, updates, strategy)
@@ -527,13 +522,10 @@ class Coordinator:
         submitted to the root as the site's update; the round completes once the root took
         it. Aggregated again after a restart, the same partial reaches the root, which counts
         the site once (a repeat is answered as a duplicate)."""
-        rnd = await self.get(round_id)
-        updates = await self.store.updates(round_id)
-        if rnd.audit.enabled:
-            audited = await self._audit(rnd, updates)
-            if audited is None:
-                return
-            rnd, updates = audited
+        to_aggregate = await self._to_aggregate(round_id)
+        if to_aggregate is None:
+            return
+        rnd, updates = to_aggregate
         headers = update_headers(updates)
         site_id = self.hierarchy.site_id
         try:
@@ -559,6 +551,17 @@ class Coordinator:
             len(headers),
             partial.num_samples,
         )
+
+    async def _to_aggregate(self, round_id: str) -> tuple[Round, RoundUpdates] | None:
+        """The round and the updates to aggregate: all of them, or those its audit leaves;
+        None when the audit failed the round. Updates are read in arrival order, so
+        aggregating again after a restart gives exactly the same bytes (and the same sha256)
+        as the first attempt."""
+        rnd = await self.get(round_id)
+        updates = await self.store.updates(round_id)
+        if not rnd.audit.enabled:
+            return rnd, updates
+        return await self._audit(rnd, updates)
 
     async def _audit(self, rnd: Round, updates: RoundUpdates) -> tuple[Round, RoundUpdates] | None:
         """The round's re-execution audit at its close (`audit`): its outcomes recorded with

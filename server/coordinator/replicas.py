@@ -31,8 +31,8 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, fields
+from typing import ClassVar, Protocol, runtime_checkable
 
 from server.coordinator.events import Event, EventType
 from server.coordinator.rounds import Round, RoundState
@@ -51,21 +51,33 @@ def default_replica_id() -> str:
 
 
 @dataclass(frozen=True)
-class Replica:
-    """This coordinator's name among its replicas, and how long its leases last."""
+class ReplicaSettings:
+    """A service's name among its replicas and how long its leases last; a subclass adds its
+    own intervals. Every `..._s` field is a positive number of seconds."""
+
+    # Which service's replica this is, as errors name it.
+    service: ClassVar[str]
 
     replica_id: str
     lease_s: float = DEFAULT_LEASE_S
-    # How often a WatchRound on this replica reads the round for what other replicas changed.
-    watch_poll_s: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.replica_id:
-            raise ValueError("replica_id: a coordinator replica needs a non-empty id")
-        if not self.lease_s > 0:
-            raise ValueError(f"lease_s: {self.lease_s} must be positive")
-        if not self.watch_poll_s > 0:
-            raise ValueError(f"watch_poll_s: {self.watch_poll_s} must be positive")
+            raise ValueError(f"replica_id: a {self.service} replica needs a non-empty id")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_s") and not value > 0:
+                raise ValueError(f"{f.name}: {value} must be positive")
+
+
+@dataclass(frozen=True)
+class Replica(ReplicaSettings):
+    """This coordinator's name among its replicas, and how long its leases last."""
+
+    service = "coordinator"
+
+    # How often a WatchRound on this replica reads the round for what other replicas changed.
+    watch_poll_s: float = 0.5
 
 
 @runtime_checkable

@@ -19,11 +19,10 @@ import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from server.errors import FailedPrecondition, PropellerError, Unavailable
-from server.oci import MAX_MODULE_BYTES, ImageRef, OciClient, is_loopback
+from server.oci import ImageRef, ModuleFileError, Registries, read_module_file
 from server.round_spec import RoundSpec
 
 log = logging.getLogger(__name__)
@@ -57,24 +56,8 @@ async def pin_module(modules: Modules, config: RoundSpec) -> PinnedModule:
     return module
 
 
-class ModuleResolver:
-    """`Modules` over OCI registries and local files. `registry`: the address every image's
-    registry is reached at (e.g. compose's "local-registry:5000" as 127.0.0.1:5000 from
-    outside; "" = the host the image names); `insecure`: plain HTTP (None: for loopback
-    addresses only)."""
-
-    def __init__(
-        self, *, registry: str = "", insecure: bool | None = None, timeout_s: float = 30.0
-    ) -> None:
-        self.registry = registry
-        self.insecure = insecure
-        self.timeout_s = timeout_s
-        self._clients: dict[tuple[str, bool], OciClient] = {}
-
-    def close(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            client.close()
+class ModuleResolver(Registries):
+    """`Modules` over OCI registries (as `Registries` reaches them) and local files."""
 
     async def pin(self, image: str) -> PinnedModule:
         if image.startswith("file://"):
@@ -90,16 +73,8 @@ class ModuleResolver:
         log.info("[Manager.StartExperiment] %s pinned to %s, module %s", image, pinned, digest)
         return PinnedModule(pinned, digest)
 
-    def _client(self, address: str) -> OciClient:
-        insecure = is_loopback(address) if self.insecure is None else self.insecure
-        client = self._clients.get((address, insecure))
-        if client is None:
-            client = OciClient(address, insecure=insecure, timeout=self.timeout_s)
-            self._clients[(address, insecure)] = client
-        return client
-
     def _pin_oci(self, ref: ImageRef) -> tuple[str, str]:
-        client = self._client(self.registry or ref.host)
+        client = self.client(ref)
         try:
             pinned, layer = client.pin(ref)
         except PropellerError as exc:
@@ -108,15 +83,10 @@ class ModuleResolver:
 
 
 def _pin_file(image: str) -> PinnedModule:
-    path = Path(image.removeprefix("file://"))
     try:
-        with path.open("rb") as f:
-            data = f.read(MAX_MODULE_BYTES + 1)
-    except OSError as exc:
+        data = read_module_file(image)
+    except ModuleFileError as exc:
         raise FailedPrecondition(
-            f"{FIELD}: the manager cannot read {path} to pin the module's digest: "
-            f"{exc.strerror or exc}"
+            f"{FIELD}: {exc} (the manager reads the file to pin the module's digest)"
         ) from None
-    if len(data) > MAX_MODULE_BYTES:
-        raise FailedPrecondition(f"{FIELD}: {path} is larger than {MAX_MODULE_BYTES} bytes")
     return PinnedModule(image, f"sha256:{hashlib.sha256(data).hexdigest()}")

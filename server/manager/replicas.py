@@ -33,11 +33,10 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from server.coordinator.replicas import default_replica_id
+from server.coordinator.replicas import DEFAULT_LEASE_S, ReplicaSettings, default_replica_id
 from server.errors import Unavailable
 from server.manager.experiments import EventKind, Experiment, ExperimentStore, FanOut, RoundRecord
 
-DEFAULT_LEASE_S = 10.0
 DEFAULT_REFRESH_S = 0.5
 # How long a call on a replica waits for what another replica does (a fan-out, a stop).
 WAIT_S = 60.0
@@ -46,21 +45,13 @@ __all__ = ["DEFAULT_LEASE_S", "Replica", "ReplicaStore", "default_replica_id", "
 
 
 @dataclass(frozen=True)
-class Replica:
+class Replica(ReplicaSettings):
     """This manager's name among its replicas, how long its experiment leases last, and how
     often it reads what the other replicas changed."""
 
-    replica_id: str
-    lease_s: float = DEFAULT_LEASE_S
-    refresh_s: float = DEFAULT_REFRESH_S
+    service = "manager"
 
-    def __post_init__(self) -> None:
-        if not self.replica_id:
-            raise ValueError("replica_id: a manager replica needs a non-empty id")
-        if not self.lease_s > 0:
-            raise ValueError(f"lease_s: {self.lease_s} must be positive")
-        if not self.refresh_s > 0:
-            raise ValueError(f"refresh_s: {self.refresh_s} must be positive")
+    refresh_s: float = DEFAULT_REFRESH_S
 
 
 @runtime_checkable

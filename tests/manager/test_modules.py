@@ -74,8 +74,9 @@ async def test_what_cannot_be_pinned_is_refused_naming_the_field(
     with pytest.raises(FailedPrecondition) as unreadable:
         await resolver.pin(f"file://{tmp_path / 'gone.wasm'}")
     assert str(unreadable.value).startswith(
-        f"task_wasm_image: the manager cannot read {tmp_path / 'gone.wasm'} to pin"
+        f"task_wasm_image: cannot read {tmp_path / 'gone.wasm'}: "
     )
+    assert str(unreadable.value).endswith("(the manager reads the file to pin the module's digest)")
     with pytest.raises(InvalidArgument, match=r"^task_wasm_image: 'x' is not an OCI reference"):
         await resolver.pin("x")
     # A file the manager reads is pinned by its bytes; the tasks keep the URL.
