@@ -47,6 +47,7 @@ from server.coordinator.store import RoundUpdates, each_update, update_headers
 from server.errors import FailedPrecondition, InvalidArgument, PropellerError
 from server.manager.experiments import round_task_name
 from server.oci import ImageRef, ModuleFileError, Registries, read_module_file
+from server.streams import UpdateMeta
 from server.tensors import Array, Tensors, digest_of, offload_if_big
 
 log = logging.getLogger(__name__)
@@ -235,13 +236,13 @@ class Auditor:
         claimed = update.sha256
         async with self._slots:
             try:
-                again = await self._rerun(rnd, update)
+                sha256, meta = await self._rerun(rnd, update)
             except (PropellerError, TaskError, OSError, TimeoutError, ValueError) as exc:
                 outcome = AuditOutcome(
                     update.proplet_id, R.AUDIT_ERROR, claimed, "", _cut(f"audit error: {exc}")
                 )
             else:
-                outcome = _compare(update, again)
+                outcome = _compare(update, sha256, meta)
         metrics.audited(outcome.outcome)
         log.log(
             logging.INFO if outcome.outcome == R.AUDIT_MATCH else logging.WARNING,
@@ -255,7 +256,9 @@ class Auditor:
         )
         return outcome
 
-    async def _rerun(self, rnd: Round, update: Update) -> _Rerun:
+    async def _rerun(self, rnd: Round, update: Update) -> tuple[str, UpdateMeta]:
+        """What the module gives again on the update's inputs: its update's sha256 (its
+        tensors in the round's order) and its header."""
         digest = rnd.module_digest or update.module_digest
         wasm, base, (features, labels, schema) = await asyncio.gather(
             self.sources.module(rnd.task_wasm_image, digest),
@@ -299,27 +302,18 @@ class Auditor:
             contract=compiled.contract,
         )
         ordered = {s.name: again.tensors[s.name] for s in rnd.specs}
-        sha = await digest_of(ordered)
-        return _Rerun(sha, again.meta.num_samples, dict(again.meta.metrics))
-
-
-@dataclass(frozen=True)
-class _Rerun:
-    sha256: str
-    num_samples: int
-    metrics: dict[str, float]
+        return await digest_of(ordered), again.meta
 
 
 def _cut(text: str) -> str:
     return text[:MAX_DETAIL_CHARS]
 
 
-def _compare(update: Update, again: _Rerun) -> AuditOutcome:
+def _compare(update: Update, sha256: str, again: UpdateMeta) -> AuditOutcome:
     differs = []
-    if again.sha256 != update.sha256:
+    if sha256 != update.sha256:
         differs.append(
-            f"update bytes (sha256 {update.sha256[:12]}... sent, re-run gives "
-            f"{again.sha256[:12]}...)"
+            f"update bytes (sha256 {update.sha256[:12]}... sent, re-run gives {sha256[:12]}...)"
         )
     if again.num_samples != update.num_samples:
         differs.append(f"num_samples ({update.num_samples} sent, re-run gives {again.num_samples})")
@@ -327,7 +321,7 @@ def _compare(update: Update, again: _Rerun) -> AuditOutcome:
         differs.append("metrics")
     outcome = R.AUDIT_MISMATCH if differs else R.AUDIT_MATCH
     detail = _cut("differs: " + "; ".join(differs)) if differs else ""
-    return AuditOutcome(update.proplet_id, outcome, update.sha256, again.sha256, detail)
+    return AuditOutcome(update.proplet_id, outcome, update.sha256, sha256, detail)
 
 
 def _same_metrics(sent: Mapping[str, float], again: Mapping[str, float]) -> bool:
