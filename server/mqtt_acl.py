@@ -14,7 +14,11 @@ client id, so a session belongs to one identity. The rules, in every namespace (
   service or an operator these own topics carry a user name with ':' in its last level, never
   a proplet id, and the manager drops them: in effect they are a proplet's rights.
 - `service:manager`: read every proplet's reports; publish task starts and stops (addressed
-  and broadcast) and result acknowledgements. Only the manager starts or stops tasks.
+  and broadcast) and result acknowledgements. Only the manager starts or stops tasks. Every
+  manager replica (`service:manager-{replica_id}`, `server.pki.manager_replica_service`) has
+  the same rights: `allowed` and `nats_authorization` know them by name; mosquitto's user
+  blocks name users exactly (a `pattern` substitutes `%u` / `%c` into a topic, it cannot
+  select users), so `mosquitto_acl(manager_replicas=...)` writes a block per replica id.
 - `service:coordinator`: publish round completions. Only the coordinator does.
 - nothing else: operators and the other services have no other MQTT rights (they use gRPC).
 
@@ -35,7 +39,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from server.pki import Identity, Kind
+from server.pki import Identity, Kind, acts_as_manager, manager_replica_service
 from server.topics import (
     PROPLET_ALIVE,
     PROPLET_CREATE,
@@ -73,12 +77,24 @@ class Rule:
         """The rule's topic filter for `username`, or None when the rule is not for it (or
         `username` could not stand as one topic level)."""
         if self.user is not None:
-            return self.topic if self.user == username else None
+            mine = self.user == username or (self.user == MANAGER and _is_manager(username))
+            return self.topic if mine else None
         if SELF not in self.topic.split("/"):
             return self.topic
         if not username or any(c in username for c in "/+#\x00"):
             return None  # as mosquitto: no substitution that would widen the filter
         return "/".join(username if level == SELF else level for level in self.topic.split("/"))
+
+
+def _is_manager(username: str) -> bool:
+    """Whether the user name `username` is the manager's or a manager replica's."""
+    kind, sep, name = username.partition(":")
+    if not sep or kind != Kind.SERVICE.value:
+        return False
+    try:
+        return acts_as_manager(Identity(Kind.SERVICE, name))
+    except ValueError:
+        return False
 
 
 def _rules(user: str | None, access: Access, *topics: str) -> list[Rule]:
@@ -164,10 +180,16 @@ def allowed(
     return False
 
 
-def mosquitto_acl(rules: Iterable[Rule] = RULES) -> str:
+def mosquitto_acl(rules: Iterable[Rule] = RULES, *, manager_replicas: Iterable[str] = ()) -> str:
     """The rules as a mosquitto `acl_file`: `pattern` lines for every identity, then a `user`
-    block per named user."""
+    block per named user, and one per manager replica in `manager_replicas` (replica ids:
+    user `service:manager-{id}`, the manager's rights). ValueError for a replica id that
+    cannot name a certificate."""
     rules = list(rules)
+    replicas = [
+        Identity(Kind.SERVICE, manager_replica_service(r)).username
+        for r in dict.fromkeys(manager_replicas)
+    ]
     lines = [
         "# propeller-fl MQTT ACL, generated from server/mqtt_acl.py (RULES); do not edit.",
         "# User names are certificate CNs (use_identity_as_username). Patterns apply to every",
@@ -179,6 +201,9 @@ def mosquitto_acl(rules: Iterable[Rule] = RULES) -> str:
     for user in users:
         lines += ["", f"user {user}"]
         lines += [f"topic {r.access.value} {r.topic}" for r in rules if r.user == user]
+    for replica in replicas:
+        lines += ["", f"user {replica}"]
+        lines += [f"topic {r.access.value} {r.topic}" for r in rules if r.user == MANAGER]
     return "\n".join(lines) + "\n"
 
 

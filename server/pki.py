@@ -86,6 +86,36 @@ def site_service(site_id: str) -> str:
     return f"{SITE_SERVICE_PREFIX}{site_id}"
 
 
+# The manager is the service `manager`; a manager replica (two or more managers on one
+# PostgreSQL database, `server.manager.replicas`) is the service `manager-{replica_id}`, one
+# certificate per replica: its MQTT user name, and so its client id on the mutual-TLS broker,
+# is its own (two replicas sharing one would take each other's session over). The
+# authorization table and the MQTT ACL grant every such service the manager's rights, and the
+# replica's id is read from its certificate (`PROPELLER_MANAGER_REPLICA_ID`, if given, must
+# agree).
+MANAGER_SERVICE = "manager"
+MANAGER_REPLICA_PREFIX = f"{MANAGER_SERVICE}-"
+
+
+def manager_replica_service(replica_id: str) -> str:
+    """The service name a manager replica's certificate carries."""
+    return f"{MANAGER_REPLICA_PREFIX}{replica_id}"
+
+
+def manager_replica_id(identity: Identity) -> str | None:
+    """The replica id of a manager replica's identity (`service manager-{id}`); None for any
+    other identity, the single manager's (`service manager`) included."""
+    if identity.kind is not Kind.SERVICE or not identity.name.startswith(MANAGER_REPLICA_PREFIX):
+        return None
+    return identity.name[len(MANAGER_REPLICA_PREFIX) :] or None
+
+
+def acts_as_manager(identity: Identity) -> bool:
+    """Whether `identity` has the manager's rights: the manager or one of its replicas."""
+    is_manager = identity.kind is Kind.SERVICE and identity.name == MANAGER_SERVICE
+    return is_manager or manager_replica_id(identity) is not None
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who a certificate says its holder is."""

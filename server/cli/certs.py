@@ -4,7 +4,7 @@
     certs issue DIR proplet ID | service NAME --host H... | operator NAME [--out D] [--replace]
     certs revoke DIR (KIND NAME | --serial HEX...)
     certs list DIR [--json]
-    certs mqtt-acl [--out FILE]
+    certs mqtt-acl [--manager-replica ID]... [--out FILE]
 
 `init` makes the CA in DIR (keeping one that is there) and issues the bundles it is given that
 do not exist yet: what compose's one-shot certs job runs, idempotent across restarts. `issue`
@@ -91,6 +91,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "the broker's ACL as a mosquitto acl_file (docs/security.md, MQTT)",
     )
     acl.add_argument("--out", type=Path, default=None, metavar="FILE")
+    acl.add_argument(
+        "--manager-replica",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a manager replica's id: user service:manager-ID gets the manager's rights "
+        "(its certificate: certs issue DIR service manager-ID); repeatable",
+    )
 
     listing = action("list", cmd_list, "the certificates issued, and which are revoked")
     listing.add_argument("dir", type=Path, metavar="DIR", help="the CA directory")
@@ -199,9 +207,13 @@ async def cmd_revoke(args: argparse.Namespace) -> int:
 async def cmd_mqtt_acl(args: argparse.Namespace) -> int:
     """Print (or write to --out) the MQTT ACL as a mosquitto acl_file: who may publish and read
     which topics, the same rules as the embedded broker's. Identities are certificate CNs; one
-    file for every proplet, so adding one changes nothing here.
+    file for every proplet, so adding one changes nothing here; each manager replica is named
+    (mosquitto matches user names exactly).
     """
-    text = mosquitto_acl()
+    try:
+        text = mosquitto_acl(manager_replicas=args.manager_replica)
+    except ValueError as exc:
+        raise CommandFailed(f"--manager-replica: {exc}") from None
     if args.out is None:
         print(text, end="")
     else:

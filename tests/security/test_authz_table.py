@@ -90,6 +90,24 @@ def test_every_rpc_has_a_rule() -> None:
         (Identity(Kind.PROPLET, "p"), "/propeller.v1.ModelRegistry/GetModel", True),
         (Identity(Kind.PROPLET, "p"), "/propeller.v1.ModelRegistry/PutModel", False),
         (Identity(Kind.OPERATOR, "o"), "/propeller.v1.Manager/NotARealMethod", False),
+        # A manager replica (service `manager-{replica_id}`) calls as the manager...
+        (Identity(Kind.SERVICE, "manager-0"), "/propeller.v1.Coordinator/ConfigureRound", True),
+        (Identity(Kind.SERVICE, "manager-b"), "/propeller.v1.Coordinator/WatchRound", True),
+        (
+            Identity(Kind.SERVICE, "manager-b"),
+            "/propeller.v1.Coordinator/ReportParticipantFailure",
+            True,
+        ),
+        # ...and no more: not what only operators or proplets (or other services) may.
+        (Identity(Kind.SERVICE, "manager-0"), "/propeller.v1.Manager/StartExperiment", False),
+        (Identity(Kind.SERVICE, "manager-0"), "/propeller.v1.Coordinator/ListRounds", False),
+        (Identity(Kind.SERVICE, "manager-0"), "/propeller.v1.Coordinator/SubmitUpdate", False),
+        (Identity(Kind.SERVICE, "manager-0"), "/propeller.v1.DataStore/GetDataset", False),
+        (Identity(Kind.SERVICE, "manager-0"), "/propeller.v1.ModelRegistry/PutModel", False),
+        # Only the service of that shape: not "manager-" alone, "managerX" or another kind.
+        (Identity(Kind.SERVICE, "manager-"), "/propeller.v1.Coordinator/ConfigureRound", False),
+        (Identity(Kind.SERVICE, "managerx"), "/propeller.v1.Coordinator/ConfigureRound", False),
+        (Identity(Kind.PROPLET, "manager-0"), "/propeller.v1.Coordinator/ConfigureRound", False),
     ],
 )
 def test_authorize(identity: Identity, method: str, allowed: bool) -> None:
