@@ -74,11 +74,13 @@ SECRET_PREFIX = "certs-"
 PENDING_VARS = frozenset({"PROPELLER_DATABASE_URL", "PGPASSWORD"})
 # What scale-out changes in compose's environment: the broker it dials.
 SCALE_OUT_CHANGES = {"PROPELLER_MQTT_HOST": "nats"}
-# ...and, for the manager, whose pods are replicas each with its own certificate (the service
-# `manager-{ordinal}`, docs/deploy.md): the bundle each pod uses, by its name (POD_NAME, from
-# the pod's metadata, expanded by the kubelet).
+# ...and, for the manager and the coordinator, whose pods are replicas each with its own
+# certificate (the service `manager-{ordinal}` / `coordinator-{ordinal}`, docs/deploy.md): the
+# bundle each pod uses, by its name (POD_NAME, from the pod's metadata, expanded by the
+# kubelet).
+REPLICATED = ("manager", "coordinator")
 REPLICA_TLS_DIR = f"{CERTS_DIR}/service-$(POD_NAME)"
-MANAGER_REPLICA_CHANGES = {"PROPELLER_TLS_DIR": REPLICA_TLS_DIR}
+REPLICA_CHANGES = {"PROPELLER_TLS_DIR": REPLICA_TLS_DIR}
 REPLICA_VARS = frozenset({"POD_NAME"})
 
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
@@ -241,16 +243,17 @@ def test_scale_out_changes_only_the_broker_and_adds_only_the_database(
         command = compose_service(compose, name)["command"]
         if name == "certs":  # the broker's certificate names the host its clients dial
             command = ["mqtt=nats" if a == "mqtt=mosquitto" else a for a in command]
-            # ... and every manager replica has a certificate of its own.
-            for ordinal in range(found["manager"]["spec"]["replicas"]):
-                replica = f"manager-{ordinal}"
-                command += ["--service", f"{replica}=manager,{replica}.manager"]
+            # ... and every manager and coordinator replica has a certificate of its own.
+            for service in REPLICATED:
+                for ordinal in range(found[service]["spec"]["replicas"]):
+                    replica = f"{service}-{ordinal}"
+                    command += ["--service", f"{replica}={service},{replica}.{service}"]
         assert container["args"] == command, name
         expected = dict(compose_service(compose, name).get("environment", {}))
         expected.update({k: v for k, v in SCALE_OUT_CHANGES.items() if k in expected})
         extra = PENDING_VARS
-        if name == "manager":
-            expected.update(MANAGER_REPLICA_CHANGES)
+        if name in REPLICATED:
+            expected.update(REPLICA_CHANGES)
             extra |= REPLICA_VARS
         env = plain_env(container)
         assert {k: v for k, v in env.items() if k not in PENDING_VARS} == expected, name
@@ -458,8 +461,8 @@ def test_every_pod_mounts_its_own_certificate_bundle_and_no_other(kustomization:
     for name in [*OURS, broker]:
         files = certs_volume(found[name])
         env = plain_env(pod_spec(found[name])["containers"][0])
-        if name == "manager" and kustomization != BASE:
-            manager_replicas_mount_their_bundles(found[name], files, published)
+        if name in REPLICATED and kustomization != BASE:
+            replicas_mount_their_bundles(found[name], files, published)
             continue
         bundle = Path(env["PROPELLER_TLS_DIR"]).name if name in OURS else "service-mqtt"
         assert files == {
@@ -478,14 +481,15 @@ def test_every_pod_mounts_its_own_certificate_bundle_and_no_other(kustomization:
                 assert bundle == "proplet-" + env["PROPLET_ID"], name
 
 
-def manager_replicas_mount_their_bundles(
-    manager: Mapping[str, Any], files: Mapping[str, str], published: Mapping[str, Any]
+def replicas_mount_their_bundles(
+    workload: Mapping[str, Any], files: Mapping[str, str], published: Mapping[str, Any]
 ) -> None:
-    """The manager's pods are replicas, manager-0, manager-1, ...: each uses the bundle of
-    the service of its own name (PROPELLER_TLS_DIR by POD_NAME, set before it so that the
-    kubelet expands it), which the certs job issues and publishes. A StatefulSet's pods share
-    one template, so each mounts every replica's bundle (docs/deploy.md says so)."""
-    container = pod_spec(manager)["containers"][0]
+    """A replicated service's pods (the manager's, the coordinator's) are replicas, e.g.
+    manager-0, manager-1, ...: each uses the bundle of the service of its own name
+    (PROPELLER_TLS_DIR by POD_NAME, set before it so that the kubelet expands it), which the
+    certs job issues and publishes. A StatefulSet's pods share one template, so each mounts
+    every replica's bundle (docs/deploy.md says so)."""
+    container = pod_spec(workload)["containers"][0]
     names = [e["name"] for e in container["env"]]
     assert names.index("POD_NAME") < names.index("PROPELLER_TLS_DIR")
     variables = {e["name"]: e for e in container["env"]}
@@ -493,8 +497,8 @@ def manager_replicas_mount_their_bundles(
     assert variables["PROPELLER_TLS_DIR"]["value"] == REPLICA_TLS_DIR
     assert variables["PROPELLER_TLS_CRL"]["value"] == f"{CERTS_DIR}/crl.pem"
     expected = {"crl.pem": CRL_SECRET}
-    for ordinal in range(manager["spec"]["replicas"]):
-        bundle = f"service-{manager['metadata']['name']}-{ordinal}"
+    for ordinal in range(workload["spec"]["replicas"]):
+        bundle = f"service-{workload['metadata']['name']}-{ordinal}"
         assert SECRET_PREFIX + bundle in published, f"{bundle} is never published"
         expected.update({f"{bundle}/{f}": SECRET_PREFIX + bundle for f in BUNDLE_FILES})
     assert files == expected
