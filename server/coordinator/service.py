@@ -242,7 +242,7 @@ class CoordinatorServicer:
             rnd = await self.coordinator.participant_failed(
                 request.round_id, request.proplet_id, request.reason
             )
-            return status_to_proto(rnd)
+            return status_to_proto(rnd, brief=request.brief)
 
 
 def binding(coordinator: Coordinator) -> ServiceBinding:

@@ -8,8 +8,8 @@ from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 from propeller.v1 import coordinator_pb2
-from server.coordinator.rounds import Round
-from server.coordinator.wire import spec_fields, status_from_proto
+from server.coordinator.rounds import Round, RoundState
+from server.coordinator.wire import STATE_OF, spec_fields, status_from_proto
 from server.errors import rpc_errors
 from server.round_spec import RoundSpec
 
@@ -31,8 +31,11 @@ class RoundService(Protocol):
 
     async def get_round_status(self, round_id: str) -> Round: ...
 
-    async def report_failure(self, round_id: str, proplet_id: str, reason: str) -> Round:
-        """`proplet_id` cannot report in `round_id` (its task failed or was stopped)."""
+    async def report_failure(self, round_id: str, proplet_id: str, reason: str) -> RoundState:
+        """`proplet_id` cannot report in `round_id` (its task failed or was stopped); the
+        round's state after it. Only the state: a burst of failures reported in a big round
+        must not cost O(participants) each (the coordinator answers without the round's
+        lists, `brief`)."""
         ...
 
 
@@ -79,8 +82,10 @@ class CoordinatorClient:
         request = coordinator_pb2.GetRoundStatusRequest(round_id=round_id)
         return await self._call("GetRoundStatus", request)
 
-    async def report_failure(self, round_id: str, proplet_id: str, reason: str) -> Round:
+    async def report_failure(self, round_id: str, proplet_id: str, reason: str) -> RoundState:
         request = coordinator_pb2.ReportParticipantFailureRequest(
-            round_id=round_id, proplet_id=proplet_id, reason=reason
+            round_id=round_id, proplet_id=proplet_id, reason=reason, brief=True
         )
-        return await self._call("ReportParticipantFailure", request)
+        with rpc_errors("Coordinator.ReportParticipantFailure"):
+            status = await self._stub.ReportParticipantFailure(request, timeout=self.timeout_s)
+        return STATE_OF[status.state]

@@ -13,14 +13,17 @@ import grpc
 import numpy as np
 import pytest
 
-from propeller.v1 import coordinator_pb2
+from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc
 from server.config import MqttConfig
-from server.coordinator.rounds import Update
+from server.coordinator.rounds import RoundState, Update
+from server.grpc_server import channel
+from server.manager.coordinator import CoordinatorClient
 from server.tensors import Tensors
 from tests.coordinator.helpers import fedavg, make_update
 from tests.support.clients import Clients, clients
 from tests.support.cluster import round_notes, round_services
 from tests.support.ports import free_port
+from tests.support.security import service_tls
 from tests.test_round_spec import NOT_FINITE_OR_NEGATIVE
 
 V0 = "fl/models/global_model_v0"
@@ -229,6 +232,40 @@ async def test_watch_round_ends_on_failure(fl: Cluster) -> None:
     events = [e async for e in call]
     assert [e.type for e in events] == [S.ROUND_EVENT_TYPE_SNAPSHOT, S.ROUND_EVENT_TYPE_FAILED]
     assert events[-1].status.failure_reason == "deadline passed with 0 of 2 updates"
+
+
+async def test_a_failure_report_is_answered_without_the_lists_when_brief(fl: Cluster) -> None:
+    """ReportParticipantFailure with `brief` (what the manager sends, through
+    `CoordinatorClient`): the round's state and counts, but none of its per-participant lists,
+    which a burst of reports in a big round would carry once per report; without it, the full
+    status. Either way the failure is recorded."""
+    await fl.configure(participants=["a", "b", "c", "d", "e"], min_k_of_n=1)
+    await fl.submit("r1", UPDATES[0])
+    async with channel(fl.coordinator_addr, service_tls("manager")) as chan:
+        client = CoordinatorClient(coordinator_pb2_grpc.CoordinatorStub(chan), timeout_s=10.0)
+        assert await client.report_failure("r1", "b", "task failed: trap") is RoundState.OPEN
+        stub = coordinator_pb2_grpc.CoordinatorStub(chan)
+        brief = await stub.ReportParticipantFailure(
+            coordinator_pb2.ReportParticipantFailureRequest(
+                round_id="r1", proplet_id="d", reason="lost", brief=True
+            ),
+            timeout=10,
+        )
+        assert (brief.state, brief.num_updates, brief.k_of_n) == (S.ROUND_STATE_OPEN, 1, 5)
+        assert (list(brief.participants), list(brief.reported), list(brief.failed)) == ([], [], [])
+        full = await stub.ReportParticipantFailure(
+            coordinator_pb2.ReportParticipantFailureRequest(
+                round_id="r1", proplet_id="c", reason="stopped"
+            ),
+            timeout=10,
+        )
+    assert full.state == S.ROUND_STATE_OPEN
+    assert list(full.participants) == ["a", "b", "c", "d", "e"] and list(full.reported) == ["a"]
+    assert [(f.proplet_id, f.reason) for f in full.failed] == [
+        ("b", "task failed: trap"),
+        ("d", "lost"),
+        ("c", "stopped"),
+    ]
 
 
 async def test_watch_unknown_round_is_not_found(fl: Cluster) -> None:

@@ -162,14 +162,16 @@ class ParticipantFailure(_message.Message):
     def __init__(self, proplet_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReportParticipantFailureRequest(_message.Message):
-    __slots__ = ("round_id", "proplet_id", "reason")
+    __slots__ = ("round_id", "proplet_id", "reason", "brief")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PROPLET_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    BRIEF_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     proplet_id: str
     reason: str
-    def __init__(self, round_id: _Optional[str] = ..., proplet_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    brief: bool
+    def __init__(self, round_id: _Optional[str] = ..., proplet_id: _Optional[str] = ..., reason: _Optional[str] = ..., brief: _Optional[bool] = ...) -> None: ...
 
 class SubmitUpdateResponse(_message.Message):
     __slots__ = ("round_id", "proplet_id", "accepted", "duplicate", "num_updates", "k_of_n", "state")
