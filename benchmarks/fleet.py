@@ -303,7 +303,7 @@ async def completed(coordinator: coordinator_pb2_grpc.CoordinatorStub, rid: str)
     """Watches round `rid` until it ends; its new model's uri and how many reported
     (RuntimeError if it failed)."""
     async for event in coordinator.WatchRound(
-        coordinator_pb2.WatchRoundRequest(round_id=rid), timeout=900
+        coordinator_pb2.WatchRoundRequest(round_id=rid, brief=True), timeout=900
     ):
         state = event.status.state
         if state == coordinator_pb2.ROUND_STATE_COMPLETED:

@@ -23,8 +23,8 @@ class RoundService(Protocol):
         ...
 
     def watch_round(self, round_id: str, timeout_s: float) -> AsyncGenerator[Round, None]:
-        """The round as it is, then after each change, until it is finished or `timeout_s`
-        passed (DEADLINE_EXCEEDED)."""
+        """The round as it is, then after each change of its state (an accepted update is
+        not one), until it is finished or `timeout_s` passed (DEADLINE_EXCEEDED)."""
         ...
 
     async def start_round(self, round_id: str) -> Round: ...
@@ -66,12 +66,15 @@ class CoordinatorClient:
     async def watch_round(self, round_id: str, timeout_s: float) -> AsyncGenerator[Round, None]:
         # Bounded: a connection that died without a word would otherwise hold the watch
         # forever; the caller looks at the round's status after a timeout and watches again.
-        request = coordinator_pb2.WatchRoundRequest(round_id=round_id)
+        # Brief: the accepted updates' events, which the manager skips, come without the
+        # round's lists (O(participants) each).
+        request = coordinator_pb2.WatchRoundRequest(round_id=round_id, brief=True)
         call = self._stub.WatchRound(request, timeout=timeout_s)
         try:
             with rpc_errors("Coordinator.WatchRound"):
                 async for event in call:
-                    yield status_from_proto(event.status)
+                    if event.type != coordinator_pb2.ROUND_EVENT_TYPE_UPDATE_ACCEPTED:
+                        yield status_from_proto(event.status)
         finally:
             call.cancel()
 

@@ -226,6 +226,47 @@ async def test_watch_round_delivers_events_in_order(fl: Cluster) -> None:
     assert events[0].status.state == S.ROUND_STATE_COMPLETED
 
 
+async def test_a_brief_watch_tells_updates_without_the_lists(fl: Cluster) -> None:
+    """WatchRound with `brief`: an accepted update's event names its proplet and the count
+    so far, without the round's lists (O(participants) each, so O(participants^2) a round);
+    the snapshot and each change of state carry the full status. The manager's client
+    watches briefly and is told the changes of state only."""
+    await fl.configure(k_of_n=2, start=False)
+    call = fl.coordinator.WatchRound(
+        coordinator_pb2.WatchRoundRequest(round_id="r1", brief=True), timeout=30
+    )
+    async with channel(fl.coordinator_addr, service_tls("manager")) as chan:
+        client = CoordinatorClient(coordinator_pb2_grpc.CoordinatorStub(chan), timeout_s=10.0)
+        manager_view = client.watch_round("r1", 30)
+        assert (await anext(manager_view)).state is RoundState.PENDING
+        await fl.coordinator.StartRound(coordinator_pb2.StartRoundRequest(round_id="r1"))
+        await fl.submit("r1", UPDATES[0])
+        await fl.submit("r1", UPDATES[1])
+        events = [e async for e in call]
+        states = [r.state async for r in manager_view]
+    assert [(e.type, e.proplet_id) for e in events] == [
+        (S.ROUND_EVENT_TYPE_SNAPSHOT, ""),
+        (S.ROUND_EVENT_TYPE_STARTED, ""),
+        (S.ROUND_EVENT_TYPE_UPDATE_ACCEPTED, "a"),
+        (S.ROUND_EVENT_TYPE_UPDATE_ACCEPTED, "b"),
+        (S.ROUND_EVENT_TYPE_AGGREGATING, ""),
+        (S.ROUND_EVENT_TYPE_COMPLETED, ""),
+    ]
+    for e in events:
+        lists = (list(e.status.participants), list(e.status.reported))
+        if e.type == S.ROUND_EVENT_TYPE_UPDATE_ACCEPTED:
+            assert lists == ([], [])
+        else:
+            assert lists[0] == ["a", "b", "c"]
+    assert [e.status.num_updates for e in events] == [0, 0, 1, 2, 2, 2]
+    assert list(events[-1].status.reported) == ["a", "b"]
+    assert states == [
+        RoundState.OPEN,
+        RoundState.AGGREGATING,
+        RoundState.COMPLETED,
+    ]
+
+
 async def test_watch_round_ends_on_failure(fl: Cluster) -> None:
     await fl.configure(k_of_n=2, timeout_s=1.0)
     call = fl.coordinator.WatchRound(coordinator_pb2.WatchRoundRequest(round_id="r1"), timeout=30)

@@ -216,10 +216,12 @@ class ListRoundsResponse(_message.Message):
     def __init__(self, rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class WatchRoundRequest(_message.Message):
-    __slots__ = ("round_id",)
+    __slots__ = ("round_id", "brief")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    BRIEF_FIELD_NUMBER: _ClassVar[int]
     round_id: str
-    def __init__(self, round_id: _Optional[str] = ...) -> None: ...
+    brief: bool
+    def __init__(self, round_id: _Optional[str] = ..., brief: _Optional[bool] = ...) -> None: ...
 
 class RoundEvent(_message.Message):
     __slots__ = ("type", "status", "proplet_id", "timestamp")
