@@ -354,8 +354,13 @@ async def run(rec: Recorder, smoke: bool) -> None:
     rounds = 1 if smoke else int(os.environ.get("BENCH_FLEET_ROUNDS", "3"))
     topologies = topologies_from_env()
     raise_file_limit(max(sizes))
-    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
-        workdir = Path(tmp)
+    # BENCH_FLEET_WORKDIR: the processes' logs kept there (a fleet that failed says why).
+    kept = os.environ.get("BENCH_FLEET_WORKDIR", "")
+    with contextlib.ExitStack() as dirs:
+        if kept:
+            workdir = Path(kept)
+        else:
+            workdir = Path(dirs.enter_context(tempfile.TemporaryDirectory(prefix="bench-fleet-")))
         with mosquitto(workdir / "mosquitto") as broker:
             assert broker.proc is not None
             for n in sorted(sizes):
