@@ -415,12 +415,12 @@ async def run_fleet(args: Json) -> None:
         ]
         # In batches: thousands of CONNECTs at once only queue at the broker. A proplet whose
         # broker connection took longer than its 10 s (a loaded machine, thousands of
-        # sessions: it happened at 10,000) is started again, as a device would be, 3 times.
+        # sessions: it happened at 10,000) is started again, as a device would be, 6 times.
         pending = configs
-        for _ in range(3):
+        for _ in range(6):
             late: list[PropletConfig] = []
-            for batch in range(0, len(pending), 100):
-                part = pending[batch : batch + 100]
+            for batch in range(0, len(pending), 50):
+                part = pending[batch : batch + 50]
                 started = await asyncio.gather(
                     *(Proplet(c, runtime=runtime).__aenter__() for c in part),
                     return_exceptions=True,
@@ -436,7 +436,7 @@ async def run_fleet(args: Json) -> None:
             if not pending:
                 break
         if pending:
-            raise Unavailable(f"{len(pending)} proplets not connected to the broker, 3 tries each")
+            raise Unavailable(f"{len(pending)} proplets not connected to the broker, 6 tries each")
         write_line(sys.stdout, {"proplets": len(ids), "pid": os.getpid()})
         await stdin_closed()
 
