@@ -30,7 +30,7 @@ import yaml
 from server.config import TlsConfig
 from server.mqtt_acl import mosquitto_acl
 from server.pki import load_certificate, load_private_key, read_identity
-from tests.support.processes import GRPC_SERVICES, LISTEN_VARS
+from tests.support.processes import DEPLOYED_SERVICES, GRPC_SERVICES, LISTEN_VARS
 
 # kubectl runs as a child process (a renderer, no network): not "unit".
 pytestmark = pytest.mark.integration
@@ -53,16 +53,7 @@ KUBERNETES_VERSIONS = ("1.30", "1.34")
 
 # Compose service -> the `propeller-fl serve` service it runs; the Kubernetes workload has the
 # compose service's name (it is also its DNS name, so every *_ADDR value stays the same).
-OURS = {
-    "manager": "manager",
-    "coordinator": "coordinator",
-    "aggregator": "aggregator",
-    "model-registry": "registry",
-    "local-data-store": "datastore",
-    "proplet": "proplet",
-    "proplet-2": "proplet",
-    "proplet-3": "proplet",
-}
+OURS = DEPLOYED_SERVICES
 JOBS = ("certs", "push-wasm")
 IMAGE = "propeller-fl"
 CERTS_DIR = "/certs"

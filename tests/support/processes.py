@@ -53,6 +53,18 @@ GRPC_SERVICES = {
     "registry": "propeller.v1.ModelRegistry",
     "datastore": "propeller.v1.DataStore",
 }
+# The deployments' workloads of ours (compose.yaml's services, the Kubernetes workloads of the
+# same names) -> the `propeller-fl serve` service each runs.
+DEPLOYED_SERVICES = {
+    "manager": "manager",
+    "coordinator": "coordinator",
+    "aggregator": "aggregator",
+    "model-registry": "registry",
+    "local-data-store": "datastore",
+    "proplet": "proplet",
+    "proplet-2": "proplet",
+    "proplet-3": "proplet",
+}
 # Variables the services read that do not start with PROPELLER_ / PROPLET_.
 _OTHER_VARS = frozenset(
     {
