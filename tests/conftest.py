@@ -178,6 +178,13 @@ def seed_image_registry(registry: OciRegistry, trainer_wasm: Path) -> str:
     return registry.host
 
 
+@pytest.fixture(scope="session")
+def trainer_image(registry: OciRegistry, trainer_wasm: Path) -> str:
+    """The trainer pushed once to the test OCI registry as `fl-client-wasm` under a tag of
+    this run: its image reference, for a cluster's round tasks (`cluster(..., image=)`)."""
+    return push_wasm(registry, trainer_wasm, repo="fl-client-wasm", tag=uuid.uuid4().hex[:8])
+
+
 @pytest.fixture
 def topics() -> Topics:
     """A namespace of its own per test, so tests never see each other's messages."""
