@@ -24,7 +24,7 @@ from server.errors import (
 from server.round_spec import RoundSpec
 from server.tensors import sha256_of
 from server.topics import Topics
-from tests.coordinator.helpers import Clock, MemoryBackend, fedavg, make_update
+from tests.coordinator.helpers import UPDATES, Clock, MemoryBackend, fedavg, make_update
 from tests.support.waits import eventually
 
 TOPICS = Topics("unit", "fl")
@@ -59,13 +59,6 @@ def config(**kw: Any) -> RoundSpec:
     args: dict[str, Any] = {"round_id": "r1", "participants": ("a", "b", "c"), "timeout_s": 10}
     args.update(kw)
     return RoundSpec(**args)
-
-
-UPDATES = [
-    make_update("a", [1.0, 2.0, 3.0], 1.0, 10, loss=0.9),
-    make_update("b", [0.0, -1.0, 4.0], -2.0, 30, loss=0.3),
-    make_update("c", [5.0, 5.0, 5.0], 0.5, 60, loss=0.1),
-]
 
 
 async def one_update_round(coord: Coordinator) -> Round:
