@@ -89,12 +89,8 @@ async def submit_refused(world: Cluster, tls: TlsConfig, proplet_id: str, *needl
 
 async def test_a_proplet_cannot_submit_as_another(world: Cluster) -> None:
     await world.configure("r1", participants=["a", "b"], k_of_n=2)
-    await submit_refused(
-        world,
-        proplet_tls("a"),
-        "b",
-        "SubmitUpdate: proplet 'a' may only submit as itself, not as 'b'",
-    )
+    forged = "SubmitUpdate: proplet 'a' may only submit as itself, not as 'b'"
+    await submit_refused(world, proplet_tls("a"), "b", forged)
     status = await world.status("r1")
     assert status.num_updates == 0 and list(status.reported) == []
     # The real b is not turned away as a "duplicate" of the forged update.
@@ -105,12 +101,8 @@ async def test_a_proplet_cannot_submit_as_another(world: Cluster) -> None:
 
 async def test_a_proplet_cannot_submit_to_a_round_it_is_not_in(world: Cluster) -> None:
     await world.configure("r1", participants=["a", "b"], k_of_n=2)
-    await submit_refused(
-        world,
-        proplet_tls("c"),
-        "c",
-        "proplet 'c' (header.proplet_id) is not a participant of round 'r1'",
-    )
+    outsider = "proplet 'c' (header.proplet_id) is not a participant of round 'r1'"
+    await submit_refused(world, proplet_tls("c"), "c", outsider)
     assert (await world.status("r1")).num_updates == 0
 
 
