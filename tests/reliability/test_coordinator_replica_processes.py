@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -23,13 +24,9 @@ import pytest
 from propeller.v1 import coordinator_pb2
 from server.config import MqttConfig
 from server.faults import KILL_AT_ENV
-from tests.reliability.test_coordinator_processes import (
-    UPDATES,
-    never_killed_sha256,
-    running,
-    setup,
-)
+from tests.reliability.test_coordinator_processes import UPDATES, never_killed_sha256, setup
 from tests.support.clients import Clients
+from tests.support.cluster import running
 from tests.support.processes import ServiceProcess, service_process
 from tests.support.state import StateBackend
 from tests.support.waits import eventually
@@ -45,6 +42,26 @@ def second_replica(first: ServiceProcess, replica_id: str, **more: str) -> dict[
     aggregator and broker), unarmed, with an id of its own."""
     env = {k: v for k, v in first.env.items() if k != KILL_AT_ENV}
     return {**env, "PROPELLER_COORDINATOR_REPLICA_ID": replica_id, **more}
+
+
+@contextlib.asynccontextmanager
+async def replicas(
+    mqtt: MqttConfig, tmp_path: Path, database_url: str, kill_at: str, **b_env: str
+) -> AsyncIterator[tuple[ServiceProcess, ServiceProcess, Clients]]:
+    """Two coordinator processes (not started) on the database: replica-a, armed to kill
+    itself at `kill_at`, and replica-b (`b_env` on top of a's settings), leases of LEASE_S;
+    and a client of their registry."""
+    async with setup(
+        mqtt,
+        tmp_path,
+        PROPELLER_DATABASE_URL=database_url,
+        PROPELLER_COORDINATOR_REPLICA_ID="replica-a",
+        PROPELLER_COORDINATOR_LEASE_S=LEASE_S,
+        PROPELLER_TEST_KILL_AT=kill_at,
+    ) as (a_proc, reg, _):
+        b = second_replica(a_proc, "replica-b", **b_env)
+        with service_process("coordinator", b, tmp_path / "b") as b_proc:
+            yield a_proc, b_proc, reg
 
 
 async def submit_cut_off_or_not(c: Clients, round_id: str, index: int) -> None:
@@ -63,31 +80,22 @@ async def test_the_replica_holding_the_aggregation_killed_the_other_completes_it
     mqtt: MqttConfig, tmp_path: Path, database_url: str, point: str
 ) -> None:
     db = StateBackend("postgres", tmp_path / "state", database_url)
-    async with setup(
-        mqtt,
-        tmp_path,
-        PROPELLER_DATABASE_URL=database_url,
-        PROPELLER_COORDINATOR_REPLICA_ID="replica-a",
-        PROPELLER_COORDINATOR_LEASE_S=LEASE_S,
-        PROPELLER_TEST_KILL_AT=point,
-    ) as (a_proc, reg):
-        b_env = second_replica(a_proc, "replica-b")
-        with service_process("coordinator", b_env, tmp_path / "b") as b_proc:
-            async with running(b_proc) as b, running(a_proc) as a:
-                await a.configure("r1", k_of_n=3, timeout_s=120)
-                # Half each: one to b, then the k-th to a, which claims the aggregation.
-                await b.submit("r1", UPDATES[0])
-                await a.submit("r1", UPDATES[1])
-                await submit_cut_off_or_not(a, "r1", 2)
-                assert await a_proc.wait_exit() == -signal.SIGKILL, a_proc.tail()
-                assert f"point={point}" in a_proc.log_text()
-                st = await b.wait_state("r1", timeout=60)
-                # The notice of the completion, published by b (once: a never completed).
-                await eventually(
-                    lambda: asyncio.to_thread(db.raw, "coordinator", "SELECT sent FROM notices"),
-                    lambda rows: rows == [(1,)],
-                    what="the round's notice sent",
-                )
+    async with replicas(mqtt, tmp_path, database_url, point) as (a_proc, b_proc, reg):
+        async with running(b_proc) as b, running(a_proc) as a:
+            await a.configure("r1", k_of_n=3, timeout_s=120)
+            # Half each: one to b, then the k-th to a, which claims the aggregation.
+            await b.submit("r1", UPDATES[0])
+            await a.submit("r1", UPDATES[1])
+            await submit_cut_off_or_not(a, "r1", 2)
+            assert await a_proc.wait_exit() == -signal.SIGKILL, a_proc.tail()
+            assert f"point={point}" in a_proc.log_text()
+            st = await b.wait_state("r1", timeout=60)
+            # The notice of the completion, published by b (once: a never completed).
+            await eventually(
+                lambda: asyncio.to_thread(db.raw, "coordinator", "SELECT sent FROM notices"),
+                lambda rows: rows == [(1,)],
+                what="the round's notice sent",
+            )
         assert st.state == S.ROUND_STATE_COMPLETED, st.failure_reason
         assert (st.new_model_version, st.closed_by, list(st.reported)) == (
             1,
@@ -109,31 +117,25 @@ async def test_the_replica_holding_the_aggregation_killed_the_other_completes_it
 async def test_the_replica_holding_the_deadline_killed_the_other_closes_the_round(
     mqtt: MqttConfig, tmp_path: Path, database_url: str
 ) -> None:
-    async with setup(
-        mqtt,
-        tmp_path,
-        PROPELLER_DATABASE_URL=database_url,
-        PROPELLER_COORDINATOR_REPLICA_ID="replica-a",
-        PROPELLER_COORDINATOR_LEASE_S=LEASE_S,
-        PROPELLER_TEST_KILL_AT="coordinator.deadline_claimed",
-    ) as (a_proc, reg):
-        # b looks for due rounds once a second (a: every 50 ms), so that a stopped b is
-        # almost never caught inside its claim's transaction.
-        b_env = second_replica(a_proc, "replica-b", PROPELLER_COORDINATOR_TICK_S="1")
-        with service_process("coordinator", b_env, tmp_path / "b") as b_proc:
-            async with running(b_proc) as b, running(a_proc) as a:
-                await a.configure("r1", k_of_n=3, timeout_s=4)
-                await a.submit("r1", UPDATES[0])
-                await b.submit("r1", UPDATES[1])
-                # b stalls (SIGSTOP) over the deadline, so it is a that claims the deadline,
-                # and dies there; b, continued, takes the round over when a's lease expires.
-                b_proc.send(signal.SIGSTOP)
-                try:
-                    assert await a_proc.wait_exit(60) == -signal.SIGKILL, a_proc.tail()
-                finally:
-                    b_proc.send(signal.SIGCONT)
-                assert "point=coordinator.deadline_claimed" in a_proc.log_text()
-                st = await b.wait_state("r1", timeout=60)
+    # b looks for due rounds once a second (a: every 50 ms), so that a stopped b is almost
+    # never caught inside its claim's transaction.
+    kill_at = "coordinator.deadline_claimed"
+    async with replicas(
+        mqtt, tmp_path, database_url, kill_at, PROPELLER_COORDINATOR_TICK_S="1"
+    ) as (a_proc, b_proc, reg):
+        async with running(b_proc) as b, running(a_proc) as a:
+            await a.configure("r1", k_of_n=3, timeout_s=4)
+            await a.submit("r1", UPDATES[0])
+            await b.submit("r1", UPDATES[1])
+            # b stalls (SIGSTOP) over the deadline, so it is a that claims the deadline,
+            # and dies there; b, continued, takes the round over when a's lease expires.
+            b_proc.send(signal.SIGSTOP)
+            try:
+                assert await a_proc.wait_exit(60) == -signal.SIGKILL, a_proc.tail()
+            finally:
+                b_proc.send(signal.SIGCONT)
+            assert "point=coordinator.deadline_claimed" in a_proc.log_text()
+            st = await b.wait_state("r1", timeout=60)
         assert st.state == S.ROUND_STATE_COMPLETED, st.failure_reason
         assert (st.new_model_version, st.closed_by, list(st.reported)) == (
             1,
