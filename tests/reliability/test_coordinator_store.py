@@ -10,7 +10,6 @@ import asyncio
 import gc
 import json
 import sqlite3
-import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -45,6 +44,7 @@ from tests.coordinator.helpers import (
     round_of_three,
 )
 from tests.support.state import DurableRoundStore, StateBackend
+from tests.support.waits import eventually
 
 BASE = "fl/models/global_model_v0"
 TOPICS = Topics("t", "fl")
@@ -425,12 +425,13 @@ async def test_stored_update_arrays_are_not_kept_in_memory(store: DurableRoundSt
     ref = weakref.ref(w)
     await store.accept(R.record_update(rnd, "a"), update)
     del update, w
+
     # The database thread lets go of its work item a moment after the commit is reported.
-    end = time.monotonic() + 5
-    while ref() is not None and time.monotonic() < end:
+    async def released() -> bool:
         gc.collect()
-        await asyncio.sleep(0.01)
-    assert ref() is None
+        return ref() is None
+
+    await eventually(released, timeout=5, what="the update's array released")
     stored = await store.updates("r1")
     one, two = await stored.load(0), await stored.load(0)
     assert one.tensors["w"] is not two.tensors["w"]  # read fresh each time, not cached
