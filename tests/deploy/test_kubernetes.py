@@ -32,8 +32,8 @@ from server.mqtt_acl import mosquitto_acl
 from server.pki import load_certificate, load_private_key, read_identity
 from tests.support.processes import DEPLOYED_SERVICES, GRPC_SERVICES, LISTEN_VARS
 
-# kubectl runs as a child process (a renderer, no network): not "unit".
-pytestmark = pytest.mark.integration
+# kubectl runs as a child process (a renderer, no network): not "unit" (tests/conftest.py
+# tiers the directory "integration").
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -243,6 +243,7 @@ def test_scale_out_changes_only_the_broker_and_adds_only_the_database(
     assert SCALE_OUT_CHANGES["PROPELLER_MQTT_HOST"] in objects(kustomization, "Service")
 
 
+@pytest.mark.process  # `certs init` and nats-server as child processes
 def test_the_nats_configuration_is_valid_for_nats_server(tmp_path: Path) -> None:
     """nats.conf as the pods get it (the ConfigMap, POD_NAME from the StatefulSet), checked by
     a real nats-server (`-t`: parse, load the TLS files, exit), with the broker's bundle."""
@@ -366,6 +367,7 @@ def test_every_bundle_issued_is_published_as_a_secret(kustomization: str) -> Non
     assert mounts["/publish/certs"] == "certs" and "/publish/kustomization.yaml" in mounts
 
 
+@pytest.mark.process  # `certs init` and kubectl on its output as child processes
 def test_the_certs_job_publishes_working_secrets(tmp_path: Path) -> None:
     """The certs job's two steps, run here on its own arguments: `propeller-fl certs init`,
     then kustomize over what it wrote, as `kubectl apply -k` would: every Secret holds its
