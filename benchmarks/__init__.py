@@ -15,4 +15,5 @@ BENCHMARK_NAMES = (
     "bigmodel",
     "quality",
     "fleet",
+    "audit",
 )

@@ -19,6 +19,7 @@ from typing import Any
 from benchmarks import (
     BENCHMARK_NAMES,
     aggregation,
+    audit,
     bigmodel,
     fleet,
     ingest,
@@ -41,6 +42,7 @@ BENCHMARKS: dict[str, Runner] = {
     bigmodel.NAME: bigmodel.run,
     quality.NAME: quality.run,
     fleet.NAME: fleet.run,
+    audit.NAME: audit.run,
 }
 
 

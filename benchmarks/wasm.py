@@ -14,6 +14,13 @@ matrix products), on a digits-sized task (64 features, one hidden layer of 128, 
 mini-batches of 32). Samples per second again come from `epochs = E` minus `epochs = 0`, but
 in CPU seconds (the wasm run's thread, the native child, this process for numpy): on a shared
 machine wall-clock ratios of sub-second runs swing by 2x, CPU time much less.
+
+What fuel metering costs, as `wasm-fuel`: both trainers (linear and MLP) in the proplet's
+runtime (`WasmRuntime()`, fuel metering on, as proplets run round tasks) and in one without
+metering (`WasmRuntime(metering=False)`), runs interleaved, samples per second from
+`epochs = E` minus `epochs = 0` in CPU seconds of the run's thread; the ratio metered /
+unmetered (target: >= 0.85, at most 15% slower), the fuel a sample-epoch costs and whether every
+repetition consumed the same fuel. (The `wasm` and `wasm-mlp` figures above are metered too.)
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ from proplet.runner import Invocation, Limits, WasmRuntime
 
 NAME = "wasm"
 MLP_NAME = "wasm-mlp"
+FUEL_NAME = "wasm-fuel"
+# Metered training at least this fraction of unmetered (issue 15: at most 15% slower).
+FUEL_TARGET_RATIO = 0.85
 TARGET_RATIO = 0.5
 MLP_TARGET_RATIO = 0.7
 MASK64 = (1 << 64) - 1
@@ -397,6 +407,96 @@ def run_mlp(rec: Recorder, smoke: bool) -> None:
 async def run(rec: Recorder, smoke: bool) -> None:
     await run_linear(rec, smoke)
     run_mlp(rec, smoke)
+    run_fuel(rec, smoke)
+
+
+@dataclass(frozen=True)
+class Metered:
+    """One trainer (its wasm bytes) in a runtime with or without fuel metering."""
+
+    runtime: WasmRuntime
+    wasm: bytes
+
+    def run(self, argv: str, env: dict[str, str], stdin: bytes = b"") -> tuple[float, int]:
+        """(CPU seconds of the run's thread, fuel it consumed)."""
+        compiled = self.runtime.compile(self.wasm, hashlib.sha256(self.wasm).hexdigest())
+        limits = Limits(timeout_s=600, memory_bytes=512 << 20, output_bytes=16 << 20)
+        started = time.thread_time()
+        out = self.runtime.run_sync(compiled, Invocation([argv], env, limits, stdin))
+        return time.thread_time() - started, out.fuel_consumed
+
+
+def run_fuel(rec: Recorder, smoke: bool) -> None:
+    reps = 2 if smoke else 7
+    metered, plain = WasmRuntime(), WasmRuntime(metering=False)
+    linear_n, linear_e = (200, 10) if smoke else (1000, 200)
+    mlp_n, mlp_e = (256, 2) if smoke else (1024, 20)
+    linear = trainer_wasm().read_bytes()
+    mlp = mlp_wasm(True).read_bytes()
+    mlp_full, mlp_zero = make_mlp_task(mlp_n, mlp_e), make_mlp_task(mlp_n, 0)
+    # trainer -> (its wasm, argv[0], samples x epochs, the full run's and the zero-epoch
+    # run's (env, stdin)).
+    Run = tuple[dict[str, str], bytes]
+    cases: dict[str, tuple[bytes, str, int, Run, Run]] = {
+        "linear": (
+            linear,
+            "fl-client",
+            linear_n * linear_e,
+            (make_env(linear_n, 8, linear_e), b""),
+            (make_env(linear_n, 8, 0), b""),
+        ),
+        "mlp": (
+            mlp,
+            "fl-mlp",
+            mlp_n * mlp_e,
+            (mlp_full.env, mlp_full.stdin),
+            (mlp_zero.env, mlp_zero.stdin),
+        ),
+    }
+    figures: dict[str, Any] = {}
+    targets: dict[str, bool] = {}
+    parts = []
+    for name, (wasm, argv, work, full, zero) in cases.items():
+        runners = {"metered": Metered(metered, wasm), "plain": Metered(plain, wasm)}
+        for r in runners.values():  # compile and warm up
+            r.run(argv, *zero)
+        train_s: dict[str, list[float]] = {k: [] for k in runners}
+        fuels: set[int] = set()
+        fuel_zero = 0
+        for _ in range(reps):
+            for kind, r in runners.items():
+                t_full, f_full = r.run(argv, *full)
+                t_zero, f_zero = r.run(argv, *zero)
+                train_s[kind].append(max(t_full - t_zero, 1e-9))
+                if kind == "metered":
+                    fuels.add(f_full)
+                    fuel_zero = f_zero
+        rate = {k: work / median(v) for k, v in train_s.items()}
+        ratio = rate["metered"] / rate["plain"]
+        per_sample = (max(fuels) - fuel_zero) / work
+        figures[f"{name}_metered_samples_per_s"] = round(rate["metered"])
+        figures[f"{name}_plain_samples_per_s"] = round(rate["plain"])
+        figures[f"{name}_metered_vs_plain"] = round(ratio, 3)
+        figures[f"{name}_fuel_per_sample_epoch"] = round(per_sample, 1)
+        figures[f"{name}_fuel_same_every_run"] = len(fuels) == 1
+        targets[f"{name} metered >= {FUEL_TARGET_RATIO} of plain"] = ratio >= FUEL_TARGET_RATIO
+        targets[f"{name} fuel deterministic"] = len(fuels) == 1
+        parts.append(
+            f"{name}: metered {rate['metered'] / 1e3:.1f} k samples/s, plain "
+            f"{rate['plain'] / 1e3:.1f} k/s, ratio {ratio:.3f}, {per_sample:.0f} fuel a "
+            "sample-epoch"
+        )
+    rec.record(
+        FUEL_NAME,
+        {
+            "linear": {"samples": linear_n, "features": 8, "epochs": linear_e},
+            "mlp": {"samples": mlp_n, "layers": list(MLP_SIZES), "epochs": mlp_e},
+            "reps": reps,
+        },
+        figures,
+        targets=targets,
+        summary="; ".join(parts),
+    )
 
 
 async def run_linear(rec: Recorder, smoke: bool) -> None:

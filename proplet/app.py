@@ -36,7 +36,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from proplet.artifacts import ArtifactStore
@@ -533,9 +533,11 @@ class Proplet(Lifecycle):
             env, stdin = await inputs.invocation_inputs(
                 compiled.contract, fl.module_env(start.env), self.proplet_id
             )
-        invocation = Invocation(
-            [start.name or start.id, *start.cli_args], env, self.config.limits, stdin
-        )
+        limits = self.config.limits
+        if fl is not None and fl.fuel_budget:
+            # The round's budget, never above the proplet's own.
+            limits = replace(limits, fuel=min(limits.fuel, fl.fuel_budget))
+        invocation = Invocation([start.name or start.id, *start.cli_args], env, limits, stdin)
         t1 = time.perf_counter()
         try:
             out = await self.runtime.run(compiled, invocation, running.control)
@@ -557,6 +559,7 @@ class Proplet(Lifecycle):
             base_sha256=inputs.model_sha256,
             module_digest=module,
             contract=compiled.contract,
+            fuel_consumed=out.fuel_consumed,
         )
         metrics.phase_took("training", t0)
         upload_began = time.perf_counter()

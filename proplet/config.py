@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from proplet.federated import Backoff
-from proplet.runner import Limits
+from proplet.runner import DEFAULT_FUEL, MAX_FUEL, Limits
 from server.config import (
     Endpoints,
     MqttConfig,
@@ -88,6 +88,10 @@ class PropletConfig:
     # Table elements of one run over all its tables, and how many tables it may have.
     table_elements_limit: int = setting("PROPLET_TABLE_ELEMENTS_LIMIT", 1 << 16)
     tables_limit: int = setting("PROPLET_TABLES_LIMIT", 1)
+    # Fuel units one run may consume (about one per wasm instruction); 0: DEFAULT_FUEL (10^15,
+    # no practical limit: the timeout ends a run first). A round's fuel_budget (env
+    # FUEL_BUDGET) can only lower it for that round's tasks.
+    fuel_limit: int = setting("PROPLET_FUEL_LIMIT", 0)
     rpc_timeout_s: float = setting("PROPLET_RPC_TIMEOUT_S", 30.0)
     # Round services (registry, data store, coordinator) that fail with UNAVAILABLE or
     # DEADLINE_EXCEEDED are retried after delays growing from retry_backoff_s to at most
@@ -110,6 +114,11 @@ class PropletConfig:
             raise ValueError(f"rpc_timeout_s: {self.rpc_timeout_s} must be > 0")
         if not self.result_resend_s > 0:
             raise ValueError(f"result_resend_s: {self.result_resend_s} must be > 0")
+        if not 0 <= self.fuel_limit <= MAX_FUEL:
+            raise ValueError(
+                f"fuel_limit: {self.fuel_limit} must be between 0 (the default, "
+                f"{DEFAULT_FUEL}) and {MAX_FUEL}"
+            )
         self.limits  # noqa: B018 - validates the limits now rather than at the first task
         self.backoff  # noqa: B018 - and the retry backoff
 
@@ -121,6 +130,7 @@ class PropletConfig:
             output_bytes=self.output_limit_bytes,
             table_elements=self.table_elements_limit,
             tables=self.tables_limit,
+            fuel=self.fuel_limit or DEFAULT_FUEL,
         )
 
     @property

@@ -52,6 +52,7 @@ from propeller.v1 import (
 )
 from proplet import safetensors
 from proplet.errors import TaskFailed
+from proplet.runner import MAX_FUEL
 from server import tracing
 from server.config import Endpoints, TlsConfig
 from server.errors import InvalidArgument, RemoteError, as_remote_error, rpc_errors
@@ -275,6 +276,8 @@ class FlTask:
     kind: str = TRAIN
     # The part of the dataset to fetch: "" (all) or "train" for training, "test" to evaluate.
     split: str = ""
+    # The round's fuel budget for a run (env FUEL_BUDGET; 0: the proplet's own limit).
+    fuel_budget: int = 0
 
     @property
     def evaluates(self) -> bool:
@@ -342,6 +345,7 @@ class FlTask:
         return cls(
             kind=kind,
             split=split,
+            fuel_budget=_fuel_budget(env.get("FUEL_BUDGET", "")),
             round_deadline=_round_deadline(env.get("ROUND_DEADLINE", "")),
             module_digest=module_digest,
             round_id=round_id,
@@ -351,6 +355,16 @@ class FlTask:
             registry=service_address(env.get("MODEL_REGISTRY_URL", ""), endpoints.registry),
             datastore=service_address(env.get("DATA_STORE_URL", ""), endpoints.datastore),
         )
+
+
+def _fuel_budget(raw: str) -> int:
+    """FUEL_BUDGET as a fuel count; empty or 0: none (the proplet's own limit)."""
+    text = raw.strip()
+    if not text:
+        return 0
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_FUEL:
+        raise TaskFailed(f"FUEL_BUDGET: {text[:40]!r} is not a fuel count (0 to {MAX_FUEL})")
+    return int(text)
 
 
 def _round_deadline(raw: str) -> float | None:
@@ -472,6 +486,7 @@ def summary(update: Update, response: coordinator_pb2.SubmitUpdateResponse) -> s
             "round_id": update.meta.round_id,
             "num_samples": update.meta.num_samples,
             "metrics": update.meta.metrics,
+            "fuel_consumed": update.meta.fuel_consumed,
             "accepted": response.accepted,
             "duplicate": response.duplicate,
             "num_updates": response.num_updates,

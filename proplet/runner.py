@@ -17,7 +17,15 @@ Each run gets a fresh `Store` with:
   would cap separately, a second budget of the same size;
 - epoch interruption (the run's deadline, its stop request and its output cap checked at
   every tick), stdout captured up to the output cap, a stderr tail, and WASI's blocking calls
-  bounded by the deadline: the host side, in `proplet.sandbox`.
+  bounded by the deadline: the host side, in `proplet.sandbox`;
+- fuel metering (`Config.consume_fuel`): the store starts with `Limits.fuel` units, wasmtime
+  takes about one per wasm instruction executed (host calls cost none), and the run's
+  `fuel_consumed` is the budget less what remains, whatever the outcome. A run that spends its
+  whole budget traps and fails with "fuel budget of N exhausted". For the same module and the
+  same inputs the count is the same on every run (it counts instructions, not time): the
+  update header carries it, signed (docs/verifiability.md). `WasmRuntime(metering=False)` is
+  an engine without it (fuel checks are compiled into the code, so the two cannot share
+  compiled modules), kept for the benchmark that measures what metering costs.
 
 As a last resort, a run still inside a host call `HARD_DEADLINE_GRACE_S` after its deadline is
 abandoned and reported as timed out; while `MAX_ABANDONED_RUNS` such threads linger in a
@@ -46,6 +54,7 @@ from server import metrics, tracing
 # RunControl is part of the runner's interface (`WasmRuntime.run`), kept importable from here.
 __all__ = [
     "CONTRACT_V2_EXPORT",
+    "DEFAULT_FUEL",
     "HARD_DEADLINE_GRACE_S",
     "MAX_ABANDONED_RUNS",
     "STOP_GRACE_S",
@@ -67,6 +76,13 @@ STOP_GRACE_S = 2.0
 # before it refuses new runs.
 MAX_ABANDONED_RUNS = 4
 WASM_PAGE = 65536
+# A run's fuel budget when nothing smaller is set (PROPLET_FUEL_LIMIT 0, a round without
+# fuel_budget): 10^15 units. The trainers spend 0.8-2.6 x 10^10 units a CPU second here
+# (docs/benchmarks.md, wasm-fuel), so that is more than ten hours of CPU: the task's timeout
+# ends a run long before this does. Below 2^63 so any count fits a signed
+# 64-bit column.
+DEFAULT_FUEL = 10**15
+MAX_FUEL = 2**63 - 1
 # What one table element costs (wasmtime: a pointer).
 TABLE_ELEMENT_BYTES = 8
 
@@ -74,15 +90,20 @@ TABLE_ELEMENT_BYTES = 8
 @dataclass(frozen=True)
 class Limits:
     """What one run may consume, in all: `memory_bytes` covers its linear memory and its
-    tables together (`table_elements` over all its tables, 8 bytes each)."""
+    tables together (`table_elements` over all its tables, 8 bytes each); `fuel` its
+    instructions (a metering runtime's)."""
 
     timeout_s: float = 300.0
     memory_bytes: int = 256 << 20
     output_bytes: int = 16 << 20
     table_elements: int = 1 << 16
     tables: int = 1
+    # Fuel units one run may consume (about one per wasm instruction executed).
+    fuel: int = DEFAULT_FUEL
 
     def __post_init__(self) -> None:
+        if not 0 < self.fuel <= MAX_FUEL:
+            raise ValueError(f"fuel: {self.fuel} must be between 1 and {MAX_FUEL}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s: {self.timeout_s} must be > 0")
         if self.output_bytes <= 0:
@@ -134,6 +155,8 @@ class RunOutput:
     stdout: bytes
     stderr_tail: str
     duration_s: float
+    # Fuel units the run consumed (0 on a runtime without metering).
+    fuel_consumed: int = 0
 
 
 # The export (of any kind) by which a module says it speaks trainer contract v2
@@ -205,12 +228,25 @@ class WasmRuntime:
     _shared: ClassVar[WasmRuntime | None] = None
     _shared_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, max_modules: int = 32, max_abandoned: int = MAX_ABANDONED_RUNS) -> None:
+    def __init__(
+        self,
+        max_modules: int = 32,
+        max_abandoned: int = MAX_ABANDONED_RUNS,
+        *,
+        metering: bool = True,
+    ) -> None:
         config = wasmtime.Config()
         config.epoch_interruption = True
+        config.consume_fuel = metering
+        self.metering = metering
         # GC objects and exceptions live in a heap the store caps apart from linear memory.
         config.wasm_gc = False
         config.wasm_exceptions = False
+        # The same module on the same inputs gives the same bytes on any host: the coordinator's
+        # re-execution audit (docs/verifiability.md) compares a proplet's update with its own
+        # re-run byte for byte. Relaxed SIMD may differ between CPUs unless made deterministic
+        # (no cost to modules that do not use it).
+        config.wasm_relaxed_simd_deterministic = True
         self.engine: Any = wasmtime.Engine(config)
         # WASI, with the calls that could block bounded by the run's deadline. Public so a
         # caller can define more host functions before compiling modules that import them.
@@ -315,10 +351,13 @@ class WasmRuntime:
             set_stdin(wasi, invocation.stdin)
         run.attach(store, wasi)
         store.set_wasi(wasi)
+        if self.metering:
+            store.set_fuel(limits.fuel)
 
         started = time.perf_counter()
         instance: Any = None
         failure: str | None = None
+        out_of_fuel = False
         exit_code = 0
         with run.executing(self._ticker):
             try:
@@ -330,11 +369,13 @@ class WasmRuntime:
             except wasmtime.ExitTrap as exc:  # WASI proc_exit, raised even for status 0
                 exit_code = int(exc.code)
             except wasmtime.Trap as exc:
+                out_of_fuel = exc.trap_code is wasmtime.TrapCode.OUT_OF_FUEL
                 failure = f"trap: {_cause(exc)}"
             except wasmtime.WasmtimeError as exc:
                 failure = _cause(exc)
         duration = time.perf_counter() - started
-        metrics.wasm_ran(duration)
+        fuel = limits.fuel - int(store.get_fuel()) if self.metering else 0
+        metrics.wasm_ran(duration, fuel)
 
         if run.stopped_for == "interrupt":
             raise TaskInterrupted(f"interrupted: {run.control.interrupted}")
@@ -342,6 +383,8 @@ class WasmRuntime:
             raise TaskFailed(f"deadline exceeded after {limits.timeout_s:g}s")
         if run.output_exceeded:
             raise TaskFailed(f"output too large: more than {limits.output_bytes} bytes on stdout")
+        if out_of_fuel:
+            raise TaskFailed(f"fuel budget of {limits.fuel} exhausted (the module ran out)")
         if failure is None and exit_code != 0:
             tail = run.stderr_text()
             failure = f"exit status {exit_code}" + (f": {tail}" if tail else "")
@@ -358,7 +401,7 @@ class WasmRuntime:
                     f"in use): {failure}"
                 )
             raise TaskFailed(failure)
-        return RunOutput(bytes(run.stdout), run.stderr_text(), duration)
+        return RunOutput(bytes(run.stdout), run.stderr_text(), duration, fuel)
 
     @tracing.traced("wasm run")
     async def run(

@@ -48,20 +48,22 @@ def encode(tensors: Mapping[str, Array], metadata: Mapping[str, str] | None = No
     header: dict[str, Any] = {}
     if metadata:
         header[METADATA] = dict(metadata)
-    parts: list[bytes] = []
+    # Each tensor's bytes as a view where it already is little-endian and contiguous: the
+    # join below is then the only copy.
+    parts: list[memoryview] = []
     offset = 0
     for name, arr in tensors.items():
         dtype = np.dtype(arr.dtype).newbyteorder("<")
         if dtype not in DTYPE_NAMES:
             raise ValueError(f"{name}: dtype {arr.dtype} has no safetensors name here")
-        raw = np.ascontiguousarray(arr, dtype=dtype).tobytes()
+        raw = np.ascontiguousarray(arr, dtype=dtype).reshape(-1).view(np.uint8)
         header[name] = {
             "dtype": DTYPE_NAMES[dtype],
             "shape": [int(d) for d in arr.shape],
-            "data_offsets": [offset, offset + len(raw)],
+            "data_offsets": [offset, offset + raw.nbytes],
         }
-        parts.append(raw)
-        offset += len(raw)
+        parts.append(raw.data)
+        offset += raw.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return b"".join([_LENGTH.pack(len(text)), text, *parts])

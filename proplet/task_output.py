@@ -44,10 +44,11 @@ def parse_update(
     base_sha256: str = "",
     module_digest: str = "",
     contract: int = CONTRACT_V1,
+    fuel_consumed: int = 0,
 ) -> Update:
     """Check the module's stdout (in the trainer contract it speaks) against the round and
-    the base model; the update to submit (carrying `base_sha256` and `module_digest`,
-    unsigned yet)."""
+    the base model; the update to submit (carrying `base_sha256`, `module_digest` and the
+    fuel the run consumed, unsigned yet)."""
     if contract == CONTRACT_V2:
         fields, tensors = _update_v2(stdout, base)
     else:
@@ -88,6 +89,7 @@ def parse_update(
         metrics={k: float(v) for k, v in metrics.items()},
         base_model_sha256=base_sha256,
         module_digest=module_digest,
+        fuel_consumed=fuel_consumed,
     )
     return Update(meta, tensors)
 

@@ -140,9 +140,14 @@ RULES: Mapping[str, Rule] = {
     # by operators (`models verify`) and services.
     f"{_R}PutLineage": _rule(services=("coordinator",)),
     f"{_R}GetLineage": _rule(operator=True, services=(ANY_SERVICE,)),
-    # The data store: a proplet reads its own dataset only.
+    # The data store: a proplet reads its own dataset only; the coordinator (and a site's)
+    # reads a participant's to re-run its update (the re-execution audit).
     f"{_D}GetDataset": _rule(
-        operator=True, proplet=True, as_itself="proplet_id", verb="read a dataset"
+        operator=True,
+        services=("coordinator", SITES),
+        proplet=True,
+        as_itself="proplet_id",
+        verb="read a dataset",
     ),
     f"{_D}PutDataset": OPERATOR,
     f"{_D}ListDatasets": OPERATOR,

@@ -73,9 +73,21 @@ WASM_RUN_SECONDS = Histogram(
     "Wall time of a WASM module run in wasmtime (proplet), whatever its outcome.",
     buckets=_PHASE_BUCKETS,
 )
+WASM_FUEL = Counter(
+    "propeller_wasm_fuel",
+    "Fuel units WASM module runs consumed in wasmtime (proplet; about one per wasm "
+    "instruction), whatever their outcome.",
+)
 MQTT_RECONNECTS = Counter(
     "propeller_mqtt_reconnects",
     "MQTT connections made after a session's first one (a lost or refused broker).",
+)
+
+AUDITS = Counter(
+    "propeller_audits",
+    "Updates the coordinator's re-execution audit re-ran (docs/verifiability.md), by outcome: "
+    "match, mismatch (the re-run gave another update), error (the auditor could not re-run it).",
+    ["outcome"],
 )
 
 Phase = Literal["fan_out", "training", "upload", "aggregation", "store"]
@@ -103,8 +115,13 @@ def phase_took(phase: Phase, started: float) -> None:
     ROUND_PHASE_SECONDS.labels(phase).observe(time.perf_counter() - started)
 
 
-def wasm_ran(seconds: float) -> None:
+def audited(outcome: str) -> None:
+    AUDITS.labels(outcome).inc()
+
+
+def wasm_ran(seconds: float, fuel: int = 0) -> None:
     WASM_RUN_SECONDS.observe(seconds)
+    WASM_FUEL.inc(fuel)
 
 
 def streamed(stream: Literal["model", "update"], direction: Literal["in", "out"], n: int) -> None:

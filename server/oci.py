@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,20 @@ INDEX_MEDIA_TYPES = (
 # No sane task module is bigger; a guard against a hostile or broken registry.
 MAX_MODULE_BYTES = 256 << 20
 MAX_MANIFEST_BYTES = 4 << 20
+
+
+def oci_insecure_from_env(env: Mapping[str, str]) -> bool | None:
+    """PROPELLER_OCI_INSECURE (the manager's pinning, the coordinator's audit): 1/true/yes or
+    0/false/no; unset: None (plain HTTP for loopback registries only)."""
+    key = "PROPELLER_OCI_INSECURE"
+    raw = env.get(key, "").strip().lower()
+    if not raw:
+        return None
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("0", "false", "no"):
+        return False
+    raise ValueError(f"{key}: {raw!r} must be 1 or 0")
 
 
 def is_loopback(host: str) -> bool:

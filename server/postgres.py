@@ -18,6 +18,7 @@ database changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -188,3 +189,72 @@ class PostgresDatabase:
                 yield conn
         except psycopg.OperationalError as exc:
             raise Unavailable(f"{self.component} state store (PostgreSQL): {exc}") from exc
+
+
+class AdvisoryLocks:
+    """Session-level advisory locks across processes, named by text, held on one connection
+    of their own: a process that dies (even by kill -9) releases its locks with that
+    connection. Tried rather than waited for, so the one connection is never blocked behind
+    another process: a section elsewhere lasts a transaction or two."""
+
+    def __init__(self, url: str, component: str) -> None:
+        self.url = url
+        self.component = component
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._opening = asyncio.Lock()
+        # Per key: the local lock and how many tasks hold or wait for it.
+        self._local: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        async with self._opening:
+            if self._conn is None or self._conn.closed:
+                try:
+                    self._conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+                except psycopg.OperationalError as exc:
+                    raise Unavailable(f"{self.component} state store (locks): {exc}") from exc
+            return self._conn
+
+    @asynccontextmanager
+    async def held(self, key: str) -> AsyncIterator[None]:
+        """The lock `key` names, held for the block. A session's advisory locks are
+        re-entrant, so the tasks of this process take turns on a local lock first."""
+        entry = self._local.setdefault(key, (asyncio.Lock(), [0]))
+        entry[1][0] += 1
+        try:
+            async with entry[0], self._held(key):
+                yield
+        finally:
+            entry[1][0] -= 1
+            if not entry[1][0]:
+                del self._local[key]
+
+    @asynccontextmanager
+    async def _held(self, key: str) -> AsyncIterator[None]:
+        delay = 0.005
+        while True:
+            conn = await self._connection()
+            try:
+                cur = await conn.execute(
+                    "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)
+                )
+                row = await cur.fetchone()
+            except psycopg.OperationalError as exc:
+                raise Unavailable(f"{self.component} state store (locks): {exc}") from exc
+            if row is not None and row[0]:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        try:
+            yield
+        finally:
+            # A connection lost meanwhile took its locks with it.
+            if not conn.closed:
+                try:
+                    await conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
+                except psycopg.OperationalError as exc:
+                    log.warning("[postgres] %s: lock %s not released: %s", self.component, key, exc)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()

@@ -12,6 +12,18 @@ registry's lineage. All three build the signed bytes here, so there is one defin
                 + u32(len(metrics)) + for each metric, by key (UTF-8 bytes, ascending):
                       str(key) + f64(value)
 
+An update that carries the fuel its training consumed (`fuel_consumed` > 0, docs/
+verifiability.md "Fuel receipts") is signed in the v2 form, which covers it too:
+
+    canonical_v2 = b"propeller-fl/update-signature/v2\\n"
+                   + (the v1 fields above, in the same order and encoding)
+                   + u64(fuel_consumed)
+
+An update without one (fuel_consumed 0: a proplet from before fuel receipts, a runtime without
+metering, a site's partial) is signed in the v1 form, so every signature in an older lineage
+still verifies. The form follows from the header itself: a fuel figure changed after signing
+(to another count, or to 0) breaks the signature either way.
+
 where str(s) = u32(len(utf8(s))) + utf8(s), integers are big-endian, f64 is the IEEE 754
 binary64 value big-endian (the exact double the header carries). `base_model_sha256` and
 `update_sha256` are lowercase hex; `update_sha256` is the sha256 of the update's tensor bytes
@@ -40,6 +52,7 @@ from server.errors import InvalidArgument
 from server.pki import Kind, PkiError, identity_of, load_certificate, site_service
 
 SIGNATURE_DOMAIN = b"propeller-fl/update-signature/v1\n"
+SIGNATURE_DOMAIN_V2 = b"propeller-fl/update-signature/v2\n"
 MODULE_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # A DER ECDSA P-256 signature is at most 72 bytes; anything much longer is not one.
@@ -91,6 +104,9 @@ class Signed(Protocol):
     def base_model_sha256(self) -> str: ...
 
     @property
+    def fuel_consumed(self) -> int: ...
+
+    @property
     def signature(self) -> bytes: ...
 
 
@@ -105,6 +121,8 @@ class Claim:
     update_sha256: str
     num_samples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
+    # 0: signed in the v1 form (no fuel receipt); otherwise v2, which covers it.
+    fuel_consumed: int = 0
 
     @classmethod
     def of(
@@ -120,13 +138,21 @@ class Claim:
             update_sha256=update_sha256,
             num_samples=int(header.num_samples),
             metrics=dict(header.metrics),
+            fuel_consumed=int(header.fuel_consumed),
         )
+
+    @property
+    def version(self) -> int:
+        """The canonical form the claim is signed in: 2 with a fuel receipt, else 1."""
+        return 2 if self.fuel_consumed else 1
 
     def canonical(self) -> bytes:
         if not -(2**63) <= self.num_samples < 2**63:
             raise InvalidArgument(f"num_samples: {self.num_samples} does not fit in 64 bits")
+        if not 0 <= self.fuel_consumed < 2**64:
+            raise InvalidArgument(f"fuel_consumed: {self.fuel_consumed} does not fit in 64 bits")
         parts = [
-            SIGNATURE_DOMAIN,
+            SIGNATURE_DOMAIN_V2 if self.version == 2 else SIGNATURE_DOMAIN,
             _text(self.round_id),
             _text(self.proplet_id),
             _text(self.base_model_sha256),
@@ -140,6 +166,8 @@ class Claim:
             if not math.isfinite(value):
                 raise InvalidArgument(f"metrics.{key}: {value} is not finite")
             parts.append(_text(key) + struct.pack(">d", value))
+        if self.version == 2:
+            parts.append(struct.pack(">Q", self.fuel_consumed))
         return b"".join(parts)
 
 
@@ -185,8 +213,8 @@ def check_signature(certificate: bytes, signature: bytes, claim: Claim) -> None:
         raise InvalidArgument(
             f"header.signature: does not verify with proplet {claim.proplet_id!r}'s certificate "
             "over (round_id, proplet_id, base_model_sha256, module_digest, the update's sha256, "
-            "num_samples, metrics): the update or its header changed after signing, or another "
-            "key signed it"
+            "num_samples, metrics, fuel_consumed): the update or its header changed after "
+            "signing, or another key signed it"
         )
 
 

@@ -49,6 +49,15 @@ RESERVED_HYPERPARAMS = ("task",)
 # it is stored with every round and passed in every task's environment.
 MAX_EXTRA_JSON_BYTES = 4096
 MAX_EXTRA_JSON_DEPTH = 8
+# What the re-execution audit (docs/verifiability.md) does with an update whose re-run does
+# not match: drop it before aggregation ("reject", the default), or aggregate it and mark the
+# round ("flag").
+AUDIT_REJECT = "reject"
+AUDIT_FLAG = "flag"
+AUDIT_POLICIES = (AUDIT_REJECT, AUDIT_FLAG)
+MAX_AUDIT_SEED = 2**64 - 1
+# A round's fuel budget fits a signed 64-bit column (proplet.runner.MAX_FUEL).
+MAX_FUEL_BUDGET = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,58 @@ class Hyperparams:
         parsed = json.loads(text)
         assert isinstance(parsed, dict)
         return cls.from_dict(parsed)
+
+
+@dataclass(frozen=True)
+class AuditSpec:
+    """The re-execution audit of a round's updates (docs/verifiability.md): the share of its
+    updates re-run by the coordinator's auditor (0 = none, the default; 1 = every one), the
+    seed of the choice (0: the coordinator draws one when it creates the round, kept with
+    the round and never shown), and the policy on a mismatch ("reject" or "flag"; "" =
+    "reject")."""
+
+    fraction: float = 0.0
+    seed: int = 0
+    policy: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0
+
+    @property
+    def rejects(self) -> bool:
+        """A mismatched update is left out of the aggregation (policy "reject", or "")."""
+        return self.policy != AUDIT_FLAG
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fraction": self.fraction, "seed": self.seed, "policy": self.policy}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AuditSpec:
+        return cls(
+            fraction=float(d.get("fraction", 0.0)),
+            seed=int(d.get("seed", 0)),
+            policy=str(d.get("policy", "")),
+        )
+
+
+def check_audit(audit: AuditSpec) -> AuditSpec:
+    """`audit` with its policy in lower case ("" stays "": "reject"), or INVALID_ARGUMENT
+    naming the field:
+    audit.fraction a number in [0, 1], audit.seed in [0, 2**64), audit.policy "reject" or
+    "flag"."""
+    if not (math.isfinite(audit.fraction) and 0.0 <= audit.fraction <= 1.0):
+        raise InvalidArgument(
+            f"audit.fraction: {audit.fraction} must be between 0 (no audit) and 1 (every update)"
+        )
+    if not 0 <= audit.seed <= MAX_AUDIT_SEED:
+        raise InvalidArgument(f"audit.seed: {audit.seed} must be between 0 and 2**64 - 1")
+    policy = audit.policy.strip().lower()
+    if policy and policy not in AUDIT_POLICIES:
+        raise InvalidArgument(
+            f"audit.policy: {shown(audit.policy)} is not one of {', '.join(AUDIT_POLICIES)}"
+        )
+    return replace(audit, policy=policy)
 
 
 def _canonical(value: dict[str, Any]) -> str:
@@ -201,6 +262,14 @@ class RoundSpec:
     # ("" = the defaults).
     strategy_name: str = ""
     strategy_params_json: str = ""
+    # The re-execution audit of the round's updates (none by default).
+    audit: AuditSpec = field(default_factory=AuditSpec)
+    # Fuel receipts (docs/verifiability.md): the most wasmtime fuel one participant's run may
+    # consume (0 = the proplet's own limit), and the fuel plausibility rule: an update whose
+    # fuel per sample is below `min_fuel_ratio` times the experiment's reference is refused
+    # (0 = off; `server.coordinator.fuel`).
+    fuel_budget: int = 0
+    min_fuel_ratio: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -216,6 +285,9 @@ class RoundSpec:
             "module_digest": self.module_digest,
             "strategy_name": self.strategy_name,
             "strategy_params_json": self.strategy_params_json,
+            "audit": self.audit.to_dict(),
+            "fuel_budget": self.fuel_budget,
+            "min_fuel_ratio": self.min_fuel_ratio,
         }
 
     @classmethod
@@ -233,6 +305,9 @@ class RoundSpec:
             module_digest=str(d.get("module_digest", "")),
             strategy_name=str(d.get("strategy_name", "")),
             strategy_params_json=str(d.get("strategy_params_json", "")),
+            audit=AuditSpec.from_dict(d.get("audit") or {}),
+            fuel_budget=int(d.get("fuel_budget", 0)),
+            min_fuel_ratio=float(d.get("min_fuel_ratio", 0.0)),
         )
 
 
@@ -294,6 +369,16 @@ def validate(spec: RoundSpec, *, experiment: bool = False) -> RoundSpec:
         raise InvalidArgument("task_wasm_image: must not be empty")
     check_text(spec.task_wasm_image, "task_wasm_image")
     check_module_digest(spec.module_digest, "module_digest")
+    if not 0 <= spec.fuel_budget <= MAX_FUEL_BUDGET:
+        raise InvalidArgument(
+            f"fuel_budget: {spec.fuel_budget} must be between 0 (the proplet's own limit) and "
+            f"{MAX_FUEL_BUDGET}"
+        )
+    if not (math.isfinite(spec.min_fuel_ratio) and 0 <= spec.min_fuel_ratio <= 1):
+        raise InvalidArgument(
+            f"min_fuel_ratio: {spec.min_fuel_ratio} must be between 0 (off) and 1 (a fraction "
+            "of the reference fuel per sample)"
+        )
     # The same registry the aggregator runs the strategy from: a round it would refuse is
     # refused here, before any participant trains for it.
     strategy = choose_strategy(spec.strategy_name, spec.strategy_params_json)
@@ -308,6 +393,7 @@ def validate(spec: RoundSpec, *, experiment: bool = False) -> RoundSpec:
         experiment_id=experiment_id,
         hyperparams=hp.filled(),
         strategy_params_json=params,
+        audit=check_audit(spec.audit),
     )
 
 

@@ -56,6 +56,7 @@ from server.tensors import (
     tensors_from_bytes,
     total_bytes,
 )
+from server.wire import message_from
 
 H = TypeVar("H", tensor_pb2.ModelHeader, tensor_pb2.UpdateHeader)
 
@@ -113,6 +114,8 @@ class UpdateMeta:
     signature: bytes = b""
     # A site coordinator's partial: the participants whose updates it combines.
     contributors: tuple[str, ...] = ()
+    # The wasmtime fuel the training run consumed (0: not metered); signed with the rest.
+    fuel_consumed: int = 0
 
 
 def update_stream(
@@ -126,18 +129,11 @@ def update_stream(
 
 
 def update_header(meta: UpdateMeta, specs: list[Spec]) -> tensor_pb2.UpdateHeader:
-    return tensor_pb2.UpdateHeader(
-        round_id=meta.round_id,
-        proplet_id=meta.proplet_id,
-        base_model_uri=meta.base_model_uri,
-        num_samples=meta.num_samples,
-        metrics=meta.metrics,
+    return message_from(
+        tensor_pb2.UpdateHeader,
+        meta,
         tensors=[s.to_proto() for s in specs],
         total_bytes=total_bytes(specs),
-        base_model_sha256=meta.base_model_sha256,
-        module_digest=meta.module_digest,
-        signature=meta.signature,
-        contributors=meta.contributors,
     )
 
 
@@ -517,9 +513,11 @@ class _HashingAssembly:
 
     def _place(self, offset: int, data: bytes | memoryview) -> None:
         end = offset + len(data)
-        self._view[offset:end] = data
-        # hashlib releases the GIL on buffers of 2 KiB and more; hashing the copy just made
-        # reads it from cache.
+        # Copied by numpy, which releases the GIL for the copy (a memoryview assignment holds
+        # it, stalling the event loop that receives the next chunks for as long: measured in
+        # docs/benchmarks.md); hashlib releases it too, on buffers of 2 KiB and more. Hashing
+        # the copy just made reads it from cache.
+        self._buffer[offset:end] = np.frombuffer(data, dtype=np.uint8)
         self._hash.update(self._view[offset:end])
 
     def _work(self) -> None:

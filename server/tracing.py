@@ -300,25 +300,22 @@ def _with_trace(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetai
     return details._replace(metadata=metadata)  # type: ignore[attr-defined, no-any-return]
 
 
-# grpc.aio sorts a channel's interceptors by their first matching kind: one class per kind.
-class _InjectUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_with_trace(details), request)
+async def _inject(_self: Any, continuation: Any, details: Any, request: Any) -> Any:
+    """Any kind of call, carrying the caller's trace context in its metadata."""
+    return await continuation(_with_trace(details), request)
 
 
-class _InjectUnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_with_trace(details), request)
-
-
-class _InjectStreamUnary(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
-    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await continuation(_with_trace(details), requests)
-
-
-class _InjectStreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
-    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await continuation(_with_trace(details), requests)
+# grpc.aio sorts a channel's interceptors by their first matching kind: one class per kind,
+# whose one method is `_inject`.
+_INJECTORS: tuple[type, ...] = tuple(
+    type(f"_Inject{kind}", (base,), {f"intercept_{method}": _inject})
+    for kind, base, method in (
+        ("UnaryUnary", grpc.aio.UnaryUnaryClientInterceptor, "unary_unary"),
+        ("UnaryStream", grpc.aio.UnaryStreamClientInterceptor, "unary_stream"),
+        ("StreamUnary", grpc.aio.StreamUnaryClientInterceptor, "stream_unary"),
+        ("StreamStream", grpc.aio.StreamStreamClientInterceptor, "stream_stream"),
+    )
+)
 
 
 def client_interceptors() -> list[Any]:
@@ -326,7 +323,7 @@ def client_interceptors() -> list[Any]:
     (`traceparent` metadata); none when tracing is off."""
     if _tracer is None:
         return []
-    return [_InjectUnaryUnary(), _InjectUnaryStream(), _InjectStreamUnary(), _InjectStreamStream()]
+    return [injector() for injector in _INJECTORS]
 
 
 def _incoming(metadata: Any) -> otel_context.Context | None:

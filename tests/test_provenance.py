@@ -27,6 +27,7 @@ from server.errors import InvalidArgument
 from server.pki import load_certificate, load_private_key
 from server.provenance import (
     SIGNATURE_DOMAIN,
+    SIGNATURE_DOMAIN_V2,
     Claim,
     certificate_problem,
     check_module_digest,
@@ -74,6 +75,35 @@ def test_the_canonical_bytes_are_the_documented_encoding() -> None:
     reordered = replace(CLAIM, metrics={"loss": 0.25, "accuracy": 1.0})
     assert reordered.canonical() == expected
     assert hashlib.sha256(expected).hexdigest() == hashlib.sha256(CLAIM.canonical()).hexdigest()
+
+
+def test_with_a_fuel_receipt_the_canonical_bytes_are_v2_and_cover_it() -> None:
+    # v2 (docs/security.md, docs/verifiability.md): the v1 fields after the v2 tag, then the
+    # fuel as an unsigned 64-bit big-endian integer.
+    fuelled = replace(CLAIM, fuel_consumed=123_456_789)
+    v1_fields = CLAIM.canonical().removeprefix(SIGNATURE_DOMAIN)
+    assert fuelled.canonical() == (
+        b"propeller-fl/update-signature/v2\n" + v1_fields + struct.pack(">Q", 123_456_789)
+    )
+    assert fuelled.canonical().startswith(SIGNATURE_DOMAIN_V2)
+    assert (fuelled.version, CLAIM.version) == (2, 1)
+    huge = replace(CLAIM, fuel_consumed=2**64 - 1)
+    assert huge.canonical().endswith(b"\xff" * 8)
+    with pytest.raises(InvalidArgument, match=r"^fuel_consumed: "):
+        replace(CLAIM, fuel_consumed=2**64).canonical()
+
+
+def test_a_v1_signature_still_verifies_and_a_fuel_figure_cannot_be_changed() -> None:
+    tls = proplet_tls("sig-a")
+    key, cert = load_private_key(tls.key), load_certificate(tls.cert.read_bytes())
+    old = sign(key, CLAIM)  # an update signed before fuel receipts (v1)
+    assert signature_verifies(cert, old, CLAIM)
+    assert not signature_verifies(cert, old, replace(CLAIM, fuel_consumed=1))
+    fuelled = replace(CLAIM, fuel_consumed=5_000_000)
+    new = sign(key, fuelled)
+    assert signature_verifies(cert, new, fuelled)
+    for fuel in (0, 4_999_999, 50_000_000):
+        assert not signature_verifies(cert, new, replace(fuelled, fuel_consumed=fuel))
 
 
 def test_a_signature_verifies_with_the_signers_certificate_only() -> None:

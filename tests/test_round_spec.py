@@ -12,7 +12,7 @@ import pytest
 
 from server.errors import InvalidArgument
 from server.ids import MAX_ID_LENGTH
-from server.round_spec import Hyperparams, RoundSpec, validate, with_defaults
+from server.round_spec import AuditSpec, Hyperparams, RoundSpec, validate, with_defaults
 
 ROUND = RoundSpec(round_id="r1", participants=("a", "b", "c"))
 EXPERIMENT = RoundSpec(
@@ -106,6 +106,11 @@ BOTH = (False, True)
         ({"hyperparams": Hyperparams(lr=math.nan)}, "hyperparams.lr", BOTH),
         ({"hyperparams": Hyperparams(lr=math.inf)}, "hyperparams.lr", BOTH),
         ({"hyperparams": Hyperparams(batch_size=-2)}, "hyperparams.batch_size", BOTH),
+        ({"fuel_budget": -1}, "fuel_budget", BOTH),
+        ({"fuel_budget": 2**63}, "fuel_budget", BOTH),
+        ({"min_fuel_ratio": -0.5}, "min_fuel_ratio", BOTH),
+        ({"min_fuel_ratio": 1.01}, "min_fuel_ratio", BOTH),
+        ({"min_fuel_ratio": math.nan}, "min_fuel_ratio", BOTH),
     ],
 )
 def test_invalid_field_is_named(
@@ -166,6 +171,13 @@ def test_duplicate_participants_are_named() -> None:
 
 def test_dict_round_trip() -> None:
     assert RoundSpec.from_dict(EXPERIMENT.to_dict()) == EXPERIMENT
+    fuel = replace(EXPERIMENT, fuel_budget=2**63 - 1, min_fuel_ratio=0.5)
+    expected = replace(validate(EXPERIMENT), fuel_budget=2**63 - 1, min_fuel_ratio=0.5)
+    assert validate(fuel) == expected
+    assert RoundSpec.from_dict(fuel.to_dict()) == fuel
+    # A record from before fuel receipts: no budget, no rule.
+    old = {k: v for k, v in EXPERIMENT.to_dict().items() if "fuel" not in k}
+    assert RoundSpec.from_dict(old) == EXPERIMENT
     assert Hyperparams.from_dict(EXPERIMENT.hyperparams.to_dict()) == EXPERIMENT.hyperparams
 
 
@@ -243,3 +255,41 @@ def test_bad_free_hyperparameters_are_named(
     spec = replace(EXPERIMENT, hyperparams=Hyperparams(extra_json=extra_json))
     with pytest.raises(InvalidArgument, match=message):
         validate(spec, experiment=experiment)
+
+
+# ---- the re-execution audit (docs/verifiability.md) ------------------------------------
+
+
+def test_the_audit_is_off_by_default_and_its_policy_defaults_to_reject() -> None:
+    c = validate(ROUND)
+    assert c.audit == AuditSpec(fraction=0.0, seed=0, policy="")
+    assert not c.audit.enabled
+    assert c.audit.rejects
+    flagged = validate(replace(ROUND, audit=AuditSpec(fraction=0.25, seed=7, policy="FLAG")))
+    assert flagged.audit == AuditSpec(fraction=0.25, seed=7, policy="flag")
+    assert not flagged.audit.rejects
+
+
+@pytest.mark.parametrize(
+    ("audit", "message"),
+    [
+        (AuditSpec(fraction=-0.1), "audit.fraction: -0.1 must be between 0"),
+        (AuditSpec(fraction=1.5), "audit.fraction: 1.5 must be between 0"),
+        (AuditSpec(fraction=math.nan), "audit.fraction: nan must be between 0"),
+        (AuditSpec(fraction=0.5, seed=-1), "audit.seed: -1 must be between 0 and 2**64 - 1"),
+        (AuditSpec(fraction=0.5, seed=2**64), "audit.seed: "),
+        (AuditSpec(fraction=0.5, policy="maybe"), "audit.policy: 'maybe' is not one of reject"),
+    ],
+)
+def test_bad_audit_settings_are_refused_naming_the_field(audit: AuditSpec, message: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        validate(replace(EXPERIMENT, audit=audit), experiment=True)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_the_audit_round_trips_through_the_stored_dict() -> None:
+    spec = validate(replace(EXPERIMENT, audit=AuditSpec(0.5, 2**64 - 1, "flag")), experiment=True)
+    assert RoundSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    # A record written before audits existed reads as no audit.
+    old = {k: v for k, v in spec.to_dict().items() if k != "audit"}
+    assert RoundSpec.from_dict(old).audit == AuditSpec()

@@ -5,6 +5,7 @@ Importable (``build()``, ``build_minimal()``) and runnable::
 
     python wasm-client/build.py [--target wasm32-wasi] [--out DIR] [--optimize ReleaseFast]
     python wasm-client/build.py --minimal [--out DIR]
+    python wasm-client/build.py --strategy fedavg|fedmedian [--out DIR]
 
 Each prints the path of the built artefact.  Zig comes from the ``ziglang``
 PyPI wheel of the running interpreter (``sys.executable -m ziglang``); the Zig
@@ -29,6 +30,11 @@ SRC_DIR = HERE / "src"
 MAIN_ZIG = SRC_DIR / "main.zig"
 MLP_ZIG = SRC_DIR / "mlp.zig"
 MINIMAL_C = HERE / "examples" / "minimal.c"
+# The aggregation strategies written as modules (strategy contract v1): name -> source.
+STRATEGY_SOURCES = {
+    "fedavg": SRC_DIR / "fedavg_strategy.zig",
+    "fedmedian": SRC_DIR / "fedmedian_strategy.zig",
+}
 DEFAULT_OUT_DIR = HERE / "build"
 CACHE_DIR = DEFAULT_OUT_DIR / "zig-cache"
 
@@ -148,6 +154,23 @@ def build_mlp(
     return _build_zig(MLP_ZIG, name, target, out_dir, optimize, extra)
 
 
+def build_strategy(name: str, out_dir: Path | None = None, optimize: str = "ReleaseFast") -> Path:
+    """Build the strategy module ``name`` (``fedavg`` or ``fedmedian``, ``STRATEGY_SOURCES``)
+    for wasm32-wasi as ``<name>-strategy.wasm``; the marker ``propeller_strategy_v1`` is kept
+    (``-rdynamic``). WASM SIMD (simd128, deterministic; never relaxed-simd): lanes are
+    separate elements, so the arithmetic per element is the scalar one."""
+    if name not in STRATEGY_SOURCES:
+        raise ValueError(f"strategy must be one of {sorted(STRATEGY_SOURCES)}, not {name!r}")
+    return _build_zig(
+        STRATEGY_SOURCES[name],
+        f"{name}-strategy.wasm",
+        "wasm32-wasi",
+        out_dir,
+        optimize,
+        ["-rdynamic", "-mcpu", WASM_SIMD_CPU],
+    )
+
+
 def _build_zig(
     source: Path,
     name: str,
@@ -201,10 +224,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--optimize", default="ReleaseFast", choices=OPTIMIZE_MODES)
     parser.add_argument("--minimal", action="store_true", help="build examples/minimal.c instead")
     parser.add_argument("--mlp", action="store_true", help="build the MLP trainer (src/mlp.zig)")
+    parser.add_argument(
+        "--strategy", choices=sorted(STRATEGY_SOURCES), help="build a strategy module instead"
+    )
     ns = parser.parse_args(argv)
     try:
         if ns.minimal:
             path = build_minimal(ns.out)
+        elif ns.strategy:
+            path = build_strategy(ns.strategy, ns.out, ns.optimize)
         elif ns.mlp:
             path = build_mlp(ns.target, ns.out, ns.optimize)
         else:

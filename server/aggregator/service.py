@@ -57,6 +57,7 @@ class AggregatorServicer:
             except (InvalidArgument, ResourceExhausted):
                 await drain(request_iterator)
                 raise
+            await request.strategy.prepare(request.base, request.state)
             model, digest, state, state_digest, weights = await offload_if_big(
                 _work_bytes(request), _finish, request
             )

@@ -70,6 +70,8 @@ def round_fields(args: argparse.Namespace) -> dict[str, Any]:
         "hyperparams": hyperparams.hyperparams(args.epochs, args.lr, args.batch_size),
         "k_of_n": args.k_of_n,
         "min_k_of_n": args.min_k_of_n,
+        "fuel_budget": args.fuel_budget,
+        "min_fuel_ratio": args.min_fuel_ratio,
         "timeout_s": args.timeout_s,
         "task_wasm_image": args.image or os.environ.get("TASK_WASM_IMAGE", ""),
     }
@@ -129,6 +131,23 @@ def round_args(*, model_required: bool, round_required: bool = True) -> tuple[Ar
             default=0,
             help="the fewest participants the round may run with when others are not alive "
             "or fail (default 0 = k_of_n: none may be missing)",
+        ),
+        arg(
+            "--fuel-budget",
+            type=int,
+            default=0,
+            metavar="FUEL",
+            help="the most wasmtime fuel one participant's training run may consume (default "
+            "0 = each proplet's own PROPLET_FUEL_LIMIT)",
+        ),
+        arg(
+            "--min-fuel-ratio",
+            type=float,
+            default=0.0,
+            metavar="R",
+            help="refuse updates whose fuel per sample is below R times the median of the "
+            "experiment's earlier updates (0 < R <= 1, e.g. 0.5; default 0 = off; "
+            "docs/verifiability.md)",
         ),
         arg(
             "--timeout-s",
@@ -194,6 +213,9 @@ def experiment_request(a: argparse.Namespace) -> manager_pb2.StartExperimentRequ
             every_rounds=a.eval_every, fraction=a.eval_fraction, timeout_s=a.eval_timeout_s
         ),
         stopping=stopping,
+        audit=tensor_pb2.AuditConfig(
+            fraction=a.audit_fraction, seed=a.audit_seed, policy=a.audit_policy
+        ),
     )
 
 
@@ -229,6 +251,25 @@ def experiment_run_args() -> tuple[Arg, ...]:
         arg("--target", type=float, default=None, help="stop once the metric reaches this"),
         arg("--patience", type=int, default=0, help="stop after N rounds without improvement"),
         arg("--min-delta", type=float, default=0.0, help="what counts as an improvement"),
+        arg(
+            "--audit-fraction",
+            type=float,
+            default=0.0,
+            help="share of each round's updates the coordinator re-runs and compares "
+            "(docs/verifiability.md; default 0 = none)",
+        ),
+        arg(
+            "--audit-seed",
+            type=int,
+            default=0,
+            help="seed of the audit's choice (default 0: the coordinator draws one per round)",
+        ),
+        arg(
+            "--audit-policy",
+            choices=("reject", "flag"),
+            default="",
+            help="on a mismatch: leave the update out (reject, the default) or mark the round",
+        ),
         arg("--watch", action="store_true", help="then print a line per round until it ends"),
         WATCH_LIMIT,
     )

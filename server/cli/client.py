@@ -175,6 +175,20 @@ class Client:
             response: R = await getattr(self._stub(service), method)(request, timeout=self.timeout)
         return response
 
+    async def _watch(
+        self, service: str, method: str, request: Message, max_wait: float, late: str
+    ) -> AsyncGenerator[Any, None]:
+        """`service.method(request)`'s stream as it comes, the whole of it bounded by
+        `max_wait` (`late`: what running out of it says); the call is cancelled when the
+        caller stops reading."""
+        call = getattr(self._stub(service), method)(request, timeout=max_wait)
+        try:
+            with self._rpc(service, late):
+                async for event in call:
+                    yield event
+        finally:
+            call.cancel()
+
     async def _list(
         self, service: str, method: str, request: Message, reply: type[R], entries: str
     ) -> R:
@@ -220,22 +234,14 @@ class Client:
             "rounds",
         )
 
-    async def watch_experiment(
+    def watch_experiment(
         self, experiment_id: str, max_wait: float = DEFAULT_WATCH_S, limit: str = "--max-wait"
     ) -> AsyncGenerator[manager_pb2.ExperimentEvent, None]:
         """The experiment's events as they happen (a snapshot first), until the manager ends
         the stream after the experiment ends; the whole watch bounded by `max_wait`."""
-        call = self._stub("manager").WatchExperiment(
-            manager_pb2.WatchExperimentRequest(experiment_id=experiment_id), timeout=max_wait
-        )
-        try:
-            with self._rpc(
-                "manager", f"experiment {experiment_id} did not end within {max_wait:g}s ({limit})"
-            ):
-                async for event in call:
-                    yield event
-        finally:
-            call.cancel()
+        request = manager_pb2.WatchExperimentRequest(experiment_id=experiment_id)
+        late = f"experiment {experiment_id} did not end within {max_wait:g}s ({limit})"
+        return self._watch("manager", "WatchExperiment", request, max_wait, late)
 
     async def list_experiments(self) -> manager_pb2.ListExperimentsResponse:
         request = manager_pb2.ListExperimentsRequest()
@@ -316,23 +322,15 @@ class Client:
             "coordinator", "ListRounds", request, coordinator_pb2.ListRoundsResponse, "rounds"
         )
 
-    async def watch_round(
+    def watch_round(
         self, round_id: str, max_wait: float = DEFAULT_WATCH_S, limit: str = "--max-wait"
     ) -> AsyncGenerator[coordinator_pb2.RoundEvent, None]:
         """The round's events as they happen (a snapshot first), until the coordinator ends
         the stream after COMPLETED or FAILED. The whole watch is bounded by `max_wait` (the
         `limit` a timeout message names)."""
-        call = self._stub("coordinator").WatchRound(
-            coordinator_pb2.WatchRoundRequest(round_id=round_id), timeout=max_wait
-        )
-        try:
-            with self._rpc(
-                "coordinator", f"round {round_id} did not close within {max_wait:g}s ({limit})"
-            ):
-                async for event in call:
-                    yield event
-        finally:
-            call.cancel()
+        request = coordinator_pb2.WatchRoundRequest(round_id=round_id)
+        late = f"round {round_id} did not close within {max_wait:g}s ({limit})"
+        return self._watch("coordinator", "WatchRound", request, max_wait, late)
 
     # ------------------------------------------------------------------- model registry
 

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,13 @@ from server.cli.files import (
     write_model_file,
 )
 from server.cli.follow import follow_experiment, follow_round
-from server.cli.lineage import lineage_chain, lineage_dict, render_chain, render_lineage
+from server.cli.lineage import (
+    lineage_chain,
+    lineage_dict,
+    render_chain,
+    render_lineage,
+    round_fuels,
+)
 from server.cli.render import (
     Output,
     fields,
@@ -77,8 +84,12 @@ from server.tensors import model_to_json
 # ------------------------------------------------------------------------------ commands
 
 
-async def experiment_start(c: Client, a: argparse.Namespace) -> Reply:
-    resp = await c.start_experiment(manager_pb2.StartExperimentRequest(**round_fields(a)))
+async def started(
+    resp: manager_pb2.StartExperimentResponse,
+    a: argparse.Namespace,
+    follow: Callable[[], Awaitable[Reply]],
+) -> Reply:
+    """A started experiment's answer; with --watch, shown at once and then `follow()`ed."""
     if not a.watch:
         return shown(resp, render_experiment_response(resp))
     out = Output()
@@ -87,25 +98,26 @@ async def experiment_start(c: Client, a: argparse.Namespace) -> Reply:
     else:
         out.text(render_experiment_response(resp))
         out.text("")
-    return await follow_round(c, resp.round_id, a)
+    return await follow()
+
+
+async def experiment_start(c: Client, a: argparse.Namespace) -> Reply:
+    resp = await c.start_experiment(manager_pb2.StartExperimentRequest(**round_fields(a)))
+    return await started(resp, a, lambda: follow_round(c, resp.round_id, a))
 
 
 async def experiment_run(c: Client, a: argparse.Namespace) -> Reply:
     resp = await c.start_experiment(experiment_request(a))
-    if not a.watch:
-        return shown(resp, render_experiment_response(resp))
-    out = Output()
-    if a.json:
-        out.json_line(message_dict(resp))
-    else:
-        out.text(render_experiment_response(resp))
-        out.text("")
-    return await follow_experiment(c, resp.experiment_id, a)
+    return await started(resp, a, lambda: follow_experiment(c, resp.experiment_id, a))
 
 
 async def experiment_history(c: Client, a: argparse.Namespace) -> Reply:
     rounds = await c.experiment_rounds(a.experiment_id)
-    return shown(rounds, render_experiment_rounds(rounds.rounds))
+    fuel: dict[int, int] = {}
+    if not a.json:  # the table's FUEL column: each round's from its lineage (the registry)
+        versions = [r.new_model_version for r in rounds.rounds if r.new_model_version]
+        fuel = await round_fuels(c, versions)
+    return shown(rounds, render_experiment_rounds(rounds.rounds, fuel))
 
 
 async def experiment_plot(c: Client, a: argparse.Namespace) -> Reply:

@@ -1,6 +1,7 @@
 """`propeller-fl models lineage N`: how a version was made, as the registry keeps it (the
 experiment and round, the parent version, the strategy with its parameters and state, and
-every contributing proplet with its weight in the aggregate and its update's digest); with
+every contributing proplet with its weight in the aggregate, the fuel its training consumed
+(its signed fuel receipt) and its update's digest; the round's fuel in all); with
 `--chain` the same for its parent, the parent's parent, ... down to the first version without
 a lineage (v0, or one an operator stored). It reads only the lineage headers, never the
 updates' bytes; `models verify` checks what they say."""
@@ -87,10 +88,12 @@ def lineage_dict(version: int, lineage: model_registry_pb2.Lineage | None) -> di
             "strategy": lineage.strategy,
             "strategy_params": params,
             "state": state,
+            "fuel_consumed": round_fuel(lineage),
             "contributions": [
                 {
                     "proplet_id": c.header.proplet_id,
                     "num_samples": c.header.num_samples,
+                    "fuel_consumed": c.header.fuel_consumed,
                     "weight": c.weight,
                     "clip_scale": c.clip_scale,
                     "update_sha256": c.sha256,
@@ -101,8 +104,49 @@ def lineage_dict(version: int, lineage: model_registry_pb2.Lineage | None) -> di
                 }
                 for c in lineage.contributions
             ],
+            # The re-execution audit's outcomes (docs/verifiability.md): a rejected update is
+            # here and not among the contributions.
+            "audits": [
+                {
+                    "proplet_id": a.proplet_id,
+                    "outcome": a.outcome,
+                    "claimed_sha256": a.claimed_sha256,
+                    "reexecuted_sha256": a.reexecuted_sha256,
+                    "rejected": a.rejected,
+                    "detail": a.detail,
+                }
+                for a in lineage.audits
+            ],
         },
     }
+
+
+def round_fuel(lineage: model_registry_pb2.Lineage) -> int:
+    """The fuel the round's contributing updates consumed, summed (their signed receipts)."""
+    return sum(c.header.fuel_consumed for c in lineage.contributions)
+
+
+async def round_fuels(client: Client, versions: list[int]) -> dict[int, int]:
+    """The fuel each version's round consumed, from its lineage (the contributions' signed
+    receipts summed); a version whose lineage cannot be read now is left out."""
+    out: dict[int, int] = {}
+    for version in versions:
+        try:
+            lineage = await lineage_header(client, version)
+        except PropellerError:
+            continue
+        if lineage is not None:
+            out[version] = round_fuel(lineage)
+    return out
+
+
+def fuel_text(fuel: int) -> str:
+    """A fuel count for people ("-": none, an update or round from before fuel receipts)."""
+    return f"{fuel:,}" if fuel else "-"
+
+
+def per_sample(fuel: int, samples: int) -> str:
+    return f"{fuel / samples:,.0f}" if fuel and samples > 0 else "-"
 
 
 def render_lineage(version: int, lineage: model_registry_pb2.Lineage | None) -> str:
@@ -126,14 +170,17 @@ def render_lineage(version: int, lineage: model_registry_pb2.Lineage | None) -> 
             ("module", lineage.module_digest or "-"),
             ("strategy", f"{lineage.strategy} {lineage.strategy_params_json or '{}'}"),
             ("state", state),
+            ("fuel", fuel_text(round_fuel(lineage))),
         ]
     )
     rows = table(
-        ["PROPLET", "SAMPLES", "WEIGHT", "CLIP", "UPDATE SHA256"],
+        ["PROPLET", "SAMPLES", "FUEL", "FUEL/SAMPLE", "WEIGHT", "CLIP", "UPDATE SHA256"],
         [
             [
                 c.header.proplet_id,
                 c.header.num_samples,
+                fuel_text(c.header.fuel_consumed),
+                per_sample(c.header.fuel_consumed, c.header.num_samples),
                 f"{c.weight:.4f}",
                 "-" if c.clip_scale == 1.0 else f"{c.clip_scale:.4g}",
                 c.sha256[:12],
@@ -141,15 +188,30 @@ def render_lineage(version: int, lineage: model_registry_pb2.Lineage | None) -> 
             for c in lineage.contributions
         ],
     )
-    return f"{head}\n\n{rows}"
+    if not lineage.audits:
+        return f"{head}\n\n{rows}"
+    audits = table(
+        ["AUDITED", "OUTCOME", "CLAIMED SHA256", "RE-EXECUTED SHA256", "REJECTED"],
+        [
+            [
+                a.proplet_id,
+                a.outcome,
+                a.claimed_sha256[:12],
+                a.reexecuted_sha256[:12] or "-",
+                "yes" if a.rejected else "no",
+            ]
+            for a in lineage.audits
+        ],
+    )
+    return f"{head}\n\n{rows}\n\n{audits}"
 
 
 def render_chain(links: list[Link]) -> str:
     """A row per version, newest first."""
     return table(
-        ["VERSION", "PARENT", "EXPERIMENT", "ROUND", "STRATEGY", "UPDATES", "SHA256"],
+        ["VERSION", "PARENT", "EXPERIMENT", "ROUND", "STRATEGY", "UPDATES", "FUEL", "SHA256"],
         [
-            [f"v{v}", "-", "-", "-", "-", "-", "no lineage"]
+            [f"v{v}", "-", "-", "-", "-", "-", "-", "no lineage"]
             if x is None
             else [
                 f"v{v}",
@@ -158,6 +220,7 @@ def render_chain(links: list[Link]) -> str:
                 x.round_id,
                 x.strategy,
                 len(x.contributions),
+                fuel_text(round_fuel(x)),
                 x.model_sha256[:12],
             ]
             for v, x in links

@@ -192,8 +192,23 @@ def render_round(st: coordinator_pb2.RoundStatus) -> str:
     ]
     if st.failure_reason:
         pairs.append(("reason", st.failure_reason))
+    if st.fuel_budget:
+        pairs.append(("fuel budget", f"{st.fuel_budget:,} a run"))
+    if st.min_fuel_ratio:
+        pairs.append(("min fuel ratio", f"{st.min_fuel_ratio:g}"))
+    if st.fuel_consumed:
+        pairs.append(("fuel", f"{st.fuel_consumed:,} (the accepted updates', summed)"))
     for name in sorted(st.metrics):
         pairs.append((f"metric {name}", f"{st.metrics[name]:.6g}"))
+    if st.audit.fraction:
+        policy = st.audit.policy or "reject"
+        pairs.append(("audit", f"fraction={st.audit.fraction:g} policy={policy}"))
+    for a in st.audits:
+        # proplet: outcome (claimed sha256 -> re-executed sha256), and what became of it
+        digests = f"{a.claimed_sha256[:12]} -> {a.reexecuted_sha256[:12] or '-'}"
+        note = " rejected" if a.rejected else ""
+        detail = f": {a.detail}" if a.detail else ""
+        pairs.append((f"audit {a.proplet_id}", f"{a.outcome}{note} ({digests}){detail}"))
     return fields(pairs)
 
 
@@ -321,10 +336,29 @@ def metrics_text(metrics: Mapping[str, float]) -> str:
     return " ".join(f"{k}={metrics[k]:.4g}" for k in sorted(metrics))
 
 
-def render_experiment_rounds(rounds: Sequence[manager_pb2.ExperimentRound]) -> str:
-    """`experiment history`: one row per round."""
+# `experiment history`'s columns.
+_HISTORY_COLUMNS = [
+    "ROUND",
+    "ROUND ID",
+    "STATE",
+    "MODEL",
+    "SAMPLED",
+    "REPORTED",
+    "CLOSED",
+    "TRAIN",
+    "EVAL",
+    "FUEL",
+]
+
+
+def render_experiment_rounds(
+    rounds: Sequence[manager_pb2.ExperimentRound], fuel: Mapping[int, int] | None = None
+) -> str:
+    """`experiment history`: one row per round; FUEL is the round's fuel by the version it
+    stored (`fuel`: from the versions' lineages; "-" when not known)."""
+    fuel = fuel or {}
     return table(
-        ["ROUND", "ROUND ID", "STATE", "MODEL", "SAMPLED", "REPORTED", "CLOSED", "TRAIN", "EVAL"],
+        _HISTORY_COLUMNS,
         [
             [
                 r.index,
@@ -336,6 +370,7 @@ def render_experiment_rounds(rounds: Sequence[manager_pb2.ExperimentRound]) -> s
                 r.closed_by or r.failure_reason,
                 metrics_text(r.train_metrics),
                 metrics_text(r.eval_metrics),
+                f"{fuel[r.new_model_version]:,}" if fuel.get(r.new_model_version) else "-",
             ]
             for r in rounds
         ],

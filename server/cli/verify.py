@@ -12,7 +12,7 @@ v0) it checks:
   round's pinned module (when it pinned one), its bytes hash to its sha256, its certificate
   was issued by the deployment CA to the proplet it names, and its signature verifies over
   `server.provenance.Claim` (round, proplet, base sha256, module digest, update sha256,
-  num_samples, metrics);
+  num_samples, metrics, and the fuel its training consumed when the header carries it);
 - the version equals what its lineage's strategy (with its recorded parameters) makes of its
   updates, recomputed here in the same order with the aggregator's own strategy objects
   (`server.aggregator.strategies`, bit for bit), each clipped update scaled as the coordinator
@@ -195,6 +195,7 @@ async def _check_lineage(
         await data.end()
         if choice.cls.needs_base and base_tensors is None:
             _, base_tensors = await client.get_model(base)
+        await strategy.prepare(base_tensors if choice.cls.needs_base else None, state)
         size = sum(s.nbytes for s in strategy.specs or ()) * max(1, strategy.count)
         result, new_state = await offload_if_big(
             size, strategy.result, base_tensors if choice.cls.needs_base else None, state

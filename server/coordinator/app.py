@@ -10,8 +10,10 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proplet.runner import Limits
 from server.config import MqttConfig, TlsConfig, read_by, setting, settings_from_env
 from server.coordinator import bounds as B
+from server.coordinator.audit import Auditor, ModuleFetcher, Sources
 from server.coordinator.clients import DataStoreSizes, GrpcModelBackend
 from server.coordinator.coordinator import Coordinator, RetryPolicy
 from server.coordinator.pg_store import PostgresRoundStore
@@ -22,6 +24,7 @@ from server.coordinator.store import STATE_FILE, MemoryRoundStore, RoundStore, S
 from server.grpc_server import ServiceBinding, channel
 from server.lifecycle import ServiceApp, for_serve, run_service, start_task, state_dir_from_env
 from server.mqtt import MqttSession
+from server.oci import oci_insecure_from_env
 from server.pki import Identity, Kind, load_private_key, read_identity, site_service
 from server.round_spec import DEFAULT_TIMEOUT_S
 from server.tensors import GRPC_OPTIONS
@@ -76,6 +79,16 @@ class CoordinatorConfig:
     tier: str = setting("PROPELLER_COORDINATOR_TIER", "flat")
     upstream_addr: str = setting("PROPELLER_COORDINATOR_UPSTREAM", "")
     site_id: str = setting("PROPELLER_COORDINATOR_SITE_ID", "")
+    # The re-execution audit of the rounds that ask for one (docs/verifiability.md): the OCI
+    # registry the round modules are fetched from ("" = the host the image names; plain HTTP
+    # for a loopback address), one re-run's limits (as a proplet's task: wall time, memory
+    # and tables together, stdout) and how many re-runs at a time.
+    oci_registry: str = setting("PROPELLER_OCI_REGISTRY", "")
+    oci_insecure: bool | None = field(default=None, metadata=read_by(oci_insecure_from_env))
+    audit_timeout_s: float = setting("PROPELLER_AUDIT_TIMEOUT_S", 300.0)
+    audit_memory_mb: int = setting("PROPELLER_AUDIT_MEMORY_MB", 256)
+    audit_output_mb: int = setting("PROPELLER_AUDIT_OUTPUT_MB", 16)
+    audit_parallel: int = setting("PROPELLER_AUDIT_PARALLEL", 1)
     # Mutual TLS, server and the registry / aggregator channels (None: plaintext).
     tls: TlsConfig | None = field(kw_only=True, metadata=read_by(TlsConfig.from_env))
 
@@ -87,6 +100,9 @@ class CoordinatorConfig:
             )
         self.samples_cap  # noqa: B018 - checks the settings now rather than at the first update
         self.bounds  # noqa: B018
+        self.audit_limits  # noqa: B018
+        if self.audit_parallel < 1:
+            raise ValueError(f"audit_parallel: {self.audit_parallel} must be >= 1")
         if (self.hierarchy.tier == SITE) != bool(self.upstream_addr):
             raise ValueError(
                 "upstream_addr: a site coordinator (tier 'site'), and only one, names its root "
@@ -111,6 +127,15 @@ class CoordinatorConfig:
             max_abs_value=self.max_update_value,
             max_distance=self.max_update_distance,
             clip=self.update_distance_action == "clip",
+        )
+
+    @property
+    def audit_limits(self) -> Limits:
+        """One audit re-run's limits (ValueError naming the one out of range)."""
+        return Limits(
+            timeout_s=self.audit_timeout_s,
+            memory_bytes=self.audit_memory_mb << 20,
+            output_bytes=self.audit_output_mb << 20,
         )
 
     @property
@@ -201,11 +226,23 @@ class CoordinatorApp(ServiceApp):
         aggregator = channel(cfg.aggregator_addr, cfg.tls, options)
         stack.push_async_callback(aggregator.close, None)
         samples_cap = cfg.samples_cap
-        datasets = None
-        if samples_cap.source == "dataset":
-            datastore = channel(cfg.datastore_addr, cfg.tls, options)
-            stack.push_async_callback(datastore.close, None)
-            datasets = DataStoreSizes(datastore, timeout_s=cfg.rpc_timeout_s)
+        # The data store: the dataset sizes of the "dataset" cap, the audit's datasets (a
+        # channel connects at its first call).
+        datastore = channel(cfg.datastore_addr, cfg.tls, options)
+        stack.push_async_callback(datastore.close, None)
+        data_store = DataStoreSizes(datastore, timeout_s=cfg.rpc_timeout_s)
+        datasets = data_store if samples_cap.source == "dataset" else None
+        backend = GrpcModelBackend(registry, aggregator, timeout_s=cfg.rpc_timeout_s)
+        modules = ModuleFetcher(
+            registry=cfg.oci_registry, insecure=cfg.oci_insecure, timeout_s=cfg.rpc_timeout_s
+        )
+        stack.callback(modules.close)
+        auditor = Auditor(
+            Sources(modules, data_store),
+            backend,
+            limits=cfg.audit_limits,
+            parallel=cfg.audit_parallel,
+        )
         hierarchy = cfg.hierarchy
         upstream = None
         if hierarchy.tier == SITE:
@@ -226,7 +263,7 @@ class CoordinatorApp(ServiceApp):
             upstream = GrpcUpstream(root, key, timeout_s=cfg.rpc_timeout_s)
         coordinator = Coordinator(
             store,
-            GrpcModelBackend(registry, aggregator, timeout_s=cfg.rpc_timeout_s),
+            backend,
             mqtt.publish,
             cfg.mqtt.topics,
             default_timeout_s=cfg.default_timeout_s,
@@ -237,6 +274,7 @@ class CoordinatorApp(ServiceApp):
             hierarchy=hierarchy,
             upstream=upstream,
             replica=cfg.replica if isinstance(store, PostgresRoundStore) else None,
+            auditor=auditor,
         )
         stack.push_async_callback(coordinator.aclose)
         await coordinator.resume()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from server.aggregator.client import Aggregated
-from server.coordinator.rounds import Round
+from server.coordinator.rounds import AuditOutcome, Round
 from server.coordinator.store import RoundUpdates
 from server.errors import (
     AlreadyExists,
@@ -85,6 +85,9 @@ class Lineage:
     updates: RoundUpdates
     weights: Sequence[float] = ()
     state: StateLineage | None = None
+    # The round's audited updates (`audit`), the rejected ones included (they are not among
+    # `updates`).
+    audits: Sequence[AuditOutcome] = ()
 
 
 class ModelBackend(Protocol):

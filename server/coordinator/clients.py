@@ -22,12 +22,14 @@ from server.aggregator.strategies import strategy_class
 from server.coordinator.backend import FEDAVG, BaseModel, Lineage, StateLineage, StrategyRun
 from server.coordinator.rounds import Update
 from server.coordinator.store import RoundUpdates, each_update, update_headers
+from server.coordinator.wire import audit_record_to_proto
 from server.errors import NotFound, Unavailable, rpc_errors
 from server.models import model_uri
 from server.paging import all_pages
 from server.streams import UpdateMeta, model_stream, read_model_stream, update_header
 from server.tensors import (
     DEFAULT_CHUNK_SIZE,
+    Array,
     Tensors,
     iter_chunks,
     nbytes_of,
@@ -35,6 +37,7 @@ from server.tensors import (
     sha256_of,
     specs_from_proto,
     specs_of,
+    tensor_from_proto,
     total_bytes,
 )
 
@@ -169,6 +172,7 @@ def lineage_header(lineage: Lineage) -> model_registry_pb2.Lineage:
         parent_version=rnd.base_version,
         strategy_params_json=rnd.strategy_params_json,
         state=None if lineage.state is None else state_record(lineage.state),
+        audits=[audit_record_to_proto(a) for a in lineage.audits],
         contributions=[
             model_registry_pb2.Contribution(
                 header=update_header(meta_of(rnd.round_id, u), specs),
@@ -222,11 +226,14 @@ def meta_of(round_id: str, u: Update) -> UpdateMeta:
         base_model_sha256=u.base_model_sha256,
         module_digest=u.module_digest,
         signature=u.signature,
+        fuel_consumed=u.fuel_consumed,
     )
 
 
 class DataStoreSizes:
-    """`bounds.DatasetSizes` over a data store channel (owned by the caller)."""
+    """The data store as the coordinator asks it: `bounds.DatasetSizes` (a proplet's dataset
+    size), and a proplet's whole dataset for the re-execution audit (`audit`), over a data
+    store channel (owned by the caller)."""
 
     def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float) -> None:
         self._stub = datastore_pb2_grpc.DataStoreStub(channel)
@@ -238,6 +245,17 @@ class DataStoreSizes:
                 datastore_pb2.GetDatasetRequest(proplet_id=proplet_id), timeout=self._timeout_s
             )
         return int(info.size)
+
+    async def dataset(self, proplet_id: str) -> tuple[Array, Array, str]:
+        """The proplet's whole dataset, as a round task fetches it (split ""): features,
+        labels and schema."""
+        with rpc_errors("data store: GetDataset"):
+            ds = await self._stub.GetDataset(
+                datastore_pb2.GetDatasetRequest(proplet_id=proplet_id), timeout=self._timeout_s
+            )
+        features = tensor_from_proto(ds.features, "dataset.features")
+        labels = tensor_from_proto(ds.labels, "dataset.labels")
+        return features, labels, str(ds.schema)
 
 
 async def _inputs(round_id: str, updates: RoundUpdates) -> AsyncIterator[UpdateInput]:

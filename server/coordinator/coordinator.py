@@ -6,6 +6,11 @@ outbox: at least once), and telling watchers about every change.
 
 Transport-free: the gRPC servicer and the app wire it to the network; tests may drive it with
 an in-process backend.
+
+`Coordinator` holds the rounds' locks and decides; what it runs between its decisions has a
+module each: the aggregation and the model's storing (`aggregation`), publishing the outbox
+(`outbox`), a replica's lease and watch (`replicas`), a site's partial and reports to its root
+(`aggregation.forward_partial`, `site`).
 """
 
 from __future__ import annotations
@@ -21,36 +26,30 @@ from dataclasses import dataclass, replace
 
 from server import metrics, tracing
 from server.aggregator.strategies import strategy_class
+from server.coordinator import aggregation as A
 from server.coordinator import bounds as B
 from server.coordinator import rounds as R
 from server.coordinator import site as S
-from server.coordinator.backend import (
-    FEDAVG,
-    BaseModel,
-    Lineage,
-    ModelBackend,
-    RetryPolicy,
-    StateLineage,
-    StrategyRun,
-    with_retry,
+from server.coordinator.audit import (
+    Auditor,
+    apply_policy,
+    check_auditable,
+    draw_seed,
+    unaudited,
 )
-from server.coordinator.checks import ClippedUpdates, OpenRoundMembers, UpdateChecks
+from server.coordinator.backend import BaseModel, Lineage, ModelBackend, RetryPolicy
+from server.coordinator.checks import OpenRoundMembers, UpdateChecks
 from server.coordinator.events import Event, EventType, Watchers
-from server.coordinator.replicas import Replica, RoundLeases
+from server.coordinator.fuel import FuelPlausibility
+from server.coordinator.outbox import Outbox, Publish
+from server.coordinator.records import Notice
+from server.coordinator.replicas import Replica, RoundLeases, keep_lease, watch_replicated
 from server.coordinator.rounds import Round, Update
-from server.coordinator.store import (
-    Notice,
-    RoundStore,
-    RoundUpdates,
-    StrategyState,
-    update_headers,
-)
-from server.errors import AlreadyExists, PropellerError, ResourceExhausted, Unavailable
+from server.coordinator.store import RoundStore, RoundUpdates, update_headers
+from server.errors import PropellerError
 from server.faults import crash_point
 from server.messages import RoundComplete
 from server.round_spec import DEFAULT_TIMEOUT_S, RoundSpec, validate, with_defaults
-from server.streams import MAX_PAYLOAD_BYTES
-from server.tensors import Tensors, nbytes_of, offload_if_big, sha256_of
 from server.topics import Topics
 
 # The coordinator's values, importable from here as before they had modules of their own.
@@ -67,7 +66,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[str, bytes], Awaitable[None]]
 Clock = Callable[[], float]
 
 
@@ -98,8 +96,12 @@ class Coordinator:
         hierarchy: S.Hierarchy | None = None,
         upstream: S.Upstream | None = None,
         replica: Replica | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
         self.store = store
+        # Re-runs a seeded sample of each round's updates (`audit`); None: rounds that ask for
+        # an audit are refused.
+        self.auditor = auditor
         # One of several replicas on one database (`server.coordinator.replicas`): rounds
         # locked across them, deadlines and aggregations leased.
         self.replica = replica
@@ -129,17 +131,16 @@ class Coordinator:
             samples_cap or B.NumSamplesCap("dataset" if datasets else "none"),
             datasets,
         )
+        # A round's fuel plausibility rule (`fuel`), judged once an update's signature held.
+        self.fuel = FuelPlausibility(store)
         self._locks: dict[str, asyncio.Lock] = {}
         self._watchers = Watchers()
         self._finishing: dict[str, asyncio.Task[None]] = {}
         # A site's reports to its root of rounds that failed here.
         self._reports: set[asyncio.Task[None]] = set()
         self._members = OpenRoundMembers()
-        # Set when the outbox may hold notices to publish: at start (a crash may have left
-        # some) and after a publish failed. `run_outbox` waits for it.
-        self._outbox_due = asyncio.Event()
-        self._outbox_due.set()
-        self._publishing: set[str] = set()
+        # Replicas publish a round's notice under its lock: only one of them does.
+        self.outbox = Outbox(store, publish, None if replica is None else self._lock)
 
     # ---- rounds ------------------------------------------------------------------------
 
@@ -171,6 +172,8 @@ class Coordinator:
         cfg = with_defaults(validate(spec), self.default_timeout_s)
         if self.hierarchy.hierarchical:
             S.check_composes(cfg.strategy_name)
+        if cfg.audit.enabled:
+            check_auditable(self.auditor, root=self.hierarchy.tier == S.ROOT)
         tracing.remember_round(cfg.round_id)
         async with self._lock(cfg.round_id):
             rnd = await self.store.get(cfg.round_id)
@@ -184,7 +187,7 @@ class Coordinator:
                     # Before the round is stored: one that cannot close in time is refused
                     # whole (its start, later, checks again against the root's deadline).
                     S.check_deadline(self.clock() + cfg.timeout_s, cfg.timeout_s, root)
-                rnd = R.new_round(cfg, base.uri, base.specs, self.clock(), base.sha256)
+                rnd = R.new_round(cfg, base.uri, base.specs, self.clock(), base.sha256, draw_seed())
                 await self.store.put(rnd)
                 metrics.round_entered(rnd.state.value)
                 log.info(
@@ -228,6 +231,7 @@ class Coordinator:
         if self._members.admit(rnd, update.proplet_id):
             return Submitted(rnd, duplicate=True)
         update = await self.checks.check(rnd, update)
+        await self.fuel.check(rnd, update)
         async with self._lock(round_id):
             rnd = await self.get(round_id)
             if self._members.admit(rnd, update.proplet_id):
@@ -243,11 +247,12 @@ class Coordinator:
     async def _accepted(self, rnd: Round, update: Update) -> None:
         await self.store.accept(rnd, update)
         log.info(
-            "[Coordinator.SubmitUpdate] round_id=%s proplet_id=%s num_samples=%d "
+            "[Coordinator.SubmitUpdate] round_id=%s proplet_id=%s num_samples=%d fuel=%d "
             "num_updates=%d k_of_n=%d distance=%.6g clip_scale=%.6g signed=%s",
             rnd.round_id,
             update.proplet_id,
             update.num_samples,
+            update.fuel_consumed,
             rnd.num_updates,
             rnd.k_of_n,
             update.distance,
@@ -255,6 +260,8 @@ class Coordinator:
             bool(update.certificate),
         )
         self._emit(EventType.UPDATE_ACCEPTED, rnd, update.proplet_id)
+        if self.auditor is not None and rnd.audit.enabled:
+            self.auditor.begin(rnd, update)
         if rnd.state is R.RoundState.AGGREGATING:
             self._begin_aggregation(rnd)
 
@@ -413,7 +420,11 @@ class Coordinator:
                 )
                 return
             crash_point("coordinator.aggregation_claimed")
-            renewing = asyncio.create_task(self._renew(round_id), name=f"lease-{round_id}")
+            assert self._leases is not None
+            renewing = asyncio.create_task(
+                keep_lease(self._leases, self.replica, round_id, self.clock),
+                name=f"lease-{round_id}",
+            )
         try:
             if self.upstream is not None:
                 await self._aggregate_and_forward(round_id, self.upstream)
@@ -434,21 +445,6 @@ class Coordinator:
             return True
         r = self.replica
         return await self._leases.claim(round_id, r.replica_id, self.clock(), r.lease_s)
-
-    async def _renew(self, round_id: str) -> None:
-        """Keep the aggregation's lease while it runs: renewed three times a lease."""
-        assert self._leases is not None and self.replica is not None
-        r = self.replica
-        while True:
-            await asyncio.sleep(r.lease_s / 3)
-            try:
-                if not await self._leases.renew(round_id, r.replica_id, self.clock(), r.lease_s):
-                    log.warning("[Coordinator.replica] round_id=%s lease taken over", round_id)
-                    return
-            except PropellerError as exc:
-                log.warning(
-                    "[Coordinator.replica] round_id=%s lease not renewed: %s", round_id, exc
-                )
 
     async def _still_aggregating(self, rnd: Round) -> bool:
         """Under the round's lock, before the aggregation's outcome is written: the round is
@@ -473,86 +469,24 @@ class Coordinator:
         # Updates are read in arrival order, so aggregating again after a restart gives
         # exactly the same bytes (and the same sha256) as the first attempt.
         updates = await self.store.updates(round_id)
-        inputs: RoundUpdates = updates
+        if rnd.audit.enabled:
+            audited = await self._audit(rnd, updates)
+            if audited is None:
+                return
+            rnd, updates = audited
         strategy = strategy_class(rnd.strategy_name)
-        aggregation_began = time.perf_counter()
         try:
-            base: Tensors | None = None
-            clipped = any(u.clip_scale != 1.0 for u in update_headers(updates))
-            if clipped or strategy.needs_base:
-                base = await self.backend.base_tensors(rnd.model_ref)
-            if clipped:
-                assert base is not None
-                inputs = ClippedUpdates(updates, base)
-            # The state the experiment's last completed round left: a round aggregated again
-            # (a retry, or resumed after a crash) reads the same one, since the state changes
-            # only together with a round's completion.
-            state, state_from = (
-                await self._strategy_state(rnd) if strategy.stateful else (None, None)
-            )
-            run = StrategyRun(
-                rnd.strategy_name,
-                rnd.strategy_params_json,
-                base if strategy.needs_base else None,
-                state,
-            )
-            result = await with_retry(
-                self.retry,
-                "aggregate",
-                round_id,
-                lambda _n: self.backend.aggregate(round_id, inputs, run),
-            )
-            aggregated, sha = result.model, result.sha256
-            nbytes = nbytes_of(aggregated)
-            tensors = await offload_if_big(
-                nbytes, R.check_tensors, rnd.specs, aggregated, "aggregate"
-            )
-            new_state = self._new_state(rnd, strategy.stateful, result.state)
-            metrics.phase_took("aggregation", aggregation_began)
-            state_lineage = (
-                None
-                if result.state is None
-                else StateLineage(
-                    state,
-                    state_from,
-                    await offload_if_big(nbytes_of(result.state), sha256_of, result.state),
-                )
-            )
+            model = await A.new_model(self.backend, self.store, self.retry, rnd, updates, strategy)
         except PropellerError as exc:
             await self._fail(round_id, f"aggregation failed: {exc}")
             return
-        if list(tensors) != list(aggregated):
-            # Put into the base model's order: other bytes, so another digest.
-            sha = await offload_if_big(nbytes, sha256_of, tensors)
-
-        def lineage_of(version: int) -> Lineage:
-            weights = result.weights or ()
-            return Lineage(version, sha, rnd, updates, weights, state_lineage)
-
-        async def store_once(attempt: int) -> tuple[int, str]:
-            # A retry, or a round resumed after a restart, may follow a write that landed
-            # although its reply never arrived: look for those exact bytes first. The
-            # version's lineage (its updates as signed) goes right after it; the round is
-            # completed only once both are stored, so a crash in between sends it again.
-            if attempt > 1 or resumed:
-                found = await self.backend.find(sha, rnd.base_version)
-                if found is not None:
-                    try:
-                        await self.backend.put_lineage(lineage_of(found[0]))
-                        return found
-                    except AlreadyExists:
-                        pass  # the same bytes, but another round's version: store ours
-            stored = await self.backend.put(tensors, sha)
-            await self.backend.put_lineage(lineage_of(stored[0]))
-            return stored
-
         if not await self._holds_lease(round_id):
             # Another replica took the round over while this one stalled: it stores the model.
             log.warning("[Coordinator.replica] round_id=%s lease lost: not stored", round_id)
             return
         store_began = time.perf_counter()
         try:
-            version, uri = await with_retry(self.retry, "store model", round_id, store_once)
+            version, uri = await A.store_model(self.backend, self.retry, model, resumed)
         except PropellerError as exc:
             await self._fail(round_id, f"storing the new model failed: {exc}")
             return
@@ -575,7 +509,7 @@ class Coordinator:
             # before the publish below leaves it unsent, and the next start publishes it.
             notice = Notice(round_id, self.topics.round_next, message.to_json())
             # The strategy's new state too: it is applied exactly when the round completes.
-            await self.store.put(rnd, notice, new_state)
+            await self.store.put(rnd, notice, model.state)
             self._emit(EventType.COMPLETED, rnd)
         log.info(
             "[Coordinator.aggregate] round_id=%s completed new_model_uri=%s num_updates=%d "
@@ -586,7 +520,7 @@ class Coordinator:
             rnd.closed_by,
         )
         crash_point("coordinator.round_completed")
-        await self._deliver(notice)
+        await self.outbox.deliver(notice)
 
     async def _aggregate_and_forward(self, round_id: str, upstream: S.Upstream) -> None:
         """A site round's end: its updates' weighted mean and sample total (the partial),
@@ -595,28 +529,16 @@ class Coordinator:
         the site once (a repeat is answered as a duplicate)."""
         rnd = await self.get(round_id)
         updates = await self.store.updates(round_id)
+        if rnd.audit.enabled:
+            audited = await self._audit(rnd, updates)
+            if audited is None:
+                return
+            rnd, updates = audited
         headers = update_headers(updates)
-        inputs: RoundUpdates = updates
+        site_id = self.hierarchy.site_id
         try:
-            if any(u.clip_scale != 1.0 for u in headers):
-                inputs = ClippedUpdates(updates, await self.backend.base_tensors(rnd.model_ref))
-            # The plain weighted mean whatever the round's strategy: the root applies the
-            # strategy (its server optimiser, its state) to the mean of the sites' means.
-            result = await with_retry(
-                self.retry,
-                "aggregate",
-                round_id,
-                lambda _n: self.backend.aggregate(round_id, inputs, FEDAVG),
-            )
-            mean = await offload_if_big(
-                nbytes_of(result.model), R.check_tensors, rnd.specs, result.model, "aggregate"
-            )
-            partial = S.partial_of(rnd, headers, mean, self.hierarchy.site_id)
-            await with_retry(
-                self.retry,
-                "submit the site's partial to the root",
-                round_id,
-                lambda _n: upstream.submit(round_id, partial),
+            partial = await A.forward_partial(
+                self.backend, upstream, self.retry, rnd, updates, site_id
             )
         except PropellerError as exc:
             await self._fail(round_id, f"forwarding the site's partial failed: {exc}")
@@ -638,101 +560,50 @@ class Coordinator:
             partial.num_samples,
         )
 
-    async def num_samples(self, round_id: str) -> int:
-        """The accepted updates' num_samples summed (on a root: every site's proplets')."""
-        await self.get(round_id)
-        return sum(u.num_samples for u in update_headers(await self.store.updates(round_id)))
-
-    async def _strategy_state(self, rnd: Round) -> tuple[Tensors | None, int | None]:
-        """The experiment's strategy state for `rnd`, if an earlier round of it left one by
-        the same strategy (a round outside an experiment, or the first, starts afresh), and
-        the version that round produced (the lineage links the two)."""
-        if not rnd.experiment_id:
-            return None, None
-        kept = await self.store.strategy_state(rnd.experiment_id)
-        if kept is None or kept.strategy_name != strategy_class(rnd.strategy_name).name:
-            return None, None
-        left_by = await self.store.get(kept.round_id)
-        return kept.tensors, None if left_by is None else left_by.new_model_version
-
-    @staticmethod
-    def _new_state(rnd: Round, stateful: bool, state: Tensors | None) -> StrategyState | None:
-        """What to keep for the experiment; refused (the round fails before its model is
-        stored) when a stateful strategy answered none or one too big to keep."""
-        if not stateful:
+    async def _audit(self, rnd: Round, updates: RoundUpdates) -> tuple[Round, RoundUpdates] | None:
+        """The round's re-execution audit at its close (`audit`): its outcomes recorded with
+        the round, and the updates the policy leaves to aggregate; None when the round failed
+        for want of updates (or is no longer this coordinator's to finish)."""
+        if rnd.audits:  # recorded before a restart: the same outcomes, not a second re-run
+            outcomes = rnd.audits
+        elif self.auditor is not None:
+            outcomes = await self.auditor.outcomes(rnd, updates)
+        else:  # a round resumed by a coordinator without an auditor
+            outcomes = unaudited(rnd, updates, "audit error: this coordinator has no auditor")
+        verdict = apply_policy(rnd, outcomes, updates)
+        async with self._lock(rnd.round_id):
+            current = await self.get(rnd.round_id)
+            if not await self._still_aggregating(current):
+                return None
+            if current.audits != verdict.round.audits:
+                current = replace(current, audits=verdict.round.audits)
+                await self.store.put(current)
+        if verdict.failure:
+            await self._fail(rnd.round_id, verdict.failure)
             return None
-        if state is None:
-            raise Unavailable(f"aggregate: strategy {rnd.strategy_name} answered no state")
-        if nbytes_of(state) > MAX_PAYLOAD_BYTES:
-            raise ResourceExhausted(
-                f"state: strategy state of {nbytes_of(state)} bytes, more than the "
-                f"{MAX_PAYLOAD_BYTES} the coordinator keeps"
-            )
-        if not rnd.experiment_id:
-            return None
-        name = strategy_class(rnd.strategy_name).name
-        return StrategyState(rnd.experiment_id, rnd.round_id, name, state)
+        return current, verdict.updates
 
-    # ---- the outbox ----------------------------------------------------------------------
+    async def update_totals(self, round_id: str) -> tuple[int, int]:
+        """The accepted updates' num_samples (on a root: every site's proplets') and
+        fuel_consumed, each summed, less the updates the re-execution audit left out of the
+        aggregation."""
+        rnd = await self.get(round_id)
+        out = {a.proplet_id for a in rnd.audits if a.rejected}
+        headers = [
+            u for u in update_headers(await self.store.updates(round_id)) if u.proplet_id not in out
+        ]
+        return sum(u.num_samples for u in headers), sum(u.fuel_consumed for u in headers)
 
-    async def _deliver(self, notice: Notice) -> bool:
-        """Publish `notice` and mark it sent; False (and `run_outbox` tries again later) when
-        the publish failed. A crash between the publish and the mark sends it again after the
-        restart: subscribers may see a notification twice."""
-        if notice.round_id in self._publishing:
-            return True  # being published right now
-        self._publishing.add(notice.round_id)
-        try:
-            if self.replica is None:
-                await self.publish(notice.topic, notice.payload)
-                await self.store.sent(notice.round_id)
-            else:
-                await self._deliver_once(notice)
-        except Exception as exc:
-            log.warning(
-                "[Coordinator.outbox] round_id=%s notification not published yet: %s; "
-                "retrying later",
-                notice.round_id,
-                exc,
-            )
-            self._outbox_due.set()
-            return False
-        finally:
-            self._publishing.discard(notice.round_id)
-        return True
-
-    async def _deliver_once(self, notice: Notice) -> None:
-        """A replica publishes a notice under the round's lock, and only if it is still
-        unsent: two replicas (one completing the round, one starting up and reading the
-        outbox) never both publish it, short of a crash between the publish and the mark."""
-        async with self._lock(notice.round_id):
-            if all(n.round_id != notice.round_id for n in await self.store.unsent()):
-                return  # another replica published it
-            await self.publish(notice.topic, notice.payload)
-            await self.store.sent(notice.round_id)
+    # ---- the outbox (`outbox.Outbox`) -----------------------------------------------------
 
     async def deliver_unsent(self) -> bool:
         """Publish every notice the store holds unsent; True if all went out."""
-        unsent = await self.store.unsent()
-        if unsent:
-            log.info("[Coordinator.outbox] %d unsent notification(s) to publish", len(unsent))
-        delivered = [await self._deliver(notice) for notice in unsent]
-        return all(delivered)
+        return await self.outbox.deliver_unsent()
 
     async def run_outbox(self, retry_s: float) -> None:
         """Forever: publish what the outbox holds unsent, at start (what a crash left) and
         after a failed publish, every `retry_s` seconds until it goes out. Cancel to stop."""
-        while True:
-            await self._outbox_due.wait()
-            self._outbox_due.clear()
-            try:
-                done = await self.deliver_unsent()
-            except Exception:
-                log.exception("[Coordinator.outbox] reading the outbox failed")
-                done = False
-            if not done:
-                await asyncio.sleep(retry_s)
-                self._outbox_due.set()
+        await self.outbox.run(retry_s)
 
     async def _fail(self, round_id: str, reason: str) -> None:
         async with self._lock(round_id):
@@ -751,33 +622,16 @@ class Coordinator:
             metrics.round_entered(rnd.state.value)
         if rnd.state is not R.RoundState.OPEN:
             self._members.forget(rnd.round_id)
+        if kind is EventType.FAILED and self.auditor is not None:
+            self.auditor.forget(rnd.round_id)
         self._watchers.tell(Event(kind, rnd, self.clock(), proplet_id))
         if kind is EventType.FAILED and self.upstream is not None:
             self._tell_root_failed(rnd, self.upstream)
 
     def _tell_root_failed(self, rnd: Round, upstream: S.Upstream) -> None:
-        """A site round failed: the root hears it as its participant's failure, so it closes
-        at the quorum the other sites can still reach (or fails) without waiting for its
-        deadline. Best effort: should it not arrive, the root's deadline still closes its
-        round."""
-        site_id = self.hierarchy.site_id
-
-        async def report() -> None:
-            try:
-                await with_retry(
-                    self.retry,
-                    "report the site's failure to the root",
-                    rnd.round_id,
-                    lambda _n: upstream.report_failure(rnd.round_id, site_id, rnd.failure_reason),
-                )
-            except PropellerError as exc:
-                log.warning(
-                    "[Coordinator.site] round_id=%s the root did not take the site's failure: %s",
-                    rnd.round_id,
-                    exc,
-                )
-
-        task = asyncio.create_task(report(), name=f"report-{rnd.round_id}")
+        """A site round failed: tell the root, in the background (`site.report_failed_round`)."""
+        report = S.report_failed_round(upstream, self.retry, rnd, self.hierarchy.site_id)
+        task = asyncio.create_task(report, name=f"report-{rnd.round_id}")
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)
 
@@ -795,7 +649,8 @@ class Coordinator:
             if queue is None:
                 return
             if self.replica is not None:
-                async for event in self._watch_replicated(rnd, queue, self.replica.watch_poll_s):
+                poll_s = self.replica.watch_poll_s
+                async for event in watch_replicated(self.store, rnd, queue, poll_s, self.clock):
                     yield event
                 return
             while True:
@@ -807,26 +662,6 @@ class Coordinator:
             if queue is not None:
                 self._watchers.discard(round_id, queue)
 
-    async def _watch_replicated(
-        self, seen: Round, queue: asyncio.Queue[Event], poll_s: float
-    ) -> AsyncIterator[Event]:
-        """A replica's watch: this replica's events as they happen, and, every `poll_s`, the
-        changes other replicas committed, read from the store. Only changes newer than the
-        last one told are told (an update or a state each once)."""
-        while True:
-            try:
-                event = await asyncio.wait_for(queue.get(), poll_s)
-                events = [event] if _advances(seen, event.round) else []
-            except TimeoutError:
-                current = await self.store.get(seen.round_id)
-                events = [] if current is None else _changes(seen, current, self.clock())
-            for event in events:
-                seen = event.round
-                yield event
-                # Not `event.round.finished`: the updates read with a completion carry it.
-                if event.type in (EventType.COMPLETED, EventType.FAILED):
-                    return
-
     # ---- lifecycle ---------------------------------------------------------------------
 
     async def wait_finishing(self) -> None:
@@ -837,38 +672,14 @@ class Coordinator:
 
     async def aclose(self) -> None:
         """Cancel the aggregations in flight; their rounds stay AGGREGATING for `resume`."""
+        if self.auditor is not None:
+            await self.auditor.aclose()
         tasks = [*self._finishing.values(), *self._reports]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-_STATE_EVENTS = {
-    R.RoundState.OPEN: EventType.STARTED,
-    R.RoundState.AGGREGATING: EventType.AGGREGATING,
-    R.RoundState.COMPLETED: EventType.COMPLETED,
-    R.RoundState.FAILED: EventType.FAILED,
-}
-
-
-def _advances(seen: Round, rnd: Round) -> bool:
-    """`rnd` is later than `seen`: more updates, or a later state (states only go forward)."""
-    return rnd.num_updates > seen.num_updates or rnd.state is not seen.state
-
-
-def _changes(seen: Round, current: Round, now: float) -> list[Event]:
-    """The events between two records of a round, as its watchers would have been told them
-    by the replica that made the changes: each new update, then the state reached."""
-    events = [
-        Event(EventType.UPDATE_ACCEPTED, current, now, proplet_id)
-        for proplet_id in current.reported[seen.num_updates :]
-    ]
-    kind = _STATE_EVENTS.get(current.state)
-    if current.state is not seen.state and kind is not None:
-        events.append(Event(kind, current, now))
-    return events
 
 
 async def _to_the_end(aw: Awaitable[None]) -> None:

@@ -23,40 +23,22 @@ is at most MAX_PAYLOAD_BYTES, under PostgreSQL's 1 GiB per value.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from typing import Any, TypeVar
 
-import psycopg
-
+from server.coordinator import records
+from server.coordinator.records import Notice, StrategyState
 from server.coordinator.rounds import Round, Update
-from server.coordinator.store import (
-    _ROUND_COLUMNS,
-    _UPDATE_HEADER_COLUMNS,
-    Notice,
-    StateCorrupted,
-    StoredUpdates,
-    StrategyState,
-    _blob,
-    _header_from_row,
-    _round_from_row,
-    _round_values,
-    _update_values,
-)
+from server.coordinator.store import StoredUpdates
 from server.errors import PropellerError, ResourceExhausted, Unavailable
-from server.postgres import Connection, Migration, PostgresDatabase
+from server.postgres import AdvisoryLocks, Connection, Migration, PostgresDatabase
 from server.streams import MAX_PAYLOAD_BYTES
 from server.tensors import (
     nbytes_of,
     offload_if_big,
-    specs_from_json,
-    specs_of,
-    specs_to_json,
     tensor_bytes,
-    verified_tensors,
 )
 
 log = logging.getLogger(__name__)
@@ -144,15 +126,33 @@ MIGRATIONS = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "the re-execution audit of a round: its configuration and outcomes",
+        (
+            # JSON object: fraction, seed, policy, and the seed in use (docs/verifiability.md)
+            "ALTER TABLE coordinator.rounds ADD COLUMN audit TEXT NOT NULL DEFAULT '{}'",
+            # JSON list of the audited updates' outcomes
+            "ALTER TABLE coordinator.rounds ADD COLUMN audits TEXT NOT NULL DEFAULT '[]'",
+        ),
+    ),
+    Migration(
+        3,
+        "fuel receipts: rounds' fuel budget and plausibility rule, updates' fuel",
+        (
+            "ALTER TABLE coordinator.rounds ADD COLUMN fuel_budget BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE coordinator.rounds "
+            "ADD COLUMN min_fuel_ratio DOUBLE PRECISION NOT NULL DEFAULT 0",
+            "ALTER TABLE coordinator.updates ADD COLUMN fuel_consumed BIGINT NOT NULL DEFAULT 0",
+        ),
+    ),
 )
 
-_SELECT_ROUNDS = f"SELECT {', '.join(_ROUND_COLUMNS)} FROM coordinator.rounds"
+_SELECT_ROUNDS = f"SELECT {', '.join(records.ROUND_COLUMNS)} FROM coordinator.rounds"
 # The lease columns are not in the record: rewriting a round leaves them as they are.
-_UPSERT_ROUND = (
-    f"INSERT INTO coordinator.rounds ({', '.join(_ROUND_COLUMNS)}) "
-    f"VALUES ({', '.join('%s' for _ in _ROUND_COLUMNS)}) "
-    "ON CONFLICT (round_id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _ROUND_COLUMNS[1:])
+_UPSERT_ROUND = records.upsert("coordinator.rounds", records.ROUND_COLUMNS, "%s")
+_UPSERT_STATE = records.upsert(
+    "coordinator.strategy_states", ("experiment_id", *records.STATE_COLUMNS), "%s"
 )
 # A replica's rewrite: a round that goes AGGREGATING in it is leased to the replica in the same
 # statement, so no other replica's claim loop can take it between the commit and the claim.
@@ -162,7 +162,7 @@ _UPSERT_ROUND_LEASED = (
     ", lease_until = CASE WHEN EXCLUDED.state = 'aggregating' AND "
     "coordinator.rounds.state <> 'aggregating' THEN %s ELSE coordinator.rounds.lease_until END"
 )
-_INSERT_UPDATE_COLUMNS = ("round_id", "seq", "tensors", *_UPDATE_HEADER_COLUMNS)
+_INSERT_UPDATE_COLUMNS = ("round_id", "seq", "tensors", *records.UPDATE_HEADER_COLUMNS)
 _INSERT_UPDATE = (
     f"INSERT INTO coordinator.updates ({', '.join(_INSERT_UPDATE_COLUMNS)}) "
     # The round's next arrival number, counted under the round's row lock.
@@ -181,9 +181,8 @@ class PostgresRoundStore:
         self.max_bytes = max_bytes
         # The replica that rounds going AGGREGATING here are leased to (`lease_aggregations`).
         self._holder: tuple[str, float, Callable[[], float]] | None = None
-        # The connection that holds this process's round locks (opened at the first).
-        self._locks: psycopg.AsyncConnection[Any] | None = None
-        self._locks_opening = asyncio.Lock()
+        # This process's round locks, on a connection of their own (opened at the first).
+        self._locks = AdvisoryLocks(url, "coordinator")
 
     async def open(self) -> None:
         await self.db.open()
@@ -193,17 +192,17 @@ class PostgresRoundStore:
         log.info("[Coordinator.store] postgres rounds=%d", row[0] if row else 0)
 
     async def close(self) -> None:
-        locks, self._locks = self._locks, None
-        if locks is not None:
-            await locks.close()
+        await self._locks.close()
         await self.db.close()
 
     async def _upsert(self, conn: Connection, rnd: Round) -> None:
         if self._holder is None:
-            await conn.execute(_UPSERT_ROUND, _round_values(rnd))
+            await conn.execute(_UPSERT_ROUND, records.round_values(rnd))
             return
         owner, lease_s, clock = self._holder
-        await conn.execute(_UPSERT_ROUND_LEASED, (*_round_values(rnd), owner, clock() + lease_s))
+        await conn.execute(
+            _UPSERT_ROUND_LEASED, (*records.round_values(rnd), owner, clock() + lease_s)
+        )
 
     # ---- replicas (`server.coordinator.replicas.RoundLeases`) ------------------------------
 
@@ -212,44 +211,11 @@ class PostgresRoundStore:
         `lease_s` from `clock()`, in the transaction that does it."""
         self._holder = (owner, lease_s, clock)
 
-    async def _lock_connection(self) -> psycopg.AsyncConnection[Any]:
-        async with self._locks_opening:
-            if self._locks is None or self._locks.closed:
-                try:
-                    self._locks = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
-                except psycopg.OperationalError as exc:
-                    raise Unavailable(f"coordinator state store (round locks): {exc}") from exc
-            return self._locks
-
     @asynccontextmanager
     async def round_lock(self, round_id: str) -> AsyncIterator[None]:
-        """The round's advisory lock, across processes. Tried rather than waited for, so the
-        one connection holding this process's locks is never blocked: a section of another
-        replica lasts one transaction or two."""
-        key = f"coordinator.round:{round_id}"
-        delay = 0.005
-        while True:
-            conn = await self._lock_connection()
-            try:
-                cur = await conn.execute(
-                    "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)
-                )
-                row = await cur.fetchone()
-            except psycopg.OperationalError as exc:
-                raise Unavailable(f"coordinator state store (round locks): {exc}") from exc
-            if row is not None and row[0]:
-                break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        try:
+        """The round's advisory lock, across processes (`server.postgres.AdvisoryLocks`)."""
+        async with self._locks.held(f"coordinator.round:{round_id}"):
             yield
-        finally:
-            # A connection lost meanwhile took its locks with it.
-            if not conn.closed:
-                try:
-                    await conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
-                except psycopg.OperationalError as exc:
-                    log.warning("[Coordinator.store] round lock %s not released: %s", key, exc)
 
     async def claim(self, round_id: str, owner: str, now: float, lease_s: float) -> bool:
         async def take(conn: Connection) -> bool:
@@ -317,7 +283,7 @@ class PostgresRoundStore:
         async def select(conn: Connection) -> Round | None:
             cur = await conn.execute(f"{_SELECT_ROUNDS} WHERE round_id = %s", (round_id,))
             row = await cur.fetchone()
-            return None if row is None else _readable(row)
+            return None if row is None else records.readable_round(row, "coordinator.rounds")
 
         return await self._tx(select)
 
@@ -326,7 +292,9 @@ class PostgresRoundStore:
     ) -> None:
         blob, digest = bytearray(), ""
         if state is not None:
-            blob, digest = await offload_if_big(nbytes_of(state.tensors), _blob, state.tensors)
+            blob, digest = await offload_if_big(
+                nbytes_of(state.tensors), records.blob_of, state.tensors
+            )
             self._check_size("state: strategy state", len(blob))
 
         async def together(conn: Connection) -> None:
@@ -339,38 +307,19 @@ class PostgresRoundStore:
                     (notice.round_id, notice.topic, notice.payload),
                 )
             if state is not None:
-                await conn.execute(
-                    "INSERT INTO coordinator.strategy_states (experiment_id, round_id, "
-                    "strategy_name, specs, sha256, tensors) VALUES (%s, %s, %s, %s, %s, %s) "
-                    "ON CONFLICT (experiment_id) DO UPDATE SET round_id = EXCLUDED.round_id, "
-                    "strategy_name = EXCLUDED.strategy_name, specs = EXCLUDED.specs, "
-                    "sha256 = EXCLUDED.sha256, tensors = EXCLUDED.tensors",
-                    (
-                        state.experiment_id,
-                        state.round_id,
-                        state.strategy_name,
-                        specs_to_json(specs_of(state.tensors)),
-                        digest,
-                        blob,
-                    ),
-                )
+                await conn.execute(_UPSERT_STATE, records.state_values(state, digest, blob))
 
         await self._tx(together)
 
     async def strategy_state(self, experiment_id: str) -> StrategyState | None:
         async def load(conn: Connection) -> StrategyState | None:
             cur = await conn.execute(
-                "SELECT round_id, strategy_name, specs, sha256, tensors "
-                "FROM coordinator.strategy_states WHERE experiment_id = %s",
+                f"SELECT {', '.join(records.STATE_COLUMNS)} FROM coordinator.strategy_states "
+                "WHERE experiment_id = %s",
                 (experiment_id,),
             )
             row = await cur.fetchone()
-            if row is None:
-                return None
-            round_id, name, specs_text, sha, blob = row
-            what = f"experiment {experiment_id!r} strategy state"
-            tensors = verified_tensors(blob, specs_from_json(specs_text), sha, what, StateCorrupted)
-            return StrategyState(experiment_id, str(round_id), str(name), tensors)
+            return None if row is None else records.state_from_row(experiment_id, row)
 
         return await self._tx(load)
 
@@ -395,7 +344,7 @@ class PostgresRoundStore:
     async def _insert_update(self, conn: Connection, round_id: str, update: Update) -> None:
         blob = await offload_if_big(nbytes_of(update.tensors), tensor_bytes, update.tensors)
         self._check_size("tensors: update", len(blob))
-        values = (round_id, blob, *_update_values(update, blob), round_id)
+        values = (round_id, blob, *records.update_values(update, blob), round_id)
         await conn.execute(_INSERT_UPDATE, values)
 
     async def add_update(self, round_id: str, update: Update) -> None:
@@ -416,48 +365,34 @@ class PostgresRoundStore:
                 "SELECT count(*) FROM coordinator.updates WHERE round_id = %s", (rnd.round_id,)
             )
             row = await cur.fetchone()
-            count = row[0] if row else 0
-            if count != rnd.num_updates:  # the record and the rows must agree; roll back
-                raise RuntimeError(
-                    f"round {rnd.round_id!r}: {count} stored updates, record counts "
-                    f"{rnd.num_updates}"
-                )
+            records.check_update_count(rnd, row[0] if row else 0)
 
         await self._tx(both)
 
     async def updates(self, round_id: str) -> StoredUpdates:
         async def headers(conn: Connection) -> Sequence[Update]:
             cur = await conn.execute(
-                f"SELECT {', '.join(_UPDATE_HEADER_COLUMNS)} FROM coordinator.updates "
+                f"SELECT {', '.join(records.UPDATE_HEADER_COLUMNS)} FROM coordinator.updates "
                 "WHERE round_id = %s ORDER BY seq",
                 (round_id,),
             )
-            return [_header_from_row(row)[0] for row in await cur.fetchall()]
+            return [records.header_from_row(row)[0] for row in await cur.fetchall()]
 
         return StoredUpdates(self, round_id, await self._tx(headers))
 
     async def _load_update(self, round_id: str, header: Update) -> Update:
-        async def load(conn: Connection) -> tuple[Any, ...]:
+        async def load(conn: Connection) -> tuple[Any, ...] | None:
             cur = await conn.execute(
                 "SELECT specs, sha256, tensors FROM coordinator.updates "
                 "WHERE round_id = %s AND proplet_id = %s",
                 (round_id, header.proplet_id),
             )
-            row = await cur.fetchone()
-            if row is None:
-                raise StateCorrupted(
-                    f"round {round_id!r}: the update of {header.proplet_id!r} is gone"
-                )
-            return row
+            return await cur.fetchone()
 
-        specs_text, sha, blob = await self._tx(load)
-        what = f"round {round_id!r} update {header.proplet_id!r}"
+        row = await self._tx(load)
         # Hashing a big update is CPU work: in a worker thread when big.
-        specs = specs_from_json(specs_text)
-        tensors = await offload_if_big(
-            len(blob), verified_tensors, blob, specs, sha, what, StateCorrupted
-        )
-        return replace(header, tensors=tensors)
+        nbytes = 0 if row is None else len(row[2])
+        return await offload_if_big(nbytes, records.stored_update, round_id, header, row)
 
     # Last: inside the class body, `list` names this method from here on.
     async def list(self, experiment_id: str = "") -> list[Round]:
@@ -468,7 +403,9 @@ class PostgresRoundStore:
                 )
             else:
                 cur = await conn.execute(f"{_SELECT_ROUNDS} ORDER BY seq")
-            return [_readable(row) for row in await cur.fetchall()]
+            return [
+                records.readable_round(row, "coordinator.rounds") for row in await cur.fetchall()
+            ]
 
         return await self._tx(select)
 
@@ -477,10 +414,3 @@ async def _lock_round(conn: Connection, round_id: str) -> None:
     await conn.execute(
         "SELECT 1 FROM coordinator.rounds WHERE round_id = %s FOR UPDATE", (round_id,)
     )
-
-
-def _readable(row: tuple[Any, ...]) -> Round:
-    try:
-        return _round_from_row(row)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise StateCorrupted(f"coordinator.rounds: round {row[0]!r} is unreadable: {exc}") from exc

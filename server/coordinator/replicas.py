@@ -17,17 +17,29 @@ round at its deadline and aggregates it, and how the others stay out of its way.
   the round on: it closes it, or aggregates it again from its stored updates (the same
   bytes), asking the registry first whether the dead one already stored them.
 
+- A WatchRound on a replica tells its own events as they happen and, every `watch_poll_s`,
+  what other replicas committed to the round (`watch_replicated`).
+
 A single coordinator on SQLite or in memory has no replicas and none of this.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from server.coordinator.events import Event, EventType
+from server.coordinator.rounds import Round, RoundState
+from server.coordinator.store import RoundStore
+from server.errors import PropellerError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_S = 10.0
 
@@ -80,3 +92,69 @@ class RoundLeases(Protocol):
         """Lease to `owner` the open rounds whose deadline passed and the aggregating rounds
         whose lease expired, skipping rows another replica has locked; their ids."""
         ...
+
+
+async def keep_lease(
+    leases: RoundLeases, replica: Replica, round_id: str, clock: Callable[[], float]
+) -> None:
+    """Keep the aggregation's lease while it runs (cancel to stop): renewed three times a
+    lease; ends when another replica took it over."""
+    while True:
+        await asyncio.sleep(replica.lease_s / 3)
+        try:
+            if not await leases.renew(round_id, replica.replica_id, clock(), replica.lease_s):
+                log.warning("[Coordinator.replica] round_id=%s lease taken over", round_id)
+                return
+        except PropellerError as exc:
+            log.warning("[Coordinator.replica] round_id=%s lease not renewed: %s", round_id, exc)
+
+
+async def watch_replicated(
+    store: RoundStore,
+    seen: Round,
+    queue: asyncio.Queue[Event],
+    poll_s: float,
+    clock: Callable[[], float],
+) -> AsyncIterator[Event]:
+    """A replica's watch: this replica's events as they happen (`queue`), and, every
+    `poll_s`, the changes other replicas committed, read from the store. Only changes newer
+    than the last one told are told (an update or a state each once)."""
+    while True:
+        try:
+            event = await asyncio.wait_for(queue.get(), poll_s)
+            events = [event] if _advances(seen, event.round) else []
+        except TimeoutError:
+            current = await store.get(seen.round_id)
+            events = [] if current is None else _changes(seen, current, clock())
+        for event in events:
+            seen = event.round
+            yield event
+            # Not `event.round.finished`: the updates read with a completion carry it.
+            if event.type in (EventType.COMPLETED, EventType.FAILED):
+                return
+
+
+_STATE_EVENTS = {
+    RoundState.OPEN: EventType.STARTED,
+    RoundState.AGGREGATING: EventType.AGGREGATING,
+    RoundState.COMPLETED: EventType.COMPLETED,
+    RoundState.FAILED: EventType.FAILED,
+}
+
+
+def _advances(seen: Round, rnd: Round) -> bool:
+    """`rnd` is later than `seen`: more updates, or a later state (states only go forward)."""
+    return rnd.num_updates > seen.num_updates or rnd.state is not seen.state
+
+
+def _changes(seen: Round, current: Round, now: float) -> list[Event]:
+    """The events between two records of a round, as its watchers would have been told them
+    by the replica that made the changes: each new update, then the state reached."""
+    events = [
+        Event(EventType.UPDATE_ACCEPTED, current, now, proplet_id)
+        for proplet_id in current.reported[seen.num_updates :]
+    ]
+    kind = _STATE_EVENTS.get(current.state)
+    if current.state is not seen.state and kind is not None:
+        events.append(Event(kind, current, now))
+    return events

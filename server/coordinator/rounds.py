@@ -20,11 +20,12 @@ import enum
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from server.models import parse_model_uri
 from server.provenance import MAX_SIGNATURE_BYTES, Signed, check_module_digest
-from server.round_spec import Hyperparams, RoundSpec
+from server.round_spec import AuditSpec, Hyperparams, RoundSpec
 from server.tensors import Array, Spec, Tensors, check_finite
 
 CLOSED_BY_K_OF_N = "k_of_n"
@@ -72,6 +73,8 @@ class Update:
     # A site coordinator's partial (`server.coordinator.site`): the site's participants whose
     # updates it combines (checked when it arrives, not kept with the update).
     contributors: tuple[str, ...] = ()
+    # The wasmtime fuel its training consumed, as signed (0: not metered).
+    fuel_consumed: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,49 @@ class ParticipantFailure:
 
     proplet_id: str
     reason: str
+
+
+# An audit's outcomes (`server.coordinator.audit`): the re-run gave the same update, another
+# one, or could not be made (the auditor's own failure: never taken for a match).
+AUDIT_MATCH = "match"
+AUDIT_MISMATCH = "mismatch"
+AUDIT_ERROR = "error"
+
+
+@dataclass(frozen=True)
+class AuditOutcome:
+    """One audited update: who sent it, what came of its re-execution, the sha256 of the
+    update it sent (`claimed_sha256`) and of the one the auditor's re-run produced
+    (`reexecuted_sha256`, "" when the re-run failed), what differed or failed (`detail`),
+    and whether the update was left out of the aggregation (`rejected`)."""
+
+    proplet_id: str
+    outcome: str
+    claimed_sha256: str
+    reexecuted_sha256: str = ""
+    detail: str = ""
+    rejected: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "proplet_id": self.proplet_id,
+            "outcome": self.outcome,
+            "claimed_sha256": self.claimed_sha256,
+            "reexecuted_sha256": self.reexecuted_sha256,
+            "detail": self.detail,
+            "rejected": self.rejected,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AuditOutcome:
+        return cls(
+            proplet_id=str(d["proplet_id"]),
+            outcome=str(d["outcome"]),
+            claimed_sha256=str(d.get("claimed_sha256", "")),
+            reexecuted_sha256=str(d.get("reexecuted_sha256", "")),
+            detail=str(d.get("detail", "")),
+            rejected=bool(d.get("rejected", False)),
+        )
 
 
 @dataclass(frozen=True)
@@ -122,6 +168,22 @@ class Round:
     # The aggregation strategy ("" = fedavg) and its canonical parameters ("" = defaults).
     strategy_name: str = ""
     strategy_params_json: str = ""
+    # The re-execution audit as configured, the seed its choice uses (the configured one, or
+    # the one drawn at creation for 0: never shown outside the coordinator), and its outcomes
+    # (recorded when the round closes, before aggregation).
+    audit: AuditSpec = field(default_factory=AuditSpec)
+    audit_seed: int = 0
+    audits: tuple[AuditOutcome, ...] = ()
+
+    @property
+    def audit_flagged(self) -> bool:
+        """An audited update did not match, or could not be audited."""
+        return any(a.outcome != AUDIT_MATCH for a in self.audits)
+
+    # Fuel receipts (`RoundSpec`): each run's fuel budget (0 = the proplets' own) and the
+    # fuel plausibility rule's fraction (0 = off; `server.coordinator.fuel`).
+    fuel_budget: int = 0
+    min_fuel_ratio: float = 0.0
 
     @property
     def num_updates(self) -> int:
@@ -184,10 +246,16 @@ def check_same_config(rnd: Round, cfg: RoundSpec) -> None:
 
 
 def new_round(
-    cfg: RoundSpec, model_ref: str, specs: Sequence[Spec], now: float, base_sha256: str = ""
+    cfg: RoundSpec,
+    model_ref: str,
+    specs: Sequence[Spec],
+    now: float,
+    base_sha256: str = "",
+    audit_seed: int = 0,
 ) -> Round:
     """A PENDING round for `cfg` whose base model resolved to `model_ref` with `specs` (and
-    the sha256 `base_sha256`)."""
+    the sha256 `base_sha256`); its audit chooses with `audit_seed` (the configured seed when
+    one is given)."""
     parse_model_uri(model_ref, "model_ref")
     return Round(
         **{name: getattr(cfg, name) for name in _FROM_SPEC},
@@ -196,6 +264,7 @@ def new_round(
         requested_model_ref=cfg.model_ref,
         configured_at=now,
         base_model_sha256=base_sha256,
+        audit_seed=cfg.audit.seed or audit_seed,
     )
 
 

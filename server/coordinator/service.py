@@ -98,6 +98,7 @@ class CoordinatorServicer:
                 # none to check it with.
                 certificate=authz.caller_certificate(),
                 contributors=tuple(header.contributors),
+                fuel_consumed=header.fuel_consumed,
             )
             result = await self.coordinator.submit(header.round_id, update)
             return coordinator_pb2.SubmitUpdateResponse(
@@ -203,7 +204,8 @@ class CoordinatorServicer:
         async with grpc_errors(context, "Coordinator.GetRoundStatus"):
             check_id(request.round_id, "round_id")
             status = status_to_proto(await self.coordinator.get(request.round_id))
-            status.num_samples = await self.coordinator.num_samples(request.round_id)
+            totals = await self.coordinator.update_totals(request.round_id)
+            status.num_samples, status.fuel_consumed = totals
             return status
 
     async def ListRounds(

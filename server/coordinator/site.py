@@ -24,6 +24,7 @@ refuse them (FAILED_PRECONDITION).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -34,15 +35,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc
 from server.aggregator.strategies import STRATEGIES, strategy_class
 from server.coordinator import rounds as R
+from server.coordinator.backend import RetryPolicy, with_retry
+from server.coordinator.clients import meta_of
 from server.coordinator.rounds import Round, Update
 from server.coordinator.wire import status_from_proto
-from server.errors import FailedPrecondition, NotFound, rpc_errors
+from server.errors import FailedPrecondition, NotFound, PropellerError, rpc_errors
 from server.ids import id_problem
 from server.pki import SITE_SERVICE_PREFIX, Identity, Kind
 from server.provenance import Claim, sign
 from server.round_spec import RoundSpec
-from server.streams import UpdateMeta, update_stream
+from server.streams import update_stream
 from server.tensors import Tensors, sha256_of
+
+log = logging.getLogger(__name__)
 
 FLAT = "flat"
 ROOT = "root"
@@ -85,6 +90,12 @@ _COMPOSING = ", ".join(name for name, cls in STRATEGIES.items() if cls.increment
 def check_composes(strategy_name: str) -> None:
     """A hierarchical round's strategy must compose over sites (see the module docstring)."""
     cls = strategy_class(strategy_name)
+    if cls.name == "wasm":
+        raise FailedPrecondition(
+            "strategy_name: wasm runs its module on every update of the round at once, which "
+            "does not compose over sites (a site's partial is a weighted mean); a hierarchical "
+            f"round takes one of {_COMPOSING}"
+        )
     if not cls.incremental:
         raise FailedPrecondition(
             f"strategy_name: {cls.name} is an order statistic, which does not compose over "
@@ -183,16 +194,8 @@ class GrpcUpstream:
         return status_from_proto(status)
 
     async def submit(self, round_id: str, partial: Update) -> None:
-        meta = UpdateMeta(
-            round_id,
-            partial.proplet_id,
-            partial.base_model_uri,
-            partial.num_samples,
-            dict(partial.metrics),
-            base_model_sha256=partial.base_model_sha256,
-            module_digest=partial.module_digest,
-            contributors=partial.contributors,
-        )
+        # The partial is signed here, by the site: it carries no signature yet.
+        meta = replace(meta_of(round_id, partial), contributors=partial.contributors)
         if self._key is not None:
             claim = Claim.of(
                 meta,
@@ -223,3 +226,25 @@ async def root_round(upstream: Upstream, round_id: str) -> Round:
             f"round_id: the root coordinator has no round {round_id!r}; configure it there "
             "first, with this site among its participants"
         ) from None
+
+
+async def report_failed_round(
+    upstream: Upstream, retry: RetryPolicy, rnd: Round, site_id: str
+) -> None:
+    """A site round failed: the root hears it as its participant's failure, so it closes
+    at the quorum the other sites can still reach (or fails) without waiting for its
+    deadline. Best effort: should it not arrive, the root's deadline still closes its
+    round."""
+    try:
+        await with_retry(
+            retry,
+            "report the site's failure to the root",
+            rnd.round_id,
+            lambda _n: upstream.report_failure(rnd.round_id, site_id, rnd.failure_reason),
+        )
+    except PropellerError as exc:
+        log.warning(
+            "[Coordinator.site] round_id=%s the root did not take the site's failure: %s",
+            rnd.round_id,
+            exc,
+        )

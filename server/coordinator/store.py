@@ -28,33 +28,45 @@ never applied twice.
   change rewrites the round record. A kill -9 at any moment leaves the last committed state,
   and the coordinator answers an update only after its transaction committed, so an
   acknowledged update is never lost.
+
+What a stored record holds (`Notice`, `StrategyState`, and the rows of rounds, updates and
+strategy states that both durable stores write and read back) is `server.coordinator.records`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
-from server.coordinator.rounds import ParticipantFailure, Round, RoundState, Update
-from server.errors import DataLoss, PropellerError, ResourceExhausted, Unavailable
-from server.round_spec import Hyperparams
+from server.coordinator.records import (
+    ADDED_ROUND_COLUMNS,
+    ADDED_UPDATE_COLUMNS,
+    ROUND_COLUMNS,
+    STATE_COLUMNS,
+    UPDATE_HEADER_COLUMNS,
+    Notice,
+    StrategyState,
+    blob_of,
+    check_update_count,
+    header_from_row,
+    readable_round,
+    round_values,
+    state_from_row,
+    state_values,
+    stored_update,
+    update_values,
+    upsert,
+)
+from server.coordinator.rounds import Round, Update
+from server.errors import PropellerError, ResourceExhausted, Unavailable
 from server.sqlite import SqliteStore
 from server.tensors import (
-    Spec,
-    Tensors,
     nbytes_of,
     offload_if_big,
-    specs_from_json,
-    specs_of,
-    specs_to_json,
     tensor_bytes,
-    verified_tensors,
 )
 
 log = logging.getLogger(__name__)
@@ -62,26 +74,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STATE_FILE = "coordinator.sqlite"
-
-
-@dataclass(frozen=True)
-class Notice:
-    """A message the coordinator must publish about a round (its completion), kept in the
-    store from the change it announces until it is marked sent."""
-
-    round_id: str
-    topic: str
-    payload: bytes
-
-
-@dataclass(frozen=True)
-class StrategyState:
-    """An experiment's strategy state as the aggregation of `round_id` answered it."""
-
-    experiment_id: str
-    round_id: str
-    strategy_name: str
-    tensors: Tensors
 
 
 class RoundStore(Protocol):
@@ -235,195 +227,18 @@ SCHEMA = (
     )""",
 )
 
-# Columns added to `rounds` since the first version, with their definition: a file written
-# by an older coordinator gets them on open (`_migrate`).
-_ADDED_ROUND_COLUMNS = {
-    "min_k_of_n": "INTEGER NOT NULL DEFAULT 0",
-    "failed": "TEXT NOT NULL DEFAULT '[]'",  # JSON list of [proplet_id, reason]
-    "module_digest": "TEXT NOT NULL DEFAULT ''",
-    "base_model_sha256": "TEXT NOT NULL DEFAULT ''",
-    "strategy_name": "TEXT NOT NULL DEFAULT ''",
-    "strategy_params_json": "TEXT NOT NULL DEFAULT ''",
-}
-# The same for `updates`: an update's provenance (docs/security.md, "Provenance").
-_ADDED_UPDATE_COLUMNS = {
-    "base_model_sha256": "TEXT NOT NULL DEFAULT ''",
-    "module_digest": "TEXT NOT NULL DEFAULT ''",
-    "signature": "BLOB NOT NULL DEFAULT x''",
-    "certificate": "BLOB NOT NULL DEFAULT x''",  # the proplet's, PEM; empty over plaintext
-    "distance": "REAL NOT NULL DEFAULT 0",
-    "clip_scale": "REAL NOT NULL DEFAULT 1",
-}
-
-_ROUND_COLUMNS = (
-    "round_id",
-    "experiment_id",
-    "state",
-    "participants",
-    "k_of_n",
-    "timeout_s",
-    "model_ref",
-    "requested_model_ref",
-    "specs",
-    "hyperparams",
-    "task_wasm_image",
-    "configured_at",
-    "started_at",
-    "deadline",
-    "completed_at",
-    "reported",
-    "metrics",
-    "new_model_version",
-    "new_model_uri",
-    "failure_reason",
-    "closed_by",
-    *_ADDED_ROUND_COLUMNS,
-)
-
-_UPSERT_ROUND = (
-    f"INSERT INTO rounds ({', '.join(_ROUND_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _ROUND_COLUMNS)}) "
-    "ON CONFLICT(round_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _ROUND_COLUMNS[1:])
-)
-
-_UPDATE_HEADER_COLUMNS = (
-    "proplet_id",
-    "base_model_uri",
-    "num_samples",
-    "metrics",
-    "specs",
-    "received_at",
-    "sha256",
-    *_ADDED_UPDATE_COLUMNS,
-)
-
-
-def _blob(tensors: Tensors) -> tuple[bytearray, str]:
-    """Tensors as one BLOB in the wire's layout, and its sha256."""
-    blob = tensor_bytes(tensors)
-    return blob, hashlib.sha256(blob).hexdigest()
-
-
-class StateCorrupted(DataLoss):
-    """The state file holds something that cannot be a record this code wrote."""
-
-
-def _update_values(update: Update, blob: bytes | bytearray) -> tuple[object, ...]:
-    """An update's `_UPDATE_HEADER_COLUMNS` as both backends store them (`blob`: its
-    tensors' bytes)."""
-    return (
-        update.proplet_id,
-        update.base_model_uri,
-        update.num_samples,
-        json.dumps(dict(update.metrics)),
-        specs_to_json(specs_of(update.tensors)),
-        update.received_at,
-        # The same bytes the coordinator's checks hashed (when they did).
-        update.sha256 or hashlib.sha256(blob).hexdigest(),
-        update.base_model_sha256,
-        update.module_digest,
-        update.signature,
-        update.certificate,
-        update.distance,
-        update.clip_scale,
-    )
-
-
-def _round_values(rnd: Round) -> tuple[Any, ...]:
-    return (
-        rnd.round_id,
-        rnd.experiment_id,
-        rnd.state.value,
-        json.dumps(list(rnd.participants)),
-        rnd.k_of_n,
-        rnd.timeout_s,
-        rnd.model_ref,
-        rnd.requested_model_ref,
-        specs_to_json(rnd.specs),
-        rnd.hyperparams.to_json(),
-        rnd.task_wasm_image,
-        rnd.configured_at,
-        rnd.started_at,
-        rnd.deadline,
-        rnd.completed_at,
-        json.dumps(list(rnd.reported)),
-        json.dumps(dict(rnd.metrics)),
-        rnd.new_model_version,
-        rnd.new_model_uri,
-        rnd.failure_reason,
-        rnd.closed_by,
-        rnd.min_k_of_n,
-        json.dumps([[f.proplet_id, f.reason] for f in rnd.failed]),
-        rnd.module_digest,
-        rnd.base_model_sha256,
-        rnd.strategy_name,
-        rnd.strategy_params_json,
-    )
-
-
-def _round_from_row(row: Sequence[Any]) -> Round:
-    v = dict(zip(_ROUND_COLUMNS, row, strict=True))
-    return Round(
-        round_id=v["round_id"],
-        experiment_id=v["experiment_id"],
-        participants=tuple(json.loads(v["participants"])),
-        k_of_n=int(v["k_of_n"]),
-        timeout_s=float(v["timeout_s"]),
-        model_ref=v["model_ref"],
-        specs=specs_from_json(v["specs"]),
-        hyperparams=Hyperparams.from_dict(json.loads(v["hyperparams"])),
-        task_wasm_image=v["task_wasm_image"],
-        requested_model_ref=v["requested_model_ref"],
-        state=RoundState(v["state"]),
-        configured_at=float(v["configured_at"]),
-        started_at=float(v["started_at"]),
-        deadline=float(v["deadline"]),
-        completed_at=float(v["completed_at"]),
-        reported=tuple(json.loads(v["reported"])),
-        metrics={str(k): float(x) for k, x in json.loads(v["metrics"]).items()},
-        new_model_version=v["new_model_version"],
-        new_model_uri=v["new_model_uri"],
-        failure_reason=v["failure_reason"],
-        closed_by=v["closed_by"],
-        min_k_of_n=int(v["min_k_of_n"]),
-        failed=tuple(ParticipantFailure(str(p), str(r)) for p, r in json.loads(v["failed"])),
-        module_digest=str(v["module_digest"]),
-        base_model_sha256=str(v["base_model_sha256"]),
-        strategy_name=str(v["strategy_name"]),
-        strategy_params_json=str(v["strategy_params_json"]),
-    )
+_UPSERT_ROUND = upsert("rounds", ROUND_COLUMNS, "?")
+_UPSERT_STATE = upsert("strategy_states", ("experiment_id", *STATE_COLUMNS), "?")
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a file written by an older coordinator up to `SCHEMA` (columns added since)."""
-    for table, added in (("rounds", _ADDED_ROUND_COLUMNS), ("updates", _ADDED_UPDATE_COLUMNS)):
+    for table, added in (("rounds", ADDED_ROUND_COLUMNS), ("updates", ADDED_UPDATE_COLUMNS)):
         columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         for name, definition in added.items():
             if name not in columns:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
                 log.info("[Coordinator.store] %s: added column %s", table, name)
-
-
-def _header_from_row(row: Sequence[Any]) -> tuple[Update, tuple[Spec, ...]]:
-    """An update's header fields (tensors left empty) and the specs of its BLOB."""
-    v = dict(zip(_UPDATE_HEADER_COLUMNS, row, strict=True))
-    update = Update(
-        proplet_id=v["proplet_id"],
-        base_model_uri=v["base_model_uri"],
-        num_samples=int(v["num_samples"]),
-        metrics={str(k): float(x) for k, x in json.loads(v["metrics"]).items()},
-        tensors={},
-        received_at=float(v["received_at"]),
-        sha256=str(v["sha256"]),
-        base_model_sha256=str(v["base_model_sha256"]),
-        module_digest=str(v["module_digest"]),
-        signature=bytes(v["signature"]),
-        certificate=bytes(v["certificate"]),
-        distance=float(v["distance"]),
-        clip_scale=float(v["clip_scale"]),
-    )
-    return update, specs_from_json(v["specs"])
 
 
 class UpdateLoader(Protocol):
@@ -516,19 +331,16 @@ class SqliteRoundStore(SqliteStore):
 
     def _load(self, conn: sqlite3.Connection) -> None:
         rows = conn.execute(
-            f"SELECT {', '.join(_ROUND_COLUMNS)} FROM rounds ORDER BY seq"
+            f"SELECT {', '.join(ROUND_COLUMNS)} FROM rounds ORDER BY seq"
         ).fetchall()
         rounds: dict[str, Round] = {}
         for row in rows:
-            try:
-                rnd = _round_from_row(row)
-            except (ValueError, KeyError, TypeError) as exc:
-                raise StateCorrupted(f"{self.path}: round {row[0]!r} is unreadable: {exc}") from exc
+            rnd = readable_round(row, str(self.path))
             rounds[rnd.round_id] = rnd
         self._rounds = rounds
 
     def _put_row(self, conn: sqlite3.Connection, rnd: Round) -> None:
-        conn.execute(_UPSERT_ROUND, _round_values(rnd))
+        conn.execute(_UPSERT_ROUND, round_values(rnd))
 
     def _insert_update(self, conn: sqlite3.Connection, round_id: str, update: Update) -> None:
         # The tensors as one BLOB in the wire's layout, written into one buffer.
@@ -542,7 +354,7 @@ class SqliteRoundStore(SqliteStore):
         (seq,) = conn.execute(
             "SELECT COALESCE(MAX(seq), -1) + 1 FROM updates WHERE round_id = ?", (round_id,)
         ).fetchone()
-        columns = ("round_id", "seq", "tensors", *_UPDATE_HEADER_COLUMNS)
+        columns = ("round_id", "seq", "tensors", *UPDATE_HEADER_COLUMNS)
         conn.execute(
             f"INSERT INTO updates ({', '.join(columns)}) "
             f"VALUES ({', '.join('?' for _ in columns)})",
@@ -550,7 +362,7 @@ class SqliteRoundStore(SqliteStore):
                 round_id,
                 seq,
                 blob,
-                *_update_values(update, blob),
+                *update_values(update, blob),
             ),
         )
 
@@ -600,7 +412,7 @@ class SqliteRoundStore(SqliteStore):
         # The state's bytes and digest are made before the transaction (in a thread if big).
         blob, digest = bytearray(), ""
         if state is not None:
-            blob, digest = await offload_if_big(nbytes_of(state.tensors), _blob, state.tensors)
+            blob, digest = await offload_if_big(nbytes_of(state.tensors), blob_of, state.tensors)
 
         def together(conn: sqlite3.Connection) -> None:
             self._put_row(conn, rnd)
@@ -618,37 +430,17 @@ class SqliteRoundStore(SqliteStore):
                         f"state: strategy state of {len(blob)} bytes exceeds the "
                         f"coordinator's state store limit of {limit} bytes"
                     )
-                conn.execute(
-                    "INSERT INTO strategy_states (experiment_id, round_id, strategy_name, "
-                    "specs, sha256, tensors) VALUES (?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(experiment_id) DO UPDATE SET round_id = excluded.round_id, "
-                    "strategy_name = excluded.strategy_name, specs = excluded.specs, "
-                    "sha256 = excluded.sha256, tensors = excluded.tensors",
-                    (
-                        state.experiment_id,
-                        state.round_id,
-                        state.strategy_name,
-                        specs_to_json(specs_of(state.tensors)),
-                        digest,
-                        blob,
-                    ),
-                )
+                conn.execute(_UPSERT_STATE, state_values(state, digest, blob))
 
         await self._write(together, rnd)
 
     async def strategy_state(self, experiment_id: str) -> StrategyState | None:
         def load(conn: sqlite3.Connection) -> StrategyState | None:
             row = conn.execute(
-                "SELECT round_id, strategy_name, specs, sha256, tensors FROM strategy_states "
-                "WHERE experiment_id = ?",
+                f"SELECT {', '.join(STATE_COLUMNS)} FROM strategy_states WHERE experiment_id = ?",
                 (experiment_id,),
             ).fetchone()
-            if row is None:
-                return None
-            round_id, name, specs_text, sha, blob = row
-            what = f"experiment {experiment_id!r} strategy state"
-            tensors = verified_tensors(blob, specs_from_json(specs_text), sha, what, StateCorrupted)
-            return StrategyState(experiment_id, str(round_id), str(name), tensors)
+            return None if row is None else state_from_row(experiment_id, row)
 
         return await self._read(load)
 
@@ -687,22 +479,18 @@ class SqliteRoundStore(SqliteStore):
             (count,) = conn.execute(
                 "SELECT COUNT(*) FROM updates WHERE round_id = ?", (rnd.round_id,)
             ).fetchone()
-            if count != rnd.num_updates:  # the record and the rows must agree; roll back
-                raise RuntimeError(
-                    f"round {rnd.round_id!r}: {count} stored updates, record counts "
-                    f"{rnd.num_updates}"
-                )
+            check_update_count(rnd, count)
 
         await self._write(both, rnd)
 
     async def updates(self, round_id: str) -> StoredUpdates:
         def headers(conn: sqlite3.Connection) -> list[Update]:
             rows = conn.execute(
-                f"SELECT {', '.join(_UPDATE_HEADER_COLUMNS)} FROM updates "
+                f"SELECT {', '.join(UPDATE_HEADER_COLUMNS)} FROM updates "
                 "WHERE round_id = ? ORDER BY seq",
                 (round_id,),
             ).fetchall()
-            return [_header_from_row(row)[0] for row in rows]
+            return [header_from_row(row)[0] for row in rows]
 
         return StoredUpdates(self, round_id, await self._read(headers))
 
@@ -712,15 +500,6 @@ class SqliteRoundStore(SqliteStore):
                 "SELECT specs, sha256, tensors FROM updates WHERE round_id = ? AND proplet_id = ?",
                 (round_id, header.proplet_id),
             ).fetchone()
-            if row is None:
-                raise StateCorrupted(
-                    f"round {round_id!r}: the update of {header.proplet_id!r} is gone"
-                )
-            specs_text, sha, blob = row
-            what = f"round {round_id!r} update {header.proplet_id!r}"
-            specs = specs_from_json(specs_text)
-            # Read-only arrays over the BLOB (no copy), after checking its length and sha256.
-            tensors = verified_tensors(blob, specs, sha, what, StateCorrupted)
-            return replace(header, tensors=tensors)
+            return stored_update(round_id, header, row)
 
         return await self._read(load)

@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from propeller.v1 import coordinator_pb2, manager_pb2
-from server.coordinator.rounds import ParticipantFailure, Round, RoundState
+from propeller.v1 import coordinator_pb2, manager_pb2, tensor_pb2
+from server.coordinator.rounds import AuditOutcome, ParticipantFailure, Round, RoundState
 from server.errors import grpc_errors
 from server.grpc_server import Context
 from server.ids import check_id
-from server.round_spec import Hyperparams, RoundSpec
+from server.round_spec import AuditSpec, Hyperparams, RoundSpec
+from server.wire import message_from, value_from
 
 STATES: dict[RoundState, coordinator_pb2.RoundState] = {
     RoundState.PENDING: coordinator_pb2.ROUND_STATE_PENDING,
@@ -30,8 +31,10 @@ _STATE_OF: dict[int, RoundState] = {int(v): k for k, v in STATES.items()}
 
 SpecMessage = coordinator_pb2.ConfigureRoundRequest | manager_pb2.StartExperimentRequest
 
-# Fields that keep their name and value between the messages and the domain types; the
-# functions below add the ones that change form (repeated fields, hyperparameters, state...).
+# The round fields a request built from a spec carries as they are (`spec_fields`): not the
+# strategy, which its callers set themselves. Otherwise a field keeps its name and value
+# between the messages and the domain types (`server.wire`); the functions below write out
+# the ones that change form (repeated fields, hyperparameters, state...).
 _SPEC_SCALARS = (
     "round_id",
     "experiment_id",
@@ -41,21 +44,8 @@ _SPEC_SCALARS = (
     "task_wasm_image",
     "min_k_of_n",
     "module_digest",
-)
-# ConfigureRoundRequest's strategy (a StartExperimentRequest may carry it too): read into the
-# spec, but not among the fields that build a request from a spec (`spec_fields`), whose
-# callers set a request's strategy themselves.
-_STRATEGY_SCALARS = ("strategy_name", "strategy_params_json")
-_STATUS_SCALARS = (
-    *_SPEC_SCALARS,
-    *_STRATEGY_SCALARS,
-    "started_at",
-    "deadline",
-    "completed_at",
-    "new_model_uri",
-    "failure_reason",
-    "closed_by",
-    "base_model_sha256",
+    "fuel_budget",
+    "min_fuel_ratio",
 )
 
 
@@ -72,14 +62,34 @@ def hyperparams_from_proto(msg: coordinator_pb2.Hyperparams) -> Hyperparams:
     )
 
 
+def audit_to_proto(audit: AuditSpec) -> tensor_pb2.AuditConfig | None:
+    """None for no audit (the field left unset, as a request without one has it)."""
+    if audit == AuditSpec():
+        return None
+    return tensor_pb2.AuditConfig(fraction=audit.fraction, seed=audit.seed, policy=audit.policy)
+
+
+def audit_from_proto(msg: tensor_pb2.AuditConfig) -> AuditSpec:
+    """As received: `round_spec.validate` checks it."""
+    return AuditSpec(fraction=msg.fraction, seed=msg.seed, policy=msg.policy)
+
+
+def audit_record_to_proto(outcome: AuditOutcome) -> tensor_pb2.AuditRecord:
+    return message_from(tensor_pb2.AuditRecord, outcome)
+
+
+def audit_record_from_proto(msg: tensor_pb2.AuditRecord) -> AuditOutcome:
+    return value_from(AuditOutcome, msg)
+
+
 def spec_from_proto(msg: SpecMessage) -> RoundSpec:
     """The request's round as asked (zeros kept: `validate` judges and fills them)."""
-    present = msg.DESCRIPTOR.fields_by_name
-    return RoundSpec(
-        **{name: getattr(msg, name) for name in _SPEC_SCALARS},
-        **{name: getattr(msg, name) for name in _STRATEGY_SCALARS if name in present},
+    return value_from(
+        RoundSpec,
+        msg,
         participants=tuple(msg.participants),
         hyperparams=hyperparams_from_proto(msg.hyperparams),
+        audit=audit_from_proto(msg.audit),
     )
 
 
@@ -89,12 +99,14 @@ def spec_fields(spec: RoundSpec) -> dict[str, Any]:
         **{name: getattr(spec, name) for name in _SPEC_SCALARS},
         "participants": spec.participants,
         "hyperparams": hyperparams_to_proto(spec.hyperparams),
+        "audit": audit_to_proto(spec.audit),
     }
 
 
 def status_to_proto(rnd: Round) -> coordinator_pb2.RoundStatus:
-    return coordinator_pb2.RoundStatus(
-        **{name: getattr(rnd, name) for name in _STATUS_SCALARS},
+    return message_from(
+        coordinator_pb2.RoundStatus,
+        rnd,
         participants=rnd.participants,
         hyperparams=hyperparams_to_proto(rnd.hyperparams),
         state=STATES[rnd.state],
@@ -107,14 +119,17 @@ def status_to_proto(rnd: Round) -> coordinator_pb2.RoundStatus:
             coordinator_pb2.ParticipantFailure(proplet_id=f.proplet_id, reason=f.reason)
             for f in rnd.failed
         ],
+        audit=audit_to_proto(rnd.audit),
+        audits=[audit_record_to_proto(a) for a in rnd.audits],
     )
 
 
 def status_from_proto(msg: coordinator_pb2.RoundStatus) -> Round:
     """The round as its status shows it: everything `status_to_proto` sends, so the two
     round-trip; the base model's tensor specs are not part of a status (left empty)."""
-    return Round(
-        **{name: getattr(msg, name) for name in _STATUS_SCALARS},
+    return value_from(
+        Round,
+        msg,
         participants=tuple(msg.participants),
         hyperparams=hyperparams_from_proto(msg.hyperparams),
         specs=(),
@@ -123,6 +138,8 @@ def status_from_proto(msg: coordinator_pb2.RoundStatus) -> Round:
         metrics=dict(msg.metrics),
         new_model_version=msg.new_model_version or None,
         failed=tuple(ParticipantFailure(f.proplet_id, f.reason) for f in msg.failed),
+        audit=audit_from_proto(msg.audit),
+        audits=tuple(audit_record_from_proto(a) for a in msg.audits),
     )
 
 

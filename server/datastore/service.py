@@ -23,6 +23,7 @@ from server.grpc_server import Context, ServiceBinding
 from server.ids import check_id, check_name
 from server.paging import PageRequest, page_of
 from server.tensors import offload_if_big, tensor_from_proto, tensor_to_proto
+from server.wire import message_from
 
 log = logging.getLogger(__name__)
 
@@ -30,22 +31,15 @@ SERVICE_NAME = "propeller.v1.DataStore"
 
 
 def dataset_info_proto(summary: DatasetSummary) -> datastore_pb2.DatasetInfo:
-    return datastore_pb2.DatasetInfo(
-        proplet_id=summary.proplet_id,
-        schema=summary.schema,
-        size=summary.size,
-        num_features=summary.num_features,
-        num_classes=summary.num_classes,
-    )
+    return message_from(datastore_pb2.DatasetInfo, summary)
 
 
 def dataset_proto(dataset: Dataset) -> datastore_pb2.Dataset:
-    return datastore_pb2.Dataset(
-        proplet_id=dataset.proplet_id,
-        schema=dataset.schema,
+    return message_from(
+        datastore_pb2.Dataset,
+        dataset,
         features=tensor_to_proto(dataset.features),
         labels=tensor_to_proto(dataset.labels),
-        num_classes=dataset.num_classes,
     )
 
 

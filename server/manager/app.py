@@ -26,26 +26,20 @@ from server.manager.modules import ModuleResolver
 from server.manager.orchestrator import Manager
 from server.manager.pg_store import PostgresManagerDatabase
 from server.manager.proplets import InMemoryPropletStore, Proplets, PropletStore
+from server.manager.replicas import (
+    DEFAULT_LEASE_S,
+    DEFAULT_REFRESH_S,
+    Replica,
+    default_replica_id,
+)
 from server.manager.service import ManagerServicer
 from server.manager.sqlite_store import ManagerDatabase
 from server.manager.tasks import InMemoryTaskStore, Tasks, TaskStore
 from server.messages import ResultAck
 from server.mqtt import MqttSession
+from server.oci import oci_insecure_from_env
 
 SERVICE_NAME: str = manager_pb2.DESCRIPTOR.services_by_name["Manager"].full_name
-
-
-def _oci_insecure(env: Mapping[str, str]) -> bool | None:
-    """PROPELLER_OCI_INSECURE: 1/true/yes or 0/false/no; unset: None."""
-    key = "PROPELLER_OCI_INSECURE"
-    raw = env.get(key, "").strip().lower()
-    if not raw:
-        return None
-    if raw in ("1", "true", "yes"):
-        return True
-    if raw in ("0", "false", "no"):
-        return False
-    raise ValueError(f"{key}: {raw!r} must be 1 or 0")
 
 
 @dataclass(frozen=True)
@@ -67,6 +61,14 @@ class ManagerConfig:
     state_dir: Path | None = field(default=None, metadata=read_by(state_dir_from_env))
     # A PostgreSQL DSN: the same records live there instead (`server.manager.pg_store`).
     database_url: str = setting("PROPELLER_DATABASE_URL", "", secret=True)
+    # On PostgreSQL every manager is a replica (`server.manager.replicas`): its id ("" =
+    # hostname-pid), how long an experiment it drives stays leased to it without renewal (a
+    # dead replica's experiments are taken over after at most this), and how often it reads
+    # what the other replicas changed. An id given explicitly also names its MQTT session
+    # (each replica needs its own); without one the session keeps the single manager's name.
+    replica_id: str = setting("PROPELLER_MANAGER_REPLICA_ID", "")
+    lease_s: float = setting("PROPELLER_MANAGER_LEASE_S", DEFAULT_LEASE_S)
+    refresh_s: float = setting("PROPELLER_MANAGER_REFRESH_S", DEFAULT_REFRESH_S)
     # Reconciliation, every `reconcile_interval_s`: a task left SCHEDULED or RUNNING this long
     # after its start (without ROUND_DEADLINE), or this long after its round's deadline, is
     # interrupted with a reason (`Manager.reconcile`).
@@ -77,7 +79,7 @@ class ManagerConfig:
     # address every image's registry is reached at ("" = the host the image names) and
     # whether over plain HTTP (None: for loopback addresses only).
     oci_registry: str = setting("PROPELLER_OCI_REGISTRY", "")
-    oci_insecure: bool | None = field(default=None, metadata=read_by(_oci_insecure))
+    oci_insecure: bool | None = field(default=None, metadata=read_by(oci_insecure_from_env))
     # Mutual TLS, server and the coordinator channel (None: plaintext); see TlsConfig.
     tls: TlsConfig | None = field(kw_only=True, metadata=read_by(TlsConfig.from_env))
 
@@ -86,7 +88,13 @@ class ManagerConfig:
             raise ValueError(f"alive_window_s: {self.alive_window_s} must be > 0")
         if not self.rpc_timeout_s > 0:
             raise ValueError(f"rpc_timeout_s: {self.rpc_timeout_s} must be > 0")
-        for name in ("task_deadline_s", "report_grace_s", "reconcile_interval_s"):
+        for name in (
+            "task_deadline_s",
+            "report_grace_s",
+            "reconcile_interval_s",
+            "lease_s",
+            "refresh_s",
+        ):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name}: {value} must be a finite number > 0")
@@ -94,6 +102,13 @@ class ManagerConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ManagerConfig:
         return cls(**settings_from_env(cls, env))
+
+    @property
+    def replica(self) -> Replica | None:
+        """This manager as a replica: on PostgreSQL only (a state file is one process's)."""
+        if not self.database_url:
+            return None
+        return Replica(self.replica_id or default_replica_id(), self.lease_s, self.refresh_s)
 
 
 log = logging.getLogger(__name__)
@@ -118,8 +133,9 @@ class ManagerApp(ServiceApp):
         # The durable state: PostgreSQL when there is a DSN, else SQLite when there is a state
         # directory (stores given explicitly win).
         self.database: ManagerDatabase | None = None
+        self.shared: PostgresManagerDatabase | None = None
         if config.database_url:
-            self.database = PostgresManagerDatabase(config.database_url)
+            self.database = self.shared = PostgresManagerDatabase(config.database_url)
         elif config.state_dir is not None:
             self.database = ManagerDatabase(config.state_dir)
         db = self.database
@@ -187,6 +203,16 @@ class ManagerApp(ServiceApp):
             except Exception:  # logged; the next round of reconciliation may succeed
                 log.exception("[Manager.reconcile] failed")
 
+    async def _refresh(self) -> None:
+        """With replicas: read what the others changed every `refresh_s` (WatchExperiment's
+        events, liveness, the evaluation's results), besides before each answer."""
+        while True:
+            await asyncio.sleep(self.config.refresh_s)
+            try:
+                await self.manager.fresh()
+            except Exception:  # logged; the next refresh may succeed
+                log.exception("[Manager.state] refresh failed")
+
     async def _publish(self, topic: str, payload: bytes) -> None:
         await self._entered(self._session).publish(topic, payload)
 
@@ -220,23 +246,32 @@ class ManagerApp(ServiceApp):
             task_deadline_s=self.config.task_deadline_s,
             report_grace_s=self.config.report_grace_s,
             persisted=self.persisted,
+            replica=self.config.replica if self.shared is not None else None,
+            shared=self.shared,
         )
         stack.push_async_callback(self._manager.aclose)
         # A stable client id (per namespace; with TLS, the manager's user name): a restarted
         # manager resumes its persistent session and receives the results queued while it was
         # down.
+        client_id = f"propeller-manager-{topics.domain}-{topics.channel}"
+        if self.shared is not None and self.config.replica_id:
+            client_id += f"-{self.config.replica_id}"
         self._session = await stack.enter_async_context(
             MqttSession(
                 self.config.mqtt,
-                f"propeller-manager-{topics.domain}-{topics.channel}",
+                client_id,
                 topics.reports,
                 self._on_message,
             )
         )
         start_task(stack, self._send_acks(), "manager-acks")
         start_task(stack, self._reconcile(), "manager-reconcile")
-        # Recovery: finish the fan-out of any experiment a crash left half-started.
-        start_task(stack, self._manager.run_fan_outs(), "manager-fan-outs")
+        if self.shared is None:
+            # Recovery: finish the fan-out of any experiment a crash left half-started. With
+            # replicas the driver that takes an experiment's lease does it.
+            start_task(stack, self._manager.run_fan_outs(), "manager-fan-outs")
+        else:
+            start_task(stack, self._refresh(), "manager-refresh")
         # Experiments of many rounds: each one's next round, by itself (also after a restart).
         self._loop = ExperimentLoop(self._manager)
         start_task(stack, self._loop.run(), "manager-experiments")

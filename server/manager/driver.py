@@ -8,6 +8,9 @@ coordinator to the manager: the manager learns that a round finished from the co
 stored, or why it failed), and after a broken stream or a restart from `GetRoundStatus`.
 The MQTT round-complete notice is not used: it says nothing of failed rounds nor of metrics.
 
+With replicas (`server.manager.replicas`) a replica drives only the experiments whose lease
+it holds, and carries on a dead replica's from their records once their leases expire.
+
 One driver task per running experiment repeats one step, each idempotent and each reading
 the experiment's record first, so a restart (or a retry after an error) resumes where the
 record says:
@@ -57,6 +60,7 @@ from server.manager.plan import (
 )
 from server.manager.proplets import Skipped
 from server.manager.records import require
+from server.manager.replicas import Replica, ReplicaStore, recorded_elsewhere
 from server.manager.tasks import STOPPABLE, TaskState
 from server.round_spec import DEFAULT_TIMEOUT_S
 
@@ -75,13 +79,19 @@ class ExperimentLoop:
     # How often a round that waits for alive proplets looks again.
     poll_s: float = 0.5
     _drivers: dict[str, asyncio.Task[None]] = field(default_factory=dict, init=False)
+    # With replicas: experiments being stopped here, and the tasks that stop them.
+    _stopping: set[str] = field(default_factory=set, init=False)
+    _background: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
     async def run(self) -> None:
         """Forever: a driver for each running experiment without one (at start: every one the
-        store holds; then each new one). Cancel to stop."""
+        store holds; then each new one); with replicas, for each one this replica holds the
+        lease of (`_run_leased`). Cancel to stop."""
         m = self.manager
         m.experiments_due.set()
         try:
+            if m.shared is not None and m.replica is not None:
+                await self._run_leased(m.shared, m.replica)
             while True:
                 await m.experiments_due.wait()
                 m.experiments_due.clear()
@@ -90,6 +100,58 @@ class ExperimentLoop:
                         self._start(e.experiment_id)
         finally:
             await self.aclose()
+
+    async def _run_leased(self, shared: ReplicaStore, replica: Replica) -> None:
+        """Forever, every `lease_s / 3` (or when an experiment is new here): renew the leases
+        of the experiments driven here (a driver whose lease was lost stops; one whose stop
+        was asked for on another replica is stopped), then claim the running experiments
+        whose lease is free or expired and drive them."""
+        m = self.manager
+        owner, lease_s = replica.replica_id, replica.lease_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(m.experiments_due.wait(), lease_s / 3)
+            m.experiments_due.clear()
+            try:
+                for eid in list(self._drivers):
+                    held, stop = await shared.renew(eid, owner, m.clock(), lease_s)
+                    if not held:
+                        log.warning(
+                            "[Manager.experiments] experiment_id=%s: lease lost; another "
+                            "replica drives it",
+                            eid,
+                        )
+                        driver = self._drivers.pop(eid, None)
+                        if driver is not None:
+                            await cancel_and_wait(driver)
+                    elif stop and eid not in self._stopping:
+                        task = asyncio.create_task(self._stop_here(eid), name=f"stop-{eid}")
+                        self._background.add(task)
+                        task.add_done_callback(self._background.discard)
+                claimed = await shared.claim_due(owner, m.clock(), lease_s)
+                if claimed:
+                    await m.fresh()  # what the previous holder wrote
+                for eid in claimed:
+                    experiment = m.experiments.get(eid)
+                    if eid in self._drivers or eid in self._stopping or experiment is None:
+                        continue
+                    if not experiment.running:
+                        continue
+                    log.info(
+                        "[Manager.experiments] experiment_id=%s driven by replica %s (round %d)",
+                        eid,
+                        owner,
+                        experiment.round_index,
+                    )
+                    self._start(eid)
+            except Exception:  # the database unreachable...: logged, tried again
+                log.exception("[Manager.experiments] leases not renewed or claimed")
+
+    async def _stop_here(self, eid: str) -> None:
+        try:
+            await self.stop(eid)
+        except Exception:
+            log.exception("[Manager.StopExperiment] experiment_id=%s not stopped", eid)
 
     def _start(self, eid: str) -> None:
         task = asyncio.create_task(self._drive(eid), name=f"experiment-{eid}")
@@ -102,7 +164,7 @@ class ExperimentLoop:
         task.add_done_callback(done)
 
     async def aclose(self) -> None:
-        drivers = list(self._drivers.values())
+        drivers = [*self._drivers.values(), *self._background]
         self._drivers.clear()
         for task in drivers:
             await cancel_and_wait(task)
@@ -115,6 +177,19 @@ class ExperimentLoop:
         experiment = require(m.experiments, eid, "experiment")
         if not experiment.running:
             return experiment
+        if eid not in self._drivers and not await m.leased(eid):
+            return await self._stopped_elsewhere(eid)
+        # No driver starts for it meanwhile (with replicas, the lease loop would).
+        stopping = eid not in self._stopping
+        self._stopping.add(eid)
+        try:
+            return await self._stop_driven(eid)
+        finally:
+            if stopping:
+                self._stopping.discard(eid)
+
+    async def _stop_driven(self, eid: str) -> Experiment:
+        m = self.manager
         driver = self._drivers.pop(eid, None)
         if driver is not None:
             await cancel_and_wait(driver)
@@ -132,10 +207,26 @@ class ExperimentLoop:
         await m.persisted()
         return require(m.experiments, eid, "experiment")
 
+    async def _stopped_elsewhere(self, eid: str) -> Experiment:
+        """StopExperiment for an experiment another replica drives: ask it to stop (it reads
+        the request when it renews its lease) and answer once the record says it ended."""
+        m = self.manager
+        assert m.shared is not None
+        await m.shared.request_stop(eid)
+        ended = await recorded_elsewhere(m, eid, lambda e: e is None or not e.running)
+        return ended or require(m.experiments, eid, "experiment")
+
     async def _drive(self, eid: str) -> None:
         m = self.manager
         delay = m.retry_initial_s
         while True:
+            try:
+                await m.fresh()
+            except Exception as exc:  # the database unreachable: tried again
+                log.warning("[Manager.experiments] experiment_id=%s not read: %s", eid, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, m.retry_max_s)
+                continue
             experiment = m.experiments.get(eid)
             if experiment is None or not experiment.running:
                 return
@@ -315,6 +406,7 @@ class ExperimentLoop:
         await m.launch(tasks, done={t.proplet_id for t in tasks if t.state.final}, closed=closed)
         while True:
             m.task_finished.clear()
+            await m.fresh()  # results applied by other replicas
             tasks = [m.tasks.get(s.task_id) for s in last.eval_tasks]
             left = last.eval_deadline - m.clock()
             if all(t.state.final for t in tasks) or left <= 0:

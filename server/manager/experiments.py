@@ -19,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from server.config import Endpoints
 from server.coordinator.rounds import FINISHED, RoundState
-from server.errors import FailedPrecondition
+from server.errors import AlreadyExists, FailedPrecondition
 from server.manager.plan import EndReason, ExperimentPlan
 from server.manager.proplets import Skipped
 from server.manager.records import InMemoryStore, RecordStore
@@ -78,12 +78,14 @@ def round_task_env(
     endpoints: Endpoints,
     deadline: float = 0.0,
     module_digest: str = "",
+    fuel_budget: int = 0,
 ) -> dict[str, str]:
     """The environment of a federated task: the seed's ROUND_ID, MODEL_URI and HYPERPARAMS
     plus the gRPC targets (host:port) the proplet fetches from and reports to, and, when the
     round has one, ROUND_DEADLINE: the coordinator's deadline in unix seconds, until which the
     proplet retries services it cannot reach; and MODULE_DIGEST, the module the round pinned
-    (the proplet runs no other)."""
+    (the proplet runs no other); and FUEL_BUDGET, the round's fuel budget for one run (the
+    proplet's own limit, if lower, still applies)."""
     env = {
         "ROUND_ID": round_id,
         "MODEL_URI": model_uri,
@@ -97,6 +99,8 @@ def round_task_env(
         env["ROUND_DEADLINE"] = repr(float(deadline))
     if module_digest:
         env["MODULE_DIGEST"] = module_digest
+    if fuel_budget:
+        env["FUEL_BUDGET"] = str(fuel_budget)
     return env
 
 
@@ -127,6 +131,7 @@ def participant_task(
         endpoints=endpoints,
         deadline=deadline,
         module_digest=module_digest,
+        fuel_budget=spec.fuel_budget,
     )
     return tasks.create(
         s.task_name,
@@ -322,3 +327,22 @@ class ExperimentEvents:
             watchers.discard(queue)
             if not watchers:
                 self._watchers.pop(eid, None)
+
+
+def same_request(experiment: Experiment, config: RoundSpec, plan: ExperimentPlan) -> None:
+    """ALREADY_EXISTS naming the fields in which `config` and `plan` differ from what
+    `experiment` was started with."""
+    if experiment.config == config and experiment.plan == plan:
+        return
+    differ = [
+        f.name
+        for f in fields(config)
+        if getattr(config, f.name) != getattr(experiment.config, f.name)
+    ]
+    differ += [
+        f.name for f in fields(plan) if getattr(plan, f.name) != getattr(experiment.plan, f.name)
+    ]
+    raise AlreadyExists(
+        f"experiment_id: {experiment.experiment_id!r} already exists with a different "
+        f"{', '.join(differ)}"
+    )

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from server.errors import FailedPrecondition, PropellerError, Unavailable
 from server.oci import MAX_MODULE_BYTES, ImageRef, OciClient, is_loopback
+from server.round_spec import RoundSpec
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,18 @@ class Modules(Protocol):
     async def pin(self, image: str) -> PinnedModule:
         """Resolve `image` now; errors name task_wasm_image."""
         ...
+
+
+async def pin_module(modules: Modules, config: RoundSpec) -> PinnedModule:
+    """The module the experiment `config` runs; FAILED_PRECONDITION when the request names a
+    digest (`module_digest`) the image does not resolve to."""
+    module = await modules.pin(config.task_wasm_image)
+    if config.module_digest and module.digest != config.module_digest:
+        raise FailedPrecondition(
+            f"module_digest: {config.task_wasm_image} resolves to module {module.digest}, "
+            f"not {config.module_digest}"
+        )
+    return module
 
 
 class ModuleResolver:

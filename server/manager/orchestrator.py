@@ -8,6 +8,8 @@ starts published) is idempotent step by step, and `run_fan_outs` finishes any re
 experiment whose fan-out did not (after a restart, or after the coordinator was unreachable).
 A repeated request gets the same answer (the same experiment and tasks).
 
+On PostgreSQL it is one of its replicas (`server.manager.replicas`: `fresh`, `task_lock`).
+
 MQTT publishing and the coordinator are injected (`Publish`, `RoundService`, both in domain
 terms), so this is testable with plain fakes; `ManagerApp` wires in the real ones.
 
@@ -23,20 +25,19 @@ SCHEDULED or RUNNING past their deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field, fields, replace
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from server import metrics, tracing
 from server.config import Endpoints
 from server.coordinator.rounds import Round, RoundState
 from server.errors import (
-    AlreadyExists,
-    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     PropellerError,
@@ -45,8 +46,6 @@ from server.errors import (
 from server.faults import crash_point
 from server.manager.coordinator import RoundService
 from server.manager.experiments import (
-    EVALUATE,
-    FL_TASK,
     End,
     EventKind,
     Experiment,
@@ -59,18 +58,19 @@ from server.manager.experiments import (
     ScheduledParticipant,
     participant_task,
     round_of,
-    round_task_name,
+    same_request,
 )
-from server.manager.modules import Modules, PinnedModule
+from server.manager.failures import TRANSIENT, failure_of, report_failure
+from server.manager.modules import Modules, pin_module
+from server.manager.participants import first_round, plan_round
 from server.manager.plan import (
     EndReason,
     ExperimentPlan,
     check_experiment,
-    round_k,
-    sample,
 )
 from server.manager.proplets import Proplets, Skipped
 from server.manager.records import require
+from server.manager.replicas import Replica, ReplicaStore, events_between, recorded_elsewhere
 from server.manager.tasks import Task, Tasks, TaskState
 from server.messages import PropletAnnounce, ResultAck, TaskResult
 from server.round_spec import RoundSpec
@@ -79,13 +79,6 @@ from server.topics import Report, Topics
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes], Awaitable[None]]
-
-# Coordinator answers that another attempt may change: the experiment stays recorded and its
-# fan-out is tried again. Any other refusal removes it (the request was not accepted).
-TRANSIENT: tuple[type[PropellerError], ...] = (Unavailable, DeadlineExceeded)
-# How long the manager keeps telling the coordinator about a failed participant when the
-# task carries no ROUND_DEADLINE.
-REPORT_WINDOW_S = 60.0
 
 
 async def _nothing_pending() -> None:
@@ -122,6 +115,10 @@ class Manager:
     _resent: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     # Waits until every change made to the stores so far is on disk (`ManagerApp.persisted`).
     persisted: Callable[[], Awaitable[None]] = _nothing_pending
+    # On PostgreSQL, this manager among its replicas and the state they share
+    # (`server.manager.replicas`); None: the only manager.
+    replica: Replica | None = None
+    shared: ReplicaStore | None = None
     # Backoff of the background retries (fan-outs, failure reports): doubling up to the cap.
     retry_initial_s: float = 0.2
     retry_max_s: float = 5.0
@@ -142,6 +139,31 @@ class Manager:
     def __post_init__(self) -> None:
         self._fan_outs_due.set()  # at start: whatever a crash left recorded
 
+    # --- replicas --------------------------------------------------------------------------
+
+    async def fresh(self) -> None:
+        """With replicas: the stores take what the others changed since they last looked, and
+        WatchExperiment hears of the experiments that moved on elsewhere."""
+        if self.shared is None:
+            return
+        for old, new in await self.shared.refresh():
+            for kind, rnd in events_between(old, new):
+                self.emit(kind, new, rnd)
+
+    def task_lock(self, task_id: str) -> AbstractAsyncContextManager[None]:
+        """Around a task's read-modify-write: with replicas, the task's lock (the task fresh
+        inside); else nothing."""
+        if self.shared is None:
+            return contextlib.nullcontext()
+        return self.shared.task_lock(task_id)
+
+    async def leased(self, eid: str) -> bool:
+        """Whether this manager may drive `eid` (taking its lease if free); no replicas: yes."""
+        if self.shared is None or self.replica is None:
+            return True
+        replica = self.replica
+        return await self.shared.claim(eid, replica.replica_id, self.clock(), replica.lease_s)
+
     # --- MQTT intake ---------------------------------------------------------------------
 
     async def handle_message(self, topic: str, payload: bytes) -> tuple[str, ResultAck] | None:
@@ -157,7 +179,8 @@ class Manager:
         try:
             if kind is Report.RESULTS:
                 result = TaskResult.from_json(payload)
-                task = self._apply_result(sender, result)
+                async with self.task_lock(result.task_id):
+                    task = self._apply_result(sender, result)
                 if task is not None:
                     self._task_ended(task)
                     if task.state.final:
@@ -207,7 +230,8 @@ class Manager:
             now, task_deadline_s=self.task_deadline_s, grace_s=self.report_grace_s
         )
         for task, why in overdue:
-            ended = self.tasks.reconcile(task.id, why)
+            async with self.task_lock(task.id):
+                ended = self.tasks.reconcile(task.id, why)
             if ended is not None:
                 log.warning(
                     "[Manager.reconcile] task_id=%s name=%s: %s", ended.id, ended.name, ended.error
@@ -243,86 +267,44 @@ class Manager:
         crash_point("manager.task_start_published")
 
     async def start_task(self, task_id: str) -> Task:
-        scheduled, previous = self.tasks.schedule(task_id)
-        try:
-            await self._publish_start(scheduled)
-        except Unavailable:
-            self.tasks.unschedule(previous)
-            raise
+        async with self.task_lock(task_id):
+            scheduled, previous = self.tasks.schedule(task_id)
+            try:
+                await self._publish_start(scheduled)
+            except Unavailable:
+                self.tasks.unschedule(previous)
+                raise
         # A fast proplet may already have reported Running.
         return self.tasks.get(task_id)
 
     async def stop_task(self, task_id: str) -> Task:
-        task = self.tasks.check_stoppable(task_id)
-        topic = self.topics.task_stop_for(task.proplet_id)
-        await self.publish(topic, task.stop_message().to_json())
-        log.info("[Manager.StopTask] task_id=%s proplet_id=%s", task.id, task.proplet_id or "*")
-        task = self.tasks.interrupt(task_id)
+        async with self.task_lock(task_id):
+            task = self.tasks.check_stoppable(task_id)
+            topic = self.topics.task_stop_for(task.proplet_id)
+            await self.publish(topic, task.stop_message().to_json())
+            log.info("[Manager.StopTask] task_id=%s proplet_id=%s", task.id, task.proplet_id or "*")
+            task = self.tasks.interrupt(task_id)
         self._task_ended(task)
         return task
 
     # --- participants that cannot report -------------------------------------------------
 
     def _task_ended(self, task: Task) -> None:
-        """A task of a round (ROUND_ID in its env) that failed or was interrupted: its
-        participant will not report, so the coordinator is told (in the background, retried
-        while it is unreachable, until the round's deadline): the round fails at once if it
-        can no longer reach its quorum, instead of at its deadline."""
-        if task.state not in (TaskState.FAILED, TaskState.INTERRUPTED):
+        """A round task that failed or was interrupted: the coordinator is told, in the
+        background (`server.manager.failures`)."""
+        failure = failure_of(task, self.clock)
+        if failure is None:
             return
-        if task.env.get(FL_TASK) == EVALUATE:
-            return  # an evaluation: its round is over, the coordinator has nothing to learn
-        round_id = task.env.get("ROUND_ID", "")
-        proplet_id = task.proplet_id or task.reported_by
-        if not round_id or not proplet_id:
-            return
-        reason = task.error or f"task {task.id} {task.state.value.lower()}"
-        try:
-            until = float(task.env.get("ROUND_DEADLINE", "")) or 0.0
-        except ValueError:
-            until = 0.0
-        until = until or self.clock() + REPORT_WINDOW_S
         self._spawn(
-            self._report_failure(round_id, proplet_id, reason, until),
-            f"report-{round_id}-{proplet_id}",
+            report_failure(
+                self.rounds,
+                failure,
+                self.clock,
+                retry_initial_s=self.retry_initial_s,
+                retry_max_s=self.retry_max_s,
+            ),
+            f"report-{failure.round_id}-{failure.proplet_id}",
         )
-
-    async def _report_failure(
-        self, round_id: str, proplet_id: str, reason: str, until: float
-    ) -> None:
-        delay = self.retry_initial_s
-        while True:
-            try:
-                rnd = await self.rounds.report_failure(round_id, proplet_id, reason)
-            except TRANSIENT as exc:
-                if self.clock() + delay > until:
-                    log.warning(
-                        "[Manager.failures] round_id=%s proplet_id=%s: coordinator not told "
-                        "before the round's deadline (%s); the deadline closes the round",
-                        round_id,
-                        proplet_id,
-                        exc,
-                    )
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max_s)
-                continue
-            except PropellerError as exc:  # e.g. a manual task for a round nobody configured
-                log.info(
-                    "[Manager.failures] round_id=%s proplet_id=%s: not recorded by the "
-                    "coordinator: %s",
-                    round_id,
-                    proplet_id,
-                    exc,
-                )
-                return
-            log.info(
-                "[Manager.failures] round_id=%s proplet_id=%s reported failed; round %s",
-                round_id,
-                proplet_id,
-                rnd.state.value,
-            )
-            return
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -391,30 +373,24 @@ class Manager:
         eid = config.experiment_id
         experiment = self.experiments.get(eid)
         if experiment is None:
-            module = await self._pin(config)
+            module = await pin_module(self.modules, config)
             # A concurrent request may have recorded it while the module was resolved.
             experiment = self.experiments.get(eid)
+            if experiment is None and not await self.leased(eid):
+                # Another replica holds it: it records the experiment; its answer.
+                started = await self._fanned_out_elsewhere(eid)
+                same_request(started.experiment, config, plan)
+                return started
             if experiment is None:
-                experiment = self._plan(config, plan, module)
+                experiment = plan_round(
+                    self.proplets, first_round(config, plan, module, self.clock()), 1, config
+                )
                 crash_point("manager.before_record")
                 # In memory at once (a concurrent repeat finds it); on disk before the fan-out
                 # lets anything leave the manager.
                 self.experiments.put(experiment)
                 self.experiments_due.set()
-        if experiment.config != config or experiment.plan != plan:
-            differ = [
-                f.name
-                for f in fields(config)
-                if getattr(config, f.name) != getattr(experiment.config, f.name)
-            ]
-            differ += [
-                f.name
-                for f in fields(plan)
-                if getattr(plan, f.name) != getattr(experiment.plan, f.name)
-            ]
-            raise AlreadyExists(
-                f"experiment_id: {eid!r} already exists with a different {', '.join(differ)}"
-            )
+        same_request(experiment, config, plan)
         return await tracing.experiment_started(eid, self.finish_fan_out(experiment))
 
     async def finish_fan_out(self, experiment: Experiment) -> ExperimentStarted:
@@ -425,6 +401,11 @@ class Manager:
             return ExperimentStarted(experiment, await self.rounds.get_round_status(round_id))
         eid = experiment.experiment_id
         task = self._fan_outs.get(eid)
+        if task is None and self.shared is not None:
+            await self.persisted()  # recorded before its lease is taken
+            if not await self.leased(eid):
+                return await self._fanned_out_elsewhere(eid)
+            task = self._fan_outs.get(eid)
         if task is None:
             fan_out = tracing.round_fan_out(
                 experiment.round_spec.round_id, eid, len(experiment.rounds) <= 1, self._fan_out(eid)
@@ -442,95 +423,30 @@ class Manager:
         # A caller that goes away does not stop the fan-out.
         return await asyncio.shield(task)
 
+    async def _fanned_out_elsewhere(self, eid: str) -> ExperimentStarted:
+        """The answer once the replica that drives `eid` has recorded it and finished its
+        fan-out, as the database shows it."""
+        experiment = await recorded_elsewhere(
+            self, eid, lambda e: e is not None and (e.fan_out is FanOut.DONE or not e.running)
+        )
+        assert experiment is not None
+        if not experiment.running and experiment.fan_out is not FanOut.DONE:
+            raise FailedPrecondition(
+                f"experiment_id: {eid!r} is {experiment.state.value}; its round "
+                f"{experiment.round_spec.round_id!r} is not started"
+            )
+        return await self.finish_fan_out(experiment)
+
     async def fan_out_settled(self, eid: str) -> None:
         """Wait for the fan-out of `eid` in flight, if any, to end (however it ends)."""
         task = self._fan_outs.get(eid)
         if task is not None:
             await asyncio.wait({task})
 
-    async def _pin(self, config: RoundSpec) -> PinnedModule:
-        """The module the experiment runs; FAILED_PRECONDITION when the request names a
-        digest (`module_digest`) the image does not resolve to."""
-        module = await self.modules.pin(config.task_wasm_image)
-        if config.module_digest and module.digest != config.module_digest:
-            raise FailedPrecondition(
-                f"module_digest: {config.task_wasm_image} resolves to module {module.digest}, "
-                f"not {config.module_digest}"
-            )
-        return module
-
-    def _plan(self, config: RoundSpec, plan: ExperimentPlan, module: PinnedModule) -> Experiment:
-        """The experiment to record: its first round (`plan_round`) and the module it pins."""
-        experiment = Experiment(
-            experiment_id=config.experiment_id,
-            config=config,
-            scheduled=[],
-            skipped=[],
-            created_at=self.clock(),
-            fan_out=FanOut.RECORDED,
-            image=module.image,
-            module_digest=module.digest,
-            plan=plan,
-        )
-        return self.plan_round(experiment, 1, config)
-
     def plan_round(self, experiment: Experiment, index: int, spec: RoundSpec) -> Experiment:
-        """`experiment` with round `index` (configured as `spec`, but for its participants)
-        recorded as its current round, not fanned out yet: the participants alive now, each
-        with its task's id, and the others with the reason they are left out. With fixed
-        participants (the seed's rule): those of `spec` that are alive, k_of_n as requested
-        (FAILED_PRECONDITION if too few are alive for it); sampled (`plan.sampled`): a sample
-        of the alive candidates, k_of_n of the sample."""
-        plan = experiment.plan
-        if plan.sampled:
-            candidates = spec.participants or tuple(p.id for p in self.proplets.all())
-            alive, _ = self.proplets.split(candidates)
-            wanted = plan.sampling.min_available or 1
-            if len(alive) < wanted:
-                raise FailedPrecondition(
-                    f"sampling.min_available: round {index} needs {wanted} alive "
-                    f"candidate(s), {len(alive)} of {len(candidates)} are alive"
-                )
-            chosen = sample(plan.sampling, alive, index)
-            k = round_k(spec.k_of_n, plan.k_fraction, len(chosen))
-            spec = replace(
-                spec,
-                participants=tuple(chosen),
-                k_of_n=k,
-                min_k_of_n=min(spec.min_k_of_n, k),
-            )
-            skipped: list[Skipped] = []
-        else:
-            chosen, skipped = self.proplets.split(spec.participants)
-            for s in skipped:
-                log.warning(
-                    "[Manager.StartExperiment] round_id=%s proplet_id=%s skipped: %s",
-                    spec.round_id,
-                    s.proplet_id,
-                    s.reason,
-                )
-            if not chosen:
-                reasons = "; ".join(f"{s.proplet_id}: {s.reason}" for s in skipped)
-                raise FailedPrecondition(
-                    f"participants: none of the {len(spec.participants)} participants is "
-                    f"alive: {reasons}"
-                )
-        planned = replace(
-            experiment,
-            current=spec,
-            scheduled=[
-                ScheduledParticipant(pid, str(uuid.uuid4()), round_task_name(spec.round_id, pid))
-                for pid in chosen
-            ],
-            skipped=skipped,
-            fan_out=FanOut.RECORDED,
-            rounds=(
-                *experiment.rounds,
-                RoundRecord(index, spec.round_id, spec.model_ref, tuple(chosen)),
-            ),
-        )
-        round_of(planned)  # FAILED_PRECONDITION if too few are alive for its k_of_n
-        return planned
+        """`experiment` with round `index` recorded as its current round
+        (`server.manager.participants.plan_round`)."""
+        return plan_round(self.proplets, experiment, index, spec)
 
     def emit(self, kind: EventKind, experiment: Experiment, rnd: RoundRecord | None) -> None:
         self.events.emit(ExperimentEvent(kind, experiment, rnd, self.clock()))

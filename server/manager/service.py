@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import fields
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from google.protobuf.message import Message
 
 from propeller.v1 import coordinator_pb2, manager_pb2
 from server.coordinator.wire import (
@@ -44,8 +46,28 @@ from server.manager.plan import (
 )
 from server.manager.proplets import Proplet
 from server.manager.tasks import Task, TaskState, matches
-from server.messages import TaskSpec
-from server.paging import PAGE_BYTES, page_in_order
+from server.paging import PAGE_BYTES, PagedRequest, page_in_order
+from server.wire import message_from
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _listed(
+    response: Callable[..., _R],
+    field: str,
+    request: PagedRequest,
+    entries: Sequence[_T],
+    to_proto: Callable[[_T], Message],
+    keep: Callable[[_T], bool] | None = None,
+) -> _R:
+    """A List RPC's answer: the page `request` asks for of `entries` (creation order,
+    `page_in_order`) in the response's repeated `field`, with the next page's token. The
+    listing an error names is the response's name without "Response"."""
+    listing = getattr(response, "__name__", "List").removesuffix("Response")
+    page = page_in_order(request, listing, entries, to_proto, keep)
+    return response(**{field: page.items}, next_page_token=page.next_page_token)
+
 
 _TO_PROTO: dict[TaskState, manager_pb2.TaskState] = {
     TaskState.PENDING: manager_pb2.TASK_STATE_PENDING,
@@ -73,23 +95,8 @@ def state_from_proto(value: int) -> TaskState | None:
         raise InvalidArgument(f"state: {value} is not a TaskState") from None
 
 
-# The Task fields the message carries as they are: what the task runs (its `TaskSpec`), its
-# outcome and its times (the state is an enum on the wire).
-_TASK_FIELDS = (
-    *(f.name for f in fields(TaskSpec)),
-    "results",
-    "error",
-    "created_at",
-    "updated_at",
-    "started_at",
-    "finished_at",
-)
-
-
 def task_to_proto(task: Task) -> manager_pb2.Task:
-    return manager_pb2.Task(
-        **{name: getattr(task, name) for name in _TASK_FIELDS}, state=state_to_proto(task.state)
-    )
+    return message_from(manager_pb2.Task, task, state=state_to_proto(task.state))
 
 
 def _scheduled(e: Experiment) -> list[manager_pb2.ScheduledParticipant]:
@@ -208,28 +215,17 @@ def _plan_fields(plan: ExperimentPlan) -> dict[str, object]:
 
 
 def round_to_proto(r: RoundRecord) -> manager_pb2.ExperimentRound:
-    return manager_pb2.ExperimentRound(
-        index=r.index,
-        round_id=r.round_id,
-        model_ref=r.model_ref,
-        new_model_version=r.new_model_version,
-        new_model_uri=r.new_model_uri,
-        sampled=r.sampled,
-        reported=r.reported,
-        closed_by=r.closed_by,
+    return message_from(
+        manager_pb2.ExperimentRound,
+        r,
         # In flight: OPEN (the fan-out opened it; the coordinator's status says more).
         state=STATES[r.state] if r.state else coordinator_pb2.ROUND_STATE_OPEN,
-        failure_reason=r.failure_reason,
         train_metrics=dict(r.train_metrics),
         eval_metrics=dict(r.eval_metrics),
-        eval_num_samples=r.eval_num_samples,
-        evaluated=r.evaluated,
         eval_missing=[
             manager_pb2.SkippedParticipant(proplet_id=s.proplet_id, reason=s.reason)
             for s in r.eval_missing
         ],
-        started_at=r.started_at,
-        finished_at=r.finished_at,
     )
 
 
@@ -321,6 +317,7 @@ class ManagerServicer:
         """`grpc_errors` for a method whose answer must be on disk before it leaves: once the
         body has its reply, wait for `persisted()` (a failure there is INTERNAL)."""
         async with grpc_errors(context, method):
+            await self.manager.fresh()  # with replicas: what the others changed
             yield
             await self.persisted()
 
@@ -364,14 +361,12 @@ class ManagerServicer:
     ) -> manager_pb2.ListExperimentsResponse:
         async with self._answering(context, "Manager.ListExperiments"):
             # Creation order: the store's, where new experiments only ever come at the end.
-            page = page_in_order(
+            return _listed(
+                manager_pb2.ListExperimentsResponse,
+                "experiments",
                 request,
-                "ListExperiments",
                 self.manager.experiments.list(),
                 lambda e: experiment_to_proto(e, with_rounds=False),
-            )
-            return manager_pb2.ListExperimentsResponse(
-                experiments=page.items, next_page_token=page.next_page_token
             )
 
     async def StopExperiment(
@@ -386,6 +381,7 @@ class ManagerServicer:
     ) -> AsyncIterator[manager_pb2.ExperimentEvent]:
         async with grpc_errors(context, "Manager.WatchExperiment"):
             check_id(request.experiment_id, "experiment_id")
+            await self.manager.fresh()
             experiment = self.manager.get_experiment(request.experiment_id)
             snapshot = ExperimentEvent(EventKind.SNAPSHOT, experiment, None, self.manager.clock())
             async for event in self.manager.events.watch(snapshot):
@@ -398,9 +394,8 @@ class ManagerServicer:
             check_id(request.experiment_id, "experiment_id")
             experiment = self.manager.get_experiment(request.experiment_id)
             rounds = experiment.rounds or (experiment.current_round,)
-            page = page_in_order(request, "ListExperimentRounds", rounds, round_to_proto)
-            return manager_pb2.ListExperimentRoundsResponse(
-                rounds=page.items, next_page_token=page.next_page_token
+            return _listed(
+                manager_pb2.ListExperimentRoundsResponse, "rounds", request, rounds, round_to_proto
             )
 
     async def GetRoundStatus(
@@ -414,10 +409,12 @@ class ManagerServicer:
         self, request: manager_pb2.ListPropletsRequest, context: Context
     ) -> manager_pb2.ListPropletsResponse:
         async with self._answering(context, "Manager.ListProplets"):
-            proplets = self.manager.proplets.all()
-            page = page_in_order(request, "ListProplets", proplets, self._proplet)
-            return manager_pb2.ListPropletsResponse(
-                proplets=page.items, next_page_token=page.next_page_token
+            return _listed(
+                manager_pb2.ListPropletsResponse,
+                "proplets",
+                request,
+                self.manager.proplets.all(),
+                self._proplet,
             )
 
     async def GetProplet(
@@ -466,13 +463,11 @@ class ManagerServicer:
             state = state_from_proto(request.state)
             # Positions among all tasks (creation order), so a task changing state or
             # reporting proplet between two pages cannot shift the next one.
-            page = page_in_order(
+            return _listed(
+                manager_pb2.ListTasksResponse,
+                "tasks",
                 request,
-                "ListTasks",
                 self.manager.tasks.listed(),
                 task_to_proto,
                 keep=lambda t: matches(t, name_prefix=prefix, proplet_id=proplet_id, state=state),
-            )
-            return manager_pb2.ListTasksResponse(
-                tasks=page.items, next_page_token=page.next_page_token
             )

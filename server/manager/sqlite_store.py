@@ -14,15 +14,17 @@ has reached the disk, and the event loop never blocks on it.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import IO, Any, Generic, Protocol, TypeVar
 
 from server.coordinator.rounds import RoundState
+from server.errors import FailedPrecondition
 from server.manager.experiments import (
     End,
     Experiment,
@@ -42,37 +44,56 @@ log = logging.getLogger(__name__)
 
 FILE_NAME = "manager.sqlite"
 
+# The tables' columns as schema version 1 made them, in order (the first is the key), each
+# with its kind; SQLite's schema and PostgreSQL's first migration are both written from
+# these (`column_definitions`). A column added later goes into `_migrate` and into a new
+# PostgreSQL migration, not here.
+TEXT, REAL, BLOB, COUNT = "text", "real", "blob", "count"
+COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "proplets": (
+        ("id", TEXT),
+        ("name", TEXT),
+        ("metadata", TEXT),
+        ("last_seen", REAL),
+        ("registered_at", REAL),
+    ),
+    "tasks": (
+        ("id", TEXT),
+        ("name", TEXT),
+        ("image_url", TEXT),
+        ("file", BLOB),
+        ("env", TEXT),
+        ("cli_args", TEXT),
+        ("proplet_id", TEXT),
+        ("state", TEXT),
+        ("results", TEXT),
+        ("error", TEXT),
+        ("created_at", REAL),
+        ("updated_at", REAL),
+        ("started_at", REAL),
+        ("finished_at", REAL),
+        ("reported_by", TEXT),
+        ("attempt", COUNT),
+    ),
+    "experiments": (("id", TEXT), ("record", TEXT), ("created_at", REAL)),  # record: JSON
+}
+SQLITE_TYPES = {TEXT: "TEXT", REAL: "REAL", BLOB: "BLOB", COUNT: "INTEGER"}
+
+
+def column_definitions(table: str, types: dict[str, str]) -> str:
+    """`table`'s column definitions in a dialect whose type for each kind `types` gives."""
+    (key, key_kind), *rest = COLUMNS[table]
+    defs = [f"{key} {types[key_kind]} PRIMARY KEY"]
+    defs += [
+        f"{name} {types[kind]} NOT NULL" + (" DEFAULT 0" if kind == COUNT else "")
+        for name, kind in rest
+    ]
+    return ",\n    ".join(defs)
+
+
 SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS proplets (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        metadata TEXT NOT NULL,
-        last_seen REAL NOT NULL,
-        registered_at REAL NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS tasks (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        image_url TEXT NOT NULL,
-        file BLOB NOT NULL,
-        env TEXT NOT NULL,
-        cli_args TEXT NOT NULL,
-        proplet_id TEXT NOT NULL,
-        state TEXT NOT NULL,
-        results TEXT NOT NULL,
-        error TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        started_at REAL NOT NULL,
-        finished_at REAL NOT NULL,
-        reported_by TEXT NOT NULL,
-        attempt INTEGER NOT NULL DEFAULT 0
-    )""",
-    """CREATE TABLE IF NOT EXISTS experiments (
-        id TEXT PRIMARY KEY,
-        record TEXT NOT NULL,
-        created_at REAL NOT NULL
-    )""",
+    f"CREATE TABLE IF NOT EXISTS {table} (\n    {column_definitions(table, SQLITE_TYPES)}\n)"
+    for table in COLUMNS
 ]
 
 Write = Callable[[sqlite3.Connection], None]
@@ -88,6 +109,24 @@ def _migrate(conn: sqlite3.Connection) -> None:
         log.info("[Manager.state] tasks: added column attempt")
 
 
+def _only_manager(path: Path) -> IO[bytes]:
+    """An exclusive lock beside manager.sqlite, held while the manager runs: a manager on
+    SQLite is one process (it keeps its records in memory), so a second one on the same state
+    directory is refused at start instead of both writing over each other. The kernel
+    releases the lock when the process ends, also by kill -9. Blocking (a thread)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = (path.parent / f"{path.name}.lock").open("wb")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise FailedPrecondition(
+            f"{path}: another manager is running on this state directory; a manager on SQLite "
+            "is one process (replicas share PostgreSQL: PROPELLER_DATABASE_URL)"
+        ) from None
+    return lock
+
+
 class StateWriteFailed(RuntimeError):
     """A write to manager.sqlite failed: what is in memory is no longer what is on disk."""
 
@@ -99,6 +138,8 @@ class ManagerDatabase:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / FILE_NAME
         self._db: Database | None = None
+        # manager.sqlite's lock (`_only_manager`), held while open.
+        self._lock: IO[bytes] | None = None
         self._pending: list[asyncio.Future[None]] = []
         self._failure: BaseException | None = None
         self.proplets = TableStore(self, PROPLETS)
@@ -106,23 +147,42 @@ class ManagerDatabase:
         self.experiments = TableStore(self, EXPERIMENTS)
 
     async def open(self) -> None:
+        self._lock = await asyncio.to_thread(_only_manager, self.path)
         db = Database(self.path, SCHEMA)
-        await db.open()
-        stores: tuple[TableStore[Any], ...] = (self.proplets, self.tasks, self.experiments)
         try:
-            await db.write(_migrate)
-            loaded = await db.read(lambda conn: [s.table.load(conn) for s in stores])
+            await db.open()
+            try:
+                await db.write(_migrate)
+                loaded = await db.read(lambda conn: [s.table.load(conn) for s in self.stores])
+            except BaseException:
+                await db.close()
+                raise
         except BaseException:
-            await db.close()
+            self._unlock()
             raise
-        for store, records in zip(stores, loaded, strict=True):
-            store.loaded(records)
         self._db = db
-        log.info(
-            "[Manager.state] path=%s %s",
-            self.path,
-            " ".join(f"{s.table.name}={len(r)}" for s, r in zip(stores, loaded, strict=True)),
+        self.loaded(loaded, f"path={self.path}")
+
+    def _unlock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.close()  # closing the file releases its lock
+
+    @property
+    def stores(self) -> tuple[TableStore[Any], ...]:
+        return (self.proplets, self.tasks, self.experiments)
+
+    def loaded(
+        self, loaded: list[list[Any]], where: str, seqs: list[list[int]] | None = None
+    ) -> None:
+        """Take each store's records as read at open (in `stores` order), with their
+        positions in the database when it numbers them (`seqs`)."""
+        for i, (store, records) in enumerate(zip(self.stores, loaded, strict=True)):
+            store.loaded(records, None if seqs is None else seqs[i])
+        counts = " ".join(
+            f"{s.table.name}={len(r)}" for s, r in zip(self.stores, loaded, strict=True)
         )
+        log.info("[Manager.state] %s %s", where, counts)
 
     async def close(self) -> None:
         db, self._db = self._db, None
@@ -132,6 +192,7 @@ class ManagerDatabase:
             await self._wait_pending()
         finally:
             await db.close()
+            self._unlock()
 
     # Table stores' SQL: tables by their own name, values marked `?`.
     schema = ""
@@ -221,8 +282,14 @@ class Table(Generic[T]):
         table = table or self.name
         row = self.to_row(record)
         if previous is None:
+            # An upsert: with manager replicas (`server.manager.replicas`) another one may
+            # have stored the same record first (a proplet's announcement reaches them all).
             marks = ", ".join([mark] * len(row))
-            return f"INSERT INTO {table} ({', '.join(self.columns)}) VALUES ({marks})", row
+            sets = ", ".join(f"{c} = excluded.{c}" for c in self.columns[1:])
+            return (
+                f"INSERT INTO {table} ({', '.join(self.columns)}) VALUES ({marks}) "
+                f"ON CONFLICT ({self.columns[0]}) DO UPDATE SET {sets}"
+            ), row
         old = self.to_row(previous)
         changed = [i for i in range(1, len(row)) if row[i] != old[i]]
         if not changed:
@@ -243,10 +310,18 @@ class TableStore(InMemoryStore[T]):
         super().__init__()
         self._owner = owner
         self.table = table
+        # For replicas (`refreshed`): how many puts and deletes so far, the count at each
+        # key's latest one, and each key's creation position in the database (its `seq`).
+        self.changes = 0
+        self._changed_at: dict[str, int] = {}
+        self._seq: dict[str, int] = {}
 
-    def loaded(self, records: list[T]) -> None:
-        """Take the records read from the file (in creation order)."""
+    def loaded(self, records: list[T], seqs: list[int] | None = None) -> None:
+        """Take the records read from the file (in creation order), with their positions
+        there when the database numbers them (`seqs`)."""
         self._records = {r.key: r for r in records}
+        if seqs is not None:
+            self._seq = {r.key: seq for r, seq in zip(records, seqs, strict=True)}
 
     def put(self, record: T) -> None:
         owner = self._owner
@@ -254,6 +329,7 @@ class TableStore(InMemoryStore[T]):
         statement = self.table.statement(record, self.get(record.key), table=table, mark=owner.mark)
         if statement is not None:
             self._owner.submit_statement(statement)
+            self._changed(record.key)
         super().put(record)
 
     def delete(self, key: str) -> None:
@@ -262,7 +338,43 @@ class TableStore(InMemoryStore[T]):
         owner = self._owner
         table = owner.schema + self.table.name
         owner.submit_statement(self.table.delete_statement(key, table=table, mark=owner.mark))
+        self._changed(key)
         super().delete(key)
+
+    def _changed(self, key: str) -> None:
+        self.changes += 1
+        self._changed_at[key] = self.changes
+
+    def refreshed(
+        self, rows: list[tuple[int, T]], removed: list[str], since: int
+    ) -> list[tuple[T | None, T]]:
+        """Take what another replica wrote: `rows` (each with its creation position) and the
+        keys `removed`, as read after this store's change number was `since` -- except for
+        the keys changed here since (this replica's write is newer than what was read).
+        Keeps the records in creation order. Returns the records taken, each with the one it
+        replaced (None: new here)."""
+        taken: list[tuple[T | None, T]] = []
+        reorder = False
+        for seq, record in rows:
+            key = record.key
+            if self._changed_at.get(key, 0) > since:
+                continue
+            before = self._records.get(key)
+            if before is None:
+                reorder = True
+            self._seq[key] = seq
+            if before != record:
+                self._records[key] = record
+                taken.append((before, record))
+        for key in removed:
+            if self._changed_at.get(key, 0) <= since:
+                self._records.pop(key, None)
+        if reorder:
+            # Records written here and not read back yet (no position) stay at the end.
+            last = max(self._seq.values(), default=0) + 1
+            ordered = sorted(self._records.items(), key=lambda kv: self._seq.get(kv[0], last))
+            self._records = dict(ordered)
+        return taken
 
 
 # --- rows <-> records -----------------------------------------------------------------------

@@ -42,6 +42,7 @@ async def test_run_watch_history_and_stop(cli: Cli, fl: Fl, tmp_path: Path) -> N
     header, rows = table_rows((await cli("experiment", "history", eid, *f)).ok().out)
     assert header == [
         "ROUND", "ROUND ID", "STATE", "MODEL", "SAMPLED", "REPORTED", "CLOSED", "TRAIN", "EVAL",
+        "FUEL",
     ]  # fmt: skip
     assert [r[:7] for r in rows] == [
         [str(i), f"{eid}-r{i}", "COMPLETED", f"v{i}", "3", "3", "k_of_n"] for i in (1, 2, 3)

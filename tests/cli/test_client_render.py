@@ -12,7 +12,7 @@ import pytest
 from propeller.v1 import coordinator_pb2, manager_pb2
 from server.cli.arguments import parse_env_pairs, parse_task_state
 from server.cli.progress import ExperimentView, is_live
-from server.cli.render import Output, ago, fields, message_dict, table, timestamp
+from server.cli.render import Output, ago, fields, message_dict, render_round, table, timestamp
 from server.errors import InvalidArgument
 from server.oci import ImageRef
 from tests.cli.helpers import terminal_screen
@@ -138,3 +138,15 @@ def test_the_experiment_view_redraws_the_rounds_table_and_the_round_in_flights_b
 
 def test_off_a_terminal_the_watch_is_plain_lines() -> None:
     assert not is_live(io.StringIO(), io.StringIO())
+
+
+def test_a_rounds_fuel_is_rendered_when_it_has_some() -> None:
+    text = render_round(
+        coordinator_pb2.RoundStatus(
+            round_id="r1", fuel_budget=10**9, min_fuel_ratio=0.5, fuel_consumed=1234567
+        )
+    )
+    assert "1,000,000,000 a run" in text
+    assert "0.5" in text.split("min fuel ratio", 1)[1].splitlines()[0]
+    assert "1,234,567 (the accepted updates', summed)" in text
+    assert "fuel" not in render_round(coordinator_pb2.RoundStatus(round_id="r1"))

@@ -378,6 +378,21 @@ async def test_order_statistics_are_refused_at_both_levels(h: Hierarchy, strateg
     assert st.strategy_name == strategy
 
 
+async def test_a_wasm_strategy_is_refused_at_both_levels(h: Hierarchy) -> None:
+    params = '{"module": "127.0.0.1:5000/strategies/avg@sha256:' + "a" * 64 + '"}'
+    for c in (h.root, h.sites["east"]):
+        request = c.configure(
+            "r1", participants=list(UPDATES), strategy_name="wasm", strategy_params_json=params
+        )
+        err = await rpc_error(request)
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "strategy_name: wasm runs its module on every update" in (err.details() or "")
+    st = await h.flat.configure(
+        "r1", participants=list(UPDATES), strategy_name="wasm", strategy_params_json=params
+    )
+    assert st.strategy_name == "wasm"
+
+
 async def test_a_site_round_must_be_part_of_the_roots(h: Hierarchy) -> None:
     east = h.sites["east"]
     err = await rpc_error(east.configure("r1", participants=["a"]))

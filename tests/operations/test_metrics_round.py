@@ -109,6 +109,9 @@ async def test_the_metrics_move_as_a_round_does(
         assert delta("propeller_round_phase_seconds_count", phase=phase) == count, phase
         assert delta("propeller_round_phase_seconds_sum", phase=phase) > 0, phase
     assert delta("propeller_wasm_run_seconds_count") == PROPLETS
+    # The fuel the three training runs consumed: what their updates' receipts say, summed.
+    assert status.fuel_consumed > 0
+    assert delta("propeller_wasm_fuel_total") == status.fuel_consumed
     assert delta("propeller_tasks_total", state="completed") == PROPLETS
     # Each proplet downloaded the base model and uploaded an update as chunk streams.
     assert delta("propeller_stream_bytes_total", stream="update", direction="out") > 0

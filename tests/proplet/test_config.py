@@ -23,6 +23,7 @@ def test_from_env_reads_every_setting() -> None:
         PROPLET_OUTPUT_LIMIT_MB="2",
         PROPLET_TABLE_ELEMENTS_LIMIT="4096",
         PROPLET_TABLES_LIMIT="2",
+        PROPLET_FUEL_LIMIT="5000000000",
         PROPLET_REGISTRY_MIRRORS="local-registry:5000=127.0.0.1:5000, ghcr.io=m:5000",
     )
     assert (config.proplet_id, config.name, config.heartbeat_s) == ("p-1", "edge-1", 2.5)
@@ -32,6 +33,7 @@ def test_from_env_reads_every_setting() -> None:
     assert config.output_limit_bytes == 2 << 20
     assert (config.limits.table_elements, config.limits.tables) == (4096, 2)
     assert config.limits.elements_per_table == 2048
+    assert config.limits.fuel == 5_000_000_000
     assert config.limits.linear_memory_bytes == (64 << 20) - 4096 * 8
     assert config.registry_mirrors == {"local-registry:5000": "127.0.0.1:5000", "ghcr.io": "m:5000"}
     assert (config.mqtt.host, config.mqtt.port, config.mqtt.topics.domain) == (
@@ -53,6 +55,7 @@ def test_defaults() -> None:
     assert config.memory_limit_bytes == 256 << 20
     assert config.output_limit_bytes == 16 << 20
     assert (config.table_elements_limit, config.tables_limit) == (65536, 1)
+    assert (config.fuel_limit, config.limits.fuel) == (0, 10**15)  # 0: the documented default
     # Memory and tables share the 256 MiB: 512 KiB for 65,536 table elements.
     assert config.limits.linear_memory_bytes == (256 << 20) - (512 << 10)
     assert config.registry_mirrors == {}
@@ -69,6 +72,9 @@ def test_defaults() -> None:
         ({"PROPLET_ID": "p", "PROPLET_TASK_TIMEOUT_S": "-1"}, "timeout_s"),
         ({"PROPLET_ID": "p", "PROPLET_MEMORY_LIMIT_MB": "lots"}, "PROPLET_MEMORY_LIMIT_MB"),
         ({"PROPLET_ID": "p", "PROPLET_TABLES_LIMIT": "0"}, "tables"),
+        ({"PROPLET_ID": "p", "PROPLET_FUEL_LIMIT": "-1"}, "fuel_limit"),
+        ({"PROPLET_ID": "p", "PROPLET_FUEL_LIMIT": str(2**63)}, "fuel_limit"),
+        ({"PROPLET_ID": "p", "PROPLET_FUEL_LIMIT": "much"}, "PROPLET_FUEL_LIMIT"),
         ({"PROPLET_ID": "p", "PROPLET_TABLE_ELEMENTS_LIMIT": "x"}, "PROPLET_TABLE_ELEMENTS_LIMIT"),
         # The tables' share (8 MiB) leaves no room for memory in 8 MiB.
         (

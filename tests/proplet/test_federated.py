@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from proplet import Proplet, PropletConfig
+from proplet.errors import TaskFailed
 from proplet.federated import FederatedClient, FlTask, is_federated, service_address
+from proplet.runner import DEFAULT_FUEL
 from server.config import Endpoints
 from server.datastore.datasets import split_indices
 from server.messages import COMPLETED, FAILED
@@ -172,11 +174,17 @@ async def test_the_update_is_signed_and_names_its_module_and_base_model(
         update_sha256=sha256_of(got.tensors),
         num_samples=5,
         metrics=dict(header.metrics),
+        fuel_consumed=header.fuel_consumed,
     )
+    # The fuel the module's run consumed (its receipt) is in the header and signed (v2).
+    assert header.fuel_consumed > 0
+    assert claim.canonical().startswith(b"propeller-fl/update-signature/v2\n")
     assert proplet_config.tls is not None
     cert = load_certificate(proplet_config.tls.cert.read_bytes())
     assert signature_verifies(cert, header.signature, claim)
     assert not signature_verifies(cert, header.signature, replace(claim, num_samples=6))
+    for fuel in (header.fuel_consumed + 1, header.fuel_consumed * 10, 0):
+        assert not signature_verifies(cert, header.signature, replace(claim, fuel_consumed=fuel))
 
 
 async def test_a_round_task_runs_its_rounds_module_and_no_other(
@@ -528,3 +536,41 @@ def test_an_evaluation_tells_the_module_to_evaluate() -> None:
     train = FlTask.from_env(env | {"FL_TASK": "train", "FL_SPLIT": "all"}, Endpoints())
     assert (train.kind, train.split) == ("train", "all")
     assert train.module_env(env) == env
+
+
+def test_a_rounds_fuel_budget_comes_from_fuel_budget() -> None:
+    env = {"ROUND_ID": "r", "MODEL_URI": MODEL_URI}
+    assert FlTask.from_env(env, Endpoints()).fuel_budget == 0
+    assert FlTask.from_env(env | {"FUEL_BUDGET": " 0 "}, Endpoints()).fuel_budget == 0
+    assert FlTask.from_env(env | {"FUEL_BUDGET": "123456"}, Endpoints()).fuel_budget == 123456
+    for bad in ("-1", "1e9", "lots", str(2**63)):
+        with pytest.raises(TaskFailed, match=r"^FUEL_BUDGET: .* is not a fuel count"):
+            FlTask.from_env(env | {"FUEL_BUDGET": bad}, Endpoints())
+
+
+async def test_the_lower_of_the_rounds_and_the_proplets_fuel_budget_ends_a_run(
+    proplet: Proplet, probe: ManagerProbe, world: RoundWorld
+) -> None:
+    module = wat.counting(1_000_000)
+    result = await probe.run(module, env=round_env(world, FUEL_BUDGET="100000"))
+    assert result.state == FAILED
+    assert result.error == "fuel budget of 100000 exhausted (the module ran out)"
+    assert world.updates == []
+    # A round budget above the proplet's own does not raise it.
+    assert proplet.config.limits.fuel == DEFAULT_FUEL
+    huge = str(DEFAULT_FUEL * 2)
+    module = wat.json_printer(printed_update(proplet.proplet_id))
+    result = await probe.run(module, env=round_env(world, FUEL_BUDGET=huge))
+    assert result.state == COMPLETED, result.error
+    [got] = world.updates
+    assert 0 < got.header.fuel_consumed < 1_000_000
+
+
+async def test_an_evaluation_task_is_metered_and_budgeted_like_training(
+    proplet: Proplet, probe: ManagerProbe, world: RoundWorld, trainer_bytes: bytes
+) -> None:
+    world.datasets[proplet.proplet_id] = make_dataset(40, seed=7)
+    env = round_env(world, FL_TASK="evaluate", FUEL_BUDGET="10000")
+    result = await probe.run(trainer_bytes, env=env)
+    assert result.state == FAILED
+    assert result.error == "fuel budget of 10000 exhausted (the module ran out)"

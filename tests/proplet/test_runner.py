@@ -331,3 +331,55 @@ def test_compiled_modules_are_cached_by_content(runtime: WasmRuntime) -> None:
 
 def test_shared_runtime_is_one_per_process() -> None:
     assert WasmRuntime.shared() is WasmRuntime.shared()
+
+
+# ---- fuel ---------------------------------------------------------------------------------
+
+
+async def fuel_of(runtime: WasmRuntime, wasm: bytes, limits: Limits = LIMITS) -> int:
+    out = await runtime.run(compiled(runtime, wasm), Invocation(["t"], {}, limits))
+    return out.fuel_consumed
+
+
+async def test_fuel_is_counted_and_the_same_for_the_same_run(runtime: WasmRuntime) -> None:
+    small = [await fuel_of(runtime, wat.counting(10_000)) for _ in range(3)]
+    big = await fuel_of(runtime, wat.counting(100_000))
+    assert small[0] > 10_000
+    assert small == [small[0]] * 3
+    # Ten times the loop, about ten times the fuel (the fixed part is a few units).
+    assert 9.5 < big / small[0] < 10.5
+    # A fresh runtime (another engine, another compilation) counts the same.
+    assert await fuel_of(WasmRuntime(), wat.counting(10_000)) == small[0]
+
+
+async def test_a_run_that_spends_its_fuel_budget_fails_naming_it(runtime: WasmRuntime) -> None:
+    needed = await fuel_of(runtime, wat.counting(10_000))
+    # wasmtime checks the budget at loop heads and calls, so a budget a few units short of
+    # what the run needs may still see it end: half of it does not.
+    tight = Limits(timeout_s=60.0, memory_bytes=16 << 20, output_bytes=1024, fuel=needed // 2)
+    assert await failure(runtime, wat.counting(10_000), tight) == (
+        f"fuel budget of {needed // 2} exhausted (the module ran out)"
+    )
+    exact = Limits(timeout_s=60.0, memory_bytes=16 << 20, output_bytes=1024, fuel=needed)
+    assert await fuel_of(runtime, wat.counting(10_000), exact) == needed
+    # A module that never ends stops at its budget long before its timeout.
+    started = time.monotonic()
+    loop = Limits(timeout_s=60.0, memory_bytes=16 << 20, output_bytes=1024, fuel=10**7)
+    assert await failure(runtime, wat.infinite_loop(), loop) == (
+        "fuel budget of 10000000 exhausted (the module ran out)"
+    )
+    assert time.monotonic() - started < 30
+    # The runtime goes on running modules.
+    assert await run(runtime, wat.hello()) == b"hello from wasm\n"
+
+
+async def test_a_runtime_without_metering_counts_nothing() -> None:
+    plain = WasmRuntime(metering=False)
+    tight = Limits(timeout_s=60.0, memory_bytes=16 << 20, output_bytes=1024, fuel=1)
+    assert await fuel_of(plain, wat.counting(10_000), tight) == 0
+
+
+def test_fuel_budget_must_be_positive_and_fit_64_bits() -> None:
+    for bad in (0, -1, 2**63):
+        with pytest.raises(ValueError, match=r"^fuel: "):
+            Limits(fuel=bad)

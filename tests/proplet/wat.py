@@ -85,6 +85,17 @@ def infinite_loop() -> bytes:
     return build("(loop $forever (br $forever))")
 
 
+def counting(iterations: int) -> bytes:
+    """Counts down from `iterations` in a loop, then returns: work proportional to it."""
+    return build(
+        f"(local $n i32) (local.set $n (i32.const {iterations}))"
+        "(block $done (loop $again"
+        "  (br_if $done (i32.eqz (local.get $n)))"
+        "  (local.set $n (i32.sub (local.get $n) (i32.const 1)))"
+        "  (br $again)))"
+    )
+
+
 def _touch(memory: int, start: str, end: str) -> str:
     """Writes one byte in every 4 KiB page of [start, end) of `memory` (so the pages cost real
     memory); uses the local $at."""

@@ -22,18 +22,11 @@ import pytest
 from server.coordinator import rounds as R
 from server.coordinator.app import CoordinatorConfig
 from server.coordinator.coordinator import Coordinator, RetryPolicy
+from server.coordinator.records import Notice, StateCorrupted, StrategyState
 from server.coordinator.rounds import Round, RoundState, Update
-from server.coordinator.store import (
-    STATE_FILE,
-    Notice,
-    SqliteRoundStore,
-    StateCorrupted,
-    StoredUpdates,
-    StrategyState,
-    each_update,
-)
+from server.coordinator.store import STATE_FILE, SqliteRoundStore, StoredUpdates, each_update
 from server.errors import Unavailable
-from server.round_spec import Hyperparams, RoundSpec, validate, with_defaults
+from server.round_spec import AuditSpec, Hyperparams, RoundSpec, validate, with_defaults
 from server.tensors import Spec, sha256_of
 from server.topics import Topics
 from tests.coordinator.helpers import (
@@ -130,6 +123,8 @@ async def test_every_field_of_a_round_survives_a_restart(
         closed_by="k_of_n",
         module_digest="sha256:" + "ab" * 32,
         base_model_sha256="cd" * 32,
+        fuel_budget=2**62 + 1,
+        min_fuel_ratio=0.375,
     )
     failed = replace(
         new_round("r-failed", min_k_of_n=2),
@@ -149,6 +144,28 @@ async def test_every_field_of_a_round_survives_a_restart(
         await again.close()
 
 
+async def test_a_rounds_audit_and_its_outcomes_survive_a_restart(
+    store: DurableRoundStore, db: StateBackend
+) -> None:
+    """The audit as configured, the seed in use (drawn when the configuration said 0) and
+    the outcomes recorded at the close (docs/verifiability.md)."""
+    audited = replace(
+        new_round("r-audited", audit=AuditSpec(fraction=0.5, seed=0, policy="flag")),
+        audit_seed=2**63 - 5,
+        audits=(
+            R.AuditOutcome("a", R.AUDIT_MATCH, "ab" * 32, "ab" * 32),
+            R.AuditOutcome("b", R.AUDIT_MISMATCH, "cd" * 32, "ef" * 32, "differs: ü", True),
+            R.AuditOutcome("c", R.AUDIT_ERROR, "01" * 32, "", "audit error: gone"),
+        ),
+    )
+    await store.put(audited)
+    again = await reopen(db, store)
+    try:
+        assert await again.get("r-audited") == audited
+    finally:
+        await again.close()
+
+
 async def test_a_file_of_an_older_coordinator_is_read_and_brought_up_to_date(path: Path) -> None:
     """A coordinator.sqlite written before min_k_of_n, participant failures and the outbox."""
     store = await opened(path)
@@ -160,10 +177,15 @@ async def test_a_file_of_an_older_coordinator_is_read_and_brought_up_to_date(pat
         conn.execute("ALTER TABLE rounds DROP COLUMN failed")
         conn.execute("ALTER TABLE rounds DROP COLUMN module_digest")
         conn.execute("ALTER TABLE rounds DROP COLUMN base_model_sha256")
+        conn.execute("ALTER TABLE rounds DROP COLUMN audit")
+        conn.execute("ALTER TABLE rounds DROP COLUMN audits")
         for column in ("base_model_sha256", "module_digest", "signature", "certificate"):
             conn.execute(f"ALTER TABLE updates DROP COLUMN {column}")
         conn.execute("ALTER TABLE updates DROP COLUMN distance")
         conn.execute("ALTER TABLE updates DROP COLUMN clip_scale")
+        conn.execute("ALTER TABLE rounds DROP COLUMN fuel_budget")
+        conn.execute("ALTER TABLE rounds DROP COLUMN min_fuel_ratio")
+        conn.execute("ALTER TABLE updates DROP COLUMN fuel_consumed")
         conn.execute("DROP TABLE notices")
     conn.close()
     store = await opened(path)
@@ -171,6 +193,7 @@ async def test_a_file_of_an_older_coordinator_is_read_and_brought_up_to_date(pat
         old = await store.get("old")
         assert old == new_round("old") and old is not None
         assert (old.min_k_of_n, old.failed) == (0, ())
+        assert (old.fuel_budget, old.min_fuel_ratio) == (0, 0.0)
         changed = R.participant_failed(R.start_round(old, 101.0), "a", "x", 102.0)
         await store.put(changed)
         assert await store.unsent() == []
@@ -351,6 +374,7 @@ async def test_an_updates_provenance_survives_a_restart(
         certificate=b"-----BEGIN CERTIFICATE-----\n...",
         distance=2.5,
         clip_scale=0.4,
+        fuel_consumed=2**63 - 1,
     )
     u = replace(u, sha256=sha256_of(u.tensors))
     rnd = R.record_update(rnd, "a")

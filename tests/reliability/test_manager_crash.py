@@ -227,18 +227,26 @@ async def fleet_services(
 
 @contextlib.asynccontextmanager
 async def fleet_processes(
-    mqtt: MqttConfig, tmp_path: Path, ids: list[str], state: Mapping[str, str] | None = None
+    mqtt: MqttConfig,
+    tmp_path: Path,
+    ids: list[str],
+    state: Mapping[str, str] | None = None,
+    *,
+    insecure: bool = False,
 ) -> AsyncIterator[tuple[ServiceProcess, ServiceProcess, Endpoints]]:
     """`fleet_services`, yielding the coordinator process too (manager, coordinator,
     addresses). `state`: variables for the registry, the coordinator and the manager on top
-    (e.g. PROPELLER_DATABASE_URL)."""
+    (e.g. PROPELLER_DATABASE_URL); `insecure`: every service without TLS (`mqtt` then a
+    plaintext listener)."""
     state = dict(state or {})
     with contextlib.ExitStack() as stack:
-        registry = stack.enter_context(service_process("registry", state, tmp_path))
-        aggregator = stack.enter_context(service_process("aggregator", {}, tmp_path))
-        datastore = stack.enter_context(
-            service_process("datastore", {"PROPELLER_DATASTORE_SEED_IDS": ",".join(ids)}, tmp_path)
-        )
+
+        def process(service: str, env: Mapping[str, str]) -> ServiceProcess:
+            return stack.enter_context(service_process(service, env, tmp_path, insecure=insecure))
+
+        registry = process("registry", state)
+        aggregator = process("aggregator", {})
+        datastore = process("datastore", {"PROPELLER_DATASTORE_SEED_IDS": ",".join(ids)})
         coordinator = stack.enter_context(
             service_process(
                 "coordinator",
@@ -252,6 +260,7 @@ async def fleet_processes(
                     **state,
                 },
                 tmp_path,
+                insecure=insecure,
             )
         )
         services = (registry, aggregator, datastore, coordinator)
@@ -265,7 +274,7 @@ async def fleet_processes(
             registry=registry.addr,
             datastore=datastore.addr,
         )
-        async with clients({"registry": registry.addr}) as c:
+        async with clients({"registry": registry.addr}, insecure=insecure) as c:
             await c.init_model(3)
         env = {
             **manager_env(mqtt, tmp_path / "manager-state", coordinator.addr),
@@ -274,7 +283,7 @@ async def fleet_processes(
             "DATA_STORE_ADDR": datastore.addr,
             **state,
         }
-        manager = stack.enter_context(service_process("manager", env, tmp_path))
+        manager = process("manager", env)
         yield manager, coordinator, replace(endpoints, manager=manager.addr)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from propeller.v1 import manager_pb2, manager_pb2_grpc
+from server.errors import FailedPrecondition
 from server.manager import ManagerApp, ManagerConfig
 from server.manager.experiments import Experiment, FanOut, ScheduledParticipant
 from server.manager.proplets import Proplet, Skipped
@@ -215,3 +216,19 @@ async def test_an_acknowledged_call_is_already_on_disk(
         stub = manager_pb2_grpc.ManagerStub(chan)
         again = await stub.GetTask(manager_pb2.TaskRef(task_id=task.id), timeout=10)
         assert again.state == manager_pb2.TASK_STATE_SCHEDULED and dict(again.env) == {"A": "1"}
+
+
+async def test_a_second_manager_on_one_state_directory_is_refused(tmp_path: Path) -> None:
+    """SQLite is one manager's: a second one on the same directory fails at start, saying
+    why, and starts once the first has stopped (replicas share PostgreSQL instead)."""
+    first = ManagerDatabase(tmp_path)
+    await first.open()
+    second = ManagerDatabase(tmp_path)
+    with pytest.raises(FailedPrecondition, match="another manager is running") as refused:
+        await second.open()
+    assert "PROPELLER_DATABASE_URL" in str(refused.value)
+    first.proplets.put(PROPLET)
+    await first.close()
+    await second.open()
+    assert second.proplets.get("p1") == PROPLET
+    await second.close()

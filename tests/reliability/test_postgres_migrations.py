@@ -12,15 +12,19 @@ import psycopg
 import pytest
 
 from server.coordinator.app import CoordinatorConfig
+from server.coordinator.pg_store import MIGRATIONS as COORDINATOR_MIGRATIONS
 from server.coordinator.pg_store import PostgresRoundStore
 from server.errors import Unavailable
 from server.manager.app import ManagerConfig
+from server.manager.pg_store import MIGRATIONS as MANAGER_MIGRATIONS
 from server.manager.pg_store import PostgresManagerDatabase
 from server.postgres import Migration, PostgresDatabase
 from server.registry.app import RegistryConfig
+from server.registry.pg_store import MIGRATIONS as REGISTRY_MIGRATIONS
 from server.registry.pg_store import PostgresModelStore
 from tests.support.ports import free_port
 
+FUEL_MIGRATION = "fuel receipts: rounds' fuel budget and plausibility rule, updates' fuel"
 STEPS = (
     Migration(1, "a table", ("CREATE SCHEMA demo", "CREATE TABLE demo.things (id INT)")),
     Migration(2, "a column", ("ALTER TABLE demo.things ADD COLUMN name TEXT",)),
@@ -62,12 +66,48 @@ async def test_concurrent_starts_on_an_empty_database_migrate_once(database_url:
     await asyncio.gather(*(s.open() for s in stores))
     try:
         assert recorded(database_url) == [
-            ("coordinator", 1, "rounds, updates, strategy states, notices"),
-            ("manager", 1, "proplets, tasks, experiments"),
-            ("registry", 1, "models and their pieces"),
+            (component, m.version, m.name)
+            for component, steps in (
+                ("coordinator", COORDINATOR_MIGRATIONS),
+                ("manager", MANAGER_MIGRATIONS),
+                ("registry", REGISTRY_MIGRATIONS),
+            )
+            for m in steps
         ]
+        assert ("coordinator", 3, FUEL_MIGRATION) in recorded(database_url)
+        assert (
+            "manager",
+            2,
+            "replicas: change numbers, removals, experiment leases",
+        ) in recorded(database_url)
     finally:
         await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_a_coordinator_database_from_before_fuel_receipts_is_brought_up_to_date(
+    database_url: str,
+) -> None:
+    # A database at the audit's migration (2), from before fuel receipts (3).
+    older = PostgresDatabase(database_url, "coordinator", COORDINATOR_MIGRATIONS[:2])
+    await older.open()
+    await older.close()
+    store = PostgresRoundStore(database_url)
+    await store.open()
+    try:
+        assert recorded(database_url)[-1] == ("coordinator", 3, FUEL_MIGRATION)
+        with psycopg.connect(database_url) as conn:
+            columns = conn.execute(
+                "SELECT table_name, column_name FROM information_schema.columns "
+                "WHERE table_schema = 'coordinator' AND column_name LIKE '%fuel%' "
+                "ORDER BY table_name, column_name"
+            ).fetchall()
+        assert columns == [
+            ("rounds", "fuel_budget"),
+            ("rounds", "min_fuel_ratio"),
+            ("updates", "fuel_consumed"),
+        ]
+    finally:
+        await store.close()
 
 
 async def test_a_database_newer_than_the_code_is_refused(database_url: str) -> None:

@@ -149,6 +149,23 @@ async def test_a_header_changed_after_signing_is_refused(
     await still_accepted(world, "a")
 
 
+async def test_a_fuel_receipt_changed_after_signing_is_refused(world: Cluster) -> None:
+    await world.configure("r1", participants=["a", "b"])
+    signed = await world.signed_meta("r1", replace(update("a"), fuel_consumed=1_000_000))
+    # More fuel (to pass a plausibility rule), less, or none at all (the v1 form): each
+    # breaks the signature, which covers the figure the proplet signed.
+    for fuel in (10_000_000, 999_999, 0):
+        await refused(
+            send(world, replace(signed, fuel_consumed=fuel), update("a").tensors, "a"),
+            C.INVALID_ARGUMENT,
+            "header.signature: does not verify",
+        )
+    await nothing_counted(world)
+    answer = await send(world, signed, update("a").tensors, "a")
+    assert answer.accepted and not answer.duplicate
+    assert (await world.status("r1")).fuel_consumed == 1_000_000
+
+
 async def test_an_update_trained_from_another_base_model_is_refused(world: Cluster) -> None:
     # Signed over another base model's sha256 while naming the round's model: the header's
     # base_model_sha256 is optional, but the coordinator checks the signature over the
@@ -360,7 +377,9 @@ async def test_models_verify_checks_the_chain_and_names_the_first_broken_link(
                 x.sha256,
                 x.header.num_samples,
                 dict(x.header.metrics),
+                x.header.fuel_consumed,
             )
+            assert x.header.fuel_consumed > 0  # the proplets' fuel receipts, signed
             assert signature_verifies(cert, x.header.signature, claim)
         f = flags(c.endpoints)
         ok = (await cli("models", "verify", "2", *f)).ok()

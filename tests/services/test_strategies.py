@@ -477,9 +477,14 @@ async def test_bad_strategy_or_params_is_invalid_argument_naming_them(
 def test_every_strategy_takes_its_defaults_and_fills_them_in() -> None:
     assert set(STRATEGIES) == {
         "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
-        "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
+        "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "wasm",
     }  # fmt: skip
     for name in STRATEGIES:
+        if name == "wasm":
+            # The one strategy without a default rule: its module must be named (and pinned).
+            with pytest.raises(InvalidArgument, match=r"^strategy_params_json\.module: "):
+                choose_strategy(name, "")
+            continue
         choice = choose_strategy(name, "")
         assert choice.name == name
         assert choose_strategy(name, choice.params.as_json()) == choice

@@ -229,6 +229,7 @@ class Clients:
             base_model_sha256=base_sha,
             module_digest=update.module_digest or TEST_MODULE,
             contributors=update.contributors,
+            fuel_consumed=update.fuel_consumed,
         )
         if self.tls is None:
             return meta

@@ -344,6 +344,19 @@ const unroll = 4;
 /// slower (measured: docs/benchmarks.md).
 const rows = 2;
 
+inline fn allZeroV(comptime p: usize, comptime h: usize, xv: [p][h]V) bool {
+    // One test, not one per vector: the bits of all the values or-ed together, sign bits
+    // masked (-0.0 is zero; NaN is not). Every test is a branch, and under wasmtime a basic
+    // block of its own (fuel is counted per block).
+    const U = @Vector(lanes, u64);
+    var bits: U = @splat(0);
+    inline for (0..p) |u| {
+        inline for (0..h) |k| bits |= @as(U, @bitCast(xv[u][k]));
+    }
+    const magnitude: U = @splat(0x7fff_ffff_ffff_ffff);
+    return @reduce(.Or, bits & magnitude) == 0;
+}
+
 inline fn allZero(comptime p: usize, xs: [p][unroll]f64) bool {
     var zero = true;
     inline for (0..p) |u| zero = zero and @reduce(.And, @as(@Vector(unroll, f64), xs[u]) == @as(@Vector(unroll, f64), @splat(0)));
@@ -363,14 +376,18 @@ inline fn forwardBlock(comptime p: usize, comptime nv: usize, a: []const f64, s:
     }
     var r: usize = 0;
     while (r < in4) : (r += unroll) {
-        var xs: [p][unroll]f64 = undefined;
-        inline for (0..p) |u| xs[u] = a[(s + u) * in + r ..][0..unroll].*;
+        // The rows' next four inputs as vectors (fewer live registers than eight scalars:
+        // wasmtime's compiler spilled accumulators with the scalars).
+        var xv: [p][unroll / lanes]V = undefined;
+        inline for (0..p) |u| {
+            inline for (0..unroll / lanes) |h| xv[u][h] = load(a, (s + u) * in + r + h * lanes);
+        }
         // Four ReLU zeros (or zero pixels) in every row add nothing.
-        if (allZero(p, xs)) continue;
+        if (allZeroV(p, unroll / lanes, xv)) continue;
         inline for (0..unroll) |t| {
             inline for (0..nv) |q| {
                 const wv = load(l.w, (r + t) * out + j + q * lanes);
-                inline for (0..p) |u| acc[u][q] += @as(V, @splat(xs[u][t])) * wv;
+                inline for (0..p) |u| acc[u][q] += @as(V, @splat(xv[u][t / lanes][t % lanes])) * wv;
             }
         }
     }
@@ -423,15 +440,28 @@ inline fn gradBlock(comptime p: usize, comptime nv: usize, a: []const f64, m: us
     }
     var s: usize = 0;
     while (s < m4) : (s += unroll) {
-        var xs: [p][unroll]f64 = undefined;
-        inline for (0..p) |u| {
-            inline for (0..unroll) |t| xs[u][t] = a[(s + t) * in + r + u];
-        }
-        if (allZero(p, xs)) continue;
-        inline for (0..unroll) |t| {
-            inline for (0..nv) |q| {
-                const dv = load(dz, (s + t) * out + j + q * lanes);
-                inline for (0..p) |u| acc[u][q] += @as(V, @splat(xs[u][t])) * dv;
+        if (p == lanes) {
+            // The two rows' values of each sample as one vector.
+            var xv: [unroll][1]V = undefined;
+            inline for (0..unroll) |t| xv[t][0] = load(a, (s + t) * in + r);
+            if (allZeroV(unroll, 1, xv)) continue;
+            inline for (0..unroll) |t| {
+                inline for (0..nv) |q| {
+                    const dv = load(dz, (s + t) * out + j + q * lanes);
+                    inline for (0..p) |u| acc[u][q] += @as(V, @splat(xv[t][0][u])) * dv;
+                }
+            }
+        } else {
+            var xs: [p][unroll]f64 = undefined;
+            inline for (0..p) |u| {
+                inline for (0..unroll) |t| xs[u][t] = a[(s + t) * in + r + u];
+            }
+            if (allZero(p, xs)) continue;
+            inline for (0..unroll) |t| {
+                inline for (0..nv) |q| {
+                    const dv = load(dz, (s + t) * out + j + q * lanes);
+                    inline for (0..p) |u| acc[u][q] += @as(V, @splat(xs[u][t])) * dv;
+                }
             }
         }
     }
@@ -478,8 +508,40 @@ noinline fn gradLayer(a: []const f64, m: usize, dz: []const f64, g: Layer) void 
 /// `wt` is w transposed ([out, in], zero bias), so this is a forward product over it.
 fn backLayer(dz: []const f64, m: usize, wt: Layer, z_below: []const f64, below: []f64) void {
     forwardLayer(dz, m, wt, below);
-    for (below[0 .. m * wt.out], z_below[0 .. m * wt.out]) |*d, z| {
-        if (!(z > 0)) d.* = 0;
+    reluMask(below[0 .. m * wt.out], z_below[0 .. m * wt.out]);
+}
+
+/// Elements per iteration of the elementwise loops (ReLU, its mask, the SGD step): four
+/// vectors, so one loop back-edge (an epoch check under wasmtime) per eight elements.
+const ew = nvec * lanes;
+
+/// a = ReLU(z): z where z > 0, else 0 (NaN included), without a branch. Kept out of `main`
+/// (noinline) like the products: inside it wasmtime's compiler keeps the memory's base
+/// address on the stack and reloads it for every access.
+noinline fn relu(z: []const f64, a: []f64) void {
+    const zero: V = @splat(0);
+    var i: usize = 0;
+    while (i + ew <= z.len) : (i += ew) {
+        inline for (0..nvec) |q| {
+            const v = load(z, i + q * lanes);
+            store(a, i + q * lanes, @select(f64, v > zero, v, zero));
+        }
+    }
+    while (i < z.len) : (i += 1) a[i] = if (z[i] > 0) z[i] else 0;
+}
+
+/// d = 0 where z is not > 0 (back through the ReLU), without a branch.
+noinline fn reluMask(d: []f64, z: []const f64) void {
+    const zero: V = @splat(0);
+    var i: usize = 0;
+    while (i + ew <= d.len) : (i += ew) {
+        inline for (0..nvec) |q| {
+            const at = i + q * lanes;
+            store(d, at, @select(f64, load(z, at) > zero, load(d, at), zero));
+        }
+    }
+    while (i < d.len) : (i += 1) {
+        if (!(z[i] > 0)) d[i] = 0;
     }
 }
 
@@ -541,7 +603,7 @@ const Net = struct {
         for (self.layers, 0..) |l, i| {
             forwardLayer(self.input(i), m, l, self.z[i]);
             if (i < last) {
-                for (self.a[i][0 .. m * l.out], self.z[i][0 .. m * l.out]) |*a, zj| a.* = if (zj > 0) zj else 0;
+                relu(self.z[i][0 .. m * l.out], self.a[i][0 .. m * l.out]);
             }
         }
         const k = self.layers[last].out;
@@ -614,16 +676,36 @@ fn zeroLike(alloc: Allocator, layers: []const Layer) ![]Layer {
     return out;
 }
 
-/// theta -= lr * step, with step = g / m + mu * (theta - theta_global), through momentum.
-fn applyStep(theta: []f64, g: []const f64, global: []const f64, v: []f64, h: Hyper, m: f64) void {
-    for (theta, g, global, v) |*t, gj, cj, *vj| {
-        var step = gj / m;
-        if (h.mu != 0) step += h.mu * (t.* - cj);
-        if (h.momentum != 0) {
-            vj.* = h.momentum * vj.* + step;
-            step = vj.*;
+/// theta -= lr * step, with step = g / m + mu * (theta - theta_global), through momentum;
+/// a vector at a time (the same operations in the same order per element as one at a time).
+noinline fn applyStep(theta: []f64, g: []const f64, global: []const f64, v: []f64, h: Hyper, m: f64) void {
+    const lr: V = @splat(h.lr);
+    const mv: V = @splat(m);
+    const mu: V = @splat(h.mu);
+    const momentum: V = @splat(h.momentum);
+    var i: usize = 0;
+    while (i + ew <= theta.len) : (i += ew) {
+        inline for (0..nvec) |q| {
+            const at = i + q * lanes;
+            const t = load(theta, at);
+            var step = load(g, at) / mv;
+            if (h.mu != 0) step += mu * (t - load(global, at));
+            if (h.momentum != 0) {
+                const vj = momentum * load(v, at) + step;
+                store(v, at, vj);
+                step = vj;
+            }
+            store(theta, at, t - lr * step);
         }
-        t.* -= h.lr * step;
+    }
+    while (i < theta.len) : (i += 1) {
+        var step = g[i] / m;
+        if (h.mu != 0) step += h.mu * (theta[i] - global[i]);
+        if (h.momentum != 0) {
+            v[i] = h.momentum * v[i] + step;
+            step = v[i];
+        }
+        theta[i] -= h.lr * step;
     }
 }
 

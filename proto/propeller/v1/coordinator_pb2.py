@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from propeller.v1 import tensor_pb2 as propeller_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epropeller/v1/coordinator.proto\x12\x0cpropeller.v1\x1a\x19propeller/v1/tensor.proto\"Q\n\x0bHyperparams\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x12\n\nextra_json\x18\x04 \x01(\t\"\xc4\x02\n\x15\x43onfigureRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x15\n\rexperiment_id\x18\x02 \x01(\t\x12\x14\n\x0cparticipants\x18\x03 \x03(\t\x12\x0e\n\x06k_of_n\x18\x04 \x01(\x05\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x11\n\tmodel_ref\x18\x06 \x01(\t\x12.\n\x0bhyperparams\x18\x07 \x01(\x0b\x32\x19.propeller.v1.Hyperparams\x12\x17\n\x0ftask_wasm_image\x18\x08 \x01(\t\x12\r\n\x05start\x18\t \x01(\x08\x12\x12\n\nmin_k_of_n\x18\n \x01(\x05\x12\x15\n\rmodule_digest\x18\x0b \x01(\t\x12\x15\n\rstrategy_name\x18\x0c \x01(\t\x12\x1c\n\x14strategy_params_json\x18\r \x01(\t\"%\n\x11StartRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"\xf2\x05\n\x0bRoundStatus\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x15\n\rexperiment_id\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.propeller.v1.RoundState\x12\x11\n\tcompleted\x18\x04 \x01(\x08\x12\x13\n\x0bnum_updates\x18\x05 \x01(\x05\x12\x0e\n\x06k_of_n\x18\x06 \x01(\x05\x12\x14\n\x0cparticipants\x18\x07 \x03(\t\x12\x10\n\x08reported\x18\x08 \x03(\t\x12\x11\n\tmodel_ref\x18\t \x01(\t\x12\x11\n\ttimeout_s\x18\n \x01(\x01\x12.\n\x0bhyperparams\x18\x0b \x01(\x0b\x32\x19.propeller.v1.Hyperparams\x12\x17\n\x0ftask_wasm_image\x18\x0c \x01(\t\x12\x12\n\nstarted_at\x18\r \x01(\x01\x12\x10\n\x08\x64\x65\x61\x64line\x18\x0e \x01(\x01\x12\x14\n\x0c\x63ompleted_at\x18\x0f \x01(\x01\x12\x19\n\x11new_model_version\x18\x10 \x01(\x03\x12\x15\n\rnew_model_uri\x18\x11 \x01(\t\x12\x16\n\x0e\x66\x61ilure_reason\x18\x12 \x01(\t\x12\x11\n\tclosed_by\x18\x13 \x01(\t\x12\x37\n\x07metrics\x18\x14 \x03(\x0b\x32&.propeller.v1.RoundStatus.MetricsEntry\x12\x12\n\nmin_k_of_n\x18\x15 \x01(\x05\x12\x30\n\x06\x66\x61iled\x18\x16 \x03(\x0b\x32 .propeller.v1.ParticipantFailure\x12\x15\n\rmodule_digest\x18\x17 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\x18 \x01(\t\x12\x15\n\rstrategy_name\x18\x19 \x01(\t\x12\x1c\n\x14strategy_params_json\x18\x1a \x01(\t\x12\x13\n\x0bnum_samples\x18\x1b \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"8\n\x12ParticipantFailure\x12\x12\n\nproplet_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"W\n\x1fReportParticipantFailureRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x12\n\nproplet_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xaf\x01\n\x14SubmitUpdateResponse\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x12\n\nproplet_id\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x13\n\x0bnum_updates\x18\x05 \x01(\x05\x12\x0e\n\x06k_of_n\x18\x06 \x01(\x05\x12\'\n\x05state\x18\x07 \x01(\x0e\x32\x18.propeller.v1.RoundState\")\n\x15GetRoundStatusRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"Q\n\x11ListRoundsRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"X\n\x12ListRoundsResponse\x12)\n\x06rounds\x18\x01 \x03(\x0b\x32\x19.propeller.v1.RoundStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x11WatchRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"\x8a\x01\n\nRoundEvent\x12*\n\x04type\x18\x01 \x01(\x0e\x32\x1c.propeller.v1.RoundEventType\x12)\n\x06status\x18\x02 \x01(\x0b\x32\x19.propeller.v1.RoundStatus\x12\x12\n\nproplet_id\x18\x03 \x01(\t\x12\x11\n\ttimestamp\x18\x04 \x01(\x01*\xa8\x01\n\nRoundState\x12\x1b\n\x17ROUND_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13ROUND_STATE_PENDING\x10\x01\x12\x14\n\x10ROUND_STATE_OPEN\x10\x02\x12\x1b\n\x17ROUND_STATE_AGGREGATING\x10\x03\x12\x19\n\x15ROUND_STATE_COMPLETED\x10\x04\x12\x16\n\x12ROUND_STATE_FAILED\x10\x05*\xf4\x01\n\x0eRoundEventType\x12 \n\x1cROUND_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19ROUND_EVENT_TYPE_SNAPSHOT\x10\x01\x12\x1c\n\x18ROUND_EVENT_TYPE_STARTED\x10\x02\x12$\n ROUND_EVENT_TYPE_UPDATE_ACCEPTED\x10\x03\x12 \n\x1cROUND_EVENT_TYPE_AGGREGATING\x10\x04\x12\x1e\n\x1aROUND_EVENT_TYPE_COMPLETED\x10\x05\x12\x1b\n\x17ROUND_EVENT_TYPE_FAILED\x10\x06\x32\xce\x04\n\x0b\x43oordinator\x12P\n\x0e\x43onfigureRound\x12#.propeller.v1.ConfigureRoundRequest\x1a\x19.propeller.v1.RoundStatus\x12H\n\nStartRound\x12\x1f.propeller.v1.StartRoundRequest\x1a\x19.propeller.v1.RoundStatus\x12O\n\x0cSubmitUpdate\x12\x19.propeller.v1.UpdateChunk\x1a\".propeller.v1.SubmitUpdateResponse(\x01\x12P\n\x0eGetRoundStatus\x12#.propeller.v1.GetRoundStatusRequest\x1a\x19.propeller.v1.RoundStatus\x12O\n\nListRounds\x12\x1f.propeller.v1.ListRoundsRequest\x1a .propeller.v1.ListRoundsResponse\x12I\n\nWatchRound\x12\x1f.propeller.v1.WatchRoundRequest\x1a\x18.propeller.v1.RoundEvent0\x01\x12\x64\n\x18ReportParticipantFailure\x12-.propeller.v1.ReportParticipantFailureRequest\x1a\x19.propeller.v1.RoundStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epropeller/v1/coordinator.proto\x12\x0cpropeller.v1\x1a\x19propeller/v1/tensor.proto\"Q\n\x0bHyperparams\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x12\n\nextra_json\x18\x04 \x01(\t\"\x9b\x03\n\x15\x43onfigureRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x15\n\rexperiment_id\x18\x02 \x01(\t\x12\x14\n\x0cparticipants\x18\x03 \x03(\t\x12\x0e\n\x06k_of_n\x18\x04 \x01(\x05\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x11\n\tmodel_ref\x18\x06 \x01(\t\x12.\n\x0bhyperparams\x18\x07 \x01(\x0b\x32\x19.propeller.v1.Hyperparams\x12\x17\n\x0ftask_wasm_image\x18\x08 \x01(\t\x12\r\n\x05start\x18\t \x01(\x08\x12\x12\n\nmin_k_of_n\x18\n \x01(\x05\x12\x15\n\rmodule_digest\x18\x0b \x01(\t\x12\x15\n\rstrategy_name\x18\x0c \x01(\t\x12\x1c\n\x14strategy_params_json\x18\r \x01(\t\x12(\n\x05\x61udit\x18\x1e \x01(\x0b\x32\x19.propeller.v1.AuditConfig\x12\x13\n\x0b\x66uel_budget\x18( \x01(\x04\x12\x16\n\x0emin_fuel_ratio\x18) \x01(\x01\"%\n\x11StartRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"\x8b\x07\n\x0bRoundStatus\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x15\n\rexperiment_id\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.propeller.v1.RoundState\x12\x11\n\tcompleted\x18\x04 \x01(\x08\x12\x13\n\x0bnum_updates\x18\x05 \x01(\x05\x12\x0e\n\x06k_of_n\x18\x06 \x01(\x05\x12\x14\n\x0cparticipants\x18\x07 \x03(\t\x12\x10\n\x08reported\x18\x08 \x03(\t\x12\x11\n\tmodel_ref\x18\t \x01(\t\x12\x11\n\ttimeout_s\x18\n \x01(\x01\x12.\n\x0bhyperparams\x18\x0b \x01(\x0b\x32\x19.propeller.v1.Hyperparams\x12\x17\n\x0ftask_wasm_image\x18\x0c \x01(\t\x12\x12\n\nstarted_at\x18\r \x01(\x01\x12\x10\n\x08\x64\x65\x61\x64line\x18\x0e \x01(\x01\x12\x14\n\x0c\x63ompleted_at\x18\x0f \x01(\x01\x12\x19\n\x11new_model_version\x18\x10 \x01(\x03\x12\x15\n\rnew_model_uri\x18\x11 \x01(\t\x12\x16\n\x0e\x66\x61ilure_reason\x18\x12 \x01(\t\x12\x11\n\tclosed_by\x18\x13 \x01(\t\x12\x37\n\x07metrics\x18\x14 \x03(\x0b\x32&.propeller.v1.RoundStatus.MetricsEntry\x12\x12\n\nmin_k_of_n\x18\x15 \x01(\x05\x12\x30\n\x06\x66\x61iled\x18\x16 \x03(\x0b\x32 .propeller.v1.ParticipantFailure\x12\x15\n\rmodule_digest\x18\x17 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\x18 \x01(\t\x12\x15\n\rstrategy_name\x18\x19 \x01(\t\x12\x1c\n\x14strategy_params_json\x18\x1a \x01(\t\x12\x13\n\x0bnum_samples\x18\x1b \x01(\x03\x12(\n\x05\x61udit\x18\x1e \x01(\x0b\x32\x19.propeller.v1.AuditConfig\x12)\n\x06\x61udits\x18\x1f \x03(\x0b\x32\x19.propeller.v1.AuditRecord\x12\x13\n\x0b\x66uel_budget\x18( \x01(\x04\x12\x16\n\x0emin_fuel_ratio\x18) \x01(\x01\x12\x15\n\rfuel_consumed\x18* \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"8\n\x12ParticipantFailure\x12\x12\n\nproplet_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"W\n\x1fReportParticipantFailureRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x12\n\nproplet_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xaf\x01\n\x14SubmitUpdateResponse\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x12\n\nproplet_id\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x13\n\x0bnum_updates\x18\x05 \x01(\x05\x12\x0e\n\x06k_of_n\x18\x06 \x01(\x05\x12\'\n\x05state\x18\x07 \x01(\x0e\x32\x18.propeller.v1.RoundState\")\n\x15GetRoundStatusRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"Q\n\x11ListRoundsRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"X\n\x12ListRoundsResponse\x12)\n\x06rounds\x18\x01 \x03(\x0b\x32\x19.propeller.v1.RoundStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x11WatchRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"\x8a\x01\n\nRoundEvent\x12*\n\x04type\x18\x01 \x01(\x0e\x32\x1c.propeller.v1.RoundEventType\x12)\n\x06status\x18\x02 \x01(\x0b\x32\x19.propeller.v1.RoundStatus\x12\x12\n\nproplet_id\x18\x03 \x01(\t\x12\x11\n\ttimestamp\x18\x04 \x01(\x01*\xa8\x01\n\nRoundState\x12\x1b\n\x17ROUND_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13ROUND_STATE_PENDING\x10\x01\x12\x14\n\x10ROUND_STATE_OPEN\x10\x02\x12\x1b\n\x17ROUND_STATE_AGGREGATING\x10\x03\x12\x19\n\x15ROUND_STATE_COMPLETED\x10\x04\x12\x16\n\x12ROUND_STATE_FAILED\x10\x05*\xf4\x01\n\x0eRoundEventType\x12 \n\x1cROUND_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19ROUND_EVENT_TYPE_SNAPSHOT\x10\x01\x12\x1c\n\x18ROUND_EVENT_TYPE_STARTED\x10\x02\x12$\n ROUND_EVENT_TYPE_UPDATE_ACCEPTED\x10\x03\x12 \n\x1cROUND_EVENT_TYPE_AGGREGATING\x10\x04\x12\x1e\n\x1aROUND_EVENT_TYPE_COMPLETED\x10\x05\x12\x1b\n\x17ROUND_EVENT_TYPE_FAILED\x10\x06\x32\xce\x04\n\x0b\x43oordinator\x12P\n\x0e\x43onfigureRound\x12#.propeller.v1.ConfigureRoundRequest\x1a\x19.propeller.v1.RoundStatus\x12H\n\nStartRound\x12\x1f.propeller.v1.StartRoundRequest\x1a\x19.propeller.v1.RoundStatus\x12O\n\x0cSubmitUpdate\x12\x19.propeller.v1.UpdateChunk\x1a\".propeller.v1.SubmitUpdateResponse(\x01\x12P\n\x0eGetRoundStatus\x12#.propeller.v1.GetRoundStatusRequest\x1a\x19.propeller.v1.RoundStatus\x12O\n\nListRounds\x12\x1f.propeller.v1.ListRoundsRequest\x1a .propeller.v1.ListRoundsResponse\x12I\n\nWatchRound\x12\x1f.propeller.v1.WatchRoundRequest\x1a\x18.propeller.v1.RoundEvent0\x01\x12\x64\n\x18ReportParticipantFailure\x12-.propeller.v1.ReportParticipantFailureRequest\x1a\x19.propeller.v1.RoundStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,36 +34,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROUNDSTATUS_METRICSENTRY']._loaded_options = None
   _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_ROUNDSTATE']._serialized_start=2003
-  _globals['_ROUNDSTATE']._serialized_end=2171
-  _globals['_ROUNDEVENTTYPE']._serialized_start=2174
-  _globals['_ROUNDEVENTTYPE']._serialized_end=2418
+  _globals['_ROUNDSTATE']._serialized_start=2243
+  _globals['_ROUNDSTATE']._serialized_end=2411
+  _globals['_ROUNDEVENTTYPE']._serialized_start=2414
+  _globals['_ROUNDEVENTTYPE']._serialized_end=2658
   _globals['_HYPERPARAMS']._serialized_start=75
   _globals['_HYPERPARAMS']._serialized_end=156
   _globals['_CONFIGUREROUNDREQUEST']._serialized_start=159
-  _globals['_CONFIGUREROUNDREQUEST']._serialized_end=483
-  _globals['_STARTROUNDREQUEST']._serialized_start=485
-  _globals['_STARTROUNDREQUEST']._serialized_end=522
-  _globals['_ROUNDSTATUS']._serialized_start=525
-  _globals['_ROUNDSTATUS']._serialized_end=1279
-  _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_start=1233
-  _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_end=1279
-  _globals['_PARTICIPANTFAILURE']._serialized_start=1281
-  _globals['_PARTICIPANTFAILURE']._serialized_end=1337
-  _globals['_REPORTPARTICIPANTFAILUREREQUEST']._serialized_start=1339
-  _globals['_REPORTPARTICIPANTFAILUREREQUEST']._serialized_end=1426
-  _globals['_SUBMITUPDATERESPONSE']._serialized_start=1429
-  _globals['_SUBMITUPDATERESPONSE']._serialized_end=1604
-  _globals['_GETROUNDSTATUSREQUEST']._serialized_start=1606
-  _globals['_GETROUNDSTATUSREQUEST']._serialized_end=1647
-  _globals['_LISTROUNDSREQUEST']._serialized_start=1649
-  _globals['_LISTROUNDSREQUEST']._serialized_end=1730
-  _globals['_LISTROUNDSRESPONSE']._serialized_start=1732
-  _globals['_LISTROUNDSRESPONSE']._serialized_end=1820
-  _globals['_WATCHROUNDREQUEST']._serialized_start=1822
-  _globals['_WATCHROUNDREQUEST']._serialized_end=1859
-  _globals['_ROUNDEVENT']._serialized_start=1862
-  _globals['_ROUNDEVENT']._serialized_end=2000
-  _globals['_COORDINATOR']._serialized_start=2421
-  _globals['_COORDINATOR']._serialized_end=3011
+  _globals['_CONFIGUREROUNDREQUEST']._serialized_end=570
+  _globals['_STARTROUNDREQUEST']._serialized_start=572
+  _globals['_STARTROUNDREQUEST']._serialized_end=609
+  _globals['_ROUNDSTATUS']._serialized_start=612
+  _globals['_ROUNDSTATUS']._serialized_end=1519
+  _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_start=1473
+  _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_end=1519
+  _globals['_PARTICIPANTFAILURE']._serialized_start=1521
+  _globals['_PARTICIPANTFAILURE']._serialized_end=1577
+  _globals['_REPORTPARTICIPANTFAILUREREQUEST']._serialized_start=1579
+  _globals['_REPORTPARTICIPANTFAILUREREQUEST']._serialized_end=1666
+  _globals['_SUBMITUPDATERESPONSE']._serialized_start=1669
+  _globals['_SUBMITUPDATERESPONSE']._serialized_end=1844
+  _globals['_GETROUNDSTATUSREQUEST']._serialized_start=1846
+  _globals['_GETROUNDSTATUSREQUEST']._serialized_end=1887
+  _globals['_LISTROUNDSREQUEST']._serialized_start=1889
+  _globals['_LISTROUNDSREQUEST']._serialized_end=1970
+  _globals['_LISTROUNDSRESPONSE']._serialized_start=1972
+  _globals['_LISTROUNDSRESPONSE']._serialized_end=2060
+  _globals['_WATCHROUNDREQUEST']._serialized_start=2062
+  _globals['_WATCHROUNDREQUEST']._serialized_end=2099
+  _globals['_ROUNDEVENT']._serialized_start=2102
+  _globals['_ROUNDEVENT']._serialized_end=2240
+  _globals['_COORDINATOR']._serialized_start=2661
+  _globals['_COORDINATOR']._serialized_end=3251
 # @@protoc_insertion_point(module_scope)

@@ -53,7 +53,7 @@ class Hyperparams(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., extra_json: _Optional[str] = ...) -> None: ...
 
 class ConfigureRoundRequest(_message.Message):
-    __slots__ = ("round_id", "experiment_id", "participants", "k_of_n", "timeout_s", "model_ref", "hyperparams", "task_wasm_image", "start", "min_k_of_n", "module_digest", "strategy_name", "strategy_params_json")
+    __slots__ = ("round_id", "experiment_id", "participants", "k_of_n", "timeout_s", "model_ref", "hyperparams", "task_wasm_image", "start", "min_k_of_n", "module_digest", "strategy_name", "strategy_params_json", "audit", "fuel_budget", "min_fuel_ratio")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,9 @@ class ConfigureRoundRequest(_message.Message):
     MODULE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_NAME_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_FIELD_NUMBER: _ClassVar[int]
+    FUEL_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    MIN_FUEL_RATIO_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     experiment_id: str
     participants: _containers.RepeatedScalarFieldContainer[str]
@@ -80,7 +83,10 @@ class ConfigureRoundRequest(_message.Message):
     module_digest: str
     strategy_name: str
     strategy_params_json: str
-    def __init__(self, round_id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., k_of_n: _Optional[int] = ..., timeout_s: _Optional[float] = ..., model_ref: _Optional[str] = ..., hyperparams: _Optional[_Union[Hyperparams, _Mapping]] = ..., task_wasm_image: _Optional[str] = ..., start: _Optional[bool] = ..., min_k_of_n: _Optional[int] = ..., module_digest: _Optional[str] = ..., strategy_name: _Optional[str] = ..., strategy_params_json: _Optional[str] = ...) -> None: ...
+    audit: _tensor_pb2.AuditConfig
+    fuel_budget: int
+    min_fuel_ratio: float
+    def __init__(self, round_id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., k_of_n: _Optional[int] = ..., timeout_s: _Optional[float] = ..., model_ref: _Optional[str] = ..., hyperparams: _Optional[_Union[Hyperparams, _Mapping]] = ..., task_wasm_image: _Optional[str] = ..., start: _Optional[bool] = ..., min_k_of_n: _Optional[int] = ..., module_digest: _Optional[str] = ..., strategy_name: _Optional[str] = ..., strategy_params_json: _Optional[str] = ..., audit: _Optional[_Union[_tensor_pb2.AuditConfig, _Mapping]] = ..., fuel_budget: _Optional[int] = ..., min_fuel_ratio: _Optional[float] = ...) -> None: ...
 
 class StartRoundRequest(_message.Message):
     __slots__ = ("round_id",)
@@ -89,7 +95,7 @@ class StartRoundRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round_id", "experiment_id", "state", "completed", "num_updates", "k_of_n", "participants", "reported", "model_ref", "timeout_s", "hyperparams", "task_wasm_image", "started_at", "deadline", "completed_at", "new_model_version", "new_model_uri", "failure_reason", "closed_by", "metrics", "min_k_of_n", "failed", "module_digest", "base_model_sha256", "strategy_name", "strategy_params_json", "num_samples")
+    __slots__ = ("round_id", "experiment_id", "state", "completed", "num_updates", "k_of_n", "participants", "reported", "model_ref", "timeout_s", "hyperparams", "task_wasm_image", "started_at", "deadline", "completed_at", "new_model_version", "new_model_uri", "failure_reason", "closed_by", "metrics", "min_k_of_n", "failed", "module_digest", "base_model_sha256", "strategy_name", "strategy_params_json", "num_samples", "audit", "audits", "fuel_budget", "min_fuel_ratio", "fuel_consumed")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +130,11 @@ class RoundStatus(_message.Message):
     STRATEGY_NAME_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_FIELD_NUMBER: _ClassVar[int]
+    AUDITS_FIELD_NUMBER: _ClassVar[int]
+    FUEL_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    MIN_FUEL_RATIO_FIELD_NUMBER: _ClassVar[int]
+    FUEL_CONSUMED_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     experiment_id: str
     state: RoundState
@@ -151,7 +162,12 @@ class RoundStatus(_message.Message):
     strategy_name: str
     strategy_params_json: str
     num_samples: int
-    def __init__(self, round_id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., state: _Optional[_Union[RoundState, str]] = ..., completed: _Optional[bool] = ..., num_updates: _Optional[int] = ..., k_of_n: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., reported: _Optional[_Iterable[str]] = ..., model_ref: _Optional[str] = ..., timeout_s: _Optional[float] = ..., hyperparams: _Optional[_Union[Hyperparams, _Mapping]] = ..., task_wasm_image: _Optional[str] = ..., started_at: _Optional[float] = ..., deadline: _Optional[float] = ..., completed_at: _Optional[float] = ..., new_model_version: _Optional[int] = ..., new_model_uri: _Optional[str] = ..., failure_reason: _Optional[str] = ..., closed_by: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., min_k_of_n: _Optional[int] = ..., failed: _Optional[_Iterable[_Union[ParticipantFailure, _Mapping]]] = ..., module_digest: _Optional[str] = ..., base_model_sha256: _Optional[str] = ..., strategy_name: _Optional[str] = ..., strategy_params_json: _Optional[str] = ..., num_samples: _Optional[int] = ...) -> None: ...
+    audit: _tensor_pb2.AuditConfig
+    audits: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.AuditRecord]
+    fuel_budget: int
+    min_fuel_ratio: float
+    fuel_consumed: int
+    def __init__(self, round_id: _Optional[str] = ..., experiment_id: _Optional[str] = ..., state: _Optional[_Union[RoundState, str]] = ..., completed: _Optional[bool] = ..., num_updates: _Optional[int] = ..., k_of_n: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., reported: _Optional[_Iterable[str]] = ..., model_ref: _Optional[str] = ..., timeout_s: _Optional[float] = ..., hyperparams: _Optional[_Union[Hyperparams, _Mapping]] = ..., task_wasm_image: _Optional[str] = ..., started_at: _Optional[float] = ..., deadline: _Optional[float] = ..., completed_at: _Optional[float] = ..., new_model_version: _Optional[int] = ..., new_model_uri: _Optional[str] = ..., failure_reason: _Optional[str] = ..., closed_by: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., min_k_of_n: _Optional[int] = ..., failed: _Optional[_Iterable[_Union[ParticipantFailure, _Mapping]]] = ..., module_digest: _Optional[str] = ..., base_model_sha256: _Optional[str] = ..., strategy_name: _Optional[str] = ..., strategy_params_json: _Optional[str] = ..., num_samples: _Optional[int] = ..., audit: _Optional[_Union[_tensor_pb2.AuditConfig, _Mapping]] = ..., audits: _Optional[_Iterable[_Union[_tensor_pb2.AuditRecord, _Mapping]]] = ..., fuel_budget: _Optional[int] = ..., min_fuel_ratio: _Optional[float] = ..., fuel_consumed: _Optional[int] = ...) -> None: ...
 
 class ParticipantFailure(_message.Message):
     __slots__ = ("proplet_id", "reason")

@@ -1,4 +1,5 @@
 from propeller.v1 import coordinator_pb2 as _coordinator_pb2
+from propeller.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -89,7 +90,7 @@ TASK_STATE_SKIPPED: TaskState
 TASK_STATE_INTERRUPTED: TaskState
 
 class StartExperimentRequest(_message.Message):
-    __slots__ = ("experiment_id", "round_id", "model_ref", "participants", "hyperparams", "k_of_n", "timeout_s", "task_wasm_image", "min_k_of_n", "module_digest", "rounds", "strategy_name", "strategy_params_json", "all_alive", "sampling", "k_fraction", "evaluation", "stopping")
+    __slots__ = ("experiment_id", "round_id", "model_ref", "participants", "hyperparams", "k_of_n", "timeout_s", "task_wasm_image", "min_k_of_n", "module_digest", "rounds", "strategy_name", "strategy_params_json", "all_alive", "sampling", "k_fraction", "evaluation", "stopping", "audit", "fuel_budget", "min_fuel_ratio")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_REF_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +109,9 @@ class StartExperimentRequest(_message.Message):
     K_FRACTION_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_FIELD_NUMBER: _ClassVar[int]
+    FUEL_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    MIN_FUEL_RATIO_FIELD_NUMBER: _ClassVar[int]
     experiment_id: str
     round_id: str
     model_ref: str
@@ -126,7 +130,10 @@ class StartExperimentRequest(_message.Message):
     k_fraction: float
     evaluation: EvaluationPlan
     stopping: StoppingRule
-    def __init__(self, experiment_id: _Optional[str] = ..., round_id: _Optional[str] = ..., model_ref: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., hyperparams: _Optional[_Union[_coordinator_pb2.Hyperparams, _Mapping]] = ..., k_of_n: _Optional[int] = ..., timeout_s: _Optional[float] = ..., task_wasm_image: _Optional[str] = ..., min_k_of_n: _Optional[int] = ..., module_digest: _Optional[str] = ..., rounds: _Optional[int] = ..., strategy_name: _Optional[str] = ..., strategy_params_json: _Optional[str] = ..., all_alive: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., k_fraction: _Optional[float] = ..., evaluation: _Optional[_Union[EvaluationPlan, _Mapping]] = ..., stopping: _Optional[_Union[StoppingRule, _Mapping]] = ...) -> None: ...
+    audit: _tensor_pb2.AuditConfig
+    fuel_budget: int
+    min_fuel_ratio: float
+    def __init__(self, experiment_id: _Optional[str] = ..., round_id: _Optional[str] = ..., model_ref: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., hyperparams: _Optional[_Union[_coordinator_pb2.Hyperparams, _Mapping]] = ..., k_of_n: _Optional[int] = ..., timeout_s: _Optional[float] = ..., task_wasm_image: _Optional[str] = ..., min_k_of_n: _Optional[int] = ..., module_digest: _Optional[str] = ..., rounds: _Optional[int] = ..., strategy_name: _Optional[str] = ..., strategy_params_json: _Optional[str] = ..., all_alive: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., k_fraction: _Optional[float] = ..., evaluation: _Optional[_Union[EvaluationPlan, _Mapping]] = ..., stopping: _Optional[_Union[StoppingRule, _Mapping]] = ..., audit: _Optional[_Union[_tensor_pb2.AuditConfig, _Mapping]] = ..., fuel_budget: _Optional[int] = ..., min_fuel_ratio: _Optional[float] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("fraction", "count", "min_available", "seed")

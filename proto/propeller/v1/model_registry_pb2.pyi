@@ -88,7 +88,7 @@ class LineageState(_message.Message):
     def __init__(self, from_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., result_sha256: _Optional[str] = ...) -> None: ...
 
 class Lineage(_message.Message):
-    __slots__ = ("version", "model_sha256", "round_id", "base_model_uri", "base_model_sha256", "module_digest", "strategy", "contributions", "experiment_id", "parent_version", "strategy_params_json", "state")
+    __slots__ = ("version", "model_sha256", "round_id", "base_model_uri", "base_model_sha256", "module_digest", "strategy", "contributions", "experiment_id", "parent_version", "strategy_params_json", "state", "audits")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class Lineage(_message.Message):
     PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    AUDITS_FIELD_NUMBER: _ClassVar[int]
     version: int
     model_sha256: str
     round_id: str
@@ -113,7 +114,8 @@ class Lineage(_message.Message):
     parent_version: int
     strategy_params_json: str
     state: LineageState
-    def __init__(self, version: _Optional[int] = ..., model_sha256: _Optional[str] = ..., round_id: _Optional[str] = ..., base_model_uri: _Optional[str] = ..., base_model_sha256: _Optional[str] = ..., module_digest: _Optional[str] = ..., strategy: _Optional[str] = ..., contributions: _Optional[_Iterable[_Union[Contribution, _Mapping]]] = ..., experiment_id: _Optional[str] = ..., parent_version: _Optional[int] = ..., strategy_params_json: _Optional[str] = ..., state: _Optional[_Union[LineageState, _Mapping]] = ...) -> None: ...
+    audits: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.AuditRecord]
+    def __init__(self, version: _Optional[int] = ..., model_sha256: _Optional[str] = ..., round_id: _Optional[str] = ..., base_model_uri: _Optional[str] = ..., base_model_sha256: _Optional[str] = ..., module_digest: _Optional[str] = ..., strategy: _Optional[str] = ..., contributions: _Optional[_Iterable[_Union[Contribution, _Mapping]]] = ..., experiment_id: _Optional[str] = ..., parent_version: _Optional[int] = ..., strategy_params_json: _Optional[str] = ..., state: _Optional[_Union[LineageState, _Mapping]] = ..., audits: _Optional[_Iterable[_Union[_tensor_pb2.AuditRecord, _Mapping]]] = ...) -> None: ...
 
 class LineageChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -59,7 +59,7 @@ class ModelChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round_id", "proplet_id", "base_model_uri", "num_samples", "metrics", "tensors", "total_bytes", "base_model_sha256", "module_digest", "signature", "contributors")
+    __slots__ = ("round_id", "proplet_id", "base_model_uri", "num_samples", "metrics", "tensors", "total_bytes", "base_model_sha256", "module_digest", "signature", "contributors", "fuel_consumed")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class UpdateHeader(_message.Message):
     MODULE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    FUEL_CONSUMED_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     proplet_id: str
     base_model_uri: str
@@ -89,7 +90,8 @@ class UpdateHeader(_message.Message):
     module_digest: str
     signature: bytes
     contributors: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, round_id: _Optional[str] = ..., proplet_id: _Optional[str] = ..., base_model_uri: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., base_model_sha256: _Optional[str] = ..., module_digest: _Optional[str] = ..., signature: _Optional[bytes] = ..., contributors: _Optional[_Iterable[str]] = ...) -> None: ...
+    fuel_consumed: int
+    def __init__(self, round_id: _Optional[str] = ..., proplet_id: _Optional[str] = ..., base_model_uri: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., base_model_sha256: _Optional[str] = ..., module_digest: _Optional[str] = ..., signature: _Optional[bytes] = ..., contributors: _Optional[_Iterable[str]] = ..., fuel_consumed: _Optional[int] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -98,3 +100,29 @@ class UpdateChunk(_message.Message):
     header: UpdateHeader
     data: bytes
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class AuditConfig(_message.Message):
+    __slots__ = ("fraction", "seed", "policy")
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    fraction: float
+    seed: int
+    policy: str
+    def __init__(self, fraction: _Optional[float] = ..., seed: _Optional[int] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class AuditRecord(_message.Message):
+    __slots__ = ("proplet_id", "outcome", "claimed_sha256", "reexecuted_sha256", "detail", "rejected")
+    PROPLET_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_SHA256_FIELD_NUMBER: _ClassVar[int]
+    REEXECUTED_SHA256_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    proplet_id: str
+    outcome: str
+    claimed_sha256: str
+    reexecuted_sha256: str
+    detail: str
+    rejected: bool
+    def __init__(self, proplet_id: _Optional[str] = ..., outcome: _Optional[str] = ..., claimed_sha256: _Optional[str] = ..., reexecuted_sha256: _Optional[str] = ..., detail: _Optional[str] = ..., rejected: _Optional[bool] = ...) -> None: ...

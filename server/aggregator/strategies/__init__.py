@@ -26,6 +26,7 @@ from server.aggregator.strategies.robust import (
     Krum,
     MultiKrum,
 )
+from server.aggregator.strategies.wasm import WasmStrategy
 from server.errors import InvalidArgument
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -42,6 +43,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         Krum,
         MultiKrum,
         Bulyan,
+        WasmStrategy,
     )
 }
 DEFAULT_STRATEGY = FedAvg.name

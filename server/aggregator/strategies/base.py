@@ -55,7 +55,7 @@ def bounded(default: T, bound: Bound) -> T:
 @dataclass(frozen=True)
 class StrategyParams:
     """Base of every strategy's parameters. Subclasses declare fields with defaults (float,
-    int or bool), a field's range with `bounded`, and what spans fields in `check` with
+    int, bool or str), a field's range with `bounded`, and what spans fields in `check` with
     `bad(key, why)`."""
 
     def check(self) -> None:
@@ -102,6 +102,10 @@ def parse_params(cls: type[P], text: str) -> P:
 
 
 def _typed(key: str, value: Any, kind: Any) -> Any:
+    if kind is str:
+        if not isinstance(value, str):
+            raise bad(key, f"must be a string, got {value!r}")
+        return value
     if kind is bool:
         if not isinstance(value, bool):
             raise bad(key, f"must be true or false, got {value!r}")
@@ -151,6 +155,12 @@ class Strategy(ABC):
 
     @abstractmethod
     def add(self, tensors: Mapping[str, Array], num_samples: int) -> None: ...
+
+    async def prepare(self, base: Tensors | None, state: Tensors | None) -> None:
+        """Called once every update is in, before `result`: the work a rule does outside this
+        process or off the event loop (a WASM strategy pulls and runs its module here).
+        Nothing for the built-in rules, which compute in `result`."""
+        return None
 
     @abstractmethod
     def result(self, base: Tensors | None, state: Tensors | None) -> tuple[Tensors, Tensors | None]:
