@@ -32,6 +32,7 @@ from hypothesis import settings
 
 from server.config import MqttConfig
 from server.topics import Topics
+from tests.cli.helpers import Cli, make_cli
 from tests.support.infra import Mosquitto, OciRegistry, mosquitto, oci_registry, push_wasm
 from tests.support.postgres import Postgres, postgres
 from tests.support.security import session_ca
@@ -187,6 +188,12 @@ def trainer_image(registry: OciRegistry, trainer_wasm: Path) -> str:
     """The trainer pushed once to the test OCI registry as `fl-client-wasm` under a tag of
     this run: its image reference, for a cluster's round tasks (`cluster(..., image=)`)."""
     return push_wasm(registry, trainer_wasm, repo="fl-client-wasm", tag=uuid.uuid4().hex[:8])
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
+    """The CLI run in this process (`tests.cli.helpers.make_cli`), its output captured."""
+    return make_cli(capsys)
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from server.pki import load_certificate, load_private_key
 from server.provenance import Claim, module_digest, sign, signature_verifies
 from server.streams import UpdateMeta, model_stream, read_model_stream, update_stream
 from server.tensors import Tensors, sha256_of
-from tests.cli.helpers import Cli, flags, make_cli, table_rows
+from tests.cli.helpers import Cli, flags, table_rows
 from tests.security.test_attacks import refused
 from tests.support.clients import RPC_S, V0, Clients, clients
 from tests.support.cluster import Cluster, cluster, round_services
@@ -54,11 +54,6 @@ async def world(mqtt: MqttConfig, tmp_path: Path) -> AsyncIterator[Cluster]:
     no proplet runs: the tests submit as the proplets, with their certificates and keys."""
     async with cluster(mqtt, tmp_path, stack={"seed_proplet_ids": ("a", "b", "c")}) as c:
         yield c
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
-    return make_cli(capsys)
 
 
 def update(proplet_id: str, *, n: int = 10, w: float = 0.5, module: str = PINNED) -> Update:

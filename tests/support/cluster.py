@@ -142,6 +142,15 @@ async def round_services(
 
 
 @contextlib.asynccontextmanager
+async def round_clients(mqtt: MqttConfig, **coordinator: Any) -> AsyncIterator[Clients]:
+    """`round_services` (v0 of 3 zeros; the coordinator's RPC timeout 30 s and tick 0.05 s
+    unless `coordinator` says else) and clients of them."""
+    settings: dict[str, Any] = {"rpc_timeout_s": 30.0, "tick_s": 0.05, **coordinator}
+    async with round_services(mqtt, **settings) as services, clients(services) as c:
+        yield c
+
+
+@contextlib.asynccontextmanager
 async def run_proplets(
     services: Endpoints,
     mqtt: MqttConfig,
