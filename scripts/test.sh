@@ -17,7 +17,7 @@ if [[ "${1:-}" == "--fast" ]]; then
   export PROPELLER_HYPOTHESIS_PROFILE="${PROPELLER_HYPOTHESIS_PROFILE:-dev}"
   workers=()
   if python -c "import xdist" 2>/dev/null; then
-    workers=(-n "${PROPELLER_TEST_WORKERS:-2}")
+    workers=(-n "${PROPELLER_TEST_WORKERS:-2}" --dist worksteal)
   else
     echo "pytest-xdist is not installed (scripts/setup.sh installs it): one process" >&2
   fi
