@@ -31,6 +31,7 @@ from server.pki import (
     Kind,
     PkiError,
     RevocationList,
+    acts_as,
     identity_of,
     load_certificate,
 )
@@ -46,7 +47,8 @@ SITES = f"{SITE_SERVICE_PREFIX}*"
 @dataclass(frozen=True)
 class Rule:
     """Who may call one RPC. `services`: service names (ANY_SERVICE: any service; SITES:
-    any site coordinator).
+    any site coordinator; "manager" / "coordinator": the service and every replica of it,
+    service `manager-{replica_id}` / `coordinator-{replica_id}`, `server.pki.REPLICATED`).
     `as_itself`: a proplet may call it only with this request field (dotted for a stream's
     header) equal to its own id; `verb` words the refusal ("submit" -> "may only submit as
     itself")."""
@@ -62,7 +64,8 @@ class Rule:
             return self.operator
         if identity.kind is Kind.SERVICE:
             site = SITES in self.services and identity.name.startswith(SITE_SERVICE_PREFIX)
-            return site or ANY_SERVICE in self.services or identity.name in self.services
+            named = any(acts_as(identity, service) for service in self.services)
+            return site or named or ANY_SERVICE in self.services
         return self.proplet
 
     def who(self) -> str:

@@ -38,6 +38,7 @@ from server.manager.tasks import InMemoryTaskStore, Tasks, TaskStore
 from server.messages import ResultAck
 from server.mqtt import MqttSession
 from server.oci import oci_insecure_from_env
+from server.pki import MANAGER_REPLICAS
 
 SERVICE_NAME: str = manager_pb2.DESCRIPTOR.services_by_name["Manager"].full_name
 
@@ -66,6 +67,8 @@ class ManagerConfig:
     # dead replica's experiments are taken over after at most this), and how often it reads
     # what the other replicas changed. An id given explicitly also names its MQTT session
     # (each replica needs its own); without one the session keeps the single manager's name.
+    # Under mutual TLS a replica's certificate is the service `manager-{replica_id}` and the
+    # id is read from it (`from_env`): the broker makes the certificate's name the client id.
     replica_id: str = setting("PROPELLER_MANAGER_REPLICA_ID", "")
     lease_s: float = setting("PROPELLER_MANAGER_LEASE_S", DEFAULT_LEASE_S)
     refresh_s: float = setting("PROPELLER_MANAGER_REFRESH_S", DEFAULT_REFRESH_S)
@@ -101,7 +104,12 @@ class ManagerConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ManagerConfig:
-        return cls(**settings_from_env(cls, env))
+        values = settings_from_env(cls, env)
+        tls = values["tls"]
+        values["replica_id"] = MANAGER_REPLICAS.replica_id_from(
+            values["replica_id"], None if tls is None else tls.cert, "PROPELLER_MANAGER_REPLICA_ID"
+        )
+        return cls(**values)
 
     @property
     def replica(self) -> Replica | None:
@@ -250,9 +258,9 @@ class ManagerApp(ServiceApp):
             shared=self.shared,
         )
         stack.push_async_callback(self._manager.aclose)
-        # A stable client id (per namespace; with TLS, the manager's user name): a restarted
-        # manager resumes its persistent session and receives the results queued while it was
-        # down.
+        # A stable client id (per namespace; with TLS, the certificate's user name, a
+        # replica's own: `service:manager-{replica_id}`): a restarted manager resumes its
+        # persistent session and receives the results queued while it was down.
         client_id = f"propeller-manager-{topics.domain}-{topics.channel}"
         if self.shared is not None and self.config.replica_id:
             client_id += f"-{self.config.replica_id}"

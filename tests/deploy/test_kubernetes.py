@@ -65,6 +65,14 @@ SECRET_PREFIX = "certs-"
 PENDING_VARS = frozenset({"PROPELLER_DATABASE_URL", "PGPASSWORD"})
 # What scale-out changes in compose's environment: the broker it dials.
 SCALE_OUT_CHANGES = {"PROPELLER_MQTT_HOST": "nats"}
+# ...and, for the manager and the coordinator, whose pods are replicas each with its own
+# certificate (the service `manager-{ordinal}` / `coordinator-{ordinal}`, docs/deploy.md): the
+# bundle each pod uses, by its name (POD_NAME, from the pod's metadata, expanded by the
+# kubelet).
+REPLICATED = ("manager", "coordinator")
+REPLICA_TLS_DIR = f"{CERTS_DIR}/service-$(POD_NAME)"
+REPLICA_CHANGES = {"PROPELLER_TLS_DIR": REPLICA_TLS_DIR}
+REPLICA_VARS = frozenset({"POD_NAME"})
 
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
 MANAGER_PORT = 7070
@@ -226,12 +234,21 @@ def test_scale_out_changes_only_the_broker_and_adds_only_the_database(
         command = compose_service(compose, name)["command"]
         if name == "certs":  # the broker's certificate names the host its clients dial
             command = ["mqtt=nats" if a == "mqtt=mosquitto" else a for a in command]
+            # ... and every manager and coordinator replica has a certificate of its own.
+            for service in REPLICATED:
+                for ordinal in range(found[service]["spec"]["replicas"]):
+                    replica = f"{service}-{ordinal}"
+                    command += ["--service", f"{replica}={service},{replica}.{service}"]
         assert container["args"] == command, name
         expected = dict(compose_service(compose, name).get("environment", {}))
         expected.update({k: v for k, v in SCALE_OUT_CHANGES.items() if k in expected})
+        extra = PENDING_VARS
+        if name in REPLICATED:
+            expected.update(REPLICA_CHANGES)
+            extra |= REPLICA_VARS
         env = plain_env(container)
         assert {k: v for k, v in env.items() if k not in PENDING_VARS} == expected, name
-        assert env_names(container) <= set(expected) | PENDING_VARS, name
+        assert env_names(container) <= set(expected) | extra, name
     # The state of these three on PostgreSQL, its password from the operator's Secret.
     for name in ("coordinator", "manager", "model-registry"):
         variables = {e["name"]: e for e in the_container(found[name])["env"]}
@@ -290,7 +307,8 @@ def test_every_variable_set_is_documented() -> None:
         for name, workload in workloads(kustomization).items():
             for container in ours(workload):
                 for var in env_names(container) - documented:
-                    assert var in PENDING_VARS, f"{kustomization} {name}: {var} undocumented"
+                    known = PENDING_VARS | REPLICA_VARS
+                    assert var in known, f"{kustomization} {name}: {var} undocumented"
                     assert f"`{var}`" in deploy_doc, f"docs/deploy.md: say what {var} is"
 
 
@@ -368,11 +386,12 @@ def test_every_bundle_issued_is_published_as_a_secret(kustomization: str) -> Non
 
 
 @pytest.mark.process  # `certs init` and kubectl on its output as child processes
-def test_the_certs_job_publishes_working_secrets(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kustomization", [BASE, SCALE_OUT])
+def test_the_certs_job_publishes_working_secrets(tmp_path: Path, kustomization: str) -> None:
     """The certs job's two steps, run here on its own arguments: `propeller-fl certs init`,
     then kustomize over what it wrote, as `kubectl apply -k` would: every Secret holds its
     bundle, and a server loads the bundle it mounts."""
-    job = workloads(BASE)["certs"]
+    job = workloads(kustomization)["certs"]
     args = the_container(job)["args"]
     assert args[:3] == ["certs", "init", CERTS_DIR]
     publish = tmp_path / "publish"
@@ -382,7 +401,7 @@ def test_the_certs_job_publishes_working_secrets(tmp_path: Path) -> None:
         capture_output=True,
         timeout=120,
     )
-    config = objects(BASE, "ConfigMap")
+    config = objects(kustomization, "ConfigMap")
     (name,) = [n for n in config if n.startswith("certs-publish")]
     (publish / "kustomization.yaml").write_text(config[name]["data"]["kustomization.yaml"])
     result = subprocess.run(
@@ -394,7 +413,7 @@ def test_the_certs_job_publishes_working_secrets(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     secrets = {s["metadata"]["name"]: s for s in yaml.safe_load_all(result.stdout)}
-    assert set(secrets) == set(published_secrets(BASE))
+    assert set(secrets) == set(published_secrets(kustomization))
     for secret_name, secret in secrets.items():
         kubernetes_validate.validate(secret, KUBERNETES_VERSIONS[0], strict=True)
         if secret_name == CRL_SECRET:
@@ -435,6 +454,9 @@ def test_every_pod_mounts_its_own_certificate_bundle_and_no_other(kustomization:
     for name in [*OURS, broker]:
         files = certs_volume(found[name])
         env = plain_env(pod_spec(found[name])["containers"][0])
+        if name in REPLICATED and kustomization != BASE:
+            replicas_mount_their_bundles(found[name], files, published)
+            continue
         bundle = Path(env["PROPELLER_TLS_DIR"]).name if name in OURS else "service-mqtt"
         assert files == {
             f"{bundle}/ca.crt": SECRET_PREFIX + bundle,
@@ -450,6 +472,32 @@ def test_every_pod_mounts_its_own_certificate_bundle_and_no_other(kustomization:
                 assert env["PROPELLER_TLS_CRL"] == f"{CERTS_DIR}/crl.pem", name
             if OURS[name] == "proplet":
                 assert bundle == "proplet-" + env["PROPLET_ID"], name
+
+
+def replicas_mount_their_bundles(
+    workload: Mapping[str, Any], files: Mapping[str, str], published: Mapping[str, Any]
+) -> None:
+    """A replicated service's pods (the manager's, the coordinator's) are replicas, e.g.
+    manager-0, manager-1, ...: each uses the bundle of the service of its own name
+    (PROPELLER_TLS_DIR by POD_NAME, set before it so that the kubelet expands it), which the
+    certs job issues and publishes. A StatefulSet's pods share one template, so each mounts
+    every replica's bundle (docs/deploy.md says so)."""
+    container = pod_spec(workload)["containers"][0]
+    names = [e["name"] for e in container["env"]]
+    assert names.index("POD_NAME") < names.index("PROPELLER_TLS_DIR")
+    variables = {e["name"]: e for e in container["env"]}
+    assert variables["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert variables["PROPELLER_TLS_DIR"]["value"] == REPLICA_TLS_DIR
+    assert variables["PROPELLER_TLS_CRL"]["value"] == f"{CERTS_DIR}/crl.pem"
+    expected = {"crl.pem": CRL_SECRET}
+    for ordinal in range(workload["spec"]["replicas"]):
+        bundle = f"service-{workload['metadata']['name']}-{ordinal}"
+        assert SECRET_PREFIX + bundle in published, f"{bundle} is never published"
+        expected.update({f"{bundle}/{f}": SECRET_PREFIX + bundle for f in BUNDLE_FILES})
+    assert files == expected
+
+
+BUNDLE_FILES = ("ca.crt", "tls.crt", "tls.key")
 
 
 def test_no_secret_in_the_repository_holds_a_private_key() -> None:

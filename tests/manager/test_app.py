@@ -16,10 +16,12 @@ import grpc
 import pytest
 
 from propeller.v1 import coordinator_pb2, manager_pb2
+from server.config import TLS_DIR_ENV
 from server.manager import ManagerConfig
 from server.messages import COMPLETED, RUNNING
 from server.mqtt import MqttSession
 from server.oci import ImageRef
+from server.pki import manager_replica_service
 from server.provenance import module_digest
 from server.topics import Topics
 from tests.manager.fakes import (
@@ -36,7 +38,7 @@ from tests.manager.fakes import (
 )
 from tests.support.environment import config_from_env
 from tests.support.infra import Mosquitto
-from tests.support.security import proplet_tls
+from tests.support.security import proplet_tls, service_tls
 from tests.support.waits import eventually
 from tests.test_round_spec import NOT_FINITE_OR_NEGATIVE
 
@@ -485,6 +487,24 @@ def test_config_from_env() -> None:
     assert defaults.alive_window_s == 30.0
     with pytest.raises(ValueError, match="alive_window_s"):
         ManagerConfig(alive_window_s=0, tls=None)
+
+
+def test_a_manager_replica_s_id_is_its_certificate_s() -> None:
+    """Under mutual TLS a replica is who its certificate says: service `manager-{id}` gives
+    the replica id (its MQTT user name and client id are the certificate's); a
+    PROPELLER_MANAGER_REPLICA_ID that disagrees is refused, naming both; the single manager's
+    certificate leaves the setting as given."""
+    bundle = service_tls(manager_replica_service("r7"))
+    env = {TLS_DIR_ENV: str(bundle.cert.parent), "PROPELLER_DATABASE_URL": "postgresql://x/y"}
+    config = ManagerConfig.from_env(env)
+    assert config.replica_id == "r7"
+    assert config.replica is not None and config.replica.replica_id == "r7"
+    assert ManagerConfig.from_env({**env, "PROPELLER_MANAGER_REPLICA_ID": "r7"}).replica_id == "r7"
+    with pytest.raises(ValueError, match=r"PROPELLER_MANAGER_REPLICA_ID: 'r8', but .*manager-r7"):
+        ManagerConfig.from_env({**env, "PROPELLER_MANAGER_REPLICA_ID": "r8"})
+    single = {**env, TLS_DIR_ENV: str(service_tls("manager").cert.parent)}
+    assert ManagerConfig.from_env(single).replica_id == ""
+    assert ManagerConfig.from_env({**single, "PROPELLER_MANAGER_REPLICA_ID": "x"}).replica_id == "x"
 
 
 # --- results acknowledged, tasks nobody reports on (issue 10, item 1) -------------------

@@ -17,33 +17,42 @@ StopExperiment on the replica that does not drive an experiment: the driver stop
 answer says it stopped; and the same StartExperiment sent to both at once: recorded once,
 both answers the same.
 
-The managers reach the broker on its plaintext listener, and every hop is plaintext: with
-mutual TLS, mosquitto makes a client's certificate name its client id, and the ACL knows one
-manager identity, so two replicas would take each other's session over (docs/reliability.md,
-"Manager replicas").
+Twice: under mutual TLS, as deployed (every hop; a Mosquitto of the test's own whose ACL
+names the two replicas, `certs mqtt-acl --manager-replica`), each replica with a certificate
+of its own, the service `manager-{replica_id}`, from which it takes its replica id and which
+the broker makes its client id: neither takes the other's session over, and a replica's
+certificate calls the coordinator as the manager's does but not what only operators may; and
+with every hop plaintext, each replica naming its session by PROPELLER_MANAGER_REPLICA_ID
+(docs/reliability.md, "Manager replicas").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
 from propeller.v1 import coordinator_pb2, manager_pb2, model_registry_pb2
-from server.config import MqttConfig
+from server.config import Endpoints, MqttConfig
 from server.faults import KILL_AT_ENV
 from server.manager.plan import round_id_for
+from server.pki import manager_replica_service
+from server.topics import Topics
 from tests.reliability.test_experiment_crash import ended, experiment
 from tests.reliability.test_experiment_crash import request as experiment_request
 from tests.reliability.test_manager_crash import fleet_processes, the_answer
 from tests.support.clients import Clients, clients
 from tests.support.cluster import run_proplets
-from tests.support.processes import RPC_S, service_process
+from tests.support.infra import mosquitto
+from tests.support.processes import RPC_S, ServiceProcess, service_process
+from tests.support.security import service_tls, session_ca, tls_env
 from tests.support.state import StateBackend
 
 pytestmark = pytest.mark.process
@@ -56,6 +65,7 @@ HYPER = coordinator_pb2.Hyperparams(
     epochs=1, lr=0.01, batch_size=16, extra_json='{"shuffle":false}'
 )
 LEASE_S = "2"
+REPLICAS = ("replica-a", "replica-b")
 
 
 def request(eid: str, image: str) -> manager_pb2.StartExperimentRequest:
@@ -120,101 +130,57 @@ def applied(log: str, task_id: str) -> int:
     return len(re.findall(rf"task_id={task_id} name=\S+ state=COMPLETED$", log, re.MULTILINE))
 
 
+def replica_env(replica_id: str, insecure: bool) -> dict[str, str]:
+    """What makes a manager process the replica `replica_id`: under mutual TLS its own
+    certificate (the id is read from it), in plaintext the id itself."""
+    if insecure:
+        return {"PROPELLER_MANAGER_REPLICA_ID": replica_id}
+    return tls_env(service_tls(manager_replica_service(replica_id)))
+
+
+@pytest.mark.parametrize("insecure", [False, True], ids=["mtls", "plaintext"])
 async def test_manager_replicas_share_state_and_take_over_a_killed_driver_s_experiment(
-    plain_mqtt: MqttConfig, tmp_path: Path, trainer_wasm: Path, database_url: str
+    insecure: bool,
+    plain_mqtt: MqttConfig,
+    topics: Topics,
+    tmp_path: Path,
+    trainer_wasm: Path,
+    database_url: str,
 ) -> None:
     image = f"file://{trainer_wasm}"
     state = {"PROPELLER_DATABASE_URL": database_url, "PROPELLER_MANAGER_LEASE_S": LEASE_S}
     db = StateBackend("postgres", tmp_path / "state", database_url)
-    async with fleet_processes(plain_mqtt, tmp_path, IDS, state, insecure=True) as (
-        a_proc,
-        _,
-        endpoints,
-    ):
-        a_proc.env["PROPELLER_MANAGER_REPLICA_ID"] = "replica-a"
-        b_env = {**a_proc.env, "PROPELLER_MANAGER_REPLICA_ID": "replica-b"}
-        with service_process("manager", b_env, tmp_path / "b", insecure=True) as b_proc:
-            await a_proc.restart()
-            await b_proc.restart()
-            async with (
-                run_proplets(
-                    endpoints,
-                    plain_mqtt,
-                    IDS,
-                    tmp_path / "proplets",
-                    insecure=True,
-                    heartbeat_s=1.0,
-                ),
-                clients(endpoints, insecure=True) as a,
-                clients(replace(endpoints, manager=b_proc.addr), insecure=True) as b,
-            ):
-                await a.wait_alive(IDS)
-                await b.wait_alive(IDS)
-
-                # Started on b (which drives it), watched and read on a: the same answers
-                # from either.
-                await b.manager.StartExperiment(request("calm", image), timeout=RPC_S)
-                watched = [
-                    (e.type, e.round.index)
-                    async for e in a.manager.WatchExperiment(
-                        manager_pb2.WatchExperimentRequest(experiment_id="calm"), timeout=180
-                    )
-                ]
-                assert watched[0][0] == manager_pb2.EXPERIMENT_EVENT_TYPE_SNAPSHOT
-                assert watched[-1][0] == manager_pb2.EXPERIMENT_EVENT_TYPE_ENDED
-                # Round 2 starts after the watch began (rounds take about a second).
-                assert watched[-3:-1] == [
-                    (manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_STARTED, 2),
-                    (manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_FINISHED, 2),
-                ], watched
-                calm = await ran_once(a, "calm")
-                assert await experiment(a, "calm") == await experiment(b, "calm")
-                tasks_a, tasks_b = await a.round_tasks(""), await b.round_tasks("")
-                assert [(t.id, t.state) for t in tasks_a] == [(t.id, t.state) for t in tasks_b]
-                assert len(tasks_a) == ROUNDS * len(IDS)
-                logs = a_proc.log_text() + b_proc.log_text()
-                assert [applied(logs, t.id) for t in tasks_a] == [1] * len(tasks_a)
-                assert "experiment_id=calm driven by replica replica-b" in b_proc.log_text()
-
-                # a drives the next one and dies in round 2's fan-out (the fifth start it sent).
-                await a_proc.terminate_async()
-                a_proc.env[KILL_AT_ENV] = "manager.task_start_published:5"
+    with contextlib.ExitStack() as brokers:
+        if insecure:
+            mqtt = plain_mqtt
+        else:
+            # The deployed broker (TLS, CN as user name and client id, the ACL) naming the two
+            # replicas, as `certs mqtt-acl --manager-replica replica-a --manager-replica
+            # replica-b` writes it.
+            broker = brokers.enter_context(
+                mosquitto(tmp_path / "mosquitto", ca=session_ca(), manager_replicas=REPLICAS)
+            )
+            mqtt = MqttConfig(port=broker.port, topics=topics)
+        async with fleet_processes(mqtt, tmp_path, IDS, state, insecure=insecure) as (
+            a_proc,
+            _,
+            endpoints,
+        ):
+            b_env = {**a_proc.env, **replica_env("replica-b", insecure)}
+            a_proc.env.update(replica_env("replica-a", insecure))
+            with service_process("manager", b_env, tmp_path / "b", insecure=insecure) as b_proc:
                 await a_proc.restart()
-                await a.wait_alive(IDS)
-                await a.manager.StartExperiment(request("killed", image), timeout=RPC_S)
-                assert await a_proc.wait_exit(bound=120) == -signal.SIGKILL, a_proc.tail()
-                assert "point=manager.task_start_published pass=5" in a_proc.log_text()
-                killed = await ran_once(b, "killed")
-                await same_models(b, killed, calm)
-                assert calm == [1, 2] and killed == [3, 4]  # no version skipped or stored twice
-                assert "experiment_id=killed driven by replica replica-b" in b_proc.log_text()
-
-                # StopExperiment on a replica that does not drive the experiment: the driver
-                # stops it, the answer says so.
-                del a_proc.env[KILL_AT_ENV]
-                await a_proc.restart()
-                long = request("stopped", image)
-                long.rounds = 1000  # rounds take a second or less: it runs until stopped
-                await b.manager.StartExperiment(long, timeout=RPC_S)
-                stopped = await a.manager.StopExperiment(
-                    manager_pb2.StopExperimentRequest(experiment_id="stopped"), timeout=RPC_S * 6
+                await b_proc.restart()
+                stopped_rounds = await replicas_run(
+                    a_proc, b_proc, endpoints, mqtt, tmp_path, image, insecure
                 )
-                assert stopped.state == manager_pb2.EXPERIMENT_STATE_STOPPED, stopped
-                assert stopped.end.reason == manager_pb2.END_REASON_STOPPED
-                assert (await experiment(b, "stopped")).state == stopped.state
-                ending = "experiment_id=stopped ended after round"
-                assert ending in b_proc.log_text() and ending not in a_proc.log_text()
-
-                # The same StartExperiment to both at once: recorded once, the same answer.
-                twice = request("twice", image)
-                twice.rounds = 1  # a repeat answers the current round: let there be one
-                answers = await asyncio.gather(
-                    a.manager.StartExperiment(twice, timeout=RPC_S * 6),
-                    b.manager.StartExperiment(twice, timeout=RPC_S * 6),
-                )
-                assert the_answer(answers[0]) == the_answer(answers[1])
-                assert (await ended(a, "twice")).state == manager_pb2.EXPERIMENT_STATE_COMPLETED
-            assert await b_proc.terminate_async() == 0, b_proc.tail()
+        if not insecure:
+            # Each replica connected as its own identity, once: neither knocked the other off
+            # (mosquitto logs a takeover as "already connected, closing old connection").
+            broker_log = broker.log_text()
+            for r in REPLICAS:
+                assert f"as service:{manager_replica_service(r)} " in broker_log, broker.tail()
+            assert "closing old connection" not in broker_log, broker.tail()
     leases = dict(db.raw("manager", "SELECT experiment_id, owner FROM experiment_leases"))
     assert db.raw("manager", "SELECT experiment_id, owner FROM experiment_leases ORDER BY 1") == [
         ("calm", "replica-b"),
@@ -224,5 +190,124 @@ async def test_manager_replicas_share_state_and_take_over_a_killed_driver_s_expe
     ]
     assert leases["twice"] in ("replica-a", "replica-b")
     # Each round task once: calm's, killed's, twice's and the stopped one's rounds'.
-    rounds = 2 * ROUNDS + 1 + len(stopped.rounds)
+    rounds = 2 * ROUNDS + 1 + stopped_rounds
     assert db.raw("manager", "SELECT count(*) FROM tasks") == [(rounds * len(IDS),)]
+
+
+async def replicas_run(
+    a_proc: ServiceProcess,
+    b_proc: ServiceProcess,
+    endpoints: Endpoints,
+    mqtt: MqttConfig,
+    tmp_path: Path,
+    image: str,
+    insecure: bool,
+) -> int:
+    """The experiments on the two replicas, `a_proc` and `b_proc` (started); how many rounds
+    the one stopped on the replica that did not drive it ran."""
+    async with (
+        run_proplets(
+            endpoints,
+            mqtt,
+            IDS,
+            tmp_path / "proplets",
+            insecure=insecure,
+            heartbeat_s=1.0,
+        ),
+        clients(endpoints, insecure=insecure) as a,
+        clients(replace(endpoints, manager=b_proc.addr), insecure=insecure) as b,
+    ):
+        await a.wait_alive(IDS)
+        await b.wait_alive(IDS)
+        if not insecure:
+            await a_replica_has_the_manager_s_rights_only(endpoints)
+
+        # Started on b (which drives it), watched and read on a: the same answers
+        # from either.
+        await b.manager.StartExperiment(request("calm", image), timeout=RPC_S)
+        watched = [
+            (e.type, e.round.index)
+            async for e in a.manager.WatchExperiment(
+                manager_pb2.WatchExperimentRequest(experiment_id="calm"), timeout=180
+            )
+        ]
+        assert watched[0][0] == manager_pb2.EXPERIMENT_EVENT_TYPE_SNAPSHOT
+        assert watched[-1][0] == manager_pb2.EXPERIMENT_EVENT_TYPE_ENDED
+        # Round 2 starts after the watch began (rounds take about a second).
+        assert watched[-3:-1] == [
+            (manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_STARTED, 2),
+            (manager_pb2.EXPERIMENT_EVENT_TYPE_ROUND_FINISHED, 2),
+        ], watched
+        calm = await ran_once(a, "calm")
+        assert await experiment(a, "calm") == await experiment(b, "calm")
+        tasks_a, tasks_b = await a.round_tasks(""), await b.round_tasks("")
+        assert [(t.id, t.state) for t in tasks_a] == [(t.id, t.state) for t in tasks_b]
+        assert len(tasks_a) == ROUNDS * len(IDS)
+        logs = a_proc.log_text() + b_proc.log_text()
+        assert [applied(logs, t.id) for t in tasks_a] == [1] * len(tasks_a)
+        assert "experiment_id=calm driven by replica replica-b" in b_proc.log_text()
+
+        # a drives the next one and dies in round 2's fan-out (the fifth start it sent).
+        await a_proc.terminate_async()
+        a_proc.env[KILL_AT_ENV] = "manager.task_start_published:5"
+        await a_proc.restart()
+        await a.wait_alive(IDS)
+        await a.manager.StartExperiment(request("killed", image), timeout=RPC_S)
+        assert await a_proc.wait_exit(bound=120) == -signal.SIGKILL, a_proc.tail()
+        assert "point=manager.task_start_published pass=5" in a_proc.log_text()
+        killed = await ran_once(b, "killed")
+        await same_models(b, killed, calm)
+        assert calm == [1, 2] and killed == [3, 4]  # no version skipped or stored twice
+        assert "experiment_id=killed driven by replica replica-b" in b_proc.log_text()
+
+        # StopExperiment on a replica that does not drive the experiment: the driver
+        # stops it, the answer says so.
+        del a_proc.env[KILL_AT_ENV]
+        await a_proc.restart()
+        long = request("stopped", image)
+        long.rounds = 1000  # rounds take a second or less: it runs until stopped
+        await b.manager.StartExperiment(long, timeout=RPC_S)
+        stopped = await a.manager.StopExperiment(
+            manager_pb2.StopExperimentRequest(experiment_id="stopped"), timeout=RPC_S * 6
+        )
+        assert stopped.state == manager_pb2.EXPERIMENT_STATE_STOPPED, stopped
+        assert stopped.end.reason == manager_pb2.END_REASON_STOPPED
+        assert (await experiment(b, "stopped")).state == stopped.state
+        ending = "experiment_id=stopped ended after round"
+        assert ending in b_proc.log_text() and ending not in a_proc.log_text()
+
+        # The same StartExperiment to both at once: recorded once, the same answer.
+        twice = request("twice", image)
+        twice.rounds = 1  # a repeat answers the current round: let there be one
+        answers = await asyncio.gather(
+            a.manager.StartExperiment(twice, timeout=RPC_S * 6),
+            b.manager.StartExperiment(twice, timeout=RPC_S * 6),
+        )
+        assert the_answer(answers[0]) == the_answer(answers[1])
+        assert (await ended(a, "twice")).state == manager_pb2.EXPERIMENT_STATE_COMPLETED
+    assert await b_proc.terminate_async() == 0, b_proc.tail()
+    return len(stopped.rounds)
+
+
+async def a_replica_has_the_manager_s_rights_only(endpoints: Endpoints) -> None:
+    """A replica's certificate (service `manager-replica-a`) reads a round from the
+    coordinator as the manager does (the round is unknown: NOT_FOUND, past authorization), and
+    is refused what only operators or proplets may: starting an experiment, listing rounds,
+    asking about a proplet."""
+    as_replica = service_tls(manager_replica_service(REPLICAS[0]))
+    async with clients(endpoints, tls=as_replica) as r:
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await r.coordinator.GetRoundStatus(
+                coordinator_pb2.GetRoundStatusRequest(round_id="no-such-round"), timeout=RPC_S
+            )
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND, unknown.value.details()
+        refused = [
+            r.manager.StartExperiment(request("by-a-replica", "file:///x.wasm"), timeout=RPC_S),
+            r.coordinator.ListRounds(coordinator_pb2.ListRoundsRequest(), timeout=RPC_S),
+            r.manager.GetProplet(manager_pb2.GetPropletRequest(proplet_id=IDS[0]), timeout=RPC_S),
+        ]
+        for call in refused:
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await call
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "service 'manager-replica-a' may not call it" in (denied.value.details() or "")

@@ -90,6 +90,48 @@ def test_every_rpc_has_a_rule() -> None:
         (Identity(Kind.PROPLET, "p"), "/propeller.v1.ModelRegistry/GetModel", True),
         (Identity(Kind.PROPLET, "p"), "/propeller.v1.ModelRegistry/PutModel", False),
         (Identity(Kind.OPERATOR, "o"), "/propeller.v1.Manager/NotARealMethod", False),
+        # A manager replica (service `manager-{replica_id}`) calls as the manager...
+        (Identity(Kind.SERVICE, "manager-0"), "/propeller.v1.Coordinator/ConfigureRound", True),
+        (Identity(Kind.SERVICE, "manager-b"), "/propeller.v1.Coordinator/WatchRound", True),
+        (
+            Identity(Kind.SERVICE, "manager-b"),
+            "/propeller.v1.Coordinator/ReportParticipantFailure",
+            True,
+        ),
+        # ...and no more: not what only operators or proplets (or other services) may.
+        (Identity(Kind.SERVICE, "manager-0"), "/propeller.v1.Manager/StartExperiment", False),
+        (Identity(Kind.SERVICE, "manager-0"), "/propeller.v1.Coordinator/ListRounds", False),
+        (Identity(Kind.SERVICE, "manager-0"), "/propeller.v1.Coordinator/SubmitUpdate", False),
+        (Identity(Kind.SERVICE, "manager-0"), "/propeller.v1.DataStore/GetDataset", False),
+        (Identity(Kind.SERVICE, "manager-0"), "/propeller.v1.ModelRegistry/PutModel", False),
+        # Only the service of that shape: not "manager-" alone, "managerX" or another kind.
+        (Identity(Kind.SERVICE, "manager-"), "/propeller.v1.Coordinator/ConfigureRound", False),
+        (Identity(Kind.SERVICE, "managerx"), "/propeller.v1.Coordinator/ConfigureRound", False),
+        (Identity(Kind.PROPLET, "manager-0"), "/propeller.v1.Coordinator/ConfigureRound", False),
+        # A coordinator replica (service `coordinator-{replica_id}`) calls as the coordinator:
+        # the aggregator, the registry's writes, the data store's reads...
+        (Identity(Kind.SERVICE, "coordinator-0"), "/propeller.v1.Aggregator/Aggregate", True),
+        (Identity(Kind.SERVICE, "coordinator-b"), "/propeller.v1.ModelRegistry/PutModel", True),
+        (Identity(Kind.SERVICE, "coordinator-b"), "/propeller.v1.ModelRegistry/PutLineage", True),
+        (Identity(Kind.SERVICE, "coordinator-0"), "/propeller.v1.DataStore/GetDataset", True),
+        (Identity(Kind.SERVICE, "coordinator-0"), "/propeller.v1.DataStore/GetDatasetInfo", True),
+        # ...and no more: not the manager's, an operator's or a proplet's.
+        (
+            Identity(Kind.SERVICE, "coordinator-0"),
+            "/propeller.v1.Coordinator/ConfigureRound",
+            False,
+        ),
+        (Identity(Kind.SERVICE, "coordinator-0"), "/propeller.v1.Coordinator/SubmitUpdate", False),
+        (Identity(Kind.SERVICE, "coordinator-0"), "/propeller.v1.ModelRegistry/InitModel", False),
+        (Identity(Kind.SERVICE, "coordinator-0"), "/propeller.v1.DataStore/PutDataset", False),
+        (Identity(Kind.SERVICE, "coordinator-0"), "/propeller.v1.Manager/StartExperiment", False),
+        (Identity(Kind.SERVICE, "coordinator-"), "/propeller.v1.Aggregator/Aggregate", False),
+        (Identity(Kind.SERVICE, "coordinatorx"), "/propeller.v1.Aggregator/Aggregate", False),
+        (Identity(Kind.OPERATOR, "coordinator-0"), "/propeller.v1.Aggregator/Aggregate", False),
+        (Identity(Kind.PROPLET, "coordinator-0"), "/propeller.v1.ModelRegistry/PutModel", False),
+        # One replicated service's replica is not the other's.
+        (Identity(Kind.SERVICE, "manager-0"), "/propeller.v1.Aggregator/Aggregate", False),
+        (Identity(Kind.SERVICE, "coordinator-0"), "/propeller.v1.Coordinator/WatchRound", False),
     ],
 )
 def test_authorize(identity: Identity, method: str, allowed: bool) -> None:

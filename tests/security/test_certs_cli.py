@@ -112,3 +112,41 @@ def test_a_proplet_is_who_its_certificate_says(tmp_path: Path) -> None:
     operator = ca.issue(Identity(Kind.OPERATOR, "admin"))
     with pytest.raises(ValueError, match="not a proplet's"):
         PropletConfig.from_env({"PROPELLER_TLS_DIR": str(operator.dir)})
+
+
+def test_a_manager_replica_is_issued_and_named_in_the_mqtt_acl(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`certs issue DIR service manager-1` makes a manager replica's bundle (the identity its
+    replica id is read from); `certs mqtt-acl --manager-replica 1` names it with the
+    manager's rights; a replica id that cannot name a certificate is refused in one line."""
+    d = tmp_path / "pki"
+    assert run(capsys, "certs", "init", str(d))[0] == 0
+    code, out, err = run(capsys, "certs", "issue", str(d), "service", "manager-1", "--host", "m")
+    assert (code, err) == (0, "")
+    bundle = CertificateAuthority(d).bundle_for(Identity(Kind.SERVICE, "manager-1"))
+    assert bundle.identity().username == "service:manager-1"
+    code, out, err = run(capsys, "certs", "mqtt-acl", "--manager-replica", "1")
+    assert (code, err) == (0, "")
+    block = out.split("user service:manager-1\n", 1)[1]
+    manager = out.split("user service:manager\n", 1)[1].split("\n\n", 1)[0]
+    assert block.strip() == manager.strip()
+    code, out, err = run(capsys, "certs", "mqtt-acl", "--manager-replica", "a/b")
+    assert code != 0 and out == ""
+    assert err.count("\n") == 1 and "--manager-replica" in err
+
+
+def test_a_coordinator_replica_is_named_in_the_mqtt_acl(capsys: pytest.CaptureFixture[str]) -> None:
+    """`certs mqtt-acl --coordinator-replica a` names the replica (user
+    `service:coordinator-a`) with the coordinator's rights, beside a manager replica's; an id
+    that cannot name a certificate is refused in one line naming the option."""
+    code, out, err = run(
+        capsys, "certs", "mqtt-acl", "--coordinator-replica", "a", "--manager-replica", "1"
+    )
+    assert (code, err) == (0, "")
+    block = out.split("user service:coordinator-a\n", 1)[1].split("\n\n", 1)[0]
+    coordinator = out.split("user service:coordinator\n", 1)[1].split("\n\n", 1)[0]
+    assert block.strip() == coordinator.strip() and "user service:manager-1\n" in out
+    code, out, err = run(capsys, "certs", "mqtt-acl", "--coordinator-replica", "a/b")
+    assert code != 0 and out == ""
+    assert err.count("\n") == 1 and "--coordinator-replica" in err

@@ -9,7 +9,7 @@ import shutil
 import signal
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from server.messages import MAX_PACKET_BYTES
@@ -67,6 +67,8 @@ class Mosquitto(_Server):
         ca: CertificateAuthority | None = None,
         plain_port: int | None = None,
         host: str = "127.0.0.1",
+        manager_replicas: Sequence[str] = (),
+        coordinator_replicas: Sequence[str] = (),
     ) -> None:
         (workdir / "data").mkdir(parents=True, exist_ok=True)
         self.ca = ca
@@ -86,7 +88,11 @@ class Mosquitto(_Server):
             config = f"listener {port} {host}\nallow_anonymous true\n" + common
         else:
             bundle = ca.ensure(BROKER, hosts=[] if host == "127.0.0.1" else [host])
-            (workdir / "acl").write_text(mosquitto_acl())
+            (workdir / "acl").write_text(
+                mosquitto_acl(
+                    manager_replicas=manager_replicas, coordinator_replicas=coordinator_replicas
+                )
+            )
             files = MosquittoTls(
                 ca=str(bundle.ca),
                 cert=str(bundle.cert),
@@ -153,11 +159,22 @@ def mosquitto(
     ca: CertificateAuthority | None = None,
     plain: bool = False,
     host: str = "127.0.0.1",
+    manager_replicas: Sequence[str] = (),
+    coordinator_replicas: Sequence[str] = (),
 ) -> Iterator[Mosquitto]:
     """A Mosquitto on free ports of `host` (see `Mosquitto`; `plain`: with a plaintext
-    listener too)."""
+    listener too; `manager_replicas`, `coordinator_replicas`: the replica ids its ACL names,
+    `mosquitto_acl`)."""
     plain_port = free_port(host) if plain and ca is not None else None
-    broker = Mosquitto(free_port(host), workdir, ca=ca, plain_port=plain_port, host=host)
+    broker = Mosquitto(
+        free_port(host),
+        workdir,
+        ca=ca,
+        plain_port=plain_port,
+        host=host,
+        manager_replicas=manager_replicas,
+        coordinator_replicas=coordinator_replicas,
+    )
     with started(broker, grace=5.0) as running:
         yield running
 
