@@ -476,6 +476,7 @@ async def test_unreachable_aggregator_fails_the_round_with_reason(mqtt: MqttConf
 # ---- size ------------------------------------------------------------------------------
 
 
+@pytest.mark.process  # a long end-to-end case: 50 MB through every hop of a round
 async def test_fifty_megabyte_update(mqtt: MqttConfig) -> None:
     dimension = 50 * (1 << 20) // 8
     async with cluster(mqtt, dimension=dimension) as c:

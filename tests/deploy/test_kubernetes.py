@@ -30,10 +30,10 @@ import yaml
 from server.config import TlsConfig
 from server.mqtt_acl import mosquitto_acl
 from server.pki import load_certificate, load_private_key, read_identity
-from tests.support.processes import GRPC_SERVICES, LISTEN_VARS
+from tests.support.processes import DEPLOYED_SERVICES, GRPC_SERVICES, LISTEN_VARS
 
-# kubectl runs as a child process (a renderer, no network): not "unit".
-pytestmark = pytest.mark.integration
+# kubectl runs as a child process (a renderer, no network): not "unit" (tests/conftest.py
+# tiers the directory "integration").
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -53,16 +53,7 @@ KUBERNETES_VERSIONS = ("1.30", "1.34")
 
 # Compose service -> the `propeller-fl serve` service it runs; the Kubernetes workload has the
 # compose service's name (it is also its DNS name, so every *_ADDR value stays the same).
-OURS = {
-    "manager": "manager",
-    "coordinator": "coordinator",
-    "aggregator": "aggregator",
-    "model-registry": "registry",
-    "local-data-store": "datastore",
-    "proplet": "proplet",
-    "proplet-2": "proplet",
-    "proplet-3": "proplet",
-}
+OURS = DEPLOYED_SERVICES
 JOBS = ("certs", "push-wasm")
 IMAGE = "propeller-fl"
 CERTS_DIR = "/certs"
@@ -269,6 +260,7 @@ def test_scale_out_changes_only_the_broker_and_adds_only_the_database(
     assert SCALE_OUT_CHANGES["PROPELLER_MQTT_HOST"] in objects(kustomization, "Service")
 
 
+@pytest.mark.process  # `certs init` and nats-server as child processes
 def test_the_nats_configuration_is_valid_for_nats_server(tmp_path: Path) -> None:
     """nats.conf as the pods get it (the ConfigMap, POD_NAME from the StatefulSet), checked by
     a real nats-server (`-t`: parse, load the TLS files, exit), with the broker's bundle."""
@@ -393,6 +385,7 @@ def test_every_bundle_issued_is_published_as_a_secret(kustomization: str) -> Non
     assert mounts["/publish/certs"] == "certs" and "/publish/kustomization.yaml" in mounts
 
 
+@pytest.mark.process  # `certs init` and kubectl on its output as child processes
 @pytest.mark.parametrize("kustomization", [BASE, SCALE_OUT])
 def test_the_certs_job_publishes_working_secrets(tmp_path: Path, kustomization: str) -> None:
     """The certs job's two steps, run here on its own arguments: `propeller-fl certs init`,

@@ -34,14 +34,9 @@ from server.config import MqttConfig
 from server.faults import KILL_AT_ENV
 from server.pki import coordinator_replica_service
 from server.topics import Topics
-from tests.reliability.test_coordinator_processes import (
-    UPDATES,
-    never_killed_sha256,
-    running,
-    setup,
-)
+from tests.reliability.test_coordinator_processes import UPDATES, never_killed_sha256, setup
 from tests.support.clients import Clients
-from tests.support.cluster import round_notes
+from tests.support.cluster import round_notes, running
 from tests.support.infra import Mosquitto, mosquitto
 from tests.support.processes import ServiceProcess, service_process
 from tests.support.security import service_tls, session_ca, tls_env
@@ -114,7 +109,7 @@ async def test_the_replica_holding_the_aggregation_killed_the_other_completes_it
             PROPELLER_DATABASE_URL=database_url,
             PROPELLER_COORDINATOR_LEASE_S=LEASE_S,
             PROPELLER_TEST_KILL_AT=point,
-        ) as (a_proc, reg),
+        ) as (a_proc, reg, _),
         round_notes(mqtt) as notes,
     ):
         a_proc.env.update(replica("replica-a"))
@@ -166,7 +161,7 @@ async def test_the_replica_holding_the_deadline_killed_the_other_closes_the_roun
         PROPELLER_DATABASE_URL=database_url,
         PROPELLER_COORDINATOR_LEASE_S=LEASE_S,
         PROPELLER_TEST_KILL_AT="coordinator.deadline_claimed",
-    ) as (a_proc, reg):
+    ) as (a_proc, reg, _):
         a_proc.env.update(replica("replica-a"))
         # b looks for due rounds once a second (a: every 50 ms), so that a stopped b is
         # almost never caught inside its claim's transaction.
