@@ -52,7 +52,7 @@ from server.coordinator.pg_store import PostgresRoundStore
 from server.coordinator.service import binding as coordinator_binding
 from server.coordinator.store import MemoryRoundStore, RoundStore, RoundUpdates, SqliteRoundStore
 from server.datastore.app import DataStoreApp, DataStoreConfig
-from server.errors import FailedPrecondition
+from server.errors import FailedPrecondition, Unavailable
 from server.grpc_server import serving
 from server.lifecycle import ServiceApp
 from server.manager.app import ManagerApp, ManagerConfig
@@ -413,13 +413,30 @@ async def run_fleet(args: Json) -> None:
             )
             for pid in ids
         ]
-        # In batches: thousands of CONNECTs at once only queue at the broker.
-        for batch in range(0, len(configs), 100):
-            started = await asyncio.gather(
-                *(Proplet(c, runtime=runtime).__aenter__() for c in configs[batch : batch + 100])
-            )
-            for proplet in started:
-                stack.push_async_callback(proplet.stop)
+        # In batches: thousands of CONNECTs at once only queue at the broker. A proplet whose
+        # broker connection took longer than its 10 s (a loaded machine, thousands of
+        # sessions: it happened at 10,000) is started again, as a device would be, 6 times.
+        pending = configs
+        for _ in range(6):
+            late: list[PropletConfig] = []
+            for batch in range(0, len(pending), 50):
+                part = pending[batch : batch + 50]
+                started = await asyncio.gather(
+                    *(Proplet(c, runtime=runtime).__aenter__() for c in part),
+                    return_exceptions=True,
+                )
+                for config, proplet in zip(part, started, strict=True):
+                    if isinstance(proplet, Unavailable):
+                        late.append(config)
+                    elif isinstance(proplet, BaseException):
+                        raise proplet
+                    else:
+                        stack.push_async_callback(proplet.stop)
+            pending = late
+            if not pending:
+                break
+        if pending:
+            raise Unavailable(f"{len(pending)} proplets not connected to the broker, 6 tries each")
         write_line(sys.stdout, {"proplets": len(ids), "pid": os.getpid()})
         await stdin_closed()
 

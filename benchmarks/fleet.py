@@ -31,7 +31,7 @@ Coordinator CPU per update: the coordinator processes' user + system CPU time
 (`/proc/<pid>/stat`) over the round, divided by the updates it received (flat: n; root plus
 sites: n + sites). Medians of BENCH_FLEET_ROUNDS (3) rounds after one warm-up round per
 topology and size; sizes BENCH_FLEET_SIZES (default 1000; 1000,3000,10000 for every
-size), sites BENCH_FLEET_SITES (10).
+size), sites BENCH_FLEET_SITES (10), topologies BENCH_FLEET_TOPOLOGIES (both).
 """
 
 from __future__ import annotations
@@ -70,8 +70,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 HYPER_JSON = json.dumps({"epochs": HYPER.epochs, "lr": HYPER.lr, "batch_size": HYPER.batch_size})
 # Tasks created and started at once by the benchmark in a hierarchical round.
 TASK_CONCURRENCY = 64
-# The most proplets one fleet process holds (file descriptors: see `run`).
-PER_PROCESS = 2500
+# The most proplets one fleet process holds (file descriptors: see `run`). A process's
+# proplets share one HTTP/2 connection per service (gRPC's global subchannel pool), unlike
+# devices; at 1,500 a process their downloads stalled on it, some until their 300 s
+# timeout, on the loaded 2-core machine (docs/benchmarks.md, "Fleet"); 1,000 ran.
+PER_PROCESS = 1000
 
 
 def cpu_s(pid: int) -> float:
@@ -303,7 +306,7 @@ async def completed(coordinator: coordinator_pb2_grpc.CoordinatorStub, rid: str)
     """Watches round `rid` until it ends; its new model's uri and how many reported
     (RuntimeError if it failed)."""
     async for event in coordinator.WatchRound(
-        coordinator_pb2.WatchRoundRequest(round_id=rid), timeout=900
+        coordinator_pb2.WatchRoundRequest(round_id=rid, brief=True), timeout=900
     ):
         state = event.status.state
         if state == coordinator_pb2.ROUND_STATE_COMPLETED:
@@ -326,6 +329,17 @@ def raise_file_limit(n: int) -> int:
     return hard
 
 
+def topologies_from_env() -> list[str]:
+    """BENCH_FLEET_TOPOLOGIES: "flat,hierarchical" (the default), or one of them (10,000
+    proplets flat take a machine like this one too long to be worth the wait)."""
+    raw = os.environ.get("BENCH_FLEET_TOPOLOGIES", "flat,hierarchical")
+    chosen = [t.strip() for t in raw.split(",") if t.strip()]
+    unknown = set(chosen) - {"flat", "hierarchical"}
+    if unknown or not chosen:
+        raise ValueError(f"BENCH_FLEET_TOPOLOGIES: {raw!r}; flat, hierarchical or both")
+    return chosen
+
+
 def sizes_from_env(smoke: bool) -> list[int]:
     if smoke:
         return [6]
@@ -338,9 +352,15 @@ async def run(rec: Recorder, smoke: bool) -> None:
     sites = 2 if smoke else int(os.environ.get("BENCH_FLEET_SITES", "10"))
     procs = 1 if smoke else int(os.environ.get("BENCH_FLEET_PROCS", "2"))
     rounds = 1 if smoke else int(os.environ.get("BENCH_FLEET_ROUNDS", "3"))
+    topologies = topologies_from_env()
     raise_file_limit(max(sizes))
-    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
-        workdir = Path(tmp)
+    # BENCH_FLEET_WORKDIR: the processes' logs kept there (a fleet that failed says why).
+    kept = os.environ.get("BENCH_FLEET_WORKDIR", "")
+    with contextlib.ExitStack() as dirs:
+        if kept:
+            workdir = Path(kept)
+        else:
+            workdir = Path(dirs.enter_context(tempfile.TemporaryDirectory(prefix="bench-fleet-")))
         with mosquitto(workdir / "mosquitto") as broker:
             assert broker.proc is not None
             for n in sorted(sizes):
@@ -360,7 +380,7 @@ async def run(rec: Recorder, smoke: bool) -> None:
                     await asyncio.to_thread(fleet.start)
                     await fleet.open()
                     up_s = time.perf_counter() - started
-                    for topology in ("flat", "hierarchical"):
+                    for topology in topologies:
                         await fleet.measure(topology, n)  # warm-up
                         runs = [await fleet.measure(topology, n) for _ in range(rounds)]
                         _record(rec, n, topology, runs, fleet, up_s)

@@ -83,11 +83,17 @@ CONTRACT_V1, CONTRACT_V2 = 1, 2
 # The env vars that carry v1's inputs; a v2 module never gets them.
 _V1_INPUTS = ("MODEL_DATA", "DATASET_DATA")
 
-# Statuses worth another attempt: the service is down, restarting, or did not answer in time.
-# Every other status is an answer and final: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION
-# (a rejected update stays rejected), and RESOURCE_EXHAUSTED, which our services and gRPC use
-# for size limits that no retry changes.
-TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Statuses worth another attempt: the service is down, restarting, or did not answer in time,
+# or the call was CANCELLED by gRPC itself (the proplet cancels its calls only through asyncio,
+# which ends them with CancelledError, never this status; gRPC's core cancelled ~1 % of the
+# downloads of a 3,000-proplet fleet under load, docs/benchmarks.md "Fleet"). Every call the
+# proplet retries is idempotent (reads, and an update the coordinator counts once). Every
+# other status is an answer and final: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (a
+# rejected update stays rejected), and RESOURCE_EXHAUSTED, which our services and gRPC use for
+# size limits that no retry changes.
+TRANSIENT_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
 # An attempt's timeout is the RPC timeout cut to the time left before the deadline, but never
 # below this (nor above the RPC timeout): the first attempt is always a real one, even when
 # the deadline is (nearly) past, and the coordinator has the last word on a late update.

@@ -6,7 +6,8 @@
 #   scripts/test.sh --fast [PYTEST ARGS]   the developer's tier: unit + integration tests with
 #                                          the `dev` Hypothesis profile, on an installed .venv
 #                                          (no setup, lint or type check; no process or fuzz
-#                                          tests). See docs/engineering.md, "Tests".
+#                                          tests), on PROPELLER_TEST_WORKERS processes (2;
+#                                          `-n 0`: one). See docs/engineering.md, "Tests".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--fast" ]]; then
@@ -14,7 +15,13 @@ if [[ "${1:-}" == "--fast" ]]; then
   . .venv/bin/activate
   python wasm-client/build.py >/dev/null
   export PROPELLER_HYPOTHESIS_PROFILE="${PROPELLER_HYPOTHESIS_PROFILE:-dev}"
-  exec python -m pytest -q -p no:cacheprovider -m "unit or integration" "$@"
+  workers=()
+  if python -c "import xdist" 2>/dev/null; then
+    workers=(-n "${PROPELLER_TEST_WORKERS:-2}" --dist worksteal)
+  else
+    echo "pytest-xdist is not installed (scripts/setup.sh installs it): one process" >&2
+  fi
+  exec python -m pytest -q -p no:cacheprovider -m "unit or integration" "${workers[@]}" "$@"
 fi
 scripts/setup.sh --system
 . .venv/bin/activate

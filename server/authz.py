@@ -26,13 +26,12 @@ from typing import Any
 from server.config import TlsConfig
 from server.errors import PermissionDenied, Unauthenticated
 from server.pki import (
-    MANAGER_SERVICE,
     SITE_SERVICE_PREFIX,
     Identity,
     Kind,
     PkiError,
     RevocationList,
-    acts_as_manager,
+    acts_as,
     identity_of,
     load_certificate,
 )
@@ -48,8 +47,8 @@ SITES = f"{SITE_SERVICE_PREFIX}*"
 @dataclass(frozen=True)
 class Rule:
     """Who may call one RPC. `services`: service names (ANY_SERVICE: any service; SITES:
-    any site coordinator; "manager": the manager and every manager replica, service
-    `manager-{replica_id}`).
+    any site coordinator; "manager" / "coordinator": the service and every replica of it,
+    service `manager-{replica_id}` / `coordinator-{replica_id}`, `server.pki.REPLICATED`).
     `as_itself`: a proplet may call it only with this request field (dotted for a stream's
     header) equal to its own id; `verb` words the refusal ("submit" -> "may only submit as
     itself")."""
@@ -65,8 +64,8 @@ class Rule:
             return self.operator
         if identity.kind is Kind.SERVICE:
             site = SITES in self.services and identity.name.startswith(SITE_SERVICE_PREFIX)
-            manager = MANAGER_SERVICE in self.services and acts_as_manager(identity)
-            return site or manager or ANY_SERVICE in self.services or identity.name in self.services
+            named = any(acts_as(identity, service) for service in self.services)
+            return site or named or ANY_SERVICE in self.services
         return self.proplet
 
     def who(self) -> str:

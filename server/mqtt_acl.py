@@ -15,11 +15,13 @@ client id, so a session belongs to one identity. The rules, in every namespace (
   a proplet id, and the manager drops them: in effect they are a proplet's rights.
 - `service:manager`: read every proplet's reports; publish task starts and stops (addressed
   and broadcast) and result acknowledgements. Only the manager starts or stops tasks. Every
-  manager replica (`service:manager-{replica_id}`, `server.pki.manager_replica_service`) has
+  manager replica (`service:manager-{replica_id}`, `server.pki.ReplicatedService`) has
   the same rights: `allowed` and `nats_authorization` know them by name; mosquitto's user
   blocks name users exactly (a `pattern` substitutes `%u` / `%c` into a topic, it cannot
   select users), so `mosquitto_acl(manager_replicas=...)` writes a block per replica id.
-- `service:coordinator`: publish round completions. Only the coordinator does.
+- `service:coordinator`: publish round completions. Only the coordinator does. Every
+  coordinator replica (`service:coordinator-{replica_id}`) has the same rights, written as
+  the manager's replicas' (`mosquitto_acl(coordinator_replicas=...)`).
 - nothing else: operators and the other services have no other MQTT rights (they use gRPC).
 
 Pure (no I/O): matching follows MQTT's topic filters, and a subscription is allowed only when
@@ -39,7 +41,14 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from server.pki import Identity, Kind, acts_as_manager, manager_replica_service
+from server.pki import (
+    COORDINATOR_REPLICAS,
+    MANAGER_REPLICAS,
+    REPLICATED,
+    Identity,
+    Kind,
+    ReplicatedService,
+)
 from server.topics import (
     PROPLET_ALIVE,
     PROPLET_CREATE,
@@ -77,7 +86,7 @@ class Rule:
         """The rule's topic filter for `username`, or None when the rule is not for it (or
         `username` could not stand as one topic level)."""
         if self.user is not None:
-            mine = self.user == username or (self.user == MANAGER and _is_manager(username))
+            mine = self.user == username or _replica_of(self.user, username)
             return self.topic if mine else None
         if SELF not in self.topic.split("/"):
             return self.topic
@@ -86,15 +95,25 @@ class Rule:
         return "/".join(username if level == SELF else level for level in self.topic.split("/"))
 
 
-def _is_manager(username: str) -> bool:
-    """Whether the user name `username` is the manager's or a manager replica's."""
+def _service(username: str) -> Identity | None:
+    """The service identity whose user name is `username` (None: not a service's)."""
     kind, sep, name = username.partition(":")
     if not sep or kind != Kind.SERVICE.value:
-        return False
+        return None
     try:
-        return acts_as_manager(Identity(Kind.SERVICE, name))
+        return Identity(Kind.SERVICE, name)
     except ValueError:
+        return None
+
+
+def _replica_of(rule_user: str, username: str) -> bool:
+    """Whether `username` is a replica's of the replicated service whose user name is
+    `rule_user` (`service:manager-{id}` of `service:manager`)."""
+    service, user = _service(rule_user), _service(username)
+    if service is None or user is None:
         return False
+    replicated = REPLICATED.get(service.name)
+    return replicated is not None and replicated.replica_id(user) is not None
 
 
 def _rules(user: str | None, access: Access, *topics: str) -> list[Rule]:
@@ -180,15 +199,21 @@ def allowed(
     return False
 
 
-def mosquitto_acl(rules: Iterable[Rule] = RULES, *, manager_replicas: Iterable[str] = ()) -> str:
+def mosquitto_acl(
+    rules: Iterable[Rule] = RULES,
+    *,
+    manager_replicas: Iterable[str] = (),
+    coordinator_replicas: Iterable[str] = (),
+) -> str:
     """The rules as a mosquitto `acl_file`: `pattern` lines for every identity, then a `user`
-    block per named user, and one per manager replica in `manager_replicas` (replica ids:
-    user `service:manager-{id}`, the manager's rights). ValueError for a replica id that
+    block per named user, and one per manager replica in `manager_replicas` and coordinator
+    replica in `coordinator_replicas` (replica ids: user `service:manager-{id}` /
+    `service:coordinator-{id}`, the service's rights). ValueError for a replica id that
     cannot name a certificate."""
     rules = list(rules)
     replicas = [
-        Identity(Kind.SERVICE, manager_replica_service(r)).username
-        for r in dict.fromkeys(manager_replicas)
+        *_replica_users(MANAGER_REPLICAS, manager_replicas),
+        *_replica_users(COORDINATOR_REPLICAS, coordinator_replicas),
     ]
     lines = [
         "# propeller-fl MQTT ACL, generated from server/mqtt_acl.py (RULES); do not edit.",
@@ -201,10 +226,19 @@ def mosquitto_acl(rules: Iterable[Rule] = RULES, *, manager_replicas: Iterable[s
     for user in users:
         lines += ["", f"user {user}"]
         lines += [f"topic {r.access.value} {r.topic}" for r in rules if r.user == user]
-    for replica in replicas:
+    for replica, service in replicas:
         lines += ["", f"user {replica}"]
-        lines += [f"topic {r.access.value} {r.topic}" for r in rules if r.user == MANAGER]
+        lines += [f"topic {r.access.value} {r.topic}" for r in rules if r.user == service]
     return "\n".join(lines) + "\n"
+
+
+def _replica_users(service: ReplicatedService, replica_ids: Iterable[str]) -> list[tuple[str, str]]:
+    """(replica's user name, the service's user name) for each of `replica_ids`, once."""
+    own = Identity(Kind.SERVICE, service.name).username
+    return [
+        (Identity(Kind.SERVICE, service.replica_service(r)).username, own)
+        for r in dict.fromkeys(replica_ids)
+    ]
 
 
 @dataclass(frozen=True)

@@ -86,34 +86,82 @@ def site_service(site_id: str) -> str:
     return f"{SITE_SERVICE_PREFIX}{site_id}"
 
 
-# The manager is the service `manager`; a manager replica (two or more managers on one
-# PostgreSQL database, `server.manager.replicas`) is the service `manager-{replica_id}`, one
-# certificate per replica: its MQTT user name, and so its client id on the mutual-TLS broker,
-# is its own (two replicas sharing one would take each other's session over). The
-# authorization table and the MQTT ACL grant every such service the manager's rights, and the
-# replica's id is read from its certificate (`PROPELLER_MANAGER_REPLICA_ID`, if given, must
-# agree).
+# A service that runs as replicas (two or more processes on one PostgreSQL database: the
+# manager, `server.manager.replicas`; the coordinator, `server.coordinator.replicas`) gives
+# each replica a certificate of its own, the service `{service}-{replica_id}`: its MQTT user
+# name, and so its client id on the mutual-TLS broker, is its own (two replicas sharing one
+# would take each other's session over). The authorization table and the MQTT ACL grant every
+# such service the service's rights, and the replica's id is read from its certificate (the
+# service's REPLICA_ID variable, if given, must agree). A replica's server certificate names
+# the hosts its clients dial (`--host coordinator`), as the service's does: clients check the
+# host name, not the identity.
+@dataclass(frozen=True)
+class ReplicatedService:
+    """A service whose replicas are each the service `{name}-{replica_id}`."""
+
+    name: str
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.name}-"
+
+    def replica_service(self, replica_id: str) -> str:
+        """The service name a replica's certificate carries."""
+        return f"{self.prefix}{replica_id}"
+
+    def replica_id(self, identity: Identity) -> str | None:
+        """The replica id of one of its replicas' identities (`service {name}-{id}`); None
+        for any other identity, the single service's (`service {name}`) included."""
+        if identity.kind is not Kind.SERVICE or not identity.name.startswith(self.prefix):
+            return None
+        return identity.name[len(self.prefix) :] or None
+
+    def includes(self, identity: Identity) -> bool:
+        """Whether `identity` has the service's rights: the service or one of its replicas."""
+        single = identity.kind is Kind.SERVICE and identity.name == self.name
+        return single or self.replica_id(identity) is not None
+
+    def replica_id_from(self, given: str, cert: Path | None, variable: str) -> str:
+        """The replica id a process runs as: `given` (the setting `variable`), or the id its
+        certificate `cert` names (None: plaintext) when that is a replica's: a replica is who
+        its certificate says, and given both, they must agree (ValueError naming both). The
+        single service's certificate leaves the setting as it is."""
+        if cert is None:
+            return given
+        try:
+            identity = read_identity(cert)
+        except PkiError as exc:
+            raise ValueError(f"TLS cert: {exc}") from None
+        from_cert = self.replica_id(identity)
+        if from_cert is None:
+            return given
+        if given and given != from_cert:
+            raise ValueError(
+                f"{variable}: {given!r}, but the certificate {cert} is {identity}'s "
+                f"(replica {from_cert!r})"
+            )
+        return from_cert
+
+
 MANAGER_SERVICE = "manager"
-MANAGER_REPLICA_PREFIX = f"{MANAGER_SERVICE}-"
+COORDINATOR_SERVICE = "coordinator"
+MANAGER_REPLICAS = ReplicatedService(MANAGER_SERVICE)
+COORDINATOR_REPLICAS = ReplicatedService(COORDINATOR_SERVICE)
+# Every replicated service, by its name.
+REPLICATED: dict[str, ReplicatedService] = {
+    s.name: s for s in (MANAGER_REPLICAS, COORDINATOR_REPLICAS)
+}
+manager_replica_service = MANAGER_REPLICAS.replica_service
+coordinator_replica_service = COORDINATOR_REPLICAS.replica_service
 
 
-def manager_replica_service(replica_id: str) -> str:
-    """The service name a manager replica's certificate carries."""
-    return f"{MANAGER_REPLICA_PREFIX}{replica_id}"
-
-
-def manager_replica_id(identity: Identity) -> str | None:
-    """The replica id of a manager replica's identity (`service manager-{id}`); None for any
-    other identity, the single manager's (`service manager`) included."""
-    if identity.kind is not Kind.SERVICE or not identity.name.startswith(MANAGER_REPLICA_PREFIX):
-        return None
-    return identity.name[len(MANAGER_REPLICA_PREFIX) :] or None
-
-
-def acts_as_manager(identity: Identity) -> bool:
-    """Whether `identity` has the manager's rights: the manager or one of its replicas."""
-    is_manager = identity.kind is Kind.SERVICE and identity.name == MANAGER_SERVICE
-    return is_manager or manager_replica_id(identity) is not None
+def acts_as(identity: Identity, service: str) -> bool:
+    """Whether `identity` has the rights of the service `service`: it is that service, or one
+    of its replicas if it is a replicated one."""
+    replicated = REPLICATED.get(service)
+    if replicated is not None:
+        return replicated.includes(identity)
+    return identity.kind is Kind.SERVICE and identity.name == service
 
 
 @dataclass(frozen=True)

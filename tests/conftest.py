@@ -7,7 +7,8 @@ Tiers (exactly one per test; select with `-m`):
 - unit: no network, no child process; fast.
 - integration: real Mosquitto / OCI registry / gRPC servers in this process.
 - process: real child processes (services, proplets, `up`, `demo`, compose as processes,
-  grpcurl).
+  grpcurl, kubectl/nats-server on a rendered deployment) and the long end-to-end scenarios
+  (a broker restarted under a fleet, robustness over many experiments, a 50 MB update).
 - fuzz: Hypothesis against the services over real gRPC.
 A test's tier is its own tier mark if it has one, else the tier of the longest entry of
 TIER_BY_PATH its file is under; a "unit" test that uses the real broker or OCI registry is
@@ -31,6 +32,7 @@ from hypothesis import settings
 
 from server.config import MqttConfig
 from server.topics import Topics
+from tests.cli.helpers import Cli, make_cli
 from tests.support.infra import Mosquitto, OciRegistry, mosquitto, oci_registry, push_wasm
 from tests.support.postgres import Postgres, postgres
 from tests.support.security import session_ca
@@ -46,6 +48,7 @@ TIER_BY_PATH = {
     "cli": "integration",
     "cli/test_client_render.py": "unit",
     "demo": "process",
+    "deploy": "integration",  # kubectl renders as a child process (no network)
     "demo/test_embedded_broker.py": "integration",
     "e2e": "integration",
     "fuzz": "fuzz",
@@ -55,7 +58,9 @@ TIER_BY_PATH = {
     "reliability": "integration",
     "security": "integration",
     "security/test_pki.py": "unit",
+    "security/test_robustness.py": "process",  # 10 proplets, 8 experiments of 3 rounds
     "security/test_authz_table.py": "unit",
+    "reliability/test_broker_restart.py": "process",  # a real broker stopped, killed, restarted
     "reliability/test_coordinator_processes.py": "process",
     "reliability/test_datastore_crash.py": "process",
     "reliability/test_manager_crash.py": "process",
@@ -176,6 +181,19 @@ def seed_image_registry(registry: OciRegistry, trainer_wasm: Path) -> str:
     seed's image `local-registry:5000/fl-client-wasm:latest` to that module."""
     push_wasm(registry, trainer_wasm, repo="fl-client-wasm", tag="latest")
     return registry.host
+
+
+@pytest.fixture(scope="session")
+def trainer_image(registry: OciRegistry, trainer_wasm: Path) -> str:
+    """The trainer pushed once to the test OCI registry as `fl-client-wasm` under a tag of
+    this run: its image reference, for a cluster's round tasks (`cluster(..., image=)`)."""
+    return push_wasm(registry, trainer_wasm, repo="fl-client-wasm", tag=uuid.uuid4().hex[:8])
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
+    """The CLI run in this process (`tests.cli.helpers.make_cli`), its output captured."""
+    return make_cli(capsys)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from server.mqtt_acl import (
     nats_permissions,
     nats_subject,
 )
-from server.pki import Identity, Kind, manager_replica_service
+from server.pki import Identity, Kind, coordinator_replica_service, manager_replica_service
 from server.topics import Topics
 
 T = Topics("d", "c")
@@ -159,6 +159,27 @@ def test_a_manager_replica_has_the_manager_s_rights_and_no_other(pid: str, r: st
         assert not can_receive(impostor, T.proplet_results_for(pid)), impostor
 
 
+def coordinator_replica(replica_id: str) -> str:
+    """A coordinator replica's user name (its certificate's CN)."""
+    return Identity(Kind.SERVICE, coordinator_replica_service(replica_id)).username
+
+
+@given(pid=ids, r=ids)
+def test_a_coordinator_replica_has_the_coordinator_s_rights_and_no_other(pid: str, r: str) -> None:
+    """`service:coordinator-{id}` may do on the broker exactly what `service:coordinator` may
+    (announce rounds); nothing of the manager's; lookalikes get nothing of it."""
+    user = coordinator_replica(r)
+    topics = [*reports(T, pid), *manager_says(T, pid), T.result_ack_for(pid), T.round_next]
+    for topic in topics:
+        assert can_publish(user, topic) is can_publish(COORDINATOR, topic), topic
+        assert can_subscribe(user, topic) is can_subscribe(COORDINATOR, topic), topic
+    assert can_publish(user, T.round_next)
+    assert not can_publish(user, T.task_start_for(pid))  # the manager's
+    assert not can_publish(replica(r), T.round_next)  # and a manager replica is no coordinator
+    for impostor in ("service:coordinatorx", "service:coordinator-", "operator:coordinator-1"):
+        assert not can_publish(impostor, T.round_next), impostor
+
+
 def test_the_mosquitto_file_names_each_manager_replica_with_the_manager_s_rights() -> None:
     text = mosquitto_acl(manager_replicas=["0", "1", "0"])
     blocks = [b.splitlines() for b in text.split("\n\n")[1:]]
@@ -169,6 +190,24 @@ def test_the_mosquitto_file_names_each_manager_replica_with_the_manager_s_rights
     assert mosquitto_acl(manager_replicas=[]) == mosquitto_acl()
     with pytest.raises(ValueError, match="service name"):
         mosquitto_acl(manager_replicas=["a/b"])
+
+
+def test_the_mosquitto_file_names_each_coordinator_replica_with_the_coordinator_s_rights() -> None:
+    text = mosquitto_acl(manager_replicas=["0"], coordinator_replicas=["a", "b", "a"])
+    blocks = [b.splitlines() for b in text.split("\n\n")[1:]]
+    by_user = {b[0].removeprefix("user "): b[1:] for b in blocks}
+    assert list(by_user) == [
+        MANAGER,
+        COORDINATOR,
+        replica("0"),
+        coordinator_replica("a"),
+        coordinator_replica("b"),
+    ]
+    assert by_user[coordinator_replica("a")] == by_user[COORDINATOR]
+    assert by_user[coordinator_replica("b")] == by_user[COORDINATOR]
+    assert mosquitto_acl(coordinator_replicas=[]) == mosquitto_acl()
+    with pytest.raises(ValueError, match="service name"):
+        mosquitto_acl(coordinator_replicas=["a+b"])
 
 
 def test_the_mosquitto_listener_requires_a_certificate_and_names_every_file() -> None:
@@ -225,7 +264,7 @@ def test_nats_permissions_are_the_table(a: str, b: str) -> None:
         T.round_next,
         *T.reports,
     ]
-    for user in (a, MANAGER, COORDINATOR, replica(b)):
+    for user in (a, MANAGER, COORDINATOR, replica(b), coordinator_replica(b)):
         permissions = nats_permissions(user)
         publish = permissions["publish"]["allow"]  # type: ignore[index]
         subscribe = permissions["subscribe"]["allow"]  # type: ignore[index]

@@ -4,7 +4,7 @@
     certs issue DIR proplet ID | service NAME --host H... | operator NAME [--out D] [--replace]
     certs revoke DIR (KIND NAME | --serial HEX...)
     certs list DIR [--json]
-    certs mqtt-acl [--manager-replica ID]... [--out FILE]
+    certs mqtt-acl [--manager-replica ID]... [--coordinator-replica ID]... [--out FILE]
 
 `init` makes the CA in DIR (keeping one that is there) and issues the bundles it is given that
 do not exist yet: what compose's one-shot certs job runs, idempotent across restarts. `issue`
@@ -25,7 +25,15 @@ from typing import TypeVar
 from server.cli.one_process import CommandFailed, one_line_failure
 from server.cli.runner import add_command
 from server.mqtt_acl import mosquitto_acl
-from server.pki import Bundle, CertificateAuthority, Identity, Kind, PkiError
+from server.pki import (
+    COORDINATOR_REPLICAS,
+    MANAGER_REPLICAS,
+    Bundle,
+    CertificateAuthority,
+    Identity,
+    Kind,
+    PkiError,
+)
 
 T = TypeVar("T")
 
@@ -98,6 +106,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="ID",
         help="a manager replica's id: user service:manager-ID gets the manager's rights "
         "(its certificate: certs issue DIR service manager-ID); repeatable",
+    )
+    acl.add_argument(
+        "--coordinator-replica",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a coordinator replica's id: user service:coordinator-ID gets the coordinator's "
+        "rights (its certificate: certs issue DIR service coordinator-ID); repeatable",
     )
 
     listing = action("list", cmd_list, "the certificates issued, and which are revoked")
@@ -207,13 +223,21 @@ async def cmd_revoke(args: argparse.Namespace) -> int:
 async def cmd_mqtt_acl(args: argparse.Namespace) -> int:
     """Print (or write to --out) the MQTT ACL as a mosquitto acl_file: who may publish and read
     which topics, the same rules as the embedded broker's. Identities are certificate CNs; one
-    file for every proplet, so adding one changes nothing here; each manager replica is named
-    (mosquitto matches user names exactly).
+    file for every proplet, so adding one changes nothing here; each manager and coordinator
+    replica is named (mosquitto matches user names exactly).
     """
-    try:
-        text = mosquitto_acl(manager_replicas=args.manager_replica)
-    except ValueError as exc:
-        raise CommandFailed(f"--manager-replica: {exc}") from None
+    for option, service, ids in (
+        ("--manager-replica", MANAGER_REPLICAS, args.manager_replica),
+        ("--coordinator-replica", COORDINATOR_REPLICAS, args.coordinator_replica),
+    ):
+        for replica_id in ids:
+            try:
+                Identity(Kind.SERVICE, service.replica_service(replica_id))
+            except ValueError as exc:
+                raise CommandFailed(f"{option}: {exc}") from None
+    text = mosquitto_acl(
+        manager_replicas=args.manager_replica, coordinator_replicas=args.coordinator_replica
+    )
     if args.out is None:
         print(text, end="")
     else:

@@ -25,7 +25,14 @@ from server.grpc_server import ServiceBinding, channel
 from server.lifecycle import ServiceApp, for_serve, run_service, start_task, state_dir_from_env
 from server.mqtt import MqttSession
 from server.oci import oci_insecure_from_env
-from server.pki import Identity, Kind, load_private_key, read_identity, site_service
+from server.pki import (
+    COORDINATOR_REPLICAS,
+    Identity,
+    Kind,
+    load_private_key,
+    read_identity,
+    site_service,
+)
 from server.round_spec import DEFAULT_TIMEOUT_S
 from server.tensors import GRPC_OPTIONS
 
@@ -61,6 +68,9 @@ class CoordinatorConfig:
     # ("" = hostname-pid), how long the deadline or aggregation it claims stays leased to it
     # without renewal (a dead replica's rounds are taken over after at most this), and how
     # often a WatchRound reads what other replicas changed.
+    # Under mutual TLS a replica's certificate is the service `coordinator-{replica_id}` and
+    # the id is read from it (`from_env`): the broker makes the certificate's name the client
+    # id, so each replica needs its own.
     replica_id: str = setting("PROPELLER_COORDINATOR_REPLICA_ID", "")
     lease_s: float = setting("PROPELLER_COORDINATOR_LEASE_S", DEFAULT_LEASE_S)
     watch_poll_s: float = setting("PROPELLER_COORDINATOR_WATCH_POLL_S", 0.5)
@@ -111,7 +121,14 @@ class CoordinatorConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> CoordinatorConfig:
-        return cls(**settings_from_env(cls, env))
+        values = settings_from_env(cls, env)
+        tls = values["tls"]
+        values["replica_id"] = COORDINATOR_REPLICAS.replica_id_from(
+            values["replica_id"],
+            None if tls is None else tls.cert,
+            "PROPELLER_COORDINATOR_REPLICA_ID",
+        )
+        return cls(**values)
 
     @property
     def hierarchy(self) -> Hierarchy:

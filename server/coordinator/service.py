@@ -48,10 +48,14 @@ def check_update_header(header: tensor_pb2.UpdateHeader, field: str = "update.he
         raise InvalidArgument(f"{field}.contributors: a contributor is named twice")
 
 
-def event_to_proto(event: Event) -> coordinator_pb2.RoundEvent:
+def event_to_proto(event: Event, *, brief: bool = False) -> coordinator_pb2.RoundEvent:
+    """The event on the wire; with `brief` an accepted update's status leaves out the
+    round's per-participant lists (WatchRoundRequest.brief)."""
     return coordinator_pb2.RoundEvent(
         type=_EVENTS[event.type],
-        status=status_to_proto(event.round),
+        status=status_to_proto(
+            event.round, brief=brief and event.type is EventType.UPDATE_ACCEPTED
+        ),
         proplet_id=event.proplet_id,
         timestamp=event.timestamp,
     )
@@ -232,7 +236,7 @@ class CoordinatorServicer:
         async with grpc_errors(context, "Coordinator.WatchRound"):
             check_id(request.round_id, "round_id")
             async for event in self.coordinator.watch(request.round_id):
-                yield event_to_proto(event)
+                yield event_to_proto(event, brief=request.brief)
 
     async def ReportParticipantFailure(
         self, request: coordinator_pb2.ReportParticipantFailureRequest, context: Context
@@ -244,7 +248,7 @@ class CoordinatorServicer:
             rnd = await self.coordinator.participant_failed(
                 request.round_id, request.proplet_id, request.reason
             )
-            return status_to_proto(rnd)
+            return status_to_proto(rnd, brief=request.brief)
 
 
 def binding(coordinator: Coordinator) -> ServiceBinding:

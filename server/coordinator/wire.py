@@ -27,7 +27,7 @@ STATES: dict[RoundState, coordinator_pb2.RoundState] = {
     RoundState.COMPLETED: coordinator_pb2.ROUND_STATE_COMPLETED,
     RoundState.FAILED: coordinator_pb2.ROUND_STATE_FAILED,
 }
-_STATE_OF: dict[int, RoundState] = {int(v): k for k, v in STATES.items()}
+STATE_OF: dict[int, RoundState] = {int(v): k for k, v in STATES.items()}
 
 SpecMessage = coordinator_pb2.ConfigureRoundRequest | manager_pb2.StartExperimentRequest
 
@@ -103,24 +103,28 @@ def spec_fields(spec: RoundSpec) -> dict[str, Any]:
     }
 
 
-def status_to_proto(rnd: Round) -> coordinator_pb2.RoundStatus:
+def status_to_proto(rnd: Round, *, brief: bool = False) -> coordinator_pb2.RoundStatus:
+    """The round's status; `brief` leaves out its per-participant lists (participants,
+    reported, failed, audits), O(participants) each."""
     return message_from(
         coordinator_pb2.RoundStatus,
         rnd,
-        participants=rnd.participants,
+        participants=() if brief else rnd.participants,
         hyperparams=hyperparams_to_proto(rnd.hyperparams),
         state=STATES[rnd.state],
         completed=rnd.state is RoundState.COMPLETED,
         num_updates=rnd.num_updates,
-        reported=rnd.reported,
+        reported=() if brief else rnd.reported,
         metrics=dict(rnd.metrics),
         new_model_version=rnd.new_model_version or 0,
-        failed=[
+        failed=()
+        if brief
+        else [
             coordinator_pb2.ParticipantFailure(proplet_id=f.proplet_id, reason=f.reason)
             for f in rnd.failed
         ],
         audit=audit_to_proto(rnd.audit),
-        audits=[audit_record_to_proto(a) for a in rnd.audits],
+        audits=() if brief else [audit_record_to_proto(a) for a in rnd.audits],
     )
 
 
@@ -133,7 +137,7 @@ def status_from_proto(msg: coordinator_pb2.RoundStatus) -> Round:
         participants=tuple(msg.participants),
         hyperparams=hyperparams_from_proto(msg.hyperparams),
         specs=(),
-        state=_STATE_OF[msg.state],
+        state=STATE_OF[msg.state],
         reported=tuple(msg.reported),
         metrics=dict(msg.metrics),
         new_model_version=msg.new_model_version or None,

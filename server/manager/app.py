@@ -38,7 +38,7 @@ from server.manager.tasks import InMemoryTaskStore, Tasks, TaskStore
 from server.messages import ResultAck
 from server.mqtt import MqttSession
 from server.oci import oci_insecure_from_env
-from server.pki import PkiError, manager_replica_id, read_identity
+from server.pki import MANAGER_REPLICAS
 
 SERVICE_NAME: str = manager_pb2.DESCRIPTOR.services_by_name["Manager"].full_name
 
@@ -105,7 +105,10 @@ class ManagerConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ManagerConfig:
         values = settings_from_env(cls, env)
-        values["replica_id"] = _replica_id(values["replica_id"], values["tls"])
+        tls = values["tls"]
+        values["replica_id"] = MANAGER_REPLICAS.replica_id_from(
+            values["replica_id"], None if tls is None else tls.cert, "PROPELLER_MANAGER_REPLICA_ID"
+        )
         return cls(**values)
 
     @property
@@ -114,27 +117,6 @@ class ManagerConfig:
         if not self.database_url:
             return None
         return Replica(self.replica_id or default_replica_id(), self.lease_s, self.refresh_s)
-
-
-def _replica_id(given: str, tls: TlsConfig | None) -> str:
-    """PROPELLER_MANAGER_REPLICA_ID, or the id a manager replica's certificate names (service
-    `manager-{id}`): a replica is who its certificate says (given both, they must agree). The
-    single manager's certificate (`manager`) leaves the setting as it is."""
-    if tls is None:
-        return given
-    try:
-        identity = read_identity(tls.cert)
-    except PkiError as exc:
-        raise ValueError(f"TLS cert: {exc}") from None
-    from_cert = manager_replica_id(identity)
-    if from_cert is None:
-        return given
-    if given and given != from_cert:
-        raise ValueError(
-            f"PROPELLER_MANAGER_REPLICA_ID: {given!r}, but the certificate {tls.cert} is "
-            f"{identity}'s (replica {from_cert!r})"
-        )
-    return from_cert
 
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 from propeller.v1 import coordinator_pb2
-from server.coordinator.rounds import Round
-from server.coordinator.wire import spec_fields, status_from_proto
+from server.coordinator.rounds import Round, RoundState
+from server.coordinator.wire import STATE_OF, spec_fields, status_from_proto
 from server.errors import rpc_errors
 from server.round_spec import RoundSpec
 
@@ -23,16 +23,19 @@ class RoundService(Protocol):
         ...
 
     def watch_round(self, round_id: str, timeout_s: float) -> AsyncGenerator[Round, None]:
-        """The round as it is, then after each change, until it is finished or `timeout_s`
-        passed (DEADLINE_EXCEEDED)."""
+        """The round as it is, then after each change of its state (an accepted update is
+        not one), until it is finished or `timeout_s` passed (DEADLINE_EXCEEDED)."""
         ...
 
     async def start_round(self, round_id: str) -> Round: ...
 
     async def get_round_status(self, round_id: str) -> Round: ...
 
-    async def report_failure(self, round_id: str, proplet_id: str, reason: str) -> Round:
-        """`proplet_id` cannot report in `round_id` (its task failed or was stopped)."""
+    async def report_failure(self, round_id: str, proplet_id: str, reason: str) -> RoundState:
+        """`proplet_id` cannot report in `round_id` (its task failed or was stopped); the
+        round's state after it. Only the state: a burst of failures reported in a big round
+        must not cost O(participants) each (the coordinator answers without the round's
+        lists, `brief`)."""
         ...
 
 
@@ -63,12 +66,15 @@ class CoordinatorClient:
     async def watch_round(self, round_id: str, timeout_s: float) -> AsyncGenerator[Round, None]:
         # Bounded: a connection that died without a word would otherwise hold the watch
         # forever; the caller looks at the round's status after a timeout and watches again.
-        request = coordinator_pb2.WatchRoundRequest(round_id=round_id)
+        # Brief: the accepted updates' events, which the manager skips, come without the
+        # round's lists (O(participants) each).
+        request = coordinator_pb2.WatchRoundRequest(round_id=round_id, brief=True)
         call = self._stub.WatchRound(request, timeout=timeout_s)
         try:
             with rpc_errors("Coordinator.WatchRound"):
                 async for event in call:
-                    yield status_from_proto(event.status)
+                    if event.type != coordinator_pb2.ROUND_EVENT_TYPE_UPDATE_ACCEPTED:
+                        yield status_from_proto(event.status)
         finally:
             call.cancel()
 
@@ -79,8 +85,10 @@ class CoordinatorClient:
         request = coordinator_pb2.GetRoundStatusRequest(round_id=round_id)
         return await self._call("GetRoundStatus", request)
 
-    async def report_failure(self, round_id: str, proplet_id: str, reason: str) -> Round:
+    async def report_failure(self, round_id: str, proplet_id: str, reason: str) -> RoundState:
         request = coordinator_pb2.ReportParticipantFailureRequest(
-            round_id=round_id, proplet_id=proplet_id, reason=reason
+            round_id=round_id, proplet_id=proplet_id, reason=reason, brief=True
         )
-        return await self._call("ReportParticipantFailure", request)
+        with rpc_errors("Coordinator.ReportParticipantFailure"):
+            status = await self._stub.ReportParticipantFailure(request, timeout=self.timeout_s)
+        return STATE_OF[status.state]

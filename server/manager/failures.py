@@ -77,7 +77,7 @@ async def report_failure(
     delay = retry_initial_s
     while True:
         try:
-            rnd = await rounds.report_failure(round_id, proplet_id, reason)
+            state = await rounds.report_failure(round_id, proplet_id, reason)
         except TRANSIENT as exc:
             if clock() + delay > until:
                 log.warning(
@@ -103,6 +103,6 @@ async def report_failure(
             "[Manager.failures] round_id=%s proplet_id=%s reported failed; round %s",
             round_id,
             proplet_id,
-            rnd.state.value,
+            state.value,
         )
         return

@@ -122,6 +122,11 @@ class Manager:
     # Backoff of the background retries (fan-outs, failure reports): doubling up to the cap.
     retry_initial_s: float = 0.2
     retry_max_s: float = 5.0
+    # Task starts of one fan-out in flight at once. Each is a QoS 1 publish whose timeout
+    # counts from the call; thousands at once queue behind the MQTT client's own in-flight
+    # window and time out before they are even sent (3,000 at once did, on a loaded machine:
+    # docs/benchmarks.md, "Fleet"). A window keeps each publish's timeout for its delivery.
+    start_window: int = 64
     # The fan-out in flight per experiment id: a repeated request, or `run_fan_outs`, joins it.
     _fan_outs: dict[str, asyncio.Task[ExperimentStarted]] = field(
         default_factory=dict, init=False, repr=False
@@ -563,9 +568,13 @@ class Manager:
         # Every start that leaves is SCHEDULED on disk first: after a crash, a task that
         # may have run is never taken for one that never started.
         await self.persisted()
-        outcomes = await asyncio.gather(
-            *(self._publish_start(t) for t in starts), return_exceptions=True
-        )
+        window = asyncio.Semaphore(self.start_window)
+
+        async def publish(task: Task) -> None:
+            async with window:
+                await self._publish_start(task)
+
+        outcomes = await asyncio.gather(*(publish(t) for t in starts), return_exceptions=True)
         for task, outcome in zip(starts, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 if not isinstance(outcome, Exception):

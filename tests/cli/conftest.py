@@ -9,15 +9,9 @@ import pytest
 
 from server.config import MqttConfig
 from server.stack import Stack
-from tests.cli.helpers import Cli, make_cli
 from tests.support.cluster import cluster
 
 SEEDED = ("seed-a", "seed-b")
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
-    return make_cli(capsys)
 
 
 @pytest.fixture

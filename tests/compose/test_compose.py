@@ -65,6 +65,7 @@ from tests.support.cluster import round_notes
 from tests.support.infra import Mosquitto, OciRegistry, oci_registry
 from tests.support.ports import free_port
 from tests.support.processes import (
+    DEPLOYED_SERVICES,
     GRPC_SERVICES,
     LISTEN_VARS,
     ChildProcess,
@@ -85,16 +86,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 IMAGE_WORKDIR = "/app"
 
 # Compose service -> the `propeller-fl serve` service it runs.
-OURS = {
-    "manager": "manager",
-    "coordinator": "coordinator",
-    "aggregator": "aggregator",
-    "model-registry": "registry",
-    "local-data-store": "datastore",
-    "proplet": "proplet",
-    "proplet-2": "proplet",
-    "proplet-3": "proplet",
-}
+OURS = DEPLOYED_SERVICES
 PROPLETS = ("proplet", "proplet-2", "proplet-3")
 JOB = "push-wasm"
 # The one-shot job that makes the CA and every bundle on the certs volume (docs/security.md).

@@ -22,7 +22,6 @@ from server.console.app import Console, ConsoleConfig
 from tests.support.browser import Browser, browser
 from tests.support.clients import HYPER, V0
 from tests.support.cluster import Cluster, cluster
-from tests.support.infra import OciRegistry, push_wasm
 from tests.support.security import operator_tls
 from tests.support.waits import eventually
 
@@ -71,11 +70,8 @@ COLUMNS = (
 
 
 @pytest.fixture
-async def stack(
-    mqtt: MqttConfig, registry: OciRegistry, trainer_wasm: Path, tmp_path: Path
-) -> AsyncIterator[Cluster]:
-    image = push_wasm(registry, trainer_wasm, repo="fl-client-wasm", tag=uuid.uuid4().hex[:8])
-    async with cluster(mqtt, tmp_path, proplets=2, image=image) as c:
+async def stack(mqtt: MqttConfig, trainer_image: str, tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with cluster(mqtt, tmp_path, proplets=2, image=trainer_image) as c:
         yield c
 
 

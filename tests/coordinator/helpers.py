@@ -16,6 +16,7 @@ from server.coordinator.rounds import Update
 from server.coordinator.store import RoundUpdates, each_update
 from server.errors import AlreadyExists, NotFound, PropellerError
 from server.models import model_uri, parse_model_uri
+from server.round_spec import RoundSpec
 from server.tensors import Tensors, sha256_of, specs_of
 from tests.support.clients import TEST_MODULE
 
@@ -134,6 +135,25 @@ def make_update(
         metrics={"loss": loss},
         tensors={"w": np.array(w, dtype=np.float64), "b": np.array(b, dtype=np.float64)},
         module_digest=TEST_MODULE,
+    )
+
+
+# Three participants' updates over v0 (a, b and c with 10, 30 and 60 samples).
+UPDATES = [
+    make_update("a", [1.0, 2.0, 3.0], 1.0, 10, loss=0.9),
+    make_update("b", [0.0, -1.0, 4.0], -2.0, 30, loss=0.3),
+    make_update("c", [5.0, 5.0, 5.0], 0.5, 60, loss=0.1),
+]
+
+
+def round_of_three(round_id: str, k_of_n: int = 3) -> RoundSpec:
+    """A round of a, b and c (those of UPDATES) over v0, closing after 10 s."""
+    return RoundSpec(
+        round_id=round_id,
+        participants=("a", "b", "c"),
+        k_of_n=k_of_n,
+        timeout_s=10,
+        model_ref="fl/models/global_model_v0",
     )
 
 

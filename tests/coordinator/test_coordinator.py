@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from server.coordinator.coordinator import Coordinator, Event, EventType, RetryPolicy
-from server.coordinator.rounds import RoundState
+from server.coordinator.rounds import Round, RoundState
 from server.coordinator.store import MemoryRoundStore, update_headers
 from server.errors import (
     AlreadyExists,
@@ -24,7 +24,7 @@ from server.errors import (
 from server.round_spec import RoundSpec
 from server.tensors import sha256_of
 from server.topics import Topics
-from tests.coordinator.helpers import Clock, MemoryBackend, fedavg, make_update
+from tests.coordinator.helpers import UPDATES, Clock, MemoryBackend, fedavg, make_update
 from tests.support.waits import eventually
 
 TOPICS = Topics("unit", "fl")
@@ -61,11 +61,12 @@ def config(**kw: Any) -> RoundSpec:
     return RoundSpec(**args)
 
 
-UPDATES = [
-    make_update("a", [1.0, 2.0, 3.0], 1.0, 10, loss=0.9),
-    make_update("b", [0.0, -1.0, 4.0], -2.0, 30, loss=0.3),
-    make_update("c", [5.0, 5.0, 5.0], 0.5, 60, loss=0.1),
-]
+async def one_update_round(coord: Coordinator) -> Round:
+    """Round r1 started with k_of_n 1, given UPDATES[0]: the round once it has finished."""
+    await coord.configure(config(k_of_n=1), start=True)
+    await coord.submit("r1", UPDATES[0])
+    await coord.wait_finishing()
+    return await coord.get("r1")
 
 
 async def test_round_completes_at_k_of_n_and_announces_it() -> None:
@@ -241,10 +242,7 @@ async def test_transient_failures_are_retried() -> None:
     coord, backend, _, _ = make()
     backend.aggregate_errors = [Unavailable("aggregator down"), DeadlineExceeded("slow")]
     backend.put_errors = [Unavailable("registry down")]
-    await coord.configure(config(k_of_n=1), start=True)
-    await coord.submit("r1", UPDATES[0])
-    await coord.wait_finishing()
-    rnd = await coord.get("r1")
+    rnd = await one_update_round(coord)
     assert rnd.state is RoundState.COMPLETED
     assert (backend.aggregate_calls, backend.put_calls) == (3, 2)
     assert sorted(backend.models) == [0, 1]
@@ -254,10 +252,7 @@ async def test_a_write_that_landed_is_not_stored_twice() -> None:
     coord, backend, _, _ = make()
     backend.put_errors = [DeadlineExceeded("reply lost")]
     backend.put_lands = True
-    await coord.configure(config(k_of_n=1), start=True)
-    await coord.submit("r1", UPDATES[0])
-    await coord.wait_finishing()
-    rnd = await coord.get("r1")
+    rnd = await one_update_round(coord)
     assert rnd.state is RoundState.COMPLETED
     assert rnd.new_model_version == 1
     assert sorted(backend.models) == [0, 1]
@@ -298,10 +293,7 @@ async def test_a_retry_that_finds_another_rounds_identical_version_stores_its_ow
 async def test_persistent_failure_fails_the_round_with_reason() -> None:
     coord, backend, published, _ = make()
     backend.aggregate_errors = [Unavailable(f"aggregator down {i}") for i in range(10)]
-    await coord.configure(config(k_of_n=1), start=True)
-    await coord.submit("r1", UPDATES[0])
-    await coord.wait_finishing()
-    rnd = await coord.get("r1")
+    rnd = await one_update_round(coord)
     assert rnd.state is RoundState.FAILED
     assert "aggregation failed" in rnd.failure_reason
     assert "aggregator down 4" in rnd.failure_reason
@@ -312,10 +304,7 @@ async def test_persistent_failure_fails_the_round_with_reason() -> None:
 async def test_registry_that_stays_down_fails_the_round_with_reason() -> None:
     coord, backend, published, _ = make()
     backend.put_errors = [Unavailable(f"registry down {i}") for i in range(10)]
-    await coord.configure(config(k_of_n=1), start=True)
-    await coord.submit("r1", UPDATES[0])
-    await coord.wait_finishing()
-    rnd = await coord.get("r1")
+    rnd = await one_update_round(coord)
     assert rnd.state is RoundState.FAILED
     assert rnd.failure_reason.startswith("storing the new model failed: store model: 5 attempts")
     assert "registry down 4" in rnd.failure_reason
@@ -327,10 +316,7 @@ async def test_registry_that_stays_down_fails_the_round_with_reason() -> None:
 async def test_permanent_failure_is_not_retried() -> None:
     coord, backend, _, _ = make()
     backend.aggregate_errors = [InvalidArgument("updates[0]: bad")]
-    await coord.configure(config(k_of_n=1), start=True)
-    await coord.submit("r1", UPDATES[0])
-    await coord.wait_finishing()
-    rnd = await coord.get("r1")
+    rnd = await one_update_round(coord)
     assert rnd.state is RoundState.FAILED
     assert "updates[0]: bad" in rnd.failure_reason
     assert backend.aggregate_calls == 1
@@ -493,10 +479,7 @@ class FlakyPublish(Published):
 async def test_a_notification_that_could_not_be_published_stays_in_the_outbox() -> None:
     publish = FlakyPublish(failures=2)
     coord = Coordinator(MemoryRoundStore(), MemoryBackend(), publish, TOPICS)
-    await coord.configure(config(k_of_n=1), start=True)
-    await coord.submit("r1", UPDATES[0])
-    await coord.wait_finishing()
-    assert (await coord.get("r1")).state is RoundState.COMPLETED
+    assert (await one_update_round(coord)).state is RoundState.COMPLETED
     assert publish.messages == []
     [notice] = await coord.store.unsent()
     assert notice.round_id == "r1" and notice.topic == TOPICS.round_next

@@ -25,7 +25,7 @@ from server.errors import InvalidArgument, PermissionDenied
 from server.grpc_server import channel
 from server.pki import load_private_key
 from server.tensors import Tensors
-from tests.cli.helpers import Cli, flags, make_cli
+from tests.cli.helpers import Cli, flags
 from tests.coordinator.helpers import fedavg, make_update
 from tests.support.clients import Clients, clients
 from tests.support.cluster import LOCAL, round_services, serve_app
@@ -127,11 +127,6 @@ async def hierarchy(mqtt: MqttConfig, **root_settings: Any) -> AsyncIterator[Hie
             endpoints=root,
             mqtt=mqtt,
         )
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
-    return make_cli(capsys)
 
 
 @pytest.fixture

@@ -13,14 +13,17 @@ import grpc
 import numpy as np
 import pytest
 
-from propeller.v1 import coordinator_pb2
+from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc
 from server.config import MqttConfig
-from server.coordinator.rounds import Update
+from server.coordinator.rounds import RoundState, Update
+from server.grpc_server import channel
+from server.manager.coordinator import CoordinatorClient
 from server.tensors import Tensors
 from tests.coordinator.helpers import fedavg, make_update
 from tests.support.clients import Clients, clients
 from tests.support.cluster import round_notes, round_services
 from tests.support.ports import free_port
+from tests.support.security import service_tls
 from tests.test_round_spec import NOT_FINITE_OR_NEGATIVE
 
 V0 = "fl/models/global_model_v0"
@@ -223,12 +226,87 @@ async def test_watch_round_delivers_events_in_order(fl: Cluster) -> None:
     assert events[0].status.state == S.ROUND_STATE_COMPLETED
 
 
+async def test_a_brief_watch_tells_updates_without_the_lists(fl: Cluster) -> None:
+    """WatchRound with `brief`: an accepted update's event names its proplet and the count
+    so far, without the round's lists (O(participants) each, so O(participants^2) a round);
+    the snapshot and each change of state carry the full status. The manager's client
+    watches briefly and is told the changes of state only."""
+    await fl.configure(k_of_n=2, start=False)
+    call = fl.coordinator.WatchRound(
+        coordinator_pb2.WatchRoundRequest(round_id="r1", brief=True), timeout=30
+    )
+    async with channel(fl.coordinator_addr, service_tls("manager")) as chan:
+        client = CoordinatorClient(coordinator_pb2_grpc.CoordinatorStub(chan), timeout_s=10.0)
+        manager_view = client.watch_round("r1", 30)
+        assert (await anext(manager_view)).state is RoundState.PENDING
+        await fl.coordinator.StartRound(coordinator_pb2.StartRoundRequest(round_id="r1"))
+        await fl.submit("r1", UPDATES[0])
+        await fl.submit("r1", UPDATES[1])
+        events = [e async for e in call]
+        states = [r.state async for r in manager_view]
+    assert [(e.type, e.proplet_id) for e in events] == [
+        (S.ROUND_EVENT_TYPE_SNAPSHOT, ""),
+        (S.ROUND_EVENT_TYPE_STARTED, ""),
+        (S.ROUND_EVENT_TYPE_UPDATE_ACCEPTED, "a"),
+        (S.ROUND_EVENT_TYPE_UPDATE_ACCEPTED, "b"),
+        (S.ROUND_EVENT_TYPE_AGGREGATING, ""),
+        (S.ROUND_EVENT_TYPE_COMPLETED, ""),
+    ]
+    for e in events:
+        lists = (list(e.status.participants), list(e.status.reported))
+        if e.type == S.ROUND_EVENT_TYPE_UPDATE_ACCEPTED:
+            assert lists == ([], [])
+        else:
+            assert lists[0] == ["a", "b", "c"]
+    assert [e.status.num_updates for e in events] == [0, 0, 1, 2, 2, 2]
+    assert list(events[-1].status.reported) == ["a", "b"]
+    assert states == [
+        RoundState.OPEN,
+        RoundState.AGGREGATING,
+        RoundState.COMPLETED,
+    ]
+
+
 async def test_watch_round_ends_on_failure(fl: Cluster) -> None:
     await fl.configure(k_of_n=2, timeout_s=1.0)
     call = fl.coordinator.WatchRound(coordinator_pb2.WatchRoundRequest(round_id="r1"), timeout=30)
     events = [e async for e in call]
     assert [e.type for e in events] == [S.ROUND_EVENT_TYPE_SNAPSHOT, S.ROUND_EVENT_TYPE_FAILED]
     assert events[-1].status.failure_reason == "deadline passed with 0 of 2 updates"
+
+
+async def test_a_failure_report_is_answered_without_the_lists_when_brief(fl: Cluster) -> None:
+    """ReportParticipantFailure with `brief` (what the manager sends, through
+    `CoordinatorClient`): the round's state and counts, but none of its per-participant lists,
+    which a burst of reports in a big round would carry once per report; without it, the full
+    status. Either way the failure is recorded."""
+    await fl.configure(participants=["a", "b", "c", "d", "e"], min_k_of_n=1)
+    await fl.submit("r1", UPDATES[0])
+    async with channel(fl.coordinator_addr, service_tls("manager")) as chan:
+        client = CoordinatorClient(coordinator_pb2_grpc.CoordinatorStub(chan), timeout_s=10.0)
+        assert await client.report_failure("r1", "b", "task failed: trap") is RoundState.OPEN
+        stub = coordinator_pb2_grpc.CoordinatorStub(chan)
+        brief = await stub.ReportParticipantFailure(
+            coordinator_pb2.ReportParticipantFailureRequest(
+                round_id="r1", proplet_id="d", reason="lost", brief=True
+            ),
+            timeout=10,
+        )
+        assert (brief.state, brief.num_updates, brief.k_of_n) == (S.ROUND_STATE_OPEN, 1, 5)
+        assert (list(brief.participants), list(brief.reported), list(brief.failed)) == ([], [], [])
+        full = await stub.ReportParticipantFailure(
+            coordinator_pb2.ReportParticipantFailureRequest(
+                round_id="r1", proplet_id="c", reason="stopped"
+            ),
+            timeout=10,
+        )
+    assert full.state == S.ROUND_STATE_OPEN
+    assert list(full.participants) == ["a", "b", "c", "d", "e"] and list(full.reported) == ["a"]
+    assert [(f.proplet_id, f.reason) for f in full.failed] == [
+        ("b", "task failed: trap"),
+        ("d", "lost"),
+        ("c", "stopped"),
+    ]
 
 
 async def test_watch_unknown_round_is_not_found(fl: Cluster) -> None:
@@ -398,6 +476,7 @@ async def test_unreachable_aggregator_fails_the_round_with_reason(mqtt: MqttConf
 # ---- size ------------------------------------------------------------------------------
 
 
+@pytest.mark.process  # a long end-to-end case: 50 MB through every hop of a round
 async def test_fifty_megabyte_update(mqtt: MqttConfig) -> None:
     dimension = 50 * (1 << 20) // 8
     async with cluster(mqtt, dimension=dimension) as c:

@@ -17,8 +17,8 @@ from server.config import MqttConfig
 from server.coordinator.rounds import Update
 from server.tensors import Tensors
 from tests.coordinator.helpers import FedAdamReference, make_update
-from tests.support.clients import Clients, clients
-from tests.support.cluster import round_services
+from tests.support.clients import Clients
+from tests.support.cluster import round_clients
 
 S = coordinator_pb2
 V0 = "fl/models/global_model_v0"
@@ -39,10 +39,7 @@ STEPS = [
 
 @pytest.fixture
 async def fl(mqtt: MqttConfig) -> AsyncIterator[Clients]:
-    async with (
-        round_services(mqtt, dimension=3, rpc_timeout_s=30.0, tick_s=0.05) as services,
-        clients(services) as c,
-    ):
+    async with round_clients(mqtt) as c:
         yield c
 
 

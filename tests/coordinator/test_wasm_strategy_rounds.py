@@ -29,8 +29,8 @@ from server.oci import ImageRef, OciClient
 from server.tensors import Tensors
 from tests.conftest import load_wasm_build
 from tests.coordinator.helpers import make_update
-from tests.support.clients import Clients, clients
-from tests.support.cluster import round_services
+from tests.support.clients import Clients
+from tests.support.cluster import round_clients
 from tests.support.infra import OciRegistry, oci_registry
 
 pytestmark = pytest.mark.integration
@@ -127,10 +127,7 @@ def zig_modules(registry: OciRegistry) -> dict[str, str]:
 
 @pytest.fixture
 async def fl(mqtt: MqttConfig) -> AsyncIterator[Clients]:
-    async with (
-        round_services(mqtt, dimension=3, rpc_timeout_s=30.0, tick_s=0.05) as services,
-        clients(services) as c,
-    ):
+    async with round_clients(mqtt) as c:
         yield c
 
 

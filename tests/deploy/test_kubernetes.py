@@ -30,10 +30,10 @@ import yaml
 from server.config import TlsConfig
 from server.mqtt_acl import mosquitto_acl
 from server.pki import load_certificate, load_private_key, read_identity
-from tests.support.processes import GRPC_SERVICES, LISTEN_VARS
+from tests.support.processes import DEPLOYED_SERVICES, GRPC_SERVICES, LISTEN_VARS
 
-# kubectl runs as a child process (a renderer, no network): not "unit".
-pytestmark = pytest.mark.integration
+# kubectl runs as a child process (a renderer, no network): not "unit" (tests/conftest.py
+# tiers the directory "integration").
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -53,16 +53,7 @@ KUBERNETES_VERSIONS = ("1.30", "1.34")
 
 # Compose service -> the `propeller-fl serve` service it runs; the Kubernetes workload has the
 # compose service's name (it is also its DNS name, so every *_ADDR value stays the same).
-OURS = {
-    "manager": "manager",
-    "coordinator": "coordinator",
-    "aggregator": "aggregator",
-    "model-registry": "registry",
-    "local-data-store": "datastore",
-    "proplet": "proplet",
-    "proplet-2": "proplet",
-    "proplet-3": "proplet",
-}
+OURS = DEPLOYED_SERVICES
 JOBS = ("certs", "push-wasm")
 IMAGE = "propeller-fl"
 CERTS_DIR = "/certs"
@@ -74,11 +65,13 @@ SECRET_PREFIX = "certs-"
 PENDING_VARS = frozenset({"PROPELLER_DATABASE_URL", "PGPASSWORD"})
 # What scale-out changes in compose's environment: the broker it dials.
 SCALE_OUT_CHANGES = {"PROPELLER_MQTT_HOST": "nats"}
-# ...and, for the manager, whose pods are replicas each with its own certificate (the service
-# `manager-{ordinal}`, docs/deploy.md): the bundle each pod uses, by its name (POD_NAME, from
-# the pod's metadata, expanded by the kubelet).
+# ...and, for the manager and the coordinator, whose pods are replicas each with its own
+# certificate (the service `manager-{ordinal}` / `coordinator-{ordinal}`, docs/deploy.md): the
+# bundle each pod uses, by its name (POD_NAME, from the pod's metadata, expanded by the
+# kubelet).
+REPLICATED = ("manager", "coordinator")
 REPLICA_TLS_DIR = f"{CERTS_DIR}/service-$(POD_NAME)"
-MANAGER_REPLICA_CHANGES = {"PROPELLER_TLS_DIR": REPLICA_TLS_DIR}
+REPLICA_CHANGES = {"PROPELLER_TLS_DIR": REPLICA_TLS_DIR}
 REPLICA_VARS = frozenset({"POD_NAME"})
 
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
@@ -241,16 +234,17 @@ def test_scale_out_changes_only_the_broker_and_adds_only_the_database(
         command = compose_service(compose, name)["command"]
         if name == "certs":  # the broker's certificate names the host its clients dial
             command = ["mqtt=nats" if a == "mqtt=mosquitto" else a for a in command]
-            # ... and every manager replica has a certificate of its own.
-            for ordinal in range(found["manager"]["spec"]["replicas"]):
-                replica = f"manager-{ordinal}"
-                command += ["--service", f"{replica}=manager,{replica}.manager"]
+            # ... and every manager and coordinator replica has a certificate of its own.
+            for service in REPLICATED:
+                for ordinal in range(found[service]["spec"]["replicas"]):
+                    replica = f"{service}-{ordinal}"
+                    command += ["--service", f"{replica}={service},{replica}.{service}"]
         assert container["args"] == command, name
         expected = dict(compose_service(compose, name).get("environment", {}))
         expected.update({k: v for k, v in SCALE_OUT_CHANGES.items() if k in expected})
         extra = PENDING_VARS
-        if name == "manager":
-            expected.update(MANAGER_REPLICA_CHANGES)
+        if name in REPLICATED:
+            expected.update(REPLICA_CHANGES)
             extra |= REPLICA_VARS
         env = plain_env(container)
         assert {k: v for k, v in env.items() if k not in PENDING_VARS} == expected, name
@@ -266,6 +260,7 @@ def test_scale_out_changes_only_the_broker_and_adds_only_the_database(
     assert SCALE_OUT_CHANGES["PROPELLER_MQTT_HOST"] in objects(kustomization, "Service")
 
 
+@pytest.mark.process  # `certs init` and nats-server as child processes
 def test_the_nats_configuration_is_valid_for_nats_server(tmp_path: Path) -> None:
     """nats.conf as the pods get it (the ConfigMap, POD_NAME from the StatefulSet), checked by
     a real nats-server (`-t`: parse, load the TLS files, exit), with the broker's bundle."""
@@ -390,6 +385,7 @@ def test_every_bundle_issued_is_published_as_a_secret(kustomization: str) -> Non
     assert mounts["/publish/certs"] == "certs" and "/publish/kustomization.yaml" in mounts
 
 
+@pytest.mark.process  # `certs init` and kubectl on its output as child processes
 @pytest.mark.parametrize("kustomization", [BASE, SCALE_OUT])
 def test_the_certs_job_publishes_working_secrets(tmp_path: Path, kustomization: str) -> None:
     """The certs job's two steps, run here on its own arguments: `propeller-fl certs init`,
@@ -458,8 +454,8 @@ def test_every_pod_mounts_its_own_certificate_bundle_and_no_other(kustomization:
     for name in [*OURS, broker]:
         files = certs_volume(found[name])
         env = plain_env(pod_spec(found[name])["containers"][0])
-        if name == "manager" and kustomization != BASE:
-            manager_replicas_mount_their_bundles(found[name], files, published)
+        if name in REPLICATED and kustomization != BASE:
+            replicas_mount_their_bundles(found[name], files, published)
             continue
         bundle = Path(env["PROPELLER_TLS_DIR"]).name if name in OURS else "service-mqtt"
         assert files == {
@@ -478,14 +474,15 @@ def test_every_pod_mounts_its_own_certificate_bundle_and_no_other(kustomization:
                 assert bundle == "proplet-" + env["PROPLET_ID"], name
 
 
-def manager_replicas_mount_their_bundles(
-    manager: Mapping[str, Any], files: Mapping[str, str], published: Mapping[str, Any]
+def replicas_mount_their_bundles(
+    workload: Mapping[str, Any], files: Mapping[str, str], published: Mapping[str, Any]
 ) -> None:
-    """The manager's pods are replicas, manager-0, manager-1, ...: each uses the bundle of
-    the service of its own name (PROPELLER_TLS_DIR by POD_NAME, set before it so that the
-    kubelet expands it), which the certs job issues and publishes. A StatefulSet's pods share
-    one template, so each mounts every replica's bundle (docs/deploy.md says so)."""
-    container = pod_spec(manager)["containers"][0]
+    """A replicated service's pods (the manager's, the coordinator's) are replicas, e.g.
+    manager-0, manager-1, ...: each uses the bundle of the service of its own name
+    (PROPELLER_TLS_DIR by POD_NAME, set before it so that the kubelet expands it), which the
+    certs job issues and publishes. A StatefulSet's pods share one template, so each mounts
+    every replica's bundle (docs/deploy.md says so)."""
+    container = pod_spec(workload)["containers"][0]
     names = [e["name"] for e in container["env"]]
     assert names.index("POD_NAME") < names.index("PROPELLER_TLS_DIR")
     variables = {e["name"]: e for e in container["env"]}
@@ -493,8 +490,8 @@ def manager_replicas_mount_their_bundles(
     assert variables["PROPELLER_TLS_DIR"]["value"] == REPLICA_TLS_DIR
     assert variables["PROPELLER_TLS_CRL"]["value"] == f"{CERTS_DIR}/crl.pem"
     expected = {"crl.pem": CRL_SECRET}
-    for ordinal in range(manager["spec"]["replicas"]):
-        bundle = f"service-{manager['metadata']['name']}-{ordinal}"
+    for ordinal in range(workload["spec"]["replicas"]):
+        bundle = f"service-{workload['metadata']['name']}-{ordinal}"
         assert SECRET_PREFIX + bundle in published, f"{bundle} is never published"
         expected.update({f"{bundle}/{f}": SECRET_PREFIX + bundle for f in BUNDLE_FILES})
     assert files == expected

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from server.log_format import JsonFormatter
 from server.messages import TaskStart
 from tests.support.clients import HYPER, V0
 from tests.support.cluster import Cluster, cluster
-from tests.support.infra import OciRegistry, push_wasm
 from tests.support.waits import eventually
 
 PROPLETS = 2
@@ -47,12 +45,10 @@ def exporter() -> Iterator[InMemorySpanExporter]:
 async def stack(
     exporter: InMemorySpanExporter,
     mqtt: MqttConfig,
-    registry: OciRegistry,
-    trainer_wasm: Path,
+    trainer_image: str,
     tmp_path: Path,
 ) -> AsyncIterator[Cluster]:
-    image = push_wasm(registry, trainer_wasm, repo="fl-client-wasm", tag=uuid.uuid4().hex[:8])
-    async with cluster(mqtt, tmp_path, proplets=PROPLETS, image=image) as c:
+    async with cluster(mqtt, tmp_path, proplets=PROPLETS, image=trainer_image) as c:
         yield c
 
 

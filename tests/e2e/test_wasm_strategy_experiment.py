@@ -15,17 +15,12 @@ from pathlib import Path
 import pytest
 
 from server.config import MqttConfig
-from tests.cli.helpers import Cli, flags, make_cli
+from tests.cli.helpers import Cli, flags
 from tests.conftest import load_wasm_build
 from tests.coordinator.test_wasm_strategy_rounds import push
 from tests.support.clients import V0
 from tests.support.cluster import Cluster, cluster
 from tests.support.infra import OciRegistry
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
-    return make_cli(capsys)
 
 
 @pytest.fixture

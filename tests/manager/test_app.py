@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ from server.topics import Topics
 from tests.manager.fakes import (
     TASK_ENDPOINTS,
     WASM,
+    FakeCoordinator,
     FakeProplet,
+    RunningManager,
     experiment,
     fake_coordinator,
     mqtt_config,
@@ -244,16 +247,33 @@ async def test_task_request_errors(broker: Mosquitto, topics: Topics) -> None:
 # --- experiments -----------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def experiment_manager(
+    broker: Mosquitto, topics: Topics, image_registry: str, **settings: Any
+) -> AsyncIterator[tuple[FakeCoordinator, RunningManager]]:
+    """A manager whose coordinator is a `FakeCoordinator` and which resolves images at
+    `image_registry` (the `seed_image_registry` fixture); `settings`: other ManagerConfig
+    fields."""
+    async with (
+        fake_coordinator() as (coord, coord_addr),
+        running_manager(
+            broker.port,
+            topics,
+            coordinator_addr=coord_addr,
+            oci_registry=image_registry,
+            **settings,
+        ) as m,
+    ):
+        yield coord, m
+
+
 async def test_experiment_configures_round_and_starts_one_task_per_participant(
     broker: Mosquitto, topics: Topics, seed_image_registry: str, trainer_wasm: Path
 ) -> None:
     ids = ["p-1", "p-2", "p-3"]
     module = module_digest(await asyncio.to_thread(trainer_wasm.read_bytes))
     async with (
-        fake_coordinator() as (coord, coord_addr),
-        running_manager(
-            broker.port, topics, coordinator_addr=coord_addr, oci_registry=seed_image_registry
-        ) as m,
+        experiment_manager(broker, topics, seed_image_registry) as (coord, m),
         FakeProplet(broker.port, topics, ids[0]) as p1,
         FakeProplet(broker.port, topics, ids[1]) as p2,
         FakeProplet(broker.port, topics, ids[2]) as p3,
@@ -350,14 +370,7 @@ async def test_experiment_skips_unknown_and_dead_participants_and_says_so(
     broker: Mosquitto, topics: Topics, seed_image_registry: str
 ) -> None:
     async with (
-        fake_coordinator() as (coord, coord_addr),
-        running_manager(
-            broker.port,
-            topics,
-            coordinator_addr=coord_addr,
-            alive_window_s=1.0,
-            oci_registry=seed_image_registry,
-        ) as m,
+        experiment_manager(broker, topics, seed_image_registry, alive_window_s=1.0) as (coord, m),
         FakeProplet(broker.port, topics, "p-live", heartbeat_s=0.2) as live,
         FakeProplet(broker.port, topics, "p-dead", heartbeat_s=None) as dead,
     ):
@@ -394,10 +407,7 @@ async def test_experiment_with_no_live_participant_fails_without_configuring(
     broker: Mosquitto, topics: Topics, seed_image_registry: str
 ) -> None:
     async with (
-        fake_coordinator() as (coord, coord_addr),
-        running_manager(
-            broker.port, topics, coordinator_addr=coord_addr, oci_registry=seed_image_registry
-        ) as m,
+        experiment_manager(broker, topics, seed_image_registry) as (coord, m),
     ):
         err = await rpc_error(m.stub.StartExperiment(experiment("r-300", ["a", "b"])))
         assert err.code == grpc.StatusCode.FAILED_PRECONDITION
@@ -411,10 +421,7 @@ async def test_experiment_errors_keep_their_codes(
     broker: Mosquitto, topics: Topics, seed_image_registry: str
 ) -> None:
     async with (
-        fake_coordinator() as (_, coord_addr),
-        running_manager(
-            broker.port, topics, coordinator_addr=coord_addr, oci_registry=seed_image_registry
-        ) as m,
+        experiment_manager(broker, topics, seed_image_registry) as (_, m),
         FakeProplet(broker.port, topics, "p-1"),
     ):
         await until_alive(m.stub, "p-1")

@@ -6,7 +6,6 @@ every round, StopExperiment ends it."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,18 +19,14 @@ from server.manager.plan import Sampling, round_id_for, sample
 from tests.manager.fakes import FakeProplet
 from tests.support.clients import HYPER, V0
 from tests.support.cluster import Cluster, cluster
-from tests.support.infra import OciRegistry, push_wasm
 from tests.support.waits import eventually
 
 TIMEOUT = 90.0
 
 
 @pytest.fixture
-async def stack(
-    mqtt: MqttConfig, registry: OciRegistry, trainer_wasm: Path, tmp_path: Path
-) -> AsyncIterator[Cluster]:
-    image = push_wasm(registry, trainer_wasm, repo="fl-client-wasm", tag=uuid.uuid4().hex[:8])
-    async with cluster(mqtt, tmp_path, proplets=3, image=image) as c:
+async def stack(mqtt: MqttConfig, trainer_image: str, tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with cluster(mqtt, tmp_path, proplets=3, image=trainer_image) as c:
         yield c
 
 
@@ -229,11 +224,10 @@ async def test_stop_ends_the_experiment_and_no_round_follows(stack: Cluster) -> 
 
 
 async def test_a_failed_round_fails_the_experiment_saying_which_and_why(
-    mqtt: MqttConfig, registry: OciRegistry, trainer_wasm: Path, tmp_path: Path
+    mqtt: MqttConfig, trainer_image: str, tmp_path: Path
 ) -> None:
-    image = push_wasm(registry, trainer_wasm, repo="fl-client-wasm", tag=uuid.uuid4().hex[:8])
     async with (
-        cluster(mqtt, tmp_path, proplets=0, image=image) as c,
+        cluster(mqtt, tmp_path, proplets=0, image=trainer_image) as c,
         FakeProplet(mqtt.port, mqtt.topics, "p-broken") as broken,
     ):
         await c.wait_alive(["p-broken"])

@@ -92,11 +92,11 @@ class Rounds:
         self.rounds[round_id] = R.fail(self.rounds[round_id], reason, 2000.0)
         self.changed.set()
 
-    async def report_failure(self, round_id: str, proplet_id: str, reason: str) -> Round:
+    async def report_failure(self, round_id: str, proplet_id: str, reason: str) -> R.RoundState:
         self.failures.append((round_id, proplet_id, reason))
         rnd = R.participant_failed(await self.get_round_status(round_id), proplet_id, reason, 1.0)
         self.rounds[round_id] = rnd
-        return rnd
+        return rnd.state
 
 
 @dataclass
@@ -280,6 +280,32 @@ async def test_undeliverable_task_start_is_reported_not_claimed(world: World) ->
     assert skipped.reason.startswith("task start not delivered: mqtt: publish failed")
     (failed,) = world.manager.tasks.find(name_prefix="fl-round-r1-p2")
     assert failed.state is TaskState.FAILED and "not delivered" in failed.error
+
+
+async def test_a_big_fan_out_holds_at_most_its_window_of_starts_in_flight(
+    world: World,
+) -> None:
+    """A slow broker: each start waits for its acknowledgement. 200 participants go out
+    `start_window` at a time, never all at once, and every one of them is delivered."""
+    world.manager.start_window = 16
+    in_flight, peak = 0, 0
+
+    async def slow_publish(topic: str, payload: bytes) -> None:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.001)
+        in_flight -= 1
+        world.broker.published.append((topic, payload))
+
+    world.manager.publish = slow_publish
+    ids = [f"p{i}" for i in range(200)]
+    await announce(world, *ids)
+    started = await world.manager.start_experiment(config(ids))
+    assert len(started.experiment.scheduled) == 200 and started.experiment.skipped == []
+    starts = {TaskStart.from_json(p).proplet_id for t, p in world.broker.published}
+    assert starts == set(ids)
+    assert peak == 16
 
 
 async def test_start_task_publish_failure_leaves_task_pending(world: World) -> None:

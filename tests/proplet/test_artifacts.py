@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import urllib.request
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,13 @@ def task(image_url: str) -> TaskStart:
 
 def repo_name() -> str:
     return f"proplet-test/{uuid.uuid4().hex[:8]}"
+
+
+async def refusal(config: PropletConfig, image_url: str) -> str:
+    """The reason a fresh store gives for refusing to fetch `image_url`."""
+    with closing(ArtifactStore(config)) as store, pytest.raises(TaskFailed) as info:
+        await store.fetch(task(image_url))
+    return info.value.reason
 
 
 # ------------------------------------------------------------------ references
@@ -86,11 +94,8 @@ async def test_pulls_the_tag_it_names_not_latest(
     repo = repo_name()
     v1 = push(registry, tmp_path, wat.printing(b"v1"), repo, "v1")
     push(registry, tmp_path, wat.printing(b"latest"), repo, "latest")
-    store = ArtifactStore(proplet_config)
-    try:
+    with closing(ArtifactStore(proplet_config)) as store:
         artifact = await store.fetch(task(v1))
-    finally:
-        store.close()
     assert artifact.data == wat.printing(b"v1")
     assert artifact.sha256 == hashlib.sha256(wat.printing(b"v1")).hexdigest()
     assert artifact.source == "registry"
@@ -103,15 +108,12 @@ async def test_pull_by_digest_verifies_and_needs_no_network_when_warm(
     module = wat.printing(b"pinned")
     push(registry, tmp_path, module, repo, "v1")
     pinned = f"{registry.host}/{repo}@{manifest_digest(registry, repo, 'v1')}"
-    store = ArtifactStore(proplet_config)
-    try:
+    with closing(ArtifactStore(proplet_config)) as store:
         first = await store.fetch(task(pinned))
         assert first.data == module
         # A warm start: the manifest is pinned and the module compiled, so nothing is read.
         warm = await store.fetch(task(pinned), have=lambda sha: sha == first.sha256)
         assert (warm.sha256, warm.data, warm.source) == (first.sha256, None, "memory")
-    finally:
-        store.close()
 
 
 async def test_unknown_digest_and_tag_fail_with_the_registry_reason(
@@ -119,17 +121,11 @@ async def test_unknown_digest_and_tag_fail_with_the_registry_reason(
 ) -> None:
     repo = repo_name()
     push(registry, tmp_path, wat.hello(), repo, "v1")
-    store = ArtifactStore(proplet_config)
-    try:
-        with pytest.raises(TaskFailed) as wrong:
-            await store.fetch(task(f"{registry.host}/{repo}@sha256:{'0' * 64}"))
-        assert "manifest not found: HTTP 404" in wrong.value.reason
-        with pytest.raises(TaskFailed) as missing:
-            await store.fetch(task(f"{registry.host}/{repo}:nope"))
-        assert "manifest not found: HTTP 404" in missing.value.reason
-        assert "MANIFEST_UNKNOWN" in missing.value.reason
-    finally:
-        store.close()
+    wrong = await refusal(proplet_config, f"{registry.host}/{repo}@sha256:{'0' * 64}")
+    assert "manifest not found: HTTP 404" in wrong
+    missing = await refusal(proplet_config, f"{registry.host}/{repo}:nope")
+    assert "manifest not found: HTTP 404" in missing
+    assert "MANIFEST_UNKNOWN" in missing
 
 
 async def test_mirrors_map_image_hosts_to_reachable_registries(
@@ -138,22 +134,13 @@ async def test_mirrors_map_image_hosts_to_reachable_registries(
     repo = repo_name()
     push(registry, tmp_path, wat.printing(b"mirrored"), repo, "v1")
     config = with_changes(proplet_config, registry_mirrors={"local-registry:5000": registry.host})
-    store = ArtifactStore(config)
-    try:
+    with closing(ArtifactStore(config)) as store:
         artifact = await store.fetch(task(f"local-registry:5000/{repo}:v1"))
-    finally:
-        store.close()
     assert artifact.data == wat.printing(b"mirrored")
 
 
 async def test_unreachable_registry_fails_promptly(proplet_config: PropletConfig) -> None:
-    store = ArtifactStore(proplet_config)
-    try:
-        with pytest.raises(TaskFailed) as info:
-            await store.fetch(task(f"127.0.0.1:{free_port()}/x:v1"))
-    finally:
-        store.close()
-    assert "unreachable" in info.value.reason
+    assert "unreachable" in await refusal(proplet_config, f"127.0.0.1:{free_port()}/x:v1")
 
 
 async def test_disk_cache_is_used_and_corruption_is_repaired(
@@ -163,8 +150,7 @@ async def test_disk_cache_is_used_and_corruption_is_repaired(
     module = wat.printing(b"cached")
     url = push(registry, tmp_path, module, repo, "v1")
     sha = hashlib.sha256(module).hexdigest()
-    store = ArtifactStore(proplet_config)
-    try:
+    with closing(ArtifactStore(proplet_config)) as store:
         await store.fetch(task(url))
         cached = proplet_config.work_dir / "modules" / f"{sha}.wasm"
         assert cached.read_bytes() == module
@@ -173,8 +159,6 @@ async def test_disk_cache_is_used_and_corruption_is_repaired(
         again = await store.fetch(task(url))
         assert (again.source, again.data) == ("registry", module)
         assert cached.read_bytes() == module
-    finally:
-        store.close()
 
 
 async def test_proplet_runs_images_by_tag_and_digest(
@@ -202,14 +186,9 @@ async def test_tampered_blob_is_refused(proplet_config: PropletConfig) -> None:
         reg.blobs[digest_of(module)] = module[:-1] + bytes(
             [module[-1] ^ 1]
         )  # same size, other content
-        store = ArtifactStore(proplet_config)
-        try:
-            with pytest.raises(TaskFailed) as info:
-                await store.fetch(task(f"{reg.host}/evil:v1"))
-        finally:
-            store.close()
-    assert "blob digest mismatch" in info.value.reason
-    assert digest_of(module) in info.value.reason
+        reason = await refusal(proplet_config, f"{reg.host}/evil:v1")
+    assert "blob digest mismatch" in reason
+    assert digest_of(module) in reason
     assert not (proplet_config.work_dir / "modules").exists() or not any(
         (proplet_config.work_dir / "modules").iterdir()
     )
@@ -226,13 +205,8 @@ async def test_manifest_not_matching_its_pinned_digest_is_refused(
         other = wat.printing(b"swapped")
         reg.manifests[f"evil/{pinned}"] = wasm_manifest(digest_of(other), len(other))
         reg.blobs[digest_of(other)] = other
-        store = ArtifactStore(proplet_config)
-        try:
-            with pytest.raises(TaskFailed) as info:
-                await store.fetch(task(f"{reg.host}/evil@{pinned}"))
-        finally:
-            store.close()
-    assert "manifest digest mismatch" in info.value.reason
+        reason = await refusal(proplet_config, f"{reg.host}/evil@{pinned}")
+    assert "manifest digest mismatch" in reason
 
 
 async def test_tampered_image_fails_the_task_and_the_proplet_carries_on(

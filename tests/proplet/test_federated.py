@@ -75,6 +75,20 @@ def round_env(world: RoundWorld, round_id: str = "r1", **extra: str) -> dict[str
     return env
 
 
+async def round_failure(
+    probe: ManagerProbe,
+    world: RoundWorld,
+    module: bytes | None,
+    *,
+    image_url: str = "",
+    **extra: str,
+) -> str:
+    """The reason a round task of `module` (or `image_url`), `extra` in its environment, FAILED."""
+    result = await probe.run(module, image_url=image_url, env=round_env(world, **extra))
+    assert result.state == FAILED, (result.state, result.error)
+    return result.error
+
+
 def full_batch_step(
     x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], w: np.ndarray[Any, Any], b: float, lr: float
 ) -> tuple[np.ndarray[Any, Any], float]:
@@ -178,15 +192,14 @@ async def test_a_round_task_runs_its_rounds_module_and_no_other(
 ) -> None:
     module = wat.json_printer(printed_update(proplet.proplet_id))
     pinned = module_digest(b"the module the round pinned")
-    result = await probe.run(module, env=round_env(world, MODULE_DIGEST=pinned))
-    assert result.state == FAILED
-    assert result.error == (
+    error = await round_failure(probe, world, module, MODULE_DIGEST=pinned)
+    assert error == (
         f"module digest mismatch: the task's module is {module_digest(module)}, round 'r1' "
         f"pinned {pinned}; not run"
     )
     assert world.updates == []
-    bad = await probe.run(module, env=round_env(world, MODULE_DIGEST="sha256:nope"))
-    assert bad.state == FAILED and bad.error.startswith("MODULE_DIGEST: 'sha256:nope' is not")
+    bad = await round_failure(probe, world, module, MODULE_DIGEST="sha256:nope")
+    assert bad.startswith("MODULE_DIGEST: 'sha256:nope' is not")
 
 
 async def test_a_repeated_round_task_is_reported_as_duplicate(
@@ -229,9 +242,8 @@ async def test_services_default_to_the_configured_endpoints(
 async def test_output_that_is_not_one_json_object_fails(
     proplet: Proplet, probe: ManagerProbe, world: RoundWorld, stdout: bytes, reason: str
 ) -> None:
-    result = await probe.run(wat.printing(stdout, exit_code=0), env=round_env(world))
-    assert result.state == FAILED
-    assert result.error.startswith(reason), result.error
+    error = await round_failure(probe, world, wat.printing(stdout, exit_code=0))
+    assert error.startswith(reason), error
     assert world.updates == []
 
 
@@ -263,10 +275,9 @@ async def test_updates_that_do_not_fit_the_round_or_model_fail(
     reason: str,
 ) -> None:
     printed = printed_update(proplet.proplet_id, changes)
-    result = await probe.run(wat.json_printer(printed), env=round_env(world))
-    assert result.state == FAILED
-    assert result.error.startswith("invalid update: "), result.error
-    assert reason in result.error, result.error
+    error = await round_failure(probe, world, wat.json_printer(printed))
+    assert error.startswith("invalid update: "), error
+    assert reason in error, error
     assert world.updates == []
 
 
@@ -274,9 +285,8 @@ async def test_non_finite_update_fails(
     proplet: Proplet, probe: ManagerProbe, world: RoundWorld
 ) -> None:
     text = json.dumps(printed_update(proplet.proplet_id)).replace("3.0", "NaN")
-    result = await probe.run(wat.printing(text.encode(), exit_code=0), env=round_env(world))
-    assert result.state == FAILED
-    assert "update.w: contains NaN or Inf" in result.error
+    error = await round_failure(probe, world, wat.printing(text.encode(), exit_code=0))
+    assert "update.w: contains NaN or Inf" in error
 
 
 async def test_a_missing_update_field_fails(
@@ -292,24 +302,19 @@ async def test_coordinator_rejection_is_the_reason(
     proplet: Proplet, probe: ManagerProbe, world: RoundWorld
 ) -> None:
     world.reject = (grpc.StatusCode.FAILED_PRECONDITION, "round r1 is not open")
-    result = await probe.run(
-        wat.json_printer(printed_update(proplet.proplet_id)), env=round_env(world)
-    )
-    assert result.state == FAILED
-    assert result.error == "coordinator rejected update: FAILED_PRECONDITION: round r1 is not open"
+    error = await round_failure(probe, world, wat.json_printer(printed_update(proplet.proplet_id)))
+    assert error == "coordinator rejected update: FAILED_PRECONDITION: round r1 is not open"
 
 
 async def test_unknown_model_or_dataset_fails_before_running(
     proplet: Proplet, probe: ManagerProbe, world: RoundWorld
 ) -> None:
     module = wat.json_printer(printed_update(proplet.proplet_id))
-    no_model = await probe.run(module, env=round_env(world, MODEL_URI="fl/models/global_model_v99"))
-    assert no_model.state == FAILED
-    assert "GetModel fl/models/global_model_v99: NOT_FOUND" in no_model.error
+    no_model = await round_failure(probe, world, module, MODEL_URI="fl/models/global_model_v99")
+    assert "GetModel fl/models/global_model_v99: NOT_FOUND" in no_model
     del world.datasets[proplet.proplet_id]
-    no_data = await probe.run(module, env=round_env(world))
-    assert no_data.state == FAILED
-    assert f"GetDataset {proplet.proplet_id}: NOT_FOUND" in no_data.error
+    no_data = await round_failure(probe, world, module)
+    assert f"GetDataset {proplet.proplet_id}: NOT_FOUND" in no_data
     assert world.updates == []
 
 
@@ -412,9 +417,8 @@ def test_round_task_env_names_round_model_and_default_services() -> None:
 async def test_a_missing_module_fails_a_round_task_with_its_reason(
     proplet: Proplet, probe: ManagerProbe, world: RoundWorld, tmp_path: Path
 ) -> None:
-    result = await probe.run(image_url=f"file://{tmp_path / 'gone.wasm'}", env=round_env(world))
-    assert result.state == FAILED
-    assert result.error.startswith("image_url: cannot read")
+    error = await round_failure(probe, world, None, image_url=f"file://{tmp_path / 'gone.wasm'}")
+    assert error.startswith("image_url: cannot read")
     assert world.updates == []
 
 
@@ -489,13 +493,12 @@ async def test_an_evaluation_keeps_only_the_modules_count_and_metrics(
     }
     # The test part of 16 samples is 3: a module claiming more is not believed.
     too_many = {"num_samples": 4, "metrics": {"loss": 0.5}}
-    bad = await probe.run(wat.json_printer(too_many), env=round_env(world, FL_TASK="evaluate"))
-    assert bad.state == FAILED
-    assert bad.error.startswith("invalid evaluation: num_samples 4 exceeds the 3 samples")
-    no_metrics = await probe.run(
-        wat.json_printer({"num_samples": 2}), env=round_env(world, FL_TASK="evaluate")
+    bad = await round_failure(probe, world, wat.json_printer(too_many), FL_TASK="evaluate")
+    assert bad.startswith("invalid evaluation: num_samples 4 exceeds the 3 samples")
+    no_metrics = await round_failure(
+        probe, world, wat.json_printer({"num_samples": 2}), FL_TASK="evaluate"
     )
-    assert no_metrics.state == FAILED and no_metrics.error.startswith("invalid evaluation")
+    assert no_metrics.startswith("invalid evaluation")
     assert world.updates == []
 
 
@@ -517,9 +520,8 @@ async def test_bad_task_kind_or_split_fails_naming_the_variable(
     proplet: Proplet, probe: ManagerProbe, world: RoundWorld, extra: dict[str, str], reason: str
 ) -> None:
     module = wat.json_printer(printed_update(proplet.proplet_id))
-    result = await probe.run(module, env=round_env(world, **extra))
-    assert result.state == FAILED
-    assert result.error.startswith(reason), result.error
+    error = await round_failure(probe, world, module, **extra)
+    assert error.startswith(reason), error
     assert world.dataset_requests == [] and world.updates == []
 
 

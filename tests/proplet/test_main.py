@@ -3,10 +3,8 @@ until SIGTERM, then exiting cleanly, and staying within its limits whatever a mo
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -17,6 +15,7 @@ from server.topics import Topics
 from tests.proplet import wat
 from tests.proplet.conftest import ManagerProbe
 from tests.support.infra import Mosquitto
+from tests.support.processes import ChildProcess, started
 from tests.support.security import proplet_tls, tls_env
 from tests.support.waits import eventually
 
@@ -26,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @contextlib.asynccontextmanager
 async def proplet_process(
     broker: Mosquitto, topics: Topics, probe: ManagerProbe, work: Path, **settings: str
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """A proplet process with `settings` (PROPLET_* variables), announced to `probe`; its
+) -> AsyncIterator[tuple[ChildProcess, str]]:
+    """`python -m proplet` with `settings` (PROPLET_* variables), announced to `probe`; its
     stdin is a pipe that stays open and silent (a module that could read it would wait).
     Killed on the way out if it is still running."""
     proplet_id = f"proc-{uuid.uuid4().hex[:8]}"
@@ -42,23 +41,11 @@ async def proplet_process(
         "PROPELLER_CHANNEL_ID": topics.channel,
         **settings,
     }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proplet",
-        cwd=ROOT,
-        env=env,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
+    argv = [sys.executable, "-m", "proplet"]
+    process = ChildProcess("proplet", argv, work.parent / "logs", env=env, cwd=ROOT, stdin="pipe")
+    with started(process):
         await probe.wait_until(lambda: any(a.proplet_id == proplet_id for a in probe.created))
-        yield proc, proplet_id
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        yield process, proplet_id
 
 
 def peak_rss(pid: int) -> int:
@@ -79,10 +66,8 @@ async def test_entry_point_serves_tasks_until_sigterm(
     async with proplet_process(broker, topics, probe, tmp_path / "work") as (proc, proplet_id):
         result = await probe.run(wat.hello(), proplet_id=proplet_id)
         assert (result.state, result.results) == (COMPLETED, "hello from wasm\n")
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(proc.communicate(), 20)
-    assert proc.returncode == 0, stderr.decode()[-2000:]
-    assert b"stopped" in stderr
+        assert await proc.terminate_async(20) == 0, proc.tail()
+    assert "stopped" in proc.log_text(), proc.tail()
 
 
 MEMORY_LIMIT = 64 << 20

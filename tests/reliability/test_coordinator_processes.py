@@ -10,7 +10,7 @@ front of the real one does it. Mosquitto is real. Every wait is a poll with a bo
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import signal
 import sqlite3
@@ -24,21 +24,17 @@ import grpc
 import numpy as np
 import pytest
 
-from propeller.v1 import aggregator_pb2_grpc, coordinator_pb2
-from server.aggregator.app import AggregatorApp, AggregatorConfig
+from propeller.v1 import coordinator_pb2
 from server.aggregator.service import AggregatorServicer
 from server.config import MqttConfig
 from server.coordinator.rounds import Update
 from server.faults import KILL_AT_ENV
-from server.grpc_server import ServiceBinding
-from server.registry.app import RegistryApp, RegistryConfig
 from server.tensors import Tensors
 from server.topics import Topics
 from tests.coordinator.helpers import fedavg
-from tests.support.clients import CLOSED, V0, Clients, clients
-from tests.support.cluster import LOCAL, round_notes, round_services, serve_app
-from tests.support.processes import ServiceProcess, mqtt_env, service_process
-from tests.support.security import service_tls
+from tests.support.clients import CLOSED, V0, clients
+from tests.support.cluster import coordinator_process, round_notes, round_services, running
+from tests.support.processes import service_process
 from tests.support.waits import eventually
 
 log = logging.getLogger(__name__)
@@ -47,6 +43,8 @@ T = TypeVar("T")
 S = coordinator_pb2
 FINISHED = CLOSED
 DIMENSION = 20_000  # 160 KB per update: the BLOBs are not trivially small
+# The coordinator process under test, its registry holding v0 of DIMENSION zeros.
+setup = functools.partial(coordinator_process, dimension=DIMENSION)
 
 
 def make_updates() -> list[Update]:
@@ -64,68 +62,6 @@ def make_updates() -> list[Update]:
 
 
 UPDATES = make_updates()
-
-
-@contextlib.asynccontextmanager
-async def setup(
-    mqtt: MqttConfig,
-    tmp_path: Path,
-    *,
-    aggregator: Any = None,
-    front: RegistryFront | None = None,
-    **env: str,
-) -> AsyncIterator[tuple[ServiceProcess, Clients]]:
-    """A model registry holding v0 (`DIMENSION` zeros) in this process, `front` in front of it
-    if given; an aggregator in this process (or the `aggregator` servicer in its place, or
-    the address of one elsewhere); and the coordinator process (not started) configured for
-    them by `env` on top of the defaults. Yields the process and a client of the registry."""
-    async with contextlib.AsyncExitStack() as stack:
-        if not isinstance(aggregator, str):
-            bindings = None
-            if aggregator is not None:
-                add = aggregator_pb2_grpc.add_AggregatorServicer_to_server
-                bindings = [ServiceBinding("propeller.v1.Aggregator", aggregator, add)]
-            aggregator = await stack.enter_async_context(
-                serve_app(
-                    AggregatorApp(AggregatorConfig(LOCAL, tls=service_tls("aggregator"))),
-                    bindings=bindings,
-                    tls=service_tls("aggregator"),
-                )
-            )
-        app = RegistryApp(RegistryConfig(LOCAL, tls=service_tls("registry")))
-        real = app.bindings[0]
-        bindings = None
-        if front is not None:
-            front.real = real.servicer
-            bindings = [replace(real, servicer=front)]
-        registry = await stack.enter_async_context(
-            serve_app(app, bindings=bindings, tls=service_tls("registry"))
-        )
-        reg = await stack.enter_async_context(clients({"registry": registry}))
-        await reg.init_model(DIMENSION)
-        settings = {
-            **mqtt_env(mqtt),
-            "AGGREGATOR_ADDR": aggregator,
-            "MODEL_REGISTRY_ADDR": registry,
-            "PROPELLER_STATE_DIR": str(tmp_path / "state"),
-            "PROPELLER_COORDINATOR_TICK_S": "0.05",
-            "PROPELLER_COORDINATOR_RPC_TIMEOUT_S": "10",
-            "PROPELLER_LOG_LEVEL": "INFO",
-            # No data store here: num_samples is not capped by dataset sizes.
-            "PROPELLER_NUM_SAMPLES_CAP": "none",
-            **env,
-        }
-        coord = stack.enter_context(service_process("coordinator", settings, tmp_path))
-        yield coord, reg
-
-
-@contextlib.asynccontextmanager
-async def running(proc: ServiceProcess) -> AsyncIterator[Clients]:
-    """Start the process, wait until it serves, and give a client of this run."""
-    seconds = await proc.restart()
-    log.info("[test] %s run %d serving after %.2fs", proc.service, proc.starts, seconds)
-    async with clients({"coordinator": proc.addr}) as client:
-        yield client
 
 
 async def never_killed_sha256(
@@ -164,7 +100,7 @@ def assert_fedavg(actual: Tensors, round_updates: list[Update]) -> None:
 async def test_kill_after_two_acknowledged_updates_loses_nothing(
     mqtt: MqttConfig, tmp_path: Path
 ) -> None:
-    async with setup(mqtt, tmp_path) as (coord, reg):
+    async with setup(mqtt, tmp_path) as (coord, reg, _):
         async with running(coord) as c:
             before = await c.configure("r1", k_of_n=3, timeout_s=120)
             for i, u in enumerate(UPDATES[:2]):
@@ -208,7 +144,7 @@ async def test_kill_after_two_acknowledged_updates_loses_nothing(
 async def test_duplicate_after_a_restart_is_accepted_but_not_counted(
     mqtt: MqttConfig, tmp_path: Path
 ) -> None:
-    async with setup(mqtt, tmp_path) as (coord, reg):
+    async with setup(mqtt, tmp_path) as (coord, reg, _):
         async with running(coord) as c:
             await c.configure("r1", k_of_n=3, timeout_s=120)
             await c.submit("r1", UPDATES[0])
@@ -230,7 +166,7 @@ async def test_duplicate_after_a_restart_is_accepted_but_not_counted(
 
 async def test_the_deadline_survives_a_restart(mqtt: MqttConfig, tmp_path: Path) -> None:
     timeout_s = 6.0
-    async with setup(mqtt, tmp_path) as (coord, reg):
+    async with setup(mqtt, tmp_path) as (coord, reg, _):
         async with running(coord) as c:
             before = await c.configure("r1", k_of_n=3, timeout_s=timeout_s)
             await c.submit("r1", UPDATES[1])
@@ -259,7 +195,7 @@ async def test_the_deadline_survives_a_restart(mqtt: MqttConfig, tmp_path: Path)
 async def test_rounds_whose_deadline_passed_while_down_close_on_restart(
     mqtt: MqttConfig, tmp_path: Path
 ) -> None:
-    async with setup(mqtt, tmp_path) as (coord, reg):
+    async with setup(mqtt, tmp_path) as (coord, reg, _):
         async with running(coord) as c:
             one = await c.configure("r-one", k_of_n=3, timeout_s=1.5)
             none = await c.configure("r-none", k_of_n=2, timeout_s=1.5)
@@ -290,7 +226,11 @@ async def test_a_notification_cut_off_by_a_kill_is_published_after_the_restart(
     """Killed between committing the completion (with its notification, the outbox) and
     publishing it: the restarted coordinator publishes it (at least once)."""
     async with (
-        setup(mqtt, tmp_path, PROPELLER_TEST_KILL_AT="coordinator.round_completed") as (coord, reg),
+        setup(
+            mqtt,
+            tmp_path,
+            PROPELLER_TEST_KILL_AT="coordinator.round_completed",
+        ) as (coord, reg, _),
         round_notes(mqtt) as notes,
     ):
         assert KILL_AT_ENV in coord.env
@@ -346,7 +286,7 @@ async def test_aggregator_down_at_close_is_retried_until_it_is_back(
             PROPELLER_COORDINATOR_RETRY_ATTEMPTS="30",
             PROPELLER_COORDINATOR_RETRY_BACKOFF_S="0.1",
             PROPELLER_COORDINATOR_RETRY_MAX_BACKOFF_S="1",
-        ) as (coord, reg):
+        ) as (coord, reg, _):
             async with running(coord) as c:
                 await c.configure("r1", k_of_n=1, timeout_s=120)
                 closed = time.monotonic()
@@ -377,6 +317,10 @@ class RegistryFront:
         self.hold_replies = hold_replies
         self.puts = 0
         self.landed = asyncio.Event()
+
+    def in_front_of(self, real: Any) -> RegistryFront:
+        self.real = real
+        return self
 
     async def InitModel(self, request: Any, context: Any) -> Any:
         return await self.real.InitModel(request, context)
@@ -414,7 +358,7 @@ async def test_a_lost_registry_reply_does_not_store_the_model_twice(
     mqtt: MqttConfig, tmp_path: Path
 ) -> None:
     front = RegistryFront(lose_replies=1)
-    async with setup(mqtt, tmp_path, front=front) as (coord, reg):
+    async with setup(mqtt, tmp_path, registry_front=front.in_front_of) as (coord, reg, _):
         async with running(coord) as c:
             await c.configure("r1", k_of_n=2, timeout_s=120)
             await c.submit("r1", UPDATES[0])
@@ -435,7 +379,7 @@ async def test_stopped_while_the_registry_write_is_unanswered(
     """The model is stored but the coordinator stops before it hears so: after the restart it
     aggregates again, finds those bytes in the registry and records that version."""
     front = RegistryFront(hold_replies=True)
-    async with setup(mqtt, tmp_path, front=front) as (coord, reg):
+    async with setup(mqtt, tmp_path, registry_front=front.in_front_of) as (coord, reg, _):
         async with running(coord) as c:
             await c.configure("r1", k_of_n=2, timeout_s=120)
             await c.submit("r1", UPDATES[1])
@@ -468,7 +412,7 @@ async def test_stopped_while_the_registry_write_is_unanswered(
 async def test_sigterm_with_an_open_round_exits_cleanly_and_the_round_continues(
     mqtt: MqttConfig, tmp_path: Path
 ) -> None:
-    async with setup(mqtt, tmp_path) as (coord, reg):
+    async with setup(mqtt, tmp_path) as (coord, reg, _):
         async with running(coord) as c:
             before = await c.configure("r1", k_of_n=3, timeout_s=120)
             await c.submit("r1", UPDATES[0])
@@ -523,7 +467,7 @@ async def test_sigterm_during_aggregation_exits_cleanly_and_the_round_completes_
     mqtt: MqttConfig, tmp_path: Path
 ) -> None:
     gate = GatedAggregator()
-    async with setup(mqtt, tmp_path, aggregator=gate) as (coord, reg):
+    async with setup(mqtt, tmp_path, aggregator=gate) as (coord, reg, _):
         async with running(coord) as c:
             await c.configure("r1", k_of_n=2, timeout_s=120)
             await c.submit("r1", UPDATES[0])

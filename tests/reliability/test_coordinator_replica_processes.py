@@ -8,6 +8,14 @@ coordinator that was never interrupted makes from the same updates.
 The updates are sent as the proplets send them (`Clients.submit`: signed metadata, streamed
 tensors), half to each replica. The registry and the aggregator run in this process
 (`test_coordinator_processes.setup`); Mosquitto and PostgreSQL are real.
+
+Under mutual TLS, as deployed: each replica has a certificate of its own, the service
+`coordinator-{replica_id}`, from which it takes its replica id (the leases name it) and which
+the broker makes its client id; the broker is a Mosquitto of the test's own whose ACL names
+both replicas (`certs mqtt-acl --coordinator-replica`). Neither takes the other's MQTT session
+over, the round's notice (published by a replica) reaches a subscriber, and the registry and
+the aggregator take a replica's calls as the coordinator's (docs/reliability.md,
+"Coordinator replicas").
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -23,14 +32,14 @@ import pytest
 from propeller.v1 import coordinator_pb2
 from server.config import MqttConfig
 from server.faults import KILL_AT_ENV
-from tests.reliability.test_coordinator_processes import (
-    UPDATES,
-    never_killed_sha256,
-    running,
-    setup,
-)
+from server.pki import coordinator_replica_service
+from server.topics import Topics
+from tests.reliability.test_coordinator_processes import UPDATES, never_killed_sha256, setup
 from tests.support.clients import Clients
+from tests.support.cluster import round_notes, running
+from tests.support.infra import Mosquitto, mosquitto
 from tests.support.processes import ServiceProcess, service_process
+from tests.support.security import service_tls, session_ca, tls_env
 from tests.support.state import StateBackend
 from tests.support.waits import eventually
 
@@ -38,13 +47,43 @@ pytestmark = pytest.mark.process
 
 S = coordinator_pb2
 LEASE_S = "2"
+REPLICAS = ("replica-a", "replica-b")
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """The deployed broker (TLS, CN as user name and client id, the ACL) naming the two
+    replicas, as `certs mqtt-acl --coordinator-replica replica-a --coordinator-replica
+    replica-b` writes it."""
+    with mosquitto(tmp_path / "mosquitto", ca=session_ca(), coordinator_replicas=REPLICAS) as b:
+        yield b
+
+
+@pytest.fixture
+def mqtt(broker: Mosquitto, topics: Topics) -> MqttConfig:
+    return MqttConfig(port=broker.port, topics=topics)
+
+
+def replica(replica_id: str) -> dict[str, str]:
+    """What makes a coordinator process the replica `replica_id`: its own certificate, the
+    service `coordinator-{replica_id}` (the id is read from it)."""
+    return tls_env(service_tls(coordinator_replica_service(replica_id)))
 
 
 def second_replica(first: ServiceProcess, replica_id: str, **more: str) -> dict[str, str]:
     """The environment of another coordinator configured as `first` (its database, registry,
-    aggregator and broker), unarmed, with an id of its own."""
+    aggregator and broker), unarmed, with a certificate of its own."""
     env = {k: v for k, v in first.env.items() if k != KILL_AT_ENV}
-    return {**env, "PROPELLER_COORDINATOR_REPLICA_ID": replica_id, **more}
+    return {**env, **replica(replica_id), **more}
+
+
+def no_session_taken_over(broker: Mosquitto) -> None:
+    """Each replica connected as its own identity, and neither knocked the other off
+    (mosquitto logs a takeover as "already connected, closing old connection")."""
+    log = broker.log_text()
+    for r in REPLICAS:
+        assert f"as service:{coordinator_replica_service(r)} " in log, broker.tail()
+    assert "closing old connection" not in log, broker.tail()
 
 
 async def submit_cut_off_or_not(c: Clients, round_id: str, index: int) -> None:
@@ -60,17 +99,20 @@ def version_rows(db: StateBackend) -> list[tuple[int]]:
 
 @pytest.mark.parametrize("point", ["coordinator.aggregation_claimed", "coordinator.model_stored"])
 async def test_the_replica_holding_the_aggregation_killed_the_other_completes_it_once(
-    mqtt: MqttConfig, tmp_path: Path, database_url: str, point: str
+    broker: Mosquitto, mqtt: MqttConfig, tmp_path: Path, database_url: str, point: str
 ) -> None:
     db = StateBackend("postgres", tmp_path / "state", database_url)
-    async with setup(
-        mqtt,
-        tmp_path,
-        PROPELLER_DATABASE_URL=database_url,
-        PROPELLER_COORDINATOR_REPLICA_ID="replica-a",
-        PROPELLER_COORDINATOR_LEASE_S=LEASE_S,
-        PROPELLER_TEST_KILL_AT=point,
-    ) as (a_proc, reg):
+    async with (
+        setup(
+            mqtt,
+            tmp_path,
+            PROPELLER_DATABASE_URL=database_url,
+            PROPELLER_COORDINATOR_LEASE_S=LEASE_S,
+            PROPELLER_TEST_KILL_AT=point,
+        ) as (a_proc, reg, _),
+        round_notes(mqtt) as notes,
+    ):
+        a_proc.env.update(replica("replica-a"))
         b_env = second_replica(a_proc, "replica-b")
         with service_process("coordinator", b_env, tmp_path / "b") as b_proc:
             async with running(b_proc) as b, running(a_proc) as a:
@@ -88,6 +130,10 @@ async def test_the_replica_holding_the_aggregation_killed_the_other_completes_it
                     lambda rows: rows == [(1,)],
                     what="the round's notice sent",
                 )
+                # ...through the broker's ACL, which lets a replica announce rounds.
+                note = await asyncio.wait_for(notes.get(), 30)
+                assert (note["round_id"], note["new_model_version"]) == ("r1", 1), note
+        no_session_taken_over(broker)
         assert st.state == S.ROUND_STATE_COMPLETED, st.failure_reason
         assert (st.new_model_version, st.closed_by, list(st.reported)) == (
             1,
@@ -107,16 +153,16 @@ async def test_the_replica_holding_the_aggregation_killed_the_other_completes_it
 
 
 async def test_the_replica_holding_the_deadline_killed_the_other_closes_the_round(
-    mqtt: MqttConfig, tmp_path: Path, database_url: str
+    broker: Mosquitto, mqtt: MqttConfig, tmp_path: Path, database_url: str
 ) -> None:
     async with setup(
         mqtt,
         tmp_path,
         PROPELLER_DATABASE_URL=database_url,
-        PROPELLER_COORDINATOR_REPLICA_ID="replica-a",
         PROPELLER_COORDINATOR_LEASE_S=LEASE_S,
         PROPELLER_TEST_KILL_AT="coordinator.deadline_claimed",
-    ) as (a_proc, reg):
+    ) as (a_proc, reg, _):
+        a_proc.env.update(replica("replica-a"))
         # b looks for due rounds once a second (a: every 50 ms), so that a stopped b is
         # almost never caught inside its claim's transaction.
         b_env = second_replica(a_proc, "replica-b", PROPELLER_COORDINATOR_TICK_S="1")
@@ -134,6 +180,7 @@ async def test_the_replica_holding_the_deadline_killed_the_other_closes_the_roun
                     b_proc.send(signal.SIGCONT)
                 assert "point=coordinator.deadline_claimed" in a_proc.log_text()
                 st = await b.wait_state("r1", timeout=60)
+        no_session_taken_over(broker)
         assert st.state == S.ROUND_STATE_COMPLETED, st.failure_reason
         assert (st.new_model_version, st.closed_by, list(st.reported)) == (
             1,

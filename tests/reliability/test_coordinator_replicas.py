@@ -22,9 +22,14 @@ from server.coordinator.coordinator import Coordinator, EventType, RetryPolicy
 from server.coordinator.pg_store import PostgresRoundStore
 from server.coordinator.replicas import Replica
 from server.coordinator.rounds import RoundState
-from server.round_spec import RoundSpec
 from server.topics import Topics
-from tests.coordinator.helpers import Clock, MemoryBackend, fedavg, make_update
+from tests.coordinator.helpers import (
+    UPDATES,
+    Clock,
+    MemoryBackend,
+    fedavg,
+    round_of_three,
+)
 from tests.support.state import StateBackend
 from tests.support.waits import eventually
 
@@ -32,11 +37,6 @@ pytestmark = pytest.mark.integration
 
 BASE = "fl/models/global_model_v0"
 LEASE_S = 30.0
-UPDATES = [
-    make_update("a", [1.0, 2.0, 3.0], 1.0, 10, loss=0.9),
-    make_update("b", [0.0, -1.0, 4.0], -2.0, 30, loss=0.3),
-    make_update("c", [5.0, 5.0, 5.0], 0.5, 60, loss=0.1),
-]
 
 
 class Published:
@@ -102,16 +102,6 @@ async def replicas(database_url: str) -> AsyncIterator[Replicas]:
         await r.close()
 
 
-def config(round_id: str, k_of_n: int = 3) -> RoundSpec:
-    return RoundSpec(
-        round_id=round_id,
-        participants=("a", "b", "c"),
-        k_of_n=k_of_n,
-        timeout_s=10,
-        model_ref=BASE,
-    )
-
-
 async def aggregating(backend: MemoryBackend) -> None:
     async def calls() -> int:
         return backend.aggregate_calls
@@ -130,7 +120,7 @@ async def test_updates_to_both_replicas_are_counted_once_and_close_the_round_onc
     replicas: Replicas, database_url: str
 ) -> None:
     a, b = await replicas.start("r-a"), await replicas.start("r-b")
-    await a.configure(config("r1"), start=True)
+    await a.configure(round_of_three("r1"), start=True)
     # Every update at once, to alternating replicas, and each one again to the other replica.
     first = await asyncio.gather(
         *((a if i % 2 == 0 else b).submit("r1", u) for i, u in enumerate(UPDATES))
@@ -158,7 +148,7 @@ async def test_updates_to_both_replicas_are_counted_once_and_close_the_round_onc
 
 async def test_a_due_round_is_closed_by_one_replica(replicas: Replicas, database_url: str) -> None:
     a, b = await replicas.start("r-a"), await replicas.start("r-b")
-    await a.configure(config("r1"), start=True)
+    await a.configure(round_of_three("r1"), start=True)
     await b.submit("r1", UPDATES[0])
     replicas.clock.now += 10
     await asyncio.gather(a.close_due(), b.close_due(), a.close_due(), b.close_due())
@@ -175,7 +165,7 @@ async def test_an_aggregation_left_by_a_replica_is_taken_over_after_its_lease(
     db = StateBackend("postgres", Path("no-state-dir"), database_url)
     a, b = await replicas.start("r-a"), await replicas.start("r-b")
     replicas.backend.gate = asyncio.Event()  # a's aggregation never finishes
-    await b.configure(config("r1", k_of_n=2), start=True)
+    await b.configure(round_of_three("r1", k_of_n=2), start=True)
     await b.submit("r1", UPDATES[0])
     await a.submit("r1", UPDATES[1])  # the k-th: a claims the aggregation
     await aggregating(replicas.backend)
@@ -207,7 +197,7 @@ async def test_a_stalled_replica_whose_round_was_taken_over_stores_nothing(
 ) -> None:
     a, b = await replicas.start("r-a"), await replicas.start("r-b")
     stalled = replicas.backend.gate = asyncio.Event()  # a stalls in its aggregation
-    await a.configure(config("r1", k_of_n=1), start=True)
+    await a.configure(round_of_three("r1", k_of_n=1), start=True)
     await a.submit("r1", UPDATES[0])
     await aggregating(replicas.backend)
     replicas.backend.gate = None  # b's aggregation runs through
@@ -226,7 +216,7 @@ async def test_a_stalled_replica_whose_round_was_taken_over_stores_nothing(
 async def test_an_unsent_notice_is_published_by_one_replica(replicas: Replicas) -> None:
     a, b = await replicas.start("r-a"), await replicas.start("r-b")
     replicas.published[0].broker_down = True  # a completes the round, its publish fails
-    await a.configure(config("r1", k_of_n=1), start=True)
+    await a.configure(round_of_three("r1", k_of_n=1), start=True)
     await a.submit("r1", UPDATES[0])
     await a.wait_finishing()
     assert (await a.get("r1")).state is RoundState.COMPLETED
@@ -241,7 +231,7 @@ async def test_an_unsent_notice_is_published_by_one_replica(replicas: Replicas) 
 
 async def test_watching_one_replica_shows_what_another_did(replicas: Replicas) -> None:
     a, b = await replicas.start("r-a"), await replicas.start("r-b")
-    await a.configure(config("r1", k_of_n=2))
+    await a.configure(round_of_three("r1", k_of_n=2))
     seen: list[tuple[EventType, int]] = []
 
     async def watch() -> None:
@@ -276,7 +266,7 @@ async def test_the_update_that_closes_the_round_leases_it_in_its_own_transaction
     db = StateBackend("postgres", Path("no-state-dir"), database_url)
     a, b = await replicas.start("r-a"), await replicas.start("r-b")
     replicas.backend.gate = asyncio.Event()  # the aggregation waits: the lease is what counts
-    await a.configure(config("r1", k_of_n=2), start=True)
+    await a.configure(round_of_three("r1", k_of_n=2), start=True)
     await b.submit("r1", UPDATES[0])
     assert lease(db, "r1") == ("", 0.0)  # an open round's updates take no lease
     # The k-th update's transaction, alone (the coordinator's follow-up not run): the round

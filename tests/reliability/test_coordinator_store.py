@@ -10,7 +10,6 @@ import asyncio
 import gc
 import json
 import sqlite3
-import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -30,8 +29,15 @@ from server.errors import Unavailable
 from server.round_spec import AuditSpec, Hyperparams, RoundSpec, validate, with_defaults
 from server.tensors import Spec, sha256_of
 from server.topics import Topics
-from tests.coordinator.helpers import Clock, MemoryBackend, fedavg, make_update
+from tests.coordinator.helpers import (
+    UPDATES,
+    Clock,
+    MemoryBackend,
+    fedavg,
+    round_of_three,
+)
 from tests.support.state import DurableRoundStore, StateBackend
+from tests.support.waits import eventually
 
 BASE = "fl/models/global_model_v0"
 TOPICS = Topics("t", "fl")
@@ -443,12 +449,13 @@ async def test_stored_update_arrays_are_not_kept_in_memory(store: DurableRoundSt
     ref = weakref.ref(w)
     await store.accept(R.record_update(rnd, "a"), update)
     del update, w
+
     # The database thread lets go of its work item a moment after the commit is reported.
-    end = time.monotonic() + 5
-    while ref() is not None and time.monotonic() < end:
+    async def released() -> bool:
         gc.collect()
-        await asyncio.sleep(0.01)
-    assert ref() is None
+        return ref() is None
+
+    await eventually(released, timeout=5, what="the update's array released")
     stored = await store.updates("r1")
     one, two = await stored.load(0), await stored.load(0)
     assert one.tensors["w"] is not two.tensors["w"]  # read fresh each time, not cached
@@ -524,28 +531,11 @@ def coordinator(store: DurableRoundStore, backend: MemoryBackend, clock: Clock) 
     )
 
 
-UPDATES = [
-    make_update("a", [1.0, 2.0, 3.0], 1.0, 10, loss=0.9),
-    make_update("b", [0.0, -1.0, 4.0], -2.0, 30, loss=0.3),
-    make_update("c", [5.0, 5.0, 5.0], 0.5, 60, loss=0.1),
-]
-
-
-def config(round_id: str, k_of_n: int = 3) -> RoundSpec:
-    return RoundSpec(
-        round_id=round_id,
-        participants=("a", "b", "c"),
-        k_of_n=k_of_n,
-        timeout_s=10,
-        model_ref=BASE,
-    )
-
-
 async def test_an_acknowledged_update_is_already_on_disk(
     store: DurableRoundStore, db: StateBackend
 ) -> None:
     coord = coordinator(store, MemoryBackend(), Clock())
-    await coord.configure(config("r1"), start=True)
+    await coord.configure(round_of_three("r1"), start=True)
     result = await coord.submit("r1", UPDATES[0])
     assert (result.duplicate, result.round.num_updates) == (False, 1)
     # Another connection (another process) sees it: the transaction committed before submit
@@ -559,22 +549,22 @@ async def test_resume_after_a_restart(db: StateBackend) -> None:
     store = await db.opened_round_store()
     first = coordinator(store, backend, clock)
     # r-done: completed before the stop; never aggregated again.
-    await first.configure(config("r-done", k_of_n=1), start=True)
+    await first.configure(round_of_three("r-done", k_of_n=1), start=True)
     await first.submit("r-done", UPDATES[0])
     await first.wait_finishing()
     assert (await first.get("r-done")).new_model_version == 1
     backend.gate = asyncio.Event()
     # r-agg: closed by k_of_n, aggregation in flight when the process stops.
-    await first.configure(config("r-agg", k_of_n=2), start=True)
+    await first.configure(round_of_three("r-agg", k_of_n=2), start=True)
     await first.submit("r-agg", UPDATES[0])
     await first.submit("r-agg", UPDATES[1])
     # r-due1 / r-due0: open, their deadline will pass while the coordinator is down.
-    await first.configure(config("r-due1"), start=True)
+    await first.configure(round_of_three("r-due1"), start=True)
     await first.submit("r-due1", UPDATES[2])
-    await first.configure(config("r-due0"), start=True)
+    await first.configure(round_of_three("r-due0"), start=True)
     # r-later: open, its deadline is still ahead after the restart.
     clock.now += 5
-    await first.configure(config("r-later"), start=True)
+    await first.configure(round_of_three("r-later"), start=True)
     await first.submit("r-later", UPDATES[1])
     await first.aclose()  # stops r-agg's aggregation mid-way
     await store.close()
@@ -633,7 +623,7 @@ async def test_duplicate_after_a_restart_is_not_counted_again(db: StateBackend) 
     clock = Clock()
     store = await db.opened_round_store()
     first = coordinator(store, MemoryBackend(), clock)
-    await first.configure(config("r1"), start=True)
+    await first.configure(round_of_three("r1"), start=True)
     await first.submit("r1", UPDATES[0])
     await store.close()
     store = await db.opened_round_store()
@@ -672,7 +662,7 @@ async def test_a_cancelled_submit_does_not_strand_the_round_it_closed(
     backend = MemoryBackend()
     coord = coordinator(store, backend, Clock())
     try:
-        await coord.configure(config("r1", k_of_n=1), start=True)
+        await coord.configure(round_of_three("r1", k_of_n=1), start=True)
         call = asyncio.create_task(coord.submit("r1", UPDATES[0]))
         await slow.committed.wait()
         call.cancel()  # the client hung up while the k-th update was being committed

@@ -103,9 +103,10 @@ async def killed(process: ServiceProcess) -> None:
 
 async def killed_at(
     point: str, c: Clients, coordinator: ServiceProcess, eid: str, image: str
-) -> None:
+) -> list[int]:
     """Restart the coordinator to die at `point` (`server.faults`), start experiment `eid`
-    and see it die there; the coordinator is left down, to start again without the fault."""
+    and see it die there, the experiment still running; start the coordinator again without
+    the fault. The versions the experiment stored, each round run once (`check_ran_once`)."""
     coordinator.env[KILL_AT_ENV] = point
     coordinator.terminate()
     await coordinator.restart()
@@ -113,6 +114,9 @@ async def killed_at(
     await killed(coordinator)
     assert f"point={point.split(':')[0]}" in coordinator.log_text(), coordinator.tail()
     del coordinator.env[KILL_AT_ENV]
+    assert (await experiment(c, eid)).state == manager_pb2.EXPERIMENT_STATE_RUNNING
+    await coordinator.restart()
+    return await check_ran_once(c, eid, V0)
 
 
 async def killed_while_round_2_runs(
@@ -172,16 +176,11 @@ async def test_experiments_survive_kills_of_the_manager_and_the_coordinator(
         await c.wait_alive(IDS)
         for point in ("coordinator.model_stored:2", "coordinator.round_completed:2"):
             eid = f"exp-coordinator-killed-{point.split('.')[1].split(':')[0].replace('_', '-')}"
-            await killed_at(point, c, coordinator, eid, image)
-            running = await experiment(c, eid)
-            assert running.state == manager_pb2.EXPERIMENT_STATE_RUNNING
-            await coordinator.restart()
-            stored += await check_ran_once(c, eid, V0)
+            stored += await killed_at(point, c, coordinator, eid, image)
 
         # The coordinator killed while round 2 runs (as soon as the manager has fanned it out:
         # its updates are arriving, or about to) and started again.
-        eid = "exp-coordinator-killed-open"
-        stored += await killed_while_round_2_runs(c, coordinator, eid, image)
+        stored += await killed_while_round_2_runs(c, coordinator, "exp-coordinator-open", image)
 
         # Every version once, none skipped, across all six experiments.
         assert stored == list(range(1 + ROUNDS * 6))

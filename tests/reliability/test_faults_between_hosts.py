@@ -102,6 +102,24 @@ class Fleet:
             what=f"{proplet_id}'s task of {round_id} in {states}",
         )
 
+    async def round_with_a_cut(
+        self, round_id: str, *, k_of_n: int, timeout_s: float, wait_s: float
+    ) -> S.RoundStatus:
+        """A slow round of every proplet whose last proplet's link is cut while it trains
+        (it has its task, Running): the round's status once it finished, which must be
+        COMPLETED with the updates of the others."""
+        *reachable, cut = self.ids
+        hyper = S.Hyperparams(epochs=SLOW_EPOCHS, lr=0.01, batch_size=16)
+        await self.c.start_experiment(
+            round_id, self.ids, self.image, k_of_n=k_of_n, timeout_s=timeout_s, hyperparams=hyper
+        )
+        await self.wait_task(round_id, cut, manager_pb2.TASK_STATE_RUNNING)
+        await self.cut(cut)
+        status = await self.c.wait_state(round_id, timeout=wait_s)
+        assert status.state == S.ROUND_STATE_COMPLETED, status.failure_reason
+        assert sorted(status.reported) == sorted(reachable)
+        return status
+
 
 @pytest.fixture
 async def fleet(tmp_path: Path, trainer_wasm: Path) -> AsyncIterator[Fleet]:
@@ -211,18 +229,10 @@ async def test_a_cut_proplet_misses_the_round_then_rejoins_and_takes_part_in_the
     fleet: Fleet,
 ) -> None:
     *reachable, cut = fleet.ids
-    hyper = S.Hyperparams(epochs=SLOW_EPOCHS, lr=0.01, batch_size=16)
     first = f"r-{uuid.uuid4().hex[:8]}"
-    await fleet.c.start_experiment(
-        first, fleet.ids, fleet.image, k_of_n=2, timeout_s=LONG_S, hyperparams=hyper
-    )
     # Mid-round: the cut proplet has its task and is training when its link goes.
-    await fleet.wait_task(first, cut, manager_pb2.TASK_STATE_RUNNING)
-    await fleet.cut(cut)
-    status = await fleet.c.wait_state(first, timeout=LONG_S)
-    assert status.state == S.ROUND_STATE_COMPLETED, status.failure_reason
+    status = await fleet.round_with_a_cut(first, k_of_n=2, timeout_s=LONG_S, wait_s=LONG_S)
     assert status.closed_by == "k_of_n"
-    assert sorted(status.reported) == sorted(reachable)
     assert status.new_model_version == 1
 
     await fleet.restore(cut)
@@ -255,18 +265,10 @@ async def test_a_cut_proplet_misses_the_round_then_rejoins_and_takes_part_in_the
 async def test_a_cut_that_leaves_k_of_n_unreachable_closes_the_round_at_its_deadline(
     fleet: Fleet,
 ) -> None:
-    *reachable, cut = fleet.ids
-    hyper = S.Hyperparams(epochs=SLOW_EPOCHS, lr=0.01, batch_size=16)
+    cut = fleet.ids[-1]
     rid = f"r-{uuid.uuid4().hex[:8]}"
-    await fleet.c.start_experiment(
-        rid, fleet.ids, fleet.image, k_of_n=3, timeout_s=DEADLINE_S, hyperparams=hyper
-    )
-    await fleet.wait_task(rid, cut, manager_pb2.TASK_STATE_RUNNING)
-    await fleet.cut(cut)
-    status = await fleet.c.wait_state(rid, timeout=60)
-    assert status.state == S.ROUND_STATE_COMPLETED, status.failure_reason
+    status = await fleet.round_with_a_cut(rid, k_of_n=3, timeout_s=DEADLINE_S, wait_s=60)
     assert status.closed_by == "deadline"
-    assert sorted(status.reported) == sorted(reachable)
     await assert_counted_once(fleet.c, status)
 
     await fleet.restore(cut)

@@ -19,7 +19,6 @@ from server.config import MqttConfig
 from tests.reliability.test_experiment_crash import (
     IDS,
     ROUNDS,
-    check_ran_once,
     ended,
     killed_at,
     killed_while_round_2_runs,
@@ -79,14 +78,11 @@ async def test_the_seed_round_and_coordinator_kills_on_postgresql(
         stored = [0, 1]
 
         # Killed right after round 2's completion is committed, before its notice is sent.
-        eid = "exp-coordinator-killed"
-        await killed_at("coordinator.round_completed:2", c, coordinator, eid, image)
-        await coordinator.restart()
-        stored += await check_ran_once(c, eid, V0)
+        point = "coordinator.round_completed:2"
+        stored += await killed_at(point, c, coordinator, "exp-coordinator-killed", image)
 
         # Killed while round 2 runs (its updates arriving, or about to), then started again.
-        eid = "exp-coordinator-killed-open"
-        stored += await killed_while_round_2_runs(c, coordinator, eid, image)
+        stored += await killed_while_round_2_runs(c, coordinator, "exp-coordinator-open", image)
 
         # Every version once, none skipped; every round's notice published.
         assert stored == list(range(2 + ROUNDS * 2))

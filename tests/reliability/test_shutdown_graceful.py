@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -58,18 +57,17 @@ REJECTED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 async def until_shutting_down(process: ServiceProcess) -> None:
     """Until the process has begun its graceful stop: its health service stops answering
     SERVING (or stops taking calls at all)."""
-    deadline = time.monotonic() + STOP_S
     async with channel(process.addr, process.tls) as chan:
         stub = health_pb2_grpc.HealthStub(chan)
-        while True:
+
+        async def serving() -> bool:
             try:
                 resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
             except grpc.aio.AioRpcError:
-                return
-            if resp.status != health_pb2.HealthCheckResponse.SERVING:
-                return
-            assert time.monotonic() < deadline, "still SERVING after SIGTERM"
-            await asyncio.sleep(0.01)
+                return False
+            return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+        await eventually(serving, lambda s: not s, timeout=STOP_S, what="no longer SERVING")
 
 
 # --- registry ---------------------------------------------------------------------------------

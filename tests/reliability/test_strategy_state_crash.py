@@ -8,28 +8,22 @@ paper's formula over both rounds: the moments were neither lost nor applied twic
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from propeller.v1 import coordinator_pb2
-from server.aggregator.app import AggregatorApp, AggregatorConfig
 from server.config import MqttConfig
 from server.coordinator.rounds import Update
 from server.faults import KILL_AT_ENV
-from server.registry.app import RegistryApp, RegistryConfig
 from server.tensors import Tensors
 from tests.cli.helpers import make_cli, tls_flags
 from tests.coordinator.helpers import FedAdamReference
-from tests.support.clients import Clients, clients
-from tests.support.cluster import LOCAL, serve_app
-from tests.support.processes import ServiceProcess, mqtt_env, service_process
-from tests.support.security import service_tls
+from tests.support.clients import Clients
+from tests.support.cluster import coordinator_process, running
 
 pytestmark = pytest.mark.process
 
@@ -61,48 +55,6 @@ def updates_from(base: Tensors, base_uri: str, seed: int) -> list[Update]:
     ]
 
 
-@contextlib.asynccontextmanager
-async def setup(
-    mqtt: MqttConfig, tmp_path: Path, kill_at: str
-) -> AsyncIterator[tuple[ServiceProcess, Clients, str]]:
-    """Registry (v0: zeros) and aggregator in this process; the coordinator process (not
-    started) over a state directory, armed to kill itself at `kill_at`; and the registry's
-    address."""
-    async with contextlib.AsyncExitStack() as stack:
-        aggregator = await stack.enter_async_context(
-            serve_app(
-                AggregatorApp(AggregatorConfig(LOCAL, tls=service_tls("aggregator"))),
-                tls=service_tls("aggregator"),
-            )
-        )
-        registry = await stack.enter_async_context(
-            serve_app(
-                RegistryApp(RegistryConfig(LOCAL, tls=service_tls("registry"))),
-                tls=service_tls("registry"),
-            )
-        )
-        reg = await stack.enter_async_context(clients({"registry": registry}))
-        await reg.init_model(DIMENSION)
-        env = {
-            **mqtt_env(mqtt),
-            "AGGREGATOR_ADDR": aggregator,
-            "MODEL_REGISTRY_ADDR": registry,
-            "PROPELLER_STATE_DIR": str(tmp_path / "state"),
-            "PROPELLER_COORDINATOR_TICK_S": "0.05",
-            "PROPELLER_COORDINATOR_RPC_TIMEOUT_S": "10",
-            "PROPELLER_NUM_SAMPLES_CAP": "none",
-            KILL_AT_ENV: kill_at,
-        }
-        yield stack.enter_context(service_process("coordinator", env, tmp_path)), reg, registry
-
-
-@contextlib.asynccontextmanager
-async def running(proc: ServiceProcess) -> AsyncIterator[Clients]:
-    await proc.restart()
-    async with clients({"coordinator": proc.addr}) as c:
-        yield c
-
-
 async def completed(c: Clients, round_id: str) -> coordinator_pb2.RoundStatus:
     status = await c.wait_state(round_id, timeout=60)
     assert status.state == S.ROUND_STATE_COMPLETED, status.failure_reason
@@ -113,7 +65,11 @@ async def completed(c: Clients, round_id: str) -> coordinator_pb2.RoundStatus:
 async def test_the_state_survives_a_kill_and_is_applied_once(
     mqtt: MqttConfig, tmp_path: Path, kill_at: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async with setup(mqtt, tmp_path, kill_at) as (coord, reg, registry):
+    # The coordinator process, armed to kill itself at `kill_at`; registry and aggregator
+    # in this process.
+    armed = coordinator_process(mqtt, tmp_path, dimension=DIMENSION, PROPELLER_TEST_KILL_AT=kill_at)
+    async with armed as (coord, reg, registry):
+        assert coord.env[KILL_AT_ENV] == kill_at
         v0 = await reg.model(0)
         reference = FedAdamReference(v0, **ADAM)
         first = updates_from(v0, "fl/models/global_model_v0", seed=1)

@@ -261,6 +261,36 @@ def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 
 
 @pytest.mark.unit
+async def test_a_call_cancelled_by_grpc_is_tried_again() -> None:
+    """CANCELLED that the proplet did not ask for (gRPC's core cancels streams under load) is
+    another attempt's business, like UNAVAILABLE; a refusal is final at once."""
+    codes = [grpc.StatusCode.CANCELLED, grpc.StatusCode.CANCELLED]
+
+    async def flaky(timeout: float) -> str:
+        if codes:
+            raise rpc_error(codes.pop(), "CANCELLED")
+        return "model"
+
+    kw: dict[str, Any] = {
+        "rpc_timeout_s": 1.0,
+        "backoff": Backoff(initial_s=0.01, max_s=0.02),
+        "rng": random.Random(1),
+    }
+    record = RetryLog()
+    assert await call_with_retries(flaky, deadline=time.monotonic() + 10, record=record, **kw) == (
+        "model"
+    )
+    assert len(record.timeouts) == 3
+
+    async def refused(timeout: float) -> str:
+        raise rpc_error(grpc.StatusCode.NOT_FOUND, "no such model")
+
+    with pytest.raises(CallFailed) as failed:
+        await call_with_retries(refused, deadline=time.monotonic() + 10, **kw)
+    assert failed.value.attempts == 1
+
+
+@pytest.mark.unit
 async def test_no_attempt_waits_longer_than_its_timeout() -> None:
     """A service that accepts the call and never answers: every attempt is cut off at its own
     timeout (even by a client that ignores it), and the calls end by the deadline."""

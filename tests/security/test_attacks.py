@@ -77,15 +77,20 @@ def update(proplet_id: str) -> Any:
     return update_stream(meta, {"w": np.ones(3, np.float64), "b": np.ones((), np.float64)})
 
 
-async def test_a_proplet_cannot_submit_as_another(world: Cluster) -> None:
-    await world.configure("r1", participants=["a", "b"], k_of_n=2)
-    async with calling_as(world.endpoints.coordinator, proplet_tls("a")) as ch:
+async def submit_refused(world: Cluster, tls: TlsConfig, proplet_id: str, *needles: str) -> None:
+    """An update for round r1 as `proplet_id`, sent with `tls`, is PERMISSION_DENIED with
+    details naming each of `needles`."""
+    async with calling_as(world.endpoints.coordinator, tls) as ch:
         stub = coordinator_pb2_grpc.CoordinatorStub(ch)
         await refused(
-            stub.SubmitUpdate(update("b"), timeout=RPC_S),
-            C.PERMISSION_DENIED,
-            "SubmitUpdate: proplet 'a' may only submit as itself, not as 'b'",
+            stub.SubmitUpdate(update(proplet_id), timeout=RPC_S), C.PERMISSION_DENIED, *needles
         )
+
+
+async def test_a_proplet_cannot_submit_as_another(world: Cluster) -> None:
+    await world.configure("r1", participants=["a", "b"], k_of_n=2)
+    forged = "SubmitUpdate: proplet 'a' may only submit as itself, not as 'b'"
+    await submit_refused(world, proplet_tls("a"), "b", forged)
     status = await world.status("r1")
     assert status.num_updates == 0 and list(status.reported) == []
     # The real b is not turned away as a "duplicate" of the forged update.
@@ -96,27 +101,17 @@ async def test_a_proplet_cannot_submit_as_another(world: Cluster) -> None:
 
 async def test_a_proplet_cannot_submit_to_a_round_it_is_not_in(world: Cluster) -> None:
     await world.configure("r1", participants=["a", "b"], k_of_n=2)
-    async with calling_as(world.endpoints.coordinator, proplet_tls("c")) as ch:
-        stub = coordinator_pb2_grpc.CoordinatorStub(ch)
-        await refused(
-            stub.SubmitUpdate(update("c"), timeout=RPC_S),
-            C.PERMISSION_DENIED,
-            "proplet 'c' (header.proplet_id) is not a participant of round 'r1'",
-        )
+    outsider = "proplet 'c' (header.proplet_id) is not a participant of round 'r1'"
+    await submit_refused(world, proplet_tls("c"), "c", outsider)
     assert (await world.status("r1")).num_updates == 0
 
 
 async def test_only_proplets_submit_updates(world: Cluster) -> None:
     await world.configure("r1", participants=["a", "b"], k_of_n=2)
     for tls in (operator_tls(), service_tls("manager")):
-        async with calling_as(world.endpoints.coordinator, tls) as ch:
-            stub = coordinator_pb2_grpc.CoordinatorStub(ch)
-            await refused(
-                stub.SubmitUpdate(update("a"), timeout=RPC_S),
-                C.PERMISSION_DENIED,
-                "SubmitUpdate:",
-                "allowed: service site-*; proplets (as themselves)",
-            )
+        await submit_refused(
+            world, tls, "a", "SubmitUpdate:", "allowed: service site-*; proplets (as themselves)"
+        )
     assert (await world.status("r1")).num_updates == 0
 
 

@@ -23,19 +23,18 @@ import pytest
 from prometheus_client import REGISTRY
 
 from benchmarks import quality
-from propeller.v1 import coordinator_pb2, manager_pb2, model_registry_pb2, tensor_pb2
+from propeller.v1 import coordinator_pb2, manager_pb2, tensor_pb2
 from proplet.config import PropletConfig
 from server.config import MqttConfig
 from server.coordinator.audit import chosen
 from server.datastore import catalog
 from server.mlp import initial_model
-from tests.cli.helpers import Cli, flags, make_cli
+from tests.cli.helpers import Cli, flags
 from tests.conftest import load_wasm_build
 from tests.support.auditing import GhostDataProplet, LyingDataProplet, TamperedModuleProplet
 from tests.support.clients import HYPER, V0
 from tests.support.cluster import Cluster, cluster
 from tests.support.infra import OciRegistry, push_wasm
-from tests.support.waits import eventually
 
 HONEST = ("honest-1", "honest-2", "honest-3")
 TAMPERED = "tampered"
@@ -108,28 +107,7 @@ async def run(
         timeout=60,
     )
 
-    async def get() -> manager_pb2.Experiment:
-        e: manager_pb2.Experiment = await c.manager.GetExperiment(
-            manager_pb2.GetExperimentRequest(experiment_id=experiment_id), timeout=10
-        )
-        return e
-
-    return await eventually(
-        get,
-        lambda e: e.state != manager_pb2.EXPERIMENT_STATE_RUNNING,
-        timeout=TIMEOUT,
-        what=f"experiment {experiment_id} ended",
-    )
-
-
-async def lineage(c: Cluster, version: int) -> model_registry_pb2.Lineage:
-    async for chunk in c.registry.GetLineage(
-        model_registry_pb2.GetModelRequest(version=version), timeout=10
-    ):
-        if chunk.HasField("header"):
-            header: model_registry_pb2.Lineage = chunk.header
-            return header
-    raise AssertionError(f"no lineage header for v{version}")
+    return await c.experiment_ended(experiment_id, TIMEOUT)
 
 
 def audits_counted(outcome: str) -> float:
@@ -156,7 +134,7 @@ async def test_honest_proplets_always_match_over_ten_rounds(fleet: Cluster) -> N
             assert record.claimed_sha256 == record.reexecuted_sha256 != ""
             assert not record.rejected and not record.detail
         # The lineage lists the same audits beside the contributions, digest for digest.
-        kept = await lineage(c, r.new_model_version)
+        kept = await c.lineage(r.new_model_version)
         assert {a.proplet_id: a.claimed_sha256 for a in kept.audits} == {
             x.header.proplet_id: x.sha256 for x in kept.contributions
         }
@@ -187,7 +165,7 @@ async def test_a_tampered_module_and_lying_data_are_caught_and_rejected(fleet: C
     assert sorted(status.reported) == sorted(who)
     # The round's sample count is the honest pair's (the data store's 64 samples each).
     assert status.num_samples == 2 * 64
-    kept = await lineage(c, status.new_model_version)
+    kept = await c.lineage(status.new_model_version)
     assert sorted(x.header.proplet_id for x in kept.contributions) == sorted(HONEST[:2])
     recorded = by_proplet(kept.audits)
     for p in (TAMPERED, LIAR):
@@ -212,7 +190,7 @@ async def test_flag_aggregates_every_update_and_marks_the_round(fleet: Cluster) 
         TAMPERED: ("mismatch", False),
         LIAR: ("mismatch", False),
     }
-    kept = await lineage(c, status.new_model_version)
+    kept = await c.lineage(status.new_model_version)
     assert sorted(x.header.proplet_id for x in kept.contributions) == sorted(who)
     assert sorted(a.proplet_id for a in kept.audits if a.outcome == "mismatch") == [LIAR, TAMPERED]
 
@@ -258,7 +236,7 @@ async def test_without_an_audit_nothing_is_rerun_and_a_seeded_sample_is_reproduc
     assert e.state == manager_pb2.EXPERIMENT_STATE_COMPLETED, e.end.detail
     status = await c.status(e.rounds[0].round_id)
     assert list(status.audits) == []
-    kept = await lineage(c, status.new_model_version)
+    kept = await c.lineage(status.new_model_version)
     assert len(kept.contributions) == 5 and list(kept.audits) == []
     # Half of the updates, seeded: exactly those the seed chooses, whoever sent them.
     e = await run(c, "exp-half", who, audit(0.5, "flag", seed=1234))
@@ -269,11 +247,6 @@ async def test_without_an_audit_nothing_is_rerun_and_a_seeded_sample_is_reproduc
     assert 0 < len(expected) < len(who)  # this seed samples some, not all
     assert sorted(r.proplet_id for r in status.audits) == sorted(expected)
     assert status.audit.seed == 1234
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
-    return make_cli(capsys)
 
 
 async def test_the_cli_asks_for_an_audit_and_shows_its_outcomes(fleet: Cluster, cli: Cli) -> None:
@@ -332,5 +305,5 @@ async def test_a_contract_v2_trainer_is_audited_the_same_way(
         assert (audits[HONEST[0]].outcome, audits[LIAR].outcome) == ("match", "mismatch")
         assert audits[HONEST[0]].claimed_sha256 == audits[HONEST[0]].reexecuted_sha256
         assert audits[LIAR].rejected
-        kept = await lineage(d, status.new_model_version)
+        kept = await d.lineage(status.new_model_version)
         assert [x.header.proplet_id for x in kept.contributions] == [HONEST[0]]

@@ -108,6 +108,30 @@ def test_every_rpc_has_a_rule() -> None:
         (Identity(Kind.SERVICE, "manager-"), "/propeller.v1.Coordinator/ConfigureRound", False),
         (Identity(Kind.SERVICE, "managerx"), "/propeller.v1.Coordinator/ConfigureRound", False),
         (Identity(Kind.PROPLET, "manager-0"), "/propeller.v1.Coordinator/ConfigureRound", False),
+        # A coordinator replica (service `coordinator-{replica_id}`) calls as the coordinator:
+        # the aggregator, the registry's writes, the data store's reads...
+        (Identity(Kind.SERVICE, "coordinator-0"), "/propeller.v1.Aggregator/Aggregate", True),
+        (Identity(Kind.SERVICE, "coordinator-b"), "/propeller.v1.ModelRegistry/PutModel", True),
+        (Identity(Kind.SERVICE, "coordinator-b"), "/propeller.v1.ModelRegistry/PutLineage", True),
+        (Identity(Kind.SERVICE, "coordinator-0"), "/propeller.v1.DataStore/GetDataset", True),
+        (Identity(Kind.SERVICE, "coordinator-0"), "/propeller.v1.DataStore/GetDatasetInfo", True),
+        # ...and no more: not the manager's, an operator's or a proplet's.
+        (
+            Identity(Kind.SERVICE, "coordinator-0"),
+            "/propeller.v1.Coordinator/ConfigureRound",
+            False,
+        ),
+        (Identity(Kind.SERVICE, "coordinator-0"), "/propeller.v1.Coordinator/SubmitUpdate", False),
+        (Identity(Kind.SERVICE, "coordinator-0"), "/propeller.v1.ModelRegistry/InitModel", False),
+        (Identity(Kind.SERVICE, "coordinator-0"), "/propeller.v1.DataStore/PutDataset", False),
+        (Identity(Kind.SERVICE, "coordinator-0"), "/propeller.v1.Manager/StartExperiment", False),
+        (Identity(Kind.SERVICE, "coordinator-"), "/propeller.v1.Aggregator/Aggregate", False),
+        (Identity(Kind.SERVICE, "coordinatorx"), "/propeller.v1.Aggregator/Aggregate", False),
+        (Identity(Kind.OPERATOR, "coordinator-0"), "/propeller.v1.Aggregator/Aggregate", False),
+        (Identity(Kind.PROPLET, "coordinator-0"), "/propeller.v1.ModelRegistry/PutModel", False),
+        # One replicated service's replica is not the other's.
+        (Identity(Kind.SERVICE, "manager-0"), "/propeller.v1.Aggregator/Aggregate", False),
+        (Identity(Kind.SERVICE, "coordinator-0"), "/propeller.v1.Coordinator/WatchRound", False),
     ],
 )
 def test_authorize(identity: Identity, method: str, allowed: bool) -> None:

@@ -134,3 +134,19 @@ def test_a_manager_replica_is_issued_and_named_in_the_mqtt_acl(
     code, out, err = run(capsys, "certs", "mqtt-acl", "--manager-replica", "a/b")
     assert code != 0 and out == ""
     assert err.count("\n") == 1 and "--manager-replica" in err
+
+
+def test_a_coordinator_replica_is_named_in_the_mqtt_acl(capsys: pytest.CaptureFixture[str]) -> None:
+    """`certs mqtt-acl --coordinator-replica a` names the replica (user
+    `service:coordinator-a`) with the coordinator's rights, beside a manager replica's; an id
+    that cannot name a certificate is refused in one line naming the option."""
+    code, out, err = run(
+        capsys, "certs", "mqtt-acl", "--coordinator-replica", "a", "--manager-replica", "1"
+    )
+    assert (code, err) == (0, "")
+    block = out.split("user service:coordinator-a\n", 1)[1].split("\n\n", 1)[0]
+    coordinator = out.split("user service:coordinator\n", 1)[1].split("\n\n", 1)[0]
+    assert block.strip() == coordinator.strip() and "user service:manager-1\n" in out
+    code, out, err = run(capsys, "certs", "mqtt-acl", "--coordinator-replica", "a/b")
+    assert code != 0 and out == ""
+    assert err.count("\n") == 1 and "--coordinator-replica" in err

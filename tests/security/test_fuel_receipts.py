@@ -27,11 +27,10 @@ from proplet.federated import FederatedClient, FlTask, Update
 from server.config import MqttConfig
 from server.datastore.datasets import synthetic_dataset
 from server.tensors import tensor_to_proto
-from tests.cli.helpers import Cli, flags, make_cli, table_rows
+from tests.cli.helpers import Cli, flags, table_rows
 from tests.security.test_provenance import tamper_lineage
 from tests.support.clients import HYPER, V0
 from tests.support.cluster import Cluster, cluster
-from tests.support.waits import eventually
 
 # Honest proplets with datasets of different sizes, and a liar holding 64 samples.
 SAMPLES = {"fuel-small": 24, "fuel-mid": 64, "fuel-big": 160, "fuel-liar": 64}
@@ -85,36 +84,6 @@ async def world(mqtt: MqttConfig, tmp_path: Path, trainer_wasm: Path) -> AsyncIt
         yield c
 
 
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
-    return make_cli(capsys)
-
-
-async def ended(c: Cluster, experiment_id: str) -> manager_pb2.Experiment:
-    async def get() -> manager_pb2.Experiment:
-        e: manager_pb2.Experiment = await c.manager.GetExperiment(
-            manager_pb2.GetExperimentRequest(experiment_id=experiment_id), timeout=10
-        )
-        return e
-
-    return await eventually(
-        get,
-        lambda e: e.state != manager_pb2.EXPERIMENT_STATE_RUNNING,
-        timeout=120,
-        what=f"experiment {experiment_id} ended",
-    )
-
-
-async def lineage(c: Cluster, version: int) -> model_registry_pb2.Lineage:
-    async for chunk in c.registry.GetLineage(
-        model_registry_pb2.GetModelRequest(version=version), timeout=10
-    ):
-        if chunk.HasField("header"):
-            header: model_registry_pb2.Lineage = chunk.header
-            return header
-    raise AssertionError(f"no lineage for v{version}")
-
-
 def fuel_by_proplet(x: model_registry_pb2.Lineage) -> dict[str, tuple[int, int]]:
     return {
         c.header.proplet_id: (c.header.fuel_consumed, c.header.num_samples) for c in x.contributions
@@ -138,13 +107,13 @@ async def test_fuel_is_signed_recorded_shown_and_a_10x_sample_claim_is_refused(
         min_fuel_ratio=RATIO,
     )
     await c.manager.StartExperiment(request, timeout=60)
-    e = await ended(c, "exp-fuel")
+    e = await c.experiment_ended("exp-fuel")
     assert e.state == manager_pb2.EXPERIMENT_STATE_COMPLETED, e.end
     first, second = e.rounds
 
     # Round 1: everyone honest, datasets of 24 to 160 samples: every update counted.
     assert sorted(first.reported) == sorted(SAMPLES)
-    one = fuel_by_proplet(await lineage(c, first.new_model_version))
+    one = fuel_by_proplet(await c.lineage(first.new_model_version))
     assert {pid: n for pid, (_, n) in one.items()} == SAMPLES
     per_sample = {pid: fuel / n for pid, (fuel, n) in one.items()}
     assert all(fuel > 0 for fuel, _ in one.values())
@@ -162,7 +131,7 @@ async def test_fuel_is_signed_recorded_shown_and_a_10x_sample_claim_is_refused(
     assert failure.proplet_id == LIAR
     assert "header.fuel_consumed: " in failure.reason, failure.reason
     assert "samples is " in failure.reason and f"below min_fuel_ratio={RATIO:g}" in failure.reason
-    two = fuel_by_proplet(await lineage(c, second.new_model_version))
+    two = fuel_by_proplet(await c.lineage(second.new_model_version))
     assert LIAR not in two and all(fuel > 0 for fuel, _ in two.values())
     # The same module, data and hyperparameters on another base: about the same fuel.
     for pid, (fuel, _) in two.items():
@@ -208,7 +177,7 @@ async def test_a_rounds_fuel_budget_fails_its_tasks_with_the_reason_and_proplets
         fuel_budget=100_000,  # far below what parsing 24 samples takes (~300k)
     )
     await c.manager.StartExperiment(request, timeout=60)
-    e = await ended(c, "exp-budget")
+    e = await c.experiment_ended("exp-budget")
     assert e.state == manager_pb2.EXPERIMENT_STATE_FAILED
     status = await c.status(e.rounds[0].round_id)
     assert status.state == coordinator_pb2.ROUND_STATE_FAILED
@@ -222,7 +191,7 @@ async def test_a_rounds_fuel_budget_fails_its_tasks_with_the_reason_and_proplets
     assert await c.alive() >= set(SAMPLES)
     request.experiment_id, request.fuel_budget = "exp-after", 0
     await c.manager.StartExperiment(request, timeout=60)
-    after = await ended(c, "exp-after")
+    after = await c.experiment_ended("exp-after")
     assert after.state == manager_pb2.EXPERIMENT_STATE_COMPLETED, after.end
 
 

@@ -28,7 +28,13 @@ from server.config import MqttConfig, TlsConfig
 from server.embedded_broker import EmbeddedBroker
 from server.messages import COMPLETED, MAX_PACKET_BYTES, ResultAck, RoundComplete, TaskStart
 from server.mqtt import MqttSession
-from server.pki import CertificateAuthority, Identity, Kind, manager_replica_service
+from server.pki import (
+    CertificateAuthority,
+    Identity,
+    Kind,
+    coordinator_replica_service,
+    manager_replica_service,
+)
 from server.topics import Topics
 from tests.proplet import wat
 from tests.proplet.conftest import ManagerProbe, with_changes
@@ -311,10 +317,16 @@ async def test_a_proplet_reads_neither_anothers_tasks_nor_its_acks(target: Broke
 async def replicas_target(
     request: pytest.FixtureRequest, topics: Topics, tmp_path: Path
 ) -> AsyncIterator[Broker]:
-    """A broker whose ACL names the manager replica `listed` (`certs mqtt-acl
-    --manager-replica listed`); the embedded broker knows every replica by its name."""
+    """A broker whose ACL names the manager replica and the coordinator replica `listed`
+    (`certs mqtt-acl --manager-replica listed --coordinator-replica listed`); the embedded
+    broker knows every replica by its name."""
     if request.param == "mosquitto":
-        with mosquitto(tmp_path / "mosquitto", ca=session_ca(), manager_replicas=["listed"]) as b:
+        with mosquitto(
+            tmp_path / "mosquitto",
+            ca=session_ca(),
+            manager_replicas=["listed"],
+            coordinator_replicas=["listed"],
+        ) as b:
             yield Broker("mosquitto", MqttConfig(port=b.port, topics=topics))
     else:
         async with EmbeddedBroker(tls=tls(Kind.SERVICE, BROKER.name)) as embedded:
@@ -352,6 +364,34 @@ async def test_a_manager_replica_acts_as_the_manager_and_never_as_a_proplet(
         async with MqttSession(target.as_(service_tls("coordinator")), "c") as coordinator:
             await coordinator.publish(t.round_next, b"the coordinator's")
         assert await watcher.until(b"the coordinator's") == [(t.round_next, b"the coordinator's")]
+
+
+async def test_a_coordinator_replica_announces_rounds_and_starts_no_task(
+    replicas_target: Broker,
+) -> None:
+    """A coordinator replica (its own certificate, service `coordinator-listed`) announces a
+    round as the coordinator does, and cannot start a proplet's task (the manager's). On
+    mosquitto a replica the ACL does not name has no more than any identity: its
+    announcement never arrives."""
+    target, t = replicas_target, replicas_target.mqtt.topics
+    victim = fresh("victim")
+    replica = service_tls(coordinator_replica_service("listed"))
+    async with (
+        listening(target.as_(proplet_tls(victim)), victim, t.proplet_subscriptions(victim)) as v,
+        listening(target.as_(operator_tls(fresh("watch"))), "w", [t.round_next]) as watcher,
+        MqttSession(target.as_(replica), "c", clean_session=True) as c,
+    ):
+        if target.kind == "mosquitto":
+            unlisted = service_tls(coordinator_replica_service("unlisted"))
+            async with MqttSession(target.as_(unlisted), "u", clean_session=True) as u:
+                await u.publish(t.round_next, b"unlisted replica's")
+        await c.publish(t.task_start_for(victim), b"forged start")
+        await c.publish(t.round_next, b"replica's")
+        assert await watcher.until(b"replica's") == [(t.round_next, b"replica's")]
+        async with MqttSession(target.as_(service_tls("manager")), "m") as manager:
+            await manager.publish(t.task_start_for(victim), b"the manager's")
+        # Only the manager's start reached the proplet: the replica's forged one never did.
+        assert await v.until(b"the manager's") == [(t.task_start_for(victim), b"the manager's")]
 
 
 # --------------------------------------------------------------------------- revocation

@@ -37,7 +37,7 @@ from server.pki import load_certificate, load_private_key
 from server.provenance import Claim, module_digest, sign, signature_verifies
 from server.streams import UpdateMeta, model_stream, read_model_stream, update_stream
 from server.tensors import Tensors, sha256_of
-from tests.cli.helpers import Cli, flags, make_cli, table_rows
+from tests.cli.helpers import Cli, flags, table_rows
 from tests.security.test_attacks import refused
 from tests.support.clients import RPC_S, V0, Clients, clients
 from tests.support.cluster import Cluster, cluster, round_services
@@ -56,11 +56,6 @@ async def world(mqtt: MqttConfig, tmp_path: Path) -> AsyncIterator[Cluster]:
         yield c
 
 
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
-    return make_cli(capsys)
-
-
 def update(proplet_id: str, *, n: int = 10, w: float = 0.5, module: str = PINNED) -> Update:
     tensors: Tensors = {"w": np.full(3, w, np.float64), "b": np.array(w / 2, np.float64)}
     return Update(proplet_id, V0, n, {"loss": 0.5}, tensors, module_digest=module)
@@ -69,6 +64,19 @@ def update(proplet_id: str, *, n: int = 10, w: float = 0.5, module: str = PINNED
 async def send(world: Clients, meta: UpdateMeta, tensors: Tensors, as_proplet: str) -> Any:
     stub = world.coordinator_as(as_proplet)
     return await stub.SubmitUpdate(update_stream(meta, tensors), timeout=RPC_S)
+
+
+async def refused_from_a(
+    world: Clients,
+    meta: UpdateMeta,
+    details: str,
+    tensors: Tensors | None = None,
+    code: grpc.StatusCode = C.INVALID_ARGUMENT,
+) -> None:
+    """An update sent as proplet a with `meta` (and a's tensors, or `tensors`) is refused
+    with `code` and details naming `details`."""
+    tensors = update("a").tensors if tensors is None else tensors
+    await refused(send(world, meta, tensors, "a"), code, details)
 
 
 async def nothing_counted(world: Clients, round_id: str = "r1") -> None:
@@ -101,11 +109,7 @@ async def test_an_update_from_another_module_than_the_rounds_is_refused(world: C
 async def test_an_update_must_name_its_module(world: Cluster) -> None:
     await world.configure("r1", participants=["a", "b"])
     meta = replace(await world.signed_meta("r1", update("a")), module_digest="")
-    await refused(
-        send(world, meta, update("a").tensors, "a"),
-        C.INVALID_ARGUMENT,
-        "header.module_digest: 'empty' is not a module digest",
-    )
+    await refused_from_a(world, meta, "header.module_digest: 'empty' is not a module digest")
     await nothing_counted(world)
 
 
@@ -116,10 +120,8 @@ async def test_bytes_changed_after_signing_are_refused(world: Cluster) -> None:
     await world.configure("r1", participants=["a", "b"])
     signed = await world.signed_meta("r1", update("a"))
     tampered = update("a", w=0.75).tensors
-    await refused(
-        send(world, signed, tampered, "a"),
-        C.INVALID_ARGUMENT,
-        "header.signature: does not verify with proplet 'a''s certificate",
+    await refused_from_a(
+        world, signed, "header.signature: does not verify with proplet 'a''s certificate", tampered
     )
     await nothing_counted(world)
     await still_accepted(world, "a")
@@ -137,11 +139,7 @@ async def test_a_header_changed_after_signing_is_refused(
     await world.configure("r1", participants=["a", "b"])
     signed = await world.signed_meta("r1", update("a"))
     tampered = replace(signed, **change)
-    await refused(
-        send(world, tampered, update("a").tensors, "a"),
-        C.INVALID_ARGUMENT,
-        "header.signature: does not verify",
-    )
+    await refused_from_a(world, tampered, "header.signature: does not verify")
     await nothing_counted(world)
     await still_accepted(world, "a")
 
@@ -172,13 +170,15 @@ async def test_an_update_trained_from_another_base_model_is_refused(world: Clust
     claim = Claim("r1", "a", "0" * 64, PINNED, sha256_of(tensors), 10, {"loss": 0.5})
     signature = sign(await asyncio.to_thread(load_private_key, proplet_tls("a").key), claim)
     meta = UpdateMeta("r1", "a", V0, 10, {"loss": 0.5}, module_digest=PINNED, signature=signature)
-    await refused(send(world, meta, tensors, "a"), C.INVALID_ARGUMENT, "header.signature:")
+    await refused_from_a(world, meta, "header.signature:", tensors)
     # Naming that other base in the header is refused before any signature is looked at.
     named = replace(meta, base_model_sha256="0" * 64)
-    await refused(
-        send(world, named, tensors, "a"),
-        C.FAILED_PRECONDITION,
+    await refused_from_a(
+        world,
+        named,
         f"header.base_model_sha256: '{'0' * 64}', but round 'r1' trains {V0} with sha256 ",
+        tensors,
+        C.FAILED_PRECONDITION,
     )
     await nothing_counted(world)
     await still_accepted(world, "a")
@@ -188,17 +188,11 @@ async def test_a_signature_by_another_proplets_key_is_refused(world: Cluster) ->
     await world.configure("r1", participants=["a", "b"])
     # b signs a's update (say b holds a's update and a's channel): a's certificate says no.
     signed_by_b = await world.signed_meta("r1", update("a"), key_of="b")
-    await refused(
-        send(world, signed_by_b, update("a").tensors, "a"),
-        C.INVALID_ARGUMENT,
-        "header.signature: does not verify with proplet 'a''s certificate",
+    await refused_from_a(
+        world, signed_by_b, "header.signature: does not verify with proplet 'a''s certificate"
     )
     unsigned = replace(signed_by_b, signature=b"")
-    await refused(
-        send(world, unsigned, update("a").tensors, "a"),
-        C.INVALID_ARGUMENT,
-        "header.signature: missing",
-    )
+    await refused_from_a(world, unsigned, "header.signature: missing")
     await nothing_counted(world)
     await still_accepted(world, "a")
 

@@ -27,7 +27,7 @@ from server.config import MqttConfig
 from server.datastore.datasets import synthetic_dataset
 from server.models import model_uri
 from server.streams import read_model_stream
-from tests.cli.helpers import Cli, flags, make_cli
+from tests.cli.helpers import Cli, flags
 from tests.support.cluster import Cluster, cluster
 from tests.support.poisoning import Poisoning, PoisoningProplet
 
@@ -60,11 +60,6 @@ TEST_X, TEST_Y = held_out()
 def accuracy(model: dict[str, Any]) -> float:
     logits = TEST_X @ np.asarray(model["w"], np.float64) + float(model["b"])
     return float(np.mean((logits > 0) == (TEST_Y > 0.5)))
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
-    return make_cli(capsys)
 
 
 async def final_accuracy(cli: Cli, c: Cluster, strategy: str, params: str) -> float:

@@ -21,17 +21,12 @@ from propeller.v1 import model_registry_pb2, model_registry_pb2_grpc
 from server.config import MqttConfig
 from server.grpc_server import channel
 from server.streams import model_stream, read_model_stream
-from tests.cli.helpers import Cli, flags, make_cli, table_rows
+from tests.cli.helpers import Cli, flags, table_rows
 from tests.support.clients import RPC_S, V0, header_and_data
 from tests.support.cluster import Cluster, cluster
 from tests.support.security import service_tls
 
 MR = model_registry_pb2
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
-    return make_cli(capsys)
 
 
 @pytest.fixture

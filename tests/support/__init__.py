@@ -11,11 +11,12 @@
   (`ServiceProcess`), `propeller-fl up` (`UpProcess`).
 - `clients`: gRPC stubs to every service and the calls tests make through them.
 - `cluster`: in-process services and real proplets on the test broker (`cluster`,
-  `round_services`, `serve_app`, `proplets`).
+  `round_services`, `serve_app`, `proplets`); the coordinator as a process beside its
+  in-process registry and aggregator (`coordinator_process`, `running`).
 - `netns`: hosts of the tests' own (network namespaces on a bridge, a veth pair each), their
   links cut, restored, or delayed and lossy (through `lossy_link`, the kernel having no netem).
 
 Fixtures built from these (`broker`, `registry`, `postgres_server`, `database_url`,
-`state_backend`, `topics`, `trainer_wasm`) are in
+`state_backend`, `topics`, `trainer_wasm`, `trainer_image`) are in
 tests/conftest.py, which also tiers the suite (markers) and picks the Hypothesis profile.
 """

@@ -166,6 +166,16 @@ class Clients:
         _header, tensors = await read_model_stream(call)
         return tensors
 
+    async def lineage(self, version: int) -> model_registry_pb2.Lineage:
+        """The version's lineage as the registry keeps it (its header; no tensors)."""
+        async for chunk in self.registry.GetLineage(
+            model_registry_pb2.GetModelRequest(version=version), timeout=LONG_RPC_S
+        ):
+            if chunk.HasField("header"):
+                header: model_registry_pb2.Lineage = chunk.header
+                return header
+        raise AssertionError(f"no lineage header for v{version}")
+
     # -- rounds (Coordinator; the manager passes GetRoundStatus through) --------------------
 
     async def configure(self, round_id: str = "r1", **fields: Any) -> coordinator_pb2.RoundStatus:
@@ -316,6 +326,24 @@ class Clients:
             experiment_request(round_id, participants, image, **fields), timeout=LONG_RPC_S
         )
         return resp
+
+    async def experiment_ended(
+        self, experiment_id: str, timeout: float = 120.0
+    ) -> manager_pb2.Experiment:
+        """The experiment once it is no longer RUNNING (waiting at most `timeout` s)."""
+
+        async def get() -> manager_pb2.Experiment:
+            e: manager_pb2.Experiment = await self.manager.GetExperiment(
+                manager_pb2.GetExperimentRequest(experiment_id=experiment_id), timeout=RPC_S
+            )
+            return e
+
+        return await eventually(
+            get,
+            lambda e: e.state != manager_pb2.EXPERIMENT_STATE_RUNNING,
+            timeout=timeout,
+            what=f"experiment {experiment_id} ended",
+        )
 
     async def round_tasks(self, round_id: str) -> list[manager_pb2.Task]:
         request = manager_pb2.ListTasksRequest(name_prefix=f"fl-round-{round_id}")

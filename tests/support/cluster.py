@@ -9,6 +9,9 @@ tests run against, with what differs between them as parameters.
 - `serve_app(app)`: one service app entered and served on a free loopback port.
 - `run_proplets(...)`: real proplets pointed at a set of services.
 - `round_notes(mqtt)`: the round-complete notifications a subscriber sees.
+- `coordinator_process(mqtt, work_dir, ...)`: the coordinator as a real process (not started)
+  over a state directory, its registry (v0 stored) and aggregator in this process;
+  `running(process)` starts a service process again and gives a client of that run.
 
 Everything is mutual TLS from the suite's CA (`tests.support.security`) unless a test passes
 `insecure=True`.
@@ -20,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
-from propeller.v1 import manager_pb2
+from propeller.v1 import aggregator_pb2_grpc, manager_pb2
 from proplet import Proplet, PropletConfig
 from server.aggregator.app import AggregatorApp, AggregatorConfig
 from server.config import Endpoints, MqttConfig, TlsConfig
@@ -38,12 +42,15 @@ from server.registry.app import RegistryApp, RegistryConfig
 from server.stack import Stack, StackConfig
 from server.topics import Topics
 from tests.support.clients import V0, Clients, clients
+from tests.support.processes import ServiceProcess, mqtt_env, service_process
 from tests.support.security import operator_tls, proplet_tls, service_tls, session_ca
 
 # A hand-made round task's HYPERPARAMS: `tests.support.clients.HYPER` as the module reads it.
 HYPER_JSON = json.dumps({"epochs": 1, "lr": 0.01, "batch_size": 16})
 
 LOCAL = "127.0.0.1:0"
+
+log = logging.getLogger(__name__)
 
 
 class App(Protocol):
@@ -132,6 +139,15 @@ async def round_services(
             registry=registry,
             datastore="",
         )
+
+
+@contextlib.asynccontextmanager
+async def round_clients(mqtt: MqttConfig, **coordinator: Any) -> AsyncIterator[Clients]:
+    """`round_services` (v0 of 3 zeros; the coordinator's RPC timeout 30 s and tick 0.05 s
+    unless `coordinator` says else) and clients of them."""
+    settings: dict[str, Any] = {"rpc_timeout_s": 30.0, "tick_s": 0.05, **coordinator}
+    async with round_services(mqtt, **settings) as services, clients(services) as c:
+        yield c
 
 
 @contextlib.asynccontextmanager
@@ -313,3 +329,69 @@ async def round_notes(
         clean_session=not persistent,
     ):
         yield queue
+
+
+@contextlib.asynccontextmanager
+async def coordinator_process(
+    mqtt: MqttConfig,
+    work_dir: Path,
+    *,
+    dimension: int,
+    aggregator: Any = None,
+    registry_front: Callable[[Any], Any] | None = None,
+    **env: str,
+) -> AsyncIterator[tuple[ServiceProcess, Clients, str]]:
+    """A model registry holding v0 (`dimension` zeros) in this process; an aggregator in
+    this process (or the `aggregator` servicer served in its place, or, given a string, the
+    address of one elsewhere); and the coordinator process, not started, over
+    `work_dir/state`, configured for them by `env` on top of the defaults (no data store:
+    num_samples is not capped). `registry_front`, given the real registry servicer, returns
+    the one to serve in its place. Yields the process, a client of the registry and the
+    registry's address."""
+    async with contextlib.AsyncExitStack() as stack:
+        if not isinstance(aggregator, str):
+            bindings = None
+            if aggregator is not None:
+                add = aggregator_pb2_grpc.add_AggregatorServicer_to_server
+                bindings = [ServiceBinding("propeller.v1.Aggregator", aggregator, add)]
+            aggregator = await stack.enter_async_context(
+                serve_app(
+                    AggregatorApp(AggregatorConfig(LOCAL, tls=service_tls("aggregator"))),
+                    bindings=bindings,
+                    tls=service_tls("aggregator"),
+                )
+            )
+        app = RegistryApp(RegistryConfig(LOCAL, tls=service_tls("registry")))
+        real = app.bindings[0]
+        front = (
+            None
+            if registry_front is None
+            else [dataclasses.replace(real, servicer=registry_front(real.servicer))]
+        )
+        registry = await stack.enter_async_context(
+            serve_app(app, bindings=front, tls=service_tls("registry"))
+        )
+        reg = await stack.enter_async_context(clients({"registry": registry}))
+        await reg.init_model(dimension)
+        settings = {
+            **mqtt_env(mqtt),
+            "AGGREGATOR_ADDR": aggregator,
+            "MODEL_REGISTRY_ADDR": registry,
+            "PROPELLER_STATE_DIR": str(work_dir / "state"),
+            "PROPELLER_COORDINATOR_TICK_S": "0.05",
+            "PROPELLER_COORDINATOR_RPC_TIMEOUT_S": "10",
+            "PROPELLER_LOG_LEVEL": "INFO",
+            "PROPELLER_NUM_SAMPLES_CAP": "none",
+            **env,
+        }
+        yield stack.enter_context(service_process("coordinator", settings, work_dir)), reg, registry
+
+
+@contextlib.asynccontextmanager
+async def running(process: ServiceProcess) -> AsyncIterator[Clients]:
+    """Start the service process (again), wait until it serves, and give a client of this
+    run."""
+    seconds = await process.restart()
+    log.info("[test] %s run %d serving after %.2fs", process.service, process.starts, seconds)
+    async with clients({process.service: process.addr}) as client:
+        yield client

@@ -68,6 +68,7 @@ class Mosquitto(_Server):
         plain_port: int | None = None,
         host: str = "127.0.0.1",
         manager_replicas: Sequence[str] = (),
+        coordinator_replicas: Sequence[str] = (),
     ) -> None:
         (workdir / "data").mkdir(parents=True, exist_ok=True)
         self.ca = ca
@@ -87,7 +88,11 @@ class Mosquitto(_Server):
             config = f"listener {port} {host}\nallow_anonymous true\n" + common
         else:
             bundle = ca.ensure(BROKER, hosts=[] if host == "127.0.0.1" else [host])
-            (workdir / "acl").write_text(mosquitto_acl(manager_replicas=manager_replicas))
+            (workdir / "acl").write_text(
+                mosquitto_acl(
+                    manager_replicas=manager_replicas, coordinator_replicas=coordinator_replicas
+                )
+            )
             files = MosquittoTls(
                 ca=str(bundle.ca),
                 cert=str(bundle.cert),
@@ -155,9 +160,11 @@ def mosquitto(
     plain: bool = False,
     host: str = "127.0.0.1",
     manager_replicas: Sequence[str] = (),
+    coordinator_replicas: Sequence[str] = (),
 ) -> Iterator[Mosquitto]:
     """A Mosquitto on free ports of `host` (see `Mosquitto`; `plain`: with a plaintext
-    listener too; `manager_replicas`: the replica ids its ACL names, `mosquitto_acl`)."""
+    listener too; `manager_replicas`, `coordinator_replicas`: the replica ids its ACL names,
+    `mosquitto_acl`)."""
     plain_port = free_port(host) if plain and ca is not None else None
     broker = Mosquitto(
         free_port(host),
@@ -166,6 +173,7 @@ def mosquitto(
         plain_port=plain_port,
         host=host,
         manager_replicas=manager_replicas,
+        coordinator_replicas=coordinator_replicas,
     )
     with started(broker, grace=5.0) as running:
         yield running

@@ -53,6 +53,18 @@ GRPC_SERVICES = {
     "registry": "propeller.v1.ModelRegistry",
     "datastore": "propeller.v1.DataStore",
 }
+# The deployments' workloads of ours (compose.yaml's services, the Kubernetes workloads of the
+# same names) -> the `propeller-fl serve` service each runs.
+DEPLOYED_SERVICES = {
+    "manager": "manager",
+    "coordinator": "coordinator",
+    "aggregator": "aggregator",
+    "model-registry": "registry",
+    "local-data-store": "datastore",
+    "proplet": "proplet",
+    "proplet-2": "proplet",
+    "proplet-3": "proplet",
+}
 # Variables the services read that do not start with PROPELLER_ / PROPLET_.
 _OTHER_VARS = frozenset(
     {
@@ -105,7 +117,9 @@ def service_environment(reserved: frozenset[str] | set[str] = frozenset()) -> di
 
 class ChildProcess:
     """`argv` with `env` in `cwd`; stderr in `logs/NAME.log`. Stdout goes to the same log
-    ("log"), to `logs/NAME.out` ("file"), nowhere ("devnull"), or to a pipe ("pipe")."""
+    ("log"), to `logs/NAME.out` ("file"), nowhere ("devnull"), or to a pipe ("pipe"). Stdin
+    reads nothing ("devnull": end of file at once) or is a pipe that stays open and silent
+    while the process runs ("pipe": a read waits)."""
 
     def __init__(
         self,
@@ -116,6 +130,7 @@ class ChildProcess:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         stdout: Output = "devnull",
+        stdin: Literal["devnull", "pipe"] = "devnull",
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -123,6 +138,7 @@ class ChildProcess:
         self.logs = logs
         self.cwd = cwd or logs
         self.stdout = stdout
+        self.stdin = stdin
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.stopped_after_s = 0.0
@@ -135,6 +151,11 @@ class ChildProcess:
     @property
     def out_path(self) -> Path:
         return self.logs / f"{self.name}.out"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, f"{self.name} was never started"
+        return self.proc.pid
 
     @property
     def running(self) -> bool:
@@ -159,7 +180,7 @@ class ChildProcess:
                     self.argv,
                     env=self.env,
                     cwd=self.cwd,
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.PIPE if self.stdin == "pipe" else subprocess.DEVNULL,
                     stdout=stdout,
                     stderr=log,
                 )
@@ -172,11 +193,18 @@ class ChildProcess:
         """The exit status, once the process has exited (fails after `bound` seconds)."""
         assert self.proc is not None
         try:
-            return self.proc.wait(bound)
+            code = self.proc.wait(bound)
         except subprocess.TimeoutExpired:
             raise AssertionError(
                 f"{self.name} still running {bound}s later\n{self.tail()}"
             ) from None
+        self._close_stdin()
+        return code
+
+    def _close_stdin(self) -> None:
+        """Our end of a stdin pipe, once the process is gone."""
+        if self.proc is not None and self.proc.stdin is not None:
+            self.proc.stdin.close()
 
     async def wait_exit(self, bound: float = STOP_S) -> int:
         return await asyncio.to_thread(self.wait, bound)
@@ -200,15 +228,15 @@ class ChildProcess:
 
     def stop(self, grace: float = 5.0) -> None:
         """Clean-up: SIGTERM, then SIGKILL after `grace` seconds, whatever state it is in."""
-        if not self.running:
-            return
-        assert self.proc is not None
-        self.proc.terminate()
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.running:
+            assert self.proc is not None
+            self.proc.terminate()
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._close_stdin()
 
     def log_text(self) -> str:
         try:

@@ -178,14 +178,16 @@ class ParticipantFailure(_message.Message):
     def __init__(self, proplet_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReportParticipantFailureRequest(_message.Message):
-    __slots__ = ("round_id", "proplet_id", "reason")
+    __slots__ = ("round_id", "proplet_id", "reason", "brief")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PROPLET_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    BRIEF_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     proplet_id: str
     reason: str
-    def __init__(self, round_id: _Optional[str] = ..., proplet_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    brief: bool
+    def __init__(self, round_id: _Optional[str] = ..., proplet_id: _Optional[str] = ..., reason: _Optional[str] = ..., brief: _Optional[bool] = ...) -> None: ...
 
 class SubmitUpdateResponse(_message.Message):
     __slots__ = ("round_id", "proplet_id", "accepted", "duplicate", "num_updates", "k_of_n", "state")
@@ -230,10 +232,12 @@ class ListRoundsResponse(_message.Message):
     def __init__(self, rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class WatchRoundRequest(_message.Message):
-    __slots__ = ("round_id",)
+    __slots__ = ("round_id", "brief")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    BRIEF_FIELD_NUMBER: _ClassVar[int]
     round_id: str
-    def __init__(self, round_id: _Optional[str] = ...) -> None: ...
+    brief: bool
+    def __init__(self, round_id: _Optional[str] = ..., brief: _Optional[bool] = ...) -> None: ...
 
 class RoundEvent(_message.Message):
     __slots__ = ("type", "status", "proplet_id", "timestamp")
