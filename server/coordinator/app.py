@@ -25,14 +25,7 @@ from server.grpc_server import ServiceBinding, channel
 from server.lifecycle import ServiceApp, for_serve, run_service, start_task, state_dir_from_env
 from server.mqtt import MqttSession
 from server.oci import oci_insecure_from_env
-from server.pki import (
-    COORDINATOR_REPLICAS,
-    Identity,
-    Kind,
-    load_private_key,
-    read_identity,
-    site_service,
-)
+from server.pki import COORDINATOR_REPLICAS
 from server.round_spec import DEFAULT_TIMEOUT_S
 from server.tensors import GRPC_OPTIONS
 
@@ -263,18 +256,7 @@ class CoordinatorApp(ServiceApp):
         hierarchy = cfg.hierarchy
         upstream = None
         if hierarchy.tier == SITE:
-            key = None
-            if cfg.tls is not None:
-                # The root holds a site to its own identity, and the partial is signed with
-                # this key: a certificate for another identity would only be refused there.
-                expected = Identity(Kind.SERVICE, site_service(hierarchy.site_id))
-                actual = read_identity(cfg.tls.cert)
-                if actual != expected:
-                    raise ValueError(
-                        f"site_id: {hierarchy.site_id!r} needs the certificate of {expected}, "
-                        f"but {cfg.tls.cert} is {actual}'s"
-                    )
-                key = load_private_key(cfg.tls.key)
+            key = hierarchy.signing_key(cfg.tls)
             root = channel(cfg.upstream_addr, cfg.tls, options)
             stack.push_async_callback(root.close, None)
             upstream = GrpcUpstream(root, key, timeout_s=cfg.rpc_timeout_s)

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from propeller.v1 import coordinator_pb2, coordinator_pb2_grpc
 from server.aggregator.strategies import STRATEGIES, strategy_class
+from server.config import TlsConfig
 from server.coordinator import rounds as R
 from server.coordinator.backend import RetryPolicy, with_retry
 from server.coordinator.clients import meta_of
@@ -41,7 +42,14 @@ from server.coordinator.rounds import Round, Update
 from server.coordinator.wire import status_from_proto
 from server.errors import FailedPrecondition, NotFound, PropellerError, rpc_errors
 from server.ids import id_problem
-from server.pki import SITE_SERVICE_PREFIX, Identity, Kind
+from server.pki import (
+    SITE_SERVICE_PREFIX,
+    Identity,
+    Kind,
+    load_private_key,
+    read_identity,
+    site_service,
+)
 from server.provenance import Claim, sign
 from server.round_spec import RoundSpec
 from server.streams import update_stream
@@ -82,6 +90,21 @@ class Hierarchy:
     @property
     def hierarchical(self) -> bool:
         return self.tier != FLAT
+
+    def signing_key(self, tls: TlsConfig | None) -> ec.EllipticCurvePrivateKey | None:
+        """A site's key for signing its partials (None over plaintext). The root holds a site
+        to its own identity: a certificate for another identity would only be refused there,
+        so it is refused here, at start (ValueError)."""
+        if tls is None:
+            return None
+        expected = Identity(Kind.SERVICE, site_service(self.site_id))
+        actual = read_identity(tls.cert)
+        if actual != expected:
+            raise ValueError(
+                f"site_id: {self.site_id!r} needs the certificate of {expected}, "
+                f"but {tls.cert} is {actual}'s"
+            )
+        return load_private_key(tls.key)
 
 
 _COMPOSING = ", ".join(name for name, cls in STRATEGIES.items() if cls.incremental)

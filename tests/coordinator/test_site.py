@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.coordinator import site as S
 from server.coordinator.app import CoordinatorConfig
@@ -17,10 +18,12 @@ from server.coordinator.coordinator import Coordinator, RetryPolicy
 from server.coordinator.rounds import Round, RoundState, Update
 from server.coordinator.store import MemoryRoundStore
 from server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from server.pki import read_identity
 from server.round_spec import Hyperparams, RoundSpec
 from server.topics import Topics
 from tests.coordinator.helpers import Clock, MemoryBackend, fedavg, make_update
 from tests.support.environment import config_from_env
+from tests.support.security import service_tls
 
 V0 = "fl/models/global_model_v0"
 UPDATES = [
@@ -227,3 +230,15 @@ def test_tier_settings() -> None:
     for settings, message in bad:
         with pytest.raises(ValueError, match=message):
             CoordinatorConfig(tls=None, **settings)
+
+
+def test_a_site_signs_its_partials_only_with_its_own_certificate() -> None:
+    east = S.Hierarchy(S.SITE, "east")
+    assert east.signing_key(None) is None  # plaintext: unsigned partials
+    assert isinstance(east.signing_key(service_tls("site-east")), ec.EllipticCurvePrivateKey)
+    wrong = service_tls("site-west")
+    with pytest.raises(ValueError) as excinfo:
+        east.signing_key(wrong)
+    message = str(excinfo.value)
+    assert message.startswith("site_id: 'east' needs the certificate of "), message
+    assert message.endswith(f"but {wrong.cert} is {read_identity(wrong.cert)}'s"), message
