@@ -336,12 +336,6 @@ inline fn store(s: []f64, at: usize, v: V) void {
 /// zeros, blank pixels) with one test.
 const unroll = 4;
 
-/// Groups per loop iteration (32 terms). Under wasmtime every loop header holds the epoch
-/// check and the fuel check, each with an out-of-line call that clobbers every vector
-/// register, so Cranelift keeps values live across a loop header (the accumulators) on the
-/// stack and reloads them in each iteration: more terms per iteration make that rarer.
-const groups = 8;
-
 /// On wasm, a test between two terms of a group that never stops the sum (see
 /// forwardGroup). Cranelift emits a basic block's loads first, in order, and its arithmetic
 /// where the block's end needs it, so a group of four terms kept its 16 loaded vectors and
@@ -349,6 +343,13 @@ const groups = 8;
 /// schedules the native build itself, where the tests only cost (measured:
 /// docs/benchmarks.md, the wasm-mlp item).
 const term_blocks = builtin.cpu.arch.isWasm();
+
+/// Groups per loop iteration on wasm (32 terms). Under wasmtime every loop header holds the
+/// epoch check and the fuel check, each with an out-of-line call that clobbers every vector
+/// register, so Cranelift keeps values live across a loop header (the accumulators) on the
+/// stack and reloads them in each iteration: more terms per iteration make that rarer.
+/// Natively one group (LLVM keeps the accumulators in registers; 8 made it 1-4 % slower).
+const groups = if (term_blocks) 8 else 1;
 
 /// Rows a register block advances together: samples in forwardLayer, weight rows in
 /// gradLayer. Each weight (or dz) vector loaded is used for `rows` accumulators, and one
