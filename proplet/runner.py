@@ -77,8 +77,8 @@ STOP_GRACE_S = 2.0
 MAX_ABANDONED_RUNS = 4
 WASM_PAGE = 65536
 # A run's fuel budget when nothing smaller is set (PROPLET_FUEL_LIMIT 0, a round without
-# fuel_budget): 10^15 units. The trainers spend 0.8-2.6 x 10^10 units a CPU second here
-# (docs/benchmarks.md, wasm-fuel), so that is more than ten hours of CPU: the task's timeout
+# fuel_budget): 10^15 units. The trainers spend 0.8-4.8 x 10^10 units a CPU second here
+# (docs/benchmarks.md, wasm-fuel), so that is about six hours of CPU or more: the task's timeout
 # ends a run long before this does. Below 2^63 so any count fits a signed
 # 64-bit column.
 DEFAULT_FUEL = 10**15

@@ -68,6 +68,21 @@ def test_training_matches_numpy(
     assert any(np.max(np.abs(want[k] - params[k])) > 1e-3 for k in params)
 
 
+def test_long_sums_with_zero_inputs_match_numpy(mlp: MlpRunner) -> None:
+    """Sums longer than one kernel loop iteration (32 terms) in both kernels: 70 inputs and 45
+    hidden units (32 + whole groups of 4 + single terms), mini-batches of 40 (a full chunk of
+    32 samples and 8 more); the first 12 features blank in every sample (groups the kernels
+    skip) and the hidden layer's ReLU zeros."""
+    params = ref.make_mlp([70, 45, 10], seed=9)
+    x, y = ref.make_data(77, 70, 10, seed=10)
+    x[:, :12] = 0.0
+    hyper = {"epochs": 2, "lr": 0.1, "batch_size": 40}
+    got = mlp.run(params, x, y, hyper)
+    want = ref.train(params, x, y, epochs=2, lr=0.1, batch_size=40)
+    assert_params_close(got.tensors, want, TOL)
+    assert any(np.max(np.abs(want[k] - params[k])) > 1e-3 for k in params)
+
+
 def test_metrics_match_numpy_before_and_after(mlp: MlpRunner) -> None:
     params = ref.make_mlp([6, 16, 4], seed=5)
     x, y = ref.make_data(40, 6, 4, seed=6)

@@ -14,6 +14,7 @@
 //! on the way in and narrowed on the way out.
 
 const std = @import("std");
+const builtin = @import("builtin");
 const Allocator = std.mem.Allocator;
 const Value = std.json.Value;
 
@@ -331,17 +332,31 @@ inline fn store(s: []f64, at: usize, v: V) void {
     s[at..][0..lanes].* = v;
 }
 
-/// How many terms of a sum one loop iteration adds. wasmtime checks its epoch (the proplet's
-/// deadline) at every loop iteration; four terms per iteration keep that check cheap
-/// against the arithmetic (measured: docs/benchmarks.md).
+/// Terms of a sum per group: the kernels skip a group whose inputs are all zero (ReLU
+/// zeros, blank pixels) with one test.
 const unroll = 4;
+
+/// On wasm, a test between two terms of a group that never stops the sum (see
+/// forwardGroup). Cranelift emits a basic block's loads first, in order, and its arithmetic
+/// where the block's end needs it, so a group of four terms kept its 16 loaded vectors and
+/// the 8 accumulators live at once and spilled; a block per term keeps 4 loads live. LLVM
+/// schedules the native build itself, where the tests only cost (measured:
+/// docs/benchmarks.md, the wasm-mlp item).
+const term_blocks = builtin.cpu.arch.isWasm();
+
+/// Groups per loop iteration on wasm (32 terms). Under wasmtime every loop header holds the
+/// epoch check and the fuel check, each with an out-of-line call that clobbers every vector
+/// register, so Cranelift keeps values live across a loop header (the accumulators) on the
+/// stack and reloads them in each iteration: more terms per iteration make that rarer.
+/// Natively one group (LLVM keeps the accumulators in registers; 8 made it 1-4 % slower).
+const groups = if (term_blocks) 8 else 1;
 
 /// Rows a register block advances together: samples in forwardLayer, weight rows in
 /// gradLayer. Each weight (or dz) vector loaded is used for `rows` accumulators, and one
 /// loop iteration (one epoch check under wasmtime) does `rows` times the arithmetic. Two
 /// rows of four accumulators, their splats and the loaded vector fit x86-64's 16 vector
-/// registers; three and four rows made the module no faster, eight terms per iteration
-/// slower (measured: docs/benchmarks.md).
+/// registers; three and four rows made the module no faster (measured: docs/benchmarks.md;
+/// eight terms per iteration were slower then, before the terms had blocks of their own).
 const rows = 2;
 
 inline fn allZeroV(comptime p: usize, comptime h: usize, xv: [p][h]V) bool {
@@ -363,34 +378,55 @@ inline fn allZero(comptime p: usize, xs: [p][unroll]f64) bool {
     return zero;
 }
 
+/// Adds the terms r .. r + unroll of the rows s .. s + p into acc, unless their inputs are
+/// all zero. False if it stopped at `lim`, which it never does when lim = l.in (the caller
+/// passes it so on wasm; `lim` is opaque to LLVM, so the test stays and ends a basic block
+/// after every term: see term_blocks).
+inline fn forwardGroup(comptime p: usize, comptime nv: usize, a: []const f64, s: usize, l: Layer, j: usize, r: usize, acc: *[p][nv]V, lim: usize) bool {
+    const in = l.in;
+    const out = l.out;
+    // The rows' next four inputs as vectors (fewer live registers than eight scalars:
+    // wasmtime's compiler spilled accumulators with the scalars).
+    var xv: [p][unroll / lanes]V = undefined;
+    inline for (0..p) |u| {
+        inline for (0..unroll / lanes) |h| xv[u][h] = load(a, (s + u) * in + r + h * lanes);
+    }
+    // Four ReLU zeros (or zero pixels) in every row add nothing.
+    if (allZeroV(p, unroll / lanes, xv)) return true;
+    inline for (0..unroll) |t| {
+        if (term_blocks and t > 0 and r + t >= lim) return false;
+        inline for (0..nv) |q| {
+            const wv = load(l.w, (r + t) * out + j + q * lanes);
+            inline for (0..p) |u| acc[u][q] += @as(V, @splat(xv[u][t / lanes][t % lanes])) * wv;
+        }
+    }
+    return true;
+}
+
 /// z[s + u, j ..][0 .. nv * lanes] for u < p: the bias plus the sum over r, in order, of
 /// a[s + u, r] * w[r, j ..]. Every output's terms are added in the same order whatever p
 /// and nv, so the blocking does not change the results.
 inline fn forwardBlock(comptime p: usize, comptime nv: usize, a: []const f64, s: usize, l: Layer, j: usize, z: []f64) void {
+    @setEvalBranchQuota(10_000);
     const in = l.in;
     const out = l.out;
+    const span = unroll * groups;
+    const in_g = in - in % span;
     const in4 = in - in % unroll;
+    // Equal to `in` at run time; read through a volatile pointer so LLVM cannot prove the
+    // groups' tests false and drop them.
+    const lim = if (term_blocks) @as(*const volatile usize, &l.in).* else in;
     var acc: [p][nv]V = undefined;
     inline for (0..p) |u| {
         inline for (0..nv) |q| acc[u][q] = load(l.b, j + q * lanes);
     }
     var r: usize = 0;
-    while (r < in4) : (r += unroll) {
-        // The rows' next four inputs as vectors (fewer live registers than eight scalars:
-        // wasmtime's compiler spilled accumulators with the scalars).
-        var xv: [p][unroll / lanes]V = undefined;
-        inline for (0..p) |u| {
-            inline for (0..unroll / lanes) |h| xv[u][h] = load(a, (s + u) * in + r + h * lanes);
-        }
-        // Four ReLU zeros (or zero pixels) in every row add nothing.
-        if (allZeroV(p, unroll / lanes, xv)) continue;
-        inline for (0..unroll) |t| {
-            inline for (0..nv) |q| {
-                const wv = load(l.w, (r + t) * out + j + q * lanes);
-                inline for (0..p) |u| acc[u][q] += @as(V, @splat(xv[u][t / lanes][t % lanes])) * wv;
-            }
+    outer: while (r < in_g) : (r += span) {
+        inline for (0..groups) |gi| {
+            if (!forwardGroup(p, nv, a, s, l, j, r + gi * unroll, &acc, lim)) break :outer;
         }
     }
+    while (r < in4) : (r += unroll) _ = forwardGroup(p, nv, a, s, l, j, r, &acc, lim);
     while (r < in) : (r += 1) {
         inline for (0..nv) |q| {
             const wv = load(l.w, r * out + j + q * lanes);
@@ -428,43 +464,62 @@ noinline fn forwardLayer(a: []const f64, m: usize, l: Layer, z: []f64) void {
     }
 }
 
+/// Adds the terms s .. s + unroll (samples) of the weight rows r .. r + p into acc, unless
+/// their inputs are all zero; false if it stopped at `lim` (as forwardGroup: never, with
+/// lim = m).
+inline fn gradGroup(comptime p: usize, comptime nv: usize, a: []const f64, dz: []const f64, g: Layer, r: usize, j: usize, s: usize, acc: *[p][nv]V, lim: usize) bool {
+    const in = g.in;
+    const out = g.out;
+    if (p == lanes) {
+        // The two rows' values of each sample as one vector.
+        var xv: [unroll][1]V = undefined;
+        inline for (0..unroll) |t| xv[t][0] = load(a, (s + t) * in + r);
+        if (allZeroV(unroll, 1, xv)) return true;
+        inline for (0..unroll) |t| {
+            if (term_blocks and t > 0 and s + t >= lim) return false;
+            inline for (0..nv) |q| {
+                const dv = load(dz, (s + t) * out + j + q * lanes);
+                inline for (0..p) |u| acc[u][q] += @as(V, @splat(xv[t][0][u])) * dv;
+            }
+        }
+    } else {
+        var xs: [p][unroll]f64 = undefined;
+        inline for (0..p) |u| {
+            inline for (0..unroll) |t| xs[u][t] = a[(s + t) * in + r + u];
+        }
+        if (allZero(p, xs)) return true;
+        inline for (0..unroll) |t| {
+            if (term_blocks and t > 0 and s + t >= lim) return false;
+            inline for (0..nv) |q| {
+                const dv = load(dz, (s + t) * out + j + q * lanes);
+                inline for (0..p) |u| acc[u][q] += @as(V, @splat(xs[u][t])) * dv;
+            }
+        }
+    }
+    return true;
+}
+
 /// g.w[r + u, j ..][0 .. nv * lanes] += the sum over s, in order, of a[s, r + u] * dz[s, j ..]
 /// for u < p. As in forwardBlock, the order of the terms does not depend on p or nv.
 inline fn gradBlock(comptime p: usize, comptime nv: usize, a: []const f64, m: usize, dz: []const f64, g: Layer, r: usize, j: usize) void {
-    const in = g.in;
+    @setEvalBranchQuota(10_000);
     const out = g.out;
+    const in = g.in;
+    const span = unroll * groups;
+    const m_g = m - m % span;
     const m4 = m - m % unroll;
+    const lim = if (term_blocks) @as(*const volatile usize, &m).* else m;
     var acc: [p][nv]V = undefined;
     inline for (0..p) |u| {
         inline for (0..nv) |q| acc[u][q] = load(g.w, (r + u) * out + j + q * lanes);
     }
     var s: usize = 0;
-    while (s < m4) : (s += unroll) {
-        if (p == lanes) {
-            // The two rows' values of each sample as one vector.
-            var xv: [unroll][1]V = undefined;
-            inline for (0..unroll) |t| xv[t][0] = load(a, (s + t) * in + r);
-            if (allZeroV(unroll, 1, xv)) continue;
-            inline for (0..unroll) |t| {
-                inline for (0..nv) |q| {
-                    const dv = load(dz, (s + t) * out + j + q * lanes);
-                    inline for (0..p) |u| acc[u][q] += @as(V, @splat(xv[t][0][u])) * dv;
-                }
-            }
-        } else {
-            var xs: [p][unroll]f64 = undefined;
-            inline for (0..p) |u| {
-                inline for (0..unroll) |t| xs[u][t] = a[(s + t) * in + r + u];
-            }
-            if (allZero(p, xs)) continue;
-            inline for (0..unroll) |t| {
-                inline for (0..nv) |q| {
-                    const dv = load(dz, (s + t) * out + j + q * lanes);
-                    inline for (0..p) |u| acc[u][q] += @as(V, @splat(xs[u][t])) * dv;
-                }
-            }
+    outer: while (s < m_g) : (s += span) {
+        inline for (0..groups) |gi| {
+            if (!gradGroup(p, nv, a, dz, g, r, j, s + gi * unroll, &acc, lim)) break :outer;
         }
     }
+    while (s < m4) : (s += unroll) _ = gradGroup(p, nv, a, dz, g, r, j, s, &acc, lim);
     while (s < m) : (s += 1) {
         inline for (0..nv) |q| {
             const dv = load(dz, s * out + j + q * lanes);
