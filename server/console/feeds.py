@@ -123,6 +123,8 @@ class Feeds(Lifecycle):
         self._board = board
         self._poll_s = poll_s
         self._known: set[str] = set()
+        # Experiments seen ended whose rounds were read once from the manager afterwards.
+        self._settled: set[str] = set()
         self._watches: dict[str, asyncio.Task[None]] = {}
 
     async def _open(self, stack: AsyncExitStack) -> None:
@@ -166,6 +168,13 @@ class Feeds(Lifecycle):
                     f"experiment:{e.experiment_id}",
                     functools.partial(self._experiment, e.experiment_id),
                 )
+            elif e.experiment_id not in self._settled:
+                # Ended (perhaps between two polls, never watched: ListExperiments carries no
+                # rounds): its rounds' places and metrics from the manager, once.
+                ended = await self._client.experiment_rounds(e.experiment_id)
+                for r in ended.rounds:
+                    self._board.round(r.round_id, experiment_round_fields(e.experiment_id, r))
+                self._settled.add(e.experiment_id)
             for r in e.rounds:
                 self._watch_round_if_open(r.round_id)
 

@@ -170,18 +170,21 @@ async def test_a_round_shows_up_completes_and_is_plotted(
     assert {(s, i, round(v, 6)) for s, i, v in shown["points"]} == expected
 
     # A console that starts later learns the ended experiment's rounds from the lists (the
-    # close time only a live watch sees: RoundStatus has none).
+    # close time only a live watch sees: RoundStatus has none), their places in the
+    # experiment and evaluation metrics from the manager's (what the plot is drawn from).
     async with Console(dataclasses.replace(console.config)) as later:
         rounds = await eventually(
             lambda: _rounds(later),
             lambda rs: (
                 [r.get("state") for r in rs] == ["COMPLETED"] * ROUNDS
                 and all(r.get("started_at") and r.get("completed_at") for r in rs)
+                and [r.get("index") for r in rs] == list(range(1, ROUNDS + 1))
             ),
             what="the rounds in a later console",
         )
     assert [r["round_id"] for r in rounds] == round_ids
     assert [r["train"]["loss"] for r in rounds] == [r.train_metrics["loss"] for r in e.rounds]
+    assert [r["eval"] for r in rounds] == [dict(r.eval_metrics) for r in e.rounds]
 
 
 async def _rounds(console: Console) -> list[dict[str, Any]]:
