@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from propeller.v1 import manager_pb2
+from propeller.v1 import coordinator_pb2, manager_pb2
 from server.config import MqttConfig
 from server.console.app import Console, ConsoleConfig
 from tests.support.browser import Browser, browser
@@ -36,6 +36,11 @@ SERIES = {
     "eval_accuracy": ("eval", "accuracy"),
 }
 TIMEOUT = 120.0
+# Rounds of a few tenths of a second (64 samples x 60,000 epochs of the linear trainer), so the
+# console (polling every 0.1 s) learns of the experiment while its first round is open and
+# watches each later round from its start: a round of ~30 ms can close between two polls, and
+# then no close time is ever seen (RoundStatus has none).
+SLOW = coordinator_pb2.Hyperparams(epochs=60_000, lr=HYPER.lr, batch_size=HYPER.batch_size)
 
 # What the page shows, read from its DOM (the rows and plot points it drew).
 PAGE = """
@@ -78,7 +83,7 @@ async def stack(mqtt: MqttConfig, trainer_image: str, tmp_path: Path) -> AsyncIt
 @pytest.fixture
 async def console(stack: Cluster) -> AsyncIterator[Console]:
     config = ConsoleConfig(
-        endpoints=stack.endpoints, tls=operator_tls(), listen="127.0.0.1:0", poll_s=0.5
+        endpoints=stack.endpoints, tls=operator_tls(), listen="127.0.0.1:0", poll_s=0.1
     )
     async with Console(config) as running:
         yield running
@@ -115,7 +120,7 @@ async def test_a_round_shows_up_completes_and_is_plotted(
             experiment_id=experiment_id,
             model_ref=V0,
             participants=c.proplet_ids,
-            hyperparams=HYPER,
+            hyperparams=SLOW,
             timeout_s=60,
             task_wasm_image=c.image,
             rounds=ROUNDS,
