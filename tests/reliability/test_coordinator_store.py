@@ -566,6 +566,13 @@ async def test_resume_after_a_restart(db: StateBackend) -> None:
     clock.now += 5
     await first.configure(round_of_three("r-later"), start=True)
     await first.submit("r-later", UPDATES[1])
+    # r-agg's aggregation runs in the background: stop only once it is held at the gate.
+    await eventually(
+        lambda: asyncio.sleep(0, backend.aggregate_calls),
+        lambda calls: calls == 2,
+        timeout=30,
+        what="r-agg's aggregation at the gate",
+    )
     await first.aclose()  # stops r-agg's aggregation mid-way
     await store.close()
     assert backend.aggregate_calls == 2
