@@ -2,9 +2,8 @@
 # The whole test suite on a fresh machine: installs everything, checks generated code, lint,
 # types, then runs pytest against real mosquitto and a real OCI registry that the tests start.
 #
-#   scripts/test.sh                        everything, at full depth (what .ci/run runs): unit,
-#                                          integration, fuzz on 2 workers, then process
-#   scripts/test.sh PYTEST ARGS            setup and checks as above, then pytest with ARGS
+#   scripts/test.sh [PYTEST ARGS]          everything, at full depth, in one process (what
+#                                          .ci/run runs)
 #   scripts/test.sh --fast [PYTEST ARGS]   the developer's tier: unit + integration tests with
 #                                          the `dev` Hypothesis profile, on an installed .venv
 #                                          (no setup, lint or type check; no process or fuzz
@@ -32,13 +31,4 @@ ruff check .
 ruff format --check .
 mypy
 python wasm-client/build.py >/dev/null
-if (($#)); then
-  exec python -m pytest -q -p no:cacheprovider "$@"
-fi
-# Everything, in two passes: the unit, integration and fuzz tiers (fuzz at full depth) on two
-# worker processes (each test starts its own brokers, registries and databases on free ports,
-# so they run side by side as in the fast tier), then the process tier (and anything
-# untiered) in one process, as its kill -9 and deadline timings expect.
-python -m pytest -q -p no:cacheprovider -m "unit or integration or fuzz" \
-  -n "${PROPELLER_TEST_WORKERS:-2}" --dist worksteal
-python -m pytest -q -p no:cacheprovider -m "not (unit or integration or fuzz)"
+python -m pytest -q -p no:cacheprovider "$@"
