@@ -55,7 +55,7 @@ from proplet.errors import TaskFailed
 from proplet.runner import MAX_FUEL
 from server import tracing
 from server.config import Endpoints, TlsConfig
-from server.errors import InvalidArgument, RemoteError, as_remote_error, rpc_errors
+from server.errors import DataLoss, InvalidArgument, RemoteError, as_remote_error, rpc_errors
 from server.grpc_server import channel
 from server.pki import PkiError, load_private_key
 from server.provenance import Claim, check_module_digest, sign
@@ -579,26 +579,27 @@ class FederatedClient:
 
     @tracing.traced("fetch model")
     async def fetch_model(self, fl: FlTask, deadline: float | None = None) -> tuple[Tensors, str]:
-        """The base model and its sha256 (hex), checked against the bytes (hashed as they
-        arrive: `server.streams.read_model_download`)."""
+        """The base model and its sha256 (hex), the bytes checked against the header's digest
+        as they arrive (`server.streams.read_model_download`: BLAKE3 when the registry states
+        it, else sha256)."""
         registry = self._channel(fl.registry)
         call_name = f"GetModel {fl.model_uri}"
 
-        async def attempt(timeout: float) -> tuple[Any, Tensors, str]:
+        async def attempt(timeout: float) -> tuple[Any, Tensors]:
             request = model_registry_pb2.GetModelRequest(model_uri=fl.model_uri)
             call = model_download_call(registry, request, timeout=timeout)
             return await read_model_download(call, "model")
 
         try:
-            header, tensors, sha256 = await self._call(
+            header, tensors = await self._call(
                 attempt, deadline, f"model registry at {fl.registry}: {call_name}"
             )
         except CallFailed as failed:
             raise TaskFailed(failed.reason("model registry", fl.registry, call_name)) from None
+        except DataLoss as exc:
+            raise TaskFailed(f"model registry: {fl.model_uri} arrived damaged: {exc}") from None
         except InvalidArgument as exc:
             raise TaskFailed(f"model registry: bad model stream: {exc}") from None
-        if header.sha256 != sha256:
-            raise TaskFailed(f"model registry: {fl.model_uri} arrived with a wrong sha256")
         return tensors, header.sha256
 
     @tracing.traced("fetch dataset")

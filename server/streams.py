@@ -8,17 +8,15 @@ header check of the caller's, e.g. the round's model size) and counted as it arr
 claims never decides what a server allocates, and a rejected upload is answered without
 reading gigabytes (`drain` is bounded). A client downloading a model to use it
 (`read_model_download`) reserves the header's size at once (address space only; memory is
-committed as bytes arrive) and hashes the bytes while they arrive.
+committed as bytes arrive) and checks them against the digest its header states.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import queue
+import re
 import tempfile
-import threading
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -42,7 +40,7 @@ from server import metrics
 from server.errors import DataLoss, InvalidArgument, PropellerError
 from server.ids import MAX_TENSORS, check_count, check_name
 from server.tensors import (
-    INLINE_BYTES,
+    DIGESTS,
     Array,
     Spec,
     Tensors,
@@ -73,8 +71,6 @@ PIECE_BYTES = 16 << 20
 # the answer, so the client sees our status rather than a failed write.
 DRAIN_BYTES = 64 << 20
 DRAIN_S = 5.0
-# A model download's received chunks waiting for its hashing worker, at most.
-_QUEUED_CHUNKS = 8
 
 
 def model_stream(
@@ -84,13 +80,17 @@ def model_stream(
     version: int | None = None,
     model_uri: str = "",
     sha256: str | None = None,
+    blake3: str = "",
 ) -> Iterator[tensor_pb2.ModelChunk]:
+    """A model as a chunk stream: its header (`sha256` computed unless given; `blake3` only
+    when given: the registry states it in GetModel answers), then its bytes."""
     specs = specs_of(tensors)
     header = tensor_pb2.ModelHeader(
         model_uri=model_uri,
         tensors=[s.to_proto() for s in specs],
         total_bytes=total_bytes(specs),
         sha256=sha256 if sha256 is not None else sha256_of(tensors),
+        blake3=blake3,
     )
     if version is not None:
         header.version = version
@@ -472,99 +472,56 @@ async def read_update_stream(
     )
 
 
-class _HashingAssembly:
-    """A downloaded model's bytes as they arrive: copied into one buffer of the size the header
-    promises and hashed (sha256), chunk by chunk in arrival order, on a worker thread of its
-    own while the event loop receives the next chunks; small models all on the loop.
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+class _CheckedAssembly:
+    """A downloaded model's bytes as they arrive: copied into one buffer of the size the
+    header promises and hashed, chunk by chunk, on the event loop (a chunk is at most the
+    registry's 4 MiB: ~1 ms of copy and BLAKE3; a worker thread cost more in hand-offs than
+    it saved, docs/benchmarks.md "transfer"), then checked against the header's digest:
+    BLAKE3 when the header states one (the registry's answers do), else sha256.
 
     The buffer is reserved, not written: numpy's `empty` leaves the pages untouched, so memory
     is committed only as bytes arrive (a header that lies about the size costs address space,
-    not memory), and the count is checked on every chunk, before it is queued. At most
-    `_QUEUED_CHUNKS` chunks wait for the worker: a slow hash holds back the reader instead of
-    piling up received chunks."""
+    not memory), and the count is checked on every chunk."""
 
-    def __init__(self, need: int, field: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, header: tensor_pb2.ModelHeader, need: int, field: str) -> None:
         self.need = need
         self.field = field
         self.filled = 0
-        self._loop = loop
+        self.algorithm = "blake3" if header.blake3 else "sha256"
+        self.expected: str = getattr(header, self.algorithm)
+        if not _HEX_DIGEST.fullmatch(self.expected):
+            raise InvalidArgument(
+                f"{field}.header.{self.algorithm}: must be 64 lowercase hex digits, "
+                f"got {self.expected[:80]!r}"
+            )
         self._buffer = np.empty(need, dtype=np.uint8)
         self._view = self._buffer.data
-        self._hash = hashlib.sha256()
-        self._threaded = need > INLINE_BYTES
-        self._room = asyncio.Semaphore(_QUEUED_CHUNKS)
-        self._jobs: queue.SimpleQueue[tuple[int, bytes | memoryview] | None] = queue.SimpleQueue()
-        self._finished: asyncio.Future[None] = loop.create_future()
-        self._abandoned = False
-        self._worker: threading.Thread | None = None
-        if self._threaded:
-            self._worker = threading.Thread(
-                target=self._work, name=f"download-{field}", daemon=True
-            )
-            self._worker.start()
+        self._hash = DIGESTS[self.algorithm]()
 
-    def _place(self, offset: int, data: bytes | memoryview) -> None:
-        end = offset + len(data)
-        # Copied by numpy, which releases the GIL for the copy (a memoryview assignment holds
-        # it, stalling the event loop that receives the next chunks for as long: measured in
-        # docs/benchmarks.md); hashlib releases it too, on buffers of 2 KiB and more. Hashing
-        # the copy just made reads it from cache.
-        self._buffer[offset:end] = np.frombuffer(data, dtype=np.uint8)
-        self._hash.update(self._view[offset:end])
-
-    def _work(self) -> None:
-        error: BaseException | None = None
-        while (job := self._jobs.get()) is not None:
-            if error is None and not self._abandoned:
-                try:
-                    self._place(*job)
-                except BaseException as exc:  # reported to the reader, which re-raises it
-                    error = exc
-            self._tell(self._room.release)
-        self._tell(self._settle, error)
-
-    def _tell(self, callback: Callable[..., None], *args: Any) -> None:
-        """Run `callback` on the reader's loop, unless that loop is gone (a download given up
-        as its loop closed): then nobody is waiting."""
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(callback, *args)
-
-    def _settle(self, error: BaseException | None) -> None:
-        if self._finished.done() or self._abandoned:
-            return
-        if error is None:
-            self._finished.set_result(None)
-        else:
-            self._finished.set_exception(error)
-
-    async def add(self, data: bytes | memoryview) -> None:
+    def add(self, data: bytes | memoryview) -> None:
         if self.filled + len(data) > self.need:
             raise InvalidArgument(f"{self.field}: more tensor bytes than the header's {self.need}")
         offset, self.filled = self.filled, self.filled + len(data)
-        if not self._threaded:
-            self._place(offset, data)
-            return
-        await self._room.acquire()
-        self._jobs.put((offset, data))
+        self._buffer[offset : self.filled] = np.frombuffer(data, dtype=np.uint8)
+        self._hash.update(data)
 
-    async def finish(self, specs: Sequence[Spec]) -> tuple[Tensors, str]:
-        """The arrays (writable views of the one buffer) and the hex sha256 of their bytes,
-        once exactly `need` bytes arrived and the worker placed them all."""
+    def finish(self, specs: Sequence[Spec]) -> Tensors:
+        """The arrays (writable views of the one buffer), once exactly `need` bytes arrived and
+        they have the header's digest; DATA_LOSS naming the digest otherwise."""
         if self.filled != self.need:
             raise InvalidArgument(
                 f"{self.field}: stream ended after {self.filled} of {self.need} tensor bytes"
             )
-        if self._worker is not None:
-            self._jobs.put(None)
-            await self._finished
-        return tensors_from_bytes(self._view, specs), self._hash.hexdigest()
-
-    def close(self) -> None:
-        """Stop the worker of a download given up: what it still holds is dropped, and no
-        outcome is reported (nobody awaits it)."""
-        if self._worker is not None and not self._finished.done() and not self._abandoned:
-            self._abandoned = True
-            self._jobs.put(None)
+        got = self._hash.hexdigest()
+        if got != self.expected:
+            raise DataLoss(
+                f"{self.field}: the bytes that arrived have {self.algorithm} {got}, "
+                f"the header states {self.expected}"
+            )
+        return tensors_from_bytes(self._view, specs)
 
 
 # ModelRegistry.GetModel, called for its answers as raw bytes (`model_download_call`).
@@ -608,47 +565,43 @@ async def read_model_download(
     field: str = "model",
     *,
     max_bytes: int = MAX_PAYLOAD_BYTES,
-) -> tuple[tensor_pb2.ModelHeader, Tensors, str]:
-    """A model stream as a client downloads it to use it: the header, the arrays and the hex
-    sha256 of their bytes, computed as the chunks arrive (compare it with the header's before
-    using the model). The stream's items are ModelChunk messages or their serialized bytes
+) -> tuple[tensor_pb2.ModelHeader, Tensors]:
+    """A model stream as a client downloads it to use it: the header and the arrays, whose
+    bytes are checked against the header's digest as they arrive (`_CheckedAssembly`: BLAKE3
+    when stated, else sha256; DATA_LOSS on a mismatch), so the header's sha256 names what
+    arrived. The stream's items are ModelChunk messages or their serialized bytes
     (`model_download_call`: no parse, no copy of a data chunk). The same checks as
     `read_model_stream` (header first and once, at most `max_bytes`, no byte more or less than
-    the header promises); the bytes land in one buffer (no assembly pass, no second copy) and
-    are hashed on a worker thread while the next chunks arrive (no hashing pass after)."""
+    the header promises); the bytes land in one buffer (no assembly pass, no second copy)."""
     header: tensor_pb2.ModelHeader | None = None
     specs: list[Spec] = []
-    assembly: _HashingAssembly | None = None
-    try:
-        async for item in stream:
-            if isinstance(item, bytes):
-                data = _data_view(item)
-                if data is not None:
-                    if assembly is None:
-                        raise InvalidArgument(f"{field}: data chunk before the header")
-                    await assembly.add(data)
-                    continue
-                chunk = tensor_pb2.ModelChunk.FromString(item)
-            else:
-                chunk = item
-            kind = chunk.WhichOneof("part")
-            if kind == "data":
+    assembly: _CheckedAssembly | None = None
+    async for item in stream:
+        if isinstance(item, bytes):
+            data = _data_view(item)
+            if data is not None:
                 if assembly is None:
                     raise InvalidArgument(f"{field}: data chunk before the header")
-                await assembly.add(chunk.data)
-            elif kind == "header":
-                if header is not None:
-                    raise InvalidArgument(f"{field}: a second header in one stream")
-                header = chunk.header
-                specs, need = _header_specs(header, field, max_bytes)
-                assembly = _HashingAssembly(need, field, asyncio.get_running_loop())
-            else:
-                raise InvalidArgument(f"{field}: empty chunk (neither header nor data)")
-        if header is None or assembly is None:
-            raise InvalidArgument(f"{field}: stream ended without a header")
-        tensors, sha256 = await assembly.finish(specs)
-        metrics.streamed("model", "in", need)
-        return header, tensors, sha256
-    finally:
-        if assembly is not None:
-            assembly.close()
+                assembly.add(data)
+                continue
+            chunk = tensor_pb2.ModelChunk.FromString(item)
+        else:
+            chunk = item
+        kind = chunk.WhichOneof("part")
+        if kind == "data":
+            if assembly is None:
+                raise InvalidArgument(f"{field}: data chunk before the header")
+            assembly.add(chunk.data)
+        elif kind == "header":
+            if header is not None:
+                raise InvalidArgument(f"{field}: a second header in one stream")
+            header = chunk.header
+            specs, need = _header_specs(header, field, max_bytes)
+            assembly = _CheckedAssembly(header, need, field)
+        else:
+            raise InvalidArgument(f"{field}: empty chunk (neither header nor data)")
+    if header is None or assembly is None:
+        raise InvalidArgument(f"{field}: stream ended without a header")
+    tensors = assembly.finish(specs)
+    metrics.streamed("model", "in", assembly.need)
+    return header, tensors

@@ -18,8 +18,9 @@ import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, Protocol, TypeVar
 
+import blake3
 import numpy as np
 import numpy.typing as npt
 
@@ -174,12 +175,35 @@ def tensors_from_bytes(payload: bytes | bytearray | memoryview, specs: Sequence[
     return out
 
 
-def sha256_of(tensors: Mapping[str, Array]) -> str:
-    h = hashlib.sha256()
+class Hasher(Protocol):
+    def update(self, data: bytes | bytearray | memoryview, /) -> object: ...
+    def hexdigest(self) -> str: ...
+
+
+# The digests of a model's bytes (its tensors' bytes concatenated): sha256 names a version
+# everywhere (content address, provenance, lineage); BLAKE3 (256 bits, also cryptographic)
+# is what a downloader checks when the registry states it, at 5x sha256's speed here and
+# more on CPUs without SHA instructions (docs/architecture.md, "Model downloads").
+DIGESTS: dict[str, Callable[[], Hasher]] = {
+    "sha256": hashlib.sha256,
+    "blake3": lambda: blake3.blake3(max_threads=1),
+}
+
+
+def digest_of_tensors(tensors: Mapping[str, Array], algorithm: str) -> str:
+    h = DIGESTS[algorithm]()
     for arr in tensors.values():
         if arr.size:  # memoryview cannot cast a view with a zero in its shape
             h.update(memoryview(np.ascontiguousarray(arr).data).cast("B"))
     return h.hexdigest()
+
+
+def sha256_of(tensors: Mapping[str, Array]) -> str:
+    return digest_of_tensors(tensors, "sha256")
+
+
+def blake3_of(tensors: Mapping[str, Array]) -> str:
+    return digest_of_tensors(tensors, "blake3")
 
 
 async def digest_of(tensors: Mapping[str, Array]) -> str:

@@ -7,15 +7,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
-import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+import blake3
 import numpy as np
 import pytest
 
 from propeller.v1 import tensor_pb2
-from server.errors import InvalidArgument
+from server.errors import DataLoss, InvalidArgument
 from server.streams import (
     Payload,
     PayloadBuffer,
@@ -26,8 +26,7 @@ from server.streams import (
     read_model_payload,
     read_model_stream,
 )
-from server.tensors import Spec, sha256_of, specs_of, tensor_bytes
-from tests.support.waits import eventually
+from server.tensors import Spec, blake3_of, sha256_of, specs_of, tensor_bytes
 
 MIB = 1 << 20
 TENSORS = {
@@ -174,20 +173,25 @@ def serialized(chunks: list[tensor_pb2.ModelChunk]) -> list[bytes]:
 SMALL = {"w": np.arange(12, dtype="<f8").reshape(4, 3), "b": np.asarray(-1.5, dtype="<f8")}
 
 
+@pytest.mark.parametrize("stated", ["blake3", "sha256"])
 @pytest.mark.parametrize("raw", [False, True], ids=["messages", "bytes"])
 @pytest.mark.parametrize(
     ("tensors", "chunk"),
     [(TENSORS, MIB), (TENSORS, 1000_003), (SMALL, 7), (SMALL, MIB)],
     ids=["12MB-1MiB", "12MB-odd", "small-7B", "small-1chunk"],
 )
-async def test_a_download_gives_the_arrays_and_the_sha256_of_their_bytes(
-    raw: bool, tensors: dict[str, np.ndarray], chunk: int
+async def test_a_download_gives_the_arrays_whose_bytes_have_the_stated_digest(
+    raw: bool, tensors: dict[str, np.ndarray], chunk: int, stated: str
 ) -> None:
-    chunks = list(model_stream(tensors, chunk_size=chunk, model_uri="fl/models/global_model_v1"))
+    """Checked against BLAKE3 when the header states it (the registry's answers), else sha256
+    (an older registry's)."""
+    b3 = blake3_of(tensors) if stated == "blake3" else ""
+    chunks = list(model_stream(tensors, chunk, model_uri="fl/models/global_model_v1", blake3=b3))
     items: list[Any] = serialized(chunks) if raw else chunks
-    header, got, sha256 = await read_model_download(items_of(items))
-    assert header.model_uri == "fl/models/global_model_v1"
-    assert sha256 == hashlib.sha256(tensor_bytes(tensors)).hexdigest() == sha256_of(got)
+    header, got = await read_model_download(items_of(items))
+    assert header.model_uri == "fl/models/global_model_v1" and header.blake3 == b3
+    assert header.sha256 == hashlib.sha256(tensor_bytes(tensors)).hexdigest() == sha256_of(got)
+    assert blake3_of(got) == blake3.blake3(tensor_bytes(tensors)).hexdigest()
     assert list(got) == list(tensors)
     for name, arr in tensors.items():
         assert got[name].dtype == arr.dtype and got[name].shape == arr.shape, name
@@ -195,14 +199,38 @@ async def test_a_download_gives_the_arrays_and_the_sha256_of_their_bytes(
         assert got[name].flags.writeable  # the caller's own arrays, like read_model_stream's
 
 
-async def test_a_download_hashes_the_bytes_that_came_not_what_the_header_says() -> None:
-    chunks = list(model_stream(TENSORS, chunk_size=MIB))
-    items = serialized(chunks)
-    tampered = bytearray(items[5])
+@pytest.mark.parametrize("raw", [False, True], ids=["messages", "bytes"])
+@pytest.mark.parametrize("stated", ["blake3", "sha256"])
+async def test_a_download_checks_the_bytes_that_came_not_what_the_header_says(
+    stated: str, raw: bool
+) -> None:
+    b3 = blake3_of(TENSORS) if stated == "blake3" else ""
+    chunks = list(model_stream(TENSORS, chunk_size=MIB, blake3=b3))
+    tampered = bytearray(chunks[5].data)
     tampered[-1] ^= 0x01  # one bit of one value, in the middle of the stream
-    items[5] = bytes(tampered)
-    header, _, sha256 = await read_model_download(items_of(items))
-    assert header.sha256 == sha256_of(TENSORS) != sha256
+    chunks[5] = tensor_pb2.ModelChunk(data=bytes(tampered))
+    items: list[Any] = serialized(chunks) if raw else chunks
+    with pytest.raises(DataLoss, match=f"^model: the bytes that arrived have {stated} ") as exc:
+        await read_model_download(items_of(items))
+    assert f"the header states {b3 or sha256_of(TENSORS)}" in str(exc.value)
+
+
+async def test_the_stated_blake3_is_the_one_checked() -> None:
+    """A header whose sha256 is right but whose BLAKE3 is not is refused: BLAKE3, when stated,
+    is what the bytes are checked against (and a malformed digest is refused from the header)."""
+    wrong = blake3_of({"w": SMALL["w"] + 1})
+    chunks = list(model_stream(SMALL, chunk_size=MIB, blake3=wrong))
+    with pytest.raises(DataLoss, match=f"the header states {wrong}"):
+        await read_model_download(items_of(chunks))
+    for field, bad in (("blake3", "ab" * 31), ("blake3", "AB" * 32), ("sha256", "")):
+        header = tensor_pb2.ModelChunk(header=chunks[0].header)
+        setattr(header.header, field, bad)
+        if field == "sha256":
+            header.header.blake3 = ""
+        with pytest.raises(
+            InvalidArgument, match=rf"^model\.header\.{field}: must be 64 lowercase"
+        ):
+            await read_model_download(items_of([header, *chunks[1:]]))
 
 
 def _data_twice(first: bytes, second: bytes) -> bytes:
@@ -212,14 +240,14 @@ def _data_twice(first: bytes, second: bytes) -> bytes:
 
 
 async def test_unusual_encodings_are_parsed_as_protobuf_says() -> None:
-    chunks = list(model_stream(SMALL, chunk_size=8))
+    chunks = list(model_stream(SMALL, chunk_size=8, blake3=blake3_of(SMALL)))
     items = serialized(chunks)
     # The first data chunk written twice (the first copy garbage), then an unknown field.
     items[1] = _data_twice(b"\xff" * 8, tensor_pb2.ModelChunk.FromString(items[1]).data)
     items[2] = items[2] + b"\x18\x01"  # field 3, varint 1: unknown, ignored
-    _, got, sha256 = await read_model_download(items_of(items))
+    _, got = await read_model_download(items_of(items))
     np.testing.assert_array_equal(got["w"], SMALL["w"])
-    assert sha256 == sha256_of(SMALL)
+    assert sha256_of(got) == sha256_of(SMALL)
 
 
 def _header(tensors: dict[str, np.ndarray]) -> tensor_pb2.ModelChunk:
@@ -275,26 +303,3 @@ async def test_a_download_is_bounded_from_its_header_and_counted_as_it_arrives()
     with pytest.raises(InvalidArgument, match="more tensor bytes than the header's"):
         await read_model_download(endless())
     assert len(read) == len(chunks) + 1
-
-
-async def test_a_download_given_up_leaves_no_worker_behind() -> None:
-    others = set(threading.enumerate())
-
-    async def its_workers() -> list[threading.Thread]:
-        return [
-            t
-            for t in threading.enumerate()
-            if t.name.startswith("download-") and t not in others and t.is_alive()
-        ]
-
-    async def stalls() -> AsyncIterator[tensor_pb2.ModelChunk]:
-        for c in list(model_stream(TENSORS, chunk_size=MIB))[:4]:
-            yield c
-        await asyncio.Event().wait()  # a registry that stops sending
-
-    task = asyncio.ensure_future(read_model_download(stalls()))
-    await eventually(its_workers, what="the download's worker started")
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await eventually(its_workers, lambda alive: not alive, what="the worker gone")

@@ -18,7 +18,7 @@ from server.registry.lineage import Lineages, MemoryLineageStore
 from server.registry.registry import ModelRegistry
 from server.registry.store import ModelInfo, StoredModel
 from server.streams import Payload, model_stream, read_model_payload
-from server.tensors import DEFAULT_CHUNK_SIZE, dtype_from_proto, offload_if_big
+from server.tensors import DEFAULT_CHUNK_SIZE, blake3_of, dtype_from_proto, offload_if_big
 
 SERVICE_NAME = "propeller.v1.ModelRegistry"
 MAX_CHUNK_SIZE = 4 << 20
@@ -60,20 +60,27 @@ def chunk_size_of(request: model_registry_pb2.GetModelRequest) -> int:
     return min(request.chunk_size, MAX_CHUNK_SIZE)
 
 
-def answer_chunks(model: StoredModel, chunk_size: int) -> Iterator[tensor_pb2.ModelChunk]:
-    """A version's GetModel answer: its header (with the stored sha256), then its bytes."""
+def answer_chunks(
+    model: StoredModel, chunk_size: int, blake3: str
+) -> Iterator[tensor_pb2.ModelChunk]:
+    """A version's GetModel answer: its header (with the stored sha256, and the BLAKE3 of the
+    same bytes that a downloader checks), then its bytes. The model's tensors were checked
+    against its sha256 when they were read (`verified_tensors`), so `blake3` (`blake3_of`
+    them) states the same bytes."""
     return model_stream(
         model.tensors,
         chunk_size,
         version=model.info.version,
         model_uri=model.info.model_uri,
         sha256=model.info.sha256,
+        blake3=blake3,
     )
 
 
 def serialized_chunks(model: StoredModel, chunk_size: int) -> list[bytes]:
     """A version's whole GetModel answer as serialized ModelChunk messages."""
-    return [chunk.SerializeToString() for chunk in answer_chunks(model, chunk_size)]
+    answer = answer_chunks(model, chunk_size, blake3_of(model.tensors))
+    return [chunk.SerializeToString() for chunk in answer]
 
 
 class ChunkCache:
@@ -164,7 +171,8 @@ class ModelRegistryServicer:
             chunk_size = chunk_size_of(request)
             model = await self.registry.get_model(version)
             if model.info.total_bytes > CHUNK_CACHE_MAX_MODEL_BYTES:
-                for chunk in answer_chunks(model, chunk_size):
+                digest = await offload_if_big(model.info.total_bytes, blake3_of, model.tensors)
+                for chunk in answer_chunks(model, chunk_size, digest):
                     yield chunk
                 return
             # Serialized already (see `_serialize_chunk`): sent as they are.

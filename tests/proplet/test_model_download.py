@@ -1,6 +1,6 @@
 """The proplet's base-model download (`FederatedClient.fetch_model`) over real gRPC and mutual
-TLS: the model a registry sends is used only when the sha256 of the bytes that came is the one
-its header states; big models take the worker-thread path of `read_model_download`."""
+TLS: the model a registry sends is used only when the bytes that came have the digest its header
+states (BLAKE3 when stated, as the registry does, else sha256)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from proplet.errors import TaskFailed
 from proplet.federated import FederatedClient, FlTask
 from server.grpc_server import ServiceBinding, serving
 from server.streams import model_stream
-from server.tensors import Tensors, sha256_of
+from server.tensors import Tensors, blake3_of, sha256_of
 from tests.support.security import proplet_tls, service_tls
 
 URI = "fl/models/global_model_v3"
@@ -29,14 +29,17 @@ MODELS: dict[str, Tensors] = {
 class Registry(model_registry_pb2_grpc.ModelRegistryServicer):  # type: ignore[misc]
     """Serves one model; `tamper` flips a bit of the data on its way out."""
 
-    def __init__(self, tensors: Tensors, *, tamper: bool) -> None:
+    def __init__(self, tensors: Tensors, *, tamper: bool, blake3: bool = True) -> None:
         self.tensors = tensors
         self.tamper = tamper
+        self.blake3 = blake3_of(tensors) if blake3 else ""
 
     async def GetModel(
         self, request: model_registry_pb2.GetModelRequest, context: Any
     ) -> AsyncIterator[tensor_pb2.ModelChunk]:
-        chunks = list(model_stream(self.tensors, chunk_size=64 << 10, model_uri=URI))
+        chunks = list(
+            model_stream(self.tensors, chunk_size=64 << 10, model_uri=URI, blake3=self.blake3)
+        )
         if self.tamper:
             last = bytearray(chunks[-1].data)
             last[0] ^= 0x80
@@ -45,10 +48,10 @@ class Registry(model_registry_pb2_grpc.ModelRegistryServicer):  # type: ignore[m
             yield chunk
 
 
-async def fetch(tensors: Tensors, *, tamper: bool) -> tuple[Tensors, str]:
+async def fetch(tensors: Tensors, *, tamper: bool, blake3: bool = True) -> tuple[Tensors, str]:
     binding = ServiceBinding(
         "propeller.v1.ModelRegistry",
-        Registry(tensors, tamper=tamper),
+        Registry(tensors, tamper=tamper, blake3=blake3),
         model_registry_pb2_grpc.add_ModelRegistryServicer_to_server,
     )
     async with serving("127.0.0.1:0", [binding], service_tls("registry")) as port:
@@ -61,20 +64,29 @@ async def fetch(tensors: Tensors, *, tamper: bool) -> tuple[Tensors, str]:
             await client.close()
 
 
+@pytest.mark.parametrize("blake3", [True, False], ids=["blake3", "sha256-only"])
 @pytest.mark.parametrize("size", list(MODELS))
-async def test_the_model_is_used_when_its_bytes_have_the_stated_sha256(size: str) -> None:
+async def test_the_model_is_used_when_its_bytes_have_the_stated_digest(
+    size: str, blake3: bool
+) -> None:
     tensors = MODELS[size]
-    got, sha256 = await fetch(tensors, tamper=False)
+    got, sha256 = await fetch(tensors, tamper=False, blake3=blake3)
     assert sha256 == sha256_of(tensors)
     assert list(got) == list(tensors)
     for name, arr in tensors.items():
         np.testing.assert_array_equal(got[name], arr)
 
 
+@pytest.mark.parametrize("blake3", [True, False], ids=["blake3", "sha256-only"])
 @pytest.mark.parametrize("size", list(MODELS))
-async def test_a_model_whose_bytes_differ_from_its_sha256_fails_the_task(size: str) -> None:
-    with pytest.raises(TaskFailed, match=f"model registry: {URI} arrived with a wrong sha256"):
-        await fetch(MODELS[size], tamper=True)
+async def test_a_model_whose_bytes_differ_from_its_digest_fails_the_task(
+    size: str, blake3: bool
+) -> None:
+    stated = "blake3" if blake3 else "sha256"
+    with pytest.raises(
+        TaskFailed, match=f"model registry: {URI} arrived damaged: model: the bytes .* {stated} "
+    ):
+        await fetch(MODELS[size], tamper=True, blake3=blake3)
 
 
 async def test_a_registry_error_is_the_tasks_reason() -> None:

@@ -21,7 +21,7 @@ from server.streams import (
     read_model_download,
     read_model_stream,
 )
-from server.tensors import Tensors, sha256_of, tensor_bytes
+from server.tensors import Tensors, blake3_of, sha256_of, tensor_bytes
 from tests.services.harness import RPC_TIMEOUT, served
 from tests.support.security import service_tls
 
@@ -461,9 +461,11 @@ async def test_a_proplets_download_reads_the_registrys_bytes_and_their_sha256(
             mv = await put(stub, tensors)
             request = model_registry_pb2.GetModelRequest(model_uri=mv.model_uri)
             call = model_download_call(ch, request, timeout=RPC_TIMEOUT)
-            header, got, sha256 = await read_model_download(call)
-            assert header.version == mv.version and sha256 == header.sha256 == mv.sha256
-            assert sha256 == sha256_of(tensors)
+            header, got = await read_model_download(call)
+            assert header.version == mv.version and header.sha256 == mv.sha256
+            assert sha256_of(got) == sha256_of(tensors) == mv.sha256
+            # The registry states the BLAKE3 of the same bytes: what the download checked.
+            assert header.blake3 == blake3_of(tensors)
             assert_same(got, tensors)
         # An unknown model is the registry's NOT_FOUND, as through the generated stub.
         with pytest.raises(grpc.aio.AioRpcError) as excinfo:

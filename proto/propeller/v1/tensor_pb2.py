@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19propeller/v1/tensor.proto\x12\x0cpropeller.v1\"M\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.propeller.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.propeller.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x92\x01\n\x0bModelHeader\x12\x14\n\x07version\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12)\n\x07tensors\x18\x03 \x03(\x0b\x32\x18.propeller.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\tB\n\n\x08_version\"Q\n\nModelChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.propeller.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xfd\x02\n\x0cUpdateHeader\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x12\n\nproplet_id\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61se_model_uri\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x03\x12\x38\n\x07metrics\x18\x05 \x03(\x0b\x32\'.propeller.v1.UpdateHeader.MetricsEntry\x12)\n\x07tensors\x18\x06 \x03(\x0b\x32\x18.propeller.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x03\x12\x19\n\x11\x62\x61se_model_sha256\x18\x08 \x01(\t\x12\x15\n\rmodule_digest\x18\t \x01(\t\x12\x11\n\tsignature\x18\n \x01(\x0c\x12\x14\n\x0c\x63ontributors\x18\x0b \x03(\t\x12\x15\n\rfuel_consumed\x18( \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"S\n\x0bUpdateChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.propeller.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"=\n\x0b\x41uditConfig\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x0e\n\x06policy\x18\x03 \x01(\t\"\x87\x01\n\x0b\x41uditRecord\x12\x12\n\nproplet_id\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x16\n\x0e\x63laimed_sha256\x18\x03 \x01(\t\x12\x19\n\x11reexecuted_sha256\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x10\n\x08rejected\x18\x06 \x01(\x08*D\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19propeller/v1/tensor.proto\x12\x0cpropeller.v1\"M\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.propeller.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.propeller.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xa2\x01\n\x0bModelHeader\x12\x14\n\x07version\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12)\n\x07tensors\x18\x03 \x03(\x0b\x32\x18.propeller.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0e\n\x06\x62lake3\x18\x06 \x01(\tB\n\n\x08_version\"Q\n\nModelChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.propeller.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xfd\x02\n\x0cUpdateHeader\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x12\n\nproplet_id\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61se_model_uri\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x03\x12\x38\n\x07metrics\x18\x05 \x03(\x0b\x32\'.propeller.v1.UpdateHeader.MetricsEntry\x12)\n\x07tensors\x18\x06 \x03(\x0b\x32\x18.propeller.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x03\x12\x19\n\x11\x62\x61se_model_sha256\x18\x08 \x01(\t\x12\x15\n\rmodule_digest\x18\t \x01(\t\x12\x11\n\tsignature\x18\n \x01(\x0c\x12\x14\n\x0c\x63ontributors\x18\x0b \x03(\t\x12\x15\n\rfuel_consumed\x18( \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"S\n\x0bUpdateChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.propeller.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"=\n\x0b\x41uditConfig\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x0e\n\x06policy\x18\x03 \x01(\t\"\x87\x01\n\x0b\x41uditRecord\x12\x12\n\nproplet_id\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x16\n\x0e\x63laimed_sha256\x18\x03 \x01(\t\x12\x19\n\x11reexecuted_sha256\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x10\n\x08rejected\x18\x06 \x01(\x08*D\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1099
-  _globals['_DTYPE']._serialized_end=1167
+  _globals['_DTYPE']._serialized_start=1115
+  _globals['_DTYPE']._serialized_end=1183
   _globals['_TENSORSPEC']._serialized_start=43
   _globals['_TENSORSPEC']._serialized_end=120
   _globals['_TENSOR']._serialized_start=122
   _globals['_TENSOR']._serialized_end=195
   _globals['_MODELHEADER']._serialized_start=198
-  _globals['_MODELHEADER']._serialized_end=344
-  _globals['_MODELCHUNK']._serialized_start=346
-  _globals['_MODELCHUNK']._serialized_end=427
-  _globals['_UPDATEHEADER']._serialized_start=430
-  _globals['_UPDATEHEADER']._serialized_end=811
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=765
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=811
-  _globals['_UPDATECHUNK']._serialized_start=813
-  _globals['_UPDATECHUNK']._serialized_end=896
-  _globals['_AUDITCONFIG']._serialized_start=898
-  _globals['_AUDITCONFIG']._serialized_end=959
-  _globals['_AUDITRECORD']._serialized_start=962
-  _globals['_AUDITRECORD']._serialized_end=1097
+  _globals['_MODELHEADER']._serialized_end=360
+  _globals['_MODELCHUNK']._serialized_start=362
+  _globals['_MODELCHUNK']._serialized_end=443
+  _globals['_UPDATEHEADER']._serialized_start=446
+  _globals['_UPDATEHEADER']._serialized_end=827
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=781
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=827
+  _globals['_UPDATECHUNK']._serialized_start=829
+  _globals['_UPDATECHUNK']._serialized_end=912
+  _globals['_AUDITCONFIG']._serialized_start=914
+  _globals['_AUDITCONFIG']._serialized_end=975
+  _globals['_AUDITRECORD']._serialized_start=978
+  _globals['_AUDITRECORD']._serialized_end=1113
 # @@protoc_insertion_point(module_scope)
