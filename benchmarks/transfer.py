@@ -67,7 +67,7 @@ async def bare_stream(channel: grpc.aio.Channel) -> int:
 
 async def run(rec: Recorder, smoke: bool) -> None:
     size = 10_000_000 if smoke else 100_000_000
-    reps = 2 if smoke else 5
+    reps = 2 if smoke else 9
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
         workdir = Path(tmp)
         registry = Child(
