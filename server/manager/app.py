@@ -187,6 +187,12 @@ class ManagerApp(ServiceApp):
             await self.database.flush()
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
+        if self._closing:
+            # Shutting down: a result is sent again until acknowledged (by the next manager
+            # or replica), announcements and heartbeats recur; handling it now would reach
+            # state being released.
+            log.debug("[Manager] shutting down: %s not handled", topic)
+            return
         ack = await self.manager.handle_message(topic, payload)
         await self.persisted()
         if ack is not None:
@@ -222,6 +228,8 @@ class ManagerApp(ServiceApp):
                 log.exception("[Manager.state] refresh failed")
 
     async def _publish(self, topic: str, payload: bytes) -> None:
+        if self._closing:  # as when the broker is away: the callers retry or report it
+            raise Unavailable(f"manager: shutting down, {topic} not published")
         await self._entered(self._session).publish(topic, payload)
 
     async def _open(self, stack: AsyncExitStack) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -17,8 +18,9 @@ import pytest
 
 from propeller.v1 import coordinator_pb2, manager_pb2
 from server.config import TLS_DIR_ENV
+from server.errors import Unavailable
 from server.manager import ManagerConfig
-from server.messages import COMPLETED, RUNNING
+from server.messages import COMPLETED, RUNNING, TaskResult
 from server.mqtt import MqttSession
 from server.oci import ImageRef
 from server.pki import manager_replica_service
@@ -532,6 +534,23 @@ async def test_each_result_is_acknowledged_to_its_proplet_once_recorded(
                 "RUNNING" if state == RUNNING else "COMPLETED"
             )
         assert (await task(m.stub, created.id)).results == "ok"
+
+
+async def test_a_message_that_arrives_as_the_manager_shuts_down_is_left_quietly(
+    broker: Mosquitto, topics: Topics, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once its exit has begun, the manager handles no message (the proplet sends its result
+    again until acknowledged) and publishes nothing (Unavailable, as with the broker away):
+    no ERROR from a message that reached state being released."""
+    async with running_manager(broker.port, topics) as m:
+        pass
+    result = TaskResult("t-1", "p-1", COMPLETED, results="ok", attempt=1).to_json()
+    with caplog.at_level(logging.DEBUG, logger="server.manager.app"):
+        await m.app._on_message(topics.proplet_results_for("p-1"), result)
+    assert "shutting down" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    with pytest.raises(Unavailable, match="manager: shutting down"):
+        await m.app._publish(topics.result_ack_for("p-1"), b"{}")
 
 
 def stored_state(state_dir: Path, task_id: str) -> str:
