@@ -3,8 +3,8 @@ stream of the same bytes in the same 1 MiB chunks (`bench.Bare/Source`; the clie
 counts what arrives). Two clients of GetModel: the stream alone (chunk messages parsed, bytes
 counted), and the whole download as a proplet does it (`read_model_download`: chunks placed
 into one buffer and hashed as they arrive, then checked against the header's digest: BLAKE3,
-which the registry states). A third GetModel client is the proplet's path before issue 12 (`read_model_stream`,
-then `sha256_of` over the arrays), measured in the same run for the A/B.
+which the registry states). A third GetModel client is the proplet's path before issue 12
+(`read_model_stream`, then `sha256_of` over the arrays), measured in the same run for the A/B.
 
 The registry runs as `propeller-fl serve` runs it (SQLite state directory; the model is read
 and verified once, then served from its cache of recent versions), each server in its own

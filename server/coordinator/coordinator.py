@@ -310,9 +310,8 @@ class Coordinator:
             for round_id in claimed:
                 await self._take_over(round_id)
             return
-        for rnd in await self.store.list():
-            if R.is_due(rnd, now):
-                await self._close_at_deadline(rnd.round_id)
+        for rnd in await self.store.due(now):
+            await self._close_at_deadline(rnd.round_id)
 
     async def _take_over(self, round_id: str) -> None:
         """A round this replica claimed: close it if still due, or aggregate it again if its

@@ -409,6 +409,17 @@ class PostgresRoundStore:
 
         return await self._tx(select)
 
+    async def due(self, now: float) -> Sequence[Round]:
+        async def select(conn: Connection) -> list[Round]:
+            cur = await conn.execute(  # the (state, deadline) index
+                f"{_SELECT_ROUNDS} WHERE state = 'open' AND deadline <= %s ORDER BY seq", (now,)
+            )
+            return [
+                records.readable_round(row, "coordinator.rounds") for row in await cur.fetchall()
+            ]
+
+        return await self._tx(select)
+
 
 async def _lock_round(conn: Connection, round_id: str) -> None:
     await conn.execute(

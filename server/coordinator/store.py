@@ -60,7 +60,7 @@ from server.coordinator.records import (
     update_values,
     upsert,
 )
-from server.coordinator.rounds import Round, Update
+from server.coordinator.rounds import Round, Update, is_due
 from server.errors import PropellerError, ResourceExhausted, Unavailable
 from server.sqlite import SqliteStore
 from server.tensors import (
@@ -102,6 +102,12 @@ class RoundStore(Protocol):
 
     async def list(self, experiment_id: str = "") -> list[Round]:
         """All rounds (of one experiment when given), in configuration order."""
+        ...
+
+    async def due(self, now: float) -> Sequence[Round]:
+        """The open rounds whose deadline has passed at `now` (`rounds.is_due`), in
+        configuration order: what the deadline task reads every tick, so it does not read
+        the whole history."""
         ...
 
     async def add_update(self, round_id: str, update: Update) -> None:
@@ -154,6 +160,9 @@ class MemoryRoundStore:
             for r in self._rounds.values()
             if not experiment_id or r.experiment_id == experiment_id
         ]
+
+    async def due(self, now: float) -> Sequence[Round]:
+        return [r for r in self._rounds.values() if is_due(r, now)]
 
     async def add_update(self, round_id: str, update: Update) -> None:
         self._updates.setdefault(round_id, []).append(update)
@@ -466,6 +475,12 @@ class SqliteRoundStore(SqliteStore):
                 for r in self._rounds.values()
                 if not experiment_id or r.experiment_id == experiment_id
             ]
+
+        return await self._read(select)
+
+    async def due(self, now: float) -> Sequence[Round]:
+        def select(_conn: sqlite3.Connection) -> list[Round]:
+            return [r for r in self._rounds.values() if is_due(r, now)]
 
         return await self._read(select)
 

@@ -248,6 +248,33 @@ async def test_configuration_order_and_experiment_filter_survive(
         await again.close()
 
 
+async def test_the_due_rounds_are_the_open_ones_past_their_deadline(
+    store: DurableRoundStore, db: StateBackend
+) -> None:
+    """What the deadline task reads each tick (not the whole history), before and after a
+    restart: open rounds whose deadline (start + 10 s) has passed, in configuration order."""
+    late = R.start_round(new_round("late"), 100.0)
+    rounds = [
+        R.start_round(new_round("later"), 120.0),  # due from 130
+        late,
+        new_round("pending"),  # never started: no deadline
+        R.start_round(new_round("early"), 105.0),  # due from 115
+        replace(R.start_round(new_round("closing"), 100.0), state=RoundState.AGGREGATING),
+        replace(R.start_round(new_round("done"), 100.0), state=RoundState.COMPLETED),
+    ]
+    for r in rounds:
+        await store.put(r)
+    assert [r.round_id for r in await store.due(109.0)] == []
+    assert [r.round_id for r in await store.due(110.0)] == ["late"]
+    assert await store.due(110.0) == [late]
+    again = await reopen(db, store)
+    try:
+        assert [r.round_id for r in await again.due(129.0)] == ["late", "early"]
+        assert [r.round_id for r in await again.due(1e9)] == ["later", "late", "early"]
+    finally:
+        await again.close()
+
+
 async def test_the_deadline_is_stored_as_absolute_wall_time(
     store: DurableRoundStore, db: StateBackend
 ) -> None:
