@@ -132,7 +132,7 @@ class ArtifactStore:
                 return Artifact(sha256, None, "memory")
         read_at_ns = time.time_ns()
         artifact, version = await asyncio.to_thread(self._read_file, path)
-        if version.ctime_ns < read_at_ns - int(self.racy_s * 1e9):
+        if version.ctime_ns <= read_at_ns - int(self.racy_s * 1e9):
             self._files[path] = (version, artifact.sha256)
             self._files.move_to_end(path)
             while len(self._files) > MAX_KNOWN_FILES:
