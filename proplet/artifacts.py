@@ -3,7 +3,9 @@ verified by `server.oci.OciClient` (tags honoured, pinned digests and layer dige
 
 Modules are cached on disk by content sha256 under `work_dir/modules/` (re-verified on read),
 and a digest-pinned manifest's layer is remembered in memory, so a warm start of a pinned image
-needs no network at all and a tag needs one manifest request.
+needs no network at all and a tag needs one manifest request. A local file's digest is
+remembered with the file's identity and change times (`FileVersion`): while they are the same,
+a module the caller holds compiled is neither read nor hashed again.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,15 +51,44 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# How many local files' digests a store remembers (the most recently used).
+MAX_KNOWN_FILES = 64
+# A file changed less than this long before it was read is not remembered: file times have
+# a coarse granularity (a clock tick), so a second write of the same size in the same tick
+# would leave its version as it was ("racily clean", as git calls it). Such a file is read
+# again next time, until it is older.
+RACY_S = 1.0
+
+
+@dataclass(frozen=True)
+class FileVersion:
+    """What says a file is unchanged: the same file (device, inode), size, modification and
+    status-change times. Writing a file's bytes changes its ctime, which no one can set back
+    (utime sets the mtime only), so equal versions mean equal contents."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileVersion:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class ArtifactStore:
     """Resolves a TaskStart to module bytes, caching by content digest."""
 
-    def __init__(self, config: PropletConfig) -> None:
+    def __init__(self, config: PropletConfig, *, racy_s: float = RACY_S) -> None:
         self.config = config
+        self.racy_s = racy_s
         self.cache_dir = config.work_dir / "modules"
         # "address/repo@sha256:..." -> its wasm layer
         self._pinned_layers: dict[str, Layer] = {}
         self._clients = OciClients(config.is_insecure, config.rpc_timeout_s)
+        # Local file -> its version when last read and the sha256 of what was read then.
+        self._files: OrderedDict[Path, tuple[FileVersion, str]] = OrderedDict()
 
     def close(self) -> None:
         """Close the HTTP sessions of the registry clients."""
@@ -72,7 +105,7 @@ class ArtifactStore:
         if not url:
             raise TaskFailed("task names no module: image_url and file are both empty")
         if url.startswith("file://"):
-            return await asyncio.to_thread(self._read_file, url)
+            return await self._local_file(Path(url.removeprefix("file://")), have)
         ref = parse_image(url)
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
@@ -85,13 +118,40 @@ class ArtifactStore:
 
     # ------------------------------------------------------------------ local files
 
-    def _read_file(self, url: str) -> Artifact:
-        path = Path(url.removeprefix("file://"))
+    async def _local_file(self, path: Path, have: Callable[[str], bool]) -> Artifact:
+        known = self._files.get(path)
+        if known is not None:
+            version, sha256 = known
+            try:
+                # On the loop: one stat of a local file costs less than the hop to a thread.
+                unchanged = FileVersion.of(os.stat(path)) == version
+            except OSError:
+                unchanged = False  # read below, which says why it cannot be
+            if unchanged and have(sha256):
+                self._files.move_to_end(path)
+                return Artifact(sha256, None, "memory")
+        read_at_ns = time.time_ns()
+        artifact, version = await asyncio.to_thread(self._read_file, path)
+        if version.ctime_ns <= read_at_ns - int(self.racy_s * 1e9):
+            self._files[path] = (version, artifact.sha256)
+            self._files.move_to_end(path)
+            while len(self._files) > MAX_KNOWN_FILES:
+                self._files.popitem(last=False)
+        else:
+            self._files.pop(path, None)
+        return artifact
+
+    @staticmethod
+    def _read_file(path: Path) -> tuple[Artifact, FileVersion]:
+        """The file's module and its version before it was read (a change while reading
+        makes the next stat differ, so the file is read again then)."""
         try:
-            data = path.read_bytes()
+            with path.open("rb") as f:
+                version = FileVersion.of(os.fstat(f.fileno()))
+                data = f.read()
         except OSError as exc:
             raise TaskFailed(f"image_url: cannot read {path}: {exc.strerror or exc}") from None
-        return Artifact(sha256_hex(data), data, "file")
+        return Artifact(sha256_hex(data), data, "file"), version
 
     # ------------------------------------------------------------------ OCI
 

@@ -74,6 +74,7 @@ from server.tensors import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+S = TypeVar("S")
 
 DATASET_SCHEMA = "fl-demo-dataset-v1"
 _SCHEMES = ("grpc://", "http://", "https://", "dns:///")
@@ -524,6 +525,9 @@ class FederatedClient:
         # Seeded from the OS per proplet: two proplets draw different delays.
         self.rng = rng or random.Random()
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # (address, stub class) -> its stub over the address's channel: a stub builds a
+        # callable per method, more than the call itself costs the proplet's loop.
+        self._stubs: dict[tuple[str, Callable[[grpc.aio.Channel], Any]], Any] = {}
         self._key: ec.EllipticCurvePrivateKey | None = None
 
     async def signing_key(self) -> ec.EllipticCurvePrivateKey | None:
@@ -558,7 +562,15 @@ class FederatedClient:
             self._channels[target] = ch
         return ch
 
+    def _stub(self, target: str, stub_class: Callable[[grpc.aio.Channel], S]) -> S:
+        """The `stub_class` stub over the channel to `target`, made once."""
+        stub: S | None = self._stubs.get((target, stub_class))
+        if stub is None:
+            stub = self._stubs[(target, stub_class)] = stub_class(self._channel(target))
+        return stub
+
     async def close(self) -> None:
+        self._stubs = {}
         channels, self._channels = list(self._channels.values()), {}
         for ch in channels:
             await ch.close(None)
@@ -606,7 +618,7 @@ class FederatedClient:
     async def fetch_dataset(
         self, fl: FlTask, deadline: float | None = None
     ) -> datastore_pb2.Dataset:
-        stub = datastore_pb2_grpc.DataStoreStub(self._channel(fl.datastore))
+        stub = self._stub(fl.datastore, datastore_pb2_grpc.DataStoreStub)
         call_name = f"GetDataset {self.proplet_id}" + (f" split={fl.split}" if fl.split else "")
         request = datastore_pb2.GetDatasetRequest(proplet_id=self.proplet_id, split=fl.split)
 
@@ -640,7 +652,7 @@ class FederatedClient:
         """Sign the update (with TLS) and stream it to the coordinator. A retry after a lost
         reply is safe: the coordinator counts each participant once and answers
         `duplicate`."""
-        stub = coordinator_pb2_grpc.CoordinatorStub(self._channel(fl.coordinator))
+        stub = self._stub(fl.coordinator, coordinator_pb2_grpc.CoordinatorStub)
         key = await self.signing_key()
         if key is not None:
             update = await asyncio.to_thread(signed, update, key)

@@ -40,8 +40,8 @@ import logging
 import re
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -260,6 +260,7 @@ class WasmRuntime:
         self._lock = threading.Lock()
         self.max_abandoned = max_abandoned
         self._abandoned = 0
+        self._workers = RunThreads()
         self.compiles = 0
 
     @classmethod
@@ -430,7 +431,7 @@ class WasmRuntime:
             else:
                 done.set_result(result)  # type: ignore[arg-type]
 
-        def target() -> None:
+        def target() -> Callable[[], None]:
             result: RunOutput | None = None
             error: BaseException | None = None
             try:
@@ -442,10 +443,14 @@ class WasmRuntime:
                     thread.finished = True
                     if thread.abandoned:
                         self._abandoned -= 1
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-                loop.call_soon_threadsafe(settle, result, error)
 
-        threading.Thread(target=target, name="wasm-run", daemon=True).start()
+            def deliver() -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+                    loop.call_soon_threadsafe(settle, result, error)
+
+            return deliver
+
+        self._workers.submit(target)
         timeout_s = invocation.limits.timeout_s
         hard_deadline = timeout_s + HARD_DEADLINE_GRACE_S
         try:
@@ -471,6 +476,74 @@ class WasmRuntime:
             control.interrupt("task stopped")
             await asyncio.wait({done}, timeout=STOP_GRACE_S)
             raise
+
+
+class RunThreads:
+    """The threads runs execute in, kept for the next run once theirs ends: starting a thread
+    per run cost the event loop that starts it more than a short run itself (the loop waits
+    until the new thread holds the GIL; docs/benchmarks.md, "Fleet"). A run never waits for a
+    thread: one is started whenever no idle thread is free to take it, so runs stuck in a host
+    call (abandoned) never hold up others. A thread idle for `idle_s` ends. A thread is named
+    RUN_THREAD while it runs a job and IDLE_THREAD while it waits for one.
+
+    A job returns what delivers its outcome (`deliver`), called once its thread counts as idle
+    again: a caller that starts its next run as soon as it has the outcome finds that thread
+    free rather than starting another."""
+
+    RUN_THREAD = "wasm-run"
+    IDLE_THREAD = "wasm-idle"
+
+    def __init__(self, idle_s: float = 30.0) -> None:
+        self.idle_s = idle_s
+        self._ready = threading.Condition(threading.Lock())
+        self._jobs: deque[Job] = deque()
+        self._idle = 0
+
+    def submit(self, job: Job) -> None:
+        """Run `job` in a thread: an idle one, else a new one."""
+        with self._ready:
+            # Every idle thread takes one queued job; a job beyond them gets a new thread.
+            if self._idle > len(self._jobs):
+                self._jobs.append(job)
+                self._ready.notify()
+                return
+        threading.Thread(target=self._serve, args=(job,), name=self.RUN_THREAD, daemon=True).start()
+
+    def _serve(self, first: Job) -> None:
+        me = threading.current_thread()
+        job: Job | None = first
+        while job is not None:
+            me.name = self.RUN_THREAD
+            deliver = job()
+            me.name = self.IDLE_THREAD
+            with self._ready:
+                self._idle += 1
+            try:
+                deliver()
+            except BaseException:
+                with self._ready:
+                    self._idle -= 1
+                raise
+            job = self._next()
+
+    def _next(self) -> Job | None:
+        """The next queued job for this idle thread, waiting up to `idle_s` for one; None: the
+        thread ends. The thread no longer counts as idle either way."""
+        with self._ready:
+            try:
+                until = time.monotonic() + self.idle_s
+                while not self._jobs:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self._ready.wait(left)
+                return self._jobs.popleft()
+            finally:
+                self._idle -= 1
+
+
+# A run in a `RunThreads` thread: it returns what hands its outcome over.
+Job = Callable[[], Callable[[], None]]
 
 
 @dataclass

@@ -159,6 +159,8 @@ RULES: Mapping[str, Rule] = {
     f"{_D}ListDatasets": OPERATOR,
     # A dataset's size: the coordinator (and a site's) caps num_samples by it.
     f"{_D}GetDatasetInfo": _DATASET_READ,
+    # Many at once: the coordinator (and a site's) for the updates that arrived together.
+    f"{_D}GetDatasetInfos": _rule(operator=True, services=("coordinator", SITES)),
     # Beside every service: health and reflection, for any authenticated identity.
     "/grpc.health.v1.Health/Check": ANYONE,
     "/grpc.health.v1.Health/List": ANYONE,

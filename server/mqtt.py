@@ -60,13 +60,19 @@ def client_tls(tls: TlsConfig) -> tuple[ssl.SSLContext, str]:
 
 
 class _Connection:
-    """One connection of a session: its client, and an event set once it is gone."""
+    """One connection of a session: its client, and a future done once it is gone (one per
+    connection that every publish waits on beside its own, rather than a task per publish
+    waiting on an event)."""
 
     __slots__ = ("client", "lost")
 
     def __init__(self, client: aiomqtt.Client) -> None:
         self.client = client
-        self.lost = asyncio.Event()
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def close(self) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
 
 
 class MqttSession(Lifecycle):
@@ -134,7 +140,7 @@ class MqttSession(Lifecycle):
         while True:
             await self.wait_connected(max(0.0, deadline - loop.time()))
             conn = self._conn
-            if conn is None or conn.lost.is_set():  # dropped since the event was set
+            if conn is None or conn.lost.done():  # dropped since the event was set
                 await asyncio.sleep(0)
                 continue
             try:
@@ -146,7 +152,7 @@ class MqttSession(Lifecycle):
             if loop.time() >= deadline:
                 raise Unavailable(f"mqtt: publish to {topic} failed: {error}")
             log.info("[mqtt] %s publish to %s: %s; trying again", self.client_id, topic, error)
-            if not conn.lost.is_set():
+            if not conn.lost.done():
                 # Refused on a live connection (often one about to drop): a short pause.
                 await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
 
@@ -159,11 +165,9 @@ class MqttSession(Lifecycle):
         publish = asyncio.ensure_future(
             conn.client.publish(topic, payload, qos=qos, timeout=max(0.1, timeout))
         )
-        lost = asyncio.ensure_future(conn.lost.wait())
         try:
-            await asyncio.wait({publish, lost}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({publish, conn.lost}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            lost.cancel()
             if not publish.done():
                 publish.cancel()
                 # Retrieve whatever it ends with, so nothing is logged as never retrieved.
@@ -213,7 +217,7 @@ class MqttSession(Lifecycle):
                         # Publishes waiting on this connection move to the next one at once.
                         self._connected.clear()
                         self._conn = None
-                        conn.lost.set()
+                        conn.close()
             except aiomqtt.MqttError as exc:
                 log.warning(
                     "[mqtt] %s disconnected from %s:%d: %s; retrying in %.2fs",

@@ -241,6 +241,7 @@ class CoordinatorApp(ServiceApp):
         datastore = channel(cfg.datastore_addr, cfg.tls, options)
         stack.push_async_callback(datastore.close, None)
         data_store = DataStoreSizes(datastore, timeout_s=cfg.rpc_timeout_s)
+        stack.push_async_callback(data_store.aclose)
         datasets = data_store if samples_cap.source == "dataset" else None
         backend = GrpcModelBackend(registry, aggregator, timeout_s=cfg.rpc_timeout_s)
         modules = ModuleFetcher(

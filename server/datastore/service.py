@@ -20,7 +20,7 @@ from server.datastore.datasets import (
 from server.datastore.store import DatasetStore, DatasetSummary, summary_of
 from server.errors import InvalidArgument, NotFound, grpc_errors
 from server.grpc_server import Context, ServiceBinding
-from server.ids import check_id, check_name
+from server.ids import check_id, check_ids, check_name
 from server.paging import PageRequest, page_of
 from server.tensors import offload_if_big, tensor_from_proto, tensor_to_proto
 from server.wire import message_from
@@ -28,6 +28,8 @@ from server.wire import message_from
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "propeller.v1.DataStore"
+# The most proplet ids one GetDatasetInfos call may name.
+MAX_INFOS = 1000
 
 
 def dataset_info_proto(summary: DatasetSummary) -> datastore_pb2.DatasetInfo:
@@ -97,6 +99,18 @@ class DataStoreServicer:
             summary = summary_of(await self._dataset(request))
             size = split_size(summary.proplet_id, summary.size, request.split)
             return dataset_info_proto(replace(summary, size=size))
+
+    async def GetDatasetInfos(
+        self, request: datastore_pb2.GetDatasetInfosRequest, context: Context
+    ) -> datastore_pb2.GetDatasetInfosResponse:
+        async with grpc_errors(context, "DataStore.GetDatasetInfos"):
+            check_ids(request.proplet_ids, "proplet_ids", MAX_INFOS)
+            if not request.proplet_ids:
+                raise InvalidArgument("proplet_ids: must not be empty")
+            found = await self.store_of().summaries(request.proplet_ids)
+            return datastore_pb2.GetDatasetInfosResponse(
+                datasets=[dataset_info_proto(s) for s in found]
+            )
 
     async def PutDataset(
         self, request: datastore_pb2.PutDatasetRequest, context: Context

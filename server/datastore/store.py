@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -54,6 +55,10 @@ class DatasetStore(Protocol):
         """Every dataset, sorted by proplet id."""
         ...
 
+    async def summaries(self, proplet_ids: Collection[str]) -> Sequence[DatasetSummary]:
+        """The summaries of these proplets' datasets (those that have one), in no order."""
+        ...
+
 
 class InMemoryDatasetStore:
     """Datasets in a dict. Arrays are frozen on the way in so nobody mutates stored data."""
@@ -74,6 +79,10 @@ class InMemoryDatasetStore:
 
     async def list(self) -> list[DatasetSummary]:
         return [summary_of(self._datasets[k]) for k in sorted(self._datasets)]
+
+    async def summaries(self, proplet_ids: Collection[str]) -> Sequence[DatasetSummary]:
+        found = (self._datasets.get(p) for p in set(proplet_ids))
+        return [summary_of(d) for d in found if d is not None]
 
 
 _SCHEMA = [
@@ -199,4 +208,22 @@ class SqliteDatasetStore:
                 "ORDER BY proplet_id"
             ).fetchall()
         )
+        return [DatasetSummary(r[0], r[1], int(r[2]), int(r[3]), int(r[4])) for r in rows]
+
+    async def summaries(self, proplet_ids: Collection[str]) -> Sequence[DatasetSummary]:
+        wanted = sorted(set(proplet_ids))
+
+        def read(conn: sqlite3.Connection) -> list[Any]:
+            rows: list[Any] = []
+            # Within the 999 parameters of a statement an older SQLite allows.
+            for at in range(0, len(wanted), 500):
+                part = wanted[at : at + 500]
+                rows += conn.execute(
+                    "SELECT proplet_id, schema, size, num_features, num_classes FROM datasets "
+                    f"WHERE proplet_id IN ({','.join('?' * len(part))})",
+                    part,
+                ).fetchall()
+            return rows
+
+        rows = await self.db.read(read)
         return [DatasetSummary(r[0], r[1], int(r[2]), int(r[3]), int(r[4])) for r in rows]

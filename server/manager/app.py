@@ -200,11 +200,17 @@ class ManagerApp(ServiceApp):
             self._acks.put_nowait(ack)
 
     async def _send_acks(self) -> None:
+        """Acknowledgements go out at QoS 0 (at most once): one that is lost costs a result
+        sent again, which the proplet does anyway until it has one (every
+        PROPLET_RESULT_RESEND_S, and after every reconnection, when an ack queued for it would
+        be lost too), and which is acknowledged again. QoS 1 would cost two more packets per
+        result (the broker's and the proplet's PUBACK) and a wait for the broker's on every
+        ack, to guard against nothing more (docs/benchmarks.md, "Fleet")."""
         topics = self.config.mqtt.topics
         while True:
             proplet_id, ack = await self._acks.get()
             try:
-                await self._publish(topics.result_ack_for(proplet_id), ack.to_json())
+                await self._publish(topics.result_ack_for(proplet_id), ack.to_json(), qos=0)
             except Unavailable as exc:  # the proplet sends the result again: acked then
                 log.warning("[Manager.results] ack to %s not sent: %s", proplet_id, exc)
 
@@ -227,10 +233,10 @@ class ManagerApp(ServiceApp):
             except Exception:  # logged; the next refresh may succeed
                 log.exception("[Manager.state] refresh failed")
 
-    async def _publish(self, topic: str, payload: bytes) -> None:
+    async def _publish(self, topic: str, payload: bytes, *, qos: int = 1) -> None:
         if self._closing:  # as when the broker is away: the callers retry or report it
             raise Unavailable(f"manager: shutting down, {topic} not published")
-        await self._entered(self._session).publish(topic, payload)
+        await self._entered(self._session).publish(topic, payload, qos=qos)
 
     async def _open(self, stack: AsyncExitStack) -> None:
         topics = self.config.mqtt.topics

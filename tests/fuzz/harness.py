@@ -83,6 +83,7 @@ ALLOWED: dict[str, frozenset[grpc.StatusCode]] = {
         "DataStore.PutDataset": set(),
         "DataStore.ListDatasets": set(),
         "DataStore.GetDatasetInfo": {C.NOT_FOUND, C.FAILED_PRECONDITION},
+        "DataStore.GetDatasetInfos": set(),
         # Too few updates for krum/multikrum/bulyan; an order-statistic rule over its limit.
         "Aggregator.Aggregate": {C.FAILED_PRECONDITION, C.RESOURCE_EXHAUSTED},
         "Coordinator.ConfigureRound": {C.NOT_FOUND, C.ALREADY_EXISTS},

@@ -18,7 +18,8 @@ GET = Rpc.of("DataStore.GetDataset")
 PUT = Rpc.of("DataStore.PutDataset")
 LIST = Rpc.of("DataStore.ListDatasets")
 INFO = Rpc.of("DataStore.GetDatasetInfo")
-FUZZED = (GET, PUT, LIST, INFO)
+INFOS = Rpc.of("DataStore.GetDatasetInfos")
+FUZZED = (GET, PUT, LIST, INFO, INFOS)
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 
 
@@ -57,6 +58,24 @@ async def test_get_dataset(env: FuzzEnv) -> None:
 
 async def test_get_dataset_info(env: FuzzEnv) -> None:
     await fuzz_messages(env, INFO, dataset_requests())
+
+
+def infos_are_asked_for(body: Any, outcome: Outcome) -> None:
+    """An answer names only proplets asked for, each once."""
+    if not outcome.ok:
+        return
+    named = [d.proplet_id for d in outcome.response.datasets]
+    assert len(named) == len(set(named))
+    if isinstance(body, datastore_pb2.GetDatasetInfosRequest):
+        assert set(named) <= set(body.proplet_ids)
+
+
+async def test_get_dataset_infos(env: FuzzEnv) -> None:
+    requests = st.builds(
+        lambda ids: datastore_pb2.GetDatasetInfosRequest(proplet_ids=ids),
+        S.string_lists(KNOWN_PROPLETS),
+    )
+    await fuzz_messages(env, INFOS, requests, infos_are_asked_for)
 
 
 @st.composite

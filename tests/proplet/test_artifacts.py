@@ -4,6 +4,7 @@ from a registry that serves tampered content, from files, and the on-disk cache.
 from __future__ import annotations
 
 import hashlib
+import os
 import urllib.request
 import uuid
 from contextlib import closing
@@ -244,3 +245,47 @@ def test_plain_http_only_for_loopback_and_mirrors(proplet_config: PropletConfig)
     explicit = with_changes(config, insecure_registries=frozenset({"ghcr.io"}))
     assert explicit.is_insecure("ghcr.io")
     assert not explicit.is_insecure("127.0.0.1:5000")
+
+
+# ------------------------------------------------------------------ local files
+
+
+async def test_a_local_file_held_compiled_is_read_again_only_once_it_changed(
+    proplet_config: PropletConfig, tmp_path: Path
+) -> None:
+    path = tmp_path / "m.wasm"
+    first, second = wat.printing(b"one"), wat.printing(b"two")
+    assert len(first) == len(second)  # a change of contents alone, not of size
+    path.write_bytes(first)
+    url = f"file://{path}"
+    with closing(ArtifactStore(proplet_config, racy_s=0)) as store:
+        read = await store.fetch(task(url))
+        assert (read.source, read.data) == ("file", first)
+        held = await store.fetch(task(url), have=lambda sha: sha == read.sha256)
+        assert (held.source, held.data, held.sha256) == ("memory", None, read.sha256)
+        # Not held compiled: the bytes are read.
+        assert (await store.fetch(task(url))).data == first
+        before = path.stat()
+        path.write_bytes(second)
+        # Two writes may fall in one tick of the file clock (racy_s covers that, below): the
+        # second one dated a second later, as it would be in a deployment.
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+        changed = await store.fetch(task(url), have=lambda sha: sha == read.sha256)
+        assert (changed.source, changed.data) == ("file", second)
+        assert changed.sha256 == hashlib.sha256(second).hexdigest()
+        path.unlink()
+        with pytest.raises(TaskFailed, match="cannot read"):
+            await store.fetch(task(url), have=lambda sha: True)
+
+
+async def test_a_file_changed_just_before_it_was_read_is_read_every_time(
+    proplet_config: PropletConfig, tmp_path: Path
+) -> None:
+    # Its change time may be as coarse as a clock tick: a second write in the same tick would
+    # leave it as it was, so such a file is not taken as unchanged.
+    path = tmp_path / "m.wasm"
+    path.write_bytes(wat.printing(b"one"))
+    with closing(ArtifactStore(proplet_config, racy_s=3600)) as store:
+        read = await store.fetch(task(f"file://{path}"))
+        again = await store.fetch(task(f"file://{path}"), have=lambda sha: sha == read.sha256)
+        assert (again.source, again.data) == ("file", read.data)

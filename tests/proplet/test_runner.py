@@ -13,7 +13,7 @@ import pytest
 import wasmtime
 
 from proplet import Invocation, Limits, RunControl, TaskFailed, TaskInterrupted, WasmRuntime
-from proplet.runner import CompiledModule
+from proplet.runner import CompiledModule, RunThreads
 from tests.proplet import wat
 from tests.support.waits import eventually
 
@@ -317,6 +317,66 @@ async def test_runs_stuck_in_an_unknown_host_call_are_bounded_in_number() -> Non
 
     await eventually(abandoned, lambda n: n == 0, what="the stuck threads ended")
     assert await run(runtime, wat.hello()) == b"hello from wasm\n"
+
+
+def blocking_runtime(
+    gate: threading.Event, inside: list[threading.Thread]
+) -> tuple[WasmRuntime, bytes]:
+    """A runtime with a host call that notes the thread of each run inside it and waits for
+    `gate`, and a module that makes that call."""
+    runtime = WasmRuntime()
+
+    def block() -> None:
+        inside.append(threading.current_thread())
+        gate.wait(60)
+
+    runtime.linker.define_func("test", "block", wasmtime.FuncType([], []), block)
+    module = bytes(
+        wasmtime.wat2wasm(
+            '(module (import "test" "block" (func $block)) (memory (export "memory") 1)'
+            '(func (export "_start") (call $block)))'
+        )
+    )
+    return runtime, module
+
+
+async def test_run_threads_are_used_again_yet_no_run_waits_for_one() -> None:
+    gate, inside = threading.Event(), list[threading.Thread]()
+    runtime, blocking = blocking_runtime(gate, inside)
+    limits = Limits(timeout_s=30.0, memory_bytes=16 << 20, output_bytes=1024)
+    gate.set()
+    for _ in range(5):  # one run after the other: all in one thread
+        assert await run(runtime, blocking, limits) == b""
+    assert all(t is inside[0] for t in inside), "a thread per run"
+    gate.clear()
+    inside.clear()
+    try:
+        runs = [asyncio.create_task(run(runtime, blocking, limits)) for _ in range(4)]
+
+        async def count() -> int:
+            return len(inside)
+
+        # Four runs inside the call at once: none waited for another's thread.
+        await eventually(count, lambda n: n == 4, timeout=10, what="all four runs at once")
+    finally:
+        gate.set()
+    assert await asyncio.gather(*runs) == [b""] * 4
+    assert len(set(inside)) == 4
+    await eventually(threads, lambda n: n[0] == 0, timeout=10, what="no thread left running")
+
+
+async def test_an_idle_run_thread_ends() -> None:
+    workers = RunThreads(idle_s=0.05)
+    ran = threading.Event()
+
+    async def count() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    before = await count()
+    workers.submit(lambda: ran.set)
+    await eventually(
+        count, lambda n: n <= before and ran.is_set(), timeout=10, what="the idle thread ended"
+    )
 
 
 def test_compiled_modules_are_cached_by_content(runtime: WasmRuntime) -> None:

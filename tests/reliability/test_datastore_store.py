@@ -84,6 +84,13 @@ async def test_both_stores_behave_alike(kind: str, tmp_path: Path) -> None:
         assert await store.put(replacement)  # replaced
         assert same(await store.get("a"), replacement)
         assert await store.get("c") is None
+        # Many summaries at once (GetDatasetInfos): those that exist, each once.
+        many = await store.summaries(["b", "c", "a", "b", *(f"x{i}" for i in range(1200))])
+        assert sorted(many, key=lambda d: d.proplet_id) == [
+            DatasetSummary("a", "imported-v1", 7, 1),
+            DatasetSummary("b", "imported-v1", 5, 2),
+        ]
+        assert await store.summaries([]) == []
         got = await store.get("b")
         assert got is not None and not got.features.flags.writeable
     finally:

@@ -6,6 +6,7 @@ import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -464,3 +465,44 @@ async def test_a_binary_dataset_cannot_claim_k_classes(stub: Stub) -> None:
     assert (excinfo.value.details() or "").startswith(
         "dataset.num_classes: schema 'fl-demo-dataset-v1' has 2 classes"
     )
+
+
+# --- many sizes at once (the coordinator's num_samples caps) ----------------------------
+
+
+async def infos(stub: Stub, ids: list[str]) -> dict[str, int]:
+    reply = await stub.GetDatasetInfos(
+        datastore_pb2.GetDatasetInfosRequest(proplet_ids=ids), timeout=RPC_TIMEOUT
+    )
+    named = [d.proplet_id for d in reply.datasets]
+    assert len(named) == len(set(named))
+    return {d.proplet_id: d.size for d in reply.datasets}
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["memory", "sqlite"])
+async def test_many_sizes_at_once_are_each_one_as_get_dataset_info_gives_it(
+    persistent: bool, tmp_path: Path
+) -> None:
+    async with datastore(*SEED_IDS, state_dir=tmp_path if persistent else None) as stub:
+        await put_dataset(stub, dataset("tiny"))
+        asked = [*SEED_IDS, "tiny", SEED_IDS[0], "nobody", *(f"x{i}" for i in range(900))]
+        one_by_one = {p: (await get_info(stub, p, "")).size for p in (*SEED_IDS, "tiny")}
+        assert await infos(stub, asked) == one_by_one
+
+
+@pytest.mark.parametrize(
+    ("ids", "field"),
+    [
+        ([], "proplet_ids"),
+        ([f"p{i}" for i in range(1001)], "proplet_ids"),
+        (["ok", "no/slash"], "proplet_ids[1]"),
+    ],
+    ids=["none", "1001", "bad-id"],
+)
+async def test_many_sizes_refuses_what_is_not_a_list_of_ids(
+    stub: Stub, ids: list[str], field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+        await infos(stub, ids)
+    assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (excinfo.value.details() or "").startswith(f"{field}:")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from propeller.v1 import tensor_pb2 as propeller_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpropeller/v1/datastore.proto\x12\x0cpropeller.v1\x1a\x19propeller/v1/tensor.proto\"6\n\x11GetDatasetRequest\x12\x12\n\nproplet_id\x18\x01 \x01(\t\x12\r\n\x05split\x18\x02 \x01(\t\"\x90\x01\n\x07\x44\x61taset\x12\x12\n\nproplet_id\x18\x01 \x01(\t\x12\x0e\n\x06schema\x18\x02 \x01(\t\x12&\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x14.propeller.v1.Tensor\x12$\n\x06labels\x18\x04 \x01(\x0b\x32\x14.propeller.v1.Tensor\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x05\";\n\x11PutDatasetRequest\x12&\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.propeller.v1.Dataset\"j\n\x0b\x44\x61tasetInfo\x12\x12\n\nproplet_id\x18\x01 \x01(\t\x12\x0e\n\x06schema\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x14\n\x0cnum_features\x18\x04 \x01(\x03\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x05\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\\\n\x14ListDatasetsResponse\x12+\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x19.propeller.v1.DatasetInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xc0\x02\n\tDataStore\x12\x44\n\nGetDataset\x12\x1f.propeller.v1.GetDatasetRequest\x1a\x15.propeller.v1.Dataset\x12H\n\nPutDataset\x12\x1f.propeller.v1.PutDatasetRequest\x1a\x19.propeller.v1.DatasetInfo\x12U\n\x0cListDatasets\x12!.propeller.v1.ListDatasetsRequest\x1a\".propeller.v1.ListDatasetsResponse\x12L\n\x0eGetDatasetInfo\x12\x1f.propeller.v1.GetDatasetRequest\x1a\x19.propeller.v1.DatasetInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpropeller/v1/datastore.proto\x12\x0cpropeller.v1\x1a\x19propeller/v1/tensor.proto\"6\n\x11GetDatasetRequest\x12\x12\n\nproplet_id\x18\x01 \x01(\t\x12\r\n\x05split\x18\x02 \x01(\t\"\x90\x01\n\x07\x44\x61taset\x12\x12\n\nproplet_id\x18\x01 \x01(\t\x12\x0e\n\x06schema\x18\x02 \x01(\t\x12&\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x14.propeller.v1.Tensor\x12$\n\x06labels\x18\x04 \x01(\x0b\x32\x14.propeller.v1.Tensor\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x05\";\n\x11PutDatasetRequest\x12&\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.propeller.v1.Dataset\"j\n\x0b\x44\x61tasetInfo\x12\x12\n\nproplet_id\x18\x01 \x01(\t\x12\x0e\n\x06schema\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x14\n\x0cnum_features\x18\x04 \x01(\x03\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x05\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\\\n\x14ListDatasetsResponse\x12+\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x19.propeller.v1.DatasetInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"-\n\x16GetDatasetInfosRequest\x12\x13\n\x0bproplet_ids\x18\x01 \x03(\t\"F\n\x17GetDatasetInfosResponse\x12+\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x19.propeller.v1.DatasetInfo2\xa0\x03\n\tDataStore\x12\x44\n\nGetDataset\x12\x1f.propeller.v1.GetDatasetRequest\x1a\x15.propeller.v1.Dataset\x12H\n\nPutDataset\x12\x1f.propeller.v1.PutDatasetRequest\x1a\x19.propeller.v1.DatasetInfo\x12U\n\x0cListDatasets\x12!.propeller.v1.ListDatasetsRequest\x1a\".propeller.v1.ListDatasetsResponse\x12L\n\x0eGetDatasetInfo\x12\x1f.propeller.v1.GetDatasetRequest\x1a\x19.propeller.v1.DatasetInfo\x12^\n\x0fGetDatasetInfos\x12$.propeller.v1.GetDatasetInfosRequest\x1a%.propeller.v1.GetDatasetInfosResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,6 +44,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTDATASETSREQUEST']._serialized_end=505
   _globals['_LISTDATASETSRESPONSE']._serialized_start=507
   _globals['_LISTDATASETSRESPONSE']._serialized_end=599
-  _globals['_DATASTORE']._serialized_start=602
-  _globals['_DATASTORE']._serialized_end=922
+  _globals['_GETDATASETINFOSREQUEST']._serialized_start=601
+  _globals['_GETDATASETINFOSREQUEST']._serialized_end=646
+  _globals['_GETDATASETINFOSRESPONSE']._serialized_start=648
+  _globals['_GETDATASETINFOSRESPONSE']._serialized_end=718
+  _globals['_DATASTORE']._serialized_start=721
+  _globals['_DATASTORE']._serialized_end=1137
 # @@protoc_insertion_point(module_scope)

@@ -64,3 +64,15 @@ class ListDatasetsResponse(_message.Message):
     datasets: _containers.RepeatedCompositeFieldContainer[DatasetInfo]
     next_page_token: str
     def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class GetDatasetInfosRequest(_message.Message):
+    __slots__ = ("proplet_ids",)
+    PROPLET_IDS_FIELD_NUMBER: _ClassVar[int]
+    proplet_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, proplet_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetDatasetInfosResponse(_message.Message):
+    __slots__ = ("datasets",)
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
+    datasets: _containers.RepeatedCompositeFieldContainer[DatasetInfo]
+    def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ...) -> None: ...

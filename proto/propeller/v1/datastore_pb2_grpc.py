@@ -55,6 +55,11 @@ class DataStoreStub:
                 request_serializer=propeller_dot_v1_dot_datastore__pb2.GetDatasetRequest.SerializeToString,
                 response_deserializer=propeller_dot_v1_dot_datastore__pb2.DatasetInfo.FromString,
                 _registered_method=True)
+        self.GetDatasetInfos = channel.unary_unary(
+                '/propeller.v1.DataStore/GetDatasetInfos',
+                request_serializer=propeller_dot_v1_dot_datastore__pb2.GetDatasetInfosRequest.SerializeToString,
+                response_deserializer=propeller_dot_v1_dot_datastore__pb2.GetDatasetInfosResponse.FromString,
+                _registered_method=True)
 
 
 class DataStoreServicer:
@@ -86,6 +91,14 @@ class DataStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDatasetInfos(self, request, context):
+        """Several datasets' sizes and shapes in one call (the coordinator's num_samples caps for
+        the updates that arrived together): the whole datasets, as GetDatasetInfo with split "".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DataStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +121,11 @@ def add_DataStoreServicer_to_server(servicer, server):
                     servicer.GetDatasetInfo,
                     request_deserializer=propeller_dot_v1_dot_datastore__pb2.GetDatasetRequest.FromString,
                     response_serializer=propeller_dot_v1_dot_datastore__pb2.DatasetInfo.SerializeToString,
+            ),
+            'GetDatasetInfos': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDatasetInfos,
+                    request_deserializer=propeller_dot_v1_dot_datastore__pb2.GetDatasetInfosRequest.FromString,
+                    response_serializer=propeller_dot_v1_dot_datastore__pb2.GetDatasetInfosResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class DataStore:
             '/propeller.v1.DataStore/GetDatasetInfo',
             propeller_dot_v1_dot_datastore__pb2.GetDatasetRequest.SerializeToString,
             propeller_dot_v1_dot_datastore__pb2.DatasetInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDatasetInfos(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/propeller.v1.DataStore/GetDatasetInfos',
+            propeller_dot_v1_dot_datastore__pb2.GetDatasetInfosRequest.SerializeToString,
+            propeller_dot_v1_dot_datastore__pb2.GetDatasetInfosResponse.FromString,
             options,
             channel_credentials,
             insecure,
