@@ -32,6 +32,8 @@ ruff format --check .
 mypy
 python wasm-client/build.py >/dev/null
 # Every tier in one pass on two workers (pytest-xdist, worksteal): each worker has its own
-# broker, OCI registry and PostgreSQL, every test its own ports, namespaces and directories,
-# and nothing waits on a timing a second worker could upset. docs/engineering.md, "Tests".
+# broker, OCI registry and PostgreSQL, every test its own ports (tests/support/ports.py),
+# namespaces and directories; the races two workers shook out were fixed where they were.
+# The process tier is most of the time: alone after the others it left a core idle.
+# docs/engineering.md, "Tests".
 exec python -m pytest -q -p no:cacheprovider -n "${PROPELLER_TEST_WORKERS:-2}" --dist worksteal "$@"
