@@ -23,7 +23,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     again on the same port, so a port handed out must stay unclaimed by anyone else for a
     while, not just be free now. Hence: below the kernel's ephemeral range (`bind(0)` picks
     there, and any outgoing connection on the machine may take such a port as its source
-    port: a restarted manager once failed to bind its own), a slice of that span per
+    port: a manager restarted on one once failed to bind it), a slice of that span per
     pytest-xdist worker (two workers never hand out the same port: a nats node of one and a
     coordinator of the other once did), and within the slice one port after the other from
     a random start (not again before the whole slice was handed out; two suites on one
