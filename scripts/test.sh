@@ -2,8 +2,8 @@
 # The whole test suite on a fresh machine: installs everything, checks generated code, lint,
 # types, then runs pytest against real mosquitto and a real OCI registry that the tests start.
 #
-#   scripts/test.sh [PYTEST ARGS]          everything, at full depth, in one process (what
-#                                          .ci/run runs)
+#   scripts/test.sh [PYTEST ARGS]          everything, at full depth, on PROPELLER_TEST_WORKERS
+#                                          processes (2) in one pass (what .ci/run runs)
 #   scripts/test.sh --fast [PYTEST ARGS]   the developer's tier: unit + integration tests with
 #                                          the `dev` Hypothesis profile, on an installed .venv
 #                                          (no setup, lint or type check; no process or fuzz
@@ -31,4 +31,9 @@ ruff check .
 ruff format --check .
 mypy
 python wasm-client/build.py >/dev/null
-python -m pytest -q -p no:cacheprovider "$@"
+# Every tier in one pass on two workers (pytest-xdist, worksteal): each worker has its own
+# broker, OCI registry and PostgreSQL, every test its own ports (tests/support/ports.py),
+# namespaces and directories; the races two workers shook out were fixed where they were.
+# The process tier is most of the time: alone after the others it left a core idle.
+# docs/engineering.md, "Tests".
+exec python -m pytest -q -p no:cacheprovider -n "${PROPELLER_TEST_WORKERS:-2}" --dist worksteal "$@"
