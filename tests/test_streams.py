@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from propeller.v1 import tensor_pb2
 from server.errors import DataLoss, InvalidArgument
 from server.streams import (
+    _READ_AHEAD,
     Payload,
     PayloadBuffer,
     checked_total,
@@ -27,6 +29,7 @@ from server.streams import (
     read_model_stream,
 )
 from server.tensors import Spec, blake3_of, sha256_of, specs_of, tensor_bytes
+from tests.support.waits import eventually
 
 MIB = 1 << 20
 TENSORS = {
@@ -292,7 +295,7 @@ async def test_a_download_is_bounded_from_its_header_and_counted_as_it_arrives()
     with pytest.raises(InvalidArgument, match=r"model\.header\.tensors: .* more than the 1048576"):
         await read_model_download(items_of(chunks), max_bytes=MIB)
     # A stream that goes on past what its header promised is refused at the first byte too
-    # many: what follows is never read.
+    # many: what follows is read at most `_READ_AHEAD` chunks ahead, then never again.
     read: list[int] = []
 
     async def endless() -> AsyncIterator[tensor_pb2.ModelChunk]:
@@ -302,4 +305,78 @@ async def test_a_download_is_bounded_from_its_header_and_counted_as_it_arrives()
 
     with pytest.raises(InvalidArgument, match="more tensor bytes than the header's"):
         await read_model_download(endless())
-    assert len(read) == len(chunks) + 1
+    assert len(chunks) + 1 <= len(read) <= len(chunks) + 1 + _READ_AHEAD
+    stopped_at = len(read)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(read) == stopped_at
+
+
+def _read_ahead_tasks(before: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() - before if "_pump" in repr(t.get_coro())]
+
+
+async def test_a_download_given_up_leaves_no_reader_behind() -> None:
+    """The task that reads a download's chunks ahead and the thread that hashes them end with
+    it: cancelled with the download, and after a failure of the stream, which the download
+    raises."""
+    before = asyncio.all_tasks()
+
+    async def stalls() -> AsyncIterator[tensor_pb2.ModelChunk]:
+        for c in list(model_stream(TENSORS, chunk_size=MIB))[:4]:
+            yield c
+        await asyncio.Event().wait()  # a registry that stops sending
+
+    async def readers() -> list[asyncio.Task[Any]]:
+        return _read_ahead_tasks(before)
+
+    async def hashers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "hash-model" and t.is_alive()]
+
+    task = asyncio.ensure_future(read_model_download(stalls()))
+    await eventually(readers, what="the download's reader started")
+    await eventually(hashers, what="the download's hashing thread started")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not [t for t in _read_ahead_tasks(before) if not t.done()]
+    await eventually(hashers, lambda alive: not alive, what="the hashing thread gone")
+
+    async def breaks() -> AsyncIterator[tensor_pb2.ModelChunk]:
+        for c in list(model_stream(TENSORS, chunk_size=MIB))[:4]:
+            yield c
+        raise ConnectionResetError("the registry went away")
+
+    with pytest.raises(ConnectionResetError, match="the registry went away"):
+        await read_model_download(breaks())
+    assert not [t for t in _read_ahead_tasks(before) if not t.done()]
+
+
+async def test_a_downloads_buffer_is_used_again_only_once_nothing_holds_it() -> None:
+    """A download of the same size as the previous one writes into that one's buffer when no
+    array over it is left (`_SpareBuffer`), never while one is: the arrays a caller keeps
+    stay as they arrived."""
+    first = {"w": np.arange(1 << 18, dtype="<f8")}
+    second = {"w": -np.arange(1 << 18, dtype="<f8")}
+
+    async def download(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        chunks = list(model_stream(tensors, chunk_size=MIB, blake3=blake3_of(tensors)))
+        _, got = await read_model_download(items_of(serialized(chunks)))
+        return got
+
+    kept = await download(first)
+    address = kept["w"].ctypes.data
+    other = await download(second)  # `kept` is held: a buffer of its own
+    assert other["w"].ctypes.data != address
+    np.testing.assert_array_equal(kept["w"], first["w"])
+    np.testing.assert_array_equal(other["w"], second["w"])
+    address = other["w"].ctypes.data
+    del other  # nothing holds it now: the next download of its size writes into it
+    again = await download(first)
+    assert again["w"].ctypes.data == address
+    np.testing.assert_array_equal(again["w"], first["w"])
+    np.testing.assert_array_equal(kept["w"], first["w"])
+    view = again["w"][10:20]  # a view of an array holds the buffer too
+    del again
+    assert (await download(second))["w"].ctypes.data != address
+    np.testing.assert_array_equal(view, first["w"][10:20])
