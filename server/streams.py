@@ -696,38 +696,52 @@ async def read_model_download(
     (`model_download_call`: no parse, no copy of a data chunk). The same checks as
     `read_model_stream` (header first and once, at most `max_bytes`, no byte more or less than
     the header promises); the bytes land in one buffer (no assembly pass, no second copy).
-    The chunks are read up to `_READ_AHEAD` ahead by a task of their own (`_read_ahead`), so
-    gRPC receives the next ones while this one is placed and hashed."""
+    A big model's chunks are read up to `_READ_AHEAD` ahead by a task of their own
+    (`_read_ahead`), so gRPC receives the next ones while this one is placed."""
     header: tensor_pb2.ModelHeader | None = None
     specs: list[Spec] = []
     assembly: _CheckedAssembly | None = None
-    items = cast(AsyncIterable[bytes | tensor_pb2.ModelChunk], stream)
+
+    def take(item: bytes | tensor_pb2.ModelChunk) -> None:
+        nonlocal header, specs, assembly
+        if isinstance(item, bytes):
+            data = _data_view(item)
+            if data is not None:
+                if assembly is None:
+                    raise InvalidArgument(f"{field}: data chunk before the header")
+                assembly.add(data)
+                return
+            chunk = tensor_pb2.ModelChunk.FromString(item)
+        else:
+            chunk = item
+        kind = chunk.WhichOneof("part")
+        if kind == "data":
+            if assembly is None:
+                raise InvalidArgument(f"{field}: data chunk before the header")
+            assembly.add(chunk.data)
+        elif kind == "header":
+            if header is not None:
+                raise InvalidArgument(f"{field}: a second header in one stream")
+            header = chunk.header
+            specs, need = _header_specs(header, field, max_bytes)
+            assembly = _CheckedAssembly(header, need, field)
+        else:
+            raise InvalidArgument(f"{field}: empty chunk (neither header nor data)")
+
+    items = aiter(cast(AsyncIterable[bytes | tensor_pb2.ModelChunk], stream))
     try:
-        async with contextlib.aclosing(_read_ahead(items)) as ahead:
-            async for item in ahead:
-                if isinstance(item, bytes):
-                    data = _data_view(item)
-                    if data is not None:
-                        if assembly is None:
-                            raise InvalidArgument(f"{field}: data chunk before the header")
-                        assembly.add(data)
-                        continue
-                    chunk = tensor_pb2.ModelChunk.FromString(item)
-                else:
-                    chunk = item
-                kind = chunk.WhichOneof("part")
-                if kind == "data":
-                    if assembly is None:
-                        raise InvalidArgument(f"{field}: data chunk before the header")
-                    assembly.add(chunk.data)
-                elif kind == "header":
-                    if header is not None:
-                        raise InvalidArgument(f"{field}: a second header in one stream")
-                    header = chunk.header
-                    specs, need = _header_specs(header, field, max_bytes)
-                    assembly = _CheckedAssembly(header, need, field)
-                else:
-                    raise InvalidArgument(f"{field}: empty chunk (neither header nor data)")
+        first = await anext(items, None)
+        if first is not None:
+            take(first)
+            # What follows the header of a big model is read ahead; a small one's few chunks
+            # are not worth a task.
+            if assembly is not None and assembly.need > _HASH_BATCH:
+                async with contextlib.aclosing(_read_ahead(items)) as ahead:
+                    async for item in ahead:
+                        take(item)
+            else:
+                async for item in items:
+                    take(item)
         if header is None or assembly is None:
             raise InvalidArgument(f"{field}: stream ended without a header")
         tensors = await assembly.finish(specs)
