@@ -22,7 +22,8 @@ import grpc
 
 from benchmarks.common import Child, Recorder, median
 from propeller.v1 import model_registry_pb2, model_registry_pb2_grpc
-from server.streams import model_download_call, read_model_download, read_model_stream
+from server.downloads import model_download_call, read_model_download
+from server.streams import read_model_stream
 from server.tensors import DEFAULT_CHUNK_SIZE, GRPC_OPTIONS, sha256_of
 
 NAME = "transfer"

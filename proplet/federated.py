@@ -55,11 +55,12 @@ from proplet.errors import TaskFailed
 from proplet.runner import MAX_FUEL
 from server import tracing
 from server.config import Endpoints, TlsConfig
+from server.downloads import model_download_call, read_model_download
 from server.errors import DataLoss, InvalidArgument, RemoteError, as_remote_error, rpc_errors
 from server.grpc_server import channel
 from server.pki import PkiError, load_private_key
 from server.provenance import Claim, check_module_digest, sign
-from server.streams import UpdateMeta, model_download_call, read_model_download, update_stream
+from server.streams import UpdateMeta, update_stream
 from server.tensors import (
     GRPC_OPTIONS,
     Array,
@@ -592,7 +593,7 @@ class FederatedClient:
     @tracing.traced("fetch model")
     async def fetch_model(self, fl: FlTask, deadline: float | None = None) -> tuple[Tensors, str]:
         """The base model and its sha256 (hex), the bytes checked against the header's digest
-        as they arrive (`server.streams.read_model_download`: BLAKE3 when the registry states
+        as they arrive (`server.downloads.read_model_download`: BLAKE3 when the registry states
         it, else sha256)."""
         registry = self._channel(fl.registry)
         call_name = f"GetModel {fl.model_uri}"

@@ -1,4 +1,5 @@
-"""The one assembler of inbound tensor bytes (`server.streams`): counted as they arrive,
+"""The one assembler of inbound tensor bytes (`server.streams`), and a client's model download
+(`server.downloads`): counted as they arrive,
 spooled to a temporary file above a threshold, read back piece by piece or whole; and the
 bounded draining of a rejected stream."""
 
@@ -16,15 +17,14 @@ import numpy as np
 import pytest
 
 from propeller.v1 import tensor_pb2
+from server.downloads import _READ_AHEAD, read_model_download
 from server.errors import DataLoss, InvalidArgument
 from server.streams import (
-    _READ_AHEAD,
     Payload,
     PayloadBuffer,
     checked_total,
     drain,
     model_stream,
-    read_model_download,
     read_model_payload,
     read_model_stream,
 )

@@ -14,13 +14,9 @@ import pytest
 
 from propeller.v1 import model_registry_pb2, model_registry_pb2_grpc, tensor_pb2
 from server.config import TlsConfig
+from server.downloads import model_download_call, read_model_download
 from server.registry.app import RegistryApp, RegistryConfig
-from server.streams import (
-    model_download_call,
-    model_stream,
-    read_model_download,
-    read_model_stream,
-)
+from server.streams import model_stream, read_model_stream
 from server.tensors import Tensors, blake3_of, sha256_of, tensor_bytes
 from tests.services.harness import RPC_TIMEOUT, served
 from tests.support.security import service_tls
