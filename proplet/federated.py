@@ -75,9 +75,10 @@ from server.tensors import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-S = TypeVar("S")
 
 DATASET_SCHEMA = "fl-demo-dataset-v1"
+# A generated stub class (`FederatedClient._stub`).
+S = TypeVar("S")
 _SCHEMES = ("grpc://", "http://", "https://", "dns:///")
 # The trainer contracts (wasm-client/README.md): v1 is JSON in env vars, v2 safetensors on
 # stdin and stdout; a module says it speaks v2 by exporting CONTRACT_V2_EXPORT.
