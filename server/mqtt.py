@@ -42,6 +42,10 @@ from server.lifecycle import Lifecycle, start_task
 from server.pki import PkiError, read_identity
 
 log = logging.getLogger(__name__)
+# Publishes waiting for their acknowledgement on one connection before aiomqtt logs a
+# warning (its default, 10, is below the manager's start window of 64: thousands of warnings a
+# fleet round, docs/benchmarks.md "Fleet"); a backlog past this still says so.
+PENDING_PUBLISH_WARNING = 256
 
 MessageHandler = Callable[[str, bytes], Awaitable[None]]
 
@@ -192,6 +196,9 @@ class MqttSession(Lifecycle):
                     socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
                     tls_context=self._tls,
                 ) as client:
+                    # aiomqtt warns above 10 publishes waiting for their acknowledgements;
+                    # the manager's fan-out keeps 64 task starts out at once by design.
+                    client.pending_calls_threshold = PENDING_PUBLISH_WARNING
                     conn = _Connection(client)
                     try:
                         # Every connection subscribes again: a broker that lost our session
