@@ -13,6 +13,7 @@ A bash block without a marker fails the test.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,10 +165,35 @@ def test_walkthrough(up: dict[str, int]) -> None:
     assert re.search(r"^v0(\s+-){6}\s+no lineage$", out, re.M), out[-3000:]
     # The grpcurl experiment: two fedadam rounds, watched to the end; the last version's
     # lineage names the strategy, its parameters and the state it started from.
-    assert re.search(r'"type": "EXPERIMENT_EVENT_TYPE_ENDED"', out), out[-3000:]
+    # Watched to its end: the ENDED event, or, when both rounds were over before grpcurl's
+    # watch got through its handshake and reflection, the snapshot of the ended experiment
+    # (the stream closes either way: grpcurl returned before its -max-time).
+    ends = [
+        e
+        for e in json_objects(out)
+        if e.get("type") == "EXPERIMENT_EVENT_TYPE_ENDED"
+        or (
+            e.get("type") == "EXPERIMENT_EVENT_TYPE_SNAPSHOT"
+            and e.get("experiment", {}).get("state") == "EXPERIMENT_STATE_COMPLETED"
+        )
+    ]
+    assert len(ends) == 1, out[-3000:]
+    assert re.fullmatch(r"exp-r-\d+-grpc", ends[0]["experiment"]["experiment_id"]), ends
     assert re.search(r'"reason": "END_REASON_MAX_ROUNDS"', out), out[-3000:]
     assert re.search(r"^strategy:\s+fedadam \{.*\"eta\":0\.05", out, re.M), out[-3000:]
     assert re.search(r"^state:\s+from v\d+'s state [0-9a-f]{12}", out, re.M), out[-3000:]
+
+
+def json_objects(text: str) -> Iterator[dict[str, Any]]:
+    """The JSON objects grpcurl printed (each starts with "{" at the start of a line)."""
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"^\{", text, re.M):
+        try:
+            value, _ = decoder.raw_decode(text, m.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            yield value
 
 
 @pytest.mark.unit  # reads files only
